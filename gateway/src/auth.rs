@@ -1,0 +1,141 @@
+//! Who is connecting, decided before the upgrade: the token, the device, the resume point and the
+//! topics asked for. Anything wrong is an HTTP error with a JSON body, and no socket.
+
+use herald_shared::id::{IdKind, check_id, topic_allowed};
+use herald_shared::token::{Claims, TokenError, Verifier};
+use hyper::StatusCode;
+use hyper::header::AUTHORIZATION;
+
+/// The device id used when a client gives none.
+pub(crate) const DEFAULT_DEVICE: &str = "default";
+
+/// A connection the gateway has agreed to open.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnectRequest {
+    pub(crate) claims: Claims,
+    pub(crate) device: String,
+    /// Resume point from the query, if any.
+    pub(crate) since: Option<u64>,
+    /// Topics to subscribe at once (each allowed by the token).
+    pub(crate) topics: Vec<String>,
+}
+
+/// A refused request: status, `error` code and human `reason` of the JSON body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Rejection {
+    pub(crate) status: StatusCode,
+    pub(crate) error: &'static str,
+    pub(crate) reason: String,
+}
+
+impl Rejection {
+    pub(crate) fn new(status: StatusCode, error: &'static str, reason: impl Into<String>) -> Rejection {
+        Rejection { status, error, reason: reason.into() }
+    }
+
+    fn unauthorized(error: TokenError) -> Rejection {
+        Rejection::new(StatusCode::UNAUTHORIZED, "unauthorized", error.to_string())
+    }
+
+    fn bad_request(reason: impl Into<String>) -> Rejection {
+        Rejection::new(StatusCode::BAD_REQUEST, "bad_request", reason)
+    }
+
+    /// The JSON body.
+    pub(crate) fn body(&self) -> String {
+        serde_json::json!({"error": self.error, "reason": self.reason}).to_string()
+    }
+}
+
+/// Checks a `/ws` request's token and parameters.
+pub(crate) fn authorize<B>(request: &hyper::Request<B>, verifier: &Verifier) -> Result<ConnectRequest, Rejection> {
+    let mut token = None;
+    let mut since = None;
+    let mut device = None;
+    let mut topics = Vec::new();
+    for (key, value) in form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes()) {
+        match key.as_ref() {
+            "token" => token = Some(value.into_owned()),
+            "since" => {
+                since =
+                    Some(value.parse::<u64>().map_err(|_| Rejection::bad_request("since must be a sequence number"))?)
+            }
+            "device" => device = Some(value.into_owned()),
+            "topics" => topics.extend(value.split(',').filter(|t| !t.is_empty()).map(str::to_string)),
+            _ => {}
+        }
+    }
+    let token = token.or_else(|| bearer_token(request)).ok_or(Rejection::unauthorized(TokenError::Missing))?;
+    let claims = verifier.verify(&token).map_err(Rejection::unauthorized)?;
+    let device = device.unwrap_or_else(|| DEFAULT_DEVICE.to_string());
+    check_id(IdKind::Device, &device).map_err(|e| Rejection::bad_request(e.to_string()))?;
+    for topic in &topics {
+        check_id(IdKind::Topic, topic).map_err(|e| Rejection::bad_request(e.to_string()))?;
+        if !topic_allowed(&claims.topics, topic) {
+            return Err(Rejection::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("the token does not allow topic {topic}"),
+            ));
+        }
+    }
+    topics.sort();
+    topics.dedup();
+    Ok(ConnectRequest { claims, device, since, topics })
+}
+
+fn bearer_token<B>(request: &hyper::Request<B>) -> Option<String> {
+    let value = request.headers().get(AUTHORIZATION)?.to_str().ok()?;
+    let token = value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer "))?;
+    Some(token.trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herald_shared::token::{issue_hs256, now_secs};
+
+    const SECRET: &[u8] = b"s";
+
+    fn request(query: &str) -> hyper::Request<()> {
+        hyper::Request::builder().uri(format!("/ws?{query}")).body(()).unwrap()
+    }
+
+    fn token(topics: &[&str]) -> String {
+        let claims =
+            Claims { sub: "42".into(), exp: now_secs() + 60, topics: topics.iter().map(|t| t.to_string()).collect() };
+        issue_hs256(SECRET, &claims)
+    }
+
+    #[test]
+    fn reads_token_device_since_and_topics() {
+        let verifier = Verifier::new(Some(SECRET), None).unwrap();
+        let query = format!("token={}&device=phone&since=12&topics=news,room-1", token(&["news", "room-*"]));
+        let connect = authorize(&request(&query), &verifier).unwrap();
+        assert_eq!(connect.claims.sub, "42");
+        assert_eq!((connect.device.as_str(), connect.since), ("phone", Some(12)));
+        assert_eq!(connect.topics, vec!["news", "room-1"]);
+    }
+
+    #[test]
+    fn accepts_a_bearer_header() {
+        let verifier = Verifier::new(Some(SECRET), None).unwrap();
+        let request = hyper::Request::builder()
+            .uri("/ws")
+            .header(AUTHORIZATION, format!("Bearer {}", token(&[])))
+            .body(())
+            .unwrap();
+        assert_eq!(authorize(&request, &verifier).unwrap().device, DEFAULT_DEVICE);
+    }
+
+    #[test]
+    fn refuses_with_the_right_status() {
+        let verifier = Verifier::new(Some(SECRET), None).unwrap();
+        let status = |query: String| authorize(&request(&query), &verifier).unwrap_err().status;
+        assert_eq!(status(String::new()), StatusCode::UNAUTHORIZED);
+        assert_eq!(status(format!("token={}&topics=secret", token(&["news"]))), StatusCode::FORBIDDEN);
+        assert_eq!(status(format!("token={}&device=a.b", token(&[]))), StatusCode::BAD_REQUEST);
+        assert_eq!(status(format!("token={}&since=-1", token(&[]))), StatusCode::BAD_REQUEST);
+        assert_eq!(status(format!("token={}&topics=*", token(&["*"]))), StatusCode::BAD_REQUEST);
+    }
+}

@@ -1,0 +1,96 @@
+//! The gateway's configuration: one flat struct, every default written next to its field.
+//! Loaded from defaults, an optional TOML file, `HERALD_*` environment variables and flags
+//! (see `herald_shared::config`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use herald_shared::nats::NatsSettings;
+use herald_shared::stream::StreamSettings;
+use serde::{Deserialize, Serialize};
+
+/// The secret dev mode signs tokens with when none is configured. Never use it in production.
+pub const DEV_SECRET: &str = "herald-dev-secret-do-not-use-in-production";
+
+/// Who may hold sockets at the same time, enforced across all gateways through NATS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionPolicy {
+    /// Any number of devices per user; a second socket of the same user and device replaces the
+    /// first (4009).
+    Multi,
+    /// One socket per user: the newest wins, the older gets 4009 wherever it is.
+    Single,
+    /// One socket per user: a second one is refused (HTTP 409) while the first is open.
+    Reject,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// Address of the WebSocket and HTTP listener. Default `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// This gateway's name in `welcome` frames, events and logs. Default `gw-` + random.
+    pub node_id: String,
+    #[serde(flatten)]
+    pub nats: NatsSettings,
+    #[serde(flatten)]
+    pub stream: StreamSettings,
+    /// HS256 secret for connect tokens. Default none (dev mode uses a built-in dev secret).
+    pub jwt_secret: Option<String>,
+    /// Ed25519 or RSA public key (PEM file) for EdDSA / RS256 connect tokens. Default none.
+    pub jwt_public_key: Option<PathBuf>,
+    /// Dev mode: a built-in token secret when none is set, `/dev/token` for the demo page, and a
+    /// ready token printed at start. Default false.
+    pub dev: bool,
+    /// Interval of server pings, announced in `welcome`. Default `25s`.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// A peer that sends nothing (not even a pong) for `heartbeat` + this is closed. Default `10s`.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_timeout: Duration,
+    /// Largest client message; a bigger one closes the connection with 1009. Default 1 MiB.
+    pub max_frame_bytes: usize,
+    /// Most bytes queued for one socket; overflowing closes it with 4008. Default 1 MiB.
+    pub outbound_queue_bytes: usize,
+    /// Most frames the writer sends in one vectored write. Default 64.
+    pub write_batch_frames: usize,
+    /// How long shutdown waits for sockets to close before it stops anyway. Default `10s`.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Session policy. Default `multi`.
+    pub session_policy: SessionPolicy,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            node_id: format!("gw-{}", crate::id::random_id(6)),
+            nats: NatsSettings::default(),
+            stream: StreamSettings::default(),
+            jwt_secret: None,
+            jwt_public_key: None,
+            dev: false,
+            heartbeat: Duration::from_secs(25),
+            heartbeat_timeout: Duration::from_secs(10),
+            max_frame_bytes: 1 << 20,
+            outbound_queue_bytes: 1 << 20,
+            write_batch_frames: 64,
+            shutdown_grace: Duration::from_secs(10),
+            session_policy: SessionPolicy::Multi,
+        }
+    }
+}
+
+impl Config {
+    /// The HS256 secret in effect: the configured one, or the dev secret in dev mode.
+    pub fn effective_secret(&self) -> Option<String> {
+        match (&self.jwt_secret, self.dev) {
+            (Some(secret), _) => Some(secret.clone()),
+            (None, true) => Some(DEV_SECRET.to_string()),
+            (None, false) => None,
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! Readiness: connected to NATS, with the stream present. A background task checks the stream
+//! every second and recreates it (and the buckets) when it is missing, e.g. after NATS came back
+//! without its store; delivery subscriptions come back by themselves with the connection.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_nats::connection::State;
+use async_nats::jetstream;
+use herald_shared::stream::{StreamSettings, ensure_buckets, ensure_stream};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::metrics::Metrics;
+use crate::stream_state;
+
+/// How often the stream is checked.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+pub(crate) struct Health {
+    client: async_nats::Client,
+    stream_ok: AtomicBool,
+}
+
+impl Health {
+    pub(crate) fn new(client: async_nats::Client) -> Health {
+        Health { client, stream_ok: AtomicBool::new(false) }
+    }
+
+    /// Whether NATS is connected.
+    pub(crate) fn nats_connected(&self) -> bool {
+        self.client.connection_state() == State::Connected
+    }
+
+    /// Whether the gateway can serve: NATS connected and the stream present.
+    pub(crate) fn ready(&self) -> bool {
+        self.nats_connected() && self.stream_ok.load(Ordering::Acquire)
+    }
+
+    /// The reasons the gateway is not ready, for `/readyz`.
+    pub(crate) fn problems(&self) -> Vec<&'static str> {
+        let mut problems = Vec::new();
+        if !self.nats_connected() {
+            problems.push("not connected to NATS");
+        }
+        if !self.stream_ok.load(Ordering::Acquire) {
+            problems.push("stream HERALD not available");
+        }
+        problems
+    }
+}
+
+/// Keeps `health` current until `shutdown`.
+pub(crate) async fn monitor(
+    health: Arc<Health>,
+    js: jetstream::Context,
+    settings: StreamSettings,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let mut was_ok = false;
+    while !shutdown.is_cancelled() {
+        let connected = health.nats_connected();
+        metrics.nats_connected.set(connected as i64);
+        let ok = connected && check_stream(&js, &settings).await;
+        health.stream_ok.store(ok, Ordering::Release);
+        if ok != was_ok {
+            info!(ready = ok, "readiness changed");
+            was_ok = ok;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(CHECK_EVERY) => {}
+            _ = shutdown.cancelled() => {}
+        }
+    }
+}
+
+async fn check_stream(js: &jetstream::Context, settings: &StreamSettings) -> bool {
+    if stream_state::bounds(js).await.is_ok() {
+        return true;
+    }
+    match ensure_stream(js, settings).await {
+        Ok(_) => {
+            if let Err(error) = ensure_buckets(js, settings).await {
+                warn!(%error, "cannot create the KV buckets");
+                return false;
+            }
+            info!("stream HERALD ready");
+            true
+        }
+        Err(error) => {
+            warn!(%error, "stream HERALD unavailable");
+            false
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! `herald-gateway`: runs a gateway, or signs a token with the configured secret.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use herald_gateway::{Config, Gateway, dev_token};
+use herald_shared::token::{Claims, issue_hs256, now_secs};
+use serde::Serialize;
+use tracing_subscriber::EnvFilter;
+
+/// Herald's WebSocket gateway. Settings: defaults < --config file < HERALD_* environment < flags.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// TOML configuration file (also HERALD_CONFIG).
+    #[arg(long, global = true, env = "HERALD_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    flags: Flags,
+}
+
+/// Flags that override the file and the environment.
+#[derive(clap::Args, Serialize)]
+struct Flags {
+    /// Listen address, e.g. 127.0.0.1:8080.
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen: Option<String>,
+    /// NATS server URL(s), comma-separated.
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nats_url: Option<String>,
+    /// Dev mode: built-in token secret, /dev/token, a token printed at start.
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    dev: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Serve,
+    /// Print a connect token signed with the configured HS256 secret (or the dev secret with --dev).
+    Token {
+        /// The user id (the token's sub).
+        #[arg(long)]
+        user: String,
+        /// Topics the user may subscribe to (names, or prefixes ending in *), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        topics: Vec<String>,
+        /// Lifetime, e.g. 1h, 30m, 7d.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_env("HERALD_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
+        .init();
+    let cli = Cli::parse();
+    let config: Config = match herald_shared::config::load(cli.config.as_deref(), &cli.flags) {
+        Ok(config) => config,
+        Err(error) => fail(error),
+    };
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(config).await,
+        Command::Token { user, topics, ttl } => {
+            let Some(secret) = config.effective_secret() else {
+                fail("no jwt_secret configured (set HERALD_JWT_SECRET, or use --dev)")
+            };
+            if let Err(error) = herald_shared::id::check_id(herald_shared::id::IdKind::User, &user) {
+                fail(error);
+            }
+            let claims = Claims { sub: user, exp: now_secs() + ttl.as_secs(), topics };
+            println!("{}", issue_hs256(secret.as_bytes(), &claims));
+        }
+    }
+}
+
+async fn serve(config: Config) {
+    let dev = config.dev;
+    let printed_token = dev.then(|| dev_token(&config, "dev", Duration::from_secs(24 * 3600))).flatten();
+    let gateway = match Gateway::start(config).await {
+        Ok(gateway) => gateway,
+        Err(error) => fail(error),
+    };
+    if let Some(token) = printed_token {
+        let addr = gateway.local_addr();
+        println!("Herald gateway (dev mode) at http://{addr}/");
+        println!("WebSocket: ws://{addr}/ws?token=<token>");
+        println!("Dev token for user \"dev\" (24h): {token}");
+        println!("Try: nats pub push.user.dev '{{\"text\":\"hello\"}}'");
+    }
+    wait_for_signal().await;
+    gateway.shutdown();
+    tokio::select! {
+        _ = gateway.stopped() => {}
+        _ = wait_for_signal() => tracing::warn!("second signal: exiting now"),
+    }
+}
+
+async fn wait_for_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .unwrap_or_else(|error| fail(format!("cannot listen for SIGTERM: {error}")));
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}
+
+fn fail(error: impl std::fmt::Display) -> ! {
+    eprintln!("herald-gateway: {error}");
+    std::process::exit(2);
+}

@@ -1,0 +1,77 @@
+//! The gateway's counters, exported in the Prometheus / OpenMetrics text format at `/metrics`.
+//! Counters and gauges are atomics: updating them on the hot path takes no lock.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Labels of per-function rpc counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RpcLabels {
+    pub(crate) function: String,
+    pub(crate) outcome: String,
+}
+
+pub(crate) struct Metrics {
+    pub(crate) connections: Gauge,
+    pub(crate) subscriptions: Gauge,
+    pub(crate) messages_in: Counter,
+    pub(crate) messages_out: Counter,
+    pub(crate) bytes_out: Counter,
+    pub(crate) replays: Counter,
+    pub(crate) replayed_messages: Counter,
+    pub(crate) replays_incomplete: Counter,
+    pub(crate) slow_consumer_closes: Counter,
+    pub(crate) delivery_gaps: Counter,
+    pub(crate) repairs: Counter,
+    pub(crate) nats_connected: Gauge,
+    pub(crate) rpc_calls: Family<RpcLabels, Counter>,
+    registry: Registry,
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("herald_gateway");
+        let metrics = Metrics {
+            connections: Gauge::default(),
+            subscriptions: Gauge::default(),
+            messages_in: Counter::default(),
+            messages_out: Counter::default(),
+            bytes_out: Counter::default(),
+            replays: Counter::default(),
+            replayed_messages: Counter::default(),
+            replays_incomplete: Counter::default(),
+            slow_consumer_closes: Counter::default(),
+            delivery_gaps: Counter::default(),
+            repairs: Counter::default(),
+            nats_connected: Gauge::default(),
+            rpc_calls: Family::default(),
+            registry: Registry::default(),
+        };
+        let m = &metrics;
+        registry.register("connections", "Open WebSocket connections", m.connections.clone());
+        registry.register("subscriptions", "NATS delivery subscriptions (users, topics, all)", m.subscriptions.clone());
+        registry.register("messages_in", "Messages received from the stream's republish", m.messages_in.clone());
+        registry.register("messages_out", "msg frames queued to sockets, live", m.messages_out.clone());
+        registry.register("bytes_out", "Bytes of live msg frames queued to sockets", m.bytes_out.clone());
+        registry.register("replays", "Replays run (resume, topic since, repair)", m.replays.clone());
+        registry.register("replayed_messages", "Messages sent by replays", m.replayed_messages.clone());
+        registry.register("replays_incomplete", "Replays that reported complete=false", m.replays_incomplete.clone());
+        registry.register("slow_consumer_closes", "Connections closed with 4008", m.slow_consumer_closes.clone());
+        registry.register("delivery_gaps", "Gaps seen on delivery subjects", m.delivery_gaps.clone());
+        registry.register("repairs", "Sessions repaired from the stream after a gap", m.repairs.clone());
+        registry.register("nats_connected", "1 while connected to NATS", m.nats_connected.clone());
+        registry.register("rpc_calls", "rpc frames by function and outcome", m.rpc_calls.clone());
+        Metrics { registry, ..metrics }
+    }
+
+    /// The text exposition of every metric.
+    pub(crate) fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,353 @@
+//! One socket's outbound queue: bounded in bytes, fed by the dispatcher (live messages), by the
+//! session (control frames, replay) and drained by the socket's single writer.
+//!
+//! It also holds the two rules that make delivery exact for one connection:
+//! - `msg` frames leave in increasing `seq`: a live frame whose `seq` is not above the last one
+//!   queued is a duplicate and is dropped;
+//! - while a replay is joined to live delivery, live frames are held behind a gate and released
+//!   after the replay, without those the replay already sent.
+//!
+//! A full queue never blocks the dispatcher: it closes the connection with 4008 (the client resumes
+//! with `since` and loses nothing). The lock is never held across an await.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use herald_shared::frame::close_code;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Why and how a connection ends: the close code and reason sent to the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Close {
+    pub(crate) code: u16,
+    pub(crate) reason: String,
+}
+
+impl Close {
+    pub(crate) fn new(code: u16, reason: impl Into<String>) -> Close {
+        Close { code, reason: reason.into() }
+    }
+}
+
+/// The socket is closing; nothing more can be queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Closed;
+
+pub(crate) struct Outbox {
+    state: Mutex<State>,
+    /// Wakes the writer when the queue goes from empty to non-empty, or on close.
+    writer: Notify,
+    /// Wakes replays waiting for room after the writer drained a batch.
+    room: Notify,
+    /// Cancelled once the outbox is closed, for everyone who waits on the connection.
+    closed: CancellationToken,
+    /// The most bytes the queue (plus the gate) may hold.
+    limit: usize,
+}
+
+#[derive(Default)]
+struct State {
+    queue: VecDeque<Bytes>,
+    queued_bytes: usize,
+    /// The highest `seq` queued: the connection's resume point as far as this gateway knows.
+    last_seq: u64,
+    /// Live frames held while a replay runs; `None` when live frames go straight to the queue.
+    gate: Option<Vec<(u64, Bytes)>>,
+    gate_bytes: usize,
+    close: Option<Close>,
+}
+
+impl Outbox {
+    /// An outbox holding at most `limit` bytes, with its gate closed: live frames are held until
+    /// [`Outbox::release`], so that `welcome` (and any replay) go first.
+    pub(crate) fn new(limit: usize) -> Outbox {
+        let state = State { gate: Some(Vec::new()), ..State::default() };
+        Outbox {
+            state: Mutex::new(state),
+            writer: Notify::new(),
+            room: Notify::new(),
+            closed: CancellationToken::new(),
+            limit,
+        }
+    }
+
+    /// Queues a live `msg` frame; called by the dispatcher, never blocks.
+    pub(crate) fn push_live(&self, seq: u64, frame: &Bytes) {
+        let mut state = self.lock();
+        if state.close.is_some() {
+            return;
+        }
+        if let Some(held) = &mut state.gate {
+            held.push((seq, frame.clone()));
+            state.gate_bytes += frame.len();
+            if state.gate_bytes + state.queued_bytes > self.limit {
+                drop(state);
+                self.slow_consumer();
+            }
+            return;
+        }
+        if seq <= state.last_seq {
+            return;
+        }
+        state.last_seq = seq;
+        self.enqueue(state, frame.clone());
+    }
+
+    /// Queues a control frame (welcome, pong, error, results); counts toward the limit.
+    pub(crate) fn push_control(&self, frame: Bytes) {
+        let state = self.lock();
+        if state.close.is_none() {
+            self.enqueue(state, frame);
+        }
+    }
+
+    /// Queues a replayed `msg` frame, waiting for room instead of overflowing, in `seq` order.
+    pub(crate) async fn push_replayed(&self, seq: u64, frame: Bytes) -> Result<(), Closed> {
+        self.push_waiting(Some(seq), frame).await
+    }
+
+    /// Queues a frame outside the `seq` order (a topic's replay of older messages), waiting for room.
+    pub(crate) async fn push_out_of_order(&self, frame: Bytes) -> Result<(), Closed> {
+        self.push_waiting(None, frame).await
+    }
+
+    async fn push_waiting(&self, seq: Option<u64>, frame: Bytes) -> Result<(), Closed> {
+        loop {
+            let room = self.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            {
+                let mut state = self.lock();
+                if state.close.is_some() {
+                    return Err(Closed);
+                }
+                if state.queued_bytes < self.limit / 2 {
+                    if let Some(seq) = seq {
+                        if seq <= state.last_seq {
+                            return Ok(());
+                        }
+                        state.last_seq = seq;
+                    }
+                    self.enqueue(state, frame);
+                    return Ok(());
+                }
+            }
+            room.await;
+        }
+    }
+
+    /// Holds live frames behind the gate from now on (a replay is about to run).
+    pub(crate) fn hold(&self) {
+        let mut state = self.lock();
+        if state.gate.is_none() && state.close.is_none() {
+            state.gate = Some(Vec::new());
+        }
+    }
+
+    /// Opens the gate: the held frames and `extra` (replayed frames newer than the live position),
+    /// merged in `seq` order without duplicates, go to the queue if newer than the last one queued.
+    pub(crate) fn release(&self, extra: Vec<(u64, Bytes)>) {
+        let mut state = self.lock();
+        let Some(mut held) = state.gate.take() else { return };
+        state.gate_bytes = 0;
+        if state.close.is_some() {
+            return;
+        }
+        held.extend(extra);
+        held.sort_by_key(|(seq, _)| *seq);
+        held.dedup_by_key(|(seq, _)| *seq);
+        let mut woke = false;
+        for (seq, frame) in held {
+            if seq > state.last_seq {
+                state.last_seq = seq;
+                state.queued_bytes += frame.len();
+                woke |= state.queue.is_empty();
+                state.queue.push_back(frame);
+            }
+        }
+        let overflow = state.queued_bytes > self.limit;
+        drop(state);
+        if woke {
+            self.writer.notify_one();
+        }
+        if overflow {
+            self.slow_consumer();
+        }
+    }
+
+    /// The highest `seq` queued so far.
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.lock().last_seq
+    }
+
+    /// Starts closing with `close` unless already closing; the first reason wins. Queued frames are
+    /// dropped: the client resumes from the last `seq` it received.
+    pub(crate) fn close(&self, close: Close) {
+        {
+            let mut state = self.lock();
+            if state.close.is_some() {
+                return;
+            }
+            state.close = Some(close);
+            state.queue.clear();
+            state.queued_bytes = 0;
+            state.gate = None;
+            state.gate_bytes = 0;
+        }
+        self.closed.cancel();
+        self.writer.notify_one();
+        self.room.notify_waiters();
+    }
+
+    /// Resolves once the outbox is closing.
+    pub(crate) async fn closed(&self) {
+        self.closed.cancelled().await
+    }
+
+    /// Whether the outbox is closing.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    /// The close reason, once closing.
+    pub(crate) fn close_reason(&self) -> Option<Close> {
+        self.lock().close.clone()
+    }
+
+    /// For the writer: waits for frames and moves up to `max_frames` of them (and roughly
+    /// `max_bytes`) into `batch`; returns the close to send once closing and nothing is left.
+    pub(crate) async fn next_batch(
+        &self,
+        batch: &mut Vec<Bytes>,
+        max_frames: usize,
+        max_bytes: usize,
+    ) -> Option<Close> {
+        loop {
+            {
+                let mut state = self.lock();
+                if !state.queue.is_empty() {
+                    let (mut bytes, mut frames) = (0, 0);
+                    while bytes < max_bytes && frames < max_frames {
+                        frames += 1;
+                        let Some(frame) = state.queue.pop_front() else { break };
+                        bytes += frame.len();
+                        batch.push(frame);
+                    }
+                    state.queued_bytes -= bytes;
+                    let roomy = state.queued_bytes < self.limit / 2;
+                    drop(state);
+                    if roomy {
+                        self.room.notify_waiters();
+                    }
+                    return None;
+                }
+                if let Some(close) = &state.close {
+                    return Some(close.clone());
+                }
+            }
+            self.writer.notified().await;
+        }
+    }
+
+    fn enqueue(&self, mut state: std::sync::MutexGuard<'_, State>, frame: Bytes) {
+        let was_empty = state.queue.is_empty();
+        state.queued_bytes += frame.len();
+        state.queue.push_back(frame);
+        let overflow = state.queued_bytes > self.limit;
+        drop(state);
+        if overflow {
+            self.slow_consumer();
+        } else if was_empty {
+            self.writer.notify_one();
+        }
+    }
+
+    fn slow_consumer(&self) {
+        self.close(Close::new(close_code::SLOW_CONSUMER, "slow consumer: reconnect with since"));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave the state half-updated in a harmful way.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(text: &str) -> Bytes {
+        Bytes::copy_from_slice(text.as_bytes())
+    }
+
+    async fn drain(outbox: &Outbox) -> Vec<Bytes> {
+        let mut batch = Vec::new();
+        assert_eq!(outbox.next_batch(&mut batch, 1000, usize::MAX).await, None);
+        batch
+    }
+
+    #[tokio::test]
+    async fn holds_live_frames_until_released_and_drops_what_replay_sent() {
+        let outbox = Outbox::new(1 << 20);
+        outbox.push_control(frame("welcome"));
+        outbox.push_live(5, &frame("m5"));
+        outbox.push_live(7, &frame("m7"));
+        outbox.push_replayed(4, frame("r4")).await.unwrap();
+        outbox.push_replayed(5, frame("r5")).await.unwrap();
+        outbox.push_control(frame("replayed"));
+        outbox.release(Vec::new());
+        outbox.push_live(7, &frame("dup7"));
+        outbox.push_live(9, &frame("m9"));
+        let sent: Vec<_> = drain(&outbox).await;
+        assert_eq!(sent, vec![frame("welcome"), frame("r4"), frame("r5"), frame("replayed"), frame("m7"), frame("m9")]);
+        assert_eq!(outbox.last_seq(), 9);
+    }
+
+    #[tokio::test]
+    async fn release_merges_extra_frames_in_order() {
+        let outbox = Outbox::new(1 << 20);
+        outbox.release(Vec::new());
+        outbox.push_live(10, &frame("m10"));
+        outbox.hold();
+        outbox.push_live(14, &frame("m14"));
+        outbox.push_live(12, &frame("t12"));
+        outbox.release(vec![(12, frame("t12")), (11, frame("t11")), (9, frame("old9"))]);
+        assert_eq!(drain(&outbox).await, vec![frame("m10"), frame("t11"), frame("t12"), frame("m14")]);
+    }
+
+    #[tokio::test]
+    async fn overflow_closes_with_4008_and_frees_the_queue() {
+        let outbox = Outbox::new(10);
+        outbox.release(Vec::new());
+        outbox.push_live(1, &frame("123456"));
+        outbox.push_live(2, &frame("123456"));
+        assert!(outbox.is_closed());
+        let mut batch = Vec::new();
+        let close = outbox.next_batch(&mut batch, 10, 100).await;
+        assert!(batch.is_empty());
+        assert_eq!(close.map(|c| c.code), Some(close_code::SLOW_CONSUMER));
+        outbox.push_live(3, &frame("late"));
+        assert_eq!(outbox.next_batch(&mut batch, 10, 100).await.map(|c| c.code), Some(close_code::SLOW_CONSUMER));
+        assert!(batch.is_empty());
+    }
+
+    #[tokio::test]
+    async fn replay_waits_for_room_instead_of_overflowing() {
+        let outbox = std::sync::Arc::new(Outbox::new(8));
+        outbox.release(Vec::new());
+        outbox.push_replayed(1, frame("aaaa")).await.unwrap();
+        let replay = {
+            let outbox = outbox.clone();
+            tokio::spawn(async move { outbox.push_replayed(2, frame("bbbb")).await })
+        };
+        let mut batch = Vec::new();
+        outbox.next_batch(&mut batch, 1, 100).await;
+        assert_eq!(replay.await.unwrap(), Ok(()));
+        outbox.next_batch(&mut batch, 1, 100).await;
+        assert_eq!(batch, vec![frame("aaaa"), frame("bbbb")]);
+        outbox.close(Close::new(1000, "bye"));
+        assert_eq!(outbox.push_replayed(3, frame("c")).await, Err(Closed));
+    }
+}

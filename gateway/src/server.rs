@@ -1,0 +1,139 @@
+//! The HTTP side: the accept loop and the routes (`/ws`, `/healthz`, `/readyz`, `/metrics`, the demo
+//! page and, in dev mode, `/dev/token`).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{CACHE_CONTROL, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tracing::debug;
+
+use crate::Shared;
+use crate::auth::{self, Rejection};
+use crate::session;
+
+type HttpResponse = Response<Full<Bytes>>;
+
+const DEMO_PAGE: &str = include_str!("../static/index.html");
+
+/// Accepts connections until shutdown.
+pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    debug!(%error, "accept failed");
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shared.shutdown.cancelled() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| route(shared.clone(), request));
+            let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service).with_upgrades();
+            if let Err(error) = connection.await {
+                debug!(%peer, %error, "http connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn route(shared: Arc<Shared>, request: Request<Incoming>) -> Result<HttpResponse, Infallible> {
+    let response = match (request.method(), request.uri().path()) {
+        (&Method::GET, "/ws") => websocket(shared, request),
+        (&Method::GET, "/healthz") => json(StatusCode::OK, serde_json::json!({"ok": true})),
+        (&Method::GET, "/readyz") => readyz(&shared),
+        (&Method::GET, "/metrics") => {
+            text(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", shared.metrics.render())
+        }
+        (&Method::GET, "/") => text(StatusCode::OK, "text/html; charset=utf-8", DEMO_PAGE.to_string()),
+        (&Method::GET, "/dev/token") if shared.config.dev => dev_token(&shared, &request),
+        _ => json(StatusCode::NOT_FOUND, serde_json::json!({"error": "not_found", "reason": "no such endpoint"})),
+    };
+    Ok(response)
+}
+
+fn websocket(shared: Arc<Shared>, mut request: Request<Incoming>) -> HttpResponse {
+    if !shared.health.ready() {
+        return rejection(&Rejection::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            shared.health.problems().join("; "),
+        ));
+    }
+    if !fastwebsockets::upgrade::is_upgrade_request(&request) {
+        return rejection(&Rejection::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "upgrade_required",
+            "GET /ws needs a WebSocket upgrade",
+        ));
+    }
+    let connect = match auth::authorize(&request, &shared.verifier) {
+        Ok(connect) => connect,
+        Err(refused) => return rejection(&refused),
+    };
+    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut request) {
+        Ok(upgrade) => upgrade,
+        Err(error) => return rejection(&Rejection::new(StatusCode::BAD_REQUEST, "bad_request", error.to_string())),
+    };
+    let tracker = shared.sessions.clone();
+    tracker.spawn(async move {
+        match upgrade.await {
+            Ok(socket) => session::run(shared, socket.into_inner().into_inner(), connect).await,
+            Err(error) => debug!(%error, "upgrade failed"),
+        }
+    });
+    response.map(|_| Full::new(Bytes::new()))
+}
+
+fn readyz(shared: &Shared) -> HttpResponse {
+    if shared.health.ready() {
+        json(StatusCode::OK, serde_json::json!({"ready": true}))
+    } else {
+        json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"ready": false, "problems": shared.health.problems()}))
+    }
+}
+
+/// Dev mode only: a token for `?user=` (default `dev`), allowed every topic, valid for a day.
+fn dev_token(shared: &Shared, request: &Request<Incoming>) -> HttpResponse {
+    let user = form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
+        .find(|(key, _)| key == "user")
+        .map(|(_, value)| value.into_owned())
+        .unwrap_or_else(|| "dev".to_string());
+    if let Err(error) = herald_shared::id::check_id(herald_shared::id::IdKind::User, &user) {
+        return rejection(&Rejection::new(StatusCode::BAD_REQUEST, "bad_request", error.to_string()));
+    }
+    match crate::dev_token(&shared.config, &user, std::time::Duration::from_secs(24 * 3600)) {
+        Some(token) => json(StatusCode::OK, serde_json::json!({"user": user, "token": token})),
+        None => rejection(&Rejection::new(StatusCode::NOT_FOUND, "not_found", "no HS256 secret to sign with")),
+    }
+}
+
+fn rejection(rejection: &Rejection) -> HttpResponse {
+    text(rejection.status, "application/json", rejection.body())
+}
+
+fn json(status: StatusCode, body: serde_json::Value) -> HttpResponse {
+    text(status, "application/json", body.to_string())
+}
+
+fn text(status: StatusCode, content_type: &str, body: String) -> HttpResponse {
+    Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, content_type)
+        .header(CACHE_CONTROL, "no-store")
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid")
+}

@@ -1,0 +1,250 @@
+//! The frames of the WebSocket protocol (PROTOCOL.md sections 3 and 4).
+//!
+//! Every frame is a text frame holding one JSON object with a `type`. [`ServerFrame`] and
+//! [`ClientFrame`] are the typed forms; the gateway's hot path writes `msg` frames directly with
+//! [`write_msg`], once per message, without building a [`ServerFrame`].
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::payload::{write_data, write_json_string};
+
+/// A frame the gateway sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    /// Always the first frame of a connection.
+    Welcome {
+        conn: String,
+        user: String,
+        device: String,
+        node: String,
+        /// The stream's last sequence when the connection went live.
+        seq: u64,
+        /// Seconds between server pings; a client that hears nothing for longer should reconnect.
+        heartbeat: u64,
+    },
+    Msg(Msg),
+    /// Closes a replay: after the replayed messages, before any live one.
+    Replayed {
+        from: u64,
+        to: u64,
+        count: u64,
+        complete: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        topic: Option<String>,
+    },
+    Subscribed {
+        topic: String,
+    },
+    Unsubscribed {
+        topic: String,
+    },
+    RpcResult(RpcResult),
+    Pong,
+    Error {
+        code: String,
+        message: String,
+    },
+}
+
+/// A pushed message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Msg {
+    /// The stream sequence: the resume point.
+    pub seq: u64,
+    /// `user`, `all` or `topic:<t>`.
+    pub to: String,
+    /// The publisher's `Nats-Msg-Id`, or empty.
+    pub id: String,
+    /// The publisher's `Herald-Type`, or empty.
+    pub kind: String,
+    /// When the stream stored it (RFC 3339).
+    pub ts: String,
+    pub data: Value,
+}
+
+/// The answer to a client's `rpc` frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RpcResult {
+    pub id: String,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<RpcError>,
+}
+
+/// Why an `rpc` failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RpcError {
+    pub code: String,
+    pub message: String,
+}
+
+/// A frame a client sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientFrame {
+    /// Moves the device cursor forward to `seq`.
+    Ack {
+        seq: u64,
+    },
+    Sub {
+        topic: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<u64>,
+    },
+    Unsub {
+        topic: String,
+    },
+    Rpc {
+        id: String,
+        #[serde(rename = "fn")]
+        function: String,
+        #[serde(default)]
+        data: Value,
+    },
+    Ping,
+}
+
+/// `code` values of `error` frames and failed `rpc_result`s.
+pub mod error_code {
+    /// A frame with a known type but missing or invalid fields, a bad topic or function name.
+    pub const BAD_REQUEST: &str = "bad_request";
+    /// A topic outside the token's `topics` claim.
+    pub const FORBIDDEN: &str = "forbidden";
+    /// A frame whose `type` this gateway does not know.
+    pub const UNKNOWN_TYPE: &str = "unknown_type";
+    /// The gateway could not do what was asked because a dependency (NATS) failed.
+    pub const UNAVAILABLE: &str = "unavailable";
+    pub const NO_FUNCTION: &str = "no_function";
+    pub const TIMEOUT: &str = "timeout";
+    pub const FUNCTION_ERROR: &str = "function_error";
+    pub const RATE_LIMITED: &str = "rate_limited";
+}
+
+/// WebSocket close codes of the contract.
+pub mod close_code {
+    pub const NORMAL: u16 = 1000;
+    /// A frame the gateway cannot parse or does not allow.
+    pub const POLICY: u16 = 1008;
+    /// A frame over the size limit.
+    pub const TOO_BIG: u16 = 1009;
+    /// The gateway is restarting: reconnect with `since`, possibly elsewhere.
+    pub const RESTART: u16 = 1012;
+    /// The token expired while connected.
+    pub const TOKEN_EXPIRED: u16 = 4001;
+    /// An operator disconnected this connection or user.
+    pub const DISCONNECTED: u16 = 4003;
+    /// Slow consumer: the outbound queue overflowed; reconnect with `since`, nothing is lost.
+    pub const SLOW_CONSUMER: u16 = 4008;
+    /// Replaced by a newer session (session policy).
+    pub const REPLACED: u16 = 4009;
+    pub const RATE_LIMITED: u16 = 4029;
+}
+
+/// The fields of a `msg` frame other than its payload.
+#[derive(Debug, Clone, Copy)]
+pub struct MsgMeta<'a> {
+    pub seq: u64,
+    pub to: &'a str,
+    pub id: &'a str,
+    pub kind: &'a str,
+    pub ts: &'a str,
+}
+
+/// Appends the JSON text of a `msg` frame to `out`.
+pub fn write_msg(out: &mut Vec<u8>, meta: &MsgMeta<'_>, payload: &[u8]) {
+    out.extend_from_slice(b"{\"type\":\"msg\",\"seq\":");
+    out.extend_from_slice(meta.seq.to_string().as_bytes());
+    out.extend_from_slice(b",\"to\":");
+    write_json_string(out, meta.to);
+    out.extend_from_slice(b",\"id\":");
+    write_json_string(out, meta.id);
+    out.extend_from_slice(b",\"kind\":");
+    write_json_string(out, meta.kind);
+    out.extend_from_slice(b",\"ts\":");
+    write_json_string(out, meta.ts);
+    out.extend_from_slice(b",\"data\":");
+    write_data(out, payload);
+    out.push(b'}');
+}
+
+impl ServerFrame {
+    /// An `error` frame.
+    pub fn error(code: &str, message: impl Into<String>) -> ServerFrame {
+        ServerFrame::Error { code: code.to_string(), message: message.into() }
+    }
+
+    /// The frame's JSON text.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("server frames always serialize")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn msg_writer_matches_the_typed_frame() {
+        let meta = MsgMeta { seq: 125, to: "topic:news", id: "m-1", kind: "chat", ts: "2026-01-02T03:04:05Z" };
+        let mut out = Vec::new();
+        write_msg(&mut out, &meta, br#"{"text":"hi \"there\""}"#);
+        let parsed: ServerFrame = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            parsed,
+            ServerFrame::Msg(Msg {
+                seq: 125,
+                to: "topic:news".into(),
+                id: "m-1".into(),
+                kind: "chat".into(),
+                ts: "2026-01-02T03:04:05Z".into(),
+                data: serde_json::json!({"text": "hi \"there\""}),
+            })
+        );
+    }
+
+    #[test]
+    fn client_frames_parse() {
+        let cases = [
+            (r#"{"type":"ack","seq":125}"#, ClientFrame::Ack { seq: 125 }),
+            (
+                r#"{"type":"sub","topic":"news","since":120}"#,
+                ClientFrame::Sub { topic: "news".into(), since: Some(120) },
+            ),
+            (r#"{"type":"sub","topic":"news"}"#, ClientFrame::Sub { topic: "news".into(), since: None }),
+            (r#"{"type":"unsub","topic":"news"}"#, ClientFrame::Unsub { topic: "news".into() }),
+            (
+                r#"{"type":"rpc","id":"c1","fn":"prefs.set","data":{"muted":[]}}"#,
+                ClientFrame::Rpc {
+                    id: "c1".into(),
+                    function: "prefs.set".into(),
+                    data: serde_json::json!({"muted":[]}),
+                },
+            ),
+            (r#"{"type":"ping"}"#, ClientFrame::Ping),
+        ];
+        for (text, frame) in cases {
+            assert_eq!(serde_json::from_str::<ClientFrame>(text).unwrap(), frame, "{text}");
+        }
+    }
+
+    #[test]
+    fn server_frames_have_the_contract_shape() {
+        let replayed = ServerFrame::Replayed { from: 11, to: 20, count: 3, complete: true, topic: None };
+        assert_eq!(replayed.to_json(), r#"{"type":"replayed","from":11,"to":20,"count":3,"complete":true}"#);
+        assert_eq!(ServerFrame::Pong.to_json(), r#"{"type":"pong"}"#);
+        let failed = ServerFrame::RpcResult(RpcResult {
+            id: "c1".into(),
+            ok: false,
+            data: None,
+            error: Some(RpcError { code: "timeout".into(), message: "no reply".into() }),
+        });
+        assert_eq!(
+            failed.to_json(),
+            r#"{"type":"rpc_result","id":"c1","ok":false,"error":{"code":"timeout","message":"no reply"}}"#
+        );
+    }
+}

@@ -1,0 +1,60 @@
+//! NATS connection settings shared by every Herald binary.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// How to reach and authenticate to NATS. Credentials come from files or the environment; the
+/// defaults (no credentials) only fit a local development server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NatsSettings {
+    /// Server URL(s), comma-separated. Default `nats://127.0.0.1:4222`.
+    pub nats_url: String,
+    /// User name, with `nats_password`. Default none.
+    pub nats_user: Option<String>,
+    /// Password for `nats_user`. Default none.
+    pub nats_password: Option<String>,
+    /// A `.creds` file (JWT + NKey seed). Default none.
+    pub nats_creds: Option<PathBuf>,
+    /// Messages buffered per NATS subscription inside this process. Default 65536.
+    pub nats_subscription_capacity: usize,
+}
+
+impl Default for NatsSettings {
+    fn default() -> Self {
+        NatsSettings {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            nats_user: None,
+            nats_password: None,
+            nats_creds: None,
+            nats_subscription_capacity: 65536,
+        }
+    }
+}
+
+impl NatsSettings {
+    /// Connect options for a long-lived service connection: named, retrying its first connection and
+    /// every later one forever, with the configured credentials.
+    pub async fn options(&self, name: &str) -> std::io::Result<async_nats::ConnectOptions> {
+        let mut options = match &self.nats_creds {
+            Some(path) => async_nats::ConnectOptions::with_credentials_file(path).await?,
+            None => async_nats::ConnectOptions::new(),
+        };
+        if let (Some(user), Some(password)) = (&self.nats_user, &self.nats_password) {
+            options = options.user_and_password(user.clone(), password.clone());
+        }
+        Ok(options
+            .name(name)
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .reconnect_delay_callback(|attempt| Duration::from_millis((100 * attempt as u64).min(2000)))
+            .subscription_capacity(self.nats_subscription_capacity.max(1)))
+    }
+
+    /// The server addresses of `nats_url`.
+    pub fn addresses(&self) -> Result<Vec<async_nats::ServerAddr>, async_nats::Error> {
+        self.nats_url.split(',').map(|url| url.trim().parse::<async_nats::ServerAddr>().map_err(Into::into)).collect()
+    }
+}

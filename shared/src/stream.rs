@@ -1,0 +1,103 @@
+//! Idempotent creation and update of the `HERALD` stream and the KV buckets.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, stream};
+use serde::{Deserialize, Serialize};
+
+use crate::subject::{KV_CURSORS, KV_PREFS, KV_SESSIONS, STREAM, STREAM_SUBJECTS};
+
+/// Retention and durability of the stream (and replicas of the buckets).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StreamSettings {
+    /// Messages older than this are removed. Default `7d`.
+    #[serde(with = "humantime_serde")]
+    pub stream_max_age: Duration,
+    /// Messages kept per subject (per user, per topic, and for `push.all`): the offline inbox size.
+    /// Default 1000.
+    pub stream_max_msgs_per_subject: i64,
+    /// Total size bound of the stream in bytes; -1 for none. Default -1.
+    pub stream_max_bytes: i64,
+    /// A publish repeating a `Nats-Msg-Id` seen within this window is stored once. Default `2m`.
+    #[serde(with = "humantime_serde")]
+    pub stream_duplicate_window: Duration,
+    /// Replicas of the stream and the buckets (3 on a three-node cluster). Default 1.
+    pub stream_replicas: usize,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        StreamSettings {
+            stream_max_age: Duration::from_secs(7 * 24 * 3600),
+            stream_max_msgs_per_subject: 1000,
+            stream_max_bytes: -1,
+            stream_duplicate_window: Duration::from_secs(120),
+            stream_replicas: 1,
+        }
+    }
+}
+
+impl StreamSettings {
+    /// The stream's configuration.
+    pub fn stream_config(&self) -> stream::Config {
+        stream::Config {
+            name: STREAM.to_string(),
+            description: Some("Herald: every push, republished to herald.deliver.>".into()),
+            subjects: STREAM_SUBJECTS.iter().map(|s| s.to_string()).collect(),
+            storage: stream::StorageType::File,
+            max_age: self.stream_max_age,
+            max_messages_per_subject: self.stream_max_msgs_per_subject,
+            max_bytes: self.stream_max_bytes,
+            duplicate_window: self.stream_duplicate_window,
+            num_replicas: self.stream_replicas,
+            allow_direct: true,
+            allow_message_ttl: true,
+            republish: Some(stream::Republish {
+                source: "push.>".into(),
+                destination: "herald.deliver.>".into(),
+                headers_only: false,
+            }),
+            ..Default::default()
+        }
+    }
+}
+
+/// Creates the stream, or updates it to `settings`; safe to run from every process at every start.
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> Result<stream::Info, jetstream::context::CreateStreamError> {
+    js.create_or_update_stream(settings.stream_config()).await
+}
+
+/// The KV buckets Herald uses.
+#[derive(Clone)]
+pub struct Buckets {
+    /// Device cursors.
+    pub cursors: kv::Store,
+    /// Muted kinds per user.
+    pub prefs: kv::Store,
+    /// Session ownership for session policies.
+    pub sessions: kv::Store,
+}
+
+/// Creates or updates the KV buckets.
+pub async fn ensure_buckets(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> Result<Buckets, jetstream::context::CreateKeyValueError> {
+    let bucket = |name: &str, description: &str| kv::Config {
+        bucket: name.to_string(),
+        description: description.to_string(),
+        history: 1,
+        storage: stream::StorageType::File,
+        num_replicas: settings.stream_replicas,
+        ..Default::default()
+    };
+    Ok(Buckets {
+        cursors: js.create_or_update_key_value(bucket(KV_CURSORS, "last acknowledged seq per user and device")).await?,
+        prefs: js.create_or_update_key_value(bucket(KV_PREFS, "muted kinds per user")).await?,
+        sessions: js.create_or_update_key_value(bucket(KV_SESSIONS, "which connection owns a user's session")).await?,
+    })
+}

@@ -1,0 +1,168 @@
+//! Connect tokens: JWTs whose `sub` is the user id, with a required `exp` and an optional `topics`
+//! claim (topic names, or prefixes ending in `*`, the user may subscribe to).
+//!
+//! Verified with an HS256 shared secret, or with a public key (EdDSA or RS256, PEM) where configured.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::id::{IdError, IdKind, check_id};
+
+/// The claims Herald reads from a token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    /// The user id.
+    pub sub: String,
+    /// Expiry, seconds since the Unix epoch.
+    pub exp: u64,
+    /// Topics (exact, or prefixes ending in `*`) the user may subscribe to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topics: Vec<String>,
+}
+
+/// Why a token was refused; its `Display` is the `reason` of the 401 body.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("no token: pass ?token= or an Authorization: Bearer header")]
+    Missing,
+    #[error("malformed token: {0}")]
+    Malformed(String),
+    #[error("token expired")]
+    Expired,
+    #[error("bad token signature")]
+    BadSignature,
+    #[error("token algorithm {0} is not accepted by this gateway")]
+    WrongAlgorithm(String),
+    #[error("bad sub claim: {0}")]
+    BadSubject(IdError),
+    #[error("bad topics claim: {0}")]
+    BadTopicClaim(String),
+}
+
+/// Key material could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot load the token verification key: {0}")]
+pub struct KeyError(String);
+
+/// Checks tokens against the configured keys.
+#[derive(Clone)]
+pub struct Verifier {
+    secret: Option<DecodingKey>,
+    public: Option<(DecodingKey, Algorithm)>,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("hs256", &self.secret.is_some())
+            .field("public_key", &self.public.as_ref().map(|(_, alg)| alg))
+            .finish()
+    }
+}
+
+impl Verifier {
+    /// A verifier for HS256 tokens signed with `secret`, and for public-key tokens when `public_pem`
+    /// (an Ed25519 or RSA public key in PEM) is given. At least one must be present.
+    pub fn new(secret: Option<&[u8]>, public_pem: Option<&[u8]>) -> Result<Verifier, KeyError> {
+        let public = match public_pem {
+            None => None,
+            Some(pem) => Some(
+                DecodingKey::from_ed_pem(pem)
+                    .map(|key| (key, Algorithm::EdDSA))
+                    .or_else(|_| DecodingKey::from_rsa_pem(pem).map(|key| (key, Algorithm::RS256)))
+                    .map_err(|e| KeyError(format!("public key is neither Ed25519 nor RSA PEM: {e}")))?,
+            ),
+        };
+        if secret.is_none() && public.is_none() {
+            return Err(KeyError("configure jwt_secret or jwt_public_key".into()));
+        }
+        Ok(Verifier { secret: secret.map(DecodingKey::from_secret), public })
+    }
+
+    /// Verifies `token` and its claims; the `sub` and every topic claim must obey the id rule.
+    pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
+        let key = match (header.alg, &self.secret, &self.public) {
+            (Algorithm::HS256, Some(secret), _) => secret,
+            (alg, _, Some((key, public_alg))) if alg == *public_alg => key,
+            (alg, _, _) => return Err(TokenError::WrongAlgorithm(format!("{alg:?}"))),
+        };
+        let mut validation = Validation::new(header.alg);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.leeway = 0;
+        let claims = jsonwebtoken::decode::<Claims>(token, key, &validation)
+            .map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => TokenError::Expired,
+                ErrorKind::InvalidSignature => TokenError::BadSignature,
+                _ => TokenError::Malformed(e.to_string()),
+            })?
+            .claims;
+        check_id(IdKind::User, &claims.sub).map_err(TokenError::BadSubject)?;
+        for pattern in &claims.topics {
+            let name = pattern.strip_suffix('*').unwrap_or(pattern);
+            // A bare `*` (every topic) is allowed; otherwise the prefix must be a valid topic start.
+            if !name.is_empty() {
+                check_id(IdKind::Topic, name).map_err(|e| TokenError::BadTopicClaim(e.to_string()))?;
+            }
+        }
+        Ok(claims)
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Signs an HS256 token (dev tokens, tests, tools).
+pub fn issue_hs256(secret: &[u8], claims: &Claims) -> String {
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &EncodingKey::from_secret(secret))
+        .expect("HS256 signing cannot fail")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &[u8] = b"test-secret";
+
+    fn claims(sub: &str, exp: u64) -> Claims {
+        Claims { sub: sub.into(), exp, topics: vec!["news".into(), "room-*".into()] }
+    }
+
+    #[test]
+    fn accepts_a_good_token() {
+        let verifier = Verifier::new(Some(SECRET), None).unwrap();
+        let good = claims("42", now_secs() + 60);
+        assert_eq!(verifier.verify(&issue_hs256(SECRET, &good)), Ok(good));
+    }
+
+    #[test]
+    fn refuses_bad_tokens_with_a_reason() {
+        let verifier = Verifier::new(Some(SECRET), None).unwrap();
+        let expired = issue_hs256(SECRET, &claims("42", now_secs() - 10));
+        assert_eq!(verifier.verify(&expired), Err(TokenError::Expired));
+        let forged = issue_hs256(b"other", &claims("42", now_secs() + 60));
+        assert_eq!(verifier.verify(&forged), Err(TokenError::BadSignature));
+        assert!(matches!(verifier.verify("not.a.jwt"), Err(TokenError::Malformed(_))));
+        for sub in ["a.b", "*", ">", ""] {
+            let token = issue_hs256(SECRET, &claims(sub, now_secs() + 60));
+            assert!(matches!(verifier.verify(&token), Err(TokenError::BadSubject(_))), "{sub}");
+        }
+    }
+
+    #[test]
+    fn refuses_a_token_without_exp() {
+        let verifier = Verifier::new(Some(SECRET), None).unwrap();
+        let token = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &serde_json::json!({"sub": "42"}),
+            &EncodingKey::from_secret(SECRET),
+        )
+        .unwrap();
+        assert!(matches!(verifier.verify(&token), Err(TokenError::Malformed(_))));
+    }
+}

@@ -1,0 +1,111 @@
+//! Gateways running in-process, on ephemeral ports, against a test NATS.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use herald_gateway::{Config, Gateway};
+use herald_shared::token::{Claims, issue_hs256, now_secs};
+
+use crate::{TestNats, WsClient, eventually};
+
+/// The HS256 secret test gateways accept.
+pub const SECRET: &str = "herald-test-secret";
+
+/// A gateway for one test.
+pub struct TestGateway {
+    gateway: Option<Gateway>,
+    pub addr: SocketAddr,
+    pub config: Config,
+}
+
+impl TestGateway {
+    /// A gateway with test defaults, ready to serve.
+    pub async fn start(nats: &TestNats) -> TestGateway {
+        Self::start_with(nats, |_| {}).await
+    }
+
+    /// A gateway with test defaults changed by `adjust`, ready to serve.
+    pub async fn start_with(nats: &TestNats, adjust: impl FnOnce(&mut Config)) -> TestGateway {
+        let mut config = test_config(&nats.url());
+        adjust(&mut config);
+        let gateway = Gateway::start(config.clone()).await.expect("gateway starts");
+        let addr = gateway.local_addr();
+        let gateway = TestGateway { gateway: Some(gateway), addr, config };
+        gateway.wait_ready().await;
+        gateway
+    }
+
+    /// `ws://…/ws?<query>`.
+    pub fn ws_url(&self, query: &str) -> String {
+        format!("ws://{}/ws?{query}", self.addr)
+    }
+
+    /// `http://…<path>`.
+    pub fn http_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Connects `user` (device `default`) and reads its `welcome`.
+    pub async fn connect(&self, user: &str) -> WsClient {
+        self.connect_with(&format!("token={}", token(user))).await
+    }
+
+    /// Connects with `query` and reads the `welcome`.
+    pub async fn connect_with(&self, query: &str) -> WsClient {
+        let mut client = WsClient::connect(&self.ws_url(query)).await.expect("connection accepted");
+        client.expect_welcome().await;
+        client
+    }
+
+    /// The status of `GET /readyz`.
+    pub async fn readyz(&self) -> u16 {
+        match reqwest::get(self.http_url("/readyz")).await {
+            Ok(response) => response.status().as_u16(),
+            Err(_) => 0,
+        }
+    }
+
+    /// Waits until `/readyz` says 200.
+    pub async fn wait_ready(&self) {
+        eventually("gateway ready", Duration::from_secs(30), || async { (self.readyz().await == 200).then_some(()) })
+            .await;
+    }
+
+    /// Graceful shutdown, waiting until the gateway stopped.
+    pub async fn shutdown(mut self) {
+        if let Some(gateway) = self.gateway.take() {
+            gateway.shutdown();
+            gateway.stopped().await;
+        }
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(gateway) = &self.gateway {
+            gateway.shutdown();
+        }
+    }
+}
+
+/// The configuration test gateways start from.
+pub fn test_config(nats_url: &str) -> Config {
+    let mut config = Config::default();
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.nats.nats_url = nats_url.to_string();
+    config.jwt_secret = Some(SECRET.to_string());
+    config.shutdown_grace = Duration::from_secs(5);
+    config
+}
+
+/// A token for `user`, valid for an hour, with no topics.
+pub fn token(user: &str) -> String {
+    token_with(user, &[], 3600)
+}
+
+/// A token for `user` allowing `topics`, valid for `ttl_secs` (negative: already expired).
+pub fn token_with(user: &str, topics: &[&str], ttl_secs: i64) -> String {
+    let exp = (now_secs() as i64 + ttl_secs).max(1) as u64;
+    let claims = Claims { sub: user.to_string(), exp, topics: topics.iter().map(|t| t.to_string()).collect() };
+    issue_hs256(SECRET.as_bytes(), &claims)
+}

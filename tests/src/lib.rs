@@ -1,0 +1,22 @@
+//! Test harness: a real NATS server with JetStream, gateways running in-process on ephemeral ports,
+//! and WebSocket clients from a different implementation than the server's (tokio-tungstenite).
+
+pub mod gateway;
+pub mod nats;
+pub mod wait;
+pub mod ws;
+
+pub use gateway::TestGateway;
+pub use nats::TestNats;
+pub use wait::eventually;
+pub use ws::WsClient;
+
+/// The workspace root (where nats.conf and .tools live).
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is inside the workspace").to_path_buf()
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}

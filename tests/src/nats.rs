@@ -1,0 +1,188 @@
+//! A NATS server with JetStream for one test.
+//!
+//! By default a container (testcontainers) of an image built locally from the static nats-server in
+//! `.tools/bin` and the repository's `nats.conf`, built when absent (no registry is reachable here).
+//! `HERALD_NATS_IMAGE=name:tag` runs another image instead (e.g. the official `nats`), given the
+//! same configuration. Without a Docker daemon, a nats-server process is spawned instead, unless
+//! `HERALD_REQUIRE_DOCKER=1` (CI) makes that an error.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use testcontainers::core::{IntoContainerPort, WaitFor};
+use testcontainers::runners::AsyncRunner;
+use testcontainers::{ContainerAsync, GenericImage, ImageExt};
+
+use crate::{free_port, workspace_root};
+
+const NATS_VERSION: &str = "2.15.1";
+
+/// A running NATS server.
+pub struct TestNats {
+    port: u16,
+    backend: Backend,
+}
+
+enum Backend {
+    Container(ContainerAsync<GenericImage>),
+    Process { child: Mutex<Option<Child>>, store: PathBuf },
+}
+
+impl TestNats {
+    /// Starts a NATS server on a fixed host port (kept across stop/start).
+    pub async fn start() -> TestNats {
+        let port = free_port();
+        if docker_available() {
+            let image = image_name();
+            let (name, tag) = image.split_once(':').expect("image is name:tag");
+            let conf = workspace_root().join("nats.conf");
+            let container = GenericImage::new(name, tag)
+                .with_wait_for(WaitFor::message_on_stderr("Server is ready"))
+                .with_exposed_port(4222.tcp())
+                .with_mapped_port(port, 4222.tcp())
+                .with_copy_to("/etc/herald/nats.conf", conf)
+                .with_cmd(["-c", "/etc/herald/nats.conf"])
+                .with_startup_timeout(Duration::from_secs(60))
+                .start()
+                .await
+                .expect("start the NATS container");
+            TestNats { port, backend: Backend::Container(container) }
+        } else {
+            assert!(
+                std::env::var("HERALD_REQUIRE_DOCKER").as_deref() != Ok("1"),
+                "HERALD_REQUIRE_DOCKER=1 but no Docker daemon is reachable"
+            );
+            eprintln!("no Docker daemon: running nats-server as a process");
+            let store = std::env::temp_dir().join(format!("herald-nats-{port}"));
+            let nats = TestNats { port, backend: Backend::Process { child: Mutex::new(None), store } };
+            nats.start_again().await;
+            nats
+        }
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// A plain client connection.
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::connect(self.url()).await.expect("connect to NATS")
+    }
+
+    /// A JetStream context on a new connection.
+    pub async fn jetstream(&self) -> async_nats::jetstream::Context {
+        async_nats::jetstream::new(self.client().await)
+    }
+
+    /// Stops the server; its JetStream store is kept for [`TestNats::start_again`].
+    pub async fn stop(&self) {
+        match &self.backend {
+            Backend::Container(container) => container.stop().await.expect("stop NATS"),
+            Backend::Process { child, .. } => {
+                if let Some(mut child) = child.lock().unwrap().take() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+            }
+        }
+    }
+
+    /// Starts the server again on the same port and waits until it accepts clients.
+    pub async fn start_again(&self) {
+        match &self.backend {
+            Backend::Container(container) => container.start().await.expect("start NATS again"),
+            Backend::Process { child, store } => {
+                let spawned = Command::new(workspace_root().join(".tools/bin/nats-server"))
+                    .args(["-c", workspace_root().join("nats.conf").to_str().unwrap()])
+                    .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-m", "0", "-sd", store.to_str().unwrap()])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("spawn nats-server (run scripts/install-nats)");
+                *child.lock().unwrap() = Some(spawned);
+            }
+        }
+        crate::eventually("NATS accepting clients", Duration::from_secs(30), || async {
+            async_nats::connect(self.url()).await.ok().map(|_| ())
+        })
+        .await;
+    }
+}
+
+impl Drop for TestNats {
+    fn drop(&mut self) {
+        if let Backend::Process { child, store } = &self.backend {
+            if let Some(mut child) = child.lock().unwrap().take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            let _ = std::fs::remove_dir_all(store);
+        }
+    }
+}
+
+fn docker_available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        Command::new("docker")
+            .args(["version", "--format", "{{.Server.Version}}"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success())
+    })
+}
+
+/// The image to run: `HERALD_NATS_IMAGE`, or the local one, built now if absent.
+fn image_name() -> String {
+    static IMAGE: OnceLock<String> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| match std::env::var("HERALD_NATS_IMAGE") {
+            Ok(image) if !image.is_empty() => image,
+            _ => build_local_image(),
+        })
+        .clone()
+}
+
+/// Builds `herald-nats:<version>-<hash of binary and config>` from scratch + the static binary.
+fn build_local_image() -> String {
+    let root = workspace_root();
+    let binary = root.join(".tools/bin/nats-server");
+    let bytes = std::fs::read(&binary)
+        .unwrap_or_else(|e| panic!("{}: {e}; run scripts/install-nats (scripts/test does)", binary.display()));
+    let mut hasher = std::hash::DefaultHasher::new();
+    std::hash::Hash::hash(&bytes, &mut hasher);
+    std::hash::Hash::hash(&std::fs::read(root.join("nats.conf")).expect("nats.conf"), &mut hasher);
+    let tag = format!("{NATS_VERSION}-{:08x}", std::hash::Hasher::finish(&hasher) as u32);
+    let image = format!("herald-nats:{tag}");
+    let exists = Command::new("docker")
+        .args(["image", "inspect", &image])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !exists {
+        let context = std::env::temp_dir().join(format!("herald-nats-image-{}", std::process::id()));
+        std::fs::create_dir_all(&context).expect("build context");
+        std::fs::copy(&binary, context.join("nats-server")).expect("copy nats-server");
+        std::fs::copy(root.join("nats.conf"), context.join("nats.conf")).expect("copy nats.conf");
+        std::fs::write(
+            context.join("Dockerfile"),
+            "FROM scratch\nCOPY nats-server /nats-server\nCOPY nats.conf /etc/herald/nats.conf\n\
+             EXPOSE 4222 8222\nENTRYPOINT [\"/nats-server\"]\nCMD [\"-c\", \"/etc/herald/nats.conf\"]\n",
+        )
+        .expect("Dockerfile");
+        let status = Command::new("docker")
+            .args(["build", "-q", "-t", &image])
+            .arg(&context)
+            .stdout(Stdio::null())
+            .status()
+            .expect("run docker build");
+        let _ = std::fs::remove_dir_all(&context);
+        assert!(status.success(), "docker build of {image} failed");
+    }
+    image
+}
