@@ -9,6 +9,7 @@ use std::time::Duration;
 use async_nats::connection::State;
 use async_nats::jetstream;
 use herald_shared::stream::{StreamSettings, ensure_buckets, ensure_stream};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -21,11 +22,13 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 pub(crate) struct Health {
     client: async_nats::Client,
     stream_ok: AtomicBool,
+    /// Notified on every (re)connection to NATS, to check the stream at once.
+    connected: Arc<Notify>,
 }
 
 impl Health {
-    pub(crate) fn new(client: async_nats::Client) -> Health {
-        Health { client, stream_ok: AtomicBool::new(false) }
+    pub(crate) fn new(client: async_nats::Client, connected: Arc<Notify>) -> Health {
+        Health { client, stream_ok: AtomicBool::new(false), connected }
     }
 
     /// Whether NATS is connected.
@@ -71,6 +74,7 @@ pub(crate) async fn monitor(
         }
         tokio::select! {
             _ = tokio::time::sleep(CHECK_EVERY) => {}
+            _ = health.connected.notified() => {}
             _ = shutdown.cancelled() => {}
         }
     }

@@ -84,9 +84,18 @@ impl Gateway {
             .map_err(|error| StartError::Listen { addr: config.listen, error })?;
         let local_addr = listener.local_addr().map_err(|error| StartError::Listen { addr: config.listen, error })?;
         let addresses = config.nats.addresses().map_err(|e| StartError::Nats(e.to_string()))?;
+        let connected = Arc::new(tokio::sync::Notify::new());
+        let on_event = {
+            let connected = connected.clone();
+            Arc::new(move |event: &async_nats::Event| {
+                if matches!(event, async_nats::Event::Connected) {
+                    connected.notify_one();
+                }
+            })
+        };
         let client = config
             .nats
-            .options(&format!("herald-gateway {}", config.node_id))
+            .options_with_events(&format!("herald-gateway {}", config.node_id), on_event)
             .await
             .map_err(|e| StartError::Nats(e.to_string()))?
             .connect(addresses)
@@ -95,7 +104,7 @@ impl Gateway {
         let metrics = Arc::new(Metrics::new());
         let shutdown = CancellationToken::new();
         let js = jetstream::new(client.clone());
-        let health = Arc::new(Health::new(client.clone()));
+        let health = Arc::new(Health::new(client.clone(), connected));
         tokio::spawn(health::monitor(
             health.clone(),
             js.clone(),

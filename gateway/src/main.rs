@@ -55,12 +55,28 @@ enum Command {
         #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
         ttl: Duration,
     },
+    /// Publish a message with JetStream and print its stream sequence (for machines without the
+    /// `nats` CLI): `herald-gateway pub push.user.42 '{"text":"hi"}'`.
+    Pub {
+        /// push.user.<id>, push.all or push.topic.<topic>.
+        subject: String,
+        /// The payload (JSON recommended).
+        data: String,
+        /// Idempotency key (Nats-Msg-Id).
+        #[arg(long)]
+        id: Option<String>,
+        /// The message's kind (Herald-Type).
+        #[arg(long)]
+        kind: Option<String>,
+    },
 }
 
 #[tokio::main]
 async fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("HERALD_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_env("HERALD_LOG").unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn")),
+        )
         .init();
     let cli = Cli::parse();
     let config: Config = match herald_shared::config::load(cli.config.as_deref(), &cli.flags) {
@@ -79,6 +95,34 @@ async fn main() {
             let claims = Claims { sub: user, exp: now_secs() + ttl.as_secs(), topics };
             println!("{}", issue_hs256(secret.as_bytes(), &claims));
         }
+        Command::Pub { subject, data, id, kind } => publish(&config, subject, data, id, kind).await,
+    }
+}
+
+async fn publish(config: &Config, subject: String, data: String, id: Option<String>, kind: Option<String>) {
+    use herald_shared::subject::{Audience, header};
+    if Audience::from_push_subject(&subject).is_none() {
+        fail(format!("{subject}: not push.user.<id>, push.all or push.topic.<topic>"));
+    }
+    let connect = async {
+        let options = config.nats.options("herald-gateway pub").await?;
+        let addresses = config.nats.addresses()?;
+        let client = options.connect(addresses).await?;
+        Ok::<_, async_nats::Error>(async_nats::jetstream::new(client))
+    };
+    let js = connect.await.unwrap_or_else(|e| fail(format!("cannot connect to NATS: {e}")));
+    let mut headers = async_nats::HeaderMap::new();
+    if let Some(id) = id {
+        headers.insert(header::NATS_MSG_ID, id.as_str());
+    }
+    if let Some(kind) = kind {
+        headers.insert(header::HERALD_TYPE, kind.as_str());
+    }
+    let ack = async { js.publish_with_headers(subject, headers, data.into()).await?.await.map_err(Into::into) };
+    match tokio::time::timeout(Duration::from_secs(10), ack).await {
+        Ok(Ok(ack)) => println!("stored: seq {} (duplicate: {})", ack.sequence, ack.duplicate),
+        Ok(Err::<_, async_nats::Error>(error)) => fail(format!("publish failed: {error}")),
+        Err(_) => fail("publish timed out: is NATS running with the HERALD stream?"),
     }
 }
 

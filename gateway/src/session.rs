@@ -93,13 +93,12 @@ pub(crate) async fn run(shared: Arc<Shared>, upgraded: Upgraded, request: Connec
 
     let close = serve(&session, read_half).await;
     session.outbox().close(close.clone());
-    shared.dispatcher.detach(session.entry.key, session.audiences()).await;
-    let sent = finish_writer(writer, close).await;
-
-    shared.metrics.connections.dec();
-    if sent.code == close_code::SLOW_CONSUMER {
+    if close.code == close_code::SLOW_CONSUMER {
         shared.metrics.slow_consumer_closes.inc();
     }
+    shared.dispatcher.detach(session.entry.key, session.audiences()).await;
+    let sent = finish_writer(writer, close).await;
+    shared.metrics.connections.dec();
     info!(user = %session.user, conn = %session.conn, code = sent.code, reason = %sent.reason, "disconnected");
 }
 

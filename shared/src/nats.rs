@@ -1,7 +1,10 @@
 //! NATS connection settings shared by every Herald binary.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+
+use async_nats::Event;
 
 use serde::{Deserialize, Serialize};
 
@@ -36,8 +39,17 @@ impl Default for NatsSettings {
 
 impl NatsSettings {
     /// Connect options for a long-lived service connection: named, retrying its first connection and
-    /// every later one forever, with the configured credentials.
+    /// every later one forever, with the configured credentials; connection events are logged.
     pub async fn options(&self, name: &str) -> std::io::Result<async_nats::ConnectOptions> {
+        self.options_with_events(name, Arc::new(|_| {})).await
+    }
+
+    /// Like [`NatsSettings::options`], also calling `on_event` for every connection event.
+    pub async fn options_with_events(
+        &self,
+        name: &str,
+        on_event: Arc<dyn Fn(&Event) + Send + Sync>,
+    ) -> std::io::Result<async_nats::ConnectOptions> {
         let mut options = match &self.nats_creds {
             Some(path) => async_nats::ConnectOptions::with_credentials_file(path).await?,
             None => async_nats::ConnectOptions::new(),
@@ -50,11 +62,28 @@ impl NatsSettings {
             .retry_on_initial_connect()
             .max_reconnects(None)
             .reconnect_delay_callback(|attempt| Duration::from_millis((100 * attempt as u64).min(2000)))
-            .subscription_capacity(self.nats_subscription_capacity.max(1)))
+            .subscription_capacity(self.nats_subscription_capacity.max(1))
+            .event_callback(move |event| {
+                log_event(&event);
+                on_event(&event);
+                std::future::ready(())
+            }))
     }
 
     /// The server addresses of `nats_url`.
     pub fn addresses(&self) -> Result<Vec<async_nats::ServerAddr>, async_nats::Error> {
         self.nats_url.split(',').map(|url| url.trim().parse::<async_nats::ServerAddr>().map_err(Into::into)).collect()
+    }
+}
+
+/// Logs a connection event at a level that fits it.
+fn log_event(event: &Event) {
+    match event {
+        Event::Connected => tracing::info!("connected to NATS"),
+        Event::Disconnected => tracing::warn!("disconnected from NATS; reconnecting"),
+        Event::SlowConsumer(sid) => tracing::warn!(sid, "NATS subscription buffer full: messages dropped"),
+        Event::ServerError(error) => tracing::warn!(%error, "NATS server error"),
+        Event::ClientError(error) => tracing::debug!(%error, "NATS client error"),
+        other => tracing::info!(event = %other, "NATS event"),
     }
 }

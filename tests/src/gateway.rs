@@ -65,6 +65,25 @@ impl TestGateway {
         }
     }
 
+    /// The value of metric `name` (as exported, e.g. `herald_gateway_connections`), 0 if absent.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(self.http_url("/metrics")).await.expect("GET /metrics").text().await.unwrap();
+        text.lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter_map(|line| line.split_once(' '))
+            .find(|(key, _)| *key == name)
+            .and_then(|(_, value)| value.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Waits until metric `name` equals `value`.
+    pub async fn wait_metric(&self, name: &str, value: f64) {
+        eventually(&format!("{name} == {value}"), Duration::from_secs(30), || async {
+            (self.metric(name).await == value).then_some(())
+        })
+        .await;
+    }
+
     /// Waits until `/readyz` says 200.
     pub async fn wait_ready(&self) {
         eventually("gateway ready", Duration::from_secs(30), || async { (self.readyz().await == 200).then_some(()) })

@@ -43,7 +43,7 @@ impl TestNats {
                 .with_exposed_port(4222.tcp())
                 .with_mapped_port(port, 4222.tcp())
                 .with_copy_to("/etc/herald/nats.conf", conf)
-                .with_cmd(["-c", "/etc/herald/nats.conf"])
+                .with_cmd(["-c", "/etc/herald/nats.conf", "-sd", "/data/jetstream"])
                 .with_startup_timeout(Duration::from_secs(60))
                 .start()
                 .await
@@ -172,7 +172,8 @@ fn build_local_image() -> String {
         std::fs::write(
             context.join("Dockerfile"),
             "FROM scratch\nCOPY nats-server /nats-server\nCOPY nats.conf /etc/herald/nats.conf\n\
-             EXPOSE 4222 8222\nENTRYPOINT [\"/nats-server\"]\nCMD [\"-c\", \"/etc/herald/nats.conf\"]\n",
+             EXPOSE 4222 8222\nENTRYPOINT [\"/nats-server\"]\n\
+             CMD [\"-c\", \"/etc/herald/nats.conf\", \"-sd\", \"/data/jetstream\"]\n",
         )
         .expect("Dockerfile");
         let status = Command::new("docker")

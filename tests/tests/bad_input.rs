@@ -1,0 +1,186 @@
+//! Gateway core, bad input: refused before the upgrade with a status and JSON, or closed after it
+//! with the contract's code; never a panic or a hang.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use herald_shared::frame::{ServerFrame, close_code};
+use herald_shared::token::{Claims, issue_hs256, now_secs};
+use herald_tests::gateway::{SECRET, token_with};
+use herald_tests::ws::Event;
+use herald_tests::{TestGateway, TestNats, WsClient};
+use tokio_tungstenite::tungstenite::Message;
+
+fn signed(sub: &str) -> String {
+    issue_hs256(SECRET.as_bytes(), &Claims { sub: sub.to_string(), exp: now_secs() + 600, topics: vec![] })
+}
+
+#[tokio::test]
+async fn bad_tokens_get_401_with_a_json_reason_and_no_socket() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let forged = issue_hs256(b"not-the-secret", &Claims { sub: "42".into(), exp: now_secs() + 600, topics: vec![] });
+    let cases = [
+        ("no token", String::new(), "no token"),
+        ("malformed", "token=abc.def".to_string(), "malformed"),
+        ("expired", format!("token={}", token_with("42", &[], -600)), "expired"),
+        ("bad signature", format!("token={forged}"), "signature"),
+        ("sub a.b", format!("token={}", signed("a.b")), "sub"),
+        ("sub *", format!("token={}", signed("*")), "sub"),
+        ("sub >", format!("token={}", signed(">")), "sub"),
+        ("sub empty", format!("token={}", signed("")), "sub"),
+        ("sub of 129", format!("token={}", signed(&"x".repeat(129))), "sub"),
+    ];
+    for (case, query, reason) in cases {
+        let refused =
+            WsClient::connect(&gateway.ws_url(&query)).await.err().unwrap_or_else(|| panic!("{case}: upgraded"));
+        assert_eq!(refused.status, 401, "{case}");
+        assert_eq!(refused.body["error"], "unauthorized", "{case}");
+        let text = refused.body["reason"].as_str().unwrap_or_default();
+        assert!(text.contains(reason), "{case}: reason {text:?} lacks {reason:?}");
+    }
+    // A sub of exactly 128 allowed characters is fine.
+    let _client = gateway.connect_with(&format!("token={}", signed(&"x".repeat(128)))).await;
+    assert_eq!(gateway.metric("herald_gateway_connections").await, 1.0);
+}
+
+#[tokio::test]
+async fn bad_parameters_get_400_or_403_and_plain_get_gets_426() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let good = token_with("42", &["news"], 600);
+    for (query, status, error) in [
+        (format!("token={good}&device=a.b"), 400, "bad_request"),
+        (format!("token={good}&since=minus"), 400, "bad_request"),
+        (format!("token={good}&topics=secret"), 403, "forbidden"),
+        (format!("token={good}&topics=news.%3E"), 400, "bad_request"),
+    ] {
+        let refused = WsClient::connect(&gateway.ws_url(&query)).await.err().expect("refused");
+        assert_eq!((refused.status, refused.body["error"].as_str()), (status, Some(error)), "{query}");
+    }
+    let plain = reqwest::get(gateway.http_url("/ws")).await.unwrap();
+    assert_eq!(plain.status().as_u16(), 426);
+    let body: serde_json::Value = plain.json().await.unwrap();
+    assert_eq!(body["error"], "upgrade_required");
+    let missing = reqwest::get(gateway.http_url("/nope")).await.unwrap();
+    assert_eq!(missing.status().as_u16(), 404);
+}
+
+#[tokio::test]
+async fn an_oversized_frame_closes_with_1009() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start_with(&nats, |c| c.max_frame_bytes = 1024).await;
+    let mut client = gateway.connect("big").await;
+    // Exactly the limit is accepted (and answered: it is not a valid frame type).
+    let at_limit = format!(r#"{{"type":"x","pad":"{}"}}"#, "a".repeat(1024 - 21));
+    assert_eq!(at_limit.len(), 1024);
+    client.send_text(&at_limit).await;
+    assert!(matches!(client.next_frame().await, ServerFrame::Error { code, .. } if code == "unknown_type"));
+    client.send_text(&"a".repeat(1025)).await;
+    assert_eq!(client.expect_close().await.map(|c| c.0), Some(close_code::TOO_BIG));
+}
+
+#[tokio::test]
+async fn a_fragmented_message_over_the_limit_closes_with_1009() {
+    use tokio_tungstenite::tungstenite::protocol::frame::{
+        Frame,
+        coding::{Data, OpCode},
+    };
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start_with(&nats, |c| c.max_frame_bytes = 1024).await;
+    let mut client = gateway.connect("fragments").await;
+    let part = |opcode, fin| Message::Frame(Frame::message(vec![b' '; 600], opcode, fin));
+    client.send(part(OpCode::Data(Data::Text), false)).await.unwrap();
+    client.send(part(OpCode::Data(Data::Continue), true)).await.unwrap();
+    assert_eq!(client.expect_close().await.map(|c| c.0), Some(close_code::TOO_BIG));
+}
+
+#[tokio::test]
+async fn malformed_frames_get_an_error_frame_or_1008() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let mut client = gateway.connect("sloppy").await;
+
+    // A JSON object with an unknown type: error frame, connection stays open.
+    client.send_text(r#"{"type":"teleport"}"#).await;
+    let ServerFrame::Error { code, message } = client.next_frame().await else { panic!("expected error") };
+    assert_eq!(code, "unknown_type");
+    assert!(message.contains("teleport"));
+    // A known type with bad fields: error frame bad_request.
+    client.send_text(r#"{"type":"ack","seq":"yesterday"}"#).await;
+    assert!(matches!(client.next_frame().await, ServerFrame::Error { code, .. } if code == "bad_request"));
+    client.send_json(serde_json::json!({"type": "ping"})).await;
+    assert_eq!(client.next_frame().await, ServerFrame::Pong);
+    // Not JSON at all: closed with 1008.
+    client.send_text("{not json").await;
+    assert_eq!(client.expect_close().await.map(|c| c.0), Some(close_code::POLICY));
+
+    // A binary frame: closed with 1008.
+    let mut client = gateway.connect("binary").await;
+    client.send(Message::binary(vec![1, 2, 3])).await.unwrap();
+    assert_eq!(client.expect_close().await.map(|c| c.0), Some(close_code::POLICY));
+}
+
+#[tokio::test]
+async fn an_unresponsive_peer_is_closed() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start_with(&nats, |c| {
+        c.heartbeat = Duration::from_secs(1);
+        c.heartbeat_timeout = Duration::from_secs(1);
+    })
+    .await;
+    // This client reads nothing, so it never answers the server's pings.
+    let mut silent = gateway.connect("silent").await;
+    gateway.wait_metric("herald_gateway_connections", 0.0).await;
+    // Reading now shows the pings it ignored, then the close.
+    assert_eq!(silent.expect_close().await.map(|c| c.0), Some(1001));
+
+    // A client that answers pings stays connected across several heartbeats.
+    let mut lively = gateway.connect("lively").await;
+    let js: jetstream::Context = nats.jetstream().await;
+    for n in 0..3u64 {
+        // Each wait covers more than a heartbeat; reading answers the pings meanwhile.
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
+        while tokio::time::Instant::now() < deadline {
+            let seq = js.publish("push.user.lively", n.to_string().into()).await.unwrap().await.unwrap().sequence;
+            assert_eq!(lively.expect_msg().await.seq, seq);
+        }
+    }
+    assert_eq!(gateway.metric("herald_gateway_connections").await, 1.0);
+}
+
+#[tokio::test]
+async fn a_slow_reader_is_closed_with_4008_and_the_gateway_does_not_buffer_for_it() {
+    let nats = TestNats::start().await;
+    let queue_limit = 64 * 1024;
+    let gateway = TestGateway::start_with(&nats, |c| c.outbound_queue_bytes = queue_limit).await;
+    let mut slow = gateway.connect("slow").await;
+    let mut fast = gateway.connect("fast").await;
+    let js = nats.jetstream().await;
+
+    // Far more than the queue plus any socket buffers: 64 messages of 64 KiB = 4 MiB.
+    let body = format!("\"{}\"", "x".repeat(64 * 1024));
+    let mut published = 0;
+    for _ in 0..64 {
+        js.publish("push.user.slow", body.clone().into()).await.unwrap().await.unwrap();
+        published += 1;
+    }
+    gateway.wait_metric("herald_gateway_slow_consumer_closes_total", 1.0).await;
+
+    // The reader wakes up: what was already on the wire, then 4008.
+    let mut received = 0;
+    loop {
+        match slow.next_event().await {
+            Event::Frame(ServerFrame::Msg(_)) => received += 1,
+            Event::Frame(other) => panic!("unexpected {other:?}"),
+            Event::Close(close) => {
+                assert_eq!(close.map(|c| c.0), Some(close_code::SLOW_CONSUMER));
+                break;
+            }
+        }
+    }
+    assert!(received < published, "the gateway held {received} of {published} messages for a stalled reader");
+    // Other sockets are unaffected.
+    let seq = js.publish("push.user.fast", "still here".into()).await.unwrap().await.unwrap().sequence;
+    assert_eq!(fast.expect_msg().await.seq, seq);
+}
