@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use herald_shared::nats::NatsSettings;
+
+pub use crate::replay::ReplayMethod;
 use herald_shared::stream::StreamSettings;
 use serde::{Deserialize, Serialize};
 
@@ -61,6 +63,23 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Session policy. Default `multi`.
     pub session_policy: SessionPolicy,
+    /// How replays read the stream: `direct` (batched direct gets) or `consumer` (a short-lived
+    /// ordered consumer). Default `direct`.
+    pub replay_method: ReplayMethod,
+    /// Messages per direct-get batch. Default 256.
+    pub replay_batch: usize,
+    /// How often acknowledged cursors are written to KV. Default `1s`.
+    #[serde(with = "humantime_serde")]
+    pub cursor_flush_interval: Duration,
+    /// Most topics one connection may subscribe to. Default 64.
+    pub max_topics: usize,
+    /// How long an `rpc` waits for its function. Default `5s`.
+    #[serde(with = "humantime_serde")]
+    pub rpc_timeout: Duration,
+    /// `rpc` calls per second a connection may make on average. Default 20.
+    pub rpc_rate: f64,
+    /// `rpc` calls a connection may make at once above the rate. Default 40.
+    pub rpc_burst: f64,
 }
 
 impl Default for Config {
@@ -80,6 +99,13 @@ impl Default for Config {
             write_batch_frames: 64,
             shutdown_grace: Duration::from_secs(10),
             session_policy: SessionPolicy::Multi,
+            replay_method: ReplayMethod::Direct,
+            replay_batch: 256,
+            cursor_flush_interval: Duration::from_secs(1),
+            max_topics: 64,
+            rpc_timeout: Duration::from_secs(5),
+            rpc_rate: 20.0,
+            rpc_burst: 40.0,
         }
     }
 }

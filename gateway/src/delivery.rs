@@ -2,11 +2,11 @@
 //! complete WebSocket frame, built once and shared by every socket it goes to.
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::message::StreamMessage;
 use bytes::Bytes;
 use herald_shared::frame::{MsgMeta, write_msg};
 use herald_shared::subject::{Audience, header};
 
+use crate::replay::Stored;
 use crate::wire::FrameBuf;
 
 /// One message ready for sockets.
@@ -38,10 +38,8 @@ pub(crate) fn from_live(message: &async_nats::Message, audience: &Audience) -> O
 }
 
 /// Encodes a message read back from the stream.
-pub(crate) fn from_stored(message: &StreamMessage) -> Option<Delivery> {
-    let audience = Audience::from_push_subject(message.subject.as_str())?;
-    let ts = message.time.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
-    Some(encode(&audience, message.sequence, &ts, &message.headers, &message.payload))
+pub(crate) fn from_stored(stored: &Stored) -> Delivery {
+    encode(&stored.audience, stored.seq, &stored.ts, &stored.headers, &stored.payload)
 }
 
 fn encode(audience: &Audience, seq: u64, ts: &str, headers: &HeaderMap, payload: &[u8]) -> Delivery {

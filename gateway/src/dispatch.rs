@@ -6,17 +6,20 @@
 //! - Messages are read in stream order across all subscriptions ([`OrderedMerge`]), each encoded
 //!   once into a frame, and queued on every session of its audience without waiting on any socket.
 //! - Sessions attach and detach through commands, so the routing tables need no lock.
+//! - A message lost between the stream and this gateway is repaired from the stream: a gap in a
+//!   subject's `Nats-Last-Sequence` chain, a reconnection to NATS, or a subscription buffer that
+//!   overflowed puts the sessions concerned on hold and asks them to replay from their last `seq`.
 
 use std::collections::HashMap;
 use std::future::poll_fn;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::Poll;
 
 use async_nats::{Client, Subscriber};
 use herald_shared::subject::Audience;
-use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, warn};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tracing::{debug, error, warn};
 
 use crate::delivery::{self, Delivery};
 use crate::merge::{MemberId, OrderedMerge};
@@ -29,6 +32,36 @@ pub(crate) struct SessionEntry {
     pub(crate) key: u64,
     pub(crate) user: Arc<str>,
     pub(crate) outbox: Arc<Outbox>,
+    /// Notified when the session must replay from its last `seq` (its outbox is then on hold).
+    pub(crate) repair: Notify,
+    /// A repair was asked for and has not started yet.
+    repair_pending: AtomicBool,
+}
+
+impl SessionEntry {
+    pub(crate) fn new(key: u64, user: Arc<str>, outbox: Arc<Outbox>) -> SessionEntry {
+        SessionEntry { key, user, outbox, repair: Notify::new(), repair_pending: AtomicBool::new(false) }
+    }
+
+    /// Holds live delivery and asks the session to repair, once until the repair starts.
+    pub(crate) fn request_repair(&self) {
+        if !self.repair_pending.swap(true, Ordering::AcqRel) {
+            self.outbox.hold();
+            self.repair.notify_one();
+        }
+    }
+
+    /// Called by the session as its repair starts: a later gap asks for another one.
+    pub(crate) fn repair_started(&self) {
+        self.repair_pending.store(false, Ordering::Release);
+    }
+}
+
+/// What attaching did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Attached {
+    /// The session is its user's first on this gateway (load the user's preferences).
+    pub(crate) first_of_user: bool,
 }
 
 /// Messages per subscription and their sessions could not be set up (NATS is closed).
@@ -37,9 +70,28 @@ pub(crate) struct SessionEntry {
 pub(crate) struct AttachError(String);
 
 enum Command {
-    Attach { session: Arc<SessionEntry>, audiences: Vec<Audience>, done: oneshot::Sender<Result<(), AttachError>> },
-    Detach { key: u64, audiences: Vec<Audience> },
-    SetMuted { user: Arc<str>, kinds: Vec<String> },
+    Attach {
+        session: Arc<SessionEntry>,
+        audiences: Vec<Audience>,
+        done: oneshot::Sender<Result<Attached, AttachError>>,
+    },
+    Detach {
+        key: u64,
+        audiences: Vec<Audience>,
+        forget: bool,
+    },
+    SetMuted {
+        user: Arc<str>,
+        kinds: Vec<String>,
+        revision: u64,
+    },
+    Muted {
+        user: Arc<str>,
+        reply: oneshot::Sender<Vec<String>>,
+    },
+    RepairAll {
+        why: &'static str,
+    },
 }
 
 /// A cheap handle to the dispatcher task.
@@ -54,12 +106,14 @@ impl Dispatcher {
     pub(crate) fn start(client: Client, metrics: Arc<Metrics>) -> Dispatcher {
         let (commands, receiver) = mpsc::channel(1024);
         let task = DispatchTask {
-            client,
             commands: receiver,
             merge: OrderedMerge::new(delivery::live_seq),
             routes: HashMap::new(),
             by_member: HashMap::new(),
+            sessions: HashMap::new(),
             muted: HashMap::new(),
+            connects: client_connects(&client),
+            client,
             metrics,
         };
         tokio::spawn(tokio::task::unconstrained(task.run()));
@@ -74,20 +128,38 @@ impl Dispatcher {
     /// Feeds `session` from the subscriptions of `audiences`, subscribing where needed. Returns once
     /// the subscriptions are queued on the NATS connection, so any request sent afterwards on the
     /// same connection reaches the server after them.
-    pub(crate) async fn attach(&self, session: Arc<SessionEntry>, audiences: Vec<Audience>) -> Result<(), AttachError> {
+    pub(crate) async fn attach(
+        &self,
+        session: Arc<SessionEntry>,
+        audiences: Vec<Audience>,
+    ) -> Result<Attached, AttachError> {
         let (done, result) = oneshot::channel();
         self.send(Command::Attach { session, audiences, done }).await;
         result.await.unwrap_or_else(|_| Err(AttachError("the dispatcher stopped".into())))
     }
 
     /// Stops feeding session `key` from `audiences`; unsubscribes what no session needs any more.
-    pub(crate) async fn detach(&self, key: u64, audiences: Vec<Audience>) {
-        self.send(Command::Detach { key, audiences }).await;
+    /// With `forget`, the session is gone for good (not just leaving a topic).
+    pub(crate) async fn detach(&self, key: u64, audiences: Vec<Audience>, forget: bool) {
+        self.send(Command::Detach { key, audiences, forget }).await;
     }
 
-    /// Sets the kinds `user` muted: `msg` frames of these kinds are not delivered to the user.
-    pub(crate) async fn set_muted(&self, user: Arc<str>, kinds: Vec<String>) {
-        self.send(Command::SetMuted { user, kinds }).await;
+    /// Sets the kinds `user` muted, as of KV `revision` (older revisions are ignored): `msg` frames
+    /// of these kinds are not delivered to the user.
+    pub(crate) async fn set_muted(&self, user: Arc<str>, kinds: Vec<String>, revision: u64) {
+        self.send(Command::SetMuted { user, kinds, revision }).await;
+    }
+
+    /// The kinds `user` muted (for replays).
+    pub(crate) async fn muted(&self, user: Arc<str>) -> Vec<String> {
+        let (reply, result) = oneshot::channel();
+        self.send(Command::Muted { user, reply }).await;
+        result.await.unwrap_or_default()
+    }
+
+    /// Asks every session to repair from the stream (messages may have been lost on the way here).
+    pub(crate) async fn repair_all(&self, why: &'static str) {
+        self.send(Command::RepairAll { why }).await;
     }
 
     async fn send(&self, command: Command) {
@@ -109,8 +181,12 @@ struct DispatchTask {
     merge: OrderedMerge<Subscriber>,
     routes: HashMap<Audience, Route>,
     by_member: HashMap<MemberId, Audience>,
-    /// Muted kinds of local users who muted any.
-    muted: HashMap<Arc<str>, Vec<String>>,
+    /// Every attached session.
+    sessions: HashMap<u64, Arc<SessionEntry>>,
+    /// Muted kinds of local users who muted any, with the KV revision they came from.
+    muted: HashMap<Arc<str>, (u64, Vec<String>)>,
+    /// NATS connections made so far; a change means a reconnection, and messages may be lost.
+    connects: u64,
     metrics: Arc<Metrics>,
 }
 
@@ -151,22 +227,47 @@ impl DispatchTask {
                 let result = self.attach(session, audiences).await;
                 let _ = done.send(result);
             }
-            Command::Detach { key, audiences } => {
+            Command::Detach { key, audiences, forget } => {
                 for audience in audiences {
                     self.remove_from_route(&audience, key);
                 }
-            }
-            Command::SetMuted { user, kinds } => {
-                if kinds.is_empty() {
-                    self.muted.remove(&user);
-                } else {
-                    self.muted.insert(user, kinds);
+                if forget {
+                    self.sessions.remove(&key);
                 }
             }
+            Command::SetMuted { user, kinds, revision } => self.set_muted(user, kinds, revision),
+            Command::Muted { user, reply } => {
+                let _ = reply.send(self.muted.get(&user).map(|(_, kinds)| kinds.clone()).unwrap_or_default());
+            }
+            Command::RepairAll { why } => self.repair_all(why),
         }
     }
 
-    async fn attach(&mut self, session: Arc<SessionEntry>, audiences: Vec<Audience>) -> Result<(), AttachError> {
+    fn set_muted(&mut self, user: Arc<str>, kinds: Vec<String>, revision: u64) {
+        // Only users with a socket here matter; the others load theirs when they connect.
+        if !self.routes.contains_key(&Audience::User(user.to_string())) {
+            return;
+        }
+        if self.muted.get(&user).is_some_and(|(known, _)| *known > revision) {
+            return;
+        }
+        self.muted.insert(user, (revision, kinds));
+    }
+
+    fn repair_all(&mut self, why: &str) {
+        if self.sessions.is_empty() {
+            return;
+        }
+        warn!(sessions = self.sessions.len(), why, "repairing every session from the stream");
+        for session in self.sessions.values() {
+            session.request_repair();
+            self.metrics.repairs.inc();
+        }
+    }
+
+    async fn attach(&mut self, session: Arc<SessionEntry>, audiences: Vec<Audience>) -> Result<Attached, AttachError> {
+        let first_of_user = !self.routes.contains_key(&Audience::User(session.user.to_string()));
+        self.sessions.insert(session.key, session.clone());
         for audience in audiences {
             if !self.routes.contains_key(&audience) {
                 let subscriber =
@@ -180,7 +281,7 @@ impl DispatchTask {
                 route.sessions.insert(session.clone());
             }
         }
-        Ok(())
+        Ok(Attached { first_of_user })
     }
 
     fn remove_from_route(&mut self, audience: &Audience, key: u64) {
@@ -189,6 +290,9 @@ impl DispatchTask {
         if route.sessions.is_empty() {
             let member = route.member;
             self.routes.remove(audience);
+            if let Audience::User(user) = audience {
+                self.muted.remove(user.as_str());
+            }
             self.by_member.remove(&member);
             // Dropping the subscriber unsubscribes it.
             self.merge.remove(member);
@@ -197,6 +301,7 @@ impl DispatchTask {
     }
 
     fn deliver(&mut self, member: MemberId, message: Option<async_nats::Message>) {
+        self.notice_reconnection();
         let Some(audience) = self.by_member.get(&member) else { return };
         let Some(route) = self.routes.get_mut(audience) else { return };
         let Some(message) = message else {
@@ -207,23 +312,64 @@ impl DispatchTask {
             warn!(subject = %message.subject, "message without a stream sequence ignored");
             return;
         };
-        if let Some(previous) = delivery.previous_on_subject {
-            if route.last_seq != 0 && previous > route.last_seq {
-                self.metrics.delivery_gaps.inc();
-                warn!(subject = %message.subject, after = route.last_seq, before = delivery.seq, "gap on subject");
-            }
+        if let Some(previous) = delivery.previous_on_subject
+            && route.last_seq != 0
+            && previous > route.last_seq
+        {
+            repair_gap(route, previous, &self.metrics);
         }
         route.last_seq = route.last_seq.max(delivery.seq);
         self.metrics.messages_in.inc();
         fan_out(&route.sessions, &delivery, &self.muted, &self.metrics);
     }
+
+    /// A message from a new NATS connection: what was published while disconnected never reached
+    /// this gateway, so every session repairs before it gets anything newer.
+    fn notice_reconnection(&mut self) {
+        let connects = client_connects(&self.client);
+        if connects != self.connects {
+            self.connects = connects;
+            self.repair_all("reconnected to NATS");
+        }
+    }
 }
 
-fn fan_out(sessions: &SessionList, delivery: &Delivery, muted: &HashMap<Arc<str>, Vec<String>>, metrics: &Metrics) {
+fn client_connects(client: &Client) -> u64 {
+    client.statistics().connects.load(Ordering::Acquire)
+}
+
+/// Messages in `(route.last_seq, previous]` on this subject never arrived. Sessions that have not
+/// been sent anything newer repair from the stream; one that has (from another subject) cannot get
+/// them in order any more and is closed with 4008.
+fn repair_gap(route: &Route, previous: u64, metrics: &Metrics) {
+    metrics.delivery_gaps.inc();
+    let first_missing = route.last_seq + 1;
+    warn!(first_missing, last_missing = previous, "gap on a delivery subject: repairing from the stream");
+    for session in route.sessions.iter() {
+        if session.outbox.last_seq() >= first_missing {
+            error!(user = %session.user, first_missing, "gap behind newer messages: closing for a resume");
+            metrics.unrepairable_gaps.inc();
+            session.outbox.close(crate::outbox::Close::new(
+                herald_shared::frame::close_code::SLOW_CONSUMER,
+                "messages missed: reconnect with since",
+            ));
+        } else {
+            session.request_repair();
+            metrics.repairs.inc();
+        }
+    }
+}
+
+fn fan_out(
+    sessions: &SessionList,
+    delivery: &Delivery,
+    muted: &HashMap<Arc<str>, (u64, Vec<String>)>,
+    metrics: &Metrics,
+) {
     let check_muted = !delivery.kind.is_empty() && !muted.is_empty();
     let mut sent = 0u64;
     for session in sessions.iter() {
-        if check_muted && muted.get(&session.user).is_some_and(|kinds| kinds.contains(&delivery.kind)) {
+        if check_muted && muted.get(&session.user).is_some_and(|(_, kinds)| kinds.contains(&delivery.kind)) {
             continue;
         }
         session.outbox.push_live(delivery.seq, &delivery.frame);
@@ -271,7 +417,7 @@ mod tests {
     use super::*;
 
     fn entry(key: u64) -> Arc<SessionEntry> {
-        Arc::new(SessionEntry { key, user: "u".into(), outbox: Arc::new(Outbox::new(1024)) })
+        Arc::new(SessionEntry::new(key, "u".into(), Arc::new(Outbox::new(1024))))
     }
 
     #[test]

@@ -20,25 +20,37 @@ use crate::stream_state;
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 pub(crate) struct Health {
-    client: async_nats::Client,
+    control: async_nats::Client,
+    delivery: async_nats::Client,
     stream_ok: AtomicBool,
+    /// The session-policy watch is established (sessions may be accepted without missing a kick).
+    pub(crate) policy_watch: AtomicBool,
+    /// The preferences watch is established.
+    pub(crate) prefs_watch: AtomicBool,
     /// Notified on every (re)connection to NATS, to check the stream at once.
     connected: Arc<Notify>,
 }
 
 impl Health {
-    pub(crate) fn new(client: async_nats::Client, connected: Arc<Notify>) -> Health {
-        Health { client, stream_ok: AtomicBool::new(false), connected }
+    pub(crate) fn new(control: async_nats::Client, delivery: async_nats::Client, connected: Arc<Notify>) -> Health {
+        Health {
+            control,
+            delivery,
+            stream_ok: AtomicBool::new(false),
+            policy_watch: AtomicBool::new(false),
+            prefs_watch: AtomicBool::new(false),
+            connected,
+        }
     }
 
-    /// Whether NATS is connected.
+    /// Whether both NATS connections are up.
     pub(crate) fn nats_connected(&self) -> bool {
-        self.client.connection_state() == State::Connected
+        self.control.connection_state() == State::Connected && self.delivery.connection_state() == State::Connected
     }
 
-    /// Whether the gateway can serve: NATS connected and the stream present.
+    /// Whether the gateway can serve: NATS connected, the stream present, the KV watches running.
     pub(crate) fn ready(&self) -> bool {
-        self.nats_connected() && self.stream_ok.load(Ordering::Acquire)
+        self.problems().is_empty()
     }
 
     /// The reasons the gateway is not ready, for `/readyz`.
@@ -49,6 +61,12 @@ impl Health {
         }
         if !self.stream_ok.load(Ordering::Acquire) {
             problems.push("stream HERALD not available");
+        }
+        if !self.policy_watch.load(Ordering::Acquire) {
+            problems.push("session policy watch not running");
+        }
+        if !self.prefs_watch.load(Ordering::Acquire) {
+            problems.push("preferences watch not running");
         }
         problems
     }

@@ -7,17 +7,25 @@
 
 mod auth;
 pub mod config;
+mod cursor;
 mod delivery;
 mod dispatch;
+mod events;
 mod health;
 mod id;
 mod merge;
 mod metrics;
 mod outbox;
+mod policy;
+mod prefs;
+mod ratelimit;
 mod reader;
+mod registry;
+mod replay;
 mod server;
 mod session;
 mod stream_state;
+mod watch;
 mod wire;
 mod writer;
 
@@ -33,23 +41,37 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-pub use config::{Config, SessionPolicy};
+pub use config::{Config, ReplayMethod, SessionPolicy};
 
+use cursor::Cursors;
 use dispatch::Dispatcher;
 use health::Health;
 use metrics::Metrics;
+use policy::Policies;
+use prefs::Prefs;
+use registry::Registry;
 
 /// What every part of a running gateway shares.
 pub(crate) struct Shared {
     pub(crate) config: Config,
+    /// The control connection: requests, replays, KV, rpc, events.
     pub(crate) client: async_nats::Client,
     pub(crate) js: jetstream::Context,
+    /// JetStream on the delivery connection, whose subscriptions feed the dispatcher: a request
+    /// sent here reaches the server after every subscription made before it.
+    pub(crate) delivery_js: jetstream::Context,
     pub(crate) dispatcher: Dispatcher,
     pub(crate) verifier: Verifier,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) health: Arc<Health>,
+    pub(crate) cursors: Arc<Cursors>,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) policies: Arc<Policies>,
+    pub(crate) prefs: Arc<Prefs>,
     /// Cancelled when the gateway starts draining.
     pub(crate) shutdown: CancellationToken,
+    /// Cancelled when the gateway stops at once, dropping sockets without a close frame.
+    pub(crate) killed: CancellationToken,
     /// Every session task, to wait for them at shutdown.
     pub(crate) sessions: TaskTracker,
 }
@@ -71,6 +93,7 @@ pub enum StartError {
 pub struct Gateway {
     local_addr: SocketAddr,
     shutdown: CancellationToken,
+    killed: CancellationToken,
     stopped: JoinHandle<()>,
 }
 
@@ -83,28 +106,26 @@ impl Gateway {
             .await
             .map_err(|error| StartError::Listen { addr: config.listen, error })?;
         let local_addr = listener.local_addr().map_err(|error| StartError::Listen { addr: config.listen, error })?;
-        let addresses = config.nats.addresses().map_err(|e| StartError::Nats(e.to_string()))?;
         let connected = Arc::new(tokio::sync::Notify::new());
-        let on_event = {
+        let (events, event_queue) = tokio::sync::mpsc::unbounded_channel();
+        let control = {
             let connected = connected.clone();
-            Arc::new(move |event: &async_nats::Event| {
+            connect(&config, "control", Some(CONTROL_SUBSCRIPTION_CAPACITY), move |event| {
                 if matches!(event, async_nats::Event::Connected) {
                     connected.notify_one();
                 }
             })
+            .await?
         };
-        let client = config
-            .nats
-            .options_with_events(&format!("herald-gateway {}", config.node_id), on_event)
-            .await
-            .map_err(|e| StartError::Nats(e.to_string()))?
-            .connect(addresses)
-            .await
-            .map_err(|e| StartError::Nats(e.to_string()))?;
+        let delivery = connect(&config, "delivery", None, move |event| {
+            let _ = events.send(event.clone());
+        })
+        .await?;
         let metrics = Arc::new(Metrics::new());
         let shutdown = CancellationToken::new();
-        let js = jetstream::new(client.clone());
-        let health = Arc::new(Health::new(client.clone(), connected));
+        let killed = CancellationToken::new();
+        let js = jetstream::new(control.clone());
+        let health = Arc::new(Health::new(control.clone(), delivery.clone(), connected));
         tokio::spawn(health::monitor(
             health.clone(),
             js.clone(),
@@ -113,19 +134,26 @@ impl Gateway {
             shutdown.clone(),
         ));
         let shared = Arc::new(Shared {
-            dispatcher: Dispatcher::start(client.clone(), metrics.clone()),
+            dispatcher: Dispatcher::start(delivery.clone(), metrics.clone()),
+            delivery_js: jetstream::new(delivery),
+            cursors: Arc::new(Cursors::new(js.clone())),
+            registry: Arc::new(Registry::default()),
+            policies: Arc::new(Policies::new(config.session_policy, js.clone())),
+            prefs: Arc::new(Prefs::new(js.clone())),
             config,
-            client,
+            client: control,
             js,
             verifier,
             metrics,
             health,
             shutdown: shutdown.clone(),
+            killed: killed.clone(),
             sessions: TaskTracker::new(),
         });
+        start_background_tasks(&shared, event_queue);
         info!(addr = %local_addr, node = %shared.config.node_id, "gateway listening");
         let stopped = tokio::spawn(run(shared, listener));
-        Ok(Gateway { local_addr, shutdown, stopped })
+        Ok(Gateway { local_addr, shutdown, killed, stopped })
     }
 
     /// The address the gateway listens on.
@@ -138,23 +166,91 @@ impl Gateway {
         self.shutdown.cancel();
     }
 
+    /// Stops at once, as if the process died: sockets are dropped without a close frame, nothing
+    /// is drained or flushed.
+    pub fn kill(&self) {
+        self.killed.cancel();
+        self.shutdown.cancel();
+    }
+
     /// Waits until the gateway has stopped.
     pub async fn stopped(self) {
         let _ = self.stopped.await;
     }
 }
 
+/// The tasks that keep a gateway's shared state current, all stopped by `shutdown`.
+fn start_background_tasks(shared: &Arc<Shared>, mut events: tokio::sync::mpsc::UnboundedReceiver<async_nats::Event>) {
+    let shutdown = shared.shutdown.clone();
+    tokio::spawn(shared.cursors.clone().run_flusher(shared.config.cursor_flush_interval, shutdown.clone()));
+    tokio::spawn(shared.prefs.clone().watch(
+        shared.dispatcher.clone(),
+        shared.registry.clone(),
+        shared.health.clone(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(shared.policies.clone().run(shared.health.clone(), shutdown.clone()));
+    tokio::spawn(events::answer_presence(
+        shared.client.clone(),
+        shared.registry.clone(),
+        shared.config.node_id.clone(),
+        shutdown,
+    ));
+    let dispatcher = shared.dispatcher.clone();
+    tokio::spawn(async move {
+        // Delivery messages may have been lost on the way to this gateway: repair every session.
+        while let Some(event) = events.recv().await {
+            match event {
+                async_nats::Event::Connected => dispatcher.repair_all("connected to NATS").await,
+                async_nats::Event::SlowConsumer(_) => dispatcher.repair_all("subscription buffer overflowed").await,
+                _ => {}
+            }
+        }
+    });
+}
+
 async fn run(shared: Arc<Shared>, listener: TcpListener) {
     server::accept_loop(shared.clone(), listener).await;
+    if shared.killed.is_cancelled() {
+        shared.sessions.close();
+        shared.sessions.wait().await;
+        warn!("gateway killed");
+        return;
+    }
     info!("draining: closing every socket with 1012");
     shared.sessions.close();
     if tokio::time::timeout(shared.config.shutdown_grace, shared.sessions.wait()).await.is_err() {
         warn!("shutdown grace elapsed with sockets still open");
     }
+    shared.cursors.flush().await;
     if tokio::time::timeout(Duration::from_secs(5), shared.client.drain()).await.is_err() {
         warn!("NATS drain timed out");
     }
     info!("gateway stopped");
+}
+
+/// Messages buffered per subscription on the control connection (KV watches, replay replies).
+const CONTROL_SUBSCRIPTION_CAPACITY: usize = 65536;
+
+/// Connects one of the gateway's two NATS connections. Delivery subscriptions get a connection of
+/// their own, with the configured buffer, so that message traffic and control traffic never queue
+/// behind each other.
+async fn connect(
+    config: &Config,
+    role: &str,
+    capacity: Option<usize>,
+    on_event: impl Fn(&async_nats::Event) + Send + Sync + 'static,
+) -> Result<async_nats::Client, StartError> {
+    let addresses = config.nats.addresses().map_err(|e| StartError::Nats(e.to_string()))?;
+    let mut options = config
+        .nats
+        .options_with_events(&format!("herald-gateway {} {role}", config.node_id), Arc::new(on_event))
+        .await
+        .map_err(|e| StartError::Nats(e.to_string()))?;
+    if let Some(capacity) = capacity {
+        options = options.subscription_capacity(capacity);
+    }
+    options.connect(addresses).await.map_err(|e| StartError::Nats(e.to_string()))
 }
 
 fn verifier(config: &Config) -> Result<Verifier, StartError> {

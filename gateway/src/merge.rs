@@ -115,6 +115,7 @@ impl<S: Stream + Unpin> OrderedMerge<S> {
     }
 
     /// How many streams are members.
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.members.len()
     }

@@ -26,6 +26,7 @@ pub(crate) struct Metrics {
     pub(crate) slow_consumer_closes: Counter,
     pub(crate) delivery_gaps: Counter,
     pub(crate) repairs: Counter,
+    pub(crate) unrepairable_gaps: Counter,
     pub(crate) nats_connected: Gauge,
     pub(crate) rpc_calls: Family<RpcLabels, Counter>,
     registry: Registry,
@@ -46,6 +47,7 @@ impl Metrics {
             slow_consumer_closes: Counter::default(),
             delivery_gaps: Counter::default(),
             repairs: Counter::default(),
+            unrepairable_gaps: Counter::default(),
             nats_connected: Gauge::default(),
             rpc_calls: Family::default(),
             registry: Registry::default(),
@@ -62,6 +64,11 @@ impl Metrics {
         registry.register("slow_consumer_closes", "Connections closed with 4008", m.slow_consumer_closes.clone());
         registry.register("delivery_gaps", "Gaps seen on delivery subjects", m.delivery_gaps.clone());
         registry.register("repairs", "Sessions repaired from the stream after a gap", m.repairs.clone());
+        registry.register(
+            "unrepairable_gaps",
+            "Sessions closed with 4008 because a gap was behind newer messages",
+            m.unrepairable_gaps.clone(),
+        );
         registry.register("nats_connected", "1 while connected to NATS", m.nats_connected.clone());
         registry.register("rpc_calls", "rpc frames by function and outcome", m.rpc_calls.clone());
         Metrics { registry, ..metrics }

@@ -5,7 +5,8 @@
 //! - `msg` frames leave in increasing `seq`: a live frame whose `seq` is not above the last one
 //!   queued is a duplicate and is dropped;
 //! - while a replay is joined to live delivery, live frames are held behind a gate and released
-//!   after the replay, without those the replay already sent.
+//!   after the replay, without those the replay already sent. Holds nest: the gate opens when the
+//!   last holder releases (a repair and a topic replay may overlap).
 //!
 //! A full queue never blocks the dispatcher: it closes the connection with 4008 (the client resumes
 //! with `since` and loses nothing). The lock is never held across an await.
@@ -53,9 +54,11 @@ struct State {
     queued_bytes: usize,
     /// The highest `seq` queued: the connection's resume point as far as this gateway knows.
     last_seq: u64,
-    /// Live frames held while a replay runs; `None` when live frames go straight to the queue.
-    gate: Option<Vec<(u64, Bytes)>>,
-    gate_bytes: usize,
+    /// How many replays hold the gate; live frames go straight to the queue only at 0.
+    holds: u32,
+    /// Live frames (and replayed frames newer than the live position) held meanwhile.
+    held: Vec<(u64, Bytes)>,
+    held_bytes: usize,
     close: Option<Close>,
 }
 
@@ -63,7 +66,7 @@ impl Outbox {
     /// An outbox holding at most `limit` bytes, with its gate closed: live frames are held until
     /// [`Outbox::release`], so that `welcome` (and any replay) go first.
     pub(crate) fn new(limit: usize) -> Outbox {
-        let state = State { gate: Some(Vec::new()), ..State::default() };
+        let state = State { holds: 1, ..State::default() };
         Outbox {
             state: Mutex::new(state),
             writer: Notify::new(),
@@ -79,10 +82,10 @@ impl Outbox {
         if state.close.is_some() {
             return;
         }
-        if let Some(held) = &mut state.gate {
-            held.push((seq, frame.clone()));
-            state.gate_bytes += frame.len();
-            if state.gate_bytes + state.queued_bytes > self.limit {
+        if state.holds > 0 {
+            state.held.push((seq, frame.clone()));
+            state.held_bytes += frame.len();
+            if state.held_bytes + state.queued_bytes > self.limit {
                 drop(state);
                 self.slow_consumer();
             }
@@ -138,24 +141,28 @@ impl Outbox {
         }
     }
 
-    /// Holds live frames behind the gate from now on (a replay is about to run).
+    /// Holds live frames behind the gate from now on (a replay is about to run); pair with
+    /// [`Outbox::release`].
     pub(crate) fn hold(&self) {
-        let mut state = self.lock();
-        if state.gate.is_none() && state.close.is_none() {
-            state.gate = Some(Vec::new());
-        }
+        self.lock().holds += 1;
     }
 
-    /// Opens the gate: the held frames and `extra` (replayed frames newer than the live position),
-    /// merged in `seq` order without duplicates, go to the queue if newer than the last one queued.
+    /// Ends one hold, adding `extra` (replayed frames newer than the live position) to the held
+    /// frames. When no hold remains, the held frames, in `seq` order without duplicates, go to the
+    /// queue if newer than the last one queued.
     pub(crate) fn release(&self, extra: Vec<(u64, Bytes)>) {
         let mut state = self.lock();
-        let Some(mut held) = state.gate.take() else { return };
-        state.gate_bytes = 0;
         if state.close.is_some() {
             return;
         }
-        held.extend(extra);
+        state.held_bytes += extra.iter().map(|(_, frame)| frame.len()).sum::<usize>();
+        state.held.extend(extra);
+        state.holds = state.holds.saturating_sub(1);
+        if state.holds > 0 {
+            return;
+        }
+        let mut held = std::mem::take(&mut state.held);
+        state.held_bytes = 0;
         held.sort_by_key(|(seq, _)| *seq);
         held.dedup_by_key(|(seq, _)| *seq);
         let mut woke = false;
@@ -182,6 +189,12 @@ impl Outbox {
         self.lock().last_seq
     }
 
+    /// Treats everything up to `seq` as sent (the client already has it).
+    pub(crate) fn advance_to(&self, seq: u64) {
+        let mut state = self.lock();
+        state.last_seq = state.last_seq.max(seq);
+    }
+
     /// Starts closing with `close` unless already closing; the first reason wins. Queued frames are
     /// dropped: the client resumes from the last `seq` it received.
     pub(crate) fn close(&self, close: Close) {
@@ -193,8 +206,8 @@ impl Outbox {
             state.close = Some(close);
             state.queue.clear();
             state.queued_bytes = 0;
-            state.gate = None;
-            state.gate_bytes = 0;
+            state.held = Vec::new();
+            state.held_bytes = 0;
         }
         self.closed.cancel();
         self.writer.notify_one();
@@ -204,11 +217,6 @@ impl Outbox {
     /// Resolves once the outbox is closing.
     pub(crate) async fn closed(&self) {
         self.closed.cancelled().await
-    }
-
-    /// Whether the outbox is closing.
-    pub(crate) fn is_closed(&self) -> bool {
-        self.closed.is_cancelled()
     }
 
     /// The close reason, once closing.
@@ -318,12 +326,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn nested_holds_open_the_gate_at_the_last_release() {
+        let outbox = Outbox::new(1 << 20);
+        outbox.release(Vec::new());
+        outbox.hold();
+        outbox.hold();
+        outbox.push_live(3, &frame("m3"));
+        outbox.release(vec![(2, frame("t2"))]);
+        outbox.push_live(4, &frame("m4"));
+        outbox.push_control(frame("ctl"));
+        assert_eq!(drain(&outbox).await, vec![frame("ctl")]);
+        outbox.advance_to(2);
+        outbox.release(Vec::new());
+        assert_eq!(drain(&outbox).await, vec![frame("m3"), frame("m4")]);
+    }
+
+    #[tokio::test]
     async fn overflow_closes_with_4008_and_frees_the_queue() {
         let outbox = Outbox::new(10);
         outbox.release(Vec::new());
         outbox.push_live(1, &frame("123456"));
         outbox.push_live(2, &frame("123456"));
-        assert!(outbox.is_closed());
+        assert!(outbox.close_reason().is_some());
         let mut batch = Vec::new();
         let close = outbox.next_batch(&mut batch, 10, 100).await;
         assert!(batch.is_empty());

@@ -17,6 +17,7 @@ use tracing::debug;
 
 use crate::Shared;
 use crate::auth::{self, Rejection};
+use crate::policy::PolicyError;
 use crate::session;
 
 type HttpResponse = Response<Full<Bytes>>;
@@ -52,7 +53,7 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
 
 async fn route(shared: Arc<Shared>, request: Request<Incoming>) -> Result<HttpResponse, Infallible> {
     let response = match (request.method(), request.uri().path()) {
-        (&Method::GET, "/ws") => websocket(shared, request),
+        (&Method::GET, "/ws") => websocket(shared, request).await,
         (&Method::GET, "/healthz") => json(StatusCode::OK, serde_json::json!({"ok": true})),
         (&Method::GET, "/readyz") => readyz(&shared),
         (&Method::GET, "/metrics") => {
@@ -65,7 +66,7 @@ async fn route(shared: Arc<Shared>, request: Request<Incoming>) -> Result<HttpRe
     Ok(response)
 }
 
-fn websocket(shared: Arc<Shared>, mut request: Request<Incoming>) -> HttpResponse {
+async fn websocket(shared: Arc<Shared>, mut request: Request<Incoming>) -> HttpResponse {
     if !shared.health.ready() {
         return rejection(&Rejection::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -88,11 +89,24 @@ fn websocket(shared: Arc<Shared>, mut request: Request<Incoming>) -> HttpRespons
         Ok(upgrade) => upgrade,
         Err(error) => return rejection(&Rejection::new(StatusCode::BAD_REQUEST, "bad_request", error.to_string())),
     };
+    let conn = crate::id::random_id(12);
+    match shared.policies.reserve(&connect.claims.sub, &conn).await {
+        Ok(()) => {}
+        Err(PolicyError::Taken) => {
+            return rejection(&Rejection::new(StatusCode::CONFLICT, "conflict", PolicyError::Taken.to_string()));
+        }
+        Err(error) => {
+            return rejection(&Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", error.to_string()));
+        }
+    }
     let tracker = shared.sessions.clone();
     tracker.spawn(async move {
         match upgrade.await {
-            Ok(socket) => session::run(shared, socket.into_inner().into_inner(), connect).await,
-            Err(error) => debug!(%error, "upgrade failed"),
+            Ok(socket) => session::run(shared, socket.into_inner().into_inner(), connect, conn).await,
+            Err(error) => {
+                debug!(%error, "upgrade failed");
+                shared.policies.cancel_reservation(&connect.claims.sub, &conn).await;
+            }
         }
     });
     response.map(|_| Full::new(Bytes::new()))

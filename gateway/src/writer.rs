@@ -73,7 +73,7 @@ mod tests {
         outbox.push_control(wire::text(b"second"));
         let writer = tokio::spawn(run(server, outbox.clone(), 64));
         let mut client = client;
-        let mut received = vec![0u8; 14];
+        let mut received = vec![0u8; 15];
         client.read_exact(&mut received).await.unwrap();
         assert_eq!(&received[..7], &wire::text(b"first")[..]);
         assert_eq!(&received[7..], &wire::text(b"second")[..]);

@@ -45,6 +45,9 @@ pub enum ServerFrame {
     Error {
         code: String,
         message: String,
+        /// The topic of the `sub` or `unsub` refused, when it is one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        topic: Option<String>,
     },
 }
 
@@ -174,7 +177,12 @@ pub fn write_msg(out: &mut Vec<u8>, meta: &MsgMeta<'_>, payload: &[u8]) {
 impl ServerFrame {
     /// An `error` frame.
     pub fn error(code: &str, message: impl Into<String>) -> ServerFrame {
-        ServerFrame::Error { code: code.to_string(), message: message.into() }
+        ServerFrame::Error { code: code.to_string(), message: message.into(), topic: None }
+    }
+
+    /// An `error` frame refusing a request about `topic`.
+    pub fn topic_error(code: &str, message: impl Into<String>, topic: &str) -> ServerFrame {
+        ServerFrame::Error { code: code.to_string(), message: message.into(), topic: Some(topic.to_string()) }
     }
 
     /// The frame's JSON text.

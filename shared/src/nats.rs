@@ -21,7 +21,8 @@ pub struct NatsSettings {
     pub nats_password: Option<String>,
     /// A `.creds` file (JWT + NKey seed). Default none.
     pub nats_creds: Option<PathBuf>,
-    /// Messages buffered per NATS subscription inside this process. Default 65536.
+    /// Messages buffered per NATS subscription inside this process (for the gateway: per delivery
+    /// subscription; async-nats drops what overflows, and the gateway repairs it). Default 65536.
     pub nats_subscription_capacity: usize,
 }
 

@@ -49,7 +49,8 @@ impl StreamSettings {
             max_age: self.stream_max_age,
             max_messages_per_subject: self.stream_max_msgs_per_subject,
             max_bytes: self.stream_max_bytes,
-            duplicate_window: self.stream_duplicate_window,
+            // JetStream refuses a duplicate window longer than the max age.
+            duplicate_window: self.stream_duplicate_window.min(self.stream_max_age),
             num_replicas: self.stream_replicas,
             allow_direct: true,
             allow_message_ttl: true,
@@ -70,6 +71,9 @@ pub async fn ensure_stream(
 ) -> Result<stream::Info, jetstream::context::CreateStreamError> {
     js.create_or_update_stream(settings.stream_config()).await
 }
+
+/// Entries of `herald-sessions` live this long unless refreshed (a crashed gateway's claims expire).
+pub const SESSIONS_MAX_AGE: Duration = Duration::from_secs(120);
 
 /// The KV buckets Herald uses.
 #[derive(Clone)]

@@ -24,6 +24,9 @@ pub const KV_PREFS: &str = "herald-prefs";
 /// KV bucket: who holds a session (session policies); see the gateway's docs.
 pub const KV_SESSIONS: &str = "herald-sessions";
 
+/// Gateways answer presence questions here (scatter-gather: every gateway replies).
+pub const PRESENCE_GATHER: &str = "herald.presence.gather";
+
 /// Headers the stream and publishers set.
 pub mod header {
     pub const NATS_SEQUENCE: &str = "Nats-Sequence";

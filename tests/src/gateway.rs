@@ -26,6 +26,7 @@ impl TestGateway {
 
     /// A gateway with test defaults changed by `adjust`, ready to serve.
     pub async fn start_with(nats: &TestNats, adjust: impl FnOnce(&mut Config)) -> TestGateway {
+        init_logs();
         let mut config = test_config(&nats.url());
         adjust(&mut config);
         let gateway = Gateway::start(config.clone()).await.expect("gateway starts");
@@ -90,6 +91,14 @@ impl TestGateway {
             .await;
     }
 
+    /// Kills the gateway as a crash would (no close frames), waiting until it stopped.
+    pub async fn kill(mut self) {
+        if let Some(gateway) = self.gateway.take() {
+            gateway.kill();
+            gateway.stopped().await;
+        }
+    }
+
     /// Graceful shutdown, waiting until the gateway stopped.
     pub async fn shutdown(mut self) {
         if let Some(gateway) = self.gateway.take() {
@@ -109,11 +118,13 @@ impl Drop for TestGateway {
 
 /// The configuration test gateways start from.
 pub fn test_config(nats_url: &str) -> Config {
-    let mut config = Config::default();
-    config.listen = "127.0.0.1:0".parse().unwrap();
+    let mut config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        jwt_secret: Some(SECRET.to_string()),
+        shutdown_grace: Duration::from_secs(5),
+        ..Config::default()
+    };
     config.nats.nats_url = nats_url.to_string();
-    config.jwt_secret = Some(SECRET.to_string());
-    config.shutdown_grace = Duration::from_secs(5);
     config
 }
 
@@ -127,4 +138,11 @@ pub fn token_with(user: &str, topics: &[&str], ttl_secs: i64) -> String {
     let exp = (now_secs() as i64 + ttl_secs).max(1) as u64;
     let claims = Claims { sub: user.to_string(), exp, topics: topics.iter().map(|t| t.to_string()).collect() };
     issue_hs256(SECRET.as_bytes(), &claims)
+}
+
+/// Logs of in-process gateways go to the test output when `HERALD_TEST_LOG` is set (e.g. `debug`).
+fn init_logs() {
+    if let Ok(filter) = std::env::var("HERALD_TEST_LOG") {
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    }
 }

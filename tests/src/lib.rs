@@ -3,11 +3,13 @@
 
 pub mod gateway;
 pub mod nats;
+pub mod publish;
 pub mod wait;
 pub mod ws;
 
 pub use gateway::TestGateway;
 pub use nats::TestNats;
+pub use publish::Publisher;
 pub use wait::eventually;
 pub use ws::WsClient;
 

@@ -26,7 +26,7 @@ pub struct TestNats {
 }
 
 enum Backend {
-    Container(ContainerAsync<GenericImage>),
+    Container(Box<ContainerAsync<GenericImage>>),
     Process { child: Mutex<Option<Child>>, store: PathBuf },
 }
 
@@ -48,7 +48,7 @@ impl TestNats {
                 .start()
                 .await
                 .expect("start the NATS container");
-            TestNats { port, backend: Backend::Container(container) }
+            TestNats { port, backend: Backend::Container(Box::new(container)) }
         } else {
             assert!(
                 std::env::var("HERALD_REQUIRE_DOCKER").as_deref() != Ok("1"),

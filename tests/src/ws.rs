@@ -49,12 +49,23 @@ impl WsClient {
         }
     }
 
+    /// Opens a WebSocket; any failure (refusal, nothing listening) is an error.
+    pub async fn try_connect(url: &str) -> Result<WsClient, String> {
+        match tokio_tungstenite::connect_async(url).await {
+            Ok((stream, _)) => Ok(WsClient { stream, welcome: None }),
+            Err(error) => Err(error.to_string()),
+        }
+    }
+
     /// The next frame or close, skipping control frames; panics after [`FRAME_TIMEOUT`].
     pub async fn next_event(&mut self) -> Event {
+        tokio::time::timeout(FRAME_TIMEOUT, self.recv()).await.expect("no frame from the gateway in time")
+    }
+
+    /// The next frame or close, skipping control frames, however long it takes (cancel-safe).
+    pub async fn recv(&mut self) -> Event {
         loop {
-            let message = tokio::time::timeout(FRAME_TIMEOUT, self.stream.next())
-                .await
-                .expect("no frame from the gateway in time");
+            let message = self.stream.next().await;
             match message {
                 Some(Ok(Message::Text(text))) => {
                     let frame = serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad frame {text}: {e}"));
@@ -95,6 +106,31 @@ impl WsClient {
             ServerFrame::Msg(msg) => msg,
             other => panic!("expected msg, got {other:?}"),
         }
+    }
+
+    /// The `seq` of the `welcome` read at connect.
+    pub fn welcome_seq(&self) -> u64 {
+        match &self.welcome {
+            Some(ServerFrame::Welcome { seq, .. }) => *seq,
+            _ => panic!("no welcome read yet"),
+        }
+    }
+
+    /// The next frame, which must be `replayed`: (from, to, count, complete, topic).
+    pub async fn expect_replayed(&mut self) -> (u64, u64, u64, bool, Option<String>) {
+        match self.next_frame().await {
+            ServerFrame::Replayed { from, to, count, complete, topic } => (from, to, count, complete, topic),
+            other => panic!("expected replayed, got {other:?}"),
+        }
+    }
+
+    /// The sequences of the next `n` frames, which must all be `msg`.
+    pub async fn expect_msgs(&mut self, n: usize) -> Vec<u64> {
+        let mut seqs = Vec::with_capacity(n);
+        for _ in 0..n {
+            seqs.push(self.expect_msg().await.seq);
+        }
+        seqs
     }
 
     /// Reads until the connection closes and returns the close code (None: no close frame).

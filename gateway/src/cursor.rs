@@ -1,0 +1,124 @@
+//! Device cursors in KV `herald-cursors`: the last `seq` each user's device acknowledged.
+//!
+//! Acks are cheap and frequent, so they only update a map in memory; a flusher writes the map to KV
+//! every `cursor_flush_interval`, and a closing connection writes its own cursor at once. Writes
+//! never move a cursor back: each is a compare-and-set against the stored revision, so a slower
+//! gateway flushing an older value after the device moved on loses the race harmlessly.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use futures::StreamExt;
+use herald_shared::id::kv_key;
+use herald_shared::subject::KV_CURSORS;
+use tokio::sync::OnceCell;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+/// Writes a cursor tries before giving up (each conflict means another writer got there first).
+const MAX_ATTEMPTS: usize = 5;
+/// Cursors written at once by one flush.
+const FLUSH_CONCURRENCY: usize = 32;
+
+pub(crate) struct Cursors {
+    js: jetstream::Context,
+    bucket: OnceCell<kv::Store>,
+    /// Acknowledged but not yet written: KV key → seq.
+    pending: Mutex<HashMap<String, u64>>,
+}
+
+/// A cursor could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[error("cursor store: {0}")]
+pub(crate) struct CursorError(String);
+
+fn error(what: impl std::fmt::Display) -> CursorError {
+    CursorError(what.to_string())
+}
+
+/// The KV key of a device's cursor.
+pub(crate) fn cursor_key(user: &str, device: &str) -> String {
+    format!("{}.{}", kv_key(user), kv_key(device))
+}
+
+impl Cursors {
+    pub(crate) fn new(js: jetstream::Context) -> Cursors {
+        Cursors { js, bucket: OnceCell::new(), pending: Mutex::new(HashMap::new()) }
+    }
+
+    async fn bucket(&self) -> Result<&kv::Store, CursorError> {
+        self.bucket.get_or_try_init(|| async { self.js.get_key_value(KV_CURSORS).await.map_err(error) }).await
+    }
+
+    /// The device's stored cursor, if any.
+    pub(crate) async fn load(&self, user: &str, device: &str) -> Result<Option<u64>, CursorError> {
+        let value = self.bucket().await?.get(cursor_key(user, device)).await.map_err(error)?;
+        Ok(value.and_then(|bytes| std::str::from_utf8(&bytes).ok()?.trim().parse().ok()))
+    }
+
+    /// Records an acknowledgement; written by the next flush.
+    pub(crate) fn ack(&self, user: &str, device: &str, seq: u64) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = pending.entry(cursor_key(user, device)).or_insert(0);
+        *entry = (*entry).max(seq);
+    }
+
+    /// Writes the device's pending cursor now (a connection is closing).
+    pub(crate) async fn flush_device(&self, user: &str, device: &str) {
+        let key = cursor_key(user, device);
+        let seq = self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+        if let Some(seq) = seq
+            && let Err(e) = self.store(&key, seq).await
+        {
+            warn!(%key, seq, error = %e, "cursor not written");
+        }
+    }
+
+    /// Writes every pending cursor.
+    pub(crate) async fn flush(&self) {
+        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        futures::stream::iter(pending)
+            .for_each_concurrent(FLUSH_CONCURRENCY, |(key, seq)| async move {
+                if let Err(e) = self.store(&key, seq).await {
+                    warn!(%key, seq, error = %e, "cursor not written");
+                }
+            })
+            .await;
+    }
+
+    /// Flushes every `interval` until `shutdown`, then once more.
+    pub(crate) async fn run_flusher(self: Arc<Self>, interval: Duration, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => self.flush().await,
+                _ = shutdown.cancelled() => break,
+            }
+        }
+    }
+
+    /// Moves the stored cursor at `key` up to `seq`, never down.
+    async fn store(&self, key: &str, seq: u64) -> Result<(), CursorError> {
+        let bucket = self.bucket().await?;
+        let value = Bytes::from(seq.to_string());
+        for _ in 0..MAX_ATTEMPTS {
+            let written = match bucket.entry(key).await.map_err(error)? {
+                Some(entry) if entry.operation == kv::Operation::Put => {
+                    let stored: u64 =
+                        std::str::from_utf8(&entry.value).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+                    if stored >= seq {
+                        return Ok(());
+                    }
+                    bucket.update(key, value.clone(), entry.revision).await.is_ok()
+                }
+                _ => bucket.create(key, value.clone()).await.is_ok(),
+            };
+            if written {
+                return Ok(());
+            }
+        }
+        Err(error(format!("{key}: too many concurrent writers")))
+    }
+}

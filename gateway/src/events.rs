@@ -1,0 +1,98 @@
+//! What a gateway tells the rest of the system: lifecycle events (`herald.events.connect` /
+//! `herald.events.disconnect`) for push functions, and its local counts for presence questions
+//! (`herald.presence.gather`: every gateway answers, the asker sums).
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use herald_shared::subject::{EVENTS_CONNECT, EVENTS_DISCONNECT, PRESENCE_GATHER};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::outbox::Close;
+use crate::registry::Registry;
+
+/// The body of a lifecycle event.
+#[derive(Debug, Serialize)]
+struct Lifecycle<'a> {
+    user: &'a str,
+    device: &'a str,
+    conn: &'a str,
+    node: &'a str,
+    ts: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+}
+
+/// Who a lifecycle event is about.
+pub(crate) struct Who<'a> {
+    pub(crate) user: &'a str,
+    pub(crate) device: &'a str,
+    pub(crate) conn: &'a str,
+    pub(crate) node: &'a str,
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+/// Publishes `herald.events.connect`, or `herald.events.disconnect` when `closed` is given.
+pub(crate) async fn publish_lifecycle(client: &async_nats::Client, who: &Who<'_>, closed: Option<&Close>) {
+    let event = Lifecycle {
+        user: who.user,
+        device: who.device,
+        conn: who.conn,
+        node: who.node,
+        ts: now_rfc3339(),
+        code: closed.map(|c| c.code),
+        reason: closed.map(|c| c.reason.as_str()),
+    };
+    let subject = if closed.is_some() { EVENTS_DISCONNECT } else { EVENTS_CONNECT };
+    let body = serde_json::to_vec(&event).unwrap_or_default();
+    if let Err(error) = client.publish(subject, body.into()).await {
+        warn!(%error, subject, "lifecycle event not published");
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct PresenceQuestion {
+    #[serde(default)]
+    user: Option<String>,
+}
+
+/// Answers presence questions with this gateway's counts until `shutdown`.
+pub(crate) async fn answer_presence(
+    client: async_nats::Client,
+    registry: Arc<Registry>,
+    node: String,
+    shutdown: CancellationToken,
+) {
+    let mut questions = match client.subscribe(PRESENCE_GATHER).await {
+        Ok(subscriber) => subscriber,
+        Err(error) => {
+            warn!(%error, "presence questions will not be answered");
+            return;
+        }
+    };
+    loop {
+        let question = tokio::select! {
+            question = questions.next() => question,
+            _ = shutdown.cancelled() => return,
+        };
+        let Some(question) = question else { return };
+        let Some(reply) = question.reply else { continue };
+        let asked: PresenceQuestion = serde_json::from_slice(&question.payload).unwrap_or_default();
+        let counts = registry.counts();
+        let user_connections = asked.user.as_deref().map(|user| registry.of_user(user).len()).unwrap_or(0);
+        let answer = serde_json::json!({
+            "node": node,
+            "users": counts.users,
+            "connections": counts.connections,
+            "user_connections": user_connections,
+        });
+        let _ = client.publish(reply, answer.to_string().into()).await;
+    }
+}

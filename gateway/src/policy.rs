@@ -1,0 +1,242 @@
+//! Session policies, enforced across every gateway through KV `herald-sessions`.
+//!
+//! - `multi`: the key is `<k(user)>.<k(device)>`; `single`: `<k(user)>`. A new session puts its
+//!   connection id under its key; every gateway watches the bucket, and a session whose key gets a
+//!   newer revision from another connection is closed with 4009. The KV revision orders concurrent
+//!   connects, so exactly the newest survives wherever each one is.
+//! - `reject`: the key is `<k(user)>`, created atomically before the upgrade; a second connect finds
+//!   it and gets 409. The owner refreshes it while open and deletes it at close; entries expire
+//!   after `SESSIONS_MAX_AGE` if a gateway dies.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use futures::StreamExt;
+use herald_shared::frame::close_code;
+use herald_shared::id::kv_key;
+use herald_shared::stream::SESSIONS_MAX_AGE;
+use herald_shared::subject::KV_SESSIONS;
+use tokio::sync::OnceCell;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::SessionPolicy;
+use crate::health::Health;
+use crate::outbox::{Close, Outbox};
+use crate::watch::{Backoff, watch_from};
+
+/// A connect refused by the `reject` policy, or a KV failure while checking.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PolicyError {
+    #[error("user already connected (session policy reject)")]
+    Taken,
+    #[error("session store unavailable: {0}")]
+    Unavailable(String),
+}
+
+struct Claim {
+    conn: String,
+    outbox: Arc<Outbox>,
+    /// Our own revision, once known.
+    revision: Option<u64>,
+    /// The newest revision another connection wrote while ours was unknown.
+    newest_other: u64,
+}
+
+pub(crate) struct Policies {
+    policy: SessionPolicy,
+    js: jetstream::Context,
+    bucket: OnceCell<kv::Store>,
+    /// Claims of local sessions by KV key.
+    claims: Mutex<HashMap<String, Vec<Claim>>>,
+}
+
+impl Policies {
+    pub(crate) fn new(policy: SessionPolicy, js: jetstream::Context) -> Policies {
+        Policies { policy, js, bucket: OnceCell::new(), claims: Mutex::new(HashMap::new()) }
+    }
+
+    fn key(&self, user: &str, device: &str) -> String {
+        match self.policy {
+            SessionPolicy::Multi => format!("{}.{}", kv_key(user), kv_key(device)),
+            SessionPolicy::Single | SessionPolicy::Reject => kv_key(user),
+        }
+    }
+
+    async fn bucket(&self) -> Result<&kv::Store, PolicyError> {
+        self.bucket
+            .get_or_try_init(|| async { self.js.get_key_value(KV_SESSIONS).await })
+            .await
+            .map_err(|e| PolicyError::Unavailable(e.to_string()))
+    }
+
+    fn claims(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Claim>>> {
+        self.claims.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Before the upgrade: under `reject`, takes the user's slot for `conn` or refuses.
+    pub(crate) async fn reserve(&self, user: &str, conn: &str) -> Result<(), PolicyError> {
+        if self.policy != SessionPolicy::Reject {
+            return Ok(());
+        }
+        let bucket = self.bucket().await?;
+        match bucket.create(kv_key(user), Bytes::from(conn.to_string())).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Err(PolicyError::Taken),
+            Err(e) => Err(PolicyError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Once the session is open: under `multi` and `single`, announces it so older sessions with
+    /// the same key close, wherever they are (and closes this one if a newer one already exists).
+    pub(crate) async fn claim(&self, user: &str, device: &str, conn: &str, outbox: Arc<Outbox>) {
+        let key = self.key(user, device);
+        let claim = Claim { conn: conn.to_string(), outbox, revision: None, newest_other: 0 };
+        self.claims().entry(key.clone()).or_default().push(claim);
+        if self.policy == SessionPolicy::Reject {
+            return;
+        }
+        let revision = match self.bucket().await {
+            Ok(bucket) => bucket.put(&key, Bytes::from(conn.to_string())).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let revision = match revision {
+            Ok(revision) => revision,
+            Err(error) => {
+                warn!(%key, %error, "session policy not enforced for this connection");
+                return;
+            }
+        };
+        let mut claims = self.claims();
+        if let Some(claim) = claims.get_mut(&key).and_then(|list| list.iter_mut().find(|c| c.conn == conn)) {
+            claim.revision = Some(revision);
+            if claim.newest_other > revision {
+                claim.outbox.close(replaced());
+            }
+        }
+    }
+
+    /// The session closed: forget its claim (and free the slot under `reject`).
+    pub(crate) async fn release(&self, user: &str, device: &str, conn: &str) {
+        let key = self.key(user, device);
+        {
+            let mut claims = self.claims();
+            if let Some(list) = claims.get_mut(&key) {
+                list.retain(|c| c.conn != conn);
+                if list.is_empty() {
+                    claims.remove(&key);
+                }
+            }
+        }
+        if self.policy == SessionPolicy::Reject {
+            self.free_slot(&key, conn).await;
+        }
+    }
+
+    /// Deletes the `reject` slot if `conn` still holds it.
+    pub(crate) async fn free_slot(&self, key: &str, conn: &str) {
+        let Ok(bucket) = self.bucket().await else { return };
+        if let Ok(Some(entry)) = bucket.entry(key).await
+            && entry.operation == kv::Operation::Put
+            && entry.value == conn.as_bytes()
+        {
+            let _ = bucket.delete_expect_revision(key, Some(entry.revision)).await;
+        }
+    }
+
+    /// Frees a slot reserved for a connection that never opened.
+    pub(crate) async fn cancel_reservation(&self, user: &str, conn: &str) {
+        if self.policy == SessionPolicy::Reject {
+            self.free_slot(&kv_key(user), conn).await;
+        }
+    }
+
+    /// Keeps the policy working until `shutdown`: watches claims (`multi`, `single`) or refreshes
+    /// the slots of local sessions (`reject`). `health` says whether it is running.
+    pub(crate) async fn run(self: Arc<Self>, health: Arc<Health>, shutdown: CancellationToken) {
+        let mut backoff = Backoff::default();
+        let mut last_revision = 0;
+        while !shutdown.is_cancelled() {
+            let result = match self.policy {
+                SessionPolicy::Reject => self.refresh_slots(&health, &shutdown).await,
+                _ => self.watch_claims(&health, &mut last_revision, &shutdown).await,
+            };
+            health.policy_watch.store(false, Ordering::Release);
+            if let Err(error) = result {
+                warn!(%error, "session policy watch restarting");
+            }
+            backoff.wait(&shutdown).await;
+        }
+    }
+
+    async fn watch_claims(
+        &self,
+        health: &Health,
+        last_revision: &mut u64,
+        shutdown: &CancellationToken,
+    ) -> Result<(), PolicyError> {
+        let mut updates = watch_from(self.bucket().await?, *last_revision)
+            .await
+            .map_err(|e| PolicyError::Unavailable(e.to_string()))?;
+        health.policy_watch.store(true, Ordering::Release);
+        loop {
+            let entry = tokio::select! {
+                entry = updates.next() => entry,
+                _ = shutdown.cancelled() => return Ok(()),
+            };
+            let entry = match entry {
+                Some(Ok(entry)) => entry,
+                Some(Err(e)) => return Err(PolicyError::Unavailable(e.to_string())),
+                None => return Err(PolicyError::Unavailable("watch ended".into())),
+            };
+            *last_revision = entry.revision;
+            if entry.operation == kv::Operation::Put {
+                self.newer_claim(&entry.key, &entry.value, entry.revision);
+            }
+        }
+    }
+
+    /// Another connection claimed `key` at `revision`: older local sessions under it are replaced.
+    fn newer_claim(&self, key: &str, conn: &[u8], revision: u64) {
+        let mut claims = self.claims();
+        let Some(list) = claims.get_mut(key) else { return };
+        for claim in list.iter_mut().filter(|c| c.conn.as_bytes() != conn) {
+            match claim.revision {
+                Some(own) if own < revision => {
+                    info!(%key, conn = %claim.conn, "replaced by a newer session");
+                    claim.outbox.close(replaced());
+                }
+                Some(_) => {}
+                None => claim.newest_other = claim.newest_other.max(revision),
+            }
+        }
+    }
+
+    async fn refresh_slots(&self, health: &Health, shutdown: &CancellationToken) -> Result<(), PolicyError> {
+        let bucket = self.bucket().await?;
+        health.policy_watch.store(true, Ordering::Release);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(SESSIONS_MAX_AGE / 4) => {}
+                _ = shutdown.cancelled() => return Ok(()),
+            }
+            let slots: Vec<(String, String)> = self
+                .claims()
+                .iter()
+                .flat_map(|(key, list)| list.iter().map(move |c| (key.clone(), c.conn.clone())))
+                .collect();
+            for (key, conn) in slots {
+                if let Err(error) = bucket.put(&key, Bytes::from(conn)).await {
+                    warn!(%key, %error, "session slot not refreshed");
+                }
+            }
+        }
+    }
+}
+
+fn replaced() -> Close {
+    Close::new(close_code::REPLACED, "replaced by a newer session")
+}

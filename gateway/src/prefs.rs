@@ -1,0 +1,109 @@
+//! Muted kinds: each user's entry in KV `herald-prefs` (`{"muted":["marketing",...]}`), loaded when
+//! the user's first socket opens here and followed live through one watch per gateway, so a change
+//! takes effect without a reconnect.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use async_nats::jetstream::{self, kv};
+use futures::StreamExt;
+use herald_shared::id::{kv_key, kv_key_decode};
+use herald_shared::subject::KV_PREFS;
+use serde::Deserialize;
+use tokio::sync::OnceCell;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::dispatch::Dispatcher;
+use crate::health::Health;
+use crate::registry::Registry;
+use crate::watch::{Backoff, watch_from};
+
+#[derive(Deserialize, Default)]
+struct PrefsEntry {
+    #[serde(default)]
+    muted: Vec<String>,
+}
+
+pub(crate) struct Prefs {
+    js: jetstream::Context,
+    bucket: OnceCell<kv::Store>,
+}
+
+fn muted_kinds(value: &[u8]) -> Vec<String> {
+    serde_json::from_slice::<PrefsEntry>(value).map(|entry| entry.muted).unwrap_or_default()
+}
+
+impl Prefs {
+    pub(crate) fn new(js: jetstream::Context) -> Prefs {
+        Prefs { js, bucket: OnceCell::new() }
+    }
+
+    async fn bucket(&self) -> Result<&kv::Store, String> {
+        self.bucket.get_or_try_init(|| async { self.js.get_key_value(KV_PREFS).await }).await.map_err(|e| e.to_string())
+    }
+
+    /// Loads `user`'s muted kinds into the dispatcher.
+    pub(crate) async fn load(&self, dispatcher: &Dispatcher, user: Arc<str>) {
+        let entry = match self.bucket().await {
+            Ok(bucket) => bucket.entry(kv_key(&user)).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        match entry {
+            Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
+                dispatcher.set_muted(user, muted_kinds(&entry.value), entry.revision).await;
+            }
+            Ok(_) => {}
+            Err(error) => warn!(%user, %error, "muted kinds not loaded"),
+        }
+    }
+
+    /// Follows every change to the bucket and applies those of local users, until `shutdown`. A
+    /// broken watch resumes after the last revision it saw, so no change is missed.
+    pub(crate) async fn watch(
+        self: Arc<Self>,
+        dispatcher: Dispatcher,
+        registry: Arc<Registry>,
+        health: Arc<Health>,
+        shutdown: CancellationToken,
+    ) {
+        let mut backoff = Backoff::default();
+        let mut last_revision = 0;
+        while !shutdown.is_cancelled() {
+            if let Err(error) = self.follow(&dispatcher, &registry, &health, &mut last_revision, &shutdown).await {
+                warn!(%error, "prefs watch restarting");
+            }
+            health.prefs_watch.store(false, Ordering::Release);
+            backoff.wait(&shutdown).await;
+        }
+    }
+
+    async fn follow(
+        &self,
+        dispatcher: &Dispatcher,
+        registry: &Registry,
+        health: &Health,
+        last_revision: &mut u64,
+        shutdown: &CancellationToken,
+    ) -> Result<(), String> {
+        let mut updates = watch_from(self.bucket().await?, *last_revision).await.map_err(|e| e.to_string())?;
+        health.prefs_watch.store(true, Ordering::Release);
+        loop {
+            let entry = tokio::select! {
+                entry = updates.next() => entry,
+                _ = shutdown.cancelled() => return Ok(()),
+            };
+            let entry = entry.ok_or("watch ended")?.map_err(|e| e.to_string())?;
+            *last_revision = entry.revision;
+            let Some(user) = kv_key_decode(&entry.key) else { continue };
+            if !registry.has_user(&user) {
+                continue;
+            }
+            let kinds = match entry.operation {
+                kv::Operation::Put => muted_kinds(&entry.value),
+                kv::Operation::Delete | kv::Operation::Purge => Vec::new(),
+            };
+            dispatcher.set_muted(user.into(), kinds, entry.revision).await;
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! The sessions open on this gateway, by connection and by user: what session policies, presence,
+//! preferences and operators ask about. Not on the message path (the dispatcher has its own tables).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// One open session.
+#[derive(Clone)]
+pub(crate) struct LocalSession {
+    pub(crate) conn: String,
+    pub(crate) user: Arc<str>,
+}
+
+#[derive(Default)]
+pub(crate) struct Registry {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    by_conn: HashMap<String, LocalSession>,
+    by_user: HashMap<Arc<str>, Vec<String>>,
+}
+
+/// Counts for presence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Counts {
+    pub(crate) users: usize,
+    pub(crate) connections: usize,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn insert(&self, session: LocalSession) {
+        let mut inner = self.lock();
+        inner.by_user.entry(session.user.clone()).or_default().push(session.conn.clone());
+        inner.by_conn.insert(session.conn.clone(), session);
+    }
+
+    pub(crate) fn remove(&self, conn: &str) {
+        let mut inner = self.lock();
+        let Some(session) = inner.by_conn.remove(conn) else { return };
+        if let Some(conns) = inner.by_user.get_mut(&session.user) {
+            conns.retain(|c| c != conn);
+            if conns.is_empty() {
+                inner.by_user.remove(&session.user);
+            }
+        }
+    }
+
+    /// The sessions of `user` on this gateway.
+    pub(crate) fn of_user(&self, user: &str) -> Vec<LocalSession> {
+        let inner = self.lock();
+        inner
+            .by_user
+            .get(user)
+            .map(|conns| conns.iter().filter_map(|c| inner.by_conn.get(c).cloned()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether `user` has a session here.
+    pub(crate) fn has_user(&self, user: &str) -> bool {
+        self.lock().by_user.contains_key(user)
+    }
+
+    pub(crate) fn counts(&self) -> Counts {
+        let inner = self.lock();
+        Counts { users: inner.by_user.len(), connections: inner.by_conn.len() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(conn: &str, user: &str) -> LocalSession {
+        LocalSession { conn: conn.into(), user: user.into() }
+    }
+
+    #[test]
+    fn tracks_sessions_by_user() {
+        let registry = Registry::default();
+        registry.insert(session("c1", "alice"));
+        registry.insert(session("c2", "alice"));
+        registry.insert(session("c3", "bob"));
+        assert_eq!(registry.counts(), Counts { users: 2, connections: 3 });
+        assert_eq!(registry.of_user("alice").len(), 2);
+        registry.remove("c1");
+        registry.remove("c2");
+        assert!(!registry.has_user("alice"));
+        assert_eq!(registry.counts(), Counts { users: 1, connections: 1 });
+    }
+}

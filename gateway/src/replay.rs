@@ -1,0 +1,338 @@
+//! Reading back what a connection missed: the stored messages of its subjects (its user, `push.all`,
+//! its topics) with a sequence in `(since, upto]`, in sequence order.
+//!
+//! Two ways, selectable by configuration and compared in docs/benchmarks.md:
+//! - [`ReplayMethod::Direct`]: batched direct gets (`$JS.API.DIRECT.GET.HERALD` with `next_by_subj`
+//!   and `batch`), one cursor per subject, merged by sequence. No server-side state at all.
+//! - [`ReplayMethod::Consumer`]: one short-lived ordered consumer filtered on all the subjects.
+//!
+//! Neither creates a durable consumer per user: tens of thousands of those break JetStream.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::DeliverPolicy;
+use async_nats::jetstream::consumer::pull::{Ordered, OrderedConfig};
+use async_nats::jetstream::message::StreamMessage;
+use async_nats::{Client, HeaderMap, Subscriber};
+use bytes::Bytes;
+use futures::StreamExt;
+use herald_shared::subject::{Audience, STREAM, header};
+use serde::{Deserialize, Serialize};
+
+/// How replays read the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplayMethod {
+    Direct,
+    Consumer,
+}
+
+/// How long one request to the stream may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A stored message, read back.
+#[derive(Debug, Clone)]
+pub(crate) struct Stored {
+    pub(crate) audience: Audience,
+    pub(crate) seq: u64,
+    /// RFC 3339.
+    pub(crate) ts: String,
+    pub(crate) headers: HeaderMap,
+    pub(crate) payload: Bytes,
+}
+
+/// The stream could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("replay failed: {0}")]
+pub(crate) struct ReplayError(String);
+
+fn error(what: impl std::fmt::Display) -> ReplayError {
+    ReplayError(what.to_string())
+}
+
+/// Reads the messages of `audiences` with `since < seq <= upto`, in sequence order.
+pub(crate) enum Replay {
+    Direct(Box<DirectReplay>),
+    Consumer(Box<ConsumerReplay>),
+}
+
+impl Replay {
+    pub(crate) async fn start(
+        js: &async_nats::jetstream::Context,
+        client: &Client,
+        method: ReplayMethod,
+        audiences: &[Audience],
+        since: u64,
+        upto: u64,
+        batch: usize,
+    ) -> Result<Replay, ReplayError> {
+        Ok(match method {
+            ReplayMethod::Direct => {
+                Replay::Direct(Box::new(DirectReplay::start(client, audiences, since, upto, batch).await?))
+            }
+            ReplayMethod::Consumer => {
+                Replay::Consumer(Box::new(ConsumerReplay::start(js, audiences, since, upto).await?))
+            }
+        })
+    }
+
+    /// The next message, `None` once everything up to `upto` was read.
+    pub(crate) async fn next(&mut self) -> Option<Result<Stored, ReplayError>> {
+        match self {
+            Replay::Direct(replay) => replay.next().await,
+            Replay::Consumer(replay) => replay.next().await,
+        }
+    }
+}
+
+/// One cursor per subject, each filled by batched direct gets; the smallest head goes next.
+pub(crate) struct DirectReplay {
+    client: Client,
+    /// Every batch reply arrives here, on `<inbox>.<cursor>.<request>`.
+    replies: Subscriber,
+    inbox: String,
+    cursors: Vec<SubjectCursor>,
+    upto: u64,
+    batch: usize,
+    requests: u64,
+}
+
+struct SubjectCursor {
+    audience: Audience,
+    subject: String,
+    /// The next sequence to ask for.
+    next_seq: u64,
+    buffered: VecDeque<Stored>,
+    exhausted: bool,
+}
+
+impl DirectReplay {
+    async fn start(
+        client: &Client,
+        audiences: &[Audience],
+        since: u64,
+        upto: u64,
+        batch: usize,
+    ) -> Result<DirectReplay, ReplayError> {
+        let inbox = client.new_inbox();
+        let replies = client.subscribe(format!("{inbox}.>")).await.map_err(error)?;
+        let cursors = audiences
+            .iter()
+            .map(|audience| SubjectCursor {
+                audience: audience.clone(),
+                subject: audience.push_subject(),
+                next_seq: since + 1,
+                buffered: VecDeque::new(),
+                exhausted: since >= upto,
+            })
+            .collect();
+        Ok(DirectReplay { client: client.clone(), replies, inbox, cursors, upto, batch: batch.max(1), requests: 0 })
+    }
+
+    async fn next(&mut self) -> Option<Result<Stored, ReplayError>> {
+        if let Err(e) = self.refill().await {
+            return Some(Err(e));
+        }
+        let cursor = self
+            .cursors
+            .iter_mut()
+            .filter(|c| !c.buffered.is_empty())
+            .min_by_key(|c| c.buffered.front().map(|m| m.seq))?;
+        cursor.buffered.pop_front().map(Ok)
+    }
+
+    /// Fetches the next batch of every cursor that ran dry, all requests in flight at once.
+    async fn refill(&mut self) -> Result<(), ReplayError> {
+        let dry: Vec<usize> = (0..self.cursors.len())
+            .filter(|&i| self.cursors[i].buffered.is_empty() && !self.cursors[i].exhausted)
+            .collect();
+        if dry.is_empty() {
+            return Ok(());
+        }
+        let request_id = self.requests;
+        self.requests += 1;
+        for &index in &dry {
+            let cursor = &self.cursors[index];
+            let body = serde_json::json!({"seq": cursor.next_seq, "next_by_subj": cursor.subject, "batch": self.batch});
+            let reply = format!("{}.{index}.{request_id}", self.inbox);
+            self.client
+                .publish_with_reply(format!("$JS.API.DIRECT.GET.{STREAM}"), reply, body.to_string().into())
+                .await
+                .map_err(error)?;
+        }
+        let mut open = dry.len();
+        while open > 0 {
+            let message = tokio::time::timeout(REQUEST_TIMEOUT, self.replies.next())
+                .await
+                .map_err(|_| error("direct get timed out"))?
+                .ok_or_else(|| error("reply subscription closed"))?;
+            let Some((index, id)) = parse_reply(&message.subject, &self.inbox) else { continue };
+            if id != request_id || index >= self.cursors.len() {
+                continue;
+            }
+            if self.take_reply(index, message)? {
+                open -= 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Files one reply for cursor `index`; returns whether its batch is over.
+    fn take_reply(&mut self, index: usize, message: async_nats::Message) -> Result<bool, ReplayError> {
+        let upto = self.upto;
+        let cursor = &mut self.cursors[index];
+        if let Some(status) = message.status {
+            match status.as_u16() {
+                // End of batch: more may follow unless nothing is pending.
+                204 => {
+                    let pending = message
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get("Nats-Num-Pending"))
+                        .and_then(|v| v.as_str().parse::<u64>().ok());
+                    if pending == Some(0) || cursor.buffered.is_empty() {
+                        cursor.exhausted = true;
+                    }
+                    return Ok(true);
+                }
+                404 => {
+                    cursor.exhausted = true;
+                    return Ok(true);
+                }
+                other => return Err(error(format!("direct get answered {other} {:?}", message.description))),
+            }
+        }
+        let stored = StreamMessage::try_from(message).map_err(error)?;
+        if stored.sequence > upto {
+            cursor.exhausted = true;
+        } else if !cursor.exhausted {
+            cursor.next_seq = stored.sequence + 1;
+            cursor.buffered.push_back(from_stream_message(cursor.audience.clone(), stored));
+        }
+        Ok(false)
+    }
+}
+
+fn parse_reply(subject: &str, inbox: &str) -> Option<(usize, u64)> {
+    let rest = subject.strip_prefix(inbox)?.strip_prefix('.')?;
+    let (index, id) = rest.split_once('.')?;
+    Some((index.parse().ok()?, id.parse().ok()?))
+}
+
+fn from_stream_message(audience: Audience, message: StreamMessage) -> Stored {
+    Stored {
+        audience,
+        seq: message.sequence,
+        ts: rfc3339(message.time),
+        headers: message.headers,
+        payload: message.payload,
+    }
+}
+
+fn rfc3339(time: time::OffsetDateTime) -> String {
+    time.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+/// One ordered consumer over all the subjects, deleted by the server once idle.
+pub(crate) struct ConsumerReplay {
+    messages: Option<Ordered>,
+    upto: u64,
+}
+
+impl ConsumerReplay {
+    async fn start(
+        js: &async_nats::jetstream::Context,
+        audiences: &[Audience],
+        since: u64,
+        upto: u64,
+    ) -> Result<ConsumerReplay, ReplayError> {
+        if since >= upto {
+            return Ok(ConsumerReplay { messages: None, upto });
+        }
+        let stream = js.get_stream_no_info(STREAM).await.map_err(error)?;
+        let config = OrderedConfig {
+            filter_subjects: audiences.iter().map(Audience::push_subject).collect(),
+            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: since + 1 },
+            ..Default::default()
+        };
+        let consumer = stream.create_consumer(config).await.map_err(error)?;
+        let messages = if consumer.cached_info().num_pending == 0 {
+            None
+        } else {
+            Some(consumer.messages().await.map_err(error)?)
+        };
+        Ok(ConsumerReplay { messages, upto })
+    }
+
+    async fn next(&mut self) -> Option<Result<Stored, ReplayError>> {
+        let messages = self.messages.as_mut()?;
+        let message = match tokio::time::timeout(REQUEST_TIMEOUT, messages.next()).await {
+            Ok(Some(Ok(message))) => message,
+            Ok(Some(Err(e))) => return Some(Err(error(e))),
+            Ok(None) => return None,
+            Err(_) => return Some(Err(error("ordered consumer stalled"))),
+        };
+        let (seq, pending, time) = match message.info() {
+            Ok(info) => (info.stream_sequence, info.pending, info.published),
+            Err(e) => return Some(Err(error(e))),
+        };
+        if seq > self.upto {
+            self.messages = None;
+            return None;
+        }
+        if pending == 0 || seq == self.upto {
+            self.messages = None;
+        }
+        let message = message.message;
+        let audience = Audience::from_push_subject(message.subject.as_str())?;
+        Some(Ok(Stored {
+            audience,
+            seq,
+            ts: rfc3339(time),
+            headers: message.headers.unwrap_or_default(),
+            payload: message.payload,
+        }))
+    }
+}
+
+/// Whether nothing addressed to a connection after `since` can have been removed by the stream's
+/// limits: the stream still starts at or before `since + 1` (nothing aged out past it), and no
+/// subject is at its per-subject cap with all its retained messages after `since` (the cap may have
+/// trimmed older ones). Deletes by hand and per-message TTLs are not counted as losses.
+pub(crate) fn complete(first_seq: u64, since: u64, per_subject_cap: i64, counts_per_subject: &[u64]) -> bool {
+    let nothing_aged_out = first_seq <= since + 1;
+    let nothing_trimmed =
+        per_subject_cap <= 0 || counts_per_subject.iter().all(|&count| count < per_subject_cap as u64);
+    nothing_aged_out && nothing_trimmed
+}
+
+/// The `Herald-Type` of a stored message, or empty.
+pub(crate) fn kind(stored: &Stored) -> &str {
+    stored.headers.get(header::HERALD_TYPE).map(|v| v.as_str()).unwrap_or("")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn complete_only_when_nothing_can_have_been_removed() {
+        // Stream starts right after since, no subject at its cap.
+        assert!(complete(11, 10, 1000, &[3, 0]));
+        assert!(complete(1, 10, 1000, &[999]));
+        // Messages after since aged out.
+        assert!(!complete(12, 10, 1000, &[3]));
+        // A subject at its cap may have been trimmed.
+        assert!(!complete(1, 10, 1000, &[1000, 2]));
+        // No per-subject cap.
+        assert!(complete(1, 10, -1, &[5000]));
+    }
+
+    #[test]
+    fn reply_subjects_route_to_cursors() {
+        assert_eq!(parse_reply("_INBOX.abc.2.17", "_INBOX.abc"), Some((2, 17)));
+        assert_eq!(parse_reply("_INBOX.other.2.17", "_INBOX.abc"), None);
+        assert_eq!(parse_reply("_INBOX.abc.x.1", "_INBOX.abc"), None);
+    }
+}

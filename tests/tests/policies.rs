@@ -1,0 +1,108 @@
+//! Session policies across two gateways, and muted kinds.
+
+use bytes::Bytes;
+use herald_gateway::SessionPolicy;
+use herald_shared::frame::close_code;
+use herald_tests::gateway::token;
+use herald_tests::{Publisher, TestGateway, TestNats, WsClient};
+
+async fn two_gateways(nats: &TestNats, policy: SessionPolicy) -> (TestGateway, TestGateway) {
+    let a = TestGateway::start_with(nats, |c| c.session_policy = policy).await;
+    let b = TestGateway::start_with(nats, |c| c.session_policy = policy).await;
+    (a, b)
+}
+
+fn query(user: &str, device: &str) -> String {
+    format!("token={}&device={device}", token(user))
+}
+
+#[tokio::test]
+async fn multi_replaces_the_same_device_anywhere_and_keeps_other_devices() {
+    let nats = TestNats::start().await;
+    let (a, b) = two_gateways(&nats, SessionPolicy::Multi).await;
+    let mut phone = a.connect_with(&query("lea", "phone")).await;
+    let mut laptop = a.connect_with(&query("lea", "laptop")).await;
+    let mut new_phone = b.connect_with(&query("lea", "phone")).await;
+
+    assert_eq!(phone.expect_close().await.map(|c| c.0), Some(close_code::REPLACED));
+    let publisher = Publisher::new(&nats).await;
+    let seq = publisher.publish("push.user.lea", "still here").await;
+    assert_eq!(laptop.expect_msg().await.seq, seq);
+    assert_eq!(new_phone.expect_msg().await.seq, seq);
+}
+
+#[tokio::test]
+async fn single_keeps_only_the_newest_socket_of_a_user() {
+    let nats = TestNats::start().await;
+    let (a, b) = two_gateways(&nats, SessionPolicy::Single).await;
+    let mut first = a.connect_with(&query("max", "phone")).await;
+    let mut second = b.connect_with(&query("max", "laptop")).await;
+    assert_eq!(first.expect_close().await.map(|c| c.0), Some(close_code::REPLACED));
+    let mut third = a.connect_with(&query("max", "tablet")).await;
+    assert_eq!(second.expect_close().await.map(|c| c.0), Some(close_code::REPLACED));
+    let seq = Publisher::new(&nats).await.publish("push.user.max", "only the newest").await;
+    assert_eq!(third.expect_msg().await.seq, seq);
+}
+
+#[tokio::test]
+async fn reject_refuses_a_second_socket_until_the_first_closes() {
+    let nats = TestNats::start().await;
+    let (a, b) = two_gateways(&nats, SessionPolicy::Reject).await;
+    let first = a.connect_with(&query("ned", "phone")).await;
+    let refused = WsClient::connect(&b.ws_url(&query("ned", "laptop"))).await.err().expect("refused");
+    assert_eq!((refused.status, refused.body["error"].as_str()), (409, Some("conflict")));
+    let refused = WsClient::connect(&a.ws_url(&query("ned", "phone"))).await.err().expect("refused");
+    assert_eq!(refused.status, 409);
+    // Another user is not affected.
+    let _other = b.connect_with(&query("ola", "phone")).await;
+
+    drop(first);
+    a.wait_metric("herald_gateway_connections", 0.0).await;
+    let mut again = b.connect_with(&query("ned", "laptop")).await;
+    let seq = Publisher::new(&nats).await.publish("push.user.ned", "welcome back").await;
+    assert_eq!(again.expect_msg().await.seq, seq);
+}
+
+#[tokio::test]
+async fn muted_kinds_are_not_delivered_and_unmuting_takes_effect_live() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let prefs = publisher.jetstream().get_key_value("herald-prefs").await.unwrap();
+    prefs.put("pia", Bytes::from_static(br#"{"muted":["marketing"]}"#)).await.unwrap();
+    let mut client = gateway.connect("pia").await;
+
+    publisher.publish_with("push.user.pia", &[("Herald-Type", "marketing")], "buy now").await;
+    let (mail, _) = publisher.publish_with("push.user.pia", &[("Herald-Type", "mail")], "you've got mail").await;
+    let msg = client.expect_msg().await;
+    assert_eq!((msg.seq, msg.kind.as_str()), (mail, "mail"));
+
+    // Un-muted while connected: marketing arrives again, without a reconnect.
+    prefs.put("pia", Bytes::from_static(br#"{"muted":[]}"#)).await.unwrap();
+    for attempt in 0.. {
+        assert!(attempt < 500, "un-muting never took effect");
+        let (ad, _) = publisher.publish_with("push.user.pia", &[("Herald-Type", "marketing")], "sale").await;
+        let marker = publisher.publish("push.user.pia", "marker").await;
+        let msg = client.expect_msg().await;
+        if msg.seq == ad {
+            assert_eq!(client.expect_msg().await.seq, marker);
+            break;
+        }
+        // Still muted for a moment: the ad was dropped and the marker came instead.
+        assert_eq!(msg.seq, marker);
+    }
+
+    // Muted again while connected: marketing stops.
+    prefs.put("pia", Bytes::from_static(br#"{"muted":["marketing"]}"#)).await.unwrap();
+    for attempt in 0.. {
+        assert!(attempt < 500, "muting never took effect");
+        let (ad, _) = publisher.publish_with("push.user.pia", &[("Herald-Type", "marketing")], "sale").await;
+        let marker = publisher.publish("push.user.pia", "marker").await;
+        let msg = client.expect_msg().await;
+        if msg.seq == marker {
+            break;
+        }
+        assert_eq!(msg.seq, ad);
+        assert_eq!(client.expect_msg().await.seq, marker);
+    }
+}

@@ -1,0 +1,171 @@
+//! Exact delivery: the offline inbox, resume with `since` and from device cursors, retention
+//! reported honestly, publisher retries delivered once.
+
+use herald_shared::frame::ServerFrame;
+use herald_tests::gateway::token;
+use herald_tests::{Publisher, TestGateway, TestNats};
+
+#[tokio::test]
+async fn an_offline_user_gets_everything_in_order_exactly_once_from_since_and_from_its_device_cursor() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let query = |device: &str, since: Option<u64>| {
+        let since = since.map(|s| format!("&since={s}")).unwrap_or_default();
+        format!("token={}&device={device}{since}", token("ada"))
+    };
+
+    let phone = gateway.connect_with(&query("phone", None)).await;
+    let start = phone.welcome_seq();
+    drop(phone);
+
+    // 100 messages for ada while she is away, mixed with others' and with broadcasts.
+    let mut expected = Vec::new();
+    for n in 0..100 {
+        publisher.publish("push.user.someone-else", "not for ada").await;
+        let subject = if n % 10 == 0 { "push.all" } else { "push.user.ada" };
+        expected.push(publisher.publish(subject, &format!("{{\"n\":{n}}}")).await);
+    }
+
+    let mut phone = gateway.connect_with(&query("phone", Some(start))).await;
+    assert_eq!(phone.expect_msgs(100).await, expected);
+    assert_eq!(phone.expect_replayed().await, (start + 1, expected[99], 100, true, None));
+    // Live delivery follows the replay.
+    let live = publisher.publish("push.user.ada", "live").await;
+    assert_eq!(phone.expect_msg().await.seq, live);
+
+    // The phone acknowledges up to the 60th message and goes away: its cursor is stored.
+    phone.send_json(serde_json::json!({"type": "ack", "seq": expected[59]})).await;
+    // A lower ack never moves the cursor back.
+    phone.send_json(serde_json::json!({"type": "ack", "seq": expected[10]})).await;
+    phone.send_json(serde_json::json!({"type": "ping"})).await;
+    assert_eq!(phone.next_frame().await, ServerFrame::Pong);
+    drop(phone);
+    gateway.wait_metric("herald_gateway_connections", 0.0).await;
+
+    // Without since, the phone resumes from its cursor.
+    let mut phone = gateway.connect_with(&query("phone", None)).await;
+    let mut after_cursor = expected[60..].to_vec();
+    after_cursor.push(live);
+    assert_eq!(phone.expect_msgs(after_cursor.len()).await, after_cursor);
+    let (from, to, count, complete, _) = phone.expect_replayed().await;
+    assert_eq!((from, to, count as usize, complete), (expected[59] + 1, live, after_cursor.len(), true));
+
+    // A second device has its own cursor: none yet, so it starts live.
+    let mut laptop = gateway.connect_with(&query("laptop", None)).await;
+    let next = publisher.publish("push.user.ada", "both devices").await;
+    assert_eq!(laptop.expect_msg().await.seq, next);
+    assert_eq!(phone.expect_msg().await.seq, next);
+    laptop.send_json(serde_json::json!({"type": "ack", "seq": next})).await;
+    laptop.send_json(serde_json::json!({"type": "ping"})).await;
+    assert_eq!(laptop.next_frame().await, ServerFrame::Pong);
+    drop(laptop);
+    drop(phone);
+    gateway.wait_metric("herald_gateway_connections", 0.0).await;
+    let later = publisher.publish("push.user.ada", "later").await;
+    let mut laptop = gateway.connect_with(&query("laptop", None)).await;
+    assert_eq!(laptop.expect_msgs(1).await, vec![later]);
+    assert_eq!(laptop.expect_replayed().await.2, 1);
+    // The phone's cursor is where the phone left it (it acknowledged nothing after expected[59]).
+    let mut phone = gateway.connect_with(&query("phone", None)).await;
+    let (from, ..) = {
+        let msgs = phone.expect_msgs(after_cursor.len() + 2).await;
+        assert_eq!(msgs.last(), Some(&later));
+        phone.expect_replayed().await
+    };
+    assert_eq!(from, expected[59] + 1);
+}
+
+#[tokio::test]
+async fn resuming_with_nothing_missed_sends_an_empty_replayed_and_no_duplicates() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let seq = publisher.publish("push.user.bea", "one").await;
+    let mut client = gateway.connect_with(&format!("token={}&since={seq}", token("bea"))).await;
+    assert_eq!(client.expect_replayed().await, (seq + 1, seq, 0, true, None));
+    let next = publisher.publish("push.user.bea", "two").await;
+    assert_eq!(client.expect_msg().await.seq, next);
+}
+
+#[tokio::test]
+async fn trimmed_messages_are_reported_with_complete_false() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start_with(&nats, |c| c.stream.stream_max_msgs_per_subject = 10).await;
+    let publisher = Publisher::new(&nats).await;
+    let base = publisher.publish("push.user.nobody", "x").await;
+
+    let mut trimmed = Vec::new();
+    for n in 0..15 {
+        trimmed.push(publisher.publish("push.user.cleo", &n.to_string()).await);
+    }
+    let mut kept = Vec::new();
+    for n in 0..5 {
+        kept.push(publisher.publish("push.user.dan", &n.to_string()).await);
+    }
+
+    // cleo's inbox holds 10: the first 5 are gone, and the replay says so.
+    let mut cleo = gateway.connect_with(&format!("token={}&since={base}", token("cleo"))).await;
+    assert_eq!(cleo.expect_msgs(10).await, trimmed[5..].to_vec());
+    assert_eq!(cleo.expect_replayed().await, (base + 1, trimmed[14], 10, false, None));
+    // dan's 5 are all there.
+    let mut dan = gateway.connect_with(&format!("token={}&since={base}", token("dan"))).await;
+    assert_eq!(dan.expect_msgs(5).await, kept);
+    assert_eq!(dan.expect_replayed().await, (base + 1, kept[4], 5, true, None));
+    assert_eq!(gateway.metric("herald_gateway_replays_incomplete_total").await, 1.0);
+}
+
+#[tokio::test]
+async fn aged_out_messages_are_reported_with_complete_false() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start_with(&nats, |c| c.stream.stream_max_age = std::time::Duration::from_secs(1)).await;
+    let publisher = Publisher::new(&nats).await;
+    let old = publisher.publish("push.user.eve", "old").await;
+    // Wait until the stream dropped it (max age), then publish a fresh one.
+    herald_tests::eventually("the old message aged out", std::time::Duration::from_secs(30), || async {
+        let info = publisher.jetstream().get_stream("HERALD").await.ok()?.cached_info().state.clone();
+        (info.first_sequence > old).then_some(())
+    })
+    .await;
+    let fresh = publisher.publish("push.user.eve", "fresh").await;
+    let mut eve = gateway.connect_with(&format!("token={}&since={}", token("eve"), old - 1)).await;
+    assert_eq!(eve.expect_msgs(1).await, vec![fresh]);
+    assert_eq!(eve.expect_replayed().await, (old, fresh, 1, false, None));
+}
+
+#[tokio::test]
+async fn a_retried_publish_with_the_same_msg_id_is_delivered_once() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let mut client = gateway.connect("fay").await;
+
+    let (first, duplicate) = publisher.publish_with("push.user.fay", &[("Nats-Msg-Id", "order-42")], "shipped").await;
+    assert!(!duplicate);
+    let (again, duplicate) = publisher.publish_with("push.user.fay", &[("Nats-Msg-Id", "order-42")], "shipped").await;
+    assert!(duplicate);
+    assert_eq!(again, first);
+    let marker = publisher.publish("push.user.fay", "marker").await;
+
+    let msg = client.expect_msg().await;
+    assert_eq!((msg.seq, msg.id.as_str()), (first, "order-42"));
+    assert_eq!(client.expect_msg().await.seq, marker);
+}
+
+#[tokio::test]
+async fn a_new_device_that_drops_before_its_first_message_still_gets_what_it_missed() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let query = format!("token={}&device=watch", token("gil"));
+    let first = gateway.connect_with(&query).await;
+    let start = first.welcome_seq();
+    drop(first);
+    gateway.wait_metric("herald_gateway_connections", 0.0).await;
+
+    let missed = publisher.publish("push.user.gil", "while away").await;
+    // No since, no ack ever: the cursor set at the first welcome is the resume point.
+    let mut again = gateway.connect_with(&query).await;
+    assert_eq!(again.expect_msgs(1).await, vec![missed]);
+    assert_eq!(again.expect_replayed().await, (start + 1, missed, 1, true, None));
+}
