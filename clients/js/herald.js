@@ -536,7 +536,12 @@ export class Herald extends EventTarget {
     if (!options || (typeof options.token !== "string" && typeof options.token !== "function")) {
       throw new TypeError("Herald: options.token must be a token or a function returning one");
     }
-    this.#options = { url: "/ws", pingTimeout: 10000, rpcTimeout: 10000, ...options };
+    this.#options = {
+      ...options,
+      url: options.url ?? "/ws",
+      pingTimeout: options.pingTimeout ?? 10000,
+      rpcTimeout: options.rpcTimeout ?? 10000,
+    };
     this.#timers = options.timers ?? globalTimers();
     this.#backoff = new Backoff(options.backoff, options.random);
     this.#filter = new SeqFilter({ last: options.since ?? null, remember: options.dedupeWindow });
@@ -677,7 +682,7 @@ export class Herald extends EventTarget {
   #open(token) {
     const claims = tokenClaims(token);
     if (this.#filter.last === null) this.#loadSeq(this.#options.user ?? claims?.sub);
-    this.#urlTopics = new Set([...this.#topics].filter(([, t]) => t.confirmed && t.since === undefined).map(([n]) => n));
+    this.#urlTopics = this.#topicsForUrl();
     const url = buildUrl(this.#options.url, {
       token,
       since: this.#filter.last,
@@ -705,6 +710,17 @@ export class Herald extends EventTarget {
       if (socket === this.#socket) this.#closed(event.code, event.reason);
     };
     socket.onerror = () => {}; // a close event follows
+  }
+
+  /**
+   * Topics the gateway accepted before and whose replay (if any) is over: they join with the
+   * connection, covered by its `since`. The others go as `sub` frames after `welcome`, so a
+   * forbidden one gets an `error` frame instead of refusing the whole connection (HTTP 403).
+   */
+  #topicsForUrl() {
+    const topics = new Set();
+    for (const [topic, wanted] of this.#topics) if (wanted.confirmed && wanted.since === undefined) topics.add(topic);
+    return topics;
   }
 
   /** @returns {Promise<string>} */

@@ -21,6 +21,17 @@ test("connects with the token and device; state connecting then open on welcome"
   assert.equal(of("welcome").length, 1);
 });
 
+test("options left undefined take their defaults", async () => {
+  const { client } = setup({ url: undefined, rpcTimeout: undefined, pingTimeout: undefined, device: undefined });
+  globalThis.location = /** @type {any} */ ({ href: "https://app.example/page" });
+  try {
+    const socket = await connected(client);
+    assert.equal(socket.url.href, "wss://app.example/ws?token=token-1");
+  } finally {
+    delete globalThis.location;
+  }
+});
+
 test("requires a token or a token function", () => {
   assert.throws(() => new Herald({}), TypeError);
   assert.throws(() => new Herald(/** @type {any} */ ({ token: 5 })), TypeError);
