@@ -1,0 +1,1023 @@
+// @ts-check
+/**
+ * Herald browser client: one ES module, no dependencies, no build step.
+ *
+ * ```js
+ * import { Herald } from "/herald.js";
+ * const herald = new Herald({ token: () => fetchToken() });
+ * herald.on("message", (msg) => console.log(msg.seq, msg.kind, msg.data));
+ * herald.on("state", ({ state, code, reason }) => console.log(state, code, reason));
+ * herald.connect();
+ * ```
+ *
+ * The module is laid out from the small pure parts to the client that ties them together:
+ * errors and frame types, URL building and the close-code policy (pure functions), then
+ * `Backoff`, `SeqFilter` (dedupe), `AckBatcher` and `Liveness` (small classes with injected timers),
+ * then `Herald`. Everything that touches the outside world (WebSocket, timers, clock, storage,
+ * randomness) is injected through the constructor options, so the logic runs under Node's test runner.
+ * The wire contract is docs/protocol.md.
+ *
+ * @module herald
+ */
+
+// ---------------------------------------------------------------------------------------------
+// Types and errors
+// ---------------------------------------------------------------------------------------------
+
+/**
+ * A message delivered to this connection.
+ * @typedef {object} MsgFrame
+ * @property {"msg"} type
+ * @property {number} seq     stream sequence: the resume point and the dedupe key
+ * @property {string} to      `"user"`, `"all"` or `"topic:<topic>"`
+ * @property {string} id      the publisher's `Nats-Msg-Id`, or `""`
+ * @property {string} kind    the publisher's `Herald-Type`, or `""`
+ * @property {string} ts      RFC 3339 time the stream stored it
+ * @property {any} data       the payload: JSON, a string, or `{"$base64": "..."}`
+ */
+
+/**
+ * Ends a replay: the connection's resume (no `topic`) or a `subscribe(topic, {since})` (with `topic`).
+ * @typedef {object} ReplayedFrame
+ * @property {"replayed"} type
+ * @property {number} from
+ * @property {number} to
+ * @property {number} count
+ * @property {boolean} complete  false: messages may have been dropped by retention; reload app state
+ * @property {string} [topic]
+ */
+
+/**
+ * The first frame of every connection.
+ * @typedef {object} WelcomeFrame
+ * @property {"welcome"} type
+ * @property {string} conn
+ * @property {string} user
+ * @property {string} device
+ * @property {string} node
+ * @property {number} seq        the stream's last sequence when the connection went live
+ * @property {number} heartbeat  seconds
+ */
+
+/**
+ * `state` event detail.
+ * @typedef {object} StateDetail
+ * @property {"connecting"|"open"|"reconnecting"|"closed"} state
+ * @property {number} [code]     the close code that led here
+ * @property {string} [reason]   why (close reason, or the client's own explanation)
+ * @property {number} [delay]    `reconnecting`: milliseconds until the next attempt
+ * @property {number} [attempt]  `reconnecting`: attempts since the last successful connection
+ */
+
+/** Error of an rpc, a token function, or the connection; `code` is machine-readable. */
+export class HeraldError extends Error {
+  /**
+   * @param {string} code     e.g. `no_function`, `timeout`, `function_error`, `disconnected`, `closed`
+   * @param {string} message
+   */
+  constructor(code, message) {
+    super(message);
+    this.name = "HeraldError";
+    /** @type {string} */
+    this.code = code;
+  }
+}
+
+/** Close codes of the contract (docs/protocol.md, "Close codes"). */
+export const CloseCode = Object.freeze({
+  NORMAL: 1000,
+  GOING_AWAY: 1001,
+  ABNORMAL: 1006,
+  POLICY: 1008,
+  TOO_BIG: 1009,
+  INTERNAL: 1011,
+  RESTART: 1012,
+  TRY_AGAIN: 1013,
+  TOKEN_EXPIRED: 4001,
+  KICKED: 4003,
+  SLOW_CONSUMER: 4008,
+  REPLACED: 4009,
+  RATE_LIMITED: 4029,
+  /** Used by this client when it drops a connection that stopped answering pings. */
+  DEAD: 4000,
+});
+
+// ---------------------------------------------------------------------------------------------
+// Pure functions
+// ---------------------------------------------------------------------------------------------
+
+/**
+ * The WebSocket URL of one connection attempt.
+ * @param {string} base  `ws(s)://…/ws`, `http(s)://…/ws`, or a path resolved against `origin`
+ * @param {{token?: string, since?: number|null, device?: string, topics?: string[]}} params
+ * @param {string} [origin]  defaults to `location.href` in a browser
+ * @returns {string}
+ */
+export function buildUrl(base, params, origin = globalThis.location?.href) {
+  const url = new URL(base, origin);
+  if (url.protocol === "http:") url.protocol = "ws:";
+  if (url.protocol === "https:") url.protocol = "wss:";
+  const query = url.searchParams;
+  if (params.token) query.set("token", params.token);
+  if (params.since != null) query.set("since", String(params.since));
+  if (params.device) query.set("device", params.device);
+  if (params.topics && params.topics.length > 0) query.set("topics", params.topics.join(","));
+  return url.toString();
+}
+
+/**
+ * What to do after a close.
+ * @typedef {{reconnect: false, reason: string}
+ *   | {reconnect: true, immediate: boolean, renewToken: boolean}} CloseDecision
+ */
+
+/**
+ * The close-code policy. A socket that closed before it opened is treated as a possible auth
+ * failure (browsers cannot see the HTTP 401 of a refused upgrade): renew the token, back off.
+ * @param {number} code
+ * @param {boolean} opened  whether the socket opened before it closed
+ * @returns {CloseDecision}
+ */
+export function closePolicy(code, opened) {
+  if (!opened) return { reconnect: true, immediate: false, renewToken: true };
+  switch (code) {
+    case CloseCode.REPLACED:
+      return { reconnect: false, reason: "replaced by a newer session of this user" };
+    case CloseCode.KICKED:
+      return { reconnect: false, reason: "disconnected by an operator" };
+    case CloseCode.RESTART:
+    case CloseCode.SLOW_CONSUMER:
+      return { reconnect: true, immediate: true, renewToken: false };
+    case CloseCode.TOKEN_EXPIRED:
+      return { reconnect: true, immediate: true, renewToken: true };
+    default:
+      return { reconnect: true, immediate: false, renewToken: false };
+  }
+}
+
+/**
+ * The claims of a JWT, read without verifying it (the gateway verifies); null if unreadable.
+ * Used for the user id (storage key) and the expiry (renew before connecting).
+ * @param {string} token
+ * @returns {{sub?: string, exp?: number, [claim: string]: unknown} | null}
+ */
+export function tokenClaims(token) {
+  try {
+    const payload = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const claims = JSON.parse(atob(payload));
+    return claims && typeof claims === "object" ? claims : null;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * The storage key of the last handled seq of one user on one device.
+ * @param {string} user
+ * @param {string} device
+ */
+export function storageKey(user, device) {
+  return `herald:${user}:${device}:seq`;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small parts with state
+// ---------------------------------------------------------------------------------------------
+
+/**
+ * @typedef {object} BackoffOptions
+ * @property {number} [base=500]    first delay in ms
+ * @property {number} [max=30000]   cap in ms
+ * @property {number} [factor=2]    growth per attempt
+ * @property {number} [jitter=0.5]  0..1: each delay is drawn from [d·(1−jitter), d]
+ */
+
+/** Exponential backoff with jitter, bounded by `max`; `reset()` after a successful connection. */
+export class Backoff {
+  /**
+   * @param {BackoffOptions} [options]
+   * @param {() => number} [random]  returns [0, 1); injected by tests
+   */
+  constructor({ base = 500, max = 30000, factor = 2, jitter = 0.5 } = {}, random = Math.random) {
+    if (!(base > 0 && max >= base && factor >= 1 && jitter >= 0 && jitter <= 1)) {
+      throw new RangeError("Backoff: need 0 < base <= max, factor >= 1, 0 <= jitter <= 1");
+    }
+    Object.assign(this, { base, max, factor, jitter });
+    this.random = random;
+    /** Attempts since the last reset. */
+    this.attempt = 0;
+  }
+
+  /** The delay before the next attempt, in ms. */
+  next() {
+    const ceiling = Math.min(this.max, this.base * this.factor ** this.attempt);
+    this.attempt += 1;
+    return Math.round(ceiling * (1 - this.jitter * this.random()));
+  }
+
+  reset() {
+    this.attempt = 0;
+  }
+}
+
+/**
+ * Drops duplicate messages by `seq`. The connection delivers in increasing `seq`, so anything at
+ * or below the last accepted seq is a duplicate, except inside a topic replay block (opened by
+ * `sub` with `since`, closed by `replayed` with that `topic`), whose messages may be older: those
+ * are checked against a bounded set of recently accepted seqs instead.
+ */
+export class SeqFilter {
+  /** @param {{last?: number|null, remember?: number}} [options] */
+  constructor({ last = null, remember = 1000 } = {}) {
+    /** The highest accepted seq (the resume point), or null before the first. @type {number|null} */
+    this.last = last;
+    this.remember = remember;
+    /** @type {Set<number>} recently accepted seqs, oldest first */
+    this.recent = new Set();
+    /** @type {Set<string>} topics with an open replay block */
+    this.blocks = new Set();
+  }
+
+  /**
+   * @param {{seq: number, to: string}} msg
+   * @returns {boolean} true when the message is new and must be handled
+   */
+  accept(msg) {
+    if (this.last === null || msg.seq > this.last) {
+      this.last = msg.seq;
+      this.#remember(msg.seq);
+      return true;
+    }
+    if (!this.#inBlock(msg.to) || this.recent.has(msg.seq)) return false;
+    this.#remember(msg.seq);
+    return true;
+  }
+
+  /** @param {string} topic */
+  openBlock(topic) {
+    this.blocks.add(topic);
+  }
+
+  /** @param {string} topic */
+  closeBlock(topic) {
+    this.blocks.delete(topic);
+  }
+
+  /** @param {string} to */
+  #inBlock(to) {
+    return to.startsWith("topic:") && this.blocks.has(to.slice("topic:".length));
+  }
+
+  /** @param {number} seq */
+  #remember(seq) {
+    this.recent.add(seq);
+    if (this.recent.size > this.remember) {
+      this.recent.delete(/** @type {number} */ (this.recent.values().next().value));
+    }
+  }
+}
+
+/**
+ * @typedef {object} Timers
+ * @property {(callback: () => void, ms: number) => any} setTimeout
+ * @property {(handle: any) => void} clearTimeout
+ * @property {() => number} now  milliseconds
+ */
+
+/** @returns {Timers} the global timers and clock */
+function globalTimers() {
+  return {
+    setTimeout: (callback, ms) => globalThis.setTimeout(callback, ms),
+    clearTimeout: (handle) => globalThis.clearTimeout(handle),
+    now: () => Date.now(),
+  };
+}
+
+/**
+ * Acks handled messages in batches: one `ack` with the highest handled seq at most every
+ * `delay` ms, or at once after `max` handled messages.
+ */
+export class AckBatcher {
+  /**
+   * @param {object} options
+   * @param {(seq: number) => boolean} options.send  sends an ack; false when it could not
+   * @param {Timers} options.timers
+   * @param {number} [options.delay=1000]
+   * @param {number} [options.max=100]
+   */
+  constructor({ send, timers, delay = 1000, max = 100 }) {
+    Object.assign(this, { send, timers, delay, max });
+    /** The highest handled seq. */
+    this.highest = 0;
+    /** The highest seq sent in an ack. */
+    this.acked = 0;
+    /** Handled messages since the last flush. */
+    this.count = 0;
+    /** @type {any} */
+    this.timer = null;
+  }
+
+  /** @param {number} seq  a message was handled */
+  handled(seq) {
+    this.highest = Math.max(this.highest, seq);
+    this.count += 1;
+    if (this.count >= this.max) this.flush();
+    else if (this.timer === null) this.timer = this.timers.setTimeout(() => this.flush(), this.delay);
+  }
+
+  /** Sends the pending ack now, if any; one that cannot be sent stays pending for the next flush. */
+  flush() {
+    this.cancel();
+    this.count = 0;
+    if (this.highest > this.acked && this.send(this.highest)) this.acked = this.highest;
+  }
+
+  /** Stops the timer; what is pending stays pending. */
+  cancel() {
+    if (this.timer !== null) this.timers.clearTimeout(this.timer);
+    this.timer = null;
+  }
+}
+
+/**
+ * Detects a dead connection. Browsers cannot see the gateway's WebSocket pings, so after one
+ * heartbeat of silence this sends a `ping` frame, and declares the connection dead if nothing at
+ * all arrives within `timeout`.
+ */
+export class Liveness {
+  /**
+   * @param {object} options
+   * @param {Timers} options.timers
+   * @param {() => void} options.ping   sends `{"type":"ping"}`
+   * @param {() => void} options.dead   called once when the connection is considered dead
+   * @param {number} [options.timeout=10000]  ms to wait for any frame after a ping
+   */
+  constructor({ timers, ping, dead, timeout = 10000 }) {
+    Object.assign(this, { timers, ping, dead, timeout });
+    this.interval = 0;
+    this.lastHeard = 0;
+    this.waiting = false;
+    /** @type {any} */
+    this.timer = null;
+  }
+
+  /** @param {number} interval  ms of silence before a ping (the heartbeat); 0 disables */
+  start(interval) {
+    this.stop();
+    this.interval = interval;
+    if (interval > 0) {
+      this.heard();
+      this.#arm(interval);
+    }
+  }
+
+  /** Any frame arrived. */
+  heard() {
+    this.lastHeard = this.timers.now();
+    this.waiting = false;
+  }
+
+  stop() {
+    if (this.timer !== null) this.timers.clearTimeout(this.timer);
+    this.timer = null;
+    this.waiting = false;
+  }
+
+  /** @param {number} ms */
+  #arm(ms) {
+    this.timer = this.timers.setTimeout(() => this.#check(), ms);
+  }
+
+  #check() {
+    this.timer = null;
+    if (this.waiting) {
+      this.waiting = false;
+      this.dead();
+      return;
+    }
+    const silent = this.timers.now() - this.lastHeard;
+    if (silent < this.interval) {
+      this.#arm(this.interval - silent);
+      return;
+    }
+    this.waiting = true;
+    this.ping();
+    this.#arm(this.timeout);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The client
+// ---------------------------------------------------------------------------------------------
+
+/**
+ * A token, or a function returning one (sync or async). The function is called for the first
+ * connection and again whenever the token may be bad or expired: after close 4001, after a socket
+ * that closed before it opened (a refused upgrade looks like that in a browser), and when the
+ * token's `exp` has passed.
+ * @typedef {string | (() => string | Promise<string>)} TokenSource
+ */
+
+/**
+ * @typedef {object} HeraldOptions
+ * @property {TokenSource} token
+ * @property {string} [url="/ws"]          the gateway's WebSocket endpoint; a path is resolved against the page
+ * @property {string} [device]             this device's stable id (the gateway's default: `default`)
+ * @property {string} [user]               the user id for the storage key (default: the token's `sub`)
+ * @property {string[]} [topics]           topics to join with the first connection (`topics` parameter)
+ * @property {number} [since]              resume point for the first connection (default: storage, else the gateway's cursor)
+ * @property {Pick<Storage, "getItem"|"setItem">|null} [storage]  e.g. `localStorage`: keeps the last seq across page loads
+ * @property {BackoffOptions} [backoff]
+ * @property {{delay?: number, max?: number}} [ack]  ack at most every `delay` ms (1000) or `max` messages (100)
+ * @property {number} [pingTimeout=10000]  ms to wait for any frame after a liveness ping
+ * @property {number} [rpcTimeout=10000]   default rpc timeout in ms
+ * @property {number} [dedupeWindow=1000]  how many recent seqs are remembered for topic replay blocks
+ * @property {new (url: string) => WebSocketLike} [WebSocket]  default: the global WebSocket
+ * @property {Timers} [timers]             default: the global timers and `Date.now`
+ * @property {() => number} [random]       default: `Math.random` (backoff jitter)
+ */
+
+/**
+ * What the client needs of a WebSocket.
+ * @typedef {object} WebSocketLike
+ * @property {number} readyState
+ * @property {(data: string) => void} send
+ * @property {(code?: number, reason?: string) => void} close
+ * @property {((event: any) => void) | null} onopen
+ * @property {((event: {data: any}) => void) | null} onmessage
+ * @property {((event: {code: number, reason: string}) => void) | null} onclose
+ * @property {((event: any) => void) | null} onerror
+ */
+
+/**
+ * @typedef {object} Call  an rpc waiting for its result
+ * @property {object} frame
+ * @property {(data: any) => void} resolve
+ * @property {(error: HeraldError) => void} reject
+ * @property {boolean} sent
+ * @property {any} timer
+ */
+
+const OPEN = 1;
+
+/** An event whose `detail` carries the frame or the state (like `CustomEvent`). */
+export class HeraldEvent extends Event {
+  /**
+   * @param {string} type
+   * @param {any} detail
+   */
+  constructor(type, detail) {
+    super(type);
+    this.detail = detail;
+  }
+}
+
+/**
+ * A connection to a Herald gateway that survives disconnects: it reconnects with backoff,
+ * resumes from the last handled `seq`, drops duplicates, acks in batches, rejoins its topics.
+ *
+ * Events (each a {@link HeraldEvent}; `on()` passes the detail directly):
+ * - `message`: a {@link MsgFrame}, once per `seq`. It counts as handled (acked, resume point) when
+ *   the listeners return.
+ * - `replayed`: a {@link ReplayedFrame}; `complete: false` means reload state from your backend.
+ * - `state`: a {@link StateDetail}: `connecting`, `open`, `reconnecting`, `closed`.
+ * - `error`: `{code, message, topic?}` from an `error` frame, or client-side trouble (`token_failed`,
+ *   `bad_frame`, `connect_failed`). `topic` is the best guess of the `subscribe` it answers.
+ * - `welcome`: the {@link WelcomeFrame} of each connection.
+ * - `subscribed`, `unsubscribed`: `{topic}`.
+ */
+export class Herald extends EventTarget {
+  /** @type {Required<Pick<HeraldOptions, "url"|"pingTimeout"|"rpcTimeout">> & HeraldOptions} */
+  #options;
+  /** @type {Timers} */
+  #timers;
+  #backoff;
+  #filter;
+  #acks;
+  #liveness;
+
+  /** @type {StateDetail["state"]} */
+  #state = "closed";
+  /** True after `close()` or a close that must not be retried. */
+  #stopped = true;
+  /** @type {WebSocketLike|null} */
+  #socket = null;
+  /** Whether the current socket fired `open` (a close before that may be an auth refusal). */
+  #opened = false;
+  /** @type {WelcomeFrame|null} */
+  #session = null;
+  /** User and device of the last welcome: the storage key, also while disconnected. */
+  #identity = { user: /** @type {string|undefined} */ (undefined), device: /** @type {string|undefined} */ (undefined) };
+  /** @type {any} */
+  #retryTimer = null;
+
+  /** @type {string|null} the token of the last attempt */
+  #token = null;
+  #renewToken = true;
+
+  /**
+   * Topics this client wants: `confirmed` once the gateway said `subscribed` (or they were in
+   * the URL), `since` while their replay block has not ended.
+   * @type {Map<string, {confirmed: boolean, since?: number}>}
+   */
+  #topics = new Map();
+  /** Topics in the URL of the current connection (the gateway joined them at connect). */
+  #urlTopics = new Set();
+  /** `sub` frames sent on this connection and not answered yet, oldest first. @type {string[]} */
+  #awaitingSub = [];
+
+  /** @type {Map<string, Call>} */
+  #calls = new Map();
+  #nextCall = 0;
+
+  /** @param {HeraldOptions} options */
+  constructor(options) {
+    super();
+    if (!options || (typeof options.token !== "string" && typeof options.token !== "function")) {
+      throw new TypeError("Herald: options.token must be a token or a function returning one");
+    }
+    this.#options = {
+      ...options,
+      url: options.url ?? "/ws",
+      pingTimeout: options.pingTimeout ?? 10000,
+      rpcTimeout: options.rpcTimeout ?? 10000,
+    };
+    this.#timers = options.timers ?? globalTimers();
+    this.#backoff = new Backoff(options.backoff, options.random);
+    this.#filter = new SeqFilter({ last: options.since ?? null, remember: options.dedupeWindow });
+    this.#acks = new AckBatcher({ ...options.ack, timers: this.#timers, send: (seq) => this.#sendAck(seq) });
+    this.#liveness = new Liveness({
+      timers: this.#timers,
+      timeout: this.#options.pingTimeout,
+      ping: () => this.#send({ type: "ping" }),
+      dead: () => this.#dropDeadSocket(),
+    });
+    for (const topic of options.topics ?? []) this.#topics.set(topic, { confirmed: true });
+  }
+
+  /** `connecting`, `open`, `reconnecting` or `closed`. */
+  get state() {
+    return this.#state;
+  }
+
+  /** The highest handled seq (what the next connection resumes from), or null. */
+  get lastSeq() {
+    return this.#filter.last;
+  }
+
+  /** The `welcome` of the current connection, or null while not open. */
+  get session() {
+    return this.#state === "open" ? this.#session : null;
+  }
+
+  /** The topics this client is subscribed to (or subscribing to). */
+  get topics() {
+    return [...this.#topics.keys()];
+  }
+
+  /**
+   * Starts connecting (and keeps reconnecting until `close()` or a final close code).
+   * @returns {this}
+   */
+  connect() {
+    if (!this.#stopped) return this;
+    this.#stopped = false;
+    this.#backoff.reset();
+    this.#setState({ state: "connecting" });
+    this.#attempt();
+    return this;
+  }
+
+  /** Closes for good: sends the pending ack, closes the socket, rejects pending rpcs. */
+  close() {
+    if (this.#stopped) return;
+    const socket = this.#socket;
+    this.#acks.flush();
+    this.#rejectCalls("closed", "closed by the client");
+    this.#dropConnection();
+    socket?.close(CloseCode.NORMAL, "client closed");
+    this.#stop(CloseCode.NORMAL, "closed by the client");
+  }
+
+  /**
+   * Joins a topic, now and after every reconnect. With `since`, the gateway first replays the
+   * topic's stored messages after that seq (they may be older than ones already received; they
+   * are delivered anyway, once each), ending with a `replayed` event carrying `topic`.
+   * @param {string} topic
+   * @param {{since?: number}} [options]
+   */
+  subscribe(topic, { since } = {}) {
+    this.#topics.set(topic, { confirmed: false, since });
+    if (this.#state === "open") this.#sendSub(topic, since);
+  }
+
+  /**
+   * Leaves a topic.
+   * @param {string} topic
+   */
+  unsubscribe(topic) {
+    if (!this.#topics.delete(topic)) return;
+    this.#filter.closeBlock(topic);
+    this.#awaitingSub = this.#awaitingSub.filter((t) => t !== topic);
+    if (this.#state === "open") this.#send({ type: "unsub", topic });
+  }
+
+  /**
+   * Calls the push function `fn` (NATS `herald.fn.<fn>`). A call made while not connected waits
+   * for the connection (its timeout runs meanwhile).
+   * @param {string} fn       e.g. `prefs.get`
+   * @param {any} [data]      JSON body for the function
+   * @param {{timeout?: number}} [options]  ms; default `rpcTimeout`
+   * @returns {Promise<any>}  the function's reply; rejects with a {@link HeraldError}: the
+   *   gateway's code (`no_function`, `timeout`, `function_error`, `bad_request`, `rate_limited`),
+   *   `timeout` (no result in time), `disconnected` (sent, then the connection dropped: it may
+   *   or may not have run), or `closed`.
+   */
+  rpc(fn, data = null, { timeout = this.#options.rpcTimeout } = {}) {
+    if (this.#stopped) return Promise.reject(new HeraldError("closed", "the client is closed"));
+    return new Promise((resolve, reject) => {
+      const id = `c${++this.#nextCall}`;
+      /** @type {Call} */
+      const call = { frame: { type: "rpc", id, fn, data }, resolve, reject, sent: false, timer: null };
+      call.timer = this.#timers.setTimeout(
+        () => this.#settle(id, new HeraldError("timeout", `rpc ${fn}: no result within ${timeout} ms`)),
+        timeout,
+      );
+      this.#calls.set(id, call);
+      if (this.#state === "open") this.#sendCall(call);
+    });
+  }
+
+  /**
+   * Listens to an event and passes its detail; returns a function that removes the listener.
+   * @param {"message"|"replayed"|"state"|"error"|"welcome"|"subscribed"|"unsubscribed"} type
+   * @param {(detail: any) => void} listener
+   * @returns {() => void}
+   */
+  on(type, listener) {
+    /** @param {Event} event */
+    const handler = (event) => listener(/** @type {HeraldEvent} */ (event).detail);
+    this.addEventListener(type, handler);
+    return () => this.removeEventListener(type, handler);
+  }
+
+  // --- connecting ---------------------------------------------------------------------------
+
+  async #attempt() {
+    this.#retryTimer = null;
+    let token;
+    try {
+      token = await this.#currentToken();
+    } catch (error) {
+      if (this.#stopped) return;
+      this.#emit("error", { code: "token_failed", message: String(/** @type {any} */ (error)?.message ?? error) });
+      this.#retry(false);
+      return;
+    }
+    if (this.#stopped || this.#socket !== null || this.#retryTimer !== null) return;
+    this.#open(token);
+  }
+
+  /** @param {string} token */
+  #open(token) {
+    const claims = tokenClaims(token);
+    if (this.#filter.last === null) this.#loadSeq(this.#options.user ?? claims?.sub);
+    this.#urlTopics = this.#topicsForUrl();
+    const url = buildUrl(this.#options.url, {
+      token,
+      since: this.#filter.last,
+      device: this.#options.device,
+      topics: [...this.#urlTopics],
+    });
+    const WebSocketClass = this.#options.WebSocket ?? globalThis.WebSocket;
+    let socket;
+    try {
+      socket = new WebSocketClass(url);
+    } catch (error) {
+      this.#emit("error", { code: "connect_failed", message: String(/** @type {any} */ (error)?.message ?? error) });
+      this.#retry(false);
+      return;
+    }
+    this.#socket = socket;
+    this.#opened = false;
+    socket.onopen = () => {
+      if (socket === this.#socket) this.#opened = true;
+    };
+    socket.onmessage = (event) => {
+      if (socket === this.#socket) this.#receive(event.data);
+    };
+    socket.onclose = (event) => {
+      if (socket === this.#socket) this.#closed(event.code, event.reason);
+    };
+    socket.onerror = () => {}; // a close event follows
+  }
+
+  /**
+   * Topics the gateway accepted before and whose replay (if any) is over: they join with the
+   * connection, covered by its `since`. The others go as `sub` frames after `welcome`, so a
+   * forbidden one gets an `error` frame instead of refusing the whole connection (HTTP 403).
+   */
+  #topicsForUrl() {
+    const topics = new Set();
+    for (const [topic, wanted] of this.#topics) if (wanted.confirmed && wanted.since === undefined) topics.add(topic);
+    return topics;
+  }
+
+  /** @returns {Promise<string>} */
+  async #currentToken() {
+    const source = this.#options.token;
+    if (typeof source === "string") return (this.#token = source);
+    if (this.#token === null || this.#renewToken || this.#expired(this.#token)) {
+      const token = await source();
+      if (typeof token !== "string" || token === "") throw new Error("the token function returned no token");
+      this.#token = token;
+      this.#renewToken = false;
+    }
+    return this.#token;
+  }
+
+  /** @param {string} token */
+  #expired(token) {
+    const exp = tokenClaims(token)?.exp;
+    return typeof exp === "number" && exp * 1000 <= Date.now();
+  }
+
+  /**
+   * @param {number} code
+   * @param {string} reason
+   */
+  #closed(code, reason) {
+    const opened = this.#opened;
+    this.#dropConnection();
+    const decision = closePolicy(code, opened);
+    if (!decision.reconnect) {
+      this.#stop(code, reason || decision.reason);
+      return;
+    }
+    if (decision.renewToken) {
+      if (opened && typeof this.#options.token === "string") {
+        this.#stop(code, "the token expired and there is no token function to renew it");
+        return;
+      }
+      this.#renewToken = true;
+    }
+    this.#retry(decision.immediate, code, reason);
+  }
+
+  #dropDeadSocket() {
+    const socket = this.#socket;
+    this.#dropConnection();
+    socket?.close(CloseCode.DEAD, "no answer to ping");
+    this.#retry(false, CloseCode.DEAD, "no answer to ping");
+  }
+
+  /**
+   * @param {boolean} immediate
+   * @param {number} [code]
+   * @param {string} [reason]
+   */
+  #retry(immediate, code, reason) {
+    const delay = immediate ? 0 : this.#backoff.next();
+    this.#setState({ state: "reconnecting", code, reason, delay, attempt: this.#backoff.attempt });
+    this.#retryTimer = this.#timers.setTimeout(() => this.#attempt(), delay);
+  }
+
+  /**
+   * Forgets the current socket and everything tied to it. The pending ack is saved (storage)
+   * and sent on the next connection; rpcs not sent yet wait for it too.
+   */
+  #dropConnection() {
+    const socket = this.#socket;
+    if (socket) socket.onopen = socket.onmessage = socket.onclose = socket.onerror = null;
+    this.#socket = null;
+    this.#session = null;
+    this.#liveness.stop();
+    this.#acks.flush(); // the socket is gone: this only saves the seq, the ack waits
+    this.#awaitingSub = [];
+    this.#filter.blocks.clear();
+    for (const [id, call] of this.#calls) {
+      if (call.sent) this.#settle(id, new HeraldError("disconnected", "the connection dropped before the result"));
+    }
+  }
+
+  /**
+   * @param {number} code
+   * @param {string} reason
+   */
+  #stop(code, reason) {
+    this.#stopped = true;
+    if (this.#retryTimer !== null) this.#timers.clearTimeout(this.#retryTimer);
+    this.#retryTimer = null;
+    this.#rejectCalls("closed", reason);
+    this.#setState({ state: "closed", code, reason });
+  }
+
+  // --- receiving ----------------------------------------------------------------------------
+
+  /** @param {unknown} text */
+  #receive(text) {
+    this.#liveness.heard();
+    let frame;
+    try {
+      frame = JSON.parse(String(text));
+    } catch {
+      this.#emit("error", { code: "bad_frame", message: "a frame that is not JSON" });
+      return;
+    }
+    switch (frame?.type) {
+      case "welcome":
+        return this.#welcome(frame);
+      case "msg":
+        return this.#message(frame);
+      case "replayed":
+        return this.#replayed(frame);
+      case "subscribed":
+        return this.#subscribed(frame.topic);
+      case "unsubscribed":
+        return this.#emit("unsubscribed", { topic: frame.topic });
+      case "rpc_result":
+        return this.#rpcResult(frame);
+      case "error":
+        return this.#serverError(frame);
+      default:
+        return; // pong, and frame types newer than this client
+    }
+  }
+
+  /** @param {WelcomeFrame} frame */
+  #welcome(frame) {
+    this.#session = frame;
+    this.#identity = { user: frame.user, device: frame.device };
+    this.#backoff.reset();
+    this.#liveness.start((frame.heartbeat ?? 0) * 1000);
+    for (const [topic, wanted] of this.#topics) {
+      if (!this.#urlTopics.has(topic)) this.#sendSub(topic, wanted.since ?? this.#filter.last ?? undefined);
+    }
+    this.#setState({ state: "open" });
+    this.#emit("welcome", frame);
+    for (const call of this.#calls.values()) if (!call.sent) this.#sendCall(call);
+    this.#acks.flush();
+  }
+
+  /** @param {MsgFrame} frame */
+  #message(frame) {
+    if (typeof frame.seq !== "number" || !this.#filter.accept(frame)) return;
+    this.#emit("message", frame);
+    this.#acks.handled(frame.seq);
+  }
+
+  /** @param {ReplayedFrame} frame */
+  #replayed(frame) {
+    if (frame.topic !== undefined) {
+      this.#filter.closeBlock(frame.topic);
+      const wanted = this.#topics.get(frame.topic);
+      if (wanted) delete wanted.since;
+    }
+    this.#emit("replayed", frame);
+  }
+
+  /** @param {string} topic */
+  #subscribed(topic) {
+    this.#awaitingSub = this.#awaitingSub.filter((t) => t !== topic);
+    const wanted = this.#topics.get(topic);
+    if (wanted) wanted.confirmed = true;
+    this.#emit("subscribed", { topic });
+  }
+
+  /** @param {{id: string, ok: boolean, data?: any, error?: {code?: string, message?: string}}} frame */
+  #rpcResult(frame) {
+    const call = this.#take(frame.id);
+    if (!call) return; // timed out already
+    if (frame.ok) {
+      call.resolve(frame.data);
+      return;
+    }
+    const { code = "rpc_failed", message = "the rpc failed" } = frame.error ?? {};
+    call.reject(new HeraldError(code, message));
+  }
+
+  /**
+   * An `error` frame. A refused `sub` (forbidden, bad_request) is matched to the oldest
+   * unanswered `sub` (the gateway answers frames in order), and that topic is given up.
+   * @param {{code: string, message: string}} frame
+   */
+  #serverError({ code, message }) {
+    /** @type {{code: string, message: string, topic?: string}} */
+    const detail = { code, message };
+    if ((code === "forbidden" || code === "bad_request") && this.#awaitingSub.length > 0) {
+      const topic = /** @type {string} */ (this.#awaitingSub.shift());
+      this.#topics.delete(topic);
+      this.#filter.closeBlock(topic);
+      detail.topic = topic;
+    }
+    this.#emit("error", detail);
+  }
+
+  // --- sending ------------------------------------------------------------------------------
+
+  /**
+   * @param {object} frame
+   * @returns {boolean} whether it was sent
+   */
+  #send(frame) {
+    const socket = this.#socket;
+    if (!socket || socket.readyState !== OPEN) return false;
+    socket.send(JSON.stringify(frame));
+    return true;
+  }
+
+  /**
+   * @param {string} topic
+   * @param {number} [since]
+   */
+  #sendSub(topic, since) {
+    if (!this.#send(since === undefined ? { type: "sub", topic } : { type: "sub", topic, since })) return;
+    this.#awaitingSub.push(topic);
+    if (since === undefined) return;
+    // Until the topic's `replayed`, a reconnect asks for the same replay again.
+    const wanted = this.#topics.get(topic);
+    if (wanted) wanted.since = since;
+    this.#filter.openBlock(topic);
+  }
+
+  /** @param {Call} call */
+  #sendCall(call) {
+    call.sent = this.#send(call.frame);
+  }
+
+  /** @param {number} seq */
+  #sendAck(seq) {
+    this.#saveSeq(seq);
+    return this.#send({ type: "ack", seq });
+  }
+
+  /**
+   * Removes a call from the pending ones and stops its timer.
+   * @param {string} id
+   */
+  #take(id) {
+    const call = this.#calls.get(id);
+    if (call) {
+      this.#timers.clearTimeout(call.timer);
+      this.#calls.delete(id);
+    }
+    return call;
+  }
+
+  /**
+   * Rejects every pending rpc.
+   * @param {string} code
+   * @param {string} message
+   */
+  #rejectCalls(code, message) {
+    for (const id of [...this.#calls.keys()]) this.#settle(id, new HeraldError(code, message));
+  }
+
+  /**
+   * Rejects a pending rpc.
+   * @param {string} id
+   * @param {HeraldError} error
+   */
+  #settle(id, error) {
+    this.#take(id)?.reject(error);
+  }
+
+  // --- storage, state, events ---------------------------------------------------------------
+
+  /** @param {string|undefined} user */
+  #loadSeq(user) {
+    const storage = this.#options.storage;
+    if (!storage || !user) return;
+    const stored = Number(storage.getItem(storageKey(user, this.#options.device ?? "default")));
+    if (Number.isSafeInteger(stored) && stored > 0) this.#filter.last = stored;
+  }
+
+  /** @param {number} seq */
+  #saveSeq(seq) {
+    const storage = this.#options.storage;
+    const user = this.#identity.user ?? this.#options.user ?? tokenClaims(this.#token ?? "")?.sub;
+    if (!storage || !user) return;
+    try {
+      storage.setItem(storageKey(user, this.#identity.device ?? this.#options.device ?? "default"), String(seq));
+    } catch {
+      // storage full or denied: the in-memory seq still works
+    }
+  }
+
+  /** @param {StateDetail} detail */
+  #setState(detail) {
+    this.#state = detail.state;
+    for (const key of /** @type {(keyof StateDetail)[]} */ (Object.keys(detail))) {
+      if (detail[key] === undefined) delete detail[key];
+    }
+    this.#emit("state", detail);
+  }
+
+  /**
+   * @param {string} type
+   * @param {any} detail
+   */
+  #emit(type, detail) {
+    this.dispatchEvent(new HeraldEvent(type, detail));
+  }
+}

@@ -1,0 +1,245 @@
+// Connecting, reconnecting with backoff, the close-code policy, token renewal, liveness.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { Herald } from "../herald.js";
+import { FakeWebSocket, connected, settle, setup } from "../test-support/helpers.js";
+import { fakeToken } from "../test-support/fakes.js";
+
+test("connects with the token and device; state connecting then open on welcome", async () => {
+  const { client, states, of } = setup({ device: "phone" });
+  const socket = await connected(client);
+  assert.equal(socket.url.origin + socket.url.pathname, "ws://gateway.test/ws");
+  assert.equal(socket.param("token"), "token-1");
+  assert.equal(socket.param("device"), "phone");
+  assert.equal(socket.param("since"), null, "nothing handled yet: the gateway's cursor decides");
+  assert.deepEqual(states(), ["connecting"]);
+  socket.open();
+  assert.equal(client.state, "connecting", "open means welcome received");
+  socket.welcome({ user: "42", heartbeat: 25 });
+  assert.deepEqual(states(), ["connecting", "open"]);
+  assert.equal(client.session.user, "42");
+  assert.equal(of("welcome").length, 1);
+});
+
+test("options left undefined take their defaults", async () => {
+  const { client } = setup({ url: undefined, rpcTimeout: undefined, pingTimeout: undefined, device: undefined });
+  globalThis.location = /** @type {any} */ ({ href: "https://app.example/page" });
+  try {
+    const socket = await connected(client);
+    assert.equal(socket.url.href, "wss://app.example/ws?token=token-1");
+  } finally {
+    delete globalThis.location;
+  }
+});
+
+test("requires a token or a token function", () => {
+  assert.throws(() => new Herald({}), TypeError);
+  assert.throws(() => new Herald(/** @type {any} */ ({ token: 5 })), TypeError);
+});
+
+test("reconnects with growing backoff, resuming with since = last handled seq", async () => {
+  const { client, clock, of } = setup({ backoff: { base: 100, max: 1000, jitter: 0 } });
+  const first = await connected(client);
+  first.welcome();
+  first.msg(5);
+  first.msg(6);
+  first.serverClose(1011, "internal");
+  assert.equal(client.state, "reconnecting");
+  assert.deepEqual(of("state").at(-1), { state: "reconnecting", code: 1011, reason: "internal", delay: 100, attempt: 1 });
+  await clock.advance(99);
+  assert.equal(FakeWebSocket.all.length, 1, "not before the delay");
+  await clock.advance(1);
+  assert.equal(FakeWebSocket.all.length, 2);
+  assert.equal(FakeWebSocket.last.param("since"), "6");
+  FakeWebSocket.last.serverClose(1006); // refused before open
+  assert.equal(of("state").at(-1).delay, 200);
+  await clock.advance(200);
+  FakeWebSocket.last.serverClose(1006);
+  assert.equal(of("state").at(-1).delay, 400);
+});
+
+test("backoff starts over after a connection opened", async () => {
+  const { client, clock, of } = setup({ backoff: { base: 100, max: 1000, jitter: 0 } });
+  (await connected(client)).serverClose(1006);
+  await clock.advance(100);
+  FakeWebSocket.last.serverClose(1006);
+  await clock.advance(200);
+  assert.equal(of("state").at(-1).delay, 200);
+  FakeWebSocket.last.welcome();
+  FakeWebSocket.last.serverClose(1001, "no heartbeat");
+  assert.equal(of("state").at(-1).delay, 100);
+});
+
+test("backoff delays are jittered within bounds", async () => {
+  // random 0.5 with jitter 0.5: each delay is 3/4 of its ceiling (1000, 2000, 4000, then the 8000 cap)
+  const { client, clock, of } = setup({ backoff: { base: 1000, max: 8000, jitter: 0.5 }, random: () => 0.5 });
+  (await connected(client)).serverClose(1006);
+  for (let i = 0; i < 6; i++) {
+    await clock.advance(10_000);
+    FakeWebSocket.last.serverClose(1006);
+  }
+  const delays = of("state").filter((s) => s.state === "reconnecting").map((s) => s.delay);
+  assert.deepEqual(delays, [750, 1500, 3000, 6000, 6000, 6000, 6000]);
+});
+
+for (const code of [1012, 4008]) {
+  test(`close ${code} reconnects at once with since`, async () => {
+    const { client, clock } = setup({ backoff: { base: 5000 } });
+    const first = await connected(client);
+    first.welcome();
+    first.msg(41);
+    first.serverClose(code, "going");
+    assert.equal(client.state, "reconnecting");
+    await clock.advance(0);
+    assert.equal(FakeWebSocket.all.length, 2);
+    assert.equal(FakeWebSocket.last.param("since"), "41");
+  });
+}
+
+for (const [code, reason] of [[4009, "replaced"], [4003, "kicked"]]) {
+  test(`close ${code} stops and reports it`, async () => {
+    const { client, clock, of } = setup();
+    const socket = await connected(client);
+    socket.welcome();
+    socket.serverClose(code, reason);
+    assert.equal(client.state, "closed");
+    assert.deepEqual(of("state").at(-1), { state: "closed", code, reason });
+    await clock.advance(600_000);
+    assert.equal(FakeWebSocket.all.length, 1, "no reconnect");
+  });
+}
+
+test("close 4009 without a reason gets one", async () => {
+  const { client, of } = setup();
+  const socket = await connected(client);
+  socket.welcome();
+  socket.serverClose(4009, "");
+  assert.match(of("state").at(-1).reason, /replaced/);
+});
+
+test("close 4001 calls the token function again and reconnects at once with since", async () => {
+  let calls = 0;
+  const { client, clock } = setup({ token: async () => `token-${++calls}` });
+  const first = await connected(client);
+  assert.equal(first.param("token"), "token-1");
+  first.welcome();
+  first.msg(3);
+  first.serverClose(4001, "token expired");
+  await clock.advance(0);
+  assert.equal(FakeWebSocket.all.length, 2);
+  assert.equal(FakeWebSocket.last.param("token"), "token-2");
+  assert.equal(FakeWebSocket.last.param("since"), "3");
+});
+
+test("a plain close keeps the token; closed before open renews it", async () => {
+  let calls = 0;
+  const { client, clock } = setup({ token: () => `token-${++calls}`, backoff: { base: 10, jitter: 0 } });
+  const first = await connected(client);
+  first.welcome();
+  first.serverClose(1011);
+  await clock.advance(10);
+  assert.equal(FakeWebSocket.last.param("token"), "token-1", "the token was fine");
+  FakeWebSocket.last.serverClose(1006); // the upgrade was refused: maybe a 401
+  await clock.advance(20);
+  assert.equal(FakeWebSocket.last.param("token"), "token-2");
+});
+
+test("an expired token is renewed before connecting", async () => {
+  let calls = 0;
+  const tokens = [fakeToken({ sub: "42", exp: 1 }), fakeToken({ sub: "42", exp: 4e9 })];
+  const { client, clock } = setup({ token: () => tokens[calls++], backoff: { base: 10, jitter: 0 } });
+  const first = await connected(client);
+  first.welcome();
+  first.serverClose(1011);
+  await clock.advance(10);
+  assert.equal(calls, 2);
+  assert.equal(FakeWebSocket.last.param("token"), tokens[1]);
+});
+
+test("close 4001 with a fixed token stops: it cannot be renewed", async () => {
+  const { client, of } = setup({ token: "fixed" });
+  const socket = await connected(client);
+  socket.welcome();
+  socket.serverClose(4001, "token expired");
+  assert.equal(client.state, "closed");
+  assert.equal(of("state").at(-1).code, 4001);
+});
+
+test("a failing token function is reported and retried with backoff", async () => {
+  let calls = 0;
+  const { client, clock, of } = setup({
+    token: async () => {
+      if (++calls === 1) throw new Error("auth server down");
+      return "good";
+    },
+    backoff: { base: 100, jitter: 0 },
+  });
+  client.connect();
+  await settle();
+  assert.deepEqual(of("error"), [{ code: "token_failed", message: "auth server down" }]);
+  assert.equal(FakeWebSocket.all.length, 0);
+  await clock.advance(100);
+  assert.equal(FakeWebSocket.last.param("token"), "good");
+});
+
+test("close() closes the socket with 1000, stops, and does not reconnect", async () => {
+  const { client, clock, of } = setup();
+  const socket = await connected(client);
+  socket.welcome();
+  client.close();
+  assert.deepEqual(socket.closedByClient, { code: 1000, reason: "client closed" });
+  assert.equal(client.state, "closed");
+  assert.equal(of("state").at(-1).code, 1000);
+  await clock.advance(600_000);
+  assert.equal(FakeWebSocket.all.length, 1);
+});
+
+test("close() while waiting to reconnect cancels the attempt; connect() starts again", async () => {
+  const { client, clock } = setup({ backoff: { base: 100, jitter: 0 } });
+  (await connected(client)).serverClose(1006);
+  client.close();
+  await clock.advance(1000);
+  assert.equal(FakeWebSocket.all.length, 1);
+  client.connect();
+  await settle();
+  assert.equal(FakeWebSocket.all.length, 2);
+  assert.equal(client.state, "connecting");
+});
+
+test("liveness: idle for a heartbeat sends a ping; no answer reconnects", async () => {
+  const { client, clock, of } = setup({ pingTimeout: 5000, backoff: { base: 100, jitter: 0 } });
+  const socket = await connected(client);
+  socket.welcome({ heartbeat: 20 });
+  await clock.advance(19_999);
+  assert.deepEqual(socket.sentOf("ping"), []);
+  await clock.advance(1);
+  assert.deepEqual(socket.sentOf("ping"), [{ type: "ping" }]);
+  await clock.advance(5000);
+  assert.equal(socket.closedByClient.code, 4000);
+  assert.equal(of("state").at(-1).state, "reconnecting");
+  await clock.advance(100);
+  assert.equal(FakeWebSocket.all.length, 2);
+});
+
+test("liveness: a pong keeps the connection", async () => {
+  const { client, clock } = setup({ pingTimeout: 5000 });
+  const socket = await connected(client);
+  socket.welcome({ heartbeat: 20 });
+  await clock.advance(20_000);
+  socket.receive({ type: "pong" });
+  await clock.advance(19_000);
+  assert.equal(socket.closedByClient, null);
+  assert.equal(client.state, "open");
+  assert.equal(socket.sentOf("ping").length, 1);
+});
+
+test("liveness: messages count as traffic", async () => {
+  const { client, clock } = setup();
+  const socket = await connected(client);
+  socket.welcome({ heartbeat: 20 });
+  for (let seq = 1; seq <= 10; seq++) {
+    await clock.advance(15_000);
+    socket.msg(seq);
+  }
+  assert.deepEqual(socket.sentOf("ping"), []);
+});

@@ -1,0 +1,164 @@
+// Dedupe, topic replay blocks, ack batching, resume points kept in storage.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { FakeWebSocket, connected, setup } from "../test-support/helpers.js";
+import { MemoryStorage, fakeToken } from "../test-support/fakes.js";
+
+test("messages are delivered once each; duplicates by seq are dropped", async () => {
+  const { client, clock, of } = setup({ backoff: { base: 10, jitter: 0 } });
+  const first = await connected(client);
+  first.welcome();
+  first.msg(1);
+  first.msg(2);
+  first.msg(2);
+  first.serverClose(1011);
+  await clock.advance(10);
+  const second = FakeWebSocket.last;
+  second.welcome();
+  second.msg(1); // a gateway replaying too much
+  second.msg(2);
+  second.msg(3);
+  assert.deepEqual(of("message").map((m) => m.seq), [1, 2, 3]);
+  assert.equal(client.lastSeq, 3);
+});
+
+test("the message event carries the whole frame", async () => {
+  const { client, of } = setup();
+  const socket = await connected(client);
+  socket.welcome();
+  socket.msg(9, { kind: "mail", to: "all", data: { text: "hi" } });
+  assert.deepEqual(of("message")[0], { type: "msg", seq: 9, to: "all", id: "", kind: "mail", ts: "2024-01-01T00:00:00Z", data: { text: "hi" } });
+});
+
+test("a topic replay block delivers older messages, once, until its replayed frame", async () => {
+  const { client, of } = setup();
+  const socket = await connected(client);
+  socket.welcome();
+  socket.msg(50);
+  client.subscribe("news", { since: 10 });
+  assert.deepEqual(socket.sentOf("sub"), [{ type: "sub", topic: "news", since: 10 }]);
+  socket.receive({ type: "subscribed", topic: "news" });
+  socket.msg(12, { to: "topic:news" });
+  socket.msg(12, { to: "topic:news" });
+  socket.msg(30, { to: "topic:news" });
+  socket.msg(51); // live, interleaved
+  socket.receive({ type: "replayed", from: 11, to: 30, count: 2, complete: true, topic: "news" });
+  socket.msg(31, { to: "topic:news" }); // after the block: a duplicate again
+  assert.deepEqual(of("message").map((m) => m.seq), [50, 12, 30, 51]);
+  assert.deepEqual(of("replayed"), [{ type: "replayed", from: 11, to: 30, count: 2, complete: true, topic: "news" }]);
+  assert.equal(client.lastSeq, 51, "older messages do not move the resume point");
+});
+
+test("the connection's replayed frame is passed on with complete", async () => {
+  const { client, of } = setup({ since: 5 });
+  const socket = await connected(client);
+  assert.equal(socket.param("since"), "5");
+  socket.welcome();
+  socket.msg(6);
+  socket.receive({ type: "replayed", from: 6, to: 6, count: 1, complete: false });
+  assert.equal(of("replayed")[0].complete, false);
+});
+
+test("acks go in batches: the highest seq after the delay or after max messages", async () => {
+  const { client, clock } = setup({ ack: { delay: 500, max: 3 } });
+  const socket = await connected(client);
+  socket.welcome();
+  socket.msg(1);
+  socket.msg(2);
+  assert.deepEqual(socket.sentOf("ack"), []);
+  await clock.advance(500);
+  assert.deepEqual(socket.sentOf("ack"), [{ type: "ack", seq: 2 }]);
+  socket.msg(3);
+  socket.msg(4);
+  socket.msg(5);
+  assert.deepEqual(socket.sentOf("ack"), [{ type: "ack", seq: 2 }, { type: "ack", seq: 5 }]);
+  await clock.advance(10_000);
+  assert.equal(socket.sentOf("ack").length, 2, "nothing left to ack");
+});
+
+test("duplicates are not acked again", async () => {
+  const { client, clock } = setup({ ack: { delay: 100, max: 100 } });
+  const socket = await connected(client);
+  socket.welcome();
+  socket.msg(1);
+  await clock.advance(100);
+  socket.msg(1);
+  await clock.advance(100);
+  assert.deepEqual(socket.sentOf("ack"), [{ type: "ack", seq: 1 }]);
+});
+
+test("an ack pending at a disconnect is sent on the next connection", async () => {
+  const { client, clock } = setup({ ack: { delay: 1000 }, backoff: { base: 10, jitter: 0 } });
+  const first = await connected(client);
+  first.welcome();
+  first.msg(7);
+  first.serverClose(1011);
+  await clock.advance(10);
+  FakeWebSocket.last.welcome();
+  assert.deepEqual(FakeWebSocket.last.sentOf("ack"), [{ type: "ack", seq: 7 }]);
+});
+
+test("close() sends the pending ack first", async () => {
+  const { client } = setup();
+  const socket = await connected(client);
+  socket.welcome();
+  socket.msg(3);
+  client.close();
+  assert.deepEqual(socket.sentOf("ack"), [{ type: "ack", seq: 3 }]);
+});
+
+test("with storage, the last seq survives a new client (per user and device)", async () => {
+  const storage = new MemoryStorage();
+  const token = fakeToken({ sub: "42", exp: 4e9 });
+  const first = setup({ storage, token, device: "phone" });
+  const socket = await connected(first.client);
+  socket.welcome({ user: "42", device: "phone" });
+  socket.msg(17);
+  first.client.close();
+  assert.equal(storage.getItem("herald:42:phone:seq"), "17");
+
+  const again = setup({ storage, token, device: "phone" });
+  assert.equal((await connected(again.client)).param("since"), "17");
+  const otherDevice = setup({ storage, token, device: "laptop" });
+  assert.equal((await connected(otherDevice.client)).param("since"), null);
+  const otherUser = setup({ storage, token: fakeToken({ sub: "43" }), device: "phone" });
+  assert.equal((await connected(otherUser.client)).param("since"), null);
+});
+
+test("storage is written when acks are flushed, also while disconnected", async () => {
+  const storage = new MemoryStorage();
+  const { client, clock } = setup({ storage, ack: { delay: 100 } });
+  const socket = await connected(client);
+  socket.welcome({ user: "u1" });
+  socket.msg(4);
+  await clock.advance(100);
+  assert.equal(storage.getItem("herald:u1:default:seq"), "4");
+  socket.msg(5);
+  socket.serverClose(1006);
+  assert.equal(storage.getItem("herald:u1:default:seq"), "5");
+});
+
+test("an explicit since wins over storage", async () => {
+  const storage = new MemoryStorage();
+  storage.setItem("herald:u1:default:seq", "99");
+  const { client } = setup({ storage, user: "u1", since: 3 });
+  assert.equal((await connected(client)).param("since"), "3");
+});
+
+test("a frame that is not JSON is reported, and unknown frame types are ignored", async () => {
+  const { client, of } = setup();
+  const socket = await connected(client);
+  socket.welcome();
+  socket.receive("not json");
+  socket.receive({ type: "from_the_future" });
+  assert.deepEqual(of("error").map((e) => e.code), ["bad_frame"]);
+  assert.equal(client.state, "open");
+});
+
+test("error frames become error events", async () => {
+  const { client, of } = setup();
+  const socket = await connected(client);
+  socket.welcome();
+  socket.receive({ type: "error", code: "unknown_type", message: "not supported" });
+  assert.deepEqual(of("error"), [{ code: "unknown_type", message: "not supported" }]);
+});

@@ -1,0 +1,113 @@
+// subscribe / unsubscribe, and topics rejoined after a reconnect.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { FakeWebSocket, connected, setup } from "../test-support/helpers.js";
+
+test("topics given to the constructor go in the topics parameter", async () => {
+  const { client } = setup({ topics: ["news", "room-1"] });
+  assert.equal((await connected(client)).param("topics"), "news,room-1");
+  assert.deepEqual(client.topics, ["news", "room-1"]);
+});
+
+test("subscribe sends sub; subscribed and unsubscribed become events", async () => {
+  const { client, of } = setup();
+  const socket = await connected(client);
+  socket.welcome();
+  client.subscribe("news");
+  assert.deepEqual(socket.sentOf("sub"), [{ type: "sub", topic: "news" }]);
+  socket.receive({ type: "subscribed", topic: "news" });
+  client.unsubscribe("news");
+  assert.deepEqual(socket.sentOf("unsub"), [{ type: "unsub", topic: "news" }]);
+  socket.receive({ type: "unsubscribed", topic: "news" });
+  assert.deepEqual(of("subscribed"), [{ topic: "news" }]);
+  assert.deepEqual(of("unsubscribed"), [{ topic: "news" }]);
+  assert.deepEqual(client.topics, []);
+});
+
+test("subscribe before connect is sent after welcome", async () => {
+  const { client } = setup();
+  client.subscribe("news");
+  const socket = await connected(client);
+  assert.equal(socket.param("topics"), null);
+  socket.welcome();
+  assert.deepEqual(socket.sentOf("sub"), [{ type: "sub", topic: "news" }]);
+});
+
+test("confirmed topics are rejoined through the URL after a reconnect, resumed by since", async () => {
+  const { client, clock } = setup({ backoff: { base: 10, jitter: 0 } });
+  const first = await connected(client);
+  first.welcome();
+  client.subscribe("news");
+  client.subscribe("sport");
+  first.receive({ type: "subscribed", topic: "news" });
+  first.receive({ type: "subscribed", topic: "sport" });
+  first.msg(8, { to: "topic:news" });
+  first.serverClose(1012);
+  await clock.advance(0);
+  const second = FakeWebSocket.last;
+  assert.equal(second.param("topics"), "news,sport");
+  assert.equal(second.param("since"), "8");
+  second.welcome();
+  assert.deepEqual(second.sentOf("sub"), [], "already joined through the URL");
+});
+
+test("an unconfirmed topic is subscribed again with a sub frame and since", async () => {
+  const { client, clock } = setup({ backoff: { base: 10, jitter: 0 } });
+  const first = await connected(client);
+  first.welcome();
+  first.msg(5);
+  client.subscribe("news"); // no answer before the drop
+  first.serverClose(1011);
+  await clock.advance(10);
+  const second = FakeWebSocket.last;
+  assert.equal(second.param("topics"), null, "a topic that may be forbidden never goes in the URL");
+  second.welcome();
+  assert.deepEqual(second.sentOf("sub"), [{ type: "sub", topic: "news", since: 5 }]);
+});
+
+test("a topic replay cut by a disconnect is asked again from its own since", async () => {
+  const { client, clock, of } = setup({ backoff: { base: 10, jitter: 0 } });
+  const first = await connected(client);
+  first.welcome();
+  first.msg(100);
+  client.subscribe("news", { since: 10 });
+  first.receive({ type: "subscribed", topic: "news" });
+  first.msg(11, { to: "topic:news" });
+  first.serverClose(1011);
+  await clock.advance(10);
+  const second = FakeWebSocket.last;
+  assert.equal(second.param("topics"), null);
+  second.welcome();
+  assert.deepEqual(second.sentOf("sub"), [{ type: "sub", topic: "news", since: 10 }]);
+  second.msg(11, { to: "topic:news" }); // seen already
+  second.msg(12, { to: "topic:news" });
+  second.receive({ type: "replayed", from: 11, to: 12, count: 2, complete: true, topic: "news" });
+  assert.deepEqual(of("message").map((m) => m.seq), [100, 11, 12]);
+  second.serverClose(1012);
+  await clock.advance(0);
+  assert.equal(FakeWebSocket.last.param("topics"), "news", "replay done: back in the URL");
+});
+
+test("unsubscribed topics are not rejoined", async () => {
+  const { client, clock } = setup({ topics: ["news"] });
+  const first = await connected(client);
+  first.welcome();
+  client.unsubscribe("news");
+  first.serverClose(1012);
+  await clock.advance(0);
+  assert.equal(FakeWebSocket.last.param("topics"), null);
+});
+
+test("a refused sub is reported with its topic and given up", async () => {
+  const { client, clock, of } = setup();
+  const socket = await connected(client);
+  socket.welcome();
+  client.subscribe("secret");
+  socket.receive({ type: "error", code: "forbidden", message: "topic not allowed" });
+  assert.deepEqual(of("error"), [{ code: "forbidden", message: "topic not allowed", topic: "secret" }]);
+  assert.deepEqual(client.topics, []);
+  socket.serverClose(1012);
+  await clock.advance(0);
+  FakeWebSocket.last.welcome();
+  assert.deepEqual(FakeWebSocket.last.sentOf("sub"), []);
+});
