@@ -23,6 +23,7 @@ use crate::session;
 type HttpResponse = Response<Full<Bytes>>;
 
 const DEMO_PAGE: &str = include_str!("../static/index.html");
+const CLIENT_MODULE: &str = include_str!("../../clients/js/herald.js");
 
 /// Accepts connections until shutdown.
 pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
@@ -60,6 +61,9 @@ async fn route(shared: Arc<Shared>, request: Request<Incoming>) -> Result<HttpRe
             text(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", shared.metrics.render())
         }
         (&Method::GET, "/") => text(StatusCode::OK, "text/html; charset=utf-8", DEMO_PAGE.to_string()),
+        (&Method::GET, "/herald.js") => {
+            text(StatusCode::OK, "text/javascript; charset=utf-8", CLIENT_MODULE.to_string())
+        }
         (&Method::GET, "/dev/token") if shared.config.dev => dev_token(&shared, &request),
         _ => json(StatusCode::NOT_FOUND, serde_json::json!({"error": "not_found", "reason": "no such endpoint"})),
     };
@@ -143,11 +147,11 @@ fn json(status: StatusCode, body: serde_json::Value) -> HttpResponse {
     text(status, "application/json", body.to_string())
 }
 
-fn text(status: StatusCode, content_type: &str, body: String) -> HttpResponse {
+fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> HttpResponse {
     Response::builder()
         .status(status)
         .header(CONTENT_TYPE, content_type)
         .header(CACHE_CONTROL, "no-store")
-        .body(Full::new(Bytes::from(body)))
+        .body(Full::new(body.into()))
         .expect("static response parts are valid")
 }
