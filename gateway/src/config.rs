@@ -120,3 +120,18 @@ impl Config {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every setting is documented in the README's configuration table.
+    #[test]
+    fn the_readme_documents_every_key() {
+        let readme = include_str!("../../README.md");
+        let keys = serde_json::to_value(Config::default()).expect("config serializes");
+        for key in keys.as_object().expect("a flat map").keys() {
+            assert!(readme.contains(&format!("`{key}`")), "README.md lacks the setting `{key}`");
+        }
+    }
+}
