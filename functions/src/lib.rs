@@ -10,7 +10,8 @@
 //!   ([`retry`]) and dead letters ([`durable`]).
 //!
 //! [`Runtime`] starts functions and stops them ([`runtime`]); [`Pusher`] pushes idempotently
-//! ([`push`]).
+//! ([`push`]); [`builtin`] holds `notify`, `prefs`, `presence` and `relay`; [`start`] runs the
+//! built-in functions as the binary does.
 //!
 //! ```no_run
 //! use herald_functions::{Config, Function, Runtime, RpcReply, RpcRequest};
@@ -26,6 +27,7 @@
 //! # }
 //! ```
 
+pub mod builtin;
 pub mod config;
 pub mod durable;
 mod error;
@@ -45,3 +47,15 @@ pub use function::Function;
 pub use push::{PushAck, PushError, Pusher};
 pub use rpc::{RpcHandler, RpcReply, RpcRequest};
 pub use runtime::{Runtime, StartError};
+
+/// Connects to NATS as `config` says, makes sure the `HERALD` stream exists, and starts the
+/// built-in functions `config` enables (the binary's work).
+pub async fn start(config: &Config) -> Result<Runtime, StartError> {
+    let nats = |e: &dyn std::fmt::Display| StartError::Nats(e.to_string());
+    let addresses = config.nats.addresses().map_err(|e| nats(&e))?;
+    let client = config.nats.options("herald-functions").await.map_err(|e| nats(&e))?.connect(addresses).await;
+    let client = client.map_err(|e| nats(&e))?;
+    streams::ensure_push_stream(&async_nats::jetstream::new(client.clone()), config).await?;
+    let functions = builtin::functions(config, &client).await?;
+    Runtime::start(client, config, functions).await
+}

@@ -1,7 +1,8 @@
-//! The streams the runtime needs: the events stream its durable functions consume and the
-//! dead-letter stream.
+//! The streams the runtime needs: the events stream its durable functions consume, the dead-letter
+//! stream, and (for the built-in functions) the `HERALD` stream pushes go to.
 
 use async_nats::jetstream::{self, stream};
+use herald_shared::subject::STREAM;
 
 use crate::config::Config;
 use crate::runtime::StartError;
@@ -35,4 +36,16 @@ pub(crate) async fn ensure_events(js: &jetstream::Context, config: &Config) -> R
         js.create_or_update_stream(config).await.map_err(|e| StartError::Nats(format!("stream {name}: {e}")))?;
     }
     Ok(())
+}
+
+/// Creates the `HERALD` stream when it is missing; never changes an existing one (the gateway owns
+/// its settings).
+pub(crate) async fn ensure_push_stream(js: &jetstream::Context, config: &Config) -> Result<(), StartError> {
+    if js.get_stream(STREAM).await.is_ok() {
+        return Ok(());
+    }
+    herald_shared::stream::ensure_stream(js, &config.stream)
+        .await
+        .map(|_| ())
+        .map_err(|e| StartError::Nats(format!("stream {STREAM}: {e}")))
 }
