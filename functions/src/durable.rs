@@ -85,7 +85,7 @@ impl Durable {
 }
 
 /// The durable consumer name of `function` (consumer names cannot hold `.`).
-pub(crate) fn durable_name(function: &str) -> String {
+pub fn durable_name(function: &str) -> String {
     format!("herald-fn-{}", kv_key(function))
 }
 

@@ -20,6 +20,7 @@ pub(crate) async fn ensure_events(js: &jetstream::Context, config: &Config) -> R
         storage: stream::StorageType::File,
         max_age: config.events_max_age,
         num_replicas: replicas,
+        allow_direct: true,
         ..Default::default()
     };
     let dlq = stream::Config {
@@ -29,6 +30,7 @@ pub(crate) async fn ensure_events(js: &jetstream::Context, config: &Config) -> R
         storage: stream::StorageType::File,
         max_age: config.dlq_max_age,
         num_replicas: replicas,
+        allow_direct: true,
         ..Default::default()
     };
     for config in [events, dlq] {
