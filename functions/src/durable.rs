@@ -235,12 +235,13 @@ async fn settle(
     }
 }
 
-/// Stores the dead letter (JetStream, deduplicated by the event's id) before the event is dropped.
+/// Stores the dead letter before the event is dropped: with JetStream, deduplicated per function
+/// and event (`<function>:<stream>-<seq>`), so a retried dead-lettering stores one letter.
 async fn publish_dead_letter(durable: &Durable, event: &Event, error: &str) -> Result<(), String> {
     let letter = dead_letter_of(durable, event, error);
     let body = serde_json::to_vec(&letter).map_err(|e| e.to_string())?;
     let mut headers = HeaderMap::new();
-    headers.insert(header::NATS_MSG_ID, event.id.as_str());
+    headers.insert(header::NATS_MSG_ID, format!("{}:{}", event.function, event.id).as_str());
     durable
         .js
         .publish_with_headers(dead_letter(&event.function), headers, body.into())

@@ -145,7 +145,7 @@ async fn failures_are_retried_with_backoff_then_dead_lettered() {
         attempts.lock().unwrap().push((event.subject.clone(), event.attempt));
     };
     let functions = {
-        let (a, b, c) = (attempts.clone(), attempts.clone(), attempts.clone());
+        let (a, b, c, d) = (attempts.clone(), attempts.clone(), attempts.clone(), attempts.clone());
         vec![
             Function::events("always-fails", ["events.fail.>"], move |event: Event| {
                 record(&a, &event);
@@ -160,6 +160,11 @@ async fn failures_are_retried_with_backoff_then_dead_lettered() {
                 record(&c, &event);
                 async { Err(HandlerError::permanent("cannot ever work")) }
             }),
+            // A second function on the same events gets its own dead letters.
+            Function::events("rejects-too", ["events.reject.>"], move |event: Event| {
+                record(&d, &event);
+                async { Err(HandlerError::permanent("me neither")) }
+            }),
         ]
     };
     let runtime = start(&nats, &config, functions).await;
@@ -171,6 +176,7 @@ async fn failures_are_retried_with_backoff_then_dead_lettered() {
     wait_settled(&js, &config.events_stream, "always-fails", failing).await;
     wait_settled(&js, &config.events_stream, "third-time-lucky", lucky).await;
     wait_settled(&js, &config.events_stream, "rejects", rejected).await;
+    wait_settled(&js, &config.events_stream, "rejects-too", rejected).await;
 
     let letters = dead_letters(&js, &config, "always-fails", 1).await;
     assert_eq!(letters.len(), 1);
@@ -183,6 +189,8 @@ async fn failures_are_retried_with_backoff_then_dead_lettered() {
     let rejected_letters = dead_letters(&js, &config, "rejects", 1).await;
     assert_eq!((rejected_letters.len(), rejected_letters[0].attempts), (1, 1));
     assert_eq!(rejected_letters[0].data, json!({"a": 1}));
+    let other_letters = dead_letters(&js, &config, "rejects-too", 1).await;
+    assert_eq!((other_letters[0].function.as_str(), other_letters[0].seq), ("rejects-too", rejected));
     assert_eq!(stored_counts(&js, &config.dlq_stream, "herald.dlq.third-time-lucky").await.len(), 0);
 
     let mut seen = attempts.lock().unwrap().clone();
@@ -190,7 +198,7 @@ async fn failures_are_retried_with_backoff_then_dead_lettered() {
     let expected = [("events.fail.1", 1), ("events.fail.1", 2), ("events.fail.1", 3), ("events.lucky.1", 1)];
     let expected: Vec<_> = expected
         .into_iter()
-        .chain([("events.lucky.1", 2), ("events.lucky.1", 3), ("events.reject.1", 1)])
+        .chain([("events.lucky.1", 2), ("events.lucky.1", 3), ("events.reject.1", 1), ("events.reject.1", 1)])
         .map(|(subject, attempt)| (subject.to_string(), attempt))
         .collect();
     assert_eq!(seen, expected);
