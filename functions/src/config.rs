@@ -135,3 +135,30 @@ impl Config {
         self.builtins.iter().any(|enabled| enabled == name)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Serialize)]
+    struct NoFlags {}
+
+    #[test]
+    fn a_toml_file_overrides_the_defaults() {
+        let dir = std::env::temp_dir().join(format!("herald-functions-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("functions.toml");
+        let toml = "metrics_listen = \"0.0.0.0:9191\"\nmax_attempts = 7\nretry_initial = \"250ms\"\n\
+                    builtins = [\"notify\", \"relay\"]\nrelay_url = \"http://hooks.local/in\"\n\
+                    [relay_headers]\nAuthorization = \"Bearer t\"\n";
+        std::fs::write(&file, toml).unwrap();
+        let config: Config = herald_shared::config::load(Some(&file), &NoFlags {}).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(config.metrics_listen, SocketAddr::from(([0, 0, 0, 0], 9191)));
+        assert_eq!(config.retry_policy().max_attempts, 7);
+        assert_eq!(config.retry_policy().backoff.initial, Duration::from_millis(250));
+        assert!(config.builtin_enabled("relay") && !config.builtin_enabled("prefs"));
+        assert_eq!(config.relay_headers.get("Authorization").map(String::as_str), Some("Bearer t"));
+        assert_eq!(config.ack_wait, Config::default().ack_wait);
+    }
+}
