@@ -59,9 +59,14 @@ impl Metrics {
         Metrics { registry, ..metrics }
     }
 
-    /// The counters' label for `function`.
-    pub(crate) fn label(function: &str) -> FunctionLabel {
-        FunctionLabel { function: function.to_string() }
+    /// The counters' label for `function`; its series are exported (at 0) from now on.
+    pub(crate) fn label(&self, function: &str) -> FunctionLabel {
+        let label = FunctionLabel { function: function.to_string() };
+        for family in [&self.calls, &self.errors, &self.retries, &self.dead_letters] {
+            let _ = family.get_or_create(&label);
+        }
+        let _ = self.in_flight.get_or_create(&label);
+        label
     }
 
     /// The text exposition of every metric.

@@ -93,7 +93,7 @@ impl Runtime {
     fn worker(&self, function: &Function, config: &Config, metrics: Arc<Metrics>) -> Worker {
         let concurrency = function.concurrency.unwrap_or(config.concurrency).max(1);
         Worker {
-            label: Metrics::label(&function.name),
+            label: metrics.label(&function.name),
             name: function.name.clone(),
             permits: Arc::new(Semaphore::new(concurrency)),
             concurrency,
