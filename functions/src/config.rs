@@ -15,9 +15,11 @@ use crate::retry::{Backoff, RetryPolicy};
 /// The built-in functions, by the names `builtins` takes.
 pub const BUILTINS: [&str; 4] = ["notify", "prefs", "presence", "relay"];
 
+/// Everything `herald-functions` and [`crate::Runtime`] read; see docs/functions.md.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Config {
+    /// How to reach NATS (`nats_url`, credentials).
     #[serde(flatten)]
     pub nats: NatsSettings,
     /// Settings of the `HERALD` stream, used only to create it when it is missing (the gateway owns

@@ -27,6 +27,8 @@
 //! # }
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod builtin;
 pub mod config;
 pub mod durable;

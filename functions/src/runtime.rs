@@ -29,14 +29,29 @@ use crate::{rpc, streams};
 /// The runtime could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// A function name that breaks the function-name rule.
     #[error("function {name:?}: {error}")]
-    BadName { name: String, error: IdError },
+    BadName {
+        /// The name given.
+        name: String,
+        /// What is wrong with it.
+        error: IdError,
+    },
+    /// Two functions with one name.
     #[error("function {0:?} is defined twice")]
     Duplicate(String),
+    /// NATS refused something the functions need (a stream, a consumer, a subscription).
     #[error("NATS: {0}")]
     Nats(String),
+    /// The metrics listener could not bind.
     #[error("cannot listen on {addr}: {error}")]
-    Listen { addr: SocketAddr, error: std::io::Error },
+    Listen {
+        /// The configured address.
+        addr: SocketAddr,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// A setting that cannot work (an unknown built-in, a bad relay URL or header).
     #[error("configuration: {0}")]
     Config(String),
 }

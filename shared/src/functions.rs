@@ -22,8 +22,11 @@ pub mod header {
 /// A socket opened or closed on a gateway.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LifecycleEvent {
+    /// The socket's user id.
     pub user: String,
+    /// The socket's device id.
     pub device: String,
+    /// The socket's connection id.
     pub conn: String,
     /// The gateway's node id.
     pub node: String,
