@@ -27,7 +27,7 @@ use crate::config::Config;
 use crate::error::HandlerError;
 use crate::events::{Event, EventHandler};
 use crate::retry::{Backoff, Decision, RetryPolicy};
-use crate::runtime::Worker;
+use crate::worker::Worker;
 
 /// Pauses between attempts to recreate a consumer that failed.
 const RECOVERY: Backoff = Backoff { initial: Duration::from_millis(200), max: Duration::from_secs(5) };

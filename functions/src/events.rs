@@ -15,7 +15,7 @@ use tracing::debug;
 
 use crate::error::HandlerError;
 use crate::rpc::BoxFuture;
-use crate::runtime::{Source, Worker, pump};
+use crate::worker::{Source, Worker, pump};
 
 /// One event handed to a function.
 #[derive(Debug, Clone)]

@@ -41,6 +41,7 @@ pub mod retry;
 pub mod rpc;
 pub mod runtime;
 pub mod streams;
+mod worker;
 
 pub use config::Config;
 pub use error::HandlerError;

@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 use tracing::debug;
 
 use crate::error::{HandlerError, header_safe};
-use crate::runtime::{Source, Worker, pump};
+use crate::worker::{Source, Worker, pump};
 
 /// The longest `Herald-Error` value sent.
 const MAX_ERROR_LEN: usize = 1024;

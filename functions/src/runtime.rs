@@ -1,29 +1,25 @@
-//! Starting functions, running their calls within limits, and stopping: gracefully (stop taking
-//! work, finish what is in flight within a grace period, drain NATS) or at once.
+//! Starting functions and stopping them: gracefully (stop taking work, finish what is in flight
+//! within a grace period, drain NATS) or at once.
 
 use std::collections::HashSet;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
 use async_nats::service::{Service, ServiceExt};
-use futures::{FutureExt, Stream, StreamExt};
+use bytes::Bytes;
+use futures::StreamExt;
 use herald_shared::id::{IdError, check_function_name};
 use herald_shared::subject;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::durable::{self, Durable};
-use crate::error::HandlerError;
 use crate::events::{LIFECYCLE_SUBJECTS, serve_lifecycle};
 use crate::function::{Function, Trigger};
-use crate::metrics::{self, FunctionLabel, Metrics};
+use crate::metrics::{self, Metrics};
+use crate::worker::{Tasks, Worker};
 use crate::{rpc, streams};
 
 /// The runtime could not start.
@@ -60,12 +56,8 @@ pub enum StartError {
 pub struct Runtime {
     client: async_nats::Client,
     service: Option<Service>,
-    /// Cancelled when shutdown starts: triggers stop taking work.
-    shutdown: CancellationToken,
-    /// Cancelled when work in flight is abandoned (grace elapsed, kill, drop).
-    hard: CancellationToken,
-    /// Every trigger loop and every call in flight.
-    tasks: TaskTracker,
+    /// Every trigger loop and call in flight, and the signals that stop them.
+    tasks: Tasks,
     metrics_addr: SocketAddr,
     grace: Duration,
 }
@@ -90,13 +82,11 @@ impl Runtime {
         let mut runtime = Runtime {
             client: client.clone(),
             service: None,
-            shutdown: CancellationToken::new(),
-            hard: CancellationToken::new(),
-            tasks: TaskTracker::new(),
+            tasks: Tasks::new(),
             metrics_addr,
             grace: config.shutdown_grace,
         };
-        tokio::spawn(metrics::serve(listener, metrics.clone(), runtime.hard.clone()));
+        tokio::spawn(metrics::serve(listener, metrics.clone(), runtime.tasks.hard.clone()));
         for function in functions {
             let worker = Arc::new(runtime.worker(&function, config, metrics.clone()));
             runtime.start_one(function, worker, config, &js).await?;
@@ -106,18 +96,9 @@ impl Runtime {
     }
 
     fn worker(&self, function: &Function, config: &Config, metrics: Arc<Metrics>) -> Worker {
-        let concurrency = function.concurrency.unwrap_or(config.concurrency).max(1);
-        Worker {
-            label: metrics.label(&function.name),
-            name: function.name.clone(),
-            permits: Arc::new(Semaphore::new(concurrency)),
-            concurrency,
-            timeout: function.timeout.unwrap_or(config.timeout),
-            metrics,
-            tasks: self.tasks.clone(),
-            shutdown: self.shutdown.clone(),
-            hard: self.hard.clone(),
-        }
+        let concurrency = function.concurrency.unwrap_or(config.concurrency);
+        let timeout = function.timeout.unwrap_or(config.timeout);
+        Worker::new(&function.name, concurrency, timeout, metrics, self.tasks.clone())
     }
 
     async fn start_one(
@@ -176,18 +157,26 @@ impl Runtime {
     /// within the grace period (those still running after it are abandoned: their events are
     /// delivered again elsewhere), then the NATS connection is drained.
     pub async fn shutdown(mut self) {
-        self.shutdown.cancel();
+        self.tasks.shutdown.cancel();
         if let Some(service) = self.service.take() {
             let _ = service.stop().await;
         }
-        self.tasks.close();
-        if tokio::time::timeout(self.grace, self.tasks.wait()).await.is_err() {
+        self.tasks.tracker.close();
+        if tokio::time::timeout(self.grace, self.tasks.tracker.wait()).await.is_err() {
             warn!(grace = ?self.grace, "shutdown grace elapsed: abandoning calls in flight");
-            self.hard.cancel();
-            self.tasks.wait().await;
+            self.tasks.hard.cancel();
+            self.tasks.tracker.wait().await;
         }
-        if tokio::time::timeout(Duration::from_secs(5), self.client.drain()).await.is_err() {
-            warn!("NATS drain timed out");
+        // drain() only starts draining: first make sure the server has processed every
+        // acknowledgement, reply and unsubscription sent so far.
+        let drained = async {
+            round_trip(&self.client).await?;
+            self.client.drain().await.map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(Duration::from_secs(5), drained).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => warn!(%error, "NATS drain failed"),
+            Err(_) => warn!("NATS drain timed out"),
         }
         info!("functions stopped");
     }
@@ -195,10 +184,10 @@ impl Runtime {
     /// Stops at once, like a crash: every call is abandoned, nothing is acknowledged or handed
     /// back; unacknowledged events are delivered again (to another copy) after `ack_wait`.
     pub async fn kill(mut self) {
-        self.hard.cancel();
-        self.shutdown.cancel();
-        self.tasks.close();
-        self.tasks.wait().await;
+        self.tasks.hard.cancel();
+        self.tasks.shutdown.cancel();
+        self.tasks.tracker.close();
+        self.tasks.tracker.wait().await;
         if let Some(service) = self.service.take() {
             let _ = service.stop().await;
         }
@@ -208,9 +197,18 @@ impl Runtime {
 impl Drop for Runtime {
     /// A runtime dropped without [`Runtime::shutdown`] stops at once, as with [`Runtime::kill`].
     fn drop(&mut self) {
-        self.hard.cancel();
-        self.shutdown.cancel();
+        self.tasks.hard.cancel();
+        self.tasks.shutdown.cancel();
     }
+}
+
+/// Waits until the server has processed everything this connection sent so far: it handles a
+/// connection's messages in order, so a message to ourselves comes back only after all of them.
+async fn round_trip(client: &async_nats::Client) -> Result<(), String> {
+    let inbox = client.new_inbox();
+    let mut echo = client.subscribe(inbox.clone()).await.map_err(|e| e.to_string())?;
+    client.publish(inbox, Bytes::new()).await.map_err(|e| e.to_string())?;
+    echo.next().await.map(|_| ()).ok_or_else(|| "the connection closed".to_string())
 }
 
 fn check_names(functions: &[Function]) -> Result<(), StartError> {
@@ -223,136 +221,4 @@ fn check_names(functions: &[Function]) -> Result<(), StartError> {
         }
     }
     Ok(())
-}
-
-/// What one function's calls share: its limits, its counters, and the runtime's lifecycle.
-pub(crate) struct Worker {
-    name: String,
-    label: FunctionLabel,
-    permits: Arc<Semaphore>,
-    concurrency: usize,
-    timeout: Duration,
-    metrics: Arc<Metrics>,
-    tasks: TaskTracker,
-    shutdown: CancellationToken,
-    hard: CancellationToken,
-}
-
-impl Worker {
-    /// The function's name.
-    pub(crate) fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The most calls run at once.
-    pub(crate) fn concurrency(&self) -> usize {
-        self.concurrency
-    }
-
-    pub(crate) fn metrics(&self) -> &Metrics {
-        &self.metrics
-    }
-
-    pub(crate) fn label(&self) -> &FunctionLabel {
-        &self.label
-    }
-
-    /// Cancelled when shutdown starts.
-    pub(crate) fn shutdown(&self) -> &CancellationToken {
-        &self.shutdown
-    }
-
-    /// A permit to run one call, or `None` once shutdown started.
-    pub(crate) async fn permit(&self) -> Option<OwnedSemaphorePermit> {
-        tokio::select! {
-            permit = self.permits.clone().acquire_owned() => permit.ok(),
-            _ = self.shutdown.cancelled() => None,
-        }
-    }
-
-    /// Runs `task` as part of the runtime: waited for at shutdown, dropped when work is abandoned.
-    pub(crate) fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
-        let hard = self.hard.clone();
-        self.tasks.spawn(async move {
-            tokio::select! {
-                _ = task => {}
-                _ = hard.cancelled() => {}
-            }
-        });
-    }
-
-    /// Runs one call of the handler: counted, traced with the message id, bounded by the
-    /// timeout; a panic is an error like any other.
-    pub(crate) async fn call<T>(
-        &self,
-        id: &str,
-        call: impl Future<Output = Result<T, HandlerError>>,
-    ) -> Result<T, HandlerError> {
-        self.metrics.calls.get_or_create(&self.label).inc();
-        let _in_flight = InFlight::enter(&self.metrics, &self.label);
-        let span = info_span!("function", function = %self.name, msg_id = %id);
-        let guarded = AssertUnwindSafe(call).catch_unwind();
-        let result = match tokio::time::timeout(self.timeout, guarded).instrument(span.clone()).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(HandlerError::transient("the handler panicked")),
-            Err(_) => Err(HandlerError::transient(format!("timed out after {:?}", self.timeout))),
-        };
-        if let Err(error) = &result {
-            self.metrics.errors.get_or_create(&self.label).inc();
-            span.in_scope(|| warn!(%error, permanent = error.is_permanent(), "call failed"));
-        }
-        result
-    }
-}
-
-/// Counts a call in flight until dropped (also when its task is abandoned).
-struct InFlight(prometheus_client::metrics::gauge::Gauge);
-
-impl InFlight {
-    fn enter(metrics: &Metrics, label: &FunctionLabel) -> InFlight {
-        let gauge = metrics.in_flight.get_or_create(label).clone();
-        gauge.inc();
-        InFlight(gauge)
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
-/// A subscription a trigger takes work from.
-pub(crate) trait Source: Stream + Unpin + Send {
-    /// Stops new work from arriving (unsubscribes); what was already received can still be read.
-    fn stop_taking(&mut self) -> impl Future<Output = ()> + Send;
-}
-
-/// Hands each item of `source` to `dispatch` with a permit, until the source ends. Once shutdown
-/// starts, stops the source and still dispatches what it had already received.
-pub(crate) async fn pump<S: Source>(
-    worker: &Worker,
-    mut source: S,
-    mut dispatch: impl FnMut(S::Item, OwnedSemaphorePermit),
-) {
-    let mut stopped = false;
-    loop {
-        if !stopped && worker.shutdown.is_cancelled() {
-            source.stop_taking().await;
-            stopped = true;
-        }
-        let permit = tokio::select! {
-            permit = worker.permits.clone().acquire_owned() => permit,
-            _ = worker.shutdown.cancelled(), if !stopped => continue,
-        };
-        let Ok(permit) = permit else { return };
-        let item = tokio::select! {
-            item = source.next() => item,
-            _ = worker.shutdown.cancelled(), if !stopped => continue,
-        };
-        match item {
-            Some(item) => dispatch(item, permit),
-            None => return,
-        }
-    }
 }
