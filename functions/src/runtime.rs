@@ -70,7 +70,7 @@ impl Runtime {
         config: &Config,
         functions: Vec<Function>,
     ) -> Result<Runtime, StartError> {
-        check_names(&functions)?;
+        check_functions(&functions)?;
         let js = jetstream::new(client.clone());
         if functions.iter().any(|f| matches!(f.trigger, Trigger::Durable { .. })) {
             streams::ensure_events(&js, config).await?;
@@ -211,7 +211,9 @@ async fn round_trip(client: &async_nats::Client) -> Result<(), String> {
     echo.next().await.map(|_| ()).ok_or_else(|| "the connection closed".to_string())
 }
 
-fn check_names(functions: &[Function]) -> Result<(), StartError> {
+/// Refuses bad or repeated names, and durable functions without subjects (they would consume the
+/// whole events stream).
+fn check_functions(functions: &[Function]) -> Result<(), StartError> {
     let mut seen = HashSet::new();
     for function in functions {
         check_function_name(&function.name)
@@ -219,6 +221,30 @@ fn check_names(functions: &[Function]) -> Result<(), StartError> {
         if !seen.insert(function.name.as_str()) {
             return Err(StartError::Duplicate(function.name.clone()));
         }
+        if matches!(&function.trigger, Trigger::Durable { subjects, .. } if subjects.is_empty()) {
+            return Err(StartError::Config(format!("function {:?} consumes no subjects", function.name)));
+        }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Event, RpcReply, RpcRequest};
+
+    fn rpc(name: &str) -> Function {
+        Function::rpc(name, |_: RpcRequest| async { RpcReply::json(&()) })
+    }
+
+    #[test]
+    fn bad_names_repeats_and_subjectless_events_are_refused() {
+        assert!(check_functions(&[rpc("prefs.get"), rpc("prefs.set")]).is_ok());
+        for bad in ["", "a.*", "a..b", "a b", ">"] {
+            assert!(matches!(check_functions(&[rpc(bad)]), Err(StartError::BadName { .. })), "{bad:?}");
+        }
+        assert!(matches!(check_functions(&[rpc("x"), rpc("x")]), Err(StartError::Duplicate(_))));
+        let nothing = Function::events("e", Vec::<String>::new(), |_: Event| async { Ok(()) });
+        assert!(matches!(check_functions(&[nothing]), Err(StartError::Config(_))));
+    }
 }
