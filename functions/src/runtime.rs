@@ -133,18 +133,18 @@ impl Runtime {
 
     /// The micro service the rpc functions are endpoints of, registered on first use.
     async fn service(&mut self, config: &Config) -> Result<&Service, StartError> {
-        if self.service.is_none() {
-            let service = self
+        let service = match self.service.take() {
+            Some(service) => service,
+            None => self
                 .client
                 .service_builder()
                 .description("Herald push functions")
                 .queue_group(&config.queue_group)
                 .start(&config.service_name, env!("CARGO_PKG_VERSION"))
                 .await
-                .map_err(|e| StartError::Nats(format!("micro service {}: {e}", config.service_name)))?;
-            self.service = Some(service);
-        }
-        Ok(self.service.as_ref().expect("set above"))
+                .map_err(|e| StartError::Nats(format!("micro service {}: {e}", config.service_name)))?,
+        };
+        Ok(self.service.insert(service))
     }
 
     /// Where `GET /metrics` is served.
