@@ -66,6 +66,14 @@ impl Cursors {
         *entry = (*entry).max(seq);
     }
 
+    /// Sets a new device's first cursor now (its first connection started live at `seq`).
+    pub(crate) async fn start_device(&self, user: &str, device: &str, seq: u64) {
+        let key = cursor_key(user, device);
+        if let Err(e) = self.store(&key, seq).await {
+            warn!(%key, seq, error = %e, "first cursor not written");
+        }
+    }
+
     /// Writes the device's pending cursor now (a connection is closing).
     pub(crate) async fn flush_device(&self, user: &str, device: &str) {
         let key = cursor_key(user, device);

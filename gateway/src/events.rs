@@ -6,28 +6,15 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use herald_shared::frame::close_code;
+use herald_shared::functions::{LifecycleEvent, PresenceQuery, PresenceReply};
 use herald_shared::id::{IdKind, check_id};
 use herald_shared::subject::{ADMIN_DISCONNECT, EVENTS_CONNECT, EVENTS_DISCONNECT, PRESENCE_GATHER};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::outbox::Close;
 use crate::registry::Registry;
-
-/// The body of a lifecycle event.
-#[derive(Debug, Serialize)]
-struct Lifecycle<'a> {
-    user: &'a str,
-    device: &'a str,
-    conn: &'a str,
-    node: &'a str,
-    ts: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    code: Option<u16>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reason: Option<&'a str>,
-}
 
 /// Who a lifecycle event is about.
 pub(crate) struct Who<'a> {
@@ -43,26 +30,20 @@ fn now_rfc3339() -> String {
 
 /// Publishes `herald.events.connect`, or `herald.events.disconnect` when `closed` is given.
 pub(crate) async fn publish_lifecycle(client: &async_nats::Client, who: &Who<'_>, closed: Option<&Close>) {
-    let event = Lifecycle {
-        user: who.user,
-        device: who.device,
-        conn: who.conn,
-        node: who.node,
+    let event = LifecycleEvent {
+        user: who.user.to_string(),
+        device: who.device.to_string(),
+        conn: who.conn.to_string(),
+        node: who.node.to_string(),
         ts: now_rfc3339(),
         code: closed.map(|c| c.code),
-        reason: closed.map(|c| c.reason.as_str()),
+        reason: closed.map(|c| c.reason.clone()),
     };
     let subject = if closed.is_some() { EVENTS_DISCONNECT } else { EVENTS_CONNECT };
     let body = serde_json::to_vec(&event).unwrap_or_default();
     if let Err(error) = client.publish(subject, body.into()).await {
         warn!(%error, subject, "lifecycle event not published");
     }
-}
-
-#[derive(Deserialize, Default)]
-struct PresenceQuestion {
-    #[serde(default)]
-    user: Option<String>,
 }
 
 /// Answers presence questions with this gateway's counts until `shutdown`.
@@ -86,16 +67,15 @@ pub(crate) async fn answer_presence(
         };
         let Some(question) = question else { return };
         let Some(reply) = question.reply else { continue };
-        let asked: PresenceQuestion = serde_json::from_slice(&question.payload).unwrap_or_default();
+        let asked: PresenceQuery = serde_json::from_slice(&question.payload).unwrap_or_default();
         let counts = registry.counts();
-        let user_connections = asked.user.as_deref().map(|user| registry.of_user(user).len()).unwrap_or(0);
-        let answer = serde_json::json!({
-            "node": node,
-            "users": counts.users,
-            "connections": counts.connections,
-            "user_connections": user_connections,
-        });
-        let _ = client.publish(reply, answer.to_string().into()).await;
+        let answer = PresenceReply {
+            node: node.clone(),
+            users: counts.users as u64,
+            connections: counts.connections as u64,
+            user_connections: asked.user.as_deref().map_or(0, |user| registry.of_user(user).len() as u64),
+        };
+        let _ = client.publish(reply, serde_json::to_vec(&answer).unwrap_or_default().into()).await;
     }
 }
 

@@ -7,10 +7,12 @@
 //! - [`token`]: connect tokens (JWT) and their verification;
 //! - [`nats`]: NATS connection settings shared by every binary;
 //! - [`stream`]: idempotent setup of the `HERALD` stream and the KV buckets;
-//! - [`config`]: layered configuration loading (defaults, file, environment).
+//! - [`config`]: layered configuration loading (defaults, file, environment);
+//! - [`functions`]: what gateways and push functions exchange (lifecycle events, presence, dead letters).
 
 pub mod config;
 pub mod frame;
+pub mod functions;
 pub mod id;
 pub mod nats;
 pub mod payload;

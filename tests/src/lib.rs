@@ -1,6 +1,8 @@
 //! Test harness: a real NATS server with JetStream, gateways running in-process on ephemeral ports,
-//! and WebSocket clients from a different implementation than the server's (tokio-tungstenite).
+//! WebSocket clients from a different implementation than the server's (tokio-tungstenite), and
+//! push-function runtimes in-process.
 
+pub mod functions;
 pub mod gateway;
 pub mod nats;
 pub mod publish;

@@ -23,6 +23,8 @@ async fn multi_replaces_the_same_device_anywhere_and_keeps_other_devices() {
     let mut phone = a.connect_with(&query("lea", "phone")).await;
     let mut laptop = a.connect_with(&query("lea", "laptop")).await;
     let mut new_phone = b.connect_with(&query("lea", "phone")).await;
+    // The phone is a known device: it resumes from its cursor (nothing to replay).
+    assert_eq!(new_phone.expect_replayed().await, (1, 0, 0, true, None));
 
     assert_eq!(phone.expect_close().await.map(|c| c.0), Some(close_code::REPLACED));
     let publisher = Publisher::new(&nats).await;

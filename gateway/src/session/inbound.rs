@@ -144,7 +144,7 @@ fn function_error(reply: &async_nats::Message) -> Option<String> {
     let headers = reply.headers.as_ref()?;
     headers
         .get(header::HERALD_ERROR)
-        .or_else(|| headers.get("Nats-Service-Error"))
+        .or_else(|| headers.get(herald_shared::functions::header::NATS_SERVICE_ERROR))
         .map(|value| value.as_str().to_string())
 }
 

@@ -50,7 +50,7 @@ pub(super) async fn open(session: &Session) -> Result<(), Close> {
             // Live from the welcome on; the device's cursor starts here, so that a reconnect
             // without `since` before any ack still replays what it missed meanwhile.
             session.outbox().advance_to(bounds.last);
-            session.shared.cursors.ack(&session.user, &session.device, bounds.last);
+            session.shared.cursors.start_device(&session.user, &session.device, bounds.last).await;
         }
         Resume::Live => session.outbox().advance_to(bounds.last),
     }

@@ -1,0 +1,47 @@
+//! The built-in functions, enabled by the `builtins` setting:
+//!
+//! - [`notify`]: business events on `events.notify.>` become pushes;
+//! - [`prefs`]: `prefs.get` / `prefs.set`, the caller's muted kinds;
+//! - [`presence`]: who is online, counted across every gateway;
+//! - [`relay`]: business events POSTed to an HTTP endpoint.
+
+pub mod notify;
+pub mod prefs;
+pub mod presence;
+pub mod relay;
+
+use async_nats::jetstream;
+use herald_shared::stream::ensure_buckets;
+use tracing::warn;
+
+use crate::config::{BUILTINS, Config};
+use crate::function::Function;
+use crate::push::Pusher;
+use crate::runtime::StartError;
+
+/// The built-in functions `config` enables, with what they need (KV buckets) set up.
+pub async fn functions(config: &Config, client: &async_nats::Client) -> Result<Vec<Function>, StartError> {
+    if let Some(unknown) = config.builtins.iter().find(|name| !BUILTINS.contains(&name.as_str())) {
+        return Err(StartError::Config(format!("unknown built-in function {unknown:?}; known: {BUILTINS:?}")));
+    }
+    let js = jetstream::new(client.clone());
+    let mut functions = Vec::new();
+    if config.builtin_enabled("notify") {
+        functions.push(notify::function(config, Pusher::new(js.clone())));
+    }
+    if config.builtin_enabled("prefs") {
+        let buckets =
+            ensure_buckets(&js, &config.stream).await.map_err(|e| StartError::Nats(format!("KV buckets: {e}")))?;
+        functions.extend(prefs::functions(buckets.prefs));
+    }
+    if config.builtin_enabled("presence") {
+        functions.push(presence::function(config, client.clone()));
+    }
+    if config.builtin_enabled("relay") {
+        match &config.relay_url {
+            Some(_) => functions.push(relay::function(config)?),
+            None => warn!("relay is enabled but relay_url is not set: relay not started"),
+        }
+    }
+    Ok(functions)
+}

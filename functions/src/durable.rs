@@ -1,0 +1,277 @@
+//! The durable trigger: business events captured by the events stream, consumed through one
+//! shared durable pull consumer per function (so copies share the work), at least once. A success
+//! is acknowledged; a failure is handed back with a growing delay; after the last attempt (or at
+//! once for a permanent failure) a dead letter goes to `herald.dlq.<function>` and the event is
+//! terminated.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::consumer::pull::{self, MessagesErrorKind};
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::message::AckKind;
+use async_nats::jetstream::{self, Message};
+use futures::StreamExt;
+use herald_shared::functions::DeadLetter;
+use herald_shared::id::kv_key;
+use herald_shared::payload::data_value;
+use herald_shared::subject::{dead_letter, header};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::{debug, warn};
+
+use crate::config::Config;
+use crate::error::HandlerError;
+use crate::events::{Event, EventHandler};
+use crate::retry::{Backoff, Decision, RetryPolicy};
+use crate::worker::Worker;
+
+/// Pauses between attempts to recreate a consumer that failed.
+const RECOVERY: Backoff = Backoff { initial: Duration::from_millis(200), max: Duration::from_secs(5) };
+/// How long a pull request waits for events; the server sends heartbeats in between.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// One durable function's consumer and policies.
+pub(crate) struct Durable {
+    js: jetstream::Context,
+    stream: String,
+    durable_name: String,
+    subjects: Vec<String>,
+    handler: Arc<dyn EventHandler>,
+    policy: RetryPolicy,
+    ack_wait: Duration,
+}
+
+impl Durable {
+    pub(crate) fn new(
+        js: jetstream::Context,
+        config: &Config,
+        function: &str,
+        subjects: Vec<String>,
+        handler: Arc<dyn EventHandler>,
+    ) -> Durable {
+        Durable {
+            js,
+            stream: config.events_stream.clone(),
+            durable_name: durable_name(function),
+            subjects,
+            handler,
+            policy: config.retry_policy(),
+            ack_wait: config.ack_wait.max(Duration::from_millis(100)),
+        }
+    }
+
+    /// Creates the shared consumer, or finds it with this configuration.
+    pub(crate) async fn consumer(&self) -> Result<PullConsumer, String> {
+        let config = pull::Config {
+            durable_name: Some(self.durable_name.clone()),
+            description: Some("Herald push function".into()),
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: self.ack_wait,
+            // Attempts are counted here, not by the server, so a dead letter is always written.
+            max_deliver: -1,
+            filter_subjects: self.subjects.clone(),
+            ..Default::default()
+        };
+        self.js
+            .create_consumer_on_stream(config, &self.stream)
+            .await
+            .map_err(|e| format!("consumer {} on stream {}: {e}", self.durable_name, self.stream))
+    }
+}
+
+/// The durable consumer name of `function` (consumer names cannot hold `.`).
+pub fn durable_name(function: &str) -> String {
+    format!("herald-fn-{}", kv_key(function))
+}
+
+/// Consumes events until shutdown, recreating the consumer when it goes away.
+pub(crate) async fn serve(durable: Durable, consumer: PullConsumer, worker: Arc<Worker>) {
+    let durable = Arc::new(durable);
+    let mut consumer = Some(consumer);
+    let mut failures = 0;
+    while !worker.shutdown().is_cancelled() {
+        let current = match consumer.take() {
+            Some(current) => Ok(current),
+            None => durable.consumer().await,
+        };
+        let ended = match current {
+            Ok(current) => consume(&durable, &current, &worker).await,
+            Err(error) => Err(error),
+        };
+        match ended {
+            Ok(()) => return,
+            Err(error) => {
+                failures += 1;
+                warn!(function = worker.name(), %error, "event consumer failed; recreating it");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(RECOVERY.delay(failures)) => {}
+            _ = worker.shutdown().cancelled() => {}
+        }
+    }
+}
+
+/// Pulls events while holding a permit for each; `Ok` when shutdown stopped it.
+async fn consume(durable: &Arc<Durable>, consumer: &PullConsumer, worker: &Arc<Worker>) -> Result<(), String> {
+    // Pull no more than can run at once, so events do not wait here while their ack_wait runs.
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(worker.concurrency())
+        .heartbeat(PULL_HEARTBEAT)
+        .messages()
+        .await
+        .map_err(|e| format!("pull: {e}"))?;
+    loop {
+        let Some(permit) = worker.permit().await else { return Ok(()) };
+        let next = tokio::select! {
+            next = messages.next() => next,
+            _ = worker.shutdown().cancelled() => return Ok(()),
+        };
+        match next {
+            Some(Ok(message)) => spawn_handle(durable.clone(), worker.clone(), message, permit),
+            Some(Err(error)) => match error.kind() {
+                MessagesErrorKind::ConsumerDeleted
+                | MessagesErrorKind::PushBasedConsumer
+                | MessagesErrorKind::RequestLimitExceeded => return Err(error.to_string()),
+                _ => debug!(function = worker.name(), %error, "pull stream hiccup"),
+            },
+            None => return Err("the pull stream ended".into()),
+        }
+    }
+}
+
+fn spawn_handle(durable: Arc<Durable>, worker: Arc<Worker>, message: Message, permit: OwnedSemaphorePermit) {
+    let spawner = worker.clone();
+    spawner.spawn(async move {
+        handle(&durable, &worker, message).await;
+        drop(permit);
+    });
+}
+
+/// Runs the handler on one delivery and settles it.
+async fn handle(durable: &Durable, worker: &Worker, message: Message) {
+    let Some(event) = event_of(worker.name(), &message) else {
+        warn!(function = worker.name(), subject = %message.subject, "not a JetStream delivery; dropped");
+        return;
+    };
+    let (id, attempt) = (event.id.clone(), event.attempt);
+    let run = worker.call(&id, durable.handler.handle(event.clone()));
+    let outcome = with_progress(run, &message, durable.ack_wait / 2).await;
+    let decision = durable.policy.decide(outcome.as_ref().map(|_| ()), attempt);
+    settle(durable, worker, &message, &event, decision, outcome.err()).await;
+}
+
+/// The event of a delivery; `None` when it lacks JetStream metadata.
+fn event_of(function: &str, message: &Message) -> Option<Event> {
+    let info = message.info().ok()?;
+    Some(Event {
+        function: function.to_string(),
+        subject: message.subject.to_string(),
+        payload: message.payload.clone(),
+        headers: message.headers.clone().unwrap_or_default(),
+        id: format!("{}-{}", info.stream, info.stream_sequence),
+        attempt: info.delivered.max(1) as u64,
+        stream_sequence: Some(info.stream_sequence),
+    })
+}
+
+/// Awaits `run`, telling the server every `every` that the event is still being worked on, so a
+/// long call is not delivered again meanwhile.
+async fn with_progress<T>(run: impl Future<Output = T>, message: &Message, every: Duration) -> T {
+    let every = every.max(Duration::from_millis(50));
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tokio::pin!(run);
+    loop {
+        tokio::select! {
+            out = &mut run => return out,
+            _ = ticks.tick() => {
+                if let Err(error) = message.ack_with(AckKind::Progress).await {
+                    debug!(%error, "cannot report progress");
+                }
+            }
+        }
+    }
+}
+
+async fn settle(
+    durable: &Durable,
+    worker: &Worker,
+    message: &Message,
+    event: &Event,
+    decision: Decision,
+    error: Option<HandlerError>,
+) {
+    let metrics = worker.metrics();
+    let acked = match decision {
+        Decision::Ack => message.ack().await,
+        Decision::Retry(delay) => {
+            metrics.retries.get_or_create(worker.label()).inc();
+            message.ack_with(AckKind::Nak(Some(delay))).await
+        }
+        Decision::DeadLetter => {
+            let error = error.map(|e| e.message().to_string()).unwrap_or_default();
+            match publish_dead_letter(durable, event, &error).await {
+                Ok(()) => {
+                    metrics.dead_letters.get_or_create(worker.label()).inc();
+                    warn!(function = worker.name(), msg_id = %event.id, %error, "event dead-lettered");
+                    message.ack_with(AckKind::Term).await
+                }
+                Err(publish_error) => {
+                    warn!(function = worker.name(), msg_id = %event.id, %publish_error, "cannot dead-letter; retrying");
+                    let delay = durable.policy.backoff.delay(event.attempt);
+                    message.ack_with(AckKind::Nak(Some(delay))).await
+                }
+            }
+        }
+    };
+    if let Err(error) = acked {
+        debug!(function = worker.name(), msg_id = %event.id, %error, "cannot settle the event");
+    }
+}
+
+/// Stores the dead letter before the event is dropped: with JetStream, deduplicated per function
+/// and event (`<function>:<stream>-<seq>`), so a retried dead-lettering stores one letter.
+async fn publish_dead_letter(durable: &Durable, event: &Event, error: &str) -> Result<(), String> {
+    let letter = dead_letter_of(durable, event, error);
+    let body = serde_json::to_vec(&letter).map_err(|e| e.to_string())?;
+    let mut headers = HeaderMap::new();
+    headers.insert(header::NATS_MSG_ID, format!("{}:{}", event.function, event.id).as_str());
+    durable
+        .js
+        .publish_with_headers(dead_letter(&event.function), headers, body.into())
+        .await
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+fn dead_letter_of(durable: &Durable, event: &Event, error: &str) -> DeadLetter {
+    DeadLetter {
+        function: event.function.clone(),
+        subject: event.subject.clone(),
+        stream: durable.stream.clone(),
+        seq: event.stream_sequence.unwrap_or_default(),
+        attempts: event.attempt,
+        error: error.to_string(),
+        data: data_value(&event.payload),
+        ts: OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durable_names_hold_no_dots() {
+        assert_eq!(durable_name("notify"), "herald-fn-notify");
+        assert_eq!(durable_name("orders.shipped"), "herald-fn-orders=2Eshipped");
+    }
+}

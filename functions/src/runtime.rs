@@ -1,0 +1,250 @@
+//! Starting functions and stopping them: gracefully (stop taking work, finish what is in flight
+//! within a grace period, drain NATS) or at once.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use async_nats::service::{Service, ServiceExt};
+use bytes::Bytes;
+use futures::StreamExt;
+use herald_shared::id::{IdError, check_function_name};
+use herald_shared::subject;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::durable::{self, Durable};
+use crate::events::{LIFECYCLE_SUBJECTS, serve_lifecycle};
+use crate::function::{Function, Trigger};
+use crate::metrics::{self, Metrics};
+use crate::worker::{Tasks, Worker};
+use crate::{rpc, streams};
+
+/// The runtime could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A function name that breaks the function-name rule.
+    #[error("function {name:?}: {error}")]
+    BadName {
+        /// The name given.
+        name: String,
+        /// What is wrong with it.
+        error: IdError,
+    },
+    /// Two functions with one name.
+    #[error("function {0:?} is defined twice")]
+    Duplicate(String),
+    /// NATS refused something the functions need (a stream, a consumer, a subscription).
+    #[error("NATS: {0}")]
+    Nats(String),
+    /// The metrics listener could not bind.
+    #[error("cannot listen on {addr}: {error}")]
+    Listen {
+        /// The configured address.
+        addr: SocketAddr,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// A setting that cannot work (an unknown built-in, a bad relay URL or header).
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+/// Running functions.
+pub struct Runtime {
+    client: async_nats::Client,
+    service: Option<Service>,
+    /// Every trigger loop and call in flight, and the signals that stop them.
+    tasks: Tasks,
+    metrics_addr: SocketAddr,
+    grace: Duration,
+}
+
+impl Runtime {
+    /// Starts `functions` on `client` (a connection of their own: shutdown drains it), with the
+    /// limits, streams and metrics listener of `config`.
+    pub async fn start(
+        client: async_nats::Client,
+        config: &Config,
+        functions: Vec<Function>,
+    ) -> Result<Runtime, StartError> {
+        check_functions(&functions)?;
+        let js = jetstream::new(client.clone());
+        if functions.iter().any(|f| matches!(f.trigger, Trigger::Durable { .. })) {
+            streams::ensure_events(&js, config).await?;
+        }
+        let (listener, metrics_addr) = metrics::bind(config.metrics_listen)
+            .await
+            .map_err(|error| StartError::Listen { addr: config.metrics_listen, error })?;
+        let metrics = Arc::new(Metrics::new());
+        let mut runtime = Runtime {
+            client: client.clone(),
+            service: None,
+            tasks: Tasks::new(),
+            metrics_addr,
+            grace: config.shutdown_grace,
+        };
+        tokio::spawn(metrics::serve(listener, metrics.clone(), runtime.tasks.hard.clone()));
+        for function in functions {
+            let worker = Arc::new(runtime.worker(&function, config, metrics.clone()));
+            runtime.start_one(function, worker, config, &js).await?;
+        }
+        info!(metrics = %metrics_addr, "functions running");
+        Ok(runtime)
+    }
+
+    fn worker(&self, function: &Function, config: &Config, metrics: Arc<Metrics>) -> Worker {
+        let concurrency = function.concurrency.unwrap_or(config.concurrency);
+        let timeout = function.timeout.unwrap_or(config.timeout);
+        Worker::new(&function.name, concurrency, timeout, metrics, self.tasks.clone())
+    }
+
+    async fn start_one(
+        &mut self,
+        function: Function,
+        worker: Arc<Worker>,
+        config: &Config,
+        js: &jetstream::Context,
+    ) -> Result<(), StartError> {
+        let nats = |e: async_nats::Error| StartError::Nats(format!("function {}: {e}", function.name));
+        match function.trigger {
+            Trigger::Rpc(handler) => {
+                let endpoint = self.service(config).await?.endpoint(subject::function(&function.name)).await;
+                worker.clone().spawn(rpc::serve(endpoint.map_err(nats)?, worker, handler));
+            }
+            Trigger::Lifecycle(handler) => {
+                let group = format!("{}.{}", config.queue_group, function.name);
+                for subject in LIFECYCLE_SUBJECTS {
+                    let subscriber = self.client.queue_subscribe(subject, group.clone()).await;
+                    let subscriber = subscriber.map_err(|e| nats(e.into()))?;
+                    worker.clone().spawn(serve_lifecycle(subscriber, worker.clone(), handler.clone()));
+                }
+            }
+            Trigger::Durable { subjects, handler } => {
+                let durable = Durable::new(js.clone(), config, &function.name, subjects, handler);
+                let consumer = durable.consumer().await.map_err(StartError::Nats)?;
+                worker.clone().spawn(durable::serve(durable, consumer, worker));
+            }
+        }
+        Ok(())
+    }
+
+    /// The micro service the rpc functions are endpoints of, registered on first use.
+    async fn service(&mut self, config: &Config) -> Result<&Service, StartError> {
+        let service = match self.service.take() {
+            Some(service) => service,
+            None => self
+                .client
+                .service_builder()
+                .description("Herald push functions")
+                .queue_group(&config.queue_group)
+                .start(&config.service_name, env!("CARGO_PKG_VERSION"))
+                .await
+                .map_err(|e| StartError::Nats(format!("micro service {}: {e}", config.service_name)))?,
+        };
+        Ok(self.service.insert(service))
+    }
+
+    /// Where `GET /metrics` is served.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    /// Stops gracefully: no new calls (rpc and lifecycle subscriptions end, so the queue groups
+    /// send work to other copies; no more durable events are pulled), the calls in flight finish
+    /// within the grace period (those still running after it are abandoned: their events are
+    /// delivered again elsewhere), then the NATS connection is drained.
+    pub async fn shutdown(mut self) {
+        self.tasks.shutdown.cancel();
+        if let Some(service) = self.service.take() {
+            let _ = service.stop().await;
+        }
+        self.tasks.tracker.close();
+        if tokio::time::timeout(self.grace, self.tasks.tracker.wait()).await.is_err() {
+            warn!(grace = ?self.grace, "shutdown grace elapsed: abandoning calls in flight");
+            self.tasks.hard.cancel();
+            self.tasks.tracker.wait().await;
+        }
+        // drain() only starts draining: first make sure the server has processed every
+        // acknowledgement, reply and unsubscription sent so far.
+        let drained = async {
+            round_trip(&self.client).await?;
+            self.client.drain().await.map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(Duration::from_secs(5), drained).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => warn!(%error, "NATS drain failed"),
+            Err(_) => warn!("NATS drain timed out"),
+        }
+        info!("functions stopped");
+    }
+
+    /// Stops at once, like a crash: every call is abandoned, nothing is acknowledged or handed
+    /// back; unacknowledged events are delivered again (to another copy) after `ack_wait`.
+    pub async fn kill(mut self) {
+        self.tasks.hard.cancel();
+        self.tasks.shutdown.cancel();
+        self.tasks.tracker.close();
+        self.tasks.tracker.wait().await;
+        if let Some(service) = self.service.take() {
+            let _ = service.stop().await;
+        }
+    }
+}
+
+impl Drop for Runtime {
+    /// A runtime dropped without [`Runtime::shutdown`] stops at once, as with [`Runtime::kill`].
+    fn drop(&mut self) {
+        self.tasks.hard.cancel();
+        self.tasks.shutdown.cancel();
+    }
+}
+
+/// Waits until the server has processed everything this connection sent so far: it handles a
+/// connection's messages in order, so a message to ourselves comes back only after all of them.
+async fn round_trip(client: &async_nats::Client) -> Result<(), String> {
+    let inbox = client.new_inbox();
+    let mut echo = client.subscribe(inbox.clone()).await.map_err(|e| e.to_string())?;
+    client.publish(inbox, Bytes::new()).await.map_err(|e| e.to_string())?;
+    echo.next().await.map(|_| ()).ok_or_else(|| "the connection closed".to_string())
+}
+
+/// Refuses bad or repeated names, and durable functions without subjects (they would consume the
+/// whole events stream).
+fn check_functions(functions: &[Function]) -> Result<(), StartError> {
+    let mut seen = HashSet::new();
+    for function in functions {
+        check_function_name(&function.name)
+            .map_err(|error| StartError::BadName { name: function.name.clone(), error })?;
+        if !seen.insert(function.name.as_str()) {
+            return Err(StartError::Duplicate(function.name.clone()));
+        }
+        if matches!(&function.trigger, Trigger::Durable { subjects, .. } if subjects.is_empty()) {
+            return Err(StartError::Config(format!("function {:?} consumes no subjects", function.name)));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Event, RpcReply, RpcRequest};
+
+    fn rpc(name: &str) -> Function {
+        Function::rpc(name, |_: RpcRequest| async { RpcReply::json(&()) })
+    }
+
+    #[test]
+    fn bad_names_repeats_and_subjectless_events_are_refused() {
+        assert!(check_functions(&[rpc("prefs.get"), rpc("prefs.set")]).is_ok());
+        for bad in ["", "a.*", "a..b", "a b", ">"] {
+            assert!(matches!(check_functions(&[rpc(bad)]), Err(StartError::BadName { .. })), "{bad:?}");
+        }
+        assert!(matches!(check_functions(&[rpc("x"), rpc("x")]), Err(StartError::Duplicate(_))));
+        let nothing = Function::events("e", Vec::<String>::new(), |_: Event| async { Ok(()) });
+        assert!(matches!(check_functions(&[nothing]), Err(StartError::Config(_))));
+    }
+}

@@ -1,0 +1,279 @@
+//! Push functions, durable events and lifecycle events: copies share a durable consumer, a killed
+//! copy's events go to the other copy without pushing twice, failures retry then dead-letter,
+//! lifecycle events reach each function once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use herald_functions::{Event, Function, HandlerError, Pusher};
+use herald_shared::functions::LifecycleEvent;
+use herald_shared::subject::{Audience, EVENTS_CONNECT, EVENTS_DISCONNECT, STREAM};
+use herald_tests::functions::{
+    WAIT, dead_letters, metric, publish_event, start, stored_counts, test_config, wait_settled,
+};
+use herald_tests::{TestGateway, TestNats, eventually};
+use serde_json::json;
+
+/// What handlers saw, shared with the test.
+type Seen<T> = Arc<Mutex<Vec<T>>>;
+
+fn recorder<T>() -> Seen<T> {
+    Arc::new(Mutex::new(Vec::new()))
+}
+
+/// A durable function on `events.test.>` that records each event's `n` and succeeds.
+fn collecting(name: &str, seen: Seen<u64>) -> Function {
+    Function::events(name, ["events.test.>"], move |event: Event| {
+        let seen = seen.clone();
+        async move {
+            let body: serde_json::Value = event.json()?;
+            seen.lock().unwrap().push(body["n"].as_u64().unwrap_or(u64::MAX));
+            Ok(())
+        }
+    })
+}
+
+#[tokio::test]
+async fn two_copies_share_a_durable_consumer_and_handle_every_event_once() {
+    let nats = TestNats::start().await;
+    let config = test_config(&nats);
+    let (seen_a, seen_b) = (recorder(), recorder());
+    let first = start(&nats, &config, vec![collecting("collect", seen_a.clone()).concurrency(2)]).await;
+    let second = start(&nats, &config, vec![collecting("collect", seen_b.clone()).concurrency(2)]).await;
+    let js = nats.jetstream().await;
+
+    let sent = 100;
+    let mut last = 0;
+    for n in 0..sent {
+        last = publish_event(&js, &format!("events.test.{}", n % 3), json!({ "n": n }).to_string()).await;
+    }
+    wait_settled(&js, &config.events_stream, "collect", last).await;
+
+    let mut counts = BTreeMap::new();
+    for n in seen_a.lock().unwrap().iter().chain(seen_b.lock().unwrap().iter()) {
+        *counts.entry(*n).or_insert(0) += 1;
+    }
+    assert_eq!(counts, (0..sent).map(|n| (n, 1)).collect::<BTreeMap<_, _>>(), "each event handled exactly once");
+    first.shutdown().await;
+    second.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_killed_copys_events_go_to_another_copy_and_push_once() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let mut kim = gateway.connect("kim").await;
+    let mut config = test_config(&nats);
+    // Unacknowledged events come back after this; the crashed copy stops reporting progress.
+    config.ack_wait = Duration::from_secs(1);
+    let js = nats.jetstream().await;
+
+    // The first copy pushes, then hangs before acknowledging: a crash between the side effect
+    // and the ack.
+    let pushed_by_first: Seen<String> = recorder();
+    let hanging = {
+        let (pusher, pushed) = (Pusher::new(js.clone()), pushed_by_first.clone());
+        Function::events("forward", ["events.test.>"], move |event: Event| {
+            let (pusher, pushed) = (pusher.clone(), pushed.clone());
+            async move {
+                pusher.push(&event.id, &Audience::User("kim".into()), Some("chat"), event.payload.clone()).await?;
+                pushed.lock().unwrap().push(event.id.clone());
+                std::future::pending::<()>().await;
+                Ok(())
+            }
+        })
+        .concurrency(2)
+        .timeout(Duration::from_secs(3600))
+    };
+    let first = start(&nats, &config, vec![hanging]).await;
+    let sent = 6;
+    let mut last = 0;
+    for n in 0..sent {
+        last = publish_event(&js, "events.test.kim", json!({ "n": n }).to_string()).await;
+    }
+    eventually("the first copy pushed and hung twice", WAIT, || async {
+        (pushed_by_first.lock().unwrap().len() == 2).then_some(())
+    })
+    .await;
+    first.kill().await;
+
+    // The second copy handles everything, including the two events the first one held.
+    let handled_by_second: Seen<(String, bool)> = recorder();
+    let forwarding = {
+        let (pusher, handled) = (Pusher::new(js.clone()), handled_by_second.clone());
+        Function::events("forward", ["events.test.>"], move |event: Event| {
+            let (pusher, handled) = (pusher.clone(), handled.clone());
+            async move {
+                let to = Audience::User("kim".into());
+                let ack = pusher.push(&event.id, &to, Some("chat"), event.payload.clone()).await?;
+                handled.lock().unwrap().push((event.id.clone(), ack.duplicate));
+                Ok(())
+            }
+        })
+    };
+    let second = start(&nats, &config, vec![forwarding]).await;
+    wait_settled(&js, &config.events_stream, "forward", last).await;
+
+    let handled = handled_by_second.lock().unwrap().clone();
+    let ids: BTreeSet<_> = handled.iter().map(|(id, _)| id.clone()).collect();
+    assert_eq!(ids.len(), sent, "every event handled by the second copy: {handled:?}");
+    let duplicates: BTreeSet<_> =
+        handled.iter().filter(|(_, duplicate)| *duplicate).map(|(id, _)| id.clone()).collect();
+    let pushed_first: BTreeSet<_> = pushed_by_first.lock().unwrap().iter().cloned().collect();
+    assert_eq!(duplicates, pushed_first, "exactly the first copy's pushes were repeats, and deduplicated");
+    // The stream holds one push per event, and kim receives each once.
+    assert_eq!(stored_counts(&js, STREAM, "push.user.kim").await.get("push.user.kim"), Some(&sent));
+    let mut received = BTreeSet::new();
+    for _ in 0..sent {
+        let msg = kim.expect_msg().await;
+        assert_eq!(msg.kind, "chat");
+        assert!(received.insert(msg.id.clone()), "msg {} twice", msg.id);
+    }
+    let sentinel = publish_event(&js, "push.user.kim", "sentinel").await;
+    assert_eq!(kim.expect_msg().await.seq, sentinel, "nothing else was delivered in between");
+    second.shutdown().await;
+}
+
+#[tokio::test]
+async fn failures_are_retried_with_backoff_then_dead_lettered() {
+    let nats = TestNats::start().await;
+    let mut config = test_config(&nats);
+    config.max_attempts = 3;
+    let attempts: Seen<(String, u64)> = recorder();
+    let record = |attempts: &Seen<(String, u64)>, event: &Event| {
+        attempts.lock().unwrap().push((event.subject.clone(), event.attempt));
+    };
+    let functions = {
+        let (a, b, c, d) = (attempts.clone(), attempts.clone(), attempts.clone(), attempts.clone());
+        vec![
+            Function::events("always-fails", ["events.fail.>"], move |event: Event| {
+                record(&a, &event);
+                async { Err(HandlerError::transient("downstream unavailable")) }
+            }),
+            Function::events("third-time-lucky", ["events.lucky.>"], move |event: Event| {
+                record(&b, &event);
+                let attempt = event.attempt;
+                async move { if attempt < 3 { Err(HandlerError::transient("not yet")) } else { Ok(()) } }
+            }),
+            Function::events("rejects", ["events.reject.>"], move |event: Event| {
+                record(&c, &event);
+                async { Err(HandlerError::permanent("cannot ever work")) }
+            }),
+            // A second function on the same events gets its own dead letters.
+            Function::events("rejects-too", ["events.reject.>"], move |event: Event| {
+                record(&d, &event);
+                async { Err(HandlerError::permanent("me neither")) }
+            }),
+        ]
+    };
+    let runtime = start(&nats, &config, functions).await;
+    let js = nats.jetstream().await;
+
+    let failing = publish_event(&js, "events.fail.1", vec![0xff, 0x00]).await;
+    let lucky = publish_event(&js, "events.lucky.1", "{}").await;
+    let rejected = publish_event(&js, "events.reject.1", r#"{"a":1}"#).await;
+    wait_settled(&js, &config.events_stream, "always-fails", failing).await;
+    wait_settled(&js, &config.events_stream, "third-time-lucky", lucky).await;
+    wait_settled(&js, &config.events_stream, "rejects", rejected).await;
+    wait_settled(&js, &config.events_stream, "rejects-too", rejected).await;
+
+    let letters = dead_letters(&js, &config, "always-fails", 1).await;
+    assert_eq!(letters.len(), 1);
+    let letter = &letters[0];
+    assert_eq!(
+        (letter.function.as_str(), letter.subject.as_str(), letter.stream.as_str(), letter.seq, letter.attempts),
+        ("always-fails", "events.fail.1", "HERALD_EVENTS", failing, 3)
+    );
+    assert_eq!((letter.error.as_str(), &letter.data), ("downstream unavailable", &json!({"$base64": "/wA="})));
+    let rejected_letters = dead_letters(&js, &config, "rejects", 1).await;
+    assert_eq!((rejected_letters.len(), rejected_letters[0].attempts), (1, 1));
+    assert_eq!(rejected_letters[0].data, json!({"a": 1}));
+    let other_letters = dead_letters(&js, &config, "rejects-too", 1).await;
+    assert_eq!((other_letters[0].function.as_str(), other_letters[0].seq), ("rejects-too", rejected));
+    assert_eq!(stored_counts(&js, &config.dlq_stream, "herald.dlq.third-time-lucky").await.len(), 0);
+
+    let mut seen = attempts.lock().unwrap().clone();
+    seen.sort();
+    let expected = [("events.fail.1", 1), ("events.fail.1", 2), ("events.fail.1", 3), ("events.lucky.1", 1)];
+    let expected: Vec<_> = expected
+        .into_iter()
+        .chain([("events.lucky.1", 2), ("events.lucky.1", 3), ("events.reject.1", 1), ("events.reject.1", 1)])
+        .map(|(subject, attempt)| (subject.to_string(), attempt))
+        .collect();
+    assert_eq!(seen, expected);
+    let counter = |name: &str, function: &str| format!(r#"herald_functions_{name}_total{{function="{function}"}}"#);
+    assert_eq!(metric(&runtime, &counter("retries", "always-fails")).await, 2.0);
+    assert_eq!(metric(&runtime, &counter("dead_letters", "always-fails")).await, 1.0);
+    assert_eq!(metric(&runtime, &counter("dead_letters", "rejects")).await, 1.0);
+    assert_eq!(metric(&runtime, &counter("retries", "third-time-lucky")).await, 2.0);
+    assert_eq!(metric(&runtime, &counter("dead_letters", "third-time-lucky")).await, 0.0);
+    runtime.shutdown().await;
+}
+
+#[tokio::test]
+async fn lifecycle_events_reach_each_function_once_across_copies() {
+    let nats = TestNats::start().await;
+    let config = test_config(&nats);
+    let audit: Seen<(String, LifecycleEvent, String)> = recorder();
+    let counted: Seen<String> = recorder();
+    let auditing = |seen: Seen<(String, LifecycleEvent, String)>| {
+        Function::lifecycle("audit", move |event: Event| {
+            let seen = seen.clone();
+            async move {
+                seen.lock().unwrap().push((event.subject.clone(), event.lifecycle()?, event.id.clone()));
+                Ok(())
+            }
+        })
+    };
+    let counting = {
+        let counted = counted.clone();
+        Function::lifecycle("count", move |event: Event| {
+            counted.lock().unwrap().push(event.subject.clone());
+            async { Ok(()) }
+        })
+    };
+    let first = start(&nats, &config, vec![auditing(audit.clone()), counting]).await;
+    let second = start(&nats, &config, vec![auditing(audit.clone())]).await;
+    let gateway_side = nats.client().await;
+
+    let connect = LifecycleEvent {
+        user: "ann".into(),
+        device: "phone".into(),
+        conn: "c7".into(),
+        node: "gw-1".into(),
+        ts: "2026-01-02T03:04:05Z".into(),
+        code: None,
+        reason: None,
+    };
+    let disconnect = LifecycleEvent { code: Some(1000), reason: Some("bye".into()), ..connect.clone() };
+    for (subject, event) in [(EVENTS_CONNECT, &connect), (EVENTS_DISCONNECT, &disconnect)] {
+        gateway_side.publish(subject, serde_json::to_vec(event).unwrap().into()).await.unwrap();
+    }
+    gateway_side.flush().await.unwrap();
+    eventually("both functions saw both events", WAIT, || async {
+        (audit.lock().unwrap().len() >= 2 && counted.lock().unwrap().len() >= 2).then_some(())
+    })
+    .await;
+    // Core NATS never redelivers; a later event arriving proves nothing else was pending.
+    let later = LifecycleEvent { conn: "c8".into(), ..connect.clone() };
+    gateway_side.publish(EVENTS_CONNECT, serde_json::to_vec(&later).unwrap().into()).await.unwrap();
+    eventually("the later event", WAIT, || async {
+        (audit.lock().unwrap().len() >= 3 && counted.lock().unwrap().len() >= 3).then_some(())
+    })
+    .await;
+
+    let mut audited = audit.lock().unwrap().clone();
+    audited.sort_by(|a, b| a.2.cmp(&b.2));
+    assert_eq!(
+        audited,
+        vec![
+            (EVENTS_CONNECT.to_string(), connect.clone(), "gw-1:c7:connect".to_string()),
+            (EVENTS_DISCONNECT.to_string(), disconnect, "gw-1:c7:disconnect".to_string()),
+            (EVENTS_CONNECT.to_string(), later, "gw-1:c8:connect".to_string()),
+        ]
+    );
+    assert_eq!(counted.lock().unwrap().len(), 3);
+    first.shutdown().await;
+    second.shutdown().await;
+}
