@@ -1,0 +1,162 @@
+//! Push functions through the gateway: `rpc` frames to functions and back with the caller's identity,
+//! every error code, lifecycle events, presence across gateways, prefs muting, notify to a topic.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use herald_functions::{Function, HandlerError, RpcReply, RpcRequest};
+use herald_shared::frame::{RpcResult, ServerFrame};
+use herald_shared::functions::LifecycleEvent;
+use herald_tests::functions::{start, start_builtins, test_config};
+use herald_tests::gateway::{token, token_with};
+use herald_tests::{Publisher, TestGateway, TestNats};
+use serde_json::{Value, json};
+
+fn whoami() -> Function {
+    Function::rpc("whoami", |request: RpcRequest| async move {
+        RpcReply::json(&json!({"user": request.user, "device": request.device, "data": request.json::<Value>()?}))
+    })
+}
+
+async fn rpc(client: &mut herald_tests::WsClient, id: &str, function: &str, data: Value) -> RpcResult {
+    client.send_json(json!({"type": "rpc", "id": id, "fn": function, "data": data})).await;
+    match client.next_frame().await {
+        ServerFrame::RpcResult(result) => {
+            assert_eq!(result.id, id);
+            result
+        }
+        other => panic!("expected rpc_result, got {other:?}"),
+    }
+}
+
+fn error_code(result: &RpcResult) -> Option<&str> {
+    result.error.as_ref().map(|e| e.code.as_str())
+}
+
+#[tokio::test]
+async fn rpc_reaches_the_function_with_the_token_identity_and_every_failure_has_its_code() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start_with(&nats, |c| c.rpc_timeout = Duration::from_millis(500)).await;
+    let functions = vec![
+        whoami(),
+        Function::rpc("refuse", |_: RpcRequest| async { Err::<RpcReply, _>(HandlerError::permanent("not allowed")) }),
+        Function::rpc("slow", |_: RpcRequest| async { std::future::pending::<Result<RpcReply, HandlerError>>().await }),
+    ];
+    let _runtime = start(&nats, &test_config(&nats), functions).await;
+    let mut client = gateway.connect_with(&format!("token={}&device=phone", token("alice"))).await;
+
+    // The frame claims to be mallory; the function sees the token's user.
+    let result = rpc(&mut client, "c1", "whoami", json!({"user": "mallory", "n": 1})).await;
+    assert!(result.ok, "{result:?}");
+    assert_eq!(result.data, Some(json!({"user": "alice", "device": "phone", "data": {"user": "mallory", "n": 1}})));
+
+    let result = rpc(&mut client, "c2", "refuse", json!({})).await;
+    assert_eq!((result.ok, error_code(&result)), (false, Some("function_error")));
+    assert_eq!(result.error.unwrap().message, "not allowed");
+    let result = rpc(&mut client, "c3", "nobody.home", json!({})).await;
+    assert_eq!(error_code(&result), Some("no_function"));
+    let result = rpc(&mut client, "c4", "slow", json!({})).await;
+    assert_eq!(error_code(&result), Some("timeout"));
+    for bad in ["a..b", "*", "fn.>", ""] {
+        let result = rpc(&mut client, "c5", bad, json!({})).await;
+        assert_eq!(error_code(&result), Some("bad_request"), "{bad}");
+    }
+    // A frame without the fields of an rpc is a bad frame, not a call.
+    client.send_json(json!({"type": "rpc", "fn": "whoami"})).await;
+    assert!(matches!(client.next_frame().await, ServerFrame::Error { code, .. } if code == "bad_request"));
+}
+
+#[tokio::test]
+async fn rpc_calls_are_rate_limited_per_connection() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start_with(&nats, |c| {
+        c.rpc_rate = 0.001;
+        c.rpc_burst = 3.0;
+    })
+    .await;
+    let _runtime = start(&nats, &test_config(&nats), vec![whoami()]).await;
+    let mut client = gateway.connect("bob").await;
+    for n in 0..5 {
+        client.send_json(json!({"type": "rpc", "id": format!("r{n}"), "fn": "whoami", "data": {}})).await;
+    }
+    let mut outcomes = std::collections::BTreeMap::new();
+    for _ in 0..5 {
+        let ServerFrame::RpcResult(result) = client.next_frame().await else { panic!("expected rpc_result") };
+        outcomes.insert(result.id.clone(), error_code(&result).map(str::to_string));
+    }
+    let limited = outcomes.values().filter(|code| code.as_deref() == Some("rate_limited")).count();
+    assert_eq!((outcomes.len(), limited), (5, 2), "{outcomes:?}");
+    // Another connection has its own budget.
+    let mut other = gateway.connect("carl").await;
+    assert!(rpc(&mut other, "x", "whoami", json!({})).await.ok);
+}
+
+#[tokio::test]
+async fn the_gateway_publishes_lifecycle_events() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let mut events = nats.client().await.subscribe("herald.events.>").await.unwrap();
+    let client = gateway.connect_with(&format!("token={}&device=tablet", token("dora"))).await;
+    let conn = match &client.welcome {
+        Some(ServerFrame::Welcome { conn, .. }) => conn.clone(),
+        _ => unreachable!(),
+    };
+    let connect = tokio::time::timeout(Duration::from_secs(10), events.next()).await.unwrap().unwrap();
+    assert_eq!(connect.subject.as_str(), "herald.events.connect");
+    let event: LifecycleEvent = serde_json::from_slice(&connect.payload).unwrap();
+    assert_eq!((event.user.as_str(), event.device.as_str(), event.conn.as_str()), ("dora", "tablet", conn.as_str()));
+    assert_eq!((event.node.as_str(), event.code), (gateway.config.node_id.as_str(), None));
+
+    drop(client);
+    let disconnect = tokio::time::timeout(Duration::from_secs(10), events.next()).await.unwrap().unwrap();
+    assert_eq!(disconnect.subject.as_str(), "herald.events.disconnect");
+    let event: LifecycleEvent = serde_json::from_slice(&disconnect.payload).unwrap();
+    assert_eq!((event.user.as_str(), event.conn.as_str()), ("dora", conn.as_str()));
+    assert!(event.code.is_some());
+}
+
+#[tokio::test]
+async fn builtin_functions_through_gateways_presence_prefs_and_notify_to_a_topic() {
+    let nats = TestNats::start().await;
+    let gateway_a = TestGateway::start(&nats).await;
+    let gateway_b = TestGateway::start(&nats).await;
+    let _builtins = start_builtins(&test_config(&nats)).await;
+    let publisher = Publisher::new(&nats).await;
+
+    let mut eve = gateway_a.connect("eve").await;
+    let mut eve_phone = gateway_b.connect_with(&format!("token={}&device=phone", token("eve"))).await;
+    let finn = gateway_b.connect("finn").await;
+
+    // Presence counts sockets on both gateways.
+    let result = rpc(&mut eve, "p1", "presence", json!({"user": "eve"})).await;
+    let data = result.data.expect("presence answers");
+    assert_eq!((data["online"].as_bool(), data["connections"].as_u64()), (Some(true), Some(2)), "{data}");
+    let result = rpc(&mut eve, "p2", "presence", json!({})).await;
+    let data = result.data.unwrap();
+    assert_eq!((data["connections"].as_u64(), data["gateways"].as_u64()), (Some(3), Some(2)), "{data}");
+    drop(finn);
+    gateway_b.wait_metric("herald_gateway_connections", 1.0).await;
+    let data = rpc(&mut eve, "p3", "presence", json!({})).await.data.unwrap();
+    assert_eq!(data["connections"].as_u64(), Some(2), "{data}");
+
+    // prefs.set through the gateway mutes a kind for eve, on her sockets everywhere.
+    let result = rpc(&mut eve, "m1", "prefs.set", json!({"muted": ["marketing"]})).await;
+    assert_eq!(result.data, Some(json!({"muted": ["marketing"]})));
+    for attempt in 0.. {
+        assert!(attempt < 500, "the mute never took effect");
+        let (ad, _) = publisher.publish_with("push.user.eve", &[("Herald-Type", "marketing")], "sale").await;
+        let marker = publisher.publish("push.user.eve", "marker").await;
+        let first = eve_phone.expect_msg().await.seq;
+        if first == marker {
+            break;
+        }
+        assert_eq!((first, eve_phone.expect_msg().await.seq), (ad, marker));
+    }
+
+    // notify to a topic reaches its subscribers through the gateway.
+    let mut reader = gateway_a.connect_with(&format!("token={}&topics=news", token_with("gil", &["news"], 600))).await;
+    let event = json!({"id": "n-1", "to": {"topic": "news"}, "kind": "news", "data": {"title": "hi"}});
+    publisher.jetstream().publish("events.notify.news", event.to_string().into()).await.unwrap().await.unwrap();
+    let msg = reader.expect_msg().await;
+    assert_eq!((msg.to.as_str(), msg.kind.as_str(), msg.data.clone()), ("topic:news", "news", json!({"title": "hi"})));
+}
