@@ -94,7 +94,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            nats: NatsSettings::default(),
+            nats: NatsSettings::for_role("_INBOX_functions"),
             stream: StreamSettings::default(),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             service_name: "herald-functions".into(),

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use clap::Parser;
 use herald_functions::Config;
 use serde::Serialize;
-use tracing_subscriber::EnvFilter;
 
 /// Herald's push functions. Settings: defaults < --config file < HERALD_* environment < flags.
 #[derive(Parser)]
@@ -33,11 +32,7 @@ struct Flags {
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("HERALD_LOG").unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn")),
-        )
-        .init();
+    herald_shared::log::init();
     let cli = Cli::parse();
     let config: Config = match herald_shared::config::load(cli.config.as_deref(), &cli.flags) {
         Ok(config) => config,

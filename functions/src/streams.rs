@@ -46,8 +46,10 @@ pub(crate) async fn ensure_push_stream(js: &jetstream::Context, config: &Config)
     if js.get_stream(STREAM).await.is_ok() {
         return Ok(());
     }
-    herald_shared::stream::ensure_stream(js, &config.stream)
-        .await
-        .map(|_| ())
-        .map_err(|e| StartError::Nats(format!("stream {STREAM}: {e}")))
+    // Create only: a gateway may have made it meanwhile, and its settings win.
+    match js.create_stream(config.stream.stream_config()).await {
+        Ok(_) => Ok(()),
+        Err(_) if js.get_stream(STREAM).await.is_ok() => Ok(()),
+        Err(e) => Err(StartError::Nats(format!("stream {STREAM}: {e}"))),
+    }
 }

@@ -199,8 +199,9 @@ async fn publish(shared: &Shared, body: Value) -> Result<Value, ApiError> {
             )?;
         checked.push(message);
     }
+    let js = shared.api_js.as_ref().unwrap_or(&shared.js);
     let acks = join_all(checked.into_iter().map(|(subject, headers, payload)| async move {
-        let ack = shared.js.publish_with_headers(subject, headers, payload).await?.await?;
+        let ack = js.publish_with_headers(subject, headers, payload).await?.await?;
         Ok::<_, async_nats::Error>(json!({"seq": ack.sequence, "duplicate": ack.duplicate}))
     }))
     .await;

@@ -95,6 +95,11 @@ pub struct Config {
     /// Keys the HTTP API accepts (`Authorization: Bearer <key>` or `X-Api-Key`); required with
     /// `api_listen`. Default empty.
     pub api_keys: Vec<String>,
+    /// NATS user the HTTP API publishes as (a publisher: gateways themselves may not publish
+    /// pushes). Default none: the gateway's own connection.
+    pub api_nats_user: Option<String>,
+    /// Password of `api_nats_user`. Default none.
+    pub api_nats_password: Option<String>,
     /// Largest HTTP API request body; bigger gets 413. Default 1 MiB.
     pub api_max_body_bytes: usize,
     /// How long scatter-gather questions to all gateways (presence, disconnect) collect answers.
@@ -108,7 +113,7 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             node_id: format!("gw-{}", crate::id::random_id(6)),
-            nats: NatsSettings::default(),
+            nats: NatsSettings::for_role("_INBOX_gateway"),
             stream: StreamSettings::default(),
             jwt_secret: None,
             jwt_public_key: None,
@@ -133,6 +138,8 @@ impl Default for Config {
             trusted_proxies: Vec::new(),
             api_listen: None,
             api_keys: Vec::new(),
+            api_nats_user: None,
+            api_nats_password: None,
             api_max_body_bytes: 1 << 20,
             gather_window: Duration::from_millis(250),
         }
@@ -158,7 +165,12 @@ mod tests {
     #[test]
     fn the_readme_documents_every_key() {
         let readme = include_str!("../../README.md");
-        let config = Config { api_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))), ..Config::default() };
+        let config = Config {
+            api_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            api_nats_user: Some("publisher".into()),
+            api_nats_password: Some("secret".into()),
+            ..Config::default()
+        };
         let keys = serde_json::to_value(config).expect("config serializes");
         for key in keys.as_object().expect("a flat map").keys() {
             assert!(readme.contains(&format!("`{key}`")), "README.md lacks the setting `{key}`");

@@ -338,16 +338,22 @@ fn client_connects(client: &Client) -> u64 {
     client.statistics().connects.load(Ordering::Acquire)
 }
 
-/// Messages in `(route.last_seq, previous]` on this subject never arrived. Sessions that have not
-/// been sent anything newer repair from the stream; one that has (from another subject) cannot get
-/// them in order any more and is closed with 4008.
+/// Messages in `(route.last_seq, previous]` on this subject never arrived. For each session, those a
+/// replay already covered are fine; if others remain, the session repairs from the stream, unless
+/// it has been sent something newer than one of them (from another subject): then they cannot be
+/// delivered in order any more, and it is closed with 4008.
 fn repair_gap(route: &Route, previous: u64, metrics: &Metrics) {
     metrics.delivery_gaps.inc();
     let first_missing = route.last_seq + 1;
-    warn!(first_missing, last_missing = previous, "gap on a delivery subject: repairing from the stream");
+    warn!(first_missing, last_missing = previous, "gap on a delivery subject");
     for session in route.sessions.iter() {
-        if session.outbox.last_seq() >= first_missing {
-            error!(user = %session.user, first_missing, "gap behind newer messages: closing for a resume");
+        let (last_seq, complete_through) = session.outbox.positions();
+        let uncovered = first_missing.max(complete_through + 1);
+        if uncovered > previous {
+            continue;
+        }
+        if last_seq >= uncovered {
+            error!(user = %session.user, uncovered, "gap behind newer messages: closing for a resume");
             metrics.unrepairable_gaps.inc();
             session.outbox.close(crate::outbox::Close::new(
                 herald_shared::frame::close_code::SLOW_CONSUMER,

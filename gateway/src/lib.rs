@@ -63,6 +63,8 @@ pub(crate) struct Shared {
     /// JetStream on the delivery connection, whose subscriptions feed the dispatcher: a request
     /// sent here reaches the server after every subscription made before it.
     pub(crate) delivery_js: jetstream::Context,
+    /// JetStream as the HTTP API's publisher, when it has credentials of its own.
+    pub(crate) api_js: Option<jetstream::Context>,
     pub(crate) dispatcher: Dispatcher,
     pub(crate) verifier: Verifier,
     pub(crate) metrics: Arc<Metrics>,
@@ -135,6 +137,16 @@ impl Gateway {
             let _ = events.send(event.clone());
         })
         .await?;
+        let api_js = match (&config.api_listen, &config.api_nats_user, &config.api_nats_password) {
+            (Some(_), Some(user), Some(password)) => {
+                let mut api_config = config.clone();
+                api_config.nats.nats_user = Some(user.clone());
+                api_config.nats.nats_password = Some(password.clone());
+                api_config.nats.nats_inbox_prefix = "_INBOX".into();
+                Some(jetstream::new(connect(&api_config, "api", Some(CONTROL_SUBSCRIPTION_CAPACITY), |_| {}).await?))
+            }
+            _ => None,
+        };
         let metrics = Arc::new(Metrics::new());
         let shutdown = CancellationToken::new();
         let killed = CancellationToken::new();
@@ -150,6 +162,7 @@ impl Gateway {
         let shared = Arc::new(Shared {
             dispatcher: Dispatcher::start(delivery.clone(), metrics.clone()),
             delivery_js: jetstream::new(delivery),
+            api_js,
             cursors: Arc::new(Cursors::new(js.clone())),
             registry: Arc::new(Registry::default()),
             policies: Arc::new(Policies::new(config.session_policy, js.clone())),

@@ -7,7 +7,6 @@ use clap::{Parser, Subcommand};
 use herald_gateway::{Config, Gateway, dev_token};
 use herald_shared::token::{Claims, issue_hs256, now_secs};
 use serde::Serialize;
-use tracing_subscriber::EnvFilter;
 
 /// Herald's WebSocket gateway. Settings: defaults < --config file < HERALD_* environment < flags.
 #[derive(Parser)]
@@ -73,11 +72,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("HERALD_LOG").unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn")),
-        )
-        .init();
+    herald_shared::log::init();
     let cli = Cli::parse();
     let config: Config = match herald_shared::config::load(cli.config.as_deref(), &cli.flags) {
         Ok(config) => config,

@@ -54,6 +54,9 @@ struct State {
     queued_bytes: usize,
     /// The highest `seq` queued: the connection's resume point as far as this gateway knows.
     last_seq: u64,
+    /// Everything addressed to the connection up to here has been queued (or was the client's
+    /// already): set by each replay that read the stream up to this point.
+    complete_through: u64,
     /// How many replays hold the gate; live frames go straight to the queue only at 0.
     holds: u32,
     /// Live frames (and replayed frames newer than the live position) held meanwhile.
@@ -193,6 +196,18 @@ impl Outbox {
     pub(crate) fn advance_to(&self, seq: u64) {
         let mut state = self.lock();
         state.last_seq = state.last_seq.max(seq);
+    }
+
+    /// Records that nothing addressed to the connection up to `seq` is missing (a replay covered it).
+    pub(crate) fn complete_through(&self, seq: u64) {
+        let mut state = self.lock();
+        state.complete_through = state.complete_through.max(seq);
+    }
+
+    /// `(last_seq, complete_through)`, read together.
+    pub(crate) fn positions(&self) -> (u64, u64) {
+        let state = self.lock();
+        (state.last_seq, state.complete_through)
     }
 
     /// Starts closing with `close` unless already closing; the first reason wins. Queued frames are

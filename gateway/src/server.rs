@@ -154,16 +154,28 @@ fn readyz(shared: &Shared) -> HttpResponse {
     }
 }
 
-/// Dev mode only: a token for `?user=` (default `dev`), allowed every topic, valid for a day.
+/// Dev mode only: a token for `?user=` (default `dev`), allowed every topic, valid for `?ttl=`
+/// (e.g. `30s`; default and at most a day).
 fn dev_token(shared: &Shared, request: &Request<Incoming>) -> HttpResponse {
-    let user = form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
-        .find(|(key, _)| key == "user")
-        .map(|(_, value)| value.into_owned())
-        .unwrap_or_else(|| "dev".to_string());
+    const DAY: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+    let mut user = "dev".to_string();
+    let mut ttl = DAY;
+    for (key, value) in form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes()) {
+        match key.as_ref() {
+            "user" => user = value.into_owned(),
+            "ttl" => match humantime::parse_duration(&value) {
+                Ok(parsed) => ttl = parsed.min(DAY),
+                Err(error) => {
+                    return rejection(&Rejection::new(StatusCode::BAD_REQUEST, "bad_request", format!("ttl: {error}")));
+                }
+            },
+            _ => {}
+        }
+    }
     if let Err(error) = herald_shared::id::check_id(herald_shared::id::IdKind::User, &user) {
         return rejection(&Rejection::new(StatusCode::BAD_REQUEST, "bad_request", error.to_string()));
     }
-    match crate::dev_token(&shared.config, &user, std::time::Duration::from_secs(24 * 3600)) {
+    match crate::dev_token(&shared.config, &user, ttl) {
         Some(token) => json(StatusCode::OK, serde_json::json!({"user": user, "token": token})),
         None => rejection(&Rejection::new(StatusCode::NOT_FOUND, "not_found", "no HS256 secret to sign with")),
     }

@@ -14,6 +14,7 @@ pub mod config;
 pub mod frame;
 pub mod functions;
 pub mod id;
+pub mod log;
 pub mod nats;
 pub mod payload;
 pub mod stream;

@@ -21,6 +21,10 @@ pub struct NatsSettings {
     pub nats_password: Option<String>,
     /// A `.creds` file (JWT + NKey seed). Default none.
     pub nats_creds: Option<PathBuf>,
+    /// Prefix of this process's reply subjects. Each Herald role has its own (`_INBOX_gateway`,
+    /// `_INBOX_functions`), so NATS permissions can keep one role from reading another's replies.
+    /// Default `_INBOX`.
+    pub nats_inbox_prefix: String,
     /// Messages buffered per NATS subscription inside this process (for the gateway: per delivery
     /// subscription; async-nats drops what overflows, and the gateway repairs it). Default 65536.
     pub nats_subscription_capacity: usize,
@@ -33,12 +37,18 @@ impl Default for NatsSettings {
             nats_user: None,
             nats_password: None,
             nats_creds: None,
+            nats_inbox_prefix: "_INBOX".into(),
             nats_subscription_capacity: 65536,
         }
     }
 }
 
 impl NatsSettings {
+    /// The defaults, with `inbox_prefix` for this role's replies.
+    pub fn for_role(inbox_prefix: &str) -> NatsSettings {
+        NatsSettings { nats_inbox_prefix: inbox_prefix.to_string(), ..NatsSettings::default() }
+    }
+
     /// Connect options for a long-lived service connection: named, retrying its first connection and
     /// every later one forever, with the configured credentials; connection events are logged.
     pub async fn options(&self, name: &str) -> std::io::Result<async_nats::ConnectOptions> {
@@ -60,6 +70,7 @@ impl NatsSettings {
         }
         Ok(options
             .name(name)
+            .custom_inbox_prefix(&self.nats_inbox_prefix)
             .retry_on_initial_connect()
             .max_reconnects(None)
             .reconnect_delay_callback(|attempt| Duration::from_millis((100 * attempt as u64).min(2000)))

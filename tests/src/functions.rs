@@ -19,6 +19,8 @@ pub const WAIT: Duration = Duration::from_secs(30);
 pub fn test_config(nats: &TestNats) -> Config {
     let mut config = Config::default();
     config.nats.nats_url = nats.url();
+    config.nats.nats_user = Some(crate::nats::Role::Functions.user().to_string());
+    config.nats.nats_password = Some(crate::nats::Role::Functions.password());
     config.metrics_listen = "127.0.0.1:0".parse().unwrap();
     config.retry_initial = Duration::from_millis(20);
     config.retry_max = Duration::from_millis(100);
@@ -26,9 +28,17 @@ pub fn test_config(nats: &TestNats) -> Config {
     config
 }
 
-/// A runtime of `functions` on a connection of its own.
+/// A runtime of `functions` on a connection of its own, as the `functions` user.
 pub async fn start(nats: &TestNats, config: &Config, functions: Vec<Function>) -> Runtime {
-    Runtime::start(nats.client().await, config, functions).await.expect("functions start")
+    let client = async_nats::ConnectOptions::with_user_and_password(
+        crate::nats::Role::Functions.user().into(),
+        crate::nats::Role::Functions.password(),
+    )
+    .custom_inbox_prefix(&config.nats.nats_inbox_prefix)
+    .connect(nats.url())
+    .await
+    .expect("connect as functions");
+    Runtime::start(client, config, functions).await.expect("functions start")
 }
 
 /// The built-in functions `config` enables, as the binary runs them.

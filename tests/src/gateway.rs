@@ -6,6 +6,7 @@ use std::time::Duration;
 use herald_gateway::{Config, Gateway};
 use herald_shared::token::{Claims, issue_hs256, now_secs};
 
+use crate::nats::Role;
 use crate::{TestNats, WsClient, eventually};
 
 /// The HS256 secret test gateways accept.
@@ -132,6 +133,8 @@ pub fn test_config(nats_url: &str) -> Config {
         ..Config::default()
     };
     config.nats.nats_url = nats_url.to_string();
+    config.nats.nats_user = Some(Role::Gateway.user().to_string());
+    config.nats.nats_password = Some(Role::Gateway.password());
     config
 }
 

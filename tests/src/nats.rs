@@ -19,6 +19,37 @@ use crate::{free_port, workspace_root};
 
 const NATS_VERSION: &str = "2.15.1";
 
+/// The NATS users of `nats.conf`, with the passwords the tests give the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Gateway,
+    Functions,
+    Publisher,
+    Admin,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [Role::Gateway, Role::Functions, Role::Publisher, Role::Admin];
+
+    pub fn user(self) -> &'static str {
+        match self {
+            Role::Gateway => "gateway",
+            Role::Functions => "functions",
+            Role::Publisher => "publisher",
+            Role::Admin => "admin",
+        }
+    }
+
+    pub fn password(self) -> String {
+        format!("test-{}-password", self.user())
+    }
+
+    /// The environment variable nats.conf reads the password from.
+    fn password_variable(self) -> String {
+        format!("HERALD_NATS_{}_PASSWORD", self.user().to_uppercase())
+    }
+}
+
 /// A running NATS server.
 pub struct TestNats {
     port: u16,
@@ -38,16 +69,17 @@ impl TestNats {
             let image = image_name();
             let (name, tag) = image.split_once(':').expect("image is name:tag");
             let conf = workspace_root().join("nats.conf");
-            let container = GenericImage::new(name, tag)
+            let mut request = GenericImage::new(name, tag)
                 .with_wait_for(WaitFor::message_on_stderr("Server is ready"))
                 .with_exposed_port(4222.tcp())
                 .with_mapped_port(port, 4222.tcp())
                 .with_copy_to("/etc/herald/nats.conf", conf)
                 .with_cmd(["-c", "/etc/herald/nats.conf", "-sd", "/data/jetstream"])
-                .with_startup_timeout(Duration::from_secs(60))
-                .start()
-                .await
-                .expect("start the NATS container");
+                .with_startup_timeout(Duration::from_secs(60));
+            for role in Role::ALL {
+                request = request.with_env_var(role.password_variable(), role.password());
+            }
+            let container = request.start().await.expect("start the NATS container");
             TestNats { port, backend: Backend::Container(Box::new(container)) }
         } else {
             assert!(
@@ -67,12 +99,19 @@ impl TestNats {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    /// A plain client connection.
+    /// A connection as the admin user (allowed everything).
     pub async fn client(&self) -> async_nats::Client {
-        async_nats::connect(self.url()).await.expect("connect to NATS")
+        self.client_as(Role::Admin).await.expect("connect to NATS")
     }
 
-    /// A JetStream context on a new connection.
+    /// A connection as `role`'s user.
+    pub async fn client_as(&self, role: Role) -> Result<async_nats::Client, async_nats::ConnectError> {
+        async_nats::ConnectOptions::with_user_and_password(role.user().into(), role.password())
+            .connect(self.url())
+            .await
+    }
+
+    /// A JetStream context on a new admin connection.
     pub async fn jetstream(&self) -> async_nats::jetstream::Context {
         async_nats::jetstream::new(self.client().await)
     }
@@ -95,7 +134,11 @@ impl TestNats {
         match &self.backend {
             Backend::Container(container) => container.start().await.expect("start NATS again"),
             Backend::Process { child, store } => {
-                let spawned = Command::new(workspace_root().join(".tools/bin/nats-server"))
+                let mut command = Command::new(workspace_root().join(".tools/bin/nats-server"));
+                for role in Role::ALL {
+                    command.env(role.password_variable(), role.password());
+                }
+                let spawned = command
                     .args(["-c", workspace_root().join("nats.conf").to_str().unwrap()])
                     .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-m", "0", "-sd", store.to_str().unwrap()])
                     .stdout(Stdio::null())
@@ -106,7 +149,7 @@ impl TestNats {
             }
         }
         crate::eventually("NATS accepting clients", Duration::from_secs(30), || async {
-            async_nats::connect(self.url()).await.ok().map(|_| ())
+            self.client_as(Role::Admin).await.ok().map(|_| ())
         })
         .await;
     }

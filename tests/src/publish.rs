@@ -10,8 +10,10 @@ pub struct Publisher {
 }
 
 impl Publisher {
+    /// Publishes as the `publisher` user, as a backend would.
     pub async fn new(nats: &crate::TestNats) -> Publisher {
-        Publisher { js: nats.jetstream().await }
+        let client = nats.client_as(crate::nats::Role::Publisher).await.expect("connect as publisher");
+        Publisher { js: jetstream::new(client) }
     }
 
     /// Publishes `body` to `subject` and returns its stream sequence.

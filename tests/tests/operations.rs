@@ -12,6 +12,8 @@ async fn api_gateway(nats: &TestNats) -> TestGateway {
     TestGateway::start_with(nats, |c| {
         c.api_listen = Some("127.0.0.1:0".parse().unwrap());
         c.api_keys = vec!["other-key".into(), KEY.into()];
+        c.api_nats_user = Some(herald_tests::nats::Role::Publisher.user().into());
+        c.api_nats_password = Some(herald_tests::nats::Role::Publisher.password());
         c.api_max_body_bytes = 4096;
     })
     .await

@@ -70,7 +70,7 @@ async fn muted_kinds_are_not_delivered_and_unmuting_takes_effect_live() {
     let nats = TestNats::start().await;
     let gateway = TestGateway::start(&nats).await;
     let publisher = Publisher::new(&nats).await;
-    let prefs = publisher.jetstream().get_key_value("herald-prefs").await.unwrap();
+    let prefs = nats.jetstream().await.get_key_value("herald-prefs").await.unwrap();
     prefs.put("pia", Bytes::from_static(br#"{"muted":["marketing"]}"#)).await.unwrap();
     let mut client = gateway.connect("pia").await;
 

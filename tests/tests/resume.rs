@@ -121,9 +121,10 @@ async fn aged_out_messages_are_reported_with_complete_false() {
     let gateway = TestGateway::start_with(&nats, |c| c.stream.stream_max_age = std::time::Duration::from_secs(1)).await;
     let publisher = Publisher::new(&nats).await;
     let old = publisher.publish("push.user.eve", "old").await;
+    let admin = nats.jetstream().await;
     // Wait until the stream dropped it (max age), then publish a fresh one.
     herald_tests::eventually("the old message aged out", std::time::Duration::from_secs(30), || async {
-        let info = publisher.jetstream().get_stream("HERALD").await.ok()?.cached_info().state.clone();
+        let info = admin.get_stream("HERALD").await.ok()?.cached_info().state.clone();
         (info.first_sequence > old).then_some(())
     })
     .await;

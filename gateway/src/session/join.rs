@@ -44,15 +44,20 @@ pub(super) async fn open(session: &Session) -> Result<(), Close> {
             let report = replay(session, &session.audiences(), since, bounds, Order::InOrder).await?;
             // The client has everything up to `since`: a held live duplicate of it is dropped.
             session.outbox().advance_to(since.min(bounds.last));
+            session.outbox().complete_through(bounds.last);
             session.send(&report.frame(since, None));
         }
         Resume::NewDevice => {
             // Live from the welcome on; the device's cursor starts here, so that a reconnect
             // without `since` before any ack still replays what it missed meanwhile.
             session.outbox().advance_to(bounds.last);
+            session.outbox().complete_through(bounds.last);
             session.shared.cursors.start_device(&session.user, &session.device, bounds.last).await;
         }
-        Resume::Live => session.outbox().advance_to(bounds.last),
+        Resume::Live => {
+            session.outbox().advance_to(bounds.last);
+            session.outbox().complete_through(bounds.last);
+        }
     }
     session.outbox().release(Vec::new());
     Ok(())
@@ -93,6 +98,7 @@ pub(super) async fn repair(session: &Session) -> Result<(), Close> {
     if !report.complete {
         return Err(Close::new(close_code::SLOW_CONSUMER, "messages missed: reconnect with since"));
     }
+    session.outbox().complete_through(bounds.last);
     session.outbox().release(Vec::new());
     Ok(())
 }
