@@ -2,7 +2,7 @@
 //! Loaded from defaults, an optional TOML file, `HERALD_*` environment variables and flags
 //! (see `herald_shared::config`).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -80,6 +80,27 @@ pub struct Config {
     pub rpc_rate: f64,
     /// `rpc` calls a connection may make at once above the rate. Default 40.
     pub rpc_burst: f64,
+    /// Browser origins allowed to open sockets (e.g. `https://app.example.com`); others get 403. A
+    /// request without `Origin` (not a browser) is always allowed. Default empty: any origin.
+    pub allowed_origins: Vec<String>,
+    /// Most sockets this gateway holds; more get 503. Default 0: no limit.
+    pub max_connections: usize,
+    /// Most sockets from one client address; more get 429. Default 0: no limit.
+    pub max_connections_per_address: usize,
+    /// Proxies whose `X-Forwarded-For` names the client address (for logs and per-address limits).
+    /// Default empty: the peer's address is the client's.
+    pub trusted_proxies: Vec<IpAddr>,
+    /// Address of the HTTP API (`/v1/publish`, `/v1/disconnect`, `/v1/presence`). Default none: off.
+    pub api_listen: Option<SocketAddr>,
+    /// Keys the HTTP API accepts (`Authorization: Bearer <key>` or `X-Api-Key`); required with
+    /// `api_listen`. Default empty.
+    pub api_keys: Vec<String>,
+    /// Largest HTTP API request body; bigger gets 413. Default 1 MiB.
+    pub api_max_body_bytes: usize,
+    /// How long scatter-gather questions to all gateways (presence, disconnect) collect answers.
+    /// Default `250ms`.
+    #[serde(with = "humantime_serde")]
+    pub gather_window: Duration,
 }
 
 impl Default for Config {
@@ -106,6 +127,14 @@ impl Default for Config {
             rpc_timeout: Duration::from_secs(5),
             rpc_rate: 20.0,
             rpc_burst: 40.0,
+            allowed_origins: Vec::new(),
+            max_connections: 0,
+            max_connections_per_address: 0,
+            trusted_proxies: Vec::new(),
+            api_listen: None,
+            api_keys: Vec::new(),
+            api_max_body_bytes: 1 << 20,
+            gather_window: Duration::from_millis(250),
         }
     }
 }
@@ -117,6 +146,22 @@ impl Config {
             (Some(secret), _) => Some(secret.clone()),
             (None, true) => Some(DEV_SECRET.to_string()),
             (None, false) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every setting is documented in the README's configuration table.
+    #[test]
+    fn the_readme_documents_every_key() {
+        let readme = include_str!("../../README.md");
+        let config = Config { api_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))), ..Config::default() };
+        let keys = serde_json::to_value(config).expect("config serializes");
+        for key in keys.as_object().expect("a flat map").keys() {
+            assert!(readme.contains(&format!("`{key}`")), "README.md lacks the setting `{key}`");
         }
     }
 }

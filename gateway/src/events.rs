@@ -5,7 +5,9 @@
 use std::sync::Arc;
 
 use futures::StreamExt;
-use herald_shared::subject::{EVENTS_CONNECT, EVENTS_DISCONNECT, PRESENCE_GATHER};
+use herald_shared::frame::close_code;
+use herald_shared::id::{IdKind, check_id};
+use herald_shared::subject::{ADMIN_DISCONNECT, EVENTS_CONNECT, EVENTS_DISCONNECT, PRESENCE_GATHER};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -94,5 +96,46 @@ pub(crate) async fn answer_presence(
             "user_connections": user_connections,
         });
         let _ = client.publish(reply, answer.to_string().into()).await;
+    }
+}
+
+#[derive(Deserialize)]
+struct DisconnectOrder {
+    user: String,
+    #[serde(default)]
+    conn: Option<String>,
+}
+
+/// Closes the local sockets an operator asked to disconnect (4003), answering how many, until
+/// `shutdown`.
+pub(crate) async fn answer_disconnects(
+    client: async_nats::Client,
+    registry: Arc<Registry>,
+    node: String,
+    shutdown: CancellationToken,
+) {
+    let mut orders = match client.subscribe(ADMIN_DISCONNECT).await {
+        Ok(subscriber) => subscriber,
+        Err(error) => {
+            warn!(%error, "disconnect orders will not be answered");
+            return;
+        }
+    };
+    loop {
+        let order = tokio::select! {
+            order = orders.next() => order,
+            _ = shutdown.cancelled() => return,
+        };
+        let Some(order) = order else { return };
+        let Ok(wanted) = serde_json::from_slice::<DisconnectOrder>(&order.payload) else { continue };
+        if check_id(IdKind::User, &wanted.user).is_err() {
+            continue;
+        }
+        let close = Close::new(close_code::DISCONNECTED, "disconnected by an operator");
+        let closed = registry.close_matching(&wanted.user, wanted.conn.as_deref(), &close);
+        if let Some(reply) = order.reply {
+            let answer = serde_json::json!({"node": node, "closed": closed});
+            let _ = client.publish(reply, answer.to_string().into()).await;
+        }
     }
 }

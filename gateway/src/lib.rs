@@ -5,14 +5,17 @@
 //! for queues it, and each socket's [`writer`] sends it. [`session`] owns a connection's life,
 //! [`reader`] its inbound frames, [`auth`] what happens before the upgrade, [`server`] the HTTP side.
 
+mod api;
 mod auth;
 pub mod config;
 mod cursor;
 mod delivery;
 mod dispatch;
 mod events;
+mod gather;
 mod health;
 mod id;
+mod limits;
 mod merge;
 mod metrics;
 mod outbox;
@@ -68,6 +71,7 @@ pub(crate) struct Shared {
     pub(crate) registry: Arc<Registry>,
     pub(crate) policies: Arc<Policies>,
     pub(crate) prefs: Arc<Prefs>,
+    pub(crate) limits: Arc<limits::Limits>,
     /// Cancelled when the gateway starts draining.
     pub(crate) shutdown: CancellationToken,
     /// Cancelled when the gateway stops at once, dropping sockets without a close frame.
@@ -87,11 +91,14 @@ pub enum StartError {
     Listen { addr: SocketAddr, error: std::io::Error },
     #[error("bad NATS settings: {0}")]
     Nats(String),
+    #[error("api_listen is set but api_keys is empty")]
+    NoApiKeys,
 }
 
 /// A running gateway.
 pub struct Gateway {
     local_addr: SocketAddr,
+    api_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     killed: CancellationToken,
     stopped: JoinHandle<()>,
@@ -106,6 +113,13 @@ impl Gateway {
             .await
             .map_err(|error| StartError::Listen { addr: config.listen, error })?;
         let local_addr = listener.local_addr().map_err(|error| StartError::Listen { addr: config.listen, error })?;
+        if config.api_listen.is_some() && config.api_keys.is_empty() {
+            return Err(StartError::NoApiKeys);
+        }
+        let api_listener = api::bind(config.api_listen)
+            .await
+            .map_err(|error| StartError::Listen { addr: config.api_listen.unwrap_or(config.listen), error })?;
+        let api_addr = api_listener.as_ref().and_then(|l| l.local_addr().ok());
         let connected = Arc::new(tokio::sync::Notify::new());
         let (events, event_queue) = tokio::sync::mpsc::unbounded_channel();
         let control = {
@@ -140,6 +154,7 @@ impl Gateway {
             registry: Arc::new(Registry::default()),
             policies: Arc::new(Policies::new(config.session_policy, js.clone())),
             prefs: Arc::new(Prefs::new(js.clone())),
+            limits: Arc::new(limits::Limits::new(config.max_connections, config.max_connections_per_address)),
             config,
             client: control,
             js,
@@ -151,14 +166,22 @@ impl Gateway {
             sessions: TaskTracker::new(),
         });
         start_background_tasks(&shared, event_queue);
+        if let Some(api_listener) = api_listener {
+            tokio::spawn(api::serve(shared.clone(), api_listener));
+        }
         info!(addr = %local_addr, node = %shared.config.node_id, "gateway listening");
         let stopped = tokio::spawn(run(shared, listener));
-        Ok(Gateway { local_addr, shutdown, killed, stopped })
+        Ok(Gateway { local_addr, api_addr, shutdown, killed, stopped })
     }
 
     /// The address the gateway listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address of the HTTP API, when enabled.
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api_addr
     }
 
     /// Starts a graceful shutdown: no new connections, every socket closed with 1012, NATS drained.
@@ -191,6 +214,12 @@ fn start_background_tasks(shared: &Arc<Shared>, mut events: tokio::sync::mpsc::U
     ));
     tokio::spawn(shared.policies.clone().run(shared.health.clone(), shutdown.clone()));
     tokio::spawn(events::answer_presence(
+        shared.client.clone(),
+        shared.registry.clone(),
+        shared.config.node_id.clone(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(events::answer_disconnects(
         shared.client.clone(),
         shared.registry.clone(),
         shared.config.node_id.clone(),

@@ -4,11 +4,14 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use crate::outbox::{Close, Outbox};
+
 /// One open session.
 #[derive(Clone)]
 pub(crate) struct LocalSession {
     pub(crate) conn: String,
     pub(crate) user: Arc<str>,
+    pub(crate) outbox: Arc<Outbox>,
 }
 
 #[derive(Default)]
@@ -70,6 +73,16 @@ impl Registry {
         let inner = self.lock();
         Counts { users: inner.by_user.len(), connections: inner.by_conn.len() }
     }
+
+    /// Closes every session of `user` (or only connection `conn`) with `close`; returns how many.
+    pub(crate) fn close_matching(&self, user: &str, conn: Option<&str>, close: &Close) -> usize {
+        let sessions: Vec<LocalSession> =
+            self.of_user(user).into_iter().filter(|s| conn.is_none_or(|c| c == s.conn)).collect();
+        for session in &sessions {
+            session.outbox.close(close.clone());
+        }
+        sessions.len()
+    }
 }
 
 #[cfg(test)]
@@ -77,7 +90,7 @@ mod tests {
     use super::*;
 
     fn session(conn: &str, user: &str) -> LocalSession {
-        LocalSession { conn: conn.into(), user: user.into() }
+        LocalSession { conn: conn.into(), user: user.into(), outbox: Arc::new(Outbox::new(64)) }
     }
 
     #[test]
@@ -88,6 +101,9 @@ mod tests {
         registry.insert(session("c3", "bob"));
         assert_eq!(registry.counts(), Counts { users: 2, connections: 3 });
         assert_eq!(registry.of_user("alice").len(), 2);
+        assert_eq!(registry.close_matching("alice", Some("c2"), &Close::new(4003, "bye")), 1);
+        assert_eq!(registry.of_user("alice").iter().filter(|s| s.outbox.close_reason().is_some()).count(), 1);
+        assert_eq!(registry.close_matching("bob", None, &Close::new(4003, "bye")), 1);
         registry.remove("c1");
         registry.remove("c2");
         assert!(!registry.has_user("alice"));

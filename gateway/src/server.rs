@@ -2,6 +2,7 @@
 //! page and, in dev mode, `/dev/token`).
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -17,6 +18,7 @@ use tracing::debug;
 
 use crate::Shared;
 use crate::auth::{self, Rejection};
+use crate::limits::{self, LimitExceeded};
 use crate::policy::PolicyError;
 use crate::session;
 
@@ -43,7 +45,7 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |request| route(shared.clone(), request));
+            let service = service_fn(move |request| route(shared.clone(), request, peer));
             let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service).with_upgrades();
             if let Err(error) = connection.await {
                 debug!(%peer, %error, "http connection ended with an error");
@@ -52,9 +54,9 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
-async fn route(shared: Arc<Shared>, request: Request<Incoming>) -> Result<HttpResponse, Infallible> {
+async fn route(shared: Arc<Shared>, request: Request<Incoming>, peer: SocketAddr) -> Result<HttpResponse, Infallible> {
     let response = match (request.method(), request.uri().path()) {
-        (&Method::GET, "/ws") => websocket(shared, request).await,
+        (&Method::GET, "/ws") => websocket(shared, request, peer).await,
         (&Method::GET, "/healthz") => json(StatusCode::OK, serde_json::json!({"ok": true})),
         (&Method::GET, "/readyz") => readyz(&shared),
         (&Method::GET, "/metrics") => {
@@ -70,7 +72,7 @@ async fn route(shared: Arc<Shared>, request: Request<Incoming>) -> Result<HttpRe
     Ok(response)
 }
 
-async fn websocket(shared: Arc<Shared>, mut request: Request<Incoming>) -> HttpResponse {
+async fn websocket(shared: Arc<Shared>, mut request: Request<Incoming>, peer: SocketAddr) -> HttpResponse {
     if !shared.health.ready() {
         return rejection(&Rejection::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -85,6 +87,25 @@ async fn websocket(shared: Arc<Shared>, mut request: Request<Incoming>) -> HttpR
             "GET /ws needs a WebSocket upgrade",
         ));
     }
+    if let Some(origin) = refused_origin(&shared.config.allowed_origins, &request) {
+        let reason = format!("origin {origin} is not allowed");
+        return rejection(&Rejection::new(StatusCode::FORBIDDEN, "forbidden_origin", reason));
+    }
+    let address = limits::client_address(peer.ip(), request.headers(), &shared.config.trusted_proxies);
+    let permit = match shared.limits.admit(address) {
+        Ok(permit) => permit,
+        Err(LimitExceeded::Gateway) => {
+            return rejection(&Rejection::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_connections",
+                "this gateway is full",
+            ));
+        }
+        Err(LimitExceeded::Address) => {
+            let reason = format!("too many connections from {address}");
+            return rejection(&Rejection::new(StatusCode::TOO_MANY_REQUESTS, "too_many_connections", reason));
+        }
+    };
     let connect = match auth::authorize(&request, &shared.verifier) {
         Ok(connect) => connect,
         Err(refused) => return rejection(&refused),
@@ -105,8 +126,10 @@ async fn websocket(shared: Arc<Shared>, mut request: Request<Incoming>) -> HttpR
     }
     let tracker = shared.sessions.clone();
     tracker.spawn(async move {
+        // The place taken under the connection limits is held for the session's whole life.
+        let _permit = permit;
         match upgrade.await {
-            Ok(socket) => session::run(shared, socket.into_inner().into_inner(), connect, conn).await,
+            Ok(socket) => session::run(shared, socket.into_inner().into_inner(), connect, conn, address).await,
             Err(error) => {
                 debug!(%error, "upgrade failed");
                 shared.policies.cancel_reservation(&connect.claims.sub, &conn).await;
@@ -114,6 +137,13 @@ async fn websocket(shared: Arc<Shared>, mut request: Request<Incoming>) -> HttpR
         }
     });
     response.map(|_| Full::new(Bytes::new()))
+}
+
+/// The request's `Origin` when an allow-list is configured and does not contain it.
+fn refused_origin<B>(allowed: &[String], request: &Request<B>) -> Option<String> {
+    let origin = request.headers().get(hyper::header::ORIGIN)?.to_str().unwrap_or("?");
+    let allowed = allowed.is_empty() || allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin));
+    (!allowed).then(|| origin.to_string())
 }
 
 fn readyz(shared: &Shared) -> HttpResponse {

@@ -27,6 +27,9 @@ pub const KV_SESSIONS: &str = "herald-sessions";
 /// Gateways answer presence questions here (scatter-gather: every gateway replies).
 pub const PRESENCE_GATHER: &str = "herald.presence.gather";
 
+/// Gateways close the sockets of a user (or one connection) asked for here, and answer how many.
+pub const ADMIN_DISCONNECT: &str = "herald.admin.disconnect";
+
 /// Headers the stream and publishers set.
 pub mod header {
     pub const NATS_SEQUENCE: &str = "Nats-Sequence";

@@ -15,6 +15,8 @@ pub const SECRET: &str = "herald-test-secret";
 pub struct TestGateway {
     gateway: Option<Gateway>,
     pub addr: SocketAddr,
+    /// The HTTP API's address, when `api_listen` was set.
+    pub api_addr: Option<SocketAddr>,
     pub config: Config,
 }
 
@@ -30,8 +32,8 @@ impl TestGateway {
         let mut config = test_config(&nats.url());
         adjust(&mut config);
         let gateway = Gateway::start(config.clone()).await.expect("gateway starts");
-        let addr = gateway.local_addr();
-        let gateway = TestGateway { gateway: Some(gateway), addr, config };
+        let (addr, api_addr) = (gateway.local_addr(), gateway.api_addr());
+        let gateway = TestGateway { gateway: Some(gateway), addr, api_addr, config };
         gateway.wait_ready().await;
         gateway
     }
@@ -44,6 +46,11 @@ impl TestGateway {
     /// `http://…<path>`.
     pub fn http_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// `http://<api>/<path>` of the HTTP API.
+    pub fn api_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.api_addr.expect("the gateway has an HTTP API"))
     }
 
     /// Connects `user` (device `default`) and reads its `welcome`.

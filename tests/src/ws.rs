@@ -49,6 +49,27 @@ impl WsClient {
         }
     }
 
+    /// Opens a WebSocket with extra request headers (`Origin`, `X-Forwarded-For`, …).
+    pub async fn connect_with_headers(url: &str, headers: &[(&str, &str)]) -> Result<WsClient, Refused> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = url.into_client_request().expect("a valid URL");
+        for (name, value) in headers {
+            request.headers_mut().insert(
+                tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+        }
+        match tokio_tungstenite::connect_async(request).await {
+            Ok((stream, _)) => Ok(WsClient { stream, welcome: None }),
+            Err(Error::Http(response)) => Err(Refused {
+                status: response.status().as_u16(),
+                body: serde_json::from_slice(response.body().as_deref().unwrap_or_default())
+                    .unwrap_or(serde_json::Value::Null),
+            }),
+            Err(other) => panic!("cannot connect to {url}: {other}"),
+        }
+    }
+
     /// Opens a WebSocket; any failure (refusal, nothing listening) is an error.
     pub async fn try_connect(url: &str) -> Result<WsClient, String> {
         match tokio_tungstenite::connect_async(url).await {

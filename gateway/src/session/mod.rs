@@ -9,6 +9,7 @@ mod inbound;
 mod join;
 
 use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -98,7 +99,13 @@ impl Session {
 }
 
 /// Runs connection `conn` on `upgraded` until it closes.
-pub(crate) async fn run(shared: Arc<Shared>, upgraded: Upgraded, request: ConnectRequest, conn: String) {
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    upgraded: Upgraded,
+    request: ConnectRequest,
+    conn: String,
+    address: IpAddr,
+) {
     let (read_half, write_half) = split(upgraded);
     let outbox = Arc::new(Outbox::new(shared.config.outbound_queue_bytes));
     let writer = tokio::spawn(crate::writer::run(write_half, outbox.clone(), shared.config.write_batch_frames));
@@ -116,9 +123,9 @@ pub(crate) async fn run(shared: Arc<Shared>, upgraded: Upgraded, request: Connec
         started: Instant::now(),
         shared: shared.clone(),
     });
-    shared.registry.insert(LocalSession { conn: session.conn.clone(), user: session.user.clone() });
+    shared.registry.insert(LocalSession { conn: session.conn.clone(), user: session.user.clone(), outbox });
     shared.metrics.connections.inc();
-    info!(user = %session.user, device = %session.device, conn = %session.conn, "connected");
+    info!(user = %session.user, device = %session.device, conn = %session.conn, %address, "connected");
 
     let close = serve(&session, read_half, topic_queue).await;
     session.outbox().close(close.clone());

@@ -1,0 +1,160 @@
+//! Production operations at the gateway: the HTTP API for backends without NATS, the Origin
+//! allow-list, connection limits and trusted proxies.
+
+use herald_shared::frame::close_code;
+use herald_tests::gateway::token;
+use herald_tests::{TestGateway, TestNats, WsClient};
+use serde_json::{Value, json};
+
+const KEY: &str = "test-api-key";
+
+async fn api_gateway(nats: &TestNats) -> TestGateway {
+    TestGateway::start_with(nats, |c| {
+        c.api_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.api_keys = vec!["other-key".into(), KEY.into()];
+        c.api_max_body_bytes = 4096;
+    })
+    .await
+}
+
+async fn post(gateway: &TestGateway, path: &str, key: Option<&str>, body: String) -> (u16, Value) {
+    let mut request = reqwest::Client::new().post(gateway.api_url(path)).body(body);
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    let response = request.send().await.expect("the API answers");
+    (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn the_http_api_publishes_with_api_keys_and_refuses_bad_requests_clearly() {
+    let nats = TestNats::start().await;
+    let gateway = api_gateway(&nats).await;
+    let mut client = gateway.connect("42").await;
+
+    let message = json!({"to": {"user": "42"}, "data": {"text": "hi"}, "kind": "mail", "id": "order-7"});
+    let (status, body) = post(&gateway, "/v1/publish", Some(KEY), message.to_string()).await;
+    assert_eq!((status, body["duplicate"].as_bool()), (200, Some(false)));
+    let seq = body["seq"].as_u64().unwrap();
+    let msg = client.expect_msg().await;
+    assert_eq!((msg.seq, msg.kind.as_str(), msg.id.as_str()), (seq, "mail", "order-7"));
+    assert_eq!(msg.data, json!({"text": "hi"}));
+    // The same id again: stored once, reported as a duplicate, not delivered again.
+    let (status, body) = post(&gateway, "/v1/publish", Some(KEY), message.to_string()).await;
+    assert_eq!((status, body["seq"].as_u64(), body["duplicate"].as_bool()), (200, Some(seq), Some(true)));
+
+    // A batch: results in order.
+    let batch = json!([
+        {"to": {"user": "42"}, "data": "one"},
+        {"to": {"all": true}, "data": "two"},
+        {"to": {"topic": "news"}, "data": "three"},
+    ]);
+    let (status, body) = post(&gateway, "/v1/publish", Some(KEY), batch.to_string()).await;
+    assert_eq!(status, 200);
+    let seqs: Vec<u64> = body["results"].as_array().unwrap().iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs.len(), 3);
+    assert_eq!(client.expect_msgs(2).await, seqs[..2].to_vec());
+
+    for (case, key, body, status, error) in [
+        ("no key", None, message.to_string(), 401, "unauthorized"),
+        ("unknown key", Some("guess"), message.to_string(), 401, "unauthorized"),
+        ("wildcard user", Some(KEY), json!({"to": {"user": "*"}}).to_string(), 400, "bad_request"),
+        ("dotted user", Some(KEY), json!({"to": {"user": "a.b"}}).to_string(), 400, "bad_request"),
+        ("unknown target", Some(KEY), json!({"to": {"group": "x"}}).to_string(), 400, "bad_request"),
+        ("not JSON", Some(KEY), "{oops".to_string(), 400, "bad_request"),
+        ("empty batch", Some(KEY), "[]".to_string(), 400, "bad_request"),
+        ("oversized", Some(KEY), json!({"to": {"all": true}, "data": "x".repeat(5000)}).to_string(), 413, "too_large"),
+    ] {
+        let (got, body) = post(&gateway, "/v1/publish", key, body).await;
+        assert_eq!((got, body["error"].as_str()), (status, Some(error)), "{case}: {body}");
+    }
+    let (status, body) = post(&gateway, "/v1/nothing", Some(KEY), "{}".into()).await;
+    assert_eq!((status, body["error"].as_str()), (404, Some("not_found")));
+}
+
+#[tokio::test]
+async fn presence_and_disconnect_span_every_gateway() {
+    let nats = TestNats::start().await;
+    let gateway = api_gateway(&nats).await;
+    let other = TestGateway::start(&nats).await;
+    let mut on_api_gateway = gateway.connect("zoe").await;
+    let mut on_other = other.connect_with(&format!("token={}&device=phone", token("zoe"))).await;
+    let _bystander = other.connect("yan").await;
+
+    let presence = |user: &'static str| {
+        let url = gateway.api_url(&format!("/v1/presence/{user}"));
+        async move {
+            let response = reqwest::Client::new().get(url).bearer_auth(KEY).send().await.unwrap();
+            (response.status().as_u16(), response.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, body) = presence("zoe").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (body["online"].as_bool(), body["connections"].as_u64(), body["gateways"].as_u64()),
+        (Some(true), Some(2), Some(2))
+    );
+    let (_, body) = presence("nobody").await;
+    assert_eq!((body["online"].as_bool(), body["connections"].as_u64()), (Some(false), Some(0)));
+    let (status, _) = presence("a.b").await;
+    assert_eq!(status, 400);
+
+    let (status, body) = post(&gateway, "/v1/disconnect", Some(KEY), json!({"user": "zoe"}).to_string()).await;
+    assert_eq!((status, body["disconnected"].as_u64()), (200, Some(2)));
+    assert_eq!(on_api_gateway.expect_close().await.map(|c| c.0), Some(close_code::DISCONNECTED));
+    assert_eq!(on_other.expect_close().await.map(|c| c.0), Some(close_code::DISCONNECTED));
+    other.wait_metric("herald_gateway_connections", 1.0).await;
+    let (_, body) = presence("zoe").await;
+    assert_eq!(body["connections"].as_u64(), Some(0));
+}
+
+#[tokio::test]
+async fn only_allowed_origins_may_open_sockets() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start_with(&nats, |c| c.allowed_origins = vec!["https://app.example.com".into()]).await;
+    let url = gateway.ws_url(&format!("token={}", token("ava")));
+    let refused = WsClient::connect_with_headers(&url, &[("Origin", "https://evil.example.net")]).await.err().unwrap();
+    assert_eq!((refused.status, refused.body["error"].as_str()), (403, Some("forbidden_origin")));
+    let mut allowed = WsClient::connect_with_headers(&url, &[("Origin", "https://app.example.com")]).await.unwrap();
+    allowed.expect_welcome().await;
+    // Not a browser (no Origin): allowed.
+    let mut server_side = WsClient::connect(&url).await.unwrap();
+    server_side.expect_welcome().await;
+}
+
+#[tokio::test]
+async fn connection_limits_per_gateway_and_per_address_with_trusted_proxies() {
+    let nats = TestNats::start().await;
+    let limited = TestGateway::start_with(&nats, |c| c.max_connections = 2).await;
+    let _one = limited.connect("u1").await;
+    let _two = limited.connect("u2").await;
+    let refused = WsClient::connect(&limited.ws_url(&format!("token={}", token("u3")))).await.err().unwrap();
+    assert_eq!((refused.status, refused.body["error"].as_str()), (503, Some("too_many_connections")));
+    drop(_one);
+    limited.wait_metric("herald_gateway_connections", 1.0).await;
+    let _three = limited.connect("u3").await;
+
+    // One socket per address; the test runs behind a "proxy" at 127.0.0.1 that it trusts.
+    let proxied = TestGateway::start_with(&nats, |c| {
+        c.max_connections_per_address = 1;
+        c.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
+    })
+    .await;
+    let url = |user: &str| proxied.ws_url(&format!("token={}", token(user)));
+    let mut first = WsClient::connect_with_headers(&url("p1"), &[("X-Forwarded-For", "203.0.113.1")]).await.unwrap();
+    first.expect_welcome().await;
+    let mut second = WsClient::connect_with_headers(&url("p2"), &[("X-Forwarded-For", "203.0.113.2")]).await.unwrap();
+    second.expect_welcome().await;
+    let refused =
+        WsClient::connect_with_headers(&url("p3"), &[("X-Forwarded-For", "203.0.113.1")]).await.err().unwrap();
+    assert_eq!(refused.status, 429);
+
+    // Without trusting the proxy, the header counts for nothing: every socket is 127.0.0.1's.
+    let direct = TestGateway::start_with(&nats, |c| c.max_connections_per_address = 1).await;
+    let url = |user: &str| direct.ws_url(&format!("token={}", token(user)));
+    let mut only = WsClient::connect_with_headers(&url("d1"), &[("X-Forwarded-For", "203.0.113.1")]).await.unwrap();
+    only.expect_welcome().await;
+    let refused =
+        WsClient::connect_with_headers(&url("d2"), &[("X-Forwarded-For", "203.0.113.2")]).await.err().unwrap();
+    assert_eq!((refused.status, refused.body["error"].as_str()), (429, Some("too_many_connections")));
+}
