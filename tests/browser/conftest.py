@@ -1,5 +1,5 @@
-"""Fixtures for the real-browser tests: a NATS server, a dev-mode gateway, Debian's chromium, a push
-function written with nats-py.
+"""Fixtures for the real-browser tests: a NATS server and a nats-py client of it (publishing, push
+functions), a dev-mode gateway, Debian's chromium.
 
 See README.md. Every test gets its own browser context (fresh storage) and its own user id.
 With HERALD_REQUIRE_BROWSER=1 (CI) a missing chromium, nats-server or gateway binary fails the tests
@@ -23,6 +23,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import nats as nats_py
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
@@ -58,10 +59,13 @@ def find_binary(env, *candidates):
     pytest.skip(message)
 
 
-def wait_http(url, timeout=20.0):
-    """Polls an HTTP endpoint until it answers 200 (process start-up, not page behaviour)."""
+def wait_http(url, process, timeout=20.0):
+    """Polls an HTTP endpoint of a process just started until it answers 200 (process start-up, not
+    page behaviour); fails at once if the process exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited with status {process.returncode} before {url} answered")
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
@@ -73,7 +77,7 @@ def wait_http(url, timeout=20.0):
 
 
 @pytest.fixture(scope="session")
-def nats(tmp_path_factory):
+def nats_server(tmp_path_factory):
     """A NATS server with JetStream on a free port, started from nats.conf; yields its URL."""
     binary = find_binary("HERALD_NATS_SERVER", ROOT / ".tools/bin/nats-server", shutil.which("nats-server"))
     port, monitor = free_port(), free_port()
@@ -83,14 +87,79 @@ def nats(tmp_path_factory):
         [binary, "-c", str(ROOT / "nats.conf"), "-a", "127.0.0.1", "-p", str(port), "-m", str(monitor), "-sd", str(store)],
         stdout=log, stderr=subprocess.STDOUT,
     )
-    wait_http(f"http://127.0.0.1:{monitor}/healthz?js-enabled-only=true")
+    wait_http(f"http://127.0.0.1:{monitor}/healthz?js-enabled-only=true", process)
     yield f"nats://127.0.0.1:{port}"
     process.terminate()
     process.wait(timeout=10)
+    log.close()
+
+
+class Nats:
+    """The tests' own NATS client (nats-py) on an event loop in a thread of its own (the tests and
+    Playwright are synchronous): publishes with JetStream like a backend, serves push functions."""
+
+    def __init__(self, url):
+        self.url = url
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="nats-py", daemon=True)
+        self.thread.start()
+        self.client = self.run(nats_py.connect(url, name="herald browser tests"))
+        self.js = self.client.jetstream()
+
+    def run(self, coroutine, timeout=10):
+        """Runs a coroutine on the client's loop and returns its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def publish(self, subject, data, kind=None, msg_id=None):
+        """Publishes with JetStream (a dict is sent as JSON) and returns the stream seq from the PubAck."""
+        payload = (data if isinstance(data, str) else json.dumps(data)).encode()
+        headers = {name: value for name, value in (("Herald-Type", kind), ("Nats-Msg-Id", msg_id)) if value}
+        return self.run(self.js.publish(subject, payload, headers=headers or None)).seq
+
+    def serve(self, name, answer):
+        """Starts a push function on `herald.fn.<name>`; see PushFunction."""
+        return PushFunction(self, name, answer)
+
+    def close(self):
+        self.run(self.client.drain())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+class PushFunction:
+    """A push function: answers NATS requests on `herald.fn.<name>` with `answer(call)` (bytes), where
+    `call` is `{"data": <request body>, "headers": {...}}`. `calls` records each request."""
+
+    def __init__(self, nats, name, answer):
+        self.nats, self.answer = nats, answer
+        self.calls = []
+        self.subscription = nats.run(self._subscribe(f"herald.fn.{name}"))
+
+    async def _subscribe(self, subject):
+        async def handle(msg):
+            call = {"data": msg.data, "headers": dict(msg.headers or {})}
+            self.calls.append(call)
+            await msg.respond(self.answer(call))
+
+        subscription = await self.nats.client.subscribe(subject, cb=handle)
+        await self.nats.client.flush()  # the server knows the subscription before a test calls it
+        return subscription
+
+    def stop(self):
+        self.nats.run(self.subscription.unsubscribe())
+
+
+@pytest.fixture(scope="session")
+def nats(nats_server):
+    """A nats-py client of the test NATS server: `nats.publish(subject, data, kind=, msg_id=)` → seq."""
+    client = Nats(nats_server)
+    yield client
+    client.close()
 
 
 class Gateway:
-    """A dev-mode herald-gateway process; `restart()` stops it (1012 to every socket) and starts it again."""
+    """A dev-mode herald-gateway process, stopped and started again by the tests that need to."""
 
     def __init__(self, binary, nats_url, log_path):
         self.binary = binary
@@ -104,9 +173,12 @@ class Gateway:
         self.process = None
 
     def start(self):
-        log = open(self.log_path, "a")
-        self.process = subprocess.Popen([self.binary, "--dev", "--listen", self.addr], env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        wait_http(f"{self.url}/readyz")
+        """Starts it on its port (the same every time) and waits until it is ready (`/readyz`)."""
+        with open(self.log_path, "a") as log:
+            self.process = subprocess.Popen(
+                [self.binary, "--dev", "--listen", self.addr], env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
+        wait_http(f"{self.url}/readyz", self.process)
 
     def stop(self):
         """SIGTERM (graceful: every socket is closed with 1012); returns the exit status."""
@@ -115,12 +187,9 @@ class Gateway:
             self.process.wait(timeout=20)
         return self.process.returncode if self.process else None
 
-    def restart(self):
-        self.stop()
-        self.start()
-
-    def publish(self, subject, data, kind=None, msg_id=None):
-        """Publishes with `herald-gateway pub` (JetStream, straight to NATS) and returns the stream seq."""
+    def pub(self, subject, data, kind=None, msg_id=None):
+        """Publishes with `herald-gateway pub` (JetStream, straight to NATS; what the page's hint shows)
+        and returns the stream seq. `nats.publish` does the same without starting a process."""
         args = [self.binary, "pub", subject, data if isinstance(data, str) else json.dumps(data)]
         if kind:
             args += ["--kind", kind]
@@ -151,11 +220,11 @@ class Gateway:
 
 
 @pytest.fixture
-def gateway(nats, tmp_path):
+def gateway(nats_server, tmp_path):
     binary = find_binary(
         "HERALD_GATEWAY", ROOT / "target/debug/herald-gateway", ROOT / "target/release/herald-gateway"
     )
-    gateway = Gateway(binary, nats, tmp_path / "gateway.log")
+    gateway = Gateway(binary, nats_server, tmp_path / "gateway.log")
     gateway.start()
     yield gateway
     gateway.stop()
@@ -206,43 +275,6 @@ def user():
     return "u-" + uuid.uuid4().hex[:12]
 
 
-class PushFunction:
-    """A push function on `herald.fn.<name>`, written with nats-py and run on an event loop in a
-    thread of its own (the tests and Playwright are synchronous). `calls` records each request's
-    body and headers."""
-
-    def __init__(self, nats_url, name, answer):
-        self.nats_url, self.name, self.answer = nats_url, name, answer
-        self.calls = []
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name=f"fn-{name}", daemon=True)
-        self.client = None
-
-    def start(self):
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self._subscribe(), self.loop).result(timeout=10)
-
-    async def _subscribe(self):
-        import nats as nats_py
-
-        self.client = await nats_py.connect(self.nats_url, name=f"browser-test fn {self.name}")
-
-        async def handle(msg):
-            call = {"data": msg.data, "headers": dict(msg.headers or {})}
-            self.calls.append(call)
-            await msg.respond(self.answer(call))
-
-        await self.client.subscribe(f"herald.fn.{self.name}", cb=handle)
-        await self.client.flush()  # the subscription is known to the server before a test calls it
-
-    def stop(self):
-        if self.client is not None:
-            asyncio.run_coroutine_threadsafe(self.client.drain(), self.loop).result(timeout=10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        self.loop.close()
-
-
 @pytest.fixture
 def echo_function(nats):
     """`herald.fn.echo`: answers `{"echo": <request body>, "user": <Herald-User header>}`."""
@@ -250,8 +282,7 @@ def echo_function(nats):
     def answer(call):
         return json.dumps({"echo": json.loads(call["data"] or b"null"), "user": call["headers"].get("Herald-User")}).encode()
 
-    function = PushFunction(nats, "echo", answer)
-    function.start()
+    function = nats.serve("echo", answer)
     yield function
     function.stop()
 

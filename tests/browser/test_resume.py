@@ -9,41 +9,41 @@ from playwright.sync_api import expect
 from demo import Demo
 
 
-def test_gateway_restart_loses_nothing_and_shows_nothing_twice(page, gateway, user):
+def test_gateway_restart_loses_nothing_and_shows_nothing_twice(page, gateway, nats, user):
     demo = Demo(page, gateway).open(user)
     subject = f"push.user.{user}"
-    first = gateway.publish(subject, {"n": 1})
+    first = nats.publish(subject, {"n": 1})
     demo.wait_for_message(first)
 
     assert gateway.stop() == 0, "the gateway did not stop cleanly on SIGTERM"
     # The gateway said it was restarting: the client reconnects at once (and, the gateway being
     # down, keeps trying with backoff).
     expect(demo.log_entries("state", state="reconnecting", code=1012)).to_have_count(1)
-    while_down = [gateway.publish(subject, {"n": n}) for n in (2, 3, 4)]
+    while_down = [nats.publish(subject, {"n": n}) for n in (2, 3, 4)]
     gateway.start()  # same port
 
     demo.expect_state("open")
     assert demo.socket_params().get("since") == str(first)
     expect(demo.log_entries("replayed", count=3, **{"from": first + 1})).to_have_count(1)
-    last = gateway.publish(subject, {"n": 5})
+    last = nats.publish(subject, {"n": 5})
     demo.wait_for_message(last)
 
     assert demo.seqs() == [first, *while_down, last]
     assert demo.log_entries("state", code=1012).count() == 1
 
 
-def test_page_reload_resumes_from_local_storage(page, gateway, user):
+def test_page_reload_resumes_from_local_storage(page, gateway, nats, user):
     demo = Demo(page, gateway).open(user)
     subject = f"push.user.{user}"
-    before = [gateway.publish(subject, {"n": n}) for n in (1, 2)]
+    before = [nats.publish(subject, {"n": n}) for n in (1, 2)]
     demo.wait_for_message(before[-1])
 
     page.goto("about:blank")  # pagehide: the client acks and stores its last seq
-    away = gateway.publish(subject, {"n": 3})
+    away = nats.publish(subject, {"n": 3})
     demo.open(user)
 
     assert demo.socket_params().get("since") == str(before[-1]), "the resume point comes from localStorage"
     demo.wait_for_message(away)
-    last = gateway.publish(subject, {"n": 4})
+    last = nats.publish(subject, {"n": 4})
     demo.wait_for_message(last)
     assert demo.seqs() == [away, last]

@@ -11,7 +11,7 @@ from playwright.sync_api import expect
 from demo import Demo
 
 
-def test_screenshot_of_the_page_with_messages(page, gateway, user, echo_function, artifacts):
+def test_screenshot_of_the_page_with_messages(page, gateway, nats, user, echo_function, artifacts):
     page.set_viewport_size({"width": 1000, "height": 900})
     demo = Demo(page, gateway).open(user, device="laptop")
     topic = "news-" + uuid.uuid4().hex[:6]
@@ -19,10 +19,10 @@ def test_screenshot_of_the_page_with_messages(page, gateway, user, echo_function
     expect(demo.topic(topic)).to_have_attribute("data-state", "subscribed")
 
     seqs = [
-        gateway.publish(f"push.user.{user}", {"text": "Your order has shipped", "order": 1042}, kind="mail"),
-        gateway.publish(f"push.topic.{topic}", {"headline": "Herald 1.0 released"}, kind="news"),
-        gateway.publish(f"push.user.{user}", "plain text, not JSON"),
-        gateway.publish(f"push.user.{user}", {"from": "ana", "text": "lunch?"}, kind="chat"),
+        nats.publish(f"push.user.{user}", {"text": "Your order has shipped", "order": 1042}, kind="mail"),
+        nats.publish(f"push.topic.{topic}", {"headline": "Herald 1.0 released"}, kind="news"),
+        nats.publish(f"push.user.{user}", "plain text, not JSON"),
+        nats.publish(f"push.user.{user}", {"from": "ana", "text": "lunch?"}, kind="chat"),
     ]
     demo.wait_for_message(seqs[-1])
     assert demo.seqs() == seqs

@@ -16,7 +16,7 @@ from demo import Demo
 LIFETIME = 3
 
 
-def test_expired_token_is_renewed_and_the_connection_resumes(page, gateway, user):
+def test_expired_token_is_renewed_and_the_connection_resumes(page, gateway, nats, user):
     subject = f"push.user.{user}"
     issued = []  # (token, lifetime) in the order the page asked
     during_renewal = []
@@ -27,7 +27,7 @@ def test_expired_token_is_renewed_and_the_connection_resumes(page, gateway, user
         # published while the page has no connection.
         renewal = len(issued) >= 2
         if renewal and not during_renewal:
-            during_renewal.extend(gateway.publish(subject, {"n": n}) for n in (2, 3))
+            during_renewal.extend(nats.publish(subject, {"n": n}) for n in (2, 3))
         lifetime = 3600 if renewal else LIFETIME
         token = gateway.token(user, lifetime)
         issued.append((token, lifetime))
@@ -37,7 +37,7 @@ def test_expired_token_is_renewed_and_the_connection_resumes(page, gateway, user
     demo = Demo(page, gateway).open(user)
     first_token = demo.socket_params()["token"]
     assert (first_token, LIFETIME) in issued
-    first = gateway.publish(subject, {"n": 1})
+    first = nats.publish(subject, {"n": 1})
     demo.wait_for_message(first)
 
     # Nothing to do but wait for the expiry: bounded by the token's lifetime (plus the expect timeout).
@@ -47,7 +47,7 @@ def test_expired_token_is_renewed_and_the_connection_resumes(page, gateway, user
     assert params.get("since") == str(first)
     assert params["token"] == issued[2][0] and issued[2][1] == 3600, "reconnected with the renewed token"
     expect(demo.log_entries("replayed", count=2, **{"from": first + 1})).to_have_count(1)
-    last = gateway.publish(subject, {"n": 4})
+    last = nats.publish(subject, {"n": 4})
     demo.wait_for_message(last)
 
     assert demo.seqs() == [first, *during_renewal, last]

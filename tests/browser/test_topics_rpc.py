@@ -8,15 +8,15 @@ from playwright.sync_api import expect
 from demo import Demo
 
 
-def test_topic_subscribe_with_since_then_live_then_unsubscribe(page, gateway, user):
+def test_topic_subscribe_with_since_then_live_then_unsubscribe(page, gateway, nats, user):
     demo = Demo(page, gateway).open(user)
     topic = "news-" + uuid.uuid4().hex[:8]
-    stored = gateway.publish(f"push.topic.{topic}", {"headline": "before the subscription"})
+    stored = nats.publish(f"push.topic.{topic}", {"headline": "before the subscription"})
 
     demo.subscribe(topic, since=stored - 1)
     expect(demo.topic(topic)).to_have_attribute("data-state", "subscribed")
     expect(demo.log_entries("replayed", topic=topic, count=1)).to_have_count(1)
-    live = gateway.publish(f"push.topic.{topic}", {"headline": "live"}, kind="news")
+    live = nats.publish(f"push.topic.{topic}", {"headline": "live"}, kind="news")
     expect(demo.wait_for_message(live)).to_have_attribute("data-to", f"topic:{topic}")
     expect(demo.message(stored)).to_have_attribute("data-to", f"topic:{topic}")
     assert demo.seqs() == [stored, live]
@@ -24,13 +24,13 @@ def test_topic_subscribe_with_since_then_live_then_unsubscribe(page, gateway, us
     demo.topic(topic).get_by_test_id("topic-unsubscribe").click()
     expect(demo.log_entries("unsubscribed", topic=topic)).to_have_count(1)
     expect(demo.topic(topic)).to_have_count(0)
-    gateway.publish(f"push.topic.{topic}", {"headline": "after leaving"})
-    last = gateway.publish(f"push.user.{user}", {"text": "still connected"})
+    nats.publish(f"push.topic.{topic}", {"headline": "after leaving"})
+    last = nats.publish(f"push.user.{user}", {"text": "still connected"})
     demo.wait_for_message(last)
     assert demo.seqs() == [stored, live, last], "a topic message arrived after unsub"
 
 
-def test_rpc_round_trip_through_a_push_function(page, gateway, user, echo_function):
+def test_rpc_round_trip_through_a_push_function(page, gateway, nats, user, echo_function):
     demo = Demo(page, gateway).open(user)
 
     result = demo.call("echo", '{"text": "ping", "n": 1}')
