@@ -2,6 +2,7 @@
 
 import json
 import uuid
+from urllib.parse import urlparse
 
 from playwright.sync_api import expect
 
@@ -28,6 +29,28 @@ def test_topic_subscribe_with_since_then_live_then_unsubscribe(page, gateway, na
     last = nats.publish(f"push.user.{user}", {"text": "still connected"})
     demo.wait_for_message(last)
     assert demo.seqs() == [stored, live, last], "a topic message arrived after unsub"
+
+
+def test_a_topic_outside_the_token_claim_is_refused_and_the_connection_stays(page, gateway, nats, user):
+    # The page's token function gets tokens allowed only `news-*` (signed by the test).
+    page.route(
+        lambda url: urlparse(url).path == "/dev/token",
+        lambda route: route.fulfill(json={"user": user, "token": gateway.token(user, 3600, topics=["news-*"])}),
+    )
+    demo = Demo(page, gateway).open(user)
+
+    demo.subscribe("secret")
+    expect(demo.log_entries("error", code="forbidden", topic="secret")).to_have_count(1)
+    expect(demo.topic("secret")).to_have_count(0)
+    allowed = "news-" + uuid.uuid4().hex[:8]
+    demo.subscribe(allowed)
+    expect(demo.topic(allowed)).to_have_attribute("data-state", "subscribed")
+    nats.publish("push.topic.secret", {"text": "not for this user"})
+    seq = nats.publish(f"push.topic.{allowed}", {"text": "allowed"})
+    demo.wait_for_message(seq)
+    assert demo.seqs() == [seq]
+    demo.expect_state("open")
+    assert len(demo.sockets) == 1, "the refusal cost the connection"
 
 
 def test_rpc_round_trip_through_a_push_function(page, gateway, nats, user, echo_function):
