@@ -99,9 +99,11 @@ async fn publish(config: &Config, subject: String, data: String, id: Option<Stri
     if Audience::from_push_subject(&subject).is_none() {
         fail(format!("{subject}: not push.user.<id>, push.all or push.topic.<topic>"));
     }
+    // A publisher's tool: replies under the publishers' prefix, not the gateways'.
+    let nats = herald_shared::nats::NatsSettings { nats_inbox_prefix: "_INBOX".into(), ..config.nats.clone() };
     let connect = async {
-        let options = config.nats.options("herald-gateway pub").await?;
-        let addresses = config.nats.addresses()?;
+        let options = nats.options("herald-gateway pub").await?;
+        let addresses = nats.addresses()?;
         let client = options.connect(addresses).await?;
         Ok::<_, async_nats::Error>(async_nats::jetstream::new(client))
     };

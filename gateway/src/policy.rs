@@ -21,7 +21,7 @@ use herald_shared::stream::SESSIONS_MAX_AGE;
 use herald_shared::subject::KV_SESSIONS;
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::SessionPolicy;
 use crate::health::Health;
@@ -164,9 +164,13 @@ impl Policies {
                 SessionPolicy::Reject => self.refresh_slots(&health, &shutdown).await,
                 _ => self.watch_claims(&health, &mut last_revision, &shutdown).await,
             };
-            health.policy_watch.store(false, Ordering::Release);
+            let was_running = health.policy_watch.swap(false, Ordering::AcqRel);
             if let Err(error) = result {
-                warn!(%error, "session policy watch restarting");
+                if backoff.failed(was_running) {
+                    warn!(%error, "session policy watch restarting");
+                } else {
+                    debug!(%error, "session policy watch not running yet");
+                }
             }
             backoff.wait(&shutdown).await;
         }

@@ -12,7 +12,7 @@ use herald_shared::subject::KV_PREFS;
 use serde::Deserialize;
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::dispatch::Dispatcher;
 use crate::health::Health;
@@ -70,10 +70,15 @@ impl Prefs {
         let mut backoff = Backoff::default();
         let mut last_revision = 0;
         while !shutdown.is_cancelled() {
-            if let Err(error) = self.follow(&dispatcher, &registry, &health, &mut last_revision, &shutdown).await {
-                warn!(%error, "prefs watch restarting");
+            let result = self.follow(&dispatcher, &registry, &health, &mut last_revision, &shutdown).await;
+            let was_running = health.prefs_watch.swap(false, Ordering::AcqRel);
+            if let Err(error) = result {
+                if backoff.failed(was_running) {
+                    warn!(%error, "prefs watch restarting");
+                } else {
+                    debug!(%error, "prefs watch not running yet");
+                }
             }
-            health.prefs_watch.store(false, Ordering::Release);
             backoff.wait(&shutdown).await;
         }
     }

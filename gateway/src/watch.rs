@@ -13,15 +13,26 @@ pub(crate) async fn watch_from(bucket: &kv::Store, last_revision: u64) -> Result
 /// Waits 100 ms, then twice as long each time, up to 2 s.
 pub(crate) struct Backoff {
     next: Duration,
+    failures: u32,
 }
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff { next: Duration::from_millis(100) }
+        Backoff { next: Duration::from_millis(100), failures: 0 }
     }
 }
 
 impl Backoff {
+    /// Counts a failure; says whether it is worth a warning. The first few while starting are
+    /// expected (the buckets are created by the health check a moment later).
+    pub(crate) fn failed(&mut self, was_running: bool) -> bool {
+        if was_running {
+            *self = Backoff::default();
+        }
+        self.failures += 1;
+        was_running || self.failures > 10
+    }
+
     pub(crate) async fn wait(&mut self, shutdown: &CancellationToken) {
         tokio::select! {
             _ = tokio::time::sleep(self.next) => {}
