@@ -272,3 +272,20 @@ fn key_value(text: &str) -> Result<(String, String), String> {
     let (key, value) = text.split_once('=').ok_or_else(|| format!("{text}: expected KEY=VALUE"))?;
     Ok((key.to_string(), value.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_subcommand_parses() {
+        Cli::command().debug_assert();
+        let cli =
+            Cli::try_parse_from(["herald-bench", "all", "--idle-connections", "5", "--fanout-connections", "1,2"])
+                .unwrap();
+        let Command::All(all) = cli.command else { panic!("not all") };
+        assert_eq!((all.idle.connections, all.fanout.connections), (5, vec![1, 2]));
+        assert_eq!(all.common.targets, [TargetKind::Herald, TargetKind::NatsWs, TargetKind::Raw]);
+    }
+}

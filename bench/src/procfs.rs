@@ -33,6 +33,17 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok((utime + stime) as f64 / USER_HZ)
 }
 
+/// The kernel's count of connections dropped because a listener's accept queue was full
+/// (`TcpExt: ListenOverflows` in `/proc/net/netstat`). Counts every listener of the network
+/// namespace, not only the target's.
+pub fn listen_overflows() -> Result<u64> {
+    let netstat = std::fs::read_to_string("/proc/net/netstat")?;
+    let mut tcp_ext = netstat.lines().filter(|line| line.starts_with("TcpExt:"));
+    let (names, values) = (tcp_ext.next().context("no TcpExt header")?, tcp_ext.next().context("no TcpExt values")?);
+    let at = names.split_whitespace().position(|name| name == "ListenOverflows").context("no ListenOverflows")?;
+    values.split_whitespace().nth(at).context("short TcpExt line")?.parse().context("bad ListenOverflows")
+}
+
 /// Measures a process's CPU use over an interval, as a percentage of one core.
 #[derive(Debug, Clone, Copy)]
 pub struct CpuMeter {
@@ -120,5 +131,6 @@ mod tests {
         assert!(spin > 0);
         assert!(meter.percent().is_some());
         assert!(Machine::read().cpus > 0);
+        assert!(listen_overflows().is_ok());
     }
 }

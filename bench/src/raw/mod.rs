@@ -25,7 +25,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncReadExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use registry::Registry;
 
@@ -44,6 +44,10 @@ pub struct RawOptions {
     /// Most frames sent in one vectored write.
     #[arg(long, default_value_t = 64)]
     pub batch_frames: usize,
+    /// Listen backlog (the kernel caps it at net.core.somaxconn). `TcpListener::bind` would use
+    /// 128, which drops SYNs in a connect storm (each a 1 s retransmit).
+    #[arg(long, default_value_t = 4096)]
+    pub backlog: u32,
 }
 
 /// Runs the broadcaster until its stdin closes (the tool that started it is gone) or it fails.
@@ -60,12 +64,19 @@ pub async fn serve(options: RawOptions) -> Result<()> {
     client.flush().await?;
     tokio::spawn(feed(all, registry.clone()));
     tokio::spawn(feed(users, registry.clone()));
-    let listener = TcpListener::bind(options.listen).await.with_context(|| format!("listen on {}", options.listen))?;
+    let listener = listen(options.listen, options.backlog).with_context(|| format!("listen on {}", options.listen))?;
     let options = Arc::new(options);
     tokio::select! {
         result = accept_loop(listener, registry, options) => result,
         _ = stdin_closed() => Ok(()),
     }
+}
+
+fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 async fn accept_loop(listener: TcpListener, registry: Arc<Registry>, options: Arc<RawOptions>) -> Result<()> {

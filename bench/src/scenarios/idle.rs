@@ -15,10 +15,10 @@ use crate::targets::Target;
 #[derive(Debug, Clone, clap::Args, Serialize)]
 pub struct IdleOptions {
     /// Connections held idle.
-    #[arg(long = "idle-connections", default_value_t = 19_000)]
+    #[arg(id = "idle-connections", long = "idle-connections", value_name = "N", default_value_t = 19_000)]
     pub connections: usize,
     /// Seconds to wait after the last welcome before reading memory.
-    #[arg(long = "idle-settle-secs", default_value_t = 3.0)]
+    #[arg(id = "idle-settle-secs", long = "idle-settle-secs", value_name = "SECS", default_value_t = 3.0)]
     pub settle_secs: f64,
 }
 

@@ -23,10 +23,10 @@ const BURST_WINDOW: u64 = 1_000;
 #[derive(Debug, Clone, clap::Args, Serialize)]
 pub struct ReplayOptions {
     /// Messages to replay.
-    #[arg(long = "replay-messages", default_value_t = 100_000)]
+    #[arg(id = "replay-messages", long = "replay-messages", value_name = "N", default_value_t = 100_000)]
     pub messages: usize,
     /// Seconds the replay (or burst) may take.
-    #[arg(long = "replay-timeout-secs", default_value_t = 60.0)]
+    #[arg(id = "replay-timeout-secs", long = "replay-timeout-secs", value_name = "SECS", default_value_t = 60.0)]
     pub timeout_secs: f64,
 }
 

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use super::{Context, Outcome, progress, secs};
 use crate::client::{Fleet, FleetOptions, Percentiles};
+use crate::procfs::listen_overflows;
 use crate::publish;
 use crate::report::{Better, Measure, Report, Unit};
 use crate::targets::{Target, TargetKind};
@@ -17,19 +18,24 @@ use crate::targets::{Target, TargetKind};
 #[derive(Debug, Clone, clap::Args, Serialize)]
 pub struct StormOptions {
     /// Clients connecting at once.
-    #[arg(long = "storm-clients", default_value_t = 1_000)]
+    #[arg(id = "storm-clients", long = "storm-clients", value_name = "N", default_value_t = 1_000)]
     pub clients: usize,
     /// Messages published to every user between the two rounds (what the resume replays).
-    #[arg(long = "storm-backlog", default_value_t = 1)]
+    #[arg(id = "storm-backlog", long = "storm-backlog", value_name = "N", default_value_t = 1)]
     pub backlog: usize,
     /// Seconds a round may take until every client is welcomed.
-    #[arg(long = "storm-timeout-secs", default_value_t = 30.0)]
+    #[arg(id = "storm-timeout-secs", long = "storm-timeout-secs", value_name = "SECS", default_value_t = 30.0)]
     pub timeout_secs: f64,
     /// Seconds resuming clients may wait for `replayed` after all are welcomed.
-    #[arg(long = "storm-live-timeout-secs", default_value_t = 10.0)]
+    #[arg(
+        id = "storm-live-timeout-secs",
+        long = "storm-live-timeout-secs",
+        value_name = "SECS",
+        default_value_t = 10.0
+    )]
     pub live_timeout_secs: f64,
     /// Seconds between the rounds, for the server to release the first round's sockets.
-    #[arg(long = "storm-pause-secs", default_value_t = 1.0)]
+    #[arg(id = "storm-pause-secs", long = "storm-pause-secs", value_name = "SECS", default_value_t = 1.0)]
     pub pause_secs: f64,
 }
 
@@ -52,6 +58,9 @@ pub struct Round {
     pub welcome_us: Percentiles,
     /// Per-client times from the launch to live, in microseconds.
     pub live_us: Percentiles,
+    /// Connections the kernel dropped for a full accept queue during the round (any listener on
+    /// this machine; a dropped SYN costs the client a 1 s retransmit).
+    pub listen_overflows: Option<u64>,
     /// `replayed` frames received.
     pub replayed_frames: u64,
     /// Messages received before going live (the replayed ones).
@@ -119,6 +128,7 @@ async fn round(
     let resumed = since.is_some() && target.kind == TargetKind::Herald;
     let specs = ctx.specs(target, options.clients, "u", |i| since.map(|seqs| seqs[i]))?;
     let timeout = secs(options.timeout_secs);
+    let overflows_before = listen_overflows().ok();
     let fleet = Fleet::launch(
         specs,
         &FleetOptions { connect_concurrency: None, connect_timeout: timeout, ..Default::default() },
@@ -136,6 +146,7 @@ async fn round(
         welcome_us: fleet.welcome_times(),
         live_us: fleet.live_times(),
         errors: fleet.errors(),
+        listen_overflows: overflows_before.zip(listen_overflows().ok()).map(|(before, after)| after - before),
         ..Round::default()
     };
     let reports = fleet.stop().await;
@@ -161,44 +172,37 @@ async fn round(
 
 fn measures(result: &StormResult) -> Vec<Measure> {
     let (connect, resume) = (&result.connect, &result.resume);
+    let count = |n: u64| Some(n as f64);
+    let m = |key: &str, label: &str, unit, better, value| Measure::new(key, label, unit, better, value);
     vec![
-        Measure::new(
-            "connect_welcomed",
-            "connect: welcomed",
+        m("connect_welcomed", "connect: welcomed", Unit::Count, Better::Neither, count(connect.welcomed)),
+        m("connect_all_secs", "connect: all welcomed", Unit::Seconds, Better::Lower, connect.all_welcomed_secs),
+        m("connect_p50_us", "connect: p50 welcome", Unit::Micros, Better::Lower, Some(connect.welcome_us.p50)),
+        m("connect_p99_us", "connect: p99 welcome", Unit::Micros, Better::Lower, Some(connect.welcome_us.p99)),
+        m(
+            "connect_overflows",
+            "connect: accept-queue drops (host)",
             Unit::Count,
             Better::Neither,
-            Some(connect.welcomed as f64),
+            connect.listen_overflows.map(|n| n as f64),
         ),
-        Measure::new(
-            "connect_all_secs",
-            "connect: all welcomed",
-            Unit::Seconds,
-            Better::Lower,
-            connect.all_welcomed_secs,
-        ),
-        Measure::new(
-            "connect_p99_us",
-            "connect: p99 welcome",
-            Unit::Micros,
-            Better::Lower,
-            Some(connect.welcome_us.p99),
-        ),
-        Measure::new("resume_welcomed", "resume: welcomed", Unit::Count, Better::Neither, Some(resume.welcomed as f64)),
-        Measure::new("resume_live", "resume: live", Unit::Count, Better::Neither, Some(resume.live as f64)),
-        Measure::new("resume_all_secs", "resume: all live", Unit::Seconds, Better::Lower, resume.all_live_secs),
-        Measure::new(
+        m("resume_welcomed", "resume: welcomed", Unit::Count, Better::Neither, count(resume.welcomed)),
+        m("resume_live", "resume: live", Unit::Count, Better::Neither, count(resume.live)),
+        m("resume_all_secs", "resume: all live", Unit::Seconds, Better::Lower, resume.all_live_secs),
+        m(
             "resume_p99_us",
             "resume: p99 live",
             Unit::Micros,
             Better::Lower,
             (resume.live > 0).then_some(resume.live_us.p99),
         ),
-        Measure::new(
-            "resume_replayed_msgs",
-            "resume: replayed msgs",
+        m("resume_replayed_msgs", "resume: replayed msgs", Unit::Count, Better::Neither, count(resume.replayed_msgs)),
+        m(
+            "resume_overflows",
+            "resume: accept-queue drops (host)",
             Unit::Count,
             Better::Neither,
-            Some(resume.replayed_msgs as f64),
+            resume.listen_overflows.map(|n| n as f64),
         ),
     ]
 }

@@ -9,7 +9,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use super::fanout::{self, FanoutOptions};
-use super::{Context, Outcome, progress, secs};
+use super::{Context, CpuMeters, CpuUse, Outcome, progress, secs};
 use crate::client::{Fleet, FleetOptions, Percentiles};
 use crate::publish;
 use crate::report::{Better, Measure, Report, Unit};
@@ -19,20 +19,20 @@ use crate::targets::{Target, TargetKind};
 #[derive(Debug, Clone, clap::Args, Serialize)]
 pub struct UnicastOptions {
     /// Users (one connection each).
-    #[arg(long = "unicast-users", default_value_t = 1_000)]
+    #[arg(id = "unicast-users", long = "unicast-users", value_name = "N", default_value_t = 1_000)]
     pub users: usize,
     /// Load levels, in percent of the maximum, comma-separated.
-    #[arg(long = "unicast-levels", value_delimiter = ',', default_values_t = [25.0, 50.0, 75.0])]
+    #[arg(id = "unicast-levels", long = "unicast-levels", value_name = "LIST", value_delimiter = ',', default_values_t = [25.0, 50.0, 75.0])]
     pub levels: Vec<f64>,
     /// The maximum in deliveries (= messages) per second. Default: the fanout maximum of Herald (or
     /// of the first target) at the same C, measured in this run.
-    #[arg(long = "unicast-max")]
+    #[arg(id = "unicast-max", long = "unicast-max", value_name = "N")]
     pub max: Option<f64>,
     /// Seconds each level publishes.
-    #[arg(long = "unicast-secs", default_value_t = 3.0)]
+    #[arg(id = "unicast-secs", long = "unicast-secs", value_name = "SECS", default_value_t = 3.0)]
     pub secs: f64,
     /// Seconds to wait for the last deliveries of a level.
-    #[arg(long = "unicast-drain-secs", default_value_t = 5.0)]
+    #[arg(id = "unicast-drain-secs", long = "unicast-drain-secs", value_name = "SECS", default_value_t = 5.0)]
     pub drain_secs: f64,
 }
 
@@ -62,6 +62,10 @@ pub struct Level {
     pub latency_us: Percentiles,
     /// Connections the server closed during the level.
     pub ended_by_server: u64,
+    /// Messages the stream stored during the level (Herald).
+    pub stored: Option<u64>,
+    /// CPU use over the level (publishing and draining).
+    pub cpu: CpuUse,
 }
 
 /// Runs the unicast scenario on every target. Without `basis` nor `--unicast-max`, it first
@@ -95,8 +99,9 @@ pub async fn run(ctx: &Context, options: &UnicastOptions, fanout: &FanoutOptions
             .iter()
             .filter(|level| level.received < level.sent || level.ended_by_server > 0)
             .map(|level| {
+                let stored = level.stored.map(|stored| format!(" ({stored} stored by the stream)")).unwrap_or_default();
                 format!(
-                    "{}%: {} of {} received, {} connections closed by the server",
+                    "{}%: {} of {} received{stored}, {} connections closed by the server",
                     level.percent, level.received, level.sent, level.ended_by_server
                 )
             })
@@ -141,12 +146,16 @@ async fn levels(ctx: &Context, options: &UnicastOptions, target: &Target, basis:
         let rate = basis.max_deliveries_per_sec * percent / 100.0;
         fleet.reset_latency();
         let before = fleet.counts();
+        let stored_before = target.stored_last_seq(&publisher).await?;
+        let meters = CpuMeters::start(target)?;
         let paced = publish::paced(&publisher, rate, secs(options.secs), ctx.payload_bytes, |_| {
             subjects[rng.random_range(0..subjects.len())].clone()
         })
         .await?;
         fleet.wait_msgs(before.msgs + paced.sent, secs(options.drain_secs)).await;
+        let cpu = meters.read();
         let after = fleet.counts();
+        let stored = stored_before.zip(target.stored_last_seq(&publisher).await?).map(|(before, after)| after - before);
         let level = Level {
             percent,
             nominal_msgs_per_sec: rate,
@@ -155,6 +164,8 @@ async fn levels(ctx: &Context, options: &UnicastOptions, target: &Target, basis:
             received: after.msgs - before.msgs,
             latency_us: fleet.latency(),
             ended_by_server: after.ended - before.ended,
+            stored,
+            cpu,
         };
         progress(&format!(
             "unicast {} at {percent}% ({rate:.0} msgs/s): {} of {} received, p99 {:.2} ms",
@@ -194,5 +205,26 @@ fn measures(level: &Level) -> Vec<Measure> {
         latency("p99", "p99", level.latency_us.p99),
         latency("p999", "p99.9", level.latency_us.p999),
         latency("max", "max", level.latency_us.max),
+        Measure::new(
+            format!("server_cpu@{at}"),
+            format!("{at}%: server CPU"),
+            Unit::Percent,
+            Better::Neither,
+            level.cpu.server,
+        ),
+        Measure::new(
+            format!("nats_cpu@{at}"),
+            format!("{at}%: NATS CPU (separate)"),
+            Unit::Percent,
+            Better::Neither,
+            level.cpu.nats,
+        ),
+        Measure::new(
+            format!("tool_cpu@{at}"),
+            format!("{at}%: tool CPU"),
+            Unit::Percent,
+            Better::Neither,
+            level.cpu.tool,
+        ),
     ]
 }
