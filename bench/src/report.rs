@@ -257,8 +257,11 @@ impl Report {
         for row in rows {
             let _ = writeln!(out, "| {} |", row.join(" | "));
         }
+        if !self.notes.is_empty() {
+            out.push('\n');
+        }
         for note in &self.notes {
-            let _ = writeln!(out, "\n- {note}");
+            let _ = writeln!(out, "- {note}");
         }
         out
     }

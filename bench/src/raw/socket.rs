@@ -20,7 +20,8 @@ pub(crate) async fn run(mut stream: TcpStream, registry: Arc<Registry>, user: Op
     let outbound = Arc::new(Outbound::new(options.queue_bytes));
     let id = registry.add(outbound.clone(), user.as_deref());
     outbound.push(&text_frame(b"ready"));
-    let mut batch = Vec::with_capacity(options.batch_frames);
+    // Allocated at the first write, so an idle socket costs nothing here.
+    let mut batch = Vec::new();
     let mut sink = [0u8; 256];
     loop {
         tokio::select! {
