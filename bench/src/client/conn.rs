@@ -97,8 +97,12 @@ pub(crate) async fn run(spec: ClientSpec, fleet: Arc<FleetShared>) -> ClientRepo
     if let Err(error) = read_loop(&stream, &mut conn, &fleet).await {
         conn.report.error.get_or_insert_with(|| format!("{error:#}"));
     }
-    if conn.report.error.is_some() && !conn.report.welcomed {
-        let error = conn.report.error.take().unwrap_or_default();
+    if !conn.report.welcomed {
+        let error = conn.report.error.take().unwrap_or_else(|| match conn.report.close_code {
+            Some(code) => format!("closed by the server with {code} before the welcome"),
+            None if conn.report.ended_by_server => "closed by the server before the welcome".into(),
+            None => "stopped before the welcome".into(),
+        });
         return fleet.failed(conn.report, error);
     }
     if conn.report.ended_by_server {

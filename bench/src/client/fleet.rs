@@ -25,7 +25,7 @@ pub struct FleetOptions {
     pub record_latency: bool,
     /// Most clients dialling and upgrading at once; `None`: all at once (a storm).
     pub connect_concurrency: Option<usize>,
-    /// Longest a client may take from dialling to its welcome.
+    /// Longest a client may take to dial and upgrade (waits for welcomes have their own limits).
     pub connect_timeout: Duration,
 }
 
