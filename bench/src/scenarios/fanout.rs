@@ -1,9 +1,13 @@
 //! `fanout`: C connections, messages to `push.all` at a rising rate until deliveries stop keeping
-//! up. Each step publishes for a fixed time at `rate / C` messages per second; it keeps up when
-//! every expected delivery (messages × C) has arrived at most [`DRAIN_SHARE`] of the step's
-//! duration after the step ended (so the deliveries took at most 1.1 × the step: ≥ 91% of the
-//! offered rate), the publisher held its pace and no connection was closed. The result is the
-//! highest offered rate that kept up, with the CPU the processes used at that step.
+//! up.
+//!
+//! First a few single messages measure how long one message takes to reach all C clients on the
+//! idle target (the latency floor, which grows with C). Then each step publishes for a fixed time
+//! at `rate / C` messages per second; it keeps up when every expected delivery (messages × C)
+//! arrived, the last one no later than the floor plus [`DRAIN_SHARE`] of the step's duration after
+//! the step (so the backlog never exceeded a tenth of a step's deliveries), the publisher held its
+//! pace and no connection was closed. The result is the highest offered rate that kept up, with the
+//! CPU the processes used at that step.
 
 use std::time::Instant;
 
@@ -13,12 +17,17 @@ use serde::Serialize;
 
 use super::{Context, CpuMeters, CpuUse, Outcome, progress, secs};
 use crate::client::{Fleet, FleetOptions};
+use crate::payload::{now_ns, stamped};
 use crate::publish;
 use crate::report::{Better, Measure, Report, Unit};
 use crate::targets::Target;
 
 /// How late, as a share of the step's duration, the last delivery of a step may arrive.
 pub const DRAIN_SHARE: f64 = 0.1;
+/// How long a failed first step's backlog may take to drain before the search goes lower.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+/// Single messages published before the search to measure the fan-out latency floor.
+const PROBES: usize = 3;
 /// Share of the nominal rate the publisher must reach for a step to count.
 const PUBLISHER_SHARE: f64 = 0.95;
 
@@ -63,6 +72,8 @@ pub struct Step {
     pub received: u64,
     /// Seconds from the end of publishing to the last delivery (or the end of the grace).
     pub drain_secs: f64,
+    /// The most `drain_secs` may be for the step to keep up.
+    pub allowed_drain_secs: f64,
     /// Connections the server closed during the step.
     pub ended_by_server: u64,
     /// Messages the stream stored during the step (Herald).
@@ -80,6 +91,9 @@ pub struct Step {
 pub struct FanoutRun {
     /// C.
     pub connections: usize,
+    /// Seconds one message took from publish to its last delivery on the idle target (the slowest
+    /// of a few): the latency floor of a step.
+    pub one_message_secs: f64,
     /// The highest offered deliveries per second that kept up.
     pub max_sustained_deliveries_per_sec: Option<f64>,
     /// CPU use at that step.
@@ -113,7 +127,7 @@ pub async fn run(ctx: &Context, options: &FanoutOptions) -> Report {
     })
     .await;
     report.note(format!(
-        "a step ({} s) keeps up when its last delivery arrives within {:.0}% of its duration after it and no socket is closed; steps grow ×{}",
+        "a step ({} s) keeps up when its last delivery arrives within one message's fan-out time + {:.0}% of the step after it and no socket is closed; steps grow ×{}",
         options.step_secs,
         DRAIN_SHARE * 100.0,
         options.factor
@@ -135,36 +149,30 @@ pub async fn search(ctx: &Context, options: &FanoutOptions, target: &Target, con
     if !fleet.wait_welcomed(ctx.connect_timeout * 2).await {
         bail!("{} of {connections} clients connected; errors: {:?}", fleet.counts().welcomed, fleet.errors());
     }
-    let publisher = target.publisher().await?;
-    let mut steps: Vec<Step> = Vec::new();
-    let mut rate = options.start;
-    for _ in 0..options.max_steps {
-        let step = step(ctx, options, target, &fleet, &publisher, rate / connections as f64, connections).await?;
-        progress(&format!(
-            "fanout {} C={connections}: {:.0} deliveries/s offered, {} of {} arrived: {}",
-            target.kind.name(),
-            step.offered_deliveries_per_sec,
-            step.received,
-            step.expected,
-            step.reason.as_deref().unwrap_or("kept up")
-        ));
-        let kept_up = step.kept_up;
-        steps.push(step);
-        if !kept_up {
-            break;
-        }
-        rate *= options.factor;
-    }
+    let mut search = Search {
+        ctx,
+        options,
+        target,
+        fleet: &fleet,
+        publisher: target.publisher().await?,
+        connections,
+        one_message_secs: 0.0,
+        expected_total: 0,
+    };
+    search.one_message_secs = search.probe().await?;
+    let steps = search.climb().await?;
+    let one_message_secs = search.one_message_secs;
     fleet.stop().await;
     let best = steps.iter().rfind(|step| step.kept_up);
     let stopped_by = match steps.last() {
         Some(Step { reason: Some(reason), offered_deliveries_per_sec, .. }) => {
             format!("{reason} at {offered_deliveries_per_sec:.0} deliveries/s")
         }
-        _ => format!("{} steps, all kept up: the maximum is higher (raise --fanout-max-steps)", steps.len()),
+        _ => format!("the last of {} steps kept up: the maximum is higher (raise --fanout-max-steps)", steps.len()),
     };
     Ok(FanoutRun {
         connections,
+        one_message_secs,
         stopped_by,
         max_sustained_deliveries_per_sec: best.map(|step| step.offered_deliveries_per_sec),
         cpu_at_max: best.map(|step| step.cpu),
@@ -172,59 +180,127 @@ pub async fn search(ctx: &Context, options: &FanoutOptions, target: &Target, con
     })
 }
 
-async fn step(
-    ctx: &Context,
-    options: &FanoutOptions,
-    target: &Target,
-    fleet: &Fleet,
-    publisher: &async_nats::Client,
-    msgs_per_sec: f64,
+/// One search: the clients, the publisher and what the probe found.
+struct Search<'a> {
+    ctx: &'a Context,
+    options: &'a FanoutOptions,
+    target: &'a Target,
+    fleet: &'a Fleet,
+    publisher: async_nats::Client,
     connections: usize,
-) -> Result<Step> {
-    let stored_before = target.stored_last_seq(publisher).await?;
-    let before = fleet.counts();
-    let meters = CpuMeters::start(target)?;
-    let all = Subject::from_static("push.all");
-    let paced =
-        publish::paced(publisher, msgs_per_sec, secs(options.step_secs), ctx.payload_bytes, |_| all.clone()).await?;
-    let received_in_window = fleet.counts().msgs - before.msgs;
-    let expected = paced.sent * connections as u64;
-    let drain_started = Instant::now();
-    let complete = fleet.wait_msgs(before.msgs + expected, secs(options.grace_secs)).await;
-    let drain_secs = drain_started.elapsed().as_secs_f64();
-    let cpu = meters.read();
-    let after = fleet.counts();
-    let stored = match (stored_before, target.stored_last_seq(publisher).await?) {
-        (Some(before), Some(after)) => Some(after - before),
-        _ => None,
-    };
-    let ended_by_server = after.ended - before.ended;
-    let allowed_drain = DRAIN_SHARE * paced.elapsed_secs;
-    let reason = if ended_by_server > 0 {
-        Some(format!("{ended_by_server} connections closed by the server"))
-    } else if !complete {
-        Some(format!("{} of {expected} deliveries {} s after the step", after.msgs - before.msgs, options.grace_secs))
-    } else if drain_secs > allowed_drain {
-        Some(format!("the last delivery came {drain_secs:.3} s after the step (> {allowed_drain:.3} s)"))
-    } else if paced.rate() < PUBLISHER_SHARE * msgs_per_sec {
-        Some(format!("the publisher reached {:.0} of {msgs_per_sec:.0} msgs/s", paced.rate()))
-    } else {
-        None
-    };
-    Ok(Step {
-        nominal_msgs_per_sec: msgs_per_sec,
-        sent: paced.sent,
-        offered_deliveries_per_sec: expected as f64 / paced.elapsed_secs.max(f64::EPSILON),
-        expected,
-        received_in_window,
-        received: after.msgs - before.msgs,
-        drain_secs,
-        ended_by_server,
-        stored,
-        cpu,
-        kept_up: reason.is_none(),
-        reason,
-    })
+    /// How long one message takes to reach every client on an idle target.
+    one_message_secs: f64,
+    /// Deliveries published so far (the fleet is new: its count starts at 0).
+    expected_total: u64,
+}
+
+impl Search<'_> {
+    /// Publishes [`PROBES`] single messages, one after the other has reached every client; returns
+    /// the slowest time from publish to the last delivery.
+    async fn probe(&mut self) -> Result<f64> {
+        let timeout = secs(self.options.grace_secs.max(5.0));
+        let mut slowest: f64 = 0.0;
+        for _ in 0..PROBES {
+            let before = self.fleet.counts().msgs;
+            let started = Instant::now();
+            self.publisher.publish("push.all", stamped(now_ns(), self.ctx.payload_bytes)).await?;
+            self.publisher.flush().await?;
+            self.expected_total += self.connections as u64;
+            if !self.fleet.wait_msgs(before + self.connections as u64, timeout).await {
+                bail!("one push.all did not reach all {} clients within {timeout:?}", self.connections);
+            }
+            slowest = slowest.max(started.elapsed().as_secs_f64());
+        }
+        Ok(slowest)
+    }
+
+    /// Raises the rate step by step until a step does not keep up. When the first step already
+    /// fails, it goes down instead (after the backlog drained) until one keeps up, so a slow target
+    /// still gets a figure.
+    async fn climb(&mut self) -> Result<Vec<Step>> {
+        let (options, connections) = (self.options, self.connections);
+        let mut steps: Vec<Step> = Vec::new();
+        let mut rate = options.start;
+        for _ in 0..options.max_steps {
+            let step = self.step(rate / connections as f64).await?;
+            progress(&format!(
+                "fanout {} C={connections}: {:.0} deliveries/s offered, {} of {} arrived: {}",
+                self.target.kind.name(),
+                step.offered_deliveries_per_sec,
+                step.received,
+                step.expected,
+                step.reason.as_deref().unwrap_or("kept up")
+            ));
+            let (kept_up, ended) = (step.kept_up, step.ended_by_server);
+            steps.push(step);
+            if kept_up {
+                rate *= options.factor;
+            } else if steps.iter().any(|step| step.kept_up) || ended > 0 || !self.drained().await {
+                break;
+            } else {
+                rate /= options.factor * options.factor;
+            }
+        }
+        Ok(steps)
+    }
+
+    /// Waits (at most [`DRAIN_TIMEOUT`]) until every delivery published so far has arrived; returns
+    /// whether it did.
+    async fn drained(&self) -> bool {
+        self.fleet.wait_msgs(self.expected_total, DRAIN_TIMEOUT).await
+    }
+
+    /// Publishes at `msgs_per_sec` for a step and judges whether deliveries kept up.
+    async fn step(&mut self, msgs_per_sec: f64) -> Result<Step> {
+        let (target, fleet, publisher) = (self.target, self.fleet, &self.publisher);
+        let stored_before = target.stored_last_seq(publisher).await?;
+        let before = fleet.counts();
+        let meters = CpuMeters::start(target)?;
+        let all = Subject::from_static("push.all");
+        let step_time = secs(self.options.step_secs);
+        let paced = publish::paced(publisher, msgs_per_sec, step_time, self.ctx.payload_bytes, |_| all.clone()).await?;
+        let received_in_window = fleet.counts().msgs - before.msgs;
+        let expected = paced.sent * self.connections as u64;
+        self.expected_total += expected;
+        let drain_started = Instant::now();
+        let complete = fleet.wait_msgs(before.msgs + expected, secs(self.options.grace_secs)).await;
+        let drain_secs = drain_started.elapsed().as_secs_f64();
+        let cpu = meters.read();
+        let after = fleet.counts();
+        let stored = stored_before.zip(target.stored_last_seq(publisher).await?).map(|(before, after)| after - before);
+        let ended_by_server = after.ended - before.ended;
+        let allowed_drain = self.one_message_secs + DRAIN_SHARE * paced.elapsed_secs;
+        let reason = if ended_by_server > 0 {
+            Some(format!("{ended_by_server} connections closed by the server"))
+        } else if !complete {
+            Some(format!(
+                "{} of {expected} deliveries {} s after the step",
+                after.msgs - before.msgs,
+                self.options.grace_secs
+            ))
+        } else if drain_secs > allowed_drain {
+            Some(format!("the last delivery came {drain_secs:.3} s after the step (> {allowed_drain:.3} s)"))
+        } else if paced.rate() < PUBLISHER_SHARE * msgs_per_sec {
+            Some(format!("the publisher reached {:.0} of {msgs_per_sec:.0} msgs/s", paced.rate()))
+        } else {
+            None
+        };
+        Ok(Step {
+            nominal_msgs_per_sec: msgs_per_sec,
+            sent: paced.sent,
+            offered_deliveries_per_sec: expected as f64 / paced.elapsed_secs.max(f64::EPSILON),
+            expected,
+            received_in_window,
+            received: after.msgs - before.msgs,
+            drain_secs,
+            allowed_drain_secs: allowed_drain,
+            ended_by_server,
+            stored,
+            cpu,
+            kept_up: reason.is_none(),
+            reason,
+        })
+    }
 }
 
 fn measures(run: &FanoutRun) -> Vec<Measure> {
@@ -237,6 +313,13 @@ fn measures(run: &FanoutRun) -> Vec<Measure> {
             Unit::PerSec,
             Better::Higher,
             run.max_sustained_deliveries_per_sec,
+        ),
+        Measure::new(
+            format!("one_message@{c}"),
+            format!("C={c} one message to all"),
+            Unit::Seconds,
+            Better::Lower,
+            Some(run.one_message_secs),
         ),
         Measure::new(
             format!("server_cpu@{c}"),
