@@ -6,7 +6,7 @@
 //! at `rate / C` messages per second; it keeps up when every expected delivery (messages × C)
 //! arrived, the last one no later than the floor plus [`DRAIN_SHARE`] of the step's duration after
 //! the step (so the backlog never exceeded a tenth of a step's deliveries), the publisher held its
-//! pace and no connection was closed. The result is the highest offered rate that kept up, with the
+//! pace (see [`crate::publish::Paced::kept_pace`]) and no connection was closed. The result is the highest offered rate that kept up, with the
 //! CPU the processes used at that step.
 
 use std::time::Instant;
@@ -28,8 +28,6 @@ pub const DRAIN_SHARE: f64 = 0.1;
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 /// Single messages published before the search to measure the fan-out latency floor.
 const PROBES: usize = 3;
-/// Share of the nominal rate the publisher must reach for a step to count.
-const PUBLISHER_SHARE: f64 = 0.95;
 
 /// Sizes of the fanout scenario.
 #[derive(Debug, Clone, clap::Args, Serialize)]
@@ -269,7 +267,7 @@ impl Search<'_> {
         let after = fleet.counts();
         let stored = stored_before.zip(target.stored_last_seq(publisher).await?).map(|(before, after)| after - before);
         let ended_by_server = after.ended - before.ended;
-        let allowed_drain = self.one_message_secs + DRAIN_SHARE * paced.elapsed_secs;
+        let allowed_drain = self.one_message_secs + DRAIN_SHARE * paced.planned_secs;
         let reason = if ended_by_server > 0 {
             Some(format!("{ended_by_server} connections closed by the server"))
         } else if !complete {
@@ -280,15 +278,18 @@ impl Search<'_> {
             ))
         } else if drain_secs > allowed_drain {
             Some(format!("the last delivery came {drain_secs:.3} s after the step (> {allowed_drain:.3} s)"))
-        } else if paced.rate() < PUBLISHER_SHARE * msgs_per_sec {
-            Some(format!("the publisher reached {:.0} of {msgs_per_sec:.0} msgs/s", paced.rate()))
+        } else if !paced.kept_pace() {
+            Some(format!(
+                "the publisher fell behind: {} of {} messages, the last {:.3} s late",
+                paced.sent, paced.planned, paced.late_secs
+            ))
         } else {
             None
         };
         Ok(Step {
             nominal_msgs_per_sec: msgs_per_sec,
             sent: paced.sent,
-            offered_deliveries_per_sec: expected as f64 / paced.elapsed_secs.max(f64::EPSILON),
+            offered_deliveries_per_sec: paced.rate() * self.connections as f64,
             expected,
             received_in_window,
             received: after.msgs - before.msgs,
