@@ -191,15 +191,18 @@ async fn all(args: AllArgs) -> Result<bool> {
     Ok(reports.iter().all(|report| report.ok))
 }
 
-/// The fanout maximum that unicast levels are fractions of: Herald's (or the first target's) at
-/// the fanout size closest to the unicast user count.
+/// The fanout maximum that unicast levels are fractions of: Herald's (else the first target's that
+/// has one) at the fanout size closest to the unicast user count.
 fn unicast_basis(report: &Report, ctx: &Context, users: usize) -> Option<Basis> {
-    let kind = if ctx.targets.contains(&TargetKind::Herald) { TargetKind::Herald } else { *ctx.targets.first()? };
     let sizes = report.params.get("connections")?.as_array()?;
     let size = sizes.iter().filter_map(|c| c.as_u64()).min_by_key(|c| c.abs_diff(users as u64))? as usize;
     let row = report.figures.iter().find(|row| row.key == fanout::max_key(size))?;
-    let max = row.values.get(kind.name()).copied().flatten()?;
-    Some(Basis { max_deliveries_per_sec: max, source: format!("fanout maximum of {} at C={size}", kind.name()) })
+    let mut kinds = ctx.targets.clone();
+    kinds.sort_by_key(|kind| *kind != TargetKind::Herald);
+    kinds.into_iter().find_map(|kind| {
+        let max = row.values.get(kind.name()).copied().flatten()?;
+        Some(Basis { max_deliveries_per_sec: max, source: format!("fanout maximum of {} at C={size}", kind.name()) })
+    })
 }
 
 /// Prints the table and writes the JSON.
@@ -287,5 +290,35 @@ mod tests {
         let Command::All(all) = cli.command else { panic!("not all") };
         assert_eq!((all.idle.connections, all.fanout.connections), (5, vec![1, 2]));
         assert_eq!(all.common.targets, [TargetKind::Herald, TargetKind::NatsWs, TargetKind::Raw]);
+    }
+
+    #[test]
+    fn unicast_rates_come_from_the_closest_fanout_size() {
+        use crate::report::{Better, Measure, Unit};
+        let cli = Cli::try_parse_from(["herald-bench", "all", "--out-dir", "/tmp"]).unwrap();
+        let Command::All(all) = cli.command else { panic!("not all") };
+        let ctx = Context {
+            tools: Tools {
+                nats_server: "n".into(),
+                gateway: "g".into(),
+                bench: "b".into(),
+                logs: "l".into(),
+                gateway_log: "warn".into(),
+                gateway_env: Vec::new(),
+                stream_max_msgs_per_subject: None,
+            },
+            targets: all.common.targets.clone(),
+            payload_bytes: 100,
+            sources: None,
+            connect_timeout: secs(1.0),
+        };
+        let mut report = Report::new("fanout", "t", serde_json::json!({"connections": [1000, 10000]}));
+        let max =
+            |c: usize, v: Option<f64>| vec![Measure::new(fanout::max_key(c), "m", Unit::PerSec, Better::Higher, v)];
+        report.add(TargetKind::Herald, (), [max(1000, None), max(10_000, Some(5.0))].concat());
+        report.add(TargetKind::NatsWs, (), [max(1000, Some(2.0)), max(10_000, Some(3.0))].concat());
+        let basis = unicast_basis(&report, &ctx, 900).unwrap();
+        assert_eq!(basis.max_deliveries_per_sec, 2.0, "Herald has none at C=1000: the next target's");
+        assert_eq!(unicast_basis(&report, &ctx, 9000).unwrap().max_deliveries_per_sec, 5.0);
     }
 }

@@ -12,7 +12,7 @@ use crate::targets::{Target, TargetKind};
 /// Publish acknowledgements awaited together in a burst.
 const ACK_WINDOW: usize = 512;
 /// A paced publisher that takes this many times its duration stops (the tool cannot keep up).
-const BEHIND_FACTOR: u32 = 3;
+const BEHIND_FACTOR: u32 = 2;
 
 /// How late a paced publisher may finish and still count as having held its pace: this share of
 /// the duration, plus [`LATE_SLACK`] for timer and scheduling jitter.
