@@ -37,6 +37,8 @@ pub struct ReplayResult {
     pub mode: &'static str,
     /// Messages published.
     pub published: u64,
+    /// Messages the stream held before the client connected (Herald).
+    pub stored: Option<u64>,
     /// Messages the client received (before `replayed`, in replay mode).
     pub received: u64,
     /// The `count` of the `replayed` frame.
@@ -75,6 +77,7 @@ fn subjects(count: usize) -> impl Iterator<Item = Subject> {
 async fn replay(ctx: &Context, options: &ReplayOptions, target: &Target) -> Result<ReplayResult> {
     let publisher = target.publisher().await?;
     let published = publish::burst(target, &publisher, subjects(options.messages), ctx.payload_bytes).await?;
+    let stored = target.stored_messages(&publisher).await?;
     let fleet = Fleet::launch(vec![target.client(USER, Some(0), None)], &FleetOptions::default());
     if !fleet.wait_welcomed(ctx.connect_timeout).await {
         bail!("the client did not connect: {:?}", fleet.errors());
@@ -86,6 +89,7 @@ async fn replay(ctx: &Context, options: &ReplayOptions, target: &Target) -> Resu
     Ok(ReplayResult {
         mode: "replay",
         published,
+        stored,
         received,
         replayed_count: report.replayed_count,
         secs: live.then_some(took),
@@ -124,6 +128,7 @@ async fn burst(ctx: &Context, options: &ReplayOptions, target: &Target) -> Resul
     Ok(ReplayResult {
         mode: "burst",
         published,
+        stored: None,
         received,
         replayed_count: None,
         secs: complete.then_some(took),

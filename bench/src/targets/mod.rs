@@ -169,12 +169,21 @@ impl Target {
 
     /// The last sequence the `HERALD` stream stored (Herald only; `None` for the others).
     pub async fn stored_last_seq(&self, client: &async_nats::Client) -> Result<Option<u64>> {
+        Ok(self.stream_state(client).await?.map(|state| state.last_sequence))
+    }
+
+    /// How many messages the `HERALD` stream holds (Herald only; `None` for the others).
+    pub async fn stored_messages(&self, client: &async_nats::Client) -> Result<Option<u64>> {
+        Ok(self.stream_state(client).await?.map(|state| state.messages))
+    }
+
+    async fn stream_state(&self, client: &async_nats::Client) -> Result<Option<async_nats::jetstream::stream::State>> {
         if self.kind != TargetKind::Herald {
             return Ok(None);
         }
         let js = async_nats::jetstream::new(client.clone());
         let stream = js.get_stream(herald_shared::subject::STREAM).await.context("stream HERALD")?;
-        Ok(Some(stream.get_info().await.context("stream HERALD info")?.state.last_sequence))
+        Ok(Some(stream.get_info().await.context("stream HERALD info")?.state))
     }
 
     /// Waits until the stream stored sequence `seq` (at most `timeout`); returns the last sequence
