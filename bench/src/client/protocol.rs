@@ -1,0 +1,225 @@
+//! What a client says and listens for on top of WebSocket, per target: Herald's JSON frames, the
+//! NATS protocol carried over WebSocket, or the raw broadcaster's bare payloads. Each decoder turns
+//! data frames into [`Event`]s and may ask for bytes to be sent back.
+
+use herald_shared::frame::ServerFrame;
+
+use super::ws::{OP_BINARY, OP_CONTINUATION, OP_TEXT};
+
+/// The application protocol a client speaks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Protocol {
+    /// Herald's frames. `resume`: the client connected with `since` and is live only after its
+    /// `replayed` frame.
+    Herald {
+        /// Whether the connection resumes (so waits for `replayed`).
+        resume: bool,
+    },
+    /// The NATS client protocol over WebSocket, subscribed to `subjects`.
+    Nats {
+        /// Subjects to subscribe to after `CONNECT`.
+        subjects: Vec<String>,
+    },
+    /// The raw broadcaster: a `ready` frame, then one payload per frame.
+    Raw,
+}
+
+/// What a client learned from the server.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event<'a> {
+    /// Herald's `welcome` (with its stream sequence), NATS's first `PONG`, the raw `ready` frame.
+    Welcome {
+        /// The stream's last sequence when the connection went live (Herald only).
+        seq: Option<u64>,
+    },
+    /// Herald's `replayed` frame.
+    Replayed {
+        /// Messages the gateway says it replayed.
+        count: u64,
+    },
+    /// A delivered message; the bytes contain its payload.
+    Msg(&'a [u8]),
+    /// The server reported an error that ends the client (NATS `-ERR`).
+    Failed(String),
+}
+
+/// A protocol's per-connection state.
+#[derive(Debug)]
+pub enum Decoder {
+    /// See [`Protocol::Herald`].
+    Herald,
+    /// See [`Protocol::Nats`].
+    Nats(NatsDecoder),
+    /// See [`Protocol::Raw`].
+    Raw {
+        /// Whether the `ready` frame was seen.
+        ready: bool,
+    },
+}
+
+impl Decoder {
+    /// A decoder for `protocol`, and the bytes to send once the socket is open (NATS: `CONNECT`,
+    /// `SUB`s and a `PING` whose `PONG` says the subscriptions are in place).
+    pub fn new(protocol: &Protocol) -> (Decoder, Vec<u8>) {
+        match protocol {
+            Protocol::Herald { .. } => (Decoder::Herald, Vec::new()),
+            Protocol::Raw => (Decoder::Raw { ready: false }, Vec::new()),
+            Protocol::Nats { subjects } => {
+                let mut hello =
+                    br#"CONNECT {"verbose":false,"pedantic":false,"protocol":1,"name":"herald-bench"}"#.to_vec();
+                hello.extend_from_slice(b"\r\n");
+                for (sid, subject) in subjects.iter().enumerate() {
+                    hello.extend_from_slice(format!("SUB {subject} {}\r\n", sid + 1).as_bytes());
+                }
+                hello.extend_from_slice(b"PING\r\n");
+                (Decoder::Nats(NatsDecoder::default()), hello)
+            }
+        }
+    }
+
+    /// Handles one data frame (`opcode` text, binary or continuation); events go to `emit`, bytes
+    /// to send back (one data frame's worth) to `reply`.
+    pub fn on_data(&mut self, opcode: u8, payload: &[u8], reply: &mut Vec<u8>, emit: &mut impl FnMut(Event<'_>)) {
+        if !matches!(opcode, OP_TEXT | OP_BINARY | OP_CONTINUATION) {
+            return;
+        }
+        match self {
+            Decoder::Herald => herald_frame(payload, emit),
+            Decoder::Nats(nats) => nats.feed(payload, reply, emit),
+            Decoder::Raw { ready } if !*ready => {
+                *ready = true;
+                emit(Event::Welcome { seq: None });
+            }
+            Decoder::Raw { .. } => emit(Event::Msg(payload)),
+        }
+    }
+}
+
+/// Classifies a Herald frame by its start (the gateway writes `type` first), parsing only the rare
+/// frames whose fields matter.
+fn herald_frame(payload: &[u8], emit: &mut impl FnMut(Event<'_>)) {
+    if payload.starts_with(br#"{"type":"msg""#) {
+        emit(Event::Msg(payload));
+        return;
+    }
+    match serde_json::from_slice::<ServerFrame>(payload) {
+        Ok(ServerFrame::Welcome { seq, .. }) => emit(Event::Welcome { seq: Some(seq) }),
+        Ok(ServerFrame::Replayed { count, topic: None, .. }) => emit(Event::Replayed { count }),
+        Ok(ServerFrame::Msg(_)) => emit(Event::Msg(payload)),
+        // Pongs, errors, results and frames from a newer gateway do not matter here.
+        _ => {}
+    }
+}
+
+/// The NATS protocol as a byte stream spread over WebSocket frames.
+#[derive(Debug, Default)]
+pub struct NatsDecoder {
+    /// Bytes of an operation that has not fully arrived.
+    partial: Vec<u8>,
+    /// Whether the first `PONG` (our subscriptions are in place) was seen.
+    subscribed: bool,
+}
+
+impl NatsDecoder {
+    fn feed(&mut self, data: &[u8], reply: &mut Vec<u8>, emit: &mut impl FnMut(Event<'_>)) {
+        if self.partial.is_empty() {
+            let used = self.ops(data, reply, emit);
+            self.partial.extend_from_slice(&data[used..]);
+        } else {
+            let mut buf = std::mem::take(&mut self.partial);
+            buf.extend_from_slice(data);
+            let used = self.ops(&buf, reply, emit);
+            buf.drain(..used);
+            self.partial = buf;
+        }
+    }
+
+    /// Handles every complete operation at the start of `buf`; returns the bytes they took.
+    fn ops(&mut self, buf: &[u8], reply: &mut Vec<u8>, emit: &mut impl FnMut(Event<'_>)) -> usize {
+        let mut at = 0;
+        while let Some(line_len) = memchr::memchr(b'\n', &buf[at..]) {
+            let line = &buf[at..at + line_len + 1];
+            let op = line.trim_ascii_end();
+            if let Some(args) = op.strip_prefix(b"MSG ") {
+                let Some(size) = last_number(args) else {
+                    emit(Event::Failed(format!("bad MSG line {:?}", String::from_utf8_lossy(op))));
+                    return buf.len();
+                };
+                let start = at + line.len();
+                let Some(payload) = buf.get(start..start + size) else { break };
+                // The payload is followed by CRLF.
+                if buf.len() < start + size + 2 {
+                    break;
+                }
+                emit(Event::Msg(payload));
+                at = start + size + 2;
+                continue;
+            }
+            at += line.len();
+            if op == b"PING" {
+                reply.extend_from_slice(b"PONG\r\n");
+            } else if op == b"PONG" && !self.subscribed {
+                self.subscribed = true;
+                emit(Event::Welcome { seq: None });
+            } else if op.starts_with(b"-ERR") {
+                emit(Event::Failed(String::from_utf8_lossy(op).into_owned()));
+            }
+            // INFO, +OK and later PONGs need nothing.
+        }
+        at
+    }
+}
+
+/// The number at the end of a space-separated argument list.
+fn last_number(args: &[u8]) -> Option<usize> {
+    let token = args.rsplit(|b| *b == b' ').next()?;
+    std::str::from_utf8(token).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events(decoder: &mut Decoder, chunks: &[&[u8]]) -> (Vec<String>, Vec<u8>) {
+        let mut seen = Vec::new();
+        let mut reply = Vec::new();
+        for chunk in chunks {
+            decoder.on_data(OP_BINARY, chunk, &mut reply, &mut |event| seen.push(format!("{event:?}")));
+        }
+        (seen, reply)
+    }
+
+    #[test]
+    fn nats_messages_split_anywhere_across_frames() {
+        let (mut decoder, hello) = Decoder::new(&Protocol::Nats { subjects: vec!["push.all".into()] });
+        assert!(hello.ends_with(b"SUB push.all 1\r\nPING\r\n"));
+        let stream = b"INFO {}\r\nPONG\r\nMSG push.all 1 5\r\nhello\r\nPING\r\nMSG push.all 1 2\r\nhi\r\n";
+        for cut in 1..stream.len() {
+            let (mut decoder, _) = Decoder::new(&Protocol::Nats { subjects: vec![] });
+            let (seen, reply) = events(&mut decoder, &[&stream[..cut], &stream[cut..]]);
+            assert_eq!(seen, ["Welcome { seq: None }", "Msg([104, 101, 108, 108, 111])", "Msg([104, 105])"], "{cut}");
+            assert_eq!(reply, b"PONG\r\n");
+        }
+        let (seen, _) = events(&mut decoder, &[b"-ERR 'Authorization Violation'\r\n"]);
+        assert_eq!(seen.len(), 1);
+    }
+
+    #[test]
+    fn herald_frames_become_events() {
+        let mut decoder = Decoder::Herald;
+        let welcome = br#"{"type":"welcome","conn":"c","user":"u","device":"d","node":"n","seq":7,"heartbeat":25}"#;
+        let replayed = br#"{"type":"replayed","from":1,"to":7,"count":3,"complete":true}"#;
+        let msg = br#"{"type":"msg","seq":8,"to":"all","id":"","kind":"","ts":"x","data":{}}"#;
+        let (seen, _) = events(&mut decoder, &[welcome, replayed, msg, br#"{"type":"pong"}"#]);
+        assert_eq!(seen[..2], ["Welcome { seq: Some(7) }", "Replayed { count: 3 }"]);
+        assert!(seen[2].starts_with("Msg("));
+        assert_eq!(seen.len(), 3);
+    }
+
+    #[test]
+    fn raw_frames_after_ready_are_messages() {
+        let (mut decoder, _) = Decoder::new(&Protocol::Raw);
+        let (seen, _) = events(&mut decoder, &[b"ready", b"payload"]);
+        assert_eq!(seen, ["Welcome { seq: None }", "Msg([112, 97, 121, 108, 111, 97, 100])"]);
+    }
+}

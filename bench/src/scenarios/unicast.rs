@@ -1,0 +1,230 @@
+//! `unicast`: C users, one connection each; messages to random users (`push.user.<id>`) at fixed
+//! rates, fractions of a maximum (the fanout maximum, or one given). Each payload carries its
+//! publish time, so every delivery is a publish→receive latency sample.
+
+use anyhow::{Result, bail};
+use async_nats::Subject;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use super::fanout::{self, FanoutOptions};
+use super::{Context, CpuMeters, CpuUse, Outcome, progress, secs};
+use crate::client::{Fleet, FleetOptions, Percentiles};
+use crate::publish;
+use crate::report::{Better, Measure, Report, Unit};
+use crate::targets::{Target, TargetKind};
+
+/// Sizes of the unicast scenario.
+#[derive(Debug, Clone, clap::Args, Serialize)]
+pub struct UnicastOptions {
+    /// Users (one connection each).
+    #[arg(id = "unicast-users", long = "unicast-users", value_name = "N", default_value_t = 1_000)]
+    pub users: usize,
+    /// Load levels, in percent of the maximum, comma-separated.
+    #[arg(id = "unicast-levels", long = "unicast-levels", value_name = "LIST", value_delimiter = ',', default_values_t = [25.0, 50.0, 75.0])]
+    pub levels: Vec<f64>,
+    /// The maximum in deliveries (= messages) per second. Default: the fanout maximum of Herald (or
+    /// of the first target) at the same C, measured in this run.
+    #[arg(id = "unicast-max", long = "unicast-max", value_name = "N")]
+    pub max: Option<f64>,
+    /// Seconds each level publishes.
+    #[arg(id = "unicast-secs", long = "unicast-secs", value_name = "SECS", default_value_t = 3.0)]
+    pub secs: f64,
+    /// Seconds to wait for the last deliveries of a level.
+    #[arg(id = "unicast-drain-secs", long = "unicast-drain-secs", value_name = "SECS", default_value_t = 5.0)]
+    pub drain_secs: f64,
+}
+
+/// Where the rates come from.
+#[derive(Debug, Clone, Serialize)]
+pub struct Basis {
+    /// Deliveries per second that the levels are fractions of.
+    pub max_deliveries_per_sec: f64,
+    /// Where that number comes from.
+    pub source: String,
+}
+
+/// One load level on one target.
+#[derive(Debug, Clone, Serialize)]
+pub struct Level {
+    /// Percent of the maximum.
+    pub percent: f64,
+    /// Messages per second asked of the publisher.
+    pub nominal_msgs_per_sec: f64,
+    /// Messages per second published.
+    pub published_msgs_per_sec: f64,
+    /// Messages published.
+    pub sent: u64,
+    /// Messages received.
+    pub received: u64,
+    /// Publish→receive latency of the received messages, in microseconds.
+    pub latency_us: Percentiles,
+    /// Connections the server closed during the level.
+    pub ended_by_server: u64,
+    /// Messages the stream stored during the level (Herald).
+    pub stored: Option<u64>,
+    /// CPU use over the level (publishing and draining).
+    pub cpu: CpuUse,
+}
+
+/// Runs the unicast scenario on every target. Without `basis` nor `--unicast-max`, it first
+/// searches the fanout maximum of the reference target at the same C.
+pub async fn run(ctx: &Context, options: &UnicastOptions, fanout: &FanoutOptions, basis: Option<Basis>) -> Report {
+    let basis = match (options.max, basis) {
+        (Some(max), _) => Ok(Basis { max_deliveries_per_sec: max, source: "--unicast-max".into() }),
+        (None, Some(basis)) => Ok(basis),
+        (None, None) => find_basis(ctx, options, fanout).await,
+    };
+    let mut report = Report::new(
+        "unicast",
+        format!("{} users, messages to random users: publish→receive latency", options.users),
+        serde_json::json!({ "options": options, "basis": basis.as_ref().ok() }),
+    );
+    let basis = match basis {
+        Ok(basis) => basis,
+        Err(error) => {
+            report.note(format!("no maximum to take fractions of: {error:#}"));
+            report.ok = false;
+            return report;
+        }
+    };
+    report.note(format!(
+        "levels are % of {:.0} deliveries/s ({}); every target gets the same rates",
+        basis.max_deliveries_per_sec, basis.source
+    ));
+    ctx.each_target(&mut report, "unicast", async |target| {
+        let levels = levels(ctx, options, target, &basis).await?;
+        let notes = levels
+            .iter()
+            .filter(|level| level.received < level.sent || level.ended_by_server > 0)
+            .map(|level| {
+                let stored = level.stored.map(|stored| format!(" ({stored} stored by the stream)")).unwrap_or_default();
+                format!(
+                    "{}%: {} of {} received{stored}, {} connections closed by the server",
+                    level.percent, level.received, level.sent, level.ended_by_server
+                )
+            })
+            .collect();
+        Ok(Outcome { measures: levels.iter().flat_map(measures).collect(), details: levels, notes })
+    })
+    .await;
+    report
+}
+
+/// The fanout maximum of the reference target (Herald if measured) at C = users.
+async fn find_basis(ctx: &Context, options: &UnicastOptions, fanout_options: &FanoutOptions) -> Result<Basis> {
+    let kind = if ctx.targets.contains(&TargetKind::Herald) { TargetKind::Herald } else { ctx.targets[0] };
+    progress(&format!("unicast: searching the fanout maximum of {} at C={}", kind.name(), options.users));
+    let run = ctx
+        .on_target(kind, "unicast-basis", async |target| {
+            fanout::search(ctx, fanout_options, target, options.users).await
+        })
+        .await?;
+    match run.max_sustained_deliveries_per_sec {
+        Some(max) => Ok(Basis {
+            max_deliveries_per_sec: max,
+            source: format!("fanout maximum of {} at C={}", kind.name(), options.users),
+        }),
+        None => bail!("{} kept up with no fanout step", kind.name()),
+    }
+}
+
+async fn levels(ctx: &Context, options: &UnicastOptions, target: &Target, basis: &Basis) -> Result<Vec<Level>> {
+    let fleet = Fleet::launch(
+        ctx.specs(target, options.users, "u", |_| None)?,
+        &FleetOptions { record_latency: true, connect_timeout: ctx.connect_timeout, ..FleetOptions::default() },
+    );
+    if !fleet.wait_welcomed(ctx.connect_timeout * 2).await {
+        bail!("{} of {} clients connected; errors: {:?}", fleet.counts().welcomed, options.users, fleet.errors());
+    }
+    let publisher = target.publisher().await?;
+    let subjects: Vec<Subject> = (0..options.users).map(|i| Subject::from(format!("push.user.u{i}"))).collect();
+    let mut rng = StdRng::seed_from_u64(42);
+    let mut levels = Vec::new();
+    for &percent in &options.levels {
+        let rate = basis.max_deliveries_per_sec * percent / 100.0;
+        fleet.reset_latency();
+        let before = fleet.counts();
+        let stored_before = target.stored_last_seq(&publisher).await?;
+        let meters = CpuMeters::start(target)?;
+        let paced = publish::paced(&publisher, rate, secs(options.secs), ctx.payload_bytes, |_| {
+            subjects[rng.random_range(0..subjects.len())].clone()
+        })
+        .await?;
+        fleet.wait_msgs(before.msgs + paced.sent, secs(options.drain_secs)).await;
+        let cpu = meters.read();
+        let after = fleet.counts();
+        let stored = stored_before.zip(target.stored_last_seq(&publisher).await?).map(|(before, after)| after - before);
+        let level = Level {
+            percent,
+            nominal_msgs_per_sec: rate,
+            published_msgs_per_sec: paced.rate(),
+            sent: paced.sent,
+            received: after.msgs - before.msgs,
+            latency_us: fleet.latency(),
+            ended_by_server: after.ended - before.ended,
+            stored,
+            cpu,
+        };
+        progress(&format!(
+            "unicast {} at {percent}% ({rate:.0} msgs/s): {} of {} received, p99 {:.2} ms",
+            target.kind.name(),
+            level.received,
+            level.sent,
+            level.latency_us.p99 / 1000.0
+        ));
+        levels.push(level);
+    }
+    fleet.stop().await;
+    Ok(levels)
+}
+
+fn measures(level: &Level) -> Vec<Measure> {
+    let at = level.percent;
+    let latency = |key: &str, label: &str, value: f64| {
+        let value = (level.latency_us.count > 0).then_some(value);
+        Measure::new(format!("{key}@{at}"), format!("{at}%: {label}"), Unit::Micros, Better::Lower, value)
+    };
+    vec![
+        Measure::new(
+            format!("published@{at}"),
+            format!("{at}%: published msgs/s"),
+            Unit::PerSec,
+            Better::Neither,
+            Some(level.published_msgs_per_sec),
+        ),
+        Measure::new(
+            format!("lost@{at}"),
+            format!("{at}%: not received"),
+            Unit::Count,
+            Better::Lower,
+            Some((level.sent - level.received.min(level.sent)) as f64),
+        ),
+        latency("p50", "p50", level.latency_us.p50),
+        latency("p99", "p99", level.latency_us.p99),
+        latency("p999", "p99.9", level.latency_us.p999),
+        latency("max", "max", level.latency_us.max),
+        Measure::new(
+            format!("server_cpu@{at}"),
+            format!("{at}%: server CPU"),
+            Unit::Percent,
+            Better::Neither,
+            level.cpu.server,
+        ),
+        Measure::new(
+            format!("nats_cpu@{at}"),
+            format!("{at}%: NATS CPU (separate)"),
+            Unit::Percent,
+            Better::Neither,
+            level.cpu.nats,
+        ),
+        Measure::new(
+            format!("tool_cpu@{at}"),
+            format!("{at}%: tool CPU"),
+            Unit::Percent,
+            Better::Neither,
+            level.cpu.tool,
+        ),
+    ]
+}
