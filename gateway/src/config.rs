@@ -33,6 +33,9 @@ pub enum SessionPolicy {
 pub struct Config {
     /// Address of the WebSocket and HTTP listener. Default `127.0.0.1:8080`.
     pub listen: SocketAddr,
+    /// Connections the kernel queues before the gateway accepts them (a reconnect storm arrives
+    /// at once). Default 4096 (capped by `net.core.somaxconn`).
+    pub listen_backlog: u32,
     /// This gateway's name in `welcome` frames, events and logs. Default `gw-` + random.
     pub node_id: String,
     #[serde(flatten)]
@@ -112,6 +115,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            listen_backlog: 4096,
             node_id: format!("gw-{}", crate::id::random_id(6)),
             nats: NatsSettings::for_role("_INBOX_gateway"),
             stream: StreamSettings::default(),

@@ -60,9 +60,8 @@ pub(crate) struct Shared {
     /// The control connection: requests, replays, KV, rpc, events.
     pub(crate) client: async_nats::Client,
     pub(crate) js: jetstream::Context,
-    /// JetStream on the delivery connection, whose subscriptions feed the dispatcher: a request
-    /// sent here reaches the server after every subscription made before it.
-    pub(crate) delivery_js: jetstream::Context,
+    /// The stream's bounds, read on the delivery connection for many sessions at once.
+    pub(crate) bounds: Arc<stream_state::BoundsReader>,
     /// JetStream as the HTTP API's publisher, when it has credentials of its own.
     pub(crate) api_js: Option<jetstream::Context>,
     pub(crate) dispatcher: Dispatcher,
@@ -111,8 +110,7 @@ impl Gateway {
     /// and the stream exists).
     pub async fn start(config: Config) -> Result<Gateway, StartError> {
         let verifier = verifier(&config)?;
-        let listener = TcpListener::bind(config.listen)
-            .await
+        let listener = listen(config.listen, config.listen_backlog)
             .map_err(|error| StartError::Listen { addr: config.listen, error })?;
         let local_addr = listener.local_addr().map_err(|error| StartError::Listen { addr: config.listen, error })?;
         if config.api_listen.is_some() && config.api_keys.is_empty() {
@@ -161,7 +159,9 @@ impl Gateway {
         ));
         let shared = Arc::new(Shared {
             dispatcher: Dispatcher::start(delivery.clone(), metrics.clone()),
-            delivery_js: jetstream::new(delivery),
+            // On the delivery connection, whose subscriptions feed the dispatcher: a request sent
+            // there reaches the server after every subscription made before it.
+            bounds: Arc::new(stream_state::BoundsReader::new(jetstream::new(delivery))),
             api_js,
             cursors: Arc::new(Cursors::new(js.clone())),
             registry: Arc::new(Registry::default()),
@@ -269,6 +269,14 @@ async fn run(shared: Arc<Shared>, listener: TcpListener) {
         warn!("NATS drain timed out");
     }
     info!("gateway stopped");
+}
+
+/// A listener with `backlog` queued connections (tokio's `bind` uses 1024, below what a storm needs).
+fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 /// Messages buffered per subscription on the control connection (KV watches, replay replies).

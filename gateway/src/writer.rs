@@ -18,9 +18,9 @@ const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Writes the outbox to `io` until it closes; returns the close sent (or the write error's).
 pub(crate) async fn run<W: AsyncWrite + Unpin>(mut io: W, outbox: Arc<Outbox>, batch_frames: usize) -> Close {
-    let mut batch: Vec<Bytes> = Vec::with_capacity(batch_frames);
     loop {
-        batch.clear();
+        // A fresh batch each time: an idle socket keeps no batch buffer.
+        let mut batch: Vec<Bytes> = Vec::new();
         if let Some(close) = outbox.next_batch(&mut batch, batch_frames, BATCH_BYTES).await {
             // 1006 means the connection is already gone; it is never sent.
             let frame = (close.code != 1006).then(|| wire::close(close.code, &close.reason));

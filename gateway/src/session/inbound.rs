@@ -1,5 +1,5 @@
-//! Client frames. The reader answers what is quick itself (`ping`, `ack`, refusals), starts `rpc`
-//! calls in their own tasks, and hands `sub` / `unsub` to the supervisor, which runs them in order.
+//! Client frames: `ping`, `ack` and refusals are answered at once, `sub` / `unsub` run in order
+//! (reading waits meanwhile), `rpc` calls run in tasks of their own.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -9,34 +9,32 @@ use herald_shared::id::check_function_name;
 use herald_shared::payload::data_value;
 use herald_shared::subject::{self, header};
 
-use super::{ReadHalf, Session, TopicRequest};
+use super::{Session, TopicRequest};
 use crate::metrics::RpcLabels;
 use crate::outbox::Close;
 use crate::ratelimit::TokenBucket;
-use crate::reader::{Inbound, MessageReader};
+use crate::reader::Inbound;
 use crate::wire;
 
-/// Reads client frames until the connection ends; returns how it ends.
-pub(super) async fn read_loop(session: Arc<Session>, mut reader: MessageReader<ReadHalf>) -> Close {
-    let config = &session.shared.config;
-    let mut rpc_budget = TokenBucket::new(config.rpc_rate, config.rpc_burst, Instant::now());
-    loop {
-        let inbound = match reader.next().await {
-            Ok(inbound) => inbound,
-            Err(close) => return close,
-        };
-        session.touch();
-        match inbound {
-            Inbound::Ping(payload) => session.outbox().push_control(wire::pong(&payload)),
-            Inbound::Pong => {}
-            Inbound::Close(code) => return Close::new(code.filter(|c| echoable(*c)).unwrap_or(close_code::NORMAL), ""),
-            Inbound::Text(text) => {
-                if let Err(close) = handle_text(&session, &text, &mut rpc_budget) {
-                    return close;
-                }
+/// Handles one client message; an error is how the connection closes.
+pub(super) async fn handle(
+    session: &Arc<Session>,
+    inbound: Inbound,
+    rpc_budget: &mut TokenBucket,
+) -> Result<(), Close> {
+    match inbound {
+        Inbound::Ping(payload) => session.outbox().push_control(wire::pong(&payload)),
+        Inbound::Pong => {}
+        Inbound::Close(code) => {
+            return Err(Close::new(code.filter(|c| echoable(*c)).unwrap_or(close_code::NORMAL), ""));
+        }
+        Inbound::Text(text) => {
+            if let Some(request) = handle_text(session, &text, rpc_budget)? {
+                Box::pin(super::join::topic_request(session, request)).await?;
             }
         }
     }
+    Ok(())
 }
 
 /// Codes a peer may send and we may send back.
@@ -44,10 +42,15 @@ fn echoable(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999)
 }
 
-fn handle_text(session: &Arc<Session>, text: &[u8], rpc_budget: &mut TokenBucket) -> Result<(), Close> {
+/// Answers a text frame, or returns the topic request it asks for.
+fn handle_text(
+    session: &Arc<Session>,
+    text: &[u8],
+    rpc_budget: &mut TokenBucket,
+) -> Result<Option<TopicRequest>, Close> {
     let frame = match serde_json::from_slice::<ClientFrame>(text) {
         Ok(frame) => frame,
-        Err(error) => return refuse_frame(session, text, error),
+        Err(error) => return refuse_frame(session, text, error).map(|()| None),
     };
     match frame {
         ClientFrame::Ping => session.send(&ServerFrame::Pong),
@@ -56,8 +59,8 @@ fn handle_text(session: &Arc<Session>, text: &[u8], rpc_budget: &mut TokenBucket
             let seq = seq.min(session.outbox().last_seq());
             session.shared.cursors.ack(&session.user, &session.device, seq);
         }
-        ClientFrame::Sub { topic, since } => queue_topic_request(session, TopicRequest::Subscribe { topic, since }),
-        ClientFrame::Unsub { topic } => queue_topic_request(session, TopicRequest::Unsubscribe { topic }),
+        ClientFrame::Sub { topic, since } => return Ok(Some(TopicRequest::Subscribe { topic, since })),
+        ClientFrame::Unsub { topic } => return Ok(Some(TopicRequest::Unsubscribe { topic })),
         ClientFrame::Rpc { id, function, data } => {
             if rpc_budget.try_take(Instant::now()) {
                 tokio::spawn(call(session.clone(), id, function, data));
@@ -66,13 +69,7 @@ fn handle_text(session: &Arc<Session>, text: &[u8], rpc_budget: &mut TokenBucket
             }
         }
     }
-    Ok(())
-}
-
-fn queue_topic_request(session: &Session, request: TopicRequest) {
-    if session.topic_requests.try_send(request).is_err() {
-        session.send(&ServerFrame::error(error_code::RATE_LIMITED, "too many topic requests waiting"));
-    }
+    Ok(None)
 }
 
 /// A text message that is not a valid client frame: an `error` frame when it is a JSON object with a

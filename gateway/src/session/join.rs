@@ -16,7 +16,7 @@ use super::{Session, TopicRequest};
 use crate::delivery;
 use crate::outbox::Close;
 use crate::replay::{self, Replay};
-use crate::stream_state::{self, Bounds};
+use crate::stream_state::Bounds;
 
 /// Subscribes, sends `welcome`, replays what the connection missed and opens live delivery.
 pub(super) async fn open(session: &Session) -> Result<(), Close> {
@@ -26,10 +26,11 @@ pub(super) async fn open(session: &Session) -> Result<(), Close> {
         .attach(session.entry.clone(), session.audiences())
         .await
         .map_err(|e| Close::new(1011, e.to_string()))?;
+    // Each step is boxed: KV futures are large, and a burst of connects holds one per session.
     if attached.first_of_user {
-        shared.prefs.load(&shared.dispatcher, session.user.clone()).await;
+        Box::pin(shared.prefs.load(&shared.dispatcher, session.user.clone())).await;
     }
-    shared.policies.claim(&session.user, &session.device, &session.conn, session.entry.outbox.clone()).await;
+    Box::pin(shared.policies.claim(&session.user, &session.device, &session.conn, session.entry.outbox.clone())).await;
     let bounds = read_bounds(session).await?;
     session.send(&ServerFrame::Welcome {
         conn: session.conn.clone(),
@@ -39,9 +40,9 @@ pub(super) async fn open(session: &Session) -> Result<(), Close> {
         seq: bounds.last,
         heartbeat: shared.config.heartbeat.as_secs(),
     });
-    match resume_point(session).await {
+    match Box::pin(resume_point(session)).await {
         Resume::Since(since) => {
-            let report = replay(session, &session.audiences(), since, bounds, Order::InOrder).await?;
+            let report = Box::pin(replay(session, &session.audiences(), since, bounds, Order::InOrder)).await?;
             // The client has everything up to `since`: a held live duplicate of it is dropped.
             session.outbox().advance_to(since.min(bounds.last));
             session.outbox().complete_through(bounds.last);
@@ -52,7 +53,7 @@ pub(super) async fn open(session: &Session) -> Result<(), Close> {
             // without `since` before any ack still replays what it missed meanwhile.
             session.outbox().advance_to(bounds.last);
             session.outbox().complete_through(bounds.last);
-            session.shared.cursors.start_device(&session.user, &session.device, bounds.last).await;
+            Box::pin(session.shared.cursors.start_device(&session.user, &session.device, bounds.last)).await;
         }
         Resume::Live => {
             session.outbox().advance_to(bounds.last);
@@ -159,8 +160,9 @@ async fn subscribe(session: &Session, topic: String, since: Option<u64>) -> Resu
 }
 
 async fn read_bounds(session: &Session) -> Result<Bounds, Close> {
-    // On the delivery connection: the server has the session's subscriptions before it answers.
-    stream_state::bounds(&session.shared.delivery_js).await.map_err(|e| Close::new(1013, e.to_string()))
+    // On the delivery connection, after the session's subscriptions: the server has them before
+    // it answers.
+    session.shared.bounds.read().await.map_err(|e| Close::new(1013, e.to_string()))
 }
 
 /// Where replayed frames go.

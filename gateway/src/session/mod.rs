@@ -1,9 +1,10 @@
 //! One WebSocket connection, from the upgrade to the close.
 //!
-//! Three tasks per socket: the writer (owns the write half, drains the outbox), the reader (owns the
-//! read half, answers what it can at once) and this supervisor, which opens the session ([`join`]),
-//! runs whatever needs the stream one at a time (topic joins, repairs), sends pings, watches the
-//! token's expiry and the gateway's shutdown, and ends everything with one close.
+//! Two tasks per socket: the writer (owns the write half, drains the outbox) and this one, which
+//! opens the session ([`join`]), reads client frames ([`inbound`]), runs whatever needs the stream one
+//! at a time (topic joins, repairs), sends pings, watches the token's expiry and the gateway's
+//! shutdown, and ends everything with one close. The rarely used, large futures (opening, replays)
+//! are boxed, so an idle socket's task stays small.
 
 mod inbound;
 mod join;
@@ -23,7 +24,6 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -33,19 +33,18 @@ use crate::auth::ConnectRequest;
 use crate::dispatch::SessionEntry;
 use crate::events::{Who, publish_lifecycle};
 use crate::outbox::{Close, Outbox};
+use crate::ratelimit::TokenBucket;
 use crate::reader::MessageReader;
 use crate::registry::LocalSession;
 use crate::wire;
 
 /// How long a closing socket's writer may take before the socket is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(3);
-/// Topic requests a client may have waiting.
-const TOPIC_QUEUE: usize = 16;
 
 type ReadHalf = Pin<Box<dyn AsyncRead + Send>>;
 type WriteHalf = Pin<Box<dyn AsyncWrite + Send>>;
 
-/// A `sub` or `unsub` waiting for the supervisor, which runs them in order.
+/// A `sub` or `unsub`.
 #[derive(Debug)]
 pub(crate) enum TopicRequest {
     Subscribe { topic: String, since: Option<u64> },
@@ -62,7 +61,6 @@ pub(crate) struct Session {
     entry: Arc<SessionEntry>,
     /// Topics this connection is subscribed to.
     topics: Mutex<BTreeSet<String>>,
-    topic_requests: mpsc::Sender<TopicRequest>,
     /// Milliseconds since `started` when the client was last heard from.
     last_heard: AtomicU64,
     started: Instant,
@@ -110,7 +108,6 @@ pub(crate) async fn run(
     let outbox = Arc::new(Outbox::new(shared.config.outbound_queue_bytes));
     let writer = tokio::spawn(crate::writer::run(write_half, outbox.clone(), shared.config.write_batch_frames));
     let user: Arc<str> = request.claims.sub.as_str().into();
-    let (topic_requests, topic_queue) = mpsc::channel(TOPIC_QUEUE);
     let session = Arc::new(Session {
         entry: Arc::new(SessionEntry::new(shared.dispatcher.next_key(), user.clone(), outbox.clone())),
         topics: Mutex::new(request.topics.iter().cloned().collect()),
@@ -118,7 +115,6 @@ pub(crate) async fn run(
         user,
         device: request.device.clone(),
         request,
-        topic_requests,
         last_heard: AtomicU64::new(0),
         started: Instant::now(),
         shared: shared.clone(),
@@ -127,7 +123,14 @@ pub(crate) async fn run(
     shared.metrics.connections.inc();
     info!(user = %session.user, device = %session.device, conn = %session.conn, %address, "connected");
 
-    let close = serve(&session, read_half, topic_queue).await;
+    let close = serve(&session, read_half).await;
+    // Boxed: a task's size is that of its largest state, and these run once, at the end.
+    Box::pin(finish(&session, writer, close)).await;
+}
+
+/// Closes the session's socket and releases what it held, after it ended with `close`.
+async fn finish(session: &Session, writer: JoinHandle<Close>, close: Close) {
+    let shared = &session.shared;
     session.outbox().close(close.clone());
     if close.code == close_code::SLOW_CONSUMER {
         shared.metrics.slow_consumer_closes.inc();
@@ -145,63 +148,59 @@ pub(crate) async fn run(
     info!(user = %session.user, conn = %session.conn, code = sent.code, reason = %sent.reason, "disconnected");
 }
 
-async fn serve(session: &Arc<Session>, read_half: ReadHalf, topic_queue: mpsc::Receiver<TopicRequest>) -> Close {
+async fn serve(session: &Arc<Session>, read_half: ReadHalf) -> Close {
     let opened = tokio::select! {
         biased;
         _ = session.shared.killed.cancelled() => Err(killed()),
-        opened = join::open(session) => opened,
+        opened = Box::pin(join::open(session)) => opened,
         _ = session.outbox().closed() => Err(session.outbox().close_reason().unwrap_or_else(|| Close::new(1011, "closed"))),
         _ = session.shared.shutdown.cancelled() => Err(Close::new(close_code::RESTART, "gateway restarting")),
     };
     if let Err(close) = opened {
         return close;
     }
-    publish_lifecycle(&session.shared.client, &session.who(), None).await;
-    let reader = MessageReader::new(
-        fastwebsockets::after_handshake_split(read_half, tokio::io::sink(), fastwebsockets::Role::Server).0,
-        session.shared.config.max_frame_bytes,
-    );
-    let reader = tokio::spawn(inbound::read_loop(session.clone(), reader));
-    supervise(session, reader, topic_queue).await
+    Box::pin(publish_lifecycle(&session.shared.client, &session.who(), None)).await;
+    let reader = MessageReader::new(read_half, session.shared.config.max_frame_bytes);
+    supervise(session, reader).await
 }
 
-/// Waits for the end of the connection; meanwhile sends pings and runs topic requests and repairs,
-/// one at a time. Returns how the connection closes.
-async fn supervise(
-    session: &Session,
-    mut reader: JoinHandle<Close>,
-    mut topic_queue: mpsc::Receiver<TopicRequest>,
-) -> Close {
+/// Reads client frames until the connection ends; meanwhile sends pings and runs repairs. Returns
+/// how the connection closes.
+async fn supervise(session: &Arc<Session>, mut reader: MessageReader<ReadHalf>) -> Close {
     let config = &session.shared.config;
     let mut heartbeat = tokio::time::interval_at(Instant::now() + config.heartbeat, config.heartbeat);
     let expiry = tokio::time::sleep(Duration::from_secs(session.request.claims.exp.saturating_sub(now_secs())));
     tokio::pin!(expiry);
-    let close = loop {
+    let mut rpc_budget = TokenBucket::new(config.rpc_rate, config.rpc_burst, Instant::now().into_std());
+    loop {
         let work = tokio::select! {
             biased;
-            _ = session.shared.killed.cancelled() => break killed(),
-            ended = &mut reader => return ended.unwrap_or_else(|_| Close::new(1011, "reader failed")),
+            _ = session.shared.killed.cancelled() => return killed(),
             _ = session.outbox().closed() => {
-                break session.outbox().close_reason().unwrap_or_else(|| Close::new(1011, "closed"));
+                return session.outbox().close_reason().unwrap_or_else(|| Close::new(1011, "closed"));
             }
-            _ = session.shared.shutdown.cancelled() => break Close::new(close_code::RESTART, "gateway restarting"),
-            _ = &mut expiry => break Close::new(close_code::TOKEN_EXPIRED, "token expired"),
+            _ = session.shared.shutdown.cancelled() => return Close::new(close_code::RESTART, "gateway restarting"),
+            _ = &mut expiry => return Close::new(close_code::TOKEN_EXPIRED, "token expired"),
+            _ = session.entry.repair.notified() => Box::pin(join::repair(session)).await,
+            inbound = reader.next() => match inbound {
+                Ok(inbound) => {
+                    session.touch();
+                    inbound::handle(session, inbound, &mut rpc_budget).await
+                }
+                Err(close) => Err(close),
+            },
             _ = heartbeat.tick() => {
                 if session.silent_for() > config.heartbeat + config.heartbeat_timeout {
-                    break Close::new(1001, "no heartbeat");
+                    return Close::new(1001, "no heartbeat");
                 }
                 session.outbox().push_control(wire::ping());
-                continue;
+                Ok(())
             }
-            _ = session.entry.repair.notified() => join::repair(session).await,
-            Some(request) = topic_queue.recv() => join::topic_request(session, request).await,
         };
         if let Err(close) = work {
-            break close;
+            return close;
         }
-    };
-    reader.abort();
-    close
+    }
 }
 
 /// The gateway died: the socket is dropped, the client sees no close frame.
@@ -226,8 +225,9 @@ fn split(upgraded: Upgraded) -> (ReadHalf, WriteHalf) {
     match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => {
             let (read, write) = parts.io.into_inner().into_split();
-            // Bytes the HTTP layer read past the handshake belong to the WebSocket stream.
-            let buffered: Bytes = parts.read_buf;
+            // Bytes the HTTP layer read past the handshake belong to the WebSocket stream. They are
+            // copied out: keeping them would keep the HTTP layer's whole 8 KiB read buffer alive.
+            let buffered = Bytes::copy_from_slice(&parts.read_buf);
             (Box::pin(std::io::Cursor::new(buffered).chain(read)), Box::pin(write))
         }
         Err(upgraded) => {
