@@ -29,8 +29,14 @@ impl TestGateway {
 
     /// A gateway with test defaults changed by `adjust`, ready to serve.
     pub async fn start_with(nats: &TestNats, adjust: impl FnOnce(&mut Config)) -> TestGateway {
+        Self::start_on(&nats.url(), adjust).await
+    }
+
+    /// A gateway on the NATS server(s) at `nats_url` (comma-separated), with test defaults changed by
+    /// `adjust`, ready to serve.
+    pub async fn start_on(nats_url: &str, adjust: impl FnOnce(&mut Config)) -> TestGateway {
         init_logs();
-        let mut config = test_config(&nats.url());
+        let mut config = test_config(nats_url);
         adjust(&mut config);
         let gateway = Gateway::start(config.clone()).await.expect("gateway starts");
         let (addr, api_addr) = (gateway.local_addr(), gateway.api_addr());

@@ -2,6 +2,7 @@
 //! WebSocket clients from a different implementation than the server's (tokio-tungstenite), and
 //! push-function runtimes in-process.
 
+pub mod cluster;
 pub mod functions;
 pub mod gateway;
 pub mod nats;
@@ -9,6 +10,7 @@ pub mod publish;
 pub mod wait;
 pub mod ws;
 
+pub use cluster::TestCluster;
 pub use gateway::TestGateway;
 pub use nats::TestNats;
 pub use publish::Publisher;

@@ -45,7 +45,7 @@ impl Role {
     }
 
     /// The environment variable nats.conf reads the password from.
-    fn password_variable(self) -> String {
+    pub(crate) fn password_variable(self) -> String {
         format!("HERALD_NATS_{}_PASSWORD", self.user().to_uppercase())
     }
 }
@@ -167,7 +167,7 @@ impl Drop for TestNats {
     }
 }
 
-fn docker_available() -> bool {
+pub(crate) fn docker_available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
     *AVAILABLE.get_or_init(|| {
         Command::new("docker")
@@ -180,7 +180,7 @@ fn docker_available() -> bool {
 }
 
 /// The image to run: `HERALD_NATS_IMAGE`, or the local one, built now if absent.
-fn image_name() -> String {
+pub(crate) fn image_name() -> String {
     static IMAGE: OnceLock<String> = OnceLock::new();
     IMAGE
         .get_or_init(|| match std::env::var("HERALD_NATS_IMAGE") {

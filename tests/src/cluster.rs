@@ -1,0 +1,200 @@
+//! A three-node NATS cluster for one test, from the repository's `nats-cluster.conf`.
+//!
+//! With Docker: three containers of the local NATS image on a Docker network of their own, routing
+//! to each other by container name, each with its client port mapped to a host port. Without
+//! Docker (local runs only; CI requires it): three nats-server processes on 127.0.0.1.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use testcontainers::core::{IntoContainerPort, WaitFor};
+use testcontainers::runners::AsyncRunner;
+use testcontainers::{ContainerAsync, GenericImage, ImageExt};
+
+use crate::nats::{Role, docker_available, image_name};
+use crate::{eventually, free_port, workspace_root};
+
+/// Nodes of a test cluster.
+pub const NODES: usize = 3;
+
+/// A running three-node cluster.
+pub struct TestCluster {
+    nodes: Vec<Node>,
+}
+
+struct Node {
+    /// The node's `server_name`, as stream info reports its leader and replicas.
+    name: String,
+    /// The host port of its client listener.
+    port: u16,
+    /// The host port of its monitoring listener (`/connz`).
+    monitor_port: u16,
+    backend: Backend,
+}
+
+enum Backend {
+    Container(Box<ContainerAsync<GenericImage>>),
+    Process { child: Mutex<Option<Child>>, store: std::path::PathBuf },
+}
+
+impl TestCluster {
+    /// Starts three nodes and waits until JetStream has elected its meta leader.
+    pub async fn start() -> TestCluster {
+        static CLUSTERS: AtomicUsize = AtomicUsize::new(0);
+        let id = format!("herald-{}-{}", std::process::id(), CLUSTERS.fetch_add(1, Ordering::Relaxed));
+        let names: Vec<String> = (1..=NODES).map(|n| format!("{id}-n{n}")).collect();
+        let nodes = if docker_available() {
+            start_containers(&id, &names).await
+        } else {
+            assert!(
+                std::env::var("HERALD_REQUIRE_DOCKER").as_deref() != Ok("1"),
+                "HERALD_REQUIRE_DOCKER=1 but no Docker daemon is reachable"
+            );
+            start_processes(&names)
+        };
+        let cluster = TestCluster { nodes };
+        eventually("the cluster's JetStream is available", Duration::from_secs(60), || async {
+            let client = cluster.client().await?;
+            async_nats::jetstream::new(client).query_account().await.ok().map(|_| ())
+        })
+        .await;
+        cluster
+    }
+
+    /// Every node's URL, comma-separated (what gateways and clients are given).
+    pub fn url(&self) -> String {
+        self.nodes.iter().map(|node| format!("nats://127.0.0.1:{}", node.port)).collect::<Vec<_>>().join(",")
+    }
+
+    /// The names of the nodes.
+    pub fn names(&self) -> Vec<String> {
+        self.nodes.iter().map(|node| node.name.clone()).collect()
+    }
+
+    /// An admin connection to any live node.
+    pub async fn client(&self) -> Option<async_nats::Client> {
+        self.client_as(Role::Admin).await
+    }
+
+    /// A connection as `role` to any live node.
+    pub async fn client_as(&self, role: Role) -> Option<async_nats::Client> {
+        let servers: Vec<async_nats::ServerAddr> = self.url().split(',').filter_map(|url| url.parse().ok()).collect();
+        async_nats::ConnectOptions::with_user_and_password(role.user().into(), role.password())
+            .connection_timeout(Duration::from_secs(2))
+            .connect(servers)
+            .await
+            .ok()
+    }
+
+    /// The name of the node holding the client connection named `connection`, if any node does.
+    pub async fn node_of_connection(&self, connection: &str) -> Option<String> {
+        for node in &self.nodes {
+            let url = format!("http://127.0.0.1:{}/connz?limit=1024", node.monitor_port);
+            let Ok(response) = reqwest::get(&url).await else { continue };
+            let Ok(connz) = response.json::<serde_json::Value>().await else { continue };
+            let connections = connz["connections"].as_array().cloned().unwrap_or_default();
+            if connections.iter().any(|c| c["name"].as_str() == Some(connection)) {
+                return Some(node.name.clone());
+            }
+        }
+        None
+    }
+
+    /// Kills node `name` as a crash would (SIGKILL, no goodbye to its routes or clients).
+    pub async fn kill(&self, name: &str) {
+        let node = self.nodes.iter().find(|node| node.name == name).unwrap_or_else(|| panic!("no node {name}"));
+        match &node.backend {
+            Backend::Container(container) => container.stop_with_timeout(Some(0)).await.expect("kill the node"),
+            Backend::Process { child, .. } => {
+                if let Some(mut child) = child.lock().unwrap().take() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+            }
+        }
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for node in &self.nodes {
+            if let Backend::Process { child, store } = &node.backend {
+                if let Some(mut child) = child.lock().unwrap().take() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+                let _ = std::fs::remove_dir_all(store);
+            }
+        }
+    }
+}
+
+/// Containers on network `id`, routing to each other by container name.
+async fn start_containers(id: &str, names: &[String]) -> Vec<Node> {
+    let image = image_name();
+    let (image, tag) = image.split_once(':').expect("image is name:tag");
+    let routes = format!("[{}]", names.iter().map(|name| format!("nats://{name}:6222")).collect::<Vec<_>>().join(", "));
+    let starts = names.iter().map(|name| {
+        let (port, monitor_port) = (free_port(), free_port());
+        let mut request = GenericImage::new(image, tag)
+            .with_wait_for(WaitFor::message_on_stderr("Server is ready"))
+            .with_exposed_port(4222.tcp())
+            .with_mapped_port(port, 4222.tcp())
+            .with_mapped_port(monitor_port, 8222.tcp())
+            .with_copy_to("/etc/herald/nats.conf", workspace_root().join("nats.conf"))
+            .with_copy_to("/etc/herald/nats-cluster.conf", workspace_root().join("nats-cluster.conf"))
+            // Clients are given every node's host port; the nodes' addresses on the Docker network
+            // are not for them, so the nodes do not advertise them.
+            .with_cmd(["-c", "/etc/herald/nats-cluster.conf", "-sd", "/data/jetstream", "--no_advertise"])
+            .with_network(id)
+            .with_container_name(name)
+            .with_env_var("HERALD_NATS_NAME", name)
+            .with_env_var("HERALD_NATS_CLUSTER_LISTEN", "0.0.0.0:6222")
+            .with_env_var("HERALD_NATS_ROUTES", &routes)
+            .with_startup_timeout(Duration::from_secs(60));
+        for role in Role::ALL {
+            request = request.with_env_var(role.password_variable(), role.password());
+        }
+        async move {
+            let container = request.start().await.expect("start a NATS node container");
+            Node { name: name.clone(), port, monitor_port, backend: Backend::Container(Box::new(container)) }
+        }
+    });
+    futures::future::join_all(starts).await
+}
+
+/// Processes on 127.0.0.1, each with its own client, monitoring and route ports.
+fn start_processes(names: &[String]) -> Vec<Node> {
+    let route_ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+    let routes = format!(
+        "[{}]",
+        route_ports.iter().map(|port| format!("nats://127.0.0.1:{port}")).collect::<Vec<_>>().join(", ")
+    );
+    names
+        .iter()
+        .zip(&route_ports)
+        .map(|(name, route_port)| {
+            let (port, monitor_port) = (free_port(), free_port());
+            let store = std::env::temp_dir().join(format!("{name}-store"));
+            let mut command = Command::new(workspace_root().join(".tools/bin/nats-server"));
+            for role in Role::ALL {
+                command.env(role.password_variable(), role.password());
+            }
+            let child = command
+                .env("HERALD_NATS_NAME", name)
+                .env("HERALD_NATS_CLUSTER_LISTEN", format!("127.0.0.1:{route_port}"))
+                .env("HERALD_NATS_ROUTES", &routes)
+                .args(["-c", workspace_root().join("nats-cluster.conf").to_str().unwrap()])
+                .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-m", &monitor_port.to_string()])
+                .args(["-sd", store.to_str().unwrap()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn nats-server (run scripts/install-nats)");
+            let backend = Backend::Process { child: Mutex::new(Some(child)), store };
+            Node { name: name.clone(), port, monitor_port, backend }
+        })
+        .collect()
+}

@@ -1,0 +1,208 @@
+//! A NATS node dies under load: three NATS nodes (the stream and buckets at three replicas), two
+//! gateways, publishers that retry until acknowledged, clients that stay connected or come back
+//! later. The node killed holds one gateway's delivery connection and leads the stream. Every client
+//! must get exactly the messages addressed to it, each once, in order; the stream must hold each
+//! published message once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream;
+use herald_shared::frame::ServerFrame;
+use herald_tests::gateway::token;
+use herald_tests::nats::Role;
+use herald_tests::ws::Event;
+use herald_tests::{TestCluster, TestGateway, WsClient, eventually};
+use tokio::sync::watch;
+
+/// Users connected all along, and one that connects only after everything was published.
+const ONLINE: [&str; 3] = ["k0", "k1", "k2"];
+const OFFLINE: &str = "k3";
+const TOTAL: usize = 3_000;
+
+/// What was published and stored: message number → (stream sequence, the user it was for, or None
+/// for `push.all`).
+type Stored = Arc<Mutex<HashMap<usize, (u64, Option<usize>)>>>;
+
+/// (seq, message id) of the messages one user got or should get, in order.
+type Messages = Vec<(u64, String)>;
+
+/// Every user's expected messages, once everything was published.
+type Expected = watch::Receiver<Option<Vec<Messages>>>;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_nats_node_that_leads_the_stream_loses_and_duplicates_nothing() {
+    tokio::time::timeout(Duration::from_secs(300), run()).await.expect("the cluster test finished in time");
+}
+
+async fn run() {
+    let cluster = TestCluster::start().await;
+    let replicated = |config: &mut herald_gateway::Config| config.stream.stream_replicas = 3;
+    let gateway_a = TestGateway::start_on(&cluster.url(), replicated).await;
+    let gateway_b = TestGateway::start_on(&cluster.url(), replicated).await;
+    let urls = [gateway_a.ws_url(""), gateway_b.ws_url("")];
+
+    let admin = jetstream::new(cluster.client().await.expect("connect to the cluster"));
+    let victim = victim(&cluster, &admin, &gateway_a).await;
+
+    let (expected_tx, expected_rx) = watch::channel::<Option<Vec<Messages>>>(None);
+    let clients: Vec<_> = (0..ONLINE.len())
+        .map(|index| tokio::spawn(client(ONLINE[index], index, urls.clone(), index, expected_rx.clone())))
+        .collect();
+
+    let stored: Stored = Arc::default();
+    let publisher = jetstream::new(cluster.client_as(Role::Publisher).await.expect("connect as publisher"));
+    let publishers: Vec<_> =
+        (0..2).map(|half| tokio::spawn(publish_half(publisher.clone(), half, stored.clone()))).collect();
+
+    eventually("a third of the messages stored", Duration::from_secs(120), || async {
+        (stored.lock().unwrap().len() >= TOTAL / 3).then_some(())
+    })
+    .await;
+    cluster.kill(&victim).await;
+
+    let mut retries = 0;
+    for publisher in publishers {
+        retries += publisher.await.unwrap();
+    }
+    let stored = stored.lock().unwrap().clone();
+    assert_eq!(stored.len(), TOTAL, "every message acknowledged");
+    let mut seqs: Vec<u64> = stored.values().map(|(seq, _)| *seq).collect();
+    seqs.sort();
+    seqs.dedup();
+    assert_eq!(seqs.len(), TOTAL, "every message has its own sequence");
+
+    let info = admin.get_stream("HERALD").await.expect("the stream").info().await.expect("stream info").clone();
+    assert_eq!(info.state.messages, TOTAL as u64, "the stream holds each message once ({retries} retried publishes)");
+    let leader = info.cluster.and_then(|cluster| cluster.leader);
+    assert!(leader.is_some_and(|leader| leader != victim), "a surviving node leads the stream");
+
+    // The premise: gateway A lost its delivery connection with the node and repaired its sessions.
+    let repairs = gateway_a.metric("herald_gateway_repairs_total").await;
+    eprintln!("killed {victim}; {retries} publishes retried; gateway A repaired {repairs} sessions");
+    assert!(repairs >= 1.0, "gateway A noticed the lost node");
+    let users = ONLINE.len() + 1;
+    let expected: Vec<Messages> = (0..users).map(|user| addressed_to(&stored, user)).collect();
+    expected_tx.send(Some(expected.clone())).unwrap();
+    for (index, handle) in clients.into_iter().enumerate() {
+        let received = handle.await.unwrap();
+        assert_eq!(received.len(), expected[index].len(), "{}: count", ONLINE[index]);
+        assert_eq!(received, expected[index], "{}: the full sequence", ONLINE[index]);
+    }
+
+    // The user who was away the whole time replays everything from the surviving replicas.
+    let offline = ONLINE.len();
+    let received = client(OFFLINE, offline, urls, 1, expected_rx).await;
+    assert_eq!(received, expected[offline], "{OFFLINE}: the full sequence, replayed");
+}
+
+/// The node to kill: the one holding gateway A's delivery connection, made the stream's leader.
+async fn victim(cluster: &TestCluster, admin: &jetstream::Context, gateway: &TestGateway) -> String {
+    let connection = format!("herald-gateway {} delivery", gateway.config.node_id);
+    let victim = eventually("the node of gateway A's delivery connection", Duration::from_secs(30), || {
+        cluster.node_of_connection(&connection)
+    })
+    .await;
+    // A step-down request naming the preferred new leader (nats-server 2.11 and later).
+    let preferred = serde_json::json!({ "placement": { "preferred": victim } });
+    eventually(&format!("{victim} leads the stream"), Duration::from_secs(60), || async {
+        let info = admin.get_stream("HERALD").await.ok()?.info().await.ok()?.clone();
+        let leader = info.cluster.and_then(|cluster| cluster.leader)?;
+        if leader == victim {
+            return Some(());
+        }
+        let _ = admin.request::<_, _, serde_json::Value>("STREAM.LEADER.STEPDOWN.HERALD", &preferred).await;
+        None
+    })
+    .await;
+    victim
+}
+
+/// Publishes every other message (from `half`), each until acknowledged, as a backend with retries
+/// does: a publish whose acknowledgement is lost is sent again with the same `Nats-Msg-Id`.
+/// Returns how many publishes were retried.
+async fn publish_half(js: jetstream::Context, half: usize, stored: Stored) -> usize {
+    let mut retries = 0;
+    for n in (half..TOTAL).step_by(2) {
+        let audience = if n % 7 == 0 { None } else { Some(n % (ONLINE.len() + 1)) };
+        let subject = match audience {
+            None => "push.all".to_string(),
+            Some(user) => format!("push.user.{}", user_name(user)),
+        };
+        loop {
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", message_id(n).as_str());
+            let body = format!("{{\"n\":{n}}}").into();
+            let acked = match js.publish_with_headers(subject.clone(), headers, body).await {
+                Ok(ack) => ack.await.ok(),
+                Err(_) => None,
+            };
+            if let Some(ack) = acked {
+                stored.lock().unwrap().insert(n, (ack.sequence, audience));
+                break;
+            }
+            retries += 1;
+            // Backing off between attempts, as a real publisher does, while the stream elects a leader.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    retries
+}
+
+fn user_name(index: usize) -> &'static str {
+    ONLINE.get(index).copied().unwrap_or(OFFLINE)
+}
+
+fn message_id(n: usize) -> String {
+    format!("m-{n}")
+}
+
+/// (seq, message id) of everything addressed to `user`, in stream order.
+fn addressed_to(stored: &HashMap<usize, (u64, Option<usize>)>, user: usize) -> Messages {
+    let mut messages: Messages = stored
+        .iter()
+        .filter(|(_, (_, to))| to.is_none_or(|to| to == user))
+        .map(|(n, (seq, _))| (*seq, message_id(*n)))
+        .collect();
+    messages.sort();
+    messages
+}
+
+/// Stays connected, reading; on any close resumes with `since` on the other gateway; returns when
+/// it has as many messages as expected of it.
+async fn client(user: &str, index: usize, urls: [String; 2], first: usize, mut expected: Expected) -> Messages {
+    let mut received: Messages = Vec::new();
+    let done = |received: &Messages, expected: &Expected| {
+        expected.borrow().as_ref().is_some_and(|all| received.len() >= all[index].len())
+    };
+    let mut attempt = first;
+    while !done(&received, &expected) {
+        let since = received.last().map_or(0, |(seq, _)| *seq);
+        let url = format!("{}token={}&since={since}", urls[attempt % 2], token(user));
+        attempt += 1;
+        let Ok(mut socket) = WsClient::try_connect(&url).await else { continue };
+        while !done(&received, &expected) {
+            let event = tokio::select! {
+                event = socket.recv() => event,
+                _ = expected.changed() => continue,
+            };
+            match event {
+                Event::Frame(ServerFrame::Msg(msg)) => {
+                    assert!(
+                        received.last().is_none_or(|(last, _)| msg.seq > *last),
+                        "{user}: {} out of order",
+                        msg.seq
+                    );
+                    received.push((msg.seq, msg.id));
+                }
+                Event::Frame(ServerFrame::Replayed { complete, .. }) => assert!(complete, "{user}: incomplete replay"),
+                Event::Frame(ServerFrame::Welcome { .. }) => {}
+                Event::Frame(other) => panic!("{user}: unexpected {other:?}"),
+                Event::Close(_) => break,
+            }
+        }
+    }
+    received
+}
