@@ -132,8 +132,10 @@ export function buildUrl(base, params, origin = globalThis.location?.href) {
  */
 
 /**
- * The close-code policy. A socket that closed before it opened is treated as a possible auth
- * failure (browsers cannot see the HTTP 401 of a refused upgrade): renew the token, back off.
+ * The close-code policy for one close, on its own. A socket that closed before it opened is treated
+ * as a possible auth failure (browsers cannot see the HTTP status of a refused upgrade: 401, 403,
+ * 503...): renew the token, back off. `immediate` is what a single close asks for; the client backs
+ * off anyway when immediate closes repeat quickly (see `repeatWindow`).
  * @param {number} code
  * @param {boolean} opened  whether the socket opened before it closed
  * @returns {CloseDecision}
@@ -293,6 +295,12 @@ function globalTimers() {
   };
 }
 
+/** @returns {PageLike|null} the window when running in a browser (it has a `document`), else null */
+function browserPage() {
+  const page = /** @type {any} */ (globalThis);
+  return page.document && typeof page.addEventListener === "function" ? page : null;
+}
+
 /**
  * Acks handled messages in batches: one `ack` with the highest handled seq at most every
  * `delay` ms, or at once after `max` handled messages.
@@ -428,6 +436,9 @@ export class Liveness {
  * @property {number} [since]              resume point for the first connection (default: storage, else the gateway's cursor)
  * @property {Pick<Storage, "getItem"|"setItem">|null} [storage]  e.g. `localStorage`: keeps the last seq across page loads
  * @property {BackoffOptions} [backoff]
+ * @property {number} [repeatWindow=30000]  ms: a close asking for an immediate reconnect (1012, 4001,
+ *   4008) that ends a connection younger than this, which itself followed such a close, is retried
+ *   with backoff instead (a persistently slow client must not loop)
  * @property {{delay?: number, max?: number}} [ack]  ack at most every `delay` ms (1000) or `max` messages (100)
  * @property {number} [pingTimeout=10000]  ms to wait for any frame after a liveness ping
  * @property {number} [rpcTimeout=10000]   default rpc timeout in ms
@@ -435,6 +446,17 @@ export class Liveness {
  * @property {new (url: string) => WebSocketLike} [WebSocket]  default: the global WebSocket
  * @property {Timers} [timers]             default: the global timers and `Date.now`
  * @property {() => number} [random]       default: `Math.random` (backoff jitter)
+ * @property {PageLike|null} [page]        where to hear `pagehide` and `visibilitychange` (the resume
+ *   point is written to `storage` then); default: the window in a browser, none elsewhere
+ */
+
+/**
+ * What the client needs of the page (the browser's `window`).
+ * @typedef {object} PageLike
+ * @property {(type: string, listener: (event: Event) => void) => void} addEventListener
+ * @property {(type: string, listener: (event: Event) => void) => void} removeEventListener
+ * @property {{visibilityState?: string, addEventListener: PageLike["addEventListener"],
+ *   removeEventListener: PageLike["removeEventListener"]}} [document]  `visibilitychange` is heard here
  */
 
 /**
@@ -482,16 +504,18 @@ export class HeraldEvent extends Event {
  * - `replayed`: a {@link ReplayedFrame}; `complete: false` means reload state from your backend.
  * - `state`: a {@link StateDetail}: `connecting`, `open`, `reconnecting`, `closed`.
  * - `error`: `{code, message, topic?}` from an `error` frame, or client-side trouble (`token_failed`,
- *   `bad_frame`, `connect_failed`). `topic` is the best guess of the `subscribe` it answers.
+ *   `bad_frame`, `connect_failed`, `connect_refused`). `topic` is the best guess of the `subscribe` it answers.
  * - `welcome`: the {@link WelcomeFrame} of each connection.
  * - `subscribed`, `unsubscribed`: `{topic}`.
  */
 export class Herald extends EventTarget {
-  /** @type {Required<Pick<HeraldOptions, "url"|"pingTimeout"|"rpcTimeout">> & HeraldOptions} */
+  /** @type {Required<Pick<HeraldOptions, "url"|"pingTimeout"|"rpcTimeout"|"repeatWindow">> & HeraldOptions} */
   #options;
   /** @type {Timers} */
   #timers;
   #backoff;
+  /** Backoff of immediate closes (1012, 4001, 4008) that repeat quickly; not reset by `welcome`. */
+  #repeatBackoff;
   #filter;
   #acks;
   #liveness;
@@ -510,6 +534,16 @@ export class Herald extends EventTarget {
   #identity = { user: /** @type {string|undefined} */ (undefined), device: /** @type {string|undefined} */ (undefined) };
   /** @type {any} */
   #retryTimer = null;
+  /** `timers.now()` when the current connection's `welcome` arrived, or null. @type {number|null} */
+  #welcomedAt = null;
+  /** Whether the last connection that opened ended with a close asking for an immediate reconnect. */
+  #lastCloseImmediate = false;
+  /** Sockets in a row that closed before they opened (refused upgrades, unreachable gateway). */
+  #refused = 0;
+  /** The delay of the scheduled attempt, ms. */
+  #retryDelay = 0;
+  /** @type {PageLike|null} */
+  #page;
 
   /** @type {string|null} the token of the last attempt */
   #token = null;
@@ -541,9 +575,12 @@ export class Herald extends EventTarget {
       url: options.url ?? "/ws",
       pingTimeout: options.pingTimeout ?? 10000,
       rpcTimeout: options.rpcTimeout ?? 10000,
+      repeatWindow: options.repeatWindow ?? 30000,
     };
     this.#timers = options.timers ?? globalTimers();
     this.#backoff = new Backoff(options.backoff, options.random);
+    this.#repeatBackoff = new Backoff(options.backoff, options.random);
+    this.#page = options.page !== undefined ? options.page : browserPage();
     this.#filter = new SeqFilter({ last: options.since ?? null, remember: options.dedupeWindow });
     this.#acks = new AckBatcher({ ...options.ack, timers: this.#timers, send: (seq) => this.#sendAck(seq) });
     this.#liveness = new Liveness({
@@ -583,6 +620,10 @@ export class Herald extends EventTarget {
     if (!this.#stopped) return this;
     this.#stopped = false;
     this.#backoff.reset();
+    this.#repeatBackoff.reset();
+    this.#lastCloseImmediate = false;
+    this.#refused = 0;
+    this.#listenToPage(true);
     this.#setState({ state: "connecting" });
     this.#attempt();
     return this;
@@ -671,7 +712,7 @@ export class Herald extends EventTarget {
     } catch (error) {
       if (this.#stopped) return;
       this.#emit("error", { code: "token_failed", message: String(/** @type {any} */ (error)?.message ?? error) });
-      this.#retry(false);
+      this.#retry(this.#backoff);
       return;
     }
     if (this.#stopped || this.#socket !== null || this.#retryTimer !== null) return;
@@ -695,7 +736,7 @@ export class Herald extends EventTarget {
       socket = new WebSocketClass(url);
     } catch (error) {
       this.#emit("error", { code: "connect_failed", message: String(/** @type {any} */ (error)?.message ?? error) });
-      this.#retry(false);
+      this.#retry(this.#backoff);
       return;
     }
     this.#socket = socket;
@@ -748,6 +789,7 @@ export class Herald extends EventTarget {
    */
   #closed(code, reason) {
     const opened = this.#opened;
+    const lifetime = this.#welcomedAt === null ? 0 : this.#timers.now() - this.#welcomedAt;
     this.#dropConnection();
     const decision = closePolicy(code, opened);
     if (!decision.reconnect) {
@@ -761,24 +803,65 @@ export class Herald extends EventTarget {
       }
       this.#renewToken = true;
     }
-    this.#retry(decision.immediate, code, reason);
+    if (!opened) {
+      this.#refusedAgain(code, reason);
+      return;
+    }
+    this.#refused = 0;
+    if (!decision.immediate) {
+      this.#lastCloseImmediate = false;
+      this.#retry(this.#backoff, code, reason);
+      return;
+    }
+    // At once, unless the connection before this one ended the same way and this one did not last:
+    // then the cause is persistent (a client too slow for its stream, a token that keeps expiring)
+    // and reconnecting at once would loop. `welcome` does not reset this backoff.
+    const repeated = this.#lastCloseImmediate && lifetime < this.#options.repeatWindow;
+    this.#lastCloseImmediate = true;
+    if (!repeated) this.#repeatBackoff.reset();
+    this.#retry(repeated ? this.#repeatBackoff : null, code, reason);
+  }
+
+  /**
+   * A socket closed before it opened. A browser cannot tell why (the gateway down, or the upgrade
+   * refused: 401 bad token, 403 topic outside the claim, 503 unavailable, ...), so the next
+   * attempt renews the token, always after a backoff delay. A refusal that survives a renewal is
+   * reported as an `error` (`connect_refused`) and the client keeps backing off (bounded by `max`).
+   * @param {number} code
+   * @param {string} reason
+   */
+  #refusedAgain(code, reason) {
+    this.#refused += 1;
+    this.#retry(this.#backoff, code, reason);
+    if (this.#refused < 2) return;
+    const renewal = typeof this.#options.token === "string" ? "the fixed token" : "a renewed token";
+    this.#emit("error", {
+      code: "connect_refused",
+      message:
+        `the connection was refused ${this.#refused} times in a row, also with ${renewal} ` +
+        `(the gateway is unreachable, or it refused the token (401), a topic (403) or is unavailable (503)); ` +
+        `retrying in ${this.#retryDelay} ms`,
+    });
   }
 
   #dropDeadSocket() {
     const socket = this.#socket;
     this.#dropConnection();
     socket?.close(CloseCode.DEAD, "no answer to ping");
-    this.#retry(false, CloseCode.DEAD, "no answer to ping");
+    this.#lastCloseImmediate = false;
+    this.#retry(this.#backoff, CloseCode.DEAD, "no answer to ping");
   }
 
   /**
-   * @param {boolean} immediate
+   * Schedules the next attempt.
+   * @param {Backoff|null} backoff  where the delay comes from; null: at once
    * @param {number} [code]
    * @param {string} [reason]
    */
-  #retry(immediate, code, reason) {
-    const delay = immediate ? 0 : this.#backoff.next();
-    this.#setState({ state: "reconnecting", code, reason, delay, attempt: this.#backoff.attempt });
+  #retry(backoff, code, reason) {
+    const delay = backoff ? backoff.next() : 0;
+    this.#retryDelay = delay;
+    this.#setState({ state: "reconnecting", code, reason, delay, attempt: (backoff ?? this.#backoff).attempt });
     this.#retryTimer = this.#timers.setTimeout(() => this.#attempt(), delay);
   }
 
@@ -791,6 +874,7 @@ export class Herald extends EventTarget {
     if (socket) socket.onopen = socket.onmessage = socket.onclose = socket.onerror = null;
     this.#socket = null;
     this.#session = null;
+    this.#welcomedAt = null;
     this.#liveness.stop();
     this.#acks.flush(); // the socket is gone: this only saves the seq, the ack waits
     this.#awaitingSub = [];
@@ -806,6 +890,7 @@ export class Herald extends EventTarget {
    */
   #stop(code, reason) {
     this.#stopped = true;
+    this.#listenToPage(false);
     if (this.#retryTimer !== null) this.#timers.clearTimeout(this.#retryTimer);
     this.#retryTimer = null;
     this.#rejectCalls("closed", reason);
@@ -848,6 +933,8 @@ export class Herald extends EventTarget {
   #welcome(frame) {
     this.#session = frame;
     this.#identity = { user: frame.user, device: frame.device };
+    this.#welcomedAt = this.#timers.now();
+    this.#refused = 0;
     this.#backoff.reset();
     this.#liveness.start((frame.heartbeat ?? 0) * 1000);
     for (const [topic, wanted] of this.#topics) {
@@ -983,6 +1070,32 @@ export class Herald extends EventTarget {
   }
 
   // --- storage, state, events ---------------------------------------------------------------
+
+  /**
+   * The page is going away (`pagehide`) or was hidden (`visibilitychange`, hidden; a hidden page
+   * may be killed without a `pagehide`): send the pending ack and write the resume point to
+   * `storage` now rather than when the ack timer fires, so a reload does not show those messages
+   * again.
+   * @param {Event} event
+   */
+  #pageHidden = (event) => {
+    if (event.type === "visibilitychange" && this.#page?.document?.visibilityState !== "hidden") return;
+    this.#acks.flush(); // writes the seq to storage even when the ack cannot be sent
+  };
+
+  /** @param {boolean} on  listen (from `connect()`) or stop listening (when stopped) */
+  #listenToPage(on) {
+    const page = this.#page;
+    if (!page) return;
+    const document = page.document ?? page;
+    if (on) {
+      page.addEventListener("pagehide", this.#pageHidden);
+      document.addEventListener("visibilitychange", this.#pageHidden);
+    } else {
+      page.removeEventListener("pagehide", this.#pageHidden);
+      document.removeEventListener("visibilitychange", this.#pageHidden);
+    }
+  }
 
   /** @param {string|undefined} user */
   #loadSeq(user) {

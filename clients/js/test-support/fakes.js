@@ -148,3 +148,52 @@ export function fakeToken(claims) {
   const part = (value) => Buffer.from(JSON.stringify(value)).toString("base64url");
   return `${part({ alg: "none" })}.${part(claims)}.sig`;
 }
+
+/**
+ * The browser's window as the client sees it: `pagehide` on the page, `visibilitychange` on its
+ * document. `listeners` counts the client's listeners on both.
+ */
+export class FakePage extends EventTarget {
+  listeners = 0;
+  document = new FakeDocument(this);
+
+  addEventListener(type, listener) {
+    this.listeners += 1;
+    super.addEventListener(type, listener);
+  }
+
+  removeEventListener(type, listener) {
+    this.listeners -= 1;
+    super.removeEventListener(type, listener);
+  }
+
+  /** The user navigates away (or reloads). */
+  pagehide() {
+    this.dispatchEvent(new Event("pagehide"));
+  }
+
+  /** The tab is hidden (`hidden`) or shown again (`visible`). */
+  visibility(state) {
+    this.document.visibilityState = state;
+    this.document.dispatchEvent(new Event("visibilitychange"));
+  }
+}
+
+class FakeDocument extends EventTarget {
+  visibilityState = "visible";
+
+  constructor(page) {
+    super();
+    this.page = page;
+  }
+
+  addEventListener(type, listener) {
+    this.page.listeners += 1;
+    super.addEventListener(type, listener);
+  }
+
+  removeEventListener(type, listener) {
+    this.page.listeners -= 1;
+    super.removeEventListener(type, listener);
+  }
+}

@@ -96,6 +96,144 @@ for (const code of [1012, 4008]) {
   });
 }
 
+/** The delays of the `reconnecting` states so far. */
+function delays(of) {
+  return of("state").filter((s) => s.state === "reconnecting").map((s) => s.delay);
+}
+
+test("close 4008 repeated within repeatWindow backs off (exponential, jittered, bounded); welcome does not reset it", async () => {
+  // random 0.5 with jitter 0.5: each delay is 3/4 of its ceiling (100, 200, 400, then the 400 cap)
+  const { client, clock, of } = setup({ backoff: { base: 100, max: 400, jitter: 0.5 }, repeatWindow: 10_000 });
+  (await connected(client)).welcome();
+  for (let i = 0; i < 6; i++) {
+    await clock.advance(2000); // every connection lives 2 s, then its queue overflows again
+    FakeWebSocket.last.serverClose(4008, "slow consumer");
+    await clock.advance(1000); // longer than any delay: the next socket is there
+    FakeWebSocket.last.welcome();
+  }
+  assert.deepEqual(delays(of), [0, 75, 150, 300, 300, 300], "at once the first time only");
+  assert.equal(FakeWebSocket.all.length, 7);
+  assert.deepEqual(of("state").at(-2), { state: "reconnecting", code: 4008, reason: "slow consumer", delay: 300, attempt: 5 });
+});
+
+test("a slow client closed with 4008 right after every welcome opens a bounded number of sockets", async () => {
+  const { client, clock } = setup({ backoff: { base: 500, max: 30_000 } });
+  (await connected(client)).welcome();
+  for (let elapsed = 0; elapsed < 600_000; elapsed += 50) {
+    const socket = FakeWebSocket.last;
+    if (socket.readyState === FakeWebSocket.CONNECTING) {
+      socket.welcome();
+      socket.serverClose(4008, "slow consumer");
+    }
+    await clock.advance(50);
+  }
+  // 10 minutes: at once, then 375 ms doubling to the 22.5 s cap (jitter at 0.5): about 30 sockets.
+  assert.ok(FakeWebSocket.all.length < 40, `${FakeWebSocket.all.length} sockets in 10 minutes`);
+});
+
+test("close 4008 after a connection that lasted repeatWindow reconnects at once again, and the backoff starts over", async () => {
+  const { client, clock, of } = setup({ backoff: { base: 100, jitter: 0 }, repeatWindow: 10_000 });
+  (await connected(client)).welcome();
+  FakeWebSocket.last.serverClose(4008);
+  await clock.advance(0);
+  FakeWebSocket.last.welcome();
+  FakeWebSocket.last.serverClose(4008);
+  await clock.advance(100);
+  FakeWebSocket.last.welcome();
+  FakeWebSocket.last.serverClose(4008);
+  await clock.advance(200);
+  FakeWebSocket.last.welcome();
+  await clock.advance(10_000); // this one was fine for a while
+  FakeWebSocket.last.serverClose(4008);
+  await clock.advance(0);
+  FakeWebSocket.last.welcome();
+  FakeWebSocket.last.serverClose(4008);
+  assert.deepEqual(delays(of), [0, 100, 200, 0, 100]);
+});
+
+test("only immediate closes in a row count as a repeat: a 4008 after another close reconnects at once", async () => {
+  const { client, clock, of } = setup({ backoff: { base: 100, jitter: 0 } });
+  (await connected(client)).welcome();
+  FakeWebSocket.last.serverClose(4008);
+  await clock.advance(0);
+  FakeWebSocket.last.welcome();
+  FakeWebSocket.last.serverClose(1011);
+  await clock.advance(100);
+  FakeWebSocket.last.welcome();
+  FakeWebSocket.last.serverClose(4008);
+  assert.deepEqual(delays(of), [0, 100, 0]);
+});
+
+test("repeated quick 1012 and 4001 closes back off too, and 4001 still renews the token each time", async () => {
+  let calls = 0;
+  const { client, clock, of } = setup({ token: async () => `token-${++calls}`, backoff: { base: 100, jitter: 0 } });
+  (await connected(client)).welcome();
+  FakeWebSocket.last.serverClose(1012, "restarting");
+  await clock.advance(0);
+  FakeWebSocket.last.welcome();
+  FakeWebSocket.last.serverClose(4001, "token expired");
+  await clock.advance(100);
+  FakeWebSocket.last.welcome();
+  FakeWebSocket.last.serverClose(4001, "token expired");
+  await clock.advance(200);
+  assert.deepEqual(delays(of), [0, 100, 200]);
+  assert.deepEqual(FakeWebSocket.all.map((s) => s.param("token")), ["token-1", "token-1", "token-2", "token-3"]);
+});
+
+test("a refused socket renews the token only after a backoff delay; refused again, it reports connect_refused and keeps backing off (bounded)", async () => {
+  let calls = 0;
+  const { client, clock, of } = setup({ token: () => `token-${++calls}`, backoff: { base: 100, max: 800, jitter: 0 } });
+  (await connected(client)).serverClose(1006); // e.g. HTTP 401: the browser only sees a close
+  assert.deepEqual(of("error"), [], "once may be a gateway restarting");
+  await clock.advance(99);
+  assert.equal(calls, 1, "no renewal before the delay");
+  assert.equal(FakeWebSocket.all.length, 1);
+  await clock.advance(1);
+  assert.equal(calls, 2);
+  assert.equal(FakeWebSocket.last.param("token"), "token-2");
+  for (let i = 0; i < 5; i++) {
+    FakeWebSocket.last.serverClose(1006);
+    await clock.advance(of("state").at(-1).delay);
+  }
+  assert.deepEqual(delays(of), [100, 200, 400, 800, 800, 800]);
+  assert.equal(calls, 7, "one renewal per attempt, each after its delay");
+  assert.equal(FakeWebSocket.all.length, 7);
+  const errors = of("error");
+  assert.deepEqual(errors.map((e) => e.code), ["connect_refused", "connect_refused", "connect_refused", "connect_refused", "connect_refused"]);
+  assert.match(errors[0].message, /refused 2 times in a row, also with a renewed token.*401.*403.*503.*retrying in 200 ms/);
+
+  // Once a connection opens, the count and the backoff start over.
+  FakeWebSocket.last.welcome();
+  FakeWebSocket.last.serverClose(1011);
+  await clock.advance(100);
+  FakeWebSocket.last.serverClose(1006);
+  assert.equal(of("error").length, 5, "a first refusal again");
+  assert.deepEqual(delays(of).slice(-2), [100, 200]);
+});
+
+test("a fixed token refused twice is reported too, and retried with backoff", async () => {
+  const { client, clock, of } = setup({ token: "fixed", backoff: { base: 100, jitter: 0 } });
+  (await connected(client)).serverClose(1006);
+  await clock.advance(100);
+  FakeWebSocket.last.serverClose(1006);
+  assert.match(of("error")[0].message, /also with the fixed token/);
+  await clock.advance(200);
+  assert.equal(FakeWebSocket.all.length, 3);
+  assert.equal(FakeWebSocket.last.param("token"), "fixed");
+});
+
+test("a socket that opened and closed before welcome is no refusal", async () => {
+  const { client, clock, of } = setup({ backoff: { base: 100, jitter: 0 } });
+  (await connected(client)).serverClose(1006);
+  await clock.advance(100);
+  FakeWebSocket.last.open();
+  FakeWebSocket.last.serverClose(1013, "NATS unavailable");
+  await clock.advance(200);
+  FakeWebSocket.last.serverClose(1006);
+  assert.deepEqual(of("error"), []);
+  assert.deepEqual(delays(of), [100, 200, 400]);
+});
+
 for (const [code, reason] of [[4009, "replaced"], [4003, "kicked"]]) {
   test(`close ${code} stops and reports it`, async () => {
     const { client, clock, of } = setup();

@@ -2,7 +2,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { FakeWebSocket, connected, setup } from "../test-support/helpers.js";
-import { MemoryStorage, fakeToken } from "../test-support/fakes.js";
+import { FakePage, MemoryStorage, fakeToken } from "../test-support/fakes.js";
 
 test("messages are delivered once each; duplicates by seq are dropped", async () => {
   const { client, clock, of } = setup({ backoff: { base: 10, jitter: 0 } });
@@ -136,6 +136,81 @@ test("storage is written when acks are flushed, also while disconnected", async 
   socket.msg(5);
   socket.serverClose(1006);
   assert.equal(storage.getItem("herald:u1:default:seq"), "5");
+});
+
+test("pagehide writes the resume point to storage (and sends the ack) before the ack timer", async () => {
+  const storage = new MemoryStorage();
+  const page = new FakePage();
+  const { client, clock } = setup({ storage, page, ack: { delay: 1000 } });
+  const socket = await connected(client);
+  socket.welcome({ user: "u1" });
+  socket.msg(7);
+  socket.msg(8);
+  await clock.advance(500);
+  assert.equal(storage.getItem("herald:u1:default:seq"), null, "not yet: the ack waits for its timer");
+  page.pagehide();
+  assert.equal(storage.getItem("herald:u1:default:seq"), "8");
+  assert.deepEqual(socket.sentOf("ack"), [{ type: "ack", seq: 8 }]);
+  const reloaded = setup({ storage, user: "u1" });
+  assert.equal((await connected(reloaded.client)).param("since"), "8", "a reload resumes after what was shown");
+});
+
+test("visibilitychange to hidden writes the resume point; to visible it does not", async () => {
+  const storage = new MemoryStorage();
+  const page = new FakePage();
+  const { client } = setup({ storage, page, ack: { delay: 1000 } });
+  const socket = await connected(client);
+  socket.welcome({ user: "u1" });
+  socket.msg(3);
+  page.visibility("visible");
+  assert.equal(storage.getItem("herald:u1:default:seq"), null);
+  page.visibility("hidden");
+  assert.equal(storage.getItem("herald:u1:default:seq"), "3");
+});
+
+test("the page is heard while the client runs, also while disconnected; not after it stopped", async () => {
+  const storage = new MemoryStorage();
+  const page = new FakePage();
+  const { client } = setup({ storage, page, ack: { delay: 1000 } });
+  assert.equal(page.listeners, 0, "nothing before connect()");
+  const socket = await connected(client);
+  assert.equal(page.listeners, 2, "pagehide and visibilitychange");
+  socket.welcome({ user: "u1" });
+  socket.msg(4);
+  socket.serverClose(1011);
+  page.pagehide();
+  assert.equal(storage.getItem("herald:u1:default:seq"), "4");
+  client.close();
+  assert.equal(page.listeners, 0, "a closed client is not kept alive by the page");
+  await connected(client);
+  assert.equal(page.listeners, 2);
+  FakeWebSocket.last.welcome();
+  FakeWebSocket.last.serverClose(4009);
+  assert.equal(page.listeners, 0, "a final close stops listening too");
+});
+
+test("in a browser the window is the page by default", async () => {
+  const window = new FakePage();
+  Object.assign(globalThis, {
+    document: window.document,
+    addEventListener: window.addEventListener.bind(window),
+    removeEventListener: window.removeEventListener.bind(window),
+  });
+  try {
+    const storage = new MemoryStorage();
+    const { client } = setup({ storage, ack: { delay: 1000 } });
+    const socket = await connected(client);
+    socket.welcome({ user: "u1" });
+    socket.msg(5);
+    window.visibility("hidden");
+    assert.equal(storage.getItem("herald:u1:default:seq"), "5");
+    client.close();
+    assert.equal(window.listeners, 0);
+  } finally {
+    delete globalThis.document;
+    delete globalThis.addEventListener;
+    delete globalThis.removeEventListener;
+  }
 });
 
 test("an explicit since wins over storage", async () => {
