@@ -139,8 +139,12 @@ class Nats:
 
 
 class PushFunction:
-    """A push function: answers NATS requests on `herald.fn.<name>` with `answer(call)` (bytes), where
-    `call` is `{"data": <request body>, "headers": {...}}`. `calls` records each request."""
+    """A push function written in another language than Herald's (Python), following docs/functions.md:
+    a queue subscription on `herald.fn.<name>` in the queue group `herald-functions`, shared with every
+    other copy, answering each request with `answer(call)` (bytes), where `call` is
+    `{"data": <request body>, "headers": {...}}`. `calls` records each request."""
+
+    QUEUE_GROUP = "herald-functions"
 
     def __init__(self, nats, name, answer):
         self.nats, self.answer = nats, answer
@@ -153,7 +157,7 @@ class PushFunction:
             self.calls.append(call)
             await msg.respond(self.answer(call))
 
-        subscription = await self.nats.client.subscribe(subject, cb=handle)
+        subscription = await self.nats.client.subscribe(subject, queue=self.QUEUE_GROUP, cb=handle)
         await self.nats.client.flush()  # the server knows the subscription before a test calls it
         return subscription
 
