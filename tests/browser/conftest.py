@@ -13,6 +13,7 @@ import hmac
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -219,9 +220,30 @@ class Gateway:
             args += ["--id", msg_id]
         # As a backend does: with the publisher's credentials (gateways may not publish pushes).
         env = dict(self.env, HERALD_NATS_USER="publisher", HERALD_NATS_PASSWORD=NATS_PASSWORDS["publisher"])
-        out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=30, check=True).stdout
+        return self._run_pub(args, env)
+
+    def run_hint(self, hint, dev_password="dev-publisher"):
+        """Runs the page's `herald-gateway pub` hint as written (its `NAME=value` environment, its
+        arguments) with this gateway's binary and NATS URL. The hint shows the dev stack's publisher
+        password, which must be `dev_password`; the tests' NATS has its own, used instead. Returns the seq."""
+        words = shlex.split(hint)
+        env = {name: value for name, value in os.environ.items() if not name.startswith("HERALD_")}
+        env["HERALD_NATS_URL"] = self.env["HERALD_NATS_URL"]
+        while words and re.fullmatch(r"[A-Z_]+=.*", words[0]):
+            name, value = words.pop(0).split("=", 1)
+            env[name] = value
+        assert words[:2] == ["herald-gateway", "pub"], f"not a herald-gateway pub command: {hint}"
+        assert env.get("HERALD_NATS_USER") == "publisher", f"the hint does not publish as `publisher`: {hint}"
+        assert env.get("HERALD_NATS_PASSWORD") == dev_password, f"the hint does not use the dev password: {hint}"
+        env["HERALD_NATS_PASSWORD"] = NATS_PASSWORDS["publisher"]
+        return self._run_pub([self.binary, *words[1:]], env)
+
+    @staticmethod
+    def _run_pub(args, env):
+        out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, f"{shlex.join(args[1:])} failed ({out.returncode}): {out.stderr}"
         # "stored: seq 12 (duplicate: false)"
-        return int(re.search(r"seq (\d+)", out).group(1))
+        return int(re.search(r"seq (\d+)", out.stdout).group(1))
 
     def token(self, user, lifetime, topics=("*",)):
         """An HS256 connect token for `user` expiring `lifetime` seconds from now (whole seconds),
