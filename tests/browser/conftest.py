@@ -1,5 +1,5 @@
 """Fixtures for the real-browser tests: a NATS server and a nats-py client of it (publishing, push
-functions), a dev-mode gateway, Debian's chromium.
+functions), a dev-mode gateway, the real push functions (herald-functions), Debian's chromium.
 
 See README.md. Every test gets its own browser context (fresh storage) and its own user id.
 With HERALD_REQUIRE_BROWSER=1 (CI) a missing chromium, nats-server or gateway binary fails the tests
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import nats as nats_py
 import pytest
+from nats.errors import NoRespondersError
 from playwright.sync_api import expect, sync_playwright
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -131,6 +132,19 @@ class Nats:
     def serve(self, name, answer):
         """Starts a push function on `herald.fn.<name>`; see PushFunction."""
         return PushFunction(self, name, answer)
+
+    def answers(self, subject):
+        """Whether anything answers a request on `subject` (False: no responders). The request has no
+        `Herald-User`, so a Herald function answers it with an error and does nothing."""
+
+        async def ask():
+            try:
+                await self.client.request(subject, b"null", timeout=5)
+                return True
+            except NoRespondersError:
+                return False
+
+        return self.run(ask())
 
     def close(self):
         self.run(self.client.drain())
@@ -276,6 +290,67 @@ def gateway(nats_server, tmp_path):
     gateway.stop()
 
 
+class Functions:
+    """The real `herald-functions` binary (built-ins `prefs.get`/`prefs.set`, `presence`, `notify`) on
+    the test NATS as its `functions` user, configured through HERALD_* variables (docs/functions.md)."""
+
+    def __init__(self, binary, nats, log_path):
+        self.binary, self.nats, self.log_path = binary, nats, log_path
+        self.env = dict(
+            os.environ,
+            HERALD_NATS_URL=nats.url,
+            HERALD_NATS_USER="functions",
+            HERALD_NATS_PASSWORD=NATS_PASSWORDS["functions"],
+            # Port 0: the kernel picks a free port, so it never clashes with anything (the address is logged).
+            HERALD_METRICS_LISTEN="127.0.0.1:0",
+            NO_COLOR="1",
+        )
+        self.process = None
+
+    def start(self, timeout=20.0):
+        """Starts it and waits until NATS has its rpc endpoints: `prefs.get` and `prefs.set` answer
+        (process start-up, polled like `/readyz`; fails at once if it exits)."""
+        with open(self.log_path, "a") as log:
+            self.process = subprocess.Popen([self.binary], env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        waiting = ["herald.fn.prefs.get", "herald.fn.prefs.set"]
+        while waiting:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"herald-functions exited with status {self.process.returncode}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"herald-functions: nothing answers {waiting} after {timeout} s:\n{self.log_tail()}")
+            if self.nats.answers(waiting[0]):
+                waiting.pop(0)
+            else:
+                time.sleep(0.05)
+
+    def stop(self):
+        """SIGTERM (graceful); returns the exit status."""
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=20)
+        return self.process.returncode if self.process else None
+
+    def log_tail(self, lines=40):
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+@pytest.fixture
+def functions(nats, tmp_path):
+    """`herald-functions`, ready (its prefs functions answer) before the test. Binary:
+    `HERALD_FUNCTIONS`, else `target/debug/`, else `target/release/`."""
+    binary = find_binary(
+        "HERALD_FUNCTIONS", ROOT / "target/debug/herald-functions", ROOT / "target/release/herald-functions"
+    )
+    functions = Functions(binary, nats, tmp_path / "functions.log")
+    functions.start()
+    yield functions
+    assert functions.stop() == 0, f"herald-functions did not stop cleanly:\n{functions.log_tail()}"
+
+
 @pytest.fixture(scope="session")
 def browser():
     executable = find_binary("HERALD_CHROMIUM", "/usr/lib/chromium/chromium", "/usr/bin/chromium")
@@ -335,11 +410,13 @@ def echo_function(nats):
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
-    """Keeps each phase's report on the test item (for the `page` fixture), and adds the gateway's
-    log to the report of a failed test."""
+    """Keeps each phase's report on the test item (for the `page` fixture), and adds the logs of the
+    gateway and the functions to the report of a failed test."""
     report = yield
     setattr(item, f"report_{report.when}", report)
-    gateway = item.funcargs.get("gateway") if hasattr(item, "funcargs") else None
-    if report.failed and isinstance(gateway, Gateway):
-        report.sections.append(("gateway log (last 40 lines)", gateway.log_tail()))
+    funcargs = item.funcargs if hasattr(item, "funcargs") else {}
+    for name, kind in (("gateway", Gateway), ("functions", Functions)):
+        process = funcargs.get(name)
+        if report.failed and isinstance(process, kind):
+            report.sections.append((f"{name} log (last 40 lines)", process.log_tail()))
     return report

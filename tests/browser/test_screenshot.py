@@ -1,4 +1,5 @@
-"""What the demo page looks like with messages, a topic and an rpc result, on a laptop and a phone.
+"""What the demo page looks like with messages, a topic, muted kinds and an rpc result, on a laptop and
+a phone, with the push functions running (as in the dev stack).
 
 Saves tests/artifacts/demo.png and tests/artifacts/demo-phone.png (git-ignored; for CI to keep as
 artifacts) and checks that nothing overflows sideways at phone width.
@@ -11,7 +12,7 @@ from playwright.sync_api import expect
 from demo import Demo
 
 
-def test_screenshot_of_the_page_with_messages(page, gateway, nats, user, echo_function, artifacts):
+def test_screenshot_of_the_page_with_messages(page, gateway, functions, nats, user, echo_function, artifacts):
     page.set_viewport_size({"width": 1000, "height": 900})
     demo = Demo(page, gateway).open(user, device="laptop")
     topic = "news-" + uuid.uuid4().hex[:6]
@@ -27,6 +28,7 @@ def test_screenshot_of_the_page_with_messages(page, gateway, nats, user, echo_fu
     demo.wait_for_message(seqs[-1])
     assert demo.seqs() == seqs
     expect(demo.call("echo", '{"text": "ping"}')).to_have_attribute("data-ok", "true")
+    expect(page.get_by_test_id("mute-status")).to_have_text("Nothing muted.")
 
     page.screenshot(path=artifacts / "demo.png", full_page=True)
 
