@@ -44,6 +44,11 @@ pub(crate) fn cursor_key(user: &str, device: &str) -> String {
     format!("{}.{}", kv_key(user), kv_key(device))
 }
 
+/// The KV key noting that a device missed messages from some seq on (see [`Cursors::mark_lost`]).
+fn lost_key(user: &str, device: &str) -> String {
+    format!("{}.lost", cursor_key(user, device))
+}
+
 impl Cursors {
     pub(crate) fn new(js: jetstream::Context) -> Cursors {
         Cursors { js, bucket: OnceCell::new(), pending: Mutex::new(HashMap::new()) }
@@ -57,6 +62,24 @@ impl Cursors {
     pub(crate) async fn load(&self, user: &str, device: &str) -> Result<Option<u64>, CursorError> {
         let value = self.bucket().await?.get(cursor_key(user, device)).await.map_err(error)?;
         Ok(value.and_then(|bytes| std::str::from_utf8(&bytes).ok()?.trim().parse().ok()))
+    }
+
+    /// Notes that the device missed messages from `seq` on that it can no longer get in order (its
+    /// connection is about to close), so that its next resume from past `seq` is told.
+    pub(crate) async fn mark_lost(&self, user: &str, device: &str, seq: u64) -> Result<(), CursorError> {
+        let bucket = self.bucket().await?;
+        bucket.put(lost_key(user, device), Bytes::from(seq.to_string())).await.map_err(error)?;
+        Ok(())
+    }
+
+    /// The seq a resuming device missed messages from, if a closed connection noted one; the note is
+    /// removed, since the resume reports it.
+    pub(crate) async fn take_lost(&self, user: &str, device: &str) -> Result<Option<u64>, CursorError> {
+        let bucket = self.bucket().await?;
+        let key = lost_key(user, device);
+        let Some(value) = bucket.get(&key).await.map_err(error)? else { return Ok(None) };
+        bucket.purge(&key).await.map_err(error)?;
+        Ok(std::str::from_utf8(&value).ok().and_then(|s| s.trim().parse().ok()))
     }
 
     /// Records an acknowledgement; written by the next flush.

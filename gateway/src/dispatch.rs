@@ -36,11 +36,35 @@ pub(crate) struct SessionEntry {
     pub(crate) repair: Notify,
     /// A repair was asked for and has not started yet.
     repair_pending: AtomicBool,
+    /// The first seq of messages this session missed and can no longer get in order (0: none):
+    /// its next repair closes it, leaving a note so that its resume reports `complete: false`.
+    lost_from: AtomicU64,
 }
 
 impl SessionEntry {
     pub(crate) fn new(key: u64, user: Arc<str>, outbox: Arc<Outbox>) -> SessionEntry {
-        SessionEntry { key, user, outbox, repair: Notify::new(), repair_pending: AtomicBool::new(false) }
+        SessionEntry {
+            key,
+            user,
+            outbox,
+            repair: Notify::new(),
+            repair_pending: AtomicBool::new(false),
+            lost_from: AtomicU64::new(0),
+        }
+    }
+
+    /// Records that messages from `seq` on were missed behind newer ones, and asks for the repair
+    /// that ends the session.
+    fn mark_lost(&self, seq: u64) {
+        let _ = self
+            .lost_from
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |known| (known == 0 || seq < known).then_some(seq));
+        self.request_repair();
+    }
+
+    /// The first seq marked lost, if any, clearing the mark.
+    pub(crate) fn take_lost(&self) -> Option<u64> {
+        Some(self.lost_from.swap(0, Ordering::AcqRel)).filter(|&seq| seq != 0)
     }
 
     /// Holds live delivery and asks the session to repair, once until the repair starts.
@@ -328,8 +352,12 @@ impl DispatchTask {
     fn notice_reconnection(&mut self) {
         let connects = client_connects(&self.client);
         if connects != self.connects {
+            // The first connection is no reconnection: no session opened before it.
+            let reconnected = self.connects != 0;
             self.connects = connects;
-            self.repair_all("reconnected to NATS");
+            if reconnected {
+                self.repair_all("reconnected to NATS");
+            }
         }
     }
 }
@@ -341,7 +369,7 @@ fn client_connects(client: &Client) -> u64 {
 /// Messages in `(route.last_seq, previous]` on this subject never arrived. For each session, those a
 /// replay already covered are fine; if others remain, the session repairs from the stream, unless
 /// it has been sent something newer than one of them (from another subject): then they cannot be
-/// delivered in order any more, and it is closed with 4008.
+/// delivered in order any more, so it is closed with 4008 and its resume says `complete: false`.
 fn repair_gap(route: &Route, previous: u64, metrics: &Metrics) {
     metrics.delivery_gaps.inc();
     let first_missing = route.last_seq + 1;
@@ -355,10 +383,7 @@ fn repair_gap(route: &Route, previous: u64, metrics: &Metrics) {
         if last_seq >= uncovered {
             error!(user = %session.user, uncovered, "gap behind newer messages: closing for a resume");
             metrics.unrepairable_gaps.inc();
-            session.outbox.close(crate::outbox::Close::new(
-                herald_shared::frame::close_code::SLOW_CONSUMER,
-                "messages missed: reconnect with since",
-            ));
+            session.mark_lost(uncovered);
         } else {
             session.request_repair();
             metrics.repairs.inc();

@@ -264,7 +264,9 @@ async fn run(shared: Arc<Shared>, listener: TcpListener) {
     if tokio::time::timeout(shared.config.shutdown_grace, shared.sessions.wait()).await.is_err() {
         warn!("shutdown grace elapsed with sockets still open");
     }
-    shared.cursors.flush().await;
+    if tokio::time::timeout(Duration::from_secs(5), shared.cursors.flush()).await.is_err() {
+        warn!("cursor flush timed out");
+    }
     if tokio::time::timeout(Duration::from_secs(5), shared.client.drain()).await.is_err() {
         warn!("NATS drain timed out");
     }

@@ -73,13 +73,6 @@ async fn route(shared: Arc<Shared>, request: Request<Incoming>, peer: SocketAddr
 }
 
 async fn websocket(shared: Arc<Shared>, mut request: Request<Incoming>, peer: SocketAddr) -> HttpResponse {
-    if !shared.health.ready() {
-        return rejection(&Rejection::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            shared.health.problems().join("; "),
-        ));
-    }
     if !fastwebsockets::upgrade::is_upgrade_request(&request) {
         return rejection(&Rejection::new(
             StatusCode::UPGRADE_REQUIRED,
@@ -90,6 +83,18 @@ async fn websocket(shared: Arc<Shared>, mut request: Request<Incoming>, peer: So
     if let Some(origin) = refused_origin(&shared.config.allowed_origins, &request) {
         let reason = format!("origin {origin} is not allowed");
         return rejection(&Rejection::new(StatusCode::FORBIDDEN, "forbidden_origin", reason));
+    }
+    // The token first: a client with a bad one learns that whatever else is wrong.
+    let connect = match auth::authorize(&request, &shared.verifier) {
+        Ok(connect) => connect,
+        Err(refused) => return rejection(&refused),
+    };
+    if !shared.health.ready() {
+        return rejection(&Rejection::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            shared.health.problems().join("; "),
+        ));
     }
     let address = limits::client_address(peer.ip(), request.headers(), &shared.config.trusted_proxies);
     let permit = match shared.limits.admit(address) {
@@ -105,10 +110,6 @@ async fn websocket(shared: Arc<Shared>, mut request: Request<Incoming>, peer: So
             let reason = format!("too many connections from {address}");
             return rejection(&Rejection::new(StatusCode::TOO_MANY_REQUESTS, "too_many_connections", reason));
         }
-    };
-    let connect = match auth::authorize(&request, &shared.verifier) {
-        Ok(connect) => connect,
-        Err(refused) => return rejection(&refused),
     };
     let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut request) {
         Ok(upgrade) => upgrade,

@@ -102,6 +102,12 @@ pub async fn ensure_buckets(
     Ok(Buckets {
         cursors: js.create_or_update_key_value(bucket(KV_CURSORS, "last acknowledged seq per user and device")).await?,
         prefs: js.create_or_update_key_value(bucket(KV_PREFS, "muted kinds per user")).await?,
-        sessions: js.create_or_update_key_value(bucket(KV_SESSIONS, "which connection owns a user's session")).await?,
+        sessions: js
+            .create_or_update_key_value(kv::Config {
+                // Claims of a gateway that died expire instead of holding a slot forever.
+                max_age: SESSIONS_MAX_AGE,
+                ..bucket(KV_SESSIONS, "which connection owns a user's session")
+            })
+            .await?,
     })
 }

@@ -154,6 +154,41 @@ mod tests {
         }
     }
 
+    fn signed(alg: Algorithm, private_pem: &[u8], claims: &Claims) -> String {
+        let key = match alg {
+            Algorithm::EdDSA => EncodingKey::from_ed_pem(private_pem).unwrap(),
+            _ => EncodingKey::from_rsa_pem(private_pem).unwrap(),
+        };
+        jsonwebtoken::encode(&Header::new(alg), claims, &key).unwrap()
+    }
+
+    #[test]
+    fn verifies_eddsa_and_rs256_tokens_with_a_public_key() {
+        let good = claims("42", now_secs() + 60);
+        let ed = Verifier::new(None, Some(include_bytes!("../testdata/ed25519-public.pem"))).unwrap();
+        let token = signed(Algorithm::EdDSA, include_bytes!("../testdata/ed25519-private.pem"), &good);
+        assert_eq!(ed.verify(&token), Ok(good.clone()));
+        let forged = signed(Algorithm::EdDSA, include_bytes!("../testdata/ed25519-other-private.pem"), &good);
+        assert_eq!(ed.verify(&forged), Err(TokenError::BadSignature));
+        let expired = claims("42", now_secs() - 10);
+        let token = signed(Algorithm::EdDSA, include_bytes!("../testdata/ed25519-private.pem"), &expired);
+        assert_eq!(ed.verify(&token), Err(TokenError::Expired));
+        // No secret configured: an HS256 token is refused, whatever it is signed with.
+        assert!(matches!(ed.verify(&issue_hs256(SECRET, &good)), Err(TokenError::WrongAlgorithm(_))));
+
+        let rsa = Verifier::new(None, Some(include_bytes!("../testdata/rsa-public.pem"))).unwrap();
+        let token = signed(Algorithm::RS256, include_bytes!("../testdata/rsa-private.pem"), &good);
+        assert_eq!(rsa.verify(&token), Ok(good.clone()));
+        let token = signed(Algorithm::EdDSA, include_bytes!("../testdata/ed25519-private.pem"), &good);
+        assert!(matches!(rsa.verify(&token), Err(TokenError::WrongAlgorithm(_))));
+    }
+
+    #[test]
+    fn refuses_a_key_that_is_no_public_key() {
+        assert!(Verifier::new(None, Some(b"not a key")).is_err());
+        assert!(Verifier::new(None, None).is_err());
+    }
+
     #[test]
     fn refuses_a_token_without_exp() {
         let verifier = Verifier::new(Some(SECRET), None).unwrap();

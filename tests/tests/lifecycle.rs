@@ -38,6 +38,9 @@ async fn readiness_follows_nats_and_delivery_resumes_when_it_returns() {
         .err()
         .expect("refused while NATS is down");
     assert_eq!((refused.status, refused.body["error"].as_str()), (503, Some("unavailable")));
+    // A bad token is still a 401: the client must renew it whatever else is wrong.
+    let bad = WsClient::connect(&gateway.ws_url("token=not.a.jwt")).await.err().expect("refused");
+    assert_eq!((bad.status, bad.body["error"].as_str()), (401, Some("unauthorized")));
 
     nats.start_again().await;
     gateway.wait_ready().await;

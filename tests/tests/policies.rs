@@ -63,6 +63,12 @@ async fn reject_refuses_a_second_socket_until_the_first_closes() {
     let mut again = b.connect_with(&query("ned", "laptop")).await;
     let seq = Publisher::new(&nats).await.publish("push.user.ned", "welcome back").await;
     assert_eq!(again.expect_msg().await.seq, seq);
+
+    // A slot held by a gateway that died is not refreshed any more, and expires with the bucket's
+    // max age (the owner refreshes it every quarter of that while the socket is open).
+    let sessions = nats.jetstream().await.get_key_value("herald-sessions").await.unwrap();
+    let max_age = sessions.status().await.unwrap().info.config.max_age;
+    assert_eq!(max_age, herald_shared::stream::SESSIONS_MAX_AGE);
 }
 
 #[tokio::test]

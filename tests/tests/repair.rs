@@ -1,6 +1,7 @@
 //! Exact delivery when the path is briefly too slow: a socket that overflows its queue resumes
 //! losslessly, and messages the gateway itself dropped are repaired from the stream.
 
+use async_nats::HeaderMap;
 use herald_shared::frame::{ServerFrame, close_code};
 use herald_tests::gateway::token;
 use herald_tests::ws::Event;
@@ -70,4 +71,36 @@ async fn messages_dropped_inside_the_gateway_are_repaired_from_the_stream() {
     assert!(gateway.metric("herald_gateway_repairs_total").await >= 1.0);
     assert_eq!(gateway.metric("herald_gateway_unrepairable_gaps_total").await, 0.0);
     assert_eq!(gateway.metric("herald_gateway_connections").await, 3.0);
+}
+
+#[tokio::test]
+async fn messages_missed_behind_newer_ones_close_with_4008_and_the_resume_says_so() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let mut client = gateway.connect("gap").await;
+    let first = publisher.publish("push.user.gap", "1").await;
+    let second = publisher.publish("push.all", "2").await;
+    assert_eq!(client.expect_msgs(2).await, vec![first, second]);
+
+    // What the gateway sees when a message on the user's subject was lost on its way here while
+    // push.all went on: the user's next message names a predecessor it never got. The client
+    // already has a newer seq, so the missed one cannot be delivered in order any more.
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Sequence", (second + 2).to_string().as_str());
+    headers.insert("Nats-Last-Sequence", (second + 1).to_string().as_str());
+    headers.insert("Nats-Time-Stamp", "2026-01-01T00:00:00Z");
+    let admin = nats.client().await;
+    admin.publish_with_headers("herald.deliver.user.gap", headers, "3".into()).await.unwrap();
+    admin.flush().await.unwrap();
+    assert_eq!(client.expect_close().await.map(|c| c.0), Some(close_code::SLOW_CONSUMER));
+    assert_eq!(gateway.metric("herald_gateway_unrepairable_gaps_total").await, 1.0);
+
+    // The resume from the client's last seq is told it may have missed something, once.
+    let query = format!("token={}&since={second}", token("gap"));
+    let mut resumed = gateway.connect_with(&query).await;
+    assert!(!resumed.expect_replayed().await.3, "complete is false after a loss");
+    drop(resumed);
+    let mut again = gateway.connect_with(&query).await;
+    assert!(again.expect_replayed().await.3, "the note was consumed by the first resume");
 }

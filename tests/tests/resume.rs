@@ -170,3 +170,22 @@ async fn a_new_device_that_drops_before_its_first_message_still_gets_what_it_mis
     assert_eq!(again.expect_msgs(1).await, vec![missed]);
     assert_eq!(again.expect_replayed().await, (start + 1, missed, 1, true, None));
 }
+
+#[tokio::test]
+async fn a_since_beyond_the_stream_replays_nothing_reports_incomplete_and_goes_live() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let seq = publisher.publish("push.user.eve", "one").await;
+    let query = format!("token={}&since={}", herald_tests::gateway::token_with("eve", &["news"], 3600), u64::MAX);
+    let mut client = gateway.connect_with(&query).await;
+    // Ahead of the stream (a replaced stream, or a bogus value): nothing to replay, and the client
+    // is told its history does not match the stream's.
+    assert_eq!(client.expect_replayed().await, (seq + 1, seq, 0, false, None));
+    let next = publisher.publish("push.user.eve", "two").await;
+    assert_eq!(client.expect_msg().await.seq, next);
+
+    client.send_json(serde_json::json!({"type": "sub", "topic": "news", "since": u64::MAX})).await;
+    assert_eq!(client.next_frame().await, ServerFrame::Subscribed { topic: "news".into() });
+    assert_eq!(client.expect_replayed().await, (next + 1, next, 0, false, Some("news".into())));
+}

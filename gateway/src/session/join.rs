@@ -41,10 +41,23 @@ pub(super) async fn open(session: &Session) -> Result<(), Close> {
         heartbeat: shared.config.heartbeat.as_secs(),
     });
     match Box::pin(resume_point(session)).await {
-        Resume::Since(since) => {
-            let report = Box::pin(replay(session, &session.audiences(), since, bounds, Order::InOrder)).await?;
+        Resume::Since(requested) => {
+            // A client ahead of the stream (a replaced stream, a bogus `since`) gets what comes next.
+            let since = requested.min(bounds.last);
+            let audiences = session.audiences();
+            let (report, lost) = tokio::join!(
+                Box::pin(replay(session, &audiences, since, bounds, Order::InOrder)),
+                Box::pin(session.shared.cursors.take_lost(&session.user, &session.device)),
+            );
+            let mut report = report?;
+            let lost = lost.unwrap_or_else(|error| {
+                warn!(user = %session.user, %error, "lost-messages note unreadable");
+                None
+            });
+            // Messages the previous connection missed before `since` are not in this replay.
+            report.complete &= requested <= bounds.last && lost.is_none_or(|first| first > since);
             // The client has everything up to `since`: a held live duplicate of it is dropped.
-            session.outbox().advance_to(since.min(bounds.last));
+            session.outbox().advance_to(since);
             session.outbox().complete_through(bounds.last);
             session.send(&report.frame(since, None));
         }
@@ -93,6 +106,9 @@ async fn resume_point(session: &Session) -> Resume {
 /// told the honest way: a 4008 close, and its resume reports `complete: false`.
 pub(super) async fn repair(session: &Session) -> Result<(), Close> {
     session.entry.repair_started();
+    if let Some(first) = session.entry.take_lost() {
+        return Err(close_after_loss(session, first).await);
+    }
     let since = session.outbox().last_seq();
     let bounds = read_bounds(session).await?;
     let report = replay(session, &session.audiences(), since, bounds, Order::InOrder).await?;
@@ -103,6 +119,21 @@ pub(super) async fn repair(session: &Session) -> Result<(), Close> {
     session.outbox().release(Vec::new());
     Ok(())
 }
+
+/// Messages from `first` on were missed behind newer ones: they cannot be delivered in order any
+/// more. A note in KV makes the client's resume (on any gateway) report `complete: false`.
+async fn close_after_loss(session: &Session, first: u64) -> Close {
+    let shared = &session.shared;
+    let noted =
+        tokio::time::timeout(LOSS_NOTE_TIMEOUT, shared.cursors.mark_lost(&session.user, &session.device, first));
+    if !matches!(noted.await, Ok(Ok(()))) {
+        warn!(user = %session.user, device = %session.device, first, "lost-messages note not written");
+    }
+    Close::new(close_code::SLOW_CONSUMER, "messages missed: reconnect with since")
+}
+
+/// How long a closing session waits to note its lost messages.
+const LOSS_NOTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Runs one `sub` or `unsub`; refusals are `error` frames, the connection stays.
 pub(super) async fn topic_request(session: &Session, request: TopicRequest) -> Result<(), Close> {
@@ -150,10 +181,12 @@ async fn subscribe(session: &Session, topic: String, since: Option<u64>) -> Resu
     }
     session.topics.lock().unwrap_or_else(|p| p.into_inner()).insert(topic.clone());
     session.send(&ServerFrame::Subscribed { topic: topic.clone() });
-    let Some(since) = since else { return Ok(()) };
+    let Some(requested) = since else { return Ok(()) };
     let bounds = read_bounds(session).await?;
+    let since = requested.min(bounds.last);
     let live_position = session.outbox().last_seq();
-    let report = replay(session, &[audience], since, bounds, Order::TopicBlock { live_position }).await?;
+    let mut report = replay(session, &[audience], since, bounds, Order::TopicBlock { live_position }).await?;
+    report.complete &= requested <= bounds.last;
     session.send(&report.frame(since, Some(topic)));
     session.outbox().release(report.newer);
     Ok(())
