@@ -69,12 +69,8 @@ pub(crate) async fn answer_presence(
         let Some(reply) = question.reply else { continue };
         let asked: PresenceQuery = serde_json::from_slice(&question.payload).unwrap_or_default();
         let counts = registry.counts();
-        let answer = PresenceReply {
-            node: node.clone(),
-            users: counts.users as u64,
-            connections: counts.connections as u64,
-            user_connections: asked.user.as_deref().map_or(0, |user| registry.of_user(user).len() as u64),
-        };
+        let user_connections = asked.user.as_deref().map_or(0, |user| registry.of_user(user).len() as u64);
+        let answer = PresenceReply::counts(&node, counts.users as u64, counts.connections as u64, user_connections);
         let _ = client.publish(reply, serde_json::to_vec(&answer).unwrap_or_default().into()).await;
     }
 }
