@@ -5,10 +5,15 @@
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
 use herald_shared::id::{IdError, IdKind, check_id};
 use herald_shared::subject::{Audience, header};
 
 use crate::error::HandlerError;
+
+/// The most pushes [`Pusher::push_all`] has sent and not yet seen acknowledged.
+pub const MAX_IN_FLIGHT: usize = 256;
 
 /// The longest source id and kind accepted.
 const MAX_SOURCE_ID_LEN: usize = 256;
@@ -71,23 +76,74 @@ impl Pusher {
         kind: Option<&str>,
         payload: Bytes,
     ) -> Result<PushAck, PushError> {
-        check_audience(to)?;
-        check_source_id(source_id)?;
+        check_push(source_id, std::slice::from_ref(to), kind)?;
+        self.send(source_id, to, kind, payload).await?.await
+    }
+
+    /// Pushes `payload` to each of `audiences`, as [`Pusher::push`] does, pipelined: up to
+    /// [`MAX_IN_FLIGHT`] publishes are sent before their acknowledgements are awaited, so thousands
+    /// of pushes take a few round trips rather than one each. Every audience is checked before
+    /// anything is sent. Fails when any push was not stored; some others may have been, and pushing
+    /// the same `source_id` again stores only those that were not.
+    pub async fn push_all(
+        &self,
+        source_id: &str,
+        audiences: &[Audience],
+        kind: Option<&str>,
+        payload: Bytes,
+    ) -> Result<Vec<PushAck>, PushError> {
+        check_push(source_id, audiences, kind)?;
+        let mut acks = Vec::with_capacity(audiences.len());
+        let mut in_flight = FuturesOrdered::new();
+        for to in audiences {
+            if in_flight.len() >= MAX_IN_FLIGHT
+                && let Some(ack) = in_flight.next().await
+            {
+                acks.push(ack?);
+            }
+            in_flight.push_back(self.send(source_id, to, kind, payload.clone()).await?);
+        }
+        while let Some(ack) = in_flight.next().await {
+            acks.push(ack?);
+        }
+        Ok(acks)
+    }
+
+    /// Sends one push (already checked) and returns the wait for its acknowledgement.
+    async fn send(
+        &self,
+        source_id: &str,
+        to: &Audience,
+        kind: Option<&str>,
+        payload: Bytes,
+    ) -> Result<impl Future<Output = Result<PushAck, PushError>> + use<>, PushError> {
         let mut headers = HeaderMap::new();
         headers.insert(header::NATS_MSG_ID, msg_id(source_id, to).as_str());
         if let Some(kind) = kind {
-            check_kind(kind)?;
             headers.insert(header::HERALD_TYPE, kind);
         }
         let ack = self
             .js
             .publish_with_headers(to.push_subject(), headers, payload)
             .await
-            .map_err(|e| PushError::Publish(e.to_string()))?
-            .await
             .map_err(|e| PushError::Publish(e.to_string()))?;
-        Ok(PushAck { seq: ack.sequence, duplicate: ack.duplicate })
+        Ok(async move {
+            let ack = ack.await.map_err(|e| PushError::Publish(e.to_string()))?;
+            Ok(PushAck { seq: ack.sequence, duplicate: ack.duplicate })
+        })
     }
+}
+
+/// Checks everything a push names before anything is sent.
+fn check_push(source_id: &str, audiences: &[Audience], kind: Option<&str>) -> Result<(), PushError> {
+    check_source_id(source_id)?;
+    if let Some(kind) = kind {
+        check_kind(kind)?;
+    }
+    for to in audiences {
+        check_audience(to)?;
+    }
+    Ok(())
 }
 
 /// The `Nats-Msg-Id` of a push of `source_id` to `to`: `<source>:user:<id>`, `<source>:topic:<t>`

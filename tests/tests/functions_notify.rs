@@ -116,3 +116,29 @@ async fn bad_notifications_are_dead_lettered_at_once_and_push_nothing() {
     assert!(pushes.is_empty(), "{pushes:?}");
     runtime.shutdown().await;
 }
+
+#[tokio::test]
+async fn notify_to_many_users_stores_one_push_per_user() {
+    let nats = TestNats::start().await;
+    let config = notify_only(&nats);
+    let runtime = start_builtins(&config).await;
+    let js = nats.jetstream().await;
+
+    // More users than pushes in flight at once (256), so the pipeline refills.
+    let users: Vec<String> = (0..500).map(|n| format!("member-{n:03}")).collect();
+    let event = json!({"id": "newsletter-1", "to": {"users": users}, "kind": "news", "data": {"issue": 1}});
+    let seq = publish_event(&js, "events.notify.newsletter", event.to_string()).await;
+    wait_settled(&js, &config.events_stream, "notify", seq).await;
+    // Republished: every push is a duplicate, nothing new is stored.
+    let again = publish_event(&js, "events.notify.newsletter", event.to_string()).await;
+    wait_settled(&js, &config.events_stream, "notify", again).await;
+
+    let stored = stored_counts(&js, STREAM, "push.>").await;
+    let expected: std::collections::BTreeMap<String, usize> =
+        users.iter().map(|user| (format!("push.user.{user}"), 1)).collect();
+    assert_eq!(stored, expected);
+    let last = last_push(&js, "push.user.member-499").await;
+    assert_eq!(last.headers.get(header::NATS_MSG_ID).map(|v| v.as_str()), Some("newsletter-1:user:member-499"));
+    assert!(stored_counts(&js, &config.dlq_stream, "herald.dlq.>").await.is_empty());
+    runtime.shutdown().await;
+}

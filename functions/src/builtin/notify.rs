@@ -55,9 +55,9 @@ async fn notify(pusher: &Pusher, event: &Event) -> Result<(), HandlerError> {
     let audiences = audiences(notification.to)?;
     let source_id = notification.id.as_deref().unwrap_or(&event.id);
     let payload = serde_json::to_vec(&notification.data)?;
-    for audience in &audiences {
-        pusher.push(source_id, audience, notification.kind.as_deref(), payload.clone().into()).await?;
-    }
+    // Pipelined: thousands of users take a few round trips, not one each, so the event does not
+    // time out half pushed. A failure retries the event; the pushes already stored are not repeated.
+    pusher.push_all(source_id, &audiences, notification.kind.as_deref(), payload.into()).await?;
     Ok(())
 }
 
