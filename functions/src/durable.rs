@@ -13,7 +13,7 @@ use async_nats::jetstream::consumer::pull::{self, MessagesErrorKind};
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::message::AckKind;
 use async_nats::jetstream::{self, Message};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use herald_shared::functions::DeadLetter;
 use herald_shared::id::kv_key;
 use herald_shared::payload::data_value;
@@ -128,10 +128,16 @@ async fn consume(durable: &Arc<Durable>, consumer: &PullConsumer, worker: &Arc<W
         .await
         .map_err(|e| format!("pull: {e}"))?;
     loop {
-        let Some(permit) = worker.permit().await else { return Ok(()) };
+        let Some(permit) = worker.permit().await else {
+            hand_back_unstarted(&durable.js, messages, worker).await;
+            return Ok(());
+        };
         let next = tokio::select! {
             next = messages.next() => next,
-            _ = worker.shutdown().cancelled() => return Ok(()),
+            _ = worker.shutdown().cancelled() => {
+                hand_back_unstarted(&durable.js, messages, worker).await;
+                return Ok(());
+            }
         };
         match next {
             Some(Ok(message)) => spawn_handle(durable.clone(), worker.clone(), message, permit),
@@ -142,6 +148,31 @@ async fn consume(durable: &Arc<Durable>, consumer: &PullConsumer, worker: &Arc<W
                 _ => debug!(function = worker.name(), %error, "pull stream hiccup"),
             },
             None => return Err("the pull stream ended".into()),
+        }
+    }
+}
+
+/// At shutdown: hands the events that were pulled but not started back to the server at once
+/// (`-NAK` without delay), so another copy takes them now rather than after `ack_wait`.
+///
+/// The pull subscription ends first (a round trip collects what was already on its way to this
+/// copy), so the server cannot deliver a handed-back event to this copy again. An event still on
+/// its way after that comes back after `ack_wait`, as from a crashed copy.
+async fn hand_back_unstarted(js: &jetstream::Context, mut messages: pull::Stream, worker: &Worker) {
+    if let Err(error) = js.client().flush().await {
+        debug!(function = worker.name(), %error, "cannot flush before handing events back");
+    }
+    let mut unstarted = Vec::new();
+    while let Some(Some(next)) = messages.next().now_or_never() {
+        if let Ok(message) = next {
+            unstarted.push(message);
+        }
+    }
+    // Unsubscribes (queued before the NAKs on the same connection): no delivery to us any more.
+    drop(messages);
+    for message in unstarted {
+        if let Err(error) = message.ack_with(AckKind::Nak(None)).await {
+            debug!(function = worker.name(), %error, "cannot hand an event back");
         }
     }
 }
@@ -157,7 +188,12 @@ fn spawn_handle(durable: Arc<Durable>, worker: Arc<Worker>, message: Message, pe
 /// Runs the handler on one delivery and settles it.
 async fn handle(durable: &Durable, worker: &Worker, message: Message) {
     let Some(event) = event_of(worker.name(), &message) else {
-        warn!(function = worker.name(), subject = %message.subject, "not a JetStream delivery; dropped");
+        // Without its metadata the event has no id or attempt count: it could never be handled
+        // or dead-lettered, only delivered again and again.
+        warn!(function = worker.name(), subject = %message.subject, "a delivery without JetStream metadata; terminated");
+        if let Err(error) = message.ack_with(AckKind::Term).await {
+            debug!(function = worker.name(), %error, "cannot terminate the delivery");
+        }
         return;
     };
     let (id, attempt) = (event.id.clone(), event.attempt);

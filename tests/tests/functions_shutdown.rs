@@ -118,3 +118,70 @@ async fn calls_outliving_the_grace_are_abandoned_and_their_events_handled_elsewh
     assert_eq!(*attempts.lock().unwrap(), [2], "delivered again, once, to the other copy");
     other.shutdown().await;
 }
+
+#[tokio::test]
+async fn events_pulled_but_not_started_are_handed_back_at_shutdown_for_another_copy() {
+    let nats = TestNats::start().await;
+    let mut config = test_config(&nats);
+    // An event this copy kept without handing it back would come back only after an hour.
+    config.ack_wait = Duration::from_secs(3600);
+    let js = nats.jetstream().await;
+    let busy = Gate::new();
+    let started_first: Arc<std::sync::Mutex<Vec<u64>>> = Arc::default();
+    let holding = {
+        let (gate, started) = (busy.clone(), started_first.clone());
+        Function::events("work", ["events.test.>"], move |event: Event| {
+            let (gate, started) = (gate.clone(), started.clone());
+            async move {
+                started.lock().unwrap().push(event.stream_sequence.unwrap());
+                gate.pass().await;
+                Ok(())
+            }
+        })
+        .concurrency(2)
+        .timeout(Duration::from_secs(3600))
+    };
+    let first = start(&nats, &config, vec![holding]).await;
+    let mut sequences = Vec::new();
+    for n in 0..4 {
+        sequences.push(publish_event(&js, &format!("events.test.{n}"), "{}").await);
+    }
+    busy.wait_entered(2).await;
+    // Two events run; the pull ahead brought the other two to this copy, where they wait.
+    let stream = js.get_stream(&config.events_stream).await.unwrap();
+    let durable = herald_functions::durable::durable_name("work");
+    eventually("four events delivered to the first copy", WAIT, || async {
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream.get_consumer(&durable).await.ok()?;
+        let info = consumer.info().await.ok()?;
+        (info.num_ack_pending == 4 && info.num_pending == 0).then_some(())
+    })
+    .await;
+
+    let stopping = tokio::spawn(first.shutdown());
+    let handled_second: Arc<std::sync::Mutex<Vec<(u64, u64)>>> = Arc::default();
+    let recording = {
+        let handled = handled_second.clone();
+        Function::events("work", ["events.test.>"], move |event: Event| {
+            handled.lock().unwrap().push((event.stream_sequence.unwrap(), event.attempt));
+            async { Ok(()) }
+        })
+    };
+    let second = start(&nats, &config, vec![recording]).await;
+    // The first copy's calls are still running, and the waiting events are already done elsewhere.
+    eventually("the second copy handled two events", WAIT, || async {
+        (handled_second.lock().unwrap().len() == 2).then_some(())
+    })
+    .await;
+    assert_eq!(busy.entered.load(Ordering::SeqCst), 2);
+    let mut handled = handled_second.lock().unwrap().clone();
+    handled.sort();
+    let started = started_first.lock().unwrap().clone();
+    let waiting: Vec<(u64, u64)> = sequences.iter().filter(|seq| !started.contains(seq)).map(|seq| (*seq, 2)).collect();
+    assert_eq!(handled, waiting, "the two waiting events, each on its second delivery");
+
+    busy.release.add_permits(2);
+    stopping.await.unwrap();
+    wait_settled(&js, &config.events_stream, "work", sequences[3]).await;
+    assert_eq!(handled_second.lock().unwrap().len(), 2, "nothing handled twice");
+    second.shutdown().await;
+}
