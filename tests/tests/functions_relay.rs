@@ -1,5 +1,6 @@
 //! Built-in `relay`: business events POSTed to a real local HTTP endpoint, retried with the same
-//! idempotency key until it accepts, dead-lettered after the last attempt or at once on a 4xx.
+//! idempotency key until it accepts (after failures and timeouts), dead-lettered after the last
+//! attempt or at once on a 4xx.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -8,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use herald_functions::Config;
 use herald_tests::TestNats;
-use herald_tests::functions::{dead_letters, publish_event, start_builtins, stored_counts, test_config, wait_settled};
+use herald_tests::functions::{
+    dead_letters, metric, publish_event, start_builtins, stored_counts, test_config, wait_settled,
+};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
@@ -26,7 +29,8 @@ struct Received {
     body: Bytes,
 }
 
-/// A local HTTP endpoint answering `failure` to the first `failures` requests, then 204.
+/// A local HTTP endpoint answering `failure` to the first `failures` requests (or, with no
+/// `failure`, never answering them), then 204.
 struct Endpoint {
     addr: SocketAddr,
     received: Arc<Mutex<Vec<Received>>>,
@@ -34,6 +38,15 @@ struct Endpoint {
 
 impl Endpoint {
     async fn start(failures: usize, failure: StatusCode) -> Endpoint {
+        Endpoint::start_with(failures, Some(failure)).await
+    }
+
+    /// Never answers the first `failures` requests: the client times out.
+    async fn silent(failures: usize) -> Endpoint {
+        Endpoint::start_with(failures, None).await
+    }
+
+    async fn start_with(failures: usize, failure: Option<StatusCode>) -> Endpoint {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let received = Arc::new(Mutex::new(Vec::new()));
@@ -66,7 +79,7 @@ async fn answer(
     request: Request<Incoming>,
     log: &Mutex<Vec<Received>>,
     failures: usize,
-    failure: StatusCode,
+    failure: Option<StatusCode>,
 ) -> Response<Full<Bytes>> {
     let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
     let mut received = Received {
@@ -82,7 +95,11 @@ async fn answer(
         log.push(received);
         log.len()
     };
-    let status = if attempt <= failures { failure } else { StatusCode::NO_CONTENT };
+    let status = match failure {
+        _ if attempt > failures => StatusCode::NO_CONTENT,
+        Some(failure) => failure,
+        None => std::future::pending().await,
+    };
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = status;
     response
@@ -168,5 +185,26 @@ async fn relay_dead_letters_a_client_error_at_once_and_retries_a_closed_port() {
     wait_settled(&js, &config.events_stream, "relay", seq).await;
     let letters = dead_letters(&js, &config, "relay", 2).await;
     assert_eq!((letters[1].seq, letters[1].attempts), (seq, 3));
+    runtime.shutdown().await;
+}
+
+#[tokio::test]
+async fn relay_retries_a_request_that_timed_out() {
+    let nats = TestNats::start().await;
+    let endpoint = Endpoint::silent(1).await;
+    let mut config = relay_config(&nats, &endpoint, 3);
+    config.relay_timeout = std::time::Duration::from_millis(300);
+    let runtime = start_builtins(&config).await;
+    let js = nats.jetstream().await;
+
+    let seq = publish_event(&js, "events.relay.slow", r#"{"n":1}"#).await;
+    wait_settled(&js, &config.events_stream, "relay", seq).await;
+
+    let received = endpoint.received();
+    assert_eq!(received.len(), 2, "the unanswered request, then the accepted one");
+    assert!(received.iter().all(|r| r.idempotency_key == format!("HERALD_EVENTS-{seq}")));
+    assert!(received.iter().all(|r| r.body == Bytes::from_static(br#"{"n":1}"#)));
+    assert_eq!(metric(&runtime, r#"herald_functions_retries_total{function="relay"}"#).await, 1.0);
+    assert!(stored_counts(&js, &config.dlq_stream, "herald.dlq.>").await.is_empty());
     runtime.shutdown().await;
 }
