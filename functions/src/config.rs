@@ -29,8 +29,8 @@ pub struct Config {
     /// Address of the HTTP listener serving `GET /metrics` and `GET /healthz`. Default
     /// `127.0.0.1:9090`.
     pub metrics_listen: SocketAddr,
-    /// NATS micro service name the rpc functions register under (`nats micro ls`). Default
-    /// `herald-functions`.
+    /// NATS micro service name listing every function, with the rpc functions as its endpoints
+    /// (`nats micro ls`). Default `herald-functions`.
     pub service_name: String,
     /// Queue group shared by every copy; lifecycle functions use `<queue_group>.<function>`.
     /// Default `herald-functions`.

@@ -4,7 +4,8 @@
 //!
 //! A [`Function`] is a handler plus a trigger:
 //! - [`Function::rpc`]: request/reply on `herald.fn.<name>` ([`rpc`]), called by clients' `rpc`
-//!   frames through the gateway, registered as a NATS micro service endpoint;
+//!   frames through the gateway, an endpoint of the runtime's NATS micro service ([`service`],
+//!   which lists every function);
 //! - [`Function::lifecycle`]: the gateways' connect and disconnect events ([`events`]);
 //! - [`Function::events`]: business events from the events stream, at least once, with retries
 //!   ([`retry`]) and dead letters ([`durable`]).
@@ -40,6 +41,7 @@ pub mod push;
 pub mod retry;
 pub mod rpc;
 pub mod runtime;
+pub mod service;
 pub mod streams;
 mod worker;
 

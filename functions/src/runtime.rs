@@ -1,13 +1,13 @@
 //! Starting functions and stopping them: gracefully (stop taking work, finish what is in flight
 //! within a grace period, drain NATS) or at once.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use async_nats::service::{Service, ServiceExt};
+use async_nats::service::Service;
 use bytes::Bytes;
 use futures::StreamExt;
 use herald_shared::id::{IdError, check_function_name};
@@ -20,7 +20,7 @@ use crate::events::{LIFECYCLE_SUBJECTS, serve_lifecycle};
 use crate::function::{Function, Trigger};
 use crate::metrics::{self, Metrics};
 use crate::worker::{Tasks, Worker};
-use crate::{rpc, streams};
+use crate::{rpc, service, streams};
 
 /// The runtime could not start.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +87,7 @@ impl Runtime {
             grace: config.shutdown_grace,
         };
         tokio::spawn(metrics::serve(listener, metrics.clone(), runtime.tasks.hard.clone()));
+        runtime.service = Some(service::register(&client, config, &functions, metrics.clone()).await?);
         for function in functions {
             let worker = Arc::new(runtime.worker(&function, config, metrics.clone()));
             runtime.start_one(function, worker, config, &js).await?;
@@ -111,7 +112,11 @@ impl Runtime {
         let nats = |e: async_nats::Error| StartError::Nats(format!("function {}: {e}", function.name));
         match function.trigger {
             Trigger::Rpc(handler) => {
-                let endpoint = self.service(config).await?.endpoint(subject::function(&function.name)).await;
+                let service = self.service.as_ref().ok_or_else(|| StartError::Nats("no micro service".into()))?;
+                let mut metadata = HashMap::new();
+                metadata.insert("function".to_string(), function.name.clone());
+                let endpoint =
+                    service.endpoint_builder().metadata(metadata).add(subject::function(&function.name)).await;
                 worker.clone().spawn(rpc::serve(endpoint.map_err(nats)?, worker, handler));
             }
             Trigger::Lifecycle(handler) => {
@@ -129,22 +134,6 @@ impl Runtime {
             }
         }
         Ok(())
-    }
-
-    /// The micro service the rpc functions are endpoints of, registered on first use.
-    async fn service(&mut self, config: &Config) -> Result<&Service, StartError> {
-        let service = match self.service.take() {
-            Some(service) => service,
-            None => self
-                .client
-                .service_builder()
-                .description("Herald push functions")
-                .queue_group(&config.queue_group)
-                .start(&config.service_name, env!("CARGO_PKG_VERSION"))
-                .await
-                .map_err(|e| StartError::Nats(format!("micro service {}: {e}", config.service_name)))?,
-        };
-        Ok(self.service.insert(service))
     }
 
     /// Where `GET /metrics` is served.

@@ -1,15 +1,16 @@
 //! Push functions, rpc: request/reply on `herald.fn.<name>`, the caller's identity from headers,
-//! errors as `Herald-Error`, copies sharing calls through the queue group, micro-service listing.
+//! errors as `Herald-Error`, copies sharing calls through the queue group, every function listed in
+//! the micro service.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use herald_functions::{Function, HandlerError, RpcReply, RpcRequest};
+use herald_functions::{Event, Function, HandlerError, RpcReply, RpcRequest};
 use herald_shared::functions::header::NATS_SERVICE_ERROR_CODE;
 use herald_tests::TestNats;
-use herald_tests::functions::{RpcAnswer, call, metric, start, test_config};
-use serde_json::json;
+use herald_tests::functions::{RpcAnswer, call, metric, start, start_builtins, test_config};
+use serde_json::{Value, json};
 
 fn whoami() -> Function {
     Function::rpc("whoami", |request: RpcRequest| async move {
@@ -107,20 +108,80 @@ async fn two_copies_share_the_calls() {
 #[tokio::test]
 async fn functions_are_listed_as_a_micro_service() {
     let nats = TestNats::start().await;
-    let runtime = start(&nats, &test_config(&nats), vec![whoami()]).await;
+    let functions = vec![
+        whoami(),
+        Function::events("orders", ["events.order.>"], |_: Event| async { Ok(()) }),
+        Function::lifecycle("audit", |_: Event| async { Ok(()) }),
+    ];
+    let runtime = start(&nats, &test_config(&nats), functions).await;
     let client = nats.client().await;
+    assert_eq!(call(&client, "whoami", Some("alice"), json!({})).await.error, None);
 
     let info = client.request("$SRV.INFO.herald-functions", "".into()).await.expect("service info");
-    let info: serde_json::Value = serde_json::from_slice(&info.payload).unwrap();
+    let info: Value = serde_json::from_slice(&info.payload).unwrap();
     assert_eq!(info["name"], "herald-functions");
-    let endpoint = &info["endpoints"][0];
+    // Every function is listed with its trigger, whatever it is.
+    let listed = |key: &str| -> Value { serde_json::from_str(info["metadata"][key].as_str().expect(key)).unwrap() };
+    assert_eq!(info["metadata"].as_object().map(|m| m.len()), Some(3), "{info}");
+    assert_eq!(listed("fn.whoami"), json!({"trigger": "rpc", "subject": "herald.fn.whoami"}));
     assert_eq!(
-        (endpoint["subject"].as_str(), endpoint["queue_group"].as_str()),
+        listed("fn.orders"),
+        json!({"trigger": "durable", "subjects": ["events.order.>"], "stream": "HERALD_EVENTS",
+            "consumer": "herald-fn-orders"})
+    );
+    assert_eq!(
+        listed("fn.audit"),
+        json!({"trigger": "lifecycle", "subjects": ["herald.events.connect", "herald.events.disconnect"],
+            "queue_group": "herald-functions.audit"})
+    );
+    // rpc functions are its endpoints: they answer requests.
+    let endpoints = info["endpoints"].as_array().unwrap();
+    assert_eq!(endpoints.len(), 1, "{info}");
+    assert_eq!(
+        (endpoints[0]["subject"].as_str(), endpoints[0]["queue_group"].as_str()),
         (Some("herald.fn.whoami"), Some("herald-functions"))
     );
+    assert_eq!(endpoints[0]["metadata"], json!({"function": "whoami"}));
 
-    // After a graceful shutdown nobody answers.
+    // The statistics carry the function's own counters.
+    let stats = client.request("$SRV.STATS.herald-functions", "".into()).await.expect("service stats");
+    let stats: Value = serde_json::from_slice(&stats.payload).unwrap();
+    let endpoint = &stats["endpoints"][0];
+    assert_eq!((endpoint["subject"].as_str(), endpoint["num_requests"].as_u64()), (Some("herald.fn.whoami"), Some(1)));
+    assert_eq!(
+        endpoint["data"],
+        json!({"function": "whoami", "calls": 1, "errors": 0, "retries": 0, "dead_letters": 0, "in_flight": 0})
+    );
+
+    // After a graceful shutdown nobody answers, and the service is gone.
     runtime.shutdown().await;
     let gone = client.request("herald.fn.whoami", "{}".into()).await.expect_err("no responders");
     assert_eq!(gone.kind(), async_nats::RequestErrorKind::NoResponders);
+    let gone = client.request("$SRV.PING.herald-functions", "".into()).await.expect_err("no service");
+    assert_eq!(gone.kind(), async_nats::RequestErrorKind::NoResponders);
+}
+
+#[tokio::test]
+async fn the_builtin_durable_functions_are_listed_too() {
+    let nats = TestNats::start().await;
+    let mut config = test_config(&nats);
+    config.builtins = vec!["notify".into(), "relay".into()];
+    config.relay_url = Some("http://127.0.0.1:9/hooks".into());
+    let runtime = start_builtins(&config).await;
+    let client = nats.client().await;
+
+    let info = client.request("$SRV.INFO.herald-functions", "".into()).await.expect("service info");
+    let info: Value = serde_json::from_slice(&info.payload).unwrap();
+    let mut triggers: Vec<(String, Value)> = info["metadata"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(key, value)| {
+            (key.clone(), serde_json::from_str::<Value>(value.as_str().unwrap()).unwrap()["trigger"].clone())
+        })
+        .collect();
+    triggers.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(triggers, [("fn.notify".to_string(), json!("durable")), ("fn.relay".to_string(), json!("durable"))]);
+    assert_eq!(info["endpoints"], json!([]));
+    runtime.shutdown().await;
 }
