@@ -135,7 +135,7 @@ async fn serve(config: Config) {
         println!("Herald gateway (dev mode) at http://{addr}/");
         println!("WebSocket: ws://{addr}/ws?token=<token>");
         println!("Dev token for user \"dev\" (24h): {token}");
-        println!("Try: nats pub push.user.dev '{{\"text\":\"hello\"}}'");
+        println!("Try: nats pub --user publisher --password <its password> push.user.dev '{{\"text\":\"hello\"}}'");
     }
     wait_for_signal().await;
     gateway.shutdown();

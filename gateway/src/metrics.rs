@@ -16,6 +16,7 @@ pub(crate) struct RpcLabels {
 
 pub(crate) struct Metrics {
     pub(crate) connections: Gauge,
+    pub(crate) users: Gauge,
     pub(crate) subscriptions: Gauge,
     pub(crate) messages_in: Counter,
     pub(crate) messages_out: Counter,
@@ -37,6 +38,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("herald_gateway");
         let metrics = Metrics {
             connections: Gauge::default(),
+            users: Gauge::default(),
             subscriptions: Gauge::default(),
             messages_in: Counter::default(),
             messages_out: Counter::default(),
@@ -54,6 +56,7 @@ impl Metrics {
         };
         let m = &metrics;
         registry.register("connections", "Open WebSocket connections", m.connections.clone());
+        registry.register("users", "Users with at least one open connection", m.users.clone());
         registry.register("subscriptions", "NATS delivery subscriptions (users, topics, all)", m.subscriptions.clone());
         registry.register("messages_in", "Messages received from the stream's republish", m.messages_in.clone());
         registry.register("messages_out", "msg frames queued to sockets, live", m.messages_out.clone());

@@ -160,3 +160,64 @@ async fn connection_limits_per_gateway_and_per_address_with_trusted_proxies() {
         WsClient::connect_with_headers(&url("d2"), &[("X-Forwarded-For", "203.0.113.2")]).await.err().unwrap();
     assert_eq!((refused.status, refused.body["error"].as_str()), (429, Some("too_many_connections")));
 }
+
+#[tokio::test]
+async fn metrics_count_connections_users_subscriptions_messages_replays_and_rpc_outcomes() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = herald_tests::Publisher::new(&nats).await;
+    let mut phone = gateway.connect("ann").await;
+    let mut laptop = gateway.connect_with(&format!("token={}&device=laptop", token("ann"))).await;
+    let mut other = gateway.connect("bob").await;
+    gateway.wait_metric("herald_gateway_connections", 3.0).await;
+    assert_eq!(gateway.metric("herald_gateway_users").await, 2.0);
+    // ann, bob and push.all.
+    assert_eq!(gateway.metric("herald_gateway_subscriptions").await, 3.0);
+    assert_eq!(gateway.metric("herald_gateway_nats_connected").await, 1.0);
+
+    let body = r#"{"n":1}"#;
+    let seq = publisher.publish("push.user.ann", body).await;
+    assert_eq!(phone.expect_msg().await.seq, seq);
+    assert_eq!(laptop.expect_msg().await.seq, seq);
+    let all = publisher.publish("push.all", body).await;
+    for client in [&mut phone, &mut laptop, &mut other] {
+        assert_eq!(client.expect_msg().await.seq, all);
+    }
+    assert_eq!(gateway.metric("herald_gateway_messages_in_total").await, 2.0);
+    assert_eq!(gateway.metric("herald_gateway_messages_out_total").await, 5.0);
+    let bytes_out = gateway.metric("herald_gateway_bytes_out_total").await;
+    assert!(bytes_out > 5.0 * body.len() as f64, "bytes out counts whole frames: {bytes_out}");
+
+    // A new device of ann resuming from 0 replays her message and the broadcast.
+    let mut resumed = gateway.connect_with(&format!("token={}&device=tablet&since=0", token("ann"))).await;
+    assert_eq!(resumed.expect_msgs(2).await, vec![seq, all]);
+    assert!(resumed.expect_replayed().await.3);
+    assert_eq!(gateway.metric("herald_gateway_replays_total").await, 1.0);
+    assert_eq!(gateway.metric("herald_gateway_replayed_messages_total").await, 2.0);
+    assert_eq!(gateway.metric("herald_gateway_replays_incomplete_total").await, 0.0);
+
+    // rpc outcomes by function; names nobody serves share one label.
+    other.send_json(json!({"type": "rpc", "id": "r1", "fn": "nobody.home", "data": {}})).await;
+    assert!(matches!(other.next_frame().await, herald_shared::frame::ServerFrame::RpcResult(r) if !r.ok));
+    let label = r#"herald_gateway_rpc_calls_total{function="(none)",outcome="no_function"}"#;
+    assert_eq!(gateway.metric(label).await, 1.0);
+
+    // The Grafana dashboard only charts metrics the gateway exports.
+    let exported = reqwest::get(gateway.http_url("/metrics")).await.unwrap().text().await.unwrap();
+    let dashboard = std::fs::read_to_string(herald_tests::workspace_root().join("deploy/grafana/herald.json")).unwrap();
+    let charted: std::collections::BTreeSet<&str> = dashboard
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|word| word.starts_with("herald_gateway_"))
+        .collect();
+    assert!(charted.len() >= 10, "{charted:?}");
+    for name in charted {
+        assert!(exported.contains(name.trim_end_matches("_total")), "the dashboard charts {name}, not exported");
+    }
+
+    drop((phone, laptop));
+    gateway.wait_metric("herald_gateway_connections", 2.0).await;
+    assert_eq!(gateway.metric("herald_gateway_users").await, 2.0);
+    drop(resumed);
+    gateway.wait_metric("herald_gateway_users", 1.0).await;
+    assert_eq!(gateway.metric("herald_gateway_subscriptions").await, 2.0);
+}

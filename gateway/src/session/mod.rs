@@ -121,6 +121,7 @@ pub(crate) async fn run(
     });
     shared.registry.insert(LocalSession { conn: session.conn.clone(), user: session.user.clone(), outbox });
     shared.metrics.connections.inc();
+    shared.metrics.users.set(shared.registry.counts().users as i64);
     info!(user = %session.user, device = %session.device, conn = %session.conn, %address, "connected");
 
     let close = serve(&session, read_half).await;
@@ -137,6 +138,7 @@ async fn finish(session: &Session, writer: JoinHandle<Close>, close: Close) {
     }
     shared.dispatcher.detach(session.entry.key, session.audiences(), true).await;
     shared.registry.remove(&session.conn);
+    shared.metrics.users.set(shared.registry.counts().users as i64);
     let sent = finish_writer(writer, close).await;
     // A killed gateway leaves things as a crashed process would.
     if !shared.killed.is_cancelled() {
