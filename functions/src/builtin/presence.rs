@@ -161,10 +161,11 @@ mod tests {
 
     #[test]
     fn an_incomplete_answer_is_left_out_and_a_repeated_part_counts_once() {
-        let mut replies = presence_answer("gw-1", ["a", "b", "c"], 3, 8);
+        // One id per part.
+        let mut replies = presence_answer("gw-1", ["a", "b", "c"], 3, 4);
         assert_eq!(replies.len(), 3);
         replies.remove(1);
-        replies.extend(presence_answer("gw-2", ["c", "d"], 4, 8));
+        replies.extend(presence_answer("gw-2", ["c", "d"], 4, 4));
         replies.push(replies.last().unwrap().clone());
         let tally = tally(replies);
         assert_eq!((tally.users(), tally.connections, tally.gateways), (2, 4, 1));
@@ -176,11 +177,11 @@ mod tests {
         replies.push(PresenceReply::counts("gw-old", 3, 4, 0));
         let tally = tally(replies);
         assert_eq!((tally.users(), tally.connections, tally.gateways), (5, 6, 2));
-        let per_user = tally_of_one_user();
-        assert_eq!((per_user.user_connections, per_user.gateways), (3, 2));
     }
 
-    fn tally_of_one_user() -> Tally {
-        tally(vec![PresenceReply::counts("gw-1", 9, 9, 2), PresenceReply::counts("gw-2", 9, 9, 1)])
+    #[test]
+    fn a_users_connections_are_summed() {
+        let tally = tally(vec![PresenceReply::counts("gw-1", 9, 9, 2), PresenceReply::counts("gw-2", 9, 9, 1)]);
+        assert_eq!((tally.user_connections, tally.gateways), (3, 2));
     }
 }
