@@ -1,12 +1,13 @@
 //! What a gateway tells the rest of the system: lifecycle events (`herald.events.connect` /
 //! `herald.events.disconnect`) for push functions, and its local counts for presence questions
-//! (`herald.presence.gather`: every gateway answers, the asker sums).
+//! (`herald.presence.gather`: every gateway answers; about everyone, it lists its users in parts, so
+//! the asker counts each user once).
 
 use std::sync::Arc;
 
 use futures::StreamExt;
 use herald_shared::frame::close_code;
-use herald_shared::functions::{LifecycleEvent, PresenceQuery, PresenceReply};
+use herald_shared::functions::{LifecycleEvent, PRESENCE_PART_BYTES, PresenceQuery, PresenceReply, presence_answer};
 use herald_shared::id::{IdKind, check_id};
 use herald_shared::subject::{ADMIN_DISCONNECT, EVENTS_CONNECT, EVENTS_DISCONNECT, PRESENCE_GATHER};
 use serde::Deserialize;
@@ -46,7 +47,8 @@ pub(crate) async fn publish_lifecycle(client: &async_nats::Client, who: &Who<'_>
     }
 }
 
-/// Answers presence questions with this gateway's counts until `shutdown`.
+/// Answers presence questions about this gateway's sockets until `shutdown`: about one user with
+/// counts, about everyone with its users listed in parts (see `presence_answer`).
 pub(crate) async fn answer_presence(
     client: async_nats::Client,
     registry: Arc<Registry>,
@@ -69,9 +71,21 @@ pub(crate) async fn answer_presence(
         let Some(reply) = question.reply else { continue };
         let asked: PresenceQuery = serde_json::from_slice(&question.payload).unwrap_or_default();
         let counts = registry.counts();
-        let user_connections = asked.user.as_deref().map_or(0, |user| registry.of_user(user).len() as u64);
-        let answer = PresenceReply::counts(&node, counts.users as u64, counts.connections as u64, user_connections);
-        let _ = client.publish(reply, serde_json::to_vec(&answer).unwrap_or_default().into()).await;
+        let answer = match asked.user.as_deref() {
+            Some(user) => {
+                let mine = registry.of_user(user).len() as u64;
+                vec![PresenceReply::counts(&node, counts.users as u64, counts.connections as u64, mine)]
+            }
+            // About everyone: the users themselves, so the asker counts each once across gateways.
+            None => {
+                let users = registry.users();
+                let part_bytes = PRESENCE_PART_BYTES.min(client.server_info().max_payload / 8).max(1024);
+                presence_answer(&node, users.iter().map(|user| user.to_string()), counts.connections as u64, part_bytes)
+            }
+        };
+        for part in answer {
+            let _ = client.publish(reply.clone(), serde_json::to_vec(&part).unwrap_or_default().into()).await;
+        }
     }
 }
 

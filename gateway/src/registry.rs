@@ -69,6 +69,11 @@ impl Registry {
         self.lock().by_user.contains_key(user)
     }
 
+    /// The users with a session here, each once.
+    pub(crate) fn users(&self) -> Vec<Arc<str>> {
+        self.lock().by_user.keys().cloned().collect()
+    }
+
     pub(crate) fn counts(&self) -> Counts {
         let inner = self.lock();
         Counts { users: inner.by_user.len(), connections: inner.by_conn.len() }
@@ -100,6 +105,9 @@ mod tests {
         registry.insert(session("c2", "alice"));
         registry.insert(session("c3", "bob"));
         assert_eq!(registry.counts(), Counts { users: 2, connections: 3 });
+        let mut users = registry.users();
+        users.sort();
+        assert_eq!(users, [Arc::from("alice"), Arc::from("bob")]);
         assert_eq!(registry.of_user("alice").len(), 2);
         assert_eq!(registry.close_matching("alice", Some("c2"), &Close::new(4003, "bye")), 1);
         assert_eq!(registry.of_user("alice").iter().filter(|s| s.outbox.close_reason().is_some()).count(), 1);

@@ -1,5 +1,6 @@
 //! Push functions through the gateway: `rpc` frames to functions and back with the caller's identity,
-//! every error code, lifecycle events, presence across gateways, prefs muting, notify to a topic.
+//! every error code, lifecycle events, presence across gateways (a user on both counts once), prefs
+//! muting, notify to a topic.
 
 use std::time::Duration;
 
@@ -116,7 +117,7 @@ async fn the_gateway_publishes_lifecycle_events() {
 }
 
 #[tokio::test]
-async fn builtin_functions_through_gateways_presence_prefs_and_notify_to_a_topic() {
+async fn builtin_functions_through_gateways_prefs_and_notify_to_a_topic() {
     let nats = TestNats::start().await;
     let gateway_a = TestGateway::start(&nats).await;
     let gateway_b = TestGateway::start(&nats).await;
@@ -125,19 +126,6 @@ async fn builtin_functions_through_gateways_presence_prefs_and_notify_to_a_topic
 
     let mut eve = gateway_a.connect("eve").await;
     let mut eve_phone = gateway_b.connect_with(&format!("token={}&device=phone", token("eve"))).await;
-    let finn = gateway_b.connect("finn").await;
-
-    // Presence counts sockets on both gateways.
-    let result = rpc(&mut eve, "p1", "presence", json!({"user": "eve"})).await;
-    let data = result.data.expect("presence answers");
-    assert_eq!((data["online"].as_bool(), data["connections"].as_u64()), (Some(true), Some(2)), "{data}");
-    let result = rpc(&mut eve, "p2", "presence", json!({})).await;
-    let data = result.data.unwrap();
-    assert_eq!((data["connections"].as_u64(), data["gateways"].as_u64()), (Some(3), Some(2)), "{data}");
-    drop(finn);
-    gateway_b.wait_metric("herald_gateway_connections", 1.0).await;
-    let data = rpc(&mut eve, "p3", "presence", json!({})).await.data.unwrap();
-    assert_eq!(data["connections"].as_u64(), Some(2), "{data}");
 
     // prefs.set through the gateway mutes a kind for eve, on her sockets everywhere.
     let result = rpc(&mut eve, "m1", "prefs.set", json!({"muted": ["marketing"]})).await;
@@ -159,4 +147,48 @@ async fn builtin_functions_through_gateways_presence_prefs_and_notify_to_a_topic
     publisher.jetstream().publish("events.notify.news", event.to_string().into()).await.unwrap().await.unwrap();
     let msg = reader.expect_msg().await;
     assert_eq!((msg.to.as_str(), msg.kind.as_str(), msg.data.clone()), ("topic:news", "news", json!({"title": "hi"})));
+}
+
+#[tokio::test]
+async fn presence_across_two_gateways_counts_a_user_on_both_once() {
+    let nats = TestNats::start().await;
+    let gateway_a = TestGateway::start(&nats).await;
+    let gateway_b = TestGateway::start(&nats).await;
+    let mut config = test_config(&nats);
+    config.builtins = vec!["presence".into()];
+    let _builtins = start_builtins(&config).await;
+    let presence = |data: Option<Value>| {
+        let data = data.expect("presence answers");
+        (data["users"].as_u64().unwrap(), data["connections"].as_u64().unwrap(), data["gateways"].as_u64().unwrap())
+    };
+
+    // eve on both gateways (two devices on b), finn on b.
+    let mut eve = gateway_a.connect("eve").await;
+    let eve_phone = gateway_b.connect_with(&format!("token={}&device=phone", token("eve"))).await;
+    let eve_tablet = gateway_b.connect_with(&format!("token={}&device=tablet", token("eve"))).await;
+    let finn = gateway_b.connect("finn").await;
+    let result = rpc(&mut eve, "p1", "presence", json!({"user": "eve"})).await;
+    assert_eq!(result.data, Some(json!({"user": "eve", "online": true, "connections": 3})));
+    assert_eq!(presence(rpc(&mut eve, "p2", "presence", json!({})).await.data), (2, 4, 2));
+
+    drop(finn);
+    gateway_b.wait_metric("herald_gateway_connections", 2.0).await;
+    assert_eq!(presence(rpc(&mut eve, "p3", "presence", json!({})).await.data), (1, 3, 2));
+    let result = rpc(&mut eve, "p4", "presence", json!({"user": "finn"})).await;
+    assert_eq!(result.data, Some(json!({"user": "finn", "online": false, "connections": 0})));
+
+    drop(eve_phone);
+    drop(eve_tablet);
+    gateway_b.wait_metric("herald_gateway_connections", 0.0).await;
+    assert_eq!(presence(rpc(&mut eve, "p5", "presence", json!({})).await.data), (1, 1, 2));
+    let result = rpc(&mut eve, "p6", "presence", json!({"user": "eve"})).await;
+    assert_eq!(result.data, Some(json!({"user": "eve", "online": true, "connections": 1})));
+
+    // More users on both gateways (another device on each): each counts once.
+    let mut crowd = Vec::new();
+    for n in 0..20 {
+        crowd.push(gateway_a.connect(&format!("crowd-{n}")).await);
+        crowd.push(gateway_b.connect_with(&format!("token={}&device=phone", token(&format!("crowd-{n}")))).await);
+    }
+    assert_eq!(presence(rpc(&mut eve, "p7", "presence", json!({})).await.data), (21, 41, 2));
 }
