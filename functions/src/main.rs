@@ -1,9 +1,10 @@
 //! `herald-functions`: runs the built-in push functions until SIGTERM or SIGINT.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Parser;
-use herald_functions::Config;
+use herald_functions::{Config, StartError};
 use serde::Serialize;
 
 /// Herald's push functions. Settings: defaults < --config file < HERALD_* environment < flags.
@@ -38,9 +39,9 @@ async fn main() {
         Ok(config) => config,
         Err(error) => fail(error),
     };
-    let runtime = match herald_functions::start(&config).await {
-        Ok(runtime) => runtime,
-        Err(error) => fail(error),
+    let runtime = tokio::select! {
+        runtime = start(&config) => runtime,
+        _ = wait_for_signal() => return,
     };
     wait_for_signal().await;
     tracing::info!("stopping: finishing calls in flight");
@@ -49,6 +50,27 @@ async fn main() {
         _ = wait_for_signal() => tracing::warn!("second signal: exiting now"),
     }
 }
+
+/// Starts the functions, trying again while NATS or JetStream is not ready (a cluster still electing
+/// its leaders, a server still starting, concurrent first-time setup by gateways); other errors end
+/// the process.
+async fn start(config: &Config) -> herald_functions::Runtime {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match herald_functions::start(config).await {
+            Ok(runtime) => return runtime,
+            Err(StartError::Nats(error)) => {
+                tracing::warn!(%error, retry_in = ?delay, "NATS not ready: starting again soon");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(MAX_START_DELAY);
+            }
+            Err(error) => fail(error),
+        }
+    }
+}
+
+/// The longest wait between two start attempts.
+const MAX_START_DELAY: Duration = Duration::from_secs(10);
 
 async fn wait_for_signal() {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
