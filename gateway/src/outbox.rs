@@ -79,11 +79,14 @@ impl Outbox {
         }
     }
 
-    /// Queues a live `msg` frame; called by the dispatcher, never blocks.
-    pub(crate) fn push_live(&self, seq: u64, frame: &Bytes) {
+    /// Queues a live `msg` frame; called by the dispatcher, never blocks. Returns whether the writer
+    /// must be woken ([`Outbox::wake_writer`]): the dispatcher wakes writers once per burst of
+    /// messages, so that a busy socket's writer finds several frames to send in one write.
+    #[must_use]
+    pub(crate) fn push_live(&self, seq: u64, frame: &Bytes) -> bool {
         let mut state = self.lock();
         if state.close.is_some() {
-            return;
+            return false;
         }
         if state.holds > 0 {
             state.held.push((seq, frame.clone()));
@@ -92,13 +95,26 @@ impl Outbox {
                 drop(state);
                 self.slow_consumer();
             }
-            return;
+            return false;
         }
         if seq <= state.last_seq {
-            return;
+            return false;
         }
         state.last_seq = seq;
-        self.enqueue(state, frame.clone());
+        let was_empty = state.queue.is_empty();
+        state.queued_bytes += frame.len();
+        state.queue.push_back(frame.clone());
+        if state.queued_bytes > self.limit {
+            drop(state);
+            self.slow_consumer();
+            return false;
+        }
+        was_empty
+    }
+
+    /// Wakes the writer after [`Outbox::push_live`] asked for it.
+    pub(crate) fn wake_writer(&self) {
+        self.writer.notify_one();
     }
 
     /// Queues a control frame (welcome, pong, error, results); counts toward the limit.
@@ -312,17 +328,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_live_frame_asks_for_the_writer_only_when_the_queue_was_empty() {
+        let outbox = Outbox::new(1 << 20);
+        // Held behind the gate: nothing to send yet.
+        assert!(!outbox.push_live(1, &frame("m1")));
+        outbox.release(Vec::new());
+        assert_eq!(drain(&outbox).await, vec![frame("m1")]);
+        assert!(outbox.push_live(2, &frame("m2")), "the first frame of a burst wakes the writer");
+        assert!(!outbox.push_live(3, &frame("m3")), "the writer will find this one with the first");
+        assert!(!outbox.push_live(3, &frame("dup3")), "a duplicate is not queued");
+        assert_eq!(drain(&outbox).await, vec![frame("m2"), frame("m3")]);
+        assert!(outbox.push_live(4, &frame("m4")));
+    }
+
+    #[tokio::test]
     async fn holds_live_frames_until_released_and_drops_what_replay_sent() {
         let outbox = Outbox::new(1 << 20);
         outbox.push_control(frame("welcome"));
-        outbox.push_live(5, &frame("m5"));
-        outbox.push_live(7, &frame("m7"));
+        let _ = outbox.push_live(5, &frame("m5"));
+        let _ = outbox.push_live(7, &frame("m7"));
         outbox.push_replayed(4, frame("r4")).await.unwrap();
         outbox.push_replayed(5, frame("r5")).await.unwrap();
         outbox.push_control(frame("replayed"));
         outbox.release(Vec::new());
-        outbox.push_live(7, &frame("dup7"));
-        outbox.push_live(9, &frame("m9"));
+        let _ = outbox.push_live(7, &frame("dup7"));
+        let _ = outbox.push_live(9, &frame("m9"));
         let sent: Vec<_> = drain(&outbox).await;
         assert_eq!(sent, vec![frame("welcome"), frame("r4"), frame("r5"), frame("replayed"), frame("m7"), frame("m9")]);
         assert_eq!(outbox.last_seq(), 9);
@@ -332,10 +362,10 @@ mod tests {
     async fn release_merges_extra_frames_in_order() {
         let outbox = Outbox::new(1 << 20);
         outbox.release(Vec::new());
-        outbox.push_live(10, &frame("m10"));
+        let _ = outbox.push_live(10, &frame("m10"));
         outbox.hold();
-        outbox.push_live(14, &frame("m14"));
-        outbox.push_live(12, &frame("t12"));
+        let _ = outbox.push_live(14, &frame("m14"));
+        let _ = outbox.push_live(12, &frame("t12"));
         outbox.release(vec![(12, frame("t12")), (11, frame("t11")), (9, frame("old9"))]);
         assert_eq!(drain(&outbox).await, vec![frame("m10"), frame("t11"), frame("t12"), frame("m14")]);
     }
@@ -346,9 +376,9 @@ mod tests {
         outbox.release(Vec::new());
         outbox.hold();
         outbox.hold();
-        outbox.push_live(3, &frame("m3"));
+        let _ = outbox.push_live(3, &frame("m3"));
         outbox.release(vec![(2, frame("t2"))]);
-        outbox.push_live(4, &frame("m4"));
+        let _ = outbox.push_live(4, &frame("m4"));
         outbox.push_control(frame("ctl"));
         assert_eq!(drain(&outbox).await, vec![frame("ctl")]);
         outbox.advance_to(2);
@@ -360,14 +390,14 @@ mod tests {
     async fn overflow_closes_with_4008_and_frees_the_queue() {
         let outbox = Outbox::new(10);
         outbox.release(Vec::new());
-        outbox.push_live(1, &frame("123456"));
-        outbox.push_live(2, &frame("123456"));
+        let _ = outbox.push_live(1, &frame("123456"));
+        let _ = outbox.push_live(2, &frame("123456"));
         assert!(outbox.close_reason().is_some());
         let mut batch = Vec::new();
         let close = outbox.next_batch(&mut batch, 10, 100).await;
         assert!(batch.is_empty());
         assert_eq!(close.map(|c| c.code), Some(close_code::SLOW_CONSUMER));
-        outbox.push_live(3, &frame("late"));
+        let _ = outbox.push_live(3, &frame("late"));
         assert_eq!(outbox.next_batch(&mut batch, 10, 100).await.map(|c| c.code), Some(close_code::SLOW_CONSUMER));
         assert!(batch.is_empty());
     }
