@@ -13,7 +13,7 @@ use crate::scenarios::fanout::{self, FanoutOptions};
 use crate::scenarios::idle::{self, IdleOptions};
 use crate::scenarios::replay::{self, ReplayOptions};
 use crate::scenarios::storm::{self, StormOptions};
-use crate::scenarios::unicast::{self, Basis, UnicastOptions};
+use crate::scenarios::unicast::{self, UnicastOptions};
 use crate::scenarios::{Context, secs};
 use crate::targets::{TargetKind, Tools};
 
@@ -40,7 +40,7 @@ pub enum Command {
     /// Max sustained push.all deliveries per second.
     Fanout(One<FanoutOptions>),
     /// Publish→receive latency of messages to single users, at fractions of a maximum.
-    Unicast(UnicastArgs),
+    Unicast(One<UnicastOptions>),
     /// Clients connecting at once, then resuming at once.
     Storm(One<StormOptions>),
     /// One client catching up on many stored messages.
@@ -93,15 +93,6 @@ pub struct One<T: Args> {
     json: Option<PathBuf>,
 }
 
-/// The unicast scenario, with the fanout search it may need for its maximum.
-#[derive(Debug, Clone, Args)]
-pub struct UnicastArgs {
-    #[command(flatten)]
-    one: One<UnicastOptions>,
-    #[command(flatten)]
-    fanout: FanoutOptions,
-}
-
 /// The whole comparison.
 #[derive(Debug, Clone, Args)]
 pub struct AllArgs {
@@ -132,10 +123,8 @@ pub async fn run(command: Command) -> Result<bool> {
         Command::Fanout(one) => {
             single(&one.common, one.json, "fanout", async |ctx| fanout::run(ctx, &one.options).await).await
         }
-        Command::Unicast(args) => {
-            let UnicastArgs { one, fanout } = args;
-            single(&one.common, one.json, "unicast", async |ctx| unicast::run(ctx, &one.options, &fanout, None).await)
-                .await
+        Command::Unicast(one) => {
+            single(&one.common, one.json, "unicast", async |ctx| unicast::run(ctx, &one.options).await).await
         }
         Command::Storm(one) => {
             single(&one.common, one.json, "storm", async |ctx| storm::run(ctx, &one.options).await).await
@@ -167,14 +156,11 @@ async fn all(args: AllArgs) -> Result<bool> {
     if wants("idle") {
         reports.push(idle::run(&ctx, &args.idle).await);
     }
-    let mut basis = None;
     if wants("fanout") {
-        let report = fanout::run(&ctx, &args.fanout).await;
-        basis = unicast_basis(&report, &ctx, args.unicast.users);
-        reports.push(report);
+        reports.push(fanout::run(&ctx, &args.fanout).await);
     }
     if wants("unicast") {
-        reports.push(unicast::run(&ctx, &args.unicast, &args.fanout, basis).await);
+        reports.push(unicast::run(&ctx, &args.unicast).await);
     }
     if wants("storm") {
         reports.push(storm::run(&ctx, &args.storm).await);
@@ -189,20 +175,6 @@ async fn all(args: AllArgs) -> Result<bool> {
     std::fs::write(&summary, summary_markdown(&reports)).with_context(|| format!("write {}", summary.display()))?;
     println!("summary: {}", summary.display());
     Ok(reports.iter().all(|report| report.ok))
-}
-
-/// The fanout maximum that unicast levels are fractions of: Herald's (else the first target's that
-/// has one) at the fanout size closest to the unicast user count.
-fn unicast_basis(report: &Report, ctx: &Context, users: usize) -> Option<Basis> {
-    let sizes = report.params.get("connections")?.as_array()?;
-    let size = sizes.iter().filter_map(|c| c.as_u64()).min_by_key(|c| c.abs_diff(users as u64))? as usize;
-    let row = report.figures.iter().find(|row| row.key == fanout::max_key(size))?;
-    let mut kinds = ctx.targets.clone();
-    kinds.sort_by_key(|kind| *kind != TargetKind::Herald);
-    kinds.into_iter().find_map(|kind| {
-        let max = row.values.get(kind.name()).copied().flatten()?;
-        Some(Basis { max_deliveries_per_sec: max, source: format!("fanout maximum of {} at C={size}", kind.name()) })
-    })
 }
 
 /// Prints the table and writes the JSON.
@@ -290,35 +262,5 @@ mod tests {
         let Command::All(all) = cli.command else { panic!("not all") };
         assert_eq!((all.idle.connections, all.fanout.connections), (5, vec![1, 2]));
         assert_eq!(all.common.targets, [TargetKind::Herald, TargetKind::NatsWs, TargetKind::Raw]);
-    }
-
-    #[test]
-    fn unicast_rates_come_from_the_closest_fanout_size() {
-        use crate::report::{Better, Measure, Unit};
-        let cli = Cli::try_parse_from(["herald-bench", "all", "--out-dir", "/tmp"]).unwrap();
-        let Command::All(all) = cli.command else { panic!("not all") };
-        let ctx = Context {
-            tools: Tools {
-                nats_server: "n".into(),
-                gateway: "g".into(),
-                bench: "b".into(),
-                logs: "l".into(),
-                gateway_log: "warn".into(),
-                gateway_env: Vec::new(),
-                stream_max_msgs_per_subject: None,
-            },
-            targets: all.common.targets.clone(),
-            payload_bytes: 100,
-            sources: None,
-            connect_timeout: secs(1.0),
-        };
-        let mut report = Report::new("fanout", "t", serde_json::json!({"connections": [1000, 10000]}));
-        let max =
-            |c: usize, v: Option<f64>| vec![Measure::new(fanout::max_key(c), "m", Unit::PerSec, Better::Higher, v)];
-        report.add(TargetKind::Herald, (), [max(1000, None), max(10_000, Some(5.0))].concat());
-        report.add(TargetKind::NatsWs, (), [max(1000, Some(2.0)), max(10_000, Some(3.0))].concat());
-        let basis = unicast_basis(&report, &ctx, 900).unwrap();
-        assert_eq!(basis.max_deliveries_per_sec, 2.0, "Herald has none at C=1000: the next target's");
-        assert_eq!(unicast_basis(&report, &ctx, 9000).unwrap().max_deliveries_per_sec, 5.0);
     }
 }

@@ -131,10 +131,27 @@ fn fanout() {
 
 #[test]
 fn unicast() {
+    // The maximum is searched first (two steps from 100 msgs/s), then two levels on every target.
     let report = run(
         "unicast",
-        &["--unicast-users", "20", "--unicast-max", "400", "--unicast-levels", "25,75", "--unicast-secs", "0.3"],
+        &[
+            "--unicast-users",
+            "20",
+            "--unicast-start",
+            "100",
+            "--unicast-max-steps",
+            "2",
+            "--unicast-levels",
+            "25,75",
+            "--unicast-secs",
+            "0.3",
+        ],
     );
+    let basis = &report["params"]["basis"];
+    let steps = basis["steps"].as_array().expect("the search's steps");
+    assert!(!steps.is_empty() && steps.len() <= 2, "{basis}");
+    let max = basis["max_msgs_per_sec"].as_f64().unwrap();
+    assert!(steps.iter().any(|s| s["kept_up"] == true && s["nominal_msgs_per_sec"].as_f64() == Some(max)));
     for target in TARGETS {
         let levels = report["results"][target].as_array().unwrap();
         assert_eq!(levels.len(), 2);

@@ -1,6 +1,7 @@
 //! `unicast`: C users, one connection each; messages to random users (`push.user.<id>`) at fixed
-//! rates, fractions of a maximum (the fanout maximum, or one given). Each payload carries its
-//! publish time, so every delivery is a publish→receive latency sample.
+//! rates, fractions of a maximum. The maximum is the reference target's (Herald's) highest sustained
+//! unicast rate, searched first with rising steps (or given with `--unicast-max`). Each payload
+//! carries its publish time, so every delivery is a publish→receive latency sample.
 
 use anyhow::{Result, bail};
 use async_nats::Subject;
@@ -8,7 +9,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use super::fanout::{self, FanoutOptions};
+use super::fanout::DRAIN_SHARE;
 use super::{Context, CpuMeters, CpuUse, Outcome, progress, secs};
 use crate::client::{Fleet, FleetOptions, Percentiles};
 use crate::publish;
@@ -24,10 +25,19 @@ pub struct UnicastOptions {
     /// Load levels, in percent of the maximum, comma-separated.
     #[arg(id = "unicast-levels", long = "unicast-levels", value_name = "LIST", value_delimiter = ',', default_values_t = [25.0, 50.0, 75.0])]
     pub levels: Vec<f64>,
-    /// The maximum in deliveries (= messages) per second. Default: the fanout maximum of Herald (or
-    /// of the first target) at the same C, measured in this run.
+    /// The maximum in messages (= deliveries) per second. Default: searched on Herald (or on the
+    /// first target) at the same C in this run.
     #[arg(id = "unicast-max", long = "unicast-max", value_name = "N")]
     pub max: Option<f64>,
+    /// Messages per second of the search's first step.
+    #[arg(id = "unicast-start", long = "unicast-start", value_name = "N", default_value_t = 5_000.0)]
+    pub start: f64,
+    /// Rate multiplier from one search step to the next (the maximum's resolution).
+    #[arg(id = "unicast-factor", long = "unicast-factor", value_name = "N", default_value_t = 1.25)]
+    pub factor: f64,
+    /// Most steps of the search.
+    #[arg(id = "unicast-max-steps", long = "unicast-max-steps", value_name = "N", default_value_t = 14)]
+    pub max_steps: usize,
     /// Seconds each level publishes.
     #[arg(id = "unicast-secs", long = "unicast-secs", value_name = "SECS", default_value_t = 3.0)]
     pub secs: f64,
@@ -39,10 +49,31 @@ pub struct UnicastOptions {
 /// Where the rates come from.
 #[derive(Debug, Clone, Serialize)]
 pub struct Basis {
-    /// Deliveries per second that the levels are fractions of.
-    pub max_deliveries_per_sec: f64,
+    /// Messages (= deliveries) per second that the levels are fractions of.
+    pub max_msgs_per_sec: f64,
     /// Where that number comes from.
     pub source: String,
+    /// The search's steps, when it was searched.
+    pub steps: Vec<SearchStep>,
+}
+
+/// One step of the search for the maximum.
+#[derive(Debug, Clone, Serialize)]
+pub struct SearchStep {
+    /// Messages per second asked of the publisher.
+    pub nominal_msgs_per_sec: f64,
+    /// Messages published.
+    pub sent: u64,
+    /// Messages received by the end of the allowed lateness.
+    pub received: u64,
+    /// Messages the stream stored during the step (Herald).
+    pub stored: Option<u64>,
+    /// CPU use over the step.
+    pub cpu: CpuUse,
+    /// Whether the step kept up.
+    pub kept_up: bool,
+    /// Why not, when it did not.
+    pub reason: Option<String>,
 }
 
 /// One load level on one target.
@@ -68,13 +99,12 @@ pub struct Level {
     pub cpu: CpuUse,
 }
 
-/// Runs the unicast scenario on every target. Without `basis` nor `--unicast-max`, it first
-/// searches the fanout maximum of the reference target at the same C.
-pub async fn run(ctx: &Context, options: &UnicastOptions, fanout: &FanoutOptions, basis: Option<Basis>) -> Report {
-    let basis = match (options.max, basis) {
-        (Some(max), _) => Ok(Basis { max_deliveries_per_sec: max, source: "--unicast-max".into() }),
-        (None, Some(basis)) => Ok(basis),
-        (None, None) => find_basis(ctx, options, fanout).await,
+/// Runs the unicast scenario on every target. Without `--unicast-max`, it first searches the
+/// unicast maximum of the reference target (Herald if measured) at the same C.
+pub async fn run(ctx: &Context, options: &UnicastOptions) -> Report {
+    let basis = match options.max {
+        Some(max) => Ok(Basis { max_msgs_per_sec: max, source: "--unicast-max".into(), steps: Vec::new() }),
+        None => find_basis(ctx, options).await,
     };
     let mut report = Report::new(
         "unicast",
@@ -90,8 +120,8 @@ pub async fn run(ctx: &Context, options: &UnicastOptions, fanout: &FanoutOptions
         }
     };
     report.note(format!(
-        "levels are % of {:.0} deliveries/s ({}); every target gets the same rates",
-        basis.max_deliveries_per_sec, basis.source
+        "levels are % of {:.0} msgs/s ({}); every target gets the same rates",
+        basis.max_msgs_per_sec, basis.source
     ));
     ctx.each_target(&mut report, "unicast", async |target| {
         let levels = levels(ctx, options, target, &basis).await?;
@@ -112,25 +142,84 @@ pub async fn run(ctx: &Context, options: &UnicastOptions, fanout: &FanoutOptions
     report
 }
 
-/// The fanout maximum of the reference target (Herald if measured) at C = users.
-async fn find_basis(ctx: &Context, options: &UnicastOptions, fanout_options: &FanoutOptions) -> Result<Basis> {
+/// The highest unicast rate the reference target sustains at C = users: rates rise by the factor
+/// each step; a step keeps up when the publisher held its pace and every message arrived no later
+/// than a tenth of the step after it ended (so no backlog built up), with no connection closed.
+async fn find_basis(ctx: &Context, options: &UnicastOptions) -> Result<Basis> {
     let kind = if ctx.targets.contains(&TargetKind::Herald) { TargetKind::Herald } else { ctx.targets[0] };
-    progress(&format!("unicast: searching the fanout maximum of {} at C={}", kind.name(), options.users));
-    let run = ctx
-        .on_target(kind, "unicast-basis", async |target| {
-            fanout::search(ctx, fanout_options, target, options.users).await
-        })
-        .await?;
-    match run.max_sustained_deliveries_per_sec {
+    progress(&format!("unicast: searching the unicast maximum of {} at C={}", kind.name(), options.users));
+    let steps = ctx.on_target(kind, "unicast-search", async |target| search(ctx, options, target).await).await?;
+    let best = steps.iter().filter(|step| step.kept_up).map(|step| step.nominal_msgs_per_sec).reduce(f64::max);
+    match best {
         Some(max) => Ok(Basis {
-            max_deliveries_per_sec: max,
-            source: format!("fanout maximum of {} at C={}", kind.name(), options.users),
+            max_msgs_per_sec: max,
+            source: format!("unicast maximum of {} at C={}", kind.name(), options.users),
+            steps,
         }),
-        None => bail!("{} kept up with no fanout step", kind.name()),
+        None => bail!("{} kept up with no unicast step", kind.name()),
     }
 }
 
-async fn levels(ctx: &Context, options: &UnicastOptions, target: &Target, basis: &Basis) -> Result<Vec<Level>> {
+async fn search(ctx: &Context, options: &UnicastOptions, target: &Target) -> Result<Vec<SearchStep>> {
+    let fleet = connect(ctx, options, target).await?;
+    let publisher = target.publisher().await?;
+    let subjects = user_subjects(options.users);
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut steps: Vec<SearchStep> = Vec::new();
+    let mut rate = options.start;
+    for _ in 0..options.max_steps.max(1) {
+        let before = fleet.counts();
+        let stored_before = target.stored_last_seq(&publisher).await?;
+        let meters = CpuMeters::start(target)?;
+        let paced = publish::paced(&publisher, rate, secs(options.secs), ctx.payload_bytes, |_| {
+            subjects[rng.random_range(0..subjects.len())].clone()
+        })
+        .await?;
+        let allowed = secs(options.secs * DRAIN_SHARE);
+        let arrived = fleet.wait_msgs(before.msgs + paced.sent, allowed).await;
+        let cpu = meters.read();
+        let after = fleet.counts();
+        let stored = stored_before.zip(target.stored_last_seq(&publisher).await?).map(|(b, a)| a - b);
+        let reason = if !paced.kept_pace() {
+            Some(format!("the publisher fell behind ({} of {} sent)", paced.sent, paced.planned))
+        } else if after.ended > before.ended {
+            Some(format!("{} connections closed by the server", after.ended - before.ended))
+        } else if !arrived {
+            Some(format!(
+                "{} of {} arrived within {:.2} s of the step's end",
+                after.msgs - before.msgs,
+                paced.sent,
+                allowed.as_secs_f64()
+            ))
+        } else {
+            None
+        };
+        let kept_up = reason.is_none();
+        progress(&format!(
+            "unicast search {} at {rate:.0} msgs/s: {}",
+            target.kind.name(),
+            reason.as_deref().unwrap_or("kept up")
+        ));
+        steps.push(SearchStep {
+            nominal_msgs_per_sec: rate,
+            sent: paced.sent,
+            received: after.msgs - before.msgs,
+            stored,
+            cpu,
+            kept_up,
+            reason,
+        });
+        if !kept_up {
+            break;
+        }
+        rate *= options.factor;
+    }
+    fleet.stop().await;
+    Ok(steps)
+}
+
+/// C clients, one per user `u<i>`, connected and welcomed.
+async fn connect(ctx: &Context, options: &UnicastOptions, target: &Target) -> Result<Fleet> {
     let fleet = Fleet::launch(
         ctx.specs(target, options.users, "u", |_| None)?,
         &FleetOptions { record_latency: true, connect_timeout: ctx.connect_timeout, ..FleetOptions::default() },
@@ -138,12 +227,21 @@ async fn levels(ctx: &Context, options: &UnicastOptions, target: &Target, basis:
     if !fleet.wait_welcomed(ctx.connect_timeout * 2).await {
         bail!("{} of {} clients connected; errors: {:?}", fleet.counts().welcomed, options.users, fleet.errors());
     }
+    Ok(fleet)
+}
+
+fn user_subjects(users: usize) -> Vec<Subject> {
+    (0..users).map(|i| Subject::from(format!("push.user.u{i}"))).collect()
+}
+
+async fn levels(ctx: &Context, options: &UnicastOptions, target: &Target, basis: &Basis) -> Result<Vec<Level>> {
+    let fleet = connect(ctx, options, target).await?;
     let publisher = target.publisher().await?;
-    let subjects: Vec<Subject> = (0..options.users).map(|i| Subject::from(format!("push.user.u{i}"))).collect();
+    let subjects = user_subjects(options.users);
     let mut rng = StdRng::seed_from_u64(42);
     let mut levels = Vec::new();
     for &percent in &options.levels {
-        let rate = basis.max_deliveries_per_sec * percent / 100.0;
+        let rate = basis.max_msgs_per_sec * percent / 100.0;
         fleet.reset_latency();
         let before = fleet.counts();
         let stored_before = target.stored_last_seq(&publisher).await?;
