@@ -1,11 +1,11 @@
 //! A stored message (live from the stream's republish, or read back for a replay) becomes one
 //! complete WebSocket frame, built once and shared by every socket it goes to.
 
-use async_nats::HeaderMap;
 use bytes::Bytes;
 use herald_shared::frame::{MsgMeta, write_msg};
 use herald_shared::subject::{Audience, header};
 
+use crate::feed::Delivered;
 use crate::replay::Stored;
 use crate::wire::FrameBuf;
 
@@ -22,41 +22,39 @@ pub(crate) struct Delivery {
     pub(crate) frame: Bytes,
 }
 
-/// The stream sequence a republished message carries (0 when it carries none).
-pub(crate) fn live_seq(message: &async_nats::Message) -> u64 {
-    message.headers.as_ref().and_then(|h| header_u64(h, header::NATS_SEQUENCE)).unwrap_or(0)
-}
-
 /// Encodes a message the stream republished to a `herald.deliver.…` subject.
-pub(crate) fn from_live(message: &async_nats::Message, audience: &Audience) -> Option<Delivery> {
-    let headers = message.headers.as_ref()?;
-    let seq = header_u64(headers, header::NATS_SEQUENCE)?;
-    let ts = header_str(headers, header::NATS_TIME_STAMP);
-    let mut delivery = encode(audience, seq, ts, headers, &message.payload);
-    delivery.previous_on_subject = header_u64(headers, header::NATS_LAST_SEQUENCE);
+pub(crate) fn from_live(message: &Delivered, audience: &Audience) -> Option<Delivery> {
+    let number = |name: &str| message.header(name)?.parse::<u64>().ok();
+    let seq = number(header::NATS_SEQUENCE)?;
+    let text = |name: &str| message.header(name).unwrap_or("");
+    let meta =
+        Meta { seq, ts: text(header::NATS_TIME_STAMP), id: text(header::NATS_MSG_ID), kind: text(header::HERALD_TYPE) };
+    let mut delivery = encode(audience, &meta, &message.payload);
+    delivery.previous_on_subject = number(header::NATS_LAST_SEQUENCE);
     Some(delivery)
 }
 
 /// Encodes a message read back from the stream.
 pub(crate) fn from_stored(stored: &Stored) -> Delivery {
-    encode(&stored.audience, stored.seq, &stored.ts, &stored.headers, &stored.payload)
+    let text = |name: &str| stored.headers.get(name).map(|value| value.as_str()).unwrap_or("");
+    let meta = Meta { seq: stored.seq, ts: &stored.ts, id: text(header::NATS_MSG_ID), kind: text(header::HERALD_TYPE) };
+    encode(&stored.audience, &meta, &stored.payload)
 }
 
-fn encode(audience: &Audience, seq: u64, ts: &str, headers: &HeaderMap, payload: &[u8]) -> Delivery {
-    let kind = header_str(headers, header::HERALD_TYPE);
+/// What a `msg` frame says about its message besides the payload.
+struct Meta<'a> {
+    seq: u64,
+    ts: &'a str,
+    id: &'a str,
+    kind: &'a str,
+}
+
+fn encode(audience: &Audience, meta: &Meta<'_>, payload: &[u8]) -> Delivery {
     let to = audience.frame_to();
-    let meta = MsgMeta { seq, to: &to, id: header_str(headers, header::NATS_MSG_ID), kind, ts };
+    let frame_meta = MsgMeta { seq: meta.seq, to: &to, id: meta.id, kind: meta.kind, ts: meta.ts };
     let mut frame = FrameBuf::with_capacity(payload.len() + 160);
-    write_msg(frame.body(), &meta, payload);
-    Delivery { seq, previous_on_subject: None, kind: kind.to_string(), frame: frame.finish_text() }
-}
-
-fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> &'a str {
-    headers.get(name).map(|value| value.as_str()).unwrap_or("")
-}
-
-fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
-    headers.get(name)?.as_str().parse().ok()
+    write_msg(frame.body(), &frame_meta, payload);
+    Delivery { seq: meta.seq, previous_on_subject: None, kind: meta.kind.to_string(), frame: frame.finish_text() }
 }
 
 #[cfg(test)]
@@ -66,20 +64,14 @@ mod tests {
 
     #[test]
     fn a_republished_message_becomes_one_msg_frame() {
-        let mut headers = HeaderMap::new();
-        headers.insert(header::NATS_SEQUENCE, "125");
-        headers.insert(header::NATS_LAST_SEQUENCE, "120");
-        headers.insert(header::NATS_TIME_STAMP, "2026-11-22T10:00:00.123456789Z");
-        headers.insert(header::NATS_MSG_ID, "order-7");
-        headers.insert(header::HERALD_TYPE, "mail");
-        let message = async_nats::Message {
-            subject: "herald.deliver.user.42".into(),
-            reply: None,
+        let headers = "NATS/1.0\r\nNats-Sequence: 125\r\nNats-Last-Sequence: 120\r\n\
+                       Nats-Time-Stamp: 2026-11-22T10:00:00.123456789Z\r\nNats-Msg-Id: order-7\r\n\
+                       Herald-Type: mail\r\n\r\n";
+        let message = Delivered {
+            sid: 2,
+            subject: Bytes::from_static(b"herald.deliver.user.42"),
+            headers: Bytes::from(headers),
             payload: Bytes::from_static(br#"{"text":"hi"}"#),
-            headers: Some(headers),
-            status: None,
-            description: None,
-            length: 0,
         };
         let delivery = from_live(&message, &Audience::User("42".into())).unwrap();
         assert_eq!((delivery.seq, delivery.previous_on_subject, delivery.kind.as_str()), (125, Some(120), "mail"));

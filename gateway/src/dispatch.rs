@@ -1,35 +1,31 @@
-//! The dispatcher: one task that owns this gateway's NATS delivery subscriptions and the map from
-//! each of them to the local sessions it feeds.
+//! The dispatcher: one task that owns this gateway's delivery subscriptions and the map from each
+//! of them to the local sessions it feeds.
 //!
 //! - One subscription per audience (a user, a topic, `all`), taken when its first local session
-//!   attaches and dropped after its last one leaves.
-//! - Messages are read in stream order across all subscriptions ([`OrderedMerge`]), each encoded
-//!   once into a frame, and queued on every session of its audience without waiting on any socket.
+//!   attaches and dropped after its last one leaves; all of them on the delivery [`Feed`], whose
+//!   messages arrive in stream order.
+//! - Each message is encoded once into a frame and queued on every session of its audience without
+//!   waiting on any socket.
 //! - Sessions attach and detach through commands, so the routing tables need no lock.
 //! - A message lost between the stream and this gateway is repaired from the stream: a gap in a
-//!   subject's `Nats-Last-Sequence` chain, a reconnection to NATS, or a subscription buffer that
-//!   overflowed puts the sessions concerned on hold and asks them to replay from their last `seq`.
+//!   subject's `Nats-Last-Sequence` chain, or a reconnection of the feed, puts the sessions
+//!   concerned on hold and asks them to replay from their last `seq`.
 
 use std::collections::HashMap;
-use std::future::poll_fn;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::task::Poll;
 
-use async_nats::{Client, Subscriber};
 use herald_shared::subject::Audience;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{debug, error, warn};
 
 use crate::delivery::{self, Delivery};
-use crate::merge::{MemberId, OrderedMerge};
+use crate::feed::{Feed, FeedEvent};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 
 /// Messages delivered before the writers they fed are woken, at most (see `wake_writers`).
 const WAKE_EVERY: u32 = 32;
-/// Messages handled before the dispatcher gives its worker thread back.
-const YIELD_EVERY: u32 = 256;
 
 /// A local session as the dispatcher sees it.
 pub(crate) struct SessionEntry {
@@ -44,6 +40,10 @@ pub(crate) struct SessionEntry {
     /// The first seq of messages this session missed and can no longer get in order (0: none):
     /// its next repair closes it, leaving a note so that its resume reports `complete: false`.
     lost_from: AtomicU64,
+    /// Up to which seq a replay under way (the join, a repair) will bring the session everything:
+    /// `u64::MAX` while it has not read the stream's bounds yet (it will cover anything stored by
+    /// then), 0 when none is under way. A gap it covers is no loss.
+    replay_covers: AtomicU64,
 }
 
 impl SessionEntry {
@@ -55,6 +55,8 @@ impl SessionEntry {
             repair: Notify::new(),
             repair_pending: AtomicBool::new(false),
             lost_from: AtomicU64::new(0),
+            // A new session joins: its first replay is under way.
+            replay_covers: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -74,6 +76,7 @@ impl SessionEntry {
 
     /// Holds live delivery and asks the session to repair, once until the repair starts.
     pub(crate) fn request_repair(&self) {
+        self.replay_covers.store(u64::MAX, Ordering::Release);
         if !self.repair_pending.swap(true, Ordering::AcqRel) {
             self.outbox.hold();
             self.repair.notify_one();
@@ -84,6 +87,21 @@ impl SessionEntry {
     pub(crate) fn repair_started(&self) {
         self.repair_pending.store(false, Ordering::Release);
     }
+
+    /// The replay under way read the stream's bounds: it covers everything up to `last`, unless
+    /// another repair was asked for meanwhile.
+    pub(crate) fn replay_reads_through(&self, last: u64) {
+        if !self.repair_pending.load(Ordering::Acquire) {
+            let _ = self.replay_covers.compare_exchange(u64::MAX, last, Ordering::AcqRel, Ordering::Acquire);
+        }
+    }
+
+    /// The replay under way is over (its coverage now shows in the outbox's `complete_through`).
+    pub(crate) fn replay_done(&self) {
+        if !self.repair_pending.load(Ordering::Acquire) {
+            self.replay_covers.store(0, Ordering::Release);
+        }
+    }
 }
 
 /// What attaching did.
@@ -93,7 +111,7 @@ pub(crate) struct Attached {
     pub(crate) first_of_user: bool,
 }
 
-/// Messages per subscription and their sessions could not be set up (NATS is closed).
+/// The session could not be attached (the dispatcher stopped).
 #[derive(Debug, thiserror::Error)]
 #[error("cannot subscribe: {0}")]
 pub(crate) struct AttachError(String);
@@ -118,9 +136,6 @@ enum Command {
         user: Arc<str>,
         reply: oneshot::Sender<Vec<String>>,
     },
-    RepairAll {
-        why: &'static str,
-    },
 }
 
 /// A cheap handle to the dispatcher task.
@@ -131,22 +146,22 @@ pub(crate) struct Dispatcher {
 }
 
 impl Dispatcher {
-    /// Starts the dispatcher task on `client`.
-    pub(crate) fn start(client: Client, metrics: Arc<Metrics>) -> Dispatcher {
+    /// Starts the dispatcher task, subscribing on `feed` and delivering what `events` brings.
+    pub(crate) fn start(feed: Feed, events: mpsc::Receiver<FeedEvent>, metrics: Arc<Metrics>) -> Dispatcher {
         let (commands, receiver) = mpsc::channel(1024);
         let task = DispatchTask {
             commands: receiver,
-            merge: OrderedMerge::new(delivery::live_seq),
+            events,
+            feed,
             routes: HashMap::new(),
-            by_member: HashMap::new(),
+            by_sid: HashMap::new(),
             sessions: HashMap::new(),
             muted: HashMap::new(),
-            connects: client_connects(&client),
+            connected_before: false,
             to_wake: Vec::new(),
-            client,
             metrics,
         };
-        tokio::spawn(tokio::task::unconstrained(task.run()));
+        tokio::spawn(task.run());
         Dispatcher { commands, next_key: Arc::new(AtomicU64::new(1)) }
     }
 
@@ -156,8 +171,8 @@ impl Dispatcher {
     }
 
     /// Feeds `session` from the subscriptions of `audiences`, subscribing where needed. Returns once
-    /// the subscriptions are queued on the NATS connection, so any request sent afterwards on the
-    /// same connection reaches the server after them.
+    /// the subscriptions are queued on the feed, so a request sent on the feed afterwards reaches
+    /// the server after them.
     pub(crate) async fn attach(
         &self,
         session: Arc<SessionEntry>,
@@ -187,11 +202,6 @@ impl Dispatcher {
         result.await.unwrap_or_default()
     }
 
-    /// Asks every session to repair from the stream (messages may have been lost on the way here).
-    pub(crate) async fn repair_all(&self, why: &'static str) {
-        self.send(Command::RepairAll { why }).await;
-    }
-
     async fn send(&self, command: Command) {
         // Fails only when the dispatcher is gone, i.e. the gateway is stopping.
         let _ = self.commands.send(command).await;
@@ -199,67 +209,50 @@ impl Dispatcher {
 }
 
 struct Route {
-    member: MemberId,
+    /// The route's subscription on the feed.
+    sid: u64,
     sessions: SessionList,
     /// The last sequence delivered on this subject, to spot a gap with `Nats-Last-Sequence`.
     last_seq: u64,
 }
 
 struct DispatchTask {
-    client: Client,
     commands: mpsc::Receiver<Command>,
-    merge: OrderedMerge<Subscriber>,
+    events: mpsc::Receiver<FeedEvent>,
+    feed: Feed,
     routes: HashMap<Audience, Route>,
-    by_member: HashMap<MemberId, Audience>,
+    by_sid: HashMap<u64, Audience>,
     /// Every attached session.
     sessions: HashMap<u64, Arc<SessionEntry>>,
     /// Muted kinds of local users who muted any, with the KV revision they came from.
     muted: HashMap<Arc<str>, (u64, Vec<String>)>,
-    /// NATS connections made so far; a change means a reconnection, and messages may be lost.
-    connects: u64,
+    /// The feed connected once already: its next connection is a reconnection.
+    connected_before: bool,
     /// Outboxes given frames since the writers were last woken (see [`DispatchTask::wake_writers`]).
     to_wake: Vec<Arc<Outbox>>,
     metrics: Arc<Metrics>,
 }
 
-enum Step {
-    Command(Option<Command>),
-    Message(MemberId, Option<async_nats::Message>),
-}
-
 impl DispatchTask {
     async fn run(mut self) {
-        let mut since_yield = 0u32;
         loop {
-            let step = poll_fn(|cx| {
-                if let Poll::Ready(command) = self.commands.poll_recv(cx) {
-                    return Poll::Ready(Step::Command(command));
+            tokio::select! {
+                command = self.commands.recv() => {
+                    let Some(command) = command else { break };
+                    // A command may wait: the frames queued so far go out meanwhile.
+                    self.wake_writers();
+                    self.handle(command).await;
                 }
-                let next = self.merge.poll_next(cx).map(|(member, message)| Step::Message(member, message));
-                if next.is_pending() {
-                    // Nothing more for now: the burst is over.
+                event = self.events.recv() => {
+                    let Some(event) = event else { break };
+                    self.on_event(event);
+                    // The rest of the burst the feed already queued, then the writers.
+                    for _ in 1..WAKE_EVERY {
+                        let Ok(event) = self.events.try_recv() else { break };
+                        self.on_event(event);
+                    }
                     self.wake_writers();
                 }
-                next
-            })
-            .await;
-            match step {
-                Step::Command(None) => break,
-                Step::Command(Some(command)) => {
-                    // A command may wait on NATS: the frames queued so far go out meanwhile.
-                    self.wake_writers();
-                    self.handle(command).await
-                }
-                Step::Message(member, message) => self.deliver(member, message),
-            }
-            since_yield += 1;
-            if since_yield.is_multiple_of(WAKE_EVERY) {
-                self.wake_writers();
-            }
-            // Outside tokio's budget, so give the worker thread back now and then.
-            if since_yield == YIELD_EVERY {
-                since_yield = 0;
-                tokio::task::yield_now().await;
             }
         }
         self.wake_writers();
@@ -273,6 +266,18 @@ impl DispatchTask {
     fn wake_writers(&mut self) {
         for outbox in self.to_wake.drain(..) {
             outbox.wake_writer();
+        }
+    }
+
+    fn on_event(&mut self, event: FeedEvent) {
+        match event {
+            FeedEvent::Message(message) => self.deliver(message),
+            FeedEvent::Connected => {
+                // What was published while the feed was away never reached this gateway.
+                if std::mem::replace(&mut self.connected_before, true) {
+                    self.repair_all("the delivery feed reconnected to NATS");
+                }
+            }
         }
     }
 
@@ -294,7 +299,6 @@ impl DispatchTask {
             Command::Muted { user, reply } => {
                 let _ = reply.send(self.muted.get(&user).map(|(_, kinds)| kinds.clone()).unwrap_or_default());
             }
-            Command::RepairAll { why } => self.repair_all(why),
         }
     }
 
@@ -324,18 +328,15 @@ impl DispatchTask {
         let first_of_user = !self.routes.contains_key(&Audience::User(session.user.to_string()));
         self.sessions.insert(session.key, session.clone());
         for audience in audiences {
-            if !self.routes.contains_key(&audience) {
-                let subscriber =
-                    self.client.subscribe(audience.deliver_subject()).await.map_err(|e| AttachError(e.to_string()))?;
-                let member = self.merge.insert(subscriber);
-                self.by_member.insert(member, audience.clone());
-                self.routes.insert(audience.clone(), Route { member, sessions: SessionList::default(), last_seq: 0 });
-                self.metrics.subscriptions.set(self.routes.len() as i64);
-            }
-            if let Some(route) = self.routes.get_mut(&audience) {
-                route.sessions.insert(session.clone());
-            }
+            let route = self.routes.entry(audience.clone()).or_insert_with(|| {
+                let sid = self.feed.next_sid();
+                self.feed.subscribe(sid, audience.deliver_subject());
+                self.by_sid.insert(sid, audience.clone());
+                Route { sid, sessions: SessionList::default(), last_seq: 0 }
+            });
+            route.sessions.insert(session.clone());
         }
+        self.metrics.subscriptions.set(self.routes.len() as i64);
         Ok(Attached { first_of_user })
     }
 
@@ -343,28 +344,23 @@ impl DispatchTask {
         let Some(route) = self.routes.get_mut(audience) else { return };
         route.sessions.remove(key);
         if route.sessions.is_empty() {
-            let member = route.member;
+            let sid = route.sid;
             self.routes.remove(audience);
             if let Audience::User(user) = audience {
                 self.muted.remove(user.as_str());
             }
-            self.by_member.remove(&member);
-            // Dropping the subscriber unsubscribes it.
-            self.merge.remove(member);
+            self.by_sid.remove(&sid);
+            self.feed.unsubscribe(sid);
             self.metrics.subscriptions.set(self.routes.len() as i64);
         }
     }
 
-    fn deliver(&mut self, member: MemberId, message: Option<async_nats::Message>) {
-        self.notice_reconnection();
-        let Some(audience) = self.by_member.get(&member) else { return };
+    fn deliver(&mut self, message: crate::feed::Delivered) {
+        // A message for a subscription just dropped: nobody here wants it any more.
+        let Some(audience) = self.by_sid.get(&message.sid) else { return };
         let Some(route) = self.routes.get_mut(audience) else { return };
-        let Some(message) = message else {
-            warn!(subject = %audience.deliver_subject(), "delivery subscription ended");
-            return;
-        };
         let Some(delivery) = delivery::from_live(&message, audience) else {
-            warn!(subject = %message.subject, "message without a stream sequence ignored");
+            warn!(subject = %String::from_utf8_lossy(&message.subject), "message without a stream sequence ignored");
             return;
         };
         if let Some(previous) = delivery.previous_on_subject
@@ -377,24 +373,6 @@ impl DispatchTask {
         self.metrics.messages_in.inc();
         fan_out(&route.sessions, &delivery, &self.muted, &self.metrics, &mut self.to_wake);
     }
-
-    /// A message from a new NATS connection: what was published while disconnected never reached
-    /// this gateway, so every session repairs before it gets anything newer.
-    fn notice_reconnection(&mut self) {
-        let connects = client_connects(&self.client);
-        if connects != self.connects {
-            // The first connection is no reconnection: no session opened before it.
-            let reconnected = self.connects != 0;
-            self.connects = connects;
-            if reconnected {
-                self.repair_all("reconnected to NATS");
-            }
-        }
-    }
-}
-
-fn client_connects(client: &Client) -> u64 {
-    client.statistics().connects.load(Ordering::Acquire)
 }
 
 /// Messages in `(route.last_seq, previous]` on this subject never arrived. For each session, those a
@@ -407,7 +385,8 @@ fn repair_gap(route: &Route, previous: u64, metrics: &Metrics) {
     warn!(first_missing, last_missing = previous, "gap on a delivery subject");
     for session in route.sessions.iter() {
         let (last_seq, complete_through) = session.outbox.positions();
-        let uncovered = first_missing.max(complete_through + 1);
+        let covered = complete_through.max(session.replay_covers.load(Ordering::Acquire));
+        let uncovered = first_missing.max(covered.saturating_add(1));
         if uncovered > previous {
             continue;
         }

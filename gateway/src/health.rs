@@ -13,15 +13,15 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::feed::Feed;
 use crate::metrics::Metrics;
-use crate::stream_state;
 
 /// How often the stream is checked.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 pub(crate) struct Health {
     control: async_nats::Client,
-    delivery: async_nats::Client,
+    feed: Feed,
     stream_ok: AtomicBool,
     /// The session-policy watch is established (sessions may be accepted without missing a kick).
     pub(crate) policy_watch: AtomicBool,
@@ -32,10 +32,10 @@ pub(crate) struct Health {
 }
 
 impl Health {
-    pub(crate) fn new(control: async_nats::Client, delivery: async_nats::Client, connected: Arc<Notify>) -> Health {
+    pub(crate) fn new(control: async_nats::Client, feed: Feed, connected: Arc<Notify>) -> Health {
         Health {
             control,
-            delivery,
+            feed,
             stream_ok: AtomicBool::new(false),
             policy_watch: AtomicBool::new(false),
             prefs_watch: AtomicBool::new(false),
@@ -45,7 +45,7 @@ impl Health {
 
     /// Whether both NATS connections are up.
     pub(crate) fn nats_connected(&self) -> bool {
-        self.control.connection_state() == State::Connected && self.delivery.connection_state() == State::Connected
+        self.control.connection_state() == State::Connected && self.feed.is_connected()
     }
 
     /// Whether the gateway can serve: NATS connected, the stream present, the KV watches running.
@@ -99,7 +99,7 @@ pub(crate) async fn monitor(
 }
 
 async fn check_stream(js: &jetstream::Context, settings: &StreamSettings) -> bool {
-    if stream_state::bounds(js).await.is_ok() {
+    if js.get_stream(herald_shared::subject::STREAM).await.is_ok() {
         return true;
     }
     match ensure_stream(js, settings).await {

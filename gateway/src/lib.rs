@@ -1,7 +1,7 @@
 //! Herald's gateway: WebSocket clients in front, NATS JetStream behind.
 //!
-//! A message's path through this crate: [`dispatch`] reads the stream's republish in order
-//! ([`merge`]), [`delivery`] turns each message into one frame, the [`outbox`] of every session it is
+//! A message's path through this crate: the [`feed`] reads the stream's republish in order,
+//! [`dispatch`] routes it, [`delivery`] turns each message into one frame, the [`outbox`] of every session it is
 //! for queues it, and each socket's [`writer`] sends it. [`session`] owns a connection's life,
 //! [`reader`] its inbound frames, [`auth`] what happens before the upgrade, [`server`] the HTTP side.
 
@@ -12,11 +12,11 @@ mod cursor;
 mod delivery;
 mod dispatch;
 mod events;
+mod feed;
 mod gather;
 mod health;
 mod id;
 mod limits;
-mod merge;
 mod metrics;
 mod outbox;
 mod policy;
@@ -48,6 +48,7 @@ pub use config::{Config, ReplayMethod, SessionPolicy};
 
 use cursor::Cursors;
 use dispatch::Dispatcher;
+use feed::Feed;
 use health::Health;
 use metrics::Metrics;
 use policy::Policies;
@@ -121,7 +122,6 @@ impl Gateway {
             .map_err(|error| StartError::Listen { addr: config.api_listen.unwrap_or(config.listen), error })?;
         let api_addr = api_listener.as_ref().and_then(|l| l.local_addr().ok());
         let connected = Arc::new(tokio::sync::Notify::new());
-        let (events, event_queue) = tokio::sync::mpsc::unbounded_channel();
         let control = {
             let connected = connected.clone();
             connect(&config, "control", Some(CONTROL_SUBSCRIPTION_CAPACITY), move |event| {
@@ -131,10 +131,6 @@ impl Gateway {
             })
             .await?
         };
-        let delivery = connect(&config, "delivery", None, move |event| {
-            let _ = events.send(event.clone());
-        })
-        .await?;
         let api_js = match (&config.api_listen, &config.api_nats_user, &config.api_nats_password) {
             (Some(_), Some(user), Some(password)) => {
                 let mut api_config = config.clone();
@@ -149,7 +145,10 @@ impl Gateway {
         let shutdown = CancellationToken::new();
         let killed = CancellationToken::new();
         let js = jetstream::new(control.clone());
-        let health = Arc::new(Health::new(control.clone(), delivery.clone(), connected));
+        let (feed_events, feed_receiver) = tokio::sync::mpsc::channel(config.nats.nats_subscription_capacity.max(1));
+        let feed_name = format!("herald-gateway {} delivery", config.node_id);
+        let feed = Feed::start(&config.nats, feed_name, feed_events, shutdown.clone());
+        let health = Arc::new(Health::new(control.clone(), feed.clone(), connected));
         tokio::spawn(health::monitor(
             health.clone(),
             js.clone(),
@@ -158,10 +157,10 @@ impl Gateway {
             shutdown.clone(),
         ));
         let shared = Arc::new(Shared {
-            dispatcher: Dispatcher::start(delivery.clone(), metrics.clone()),
-            // On the delivery connection, whose subscriptions feed the dispatcher: a request sent
-            // there reaches the server after every subscription made before it.
-            bounds: Arc::new(stream_state::BoundsReader::new(jetstream::new(delivery))),
+            dispatcher: Dispatcher::start(feed.clone(), feed_receiver, metrics.clone()),
+            // On the delivery feed, whose subscriptions feed the dispatcher: a request sent there
+            // reaches the server after every subscription made before it.
+            bounds: Arc::new(stream_state::BoundsReader::new(feed)),
             api_js,
             cursors: Arc::new(Cursors::new(js.clone())),
             registry: Arc::new(Registry::default()),
@@ -178,7 +177,7 @@ impl Gateway {
             killed: killed.clone(),
             sessions: TaskTracker::new(),
         });
-        start_background_tasks(&shared, event_queue);
+        start_background_tasks(&shared);
         if let Some(api_listener) = api_listener {
             tokio::spawn(api::serve(shared.clone(), api_listener));
         }
@@ -216,7 +215,7 @@ impl Gateway {
 }
 
 /// The tasks that keep a gateway's shared state current, all stopped by `shutdown`.
-fn start_background_tasks(shared: &Arc<Shared>, mut events: tokio::sync::mpsc::UnboundedReceiver<async_nats::Event>) {
+fn start_background_tasks(shared: &Arc<Shared>) {
     let shutdown = shared.shutdown.clone();
     tokio::spawn(shared.cursors.clone().run_flusher(shared.config.cursor_flush_interval, shutdown.clone()));
     tokio::spawn(shared.prefs.clone().watch(
@@ -238,17 +237,6 @@ fn start_background_tasks(shared: &Arc<Shared>, mut events: tokio::sync::mpsc::U
         shared.config.node_id.clone(),
         shutdown,
     ));
-    let dispatcher = shared.dispatcher.clone();
-    tokio::spawn(async move {
-        // Delivery messages may have been lost on the way to this gateway: repair every session.
-        while let Some(event) = events.recv().await {
-            match event {
-                async_nats::Event::Connected => dispatcher.repair_all("connected to NATS").await,
-                async_nats::Event::SlowConsumer(_) => dispatcher.repair_all("subscription buffer overflowed").await,
-                _ => {}
-            }
-        }
-    });
 }
 
 async fn run(shared: Arc<Shared>, listener: TcpListener) {
@@ -284,9 +272,9 @@ fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
 /// Messages buffered per subscription on the control connection (KV watches, replay replies).
 const CONTROL_SUBSCRIPTION_CAPACITY: usize = 65536;
 
-/// Connects one of the gateway's two NATS connections. Delivery subscriptions get a connection of
-/// their own, with the configured buffer, so that message traffic and control traffic never queue
-/// behind each other.
+/// Connects one of the gateway's async-nats connections (control, and the HTTP API's publisher).
+/// Deliveries come on a connection of their own, the [`feed`], so that message traffic and control
+/// traffic never queue behind each other.
 async fn connect(
     config: &Config,
     role: &str,

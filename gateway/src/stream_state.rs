@@ -1,8 +1,10 @@
 //! Reading the stream's current bounds: its first and last sequence.
 
-use async_nats::jetstream::{self, response::Response};
+use bytes::Bytes;
 use herald_shared::subject::STREAM;
 use serde::Deserialize;
+
+use crate::feed::Feed;
 
 /// The stream's bounds at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -13,9 +15,11 @@ pub(crate) struct Bounds {
     pub(crate) last: u64,
 }
 
+/// A `STREAM.INFO` answer: the state, or an error.
 #[derive(Deserialize)]
-struct InfoState {
-    state: Bounds,
+struct InfoAnswer {
+    state: Option<Bounds>,
+    error: Option<serde_json::Value>,
 }
 
 /// The stream could not be read.
@@ -23,13 +27,17 @@ struct InfoState {
 #[error("cannot read the stream: {0}")]
 pub(crate) struct StreamError(pub(crate) String);
 
-/// The stream's bounds, read from the server now.
-pub(crate) async fn bounds(js: &jetstream::Context) -> Result<Bounds, StreamError> {
-    let response: Response<InfoState> =
-        js.request(format!("STREAM.INFO.{STREAM}"), &()).await.map_err(|e| StreamError(e.to_string()))?;
-    match response {
-        Response::Ok(info) => Ok(info.state),
-        Response::Err { error } => Err(StreamError(error.to_string())),
+/// The stream's bounds, read from the server now, by a request on the feed.
+async fn bounds(feed: &Feed) -> Result<Bounds, StreamError> {
+    let answer = feed
+        .request(format!("$JS.API.STREAM.INFO.{STREAM}"), Bytes::new())
+        .await
+        .map_err(|e| StreamError(e.to_string()))?;
+    let answer: InfoAnswer = serde_json::from_slice(&answer).map_err(|e| StreamError(e.to_string()))?;
+    match (answer.state, answer.error) {
+        (Some(state), None) => Ok(state),
+        (_, Some(error)) => Err(StreamError(error.to_string())),
+        (None, None) => Err(StreamError("no state in the stream info".into())),
     }
 }
 
@@ -38,7 +46,7 @@ pub(crate) async fn bounds(js: &jetstream::Context) -> Result<Bounds, StreamErro
 /// same connection, for the join to be exact. In a reconnect storm this turns a request per
 /// session into a handful.
 pub(crate) struct BoundsReader {
-    js: jetstream::Context,
+    feed: Feed,
     pending: std::sync::Mutex<Pending>,
 }
 
@@ -49,9 +57,9 @@ struct Pending {
 }
 
 impl BoundsReader {
-    /// A reader over `js` (the delivery connection).
-    pub(crate) fn new(js: jetstream::Context) -> BoundsReader {
-        BoundsReader { js, pending: Default::default() }
+    /// A reader over the delivery feed.
+    pub(crate) fn new(feed: Feed) -> BoundsReader {
+        BoundsReader { feed, pending: Default::default() }
     }
 
     /// The stream's bounds, read by a request sent after this call began.
@@ -79,7 +87,7 @@ impl BoundsReader {
                 }
                 std::mem::take(&mut pending.waiting)
             };
-            let result = bounds(&self.js).await.map_err(|e| e.0);
+            let result = bounds(&self.feed).await.map_err(|e| e.0);
             for answer in waiting {
                 let _ = answer.send(result.clone());
             }

@@ -25,8 +25,9 @@ pub struct NatsSettings {
     /// `_INBOX_functions`), so NATS permissions can keep one role from reading another's replies.
     /// Default `_INBOX`.
     pub nats_inbox_prefix: String,
-    /// Messages buffered per NATS subscription inside this process (for the gateway: per delivery
-    /// subscription; async-nats drops what overflows, and the gateway repairs it). Default 65536.
+    /// Messages buffered per NATS subscription inside this process (async-nats drops what
+    /// overflows). The gateway's delivery connection is its own: there it is the buffer between that
+    /// connection and the dispatcher, which stops reading from NATS while it is full. Default 65536.
     pub nats_subscription_capacity: usize,
 }
 

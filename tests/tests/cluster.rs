@@ -21,6 +21,11 @@ use tokio::sync::watch;
 const ONLINE: [&str; 3] = ["k0", "k1", "k2"];
 const OFFLINE: &str = "k3";
 const TOTAL: usize = 3_000;
+/// Publish retries (all publishers together) that mean the cluster is not coming back.
+const MAX_RETRIES: usize = 600;
+/// Silence on a client's socket that means something is stuck (messages come every millisecond or
+/// so until all are published, and the test knows when a client has them all).
+const SILENCE: Duration = Duration::from_secs(45);
 
 /// What was published and stored: message number → (stream sequence, the user it was for, or None
 /// for `push.all`).
@@ -144,6 +149,7 @@ async fn publish_half(js: jetstream::Context, half: usize, stored: Stored) -> us
                 break;
             }
             retries += 1;
+            assert!(retries < MAX_RETRIES, "message {n}: still not acknowledged after {retries} retries in all");
             // Backing off between attempts, as a real publisher does, while the stream elects a leader.
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -185,7 +191,9 @@ async fn client(user: &str, index: usize, urls: [String; 2], first: usize, mut e
         let Ok(mut socket) = WsClient::try_connect(&url).await else { continue };
         while !done(&received, &expected) {
             let event = tokio::select! {
-                event = socket.recv() => event,
+                event = tokio::time::timeout(SILENCE, socket.recv()) => event.unwrap_or_else(|_| {
+                    panic!("{user}: nothing for {SILENCE:?} with {} messages, the last {:?}", received.len(), received.last())
+                }),
                 _ = expected.changed() => continue,
             };
             match event {
@@ -197,7 +205,13 @@ async fn client(user: &str, index: usize, urls: [String; 2], first: usize, mut e
                     );
                     received.push((msg.seq, msg.id));
                 }
-                Event::Frame(ServerFrame::Replayed { complete, .. }) => assert!(complete, "{user}: incomplete replay"),
+                Event::Frame(frame @ ServerFrame::Replayed { .. }) => {
+                    assert!(
+                        matches!(frame, ServerFrame::Replayed { complete: true, .. }),
+                        "{user}: incomplete replay {frame:?} after {:?}",
+                        received.last()
+                    )
+                }
                 Event::Frame(ServerFrame::Welcome { .. }) => {}
                 Event::Frame(other) => panic!("{user}: unexpected {other:?}"),
                 Event::Close(_) => break,

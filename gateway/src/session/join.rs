@@ -32,6 +32,7 @@ pub(super) async fn open(session: &Session) -> Result<(), Close> {
     }
     Box::pin(shared.policies.claim(&session.user, &session.device, &session.conn, session.entry.outbox.clone())).await;
     let bounds = read_bounds(session).await?;
+    session.entry.replay_reads_through(bounds.last);
     session.send(&ServerFrame::Welcome {
         conn: session.conn.clone(),
         user: session.user.to_string(),
@@ -74,6 +75,7 @@ pub(super) async fn open(session: &Session) -> Result<(), Close> {
         }
     }
     session.outbox().release(Vec::new());
+    session.entry.replay_done();
     Ok(())
 }
 
@@ -111,12 +113,14 @@ pub(super) async fn repair(session: &Session) -> Result<(), Close> {
     }
     let since = session.outbox().last_seq();
     let bounds = read_bounds(session).await?;
+    session.entry.replay_reads_through(bounds.last);
     let report = replay(session, &session.audiences(), since, bounds, Order::InOrder).await?;
     if !report.complete {
         return Err(Close::new(close_code::SLOW_CONSUMER, "messages missed: reconnect with since"));
     }
     session.outbox().complete_through(bounds.last);
     session.outbox().release(Vec::new());
+    session.entry.replay_done();
     Ok(())
 }
 
