@@ -58,25 +58,45 @@ pub(super) async fn dial(settings: &NatsSettings, name: &str, attempt: u32) -> R
     Ok((stream, server.to_string()))
 }
 
-/// `nats://host:port`, `tls://host:port` or `host:port` → (host, port, TLS asked for).
-fn parse_url(url: &str) -> Result<(String, u16, bool), String> {
+/// Where and how to reach one server.
+#[derive(Debug, PartialEq, Eq)]
+struct ServerUrl {
+    host: String,
+    port: u16,
+    /// `tls://`: TLS whatever the server says.
+    tls: bool,
+    /// `user:password@` in the URL, used when the settings name no user.
+    credentials: Option<(String, String)>,
+}
+
+/// `nats://[user:password@]host[:port]`, `tls://…` or `host[:port]`.
+fn parse_url(url: &str) -> Result<ServerUrl, String> {
     let (tls, rest) = match url.split_once("://") {
         Some(("tls", rest)) => (true, rest),
         Some(("nats", rest)) => (false, rest),
         Some((scheme, _)) => return Err(format!("unsupported scheme {scheme}:// for the delivery feed")),
         None => (false, url),
     };
-    // Credentials in the URL are not used by the feed: they belong in nats_user / nats_password.
-    let host_port = rest.rsplit_once('@').map_or(rest, |(_, host)| host).trim_end_matches('/');
-    let (host, port) = match host_port.rsplit_once(':') {
-        Some((host, port)) => (host, port.parse::<u16>().map_err(|_| format!("bad port in {url}"))?),
-        None => (host_port, 4222),
+    let (credentials, host_port) = match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+            (Some((user.to_string(), password.to_string())), host)
+        }
+        None => (None, rest),
     };
-    Ok((host.trim_start_matches('[').trim_end_matches(']').to_string(), port, tls))
+    let host_port = host_port.trim_end_matches('/');
+    let (host, port) = match host_port.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(':') => {
+            (host, port.parse::<u16>().map_err(|_| format!("bad port in {url}"))?)
+        }
+        _ => (host_port, 4222),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+    Ok(ServerUrl { host, port, tls, credentials })
 }
 
 async fn handshake(settings: &NatsSettings, name: &str, url: &str) -> Result<Stream, String> {
-    let (host, port, tls_asked) = parse_url(url)?;
+    let ServerUrl { host, port, tls: tls_asked, credentials } = parse_url(url)?;
     let tcp = TcpStream::connect((host.as_str(), port)).await.map_err(|e| e.to_string())?;
     let _ = tcp.set_nodelay(true);
     let mut io: Box<dyn Io> = Box::new(tcp);
@@ -102,6 +122,10 @@ async fn handshake(settings: &NatsSettings, name: &str, url: &str) -> Result<Str
         "headers": true,
         "no_responders": true,
     });
+    if let Some((user, password)) = credentials {
+        options["user"] = user.into();
+        options["pass"] = password.into();
+    }
     authenticate(settings, info["nonce"].as_str(), &mut options).await?;
     let mut hello = BytesMut::new();
     proto::connect(&mut hello, &options);
@@ -181,12 +205,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn urls_name_host_port_and_tls() {
-        assert_eq!(parse_url("nats://127.0.0.1:4223"), Ok(("127.0.0.1".into(), 4223, false)));
-        assert_eq!(parse_url("tls://nats.example:4443"), Ok(("nats.example".into(), 4443, true)));
-        assert_eq!(parse_url("localhost"), Ok(("localhost".into(), 4222, false)));
-        assert_eq!(parse_url("nats://u:p@n1:4222"), Ok(("n1".into(), 4222, false)));
-        assert_eq!(parse_url("nats://[::1]:4222"), Ok(("::1".into(), 4222, false)));
+    fn urls_name_host_port_tls_and_credentials() {
+        let url = |host: &str, port, tls, credentials: Option<(&str, &str)>| ServerUrl {
+            host: host.into(),
+            port,
+            tls,
+            credentials: credentials.map(|(u, p)| (u.into(), p.into())),
+        };
+        assert_eq!(parse_url("nats://127.0.0.1:4223"), Ok(url("127.0.0.1", 4223, false, None)));
+        assert_eq!(parse_url("tls://nats.example:4443"), Ok(url("nats.example", 4443, true, None)));
+        assert_eq!(parse_url("localhost"), Ok(url("localhost", 4222, false, None)));
+        assert_eq!(parse_url("nats://u:p@n1:4222"), Ok(url("n1", 4222, false, Some(("u", "p")))));
+        assert_eq!(parse_url("nats://[::1]:4222"), Ok(url("::1", 4222, false, None)));
         assert!(parse_url("ws://n1:80").is_err());
         assert!(parse_url("nats://n1:x").is_err());
     }
