@@ -66,6 +66,8 @@ pub(crate) struct Shared {
     /// JetStream as the HTTP API's publisher, when it has credentials of its own.
     pub(crate) api_js: Option<jetstream::Context>,
     pub(crate) dispatcher: Dispatcher,
+    /// The delivery connection (for flushes: "is this subscription live on the server yet").
+    pub(crate) feed: Feed,
     pub(crate) verifier: Verifier,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) health: Arc<Health>,
@@ -160,7 +162,8 @@ impl Gateway {
             dispatcher: Dispatcher::start(feed.clone(), feed_receiver, metrics.clone()),
             // On the delivery feed, whose subscriptions feed the dispatcher: a request sent there
             // reaches the server after every subscription made before it.
-            bounds: Arc::new(stream_state::BoundsReader::new(feed)),
+            bounds: Arc::new(stream_state::BoundsReader::new(feed.clone())),
+            feed,
             api_js,
             cursors: Arc::new(Cursors::new(js.clone())),
             registry: Arc::new(Registry::default()),

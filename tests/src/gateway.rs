@@ -162,3 +162,27 @@ fn init_logs() {
         let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
     }
 }
+
+/// The `herald-gateway` binary of this build profile, brought up to date first (a no-op when
+/// `cargo test --workspace` just built it).
+pub fn binary() -> std::path::PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| crate::workspace_root().join("target"));
+    let release = !cfg!(debug_assertions);
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = std::process::Command::new(cargo);
+    build.current_dir(crate::workspace_root()).args([
+        "build",
+        "--quiet",
+        "-p",
+        "herald-gateway",
+        "--bin",
+        "herald-gateway",
+    ]);
+    if release {
+        build.arg("--release");
+    }
+    assert!(build.status().expect("run cargo build").success(), "cannot build herald-gateway");
+    target.join(if release { "release" } else { "debug" }).join("herald-gateway")
+}

@@ -53,3 +53,39 @@ async fn readiness_follows_nats_and_delivery_resumes_when_it_returns() {
     let msg = client.expect_msg().await;
     assert_eq!((msg.seq, msg.data), (seq, serde_json::json!("back")));
 }
+
+/// The real binary, stopped by a real SIGTERM, as an orchestrator stops it.
+#[tokio::test]
+async fn the_binary_closes_sockets_with_1012_and_exits_on_sigterm() {
+    let nats = TestNats::start().await;
+    let port = herald_tests::free_port();
+    let gateway = std::process::Command::new(herald_tests::gateway::binary())
+        .env("HERALD_LISTEN", format!("127.0.0.1:{port}"))
+        .env("HERALD_NATS_URL", nats.url())
+        .env("HERALD_NATS_USER", herald_tests::nats::Role::Gateway.user())
+        .env("HERALD_NATS_PASSWORD", herald_tests::nats::Role::Gateway.password())
+        .env("HERALD_JWT_SECRET", herald_tests::gateway::SECRET)
+        .env("HERALD_LOG", "warn")
+        .spawn()
+        .expect("start herald-gateway");
+    let ready = format!("http://127.0.0.1:{port}/readyz");
+    eventually("the gateway binary ready", Duration::from_secs(30), || async {
+        let status = reqwest::get(&ready).await.ok()?.status();
+        status.is_success().then_some(())
+    })
+    .await;
+    let url = format!("ws://127.0.0.1:{port}/ws?token={}", herald_tests::gateway::token("sig"));
+    let mut client = WsClient::connect(&url).await.expect("connected");
+    client.expect_welcome().await;
+
+    let killed = std::process::Command::new("kill").args(["-TERM", &gateway.id().to_string()]).status();
+    assert!(killed.expect("run kill").success());
+    assert_eq!(client.expect_close().await.map(|c| c.0), Some(close_code::RESTART));
+    let gateway = std::sync::Mutex::new(gateway);
+    let exited = eventually("the gateway binary exited", Duration::from_secs(30), || {
+        let status = gateway.lock().unwrap().try_wait().ok().flatten();
+        async move { status }
+    })
+    .await;
+    assert!(exited.success(), "exit status {exited}");
+}

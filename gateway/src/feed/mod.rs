@@ -18,7 +18,7 @@
 mod connect;
 pub(crate) mod proto;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -58,6 +58,7 @@ enum Command {
     Subscribe { sid: u64, subject: String },
     Unsubscribe { sid: u64 },
     Request { subject: String, payload: Bytes, reply: oneshot::Sender<Result<Bytes, RequestError>> },
+    Flush { done: oneshot::Sender<()> },
 }
 
 /// A cheap handle to the feed task.
@@ -72,7 +73,7 @@ pub(crate) struct Feed {
 const REPLY_SID: u64 = 1;
 /// How often the feed pings the server, and how many unanswered pings mean a dead connection.
 const PING_INTERVAL: Duration = Duration::from_secs(10);
-const MAX_UNANSWERED_PINGS: u32 = 2;
+const MAX_UNANSWERED_PINGS: usize = 2;
 /// How long a request waits for its answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bytes read from the socket at a time.
@@ -100,6 +101,8 @@ impl Feed {
             pending: HashMap::new(),
             next_request: 0,
             reply_prefix,
+            pongs: VecDeque::new(),
+            unanswered: 0,
         };
         tokio::spawn(task.run(shutdown));
         Feed { commands, connected, next_sid: Arc::new(AtomicU64::new(REPLY_SID + 1)) }
@@ -132,6 +135,18 @@ impl Feed {
         }
     }
 
+    /// Waits until the server has processed everything asked of the feed before (a `PING` after
+    /// it, answered): subscriptions made before are live on the server.
+    pub(crate) async fn flush(&self) -> Result<(), RequestError> {
+        let (done, flushed) = oneshot::channel();
+        self.commands.send(Command::Flush { done }).map_err(|_| RequestError::Disconnected)?;
+        match tokio::time::timeout(REQUEST_TIMEOUT, flushed).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(RequestError::Disconnected),
+            Err(_) => Err(RequestError::TimedOut),
+        }
+    }
+
     /// Whether the feed is connected right now.
     pub(crate) fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Acquire)
@@ -150,6 +165,11 @@ struct FeedTask {
     pending: HashMap<u64, oneshot::Sender<Result<Bytes, RequestError>>>,
     next_request: u64,
     reply_prefix: String,
+    /// One entry per `PING` sent and not yet answered, in order: a flush waiting for its `PONG`,
+    /// or `None` for a keepalive.
+    pongs: VecDeque<Option<oneshot::Sender<()>>>,
+    /// Keepalive pings sent since the server last answered one of our pings.
+    unanswered: usize,
 }
 
 /// Why a connection ended.
@@ -187,6 +207,9 @@ impl FeedTask {
             for (_, waiting) in self.pending.drain() {
                 let _ = waiting.send(Err(RequestError::Disconnected));
             }
+            // Flushes waiting for a PONG fail (their senders are dropped).
+            self.pongs.clear();
+            self.unanswered = 0;
         }
     }
 
@@ -226,7 +249,6 @@ impl FeedTask {
         }
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_INTERVAL, PING_INTERVAL);
-        let mut unanswered = 0u32;
         loop {
             tokio::select! {
                 biased;
@@ -248,7 +270,7 @@ impl FeedTask {
                     loop {
                         match proto::parse(&mut buf) {
                             Ok(Some(op)) => {
-                                if let Err(ended) = self.handle(op, &mut out, &mut unanswered).await {
+                                if let Err(ended) = self.handle(op, &mut out).await {
                                     return ended;
                                 }
                             }
@@ -261,10 +283,11 @@ impl FeedTask {
                     }
                 }
                 _ = ping.tick() => {
-                    if unanswered >= MAX_UNANSWERED_PINGS {
+                    if self.unanswered >= MAX_UNANSWERED_PINGS {
                         return Ended::Lost("the server stopped answering pings".into());
                     }
-                    unanswered += 1;
+                    self.unanswered += 1;
+                    self.pongs.push_back(None);
                     out.extend_from_slice(proto::PING);
                 }
             }
@@ -278,7 +301,7 @@ impl FeedTask {
     }
 
     /// Handles one server operation; an `Err` ends the connection.
-    async fn handle(&mut self, op: ServerOp, out: &mut BytesMut, unanswered: &mut u32) -> Result<(), Ended> {
+    async fn handle(&mut self, op: ServerOp, out: &mut BytesMut) -> Result<(), Ended> {
         match op {
             ServerOp::Msg(message) if message.sid == REPLY_SID => self.answer(message),
             ServerOp::Msg(message) => {
@@ -288,7 +311,12 @@ impl FeedTask {
                 }
             }
             ServerOp::Ping => out.extend_from_slice(proto::PONG),
-            ServerOp::Pong => *unanswered = 0,
+            ServerOp::Pong => {
+                self.unanswered = 0;
+                if let Some(Some(flushed)) = self.pongs.pop_front() {
+                    let _ = flushed.send(());
+                }
+            }
             ServerOp::Ok | ServerOp::Info(_) => {}
             ServerOp::Err(error) => {
                 let lower = error.to_ascii_lowercase();
@@ -334,6 +362,10 @@ impl FeedTask {
                 self.pending.retain(|_, waiting| !waiting.is_closed());
                 self.pending.insert(id, reply);
             }
+            Command::Flush { done } => {
+                out.extend_from_slice(proto::PING);
+                self.pongs.push_back(Some(done));
+            }
         }
     }
 
@@ -350,6 +382,8 @@ impl FeedTask {
                 debug!("request while the delivery feed is disconnected");
                 let _ = reply.send(Err(RequestError::Disconnected));
             }
+            // Dropping `done` tells the waiter the feed is down.
+            Command::Flush { .. } => {}
         }
     }
 }

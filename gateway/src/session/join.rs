@@ -184,6 +184,14 @@ async fn subscribe(session: &Session, topic: String, since: Option<u64>) -> Resu
         return Ok(());
     }
     session.topics.lock().unwrap_or_else(|p| p.into_inner()).insert(topic.clone());
+    if since.is_none() {
+        // `subscribed` promises live delivery: the subscription must be on the server first. (With
+        // `since`, reading the stream's bounds below does the same.) If the feed is down, its
+        // reconnection re-subscribes and repairs the connection, topic included.
+        if let Err(error) = session.shared.feed.flush().await {
+            warn!(user = %session.user, %topic, %error, "topic subscription not confirmed by NATS yet");
+        }
+    }
     session.send(&ServerFrame::Subscribed { topic: topic.clone() });
     let Some(requested) = since else { return Ok(()) };
     let bounds = read_bounds(session).await?;
