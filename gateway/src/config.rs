@@ -57,7 +57,8 @@ pub struct Config {
     pub heartbeat_timeout: Duration,
     /// Largest client message; a bigger one closes the connection with 1009. Default 1 MiB.
     pub max_frame_bytes: usize,
-    /// Most bytes queued for one socket; overflowing closes it with 4008. Default 1 MiB.
+    /// Most bytes queued for one socket; overflowing closes it with 4008. A frame counts for at
+    /// most half of it, so a message larger than the limit is still delivered. Default 1 MiB.
     pub outbound_queue_bytes: usize,
     /// Most frames the writer sends in one vectored write. Default 64.
     pub write_batch_frames: usize,

@@ -416,7 +416,7 @@ fn fan_out(
         if check_muted && muted.get(&session.user).is_some_and(|(_, kinds)| kinds.contains(&delivery.kind)) {
             continue;
         }
-        if outbox.push_live(delivery.seq, &delivery.frame) {
+        if outbox.push_live(delivery.seq, &delivery.frame, &delivery.kind) {
             to_wake.push(outbox.clone());
         }
         sent += 1;

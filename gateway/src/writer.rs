@@ -68,7 +68,7 @@ mod tests {
     async fn writes_queued_frames_then_the_close_frame() {
         let (client, server) = tokio::io::duplex(16);
         let outbox = Arc::new(Outbox::new(1 << 20));
-        outbox.release(Vec::new());
+        outbox.release(Vec::new(), &[]);
         outbox.push_control(wire::text(b"first"));
         outbox.push_control(wire::text(b"second"));
         let writer = tokio::spawn(run(server, outbox.clone(), 64));

@@ -7,7 +7,7 @@ use herald_gateway::{Config, Gateway};
 use herald_shared::token::{Claims, issue_hs256, now_secs};
 
 use crate::nats::Role;
-use crate::{TestNats, WsClient, eventually};
+use crate::{Publisher, TestNats, WsClient, eventually};
 
 /// The HS256 secret test gateways accept.
 pub const SECRET: &str = "herald-test-secret";
@@ -97,6 +97,29 @@ impl TestGateway {
             (self.metric(name).await == value).then_some(())
         })
         .await;
+    }
+
+    /// Publishes `body` to `subject` until this gateway has closed a socket as a slow consumer
+    /// (`herald_gateway_slow_consumer_closes_total` reaches 1), for a reader that stopped reading;
+    /// returns the sequences published. How much it takes depends on the kernel's socket buffers
+    /// (autotuned receive buffers hold tens of MiB on some machines), so it publishes until the
+    /// close rather than a fixed amount, at most `max_messages`.
+    pub async fn publish_until_slow_consumer_close(
+        &self,
+        publisher: &Publisher,
+        subject: &str,
+        body: &str,
+        max_messages: usize,
+    ) -> Vec<u64> {
+        let metric = "herald_gateway_slow_consumer_closes_total";
+        let mut published = Vec::new();
+        while self.metric(metric).await < 1.0 {
+            assert!(published.len() < max_messages, "no slow-consumer close after {max_messages} messages");
+            for _ in 0..8 {
+                published.push(publisher.publish(subject, body).await);
+            }
+        }
+        published
     }
 
     /// Waits until `/readyz` says 200.

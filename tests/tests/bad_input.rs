@@ -8,7 +8,7 @@ use herald_shared::frame::{ServerFrame, close_code};
 use herald_shared::token::{Claims, issue_hs256, now_secs};
 use herald_tests::gateway::{SECRET, token_with};
 use herald_tests::ws::Event;
-use herald_tests::{TestGateway, TestNats, WsClient};
+use herald_tests::{Publisher, TestGateway, TestNats, WsClient};
 use tokio_tungstenite::tungstenite::Message;
 
 fn signed(sub: &str) -> String {
@@ -156,16 +156,11 @@ async fn a_slow_reader_is_closed_with_4008_and_the_gateway_does_not_buffer_for_i
     let gateway = TestGateway::start_with(&nats, |c| c.outbound_queue_bytes = queue_limit).await;
     let mut slow = gateway.connect("slow").await;
     let mut fast = gateway.connect("fast").await;
-    let js = nats.jetstream().await;
+    let publisher = Publisher::new(&nats).await;
 
-    // Far more than the queue plus any socket buffers: 64 messages of 64 KiB = 4 MiB.
-    let body = format!("\"{}\"", "x".repeat(64 * 1024));
-    let mut published = 0;
-    for _ in 0..64 {
-        js.publish("push.user.slow", body.clone().into()).await.unwrap().await.unwrap();
-        published += 1;
-    }
-    gateway.wait_metric("herald_gateway_slow_consumer_closes_total", 1.0).await;
+    // More than the queue plus the socket buffers, however large the kernel makes them.
+    let body = format!("\"{}\"", "x".repeat(256 * 1024));
+    let published = gateway.publish_until_slow_consumer_close(&publisher, "push.user.slow", &body, 600).await.len();
 
     // The reader wakes up: what was already on the wire, then 4008.
     let mut received = 0;
@@ -181,6 +176,6 @@ async fn a_slow_reader_is_closed_with_4008_and_the_gateway_does_not_buffer_for_i
     }
     assert!(received < published, "the gateway held {received} of {published} messages for a stalled reader");
     // Other sockets are unaffected.
-    let seq = js.publish("push.user.fast", "still here".into()).await.unwrap().await.unwrap().sequence;
+    let seq = publisher.publish("push.user.fast", "still here").await;
     assert_eq!(fast.expect_msg().await.seq, seq);
 }

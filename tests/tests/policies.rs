@@ -114,3 +114,48 @@ async fn muted_kinds_are_not_delivered_and_unmuting_takes_effect_live() {
         assert_eq!(client.expect_msg().await.seq, marker);
     }
 }
+
+#[tokio::test]
+async fn a_muted_kind_published_while_the_first_socket_joins_is_not_delivered() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let prefs = nats.jetstream().await.get_key_value("herald-prefs").await.unwrap();
+    prefs.put("quinn", Bytes::from_static(br#"{"muted":["marketing"]}"#)).await.unwrap();
+
+    // Ads and mails alternate without pause, so that some arrive while each socket is joining,
+    // before the gateway has read quinn's muted kinds.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let feeder = {
+        let (publisher, stop) = (publisher.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut sent = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut acks = Vec::new();
+                for _ in 0..10 {
+                    acks.push(publisher.send("push.user.quinn", &[("Herald-Type", "marketing")], "sale").await);
+                    acks.push(publisher.send("push.user.quinn", &[("Herald-Type", "mail")], "mail").await);
+                }
+                for ack in acks {
+                    ack.await.expect("publish acknowledged");
+                }
+                sent += 20;
+            }
+            sent
+        })
+    };
+    for round in 0..20 {
+        // A new device each time: no cursor, so only live frames (held during the join) arrive.
+        let query = format!("token={}&device=d{round}", token("quinn"));
+        let mut client = gateway.connect_with(&query).await;
+        for _ in 0..3 {
+            let msg = client.expect_msg().await;
+            assert_eq!(msg.kind, "mail", "round {round}: a muted kind was delivered (seq {})", msg.seq);
+        }
+        drop(client);
+        // The next socket is again the first of its user on this gateway.
+        gateway.wait_metric("herald_gateway_users", 0.0).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(feeder.await.unwrap() >= 120);
+}

@@ -15,12 +15,9 @@ async fn a_slow_socket_closed_with_4008_resumes_with_since_and_misses_nothing() 
     let publisher = Publisher::new(&nats).await;
     let mut slow = gateway.connect("ray").await;
 
-    let body = format!("\"{}\"", "x".repeat(32 * 1024));
-    let mut published = Vec::new();
-    for _ in 0..100 {
-        published.push(publisher.publish("push.user.ray", &body).await);
-    }
-    gateway.wait_metric("herald_gateway_slow_consumer_closes_total", 1.0).await;
+    // At most 600 × 256 KiB: under the stream's 1,000 messages per subject, so all stay stored.
+    let body = format!("\"{}\"", "x".repeat(256 * 1024));
+    let published = gateway.publish_until_slow_consumer_close(&publisher, "push.user.ray", &body, 600).await;
 
     let mut received = Vec::new();
     loop {

@@ -33,6 +33,12 @@ pub(super) async fn open(session: &Session) -> Result<(), Close> {
     Box::pin(shared.policies.claim(&session.user, &session.device, &session.conn, session.entry.outbox.clone())).await;
     let bounds = read_bounds(session).await?;
     session.entry.replay_reads_through(bounds.last);
+    let resume = Box::pin(resume_point(session)).await;
+    if let Resume::NewDevice = resume {
+        // The device's cursor starts here, before the welcome: a reconnect without `since`, even
+        // before any ack, then replays what the device missed meanwhile.
+        Box::pin(session.shared.cursors.start_device(&session.user, &session.device, bounds.last)).await;
+    }
     session.send(&ServerFrame::Welcome {
         conn: session.conn.clone(),
         user: session.user.to_string(),
@@ -41,7 +47,7 @@ pub(super) async fn open(session: &Session) -> Result<(), Close> {
         seq: bounds.last,
         heartbeat: shared.config.heartbeat.as_secs(),
     });
-    match Box::pin(resume_point(session)).await {
+    match resume {
         Resume::Since(requested) => {
             // A client ahead of the stream (a replaced stream, a bogus `since`) gets what comes next.
             let since = requested.min(bounds.last);
@@ -62,19 +68,14 @@ pub(super) async fn open(session: &Session) -> Result<(), Close> {
             session.outbox().complete_through(bounds.last);
             session.send(&report.frame(since, None));
         }
-        Resume::NewDevice => {
-            // Live from the welcome on; the device's cursor starts here, so that a reconnect
-            // without `since` before any ack still replays what it missed meanwhile.
-            session.outbox().advance_to(bounds.last);
-            session.outbox().complete_through(bounds.last);
-            Box::pin(session.shared.cursors.start_device(&session.user, &session.device, bounds.last)).await;
-        }
-        Resume::Live => {
+        Resume::NewDevice | Resume::Live => {
             session.outbox().advance_to(bounds.last);
             session.outbox().complete_through(bounds.last);
         }
     }
-    session.outbox().release(Vec::new());
+    // Live frames held since the attach came before the user's muted kinds were known.
+    let muted = shared.dispatcher.muted(session.user.clone()).await;
+    session.outbox().release(Vec::new(), &muted);
     session.entry.replay_done();
     Ok(())
 }
@@ -119,7 +120,7 @@ pub(super) async fn repair(session: &Session) -> Result<(), Close> {
         return Err(Close::new(close_code::SLOW_CONSUMER, "messages missed: reconnect with since"));
     }
     session.outbox().complete_through(bounds.last);
-    session.outbox().release(Vec::new());
+    session.outbox().release(Vec::new(), &[]);
     session.entry.replay_done();
     Ok(())
 }
@@ -178,7 +179,7 @@ async fn subscribe(session: &Session, topic: String, since: Option<u64>) -> Resu
     let attached = session.shared.dispatcher.attach(session.entry.clone(), vec![audience.clone()]).await;
     if let Err(e) = attached {
         if since.is_some() {
-            session.outbox().release(Vec::new());
+            session.outbox().release(Vec::new(), &[]);
         }
         session.send(&ServerFrame::topic_error(error_code::UNAVAILABLE, e.to_string(), &topic));
         return Ok(());
@@ -200,7 +201,7 @@ async fn subscribe(session: &Session, topic: String, since: Option<u64>) -> Resu
     let mut report = replay(session, &[audience], since, bounds, Order::TopicBlock { live_position }).await?;
     report.complete &= requested <= bounds.last;
     session.send(&report.frame(since, Some(topic)));
-    session.outbox().release(report.newer);
+    session.outbox().release(report.newer, &[]);
     Ok(())
 }
 
