@@ -28,6 +28,22 @@ pub enum SessionPolicy {
     Reject,
 }
 
+impl SessionPolicy {
+    /// The policy's name, as in configuration and in KV `herald-config`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionPolicy::Multi => "multi",
+            SessionPolicy::Single => "single",
+            SessionPolicy::Reject => "reject",
+        }
+    }
+
+    /// The policy named `name`, if any.
+    pub fn parse(name: &str) -> Option<SessionPolicy> {
+        [SessionPolicy::Multi, SessionPolicy::Single, SessionPolicy::Reject].into_iter().find(|p| p.as_str() == name)
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Config {
@@ -65,7 +81,8 @@ pub struct Config {
     /// How long shutdown waits for sockets to close before it stops anyway. Default `10s`.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
-    /// Session policy. Default `multi`.
+    /// Session policy this gateway writes to KV `herald-config` when the cluster has none yet; the
+    /// one found there wins. Default `multi`.
     pub session_policy: SessionPolicy,
     /// How replays read the stream: `direct` (batched direct gets) or `consumer` (a short-lived
     /// ordered consumer). Default `direct`.

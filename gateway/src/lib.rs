@@ -167,7 +167,7 @@ impl Gateway {
             api_js,
             cursors: Arc::new(Cursors::new(js.clone())),
             registry: Arc::new(Registry::default()),
-            policies: Arc::new(Policies::new(config.session_policy, js.clone())),
+            policies: Arc::new(Policies::new(config.session_policy, config.stream.clone(), js.clone())),
             prefs: Arc::new(Prefs::new(js.clone())),
             limits: Arc::new(limits::Limits::new(config.max_connections, config.max_connections_per_address)),
             config,

@@ -1,5 +1,10 @@
 //! Session policies, enforced across every gateway through KV `herald-sessions`.
 //!
+//! The policy itself is the cluster's, in KV `herald-config` (key `session_policy`): the first
+//! gateway to start writes its own setting there, every gateway adopts what it finds before it
+//! takes its first socket, and keeps it until it restarts (so that claims made under one policy are
+//! released under the same one). An operator changes it with `nats kv put` and a rolling restart.
+//!
 //! - `multi`: the key is `<k(user)>.<k(device)>`; `single`: `<k(user)>`. A new session puts its
 //!   connection id under its key; every gateway watches the bucket, and a session whose key gets a
 //!   newer revision from another connection is closed with 4009. The KV revision orders concurrent
@@ -10,15 +15,15 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use futures::StreamExt;
 use herald_shared::frame::close_code;
 use herald_shared::id::kv_key;
-use herald_shared::stream::SESSIONS_MAX_AGE;
-use herald_shared::subject::KV_SESSIONS;
+use herald_shared::stream::{SESSIONS_MAX_AGE, StreamSettings, ensure_config_bucket};
+use herald_shared::subject::{CONFIG_SESSION_POLICY, KV_SESSIONS};
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -47,7 +52,11 @@ struct Claim {
 }
 
 pub(crate) struct Policies {
-    policy: SessionPolicy,
+    /// This gateway's setting: what it writes to `herald-config` if the cluster has no policy yet.
+    configured: SessionPolicy,
+    /// The cluster's policy, once read (before the gateway is ready).
+    adopted: OnceLock<SessionPolicy>,
+    settings: StreamSettings,
     js: jetstream::Context,
     bucket: OnceCell<kv::Store>,
     /// Claims of local sessions by KV key.
@@ -55,12 +64,59 @@ pub(crate) struct Policies {
 }
 
 impl Policies {
-    pub(crate) fn new(policy: SessionPolicy, js: jetstream::Context) -> Policies {
-        Policies { policy, js, bucket: OnceCell::new(), claims: Mutex::new(HashMap::new()) }
+    pub(crate) fn new(configured: SessionPolicy, settings: StreamSettings, js: jetstream::Context) -> Policies {
+        Policies {
+            configured,
+            adopted: OnceLock::new(),
+            settings,
+            js,
+            bucket: OnceCell::new(),
+            claims: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The policy in force: the cluster's once adopted (sockets are only taken after that).
+    pub(crate) fn policy(&self) -> SessionPolicy {
+        self.adopted.get().copied().unwrap_or(self.configured)
+    }
+
+    /// Reads the cluster's policy from `herald-config`, writing this gateway's setting first if
+    /// there is none; a different one found there wins over the setting.
+    async fn adopt(&self) -> Result<SessionPolicy, PolicyError> {
+        if let Some(policy) = self.adopted.get() {
+            return Ok(*policy);
+        }
+        let unavailable = |e: &dyn std::fmt::Display| PolicyError::Unavailable(format!("herald-config: {e}"));
+        let bucket = ensure_config_bucket(&self.js, &self.settings).await.map_err(|e| unavailable(&e))?;
+        let mine = Bytes::from_static(self.configured.as_str().as_bytes());
+        let policy = match bucket.create(CONFIG_SESSION_POLICY, mine).await {
+            Ok(_) => self.configured,
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                let value = bucket.get(CONFIG_SESSION_POLICY).await.map_err(|e| unavailable(&e))?;
+                let text = value.as_deref().map(String::from_utf8_lossy).unwrap_or_default();
+                match SessionPolicy::parse(text.trim()) {
+                    Some(policy) => policy,
+                    None => {
+                        warn!(value = %text, "herald-config session_policy is not multi, single or reject: using this gateway's setting");
+                        self.configured
+                    }
+                }
+            }
+            Err(e) => return Err(unavailable(&e)),
+        };
+        if policy != self.configured {
+            warn!(
+                cluster = policy.as_str(),
+                setting = self.configured.as_str(),
+                "following the cluster's session policy"
+            );
+        }
+        info!(policy = policy.as_str(), "session policy");
+        Ok(*self.adopted.get_or_init(|| policy))
     }
 
     fn key(&self, user: &str, device: &str) -> String {
-        match self.policy {
+        match self.policy() {
             SessionPolicy::Multi => format!("{}.{}", kv_key(user), kv_key(device)),
             SessionPolicy::Single | SessionPolicy::Reject => kv_key(user),
         }
@@ -79,7 +135,7 @@ impl Policies {
 
     /// Before the upgrade: under `reject`, takes the user's slot for `conn` or refuses.
     pub(crate) async fn reserve(&self, user: &str, conn: &str) -> Result<(), PolicyError> {
-        if self.policy != SessionPolicy::Reject {
+        if self.policy() != SessionPolicy::Reject {
             return Ok(());
         }
         let bucket = self.bucket().await?;
@@ -96,7 +152,7 @@ impl Policies {
         let key = self.key(user, device);
         let claim = Claim { conn: conn.to_string(), outbox, revision: None, newest_other: 0 };
         self.claims().entry(key.clone()).or_default().push(claim);
-        if self.policy == SessionPolicy::Reject {
+        if self.policy() == SessionPolicy::Reject {
             return;
         }
         let revision = match self.bucket().await {
@@ -131,7 +187,7 @@ impl Policies {
                 }
             }
         }
-        if self.policy == SessionPolicy::Reject {
+        if self.policy() == SessionPolicy::Reject {
             self.free_slot(&key, conn).await;
         }
     }
@@ -149,7 +205,7 @@ impl Policies {
 
     /// Frees a slot reserved for a connection that never opened.
     pub(crate) async fn cancel_reservation(&self, user: &str, conn: &str) {
-        if self.policy == SessionPolicy::Reject {
+        if self.policy() == SessionPolicy::Reject {
             self.free_slot(&kv_key(user), conn).await;
         }
     }
@@ -160,9 +216,10 @@ impl Policies {
         let mut backoff = Backoff::default();
         let mut last_revision = 0;
         while !shutdown.is_cancelled() {
-            let result = match self.policy {
-                SessionPolicy::Reject => self.refresh_slots(&health, &shutdown).await,
-                _ => self.watch_claims(&health, &mut last_revision, &shutdown).await,
+            let result = match self.adopt().await {
+                Ok(SessionPolicy::Reject) => self.refresh_slots(&health, &shutdown).await,
+                Ok(_) => self.watch_claims(&health, &mut last_revision, &shutdown).await,
+                Err(error) => Err(error),
             };
             let was_running = health.policy_watch.swap(false, Ordering::AcqRel);
             if let Err(error) = result {

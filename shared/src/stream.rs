@@ -5,7 +5,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv, stream};
 use serde::{Deserialize, Serialize};
 
-use crate::subject::{KV_CURSORS, KV_PREFS, KV_SESSIONS, STREAM, STREAM_SUBJECTS};
+use crate::subject::{KV_CONFIG, KV_CURSORS, KV_PREFS, KV_SESSIONS, STREAM, STREAM_SUBJECTS};
 
 /// Retention and durability of the stream (and replicas of the buckets).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -84,6 +84,27 @@ pub struct Buckets {
     pub prefs: kv::Store,
     /// Session ownership for session policies.
     pub sessions: kv::Store,
+    /// Settings shared by every gateway (the session policy).
+    pub config: kv::Store,
+}
+
+fn bucket_config(settings: &StreamSettings, name: &str, description: &str) -> kv::Config {
+    kv::Config {
+        bucket: name.to_string(),
+        description: description.to_string(),
+        history: 1,
+        storage: stream::StorageType::File,
+        num_replicas: settings.stream_replicas,
+        ..Default::default()
+    }
+}
+
+/// Creates or updates the bucket of cluster-wide settings.
+pub async fn ensure_config_bucket(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> Result<kv::Store, jetstream::context::CreateKeyValueError> {
+    js.create_or_update_key_value(bucket_config(settings, KV_CONFIG, "settings every gateway shares")).await
 }
 
 /// Creates or updates the KV buckets.
@@ -91,14 +112,7 @@ pub async fn ensure_buckets(
     js: &jetstream::Context,
     settings: &StreamSettings,
 ) -> Result<Buckets, jetstream::context::CreateKeyValueError> {
-    let bucket = |name: &str, description: &str| kv::Config {
-        bucket: name.to_string(),
-        description: description.to_string(),
-        history: 1,
-        storage: stream::StorageType::File,
-        num_replicas: settings.stream_replicas,
-        ..Default::default()
-    };
+    let bucket = |name: &str, description: &str| bucket_config(settings, name, description);
     Ok(Buckets {
         cursors: js.create_or_update_key_value(bucket(KV_CURSORS, "last acknowledged seq per user and device")).await?,
         prefs: js.create_or_update_key_value(bucket(KV_PREFS, "muted kinds per user")).await?,
@@ -109,5 +123,6 @@ pub async fn ensure_buckets(
                 ..bucket(KV_SESSIONS, "which connection owns a user's session")
             })
             .await?,
+        config: ensure_config_bucket(js, settings).await?,
     })
 }

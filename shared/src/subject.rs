@@ -23,6 +23,10 @@ pub const KV_CURSORS: &str = "herald-cursors";
 pub const KV_PREFS: &str = "herald-prefs";
 /// KV bucket: who holds a session (session policies); see the gateway's docs.
 pub const KV_SESSIONS: &str = "herald-sessions";
+/// KV bucket: settings every gateway of a cluster shares.
+pub const KV_CONFIG: &str = "herald-config";
+/// Key of `herald-config`: the cluster's session policy (`multi`, `single` or `reject`).
+pub const CONFIG_SESSION_POLICY: &str = "session_policy";
 
 /// Gateways answer presence questions here (scatter-gather: every gateway replies).
 pub const PRESENCE_GATHER: &str = "herald.presence.gather";

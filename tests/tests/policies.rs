@@ -72,6 +72,23 @@ async fn reject_refuses_a_second_socket_until_the_first_closes() {
 }
 
 #[tokio::test]
+async fn the_clusters_policy_in_nats_wins_over_a_gateways_own_setting() {
+    let nats = TestNats::start().await;
+    // The first gateway finds no policy in herald-config and writes its own.
+    let a = TestGateway::start_with(&nats, |c| c.session_policy = SessionPolicy::Single).await;
+    let config = nats.jetstream().await.get_key_value("herald-config").await.unwrap();
+    assert_eq!(config.get("session_policy").await.unwrap(), Some(Bytes::from_static(b"single")));
+    // A gateway set to multi follows the cluster: a second device replaces the first, across gateways.
+    let b = TestGateway::start_with(&nats, |c| c.session_policy = SessionPolicy::Multi).await;
+    let mut phone = a.connect_with(&query("max", "phone")).await;
+    let mut laptop = b.connect_with(&query("max", "laptop")).await;
+    assert_eq!(phone.expect_close().await.map(|c| c.0), Some(close_code::REPLACED));
+    let seq = Publisher::new(&nats).await.publish("push.user.max", "only the laptop").await;
+    assert_eq!(laptop.expect_msg().await.seq, seq);
+    assert_eq!(config.get("session_policy").await.unwrap(), Some(Bytes::from_static(b"single")));
+}
+
+#[tokio::test]
 async fn muted_kinds_are_not_delivered_and_unmuting_takes_effect_live() {
     let nats = TestNats::start().await;
     let gateway = TestGateway::start(&nats).await;
