@@ -21,6 +21,10 @@ pub struct NatsSettings {
     pub nats_password: Option<String>,
     /// A `.creds` file (JWT + NKey seed). Default none.
     pub nats_creds: Option<PathBuf>,
+    /// A PEM file of the authorities that sign the NATS servers' TLS certificates, trusted besides
+    /// the system's (a private CA). TLS itself is used when the server requires it or the URL says
+    /// `tls://`. Default none.
+    pub nats_tls_ca: Option<PathBuf>,
     /// Prefix of this process's reply subjects. Each Herald role has its own (`_INBOX_gateway`,
     /// `_INBOX_functions`), so NATS permissions can keep one role from reading another's replies.
     /// Default `_INBOX`.
@@ -38,6 +42,7 @@ impl Default for NatsSettings {
             nats_user: None,
             nats_password: None,
             nats_creds: None,
+            nats_tls_ca: None,
             nats_inbox_prefix: "_INBOX".into(),
             nats_subscription_capacity: 65536,
         }
@@ -68,6 +73,9 @@ impl NatsSettings {
         };
         if let (Some(user), Some(password)) = (&self.nats_user, &self.nats_password) {
             options = options.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(ca) = &self.nats_tls_ca {
+            options = options.add_root_certificates(ca.clone());
         }
         Ok(options
             .name(name)

@@ -54,16 +54,41 @@ impl Role {
 pub struct TestNats {
     port: u16,
     backend: Backend,
+    /// The CA that signed the server's certificate, when it requires TLS.
+    tls_ca: Option<PathBuf>,
 }
 
 enum Backend {
     Container(Box<ContainerAsync<GenericImage>>),
-    Process { child: Mutex<Option<Child>>, store: PathBuf },
+    Process { child: Mutex<Option<Child>>, store: PathBuf, config: PathBuf },
+}
+
+/// A server certificate (chain) and its key, PEM, for a NATS that requires TLS from every client.
+pub struct ServerTls {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// The configuration of a NATS with TLS: the repository's, plus a `tls` block for clients.
+fn tls_config(dir: &str) -> String {
+    format!("include nats.conf\ntls {{\n  cert_file: \"{dir}/server.pem\"\n  key_file: \"{dir}/server-key.pem\"\n}}\n")
 }
 
 impl TestNats {
     /// Starts a NATS server on a fixed host port (kept across stop/start).
     pub async fn start() -> TestNats {
+        TestNats::start_with(None).await
+    }
+
+    /// Starts a NATS server that requires TLS, with `tls`'s certificate, issued by the CA in the PEM
+    /// file `ca` (which this harness's clients trust).
+    pub async fn start_tls(tls: &ServerTls, ca: &std::path::Path) -> TestNats {
+        TestNats::start_with(Some((tls, ca))).await
+    }
+
+    async fn start_with(tls: Option<(&ServerTls, &std::path::Path)>) -> TestNats {
+        let tls_ca = tls.map(|(_, ca)| ca.to_path_buf());
+        let tls = tls.map(|(tls, _)| tls);
         let port = free_port();
         if docker_available() {
             let image = image_name();
@@ -74,13 +99,20 @@ impl TestNats {
                 .with_exposed_port(4222.tcp())
                 .with_mapped_port(port, 4222.tcp())
                 .with_copy_to("/etc/herald/nats.conf", conf)
-                .with_cmd(["-c", "/etc/herald/nats.conf", "-sd", "/data/jetstream"])
                 .with_startup_timeout(Duration::from_secs(60));
+            request = match tls {
+                None => request.with_cmd(["-c", "/etc/herald/nats.conf", "-sd", "/data/jetstream"]),
+                Some(tls) => request
+                    .with_copy_to("/etc/herald/tls.conf", tls_config("/etc/herald").into_bytes())
+                    .with_copy_to("/etc/herald/server.pem", tls.cert_pem.clone().into_bytes())
+                    .with_copy_to("/etc/herald/server-key.pem", tls.key_pem.clone().into_bytes())
+                    .with_cmd(["-c", "/etc/herald/tls.conf", "-sd", "/data/jetstream"]),
+            };
             for role in Role::ALL {
                 request = request.with_env_var(role.password_variable(), role.password());
             }
             let container = request.start().await.expect("start the NATS container");
-            TestNats { port, backend: Backend::Container(Box::new(container)) }
+            TestNats { port, backend: Backend::Container(Box::new(container)), tls_ca }
         } else {
             assert!(
                 std::env::var("HERALD_REQUIRE_DOCKER").as_deref() != Ok("1"),
@@ -88,7 +120,20 @@ impl TestNats {
             );
             eprintln!("no Docker daemon: running nats-server as a process");
             let store = std::env::temp_dir().join(format!("herald-nats-{port}"));
-            let nats = TestNats { port, backend: Backend::Process { child: Mutex::new(None), store } };
+            let config = match tls {
+                None => workspace_root().join("nats.conf"),
+                Some(tls) => {
+                    let dir = std::env::temp_dir().join(format!("herald-nats-{port}-conf"));
+                    std::fs::create_dir_all(&dir).expect("config dir");
+                    std::fs::copy(workspace_root().join("nats.conf"), dir.join("nats.conf")).expect("copy nats.conf");
+                    std::fs::write(dir.join("server.pem"), &tls.cert_pem).expect("write the certificate");
+                    std::fs::write(dir.join("server-key.pem"), &tls.key_pem).expect("write the key");
+                    std::fs::write(dir.join("tls.conf"), tls_config(dir.to_str().unwrap())).expect("write tls.conf");
+                    dir.join("tls.conf")
+                }
+            };
+            let backend = Backend::Process { child: Mutex::new(None), store, config };
+            let nats = TestNats { port, backend, tls_ca };
             nats.start_again().await;
             nats
         }
@@ -106,9 +151,11 @@ impl TestNats {
 
     /// A connection as `role`'s user.
     pub async fn client_as(&self, role: Role) -> Result<async_nats::Client, async_nats::ConnectError> {
-        async_nats::ConnectOptions::with_user_and_password(role.user().into(), role.password())
-            .connect(self.url())
-            .await
+        let mut options = async_nats::ConnectOptions::with_user_and_password(role.user().into(), role.password());
+        if let Some(ca) = &self.tls_ca {
+            options = options.add_root_certificates(ca.clone());
+        }
+        options.connect(self.url()).await
     }
 
     /// A JetStream context on a new admin connection.
@@ -133,13 +180,13 @@ impl TestNats {
     pub async fn start_again(&self) {
         match &self.backend {
             Backend::Container(container) => container.start().await.expect("start NATS again"),
-            Backend::Process { child, store } => {
+            Backend::Process { child, store, config } => {
                 let mut command = Command::new(workspace_root().join(".tools/bin/nats-server"));
                 for role in Role::ALL {
                     command.env(role.password_variable(), role.password());
                 }
                 let spawned = command
-                    .args(["-c", workspace_root().join("nats.conf").to_str().unwrap()])
+                    .args(["-c", config.to_str().unwrap()])
                     .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-m", "0", "-sd", store.to_str().unwrap()])
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
@@ -157,7 +204,7 @@ impl TestNats {
 
 impl Drop for TestNats {
     fn drop(&mut self) {
-        if let Backend::Process { child, store } = &self.backend {
+        if let Backend::Process { child, store, .. } = &self.backend {
             if let Some(mut child) = child.lock().unwrap().take() {
                 let _ = child.kill();
                 let _ = child.wait();

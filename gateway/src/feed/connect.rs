@@ -108,7 +108,7 @@ async fn handshake(settings: &NatsSettings, name: &str, url: &str) -> Result<Str
     let info: serde_json::Value = serde_json::from_slice(&info).map_err(|e| format!("bad INFO: {e}"))?;
     let tls = tls_asked || info["tls_required"].as_bool().unwrap_or(false);
     if tls {
-        io = upgrade(io, &host).await?;
+        io = upgrade(io, &host, settings.nats_tls_ca.as_deref()).await?;
     }
     let mut options = serde_json::json!({
         "verbose": false,
@@ -178,9 +178,20 @@ fn parse_creds(contents: &str) -> Option<(&str, &str)> {
     Some((jwt, seed))
 }
 
-async fn upgrade(io: Box<dyn Io>, host: &str) -> Result<Box<dyn Io>, String> {
+/// TLS with the server, trusting the system's authorities and those of `extra_ca` (a PEM file).
+async fn upgrade(io: Box<dyn Io>, host: &str, extra_ca: Option<&std::path::Path>) -> Result<Box<dyn Io>, String> {
+    use tokio_rustls::rustls::pki_types::{CertificateDer, pem::PemObject};
     let mut roots = tokio_rustls::rustls::RootCertStore::empty();
     roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    if let Some(path) = extra_ca {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("cannot read the CA file {}: {e}", path.display()))?;
+        let (added, _) = roots.add_parsable_certificates(certs);
+        if added == 0 {
+            return Err(format!("no usable certificate in the CA file {}", path.display()));
+        }
+    }
     let config = tokio_rustls::rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
     let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.to_string())
         .map_err(|e| format!("bad TLS server name {host}: {e}"))?;
