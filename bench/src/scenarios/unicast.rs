@@ -3,6 +3,8 @@
 //! unicast rate, searched first with rising steps (or given with `--unicast-max`). Each payload
 //! carries its publish time, so every delivery is a publish→receive latency sample.
 
+use std::time::Duration;
+
 use anyhow::{Result, bail};
 use async_nats::Subject;
 use rand::rngs::StdRng;
@@ -11,8 +13,8 @@ use serde::Serialize;
 
 use super::fanout::DRAIN_SHARE;
 use super::{Context, CpuMeters, CpuUse, Outcome, progress, secs};
-use crate::client::{Fleet, FleetOptions, Percentiles};
-use crate::publish;
+use crate::client::{Counts, Fleet, FleetOptions, Percentiles};
+use crate::publish::{self, Paced};
 use crate::report::{Better, Measure, Report, Unit};
 use crate::targets::{Target, TargetKind};
 
@@ -160,26 +162,61 @@ async fn find_basis(ctx: &Context, options: &UnicastOptions) -> Result<Basis> {
     }
 }
 
-async fn search(ctx: &Context, options: &UnicastOptions, target: &Target) -> Result<Vec<SearchStep>> {
-    let fleet = connect(ctx, options, target).await?;
-    let publisher = target.publisher().await?;
-    let subjects = user_subjects(options.users);
-    let mut rng = StdRng::seed_from_u64(7);
-    let mut steps: Vec<SearchStep> = Vec::new();
-    let mut rate = options.start;
-    for _ in 0..options.max_steps.max(1) {
+/// C connected users and a publisher sending them messages at random, one step at a time.
+struct Load<'a> {
+    ctx: &'a Context,
+    target: &'a Target,
+    fleet: Fleet,
+    publisher: async_nats::Client,
+    subjects: Vec<Subject>,
+    rng: StdRng,
+}
+
+/// What one step of [`Load::run`] did.
+struct Run {
+    before: Counts,
+    after: Counts,
+    paced: Paced,
+    /// Every message arrived within the wait.
+    arrived: bool,
+    cpu: CpuUse,
+    /// Messages the stream stored meanwhile (Herald only).
+    stored: Option<u64>,
+}
+
+impl<'a> Load<'a> {
+    async fn start(ctx: &'a Context, options: &UnicastOptions, target: &'a Target, seed: u64) -> Result<Load<'a>> {
+        let fleet = connect(ctx, options, target).await?;
+        let publisher = target.publisher().await?;
+        let subjects = user_subjects(options.users);
+        Ok(Load { ctx, target, fleet, publisher, subjects, rng: StdRng::seed_from_u64(seed) })
+    }
+
+    /// Publishes at `rate` for `duration`, then waits up to `wait` for every message to arrive.
+    async fn run(&mut self, rate: f64, duration: Duration, wait: Duration) -> Result<Run> {
+        let Load { ctx, target, fleet, publisher, subjects, rng } = self;
         let before = fleet.counts();
-        let stored_before = target.stored_last_seq(&publisher).await?;
+        let stored_before = target.stored_last_seq(publisher).await?;
         let meters = CpuMeters::start(target)?;
-        let paced = publish::paced(&publisher, rate, secs(options.secs), ctx.payload_bytes, |_| {
+        let paced = publish::paced(publisher, rate, duration, ctx.payload_bytes, |_| {
             subjects[rng.random_range(0..subjects.len())].clone()
         })
         .await?;
-        let allowed = secs(options.secs * DRAIN_SHARE);
-        let arrived = fleet.wait_msgs(before.msgs + paced.sent, allowed).await;
+        let arrived = fleet.wait_msgs(before.msgs + paced.sent, wait).await;
         let cpu = meters.read();
         let after = fleet.counts();
-        let stored = stored_before.zip(target.stored_last_seq(&publisher).await?).map(|(b, a)| a - b);
+        let stored = stored_before.zip(target.stored_last_seq(publisher).await?).map(|(b, a)| a - b);
+        Ok(Run { before, after, paced, arrived, cpu, stored })
+    }
+}
+
+async fn search(ctx: &Context, options: &UnicastOptions, target: &Target) -> Result<Vec<SearchStep>> {
+    let mut load = Load::start(ctx, options, target, 7).await?;
+    let mut steps: Vec<SearchStep> = Vec::new();
+    let mut rate = options.start;
+    for _ in 0..options.max_steps.max(1) {
+        let allowed = secs(options.secs * DRAIN_SHARE);
+        let Run { before, after, paced, arrived, cpu, stored } = load.run(rate, secs(options.secs), allowed).await?;
         let reason = if !paced.kept_pace() {
             Some(format!("the publisher fell behind ({} of {} sent)", paced.sent, paced.planned))
         } else if after.ended > before.ended {
@@ -214,7 +251,7 @@ async fn search(ctx: &Context, options: &UnicastOptions, target: &Target) -> Res
         }
         rate *= options.factor;
     }
-    fleet.stop().await;
+    load.fleet.stop().await;
     Ok(steps)
 }
 
@@ -235,32 +272,20 @@ fn user_subjects(users: usize) -> Vec<Subject> {
 }
 
 async fn levels(ctx: &Context, options: &UnicastOptions, target: &Target, basis: &Basis) -> Result<Vec<Level>> {
-    let fleet = connect(ctx, options, target).await?;
-    let publisher = target.publisher().await?;
-    let subjects = user_subjects(options.users);
-    let mut rng = StdRng::seed_from_u64(42);
+    let mut load = Load::start(ctx, options, target, 42).await?;
     let mut levels = Vec::new();
     for &percent in &options.levels {
         let rate = basis.max_msgs_per_sec * percent / 100.0;
-        fleet.reset_latency();
-        let before = fleet.counts();
-        let stored_before = target.stored_last_seq(&publisher).await?;
-        let meters = CpuMeters::start(target)?;
-        let paced = publish::paced(&publisher, rate, secs(options.secs), ctx.payload_bytes, |_| {
-            subjects[rng.random_range(0..subjects.len())].clone()
-        })
-        .await?;
-        fleet.wait_msgs(before.msgs + paced.sent, secs(options.drain_secs)).await;
-        let cpu = meters.read();
-        let after = fleet.counts();
-        let stored = stored_before.zip(target.stored_last_seq(&publisher).await?).map(|(before, after)| after - before);
+        load.fleet.reset_latency();
+        let Run { before, after, paced, cpu, stored, .. } =
+            load.run(rate, secs(options.secs), secs(options.drain_secs)).await?;
         let level = Level {
             percent,
             nominal_msgs_per_sec: rate,
             published_msgs_per_sec: paced.rate(),
             sent: paced.sent,
             received: after.msgs - before.msgs,
-            latency_us: fleet.latency(),
+            latency_us: load.fleet.latency(),
             ended_by_server: after.ended - before.ended,
             stored,
             cpu,
@@ -274,7 +299,7 @@ async fn levels(ctx: &Context, options: &UnicastOptions, target: &Target, basis:
         ));
         levels.push(level);
     }
-    fleet.stop().await;
+    load.fleet.stop().await;
     Ok(levels)
 }
 
