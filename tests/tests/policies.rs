@@ -1,5 +1,6 @@
 //! Session policies across two gateways, and muted kinds.
 
+use async_nats::jetstream::kv;
 use bytes::Bytes;
 use herald_gateway::SessionPolicy;
 use herald_shared::frame::close_code;
@@ -88,13 +89,19 @@ async fn the_clusters_policy_in_nats_wins_over_a_gateways_own_setting() {
     assert_eq!(config.get("session_policy").await.unwrap(), Some(Bytes::from_static(b"single")));
 }
 
-#[tokio::test]
-async fn muted_kinds_are_not_delivered_and_unmuting_takes_effect_live() {
+/// A NATS, a gateway, a publisher and the prefs bucket, with `user` muting kind `marketing`.
+async fn marketing_muted_for(user: &str) -> (TestNats, TestGateway, Publisher, kv::Store) {
     let nats = TestNats::start().await;
     let gateway = TestGateway::start(&nats).await;
     let publisher = Publisher::new(&nats).await;
     let prefs = nats.jetstream().await.get_key_value("herald-prefs").await.unwrap();
-    prefs.put("pia", Bytes::from_static(br#"{"muted":["marketing"]}"#)).await.unwrap();
+    prefs.put(user, Bytes::from_static(br#"{"muted":["marketing"]}"#)).await.unwrap();
+    (nats, gateway, publisher, prefs)
+}
+
+#[tokio::test]
+async fn muted_kinds_are_not_delivered_and_unmuting_takes_effect_live() {
+    let (_nats, gateway, publisher, prefs) = marketing_muted_for("pia").await;
     let mut client = gateway.connect("pia").await;
 
     publisher.publish_with("push.user.pia", &[("Herald-Type", "marketing")], "buy now").await;
@@ -134,11 +141,7 @@ async fn muted_kinds_are_not_delivered_and_unmuting_takes_effect_live() {
 
 #[tokio::test]
 async fn a_muted_kind_published_while_the_first_socket_joins_is_not_delivered() {
-    let nats = TestNats::start().await;
-    let gateway = TestGateway::start(&nats).await;
-    let publisher = Publisher::new(&nats).await;
-    let prefs = nats.jetstream().await.get_key_value("herald-prefs").await.unwrap();
-    prefs.put("quinn", Bytes::from_static(br#"{"muted":["marketing"]}"#)).await.unwrap();
+    let (_nats, gateway, publisher, _prefs) = marketing_muted_for("quinn").await;
 
     // Ads and mails alternate without pause, so that some arrive while each socket is joining,
     // before the gateway has read quinn's muted kinds.
