@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use herald_shared::nats::NatsSettings;
 
-pub use crate::replay::ReplayMethod;
+pub use crate::session::replay::ReplayMethod;
 use herald_shared::stream::StreamSettings;
 use serde::{Deserialize, Serialize};
 

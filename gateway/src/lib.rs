@@ -5,32 +5,13 @@
 //! for queues it, and each socket's [`writer`] sends it. [`session`] owns a connection's life,
 //! [`reader`] its inbound frames, [`auth`] what happens before the upgrade, [`server`] the HTTP side.
 
-mod api;
-mod auth;
+mod cluster;
 pub mod config;
-mod cursor;
 mod delivery;
-mod dispatch;
-mod events;
-mod feed;
-mod gather;
-mod health;
+mod http;
 mod id;
-mod limits;
-mod metrics;
-mod outbox;
-mod policy;
-mod prefs;
-mod ratelimit;
-mod reader;
-mod registry;
-mod replay;
-mod server;
 mod session;
-mod stream_state;
-mod watch;
-mod wire;
-mod writer;
+mod websocket;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -46,14 +27,17 @@ use tracing::{info, warn};
 
 pub use config::{Config, ReplayMethod, SessionPolicy};
 
-use cursor::Cursors;
-use dispatch::Dispatcher;
-use feed::Feed;
-use health::Health;
-use metrics::Metrics;
-use policy::Policies;
-use prefs::Prefs;
-use registry::Registry;
+use cluster::cursor::Cursors;
+use cluster::events;
+use cluster::policy::Policies;
+use cluster::prefs::Prefs;
+use cluster::registry::Registry;
+use delivery::feed::Feed;
+use delivery::router::Dispatcher;
+use http::health::{self, Health};
+use http::metrics::Metrics;
+use http::{api, limits, server};
+use session::bounds;
 
 /// What every part of a running gateway shares.
 pub(crate) struct Shared {
@@ -62,7 +46,7 @@ pub(crate) struct Shared {
     pub(crate) client: async_nats::Client,
     pub(crate) js: jetstream::Context,
     /// The stream's bounds, read on the delivery connection for many sessions at once.
-    pub(crate) bounds: Arc<stream_state::BoundsReader>,
+    pub(crate) bounds: Arc<bounds::BoundsReader>,
     /// JetStream as the HTTP API's publisher, when it has credentials of its own.
     pub(crate) api_js: Option<jetstream::Context>,
     pub(crate) dispatcher: Dispatcher,
@@ -162,7 +146,7 @@ impl Gateway {
             dispatcher: Dispatcher::start(feed.clone(), feed_receiver, metrics.clone()),
             // On the delivery feed, whose subscriptions feed the dispatcher: a request sent there
             // reaches the server after every subscription made before it.
-            bounds: Arc::new(stream_state::BoundsReader::new(feed.clone())),
+            bounds: Arc::new(bounds::BoundsReader::new(feed.clone())),
             feed,
             api_js,
             cursors: Arc::new(Cursors::new(js.clone())),

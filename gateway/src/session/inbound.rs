@@ -10,11 +10,11 @@ use herald_shared::payload::data_value;
 use herald_shared::subject::{self, header};
 
 use super::{Session, TopicRequest};
-use crate::metrics::RpcLabels;
-use crate::outbox::Close;
-use crate::ratelimit::TokenBucket;
-use crate::reader::Inbound;
-use crate::wire;
+use crate::delivery::outbox::Close;
+use crate::http::metrics::RpcLabels;
+use crate::http::ratelimit::TokenBucket;
+use crate::websocket::frame;
+use crate::websocket::reader::Inbound;
 
 /// Handles one client message; an error is how the connection closes.
 pub(super) async fn handle(
@@ -23,7 +23,7 @@ pub(super) async fn handle(
     rpc_budget: &mut TokenBucket,
 ) -> Result<(), Close> {
     match inbound {
-        Inbound::Ping(payload) => session.outbox().push_control(wire::pong(&payload)),
+        Inbound::Ping(payload) => session.outbox().push_control(frame::pong(&payload)),
         Inbound::Pong => {}
         Inbound::Close(code) => {
             return Err(Close::new(code.filter(|c| echoable(*c)).unwrap_or(close_code::NORMAL), ""));

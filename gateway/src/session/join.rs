@@ -13,10 +13,10 @@ use herald_shared::subject::Audience;
 use tracing::warn;
 
 use super::{Session, TopicRequest};
-use crate::delivery;
-use crate::outbox::Close;
-use crate::replay::{self, Replay};
-use crate::stream_state::Bounds;
+use crate::delivery::message;
+use crate::delivery::outbox::Close;
+use crate::session::bounds::Bounds;
+use crate::session::replay::{self, Replay};
 
 /// Subscribes, sends `welcome`, replays what the connection missed and opens live delivery.
 pub(super) async fn open(session: &Session) -> Result<(), Close> {
@@ -275,7 +275,7 @@ async fn replay(
         if muted.iter().any(|kind| kind == replay::kind(&stored)) {
             continue;
         }
-        let frame = delivery::from_stored(&stored).frame;
+        let frame = message::from_stored(&stored).frame;
         let pushed = match order {
             Order::InOrder => session.outbox().push_replayed(stored.seq, frame).await,
             Order::TopicBlock { live_position } if stored.seq <= live_position => {

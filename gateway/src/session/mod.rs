@@ -6,8 +6,11 @@
 //! shutdown, and ends everything with one close. The rarely used, large futures (opening, replays)
 //! are boxed, so an idle socket's task stays small.
 
+pub(crate) mod bounds;
 mod inbound;
 mod join;
+pub(crate) mod replay;
+pub(crate) mod writer;
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -29,14 +32,14 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::Shared;
-use crate::auth::ConnectRequest;
-use crate::dispatch::SessionEntry;
-use crate::events::{Who, publish_lifecycle};
-use crate::outbox::{Close, Outbox};
-use crate::ratelimit::TokenBucket;
-use crate::reader::MessageReader;
-use crate::registry::LocalSession;
-use crate::wire;
+use crate::cluster::events::{Who, publish_lifecycle};
+use crate::cluster::registry::LocalSession;
+use crate::delivery::outbox::{Close, Outbox};
+use crate::delivery::router::SessionEntry;
+use crate::http::auth::ConnectRequest;
+use crate::http::ratelimit::TokenBucket;
+use crate::websocket::frame;
+use crate::websocket::reader::MessageReader;
 
 /// How long a closing socket's writer may take before the socket is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(3);
@@ -88,7 +91,7 @@ impl Session {
     }
 
     fn send(&self, frame: &ServerFrame) {
-        self.outbox().push_control(wire::text(frame.to_json().as_bytes()));
+        self.outbox().push_control(frame::text(frame.to_json().as_bytes()));
     }
 
     fn who(&self) -> Who<'_> {
@@ -106,7 +109,8 @@ pub(crate) async fn run(
 ) {
     let (read_half, write_half) = split(upgraded);
     let outbox = Arc::new(Outbox::new(shared.config.outbound_queue_bytes));
-    let writer = tokio::spawn(crate::writer::run(write_half, outbox.clone(), shared.config.write_batch_frames));
+    let writer =
+        tokio::spawn(crate::session::writer::run(write_half, outbox.clone(), shared.config.write_batch_frames));
     let user: Arc<str> = request.claims.sub.as_str().into();
     let session = Arc::new(Session {
         entry: Arc::new(SessionEntry::new(shared.dispatcher.next_key(), user.clone(), outbox.clone())),
@@ -195,7 +199,7 @@ async fn supervise(session: &Arc<Session>, mut reader: MessageReader<ReadHalf>) 
                 if session.silent_for() > config.heartbeat + config.heartbeat_timeout {
                     return Close::new(1001, "no heartbeat");
                 }
-                session.outbox().push_control(wire::ping());
+                session.outbox().push_control(frame::ping());
                 Ok(())
             }
         };

@@ -16,7 +16,7 @@ use std::task::Poll;
 use herald_shared::frame::close_code;
 use tokio::io::{AsyncRead, ReadBuf};
 
-use crate::outbox::Close;
+use crate::delivery::outbox::Close;
 
 /// Bytes read from the socket at most at once (per worker thread, not per socket).
 const SCRATCH: usize = 16 * 1024;

@@ -14,10 +14,10 @@ use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::dispatch::Dispatcher;
-use crate::health::Health;
-use crate::registry::Registry;
-use crate::watch::{Backoff, watch_from};
+use crate::cluster::registry::Registry;
+use crate::cluster::watch::{Backoff, watch_from};
+use crate::delivery::router::Dispatcher;
+use crate::http::health::Health;
 
 #[derive(Deserialize, Default)]
 struct PrefsEntry {

@@ -8,8 +8,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use crate::outbox::{Close, Outbox};
-use crate::wire;
+use crate::delivery::outbox::{Close, Outbox};
+use crate::websocket::frame;
 
 /// Most bytes taken from the queue for one write.
 const BATCH_BYTES: usize = 256 * 1024;
@@ -23,7 +23,7 @@ pub(crate) async fn run<W: AsyncWrite + Unpin>(mut io: W, outbox: Arc<Outbox>, b
         let mut batch: Vec<Bytes> = Vec::new();
         if let Some(close) = outbox.next_batch(&mut batch, batch_frames, BATCH_BYTES).await {
             // 1006 means the connection is already gone; it is never sent.
-            let frame = (close.code != 1006).then(|| wire::close(close.code, &close.reason));
+            let frame = (close.code != 1006).then(|| frame::close(close.code, &close.reason));
             let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
                 if let Some(frame) = frame {
                     io.write_all(&frame).await?;
@@ -61,7 +61,7 @@ async fn write_all<W: AsyncWrite + Unpin>(io: &mut W, batch: &[Bytes]) -> std::i
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbox::Close;
+    use crate::delivery::outbox::Close;
     use tokio::io::AsyncReadExt;
 
     #[tokio::test]
@@ -69,18 +69,18 @@ mod tests {
         let (client, server) = tokio::io::duplex(16);
         let outbox = Arc::new(Outbox::new(1 << 20));
         outbox.release(Vec::new(), &[]);
-        outbox.push_control(wire::text(b"first"));
-        outbox.push_control(wire::text(b"second"));
+        outbox.push_control(frame::text(b"first"));
+        outbox.push_control(frame::text(b"second"));
         let writer = tokio::spawn(run(server, outbox.clone(), 64));
         let mut client = client;
         let mut received = vec![0u8; 15];
         client.read_exact(&mut received).await.unwrap();
-        assert_eq!(&received[..7], &wire::text(b"first")[..]);
-        assert_eq!(&received[7..], &wire::text(b"second")[..]);
+        assert_eq!(&received[..7], &frame::text(b"first")[..]);
+        assert_eq!(&received[7..], &frame::text(b"second")[..]);
         outbox.close(Close::new(1012, "restart"));
         let mut close = Vec::new();
         client.read_to_end(&mut close).await.unwrap();
-        assert_eq!(close, wire::close(1012, "restart").to_vec());
+        assert_eq!(close, frame::close(1012, "restart").to_vec());
         assert_eq!(writer.await.unwrap().code, 1012);
     }
 }

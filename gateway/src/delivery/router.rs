@@ -19,10 +19,10 @@ use herald_shared::subject::Audience;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{debug, error, warn};
 
-use crate::delivery::{self, Delivery};
-use crate::feed::{Feed, FeedEvent};
-use crate::metrics::Metrics;
-use crate::outbox::Outbox;
+use crate::delivery::feed::{Feed, FeedEvent};
+use crate::delivery::message::{self, Delivery};
+use crate::delivery::outbox::Outbox;
+use crate::http::metrics::Metrics;
 
 /// Messages delivered before the writers they fed are woken, at most (see `wake_writers`).
 const WAKE_EVERY: u32 = 32;
@@ -355,11 +355,11 @@ impl DispatchTask {
         }
     }
 
-    fn deliver(&mut self, message: crate::feed::Delivered) {
+    fn deliver(&mut self, message: crate::delivery::feed::Delivered) {
         // A message for a subscription just dropped: nobody here wants it any more.
         let Some(audience) = self.by_sid.get(&message.sid) else { return };
         let Some(route) = self.routes.get_mut(audience) else { return };
-        let Some(delivery) = delivery::from_live(&message, audience) else {
+        let Some(delivery) = message::from_live(&message, audience) else {
             warn!(subject = %String::from_utf8_lossy(&message.subject), "message without a stream sequence ignored");
             return;
         };

@@ -13,8 +13,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::feed::Feed;
-use crate::metrics::Metrics;
+use crate::delivery::feed::Feed;
+use crate::http::metrics::Metrics;
 
 /// How often the stream is checked.
 const CHECK_EVERY: Duration = Duration::from_secs(1);

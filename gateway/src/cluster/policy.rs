@@ -28,10 +28,10 @@ use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::cluster::watch::{Backoff, watch_from};
 use crate::config::SessionPolicy;
-use crate::health::Health;
-use crate::outbox::{Close, Outbox};
-use crate::watch::{Backoff, watch_from};
+use crate::delivery::outbox::{Close, Outbox};
+use crate::http::health::Health;
 
 /// A connect refused by the `reject` policy, or a KV failure while checking.
 #[derive(Debug, thiserror::Error)]

@@ -17,15 +17,15 @@ use tokio::net::TcpListener;
 use tracing::debug;
 
 use crate::Shared;
-use crate::auth::{self, Rejection};
-use crate::limits::{self, LimitExceeded};
-use crate::policy::PolicyError;
+use crate::cluster::policy::PolicyError;
+use crate::http::auth::{self, Rejection};
+use crate::http::limits::{self, LimitExceeded};
 use crate::session;
 
 type HttpResponse = Response<Full<Bytes>>;
 
-const DEMO_PAGE: &str = include_str!("../static/index.html");
-const CLIENT_MODULE: &str = include_str!("../../clients/js/herald.js");
+const DEMO_PAGE: &str = include_str!("../../static/index.html");
+const CLIENT_MODULE: &str = include_str!("../../../clients/js/herald.js");
 
 /// Accepts connections until shutdown.
 pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use crate::outbox::{Close, Outbox};
+use crate::delivery::outbox::{Close, Outbox};
 
 /// One open session.
 #[derive(Clone)]

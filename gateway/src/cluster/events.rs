@@ -14,8 +14,8 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::outbox::Close;
-use crate::registry::Registry;
+use crate::cluster::registry::Registry;
+use crate::delivery::outbox::Close;
 
 /// Who a lifecycle event is about.
 pub(crate) struct Who<'a> {

@@ -28,7 +28,7 @@ use tokio::net::TcpListener;
 use tracing::{debug, info};
 
 use crate::Shared;
-use crate::gather::gather;
+use crate::cluster::gather::gather;
 
 type ApiResponse = Response<Full<Bytes>>;
 

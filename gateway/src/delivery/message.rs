@@ -5,9 +5,9 @@ use bytes::Bytes;
 use herald_shared::frame::{MsgMeta, write_msg};
 use herald_shared::subject::{Audience, header};
 
-use crate::feed::Delivered;
-use crate::replay::Stored;
-use crate::wire::FrameBuf;
+use crate::delivery::feed::Delivered;
+use crate::session::replay::Stored;
+use crate::websocket::frame::FrameBuf;
 
 /// One message ready for sockets.
 #[derive(Debug, Clone)]

@@ -4,7 +4,7 @@ use bytes::Bytes;
 use herald_shared::subject::STREAM;
 use serde::Deserialize;
 
-use crate::feed::Feed;
+use crate::delivery::feed::Feed;
 
 /// The stream's bounds at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -1,0 +1,10 @@
+//! What the gateways of a cluster share through NATS: session policies, users' preferences, device
+//! cursors, lifecycle events and presence, and the local sessions they are about.
+
+pub(crate) mod cursor;
+pub(crate) mod events;
+pub(crate) mod gather;
+pub(crate) mod policy;
+pub(crate) mod prefs;
+pub(crate) mod registry;
+pub(crate) mod watch;
