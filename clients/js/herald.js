@@ -30,8 +30,8 @@
  * @property {"msg"} type
  * @property {number} seq     stream sequence: the resume point and the dedupe key
  * @property {string} to      `"user"`, `"all"` or `"topic:<topic>"`
- * @property {string} id      the publisher's `Nats-Msg-Id`, or `""`
- * @property {string} kind    the publisher's `Herald-Type`, or `""`
+ * @property {string} id      the publisher's `Nats-Msg-Id`, or `""` (the gateway leaves it out when empty)
+ * @property {string} kind    the publisher's `Herald-Type`, or `""` (the gateway leaves it out when empty)
  * @property {string} ts      RFC 3339 time the stream stored it
  * @property {any} data       the payload: JSON, a string, or `{"$base64": "..."}`
  */
@@ -949,6 +949,8 @@ export class Herald extends EventTarget {
   /** @param {MsgFrame} frame */
   #message(frame) {
     if (typeof frame.seq !== "number" || !this.#filter.accept(frame)) return;
+    frame.id ??= "";
+    frame.kind ??= "";
     this.#emit("message", frame);
     this.#acks.handled(frame.seq);
   }

@@ -58,9 +58,11 @@ pub struct Msg {
     pub seq: u64,
     /// `user`, `all` or `topic:<t>`.
     pub to: String,
-    /// The publisher's `Nats-Msg-Id`, or empty.
+    /// The publisher's `Nats-Msg-Id`, or empty (left out of the frame when empty).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub id: String,
-    /// The publisher's `Herald-Type`, or empty.
+    /// The publisher's `Herald-Type`, or empty (left out of the frame when empty).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub kind: String,
     /// When the stream stored it (RFC 3339).
     pub ts: String,
@@ -157,16 +159,20 @@ pub struct MsgMeta<'a> {
     pub ts: &'a str,
 }
 
-/// Appends the JSON text of a `msg` frame to `out`.
+/// Appends the JSON text of a `msg` frame to `out`; an empty `id` or `kind` is left out.
 pub fn write_msg(out: &mut Vec<u8>, meta: &MsgMeta<'_>, payload: &[u8]) {
     out.extend_from_slice(b"{\"type\":\"msg\",\"seq\":");
-    out.extend_from_slice(meta.seq.to_string().as_bytes());
+    out.extend_from_slice(itoa::Buffer::new().format(meta.seq).as_bytes());
     out.extend_from_slice(b",\"to\":");
     write_json_string(out, meta.to);
-    out.extend_from_slice(b",\"id\":");
-    write_json_string(out, meta.id);
-    out.extend_from_slice(b",\"kind\":");
-    write_json_string(out, meta.kind);
+    if !meta.id.is_empty() {
+        out.extend_from_slice(b",\"id\":");
+        write_json_string(out, meta.id);
+    }
+    if !meta.kind.is_empty() {
+        out.extend_from_slice(b",\"kind\":");
+        write_json_string(out, meta.kind);
+    }
     out.extend_from_slice(b",\"ts\":");
     write_json_string(out, meta.ts);
     out.extend_from_slice(b",\"data\":");
@@ -212,6 +218,17 @@ mod tests {
                 data: serde_json::json!({"text": "hi \"there\""}),
             })
         );
+    }
+
+    #[test]
+    fn msg_leaves_out_an_empty_id_and_kind() {
+        let meta = MsgMeta { seq: 7, to: "all", id: "", kind: "", ts: "2026-01-02T03:04:05Z" };
+        let mut out = Vec::new();
+        write_msg(&mut out, &meta, b"1");
+        assert_eq!(out, br#"{"type":"msg","seq":7,"to":"all","ts":"2026-01-02T03:04:05Z","data":1}"#);
+        let ServerFrame::Msg(msg) = serde_json::from_slice(&out).unwrap() else { panic!("not a msg") };
+        assert_eq!((msg.id.as_str(), msg.kind.as_str()), ("", ""));
+        assert_eq!(ServerFrame::Msg(msg).to_json(), String::from_utf8(out).unwrap());
     }
 
     #[test]

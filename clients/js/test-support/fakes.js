@@ -121,7 +121,8 @@ export class FakeWebSocket {
 
   /** A message frame with defaults. */
   msg(seq, fields = {}) {
-    this.receive({ type: "msg", seq, to: "user", id: "", kind: "", ts: "2024-01-01T00:00:00Z", data: { n: seq }, ...fields });
+    // As the gateway sends it: `id` and `kind` only when not empty.
+    this.receive({ type: "msg", seq, to: "user", ts: "2024-01-01T00:00:00Z", data: { n: seq }, ...fields });
   }
 
   /** The server (or the network) closes the socket. */

@@ -22,12 +22,14 @@ test("messages are delivered once each; duplicates by seq are dropped", async ()
   assert.equal(client.lastSeq, 3);
 });
 
-test("the message event carries the whole frame", async () => {
+test("the message event carries the whole frame, an absent id or kind as empty", async () => {
   const { client, of } = setup();
   const socket = await connected(client);
   socket.welcome();
   socket.msg(9, { kind: "mail", to: "all", data: { text: "hi" } });
+  socket.msg(10, { id: "order-7" });
   assert.deepEqual(of("message")[0], { type: "msg", seq: 9, to: "all", id: "", kind: "mail", ts: "2024-01-01T00:00:00Z", data: { text: "hi" } });
+  assert.deepEqual([of("message")[1].id, of("message")[1].kind], ["order-7", ""]);
 });
 
 test("a topic replay block delivers older messages, once, until its replayed frame", async () => {
