@@ -73,9 +73,19 @@ pub struct Config {
     pub heartbeat_timeout: Duration,
     /// Largest client message; a bigger one closes the connection with 1009. Default 1 MiB.
     pub max_frame_bytes: usize,
-    /// Most bytes queued for one socket; overflowing closes it with 4008. A frame counts for at
-    /// most half of it, so a message larger than the limit is still delivered. Default 1 MiB.
+    /// Most bytes of a user's own messages waiting for one socket; past it, the socket catches up
+    /// from the stream instead. A message counts for at most half of it, so a message larger than
+    /// the limit is still delivered. Default 1 MiB.
     pub outbound_queue_bytes: usize,
+    /// A socket that takes no bytes for this long while the gateway has some for it is closed
+    /// with 4008 (the client stopped reading). Default `15s`.
+    #[serde(with = "humantime_serde")]
+    pub write_stall_timeout: Duration,
+    /// Most messages each broadcast log (`push.all`, each topic) keeps for the sockets reading
+    /// it; a socket that falls further behind catches up from the stream. Default 8192.
+    pub broadcast_log_entries: usize,
+    /// Most bytes each broadcast log keeps. Default 16 MiB.
+    pub broadcast_log_bytes: usize,
     /// Most frames the writer sends in one vectored write. Default 64.
     pub write_batch_frames: usize,
     /// How long shutdown waits for sockets to close before it stops anyway. Default `10s`.
@@ -144,6 +154,9 @@ impl Default for Config {
             heartbeat_timeout: Duration::from_secs(10),
             max_frame_bytes: 1 << 20,
             outbound_queue_bytes: 1 << 20,
+            write_stall_timeout: Duration::from_secs(15),
+            broadcast_log_entries: 8192,
+            broadcast_log_bytes: 16 << 20,
             write_batch_frames: 64,
             shutdown_grace: Duration::from_secs(10),
             session_policy: SessionPolicy::Multi,

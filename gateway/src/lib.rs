@@ -1,11 +1,15 @@
 //! Herald's gateway: WebSocket clients in front, NATS JetStream behind.
 //!
-//! A message's path through this crate: the [`feed`] reads the stream's republish in order,
-//! [`dispatch`] routes it, [`delivery`] turns each message into one frame, the [`outbox`] of every session it is
-//! for queues it, and each socket's [`writer`] sends it. [`session`] owns a connection's life,
-//! [`reader`] its inbound frames, [`auth`] what happens before the upgrade, [`server`] the HTTP side.
+//! A message's path through this crate: the [`delivery`] feed reads the stream's republish in
+//! order and the router puts each message where its sessions read it (a user's mailbox, or the
+//! broadcast log of `push.all` or a topic); each connection's task in [`session`] merges what it
+//! reads in stream order, turns it into its protocol's bytes through a [`codec`] and writes them.
+//! The session's exactness rules are a state machine with no I/O. [`cluster`] holds what gateways
+//! share through NATS, [`http`] the HTTP side, [`websocket`] the frame layer.
 
+mod close;
 mod cluster;
+mod codec;
 pub mod config;
 mod delivery;
 mod http;
@@ -33,7 +37,8 @@ use cluster::policy::Policies;
 use cluster::prefs::Prefs;
 use cluster::registry::Registry;
 use delivery::feed::Feed;
-use delivery::router::Dispatcher;
+use delivery::log::LogLimits;
+use delivery::router::Router;
 use http::health::{self, Health};
 use http::metrics::Metrics;
 use http::{api, limits, server};
@@ -49,7 +54,7 @@ pub(crate) struct Shared {
     pub(crate) bounds: Arc<bounds::BoundsReader>,
     /// JetStream as the HTTP API's publisher, when it has credentials of its own.
     pub(crate) api_js: Option<jetstream::Context>,
-    pub(crate) dispatcher: Dispatcher,
+    pub(crate) router: Router,
     /// The delivery connection (for flushes: "is this subscription live on the server yet").
     pub(crate) feed: Feed,
     pub(crate) verifier: Verifier,
@@ -143,8 +148,8 @@ impl Gateway {
             shutdown.clone(),
         ));
         let shared = Arc::new(Shared {
-            dispatcher: Dispatcher::start(feed.clone(), feed_receiver, metrics.clone()),
-            // On the delivery feed, whose subscriptions feed the dispatcher: a request sent there
+            router: Router::start(feed.clone(), feed_receiver, log_limits(&config), metrics.clone()),
+            // On the delivery feed, whose subscriptions feed the router: a request sent there
             // reaches the server after every subscription made before it.
             bounds: Arc::new(bounds::BoundsReader::new(feed.clone())),
             feed,
@@ -206,7 +211,7 @@ fn start_background_tasks(shared: &Arc<Shared>) {
     let shutdown = shared.shutdown.clone();
     tokio::spawn(shared.cursors.clone().run_flusher(shared.config.cursor_flush_interval, shutdown.clone()));
     tokio::spawn(shared.prefs.clone().watch(
-        shared.dispatcher.clone(),
+        shared.router.clone(),
         shared.registry.clone(),
         shared.health.clone(),
         shutdown.clone(),
@@ -246,6 +251,11 @@ async fn run(shared: Arc<Shared>, listener: TcpListener) {
         warn!("NATS drain timed out");
     }
     info!("gateway stopped");
+}
+
+/// How much each broadcast log keeps.
+fn log_limits(config: &Config) -> LogLimits {
+    LogLimits { entries: config.broadcast_log_entries, bytes: config.broadcast_log_bytes }
 }
 
 /// A listener with `backlog` queued connections (tokio's `bind` uses 1024, below what a storm needs).

@@ -150,10 +150,14 @@ async fn an_unresponsive_peer_is_closed() {
 }
 
 #[tokio::test]
-async fn a_slow_reader_is_closed_with_4008_and_the_gateway_does_not_buffer_for_it() {
+async fn a_reader_that_stops_reading_is_closed_with_4008_and_the_gateway_does_not_buffer_for_it() {
     let nats = TestNats::start().await;
     let queue_limit = 64 * 1024;
-    let gateway = TestGateway::start_with(&nats, |c| c.outbound_queue_bytes = queue_limit).await;
+    let gateway = TestGateway::start_with(&nats, |c| {
+        c.outbound_queue_bytes = queue_limit;
+        c.write_stall_timeout = Duration::from_secs(1);
+    })
+    .await;
     let mut slow = gateway.connect("slow").await;
     let mut fast = gateway.connect("fast").await;
     let publisher = Publisher::new(&nats).await;

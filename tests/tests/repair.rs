@@ -11,7 +11,11 @@ use herald_tests::{Publisher, TestGateway, TestNats};
 #[tokio::test]
 async fn a_slow_socket_closed_with_4008_resumes_with_since_and_misses_nothing() {
     let nats = TestNats::start().await;
-    let gateway = TestGateway::start_with(&nats, |c| c.outbound_queue_bytes = 64 * 1024).await;
+    let gateway = TestGateway::start_with(&nats, |c| {
+        c.outbound_queue_bytes = 64 * 1024;
+        c.write_stall_timeout = std::time::Duration::from_secs(1);
+    })
+    .await;
     let publisher = Publisher::new(&nats).await;
     let mut slow = gateway.connect("ray").await;
 

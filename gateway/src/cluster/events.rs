@@ -6,7 +6,6 @@
 use std::sync::Arc;
 
 use futures::StreamExt;
-use herald_shared::frame::close_code;
 use herald_shared::functions::{LifecycleEvent, PRESENCE_PART_BYTES, PresenceQuery, PresenceReply, presence_answer};
 use herald_shared::id::{IdKind, check_id};
 use herald_shared::subject::{ADMIN_DISCONNECT, EVENTS_CONNECT, EVENTS_DISCONNECT, PRESENCE_GATHER};
@@ -14,8 +13,8 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use crate::close::{Close, CloseCode};
 use crate::cluster::registry::Registry;
-use crate::delivery::outbox::Close;
 
 /// Who a lifecycle event is about.
 pub(crate) struct Who<'a> {
@@ -37,8 +36,8 @@ pub(crate) async fn publish_lifecycle(client: &async_nats::Client, who: &Who<'_>
         conn: who.conn.to_string(),
         node: who.node.to_string(),
         ts: now_rfc3339(),
-        code: closed.map(|c| c.code),
-        reason: closed.map(|c| c.reason.clone()),
+        code: closed.map(Close::number),
+        reason: closed.map(|c| c.reason.to_string()),
     };
     let subject = if closed.is_some() { EVENTS_DISCONNECT } else { EVENTS_CONNECT };
     let body = serde_json::to_vec(&event).unwrap_or_default();
@@ -121,7 +120,7 @@ pub(crate) async fn answer_disconnects(
         if check_id(IdKind::User, &wanted.user).is_err() {
             continue;
         }
-        let close = Close::new(close_code::DISCONNECTED, "disconnected by an operator");
+        let close = Close::new(CloseCode::Disconnected, "disconnected by an operator");
         let closed = registry.close_matching(&wanted.user, wanted.conn.as_deref(), &close);
         if let Some(reply) = order.reply {
             let answer = serde_json::json!({"node": node, "closed": closed});

@@ -7,4 +7,5 @@ pub(crate) mod gather;
 pub(crate) mod policy;
 pub(crate) mod prefs;
 pub(crate) mod registry;
+pub(crate) mod user;
 pub(crate) mod watch;

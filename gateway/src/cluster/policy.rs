@@ -20,7 +20,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use futures::StreamExt;
-use herald_shared::frame::close_code;
 use herald_shared::id::kv_key;
 use herald_shared::stream::{SESSIONS_MAX_AGE, StreamSettings, ensure_config_bucket};
 use herald_shared::subject::{CONFIG_SESSION_POLICY, KV_SESSIONS};
@@ -28,9 +27,10 @@ use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::close::{Close, CloseCode};
 use crate::cluster::watch::{Backoff, watch_from};
 use crate::config::SessionPolicy;
-use crate::delivery::outbox::{Close, Outbox};
+use crate::delivery::mailbox::Mailbox;
 use crate::http::health::Health;
 
 /// A connect refused by the `reject` policy, or a KV failure while checking.
@@ -44,7 +44,7 @@ pub(crate) enum PolicyError {
 
 struct Claim {
     conn: String,
-    outbox: Arc<Outbox>,
+    mailbox: Arc<Mailbox>,
     /// Our own revision, once known.
     revision: Option<u64>,
     /// The newest revision another connection wrote while ours was unknown.
@@ -148,9 +148,9 @@ impl Policies {
 
     /// Once the session is open: under `multi` and `single`, announces it so older sessions with
     /// the same key close, wherever they are (and closes this one if a newer one already exists).
-    pub(crate) async fn claim(&self, user: &str, device: &str, conn: &str, outbox: Arc<Outbox>) {
+    pub(crate) async fn claim(&self, user: &str, device: &str, conn: &str, mailbox: Arc<Mailbox>) {
         let key = self.key(user, device);
-        let claim = Claim { conn: conn.to_string(), outbox, revision: None, newest_other: 0 };
+        let claim = Claim { conn: conn.to_string(), mailbox, revision: None, newest_other: 0 };
         self.claims().entry(key.clone()).or_default().push(claim);
         if self.policy() == SessionPolicy::Reject {
             return;
@@ -170,7 +170,7 @@ impl Policies {
         if let Some(claim) = claims.get_mut(&key).and_then(|list| list.iter_mut().find(|c| c.conn == conn)) {
             claim.revision = Some(revision);
             if claim.newest_other > revision {
-                claim.outbox.close(replaced());
+                claim.mailbox.close(replaced());
             }
         }
     }
@@ -268,7 +268,7 @@ impl Policies {
             match claim.revision {
                 Some(own) if own < revision => {
                     info!(%key, conn = %claim.conn, "replaced by a newer session");
-                    claim.outbox.close(replaced());
+                    claim.mailbox.close(replaced());
                 }
                 Some(_) => {}
                 None => claim.newest_other = claim.newest_other.max(revision),
@@ -299,5 +299,5 @@ impl Policies {
 }
 
 fn replaced() -> Close {
-    Close::new(close_code::REPLACED, "replaced by a newer session")
+    Close::new(CloseCode::Replaced, "replaced by a newer session")
 }

@@ -15,8 +15,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::cluster::registry::Registry;
+use crate::cluster::user::LocalUser;
 use crate::cluster::watch::{Backoff, watch_from};
-use crate::delivery::router::Dispatcher;
+use crate::delivery::router::Router;
 use crate::http::health::Health;
 
 #[derive(Deserialize, Default)]
@@ -43,15 +44,15 @@ impl Prefs {
         self.bucket.get_or_try_init(|| async { self.js.get_key_value(KV_PREFS).await }).await.map_err(|e| e.to_string())
     }
 
-    /// Loads `user`'s muted kinds into the dispatcher.
-    pub(crate) async fn load(&self, dispatcher: &Dispatcher, user: Arc<str>) {
+    /// Loads `user`'s muted kinds into `local`, the user's state on this gateway.
+    pub(crate) async fn load(&self, local: &LocalUser, user: &str) {
         let entry = match self.bucket().await {
-            Ok(bucket) => bucket.entry(kv_key(&user)).await.map_err(|e| e.to_string()),
+            Ok(bucket) => bucket.entry(kv_key(user)).await.map_err(|e| e.to_string()),
             Err(e) => Err(e),
         };
         match entry {
             Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
-                dispatcher.set_muted(user, muted_kinds(&entry.value), entry.revision).await;
+                local.set_muted(&muted_kinds(&entry.value), entry.revision);
             }
             Ok(_) => {}
             Err(error) => warn!(%user, %error, "muted kinds not loaded"),
@@ -62,7 +63,7 @@ impl Prefs {
     /// broken watch resumes after the last revision it saw, so no change is missed.
     pub(crate) async fn watch(
         self: Arc<Self>,
-        dispatcher: Dispatcher,
+        router: Router,
         registry: Arc<Registry>,
         health: Arc<Health>,
         shutdown: CancellationToken,
@@ -70,7 +71,7 @@ impl Prefs {
         let mut backoff = Backoff::default();
         let mut last_revision = 0;
         while !shutdown.is_cancelled() {
-            let result = self.follow(&dispatcher, &registry, &health, &mut last_revision, &shutdown).await;
+            let result = self.follow(&router, &registry, &health, &mut last_revision, &shutdown).await;
             let was_running = health.prefs_watch.swap(false, Ordering::AcqRel);
             if let Err(error) = result {
                 if backoff.failed(was_running) {
@@ -85,7 +86,7 @@ impl Prefs {
 
     async fn follow(
         &self,
-        dispatcher: &Dispatcher,
+        router: &Router,
         registry: &Registry,
         health: &Health,
         last_revision: &mut u64,
@@ -108,7 +109,7 @@ impl Prefs {
                 kv::Operation::Put => muted_kinds(&entry.value),
                 kv::Operation::Delete | kv::Operation::Purge => Vec::new(),
             };
-            dispatcher.set_muted(user.into(), kinds, entry.revision).await;
+            router.set_muted(user.into(), kinds, entry.revision).await;
         }
     }
 }

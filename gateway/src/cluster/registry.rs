@@ -1,17 +1,18 @@
 //! The sessions open on this gateway, by connection and by user: what session policies, presence,
-//! preferences and operators ask about. Not on the message path (the dispatcher has its own tables).
+//! preferences and operators ask about. Not on the message path (the router has its own tables).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use crate::delivery::outbox::{Close, Outbox};
+use crate::close::Close;
+use crate::delivery::mailbox::Mailbox;
 
 /// One open session.
 #[derive(Clone)]
 pub(crate) struct LocalSession {
     pub(crate) conn: String,
     pub(crate) user: Arc<str>,
-    pub(crate) outbox: Arc<Outbox>,
+    pub(crate) mailbox: Arc<Mailbox>,
 }
 
 #[derive(Default)]
@@ -84,7 +85,7 @@ impl Registry {
         let sessions: Vec<LocalSession> =
             self.of_user(user).into_iter().filter(|s| conn.is_none_or(|c| c == s.conn)).collect();
         for session in &sessions {
-            session.outbox.close(close.clone());
+            session.mailbox.close(close.clone());
         }
         sessions.len()
     }
@@ -95,7 +96,7 @@ mod tests {
     use super::*;
 
     fn session(conn: &str, user: &str) -> LocalSession {
-        LocalSession { conn: conn.into(), user: user.into(), outbox: Arc::new(Outbox::new(64)) }
+        LocalSession { conn: conn.into(), user: user.into(), mailbox: Arc::new(Mailbox::new(64)) }
     }
 
     #[test]
@@ -109,9 +110,15 @@ mod tests {
         users.sort();
         assert_eq!(users, [Arc::from("alice"), Arc::from("bob")]);
         assert_eq!(registry.of_user("alice").len(), 2);
-        assert_eq!(registry.close_matching("alice", Some("c2"), &Close::new(4003, "bye")), 1);
-        assert_eq!(registry.of_user("alice").iter().filter(|s| s.outbox.close_reason().is_some()).count(), 1);
-        assert_eq!(registry.close_matching("bob", None, &Close::new(4003, "bye")), 1);
+        assert_eq!(
+            registry.close_matching("alice", Some("c2"), &Close::new(crate::close::CloseCode::Disconnected, "bye")),
+            1
+        );
+        assert_eq!(
+            registry.of_user("alice").iter().filter(|s| s.mailbox.inbox().close_requested().is_some()).count(),
+            1
+        );
+        assert_eq!(registry.close_matching("bob", None, &Close::new(crate::close::CloseCode::Disconnected, "bye")), 1);
         registry.remove("c1");
         registry.remove("c2");
         assert!(!registry.has_user("alice"));

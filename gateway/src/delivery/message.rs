@@ -1,87 +1,142 @@
-//! A stored message (live from the stream's republish, or read back for a replay) becomes one
-//! complete WebSocket frame, built once and shared by every socket it goes to.
+//! A stored message as the gateway handles it: live from the stream's republish, or read back for a
+//! replay. It is encoded at most once per wire format, by the first session that sends it in that
+//! format, and the bytes are shared by every session that sends it.
+
+use std::sync::OnceLock;
 
 use bytes::Bytes;
-use herald_shared::frame::{MsgMeta, write_msg};
 use herald_shared::subject::{Audience, header};
 
-use crate::delivery::feed::Delivered;
+use super::feed::Delivered;
+use crate::codec::{self, WireFormat};
 use crate::session::replay::Stored;
-use crate::websocket::frame::FrameBuf;
 
-/// One message ready for sockets.
-#[derive(Debug, Clone)]
-pub(crate) struct Delivery {
-    /// Stream sequence.
+/// One stored message.
+#[derive(Debug)]
+pub(crate) struct Message {
+    /// Stream sequence: the resume point.
     pub(crate) seq: u64,
-    /// The previous sequence on the same subject, when the stream said (live messages only).
-    pub(crate) previous_on_subject: Option<u64>,
+    /// Who it was published to.
+    pub(crate) audience: Audience,
     /// The publisher's `Herald-Type`, or empty.
-    pub(crate) kind: String,
-    /// The `msg` frame, header included.
-    pub(crate) frame: Bytes,
+    pub(crate) kind: Box<str>,
+    /// The publisher's `Nats-Msg-Id`, or empty.
+    pub(crate) id: Box<str>,
+    /// When the stream stored it (RFC 3339).
+    pub(crate) ts: Box<str>,
+    pub(crate) payload: Bytes,
+    /// The message in each wire format, once some session needed it.
+    encoded: [OnceLock<Bytes>; WireFormat::COUNT],
 }
 
-/// Encodes a message the stream republished to a `herald.deliver.…` subject.
-pub(crate) fn from_live(message: &Delivered, audience: &Audience) -> Option<Delivery> {
-    let number = |name: &str| message.header(name)?.parse::<u64>().ok();
-    let seq = number(header::NATS_SEQUENCE)?;
-    let text = |name: &str| message.header(name).unwrap_or("");
-    let meta =
-        Meta { seq, ts: text(header::NATS_TIME_STAMP), id: text(header::NATS_MSG_ID), kind: text(header::HERALD_TYPE) };
-    let mut delivery = encode(audience, &meta, &message.payload);
-    delivery.previous_on_subject = number(header::NATS_LAST_SEQUENCE);
-    Some(delivery)
+impl Message {
+    pub(crate) fn new(seq: u64, audience: Audience, kind: &str, id: &str, ts: &str, payload: Bytes) -> Message {
+        Message { seq, audience, kind: kind.into(), id: id.into(), ts: ts.into(), payload, encoded: Default::default() }
+    }
+
+    /// The message's bytes in `format`, encoded on first use.
+    pub(crate) fn encoded(&self, format: WireFormat) -> &Bytes {
+        self.encoded[format.index()].get_or_init(|| codec::encode_message(format, self))
+    }
+
+    /// Whether the message is of one of the `muted` kinds.
+    pub(crate) fn is_muted(&self, muted: &[Box<str>]) -> bool {
+        !self.kind.is_empty() && muted.iter().any(|kind| **kind == *self.kind)
+    }
 }
 
-/// Encodes a message read back from the stream.
-pub(crate) fn from_stored(stored: &Stored) -> Delivery {
-    let text = |name: &str| stored.headers.get(name).map(|value| value.as_str()).unwrap_or("");
-    let meta = Meta { seq: stored.seq, ts: &stored.ts, id: text(header::NATS_MSG_ID), kind: text(header::HERALD_TYPE) };
-    encode(&stored.audience, &meta, &stored.payload)
+/// A message the stream republished, with what the republish says about its subject.
+#[derive(Debug)]
+pub(crate) struct Republished {
+    pub(crate) message: Message,
+    /// The previous sequence on the same subject (`Nats-Last-Sequence`), when the stream said.
+    pub(crate) previous_on_subject: Option<u64>,
 }
 
-/// What a `msg` frame says about its message besides the payload.
-struct Meta<'a> {
-    seq: u64,
-    ts: &'a str,
-    id: &'a str,
-    kind: &'a str,
+/// Reads a message the stream republished to a `herald.deliver.…` subject; `None` without a
+/// stream sequence.
+pub(crate) fn from_live(delivered: &Delivered, audience: &Audience) -> Option<Republished> {
+    let number = |name: &str| delivered.header(name)?.parse::<u64>().ok();
+    let text = |name: &str| delivered.header(name).unwrap_or("");
+    let message = Message::new(
+        number(header::NATS_SEQUENCE)?,
+        audience.clone(),
+        text(header::HERALD_TYPE),
+        text(header::NATS_MSG_ID),
+        text(header::NATS_TIME_STAMP),
+        delivered.payload.clone(),
+    );
+    Some(Republished { message, previous_on_subject: number(header::NATS_LAST_SEQUENCE) })
 }
 
-fn encode(audience: &Audience, meta: &Meta<'_>, payload: &[u8]) -> Delivery {
-    let to = audience.frame_to();
-    let frame_meta = MsgMeta { seq: meta.seq, to: &to, id: meta.id, kind: meta.kind, ts: meta.ts };
-    let mut frame = FrameBuf::with_capacity(payload.len() + 160);
-    write_msg(frame.body(), &frame_meta, payload);
-    Delivery { seq: meta.seq, previous_on_subject: None, kind: meta.kind.to_string(), frame: frame.finish_text() }
+/// A message read back from the stream.
+pub(crate) fn from_stored(stored: Stored) -> Message {
+    let text = |name: &str| stored.headers.get(name).map(|value| value.as_str()).unwrap_or("").to_string();
+    let (kind, id) = (text(header::HERALD_TYPE), text(header::NATS_MSG_ID));
+    Message::new(stored.seq, stored.audience, &kind, &id, &stored.ts, stored.payload)
+}
+
+/// What a session finds in its live sources: a message, or a gap the router saw on one of its
+/// subjects.
+#[derive(Debug, Clone)]
+pub(crate) enum Live {
+    Message(std::sync::Arc<Message>),
+    /// Messages `first..=last` of this subject never reached the gateway.
+    Gap {
+        first: u64,
+        last: u64,
+    },
+}
+
+impl Live {
+    /// Where the entry sits in stream order: its sequence (a gap: its first missing one).
+    pub(crate) fn key(&self) -> u64 {
+        match self {
+            Live::Message(message) => message.seq,
+            Live::Gap { first, .. } => *first,
+        }
+    }
+
+    /// What the entry counts toward a queue's byte limit.
+    pub(crate) fn cost(&self) -> usize {
+        match self {
+            Live::Message(message) => message.payload.len() + 160,
+            Live::Gap { .. } => 16,
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use herald_shared::frame::ServerFrame;
 
     #[test]
-    fn a_republished_message_becomes_one_msg_frame() {
+    fn a_republished_message_is_read_from_its_headers() {
         let headers = "NATS/1.0\r\nNats-Sequence: 125\r\nNats-Last-Sequence: 120\r\n\
                        Nats-Time-Stamp: 2026-11-22T10:00:00.123456789Z\r\nNats-Msg-Id: order-7\r\n\
                        Herald-Type: mail\r\n\r\n";
-        let message = Delivered {
+        let delivered = Delivered {
             sid: 2,
             subject: Bytes::from_static(b"herald.deliver.user.42"),
             headers: Bytes::from(headers),
             payload: Bytes::from_static(br#"{"text":"hi"}"#),
         };
-        let delivery = from_live(&message, &Audience::User("42".into())).unwrap();
-        assert_eq!((delivery.seq, delivery.previous_on_subject, delivery.kind.as_str()), (125, Some(120), "mail"));
-        assert_eq!(delivery.frame[0], 0x81);
-        let json: ServerFrame = serde_json::from_slice(&delivery.frame[2..]).unwrap();
-        let ServerFrame::Msg(msg) = json else { panic!("not a msg: {json:?}") };
-        assert_eq!(msg.seq, 125);
-        assert_eq!(msg.to, "user");
-        assert_eq!(msg.id, "order-7");
-        assert_eq!(msg.ts, "2026-11-22T10:00:00.123456789Z");
-        assert_eq!(msg.data, serde_json::json!({"text":"hi"}));
+        let live = from_live(&delivered, &Audience::User("42".into())).unwrap();
+        assert_eq!(live.previous_on_subject, Some(120));
+        let message = live.message;
+        assert_eq!((message.seq, &*message.kind, &*message.id), (125, "mail", "order-7"));
+        assert_eq!(&*message.ts, "2026-11-22T10:00:00.123456789Z");
+        assert!(message.is_muted(&["mail".into()]));
+        assert!(!message.is_muted(&["ads".into()]));
+        let without = Delivered { headers: Bytes::from_static(b"NATS/1.0\r\n\r\n"), ..delivered };
+        assert!(from_live(&without, &Audience::All).is_none());
+    }
+
+    #[test]
+    fn a_message_is_encoded_once_per_format() {
+        let message = Message::new(1, Audience::All, "", "", "t", Bytes::from_static(b"1"));
+        let first = message.encoded(WireFormat::Herald).clone();
+        assert_eq!(first.as_ptr(), message.encoded(WireFormat::Herald).as_ptr());
+        assert!(!message.is_muted(&["mail".into()]), "a message without a kind is never muted");
     }
 }

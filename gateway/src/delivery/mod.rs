@@ -1,8 +1,10 @@
-//! The delivery path: the [`feed`] reads the stream's republish in order, the [`router`] routes each
-//! message to the sessions it is for, [`message`] encodes it once, and each session's [`outbox`]
-//! queues it for the socket's writer.
+//! The delivery path: the [`feed`] reads the stream's republish in order; the [`router`] puts each
+//! [`message`] where its sessions read it: a user's own messages in the [`mailbox`] of each of the
+//! user's sessions, `push.all` and topic messages once in a broadcast [`log`] that every
+//! interested session reads at its own position.
 
 pub(crate) mod feed;
+pub(crate) mod log;
+pub(crate) mod mailbox;
 pub(crate) mod message;
-pub(crate) mod outbox;
 pub(crate) mod router;

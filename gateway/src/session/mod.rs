@@ -1,99 +1,74 @@
-//! One WebSocket connection, from the upgrade to the close.
+//! One connection, from the upgrade to the close, in one task.
 //!
-//! Two tasks per socket: the writer (owns the write half, drains the outbox) and this one, which
-//! opens the session ([`join`]), reads client frames ([`inbound`]), runs whatever needs the stream one
-//! at a time (topic joins, repairs), sends pings, watches the token's expiry and the gateway's
-//! shutdown, and ends everything with one close. The rarely used, large futures (opening, replays)
-//! are boxed, so an idle socket's task stays small.
+//! The exactness rules live in a state machine with no I/O ([`state`]); this task does its I/O:
+//! it opens the session ([`join`]), reads client frames ([`inbound`]), writes what the session
+//! queued ([`transmit`]), performs what the session asks of NATS one job at a time ([`actions`]),
+//! keeps time ([`deadlines`]), and ends everything with one close. It waits on all of them at once
+//! and on the session's mailbox, which the router, the broadcast logs and the cluster use to wake
+//! it. The rarely used, large futures (opening, closing) are boxed, so an idle socket's task stays
+//! small.
 
+mod actions;
 pub(crate) mod bounds;
+mod deadlines;
 mod inbound;
 mod join;
+mod live;
 pub(crate) mod replay;
-pub(crate) mod writer;
+mod rpc;
+mod state;
+mod transmit;
 
-use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use herald_shared::frame::{ServerFrame, close_code};
-use herald_shared::subject::Audience;
+use futures::StreamExt;
+use futures::stream::BoxStream;
 use herald_shared::token::now_secs;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::Shared;
+use crate::close::{Close, CloseCode};
 use crate::cluster::events::{Who, publish_lifecycle};
 use crate::cluster::registry::LocalSession;
-use crate::delivery::outbox::{Close, Outbox};
-use crate::delivery::router::SessionEntry;
+use crate::codec::{Codec, HeraldCodec};
+use crate::delivery::mailbox::Mailbox;
 use crate::http::auth::ConnectRequest;
 use crate::http::ratelimit::TokenBucket;
-use crate::websocket::frame;
 use crate::websocket::reader::MessageReader;
+use deadlines::{Deadlines, Due};
+use state::{Outcome, SessionState, Tally};
+use transmit::Transmit;
 
-/// How long a closing socket's writer may take before the socket is dropped.
+/// How long a closing socket may take to send its last frames before it is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(3);
+/// Most bytes taken from the session's queue for one write.
+const BATCH_BYTES: usize = 256 * 1024;
 
 type ReadHalf = Pin<Box<dyn AsyncRead + Send>>;
 type WriteHalf = Pin<Box<dyn AsyncWrite + Send>>;
 
-/// A `sub` or `unsub`.
-#[derive(Debug)]
-pub(crate) enum TopicRequest {
-    Subscribe { topic: String, since: Option<u64> },
-    Unsubscribe { topic: String },
-}
-
-/// A connected client.
+/// A connected client: what the session's I/O needs to know.
 pub(crate) struct Session {
     shared: Arc<Shared>,
+    /// The session's key with the router.
+    key: u64,
     conn: String,
     user: Arc<str>,
     device: String,
     request: ConnectRequest,
-    entry: Arc<SessionEntry>,
-    /// Topics this connection is subscribed to.
-    topics: Mutex<BTreeSet<String>>,
-    /// Milliseconds since `started` when the client was last heard from.
-    last_heard: AtomicU64,
-    started: Instant,
+    mailbox: Arc<Mailbox>,
 }
 
 impl Session {
-    fn outbox(&self) -> &Outbox {
-        &self.entry.outbox
-    }
-
-    /// Everything this connection receives: its user, `push.all`, its topics.
-    fn audiences(&self) -> Vec<Audience> {
-        let mut audiences = vec![Audience::User(self.user.to_string()), Audience::All];
-        let topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
-        audiences.extend(topics.iter().cloned().map(Audience::Topic));
-        audiences
-    }
-
-    fn touch(&self) {
-        self.last_heard.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-
-    fn silent_for(&self) -> Duration {
-        self.started.elapsed().saturating_sub(Duration::from_millis(self.last_heard.load(Ordering::Relaxed)))
-    }
-
-    fn send(&self, frame: &ServerFrame) {
-        self.outbox().push_control(frame::text(frame.to_json().as_bytes()));
-    }
-
     fn who(&self) -> Who<'_> {
         Who { user: &self.user, device: &self.device, conn: &self.conn, node: &self.shared.config.node_id }
     }
@@ -108,122 +83,197 @@ pub(crate) async fn run(
     address: IpAddr,
 ) {
     let (read_half, write_half) = split(upgraded);
-    let outbox = Arc::new(Outbox::new(shared.config.outbound_queue_bytes));
-    let writer =
-        tokio::spawn(crate::session::writer::run(write_half, outbox.clone(), shared.config.write_batch_frames));
+    let mailbox = Arc::new(Mailbox::new(shared.config.outbound_queue_bytes));
     let user: Arc<str> = request.claims.sub.as_str().into();
     let session = Arc::new(Session {
-        entry: Arc::new(SessionEntry::new(shared.dispatcher.next_key(), user.clone(), outbox.clone())),
-        topics: Mutex::new(request.topics.iter().cloned().collect()),
+        key: shared.router.next_key(),
         conn,
         user,
         device: request.device.clone(),
         request,
-        last_heard: AtomicU64::new(0),
-        started: Instant::now(),
+        mailbox: mailbox.clone(),
         shared: shared.clone(),
     });
-    shared.registry.insert(LocalSession { conn: session.conn.clone(), user: session.user.clone(), outbox });
+    shared.registry.insert(LocalSession { conn: session.conn.clone(), user: session.user.clone(), mailbox });
     shared.metrics.connections.inc();
     shared.metrics.users.set(shared.registry.counts().users as i64);
     info!(user = %session.user, device = %session.device, conn = %session.conn, %address, "connected");
 
-    let close = serve(&session, read_half).await;
-    // Boxed: a task's size is that of its largest state, and these run once, at the end.
-    Box::pin(finish(&session, writer, close)).await;
+    let mut transmit = Transmit::new(write_half);
+    let codec = Codec::Herald(HeraldCodec);
+    let opened = tokio::select! {
+        biased;
+        _ = shared.killed.cancelled() => Err(Close::gone("gateway killed")),
+        _ = shared.shutdown.cancelled() => Err(Close::restart()),
+        // Boxed: a task's size is that of its largest state, and opening runs once.
+        opened = Box::pin(join::open(&session, codec)) => opened,
+    };
+    let (close, state) = match opened {
+        Ok(state) => {
+            Box::pin(publish_lifecycle(&shared.client, &session.who(), None)).await;
+            let reader = MessageReader::new(read_half, shared.config.max_frame_bytes);
+            serve(&session, state, reader, &mut transmit).await
+        }
+        Err(close) => (close, None),
+    };
+    Box::pin(finish(&session, state, transmit, close)).await;
 }
 
-/// Closes the session's socket and releases what it held, after it ended with `close`.
-async fn finish(session: &Session, writer: JoinHandle<Close>, close: Close) {
+/// Serves the connection until it must close; returns why, and the session if it opened.
+async fn serve(
+    session: &Arc<Session>,
+    mut state: SessionState,
+    mut reader: MessageReader<ReadHalf>,
+    transmit: &mut Transmit<WriteHalf>,
+) -> (Close, Option<SessionState>) {
     let shared = &session.shared;
-    session.outbox().close(close.clone());
-    if close.code == close_code::SLOW_CONSUMER {
+    let config = &shared.config;
+    let now = Instant::now();
+    let expires = now + Duration::from_secs(session.request.claims.exp.saturating_sub(now_secs()));
+    let mut deadlines =
+        Deadlines::new(now, config.heartbeat, config.heartbeat_timeout, config.write_stall_timeout, expires);
+    let timer = tokio::time::sleep_until(deadlines.next(None));
+    tokio::pin!(timer);
+    let mut job: Option<BoxStream<'static, Outcome>> = None;
+    let mut rpc_budget = TokenBucket::new(config.rpc_rate, config.rpc_burst, std::time::Instant::now());
+    loop {
+        if let Err(close) = advance(session, &mut state, &mut job, transmit) {
+            return (close, Some(state));
+        }
+        let deadline = deadlines.next(transmit.stalled_since());
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
+        let ended = tokio::select! {
+            biased;
+            _ = shared.killed.cancelled() => Err(Close::gone("gateway killed")),
+            _ = shared.shutdown.cancelled() => Err(Close::restart()),
+            written = transmit.flush(), if transmit.is_busy() => {
+                written.map_err(|error| Close::gone(format!("write failed: {error}")))
+            }
+            outcome = next_outcome(&mut job), if job.is_some() && state.has_room() => {
+                match outcome {
+                    Some(outcome) => state.on_outcome(outcome),
+                    None => job = None,
+                }
+                Ok(())
+            }
+            _ = session.mailbox.woken() => Ok(()),
+            inbound = reader.next() => {
+                deadlines.heard(Instant::now());
+                inbound.and_then(|inbound| inbound::handle(session, &mut state, inbound, &mut rpc_budget))
+            }
+            _ = &mut timer => on_time(&mut deadlines, &mut state, transmit),
+        };
+        if let Err(close) = ended {
+            return (close, Some(state));
+        }
+    }
+}
+
+/// Lets the session work until it waits on I/O: takes what its sources and mailbox hold, starts
+/// its next action, hands the socket its next batch, and parks it in its logs when idle.
+fn advance(
+    session: &Arc<Session>,
+    state: &mut SessionState,
+    job: &mut Option<BoxStream<'static, Outcome>>,
+    transmit: &mut Transmit<WriteHalf>,
+) -> Result<(), Close> {
+    let shared = &session.shared;
+    let mut parked = false;
+    loop {
+        state.pull(shared.router.watermark().get());
+        if job.is_none()
+            && let Some(action) = state.poll_action()
+        {
+            *job = Some(actions::perform(session, action));
+        }
+        if let Some(close) = state.closing() {
+            return Err(close.clone());
+        }
+        if !transmit.is_busy() && state.has_frames() {
+            transmit.start(|batch| state.take_frames(batch, shared.config.write_batch_frames, BATCH_BYTES));
+        }
+        count(&shared.metrics, state.take_tally());
+        if transmit.is_busy() || parked {
+            return Ok(());
+        }
+        // Idle: ask the logs to wake the task, then look once more (a message may have come
+        // between the last look and the parking).
+        state.park();
+        parked = true;
+    }
+}
+
+async fn next_outcome(job: &mut Option<BoxStream<'static, Outcome>>) -> Option<Outcome> {
+    match job {
+        Some(stream) => stream.next().await,
+        None => None,
+    }
+}
+
+/// Acts on whatever deadline passed.
+fn on_time(deadlines: &mut Deadlines, state: &mut SessionState, transmit: &Transmit<WriteHalf>) -> Result<(), Close> {
+    match deadlines.due(Instant::now(), transmit.stalled_since()) {
+        Some(Due::Ping) => {
+            let ping = state.codec().ping();
+            state.push_frame(ping);
+            Ok(())
+        }
+        Some(Due::Silent) => Err(Close::new(CloseCode::NoHeartbeat, "no heartbeat")),
+        Some(Due::Expired) => Err(Close::new(CloseCode::TokenExpired, "token expired")),
+        Some(Due::Stalled) => Err(Close::slow_consumer("the client stopped reading: reconnect with since")),
+        None => Ok(()),
+    }
+}
+
+/// Adds a session's counts to the gateway's metrics.
+fn count(metrics: &crate::http::metrics::Metrics, tally: Tally) {
+    if tally == Tally::default() {
+        return;
+    }
+    metrics.messages_out.inc_by(tally.delivered);
+    metrics.bytes_out.inc_by(tally.delivered_bytes);
+    metrics.replays.inc_by(tally.replays);
+    metrics.replayed_messages.inc_by(tally.replayed);
+    metrics.replays_incomplete.inc_by(tally.replays_incomplete);
+    metrics.repairs.inc_by(tally.repairs);
+    metrics.unrepairable_gaps.inc_by(tally.unrepairable);
+}
+
+/// Closes the socket with `close` and releases what the session held.
+async fn finish(session: &Session, state: Option<SessionState>, mut transmit: Transmit<WriteHalf>, close: Close) {
+    let shared = &session.shared;
+    if close.code == CloseCode::SlowConsumer {
         shared.metrics.slow_consumer_closes.inc();
     }
-    shared.dispatcher.detach(session.entry.key, session.audiences(), true).await;
+    let audiences = state.as_ref().map(SessionState::audiences).unwrap_or_else(|| join_audiences(session));
+    shared.router.detach(session.key, audiences, true).await;
     shared.registry.remove(&session.conn);
     shared.metrics.users.set(shared.registry.counts().users as i64);
-    let sent = finish_writer(writer, close).await;
+    // 1006 means the connection is gone (or the gateway was killed): nothing is sent.
+    if close.code.is_sent() {
+        let codec = state.as_ref().map(SessionState::codec);
+        let last: Option<Bytes> = match codec {
+            Some(codec) => codec.close(&close),
+            None => Codec::Herald(HeraldCodec).close(&close),
+        };
+        transmit.finish(last, CLOSE_GRACE).await;
+    }
+    drop(transmit);
     // A killed gateway leaves things as a crashed process would.
     if !shared.killed.is_cancelled() {
         shared.policies.release(&session.user, &session.device, &session.conn).await;
         shared.cursors.flush_device(&session.user, &session.device).await;
-        publish_lifecycle(&shared.client, &session.who(), Some(&sent)).await;
+        publish_lifecycle(&shared.client, &session.who(), Some(&close)).await;
     }
     shared.metrics.connections.dec();
-    info!(user = %session.user, conn = %session.conn, code = sent.code, reason = %sent.reason, "disconnected");
+    info!(user = %session.user, conn = %session.conn, code = close.number(), reason = %close.reason, "disconnected");
 }
 
-async fn serve(session: &Arc<Session>, read_half: ReadHalf) -> Close {
-    let opened = tokio::select! {
-        biased;
-        _ = session.shared.killed.cancelled() => Err(killed()),
-        opened = Box::pin(join::open(session)) => opened,
-        _ = session.outbox().closed() => Err(session.outbox().close_reason().unwrap_or_else(|| Close::new(1011, "closed"))),
-        _ = session.shared.shutdown.cancelled() => Err(Close::new(close_code::RESTART, "gateway restarting")),
-    };
-    if let Err(close) = opened {
-        return close;
-    }
-    Box::pin(publish_lifecycle(&session.shared.client, &session.who(), None)).await;
-    let reader = MessageReader::new(read_half, session.shared.config.max_frame_bytes);
-    supervise(session, reader).await
-}
-
-/// Reads client frames until the connection ends; meanwhile sends pings and runs repairs. Returns
-/// how the connection closes.
-async fn supervise(session: &Arc<Session>, mut reader: MessageReader<ReadHalf>) -> Close {
-    let config = &session.shared.config;
-    let mut heartbeat = tokio::time::interval_at(Instant::now() + config.heartbeat, config.heartbeat);
-    let expiry = tokio::time::sleep(Duration::from_secs(session.request.claims.exp.saturating_sub(now_secs())));
-    tokio::pin!(expiry);
-    let mut rpc_budget = TokenBucket::new(config.rpc_rate, config.rpc_burst, Instant::now().into_std());
-    loop {
-        let work = tokio::select! {
-            biased;
-            _ = session.shared.killed.cancelled() => return killed(),
-            _ = session.outbox().closed() => {
-                return session.outbox().close_reason().unwrap_or_else(|| Close::new(1011, "closed"));
-            }
-            _ = session.shared.shutdown.cancelled() => return Close::new(close_code::RESTART, "gateway restarting"),
-            _ = &mut expiry => return Close::new(close_code::TOKEN_EXPIRED, "token expired"),
-            _ = session.entry.repair.notified() => Box::pin(join::repair(session)).await,
-            inbound = reader.next() => match inbound {
-                Ok(inbound) => {
-                    session.touch();
-                    inbound::handle(session, inbound, &mut rpc_budget).await
-                }
-                Err(close) => Err(close),
-            },
-            _ = heartbeat.tick() => {
-                if session.silent_for() > config.heartbeat + config.heartbeat_timeout {
-                    return Close::new(1001, "no heartbeat");
-                }
-                session.outbox().push_control(frame::ping());
-                Ok(())
-            }
-        };
-        if let Err(close) = work {
-            return close;
-        }
-    }
-}
-
-/// The gateway died: the socket is dropped, the client sees no close frame.
-fn killed() -> Close {
-    Close::new(1006, "gateway killed")
-}
-
-/// Waits for the writer to send the close frame, dropping the socket if it cannot.
-async fn finish_writer(mut writer: JoinHandle<Close>, close: Close) -> Close {
-    match tokio::time::timeout(CLOSE_GRACE, &mut writer).await {
-        Ok(Ok(sent)) => sent,
-        _ => {
-            writer.abort();
-            warn!(code = close.code, "socket dropped: the close frame could not be written");
-            close
-        }
-    }
+/// What a session that never opened may have subscribed to.
+fn join_audiences(session: &Session) -> Vec<herald_shared::subject::Audience> {
+    state::audiences_of(&session.user, session.request.topics.iter())
 }
 
 /// Splits the upgraded connection; a plain TCP stream splits without a lock between the halves.

@@ -17,7 +17,7 @@ use async_nats::jetstream::message::StreamMessage;
 use async_nats::{Client, HeaderMap, Subscriber};
 use bytes::Bytes;
 use futures::StreamExt;
-use herald_shared::subject::{Audience, STREAM, header};
+use herald_shared::subject::{Audience, STREAM};
 use serde::{Deserialize, Serialize};
 
 /// How replays read the stream.
@@ -305,11 +305,6 @@ pub(crate) fn complete(first_seq: u64, since: u64, per_subject_cap: i64, counts_
     let nothing_trimmed =
         per_subject_cap <= 0 || counts_per_subject.iter().all(|&count| count < per_subject_cap as u64);
     nothing_aged_out && nothing_trimmed
-}
-
-/// The `Herald-Type` of a stored message, or empty.
-pub(crate) fn kind(stored: &Stored) -> &str {
-    stored.headers.get(header::HERALD_TYPE).map(|v| v.as_str()).unwrap_or("")
 }
 
 #[cfg(test)]

@@ -13,10 +13,9 @@ use std::future::poll_fn;
 use std::pin::Pin;
 use std::task::Poll;
 
-use herald_shared::frame::close_code;
 use tokio::io::{AsyncRead, ReadBuf};
 
-use crate::delivery::outbox::Close;
+use crate::close::{Close, CloseCode};
 
 /// Bytes read from the socket at most at once (per worker thread, not per socket).
 const SCRATCH: usize = 16 * 1024;
@@ -150,7 +149,7 @@ impl<R: AsyncRead + Unpin> MessageReader<R> {
         })
         .await;
         match read {
-            Ok(0) | Err(_) => Err(Close::new(1006, "connection lost")),
+            Ok(0) | Err(_) => Err(Close::gone("connection lost")),
             Ok(_) => Ok(()),
         }
     }
@@ -212,11 +211,11 @@ fn text(payload: Vec<u8>) -> Result<Inbound, Close> {
 }
 
 fn policy(reason: &str) -> Close {
-    Close::new(close_code::POLICY, reason)
+    Close::new(CloseCode::Policy, reason.to_string())
 }
 
 fn too_big(limit: usize) -> Close {
-    Close::new(close_code::TOO_BIG, format!("message over {limit} bytes"))
+    Close::new(CloseCode::TooBig, format!("message over {limit} bytes"))
 }
 
 #[cfg(test)]
@@ -284,7 +283,7 @@ mod tests {
         assert_eq!(got[3], Ok(Inbound::Text(b"fragmented".to_vec())));
         assert_eq!(got[4], Ok(Inbound::Text(vec![b'x'; 300])));
         assert_eq!(got[5], Ok(Inbound::Close(Some(1000))));
-        assert_eq!(got[6].as_ref().err().map(|c| c.code), Some(1006));
+        assert_eq!(got[6].as_ref().err().map(|c| c.code), Some(CloseCode::Abnormal));
     }
 
     #[tokio::test]
@@ -292,15 +291,15 @@ mod tests {
         let exactly = read_all(frame(0x81, &[b'a'; 100]), 100).await;
         assert_eq!(exactly[0], Ok(Inbound::Text(vec![b'a'; 100])));
         let over = read_all(frame(0x81, &[b'a'; 101]), 100).await;
-        assert_eq!(over[0].as_ref().err().map(|c| c.code), Some(close_code::TOO_BIG));
+        assert_eq!(over[0].as_ref().err().map(|c| c.code), Some(CloseCode::TooBig));
         let mut fragments = frame(0x01, &[b'a'; 60]);
         fragments.extend(frame(0x80, &[b'a'; 60]));
-        assert_eq!(read_all(fragments, 100).await[0].as_ref().err().map(|c| c.code), Some(close_code::TOO_BIG));
+        assert_eq!(read_all(fragments, 100).await[0].as_ref().err().map(|c| c.code), Some(CloseCode::TooBig));
         // A 64-bit length far beyond the limit is refused from the header alone.
         let mut huge = vec![0x81, 0x80 | 127];
         huge.extend_from_slice(&(1u64 << 40).to_be_bytes());
         huge.extend_from_slice(&[0; 4]);
-        assert_eq!(read_all(huge, 100).await[0].as_ref().err().map(|c| c.code), Some(close_code::TOO_BIG));
+        assert_eq!(read_all(huge, 100).await[0].as_ref().err().map(|c| c.code), Some(CloseCode::TooBig));
     }
 
     #[tokio::test]
@@ -320,7 +319,7 @@ mod tests {
         for bytes in cases {
             let got = read_all(bytes.clone(), 1024).await;
             let code = got[0].as_ref().err().map(|c| c.code);
-            assert!(matches!(code, Some(close_code::POLICY | close_code::TOO_BIG)), "{bytes:?}: {:?}", got[0]);
+            assert!(matches!(code, Some(CloseCode::Policy | CloseCode::TooBig)), "{bytes:?}: {:?}", got[0]);
         }
     }
 

@@ -6,9 +6,9 @@
 //! the channels of several subscriptions in no common order (the gateway had to merge them back
 //! into stream order), and drops messages when a channel is full. One connection's messages arrive
 //! in the order the server sent them, so here every subscription's messages go, in that order, into
-//! one bounded channel to the dispatcher. When the dispatcher falls behind, the feed stops reading
+//! one bounded channel to the router. When the router falls behind, the feed stops reading
 //! the socket: the server buffers, and if the gateway stays behind long enough the server closes the
-//! connection as a slow consumer; the feed reconnects and the dispatcher repairs every session from
+//! connection as a slow consumer; the feed reconnects and the router repairs every session from
 //! the stream. Nothing is dropped silently, and nothing is reordered.
 //!
 //! The feed also answers requests (`request`) on the same connection, so a request sent after a
@@ -34,7 +34,7 @@ use proto::ServerOp;
 
 use connect::Stream;
 
-/// What the feed hands the dispatcher, in the order it happened.
+/// What the feed hands the router, in the order it happened.
 #[derive(Debug)]
 pub(crate) enum FeedEvent {
     /// A message on one of the subscriptions.
@@ -243,7 +243,7 @@ impl FeedTask {
         }
         out.clear();
         self.connected.store(true, Ordering::Release);
-        // Queued behind the re-subscriptions, so the dispatcher repairs before anything newer.
+        // Queued behind the re-subscriptions, so the router repairs before anything newer.
         if self.events.send(FeedEvent::Connected).await.is_err() {
             return Ended::Shutdown;
         }
@@ -305,7 +305,7 @@ impl FeedTask {
         match op {
             ServerOp::Msg(message) if message.sid == REPLY_SID => self.answer(message),
             ServerOp::Msg(message) => {
-                // Waits while the dispatcher is behind: the socket is not read meanwhile.
+                // Waits while the router is behind: the socket is not read meanwhile.
                 if self.events.send(FeedEvent::Message(message)).await.is_err() {
                     return Err(Ended::Shutdown);
                 }

@@ -1,0 +1,119 @@
+//! Why a connection ends, as values: each reason carries the close code of the contract
+//! (docs/protocol.md, "Close codes") and a short text for the client and the logs.
+
+use std::borrow::Cow;
+
+use herald_shared::frame::close_code;
+
+/// The close codes the gateway sends (and 1006, which it never sends: the connection is gone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CloseCode {
+    /// 1000: a normal close.
+    Normal,
+    /// 1001: the client went silent (no frame, no pong).
+    NoHeartbeat,
+    /// 1006: the connection is gone; no close frame can be sent.
+    Abnormal,
+    /// 1008: a frame the gateway cannot parse or does not allow.
+    Policy,
+    /// 1009: a message over the size limit.
+    TooBig,
+    /// 1011: an internal error (e.g. NATS refused a subscription).
+    Internal,
+    /// 1012: the gateway is restarting.
+    Restart,
+    /// 1013: NATS was unavailable while the connection started.
+    Unavailable,
+    /// 4001: the token expired while connected.
+    TokenExpired,
+    /// 4003: an operator disconnected the connection or its user.
+    Disconnected,
+    /// 4008: the client stopped reading, or a gap could not be repaired in order.
+    SlowConsumer,
+    /// 4009: replaced by a newer session (session policy).
+    Replaced,
+    /// A code the client closed with, sent back to it.
+    Echo(u16),
+}
+
+impl CloseCode {
+    /// The number on the wire.
+    pub(crate) fn number(self) -> u16 {
+        match self {
+            CloseCode::Normal => close_code::NORMAL,
+            CloseCode::NoHeartbeat => 1001,
+            CloseCode::Abnormal => 1006,
+            CloseCode::Policy => close_code::POLICY,
+            CloseCode::TooBig => close_code::TOO_BIG,
+            CloseCode::Internal => 1011,
+            CloseCode::Restart => close_code::RESTART,
+            CloseCode::Unavailable => 1013,
+            CloseCode::TokenExpired => close_code::TOKEN_EXPIRED,
+            CloseCode::Disconnected => close_code::DISCONNECTED,
+            CloseCode::SlowConsumer => close_code::SLOW_CONSUMER,
+            CloseCode::Replaced => close_code::REPLACED,
+            CloseCode::Echo(code) => code,
+        }
+    }
+
+    /// Whether a close frame can be sent with this code (1006 means the connection is gone).
+    pub(crate) fn is_sent(self) -> bool {
+        self != CloseCode::Abnormal
+    }
+}
+
+/// How a connection ends: the code and a reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Close {
+    pub(crate) code: CloseCode,
+    pub(crate) reason: Cow<'static, str>,
+}
+
+impl Close {
+    pub(crate) fn new(code: CloseCode, reason: impl Into<Cow<'static, str>>) -> Close {
+        Close { code, reason: reason.into() }
+    }
+
+    /// The client closed with `code` (or none): answered with the same code when it may be sent
+    /// back, with 1000 otherwise.
+    pub(crate) fn by_client(code: Option<u16>) -> Close {
+        let echoable = |code: u16| matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999);
+        match code.filter(|code| echoable(*code)) {
+            Some(code) => Close::new(CloseCode::Echo(code), ""),
+            None => Close::new(CloseCode::Normal, ""),
+        }
+    }
+
+    /// The connection is gone (reset, or the gateway was killed): nothing is sent.
+    pub(crate) fn gone(reason: impl Into<Cow<'static, str>>) -> Close {
+        Close::new(CloseCode::Abnormal, reason)
+    }
+
+    pub(crate) fn restart() -> Close {
+        Close::new(CloseCode::Restart, "gateway restarting")
+    }
+
+    pub(crate) fn slow_consumer(reason: &'static str) -> Close {
+        Close::new(CloseCode::SlowConsumer, reason)
+    }
+
+    /// The number on the wire.
+    pub(crate) fn number(&self) -> u16 {
+        self.code.number()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_codes_are_echoed_only_when_they_may_be_sent() {
+        assert_eq!(Close::by_client(Some(4000)).number(), 4000);
+        assert_eq!(Close::by_client(Some(1001)).number(), 1001);
+        assert_eq!(Close::by_client(Some(1005)).number(), 1000);
+        assert_eq!(Close::by_client(Some(1015)).number(), 1000);
+        assert_eq!(Close::by_client(None).number(), 1000);
+        assert!(!Close::gone("reset").code.is_sent());
+    }
+}

@@ -1,0 +1,124 @@
+//! The seam between a session and the bytes on the wire. A session speaks in protocol-neutral
+//! terms: it sends messages and notices (`welcome`, `replayed`, errors, rpc results…) and receives
+//! [`Command`]s; a [`Codec`] turns those into one protocol's frames and back. Messages are encoded
+//! once per [`WireFormat`] in use on the gateway (see [`Message::encoded`]), never per socket.
+//!
+//! [`Message::encoded`]: crate::delivery::message::Message::encoded
+
+mod herald;
+
+use bytes::Bytes;
+use herald_shared::frame::ServerFrame;
+
+use crate::close::Close;
+use crate::delivery::message::Message;
+
+pub(crate) use herald::HeraldCodec;
+
+/// The encodings a message can have; each is computed at most once per message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WireFormat {
+    /// Herald's JSON `msg` frame in a WebSocket text frame.
+    Herald,
+}
+
+impl WireFormat {
+    /// How many formats there are (the size of a message's encoding cache).
+    pub(crate) const COUNT: usize = 1;
+
+    /// The format's slot in a message's encoding cache.
+    pub(crate) fn index(self) -> usize {
+        match self {
+            WireFormat::Herald => 0,
+        }
+    }
+}
+
+/// Encodes `message` in `format` (called once per message and format).
+pub(crate) fn encode_message(format: WireFormat, message: &Message) -> Bytes {
+    match format {
+        WireFormat::Herald => herald::encode_message(message),
+    }
+}
+
+/// What a client asks of its session, whatever protocol it speaks.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Command {
+    /// Move the device cursor forward to `seq`.
+    Ack(u64),
+    Subscribe {
+        topic: String,
+        since: Option<u64>,
+    },
+    Unsubscribe {
+        topic: String,
+    },
+    /// Call push function `function`; the answer carries `id`.
+    Rpc {
+        id: String,
+        function: String,
+        data: serde_json::Value,
+    },
+    /// An application-level ping, answered with a pong notice.
+    Ping,
+}
+
+/// A client message the codec could not turn into a command.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Refusal {
+    /// Answer with this notice (an `error`) and keep the connection.
+    Notice(Box<ServerFrame>),
+    /// Close the connection.
+    Close(Close),
+}
+
+/// One connection's protocol.
+#[derive(Debug)]
+pub(crate) enum Codec {
+    Herald(HeraldCodec),
+}
+
+impl Codec {
+    /// The wire format messages take on this connection.
+    pub(crate) fn format(&self) -> WireFormat {
+        match self {
+            Codec::Herald(_) => WireFormat::Herald,
+        }
+    }
+
+    /// The bytes of `message` for this connection (shared with every connection of the format).
+    pub(crate) fn message(&self, message: &Message) -> Bytes {
+        message.encoded(self.format()).clone()
+    }
+
+    /// The bytes of a notice (`welcome`, `replayed`, an `error`…), if the protocol has one.
+    pub(crate) fn notice(&mut self, notice: &ServerFrame) -> Option<Bytes> {
+        match self {
+            Codec::Herald(codec) => Some(codec.notice(notice)),
+        }
+    }
+
+    /// A keepalive the server sends.
+    pub(crate) fn ping(&self) -> Bytes {
+        match self {
+            Codec::Herald(_) => crate::websocket::frame::ping(),
+        }
+    }
+
+    /// The answer to a WebSocket ping carrying `payload`.
+    pub(crate) fn pong(&self, payload: &[u8]) -> Bytes {
+        crate::websocket::frame::pong(payload)
+    }
+
+    /// The last bytes before the connection ends, if any can be sent.
+    pub(crate) fn close(&self, close: &Close) -> Option<Bytes> {
+        close.code.is_sent().then(|| crate::websocket::frame::close(close.number(), &close.reason))
+    }
+
+    /// Reads one text message from the client.
+    pub(crate) fn decode(&mut self, text: &[u8]) -> Result<Command, Refusal> {
+        match self {
+            Codec::Herald(codec) => codec.decode(text),
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! One session's mailbox: what reaches it from outside its own task. The router puts the user's own
+//! (personal) messages here in stream order; other parts put events (an rpc answer, a repair after
+//! the delivery feed reconnected) and close requests (a newer session, an operator). Each put wakes
+//! the session's task through one [`Notify`], which the broadcast logs use as well.
+//!
+//! Personal messages are bounded in bytes: a session that does not take them fast enough loses the
+//! queued ones and is told so ([`Inbox::take_overflow`]); it then catches up from the stream, so
+//! nothing is lost and a slow socket never holds more than the limit here. The lock is never held
+//! across an await.
+
+use std::collections::VecDeque;
+use std::sync::{Mutex, MutexGuard};
+
+use herald_shared::frame::ServerFrame;
+use tokio::sync::Notify;
+
+use super::message::Live;
+use crate::close::Close;
+
+/// Something a session must handle that is not a message.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Event {
+    /// Messages may not have reached this gateway (its delivery feed reconnected): catch up from
+    /// the stream.
+    Repair,
+    /// A notice to send, e.g. the answer to an `rpc`.
+    Notice(ServerFrame),
+}
+
+pub(crate) struct Mailbox {
+    state: Mutex<State>,
+    /// Wakes the session's task.
+    signal: Notify,
+    /// The most bytes of personal messages held (each counted by [`Live::cost`], at most half the
+    /// limit, so that a message larger than the limit still gets through).
+    limit: usize,
+}
+
+#[derive(Default)]
+struct State {
+    personal: VecDeque<Live>,
+    bytes: usize,
+    /// Personal messages were dropped for lack of room since the session last looked.
+    overflowed: bool,
+    events: Vec<Event>,
+    close: Option<Close>,
+}
+
+impl Mailbox {
+    pub(crate) fn new(limit: usize) -> Mailbox {
+        Mailbox { state: Mutex::new(State::default()), signal: Notify::new(), limit }
+    }
+
+    /// Adds a personal message (or gap) in stream order; never blocks. Returns whether the session
+    /// must be woken ([`Mailbox::wake`]): the router wakes each session once per burst.
+    #[must_use]
+    pub(crate) fn push(&self, entry: Live) -> bool {
+        let mut state = self.lock();
+        if state.close.is_some() {
+            return false;
+        }
+        let cost = self.cost(&entry);
+        if state.bytes + cost > self.limit {
+            state.personal = VecDeque::new();
+            state.bytes = 0;
+            let first_overflow = !std::mem::replace(&mut state.overflowed, true);
+            return first_overflow;
+        }
+        let was_idle = state.personal.is_empty() && !state.overflowed;
+        state.bytes += cost;
+        state.personal.push_back(entry);
+        was_idle
+    }
+
+    /// Wakes the session's task.
+    pub(crate) fn wake(&self) {
+        self.signal.notify_one();
+    }
+
+    /// Resolves when the session was woken since it last waited (a wake-up is never lost: one
+    /// that comes while nobody waits is kept for the next wait).
+    pub(crate) async fn woken(&self) {
+        self.signal.notified().await
+    }
+
+    /// Hands the session an event.
+    pub(crate) fn push_event(&self, event: Event) {
+        let mut state = self.lock();
+        if state.close.is_some() {
+            return;
+        }
+        state.events.push(event);
+        drop(state);
+        self.wake();
+    }
+
+    /// Asks the session to close with `close`; the first request wins.
+    pub(crate) fn close(&self, close: Close) {
+        let mut state = self.lock();
+        if state.close.is_some() {
+            return;
+        }
+        state.close = Some(close);
+        state.personal = VecDeque::new();
+        state.bytes = 0;
+        drop(state);
+        self.wake();
+    }
+
+    /// The session's side: its personal messages and events, locked.
+    pub(crate) fn inbox(&self) -> Inbox<'_> {
+        Inbox { state: self.lock(), limit: self.limit }
+    }
+
+    fn cost(&self, entry: &Live) -> usize {
+        entry.cost().min(self.limit / 2)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave the state half-updated in a harmful way.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// A locked view of a mailbox for its session.
+pub(crate) struct Inbox<'a> {
+    state: MutexGuard<'a, State>,
+    limit: usize,
+}
+
+impl Inbox<'_> {
+    /// The oldest personal entry.
+    pub(crate) fn front(&self) -> Option<&Live> {
+        self.state.personal.front()
+    }
+
+    /// Takes the oldest personal entry.
+    pub(crate) fn pop(&mut self) -> Option<Live> {
+        let entry = self.state.personal.pop_front()?;
+        self.state.bytes -= entry.cost().min(self.limit / 2);
+        if self.state.personal.is_empty() {
+            // An idle session keeps no queue.
+            self.state.personal = VecDeque::new();
+        }
+        Some(entry)
+    }
+
+    /// Whether personal messages were dropped since the last call.
+    pub(crate) fn take_overflow(&mut self) -> bool {
+        std::mem::take(&mut self.state.overflowed)
+    }
+
+    /// The events since the last call.
+    pub(crate) fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.state.events)
+    }
+
+    /// The close asked for, if any.
+    pub(crate) fn close_requested(&self) -> Option<Close> {
+        self.state.close.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use herald_shared::subject::Audience;
+
+    use super::*;
+    use crate::close::CloseCode;
+    use crate::delivery::message::Message;
+
+    fn message(seq: u64, size: usize) -> Live {
+        let payload = Bytes::from(vec![b'x'; size]);
+        Live::Message(Arc::new(Message::new(seq, Audience::User("u".into()), "", "", "t", payload)))
+    }
+
+    #[test]
+    fn wakes_only_when_the_queue_was_idle() {
+        let mailbox = Mailbox::new(1 << 20);
+        assert!(mailbox.push(message(1, 10)));
+        assert!(!mailbox.push(message(2, 10)));
+        let mut inbox = mailbox.inbox();
+        assert_eq!(inbox.pop().map(|e| e.key()), Some(1));
+        assert_eq!(inbox.front().map(Live::key), Some(2));
+        inbox.pop();
+        assert!(inbox.pop().is_none());
+        drop(inbox);
+        assert!(mailbox.push(message(3, 10)));
+    }
+
+    #[test]
+    fn overflow_drops_what_is_queued_and_says_so_once() {
+        let mailbox = Mailbox::new(1000);
+        assert!(mailbox.push(message(1, 300)));
+        assert!(!mailbox.push(message(2, 300)));
+        assert!(mailbox.push(message(3, 300)), "the first overflow wakes the session");
+        assert!(!mailbox.push(message(4, 300)), "later ones are queued again, the session knows");
+        let mut inbox = mailbox.inbox();
+        assert!(inbox.take_overflow());
+        assert!(!inbox.take_overflow());
+        assert_eq!(inbox.pop().map(|e| e.key()), Some(4));
+    }
+
+    #[test]
+    fn a_message_larger_than_the_limit_counts_for_half_of_it() {
+        let mailbox = Mailbox::new(1000);
+        let _ = mailbox.push(message(1, 5000));
+        let _ = mailbox.push(message(2, 100));
+        let mut inbox = mailbox.inbox();
+        assert!(!inbox.take_overflow());
+        assert_eq!(inbox.pop().map(|e| e.key()), Some(1));
+    }
+
+    #[test]
+    fn a_close_request_drops_messages_and_keeps_the_first_reason() {
+        let mailbox = Mailbox::new(1000);
+        let _ = mailbox.push(message(1, 10));
+        mailbox.close(Close::new(CloseCode::Replaced, "newer"));
+        mailbox.close(Close::new(CloseCode::Disconnected, "operator"));
+        assert!(!mailbox.push(message(2, 10)));
+        mailbox.push_event(Event::Repair);
+        let mut inbox = mailbox.inbox();
+        assert!(inbox.front().is_none());
+        assert!(inbox.take_events().is_empty());
+        assert_eq!(inbox.close_requested().map(|c| c.code), Some(CloseCode::Replaced));
+    }
+}

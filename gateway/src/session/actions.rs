@@ -1,0 +1,102 @@
+//! Doing what a session's state machine asks ([`Action`]) and turning the results into
+//! [`Outcome`]s, as a stream the connection's task polls alongside the socket.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::{self, BoxStream};
+use herald_shared::subject::Audience;
+use tracing::warn;
+
+use super::Session;
+use super::replay::Replay;
+use super::state::{Action, Outcome};
+use crate::delivery::message;
+
+/// How long a closing session waits to note its lost messages.
+const LOSS_NOTE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The outcomes of `action`, in order.
+pub(super) fn perform(session: &Arc<Session>, action: Action) -> BoxStream<'static, Outcome> {
+    let session = session.clone();
+    match action {
+        Action::ReadBounds => {
+            once(async move { Outcome::Bounds(session.shared.bounds.read().await.map_err(|error| error.to_string())) })
+        }
+        Action::Replay { audiences, since, upto } => replay(session, audiences, since, upto),
+        Action::Attach { topic } => once(async move {
+            let shared = &session.shared;
+            let audiences = vec![Audience::Topic(topic)];
+            let attached = shared.router.attach(session.key, session.user.clone(), session.mailbox.clone(), audiences);
+            Outcome::Attached(match attached.await {
+                Ok(mut attached) => attached.logs.pop().ok_or_else(|| "no topic log".to_string()),
+                Err(error) => Err(error.to_string()),
+            })
+        }),
+        Action::Flush => once(async move {
+            if let Err(error) = session.shared.feed.flush().await {
+                warn!(user = %session.user, %error, "subscription not confirmed by NATS yet");
+            }
+            Outcome::Flushed
+        }),
+        Action::Detach { topic } => once(async move {
+            session.shared.router.detach(session.key, vec![Audience::Topic(topic)], false).await;
+            Outcome::Detached
+        }),
+        Action::NoteLost { first } => once(async move {
+            let shared = &session.shared;
+            let note = shared.cursors.mark_lost(&session.user, &session.device, first);
+            if !matches!(tokio::time::timeout(LOSS_NOTE_TIMEOUT, note).await, Ok(Ok(()))) {
+                warn!(user = %session.user, device = %session.device, first, "lost-messages note not written");
+            }
+            Outcome::Noted
+        }),
+    }
+}
+
+fn once(future: impl Future<Output = Outcome> + Send + 'static) -> BoxStream<'static, Outcome> {
+    stream::once(future).boxed()
+}
+
+/// Where a replay is.
+enum Reading {
+    Starting { session: Arc<Session>, audiences: Vec<Audience>, since: u64, upto: u64 },
+    Open(Replay),
+    Done,
+}
+
+/// The stored messages of `audiences` in `(since, upto]`, then how the replay ended.
+fn replay(session: Arc<Session>, audiences: Vec<Audience>, since: u64, upto: u64) -> BoxStream<'static, Outcome> {
+    let start = Reading::Starting { session, audiences, since, upto };
+    stream::unfold(start, |reading| async move {
+        let mut replay = match reading {
+            Reading::Done => return None,
+            Reading::Open(replay) => replay,
+            Reading::Starting { session, audiences, since, upto } => {
+                let shared = &session.shared;
+                let config = &shared.config;
+                let started = Replay::start(
+                    &shared.js,
+                    &shared.client,
+                    config.replay_method,
+                    &audiences,
+                    since,
+                    upto,
+                    config.replay_batch,
+                )
+                .await;
+                match started {
+                    Ok(replay) => replay,
+                    Err(error) => return Some((Outcome::ReplayEnded(Err(error.to_string())), Reading::Done)),
+                }
+            }
+        };
+        Some(match replay.next().await {
+            Some(Ok(stored)) => (Outcome::Replayed(message::from_stored(stored)), Reading::Open(replay)),
+            Some(Err(error)) => (Outcome::ReplayEnded(Err(error.to_string())), Reading::Done),
+            None => (Outcome::ReplayEnded(Ok(())), Reading::Done),
+        })
+    })
+    .boxed()
+}

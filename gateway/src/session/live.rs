@@ -1,0 +1,238 @@
+//! A session's live sources: its mailbox (the user's own messages) and the broadcast logs it reads
+//! (`push.all`, its topics), each log at the session's own position. [`LiveSources::pull`] merges
+//! them in stream order up to the router's watermark, so a message is never sent before an older
+//! one that is still on its way through the router.
+
+use std::sync::Arc;
+
+use herald_shared::subject::Audience;
+
+use crate::delivery::log::{Log, LogView};
+use crate::delivery::mailbox::Mailbox;
+use crate::delivery::message::Live;
+use crate::delivery::router::LogStart;
+
+/// What pulling finds, in stream order.
+#[derive(Debug)]
+pub(crate) enum Found<'a> {
+    /// The next message (or gap) in stream order.
+    Entry(&'a Live),
+    /// A log evicted entries before this session read them; `last_evicted` is the newest.
+    Evicted { last_evicted: u64 },
+    /// The mailbox dropped personal messages for lack of room.
+    Overflowed,
+}
+
+/// Whether to go on pulling after an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flow {
+    Continue,
+    Stop,
+}
+
+/// A log this session reads.
+struct LogSource {
+    audience: Audience,
+    log: Arc<Log>,
+    /// The log's wake-up round this session last parked in.
+    parked_round: u64,
+}
+
+pub(crate) struct LiveSources {
+    mailbox: Arc<Mailbox>,
+    logs: Vec<LogSource>,
+    /// `positions[i]`: the next position to read in `logs[i]` (kept apart so that the logs can stay
+    /// borrowed while positions move).
+    positions: Vec<u64>,
+}
+
+impl LiveSources {
+    pub(crate) fn new(mailbox: Arc<Mailbox>, starts: Vec<LogStart>) -> LiveSources {
+        let mut sources = LiveSources { mailbox, logs: Vec::new(), positions: Vec::new() };
+        for start in starts {
+            sources.add(start);
+        }
+        sources
+    }
+
+    pub(crate) fn mailbox(&self) -> &Arc<Mailbox> {
+        &self.mailbox
+    }
+
+    /// Reads one more log from its `position` on (a topic joined).
+    pub(crate) fn add(&mut self, start: LogStart) {
+        self.remove(&start.audience);
+        self.logs.push(LogSource { audience: start.audience, log: start.log, parked_round: 0 });
+        self.positions.push(start.position);
+    }
+
+    /// Stops reading the log of `audience` (a topic left).
+    pub(crate) fn remove(&mut self, audience: &Audience) {
+        if let Some(index) = self.logs.iter().position(|source| source.audience == *audience) {
+            self.logs.swap_remove(index);
+            self.positions.swap_remove(index);
+        }
+    }
+
+    /// Visits, in stream order, every entry with a key up to `watermark`, each once, until `visit`
+    /// says stop (the entry it stops at is consumed). Evictions and overflows come first.
+    pub(crate) fn pull(&mut self, watermark: u64, mut visit: impl FnMut(Found<'_>) -> Flow) {
+        let mut inbox = self.mailbox.inbox();
+        if inbox.take_overflow() && visit(Found::Overflowed) == Flow::Stop {
+            return;
+        }
+        let views: Vec<LogView<'_>> = self.logs.iter().map(|source| source.log.view()).collect();
+        for (view, position) in views.iter().zip(self.positions.iter_mut()) {
+            if *position < view.first() {
+                *position = view.first();
+                if visit(Found::Evicted { last_evicted: view.last_evicted() }) == Flow::Stop {
+                    return;
+                }
+            }
+        }
+        loop {
+            // The source whose next entry comes first, among those up to the watermark.
+            let mut next: Option<(Option<usize>, u64)> = None;
+            if let Some(entry) = inbox.front()
+                && entry.key() <= watermark
+            {
+                next = Some((None, entry.key()));
+            }
+            for (index, view) in views.iter().enumerate() {
+                if let Some(entry) = view.get(self.positions[index])
+                    && entry.key() <= watermark
+                    && next.is_none_or(|(_, key)| entry.key() < key)
+                {
+                    next = Some((Some(index), entry.key()));
+                }
+            }
+            let flow = match next {
+                None => return,
+                Some((None, _)) => match inbox.pop() {
+                    Some(entry) => visit(Found::Entry(&entry)),
+                    None => return,
+                },
+                Some((Some(index), _)) => {
+                    let position = self.positions[index];
+                    self.positions[index] += 1;
+                    match views[index].get(position) {
+                        Some(entry) => visit(Found::Entry(entry)),
+                        None => return,
+                    }
+                }
+            };
+            if flow == Flow::Stop {
+                return;
+            }
+        }
+    }
+
+    /// Asks every log to wake the session at its next append (the mailbox wakes it anyway).
+    pub(crate) fn park(&mut self) {
+        for source in &mut self.logs {
+            source.log.park(&self.mailbox, &mut source.parked_round);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::delivery::log::LogLimits;
+    use crate::delivery::message::Message;
+
+    fn message(seq: u64, audience: Audience) -> Live {
+        Live::Message(Arc::new(Message::new(seq, audience, "", "", "t", Bytes::from_static(b"x"))))
+    }
+
+    fn log(entries: usize) -> Arc<Log> {
+        Arc::new(Log::new(LogLimits { entries, bytes: 1 << 20 }))
+    }
+
+    fn start(audience: Audience, log: &Arc<Log>) -> LogStart {
+        LogStart { audience, log: log.clone(), position: log.end() }
+    }
+
+    /// Keys visited (evictions as `E<last evicted>`, overflows as `O`), up to `watermark`.
+    fn keys(sources: &mut LiveSources, watermark: u64) -> Vec<String> {
+        let mut seen = Vec::new();
+        sources.pull(watermark, |found| {
+            seen.push(match found {
+                Found::Entry(Live::Message(m)) => m.seq.to_string(),
+                Found::Entry(Live::Gap { first, last }) => format!("gap{first}-{last}"),
+                Found::Evicted { last_evicted } => format!("E{last_evicted}"),
+                Found::Overflowed => "O".into(),
+            });
+            Flow::Continue
+        });
+        seen
+    }
+
+    #[test]
+    fn merges_personal_and_broadcast_messages_in_stream_order_up_to_the_watermark() {
+        let mailbox = Arc::new(Mailbox::new(1 << 20));
+        let (all, news) = (log(100), log(100));
+        let mut sources = LiveSources::new(
+            mailbox.clone(),
+            vec![start(Audience::All, &all), start(Audience::Topic("n".into()), &news)],
+        );
+        for seq in [2, 5, 9] {
+            all.append(message(seq, Audience::All));
+        }
+        news.append(message(3, Audience::Topic("n".into())));
+        news.append(Live::Gap { first: 6, last: 7 });
+        news.append(message(8, Audience::Topic("n".into())));
+        for seq in [1, 4, 10] {
+            let _ = mailbox.push(message(seq, Audience::User("u".into())));
+        }
+        assert_eq!(keys(&mut sources, 8), ["1", "2", "3", "4", "5", "gap6-7", "8"]);
+        assert_eq!(keys(&mut sources, 10), ["9", "10"]);
+        assert!(keys(&mut sources, 10).is_empty());
+    }
+
+    #[test]
+    fn a_session_that_fell_out_of_a_window_learns_what_was_evicted() {
+        let mailbox = Arc::new(Mailbox::new(1 << 20));
+        let all = log(2);
+        let mut sources = LiveSources::new(mailbox, vec![start(Audience::All, &all)]);
+        for seq in 1..=5 {
+            all.append(message(seq, Audience::All));
+        }
+        assert_eq!(keys(&mut sources, 5), ["E3", "4", "5"]);
+    }
+
+    #[test]
+    fn an_overflowed_mailbox_is_reported_first() {
+        let mailbox = Arc::new(Mailbox::new(400));
+        let mut sources = LiveSources::new(mailbox.clone(), Vec::new());
+        // Two fit; the third overflows and is dropped with them; the fourth is queued again.
+        for seq in 1..=4 {
+            let _ = mailbox.push(message(seq, Audience::User("u".into())));
+        }
+        assert_eq!(keys(&mut sources, 4), ["O", "4"]);
+    }
+
+    #[test]
+    fn stopping_consumes_only_the_entry_stopped_at() {
+        let mailbox = Arc::new(Mailbox::new(1 << 20));
+        let all = log(10);
+        let mut sources = LiveSources::new(mailbox, vec![start(Audience::All, &all)]);
+        for seq in 1..=3 {
+            all.append(message(seq, Audience::All));
+        }
+        let mut first = Vec::new();
+        sources.pull(3, |found| {
+            if let Found::Entry(entry) = found {
+                first.push(entry.key());
+            }
+            Flow::Stop
+        });
+        assert_eq!(first, [1]);
+        assert_eq!(keys(&mut sources, 3), ["2", "3"]);
+        sources.remove(&Audience::All);
+        all.append(message(4, Audience::All));
+        assert!(keys(&mut sources, 4).is_empty());
+    }
+}

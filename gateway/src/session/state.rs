@@ -1,0 +1,674 @@
+//! The rules that make one connection exact, as a state machine with no sockets, NATS or clocks
+//! inside (the connection's task in [`super`] does the I/O and feeds the results back).
+//!
+//! - `msg`s leave in increasing `seq`, each at most once: `last_sent` only grows, and anything at
+//!   or below it is a duplicate.
+//! - Live messages come from the session's [`LiveSources`], merged in stream order up to the
+//!   router's watermark. While a replay runs, live sources are not read ("held"): they keep what
+//!   arrives, and reading resumes after the replay, past what it sent.
+//! - Whatever may have been lost on the way, a gap on a subject, a broadcast log that evicted
+//!   entries the session had not read, a mailbox that overflowed, the delivery feed reconnecting,
+//!   is repaired by a replay from `last_sent`, unless the missing messages are older than one
+//!   already sent: then they cannot be delivered in order any more, the loss is noted for the
+//!   client's resume and the connection closes with 4008.
+//! - Work that needs the stream (the first replay, repairs, topic joins) runs one job at a time,
+//!   in the order asked: each job is a sequence of [`Action`]s whose [`Outcome`]s come back.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use herald_shared::frame::{ServerFrame, error_code};
+use herald_shared::id::{IdKind, check_id, topic_allowed};
+use herald_shared::subject::Audience;
+
+use super::bounds::Bounds;
+use super::live::{Flow, Found, LiveSources};
+use super::replay;
+use crate::close::{Close, CloseCode};
+use crate::cluster::user::LocalUser;
+use crate::codec::Codec;
+use crate::delivery::mailbox::Event;
+use crate::delivery::message::{Live, Message};
+use crate::delivery::router::LogStart;
+
+/// Bytes queued for the socket above which the session stops taking more (live or replayed) until
+/// the writer catches up.
+const HIGH_WATER: usize = 256 * 1024;
+
+/// Where a connection starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Start {
+    /// Replay what came after `requested` (a `since`, or the device's cursor); `lost_from`: a
+    /// previous connection noted that messages from there on were lost.
+    Resume { requested: u64, lost_from: Option<u64> },
+    /// Live from the stream's end.
+    Live,
+}
+
+/// What a session starts with.
+pub(crate) struct Params {
+    pub(crate) user: Arc<str>,
+    pub(crate) local: Arc<LocalUser>,
+    pub(crate) codec: Codec,
+    pub(crate) sources: LiveSources,
+    /// The topics subscribed at connect.
+    pub(crate) topics: Vec<String>,
+    /// The token's `topics` claim.
+    pub(crate) allowed_topics: Vec<String>,
+    pub(crate) max_topics: usize,
+    /// The stream's per-subject limit (to tell whether a replay may miss trimmed messages).
+    pub(crate) per_subject_cap: i64,
+    pub(crate) welcome: ServerFrame,
+    /// The stream's bounds, read after the session's subscriptions.
+    pub(crate) bounds: Bounds,
+    pub(crate) start: Start,
+}
+
+/// I/O the session needs; its result comes back as an [`Outcome`].
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Action {
+    /// Read the stream's bounds on the delivery connection (after every subscription made).
+    ReadBounds,
+    /// Read back the stored messages of `audiences` with `since < seq <= upto`, in order.
+    Replay { audiences: Vec<Audience>, since: u64, upto: u64 },
+    /// Subscribe the session to `topic`.
+    Attach { topic: String },
+    /// Wait until NATS has the subscriptions made so far.
+    Flush,
+    /// Unsubscribe the session from `topic`.
+    Detach { topic: String },
+    /// Note for the device's next resume that messages from `first` on were lost.
+    NoteLost { first: u64 },
+}
+
+/// The result of an [`Action`].
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    Bounds(Result<Bounds, String>),
+    /// One replayed message, in order.
+    Replayed(Message),
+    /// The replay read everything (or failed).
+    ReplayEnded(Result<(), String>),
+    Attached(Result<LogStart, String>),
+    /// NATS has the subscriptions (or the feed is down: it re-subscribes and repairs when back).
+    Flushed,
+    Detached,
+    Noted,
+}
+
+/// Counts for the gateway's metrics, taken with [`SessionState::take_tally`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Tally {
+    pub(crate) delivered: u64,
+    pub(crate) delivered_bytes: u64,
+    pub(crate) replays: u64,
+    pub(crate) replayed: u64,
+    pub(crate) replays_incomplete: u64,
+    pub(crate) repairs: u64,
+    pub(crate) unrepairable: u64,
+}
+
+/// Work that needs the stream or the router, run one at a time.
+#[derive(Debug, Clone, PartialEq)]
+enum Job {
+    /// The connection's first replay.
+    Resume {
+        since: u64,
+        requested: u64,
+        lost_from: Option<u64>,
+    },
+    /// Catch up from `last_sent`: messages may not have reached the session.
+    Repair,
+    /// Messages from `first` on were missed behind newer ones.
+    Lost {
+        first: u64,
+    },
+    Subscribe {
+        topic: String,
+        since: Option<u64>,
+    },
+    Unsubscribe {
+        topic: String,
+    },
+}
+
+impl Job {
+    /// Whether live delivery waits for this job from the moment it is queued.
+    fn holds_live(&self) -> bool {
+        matches!(self, Job::Resume { .. } | Job::Repair | Job::Lost { .. })
+    }
+}
+
+/// What the running job waits for.
+#[derive(Debug)]
+enum Step {
+    Bounds(AfterBounds),
+    Replay(ReplayRun),
+    Attach { topic: String, since: Option<u64> },
+    Flush { topic: String },
+    Detach { topic: String },
+    NoteLost,
+}
+
+/// What reading the bounds is for.
+#[derive(Debug, Clone)]
+enum AfterBounds {
+    Repair,
+    TopicReplay { topic: String, requested: u64 },
+}
+
+/// What a replay is for, which decides where its messages go.
+#[derive(Debug, Clone)]
+enum Purpose {
+    /// The first replay: in order, then a `replayed` frame.
+    Resume { requested: u64, lost_from: Option<u64> },
+    /// In order, silently; incomplete means messages were lost: 4008.
+    CatchUp,
+    /// A topic joined with `since`: its messages up to `last_sent` go out now as a block of their
+    /// own (the others come with the catch-up that follows), then a `replayed` frame with the topic.
+    TopicBlock { topic: String, requested: u64 },
+}
+
+#[derive(Debug)]
+struct ReplayRun {
+    purpose: Purpose,
+    audiences: Vec<Audience>,
+    since: u64,
+    bounds: Bounds,
+    /// Messages read per audience (to tell whether the per-subject limit may have trimmed some).
+    per_audience: Vec<u64>,
+    sent: u64,
+    last: Option<u64>,
+}
+
+/// What live pulling decided about a loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Repair,
+    Lost { first: u64 },
+}
+
+pub(crate) struct SessionState {
+    user: Arc<str>,
+    local: Arc<LocalUser>,
+    codec: Codec,
+    sources: LiveSources,
+    /// The highest `seq` sent in order: the connection's resume point as far as the gateway knows.
+    last_sent: u64,
+    /// Everything addressed to the connection up to here was sent (or was the client's already).
+    complete_through: u64,
+    /// Frames for the socket, in order.
+    frames: VecDeque<Bytes>,
+    frame_bytes: usize,
+    jobs: VecDeque<Job>,
+    step: Option<Step>,
+    /// The action that starts `step`, until the task takes it.
+    action: Option<Action>,
+    topics: BTreeSet<String>,
+    allowed_topics: Vec<String>,
+    max_topics: usize,
+    per_subject_cap: i64,
+    close: Option<Close>,
+    tally: Tally,
+}
+
+impl SessionState {
+    /// A session that has sent nothing yet: `welcome` is queued, then the first replay, if any.
+    pub(crate) fn new(params: Params) -> SessionState {
+        let Params { user, local, codec, sources, topics, allowed_topics, max_topics, per_subject_cap, .. } = params;
+        let mut state = SessionState {
+            user,
+            local,
+            codec,
+            sources,
+            last_sent: params.bounds.last,
+            complete_through: params.bounds.last,
+            frames: VecDeque::new(),
+            frame_bytes: 0,
+            jobs: VecDeque::new(),
+            step: None,
+            action: None,
+            topics: topics.into_iter().collect(),
+            allowed_topics,
+            max_topics,
+            per_subject_cap,
+            close: None,
+            tally: Tally::default(),
+        };
+        state.notice(&params.welcome);
+        if let Start::Resume { requested, lost_from } = params.start {
+            // A client ahead of the stream (a replaced stream, a bogus `since`) gets what comes next.
+            let since = requested.min(params.bounds.last);
+            state.last_sent = since;
+            state.complete_through = since;
+            state.start_replay(Purpose::Resume { requested, lost_from }, state.audiences(), since, params.bounds);
+            state.jobs.push_back(Job::Resume { since, requested, lost_from });
+        }
+        state
+    }
+
+    /// Everything this connection receives: its user, `push.all`, its topics.
+    pub(crate) fn audiences(&self) -> Vec<Audience> {
+        audiences_of(&self.user, self.topics.iter())
+    }
+
+    /// The highest `seq` sent: a client cannot acknowledge more.
+    pub(crate) fn last_sent(&self) -> u64 {
+        self.last_sent
+    }
+
+    /// Why the connection must close, once it must.
+    pub(crate) fn closing(&self) -> Option<&Close> {
+        self.close.as_ref()
+    }
+
+    /// Closes the connection (the first reason wins); what was not written yet is dropped, the
+    /// client resumes from the last `seq` it received.
+    pub(crate) fn close(&mut self, close: Close) {
+        if self.close.is_none() {
+            self.close = Some(close);
+            self.frames = VecDeque::new();
+            self.frame_bytes = 0;
+        }
+    }
+
+    /// Whether there is room for more frames (live or replayed).
+    pub(crate) fn has_room(&self) -> bool {
+        self.frame_bytes < HIGH_WATER && self.close.is_none()
+    }
+
+    /// Whether frames wait for the socket.
+    pub(crate) fn has_frames(&self) -> bool {
+        !self.frames.is_empty()
+    }
+
+    /// Moves up to `max_frames` queued frames (and about `max_bytes`) into `batch`.
+    pub(crate) fn take_frames(&mut self, batch: &mut Vec<Bytes>, max_frames: usize, max_bytes: usize) {
+        let mut bytes = 0;
+        while batch.len() < max_frames && bytes < max_bytes {
+            let Some(frame) = self.frames.pop_front() else { break };
+            bytes += frame.len();
+            self.frame_bytes -= frame.len();
+            batch.push(frame);
+        }
+        if self.frames.is_empty() {
+            // An idle session keeps no queue.
+            self.frames = VecDeque::new();
+        }
+    }
+
+    /// Queues a frame the transport made (a pong, a ping).
+    pub(crate) fn push_frame(&mut self, frame: Bytes) {
+        if self.close.is_none() {
+            self.frame_bytes += frame.len();
+            self.frames.push_back(frame);
+        }
+    }
+
+    /// Queues a notice in the connection's protocol.
+    pub(crate) fn notice(&mut self, notice: &ServerFrame) {
+        if let Some(frame) = self.codec.notice(notice) {
+            self.push_frame(frame);
+        }
+    }
+
+    pub(crate) fn codec(&self) -> &Codec {
+        &self.codec
+    }
+
+    pub(crate) fn codec_mut(&mut self) -> &mut Codec {
+        &mut self.codec
+    }
+
+    /// The counts since the last call.
+    pub(crate) fn take_tally(&mut self) -> Tally {
+        std::mem::take(&mut self.tally)
+    }
+
+    /// A client's `sub`.
+    pub(crate) fn subscribe(&mut self, topic: String, since: Option<u64>) {
+        self.jobs.push_back(Job::Subscribe { topic, since });
+    }
+
+    /// A client's `unsub`.
+    pub(crate) fn unsubscribe(&mut self, topic: String) {
+        self.jobs.push_back(Job::Unsubscribe { topic });
+    }
+
+    /// Handles what the mailbox holds besides messages (events, a close request), then, unless
+    /// a job holds live delivery, the live messages up to `watermark`, while there is room.
+    pub(crate) fn pull(&mut self, watermark: u64) {
+        if self.close.is_some() {
+            return;
+        }
+        let (events, close) = {
+            let mut inbox = self.sources.mailbox().inbox();
+            (inbox.take_events(), inbox.close_requested())
+        };
+        if let Some(close) = close {
+            self.close(close);
+        }
+        for event in events {
+            match event {
+                Event::Repair => self.queue_repair(),
+                Event::Notice(notice) => self.notice(&notice),
+            }
+        }
+        if self.holds_live() || !self.has_room() {
+            return;
+        }
+        let muted = self.local.muted();
+        let mut live = LivePull {
+            codec: &self.codec,
+            muted: &muted,
+            last_sent: &mut self.last_sent,
+            complete_through: self.complete_through,
+            frames: &mut self.frames,
+            frame_bytes: &mut self.frame_bytes,
+            tally: &mut self.tally,
+            verdict: None,
+        };
+        self.sources.pull(watermark, |found| live.take(found));
+        match live.verdict {
+            Some(Verdict::Repair) => self.queue_repair(),
+            Some(Verdict::Lost { first }) => {
+                self.tally.unrepairable += 1;
+                // Next, after the job that runs (if any).
+                self.jobs.insert(usize::from(self.step.is_some()), Job::Lost { first });
+            }
+            None => {}
+        }
+    }
+
+    /// Asks to be woken when a broadcast log the session reads grows (before the task waits).
+    pub(crate) fn park(&mut self) {
+        self.sources.park();
+    }
+
+    /// The next I/O to do, if any: the current step's, or the first step of the next job.
+    pub(crate) fn poll_action(&mut self) -> Option<Action> {
+        if self.close.is_some() {
+            return None;
+        }
+        if let Some(action) = self.action.take() {
+            return Some(action);
+        }
+        while self.step.is_none() {
+            let job = self.jobs.front()?.clone();
+            self.start(job);
+            if self.step.is_none() {
+                // Done at once (a refused `sub`, an `unsub` of an unknown topic).
+                self.jobs.pop_front();
+            }
+        }
+        self.action.take()
+    }
+
+    /// The result of the last action.
+    pub(crate) fn on_outcome(&mut self, outcome: Outcome) {
+        if self.close.is_some() {
+            return;
+        }
+        let Some(step) = self.step.take() else { return };
+        match (step, outcome) {
+            (Step::Replay(mut run), Outcome::Replayed(message)) => {
+                self.replayed(&mut run, message);
+                self.step = Some(Step::Replay(run));
+            }
+            (Step::Replay(run), Outcome::ReplayEnded(Ok(()))) => self.replay_ended(run),
+            (Step::Replay(_), Outcome::ReplayEnded(Err(error))) => {
+                self.close(Close::new(CloseCode::Unavailable, error));
+            }
+            (Step::Bounds(after), Outcome::Bounds(Ok(bounds))) => self.bounds_read(after, bounds),
+            (Step::Bounds(_), Outcome::Bounds(Err(error))) => self.close(Close::new(CloseCode::Unavailable, error)),
+            (Step::Attach { topic, since }, Outcome::Attached(attached)) => self.attached(topic, since, attached),
+            (Step::Flush { topic }, Outcome::Flushed) => {
+                // A feed that is down re-subscribes and repairs on reconnection: promise delivery.
+                self.notice(&ServerFrame::Subscribed { topic });
+                self.job_done();
+            }
+            (Step::Detach { topic }, Outcome::Detached) => {
+                self.notice(&ServerFrame::Unsubscribed { topic });
+                self.job_done();
+            }
+            (Step::NoteLost, Outcome::Noted) => {
+                self.close(Close::slow_consumer("messages missed: reconnect with since"));
+            }
+            (step, outcome) => {
+                debug_assert!(false, "outcome {outcome:?} does not answer {step:?}");
+                self.step = Some(step);
+            }
+        }
+    }
+
+    fn holds_live(&self) -> bool {
+        matches!(self.step, Some(Step::Bounds(_) | Step::Replay(_) | Step::NoteLost))
+            || self.jobs.iter().any(Job::holds_live)
+    }
+
+    fn queue_repair(&mut self) {
+        // One waiting repair covers every later reason: it reads the stream's bounds when it starts.
+        let waiting = self.jobs.iter().skip(usize::from(self.step.is_some())).any(|job| *job == Job::Repair);
+        if !waiting {
+            self.tally.repairs += 1;
+            self.jobs.push_back(Job::Repair);
+        }
+    }
+
+    fn start(&mut self, job: Job) {
+        match job {
+            // Started by `new`.
+            Job::Resume { .. } => {}
+            Job::Repair => self.begin(Step::Bounds(AfterBounds::Repair), Action::ReadBounds),
+            Job::Lost { first } => self.begin(Step::NoteLost, Action::NoteLost { first }),
+            Job::Subscribe { topic, since } => self.start_subscribe(topic, since),
+            Job::Unsubscribe { topic } => {
+                if self.topics.remove(&topic) {
+                    let audience = Audience::Topic(topic.clone());
+                    self.sources.remove(&audience);
+                    let action = Action::Detach { topic: topic.clone() };
+                    self.begin(Step::Detach { topic }, action);
+                } else {
+                    self.notice(&ServerFrame::Unsubscribed { topic });
+                }
+            }
+        }
+    }
+
+    fn begin(&mut self, step: Step, action: Action) {
+        self.step = Some(step);
+        self.action = Some(action);
+    }
+
+    fn job_done(&mut self) {
+        self.step = None;
+        self.jobs.pop_front();
+    }
+
+    fn start_subscribe(&mut self, topic: String, since: Option<u64>) {
+        let refuse = |code: &str, message: String| ServerFrame::topic_error(code, message, &topic);
+        let refusal = if let Err(error) = check_id(IdKind::Topic, &topic) {
+            Some(refuse(error_code::BAD_REQUEST, error.to_string()))
+        } else if !topic_allowed(&self.allowed_topics, &topic) {
+            Some(refuse(error_code::FORBIDDEN, format!("the token does not allow topic {topic}")))
+        } else if !self.topics.contains(&topic) && self.topics.len() >= self.max_topics {
+            Some(refuse(error_code::BAD_REQUEST, format!("at most {} topics per connection", self.max_topics)))
+        } else {
+            None
+        };
+        match refusal {
+            Some(notice) => self.notice(&notice),
+            None => {
+                let action = Action::Attach { topic: topic.clone() };
+                self.begin(Step::Attach { topic, since }, action);
+            }
+        }
+    }
+
+    fn attached(&mut self, topic: String, since: Option<u64>, attached: Result<LogStart, String>) {
+        let start = match attached {
+            Ok(start) => start,
+            Err(error) => {
+                self.notice(&ServerFrame::topic_error(error_code::UNAVAILABLE, error, &topic));
+                return self.job_done();
+            }
+        };
+        if !self.topics.contains(&topic) {
+            self.sources.add(start);
+            self.topics.insert(topic.clone());
+        }
+        match since {
+            // `subscribed` promises live delivery: the subscription must be on the server first.
+            None => self.begin(Step::Flush { topic }, Action::Flush),
+            Some(requested) => {
+                // Reading the bounds below puts the subscription on the server first.
+                self.notice(&ServerFrame::Subscribed { topic: topic.clone() });
+                self.begin(Step::Bounds(AfterBounds::TopicReplay { topic, requested }), Action::ReadBounds);
+            }
+        }
+    }
+
+    fn bounds_read(&mut self, after: AfterBounds, bounds: Bounds) {
+        match after {
+            AfterBounds::Repair => self.start_replay(Purpose::CatchUp, self.audiences(), self.last_sent, bounds),
+            AfterBounds::TopicReplay { topic, requested } => {
+                let audiences = vec![Audience::Topic(topic.clone())];
+                let since = requested.min(bounds.last);
+                self.start_replay(Purpose::TopicBlock { topic, requested }, audiences, since, bounds);
+            }
+        }
+    }
+
+    fn start_replay(&mut self, purpose: Purpose, audiences: Vec<Audience>, since: u64, bounds: Bounds) {
+        self.tally.replays += 1;
+        let action = Action::Replay { audiences: audiences.clone(), since, upto: bounds.last };
+        let per_audience = vec![0; audiences.len()];
+        let run = ReplayRun { purpose, audiences, since, bounds, per_audience, sent: 0, last: None };
+        self.begin(Step::Replay(run), action);
+    }
+
+    fn replayed(&mut self, run: &mut ReplayRun, message: Message) {
+        if let Some(index) = run.audiences.iter().position(|audience| *audience == message.audience) {
+            run.per_audience[index] += 1;
+        }
+        if message.is_muted(&self.local.muted()) {
+            return;
+        }
+        match run.purpose {
+            Purpose::Resume { .. } | Purpose::CatchUp => {
+                if message.seq <= self.last_sent {
+                    return;
+                }
+                self.last_sent = message.seq;
+                self.push_frame(self.codec.message(&message));
+            }
+            Purpose::TopicBlock { .. } => {
+                // Newer ones come with the catch-up, in order.
+                if message.seq <= self.last_sent {
+                    self.push_frame(self.codec.message(&message));
+                }
+            }
+        }
+        run.sent += 1;
+        run.last = Some(message.seq);
+    }
+
+    fn replay_ended(&mut self, run: ReplayRun) {
+        self.tally.replayed += run.sent;
+        let upto = run.bounds.last;
+        let mut complete = replay::complete(run.bounds.first, run.since, self.per_subject_cap, &run.per_audience);
+        let report = |complete: bool, topic: Option<String>| ServerFrame::Replayed {
+            from: run.since + 1,
+            to: run.last.unwrap_or(run.since),
+            count: run.sent,
+            complete,
+            topic,
+        };
+        match run.purpose {
+            Purpose::Resume { requested, lost_from } => {
+                // Messages the previous connection missed before `since` are not in this replay.
+                complete &= requested <= upto && lost_from.is_none_or(|first| first > run.since);
+                self.caught_up_to(upto);
+                self.notice(&report(complete, None));
+                self.job_done();
+            }
+            Purpose::CatchUp if complete => {
+                self.caught_up_to(upto);
+                self.job_done();
+            }
+            Purpose::CatchUp => self.close(Close::slow_consumer("messages missed: reconnect with since")),
+            Purpose::TopicBlock { topic, requested } => {
+                complete &= requested <= upto;
+                self.notice(&report(complete, Some(topic)));
+                self.start_replay(Purpose::CatchUp, self.audiences(), self.last_sent, run.bounds);
+            }
+        }
+        self.tally.replays_incomplete += u64::from(!complete);
+    }
+
+    /// A replay read everything addressed to the connection up to `upto`.
+    fn caught_up_to(&mut self, upto: u64) {
+        self.last_sent = self.last_sent.max(upto);
+        self.complete_through = self.complete_through.max(upto);
+    }
+}
+
+/// Everything a connection of `user` subscribed to `topics` receives.
+pub(crate) fn audiences_of<'a>(user: &str, topics: impl Iterator<Item = &'a String>) -> Vec<Audience> {
+    let mut audiences = vec![Audience::User(user.to_string()), Audience::All];
+    audiences.extend(topics.cloned().map(Audience::Topic));
+    audiences
+}
+
+/// Taking live entries into the session's frames.
+struct LivePull<'a> {
+    codec: &'a Codec,
+    muted: &'a [Box<str>],
+    last_sent: &'a mut u64,
+    complete_through: u64,
+    frames: &'a mut VecDeque<Bytes>,
+    frame_bytes: &'a mut usize,
+    tally: &'a mut Tally,
+    verdict: Option<Verdict>,
+}
+
+impl LivePull<'_> {
+    fn take(&mut self, found: Found<'_>) -> Flow {
+        match found {
+            Found::Entry(Live::Message(message)) => {
+                if message.seq <= *self.last_sent || message.is_muted(self.muted) {
+                    return Flow::Continue;
+                }
+                let frame = self.codec.message(message);
+                *self.last_sent = message.seq;
+                *self.frame_bytes += frame.len();
+                self.tally.delivered += 1;
+                self.tally.delivered_bytes += frame.len() as u64;
+                self.frames.push_back(frame);
+                if *self.frame_bytes >= HIGH_WATER { Flow::Stop } else { Flow::Continue }
+            }
+            Found::Entry(Live::Gap { first, last }) => self.gap(*first, *last),
+            Found::Evicted { last_evicted } if last_evicted <= *self.last_sent => Flow::Continue,
+            Found::Evicted { .. } | Found::Overflowed => self.decide(Verdict::Repair),
+        }
+    }
+
+    /// Messages `first..=last` of one subject never reached the gateway. Those a replay covered
+    /// are no loss; the others are repaired, unless something newer was sent already.
+    fn gap(&mut self, first: u64, last: u64) -> Flow {
+        let uncovered = first.max(self.complete_through + 1);
+        if uncovered > last {
+            Flow::Continue
+        } else if *self.last_sent >= uncovered {
+            self.decide(Verdict::Lost { first: uncovered })
+        } else {
+            self.decide(Verdict::Repair)
+        }
+    }
+
+    fn decide(&mut self, verdict: Verdict) -> Flow {
+        self.verdict = Some(verdict);
+        Flow::Stop
+    }
+}

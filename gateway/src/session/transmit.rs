@@ -1,0 +1,157 @@
+//! Writing to the socket: a batch of frames goes out in as few vectored writes as the socket
+//! allows. The write is a poll function over state kept here, so the connection's task can wait on
+//! it in a `select!` with everything else and pick it up again where it left off.
+
+use std::future::poll_fn;
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+/// Slices handed to one `writev` at most.
+const MAX_SLICES: usize = 64;
+
+pub(crate) struct Transmit<W> {
+    io: W,
+    /// The frames being written.
+    batch: Vec<Bytes>,
+    /// Frames of `batch` fully written.
+    done: usize,
+    /// Bytes of `batch[done]` written.
+    offset: usize,
+    /// When the socket last took bytes (or the batch started): a client that reads nothing for
+    /// long is closed as a slow consumer.
+    progressed: Instant,
+}
+
+impl<W: AsyncWrite + Unpin> Transmit<W> {
+    pub(crate) fn new(io: W) -> Transmit<W> {
+        Transmit { io, batch: Vec::new(), done: 0, offset: 0, progressed: Instant::now() }
+    }
+
+    /// Whether a batch is being written.
+    pub(crate) fn is_busy(&self) -> bool {
+        self.done < self.batch.len()
+    }
+
+    /// Starts a batch: `fill` adds its frames (nothing may be in flight).
+    pub(crate) fn start(&mut self, fill: impl FnOnce(&mut Vec<Bytes>)) {
+        debug_assert!(!self.is_busy());
+        self.batch.clear();
+        (self.done, self.offset) = (0, 0);
+        fill(&mut self.batch);
+        self.progressed = Instant::now();
+    }
+
+    /// Since when the batch in flight has made no progress, if one is in flight.
+    pub(crate) fn stalled_since(&self) -> Option<Instant> {
+        self.is_busy().then_some(self.progressed)
+    }
+
+    /// Writes the batch in flight to its end.
+    pub(crate) async fn flush(&mut self) -> std::io::Result<()> {
+        poll_fn(|cx| self.poll_flush(cx)).await
+    }
+
+    /// Finishes the batch in flight (a frame must never be cut), then writes `last` and shuts the
+    /// socket down, all within `limit`.
+    pub(crate) async fn finish(&mut self, last: Option<Bytes>, limit: Duration) {
+        let _ = tokio::time::timeout(limit, async {
+            self.flush().await?;
+            if let Some(last) = last {
+                self.io.write_all(&last).await?;
+            }
+            self.io.shutdown().await
+        })
+        .await;
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while self.is_busy() {
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            let mut count = 0;
+            for (slice, frame) in slices.iter_mut().zip(&self.batch[self.done..]) {
+                let skip = if count == 0 { self.offset } else { 0 };
+                *slice = IoSlice::new(&frame[skip..]);
+                count += 1;
+            }
+            let written = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..count]))?;
+            if written == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.advance(written);
+            self.progressed = Instant::now();
+        }
+        // Frames are freed as soon as they are written; an idle socket keeps no batch.
+        self.batch = Vec::new();
+        (self.done, self.offset) = (0, 0);
+        Poll::Ready(Ok(()))
+    }
+
+    fn advance(&mut self, mut written: usize) {
+        while written > 0 && self.is_busy() {
+            let left = self.batch[self.done].len() - self.offset;
+            if written < left {
+                self.offset += written;
+                return;
+            }
+            written -= left;
+            self.done += 1;
+            self.offset = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn writes_a_batch_through_a_narrow_pipe_whole_and_in_order() {
+        let (mut client, server) = tokio::io::duplex(7);
+        let mut transmit = Transmit::new(server);
+        let frames: Vec<Bytes> = (0..100).map(|n| Bytes::from(format!("frame-{n};"))).collect();
+        let expected: Vec<u8> = frames.iter().flat_map(|f| f.to_vec()).collect();
+        transmit.start(|batch| batch.extend(frames));
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0; expected.len()];
+            client.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, expected);
+            let mut rest = Vec::new();
+            client.read_to_end(&mut rest).await.unwrap();
+            rest
+        });
+        transmit.flush().await.unwrap();
+        assert!(!transmit.is_busy());
+        assert_eq!(transmit.batch.capacity(), 0);
+        transmit.finish(Some(Bytes::from_static(b"bye")), Duration::from_secs(1)).await;
+        assert_eq!(reader.await.unwrap(), b"bye");
+    }
+
+    #[tokio::test]
+    async fn a_write_cancelled_midway_resumes_where_it_stopped() {
+        let (mut client, server) = tokio::io::duplex(4);
+        let mut transmit = Transmit::new(server);
+        transmit.start(|batch| batch.extend([Bytes::from_static(b"abcdef"), Bytes::from_static(b"ghij")]));
+        // The pipe takes 4 bytes, then the write waits: drop it there.
+        assert!(futures::FutureExt::now_or_never(transmit.flush()).is_none());
+        assert!(transmit.stalled_since().is_some());
+        let mut got = vec![0; 4];
+        client.read_exact(&mut got).await.unwrap();
+        let reader = tokio::spawn(async move {
+            let mut rest = vec![0; 6];
+            client.read_exact(&mut rest).await.unwrap();
+            rest
+        });
+        transmit.flush().await.unwrap();
+        got.extend(reader.await.unwrap());
+        assert_eq!(got, b"abcdefghij");
+        assert_eq!(transmit.stalled_since(), None);
+    }
+}
