@@ -672,3 +672,7 @@ impl LivePull<'_> {
         Flow::Stop
     }
 }
+
+#[cfg(test)]
+#[path = "state_tests.rs"]
+mod tests;

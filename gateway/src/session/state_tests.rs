@@ -1,0 +1,418 @@
+//! The session state machine, case by case, with in-memory sources and no I/O: what it sends, in
+//! which order, and what it asks of the stream.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use herald_shared::frame::ServerFrame;
+use herald_shared::subject::Audience;
+
+use super::*;
+use crate::codec::HeraldCodec;
+use crate::delivery::log::{Log, LogLimits};
+use crate::delivery::mailbox::Mailbox;
+
+const USER: &str = "u";
+
+/// A session and the sources it reads, as the router would feed them.
+struct Harness {
+    state: SessionState,
+    mailbox: Arc<Mailbox>,
+    all: Arc<Log>,
+    /// The router's watermark.
+    watermark: u64,
+}
+
+fn message(seq: u64, audience: Audience, kind: &str) -> Message {
+    Message::new(seq, audience, kind, "", "t", Bytes::from(seq.to_string()))
+}
+
+fn user_message(seq: u64) -> Live {
+    Live::Message(Arc::new(message(seq, Audience::User(USER.into()), "")))
+}
+
+fn all_message(seq: u64) -> Live {
+    Live::Message(Arc::new(message(seq, Audience::All, "")))
+}
+
+fn bounds(first: u64, last: u64) -> Bounds {
+    Bounds { first, last }
+}
+
+impl Harness {
+    fn new(start: Start, last: u64) -> Harness {
+        Harness::with(start, last, 100, |_| {})
+    }
+
+    fn with(start: Start, last: u64, log_entries: usize, adjust: impl FnOnce(&mut Params)) -> Harness {
+        let mailbox = Arc::new(Mailbox::new(1 << 20));
+        let all = Arc::new(Log::new(LogLimits { entries: log_entries, bytes: 1 << 20 }));
+        let start_all = LogStart { audience: Audience::All, log: all.clone(), position: all.end() };
+        let mut params = Params {
+            user: USER.into(),
+            local: Arc::new(LocalUser::default()),
+            codec: Codec::Herald(HeraldCodec),
+            sources: LiveSources::new(mailbox.clone(), vec![start_all]),
+            topics: Vec::new(),
+            allowed_topics: vec!["news".into()],
+            max_topics: 2,
+            per_subject_cap: 1000,
+            welcome: ServerFrame::Pong,
+            bounds: bounds(1, last),
+            start,
+        };
+        adjust(&mut params);
+        let mut harness = Harness { state: SessionState::new(params), mailbox, all, watermark: last };
+        assert_eq!(harness.frames(), ["pong"], "the welcome (a stand-in here) goes first");
+        harness
+    }
+
+    /// The router routes `entry` to the user's mailbox.
+    fn personal(&mut self, entry: Live) {
+        self.watermark = self.watermark.max(entry.key());
+        let _ = self.mailbox.push(entry);
+    }
+
+    /// The router appends `entry` to `push.all`'s log.
+    fn broadcast(&mut self, entry: Live) {
+        self.watermark = self.watermark.max(entry.key());
+        self.all.append(entry);
+    }
+
+    /// What the session sends now, each frame as `seq` for a `msg` or its type otherwise.
+    fn frames(&mut self) -> Vec<String> {
+        self.state.pull(self.watermark);
+        let mut batch = Vec::new();
+        self.state.take_frames(&mut batch, usize::MAX, usize::MAX);
+        batch.iter().map(|frame| describe(frame)).collect()
+    }
+
+    fn action(&mut self) -> Option<Action> {
+        self.state.pull(self.watermark);
+        self.state.poll_action()
+    }
+
+    /// Answers a replay with `messages`, then its end.
+    fn replay(&mut self, messages: Vec<Message>) {
+        for message in messages {
+            self.state.on_outcome(Outcome::Replayed(message));
+        }
+        self.state.on_outcome(Outcome::ReplayEnded(Ok(())));
+    }
+
+    fn closed_with(&self) -> Option<u16> {
+        self.state.closing().map(Close::number)
+    }
+}
+
+/// A frame as `seq` (a `msg`), `replayed:<from>-<to>/<count>/<complete>[/topic]` or its type.
+fn describe(frame: &[u8]) -> String {
+    let payload = match frame[1] & 0x7f {
+        126 => &frame[4..],
+        127 => &frame[10..],
+        _ => &frame[2..],
+    };
+    match serde_json::from_slice::<ServerFrame>(payload).expect("a JSON frame") {
+        ServerFrame::Msg(msg) => msg.seq.to_string(),
+        ServerFrame::Replayed { from, to, count, complete, topic } => {
+            let topic = topic.map(|t| format!("/{t}")).unwrap_or_default();
+            format!("replayed:{from}-{to}/{count}/{complete}{topic}")
+        }
+        ServerFrame::Subscribed { topic } => format!("subscribed:{topic}"),
+        ServerFrame::Unsubscribed { topic } => format!("unsubscribed:{topic}"),
+        ServerFrame::Error { code, topic, .. } => format!("error:{code}:{}", topic.unwrap_or_default()),
+        other => other.to_json().split('"').nth(3).unwrap_or("?").to_string(),
+    }
+}
+
+fn replay_of(audiences: Vec<Audience>, since: u64, upto: u64) -> Option<Action> {
+    Some(Action::Replay { audiences, since, upto })
+}
+
+fn everything() -> Vec<Audience> {
+    vec![Audience::User(USER.into()), Audience::All]
+}
+
+#[test]
+fn a_live_session_sends_personal_and_broadcast_messages_merged_in_order_once_each() {
+    let mut h = Harness::new(Start::Live, 10);
+    assert_eq!(h.action(), None);
+    h.personal(user_message(12));
+    h.broadcast(all_message(11));
+    h.broadcast(all_message(13));
+    h.personal(user_message(13)); // a duplicate: the stream never sends a seq twice, a router might
+    assert_eq!(h.frames(), ["11", "12", "13"]);
+    // A message at or below the stream's end when the session started was not addressed to it.
+    h.broadcast(all_message(14));
+    assert_eq!(h.frames(), ["14"]);
+    assert_eq!(h.state.last_sent(), 14);
+}
+
+#[test]
+fn nothing_is_sent_past_the_watermark_before_what_the_router_has_not_routed_yet() {
+    let mut h = Harness::new(Start::Live, 10);
+    h.all.append(all_message(12)); // appended, but the router has not finished its burst
+    assert!(h.frames().is_empty());
+    h.personal(user_message(11));
+    h.watermark = 12;
+    assert_eq!(h.frames(), ["11", "12"]);
+}
+
+#[test]
+fn a_resume_replays_first_holding_live_messages_then_sends_only_newer_ones() {
+    let mut h = Harness::new(Start::Resume { requested: 5, lost_from: None }, 9);
+    assert_eq!(h.action(), replay_of(everything(), 5, 9));
+    // Live messages that arrive meanwhile wait; one of them (9) is in the replay too.
+    h.broadcast(all_message(9));
+    h.personal(user_message(10));
+    assert!(h.frames().is_empty(), "live waits for the replay");
+    h.replay(vec![message(6, Audience::User(USER.into()), ""), message(9, Audience::All, "")]);
+    assert_eq!(h.frames(), ["6", "9", "replayed:6-9/2/true", "10"]);
+    assert_eq!(h.action(), None);
+}
+
+#[test]
+fn a_resume_from_beyond_the_stream_or_after_a_noted_loss_is_incomplete() {
+    let mut h = Harness::new(Start::Resume { requested: 50, lost_from: None }, 9);
+    assert_eq!(h.action(), replay_of(everything(), 9, 9));
+    h.replay(Vec::new());
+    assert_eq!(h.frames(), ["replayed:10-9/0/false"]);
+
+    let mut h = Harness::new(Start::Resume { requested: 5, lost_from: Some(4) }, 9);
+    h.action();
+    h.replay(Vec::new());
+    assert_eq!(h.frames(), ["replayed:6-5/0/false"]);
+
+    // Messages noted lost after `since` are in this replay: nothing is missing.
+    let mut h = Harness::new(Start::Resume { requested: 5, lost_from: Some(7) }, 9);
+    h.action();
+    h.replay(Vec::new());
+    assert_eq!(h.frames(), ["replayed:6-5/0/true"]);
+}
+
+#[test]
+fn a_replay_that_may_miss_trimmed_messages_is_incomplete() {
+    let mut h = Harness::with(Start::Resume { requested: 5, lost_from: None }, 9, 100, |p| p.per_subject_cap = 2);
+    h.action();
+    h.replay(vec![message(6, Audience::All, ""), message(7, Audience::All, "")]);
+    assert_eq!(h.frames(), ["6", "7", "replayed:6-7/2/false"]);
+}
+
+#[test]
+fn muted_kinds_are_neither_replayed_nor_sent_live() {
+    let mut h = Harness::new(Start::Resume { requested: 5, lost_from: None }, 9);
+    h.state.local.set_muted(&["ads".into()], 1);
+    h.action();
+    h.replay(vec![message(6, Audience::All, "ads"), message(7, Audience::All, "mail")]);
+    assert_eq!(h.frames(), ["7", "replayed:6-7/1/true"]);
+    h.broadcast(Live::Message(Arc::new(message(10, Audience::All, "ads"))));
+    h.personal(Live::Message(Arc::new(message(11, Audience::User(USER.into()), "mail"))));
+    assert_eq!(h.frames(), ["11"]);
+    // Muting applies at read time: messages already waiting when the user mutes are skipped.
+    h.broadcast(Live::Message(Arc::new(message(12, Audience::All, "mail"))));
+    h.state.local.set_muted(&["mail".into()], 2);
+    assert!(h.frames().is_empty());
+}
+
+#[test]
+fn a_gap_is_repaired_from_the_stream_before_anything_newer_is_sent() {
+    let mut h = Harness::new(Start::Live, 10);
+    h.broadcast(all_message(11));
+    h.broadcast(Live::Gap { first: 12, last: 12 });
+    h.broadcast(all_message(13));
+    h.personal(user_message(14));
+    assert_eq!(h.frames(), ["11"], "nothing after the gap before the repair");
+    assert_eq!(h.action(), Some(Action::ReadBounds));
+    h.state.on_outcome(Outcome::Bounds(Ok(bounds(1, 13))));
+    assert_eq!(h.action(), replay_of(everything(), 11, 13));
+    h.replay(vec![message(12, Audience::All, ""), message(13, Audience::All, "")]);
+    assert_eq!(h.frames(), ["12", "13", "14"], "repaired, then live goes on past what was replayed");
+    assert_eq!(h.state.take_tally().repairs, 1);
+}
+
+#[test]
+fn a_gap_a_replay_covered_is_no_loss() {
+    let mut h = Harness::new(Start::Live, 10);
+    h.broadcast(Live::Gap { first: 9, last: 10 });
+    h.broadcast(all_message(11));
+    assert_eq!(h.frames(), ["11"]);
+    assert_eq!(h.action(), None);
+}
+
+#[test]
+fn a_gap_behind_a_newer_message_already_sent_is_noted_and_closes_with_4008() {
+    let mut h = Harness::new(Start::Live, 10);
+    h.personal(user_message(11));
+    h.broadcast(all_message(12));
+    assert_eq!(h.frames(), ["11", "12"]);
+    // The user's next message names a predecessor (11 < 12 < missing) that never came: too late.
+    h.personal(Live::Gap { first: 12, last: 13 });
+    h.personal(user_message(14));
+    assert!(h.frames().is_empty());
+    assert_eq!(h.action(), Some(Action::NoteLost { first: 12 }));
+    assert_eq!(h.closed_with(), None, "the note is written first");
+    h.state.on_outcome(Outcome::Noted);
+    assert_eq!(h.closed_with(), Some(4008));
+    assert_eq!(h.state.take_tally().unrepairable, 1);
+}
+
+#[test]
+fn falling_out_of_a_log_window_is_repaired_not_lost() {
+    let mut h = Harness::with(Start::Live, 10, 4, |_| {});
+    h.broadcast(all_message(11));
+    assert_eq!(h.frames(), ["11"]);
+    for seq in 12..=20 {
+        h.broadcast(all_message(seq));
+    }
+    // 12..=16 were evicted unread: catch up from the stream.
+    assert!(h.frames().is_empty());
+    assert_eq!(h.action(), Some(Action::ReadBounds));
+    h.state.on_outcome(Outcome::Bounds(Ok(bounds(1, 18))));
+    assert_eq!(h.action(), replay_of(everything(), 11, 18));
+    h.replay((12..=18).map(|seq| message(seq, Audience::All, "")).collect());
+    assert_eq!(h.frames(), ["12", "13", "14", "15", "16", "17", "18", "19", "20"]);
+    assert_eq!(h.closed_with(), None);
+}
+
+#[test]
+fn evictions_of_what_was_already_sent_need_no_repair() {
+    let mut h = Harness::with(Start::Live, 10, 2, |_| {});
+    for seq in 11..=12 {
+        h.broadcast(all_message(seq));
+    }
+    assert_eq!(h.frames(), ["11", "12"]);
+    // Sent by a repair meanwhile, say: the session is past what the log evicts.
+    h.state.last_sent = 13;
+    for seq in [13, 14] {
+        h.broadcast(all_message(seq));
+    }
+    assert_eq!(h.frames(), ["14"]);
+    assert_eq!(h.action(), None);
+}
+
+#[test]
+fn an_overflowing_mailbox_and_a_reconnected_feed_are_repaired_once_each() {
+    let mut h = Harness::new(Start::Live, 10);
+    h.mailbox.push_event(Event::Repair);
+    h.mailbox.push_event(Event::Repair);
+    assert_eq!(h.action(), Some(Action::ReadBounds));
+    // A reason that comes while the repair is under way needs another one.
+    h.mailbox.push_event(Event::Repair);
+    h.state.pull(h.watermark);
+    h.state.on_outcome(Outcome::Bounds(Ok(bounds(1, 10))));
+    assert_eq!(h.action(), replay_of(everything(), 10, 10));
+    h.replay(Vec::new());
+    assert_eq!(h.action(), Some(Action::ReadBounds));
+    assert_eq!(h.state.take_tally().repairs, 2);
+}
+
+#[test]
+fn a_repair_that_finds_messages_gone_closes_with_4008() {
+    let mut h = Harness::new(Start::Live, 10);
+    h.mailbox.push_event(Event::Repair);
+    h.action();
+    // The stream now starts after messages the session never got.
+    h.state.on_outcome(Outcome::Bounds(Ok(bounds(15, 20))));
+    h.action();
+    h.replay(Vec::new());
+    assert_eq!(h.closed_with(), Some(4008));
+}
+
+#[test]
+fn a_failed_replay_closes_with_1013() {
+    let mut h = Harness::new(Start::Resume { requested: 5, lost_from: None }, 9);
+    h.action();
+    h.state.on_outcome(Outcome::ReplayEnded(Err("timed out".into())));
+    assert_eq!(h.closed_with(), Some(1013));
+    assert_eq!(h.action(), None);
+}
+
+#[test]
+fn a_topic_joined_with_since_sends_older_messages_as_a_block_then_catches_up_in_order() {
+    let mut h = Harness::new(Start::Live, 10);
+    h.broadcast(all_message(11));
+    h.personal(user_message(12));
+    assert_eq!(h.frames(), ["11", "12"]);
+    let news = Audience::Topic("news".into());
+    h.state.subscribe("news".into(), Some(5));
+    assert_eq!(h.action(), Some(Action::Attach { topic: "news".into() }));
+    let log = Arc::new(Log::new(LogLimits { entries: 10, bytes: 1 << 20 }));
+    let start = LogStart { audience: news.clone(), log: log.clone(), position: 0 };
+    h.state.on_outcome(Outcome::Attached(Ok(start)));
+    assert_eq!(h.action(), Some(Action::ReadBounds));
+    // Live messages while the topic replays wait, the topic's own among them.
+    h.personal(user_message(15));
+    log.append(Live::Message(Arc::new(message(16, news.clone(), ""))));
+    h.watermark = 16;
+    h.state.on_outcome(Outcome::Bounds(Ok(bounds(1, 14))));
+    assert_eq!(h.action(), replay_of(vec![news.clone()], 5, 14));
+    h.replay(vec![message(7, news.clone(), ""), message(13, news.clone(), "")]);
+    assert_eq!(h.action(), replay_of(vec![Audience::User(USER.into()), Audience::All, news.clone()], 12, 14));
+    h.replay(vec![message(13, news.clone(), "")]);
+    assert_eq!(h.frames(), ["subscribed:news", "7", "replayed:6-13/2/true/news", "13", "15", "16"]);
+    assert_eq!(h.state.audiences().len(), 3);
+}
+
+#[test]
+fn a_topic_joined_without_since_is_subscribed_once_nats_has_it() {
+    let mut h = Harness::new(Start::Live, 10);
+    h.state.subscribe("news".into(), None);
+    assert_eq!(h.action(), Some(Action::Attach { topic: "news".into() }));
+    let log = Arc::new(Log::new(LogLimits { entries: 10, bytes: 1 << 20 }));
+    let start = LogStart { audience: Audience::Topic("news".into()), log: log.clone(), position: 0 };
+    h.state.on_outcome(Outcome::Attached(Ok(start)));
+    assert_eq!(h.action(), Some(Action::Flush));
+    // Live goes on meanwhile.
+    h.broadcast(all_message(11));
+    assert_eq!(h.frames(), ["11"]);
+    h.state.on_outcome(Outcome::Flushed);
+    log.append(Live::Message(Arc::new(message(12, Audience::Topic("news".into()), ""))));
+    h.watermark = 12;
+    assert_eq!(h.frames(), ["subscribed:news", "12"]);
+    h.state.unsubscribe("news".into());
+    assert_eq!(h.action(), Some(Action::Detach { topic: "news".into() }));
+    log.append(Live::Message(Arc::new(message(13, Audience::Topic("news".into()), ""))));
+    h.watermark = 13;
+    h.state.on_outcome(Outcome::Detached);
+    assert_eq!(h.frames(), ["unsubscribed:news"], "nothing of the topic after unsub");
+}
+
+#[test]
+fn refused_subscriptions_answer_an_error_and_the_connection_stays() {
+    let mut h = Harness::with(Start::Live, 10, 100, |p| p.max_topics = 0);
+    h.state.subscribe("secret".into(), None);
+    h.state.subscribe("a.b".into(), None);
+    h.state.subscribe("news".into(), None);
+    h.state.unsubscribe("never".into());
+    assert_eq!(h.action(), None);
+    assert_eq!(
+        h.frames(),
+        ["error:forbidden:secret", "error:bad_request:a.b", "error:bad_request:news", "unsubscribed:never"]
+    );
+}
+
+#[test]
+fn a_full_queue_stops_taking_live_messages_until_the_socket_catches_up() {
+    let mut h = Harness::new(Start::Live, 0);
+    let payload = Bytes::from(format!("\"{}\"", "x".repeat(100_000)));
+    let big = |seq| Live::Message(Arc::new(Message::new(seq, Audience::All, "", "", "t", payload.clone())));
+    for seq in 1..=5 {
+        h.broadcast(big(seq));
+    }
+    h.state.pull(h.watermark);
+    assert!(!h.state.has_room());
+    let mut batch = Vec::new();
+    h.state.take_frames(&mut batch, usize::MAX, usize::MAX);
+    assert_eq!(batch.len(), 3, "taking stops at the high-water mark");
+    assert_eq!(h.frames(), ["4", "5"]);
+}
+
+#[test]
+fn a_close_request_wins_and_drops_what_was_queued() {
+    let mut h = Harness::new(Start::Live, 10);
+    h.broadcast(all_message(11));
+    h.state.pull(h.watermark);
+    h.mailbox.close(Close::new(CloseCode::Replaced, "newer"));
+    assert!(h.frames().is_empty());
+    assert_eq!(h.closed_with(), Some(4009));
+}
