@@ -81,6 +81,9 @@ pub struct Config {
     /// with 4008 (the client stopped reading). Default `15s`.
     #[serde(with = "humantime_serde")]
     pub write_stall_timeout: Duration,
+    /// The kernel's send buffer for each client socket (`SO_SNDBUF`), in bytes; 0 leaves it to
+    /// the kernel, which grows it as needed (up to `net.ipv4.tcp_wmem`). Default 0.
+    pub socket_send_buffer: usize,
     /// Most messages each broadcast log (`push.all`, each topic) keeps for the sockets reading
     /// it; a socket that falls further behind catches up from the stream. Default 8192.
     pub broadcast_log_entries: usize,
@@ -99,6 +102,9 @@ pub struct Config {
     pub replay_method: ReplayMethod,
     /// Messages per direct-get batch. Default 256.
     pub replay_batch: usize,
+    /// Most replay reads in flight at once on this gateway (batches of direct gets, or consumer
+    /// replays): sessions catching up at once take turns. Default 64.
+    pub replay_concurrency: usize,
     /// How often acknowledged cursors are written to KV. Default `1s`.
     #[serde(with = "humantime_serde")]
     pub cursor_flush_interval: Duration,
@@ -155,6 +161,7 @@ impl Default for Config {
             max_frame_bytes: 1 << 20,
             outbound_queue_bytes: 1 << 20,
             write_stall_timeout: Duration::from_secs(15),
+            socket_send_buffer: 0,
             broadcast_log_entries: 8192,
             broadcast_log_bytes: 16 << 20,
             write_batch_frames: 64,
@@ -162,6 +169,7 @@ impl Default for Config {
             session_policy: SessionPolicy::Multi,
             replay_method: ReplayMethod::Direct,
             replay_batch: 256,
+            replay_concurrency: 64,
             cursor_flush_interval: Duration::from_secs(1),
             max_topics: 64,
             rpc_timeout: Duration::from_secs(5),

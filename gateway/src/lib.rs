@@ -43,6 +43,7 @@ use http::health::{self, Health};
 use http::metrics::Metrics;
 use http::{api, limits, server};
 use session::bounds;
+use session::replay::Replayer;
 
 /// What every part of a running gateway shares.
 pub(crate) struct Shared {
@@ -52,6 +53,8 @@ pub(crate) struct Shared {
     pub(crate) js: jetstream::Context,
     /// The stream's bounds, read on the delivery connection for many sessions at once.
     pub(crate) bounds: Arc<bounds::BoundsReader>,
+    /// Reads the stream back for sessions.
+    pub(crate) replayer: Replayer,
     /// JetStream as the HTTP API's publisher, when it has credentials of its own.
     pub(crate) api_js: Option<jetstream::Context>,
     pub(crate) router: Router,
@@ -152,6 +155,13 @@ impl Gateway {
             // On the delivery feed, whose subscriptions feed the router: a request sent there
             // reaches the server after every subscription made before it.
             bounds: Arc::new(bounds::BoundsReader::new(feed.clone())),
+            replayer: Replayer::new(
+                js.clone(),
+                control.clone(),
+                config.replay_method,
+                config.replay_batch,
+                config.replay_concurrency,
+            ),
             feed,
             api_js,
             cursors: Arc::new(Cursors::new(js.clone())),

@@ -70,6 +70,17 @@ impl WsClient {
         }
     }
 
+    /// Opens a WebSocket whose socket receives into a kernel buffer of about `bytes` (so that a
+    /// client that stops reading stops the server's writes soon).
+    pub async fn connect_with_receive_buffer(url: &str, bytes: u32) -> WsClient {
+        let address = url.trim_start_matches("ws://").split('/').next().expect("a host in the URL");
+        let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+        socket.set_recv_buffer_size(bytes).expect("SO_RCVBUF");
+        let stream = socket.connect(address.parse().expect("an address")).await.expect("connect");
+        let (stream, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)).await.expect("upgrade");
+        WsClient { stream, welcome: None }
+    }
+
     /// Opens a WebSocket; any failure (refusal, nothing listening) is an error.
     pub async fn try_connect(url: &str) -> Result<WsClient, String> {
         match tokio_tungstenite::connect_async(url).await {

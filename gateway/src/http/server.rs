@@ -43,6 +43,9 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             _ = shared.shutdown.cancelled() => return,
         };
         let _ = stream.set_nodelay(true);
+        if shared.config.socket_send_buffer > 0 {
+            let _ = socket2::SockRef::from(&stream).set_send_buffer_size(shared.config.socket_send_buffer);
+        }
         let shared = shared.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| route(shared.clone(), request, peer));

@@ -74,19 +74,7 @@ fn replay(session: Arc<Session>, audiences: Vec<Audience>, since: u64, upto: u64
             Reading::Done => return None,
             Reading::Open(replay) => replay,
             Reading::Starting { session, audiences, since, upto } => {
-                let shared = &session.shared;
-                let config = &shared.config;
-                let started = Replay::start(
-                    &shared.js,
-                    &shared.client,
-                    config.replay_method,
-                    &audiences,
-                    since,
-                    upto,
-                    config.replay_batch,
-                )
-                .await;
-                match started {
+                match session.shared.replayer.open(&audiences, since, upto).await {
                     Ok(replay) => replay,
                     Err(error) => return Some((Outcome::ReplayEnded(Err(error.to_string())), Reading::Done)),
                 }

@@ -9,6 +9,7 @@
 //! Neither creates a durable consumer per user: tens of thousands of those break JetStream.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::DeliverPolicy;
@@ -19,6 +20,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use herald_shared::subject::{Audience, STREAM};
 use serde::{Deserialize, Serialize};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// How replays read the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,26 +59,42 @@ pub(crate) enum Replay {
     Consumer(Box<ConsumerReplay>),
 }
 
-impl Replay {
-    pub(crate) async fn start(
-        js: &async_nats::jetstream::Context,
-        client: &Client,
+/// Opens replays for the gateway's sessions. Reads in flight are bounded per gateway (a batch of
+/// direct gets, or a whole consumer replay, holds one of `permits`): when many sessions catch up at
+/// once (a reconnect storm, a burst every socket fell behind on), they take turns instead of asking
+/// NATS for more than the gateway can take in.
+#[derive(Clone)]
+pub(crate) struct Replayer {
+    js: async_nats::jetstream::Context,
+    client: Client,
+    method: ReplayMethod,
+    batch: usize,
+    permits: Arc<Semaphore>,
+}
+
+impl Replayer {
+    pub(crate) fn new(
+        js: async_nats::jetstream::Context,
+        client: Client,
         method: ReplayMethod,
-        audiences: &[Audience],
-        since: u64,
-        upto: u64,
         batch: usize,
-    ) -> Result<Replay, ReplayError> {
-        Ok(match method {
-            ReplayMethod::Direct => {
-                Replay::Direct(Box::new(DirectReplay::start(client, audiences, since, upto, batch).await?))
-            }
+        concurrency: usize,
+    ) -> Replayer {
+        Replayer { js, client, method, batch: batch.max(1), permits: Arc::new(Semaphore::new(concurrency.max(1))) }
+    }
+
+    /// A replay of `audiences` over `(since, upto]`.
+    pub(crate) async fn open(&self, audiences: &[Audience], since: u64, upto: u64) -> Result<Replay, ReplayError> {
+        Ok(match self.method {
+            ReplayMethod::Direct => Replay::Direct(Box::new(DirectReplay::start(self, audiences, since, upto).await?)),
             ReplayMethod::Consumer => {
-                Replay::Consumer(Box::new(ConsumerReplay::start(js, audiences, since, upto).await?))
+                Replay::Consumer(Box::new(ConsumerReplay::start(self, audiences, since, upto).await?))
             }
         })
     }
+}
 
+impl Replay {
     /// The next message, `None` once everything up to `upto` was read.
     pub(crate) async fn next(&mut self) -> Option<Result<Stored, ReplayError>> {
         match self {
@@ -96,6 +114,7 @@ pub(crate) struct DirectReplay {
     upto: u64,
     batch: usize,
     requests: u64,
+    permits: Arc<Semaphore>,
 }
 
 struct SubjectCursor {
@@ -109,12 +128,12 @@ struct SubjectCursor {
 
 impl DirectReplay {
     async fn start(
-        client: &Client,
+        replayer: &Replayer,
         audiences: &[Audience],
         since: u64,
         upto: u64,
-        batch: usize,
     ) -> Result<DirectReplay, ReplayError> {
+        let client = &replayer.client;
         let inbox = client.new_inbox();
         let replies = client.subscribe(format!("{inbox}.>")).await.map_err(error)?;
         let cursors = audiences
@@ -127,7 +146,16 @@ impl DirectReplay {
                 exhausted: since >= upto,
             })
             .collect();
-        Ok(DirectReplay { client: client.clone(), replies, inbox, cursors, upto, batch: batch.max(1), requests: 0 })
+        Ok(DirectReplay {
+            client: client.clone(),
+            replies,
+            inbox,
+            cursors,
+            upto,
+            batch: replayer.batch,
+            requests: 0,
+            permits: replayer.permits.clone(),
+        })
     }
 
     async fn next(&mut self) -> Option<Result<Stored, ReplayError>> {
@@ -150,6 +178,8 @@ impl DirectReplay {
         if dry.is_empty() {
             return Ok(());
         }
+        // Held until the batch's replies are in.
+        let _permit = self.permits.clone().acquire_owned().await.map_err(error)?;
         let request_id = self.requests;
         self.requests += 1;
         for &index in &dry {
@@ -238,19 +268,22 @@ fn rfc3339(time: time::OffsetDateTime) -> String {
 pub(crate) struct ConsumerReplay {
     messages: Option<Ordered>,
     upto: u64,
+    /// Held while the consumer delivers.
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl ConsumerReplay {
     async fn start(
-        js: &async_nats::jetstream::Context,
+        replayer: &Replayer,
         audiences: &[Audience],
         since: u64,
         upto: u64,
     ) -> Result<ConsumerReplay, ReplayError> {
         if since >= upto {
-            return Ok(ConsumerReplay { messages: None, upto });
+            return Ok(ConsumerReplay { messages: None, upto, _permit: None });
         }
-        let stream = js.get_stream_no_info(STREAM).await.map_err(error)?;
+        let permit = replayer.permits.clone().acquire_owned().await.map_err(error)?;
+        let stream = replayer.js.get_stream_no_info(STREAM).await.map_err(error)?;
         let config = OrderedConfig {
             filter_subjects: audiences.iter().map(Audience::push_subject).collect(),
             deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: since + 1 },
@@ -262,7 +295,7 @@ impl ConsumerReplay {
         } else {
             Some(consumer.messages().await.map_err(error)?)
         };
-        Ok(ConsumerReplay { messages, upto })
+        Ok(ConsumerReplay { messages, upto, _permit: Some(permit) })
     }
 
     async fn next(&mut self) -> Option<Result<Stored, ReplayError>> {

@@ -34,7 +34,7 @@ use crate::delivery::router::LogStart;
 
 /// Bytes queued for the socket above which the session stops taking more (live or replayed) until
 /// the writer catches up.
-const HIGH_WATER: usize = 256 * 1024;
+const HIGH_WATER: usize = 64 * 1024;
 
 /// Where a connection starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
