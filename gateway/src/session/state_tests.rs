@@ -394,7 +394,7 @@ fn refused_subscriptions_answer_an_error_and_the_connection_stays() {
 #[test]
 fn a_full_queue_stops_taking_live_messages_until_the_socket_catches_up() {
     let mut h = Harness::new(Start::Live, 0);
-    let payload = Bytes::from(format!("\"{}\"", "x".repeat(100_000)));
+    let payload = Bytes::from(format!("\"{}\"", "x".repeat(30_000)));
     let big = |seq| Live::Message(Arc::new(Message::new(seq, Audience::All, "", "", "t", payload.clone())));
     for seq in 1..=5 {
         h.broadcast(big(seq));
