@@ -18,8 +18,8 @@ use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-/// Writes a cursor tries before giving up (each conflict means another writer got there first).
-const MAX_ATTEMPTS: usize = 5;
+use super::forward;
+
 /// Cursors written at once by one flush.
 const FLUSH_CONCURRENCY: usize = 32;
 
@@ -60,8 +60,7 @@ impl Cursors {
 
     /// The device's stored cursor, if any.
     pub(crate) async fn load(&self, user: &str, device: &str) -> Result<Option<u64>, CursorError> {
-        let value = self.bucket().await?.get(cursor_key(user, device)).await.map_err(error)?;
-        Ok(value.and_then(|bytes| std::str::from_utf8(&bytes).ok()?.trim().parse().ok()))
+        forward::load(self.bucket().await?, &cursor_key(user, device)).await.map_err(error)
     }
 
     /// Notes that the device missed messages from `seq` on that it can no longer get in order (its
@@ -79,7 +78,7 @@ impl Cursors {
         let key = lost_key(user, device);
         let Some(value) = bucket.get(&key).await.map_err(error)? else { return Ok(None) };
         bucket.purge(&key).await.map_err(error)?;
-        Ok(std::str::from_utf8(&value).ok().and_then(|s| s.trim().parse().ok()))
+        Ok(forward::parse(&value))
     }
 
     /// Records an acknowledgement; written by the next flush.
@@ -132,24 +131,6 @@ impl Cursors {
 
     /// Moves the stored cursor at `key` up to `seq`, never down.
     async fn store(&self, key: &str, seq: u64) -> Result<(), CursorError> {
-        let bucket = self.bucket().await?;
-        let value = Bytes::from(seq.to_string());
-        for _ in 0..MAX_ATTEMPTS {
-            let written = match bucket.entry(key).await.map_err(error)? {
-                Some(entry) if entry.operation == kv::Operation::Put => {
-                    let stored: u64 =
-                        std::str::from_utf8(&entry.value).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
-                    if stored >= seq {
-                        return Ok(());
-                    }
-                    bucket.update(key, value.clone(), entry.revision).await.is_ok()
-                }
-                _ => bucket.create(key, value.clone()).await.is_ok(),
-            };
-            if written {
-                return Ok(());
-            }
-        }
-        Err(error(format!("{key}: too many concurrent writers")))
+        forward::advance(self.bucket().await?, key, seq).await.map(|_| ()).map_err(error)
     }
 }

@@ -3,6 +3,7 @@
 
 pub(crate) mod cursor;
 pub(crate) mod events;
+pub(crate) mod forward;
 pub(crate) mod gather;
 pub(crate) mod policy;
 pub(crate) mod prefs;
