@@ -1,6 +1,7 @@
 //! Clients: one WebSocket per user, reading Herald's frames (docs/protocol.md). On any close or
-//! error a client reconnects at once to the next gateway in turn, with `since=<the highest seq it
-//! received>`, as a real client resumes; it records every `seq` it receives.
+//! error a client reconnects at once to another gateway, picked at random as a load balancer would,
+//! with `since=<the highest seq it received>`, as a real client resumes; it records every `seq` it
+//! receives.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -9,6 +10,8 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use herald_shared::frame::ServerFrame;
 use herald_shared::token::{Claims, issue_hs256, now_secs};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
@@ -162,10 +165,12 @@ pub struct Client {
 }
 
 impl Client {
-    /// Starts user `user`'s client on the gateways at `urls`, first connecting to `urls[user % n]`.
-    pub fn spawn(user: u32, subscribed: bool, urls: Arc<Vec<String>>, clock: Clock) -> Client {
+    /// Starts user `user`'s client on the gateways at `urls`, first connecting to `urls[user % n]`;
+    /// `seed` seeds its later choices.
+    pub fn spawn(user: u32, subscribed: bool, urls: Arc<Vec<String>>, seed: u64, clock: Clock) -> Client {
         let received = Arc::new(Mutex::new(Received::default()));
-        let task = tokio::spawn(run(user, subscribed, urls, received.clone(), clock));
+        let rng = StdRng::seed_from_u64(seed ^ u64::from(user).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let task = tokio::spawn(run(user, subscribed, urls, rng, received.clone(), clock));
         Client { user, subscribed, received, task }
     }
 
@@ -182,15 +187,22 @@ impl Client {
 }
 
 /// Connects, reads until the connection ends, and reconnects, forever.
-async fn run(user: u32, subscribed: bool, urls: Arc<Vec<String>>, received: Arc<Mutex<Received>>, clock: Clock) {
+async fn run(
+    user: u32,
+    subscribed: bool,
+    urls: Arc<Vec<String>>,
+    mut rng: StdRng,
+    received: Arc<Mutex<Received>>,
+    clock: Clock,
+) {
     let token = token(user, subscribed);
     let topics = if subscribed { format!("&topics={TOPIC}") } else { String::new() };
-    let mut next = user as usize % urls.len();
+    let mut gateway = user as usize % urls.len();
     let mut failures = 0u32;
     loop {
         let since = received.lock().unwrap().last_seq;
-        let url = format!("{}?token={token}&device={DEVICE}&since={since}{topics}", urls[next]);
-        next = (next + 1) % urls.len();
+        let url = format!("{}?token={token}&device={DEVICE}&since={since}{topics}", urls[gateway]);
+        gateway = another(gateway, urls.len(), &mut rng);
         match tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(&url)).await {
             Ok(Ok((socket, _))) => {
                 failures = 0;
@@ -208,6 +220,14 @@ async fn run(user: u32, subscribed: bool, urls: Arc<Vec<String>>, received: Arc<
             }
         }
     }
+}
+
+/// A gateway other than `current`, at random (`current` itself when it is the only one).
+fn another(current: usize, gateways: usize, rng: &mut StdRng) -> usize {
+    if gateways < 2 {
+        return current;
+    }
+    (current + rng.random_range(1..gateways)) % gateways
 }
 
 /// Reads frames until the connection ends; returns how it ended (a close code, or `abrupt`).
@@ -258,6 +278,15 @@ mod tests {
         assert!(set.contains(1) && set.contains(64) && set.contains(1_000_000));
         assert!(!set.contains(2) && !set.contains(63) && !set.contains(5_000_000));
         assert_eq!(set.len(), 3);
+    }
+
+    #[test]
+    fn a_reconnect_goes_to_another_gateway() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let picks: Vec<usize> = (0..300).map(|_| another(1, 3, &mut rng)).collect();
+        assert!(picks.iter().all(|&pick| pick != 1));
+        assert!(picks.contains(&0) && picks.contains(&2));
+        assert_eq!(another(0, 1, &mut rng), 0);
     }
 
     #[test]

@@ -262,8 +262,8 @@ impl Report {
         for client in &self.clients {
             for replay in &client.incomplete_replays {
                 line(format!(
-                    "  {}: replayed complete:false at {}s on {}: {replay:?}",
-                    client.user, replay.at, replay.gateway
+                    "  {}: replayed complete:false at {}s on {}: from {} to {}, {} messages",
+                    client.user, replay.at, replay.gateway, replay.from, replay.to, replay.count
                 ));
             }
         }

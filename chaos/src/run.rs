@@ -72,8 +72,9 @@ impl Run {
         };
         let mut gateways = Gateways::start(setup, usize::from(self.options.gateways)).await?;
         let urls = Arc::new(gateways.list().iter().map(|gateway| gateway.ws_url()).collect::<Vec<_>>());
-        let clients: Vec<Client> =
-            (0..self.options.users).map(|user| Client::spawn(user, user % 2 == 0, urls.clone(), self.clock)).collect();
+        let clients: Vec<Client> = (0..self.options.users)
+            .map(|user| Client::spawn(user, user % 2 == 0, urls.clone(), self.seed, self.clock))
+            .collect();
         wait_connected(&clients).await?;
 
         eprintln!("[{:7.1}s] {} clients connected; publishing", self.clock.secs(), clients.len());
@@ -260,20 +261,22 @@ impl Progress<'_> {
     fn line(&self) -> String {
         use std::sync::atomic::Ordering::Relaxed;
         let stats = &self.stats;
-        let (mut frames, mut connected) = (0, 0);
+        let mut frames = 0;
+        let mut per_gateway = std::collections::BTreeMap::<String, usize>::new();
         for client in self.clients {
             let received = client.received();
             frames += received.frames;
-            connected += usize::from(received.gateway.is_some());
+            *per_gateway.entry(received.gateway.clone().unwrap_or_else(|| "none".into())).or_default() += 1;
         }
+        let per_gateway: Vec<String> = per_gateway.iter().map(|(gateway, n)| format!("{gateway}:{n}")).collect();
         let fault = self.fault.lock().unwrap().clone().unwrap_or_else(|| "-".into());
         format!(
-            "[{:7.1}s] sent {} acked {} retries {} | received {frames} | connected {connected}/{} | fault: {fault}",
+            "[{:7.1}s] sent {} acked {} retries {} | received {frames} | clients on {} | fault: {fault}",
             self.clock.secs(),
             stats.sent.load(Relaxed),
             stats.acked.load(Relaxed),
             stats.retries.load(Relaxed),
-            self.clients.len()
+            per_gateway.join(" ")
         )
     }
 }
