@@ -41,6 +41,13 @@ pub struct Node {
     monitor_port: u16,
 }
 
+impl Node {
+    /// Its monitoring listener on the host.
+    fn monitor_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.monitor_port))
+    }
+}
+
 /// A running cluster; its containers and networks are removed when it is dropped.
 pub struct Cluster {
     nodes: Vec<Node>,
@@ -177,6 +184,18 @@ impl Cluster {
             .map(|_| ())
     }
 
+    /// The node holding the client connection named `connection` (per its `/connz`), if any.
+    pub async fn node_of_connection(&self, connection: &str) -> Option<String> {
+        for node in &self.nodes {
+            let Some(connz) = http::get_json(node.monitor_addr(), "/connz?limit=4096").await else { continue };
+            let connections = connz["connections"].as_array().cloned().unwrap_or_default();
+            if connections.iter().any(|c| c["name"].as_str() == Some(connection)) {
+                return Some(node.name.clone());
+            }
+        }
+        None
+    }
+
     /// The stream's state as `$JS.API.STREAM.INFO.HERALD` reports it.
     pub async fn stream_info(&self, admin: &async_nats::Client) -> Result<Value> {
         let subject = format!("$JS.API.STREAM.INFO.{STREAM}");
@@ -202,7 +221,7 @@ impl Cluster {
     pub async fn problems(&self, admin: &async_nats::Client) -> Vec<String> {
         let mut problems = Vec::new();
         for node in &self.nodes {
-            if !http::is_ok(SocketAddr::from(([127, 0, 0, 1], node.monitor_port)), "/healthz").await {
+            if !http::is_ok(node.monitor_addr(), "/healthz").await {
                 problems.push(format!("{} not healthy", node.name));
             }
         }

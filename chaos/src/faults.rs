@@ -30,8 +30,8 @@ pub enum FaultKind {
     NatsKill,
     /// SIGKILL the node leading the stream; start it again after the downtime.
     LeaderKill,
-    /// Cut a NATS node off from the others (`docker network disconnect`); reconnect it after the
-    /// downtime. Its clients still reach it.
+    /// Cut the NATS node holding a gateway's delivery connection off from the others (`docker
+    /// network disconnect`); reconnect it after the downtime. Its clients still reach it.
     Partition,
 }
 
@@ -188,7 +188,20 @@ impl Chaos<'_> {
             FaultKind::GatewayRestart => {
                 gateways.iter().map(|gateway| gateway.name.clone()).collect::<Vec<_>>().join(",")
             }
-            FaultKind::NatsKill | FaultKind::Partition => nodes[self.rng.random_range(0..nodes.len())].name.clone(),
+            FaultKind::NatsKill => nodes[self.rng.random_range(0..nodes.len())].name.clone(),
+            FaultKind::Partition => {
+                let gateway = &gateways[self.rng.random_range(0..gateways.len())].name;
+                let feed = format!("herald-gateway {gateway} delivery");
+                match self.cluster.node_of_connection(&feed).await {
+                    Some(node) => node,
+                    None => {
+                        eprintln!(
+                            "herald-chaos: no node holds {gateway}'s delivery connection; cutting one off at random"
+                        );
+                        nodes[self.rng.random_range(0..nodes.len())].name.clone()
+                    }
+                }
+            }
             FaultKind::LeaderKill => match self.cluster.stream_leader(self.admin).await {
                 Ok(Some(leader)) => leader,
                 other => {

@@ -1,25 +1,26 @@
-//! Health checks over plain HTTP/1.1: a gateway's `/readyz`, a NATS node's `/healthz`.
+//! Plain HTTP to the processes under test: a gateway's `/readyz`, a NATS node's `/healthz` and
+//! `/connz`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use serde_json::Value;
 
-/// How long one health check may take.
+/// How long one request may take.
 const TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Whether `GET path` on `addr` answers 200 within a few seconds.
 pub async fn is_ok(addr: SocketAddr, path: &str) -> bool {
-    matches!(tokio::time::timeout(TIMEOUT, status(addr, path)).await, Ok(Some(200)))
+    get(addr, path).await.is_some_and(|response| response.status().is_success())
 }
 
-/// The status code of `GET path` on `addr`, if it answered.
-async fn status(addr: SocketAddr, path: &str) -> Option<u16> {
-    let mut stream = TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.ok()?;
-    String::from_utf8_lossy(&response).split_whitespace().nth(1)?.parse().ok()
+/// The JSON body of `GET path` on `addr`, if it answered 200 with JSON.
+pub async fn get_json(addr: SocketAddr, path: &str) -> Option<Value> {
+    let response = get(addr, path).await.filter(|response| response.status().is_success())?;
+    tokio::time::timeout(TIMEOUT, response.json()).await.ok()?.ok()
+}
+
+async fn get(addr: SocketAddr, path: &str) -> Option<reqwest::Response> {
+    let request = reqwest::Client::new().get(format!("http://{addr}{path}")).timeout(TIMEOUT);
+    request.send().await.ok()
 }
