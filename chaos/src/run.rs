@@ -14,9 +14,9 @@ use crate::cli::Options;
 use crate::clients::Client;
 use crate::clock::{Clock, tenths, wall_now};
 use crate::cluster::Cluster;
-use crate::faults::{self, FaultPlan};
+use crate::faults::{self, FaultPlan, FaultRecord};
 use crate::gateways::{GatewaySetup, Gateways};
-use crate::publisher::{Acked, PublishPlan, PublishStats, Publishing};
+use crate::publisher::{Acked, PublishPlan, PublishStats, Published, Publishing};
 use crate::report::{GatewayReport, Parts, Report, RunSettings};
 
 /// Publishing before the gateways' memory is first measured (and before the schedule starts).
@@ -63,67 +63,18 @@ impl Run {
     /// Everything after the cluster is up.
     async fn on_cluster(&self, cluster: &Cluster, binary: PathBuf) -> Result<Report> {
         let admin = cluster.connect(Role::Admin, "herald-chaos admin").await?;
-        eprintln!("[{:7.1}s] starting {} gateways", self.clock.secs(), self.options.gateways);
-        let setup = GatewaySetup {
-            binary,
-            nats_url: cluster.url(),
-            log_dir: self.out_dir.clone(),
-            log_filter: self.options.gateway_log.clone(),
-        };
-        let mut gateways = Gateways::start(setup, usize::from(self.options.gateways)).await?;
-        let urls = Arc::new(gateways.list().iter().map(|gateway| gateway.ws_url()).collect::<Vec<_>>());
-        let clients: Vec<Client> = (0..self.options.users)
-            .map(|user| Client::spawn(user, user % 2 == 0, urls.clone(), self.seed, self.clock))
-            .collect();
-        wait_connected(&clients).await?;
-
-        eprintln!("[{:7.1}s] {} clients connected; publishing", self.clock.secs(), clients.len());
-        let publisher = cluster.connect(Role::Publisher, "herald-chaos publisher").await?;
-        let publishing = Publishing::start(jetstream::new(publisher), self.publish_plan());
-        let current_fault = Arc::new(Mutex::new(None));
-        let progress =
-            Progress { clock: self.clock, stats: publishing.stats(), clients: &clients, fault: &current_fault };
-        progress.until(|| publishing.is_done(), Some(WARM_UP)).await;
-        let rss_start = gateways.rss();
-
-        let stop = CancellationToken::new();
-        let plan = self.fault_plan();
-        let (faults, published) = tokio::join!(
-            faults::run(&plan, cluster, &mut gateways, &admin, self.clock, &stop, current_fault.clone()),
-            async {
-                progress.until(|| publishing.is_done(), None).await;
-                stop.cancel();
-                eprintln!("[{:7.1}s] publishing ended; the fault under way, if any, finishes", self.clock.secs());
-                publishing.finish(self.options.recovery_timeout).await
-            }
-        );
-
+        let mut gateways = self.start_gateways(cluster, binary).await?;
+        let clients = self.start_clients(&gateways).await?;
+        let (faults, published, rss_start) =
+            self.publish_under_faults(cluster, &admin, &mut gateways, &clients).await?;
         eprintln!(
             "[{:7.1}s] {} messages acknowledged; waiting for clients to catch up",
             self.clock.secs(),
             published.acked
         );
         let catch_up_s = catch_up(&clients, &published.messages, self.options.catch_up_timeout).await;
-        let rss_end = gateways.rss();
-        let stored = match cluster.stream_info(&admin).await {
-            Ok(info) => info["state"]["messages"].as_u64(),
-            Err(error) => {
-                eprintln!("herald-chaos: {error:#}");
-                None
-            }
-        };
-        let gateways_report = gateways
-            .list()
-            .iter()
-            .zip(rss_start.iter().zip(&rss_end))
-            .map(|(gateway, (&rss_start, &rss_end))| GatewayReport {
-                name: gateway.name.clone(),
-                addr: gateway.addr.to_string(),
-                restarts: gateway.restarts,
-                rss_start,
-                rss_end,
-            })
-            .collect();
+        let gateways_report = gateway_reports(&gateways, &rss_start);
+        let stored = stored_messages(cluster, &admin).await;
         let received = clients.into_iter().map(|client| (client.user, client.subscribed, client.stop())).collect();
         drop(gateways);
         Ok(Report::from(Parts {
@@ -139,6 +90,60 @@ impl Run {
             received,
             out_dir: self.out_dir.display().to_string(),
         }))
+    }
+
+    /// Publishes the plan while the fault schedule runs: first a warm-up, after which the gateways'
+    /// memory is measured, then faults until publishing ends. Returns the faults, what was
+    /// published, and the gateways' memory after the warm-up.
+    async fn publish_under_faults(
+        &self,
+        cluster: &Cluster,
+        admin: &async_nats::Client,
+        gateways: &mut Gateways,
+        clients: &[Client],
+    ) -> Result<(Vec<FaultRecord>, Published, Vec<u64>)> {
+        let publisher = cluster.connect(Role::Publisher, "herald-chaos publisher").await?;
+        let publishing = Publishing::start(jetstream::new(publisher), self.publish_plan());
+        let current_fault = Arc::new(Mutex::new(None));
+        let progress = Progress { clock: self.clock, stats: publishing.stats(), clients, fault: &current_fault };
+        progress.until(|| publishing.is_done(), Some(WARM_UP)).await;
+        let rss_start = gateways.rss();
+        let stop = CancellationToken::new();
+        let plan = self.fault_plan();
+        let (faults, published) = tokio::join!(
+            faults::run(&plan, cluster, gateways, admin, self.clock, &stop, current_fault.clone()),
+            async {
+                progress.until(|| publishing.is_done(), None).await;
+                stop.cancel();
+                eprintln!("[{:7.1}s] publishing ended; the fault under way, if any, finishes", self.clock.secs());
+                publishing.finish(self.options.recovery_timeout).await
+            }
+        );
+        Ok((faults, published, rss_start))
+    }
+
+    /// Starts the gateways on every node of `cluster`.
+    async fn start_gateways(&self, cluster: &Cluster, binary: PathBuf) -> Result<Gateways> {
+        eprintln!("[{:7.1}s] starting {} gateways", self.clock.secs(), self.options.gateways);
+        let setup = GatewaySetup {
+            binary,
+            nats_url: cluster.url(),
+            log_dir: self.out_dir.clone(),
+            log_filter: self.options.gateway_log.clone(),
+        };
+        Gateways::start(setup, usize::from(self.options.gateways)).await
+    }
+
+    /// Starts one client per user (every other one subscribed to the topic), spread over the
+    /// gateways, and waits until each has connected.
+    async fn start_clients(&self, gateways: &Gateways) -> Result<Vec<Client>> {
+        let urls = Arc::new(gateways.list().iter().map(|gateway| gateway.ws_url()).collect::<Vec<_>>());
+        let clients: Vec<Client> = (0..self.options.users)
+            .map(|user| Client::spawn(user, user % 2 == 0, urls.clone(), self.seed, self.clock))
+            .collect();
+        wait_connected(&clients).await?;
+        eprintln!("[{:7.1}s] {} clients connected; publishing", self.clock.secs(), clients.len());
+        Ok(clients)
     }
 
     fn publish_plan(&self) -> PublishPlan {
@@ -180,6 +185,32 @@ impl Run {
             fault_interval_s: options.fault_interval.as_secs_f64(),
             fault_downtime_s: options.fault_downtime.as_secs_f64(),
             seed: self.seed,
+        }
+    }
+}
+
+/// Each gateway's memory at the start (`rss_start`) and now, and its restarts.
+fn gateway_reports(gateways: &Gateways, rss_start: &[u64]) -> Vec<GatewayReport> {
+    let rss_end = gateways.rss();
+    let gateways = gateways.list().iter().zip(rss_start.iter().zip(rss_end));
+    gateways
+        .map(|(gateway, (&rss_start, rss_end))| GatewayReport {
+            name: gateway.name.clone(),
+            addr: gateway.addr.to_string(),
+            restarts: gateway.restarts,
+            rss_start,
+            rss_end,
+        })
+        .collect()
+}
+
+/// How many messages the stream holds, if it says.
+async fn stored_messages(cluster: &Cluster, admin: &async_nats::Client) -> Option<u64> {
+    match cluster.stream_info(admin).await {
+        Ok(info) => info["state"]["messages"].as_u64(),
+        Err(error) => {
+            eprintln!("herald-chaos: {error:#}");
+            None
         }
     }
 }
