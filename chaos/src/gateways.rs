@@ -21,6 +21,7 @@ pub const SECRET: &str = "herald-chaos-secret";
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// The gateways' `shutdown_grace`: a SIGTERM'd gateway must exit within this plus [`EXIT_MARGIN`].
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// What a gateway may take beyond its grace to drain NATS and exit.
 const EXIT_MARGIN: Duration = Duration::from_secs(10);
 /// The stream's duplicate window: a publish retried within it is stored once.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(600);
@@ -46,7 +47,7 @@ pub struct Gateway {
     pub addr: SocketAddr,
     /// The running process, if any.
     process: Option<Child>,
-    /// Times it was started after the first.
+    /// Times a fault stopped it (each followed by a start, unless that failed).
     pub restarts: u32,
 }
 
