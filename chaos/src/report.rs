@@ -142,6 +142,10 @@ pub struct GatewayReport {
     pub rss_start: u64,
     /// `VmRSS` at the end, in bytes (of the process running then).
     pub rss_end: u64,
+    /// Clients connected to it after the warm-up (its memory depends on them).
+    pub clients_start: usize,
+    /// Clients connected to it at the end.
+    pub clients_end: usize,
 }
 
 impl GatewayReport {
@@ -302,18 +306,20 @@ impl Report {
         }
         line(String::new());
         line(format!(
-            "{:<8} {:<16} {:>8} {:>12} {:>12} {:>8}",
+            "{:<8} {:<16} {:>8} {:>12} {:>12} {:>8}  clients",
             "gateway", "address", "restarts", "rss start", "rss end", "growth"
         ));
         for gateway in &self.gateways {
             line(format!(
-                "{:<8} {:<16} {:>8} {:>12} {:>12} {:>+7.1}%",
+                "{:<8} {:<16} {:>8} {:>12} {:>12} {:>+7.1}%  {} → {}",
                 gateway.name,
                 gateway.addr,
                 gateway.restarts,
                 mib(gateway.rss_start),
                 mib(gateway.rss_end),
-                gateway.growth_percent()
+                gateway.growth_percent(),
+                gateway.clients_start,
+                gateway.clients_end
             ));
         }
         line(String::new());

@@ -65,15 +65,14 @@ impl Run {
         let admin = cluster.connect(Role::Admin, "herald-chaos admin").await?;
         let mut gateways = self.start_gateways(cluster, binary).await?;
         let clients = self.start_clients(&gateways).await?;
-        let (faults, published, rss_start) =
-            self.publish_under_faults(cluster, &admin, &mut gateways, &clients).await?;
+        let (faults, published, at_start) = self.publish_under_faults(cluster, &admin, &mut gateways, &clients).await?;
         eprintln!(
             "[{:7.1}s] {} messages acknowledged; waiting for clients to catch up",
             self.clock.secs(),
             published.acked
         );
         let catch_up_s = catch_up(&clients, &published.messages, self.options.catch_up_timeout).await;
-        let gateways_report = gateway_reports(&gateways, &rss_start);
+        let gateways_report = gateway_reports(&gateways, &at_start, &Load::now(&gateways, &clients));
         let stored = stored_messages(cluster, &admin).await;
         let received = clients.into_iter().map(|client| (client.user, client.subscribed, client.stop())).collect();
         drop(gateways);
@@ -93,21 +92,21 @@ impl Run {
     }
 
     /// Publishes the plan while the fault schedule runs: first a warm-up, after which the gateways'
-    /// memory is measured, then faults until publishing ends. Returns the faults, what was
-    /// published, and the gateways' memory after the warm-up.
+    /// memory and clients are counted, then faults until publishing ends. Returns the faults, what
+    /// was published, and the gateways' load after the warm-up.
     async fn publish_under_faults(
         &self,
         cluster: &Cluster,
         admin: &async_nats::Client,
         gateways: &mut Gateways,
         clients: &[Client],
-    ) -> Result<(Vec<FaultRecord>, Published, Vec<u64>)> {
+    ) -> Result<(Vec<FaultRecord>, Published, Load)> {
         let publisher = cluster.connect(Role::Publisher, "herald-chaos publisher").await?;
         let publishing = Publishing::start(jetstream::new(publisher), self.publish_plan());
         let current_fault = Arc::new(Mutex::new(None));
         let progress = Progress { clock: self.clock, stats: publishing.stats(), clients, fault: &current_fault };
         progress.until(|| publishing.is_done(), Some(WARM_UP)).await;
-        let rss_start = gateways.rss();
+        let at_start = Load::now(gateways, clients);
         let stop = CancellationToken::new();
         let plan = self.fault_plan();
         let (faults, published) = tokio::join!(
@@ -119,7 +118,7 @@ impl Run {
                 publishing.finish(self.options.recovery_timeout).await
             }
         );
-        Ok((faults, published, rss_start))
+        Ok((faults, published, at_start))
     }
 
     /// Starts the gateways on every node of `cluster`.
@@ -189,19 +188,35 @@ impl Run {
     }
 }
 
-/// Each gateway's memory at the start (`rss_start`) and now, and its restarts.
-fn gateway_reports(gateways: &Gateways, rss_start: &[u64]) -> Vec<GatewayReport> {
-    let rss_end = gateways.rss();
-    let gateways = gateways.list().iter().zip(rss_start.iter().zip(rss_end));
-    gateways
-        .map(|(gateway, (&rss_start, rss_end))| GatewayReport {
+/// Each gateway's memory and clients at one moment.
+struct Load {
+    rss: Vec<u64>,
+    clients: Vec<usize>,
+}
+
+impl Load {
+    fn now(gateways: &Gateways, clients: &[Client]) -> Load {
+        let on =
+            |name: &str| clients.iter().filter(|client| client.received().gateway.as_deref() == Some(name)).count();
+        Load { rss: gateways.rss(), clients: gateways.list().iter().map(|gateway| on(&gateway.name)).collect() }
+    }
+}
+
+/// Each gateway's load at the start and at the end, and its restarts.
+fn gateway_reports(gateways: &Gateways, start: &Load, end: &Load) -> Vec<GatewayReport> {
+    let mut reports = Vec::new();
+    for (index, gateway) in gateways.list().iter().enumerate() {
+        reports.push(GatewayReport {
             name: gateway.name.clone(),
             addr: gateway.addr.to_string(),
             restarts: gateway.restarts,
-            rss_start,
-            rss_end,
-        })
-        .collect()
+            rss_start: start.rss[index],
+            rss_end: end.rss[index],
+            clients_start: start.clients[index],
+            clients_end: end.clients[index],
+        });
+    }
+    reports
 }
 
 /// How many messages the stream holds, if it says.
