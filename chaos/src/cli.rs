@@ -12,8 +12,9 @@ use crate::faults::FaultKind;
 /// gateways and NATS nodes and cuts nodes off, then counts, for every client, the messages it was
 /// owed, received, lost, got twice or out of order. Exits with 1 if any was lost, duplicated,
 /// reordered or misdelivered. Needs Docker (the NATS image is built locally, no registry).
+/// A flag given twice takes its last value.
 #[derive(Debug, Clone, Parser)]
-#[command(version)]
+#[command(version, args_override_self = true)]
 pub struct Options {
     /// Messages to publish (the run may end earlier with --duration).
     #[arg(long, default_value_t = 1_000_000)]
@@ -40,7 +41,7 @@ pub struct Options {
     #[arg(long, default_value_t = 0.05)]
     pub topic_share: f64,
     /// Faults to inject, comma-separated; each round injects each once, in a seeded order.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = FaultKind::ALL)]
+    #[arg(long, value_enum, value_delimiter = ',', action = clap::ArgAction::Set, default_values_t = FaultKind::ALL)]
     pub faults: Vec<FaultKind>,
     /// Calm time before the first fault and between one fault's recovery and the next.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
@@ -85,5 +86,20 @@ impl Options {
             "--all-share and --topic-share are shares of the messages: between 0 and 1, together at most 1"
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn a_later_flag_overrides_an_earlier_one() {
+        let options = Options::parse_from(["herald-chaos", "--fault-downtime", "5s", "--fault-downtime", "15s"]);
+        assert_eq!(options.fault_downtime, Duration::from_secs(15));
+        let options = Options::parse_from(["herald-chaos", "--faults", "nats-kill,partition", "--faults", "partition"]);
+        assert_eq!(options.faults, vec![FaultKind::Partition]);
     }
 }
