@@ -45,13 +45,14 @@ fn the_short_chaos_run_loses_duplicates_and_reorders_nothing() {
     assert!(report["gateways"].as_array().unwrap().iter().all(|gateway| gateway["rss_end"].as_u64() > Some(0)));
 }
 
-/// Partitions of the node holding the gateways' delivery connections, long enough that the routes
-/// break. Fails today (messages lost without `complete:false`, reordered, a gateway that stops
-/// delivering); run it with `cargo test -p herald-chaos -- --ignored`.
+/// Five partitions of the node holding the gateways' delivery connections, each long enough that
+/// its routes may break (about five minutes). Fails in most runs today: after a heal, messages are
+/// lost (some without `complete:false`), reordered, or not delivered at all. Run it with
+/// `cargo test -p herald-chaos -- --ignored`.
 #[test]
 #[ignore = "the gateway loses and reorders messages after a partition of its NATS node heals"]
 fn partitions_lose_nothing() {
-    run(&["--faults", "partition", "--fault-downtime", "15s"]);
+    run(&["--messages", "40000", "--faults", "partition", "--fault-downtime", "15s"]);
 }
 
 /// Runs the short schedule with `extra` arguments, checks the verdict, and returns the standard
