@@ -45,7 +45,7 @@ impl Role {
     }
 
     /// The environment variable nats.conf reads the password from.
-    pub(crate) fn password_variable(self) -> String {
+    pub fn password_variable(self) -> String {
         format!("HERALD_NATS_{}_PASSWORD", self.user().to_uppercase())
     }
 }
@@ -214,7 +214,8 @@ impl Drop for TestNats {
     }
 }
 
-pub(crate) fn docker_available() -> bool {
+/// Whether a Docker daemon answers (checked once).
+pub fn docker_available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
     *AVAILABLE.get_or_init(|| {
         Command::new("docker")
@@ -227,7 +228,7 @@ pub(crate) fn docker_available() -> bool {
 }
 
 /// The image to run: `HERALD_NATS_IMAGE`, or the local one, built now if absent.
-pub(crate) fn image_name() -> String {
+pub fn image_name() -> String {
     static IMAGE: OnceLock<String> = OnceLock::new();
     IMAGE
         .get_or_init(|| match std::env::var("HERALD_NATS_IMAGE") {
