@@ -51,6 +51,9 @@ pub struct RawOptions {
     /// entries behind the newest is closed (slow consumer).
     #[arg(long, default_value_t = 8192)]
     pub ring_entries: usize,
+    /// Most `push.all` messages joined into one ring entry when they arrive together.
+    #[arg(long, default_value_t = 64)]
+    pub coalesce: usize,
     /// Most bytes queued in one socket's unicast mailbox; a socket over it is closed (slow
     /// consumer).
     #[arg(long, default_value_t = 1 << 20)]
@@ -98,7 +101,7 @@ pub async fn serve(options: RawOptions) -> Result<()> {
     let all = client.subscribe("push.all").await?;
     let each_user = client.subscribe("push.user.*").await?;
     client.flush().await?;
-    tokio::spawn(ring::feed(all, hub.ring.clone()));
+    tokio::spawn(ring::feed(all, hub.ring.clone(), options.coalesce));
     tokio::spawn(users::feed(each_user, hub.users.clone()));
     let listener = listen(options.listen, options.backlog).with_context(|| format!("listen on {}", options.listen))?;
     tokio::select! {

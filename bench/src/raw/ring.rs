@@ -4,12 +4,12 @@
 //! has queued for it on whichever worker thread runs it, so the work spreads over every thread
 //! and nothing is pushed per socket.
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use tokio::sync::broadcast::{self, Receiver, Sender, error::RecvError, error::TryRecvError};
 
 use super::batch::Batch;
-use super::frame::text_frame;
+use super::frame::{framed_len, put_text_frame};
 
 /// Why a socket stops reading the ring.
 #[derive(Debug, PartialEq, Eq)]
@@ -25,12 +25,24 @@ pub(crate) fn new(capacity: usize) -> Sender<Bytes> {
     broadcast::Sender::new(capacity.max(1))
 }
 
-/// Moves every message of the `push.all` subscription into the ring.
-pub(crate) async fn feed(mut subscription: async_nats::Subscriber, ring: Sender<Bytes>) {
-    while let Some(message) = subscription.next().await {
+/// Moves every message of the `push.all` subscription into the ring. Messages that have already
+/// arrived together (up to `coalesce`) become one entry of consecutive frames: one send, one
+/// wake-up per socket and one iovec instead of several.
+pub(crate) async fn feed(subscription: async_nats::Subscriber, ring: Sender<Bytes>, coalesce: usize) {
+    let mut arrived = subscription.ready_chunks(coalesce.max(1));
+    while let Some(messages) = arrived.next().await {
         // An error only means no socket is connected: there is no one to deliver to.
-        let _ = ring.send(text_frame(&message.payload));
+        let _ = ring.send(encode(messages.iter().map(|message| &message.payload[..])));
     }
+}
+
+/// Consecutive text frames, one per payload, in one buffer.
+pub(crate) fn encode<'a>(payloads: impl Iterator<Item = &'a [u8]> + Clone) -> Bytes {
+    let mut entry = BytesMut::with_capacity(payloads.clone().map(|payload| framed_len(payload.len())).sum());
+    for payload in payloads {
+        put_text_frame(&mut entry, payload);
+    }
+    entry.freeze()
 }
 
 /// The next entry for `reader`, once there is one.
@@ -57,6 +69,16 @@ pub(crate) fn take(reader: &mut Receiver<Bytes>, batch: &mut Batch) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::ws::{Parsed, parse};
+
+    #[test]
+    fn encodes_consecutive_frames() {
+        let entry = encode([&b"one"[..], &[b'x'; 300][..]].into_iter());
+        let Parsed::Frame(first, used) = parse(&entry) else { panic!("no first frame") };
+        assert_eq!(first.payload, b"one");
+        let Parsed::Frame(second, rest) = parse(&entry[used..]) else { panic!("no second frame") };
+        assert_eq!((second.payload.len(), used + rest), (300, entry.len()));
+    }
 
     #[test]
     fn takes_in_batches_and_notices_lagging() {
