@@ -1,4 +1,4 @@
-//! The frames one socket sends in its next write: gathered from the ring and the mailbox, then
+//! What one socket sends in its next write: gathered from the ring and the mailbox, then
 //! written with one vectored write (more only when the kernel takes part of it).
 
 use std::io::IoSlice;
@@ -6,7 +6,8 @@ use std::io::IoSlice;
 use bytes::Bytes;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-/// Frames waiting for one write, bounded in count (iovecs) and bytes.
+/// Buffers of frames (ring entries, unicast frames) waiting for one write, bounded in count
+/// (iovecs) and bytes.
 pub(crate) struct Batch {
     frames: Vec<Bytes>,
     bytes: usize,
@@ -15,7 +16,7 @@ pub(crate) struct Batch {
 }
 
 impl Batch {
-    /// An empty batch of at most `max_frames` frames and about `max_bytes` bytes. Allocates at the
+    /// An empty batch of at most `max_frames` buffers and about `max_bytes` bytes. Allocates at the
     /// first push, so an idle socket's batch costs nothing.
     pub(crate) fn new(max_frames: usize, max_bytes: usize) -> Batch {
         Batch { frames: Vec::new(), bytes: 0, max_frames: max_frames.max(1), max_bytes }

@@ -58,7 +58,8 @@ pub struct RawOptions {
     /// consumer).
     #[arg(long, default_value_t = 1 << 20)]
     pub queue_bytes: usize,
-    /// Most frames (ring entries and unicast frames) sent in one vectored write.
+    /// Most buffers (ring entries, each of one or more frames, and unicast frames) sent in one
+    /// vectored write.
     #[arg(long, default_value_t = 64)]
     pub batch_frames: usize,
     /// Listen backlog (the kernel caps it at net.core.somaxconn). `TcpListener::bind` would use

@@ -23,7 +23,7 @@ static SLOW_CONSUMERS: AtomicU64 = AtomicU64::new(0);
 /// Bounds of one socket's writes.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct WriteLimits {
-    /// Most frames (iovecs) in one write.
+    /// Most buffers (iovecs) in one write.
     pub(crate) frames: usize,
     /// About the most bytes in one write.
     pub(crate) bytes: usize,
