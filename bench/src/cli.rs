@@ -76,6 +76,9 @@ pub struct Common {
     /// Extra environment of the gateway, KEY=VALUE (repeatable), e.g. HERALD_OUTBOUND_QUEUE_BYTES=4194304.
     #[arg(long = "gateway-env", value_parser = key_value)]
     pub gateway_env: Vec<(String, String)>,
+    /// Extra argument of the raw server (repeatable), e.g. --raw-arg=--ring-entries=16384.
+    #[arg(long = "raw-arg", allow_hyphen_values = true)]
+    pub raw_args: Vec<String>,
     /// Seconds a client may take to connect and get its welcome.
     #[arg(long, default_value_t = 30.0)]
     pub connect_timeout_secs: f64,
@@ -218,6 +221,7 @@ fn context(common: &Common) -> Result<Context> {
             logs,
             gateway_log: common.gateway_log.clone(),
             gateway_env: common.gateway_env.clone(),
+            raw_args: common.raw_args.clone(),
             stream_max_msgs_per_subject: None,
         },
         targets: common.targets.clone(),
@@ -262,5 +266,9 @@ mod tests {
         let Command::All(all) = cli.command else { panic!("not all") };
         assert_eq!((all.idle.connections, all.fanout.connections), (5, vec![1, 2]));
         assert_eq!(all.common.targets, [TargetKind::Herald, TargetKind::NatsWs, TargetKind::Raw]);
+        let cli = Cli::try_parse_from(["herald-bench", "fanout", "--raw-arg", "--coalesce=1", "--raw-arg=--threads=1"])
+            .unwrap();
+        let Command::Fanout(fanout) = cli.command else { panic!("not fanout") };
+        assert_eq!(fanout.common.raw_args, ["--coalesce=1", "--threads=1"]);
     }
 }

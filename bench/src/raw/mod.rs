@@ -1,23 +1,27 @@
 //! The bare broadcaster (`herald-bench raw-server`): the least a WebSocket push server can do on
 //! this machine, as a yardstick for Herald.
 //!
-//! One NATS subscription on `push.all` (and one on `push.user.*`, for the unicast scenario), no
-//! auth, no stream, no JSON: each message's payload becomes one text frame, built once and shared
-//! as [`Bytes`] by every socket it goes to; each socket's writer sends everything queued for it in
-//! one vectored write. Upgrades go through hyper and fastwebsockets, as in the gateway. After
-//! registering a socket the server sends a `ready` text frame, so clients know when they are live.
+//! Core NATS in, no auth, no stream, no JSON. Every `push.all` message is encoded once as a text
+//! frame into one shared ring ([`ring`]) that each socket's own task reads at its own position:
+//! the fan-out pushes nothing per socket, and the sockets' work spreads over every worker thread.
+//! `push.user.<id>` messages go to a per-socket mailbox ([`mailbox`], [`users`]). A socket's task
+//! ([`socket`]) sends everything queued for it, ring and mailbox, in one vectored write
+//! ([`batch`]). Upgrades go through hyper and fastwebsockets, as in the gateway. After registering
+//! a socket the server sends a `ready` text frame, so clients know when they are live.
 
-mod outbound;
-mod registry;
+mod batch;
+mod frame;
+mod mailbox;
+mod ring;
 mod socket;
+mod users;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use bytes::{BufMut, Bytes, BytesMut};
-use futures::StreamExt;
+use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -26,8 +30,13 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::broadcast;
 
-use registry::Registry;
+use socket::WriteLimits;
+use users::Users;
+
+/// About the most bytes a socket sends in one write.
+const BATCH_BYTES: usize = 256 * 1024;
 
 /// How the raw broadcaster runs.
 #[derive(Debug, Clone, clap::Args)]
@@ -38,16 +47,42 @@ pub struct RawOptions {
     /// NATS server URL.
     #[arg(long, default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
-    /// Most bytes queued for one socket; a socket over it is closed (slow consumer).
+    /// Entries of the broadcast ring (rounded up to a power of two). A socket that falls this many
+    /// entries behind the newest is closed (slow consumer).
+    #[arg(long, default_value_t = 8192)]
+    pub ring_entries: usize,
+    /// Most `push.all` messages joined into one ring entry when they arrive together.
+    #[arg(long, default_value_t = 64)]
+    pub coalesce: usize,
+    /// Most bytes queued in one socket's unicast mailbox; a socket over it is closed (slow
+    /// consumer).
     #[arg(long, default_value_t = 1 << 20)]
     pub queue_bytes: usize,
-    /// Most frames sent in one vectored write.
+    /// Most buffers (ring entries, each of one or more frames, and unicast frames) sent in one
+    /// vectored write.
     #[arg(long, default_value_t = 64)]
     pub batch_frames: usize,
     /// Listen backlog (the kernel caps it at net.core.somaxconn). `TcpListener::bind` would use
     /// 128, which drops SYNs in a connect storm (each a 1 s retransmit).
     #[arg(long, default_value_t = 4096)]
     pub backlog: u32,
+}
+
+/// What every socket shares: the broadcast ring, the users' mailboxes and the limits.
+struct Hub {
+    ring: broadcast::Sender<Bytes>,
+    users: Arc<Users>,
+    queue_bytes: usize,
+    limits: WriteLimits,
+}
+
+impl Hub {
+    /// Registers a socket (of `user`, if given) and serves it until it ends.
+    async fn serve(&self, stream: TcpStream, user: Option<String>) {
+        let ring = self.ring.subscribe();
+        let mailbox = user.map(|user| self.users.register(user, self.queue_bytes));
+        socket::run(stream, ring, mailbox, self.limits).await;
+    }
 }
 
 /// Runs the broadcaster until its stdin closes (the tool that started it is gone) or it fails.
@@ -58,16 +93,20 @@ pub async fn serve(options: RawOptions) -> Result<()> {
         .connect(options.nats_url.as_str())
         .await
         .context("connect to NATS")?;
-    let registry = Arc::new(Registry::default());
+    let hub = Arc::new(Hub {
+        ring: ring::new(options.ring_entries),
+        users: Arc::new(Users::default()),
+        queue_bytes: options.queue_bytes,
+        limits: WriteLimits { frames: options.batch_frames, bytes: BATCH_BYTES },
+    });
     let all = client.subscribe("push.all").await?;
-    let users = client.subscribe("push.user.*").await?;
+    let each_user = client.subscribe("push.user.*").await?;
     client.flush().await?;
-    tokio::spawn(feed(all, registry.clone()));
-    tokio::spawn(feed(users, registry.clone()));
+    tokio::spawn(ring::feed(all, hub.ring.clone(), options.coalesce));
+    tokio::spawn(users::feed(each_user, hub.users.clone()));
     let listener = listen(options.listen, options.backlog).with_context(|| format!("listen on {}", options.listen))?;
-    let options = Arc::new(options);
     tokio::select! {
-        result = accept_loop(listener, registry, options) => result,
+        result = accept_loop(listener, hub) => result,
         _ = stdin_closed() => Ok(()),
     }
 }
@@ -79,7 +118,7 @@ fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     socket.listen(backlog)
 }
 
-async fn accept_loop(listener: TcpListener, registry: Arc<Registry>, options: Arc<RawOptions>) -> Result<()> {
+async fn accept_loop(listener: TcpListener, hub: Arc<Hub>) -> Result<()> {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -90,20 +129,16 @@ async fn accept_loop(listener: TcpListener, registry: Arc<Registry>, options: Ar
             }
         };
         let _ = stream.set_nodelay(true);
-        let (registry, options) = (registry.clone(), options.clone());
+        let hub = hub.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |request| upgrade(request, registry.clone(), options.clone()));
+            let service = service_fn(move |request| upgrade(request, hub.clone()));
             let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).with_upgrades().await;
         });
     }
 }
 
-/// Answers an upgrade request and runs the socket once upgraded.
-async fn upgrade(
-    mut request: Request<Incoming>,
-    registry: Arc<Registry>,
-    options: Arc<RawOptions>,
-) -> Result<Response<Empty<Bytes>>, Infallible> {
+/// Answers an upgrade request and serves the socket once upgraded.
+async fn upgrade(mut request: Request<Incoming>, hub: Arc<Hub>) -> Result<Response<Empty<Bytes>>, Infallible> {
     let user = request.uri().query().and_then(user_param);
     let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut request) {
         Ok(upgrade) => upgrade,
@@ -118,7 +153,7 @@ async fn upgrade(
         let upgraded = socket.into_inner().into_inner();
         // The listener only gives TCP streams, so the downcast always succeeds.
         if let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() {
-            socket::run(parts.io.into_inner(), registry, user, &options).await;
+            hub.serve(parts.io.into_inner(), user).await;
         }
     });
     Ok(response)
@@ -127,36 +162,6 @@ async fn upgrade(
 /// The `user` query parameter.
 fn user_param(query: &str) -> Option<String> {
     query.split('&').find_map(|pair| pair.strip_prefix("user=")).filter(|user| !user.is_empty()).map(str::to_string)
-}
-
-/// Moves every message of `subscription` to the sockets it is for.
-async fn feed(mut subscription: async_nats::Subscriber, registry: Arc<Registry>) {
-    while let Some(message) = subscription.next().await {
-        let frame = text_frame(&message.payload);
-        match message.subject.as_str().strip_prefix("push.user.") {
-            Some(user) => registry.unicast(user, &frame),
-            None => registry.broadcast(&frame),
-        }
-    }
-}
-
-/// A final, unmasked text frame holding `payload`.
-pub(crate) fn text_frame(payload: &[u8]) -> Bytes {
-    let mut frame = BytesMut::with_capacity(payload.len() + 10);
-    frame.put_u8(0x81);
-    match payload.len() {
-        len @ 0..=125 => frame.put_u8(len as u8),
-        len @ 126..=0xffff => {
-            frame.put_u8(126);
-            frame.put_u16(len as u16);
-        }
-        len => {
-            frame.put_u8(127);
-            frame.put_u64(len as u64);
-        }
-    }
-    frame.put_slice(payload);
-    frame.freeze()
 }
 
 /// Resolves when stdin reaches its end.
@@ -169,19 +174,6 @@ async fn stdin_closed() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::ws::{Frame, OP_TEXT, Parsed, parse};
-
-    #[test]
-    fn frames_parse_back() {
-        for len in [0, 100, 200, 70_000] {
-            let payload = vec![b'p'; len];
-            let frame = text_frame(&payload);
-            assert_eq!(
-                parse(&frame),
-                Parsed::Frame(Frame { fin: true, opcode: OP_TEXT, payload: &payload }, frame.len())
-            );
-        }
-    }
 
     #[test]
     fn reads_the_user_parameter() {

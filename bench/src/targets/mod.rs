@@ -76,6 +76,8 @@ pub struct Tools {
     pub gateway_log: String,
     /// Extra `KEY=VALUE` environment for the gateway (e.g. `HERALD_OUTBOUND_QUEUE_BYTES`).
     pub gateway_env: Vec<(String, String)>,
+    /// Extra arguments of the raw server (e.g. `--ring-entries=16384`).
+    pub raw_args: Vec<String>,
     /// The stream's messages kept per subject, when not the gateway's default (the replay scenario
     /// stores more than the default 1000 for one user).
     pub stream_max_msgs_per_subject: Option<u64>,
@@ -242,7 +244,7 @@ async fn start_gateway(tools: &Tools, nats: &NatsServer, label: &str) -> Result<
 async fn start_raw(tools: &Tools, nats: &NatsServer, label: &str) -> Result<(Spawned, SocketAddr)> {
     let addr = local(free_port()?);
     let mut command = Command::new(&tools.bench);
-    command.args(["raw-server", "--listen", &addr.to_string(), "--nats-url", &nats.url()]);
+    command.args(["raw-server", "--listen", &addr.to_string(), "--nats-url", &nats.url()]).args(&tools.raw_args);
     let mut raw = Spawned::spawn("raw-server", command, &tools.log_path(label, "raw"))?;
     raw.wait_listening(addr).await?;
     Ok((raw, addr))
