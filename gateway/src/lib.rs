@@ -243,6 +243,9 @@ fn start_background_tasks(shared: &Arc<Shared>) {
 
 async fn run(shared: Arc<Shared>, listener: TcpListener) {
     server::accept_loop(shared.clone(), listener).await;
+    // Sessions wait on their mailboxes, not on the gateway's shutdown (thousands of sessions
+    // polling one shared token would contend on it at every wake-up): tell each.
+    shared.registry.close_all(&stopping(&shared));
     if shared.killed.is_cancelled() {
         shared.sessions.close();
         shared.sessions.wait().await;
@@ -261,6 +264,11 @@ async fn run(shared: Arc<Shared>, listener: TcpListener) {
         warn!("NATS drain timed out");
     }
     info!("gateway stopped");
+}
+
+/// How sessions close when the gateway stops: 1012, or dropped when it is killed.
+pub(crate) fn stopping(shared: &Shared) -> close::Close {
+    if shared.killed.is_cancelled() { close::Close::gone("gateway killed") } else { close::Close::restart() }
 }
 
 /// How much each broadcast log keeps.

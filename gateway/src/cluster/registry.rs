@@ -80,6 +80,13 @@ impl Registry {
         Counts { users: inner.by_user.len(), connections: inner.by_conn.len() }
     }
 
+    /// Closes every session on this gateway with `close` (the gateway stops).
+    pub(crate) fn close_all(&self, close: &Close) {
+        for session in self.lock().by_conn.values() {
+            session.mailbox.close(close.clone());
+        }
+    }
+
     /// Closes every session of `user` (or only connection `conn`) with `close`; returns how many.
     pub(crate) fn close_matching(&self, user: &str, conn: Option<&str>, close: &Close) -> usize {
         let sessions: Vec<LocalSession> =

@@ -1,7 +1,8 @@
 //! One session's mailbox: what reaches it from outside its own task. The router puts the user's own
 //! (personal) messages here in stream order; other parts put events (an rpc answer, a repair after
-//! the delivery feed reconnected) and close requests (a newer session, an operator). Each put wakes
-//! the session's task through one [`Notify`], which the broadcast logs use as well.
+//! the delivery feed reconnected) and close requests (a newer session, an operator, the gateway
+//! stopping). Each put wakes the session's task through one waker, which the broadcast logs use as
+//! well: a flag and an [`AtomicWaker`], so waking takes no lock.
 //!
 //! Personal messages are bounded in bytes: a session that does not take them fast enough loses the
 //! queued ones and is told so ([`Inbox::take_overflow`]); it then catches up from the stream, so
@@ -9,10 +10,13 @@
 //! across an await.
 
 use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
+use std::task::Poll;
 
+use futures::task::AtomicWaker;
 use herald_shared::frame::ServerFrame;
-use tokio::sync::Notify;
 
 use super::message::Live;
 use crate::close::Close;
@@ -29,8 +33,10 @@ pub(crate) enum Event {
 
 pub(crate) struct Mailbox {
     state: Mutex<State>,
-    /// Wakes the session's task.
-    signal: Notify,
+    /// Set by a wake-up, cleared when the session's task sees it.
+    woken: AtomicBool,
+    /// The session's task, while it waits.
+    waker: AtomicWaker,
     /// The most bytes of personal messages held (each counted by [`Live::cost`], at most half the
     /// limit, so that a message larger than the limit still gets through).
     limit: usize,
@@ -48,7 +54,7 @@ struct State {
 
 impl Mailbox {
     pub(crate) fn new(limit: usize) -> Mailbox {
-        Mailbox { state: Mutex::new(State::default()), signal: Notify::new(), limit }
+        Mailbox { state: Mutex::new(State::default()), woken: AtomicBool::new(false), waker: AtomicWaker::new(), limit }
     }
 
     /// Adds a personal message (or gap) in stream order; never blocks. Returns whether the session
@@ -74,13 +80,22 @@ impl Mailbox {
 
     /// Wakes the session's task.
     pub(crate) fn wake(&self) {
-        self.signal.notify_one();
+        self.woken.store(true, Ordering::Release);
+        self.waker.wake();
     }
 
     /// Resolves when the session was woken since it last waited (a wake-up is never lost: one
     /// that comes while nobody waits is kept for the next wait).
     pub(crate) async fn woken(&self) {
-        self.signal.notified().await
+        poll_fn(|cx| {
+            if self.woken.swap(false, Ordering::AcqRel) {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            // A wake-up between the first look and the registration.
+            if self.woken.swap(false, Ordering::AcqRel) { Poll::Ready(()) } else { Poll::Pending }
+        })
+        .await
     }
 
     /// Hands the session an event.

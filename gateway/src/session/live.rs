@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use herald_shared::subject::Audience;
+use smallvec::SmallVec;
 
 use crate::delivery::log::{Log, LogView};
 use crate::delivery::mailbox::Mailbox;
@@ -81,7 +82,8 @@ impl LiveSources {
         if inbox.take_overflow() && visit(Found::Overflowed) == Flow::Stop {
             return;
         }
-        let views: Vec<LogView<'_>> = self.logs.iter().map(|source| source.log.view()).collect();
+        // Most sessions read one or two logs: no allocation per pull for them.
+        let views: SmallVec<[LogView<'_>; 4]> = self.logs.iter().map(|source| source.log.view()).collect();
         for (view, position) in views.iter().zip(self.positions.iter_mut()) {
             if *position < view.first() {
                 *position = view.first();

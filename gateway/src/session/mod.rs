@@ -95,6 +95,10 @@ pub(crate) async fn run(
         shared: shared.clone(),
     });
     shared.registry.insert(LocalSession { conn: session.conn.clone(), user: session.user.clone(), mailbox });
+    if shared.shutdown.is_cancelled() {
+        // The gateway began stopping before the registry knew this session.
+        session.mailbox.close(crate::stopping(&shared));
+    }
     shared.metrics.connections.inc();
     shared.metrics.users.set(shared.registry.counts().users as i64);
     info!(user = %session.user, device = %session.device, conn = %session.conn, %address, "connected");
@@ -140,14 +144,15 @@ async fn serve(
         if let Err(close) = advance(session, &mut state, &mut job, transmit) {
             return (close, Some(state));
         }
+        // Deadlines only move later as the client talks and reads: the timer is moved earlier when
+        // needed, and re-armed when it fires (early, harmlessly, if a deadline moved meanwhile).
         let deadline = deadlines.next(transmit.stalled_since());
-        if timer.deadline() != deadline {
+        if deadline < timer.deadline() {
             timer.as_mut().reset(deadline);
         }
+        // The gateway stopping reaches the session through its mailbox (see `Registry::close_all`).
         let ended = tokio::select! {
             biased;
-            _ = shared.killed.cancelled() => Err(Close::gone("gateway killed")),
-            _ = shared.shutdown.cancelled() => Err(Close::restart()),
             written = transmit.flush(), if transmit.is_busy() => {
                 written.map_err(|error| Close::gone(format!("write failed: {error}")))
             }
@@ -163,7 +168,11 @@ async fn serve(
                 deadlines.heard(Instant::now());
                 inbound.and_then(|inbound| inbound::handle(session, &mut state, inbound, &mut rpc_budget))
             }
-            _ = &mut timer => on_time(&mut deadlines, &mut state, transmit),
+            _ = &mut timer => {
+                let due = on_time(&mut deadlines, &mut state, transmit);
+                timer.as_mut().reset(deadlines.next(transmit.stalled_since()));
+                due
+            }
         };
         if let Err(close) = ended {
             return (close, Some(state));

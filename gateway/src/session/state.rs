@@ -285,6 +285,7 @@ impl SessionState {
 
     /// Moves up to `max_frames` queued frames (and about `max_bytes`) into `batch`.
     pub(crate) fn take_frames(&mut self, batch: &mut Vec<Bytes>, max_frames: usize, max_bytes: usize) {
+        batch.reserve(self.frames.len().min(max_frames));
         let mut bytes = 0;
         while batch.len() < max_frames && bytes < max_bytes {
             let Some(frame) = self.frames.pop_front() else { break };
