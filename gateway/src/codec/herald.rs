@@ -15,10 +15,21 @@ pub(crate) struct HeraldCodec;
 /// The `msg` frame of `message`, WebSocket header included.
 pub(super) fn encode_message(message: &Message) -> Bytes {
     let to = message.audience.frame_to();
-    let meta = MsgMeta { seq: message.seq, to: &to, id: &message.id, kind: &message.kind, ts: &message.ts };
     let mut frame = FrameBuf::with_capacity(message.payload.len() + 96 + to.len() + message.ts.len());
-    write_msg(frame.body(), &meta, &message.payload);
+    write_msg(frame.body(), &meta(message, &to), &message.payload);
     frame.finish_text()
+}
+
+/// Appends the `msg` frame of `message` to `out`; `json` is scratch space.
+pub(super) fn append_message(out: &mut Vec<u8>, message: &Message, json: &mut Vec<u8>) {
+    let to = message.audience.frame_to();
+    json.clear();
+    write_msg(json, &meta(message, &to), &message.payload);
+    frame::append_text(out, json);
+}
+
+fn meta<'a>(message: &'a Message, to: &'a str) -> MsgMeta<'a> {
+    MsgMeta { seq: message.seq, to, id: &message.id, kind: &message.kind, ts: &message.ts }
 }
 
 impl HeraldCodec {

@@ -41,6 +41,25 @@ pub(crate) fn encode_message(format: WireFormat, message: &Message) -> Bytes {
     }
 }
 
+/// Encodes the messages of a burst for one broadcast log in one buffer, in Herald's format (the
+/// format of most sockets): each message's frame is a slice of it, and a session that sends several
+/// of them in a row sends one slice (one reference count, one entry of a vectored write).
+pub(crate) fn encode_burst(messages: &[&Message]) {
+    let mut chunk = Vec::with_capacity(messages.iter().map(|m| m.payload.len() + 128).sum());
+    let mut json = Vec::new();
+    let mut ends = Vec::with_capacity(messages.len());
+    for message in messages {
+        herald::append_message(&mut chunk, message, &mut json);
+        ends.push(chunk.len());
+    }
+    let chunk = Bytes::from(chunk);
+    let mut start = 0;
+    for (message, end) in messages.iter().zip(ends) {
+        message.set_burst(WireFormat::Herald, chunk.clone(), start..end);
+        start = end;
+    }
+}
+
 /// What a client asks of its session, whatever protocol it speaks.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Command {

@@ -58,10 +58,18 @@ impl Log {
     }
 
     /// Appends an entry (keys must not decrease), evicting the oldest beyond the limits.
+    #[cfg(test)]
     pub(crate) fn append(&self, entry: Live) {
+        self.append_all([entry]);
+    }
+
+    /// Appends entries in order (keys must not decrease), evicting the oldest beyond the limits.
+    pub(crate) fn append_all(&self, entries: impl IntoIterator<Item = Live>) {
         let mut ring = self.ring.write().unwrap_or_else(|p| p.into_inner());
-        ring.bytes += entry.cost();
-        ring.entries.push_back(entry);
+        for entry in entries {
+            ring.bytes += entry.cost();
+            ring.entries.push_back(entry);
+        }
         while ring.entries.len() > self.limits.entries.max(1)
             || (ring.bytes > self.limits.bytes && ring.entries.len() > 1)
         {

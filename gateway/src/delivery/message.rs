@@ -27,16 +27,41 @@ pub(crate) struct Message {
     pub(crate) payload: Bytes,
     /// The message in each wire format, once some session needed it.
     encoded: [OnceLock<Bytes>; WireFormat::COUNT],
+    /// The buffer its frame (in [`WireFormat::Herald`]) shares with the other messages of its
+    /// burst, when the router encoded them together.
+    burst: OnceLock<Bytes>,
 }
 
 impl Message {
     pub(crate) fn new(seq: u64, audience: Audience, kind: &str, id: &str, ts: &str, payload: Bytes) -> Message {
-        Message { seq, audience, kind: kind.into(), id: id.into(), ts: ts.into(), payload, encoded: Default::default() }
+        Message {
+            seq,
+            audience,
+            kind: kind.into(),
+            id: id.into(),
+            ts: ts.into(),
+            payload,
+            encoded: Default::default(),
+            burst: OnceLock::new(),
+        }
     }
 
     /// The message's bytes in `format`, encoded on first use.
     pub(crate) fn encoded(&self, format: WireFormat) -> &Bytes {
         self.encoded[format.index()].get_or_init(|| codec::encode_message(format, self))
+    }
+
+    /// Sets the message's frame in `format` to `range` of `burst`, a buffer it shares with the other
+    /// messages of its burst (once, before any session reads it).
+    pub(crate) fn set_burst(&self, format: WireFormat, burst: Bytes, range: std::ops::Range<usize>) {
+        if self.encoded[format.index()].set(burst.slice(range)).is_ok() {
+            let _ = self.burst.set(burst);
+        }
+    }
+
+    /// The buffer the message's frame in `format` shares with its burst, if it does.
+    pub(crate) fn burst(&self, format: WireFormat) -> Option<&Bytes> {
+        if format == WireFormat::Herald { self.burst.get() } else { None }
     }
 
     /// Whether the message is of one of the `muted` kinds.

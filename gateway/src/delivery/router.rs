@@ -26,7 +26,8 @@ use tracing::{debug, warn};
 use super::feed::{Delivered, Feed, FeedEvent};
 use super::log::{Log, LogLimits};
 use super::mailbox::{Event, Mailbox};
-use super::message::{self, Live};
+use super::message::{self, Live, Message};
+use crate::codec;
 use crate::cluster::user::LocalUser;
 use crate::http::metrics::Metrics;
 
@@ -198,11 +199,12 @@ impl Target {
     }
 }
 
-/// What a burst of messages touched: the sessions and logs to wake at its end.
+/// What a burst of messages touched: the sessions to wake at its end, and the entries for each
+/// broadcast log, appended (and their readers woken) at its end.
 #[derive(Default)]
 struct Burst {
     mailboxes: Vec<Arc<Mailbox>>,
-    logs: Vec<Arc<Log>>,
+    logs: Vec<(Arc<Log>, Vec<Live>)>,
     /// The highest sequence routed in the burst.
     max_seq: u64,
 }
@@ -249,14 +251,27 @@ impl RouterTask {
         debug!("router stopped");
     }
 
-    /// Publishes the watermark, then wakes every session and log the burst touched. Waking once per
+    /// Appends the burst's broadcast messages to their logs, each log's encoded in one buffer,
+    /// publishes the watermark, then wakes every session and log the burst touched. Waking once per
     /// burst rather than per message lets a busy session send a burst in one write.
     fn finish_burst(&mut self) {
+        let logs = std::mem::take(&mut self.burst.logs);
+        for (log, entries) in &logs {
+            let messages: Vec<&Message> = entries
+                .iter()
+                .filter_map(|entry| match entry {
+                    Live::Message(message) => Some(&**message),
+                    Live::Gap { .. } => None,
+                })
+                .collect();
+            codec::encode_burst(&messages);
+            log.append_all(entries.iter().cloned());
+        }
         self.watermark.raise(self.burst.max_seq);
         for mailbox in self.burst.mailboxes.drain(..) {
             mailbox.wake();
         }
-        for log in self.burst.logs.drain(..) {
+        for (log, _) in logs {
             log.wake_parked();
         }
     }
@@ -395,14 +410,10 @@ impl RouterTask {
                     }
                 }
             }
-            Target::Broadcast { log, .. } => {
-                for entry in entries {
-                    log.append(entry);
-                }
-                if !burst.logs.iter().any(|touched| Arc::ptr_eq(touched, log)) {
-                    burst.logs.push(log.clone());
-                }
-            }
+            Target::Broadcast { log, .. } => match burst.logs.iter_mut().find(|(touched, _)| Arc::ptr_eq(touched, log)) {
+                Some((_, pending)) => pending.extend(entries),
+                None => burst.logs.push((log.clone(), entries)),
+            },
         }
     }
 }

@@ -369,8 +369,10 @@ impl SessionState {
             frame_bytes: &mut self.frame_bytes,
             tally: &mut self.tally,
             verdict: None,
+            run: None,
         };
         self.sources.pull(watermark, |found| live.take(found));
+        live.end_run();
         match live.verdict {
             Some(Verdict::Repair) => self.queue_repair(),
             Some(Verdict::Lost { first }) => {
@@ -632,6 +634,20 @@ struct LivePull<'a> {
     frame_bytes: &'a mut usize,
     tally: &'a mut Tally,
     verdict: Option<Verdict>,
+    /// Messages taken in a row whose frames are adjacent in one burst buffer: queued as one slice.
+    run: Option<Run>,
+}
+
+/// Adjacent frames of one burst buffer. A run of one keeps the frame itself (one reference count,
+/// as without bursts); a longer one the buffer and the range.
+struct Run {
+    /// The frame of a run of one, else the burst buffer.
+    bytes: Bytes,
+    /// Where the burst buffer starts (identifies it).
+    burst_at: usize,
+    start: usize,
+    end: usize,
+    joined: bool,
 }
 
 impl LivePull<'_> {
@@ -641,17 +657,55 @@ impl LivePull<'_> {
                 if message.seq <= *self.last_sent || message.is_muted(self.muted) {
                     return Flow::Continue;
                 }
-                let frame = self.codec.message(message);
                 *self.last_sent = message.seq;
-                *self.frame_bytes += frame.len();
+                let len = self.queue(message);
+                *self.frame_bytes += len;
                 self.tally.delivered += 1;
-                self.tally.delivered_bytes += frame.len() as u64;
-                self.frames.push_back(frame);
+                self.tally.delivered_bytes += len as u64;
                 if *self.frame_bytes >= HIGH_WATER { Flow::Stop } else { Flow::Continue }
             }
             Found::Entry(Live::Gap { first, last }) => self.gap(*first, *last),
             Found::Evicted { last_evicted } if last_evicted <= *self.last_sent => Flow::Continue,
             Found::Evicted { .. } | Found::Overflowed => self.decide(Verdict::Repair),
+        }
+    }
+
+    /// Queues the frame of `message`, joining it to the run of frames before it when they are
+    /// adjacent in one burst buffer; returns its length.
+    fn queue(&mut self, message: &Message) -> usize {
+        let format = self.codec.format();
+        let Some(burst) = message.burst(format) else {
+            self.end_run();
+            let frame = self.codec.message(message);
+            let len = frame.len();
+            self.frames.push_back(frame);
+            return len;
+        };
+        let frame = message.encoded(format);
+        let burst_at = burst.as_ptr() as usize;
+        let start = frame.as_ptr() as usize - burst_at;
+        let end = start + frame.len();
+        match &mut self.run {
+            Some(run) if run.burst_at == burst_at && run.end == start => {
+                if !run.joined {
+                    run.bytes = burst.clone();
+                    run.joined = true;
+                }
+                run.end = end;
+            }
+            _ => {
+                self.end_run();
+                self.run = Some(Run { bytes: frame.clone(), burst_at, start, end, joined: false });
+            }
+        }
+        frame.len()
+    }
+
+    /// Queues the run of frames taken so far as one slice.
+    fn end_run(&mut self) {
+        if let Some(run) = self.run.take() {
+            let frame = if run.joined { run.bytes.slice(run.start..run.end) } else { run.bytes };
+            self.frames.push_back(frame);
         }
     }
 

@@ -81,10 +81,15 @@ impl Harness {
 
     /// What the session sends now, each frame as `seq` for a `msg` or its type otherwise.
     fn frames(&mut self) -> Vec<String> {
+        self.buffers().concat()
+    }
+
+    /// What the session sends now, buffer by buffer (adjacent frames may share one).
+    fn buffers(&mut self) -> Vec<Vec<String>> {
         self.state.pull(self.watermark);
         let mut batch = Vec::new();
         self.state.take_frames(&mut batch, usize::MAX, usize::MAX);
-        batch.iter().map(|frame| describe(frame)).collect()
+        batch.iter().map(|buffer| split(buffer).into_iter().map(describe).collect()).collect()
     }
 
     fn action(&mut self) -> Option<Action> {
@@ -103,6 +108,21 @@ impl Harness {
     fn closed_with(&self) -> Option<u16> {
         self.state.closing().map(Close::number)
     }
+}
+
+/// The WebSocket frames in `buffer`.
+fn split(mut buffer: &[u8]) -> Vec<&[u8]> {
+    let mut frames = Vec::new();
+    while !buffer.is_empty() {
+        let (head, len) = match buffer[1] & 0x7f {
+            126 => (4, u16::from_be_bytes([buffer[2], buffer[3]]) as usize),
+            127 => (10, u64::from_be_bytes(buffer[2..10].try_into().unwrap()) as usize),
+            short => (2, short as usize),
+        };
+        frames.push(&buffer[..head + len]);
+        buffer = &buffer[head + len..];
+    }
+    frames
 }
 
 /// A frame as `seq` (a `msg`), `replayed:<from>-<to>/<count>/<complete>[/topic]` or its type.
@@ -415,4 +435,21 @@ fn a_close_request_wins_and_drops_what_was_queued() {
     h.mailbox.close(Close::new(CloseCode::Replaced, "newer"));
     assert!(h.frames().is_empty());
     assert_eq!(h.closed_with(), Some(4009));
+}
+
+#[test]
+fn messages_of_one_burst_taken_in_a_row_go_out_as_one_buffer() {
+    let mut h = Harness::new(Start::Live, 10);
+    h.state.local.set_muted(&["ads".into()], 1);
+    let burst: Vec<Arc<Message>> = [(11, ""), (12, ""), (13, ""), (15, "ads"), (16, ""), (17, "")]
+        .into_iter()
+        .map(|(seq, kind)| Arc::new(message(seq, Audience::All, kind)))
+        .collect();
+    crate::codec::encode_burst(&burst.iter().map(|m| &**m).collect::<Vec<_>>());
+    for message in &burst {
+        h.broadcast(Live::Message(message.clone()));
+    }
+    h.personal(user_message(14));
+    // A personal message in between and a muted one split the runs.
+    assert_eq!(h.buffers(), [vec!["11", "12", "13"], vec!["14"], vec!["16", "17"]]);
 }

@@ -37,25 +37,38 @@ impl FrameBuf {
     }
 
     fn finish(mut self, opcode: u8) -> Bytes {
-        let len = self.buf.len() - HEAD_ROOM;
-        let mut head = [0u8; HEAD_ROOM];
-        head[0] = 0x80 | opcode;
-        let head_len = if len < 126 {
-            head[1] = len as u8;
-            2
-        } else if len <= u16::MAX as usize {
-            head[1] = 126;
-            head[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-            4
-        } else {
-            head[1] = 127;
-            head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
-            10
-        };
+        let (head, head_len) = header(opcode, self.buf.len() - HEAD_ROOM);
         let start = HEAD_ROOM - head_len;
         self.buf[start..HEAD_ROOM].copy_from_slice(&head[..head_len]);
         Bytes::from(self.buf).slice(start..)
     }
+}
+
+/// The header of a final frame with `opcode` and a payload of `len` bytes, and its length.
+fn header(opcode: u8, len: usize) -> ([u8; HEAD_ROOM], usize) {
+    let mut head = [0u8; HEAD_ROOM];
+    head[0] = 0x80 | opcode;
+    let head_len = if len < 126 {
+        head[1] = len as u8;
+        2
+    } else if len <= u16::MAX as usize {
+        head[1] = 126;
+        head[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        4
+    } else {
+        head[1] = 127;
+        head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    };
+    (head, head_len)
+}
+
+/// Appends a text frame holding `payload` to `out` (frames written one after the other into one
+/// buffer go out as one slice).
+pub(crate) fn append_text(out: &mut Vec<u8>, payload: &[u8]) {
+    let (head, head_len) = header(OP_TEXT, payload.len());
+    out.extend_from_slice(&head[..head_len]);
+    out.extend_from_slice(payload);
 }
 
 /// A text frame holding `json`.
