@@ -57,6 +57,15 @@
  * @property {string} node
  * @property {number} seq        the stream's last sequence when the connection went live
  * @property {number} heartbeat  seconds
+ * @property {number} [read]     the user's read position (highest personal seq read on any device)
+ * @property {number} [unread]   the user's unread personal messages up to `seq`
+ */
+
+/**
+ * The user's inbox as the client knows it (`inbox` getter and event).
+ * @typedef {object} InboxState
+ * @property {number} read    the highest personal seq read on any device
+ * @property {number} unread  personal messages above it (muted kinds left out)
  */
 
 /**
@@ -564,6 +573,13 @@ export class Herald extends EventTarget {
   #calls = new Map();
   #nextCall = 0;
 
+  /** @type {InboxState} */
+  #inbox = { read: 0, unread: 0 };
+  /** The highest personal seq handled. */
+  #lastPersonal = 0;
+  /** A read position to send once connected (`markRead` while offline). */
+  #pendingRead = 0;
+
   /** @param {HeraldOptions} options */
   constructor(options) {
     super();
@@ -605,6 +621,22 @@ export class Herald extends EventTarget {
   /** The `welcome` of the current connection, or null while not open. */
   get session() {
     return this.#state === "open" ? this.#session : null;
+  }
+
+  /** The user's read position and unread count, as of the last `welcome`, `read` or personal message. */
+  get inbox() {
+    return { ...this.#inbox };
+  }
+
+  /**
+   * Marks the user's personal messages up to `seq` (default: the last one handled) read, on every
+   * device: the gateway moves the read position (never back) and tells the user's other sockets.
+   * @param {number} [seq]
+   */
+  markRead(seq = this.#lastPersonal) {
+    if (!(seq > this.#inbox.read)) return;
+    this.#pendingRead = Math.max(this.#pendingRead, seq);
+    if (this.#send({ type: "read", seq })) this.#pendingRead = 0;
   }
 
   /** The topics this client is subscribed to (or subscribing to). */
@@ -691,7 +723,7 @@ export class Herald extends EventTarget {
 
   /**
    * Listens to an event and passes its detail; returns a function that removes the listener.
-   * @param {"message"|"replayed"|"state"|"error"|"welcome"|"subscribed"|"unsubscribed"} type
+   * @param {"message"|"replayed"|"state"|"error"|"welcome"|"subscribed"|"unsubscribed"|"read"|"inbox"} type
    * @param {(detail: any) => void} listener
    * @returns {() => void}
    */
@@ -922,6 +954,9 @@ export class Herald extends EventTarget {
         return this.#emit("unsubscribed", { topic: frame.topic });
       case "rpc_result":
         return this.#rpcResult(frame);
+      case "read":
+        this.#emit("read", frame);
+        return this.#setInbox(frame.seq, frame.unread);
       case "error":
         return this.#serverError(frame);
       default:
@@ -942,6 +977,8 @@ export class Herald extends EventTarget {
     }
     this.#setState({ state: "open" });
     this.#emit("welcome", frame);
+    this.#setInbox(frame.read ?? 0, frame.unread ?? 0);
+    if (this.#pendingRead > this.#inbox.read) this.markRead(this.#pendingRead);
     for (const call of this.#calls.values()) if (!call.sent) this.#sendCall(call);
     this.#acks.flush();
   }
@@ -952,7 +989,29 @@ export class Herald extends EventTarget {
     frame.id ??= "";
     frame.kind ??= "";
     this.#emit("message", frame);
+    if (frame.to === "user") this.#personal(frame.seq);
     this.#acks.handled(frame.seq);
+  }
+
+  /**
+   * A personal message: counted as unread when it came after the `welcome` (the welcome's count
+   * covers those before) and is above the read position.
+   * @param {number} seq
+   */
+  #personal(seq) {
+    this.#lastPersonal = Math.max(this.#lastPersonal, seq);
+    if (seq > (this.#session?.seq ?? Infinity) && seq > this.#inbox.read) {
+      this.#setInbox(this.#inbox.read, this.#inbox.unread + 1);
+    }
+  }
+
+  /**
+   * @param {number} read
+   * @param {number} unread
+   */
+  #setInbox(read, unread) {
+    this.#inbox = { read, unread };
+    this.#emit("inbox", this.inbox);
   }
 
   /** @param {ReplayedFrame} frame */

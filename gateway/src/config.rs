@@ -15,6 +15,16 @@ use serde::{Deserialize, Serialize};
 /// The secret dev mode signs tokens with when none is configured. Never use it in production.
 pub const DEV_SECRET: &str = "herald-dev-secret-do-not-use-in-production";
 
+/// What a device's first connection (no `since`, no cursor yet) gets before going live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NewDeviceReplay {
+    /// The user's unread personal messages (above the read position, muted kinds left out).
+    Unread,
+    /// Nothing: the connection starts live.
+    None,
+}
+
 /// Who may hold sockets at the same time, enforced across all gateways through NATS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -100,6 +110,9 @@ pub struct Config {
     /// How replays read the stream: `direct` (batched direct gets) or `consumer` (a short-lived
     /// ordered consumer). Default `direct`.
     pub replay_method: ReplayMethod,
+    /// What a device's first connection gets before going live: `unread` (the user's unread
+    /// personal messages) or `none`. Default `unread`.
+    pub new_device_replay: NewDeviceReplay,
     /// Messages per direct-get batch. Default 256.
     pub replay_batch: usize,
     /// Most replay reads in flight at once on this gateway (batches of direct gets, or consumer
@@ -168,6 +181,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(10),
             session_policy: SessionPolicy::Multi,
             replay_method: ReplayMethod::Direct,
+            new_device_replay: NewDeviceReplay::Unread,
             replay_batch: 256,
             replay_concurrency: 64,
             cursor_flush_interval: Duration::from_secs(1),

@@ -29,10 +29,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-pub use config::{Config, ReplayMethod, SessionPolicy};
+pub use config::{Config, NewDeviceReplay, ReplayMethod, SessionPolicy};
 
 use cluster::cursor::Cursors;
 use cluster::events;
+use cluster::inbox::Inbox;
 use cluster::policy::Policies;
 use cluster::prefs::Prefs;
 use cluster::registry::Registry;
@@ -67,6 +68,8 @@ pub(crate) struct Shared {
     pub(crate) registry: Arc<Registry>,
     pub(crate) policies: Arc<Policies>,
     pub(crate) prefs: Arc<Prefs>,
+    /// Read positions and unread counts.
+    pub(crate) inbox: Arc<Inbox>,
     pub(crate) limits: Arc<limits::Limits>,
     /// Cancelled when the gateway starts draining.
     pub(crate) shutdown: CancellationToken,
@@ -150,18 +153,22 @@ impl Gateway {
             metrics.clone(),
             shutdown.clone(),
         ));
+        let replayer = Replayer::new(
+            js.clone(),
+            control.clone(),
+            config.replay_method,
+            config.replay_batch,
+            config.replay_concurrency,
+        );
+        let inbox =
+            Inbox::new(js.clone(), control.clone(), replayer.clone(), config.stream.stream_max_msgs_per_subject);
         let shared = Arc::new(Shared {
+            inbox: Arc::new(inbox),
             router: Router::start(feed.clone(), feed_receiver, log_limits(&config), metrics.clone()),
             // On the delivery feed, whose subscriptions feed the router: a request sent there
             // reaches the server after every subscription made before it.
             bounds: Arc::new(bounds::BoundsReader::new(feed.clone())),
-            replayer: Replayer::new(
-                js.clone(),
-                control.clone(),
-                config.replay_method,
-                config.replay_batch,
-                config.replay_concurrency,
-            ),
+            replayer,
             feed,
             api_js,
             cursors: Arc::new(Cursors::new(js.clone())),
@@ -227,6 +234,8 @@ fn start_background_tasks(shared: &Arc<Shared>) {
         shutdown.clone(),
     ));
     tokio::spawn(shared.policies.clone().run(shared.health.clone(), shutdown.clone()));
+    tokio::spawn(shared.inbox.clone().run_flusher(shutdown.clone()));
+    tokio::spawn(shared.inbox.clone().watch(shared.router.clone(), shared.registry.clone(), shutdown.clone()));
     tokio::spawn(events::answer_presence(
         shared.client.clone(),
         shared.registry.clone(),

@@ -23,6 +23,12 @@ pub enum ServerFrame {
         seq: u64,
         /// Seconds between server pings; a client that hears nothing for longer should reconnect.
         heartbeat: u64,
+        /// The user's read position: the highest personal `seq` read on any device.
+        #[serde(default)]
+        read: u64,
+        /// The user's unread personal messages up to `seq` (muted kinds left out).
+        #[serde(default)]
+        unread: u64,
     },
     Msg(Msg),
     /// Closes a replay: after the replayed messages, before any live one.
@@ -41,6 +47,11 @@ pub enum ServerFrame {
         topic: String,
     },
     RpcResult(RpcResult),
+    /// The user's read position moved (on this device or another): `unread` is the new count.
+    Read {
+        seq: u64,
+        unread: u64,
+    },
     Pong,
     Error {
         code: String,
@@ -93,6 +104,10 @@ pub struct RpcError {
 pub enum ClientFrame {
     /// Moves the device cursor forward to `seq`.
     Ack {
+        seq: u64,
+    },
+    /// The user read everything personal up to `seq`: moves the read position forward (and acks).
+    Read {
         seq: u64,
     },
     Sub {
@@ -250,6 +265,7 @@ mod tests {
                 },
             ),
             (r#"{"type":"ping"}"#, ClientFrame::Ping),
+            (r#"{"type":"read","seq":7}"#, ClientFrame::Read { seq: 7 }),
         ];
         for (text, frame) in cases {
             assert_eq!(serde_json::from_str::<ClientFrame>(text).unwrap(), frame, "{text}");

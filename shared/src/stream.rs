@@ -5,7 +5,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv, stream};
 use serde::{Deserialize, Serialize};
 
-use crate::subject::{KV_CONFIG, KV_CURSORS, KV_PREFS, KV_SESSIONS, STREAM, STREAM_SUBJECTS};
+use crate::subject::{KV_CONFIG, KV_CURSORS, KV_PREFS, KV_READS, KV_SESSIONS, STREAM, STREAM_SUBJECTS};
 
 /// Retention and durability of the stream (and replicas of the buckets).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -82,6 +82,8 @@ pub struct Buckets {
     pub cursors: kv::Store,
     /// Muted kinds per user.
     pub prefs: kv::Store,
+    /// Read positions per user.
+    pub reads: kv::Store,
     /// Session ownership for session policies.
     pub sessions: kv::Store,
     /// Settings shared by every gateway (the session policy).
@@ -116,6 +118,7 @@ pub async fn ensure_buckets(
     Ok(Buckets {
         cursors: js.create_or_update_key_value(bucket(KV_CURSORS, "last acknowledged seq per user and device")).await?,
         prefs: js.create_or_update_key_value(bucket(KV_PREFS, "muted kinds per user")).await?,
+        reads: js.create_or_update_key_value(bucket(KV_READS, "highest personal seq read per user")).await?,
         sessions: js
             .create_or_update_key_value(kv::Config {
                 // Claims of a gateway that died expire instead of holding a slot forever.

@@ -19,6 +19,9 @@ pub const EVENTS_DISCONNECT: &str = "herald.events.disconnect";
 
 /// KV bucket: `<k(user)>.<k(device)>` → the last acknowledged `seq`, as decimal text.
 pub const KV_CURSORS: &str = "herald-cursors";
+/// KV bucket: `<k(user)>` → the user's read position: the highest personal `seq` read on any
+/// device, as decimal text.
+pub const KV_READS: &str = "herald-reads";
 /// KV bucket: `<k(user)>` → `{"muted":[...]}`.
 pub const KV_PREFS: &str = "herald-prefs";
 /// KV bucket: who holds a session (session policies); see the gateway's docs.

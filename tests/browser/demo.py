@@ -51,6 +51,15 @@ class Demo:
         """The seqs of the messages shown, in the order they arrived (the page shows newest first)."""
         return self.page.get_by_test_id("message").evaluate_all("items => items.map((item) => Number(item.dataset.seq)).reverse()")
 
+    # --- the inbox -------------------------------------------------------------------------
+
+    @property
+    def unread(self):
+        return self.page.get_by_test_id("unread")
+
+    def mark_all_read(self):
+        self.page.get_by_test_id("mark-read").click()
+
     # --- the event log ---------------------------------------------------------------------
 
     def log_entries(self, event, **attributes):

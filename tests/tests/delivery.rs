@@ -97,7 +97,7 @@ async fn welcome_comes_first_with_the_streams_last_sequence_and_frames_have_the_
     .await
     .unwrap();
     match client.next_frame().await {
-        ServerFrame::Welcome { user, device, seq, heartbeat, conn, node } => {
+        ServerFrame::Welcome { user, device, seq, heartbeat, conn, node, .. } => {
             assert_eq!((user.as_str(), device.as_str(), seq, heartbeat), ("frank", "tablet", last, 25));
             assert_eq!(conn.len(), 12);
             assert_eq!(node, gateway.config.node_id);

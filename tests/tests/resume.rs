@@ -21,10 +21,14 @@ async fn an_offline_user_gets_everything_in_order_exactly_once_from_since_and_fr
 
     // 100 messages for ada while she is away, mixed with others' and with broadcasts.
     let mut expected = Vec::new();
+    let mut personal = Vec::new();
     for n in 0..100 {
         publisher.publish("push.user.someone-else", "not for ada").await;
         let subject = if n % 10 == 0 { "push.all" } else { "push.user.ada" };
         expected.push(publisher.publish(subject, &format!("{{\"n\":{n}}}")).await);
+        if n % 10 != 0 {
+            personal.push(*expected.last().unwrap());
+        }
     }
 
     let mut phone = gateway.connect_with(&query("phone", Some(start))).await;
@@ -51,8 +55,12 @@ async fn an_offline_user_gets_everything_in_order_exactly_once_from_since_and_fr
     let (from, to, count, complete, _) = phone.expect_replayed().await;
     assert_eq!((from, to, count as usize, complete), (expected[59] + 1, live, after_cursor.len(), true));
 
-    // A second device has its own cursor: none yet, so it starts live.
+    // A second device has its own cursor: none yet, so it gets what ada has not read (her personal
+    // messages, not the broadcasts from before it existed), then goes live.
     let mut laptop = gateway.connect_with(&query("laptop", None)).await;
+    personal.push(live);
+    assert_eq!(laptop.expect_msgs(personal.len()).await, personal);
+    assert_eq!(laptop.expect_replayed().await.2 as usize, personal.len());
     let next = publisher.publish("push.user.ada", "both devices").await;
     assert_eq!(laptop.expect_msg().await.seq, next);
     assert_eq!(phone.expect_msg().await.seq, next);

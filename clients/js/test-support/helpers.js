@@ -2,7 +2,7 @@
 import { Herald } from "../herald.js";
 import { FakeClock, FakeWebSocket, settle } from "./fakes.js";
 
-const EVENTS = ["message", "replayed", "state", "error", "welcome", "subscribed", "unsubscribed"];
+const EVENTS = ["message", "replayed", "state", "error", "welcome", "subscribed", "unsubscribed", "read", "inbox"];
 
 /**
  * @param {object} [options]  Herald options overriding the test defaults

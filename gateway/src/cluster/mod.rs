@@ -5,6 +5,7 @@ pub(crate) mod cursor;
 pub(crate) mod events;
 pub(crate) mod forward;
 pub(crate) mod gather;
+pub(crate) mod inbox;
 pub(crate) mod policy;
 pub(crate) mod prefs;
 pub(crate) mod registry;

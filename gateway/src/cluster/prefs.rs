@@ -44,6 +44,17 @@ impl Prefs {
         self.bucket.get_or_try_init(|| async { self.js.get_key_value(KV_PREFS).await }).await.map_err(|e| e.to_string())
     }
 
+    /// The kinds `user` muted, read from KV now (for users who may have no socket here).
+    pub(crate) async fn muted(&self, user: &str) -> Result<Vec<Box<str>>, String> {
+        let entry = self.bucket().await?.entry(kv_key(user)).await.map_err(|e| e.to_string())?;
+        Ok(match entry {
+            Some(entry) if entry.operation == kv::Operation::Put => {
+                muted_kinds(&entry.value).into_iter().map(String::into_boxed_str).collect()
+            }
+            _ => Vec::new(),
+        })
+    }
+
     /// Loads `user`'s muted kinds into `local`, the user's state on this gateway.
     pub(crate) async fn load(&self, local: &LocalUser, user: &str) {
         let entry = match self.bucket().await {

@@ -49,6 +49,7 @@ impl HeraldCodec {
 fn command(frame: ClientFrame) -> Command {
     match frame {
         ClientFrame::Ack { seq } => Command::Ack(seq),
+        ClientFrame::Read { seq } => Command::Read(seq),
         ClientFrame::Sub { topic, since } => Command::Subscribe { topic, since },
         ClientFrame::Unsub { topic } => Command::Unsubscribe { topic },
         ClientFrame::Rpc { id, function, data } => Command::Rpc { id, function, data },
@@ -67,7 +68,7 @@ fn refusal(text: &[u8], error: serde_json::Error) -> Refusal {
     let Ok(probe) = serde_json::from_slice::<Probe>(text) else {
         return Refusal::Close(Close::new(CloseCode::Policy, "not a JSON frame with a type"));
     };
-    const KNOWN: [&str; 5] = ["ack", "sub", "unsub", "rpc", "ping"];
+    const KNOWN: [&str; 6] = ["ack", "read", "sub", "unsub", "rpc", "ping"];
     if KNOWN.contains(&probe.kind.as_str()) {
         let message = format!("bad {} frame: {error}", probe.kind);
         Refusal::Notice(Box::new(ServerFrame::error(error_code::BAD_REQUEST, message)))

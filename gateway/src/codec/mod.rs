@@ -65,6 +65,8 @@ pub(crate) fn encode_burst(messages: &[&Message]) {
 pub(crate) enum Command {
     /// Move the device cursor forward to `seq`.
     Ack(u64),
+    /// The user read everything personal up to `seq` (implies `Ack`).
+    Read(u64),
     Subscribe {
         topic: String,
         since: Option<u64>,

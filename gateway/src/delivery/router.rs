@@ -27,8 +27,8 @@ use super::feed::{Delivered, Feed, FeedEvent};
 use super::log::{Log, LogLimits};
 use super::mailbox::{Event, Mailbox};
 use super::message::{self, Live, Message};
-use crate::codec;
 use crate::cluster::user::LocalUser;
+use crate::codec;
 use crate::http::metrics::Metrics;
 
 /// Messages routed before the sessions they fed are woken, at most (see `finish_burst`).
@@ -93,6 +93,10 @@ enum Command {
         user: Arc<str>,
         kinds: Vec<String>,
         revision: u64,
+    },
+    Muted {
+        user: String,
+        reply: oneshot::Sender<Arc<[Box<str>]>>,
     },
 }
 
@@ -166,6 +170,13 @@ impl Router {
     /// Sets the kinds `user` muted, as of KV `revision` (older revisions are ignored).
     pub(crate) async fn set_muted(&self, user: Arc<str>, kinds: Vec<String>, revision: u64) {
         self.send(Command::SetMuted { user, kinds, revision }).await;
+    }
+
+    /// The kinds a user with sessions here muted (none for other users).
+    pub(crate) async fn muted(&self, user: &str) -> Arc<[Box<str>]> {
+        let (reply, muted) = oneshot::channel();
+        self.send(Command::Muted { user: user.to_string(), reply }).await;
+        muted.await.unwrap_or_else(|_| Arc::from(Vec::new()))
     }
 
     async fn send(&self, command: Command) {
@@ -308,6 +319,10 @@ impl RouterTask {
                     local.set_muted(&kinds, revision);
                 }
             }
+            Command::Muted { user, reply } => {
+                let muted = self.users.get(user.as_str()).map(|local| local.muted());
+                let _ = reply.send(muted.unwrap_or_else(|| Arc::from(Vec::new())));
+            }
         }
     }
 
@@ -410,7 +425,8 @@ impl RouterTask {
                     }
                 }
             }
-            Target::Broadcast { log, .. } => match burst.logs.iter_mut().find(|(touched, _)| Arc::ptr_eq(touched, log)) {
+            Target::Broadcast { log, .. } => match burst.logs.iter_mut().find(|(touched, _)| Arc::ptr_eq(touched, log))
+            {
                 Some((_, pending)) => pending.extend(entries),
                 None => burst.logs.push((log.clone(), entries)),
             },

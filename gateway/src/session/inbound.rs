@@ -44,6 +44,11 @@ fn run(session: &Arc<Session>, state: &mut SessionState, command: Command, rpc_b
             let seq = seq.min(state.last_sent());
             session.shared.cursors.ack(&session.user, &session.device, seq);
         }
+        Command::Read(seq) => {
+            let seq = seq.min(state.last_sent());
+            session.shared.cursors.ack(&session.user, &session.device, seq);
+            session.shared.inbox.note_read(&session.user, seq);
+        }
         Command::Subscribe { topic, since } => state.subscribe(topic, since),
         Command::Unsubscribe { topic } => state.unsubscribe(topic),
         Command::Rpc { id, function, data } => {

@@ -14,6 +14,7 @@ use super::live::LiveSources;
 use super::state::{Params, SessionState, Start, audiences_of};
 use crate::close::{Close, CloseCode};
 use crate::codec::Codec;
+use crate::config::NewDeviceReplay;
 
 /// Subscribes, reads the stream's bounds and where the device resumes, and returns the session,
 /// `welcome` queued.
@@ -33,7 +34,19 @@ pub(super) async fn open(session: &Session, codec: Codec) -> Result<SessionState
     // On the delivery connection, after the session's subscriptions: the server has them before
     // it answers.
     let bounds = shared.bounds.read().await.map_err(|e| Close::new(CloseCode::Unavailable, e.to_string()))?;
-    let start = Box::pin(start(session, bounds)).await;
+    let (resume, read) = tokio::join!(Box::pin(resume_point(session, bounds)), Box::pin(read_position(session)));
+    let unread = Box::pin(shared.inbox.unread(&session.user, read, bounds.last, &attached.user.muted())).await;
+    let start = match (resume, &unread) {
+        (Resume::Since { requested, lost_from }, _) => Start::Resume { requested, lost_from },
+        // Nothing unread: live at once, no `replayed` (a client learns it from `welcome.unread`).
+        (Resume::NewDevice, Ok(0)) => Start::Live,
+        (Resume::NewDevice, _) if shared.config.new_device_replay == NewDeviceReplay::Unread => Start::Unread { read },
+        (Resume::NewDevice | Resume::Live, _) => Start::Live,
+    };
+    let unread = unread.unwrap_or_else(|error| {
+        warn!(user = %session.user, %error, "unread count unavailable");
+        0
+    });
     let welcome = ServerFrame::Welcome {
         conn: session.conn.clone(),
         user: session.user.to_string(),
@@ -41,6 +54,8 @@ pub(super) async fn open(session: &Session, codec: Codec) -> Result<SessionState
         node: shared.config.node_id.clone(),
         seq: bounds.last,
         heartbeat: shared.config.heartbeat.as_secs(),
+        read,
+        unread,
     };
     Ok(SessionState::new(Params {
         user: session.user.clone(),
@@ -57,8 +72,17 @@ pub(super) async fn open(session: &Session, codec: Codec) -> Result<SessionState
     }))
 }
 
-/// Where the connection starts: after `since`, after the device's cursor, or live.
-async fn start(session: &Session, bounds: Bounds) -> Start {
+/// Where a connection resumes.
+enum Resume {
+    /// After `since`, or after the device's cursor.
+    Since { requested: u64, lost_from: Option<u64> },
+    /// A device seen for the first time.
+    NewDevice,
+    /// The cursor could not be read: live.
+    Live,
+}
+
+async fn resume_point(session: &Session, bounds: Bounds) -> Resume {
     let shared = &session.shared;
     let (user, device) = (&session.user, &session.device);
     let requested = match session.request.since {
@@ -69,11 +93,11 @@ async fn start(session: &Session, bounds: Bounds) -> Start {
                 // A new device: its cursor starts here, before the welcome, so that a reconnect
                 // without `since`, even before any ack, replays what it missed meanwhile.
                 shared.cursors.start_device(user, device, bounds.last).await;
-                return Start::Live;
+                return Resume::NewDevice;
             }
             Err(error) => {
                 warn!(%user, %error, "cursor unavailable: starting live");
-                return Start::Live;
+                return Resume::Live;
             }
         },
     };
@@ -81,5 +105,13 @@ async fn start(session: &Session, bounds: Bounds) -> Start {
         warn!(%user, %error, "lost-messages note unreadable");
         None
     });
-    Start::Resume { requested, lost_from }
+    Resume::Since { requested, lost_from }
+}
+
+/// The user's read position, 0 when it cannot be read (the welcome then counts from there).
+async fn read_position(session: &Session) -> u64 {
+    session.shared.inbox.read_position(&session.user).await.unwrap_or_else(|error| {
+        warn!(user = %session.user, %error, "read position unavailable");
+        0
+    })
 }

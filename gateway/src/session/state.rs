@@ -42,6 +42,9 @@ pub(crate) enum Start {
     /// Replay what came after `requested` (a `since`, or the device's cursor); `lost_from`: a
     /// previous connection noted that messages from there on were lost.
     Resume { requested: u64, lost_from: Option<u64> },
+    /// A new device: replay the user's personal messages after the read position `read` (the
+    /// unread ones; muted kinds are left out as always), then live.
+    Unread { read: u64 },
     /// Live from the stream's end.
     Live,
 }
@@ -237,14 +240,17 @@ impl SessionState {
             tally: Tally::default(),
         };
         state.notice(&params.welcome);
-        if let Start::Resume { requested, lost_from } = params.start {
-            // A client ahead of the stream (a replaced stream, a bogus `since`) gets what comes next.
-            let since = requested.min(params.bounds.last);
-            state.last_sent = since;
-            state.complete_through = since;
-            state.start_replay(Purpose::Resume { requested, lost_from }, state.audiences(), since, params.bounds);
-            state.jobs.push_back(Job::Resume { since, requested, lost_from });
-        }
+        let (requested, lost_from, audiences) = match params.start {
+            Start::Live => return state,
+            Start::Resume { requested, lost_from } => (requested, lost_from, state.audiences()),
+            Start::Unread { read } => (read, None, vec![Audience::User(state.user.to_string())]),
+        };
+        // A client ahead of the stream (a replaced stream, a bogus `since`) gets what comes next.
+        let since = requested.min(params.bounds.last);
+        state.last_sent = since;
+        state.complete_through = since;
+        state.start_replay(Purpose::Resume { requested, lost_from }, audiences, since, params.bounds);
+        state.jobs.push_back(Job::Resume { since, requested, lost_from });
         state
     }
 

@@ -1,0 +1,258 @@
+//! The personal inbox: each user's read position in KV `herald-reads` (the highest personal `seq`
+//! the user read on any device, moved only forward), and what the stream says about the user's
+//! messages: how many are unread, the last one, a page of them.
+//!
+//! Reads from clients are frequent and cheap: they update a map in memory that a flusher writes
+//! every [`FLUSH_INTERVAL`]; the HTTP API writes at once. Every gateway follows the bucket with one
+//! watch, and tells its sockets of a user whose position moved (`read` notice with the new count),
+//! so the user's other devices update within a second, with no subscription per user.
+//!
+//! Counting is exact: the personal subject holds at most the stream's per-subject limit, so a
+//! count is one direct get (`Nats-Num-Pending` of the first unread message) when the user muted
+//! nothing, and a read of the unread messages' headers (at most that limit) when they did.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use futures::StreamExt;
+use herald_shared::frame::ServerFrame;
+use herald_shared::id::{kv_key, kv_key_decode};
+use herald_shared::subject::{Audience, KV_READS, STREAM, header};
+use tokio::sync::OnceCell;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::forward::{self, KvError};
+use super::registry::Registry;
+use super::watch::{Backoff, watch_from};
+use crate::delivery::mailbox::Event;
+use crate::delivery::message::{self, Message};
+use crate::delivery::router::Router;
+use crate::session::replay::Replayer;
+
+/// How often read positions from clients are written.
+const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
+/// How long one request to the stream may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The inbox could not be read or written.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("inbox: {0}")]
+pub(crate) struct InboxError(String);
+
+fn error(what: impl std::fmt::Display) -> InboxError {
+    InboxError(what.to_string())
+}
+
+impl From<KvError> for InboxError {
+    fn from(kv: KvError) -> InboxError {
+        InboxError(kv.0)
+    }
+}
+
+/// A page of a user's personal messages.
+#[derive(Debug)]
+pub(crate) struct Page {
+    pub(crate) messages: Vec<Message>,
+    /// Where the next page starts (`after`), the last `seq` of this one.
+    pub(crate) next: u64,
+    /// Whether nothing after `after` can have been trimmed by the stream's limits.
+    pub(crate) complete: bool,
+}
+
+pub(crate) struct Inbox {
+    js: jetstream::Context,
+    client: async_nats::Client,
+    replayer: Replayer,
+    /// The stream's per-subject limit (for `complete`).
+    per_subject_cap: i64,
+    bucket: OnceCell<kv::Store>,
+    /// Read positions from clients, not yet written: user → seq.
+    pending: Mutex<HashMap<String, u64>>,
+}
+
+impl Inbox {
+    pub(crate) fn new(
+        js: jetstream::Context,
+        client: async_nats::Client,
+        replayer: Replayer,
+        per_subject_cap: i64,
+    ) -> Inbox {
+        Inbox { js, client, replayer, per_subject_cap, bucket: OnceCell::new(), pending: Mutex::default() }
+    }
+
+    async fn bucket(&self) -> Result<&kv::Store, InboxError> {
+        self.bucket.get_or_try_init(|| async { self.js.get_key_value(KV_READS).await.map_err(error) }).await
+    }
+
+    /// The user's read position (0: nothing read yet).
+    pub(crate) async fn read_position(&self, user: &str) -> Result<u64, InboxError> {
+        Ok(forward::load(self.bucket().await?, &kv_key(user)).await?.unwrap_or(0))
+    }
+
+    /// A client read up to `seq`: written by the next flush.
+    pub(crate) fn note_read(&self, user: &str, seq: u64) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = pending.entry(user.to_string()).or_insert(0);
+        *entry = (*entry).max(seq);
+    }
+
+    /// Moves the user's read position up to `seq` now; returns the position afterwards.
+    pub(crate) async fn mark_read(&self, user: &str, seq: u64) -> Result<u64, InboxError> {
+        Ok(forward::advance(self.bucket().await?, &kv_key(user), seq).await?)
+    }
+
+    /// Writes the read positions noted, every [`FLUSH_INTERVAL`] until `shutdown`, then once more.
+    pub(crate) async fn run_flusher(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            let stop = tokio::select! {
+                _ = tokio::time::sleep(FLUSH_INTERVAL) => false,
+                _ = shutdown.cancelled() => true,
+            };
+            let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+            for (user, seq) in pending {
+                if let Err(error) = self.mark_read(&user, seq).await {
+                    warn!(%user, seq, %error, "read position not written");
+                }
+            }
+            if stop {
+                return;
+            }
+        }
+    }
+
+    /// How many of the user's personal messages in `(read, upto]` are unread, leaving out the
+    /// `muted` kinds.
+    pub(crate) async fn unread(&self, user: &str, read: u64, upto: u64, muted: &[Box<str>]) -> Result<u64, InboxError> {
+        if read >= upto {
+            return Ok(0);
+        }
+        if muted.is_empty() {
+            let subject = Audience::User(user.to_string()).push_subject();
+            let past_upto = async { if upto == u64::MAX { Ok(0) } else { self.count_from(&subject, upto + 1).await } };
+            let (from_read, past_upto) = tokio::join!(self.count_from(&subject, read + 1), past_upto);
+            return Ok(from_read?.saturating_sub(past_upto?));
+        }
+        let mut replay = self.replayer.open(&[Audience::User(user.to_string())], read, upto).await.map_err(error)?;
+        let mut unread = 0;
+        while let Some(stored) = replay.next().await {
+            let stored = stored.map_err(error)?;
+            let kind = stored.headers.get(header::HERALD_TYPE).map(|value| value.as_str()).unwrap_or("");
+            if !muted.iter().any(|muted| **muted == *kind) {
+                unread += 1;
+            }
+        }
+        Ok(unread)
+    }
+
+    /// How many messages of `subject` have a sequence of `from` or more: the first one's
+    /// `Nats-Num-Pending` (the messages after it) plus itself.
+    async fn count_from(&self, subject: &str, from: u64) -> Result<u64, InboxError> {
+        let body = serde_json::json!({"seq": from, "next_by_subj": subject, "batch": 1});
+        match self.direct_get(body).await? {
+            None => Ok(0),
+            Some(reply) => {
+                let pending = reply_header(&reply, "Nats-Num-Pending").ok_or_else(|| error("no Nats-Num-Pending"))?;
+                Ok(pending + 1)
+            }
+        }
+    }
+
+    /// The sequence of the user's last personal message (0: none).
+    pub(crate) async fn last(&self, user: &str) -> Result<u64, InboxError> {
+        let body = serde_json::json!({"last_by_subj": Audience::User(user.to_string()).push_subject()});
+        Ok(self.direct_get(body).await?.and_then(|reply| reply_header(&reply, "Nats-Sequence")).unwrap_or(0))
+    }
+
+    /// Up to `limit` personal messages of the user after `after`, in order.
+    pub(crate) async fn page(&self, user: &str, after: u64, limit: usize) -> Result<Page, InboxError> {
+        let audience = Audience::User(user.to_string());
+        let subject = audience.push_subject();
+        let (remaining, first) = tokio::join!(self.count_from(&subject, after + 1), self.first_seq());
+        let remaining = remaining?;
+        let mut replay = self.replayer.open(std::slice::from_ref(&audience), after, u64::MAX).await.map_err(error)?;
+        let mut messages = Vec::new();
+        while messages.len() < limit {
+            let Some(stored) = replay.next().await else { break };
+            messages.push(message::from_stored(stored.map_err(error)?));
+        }
+        let next = messages.last().map_or(after, |message| message.seq);
+        let trimmed = self.per_subject_cap > 0 && remaining >= self.per_subject_cap as u64;
+        Ok(Page { messages, next, complete: first? <= after + 1 && !trimmed })
+    }
+
+    /// The stream's first sequence.
+    async fn first_seq(&self) -> Result<u64, InboxError> {
+        let stream = self.js.get_stream_no_info(STREAM).await.map_err(error)?;
+        let info = stream.get_info().await.map_err(error)?;
+        Ok(info.state.first_sequence)
+    }
+
+    /// One direct get; `None` when no message matches.
+    async fn direct_get(&self, body: serde_json::Value) -> Result<Option<async_nats::Message>, InboxError> {
+        let request = async_nats::Request::new().payload(Bytes::from(body.to_string())).timeout(Some(REQUEST_TIMEOUT));
+        let reply = self.client.send_request(format!("$JS.API.DIRECT.GET.{STREAM}"), request).await.map_err(error)?;
+        match reply.status.map(|status| status.as_u16()) {
+            None | Some(200) => Ok(Some(reply)),
+            Some(404) => Ok(None),
+            Some(other) => Err(error(format!("direct get answered {other} {:?}", reply.description))),
+        }
+    }
+
+    /// Follows every read position and tells the local sessions of a user whose position moved,
+    /// until `shutdown`. A broken watch resumes after the last revision it saw.
+    pub(crate) async fn watch(self: Arc<Self>, router: Router, registry: Arc<Registry>, shutdown: CancellationToken) {
+        let mut backoff = Backoff::default();
+        let mut last_revision = 0;
+        while !shutdown.is_cancelled() {
+            match self.follow(&router, &registry, &mut last_revision, &shutdown).await {
+                Ok(()) => {}
+                Err(error) if backoff.failed(false) => warn!(%error, "read positions watch restarting"),
+                Err(error) => debug!(%error, "read positions watch not running yet"),
+            }
+            backoff.wait(&shutdown).await;
+        }
+    }
+
+    async fn follow(
+        &self,
+        router: &Router,
+        registry: &Registry,
+        last_revision: &mut u64,
+        shutdown: &CancellationToken,
+    ) -> Result<(), InboxError> {
+        let mut updates = watch_from(self.bucket().await?, *last_revision).await.map_err(error)?;
+        loop {
+            let entry = tokio::select! {
+                entry = updates.next() => entry,
+                _ = shutdown.cancelled() => return Ok(()),
+            };
+            let entry = entry.ok_or_else(|| error("watch ended"))?.map_err(error)?;
+            *last_revision = entry.revision;
+            let (Some(user), Some(read)) = (kv_key_decode(&entry.key), forward::parse(&entry.value)) else { continue };
+            let sessions = registry.of_user(&user);
+            if sessions.is_empty() {
+                continue;
+            }
+            let muted = router.muted(&user).await;
+            let unread = match self.unread(&user, read, u64::MAX, &muted).await {
+                Ok(unread) => unread,
+                Err(error) => {
+                    warn!(%user, %error, "unread count not read");
+                    continue;
+                }
+            };
+            for session in sessions {
+                session.mailbox.push_event(Event::Notice(ServerFrame::Read { seq: read, unread }));
+            }
+        }
+    }
+}
+
+/// A numeric header of a direct-get reply.
+fn reply_header(reply: &async_nats::Message, name: &str) -> Option<u64> {
+    reply.headers.as_ref()?.get(name)?.as_str().parse().ok()
+}

@@ -1,0 +1,43 @@
+//! Questions to every gateway: `POST /v1/disconnect` and `GET /v1/presence/<user>`.
+
+use herald_shared::id::{IdKind, check_id};
+use herald_shared::subject::{ADMIN_DISCONNECT, PRESENCE_GATHER};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::ApiError;
+use crate::Shared;
+use crate::cluster::gather::gather;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Disconnect {
+    user: String,
+    #[serde(default)]
+    conn: Option<String>,
+}
+
+pub(super) async fn disconnect(shared: &Shared, body: Value) -> Result<Value, ApiError> {
+    let order: Disconnect = serde_json::from_value(body).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    check_id(IdKind::User, &order.user).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let request = json!({"user": order.user, "conn": order.conn});
+    let answers = gather(&shared.client, ADMIN_DISCONNECT, request.to_string().into(), shared.config.gather_window)
+        .await
+        .map_err(ApiError::unavailable)?;
+    let closed: u64 = answers.iter().filter_map(|a| answer_field(a, "closed")).sum();
+    Ok(json!({"user": order.user, "disconnected": closed, "gateways": answers.len()}))
+}
+
+pub(super) async fn presence(shared: &Shared, user: &str) -> Result<Value, ApiError> {
+    check_id(IdKind::User, user).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let request = json!({ "user": user });
+    let answers = gather(&shared.client, PRESENCE_GATHER, request.to_string().into(), shared.config.gather_window)
+        .await
+        .map_err(ApiError::unavailable)?;
+    let connections: u64 = answers.iter().filter_map(|a| answer_field(a, "user_connections")).sum();
+    Ok(json!({"user": user, "online": connections > 0, "connections": connections, "gateways": answers.len()}))
+}
+
+fn answer_field(answer: &async_nats::Message, field: &str) -> Option<u64> {
+    serde_json::from_slice::<Value>(&answer.payload).ok()?.get(field)?.as_u64()
+}

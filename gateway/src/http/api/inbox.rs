@@ -1,0 +1,85 @@
+//! The personal inbox over HTTP, for backends and apps that render one:
+//!
+//! - `GET /v1/inbox/<user>` → `{"user","read","unread","last"}`;
+//! - `GET /v1/inbox/<user>/messages?after=<seq>&limit=<n>` → `{"user","messages":[msg…],"next","complete"}`;
+//! - `POST /v1/inbox/<user>/read` `{"seq":n}` → `{"user","read","unread"}`: the read position moves
+//!   forward only, and the user's sockets on every gateway are told.
+//!
+//! A user who never got anything just has an empty inbox.
+
+use herald_shared::frame::{Msg, ServerFrame};
+use herald_shared::id::{IdKind, check_id};
+use herald_shared::payload::data_value;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::ApiError;
+use crate::Shared;
+use crate::delivery::message::Message;
+
+/// Messages per page by default, and at most.
+const DEFAULT_LIMIT: usize = 100;
+const MAX_LIMIT: usize = 1000;
+
+/// `GET /v1/inbox/<user>`.
+pub(super) async fn summary(shared: &Shared, user: &str) -> Result<Value, ApiError> {
+    check_id(IdKind::User, user).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let inbox = &shared.inbox;
+    let (read, last, muted) = tokio::join!(inbox.read_position(user), inbox.last(user), shared.prefs.muted(user));
+    let (read, last, muted) = (
+        read.map_err(ApiError::unavailable)?,
+        last.map_err(ApiError::unavailable)?,
+        muted.map_err(ApiError::unavailable)?,
+    );
+    let unread = inbox.unread(user, read, last, &muted).await.map_err(ApiError::unavailable)?;
+    Ok(json!({"user": user, "read": read, "unread": unread, "last": last}))
+}
+
+/// `GET /v1/inbox/<user>/messages?after=&limit=`.
+pub(super) async fn messages(shared: &Shared, user: &str, query: &str) -> Result<Value, ApiError> {
+    check_id(IdKind::User, user).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let (mut after, mut limit) = (0, DEFAULT_LIMIT);
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        let number = || value.parse::<u64>().map_err(|_| ApiError::bad_request(format!("{key} must be a number")));
+        match key.as_ref() {
+            "after" => after = number()?,
+            "limit" => limit = number()? as usize,
+            other => return Err(ApiError::bad_request(format!("unknown parameter {other}"))),
+        }
+    }
+    if limit == 0 || limit > MAX_LIMIT {
+        return Err(ApiError::bad_request(format!("limit must be 1 to {MAX_LIMIT}")));
+    }
+    let page = shared.inbox.page(user, after, limit).await.map_err(ApiError::unavailable)?;
+    let messages: Vec<Value> = page.messages.iter().map(msg_value).collect();
+    Ok(json!({"user": user, "messages": messages, "next": page.next, "complete": page.complete}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Read {
+    seq: u64,
+}
+
+/// `POST /v1/inbox/<user>/read`.
+pub(super) async fn read(shared: &Shared, user: &str, body: Value) -> Result<Value, ApiError> {
+    check_id(IdKind::User, user).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let Read { seq } = serde_json::from_value(body).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let read = shared.inbox.mark_read(user, seq).await.map_err(ApiError::unavailable)?;
+    let muted = shared.prefs.muted(user).await.map_err(ApiError::unavailable)?;
+    let unread = shared.inbox.unread(user, read, u64::MAX, &muted).await.map_err(ApiError::unavailable)?;
+    Ok(json!({"user": user, "read": read, "unread": unread}))
+}
+
+/// A message as the `msg` object clients know from their sockets.
+fn msg_value(message: &Message) -> Value {
+    let msg = Msg {
+        seq: message.seq,
+        to: message.audience.frame_to(),
+        id: message.id.to_string(),
+        kind: message.kind.to_string(),
+        ts: message.ts.to_string(),
+        data: data_value(&message.payload),
+    };
+    serde_json::to_value(ServerFrame::Msg(msg)).unwrap_or(Value::Null)
+}

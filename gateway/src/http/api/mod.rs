@@ -1,0 +1,190 @@
+//! The HTTP API for backends without a NATS client, on its own listener (`api_listen`), with API keys:
+//!
+//! - `POST /v1/publish` ([`publish`]): `{"to":{"user":..}|{"topic":..}|{"all":true},"data":..,"kind":..,"id":..}`,
+//!   or an array of those, stored with JetStream → `{"id":..,"seq":..,"duplicate":..}` (or `{"results":[...]}`);
+//! - `POST /v1/disconnect`, `GET /v1/presence/<user>` ([`cluster`]): questions to every gateway;
+//! - `GET /v1/inbox/<user>`, `GET /v1/inbox/<user>/messages`, `POST /v1/inbox/<user>/read` ([`inbox`]).
+//!
+//! Errors are JSON `{"error": <code>, "reason": <text>}` with a 4xx or 5xx status (and the message's
+//! `"id"` for a publish).
+
+mod cluster;
+mod inbox;
+mod publish;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tracing::{debug, info};
+
+use crate::Shared;
+
+type ApiResponse = Response<Full<Bytes>>;
+
+/// An API error: status, code, reason, and the id of the message it is about (a publish).
+struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    reason: String,
+    id: Option<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, reason: impl Into<String>) -> ApiError {
+        ApiError { status, code, reason: reason.into(), id: None }
+    }
+
+    fn bad_request(reason: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", reason)
+    }
+
+    fn unavailable(reason: impl ToString) -> ApiError {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", reason.to_string())
+    }
+
+    fn with_id(self, id: String) -> ApiError {
+        ApiError { id: Some(id), ..self }
+    }
+
+    /// The JSON body.
+    fn body(&self) -> Value {
+        let mut body = json!({"error": self.code, "reason": self.reason});
+        if let Some(id) = &self.id {
+            body["id"] = json!(id);
+        }
+        body
+    }
+}
+
+/// Serves the API on `listener` until shutdown.
+pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "HTTP API listening");
+    }
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    debug!(%error, "API accept failed");
+                    continue;
+                }
+            },
+            _ = shared.shutdown.cancelled() => return,
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| handle(shared.clone(), request));
+            if let Err(error) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+                debug!(%peer, %error, "API connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Result<ApiResponse, Infallible> {
+    let result = match authorized(&shared, &request) {
+        Err(error) => Err(error),
+        Ok(()) => route(&shared, request).await,
+    };
+    Ok(match result {
+        Ok(body) => json_response(StatusCode::OK, &body),
+        Err(error) => json_response(error.status, &error.body()),
+    })
+}
+
+async fn route(shared: &Shared, request: Request<Incoming>) -> Result<Value, ApiError> {
+    let path = request.uri().path().to_string();
+    let query = request.uri().query().unwrap_or("").to_string();
+    let inbox = path.strip_prefix("/v1/inbox/").map(|rest| rest.split_once('/').unwrap_or((rest, "")));
+    match (request.method().clone(), path.as_str(), inbox) {
+        (Method::POST, "/v1/publish", _) => publish::publish(shared, read_json(shared, request).await?).await,
+        (Method::POST, "/v1/disconnect", _) => cluster::disconnect(shared, read_json(shared, request).await?).await,
+        (Method::GET, path, _) if path.starts_with("/v1/presence/") => {
+            cluster::presence(shared, &path["/v1/presence/".len()..]).await
+        }
+        (Method::GET, _, Some((user, ""))) => inbox::summary(shared, user).await,
+        (Method::GET, _, Some((user, "messages"))) => inbox::messages(shared, user, &query).await,
+        (Method::POST, _, Some((user, "read"))) => {
+            let user = user.to_string();
+            inbox::read(shared, &user, read_json(shared, request).await?).await
+        }
+        _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no endpoint {path}"))),
+    }
+}
+
+/// Checks the API key (`Authorization: Bearer <key>` or `X-Api-Key: <key>`) in constant time.
+fn authorized<B>(shared: &Shared, request: &Request<B>) -> Result<(), ApiError> {
+    let headers = request.headers();
+    let presented = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+        .unwrap_or("");
+    let known = shared.config.api_keys.iter().fold(false, |found, key| found | same_secret(key, presented));
+    if known && !presented.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or unknown API key"))
+    }
+}
+
+/// Compares without an early exit, so the time taken does not reveal how much of a key matched.
+fn same_secret(expected: &str, presented: &str) -> bool {
+    let (a, b) = (expected.as_bytes(), presented.as_bytes());
+    let mut difference = a.len() ^ b.len();
+    for (i, byte) in a.iter().enumerate() {
+        difference |= usize::from(byte ^ b.get(i).copied().unwrap_or(0));
+    }
+    difference == 0
+}
+
+async fn read_json(shared: &Shared, request: Request<Incoming>) -> Result<Value, ApiError> {
+    let limit = shared.config.api_max_body_bytes;
+    let body = Limited::new(request.into_body(), limit).collect().await.map_err(|_| {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("the body is over {limit} bytes"))
+    })?;
+    serde_json::from_slice(&body.to_bytes()).map_err(|e| ApiError::bad_request(format!("not JSON: {e}")))
+}
+
+fn json_response(status: StatusCode, body: &Value) -> ApiResponse {
+    Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("static response parts are valid")
+}
+
+/// Binds the API listener when one is configured.
+pub(crate) async fn bind(addr: Option<SocketAddr>) -> std::io::Result<Option<TcpListener>> {
+    match addr {
+        Some(addr) => TcpListener::bind(addr).await.map(Some),
+        None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_compare_whole() {
+        assert!(same_secret("key-1", "key-1"));
+        assert!(!same_secret("key-1", "key-2"));
+        assert!(!same_secret("key-1", "key-10"));
+        assert!(!same_secret("key-1", "key"));
+        assert!(!same_secret("key-1", ""));
+    }
+}

@@ -1,0 +1,157 @@
+//! `POST /v1/publish`: one message, or an array of them, stored with JetStream.
+//!
+//! Every message has an id (`Nats-Msg-Id`): the caller's, or one made here, named in every answer,
+//! errors included. A publish whose answer was lost or late (a 503 after NATS was away) may still
+//! have been stored; retried with the same id within the stream's duplicate window it is stored
+//! once, so a retry is always safe.
+
+use bytes::Bytes;
+use futures::future::join_all;
+use herald_shared::id::{IdKind, check_id};
+use herald_shared::subject::{Audience, header};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::ApiError;
+use crate::Shared;
+
+/// Most messages in one batch publish.
+const MAX_BATCH: usize = 1000;
+
+/// What the 503 of a failed publish adds to its reason.
+const RETRY_HINT: &str = "it may have been stored: retry with the same id, it is stored once";
+
+/// A message to publish.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Publish {
+    to: Target,
+    #[serde(default)]
+    data: Value,
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Target {
+    User { user: String },
+    Topic { topic: String },
+    All { all: bool },
+}
+
+/// A message ready for JetStream.
+struct Checked {
+    id: String,
+    subject: String,
+    headers: async_nats::HeaderMap,
+    payload: Bytes,
+}
+
+impl Publish {
+    /// The message ready to publish (with an id made here when the caller gave none), or why it is
+    /// not acceptable.
+    fn check(self) -> Result<Checked, String> {
+        let audience = match self.to {
+            Target::User { user } => check_id(IdKind::User, &user).map(|_| Audience::User(user)),
+            Target::Topic { topic } => check_id(IdKind::Topic, &topic).map(|_| Audience::Topic(topic)),
+            Target::All { all: true } => Ok(Audience::All),
+            Target::All { all: false } => return Err("to: {\"all\": false} addresses nobody".into()),
+        }
+        .map_err(|e| e.to_string())?;
+        let mut headers = async_nats::HeaderMap::new();
+        if let Some(kind) = self.kind {
+            check_id(IdKind::Topic, &kind)
+                .map_err(|_| format!("kind {kind:?}: 1-128 characters of A-Za-z0-9_-=@:+"))?;
+            headers.insert(header::HERALD_TYPE, kind.as_str());
+        }
+        let id = match self.id {
+            Some(id) if id.is_empty() || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_graphic()) => {
+                return Err(format!("id {id:?}: 1-128 visible ASCII characters"));
+            }
+            Some(id) => id,
+            None => format!("api-{}", crate::id::random_id(20)),
+        };
+        headers.insert(header::NATS_MSG_ID, id.as_str());
+        // The data is sent as JSON text, so clients receive it as the same JSON value.
+        let payload = serde_json::to_vec(&self.data).map_err(|e| e.to_string())?;
+        Ok(Checked { id, subject: audience.push_subject(), headers, payload: payload.into() })
+    }
+}
+
+pub(super) async fn publish(shared: &Shared, body: Value) -> Result<Value, ApiError> {
+    let batch = body.is_array();
+    let items: Vec<Value> = match body {
+        Value::Array(items) => items,
+        single => vec![single],
+    };
+    if items.is_empty() || items.len() > MAX_BATCH {
+        return Err(ApiError::bad_request(format!("a batch holds 1 to {MAX_BATCH} messages")));
+    }
+    let mut checked = Vec::with_capacity(items.len());
+    for (index, item) in items.into_iter().enumerate() {
+        let message =
+            serde_json::from_value::<Publish>(item).map_err(|e| e.to_string()).and_then(Publish::check).map_err(
+                |reason| ApiError::bad_request(if batch { format!("message {index}: {reason}") } else { reason }),
+            )?;
+        checked.push(message);
+    }
+    let js = shared.api_js.as_ref().unwrap_or(&shared.js);
+    let acks = join_all(checked.into_iter().map(|message| async move {
+        let stored = async { js.publish_with_headers(message.subject, message.headers, message.payload).await?.await };
+        match stored.await {
+            Ok(ack) => Ok(json!({"id": message.id, "seq": ack.sequence, "duplicate": ack.duplicate})),
+            Err(error) => Err(ApiError::unavailable(format!("{error}; {RETRY_HINT}")).with_id(message.id)),
+        }
+    }))
+    .await;
+    if !batch {
+        return acks.into_iter().next().unwrap_or_else(|| Err(ApiError::unavailable("nothing published")));
+    }
+    let results: Vec<Value> = acks.into_iter().map(|ack| ack.unwrap_or_else(|error| error.body())).collect();
+    Ok(json!({ "results": results }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(value: Value) -> Result<Checked, String> {
+        serde_json::from_value::<Publish>(value).map_err(|e| e.to_string()).and_then(Publish::check)
+    }
+
+    #[test]
+    fn publish_requests_are_checked() {
+        let message =
+            check(json!({"to": {"user": "42"}, "data": {"text": "hi"}, "kind": "mail", "id": "order-7"})).unwrap();
+        assert_eq!((message.subject.as_str(), message.id.as_str()), ("push.user.42", "order-7"));
+        assert_eq!(message.headers.get(header::HERALD_TYPE).map(|v| v.as_str()), Some("mail"));
+        assert_eq!(message.headers.get(header::NATS_MSG_ID).map(|v| v.as_str()), Some("order-7"));
+        assert_eq!(&message.payload[..], br#"{"text":"hi"}"#);
+        assert_eq!(check(json!({"to": {"all": true}, "data": "hi"})).unwrap().payload, Bytes::from_static(b"\"hi\""));
+        assert_eq!(check(json!({"to": {"topic": "news"}})).unwrap().subject, "push.topic.news");
+        for bad in [
+            json!({"to": {"user": "a.b"}}),
+            json!({"to": {"user": "*"}}),
+            json!({"to": {"all": false}}),
+            json!({"to": {"group": "x"}}),
+            json!({"to": {"user": "42"}, "id": "has space"}),
+            json!({"to": {"user": "42"}, "kind": "a.b"}),
+            json!({"to": {"user": "42"}, "extra": 1}),
+            json!({"data": 1}),
+        ] {
+            assert!(check(bad.clone()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_message_without_an_id_gets_one() {
+        let (first, second) =
+            (check(json!({"to": {"all": true}})).unwrap(), check(json!({"to": {"all": true}})).unwrap());
+        assert!(first.id.starts_with("api-") && first.id.len() == 24);
+        assert_ne!(first.id, second.id);
+        assert_eq!(first.headers.get(header::NATS_MSG_ID).map(|v| v.as_str()), Some(first.id.as_str()));
+    }
+}
