@@ -8,6 +8,8 @@
 mod cluster;
 pub mod config;
 mod delivery;
+#[doc(hidden)]
+pub mod fuzzing;
 mod http;
 mod id;
 mod session;

@@ -25,9 +25,8 @@ pub(super) async fn handle(
     match inbound {
         Inbound::Ping(payload) => session.outbox().push_control(frame::pong(&payload)),
         Inbound::Pong => {}
-        Inbound::Close(code) => {
-            return Err(Close::new(code.filter(|c| echoable(*c)).unwrap_or(close_code::NORMAL), ""));
-        }
+        // The reader let through only codes a peer may send: echo it (RFC 6455 §5.5.1).
+        Inbound::Close(code) => return Err(Close::new(code.unwrap_or(close_code::NORMAL), "")),
         Inbound::Text(text) => {
             if let Some(request) = handle_text(session, &text, rpc_budget)? {
                 Box::pin(super::join::topic_request(session, request)).await?;
@@ -35,11 +34,6 @@ pub(super) async fn handle(
         }
     }
     Ok(())
-}
-
-/// Codes a peer may send and we may send back.
-fn echoable(code: u16) -> bool {
-    matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999)
 }
 
 /// Answers a text frame, or returns the topic request it asks for.
