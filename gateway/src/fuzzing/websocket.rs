@@ -35,8 +35,8 @@ pub struct Outcome {
 }
 
 /// Reads `stream` as a session would, until a close message or an error: in reads of the sizes in
-/// `reads` (in turn, again and again; empty: all at once; 0 counts as 1), each after a read that waits, at which
-/// the reader's future is dropped and made again.
+/// `reads` (in turn, again and again; empty: all at once; 0 counts as 1), each after a read that
+/// waits, at which the reader's future is dropped and made again.
 pub fn read_websocket(stream: &[u8], reads: &[usize], limit: usize) -> Outcome {
     read_checked(stream, reads, true, limit, |_, _, _| {})
 }
