@@ -96,7 +96,9 @@ export class HeraldError extends Error {
 export const CloseCode = Object.freeze({
   NORMAL: 1000,
   GOING_AWAY: 1001,
+  PROTOCOL_ERROR: 1002,
   ABNORMAL: 1006,
+  INVALID_DATA: 1007,
   POLICY: 1008,
   TOO_BIG: 1009,
   INTERNAL: 1011,

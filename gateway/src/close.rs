@@ -12,8 +12,12 @@ pub(crate) enum CloseCode {
     Normal,
     /// 1001: the client went silent (no frame, no pong).
     NoHeartbeat,
+    /// 1002: the client broke the WebSocket protocol.
+    ProtocolError,
     /// 1006: the connection is gone; no close frame can be sent.
     Abnormal,
+    /// 1007: a text message (or close reason) that is not UTF-8.
+    InvalidData,
     /// 1008: a frame the gateway cannot parse or does not allow.
     Policy,
     /// 1009: a message over the size limit.
@@ -42,7 +46,9 @@ impl CloseCode {
         match self {
             CloseCode::Normal => close_code::NORMAL,
             CloseCode::NoHeartbeat => 1001,
+            CloseCode::ProtocolError => close_code::PROTOCOL_ERROR,
             CloseCode::Abnormal => 1006,
+            CloseCode::InvalidData => close_code::INVALID_DATA,
             CloseCode::Policy => close_code::POLICY,
             CloseCode::TooBig => close_code::TOO_BIG,
             CloseCode::Internal => 1011,
@@ -74,11 +80,10 @@ impl Close {
         Close { code, reason: reason.into() }
     }
 
-    /// The client closed with `code` (or none): answered with the same code when it may be sent
-    /// back, with 1000 otherwise.
+    /// The client closed with `code` (one a peer may send: the reader refuses the others) or
+    /// none: answered with the same code (RFC 6455 §5.5.1), or 1000.
     pub(crate) fn by_client(code: Option<u16>) -> Close {
-        let echoable = |code: u16| matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999);
-        match code.filter(|code| echoable(*code)) {
+        match code {
             Some(code) => Close::new(CloseCode::Echo(code), ""),
             None => Close::new(CloseCode::Normal, ""),
         }
@@ -108,11 +113,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn client_codes_are_echoed_only_when_they_may_be_sent() {
+    fn client_codes_are_echoed() {
         assert_eq!(Close::by_client(Some(4000)).number(), 4000);
         assert_eq!(Close::by_client(Some(1001)).number(), 1001);
-        assert_eq!(Close::by_client(Some(1005)).number(), 1000);
-        assert_eq!(Close::by_client(Some(1015)).number(), 1000);
         assert_eq!(Close::by_client(None).number(), 1000);
         assert!(!Close::gone("reset").code.is_sent());
     }

@@ -12,6 +12,8 @@ mod cluster;
 mod codec;
 pub mod config;
 mod delivery;
+#[doc(hidden)]
+pub mod fuzzing;
 mod http;
 mod id;
 mod session;

@@ -147,7 +147,11 @@ pub mod error_code {
 /// WebSocket close codes of the contract.
 pub mod close_code {
     pub const NORMAL: u16 = 1000;
-    /// A frame the gateway cannot parse or does not allow.
+    /// A WebSocket frame that breaks the protocol (RFC 6455).
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text message (or close reason) that is not UTF-8.
+    pub const INVALID_DATA: u16 = 1007;
+    /// A message the gateway does not allow (not a JSON frame, binary).
     pub const POLICY: u16 = 1008;
     /// A frame over the size limit.
     pub const TOO_BIG: u16 = 1009;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{CACHE_CONTROL, CONTENT_TYPE};
+use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, SEC_WEBSOCKET_VERSION, UPGRADE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -19,6 +19,7 @@ use tracing::debug;
 use crate::Shared;
 use crate::cluster::policy::PolicyError;
 use crate::http::auth::{self, Rejection};
+use crate::http::handshake;
 use crate::http::limits::{self, LimitExceeded};
 use crate::session;
 
@@ -76,12 +77,8 @@ async fn route(shared: Arc<Shared>, request: Request<Incoming>, peer: SocketAddr
 }
 
 async fn websocket(shared: Arc<Shared>, mut request: Request<Incoming>, peer: SocketAddr) -> HttpResponse {
-    if !fastwebsockets::upgrade::is_upgrade_request(&request) {
-        return rejection(&Rejection::new(
-            StatusCode::UPGRADE_REQUIRED,
-            "upgrade_required",
-            "GET /ws needs a WebSocket upgrade",
-        ));
+    if let Err(refused) = handshake::check(&request) {
+        return rejection(&refused);
     }
     if let Some(origin) = refused_origin(&shared.config.allowed_origins, &request) {
         let reason = format!("origin {origin} is not allowed");
@@ -186,7 +183,14 @@ fn dev_token(shared: &Shared, request: &Request<Incoming>) -> HttpResponse {
 }
 
 fn rejection(rejection: &Rejection) -> HttpResponse {
-    text(rejection.status, "application/json", rejection.body())
+    let mut response = text(rejection.status, "application/json", rejection.body());
+    if rejection.status == StatusCode::UPGRADE_REQUIRED {
+        // What to upgrade to (RFC 9110 §15.5.22), and the version this server speaks (RFC 6455 §4.4).
+        let headers = response.headers_mut();
+        headers.insert(UPGRADE, hyper::header::HeaderValue::from_static("websocket"));
+        headers.insert(SEC_WEBSOCKET_VERSION, hyper::header::HeaderValue::from_static(handshake::VERSION));
+    }
+    response
 }
 
 fn json(status: StatusCode, body: serde_json::Value) -> HttpResponse {

@@ -3,3 +3,6 @@
 
 pub(crate) mod frame;
 pub(crate) mod reader;
+
+#[cfg(test)]
+mod conformance;

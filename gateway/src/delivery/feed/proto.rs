@@ -58,8 +58,10 @@ const MAX_CONTROL_LINE: usize = 16 * 1024;
 
 /// Takes the next complete operation out of `buf`, or `None` if more bytes are needed.
 pub(crate) fn parse(buf: &mut BytesMut) -> Result<Option<ServerOp>, ProtocolError> {
-    let Some(end) = memchr::memmem::find(buf, b"\r\n") else {
-        if buf.len() > MAX_CONTROL_LINE {
+    // Looked for where the longest line would end, so that a longer one is refused however the
+    // bytes arrive (not only while its CRLF has not).
+    let Some(end) = memchr::memmem::find(&buf[..buf.len().min(MAX_CONTROL_LINE + 2)], b"\r\n") else {
+        if buf.len() >= MAX_CONTROL_LINE + 2 {
             return Err(ProtocolError("control line too long".into()));
         }
         return Ok(None);
@@ -81,7 +83,8 @@ pub(crate) fn parse(buf: &mut BytesMut) -> Result<Option<ServerOp>, ProtocolErro
         return Ok(Some(op));
     }
     let header = parse_msg_line(args, op == "HMSG")?;
-    let total = end + 2 + header.total + 2;
+    // The control line, the message and the CRLFs after each; a size near usize::MAX overflows.
+    let total = header.total.checked_add(end + 4).ok_or_else(|| ProtocolError(format!("message size {args:?}")))?;
     if buf.len() < total {
         return Ok(None);
     }
@@ -121,7 +124,9 @@ fn parse_msg_line(args: &str, with_headers: bool) -> Result<MsgLine, ProtocolErr
     let sid = fields[1].parse::<u64>().map_err(|_| bad())?;
     // The subject's offset: the op name and one separator come before the arguments.
     let prefix = if with_headers { "HMSG ".len() } else { "MSG ".len() };
-    let start = prefix + (args.len() - args.trim_start().len());
+    // The same whitespace as the split above: `trim_start` would also skip a vertical tab or a
+    // Unicode space, which are part of the subject there.
+    let start = prefix + (args.len() - args.trim_start_matches(|c: char| c.is_ascii_whitespace()).len());
     Ok(MsgLine { subject: (start, start + fields[0].len()), sid, header_len, total })
 }
 
@@ -230,8 +235,36 @@ mod tests {
             let mut buf = BytesMut::from(bad);
             assert!(parse(&mut buf).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
-        let mut endless = BytesMut::from(&vec![b'x'; MAX_CONTROL_LINE + 1][..]);
+        let mut endless = BytesMut::from(&vec![b'x'; MAX_CONTROL_LINE + 2][..]);
         assert!(parse(&mut endless).is_err());
+    }
+
+    #[test]
+    fn a_long_control_line_is_refused_however_it_arrives() {
+        let line = |len: usize| format!("-ERR {}\r\n", "x".repeat(len - 5)).into_bytes();
+        let longest = line(MAX_CONTROL_LINE);
+        assert_eq!(parse_all(&longest).len(), 1);
+        let mut whole = BytesMut::from(&line(MAX_CONTROL_LINE + 1)[..]);
+        assert!(parse(&mut whole).is_err(), "refused with its CRLF");
+        let mut cut = BytesMut::from(&line(MAX_CONTROL_LINE + 1)[..MAX_CONTROL_LINE + 2]);
+        assert!(parse(&mut cut).is_err(), "refused before its CRLF");
+    }
+
+    #[test]
+    fn the_subject_is_the_first_field_whatever_whitespace_comes_before() {
+        // Found by fuzzing (scripts/fuzz nats_parse): a vertical tab before the subject shifted it.
+        for line in ["MSG \x0ba 1 3\r\nabc\r\n", "MSG \u{a0}a 1 3\r\nabc\r\n", "MSG \t a 1 3\r\nabc\r\n"] {
+            let ServerOp::Msg(message) = &parse_all(line.as_bytes())[0] else { panic!() };
+            let expected = line.split_ascii_whitespace().nth(1).unwrap();
+            assert_eq!(&message.subject[..], expected.as_bytes(), "{line:?}");
+        }
+    }
+
+    #[test]
+    fn refuses_a_size_that_overflows() {
+        // Found by fuzzing (scripts/fuzz nats_parse): the size was added to the line's length unchecked.
+        let mut buf = BytesMut::from(&b"HMSG _INBOX.x.1 1 1 18446744073709551615\n\r\n"[..]);
+        assert!(parse(&mut buf).is_err());
     }
 
     #[test]
