@@ -184,6 +184,23 @@ impl Inbox {
         Ok(Page { messages, next, complete: first? <= after + 1 && !trimmed })
     }
 
+    /// The sequence of the first stored message of `audience` from `from` on, asked of the stream's
+    /// leader (never a replica that may be behind).
+    pub(crate) async fn first_stored(&self, audience: &Audience, from: u64) -> Result<Option<u64>, InboxError> {
+        let body = serde_json::json!({"seq": from, "next_by_subj": audience.push_subject()});
+        let request = async_nats::Request::new().payload(Bytes::from(body.to_string())).timeout(Some(REQUEST_TIMEOUT));
+        let reply =
+            self.client.send_request(format!("$JS.API.STREAM.MSG.GET.{STREAM}"), request).await.map_err(error)?;
+        let answer: serde_json::Value = serde_json::from_slice(&reply.payload).map_err(error)?;
+        if let Some(seq) = answer.pointer("/message/seq").and_then(serde_json::Value::as_u64) {
+            return Ok(Some(seq));
+        }
+        match answer.pointer("/error/code").and_then(serde_json::Value::as_u64) {
+            Some(404) => Ok(None),
+            _ => Err(error(format!("message get answered {answer}"))),
+        }
+    }
+
     /// The stream's first sequence.
     async fn first_seq(&self) -> Result<u64, InboxError> {
         let stream = self.js.get_stream_no_info(STREAM).await.map_err(error)?;

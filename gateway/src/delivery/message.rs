@@ -106,10 +106,12 @@ pub(crate) fn from_stored(stored: Stored) -> Message {
 #[derive(Debug, Clone)]
 pub(crate) enum Live {
     Message(std::sync::Arc<Message>),
-    /// Messages `first..=last` of this subject never reached the gateway.
+    /// Messages of `audience`'s subject between `first` and `last` (that one at least) never
+    /// reached the gateway.
     Gap {
         first: u64,
         last: u64,
+        audience: Audience,
     },
 }
 

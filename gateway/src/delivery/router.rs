@@ -404,7 +404,7 @@ impl RouterTask {
         {
             self.metrics.delivery_gaps.inc();
             warn!(first_missing = route.last_seq + 1, last_missing = previous, "gap on a delivery subject");
-            entries.push(Live::Gap { first: route.last_seq + 1, last: previous });
+            entries.push(Live::Gap { first: route.last_seq + 1, last: previous, audience: audience.clone() });
         }
         if seq <= route.last_seq {
             // Sent again (a redelivery after a reconnection): sessions have it already.

@@ -21,9 +21,11 @@ const LOSS_NOTE_TIMEOUT: Duration = Duration::from_secs(2);
 pub(super) fn perform(session: &Arc<Session>, action: Action) -> BoxStream<'static, Outcome> {
     let session = session.clone();
     match action {
-        Action::ReadBounds => {
-            once(async move { Outcome::Bounds(session.shared.bounds.read().await.map_err(|error| error.to_string())) })
-        }
+        Action::ReadBounds => once(async move {
+            let shared = &session.shared;
+            let bounds = shared.bounds.read_at_least(shared.router.watermark().get()).await;
+            Outcome::Bounds(bounds.map_err(|error| error.to_string()))
+        }),
         Action::Replay { audiences, since, upto } => replay(session, audiences, since, upto),
         Action::Attach { topic } => once(async move {
             let shared = &session.shared;
@@ -43,6 +45,10 @@ pub(super) fn perform(session: &Arc<Session>, action: Action) -> BoxStream<'stat
         Action::Detach { topic } => once(async move {
             session.shared.router.detach(session.key, vec![Audience::Topic(topic)], false).await;
             Outcome::Detached
+        }),
+        Action::FindStored { audience, from } => once(async move {
+            let found = session.shared.inbox.first_stored(&audience, from).await;
+            Outcome::Stored(found.map_err(|error| error.to_string()))
         }),
         Action::NoteLost { first } => once(async move {
             let shared = &session.shared;

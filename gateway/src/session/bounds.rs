@@ -41,6 +41,10 @@ async fn bounds(feed: &Feed) -> Result<Bounds, StreamError> {
     }
 }
 
+/// How many times, and how far apart, bounds older than a known sequence are read again.
+const STALE_RETRIES: usize = 5;
+const STALE_PAUSE: std::time::Duration = std::time::Duration::from_millis(300);
+
 /// Reads the bounds for many sessions at once. A session that asks joins the next request sent,
 /// never one already in flight: the request must leave after the session's subscriptions, on the
 /// same connection, for the join to be exact. In a reconnect storm this turns a request per
@@ -74,6 +78,21 @@ impl BoundsReader {
             tokio::spawn(self.clone().serve());
         }
         answered.await.map_err(|_| StreamError("bounds reader stopped".into()))?.map_err(StreamError)
+    }
+
+    /// The stream's bounds, read again (a few times, a moment apart) while they end before
+    /// `at_least`, a sequence known to exist: a NATS server that was cut off from its cluster may
+    /// answer from a stale view for a while after it rejoined. The last answer is returned either way.
+    pub(crate) async fn read_at_least(self: &std::sync::Arc<Self>, at_least: u64) -> Result<Bounds, StreamError> {
+        let mut bounds = self.read().await?;
+        for _ in 0..STALE_RETRIES {
+            if bounds.last >= at_least {
+                break;
+            }
+            tokio::time::sleep(STALE_PAUSE).await;
+            bounds = self.read().await?;
+        }
+        Ok(bounds)
     }
 
     /// Sends requests until nobody waits: each answers everyone who asked before it was sent.

@@ -163,7 +163,7 @@ mod tests {
         sources.pull(watermark, |found| {
             seen.push(match found {
                 Found::Entry(Live::Message(m)) => m.seq.to_string(),
-                Found::Entry(Live::Gap { first, last }) => format!("gap{first}-{last}"),
+                Found::Entry(Live::Gap { first, last, .. }) => format!("gap{first}-{last}"),
                 Found::Evicted { last_evicted } => format!("E{last_evicted}"),
                 Found::Overflowed => "O".into(),
             });
@@ -184,7 +184,7 @@ mod tests {
             all.append(message(seq, Audience::All));
         }
         news.append(message(3, Audience::Topic("n".into())));
-        news.append(Live::Gap { first: 6, last: 7 });
+        news.append(Live::Gap { first: 6, last: 7, audience: Audience::Topic("n".into()) });
         news.append(message(8, Audience::Topic("n".into())));
         for seq in [1, 4, 10] {
             let _ = mailbox.push(message(seq, Audience::User("u".into())));

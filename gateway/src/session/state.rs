@@ -81,6 +81,8 @@ pub(crate) enum Action {
     Flush,
     /// Unsubscribe the session from `topic`.
     Detach { topic: String },
+    /// Find, on the stream's leader, the first stored message of `audience` from `from` on.
+    FindStored { audience: Audience, from: u64 },
     /// Note for the device's next resume that messages from `first` on were lost.
     NoteLost { first: u64 },
 }
@@ -97,6 +99,8 @@ pub(crate) enum Outcome {
     /// NATS has the subscriptions (or the feed is down: it re-subscribes and repairs when back).
     Flushed,
     Detached,
+    /// The first stored message found (its `seq`), if any.
+    Stored(Result<Option<u64>, String>),
     Noted,
 }
 
@@ -123,6 +127,14 @@ enum Job {
     },
     /// Catch up from `last_sent`: messages may not have reached the session.
     Repair,
+    /// Messages of `audience` from `first` on never reached the gateway, and something newer
+    /// (up to `through`) was sent already: if one of them is stored at or below `through`, it
+    /// can no longer go out in order.
+    CheckLoss {
+        audience: Audience,
+        first: u64,
+        through: u64,
+    },
     /// Messages from `first` on were missed behind newer ones.
     Lost {
         first: u64,
@@ -139,7 +151,7 @@ enum Job {
 impl Job {
     /// Whether live delivery waits for this job from the moment it is queued.
     fn holds_live(&self) -> bool {
-        matches!(self, Job::Resume { .. } | Job::Repair | Job::Lost { .. })
+        matches!(self, Job::Resume { .. } | Job::Repair | Job::CheckLoss { .. } | Job::Lost { .. })
     }
 }
 
@@ -151,6 +163,7 @@ enum Step {
     Attach { topic: String, since: Option<u64> },
     Flush { topic: String },
     Detach { topic: String },
+    FindStored { through: u64 },
     NoteLost,
 }
 
@@ -186,10 +199,15 @@ struct ReplayRun {
 }
 
 /// What live pulling decided about a loss.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Verdict {
     Repair,
-    Lost { first: u64 },
+    /// Messages of `audience` from `first` on are missing, and up to `through` was sent already.
+    MaybeLost {
+        audience: Audience,
+        first: u64,
+        through: u64,
+    },
 }
 
 pub(crate) struct SessionState {
@@ -381,10 +399,9 @@ impl SessionState {
         live.end_run();
         match live.verdict {
             Some(Verdict::Repair) => self.queue_repair(),
-            Some(Verdict::Lost { first }) => {
-                self.tally.unrepairable += 1;
+            Some(Verdict::MaybeLost { audience, first, through }) => {
                 // Next, after the job that runs (if any).
-                self.jobs.insert(usize::from(self.step.is_some()), Job::Lost { first });
+                self.jobs.insert(usize::from(self.step.is_some()), Job::CheckLoss { audience, first, through });
             }
             None => {}
         }
@@ -441,6 +458,7 @@ impl SessionState {
                 self.notice(&ServerFrame::Unsubscribed { topic });
                 self.job_done();
             }
+            (Step::FindStored { through }, Outcome::Stored(found)) => self.loss_checked(found, through),
             (Step::NoteLost, Outcome::Noted) => {
                 self.close(Close::slow_consumer("messages missed: reconnect with since"));
             }
@@ -452,7 +470,7 @@ impl SessionState {
     }
 
     fn holds_live(&self) -> bool {
-        matches!(self.step, Some(Step::Bounds(_) | Step::Replay(_) | Step::NoteLost))
+        matches!(self.step, Some(Step::Bounds(_) | Step::Replay(_) | Step::FindStored { .. } | Step::NoteLost))
             || self.jobs.iter().any(Job::holds_live)
     }
 
@@ -470,6 +488,9 @@ impl SessionState {
             // Started by `new`.
             Job::Resume { .. } => {}
             Job::Repair => self.begin(Step::Bounds(AfterBounds::Repair), Action::ReadBounds),
+            Job::CheckLoss { audience, first, through } => {
+                self.begin(Step::FindStored { through }, Action::FindStored { audience, from: first })
+            }
             Job::Lost { first } => self.begin(Step::NoteLost, Action::NoteLost { first }),
             Job::Subscribe { topic, since } => self.start_subscribe(topic, since),
             Job::Unsubscribe { topic } => {
@@ -493,6 +514,31 @@ impl SessionState {
     fn job_done(&mut self) {
         self.step = None;
         self.jobs.pop_front();
+    }
+
+    /// A missing message was looked for: stored at or below what was sent already, it is lost
+    /// (noted, then 4008); otherwise every missing message is newer, and a repair brings them in
+    /// order. When the stream cannot tell, the loss is assumed.
+    fn loss_checked(&mut self, found: Result<Option<u64>, String>, through: u64) {
+        self.job_done();
+        let lost = match found {
+            Ok(Some(seq)) if seq <= through => Some(seq),
+            Ok(_) => None,
+            Err(_) => Some(self.complete_through + 1),
+        };
+        match lost {
+            Some(first) => {
+                self.tally.unrepairable += 1;
+                self.jobs.push_front(Job::Lost { first });
+            }
+            None => self.queue_repair_first(),
+        }
+    }
+
+    /// A repair before anything else queued.
+    fn queue_repair_first(&mut self) {
+        self.tally.repairs += 1;
+        self.jobs.push_front(Job::Repair);
     }
 
     fn start_subscribe(&mut self, topic: String, since: Option<u64>) {
@@ -616,9 +662,10 @@ impl SessionState {
         self.tally.replays_incomplete += u64::from(!complete);
     }
 
-    /// A replay read everything addressed to the connection up to `upto`.
+    /// A replay read everything addressed to the connection up to `upto`. `last_sent` stays at
+    /// the last message sent: a message up to `upto` that the replay did not find (a replica that
+    /// answered from behind the stream's leader) still goes out when it comes live.
     fn caught_up_to(&mut self, upto: u64) {
-        self.last_sent = self.last_sent.max(upto);
         self.complete_through = self.complete_through.max(upto);
     }
 }
@@ -670,7 +717,7 @@ impl LivePull<'_> {
                 self.tally.delivered_bytes += len as u64;
                 if *self.frame_bytes >= HIGH_WATER { Flow::Stop } else { Flow::Continue }
             }
-            Found::Entry(Live::Gap { first, last }) => self.gap(*first, *last),
+            Found::Entry(Live::Gap { first, last, audience }) => self.gap(*first, *last, audience),
             Found::Evicted { last_evicted } if last_evicted <= *self.last_sent => Flow::Continue,
             Found::Evicted { .. } | Found::Overflowed => self.decide(Verdict::Repair),
         }
@@ -715,14 +762,16 @@ impl LivePull<'_> {
         }
     }
 
-    /// Messages `first..=last` of one subject never reached the gateway. Those a replay covered
-    /// are no loss; the others are repaired, unless something newer was sent already.
-    fn gap(&mut self, first: u64, last: u64) -> Flow {
+    /// Messages of one subject between `first` and `last` never reached the gateway. Those a
+    /// replay covered are no loss; the others are repaired, unless something newer was sent
+    /// already: then whether one of them is older than that is looked up.
+    fn gap(&mut self, first: u64, last: u64, audience: &Audience) -> Flow {
         let uncovered = first.max(self.complete_through + 1);
         if uncovered > last {
             Flow::Continue
         } else if *self.last_sent >= uncovered {
-            self.decide(Verdict::Lost { first: uncovered })
+            let through = (*self.last_sent).min(last);
+            self.decide(Verdict::MaybeLost { audience: audience.clone(), first: uncovered, through })
         } else {
             self.decide(Verdict::Repair)
         }

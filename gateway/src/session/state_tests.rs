@@ -238,7 +238,7 @@ fn muted_kinds_are_neither_replayed_nor_sent_live() {
 fn a_gap_is_repaired_from_the_stream_before_anything_newer_is_sent() {
     let mut h = Harness::new(Start::Live, 10);
     h.broadcast(all_message(11));
-    h.broadcast(Live::Gap { first: 12, last: 12 });
+    h.broadcast(Live::Gap { first: 12, last: 12, audience: Audience::All });
     h.broadcast(all_message(13));
     h.personal(user_message(14));
     assert_eq!(h.frames(), ["11"], "nothing after the gap before the repair");
@@ -253,7 +253,7 @@ fn a_gap_is_repaired_from_the_stream_before_anything_newer_is_sent() {
 #[test]
 fn a_gap_a_replay_covered_is_no_loss() {
     let mut h = Harness::new(Start::Live, 10);
-    h.broadcast(Live::Gap { first: 9, last: 10 });
+    h.broadcast(Live::Gap { first: 9, last: 10, audience: Audience::All });
     h.broadcast(all_message(11));
     assert_eq!(h.frames(), ["11"]);
     assert_eq!(h.action(), None);
@@ -265,15 +265,41 @@ fn a_gap_behind_a_newer_message_already_sent_is_noted_and_closes_with_4008() {
     h.personal(user_message(11));
     h.broadcast(all_message(12));
     assert_eq!(h.frames(), ["11", "12"]);
-    // The user's next message names a predecessor (11 < 12 < missing) that never came: too late.
-    h.personal(Live::Gap { first: 12, last: 13 });
+    // The user's next message names a predecessor that never came (12 < missing <= 13): is one of
+    // the missing messages older than 12, already sent? The stream's leader is asked.
+    h.personal(Live::Gap { first: 12, last: 13, audience: Audience::User(USER.into()) });
     h.personal(user_message(14));
     assert!(h.frames().is_empty());
+    let user = Audience::User(USER.into());
+    assert_eq!(h.action(), Some(Action::FindStored { audience: user, from: 12 }));
+    // A message of the user's at or below what was sent (here: 12): lost.
+    h.state.on_outcome(Outcome::Stored(Ok(Some(12))));
     assert_eq!(h.action(), Some(Action::NoteLost { first: 12 }));
     assert_eq!(h.closed_with(), None, "the note is written first");
     h.state.on_outcome(Outcome::Noted);
     assert_eq!(h.closed_with(), Some(4008));
     assert_eq!(h.state.take_tally().unrepairable, 1);
+}
+
+#[test]
+fn a_gap_behind_a_newer_message_whose_missing_messages_are_all_newer_is_repaired() {
+    let mut h = Harness::new(Start::Live, 10);
+    h.personal(user_message(11));
+    h.broadcast(all_message(12));
+    assert_eq!(h.frames(), ["11", "12"]);
+    h.personal(Live::Gap { first: 12, last: 13, audience: Audience::User(USER.into()) });
+    h.personal(user_message(14));
+    assert!(matches!(h.action(), Some(Action::FindStored { .. })));
+    // The only missing one is 13, newer than anything sent: a repair brings it in order.
+    h.state.on_outcome(Outcome::Stored(Ok(Some(13))));
+    assert_eq!(h.action(), Some(Action::ReadBounds));
+    h.state.on_outcome(Outcome::Bounds(Ok(bounds(1, 14))));
+    assert_eq!(h.action(), replay_of(everything(), 12, 14));
+    h.replay(vec![message(13, Audience::User(USER.into()), ""), message(14, Audience::User(USER.into()), "")]);
+    assert_eq!(h.frames(), ["13", "14"]);
+    assert_eq!(h.closed_with(), None);
+    let tally = h.state.take_tally();
+    assert_eq!((tally.unrepairable, tally.repairs), (0, 1));
 }
 
 #[test]

@@ -43,14 +43,14 @@ impl Stream {
 /// How long dialing and the handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Connects to the server picked by `attempt` (round robin over `nats_url`); returns the stream and
+/// Connects to the server picked by `turn` (round robin over `nats_url`); returns the stream and
 /// the server's address.
-pub(super) async fn dial(settings: &NatsSettings, name: &str, attempt: u32) -> Result<(Stream, String), String> {
+pub(super) async fn dial(settings: &NatsSettings, name: &str, turn: usize) -> Result<(Stream, String), String> {
     let servers: Vec<&str> = settings.nats_url.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
     if servers.is_empty() {
         return Err("no NATS server configured".into());
     }
-    let server = servers[attempt as usize % servers.len()];
+    let server = servers[turn % servers.len()];
     let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(settings, name, server))
         .await
         .map_err(|_| format!("{server}: handshake timed out"))?

@@ -55,10 +55,25 @@ pub(crate) enum RequestError {
 }
 
 enum Command {
-    Subscribe { sid: u64, subject: String },
-    Unsubscribe { sid: u64 },
-    Request { subject: String, payload: Bytes, reply: oneshot::Sender<Result<Bytes, RequestError>> },
-    Flush { done: oneshot::Sender<()> },
+    Subscribe {
+        sid: u64,
+        subject: String,
+    },
+    Unsubscribe {
+        sid: u64,
+    },
+    Request {
+        subject: String,
+        payload: Bytes,
+        reply: oneshot::Sender<Result<Bytes, RequestError>>,
+    },
+    Flush {
+        done: oneshot::Sender<()>,
+    },
+    /// Drop the connection and dial the next server.
+    Reconnect {
+        why: String,
+    },
 }
 
 /// A cheap handle to the feed task.
@@ -147,9 +162,49 @@ impl Feed {
         }
     }
 
+    /// Drops the connection and dials the next server (the one in use cannot serve the stream).
+    pub(crate) fn reconnect(&self, why: String) {
+        let _ = self.commands.send(Command::Reconnect { why });
+    }
+
     /// Whether the feed is connected right now.
     pub(crate) fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Acquire)
+    }
+}
+
+/// How often the feed checks that its server reaches the stream, and how many failed checks in a row
+/// make it move to another server.
+const STREAM_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+const MAX_FAILED_STREAM_CHECKS: u32 = 2;
+
+/// Moves the feed to another server when the one it is on stops reaching the stream. A server cut
+/// off from the rest of its cluster still answers pings, so the connection looks fine, but the
+/// republish of new messages no longer reaches it: its stream requests time out instead.
+pub(crate) async fn watch_stream_reach(feed: Feed, stream: &'static str, shutdown: CancellationToken) {
+    let mut failed = 0;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(STREAM_CHECK_INTERVAL) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        if !feed.is_connected() {
+            failed = 0;
+            continue;
+        }
+        match feed.request(format!("$JS.API.STREAM.INFO.{stream}"), Bytes::new()).await {
+            // Any answer, even an error, comes from a server that reaches JetStream.
+            Ok(_) => failed = 0,
+            Err(RequestError::Disconnected) => failed = 0,
+            Err(error) => {
+                failed += 1;
+                debug!(%error, failed, "the delivery feed's server did not answer a stream request");
+                if failed >= MAX_FAILED_STREAM_CHECKS {
+                    failed = 0;
+                    feed.reconnect(format!("its server stopped answering stream requests ({error})"));
+                }
+            }
+        }
     }
 }
 
@@ -181,15 +236,19 @@ enum Ended {
 impl FeedTask {
     async fn run(mut self, shutdown: CancellationToken) {
         let mut attempt = 0u32;
+        // Every connection, failed or lost, moves on to the next server, from a random first one:
+        // gateways spread over the cluster, and a server that went silent is not dialed again first.
+        let mut turn: usize = rand::random::<u32>() as usize;
         loop {
             let stream = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                stream = connect::dial(&self.settings, &self.name, attempt) => stream,
+                stream = connect::dial(&self.settings, &self.name, turn) => stream,
             };
             let (stream, server) = match stream {
                 Ok(connected) => connected,
                 Err(error) => {
                     attempt += 1;
+                    turn = turn.wrapping_add(1);
                     warn!(%error, attempt, "delivery feed cannot connect to NATS");
                     if self.wait_before_retry(attempt, &shutdown).await {
                         return;
@@ -198,6 +257,7 @@ impl FeedTask {
                 }
             };
             attempt = 0;
+            turn = turn.wrapping_add(1);
             info!(%server, "delivery feed connected");
             match self.serve(stream, &shutdown).await {
                 Ended::Shutdown => return,
@@ -255,10 +315,14 @@ impl FeedTask {
                 _ = shutdown.cancelled() => return Ended::Shutdown,
                 command = self.commands.recv() => {
                     let Some(command) = command else { return Ended::Shutdown };
-                    self.apply(command, &mut out);
+                    if let Some(ended) = self.apply(command, &mut out) {
+                        return ended;
+                    }
                     // Everything else queued goes in the same write.
                     while let Ok(command) = self.commands.try_recv() {
-                        self.apply(command, &mut out);
+                        if let Some(ended) = self.apply(command, &mut out) {
+                            return ended;
+                        }
                     }
                 }
                 read = stream.read_buf(&mut buf) => {
@@ -344,7 +408,8 @@ impl FeedTask {
         let _ = waiting.send(result);
     }
 
-    fn apply(&mut self, command: Command, out: &mut BytesMut) {
+    /// Applies a command on the connection; `Some` ends the connection.
+    fn apply(&mut self, command: Command, out: &mut BytesMut) -> Option<Ended> {
         match command {
             Command::Subscribe { sid, subject } => {
                 proto::sub(out, &subject, sid);
@@ -366,7 +431,9 @@ impl FeedTask {
                 out.extend_from_slice(proto::PING);
                 self.pongs.push_back(Some(done));
             }
+            Command::Reconnect { why } => return Some(Ended::Lost(why)),
         }
+        None
     }
 
     /// A command while disconnected: subscriptions are remembered, requests fail at once.
@@ -384,6 +451,8 @@ impl FeedTask {
             }
             // Dropping `done` tells the waiter the feed is down.
             Command::Flush { .. } => {}
+            // Not connected: the next dial goes to the next server anyway.
+            Command::Reconnect { .. } => {}
         }
     }
 }
