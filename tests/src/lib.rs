@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod functions;
 pub mod gateway;
+pub mod images;
 pub mod nats;
 pub mod nginx;
 pub mod publish;

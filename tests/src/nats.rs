@@ -77,16 +77,30 @@ fn tls_config(dir: &str) -> String {
 impl TestNats {
     /// Starts a NATS server on a fixed host port (kept across stop/start).
     pub async fn start() -> TestNats {
-        TestNats::start_with(None).await
+        TestNats::start_with(None, None).await
+    }
+
+    /// Starts a NATS container named `name` on the Docker network `network` (created if absent),
+    /// where other containers reach it as `nats://<name>:4222`; the host reaches it at
+    /// [`TestNats::url`] as usual. Docker only (panics without it).
+    pub async fn start_on_network(network: &str, name: &str) -> TestNats {
+        assert!(docker_available(), "TestNats::start_on_network needs a Docker daemon");
+        TestNats::start_with(None, Some((network, name))).await
+    }
+
+    /// [`TestNats::start_on_network`] with TLS required, as [`TestNats::start_tls`].
+    pub async fn start_tls_on_network(tls: &ServerTls, ca: &std::path::Path, network: &str, name: &str) -> TestNats {
+        assert!(docker_available(), "TestNats::start_tls_on_network needs a Docker daemon");
+        TestNats::start_with(Some((tls, ca)), Some((network, name))).await
     }
 
     /// Starts a NATS server that requires TLS, with `tls`'s certificate, issued by the CA in the PEM
     /// file `ca` (which this harness's clients trust).
     pub async fn start_tls(tls: &ServerTls, ca: &std::path::Path) -> TestNats {
-        TestNats::start_with(Some((tls, ca))).await
+        TestNats::start_with(Some((tls, ca)), None).await
     }
 
-    async fn start_with(tls: Option<(&ServerTls, &std::path::Path)>) -> TestNats {
+    async fn start_with(tls: Option<(&ServerTls, &std::path::Path)>, network: Option<(&str, &str)>) -> TestNats {
         let tls_ca = tls.map(|(_, ca)| ca.to_path_buf());
         let tls = tls.map(|(tls, _)| tls);
         let port = free_port();
@@ -110,6 +124,9 @@ impl TestNats {
             };
             for role in Role::ALL {
                 request = request.with_env_var(role.password_variable(), role.password());
+            }
+            if let Some((network, name)) = network {
+                request = request.with_network(network).with_container_name(name);
             }
             let container = request.start().await.expect("start the NATS container");
             TestNats { port, backend: Backend::Container(Box::new(container)), tls_ca }
