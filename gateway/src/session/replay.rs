@@ -106,6 +106,8 @@ impl Replay {
 
 /// One cursor per subject, each filled by batched direct gets; the smallest head goes next.
 pub(crate) struct DirectReplay {
+    /// The stream, for requests only its leader answers.
+    stream: async_nats::jetstream::stream::Stream<()>,
     client: Client,
     /// Every batch reply arrives here, on `<inbox>.<cursor>.<request>`.
     replies: Subscriber,
@@ -123,7 +125,18 @@ struct SubjectCursor {
     /// The next sequence to ask for.
     next_seq: u64,
     buffered: VecDeque<Stored>,
-    exhausted: bool,
+    end: CursorEnd,
+}
+
+/// Whether a cursor read everything of its subject up to `upto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CursorEnd {
+    /// More to read.
+    Open,
+    /// The replica that answered had nothing more; the stream's leader confirms before the cursor
+    /// is done (a replica may be behind the leader: it was cut off, or it is catching up).
+    Unconfirmed,
+    Done,
 }
 
 impl DirectReplay {
@@ -143,10 +156,12 @@ impl DirectReplay {
                 subject: audience.push_subject(),
                 next_seq: since + 1,
                 buffered: VecDeque::new(),
-                exhausted: since >= upto,
+                end: if since >= upto { CursorEnd::Done } else { CursorEnd::Open },
             })
             .collect();
+        let stream = replayer.js.get_stream_no_info(STREAM).await.map_err(error)?;
         Ok(DirectReplay {
+            stream,
             client: client.clone(),
             replies,
             inbox,
@@ -170,10 +185,42 @@ impl DirectReplay {
         cursor.buffered.pop_front().map(Ok)
     }
 
-    /// Fetches the next batch of every cursor that ran dry, all requests in flight at once.
+    /// Fetches the next batch of every cursor that ran dry, all requests in flight at once, then
+    /// has the leader confirm the end of those a replica said were over.
     async fn refill(&mut self) -> Result<(), ReplayError> {
+        self.fetch().await?;
+        for index in 0..self.cursors.len() {
+            if self.cursors[index].buffered.is_empty() && self.cursors[index].end == CursorEnd::Unconfirmed {
+                self.confirm_end(index).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks the stream's leader for the cursor's next message: none (or one past `upto`) confirms
+    /// the end; one up to `upto` was missing from the replica that answered, and goes next.
+    async fn confirm_end(&mut self, index: usize) -> Result<(), ReplayError> {
+        let upto = self.upto;
+        let cursor = &mut self.cursors[index];
+        match self.stream.get_first_raw_message_by_subject(&cursor.subject, cursor.next_seq).await {
+            Ok(message) if message.sequence <= upto => {
+                cursor.next_seq = message.sequence + 1;
+                cursor.buffered.push_back(from_stream_message(cursor.audience.clone(), message));
+                cursor.end = CursorEnd::Open;
+            }
+            Ok(_) => cursor.end = CursorEnd::Done,
+            Err(e) if e.kind() == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound => {
+                cursor.end = CursorEnd::Done;
+            }
+            Err(e) => return Err(error(e)),
+        }
+        Ok(())
+    }
+
+    /// Sends one batch request for every cursor that ran dry and files the replies.
+    async fn fetch(&mut self) -> Result<(), ReplayError> {
         let dry: Vec<usize> = (0..self.cursors.len())
-            .filter(|&i| self.cursors[i].buffered.is_empty() && !self.cursors[i].exhausted)
+            .filter(|&i| self.cursors[i].buffered.is_empty() && self.cursors[i].end == CursorEnd::Open)
             .collect();
         if dry.is_empty() {
             return Ok(());
@@ -221,13 +268,15 @@ impl DirectReplay {
                         .as_ref()
                         .and_then(|h| h.get("Nats-Num-Pending"))
                         .and_then(|v| v.as_str().parse::<u64>().ok());
-                    if pending == Some(0) || cursor.buffered.is_empty() {
-                        cursor.exhausted = true;
+                    if cursor.end == CursorEnd::Open && (pending == Some(0) || cursor.buffered.is_empty()) {
+                        cursor.end = CursorEnd::Unconfirmed;
                     }
                     return Ok(true);
                 }
                 404 => {
-                    cursor.exhausted = true;
+                    if cursor.end == CursorEnd::Open {
+                        cursor.end = CursorEnd::Unconfirmed;
+                    }
                     return Ok(true);
                 }
                 other => return Err(error(format!("direct get answered {other} {:?}", message.description))),
@@ -235,8 +284,9 @@ impl DirectReplay {
         }
         let stored = StreamMessage::try_from(message).map_err(error)?;
         if stored.sequence > upto {
-            cursor.exhausted = true;
-        } else if !cursor.exhausted {
+            // The replica holds newer messages: it has every one of the subject's up to `upto`.
+            cursor.end = CursorEnd::Done;
+        } else if cursor.end == CursorEnd::Open {
             cursor.next_seq = stored.sequence + 1;
             cursor.buffered.push_back(from_stream_message(cursor.audience.clone(), stored));
         }

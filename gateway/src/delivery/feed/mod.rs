@@ -192,20 +192,31 @@ pub(crate) async fn watch_stream_reach(feed: Feed, stream: &'static str, shutdow
             failed = 0;
             continue;
         }
-        match feed.request(format!("$JS.API.STREAM.INFO.{stream}"), Bytes::new()).await {
-            // Any answer, even an error, comes from a server that reaches JetStream.
-            Ok(_) => failed = 0,
-            Err(RequestError::Disconnected) => failed = 0,
-            Err(error) => {
+        let problem = match feed.request(format!("$JS.API.STREAM.INFO.{stream}"), Bytes::new()).await {
+            Ok(answer) => unavailable(&answer),
+            Err(RequestError::Disconnected) => None,
+            Err(error) => Some(error.to_string()),
+        };
+        match problem {
+            None => failed = 0,
+            Some(problem) => {
                 failed += 1;
-                debug!(%error, failed, "the delivery feed's server did not answer a stream request");
+                debug!(%problem, failed, "the delivery feed's server cannot serve the stream");
                 if failed >= MAX_FAILED_STREAM_CHECKS {
                     failed = 0;
-                    feed.reconnect(format!("its server stopped answering stream requests ({error})"));
+                    feed.reconnect(format!("its server cannot serve the stream ({problem})"));
                 }
             }
         }
     }
+}
+
+/// Whether a JetStream answer says the server has no JetStream to offer right now (no quorum, no
+/// leader: `503`); other errors (an unknown stream, say) still come from a working JetStream.
+fn unavailable(answer: &[u8]) -> Option<String> {
+    let answer: serde_json::Value = serde_json::from_slice(answer).ok()?;
+    let error = answer.get("error")?;
+    (error.get("code")?.as_u64()? == 503).then(|| error.to_string())
 }
 
 struct FeedTask {
