@@ -178,12 +178,13 @@ fn parse_creds(contents: &str) -> Option<(&str, &str)> {
     Some((jwt, seed))
 }
 
-/// TLS with the server, trusting the system's authorities and those of `extra_ca` (a PEM file).
-async fn upgrade(io: Box<dyn Io>, host: &str, extra_ca: Option<&std::path::Path>) -> Result<Box<dyn Io>, String> {
+/// TLS with the server, trusting the authorities of `private_ca` (a PEM file) if given, else the
+/// system's: the same rule as async-nats's `add_root_certificates`, so the feed and the gateway's other
+/// NATS connection accept the same servers.
+async fn upgrade(io: Box<dyn Io>, host: &str, private_ca: Option<&std::path::Path>) -> Result<Box<dyn Io>, String> {
     use tokio_rustls::rustls::pki_types::{CertificateDer, pem::PemObject};
     let mut roots = tokio_rustls::rustls::RootCertStore::empty();
-    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-    if let Some(path) = extra_ca {
+    if let Some(path) = private_ca {
         let certs = CertificateDer::pem_file_iter(path)
             .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
             .map_err(|e| format!("cannot read the CA file {}: {e}", path.display()))?;
@@ -191,6 +192,8 @@ async fn upgrade(io: Box<dyn Io>, host: &str, extra_ca: Option<&std::path::Path>
         if added == 0 {
             return Err(format!("no usable certificate in the CA file {}", path.display()));
         }
+    } else {
+        roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
     }
     let config = tokio_rustls::rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
     let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.to_string())
