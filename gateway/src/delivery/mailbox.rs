@@ -4,6 +4,11 @@
 //! stopping). Each put wakes the session's task through one waker, which the broadcast logs use as
 //! well: a flag and an [`AtomicWaker`], so waking takes no lock.
 //!
+//! The router wakes a session once per burst that put messages in its mailbox, after raising the
+//! watermark, even when older messages still wait there: the session takes messages only up to the
+//! watermark it read, so a message put while the session was reading may wait above it, and only
+//! a wake-up after the watermark moved brings the session back for it.
+//!
 //! Personal messages are bounded in bytes: a session that does not take them fast enough loses the
 //! queued ones and is told so ([`Inbox::take_overflow`]); it then catches up from the stream, so
 //! nothing is lost and a slow socket never holds more than the limit here. The lock is never held
@@ -35,6 +40,8 @@ pub(crate) struct Mailbox {
     state: Mutex<State>,
     /// Set by a wake-up, cleared when the session's task sees it.
     woken: AtomicBool,
+    /// A put asked the router for a wake-up that has not happened yet.
+    wake_scheduled: AtomicBool,
     /// The session's task, while it waits.
     waker: AtomicWaker,
     /// The most bytes of personal messages held (each counted by [`Live::cost`], at most half the
@@ -54,11 +61,18 @@ struct State {
 
 impl Mailbox {
     pub(crate) fn new(limit: usize) -> Mailbox {
-        Mailbox { state: Mutex::new(State::default()), woken: AtomicBool::new(false), waker: AtomicWaker::new(), limit }
+        Mailbox {
+            state: Mutex::new(State::default()),
+            woken: AtomicBool::new(false),
+            wake_scheduled: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+            limit,
+        }
     }
 
-    /// Adds a personal message (or gap) in stream order; never blocks. Returns whether the session
-    /// must be woken ([`Mailbox::wake`]): the router wakes each session once per burst.
+    /// Adds a personal message (or gap) in stream order; never blocks. Returns whether the caller
+    /// must wake the session ([`Mailbox::wake`]) at the end of its burst: true for the first put
+    /// since the last wake-up, so the router wakes each session once per burst.
     #[must_use]
     pub(crate) fn push(&self, entry: Live) -> bool {
         let mut state = self.lock();
@@ -69,17 +83,18 @@ impl Mailbox {
         if state.bytes + cost > self.limit {
             state.personal = VecDeque::new();
             state.bytes = 0;
-            let first_overflow = !std::mem::replace(&mut state.overflowed, true);
-            return first_overflow;
+            state.overflowed = true;
+        } else {
+            state.bytes += cost;
+            state.personal.push_back(entry);
         }
-        let was_idle = state.personal.is_empty() && !state.overflowed;
-        state.bytes += cost;
-        state.personal.push_back(entry);
-        was_idle
+        drop(state);
+        !self.wake_scheduled.swap(true, Ordering::AcqRel)
     }
 
     /// Wakes the session's task.
     pub(crate) fn wake(&self) {
+        self.wake_scheduled.store(false, Ordering::Release);
         self.woken.store(true, Ordering::Release);
         self.waker.wake();
     }
@@ -193,26 +208,34 @@ mod tests {
     }
 
     #[test]
-    fn wakes_only_when_the_queue_was_idle() {
+    fn asks_for_one_wake_up_per_burst() {
         let mailbox = Mailbox::new(1 << 20);
         assert!(mailbox.push(message(1, 10)));
-        assert!(!mailbox.push(message(2, 10)));
+        assert!(!mailbox.push(message(2, 10)), "one wake-up per burst");
+        mailbox.wake();
         let mut inbox = mailbox.inbox();
         assert_eq!(inbox.pop().map(|e| e.key()), Some(1));
-        assert_eq!(inbox.front().map(Live::key), Some(2));
-        inbox.pop();
+        assert_eq!(inbox.pop().map(|e| e.key()), Some(2));
         assert!(inbox.pop().is_none());
-        drop(inbox);
-        assert!(mailbox.push(message(3, 10)));
+    }
+
+    #[test]
+    fn a_message_put_while_older_ones_wait_still_wakes_the_session() {
+        // The session took nothing of burst 1 yet (or only up to an older watermark): burst 2's
+        // message must bring it back after burst 2 raised the watermark.
+        let mailbox = Mailbox::new(1 << 20);
+        assert!(mailbox.push(message(1, 10)));
+        mailbox.wake();
+        assert!(mailbox.push(message(2, 10)), "a new burst wakes the session again");
     }
 
     #[test]
     fn overflow_drops_what_is_queued_and_says_so_once() {
         let mailbox = Mailbox::new(1000);
-        assert!(mailbox.push(message(1, 300)));
-        assert!(!mailbox.push(message(2, 300)));
-        assert!(mailbox.push(message(3, 300)), "the first overflow wakes the session");
-        assert!(!mailbox.push(message(4, 300)), "later ones are queued again, the session knows");
+        let _ = mailbox.push(message(1, 300));
+        let _ = mailbox.push(message(2, 300));
+        let _ = mailbox.push(message(3, 300));
+        let _ = mailbox.push(message(4, 300));
         let mut inbox = mailbox.inbox();
         assert!(inbox.take_overflow());
         assert!(!inbox.take_overflow());
