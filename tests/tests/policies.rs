@@ -73,6 +73,38 @@ async fn reject_refuses_a_second_socket_until_the_first_closes() {
 }
 
 #[tokio::test]
+async fn after_a_switch_from_single_to_reject_entries_single_left_refuse_nobody() {
+    let nats = TestNats::start().await;
+    let old = TestGateway::start_with(&nats, |c| c.session_policy = SessionPolicy::Single).await;
+    // uma's session closed, but single never deletes its claim; vic's is still open.
+    drop(old.connect_with(&query("uma", "phone")).await);
+    let mut vic_old = old.connect_with(&query("vic", "phone")).await;
+    old.wait_metric("herald_gateway_connections", 1.0).await;
+    let sessions = nats.jetstream().await.get_key_value("herald-sessions").await.unwrap();
+    assert!(sessions.get("uma").await.unwrap().is_some(), "single left a claim");
+
+    // The operator switches the cluster to reject; a restarted gateway adopts it.
+    let config = nats.jetstream().await.get_key_value("herald-config").await.unwrap();
+    config.put("session_policy", Bytes::from_static(b"reject")).await.unwrap();
+    let new = TestGateway::start_with(&nats, |c| c.session_policy = SessionPolicy::Single).await;
+
+    let mut uma = new.connect_with(&query("uma", "laptop")).await;
+    let refused = WsClient::connect(&new.ws_url(&query("uma", "phone"))).await.err().expect("refused");
+    assert_eq!(refused.status, 409);
+    // vic, still open on a gateway that runs single until its restart, is replaced there.
+    let mut vic = new.connect_with(&query("vic", "laptop")).await;
+    assert_eq!(vic_old.expect_close().await.map(|c| c.0), Some(close_code::REPLACED));
+    let refused = WsClient::connect(&new.ws_url(&query("vic", "tablet"))).await.err().expect("refused");
+    assert_eq!(refused.status, 409);
+
+    let publisher = Publisher::new(&nats).await;
+    let seq = publisher.publish("push.user.uma", "hello").await;
+    assert_eq!(uma.expect_msg().await.seq, seq);
+    let seq = publisher.publish("push.user.vic", "hello").await;
+    assert_eq!(vic.expect_msg().await.seq, seq);
+}
+
+#[tokio::test]
 async fn the_clusters_policy_in_nats_wins_over_a_gateways_own_setting() {
     let nats = TestNats::start().await;
     // The first gateway finds no policy in herald-config and writes its own.
