@@ -241,6 +241,7 @@ impl Policies {
         last_revision: &mut u64,
         shutdown: &CancellationToken,
     ) -> Result<(), PolicyError> {
+        let mut recreated = health.recreations();
         let mut updates = watch_from(self.bucket().await?, *last_revision)
             .await
             .map_err(|e| PolicyError::Unavailable(e.to_string()))?;
@@ -248,6 +249,7 @@ impl Policies {
         loop {
             let entry = tokio::select! {
                 entry = updates.next() => entry,
+                _ = recreated.changed() => return Err(PolicyError::Unavailable("the bucket was recreated".into())),
                 _ = shutdown.cancelled() => return Ok(()),
             };
             let entry = match entry {
