@@ -159,6 +159,9 @@ pub fn test_config(nats_url: &str) -> Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         jwt_secret: Some(SECRET.to_string()),
         shutdown_grace: Duration::from_secs(5),
+        // Every gateway answers presence and disconnect questions within the window in these tests:
+        // four times the default, so that a loaded machine does not make one late.
+        gather_window: Duration::from_secs(1),
         ..Config::default()
     };
     config.nats.nats_url = nats_url.to_string();

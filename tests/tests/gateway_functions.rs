@@ -37,7 +37,7 @@ fn error_code(result: &RpcResult) -> Option<&str> {
 #[tokio::test]
 async fn rpc_reaches_the_function_with_the_token_identity_and_every_failure_has_its_code() {
     let nats = TestNats::start().await;
-    let gateway = TestGateway::start_with(&nats, |c| c.rpc_timeout = Duration::from_millis(500)).await;
+    let gateway = TestGateway::start_with(&nats, |c| c.rpc_timeout = Duration::from_secs(2)).await;
     let functions = vec![
         whoami(),
         Function::rpc("refuse", |_: RpcRequest| async { Err::<RpcReply, _>(HandlerError::permanent("not allowed")) }),
