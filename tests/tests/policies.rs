@@ -5,7 +5,7 @@ use bytes::Bytes;
 use herald_gateway::SessionPolicy;
 use herald_shared::frame::close_code;
 use herald_tests::gateway::token;
-use herald_tests::{Publisher, TestGateway, TestNats, WsClient};
+use herald_tests::{Publisher, TestGateway, TestNats, WsClient, eventually};
 
 async fn two_gateways(nats: &TestNats, policy: SessionPolicy) -> (TestGateway, TestGateway) {
     let a = TestGateway::start_with(nats, |c| c.session_policy = policy).await;
@@ -64,12 +64,40 @@ async fn reject_refuses_a_second_socket_until_the_first_closes() {
     let mut again = b.connect_with(&query("ned", "laptop")).await;
     let seq = Publisher::new(&nats).await.publish("push.user.ned", "welcome back").await;
     assert_eq!(again.expect_msg().await.seq, seq);
+}
 
-    // A slot held by a gateway that died is not refreshed any more, and expires with the bucket's
-    // max age (the owner refreshes it every quarter of that while the socket is open).
+#[tokio::test]
+async fn a_reject_slot_is_refreshed_while_open_and_expires_when_its_gateway_died() {
+    let nats = TestNats::start().await;
+    let max_age = std::time::Duration::from_secs(2);
+    let short = |c: &mut herald_gateway::Config| {
+        c.session_policy = SessionPolicy::Reject;
+        c.stream.sessions_max_age = max_age;
+    };
+    let a = TestGateway::start_with(&nats, short).await;
+    let b = TestGateway::start_with(&nats, short).await;
     let sessions = nats.jetstream().await.get_key_value("herald-sessions").await.unwrap();
-    let max_age = sessions.status().await.unwrap().info.config.max_age;
-    assert_eq!(max_age, herald_shared::stream::SESSIONS_MAX_AGE);
+    assert_eq!(sessions.status().await.unwrap().info.config.max_age, max_age);
+
+    let _ned = a.connect_with(&query("ned", "phone")).await;
+    let first = sessions.entry("ned").await.unwrap().expect("ned's slot").revision;
+    // Refreshed every quarter of the max age: after eight refreshes, the slot is older than the
+    // max age would allow unless refreshed, and still holds.
+    eventually("eight refreshes of ned's slot", std::time::Duration::from_secs(30), || async {
+        let revision = sessions.entry("ned").await.ok()??.revision;
+        (revision >= first + 8).then_some(())
+    })
+    .await;
+    let refused = WsClient::connect(&b.ws_url(&query("ned", "laptop"))).await.err().expect("refused");
+    assert_eq!(refused.status, 409);
+
+    // Its gateway dies without freeing it: the slot expires, and ned may connect elsewhere.
+    a.kill().await;
+    let mut again = eventually("ned accepted on b", std::time::Duration::from_secs(30), || async {
+        WsClient::connect(&b.ws_url(&query("ned", "laptop"))).await.ok()
+    })
+    .await;
+    again.expect_welcome().await;
 }
 
 #[tokio::test]

@@ -11,7 +11,7 @@
 //!   connects, so exactly the newest survives wherever each one is.
 //! - `reject`: the key is `<k(user)>`, created atomically before the upgrade; a second connect finds
 //!   it and gets 409. The owner refreshes it while open and deletes it at close; entries expire
-//!   after `SESSIONS_MAX_AGE` if a gateway dies. An entry `single` left under the key (after the
+//!   after `sessions_max_age` if a gateway dies. An entry `single` left under the key (after the
 //!   cluster switched policies) is taken over, not a reason to refuse.
 
 use std::collections::HashMap;
@@ -22,7 +22,7 @@ use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use futures::StreamExt;
 use herald_shared::id::kv_key;
-use herald_shared::stream::{SESSIONS_MAX_AGE, StreamSettings, ensure_config_bucket};
+use herald_shared::stream::{StreamSettings, ensure_config_bucket};
 use herald_shared::subject::{CONFIG_SESSION_POLICY, KV_SESSIONS};
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
@@ -285,7 +285,7 @@ impl Policies {
         health.policy_watch.store(true, Ordering::Release);
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(SESSIONS_MAX_AGE / 4) => {}
+                _ = tokio::time::sleep(self.settings.sessions_max_age / 4) => {}
                 _ = shutdown.cancelled() => return Ok(()),
             }
             let slots: Vec<(String, String)> = self
