@@ -59,6 +59,8 @@ mod tests {
     }
 
     #[test]
+    // Jail's closure returns figment's own (large) error type.
+    #[allow(clippy::result_large_err)]
     fn layers_override_in_order() {
         // In a jail: an environment of its own (the real one cleared) and a temporary directory.
         figment::Jail::expect_with(|jail| {

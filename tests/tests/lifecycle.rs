@@ -17,7 +17,7 @@ async fn shutdown_closes_every_socket_with_1012_and_stops_accepting() {
     assert_eq!(first.expect_close().await.map(|c| c.0), Some(close_code::RESTART));
     assert_eq!(second.expect_close().await.map(|c| c.0), Some(close_code::RESTART));
     // The listener is gone: a new connection is refused at the TCP level.
-    let refused = tokio::net::TcpStream::connect(addr).await.err().expect("the listener is closed");
+    let refused = tokio::net::TcpStream::connect(addr).await.expect_err("the listener is closed");
     assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
 }
 
