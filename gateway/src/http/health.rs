@@ -131,16 +131,11 @@ async fn check_stream(js: &jetstream::Context, settings: &StreamSettings, health
     true
 }
 
-/// The stream and the buckets that JetStream does not list (or does not answer about).
+/// The stream and the buckets that JetStream does not list (or does not answer about), asked all at
+/// once (a JetStream without a leader lets each question time out).
 async fn missing(js: &jetstream::Context) -> Vec<&'static str> {
-    let mut missing = Vec::new();
-    if js.get_stream(STREAM).await.is_err() {
-        missing.push(STREAM);
-    }
-    for bucket in BUCKETS {
-        if js.get_key_value(bucket).await.is_err() {
-            missing.push(bucket);
-        }
-    }
-    missing
+    let stream = async { js.get_stream(STREAM).await.is_err().then_some(STREAM) };
+    let buckets = BUCKETS.map(|bucket| async move { js.get_key_value(bucket).await.is_err().then_some(bucket) });
+    let (stream, buckets) = futures::join!(stream, futures::future::join_all(buckets));
+    stream.into_iter().chain(buckets.into_iter().flatten()).collect()
 }
