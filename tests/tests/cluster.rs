@@ -37,8 +37,12 @@ type Messages = Vec<(u64, String)>;
 /// Every user's expected messages, once everything was published.
 type Expected = watch::Receiver<Option<Vec<Messages>>>;
 
+/// One cluster at a time: three nodes and two gateways load the machine enough.
+static ONE_CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_nats_node_that_leads_the_stream_loses_and_duplicates_nothing() {
+    let _alone = ONE_CLUSTER.lock().await;
     tokio::time::timeout(Duration::from_secs(300), run()).await.expect("the cluster test finished in time");
 }
 
@@ -226,6 +230,7 @@ async fn client(user: &str, index: usize, urls: [String; 2], first: usize, mut e
 /// created; once the other nodes are up, they create the stream and every bucket and become ready.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateways_started_before_jetstream_has_a_leader_create_everything_once_it_has_one() {
+    let _alone = ONE_CLUSTER.lock().await;
     let cluster = TestCluster::start().await;
     let names = cluster.names();
     cluster.kill(&names[1]).await;
