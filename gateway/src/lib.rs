@@ -44,6 +44,7 @@ use delivery::log::LogLimits;
 use delivery::router::Router;
 use http::health::{self, Health};
 use http::metrics::Metrics;
+use http::refusals::Refusals;
 use http::{api, limits, server};
 use session::bounds;
 use session::replay::Replayer;
@@ -73,6 +74,7 @@ pub(crate) struct Shared {
     /// Read positions and unread counts.
     pub(crate) inbox: Arc<Inbox>,
     pub(crate) limits: Arc<limits::Limits>,
+    pub(crate) refusals: Refusals,
     /// Cancelled when the gateway starts draining.
     pub(crate) shutdown: CancellationToken,
     /// Cancelled when the gateway stops at once, dropping sockets without a close frame.
@@ -178,6 +180,7 @@ impl Gateway {
             policies: Arc::new(Policies::new(config.session_policy, config.stream.clone(), js.clone())),
             prefs: Arc::new(Prefs::new(js.clone())),
             limits: Arc::new(limits::Limits::new(config.max_connections, config.max_connections_per_address)),
+            refusals: Refusals::new(metrics.connections_refused.clone()),
             config,
             client: control,
             js,

@@ -59,15 +59,37 @@ mod tests {
     }
 
     #[test]
+    // Jail's closure returns figment's own (large) error type.
+    #[allow(clippy::result_large_err)]
     fn layers_override_in_order() {
-        let dir = std::env::temp_dir().join(format!("herald-config-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("herald.toml");
-        std::fs::write(&file, "listen = \"file\"\nlimit = 7\n").unwrap();
-        let from_file: Sample = load(Some(&file), &Flags { listen: None }).unwrap();
-        assert_eq!(from_file, Sample { listen: "file".into(), limit: 7 });
-        let from_flag: Sample = load(Some(&file), &Flags { listen: Some("flag".into()) }).unwrap();
-        assert_eq!(from_flag, Sample { listen: "flag".into(), limit: 7 });
-        assert!(load::<Sample, _>(Some(&dir.join("missing.toml")), &Flags { listen: None }).is_err());
+        // In a jail: an environment of its own (the real one cleared) and a temporary directory.
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file("herald.toml", "listen = \"file\"\nlimit = 7\n")?;
+            let file = jail.directory().join("herald.toml");
+            let no_flag = Flags { listen: None };
+            let defaults: Sample = load(None, &no_flag).unwrap();
+            assert_eq!(defaults, Sample::default());
+            let from_file: Sample = load(Some(&file), &no_flag).unwrap();
+            assert_eq!(from_file, Sample { listen: "file".into(), limit: 7 });
+
+            // The environment overrides the file (values parsed to the field's type)...
+            jail.set_env("HERALD_LISTEN", "env");
+            jail.set_env("HERALD_LIMIT", "9");
+            let from_env: Sample = load(Some(&file), &no_flag).unwrap();
+            assert_eq!(from_env, Sample { listen: "env".into(), limit: 9 });
+            // ...and flags override the environment.
+            let from_flag: Sample = load(Some(&file), &Flags { listen: Some("flag".into()) }).unwrap();
+            assert_eq!(from_flag, Sample { listen: "flag".into(), limit: 9 });
+
+            // Variables without the prefix are not Herald's; a bad value names its key.
+            jail.set_env("LIMIT", "1");
+            assert_eq!(load::<Sample, _>(None, &no_flag).unwrap().limit, 9);
+            jail.set_env("HERALD_LIMIT", "many");
+            let error = load::<Sample, _>(None, &no_flag).unwrap_err().to_string();
+            assert!(error.contains("\"LIMIT\"") && error.contains("HERALD_"), "{error}");
+            assert!(load::<Sample, _>(Some(&jail.directory().join("missing.toml")), &no_flag).is_err());
+            Ok(())
+        });
     }
 }

@@ -147,6 +147,8 @@ pub mod error_code {
 /// WebSocket close codes of the contract.
 pub mod close_code {
     pub const NORMAL: u16 = 1000;
+    /// Nothing heard from the client for a heartbeat plus the timeout.
+    pub const NO_HEARTBEAT: u16 = 1001;
     /// A WebSocket frame that breaks the protocol (RFC 6455).
     pub const PROTOCOL_ERROR: u16 = 1002;
     /// A text message (or close reason) that is not UTF-8.

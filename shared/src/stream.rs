@@ -24,6 +24,10 @@ pub struct StreamSettings {
     pub stream_duplicate_window: Duration,
     /// Replicas of the stream and the buckets (3 on a three-node cluster). Default 1.
     pub stream_replicas: usize,
+    /// Entries of `herald-sessions` (session policies) live this long unless their owner refreshes
+    /// them (every quarter of it), so that the claims of a gateway that died expire. Default `2m`.
+    #[serde(with = "humantime_serde")]
+    pub sessions_max_age: Duration,
 }
 
 impl Default for StreamSettings {
@@ -33,6 +37,7 @@ impl Default for StreamSettings {
             stream_max_msgs_per_subject: 1000,
             stream_max_bytes: -1,
             stream_duplicate_window: Duration::from_secs(120),
+            sessions_max_age: Duration::from_secs(120),
             stream_replicas: 1,
         }
     }
@@ -71,9 +76,6 @@ pub async fn ensure_stream(
 ) -> Result<stream::Info, jetstream::context::CreateStreamError> {
     js.create_or_update_stream(settings.stream_config()).await
 }
-
-/// Entries of `herald-sessions` live this long unless refreshed (a crashed gateway's claims expire).
-pub const SESSIONS_MAX_AGE: Duration = Duration::from_secs(120);
 
 /// The KV buckets Herald uses.
 #[derive(Clone)]
@@ -122,7 +124,7 @@ pub async fn ensure_buckets(
         sessions: js
             .create_or_update_key_value(kv::Config {
                 // Claims of a gateway that died expire instead of holding a slot forever.
-                max_age: SESSIONS_MAX_AGE,
+                max_age: settings.sessions_max_age,
                 ..bucket(KV_SESSIONS, "which connection owns a user's session")
             })
             .await?,

@@ -36,7 +36,7 @@ struct Node {
 
 enum Backend {
     Container(Box<ContainerAsync<GenericImage>>),
-    Process { child: Mutex<Option<Child>>, store: std::path::PathBuf },
+    Process { child: Mutex<Option<Child>>, store: std::path::PathBuf, command: Box<dyn Fn() -> Command + Send + Sync> },
 }
 
 impl TestCluster {
@@ -115,12 +115,24 @@ impl TestCluster {
             }
         }
     }
+
+    /// Starts node `name` again after [`TestCluster::kill`], with its store, on the same ports.
+    pub async fn restart(&self, name: &str) {
+        let node = self.nodes.iter().find(|node| node.name == name).unwrap_or_else(|| panic!("no node {name}"));
+        match &node.backend {
+            Backend::Container(container) => container.start().await.expect("restart the node"),
+            Backend::Process { child, command, .. } => {
+                let spawned = command().spawn().expect("spawn nats-server");
+                *child.lock().unwrap() = Some(spawned);
+            }
+        }
+    }
 }
 
 impl Drop for TestCluster {
     fn drop(&mut self) {
         for node in &self.nodes {
-            if let Backend::Process { child, store } = &node.backend {
+            if let Backend::Process { child, store, .. } = &node.backend {
                 if let Some(mut child) = child.lock().unwrap().take() {
                     let _ = child.kill();
                     let _ = child.wait();
@@ -178,22 +190,25 @@ fn start_processes(names: &[String]) -> Vec<Node> {
         .map(|(name, route_port)| {
             let (port, monitor_port) = (free_port(), free_port());
             let store = std::env::temp_dir().join(format!("{name}-store"));
-            let mut command = Command::new(workspace_root().join(".tools/bin/nats-server"));
-            for role in Role::ALL {
-                command.env(role.password_variable(), role.password());
-            }
-            let child = command
-                .env("HERALD_NATS_NAME", name)
-                .env("HERALD_NATS_CLUSTER_LISTEN", format!("127.0.0.1:{route_port}"))
-                .env("HERALD_NATS_ROUTES", &routes)
-                .args(["-c", workspace_root().join("nats-cluster.conf").to_str().unwrap()])
-                .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-m", &monitor_port.to_string()])
-                .args(["-sd", store.to_str().unwrap()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn nats-server (run scripts/install-nats)");
-            let backend = Backend::Process { child: Mutex::new(Some(child)), store };
+            let (node_name, route_port, routes, store_dir) = (name.clone(), *route_port, routes.clone(), store.clone());
+            let command = move || {
+                let mut command = Command::new(workspace_root().join(".tools/bin/nats-server"));
+                for role in Role::ALL {
+                    command.env(role.password_variable(), role.password());
+                }
+                command
+                    .env("HERALD_NATS_NAME", &node_name)
+                    .env("HERALD_NATS_CLUSTER_LISTEN", format!("127.0.0.1:{route_port}"))
+                    .env("HERALD_NATS_ROUTES", &routes)
+                    .args(["-c", workspace_root().join("nats-cluster.conf").to_str().unwrap()])
+                    .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-m", &monitor_port.to_string()])
+                    .args(["-sd", store_dir.to_str().unwrap()])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null());
+                command
+            };
+            let child = command().spawn().expect("spawn nats-server (run scripts/install-nats)");
+            let backend = Backend::Process { child: Mutex::new(Some(child)), store, command: Box::new(command) };
             Node { name: name.clone(), port, monitor_port, backend }
         })
         .collect()

@@ -35,14 +35,19 @@ impl TestGateway {
     /// A gateway on the NATS server(s) at `nats_url` (comma-separated), with test defaults changed by
     /// `adjust`, ready to serve.
     pub async fn start_on(nats_url: &str, adjust: impl FnOnce(&mut Config)) -> TestGateway {
+        let gateway = Self::start_unready(nats_url, adjust).await;
+        gateway.wait_ready().await;
+        gateway
+    }
+
+    /// [`TestGateway::start_on`] without waiting until the gateway is ready.
+    pub async fn start_unready(nats_url: &str, adjust: impl FnOnce(&mut Config)) -> TestGateway {
         init_logs();
         let mut config = test_config(nats_url);
         adjust(&mut config);
         let gateway = Gateway::start(config.clone()).await.expect("gateway starts");
         let (addr, api_addr) = (gateway.local_addr(), gateway.api_addr());
-        let gateway = TestGateway { gateway: Some(gateway), addr, api_addr, config };
-        gateway.wait_ready().await;
-        gateway
+        TestGateway { gateway: Some(gateway), addr, api_addr, config }
     }
 
     /// `ws://…/ws?<query>`.
@@ -159,6 +164,9 @@ pub fn test_config(nats_url: &str) -> Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         jwt_secret: Some(SECRET.to_string()),
         shutdown_grace: Duration::from_secs(5),
+        // Every gateway answers presence and disconnect questions within the window in these tests:
+        // four times the default, so that a loaded machine does not make one late.
+        gather_window: Duration::from_secs(1),
         ..Config::default()
     };
     config.nats.nats_url = nats_url.to_string();

@@ -150,6 +150,27 @@ async fn an_unresponsive_peer_is_closed() {
 }
 
 #[tokio::test]
+async fn a_client_that_never_answers_is_closed_a_heartbeat_plus_the_timeout_after_connecting() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start_with(&nats, |c| {
+        c.heartbeat = Duration::from_secs(5);
+        c.heartbeat_timeout = Duration::from_secs(1);
+    })
+    .await;
+    // Two deadlines race: the silence one, 6 s after the connect, and the token's expiry, 9 to 10 s
+    // after it (expiry is in whole seconds). A check that waited for the second heartbeat (10 s)
+    // would find the token expired first and close with 4001 instead.
+    let mut silent = WsClient::connect(&gateway.ws_url(&format!("token={}", token_with("mute", &[], 10))))
+        .await
+        .expect("connection accepted");
+    // Read nothing until the gateway gave up, so that no pong is sent.
+    gateway.wait_metric("herald_gateway_connections", 1.0).await;
+    gateway.wait_metric("herald_gateway_connections", 0.0).await;
+    assert!(matches!(silent.next_frame().await, ServerFrame::Welcome { .. }));
+    assert_eq!(silent.expect_close().await.map(|c| c.0), Some(close_code::NO_HEARTBEAT));
+}
+
+#[tokio::test]
 async fn a_reader_that_stops_reading_is_closed_with_4008_and_the_gateway_does_not_buffer_for_it() {
     let nats = TestNats::start().await;
     let queue_limit = 64 * 1024;

@@ -37,8 +37,12 @@ type Messages = Vec<(u64, String)>;
 /// Every user's expected messages, once everything was published.
 type Expected = watch::Receiver<Option<Vec<Messages>>>;
 
+/// One cluster at a time: three nodes and two gateways load the machine enough.
+static ONE_CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_nats_node_that_leads_the_stream_loses_and_duplicates_nothing() {
+    let _alone = ONE_CLUSTER.lock().await;
     tokio::time::timeout(Duration::from_secs(300), run()).await.expect("the cluster test finished in time");
 }
 
@@ -219,4 +223,47 @@ async fn client(user: &str, index: usize, urls: [String; 2], first: usize, mut e
         }
     }
     received
+}
+
+/// A fresh cluster started together with its gateways, as a compose file or an orchestrator does:
+/// the gateways come up while JetStream has no leader yet (one node of three), so nothing can be
+/// created; once the other nodes are up, they create the stream and every bucket and become ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_started_before_jetstream_has_a_leader_create_everything_once_it_has_one() {
+    let _alone = ONE_CLUSTER.lock().await;
+    let cluster = TestCluster::start().await;
+    let names = cluster.names();
+    cluster.kill(&names[1]).await;
+    cluster.kill(&names[2]).await;
+    let replicated = |c: &mut herald_gateway::Config| c.stream.stream_replicas = 3;
+    let gateways = [
+        TestGateway::start_unready(&cluster.url(), replicated).await,
+        TestGateway::start_unready(&cluster.url(), replicated).await,
+    ];
+    for gateway in &gateways {
+        assert_eq!(gateway.readyz().await, 503);
+    }
+
+    cluster.restart(&names[1]).await;
+    cluster.restart(&names[2]).await;
+    for gateway in &gateways {
+        eventually("readyz 200", Duration::from_secs(120), || async { (gateway.readyz().await == 200).then_some(()) })
+            .await;
+    }
+    let js = jetstream::new(cluster.client().await.expect("a node answers"));
+    assert_eq!(js.get_stream("HERALD").await.unwrap().cached_info().config.num_replicas, 3);
+    for bucket in herald_shared::subject::BUCKETS {
+        let store = js.get_key_value(bucket).await.unwrap_or_else(|e| panic!("{bucket}: {e}"));
+        assert_eq!(store.status().await.unwrap().info.config.num_replicas, 3, "{bucket}");
+    }
+
+    let mut clients = Vec::new();
+    for (gateway, device) in gateways.iter().zip(["phone", "laptop"]) {
+        clients.push(gateway.connect_with(&format!("token={}&device={device}", token("early"))).await);
+    }
+    let publisher = jetstream::new(cluster.client_as(Role::Publisher).await.expect("a node answers"));
+    let seq = publisher.publish("push.user.early", "up".into()).await.unwrap().await.unwrap().sequence;
+    for client in &mut clients {
+        assert_eq!(client.expect_msg().await.seq, seq);
+    }
 }

@@ -109,7 +109,7 @@ async fn a_durable_call_that_times_out_is_retried_and_then_succeeds() {
                 Ok(())
             }
         })
-        .timeout(Duration::from_millis(300))
+        .timeout(Duration::from_secs(2))
     };
     let runtime = start(&nats, &config, vec![stuck_once]).await;
     let js = nats.jetstream().await;

@@ -193,7 +193,7 @@ async fn relay_retries_a_request_that_timed_out() {
     let nats = TestNats::start().await;
     let endpoint = Endpoint::silent(1).await;
     let mut config = relay_config(&nats, &endpoint, 3);
-    config.relay_timeout = std::time::Duration::from_millis(300);
+    config.relay_timeout = std::time::Duration::from_secs(2);
     let runtime = start_builtins(&config).await;
     let js = nats.jetstream().await;
 

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use herald_shared::frame::close_code;
-use herald_tests::{TestGateway, TestNats, WsClient, eventually};
+use herald_tests::{Publisher, TestGateway, TestNats, WsClient, eventually};
 
 #[tokio::test]
 async fn shutdown_closes_every_socket_with_1012_and_stops_accepting() {
@@ -11,13 +11,14 @@ async fn shutdown_closes_every_socket_with_1012_and_stops_accepting() {
     let gateway = TestGateway::start(&nats).await;
     let mut first = gateway.connect("a").await;
     let mut second = gateway.connect("b").await;
-    let url = gateway.ws_url(&format!("token={}", herald_tests::gateway::token("c")));
+    let addr = gateway.addr;
 
     gateway.shutdown().await;
     assert_eq!(first.expect_close().await.map(|c| c.0), Some(close_code::RESTART));
     assert_eq!(second.expect_close().await.map(|c| c.0), Some(close_code::RESTART));
     // The listener is gone: a new connection is refused at the TCP level.
-    assert!(tokio_tungstenite::connect_async(&url).await.is_err());
+    let refused = tokio::net::TcpStream::connect(addr).await.expect_err("the listener is closed");
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
 }
 
 #[tokio::test]
@@ -52,6 +53,46 @@ async fn readiness_follows_nats_and_delivery_resumes_when_it_returns() {
     .await;
     let msg = client.expect_msg().await;
     assert_eq!((msg.seq, msg.data), (seq, serde_json::json!("back")));
+}
+
+#[tokio::test]
+async fn kv_buckets_missing_while_the_stream_exists_are_recreated_and_the_gateway_becomes_ready() {
+    // What a fresh cluster can leave behind: the stream made (by one gateway), the buckets by none
+    // (JetStream had no leader yet when they were tried).
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let js = nats.jetstream().await;
+    for bucket in herald_shared::subject::BUCKETS {
+        js.delete_key_value(bucket).await.unwrap();
+    }
+    assert!(js.get_stream("HERALD").await.is_ok());
+
+    for bucket in herald_shared::subject::BUCKETS {
+        eventually(&format!("{bucket} recreated"), Duration::from_secs(30), || async {
+            js.get_key_value(bucket).await.ok().map(|_| ())
+        })
+        .await;
+    }
+    eventually("readyz 200", Duration::from_secs(30), || async { (gateway.readyz().await == 200).then_some(()) }).await;
+
+    // Everything works on the new buckets: sockets, delivery, and a preference applied live.
+    let mut client = gateway.connect("phoenix").await;
+    let publisher = Publisher::new(&nats).await;
+    let seq = publisher.publish("push.user.phoenix", "risen").await;
+    assert_eq!(client.expect_msg().await.seq, seq);
+    let prefs = js.get_key_value("herald-prefs").await.unwrap();
+    prefs.put("phoenix", r#"{"muted":["marketing"]}"#.into()).await.unwrap();
+    for attempt in 0.. {
+        assert!(attempt < 500, "the preference never took effect");
+        let (ad, _) = publisher.publish_with("push.user.phoenix", &[("Herald-Type", "marketing")], "sale").await;
+        let marker = publisher.publish("push.user.phoenix", "marker").await;
+        let msg = client.expect_msg().await;
+        if msg.seq == marker {
+            break;
+        }
+        assert_eq!(msg.seq, ad);
+        assert_eq!(client.expect_msg().await.seq, marker);
+    }
 }
 
 /// The real binary, stopped by a real SIGTERM, as an orchestrator stops it.

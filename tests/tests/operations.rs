@@ -203,7 +203,12 @@ async fn metrics_count_connections_users_subscriptions_messages_replays_and_rpc_
     assert_eq!(gateway.metric(label).await, 1.0);
 
     // The Grafana dashboard only charts metrics the gateway exports.
-    let exported = reqwest::get(gateway.http_url("/metrics")).await.unwrap().text().await.unwrap();
+    let exposition = reqwest::get(gateway.http_url("/metrics")).await.unwrap().text().await.unwrap();
+    let exported: std::collections::BTreeSet<&str> = exposition
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.split(['{', ' ']).next())
+        .collect();
     let dashboard = std::fs::read_to_string(herald_tests::workspace_root().join("deploy/grafana/herald.json")).unwrap();
     let charted: std::collections::BTreeSet<&str> = dashboard
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
@@ -211,7 +216,7 @@ async fn metrics_count_connections_users_subscriptions_messages_replays_and_rpc_
         .collect();
     assert!(charted.len() >= 10, "{charted:?}");
     for name in charted {
-        assert!(exported.contains(name.trim_end_matches("_total")), "the dashboard charts {name}, not exported");
+        assert!(exported.contains(name), "the dashboard charts {name}, not exported: {exported:?}");
     }
 
     drop((phone, laptop));
@@ -220,4 +225,84 @@ async fn metrics_count_connections_users_subscriptions_messages_replays_and_rpc_
     drop(resumed);
     gateway.wait_metric("herald_gateway_users", 1.0).await;
     assert_eq!(gateway.metric("herald_gateway_subscriptions").await, 2.0);
+}
+
+#[tokio::test]
+async fn refused_connections_are_counted_by_status_and_reason() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start_with(&nats, |c| {
+        c.session_policy = herald_gateway::SessionPolicy::Reject;
+        c.allowed_origins = vec!["https://app.example.com".into()];
+        c.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
+        c.max_connections = 2;
+        c.max_connections_per_address = 1;
+    })
+    .await;
+    let url = |query: String| gateway.ws_url(&query);
+    let from = |address: &'static str| [("X-Forwarded-For", address)];
+    let refused = |result: Result<WsClient, herald_tests::ws::Refused>| {
+        let refused = result.err().expect("refused");
+        (refused.status, refused.body["error"].as_str().unwrap_or_default().to_string())
+    };
+
+    assert_eq!(refused(WsClient::connect(&url(String::new())).await), (401, "unauthorized".into()));
+    let evil = [("Origin", "https://evil.example.net")];
+    assert_eq!(
+        refused(WsClient::connect_with_headers(&url(format!("token={}", token("ava"))), &evil).await),
+        (403, "forbidden_origin".into())
+    );
+    assert_eq!(
+        refused(WsClient::connect(&url(format!("token={}&topics=secret", token("ava")))).await),
+        (403, "forbidden".into())
+    );
+    assert_eq!(
+        refused(WsClient::connect(&url(format!("token={}&since=yesterday", token("ava")))).await),
+        (400, "bad_request".into())
+    );
+    // Handshake errors: no upgrade at all (426), a key that is not 16 bytes (400).
+    let http = gateway.http_url(&format!("/ws?token={}", token("ava")));
+    let plain = reqwest::get(&http).await.unwrap();
+    assert_eq!(plain.status().as_u16(), 426);
+    let bad_key = reqwest::Client::new()
+        .get(&http)
+        .header("Connection", "Upgrade")
+        .header("Upgrade", "websocket")
+        .header("Sec-WebSocket-Version", "13")
+        .header("Sec-WebSocket-Key", "c2hvcnQ=")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_key.status().as_u16(), 400);
+
+    let mut rex =
+        WsClient::connect_with_headers(&url(format!("token={}", token("rex"))), &from("203.0.113.1")).await.unwrap();
+    rex.expect_welcome().await;
+    // rex again, from another address: the reject policy (409).
+    let again = WsClient::connect_with_headers(&url(format!("token={}", token("rex"))), &from("203.0.113.2")).await;
+    assert_eq!(refused(again), (409, "conflict".into()));
+    // Another user from rex's address: over the per-address limit (429).
+    let crowded = WsClient::connect_with_headers(&url(format!("token={}", token("sam"))), &from("203.0.113.1")).await;
+    assert_eq!(refused(crowded), (429, "too_many_connections".into()));
+    // The gateway full (503).
+    let mut sam =
+        WsClient::connect_with_headers(&url(format!("token={}", token("sam"))), &from("203.0.113.2")).await.unwrap();
+    sam.expect_welcome().await;
+    let full = WsClient::connect_with_headers(&url(format!("token={}", token("tom"))), &from("203.0.113.3")).await;
+    assert_eq!(refused(full), (503, "too_many_connections".into()));
+
+    let expected = [
+        ("401", "unauthorized", 1.0),
+        ("403", "forbidden_origin", 1.0),
+        ("403", "forbidden", 1.0),
+        ("400", "bad_request", 2.0),
+        ("426", "upgrade_required", 1.0),
+        ("409", "conflict", 1.0),
+        ("429", "too_many_connections", 1.0),
+        ("503", "too_many_connections", 1.0),
+    ];
+    for (status, reason, count) in expected {
+        let name = format!(r#"herald_gateway_connections_refused_total{{status="{status}",reason="{reason}"}}"#);
+        assert_eq!(gateway.metric(&name).await, count, "{name}");
+    }
+    assert_eq!(gateway.metric("herald_gateway_connections").await, 2.0);
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use async_nats::Event;
+use async_nats::{ConnectErrorKind, Event};
 use futures::StreamExt;
 use herald_tests::nats::Role;
 use herald_tests::{Publisher, TestNats, eventually};
@@ -90,9 +90,9 @@ async fn nobody_connects_without_the_right_password() {
     let nats = TestNats::start().await;
     let wrong =
         async_nats::ConnectOptions::with_user_and_password("gateway".into(), "guess".into()).connect(nats.url()).await;
-    assert!(wrong.is_err());
+    assert_eq!(wrong.err().map(|e| e.kind()), Some(ConnectErrorKind::AuthorizationViolation));
     let anonymous = async_nats::connect(nats.url()).await;
-    assert!(anonymous.is_err());
+    assert_eq!(anonymous.err().map(|e| e.kind()), Some(ConnectErrorKind::AuthorizationViolation));
     // The right one works.
     eventually("the gateway user connects", Duration::from_secs(10), || async {
         nats.client_as(Role::Gateway).await.ok().map(|_| ())

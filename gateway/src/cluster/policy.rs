@@ -11,7 +11,8 @@
 //!   connects, so exactly the newest survives wherever each one is.
 //! - `reject`: the key is `<k(user)>`, created atomically before the upgrade; a second connect finds
 //!   it and gets 409. The owner refreshes it while open and deletes it at close; entries expire
-//!   after `SESSIONS_MAX_AGE` if a gateway dies.
+//!   after `sessions_max_age` if a gateway dies. An entry `single` left under the key (after the
+//!   cluster switched policies) is taken over, not a reason to refuse.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -21,7 +22,7 @@ use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use futures::StreamExt;
 use herald_shared::id::kv_key;
-use herald_shared::stream::{SESSIONS_MAX_AGE, StreamSettings, ensure_config_bucket};
+use herald_shared::stream::{StreamSettings, ensure_config_bucket};
 use herald_shared::subject::{CONFIG_SESSION_POLICY, KV_SESSIONS};
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
@@ -139,9 +140,10 @@ impl Policies {
             return Ok(());
         }
         let bucket = self.bucket().await?;
-        match bucket.create(kv_key(user), Bytes::from(conn.to_string())).await {
+        let key = kv_key(user);
+        match bucket.create(&key, slot(conn)).await {
             Ok(_) => Ok(()),
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Err(PolicyError::Taken),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => take_over_leftover(bucket, &key, conn).await,
             Err(e) => Err(PolicyError::Unavailable(e.to_string())),
         }
     }
@@ -197,7 +199,7 @@ impl Policies {
         let Ok(bucket) = self.bucket().await else { return };
         if let Ok(Some(entry)) = bucket.entry(key).await
             && entry.operation == kv::Operation::Put
-            && entry.value == conn.as_bytes()
+            && entry.value == slot(conn)
         {
             let _ = bucket.delete_expect_revision(key, Some(entry.revision)).await;
         }
@@ -239,6 +241,7 @@ impl Policies {
         last_revision: &mut u64,
         shutdown: &CancellationToken,
     ) -> Result<(), PolicyError> {
+        let mut recreated = health.recreations();
         let mut updates = watch_from(self.bucket().await?, *last_revision)
             .await
             .map_err(|e| PolicyError::Unavailable(e.to_string()))?;
@@ -246,6 +249,7 @@ impl Policies {
         loop {
             let entry = tokio::select! {
                 entry = updates.next() => entry,
+                _ = recreated.changed() => return Err(PolicyError::Unavailable("the bucket was recreated".into())),
                 _ = shutdown.cancelled() => return Ok(()),
             };
             let entry = match entry {
@@ -281,7 +285,7 @@ impl Policies {
         health.policy_watch.store(true, Ordering::Release);
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(SESSIONS_MAX_AGE / 4) => {}
+                _ = tokio::time::sleep(self.settings.sessions_max_age / 4) => {}
                 _ = shutdown.cancelled() => return Ok(()),
             }
             let slots: Vec<(String, String)> = self
@@ -290,11 +294,45 @@ impl Policies {
                 .flat_map(|(key, list)| list.iter().map(move |c| (key.clone(), c.conn.clone())))
                 .collect();
             for (key, conn) in slots {
-                if let Err(error) = bucket.put(&key, Bytes::from(conn)).await {
+                if let Err(error) = bucket.put(&key, slot(&conn)).await {
                     warn!(%key, %error, "session slot not refreshed");
                 }
             }
         }
+    }
+}
+
+/// The value of a `reject` slot. It is marked because `single` claims the same key (`<k(user)>`)
+/// without ever deleting it: after a switch from `single` to `reject`, such a leftover must not
+/// refuse the user until it expires.
+fn slot(conn: &str) -> Bytes {
+    Bytes::from(format!("{SLOT_MARK}{conn}"))
+}
+
+const SLOT_MARK: &str = "reject ";
+
+/// `key` exists: refuses if it is another connection's `reject` slot, takes it over if it is an
+/// entry `single` left (a session still open on a gateway that runs `single` until its restart is
+/// then replaced, as under `single`).
+async fn take_over_leftover(bucket: &kv::Store, key: &str, conn: &str) -> Result<(), PolicyError> {
+    let unavailable = |e: &dyn std::fmt::Display| PolicyError::Unavailable(e.to_string());
+    let entry = bucket.entry(key).await.map_err(|e| unavailable(&e))?;
+    let Some(entry) = entry.filter(|entry| entry.operation == kv::Operation::Put) else {
+        // Gone meanwhile: try once more.
+        return match bucket.create(key, slot(conn)).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Err(PolicyError::Taken),
+            Err(e) => Err(unavailable(&e)),
+        };
+    };
+    if entry.value.starts_with(SLOT_MARK.as_bytes()) {
+        return Err(PolicyError::Taken);
+    }
+    info!(%key, "taking over a session entry left by another session policy");
+    match bucket.update(key, slot(conn), entry.revision).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Err(PolicyError::Taken),
+        Err(e) => Err(unavailable(&e)),
     }
 }
 

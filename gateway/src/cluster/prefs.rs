@@ -103,11 +103,13 @@ impl Prefs {
         last_revision: &mut u64,
         shutdown: &CancellationToken,
     ) -> Result<(), String> {
+        let mut recreated = health.recreations();
         let mut updates = watch_from(self.bucket().await?, *last_revision).await.map_err(|e| e.to_string())?;
         health.prefs_watch.store(true, Ordering::Release);
         loop {
             let entry = tokio::select! {
                 entry = updates.next() => entry,
+                _ = recreated.changed() => return Err("the bucket was recreated".into()),
                 _ = shutdown.cancelled() => return Ok(()),
             };
             let entry = entry.ok_or("watch ended")?.map_err(|e| e.to_string())?;

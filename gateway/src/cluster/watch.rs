@@ -5,9 +5,15 @@ use std::time::Duration;
 use async_nats::jetstream::kv;
 use tokio_util::sync::CancellationToken;
 
-/// Watches every key of `bucket`: from `last_revision + 1` when resuming, else new changes only.
+/// Watches every key of `bucket`: from `last_revision + 1` when resuming, else new changes only. A
+/// bucket recreated meanwhile (deleted, or lost with a NATS store) counts its revisions from 1
+/// again: it is then followed from its start.
 pub(crate) async fn watch_from(bucket: &kv::Store, last_revision: u64) -> Result<kv::Watch, kv::WatchError> {
-    if last_revision == 0 { bucket.watch_all().await } else { bucket.watch_all_from_revision(last_revision + 1).await }
+    if last_revision == 0 {
+        return bucket.watch_all().await;
+    }
+    let recreated = bucket.status().await.is_ok_and(|status| status.info.state.last_sequence < last_revision);
+    bucket.watch_all_from_revision(if recreated { 1 } else { last_revision + 1 }).await
 }
 
 /// Waits 100 ms, then twice as long each time, up to 2 s.

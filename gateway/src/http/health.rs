@@ -1,6 +1,6 @@
-//! Readiness: connected to NATS, with the stream present. A background task checks the stream
-//! every second and recreates it (and the buckets) when it is missing, e.g. after NATS came back
-//! without its store; delivery subscriptions come back by themselves with the connection.
+//! Readiness: connected to NATS, with the stream and the KV buckets present. A background task
+//! checks them every second and recreates whatever is missing, e.g. after NATS came back without
+//! its store; delivery subscriptions come back by themselves with the connection.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,6 +9,7 @@ use std::time::Duration;
 use async_nats::connection::State;
 use async_nats::jetstream;
 use herald_shared::stream::{StreamSettings, ensure_buckets, ensure_stream};
+use herald_shared::subject::{BUCKETS, STREAM};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -29,6 +30,9 @@ pub(crate) struct Health {
     pub(crate) prefs_watch: AtomicBool,
     /// Notified on every (re)connection to NATS, to check the stream at once.
     connected: Arc<Notify>,
+    /// Counts the times the stream or buckets were recreated: a KV watch restarts on it, since a
+    /// watch of a deleted bucket waits forever instead of failing.
+    recreated: tokio::sync::watch::Sender<u64>,
 }
 
 impl Health {
@@ -40,7 +44,13 @@ impl Health {
             policy_watch: AtomicBool::new(false),
             prefs_watch: AtomicBool::new(false),
             connected,
+            recreated: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Changes whenever the stream or buckets were recreated.
+    pub(crate) fn recreations(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.recreated.subscribe()
     }
 
     /// Whether both NATS connections are up.
@@ -60,7 +70,7 @@ impl Health {
             problems.push("not connected to NATS");
         }
         if !self.stream_ok.load(Ordering::Acquire) {
-            problems.push("stream HERALD not available");
+            problems.push("stream HERALD or a KV bucket not available");
         }
         if !self.policy_watch.load(Ordering::Acquire) {
             problems.push("session policy watch not running");
@@ -84,7 +94,7 @@ pub(crate) async fn monitor(
     while !shutdown.is_cancelled() {
         let connected = health.nats_connected();
         metrics.nats_connected.set(connected as i64);
-        let ok = connected && check_stream(&js, &settings).await;
+        let ok = connected && check_stream(&js, &settings, &health).await;
         health.stream_ok.store(ok, Ordering::Release);
         if ok != was_ok {
             info!(ready = ok, "readiness changed");
@@ -98,22 +108,34 @@ pub(crate) async fn monitor(
     }
 }
 
-async fn check_stream(js: &jetstream::Context, settings: &StreamSettings) -> bool {
-    if js.get_stream(herald_shared::subject::STREAM).await.is_ok() {
+/// Whether the stream and every KV bucket exist; whatever is missing is (re)created, whenever it
+/// is found missing: at start, after NATS came back without its store, or when a fresh cluster had
+/// no JetStream leader when the first gateway tried (the stream may then be made by one gateway
+/// and the buckets by none).
+async fn check_stream(js: &jetstream::Context, settings: &StreamSettings, health: &Health) -> bool {
+    let missing = missing(js).await;
+    if missing.is_empty() {
         return true;
     }
-    match ensure_stream(js, settings).await {
-        Ok(_) => {
-            if let Err(error) = ensure_buckets(js, settings).await {
-                warn!(%error, "cannot create the KV buckets");
-                return false;
-            }
-            info!("stream HERALD ready");
-            true
-        }
-        Err(error) => {
-            warn!(%error, "stream HERALD unavailable");
-            false
-        }
+    info!(?missing, "creating what is missing in JetStream");
+    if let Err(error) = ensure_stream(js, settings).await {
+        warn!(%error, "stream HERALD unavailable");
+        return false;
     }
+    if let Err(error) = ensure_buckets(js, settings).await {
+        warn!(%error, "cannot create the KV buckets");
+        return false;
+    }
+    info!("stream HERALD and KV buckets ready");
+    health.recreated.send_modify(|count| *count += 1);
+    true
+}
+
+/// The stream and the buckets that JetStream does not list (or does not answer about), asked all at
+/// once (a JetStream without a leader lets each question time out).
+async fn missing(js: &jetstream::Context) -> Vec<&'static str> {
+    let stream = async { js.get_stream(STREAM).await.is_err().then_some(STREAM) };
+    let buckets = BUCKETS.map(|bucket| async move { js.get_key_value(bucket).await.is_err().then_some(bucket) });
+    let (stream, buckets) = futures::join!(stream, futures::future::join_all(buckets));
+    stream.into_iter().chain(buckets.into_iter().flatten()).collect()
 }

@@ -14,6 +14,13 @@ pub(crate) struct RpcLabels {
     pub(crate) outcome: String,
 }
 
+/// Labels of refused connections: the HTTP status and the `error` of the JSON body.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RefusalLabels {
+    pub(crate) status: u16,
+    pub(crate) reason: &'static str,
+}
+
 pub(crate) struct Metrics {
     pub(crate) connections: Gauge,
     pub(crate) users: Gauge,
@@ -30,6 +37,7 @@ pub(crate) struct Metrics {
     pub(crate) unrepairable_gaps: Counter,
     pub(crate) nats_connected: Gauge,
     pub(crate) rpc_calls: Family<RpcLabels, Counter>,
+    pub(crate) connections_refused: Family<RefusalLabels, Counter>,
     registry: Registry,
 }
 
@@ -52,6 +60,7 @@ impl Metrics {
             unrepairable_gaps: Counter::default(),
             nats_connected: Gauge::default(),
             rpc_calls: Family::default(),
+            connections_refused: Family::default(),
             registry: Registry::default(),
         };
         let m = &metrics;
@@ -74,6 +83,11 @@ impl Metrics {
         );
         registry.register("nats_connected", "1 while connected to NATS", m.nats_connected.clone());
         registry.register("rpc_calls", "rpc frames by function and outcome", m.rpc_calls.clone());
+        registry.register(
+            "connections_refused",
+            "WebSocket connections refused before the upgrade, by status and reason",
+            m.connections_refused.clone(),
+        );
         Metrics { registry, ..metrics }
     }
 

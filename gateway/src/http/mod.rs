@@ -1,5 +1,6 @@
 //! The HTTP side: the WebSocket listener's routes ([`server`]), what is decided before an upgrade
-//! ([`auth`], [`limits`]), the HTTP API ([`api`]), readiness ([`health`]) and [`metrics`].
+//! ([`auth`], [`limits`]), the HTTP API ([`api`]), readiness ([`health`]), [`metrics`] and
+//! the count of [`refusals`].
 
 pub(crate) mod api;
 pub(crate) mod auth;
@@ -8,4 +9,5 @@ pub(crate) mod health;
 pub(crate) mod limits;
 pub(crate) mod metrics;
 pub(crate) mod ratelimit;
+pub(crate) mod refusals;
 pub(crate) mod server;

@@ -2,7 +2,7 @@
 //! page and, in dev mode, `/dev/token`).
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -76,55 +76,55 @@ async fn route(shared: Arc<Shared>, request: Request<Incoming>, peer: SocketAddr
     Ok(response)
 }
 
-async fn websocket(shared: Arc<Shared>, mut request: Request<Incoming>, peer: SocketAddr) -> HttpResponse {
-    if let Err(refused) = handshake::check(&request) {
-        return rejection(&refused);
+async fn websocket(shared: Arc<Shared>, request: Request<Incoming>, peer: SocketAddr) -> HttpResponse {
+    let address = limits::client_address(peer.ip(), request.headers(), &shared.config.trusted_proxies);
+    match upgrade(shared.clone(), request, address).await {
+        Ok(response) => response,
+        Err(refused) => {
+            shared.refusals.refused(&refused, address);
+            rejection(&refused)
+        }
     }
+}
+
+/// Checks a `/ws` request and, if it passes, answers 101 and starts its session.
+async fn upgrade(
+    shared: Arc<Shared>,
+    mut request: Request<Incoming>,
+    address: IpAddr,
+) -> Result<HttpResponse, Rejection> {
+    handshake::check(&request)?;
     if let Some(origin) = refused_origin(&shared.config.allowed_origins, &request) {
         let reason = format!("origin {origin} is not allowed");
-        return rejection(&Rejection::new(StatusCode::FORBIDDEN, "forbidden_origin", reason));
+        return Err(Rejection::new(StatusCode::FORBIDDEN, "forbidden_origin", reason));
     }
     // The token first: a client with a bad one learns that whatever else is wrong.
-    let connect = match auth::authorize(&request, &shared.verifier) {
-        Ok(connect) => connect,
-        Err(refused) => return rejection(&refused),
-    };
+    let connect = auth::authorize(&request, &shared.verifier)?;
     if !shared.health.ready() {
-        return rejection(&Rejection::new(
+        return Err(Rejection::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
             shared.health.problems().join("; "),
         ));
     }
-    let address = limits::client_address(peer.ip(), request.headers(), &shared.config.trusted_proxies);
-    let permit = match shared.limits.admit(address) {
-        Ok(permit) => permit,
-        Err(LimitExceeded::Gateway) => {
-            return rejection(&Rejection::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too_many_connections",
-                "this gateway is full",
-            ));
+    let permit = shared.limits.admit(address).map_err(|exceeded| match exceeded {
+        LimitExceeded::Gateway => {
+            Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "too_many_connections", "this gateway is full")
         }
-        Err(LimitExceeded::Address) => {
+        LimitExceeded::Address => {
             let reason = format!("too many connections from {address}");
-            return rejection(&Rejection::new(StatusCode::TOO_MANY_REQUESTS, "too_many_connections", reason));
+            Rejection::new(StatusCode::TOO_MANY_REQUESTS, "too_many_connections", reason)
         }
-    };
-    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut request) {
-        Ok(upgrade) => upgrade,
-        Err(error) => return rejection(&Rejection::new(StatusCode::BAD_REQUEST, "bad_request", error.to_string())),
-    };
+    })?;
+    let (response, upgrade) = fastwebsockets::upgrade::upgrade(&mut request)
+        .map_err(|error| Rejection::new(StatusCode::BAD_REQUEST, "bad_request", error.to_string()))?;
     let conn = crate::id::random_id(12);
-    match shared.policies.reserve(&connect.claims.sub, &conn).await {
-        Ok(()) => {}
-        Err(PolicyError::Taken) => {
-            return rejection(&Rejection::new(StatusCode::CONFLICT, "conflict", PolicyError::Taken.to_string()));
+    shared.policies.reserve(&connect.claims.sub, &conn).await.map_err(|error| match error {
+        PolicyError::Taken => Rejection::new(StatusCode::CONFLICT, "conflict", error.to_string()),
+        PolicyError::Unavailable(_) => {
+            Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", error.to_string())
         }
-        Err(error) => {
-            return rejection(&Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", error.to_string()));
-        }
-    }
+    })?;
     let tracker = shared.sessions.clone();
     tracker.spawn(async move {
         // The place taken under the connection limits is held for the session's whole life.
@@ -137,7 +137,7 @@ async fn websocket(shared: Arc<Shared>, mut request: Request<Incoming>, peer: So
             }
         }
     });
-    response.map(|_| Full::new(Bytes::new()))
+    Ok(response.map(|_| Full::new(Bytes::new())))
 }
 
 /// The request's `Origin` when an allow-list is configured and does not contain it.
