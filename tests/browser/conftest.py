@@ -246,7 +246,8 @@ class Gateway:
         while words and re.fullmatch(r"[A-Z_]+=.*", words[0]):
             name, value = words.pop(0).split("=", 1)
             env[name] = value
-        assert words[:2] == ["herald-gateway", "pub"], f"not a herald-gateway pub command: {hint}"
+        # The hint names the binary where scripts/dev builds it (it is not on PATH).
+        assert words[:2] == ["target/release/herald-gateway", "pub"], f"not a herald-gateway pub command: {hint}"
         assert env.get("HERALD_NATS_USER") == "publisher", f"the hint does not publish as `publisher`: {hint}"
         assert env.get("HERALD_NATS_PASSWORD") == dev_password, f"the hint does not use the dev password: {hint}"
         env["HERALD_NATS_PASSWORD"] = NATS_PASSWORDS["publisher"]
