@@ -59,7 +59,7 @@ def seed_dead_letter(nats, subject, data, error="downstream unavailable"):
     return ack.seq
 
 
-def test_each_panel_shows_the_running_stack(page, context, gateway, functions, nats, user):
+def test_each_panel_shows_the_running_stack(page, context, gateway, functions, nats, user, artifacts):
     demo = Demo(page, gateway).open(user)
     seq = nats.publish(f"push.user.{user}", {"text": "hi"})
     demo.wait_for_message(seq)
@@ -89,6 +89,8 @@ def test_each_panel_shows_the_running_stack(page, context, gateway, functions, n
     assert requests >= 1
     expect(prefs_get).to_have_attribute("data-requests", str(requests))
     expect(prefs_get).to_contain_text("herald-functions")
+    expect(admin.page.locator("[data-testid=function-listed][data-function='notify']")).to_have_attribute("data-trigger", "durable")
+    expect(admin.page.locator("[data-testid=function-listed][data-function='prefs.get']")).to_have_attribute("data-trigger", "rpc")
 
     notify = admin.page.locator("[data-testid=dead-letter-function-row][data-function='notify']")
     expect(notify).to_have_attribute("data-count", "1")
@@ -110,6 +112,8 @@ def test_each_panel_shows_the_running_stack(page, context, gateway, functions, n
     expect(admin.t("publish-status")).to_contain_text("stored as seq")
     published = int(admin.t("publish-status").get_attribute("data-seq"))
     expect(demo.wait_for_message(published)).to_have_attribute("data-kind", "note")
+
+    admin.page.screenshot(path=artifacts / "admin.png", full_page=True)
 
     # Clean up the seeded letter for the other tests.
     notify.get_by_test_id("dead-letter-purge").click()

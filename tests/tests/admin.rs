@@ -114,7 +114,8 @@ async fn functions_report_their_micro_service_statistics() {
     let config = test_config(&nats);
     let echo =
         Function::rpc("echo", |_: herald_functions::RpcRequest| async { herald_functions::RpcReply::json(&"hi") });
-    let runtime = start(&nats, &config, vec![echo]).await;
+    let audit = Function::events("audit", ["events.audit.>"], |_: Event| async { Ok(()) });
+    let runtime = start(&nats, &config, vec![echo, audit]).await;
     let client = nats.client().await;
     for _ in 0..2 {
         let answer = herald_tests::functions::call(&client, "echo", Some("ann"), json!({"n": 1})).await;
@@ -126,6 +127,15 @@ async fn functions_report_their_micro_service_statistics() {
     let services = body["services"].as_array().unwrap();
     assert_eq!(services.len(), 1, "{body}");
     assert_eq!(services[0]["name"], "herald-functions");
+    // Every function with its trigger (a durable one has no request counters, but is listed).
+    assert_eq!(
+        services[0]["functions"],
+        json!([
+            {"name": "audit", "trigger": "durable", "subjects": ["events.audit.>"], "stream": "HERALD_EVENTS",
+             "consumer": "herald-fn-audit"},
+            {"name": "echo", "trigger": "rpc", "subject": "herald.fn.echo"},
+        ])
+    );
     let endpoints = services[0]["endpoints"].as_array().unwrap();
     let echo = endpoints.iter().find(|e| e["subject"] == "herald.fn.echo").expect("the echo endpoint");
     assert_eq!((echo["requests"].as_u64(), echo["errors"].as_u64()), (Some(2), Some(0)));
