@@ -1,5 +1,5 @@
-"""The first hour: `scripts/dev` as a newcomer runs it (a clean start, on its own ports 4222, 8080, 8222,
-9090), the commands it prints run as printed, the demo page as `dev` and as `?user=42`, and a Ctrl-C that
+"""The first hour: `scripts/dev` as a newcomer runs it (a clean start, on its own ports 4222, 8080, 8081,
+8222, 9090), the commands it prints run as printed, the demo page as `dev` and as `?user=42`, and a Ctrl-C that
 stops everything without a warning or an error in any log."""
 
 import json
@@ -19,7 +19,7 @@ from playwright.sync_api import expect
 from conftest import REQUIRED, ROOT
 from demo import Demo
 
-PORTS = (4222, 8080, 8222, 9090)
+PORTS = (4222, 8080, 8081, 8222, 9090)
 PAGE = "http://127.0.0.1:8080"
 
 
@@ -137,6 +137,19 @@ def test_the_dev_stack_works_as_printed_and_stops_cleanly(dev_stack, context):
     other.goto(dev_stack.printed("The demo page as user 42: "))
     Demo(other, None).expect_state("open")
     expect(other.get_by_test_id("identity")).to_contain_text("user 42 ")
+
+    # The admin page, with the printed key: the gateway, the stream, the functions.
+    admin_line = dev_stack.printed("The admin page: ")
+    url, key = re.fullmatch(r"(\S+) \(API key: (\S+)\)", admin_line).groups()
+    admin = context.new_page()
+    admin.goto(url)
+    admin.get_by_test_id("key").fill(key)
+    admin.get_by_test_id("key-save").click()
+    expect(admin.locator("body")).to_have_attribute("data-loaded", "true")
+    # Users dev and 42 (the pages); the token check's socket may still be closing.
+    expect(admin.get_by_test_id("gateways-total")).to_have_text(re.compile(r"^1 gateway\(s\), [23] connection\(s\), 2 user\(s\)$"))
+    expect(admin.get_by_test_id("stream-last-seq")).to_have_text(str(seq))
+    expect(admin.locator("[data-testid=function-listed][data-function='notify']")).to_have_count(1)
     assert errors == []
 
     assert dev_stack.stop() == 0
