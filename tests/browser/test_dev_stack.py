@@ -160,3 +160,5 @@ def test_the_dev_stack_works_as_printed_and_stops_cleanly(dev_stack, context):
         bad = [line for line in bad if "Plaintext passwords detected" not in line]
         assert bad == [], f"{name} logged warnings or errors:\n" + "\n".join(bad)
     assert "a process of the stack stopped" not in dev_stack.text()
+    # Nothing of the stack is left running.
+    assert [port for port in PORTS if port_taken(port)] == []
