@@ -663,7 +663,15 @@ export class Herald extends EventTarget {
     return this;
   }
 
-  /** Closes for good: sends the pending ack, closes the socket, rejects pending rpcs. */
+  /**
+   * Closes the connection: sends the pending ack, closes the socket, rejects pending rpcs, and
+   * stops reconnecting. The topics and the resume point stay: a later `connect()` rejoins them.
+   */
+  disconnect() {
+    this.close();
+  }
+
+  /** Same as `disconnect()`: closes until the next `connect()`, keeping topics and resume point. */
   close() {
     if (this.#stopped) return;
     const socket = this.#socket;

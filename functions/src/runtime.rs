@@ -8,8 +8,6 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use async_nats::service::Service;
-use bytes::Bytes;
-use futures::StreamExt;
 use herald_shared::id::{IdError, check_function_name};
 use herald_shared::subject;
 use tracing::{info, warn};
@@ -192,12 +190,11 @@ impl Drop for Runtime {
 }
 
 /// Waits until the server has processed everything this connection sent so far: it handles a
-/// connection's messages in order, so a message to ourselves comes back only after all of them.
+/// connection's messages in order, so the answer to a request it answers itself (`$JS.API.INFO`)
+/// comes back only after all of them. (Not a message to our own inbox: the functions' NATS user
+/// may not publish there.)
 async fn round_trip(client: &async_nats::Client) -> Result<(), String> {
-    let inbox = client.new_inbox();
-    let mut echo = client.subscribe(inbox.clone()).await.map_err(|e| e.to_string())?;
-    client.publish(inbox, Bytes::new()).await.map_err(|e| e.to_string())?;
-    echo.next().await.map(|_| ()).ok_or_else(|| "the connection closed".to_string())
+    async_nats::jetstream::new(client.clone()).query_account().await.map(|_| ()).map_err(|e| e.to_string())
 }
 
 /// Refuses bad or repeated names, and durable functions without subjects (they would consume the

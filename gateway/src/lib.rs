@@ -256,6 +256,12 @@ fn start_background_tasks(shared: &Arc<Shared>) {
         shared.client.clone(),
         shared.registry.clone(),
         shared.config.node_id.clone(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(events::answer_socket_questions(
+        shared.client.clone(),
+        shared.registry.clone(),
+        shared.config.node_id.clone(),
         shutdown,
     ));
 }

@@ -72,8 +72,11 @@ enum Command {
 
 #[tokio::main]
 async fn main() {
-    herald_shared::log::init();
     let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Pub { .. }) => herald_shared::log::init_with("warn,async_nats=off"),
+        _ => herald_shared::log::init(),
+    }
     let config: Config = match herald_shared::config::load(cli.config.as_deref(), &cli.flags) {
         Ok(config) => config,
         Err(error) => fail(error),
@@ -101,13 +104,7 @@ async fn publish(config: &Config, subject: String, data: String, id: Option<Stri
     }
     // A publisher's tool: replies under the publishers' prefix, not the gateways'.
     let nats = herald_shared::nats::NatsSettings { nats_inbox_prefix: "_INBOX".into(), ..config.nats.clone() };
-    let connect = async {
-        let options = nats.options("herald-gateway pub").await?;
-        let addresses = nats.addresses()?;
-        let client = options.connect(addresses).await?;
-        Ok::<_, async_nats::Error>(async_nats::jetstream::new(client))
-    };
-    let js = connect.await.unwrap_or_else(|e| fail(format!("cannot connect to NATS: {e}")));
+    let js = async_nats::jetstream::new(connect_once(&nats).await);
     let mut headers = async_nats::HeaderMap::new();
     if let Some(id) = id {
         headers.insert(header::NATS_MSG_ID, id.as_str());
@@ -120,6 +117,26 @@ async fn publish(config: &Config, subject: String, data: String, id: Option<Stri
         Ok(Ok(ack)) => println!("stored: seq {} (duplicate: {})", ack.sequence, ack.duplicate),
         Ok(Err::<_, async_nats::Error>(error)) => fail(format!("publish failed: {error}")),
         Err(_) => fail("publish timed out: is NATS running with the HERALD stream?"),
+    }
+}
+
+/// Connects to NATS once, or ends the process saying why: a refused user or password, or no server.
+async fn connect_once(nats: &herald_shared::nats::NatsSettings) -> async_nats::Client {
+    use async_nats::ConnectErrorKind;
+    let options = nats.one_shot_options("herald-gateway pub").await.unwrap_or_else(|e| fail(e));
+    let addresses = nats.addresses().unwrap_or_else(|e| fail(format!("nats_url {}: {e}", nats.nats_url)));
+    match options.connect(addresses).await {
+        Ok(client) => client,
+        Err(error)
+            if matches!(error.kind(), ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication) =>
+        {
+            let user = nats.nats_user.as_deref().unwrap_or("(none)");
+            fail(format!(
+                "authorization violation: NATS at {} refused user {user} (check HERALD_NATS_USER and HERALD_NATS_PASSWORD)",
+                nats.nats_url
+            ))
+        }
+        Err(error) => fail(format!("cannot connect to NATS at {}: {error}", nats.nats_url)),
     }
 }
 

@@ -5,7 +5,13 @@ use tracing_subscriber::EnvFilter;
 
 /// Installs the log subscriber; call once at the start of `main`.
 pub fn init() {
-    let filter = EnvFilter::try_from_env("HERALD_LOG").unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn"));
+    init_with("info,async_nats=warn");
+}
+
+/// Installs the log subscriber with `default` as the filter when `HERALD_LOG` is not set (a
+/// command-line tool says what went wrong itself, without the NATS client's own lines).
+pub fn init_with(default: &str) {
+    let filter = EnvFilter::try_from_env("HERALD_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

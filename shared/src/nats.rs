@@ -67,6 +67,28 @@ impl NatsSettings {
         name: &str,
         on_event: Arc<dyn Fn(&Event) + Send + Sync>,
     ) -> std::io::Result<async_nats::ConnectOptions> {
+        Ok(self
+            .identity(name)
+            .await?
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .reconnect_delay_callback(|attempt| Duration::from_millis((100 * attempt as u64).min(2000)))
+            .subscription_capacity(self.nats_subscription_capacity.max(1))
+            .event_callback(move |event| {
+                log_event(&event);
+                on_event(&event);
+                std::future::ready(())
+            }))
+    }
+
+    /// Connect options for a command-line tool: one try to connect, whose error (a refused password,
+    /// no server) is returned at once rather than retried.
+    pub async fn one_shot_options(&self, name: &str) -> std::io::Result<async_nats::ConnectOptions> {
+        Ok(self.identity(name).await?.connection_timeout(Duration::from_secs(5)))
+    }
+
+    /// Options with the name, credentials, trusted authorities and reply prefix.
+    async fn identity(&self, name: &str) -> std::io::Result<async_nats::ConnectOptions> {
         let mut options = match &self.nats_creds {
             Some(path) => async_nats::ConnectOptions::with_credentials_file(path).await?,
             None => async_nats::ConnectOptions::new(),
@@ -77,18 +99,7 @@ impl NatsSettings {
         if let Some(ca) = &self.nats_tls_ca {
             options = options.add_root_certificates(ca.clone());
         }
-        Ok(options
-            .name(name)
-            .custom_inbox_prefix(&self.nats_inbox_prefix)
-            .retry_on_initial_connect()
-            .max_reconnects(None)
-            .reconnect_delay_callback(|attempt| Duration::from_millis((100 * attempt as u64).min(2000)))
-            .subscription_capacity(self.nats_subscription_capacity.max(1))
-            .event_callback(move |event| {
-                log_event(&event);
-                on_event(&event);
-                std::future::ready(())
-            }))
+        Ok(options.name(name).custom_inbox_prefix(&self.nats_inbox_prefix))
     }
 
     /// The server addresses of `nats_url`.

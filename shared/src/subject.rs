@@ -39,6 +39,9 @@ pub const PRESENCE_GATHER: &str = "herald.presence.gather";
 /// Gateways close the sockets of a user (or one connection) asked for here, and answer how many.
 pub const ADMIN_DISCONNECT: &str = "herald.admin.disconnect";
 
+/// Gateways list the sockets of a user asked for here (`{"user":..}` → `{"node":..,"sockets":[..]}`).
+pub const ADMIN_SOCKETS: &str = "herald.admin.sockets";
+
 /// Headers the stream and publishers set.
 pub mod header {
     pub const NATS_SEQUENCE: &str = "Nats-Sequence";

@@ -198,12 +198,19 @@ class Gateway:
         # The gateway verifies tokens with this secret (dev mode signs /dev/token with it too), so
         # tests can sign their own (`token()`).
         self.secret = "herald-browser-tests-" + uuid.uuid4().hex
+        # The HTTP API and the admin page (`/admin`), with one key.
+        self.api_url = f"http://127.0.0.1:{free_port()}"
+        self.api_key = "browser-admin-" + uuid.uuid4().hex[:8]
         self.env = dict(
             os.environ,
             HERALD_NATS_URL=nats_url,
             HERALD_NATS_USER="gateway",
             HERALD_NATS_PASSWORD=NATS_PASSWORDS["gateway"],
             HERALD_JWT_SECRET=self.secret,
+            HERALD_API_LISTEN=self.api_url.removeprefix("http://"),
+            HERALD_API_KEYS=json.dumps([self.api_key]),
+            HERALD_API_NATS_USER="publisher",
+            HERALD_API_NATS_PASSWORD=NATS_PASSWORDS["publisher"],
             NO_COLOR="1",
         )
         self.log_path = log_path
@@ -246,7 +253,8 @@ class Gateway:
         while words and re.fullmatch(r"[A-Z_]+=.*", words[0]):
             name, value = words.pop(0).split("=", 1)
             env[name] = value
-        assert words[:2] == ["herald-gateway", "pub"], f"not a herald-gateway pub command: {hint}"
+        # The hint names the binary where scripts/dev builds it (it is not on PATH).
+        assert words[:2] == ["target/release/herald-gateway", "pub"], f"not a herald-gateway pub command: {hint}"
         assert env.get("HERALD_NATS_USER") == "publisher", f"the hint does not publish as `publisher`: {hint}"
         assert env.get("HERALD_NATS_PASSWORD") == dev_password, f"the hint does not use the dev password: {hint}"
         env["HERALD_NATS_PASSWORD"] = NATS_PASSWORDS["publisher"]

@@ -19,7 +19,7 @@ def test_demo_page_shows_published_messages(page, gateway, nats, user):
     )
     hint_gateway = page.get_by_test_id("hint-gateway")
     expect(hint_gateway).to_have_text(
-        f"HERALD_NATS_USER=publisher HERALD_NATS_PASSWORD=dev-publisher herald-gateway pub push.user.{user} '{{\"text\":\"hi\"}}'"
+        f"HERALD_NATS_USER=publisher HERALD_NATS_PASSWORD=dev-publisher target/release/herald-gateway pub push.user.{user} '{{\"text\":\"hi\"}}'"
     )
     expect(page.get_by_test_id("hint-note")).to_contain_text("dev-publisher is its default password in the dev stack")
 
@@ -38,3 +38,15 @@ def test_demo_page_shows_published_messages(page, gateway, nats, user):
     assert json.loads(demo.wait_for_message(third).locator("pre").text_content()) == {"text": "hi"}
     assert demo.seqs() == [first, second, third]
     expect(page.get_by_test_id("message-count")).to_have_text("3")
+
+
+def test_demo_page_requests_nothing_missing(context, gateway, user):
+    """Every request the page makes is answered, and it names its icon, so a browser does not ask for a
+    /favicon.ico the gateway does not serve (headless Chromium never asks: the declaration is checked)."""
+    page = context.new_page()
+    failed = []
+    page.on("response", lambda response: response.status >= 400 and failed.append(f"{response.status} {response.url}"))
+    Demo(page, gateway).open(user)
+    expect(page.get_by_test_id("identity")).to_contain_text(f"user {user}")
+    expect(page.locator("link[rel=icon]")).to_have_attribute("href", "data:,")
+    assert failed == []

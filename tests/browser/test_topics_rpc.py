@@ -72,3 +72,26 @@ def test_rpc_to_a_function_nobody_serves_shows_no_function(page, gateway, user):
     result = demo.call("nobody.home")
     expect(result).to_have_attribute("data-ok", "false")
     assert result.text_content().startswith("no_function: ")
+
+
+def test_disconnect_then_connect_keeps_the_topics(page, gateway, nats, user):
+    """Disconnect and Connect: the page keeps its client, which rejoins its topics and resumes from its
+    last seq (what was published meanwhile is replayed)."""
+    topic = f"t-{user}"
+    demo = Demo(page, gateway).open(user)
+    demo.subscribe(topic)
+    expect(demo.topic(topic)).to_have_attribute("data-state", "subscribed")
+    first = nats.publish(f"push.topic.{topic}", {"n": 1})
+    demo.wait_for_message(first)
+    page.get_by_test_id("disconnect").click()
+    demo.expect_state("closed", 1000)
+    missed = nats.publish(f"push.topic.{topic}", {"n": 2})
+    page.get_by_test_id("connect").click()
+    demo.expect_state("open")
+    expect(demo.topic(topic)).to_have_count(1)
+    assert demo.socket_params()["topics"] == topic
+    assert demo.socket_params()["since"] == str(first)
+    demo.wait_for_message(missed)
+    live = nats.publish(f"push.topic.{topic}", {"n": 3})
+    demo.wait_for_message(live)
+    assert demo.seqs() == [first, missed, live]

@@ -111,3 +111,44 @@ test("a refused sub is reported with its topic and given up", async () => {
   FakeWebSocket.last.welcome();
   assert.deepEqual(FakeWebSocket.last.sentOf("sub"), []);
 });
+
+test("disconnect() then connect() keeps the topics and rejoins them from the last seq", async () => {
+  const { client } = setup();
+  const first = await connected(client);
+  first.welcome();
+  client.subscribe("news");
+  client.subscribe("sport");
+  first.receive({ type: "subscribed", topic: "news" });
+  first.msg(7, { to: "topic:news" });
+  client.disconnect();
+  assert.deepEqual(first.closedByClient, { code: 1000, reason: "client closed" });
+  assert.deepEqual(client.topics, ["news", "sport"]);
+  const second = await connected(client);
+  assert.notEqual(second, first);
+  assert.equal(second.param("since"), "7");
+  assert.equal(second.param("topics"), "news");
+  second.welcome();
+  assert.deepEqual(second.sentOf("sub"), [{ type: "sub", topic: "sport", since: 7 }]);
+  assert.deepEqual(client.topics, ["news", "sport"]);
+});
+
+test("close() then connect() rejoins the topics too, on every later reconnect", async () => {
+  const { client, clock } = setup({ backoff: { base: 10, jitter: 0 } });
+  const first = await connected(client);
+  first.welcome();
+  client.subscribe("news");
+  first.receive({ type: "subscribed", topic: "news" });
+  first.msg(3, { to: "topic:news" });
+  client.close();
+  const second = await connected(client);
+  second.welcome();
+  assert.equal(second.param("topics"), "news");
+  assert.equal(second.param("since"), "3");
+  second.msg(9);
+  second.serverClose(1012);
+  await clock.advance(10);
+  const third = FakeWebSocket.last;
+  assert.notEqual(third, second);
+  assert.equal(third.param("topics"), "news");
+  assert.equal(third.param("since"), "9");
+});

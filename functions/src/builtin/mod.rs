@@ -12,7 +12,7 @@ pub mod relay;
 
 use async_nats::jetstream;
 use herald_shared::stream::ensure_buckets;
-use tracing::warn;
+use tracing::info;
 
 use crate::config::{BUILTINS, Config};
 use crate::function::Function;
@@ -40,7 +40,8 @@ pub async fn functions(config: &Config, client: &async_nats::Client) -> Result<V
     if config.builtin_enabled("relay") {
         match &config.relay_url {
             Some(_) => functions.push(relay::function(config)?),
-            None => warn!("relay is enabled but relay_url is not set: relay not started"),
+            // The default configuration: relay is on only where an endpoint is configured.
+            None => info!("relay off: no relay_url"),
         }
     }
     Ok(functions)

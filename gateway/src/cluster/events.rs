@@ -8,13 +8,13 @@ use std::sync::Arc;
 use futures::StreamExt;
 use herald_shared::functions::{LifecycleEvent, PRESENCE_PART_BYTES, PresenceQuery, PresenceReply, presence_answer};
 use herald_shared::id::{IdKind, check_id};
-use herald_shared::subject::{ADMIN_DISCONNECT, EVENTS_CONNECT, EVENTS_DISCONNECT, PRESENCE_GATHER};
+use herald_shared::subject::{ADMIN_DISCONNECT, ADMIN_SOCKETS, EVENTS_CONNECT, EVENTS_DISCONNECT, PRESENCE_GATHER};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::close::{Close, CloseCode};
-use crate::cluster::registry::Registry;
+use crate::cluster::registry::{Registry, SocketInfo};
 
 /// Who a lifecycle event is about.
 pub(crate) struct Who<'a> {
@@ -24,7 +24,7 @@ pub(crate) struct Who<'a> {
     pub(crate) node: &'a str,
 }
 
-fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
@@ -126,5 +126,42 @@ pub(crate) async fn answer_disconnects(
             let answer = serde_json::json!({"node": node, "closed": closed});
             let _ = client.publish(reply, answer.to_string().into()).await;
         }
+    }
+}
+
+#[derive(Deserialize)]
+struct SocketsQuestion {
+    user: String,
+}
+
+/// Lists the local sockets of the user an operator asks about (`GET /v1/users/<user>`), until
+/// `shutdown`.
+pub(crate) async fn answer_socket_questions(
+    client: async_nats::Client,
+    registry: Arc<Registry>,
+    node: String,
+    shutdown: CancellationToken,
+) {
+    let mut questions = match client.subscribe(ADMIN_SOCKETS).await {
+        Ok(subscriber) => subscriber,
+        Err(error) => {
+            warn!(%error, "socket questions will not be answered");
+            return;
+        }
+    };
+    loop {
+        let question = tokio::select! {
+            question = questions.next() => question,
+            _ = shutdown.cancelled() => return,
+        };
+        let Some(question) = question else { return };
+        let Some(reply) = question.reply else { continue };
+        let Ok(asked) = serde_json::from_slice::<SocketsQuestion>(&question.payload) else { continue };
+        if check_id(IdKind::User, &asked.user).is_err() {
+            continue;
+        }
+        let sockets: Vec<SocketInfo> = registry.of_user(&asked.user).into_iter().map(|s| (*s.about).clone()).collect();
+        let answer = serde_json::json!({"node": node, "sockets": sockets});
+        let _ = client.publish(reply, answer.to_string().into()).await;
     }
 }

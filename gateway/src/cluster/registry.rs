@@ -13,6 +13,18 @@ pub(crate) struct LocalSession {
     pub(crate) conn: String,
     pub(crate) user: Arc<str>,
     pub(crate) mailbox: Arc<Mailbox>,
+    /// What operators see about it (`GET /v1/users/<user>`).
+    pub(crate) about: Arc<SocketInfo>,
+}
+
+/// What an operator sees of a socket.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub(crate) struct SocketInfo {
+    pub(crate) conn: String,
+    pub(crate) device: String,
+    pub(crate) address: String,
+    /// When it was accepted (RFC 3339).
+    pub(crate) since: String,
 }
 
 #[derive(Default)]
@@ -103,7 +115,13 @@ mod tests {
     use super::*;
 
     fn session(conn: &str, user: &str) -> LocalSession {
-        LocalSession { conn: conn.into(), user: user.into(), mailbox: Arc::new(Mailbox::new(64)) }
+        let about = SocketInfo { conn: conn.into(), device: "d".into(), address: "::1".into(), since: String::new() };
+        LocalSession {
+            conn: conn.into(),
+            user: user.into(),
+            mailbox: Arc::new(Mailbox::new(64)),
+            about: Arc::new(about),
+        }
     }
 
     #[test]

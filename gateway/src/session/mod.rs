@@ -38,7 +38,7 @@ use tracing::info;
 use crate::Shared;
 use crate::close::{Close, CloseCode};
 use crate::cluster::events::{Who, publish_lifecycle};
-use crate::cluster::registry::LocalSession;
+use crate::cluster::registry::{LocalSession, SocketInfo};
 use crate::codec::{Codec, HeraldCodec};
 use crate::delivery::mailbox::Mailbox;
 use crate::http::auth::ConnectRequest;
@@ -94,7 +94,18 @@ pub(crate) async fn run(
         mailbox: mailbox.clone(),
         shared: shared.clone(),
     });
-    shared.registry.insert(LocalSession { conn: session.conn.clone(), user: session.user.clone(), mailbox });
+    let about = SocketInfo {
+        conn: session.conn.clone(),
+        device: session.device.clone(),
+        address: address.to_string(),
+        since: crate::cluster::events::now_rfc3339(),
+    };
+    shared.registry.insert(LocalSession {
+        conn: session.conn.clone(),
+        user: session.user.clone(),
+        mailbox,
+        about: Arc::new(about),
+    });
     if shared.shutdown.is_cancelled() {
         // The gateway began stopping before the registry knew this session.
         session.mailbox.close(crate::stopping(&shared));

@@ -1,5 +1,8 @@
-//! Questions to every gateway: `POST /v1/disconnect` and `GET /v1/presence/<user>`.
+//! Questions to every gateway: `POST /v1/disconnect`, `GET /v1/presence/<user>` and `GET /v1/gateways`.
 
+use std::collections::{BTreeMap, BTreeSet};
+
+use herald_shared::functions::{PresenceQuery, PresenceReply};
 use herald_shared::id::{IdKind, check_id};
 use herald_shared::subject::{ADMIN_DISCONNECT, PRESENCE_GATHER};
 use serde::Deserialize;
@@ -41,3 +44,31 @@ pub(super) async fn presence(shared: &Shared, user: &str) -> Result<Value, ApiEr
 fn answer_field(answer: &async_nats::Message, field: &str) -> Option<u64> {
     serde_json::from_slice::<Value>(&answer.payload).ok()?.get(field)?.as_u64()
 }
+
+/// `GET /v1/gateways`: every gateway that answers, with its connections and users.
+pub(super) async fn gateways(shared: &Shared) -> Result<Value, ApiError> {
+    let request = serde_json::to_vec(&PresenceQuery::default()).unwrap_or_default();
+    let answers = gather(&shared.client, PRESENCE_GATHER, request.into(), shared.config.gather_window)
+        .await
+        .map_err(ApiError::unavailable)?;
+    let mut nodes: BTreeMap<String, (u64, BTreeSet<String>)> = BTreeMap::new();
+    for answer in &answers {
+        let Ok(part) = serde_json::from_slice::<PresenceReply>(&answer.payload) else { continue };
+        let node = nodes.entry(part.node).or_default();
+        node.0 = part.connections;
+        node.1.extend(part.user_ids.unwrap_or_default());
+    }
+    let everyone: BTreeSet<&String> = nodes.values().flat_map(|(_, users)| users).collect();
+    let connections: u64 = nodes.values().map(|(connections, _)| connections).sum();
+    let gateways: Vec<Value> = nodes
+        .iter()
+        .map(|(node, (connections, users))| {
+            let listed: Vec<&String> = users.iter().take(MAX_LISTED_USERS).collect();
+            json!({"node": node, "connections": connections, "users": users.len(), "user_ids": listed})
+        })
+        .collect();
+    Ok(json!({"gateways": gateways, "connections": connections, "users": everyone.len()}))
+}
+
+/// Users listed per gateway (the counts cover every one).
+const MAX_LISTED_USERS: usize = 100;

@@ -3,14 +3,25 @@
 //! - `POST /v1/publish` ([`publish`]): `{"to":{"user":..}|{"topic":..}|{"all":true},"data":..,"kind":..,"id":..}`,
 //!   or an array of those, stored with JetStream → `{"id":..,"seq":..,"duplicate":..}` (or `{"results":[...]}`);
 //! - `POST /v1/disconnect`, `GET /v1/presence/<user>` ([`cluster`]): questions to every gateway;
-//! - `GET /v1/inbox/<user>`, `GET /v1/inbox/<user>/messages`, `POST /v1/inbox/<user>/read` ([`inbox`]).
+//! - `GET /v1/inbox/<user>`, `GET /v1/inbox/<user>/messages`, `POST /v1/inbox/<user>/read` ([`inbox`]);
+//! - for operators (and the admin page, `GET /admin`, the one path without a key: it holds no data and
+//!   sends the key the operator types with each call): `GET /v1/gateways` ([`cluster`]), `GET /v1/stream`
+//!   ([`stream`]), `GET /v1/functions` ([`functions`]), `GET /v1/users/<user>` ([`users`]), and the
+//!   dead letters ([`dead_letters`]).
 //!
 //! Errors are JSON `{"error": <code>, "reason": <text>}` with a 4xx or 5xx status (and the message's
 //! `"id"` for a publish).
 
 mod cluster;
+mod dead_letters;
+mod functions;
 mod inbox;
+mod jsapi;
 mod publish;
+mod stream;
+mod users;
+
+use std::collections::HashMap;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -93,7 +104,13 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
+/// The admin page: static, no build step, like the demo page.
+const ADMIN_PAGE: &str = include_str!("../../../static/admin.html");
+
 async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Result<ApiResponse, Infallible> {
+    if request.method() == Method::GET && request.uri().path() == "/admin" {
+        return Ok(page(ADMIN_PAGE));
+    }
     let result = match authorized(&shared, &request) {
         Err(error) => Err(error),
         Ok(()) => route(&shared, request).await,
@@ -108,7 +125,16 @@ async fn route(shared: &Shared, request: Request<Incoming>) -> Result<Value, Api
     let path = request.uri().path().to_string();
     let query = request.uri().query().unwrap_or("").to_string();
     let inbox = path.strip_prefix("/v1/inbox/").map(|rest| rest.split_once('/').unwrap_or((rest, "")));
+    if let Some(rest) = path.strip_prefix("/v1/dead-letters") {
+        return route_dead_letters(shared, request, rest, &query).await;
+    }
     match (request.method().clone(), path.as_str(), inbox) {
+        (Method::GET, "/v1/gateways", _) => cluster::gateways(shared).await,
+        (Method::GET, "/v1/stream", _) => stream::stream(shared).await,
+        (Method::GET, "/v1/functions", _) => functions::functions(shared).await,
+        (Method::GET, path, _) if path.starts_with("/v1/users/") => {
+            users::user(shared, &path["/v1/users/".len()..]).await
+        }
         (Method::POST, "/v1/publish", _) => publish::publish(shared, read_json(shared, request).await?).await,
         (Method::POST, "/v1/disconnect", _) => cluster::disconnect(shared, read_json(shared, request).await?).await,
         (Method::GET, path, _) if path.starts_with("/v1/presence/") => {
@@ -122,6 +148,44 @@ async fn route(shared: &Shared, request: Request<Incoming>) -> Result<Value, Api
         }
         _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no endpoint {path}"))),
     }
+}
+
+/// `/v1/dead-letters`, `/v1/dead-letters/<function>`, `/v1/dead-letters/<function>/{redrive,purge}`.
+async fn route_dead_letters(
+    shared: &Shared,
+    request: Request<Incoming>,
+    rest: &str,
+    query: &str,
+) -> Result<Value, ApiError> {
+    let method = request.method().clone();
+    let (function, action) = match rest.strip_prefix('/') {
+        Some(rest) => rest.split_once('/').unwrap_or((rest, "")),
+        None if rest.is_empty() => ("", ""),
+        None => return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")),
+    };
+    match (method, function, action) {
+        (Method::GET, "", "") => dead_letters::counts(shared).await,
+        (Method::GET, function, "") => dead_letters::list(shared, function, query).await,
+        (Method::POST, function, "redrive") => {
+            let function = function.to_string();
+            dead_letters::redrive(shared, &function, read_json(shared, request).await?).await
+        }
+        (Method::POST, function, "purge") => dead_letters::purge(shared, function).await,
+        _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")),
+    }
+}
+
+/// The query's parameters among `allowed`, each a number.
+fn query_numbers(query: &str, allowed: &[&str]) -> Result<HashMap<String, u64>, ApiError> {
+    let mut numbers = HashMap::new();
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        if !allowed.contains(&key.as_ref()) {
+            return Err(ApiError::bad_request(format!("unknown parameter {key}")));
+        }
+        let number = value.parse::<u64>().map_err(|_| ApiError::bad_request(format!("{key} must be a number")))?;
+        numbers.insert(key.into_owned(), number);
+    }
+    Ok(numbers)
 }
 
 /// Checks the API key (`Authorization: Bearer <key>` or `X-Api-Key: <key>`) in constant time.
@@ -157,6 +221,15 @@ async fn read_json(shared: &Shared, request: Request<Incoming>) -> Result<Value,
         ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("the body is over {limit} bytes"))
     })?;
     serde_json::from_slice(&body.to_bytes()).map_err(|e| ApiError::bad_request(format!("not JSON: {e}")))
+}
+
+fn page(html: &'static str) -> ApiResponse {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(CONTENT_TYPE, "text/html; charset=utf-8")
+        .header(hyper::header::CACHE_CONTROL, "no-store")
+        .body(Full::new(Bytes::from_static(html.as_bytes())))
+        .expect("static response parts are valid")
 }
 
 fn json_response(status: StatusCode, body: &Value) -> ApiResponse {
