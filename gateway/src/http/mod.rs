@@ -9,3 +9,4 @@ pub(crate) mod limits;
 pub(crate) mod metrics;
 pub(crate) mod ratelimit;
 pub(crate) mod server;
+pub(crate) mod stomp;

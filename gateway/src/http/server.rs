@@ -23,7 +23,7 @@ use crate::http::handshake;
 use crate::http::limits::{self, LimitExceeded};
 use crate::session;
 
-type HttpResponse = Response<Full<Bytes>>;
+pub(crate) type HttpResponse = Response<Full<Bytes>>;
 
 const DEMO_PAGE: &str = include_str!("../../static/index.html");
 const CLIENT_MODULE: &str = include_str!("../../../clients/js/herald.js");
@@ -61,6 +61,7 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
 async fn route(shared: Arc<Shared>, request: Request<Incoming>, peer: SocketAddr) -> Result<HttpResponse, Infallible> {
     let response = match (request.method(), request.uri().path()) {
         (&Method::GET, "/ws") => websocket(shared, request, peer).await,
+        (&Method::GET, "/stomp") => super::stomp::upgrade(shared, request, peer).await,
         (&Method::GET, "/healthz") => json(StatusCode::OK, serde_json::json!({"ok": true})),
         (&Method::GET, "/readyz") => readyz(&shared),
         (&Method::GET, "/metrics") => {
@@ -89,27 +90,9 @@ async fn websocket(shared: Arc<Shared>, mut request: Request<Incoming>, peer: So
         Ok(connect) => connect,
         Err(refused) => return rejection(&refused),
     };
-    if !shared.health.ready() {
-        return rejection(&Rejection::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            shared.health.problems().join("; "),
-        ));
-    }
-    let address = limits::client_address(peer.ip(), request.headers(), &shared.config.trusted_proxies);
-    let permit = match shared.limits.admit(address) {
-        Ok(permit) => permit,
-        Err(LimitExceeded::Gateway) => {
-            return rejection(&Rejection::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too_many_connections",
-                "this gateway is full",
-            ));
-        }
-        Err(LimitExceeded::Address) => {
-            let reason = format!("too many connections from {address}");
-            return rejection(&Rejection::new(StatusCode::TOO_MANY_REQUESTS, "too_many_connections", reason));
-        }
+    let (address, permit) = match admit(&shared, &request, peer) {
+        Ok(admitted) => admitted,
+        Err(refused) => return rejection(&refused),
     };
     let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut request) {
         Ok(upgrade) => upgrade,
@@ -140,8 +123,31 @@ async fn websocket(shared: Arc<Shared>, mut request: Request<Incoming>, peer: So
     response.map(|_| Full::new(Bytes::new()))
 }
 
+/// Whether the gateway takes one more connection now: ready, and within the connection limits.
+pub(crate) fn admit<B>(
+    shared: &Shared,
+    request: &Request<B>,
+    peer: SocketAddr,
+) -> Result<(std::net::IpAddr, limits::Permit), Rejection> {
+    if !shared.health.ready() {
+        let problems = shared.health.problems().join("; ");
+        return Err(Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", problems));
+    }
+    let address = limits::client_address(peer.ip(), request.headers(), &shared.config.trusted_proxies);
+    match shared.limits.admit(address) {
+        Ok(permit) => Ok((address, permit)),
+        Err(LimitExceeded::Gateway) => {
+            Err(Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "too_many_connections", "this gateway is full"))
+        }
+        Err(LimitExceeded::Address) => {
+            let reason = format!("too many connections from {address}");
+            Err(Rejection::new(StatusCode::TOO_MANY_REQUESTS, "too_many_connections", reason))
+        }
+    }
+}
+
 /// The request's `Origin` when an allow-list is configured and does not contain it.
-fn refused_origin<B>(allowed: &[String], request: &Request<B>) -> Option<String> {
+pub(crate) fn refused_origin<B>(allowed: &[String], request: &Request<B>) -> Option<String> {
     let origin = request.headers().get(hyper::header::ORIGIN)?.to_str().unwrap_or("?");
     let allowed = allowed.is_empty() || allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin));
     (!allowed).then(|| origin.to_string())
@@ -182,7 +188,7 @@ fn dev_token(shared: &Shared, request: &Request<Incoming>) -> HttpResponse {
     }
 }
 
-fn rejection(rejection: &Rejection) -> HttpResponse {
+pub(crate) fn rejection(rejection: &Rejection) -> HttpResponse {
     let mut response = text(rejection.status, "application/json", rejection.body());
     if rejection.status == StatusCode::UPGRADE_REQUIRED {
         // What to upgrade to (RFC 9110 §15.5.22), and the version this server speaks (RFC 6455 §4.4).

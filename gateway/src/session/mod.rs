@@ -53,8 +53,8 @@ const CLOSE_GRACE: Duration = Duration::from_secs(3);
 /// Most bytes taken from the session's queue for one write.
 const BATCH_BYTES: usize = 256 * 1024;
 
-type ReadHalf = Pin<Box<dyn AsyncRead + Send>>;
-type WriteHalf = Pin<Box<dyn AsyncWrite + Send>>;
+pub(crate) type ReadHalf = Pin<Box<dyn AsyncRead + Send>>;
+pub(crate) type WriteHalf = Pin<Box<dyn AsyncWrite + Send>>;
 
 /// A connected client: what the session's I/O needs to know.
 pub(crate) struct Session {
@@ -74,7 +74,7 @@ impl Session {
     }
 }
 
-/// Runs connection `conn` on `upgraded` until it closes.
+/// Runs connection `conn` on `upgraded` until it closes, in Herald's protocol.
 pub(crate) async fn run(
     shared: Arc<Shared>,
     upgraded: Upgraded,
@@ -83,6 +83,27 @@ pub(crate) async fn run(
     address: IpAddr,
 ) {
     let (read_half, write_half) = split(upgraded);
+    let reader = MessageReader::new(read_half, shared.config.max_frame_bytes);
+    let connection = Connection { reader, write_half, codec: Codec::Herald(HeraldCodec) };
+    run_with(shared, connection, request, conn, address).await;
+}
+
+/// A connection's transport and protocol, whatever they are.
+pub(crate) struct Connection {
+    pub(crate) reader: MessageReader<ReadHalf>,
+    pub(crate) write_half: WriteHalf,
+    pub(crate) codec: Codec,
+}
+
+/// Runs connection `conn` until it closes.
+pub(crate) async fn run_with(
+    shared: Arc<Shared>,
+    connection: Connection,
+    request: ConnectRequest,
+    conn: String,
+    address: IpAddr,
+) {
+    let Connection { reader, write_half, codec } = connection;
     let mailbox = Arc::new(Mailbox::new(shared.config.outbound_queue_bytes));
     let user: Arc<str> = request.claims.sub.as_str().into();
     let session = Arc::new(Session {
@@ -104,7 +125,6 @@ pub(crate) async fn run(
     info!(user = %session.user, device = %session.device, conn = %session.conn, %address, "connected");
 
     let mut transmit = Transmit::new(write_half);
-    let codec = Codec::Herald(HeraldCodec);
     let opened = tokio::select! {
         biased;
         _ = shared.killed.cancelled() => Err(Close::gone("gateway killed")),
@@ -115,7 +135,6 @@ pub(crate) async fn run(
     let (close, state) = match opened {
         Ok(state) => {
             Box::pin(publish_lifecycle(&shared.client, &session.who(), None)).await;
-            let reader = MessageReader::new(read_half, shared.config.max_frame_bytes);
             serve(&session, state, reader, &mut transmit).await
         }
         Err(close) => (close, None),
@@ -134,8 +153,9 @@ async fn serve(
     let config = &shared.config;
     let now = Instant::now();
     let expires = now + Duration::from_secs(session.request.claims.exp.saturating_sub(now_secs()));
+    let heartbeat = state.codec().heartbeat(config.heartbeat);
     let mut deadlines =
-        Deadlines::new(now, config.heartbeat, config.heartbeat_timeout, config.write_stall_timeout, expires);
+        Deadlines::new(now, heartbeat, config.heartbeat_timeout, config.write_stall_timeout, expires);
     let timer = tokio::time::sleep_until(deadlines.next(None));
     tokio::pin!(timer);
     let mut job: Option<BoxStream<'static, Outcome>> = None;
@@ -202,6 +222,12 @@ fn advance(
         }
         if !transmit.is_busy() && state.has_frames() {
             transmit.start(|batch| state.take_frames(batch, shared.config.write_batch_frames, BATCH_BYTES));
+        }
+        if !transmit.is_busy() && !state.has_frames() {
+            // Everything queued is written: what was sent on auto-acknowledged subscriptions counts.
+            if let Some(seq) = state.codec_mut().take_auto_ack() {
+                shared.cursors.ack(&session.user, &session.device, seq.min(state.last_sent()));
+            }
         }
         count(&shared.metrics, state.take_tally());
         if transmit.is_busy() || parked {
@@ -286,7 +312,7 @@ fn join_audiences(session: &Session) -> Vec<herald_shared::subject::Audience> {
 }
 
 /// Splits the upgraded connection; a plain TCP stream splits without a lock between the halves.
-fn split(upgraded: Upgraded) -> (ReadHalf, WriteHalf) {
+pub(crate) fn split(upgraded: Upgraded) -> (ReadHalf, WriteHalf) {
     match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => {
             let (read, write) = parts.io.into_inner().into_split();

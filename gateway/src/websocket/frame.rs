@@ -71,6 +71,13 @@ pub(crate) fn append_text(out: &mut Vec<u8>, payload: &[u8]) {
     out.extend_from_slice(payload);
 }
 
+/// Appends the header of a text frame whose payload has `len` bytes (the payload follows in other
+/// slices).
+pub(crate) fn append_text_header(out: &mut Vec<u8>, len: usize) {
+    let (head, head_len) = header(OP_TEXT, len);
+    out.extend_from_slice(&head[..head_len]);
+}
+
 /// A text frame holding `json`.
 pub(crate) fn text(json: &[u8]) -> Bytes {
     let mut frame = FrameBuf::with_capacity(json.len());
