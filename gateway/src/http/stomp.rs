@@ -158,7 +158,9 @@ async fn connect(
     let conn = crate::id::random_id(12);
     match shared.policies.reserve(&request.claims.sub, &conn).await {
         Ok(()) => {}
-        Err(error @ PolicyError::Taken) => return refuse(&mut write_half, refused("conflict", error.to_string())).await,
+        Err(error @ PolicyError::Taken) => {
+            return refuse(&mut write_half, refused("conflict", error.to_string())).await;
+        }
         Err(error) => return refuse(&mut write_half, refused(error_code::UNAVAILABLE, error.to_string())).await,
     }
     let codec = Codec::Stomp(Box::new(StompCodec::new(connected, shared.config.heartbeat)));
@@ -167,7 +169,10 @@ async fn connect(
 }
 
 /// The client's first frame; `None` when it closed first.
-async fn first_frame(reader: &mut MessageReader<ReadHalf>, write_half: &mut WriteHalf) -> Result<Option<Frame>, Refused> {
+async fn first_frame(
+    reader: &mut MessageReader<ReadHalf>,
+    write_half: &mut WriteHalf,
+) -> Result<Option<Frame>, Refused> {
     loop {
         match reader.next().await {
             Ok(Inbound::Text(text)) => match parse(&text) {
@@ -201,7 +206,9 @@ fn authenticate(shared: &Shared, frame: &Frame, hints: Hints) -> Result<(Connect
     let token = frame
         .header("passcode")
         .map(str::to_string)
-        .or_else(|| frame.header("Authorization").or(frame.header("authorization")).and_then(bearer).map(str::to_string))
+        .or_else(|| {
+            frame.header("Authorization").or(frame.header("authorization")).and_then(bearer).map(str::to_string)
+        })
         .or(hints.token)
         .ok_or_else(|| refused("unauthorized", herald_shared::token::TokenError::Missing.to_string()))?;
     let claims = shared.verifier.verify(&token).map_err(|error| refused("unauthorized", error.to_string()))?;

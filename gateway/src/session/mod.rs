@@ -154,8 +154,7 @@ async fn serve(
     let now = Instant::now();
     let expires = now + Duration::from_secs(session.request.claims.exp.saturating_sub(now_secs()));
     let heartbeat = state.codec().heartbeat(config.heartbeat);
-    let mut deadlines =
-        Deadlines::new(now, heartbeat, config.heartbeat_timeout, config.write_stall_timeout, expires);
+    let mut deadlines = Deadlines::new(now, heartbeat, config.heartbeat_timeout, config.write_stall_timeout, expires);
     let timer = tokio::time::sleep_until(deadlines.next(None));
     tokio::pin!(timer);
     let mut job: Option<BoxStream<'static, Outcome>> = None;

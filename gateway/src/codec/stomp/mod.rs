@@ -293,9 +293,10 @@ impl StompCodec {
             return None;
         }
         let index = rpc.reply_to.as_ref().and_then(|reply_to| {
-            self.subscriptions.iter().position(|s| s.destination == *reply_to).or_else(|| {
-                self.subscriptions.iter().position(|s| s.id == *reply_to)
-            })
+            self.subscriptions
+                .iter()
+                .position(|s| s.destination == *reply_to)
+                .or_else(|| self.subscriptions.iter().position(|s| s.id == *reply_to))
         })?;
         let subscription = &self.subscriptions[index];
         let body = result.data.as_ref().map(|data| data.to_string()).unwrap_or_else(|| "null".into());
@@ -347,7 +348,9 @@ impl StompCodec {
 
     fn command(&mut self, frame: &Frame, receipt: Option<&str>) -> Result<Command, (&'static str, String)> {
         let required = |name: &str| {
-            frame.header(name).ok_or_else(|| (error_code::BAD_REQUEST, format!("{} needs a {name} header", frame.command)))
+            frame
+                .header(name)
+                .ok_or_else(|| (error_code::BAD_REQUEST, format!("{} needs a {name} header", frame.command)))
         };
         match frame.command.as_str() {
             "SUBSCRIBE" => {
@@ -363,7 +366,8 @@ impl StompCodec {
                 self.subscribe(id, destination, frame.header("ack").unwrap_or("auto"), since)
             }
             "UNSUBSCRIBE" => {
-                let id = frame.header("id").or(frame.header("destination")).ok_or_else(|| bad("UNSUBSCRIBE needs an id"))?;
+                let id =
+                    frame.header("id").or(frame.header("destination")).ok_or_else(|| bad("UNSUBSCRIBE needs an id"))?;
                 let index = self.subscriptions.iter().position(|s| s.id == id);
                 let Some(index) = index else { return Err(bad(format!("no subscription {id:?}"))) };
                 match self.subscriptions.remove(index).target {
@@ -389,7 +393,13 @@ impl StompCodec {
         }
     }
 
-    fn subscribe(&mut self, id: &str, destination: &str, ack: &str, since: Option<u64>) -> Result<Command, (&'static str, String)> {
+    fn subscribe(
+        &mut self,
+        id: &str,
+        destination: &str,
+        ack: &str,
+        since: Option<u64>,
+    ) -> Result<Command, (&'static str, String)> {
         let ack = match ack {
             "auto" => AckMode::Auto,
             "client" => AckMode::Client,

@@ -78,13 +78,17 @@ fn topics_rpc_and_errors() {
     assert_eq!((function.as_str(), data), ("echo", serde_json::json!({"x": 2})));
     let result = RpcResult { id, ok: true, data: Some(serde_json::json!({"x": 2})), error: None };
     let reply = codec.notice(&ServerFrame::RpcResult(result)).unwrap();
-    assert!(std::str::from_utf8(&reply[2..]).unwrap().starts_with("MESSAGE\nsubscription:1\ndestination:/topic/news\n"));
+    assert!(
+        std::str::from_utf8(&reply[2..]).unwrap().starts_with("MESSAGE\nsubscription:1\ndestination:/topic/news\n")
+    );
 
     let forbidden = codec.decode(b"SUBSCRIBE\nid:2\ndestination:/topic/secret\n\n\0");
     assert!(matches!(forbidden, Err(Refusal::Close(_))));
     let last = codec.close(&Close::new(CloseCode::Policy, "x"));
     assert!(last.starts_with(b"\x81") && last[2..].starts_with(b"ERROR\nmessage:forbidden\n"));
-    for bad in [&b"SEND\ndestination:/queue/x\n\n\0"[..], b"BEGIN\ntransaction:t\n\n\0", b"DANCE\n\n\0", b"ACK\nid:x\n\n\0"] {
+    for bad in
+        [&b"SEND\ndestination:/queue/x\n\n\0"[..], b"BEGIN\ntransaction:t\n\n\0", b"DANCE\n\n\0", b"ACK\nid:x\n\n\0"]
+    {
         assert!(matches!(codec.decode(bad), Err(Refusal::Close(_))), "{bad:?}");
     }
     assert_eq!(codec.decode(b"\n"), Ok(Command::Nothing));
