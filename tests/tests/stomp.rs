@@ -256,3 +256,73 @@ async fn heart_beats_keep_an_idle_connection_and_a_silent_client_is_closed() {
     let (error, close) = silent.expect_error_and_close().await;
     assert_eq!((error.header("message"), close), ("no heartbeat", Some(1001)));
 }
+
+/// The Python of the venv scripts/test-browser builds (with stomp.py), if it was built; without it
+/// the test is skipped with a notice, unless HERALD_REQUIRE_BROWSER=1.
+fn venv_python() -> Option<std::path::PathBuf> {
+    let python = herald_tests::workspace_root().join(".tools/browser-venv/bin/python");
+    let ready = std::process::Command::new(&python)
+        .args(["-c", "import stomp, websocket"])
+        .status()
+        .is_ok_and(|status| status.success());
+    if ready {
+        return Some(python);
+    }
+    let why = "no venv with stomp.py in .tools/browser-venv (scripts/test-browser builds it)";
+    assert!(std::env::var("HERALD_REQUIRE_BROWSER").as_deref() != Ok("1"), "HERALD_REQUIRE_BROWSER=1 but {why}");
+    eprintln!("SKIPPED: {why}");
+    None
+}
+
+#[tokio::test]
+async fn stomp_py_receives_user_and_topic_messages_acks_and_calls_a_function() {
+    use tokio::io::AsyncBufReadExt;
+    let Some(python) = venv_python() else { return };
+    let nats = TestNats::start().await;
+    let publisher = Publisher::new(&nats).await;
+    let echo = Function::rpc("echo", |request: RpcRequest| async move {
+        RpcReply::json(&serde_json::json!({"user": request.user, "device": request.device,
+            "body": request.json::<serde_json::Value>()?}))
+    });
+    let runtime = start(&nats, &test_config(&nats), vec![echo]).await;
+    let gateway = TestGateway::start(&nats).await;
+
+    let script = herald_tests::workspace_root().join("tests/browser/stomp_py_client.py");
+    let port = gateway.addr.port().to_string();
+    let mut child = tokio::process::Command::new(python)
+        .args([script.to_str().unwrap(), "127.0.0.1", &port, &token_with("kim", &["news"], 3600)])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python runs");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = async || -> serde_json::Value {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await;
+        let line = line.expect("stomp.py said nothing in time").unwrap().expect("stomp.py ended early");
+        serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}"))
+    };
+    assert_eq!(next().await["event"], "ready");
+
+    let personal = publisher.publish_with("push.user.kim", &[("Herald-Type", "note")], r#"{"n":1}"#).await.0;
+    let topic = publisher.publish("push.topic.news", r#"{"n":2}"#).await;
+    let expected =
+        [(personal, "inbox", "/user/queue/inbox", r#"{"n":1}"#), (topic, "news", "/topic/news", r#"{"n":2}"#)];
+    for (seq, subscription, destination, body) in expected {
+        let message = next().await;
+        assert_eq!(message["event"], "message");
+        let headers = &message["headers"];
+        assert_eq!(headers["message-id"], seq.to_string());
+        assert_eq!(
+            (headers["subscription"].as_str(), headers["destination"].as_str()),
+            (Some(subscription), Some(destination))
+        );
+        assert_eq!(message["body"], body);
+    }
+    let reply = next().await;
+    assert_eq!((reply["event"].as_str(), reply["headers"]["correlation-id"].as_str()), (Some("reply"), Some("py-1")));
+    let body: serde_json::Value = serde_json::from_str(reply["body"].as_str().unwrap()).unwrap();
+    assert_eq!(body, serde_json::json!({"user": "kim", "device": "python", "body": {"from": "stomp.py"}}));
+    assert_eq!(next().await["event"], "done");
+    assert!(child.wait().await.unwrap().success());
+    runtime.shutdown().await;
+}
