@@ -6,6 +6,7 @@
 //! [`Message::encoded`]: crate::delivery::message::Message::encoded
 
 mod herald;
+pub(crate) mod sse;
 pub(crate) mod stomp;
 
 use std::collections::VecDeque;
@@ -18,6 +19,7 @@ use crate::close::Close;
 use crate::delivery::message::Message;
 
 pub(crate) use herald::HeraldCodec;
+pub(crate) use sse::SseCodec;
 pub(crate) use stomp::StompCodec;
 
 /// The encodings a message can have; each is computed at most once per message.
@@ -27,17 +29,20 @@ pub(crate) enum WireFormat {
     Herald,
     /// The shared part of a STOMP MESSAGE frame (see [`stomp`]).
     Stomp,
+    /// A Server-Sent Events event.
+    Sse,
 }
 
 impl WireFormat {
     /// How many formats there are (the size of a message's encoding cache).
-    pub(crate) const COUNT: usize = 2;
+    pub(crate) const COUNT: usize = 3;
 
     /// The format's slot in a message's encoding cache.
     pub(crate) fn index(self) -> usize {
         match self {
             WireFormat::Herald => 0,
             WireFormat::Stomp => 1,
+            WireFormat::Sse => 2,
         }
     }
 }
@@ -47,6 +52,7 @@ pub(crate) fn encode_message(format: WireFormat, message: &Message) -> Bytes {
     match format {
         WireFormat::Herald => herald::encode_message(message),
         WireFormat::Stomp => stomp::encode_message(message),
+        WireFormat::Sse => sse::encode_message(message),
     }
 }
 
@@ -111,6 +117,7 @@ pub(crate) enum Refusal {
 pub(crate) enum Codec {
     Herald(HeraldCodec),
     Stomp(Box<StompCodec>),
+    Sse(SseCodec),
 }
 
 impl Codec {
@@ -119,6 +126,7 @@ impl Codec {
         match self {
             Codec::Herald(_) => WireFormat::Herald,
             Codec::Stomp(_) => WireFormat::Stomp,
+            Codec::Sse(_) => WireFormat::Sse,
         }
     }
 
@@ -133,13 +141,18 @@ impl Codec {
                 encoded.len()
             }
             Codec::Stomp(codec) => codec.queue_message(message, encoded, frames),
+            Codec::Sse(codec) => {
+                codec.note_sent(message.seq);
+                frames.push_back(encoded.clone());
+                encoded.len()
+            }
         }
     }
 
     /// Frames the codec sends of its own accord after a client message (receipts and the like).
     pub(crate) fn take_replies(&mut self) -> Vec<Bytes> {
         match self {
-            Codec::Herald(_) => Vec::new(),
+            Codec::Herald(_) | Codec::Sse(_) => Vec::new(),
             Codec::Stomp(codec) => codec.take_replies(),
         }
     }
@@ -147,25 +160,35 @@ impl Codec {
     /// Why the connection must close, when a notice ended it (a STOMP ERROR).
     pub(crate) fn take_closing(&mut self) -> Option<Close> {
         match self {
-            Codec::Herald(_) => None,
+            Codec::Herald(_) | Codec::Sse(_) => None,
             Codec::Stomp(codec) => codec.take_closing(),
         }
     }
 
-    /// The highest `seq` the client acknowledged by receiving it (STOMP `ack:auto`), once all that
-    /// was queued is written.
+    /// The highest `seq` the client acknowledged by receiving it (STOMP `ack:auto`, SSE), once all
+    /// that was queued is written.
     pub(crate) fn take_auto_ack(&mut self) -> Option<u64> {
         match self {
             Codec::Herald(_) => None,
             Codec::Stomp(codec) => codec.take_auto_ack(),
+            Codec::Sse(codec) => codec.take_sent(),
         }
     }
 
     /// How often to ping, given the gateway's heartbeat (a protocol may negotiate a longer one).
     pub(crate) fn heartbeat(&self, gateway: Duration) -> Duration {
         match self {
-            Codec::Herald(_) => gateway,
+            Codec::Herald(_) | Codec::Sse(_) => gateway,
             Codec::Stomp(codec) => codec.heartbeat(gateway),
+        }
+    }
+
+    /// How long the client may stay silent past a heartbeat, given the gateway's timeout. An SSE
+    /// client never speaks: only a failed write tells that it left.
+    pub(crate) fn silence(&self, gateway: Duration) -> Duration {
+        match self {
+            Codec::Sse(_) => Duration::from_secs(365 * 24 * 3600),
+            _ => gateway,
         }
     }
 
@@ -174,6 +197,7 @@ impl Codec {
         match self {
             Codec::Herald(codec) => Some(codec.notice(notice)),
             Codec::Stomp(codec) => codec.notice(notice),
+            Codec::Sse(codec) => codec.notice(notice),
         }
     }
 
@@ -182,6 +206,7 @@ impl Codec {
         match self {
             Codec::Herald(_) => crate::websocket::frame::ping(),
             Codec::Stomp(codec) => codec.ping(),
+            Codec::Sse(codec) => codec.ping(),
         }
     }
 
@@ -198,6 +223,15 @@ impl Codec {
         match self {
             Codec::Herald(_) => Some(crate::websocket::frame::close(close.number(), &close.reason)),
             Codec::Stomp(codec) => Some(codec.close(close)),
+            Codec::Sse(_) => Some(SseCodec::close(close)),
+        }
+    }
+
+    /// The last bytes of a connection in `format` whose session never opened (no codec is left).
+    pub(crate) fn close_unopened(format: WireFormat, close: &Close) -> Option<Bytes> {
+        match format {
+            WireFormat::Sse => close.code.is_sent().then(|| SseCodec::close(close)),
+            WireFormat::Herald | WireFormat::Stomp => Codec::Herald(HeraldCodec).close(close),
         }
     }
 
@@ -206,6 +240,7 @@ impl Codec {
         match self {
             Codec::Herald(codec) => codec.decode(text),
             Codec::Stomp(codec) => codec.decode(text),
+            Codec::Sse(codec) => codec.decode(),
         }
     }
 }

@@ -9,4 +9,5 @@ pub(crate) mod limits;
 pub(crate) mod metrics;
 pub(crate) mod ratelimit;
 pub(crate) mod server;
+pub(crate) mod sse;
 pub(crate) mod stomp;

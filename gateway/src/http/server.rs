@@ -1,4 +1,4 @@
-//! The HTTP side: the accept loop and the routes (`/ws`, `/healthz`, `/readyz`, `/metrics`, the demo
+//! The HTTP side: the accept loop and the routes (`/ws`, `/stomp`, `/sse`, `/healthz`, `/readyz`, `/metrics`, the demo
 //! page and, in dev mode, `/dev/token`).
 
 use std::convert::Infallible;
@@ -58,7 +58,17 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
-async fn route(shared: Arc<Shared>, request: Request<Incoming>, peer: SocketAddr) -> Result<HttpResponse, Infallible> {
+/// A response's body: whole, or an event stream.
+pub(crate) type Body = http_body_util::Either<Full<Bytes>, super::sse::SseBody>;
+
+async fn route(
+    shared: Arc<Shared>,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<Body>, Infallible> {
+    if (request.method(), request.uri().path()) == (&Method::GET, "/sse") {
+        return Ok(super::sse::stream(shared, request, peer).await);
+    }
     let response = match (request.method(), request.uri().path()) {
         (&Method::GET, "/ws") => websocket(shared, request, peer).await,
         (&Method::GET, "/stomp") => super::stomp::upgrade(shared, request, peer).await,
@@ -74,7 +84,7 @@ async fn route(shared: Arc<Shared>, request: Request<Incoming>, peer: SocketAddr
         (&Method::GET, "/dev/token") if shared.config.dev => dev_token(&shared, &request),
         _ => json(StatusCode::NOT_FOUND, serde_json::json!({"error": "not_found", "reason": "no such endpoint"})),
     };
-    Ok(response)
+    Ok(response.map(http_body_util::Either::Left))
 }
 
 async fn websocket(shared: Arc<Shared>, mut request: Request<Incoming>, peer: SocketAddr) -> HttpResponse {

@@ -125,6 +125,7 @@ pub(crate) async fn run_with(
     info!(user = %session.user, device = %session.device, conn = %session.conn, %address, "connected");
 
     let mut transmit = Transmit::new(write_half);
+    let format = codec.format();
     let opened = tokio::select! {
         biased;
         _ = shared.killed.cancelled() => Err(Close::gone("gateway killed")),
@@ -139,7 +140,7 @@ pub(crate) async fn run_with(
         }
         Err(close) => (close, None),
     };
-    Box::pin(finish(&session, state, transmit, close)).await;
+    Box::pin(finish(&session, state, format, transmit, close)).await;
 }
 
 /// Serves the connection until it must close; returns why, and the session if it opened.
@@ -154,7 +155,8 @@ async fn serve(
     let now = Instant::now();
     let expires = now + Duration::from_secs(session.request.claims.exp.saturating_sub(now_secs()));
     let heartbeat = state.codec().heartbeat(config.heartbeat);
-    let mut deadlines = Deadlines::new(now, heartbeat, config.heartbeat_timeout, config.write_stall_timeout, expires);
+    let silence = state.codec().silence(config.heartbeat_timeout);
+    let mut deadlines = Deadlines::new(now, heartbeat, silence, config.write_stall_timeout, expires);
     let timer = tokio::time::sleep_until(deadlines.next(None));
     tokio::pin!(timer);
     let mut job: Option<BoxStream<'static, Outcome>> = None;
@@ -276,7 +278,13 @@ fn count(metrics: &crate::http::metrics::Metrics, tally: Tally) {
 }
 
 /// Closes the socket with `close` and releases what the session held.
-async fn finish(session: &Session, state: Option<SessionState>, mut transmit: Transmit<WriteHalf>, close: Close) {
+async fn finish(
+    session: &Session,
+    state: Option<SessionState>,
+    format: crate::codec::WireFormat,
+    mut transmit: Transmit<WriteHalf>,
+    close: Close,
+) {
     let shared = &session.shared;
     if close.code == CloseCode::SlowConsumer {
         shared.metrics.slow_consumer_closes.inc();
@@ -290,7 +298,7 @@ async fn finish(session: &Session, state: Option<SessionState>, mut transmit: Tr
         let codec = state.as_ref().map(SessionState::codec);
         let last: Option<Bytes> = match codec {
             Some(codec) => codec.close(&close),
-            None => Codec::Herald(HeraldCodec).close(&close),
+            None => Codec::close_unopened(format, &close),
         };
         transmit.finish(last, CLOSE_GRACE).await;
     }
