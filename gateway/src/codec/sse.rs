@@ -11,7 +11,7 @@ use crate::close::{Close, CloseCode};
 use crate::delivery::message::Message;
 
 /// How long a browser waits before reconnecting a stream that ended (the `retry:` field), in ms.
-const RETRY_MS: u64 = 1000;
+pub(crate) const RETRY_MS: u64 = 1000;
 
 /// One SSE stream: what it sent, to move the device cursor once written (an SSE client cannot
 /// acknowledge; what reached its socket counts as received, and `Last-Event-ID` says exactly).

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
-use http_body_util::Either;
+use http_body_util::{Either, Full};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use hyper::{Request, Response, StatusCode};
@@ -19,7 +19,9 @@ use tokio::io::{AsyncRead, DuplexStream, ReadBuf};
 use super::auth::{self, Rejection};
 use super::server::{Body, admit, refused_origin, rejection};
 use crate::Shared;
+use crate::close::{Close, CloseCode};
 use crate::cluster::policy::PolicyError;
+use crate::codec::sse::close_event;
 use crate::codec::{Codec, SseCodec};
 use crate::session::{self, Connection};
 use crate::websocket::reader::MessageReader;
@@ -46,6 +48,9 @@ async fn open(shared: Arc<Shared>, request: &Request<Incoming>, peer: SocketAddr
         ));
     }
     let mut connect = auth::authorize(request, &shared.verifier)?;
+    if !shared.health.ready() {
+        return Ok(not_ready(&shared));
+    }
     // A browser reconnecting says where it stopped; that wins over the URL's `since`.
     if let Some(last) = request.headers().get("last-event-id") {
         let last = last.to_str().ok().and_then(|last| last.trim().parse::<u64>().ok());
@@ -83,6 +88,21 @@ async fn open(shared: Arc<Shared>, request: &Request<Incoming>, peer: SocketAddr
         .body(Either::Right(SseBody { pipe: body_end }))
         .expect("static response parts are valid");
     Ok(response)
+}
+
+/// A gateway that is not ready yet (starting, NATS away) answers with a stream that ends at once:
+/// a browser's EventSource gives up for good on an error status, but reconnects after a stream
+/// ends (after `retry:`), which is what it should do here.
+fn not_ready(shared: &Shared) -> Response<Body> {
+    let close = Close::new(CloseCode::Unavailable, shared.health.problems().join("; "));
+    let mut body = format!("retry: {}\n", crate::codec::sse::RETRY_MS).into_bytes();
+    body.extend_from_slice(&close_event(&close));
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(CONTENT_TYPE, "text/event-stream")
+        .header(CACHE_CONTROL, "no-store")
+        .body(Either::Left(Full::new(Bytes::from(body))))
+        .expect("static response parts are valid")
 }
 
 /// The client side of an event stream: it never sends anything.
