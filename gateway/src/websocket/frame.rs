@@ -71,11 +71,10 @@ pub(crate) fn append_text(out: &mut Vec<u8>, payload: &[u8]) {
     out.extend_from_slice(payload);
 }
 
-/// Appends the header of a text frame whose payload has `len` bytes (the payload follows in other
-/// slices).
-pub(crate) fn append_text_header(out: &mut Vec<u8>, len: usize) {
-    let (head, head_len) = header(OP_TEXT, len);
-    out.extend_from_slice(&head[..head_len]);
+/// The header of a text frame whose payload has `len` bytes (the payload follows in other slices),
+/// and its length.
+pub(crate) fn text_header(len: usize) -> ([u8; HEAD_ROOM], usize) {
+    header(OP_TEXT, len)
 }
 
 /// A text frame holding `json`.

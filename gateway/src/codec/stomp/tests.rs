@@ -94,3 +94,14 @@ fn topics_rpc_and_errors() {
     assert_eq!(codec.decode(b"\n"), Ok(Command::Nothing));
     assert_eq!(codec.decode(b"DISCONNECT\nreceipt:bye\n\n\0"), Ok(Command::Close));
 }
+
+#[test]
+fn a_topic_is_left_with_its_last_subscription() {
+    let mut codec = codec();
+    let subscribe = |id: &str| format!("SUBSCRIBE\nid:{id}\ndestination:/topic/news\n\n\0");
+    assert!(matches!(codec.decode(subscribe("a").as_bytes()), Ok(Command::Subscribe { .. })));
+    assert_eq!(codec.decode(subscribe("b").as_bytes()), Ok(Command::Nothing));
+    assert_eq!(codec.decode(b"UNSUBSCRIBE\nid:a\n\n\0"), Ok(Command::Nothing));
+    assert_eq!(codec.decode(b"UNSUBSCRIBE\nid:b\n\n\0"), Ok(Command::Unsubscribe { topic: "news".into() }));
+    assert!(matches!(codec.decode(b"UNSUBSCRIBE\nid:b\n\n\0"), Err(Refusal::Close(_))));
+}
