@@ -1,4 +1,6 @@
-//! One connection, from the upgrade to the close, in one task.
+//! One connection, from the upgrade to the close, in one task. The protocol is the connection's
+//! [`Codec`]; the transport a reader and a writer ([`Connection`]): a WebSocket's halves, or for
+//! Server-Sent Events a client that never speaks and the response body's pipe.
 //!
 //! The exactness rules live in a state machine with no I/O ([`state`]); this task does its I/O:
 //! it opens the session ([`join`]), reads client frames ([`inbound`]), writes what the session

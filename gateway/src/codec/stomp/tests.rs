@@ -6,6 +6,7 @@ use herald_shared::subject::Audience;
 
 use super::*;
 use crate::codec::WireFormat;
+use crate::codec::{Command, Refusal};
 
 fn codec() -> StompCodec {
     let connected = Connected {
