@@ -11,7 +11,7 @@ use std::sync::Mutex;
 
 use serde_json::Value;
 
-const TARGETS: [&str; 3] = ["herald", "nats-ws", "raw"];
+const TARGETS: [&str; 4] = ["herald", "nats-ws", "raw", "herald-stomp"];
 
 /// One scenario at a time: they start processes and load the machine.
 static SERIAL: Mutex<()> = Mutex::new(());

@@ -9,6 +9,8 @@ pub mod images;
 pub mod nats;
 pub mod nginx;
 pub mod publish;
+pub mod sse;
+pub mod stomp;
 pub mod wait;
 pub mod ws;
 

@@ -284,3 +284,31 @@ async fn gateways_take_the_client_address_from_nginx_only_when_they_trust_it() {
     let _first = connect_from(client_a, &nginx, "u1", &[]).await.expect("the first socket through nginx");
     assert_too_many_from(connect_from(client_b, &nginx, "u2", &[]).await, &NGINX_ADDRESS.to_string());
 }
+
+/// STOMP (an upgrade at /stomp) and Server-Sent Events (a long response at /sse) go through the sample as
+/// /ws does: delivered as they come, not buffered.
+#[tokio::test]
+async fn stomp_and_sse_go_through_nginx() {
+    if !nginx::available("stomp_and_sse_go_through_nginx") {
+        return;
+    }
+    let nats = TestNats::start().await;
+    let publisher = Publisher::new(&nats).await;
+    let gateway = proxied_gateway(&nats, "gw-a").await;
+    let nginx = TestNginx::start(&[gateway.addr]).await;
+
+    let stomp_url = nginx.http_url("/stomp").replacen("http", "ws", 1);
+    let mut stomp = herald_tests::stomp::StompClient::connect(&stomp_url, &[("passcode", &token("pia"))]).await;
+    stomp.expect("CONNECTED").await;
+    stomp.send_frame("SUBSCRIBE", &[("id", "q"), ("destination", "/user/queue/q"), ("receipt", "r")], "").await;
+    stomp.expect("RECEIPT").await;
+    let sse_url = nginx.http_url(&format!("/sse?token={}&device=web", token("pia")));
+    let mut sse = herald_tests::sse::SseClient::open(&sse_url, &[]).await.expect("the stream through nginx");
+    assert_eq!(sse.next_event().await.event, "welcome");
+
+    let seq = publisher.publish("push.user.pia", r#"{"n":1}"#).await;
+    let message = stomp.expect("MESSAGE").await;
+    assert_eq!((message.header("message-id"), message.body.as_str()), (seq.to_string().as_str(), r#"{"n":1}"#));
+    let event = sse.next_event().await;
+    assert_eq!((event.id, event.data.as_str()), (Some(seq.to_string()), r#"{"n":1}"#));
+}

@@ -15,7 +15,7 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use super::fleet::FleetShared;
 use super::protocol::{Decoder, Event, Protocol};
-use super::ws::{self, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, Parsed};
+use super::ws::{self, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, Parsed};
 use crate::payload::{now_ns, stamp_in};
 
 /// Bytes read per system call.
@@ -69,6 +69,8 @@ pub struct ClientReport {
 struct Conn {
     decoder: Decoder,
     resume: bool,
+    /// The opcode of the data frames the client sends.
+    opcode: u8,
     /// The tail of a frame that has not fully arrived.
     partial: Vec<u8>,
     /// Bytes to send after handling a read.
@@ -84,7 +86,9 @@ pub(crate) async fn run(spec: ClientSpec, fleet: Arc<FleetShared>) -> ClientRepo
     };
     let (decoder, hello) = Decoder::new(&spec.protocol);
     let resume = matches!(spec.protocol, Protocol::Herald { resume: true });
-    let mut conn = Conn { decoder, resume, partial: Vec::new(), out: Vec::new(), report: ClientReport::default() };
+    let opcode = if spec.protocol.text() { OP_TEXT } else { OP_BINARY };
+    let mut conn =
+        Conn { decoder, resume, opcode, partial: Vec::new(), out: Vec::new(), report: ClientReport::default() };
     let stream = tokio::select! {
         opened = tokio::time::timeout(fleet.connect_timeout, open(&spec, &hello, &mut conn, &fleet)) => match opened {
             Ok(Ok(stream)) => stream,
@@ -123,7 +127,7 @@ async fn open(spec: &ClientSpec, hello: &[u8], conn: &mut Conn, fleet: &FleetSha
     let early = ws::handshake(&mut stream, &spec.addr.to_string(), &spec.path).await?;
     if !hello.is_empty() {
         let mut frame = Vec::with_capacity(hello.len() + 14);
-        ws::encode(OP_BINARY, hello, &mut frame);
+        ws::encode(conn.opcode, hello, &mut frame);
         stream.write_all(&frame).await?;
     }
     if !early.is_empty() {
@@ -265,7 +269,7 @@ impl Conn {
             Event::Failed(error) => report.error = Some(error),
         });
         if !reply.is_empty() {
-            ws::encode(OP_BINARY, &reply, &mut self.out);
+            ws::encode(self.opcode, &reply, &mut self.out);
         }
     }
 }

@@ -22,6 +22,21 @@ pub enum Protocol {
     },
     /// The raw broadcaster: a `ready` frame, then one payload per frame.
     Raw,
+    /// STOMP 1.2 at Herald's /stomp: CONNECT with `token` as passcode, then subscriptions to
+    /// `/topic/all` and the user's queue; live once both are confirmed (RECEIPT).
+    Stomp {
+        /// The connect token.
+        token: String,
+        /// The device (`herald-device`).
+        device: String,
+    },
+}
+
+impl Protocol {
+    /// Whether the protocol's frames are WebSocket text frames (STOMP at Herald; the others binary).
+    pub fn text(&self) -> bool {
+        matches!(self, Protocol::Stomp { .. })
+    }
 }
 
 /// What a client learned from the server.
@@ -55,6 +70,11 @@ pub enum Decoder {
         /// Whether the `ready` frame was seen.
         ready: bool,
     },
+    /// See [`Protocol::Stomp`].
+    Stomp {
+        /// CONNECTED's `herald-seq`.
+        seq: Option<u64>,
+    },
 }
 
 impl Decoder {
@@ -64,6 +84,11 @@ impl Decoder {
         match protocol {
             Protocol::Herald { .. } => (Decoder::Herald, Vec::new()),
             Protocol::Raw => (Decoder::Raw { ready: false }, Vec::new()),
+            Protocol::Stomp { token, device } => {
+                let connect =
+                    format!("CONNECT\naccept-version:1.2\nhost:herald\npasscode:{token}\nherald-device:{device}\n\n\0");
+                (Decoder::Stomp { seq: None }, connect.into_bytes())
+            }
             Protocol::Nats { subjects } => {
                 let mut hello =
                     br#"CONNECT {"verbose":false,"pedantic":false,"protocol":1,"name":"herald-bench"}"#.to_vec();
@@ -91,7 +116,32 @@ impl Decoder {
                 emit(Event::Welcome { seq: None });
             }
             Decoder::Raw { .. } => emit(Event::Msg(payload)),
+            Decoder::Stomp { seq } => stomp_frame(payload, seq, reply, emit),
         }
+    }
+}
+
+/// Handles a STOMP frame: MESSAGE bodies are messages; CONNECTED, then each RECEIPT, lead to the
+/// next subscription, then to the welcome.
+fn stomp_frame(payload: &[u8], seq: &mut Option<u64>, reply: &mut Vec<u8>, emit: &mut impl FnMut(Event<'_>)) {
+    let Some(head_end) = memchr::memmem::find(payload, b"\n\n") else { return };
+    let (head, body) = (&payload[..head_end], &payload[head_end + 2..]);
+    let body = body.strip_suffix(b"\0").unwrap_or(body);
+    let header = |name: &str| {
+        head.split(|b| *b == b'\n').find_map(|line| line.strip_prefix(name.as_bytes())?.strip_prefix(b":"))
+    };
+    match head.split(|b| *b == b'\n').next().unwrap_or_default() {
+        b"MESSAGE" => emit(Event::Msg(body)),
+        b"CONNECTED" => {
+            *seq = header("herald-seq").and_then(|v| std::str::from_utf8(v).ok()?.parse().ok());
+            reply.extend_from_slice(b"SUBSCRIBE\nid:all\ndestination:/topic/all\nreceipt:all\n\n\0");
+        }
+        b"RECEIPT" if header("receipt-id") == Some(b"all") => {
+            reply.extend_from_slice(b"SUBSCRIBE\nid:q\ndestination:/user/queue/q\nreceipt:q\n\n\0");
+        }
+        b"RECEIPT" => emit(Event::Welcome { seq: *seq }),
+        b"ERROR" => emit(Event::Failed(String::from_utf8_lossy(payload).into_owned())),
+        _ => {}
     }
 }
 
@@ -214,6 +264,20 @@ mod tests {
         assert_eq!(seen[..2], ["Welcome { seq: Some(7) }", "Replayed { count: 3 }"]);
         assert!(seen[2].starts_with("Msg("));
         assert_eq!(seen.len(), 3);
+    }
+
+    #[test]
+    fn stomp_subscribes_then_welcomes_then_reads_message_bodies() {
+        let protocol = Protocol::Stomp { token: "t".into(), device: "d".into() };
+        let (mut decoder, hello) = Decoder::new(&protocol);
+        assert!(hello.starts_with(b"CONNECT\n") && hello.ends_with(b"\n\n\0"));
+        let (seen, reply) = events(&mut decoder, &[b"CONNECTED\nversion:1.2\nherald-seq:7\n\n\0"]);
+        assert!(seen.is_empty() && reply.ends_with(b"receipt:all\n\n\0"));
+        let (_, reply) = events(&mut decoder, &[b"RECEIPT\nreceipt-id:all\n\n\0"]);
+        assert!(reply.ends_with(b"receipt:q\n\n\0"));
+        let message = b"MESSAGE\nsubscription:all\nmessage-id:8\n\n{}\0";
+        let (seen, _) = events(&mut decoder, &[b"RECEIPT\nreceipt-id:q\n\n\0", message]);
+        assert_eq!(seen, ["Welcome { seq: Some(7) }", "Msg([123, 125])"]);
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub enum TargetKind {
     NatsWs,
     /// The bare broadcaster: the practical limit of this machine.
     Raw,
+    /// The Herald gateway, clients speaking STOMP 1.2 at /stomp (user queue and /topic/all).
+    HeraldStomp,
 }
 
 /// Device ids handed out to Herald connections, unique within this process.
@@ -48,16 +50,22 @@ impl TargetKind {
             TargetKind::Herald => "herald",
             TargetKind::NatsWs => "nats-ws",
             TargetKind::Raw => "raw",
+            TargetKind::HeraldStomp => "herald-stomp",
         }
     }
 
     /// What holds the client sockets, for tables (`gateway`, `nats-server`, `raw-server`).
     pub fn server_name(self) -> &'static str {
         match self {
-            TargetKind::Herald => "gateway",
+            TargetKind::Herald | TargetKind::HeraldStomp => "gateway",
             TargetKind::NatsWs => "nats-server",
             TargetKind::Raw => "raw-server",
         }
+    }
+
+    /// Whether a Herald gateway (with JetStream) holds the sockets, whatever protocol they speak.
+    pub fn runs_gateway(self) -> bool {
+        matches!(self, TargetKind::Herald | TargetKind::HeraldStomp)
     }
 }
 
@@ -104,10 +112,10 @@ pub struct Target {
 impl Target {
     /// Starts `kind` and waits until it serves; `label` names its log files.
     pub async fn start(kind: TargetKind, tools: &Tools, label: &str) -> Result<Target> {
-        let features = NatsFeatures { jetstream: kind == TargetKind::Herald, websocket: kind == TargetKind::NatsWs };
+        let features = NatsFeatures { jetstream: kind.runs_gateway(), websocket: kind == TargetKind::NatsWs };
         let nats = NatsServer::start(tools, features, label).await.context("start nats-server")?;
         let (server, ws_addr) = match kind {
-            TargetKind::Herald => {
+            TargetKind::Herald | TargetKind::HeraldStomp => {
                 let (gateway, addr) = start_gateway(tools, &nats, label).await.context("start the gateway")?;
                 (Some(gateway), addr)
             }
@@ -166,6 +174,14 @@ impl Target {
                 ("/".to_string(), Protocol::Nats { subjects: vec!["push.all".into(), format!("push.user.{user}")] })
             }
             TargetKind::Raw => (format!("/ws?user={user}"), Protocol::Raw),
+            TargetKind::HeraldStomp => {
+                // No resume: STOMP has no `replayed` frame to tell when a replay ended.
+                let claims = Claims { sub: user.to_string(), exp: now_secs() + 3600, topics: Vec::new() };
+                let device = NEXT_DEVICE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let token = issue_hs256(SECRET.as_bytes(), &claims);
+                let device = format!("b{}-{device}", std::process::id());
+                ("/stomp".to_string(), Protocol::Stomp { token, device })
+            }
         };
         ClientSpec { addr: self.ws_addr, source, path, protocol }
     }
@@ -190,7 +206,7 @@ impl Target {
     }
 
     async fn stream_state(&self, client: &async_nats::Client) -> Result<Option<async_nats::jetstream::stream::State>> {
-        if self.kind != TargetKind::Herald {
+        if !self.kind.runs_gateway() {
             return Ok(None);
         }
         let js = async_nats::jetstream::new(client.clone());

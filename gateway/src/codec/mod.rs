@@ -6,6 +6,11 @@
 //! [`Message::encoded`]: crate::delivery::message::Message::encoded
 
 mod herald;
+pub(crate) mod sse;
+pub(crate) mod stomp;
+
+use std::collections::VecDeque;
+use std::time::Duration;
 
 use bytes::Bytes;
 use herald_shared::frame::ServerFrame;
@@ -14,22 +19,30 @@ use crate::close::Close;
 use crate::delivery::message::Message;
 
 pub(crate) use herald::HeraldCodec;
+pub(crate) use sse::SseCodec;
+pub(crate) use stomp::StompCodec;
 
 /// The encodings a message can have; each is computed at most once per message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum WireFormat {
     /// Herald's JSON `msg` frame in a WebSocket text frame.
     Herald,
+    /// The shared part of a STOMP MESSAGE frame (see [`stomp`]).
+    Stomp,
+    /// A Server-Sent Events event.
+    Sse,
 }
 
 impl WireFormat {
     /// How many formats there are (the size of a message's encoding cache).
-    pub(crate) const COUNT: usize = 1;
+    pub(crate) const COUNT: usize = 3;
 
     /// The format's slot in a message's encoding cache.
     pub(crate) fn index(self) -> usize {
         match self {
             WireFormat::Herald => 0,
+            WireFormat::Stomp => 1,
+            WireFormat::Sse => 2,
         }
     }
 }
@@ -38,6 +51,8 @@ impl WireFormat {
 pub(crate) fn encode_message(format: WireFormat, message: &Message) -> Bytes {
     match format {
         WireFormat::Herald => herald::encode_message(message),
+        WireFormat::Stomp => stomp::encode_message(message),
+        WireFormat::Sse => sse::encode_message(message),
     }
 }
 
@@ -82,6 +97,10 @@ pub(crate) enum Command {
     },
     /// An application-level ping, answered with a pong notice.
     Ping,
+    /// Nothing for the session (a heart-beat, or a frame the codec answered itself).
+    Nothing,
+    /// The client ends the connection.
+    Close,
 }
 
 /// A client message the codec could not turn into a command.
@@ -97,6 +116,8 @@ pub(crate) enum Refusal {
 #[derive(Debug)]
 pub(crate) enum Codec {
     Herald(HeraldCodec),
+    Stomp(Box<StompCodec>),
+    Sse(SseCodec),
 }
 
 impl Codec {
@@ -104,18 +125,79 @@ impl Codec {
     pub(crate) fn format(&self) -> WireFormat {
         match self {
             Codec::Herald(_) => WireFormat::Herald,
+            Codec::Stomp(_) => WireFormat::Stomp,
+            Codec::Sse(_) => WireFormat::Sse,
         }
     }
 
-    /// The bytes of `message` for this connection (shared with every connection of the format).
-    pub(crate) fn message(&self, message: &Message) -> Bytes {
-        message.encoded(self.format()).clone()
+    /// Queues the frame(s) of `message` for this connection in `frames` (the bytes shared with every
+    /// connection of the format, after a small head of this connection's own for STOMP); returns
+    /// the bytes queued.
+    pub(crate) fn queue_message(&mut self, message: &Message, frames: &mut VecDeque<Bytes>) -> usize {
+        let encoded = message.encoded(self.format());
+        match self {
+            Codec::Herald(_) => {
+                frames.push_back(encoded.clone());
+                encoded.len()
+            }
+            Codec::Stomp(codec) => codec.queue_message(message, encoded, frames),
+            Codec::Sse(codec) => {
+                codec.note_sent(message.seq);
+                frames.push_back(encoded.clone());
+                encoded.len()
+            }
+        }
+    }
+
+    /// Frames the codec sends of its own accord after a client message (receipts and the like).
+    pub(crate) fn take_replies(&mut self) -> Vec<Bytes> {
+        match self {
+            Codec::Herald(_) | Codec::Sse(_) => Vec::new(),
+            Codec::Stomp(codec) => codec.take_replies(),
+        }
+    }
+
+    /// Why the connection must close, when a notice ended it (a STOMP ERROR).
+    pub(crate) fn take_closing(&mut self) -> Option<Close> {
+        match self {
+            Codec::Herald(_) | Codec::Sse(_) => None,
+            Codec::Stomp(codec) => codec.take_closing(),
+        }
+    }
+
+    /// The highest `seq` the client acknowledged by receiving it (STOMP `ack:auto`, SSE), once all
+    /// that was queued is written.
+    pub(crate) fn take_auto_ack(&mut self) -> Option<u64> {
+        match self {
+            Codec::Herald(_) => None,
+            Codec::Stomp(codec) => codec.take_auto_ack(),
+            Codec::Sse(codec) => codec.take_sent(),
+        }
+    }
+
+    /// How often to ping, given the gateway's heartbeat (a protocol may negotiate a longer one).
+    pub(crate) fn heartbeat(&self, gateway: Duration) -> Duration {
+        match self {
+            Codec::Herald(_) | Codec::Sse(_) => gateway,
+            Codec::Stomp(codec) => codec.heartbeat(gateway),
+        }
+    }
+
+    /// How long the client may stay silent past a heartbeat, given the gateway's timeout. An SSE
+    /// client never speaks: only a failed write tells that it left.
+    pub(crate) fn silence(&self, gateway: Duration) -> Duration {
+        match self {
+            Codec::Sse(_) => Duration::from_secs(365 * 24 * 3600),
+            _ => gateway,
+        }
     }
 
     /// The bytes of a notice (`welcome`, `replayed`, an `error`…), if the protocol has one.
     pub(crate) fn notice(&mut self, notice: &ServerFrame) -> Option<Bytes> {
         match self {
             Codec::Herald(codec) => Some(codec.notice(notice)),
+            Codec::Stomp(codec) => codec.notice(notice),
+            Codec::Sse(codec) => codec.notice(notice),
         }
     }
 
@@ -123,6 +205,8 @@ impl Codec {
     pub(crate) fn ping(&self) -> Bytes {
         match self {
             Codec::Herald(_) => crate::websocket::frame::ping(),
+            Codec::Stomp(codec) => codec.ping(),
+            Codec::Sse(codec) => codec.ping(),
         }
     }
 
@@ -133,13 +217,30 @@ impl Codec {
 
     /// The last bytes before the connection ends, if any can be sent.
     pub(crate) fn close(&self, close: &Close) -> Option<Bytes> {
-        close.code.is_sent().then(|| crate::websocket::frame::close(close.number(), &close.reason))
+        if !close.code.is_sent() {
+            return None;
+        }
+        match self {
+            Codec::Herald(_) => Some(crate::websocket::frame::close(close.number(), &close.reason)),
+            Codec::Stomp(codec) => Some(codec.close(close)),
+            Codec::Sse(_) => Some(SseCodec::close(close)),
+        }
+    }
+
+    /// The last bytes of a connection in `format` whose session never opened (no codec is left).
+    pub(crate) fn close_unopened(format: WireFormat, close: &Close) -> Option<Bytes> {
+        match format {
+            WireFormat::Sse => close.code.is_sent().then(|| SseCodec::close(close)),
+            WireFormat::Herald | WireFormat::Stomp => Codec::Herald(HeraldCodec).close(close),
+        }
     }
 
     /// Reads one text message from the client.
     pub(crate) fn decode(&mut self, text: &[u8]) -> Result<Command, Refusal> {
         match self {
             Codec::Herald(codec) => codec.decode(text),
+            Codec::Stomp(codec) => codec.decode(text),
+            Codec::Sse(codec) => codec.decode(),
         }
     }
 }

@@ -11,3 +11,5 @@ pub(crate) mod metrics;
 pub(crate) mod ratelimit;
 pub(crate) mod refusals;
 pub(crate) mod server;
+pub(crate) mod sse;
+pub(crate) mod stomp;

@@ -1,8 +1,8 @@
-//! The HTTP side: the accept loop and the routes (`/ws`, `/healthz`, `/readyz`, `/metrics`, the demo
+//! The HTTP side: the accept loop and the routes (`/ws`, `/stomp`, `/sse`, `/healthz`, `/readyz`, `/metrics`, the demo
 //! page and, in dev mode, `/dev/token`).
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -23,7 +23,7 @@ use crate::http::handshake;
 use crate::http::limits::{self, LimitExceeded};
 use crate::session;
 
-type HttpResponse = Response<Full<Bytes>>;
+pub(crate) type HttpResponse = Response<Full<Bytes>>;
 
 const DEMO_PAGE: &str = include_str!("../../static/index.html");
 const CLIENT_MODULE: &str = include_str!("../../../clients/js/herald.js");
@@ -58,9 +58,20 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
-async fn route(shared: Arc<Shared>, request: Request<Incoming>, peer: SocketAddr) -> Result<HttpResponse, Infallible> {
+/// A response's body: whole, or an event stream.
+pub(crate) type Body = http_body_util::Either<Full<Bytes>, super::sse::SseBody>;
+
+async fn route(
+    shared: Arc<Shared>,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<Body>, Infallible> {
+    if (request.method(), request.uri().path()) == (&Method::GET, "/sse") {
+        return Ok(super::sse::stream(shared, request, peer).await);
+    }
     let response = match (request.method(), request.uri().path()) {
         (&Method::GET, "/ws") => websocket(shared, request, peer).await,
+        (&Method::GET, "/stomp") => super::stomp::upgrade(shared, request, peer).await,
         (&Method::GET, "/healthz") => json(StatusCode::OK, serde_json::json!({"ok": true})),
         (&Method::GET, "/readyz") => readyz(&shared),
         (&Method::GET, "/metrics") => {
@@ -73,12 +84,12 @@ async fn route(shared: Arc<Shared>, request: Request<Incoming>, peer: SocketAddr
         (&Method::GET, "/dev/token") if shared.config.dev => dev_token(&shared, &request),
         _ => json(StatusCode::NOT_FOUND, serde_json::json!({"error": "not_found", "reason": "no such endpoint"})),
     };
-    Ok(response)
+    Ok(response.map(http_body_util::Either::Left))
 }
 
 async fn websocket(shared: Arc<Shared>, request: Request<Incoming>, peer: SocketAddr) -> HttpResponse {
     let address = limits::client_address(peer.ip(), request.headers(), &shared.config.trusted_proxies);
-    match upgrade(shared.clone(), request, address).await {
+    match upgrade(shared.clone(), request, peer).await {
         Ok(response) => response,
         Err(refused) => {
             shared.refusals.refused(&refused, address);
@@ -91,7 +102,7 @@ async fn websocket(shared: Arc<Shared>, request: Request<Incoming>, peer: Socket
 async fn upgrade(
     shared: Arc<Shared>,
     mut request: Request<Incoming>,
-    address: IpAddr,
+    peer: SocketAddr,
 ) -> Result<HttpResponse, Rejection> {
     handshake::check(&request)?;
     if let Some(origin) = refused_origin(&shared.config.allowed_origins, &request) {
@@ -100,22 +111,7 @@ async fn upgrade(
     }
     // The token first: a client with a bad one learns that whatever else is wrong.
     let connect = auth::authorize(&request, &shared.verifier)?;
-    if !shared.health.ready() {
-        return Err(Rejection::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            shared.health.problems().join("; "),
-        ));
-    }
-    let permit = shared.limits.admit(address).map_err(|exceeded| match exceeded {
-        LimitExceeded::Gateway => {
-            Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "too_many_connections", "this gateway is full")
-        }
-        LimitExceeded::Address => {
-            let reason = format!("too many connections from {address}");
-            Rejection::new(StatusCode::TOO_MANY_REQUESTS, "too_many_connections", reason)
-        }
-    })?;
+    let (address, permit) = admit(&shared, &request, peer)?;
     let (response, upgrade) = fastwebsockets::upgrade::upgrade(&mut request)
         .map_err(|error| Rejection::new(StatusCode::BAD_REQUEST, "bad_request", error.to_string()))?;
     let conn = crate::id::random_id(12);
@@ -140,8 +136,31 @@ async fn upgrade(
     Ok(response.map(|_| Full::new(Bytes::new())))
 }
 
+/// Whether the gateway takes one more connection now: ready, and within the connection limits.
+pub(crate) fn admit<B>(
+    shared: &Shared,
+    request: &Request<B>,
+    peer: SocketAddr,
+) -> Result<(std::net::IpAddr, limits::Permit), Rejection> {
+    if !shared.health.ready() {
+        let problems = shared.health.problems().join("; ");
+        return Err(Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", problems));
+    }
+    let address = limits::client_address(peer.ip(), request.headers(), &shared.config.trusted_proxies);
+    match shared.limits.admit(address) {
+        Ok(permit) => Ok((address, permit)),
+        Err(LimitExceeded::Gateway) => {
+            Err(Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "too_many_connections", "this gateway is full"))
+        }
+        Err(LimitExceeded::Address) => {
+            let reason = format!("too many connections from {address}");
+            Err(Rejection::new(StatusCode::TOO_MANY_REQUESTS, "too_many_connections", reason))
+        }
+    }
+}
+
 /// The request's `Origin` when an allow-list is configured and does not contain it.
-fn refused_origin<B>(allowed: &[String], request: &Request<B>) -> Option<String> {
+pub(crate) fn refused_origin<B>(allowed: &[String], request: &Request<B>) -> Option<String> {
     let origin = request.headers().get(hyper::header::ORIGIN)?.to_str().unwrap_or("?");
     let allowed = allowed.is_empty() || allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin));
     (!allowed).then(|| origin.to_string())
@@ -182,7 +201,14 @@ fn dev_token(shared: &Shared, request: &Request<Incoming>) -> HttpResponse {
     }
 }
 
-fn rejection(rejection: &Rejection) -> HttpResponse {
+/// Counts a refused connection (see [`super::refusals`]) and answers it.
+pub(crate) fn refuse<B>(shared: &Shared, request: &Request<B>, peer: SocketAddr, refused: &Rejection) -> HttpResponse {
+    let address = limits::client_address(peer.ip(), request.headers(), &shared.config.trusted_proxies);
+    shared.refusals.refused(refused, address);
+    rejection(refused)
+}
+
+pub(crate) fn rejection(rejection: &Rejection) -> HttpResponse {
     let mut response = text(rejection.status, "application/json", rejection.body());
     if rejection.status == StatusCode::UPGRADE_REQUIRED {
         // What to upgrade to (RFC 9110 §15.5.22), and the version this server speaks (RFC 6455 §4.4).

@@ -9,7 +9,7 @@ use herald_shared::frame::{ServerFrame, error_code};
 use super::Session;
 use super::rpc;
 use super::state::SessionState;
-use crate::close::Close;
+use crate::close::{Close, CloseCode};
 use crate::codec::{Command, Refusal};
 use crate::http::ratelimit::TokenBucket;
 use crate::websocket::reader::Inbound;
@@ -28,11 +28,17 @@ pub(super) fn handle(
         }
         Inbound::Pong => {}
         Inbound::Close(code) => return Err(Close::by_client(code)),
-        Inbound::Text(text) => match state.codec_mut().decode(&text) {
-            Ok(command) => run(session, state, command, rpc_budget),
-            Err(Refusal::Notice(notice)) => state.notice(&notice),
-            Err(Refusal::Close(close)) => return Err(close),
-        },
+        Inbound::Text(text) => {
+            match state.codec_mut().decode(&text) {
+                Ok(Command::Close) => return Err(Close::new(CloseCode::Normal, "the client disconnected")),
+                Ok(command) => run(session, state, command, rpc_budget),
+                Err(Refusal::Notice(notice)) => state.notice(&notice),
+                Err(Refusal::Close(close)) => return Err(close),
+            }
+            for frame in state.codec_mut().take_replies() {
+                state.push_frame(frame);
+            }
+        }
     }
     Ok(())
 }
@@ -59,5 +65,6 @@ fn run(session: &Arc<Session>, state: &mut SessionState, command: Command, rpc_b
             }
         }
         Command::Ping => state.notice(&ServerFrame::Pong),
+        Command::Nothing | Command::Close => {}
     }
 }

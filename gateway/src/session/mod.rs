@@ -1,4 +1,6 @@
-//! One connection, from the upgrade to the close, in one task.
+//! One connection, from the upgrade to the close, in one task. The protocol is the connection's
+//! [`Codec`]; the transport a reader and a writer ([`Connection`]): a WebSocket's halves, or for
+//! Server-Sent Events a client that never speaks and the response body's pipe.
 //!
 //! The exactness rules live in a state machine with no I/O ([`state`]); this task does its I/O:
 //! it opens the session ([`join`]), reads client frames ([`inbound`]), writes what the session
@@ -53,8 +55,8 @@ const CLOSE_GRACE: Duration = Duration::from_secs(3);
 /// Most bytes taken from the session's queue for one write.
 const BATCH_BYTES: usize = 256 * 1024;
 
-type ReadHalf = Pin<Box<dyn AsyncRead + Send>>;
-type WriteHalf = Pin<Box<dyn AsyncWrite + Send>>;
+pub(crate) type ReadHalf = Pin<Box<dyn AsyncRead + Send>>;
+pub(crate) type WriteHalf = Pin<Box<dyn AsyncWrite + Send>>;
 
 /// A connected client: what the session's I/O needs to know.
 pub(crate) struct Session {
@@ -74,7 +76,7 @@ impl Session {
     }
 }
 
-/// Runs connection `conn` on `upgraded` until it closes.
+/// Runs connection `conn` on `upgraded` until it closes, in Herald's protocol.
 pub(crate) async fn run(
     shared: Arc<Shared>,
     upgraded: Upgraded,
@@ -83,6 +85,27 @@ pub(crate) async fn run(
     address: IpAddr,
 ) {
     let (read_half, write_half) = split(upgraded);
+    let reader = MessageReader::new(read_half, shared.config.max_frame_bytes);
+    let connection = Connection { reader, write_half, codec: Codec::Herald(HeraldCodec) };
+    run_with(shared, connection, request, conn, address).await;
+}
+
+/// A connection's transport and protocol, whatever they are.
+pub(crate) struct Connection {
+    pub(crate) reader: MessageReader<ReadHalf>,
+    pub(crate) write_half: WriteHalf,
+    pub(crate) codec: Codec,
+}
+
+/// Runs connection `conn` until it closes.
+pub(crate) async fn run_with(
+    shared: Arc<Shared>,
+    connection: Connection,
+    request: ConnectRequest,
+    conn: String,
+    address: IpAddr,
+) {
+    let Connection { reader, write_half, codec } = connection;
     let mailbox = Arc::new(Mailbox::new(shared.config.outbound_queue_bytes));
     let user: Arc<str> = request.claims.sub.as_str().into();
     let session = Arc::new(Session {
@@ -115,7 +138,7 @@ pub(crate) async fn run(
     info!(user = %session.user, device = %session.device, conn = %session.conn, %address, "connected");
 
     let mut transmit = Transmit::new(write_half);
-    let codec = Codec::Herald(HeraldCodec);
+    let format = codec.format();
     let opened = tokio::select! {
         biased;
         _ = shared.killed.cancelled() => Err(Close::gone("gateway killed")),
@@ -126,12 +149,11 @@ pub(crate) async fn run(
     let (close, state) = match opened {
         Ok(state) => {
             Box::pin(publish_lifecycle(&shared.client, &session.who(), None)).await;
-            let reader = MessageReader::new(read_half, shared.config.max_frame_bytes);
             serve(&session, state, reader, &mut transmit).await
         }
         Err(close) => (close, None),
     };
-    Box::pin(finish(&session, state, transmit, close)).await;
+    Box::pin(finish(&session, state, format, transmit, close)).await;
 }
 
 /// Serves the connection until it must close; returns why, and the session if it opened.
@@ -145,8 +167,9 @@ async fn serve(
     let config = &shared.config;
     let now = Instant::now();
     let expires = now + Duration::from_secs(session.request.claims.exp.saturating_sub(now_secs()));
-    let mut deadlines =
-        Deadlines::new(now, config.heartbeat, config.heartbeat_timeout, config.write_stall_timeout, expires);
+    let heartbeat = state.codec().heartbeat(config.heartbeat);
+    let silence = state.codec().silence(config.heartbeat_timeout);
+    let mut deadlines = Deadlines::new(now, heartbeat, silence, config.write_stall_timeout, expires);
     let timer = tokio::time::sleep_until(deadlines.next(None));
     tokio::pin!(timer);
     let mut job: Option<BoxStream<'static, Outcome>> = None;
@@ -214,6 +237,12 @@ fn advance(
         if !transmit.is_busy() && state.has_frames() {
             transmit.start(|batch| state.take_frames(batch, shared.config.write_batch_frames, BATCH_BYTES));
         }
+        if !transmit.is_busy() && !state.has_frames() {
+            // Everything queued is written: what was sent on auto-acknowledged subscriptions counts.
+            if let Some(seq) = state.codec_mut().take_auto_ack() {
+                shared.cursors.ack(&session.user, &session.device, seq.min(state.last_sent()));
+            }
+        }
         count(&shared.metrics, state.take_tally());
         if transmit.is_busy() || parked {
             return Ok(());
@@ -262,7 +291,13 @@ fn count(metrics: &crate::http::metrics::Metrics, tally: Tally) {
 }
 
 /// Closes the socket with `close` and releases what the session held.
-async fn finish(session: &Session, state: Option<SessionState>, mut transmit: Transmit<WriteHalf>, close: Close) {
+async fn finish(
+    session: &Session,
+    state: Option<SessionState>,
+    format: crate::codec::WireFormat,
+    mut transmit: Transmit<WriteHalf>,
+    close: Close,
+) {
     let shared = &session.shared;
     if close.code == CloseCode::SlowConsumer {
         shared.metrics.slow_consumer_closes.inc();
@@ -276,7 +311,7 @@ async fn finish(session: &Session, state: Option<SessionState>, mut transmit: Tr
         let codec = state.as_ref().map(SessionState::codec);
         let last: Option<Bytes> = match codec {
             Some(codec) => codec.close(&close),
-            None => Codec::Herald(HeraldCodec).close(&close),
+            None => Codec::close_unopened(format, &close),
         };
         transmit.finish(last, CLOSE_GRACE).await;
     }
@@ -297,7 +332,7 @@ fn join_audiences(session: &Session) -> Vec<herald_shared::subject::Audience> {
 }
 
 /// Splits the upgraded connection; a plain TCP stream splits without a lock between the halves.
-fn split(upgraded: Upgraded) -> (ReadHalf, WriteHalf) {
+pub(crate) fn split(upgraded: Upgraded) -> (ReadHalf, WriteHalf) {
     match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => {
             let (read, write) = parts.io.into_inner().into_split();

@@ -88,6 +88,9 @@ pub(crate) enum Action {
 }
 
 /// The result of an [`Action`].
+// A replayed message is the large variant (one encoding slot per wire format): outcomes pass one at
+// a time, so boxing it would only add an allocation per replayed message.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub(crate) enum Outcome {
     Bounds(Result<Bounds, String>),
@@ -336,6 +339,9 @@ impl SessionState {
         if let Some(frame) = self.codec.notice(notice) {
             self.push_frame(frame);
         }
+        if let Some(close) = self.codec.take_closing() {
+            self.close(close);
+        }
     }
 
     pub(crate) fn codec(&self) -> &Codec {
@@ -385,7 +391,7 @@ impl SessionState {
         }
         let muted = self.local.muted();
         let mut live = LivePull {
-            codec: &self.codec,
+            codec: &mut self.codec,
             muted: &muted,
             last_sent: &mut self.last_sent,
             complete_through: self.complete_through,
@@ -616,12 +622,12 @@ impl SessionState {
                     return;
                 }
                 self.last_sent = message.seq;
-                self.push_frame(self.codec.message(&message));
+                self.frame_bytes += self.codec.queue_message(&message, &mut self.frames);
             }
             Purpose::TopicBlock { .. } => {
                 // Newer ones come with the catch-up, in order.
                 if message.seq <= self.last_sent {
-                    self.push_frame(self.codec.message(&message));
+                    self.frame_bytes += self.codec.queue_message(&message, &mut self.frames);
                 }
             }
         }
@@ -679,7 +685,7 @@ pub(crate) fn audiences_of<'a>(user: &str, topics: impl Iterator<Item = &'a Stri
 
 /// Taking live entries into the session's frames.
 struct LivePull<'a> {
-    codec: &'a Codec,
+    codec: &'a mut Codec,
     muted: &'a [Box<str>],
     last_sent: &'a mut u64,
     complete_through: u64,
@@ -729,10 +735,7 @@ impl LivePull<'_> {
         let format = self.codec.format();
         let Some(burst) = message.burst(format) else {
             self.end_run();
-            let frame = self.codec.message(message);
-            let len = frame.len();
-            self.frames.push_back(frame);
-            return len;
+            return self.codec.queue_message(message, self.frames);
         };
         let frame = message.encoded(format);
         let burst_at = burst.as_ptr() as usize;

@@ -71,6 +71,12 @@ pub(crate) fn append_text(out: &mut Vec<u8>, payload: &[u8]) {
     out.extend_from_slice(payload);
 }
 
+/// The header of a text frame whose payload has `len` bytes (the payload follows in other slices),
+/// and its length.
+pub(crate) fn text_header(len: usize) -> ([u8; HEAD_ROOM], usize) {
+    header(OP_TEXT, len)
+}
+
 /// A text frame holding `json`.
 pub(crate) fn text(json: &[u8]) -> Bytes {
     let mut frame = FrameBuf::with_capacity(json.len());

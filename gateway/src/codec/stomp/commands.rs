@@ -1,0 +1,164 @@
+//! What a STOMP client sends: each frame becomes a session [`Command`] (or is answered by the
+//! codec itself: receipts, subscriptions to the user's queue and `/topic/all`, which the session
+//! always receives).
+
+use herald_shared::frame::error_code;
+use herald_shared::id::{IdKind, check_id, topic_allowed};
+
+use super::frame::{Frame, Version, parse};
+use super::{AckMode, Held, PendingRpc, StompCodec, Subscription, Target, receipt_frame};
+use crate::codec::{Command, Refusal};
+
+impl StompCodec {
+    /// Reads one client message (a frame or heart-beats).
+    pub(crate) fn decode(&mut self, text: &[u8]) -> Result<Command, Refusal> {
+        let frame = match parse(text) {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return Ok(Command::Nothing),
+            Err(error) => return Err(Refusal::Close(self.fail(error_code::BAD_REQUEST, &error, None))),
+        };
+        let receipt = frame.header("receipt").map(str::to_string);
+        let command = match self.command(&frame) {
+            Ok(command) => command,
+            Err((code, detail)) => return Err(Refusal::Close(self.fail(code, &detail, receipt.as_deref()))),
+        };
+        if let Some(receipt) = receipt {
+            match &command {
+                Command::Subscribe { topic, .. } | Command::Unsubscribe { topic } => {
+                    self.topic_receipts.push((topic.clone(), receipt))
+                }
+                Command::Close => self.last = Some(receipt_frame(&receipt)),
+                _ => self.replies.push(receipt_frame(&receipt)),
+            }
+        }
+        Ok(command)
+    }
+
+    fn command(&mut self, frame: &Frame) -> Result<Command, (&'static str, String)> {
+        let required = |name: &str| {
+            frame
+                .header(name)
+                .ok_or_else(|| (error_code::BAD_REQUEST, format!("{} needs a {name} header", frame.command)))
+        };
+        match frame.command.as_str() {
+            "SUBSCRIBE" => {
+                let destination = required("destination")?;
+                // 1.0 made `id` optional: the destination names the subscription then.
+                let id = match frame.header("id") {
+                    Some(id) => id,
+                    None if self.connected.version == Version::V10 => destination,
+                    None => required("id")?,
+                };
+                let since = frame.header("herald-since").map(|since| since.parse::<u64>());
+                let since = since.transpose().map_err(|_| bad("herald-since must be a sequence number"))?;
+                self.subscribe(id, destination, frame.header("ack").unwrap_or("auto"), since)
+            }
+            "UNSUBSCRIBE" => {
+                let id =
+                    frame.header("id").or(frame.header("destination")).ok_or_else(|| bad("UNSUBSCRIBE needs an id"))?;
+                let index = self.subscriptions.iter().position(|s| s.id == id);
+                let Some(index) = index else { return Err(bad(format!("no subscription {id:?}"))) };
+                let target = self.subscriptions.remove(index).target;
+                match target {
+                    // The session leaves the topic with its last subscription.
+                    Target::Topic(topic) if self.subscription(&Target::Topic(topic.clone())).is_none() => {
+                        Ok(Command::Unsubscribe { topic })
+                    }
+                    _ => Ok(Command::Nothing),
+                }
+            }
+            "ACK" => {
+                // 1.2 acknowledges the MESSAGE's `ack` header in `id`; 1.0 and 1.1 its `message-id`.
+                let id = frame.header("id").or(frame.header("message-id")).ok_or_else(|| bad("ACK needs an id"))?;
+                let seq = id.parse::<u64>().map_err(|_| bad(format!("ACK of unknown message {id:?}")))?;
+                Ok(Command::Ack(seq))
+            }
+            "NACK" => Ok(Command::Nothing),
+            "SEND" => self.send(frame),
+            "DISCONNECT" => Ok(Command::Close),
+            "CONNECT" | "STOMP" => Err(bad("already connected")),
+            "BEGIN" | "COMMIT" | "ABORT" => Err(bad("transactions are not supported")),
+            other => Err((error_code::UNKNOWN_TYPE, format!("unknown command {other}"))),
+        }
+    }
+
+    fn subscribe(
+        &mut self,
+        id: &str,
+        destination: &str,
+        ack: &str,
+        since: Option<u64>,
+    ) -> Result<Command, (&'static str, String)> {
+        let ack = match ack {
+            "auto" => AckMode::Auto,
+            "client" => AckMode::Client,
+            "client-individual" => AckMode::ClientIndividual,
+            other => return Err(bad(format!("unknown ack mode {other:?}"))),
+        };
+        if self.subscriptions.iter().any(|s| s.id == id) {
+            return Err(bad(format!("subscription {id:?} exists already")));
+        }
+        let target = Target::of(destination).ok_or_else(|| {
+            bad(format!("unknown destination {destination:?}: /user/queue/<name>, /topic/all or /topic/<topic>"))
+        })?;
+        if let Target::Topic(topic) = &target {
+            check_id(IdKind::Topic, topic).map_err(|error| bad(error.to_string()))?;
+            if !topic_allowed(&self.connected.allowed_topics, topic) {
+                return Err((error_code::FORBIDDEN, format!("the token does not allow topic {topic}")));
+            }
+        }
+        let first = self.subscription(&target).is_none();
+        let subscription = Subscription::new(id, destination, target, ack);
+        self.subscriptions.push(subscription);
+        let index = self.subscriptions.len() - 1;
+        match &self.subscriptions[index].target {
+            Target::Topic(topic) if first => Ok(Command::Subscribe { topic: topic.clone(), since }),
+            Target::Topic(_) => Ok(Command::Nothing),
+            target => {
+                let target = target.clone();
+                if first {
+                    self.release(&target, index);
+                }
+                Ok(Command::Nothing)
+            }
+        }
+    }
+
+    /// Sends what waited for `target`'s first subscription, `index`.
+    fn release(&mut self, target: &Target, index: usize) {
+        let (mine, others): (Vec<Held>, Vec<Held>) = self.held.drain(..).partition(|held| held.target == *target);
+        self.held = others.into();
+        for held in mine {
+            let head = self.head(index, held.tail.len());
+            self.note_sent(index, held.seq);
+            self.replies.push(head);
+            self.replies.push(held.tail);
+        }
+    }
+
+    fn send(&mut self, frame: &Frame) -> Result<Command, (&'static str, String)> {
+        let destination = frame.header("destination").ok_or_else(|| bad("SEND needs a destination"))?;
+        let Some(function) = destination.strip_prefix("/app/") else {
+            return Err(bad(format!("SEND goes to /app/<function>, not {destination:?}")));
+        };
+        let data = if frame.body.is_empty() {
+            serde_json::Value::Null
+        } else {
+            // A body that is not JSON is passed as a JSON string.
+            serde_json::from_slice(&frame.body)
+                .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&frame.body).into_owned()))
+        };
+        self.next_rpc += 1;
+        let id = self.next_rpc.to_string();
+        let rpc = PendingRpc {
+            reply_to: frame.header("reply-to").map(str::to_string),
+            correlation: frame.header("correlation-id").map(str::to_string),
+        };
+        self.rpcs.insert(id.clone(), rpc);
+        Ok(Command::Rpc { id, function: function.to_string(), data })
+    }
+}
+
+fn bad(detail: impl Into<String>) -> (&'static str, String) {
+    (error_code::BAD_REQUEST, detail.into())
+}

@@ -1,0 +1,237 @@
+//! STOMP frames as text (STOMP 1.2 "Frames and headers", also 1.1 and 1.0): parsing what a client
+//! sends in one WebSocket text message, and writing frames into WebSocket text frames.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+
+use crate::websocket::frame::FrameBuf;
+
+/// A protocol version a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Version {
+    V10,
+    V11,
+    V12,
+}
+
+impl Version {
+    /// The version of an `accept-version` value or a `vNN.stomp` subprotocol.
+    pub(crate) fn parse(text: &str) -> Option<Version> {
+        match text.trim() {
+            "1.0" | "v10.stomp" => Some(Version::V10),
+            "1.1" | "v11.stomp" => Some(Version::V11),
+            "1.2" | "v12.stomp" => Some(Version::V12),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn number(self) -> &'static str {
+        match self {
+            Version::V10 => "1.0",
+            Version::V11 => "1.1",
+            Version::V12 => "1.2",
+        }
+    }
+
+    pub(crate) fn subprotocol(self) -> &'static str {
+        match self {
+            Version::V10 => "v10.stomp",
+            Version::V11 => "v11.stomp",
+            Version::V12 => "v12.stomp",
+        }
+    }
+}
+
+/// A client frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Frame {
+    pub(crate) command: String,
+    /// In order; a repeated header's first value is the one that counts (1.2 "Repeated Header
+    /// Entries").
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) body: Vec<u8>,
+}
+
+impl Frame {
+    /// The value of header `name`, if the frame has it.
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(key, _)| key == name).map(|(_, value)| value.as_str())
+    }
+}
+
+/// Reads the frame in one WebSocket text message: `None` when it holds only heart-beats (EOLs).
+/// One frame per message, as STOMP over WebSocket clients send them; anything but EOLs after it is
+/// refused.
+pub(crate) fn parse(text: &[u8]) -> Result<Option<Frame>, String> {
+    let text = skip_eols(text);
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let (command, mut rest) = line(text).ok_or("a frame needs a command line")?;
+    let command = utf8(command)?.to_string();
+    if command.is_empty() || !command.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(format!("bad command {command:?}"));
+    }
+    // CONNECT and CONNECTED headers are not escaped, for 1.0 servers' sake (1.2 "Value Encoding").
+    let escaped = command != "CONNECT" && command != "STOMP";
+    let mut headers = Vec::new();
+    loop {
+        let (header, after) = line(rest).ok_or("the headers have no end (a blank line)")?;
+        rest = after;
+        if header.is_empty() {
+            break;
+        }
+        let header = utf8(header)?;
+        let (name, value) = header.split_once(':').ok_or_else(|| format!("header {header:?} has no colon"))?;
+        let (name, value) = if escaped { (unescape(name)?, unescape(value)?) } else { (name.into(), value.into()) };
+        headers.push((name, value));
+    }
+    let frame = Frame { command, headers, body: Vec::new() };
+    let (body, after) = match frame.header("content-length") {
+        Some(length) => {
+            let length: usize = length.parse().map_err(|_| format!("bad content-length {length:?}"))?;
+            if rest.len() <= length || rest[length] != 0 {
+                return Err("the body does not end with NUL at its content-length".into());
+            }
+            (&rest[..length], &rest[length + 1..])
+        }
+        None => {
+            let end = memchr::memchr(0, rest).ok_or("the frame does not end with NUL")?;
+            (&rest[..end], &rest[end + 1..])
+        }
+    };
+    if !skip_eols(after).is_empty() {
+        return Err("one frame per WebSocket message".into());
+    }
+    Ok(Some(Frame { body: body.to_vec(), ..frame }))
+}
+
+/// The line at the start of `text` (without its `\n` or `\r\n`), and what follows it.
+fn line(text: &[u8]) -> Option<(&[u8], &[u8])> {
+    let end = memchr::memchr(b'\n', text)?;
+    let line = &text[..end];
+    Some((line.strip_suffix(b"\r").unwrap_or(line), &text[end + 1..]))
+}
+
+fn skip_eols(mut text: &[u8]) -> &[u8] {
+    loop {
+        text = match text {
+            [b'\n', rest @ ..] | [b'\r', b'\n', rest @ ..] => rest,
+            _ => return text,
+        }
+    }
+}
+
+fn utf8(bytes: &[u8]) -> Result<&str, String> {
+    std::str::from_utf8(bytes).map_err(|_| "a header is not UTF-8".to_string())
+}
+
+fn unescape(text: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        out.push(match chars.next() {
+            Some('n') => '\n',
+            Some('r') => '\r',
+            Some('c') => ':',
+            Some('\\') => '\\',
+            other => return Err(format!("undefined escape \\{}", other.map(String::from).unwrap_or_default())),
+        });
+    }
+    Ok(out)
+}
+
+/// A header value as written in a frame (1.1, 1.2 "Value Encoding").
+pub(crate) fn escape(value: &str) -> Cow<'_, str> {
+    if !value.contains(['\\', '\n', '\r', ':']) {
+        return Cow::Borrowed(value);
+    }
+    let mut out = String::with_capacity(value.len() + 8);
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            ':' => out.push_str("\\c"),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Appends `name:value\n`, the value escaped.
+pub(crate) fn push_header(out: &mut Vec<u8>, name: &str, value: &str) {
+    out.extend_from_slice(name.as_bytes());
+    out.push(b':');
+    out.extend_from_slice(escape(value).as_bytes());
+    out.push(b'\n');
+}
+
+/// A whole server frame in one WebSocket text frame.
+pub(crate) fn encode(command: &str, headers: &[(&str, &str)], body: &[u8]) -> Bytes {
+    let mut frame = FrameBuf::with_capacity(command.len() + 64 + body.len());
+    let out = frame.body();
+    out.extend_from_slice(command.as_bytes());
+    out.push(b'\n');
+    for (name, value) in headers {
+        push_header(out, name, value);
+    }
+    if !body.is_empty() {
+        push_header(out, "content-length", &body.len().to_string());
+    }
+    out.push(b'\n');
+    out.extend_from_slice(body);
+    out.push(0);
+    frame.finish_text()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(text: &str) -> Frame {
+        parse(text.as_bytes()).unwrap().unwrap()
+    }
+
+    #[test]
+    fn parses_frames_with_and_without_content_length() {
+        let send = frame("\n\r\nSEND\r\ndestination:/app/echo\nreceipt:r\\c1\n\n{\"a\":1}\0\n");
+        assert_eq!(send.command, "SEND");
+        assert_eq!(send.header("destination"), Some("/app/echo"));
+        assert_eq!(send.header("receipt"), Some("r:1"));
+        assert_eq!(send.body, b"{\"a\":1}");
+        let binary = frame("SEND\ndestination:/app/x\ncontent-length:3\n\na\0b\0");
+        assert_eq!(binary.body, b"a\0b");
+        let connect = frame("CONNECT\npasscode:a\\b\nhost:h\nhost:other\n\n\0");
+        assert_eq!((connect.header("passcode"), connect.header("host")), (Some("a\\b"), Some("h")));
+        assert_eq!(parse(b"\n"), Ok(None));
+    }
+
+    #[test]
+    fn refuses_malformed_frames() {
+        for bad in [
+            "SEND\ndestination:/app/x\n\nno nul",
+            "SEND\ndestination /app/x\n\n\0",
+            "send\n\n\0",
+            "SEND\nreceipt:\\t\n\n\0",
+            "SEND\ncontent-length:9\n\nshort\0",
+            "SEND\n\n\0SEND\n\n\0",
+            "SEND\nno blank line",
+        ] {
+            assert!(parse(bad.as_bytes()).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn encodes_a_frame_with_escaped_headers_and_its_length() {
+        let bytes = encode("RECEIPT", &[("receipt-id", "a:b")], b"");
+        assert_eq!(&bytes[2..], b"RECEIPT\nreceipt-id:a\\cb\n\n\0");
+        let bytes = encode("ERROR", &[("message", "bad")], b"why");
+        assert_eq!(&bytes[2..], b"ERROR\nmessage:bad\ncontent-length:3\n\nwhy\0");
+    }
+}

@@ -1,0 +1,365 @@
+//! STOMP 1.2 (and 1.1, 1.0) over WebSocket (docs/protocols.md, "STOMP"): one STOMP frame per
+//! WebSocket text message.
+//!
+//! Encoding once per message: a MESSAGE frame carries two per-socket headers, `subscription` and
+//! `destination`, so its shared encoding ([`encode_message`], cached per message like Herald's
+//! frame) is everything after them: `message-id`, `content-type`, … and the body. Each socket
+//! queues a small head of its own (the WebSocket header, `MESSAGE`, its two headers) followed by
+//! the shared tail: two slices of the same vectored write, and the body is never copied per socket.
+//!
+//! Where messages go: a user's own messages to the connection's first `/user/queue/…`
+//! subscription, `push.all` to `/topic/all`, a topic to `/topic/<t>`. The session delivers from its
+//! first moment (a resume replays before the client's SUBSCRIBE frames arrive), so messages with no
+//! subscription yet wait here, in order and bounded, until one comes.
+
+mod commands;
+mod frame;
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use herald_shared::frame::{RpcResult, ServerFrame};
+use herald_shared::subject::Audience;
+
+use crate::close::{Close, CloseCode};
+use crate::delivery::message::Message;
+use crate::websocket::frame as ws;
+
+pub(crate) use frame::{Frame, Version, parse};
+
+/// Messages held for a destination no subscription covers yet; past this the oldest are dropped.
+const MAX_HELD: usize = 1024;
+/// Bytes reserved at once for MESSAGE heads (about ten): fewer allocations per message, and little
+/// kept by a connection between messages.
+const HEAD_ROOM: usize = 512;
+
+/// What a connection negotiated in CONNECT.
+#[derive(Debug, Clone)]
+pub(crate) struct Connected {
+    pub(crate) version: Version,
+    /// The client's `heart-beat`: how often it can send, how often it wants to hear from us.
+    pub(crate) client_sends: Duration,
+    pub(crate) client_wants: Duration,
+    /// The token's `topics` claim.
+    pub(crate) allowed_topics: Vec<String>,
+}
+
+/// What a subscription receives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Target {
+    User,
+    All,
+    Topic(String),
+}
+
+impl Target {
+    fn of(destination: &str) -> Option<Target> {
+        if let Some(queue) = destination.strip_prefix("/user/queue/") {
+            return (!queue.is_empty()).then_some(Target::User);
+        }
+        match destination.strip_prefix("/topic/")? {
+            "" => None,
+            "all" => Some(Target::All),
+            topic => Some(Target::Topic(topic.to_string())),
+        }
+    }
+
+    fn of_audience(audience: &Audience) -> Target {
+        match audience {
+            Audience::User(_) => Target::User,
+            Audience::All => Target::All,
+            Audience::Topic(topic) => Target::Topic(topic.clone()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AckMode {
+    Auto,
+    Client,
+    ClientIndividual,
+}
+
+#[derive(Debug)]
+struct Subscription {
+    id: String,
+    destination: String,
+    target: Target,
+    ack: AckMode,
+    /// The per-socket start of its MESSAGE frames: `MESSAGE`, `subscription`, `destination`.
+    head: Vec<u8>,
+}
+
+impl Subscription {
+    fn new(id: &str, destination: &str, target: Target, ack: AckMode) -> Subscription {
+        let mut head = Vec::with_capacity(32 + id.len() + destination.len());
+        head.extend_from_slice(b"MESSAGE\n");
+        frame::push_header(&mut head, "subscription", id);
+        frame::push_header(&mut head, "destination", destination);
+        Subscription { id: id.to_string(), destination: destination.to_string(), target, ack, head }
+    }
+}
+
+/// An rpc in flight: where its reply goes.
+#[derive(Debug)]
+struct PendingRpc {
+    reply_to: Option<String>,
+    correlation: Option<String>,
+}
+
+/// A message waiting for a subscription.
+#[derive(Debug)]
+struct Held {
+    target: Target,
+    seq: u64,
+    tail: Bytes,
+}
+
+/// One STOMP connection's state.
+#[derive(Debug)]
+pub(crate) struct StompCodec {
+    connected: Connected,
+    /// How often the server sends heart-beats and wants them (the gateway's heartbeat).
+    server_beat: Duration,
+    subscriptions: Vec<Subscription>,
+    held: VecDeque<Held>,
+    rpcs: HashMap<String, PendingRpc>,
+    next_rpc: u64,
+    /// RECEIPTs to send when a topic's subscription (or unsubscription) is done.
+    topic_receipts: Vec<(String, String)>,
+    /// Frames to send that answer no session notice (RECEIPTs, released messages).
+    replies: Vec<Bytes>,
+    /// The frame to send before the close (an ERROR, or the RECEIPT of a DISCONNECT).
+    last: Option<Bytes>,
+    /// A notice that ends the connection (an ERROR).
+    closing: Option<Close>,
+    /// The last `seq` queued for an `ack:auto` subscription, not yet taken as acknowledged.
+    auto_acked: Option<u64>,
+    /// Where MESSAGE heads are written (see [`StompCodec::head`]).
+    arena: BytesMut,
+}
+
+/// The shared part of a MESSAGE frame of `message` (see the module's documentation).
+pub(super) fn encode_message(message: &Message) -> Bytes {
+    let mut out = Vec::with_capacity(message.payload.len() + 128);
+    let seq = message.seq.to_string();
+    frame::push_header(&mut out, "message-id", &seq);
+    frame::push_header(&mut out, "ack", &seq);
+    frame::push_header(&mut out, "content-type", "application/json");
+    if !message.kind.is_empty() {
+        frame::push_header(&mut out, "herald-kind", &message.kind);
+    }
+    if !message.id.is_empty() {
+        frame::push_header(&mut out, "herald-id", &message.id);
+    }
+    frame::push_header(&mut out, "herald-ts", &message.ts);
+    frame::push_header(&mut out, "content-length", &message.payload.len().to_string());
+    out.push(b'\n');
+    out.extend_from_slice(&message.payload);
+    out.push(0);
+    Bytes::from(out)
+}
+
+impl StompCodec {
+    pub(crate) fn new(connected: Connected, server_beat: Duration) -> StompCodec {
+        StompCodec {
+            connected,
+            server_beat,
+            subscriptions: Vec::new(),
+            held: VecDeque::new(),
+            rpcs: HashMap::new(),
+            next_rpc: 0,
+            topic_receipts: Vec::new(),
+            replies: Vec::new(),
+            last: None,
+            closing: None,
+            auto_acked: None,
+            arena: BytesMut::new(),
+        }
+    }
+
+    /// The heartbeat interval in both directions: the larger of the gateway's and the client's.
+    pub(super) fn heartbeat(&self, gateway: Duration) -> Duration {
+        gateway.max(self.connected.client_sends).max(self.connected.client_wants)
+    }
+
+    /// A client that asked for heart-beats gets STOMP's (an EOL); others a WebSocket ping.
+    pub(super) fn ping(&self) -> Bytes {
+        if self.connected.client_wants.is_zero() { ws::ping() } else { ws::text(b"\n") }
+    }
+
+    /// Queues `message` for its subscription, or holds it until one comes; returns bytes queued.
+    pub(super) fn queue_message(&mut self, message: &Message, tail: &Bytes, frames: &mut VecDeque<Bytes>) -> usize {
+        let target = Target::of_audience(&message.audience);
+        match self.subscription(&target) {
+            Some(index) => {
+                let head = self.head(index, tail.len());
+                let len = head.len() + tail.len();
+                self.note_sent(index, message.seq);
+                frames.push_back(head);
+                frames.push_back(tail.clone());
+                len
+            }
+            None => {
+                if self.held.len() == MAX_HELD {
+                    self.held.pop_front();
+                }
+                self.held.push_back(Held { target, seq: message.seq, tail: tail.clone() });
+                0
+            }
+        }
+    }
+
+    /// The subscription that receives `target`'s messages: for the user's own, the first
+    /// `/user/queue/…` one.
+    fn subscription(&self, target: &Target) -> Option<usize> {
+        self.subscriptions.iter().position(|subscription| subscription.target == *target)
+    }
+
+    /// The per-socket start of a MESSAGE frame for subscription `index` whose shared tail has
+    /// `tail_len` bytes: the WebSocket header, the command and the two per-socket headers.
+    /// Heads are cut from one buffer per connection: one allocation serves many messages.
+    fn head(&mut self, index: usize, tail_len: usize) -> Bytes {
+        let text = &self.subscriptions[index].head;
+        self.arena.reserve(HEAD_ROOM.max(text.len() + 10));
+        let (header, header_len) = ws::text_header(text.len() + tail_len);
+        self.arena.extend_from_slice(&header[..header_len]);
+        self.arena.extend_from_slice(text);
+        self.arena.split().freeze()
+    }
+
+    fn note_sent(&mut self, index: usize, seq: u64) {
+        if self.subscriptions[index].ack == AckMode::Auto {
+            self.auto_acked = Some(self.auto_acked.unwrap_or(0).max(seq));
+        }
+    }
+
+    /// The last `seq` sent on an `ack:auto` subscription since the last call.
+    pub(super) fn take_auto_ack(&mut self) -> Option<u64> {
+        self.auto_acked.take()
+    }
+
+    /// Frames the codec answers with itself, to send now.
+    pub(super) fn take_replies(&mut self) -> Vec<Bytes> {
+        std::mem::take(&mut self.replies)
+    }
+
+    /// Why the connection must close, once a notice said so.
+    pub(super) fn take_closing(&mut self) -> Option<Close> {
+        self.closing.take()
+    }
+
+    /// The last bytes: the frame that explains the close (an ERROR unless one was set), then the
+    /// WebSocket close frame.
+    pub(super) fn close(&self, close: &Close) -> Bytes {
+        let mut bytes = Vec::new();
+        match &self.last {
+            Some(last) => bytes.extend_from_slice(last),
+            None if explained(close.code) => {
+                let code = close.number().to_string();
+                let headers = [("message", &*close.reason), ("herald-close", &code)];
+                bytes.extend_from_slice(&frame::encode("ERROR", &headers, close.reason.as_bytes()));
+            }
+            None => {}
+        }
+        bytes.extend_from_slice(&ws::close(close.number(), &close.reason));
+        Bytes::from(bytes)
+    }
+
+    /// A notice in STOMP terms, if it has one.
+    pub(super) fn notice(&mut self, notice: &ServerFrame) -> Option<Bytes> {
+        match notice {
+            ServerFrame::Welcome { conn, user, device, seq, .. } => {
+                let beat = self.server_beat.as_millis().to_string();
+                let heart_beat = format!("{beat},{beat}");
+                let seq = seq.to_string();
+                let headers = [
+                    ("version", self.connected.version.number()),
+                    ("heart-beat", &heart_beat),
+                    ("server", "herald"),
+                    ("session", conn),
+                    ("user-name", user),
+                    ("herald-device", device),
+                    ("herald-seq", &seq),
+                ];
+                Some(frame::encode("CONNECTED", &headers, b""))
+            }
+            ServerFrame::Subscribed { topic } | ServerFrame::Unsubscribed { topic } => self.topic_receipt(topic),
+            ServerFrame::RpcResult(result) => self.rpc_result(result),
+            ServerFrame::Error { code, message, .. } => {
+                self.fail(code, message, None);
+                None
+            }
+            _ => None,
+        }
+    }
+
+    fn topic_receipt(&mut self, topic: &str) -> Option<Bytes> {
+        let index = self.topic_receipts.iter().position(|(waiting, _)| waiting == topic)?;
+        let (_, receipt) = self.topic_receipts.remove(index);
+        Some(receipt_frame(&receipt))
+    }
+
+    fn rpc_result(&mut self, result: &RpcResult) -> Option<Bytes> {
+        let rpc = self.rpcs.remove(&result.id)?;
+        if let Some(error) = &result.error {
+            self.fail(&error.code, &error.message, None);
+            return None;
+        }
+        let index = rpc.reply_to.as_ref().and_then(|reply_to| {
+            self.subscriptions
+                .iter()
+                .position(|s| s.destination == *reply_to)
+                .or_else(|| self.subscriptions.iter().position(|s| s.id == *reply_to))
+        })?;
+        let subscription = &self.subscriptions[index];
+        let body = result.data.as_ref().map(|data| data.to_string()).unwrap_or_else(|| "null".into());
+        let message_id = format!("rpc-{}", result.id);
+        let mut headers = vec![
+            ("subscription", subscription.id.as_str()),
+            ("destination", subscription.destination.as_str()),
+            ("message-id", &message_id),
+            ("content-type", "application/json"),
+        ];
+        if let Some(correlation) = &rpc.correlation {
+            headers.push(("correlation-id", correlation));
+        }
+        Some(frame::encode("MESSAGE", &headers, body.as_bytes()))
+    }
+
+    /// Ends the connection with an ERROR frame: `message` is its `message` header (a Herald error
+    /// code), `detail` its body.
+    fn fail(&mut self, message: &str, detail: &str, receipt: Option<&str>) -> Close {
+        self.last = Some(error_frame_with(message, detail, receipt));
+        let close = Close::new(CloseCode::Policy, format!("{message}: {detail}"));
+        self.closing = Some(close.clone());
+        close
+    }
+}
+
+/// An ERROR frame: `message` is a Herald error code, `detail` the body.
+pub(crate) fn error_frame(message: &str, detail: &str) -> Bytes {
+    error_frame_with(message, detail, None)
+}
+
+fn error_frame_with(message: &str, detail: &str, receipt: Option<&str>) -> Bytes {
+    let mut headers = vec![("message", message), ("content-type", "text/plain")];
+    if let Some(receipt) = receipt {
+        headers.push(("receipt-id", receipt));
+    }
+    frame::encode("ERROR", &headers, detail.as_bytes())
+}
+
+pub(super) fn receipt_frame(receipt: &str) -> Bytes {
+    frame::encode("RECEIPT", &[("receipt-id", receipt)], b"")
+}
+
+/// Whether a close deserves an ERROR frame saying why (not a normal close, a restart, or one the
+/// client started).
+fn explained(code: CloseCode) -> bool {
+    !matches!(code, CloseCode::Normal | CloseCode::Restart | CloseCode::Echo(_) | CloseCode::Abnormal)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,268 @@
+//! `GET /stomp`: STOMP over WebSocket. The upgrade is checked like `/ws` (handshake, origin,
+//! readiness, limits), but who connects is only known from the CONNECT frame that follows it: its
+//! `passcode` or `Authorization` header (or the `token` query parameter, or the upgrade's own
+//! `Authorization` header). A bad CONNECT gets an ERROR frame and the close; a good one becomes a
+//! session speaking [`StompCodec`], whose first frame, CONNECTED, is the session's welcome.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use herald_shared::frame::error_code;
+use herald_shared::id::{IdKind, check_id};
+use hyper::body::Incoming;
+use hyper::header::{AUTHORIZATION, HeaderValue, SEC_WEBSOCKET_PROTOCOL};
+use hyper::{Request, StatusCode};
+use tokio::io::AsyncWriteExt;
+use tracing::debug;
+
+use super::auth::{ConnectRequest, DEFAULT_DEVICE, Rejection};
+use super::handshake;
+use super::server::{self, HttpResponse, admit, refused_origin};
+use crate::Shared;
+use crate::cluster::policy::PolicyError;
+use crate::codec::stomp::{Connected, Frame, StompCodec, Version, parse};
+use crate::codec::{Codec, stomp};
+use crate::session::{self, Connection, ReadHalf, WriteHalf};
+use crate::websocket::frame as ws;
+use crate::websocket::reader::{Inbound, MessageReader};
+
+/// How long the last frames of a refused connection may take.
+const REFUSAL_GRACE: Duration = Duration::from_secs(3);
+
+/// What the upgrade request said about the connection, for the CONNECT frame to complete.
+#[derive(Debug, Default)]
+struct Hints {
+    token: Option<String>,
+    device: Option<String>,
+    since: Option<String>,
+}
+
+/// Upgrades a `/stomp` request and runs the connection.
+pub(crate) async fn upgrade(shared: Arc<Shared>, mut request: Request<Incoming>, peer: SocketAddr) -> HttpResponse {
+    let checked = check(&shared, &request, peer);
+    let upgraded = checked.and_then(|(subprotocol, address, permit)| {
+        let (response, upgrade) = fastwebsockets::upgrade::upgrade(&mut request)
+            .map_err(|error| Rejection::new(StatusCode::BAD_REQUEST, "bad_request", error.to_string()))?;
+        Ok((subprotocol, address, permit, response, upgrade))
+    });
+    let (subprotocol, address, permit, mut response, upgrade) = match upgraded {
+        Ok(upgraded) => upgraded,
+        Err(refused) => return server::refuse(&shared, &request, peer, &refused),
+    };
+    let hints = hints(&request);
+    if let Some(version) = subprotocol {
+        response.headers_mut().insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(version.subprotocol()));
+    }
+    let tracker = shared.sessions.clone();
+    tracker.spawn(async move {
+        let _permit = permit;
+        match upgrade.await {
+            Ok(socket) => {
+                let (read_half, write_half) = session::split(socket.into_inner().into_inner());
+                let reader = MessageReader::new(read_half, shared.config.max_frame_bytes);
+                connect(shared, reader, write_half, hints, address).await;
+            }
+            Err(error) => debug!(%error, "upgrade failed"),
+        }
+    });
+    response.map(|_| http_body_util::Full::new(Bytes::new()))
+}
+
+/// What a `/stomp` request must pass before its upgrade: the subprotocol it may speak, the
+/// client's address and its place under the connection limits.
+fn check(
+    shared: &Shared,
+    request: &Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<(Option<Version>, std::net::IpAddr, super::limits::Permit), Rejection> {
+    handshake::check(request)?;
+    if let Some(origin) = refused_origin(&shared.config.allowed_origins, request) {
+        let reason = format!("origin {origin} is not allowed");
+        return Err(Rejection::new(StatusCode::FORBIDDEN, "forbidden_origin", reason));
+    }
+    let subprotocol = subprotocol(request)?;
+    let (address, permit) = admit(shared, request, peer)?;
+    Ok((subprotocol, address, permit))
+}
+
+/// The highest STOMP version among the offered subprotocols; none offered is fine (the CONNECT
+/// frame's `accept-version` decides), offers of none of them are refused.
+fn subprotocol<B>(request: &Request<B>) -> Result<Option<Version>, Rejection> {
+    let mut offered = request.headers().get_all(SEC_WEBSOCKET_PROTOCOL).iter().peekable();
+    if offered.peek().is_none() {
+        return Ok(None);
+    }
+    let best = offered
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(Version::parse)
+        .max();
+    match best {
+        Some(version) => Ok(Some(version)),
+        None => Err(Rejection::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "Sec-WebSocket-Protocol must offer v12.stomp, v11.stomp or v10.stomp",
+        )),
+    }
+}
+
+fn hints<B>(request: &Request<B>) -> Hints {
+    let mut hints = Hints::default();
+    for (key, value) in form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes()) {
+        match key.as_ref() {
+            "token" => hints.token = Some(value.into_owned()),
+            "device" => hints.device = Some(value.into_owned()),
+            "since" => hints.since = Some(value.into_owned()),
+            _ => {}
+        }
+    }
+    if hints.token.is_none() {
+        let header = request.headers().get(AUTHORIZATION).and_then(|value| value.to_str().ok());
+        hints.token = header.and_then(bearer).map(str::to_string);
+    }
+    hints
+}
+
+fn bearer(value: &str) -> Option<&str> {
+    value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")).map(str::trim)
+}
+
+/// Why a CONNECT is refused: the ERROR frame's `message` (a Herald error code) and its body.
+struct Refused {
+    message: &'static str,
+    detail: String,
+}
+
+fn refused(message: &'static str, detail: impl Into<String>) -> Refused {
+    Refused { message, detail: detail.into() }
+}
+
+/// Reads the CONNECT frame, authenticates it and runs the session; refuses it with an ERROR.
+async fn connect(
+    shared: Arc<Shared>,
+    mut reader: MessageReader<ReadHalf>,
+    mut write_half: WriteHalf,
+    hints: Hints,
+    address: IpAddr,
+) {
+    let deadline = shared.config.heartbeat + shared.config.heartbeat_timeout;
+    let frame = tokio::select! {
+        frame = tokio::time::timeout(deadline, first_frame(&mut reader, &mut write_half)) => frame,
+        _ = shared.shutdown.cancelled() => return,
+    };
+    let frame = match frame {
+        Ok(Ok(Some(frame))) => frame,
+        Ok(Ok(None)) => return,
+        Ok(Err(refusal)) => return refuse(&mut write_half, refusal).await,
+        Err(_) => return refuse(&mut write_half, refused(error_code::BAD_REQUEST, "no CONNECT frame in time")).await,
+    };
+    let (request, connected) = match authenticate(&shared, &frame, hints) {
+        Ok(accepted) => accepted,
+        Err(refusal) => return refuse(&mut write_half, refusal).await,
+    };
+    let conn = crate::id::random_id(12);
+    match shared.policies.reserve(&request.claims.sub, &conn).await {
+        Ok(()) => {}
+        Err(error @ PolicyError::Taken) => {
+            return refuse(&mut write_half, refused("conflict", error.to_string())).await;
+        }
+        Err(error) => return refuse(&mut write_half, refused(error_code::UNAVAILABLE, error.to_string())).await,
+    }
+    let codec = Codec::Stomp(Box::new(StompCodec::new(connected, shared.config.heartbeat)));
+    let connection = Connection { reader, write_half, codec };
+    session::run_with(shared, connection, request, conn, address).await;
+}
+
+/// The client's first frame; `None` when it closed first.
+async fn first_frame(
+    reader: &mut MessageReader<ReadHalf>,
+    write_half: &mut WriteHalf,
+) -> Result<Option<Frame>, Refused> {
+    loop {
+        match reader.next().await {
+            Ok(Inbound::Text(text)) => match parse(&text) {
+                Ok(Some(frame)) => return Ok(Some(frame)),
+                Ok(None) => continue,
+                Err(error) => return Err(refused(error_code::BAD_REQUEST, error)),
+            },
+            Ok(Inbound::Ping(payload)) => {
+                let _ = write_half.write_all(&ws::pong(&payload)).await;
+            }
+            Ok(Inbound::Pong) => {}
+            Ok(Inbound::Close(_)) | Err(_) => return Ok(None),
+        }
+    }
+}
+
+/// Who a CONNECT frame says connects, and what it negotiated.
+fn authenticate(shared: &Shared, frame: &Frame, hints: Hints) -> Result<(ConnectRequest, Connected), Refused> {
+    if frame.command != "CONNECT" && frame.command != "STOMP" {
+        return Err(refused(error_code::BAD_REQUEST, format!("expected CONNECT, got {}", frame.command)));
+    }
+    let version = frame
+        .header("accept-version")
+        .unwrap_or("1.0")
+        .split(',')
+        .filter_map(Version::parse)
+        .max()
+        .ok_or_else(|| refused(error_code::BAD_REQUEST, "supported versions are 1.0, 1.1 and 1.2"))?;
+    let (client_sends, client_wants) = heart_beat(frame.header("heart-beat").unwrap_or("0,0"))
+        .ok_or_else(|| refused(error_code::BAD_REQUEST, "heart-beat must be two numbers: cx,cy"))?;
+    let token = frame
+        .header("passcode")
+        .map(str::to_string)
+        .or_else(|| {
+            frame.header("Authorization").or(frame.header("authorization")).and_then(bearer).map(str::to_string)
+        })
+        .or(hints.token)
+        .ok_or_else(|| refused("unauthorized", herald_shared::token::TokenError::Missing.to_string()))?;
+    let claims = shared.verifier.verify(&token).map_err(|error| refused("unauthorized", error.to_string()))?;
+    let device = frame.header("herald-device").map(str::to_string).or(hints.device);
+    let device = device.unwrap_or_else(|| DEFAULT_DEVICE.to_string());
+    check_id(IdKind::Device, &device).map_err(|error| refused(error_code::BAD_REQUEST, error.to_string()))?;
+    let since = frame.header("herald-since").map(str::to_string).or(hints.since);
+    let since = since
+        .map(|since| since.parse::<u64>())
+        .transpose()
+        .map_err(|_| refused(error_code::BAD_REQUEST, "herald-since must be a sequence number"))?;
+    let connected = Connected { version, client_sends, client_wants, allowed_topics: claims.topics.clone() };
+    Ok((ConnectRequest { claims, device, since, topics: Vec::new() }, connected))
+}
+
+/// A `heart-beat` header: how often the client sends, how often it wants to hear (0: never).
+fn heart_beat(value: &str) -> Option<(Duration, Duration)> {
+    let (sends, wants) = value.split_once(',')?;
+    let millis = |text: &str| text.trim().parse::<u64>().ok().map(Duration::from_millis);
+    Some((millis(sends)?, millis(wants)?))
+}
+
+/// Sends the ERROR frame for `refusal`, then closes with 1008.
+async fn refuse(write_half: &mut WriteHalf, refusal: Refused) {
+    debug!(message = refusal.message, detail = %refusal.detail, "STOMP connect refused");
+    let error = stomp::error_frame(refusal.message, &refusal.detail);
+    let close = ws::close(herald_shared::frame::close_code::POLICY, refusal.message);
+    let _ = tokio::time::timeout(REFUSAL_GRACE, async {
+        write_half.write_all(&error).await?;
+        write_half.write_all(&close).await?;
+        write_half.shutdown().await
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heart_beats_and_subprotocols() {
+        assert_eq!(heart_beat("0,1000"), Some((Duration::ZERO, Duration::from_secs(1))));
+        assert_eq!(heart_beat("10"), None);
+        let request = |offer: &str| Request::builder().header(SEC_WEBSOCKET_PROTOCOL, offer).body(()).unwrap();
+        assert_eq!(subprotocol(&request("v10.stomp, v12.stomp")).unwrap(), Some(Version::V12));
+        assert!(subprotocol(&request("mqtt")).is_err());
+        assert_eq!(subprotocol(&Request::builder().body(()).unwrap()).unwrap(), None);
+    }
+}

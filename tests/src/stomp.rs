@@ -1,0 +1,151 @@
+//! A raw STOMP-over-WebSocket test client (tokio-tungstenite and a frame parser of its own): sends
+//! any bytes, reads frames, heart-beats and the close exactly as they come.
+
+use futures::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{Message, http::HeaderValue};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::ws::FRAME_TIMEOUT;
+
+/// A server frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StompFrame {
+    pub command: String,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl StompFrame {
+    /// Header `name`'s (first) value; panics when the frame has none.
+    pub fn header(&self, name: &str) -> &str {
+        self.get(name).unwrap_or_else(|| panic!("{} frame without {name}: {self:?}", self.command))
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(key, _)| key == name).map(|(_, value)| value.as_str())
+    }
+
+    /// Parses one frame (headers unescaped as STOMP 1.2 says).
+    pub fn parse(text: &str) -> StompFrame {
+        let (head, body) = text.split_once("\n\n").unwrap_or_else(|| panic!("no blank line in {text:?}"));
+        let body = body.strip_suffix('\0').unwrap_or_else(|| panic!("no NUL at the end of {text:?}"));
+        let mut lines = head.lines();
+        let command = lines.next().unwrap().to_string();
+        let unescape = |value: &str| value.replace("\\c", ":").replace("\\n", "\n").replace("\\\\", "\\");
+        let headers = lines
+            .map(|line| {
+                let (name, value) = line.split_once(':').unwrap_or_else(|| panic!("bad header {line:?}"));
+                (name.to_string(), unescape(value))
+            })
+            .collect();
+        StompFrame { command, headers, body: body.to_string() }
+    }
+}
+
+/// What the server sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StompEvent {
+    Frame(StompFrame),
+    /// A heart-beat (a text message of EOLs).
+    HeartBeat,
+    /// A close frame (code, reason), or the end of the stream.
+    Close(Option<(u16, String)>),
+}
+
+pub struct StompClient {
+    stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// The subprotocol the server chose.
+    pub subprotocol: Option<String>,
+}
+
+impl StompClient {
+    /// Opens `url` offering `subprotocols` (comma-separated, none if empty) and `headers`.
+    pub async fn open(url: &str, subprotocols: &str, headers: &[(&str, &str)]) -> StompClient {
+        let mut request = url.into_client_request().expect("a valid URL");
+        if !subprotocols.is_empty() {
+            request.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_str(subprotocols).unwrap());
+        }
+        for (name, value) in headers {
+            let name = tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes()).unwrap();
+            request.headers_mut().insert(name, HeaderValue::from_str(value).unwrap());
+        }
+        let (stream, response) = tokio_tungstenite::connect_async(request).await.expect("upgrade to /stomp");
+        let subprotocol =
+            response.headers().get("sec-websocket-protocol").map(|value| value.to_str().unwrap().to_string());
+        StompClient { stream, subprotocol }
+    }
+
+    /// Opens `url` (offering `v12.stomp`) and sends CONNECT with `headers` (`accept-version:1.2`
+    /// added).
+    pub async fn connect(url: &str, headers: &[(&str, &str)]) -> StompClient {
+        let mut client = StompClient::open(url, "v12.stomp", &[]).await;
+        let mut all = vec![("accept-version", "1.2"), ("host", "herald")];
+        all.extend_from_slice(headers);
+        client.send_frame("CONNECT", &all, "").await;
+        client
+    }
+
+    /// Sends a frame.
+    pub async fn send_frame(&mut self, command: &str, headers: &[(&str, &str)], body: &str) {
+        let mut text = format!("{command}\n");
+        for (name, value) in headers {
+            text.push_str(&format!("{name}:{value}\n"));
+        }
+        text.push('\n');
+        text.push_str(body);
+        text.push('\0');
+        self.send_raw(&text).await;
+    }
+
+    /// Sends one WebSocket text message.
+    pub async fn send_raw(&mut self, text: &str) {
+        self.stream.send(Message::text(text)).await.expect("send to the gateway");
+    }
+
+    /// The next frame, heart-beat or close; panics after [`FRAME_TIMEOUT`].
+    pub async fn next_event(&mut self) -> StompEvent {
+        tokio::time::timeout(FRAME_TIMEOUT, self.recv()).await.expect("nothing from the gateway in time")
+    }
+
+    async fn recv(&mut self) -> StompEvent {
+        loop {
+            match self.stream.next().await {
+                Some(Ok(Message::Text(text))) if text.trim_matches(['\n', '\r']).is_empty() => {
+                    return StompEvent::HeartBeat;
+                }
+                Some(Ok(Message::Text(text))) => return StompEvent::Frame(StompFrame::parse(&text)),
+                Some(Ok(Message::Close(close))) => {
+                    return StompEvent::Close(close.map(|c| (u16::from(c.code), c.reason.to_string())));
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                Some(Ok(Message::Binary(_))) => panic!("the gateway sent a binary frame"),
+                Some(Err(_)) | None => return StompEvent::Close(None),
+            }
+        }
+    }
+
+    /// The next frame, skipping heart-beats; panics on a close or another command.
+    pub async fn expect(&mut self, command: &str) -> StompFrame {
+        loop {
+            match self.next_event().await {
+                StompEvent::HeartBeat => continue,
+                StompEvent::Frame(frame) if frame.command == command => return frame,
+                other => panic!("expected {command}, got {other:?}"),
+            }
+        }
+    }
+
+    /// The close code after an ERROR frame, which is returned too.
+    pub async fn expect_error_and_close(&mut self) -> (StompFrame, Option<u16>) {
+        let error = self.expect("ERROR").await;
+        loop {
+            match self.next_event().await {
+                StompEvent::HeartBeat => continue,
+                StompEvent::Close(close) => return (error, close.map(|(code, _)| code)),
+                other => panic!("expected the close after {error:?}, got {other:?}"),
+            }
+        }
+    }
+}

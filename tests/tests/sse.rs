@@ -1,0 +1,101 @@
+//! Server-Sent Events at `GET /sse` (docs/protocols.md): real NATS, a real gateway, the stream read
+//! over HTTP as it comes. The browser's own EventSource is tested in tests/browser/test_sse.py.
+
+use std::time::Duration;
+
+use herald_tests::gateway::{token, token_with};
+use herald_tests::sse::SseClient;
+use herald_tests::{Publisher, TestGateway, TestNats};
+
+fn url(gateway: &TestGateway, query: &str) -> String {
+    format!("http://{}/sse?{query}", gateway.addr)
+}
+
+/// Opens a stream and reads its welcome.
+async fn open(gateway: &TestGateway, query: &str, headers: &[(&str, &str)]) -> SseClient {
+    let mut client = SseClient::open(&url(gateway, query), headers).await.expect("the stream opens");
+    let welcome = client.next_event().await;
+    assert_eq!((welcome.event.as_str(), welcome.retry, welcome.id.as_deref()), ("welcome", Some(1000), None));
+    client
+}
+
+#[tokio::test]
+async fn events_carry_seq_kind_and_payload_and_last_event_id_resumes_exactly() {
+    let nats = TestNats::start().await;
+    let publisher = Publisher::new(&nats).await;
+    let gateway = TestGateway::start(&nats).await;
+    let query = format!("token={}&device=feed&topics=news", token_with("lena", &["news"], 3600));
+    let mut stream = open(&gateway, &query, &[]).await;
+
+    let pretty = "{\n  \"text\": \"two\\nlines\"\r\n}";
+    let (personal, _) = publisher.publish_with("push.user.lena", &[("Herald-Type", "mail")], pretty).await;
+    let topic = publisher.publish("push.topic.news", r#"{"n":2}"#).await;
+    let all = publisher.publish("push.all", r#"{"n":3}"#).await;
+    let event = stream.next_event().await;
+    assert_eq!((event.id, event.event.as_str()), (Some(personal.to_string()), "mail"));
+    assert_eq!(event.data, "{\n  \"text\": \"two\\nlines\"\n}", "one data line per payload line");
+    for (seq, data) in [(topic, r#"{"n":2}"#), (all, r#"{"n":3}"#)] {
+        let event = stream.next_event().await;
+        assert_eq!((event.id, event.event.as_str(), event.data.as_str()), (Some(seq.to_string()), "message", data));
+    }
+    drop(stream);
+
+    let missed = [publisher.publish("push.user.lena", "4").await, publisher.publish("push.topic.news", "5").await];
+    // The browser says it saw up to the topic message (the device's cursor is further on: what
+    // reached the socket): the stream resumes exactly there.
+    let last = topic.to_string();
+    let mut stream = open(&gateway, &query, &[("Last-Event-ID", &last)]).await;
+    for (seq, data) in [(all, r#"{"n":3}"#), (missed[0], "4"), (missed[1], "5")] {
+        let event = stream.next_event().await;
+        assert_eq!((event.id, event.data.as_str()), (Some(seq.to_string()), data));
+    }
+    let replayed = stream.next_event().await;
+    assert_eq!(replayed.event, "replayed");
+    let replayed: serde_json::Value = serde_json::from_str(&replayed.data).unwrap();
+    assert_eq!((replayed["from"].as_u64(), replayed["count"].as_u64()), (Some(topic + 1), Some(3)));
+    let live = publisher.publish("push.user.lena", "6").await;
+    assert_eq!(stream.next_event().await.id, Some(live.to_string()));
+}
+
+#[tokio::test]
+async fn errors_before_the_stream_are_an_http_status_and_json() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let refused = |query: String, headers: Vec<(&'static str, &'static str)>| {
+        let url = url(&gateway, &query);
+        async move { SseClient::open(&url, &headers).await.err().expect("refused") }
+    };
+    let (status, body) = refused(String::new(), vec![]).await;
+    assert_eq!((status, body["error"].as_str()), (401, Some("unauthorized")));
+    let (status, body) = refused(format!("token={}&topics=secret", token("max")), vec![]).await;
+    assert_eq!((status, body["error"].as_str()), (403, Some("forbidden")));
+    let (status, body) = refused(format!("token={}", token("max")), vec![("Last-Event-ID", "yesterday")]).await;
+    assert_eq!((status, body["reason"].as_str()), (400, Some("Last-Event-ID must be a sequence number")));
+    // A bearer header works as the query does.
+    let bearer = format!("Bearer {}", token("max"));
+    let mut client = SseClient::open(&url(&gateway, ""), &[("Authorization", &bearer)]).await.unwrap();
+    assert_eq!(client.next_event().await.event, "welcome");
+}
+
+#[tokio::test]
+async fn comments_keep_an_idle_stream_and_a_restart_ends_it_with_a_close_event() {
+    let nats = TestNats::start().await;
+    let publisher = Publisher::new(&nats).await;
+    let gateway = TestGateway::start_with(&nats, |config| config.heartbeat = Duration::from_millis(200)).await;
+    let mut stream = open(&gateway, &format!("token={}", token("nina")), &[]).await;
+    // Many heartbeat periods and timeouts pass: the client never speaks, and the stream stays.
+    for _ in 0..10 {
+        let comment = stream.next().await.expect("the stream goes on");
+        assert_eq!((comment.comment, comment.data.as_str()), (true, ": ping"));
+    }
+    let seq = publisher.publish("push.user.nina", "1").await;
+    assert_eq!(stream.next_event().await.id, Some(seq.to_string()));
+
+    gateway.shutdown().await;
+    let close = stream.next_event().await;
+    assert_eq!(
+        (close.event.as_str(), close.data.as_str()),
+        ("close", r#"{"code":1012,"reason":"gateway restarting"}"#)
+    );
+    assert_eq!(stream.next().await, None, "the stream ends");
+}

@@ -1,0 +1,328 @@
+//! STOMP 1.2 over WebSocket at `/stomp` (docs/protocols.md): real NATS, real gateways, a raw frame
+//! client for exact frames and edge cases, and stomp.py (a client Herald did not write).
+
+use std::time::Duration;
+
+use herald_functions::{Function, RpcReply, RpcRequest};
+use herald_tests::functions::{start, test_config};
+use herald_tests::gateway::{token, token_with};
+use herald_tests::stomp::{StompClient, StompEvent, StompFrame};
+use herald_tests::{Publisher, TestGateway, TestNats};
+
+fn url(gateway: &TestGateway) -> String {
+    format!("ws://{}/stomp", gateway.addr)
+}
+
+/// Connects with `headers` and reads CONNECTED.
+async fn connect(gateway: &TestGateway, headers: &[(&str, &str)]) -> (StompClient, StompFrame) {
+    let mut client = StompClient::connect(&url(gateway), headers).await;
+    let connected = client.expect("CONNECTED").await;
+    (client, connected)
+}
+
+/// Subscribes and waits for the RECEIPT (the subscription is live then).
+async fn subscribe(client: &mut StompClient, id: &str, destination: &str, extra: &[(&str, &str)]) {
+    let receipt = format!("sub-{id}");
+    let mut headers = vec![("id", id), ("destination", destination), ("receipt", receipt.as_str())];
+    headers.extend_from_slice(extra);
+    client.send_frame("SUBSCRIBE", &headers, "").await;
+    let frame = client.expect("RECEIPT").await;
+    assert_eq!(frame.header("receipt-id"), receipt);
+}
+
+/// The `message-id` (= seq) and body of the next MESSAGE.
+async fn next_message(client: &mut StompClient) -> (u64, String) {
+    let message = client.expect("MESSAGE").await;
+    (message.header("message-id").parse().unwrap(), message.body)
+}
+
+#[tokio::test]
+async fn user_and_topic_messages_reach_stomp_clients_across_two_gateways() {
+    let nats = TestNats::start().await;
+    let (one, two) = (TestGateway::start(&nats).await, TestGateway::start(&nats).await);
+    let publisher = Publisher::new(&nats).await;
+
+    let alice_token = token_with("alice", &["news"], 3600);
+    let (mut alice, connected) = connect(&one, &[("passcode", &alice_token), ("herald-device", "laptop")]).await;
+    assert_eq!(alice.subprotocol.as_deref(), Some("v12.stomp"));
+    assert_eq!((connected.header("version"), connected.header("user-name")), ("1.2", "alice"));
+    assert_eq!(connected.header("herald-device"), "laptop");
+    subscribe(&mut alice, "inbox", "/user/queue/inbox", &[]).await;
+    subscribe(&mut alice, "news", "/topic/news", &[]).await;
+    // Bob authenticates with an Authorization header in CONNECT.
+    let bearer = format!("Bearer {}", token_with("bob", &["news"], 3600));
+    let (mut bob, _) = connect(&two, &[("Authorization", &bearer)]).await;
+    subscribe(&mut bob, "n", "/topic/news", &[]).await;
+    subscribe(&mut bob, "q", "/user/queue/x", &[]).await;
+
+    let (personal, _) = publisher.publish_with("push.user.alice", &[("Herald-Type", "mail")], r#"{"n":1}"#).await;
+    let topic = publisher.publish("push.topic.news", r#"{"n":2}"#).await;
+
+    let message = alice.expect("MESSAGE").await;
+    let expected = [
+        ("subscription", "inbox"),
+        ("destination", "/user/queue/inbox"),
+        ("content-type", "application/json"),
+        ("herald-kind", "mail"),
+        ("content-length", "7"),
+    ];
+    for (name, value) in expected {
+        assert_eq!(message.header(name), value, "{name}");
+    }
+    assert_eq!((message.header("message-id"), message.body.as_str()), (personal.to_string().as_str(), r#"{"n":1}"#));
+    let message = alice.expect("MESSAGE").await;
+    assert_eq!((message.header("subscription"), message.header("destination")), ("news", "/topic/news"));
+    assert_eq!((message.header("message-id"), message.body.as_str()), (topic.to_string().as_str(), r#"{"n":2}"#));
+    // Bob, on the other gateway, gets the topic message and not Alice's.
+    assert_eq!(next_message(&mut bob).await, (topic, r#"{"n":2}"#.to_string()));
+    let mine = publisher.publish("push.user.bob", r#"{"n":3}"#).await;
+    assert_eq!(next_message(&mut bob).await, (mine, r#"{"n":3}"#.to_string()));
+}
+
+#[tokio::test]
+async fn tokens_from_the_query_and_the_upgrade_header_and_bad_ones() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+
+    let query = format!("{}?token={}", url(&gateway), token("carol"));
+    let mut client = StompClient::connect(&query, &[]).await;
+    assert_eq!(client.expect("CONNECTED").await.header("user-name"), "carol");
+    let mut client =
+        StompClient::open(&url(&gateway), "", &[("authorization", &format!("Bearer {}", token("dave")))]).await;
+    assert_eq!(client.subprotocol, None);
+    client.send_frame("STOMP", &[("accept-version", "1.1,1.2")], "").await;
+    let connected = client.expect("CONNECTED").await;
+    assert_eq!((connected.header("user-name"), connected.header("version")), ("dave", "1.2"));
+
+    for headers in [vec![("passcode", "not-a-token")], vec![], vec![("passcode", &*token_with("eve", &[], -10))]] {
+        let mut client = StompClient::connect(&url(&gateway), &headers).await;
+        let (error, close) = client.expect_error_and_close().await;
+        assert_eq!((error.header("message"), close), ("unauthorized", Some(1008)), "{headers:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_forbidden_topic_and_malformed_frames_get_error_then_close() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let user_token = token_with("frank", &["news"], 3600);
+
+    let (mut client, _) = connect(&gateway, &[("passcode", &user_token)]).await;
+    client.send_frame("SUBSCRIBE", &[("id", "1"), ("destination", "/topic/secret"), ("receipt", "r")], "").await;
+    let (error, close) = client.expect_error_and_close().await;
+    assert_eq!((error.header("message"), error.header("receipt-id"), close), ("forbidden", "r", Some(1008)));
+    assert_eq!(error.body, "the token does not allow topic secret");
+
+    let cases = [
+        ("SEND\ndestination /app/echo\n\n\0", "bad_request"),
+        ("SEND\ndestination:/app/echo\n\nno NUL", "bad_request"),
+        ("SEND\ndestination:/queue/x\n\n\0", "bad_request"),
+        ("SUBSCRIBE\ndestination:/topic/news\n\n\0", "bad_request"),
+        ("SUBSCRIBE\nid:1\ndestination:/elsewhere\n\n\0", "bad_request"),
+        ("SUBSCRIBE\nid:1\ndestination:/topic/news\nack:sometimes\n\n\0", "bad_request"),
+        ("ACK\nid:not-a-seq\n\n\0", "bad_request"),
+        ("BEGIN\ntransaction:t1\n\n\0", "bad_request"),
+        ("DANCE\n\n\0", "unknown_type"),
+        ("CONNECT\naccept-version:1.2\n\n\0", "bad_request"),
+    ];
+    for (frame, message) in cases {
+        let (mut client, _) = connect(&gateway, &[("passcode", &user_token)]).await;
+        client.send_raw(frame).await;
+        let (error, close) = client.expect_error_and_close().await;
+        assert_eq!((error.header("message"), close), (message, Some(1008)), "{frame:?}: {}", error.body);
+    }
+    // Before CONNECT too.
+    let mut client = StompClient::open(&url(&gateway), "v12.stomp", &[]).await;
+    client.send_raw("HELLO\n\n\0").await;
+    let (error, close) = client.expect_error_and_close().await;
+    assert_eq!((error.header("message"), close), ("bad_request", Some(1008)));
+    assert_eq!(error.body, "expected CONNECT, got HELLO");
+}
+
+#[tokio::test]
+async fn resume_with_herald_since_after_a_gateway_restart_misses_nothing() {
+    let nats = TestNats::start().await;
+    let publisher = Publisher::new(&nats).await;
+    let gateway = TestGateway::start(&nats).await;
+    let (mut client, _) = connect(&gateway, &[("passcode", &token("gina"))]).await;
+    subscribe(&mut client, "q", "/user/queue/updates", &[]).await;
+    let first = publisher.publish("push.user.gina", "1").await;
+    assert_eq!(next_message(&mut client).await, (first, "1".to_string()));
+    gateway.kill().await;
+
+    let missed = [publisher.publish("push.user.gina", "2").await, publisher.publish("push.user.gina", "3").await];
+    let gateway = TestGateway::start(&nats).await;
+    let since = first.to_string();
+    let (mut client, _) = connect(&gateway, &[("passcode", &token("gina")), ("herald-since", &since)]).await;
+    // The replay runs before the client subscribes (the gateway counted it): its messages wait.
+    gateway.wait_metric("herald_gateway_replayed_messages_total", 2.0).await;
+    client.send_frame("SUBSCRIBE", &[("id", "q"), ("destination", "/user/queue/updates"), ("receipt", "r")], "").await;
+    assert_eq!(next_message(&mut client).await, (missed[0], "2".to_string()));
+    assert_eq!(next_message(&mut client).await, (missed[1], "3".to_string()));
+    assert_eq!(client.expect("RECEIPT").await.header("receipt-id"), "r");
+    let live = publisher.publish("push.user.gina", "4").await;
+    assert_eq!(next_message(&mut client).await, (live, "4".to_string()));
+}
+
+#[tokio::test]
+async fn ack_moves_the_device_cursor() {
+    let nats = TestNats::start().await;
+    let publisher = Publisher::new(&nats).await;
+    let gateway = TestGateway::start(&nats).await;
+    let headers = [("passcode", token("hana")), ("herald-device", "tablet".to_string())];
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+
+    let (mut client, _) = connect(&gateway, &headers).await;
+    subscribe(&mut client, "q", "/user/queue/inbox", &[("ack", "client")]).await;
+    let seqs: Vec<u64> = futures::future::join_all((1..=3).map(|n| {
+        let publisher = &publisher;
+        async move { publisher.publish("push.user.hana", &n.to_string()).await }
+    }))
+    .await;
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let message = client.expect("MESSAGE").await;
+        assert_eq!(message.header("ack"), message.header("message-id"));
+        got.push(message.header("message-id").parse::<u64>().unwrap());
+    }
+    let mut sorted = seqs.clone();
+    sorted.sort();
+    assert_eq!(got, sorted);
+    let second = sorted[1].to_string();
+    client.send_frame("ACK", &[("id", &second), ("receipt", "acked")], "").await;
+    assert_eq!(client.expect("RECEIPT").await.header("receipt-id"), "acked");
+    client.send_frame("DISCONNECT", &[("receipt", "bye")], "").await;
+    assert_eq!(client.expect("RECEIPT").await.header("receipt-id"), "bye");
+    assert_eq!(client.next_event().await, StompEvent::Close(Some((1000, "the client disconnected".into()))));
+
+    // The same device, no herald-since: it resumes after its cursor, the acknowledged message.
+    let (mut client, _) = connect(&gateway, &headers).await;
+    subscribe(&mut client, "q", "/user/queue/inbox", &[("ack", "client")]).await;
+    assert_eq!(next_message(&mut client).await.0, sorted[2]);
+    let live = publisher.publish("push.user.hana", "4").await;
+    assert_eq!(next_message(&mut client).await, (live, "4".to_string()));
+}
+
+#[tokio::test]
+async fn send_to_app_echo_gets_the_reply_or_an_error() {
+    let nats = TestNats::start().await;
+    let echo = Function::rpc("echo", |request: RpcRequest| async move {
+        let body = request.json::<serde_json::Value>()?;
+        RpcReply::json(&serde_json::json!({"user": request.user, "body": body}))
+    });
+    let runtime = start(&nats, &test_config(&nats), vec![echo]).await;
+    let gateway = TestGateway::start(&nats).await;
+    let (mut client, _) = connect(&gateway, &[("passcode", &token("ivan"))]).await;
+    subscribe(&mut client, "replies", "/user/queue/replies", &[]).await;
+
+    let headers = [("destination", "/app/echo"), ("reply-to", "/user/queue/replies"), ("correlation-id", "c-1")];
+    client.send_frame("SEND", &headers, r#"{"hello":"world"}"#).await;
+    let reply = client.expect("MESSAGE").await;
+    assert_eq!((reply.header("subscription"), reply.header("correlation-id")), ("replies", "c-1"));
+    let body: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+    assert_eq!(body, serde_json::json!({"user": "ivan", "body": {"hello": "world"}}));
+
+    client.send_frame("SEND", &[("destination", "/app/nobody"), ("reply-to", "/user/queue/replies")], "{}").await;
+    let (error, close) = client.expect_error_and_close().await;
+    assert_eq!((error.header("message"), close), ("no_function", Some(1008)));
+    runtime.shutdown().await;
+}
+
+#[tokio::test]
+async fn heart_beats_keep_an_idle_connection_and_a_silent_client_is_closed() {
+    let nats = TestNats::start().await;
+    let publisher = Publisher::new(&nats).await;
+    let gateway = TestGateway::start_with(&nats, |config| {
+        config.heartbeat = Duration::from_millis(300);
+        config.heartbeat_timeout = Duration::from_millis(300);
+    })
+    .await;
+
+    let beats = [("passcode", token("jo")), ("heart-beat", "300,300".to_string())];
+    let beats: Vec<(&str, &str)> = beats.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (mut client, connected) = connect(&gateway, &beats).await;
+    assert_eq!(connected.header("heart-beat"), "300,300");
+    subscribe(&mut client, "q", "/user/queue/q", &[]).await;
+    // Answered beat for beat, the connection outlives many heartbeat periods.
+    for _ in 0..10 {
+        assert_eq!(client.next_event().await, StompEvent::HeartBeat);
+        client.send_raw("\n").await;
+    }
+    let seq = publisher.publish("push.user.jo", "1").await;
+    assert_eq!(next_message(&mut client).await, (seq, "1".to_string()));
+
+    // A client that asked for heart-beats and sends none is closed (1001) with an ERROR.
+    let (mut silent, _) = connect(&gateway, &beats).await;
+    let (error, close) = silent.expect_error_and_close().await;
+    assert_eq!((error.header("message"), close), ("no heartbeat", Some(1001)));
+}
+
+/// The Python of the venv scripts/test-browser builds (with stomp.py), if it was built; without it
+/// the test is skipped with a notice, unless HERALD_REQUIRE_BROWSER=1.
+fn venv_python() -> Option<std::path::PathBuf> {
+    let python = herald_tests::workspace_root().join(".tools/browser-venv/bin/python");
+    let ready = std::process::Command::new(&python)
+        .args(["-c", "import stomp, websocket"])
+        .status()
+        .is_ok_and(|status| status.success());
+    if ready {
+        return Some(python);
+    }
+    let why = "no venv with stomp.py in .tools/browser-venv (scripts/test-browser builds it)";
+    assert!(std::env::var("HERALD_REQUIRE_BROWSER").as_deref() != Ok("1"), "HERALD_REQUIRE_BROWSER=1 but {why}");
+    eprintln!("SKIPPED: {why}");
+    None
+}
+
+#[tokio::test]
+async fn stomp_py_receives_user_and_topic_messages_acks_and_calls_a_function() {
+    use tokio::io::AsyncBufReadExt;
+    let Some(python) = venv_python() else { return };
+    let nats = TestNats::start().await;
+    let publisher = Publisher::new(&nats).await;
+    let echo = Function::rpc("echo", |request: RpcRequest| async move {
+        RpcReply::json(&serde_json::json!({"user": request.user, "device": request.device,
+            "body": request.json::<serde_json::Value>()?}))
+    });
+    let runtime = start(&nats, &test_config(&nats), vec![echo]).await;
+    let gateway = TestGateway::start(&nats).await;
+
+    let script = herald_tests::workspace_root().join("tests/browser/stomp_py_client.py");
+    let port = gateway.addr.port().to_string();
+    let mut child = tokio::process::Command::new(python)
+        .args([script.to_str().unwrap(), "127.0.0.1", &port, &token_with("kim", &["news"], 3600)])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python runs");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = async || -> serde_json::Value {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await;
+        let line = line.expect("stomp.py said nothing in time").unwrap().expect("stomp.py ended early");
+        serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}"))
+    };
+    assert_eq!(next().await["event"], "ready");
+
+    let personal = publisher.publish_with("push.user.kim", &[("Herald-Type", "note")], r#"{"n":1}"#).await.0;
+    let topic = publisher.publish("push.topic.news", r#"{"n":2}"#).await;
+    let expected =
+        [(personal, "inbox", "/user/queue/inbox", r#"{"n":1}"#), (topic, "news", "/topic/news", r#"{"n":2}"#)];
+    for (seq, subscription, destination, body) in expected {
+        let message = next().await;
+        assert_eq!(message["event"], "message");
+        let headers = &message["headers"];
+        assert_eq!(headers["message-id"], seq.to_string());
+        assert_eq!(
+            (headers["subscription"].as_str(), headers["destination"].as_str()),
+            (Some(subscription), Some(destination))
+        );
+        assert_eq!(message["body"], body);
+    }
+    let reply = next().await;
+    assert_eq!((reply["event"].as_str(), reply["headers"]["correlation-id"].as_str()), (Some("reply"), Some("py-1")));
+    let body: serde_json::Value = serde_json::from_str(reply["body"].as_str().unwrap()).unwrap();
+    assert_eq!(body, serde_json::json!({"user": "kim", "device": "python", "body": {"from": "stomp.py"}}));
+    assert_eq!(next().await["event"], "done");
+    assert!(child.wait().await.unwrap().success());
+    runtime.shutdown().await;
+}
