@@ -9,6 +9,7 @@ pub mod images;
 pub mod nats;
 pub mod nginx;
 pub mod publish;
+pub mod sdk;
 pub mod wait;
 pub mod ws;
 

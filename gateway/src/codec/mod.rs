@@ -5,6 +5,7 @@
 //!
 //! [`Message::encoded`]: crate::delivery::message::Message::encoded
 
+pub(crate) mod centrifugal;
 mod herald;
 
 use bytes::Bytes;
@@ -13,6 +14,7 @@ use herald_shared::frame::ServerFrame;
 use crate::close::Close;
 use crate::delivery::message::Message;
 
+pub(crate) use centrifugal::CentrifugalCodec;
 pub(crate) use herald::HeraldCodec;
 
 /// The encodings a message can have; each is computed at most once per message.
@@ -20,16 +22,19 @@ pub(crate) use herald::HeraldCodec;
 pub(crate) enum WireFormat {
     /// Herald's JSON `msg` frame in a WebSocket text frame.
     Herald,
+    /// A Centrifugal publication push in a WebSocket text frame.
+    Centrifugal,
 }
 
 impl WireFormat {
     /// How many formats there are (the size of a message's encoding cache).
-    pub(crate) const COUNT: usize = 1;
+    pub(crate) const COUNT: usize = 2;
 
     /// The format's slot in a message's encoding cache.
     pub(crate) fn index(self) -> usize {
         match self {
             WireFormat::Herald => 0,
+            WireFormat::Centrifugal => 1,
         }
     }
 }
@@ -38,6 +43,7 @@ impl WireFormat {
 pub(crate) fn encode_message(format: WireFormat, message: &Message) -> Bytes {
     match format {
         WireFormat::Herald => herald::encode_message(message),
+        WireFormat::Centrifugal => centrifugal::wire::encode_message(message),
     }
 }
 
@@ -57,6 +63,17 @@ pub(crate) fn encode_burst(messages: &[&Message]) {
     for (message, end) in messages.iter().zip(ends) {
         message.set_burst(WireFormat::Herald, chunk.clone(), start..end);
         start = end;
+    }
+}
+
+/// The close frame of `close` in `format`'s protocol, if one can be sent.
+pub(crate) fn close_frame(format: WireFormat, close: &Close) -> Option<Bytes> {
+    if !close.code.is_sent() {
+        return None;
+    }
+    match format {
+        WireFormat::Herald => Some(crate::websocket::frame::close(close.number(), &close.reason)),
+        WireFormat::Centrifugal => Some(centrifugal::wire::close_frame(close)),
     }
 }
 
@@ -82,6 +99,15 @@ pub(crate) enum Command {
     },
     /// An application-level ping, answered with a pong notice.
     Ping,
+    /// How many sockets the user (or, without one, everyone) has; answered as an rpc result `id`.
+    Presence {
+        id: String,
+        user: Option<String>,
+    },
+    /// A new token for the connection (same user): the connection now ends at its expiry.
+    Refresh {
+        token: String,
+    },
 }
 
 /// A client message the codec could not turn into a command.
@@ -91,12 +117,15 @@ pub(crate) enum Refusal {
     Notice(Box<ServerFrame>),
     /// Close the connection.
     Close(Close),
+    /// Answer with these bytes (the protocol's own error reply) and keep the connection.
+    Reply(Bytes),
 }
 
 /// One connection's protocol.
 #[derive(Debug)]
 pub(crate) enum Codec {
     Herald(HeraldCodec),
+    Centrifugal(Box<CentrifugalCodec>),
 }
 
 impl Codec {
@@ -104,18 +133,24 @@ impl Codec {
     pub(crate) fn format(&self) -> WireFormat {
         match self {
             Codec::Herald(_) => WireFormat::Herald,
+            Codec::Centrifugal(_) => WireFormat::Centrifugal,
         }
     }
 
-    /// The bytes of `message` for this connection (shared with every connection of the format).
-    pub(crate) fn message(&self, message: &Message) -> Bytes {
-        message.encoded(self.format()).clone()
+    /// The bytes of `message` for this connection (shared with every connection of the format),
+    /// or none when the protocol holds it back to send it inside a reply.
+    pub(crate) fn message(&mut self, message: &Message) -> Option<Bytes> {
+        match self {
+            Codec::Centrifugal(codec) => codec.message(message),
+            _ => Some(message.encoded(self.format()).clone()),
+        }
     }
 
     /// The bytes of a notice (`welcome`, `replayed`, an `error`…), if the protocol has one.
     pub(crate) fn notice(&mut self, notice: &ServerFrame) -> Option<Bytes> {
         match self {
             Codec::Herald(codec) => Some(codec.notice(notice)),
+            Codec::Centrifugal(codec) => codec.notice(notice),
         }
     }
 
@@ -123,6 +158,8 @@ impl Codec {
     pub(crate) fn ping(&self) -> Bytes {
         match self {
             Codec::Herald(_) => crate::websocket::frame::ping(),
+            // The protocol's own ping, which the client answers with `{}`.
+            Codec::Centrifugal(_) => crate::websocket::frame::text(b"{}"),
         }
     }
 
@@ -131,15 +168,20 @@ impl Codec {
         crate::websocket::frame::pong(payload)
     }
 
-    /// The last bytes before the connection ends, if any can be sent.
-    pub(crate) fn close(&self, close: &Close) -> Option<Bytes> {
-        close.code.is_sent().then(|| crate::websocket::frame::close(close.number(), &close.reason))
+    /// Reads one text message from the client: the commands it holds (a Centrifugal frame may
+    /// hold several, or none).
+    pub(crate) fn decode(&mut self, text: &[u8]) -> Vec<Result<Command, Refusal>> {
+        match self {
+            Codec::Herald(codec) => vec![codec.decode(text)],
+            Codec::Centrifugal(codec) => codec.decode(text),
+        }
     }
 
-    /// Reads one text message from the client.
-    pub(crate) fn decode(&mut self, text: &[u8]) -> Result<Command, Refusal> {
+    /// The answer to a `Refresh`: the new expiry, or an error code and message.
+    pub(crate) fn refreshed(&mut self, outcome: Result<u64, (u32, String)>) -> Option<Bytes> {
         match self {
-            Codec::Herald(codec) => codec.decode(text),
+            Codec::Centrifugal(codec) => codec.refreshed(outcome),
+            _ => None,
         }
     }
 }

@@ -3,6 +3,7 @@
 
 pub(crate) mod api;
 pub(crate) mod auth;
+pub(crate) mod centrifugal;
 pub(crate) mod handshake;
 pub(crate) mod health;
 pub(crate) mod limits;

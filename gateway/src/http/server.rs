@@ -61,6 +61,9 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
 async fn route(shared: Arc<Shared>, request: Request<Incoming>, peer: SocketAddr) -> Result<HttpResponse, Infallible> {
     let response = match (request.method(), request.uri().path()) {
         (&Method::GET, "/ws") => websocket(shared, request, peer).await,
+        (&Method::GET, "/connection/websocket") => crate::http::centrifugal::websocket(shared, request, peer)
+            .await
+            .unwrap_or_else(|refused| rejection(&refused)),
         (&Method::GET, "/healthz") => json(StatusCode::OK, serde_json::json!({"ok": true})),
         (&Method::GET, "/readyz") => readyz(&shared),
         (&Method::GET, "/metrics") => {
@@ -141,7 +144,7 @@ async fn websocket(shared: Arc<Shared>, mut request: Request<Incoming>, peer: So
 }
 
 /// The request's `Origin` when an allow-list is configured and does not contain it.
-fn refused_origin<B>(allowed: &[String], request: &Request<B>) -> Option<String> {
+pub(crate) fn refused_origin<B>(allowed: &[String], request: &Request<B>) -> Option<String> {
     let origin = request.headers().get(hyper::header::ORIGIN)?.to_str().unwrap_or("?");
     let allowed = allowed.is_empty() || allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin));
     (!allowed).then(|| origin.to_string())

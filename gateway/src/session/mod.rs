@@ -14,6 +14,7 @@ mod deadlines;
 mod inbound;
 mod join;
 mod live;
+mod presence;
 pub(crate) mod replay;
 mod rpc;
 mod state;
@@ -53,8 +54,8 @@ const CLOSE_GRACE: Duration = Duration::from_secs(3);
 /// Most bytes taken from the session's queue for one write.
 const BATCH_BYTES: usize = 256 * 1024;
 
-type ReadHalf = Pin<Box<dyn AsyncRead + Send>>;
-type WriteHalf = Pin<Box<dyn AsyncWrite + Send>>;
+pub(crate) type ReadHalf = Pin<Box<dyn AsyncRead + Send>>;
+pub(crate) type WriteHalf = Pin<Box<dyn AsyncWrite + Send>>;
 
 /// A connected client: what the session's I/O needs to know.
 pub(crate) struct Session {
@@ -74,7 +75,7 @@ impl Session {
     }
 }
 
-/// Runs connection `conn` on `upgraded` until it closes.
+/// Runs connection `conn` on `upgraded` until it closes, in Herald's protocol.
 pub(crate) async fn run(
     shared: Arc<Shared>,
     upgraded: Upgraded,
@@ -82,7 +83,35 @@ pub(crate) async fn run(
     conn: String,
     address: IpAddr,
 ) {
-    let (read_half, write_half) = split(upgraded);
+    let socket = Socket::new(upgraded, shared.config.max_frame_bytes);
+    run_codec(shared, socket, request, conn, address, Codec::Herald(HeraldCodec)).await
+}
+
+/// An upgraded connection's two halves.
+pub(crate) struct Socket {
+    pub(crate) reader: MessageReader<ReadHalf>,
+    pub(crate) writer: WriteHalf,
+}
+
+impl Socket {
+    /// Splits `upgraded`; messages over `max_frame_bytes` are refused.
+    pub(crate) fn new(upgraded: Upgraded, max_frame_bytes: usize) -> Socket {
+        let (read_half, writer) = split(upgraded);
+        Socket { reader: MessageReader::new(read_half, max_frame_bytes), writer }
+    }
+}
+
+/// Runs connection `conn` on `socket` until it closes, speaking `codec`'s protocol.
+pub(crate) async fn run_codec(
+    shared: Arc<Shared>,
+    socket: Socket,
+    request: ConnectRequest,
+    conn: String,
+    address: IpAddr,
+    codec: Codec,
+) {
+    let Socket { reader, writer: write_half } = socket;
+    let format = codec.format();
     let mailbox = Arc::new(Mailbox::new(shared.config.outbound_queue_bytes));
     let user: Arc<str> = request.claims.sub.as_str().into();
     let session = Arc::new(Session {
@@ -104,7 +133,6 @@ pub(crate) async fn run(
     info!(user = %session.user, device = %session.device, conn = %session.conn, %address, "connected");
 
     let mut transmit = Transmit::new(write_half);
-    let codec = Codec::Herald(HeraldCodec);
     let opened = tokio::select! {
         biased;
         _ = shared.killed.cancelled() => Err(Close::gone("gateway killed")),
@@ -115,12 +143,11 @@ pub(crate) async fn run(
     let (close, state) = match opened {
         Ok(state) => {
             Box::pin(publish_lifecycle(&shared.client, &session.who(), None)).await;
-            let reader = MessageReader::new(read_half, shared.config.max_frame_bytes);
             serve(&session, state, reader, &mut transmit).await
         }
         Err(close) => (close, None),
     };
-    Box::pin(finish(&session, state, transmit, close)).await;
+    Box::pin(finish(&session, state, transmit, close, format)).await;
 }
 
 /// Serves the connection until it must close; returns why, and the session if it opened.
@@ -166,7 +193,9 @@ async fn serve(
             _ = session.mailbox.woken() => Ok(()),
             inbound = reader.next() => {
                 deadlines.heard(Instant::now());
-                inbound.and_then(|inbound| inbound::handle(session, &mut state, inbound, &mut rpc_budget))
+                inbound.and_then(|inbound| {
+                    inbound::handle(session, &mut state, inbound, &mut rpc_budget, &mut deadlines)
+                })
             }
             _ = &mut timer => {
                 let due = on_time(&mut deadlines, &mut state, transmit);
@@ -251,7 +280,13 @@ fn count(metrics: &crate::http::metrics::Metrics, tally: Tally) {
 }
 
 /// Closes the socket with `close` and releases what the session held.
-async fn finish(session: &Session, state: Option<SessionState>, mut transmit: Transmit<WriteHalf>, close: Close) {
+async fn finish(
+    session: &Session,
+    state: Option<SessionState>,
+    mut transmit: Transmit<WriteHalf>,
+    close: Close,
+    format: crate::codec::WireFormat,
+) {
     let shared = &session.shared;
     if close.code == CloseCode::SlowConsumer {
         shared.metrics.slow_consumer_closes.inc();
@@ -262,11 +297,7 @@ async fn finish(session: &Session, state: Option<SessionState>, mut transmit: Tr
     shared.metrics.users.set(shared.registry.counts().users as i64);
     // 1006 means the connection is gone (or the gateway was killed): nothing is sent.
     if close.code.is_sent() {
-        let codec = state.as_ref().map(SessionState::codec);
-        let last: Option<Bytes> = match codec {
-            Some(codec) => codec.close(&close),
-            None => Codec::Herald(HeraldCodec).close(&close),
-        };
+        let last: Option<Bytes> = crate::codec::close_frame(format, &close);
         transmit.finish(last, CLOSE_GRACE).await;
     }
     drop(transmit);

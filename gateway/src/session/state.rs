@@ -331,6 +331,13 @@ impl SessionState {
         }
     }
 
+    /// Queues a message in the connection's protocol (unless the protocol holds it back).
+    fn push_message(&mut self, message: &Message) {
+        if let Some(frame) = self.codec.message(message) {
+            self.push_frame(frame);
+        }
+    }
+
     /// Queues a notice in the connection's protocol.
     pub(crate) fn notice(&mut self, notice: &ServerFrame) {
         if let Some(frame) = self.codec.notice(notice) {
@@ -385,7 +392,7 @@ impl SessionState {
         }
         let muted = self.local.muted();
         let mut live = LivePull {
-            codec: &self.codec,
+            codec: &mut self.codec,
             muted: &muted,
             last_sent: &mut self.last_sent,
             complete_through: self.complete_through,
@@ -616,12 +623,12 @@ impl SessionState {
                     return;
                 }
                 self.last_sent = message.seq;
-                self.push_frame(self.codec.message(&message));
+                self.push_message(&message);
             }
             Purpose::TopicBlock { .. } => {
                 // Newer ones come with the catch-up, in order.
                 if message.seq <= self.last_sent {
-                    self.push_frame(self.codec.message(&message));
+                    self.push_message(&message);
                 }
             }
         }
@@ -679,7 +686,7 @@ pub(crate) fn audiences_of<'a>(user: &str, topics: impl Iterator<Item = &'a Stri
 
 /// Taking live entries into the session's frames.
 struct LivePull<'a> {
-    codec: &'a Codec,
+    codec: &'a mut Codec,
     muted: &'a [Box<str>],
     last_sent: &'a mut u64,
     complete_through: u64,
@@ -729,7 +736,7 @@ impl LivePull<'_> {
         let format = self.codec.format();
         let Some(burst) = message.burst(format) else {
             self.end_run();
-            let frame = self.codec.message(message);
+            let Some(frame) = self.codec.message(message) else { return 0 };
             let len = frame.len();
             self.frames.push_back(frame);
             return len;
