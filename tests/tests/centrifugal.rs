@@ -16,7 +16,7 @@ fn centrifugal_url(gateway: &TestGateway) -> String {
 
 /// An SDK client connected as the token's user, its server-side subscriptions confirmed.
 async fn connected_sdk(python: &std::path::Path, gateway: &TestGateway, token: &str) -> SdkClient {
-    let mut sdk = SdkClient::start(python, "centrifugal.py");
+    let mut sdk = SdkClient::start(python, "centrifugal_client.py");
     sdk.send(json!({"op": "connect", "url": centrifugal_url(gateway), "token": token})).await;
     sdk.wait_for("connected", |e| e["event"] == "connected").await;
     sdk.wait_count("subscribed", 2).await;
@@ -184,7 +184,7 @@ async fn a_bad_token_is_a_terminal_invalid_token_disconnect() {
     let Some(python) = python() else { return };
     let nats = TestNats::start().await;
     let gateway = TestGateway::start(&nats).await;
-    let mut sdk = SdkClient::start(&python, "centrifugal.py");
+    let mut sdk = SdkClient::start(&python, "centrifugal_client.py");
     sdk.send(json!({"op": "connect", "url": centrifugal_url(&gateway), "token": "not-a-jwt"})).await;
     let disconnected = sdk.wait_for("disconnected", |e| e["event"] == "disconnected").await;
     assert_eq!(disconnected["code"], 3500, "{disconnected}");

@@ -7,6 +7,7 @@
 
 pub(crate) mod centrifugal;
 mod herald;
+pub(crate) mod socketio;
 
 use bytes::Bytes;
 use herald_shared::frame::ServerFrame;
@@ -16,6 +17,7 @@ use crate::delivery::message::Message;
 
 pub(crate) use centrifugal::CentrifugalCodec;
 pub(crate) use herald::HeraldCodec;
+pub(crate) use socketio::SocketIoCodec;
 
 /// The encodings a message can have; each is computed at most once per message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,17 +26,20 @@ pub(crate) enum WireFormat {
     Herald,
     /// A Centrifugal publication push in a WebSocket text frame.
     Centrifugal,
+    /// A Socket.IO event in an Engine.IO message, in a WebSocket text frame.
+    SocketIo,
 }
 
 impl WireFormat {
     /// How many formats there are (the size of a message's encoding cache).
-    pub(crate) const COUNT: usize = 2;
+    pub(crate) const COUNT: usize = 3;
 
     /// The format's slot in a message's encoding cache.
     pub(crate) fn index(self) -> usize {
         match self {
             WireFormat::Herald => 0,
             WireFormat::Centrifugal => 1,
+            WireFormat::SocketIo => 2,
         }
     }
 }
@@ -44,6 +49,7 @@ pub(crate) fn encode_message(format: WireFormat, message: &Message) -> Bytes {
     match format {
         WireFormat::Herald => herald::encode_message(message),
         WireFormat::Centrifugal => centrifugal::wire::encode_message(message),
+        WireFormat::SocketIo => socketio::wire::encode_message(message),
     }
 }
 
@@ -74,6 +80,7 @@ pub(crate) fn close_frame(format: WireFormat, close: &Close) -> Option<Bytes> {
     match format {
         WireFormat::Herald => Some(crate::websocket::frame::close(close.number(), &close.reason)),
         WireFormat::Centrifugal => Some(centrifugal::wire::close_frame(close)),
+        WireFormat::SocketIo => Some(socketio::close_frame(close)),
     }
 }
 
@@ -126,6 +133,7 @@ pub(crate) enum Refusal {
 pub(crate) enum Codec {
     Herald(HeraldCodec),
     Centrifugal(Box<CentrifugalCodec>),
+    SocketIo(Box<SocketIoCodec>),
 }
 
 impl Codec {
@@ -134,6 +142,7 @@ impl Codec {
         match self {
             Codec::Herald(_) => WireFormat::Herald,
             Codec::Centrifugal(_) => WireFormat::Centrifugal,
+            Codec::SocketIo(_) => WireFormat::SocketIo,
         }
     }
 
@@ -151,6 +160,7 @@ impl Codec {
         match self {
             Codec::Herald(codec) => Some(codec.notice(notice)),
             Codec::Centrifugal(codec) => codec.notice(notice),
+            Codec::SocketIo(codec) => codec.notice(notice),
         }
     }
 
@@ -160,6 +170,8 @@ impl Codec {
             Codec::Herald(_) => crate::websocket::frame::ping(),
             // The protocol's own ping, which the client answers with `{}`.
             Codec::Centrifugal(_) => crate::websocket::frame::text(b"{}"),
+            // Engine.IO's ping, answered with `3`.
+            Codec::SocketIo(_) => socketio::wire::engine_packet(socketio::wire::engine::PING),
         }
     }
 
@@ -174,6 +186,7 @@ impl Codec {
         match self {
             Codec::Herald(codec) => vec![codec.decode(text)],
             Codec::Centrifugal(codec) => codec.decode(text),
+            Codec::SocketIo(codec) => codec.decode(text),
         }
     }
 

@@ -19,8 +19,6 @@ use crate::codec::Codec;
 use crate::codec::centrifugal::wire::{self, disconnect, error};
 use crate::codec::centrifugal::{CentrifugalCodec, ConnectCommand, ServerSub, parse_connect};
 use crate::http::auth::{ConnectRequest, Rejection};
-use crate::http::handshake;
-use crate::http::limits::{self, LimitExceeded};
 use crate::session::{self, Socket};
 use crate::websocket::frame;
 use crate::websocket::reader::Inbound;
@@ -37,32 +35,7 @@ pub(crate) async fn websocket(
     mut request: Request<Incoming>,
     peer: SocketAddr,
 ) -> Result<Response<Full<Bytes>>, Rejection> {
-    handshake::check(&request)?;
-    if let Some(origin) = super::server::refused_origin(&shared.config.allowed_origins, &request) {
-        return Err(Rejection::new(
-            StatusCode::FORBIDDEN,
-            "forbidden_origin",
-            format!("origin {origin} is not allowed"),
-        ));
-    }
-    if !shared.health.ready() {
-        return Err(Rejection::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            shared.health.problems().join("; "),
-        ));
-    }
-    let address = limits::client_address(peer.ip(), request.headers(), &shared.config.trusted_proxies);
-    let permit = shared.limits.admit(address).map_err(|exceeded| match exceeded {
-        LimitExceeded::Gateway => {
-            Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "too_many_connections", "this gateway is full")
-        }
-        LimitExceeded::Address => Rejection::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_connections",
-            format!("too many connections from {address}"),
-        ),
-    })?;
+    let (permit, address) = super::edge::admit(&shared, &request, peer)?;
     let (response, upgrade) = fastwebsockets::upgrade::upgrade(&mut request)
         .map_err(|e| Rejection::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?;
     shared.sessions.clone().spawn(async move {

@@ -4,9 +4,11 @@
 pub(crate) mod api;
 pub(crate) mod auth;
 pub(crate) mod centrifugal;
+pub(crate) mod edge;
 pub(crate) mod handshake;
 pub(crate) mod health;
 pub(crate) mod limits;
 pub(crate) mod metrics;
 pub(crate) mod ratelimit;
 pub(crate) mod server;
+pub(crate) mod socketio;

@@ -64,6 +64,9 @@ async fn route(shared: Arc<Shared>, request: Request<Incoming>, peer: SocketAddr
         (&Method::GET, "/connection/websocket") => crate::http::centrifugal::websocket(shared, request, peer)
             .await
             .unwrap_or_else(|refused| rejection(&refused)),
+        (&Method::GET, "/socket.io/" | "/socket.io") => {
+            crate::http::socketio::websocket(shared, request, peer).await.unwrap_or_else(|refused| rejection(&refused))
+        }
         (&Method::GET, "/healthz") => json(StatusCode::OK, serde_json::json!({"ok": true})),
         (&Method::GET, "/readyz") => readyz(&shared),
         (&Method::GET, "/metrics") => {

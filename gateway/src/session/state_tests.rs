@@ -100,7 +100,7 @@ impl Harness {
     /// Answers a replay with `messages`, then its end.
     fn replay(&mut self, messages: Vec<Message>) {
         for message in messages {
-            self.state.on_outcome(Outcome::Replayed(message));
+            self.state.on_outcome(Outcome::Replayed(Box::new(message)));
         }
         self.state.on_outcome(Outcome::ReplayEnded(Ok(())));
     }
