@@ -4,6 +4,7 @@ Reads one JSON command per line on stdin and prints one JSON event per line on s
 
   {"op":"connect","url":"http://…","token":"…","transports":["websocket"]}
   {"op":"emit","event":"sub","args":["news"]}        with an ack: {"op":"call",…} prints "ack"
+  {"op":"transport"}                                 prints the transport in use
   {"op":"disconnect"}
 
 Events: connected, connect_error, disconnected, event (name, args), ack (event, answer), error.
@@ -54,6 +55,8 @@ async def main():
             elif op == "call":
                 answer = await sio.call(command["event"], tuple(command["args"]), timeout=10)
                 emit("ack", name=command["event"], answer=answer)
+            elif op == "transport":
+                emit("transport", name=sio.transport())
             elif op == "disconnect":
                 await sio.disconnect()
         except Exception as error:  # reported to the test, which decides

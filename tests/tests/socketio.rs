@@ -12,9 +12,13 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 async fn connected_sdk(python: &std::path::Path, gateway: &TestGateway, token: &str) -> SdkClient {
+    connected_over(python, &format!("http://{}", gateway.addr), token, json!(["websocket"])).await
+}
+
+/// An SDK client connected to `url` with `transports` (null: the default, polling then the upgrade).
+async fn connected_over(python: &std::path::Path, url: &str, token: &str, transports: Value) -> SdkClient {
     let mut sdk = SdkClient::start(python, "socketio_client.py");
-    let url = format!("http://{}", gateway.addr);
-    sdk.send(json!({"op": "connect", "url": url, "token": token, "transports": ["websocket"]})).await;
+    sdk.send(json!({"op": "connect", "url": url, "token": token, "transports": transports})).await;
     let connected = sdk.wait_for("connected", |e| e["event"] == "connected" || e["event"] == "error").await;
     assert_eq!(connected["event"], "connected", "{connected}");
     sdk
@@ -107,11 +111,46 @@ async fn rpc_answers_through_the_ack_and_a_bad_token_gets_connect_error() {
 }
 
 #[tokio::test]
-async fn long_polling_is_refused_with_an_engine_io_error() {
+async fn polling_clients_and_the_default_transports_with_the_upgrade_get_everything() {
+    let Some(python) = python() else { return };
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let url = format!("http://{}", gateway.addr);
+    let mut sdk = connected_over(&python, &url, &token_with("sio-p", &["news"], 600), Value::Null).await;
+    assert_eq!(call(&mut sdk, "sub", json!(["news"])).await, json!({"ok": true, "topic": "news"}));
+    let mut polling = connected_over(&python, &url, &token_with("sio-p", &["news"], 600), json!(["polling"])).await;
+    assert_eq!(call(&mut polling, "sub", json!(["news"])).await, json!({"ok": true, "topic": "news"}));
+    let mut published = Vec::new();
+    for n in 0..10 {
+        let subject = ["push.user.sio-p", "push.all", "push.topic.news"][n % 3];
+        published.push(publisher.publish(subject, &n.to_string()).await);
+    }
+    let seqs: Vec<u64> =
+        sdk.wait_count("event", 10).await.iter().map(|e| e["args"][1]["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, published);
+    let seqs: Vec<u64> =
+        polling.wait_count("event", 10).await.iter().map(|e| e["args"][1]["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, published);
+    polling.send(json!({"op": "transport"})).await;
+    assert_eq!(polling.wait_for("the transport", |e| e["event"] == "transport").await["name"], "polling");
+    assert_eq!(call(&mut polling, "rpc", json!(["nobody-home", {}])).await["error"]["code"], "no_function");
+    // python-socketio upgrades to the WebSocket after the handshake on polling.
+    sdk.send(json!({"op": "transport"})).await;
+    let transport = sdk.wait_for("the transport", |e| e["event"] == "transport").await;
+    assert_eq!(transport["name"], "websocket");
+    let answer = call(&mut sdk, "rpc", json!(["nobody-home", {}])).await;
+    assert_eq!(answer["error"]["code"], "no_function");
+}
+
+#[tokio::test]
+async fn bad_engine_io_requests_get_engine_io_errors() {
     let nats = TestNats::start().await;
     let gateway = TestGateway::start(&nats).await;
     let http = reqwest::Client::new();
-    for (query, code) in [("EIO=4&transport=polling", 0), ("EIO=3&transport=websocket", 5)] {
+    for (query, code) in
+        [("EIO=4&transport=flash", 0), ("EIO=3&transport=websocket", 5), ("EIO=4&transport=polling&sid=nope", 1)]
+    {
         let response = http.get(gateway.http_url(&format!("/socket.io/?{query}"))).send().await.unwrap();
         assert_eq!(response.status(), 400);
         assert_eq!(response.json::<Value>().await.unwrap()["code"], code, "{query}");

@@ -35,6 +35,7 @@ pub(crate) async fn websocket(
     mut request: Request<Incoming>,
     peer: SocketAddr,
 ) -> Result<Response<Full<Bytes>>, Rejection> {
+    super::handshake::check(&request)?;
     let (permit, address) = super::edge::admit(&shared, &request, peer)?;
     let (response, upgrade) = fastwebsockets::upgrade::upgrade(&mut request)
         .map_err(|e| Rejection::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?;

@@ -1,6 +1,6 @@
-//! The checks every WebSocket endpoint of another protocol makes before its upgrade (these
-//! protocols authenticate afterwards, in their first message): the handshake, the origin, the
-//! gateway's readiness and the connection limits.
+//! The checks every endpoint of another protocol makes before it opens a connection (these
+//! protocols authenticate afterwards, in their first message): the origin, the gateway's readiness
+//! and the connection limits. WebSocket endpoints check the handshake first.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -9,7 +9,6 @@ use hyper::{Request, StatusCode};
 
 use crate::Shared;
 use crate::http::auth::Rejection;
-use crate::http::handshake;
 use crate::http::limits::{self, LimitExceeded, Permit};
 
 /// A place under the connection limits for the client at the returned address, or why not.
@@ -18,7 +17,6 @@ pub(crate) fn admit<B>(
     request: &Request<B>,
     peer: SocketAddr,
 ) -> Result<(Permit, IpAddr), Rejection> {
-    handshake::check(request)?;
     if let Some(origin) = super::server::refused_origin(&shared.config.allowed_origins, request) {
         return Err(Rejection::new(
             StatusCode::FORBIDDEN,

@@ -5,6 +5,7 @@ pub(crate) mod api;
 pub(crate) mod auth;
 pub(crate) mod centrifugal;
 pub(crate) mod edge;
+pub(crate) mod engineio;
 pub(crate) mod handshake;
 pub(crate) mod health;
 pub(crate) mod limits;

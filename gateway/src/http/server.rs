@@ -65,7 +65,10 @@ async fn route(shared: Arc<Shared>, request: Request<Incoming>, peer: SocketAddr
             .await
             .unwrap_or_else(|refused| rejection(&refused)),
         (&Method::GET, "/socket.io/" | "/socket.io") => {
-            crate::http::socketio::websocket(shared, request, peer).await.unwrap_or_else(|refused| rejection(&refused))
+            crate::http::socketio::get(shared, request, peer).await.unwrap_or_else(|refused| rejection(&refused))
+        }
+        (&Method::POST, "/socket.io/" | "/socket.io") => {
+            crate::http::socketio::post(shared, request).await.unwrap_or_else(|refused| rejection(&refused))
         }
         (&Method::GET, "/healthz") => json(StatusCode::OK, serde_json::json!({"ok": true})),
         (&Method::GET, "/readyz") => readyz(&shared),

@@ -15,6 +15,7 @@ pub(crate) mod engine {
     pub(crate) const PING: u8 = b'2';
     pub(crate) const PONG: u8 = b'3';
     pub(crate) const MESSAGE: u8 = b'4';
+    pub(crate) const UPGRADE: u8 = b'5';
     pub(crate) const NOOP: u8 = b'6';
 }
 
