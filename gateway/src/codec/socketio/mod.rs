@@ -1,4 +1,5 @@
-//! Socket.IO 4 over Engine.IO 4's WebSocket transport, at `/socket.io/`, namespace `/`.
+//! Socket.IO 4 over Engine.IO 4 (a WebSocket, or long-polling: see [`crate::http::engineio`]), at
+//! `/socket.io/`, namespace `/`.
 //!
 //! A message is an event named by its kind (`message` when it has none) with the payload and
 //! `{seq, to, id, ts}`, and the `seq` as a last string argument: the offset Socket.IO clients keep
