@@ -271,3 +271,36 @@ async fn raw_frames_get_centrifugal_errors_and_disconnect_codes() {
     raw.send(r#"{"rpc":{"method":"x"}}"#).await;
     assert_eq!(raw.next().await, Err(Some(3501)));
 }
+
+/// The epoch of a connect reply's `#<user>` channel, or `None` when the connection was refused (the
+/// stream is being replaced).
+async fn epoch_of(gateway: &TestGateway, user: &str) -> Option<String> {
+    let mut raw = Raw::open(gateway).await;
+    raw.send(&json!({"id": 1, "connect": {"token": token(user)}}).to_string()).await;
+    let reply = raw.next().await.ok()?.remove(0);
+    Some(reply["connect"]["subs"][format!("#{user}")]["epoch"].as_str()?.to_string())
+}
+
+#[tokio::test]
+async fn a_replaced_stream_has_another_epoch_and_old_offsets_are_not_recovered() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let before = epoch_of(&gateway, "cf6").await.expect("an epoch");
+    let offset = publisher.publish("push.user.cf6", "old").await;
+
+    nats.jetstream().await.delete_stream("HERALD").await.unwrap();
+    // The gateway creates the stream again by itself.
+    let after = eventually("a new epoch", Duration::from_secs(30), || async {
+        epoch_of(&gateway, "cf6").await.filter(|epoch| *epoch != before)
+    })
+    .await;
+    assert_ne!(after, before);
+
+    let mut raw = Raw::open(&gateway).await;
+    let subs = json!({"#cf6": {"recover": true, "offset": offset, "epoch": before}});
+    raw.send(&json!({"id": 1, "connect": {"token": token("cf6"), "subs": subs}}).to_string()).await;
+    let personal = raw.reply().await["connect"]["subs"]["#cf6"].clone();
+    assert_eq!((personal["was_recovering"].as_bool(), personal["recovered"].as_bool()), (Some(true), Some(false)));
+    assert_eq!(personal["epoch"], after);
+}

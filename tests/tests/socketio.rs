@@ -1,6 +1,6 @@
-//! Socket.IO 4 (Engine.IO 4: WebSocket, long-polling, the upgrade) at `/socket.io/`, driven by python-socketio's
-//! AsyncClient (PyPI) and, for connection state recovery (which python-socketio does not
-//! implement), by raw frames.
+//! Socket.IO 4 (Engine.IO 4: WebSocket, long-polling, the upgrade) at `/socket.io/`, driven by
+//! python-socketio's AsyncClient (PyPI) and, for connection state recovery (which python-socketio
+//! does not implement), by raw frames.
 
 use std::time::Duration;
 
