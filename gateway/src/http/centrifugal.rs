@@ -136,12 +136,10 @@ fn server_subs(user: &str, connect: &ConnectCommand, epoch: &str) -> Vec<ServerS
         .collect()
 }
 
-/// The stream's epoch: its creation time, so a replaced stream (whose offsets mean something else)
-/// has another one.
+/// The stream's epoch, read with the bounds (one request for the many connections of a storm).
 async fn epoch(shared: &Shared) -> Result<String, String> {
-    let mut stream = shared.js.get_stream(herald_shared::subject::STREAM).await.map_err(|e| e.to_string())?;
-    let info = stream.info().await.map_err(|e| e.to_string())?;
-    Ok(format!("{:x}", info.created.unix_timestamp_nanos()))
+    let bounds = shared.bounds.read().await.map_err(|e| e.to_string())?;
+    Ok(format!("{:x}", bounds.epoch))
 }
 
 async fn refuse(mut socket: Socket, refused: Refused) {

@@ -36,7 +36,7 @@ fn all_message(seq: u64) -> Live {
 }
 
 fn bounds(first: u64, last: u64) -> Bounds {
-    Bounds { first, last }
+    Bounds { first, last, epoch: 0 }
 }
 
 impl Harness {
