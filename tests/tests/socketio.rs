@@ -233,3 +233,19 @@ async fn connection_state_recovery_replays_exactly_from_the_offset() {
         assert!(raw.expect("44").await["message"].is_string(), "{connect}");
     }
 }
+
+#[tokio::test]
+async fn malformed_packets_close_the_socket_and_a_disconnect_ends_it() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    for (packet, expected) in [("4x", "Policy"), ("42not json", "Policy"), ("9", "Policy"), ("41", "Normal")] {
+        let mut raw = Raw::open(&gateway).await;
+        raw.send(&format!("40{}", json!({"token": token("sio-m")}))).await;
+        raw.expect("40").await;
+        // A second CONNECT to the same namespace is ignored; the packet after it decides.
+        raw.send("40").await;
+        raw.send(packet).await;
+        let close = raw.next().await;
+        assert!(close.starts_with("close") && close.contains(expected), "{packet}: {close}");
+    }
+}
