@@ -2,7 +2,7 @@
 
 Reads one JSON command per line on stdin and prints one JSON event per line on stdout:
 
-  {"op":"connect","url":"ws://…/connection/websocket","token":"…"}
+  {"op":"connect","url":"ws://…/connection/websocket","token":"…","protobuf":false}
   {"op":"set_token","token":"…"}          the token get_token hands the SDK when it refreshes
   {"op":"subscribe","channel":"news"}
   {"op":"unsubscribe","channel":"news"}
@@ -30,8 +30,19 @@ def emit(event, **fields):
     print(json.dumps({"event": event, **fields}), flush=True)
 
 
+def plain(data):
+    """Data as JSON: with Protobuf the SDK hands over bytes (here: JSON text, or plain text)."""
+    if isinstance(data, bytes):
+        text = data.decode()
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+    return data
+
+
 def publication(channel, pub):
-    emit("pub", channel=channel, offset=pub.offset, data=pub.data, tags=pub.tags)
+    emit("pub", channel=channel, offset=pub.offset, data=plain(pub.data), tags=pub.tags)
 
 
 class Events(ClientEventHandler):
@@ -77,6 +88,7 @@ class SubEvents(SubscriptionEventHandler):
 
 async def main():
     client = None
+    protobuf = False
     next_token = {"token": ""}
 
     async def get_token():
@@ -92,8 +104,10 @@ async def main():
         try:
             if op == "connect":
                 next_token["token"] = command["token"]
+                protobuf = command.get("protobuf", False)
                 client = Client(command["url"], events=Events(), token=command["token"],
-                                get_token=get_token, proxy=None, max_reconnect_delay=1.0)
+                                get_token=get_token, proxy=None, max_reconnect_delay=1.0,
+                                use_protobuf=protobuf)
                 await client.connect()
             elif op == "set_token":
                 next_token["token"] = command["token"]
@@ -104,8 +118,11 @@ async def main():
             elif op == "unsubscribe":
                 await client.get_subscription(command["channel"]).unsubscribe()
             elif op == "rpc":
-                result = await client.rpc(command["method"], command["data"])
-                emit("rpc", method=command["method"], data=result.data)
+                data = command["data"]
+                if protobuf:
+                    data = json.dumps(data).encode()
+                result = await client.rpc(command["method"], data)
+                emit("rpc", method=command["method"], data=plain(result.data))
             elif op == "presence_stats":
                 stats = await client.presence_stats(command["channel"])
                 emit("presence_stats", num_clients=stats.num_clients, num_users=stats.num_users)

@@ -16,11 +16,32 @@ fn centrifugal_url(gateway: &TestGateway) -> String {
 
 /// An SDK client connected as the token's user, its server-side subscriptions confirmed.
 async fn connected_sdk(python: &std::path::Path, gateway: &TestGateway, token: &str) -> SdkClient {
+    connected_in(python, gateway, token, false).await
+}
+
+/// The same, in the Protobuf encoding when `protobuf`.
+async fn connected_in(python: &std::path::Path, gateway: &TestGateway, token: &str, protobuf: bool) -> SdkClient {
     let mut sdk = SdkClient::start(python, "centrifugal_client.py");
-    sdk.send(json!({"op": "connect", "url": centrifugal_url(gateway), "token": token})).await;
+    let url = centrifugal_url(gateway);
+    sdk.send(json!({"op": "connect", "url": url, "token": token, "protobuf": protobuf})).await;
     sdk.wait_for("connected", |e| e["event"] == "connected").await;
     sdk.wait_count("subscribed", 2).await;
     sdk
+}
+
+/// Push function `echo`: answers `{"user": <caller>, "got": <request>}`.
+async fn echo_function(nats: &TestNats) -> tokio::task::JoinHandle<()> {
+    let client = nats.client().await;
+    let mut echo = client.subscribe("herald.fn.echo").await.unwrap();
+    client.flush().await.unwrap();
+    tokio::spawn(async move {
+        while let Some(request) = echo.next().await {
+            let user = request.headers.as_ref().and_then(|h| h.get("Herald-User")).map(|v| v.to_string());
+            let body: Value = serde_json::from_slice(&request.payload).unwrap_or(Value::Null);
+            let reply = json!({"user": user, "got": body}).to_string();
+            client.publish(request.reply.unwrap(), reply.into()).await.unwrap();
+        }
+    })
 }
 
 async fn subscribe(sdk: &mut SdkClient, channel: &str) -> Value {
@@ -76,17 +97,7 @@ async fn forbidden_channels_get_the_permission_error_and_rpc_and_presence_answer
     let Some(python) = python() else { return };
     let nats = TestNats::start().await;
     let gateway = TestGateway::start(&nats).await;
-    let client = nats.client().await;
-    let mut echo = client.subscribe("herald.fn.echo").await.unwrap();
-    let responder = client.clone();
-    tokio::spawn(async move {
-        while let Some(request) = echo.next().await {
-            let user = request.headers.as_ref().and_then(|h| h.get("Herald-User")).map(|v| v.to_string());
-            let body: Value = serde_json::from_slice(&request.payload).unwrap_or(Value::Null);
-            let reply = json!({"user": user, "got": body}).to_string();
-            responder.publish(request.reply.unwrap(), reply.into()).await.unwrap();
-        }
-    });
+    let _echo = echo_function(&nats).await;
     let mut sdk = connected_sdk(&python, &gateway, &token_with("cf2", &["news"], 600)).await;
 
     for channel in ["secret", "#someone-else"] {
@@ -111,12 +122,25 @@ async fn forbidden_channels_get_the_permission_error_and_rpc_and_presence_answer
 
 #[tokio::test]
 async fn after_a_gateway_restart_the_sdk_recovers_exactly_the_missed_publications() {
+    recovers_after_a_restart(false).await;
+}
+
+#[tokio::test]
+async fn in_the_protobuf_encoding_the_sdk_also_gets_its_channels_rpc_and_recovery() {
+    recovers_after_a_restart(true).await;
+}
+
+async fn recovers_after_a_restart(protobuf: bool) {
     let Some(python) = python() else { return };
     let nats = TestNats::start().await;
     let gateway = TestGateway::start(&nats).await;
     let addr = gateway.addr;
     let publisher = Publisher::new(&nats).await;
-    let mut sdk = connected_sdk(&python, &gateway, &token_with("cf3", &["news"], 600)).await;
+    let _echo = echo_function(&nats).await;
+    let mut sdk = connected_in(&python, &gateway, &token_with("cf3", &["news"], 600), protobuf).await;
+    sdk.send(json!({"op": "rpc", "method": "echo", "data": {"n": 1}})).await;
+    let answer = sdk.wait_for("rpc answer", |e| e["event"] == "rpc").await;
+    assert_eq!(answer["data"], json!({"user": "cf3", "got": {"n": 1}}));
     subscribe(&mut sdk, "news").await;
     let seen = [
         publisher.publish("push.user.cf3", "1").await,

@@ -28,11 +28,13 @@ pub(crate) enum WireFormat {
     Centrifugal,
     /// A Socket.IO event in an Engine.IO message, in a WebSocket text frame.
     SocketIo,
+    /// A Centrifugal publication push in the protocol's Protobuf encoding, in a binary frame.
+    CentrifugalProtobuf,
 }
 
 impl WireFormat {
     /// How many formats there are (the size of a message's encoding cache).
-    pub(crate) const COUNT: usize = 3;
+    pub(crate) const COUNT: usize = 4;
 
     /// The format's slot in a message's encoding cache.
     pub(crate) fn index(self) -> usize {
@@ -40,6 +42,7 @@ impl WireFormat {
             WireFormat::Herald => 0,
             WireFormat::Centrifugal => 1,
             WireFormat::SocketIo => 2,
+            WireFormat::CentrifugalProtobuf => 3,
         }
     }
 }
@@ -50,6 +53,7 @@ pub(crate) fn encode_message(format: WireFormat, message: &Message) -> Bytes {
         WireFormat::Herald => herald::encode_message(message),
         WireFormat::Centrifugal => centrifugal::wire::encode_message(message),
         WireFormat::SocketIo => socketio::wire::encode_message(message),
+        WireFormat::CentrifugalProtobuf => centrifugal::wire::encode_message_protobuf(message),
     }
 }
 
@@ -79,7 +83,7 @@ pub(crate) fn close_frame(format: WireFormat, close: &Close) -> Option<Bytes> {
     }
     match format {
         WireFormat::Herald => Some(crate::websocket::frame::close(close.number(), &close.reason)),
-        WireFormat::Centrifugal => Some(centrifugal::wire::close_frame(close)),
+        WireFormat::Centrifugal | WireFormat::CentrifugalProtobuf => Some(centrifugal::wire::close_frame(close)),
         WireFormat::SocketIo => Some(socketio::close_frame(close)),
     }
 }
@@ -141,7 +145,7 @@ impl Codec {
     pub(crate) fn format(&self) -> WireFormat {
         match self {
             Codec::Herald(_) => WireFormat::Herald,
-            Codec::Centrifugal(_) => WireFormat::Centrifugal,
+            Codec::Centrifugal(codec) => codec.format(),
             Codec::SocketIo(_) => WireFormat::SocketIo,
         }
     }
@@ -169,7 +173,7 @@ impl Codec {
         match self {
             Codec::Herald(_) => crate::websocket::frame::ping(),
             // The protocol's own ping, which the client answers with `{}`.
-            Codec::Centrifugal(_) => crate::websocket::frame::text(b"{}"),
+            Codec::Centrifugal(codec) => codec.ping(),
             // Engine.IO's ping, answered with `3`.
             Codec::SocketIo(_) => socketio::wire::engine_packet(socketio::wire::engine::PING),
         }

@@ -148,7 +148,8 @@ async fn relay_client(reader: &mut MessageReader<ReadHalf>, input: &mut DuplexSt
             Ok(Inbound::Close(code)) => {
                 return input.write_all(&client_frame(0x8, &code.unwrap_or(1000).to_be_bytes())).await;
             }
-            Ok(Inbound::Ping(_) | Inbound::Pong) => {}
+            // Binary messages are refused by the reader (Engine.IO text packets only).
+            Ok(Inbound::Ping(_) | Inbound::Pong | Inbound::Binary(_)) => {}
             Err(_) => return input.write_all(&client_frame(0x8, &1000u16.to_be_bytes())).await,
         }
     }

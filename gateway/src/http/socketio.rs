@@ -264,7 +264,7 @@ async fn first_text(socket: &mut Socket) -> Option<Vec<u8>> {
         match socket.reader.next().await.ok()? {
             Inbound::Text(text) => return Some(text),
             Inbound::Ping(payload) => socket.writer.write_all(&frame::pong(&payload)).await.ok()?,
-            Inbound::Pong => {}
+            Inbound::Pong | Inbound::Binary(_) => {}
             Inbound::Close(_) => return None,
         }
     }

@@ -30,7 +30,8 @@ pub(super) fn handle(
         }
         Inbound::Pong => {}
         Inbound::Close(code) => return Err(Close::by_client(code)),
-        Inbound::Text(text) => {
+        // Binary messages come only on connections whose protocol has a binary encoding.
+        Inbound::Text(text) | Inbound::Binary(text) => {
             for decoded in state.codec_mut().decode(&text) {
                 match decoded {
                     Ok(Command::Refresh { token }) => refresh(session, state, &token, deadlines),

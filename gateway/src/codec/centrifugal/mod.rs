@@ -13,6 +13,7 @@
 //! messages and sends them inside (or right after) the reply.
 
 mod command;
+mod proto;
 pub(crate) mod wire;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -23,6 +24,7 @@ use herald_shared::token::now_secs;
 use serde_json::json;
 
 use super::{Command, Refusal, WireFormat};
+use crate::close::{Close, CloseCode};
 use crate::delivery::message::Message;
 use crate::websocket::frame;
 pub(crate) use command::{ConnectCommand, parse_connect};
@@ -55,6 +57,8 @@ pub(crate) struct CentrifugalCodec {
     refreshing: Option<u32>,
     /// The highest `seq` the connection knows of: the offset a new subscription starts from.
     top: u64,
+    /// The Protobuf encoding (binary frames) instead of JSON.
+    protobuf: bool,
 }
 
 #[derive(Debug)]
@@ -81,7 +85,14 @@ type Held = BTreeMap<u64, Vec<u8>>;
 
 impl CentrifugalCodec {
     /// The codec of a connection whose `connect` command (`id`) was accepted.
-    pub(crate) fn new(user: &str, epoch: String, expires: u64, id: u32, subs: Vec<ServerSub>) -> CentrifugalCodec {
+    pub(crate) fn new(
+        user: &str,
+        epoch: String,
+        expires: u64,
+        id: u32,
+        subs: Vec<ServerSub>,
+        protobuf: bool,
+    ) -> CentrifugalCodec {
         let resuming = subs.iter().any(|sub| sub.recover_from.is_some());
         let subs = subs.into_iter().map(|sub| (sub, Held::new())).collect();
         CentrifugalCodec {
@@ -94,6 +105,7 @@ impl CentrifugalCodec {
             unsubscribing: HashMap::new(),
             refreshing: None,
             top: 0,
+            protobuf,
         }
     }
 
@@ -121,7 +133,17 @@ impl CentrifugalCodec {
             return None;
         }
         self.top = self.top.max(message.seq);
-        Some(message.encoded(WireFormat::Centrifugal).clone())
+        Some(message.encoded(self.format()).clone())
+    }
+
+    /// The encoding's wire format.
+    pub(crate) fn format(&self) -> WireFormat {
+        if self.protobuf { WireFormat::CentrifugalProtobuf } else { WireFormat::Centrifugal }
+    }
+
+    /// The server's ping: an empty reply.
+    pub(crate) fn ping(&self) -> Bytes {
+        to_frame(self.protobuf, b"{}")
     }
 
     pub(super) fn notice(&mut self, notice: &ServerFrame) -> Option<Bytes> {
@@ -141,7 +163,7 @@ impl CentrifugalCodec {
             },
             ServerFrame::Unsubscribed { topic } => {
                 let id = self.unsubscribing.remove(topic)?;
-                Some(frame::text(&wire::reply(id, "unsubscribe", &json!({}))))
+                Some(to_frame(self.protobuf, &wire::reply(id, "unsubscribe", &json!({}))))
             }
             ServerFrame::RpcResult(result) => self.rpc_result(result),
             ServerFrame::Error { code, message, topic: Some(topic) } => {
@@ -149,7 +171,7 @@ impl CentrifugalCodec {
                     Some(pending) => pending.id,
                     None => self.unsubscribing.remove(topic)?,
                 };
-                Some(frame::text(&wire::error_reply(id, wire::error_code(code), message)))
+                Some(to_frame(self.protobuf, &wire::error_reply(id, wire::error_code(code), message)))
             }
             _ => None,
         }
@@ -183,7 +205,7 @@ impl CentrifugalCodec {
             "expires": true,
             "ttl": refresh_in(self.expires),
         });
-        Some(lines(wire::reply(connecting.id, "connect", &result), after))
+        Some(lines(self.protobuf, wire::reply(connecting.id, "connect", &result), after))
     }
 
     /// The subscribe reply for `topic`; `complete` says how its replay went, if it had one.
@@ -197,7 +219,7 @@ impl CentrifugalCodec {
         result["recovered"] = (pending.recover_from.is_some() && complete == Some(true)).into();
         // Unlike a connect reply's, these are always read.
         result["publications"] = publications(&pending.held);
-        Some(frame::text(&wire::reply(pending.id, "subscribe", &result)))
+        Some(to_frame(self.protobuf, &wire::reply(pending.id, "subscribe", &result)))
     }
 
     fn rpc_result(&mut self, result: &RpcResult) -> Option<Bytes> {
@@ -211,7 +233,7 @@ impl CentrifugalCodec {
             (data, None) if method == "rpc" => wire::reply(id, method, &json!({ "data": data })),
             (data, None) => wire::reply(id, method, data.as_ref().unwrap_or(&json!({}))),
         };
-        Some(frame::text(&reply))
+        Some(to_frame(self.protobuf, &reply))
     }
 
     /// The answer to the pending `refresh`: the token's new expiry, or why it was refused.
@@ -224,11 +246,17 @@ impl CentrifugalCodec {
             }
             Err((code, message)) => wire::error_reply(id, code, &message),
         };
-        Some(frame::text(&reply))
+        Some(to_frame(self.protobuf, &reply))
     }
 
     /// Reads a frame of commands.
     pub(super) fn decode(&mut self, text: &[u8]) -> Vec<Result<Command, Refusal>> {
+        if self.protobuf {
+            let Some(commands) = proto_commands(text) else {
+                return vec![Err(Refusal::Close(Close::new(CloseCode::Policy, "not Protobuf commands")))];
+            };
+            return commands.iter().filter_map(|command| self.command(command).transpose()).collect();
+        }
         text.split(|byte| *byte == b'\n')
             .filter(|line| !line.iter().all(u8::is_ascii_whitespace))
             .filter_map(|line| self.command(line).transpose())
@@ -237,7 +265,9 @@ impl CentrifugalCodec {
 
     fn command(&mut self, line: &[u8]) -> Result<Option<Command>, Refusal> {
         let (id, parsed) = command::parse(line)?;
-        let reply = |code, message: &str| Err(Refusal::Reply(frame::text(&wire::error_reply(id, code, message))));
+        let protobuf = self.protobuf;
+        let reply =
+            |code, message: &str| Err(Refusal::Reply(to_frame(protobuf, &wire::error_reply(id, code, message))));
         match parsed {
             command::Parsed::Pong => Ok(None),
             command::Parsed::Subscribe { channel, recover, offset, epoch } => {
@@ -256,7 +286,7 @@ impl CentrifugalCodec {
             command::Parsed::Unsubscribe { channel } => {
                 if !self.subscribed.remove(&channel) {
                     // Nothing to undo: the server-side channels stay, unknown ones are not there.
-                    return Err(Refusal::Reply(frame::text(&wire::reply(id, "unsubscribe", &json!({})))));
+                    return Err(Refusal::Reply(to_frame(protobuf, &wire::reply(id, "unsubscribe", &json!({})))));
                 }
                 self.unsubscribing.insert(channel.clone(), id);
                 Ok(Some(Command::Unsubscribe { topic: channel }))
@@ -330,14 +360,44 @@ fn push(channel: &str, publication: &[u8]) -> Vec<u8> {
     out
 }
 
-/// One text frame holding `first` and then `rest`, one JSON object per line.
-fn lines(first: Vec<u8>, rest: Vec<Vec<u8>>) -> Bytes {
+/// One frame holding `first` and then `rest`: one JSON object per line, or length-prefixed
+/// Protobuf replies.
+fn lines(protobuf: bool, first: Vec<u8>, rest: Vec<Vec<u8>>) -> Bytes {
+    if protobuf {
+        let mut body = Vec::new();
+        for reply in std::iter::once(first).chain(rest) {
+            body.extend_from_slice(&proto_reply(&reply));
+        }
+        return frame::binary(&body);
+    }
     let mut body = first;
     for line in rest {
         body.push(b'\n');
         body.extend_from_slice(&line);
     }
     frame::text(&body)
+}
+
+/// A reply (as the JSON encoding writes it) in a frame of the connection's encoding.
+pub(crate) fn to_frame(protobuf: bool, reply: &[u8]) -> Bytes {
+    if protobuf { frame::binary(&proto_reply(reply)) } else { frame::text(reply) }
+}
+
+/// A JSON reply as a length-prefixed Protobuf `Reply`.
+fn proto_reply(reply: &[u8]) -> Vec<u8> {
+    let value: serde_json::Value = serde_json::from_slice(reply).unwrap_or_default();
+    proto::delimited(&proto::encode("Reply", &value))
+}
+
+/// The commands of a Protobuf frame, each as the JSON the JSON encoding would carry.
+fn proto_commands(bytes: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let commands = proto::split(bytes)?;
+    commands.into_iter().map(|command| Some(proto::decode("Command", command)?.to_string().into_bytes())).collect()
+}
+
+/// The first command of a connection as JSON, whatever its encoding.
+pub(crate) fn first_command(message: &[u8], protobuf: bool) -> Option<Vec<u8>> {
+    if protobuf { proto_commands(message)?.into_iter().next() } else { Some(message.to_vec()) }
 }
 
 #[cfg(test)]

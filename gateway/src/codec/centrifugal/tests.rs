@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 use super::*;
 
 fn codec(subs: Vec<ServerSub>) -> CentrifugalCodec {
-    CentrifugalCodec::new("42", "e1".into(), now_secs() + 600, 1, subs)
+    CentrifugalCodec::new("42", "e1".into(), now_secs() + 600, 1, subs, false)
 }
 
 fn server_sub(channel: &str, recover_from: Option<u64>) -> ServerSub {

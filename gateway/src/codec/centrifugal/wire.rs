@@ -106,6 +106,11 @@ pub(crate) fn encode_message(message: &Message) -> Bytes {
     frame.finish_text()
 }
 
+/// The publication push of `message` in the Protobuf encoding, WebSocket header included.
+pub(crate) fn encode_message_protobuf(message: &Message) -> Bytes {
+    frame::binary(&super::proto::push(&channel(&message.audience), message))
+}
+
 /// A reply to command `id` carrying `result` under `method`.
 pub(crate) fn reply(id: u32, method: &str, result: &serde_json::Value) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({ "id": id, method: result })).expect("JSON values serialize")
