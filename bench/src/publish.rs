@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use async_nats::Subject;
 
 use crate::payload::{now_ns, stamped};
-use crate::targets::{Target, TargetKind};
+use crate::targets::Target;
 
 /// Publish acknowledgements awaited together in a burst.
 const ACK_WINDOW: usize = 512;
@@ -94,7 +94,7 @@ pub async fn burst(
     payload_bytes: usize,
 ) -> Result<u64> {
     let mut sent = 0u64;
-    if target.kind != TargetKind::Herald {
+    if !target.kind.is_gateway() {
         for subject in subjects {
             client.publish(subject, stamped(now_ns(), payload_bytes)).await.context("publish")?;
             sent += 1;

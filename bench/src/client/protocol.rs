@@ -22,6 +22,26 @@ pub enum Protocol {
     },
     /// The raw broadcaster: a `ready` frame, then one payload per frame.
     Raw,
+    /// The Centrifugal protocol (JSON): `connect` with `token`, then publication pushes.
+    Centrifugal {
+        /// The connect token.
+        token: String,
+    },
+    /// Socket.IO over Engine.IO's WebSocket transport: CONNECT with `token`, then events.
+    SocketIo {
+        /// The connect token.
+        token: String,
+    },
+}
+
+impl Protocol {
+    /// The opcode of the frames the client sends: text for the JSON protocols of other SDKs.
+    pub fn send_opcode(&self) -> u8 {
+        match self {
+            Protocol::Centrifugal { .. } | Protocol::SocketIo { .. } => OP_TEXT,
+            _ => OP_BINARY,
+        }
+    }
 }
 
 /// What a client learned from the server.
@@ -55,6 +75,13 @@ pub enum Decoder {
         /// Whether the `ready` frame was seen.
         ready: bool,
     },
+    /// See [`Protocol::Centrifugal`].
+    Centrifugal,
+    /// See [`Protocol::SocketIo`]: the CONNECT to send after Engine.IO's open packet.
+    SocketIo {
+        /// `40{"token":…}`, until sent.
+        connect: Option<Vec<u8>>,
+    },
 }
 
 impl Decoder {
@@ -64,6 +91,14 @@ impl Decoder {
         match protocol {
             Protocol::Herald { .. } => (Decoder::Herald, Vec::new()),
             Protocol::Raw => (Decoder::Raw { ready: false }, Vec::new()),
+            Protocol::Centrifugal { token } => {
+                let connect = serde_json::json!({"id": 1, "connect": {"token": token, "name": "herald-bench"}});
+                (Decoder::Centrifugal, connect.to_string().into_bytes())
+            }
+            Protocol::SocketIo { token } => {
+                let connect = format!("40{}", serde_json::json!({ "token": token })).into_bytes();
+                (Decoder::SocketIo { connect: Some(connect) }, Vec::new())
+            }
             Protocol::Nats { subjects } => {
                 let mut hello =
                     br#"CONNECT {"verbose":false,"pedantic":false,"protocol":1,"name":"herald-bench"}"#.to_vec();
@@ -91,7 +126,43 @@ impl Decoder {
                 emit(Event::Welcome { seq: None });
             }
             Decoder::Raw { .. } => emit(Event::Msg(payload)),
+            Decoder::Centrifugal => centrifugal_frame(payload, reply, emit),
+            Decoder::SocketIo { connect } => socketio_packet(payload, connect, reply, emit),
         }
+    }
+}
+
+/// A Centrifugal frame: lines of replies (the connect reply is the welcome) and pushes; `{}` is a
+/// ping, answered with `{}`.
+fn centrifugal_frame(payload: &[u8], reply: &mut Vec<u8>, emit: &mut impl FnMut(Event<'_>)) {
+    for line in payload.split(|byte| *byte == b'\n') {
+        if line.starts_with(br#"{"push":"#) {
+            emit(Event::Msg(line));
+        } else if line == b"{}" {
+            reply.extend_from_slice(b"{}");
+        } else if line.starts_with(br#"{"id":1,"connect""#) || line.starts_with(br#"{"connect""#) {
+            emit(Event::Welcome { seq: None });
+        } else if line.starts_with(br#"{"id":1,"error""#) || line.starts_with(br#"{"error""#) {
+            emit(Event::Failed(String::from_utf8_lossy(line).into_owned()));
+        }
+    }
+}
+
+/// An Engine.IO packet: the open packet (answered with the CONNECT), pings (answered with pongs),
+/// the CONNECT answer (the welcome) and events.
+fn socketio_packet(
+    payload: &[u8],
+    connect: &mut Option<Vec<u8>>,
+    reply: &mut Vec<u8>,
+    emit: &mut impl FnMut(Event<'_>),
+) {
+    match payload {
+        [b'0', ..] => reply.extend(connect.take().unwrap_or_default()),
+        [b'2'] => reply.push(b'3'),
+        [b'4', b'0', ..] => emit(Event::Welcome { seq: None }),
+        [b'4', b'2', ..] => emit(Event::Msg(payload)),
+        [b'4', b'4', ..] => emit(Event::Failed(String::from_utf8_lossy(payload).into_owned())),
+        _ => {}
     }
 }
 
