@@ -105,3 +105,10 @@ fn another_epoch_subscribes_without_recovering() {
         (json!(true), json!(false))
     );
 }
+
+#[test]
+fn send_needs_no_id_and_is_ignored() {
+    let mut codec = codec(vec![]);
+    assert!(codec.decode(br#"{"send":{"data":{}}}"#).is_empty());
+    assert!(matches!(&codec.decode(br#"{"rpc":{"method":"x"}}"#)[..], [Err(Refusal::Close(_))]));
+}
