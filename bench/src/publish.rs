@@ -94,7 +94,7 @@ pub async fn burst(
     payload_bytes: usize,
 ) -> Result<u64> {
     let mut sent = 0u64;
-    if !target.kind.runs_gateway() {
+    if !target.kind.is_gateway() {
         for subject in subjects {
             client.publish(subject, stamped(now_ns(), payload_bytes)).await.context("publish")?;
             sent += 1;

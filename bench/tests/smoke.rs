@@ -42,6 +42,11 @@ fn gateway() -> PathBuf {
 
 /// Runs `herald-bench <scenario> <args>` on every target and returns its JSON report.
 fn run(scenario: &str, args: &[&str]) -> Value {
+    run_on(&TARGETS, scenario, args)
+}
+
+/// Runs `herald-bench <scenario> <args>` on `targets` and returns its JSON report.
+fn run_on(targets: &[&str], scenario: &str, args: &[&str]) -> Value {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let nats = workspace_root().join(".tools/bin/nats-server");
     assert!(nats.is_file(), "{}: run scripts/install-nats", nats.display());
@@ -49,7 +54,7 @@ fn run(scenario: &str, args: &[&str]) -> Value {
     let json = out.path().join(format!("{scenario}.json"));
     let output = Command::new(bench())
         .arg(scenario)
-        .args(["--targets", &TARGETS.join(",")])
+        .args(["--targets", &targets.join(",")])
         .arg("--gateway-bin")
         .arg(gateway())
         .arg("--nats-server")
@@ -70,7 +75,7 @@ fn run(scenario: &str, args: &[&str]) -> Value {
     assert_eq!(report["scenario"], scenario);
     assert_eq!(report["ok"], true, "{report:#}");
     assert!(report["machine"]["cpus"].as_u64().unwrap() > 0);
-    for target in TARGETS {
+    for target in targets {
         assert!(report["results"][target].is_object() || report["results"][target].is_array(), "{target}: {report:#}");
     }
     assert!(!report["figures"].as_array().unwrap().is_empty());
@@ -94,7 +99,18 @@ fn idle() {
 
 #[test]
 fn fanout() {
-    let report = run(
+    fanout_on(&TARGETS);
+}
+
+/// Fan-out to clients of each protocol the gateway speaks.
+#[test]
+fn fanout_per_protocol() {
+    fanout_on(&["herald", "herald-stomp", "herald-centrifugal", "herald-socketio"]);
+}
+
+fn fanout_on(targets: &[&str]) {
+    let report = run_on(
+        targets,
         "fanout",
         &[
             "--fanout-connections",
@@ -107,7 +123,7 @@ fn fanout() {
             "2",
         ],
     );
-    for target in TARGETS {
+    for target in targets {
         let runs = report["results"][target].as_array().unwrap();
         assert_eq!(runs.len(), 2);
         for run in runs {
@@ -119,8 +135,9 @@ fn fanout() {
                 let expected = count(&step["expected"]);
                 assert_eq!(expected, count(&step["sent"]) * connections, "{target}: {step:#}");
                 // At toy size Herald delivers every message to every socket (within the step's
-                // grace); whether it did so fast enough ("kept_up") is a timing, not checked here.
-                if target == "herald" {
+                // grace), whatever protocol they speak; whether it did so fast enough ("kept_up") is
+                // a timing, not checked here.
+                if target.starts_with("herald") {
                     assert_eq!(count(&step["ended_by_server"]), 0, "{target}: {step:#}");
                     assert_eq!(count(&step["received"]), expected, "{target}: {step:#}");
                 }

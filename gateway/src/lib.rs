@@ -81,6 +81,8 @@ pub(crate) struct Shared {
     pub(crate) killed: CancellationToken,
     /// Every session task, to wait for them at shutdown.
     pub(crate) sessions: TaskTracker,
+    /// Engine.IO long-polling sessions on this gateway.
+    pub(crate) polling: http::engineio::PollingSessions,
 }
 
 /// The gateway could not start.
@@ -190,6 +192,7 @@ impl Gateway {
             shutdown: shutdown.clone(),
             killed: killed.clone(),
             sessions: TaskTracker::new(),
+            polling: Default::default(),
         });
         start_background_tasks(&shared);
         if let Some(api_listener) = api_listener {

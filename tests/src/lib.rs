@@ -9,6 +9,7 @@ pub mod images;
 pub mod nats;
 pub mod nginx;
 pub mod publish;
+pub mod sdk;
 pub mod sse;
 pub mod stomp;
 pub mod wait;

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use crate::{eventually, free_port, workspace_root};
 
-/// The upstream block of the sample whose servers are replaced.
-const UPSTREAM: &str = "herald_gateways";
+/// The upstream blocks of the sample whose servers are replaced.
+const UPSTREAMS: [&str; 2] = ["herald_gateways", "herald_gateways_sticky"];
 
 /// The sample configuration: `deploy/nginx/herald.conf`.
 pub fn sample_path() -> PathBuf {
@@ -66,20 +66,22 @@ pub fn available(test: &str) -> bool {
 }
 
 /// The sample configuration with its `listen` directive(s) replaced by one `listen <listen>;` and the
-/// servers of `upstream herald_gateways` by one per address of `upstreams`, each keeping the parameters
-/// (`max_fails=…`) of the sample's first server. Panics when the sample no longer has either.
+/// servers of each of the [`UPSTREAMS`] blocks by one per address of `upstreams`, each keeping the
+/// parameters (`max_fails=…`) of the block's first server. Panics when the sample no longer has them.
 pub fn render(sample: &str, listen: SocketAddr, upstreams: &[SocketAddr]) -> String {
     assert!(!upstreams.is_empty(), "nginx needs at least one upstream");
     let (mut listened, mut served, mut in_upstream) = (false, false, false);
+    let mut blocks_served = 0;
     let mut out = String::with_capacity(sample.len());
     for line in sample.lines() {
         let code = line.split('#').next().unwrap_or("").trim();
         let indent = &line[..line.len() - line.trim_start().len()];
         let directive = code.split_whitespace().next().unwrap_or("");
-        if directive == "upstream" && code.split_whitespace().nth(1) == Some(UPSTREAM) {
-            in_upstream = true;
+        if directive == "upstream" && code.split_whitespace().nth(1).is_some_and(|name| UPSTREAMS.contains(&name)) {
+            (in_upstream, served) = (true, false);
         } else if in_upstream && code.starts_with('}') {
             in_upstream = false;
+            blocks_served += usize::from(served);
         }
         match directive {
             "listen" => {
@@ -111,7 +113,12 @@ pub fn render(sample: &str, listen: SocketAddr, upstreams: &[SocketAddr]) -> Str
         }
     }
     assert!(listened, "{}: no `listen` directive to point at the test's port", sample_path().display());
-    assert!(served, "{}: no `server` in `upstream {UPSTREAM}` to point at the test gateways", sample_path().display());
+    assert_eq!(
+        blocks_served,
+        UPSTREAMS.len(),
+        "{}: each of the upstreams {UPSTREAMS:?} needs a `server` to point at the test gateways",
+        sample_path().display()
+    );
     out
 }
 

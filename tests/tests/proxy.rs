@@ -312,3 +312,38 @@ async fn stomp_and_sse_go_through_nginx() {
     let event = sse.next_event().await;
     assert_eq!((event.id, event.data.as_str()), (Some(seq.to_string()), r#"{"n":1}"#));
 }
+
+/// Socket.IO's long-polling sessions live in one gateway: the sample routes `/socket.io/` to a sticky
+/// upstream, so a polling client and one that polls then upgrades (python-socketio's default) keep
+/// reaching the gateway that holds their session, and get everything.
+#[tokio::test]
+async fn socket_io_polling_and_its_upgrade_stick_to_one_gateway_through_nginx() {
+    if !nginx::available("socket_io_polling_and_its_upgrade_stick_to_one_gateway_through_nginx") {
+        return;
+    }
+    let Some(python) = herald_tests::sdk::python() else { return };
+    let nats = TestNats::start().await;
+    let (one, two) = (proxied_gateway(&nats, "one").await, proxied_gateway(&nats, "two").await);
+    let nginx = TestNginx::start(&[one.addr, two.addr]).await;
+    let publisher = Publisher::new(&nats).await;
+    let mut clients = Vec::new();
+    for transports in [serde_json::json!(["polling"]), Value::Null] {
+        let mut sdk = herald_tests::sdk::SdkClient::start(&python, "socketio_client.py");
+        let url = nginx.http_url("");
+        sdk.send(serde_json::json!({"op": "connect", "url": url, "token": token("sio-n"), "transports": transports}))
+            .await;
+        let connected = sdk.wait_for("connected", |e| e["event"] == "connected" || e["event"] == "error").await;
+        assert_eq!(connected["event"], "connected", "{connected}\n{}", nginx.logs());
+        clients.push(sdk);
+    }
+    let mut published = Vec::new();
+    for n in 0..20 {
+        published.push(publisher.publish(["push.user.sio-n", "push.all"][n % 2], &n.to_string()).await);
+    }
+    for sdk in &clients {
+        let seqs: Vec<u64> =
+            sdk.wait_count("event", 20).await.iter().map(|e| e["args"][1]["seq"].as_u64().unwrap()).collect();
+        assert_eq!(seqs, published);
+        assert!(sdk.named("disconnected").is_empty(), "{:?}", sdk.events());
+    }
+}

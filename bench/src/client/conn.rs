@@ -15,7 +15,7 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use super::fleet::FleetShared;
 use super::protocol::{Decoder, Event, Protocol};
-use super::ws::{self, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, Parsed};
+use super::ws::{self, OP_CLOSE, OP_PING, OP_PONG, Parsed};
 use crate::payload::{now_ns, stamp_in};
 
 /// Bytes read per system call.
@@ -68,9 +68,9 @@ pub struct ClientReport {
 /// Per-connection state between reads.
 struct Conn {
     decoder: Decoder,
+    /// The opcode of the frames sent (see [`super::protocol::Protocol::send_opcode`]).
+    send_opcode: u8,
     resume: bool,
-    /// The opcode of the data frames the client sends.
-    opcode: u8,
     /// The tail of a frame that has not fully arrived.
     partial: Vec<u8>,
     /// Bytes to send after handling a read.
@@ -86,9 +86,9 @@ pub(crate) async fn run(spec: ClientSpec, fleet: Arc<FleetShared>) -> ClientRepo
     };
     let (decoder, hello) = Decoder::new(&spec.protocol);
     let resume = matches!(spec.protocol, Protocol::Herald { resume: true });
-    let opcode = if spec.protocol.text() { OP_TEXT } else { OP_BINARY };
+    let send_opcode = spec.protocol.send_opcode();
     let mut conn =
-        Conn { decoder, resume, opcode, partial: Vec::new(), out: Vec::new(), report: ClientReport::default() };
+        Conn { decoder, send_opcode, resume, partial: Vec::new(), out: Vec::new(), report: ClientReport::default() };
     let stream = tokio::select! {
         opened = tokio::time::timeout(fleet.connect_timeout, open(&spec, &hello, &mut conn, &fleet)) => match opened {
             Ok(Ok(stream)) => stream,
@@ -127,7 +127,7 @@ async fn open(spec: &ClientSpec, hello: &[u8], conn: &mut Conn, fleet: &FleetSha
     let early = ws::handshake(&mut stream, &spec.addr.to_string(), &spec.path).await?;
     if !hello.is_empty() {
         let mut frame = Vec::with_capacity(hello.len() + 14);
-        ws::encode(conn.opcode, hello, &mut frame);
+        ws::encode(spec.protocol.send_opcode(), hello, &mut frame);
         stream.write_all(&frame).await?;
     }
     if !early.is_empty() {
@@ -269,7 +269,7 @@ impl Conn {
             Event::Failed(error) => report.error = Some(error),
         });
         if !reply.is_empty() {
-            ws::encode(self.opcode, &reply, &mut self.out);
+            ws::encode(self.send_opcode, &reply, &mut self.out);
         }
     }
 }

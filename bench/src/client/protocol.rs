@@ -30,12 +30,25 @@ pub enum Protocol {
         /// The device (`herald-device`).
         device: String,
     },
+    /// The Centrifugal protocol (JSON): `connect` with `token`, then publication pushes.
+    Centrifugal {
+        /// The connect token.
+        token: String,
+    },
+    /// Socket.IO over Engine.IO's WebSocket transport: CONNECT with `token`, then events.
+    SocketIo {
+        /// The connect token.
+        token: String,
+    },
 }
 
 impl Protocol {
-    /// Whether the protocol's frames are WebSocket text frames (STOMP at Herald; the others binary).
-    pub fn text(&self) -> bool {
-        matches!(self, Protocol::Stomp { .. })
+    /// The opcode of the frames the client sends: text for STOMP and the JSON protocols of other SDKs.
+    pub fn send_opcode(&self) -> u8 {
+        match self {
+            Protocol::Stomp { .. } | Protocol::Centrifugal { .. } | Protocol::SocketIo { .. } => OP_TEXT,
+            _ => OP_BINARY,
+        }
     }
 }
 
@@ -75,6 +88,13 @@ pub enum Decoder {
         /// CONNECTED's `herald-seq`.
         seq: Option<u64>,
     },
+    /// See [`Protocol::Centrifugal`].
+    Centrifugal,
+    /// See [`Protocol::SocketIo`]: the CONNECT to send after Engine.IO's open packet.
+    SocketIo {
+        /// `40{"token":…}`, until sent.
+        connect: Option<Vec<u8>>,
+    },
 }
 
 impl Decoder {
@@ -88,6 +108,14 @@ impl Decoder {
                 let connect =
                     format!("CONNECT\naccept-version:1.2\nhost:herald\npasscode:{token}\nherald-device:{device}\n\n\0");
                 (Decoder::Stomp { seq: None }, connect.into_bytes())
+            }
+            Protocol::Centrifugal { token } => {
+                let connect = serde_json::json!({"id": 1, "connect": {"token": token, "name": "herald-bench"}});
+                (Decoder::Centrifugal, connect.to_string().into_bytes())
+            }
+            Protocol::SocketIo { token } => {
+                let connect = format!("40{}", serde_json::json!({ "token": token })).into_bytes();
+                (Decoder::SocketIo { connect: Some(connect) }, Vec::new())
             }
             Protocol::Nats { subjects } => {
                 let mut hello =
@@ -117,6 +145,8 @@ impl Decoder {
             }
             Decoder::Raw { .. } => emit(Event::Msg(payload)),
             Decoder::Stomp { seq } => stomp_frame(payload, seq, reply, emit),
+            Decoder::Centrifugal => centrifugal_frame(payload, reply, emit),
+            Decoder::SocketIo { connect } => socketio_packet(payload, connect, reply, emit),
         }
     }
 }
@@ -141,6 +171,40 @@ fn stomp_frame(payload: &[u8], seq: &mut Option<u64>, reply: &mut Vec<u8>, emit:
         }
         b"RECEIPT" => emit(Event::Welcome { seq: *seq }),
         b"ERROR" => emit(Event::Failed(String::from_utf8_lossy(payload).into_owned())),
+        _ => {}
+    }
+}
+
+/// A Centrifugal frame: lines of replies (the connect reply is the welcome) and pushes; `{}` is a
+/// ping, answered with `{}`.
+fn centrifugal_frame(payload: &[u8], reply: &mut Vec<u8>, emit: &mut impl FnMut(Event<'_>)) {
+    for line in payload.split(|byte| *byte == b'\n') {
+        if line.starts_with(br#"{"push":"#) {
+            emit(Event::Msg(line));
+        } else if line == b"{}" {
+            reply.extend_from_slice(b"{}");
+        } else if line.starts_with(br#"{"id":1,"connect""#) || line.starts_with(br#"{"connect""#) {
+            emit(Event::Welcome { seq: None });
+        } else if line.starts_with(br#"{"id":1,"error""#) || line.starts_with(br#"{"error""#) {
+            emit(Event::Failed(String::from_utf8_lossy(line).into_owned()));
+        }
+    }
+}
+
+/// An Engine.IO packet: the open packet (answered with the CONNECT), pings (answered with pongs),
+/// the CONNECT answer (the welcome) and events.
+fn socketio_packet(
+    payload: &[u8],
+    connect: &mut Option<Vec<u8>>,
+    reply: &mut Vec<u8>,
+    emit: &mut impl FnMut(Event<'_>),
+) {
+    match payload {
+        [b'0', ..] => reply.extend(connect.take().unwrap_or_default()),
+        [b'2'] => reply.push(b'3'),
+        [b'4', b'0', ..] => emit(Event::Welcome { seq: None }),
+        [b'4', b'2', ..] => emit(Event::Msg(payload)),
+        [b'4', b'4', ..] => emit(Event::Failed(String::from_utf8_lossy(payload).into_owned())),
         _ => {}
     }
 }

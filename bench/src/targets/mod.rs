@@ -38,6 +38,16 @@ pub enum TargetKind {
     Raw,
     /// The Herald gateway, clients speaking STOMP 1.2 at /stomp (user queue and /topic/all).
     HeraldStomp,
+    /// The Herald gateway with clients speaking the Centrifugal protocol (JSON).
+    HeraldCentrifugal,
+    /// The Herald gateway with clients speaking Socket.IO (WebSocket transport).
+    HeraldSocketio,
+}
+
+/// An hour-long token for `user`.
+fn bench_token(user: &str) -> String {
+    let claims = Claims { sub: user.to_string(), exp: now_secs() + 3600, topics: Vec::new() };
+    issue_hs256(SECRET.as_bytes(), &claims)
 }
 
 /// Device ids handed out to Herald connections, unique within this process.
@@ -51,21 +61,29 @@ impl TargetKind {
             TargetKind::NatsWs => "nats-ws",
             TargetKind::Raw => "raw",
             TargetKind::HeraldStomp => "herald-stomp",
+            TargetKind::HeraldCentrifugal => "herald-centrifugal",
+            TargetKind::HeraldSocketio => "herald-socketio",
         }
+    }
+
+    /// Whether the target is the Herald gateway (whatever protocol its clients speak).
+    pub fn is_gateway(self) -> bool {
+        matches!(
+            self,
+            TargetKind::Herald | TargetKind::HeraldStomp | TargetKind::HeraldCentrifugal | TargetKind::HeraldSocketio
+        )
     }
 
     /// What holds the client sockets, for tables (`gateway`, `nats-server`, `raw-server`).
     pub fn server_name(self) -> &'static str {
         match self {
-            TargetKind::Herald | TargetKind::HeraldStomp => "gateway",
+            TargetKind::Herald
+            | TargetKind::HeraldStomp
+            | TargetKind::HeraldCentrifugal
+            | TargetKind::HeraldSocketio => "gateway",
             TargetKind::NatsWs => "nats-server",
             TargetKind::Raw => "raw-server",
         }
-    }
-
-    /// Whether a Herald gateway (with JetStream) holds the sockets, whatever protocol they speak.
-    pub fn runs_gateway(self) -> bool {
-        matches!(self, TargetKind::Herald | TargetKind::HeraldStomp)
     }
 }
 
@@ -112,10 +130,13 @@ pub struct Target {
 impl Target {
     /// Starts `kind` and waits until it serves; `label` names its log files.
     pub async fn start(kind: TargetKind, tools: &Tools, label: &str) -> Result<Target> {
-        let features = NatsFeatures { jetstream: kind.runs_gateway(), websocket: kind == TargetKind::NatsWs };
+        let features = NatsFeatures { jetstream: kind.is_gateway(), websocket: kind == TargetKind::NatsWs };
         let nats = NatsServer::start(tools, features, label).await.context("start nats-server")?;
         let (server, ws_addr) = match kind {
-            TargetKind::Herald | TargetKind::HeraldStomp => {
+            TargetKind::Herald
+            | TargetKind::HeraldStomp
+            | TargetKind::HeraldCentrifugal
+            | TargetKind::HeraldSocketio => {
                 let (gateway, addr) = start_gateway(tools, &nats, label).await.context("start the gateway")?;
                 (Some(gateway), addr)
             }
@@ -156,15 +177,10 @@ impl Target {
     pub fn client(&self, user: &str, since: Option<u64>, source: Option<IpAddr>) -> ClientSpec {
         let (path, protocol) = match self.kind {
             TargetKind::Herald => {
-                let claims = Claims { sub: user.to_string(), exp: now_secs() + 3600, topics: Vec::new() };
                 // Each connection is a device of its own: a device seen before would resume from
                 // its cursor and replay what earlier rounds received.
                 let device = NEXT_DEVICE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let mut path = format!(
-                    "/ws?token={}&device=b{}-{device}",
-                    issue_hs256(SECRET.as_bytes(), &claims),
-                    std::process::id()
-                );
+                let mut path = format!("/ws?token={}&device=b{}-{device}", bench_token(user), std::process::id());
                 if let Some(since) = since {
                     path.push_str(&format!("&since={since}"));
                 }
@@ -181,6 +197,13 @@ impl Target {
                 let token = issue_hs256(SECRET.as_bytes(), &claims);
                 let device = format!("b{}-{device}", std::process::id());
                 ("/stomp".to_string(), Protocol::Stomp { token, device })
+            }
+            // Clients of these protocols start live: `since` does not apply.
+            TargetKind::HeraldCentrifugal => {
+                ("/connection/websocket".to_string(), Protocol::Centrifugal { token: bench_token(user) })
+            }
+            TargetKind::HeraldSocketio => {
+                ("/socket.io/?EIO=4&transport=websocket".to_string(), Protocol::SocketIo { token: bench_token(user) })
             }
         };
         ClientSpec { addr: self.ws_addr, source, path, protocol }
@@ -206,7 +229,7 @@ impl Target {
     }
 
     async fn stream_state(&self, client: &async_nats::Client) -> Result<Option<async_nats::jetstream::stream::State>> {
-        if !self.kind.runs_gateway() {
+        if !self.kind.is_gateway() {
             return Ok(None);
         }
         let js = async_nats::jetstream::new(client.clone());

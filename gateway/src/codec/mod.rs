@@ -5,7 +5,9 @@
 //!
 //! [`Message::encoded`]: crate::delivery::message::Message::encoded
 
+pub(crate) mod centrifugal;
 mod herald;
+pub(crate) mod socketio;
 pub(crate) mod sse;
 pub(crate) mod stomp;
 
@@ -18,7 +20,9 @@ use herald_shared::frame::ServerFrame;
 use crate::close::Close;
 use crate::delivery::message::Message;
 
+pub(crate) use centrifugal::CentrifugalCodec;
 pub(crate) use herald::HeraldCodec;
+pub(crate) use socketio::SocketIoCodec;
 pub(crate) use sse::SseCodec;
 pub(crate) use stomp::StompCodec;
 
@@ -31,11 +35,17 @@ pub(crate) enum WireFormat {
     Stomp,
     /// A Server-Sent Events event.
     Sse,
+    /// A Centrifugal publication push in a WebSocket text frame.
+    Centrifugal,
+    /// A Socket.IO event in an Engine.IO message, in a WebSocket text frame.
+    SocketIo,
+    /// A Centrifugal publication push in the protocol's Protobuf encoding, in a binary frame.
+    CentrifugalProtobuf,
 }
 
 impl WireFormat {
     /// How many formats there are (the size of a message's encoding cache).
-    pub(crate) const COUNT: usize = 3;
+    pub(crate) const COUNT: usize = 6;
 
     /// The format's slot in a message's encoding cache.
     pub(crate) fn index(self) -> usize {
@@ -43,6 +53,9 @@ impl WireFormat {
             WireFormat::Herald => 0,
             WireFormat::Stomp => 1,
             WireFormat::Sse => 2,
+            WireFormat::Centrifugal => 3,
+            WireFormat::SocketIo => 4,
+            WireFormat::CentrifugalProtobuf => 5,
         }
     }
 }
@@ -53,6 +66,9 @@ pub(crate) fn encode_message(format: WireFormat, message: &Message) -> Bytes {
         WireFormat::Herald => herald::encode_message(message),
         WireFormat::Stomp => stomp::encode_message(message),
         WireFormat::Sse => sse::encode_message(message),
+        WireFormat::Centrifugal => centrifugal::wire::encode_message(message),
+        WireFormat::SocketIo => socketio::wire::encode_message(message),
+        WireFormat::CentrifugalProtobuf => centrifugal::wire::encode_message_protobuf(message),
     }
 }
 
@@ -72,6 +88,19 @@ pub(crate) fn encode_burst(messages: &[&Message]) {
     for (message, end) in messages.iter().zip(ends) {
         message.set_burst(WireFormat::Herald, chunk.clone(), start..end);
         start = end;
+    }
+}
+
+/// The close frame of `close` in `format`'s protocol, if one can be sent.
+pub(crate) fn close_frame(format: WireFormat, close: &Close) -> Option<Bytes> {
+    if !close.code.is_sent() {
+        return None;
+    }
+    match format {
+        WireFormat::Herald | WireFormat::Stomp => Some(crate::websocket::frame::close(close.number(), &close.reason)),
+        WireFormat::Sse => Some(SseCodec::close(close)),
+        WireFormat::Centrifugal | WireFormat::CentrifugalProtobuf => Some(centrifugal::wire::close_frame(close)),
+        WireFormat::SocketIo => Some(socketio::close_frame(close)),
     }
 }
 
@@ -101,6 +130,15 @@ pub(crate) enum Command {
     Nothing,
     /// The client ends the connection.
     Close,
+    /// How many sockets the user (or, without one, everyone) has; answered as an rpc result `id`.
+    Presence {
+        id: String,
+        user: Option<String>,
+    },
+    /// A new token for the connection (same user): the connection now ends at its expiry.
+    Refresh {
+        token: String,
+    },
 }
 
 /// A client message the codec could not turn into a command.
@@ -110,6 +148,8 @@ pub(crate) enum Refusal {
     Notice(Box<ServerFrame>),
     /// Close the connection.
     Close(Close),
+    /// Answer with these bytes (the protocol's own error reply) and keep the connection.
+    Reply(Bytes),
 }
 
 /// One connection's protocol.
@@ -118,6 +158,8 @@ pub(crate) enum Codec {
     Herald(HeraldCodec),
     Stomp(Box<StompCodec>),
     Sse(SseCodec),
+    Centrifugal(Box<CentrifugalCodec>),
+    SocketIo(Box<SocketIoCodec>),
 }
 
 impl Codec {
@@ -127,19 +169,29 @@ impl Codec {
             Codec::Herald(_) => WireFormat::Herald,
             Codec::Stomp(_) => WireFormat::Stomp,
             Codec::Sse(_) => WireFormat::Sse,
+            Codec::Centrifugal(codec) => codec.format(),
+            Codec::SocketIo(_) => WireFormat::SocketIo,
         }
     }
 
     /// Queues the frame(s) of `message` for this connection in `frames` (the bytes shared with every
-    /// connection of the format, after a small head of this connection's own for STOMP); returns
-    /// the bytes queued.
+    /// connection of the format, after a small head of this connection's own for STOMP; none when
+    /// Centrifugal holds it back to send it inside a reply); returns the bytes queued.
     pub(crate) fn queue_message(&mut self, message: &Message, frames: &mut VecDeque<Bytes>) -> usize {
         let encoded = message.encoded(self.format());
         match self {
-            Codec::Herald(_) => {
+            Codec::Herald(_) | Codec::SocketIo(_) => {
                 frames.push_back(encoded.clone());
                 encoded.len()
             }
+            Codec::Centrifugal(codec) => match codec.message(message) {
+                Some(frame) => {
+                    let len = frame.len();
+                    frames.push_back(frame);
+                    len
+                }
+                None => 0,
+            },
             Codec::Stomp(codec) => codec.queue_message(message, encoded, frames),
             Codec::Sse(codec) => {
                 codec.note_sent(message.seq);
@@ -152,16 +204,16 @@ impl Codec {
     /// Frames the codec sends of its own accord after a client message (receipts and the like).
     pub(crate) fn take_replies(&mut self) -> Vec<Bytes> {
         match self {
-            Codec::Herald(_) | Codec::Sse(_) => Vec::new(),
             Codec::Stomp(codec) => codec.take_replies(),
+            _ => Vec::new(),
         }
     }
 
     /// Why the connection must close, when a notice ended it (a STOMP ERROR).
     pub(crate) fn take_closing(&mut self) -> Option<Close> {
         match self {
-            Codec::Herald(_) | Codec::Sse(_) => None,
             Codec::Stomp(codec) => codec.take_closing(),
+            _ => None,
         }
     }
 
@@ -169,17 +221,17 @@ impl Codec {
     /// that was queued is written.
     pub(crate) fn take_auto_ack(&mut self) -> Option<u64> {
         match self {
-            Codec::Herald(_) => None,
             Codec::Stomp(codec) => codec.take_auto_ack(),
             Codec::Sse(codec) => codec.take_sent(),
+            _ => None,
         }
     }
 
     /// How often to ping, given the gateway's heartbeat (a protocol may negotiate a longer one).
     pub(crate) fn heartbeat(&self, gateway: Duration) -> Duration {
         match self {
-            Codec::Herald(_) | Codec::Sse(_) => gateway,
             Codec::Stomp(codec) => codec.heartbeat(gateway),
+            _ => gateway,
         }
     }
 
@@ -198,6 +250,8 @@ impl Codec {
             Codec::Herald(codec) => Some(codec.notice(notice)),
             Codec::Stomp(codec) => codec.notice(notice),
             Codec::Sse(codec) => codec.notice(notice),
+            Codec::Centrifugal(codec) => codec.notice(notice),
+            Codec::SocketIo(codec) => codec.notice(notice),
         }
     }
 
@@ -207,6 +261,10 @@ impl Codec {
             Codec::Herald(_) => crate::websocket::frame::ping(),
             Codec::Stomp(codec) => codec.ping(),
             Codec::Sse(codec) => codec.ping(),
+            // The protocol's own ping, which the client answers with `{}`.
+            Codec::Centrifugal(codec) => codec.ping(),
+            // Engine.IO's ping, answered with `3`.
+            Codec::SocketIo(_) => socketio::wire::engine_packet(socketio::wire::engine::PING),
         }
     }
 
@@ -224,6 +282,7 @@ impl Codec {
             Codec::Herald(_) => Some(crate::websocket::frame::close(close.number(), &close.reason)),
             Codec::Stomp(codec) => Some(codec.close(close)),
             Codec::Sse(_) => Some(SseCodec::close(close)),
+            Codec::Centrifugal(_) | Codec::SocketIo(_) => close_frame(self.format(), close),
         }
     }
 
@@ -231,16 +290,27 @@ impl Codec {
     pub(crate) fn close_unopened(format: WireFormat, close: &Close) -> Option<Bytes> {
         match format {
             WireFormat::Sse => close.code.is_sent().then(|| SseCodec::close(close)),
-            WireFormat::Herald | WireFormat::Stomp => Codec::Herald(HeraldCodec).close(close),
+            _ => close_frame(format, close),
         }
     }
 
-    /// Reads one text message from the client.
-    pub(crate) fn decode(&mut self, text: &[u8]) -> Result<Command, Refusal> {
+    /// Reads one text (or binary) message from the client: the commands it holds (a Centrifugal
+    /// frame may hold several, or none).
+    pub(crate) fn decode(&mut self, text: &[u8]) -> Vec<Result<Command, Refusal>> {
         match self {
-            Codec::Herald(codec) => codec.decode(text),
-            Codec::Stomp(codec) => codec.decode(text),
-            Codec::Sse(codec) => codec.decode(),
+            Codec::Herald(codec) => vec![codec.decode(text)],
+            Codec::Stomp(codec) => vec![codec.decode(text)],
+            Codec::Sse(codec) => vec![codec.decode()],
+            Codec::Centrifugal(codec) => codec.decode(text),
+            Codec::SocketIo(codec) => codec.decode(text),
+        }
+    }
+
+    /// The answer to a `Refresh`: the new expiry, or an error code and message.
+    pub(crate) fn refreshed(&mut self, outcome: Result<u64, (u32, String)>) -> Option<Bytes> {
+        match self {
+            Codec::Centrifugal(codec) => codec.refreshed(outcome),
+            _ => None,
         }
     }
 }

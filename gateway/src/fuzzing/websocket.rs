@@ -72,6 +72,7 @@ pub fn websocket_reader(data: &[u8]) {
             Inbound::Ping(payload) => assert!(payload.len() <= MAX_CONTROL_PAYLOAD),
             Inbound::Close(Some(code)) => assert!(valid_close_code(*code), "close code {code} let through"),
             Inbound::Close(None) | Inbound::Pong => {}
+            Inbound::Binary(_) => panic!("a binary message from a reader that refuses them"),
         }
     });
     assert_eq!(whole, pieces, "read whole and in pieces of at most {seed}");
@@ -114,6 +115,7 @@ fn read_checked(
             Inbound::Ping(payload) => Message::Ping(payload),
             Inbound::Pong => Message::Pong,
             Inbound::Close(code) => Message::Close(code),
+            Inbound::Binary(_) => unreachable!("checked above"),
         });
         if close {
             return Outcome { messages, end: None, consumed };

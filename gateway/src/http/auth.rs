@@ -18,6 +18,9 @@ pub(crate) struct ConnectRequest {
     pub(crate) since: Option<u64>,
     /// Topics to subscribe at once (each allowed by the token).
     pub(crate) topics: Vec<String>,
+    /// Without `since`, start live instead of from the device's cursor (protocols whose clients
+    /// keep their own positions).
+    pub(crate) live: bool,
 }
 
 /// A refused request: status, `error` code and human `reason` of the JSON body.
@@ -81,7 +84,7 @@ pub(crate) fn authorize<B>(request: &hyper::Request<B>, verifier: &Verifier) -> 
     }
     topics.sort();
     topics.dedup();
-    Ok(ConnectRequest { claims, device, since, topics })
+    Ok(ConnectRequest { claims, device, since, topics, live: false })
 }
 
 fn bearer_token<B>(request: &hyper::Request<B>) -> Option<String> {

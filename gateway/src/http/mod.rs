@@ -4,6 +4,9 @@
 
 pub(crate) mod api;
 pub(crate) mod auth;
+pub(crate) mod centrifugal;
+pub(crate) mod edge;
+pub(crate) mod engineio;
 pub(crate) mod handshake;
 pub(crate) mod health;
 pub(crate) mod limits;
@@ -11,5 +14,6 @@ pub(crate) mod metrics;
 pub(crate) mod ratelimit;
 pub(crate) mod refusals;
 pub(crate) mod server;
+pub(crate) mod socketio;
 pub(crate) mod sse;
 pub(crate) mod stomp;

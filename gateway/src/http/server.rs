@@ -72,6 +72,15 @@ async fn route(
     let response = match (request.method(), request.uri().path()) {
         (&Method::GET, "/ws") => websocket(shared, request, peer).await,
         (&Method::GET, "/stomp") => super::stomp::upgrade(shared, request, peer).await,
+        (&Method::GET, "/connection/websocket") => crate::http::centrifugal::websocket(shared, request, peer)
+            .await
+            .unwrap_or_else(|refused| rejection(&refused)),
+        (&Method::GET, "/socket.io/" | "/socket.io") => {
+            crate::http::socketio::get(shared, request, peer).await.unwrap_or_else(|refused| rejection(&refused))
+        }
+        (&Method::POST, "/socket.io/" | "/socket.io") => {
+            crate::http::socketio::post(shared, request).await.unwrap_or_else(|refused| rejection(&refused))
+        }
         (&Method::GET, "/healthz") => json(StatusCode::OK, serde_json::json!({"ok": true})),
         (&Method::GET, "/readyz") => readyz(&shared),
         (&Method::GET, "/metrics") => {

@@ -183,7 +183,7 @@ async fn first_frame(
 ) -> Result<Option<Frame>, Refused> {
     loop {
         match reader.next().await {
-            Ok(Inbound::Text(text)) => match parse(&text) {
+            Ok(Inbound::Text(text) | Inbound::Binary(text)) => match parse(&text) {
                 Ok(Some(frame)) => return Ok(Some(frame)),
                 Ok(None) => continue,
                 Err(error) => return Err(refused(error_code::BAD_REQUEST, error)),
@@ -229,7 +229,7 @@ fn authenticate(shared: &Shared, frame: &Frame, hints: Hints) -> Result<(Connect
         .transpose()
         .map_err(|_| refused(error_code::BAD_REQUEST, "herald-since must be a sequence number"))?;
     let connected = Connected { version, client_sends, client_wants, allowed_topics: claims.topics.clone() };
-    Ok((ConnectRequest { claims, device, since, topics: Vec::new() }, connected))
+    Ok((ConnectRequest { claims, device, since, topics: Vec::new(), live: false }, connected))
 }
 
 /// A `heart-beat` header: how often the client sends, how often it wants to hear (0: never).

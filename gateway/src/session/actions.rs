@@ -87,7 +87,7 @@ fn replay(session: Arc<Session>, audiences: Vec<Audience>, since: u64, upto: u64
             }
         };
         Some(match replay.next().await {
-            Some(Ok(stored)) => (Outcome::Replayed(message::from_stored(stored)), Reading::Open(replay)),
+            Some(Ok(stored)) => (Outcome::Replayed(Box::new(message::from_stored(stored))), Reading::Open(replay)),
             Some(Err(error)) => (Outcome::ReplayEnded(Err(error.to_string())), Reading::Done),
             None => (Outcome::ReplayEnded(Ok(())), Reading::Done),
         })

@@ -13,13 +13,23 @@ pub(crate) struct Bounds {
     pub(crate) first: u64,
     #[serde(rename = "last_seq")]
     pub(crate) last: u64,
+    /// Names this stream among the streams of the same name over time: a hash of its creation time
+    /// (a replaced stream's sequences mean other messages). 0 when the server did not say.
+    #[serde(skip)]
+    pub(crate) epoch: u64,
 }
 
 /// A `STREAM.INFO` answer: the state, or an error.
 #[derive(Deserialize)]
 struct InfoAnswer {
     state: Option<Bounds>,
+    created: Option<String>,
     error: Option<serde_json::Value>,
+}
+
+/// FNV-1a: the same on every gateway and build (unlike std's hasher, whose algorithm may change).
+fn stable_hash(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// The stream could not be read.
@@ -35,7 +45,7 @@ async fn bounds(feed: &Feed) -> Result<Bounds, StreamError> {
         .map_err(|e| StreamError(e.to_string()))?;
     let answer: InfoAnswer = serde_json::from_slice(&answer).map_err(|e| StreamError(e.to_string()))?;
     match (answer.state, answer.error) {
-        (Some(state), None) => Ok(state),
+        (Some(state), None) => Ok(Bounds { epoch: answer.created.as_deref().map_or(0, stable_hash), ..state }),
         (_, Some(error)) => Err(StreamError(error.to_string())),
         (None, None) => Err(StreamError("no state in the stream info".into())),
     }

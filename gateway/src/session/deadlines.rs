@@ -46,6 +46,11 @@ impl Deadlines {
         self.heard = now;
     }
 
+    /// The connection now ends at `expires` (a refreshed token).
+    pub(crate) fn expire_at(&mut self, expires: Instant) {
+        self.expires = expires;
+    }
+
     /// The earliest deadline, given since when a write has been stuck (if one is).
     pub(crate) fn next(&self, stalled_since: Option<Instant>) -> Instant {
         let mut next = self.next_ping.min(self.heard + self.silence).min(self.expires);

@@ -7,8 +7,9 @@ use std::time::Instant;
 use herald_shared::frame::{ServerFrame, error_code};
 
 use super::Session;
-use super::rpc;
+use super::deadlines::Deadlines;
 use super::state::SessionState;
+use super::{presence, rpc};
 use crate::close::{Close, CloseCode};
 use crate::codec::{Command, Refusal};
 use crate::http::ratelimit::TokenBucket;
@@ -20,6 +21,7 @@ pub(super) fn handle(
     state: &mut SessionState,
     inbound: Inbound,
     rpc_budget: &mut TokenBucket,
+    deadlines: &mut Deadlines,
 ) -> Result<(), Close> {
     match inbound {
         Inbound::Ping(payload) => {
@@ -28,12 +30,17 @@ pub(super) fn handle(
         }
         Inbound::Pong => {}
         Inbound::Close(code) => return Err(Close::by_client(code)),
-        Inbound::Text(text) => {
-            match state.codec_mut().decode(&text) {
-                Ok(Command::Close) => return Err(Close::new(CloseCode::Normal, "the client disconnected")),
-                Ok(command) => run(session, state, command, rpc_budget),
-                Err(Refusal::Notice(notice)) => state.notice(&notice),
-                Err(Refusal::Close(close)) => return Err(close),
+        // Binary messages come only on connections whose protocol has a binary encoding.
+        Inbound::Text(text) | Inbound::Binary(text) => {
+            for decoded in state.codec_mut().decode(&text) {
+                match decoded {
+                    Ok(Command::Close) => return Err(Close::new(CloseCode::Normal, "the client disconnected")),
+                    Ok(Command::Refresh { token }) => refresh(session, state, &token, deadlines),
+                    Ok(command) => run(session, state, command, rpc_budget),
+                    Err(Refusal::Notice(notice)) => state.notice(&notice),
+                    Err(Refusal::Reply(reply)) => state.push_frame(reply),
+                    Err(Refusal::Close(close)) => return Err(close),
+                }
             }
             for frame in state.codec_mut().take_replies() {
                 state.push_frame(frame);
@@ -41,6 +48,25 @@ pub(super) fn handle(
         }
     }
     Ok(())
+}
+
+/// A new token for the connection: same user, and the connection now ends at its expiry.
+fn refresh(session: &Session, state: &mut SessionState, token: &str, deadlines: &mut Deadlines) {
+    use crate::codec::centrifugal::wire::error;
+    use herald_shared::token::{TokenError, now_secs};
+    let outcome = match session.shared.verifier.verify(token) {
+        Ok(claims) if claims.sub == *session.user => {
+            let left = std::time::Duration::from_secs(claims.exp.saturating_sub(now_secs()));
+            deadlines.expire_at(tokio::time::Instant::now() + left);
+            Ok(claims.exp)
+        }
+        Ok(_) => Err((error::UNAUTHORIZED, "the token is for another user".to_string())),
+        Err(TokenError::Expired) => Err((error::TOKEN_EXPIRED, TokenError::Expired.to_string())),
+        Err(refused) => Err((error::UNAUTHORIZED, refused.to_string())),
+    };
+    if let Some(reply) = state.codec_mut().refreshed(outcome) {
+        state.push_frame(reply);
+    }
 }
 
 fn run(session: &Arc<Session>, state: &mut SessionState, command: Command, rpc_budget: &mut TokenBucket) {
@@ -65,6 +91,9 @@ fn run(session: &Arc<Session>, state: &mut SessionState, command: Command, rpc_b
             }
         }
         Command::Ping => state.notice(&ServerFrame::Pong),
-        Command::Nothing | Command::Close => {}
+        Command::Nothing | Command::Close | Command::Refresh { .. } => {}
+        Command::Presence { id, user } => {
+            tokio::spawn(presence::count(session.clone(), id, user));
+        }
     }
 }

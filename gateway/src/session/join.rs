@@ -81,7 +81,7 @@ enum Resume {
     Since { requested: u64, lost_from: Option<u64> },
     /// A device seen for the first time.
     NewDevice,
-    /// The cursor could not be read: live.
+    /// The cursor could not be read, or the client asked for nothing before now: live.
     Live,
 }
 
@@ -90,6 +90,7 @@ async fn resume_point(session: &Session, bounds: Bounds) -> Resume {
     let (user, device) = (&session.user, &session.device);
     let requested = match session.request.since {
         Some(since) => since,
+        None if session.request.live => return Resume::Live,
         None => match shared.cursors.load(user, device).await {
             Ok(Some(cursor)) => cursor,
             Ok(None) => {

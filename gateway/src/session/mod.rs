@@ -16,6 +16,7 @@ mod deadlines;
 mod inbound;
 mod join;
 mod live;
+mod presence;
 pub(crate) mod replay;
 mod rpc;
 mod state;
@@ -95,6 +96,34 @@ pub(crate) struct Connection {
     pub(crate) reader: MessageReader<ReadHalf>,
     pub(crate) write_half: WriteHalf,
     pub(crate) codec: Codec,
+}
+
+/// An upgraded connection's two halves (a protocol that authenticates after the upgrade reads
+/// its first frames before the session exists).
+pub(crate) struct Socket {
+    pub(crate) reader: MessageReader<ReadHalf>,
+    pub(crate) writer: WriteHalf,
+}
+
+impl Socket {
+    /// Splits `upgraded`; messages over `max_frame_bytes` are refused.
+    pub(crate) fn new(upgraded: Upgraded, max_frame_bytes: usize) -> Socket {
+        let (read_half, writer) = split(upgraded);
+        Socket { reader: MessageReader::new(read_half, max_frame_bytes), writer }
+    }
+}
+
+/// Runs connection `conn` on `socket` until it closes, speaking `codec`'s protocol.
+pub(crate) async fn run_codec(
+    shared: Arc<Shared>,
+    socket: Socket,
+    request: ConnectRequest,
+    conn: String,
+    address: IpAddr,
+    codec: Codec,
+) {
+    let connection = Connection { reader: socket.reader, write_half: socket.writer, codec };
+    run_with(shared, connection, request, conn, address).await
 }
 
 /// Runs connection `conn` until it closes.
@@ -200,7 +229,9 @@ async fn serve(
             _ = session.mailbox.woken() => Ok(()),
             inbound = reader.next() => {
                 deadlines.heard(Instant::now());
-                inbound.and_then(|inbound| inbound::handle(session, &mut state, inbound, &mut rpc_budget))
+                inbound.and_then(|inbound| {
+                    inbound::handle(session, &mut state, inbound, &mut rpc_budget, &mut deadlines)
+                })
             }
             _ = &mut timer => {
                 let due = on_time(&mut deadlines, &mut state, transmit);

@@ -95,7 +95,7 @@ pub(crate) enum Action {
 pub(crate) enum Outcome {
     Bounds(Result<Bounds, String>),
     /// One replayed message, in order.
-    Replayed(Message),
+    Replayed(Box<Message>),
     /// The replay read everything (or failed).
     ReplayEnded(Result<(), String>),
     Attached(Result<LogStart, String>),
@@ -334,6 +334,7 @@ impl SessionState {
         }
     }
 
+    /// Queues a message in the connection's protocol (unless the protocol holds it back).
     /// Queues a notice in the connection's protocol.
     pub(crate) fn notice(&mut self, notice: &ServerFrame) {
         if let Some(frame) = self.codec.notice(notice) {
@@ -445,7 +446,7 @@ impl SessionState {
         let Some(step) = self.step.take() else { return };
         match (step, outcome) {
             (Step::Replay(mut run), Outcome::Replayed(message)) => {
-                self.replayed(&mut run, message);
+                self.replayed(&mut run, *message);
                 self.step = Some(Step::Replay(run));
             }
             (Step::Replay(run), Outcome::ReplayEnded(Ok(()))) => self.replay_ended(run),

@@ -36,7 +36,7 @@ fn all_message(seq: u64) -> Live {
 }
 
 fn bounds(first: u64, last: u64) -> Bounds {
-    Bounds { first, last }
+    Bounds { first, last, epoch: 0 }
 }
 
 impl Harness {
@@ -100,7 +100,7 @@ impl Harness {
     /// Answers a replay with `messages`, then its end.
     fn replay(&mut self, messages: Vec<Message>) {
         for message in messages {
-            self.state.on_outcome(Outcome::Replayed(message));
+            self.state.on_outcome(Outcome::Replayed(Box::new(message)));
         }
         self.state.on_outcome(Outcome::ReplayEnded(Ok(())));
     }

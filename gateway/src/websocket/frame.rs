@@ -9,6 +9,7 @@ use bytes::Bytes;
 const HEAD_ROOM: usize = 10;
 
 const OP_TEXT: u8 = 0x1;
+const OP_BINARY: u8 = 0x2;
 const OP_CLOSE: u8 = 0x8;
 const OP_PING: u8 = 0x9;
 const OP_PONG: u8 = 0xA;
@@ -34,6 +35,10 @@ impl FrameBuf {
     /// A final text frame holding the payload.
     pub(crate) fn finish_text(self) -> Bytes {
         self.finish(OP_TEXT)
+    }
+
+    pub(crate) fn finish_binary(self) -> Bytes {
+        self.finish(OP_BINARY)
     }
 
     fn finish(mut self, opcode: u8) -> Bytes {
@@ -82,6 +87,13 @@ pub(crate) fn text(json: &[u8]) -> Bytes {
     let mut frame = FrameBuf::with_capacity(json.len());
     frame.body().extend_from_slice(json);
     frame.finish_text()
+}
+
+/// A binary frame holding `bytes`.
+pub(crate) fn binary(bytes: &[u8]) -> Bytes {
+    let mut frame = FrameBuf::with_capacity(bytes.len());
+    frame.body().extend_from_slice(bytes);
+    frame.finish_binary()
 }
 
 /// A close frame with `code` and a reason (cut to fit a control frame).

@@ -39,6 +39,8 @@ pub(crate) const MAX_CONTROL_PAYLOAD: usize = 125;
 pub(crate) enum Inbound {
     /// A complete text message (valid UTF-8).
     Text(Vec<u8>),
+    /// A complete binary message (only from a reader that accepts them: [`MessageReader::accept_binary`]).
+    Binary(Vec<u8>),
     /// A ping with its payload; answer with a pong.
     Ping(Vec<u8>),
     /// A pong: the client is alive.
@@ -58,6 +60,8 @@ pub(crate) struct MessageReader<R> {
     start: usize,
     /// A fragmented text message being assembled.
     partial: Option<PartialText>,
+    /// Binary messages are taken (protocols with a binary encoding), not refused with 1008.
+    binary: bool,
 }
 
 /// One parsed frame header.
@@ -79,7 +83,12 @@ const PONG: u8 = 0xA;
 
 impl<R: AsyncRead + Unpin> MessageReader<R> {
     pub(crate) fn new(io: R, limit: usize) -> MessageReader<R> {
-        MessageReader { io, limit, buffered: Vec::new(), start: 0, partial: None }
+        MessageReader { io, limit, buffered: Vec::new(), start: 0, partial: None, binary: false }
+    }
+
+    /// From now on binary messages are returned as [`Inbound::Binary`].
+    pub(crate) fn accept_binary(&mut self) {
+        self.binary = true;
     }
 
     /// The next client message; an error says how to close the connection.
@@ -142,8 +151,8 @@ impl<R: AsyncRead + Unpin> MessageReader<R> {
             CLOSE | PING | PONG => Ok(()),
             CONTINUATION if assembling.is_none() => Err(protocol("continuation frame without a message")),
             TEXT | BINARY if assembling.is_some() => Err(protocol("new message inside a fragmented one")),
-            BINARY => Err(Close::new(CloseCode::Policy, "binary messages are not accepted")),
-            CONTINUATION | TEXT => {
+            BINARY if !self.binary => Err(Close::new(CloseCode::Policy, "binary messages are not accepted")),
+            CONTINUATION | TEXT | BINARY => {
                 if assembling.unwrap_or(0).saturating_add(header.payload_len) > self.limit {
                     return Err(Close::new(CloseCode::TooBig, format!("message over {} bytes", self.limit)));
                 }
@@ -160,8 +169,8 @@ impl<R: AsyncRead + Unpin> MessageReader<R> {
             PING => Ok(Some(Inbound::Ping(payload))),
             PONG => Ok(Some(Inbound::Pong)),
             CLOSE => close_frame(&payload).map(Some),
-            TEXT => {
-                let partial = PartialText::new(payload)?;
+            TEXT | BINARY => {
+                let partial = PartialText::new(payload, header.opcode == BINARY)?;
                 if header.fin {
                     return partial.finish().map(Some);
                 }
@@ -210,16 +219,18 @@ impl<R: AsyncRead + Unpin> MessageReader<R> {
     }
 }
 
-/// A text message arriving in fragments: its bytes so far, checked as they come (RFC 6455 §8.1).
+/// A text message arriving in fragments: its bytes so far, checked as they come (RFC 6455 §8.1);
+/// or a binary message, not checked.
 struct PartialText {
     text: Vec<u8>,
     /// How many bytes of `text` are known to be UTF-8; after them at most an unfinished code point.
     valid: usize,
+    binary: bool,
 }
 
 impl PartialText {
-    fn new(first: Vec<u8>) -> Result<PartialText, Close> {
-        let mut partial = PartialText { text: first, valid: 0 };
+    fn new(first: Vec<u8>, binary: bool) -> Result<PartialText, Close> {
+        let mut partial = PartialText { text: first, valid: 0, binary };
         partial.check()?;
         Ok(partial)
     }
@@ -232,6 +243,10 @@ impl PartialText {
     /// Fails as soon as the bytes cannot be the start of UTF-8 text; a code point cut at the end
     /// may be completed by the next fragment.
     fn check(&mut self) -> Result<(), Close> {
+        if self.binary {
+            self.valid = self.text.len();
+            return Ok(());
+        }
         match std::str::from_utf8(&self.text[self.valid..]) {
             Ok(_) => self.valid = self.text.len(),
             Err(error) if error.error_len().is_none() => self.valid += error.valid_up_to(),
@@ -245,7 +260,7 @@ impl PartialText {
         if self.valid != self.text.len() {
             return Err(invalid_utf8("text message ends inside a UTF-8 sequence"));
         }
-        Ok(Inbound::Text(self.text))
+        Ok(if self.binary { Inbound::Binary(self.text) } else { Inbound::Text(self.text) })
     }
 }
 
@@ -365,6 +380,17 @@ mod tests {
         }
         writer.abort();
         got
+    }
+
+    #[tokio::test]
+    async fn binary_messages_are_refused_unless_accepted() {
+        let mut bytes = frame(0x02, &[0xff, 0x00]);
+        bytes.extend(frame(0x80, &[0xfe]));
+        let mut refusing = MessageReader::new(std::io::Cursor::new(bytes.clone()), 1024);
+        assert_eq!(refusing.next().await.map_err(|c| c.code), Err(CloseCode::Policy));
+        let mut accepting = MessageReader::new(std::io::Cursor::new(bytes), 1024);
+        accepting.accept_binary();
+        assert_eq!(accepting.next().await, Ok(Inbound::Binary(vec![0xff, 0x00, 0xfe])));
     }
 
     #[tokio::test]

@@ -1,0 +1,215 @@
+//! Socket.IO 4 over Engine.IO 4 (a WebSocket, or long-polling: see [`crate::http::engineio`]), at
+//! `/socket.io/`, namespace `/`.
+//!
+//! A message is an event named by its kind (`message` when it has none) with the payload and
+//! `{seq, to, id, ts}`, and the `seq` as a last string argument: the offset Socket.IO clients keep
+//! for connection state recovery (a reconnect with `pid` and `offset` replays from there). Clients
+//! emit `rpc` (function, data, ack), `sub` (topic, optional since, optional ack) and `unsub`
+//! (topic, optional ack); acks answer `{"ok":true,…}` or `{"ok":false,"error":{code,message}}`.
+
+pub(crate) mod wire;
+
+use std::collections::{HashMap, VecDeque};
+
+use bytes::Bytes;
+use herald_shared::frame::{RpcResult, ServerFrame};
+use serde_json::{Value, json};
+
+use super::{Command, Refusal};
+use crate::close::{Close, CloseCode};
+use wire::{engine, packet};
+
+/// One Socket.IO connection.
+#[derive(Debug)]
+pub(crate) struct SocketIoCodec {
+    /// The private id the CONNECT answer carries (the client's own when it recovers).
+    pid: String,
+    connected: bool,
+    /// Ack ids of `sub` and `unsub` events waiting for their answer, by topic, in order.
+    sub_acks: HashMap<String, VecDeque<u64>>,
+    unsub_acks: HashMap<String, VecDeque<u64>>,
+}
+
+impl SocketIoCodec {
+    pub(crate) fn new(pid: String) -> SocketIoCodec {
+        SocketIoCodec { pid, connected: false, sub_acks: HashMap::new(), unsub_acks: HashMap::new() }
+    }
+
+    pub(super) fn notice(&mut self, notice: &ServerFrame) -> Option<Bytes> {
+        match notice {
+            ServerFrame::Welcome { conn, .. } if !self.connected => {
+                self.connected = true;
+                Some(wire::packet(packet::CONNECT, None, &json!({"sid": conn, "pid": self.pid})))
+            }
+            ServerFrame::Subscribed { topic } => answer(&mut self.sub_acks, topic, json!({"ok": true, "topic": topic})),
+            ServerFrame::Unsubscribed { topic } => {
+                answer(&mut self.unsub_acks, topic, json!({"ok": true, "topic": topic}))
+            }
+            ServerFrame::RpcResult(result) => rpc_answer(result),
+            ServerFrame::Error { code, message, topic } => {
+                let error = json!({"code": code, "message": message, "topic": topic});
+                if let Some(topic) = topic {
+                    let failed = json!({"ok": false, "error": error});
+                    for acks in [&mut self.sub_acks, &mut self.unsub_acks] {
+                        if acks.get(topic).is_some_and(|ids| !ids.is_empty()) {
+                            return answer(acks, topic, failed);
+                        }
+                    }
+                }
+                Some(wire::packet(packet::EVENT, None, &json!(["error", error])))
+            }
+            _ => None,
+        }
+    }
+
+    /// Reads an Engine.IO packet.
+    pub(super) fn decode(&mut self, text: &[u8]) -> Vec<Result<Command, Refusal>> {
+        let refused = |reason: &'static str| vec![Err(Refusal::Close(Close::new(CloseCode::Policy, reason)))];
+        match text.split_first() {
+            Some((&engine::PONG | &engine::NOOP, _)) => Vec::new(),
+            // A ping from the client (the probe of an upgrade): answered with its data.
+            Some((&engine::PING, data)) => {
+                let mut pong = vec![engine::PONG];
+                pong.extend_from_slice(data);
+                vec![Err(Refusal::Reply(crate::websocket::frame::text(&pong)))]
+            }
+            Some((&engine::CLOSE, _)) => vec![Err(Refusal::Close(Close::new(CloseCode::Normal, "client closed")))],
+            Some((&engine::MESSAGE, socket_io)) => match socket_io.split_first() {
+                Some((&packet::EVENT, rest)) => vec![self.event(rest)],
+                Some((&packet::DISCONNECT, _)) => {
+                    vec![Err(Refusal::Close(Close::new(CloseCode::Normal, "client disconnected")))]
+                }
+                // A second CONNECT to the namespace this connection is on: nothing to do.
+                Some((&packet::CONNECT, _)) => Vec::new(),
+                _ => refused("not a Socket.IO packet this server accepts"),
+            },
+            _ => refused("not an Engine.IO packet"),
+        }
+    }
+
+    /// An EVENT packet after its type: an optional ack id, then a JSON array `[name, args…]`.
+    fn event(&mut self, rest: &[u8]) -> Result<Command, Refusal> {
+        let digits = rest.iter().take_while(|byte| byte.is_ascii_digit()).count();
+        let ack = std::str::from_utf8(&rest[..digits]).ok().and_then(|id| id.parse::<u64>().ok());
+        let Ok(Value::Array(args)) = serde_json::from_slice::<Value>(&rest[digits..]) else {
+            return Err(Refusal::Close(Close::new(CloseCode::Policy, "an event is a JSON array")));
+        };
+        let mut args = args.into_iter();
+        let name = args.next();
+        let (first, second) = (args.next(), args.next());
+        let refuse = |code: &str, message: String| {
+            let error = json!({"code": code, "message": message});
+            Err(Refusal::Reply(match ack {
+                Some(id) => wire::packet(packet::ACK, Some(id), &json!([{"ok": false, "error": error}])),
+                None => wire::packet(packet::EVENT, None, &json!(["error", error])),
+            }))
+        };
+        match (name.as_ref().and_then(Value::as_str), first) {
+            (Some("rpc"), Some(Value::String(function))) => {
+                let id = ack.map(|id| id.to_string()).unwrap_or_default();
+                Ok(Command::Rpc { id, function, data: second.unwrap_or(Value::Null) })
+            }
+            (Some("sub"), Some(Value::String(topic))) => {
+                let since = match second {
+                    None | Some(Value::Null) => None,
+                    Some(since) => match since.as_u64() {
+                        Some(since) => Some(since),
+                        None => return refuse("bad_request", "since must be a sequence number".into()),
+                    },
+                };
+                if let Some(id) = ack {
+                    self.sub_acks.entry(topic.clone()).or_default().push_back(id);
+                }
+                Ok(Command::Subscribe { topic, since })
+            }
+            (Some("unsub"), Some(Value::String(topic))) => {
+                if let Some(id) = ack {
+                    self.unsub_acks.entry(topic.clone()).or_default().push_back(id);
+                }
+                Ok(Command::Unsubscribe { topic })
+            }
+            (Some(name @ ("rpc" | "sub" | "unsub")), _) => {
+                refuse("bad_request", format!("{name} needs a name as its first argument"))
+            }
+            (Some(name), _) => refuse("unknown_event", format!("unknown event {name:?}")),
+            (None, _) => refuse("bad_request", "an event starts with its name".into()),
+        }
+    }
+}
+
+/// The ack of the oldest waiting `sub`/`unsub` of `topic`, if it asked for one.
+fn answer(acks: &mut HashMap<String, VecDeque<u64>>, topic: &str, body: Value) -> Option<Bytes> {
+    let waiting = acks.get_mut(topic)?;
+    let id = waiting.pop_front()?;
+    if waiting.is_empty() {
+        acks.remove(topic);
+    }
+    Some(wire::packet(packet::ACK, Some(id), &json!([body])))
+}
+
+fn rpc_answer(result: &RpcResult) -> Option<Bytes> {
+    // An rpc emitted without an ack gets no answer.
+    let id: u64 = result.id.parse().ok()?;
+    let body = match &result.error {
+        Some(error) => json!({"ok": false, "error": {"code": error.code, "message": error.message}}),
+        None => json!({"ok": true, "data": result.data}),
+    };
+    Some(wire::packet(packet::ACK, Some(id), &json!([body])))
+}
+
+/// The last bytes of a connection: a Socket.IO DISCONNECT first when the client must not reconnect
+/// (Socket.IO clients reconnect after anything else).
+pub(crate) fn close_frame(close: &Close) -> Bytes {
+    let close_frame = crate::websocket::frame::close(close.number(), &close.reason);
+    if matches!(close.code, CloseCode::Disconnected | CloseCode::Replaced) {
+        let mut both = crate::websocket::frame::text(&[engine::MESSAGE, packet::DISCONNECT]).to_vec();
+        both.extend_from_slice(&close_frame);
+        return Bytes::from(both);
+    }
+    close_frame
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(frame: &Bytes) -> &str {
+        std::str::from_utf8(&frame[2..]).unwrap()
+    }
+
+    #[test]
+    fn events_become_commands_and_answers_acks() {
+        let mut codec = SocketIoCodec::new("p1".into());
+        let welcome = ServerFrame::Welcome {
+            conn: "c1".into(),
+            user: "u".into(),
+            device: "d".into(),
+            node: "n".into(),
+            seq: 1,
+            heartbeat: 25,
+            read: 0,
+            unread: 0,
+        };
+        assert_eq!(text(&codec.notice(&welcome).unwrap()), r#"40{"pid":"p1","sid":"c1"}"#);
+        assert_eq!(
+            codec.decode(br#"421["rpc","echo",{"a":1}]"#),
+            vec![Ok(Command::Rpc { id: "1".into(), function: "echo".into(), data: json!({"a": 1}) })]
+        );
+        assert_eq!(
+            codec.decode(br#"422["sub","news",4]"#),
+            vec![Ok(Command::Subscribe { topic: "news".into(), since: Some(4) })]
+        );
+        let subscribed = codec.notice(&ServerFrame::Subscribed { topic: "news".into() }).unwrap();
+        assert_eq!(text(&subscribed), r#"432[{"ok":true,"topic":"news"}]"#);
+        assert!(codec.decode(b"3").is_empty());
+        assert!(matches!(&codec.decode(br#"42["dance"]"#)[..], [Err(Refusal::Reply(_))]));
+        assert!(matches!(&codec.decode(b"42{}")[..], [Err(Refusal::Close(_))]));
+    }
+
+    #[test]
+    fn a_close_that_must_not_be_retried_says_disconnect_first() {
+        let frame = close_frame(&Close::new(CloseCode::Replaced, "replaced"));
+        assert_eq!(&frame[..4], b"\x81\x0241");
+        assert_eq!(frame[4], 0x88);
+    }
+}

@@ -1,0 +1,195 @@
+//! `/connection/websocket`: the Centrifugal protocol's endpoint. The WebSocket opens first and the
+//! client authenticates in its first message, a `connect` command; once the token is good the
+//! connection becomes a session like any other, speaking [`CentrifugalCodec`]'s protocol.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, SEC_WEBSOCKET_PROTOCOL};
+use hyper::{Request, Response, StatusCode};
+use tokio::io::AsyncWriteExt;
+use tracing::debug;
+
+use crate::Shared;
+use crate::cluster::policy::PolicyError;
+use crate::codec::Codec;
+use crate::codec::centrifugal::wire::{self, disconnect, error};
+use crate::codec::centrifugal::{CentrifugalCodec, ConnectCommand, ServerSub, first_command, parse_connect, to_frame};
+use crate::http::auth::{ConnectRequest, Rejection};
+use crate::session::{self, Socket};
+use crate::websocket::frame;
+use crate::websocket::reader::Inbound;
+use herald_shared::token::TokenError;
+
+/// How long a client may take to send `connect` after the WebSocket opened.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a refused client may take to close after its error reply.
+const REFUSED_GRACE: Duration = Duration::from_secs(3);
+
+/// Opens the WebSocket; the `connect` command is read on it afterwards.
+pub(crate) async fn websocket(
+    shared: Arc<Shared>,
+    mut request: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<Full<Bytes>>, Rejection> {
+    super::handshake::check(&request)?;
+    let (permit, address) = super::edge::admit(&shared, &request, peer)?;
+    let asked = asks_protobuf(&request);
+    let (mut response, upgrade) = fastwebsockets::upgrade::upgrade(&mut request)
+        .map_err(|e| Rejection::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?;
+    if asked == Some(Asked::Subprotocol) {
+        // Only when asked: the JSON SDKs refuse an answer naming a subprotocol they did not ask for.
+        response.headers_mut().insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(PROTOBUF));
+    }
+    shared.sessions.clone().spawn(async move {
+        let _permit = permit;
+        match upgrade.await {
+            Ok(upgraded) => {
+                let mut socket = Socket::new(upgraded.into_inner().into_inner(), shared.config.max_frame_bytes);
+                if asked.is_some() {
+                    socket.reader.accept_binary();
+                }
+                serve(shared, socket, address, asked.is_some()).await;
+            }
+            Err(error) => debug!(%error, "upgrade failed"),
+        }
+    });
+    Ok(response.map(|_| Full::new(Bytes::new())))
+}
+
+/// The subprotocol of the Protobuf encoding.
+const PROTOBUF: &str = "centrifuge-protobuf";
+
+/// How a client asked for the Protobuf encoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Asked {
+    /// `Sec-WebSocket-Protocol: centrifuge-protobuf` (the SDKs).
+    Subprotocol,
+    /// `?format=protobuf` (older SDKs).
+    Query,
+}
+
+fn asks_protobuf<B>(request: &Request<B>) -> Option<Asked> {
+    let header = request.headers().get_all(SEC_WEBSOCKET_PROTOCOL).iter().filter_map(|v| v.to_str().ok());
+    if header.flat_map(|value| value.split(',')).any(|protocol| protocol.trim() == PROTOBUF) {
+        return Some(Asked::Subprotocol);
+    }
+    let query = request.uri().query().unwrap_or("");
+    form_urlencoded::parse(query.as_bytes())
+        .any(|(key, value)| key == "format" && value == "protobuf")
+        .then_some(Asked::Query)
+}
+
+/// A connection refused before its session: what to send, and whether to wait for the client's
+/// close first (after an error reply the SDKs close and retry by themselves).
+struct Refused {
+    /// A reply as the JSON encoding writes it.
+    reply: Option<Vec<u8>>,
+    code: u16,
+    reason: String,
+}
+
+impl Refused {
+    fn close(code: u16, reason: impl Into<String>) -> Refused {
+        Refused { reply: None, code, reason: reason.into() }
+    }
+}
+
+async fn serve(shared: Arc<Shared>, mut socket: Socket, address: IpAddr, protobuf: bool) {
+    let conn = crate::id::random_id(12);
+    let accepted = tokio::select! {
+        accepted = accept(&shared, &mut socket, &conn, protobuf) => accepted,
+        _ = shared.shutdown.cancelled() => Err(Refused::close(disconnect::SHUTDOWN, "shutting down")),
+    };
+    match accepted {
+        Ok((request, codec)) => session::run_codec(shared, socket, request, conn, address, codec).await,
+        Err(refused) => refuse(socket, refused, protobuf).await,
+    }
+}
+
+/// Reads and checks the `connect` command; claims the user's session slot.
+async fn accept(
+    shared: &Shared,
+    socket: &mut Socket,
+    conn: &str,
+    protobuf: bool,
+) -> Result<(ConnectRequest, Codec), Refused> {
+    let text = match tokio::time::timeout(CONNECT_TIMEOUT, first_message(socket)).await {
+        Err(_) => return Err(Refused::close(disconnect::STALE, "no connect command in time")),
+        Ok(None) => return Err(Refused::close(disconnect::BAD_REQUEST, "no connect command")),
+        Ok(Some(text)) => text,
+    };
+    let text =
+        first_command(&text, protobuf).ok_or_else(|| Refused::close(disconnect::BAD_REQUEST, "not a command"))?;
+    let (id, connect) = parse_connect(&text).map_err(|reason| Refused::close(disconnect::BAD_REQUEST, reason))?;
+    let claims = match shared.verifier.verify(&connect.token) {
+        Ok(claims) => claims,
+        Err(TokenError::Expired) => {
+            let reply = wire::error_reply(id, error::TOKEN_EXPIRED, "token expired");
+            return Err(Refused { reply: Some(reply), code: 1000, reason: "token expired".into() });
+        }
+        Err(refused) => return Err(Refused::close(disconnect::INVALID_TOKEN, refused.to_string())),
+    };
+    let epoch = epoch(shared).await.map_err(|reason| Refused::close(disconnect::SERVER_ERROR, reason))?;
+    let subs = server_subs(&claims.sub, &connect, &epoch);
+    let since = subs.iter().filter_map(|sub| sub.recover_from).min();
+    match shared.policies.reserve(&claims.sub, conn).await {
+        Ok(()) => {}
+        Err(PolicyError::Taken) => {
+            return Err(Refused::close(disconnect::CONNECTION_LIMIT, PolicyError::Taken.to_string()));
+        }
+        Err(error) => return Err(Refused::close(disconnect::SERVER_ERROR, error.to_string())),
+    }
+    let codec = CentrifugalCodec::new(&claims.sub, epoch, claims.exp, id, subs, protobuf);
+    // Each connection is a device of its own: the client keeps its positions, not the gateway.
+    let request =
+        ConnectRequest { claims, device: format!("centrifugal-{conn}"), since, topics: Vec::new(), live: true };
+    Ok((request, Codec::Centrifugal(Box::new(codec))))
+}
+
+/// The first message (text, or binary with Protobuf), answering pings before it; none if the
+/// client closed.
+async fn first_message(socket: &mut Socket) -> Option<Vec<u8>> {
+    loop {
+        match socket.reader.next().await.ok()? {
+            Inbound::Text(message) | Inbound::Binary(message) => return Some(message),
+            Inbound::Ping(payload) => socket.writer.write_all(&frame::pong(&payload)).await.ok()?,
+            Inbound::Pong => {}
+            Inbound::Close(_) => return None,
+        }
+    }
+}
+
+/// `#<user>` and `all`, each recovering from where the client says if it asks with the stream's
+/// epoch.
+fn server_subs(user: &str, connect: &ConnectCommand, epoch: &str) -> Vec<ServerSub> {
+    CentrifugalCodec::server_channels(user)
+        .into_iter()
+        .map(|channel| {
+            let asked = connect.subs.get(&channel).filter(|position| position.recover);
+            let recover_from = asked.filter(|position| position.epoch == epoch).map(|position| position.offset);
+            ServerSub { channel, recover_from, was_recovering: asked.is_some() }
+        })
+        .collect()
+}
+
+/// The stream's epoch, read with the bounds (one request for the many connections of a storm).
+async fn epoch(shared: &Shared) -> Result<String, String> {
+    let bounds = shared.bounds.read().await.map_err(|e| e.to_string())?;
+    Ok(format!("{:x}", bounds.epoch))
+}
+
+async fn refuse(mut socket: Socket, refused: Refused, protobuf: bool) {
+    debug!(code = refused.code, reason = %refused.reason, "centrifugal connection refused");
+    if let Some(reply) = refused.reply {
+        let _ = socket.writer.write_all(&to_frame(protobuf, &reply)).await;
+        // The client closes once it has read the reply.
+        let _ = tokio::time::timeout(REFUSED_GRACE, async { while socket.reader.next().await.is_ok() {} }).await;
+    }
+    let _ = socket.writer.write_all(&frame::close(refused.code, &refused.reason)).await;
+    let _ = socket.writer.shutdown().await;
+}

@@ -1,0 +1,271 @@
+//! `/socket.io/`: Socket.IO 4 on Engine.IO 4, over a WebSocket or HTTP long-polling (see
+//! [`super::engineio`]) with the upgrade to a WebSocket. The Engine.IO handshake (`0{"sid",…}`)
+//! opens the connection; the client's Socket.IO CONNECT carries the token (`auth: {"token"}`, or
+//! `?token=`), and `pid` + `offset` when it recovers its connection state.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::io::AsyncWriteExt;
+use tracing::debug;
+
+use crate::Shared;
+use crate::codec::socketio::wire::{self, engine, packet};
+use crate::codec::{Codec, SocketIoCodec};
+use crate::http::auth::{ConnectRequest, Rejection};
+use crate::session::{self, Socket};
+use crate::websocket::frame;
+use crate::websocket::reader::Inbound;
+
+/// How long a client may take to send its CONNECT after the WebSocket opened.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+type HttpResponse = Response<Full<Bytes>>;
+
+/// An Engine.IO refusal before the upgrade: 400 with `{"code","message"}` as Engine.IO servers answer.
+fn engine_error(code: u8, message: &str) -> HttpResponse {
+    Response::builder()
+        .status(StatusCode::BAD_REQUEST)
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(json!({"code": code, "message": message}).to_string())))
+        .expect("static response parts are valid")
+}
+
+/// A GET: a WebSocket (new, or the upgrade of a polling session), a polling handshake, or a poll.
+pub(crate) async fn get(
+    shared: Arc<Shared>,
+    mut request: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<HttpResponse, Rejection> {
+    let query = Query::of(&request);
+    if query.param("EIO") != Some("4") {
+        return Ok(engine_error(5, "Unsupported protocol version"));
+    }
+    let sid = query.param("sid").map(str::to_string);
+    match (query.param("transport"), sid) {
+        (Some("polling"), None) => {
+            let (permit, address) = super::edge::admit(&shared, &request, peer)?;
+            let conn = crate::id::random_id(12);
+            let socket = shared.polling.open(&conn, shared.config.max_frame_bytes);
+            let body = super::engineio::open_packet(&open(&shared, &conn, &["websocket"]));
+            let query_token = query.param("token").map(str::to_string);
+            shared.sessions.clone().spawn(async move {
+                let _permit = permit;
+                serve_opened(shared.clone(), socket, address, query_token, conn.clone()).await;
+                shared.polling.remove(&conn);
+            });
+            Ok(text(body))
+        }
+        (Some("polling"), Some(sid)) => match shared.polling.get(&sid) {
+            Some(polling) => Ok(match polling.poll().await {
+                super::engineio::Poll::Packets(packets) => text(packets.into()),
+                super::engineio::Poll::Closed => {
+                    shared.polling.remove(&sid);
+                    text(Bytes::from_static(b"1"))
+                }
+            }),
+            None => Ok(engine_error(1, "Session ID unknown")),
+        },
+        (Some("websocket"), sid) => {
+            super::handshake::check(&request)?;
+            let polling = match &sid {
+                Some(sid) => match shared.polling.get(sid) {
+                    Some(polling) => Some(polling),
+                    None => return Ok(engine_error(1, "Session ID unknown")),
+                },
+                None => None,
+            };
+            let admitted = match polling {
+                // The session holds its place under the limits already.
+                Some(_) => None,
+                None => Some(super::edge::admit(&shared, &request, peer)?),
+            };
+            let query_token = query.param("token").map(str::to_string);
+            let (response, upgrade) = fastwebsockets::upgrade::upgrade(&mut request)
+                .map_err(|e| Rejection::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?;
+            shared.sessions.clone().spawn(async move {
+                let upgraded = match upgrade.await {
+                    Ok(upgraded) => upgraded,
+                    Err(error) => return debug!(%error, "upgrade failed"),
+                };
+                let socket = Socket::new(upgraded.into_inner().into_inner(), shared.config.max_frame_bytes);
+                match (polling, admitted) {
+                    (Some(polling), _) => upgrade_polling(polling, socket).await,
+                    (None, Some((permit, address))) => {
+                        let _permit = permit;
+                        serve(shared, socket, address, query_token).await;
+                    }
+                    (None, None) => {}
+                }
+            });
+            Ok(response.map(|_| Full::new(Bytes::new())))
+        }
+        _ => Ok(engine_error(0, "Transport unknown")),
+    }
+}
+
+/// A POST to a polling session: the client's packets.
+pub(crate) async fn post(shared: Arc<Shared>, request: Request<Incoming>) -> Result<HttpResponse, Rejection> {
+    use http_body_util::BodyExt;
+    let query = Query::of(&request);
+    let Some(polling) = query.param("sid").and_then(|sid| shared.polling.get(sid)) else {
+        return Ok(engine_error(1, "Session ID unknown"));
+    };
+    let limit = shared.config.max_frame_bytes;
+    let body = http_body_util::Limited::new(request.into_body(), limit)
+        .collect()
+        .await
+        .map_err(|_| Rejection::new(StatusCode::PAYLOAD_TOO_LARGE, "bad_request", format!("over {limit} bytes")))?
+        .to_bytes();
+    match polling.post(&body).await {
+        Ok(()) => Ok(text(Bytes::from_static(b"ok"))),
+        Err(_) => Ok(engine_error(1, "Session ID unknown")),
+    }
+}
+
+/// The upgrade of a polling session: the probe, then the upgrade packet, then the session moves.
+async fn upgrade_polling(polling: Arc<super::engineio::Polling>, mut socket: Socket) {
+    let probe = [engine::PING, b'p', b'r', b'o', b'b', b'e'];
+    if first_text(&mut socket).await.as_deref() != Some(&probe[..]) {
+        return;
+    }
+    let answer = [engine::PONG, b'p', b'r', b'o', b'b', b'e'];
+    if socket.writer.write_all(&frame::text(&answer)).await.is_err() {
+        return;
+    }
+    if first_text(&mut socket).await.as_deref() != Some(&[engine::UPGRADE][..]) {
+        return;
+    }
+    polling.upgrade(socket).await;
+}
+
+/// A request's query parameters.
+struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn of<B>(request: &Request<B>) -> Query {
+        Query(form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes()).into_owned().collect())
+    }
+
+    fn param(&self, name: &str) -> Option<&str> {
+        self.0.iter().find(|(key, _)| key == name).map(|(_, value)| value.as_str())
+    }
+}
+
+fn text(body: Bytes) -> HttpResponse {
+    Response::builder()
+        .header(hyper::header::CONTENT_TYPE, "text/plain; charset=UTF-8")
+        .header(hyper::header::CACHE_CONTROL, "no-store")
+        .body(Full::new(body))
+        .expect("static response parts are valid")
+}
+
+/// Engine.IO's open packet data for connection `sid`.
+fn open(shared: &Shared, sid: &str, upgrades: &[&str]) -> serde_json::Value {
+    json!({
+        "sid": sid,
+        "upgrades": upgrades,
+        "pingInterval": shared.config.heartbeat.as_millis() as u64,
+        "pingTimeout": shared.config.heartbeat_timeout.as_millis() as u64,
+        "maxPayload": shared.config.max_frame_bytes,
+    })
+}
+
+/// The CONNECT packet's `auth`.
+#[derive(Debug, Default, Deserialize)]
+struct Auth {
+    #[serde(default)]
+    token: Option<String>,
+    /// The private id of the connection being recovered.
+    #[serde(default)]
+    pid: Option<String>,
+    /// The last offset (`seq`) the client received, with `pid`.
+    #[serde(default)]
+    offset: Option<String>,
+}
+
+/// A new WebSocket connection: the open packet, then the session.
+async fn serve(shared: Arc<Shared>, mut socket: Socket, address: IpAddr, query_token: Option<String>) {
+    let conn = crate::id::random_id(12);
+    let handshake = super::engineio::open_packet(&open(&shared, &conn, &[]));
+    if socket.writer.write_all(&frame::text(&handshake)).await.is_err() {
+        return;
+    }
+    serve_opened(shared, socket, address, query_token, conn).await;
+}
+
+/// A connection whose open packet was sent: its CONNECT, then its session.
+async fn serve_opened(
+    shared: Arc<Shared>,
+    mut socket: Socket,
+    address: IpAddr,
+    query_token: Option<String>,
+    conn: String,
+) {
+    let accepted = tokio::select! {
+        accepted = accept(&shared, &mut socket, &conn, query_token) => accepted,
+        _ = shared.shutdown.cancelled() => Err("the server is shutting down".to_string()),
+    };
+    match accepted {
+        Ok((request, codec)) => session::run_codec(shared, socket, request, conn, address, codec).await,
+        Err(reason) => {
+            debug!(%reason, "socket.io connection refused");
+            let refusal = wire::packet(packet::CONNECT_ERROR, None, &json!({"message": reason}));
+            let _ = socket.writer.write_all(&refusal).await;
+            let _ = socket.writer.write_all(&frame::close(1000, "")).await;
+            let _ = socket.writer.shutdown().await;
+        }
+    }
+}
+
+/// Reads the CONNECT, checks the token and claims the user's session slot.
+async fn accept(
+    shared: &Shared,
+    socket: &mut Socket,
+    conn: &str,
+    query_token: Option<String>,
+) -> Result<(ConnectRequest, Codec), String> {
+    let text = tokio::time::timeout(CONNECT_TIMEOUT, first_text(socket))
+        .await
+        .map_err(|_| "no CONNECT in time".to_string())?
+        .ok_or("no CONNECT")?;
+    let auth = match text.as_slice() {
+        [engine::MESSAGE, packet::CONNECT] => Auth::default(),
+        [engine::MESSAGE, packet::CONNECT, b'{', ..] => {
+            serde_json::from_slice(&text[2..]).map_err(|e| format!("bad CONNECT auth: {e}"))?
+        }
+        [engine::MESSAGE, packet::CONNECT, b'/', ..] => return Err("Invalid namespace: only / is served".into()),
+        _ => return Err("the first packet must be a Socket.IO CONNECT".into()),
+    };
+    let token = auth.token.or(query_token).ok_or("no token: pass auth {token} or ?token=")?;
+    let claims = shared.verifier.verify(&token).map_err(|e| e.to_string())?;
+    let since = match (&auth.pid, &auth.offset) {
+        (Some(_), Some(offset)) => Some(offset.parse::<u64>().map_err(|_| "offset must be a sequence number")?),
+        _ => None,
+    };
+    shared.policies.reserve(&claims.sub, conn).await.map_err(|error| error.to_string())?;
+    // A recovering client gets its own pid back: Socket.IO clients take that as "recovered".
+    let pid = auth.pid.filter(|_| since.is_some()).unwrap_or_else(|| conn.to_string());
+    let codec = Codec::SocketIo(Box::new(SocketIoCodec::new(pid)));
+    let request = ConnectRequest { claims, device: format!("socketio-{conn}"), since, topics: Vec::new(), live: true };
+    Ok((request, codec))
+}
+
+/// The first text message, answering WebSocket pings before it; none if the client closed.
+async fn first_text(socket: &mut Socket) -> Option<Vec<u8>> {
+    loop {
+        match socket.reader.next().await.ok()? {
+            Inbound::Text(text) => return Some(text),
+            Inbound::Ping(payload) => socket.writer.write_all(&frame::pong(&payload)).await.ok()?,
+            Inbound::Pong | Inbound::Binary(_) => {}
+            Inbound::Close(_) => return None,
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! Socket.IO 4 (Engine.IO 4: WebSocket, long-polling, the upgrade) at `/socket.io/`, driven by
+//! python-socketio's AsyncClient (PyPI) and, for connection state recovery (which python-socketio
+//! does not implement), by raw frames.
+
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use herald_tests::gateway::{token, token_with};
+use herald_tests::sdk::{SdkClient, python};
+use herald_tests::{Publisher, TestGateway, TestNats};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+async fn connected_sdk(python: &std::path::Path, gateway: &TestGateway, token: &str) -> SdkClient {
+    connected_over(python, &format!("http://{}", gateway.addr), token, json!(["websocket"])).await
+}
+
+/// An SDK client connected to `url` with `transports` (null: the default, polling then the upgrade).
+async fn connected_over(python: &std::path::Path, url: &str, token: &str, transports: Value) -> SdkClient {
+    let mut sdk = SdkClient::start(python, "socketio_client.py");
+    sdk.send(json!({"op": "connect", "url": url, "token": token, "transports": transports})).await;
+    let connected = sdk.wait_for("connected", |e| e["event"] == "connected" || e["event"] == "error").await;
+    assert_eq!(connected["event"], "connected", "{connected}");
+    sdk
+}
+
+async fn call(sdk: &mut SdkClient, event: &str, args: Value) -> Value {
+    let before = sdk.named("ack").len();
+    sdk.send(json!({"op": "call", "event": event, "args": args})).await;
+    sdk.wait_count("ack", before + 1).await[before]["answer"].clone()
+}
+
+/// The (name, payload, seq) of the events received so far.
+fn events(sdk: &SdkClient) -> Vec<(String, Value, u64)> {
+    sdk.named("event")
+        .into_iter()
+        .map(|e| (e["name"].as_str().unwrap().to_string(), e["args"][0].clone(), e["args"][1]["seq"].as_u64().unwrap()))
+        .collect()
+}
+
+#[tokio::test]
+async fn websocket_clients_get_their_user_all_and_topics_across_two_gateways() {
+    let Some(python) = python() else { return };
+    let nats = TestNats::start().await;
+    let (one, two) = (TestGateway::start(&nats).await, TestGateway::start(&nats).await);
+    let publisher = Publisher::new(&nats).await;
+    let mut alice = connected_sdk(&python, &one, &token_with("sio-a", &["news"], 600)).await;
+    let mut bob = connected_sdk(&python, &two, &token_with("sio-b", &["news"], 600)).await;
+    assert_eq!(call(&mut alice, "sub", json!(["news"])).await, json!({"ok": true, "topic": "news"}));
+    assert_eq!(call(&mut bob, "sub", json!(["news"])).await, json!({"ok": true, "topic": "news"}));
+    let refused = call(&mut bob, "sub", json!(["secret"])).await;
+    assert_eq!((refused["ok"].clone(), refused["error"]["code"].clone()), (json!(false), json!("forbidden")));
+
+    let (to_alice, _) = publisher.publish_with("push.user.sio-a", &[("Herald-Type", "mail")], r#"{"n":1}"#).await;
+    let to_bob = publisher.publish("push.user.sio-b", r#"{"n":2}"#).await;
+    let everyone = publisher.publish("push.all", r#""all""#).await;
+    let news = publisher.publish("push.topic.news", r#""news""#).await;
+
+    alice.wait_count("event", 3).await;
+    bob.wait_count("event", 3).await;
+    assert_eq!(
+        events(&alice),
+        vec![
+            ("mail".to_string(), json!({"n": 1}), to_alice),
+            ("message".to_string(), json!("all"), everyone),
+            ("message".to_string(), json!("news"), news),
+        ]
+    );
+    assert_eq!(
+        events(&bob),
+        vec![
+            ("message".to_string(), json!({"n": 2}), to_bob),
+            ("message".to_string(), json!("all"), everyone),
+            ("message".to_string(), json!("news"), news),
+        ]
+    );
+    let first = &alice.named("event")[0]["args"];
+    assert_eq!((first[1]["to"].clone(), first[2].clone()), (json!("user"), json!(to_alice.to_string())));
+}
+
+#[tokio::test]
+async fn rpc_answers_through_the_ack_and_a_bad_token_gets_connect_error() {
+    let Some(python) = python() else { return };
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let client = nats.client().await;
+    let mut echo = client.subscribe("herald.fn.echo").await.unwrap();
+    let responder = client.clone();
+    tokio::spawn(async move {
+        while let Some(request) = echo.next().await {
+            let user = request.headers.as_ref().and_then(|h| h.get("Herald-User")).map(|v| v.to_string());
+            let body: Value = serde_json::from_slice(&request.payload).unwrap_or(Value::Null);
+            let reply = json!({"user": user, "got": body}).to_string();
+            responder.publish(request.reply.unwrap(), reply.into()).await.unwrap();
+        }
+    });
+    let mut sdk = connected_sdk(&python, &gateway, &token("sio-r")).await;
+    let answer = call(&mut sdk, "rpc", json!(["echo", {"n": 1}])).await;
+    assert_eq!(answer, json!({"ok": true, "data": {"user": "sio-r", "got": {"n": 1}}}));
+    let answer = call(&mut sdk, "rpc", json!(["nobody-home", {}])).await;
+    assert_eq!(answer["error"]["code"], "no_function");
+    let answer = call(&mut sdk, "dance", json!([])).await;
+    assert_eq!(answer["error"]["code"], "unknown_event");
+
+    let mut refused = SdkClient::start(&python, "socketio_client.py");
+    let url = format!("http://{}", gateway.addr);
+    refused.send(json!({"op": "connect", "url": url, "token": "not-a-jwt", "transports": ["websocket"]})).await;
+    let error = refused.wait_for("connect_error", |e| e["event"] == "connect_error").await;
+    assert!(error["data"]["message"].as_str().unwrap().contains("malformed token"), "{error}");
+    assert!(refused.named("connected").is_empty());
+}
+
+#[tokio::test]
+async fn polling_clients_and_the_default_transports_with_the_upgrade_get_everything() {
+    let Some(python) = python() else { return };
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let url = format!("http://{}", gateway.addr);
+    let mut sdk = connected_over(&python, &url, &token_with("sio-p", &["news"], 600), Value::Null).await;
+    assert_eq!(call(&mut sdk, "sub", json!(["news"])).await, json!({"ok": true, "topic": "news"}));
+    let mut polling = connected_over(&python, &url, &token_with("sio-p", &["news"], 600), json!(["polling"])).await;
+    assert_eq!(call(&mut polling, "sub", json!(["news"])).await, json!({"ok": true, "topic": "news"}));
+    let mut published = Vec::new();
+    for n in 0..10 {
+        let subject = ["push.user.sio-p", "push.all", "push.topic.news"][n % 3];
+        published.push(publisher.publish(subject, &n.to_string()).await);
+    }
+    let seqs: Vec<u64> =
+        sdk.wait_count("event", 10).await.iter().map(|e| e["args"][1]["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, published);
+    let seqs: Vec<u64> =
+        polling.wait_count("event", 10).await.iter().map(|e| e["args"][1]["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, published);
+    polling.send(json!({"op": "transport"})).await;
+    assert_eq!(polling.wait_for("the transport", |e| e["event"] == "transport").await["name"], "polling");
+    assert_eq!(call(&mut polling, "rpc", json!(["nobody-home", {}])).await["error"]["code"], "no_function");
+    // python-socketio upgrades to the WebSocket after the handshake on polling.
+    sdk.send(json!({"op": "transport"})).await;
+    let transport = sdk.wait_for("the transport", |e| e["event"] == "transport").await;
+    assert_eq!(transport["name"], "websocket");
+    let answer = call(&mut sdk, "rpc", json!(["nobody-home", {}])).await;
+    assert_eq!(answer["error"]["code"], "no_function");
+}
+
+#[tokio::test]
+async fn bad_engine_io_requests_get_engine_io_errors() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let http = reqwest::Client::new();
+    for (query, code) in
+        [("EIO=4&transport=flash", 0), ("EIO=3&transport=websocket", 5), ("EIO=4&transport=polling&sid=nope", 1)]
+    {
+        let response = http.get(gateway.http_url(&format!("/socket.io/?{query}"))).send().await.unwrap();
+        assert_eq!(response.status(), 400);
+        assert_eq!(response.json::<Value>().await.unwrap()["code"], code, "{query}");
+    }
+}
+
+/// A raw Socket.IO connection.
+struct Raw(tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>);
+
+impl Raw {
+    async fn open(gateway: &TestGateway) -> Raw {
+        let url = format!("ws://{}/socket.io/?EIO=4&transport=websocket", gateway.addr);
+        let (stream, _) = tokio_tungstenite::connect_async(url).await.expect("upgrade");
+        let mut raw = Raw(stream);
+        let open = raw.next().await;
+        assert!(open.starts_with("0{"), "{open}");
+        raw
+    }
+
+    async fn send(&mut self, text: &str) {
+        self.0.send(Message::text(text)).await.unwrap();
+    }
+
+    /// The next text packet, pings answered.
+    async fn next(&mut self) -> String {
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(10), self.0.next()).await.expect("a packet in time");
+            match message {
+                Some(Ok(Message::Text(text))) if text.as_str() == "2" => self.send("3").await,
+                Some(Ok(Message::Text(text))) => return text.to_string(),
+                Some(Ok(Message::Close(close))) => return format!("close {close:?}"),
+                Some(Ok(_)) => continue,
+                other => panic!("the connection ended: {other:?}"),
+            }
+        }
+    }
+
+    /// The JSON of the next packet after its `prefix`.
+    async fn expect(&mut self, prefix: &str) -> Value {
+        let packet = self.next().await;
+        let json = packet.strip_prefix(prefix).unwrap_or_else(|| panic!("expected {prefix}…, got {packet}"));
+        serde_json::from_str(json).unwrap()
+    }
+}
+
+#[tokio::test]
+async fn connection_state_recovery_replays_exactly_from_the_offset() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+
+    let mut raw = Raw::open(&gateway).await;
+    raw.send(&format!("40{}", json!({"token": token("sio-x")}))).await;
+    let connected = raw.expect("40").await;
+    let pid = connected["pid"].as_str().unwrap().to_string();
+    let first = publisher.publish("push.user.sio-x", "1").await;
+    let event = raw.expect("42").await;
+    assert_eq!(event, json!(["message", 1, event[2].clone(), first.to_string()]));
+    drop(raw);
+
+    let missed = [publisher.publish("push.user.sio-x", "2").await, publisher.publish("push.all", "3").await];
+    let mut raw = Raw::open(&gateway).await;
+    let auth = json!({"token": token("sio-x"), "pid": pid, "offset": first.to_string()});
+    raw.send(&format!("40{auth}")).await;
+    assert_eq!(raw.expect("40").await["pid"], pid, "the same pid: recovered");
+    for seq in missed {
+        assert_eq!(raw.expect("42").await[3], json!(seq.to_string()));
+    }
+    let live = publisher.publish("push.user.sio-x", "4").await;
+    assert_eq!(raw.expect("42").await[3], json!(live.to_string()));
+
+    // A bad offset, another namespace or no token: CONNECT_ERROR with the reason.
+    for connect in [
+        format!("40{}", json!({"token": token("sio-x"), "pid": "p", "offset": "x"})),
+        "40/admin,".to_string(),
+        "40".to_string(),
+    ] {
+        let mut raw = Raw::open(&gateway).await;
+        raw.send(&connect).await;
+        assert!(raw.expect("44").await["message"].is_string(), "{connect}");
+    }
+}
+
+#[tokio::test]
+async fn malformed_packets_close_the_socket_and_a_disconnect_ends_it() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    for (packet, expected) in [("4x", "Policy"), ("42not json", "Policy"), ("9", "Policy"), ("41", "Normal")] {
+        let mut raw = Raw::open(&gateway).await;
+        raw.send(&format!("40{}", json!({"token": token("sio-m")}))).await;
+        raw.expect("40").await;
+        // A second CONNECT to the same namespace is ignored; the packet after it decides.
+        raw.send("40").await;
+        raw.send(packet).await;
+        let close = raw.next().await;
+        assert!(close.starts_with("close") && close.contains(expected), "{packet}: {close}");
+    }
+}
