@@ -30,7 +30,7 @@ pub(crate) struct Health {
     pub(crate) prefs_watch: AtomicBool,
     /// Notified on every (re)connection to NATS, to check the stream at once.
     connected: Arc<Notify>,
-    /// Counts the times the stream or buckets were recreated: a KV watch restarts on it, since a
+    /// Counts the times buckets were recreated: a KV watch restarts on it, since a
     /// watch of a deleted bucket waits forever instead of failing.
     recreated: tokio::sync::watch::Sender<u64>,
 }
@@ -48,7 +48,7 @@ impl Health {
         }
     }
 
-    /// Changes whenever the stream or buckets were recreated.
+    /// Changes whenever buckets were recreated.
     pub(crate) fn recreations(&self) -> tokio::sync::watch::Receiver<u64> {
         self.recreated.subscribe()
     }
@@ -127,7 +127,11 @@ async fn check_stream(js: &jetstream::Context, settings: &StreamSettings, health
         return false;
     }
     info!("stream HERALD and KV buckets ready");
-    health.recreated.send_modify(|count| *count += 1);
+    // The KV watches follow the buckets: only a bucket made anew restarts them (a stream replaced
+    // alone leaves them running, and the gateway ready).
+    if missing.iter().any(|name| *name != STREAM) {
+        health.recreated.send_modify(|count| *count += 1);
+    }
     true
 }
 
