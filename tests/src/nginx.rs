@@ -266,8 +266,9 @@ mod tests {
             code.iter().copied().filter(|l| l.starts_with("listen ")).collect::<Vec<_>>(),
             ["listen 127.0.0.1:18080;"]
         );
+        // Both upstreams (round robin, and the sticky one of Socket.IO) get the test's two gateways.
         let servers: Vec<&&str> = code.iter().filter(|l| l.starts_with("server 127.0.0.1:100")).collect();
-        assert_eq!(servers.len(), 2, "{rendered}");
+        assert_eq!(servers.len(), 2 * UPSTREAMS.len(), "{rendered}");
         assert!(servers[0].ends_with("max_fails=1 fail_timeout=10s;"), "{rendered}");
         // Everything else is the sample's, line for line.
         fn unchanged(text: &str) -> Vec<&str> {
