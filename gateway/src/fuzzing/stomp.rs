@@ -5,9 +5,11 @@ use std::time::Duration;
 
 use crate::codec::stomp::{Connected, Frame, StompCodec, Version, parse};
 use crate::codec::{Codec, Command, Refusal};
+use crate::http::stomp::heart_beat;
 
 /// Any WebSocket text messages: `parse` never panics, a frame it reads written out again reads the
-/// same, and the codec of a connected session makes at most one command of each message.
+/// same, a `heart-beat` header is accepted only as two numbers, and the codec of a connected
+/// session makes at most one command of each message.
 ///
 /// The input: messages separated by 0xFF (never in UTF-8 text); the first byte of the input also
 /// chooses the version the session negotiated (its value modulo 3).
@@ -25,6 +27,15 @@ pub fn stomp_frame(data: &[u8]) {
         if let Ok(Some(frame)) = parse(message) {
             let written = write(&frame);
             assert_eq!(parse(&written), Ok(Some(frame.clone())), "{frame:?} written as {written:?}");
+            if let Some(value) = frame.header("heart-beat")
+                && let Some((sends, wants)) = heart_beat(value)
+            {
+                let (x, y) = value.split_once(',').expect("two numbers");
+                assert_eq!(
+                    (x.trim().parse(), y.trim().parse()),
+                    (Ok(sends.as_millis() as u64), Ok(wants.as_millis() as u64))
+                );
+            }
         }
         let decoded = codec.decode(message);
         assert_eq!(decoded.len(), 1, "one message, one outcome");
