@@ -4,12 +4,14 @@
 
 use crate::codec::{Codec, Refusal, SocketIoCodec};
 use crate::http::engineio::{SEPARATOR, client_frame};
+use crate::http::socketio::connect_auth;
 
 use super::websocket::{Message, read_websocket};
 
 /// Any POST body: the session's reader gets each packet as one text message, in order, until a
-/// packet that is not UTF-8 (1007) or is over the size limit (1009); the codec never panics and
-/// makes at most one outcome of a packet.
+/// packet that is not UTF-8 (1007) or is over the size limit (1009); the first packet is accepted
+/// as a connection's CONNECT only when it is `40` or `40{…}`; the codec never panics and makes at
+/// most one outcome of each packet.
 ///
 /// The input: a byte for the size limit (0-127, or 1 MiB from 128 on), then the body.
 pub fn socketio_payload(data: &[u8]) {
@@ -33,6 +35,14 @@ pub fn socketio_payload(data: &[u8]) {
     }
     assert_eq!((&outcome.messages, outcome.end), (&expected, end), "the packets of {body:?}");
 
+    if let Some(Message::Text(first)) = outcome.messages.first()
+        && connect_auth(first).is_ok()
+    {
+        assert!(
+            first == b"40" || (first.starts_with(b"40{") && first.trim_ascii_end().ends_with(b"}")),
+            "CONNECT {first:?}"
+        );
+    }
     let mut codec = Codec::SocketIo(Box::new(SocketIoCodec::new("pid".into())));
     for message in &outcome.messages {
         let Message::Text(packet) = message else { continue };
