@@ -6,11 +6,19 @@
 //! Hidden from the documentation: not an API, only what `fuzz/` needs of the crate's internals.
 
 mod auth;
+mod centrifugal;
 mod nats;
+mod socketio;
+mod sse;
+mod stomp;
 mod websocket;
 
 pub use auth::{authorize, verify_token};
+pub use centrifugal::centrifugal_command;
 pub use nats::nats_parse;
+pub use socketio::socketio_payload;
+pub use sse::sse_last_event_id;
+pub use stomp::stomp_frame;
 pub use websocket::{Message, Outcome, read_websocket, websocket_reader};
 
 /// A tiny deterministic generator (xorshift), for what a fuzz input derives from one seed byte.
@@ -76,5 +84,25 @@ mod tests {
     #[test]
     fn the_authorize_corpus_holds() {
         replay("authorize", super::authorize);
+    }
+
+    #[test]
+    fn the_stomp_corpus_holds() {
+        replay("stomp_frame", super::stomp_frame);
+    }
+
+    #[test]
+    fn the_last_event_id_corpus_holds() {
+        replay("sse_last_event_id", super::sse_last_event_id);
+    }
+
+    #[test]
+    fn the_socketio_corpus_holds() {
+        replay("socketio_payload", super::socketio_payload);
+    }
+
+    #[test]
+    fn the_centrifugal_corpus_holds() {
+        replay("centrifugal_command", super::centrifugal_command);
     }
 }

@@ -16,7 +16,7 @@ use crate::session::{ReadHalf, Socket, WriteHalf};
 use crate::websocket::reader::{Inbound, MessageReader};
 
 /// The separator of packets in a polling request or response.
-const SEPARATOR: u8 = 0x1e;
+pub(crate) const SEPARATOR: u8 = 0x1e;
 /// Room in each pipe: a client that stops polling stops the session's writes there.
 const PIPE_BYTES: usize = 256 * 1024;
 
@@ -157,7 +157,7 @@ async fn relay_client(reader: &mut MessageReader<ReadHalf>, input: &mut DuplexSt
 
 /// A masked client frame with opcode `opcode` (the session's reader requires masking; a zero key
 /// leaves the payload as it is).
-fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+pub(crate) fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     let mut frame = Vec::with_capacity(payload.len() + 14);
     frame.push(0x80 | opcode);
     match payload.len() {

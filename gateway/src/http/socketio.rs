@@ -180,7 +180,7 @@ fn open(shared: &Shared, sid: &str, upgrades: &[&str]) -> serde_json::Value {
 
 /// The CONNECT packet's `auth`.
 #[derive(Debug, Default, Deserialize)]
-struct Auth {
+pub(crate) struct Auth {
     #[serde(default)]
     token: Option<String>,
     /// The private id of the connection being recovered.
@@ -236,14 +236,7 @@ async fn accept(
         .await
         .map_err(|_| "no CONNECT in time".to_string())?
         .ok_or("no CONNECT")?;
-    let auth = match text.as_slice() {
-        [engine::MESSAGE, packet::CONNECT] => Auth::default(),
-        [engine::MESSAGE, packet::CONNECT, b'{', ..] => {
-            serde_json::from_slice(&text[2..]).map_err(|e| format!("bad CONNECT auth: {e}"))?
-        }
-        [engine::MESSAGE, packet::CONNECT, b'/', ..] => return Err("Invalid namespace: only / is served".into()),
-        _ => return Err("the first packet must be a Socket.IO CONNECT".into()),
-    };
+    let auth = connect_auth(&text)?;
     let token = auth.token.or(query_token).ok_or("no token: pass auth {token} or ?token=")?;
     let claims = shared.verifier.verify(&token).map_err(|e| e.to_string())?;
     let since = match (&auth.pid, &auth.offset) {
@@ -256,6 +249,18 @@ async fn accept(
     let codec = Codec::SocketIo(Box::new(SocketIoCodec::new(pid)));
     let request = ConnectRequest { claims, device: format!("socketio-{conn}"), since, topics: Vec::new(), live: true };
     Ok((request, codec))
+}
+
+/// The auth of the first packet, which must be a Socket.IO CONNECT to namespace `/`.
+pub(crate) fn connect_auth(text: &[u8]) -> Result<Auth, String> {
+    match text {
+        [engine::MESSAGE, packet::CONNECT] => Ok(Auth::default()),
+        [engine::MESSAGE, packet::CONNECT, b'{', ..] => {
+            serde_json::from_slice(&text[2..]).map_err(|e| format!("bad CONNECT auth: {e}"))
+        }
+        [engine::MESSAGE, packet::CONNECT, b'/', ..] => Err("Invalid namespace: only / is served".into()),
+        _ => Err("the first packet must be a Socket.IO CONNECT".into()),
+    }
 }
 
 /// The first text message, answering WebSocket pings before it; none if the client closed.

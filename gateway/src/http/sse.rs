@@ -53,11 +53,7 @@ async fn open(shared: Arc<Shared>, request: &Request<Incoming>, peer: SocketAddr
     }
     // A browser reconnecting says where it stopped; that wins over the URL's `since`.
     if let Some(last) = request.headers().get("last-event-id") {
-        let last = last.to_str().ok().and_then(|last| last.trim().parse::<u64>().ok());
-        let last = last.ok_or_else(|| {
-            Rejection::new(StatusCode::BAD_REQUEST, "bad_request", "Last-Event-ID must be a sequence number")
-        })?;
-        connect.since = Some(last);
+        connect.since = Some(last_event_id(last)?);
     }
     let (address, permit) = admit(&shared, request, peer)?;
     let conn = crate::id::random_id(12);
@@ -88,6 +84,14 @@ async fn open(shared: Arc<Shared>, request: &Request<Incoming>, peer: SocketAddr
         .body(Either::Right(SseBody { pipe: body_end }))
         .expect("static response parts are valid");
     Ok(response)
+}
+
+/// The sequence number a `Last-Event-ID` header holds (spaces around it allowed).
+pub(crate) fn last_event_id(value: &HeaderValue) -> Result<u64, Rejection> {
+    let last = value.to_str().ok().and_then(|last| last.trim().parse::<u64>().ok());
+    last.ok_or_else(|| {
+        Rejection::new(StatusCode::BAD_REQUEST, "bad_request", "Last-Event-ID must be a sequence number")
+    })
 }
 
 /// A gateway that is not ready yet (starting, NATS away) answers with a stream that ends at once:

@@ -233,7 +233,7 @@ fn authenticate(shared: &Shared, frame: &Frame, hints: Hints) -> Result<(Connect
 }
 
 /// A `heart-beat` header: how often the client sends, how often it wants to hear (0: never).
-fn heart_beat(value: &str) -> Option<(Duration, Duration)> {
+pub(crate) fn heart_beat(value: &str) -> Option<(Duration, Duration)> {
     let (sends, wants) = value.split_once(',')?;
     let millis = |text: &str| text.trim().parse::<u64>().ok().map(Duration::from_millis);
     Some((millis(sends)?, millis(wants)?))

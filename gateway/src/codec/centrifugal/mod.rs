@@ -390,7 +390,7 @@ fn proto_reply(reply: &[u8]) -> Vec<u8> {
 }
 
 /// The commands of a Protobuf frame, each as the JSON the JSON encoding would carry.
-fn proto_commands(bytes: &[u8]) -> Option<Vec<Vec<u8>>> {
+pub(crate) fn proto_commands(bytes: &[u8]) -> Option<Vec<Vec<u8>>> {
     let commands = proto::split(bytes)?;
     commands.into_iter().map(|command| Some(proto::decode("Command", command)?.to_string().into_bytes())).collect()
 }

@@ -1,0 +1,5 @@
+//! See `herald_gateway::fuzzing::socketio_payload` for the input and the properties checked.
+
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| herald_gateway::fuzzing::socketio_payload(data));

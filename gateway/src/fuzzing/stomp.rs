@@ -1,0 +1,72 @@
+//! STOMP frames as a client sends them, one per WebSocket text message, and the codec that reads
+//! them on a connected session.
+
+use std::time::Duration;
+
+use crate::codec::stomp::{Connected, Frame, StompCodec, Version, parse};
+use crate::codec::{Codec, Command, Refusal};
+use crate::http::stomp::heart_beat;
+
+/// Any WebSocket text messages: `parse` never panics, a frame it reads written out again reads the
+/// same, a `heart-beat` header is accepted only as two numbers, and the codec of a connected
+/// session makes at most one command of each message.
+///
+/// The input: messages separated by 0xFF (never in UTF-8 text); the first byte of the input also
+/// chooses the version the session negotiated (its value modulo 3).
+pub fn stomp_frame(data: &[u8]) {
+    let Some(first) = data.first() else { return };
+    let version = [Version::V10, Version::V11, Version::V12][usize::from(*first) % 3];
+    let connected = Connected {
+        version,
+        client_sends: Duration::ZERO,
+        client_wants: Duration::ZERO,
+        allowed_topics: vec!["news".into(), "room-*".into()],
+    };
+    let mut codec = Codec::Stomp(Box::new(StompCodec::new(connected, Duration::ZERO)));
+    for message in data.split(|byte| *byte == 0xFF) {
+        if let Ok(Some(frame)) = parse(message) {
+            let written = write(&frame);
+            assert_eq!(parse(&written), Ok(Some(frame.clone())), "{frame:?} written as {written:?}");
+            if let Some(value) = frame.header("heart-beat")
+                && let Some((sends, wants)) = heart_beat(value)
+            {
+                let (x, y) = value.split_once(',').expect("two numbers");
+                assert_eq!(
+                    (x.trim().parse(), y.trim().parse()),
+                    (Ok(sends.as_millis() as u64), Ok(wants.as_millis() as u64))
+                );
+            }
+        }
+        let decoded = codec.decode(message);
+        assert_eq!(decoded.len(), 1, "one message, one outcome");
+        if let [Ok(Command::Subscribe { topic, .. })] = decoded.as_slice() {
+            assert!(topic == "news" || topic.starts_with("room-"), "topic {topic:?} outside the claim");
+        }
+        if matches!(decoded.as_slice(), [Err(Refusal::Close(_))]) {
+            return;
+        }
+    }
+}
+
+/// `frame` as a client writes it: escaped headers but in CONNECT and STOMP frames, whose values
+/// are written as they are with `\r\n` line ends (a value may end with `\r`).
+fn write(frame: &Frame) -> Vec<u8> {
+    let raw = frame.command == "CONNECT" || frame.command == "STOMP";
+    let mut out = frame.command.as_bytes().to_vec();
+    out.push(b'\n');
+    for (name, value) in &frame.headers {
+        if raw {
+            out.extend_from_slice(format!("{name}:{value}\r\n").as_bytes());
+        } else {
+            out.extend_from_slice(format!("{}:{}\n", escape(name), escape(value)).as_bytes());
+        }
+    }
+    out.push(b'\n');
+    out.extend_from_slice(&frame.body);
+    out.push(0);
+    out
+}
+
+fn escape(text: &str) -> String {
+    text.replace('\\', "\\\\").replace('\n', "\\n").replace('\r', "\\r").replace(':', "\\c")
+}
