@@ -235,9 +235,14 @@ fn authenticate(shared: &Shared, frame: &Frame, hints: Hints) -> Result<(Connect
 /// A `heart-beat` header: how often the client sends, how often it wants to hear (0: never).
 pub(crate) fn heart_beat(value: &str) -> Option<(Duration, Duration)> {
     let (sends, wants) = value.split_once(',')?;
-    let millis = |text: &str| text.trim().parse::<u64>().ok().map(Duration::from_millis);
+    // Capped: a client announcing beats hours apart would otherwise switch off the detection of
+    // a dead peer for its connection.
+    let millis = |text: &str| text.trim().parse::<u64>().ok().map(|ms| Duration::from_millis(ms).min(MAX_HEART_BEAT));
     Some((millis(sends)?, millis(wants)?))
 }
+
+/// The longest heart-beat interval a client can negotiate (either way).
+const MAX_HEART_BEAT: Duration = Duration::from_secs(600);
 
 /// Sends the ERROR frame for `refusal`, then closes with 1008.
 async fn refuse(write_half: &mut WriteHalf, refusal: Refused) {
@@ -260,6 +265,8 @@ mod tests {
     fn heart_beats_and_subprotocols() {
         assert_eq!(heart_beat("0,1000"), Some((Duration::ZERO, Duration::from_secs(1))));
         assert_eq!(heart_beat("10"), None);
+        let forever = heart_beat("18446744073709551615,99999999999");
+        assert_eq!(forever, Some((MAX_HEART_BEAT, MAX_HEART_BEAT)), "capped");
         let request = |offer: &str| Request::builder().header(SEC_WEBSOCKET_PROTOCOL, offer).body(()).unwrap();
         assert_eq!(subprotocol(&request("v10.stomp, v12.stomp")).unwrap(), Some(Version::V12));
         assert!(subprotocol(&request("mqtt")).is_err());
