@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use futures::StreamExt;
 use herald_shared::functions::{LifecycleEvent, PRESENCE_PART_BYTES, PresenceQuery, PresenceReply, presence_answer};
 use herald_shared::id::{IdKind, check_id};
@@ -54,21 +55,8 @@ pub(crate) async fn answer_presence(
     node: String,
     shutdown: CancellationToken,
 ) {
-    let mut questions = match client.subscribe(PRESENCE_GATHER).await {
-        Ok(subscriber) => subscriber,
-        Err(error) => {
-            warn!(%error, "presence questions will not be answered");
-            return;
-        }
-    };
-    loop {
-        let question = tokio::select! {
-            question = questions.next() => question,
-            _ = shutdown.cancelled() => return,
-        };
-        let Some(question) = question else { return };
-        let Some(reply) = question.reply else { continue };
-        let asked: PresenceQuery = serde_json::from_slice(&question.payload).unwrap_or_default();
+    answer_each(&client, PRESENCE_GATHER, "presence questions", &shutdown, |question| {
+        let asked: PresenceQuery = serde_json::from_slice(question).unwrap_or_default();
         let counts = registry.counts();
         let answer = match asked.user.as_deref() {
             Some(user) => {
@@ -82,8 +70,38 @@ pub(crate) async fn answer_presence(
                 presence_answer(&node, users.iter().map(|user| user.to_string()), counts.connections as u64, part_bytes)
             }
         };
-        for part in answer {
-            let _ = client.publish(reply.clone(), serde_json::to_vec(&part).unwrap_or_default().into()).await;
+        answer.iter().map(|part| serde_json::to_vec(part).unwrap_or_default().into()).collect()
+    })
+    .await;
+}
+
+/// Subscribes to `subject` and answers each request with the parts `answer` makes of its payload
+/// (published to its reply subject, if it has one), until `shutdown`.
+async fn answer_each(
+    client: &async_nats::Client,
+    subject: &'static str,
+    what: &str,
+    shutdown: &CancellationToken,
+    mut answer: impl FnMut(&[u8]) -> Vec<Bytes>,
+) {
+    let mut requests = match client.subscribe(subject).await {
+        Ok(subscriber) => subscriber,
+        Err(error) => {
+            warn!(%error, "{what} will not be answered");
+            return;
+        }
+    };
+    loop {
+        let request = tokio::select! {
+            request = requests.next() => request,
+            _ = shutdown.cancelled() => return,
+        };
+        let Some(request) = request else { return };
+        let parts = answer(&request.payload);
+        if let Some(reply) = request.reply {
+            for part in parts {
+                let _ = client.publish(reply.clone(), part).await;
+            }
         }
     }
 }
@@ -103,30 +121,16 @@ pub(crate) async fn answer_disconnects(
     node: String,
     shutdown: CancellationToken,
 ) {
-    let mut orders = match client.subscribe(ADMIN_DISCONNECT).await {
-        Ok(subscriber) => subscriber,
-        Err(error) => {
-            warn!(%error, "disconnect orders will not be answered");
-            return;
-        }
-    };
-    loop {
-        let order = tokio::select! {
-            order = orders.next() => order,
-            _ = shutdown.cancelled() => return,
-        };
-        let Some(order) = order else { return };
-        let Ok(wanted) = serde_json::from_slice::<DisconnectOrder>(&order.payload) else { continue };
+    answer_each(&client, ADMIN_DISCONNECT, "disconnect orders", &shutdown, |order| {
+        let Ok(wanted) = serde_json::from_slice::<DisconnectOrder>(order) else { return Vec::new() };
         if check_id(IdKind::User, &wanted.user).is_err() {
-            continue;
+            return Vec::new();
         }
         let close = Close::new(CloseCode::Disconnected, "disconnected by an operator");
         let closed = registry.close_matching(&wanted.user, wanted.conn.as_deref(), &close);
-        if let Some(reply) = order.reply {
-            let answer = serde_json::json!({"node": node, "closed": closed});
-            let _ = client.publish(reply, answer.to_string().into()).await;
-        }
-    }
+        vec![serde_json::json!({"node": node, "closed": closed}).to_string().into()]
+    })
+    .await;
 }
 
 #[derive(Deserialize)]
@@ -142,26 +146,13 @@ pub(crate) async fn answer_socket_questions(
     node: String,
     shutdown: CancellationToken,
 ) {
-    let mut questions = match client.subscribe(ADMIN_SOCKETS).await {
-        Ok(subscriber) => subscriber,
-        Err(error) => {
-            warn!(%error, "socket questions will not be answered");
-            return;
-        }
-    };
-    loop {
-        let question = tokio::select! {
-            question = questions.next() => question,
-            _ = shutdown.cancelled() => return,
-        };
-        let Some(question) = question else { return };
-        let Some(reply) = question.reply else { continue };
-        let Ok(asked) = serde_json::from_slice::<SocketsQuestion>(&question.payload) else { continue };
+    answer_each(&client, ADMIN_SOCKETS, "socket questions", &shutdown, |question| {
+        let Ok(asked) = serde_json::from_slice::<SocketsQuestion>(question) else { return Vec::new() };
         if check_id(IdKind::User, &asked.user).is_err() {
-            continue;
+            return Vec::new();
         }
         let sockets: Vec<SocketInfo> = registry.of_user(&asked.user).into_iter().map(|s| (*s.about).clone()).collect();
-        let answer = serde_json::json!({"node": node, "sockets": sockets});
-        let _ = client.publish(reply, answer.to_string().into()).await;
-    }
+        vec![serde_json::json!({"node": node, "sockets": sockets}).to_string().into()]
+    })
+    .await;
 }

@@ -24,6 +24,20 @@ const MAX_LIMIT: usize = 1000;
 /// `GET /v1/inbox/<user>`.
 pub(super) async fn summary(shared: &Shared, user: &str) -> Result<Value, ApiError> {
     check_id(IdKind::User, user).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let state = state(shared, user).await?;
+    Ok(json!({"user": user, "read": state.read, "unread": state.unread, "last": state.last}))
+}
+
+/// A user's inbox as the API shows it.
+pub(super) struct InboxState {
+    pub(super) read: u64,
+    pub(super) unread: u64,
+    pub(super) last: u64,
+    pub(super) muted: Vec<Box<str>>,
+}
+
+/// The read position, the unread count (without muted kinds) and the last personal `seq` of `user`.
+pub(super) async fn state(shared: &Shared, user: &str) -> Result<InboxState, ApiError> {
     let inbox = &shared.inbox;
     let (read, last, muted) = tokio::join!(inbox.read_position(user), inbox.last(user), shared.prefs.muted(user));
     let (read, last, muted) = (
@@ -32,7 +46,7 @@ pub(super) async fn summary(shared: &Shared, user: &str) -> Result<Value, ApiErr
         muted.map_err(ApiError::unavailable)?,
     );
     let unread = inbox.unread(user, read, last, &muted).await.map_err(ApiError::unavailable)?;
-    Ok(json!({"user": user, "read": read, "unread": unread, "last": last}))
+    Ok(InboxState { read, unread, last, muted })
 }
 
 /// `GET /v1/inbox/<user>/messages?after=&limit=`.

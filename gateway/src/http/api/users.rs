@@ -13,23 +13,16 @@ pub(super) async fn user(shared: &Shared, user: &str) -> Result<Value, ApiError>
     check_id(IdKind::User, user).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let (sockets, cursors) = tokio::join!(sockets(shared, user), cursors(shared, user));
     let (sockets, cursors) = (sockets?, cursors?);
-    let inbox = &shared.inbox;
-    let (read, last, muted) = tokio::join!(inbox.read_position(user), inbox.last(user), shared.prefs.muted(user));
-    let (read, last, muted) = (
-        read.map_err(ApiError::unavailable)?,
-        last.map_err(ApiError::unavailable)?,
-        muted.map_err(ApiError::unavailable)?,
-    );
-    let unread = inbox.unread(user, read, last, &muted).await.map_err(ApiError::unavailable)?;
+    let inbox = super::inbox::state(shared, user).await?;
     Ok(json!({
         "user": user,
         "online": !sockets.is_empty(),
         "sockets": sockets,
         "devices": cursors,
-        "read": read,
-        "unread": unread,
-        "last": last,
-        "muted": muted,
+        "read": inbox.read,
+        "unread": inbox.unread,
+        "last": inbox.last,
+        "muted": inbox.muted,
     }))
 }
 
