@@ -1,9 +1,11 @@
 //! The seam between a session and the bytes on the wire. A session speaks in protocol-neutral
 //! terms: it sends messages and notices (`welcome`, `replayed`, errors, rpc results…) and receives
 //! [`Command`]s; a [`Codec`] turns those into one protocol's frames and back. Messages are encoded
-//! once per [`WireFormat`] in use on the gateway (see [`Message::encoded`]), never per socket.
+//! once per [`WireFormat`] in use on the gateway (see [`Message::encoded`]), never per socket; a
+//! broadcast burst once per [`FrameKey`] in one buffer (see [`Burst`]).
 //!
 //! [`Message::encoded`]: crate::delivery::message::Message::encoded
+//! [`Burst`]: crate::delivery::burst::Burst
 
 pub(crate) mod centrifugal;
 mod herald;
@@ -72,22 +74,21 @@ pub(crate) fn encode_message(format: WireFormat, message: &Message) -> Bytes {
     }
 }
 
-/// Encodes the messages of a burst for one broadcast log in one buffer, in Herald's format (the
-/// format of most sockets): each message's frame is a slice of it, and a session that sends several
-/// of them in a row sends one slice (one reference count, one entry of a vectored write).
-pub(crate) fn encode_burst(messages: &[&Message]) {
-    let mut chunk = Vec::with_capacity(messages.iter().map(|m| m.payload.len() + 128).sum());
-    let mut json = Vec::new();
-    let mut ends = Vec::with_capacity(messages.len());
-    for message in messages {
-        herald::append_message(&mut chunk, message, &mut json);
-        ends.push(chunk.len());
-    }
-    let chunk = Bytes::from(chunk);
-    let mut start = 0;
-    for (message, end) in messages.iter().zip(ends) {
-        message.set_burst(WireFormat::Herald, chunk.clone(), start..end);
-        start = end;
+/// What a connection's frame of a message depends on: the wire format, or for STOMP the head of
+/// the subscription it goes to. Connections with the same key send the same bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FrameKey<'a> {
+    Format(WireFormat),
+    /// A STOMP MESSAGE frame's per-subscription start (see [`stomp`]).
+    StompHead(&'a [u8]),
+}
+
+/// Appends the frame of `message` for `key` to `out` (`scratch` is space to reuse).
+pub(crate) fn append_frame(key: &FrameKey<'_>, message: &Message, out: &mut Vec<u8>, scratch: &mut Vec<u8>) {
+    match key {
+        FrameKey::Format(WireFormat::Herald) => herald::append_message(out, message, scratch),
+        FrameKey::Format(format) => out.extend_from_slice(&encode_message(*format, message)),
+        FrameKey::StompHead(head) => stomp::append_frame(out, head, message.encoded(WireFormat::Stomp)),
     }
 }
 
@@ -198,6 +199,22 @@ impl Codec {
                 frames.push_back(encoded.clone());
                 encoded.len()
             }
+        }
+    }
+
+    /// Takes `message` for this connection like [`Codec::queue_message`], but queues nothing: the
+    /// key of the frame it goes out as, which connections with the same key share; none when the
+    /// codec holds the message back.
+    pub(crate) fn shared_key(&mut self, message: &Message) -> Option<FrameKey<'_>> {
+        match self {
+            Codec::Herald(_) => Some(FrameKey::Format(WireFormat::Herald)),
+            Codec::SocketIo(_) => Some(FrameKey::Format(WireFormat::SocketIo)),
+            Codec::Sse(codec) => {
+                codec.note_sent(message.seq);
+                Some(FrameKey::Format(WireFormat::Sse))
+            }
+            Codec::Centrifugal(codec) => codec.takes(message).then(|| FrameKey::Format(codec.format())),
+            Codec::Stomp(codec) => codec.shared_head(message).map(FrameKey::StompHead),
         }
     }
 

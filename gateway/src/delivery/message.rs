@@ -2,11 +2,12 @@
 //! replay. It is encoded at most once per wire format, by the first session that sends it in that
 //! format, and the bytes are shared by every session that sends it.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use herald_shared::subject::{Audience, header};
 
+use super::burst::Burst;
 use super::feed::Delivered;
 use crate::codec::{self, WireFormat};
 use crate::session::replay::Stored;
@@ -27,9 +28,8 @@ pub(crate) struct Message {
     pub(crate) payload: Bytes,
     /// The message in each wire format, once some session needed it.
     encoded: [OnceLock<Bytes>; WireFormat::COUNT],
-    /// The buffer its frame (in [`WireFormat::Herald`]) shares with the other messages of its
-    /// burst, when the router encoded them together.
-    burst: OnceLock<Bytes>,
+    /// The broadcast burst it came in, and its place there.
+    burst: OnceLock<(Arc<Burst>, usize)>,
 }
 
 impl Message {
@@ -51,17 +51,14 @@ impl Message {
         self.encoded[format.index()].get_or_init(|| codec::encode_message(format, self))
     }
 
-    /// Sets the message's frame in `format` to `range` of `burst`, a buffer it shares with the other
-    /// messages of its burst (once, before any session reads it).
-    pub(crate) fn set_burst(&self, format: WireFormat, burst: Bytes, range: std::ops::Range<usize>) {
-        if self.encoded[format.index()].set(burst.slice(range)).is_ok() {
-            let _ = self.burst.set(burst);
-        }
+    /// Makes the message the `index`th of `burst` (once).
+    pub(crate) fn tie_to(&self, burst: &Arc<Burst>, index: usize) {
+        let _ = self.burst.set((burst.clone(), index));
     }
 
-    /// The buffer the message's frame in `format` shares with its burst, if it does.
-    pub(crate) fn burst(&self, format: WireFormat) -> Option<&Bytes> {
-        if format == WireFormat::Herald { self.burst.get() } else { None }
+    /// The broadcast burst the message came in, and its place there.
+    pub(crate) fn burst(&self) -> Option<(&Arc<Burst>, usize)> {
+        self.burst.get().map(|(burst, index)| (burst, *index))
     }
 
     /// Whether the message is of one of the `muted` kinds.

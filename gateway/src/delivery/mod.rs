@@ -1,8 +1,10 @@
 //! The delivery path: the [`feed`] reads the stream's republish in order; the [`router`] puts each
 //! [`message`] where its sessions read it: a user's own messages in the [`mailbox`] of each of the
 //! user's sessions, `push.all` and topic messages once in a broadcast [`log`] that every
-//! interested session reads at its own position.
+//! interested session reads at its own position, each [`burst`] of them encoded once per wire
+//! format in one buffer.
 
+pub(crate) mod burst;
 pub(crate) mod feed;
 pub(crate) mod log;
 pub(crate) mod mailbox;

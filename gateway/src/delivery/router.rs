@@ -28,7 +28,6 @@ use super::log::{Log, LogLimits};
 use super::mailbox::{Event, Mailbox};
 use super::message::{self, Live, Message};
 use crate::cluster::user::LocalUser;
-use crate::codec;
 use crate::http::metrics::Metrics;
 
 /// Messages routed before the sessions they fed are woken, at most (see `finish_burst`).
@@ -262,20 +261,20 @@ impl RouterTask {
         debug!("router stopped");
     }
 
-    /// Appends the burst's broadcast messages to their logs, each log's encoded in one buffer,
-    /// publishes the watermark, then wakes every session and log the burst touched. Waking once per
-    /// burst rather than per message lets a busy session send a burst in one write.
+    /// Appends the burst's broadcast messages to their logs (each log's tied into one
+    /// [`Burst`](super::burst::Burst)), publishes the watermark, then wakes every session and log
+    /// the burst touched. Waking once per burst rather than per message lets a busy session send a burst in one write.
     fn finish_burst(&mut self) {
         let logs = std::mem::take(&mut self.burst.logs);
         for (log, entries) in &logs {
-            let messages: Vec<&Message> = entries
+            let messages: Vec<&Arc<Message>> = entries
                 .iter()
                 .filter_map(|entry| match entry {
-                    Live::Message(message) => Some(&**message),
+                    Live::Message(message) => Some(message),
                     Live::Gap { .. } => None,
                 })
                 .collect();
-            codec::encode_burst(&messages);
+            super::burst::Burst::tie(&messages);
             log.append_all(entries.iter().cloned());
         }
         self.watermark.raise(self.burst.max_seq);

@@ -27,7 +27,8 @@ use super::live::{Flow, Found, LiveSources};
 use super::replay;
 use crate::close::{Close, CloseCode};
 use crate::cluster::user::LocalUser;
-use crate::codec::Codec;
+use crate::codec::{self, Codec};
+use crate::delivery::burst::Frames;
 use crate::delivery::mailbox::Event;
 use crate::delivery::message::{Live, Message};
 use crate::delivery::router::LogStart;
@@ -698,16 +699,24 @@ struct LivePull<'a> {
     run: Option<Run>,
 }
 
-/// Adjacent frames of one burst buffer. A run of one keeps the frame itself (one reference count,
-/// as without bursts); a longer one the buffer and the range.
+/// Adjacent frames of one burst's buffer.
 struct Run {
-    /// The frame of a run of one, else the burst buffer.
-    bytes: Bytes,
-    /// Where the burst buffer starts (identifies it).
+    frames: Arc<Frames>,
+    /// Where the burst is (identifies it).
     burst_at: usize,
+    /// The index in the burst of the message that would extend the run.
+    next: usize,
     start: usize,
     end: usize,
-    joined: bool,
+}
+
+impl Run {
+    /// Queues `run`, if any, as one slice.
+    fn end(run: &mut Option<Run>, frames: &mut VecDeque<Bytes>) {
+        if let Some(run) = run.take() {
+            frames.push_back(run.frames.buffer().slice(run.start..run.end));
+        }
+    }
 }
 
 impl LivePull<'_> {
@@ -733,37 +742,45 @@ impl LivePull<'_> {
     /// Queues the frame of `message`, joining it to the run of frames before it when they are
     /// adjacent in one burst buffer; returns its length.
     fn queue(&mut self, message: &Message) -> usize {
-        let format = self.codec.format();
-        let Some(burst) = message.burst(format) else {
+        let Some((burst, index)) = message.burst() else {
             self.end_run();
             return self.codec.queue_message(message, self.frames);
         };
-        let frame = message.encoded(format);
-        let burst_at = burst.as_ptr() as usize;
-        let start = frame.as_ptr() as usize - burst_at;
-        let end = start + frame.len();
-        match &mut self.run {
-            Some(run) if run.burst_at == burst_at && run.end == start => {
-                if !run.joined {
-                    run.bytes = burst.clone();
-                    run.joined = true;
-                }
-                run.end = end;
+        let Some(key) = self.codec.shared_key(message) else {
+            return 0;
+        };
+        let burst_at = Arc::as_ptr(burst) as usize;
+        // Within one pull, a connection's key for the messages of one burst (one log) is the same.
+        if let Some(run) = &mut self.run
+            && run.burst_at == burst_at
+            && run.next == index
+        {
+            let range = run.frames.range(index);
+            run.end = range.end;
+            run.next += 1;
+            return range.len();
+        }
+        Run::end(&mut self.run, self.frames);
+        match burst.frames(&key) {
+            Some(frames) => {
+                let range = frames.range(index);
+                let len = range.len();
+                self.run = Some(Run { frames, burst_at, next: index + 1, start: range.start, end: range.end });
+                len
             }
-            _ => {
-                self.end_run();
-                self.run = Some(Run { bytes: frame.clone(), burst_at, start, end, joined: false });
+            None => {
+                let mut frame = Vec::new();
+                codec::append_frame(&key, message, &mut frame, &mut Vec::new());
+                let len = frame.len();
+                self.frames.push_back(Bytes::from(frame));
+                len
             }
         }
-        frame.len()
     }
 
     /// Queues the run of frames taken so far as one slice.
     fn end_run(&mut self) {
-        if let Some(run) = self.run.take() {
-            let frame = if run.joined { run.bytes.slice(run.start..run.end) } else { run.bytes };
-            self.frames.push_back(frame);
-        }
+        Run::end(&mut self.run, self.frames);
     }
 
     /// Messages of one subject between `first` and `last` never reached the gateway. Those a

@@ -45,6 +45,13 @@ impl Harness {
     }
 
     fn with(start: Start, last: u64, log_entries: usize, adjust: impl FnOnce(&mut Params)) -> Harness {
+        let mut harness = Harness::build(start, last, log_entries, adjust);
+        assert_eq!(harness.frames(), ["pong"], "the welcome (a stand-in here) goes first");
+        harness
+    }
+
+    /// A harness whose codec `adjust` may replace (its frames are not read as Herald's).
+    fn build(start: Start, last: u64, log_entries: usize, adjust: impl FnOnce(&mut Params)) -> Harness {
         let mailbox = Arc::new(Mailbox::new(1 << 20));
         let all = Arc::new(Log::new(LogLimits { entries: log_entries, bytes: 1 << 20 }));
         let start_all = LogStart { audience: Audience::All, log: all.clone(), position: all.end() };
@@ -62,9 +69,7 @@ impl Harness {
             start,
         };
         adjust(&mut params);
-        let mut harness = Harness { state: SessionState::new(params), mailbox, all, watermark: last };
-        assert_eq!(harness.frames(), ["pong"], "the welcome (a stand-in here) goes first");
-        harness
+        Harness { state: SessionState::new(params), mailbox, all, watermark: last }
     }
 
     /// The router routes `entry` to the user's mailbox.
@@ -471,11 +476,49 @@ fn messages_of_one_burst_taken_in_a_row_go_out_as_one_buffer() {
         .into_iter()
         .map(|(seq, kind)| Arc::new(message(seq, Audience::All, kind)))
         .collect();
-    crate::codec::encode_burst(&burst.iter().map(|m| &**m).collect::<Vec<_>>());
+    crate::delivery::burst::Burst::tie(&burst.iter().collect::<Vec<_>>());
     for message in &burst {
         h.broadcast(Live::Message(message.clone()));
     }
     h.personal(user_message(14));
     // A personal message in between and a muted one split the runs.
     assert_eq!(h.buffers(), [vec!["11", "12", "13"], vec!["14"], vec!["16", "17"]]);
+}
+
+#[test]
+fn stomp_connections_with_the_same_subscription_head_share_a_burst_buffer() {
+    let stomp = |id: &str| {
+        let connected = crate::codec::stomp::Connected {
+            version: crate::codec::stomp::Version::V12,
+            client_sends: std::time::Duration::ZERO,
+            client_wants: std::time::Duration::ZERO,
+            allowed_topics: Vec::new(),
+        };
+        let mut codec = Codec::Stomp(Box::new(crate::codec::StompCodec::new(connected, std::time::Duration::ZERO)));
+        let subscribe = format!("SUBSCRIBE\nid:{id}\ndestination:/topic/all\n\n\0");
+        assert_eq!(codec.decode(subscribe.as_bytes()), [Ok(crate::codec::Command::Nothing)]);
+        let mut harness = Harness::build(Start::Live, 10, 100, |params| params.codec = codec);
+        harness.state.take_frames(&mut Vec::new(), usize::MAX, usize::MAX);
+        harness
+    };
+    let burst: Vec<Arc<Message>> = (11..=13).map(|seq| Arc::new(message(seq, Audience::All, ""))).collect();
+    crate::delivery::burst::Burst::tie(&burst.iter().collect::<Vec<_>>());
+    let sent = |harness: &mut Harness| {
+        for message in &burst {
+            harness.broadcast(Live::Message(message.clone()));
+        }
+        harness.state.pull(harness.watermark);
+        let mut batch = Vec::new();
+        harness.state.take_frames(&mut batch, usize::MAX, usize::MAX);
+        batch
+    };
+    let (first, second, other) = (sent(&mut stomp("sub-0")), sent(&mut stomp("sub-0")), sent(&mut stomp("x")));
+    assert_eq!((first.len(), second.len(), other.len()), (1, 1, 1), "three frames in one buffer each");
+    assert_eq!(first[0].as_ptr(), second[0].as_ptr(), "the same head shares the buffer");
+    assert_ne!(first[0].as_ptr(), other[0].as_ptr());
+    let text = String::from_utf8_lossy(&other[0]);
+    assert_eq!(text.matches("MESSAGE\nsubscription:x\ndestination:/topic/all\nmessage-id:").count(), 3);
+    for seq in 11..=13 {
+        assert!(text.contains(&format!("message-id:{seq}\n")), "{text}");
+    }
 }

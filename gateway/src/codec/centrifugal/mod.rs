@@ -116,24 +116,29 @@ impl CentrifugalCodec {
 
     /// The push of `message`, or nothing while its channel's reply is pending (then it is held).
     pub(super) fn message(&mut self, message: &Message) -> Option<Bytes> {
+        self.takes(message).then(|| message.encoded(self.format()).clone())
+    }
+
+    /// Whether `message` goes out now; if not, it is held while its channel's reply is pending
+    /// (or dropped, when the client had it already or it came before the subscription).
+    pub(crate) fn takes(&mut self, message: &Message) -> bool {
         let channel = wire::channel(&message.audience);
         if let Some(connecting) = &mut self.connecting
             && let Some((sub, held)) = connecting.subs.iter_mut().find(|(sub, _)| sub.channel == channel)
         {
-            // What the client had already, or what came before the subscription, is dropped.
             if sub.recover_from.is_some_and(|from| message.seq > from) {
                 hold(held, message);
             }
-            return None;
+            return false;
         }
         if let Some(subscribing) = self.subscribing.get_mut(channel.as_ref()) {
             if message.seq > subscribing.recover_from.unwrap_or(0) {
                 hold(&mut subscribing.held, message);
             }
-            return None;
+            return false;
         }
         self.top = self.top.max(message.seq);
-        Some(message.encoded(self.format()).clone())
+        true
     }
 
     /// The encoding's wire format.

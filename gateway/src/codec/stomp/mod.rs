@@ -6,6 +6,11 @@
 //! frame) is everything after them: `message-id`, `content-type`, … and the body. Each socket
 //! queues a small head of its own (the WebSocket header, `MESSAGE`, its two headers) followed by
 //! the shared tail: two slices of the same vectored write, and the body is never copied per socket.
+//! Broadcast messages do better: connections whose subscriptions have the same head (stomp.js
+//! numbers them `sub-0`, `sub-1`… on every page) share whole frames, a burst of them in one buffer
+//! (see [`Burst`]).
+//!
+//! [`Burst`]: crate::delivery::burst::Burst
 //!
 //! Where messages go: a user's own messages to the connection's first `/user/queue/…`
 //! subscription, `push.all` to `/topic/all`, a topic to `/topic/<t>`. The session delivers from its
@@ -22,6 +27,7 @@ use bytes::{Bytes, BytesMut};
 use herald_shared::frame::{RpcResult, ServerFrame};
 use herald_shared::subject::Audience;
 
+use super::WireFormat;
 use crate::close::{Close, CloseCode};
 use crate::delivery::message::Message;
 use crate::websocket::frame as ws;
@@ -140,6 +146,15 @@ pub(crate) struct StompCodec {
     arena: BytesMut,
 }
 
+/// Appends a whole MESSAGE frame, WebSocket header included: a subscription's `head`, then the
+/// shared `tail` of a message.
+pub(crate) fn append_frame(out: &mut Vec<u8>, head: &[u8], tail: &[u8]) {
+    let (header, header_len) = ws::text_header(head.len() + tail.len());
+    out.extend_from_slice(&header[..header_len]);
+    out.extend_from_slice(head);
+    out.extend_from_slice(tail);
+}
+
 /// The shared part of a MESSAGE frame of `message` (see the module's documentation).
 pub(super) fn encode_message(message: &Message) -> Bytes {
     let mut out = Vec::with_capacity(message.payload.len() + 128);
@@ -191,24 +206,36 @@ impl StompCodec {
 
     /// Queues `message` for its subscription, or holds it until one comes; returns bytes queued.
     pub(super) fn queue_message(&mut self, message: &Message, tail: &Bytes, frames: &mut VecDeque<Bytes>) -> usize {
+        let Some(index) = self.route(message) else { return 0 };
+        let head = self.head(index, tail.len());
+        let len = head.len() + tail.len();
+        frames.push_back(head);
+        frames.push_back(tail.clone());
+        len
+    }
+
+    /// The head of the subscription `message` goes to now (the frame is the head and the shared
+    /// tail, see [`append_frame`]), or none: then it is held until one comes.
+    pub(super) fn shared_head(&mut self, message: &Message) -> Option<&[u8]> {
+        let index = self.route(message)?;
+        Some(&self.subscriptions[index].head)
+    }
+
+    /// The subscription `message` goes to now (noted as sent), or none: then it is held.
+    fn route(&mut self, message: &Message) -> Option<usize> {
         let target = Target::of_audience(&message.audience);
-        match self.subscription(&target) {
-            Some(index) => {
-                let head = self.head(index, tail.len());
-                let len = head.len() + tail.len();
-                self.note_sent(index, message.seq);
-                frames.push_back(head);
-                frames.push_back(tail.clone());
-                len
-            }
+        let index = self.subscription(&target);
+        match index {
+            Some(index) => self.note_sent(index, message.seq),
             None => {
                 if self.held.len() == MAX_HELD {
                     self.held.pop_front();
                 }
-                self.held.push_back(Held { target, seq: message.seq, tail: tail.clone() });
-                0
+                let tail = message.encoded(WireFormat::Stomp).clone();
+                self.held.push_back(Held { target, seq: message.seq, tail });
             }
         }
+        index
     }
 
     /// The subscription that receives `target`'s messages: for the user's own, the first

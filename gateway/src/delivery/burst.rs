@@ -1,0 +1,145 @@
+//! A burst: the messages the router appended to one broadcast log in one go. Their frames in one
+//! encoding ([`FrameKey`]: a wire format, or a STOMP subscription's head) are written into one
+//! buffer, by the first session that sends one of them that way, and every session of that key
+//! sends them from it. A session that sends several of them in a row sends one slice: one
+//! reference count and one entry of a vectored write, whatever the protocol.
+
+use std::ops::Range;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use bytes::Bytes;
+
+use super::message::Message;
+use crate::codec::{self, FrameKey, WireFormat};
+
+/// STOMP heads (subscription id and destination) whose frames a burst keeps; a gateway's STOMP
+/// clients mostly share a few (stomp.js numbers its subscriptions `sub-0`, `sub-1`…). A session
+/// with another one writes its frames alone.
+const MAX_HEADS: usize = 8;
+
+pub(crate) struct Burst {
+    /// Weak: the messages hold the burst. One the log dropped is not encoded any more.
+    messages: Box<[Weak<Message>]>,
+    formats: [OnceLock<Arc<Frames>>; WireFormat::COUNT],
+    heads: Mutex<Vec<HeadFrames>>,
+}
+
+/// The frames for one STOMP head.
+struct HeadFrames {
+    head: Box<[u8]>,
+    frames: Arc<Frames>,
+}
+
+/// The frames of a burst's messages in one encoding, back to back in one buffer.
+pub(crate) struct Frames {
+    buffer: Bytes,
+    /// Where each message's frame ends (a message dropped before the encoding has an empty one).
+    ends: Box<[usize]>,
+}
+
+impl Frames {
+    /// Where the frame of the burst's `index`th message is in [`Frames::buffer`].
+    pub(crate) fn range(&self, index: usize) -> Range<usize> {
+        let start = if index == 0 { 0 } else { self.ends[index - 1] };
+        start..self.ends[index]
+    }
+
+    pub(crate) fn buffer(&self) -> &Bytes {
+        &self.buffer
+    }
+}
+
+impl std::fmt::Debug for Burst {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Burst").field("messages", &self.messages.len()).finish_non_exhaustive()
+    }
+}
+
+impl Burst {
+    /// Makes `messages` (in log order) one burst.
+    pub(crate) fn tie(messages: &[&Arc<Message>]) {
+        let burst = Arc::new(Burst {
+            messages: messages.iter().map(|message| Arc::downgrade(message)).collect(),
+            formats: Default::default(),
+            heads: Mutex::default(),
+        });
+        for (index, message) in messages.iter().enumerate() {
+            message.tie_to(&burst, index);
+        }
+    }
+
+    /// The burst's frames for `key`, encoded on first use; none for a STOMP head past the few a
+    /// burst keeps.
+    pub(crate) fn frames(&self, key: &FrameKey<'_>) -> Option<Arc<Frames>> {
+        match key {
+            FrameKey::Format(format) => Some(self.formats[format.index()].get_or_init(|| self.encode(key)).clone()),
+            FrameKey::StompHead(head) => {
+                let mut heads = self.heads.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(kept) = heads.iter().find(|kept| *kept.head == **head) {
+                    return Some(kept.frames.clone());
+                }
+                if heads.len() == MAX_HEADS {
+                    return None;
+                }
+                let frames = self.encode(key);
+                heads.push(HeadFrames { head: Box::from(*head), frames: frames.clone() });
+                Some(frames)
+            }
+        }
+    }
+
+    fn encode(&self, key: &FrameKey<'_>) -> Arc<Frames> {
+        let mut buffer = Vec::new();
+        let mut scratch = Vec::new();
+        let mut ends = Vec::with_capacity(self.messages.len());
+        for message in &self.messages {
+            if let Some(message) = message.upgrade() {
+                codec::append_frame(key, &message, &mut buffer, &mut scratch);
+            }
+            ends.push(buffer.len());
+        }
+        Arc::new(Frames { buffer: Bytes::from(buffer), ends: ends.into() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use herald_shared::subject::Audience;
+
+    use super::*;
+
+    fn message(seq: u64) -> Arc<Message> {
+        Arc::new(Message::new(seq, Audience::All, "", "", "t", Bytes::from(seq.to_string())))
+    }
+
+    #[test]
+    fn each_encoding_of_a_burst_is_one_buffer_made_once() {
+        let messages = [message(1), message(2), message(3)];
+        Burst::tie(&messages.iter().collect::<Vec<_>>());
+        let (burst, index) = messages[1].burst().unwrap();
+        assert_eq!(index, 1);
+        let key = FrameKey::Format(WireFormat::Herald);
+        let frames = burst.frames(&key).unwrap();
+        assert!(Arc::ptr_eq(&frames, &burst.frames(&key).unwrap()), "encoded once");
+        for (index, message) in messages.iter().enumerate() {
+            let alone = codec::encode_message(WireFormat::Herald, message);
+            assert_eq!(frames.buffer()[frames.range(index)], alone[..]);
+        }
+    }
+
+    #[test]
+    fn a_few_stomp_heads_are_kept_and_a_dropped_message_leaves_an_empty_frame() {
+        let (first, second) = (message(1), message(2));
+        Burst::tie(&[&first, &second]);
+        drop(first);
+        let (burst, _) = second.burst().unwrap();
+        let heads: Vec<String> = (0..=MAX_HEADS).map(|n| format!("MESSAGE\nsubscription:sub-{n}\n")).collect();
+        for head in &heads[..MAX_HEADS] {
+            let frames = burst.frames(&FrameKey::StompHead(head.as_bytes())).unwrap();
+            assert!(frames.range(0).is_empty());
+            assert!(frames.buffer()[frames.range(1)].windows(head.len()).any(|w| w == head.as_bytes()));
+        }
+        assert!(burst.frames(&FrameKey::StompHead(heads[MAX_HEADS].as_bytes())).is_none());
+        assert!(burst.frames(&FrameKey::StompHead(heads[0].as_bytes())).is_some());
+    }
+}
