@@ -26,11 +26,11 @@ async fn the_same_user_on_herald_stomp_and_sse_gets_each_message_once_on_each() 
     let mut sse = SseClient::open(&sse_url, &[]).await.unwrap();
     assert_eq!(sse.next_event().await.event, "welcome");
 
-    let mut published = Vec::new();
-    for n in 0..10 {
-        let subject = if n % 3 == 0 { "push.all" } else { "push.user.olga" };
-        published.push((publisher.publish(subject, &n.to_string()).await, n.to_string()));
-    }
+    // Pipelined, so that the gateway gets them in bursts (shared by every socket of a protocol).
+    let sent: Vec<(&str, String)> =
+        (0..200).map(|n| (if n % 3 == 0 { "push.user.olga" } else { "push.all" }, n.to_string())).collect();
+    let seqs = publish_pipelined(&publisher, &sent).await;
+    let mut published: Vec<(u64, String)> = seqs.into_iter().zip(sent.into_iter().map(|(_, body)| body)).collect();
     // A last message after the others: once each connection has it, it has had everything before.
     let last = (publisher.publish("push.user.olga", "last").await, "last".to_string());
     published.push(last.clone());
@@ -80,11 +80,10 @@ async fn a_user_on_three_protocols_gets_every_message_once_per_socket_in_order()
     centrifugal.send(json!({"op": "subscribe", "channel": "news"})).await;
     centrifugal.wait_for("centrifugal subscribed", |e| e["event"] == "subscribed" && e["channel"] == "news").await;
 
-    let mut published = Vec::new();
-    for n in 0..30 {
-        let subject = ["push.user.tri", "push.all", "push.topic.news"][n % 3];
-        published.push(publisher.publish(subject, &n.to_string()).await);
-    }
+    // Pipelined, so that the gateway gets them in bursts (shared by every socket of a protocol).
+    let sent: Vec<(&str, String)> =
+        (0..150).map(|n| (["push.user.tri", "push.all", "push.topic.news"][n / 4 % 3], n.to_string())).collect();
+    let published = publish_pipelined(&publisher, &sent).await;
     publisher.publish("push.user.someone-else", "not for tri").await;
 
     assert_eq!(herald.expect_msgs(published.len()).await, published);
@@ -104,4 +103,17 @@ async fn a_user_on_three_protocols_gets_every_message_once_per_socket_in_order()
     assert_eq!(herald.expect_msgs(1).await, vec![last]);
     assert_eq!(socketio.wait_count("event", published.len() + 1).await.len(), published.len() + 1);
     assert_eq!(centrifugal.wait_count("pub", published.len() + 1).await.len(), published.len() + 1);
+}
+
+/// Publishes every `(subject, body)` without waiting for each acknowledgement; their `seq`s.
+async fn publish_pipelined(publisher: &Publisher, messages: &[(&str, String)]) -> Vec<u64> {
+    let mut acks = Vec::new();
+    for (subject, body) in messages {
+        acks.push(publisher.send(subject, &[], body).await);
+    }
+    let mut seqs = Vec::new();
+    for ack in acks {
+        seqs.push(ack.await.expect("publish acknowledged").sequence);
+    }
+    seqs
 }
