@@ -82,10 +82,14 @@ impl Cursors {
     }
 
     /// Records an acknowledgement; written by the next flush.
-    pub(crate) fn ack(&self, user: &str, device: &str, seq: u64) {
+    pub(crate) fn ack(&self, key: &str, seq: u64) {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = pending.entry(cursor_key(user, device)).or_insert(0);
-        *entry = (*entry).max(seq);
+        match pending.get_mut(key) {
+            Some(pending) => *pending = (*pending).max(seq),
+            None => {
+                pending.insert(key.to_string(), seq);
+            }
+        }
     }
 
     /// Sets a new device's first cursor now (its first connection started live at `seq`).

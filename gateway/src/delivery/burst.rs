@@ -5,7 +5,7 @@
 //! reference count and one entry of a vectored write, whatever the protocol.
 
 use std::ops::Range;
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 
 use bytes::Bytes;
 
@@ -21,7 +21,8 @@ pub(crate) struct Burst {
     /// Weak: the messages hold the burst. One the log dropped is not encoded any more.
     messages: Box<[Weak<Message>]>,
     formats: [OnceLock<Arc<Frames>>; WireFormat::COUNT],
-    heads: Mutex<Vec<HeadFrames>>,
+    /// Filled in order; read without a lock (each session of a STOMP head looks once per burst).
+    heads: [OnceLock<HeadFrames>; MAX_HEADS],
 }
 
 /// The frames for one STOMP head.
@@ -61,7 +62,7 @@ impl Burst {
         let burst = Arc::new(Burst {
             messages: messages.iter().map(|message| Arc::downgrade(message)).collect(),
             formats: Default::default(),
-            heads: Mutex::default(),
+            heads: Default::default(),
         });
         for (index, message) in messages.iter().enumerate() {
             message.tie_to(&burst, index);
@@ -74,16 +75,14 @@ impl Burst {
         match key {
             FrameKey::Format(format) => Some(self.formats[format.index()].get_or_init(|| self.encode(key)).clone()),
             FrameKey::StompHead(head) => {
-                let mut heads = self.heads.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(kept) = heads.iter().find(|kept| *kept.head == **head) {
-                    return Some(kept.frames.clone());
+                for slot in &self.heads {
+                    // An empty slot takes this head, unless another session fills it first.
+                    let kept = slot.get_or_init(|| HeadFrames { head: Box::from(*head), frames: self.encode(key) });
+                    if *kept.head == **head {
+                        return Some(kept.frames.clone());
+                    }
                 }
-                if heads.len() == MAX_HEADS {
-                    return None;
-                }
-                let frames = self.encode(key);
-                heads.push(HeadFrames { head: Box::from(*head), frames: frames.clone() });
-                Some(frames)
+                None
             }
         }
     }

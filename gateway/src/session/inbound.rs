@@ -74,11 +74,11 @@ fn run(session: &Arc<Session>, state: &mut SessionState, command: Command, rpc_b
         Command::Ack(seq) => {
             // A client cannot acknowledge what it was not sent.
             let seq = seq.min(state.last_sent());
-            session.shared.cursors.ack(&session.user, &session.device, seq);
+            session.ack(seq);
         }
         Command::Read(seq) => {
             let seq = seq.min(state.last_sent());
-            session.shared.cursors.ack(&session.user, &session.device, seq);
+            session.ack(seq);
             session.shared.inbox.note_read(&session.user, seq);
         }
         Command::Subscribe { topic, since } => state.subscribe(topic, since),

@@ -24,7 +24,7 @@ mod transmit;
 
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -40,6 +40,7 @@ use tracing::info;
 
 use crate::Shared;
 use crate::close::{Close, CloseCode};
+use crate::cluster::cursor::cursor_key;
 use crate::cluster::events::{Who, publish_lifecycle};
 use crate::cluster::registry::{LocalSession, SocketInfo};
 use crate::codec::{Codec, HeraldCodec};
@@ -69,11 +70,19 @@ pub(crate) struct Session {
     device: String,
     request: ConnectRequest,
     mailbox: Arc<Mailbox>,
+    /// The device cursor's KV key, made at the first acknowledgement.
+    cursor_key: OnceLock<Box<str>>,
 }
 
 impl Session {
     fn who(&self) -> Who<'_> {
         Who { user: &self.user, device: &self.device, conn: &self.conn, node: &self.shared.config.node_id }
+    }
+
+    /// Notes that the device has everything up to `seq` (written to KV by the next flush).
+    fn ack(&self, seq: u64) {
+        let key = self.cursor_key.get_or_init(|| cursor_key(&self.user, &self.device).into());
+        self.shared.cursors.ack(key, seq);
     }
 }
 
@@ -145,6 +154,7 @@ pub(crate) async fn run_with(
         request,
         mailbox: mailbox.clone(),
         shared: shared.clone(),
+        cursor_key: OnceLock::new(),
     });
     let about = SocketInfo {
         conn: session.conn.clone(),
@@ -271,7 +281,7 @@ fn advance(
         if !transmit.is_busy() && !state.has_frames() {
             // Everything queued is written: what was sent on auto-acknowledged subscriptions counts.
             if let Some(seq) = state.codec_mut().take_auto_ack() {
-                shared.cursors.ack(&session.user, &session.device, seq.min(state.last_sent()));
+                session.ack(seq.min(state.last_sent()));
             }
         }
         count(&shared.metrics, state.take_tally());
