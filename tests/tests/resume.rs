@@ -3,7 +3,7 @@
 
 use herald_shared::frame::ServerFrame;
 use herald_tests::gateway::token;
-use herald_tests::{Publisher, TestGateway, TestNats};
+use herald_tests::{Publisher, TestGateway, TestNats, eventually};
 
 #[tokio::test]
 async fn an_offline_user_gets_everything_in_order_exactly_once_from_since_and_from_its_device_cursor() {
@@ -200,4 +200,35 @@ async fn a_since_beyond_the_stream_replays_nothing_reports_incomplete_and_goes_l
     client.send_json(serde_json::json!({"type": "sub", "topic": "news", "since": u64::MAX})).await;
     assert_eq!(client.next_frame().await, ServerFrame::Subscribed { topic: "news".into() });
     assert_eq!(client.expect_replayed().await, (next + 1, next, 0, false, Some("news".into())));
+}
+
+#[tokio::test]
+async fn a_cursor_written_elsewhere_meanwhile_is_never_moved_back() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let mut phone = gateway.connect_with(&format!("token={}&device=phone", token("ada"))).await;
+    let mut seqs = Vec::new();
+    for n in 0..4 {
+        seqs.push(publisher.publish("push.user.ada", &n.to_string()).await);
+    }
+    assert_eq!(phone.expect_msgs(4).await, seqs);
+    let cursors = nats.jetstream().await.get_key_value("herald-cursors").await.unwrap();
+    let stored = async || cursors.get("ada.phone").await.unwrap().and_then(|v| String::from_utf8(v.to_vec()).ok());
+
+    // The gateway writes the cursor and remembers which revision it wrote.
+    phone.send_json(serde_json::json!({"type": "ack", "seq": seqs[1]})).await;
+    eventually("the cursor at the ack", herald_tests::functions::WAIT, async || {
+        (stored().await == Some(seqs[1].to_string())).then_some(())
+    })
+    .await;
+    // Another writer (the device's next session, on another gateway) moves it on meanwhile.
+    cursors.put("ada.phone", seqs[3].to_string().into()).await.unwrap();
+    // The gateway's next write, at the latest when the connection closes, must not take it back.
+    phone.send_json(serde_json::json!({"type": "ack", "seq": seqs[2]})).await;
+    phone.send_json(serde_json::json!({"type": "ping"})).await;
+    assert_eq!(phone.next_frame().await, ServerFrame::Pong);
+    drop(phone);
+    gateway.wait_metric("herald_gateway_connections", 0.0).await;
+    assert_eq!(stored().await, Some(seqs[3].to_string()));
 }

@@ -3,7 +3,10 @@
 //! Acks are cheap and frequent, so they only update a map in memory; a flusher writes the map to KV
 //! every `cursor_flush_interval`, and a closing connection writes its own cursor at once. Writes
 //! never move a cursor back: each is a compare-and-set against the stored revision, so a slower
-//! gateway flushing an older value after the device moved on loses the race harmlessly.
+//! gateway flushing an older value after the device moved on loses the race harmlessly. While a
+//! device is connected, the gateway remembers the revision it last wrote, so that the next write is
+//! one request instead of a read and a write (a device acknowledges about once a second while
+//! messages flow, so a gateway with many sockets writes that many cursors every second).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,7 +21,7 @@ use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::forward;
+use super::forward::{self, Stored};
 
 /// Cursors written at once by one flush.
 const FLUSH_CONCURRENCY: usize = 32;
@@ -26,8 +29,16 @@ const FLUSH_CONCURRENCY: usize = 32;
 pub(crate) struct Cursors {
     js: jetstream::Context,
     bucket: OnceCell<kv::Store>,
-    /// Acknowledged but not yet written: KV key → seq.
-    pending: Mutex<HashMap<String, u64>>,
+    /// The devices that acknowledged on this gateway since they connected, by KV key.
+    devices: Mutex<HashMap<String, Device>>,
+}
+
+#[derive(Default)]
+struct Device {
+    /// Acknowledged but not yet written.
+    pending: Option<u64>,
+    /// What this gateway last wrote.
+    written: Option<Stored>,
 }
 
 /// A cursor could not be read or written.
@@ -51,7 +62,7 @@ fn lost_key(user: &str, device: &str) -> String {
 
 impl Cursors {
     pub(crate) fn new(js: jetstream::Context) -> Cursors {
-        Cursors { js, bucket: OnceCell::new(), pending: Mutex::new(HashMap::new()) }
+        Cursors { js, bucket: OnceCell::new(), devices: Mutex::new(HashMap::new()) }
     }
 
     async fn bucket(&self) -> Result<&kv::Store, CursorError> {
@@ -81,15 +92,18 @@ impl Cursors {
         Ok(forward::parse(&value))
     }
 
+    fn devices(&self) -> std::sync::MutexGuard<'_, HashMap<String, Device>> {
+        self.devices.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Records an acknowledgement; written by the next flush.
     pub(crate) fn ack(&self, key: &str, seq: u64) {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        match pending.get_mut(key) {
-            Some(pending) => *pending = (*pending).max(seq),
-            None => {
-                pending.insert(key.to_string(), seq);
-            }
-        }
+        let mut devices = self.devices();
+        let device = match devices.get_mut(key) {
+            Some(device) => device,
+            None => devices.entry(key.to_string()).or_default(),
+        };
+        device.pending = Some(device.pending.unwrap_or(0).max(seq));
     }
 
     /// Sets a new device's first cursor now (its first connection started live at `seq`).
@@ -100,27 +114,39 @@ impl Cursors {
         }
     }
 
-    /// Writes the device's pending cursor now (a connection is closing).
+    /// Writes the device's pending cursor now and forgets the device (a connection is closing).
     pub(crate) async fn flush_device(&self, user: &str, device: &str) {
         let key = cursor_key(user, device);
-        let seq = self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
-        if let Some(seq) = seq
-            && let Err(e) = self.store(&key, seq).await
-        {
+        let Some(Device { pending: Some(seq), written }) = self.devices().remove(&key) else { return };
+        if let Err(e) = self.write(&key, seq, written).await {
             warn!(%key, seq, error = %e, "cursor not written");
         }
     }
 
     /// Writes every pending cursor.
     pub(crate) async fn flush(&self) {
-        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        let pending: Vec<(String, u64, Option<Stored>)> = self
+            .devices()
+            .iter_mut()
+            .filter_map(|(key, device)| Some((key.clone(), device.pending.take()?, device.written)))
+            .collect();
         futures::stream::iter(pending)
-            .for_each_concurrent(FLUSH_CONCURRENCY, |(key, seq)| async move {
-                if let Err(e) = self.store(&key, seq).await {
-                    warn!(%key, seq, error = %e, "cursor not written");
+            .for_each_concurrent(FLUSH_CONCURRENCY, |(key, seq, written)| async move {
+                match self.write(&key, seq, written).await {
+                    Ok(stored) => self.remember(&key, stored),
+                    Err(e) => warn!(%key, seq, error = %e, "cursor not written"),
                 }
             })
             .await;
+    }
+
+    /// Notes what a flush wrote for a device that is still connected.
+    fn remember(&self, key: &str, stored: Stored) {
+        if let Some(device) = self.devices().get_mut(key)
+            && device.written.is_none_or(|written| written.revision < stored.revision)
+        {
+            device.written = Some(stored);
+        }
     }
 
     /// Flushes every `interval` until `shutdown`, then once more.
@@ -135,6 +161,10 @@ impl Cursors {
 
     /// Moves the stored cursor at `key` up to `seq`, never down.
     async fn store(&self, key: &str, seq: u64) -> Result<(), CursorError> {
-        forward::advance(self.bucket().await?, key, seq).await.map(|_| ()).map_err(error)
+        self.write(key, seq, None).await.map(|_| ())
+    }
+
+    async fn write(&self, key: &str, seq: u64, written: Option<Stored>) -> Result<Stored, CursorError> {
+        forward::advance_from(self.bucket().await?, key, seq, written).await.map_err(error)
     }
 }

@@ -23,22 +23,48 @@ pub(crate) async fn load(bucket: &kv::Store, key: &str) -> Result<Option<u64>, K
     Ok(value.as_deref().and_then(parse))
 }
 
+/// What a key holds after a write: its sequence and the revision that wrote it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Stored {
+    pub(crate) seq: u64,
+    pub(crate) revision: u64,
+}
+
 /// Moves the sequence at `key` up to `seq`, never down; returns the value stored afterwards.
 pub(crate) async fn advance(bucket: &kv::Store, key: &str, seq: u64) -> Result<u64, KvError> {
+    Ok(advance_from(bucket, key, seq, None).await?.seq)
+}
+
+/// [`advance`], given what this process last wrote at `key` (if anything): when nobody wrote
+/// since, one compare-and-set does it without reading the key first.
+pub(crate) async fn advance_from(
+    bucket: &kv::Store,
+    key: &str,
+    seq: u64,
+    last_written: Option<Stored>,
+) -> Result<Stored, KvError> {
     let value = Bytes::from(seq.to_string());
+    if let Some(last) = last_written {
+        if last.seq >= seq {
+            return Ok(last);
+        }
+        if let Ok(revision) = bucket.update(key, value.clone(), last.revision).await {
+            return Ok(Stored { seq, revision });
+        }
+    }
     for _ in 0..MAX_ATTEMPTS {
         let written = match bucket.entry(key).await.map_err(error)? {
             Some(entry) if entry.operation == kv::Operation::Put => {
                 let stored = parse(&entry.value).unwrap_or(0);
                 if stored >= seq {
-                    return Ok(stored);
+                    return Ok(Stored { seq: stored, revision: entry.revision });
                 }
-                bucket.update(key, value.clone(), entry.revision).await.is_ok()
+                bucket.update(key, value.clone(), entry.revision).await.ok()
             }
-            _ => bucket.create(key, value.clone()).await.is_ok(),
+            _ => bucket.create(key, value.clone()).await.ok(),
         };
-        if written {
-            return Ok(seq);
+        if let Some(revision) = written {
+            return Ok(Stored { seq, revision });
         }
     }
     Err(error(format!("{key}: too many concurrent writers")))
