@@ -6,8 +6,9 @@
 //! at `rate / C` messages per second; it keeps up when every expected delivery (messages × C)
 //! arrived, the last one no later than the floor plus [`DRAIN_SHARE`] of the step's duration after
 //! the step (so the backlog never exceeded a tenth of a step's deliveries), the publisher held its
-//! pace (see [`crate::publish::Paced::kept_pace`]) and no connection was closed. The result is the highest offered rate that kept up, with the
-//! CPU the processes used at that step.
+//! pace (see [`crate::publish::Paced::kept_pace`]) and no connection was closed. A rate fails only
+//! when every one of a few tries at it failed. The result is the highest offered rate that kept up,
+//! with the CPU the processes used at that step.
 
 use std::time::Instant;
 
@@ -48,6 +49,10 @@ pub struct FanoutOptions {
     /// up only when they come within 10% of its duration).
     #[arg(id = "fanout-grace-secs", long = "fanout-grace-secs", value_name = "SECS", default_value_t = 1.0)]
     pub grace_secs: f64,
+    /// Tries at each rate: a rate fails only when every try failed (one late step on a shared
+    /// machine is often the scheduler, not the target).
+    #[arg(id = "fanout-attempts", long = "fanout-attempts", value_name = "N", default_value_t = 2)]
+    pub attempts: usize,
     /// Most steps per connection count.
     #[arg(id = "fanout-max-steps", long = "fanout-max-steps", value_name = "N", default_value_t = 20)]
     pub max_steps: usize,
@@ -125,10 +130,11 @@ pub async fn run(ctx: &Context, options: &FanoutOptions) -> Report {
     })
     .await;
     report.note(format!(
-        "a step ({} s) keeps up when its last delivery arrives within one message's fan-out time + {:.0}% of the step after it and no socket is closed; steps grow ×{}",
+        "a step ({} s) keeps up when its last delivery arrives within one message's fan-out time + {:.0}% of the step after it and no socket is closed; steps grow ×{}; a rate fails after {} failed tries",
         options.step_secs,
         DRAIN_SHARE * 100.0,
-        options.factor
+        options.factor,
+        options.attempts
     ));
     report
 }
@@ -161,7 +167,10 @@ pub async fn search(ctx: &Context, options: &FanoutOptions, target: &Target, con
     let steps = search.climb().await?;
     let one_message_secs = search.one_message_secs;
     fleet.stop().await;
-    let best = steps.iter().rfind(|step| step.kept_up);
+    let best = steps
+        .iter()
+        .filter(|step| step.kept_up)
+        .max_by(|a, b| a.offered_deliveries_per_sec.total_cmp(&b.offered_deliveries_per_sec));
     let stopped_by = match steps.last() {
         Some(Step { reason: Some(reason), offered_deliveries_per_sec, .. }) => {
             format!("{reason} at {offered_deliveries_per_sec:.0} deliveries/s")
@@ -212,13 +221,15 @@ impl Search<'_> {
         Ok(slowest)
     }
 
-    /// Raises the rate step by step until a step does not keep up. When the first step already
-    /// fails, it goes down instead (after the backlog drained) until one keeps up, so a slow target
+    /// Raises the rate step by step until a rate does not keep up in any of `attempts` tries (the
+    /// backlog of a failed try drains before the next). When the first rate already fails, it goes
+    /// down instead (after the backlog drained) until one keeps up, so a slow target
     /// still gets a figure.
     async fn climb(&mut self) -> Result<Vec<Step>> {
         let (options, connections) = (self.options, self.connections);
         let mut steps: Vec<Step> = Vec::new();
         let mut rate = options.start;
+        let mut failed_tries = 0;
         for _ in 0..options.max_steps {
             let step = self.step(rate / connections as f64).await?;
             progress(&format!(
@@ -233,10 +244,14 @@ impl Search<'_> {
             steps.push(step);
             if kept_up {
                 rate *= options.factor;
+                failed_tries = 0;
+            } else if ended == 0 && failed_tries + 1 < options.attempts && self.drained().await {
+                failed_tries += 1;
             } else if steps.iter().any(|step| step.kept_up) || ended > 0 || !self.drained().await {
                 break;
             } else {
                 rate /= options.factor * options.factor;
+                failed_tries = 0;
             }
         }
         Ok(steps)
