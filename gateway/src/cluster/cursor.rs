@@ -1,7 +1,9 @@
 //! Device cursors in KV `herald-cursors`: the last `seq` each user's device acknowledged.
 //!
-//! Acks are cheap and frequent, so they only update a map in memory; a flusher writes the map to KV
-//! every `cursor_flush_interval`, and a closing connection writes its own cursor at once. Writes
+//! Acks are cheap and frequent (a STOMP `ack:auto` subscription acknowledges every write), so they
+//! only raise an atomic in the device's [`DeviceCursor`], held by its sessions on this gateway; a
+//! flusher writes the cursors that moved to KV every `cursor_flush_interval`, and a closing
+//! connection writes its own at once. Writes
 //! never move a cursor back: each is a compare-and-set against the stored revision, so a slower
 //! gateway flushing an older value after the device moved on loses the race harmlessly. While a
 //! device is connected, the gateway remembers the revision it last wrote, so that the next write is
@@ -9,7 +11,8 @@
 //! messages flow, so a gateway with many sockets writes that many cursors every second).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
@@ -29,16 +32,47 @@ const FLUSH_CONCURRENCY: usize = 32;
 pub(crate) struct Cursors {
     js: jetstream::Context,
     bucket: OnceCell<kv::Store>,
-    /// The devices that acknowledged on this gateway since they connected, by KV key.
-    devices: Mutex<HashMap<String, Device>>,
+    /// The devices whose sessions on this gateway acknowledged something, by KV key.
+    devices: Mutex<HashMap<Box<str>, Held>>,
 }
 
-#[derive(Default)]
-struct Device {
-    /// Acknowledged but not yet written.
-    pending: Option<u64>,
-    /// What this gateway last wrote.
-    written: Option<Stored>,
+/// A device's cursor and how many of its sessions on this gateway hold it.
+struct Held {
+    cursor: Arc<DeviceCursor>,
+    sessions: usize,
+}
+
+/// A connected device's acknowledgements, raised by its sessions without a lock.
+pub(crate) struct DeviceCursor {
+    key: Box<str>,
+    acked: AtomicU64,
+    /// What this gateway last wrote at `key`.
+    written: Mutex<Option<Stored>>,
+}
+
+impl DeviceCursor {
+    /// Records that the device has everything up to `seq`.
+    pub(crate) fn ack(&self, seq: u64) {
+        self.acked.fetch_max(seq, Ordering::Relaxed);
+    }
+
+    fn written(&self) -> MutexGuard<'_, Option<Stored>> {
+        self.written.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The seq to write, when the device acknowledged past what was written.
+    fn due(&self) -> Option<(u64, Option<Stored>)> {
+        let seq = self.acked.load(Ordering::Relaxed);
+        let written = *self.written();
+        (seq > written.map_or(0, |written| written.seq)).then_some((seq, written))
+    }
+
+    fn remember(&self, stored: Stored) {
+        let mut written = self.written();
+        if written.is_none_or(|written| written.revision < stored.revision) {
+            *written = Some(stored);
+        }
+    }
 }
 
 /// A cursor could not be read or written.
@@ -92,18 +126,19 @@ impl Cursors {
         Ok(forward::parse(&value))
     }
 
-    fn devices(&self) -> std::sync::MutexGuard<'_, HashMap<String, Device>> {
+    fn devices(&self) -> MutexGuard<'_, HashMap<Box<str>, Held>> {
         self.devices.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records an acknowledgement; written by the next flush.
-    pub(crate) fn ack(&self, key: &str, seq: u64) {
+    /// The device's cursor, for a session that acknowledges; give it back with [`Cursors::release`].
+    pub(crate) fn hold(&self, user: &str, device: &str) -> Arc<DeviceCursor> {
         let mut devices = self.devices();
-        let device = match devices.get_mut(key) {
-            Some(device) => device,
-            None => devices.entry(key.to_string()).or_default(),
-        };
-        device.pending = Some(device.pending.unwrap_or(0).max(seq));
+        let held = devices.entry(cursor_key(user, device).into()).or_insert_with_key(|key| Held {
+            cursor: Arc::new(DeviceCursor { key: key.clone(), acked: AtomicU64::new(0), written: Mutex::new(None) }),
+            sessions: 0,
+        });
+        held.sessions += 1;
+        held.cursor.clone()
     }
 
     /// Sets a new device's first cursor now (its first connection started live at `seq`).
@@ -114,38 +149,36 @@ impl Cursors {
         }
     }
 
-    /// Writes the device's pending cursor now and forgets the device (a connection is closing).
-    pub(crate) async fn flush_device(&self, user: &str, device: &str) {
-        let key = cursor_key(user, device);
-        let Some(Device { pending: Some(seq), written }) = self.devices().remove(&key) else { return };
-        if let Err(e) = self.write(&key, seq, written).await {
-            warn!(%key, seq, error = %e, "cursor not written");
+    /// Writes the device's cursor now if it moved; the device is forgotten when no session of it
+    /// holds it any more (a connection is closing).
+    pub(crate) async fn release(&self, cursor: &Arc<DeviceCursor>) {
+        {
+            let mut devices = self.devices();
+            if let Some(held) = devices.get_mut(&cursor.key)
+                && Arc::ptr_eq(&held.cursor, cursor)
+            {
+                held.sessions -= 1;
+                if held.sessions == 0 {
+                    devices.remove(&cursor.key);
+                }
+            }
         }
+        self.write_due(cursor).await;
     }
 
-    /// Writes every pending cursor.
+    /// Writes every cursor that moved.
     pub(crate) async fn flush(&self) {
-        let pending: Vec<(String, u64, Option<Stored>)> = self
-            .devices()
-            .iter_mut()
-            .filter_map(|(key, device)| Some((key.clone(), device.pending.take()?, device.written)))
-            .collect();
-        futures::stream::iter(pending)
-            .for_each_concurrent(FLUSH_CONCURRENCY, |(key, seq, written)| async move {
-                match self.write(&key, seq, written).await {
-                    Ok(stored) => self.remember(&key, stored),
-                    Err(e) => warn!(%key, seq, error = %e, "cursor not written"),
-                }
-            })
+        let cursors: Vec<Arc<DeviceCursor>> = self.devices().values().map(|held| held.cursor.clone()).collect();
+        futures::stream::iter(cursors)
+            .for_each_concurrent(FLUSH_CONCURRENCY, |cursor| async move { self.write_due(&cursor).await })
             .await;
     }
 
-    /// Notes what a flush wrote for a device that is still connected.
-    fn remember(&self, key: &str, stored: Stored) {
-        if let Some(device) = self.devices().get_mut(key)
-            && device.written.is_none_or(|written| written.revision < stored.revision)
-        {
-            device.written = Some(stored);
+    async fn write_due(&self, cursor: &DeviceCursor) {
+        let Some((seq, written)) = cursor.due() else { return };
+        match self.write(&cursor.key, seq, written).await {
+            Ok(stored) => cursor.remember(stored),
+            Err(e) => warn!(key = %cursor.key, seq, error = %e, "cursor not written"),
         }
     }
 
@@ -166,5 +199,38 @@ impl Cursors {
 
     async fn write(&self, key: &str, seq: u64, written: Option<Stored>) -> Result<Stored, CursorError> {
         forward::advance_from(self.bucket().await?, key, seq, written).await.map_err(error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cursor() -> DeviceCursor {
+        DeviceCursor { key: "ada.phone".into(), acked: AtomicU64::new(0), written: Mutex::new(None) }
+    }
+
+    #[test]
+    fn a_cursor_is_due_only_when_acknowledged_past_what_was_written() {
+        let cursor = cursor();
+        assert_eq!(cursor.due(), None, "nothing acknowledged yet");
+        cursor.ack(7);
+        cursor.ack(5);
+        assert_eq!(cursor.due(), Some((7, None)), "the highest ack counts");
+        let stored = Stored { seq: 7, revision: 3 };
+        cursor.remember(stored);
+        assert_eq!(cursor.due(), None);
+        cursor.ack(6);
+        assert_eq!(cursor.due(), None, "an older ack writes nothing");
+        cursor.ack(9);
+        assert_eq!(cursor.due(), Some((9, Some(stored))), "the next write starts from the revision written");
+    }
+
+    #[test]
+    fn a_late_answer_for_an_older_write_does_not_replace_a_newer_one() {
+        let cursor = cursor();
+        cursor.remember(Stored { seq: 9, revision: 5 });
+        cursor.remember(Stored { seq: 7, revision: 4 });
+        assert_eq!(*cursor.written(), Some(Stored { seq: 9, revision: 5 }));
     }
 }

@@ -40,7 +40,7 @@ use tracing::info;
 
 use crate::Shared;
 use crate::close::{Close, CloseCode};
-use crate::cluster::cursor::cursor_key;
+use crate::cluster::cursor::DeviceCursor;
 use crate::cluster::events::{Who, publish_lifecycle};
 use crate::cluster::registry::{LocalSession, SocketInfo};
 use crate::codec::{Codec, HeraldCodec};
@@ -70,8 +70,8 @@ pub(crate) struct Session {
     device: String,
     request: ConnectRequest,
     mailbox: Arc<Mailbox>,
-    /// The device cursor's KV key, made at the first acknowledgement.
-    cursor_key: OnceLock<Box<str>>,
+    /// The device's cursor, held from the first acknowledgement on.
+    cursor: OnceLock<Arc<DeviceCursor>>,
 }
 
 impl Session {
@@ -81,8 +81,7 @@ impl Session {
 
     /// Notes that the device has everything up to `seq` (written to KV by the next flush).
     fn ack(&self, seq: u64) {
-        let key = self.cursor_key.get_or_init(|| cursor_key(&self.user, &self.device).into());
-        self.shared.cursors.ack(key, seq);
+        self.cursor.get_or_init(|| self.shared.cursors.hold(&self.user, &self.device)).ack(seq);
     }
 }
 
@@ -154,7 +153,7 @@ pub(crate) async fn run_with(
         request,
         mailbox: mailbox.clone(),
         shared: shared.clone(),
-        cursor_key: OnceLock::new(),
+        cursor: OnceLock::new(),
     });
     let about = SocketInfo {
         conn: session.conn.clone(),
@@ -360,7 +359,9 @@ async fn finish(
     // A killed gateway leaves things as a crashed process would.
     if !shared.killed.is_cancelled() {
         shared.policies.release(&session.user, &session.device, &session.conn).await;
-        shared.cursors.flush_device(&session.user, &session.device).await;
+        if let Some(cursor) = session.cursor.get() {
+            shared.cursors.release(cursor).await;
+        }
         publish_lifecycle(&shared.client, &session.who(), Some(&close)).await;
     }
     shared.metrics.connections.dec();
