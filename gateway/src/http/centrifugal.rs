@@ -102,7 +102,8 @@ impl Refused {
 async fn serve(shared: Arc<Shared>, mut socket: Socket, address: IpAddr, protobuf: bool) {
     let conn = crate::id::random_id(12);
     let accepted = tokio::select! {
-        accepted = accept(&shared, &mut socket, &conn, protobuf) => accepted,
+        // Boxed: a task is as large as its largest state, and accepting runs once.
+        accepted = Box::pin(accept(&shared, &mut socket, &conn, protobuf)) => accepted,
         _ = shared.shutdown.cancelled() => Err(Refused::close(disconnect::SHUTDOWN, "shutting down")),
     };
     match accepted {

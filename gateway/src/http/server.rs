@@ -138,7 +138,8 @@ async fn upgrade(
             Ok(socket) => session::run(shared, socket.into_inner().into_inner(), connect, conn, address).await,
             Err(error) => {
                 debug!(%error, "upgrade failed");
-                shared.policies.cancel_reservation(&connect.claims.sub, &conn).await;
+                // Boxed: a task is as large as its largest state, and this one is rare.
+                Box::pin(shared.policies.cancel_reservation(&connect.claims.sub, &conn)).await;
             }
         }
     });

@@ -210,7 +210,8 @@ async fn serve_opened(
     conn: String,
 ) {
     let accepted = tokio::select! {
-        accepted = accept(&shared, &mut socket, &conn, query_token) => accepted,
+        // Boxed: a task is as large as its largest state, and accepting runs once.
+        accepted = Box::pin(accept(&shared, &mut socket, &conn, query_token)) => accepted,
         _ = shared.shutdown.cancelled() => Err("the server is shutting down".to_string()),
     };
     match accepted {

@@ -150,7 +150,8 @@ async fn connect(
 ) {
     let deadline = shared.config.heartbeat + shared.config.heartbeat_timeout;
     let frame = tokio::select! {
-        frame = tokio::time::timeout(deadline, first_frame(&mut reader, &mut write_half)) => frame,
+        // Boxed (here and below): a task is as large as its largest state, and these run once.
+        frame = Box::pin(tokio::time::timeout(deadline, first_frame(&mut reader, &mut write_half))) => frame,
         _ = shared.shutdown.cancelled() => return,
     };
     let frame = match frame {
@@ -164,7 +165,7 @@ async fn connect(
         Err(refusal) => return refuse(&mut write_half, refusal).await,
     };
     let conn = crate::id::random_id(12);
-    match shared.policies.reserve(&request.claims.sub, &conn).await {
+    match Box::pin(shared.policies.reserve(&request.claims.sub, &conn)).await {
         Ok(()) => {}
         Err(error @ PolicyError::Taken) => {
             return refuse(&mut write_half, refused("conflict", error.to_string())).await;

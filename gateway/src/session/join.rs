@@ -18,7 +18,7 @@ use crate::config::NewDeviceReplay;
 
 /// Subscribes, reads the stream's bounds and where the device resumes, and returns the session,
 /// `welcome` queued.
-pub(super) async fn open(session: &Session, codec: Codec) -> Result<SessionState, Close> {
+pub(super) async fn open(session: &Session, codec: Codec) -> Result<Box<SessionState>, Close> {
     let shared = &session.shared;
     let audiences = audiences_of(&session.user, session.request.topics.iter());
     let attached = shared
@@ -60,7 +60,7 @@ pub(super) async fn open(session: &Session, codec: Codec) -> Result<SessionState
         read,
         unread,
     };
-    Ok(SessionState::new(Params {
+    Ok(Box::new(SessionState::new(Params {
         user: session.user.clone(),
         local: attached.user,
         codec,
@@ -72,7 +72,7 @@ pub(super) async fn open(session: &Session, codec: Codec) -> Result<SessionState
         welcome,
         bounds,
         start,
-    }))
+    })))
 }
 
 /// Where a connection resumes.

@@ -197,10 +197,10 @@ pub(crate) async fn run_with(
 /// Serves the connection until it must close; returns why, and the session if it opened.
 async fn serve(
     session: &Arc<Session>,
-    mut state: SessionState,
+    mut state: Box<SessionState>,
     mut reader: MessageReader<ReadHalf>,
     transmit: &mut Transmit<WriteHalf>,
-) -> (Close, Option<SessionState>) {
+) -> (Close, Option<Box<SessionState>>) {
     let shared = &session.shared;
     let config = &shared.config;
     let now = Instant::now();
@@ -333,7 +333,7 @@ fn count(metrics: &crate::http::metrics::Metrics, tally: Tally) {
 /// Closes the socket with `close` and releases what the session held.
 async fn finish(
     session: &Session,
-    state: Option<SessionState>,
+    state: Option<Box<SessionState>>,
     format: crate::codec::WireFormat,
     mut transmit: Transmit<WriteHalf>,
     close: Close,
@@ -342,13 +342,13 @@ async fn finish(
     if close.code == CloseCode::SlowConsumer {
         shared.metrics.slow_consumer_closes.inc();
     }
-    let audiences = state.as_ref().map(SessionState::audiences).unwrap_or_else(|| join_audiences(session));
+    let audiences = state.as_deref().map(SessionState::audiences).unwrap_or_else(|| join_audiences(session));
     shared.router.detach(session.key, audiences, true).await;
     shared.registry.remove(&session.conn);
     shared.metrics.users.set(shared.registry.counts().users as i64);
     // 1006 means the connection is gone (or the gateway was killed): nothing is sent.
     if close.code.is_sent() {
-        let codec = state.as_ref().map(SessionState::codec);
+        let codec = state.as_deref().map(SessionState::codec);
         let last: Option<Bytes> = match codec {
             Some(codec) => codec.close(&close),
             None => Codec::close_unopened(format, &close),
