@@ -8,6 +8,9 @@ use herald_gateway::{Config, Gateway, dev_token};
 use herald_shared::token::{Claims, issue_hs256, now_secs};
 use serde::Serialize;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Herald's WebSocket gateway. Settings: defaults < --config file < HERALD_* environment < flags.
 #[derive(Parser)]
 #[command(version)]
