@@ -55,6 +55,10 @@ pub struct Common {
     /// Targets, comma-separated.
     #[arg(long, value_delimiter = ',', default_values = ["herald", "nats-ws", "raw"])]
     pub targets: Vec<TargetKind>,
+    /// Herald's protocols to compare, comma-separated, in place of --targets: `--protocol json,stomp`
+    /// runs the targets `herald,herald-stomp`.
+    #[arg(long = "protocol", value_delimiter = ',', value_name = "LIST", conflicts_with = "targets")]
+    pub protocols: Vec<WireProtocol>,
     /// Size of every published payload in bytes.
     #[arg(long, default_value_t = 100)]
     pub payload_bytes: usize,
@@ -82,6 +86,41 @@ pub struct Common {
     /// Seconds a client may take to connect and get its welcome.
     #[arg(long, default_value_t = 30.0)]
     pub connect_timeout_secs: f64,
+}
+
+/// A protocol the gateway speaks, for `--protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WireProtocol {
+    /// Herald's own JSON protocol at /ws.
+    Json,
+    /// STOMP 1.2 at /stomp.
+    Stomp,
+    /// The Centrifugal protocol (JSON) at /connection/websocket.
+    Centrifugal,
+    /// Socket.IO (WebSocket transport) at /socket.io/.
+    Socketio,
+}
+
+impl WireProtocol {
+    /// The target whose clients speak this protocol.
+    pub fn target(self) -> TargetKind {
+        match self {
+            WireProtocol::Json => TargetKind::Herald,
+            WireProtocol::Stomp => TargetKind::HeraldStomp,
+            WireProtocol::Centrifugal => TargetKind::HeraldCentrifugal,
+            WireProtocol::Socketio => TargetKind::HeraldSocketio,
+        }
+    }
+}
+
+impl Common {
+    /// The targets to run: those of `--protocol` when given, else `--targets`.
+    fn chosen_targets(&self) -> Vec<TargetKind> {
+        match self.protocols.as_slice() {
+            [] => self.targets.clone(),
+            protocols => protocols.iter().map(|protocol| protocol.target()).collect(),
+        }
+    }
 }
 
 /// One scenario.
@@ -209,7 +248,8 @@ fn context(common: &Common) -> Result<Context> {
     let bench = std::env::current_exe().context("locate this binary")?;
     let gateway = common.gateway_bin.clone().unwrap_or_else(|| bench.with_file_name("herald-gateway"));
     let nats_server = common.nats_server.clone().unwrap_or_else(|| find_nats_server(&bench));
-    if common.targets.is_empty() {
+    let targets = common.chosen_targets();
+    if targets.is_empty() {
         bail!("no targets");
     }
     limits::raise_nofile()?;
@@ -224,7 +264,7 @@ fn context(common: &Common) -> Result<Context> {
             raw_args: common.raw_args.clone(),
             stream_max_msgs_per_subject: None,
         },
-        targets: common.targets.clone(),
+        targets,
         payload_bytes: common.payload_bytes,
         sources: common.sources,
         connect_timeout: secs(common.connect_timeout_secs),
@@ -270,5 +310,13 @@ mod tests {
             .unwrap();
         let Command::Fanout(fanout) = cli.command else { panic!("not fanout") };
         assert_eq!(fanout.common.raw_args, ["--coalesce=1", "--threads=1"]);
+        let cli =
+            Cli::try_parse_from(["herald-bench", "fanout", "--protocol", "json,stomp,centrifugal,socketio"]).unwrap();
+        let Command::Fanout(fanout) = cli.command else { panic!("not fanout") };
+        assert_eq!(
+            fanout.common.chosen_targets(),
+            [TargetKind::Herald, TargetKind::HeraldStomp, TargetKind::HeraldCentrifugal, TargetKind::HeraldSocketio]
+        );
+        assert!(Cli::try_parse_from(["herald-bench", "fanout", "--protocol", "json", "--targets", "raw"]).is_err());
     }
 }
