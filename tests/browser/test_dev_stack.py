@@ -38,7 +38,14 @@ class DevStack:
         env.update(HERALD_DEV_PROFILE="dev", HERALD_DEV_DATA=str(data), NO_COLOR="1")
         with open(self.output, "w") as out:
             self.process = subprocess.Popen(
-                [str(ROOT / "scripts/dev")], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+                [str(ROOT / "scripts/dev")],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                # A test suite started as a background job of a non-interactive shell ignores SIGINT, and
+                # bash cannot trap a signal ignored when it starts: give the script Ctrl-C back.
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
             )
 
     def text(self):
