@@ -74,6 +74,7 @@ async fn kv_buckets_missing_while_the_stream_exists_are_recreated_and_the_gatewa
         .await;
     }
     eventually("readyz 200", Duration::from_secs(30), || async { (gateway.readyz().await == 200).then_some(()) }).await;
+    assert!(gateway.metric("herald_gateway_kv_buckets_recreated_total").await >= 1.0);
 
     // Everything works on the new buckets: sockets, delivery, and a preference applied live.
     let mut client = gateway.connect("phoenix").await;
@@ -93,6 +94,20 @@ async fn kv_buckets_missing_while_the_stream_exists_are_recreated_and_the_gatewa
         assert_eq!(msg.seq, ad);
         assert_eq!(client.expect_msg().await.seq, marker);
     }
+}
+
+#[tokio::test]
+async fn buckets_still_being_made_when_the_gateway_starts_are_not_taken_for_recreated_ones() {
+    // The functions make the buckets one after another: a gateway starting meanwhile finds some.
+    let nats = TestNats::start().await;
+    let js = nats.jetstream().await;
+    herald_shared::stream::ensure_buckets(&js, &Default::default()).await.unwrap();
+    js.delete_key_value("herald-config").await.unwrap();
+
+    let gateway = TestGateway::start(&nats).await;
+    assert!(js.get_key_value("herald-config").await.is_ok());
+    // Nothing was lost, so the KV watches were not restarted (that logs a warning).
+    assert_eq!(gateway.metric("herald_gateway_kv_buckets_recreated_total").await, 0.0);
 }
 
 /// The real binary, stopped by a real SIGTERM, as an orchestrator stops it.

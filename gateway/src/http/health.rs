@@ -91,10 +91,12 @@ pub(crate) async fn monitor(
     shutdown: CancellationToken,
 ) {
     let mut was_ok = false;
+    let mut seen = false;
     while !shutdown.is_cancelled() {
         let connected = health.nats_connected();
         metrics.nats_connected.set(connected as i64);
-        let ok = connected && check_stream(&js, &settings, &health).await;
+        let ok = connected && check_stream(&js, &settings, &health, &metrics, seen).await;
+        seen |= ok;
         health.stream_ok.store(ok, Ordering::Release);
         if ok != was_ok {
             info!(ready = ok, "readiness changed");
@@ -111,8 +113,14 @@ pub(crate) async fn monitor(
 /// Whether the stream and every KV bucket exist; whatever is missing is (re)created, whenever it
 /// is found missing: at start, after NATS came back without its store, or when a fresh cluster had
 /// no JetStream leader when the first gateway tried (the stream may then be made by one gateway
-/// and the buckets by none).
-async fn check_stream(js: &jetstream::Context, settings: &StreamSettings, health: &Health) -> bool {
+/// and the buckets by none). `seen`: this gateway has found them all present before.
+async fn check_stream(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+    health: &Health,
+    metrics: &Metrics,
+    seen: bool,
+) -> bool {
     let missing = missing(js).await;
     if missing.is_empty() {
         return true;
@@ -127,9 +135,12 @@ async fn check_stream(js: &jetstream::Context, settings: &StreamSettings, health
         return false;
     }
     info!("stream HERALD and KV buckets ready");
-    // The KV watches follow the buckets: only a bucket made anew restarts them (a stream replaced
-    // alone leaves them running, and the gateway ready).
-    if missing.iter().any(|name| *name != STREAM) {
+    // The KV watches follow the buckets: only a bucket lost and made anew restarts them (a stream
+    // replaced alone leaves them running, and the gateway ready). Buckets missing before the first
+    // complete check are being made for the first time, perhaps by the functions at this moment:
+    // no watch can have followed them.
+    if seen && missing.iter().any(|name| *name != STREAM) {
+        metrics.buckets_recreated.inc();
         health.recreated.send_modify(|count| *count += 1);
     }
     true

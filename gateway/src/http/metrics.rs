@@ -36,6 +36,7 @@ pub(crate) struct Metrics {
     pub(crate) repairs: Counter,
     pub(crate) unrepairable_gaps: Counter,
     pub(crate) nats_connected: Gauge,
+    pub(crate) buckets_recreated: Counter,
     pub(crate) rpc_calls: Family<RpcLabels, Counter>,
     pub(crate) connections_refused: Family<RefusalLabels, Counter>,
     registry: Registry,
@@ -59,6 +60,7 @@ impl Metrics {
             repairs: Counter::default(),
             unrepairable_gaps: Counter::default(),
             nats_connected: Gauge::default(),
+            buckets_recreated: Counter::default(),
             rpc_calls: Family::default(),
             connections_refused: Family::default(),
             registry: Registry::default(),
@@ -82,6 +84,11 @@ impl Metrics {
             m.unrepairable_gaps.clone(),
         );
         registry.register("nats_connected", "1 while connected to NATS", m.nats_connected.clone());
+        registry.register(
+            "kv_buckets_recreated",
+            "Times KV buckets this gateway had seen were found lost and made anew",
+            m.buckets_recreated.clone(),
+        );
         registry.register("rpc_calls", "rpc frames by function and outcome", m.rpc_calls.clone());
         registry.register(
             "connections_refused",
