@@ -96,6 +96,12 @@ impl TestGateway {
             .unwrap_or(0.0)
     }
 
+    /// Connections refused with `status` and `reason` (`herald_gateway_connections_refused_total`).
+    pub async fn refusals(&self, status: u16, reason: &str) -> f64 {
+        self.metric(&format!(r#"herald_gateway_connections_refused_total{{status="{status}",reason="{reason}"}}"#))
+            .await
+    }
+
     /// Waits until metric `name` equals `value`.
     pub async fn wait_metric(&self, name: &str, value: f64) {
         eventually(&format!("{name} == {value}"), Duration::from_secs(30), || async {

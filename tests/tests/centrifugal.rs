@@ -264,6 +264,8 @@ async fn raw_frames_get_centrifugal_errors_and_disconnect_codes() {
     let mut raw = Raw::open(&gateway).await;
     raw.send(&json!({"id": 1, "connect": {"token": token_with("cf5", &[], -10)}}).to_string()).await;
     assert_eq!(raw.reply().await, json!({"id": 1, "error": {"code": 109, "message": "token expired"}}));
+    // Each refusal is counted as `/ws` counts the same error.
+    assert_eq!((gateway.refusals(400, "bad_request").await, gateway.refusals(401, "unauthorized").await), (2.0, 1.0));
 
     // Recovery with another stream's epoch is not claimed.
     let mut raw = Raw::open(&gateway).await;

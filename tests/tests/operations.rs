@@ -289,6 +289,19 @@ async fn refused_connections_are_counted_by_status_and_reason() {
     sam.expect_welcome().await;
     let full = WsClient::connect_with_headers(&url(format!("token={}", token("tom"))), &from("203.0.113.3")).await;
     assert_eq!(refused(full), (503, "too_many_connections".into()));
+    // The endpoints of the other protocols count theirs alike.
+    let polling = reqwest::Client::new()
+        .get(gateway.http_url("/socket.io/?EIO=4&transport=polling"))
+        .header("X-Forwarded-For", "203.0.113.3")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(polling.status().as_u16(), 503);
+    let centrifugal = format!("ws://{}/connection/websocket", gateway.addr);
+    assert_eq!(
+        refused(WsClient::connect_with_headers(&centrifugal, &from("203.0.113.3")).await),
+        (503, "too_many_connections".into())
+    );
 
     let expected = [
         ("401", "unauthorized", 1.0),
@@ -298,7 +311,7 @@ async fn refused_connections_are_counted_by_status_and_reason() {
         ("426", "upgrade_required", 1.0),
         ("409", "conflict", 1.0),
         ("429", "too_many_connections", 1.0),
-        ("503", "too_many_connections", 1.0),
+        ("503", "too_many_connections", 3.0),
     ];
     for (status, reason, count) in expected {
         let name = format!(r#"herald_gateway_connections_refused_total{{status="{status}",reason="{reason}"}}"#);

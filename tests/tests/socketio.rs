@@ -232,6 +232,8 @@ async fn connection_state_recovery_replays_exactly_from_the_offset() {
         raw.send(&connect).await;
         assert!(raw.expect("44").await["message"].is_string(), "{connect}");
     }
+    // Each refusal is counted as `/ws` counts the same error.
+    assert_eq!((gateway.refusals(400, "bad_request").await, gateway.refusals(401, "unauthorized").await), (2.0, 1.0));
 }
 
 #[tokio::test]

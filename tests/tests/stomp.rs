@@ -99,6 +99,8 @@ async fn tokens_from_the_query_and_the_upgrade_header_and_bad_ones() {
         let (error, close) = client.expect_error_and_close().await;
         assert_eq!((error.header("message"), close), ("unauthorized", Some(1008)), "{headers:?}");
     }
+    // Each refusal is counted as `/ws` counts the same error.
+    assert_eq!(gateway.refusals(401, "unauthorized").await, 3.0);
 }
 
 #[tokio::test]

@@ -1,6 +1,7 @@
 //! Who is connecting, decided before the upgrade: the token, the device, the resume point and the
 //! topics asked for. Anything wrong is an HTTP error with a JSON body, and no socket.
 
+use herald_shared::frame::error_code;
 use herald_shared::id::{IdKind, check_id, topic_allowed};
 use herald_shared::token::{Claims, TokenError, Verifier};
 use hyper::StatusCode;
@@ -23,6 +24,11 @@ pub(crate) struct ConnectRequest {
     pub(crate) live: bool,
 }
 
+/// The `error` of a refusal for a missing, bad or expired token.
+pub(crate) const UNAUTHORIZED: &str = "unauthorized";
+/// The `error` of a refusal by the session policy `reject`.
+pub(crate) const CONFLICT: &str = "conflict";
+
 /// A refused request: status, `error` code and human `reason` of the JSON body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Rejection {
@@ -36,8 +42,22 @@ impl Rejection {
         Rejection { status, error, reason: reason.into() }
     }
 
-    fn unauthorized(error: TokenError) -> Rejection {
-        Rejection::new(StatusCode::UNAUTHORIZED, "unauthorized", error.to_string())
+    /// A refusal in a protocol's first message (a STOMP CONNECT, a Socket.IO or Centrifugal
+    /// connect), after the upgrade: it has the status `/ws` answers for the same `error`, so that
+    /// it is counted as one.
+    pub(crate) fn in_protocol(error: &'static str, reason: impl Into<String>) -> Rejection {
+        let status = match error {
+            UNAUTHORIZED => StatusCode::UNAUTHORIZED,
+            error_code::FORBIDDEN => StatusCode::FORBIDDEN,
+            CONFLICT => StatusCode::CONFLICT,
+            error_code::UNAVAILABLE => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        Rejection::new(status, error, reason)
+    }
+
+    pub(crate) fn unauthorized(error: TokenError) -> Rejection {
+        Rejection::new(StatusCode::UNAUTHORIZED, UNAUTHORIZED, error.to_string())
     }
 
     fn bad_request(reason: impl Into<String>) -> Rejection {

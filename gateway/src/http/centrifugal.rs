@@ -19,10 +19,11 @@ use crate::cluster::policy::PolicyError;
 use crate::codec::Codec;
 use crate::codec::centrifugal::wire::{self, disconnect, error};
 use crate::codec::centrifugal::{CentrifugalCodec, ConnectCommand, ServerSub, first_command, parse_connect, to_frame};
-use crate::http::auth::{ConnectRequest, Rejection};
+use crate::http::auth::{CONFLICT, ConnectRequest, Rejection, UNAUTHORIZED};
 use crate::session::{self, Socket};
 use crate::websocket::frame;
 use crate::websocket::reader::Inbound;
+use herald_shared::frame::error_code;
 use herald_shared::token::TokenError;
 
 /// How long a client may take to send `connect` after the WebSocket opened.
@@ -90,12 +91,15 @@ struct Refused {
     /// A reply as the JSON encoding writes it.
     reply: Option<Vec<u8>>,
     code: u16,
+    /// The Herald error code it is counted under (see [`Rejection::in_protocol`]); none when the
+    /// gateway is shutting down.
+    error: Option<&'static str>,
     reason: String,
 }
 
 impl Refused {
-    fn close(code: u16, reason: impl Into<String>) -> Refused {
-        Refused { reply: None, code, reason: reason.into() }
+    fn close(code: u16, error: &'static str, reason: impl Into<String>) -> Refused {
+        Refused { reply: None, code, error: Some(error), reason: reason.into() }
     }
 }
 
@@ -104,11 +108,11 @@ async fn serve(shared: Arc<Shared>, mut socket: Socket, address: IpAddr, protobu
     let accepted = tokio::select! {
         // Boxed: a task is as large as its largest state, and accepting runs once.
         accepted = Box::pin(accept(&shared, &mut socket, &conn, protobuf)) => accepted,
-        _ = shared.shutdown.cancelled() => Err(Refused::close(disconnect::SHUTDOWN, "shutting down")),
+        _ = shared.shutdown.cancelled() => Err(Refused { reply: None, code: disconnect::SHUTDOWN, error: None, reason: "shutting down".into() }),
     };
     match accepted {
         Ok((request, codec)) => session::run_codec(shared, socket, request, conn, address, codec).await,
-        Err(refused) => refuse(socket, refused, protobuf).await,
+        Err(refused) => refuse(&shared, address, socket, refused, protobuf).await,
     }
 }
 
@@ -120,30 +124,34 @@ async fn accept(
     protobuf: bool,
 ) -> Result<(ConnectRequest, Codec), Refused> {
     let text = match tokio::time::timeout(CONNECT_TIMEOUT, first_message(socket)).await {
-        Err(_) => return Err(Refused::close(disconnect::STALE, "no connect command in time")),
-        Ok(None) => return Err(Refused::close(disconnect::BAD_REQUEST, "no connect command")),
+        Err(_) => return Err(Refused::close(disconnect::STALE, error_code::BAD_REQUEST, "no connect command in time")),
+        Ok(None) => return Err(Refused::close(disconnect::BAD_REQUEST, error_code::BAD_REQUEST, "no connect command")),
         Ok(Some(text)) => text,
     };
-    let text =
-        first_command(&text, protobuf).ok_or_else(|| Refused::close(disconnect::BAD_REQUEST, "not a command"))?;
-    let (id, connect) = parse_connect(&text).map_err(|reason| Refused::close(disconnect::BAD_REQUEST, reason))?;
+    let text = first_command(&text, protobuf)
+        .ok_or_else(|| Refused::close(disconnect::BAD_REQUEST, error_code::BAD_REQUEST, "not a command"))?;
+    let (id, connect) = parse_connect(&text)
+        .map_err(|reason| Refused::close(disconnect::BAD_REQUEST, error_code::BAD_REQUEST, reason))?;
     let claims = match shared.verifier.verify(&connect.token) {
         Ok(claims) => claims,
         Err(TokenError::Expired) => {
             let reply = wire::error_reply(id, error::TOKEN_EXPIRED, "token expired");
-            return Err(Refused { reply: Some(reply), code: 1000, reason: "token expired".into() });
+            let reason = "token expired".into();
+            return Err(Refused { reply: Some(reply), code: 1000, error: Some(UNAUTHORIZED), reason });
         }
-        Err(refused) => return Err(Refused::close(disconnect::INVALID_TOKEN, refused.to_string())),
+        Err(refused) => return Err(Refused::close(disconnect::INVALID_TOKEN, UNAUTHORIZED, refused.to_string())),
     };
-    let epoch = epoch(shared).await.map_err(|reason| Refused::close(disconnect::SERVER_ERROR, reason))?;
+    let epoch = epoch(shared)
+        .await
+        .map_err(|reason| Refused::close(disconnect::SERVER_ERROR, error_code::UNAVAILABLE, reason))?;
     let subs = server_subs(&claims.sub, &connect, &epoch);
     let since = subs.iter().filter_map(|sub| sub.recover_from).min();
     match shared.policies.reserve(&claims.sub, conn).await {
         Ok(()) => {}
         Err(PolicyError::Taken) => {
-            return Err(Refused::close(disconnect::CONNECTION_LIMIT, PolicyError::Taken.to_string()));
+            return Err(Refused::close(disconnect::CONNECTION_LIMIT, CONFLICT, PolicyError::Taken.to_string()));
         }
-        Err(error) => return Err(Refused::close(disconnect::SERVER_ERROR, error.to_string())),
+        Err(error) => return Err(Refused::close(disconnect::SERVER_ERROR, error_code::UNAVAILABLE, error.to_string())),
     }
     let codec = CentrifugalCodec::new(&claims.sub, epoch, claims.exp, id, subs, protobuf);
     // Each connection is a device of its own: the client keeps its positions, not the gateway.
@@ -184,8 +192,11 @@ async fn epoch(shared: &Shared) -> Result<String, String> {
     Ok(format!("{:x}", bounds.epoch))
 }
 
-async fn refuse(mut socket: Socket, refused: Refused, protobuf: bool) {
-    debug!(code = refused.code, reason = %refused.reason, "centrifugal connection refused");
+/// Counts the refusal and sends it: the error reply, if any, then the close.
+async fn refuse(shared: &Shared, address: IpAddr, mut socket: Socket, refused: Refused, protobuf: bool) {
+    if let Some(error) = refused.error {
+        shared.refusals.refused(&Rejection::in_protocol(error, refused.reason.clone()), address);
+    }
     if let Some(reply) = refused.reply {
         let _ = socket.writer.write_all(&to_frame(protobuf, &reply)).await;
         // The client closes once it has read the reply.

@@ -2,7 +2,7 @@
 //! page and, in dev mode, `/dev/token`).
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -72,11 +72,13 @@ async fn route(
     let response = match (request.method(), request.uri().path()) {
         (&Method::GET, "/ws") => websocket(shared, request, peer).await,
         (&Method::GET, "/stomp") => super::stomp::upgrade(shared, request, peer).await,
-        (&Method::GET, "/connection/websocket") => crate::http::centrifugal::websocket(shared, request, peer)
-            .await
-            .unwrap_or_else(|refused| rejection(&refused)),
+        (&Method::GET, "/connection/websocket") => {
+            let address = client_address(&shared, &request, peer);
+            counted(&shared, address, crate::http::centrifugal::websocket(shared.clone(), request, peer).await)
+        }
         (&Method::GET, "/socket.io/" | "/socket.io") => {
-            crate::http::socketio::get(shared, request, peer).await.unwrap_or_else(|refused| rejection(&refused))
+            let address = client_address(&shared, &request, peer);
+            counted(&shared, address, crate::http::socketio::get(shared.clone(), request, peer).await)
         }
         (&Method::POST, "/socket.io/" | "/socket.io") => {
             crate::http::socketio::post(shared, request).await.unwrap_or_else(|refused| rejection(&refused))
@@ -97,14 +99,21 @@ async fn route(
 }
 
 async fn websocket(shared: Arc<Shared>, request: Request<Incoming>, peer: SocketAddr) -> HttpResponse {
-    let address = limits::client_address(peer.ip(), request.headers(), &shared.config.trusted_proxies);
-    match upgrade(shared.clone(), request, peer).await {
-        Ok(response) => response,
-        Err(refused) => {
-            shared.refusals.refused(&refused, address);
-            rejection(&refused)
-        }
-    }
+    let address = client_address(&shared, &request, peer);
+    counted(&shared, address, upgrade(shared.clone(), request, peer).await)
+}
+
+/// The response to a connection's request, a refusal counted (see [`super::refusals`]).
+fn counted(shared: &Shared, address: IpAddr, response: Result<HttpResponse, Rejection>) -> HttpResponse {
+    response.unwrap_or_else(|refused| {
+        shared.refusals.refused(&refused, address);
+        rejection(&refused)
+    })
+}
+
+/// The client's address (a trusted proxy's `X-Forwarded-For` taken into account).
+fn client_address<B>(shared: &Shared, request: &Request<B>, peer: SocketAddr) -> IpAddr {
+    limits::client_address(peer.ip(), request.headers(), &shared.config.trusted_proxies)
 }
 
 /// Checks a `/ws` request and, if it passes, answers 101 and starts its session.
@@ -213,8 +222,7 @@ fn dev_token(shared: &Shared, request: &Request<Incoming>) -> HttpResponse {
 
 /// Counts a refused connection (see [`super::refusals`]) and answers it.
 pub(crate) fn refuse<B>(shared: &Shared, request: &Request<B>, peer: SocketAddr, refused: &Rejection) -> HttpResponse {
-    let address = limits::client_address(peer.ip(), request.headers(), &shared.config.trusted_proxies);
-    shared.refusals.refused(refused, address);
+    shared.refusals.refused(refused, client_address(shared, request, peer));
     rejection(refused)
 }
 

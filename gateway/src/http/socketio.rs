@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use herald_shared::frame::error_code;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
@@ -17,9 +18,10 @@ use tokio::io::AsyncWriteExt;
 use tracing::debug;
 
 use crate::Shared;
+use crate::cluster::policy::PolicyError;
 use crate::codec::socketio::wire::{self, engine, packet};
 use crate::codec::{Codec, SocketIoCodec};
-use crate::http::auth::{ConnectRequest, Rejection};
+use crate::http::auth::{CONFLICT, ConnectRequest, Rejection, UNAUTHORIZED};
 use crate::session::{self, Socket};
 use crate::websocket::frame;
 use crate::websocket::reader::Inbound;
@@ -212,12 +214,19 @@ async fn serve_opened(
     let accepted = tokio::select! {
         // Boxed: a task is as large as its largest state, and accepting runs once.
         accepted = Box::pin(accept(&shared, &mut socket, &conn, query_token)) => accepted,
-        _ = shared.shutdown.cancelled() => Err("the server is shutting down".to_string()),
+        _ = shared.shutdown.cancelled() => Err(None),
     };
     match accepted {
         Ok((request, codec)) => session::run_codec(shared, socket, request, conn, address, codec).await,
-        Err(reason) => {
-            debug!(%reason, "socket.io connection refused");
+        Err(refusal) => {
+            let reason = match refusal {
+                Some(refusal) => {
+                    shared.refusals.refused(&refusal, address);
+                    refusal.reason
+                }
+                None if shared.shutdown.is_cancelled() => "the server is shutting down".to_string(),
+                None => "no CONNECT".to_string(),
+            };
             let refusal = wire::packet(packet::CONNECT_ERROR, None, &json!({"message": reason}));
             let _ = socket.writer.write_all(&refusal).await;
             let _ = socket.writer.write_all(&frame::close(1000, "")).await;
@@ -226,25 +235,35 @@ async fn serve_opened(
     }
 }
 
-/// Reads the CONNECT, checks the token and claims the user's session slot.
+/// Reads the CONNECT, checks the token and claims the user's session slot; `None`: the client
+/// closed first.
 async fn accept(
     shared: &Shared,
     socket: &mut Socket,
     conn: &str,
     query_token: Option<String>,
-) -> Result<(ConnectRequest, Codec), String> {
+) -> Result<(ConnectRequest, Codec), Option<Rejection>> {
+    let bad_request = |reason: &str| Some(Rejection::in_protocol(error_code::BAD_REQUEST, reason));
     let text = tokio::time::timeout(CONNECT_TIMEOUT, first_text(socket))
         .await
-        .map_err(|_| "no CONNECT in time".to_string())?
-        .ok_or("no CONNECT")?;
-    let auth = connect_auth(&text)?;
-    let token = auth.token.or(query_token).ok_or("no token: pass auth {token} or ?token=")?;
-    let claims = shared.verifier.verify(&token).map_err(|e| e.to_string())?;
+        .map_err(|_| bad_request("no CONNECT in time"))?
+        .ok_or(None)?;
+    let auth = connect_auth(&text).map_err(|reason| bad_request(&reason))?;
+    let token = auth
+        .token
+        .or(query_token)
+        .ok_or_else(|| Some(Rejection::in_protocol(UNAUTHORIZED, "no token: pass auth {token} or ?token=")))?;
+    let claims = shared.verifier.verify(&token).map_err(|error| Some(Rejection::unauthorized(error)))?;
     let since = match (&auth.pid, &auth.offset) {
-        (Some(_), Some(offset)) => Some(offset.parse::<u64>().map_err(|_| "offset must be a sequence number")?),
+        (Some(_), Some(offset)) => {
+            Some(offset.parse::<u64>().map_err(|_| bad_request("offset must be a sequence number"))?)
+        }
         _ => None,
     };
-    shared.policies.reserve(&claims.sub, conn).await.map_err(|error| error.to_string())?;
+    shared.policies.reserve(&claims.sub, conn).await.map_err(|error| {
+        let code = if matches!(error, PolicyError::Taken) { CONFLICT } else { error_code::UNAVAILABLE };
+        Some(Rejection::in_protocol(code, error.to_string()))
+    })?;
     // A recovering client gets its own pid back: Socket.IO clients take that as "recovered".
     let pid = auth.pid.filter(|_| since.is_some()).unwrap_or_else(|| conn.to_string());
     let codec = Codec::SocketIo(Box::new(SocketIoCodec::new(pid)));

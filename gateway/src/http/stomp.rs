@@ -17,7 +17,7 @@ use hyper::{Request, StatusCode};
 use tokio::io::AsyncWriteExt;
 use tracing::debug;
 
-use super::auth::{ConnectRequest, DEFAULT_DEVICE, Rejection};
+use super::auth::{CONFLICT, ConnectRequest, DEFAULT_DEVICE, Rejection};
 use super::handshake;
 use super::server::{self, HttpResponse, admit, refused_origin};
 use crate::Shared;
@@ -131,13 +131,8 @@ fn bearer(value: &str) -> Option<&str> {
 }
 
 /// Why a CONNECT is refused: the ERROR frame's `message` (a Herald error code) and its body.
-struct Refused {
-    message: &'static str,
-    detail: String,
-}
-
-fn refused(message: &'static str, detail: impl Into<String>) -> Refused {
-    Refused { message, detail: detail.into() }
+fn refused(message: &'static str, detail: impl Into<String>) -> Rejection {
+    Rejection::in_protocol(message, detail)
 }
 
 /// Reads the CONNECT frame, authenticates it and runs the session; refuses it with an ERROR.
@@ -157,20 +152,30 @@ async fn connect(
     let frame = match frame {
         Ok(Ok(Some(frame))) => frame,
         Ok(Ok(None)) => return,
-        Ok(Err(refusal)) => return refuse(&mut write_half, refusal).await,
-        Err(_) => return refuse(&mut write_half, refused(error_code::BAD_REQUEST, "no CONNECT frame in time")).await,
+        Ok(Err(refusal)) => return refuse(&shared, address, &mut write_half, refusal).await,
+        Err(_) => {
+            return refuse(
+                &shared,
+                address,
+                &mut write_half,
+                refused(error_code::BAD_REQUEST, "no CONNECT frame in time"),
+            )
+            .await;
+        }
     };
     let (request, connected) = match authenticate(&shared, &frame, hints) {
         Ok(accepted) => accepted,
-        Err(refusal) => return refuse(&mut write_half, refusal).await,
+        Err(refusal) => return refuse(&shared, address, &mut write_half, refusal).await,
     };
     let conn = crate::id::random_id(12);
     match Box::pin(shared.policies.reserve(&request.claims.sub, &conn)).await {
         Ok(()) => {}
         Err(error @ PolicyError::Taken) => {
-            return refuse(&mut write_half, refused("conflict", error.to_string())).await;
+            return refuse(&shared, address, &mut write_half, refused(CONFLICT, error.to_string())).await;
         }
-        Err(error) => return refuse(&mut write_half, refused(error_code::UNAVAILABLE, error.to_string())).await,
+        Err(error) => {
+            return refuse(&shared, address, &mut write_half, refused(error_code::UNAVAILABLE, error.to_string())).await;
+        }
     }
     let codec = Codec::Stomp(Box::new(StompCodec::new(connected, shared.config.heartbeat)));
     let connection = Connection { reader, write_half, codec };
@@ -181,7 +186,7 @@ async fn connect(
 async fn first_frame(
     reader: &mut MessageReader<ReadHalf>,
     write_half: &mut WriteHalf,
-) -> Result<Option<Frame>, Refused> {
+) -> Result<Option<Frame>, Rejection> {
     loop {
         match reader.next().await {
             Ok(Inbound::Text(text) | Inbound::Binary(text)) => match parse(&text) {
@@ -199,7 +204,7 @@ async fn first_frame(
 }
 
 /// Who a CONNECT frame says connects, and what it negotiated.
-fn authenticate(shared: &Shared, frame: &Frame, hints: Hints) -> Result<(ConnectRequest, Connected), Refused> {
+fn authenticate(shared: &Shared, frame: &Frame, hints: Hints) -> Result<(ConnectRequest, Connected), Rejection> {
     if frame.command != "CONNECT" && frame.command != "STOMP" {
         return Err(refused(error_code::BAD_REQUEST, format!("expected CONNECT, got {}", frame.command)));
     }
@@ -219,8 +224,8 @@ fn authenticate(shared: &Shared, frame: &Frame, hints: Hints) -> Result<(Connect
             frame.header("Authorization").or(frame.header("authorization")).and_then(bearer).map(str::to_string)
         })
         .or(hints.token)
-        .ok_or_else(|| refused("unauthorized", herald_shared::token::TokenError::Missing.to_string()))?;
-    let claims = shared.verifier.verify(&token).map_err(|error| refused("unauthorized", error.to_string()))?;
+        .ok_or(Rejection::unauthorized(herald_shared::token::TokenError::Missing))?;
+    let claims = shared.verifier.verify(&token).map_err(Rejection::unauthorized)?;
     let device = frame.header("herald-device").map(str::to_string).or(hints.device);
     let device = device.unwrap_or_else(|| DEFAULT_DEVICE.to_string());
     check_id(IdKind::Device, &device).map_err(|error| refused(error_code::BAD_REQUEST, error.to_string()))?;
@@ -246,10 +251,11 @@ pub(crate) fn heart_beat(value: &str) -> Option<(Duration, Duration)> {
 const MAX_HEART_BEAT: Duration = Duration::from_secs(600);
 
 /// Sends the ERROR frame for `refusal`, then closes with 1008.
-async fn refuse(write_half: &mut WriteHalf, refusal: Refused) {
-    debug!(message = refusal.message, detail = %refusal.detail, "STOMP connect refused");
-    let error = stomp::error_frame(refusal.message, &refusal.detail);
-    let close = ws::close(herald_shared::frame::close_code::POLICY, refusal.message);
+/// Counts the refusal and sends it: ERROR, then the close.
+async fn refuse(shared: &Shared, address: IpAddr, write_half: &mut WriteHalf, refusal: Rejection) {
+    shared.refusals.refused(&refusal, address);
+    let error = stomp::error_frame(refusal.error, &refusal.reason);
+    let close = ws::close(herald_shared::frame::close_code::POLICY, refusal.error);
     let _ = tokio::time::timeout(REFUSAL_GRACE, async {
         write_half.write_all(&error).await?;
         write_half.write_all(&close).await?;
