@@ -174,7 +174,8 @@ async fn connect(
             return refuse(&shared, address, &mut write_half, refused(CONFLICT, error.to_string())).await;
         }
         Err(error) => {
-            return refuse(&shared, address, &mut write_half, refused(error_code::UNAVAILABLE, error.to_string())).await;
+            return refuse(&shared, address, &mut write_half, refused(error_code::UNAVAILABLE, error.to_string()))
+                .await;
         }
     }
     let codec = Codec::Stomp(Box::new(StompCodec::new(connected, shared.config.heartbeat)));
