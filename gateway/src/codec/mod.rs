@@ -218,6 +218,24 @@ impl Codec {
         }
     }
 
+    /// Takes the messages of one audience from `first` to `last` (in stream order) for this
+    /// connection like [`Codec::shared_key`] takes each, when the codec takes them all alike: the
+    /// key they all go out as. None when the codec may hold some of them back (take them one by
+    /// one then; what this noted as sent is noted again, harmlessly).
+    pub(crate) fn shared_key_of_run(&mut self, first: &Message, last: &Message) -> Option<FrameKey<'_>> {
+        debug_assert!(first.audience == last.audience && first.seq <= last.seq);
+        match self {
+            Codec::Herald(_) => Some(FrameKey::Format(WireFormat::Herald)),
+            Codec::SocketIo(_) => Some(FrameKey::Format(WireFormat::SocketIo)),
+            Codec::Sse(codec) => {
+                codec.note_sent(last.seq);
+                Some(FrameKey::Format(WireFormat::Sse))
+            }
+            Codec::Centrifugal(codec) => codec.takes_run(last).then(|| FrameKey::Format(codec.format())),
+            Codec::Stomp(codec) => codec.shared_head_of_run(last).map(FrameKey::StompHead),
+        }
+    }
+
     /// Frames the codec sends of its own accord after a client message (receipts and the like).
     pub(crate) fn take_replies(&mut self) -> Vec<Bytes> {
         match self {

@@ -2,7 +2,8 @@
 //! encoding ([`FrameKey`]: a wire format, or a STOMP subscription's head) are written into one
 //! buffer, by the first session that sends one of them that way, and every session of that key
 //! sends them from it. A session that sends several of them in a row sends one slice: one
-//! reference count and one entry of a vectored write, whatever the protocol.
+//! reference count and one entry of a vectored write, whatever the protocol. The buffer's slices
+//! are cut in place ([`Bytes::from_owner`]: truncating one does not clone it).
 
 use std::ops::Range;
 use std::sync::{Arc, OnceLock, Weak};
@@ -20,7 +21,7 @@ const MAX_HEADS: usize = 8;
 pub(crate) struct Burst {
     /// Weak: the messages hold the burst. One the log dropped is not encoded any more.
     messages: Box<[Weak<Message>]>,
-    formats: [OnceLock<Arc<Frames>>; WireFormat::COUNT],
+    formats: [OnceLock<Frames>; WireFormat::COUNT],
     /// Filled in order; read without a lock (each session of a STOMP head looks once per burst).
     heads: [OnceLock<HeadFrames>; MAX_HEADS],
 }
@@ -28,7 +29,7 @@ pub(crate) struct Burst {
 /// The frames for one STOMP head.
 struct HeadFrames {
     head: Box<[u8]>,
-    frames: Arc<Frames>,
+    frames: Frames,
 }
 
 /// The frames of a burst's messages in one encoding, back to back in one buffer.
@@ -69,17 +70,22 @@ impl Burst {
         }
     }
 
+    /// How many messages the burst has.
+    pub(crate) fn len(&self) -> usize {
+        self.messages.len()
+    }
+
     /// The burst's frames for `key`, encoded on first use; none for a STOMP head past the few a
     /// burst keeps.
-    pub(crate) fn frames(&self, key: &FrameKey<'_>) -> Option<Arc<Frames>> {
+    pub(crate) fn frames(&self, key: &FrameKey<'_>) -> Option<&Frames> {
         match key {
-            FrameKey::Format(format) => Some(self.formats[format.index()].get_or_init(|| self.encode(key)).clone()),
+            FrameKey::Format(format) => Some(self.formats[format.index()].get_or_init(|| self.encode(key))),
             FrameKey::StompHead(head) => {
                 for slot in &self.heads {
                     // An empty slot takes this head, unless another session fills it first.
                     let kept = slot.get_or_init(|| HeadFrames { head: Box::from(*head), frames: self.encode(key) });
                     if *kept.head == **head {
-                        return Some(kept.frames.clone());
+                        return Some(&kept.frames);
                     }
                 }
                 None
@@ -87,7 +93,7 @@ impl Burst {
         }
     }
 
-    fn encode(&self, key: &FrameKey<'_>) -> Arc<Frames> {
+    fn encode(&self, key: &FrameKey<'_>) -> Frames {
         let mut buffer = Vec::new();
         let mut scratch = Vec::new();
         let mut ends = Vec::with_capacity(self.messages.len());
@@ -97,7 +103,7 @@ impl Burst {
             }
             ends.push(buffer.len());
         }
-        Arc::new(Frames { buffer: Bytes::from(buffer), ends: ends.into() })
+        Frames { buffer: Bytes::from_owner(buffer), ends: ends.into() }
     }
 }
 
@@ -119,7 +125,8 @@ mod tests {
         assert_eq!(index, 1);
         let key = FrameKey::Format(WireFormat::Herald);
         let frames = burst.frames(&key).unwrap();
-        assert!(Arc::ptr_eq(&frames, &burst.frames(&key).unwrap()), "encoded once");
+        assert!(std::ptr::eq(frames, burst.frames(&key).unwrap()), "encoded once");
+        assert_eq!(burst.len(), 3);
         for (index, message) in messages.iter().enumerate() {
             let alone = codec::encode_message(WireFormat::Herald, message);
             assert_eq!(frames.buffer()[frames.range(index)], alone[..]);

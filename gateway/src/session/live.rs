@@ -10,7 +10,7 @@ use smallvec::SmallVec;
 
 use crate::delivery::log::{Log, LogView};
 use crate::delivery::mailbox::Mailbox;
-use crate::delivery::message::Live;
+use crate::delivery::message::{Live, Message};
 use crate::delivery::router::LogStart;
 
 /// What pulling finds, in stream order.
@@ -18,6 +18,9 @@ use crate::delivery::router::LogStart;
 pub(crate) enum Found<'a> {
     /// The next message (or gap) in stream order.
     Entry(&'a Live),
+    /// The next `count` entries (two at least) of one log: the messages `first` to `last` of one
+    /// burst, nothing else in between, and nothing from another source due before `last`.
+    Burst { first: &'a Message, last: &'a Message, count: usize },
     /// A log evicted entries before this session read them; `last_evicted` is the newest.
     Evicted { last_evicted: u64 },
     /// The mailbox dropped personal messages for lack of room.
@@ -29,6 +32,8 @@ pub(crate) enum Found<'a> {
 pub(crate) enum Flow {
     Continue,
     Stop,
+    /// Not the [`Found::Burst`] whole: offer its entries one by one (as `Continue` otherwise).
+    OneByOne,
 }
 
 /// A log this session reads.
@@ -76,7 +81,9 @@ impl LiveSources {
     }
 
     /// Visits, in stream order, every entry with a key up to `watermark`, each once, until `visit`
-    /// says stop (the entry it stops at is consumed). Evictions and overflows come first.
+    /// says stop (the entry it stops at is consumed). Evictions and overflows come first. The rest
+    /// of a broadcast burst that comes wholly before every other source's next entry is offered
+    /// whole ([`Found::Burst`]); `visit` may take it, or ask for its entries one by one.
     pub(crate) fn pull(&mut self, watermark: u64, mut visit: impl FnMut(Found<'_>) -> Flow) {
         let mut inbox = self.mailbox.inbox();
         if inbox.take_overflow() && visit(Found::Overflowed) == Flow::Stop {
@@ -93,19 +100,24 @@ impl LiveSources {
             }
         }
         loop {
-            // The source whose next entry comes first, among those up to the watermark.
+            // The source whose next entry comes first, among those up to the watermark, and the
+            // key before which it may be taken without passing another source's entry.
             let mut next: Option<(Option<usize>, u64)> = None;
-            if let Some(entry) = inbox.front()
-                && entry.key() <= watermark
-            {
-                next = Some((None, entry.key()));
-            }
-            for (index, view) in views.iter().enumerate() {
-                if let Some(entry) = view.get(self.positions[index])
-                    && entry.key() <= watermark
-                    && next.is_none_or(|(_, key)| entry.key() < key)
-                {
-                    next = Some((Some(index), entry.key()));
+            let mut bound = watermark.saturating_add(1);
+            let mailbox_head = inbox.front().map(|entry| (None, entry.key()));
+            let log_heads = views
+                .iter()
+                .enumerate()
+                .filter_map(|(index, view)| view.get(self.positions[index]).map(|entry| (Some(index), entry.key())));
+            for (source, key) in mailbox_head.into_iter().chain(log_heads) {
+                match next {
+                    _ if key > watermark => {}
+                    Some((_, first)) if key >= first => bound = bound.min(key),
+                    Some((_, first)) => {
+                        bound = bound.min(first);
+                        next = Some((source, key));
+                    }
+                    None => next = Some((source, key)),
                 }
             }
             let flow = match next {
@@ -115,11 +127,20 @@ impl LiveSources {
                     None => return,
                 },
                 Some((Some(index), _)) => {
-                    let position = self.positions[index];
-                    self.positions[index] += 1;
-                    match views[index].get(position) {
-                        Some(entry) => visit(Found::Entry(entry)),
-                        None => return,
+                    let position = &mut self.positions[index];
+                    let Some(entry) = views[index].get(*position) else { return };
+                    let whole = burst_rest(&views[index], *position, entry, bound)
+                        .map(|(first, last, count)| (visit(Found::Burst { first, last, count }), count))
+                        .filter(|(flow, _)| *flow != Flow::OneByOne);
+                    match whole {
+                        Some((flow, count)) => {
+                            *position += count as u64;
+                            flow
+                        }
+                        None => {
+                            *position += 1;
+                            visit(Found::Entry(entry))
+                        }
                     }
                 }
             };
@@ -135,6 +156,27 @@ impl LiveSources {
             source.log.park(&self.mailbox, &mut source.parked_round);
         }
     }
+}
+
+/// The messages from `entry` (at `position`) to the end of its burst, when they are the log's next
+/// entries and the last one's key is below `bound`: `(first, last, count)`.
+fn burst_rest<'a>(
+    view: &'a LogView<'_>,
+    position: u64,
+    entry: &'a Live,
+    bound: u64,
+) -> Option<(&'a Message, &'a Message, usize)> {
+    let Live::Message(first) = entry else { return None };
+    let (burst, index) = first.burst()?;
+    let count = burst.len() - index;
+    if count < 2 {
+        return None;
+    }
+    // The burst's last message right where it would be if nothing else lies in between.
+    let Some(Live::Message(last)) = view.get(position + count as u64 - 1) else { return None };
+    let (last_burst, last_index) = last.burst()?;
+    (Arc::ptr_eq(last_burst, burst) && last_index == burst.len() - 1 && last.seq < bound)
+        .then_some((first, last, count))
 }
 
 #[cfg(test)]
@@ -164,6 +206,7 @@ mod tests {
             seen.push(match found {
                 Found::Entry(Live::Message(m)) => m.seq.to_string(),
                 Found::Entry(Live::Gap { first, last, .. }) => format!("gap{first}-{last}"),
+                Found::Burst { first, last, count } => format!("{}..{}({count})", first.seq, last.seq),
                 Found::Evicted { last_evicted } => format!("E{last_evicted}"),
                 Found::Overflowed => "O".into(),
             });
@@ -192,6 +235,38 @@ mod tests {
         assert_eq!(keys(&mut sources, 8), ["1", "2", "3", "4", "5", "gap6-7", "8"]);
         assert_eq!(keys(&mut sources, 10), ["9", "10"]);
         assert!(keys(&mut sources, 10).is_empty());
+    }
+
+    #[test]
+    fn the_rest_of_a_burst_due_before_every_other_source_is_offered_whole() {
+        let mailbox = Arc::new(Mailbox::new(1 << 20));
+        let all = log(100);
+        let mut sources = LiveSources::new(mailbox.clone(), vec![start(Audience::All, &all)]);
+        let tie = |seqs: &[u64]| {
+            let messages: Vec<Arc<Message>> =
+                seqs.iter().map(|seq| Arc::new(Message::new(*seq, Audience::All, "", "", "t", Bytes::new()))).collect();
+            crate::delivery::burst::Burst::tie(&messages.iter().collect::<Vec<_>>());
+            for message in messages {
+                all.append(Live::Message(message));
+            }
+        };
+        tie(&[1, 2, 4, 5, 6, 7]);
+        tie(&[8, 9]);
+        let _ = mailbox.push(message(3, Audience::User("u".into())));
+        // The personal 3 comes inside the first burst, and 7 is past the watermark: one by one.
+        assert_eq!(keys(&mut sources, 6), ["1", "2", "3", "4", "5", "6"]);
+        assert_eq!(keys(&mut sources, 9), ["7", "8..9(2)"]);
+        tie(&[10, 11, 12]);
+        // A visitor that wants them one by one gets each once.
+        let mut seen = Vec::new();
+        sources.pull(12, |found| match found {
+            Found::Entry(entry) => {
+                seen.push(entry.key());
+                Flow::Continue
+            }
+            _ => Flow::OneByOne,
+        });
+        assert_eq!(seen, [10, 11, 12]);
     }
 
     #[test]

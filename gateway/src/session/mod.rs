@@ -321,13 +321,19 @@ fn count(metrics: &crate::http::metrics::Metrics, tally: Tally) {
     if tally == Tally::default() {
         return;
     }
-    metrics.messages_out.inc_by(tally.delivered);
-    metrics.bytes_out.inc_by(tally.delivered_bytes);
-    metrics.replays.inc_by(tally.replays);
-    metrics.replayed_messages.inc_by(tally.replayed);
-    metrics.replays_incomplete.inc_by(tally.replays_incomplete);
-    metrics.repairs.inc_by(tally.repairs);
-    metrics.unrepairable_gaps.inc_by(tally.unrepairable);
+    // Every session adds to the same counters: only what changed is written.
+    let add = |counter: &prometheus_client::metrics::counter::Counter, by: u64| {
+        if by > 0 {
+            counter.inc_by(by);
+        }
+    };
+    add(&metrics.messages_out, tally.delivered);
+    add(&metrics.bytes_out, tally.delivered_bytes);
+    add(&metrics.replays, tally.replays);
+    add(&metrics.replayed_messages, tally.replayed);
+    add(&metrics.replays_incomplete, tally.replays_incomplete);
+    add(&metrics.repairs, tally.repairs);
+    add(&metrics.unrepairable_gaps, tally.unrepairable);
 }
 
 /// Closes the socket with `close` and releases what the session held.

@@ -17,7 +17,7 @@
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use herald_shared::frame::{ServerFrame, error_code};
 use herald_shared::id::{IdKind, check_id, topic_allowed};
 use herald_shared::subject::Audience;
@@ -28,7 +28,7 @@ use super::replay;
 use crate::close::{Close, CloseCode};
 use crate::cluster::user::LocalUser;
 use crate::codec::{self, Codec};
-use crate::delivery::burst::Frames;
+use crate::delivery::burst::{Burst, Frames};
 use crate::delivery::mailbox::Event;
 use crate::delivery::message::{Live, Message};
 use crate::delivery::router::LogStart;
@@ -701,7 +701,8 @@ struct LivePull<'a> {
 
 /// Adjacent frames of one burst's buffer.
 struct Run {
-    frames: Arc<Frames>,
+    /// The whole buffer, cut to the run's frames when the run ends.
+    buffer: Bytes,
     /// Where the burst is (identifies it).
     burst_at: usize,
     /// The index in the burst of the message that would extend the run.
@@ -713,8 +714,11 @@ struct Run {
 impl Run {
     /// Queues `run`, if any, as one slice.
     fn end(run: &mut Option<Run>, frames: &mut VecDeque<Bytes>) {
-        if let Some(run) = run.take() {
-            frames.push_back(run.frames.buffer().slice(run.start..run.end));
+        if let Some(Run { mut buffer, start, end, .. }) = run.take() {
+            // In place: the buffer's slices are cut without another reference count.
+            buffer.truncate(end);
+            buffer.advance(start);
+            frames.push_back(buffer);
         }
     }
 }
@@ -726,17 +730,37 @@ impl LivePull<'_> {
                 if message.seq <= *self.last_sent || message.is_muted(self.muted) {
                     return Flow::Continue;
                 }
-                *self.last_sent = message.seq;
                 let len = self.queue(message);
-                *self.frame_bytes += len;
-                self.tally.delivered += 1;
-                self.tally.delivered_bytes += len as u64;
-                if *self.frame_bytes >= HIGH_WATER { Flow::Stop } else { Flow::Continue }
+                self.delivered(message.seq, 1, len)
             }
+            Found::Burst { first, last, count } => self.take_burst(first, last, count),
             Found::Entry(Live::Gap { first, last, audience }) => self.gap(*first, *last, audience),
             Found::Evicted { last_evicted } if last_evicted <= *self.last_sent => Flow::Continue,
             Found::Evicted { .. } | Found::Overflowed => self.decide(Verdict::Repair),
         }
+    }
+
+    /// Takes the messages `first` to `last` of one burst (`count` of them) as one slice of its
+    /// buffer, when every one of them goes out alike: none sent already, none muted, none held
+    /// back by the codec.
+    fn take_burst(&mut self, first: &Message, last: &Message, count: usize) -> Flow {
+        if first.seq <= *self.last_sent || !self.muted.is_empty() {
+            return Flow::OneByOne;
+        }
+        let Some((burst, index)) = first.burst() else { return Flow::OneByOne };
+        let Some(key) = self.codec.shared_key_of_run(first, last) else { return Flow::OneByOne };
+        let Some(frames) = burst.frames(&key) else { return Flow::OneByOne };
+        let len = self.add_to_run(burst, frames, index, index + count - 1);
+        self.delivered(last.seq, count as u64, len)
+    }
+
+    /// Counts `count` messages up to `seq` taken, `len` bytes; stops once the frames fill up.
+    fn delivered(&mut self, seq: u64, count: u64, len: usize) -> Flow {
+        *self.last_sent = seq;
+        *self.frame_bytes += len;
+        self.tally.delivered += count;
+        self.tally.delivered_bytes += len as u64;
+        if *self.frame_bytes >= HIGH_WATER { Flow::Stop } else { Flow::Continue }
     }
 
     /// Queues the frame of `message`, joining it to the run of frames before it when they are
@@ -749,33 +773,37 @@ impl LivePull<'_> {
         let Some(key) = self.codec.shared_key(message) else {
             return 0;
         };
-        let burst_at = Arc::as_ptr(burst) as usize;
-        // Within one pull, a connection's key for the messages of one burst (one log) is the same.
-        if let Some(run) = &mut self.run
-            && run.burst_at == burst_at
-            && run.next == index
-        {
-            let range = run.frames.range(index);
-            run.end = range.end;
-            run.next += 1;
-            return range.len();
-        }
-        Run::end(&mut self.run, self.frames);
         match burst.frames(&key) {
-            Some(frames) => {
-                let range = frames.range(index);
-                let len = range.len();
-                self.run = Some(Run { frames, burst_at, next: index + 1, start: range.start, end: range.end });
-                len
-            }
+            Some(frames) => self.add_to_run(burst, frames, index, index),
             None => {
                 let mut frame = Vec::new();
                 codec::append_frame(&key, message, &mut frame, &mut Vec::new());
                 let len = frame.len();
+                self.end_run();
                 self.frames.push_back(Bytes::from(frame));
                 len
             }
         }
+    }
+
+    /// Adds the frames of the burst's messages `first..=last` to the run, or starts a new run
+    /// with them; returns their length.
+    fn add_to_run(&mut self, burst: &Arc<Burst>, frames: &Frames, first: usize, last: usize) -> usize {
+        let (start, end) = (frames.range(first).start, frames.range(last).end);
+        let burst_at = Arc::as_ptr(burst) as usize;
+        // Within one pull, a connection's key for the messages of one burst (one log) is the same.
+        match &mut self.run {
+            Some(run) if run.burst_at == burst_at && run.next == first => {
+                run.end = end;
+                run.next = last + 1;
+            }
+            _ => {
+                self.end_run();
+                let buffer = frames.buffer().clone();
+                self.run = Some(Run { buffer, burst_at, next: last + 1, start, end });
+            }
+        }
+        end - start
     }
 
     /// Queues the run of frames taken so far as one slice.

@@ -522,3 +522,71 @@ fn stomp_connections_with_the_same_subscription_head_share_a_burst_buffer() {
         assert!(text.contains(&format!("message-id:{seq}\n")), "{text}");
     }
 }
+
+/// Ties `seqs` (of `push.all`) into one burst and appends them to the log.
+fn broadcast_burst(h: &mut Harness, seqs: impl IntoIterator<Item = u64>) -> Vec<Arc<Message>> {
+    let burst: Vec<Arc<Message>> = seqs.into_iter().map(|seq| Arc::new(message(seq, Audience::All, ""))).collect();
+    crate::delivery::burst::Burst::tie(&burst.iter().collect::<Vec<_>>());
+    for message in &burst {
+        h.broadcast(Live::Message(message.clone()));
+    }
+    burst
+}
+
+#[test]
+fn a_whole_burst_is_taken_at_once_and_counted_message_by_message() {
+    let mut h = Harness::new(Start::Live, 10);
+    broadcast_burst(&mut h, 11..=15);
+    broadcast_burst(&mut h, 16..=17);
+    assert_eq!(h.buffers(), [vec!["11", "12", "13", "14", "15"], vec!["16", "17"]]);
+    assert_eq!(h.state.last_sent(), 17);
+    let tally = h.state.take_tally();
+    assert_eq!(tally.delivered, 7);
+    assert!(tally.delivered_bytes > 0);
+}
+
+#[test]
+fn a_burst_partly_sent_already_goes_out_from_its_first_unsent_message() {
+    let mut h = Harness::new(Start::Live, 12);
+    // Sent by a replay before they came live.
+    broadcast_burst(&mut h, 11..=15);
+    assert_eq!(h.buffers(), [vec!["13", "14", "15"]]);
+}
+
+#[test]
+fn a_burst_is_cut_by_the_watermark_and_by_a_personal_message_due_inside_it() {
+    let mut h = Harness::new(Start::Live, 10);
+    broadcast_burst(&mut h, [11, 12, 14, 15, 16]);
+    h.personal(user_message(13));
+    h.watermark = 15;
+    // The personal message splits the burst; the watermark holds 16 back.
+    assert_eq!(h.buffers(), [vec!["11", "12"], vec!["13"], vec!["14", "15"]]);
+    h.watermark = 16;
+    assert_eq!(h.buffers(), [vec!["16"]]);
+}
+
+#[test]
+fn a_stomp_subscription_not_made_yet_holds_a_whole_burst_back_message_by_message() {
+    let connected = crate::codec::stomp::Connected {
+        version: crate::codec::stomp::Version::V12,
+        client_sends: std::time::Duration::ZERO,
+        client_wants: std::time::Duration::ZERO,
+        allowed_topics: Vec::new(),
+    };
+    let codec = Codec::Stomp(Box::new(crate::codec::StompCodec::new(connected, std::time::Duration::ZERO)));
+    let mut h = Harness::build(Start::Live, 10, 100, |params| params.codec = codec);
+    h.state.take_frames(&mut Vec::new(), usize::MAX, usize::MAX);
+    broadcast_burst(&mut h, 11..=13);
+    h.state.pull(h.watermark);
+    assert!(!h.state.has_frames(), "no subscription to /topic/all yet");
+    let subscribe = b"SUBSCRIBE\nid:s\ndestination:/topic/all\n\n\0";
+    assert_eq!(h.state.codec_mut().decode(subscribe), [Ok(crate::codec::Command::Nothing)]);
+    let mut released = Vec::new();
+    for frame in h.state.codec_mut().take_replies() {
+        released.extend_from_slice(&frame);
+    }
+    let text = String::from_utf8_lossy(&released);
+    for seq in 11..=13 {
+        assert!(text.contains(&format!("message-id:{seq}\n")), "{text}");
+    }
+}

@@ -141,6 +141,18 @@ impl CentrifugalCodec {
         true
     }
 
+    /// Whether the messages of `last`'s channel up to `last` all go out now (none is held for a
+    /// subscription being made): then they are taken, as [`Self::takes`] takes each.
+    pub(crate) fn takes_run(&mut self, last: &Message) -> bool {
+        let channel = wire::channel(&last.audience);
+        let connecting = self.connecting.as_ref().is_some_and(|c| c.subs.iter().any(|(sub, _)| sub.channel == channel));
+        if connecting || self.subscribing.contains_key(channel.as_ref()) {
+            return false;
+        }
+        self.top = self.top.max(last.seq);
+        true
+    }
+
     /// The encoding's wire format.
     pub(crate) fn format(&self) -> WireFormat {
         if self.protobuf { WireFormat::CentrifugalProtobuf } else { WireFormat::Centrifugal }

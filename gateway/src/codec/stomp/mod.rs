@@ -221,6 +221,14 @@ impl StompCodec {
         Some(&self.subscriptions[index].head)
     }
 
+    /// The head of the messages of `last`'s destination up to `last`, when a subscription takes
+    /// them now (noted as sent, as [`Self::shared_head`] notes each); none when they would be held.
+    pub(super) fn shared_head_of_run(&mut self, last: &Message) -> Option<&[u8]> {
+        let index = self.subscription(&Target::of_audience(&last.audience))?;
+        self.note_sent(index, last.seq);
+        Some(&self.subscriptions[index].head)
+    }
+
     /// The subscription `message` goes to now (noted as sent), or none: then it is held.
     fn route(&mut self, message: &Message) -> Option<usize> {
         let target = Target::of_audience(&message.audience);
