@@ -54,7 +54,7 @@ pub struct FanoutOptions {
     #[arg(id = "fanout-attempts", long = "fanout-attempts", value_name = "N", default_value_t = 2)]
     pub attempts: usize,
     /// Most steps per connection count.
-    #[arg(id = "fanout-max-steps", long = "fanout-max-steps", value_name = "N", default_value_t = 20)]
+    #[arg(id = "fanout-max-steps", long = "fanout-max-steps", value_name = "N", default_value_t = 30)]
     pub max_steps: usize,
 }
 
