@@ -19,9 +19,11 @@ async fn a_slow_socket_closed_with_4008_resumes_with_since_and_misses_nothing() 
     let publisher = Publisher::new(&nats).await;
     let mut slow = gateway.connect("ray").await;
 
-    // At most 600 × 256 KiB: under the stream's 1,000 messages per subject, so all stay stored.
+    // At most 200 × 256 KiB: more than the socket buffers hold here (4 MiB to send, 32 MiB to
+    // receive at most), under the stream's 1,000 messages per subject so that all stay stored, and
+    // a resume the test's debug-built gateway replays in a few seconds.
     let body = format!("\"{}\"", "x".repeat(256 * 1024));
-    let published = gateway.publish_until_slow_consumer_close(&publisher, "push.user.ray", &body, 600).await;
+    let published = gateway.publish_until_slow_consumer_close(&publisher, "push.user.ray", &body, 200).await;
 
     let mut received = Vec::new();
     loop {
