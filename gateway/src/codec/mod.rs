@@ -218,21 +218,27 @@ impl Codec {
         }
     }
 
-    /// Takes the messages of one audience from `first` to `last` (in stream order) for this
-    /// connection like [`Codec::shared_key`] takes each, when the codec takes them all alike: the
-    /// key they all go out as. None when the codec may hold some of them back (take them one by
-    /// one then; what this noted as sent is noted again, harmlessly).
-    pub(crate) fn shared_key_of_run(&mut self, first: &Message, last: &Message) -> Option<FrameKey<'_>> {
-        debug_assert!(first.audience == last.audience && first.seq <= last.seq);
+    /// The key the messages of `last`'s audience up to `last` all go out as when the codec takes
+    /// them all alike now (none held back), as [`Codec::shared_key`] would give each; none when it
+    /// may hold some back (take them one by one then). Notes nothing: [`Codec::note_run_sent`]
+    /// does, once they are taken.
+    pub(crate) fn run_key(&self, last: &Message) -> Option<FrameKey<'_>> {
         match self {
             Codec::Herald(_) => Some(FrameKey::Format(WireFormat::Herald)),
             Codec::SocketIo(_) => Some(FrameKey::Format(WireFormat::SocketIo)),
-            Codec::Sse(codec) => {
-                codec.note_sent(last.seq);
-                Some(FrameKey::Format(WireFormat::Sse))
-            }
+            Codec::Sse(_) => Some(FrameKey::Format(WireFormat::Sse)),
             Codec::Centrifugal(codec) => codec.takes_run(last).then(|| FrameKey::Format(codec.format())),
-            Codec::Stomp(codec) => codec.shared_head_of_run(last).map(FrameKey::StompHead),
+            Codec::Stomp(codec) => codec.head_of_run(last).map(FrameKey::StompHead),
+        }
+    }
+
+    /// Notes the messages [`Codec::run_key`] gave a key for, up to `last`, as sent.
+    pub(crate) fn note_run_sent(&mut self, last: &Message) {
+        match self {
+            Codec::Herald(_) | Codec::SocketIo(_) => {}
+            Codec::Sse(codec) => codec.note_sent(last.seq),
+            Codec::Centrifugal(codec) => codec.note_taken(last),
+            Codec::Stomp(codec) => codec.note_run_sent(last),
         }
     }
 

@@ -741,16 +741,23 @@ impl LivePull<'_> {
     }
 
     /// Takes the messages `first` to `last` of one burst (`count` of them) as one slice of its
-    /// buffer, when every one of them goes out alike: none sent already, none muted, none held
-    /// back by the codec.
+    /// buffer, when every one of them goes out alike (none sent already, none muted, none held back
+    /// by the codec) and they fit under the high-water mark.
     fn take_burst(&mut self, first: &Message, last: &Message, count: usize) -> Flow {
         if first.seq <= *self.last_sent || !self.muted.is_empty() {
             return Flow::OneByOne;
         }
         let Some((burst, index)) = first.burst() else { return Flow::OneByOne };
-        let Some(key) = self.codec.shared_key_of_run(first, last) else { return Flow::OneByOne };
-        let Some(frames) = burst.frames(&key) else { return Flow::OneByOne };
-        let len = self.add_to_run(burst, frames, index, index + count - 1);
+        let Some(frames) = self.codec.run_key(last).and_then(|key| burst.frames(&key)) else {
+            return Flow::OneByOne;
+        };
+        let last_index = index + count - 1;
+        if *self.frame_bytes + (frames.range(last_index).end - frames.range(index).start) > HIGH_WATER {
+            // One by one, so that the queue stops at the mark as it does for single messages.
+            return Flow::OneByOne;
+        }
+        self.codec.note_run_sent(last);
+        let len = self.add_to_run(burst, frames, index, last_index);
         self.delivered(last.seq, count as u64, len)
     }
 

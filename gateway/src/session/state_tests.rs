@@ -590,3 +590,22 @@ fn a_stomp_subscription_not_made_yet_holds_a_whole_burst_back_message_by_message
         assert!(text.contains(&format!("message-id:{seq}\n")), "{text}");
     }
 }
+
+#[test]
+fn a_burst_past_the_high_water_mark_is_taken_one_by_one_up_to_the_mark() {
+    let mut h = Harness::new(Start::Live, 10);
+    // Eight frames of 20 KiB: the mark (64 KiB) is passed by the fourth.
+    let burst: Vec<Arc<Message>> = (11..=18)
+        .map(|seq| Arc::new(Message::new(seq, Audience::All, "", "", "t", Bytes::from(vec![b'7'; 20 * 1024]))))
+        .collect();
+    crate::delivery::burst::Burst::tie(&burst.iter().collect::<Vec<_>>());
+    for message in &burst {
+        h.broadcast(Live::Message(message.clone()));
+    }
+    h.state.pull(h.watermark);
+    assert_eq!(h.state.last_sent(), 14);
+    assert!(!h.state.has_room());
+    h.state.take_frames(&mut Vec::new(), usize::MAX, usize::MAX);
+    h.state.pull(h.watermark);
+    assert_eq!(h.state.last_sent(), 18);
+}

@@ -142,15 +142,16 @@ impl CentrifugalCodec {
     }
 
     /// Whether the messages of `last`'s channel up to `last` all go out now (none is held for a
-    /// subscription being made): then they are taken, as [`Self::takes`] takes each.
-    pub(crate) fn takes_run(&mut self, last: &Message) -> bool {
+    /// subscription being made), as [`Self::takes`] would take each.
+    pub(crate) fn takes_run(&self, last: &Message) -> bool {
         let channel = wire::channel(&last.audience);
         let connecting = self.connecting.as_ref().is_some_and(|c| c.subs.iter().any(|(sub, _)| sub.channel == channel));
-        if connecting || self.subscribing.contains_key(channel.as_ref()) {
-            return false;
-        }
+        !connecting && !self.subscribing.contains_key(channel.as_ref())
+    }
+
+    /// Notes the messages [`Self::takes_run`] let through, up to `last`, as taken.
+    pub(crate) fn note_taken(&mut self, last: &Message) {
         self.top = self.top.max(last.seq);
-        true
     }
 
     /// The encoding's wire format.

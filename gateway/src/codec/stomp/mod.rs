@@ -222,11 +222,17 @@ impl StompCodec {
     }
 
     /// The head of the messages of `last`'s destination up to `last`, when a subscription takes
-    /// them now (noted as sent, as [`Self::shared_head`] notes each); none when they would be held.
-    pub(super) fn shared_head_of_run(&mut self, last: &Message) -> Option<&[u8]> {
+    /// them now; none when they would be held.
+    pub(super) fn head_of_run(&self, last: &Message) -> Option<&[u8]> {
         let index = self.subscription(&Target::of_audience(&last.audience))?;
-        self.note_sent(index, last.seq);
         Some(&self.subscriptions[index].head)
+    }
+
+    /// Notes the messages [`Self::head_of_run`] gave a head for, up to `last`, as sent.
+    pub(super) fn note_run_sent(&mut self, last: &Message) {
+        if let Some(index) = self.subscription(&Target::of_audience(&last.audience)) {
+            self.note_sent(index, last.seq);
+        }
     }
 
     /// The subscription `message` goes to now (noted as sent), or none: then it is held.
