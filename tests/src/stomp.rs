@@ -1,5 +1,8 @@
 //! A raw STOMP-over-WebSocket test client (tokio-tungstenite and a frame parser of its own): sends
-//! any bytes, reads frames, heart-beats and the close exactly as they come.
+//! any bytes, reads frames, heart-beats and the close exactly as they come; also over SockJS's
+//! WebSocket transport (`o`, `h`, `a[…]`, `c[…]` inside the WebSocket messages).
+
+use std::collections::VecDeque;
 
 use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
@@ -58,6 +61,10 @@ pub struct StompClient {
     stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
     /// The subprotocol the server chose.
     pub subprotocol: Option<String>,
+    /// Whether STOMP frames travel in SockJS's framing.
+    sockjs: bool,
+    /// Events read from one SockJS message frame and not yet returned.
+    pending: VecDeque<StompEvent>,
 }
 
 impl StompClient {
@@ -74,7 +81,25 @@ impl StompClient {
         let (stream, response) = tokio_tungstenite::connect_async(request).await.expect("upgrade to /stomp");
         let subprotocol =
             response.headers().get("sec-websocket-protocol").map(|value| value.to_str().unwrap().to_string());
-        StompClient { stream, subprotocol }
+        StompClient { stream, subprotocol, sockjs: false, pending: VecDeque::new() }
+    }
+
+    /// Opens SockJS's WebSocket transport at `url` (`…/stomp/<server>/<session>/websocket`) and
+    /// reads its open frame `o`.
+    pub async fn open_sockjs(url: &str) -> StompClient {
+        let (mut stream, _) = tokio_tungstenite::connect_async(url).await.expect("upgrade to SockJS's transport");
+        let open = tokio::time::timeout(FRAME_TIMEOUT, stream.next()).await.expect("the open frame in time");
+        assert_eq!(open.unwrap().unwrap(), Message::text("o"), "SockJS opens with `o`");
+        StompClient { stream, subprotocol: None, sockjs: true, pending: VecDeque::new() }
+    }
+
+    /// [`StompClient::open_sockjs`], then CONNECT with `headers` (`accept-version:1.2` added).
+    pub async fn connect_sockjs(url: &str, headers: &[(&str, &str)]) -> StompClient {
+        let mut client = StompClient::open_sockjs(url).await;
+        let mut all = vec![("accept-version", "1.2"), ("host", "herald")];
+        all.extend_from_slice(headers);
+        client.send_frame("CONNECT", &all, "").await;
+        client
     }
 
     /// Opens `url` (offering `v12.stomp`) and sends CONNECT with `headers` (`accept-version:1.2`
@@ -99,8 +124,14 @@ impl StompClient {
         self.send_raw(&text).await;
     }
 
-    /// Sends one WebSocket text message.
+    /// Sends one WebSocket text message (over SockJS: a message frame holding `text`).
     pub async fn send_raw(&mut self, text: &str) {
+        let text = if self.sockjs { serde_json::json!([text]).to_string() } else { text.to_string() };
+        self.stream.send(Message::text(text)).await.expect("send to the gateway");
+    }
+
+    /// Sends one WebSocket text message as it is, SockJS or not.
+    pub async fn send_websocket(&mut self, text: &str) {
         self.stream.send(Message::text(text)).await.expect("send to the gateway");
     }
 
@@ -111,11 +142,12 @@ impl StompClient {
 
     async fn recv(&mut self) -> StompEvent {
         loop {
+            if let Some(event) = self.pending.pop_front() {
+                return event;
+            }
             match self.stream.next().await {
-                Some(Ok(Message::Text(text))) if text.trim_matches(['\n', '\r']).is_empty() => {
-                    return StompEvent::HeartBeat;
-                }
-                Some(Ok(Message::Text(text))) => return StompEvent::Frame(StompFrame::parse(&text)),
+                Some(Ok(Message::Text(text))) if self.sockjs => self.pending.extend(sockjs_events(&text)),
+                Some(Ok(Message::Text(text))) => return stomp_event(&text),
                 Some(Ok(Message::Close(close))) => {
                     return StompEvent::Close(close.map(|c| (u16::from(c.code), c.reason.to_string())));
                 }
@@ -148,4 +180,30 @@ impl StompClient {
             }
         }
     }
+}
+
+/// A STOMP WebSocket message: a frame or heart-beats.
+fn stomp_event(text: &str) -> StompEvent {
+    if text.trim_matches(['\n', '\r']).is_empty() {
+        return StompEvent::HeartBeat;
+    }
+    StompEvent::Frame(StompFrame::parse(text))
+}
+
+/// The events of one SockJS frame: `h` a heart-beat, `a[…]` its STOMP messages, `c[code,reason]`
+/// the close (the WebSocket close that follows it is read as another).
+fn sockjs_events(text: &str) -> Vec<StompEvent> {
+    if text == "h" {
+        return vec![StompEvent::HeartBeat];
+    }
+    if let Some(messages) = text.strip_prefix('a') {
+        let messages: Vec<String> =
+            serde_json::from_str(messages).unwrap_or_else(|_| panic!("bad SockJS frame {text}"));
+        return messages.iter().map(|message| stomp_event(message)).collect();
+    }
+    if let Some(close) = text.strip_prefix('c') {
+        let (code, reason): (u16, String) = serde_json::from_str(close).unwrap_or_else(|_| panic!("bad close {text}"));
+        return vec![StompEvent::Close(Some((code, reason)))];
+    }
+    panic!("unknown SockJS frame {text:?}")
 }

@@ -285,8 +285,9 @@ async fn gateways_take_the_client_address_from_nginx_only_when_they_trust_it() {
     assert_too_many_from(connect_from(client_b, &nginx, "u2", &[]).await, &NGINX_ADDRESS.to_string());
 }
 
-/// STOMP (an upgrade at /stomp) and Server-Sent Events (a long response at /sse) go through the sample as
-/// /ws does: delivered as they come, not buffered.
+/// STOMP (an upgrade at /stomp, and over SockJS at /stomp/info and /stomp/<server>/<session>/websocket) and
+/// Server-Sent Events (a long response at /sse) go through the sample as /ws does: delivered as they come,
+/// not buffered.
 #[tokio::test]
 async fn stomp_and_sse_go_through_nginx() {
     if !nginx::available("stomp_and_sse_go_through_nginx") {
@@ -302,6 +303,18 @@ async fn stomp_and_sse_go_through_nginx() {
     stomp.expect("CONNECTED").await;
     stomp.send_frame("SUBSCRIBE", &[("id", "q"), ("destination", "/user/queue/q"), ("receipt", "r")], "").await;
     stomp.expect("RECEIPT").await;
+    let info = reqwest::get(nginx.http_url("/stomp/info")).await.unwrap();
+    assert_eq!(info.status(), 200);
+    assert_eq!(info.json::<serde_json::Value>().await.unwrap()["websocket"], true);
+    let sockjs_url = nginx.http_url("/stomp/000/proxied/websocket").replacen("http", "ws", 1);
+    let mut sockjs = herald_tests::stomp::StompClient::connect_sockjs(
+        &sockjs_url,
+        &[("passcode", &token("pia")), ("herald-device", "sockjs")],
+    )
+    .await;
+    sockjs.expect("CONNECTED").await;
+    sockjs.send_frame("SUBSCRIBE", &[("id", "q"), ("destination", "/user/queue/q"), ("receipt", "r")], "").await;
+    sockjs.expect("RECEIPT").await;
     let sse_url = nginx.http_url(&format!("/sse?token={}&device=web", token("pia")));
     let mut sse = herald_tests::sse::SseClient::open(&sse_url, &[]).await.expect("the stream through nginx");
     assert_eq!(sse.next_event().await.event, "welcome");
@@ -311,6 +324,8 @@ async fn stomp_and_sse_go_through_nginx() {
     assert_eq!((message.header("message-id"), message.body.as_str()), (seq.to_string().as_str(), r#"{"n":1}"#));
     let event = sse.next_event().await;
     assert_eq!((event.id, event.data.as_str()), (Some(seq.to_string()), r#"{"n":1}"#));
+    let message = sockjs.expect("MESSAGE").await;
+    assert_eq!((message.header("message-id"), message.body.as_str()), (seq.to_string().as_str(), r#"{"n":1}"#));
 }
 
 /// Socket.IO's long-polling sessions live in one gateway: the sample routes `/socket.io/` to a sticky

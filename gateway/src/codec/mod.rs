@@ -10,6 +10,7 @@
 pub(crate) mod centrifugal;
 mod herald;
 pub(crate) mod socketio;
+pub(crate) mod sockjs;
 pub(crate) mod sse;
 pub(crate) mod stomp;
 
@@ -43,11 +44,13 @@ pub(crate) enum WireFormat {
     SocketIo,
     /// A Centrifugal publication push in the protocol's Protobuf encoding, in a binary frame.
     CentrifugalProtobuf,
+    /// The shared part of a STOMP MESSAGE frame in SockJS's framing (see [`sockjs`]).
+    StompSockJs,
 }
 
 impl WireFormat {
     /// How many formats there are (the size of a message's encoding cache).
-    pub(crate) const COUNT: usize = 6;
+    pub(crate) const COUNT: usize = 7;
 
     /// The format's slot in a message's encoding cache.
     pub(crate) fn index(self) -> usize {
@@ -58,6 +61,7 @@ impl WireFormat {
             WireFormat::Centrifugal => 3,
             WireFormat::SocketIo => 4,
             WireFormat::CentrifugalProtobuf => 5,
+            WireFormat::StompSockJs => 6,
         }
     }
 }
@@ -71,6 +75,7 @@ pub(crate) fn encode_message(format: WireFormat, message: &Message) -> Bytes {
         WireFormat::Centrifugal => centrifugal::wire::encode_message(message),
         WireFormat::SocketIo => socketio::wire::encode_message(message),
         WireFormat::CentrifugalProtobuf => centrifugal::wire::encode_message_protobuf(message),
+        WireFormat::StompSockJs => stomp::encode_message_sockjs(message),
     }
 }
 
@@ -79,8 +84,9 @@ pub(crate) fn encode_message(format: WireFormat, message: &Message) -> Bytes {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum FrameKey<'a> {
     Format(WireFormat),
-    /// A STOMP MESSAGE frame's per-subscription start (see [`stomp`]).
-    StompHead(&'a [u8]),
+    /// A STOMP MESSAGE frame's per-subscription start (see [`stomp`]), and the format of the
+    /// shared tail that follows it (STOMP's over WebSocket or over SockJS).
+    StompHead(&'a [u8], WireFormat),
 }
 
 /// Appends the frame of `message` for `key` to `out` (`scratch` is space to reuse).
@@ -88,7 +94,7 @@ pub(crate) fn append_frame(key: &FrameKey<'_>, message: &Message, out: &mut Vec<
     match key {
         FrameKey::Format(WireFormat::Herald) => herald::append_message(out, message, scratch),
         FrameKey::Format(format) => out.extend_from_slice(&encode_message(*format, message)),
-        FrameKey::StompHead(head) => stomp::append_frame(out, head, message.encoded(WireFormat::Stomp)),
+        FrameKey::StompHead(head, format) => stomp::append_frame(out, head, message.encoded(*format)),
     }
 }
 
@@ -102,6 +108,7 @@ pub(crate) fn close_frame(format: WireFormat, close: &Close) -> Option<Bytes> {
         WireFormat::Sse => Some(SseCodec::close(close)),
         WireFormat::Centrifugal | WireFormat::CentrifugalProtobuf => Some(centrifugal::wire::close_frame(close)),
         WireFormat::SocketIo => Some(socketio::close_frame(close)),
+        WireFormat::StompSockJs => Some(sockjs::close(close.number(), &close.reason)),
     }
 }
 
@@ -168,7 +175,7 @@ impl Codec {
     pub(crate) fn format(&self) -> WireFormat {
         match self {
             Codec::Herald(_) => WireFormat::Herald,
-            Codec::Stomp(_) => WireFormat::Stomp,
+            Codec::Stomp(codec) => codec.format(),
             Codec::Sse(_) => WireFormat::Sse,
             Codec::Centrifugal(codec) => codec.format(),
             Codec::SocketIo(_) => WireFormat::SocketIo,
@@ -214,7 +221,10 @@ impl Codec {
                 Some(FrameKey::Format(WireFormat::Sse))
             }
             Codec::Centrifugal(codec) => codec.takes(message).then(|| FrameKey::Format(codec.format())),
-            Codec::Stomp(codec) => codec.shared_head(message).map(FrameKey::StompHead),
+            Codec::Stomp(codec) => {
+                let format = codec.format();
+                codec.shared_head(message).map(|head| FrameKey::StompHead(head, format))
+            }
         }
     }
 
@@ -228,7 +238,7 @@ impl Codec {
             Codec::SocketIo(_) => Some(FrameKey::Format(WireFormat::SocketIo)),
             Codec::Sse(_) => Some(FrameKey::Format(WireFormat::Sse)),
             Codec::Centrifugal(codec) => codec.takes_run(last).then(|| FrameKey::Format(codec.format())),
-            Codec::Stomp(codec) => codec.head_of_run(last).map(FrameKey::StompHead),
+            Codec::Stomp(codec) => codec.head_of_run(last).map(|head| FrameKey::StompHead(head, codec.format())),
         }
     }
 
@@ -340,7 +350,7 @@ impl Codec {
     pub(crate) fn decode(&mut self, text: &[u8]) -> Vec<Result<Command, Refusal>> {
         match self {
             Codec::Herald(codec) => vec![codec.decode(text)],
-            Codec::Stomp(codec) => vec![codec.decode(text)],
+            Codec::Stomp(codec) => codec.decode_message(text),
             Codec::Sse(codec) => vec![codec.decode()],
             Codec::Centrifugal(codec) => codec.decode(text),
             Codec::SocketIo(codec) => codec.decode(text),

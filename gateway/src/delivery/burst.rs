@@ -29,6 +29,7 @@ pub(crate) struct Burst {
 /// The frames for one STOMP head.
 struct HeadFrames {
     head: Box<[u8]>,
+    format: WireFormat,
     frames: Frames,
 }
 
@@ -80,11 +81,15 @@ impl Burst {
     pub(crate) fn frames(&self, key: &FrameKey<'_>) -> Option<&Frames> {
         match key {
             FrameKey::Format(format) => Some(self.formats[format.index()].get_or_init(|| self.encode(key))),
-            FrameKey::StompHead(head) => {
+            FrameKey::StompHead(head, format) => {
                 for slot in &self.heads {
                     // An empty slot takes this head, unless another session fills it first.
-                    let kept = slot.get_or_init(|| HeadFrames { head: Box::from(*head), frames: self.encode(key) });
-                    if *kept.head == **head {
+                    let kept = slot.get_or_init(|| HeadFrames {
+                        head: Box::from(*head),
+                        format: *format,
+                        frames: self.encode(key),
+                    });
+                    if *kept.head == **head && kept.format == *format {
                         return Some(&kept.frames);
                     }
                 }
@@ -141,11 +146,11 @@ mod tests {
         let (burst, _) = second.burst().unwrap();
         let heads: Vec<String> = (0..=MAX_HEADS).map(|n| format!("MESSAGE\nsubscription:sub-{n}\n")).collect();
         for head in &heads[..MAX_HEADS] {
-            let frames = burst.frames(&FrameKey::StompHead(head.as_bytes())).unwrap();
+            let frames = burst.frames(&FrameKey::StompHead(head.as_bytes(), WireFormat::Stomp)).unwrap();
             assert!(frames.range(0).is_empty());
             assert!(frames.buffer()[frames.range(1)].windows(head.len()).any(|w| w == head.as_bytes()));
         }
-        assert!(burst.frames(&FrameKey::StompHead(heads[MAX_HEADS].as_bytes())).is_none());
-        assert!(burst.frames(&FrameKey::StompHead(heads[0].as_bytes())).is_some());
+        assert!(burst.frames(&FrameKey::StompHead(heads[MAX_HEADS].as_bytes(), WireFormat::Stomp)).is_none());
+        assert!(burst.frames(&FrameKey::StompHead(heads[0].as_bytes(), WireFormat::Stomp)).is_some());
     }
 }

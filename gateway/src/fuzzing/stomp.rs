@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use crate::codec::stomp::{Connected, Frame, StompCodec, Version, parse};
-use crate::codec::{Codec, Command, Refusal};
+use crate::codec::stomp::{Connected, Frame, StompCodec, Transport, Version, parse};
+use crate::codec::{Codec, Command, Refusal, sockjs};
 use crate::http::stomp::heart_beat;
 
 /// Any WebSocket text messages: `parse` never panics, a frame it reads written out again reads the
@@ -12,9 +12,14 @@ use crate::http::stomp::heart_beat;
 /// session makes at most one command of each message.
 ///
 /// The input: messages separated by 0xFF (never in UTF-8 text); the first byte of the input also
-/// chooses the version the session negotiated (its value modulo 3).
+/// chooses the version the session negotiated (its value modulo 3), and its top bit SockJS's
+/// framing around the frames: then each message, escaped as SockJS escapes, reads back as itself,
+/// and the codec makes at most one command of each frame in it.
 pub fn stomp_frame(data: &[u8]) {
     let Some(first) = data.first() else { return };
+    if first & 0x80 != 0 {
+        return sockjs_messages(data);
+    }
     let version = [Version::V10, Version::V11, Version::V12][usize::from(*first) % 3];
     let connected = Connected {
         version,
@@ -22,7 +27,7 @@ pub fn stomp_frame(data: &[u8]) {
         client_wants: Duration::ZERO,
         allowed_topics: vec!["news".into(), "room-*".into()],
     };
-    let mut codec = Codec::Stomp(Box::new(StompCodec::new(connected, Duration::ZERO)));
+    let mut codec = Codec::Stomp(Box::new(StompCodec::new(connected, Duration::ZERO, Transport::WebSocket)));
     for message in data.split(|byte| *byte == 0xFF) {
         if let Ok(Some(frame)) = parse(message) {
             let written = write(&frame);
@@ -41,6 +46,34 @@ pub fn stomp_frame(data: &[u8]) {
             assert!(topic == "news" || topic.starts_with("room-"), "topic {topic:?} outside the claim");
         }
         if matches!(decoded.as_slice(), [Err(Refusal::Close(_))]) {
+            return;
+        }
+    }
+}
+
+fn sockjs_messages(data: &[u8]) {
+    let connected = Connected {
+        version: Version::V12,
+        client_sends: Duration::ZERO,
+        client_wants: Duration::ZERO,
+        allowed_topics: vec!["news".into()],
+    };
+    let mut codec = Codec::Stomp(Box::new(StompCodec::new(connected, Duration::ZERO, Transport::SockJs)));
+    for message in data[1..].split(|byte| *byte == 0xFF) {
+        if let Ok(text) = std::str::from_utf8(message) {
+            let mut escaped = b"[\"".to_vec();
+            sockjs::escape_into(&mut escaped, message);
+            escaped.extend_from_slice(b"\"]");
+            assert_eq!(sockjs::parse(&escaped), Ok(vec![text.to_string()]), "{text:?} escaped as {escaped:?}");
+        }
+        let decoded = codec.decode(message);
+        match sockjs::parse(message) {
+            Ok(frames) => {
+                assert!(decoded.len() <= frames.len(), "{} outcomes of {} frames", decoded.len(), frames.len())
+            }
+            Err(_) => assert!(matches!(decoded.as_slice(), [Err(Refusal::Close(_))]), "bad framing closes"),
+        }
+        if matches!(decoded.last(), Some(Err(Refusal::Close(_)))) {
             return;
         }
     }

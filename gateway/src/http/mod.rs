@@ -15,5 +15,6 @@ pub(crate) mod ratelimit;
 pub(crate) mod refusals;
 pub(crate) mod server;
 pub(crate) mod socketio;
+pub(crate) mod sockjs;
 pub(crate) mod sse;
 pub(crate) mod stomp;

@@ -18,6 +18,7 @@ use tracing::debug;
 
 use crate::Shared;
 use crate::cluster::policy::PolicyError;
+use crate::codec::stomp::Transport;
 use crate::http::auth::{self, Rejection};
 use crate::http::handshake;
 use crate::http::limits::{self, LimitExceeded};
@@ -69,9 +70,14 @@ async fn route(
     if (request.method(), request.uri().path()) == (&Method::GET, "/sse") {
         return Ok(super::sse::stream(shared, request, peer).await);
     }
+    if let Some(rest) = request.uri().path().strip_prefix("/stomp/") {
+        let rest = rest.to_string();
+        let response = super::sockjs::route(shared, request, peer, &rest).await.unwrap_or_else(not_found);
+        return Ok(response.map(http_body_util::Either::Left));
+    }
     let response = match (request.method(), request.uri().path()) {
         (&Method::GET, "/ws") => websocket(shared, request, peer).await,
-        (&Method::GET, "/stomp") => super::stomp::upgrade(shared, request, peer).await,
+        (&Method::GET, "/stomp") => super::stomp::upgrade(shared, request, peer, Transport::WebSocket).await,
         (&Method::GET, "/connection/websocket") => {
             let address = client_address(&shared, &request, peer);
             counted(&shared, address, crate::http::centrifugal::websocket(shared.clone(), request, peer).await)
@@ -93,9 +99,13 @@ async fn route(
             text(StatusCode::OK, "text/javascript; charset=utf-8", CLIENT_MODULE.to_string())
         }
         (&Method::GET, "/dev/token") if shared.config.dev => dev_token(&shared, &request),
-        _ => json(StatusCode::NOT_FOUND, serde_json::json!({"error": "not_found", "reason": "no such endpoint"})),
+        _ => not_found(),
     };
     Ok(response.map(http_body_util::Either::Left))
+}
+
+fn not_found() -> HttpResponse {
+    json(StatusCode::NOT_FOUND, serde_json::json!({"error": "not_found", "reason": "no such endpoint"}))
 }
 
 async fn websocket(shared: Arc<Shared>, request: Request<Incoming>, peer: SocketAddr) -> HttpResponse {

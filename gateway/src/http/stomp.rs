@@ -22,8 +22,8 @@ use super::handshake;
 use super::server::{self, HttpResponse, admit, refused_origin};
 use crate::Shared;
 use crate::cluster::policy::PolicyError;
-use crate::codec::stomp::{Connected, Frame, StompCodec, Version, parse};
-use crate::codec::{Codec, stomp};
+use crate::codec::stomp::{Connected, Frame, StompCodec, Transport, Version, parse};
+use crate::codec::{Codec, sockjs, stomp};
 use crate::session::{self, Connection, ReadHalf, WriteHalf};
 use crate::websocket::frame as ws;
 use crate::websocket::reader::{Inbound, MessageReader};
@@ -39,8 +39,14 @@ struct Hints {
     since: Option<String>,
 }
 
-/// Upgrades a `/stomp` request and runs the connection.
-pub(crate) async fn upgrade(shared: Arc<Shared>, mut request: Request<Incoming>, peer: SocketAddr) -> HttpResponse {
+/// Upgrades a `/stomp` request (or SockJS's `/stomp/<server>/<session>/websocket`, see
+/// [`super::sockjs`]) and runs the connection.
+pub(crate) async fn upgrade(
+    shared: Arc<Shared>,
+    mut request: Request<Incoming>,
+    peer: SocketAddr,
+    transport: Transport,
+) -> HttpResponse {
     let checked = check(&shared, &request, peer);
     let upgraded = checked.and_then(|(subprotocol, address, permit)| {
         let (response, upgrade) = fastwebsockets::upgrade::upgrade(&mut request)
@@ -50,6 +56,11 @@ pub(crate) async fn upgrade(shared: Arc<Shared>, mut request: Request<Incoming>,
     let (subprotocol, address, permit, mut response, upgrade) = match upgraded {
         Ok(upgraded) => upgraded,
         Err(refused) => return server::refuse(&shared, &request, peer, &refused),
+    };
+    let subprotocol = match transport {
+        Transport::WebSocket => subprotocol,
+        // SockJS offers no subprotocol: CONNECT's `accept-version` decides.
+        Transport::SockJs => None,
     };
     let hints = hints(&request);
     if let Some(version) = subprotocol {
@@ -62,7 +73,7 @@ pub(crate) async fn upgrade(shared: Arc<Shared>, mut request: Request<Incoming>,
             Ok(socket) => {
                 let (read_half, write_half) = session::split(socket.into_inner().into_inner());
                 let reader = MessageReader::new(read_half, shared.config.max_frame_bytes);
-                connect(shared, reader, write_half, hints, address).await;
+                connect(shared, reader, write_half, hints, address, transport).await;
             }
             Err(error) => debug!(%error, "upgrade failed"),
         }
@@ -142,43 +153,36 @@ async fn connect(
     mut write_half: WriteHalf,
     hints: Hints,
     address: IpAddr,
+    transport: Transport,
 ) {
+    if transport == Transport::SockJs && write_half.write_all(&sockjs::open()).await.is_err() {
+        return;
+    }
     let deadline = shared.config.heartbeat + shared.config.heartbeat_timeout;
+    let first = first_frame(&mut reader, &mut write_half, transport);
     let frame = tokio::select! {
         // Boxed (here and below): a task is as large as its largest state, and these run once.
-        frame = Box::pin(tokio::time::timeout(deadline, first_frame(&mut reader, &mut write_half))) => frame,
+        frame = Box::pin(tokio::time::timeout(deadline, first)) => frame,
         _ = shared.shutdown.cancelled() => return,
     };
+    let refuse = |write_half, refusal| refuse(&shared, address, write_half, refusal, transport);
     let frame = match frame {
         Ok(Ok(Some(frame))) => frame,
         Ok(Ok(None)) => return,
-        Ok(Err(refusal)) => return refuse(&shared, address, &mut write_half, refusal).await,
-        Err(_) => {
-            return refuse(
-                &shared,
-                address,
-                &mut write_half,
-                refused(error_code::BAD_REQUEST, "no CONNECT frame in time"),
-            )
-            .await;
-        }
+        Ok(Err(refusal)) => return refuse(&mut write_half, refusal).await,
+        Err(_) => return refuse(&mut write_half, refused(error_code::BAD_REQUEST, "no CONNECT frame in time")).await,
     };
     let (request, connected) = match authenticate(&shared, &frame, hints) {
         Ok(accepted) => accepted,
-        Err(refusal) => return refuse(&shared, address, &mut write_half, refusal).await,
+        Err(refusal) => return refuse(&mut write_half, refusal).await,
     };
     let conn = crate::id::random_id(12);
     match Box::pin(shared.policies.reserve(&request.claims.sub, &conn)).await {
         Ok(()) => {}
-        Err(error @ PolicyError::Taken) => {
-            return refuse(&shared, address, &mut write_half, refused(CONFLICT, error.to_string())).await;
-        }
-        Err(error) => {
-            return refuse(&shared, address, &mut write_half, refused(error_code::UNAVAILABLE, error.to_string()))
-                .await;
-        }
+        Err(error @ PolicyError::Taken) => return refuse(&mut write_half, refused(CONFLICT, error.to_string())).await,
+        Err(error) => return refuse(&mut write_half, refused(error_code::UNAVAILABLE, error.to_string())).await,
     }
-    let codec = Codec::Stomp(Box::new(StompCodec::new(connected, shared.config.heartbeat)));
+    let codec = Codec::Stomp(Box::new(StompCodec::new(connected, shared.config.heartbeat, transport)));
     let connection = Connection { reader, write_half, codec };
     session::run_with(shared, connection, request, conn, address).await;
 }
@@ -187,20 +191,41 @@ async fn connect(
 async fn first_frame(
     reader: &mut MessageReader<ReadHalf>,
     write_half: &mut WriteHalf,
+    transport: Transport,
 ) -> Result<Option<Frame>, Rejection> {
     loop {
         match reader.next().await {
-            Ok(Inbound::Text(text) | Inbound::Binary(text)) => match parse(&text) {
-                Ok(Some(frame)) => return Ok(Some(frame)),
-                Ok(None) => continue,
-                Err(error) => return Err(refused(error_code::BAD_REQUEST, error)),
-            },
+            Ok(Inbound::Text(text) | Inbound::Binary(text)) => {
+                let frame = match transport {
+                    Transport::WebSocket => parse(&text),
+                    Transport::SockJs => first_sockjs_frame(&text),
+                };
+                match frame {
+                    Ok(Some(frame)) => return Ok(Some(frame)),
+                    Ok(None) => continue,
+                    Err(error) => return Err(refused(error_code::BAD_REQUEST, error)),
+                }
+            }
             Ok(Inbound::Ping(payload)) => {
                 let _ = write_half.write_all(&ws::pong(&payload)).await;
             }
             Ok(Inbound::Pong) => {}
             Ok(Inbound::Close(_)) | Err(_) => return Ok(None),
         }
+    }
+}
+
+/// The STOMP frame in a client's first SockJS message, which must hold it alone: the session that
+/// would run the frames after it does not exist yet.
+fn first_sockjs_frame(text: &[u8]) -> Result<Option<Frame>, String> {
+    let messages = sockjs::parse(text)?;
+    let mut frames = Vec::new();
+    for message in &messages {
+        frames.extend(parse(message.as_bytes())?);
+    }
+    match frames.len() {
+        0 | 1 => Ok(frames.pop()),
+        _ => Err("CONNECT must come alone in its SockJS message".into()),
     }
 }
 
@@ -251,14 +276,18 @@ pub(crate) fn heart_beat(value: &str) -> Option<(Duration, Duration)> {
 /// The longest heart-beat interval a client can negotiate (either way).
 const MAX_HEART_BEAT: Duration = Duration::from_secs(600);
 
-/// Sends the ERROR frame for `refusal`, then closes with 1008.
-/// Counts the refusal and sends it: ERROR, then the close.
-async fn refuse(shared: &Shared, address: IpAddr, write_half: &mut WriteHalf, refusal: Rejection) {
+/// Counts the refusal and sends it: ERROR, then the close (1008).
+async fn refuse(
+    shared: &Shared,
+    address: IpAddr,
+    write_half: &mut WriteHalf,
+    refusal: Rejection,
+    transport: Transport,
+) {
     shared.refusals.refused(&refusal, address);
     let error = stomp::error_frame(refusal.error, &refusal.reason);
-    let close = ws::close(herald_shared::frame::close_code::POLICY, refusal.error);
+    let close = transport.close(Some(&error), herald_shared::frame::close_code::POLICY, refusal.error);
     let _ = tokio::time::timeout(REFUSAL_GRACE, async {
-        write_half.write_all(&error).await?;
         write_half.write_all(&close).await?;
         write_half.shutdown().await
     })

@@ -494,7 +494,11 @@ fn stomp_connections_with_the_same_subscription_head_share_a_burst_buffer() {
             client_wants: std::time::Duration::ZERO,
             allowed_topics: Vec::new(),
         };
-        let mut codec = Codec::Stomp(Box::new(crate::codec::StompCodec::new(connected, std::time::Duration::ZERO)));
+        let mut codec = Codec::Stomp(Box::new(crate::codec::StompCodec::new(
+            connected,
+            std::time::Duration::ZERO,
+            crate::codec::stomp::Transport::WebSocket,
+        )));
         let subscribe = format!("SUBSCRIBE\nid:{id}\ndestination:/topic/all\n\n\0");
         assert_eq!(codec.decode(subscribe.as_bytes()), [Ok(crate::codec::Command::Nothing)]);
         let mut harness = Harness::build(Start::Live, 10, 100, |params| params.codec = codec);
@@ -573,7 +577,11 @@ fn a_stomp_subscription_not_made_yet_holds_a_whole_burst_back_message_by_message
         client_wants: std::time::Duration::ZERO,
         allowed_topics: Vec::new(),
     };
-    let codec = Codec::Stomp(Box::new(crate::codec::StompCodec::new(connected, std::time::Duration::ZERO)));
+    let codec = Codec::Stomp(Box::new(crate::codec::StompCodec::new(
+        connected,
+        std::time::Duration::ZERO,
+        crate::codec::stomp::Transport::WebSocket,
+    )));
     let mut h = Harness::build(Start::Live, 10, 100, |params| params.codec = codec);
     h.state.take_frames(&mut Vec::new(), usize::MAX, usize::MAX);
     broadcast_burst(&mut h, 11..=13);

@@ -6,11 +6,33 @@ use herald_shared::frame::error_code;
 use herald_shared::id::{IdKind, check_id, topic_allowed};
 
 use super::frame::{Frame, Version, parse};
-use super::{AckMode, Held, PendingRpc, StompCodec, Subscription, Target, receipt_frame};
-use crate::codec::{Command, Refusal};
+use super::{AckMode, Held, PendingRpc, StompCodec, Subscription, Target, Transport, receipt_frame};
+use crate::codec::{Command, Refusal, sockjs};
 
 impl StompCodec {
-    /// Reads one client message (a frame or heart-beats).
+    /// Reads one client message: a frame or heart-beats, or over SockJS any number of them.
+    pub(crate) fn decode_message(&mut self, text: &[u8]) -> Vec<Result<Command, Refusal>> {
+        if self.transport == Transport::WebSocket {
+            return vec![self.decode(text)];
+        }
+        match sockjs::parse(text) {
+            Ok(messages) => {
+                let mut commands = Vec::with_capacity(messages.len());
+                for message in messages {
+                    let command = self.decode(message.as_bytes());
+                    let refused = command.is_err();
+                    commands.push(command);
+                    if refused {
+                        break;
+                    }
+                }
+                commands
+            }
+            Err(error) => vec![Err(Refusal::Close(self.fail(error_code::BAD_REQUEST, &error, None)))],
+        }
+    }
+
+    /// Reads one STOMP frame or heart-beats.
     pub(crate) fn decode(&mut self, text: &[u8]) -> Result<Command, Refusal> {
         let frame = match parse(text) {
             Ok(Some(frame)) => frame,
@@ -28,7 +50,7 @@ impl StompCodec {
                     self.topic_receipts.push((topic.clone(), receipt))
                 }
                 Command::Close => self.last = Some(receipt_frame(&receipt)),
-                _ => self.replies.push(receipt_frame(&receipt)),
+                _ => self.replies.push(self.transport.frame(&receipt_frame(&receipt))),
             }
         }
         Ok(command)
@@ -108,7 +130,7 @@ impl StompCodec {
             }
         }
         let first = self.subscription(&target).is_none();
-        let subscription = Subscription::new(id, destination, target, ack);
+        let subscription = Subscription::new(id, destination, target, ack, self.transport);
         self.subscriptions.push(subscription);
         let index = self.subscriptions.len() - 1;
         match &self.subscriptions[index].target {

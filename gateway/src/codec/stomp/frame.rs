@@ -1,11 +1,7 @@
 //! STOMP frames as text (STOMP 1.2 "Frames and headers", also 1.1 and 1.0): parsing what a client
-//! sends in one WebSocket text message, and writing frames into WebSocket text frames.
+//! sends in one message, and writing frames.
 
 use std::borrow::Cow;
-
-use bytes::Bytes;
-
-use crate::websocket::frame::FrameBuf;
 
 /// A protocol version a connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -172,22 +168,21 @@ pub(crate) fn push_header(out: &mut Vec<u8>, name: &str, value: &str) {
     out.push(b'\n');
 }
 
-/// A whole server frame in one WebSocket text frame.
-pub(crate) fn encode(command: &str, headers: &[(&str, &str)], body: &[u8]) -> Bytes {
-    let mut frame = FrameBuf::with_capacity(command.len() + 64 + body.len());
-    let out = frame.body();
+/// A whole server frame (its transport puts it in a WebSocket message, see [`super::Transport`]).
+pub(crate) fn encode(command: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(command.len() + 64 + body.len());
     out.extend_from_slice(command.as_bytes());
     out.push(b'\n');
     for (name, value) in headers {
-        push_header(out, name, value);
+        push_header(&mut out, name, value);
     }
     if !body.is_empty() {
-        push_header(out, "content-length", &body.len().to_string());
+        push_header(&mut out, "content-length", &body.len().to_string());
     }
     out.push(b'\n');
     out.extend_from_slice(body);
     out.push(0);
-    frame.finish_text()
+    out
 }
 
 #[cfg(test)]
@@ -230,8 +225,8 @@ mod tests {
     #[test]
     fn encodes_a_frame_with_escaped_headers_and_its_length() {
         let bytes = encode("RECEIPT", &[("receipt-id", "a:b")], b"");
-        assert_eq!(&bytes[2..], b"RECEIPT\nreceipt-id:a\\cb\n\n\0");
+        assert_eq!(&bytes[..], b"RECEIPT\nreceipt-id:a\\cb\n\n\0");
         let bytes = encode("ERROR", &[("message", "bad")], b"why");
-        assert_eq!(&bytes[2..], b"ERROR\nmessage:bad\ncontent-length:3\n\nwhy\0");
+        assert_eq!(&bytes[..], b"ERROR\nmessage:bad\ncontent-length:3\n\nwhy\0");
     }
 }

@@ -27,7 +27,7 @@ use bytes::{Bytes, BytesMut};
 use herald_shared::frame::{RpcResult, ServerFrame};
 use herald_shared::subject::Audience;
 
-use super::WireFormat;
+use super::{WireFormat, sockjs};
 use crate::close::{Close, CloseCode};
 use crate::delivery::message::Message;
 use crate::websocket::frame as ws;
@@ -49,6 +49,45 @@ pub(crate) struct Connected {
     pub(crate) client_wants: Duration,
     /// The token's `topics` claim.
     pub(crate) allowed_topics: Vec<String>,
+}
+
+/// What carries a connection's STOMP frames: WebSocket messages, one frame each, or SockJS's
+/// framing inside them (see [`sockjs`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Transport {
+    WebSocket,
+    SockJs,
+}
+
+impl Transport {
+    /// The wire format of this transport's MESSAGE tails.
+    pub(crate) fn format(self) -> WireFormat {
+        match self {
+            Transport::WebSocket => WireFormat::Stomp,
+            Transport::SockJs => WireFormat::StompSockJs,
+        }
+    }
+
+    /// A whole STOMP frame (see [`frame::encode`]) as this transport sends it.
+    pub(crate) fn frame(self, stomp: &[u8]) -> Bytes {
+        match self {
+            Transport::WebSocket => ws::text(stomp),
+            Transport::SockJs => sockjs::message(stomp),
+        }
+    }
+
+    /// The close: the frame explaining it first, if any, then SockJS's close frame, then WebSocket's.
+    pub(crate) fn close(self, explanation: Option<&[u8]>, code: u16, reason: &str) -> Bytes {
+        let mut bytes = Vec::new();
+        if let Some(explanation) = explanation {
+            bytes.extend_from_slice(&self.frame(explanation));
+        }
+        match self {
+            Transport::WebSocket => bytes.extend_from_slice(&ws::close(code, reason)),
+            Transport::SockJs => bytes.extend_from_slice(&sockjs::close(code, reason)),
+        }
+        Bytes::from(bytes)
+    }
 }
 
 /// What a subscription receives.
@@ -93,16 +132,25 @@ struct Subscription {
     destination: String,
     target: Target,
     ack: AckMode,
-    /// The per-socket start of its MESSAGE frames: `MESSAGE`, `subscription`, `destination`.
+    /// The per-socket start of its MESSAGE frames: `MESSAGE`, `subscription`, `destination` (for
+    /// SockJS, escaped after the start of a message frame).
     head: Vec<u8>,
 }
 
 impl Subscription {
-    fn new(id: &str, destination: &str, target: Target, ack: AckMode) -> Subscription {
-        let mut head = Vec::with_capacity(32 + id.len() + destination.len());
-        head.extend_from_slice(b"MESSAGE\n");
-        frame::push_header(&mut head, "subscription", id);
-        frame::push_header(&mut head, "destination", destination);
+    fn new(id: &str, destination: &str, target: Target, ack: AckMode, transport: Transport) -> Subscription {
+        let mut text = Vec::with_capacity(32 + id.len() + destination.len());
+        text.extend_from_slice(b"MESSAGE\n");
+        frame::push_header(&mut text, "subscription", id);
+        frame::push_header(&mut text, "destination", destination);
+        let head = match transport {
+            Transport::WebSocket => text,
+            Transport::SockJs => {
+                let mut head = sockjs::MESSAGES_START.to_vec();
+                sockjs::escape_into(&mut head, &text);
+                head
+            }
+        };
         Subscription { id: id.to_string(), destination: destination.to_string(), target, ack, head }
     }
 }
@@ -126,6 +174,7 @@ struct Held {
 #[derive(Debug)]
 pub(crate) struct StompCodec {
     connected: Connected,
+    transport: Transport,
     /// How often the server sends heart-beats and wants them (the gateway's heartbeat).
     server_beat: Duration,
     subscriptions: Vec<Subscription>,
@@ -137,7 +186,7 @@ pub(crate) struct StompCodec {
     /// Frames to send that answer no session notice (RECEIPTs, released messages).
     replies: Vec<Bytes>,
     /// The frame to send before the close (an ERROR, or the RECEIPT of a DISCONNECT).
-    last: Option<Bytes>,
+    last: Option<Vec<u8>>,
     /// A notice that ends the connection (an ERROR).
     closing: Option<Close>,
     /// The last `seq` queued for an `ack:auto` subscription, not yet taken as acknowledged.
@@ -153,6 +202,16 @@ pub(crate) fn append_frame(out: &mut Vec<u8>, head: &[u8], tail: &[u8]) {
     out.extend_from_slice(&header[..header_len]);
     out.extend_from_slice(head);
     out.extend_from_slice(tail);
+}
+
+/// The shared part of a MESSAGE frame of `message` in SockJS's framing: escaped, and the end of
+/// the message frame.
+pub(super) fn encode_message_sockjs(message: &Message) -> Bytes {
+    let tail = encode_message(message);
+    let mut out = Vec::with_capacity(tail.len() + tail.len() / 8 + 2);
+    sockjs::escape_into(&mut out, &tail);
+    out.extend_from_slice(sockjs::MESSAGES_END);
+    Bytes::from(out)
 }
 
 /// The shared part of a MESSAGE frame of `message` (see the module's documentation).
@@ -177,9 +236,10 @@ pub(super) fn encode_message(message: &Message) -> Bytes {
 }
 
 impl StompCodec {
-    pub(crate) fn new(connected: Connected, server_beat: Duration) -> StompCodec {
+    pub(crate) fn new(connected: Connected, server_beat: Duration, transport: Transport) -> StompCodec {
         StompCodec {
             connected,
+            transport,
             server_beat,
             subscriptions: Vec::new(),
             held: VecDeque::new(),
@@ -199,9 +259,19 @@ impl StompCodec {
         gateway.max(self.connected.client_sends).max(self.connected.client_wants)
     }
 
-    /// A client that asked for heart-beats gets STOMP's (an EOL); others a WebSocket ping.
+    /// The wire format of this connection's MESSAGE tails.
+    pub(super) fn format(&self) -> WireFormat {
+        self.transport.format()
+    }
+
+    /// A client that asked for heart-beats gets STOMP's (an EOL); others a WebSocket ping, or over
+    /// SockJS its heartbeat.
     pub(super) fn ping(&self) -> Bytes {
-        if self.connected.client_wants.is_zero() { ws::ping() } else { ws::text(b"\n") }
+        match (self.transport, self.connected.client_wants.is_zero()) {
+            (Transport::WebSocket, true) => ws::ping(),
+            (Transport::SockJs, true) => sockjs::heartbeat(),
+            (transport, false) => transport.frame(b"\n"),
+        }
     }
 
     /// Queues `message` for its subscription, or holds it until one comes; returns bytes queued.
@@ -245,7 +315,7 @@ impl StompCodec {
                 if self.held.len() == MAX_HELD {
                     self.held.pop_front();
                 }
-                let tail = message.encoded(WireFormat::Stomp).clone();
+                let tail = message.encoded(self.format()).clone();
                 self.held.push_back(Held { target, seq: message.seq, tail });
             }
         }
@@ -294,18 +364,16 @@ impl StompCodec {
     /// The last bytes: the frame that explains the close (an ERROR unless one was set), then the
     /// WebSocket close frame.
     pub(super) fn close(&self, close: &Close) -> Bytes {
-        let mut bytes = Vec::new();
-        match &self.last {
-            Some(last) => bytes.extend_from_slice(last),
+        let explanation = match &self.last {
+            Some(last) => Some(last.clone()),
             None if explained(close.code) => {
                 let code = close.number().to_string();
                 let headers = [("message", &*close.reason), ("herald-close", &code)];
-                bytes.extend_from_slice(&frame::encode("ERROR", &headers, close.reason.as_bytes()));
+                Some(frame::encode("ERROR", &headers, close.reason.as_bytes()))
             }
-            None => {}
-        }
-        bytes.extend_from_slice(&ws::close(close.number(), &close.reason));
-        Bytes::from(bytes)
+            None => None,
+        };
+        self.transport.close(explanation.as_deref(), close.number(), &close.reason)
     }
 
     /// A notice in STOMP terms, if it has one.
@@ -324,7 +392,7 @@ impl StompCodec {
                     ("herald-device", device),
                     ("herald-seq", &seq),
                 ];
-                Some(frame::encode("CONNECTED", &headers, b""))
+                Some(self.transport.frame(&frame::encode("CONNECTED", &headers, b"")))
             }
             ServerFrame::Subscribed { topic } | ServerFrame::Unsubscribed { topic } => self.topic_receipt(topic),
             ServerFrame::RpcResult(result) => self.rpc_result(result),
@@ -339,7 +407,7 @@ impl StompCodec {
     fn topic_receipt(&mut self, topic: &str) -> Option<Bytes> {
         let index = self.topic_receipts.iter().position(|(waiting, _)| waiting == topic)?;
         let (_, receipt) = self.topic_receipts.remove(index);
-        Some(receipt_frame(&receipt))
+        Some(self.transport.frame(&receipt_frame(&receipt)))
     }
 
     fn rpc_result(&mut self, result: &RpcResult) -> Option<Bytes> {
@@ -366,7 +434,7 @@ impl StompCodec {
         if let Some(correlation) = &rpc.correlation {
             headers.push(("correlation-id", correlation));
         }
-        Some(frame::encode("MESSAGE", &headers, body.as_bytes()))
+        Some(self.transport.frame(&frame::encode("MESSAGE", &headers, body.as_bytes())))
     }
 
     /// Ends the connection with an ERROR frame: `message` is its `message` header (a Herald error
@@ -380,11 +448,11 @@ impl StompCodec {
 }
 
 /// An ERROR frame: `message` is a Herald error code, `detail` the body.
-pub(crate) fn error_frame(message: &str, detail: &str) -> Bytes {
+pub(crate) fn error_frame(message: &str, detail: &str) -> Vec<u8> {
     error_frame_with(message, detail, None)
 }
 
-fn error_frame_with(message: &str, detail: &str, receipt: Option<&str>) -> Bytes {
+fn error_frame_with(message: &str, detail: &str, receipt: Option<&str>) -> Vec<u8> {
     let mut headers = vec![("message", message), ("content-type", "text/plain")];
     if let Some(receipt) = receipt {
         headers.push(("receipt-id", receipt));
@@ -392,7 +460,7 @@ fn error_frame_with(message: &str, detail: &str, receipt: Option<&str>) -> Bytes
     frame::encode("ERROR", &headers, detail.as_bytes())
 }
 
-pub(super) fn receipt_frame(receipt: &str) -> Bytes {
+pub(super) fn receipt_frame(receipt: &str) -> Vec<u8> {
     frame::encode("RECEIPT", &[("receipt-id", receipt)], b"")
 }
 

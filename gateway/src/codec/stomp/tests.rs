@@ -15,7 +15,7 @@ fn codec() -> StompCodec {
         client_wants: Duration::ZERO,
         allowed_topics: vec!["news".into()],
     };
-    StompCodec::new(connected, Duration::from_secs(10))
+    StompCodec::new(connected, Duration::from_secs(10), Transport::WebSocket)
 }
 
 /// The STOMP text of queued frames (WebSocket headers removed: each head starts one).
@@ -105,4 +105,53 @@ fn a_topic_is_left_with_its_last_subscription() {
     assert_eq!(codec.decode(b"UNSUBSCRIBE\nid:a\n\n\0"), Ok(Command::Nothing));
     assert_eq!(codec.decode(b"UNSUBSCRIBE\nid:b\n\n\0"), Ok(Command::Unsubscribe { topic: "news".into() }));
     assert!(matches!(codec.decode(b"UNSUBSCRIBE\nid:b\n\n\0"), Err(Refusal::Close(_))));
+}
+
+fn sockjs_codec() -> StompCodec {
+    let connected = Connected {
+        version: Version::V12,
+        client_sends: Duration::ZERO,
+        client_wants: Duration::from_secs(10),
+        allowed_topics: vec![],
+    };
+    StompCodec::new(connected, Duration::from_secs(10), Transport::SockJs)
+}
+
+/// The messages of the SockJS `a[…]` frame in the first WebSocket frame of `bytes`.
+fn sockjs_messages(bytes: &[u8]) -> Vec<String> {
+    let length = if bytes[1] == 126 { u16::from_be_bytes([bytes[2], bytes[3]]) as usize } else { bytes[1] as usize };
+    let payload = &skip_ws_header(bytes)[..length];
+    serde_json::from_slice(payload.strip_prefix(b"a").expect("a message frame")).unwrap()
+}
+
+#[test]
+fn over_sockjs_a_message_is_an_escaped_head_and_tail_in_one_message_frame() {
+    let mut codec = sockjs_codec();
+    let subscribe = br#"["SUBSCRIBE\nid:sub-0\ndestination:/topic/all\n\n\u0000"]"#;
+    assert_eq!(codec.decode_message(subscribe), [Ok(Command::Nothing)]);
+    let message = Message::new(5, Audience::All, "mail", "", "t", Bytes::from_static(b"{\"a\":\"\\n\"}"));
+    let mut frames = VecDeque::new();
+    codec.queue_message(&message, message.encoded(WireFormat::StompSockJs), &mut frames);
+    let whole: Vec<u8> = frames.iter().flat_map(|frame| frame.iter().copied()).collect();
+    assert_eq!(skip_ws_header(&whole).len(), u16::from_be_bytes([whole[2], whole[3]]) as usize, "one WebSocket frame");
+    let expected = "MESSAGE\nsubscription:sub-0\ndestination:/topic/all\nmessage-id:5\nack:5\n\
+                    content-type:application/json\nherald-kind:mail\nherald-ts:t\ncontent-length:10\n\n{\"a\":\"\\n\"}\0";
+    assert_eq!(sockjs_messages(&whole), [expected]);
+    assert_eq!(frames[1].as_ptr(), message.encoded(WireFormat::StompSockJs).as_ptr(), "the tail is shared");
+    assert_eq!(sockjs_messages(&codec.ping()), ["\n"], "a client that wants heart-beats gets STOMP's");
+}
+
+#[test]
+fn over_sockjs_each_message_of_a_client_frame_is_read_and_bad_framing_closes() {
+    let mut codec = sockjs_codec();
+    let two = br#"["SUBSCRIBE\nid:1\ndestination:/user/queue/a\nreceipt:r1\n\n\u0000","\n"]"#;
+    assert_eq!(codec.decode_message(two), [Ok(Command::Nothing), Ok(Command::Nothing)]);
+    assert_eq!(sockjs_messages(&codec.take_replies()[0]), ["RECEIPT\nreceipt-id:r1\n\n\0"]);
+    let decoded = codec.decode_message(b"SUBSCRIBE\nid:2\n\n\0");
+    assert!(matches!(&decoded[..], [Err(Refusal::Close(_))]), "{decoded:?}");
+    let close = codec.close(&Close::new(CloseCode::Policy, "bad_request"));
+    let error = sockjs_messages(&close);
+    assert!(error[0].starts_with("ERROR\nmessage:bad_request\n"), "{error:?}");
+    let text = String::from_utf8_lossy(&close);
+    assert!(text.contains("c[1008,\""), "SockJS's close frame follows: {text:?}");
 }

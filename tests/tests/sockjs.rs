@@ -1,0 +1,181 @@
+//! STOMP over SockJS's WebSocket transport, as pages written for Spring's `withSockJS()` endpoints
+//! connect (docs/protocols.md, "STOMP over SockJS"): the info request, SockJS's framing around
+//! the same STOMP session, refusals and bad framing. Real NATS, a real gateway, a raw client for
+//! exact frames; tests/browser/test_sockjs.py drives sockjs-client itself in Chromium.
+
+use herald_tests::gateway::{token, token_with};
+use herald_tests::stomp::{StompClient, StompEvent, StompFrame};
+use herald_tests::{Publisher, TestGateway, TestNats};
+
+fn transport_url(gateway: &TestGateway, session: &str) -> String {
+    format!("ws://{}/stomp/042/{session}/websocket", gateway.addr)
+}
+
+async fn connect(gateway: &TestGateway, headers: &[(&str, &str)]) -> (StompClient, StompFrame) {
+    let mut client = StompClient::connect_sockjs(&transport_url(gateway, "s1"), headers).await;
+    let connected = client.expect("CONNECTED").await;
+    (client, connected)
+}
+
+async fn subscribe(client: &mut StompClient, id: &str, destination: &str) {
+    let receipt = format!("sub-{id}");
+    client.send_frame("SUBSCRIBE", &[("id", id), ("destination", destination), ("receipt", &receipt)], "").await;
+    assert_eq!(client.expect("RECEIPT").await.header("receipt-id"), receipt);
+}
+
+async fn next_message(client: &mut StompClient) -> (u64, String, String) {
+    let message = client.expect("MESSAGE").await;
+    (message.header("message-id").parse().unwrap(), message.header("destination").to_string(), message.body)
+}
+
+#[tokio::test]
+async fn the_info_request_offers_the_websocket_transport_and_the_others_are_not_found() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let http = reqwest::Client::new();
+
+    let info = http
+        .get(gateway.http_url("/stomp/info?t=1764860000000"))
+        .header("origin", "http://app.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(info.status(), 200);
+    let header = |name: &str| info.headers().get(name).map(|value| value.to_str().unwrap().to_string());
+    assert_eq!(header("access-control-allow-origin").as_deref(), Some("http://app.example"));
+    assert_eq!(header("access-control-allow-credentials").as_deref(), Some("true"));
+    assert!(header("cache-control").unwrap().contains("no-store"));
+    let body: serde_json::Value = info.json().await.unwrap();
+    assert_eq!(body["websocket"], true);
+    assert_eq!(body["cookie_needed"], false);
+    assert_eq!(body["origins"], serde_json::json!(["*:*"]));
+    assert!(body["entropy"].is_u64(), "{body}");
+
+    let preflight = http.request(reqwest::Method::OPTIONS, gateway.http_url("/stomp/info")).send().await.unwrap();
+    assert_eq!(preflight.status(), 204);
+    assert_eq!(preflight.headers()["access-control-allow-methods"], "OPTIONS, GET");
+
+    for (method, path) in [
+        (reqwest::Method::POST, "/stomp/042/s1/xhr_streaming"),
+        (reqwest::Method::POST, "/stomp/042/s1/xhr"),
+        (reqwest::Method::GET, "/stomp/042/s1/eventsource"),
+        (reqwest::Method::GET, "/stomp/iframe.html"),
+        (reqwest::Method::GET, "/stomp/042/s.1/websocket"),
+    ] {
+        let response = http.request(method.clone(), gateway.http_url(path)).send().await.unwrap();
+        assert_eq!(response.status(), 404, "{method} {path}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["error"], "not_found");
+    }
+}
+
+#[tokio::test]
+async fn stomp_over_sockjs_delivers_user_and_topic_messages_and_resumes_with_herald_since() {
+    let nats = TestNats::start().await;
+    let publisher = Publisher::new(&nats).await;
+    let gateway = TestGateway::start(&nats).await;
+    let user_token = token_with("sam", &["news"], 3600);
+
+    // No subprotocol over SockJS: `accept-version` decides, as stomp.js sends it.
+    let mut client = StompClient::open_sockjs(&transport_url(&gateway, "first")).await;
+    client.send_frame("CONNECT", &[("accept-version", "1.1,1.0"), ("passcode", &user_token)], "").await;
+    let connected = client.expect("CONNECTED").await;
+    assert_eq!((connected.header("version"), connected.header("user-name")), ("1.1", "sam"));
+    subscribe(&mut client, "sub-0", "/user/queue/inbox").await;
+    subscribe(&mut client, "sub-1", "/topic/all").await;
+    subscribe(&mut client, "sub-2", "/topic/news").await;
+
+    // A body that needs escaping inside SockJS's JSON arrives as published.
+    let body = r#"{"text":"a \"quote\", a \\ and a line\nbreak, é, \u2028"}"#;
+    let personal = publisher.publish("push.user.sam", body).await;
+    let all = publisher.publish("push.all", r#"{"n":2}"#).await;
+    let topic = publisher.publish("push.topic.news", r#"{"n":3}"#).await;
+    assert_eq!(next_message(&mut client).await, (personal, "/user/queue/inbox".into(), body.into()));
+    assert_eq!(next_message(&mut client).await, (all, "/topic/all".into(), r#"{"n":2}"#.into()));
+    assert_eq!(next_message(&mut client).await, (topic, "/topic/news".into(), r#"{"n":3}"#.into()));
+
+    // The client leaves; what is published meanwhile is replayed on its next session.
+    client.send_frame("DISCONNECT", &[("receipt", "bye")], "").await;
+    assert_eq!(client.expect("RECEIPT").await.header("receipt-id"), "bye");
+    let missed = [publisher.publish("push.user.sam", "4").await, publisher.publish("push.all", "5").await];
+    let since = topic.to_string();
+    let mut client = StompClient::open_sockjs(&transport_url(&gateway, "second")).await;
+    client
+        .send_frame("CONNECT", &[("accept-version", "1.2"), ("passcode", &user_token), ("herald-since", &since)], "")
+        .await;
+    client.expect("CONNECTED").await;
+    subscribe_without_receipt(&mut client, "sub-0", "/user/queue/inbox").await;
+    subscribe_without_receipt(&mut client, "sub-1", "/topic/all").await;
+    assert_eq!(next_message(&mut client).await, (missed[0], "/user/queue/inbox".into(), "4".into()));
+    assert_eq!(next_message(&mut client).await, (missed[1], "/topic/all".into(), "5".into()));
+    let live = publisher.publish("push.user.sam", "6").await;
+    assert_eq!(next_message(&mut client).await, (live, "/user/queue/inbox".into(), "6".into()));
+}
+
+/// SUBSCRIBE with no receipt (a RECEIPT could come before or after the replayed messages).
+async fn subscribe_without_receipt(client: &mut StompClient, id: &str, destination: &str) {
+    client.send_frame("SUBSCRIBE", &[("id", id), ("destination", destination)], "").await;
+}
+
+#[tokio::test]
+async fn refusals_and_bad_framing_get_an_error_then_sockjs_close() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+
+    let mut client = StompClient::connect_sockjs(&transport_url(&gateway, "bad-token"), &[("passcode", "nope")]).await;
+    let (error, close) = client.expect_error_and_close().await;
+    assert_eq!((error.header("message"), close), ("unauthorized", Some(1008)));
+    assert_eq!(gateway.refusals(401, "unauthorized").await, 1.0);
+
+    // The token in the transport URL's query, as `new SockJS("/stomp?token=…")` sends it.
+    let query = format!("{}?token={}", transport_url(&gateway, "query"), token("tia"));
+    let mut client = StompClient::connect_sockjs(&query, &[]).await;
+    assert_eq!(client.expect("CONNECTED").await.header("user-name"), "tia");
+
+    let user_token = token_with("tia", &["news"], 3600);
+    let (mut client, _) = connect(&gateway, &[("passcode", &user_token)]).await;
+    client.send_frame("SUBSCRIBE", &[("id", "1"), ("destination", "/topic/secret")], "").await;
+    let (error, close) = client.expect_error_and_close().await;
+    assert_eq!((error.header("message"), close), ("forbidden", Some(1008)));
+
+    // Not SockJS's framing (a bare STOMP frame), after CONNECT and before it.
+    let (mut client, _) = connect(&gateway, &[("passcode", &user_token)]).await;
+    client.send_websocket("SUBSCRIBE\nid:1\ndestination:/topic/all\n\n\0").await;
+    let (error, close) = client.expect_error_and_close().await;
+    assert_eq!((error.header("message"), close), ("bad_request", Some(1008)));
+    assert_eq!(error.body, "a SockJS message must be a JSON array of strings");
+    let mut client = StompClient::open_sockjs(&transport_url(&gateway, "raw")).await;
+    client.send_websocket("CONNECT\naccept-version:1.2\n\n\0").await;
+    let (error, close) = client.expect_error_and_close().await;
+    assert_eq!((error.header("message"), close), ("bad_request", Some(1008)));
+
+    // Two frames in the first message: the second would have no session to run in yet.
+    let mut client = StompClient::open_sockjs(&transport_url(&gateway, "two")).await;
+    let connect_frame = format!("CONNECT\naccept-version:1.2\npasscode:{user_token}\n\n\0");
+    let two = serde_json::json!([connect_frame, "SUBSCRIBE\nid:1\ndestination:/topic/all\n\n\0"]).to_string();
+    client.send_websocket(&two).await;
+    let (error, _) = client.expect_error_and_close().await;
+    assert_eq!(error.body, "CONNECT must come alone in its SockJS message");
+
+    // Several frames in one message after CONNECT are each read, in order.
+    let (mut client, _) = connect(&gateway, &[("passcode", &user_token)]).await;
+    let frames = [
+        "SUBSCRIBE\nid:1\ndestination:/topic/all\nreceipt:a\n\n\0",
+        "\n",
+        "SUBSCRIBE\nid:2\ndestination:/topic/news\nreceipt:b\n\n\0",
+    ];
+    client.send_websocket(&serde_json::json!(frames).to_string()).await;
+    assert_eq!(client.expect("RECEIPT").await.header("receipt-id"), "a");
+    assert_eq!(client.expect("RECEIPT").await.header("receipt-id"), "b");
+    client.send_frame("DISCONNECT", &[], "").await;
+    loop {
+        match client.next_event().await {
+            StompEvent::HeartBeat => continue,
+            StompEvent::Close(close) => {
+                assert_eq!(close.map(|(code, _)| code), Some(1000));
+                break;
+            }
+            other => panic!("expected the close, got {other:?}"),
+        }
+    }
+}
