@@ -117,7 +117,7 @@ async fn a_forbidden_topic_and_malformed_frames_get_error_then_close() {
 
     let cases = [
         ("SEND\ndestination /app/echo\n\n\0", "bad_request"),
-        ("SEND\ndestination:/app/echo\n\nno NUL", "bad_request"),
+        ("SEND\ncontent-length:2\n\nabc\0", "bad_request"),
         ("SEND\ndestination:/queue/x\n\n\0", "bad_request"),
         ("SUBSCRIBE\ndestination:/topic/news\n\n\0", "bad_request"),
         ("SUBSCRIBE\nid:1\ndestination:/elsewhere\n\n\0", "bad_request"),
@@ -133,6 +133,17 @@ async fn a_forbidden_topic_and_malformed_frames_get_error_then_close() {
         let (error, close) = client.expect_error_and_close().await;
         assert_eq!((error.header("message"), close), (message, Some(1008)), "{frame:?}: {}", error.body);
     }
+    // A frame past the gateway's `max_frame_bytes`, sent in pieces each under it.
+    let small = TestGateway::start_with(&nats, |config| config.max_frame_bytes = 1024).await;
+    let (mut client, _) = connect(&small, &[("passcode", &user_token)]).await;
+    let send = format!("SEND\ndestination:/app/echo\n\n{}\0", "x".repeat(3000));
+    for piece in send.as_bytes().chunks(512) {
+        client.send_raw(std::str::from_utf8(piece).unwrap()).await;
+    }
+    let (error, close) = client.expect_error_and_close().await;
+    assert_eq!((error.header("message"), error.body.as_str()), ("bad_request", "a frame longer than 1024 bytes"));
+    assert_eq!(close, Some(1008));
+
     // Before CONNECT too.
     let mut client = StompClient::open(&url(&gateway), "v12.stomp", &[]).await;
     client.send_raw("HELLO\n\n\0").await;
@@ -223,6 +234,24 @@ async fn send_to_app_echo_gets_the_reply_or_an_error() {
     assert_eq!((reply.header("subscription"), reply.header("correlation-id")), ("replies", "c-1"));
     let body: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
     assert_eq!(body, serde_json::json!({"user": "ivan", "body": {"hello": "world"}}));
+
+    // As stomp.js 2 sends a frame over 16 KiB: in 16 KiB WebSocket messages; and two frames in one.
+    let long = serde_json::json!({"text": "x".repeat(40_000)}).to_string();
+    let send = format!("SEND\ndestination:/app/echo\nreply-to:/user/queue/replies\ncorrelation-id:c-2\n\n{long}\0");
+    for piece in send.as_bytes().chunks(16 * 1024) {
+        client.send_raw(std::str::from_utf8(piece).unwrap()).await;
+    }
+    let reply = client.expect("MESSAGE").await;
+    assert_eq!(reply.header("correlation-id"), "c-2");
+    let body: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+    assert_eq!(body["body"]["text"].as_str().map(str::len), Some(40_000));
+    let two = "SEND\ndestination:/app/echo\nreply-to:/user/queue/replies\ncorrelation-id:c-3\n\n3\0\n\
+               SEND\ndestination:/app/echo\nreply-to:/user/queue/replies\ncorrelation-id:c-4\n\n4\0";
+    client.send_raw(two).await;
+    let replies = [client.expect("MESSAGE").await, client.expect("MESSAGE").await];
+    let mut ids: Vec<&str> = replies.iter().map(|reply| reply.header("correlation-id")).collect();
+    ids.sort();
+    assert_eq!(ids, ["c-3", "c-4"]);
 
     client.send_frame("SEND", &[("destination", "/app/nobody"), ("reply-to", "/user/queue/replies")], "{}").await;
     let (error, close) = client.expect_error_and_close().await;

@@ -182,7 +182,12 @@ async fn connect(
         Err(error @ PolicyError::Taken) => return refuse(&mut write_half, refused(CONFLICT, error.to_string())).await,
         Err(error) => return refuse(&mut write_half, refused(error_code::UNAVAILABLE, error.to_string())).await,
     }
-    let codec = Codec::Stomp(Box::new(StompCodec::new(connected, shared.config.heartbeat, transport)));
+    let codec = Codec::Stomp(Box::new(StompCodec::new(
+        connected,
+        shared.config.heartbeat,
+        transport,
+        shared.config.max_frame_bytes,
+    )));
     let connection = Connection { reader, write_half, codec };
     session::run_with(shared, connection, request, conn, address).await;
 }

@@ -498,6 +498,7 @@ fn stomp_connections_with_the_same_subscription_head_share_a_burst_buffer() {
             connected,
             std::time::Duration::ZERO,
             crate::codec::stomp::Transport::WebSocket,
+            64 * 1024,
         )));
         let subscribe = format!("SUBSCRIBE\nid:{id}\ndestination:/topic/all\n\n\0");
         assert_eq!(codec.decode(subscribe.as_bytes()), [Ok(crate::codec::Command::Nothing)]);
@@ -581,6 +582,7 @@ fn a_stomp_subscription_not_made_yet_holds_a_whole_burst_back_message_by_message
         connected,
         std::time::Duration::ZERO,
         crate::codec::stomp::Transport::WebSocket,
+        64 * 1024,
     )));
     let mut h = Harness::build(Start::Live, 10, 100, |params| params.codec = codec);
     h.state.take_frames(&mut Vec::new(), usize::MAX, usize::MAX);

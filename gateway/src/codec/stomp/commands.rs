@@ -5,42 +5,82 @@
 use herald_shared::frame::error_code;
 use herald_shared::id::{IdKind, check_id, topic_allowed};
 
-use super::frame::{Frame, Version, parse};
+use super::frame::{Frame, Next, Version, next_frame, skip_eols};
 use super::{AckMode, Held, PendingRpc, StompCodec, Subscription, Target, Transport, receipt_frame};
 use crate::codec::{Command, Refusal, sockjs};
 
 impl StompCodec {
-    /// Reads one client message: a frame or heart-beats, or over SockJS any number of them.
+    /// Reads one client message: the commands of the frames it completes (none for heart-beats or
+    /// the start of a frame), up to the first refused. Over SockJS a message holds any number of
+    /// the client's messages.
     pub(crate) fn decode_message(&mut self, text: &[u8]) -> Vec<Result<Command, Refusal>> {
-        if self.transport == Transport::WebSocket {
-            return vec![self.decode(text)];
+        let mut commands = Vec::new();
+        match self.transport {
+            Transport::WebSocket => {
+                self.decode_stream(text, &mut commands);
+            }
+            Transport::SockJs => match sockjs::parse(text) {
+                Ok(messages) => {
+                    for message in messages {
+                        if !self.decode_stream(message.as_bytes(), &mut commands) {
+                            break;
+                        }
+                    }
+                }
+                Err(error) => commands.push(Err(Refusal::Close(self.fail(error_code::BAD_REQUEST, &error, None)))),
+            },
         }
-        match sockjs::parse(text) {
-            Ok(messages) => {
-                let mut commands = Vec::with_capacity(messages.len());
-                for message in messages {
-                    let command = self.decode(message.as_bytes());
+        commands
+    }
+
+    /// Reads `bytes`, the next part of the client's stream of frames, after the start of a frame
+    /// kept from earlier messages; false once a frame is refused.
+    fn decode_stream(&mut self, bytes: &[u8], commands: &mut Vec<Result<Command, Refusal>>) -> bool {
+        let mut kept = std::mem::take(&mut self.partial);
+        let stream = if kept.is_empty() {
+            bytes
+        } else {
+            kept.extend_from_slice(bytes);
+            &kept[..]
+        };
+        let mut start = 0;
+        let too_long = format!("a frame longer than {} bytes", self.max_frame_bytes);
+        let refused = loop {
+            let at = &stream[start..];
+            match next_frame(at) {
+                Ok(Next::Frame(_, used)) if used - (at.len() - skip_eols(at).len()) > self.max_frame_bytes => {
+                    commands.push(Err(Refusal::Close(self.fail(error_code::BAD_REQUEST, &too_long, None))));
+                    break true;
+                }
+                Ok(Next::Frame(frame, used)) => {
+                    start += used;
+                    let command = self.decode_frame(&frame);
                     let refused = command.is_err();
                     commands.push(command);
                     if refused {
-                        break;
+                        break true;
                     }
                 }
-                commands
+                Ok(Next::Incomplete(_)) => break false,
+                Err(error) => {
+                    commands.push(Err(Refusal::Close(self.fail(error_code::BAD_REQUEST, &error, None))));
+                    break true;
+                }
             }
-            Err(error) => vec![Err(Refusal::Close(self.fail(error_code::BAD_REQUEST, &error, None)))],
+        };
+        let rest = skip_eols(&stream[start..]);
+        if refused || rest.len() <= self.max_frame_bytes {
+            self.partial = rest.to_vec();
+            return !refused;
         }
+        commands.push(Err(Refusal::Close(self.fail(error_code::BAD_REQUEST, &too_long, None))));
+        false
     }
 
-    /// Reads one STOMP frame or heart-beats.
-    pub(crate) fn decode(&mut self, text: &[u8]) -> Result<Command, Refusal> {
-        let frame = match parse(text) {
-            Ok(Some(frame)) => frame,
-            Ok(None) => return Ok(Command::Nothing),
-            Err(error) => return Err(Refusal::Close(self.fail(error_code::BAD_REQUEST, &error, None))),
-        };
+    /// Reads one whole frame: the command it asks of the session.
+    fn decode_frame(&mut self, frame: &Frame) -> Result<Command, Refusal> {
         let receipt = frame.header("receipt").map(str::to_string);
-        let command = match self.command(&frame) {
+        let command = match self.command(frame) {
             Ok(command) => command,
             Err((code, detail)) => return Err(Refusal::Close(self.fail(code, &detail, receipt.as_deref()))),
         };
@@ -54,6 +94,14 @@ impl StompCodec {
             }
         }
         Ok(command)
+    }
+
+    /// One client message holding at most one frame (tests): its command, `Nothing` for none.
+    #[cfg(test)]
+    pub(crate) fn decode(&mut self, text: &[u8]) -> Result<Command, Refusal> {
+        let mut commands = self.decode_message(text);
+        assert!(commands.len() <= 1, "{commands:?}");
+        commands.pop().unwrap_or(Ok(Command::Nothing))
     }
 
     fn command(&mut self, frame: &Frame) -> Result<Command, (&'static str, String)> {

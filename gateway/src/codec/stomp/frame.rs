@@ -57,14 +57,36 @@ impl Frame {
 }
 
 /// Reads the frame in one WebSocket text message: `None` when it holds only heart-beats (EOLs).
-/// One frame per message, as STOMP over WebSocket clients send them; anything but EOLs after it is
-/// refused.
+/// One whole frame; anything but EOLs after it is refused (the first frame of a connection, which
+/// must come alone).
 pub(crate) fn parse(text: &[u8]) -> Result<Option<Frame>, String> {
-    let text = skip_eols(text);
-    if text.is_empty() {
+    if skip_eols(text).is_empty() {
         return Ok(None);
     }
-    let (command, mut rest) = line(text).ok_or("a frame needs a command line")?;
+    match next_frame(text)? {
+        Next::Frame(frame, used) if skip_eols(&text[used..]).is_empty() => Ok(Some(frame)),
+        Next::Frame(..) => Err("one frame per WebSocket message".into()),
+        Next::Incomplete(why) => Err(why.into()),
+    }
+}
+
+/// What the start of a client's bytes holds.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Next {
+    /// A whole frame, and how many bytes it took (with the EOLs before it).
+    Frame(Frame, usize),
+    /// The start of a frame (or nothing but EOLs): what it still lacks.
+    Incomplete(&'static str),
+}
+
+/// Reads the frame at the start of `text`, which may be a part of the client's bytes: STOMP is a
+/// stream, and clients may split a frame over WebSocket messages (stomp.js 2 splits frames over
+/// 16 KiB) or send several in one.
+pub(crate) fn next_frame(text: &[u8]) -> Result<Next, String> {
+    let start = text.len() - skip_eols(text).len();
+    let Some((command, mut rest)) = line(&text[start..]) else {
+        return Ok(Next::Incomplete("a frame needs a command line"));
+    };
     let command = utf8(command)?.to_string();
     if command.is_empty() || !command.bytes().all(|b| b.is_ascii_uppercase()) {
         return Err(format!("bad command {command:?}"));
@@ -73,7 +95,9 @@ pub(crate) fn parse(text: &[u8]) -> Result<Option<Frame>, String> {
     let escaped = command != "CONNECT" && command != "STOMP";
     let mut headers = Vec::new();
     loop {
-        let (header, after) = line(rest).ok_or("the headers have no end (a blank line)")?;
+        let Some((header, after)) = line(rest) else {
+            return Ok(Next::Incomplete("the headers have no end (a blank line)"));
+        };
         rest = after;
         if header.is_empty() {
             break;
@@ -84,23 +108,22 @@ pub(crate) fn parse(text: &[u8]) -> Result<Option<Frame>, String> {
         headers.push((name, value));
     }
     let frame = Frame { command, headers, body: Vec::new() };
-    let (body, after) = match frame.header("content-length") {
+    let body_len = match frame.header("content-length") {
         Some(length) => {
             let length: usize = length.parse().map_err(|_| format!("bad content-length {length:?}"))?;
-            if rest.len() <= length || rest[length] != 0 {
-                return Err("the body does not end with NUL at its content-length".into());
+            match rest.get(length) {
+                None => return Ok(Next::Incomplete("the body does not end with NUL at its content-length")),
+                Some(0) => length,
+                Some(_) => return Err("the body does not end with NUL at its content-length".into()),
             }
-            (&rest[..length], &rest[length + 1..])
         }
-        None => {
-            let end = memchr::memchr(0, rest).ok_or("the frame does not end with NUL")?;
-            (&rest[..end], &rest[end + 1..])
-        }
+        None => match memchr::memchr(0, rest) {
+            Some(end) => end,
+            None => return Ok(Next::Incomplete("the frame does not end with NUL")),
+        },
     };
-    if !skip_eols(after).is_empty() {
-        return Err("one frame per WebSocket message".into());
-    }
-    Ok(Some(Frame { body: body.to_vec(), ..frame }))
+    let used = text.len() - rest.len() + body_len + 1;
+    Ok(Next::Frame(Frame { body: rest[..body_len].to_vec(), ..frame }, used))
 }
 
 /// The line at the start of `text` (without its `\n` or `\r\n`), and what follows it.
@@ -110,7 +133,8 @@ fn line(text: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((line.strip_suffix(b"\r").unwrap_or(line), &text[end + 1..]))
 }
 
-fn skip_eols(mut text: &[u8]) -> &[u8] {
+/// `text` after the EOLs (heart-beats) it starts with.
+pub(crate) fn skip_eols(mut text: &[u8]) -> &[u8] {
     loop {
         text = match text {
             [b'\n', rest @ ..] | [b'\r', b'\n', rest @ ..] => rest,
@@ -220,6 +244,24 @@ mod tests {
         ] {
             assert!(parse(bad.as_bytes()).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn reads_a_stream_of_frames_split_anywhere() {
+        let stream = b"\nSEND\ndestination:/a\n\nx\0\nSEND\ncontent-length:2\n\n\0y\0";
+        let Ok(Next::Frame(first, used)) = next_frame(stream) else { panic!() };
+        assert_eq!((first.body.as_slice(), used), (&b"x"[..], 24));
+        let Ok(Next::Frame(second, _)) = next_frame(&stream[used..]) else { panic!() };
+        assert_eq!(second.body, b"\0y");
+        for cut in 0..stream.len() {
+            if let Ok(Next::Frame(_, used)) = next_frame(&stream[..cut]) {
+                assert!(used <= cut);
+            } else {
+                assert!(matches!(next_frame(&stream[..cut]), Ok(Next::Incomplete(_))), "cut at {cut}");
+            }
+        }
+        assert!(next_frame(b"SEND\ncontent-length:1\n\nab\0").is_err(), "no NUL at the length");
+        assert!(next_frame(b"send\n").is_err(), "a bad command is known at once");
     }
 
     #[test]

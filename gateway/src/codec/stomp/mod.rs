@@ -1,5 +1,6 @@
 //! STOMP 1.2 (and 1.1, 1.0) over WebSocket (docs/protocols.md, "STOMP"): one STOMP frame per
-//! WebSocket text message.
+//! WebSocket text message from the gateway; the client's messages are read as a stream of frames
+//! (several in one, or one in several), and over SockJS inside its framing ([`Transport`]).
 //!
 //! Encoding once per message: a MESSAGE frame carries two per-socket headers, `subscription` and
 //! `destination`, so its shared encoding ([`encode_message`], cached per message like Herald's
@@ -193,6 +194,10 @@ pub(crate) struct StompCodec {
     auto_acked: Option<u64>,
     /// Where MESSAGE heads are written (see [`StompCodec::head`]).
     arena: BytesMut,
+    /// The start of a frame the client's next messages complete.
+    partial: Vec<u8>,
+    /// The longest frame the client may send (split over messages or not).
+    max_frame_bytes: usize,
 }
 
 /// Appends a whole MESSAGE frame, WebSocket header included: a subscription's `head`, then the
@@ -236,7 +241,14 @@ pub(super) fn encode_message(message: &Message) -> Bytes {
 }
 
 impl StompCodec {
-    pub(crate) fn new(connected: Connected, server_beat: Duration, transport: Transport) -> StompCodec {
+    /// A connected session's codec: its heartbeat is the gateway's `server_beat`, frames from the
+    /// client are at most `max_frame_bytes` long.
+    pub(crate) fn new(
+        connected: Connected,
+        server_beat: Duration,
+        transport: Transport,
+        max_frame_bytes: usize,
+    ) -> StompCodec {
         StompCodec {
             connected,
             transport,
@@ -251,6 +263,8 @@ impl StompCodec {
             closing: None,
             auto_acked: None,
             arena: BytesMut::new(),
+            partial: Vec::new(),
+            max_frame_bytes,
         }
     }
 

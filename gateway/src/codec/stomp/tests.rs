@@ -15,7 +15,7 @@ fn codec() -> StompCodec {
         client_wants: Duration::ZERO,
         allowed_topics: vec!["news".into()],
     };
-    StompCodec::new(connected, Duration::from_secs(10), Transport::WebSocket)
+    StompCodec::new(connected, Duration::from_secs(10), Transport::WebSocket, 64 * 1024)
 }
 
 /// The STOMP text of queued frames (WebSocket headers removed: each head starts one).
@@ -114,7 +114,7 @@ fn sockjs_codec() -> StompCodec {
         client_wants: Duration::from_secs(10),
         allowed_topics: vec![],
     };
-    StompCodec::new(connected, Duration::from_secs(10), Transport::SockJs)
+    StompCodec::new(connected, Duration::from_secs(10), Transport::SockJs, 64 * 1024)
 }
 
 /// The messages of the SockJS `a[…]` frame in the first WebSocket frame of `bytes`.
@@ -145,7 +145,7 @@ fn over_sockjs_a_message_is_an_escaped_head_and_tail_in_one_message_frame() {
 fn over_sockjs_each_message_of_a_client_frame_is_read_and_bad_framing_closes() {
     let mut codec = sockjs_codec();
     let two = br#"["SUBSCRIBE\nid:1\ndestination:/user/queue/a\nreceipt:r1\n\n\u0000","\n"]"#;
-    assert_eq!(codec.decode_message(two), [Ok(Command::Nothing), Ok(Command::Nothing)]);
+    assert_eq!(codec.decode_message(two), [Ok(Command::Nothing)], "a heart-beat is no command");
     assert_eq!(sockjs_messages(&codec.take_replies()[0]), ["RECEIPT\nreceipt-id:r1\n\n\0"]);
     let decoded = codec.decode_message(b"SUBSCRIBE\nid:2\n\n\0");
     assert!(matches!(&decoded[..], [Err(Refusal::Close(_))]), "{decoded:?}");
@@ -154,4 +154,42 @@ fn over_sockjs_each_message_of_a_client_frame_is_read_and_bad_framing_closes() {
     assert!(error[0].starts_with("ERROR\nmessage:bad_request\n"), "{error:?}");
     let text = String::from_utf8_lossy(&close);
     assert!(text.contains("c[1008,\""), "SockJS's close frame follows: {text:?}");
+}
+
+#[test]
+fn frames_split_over_messages_or_several_in_one_are_read_as_a_stream() {
+    let mut codec = codec();
+    // stomp.js 2 sends frames over 16 KiB in 16 KiB pieces.
+    let body = format!("{{\"text\":\"{}\"}}", "x".repeat(40_000));
+    let send = format!("SEND\ndestination:/app/echo\ncontent-length:{}\n\n{body}\0", body.len());
+    let pieces: Vec<&[u8]> = send.as_bytes().chunks(16 * 1024).collect();
+    assert_eq!(pieces.len(), 3);
+    assert_eq!(codec.decode_message(pieces[0]), []);
+    assert_eq!(codec.decode_message(pieces[1]), []);
+    let rpc = codec.decode_message(pieces[2]);
+    let [Ok(Command::Rpc { function, data, .. })] = &rpc[..] else { panic!("{rpc:?}") };
+    assert_eq!((function.as_str(), data["text"].as_str().map(str::len)), ("echo", Some(40_000)));
+
+    let two = b"ACK\nid:3\n\n\0\nACK\nid:4\n\n\0\nUNSUBSCRIBE\nid:";
+    assert_eq!(codec.decode_message(two), [Ok(Command::Ack(3)), Ok(Command::Ack(4))]);
+    let refused = codec.decode_message(b"nope\n\n\0");
+    assert!(matches!(&refused[..], [Err(Refusal::Close(_))]), "the frame completed: {refused:?}");
+}
+
+#[test]
+fn a_frame_past_the_limit_is_refused_whole_or_in_pieces() {
+    let connected = || Connected {
+        version: Version::V12,
+        client_sends: Duration::ZERO,
+        client_wants: Duration::ZERO,
+        allowed_topics: vec![],
+    };
+    let send = format!("SEND\ndestination:/app/echo\n\n{}\0", "x".repeat(200));
+    let mut whole = StompCodec::new(connected(), Duration::ZERO, Transport::WebSocket, 100);
+    assert!(matches!(&whole.decode_message(send.as_bytes())[..], [Err(Refusal::Close(_))]));
+    let mut pieces = StompCodec::new(connected(), Duration::ZERO, Transport::WebSocket, 100);
+    assert_eq!(pieces.decode_message(&send.as_bytes()[..90]), []);
+    assert!(matches!(&pieces.decode_message(&send.as_bytes()[90..120])[..], [Err(Refusal::Close(_))]));
+    let error = String::from_utf8_lossy(&pieces.close(&Close::new(CloseCode::Policy, "x"))).to_string();
+    assert!(error.contains("a frame longer than 100 bytes"), "{error}");
 }
