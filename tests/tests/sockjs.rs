@@ -138,6 +138,12 @@ async fn refusals_and_bad_framing_get_an_error_then_sockjs_close() {
     let (error, close) = client.expect_error_and_close().await;
     assert_eq!((error.header("message"), close), ("forbidden", Some(1008)));
 
+    // SockJS's raw WebSocket URL is plain STOMP over WebSocket.
+    let raw = format!("ws://{}/stomp/websocket", gateway.addr);
+    let mut client = StompClient::connect(&raw, &[("passcode", &token("uma"))]).await;
+    assert_eq!(client.subprotocol.as_deref(), Some("v12.stomp"));
+    assert_eq!(client.expect("CONNECTED").await.header("user-name"), "uma");
+
     // Not SockJS's framing (a bare STOMP frame), after CONNECT and before it.
     let (mut client, _) = connect(&gateway, &[("passcode", &user_token)]).await;
     client.send_websocket("SUBSCRIBE\nid:1\ndestination:/topic/all\n\n\0").await;

@@ -1,7 +1,8 @@
 //! STOMP over SockJS, as Spring's `registry.addEndpoint("/stomp").withSockJS()` serves it, for the
 //! pages that connect with `new SockJS("/stomp")`: `GET /stomp/info`, then the WebSocket
 //! transport at `/stomp/<server>/<session>/websocket`, whose STOMP frames go in SockJS's framing
-//! (see [`crate::codec::sockjs`]). The fallback transports (XHR streaming and polling, iframes)
+//! (see [`crate::codec::sockjs`]); `/stomp/websocket`, SockJS's raw WebSocket URL, is `/stomp`
+//! itself. The fallback transports (XHR streaming and polling, iframes)
 //! are not served: they answer 404, and a client whose WebSocket cannot get through gives up.
 
 use std::net::SocketAddr;
@@ -28,6 +29,8 @@ pub(crate) async fn route(
 ) -> Option<HttpResponse> {
     match (request.method(), path) {
         (&Method::GET, "info") => Some(info(&shared, &request)),
+        // SockJS's "raw WebSocket" URL: plain STOMP over WebSocket, as on `/stomp`.
+        (&Method::GET, "websocket") => Some(super::stomp::upgrade(shared, request, peer, Transport::WebSocket).await),
         (&Method::OPTIONS, "info") => Some(preflight(&shared, &request)),
         (&Method::GET, path) if is_websocket_transport(path) => {
             Some(super::stomp::upgrade(shared, request, peer, Transport::SockJs).await)
