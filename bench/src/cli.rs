@@ -99,6 +99,8 @@ pub enum WireProtocol {
     Centrifugal,
     /// Socket.IO (WebSocket transport) at /socket.io/.
     Socketio,
+    /// STOMP 1.2 over SockJS's WebSocket transport at /stomp/<server>/<session>/websocket.
+    Sockjs,
 }
 
 impl WireProtocol {
@@ -109,6 +111,7 @@ impl WireProtocol {
             WireProtocol::Stomp => TargetKind::HeraldStomp,
             WireProtocol::Centrifugal => TargetKind::HeraldCentrifugal,
             WireProtocol::Socketio => TargetKind::HeraldSocketio,
+            WireProtocol::Sockjs => TargetKind::HeraldSockjs,
         }
     }
 }

@@ -12,6 +12,8 @@ use bytes::Bytes;
 
 /// The marker before the timestamp. `"ts":` (Herald's own field) does not match it.
 const MARK: &[u8] = b"\"t\":";
+/// The marker in a frame that carries the payload inside a JSON string (SockJS).
+const ESCAPED_MARK: &[u8] = b"\\\"t\\\":";
 
 /// Nanoseconds since the first call in this process (a monotonic clock).
 pub fn now_ns() -> u64 {
@@ -33,7 +35,10 @@ pub fn stamped(stamp_ns: u64, size: usize) -> Bytes {
 
 /// The timestamp in a payload (or in a frame that embeds one), if any.
 pub fn stamp_in(bytes: &[u8]) -> Option<u64> {
-    let start = memchr::memmem::find(bytes, MARK)? + MARK.len();
+    let start = match memchr::memmem::find(bytes, MARK) {
+        Some(at) => at + MARK.len(),
+        None => memchr::memmem::find(bytes, ESCAPED_MARK)? + ESCAPED_MARK.len(),
+    };
     let digits = bytes[start..].iter().take_while(|b| b.is_ascii_digit()).count();
     std::str::from_utf8(&bytes[start..start + digits]).ok()?.parse().ok()
 }
@@ -54,6 +59,7 @@ mod tests {
         );
         assert_eq!(stamp_in(frame.as_bytes()), Some(123_456_789));
         assert_eq!(stamp_in(b"{\"ts\":\"x\"}"), None);
+        assert_eq!(stamp_in(br#"a["MESSAGE\n\n{\"t\":42,\"p\":\"x\"}\u0000"]"#), Some(42));
         assert_eq!(stamped(u64::MAX, 3).len(), 33);
     }
 }

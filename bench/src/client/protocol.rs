@@ -31,6 +31,8 @@ pub enum Protocol {
         token: String,
         /// The device (`herald-device`).
         device: String,
+        /// Whether the frames travel in SockJS's framing (its WebSocket transport).
+        sockjs: bool,
     },
     /// The Centrifugal protocol (JSON): `connect` with `token`, then publication pushes.
     Centrifugal {
@@ -89,6 +91,8 @@ pub enum Decoder {
     Stomp {
         /// CONNECTED's `herald-seq`.
         seq: Option<u64>,
+        /// See [`Protocol::Stomp`].
+        sockjs: bool,
     },
     /// See [`Protocol::Centrifugal`].
     Centrifugal,
@@ -106,10 +110,11 @@ impl Decoder {
         match protocol {
             Protocol::Herald { .. } => (Decoder::Herald, Vec::new()),
             Protocol::Raw => (Decoder::Raw { ready: false }, Vec::new()),
-            Protocol::Stomp { token, device } => {
+            Protocol::Stomp { token, device, sockjs } => {
                 let connect =
                     format!("CONNECT\naccept-version:1.2\nhost:herald\npasscode:{token}\nherald-device:{device}\n\n\0");
-                (Decoder::Stomp { seq: None }, connect.into_bytes())
+                let connect = if *sockjs { sockjs_message(connect.as_bytes()) } else { connect.into_bytes() };
+                (Decoder::Stomp { seq: None, sockjs: *sockjs }, connect)
             }
             Protocol::Centrifugal { token } => {
                 let connect = serde_json::json!({"id": 1, "connect": {"token": token, "name": "herald-bench"}});
@@ -146,7 +151,8 @@ impl Decoder {
                 emit(Event::Welcome { seq: None });
             }
             Decoder::Raw { .. } => emit(Event::Msg(payload)),
-            Decoder::Stomp { seq } => stomp_frame(payload, seq, reply, emit),
+            Decoder::Stomp { seq, sockjs: false } => stomp_frame(payload, seq, reply, emit),
+            Decoder::Stomp { seq, sockjs: true } => sockjs_frame(payload, seq, reply, emit),
             Decoder::Centrifugal => centrifugal_frame(payload, reply, emit),
             Decoder::SocketIo { connect } => socketio_packet(payload, connect, reply, emit),
         }
@@ -181,6 +187,33 @@ fn stomp_frame(payload: &[u8], seq: &mut Option<u64>, reply: &mut Vec<u8>, emit:
         b"ERROR" => emit(Event::Failed(String::from_utf8_lossy(payload).into_owned())),
         _ => {}
     }
+}
+
+/// A SockJS frame around STOMP frames: `a[…]` holds them (a MESSAGE is known by its start, as
+/// without SockJS), `c[…]` is the close; `o` and `h` say nothing.
+fn sockjs_frame(payload: &[u8], seq: &mut Option<u64>, reply: &mut Vec<u8>, emit: &mut impl FnMut(Event<'_>)) {
+    if payload.starts_with(br#"a["MESSAGE\n"#) {
+        emit(Event::Msg(payload));
+        return;
+    }
+    if payload.starts_with(b"c[") {
+        emit(Event::Failed(String::from_utf8_lossy(payload).into_owned()));
+        return;
+    }
+    let Some(messages) = payload.strip_prefix(b"a") else { return };
+    let Ok(messages) = serde_json::from_slice::<Vec<String>>(messages) else { return };
+    for message in messages {
+        let mut stomp_reply = Vec::new();
+        stomp_frame(message.as_bytes(), seq, &mut stomp_reply, emit);
+        if !stomp_reply.is_empty() {
+            reply.extend_from_slice(&sockjs_message(&stomp_reply));
+        }
+    }
+}
+
+/// One client message in SockJS's framing: a JSON array holding `text`.
+fn sockjs_message(text: &[u8]) -> Vec<u8> {
+    serde_json::json!([String::from_utf8_lossy(text)]).to_string().into_bytes()
 }
 
 /// A Centrifugal frame: lines of replies (the connect reply is the welcome) and pushes; `{}` is a
@@ -345,7 +378,7 @@ mod tests {
 
     #[test]
     fn stomp_subscribes_then_welcomes_then_reads_messages() {
-        let protocol = Protocol::Stomp { token: "t".into(), device: "d".into() };
+        let protocol = Protocol::Stomp { token: "t".into(), device: "d".into(), sockjs: false };
         let (mut decoder, hello) = Decoder::new(&protocol);
         assert!(hello.starts_with(b"CONNECT\n") && hello.ends_with(b"\n\n\0"));
         let (seen, reply) = events(&mut decoder, &[b"CONNECTED\nversion:1.2\nherald-seq:7\n\n\0"]);
@@ -356,6 +389,23 @@ mod tests {
         let (seen, _) = events(&mut decoder, &[b"RECEIPT\nreceipt-id:q\n\n\0", message]);
         assert_eq!(seen[0], "Welcome { seq: Some(7) }");
         assert_eq!(seen[1], format!("Msg({:?})", message.to_vec()), "the whole frame");
+    }
+
+    #[test]
+    fn stomp_over_sockjs_frames_are_unwrapped_and_replies_wrapped() {
+        let protocol = Protocol::Stomp { token: "t".into(), device: "d".into(), sockjs: true };
+        let (mut decoder, hello) = Decoder::new(&protocol);
+        assert!(hello.starts_with(br#"["CONNECT\n"#) && hello.ends_with(br#"\n\n\u0000"]"#));
+        let (seen, reply) = events(&mut decoder, &[b"o", br#"a["CONNECTED\nversion:1.2\nherald-seq:7\n\n\u0000"]"#]);
+        assert!(seen.is_empty());
+        assert_eq!(reply, br#"["SUBSCRIBE\nid:all\ndestination:/topic/all\nreceipt:all\n\n\u0000"]"#);
+        let (_, reply) = events(&mut decoder, &[br#"a["RECEIPT\nreceipt-id:all\n\n\u0000"]"#]);
+        assert!(reply.ends_with(br#"receipt:q\n\n\u0000"]"#));
+        let message = br#"a["MESSAGE\nsubscription:all\nmessage-id:8\n\n{\"t\":5}\u0000"]"#;
+        let (seen, _) = events(&mut decoder, &[b"h", br#"a["RECEIPT\nreceipt-id:q\n\n\u0000"]"#, message]);
+        assert_eq!(seen, ["Welcome { seq: Some(7) }".to_string(), format!("Msg({:?})", message.to_vec())]);
+        let (seen, _) = events(&mut decoder, &[br#"c[4008,"slow"]"#]);
+        assert!(seen[0].starts_with("Failed("), "{seen:?}");
     }
 
     #[test]

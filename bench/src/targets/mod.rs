@@ -42,6 +42,8 @@ pub enum TargetKind {
     HeraldCentrifugal,
     /// The Herald gateway with clients speaking Socket.IO (WebSocket transport).
     HeraldSocketio,
+    /// The Herald gateway, clients speaking STOMP over SockJS's WebSocket transport (as `herald-stomp`).
+    HeraldSockjs,
 }
 
 /// An hour-long token for `user`.
@@ -63,6 +65,7 @@ impl TargetKind {
             TargetKind::HeraldStomp => "herald-stomp",
             TargetKind::HeraldCentrifugal => "herald-centrifugal",
             TargetKind::HeraldSocketio => "herald-socketio",
+            TargetKind::HeraldSockjs => "herald-sockjs",
         }
     }
 
@@ -70,7 +73,11 @@ impl TargetKind {
     pub fn is_gateway(self) -> bool {
         matches!(
             self,
-            TargetKind::Herald | TargetKind::HeraldStomp | TargetKind::HeraldCentrifugal | TargetKind::HeraldSocketio
+            TargetKind::Herald
+                | TargetKind::HeraldStomp
+                | TargetKind::HeraldCentrifugal
+                | TargetKind::HeraldSocketio
+                | TargetKind::HeraldSockjs
         )
     }
 
@@ -80,7 +87,8 @@ impl TargetKind {
             TargetKind::Herald
             | TargetKind::HeraldStomp
             | TargetKind::HeraldCentrifugal
-            | TargetKind::HeraldSocketio => "gateway",
+            | TargetKind::HeraldSocketio
+            | TargetKind::HeraldSockjs => "gateway",
             TargetKind::NatsWs => "nats-server",
             TargetKind::Raw => "raw-server",
         }
@@ -136,7 +144,8 @@ impl Target {
             TargetKind::Herald
             | TargetKind::HeraldStomp
             | TargetKind::HeraldCentrifugal
-            | TargetKind::HeraldSocketio => {
+            | TargetKind::HeraldSocketio
+            | TargetKind::HeraldSockjs => {
                 let (gateway, addr) = start_gateway(tools, &nats, label).await.context("start the gateway")?;
                 (Some(gateway), addr)
             }
@@ -190,13 +199,13 @@ impl Target {
                 ("/".to_string(), Protocol::Nats { subjects: vec!["push.all".into(), format!("push.user.{user}")] })
             }
             TargetKind::Raw => (format!("/ws?user={user}"), Protocol::Raw),
-            TargetKind::HeraldStomp => {
+            TargetKind::HeraldStomp | TargetKind::HeraldSockjs => {
                 // No resume: STOMP has no `replayed` frame to tell when a replay ended.
-                let claims = Claims { sub: user.to_string(), exp: now_secs() + 3600, topics: Vec::new() };
                 let device = NEXT_DEVICE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let token = issue_hs256(SECRET.as_bytes(), &claims);
+                let sockjs = self.kind == TargetKind::HeraldSockjs;
+                let path = if sockjs { format!("/stomp/000/b{device}/websocket") } else { "/stomp".to_string() };
                 let device = format!("b{}-{device}", std::process::id());
-                ("/stomp".to_string(), Protocol::Stomp { token, device })
+                (path, Protocol::Stomp { token: bench_token(user), device, sockjs })
             }
             // Clients of these protocols start live: `since` does not apply.
             TargetKind::HeraldCentrifugal => {
