@@ -185,3 +185,24 @@ async fn refusals_and_bad_framing_get_an_error_then_sockjs_close() {
         }
     }
 }
+
+#[tokio::test]
+async fn an_idle_client_without_stomp_heart_beats_gets_sockjs_heartbeats_and_stays() {
+    let nats = TestNats::start().await;
+    let publisher = Publisher::new(&nats).await;
+    let gateway = TestGateway::start_with(&nats, |config| {
+        config.heartbeat = std::time::Duration::from_millis(300);
+        config.heartbeat_timeout = std::time::Duration::from_millis(300);
+    })
+    .await;
+    // heart-beat 0,0 (Spring's WebSocketStompClient without a scheduler): SockJS's `h` each period,
+    // and a WebSocket ping whose pong keeps the connection, many periods long.
+    let (mut client, connected) = connect(&gateway, &[("passcode", &token("ida")), ("heart-beat", "0,0")]).await;
+    assert_eq!(connected.header("heart-beat"), "300,300");
+    subscribe(&mut client, "q", "/user/queue/q").await;
+    for _ in 0..10 {
+        assert_eq!(client.next_event().await, StompEvent::HeartBeat);
+    }
+    let seq = publisher.publish("push.user.ida", "1").await;
+    assert_eq!(next_message(&mut client).await, (seq, "/user/queue/q".into(), "1".into()));
+}

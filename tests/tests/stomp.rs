@@ -282,6 +282,17 @@ async fn heart_beats_keep_an_idle_connection_and_a_silent_client_is_closed() {
     let seq = publisher.publish("push.user.jo", "1").await;
     assert_eq!(next_message(&mut client).await, (seq, "1".to_string()));
 
+    // A client that wants heart-beats but sends none is pinged too: its WebSocket pongs keep it.
+    let wants_only = [("passcode", token("kai")), ("heart-beat", "0,300".to_string())];
+    let wants_only: Vec<(&str, &str)> = wants_only.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (mut quiet, _) = connect(&gateway, &wants_only).await;
+    subscribe(&mut quiet, "q", "/user/queue/q", &[]).await;
+    for _ in 0..10 {
+        assert_eq!(quiet.next_event().await, StompEvent::HeartBeat);
+    }
+    let seq = publisher.publish("push.user.kai", "2").await;
+    assert_eq!(next_message(&mut quiet).await, (seq, "2".to_string()));
+
     // A client that asked for heart-beats and sends none is closed (1001) with an ERROR.
     let (mut silent, _) = connect(&gateway, &beats).await;
     let (error, close) = silent.expect_error_and_close().await;

@@ -5,7 +5,7 @@
 use herald_shared::frame::error_code;
 use herald_shared::id::{IdKind, check_id, topic_allowed};
 
-use super::frame::{Frame, Next, Version, next_frame, skip_eols};
+use super::frame::{Frame, Version};
 use super::{AckMode, Held, PendingRpc, StompCodec, Subscription, Target, Transport, receipt_frame};
 use crate::codec::{Command, Refusal, sockjs};
 
@@ -33,48 +33,25 @@ impl StompCodec {
         commands
     }
 
-    /// Reads `bytes`, the next part of the client's stream of frames, after the start of a frame
-    /// kept from earlier messages; false once a frame is refused.
+    /// Reads `bytes`, the next part of the client's stream of frames; false once a frame is
+    /// refused or asks to disconnect (the frames after it are not read).
     fn decode_stream(&mut self, bytes: &[u8], commands: &mut Vec<Result<Command, Refusal>>) -> bool {
-        let mut kept = std::mem::take(&mut self.partial);
-        let stream = if kept.is_empty() {
-            bytes
-        } else {
-            kept.extend_from_slice(bytes);
-            &kept[..]
-        };
-        let mut start = 0;
-        let too_long = format!("a frame longer than {} bytes", self.max_frame_bytes);
-        let refused = loop {
-            let at = &stream[start..];
-            match next_frame(at) {
-                Ok(Next::Frame(_, used)) if used - (at.len() - skip_eols(at).len()) > self.max_frame_bytes => {
-                    commands.push(Err(Refusal::Close(self.fail(error_code::BAD_REQUEST, &too_long, None))));
-                    break true;
-                }
-                Ok(Next::Frame(frame, used)) => {
-                    start += used;
-                    let command = self.decode_frame(&frame);
-                    let refused = command.is_err();
-                    commands.push(command);
-                    if refused {
-                        break true;
-                    }
-                }
-                Ok(Next::Incomplete(_)) => break false,
-                Err(error) => {
-                    commands.push(Err(Refusal::Close(self.fail(error_code::BAD_REQUEST, &error, None))));
-                    break true;
-                }
+        let (frames, read) = self.stream.read(bytes);
+        for frame in frames {
+            let command = self.decode_frame(&frame);
+            let last = matches!(command, Ok(Command::Close) | Err(_));
+            commands.push(command);
+            if last {
+                return false;
             }
-        };
-        let rest = skip_eols(&stream[start..]);
-        if refused || rest.len() <= self.max_frame_bytes {
-            self.partial = rest.to_vec();
-            return !refused;
         }
-        commands.push(Err(Refusal::Close(self.fail(error_code::BAD_REQUEST, &too_long, None))));
-        false
+        match read {
+            Ok(()) => true,
+            Err(error) => {
+                commands.push(Err(Refusal::Close(self.fail(error_code::BAD_REQUEST, &error, None))));
+                false
+            }
+        }
     }
 
     /// Reads one whole frame: the command it asks of the session.

@@ -126,6 +126,139 @@ pub(crate) fn next_frame(text: &[u8]) -> Result<Next, String> {
     Ok(Next::Frame(Frame { body: rest[..body_len].to_vec(), ..frame }, used))
 }
 
+/// The client's bytes read as a stream of frames: STOMP is a stream, and clients may split a frame
+/// over WebSocket messages (stomp.js 2 splits frames over 16 KiB) or send several in one. Each byte
+/// of a frame that comes in pieces is looked at a bounded number of times, whatever the pieces.
+#[derive(Debug)]
+pub(crate) struct FrameStream {
+    /// The start of a frame the next bytes complete (no EOLs before it).
+    kept: Vec<u8>,
+    /// Where the kept frame ends, as far as its bytes tell yet.
+    end: FrameEnd,
+    max_frame_bytes: usize,
+}
+
+impl FrameStream {
+    /// A stream whose frames may be at most `max_frame_bytes` long.
+    pub(crate) fn new(max_frame_bytes: usize) -> FrameStream {
+        FrameStream { kept: Vec::new(), end: FrameEnd::default(), max_frame_bytes }
+    }
+
+    /// Reads the next `bytes`: the frames they complete, in order, and then the error that ends
+    /// the stream, if any (a frame that cannot be read, or one longer than the limit).
+    pub(crate) fn read(&mut self, bytes: &[u8]) -> (Vec<Frame>, Result<(), String>) {
+        let mut frames = Vec::new();
+        let read = self.read_into(bytes, &mut frames);
+        if read.is_err() {
+            self.kept = Vec::new();
+        }
+        (frames, read)
+    }
+
+    fn read_into(&mut self, bytes: &[u8], frames: &mut Vec<Frame>) -> Result<(), String> {
+        if self.kept.is_empty() {
+            return self.read_whole(bytes, frames);
+        }
+        self.kept.extend_from_slice(bytes);
+        let Some(end) = self.end.find(&self.kept) else {
+            return self.check_len(self.kept.len());
+        };
+        let kept = std::mem::take(&mut self.kept);
+        self.end = FrameEnd::default();
+        let (frame, rest) = kept.split_at(end);
+        self.check_len(frame.len())?;
+        match next_frame(frame)? {
+            Next::Frame(frame, _) => frames.push(frame),
+            Next::Incomplete(why) => return Err(why.into()),
+        }
+        self.read_whole(rest, frames)
+    }
+
+    /// Reads `bytes` when nothing is kept: whole frames, then the start of one to keep.
+    fn read_whole(&mut self, bytes: &[u8], frames: &mut Vec<Frame>) -> Result<(), String> {
+        let mut rest = skip_eols(bytes);
+        while !rest.is_empty() {
+            match next_frame(rest)? {
+                Next::Frame(frame, used) => {
+                    self.check_len(used)?;
+                    frames.push(frame);
+                    rest = skip_eols(&rest[used..]);
+                }
+                Next::Incomplete(_) => {
+                    self.check_len(rest.len())?;
+                    self.kept = rest.to_vec();
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_len(&self, len: usize) -> Result<(), String> {
+        if len > self.max_frame_bytes {
+            return Err(format!("a frame longer than {} bytes", self.max_frame_bytes));
+        }
+        Ok(())
+    }
+}
+
+/// Where a frame that comes in pieces ends, found without reading its bytes again: first the blank
+/// line after its headers, then its `content-length` or the NUL after its body.
+#[derive(Debug, Default)]
+struct FrameEnd {
+    /// How far the bytes were searched.
+    scanned: usize,
+    /// Where the body starts and its `content-length`, once the headers are all there.
+    body: Option<(usize, Option<usize>)>,
+}
+
+impl FrameEnd {
+    /// The length of the frame `bytes` start with (no EOLs before it), once it is all there.
+    fn find(&mut self, bytes: &[u8]) -> Option<usize> {
+        let (start, length) = match self.body {
+            Some(body) => body,
+            None => {
+                // From two bytes back: the blank line may have begun in the last piece.
+                let from = self.scanned.saturating_sub(2);
+                let Some(start) = body_start(&bytes[from..]).map(|at| from + at) else {
+                    self.scanned = bytes.len();
+                    return None;
+                };
+                let body = (start, content_length(&bytes[..start]));
+                (self.body, self.scanned) = (Some(body), start);
+                body
+            }
+        };
+        if let Some(length) = length {
+            return (bytes.len() > start + length).then_some(start + length + 1);
+        }
+        let from = self.scanned.max(start);
+        match memchr::memchr(0, &bytes[from..]) {
+            Some(at) => Some(from + at + 1),
+            None => {
+                self.scanned = bytes.len();
+                None
+            }
+        }
+    }
+}
+
+/// Where the body starts after the blank line that ends the headers (`\n\n` or `\n\r\n`).
+fn body_start(text: &[u8]) -> Option<usize> {
+    memchr::memchr_iter(b'\n', text).find_map(|at| match &text[at + 1..] {
+        [b'\n', ..] => Some(at + 2),
+        [b'\r', b'\n', ..] => Some(at + 3),
+        _ => None,
+    })
+}
+
+/// The first `content-length` among `head`'s headers, if it is a number.
+fn content_length(head: &[u8]) -> Option<usize> {
+    let line = head.split(|byte| *byte == b'\n').skip(1).find(|line| line.starts_with(b"content-length:"))?;
+    let value = &line[b"content-length:".len()..];
+    std::str::from_utf8(value.strip_suffix(b"\r").unwrap_or(value)).ok()?.parse().ok()
+}
+
 /// The line at the start of `text` (without its `\n` or `\r\n`), and what follows it.
 fn line(text: &[u8]) -> Option<(&[u8], &[u8])> {
     let end = memchr::memchr(b'\n', text)?;
@@ -262,6 +395,60 @@ mod tests {
         }
         assert!(next_frame(b"SEND\ncontent-length:1\n\nab\0").is_err(), "no NUL at the length");
         assert!(next_frame(b"send\n").is_err(), "a bad command is known at once");
+    }
+
+    fn read_in_pieces(stream: &mut FrameStream, pieces: &[&[u8]]) -> (Vec<Frame>, Result<(), String>) {
+        let mut frames = Vec::new();
+        for piece in pieces {
+            let (read, outcome) = stream.read(piece);
+            frames.extend(read);
+            if outcome.is_err() {
+                return (frames, outcome);
+            }
+        }
+        (frames, Ok(()))
+    }
+
+    #[test]
+    fn a_stream_reads_the_same_frames_however_it_is_cut() {
+        let stream = b"\nSEND\r\ndestination:/a\r\n\r\nx\0\n\nSEND\ncontent-length:3\n\n\0y\0\0ACK\nid:1\n\n\0\n";
+        let (whole, outcome) = FrameStream::new(1024).read(stream);
+        assert_eq!((whole.len(), outcome), (3, Ok(())));
+        assert_eq!((whole[0].body.as_slice(), whole[1].body.as_slice()), (&b"x"[..], &b"\0y\0"[..]));
+        for first in 0..stream.len() {
+            for second in first..stream.len() {
+                let pieces = [&stream[..first], &stream[first..second], &stream[second..]];
+                let mut reader = FrameStream::new(1024);
+                assert_eq!(read_in_pieces(&mut reader, &pieces), (whole.clone(), Ok(())), "cut at {first}, {second}");
+                assert!(reader.kept.is_empty());
+            }
+        }
+        let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+        assert_eq!(read_in_pieces(&mut FrameStream::new(1024), &bytes).0, whole, "byte by byte");
+    }
+
+    #[test]
+    fn a_frame_longer_than_the_limit_is_refused_whole_or_in_pieces() {
+        let frame = |len: usize| {
+            let mut frame = b"SEND\n\n".to_vec();
+            frame.resize(len - 1, b'x');
+            frame.push(0);
+            frame
+        };
+        let (exact, longer) = (frame(100), frame(101));
+        let mut eols = b"\n\n\n".to_vec();
+        eols.extend_from_slice(&exact);
+        assert_eq!(FrameStream::new(100).read(&eols).1, Ok(()), "EOLs before a frame are not in it");
+        let refused = Err("a frame longer than 100 bytes".to_string());
+        assert_eq!(FrameStream::new(100).read(&longer).1, refused);
+        for cut in [1, 50, 100] {
+            let mut stream = FrameStream::new(100);
+            let (frames, outcome) = read_in_pieces(&mut stream, &[&exact[..cut], &exact[cut..]]);
+            assert_eq!((frames.len(), outcome), (1, Ok(())), "cut at {cut}");
+            let (frames, outcome) = read_in_pieces(&mut stream, &[&longer[..cut], &longer[cut..]]);
+            assert_eq!((frames.len(), outcome), (0, refused.clone()), "cut at {cut}");
+            assert!(stream.kept.is_empty(), "nothing is kept after an error");
+        }
     }
 
     #[test]

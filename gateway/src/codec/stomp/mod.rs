@@ -194,10 +194,8 @@ pub(crate) struct StompCodec {
     auto_acked: Option<u64>,
     /// Where MESSAGE heads are written (see [`StompCodec::head`]).
     arena: BytesMut,
-    /// The start of a frame the client's next messages complete.
-    partial: Vec<u8>,
-    /// The longest frame the client may send (split over messages or not).
-    max_frame_bytes: usize,
+    /// The client's frames, as its messages bring them.
+    stream: frame::FrameStream,
 }
 
 /// Appends a whole MESSAGE frame, WebSocket header included: a subscription's `head`, then the
@@ -263,8 +261,7 @@ impl StompCodec {
             closing: None,
             auto_acked: None,
             arena: BytesMut::new(),
-            partial: Vec::new(),
-            max_frame_bytes,
+            stream: frame::FrameStream::new(max_frame_bytes),
         }
     }
 
@@ -278,14 +275,20 @@ impl StompCodec {
         self.transport.format()
     }
 
-    /// A client that asked for heart-beats gets STOMP's (an EOL); others a WebSocket ping, or over
-    /// SockJS its heartbeat.
+    /// A client that asked for heart-beats gets STOMP's (an EOL), others over SockJS its heartbeat
+    /// frame; and a client that sends no heart-beats also a WebSocket ping, whose pong tells the
+    /// gateway it is still there (nothing else would: an EOL or SockJS's `h` gets no answer).
     pub(super) fn ping(&self) -> Bytes {
-        match (self.transport, self.connected.client_wants.is_zero()) {
-            (Transport::WebSocket, true) => ws::ping(),
-            (Transport::SockJs, true) => sockjs::heartbeat(),
-            (transport, false) => transport.frame(b"\n"),
+        let mut bytes = Vec::new();
+        if !self.connected.client_wants.is_zero() {
+            bytes.extend_from_slice(&self.transport.frame(b"\n"));
+        } else if self.transport == Transport::SockJs {
+            bytes.extend_from_slice(&sockjs::heartbeat());
         }
+        if bytes.is_empty() || self.connected.client_sends.is_zero() {
+            bytes.extend_from_slice(&ws::ping());
+        }
+        Bytes::from(bytes)
     }
 
     /// Queues `message` for its subscription, or holds it until one comes; returns bytes queued.

@@ -170,10 +170,14 @@ fn frames_split_over_messages_or_several_in_one_are_read_as_a_stream() {
     let [Ok(Command::Rpc { function, data, .. })] = &rpc[..] else { panic!("{rpc:?}") };
     assert_eq!((function.as_str(), data["text"].as_str().map(str::len)), ("echo", Some(40_000)));
 
-    let two = b"ACK\nid:3\n\n\0\nACK\nid:4\n\n\0\nUNSUBSCRIBE\nid:";
+    let two = b"ACK\nid:3\n\n\0\nACK\nid:4\n\n\0\nACK\nid:";
     assert_eq!(codec.decode_message(two), [Ok(Command::Ack(3)), Ok(Command::Ack(4))]);
-    let refused = codec.decode_message(b"nope\n\n\0");
-    assert!(matches!(&refused[..], [Err(Refusal::Close(_))]), "the frame completed: {refused:?}");
+    assert_eq!(codec.decode_message(b"5\n\n\0"), [Ok(Command::Ack(5))], "the kept start of a frame");
+    // Nothing is read after a DISCONNECT: its RECEIPT is the last frame.
+    let after = codec.decode_message(b"DISCONNECT\nreceipt:bye\n\n\0DANCE\n\n\0");
+    assert_eq!(after, [Ok(Command::Close)]);
+    let last = codec.close(&Close::new(CloseCode::Normal, "bye"));
+    assert!(last[2..].starts_with(b"RECEIPT\nreceipt-id:bye\n"), "{last:?}");
 }
 
 #[test]
@@ -192,4 +196,28 @@ fn a_frame_past_the_limit_is_refused_whole_or_in_pieces() {
     assert!(matches!(&pieces.decode_message(&send.as_bytes()[90..120])[..], [Err(Refusal::Close(_))]));
     let error = String::from_utf8_lossy(&pieces.close(&Close::new(CloseCode::Policy, "x"))).to_string();
     assert!(error.contains("a frame longer than 100 bytes"), "{error}");
+}
+
+#[test]
+fn a_client_that_sends_no_heart_beats_is_also_pinged() {
+    let ping = crate::websocket::frame::ping();
+    let cases = [
+        // (transport, client sends, client wants): what the heartbeat is
+        (Transport::WebSocket, 0, 0, vec![ping.to_vec()]),
+        (Transport::WebSocket, 1, 1, vec![b"\x81\x01\n".to_vec()]),
+        (Transport::WebSocket, 0, 1, vec![b"\x81\x01\n".to_vec(), ping.to_vec()]),
+        (Transport::SockJs, 0, 0, vec![b"\x81\x01h".to_vec(), ping.to_vec()]),
+        (Transport::SockJs, 1, 0, vec![b"\x81\x01h".to_vec()]),
+        (Transport::SockJs, 1, 1, vec![b"\x81\x07a[\"\\n\"]".to_vec()]),
+    ];
+    for (transport, sends, wants, expected) in cases {
+        let connected = Connected {
+            version: Version::V12,
+            client_sends: Duration::from_secs(sends),
+            client_wants: Duration::from_secs(wants),
+            allowed_topics: vec![],
+        };
+        let codec = StompCodec::new(connected, Duration::from_secs(10), transport, 1024);
+        assert_eq!(codec.ping().to_vec(), expected.concat(), "{transport:?} {sends},{wants}");
+    }
 }
