@@ -51,9 +51,21 @@ async fn the_info_request_offers_the_websocket_transport_and_the_others_are_not_
     assert_eq!(body["origins"], serde_json::json!(["*:*"]));
     assert!(body["entropy"].is_u64(), "{body}");
 
-    let preflight = http.request(reqwest::Method::OPTIONS, gateway.http_url("/stomp/info")).send().await.unwrap();
+    let preflight = http
+        .request(reqwest::Method::OPTIONS, gateway.http_url("/stomp/info"))
+        .header("origin", "http://app.example")
+        .header("access-control-request-headers", "x-requested-with")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(preflight.status(), 204);
-    assert_eq!(preflight.headers()["access-control-allow-methods"], "OPTIONS, GET");
+    let headers = preflight.headers();
+    assert_eq!(headers["access-control-allow-methods"], "OPTIONS, GET");
+    assert_eq!(headers["access-control-allow-origin"], "http://app.example");
+    assert_eq!(headers["access-control-allow-credentials"], "true");
+    assert_eq!(headers["access-control-allow-headers"], "x-requested-with");
+    let without_origin = http.get(gateway.http_url("/stomp/info")).send().await.unwrap();
+    assert_eq!(without_origin.headers()["access-control-allow-origin"], "*");
 
     for (method, path) in [
         (reqwest::Method::POST, "/stomp/042/s1/xhr_streaming"),
@@ -125,6 +137,8 @@ async fn refusals_and_bad_framing_get_an_error_then_sockjs_close() {
     let mut client = StompClient::connect_sockjs(&transport_url(&gateway, "bad-token"), &[("passcode", "nope")]).await;
     let (error, close) = client.expect_error_and_close().await;
     assert_eq!((error.header("message"), close), ("unauthorized", Some(1008)));
+    // SockJS's close frame is followed by WebSocket's.
+    assert!(matches!(client.next_event().await, StompEvent::Close(Some((1008, _)))));
     assert_eq!(gateway.refusals(401, "unauthorized").await, 1.0);
 
     // The token in the transport URL's query, as `new SockJS("/stomp?token=…")` sends it.

@@ -8,6 +8,8 @@
 //! piece by piece: escaping is done per character, so the escaped pieces of a frame concatenate to
 //! the escaped frame, and a STOMP MESSAGE keeps its per-socket head apart from its shared tail.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 
 use crate::websocket::frame as ws;
@@ -73,17 +75,48 @@ pub(crate) fn escape_into(out: &mut Vec<u8>, text: &[u8]) {
 }
 
 /// The messages of what a client sent: a JSON array of strings, or one JSON string. An empty
-/// WebSocket message holds none.
+/// WebSocket message holds none. A lone surrogate escape (a client that cut a string between the
+/// two halves of a character, as stomp.js 2 cuts long frames) reads as U+FFFD, as browsers and
+/// Spring read it.
 pub(crate) fn parse(text: &[u8]) -> Result<Vec<String>, String> {
     if text.iter().all(u8::is_ascii_whitespace) {
         return Ok(Vec::new());
     }
+    let text = &*without_lone_surrogates(text);
     if let Ok(messages) = serde_json::from_slice::<Vec<String>>(text) {
         return Ok(messages);
     }
     serde_json::from_slice::<String>(text)
         .map(|message| vec![message])
         .map_err(|_| "a SockJS message must be a JSON array of strings".to_string())
+}
+
+/// `text` with each `\uXXXX` escape of a surrogate that is not half of a pair replaced by `\ufffd`.
+fn without_lone_surrogates(text: &[u8]) -> Cow<'_, [u8]> {
+    let unit_at = |at: usize| -> Option<u16> {
+        let hex = text.get(at..at + 6)?.strip_prefix(b"\\u")?;
+        u16::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
+    };
+    let (mut out, mut copied, mut at) = (Vec::new(), 0, 0);
+    while let Some(found) = memchr::memchr(b'\\', &text[at..]) {
+        let start = at + found;
+        at = match unit_at(start) {
+            Some(0xD800..=0xDBFF) if matches!(unit_at(start + 6), Some(0xDC00..=0xDFFF)) => start + 12,
+            Some(0xD800..=0xDFFF) => {
+                out.extend_from_slice(&text[copied..start]);
+                out.extend_from_slice(b"\\ufffd");
+                copied = start + 6;
+                copied
+            }
+            // Any other escape is two bytes at least (so `\\` never starts another).
+            _ => (start + 2).min(text.len()),
+        };
+    }
+    if copied == 0 {
+        return Cow::Borrowed(text);
+    }
+    out.extend_from_slice(&text[copied..]);
+    Cow::Owned(out)
 }
 
 /// Whether a path segment can name a SockJS server or session: not empty, no dot.
@@ -132,5 +165,16 @@ mod tests {
         assert!(parse(b"CONNECT\n\n\0").is_err());
         assert!(parse(br#"[1,2]"#).is_err());
         assert!(valid_segment("123") && !valid_segment("") && !valid_segment("a.b"));
+    }
+
+    #[test]
+    fn a_lone_surrogate_reads_as_the_replacement_character() {
+        let lone = [r#"["a\ud83d"]"#, r#"["\ude00b"]"#, r#"["\ud83d\ud83d\ude00"]"#, r#"["\udc00\\ud800"]"#];
+        let read = ["a\u{fffd}", "\u{fffd}b", "\u{fffd}\u{1f600}", "\u{fffd}\\ud800"];
+        for (lone, read) in lone.iter().zip(read) {
+            assert_eq!(parse(lone.as_bytes()), Ok(vec![read.to_string()]), "{lone}");
+        }
+        assert_eq!(parse(br#"["\ud83d\ude00 \\ \u00e9"]"#), Ok(vec!["\u{1f600} \\ \u{e9}".to_string()]));
+        assert!(parse(br#"["\"#).is_err());
     }
 }

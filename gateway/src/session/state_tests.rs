@@ -487,7 +487,7 @@ fn messages_of_one_burst_taken_in_a_row_go_out_as_one_buffer() {
 
 #[test]
 fn stomp_connections_with_the_same_subscription_head_share_a_burst_buffer() {
-    let stomp = |id: &str| {
+    let stomp = |id: &str, transport: crate::codec::stomp::Transport| {
         let connected = crate::codec::stomp::Connected {
             version: crate::codec::stomp::Version::V12,
             client_sends: std::time::Duration::ZERO,
@@ -497,10 +497,13 @@ fn stomp_connections_with_the_same_subscription_head_share_a_burst_buffer() {
         let mut codec = Codec::Stomp(Box::new(crate::codec::StompCodec::new(
             connected,
             std::time::Duration::ZERO,
-            crate::codec::stomp::Transport::WebSocket,
+            transport,
             64 * 1024,
         )));
-        let subscribe = format!("SUBSCRIBE\nid:{id}\ndestination:/topic/all\n\n\0");
+        let mut subscribe = format!("SUBSCRIBE\nid:{id}\ndestination:/topic/all\n\n\0");
+        if transport == crate::codec::stomp::Transport::SockJs {
+            subscribe = serde_json::json!([subscribe]).to_string();
+        }
         assert_eq!(codec.decode(subscribe.as_bytes()), [Ok(crate::codec::Command::Nothing)]);
         let mut harness = Harness::build(Start::Live, 10, 100, |params| params.codec = codec);
         harness.state.take_frames(&mut Vec::new(), usize::MAX, usize::MAX);
@@ -517,8 +520,24 @@ fn stomp_connections_with_the_same_subscription_head_share_a_burst_buffer() {
         harness.state.take_frames(&mut batch, usize::MAX, usize::MAX);
         batch
     };
-    let (first, second, other) = (sent(&mut stomp("sub-0")), sent(&mut stomp("sub-0")), sent(&mut stomp("x")));
-    assert_eq!((first.len(), second.len(), other.len()), (1, 1, 1), "three frames in one buffer each");
+    use crate::codec::stomp::Transport::{SockJs, WebSocket};
+    let (first, second) = (sent(&mut stomp("sub-0", WebSocket)), sent(&mut stomp("sub-0", WebSocket)));
+    let (other, sockjs) = (sent(&mut stomp("x", WebSocket)), sent(&mut stomp("sub-0", SockJs)));
+    assert_eq!((first.len(), second.len(), other.len(), sockjs.len()), (1, 1, 1, 1), "three frames in one buffer each");
+    assert_ne!(first[0].as_ptr(), sockjs[0].as_ptr(), "SockJS's frames are its own");
+    // Over SockJS: three WebSocket frames, each one message frame holding the whole MESSAGE.
+    let mut rest = &sockjs[0][..];
+    for seq in 11..=13 {
+        let (len, header) =
+            if rest[1] == 126 { (u16::from_be_bytes([rest[2], rest[3]]) as usize, 4) } else { (rest[1] as usize, 2) };
+        let messages: Vec<String> = serde_json::from_slice(&rest[header + 1..header + len]).unwrap();
+        assert!(
+            messages[0]
+                .starts_with(&format!("MESSAGE\nsubscription:sub-0\ndestination:/topic/all\nmessage-id:{seq}\n"))
+        );
+        rest = &rest[header + len..];
+    }
+    assert!(rest.is_empty());
     assert_eq!(first[0].as_ptr(), second[0].as_ptr(), "the same head shares the buffer");
     assert_ne!(first[0].as_ptr(), other[0].as_ptr());
     let text = String::from_utf8_lossy(&other[0]);

@@ -210,7 +210,8 @@ pub(crate) fn append_frame(out: &mut Vec<u8>, head: &[u8], tail: &[u8]) {
 /// The shared part of a MESSAGE frame of `message` in SockJS's framing: escaped, and the end of
 /// the message frame.
 pub(super) fn encode_message_sockjs(message: &Message) -> Bytes {
-    let tail = encode_message(message);
+    // SockJS carries text: a body that is not UTF-8 goes as its lossy text, with that length.
+    let tail = encode_tail(message, String::from_utf8_lossy(&message.payload).as_bytes());
     let mut out = Vec::with_capacity(tail.len() + tail.len() / 8 + 2);
     sockjs::escape_into(&mut out, &tail);
     out.extend_from_slice(sockjs::MESSAGES_END);
@@ -219,7 +220,12 @@ pub(super) fn encode_message_sockjs(message: &Message) -> Bytes {
 
 /// The shared part of a MESSAGE frame of `message` (see the module's documentation).
 pub(super) fn encode_message(message: &Message) -> Bytes {
-    let mut out = Vec::with_capacity(message.payload.len() + 128);
+    encode_tail(message, &message.payload)
+}
+
+/// The shared part of a MESSAGE frame of `message` with `body`.
+fn encode_tail(message: &Message, body: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(body.len() + 128);
     let seq = message.seq.to_string();
     frame::push_header(&mut out, "message-id", &seq);
     frame::push_header(&mut out, "ack", &seq);
@@ -231,9 +237,9 @@ pub(super) fn encode_message(message: &Message) -> Bytes {
         frame::push_header(&mut out, "herald-id", &message.id);
     }
     frame::push_header(&mut out, "herald-ts", &message.ts);
-    frame::push_header(&mut out, "content-length", &message.payload.len().to_string());
+    frame::push_header(&mut out, "content-length", &body.len().to_string());
     out.push(b'\n');
-    out.extend_from_slice(&message.payload);
+    out.extend_from_slice(body);
     out.push(0);
     Bytes::from(out)
 }

@@ -221,3 +221,16 @@ fn a_client_that_sends_no_heart_beats_is_also_pinged() {
         assert_eq!(codec.ping().to_vec(), expected.concat(), "{transport:?} {sends},{wants}");
     }
 }
+
+#[test]
+fn over_sockjs_a_body_that_is_not_utf8_goes_as_text_with_its_length() {
+    let mut codec = sockjs_codec();
+    let subscribe = br#"["SUBSCRIBE\nid:q\ndestination:/user/queue/q\n\n\u0000"]"#;
+    assert_eq!(codec.decode_message(subscribe), [Ok(Command::Nothing)]);
+    let message = Message::new(9, Audience::User("u".into()), "", "", "t", Bytes::from_static(b"ab\xffcd"));
+    let mut frames = VecDeque::new();
+    codec.queue_message(&message, message.encoded(WireFormat::StompSockJs), &mut frames);
+    let whole: Vec<u8> = frames.iter().flat_map(|frame| frame.iter().copied()).collect();
+    let frame = &sockjs_messages(&whole)[0];
+    assert!(frame.ends_with("content-length:7\n\nab\u{fffd}cd\0"), "{frame:?}");
+}
