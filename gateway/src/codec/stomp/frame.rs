@@ -150,7 +150,7 @@ impl FrameStream {
         let mut frames = Vec::new();
         let read = self.read_into(bytes, &mut frames);
         if read.is_err() {
-            self.kept = Vec::new();
+            (self.kept, self.end) = (Vec::new(), FrameEnd::default());
         }
         (frames, read)
     }
@@ -160,6 +160,15 @@ impl FrameStream {
             return self.read_whole(bytes, frames);
         }
         self.kept.extend_from_slice(bytes);
+        // An EOL cut in two (`\r`, then `\n`) is known only now.
+        let frame_start = self.kept.len() - skip_eols(&self.kept).len();
+        if frame_start > 0 {
+            self.kept.drain(..frame_start);
+            self.end = FrameEnd::default();
+            if self.kept.is_empty() {
+                return Ok(());
+            }
+        }
         let Some(end) = self.end.find(&self.kept) else {
             return self.check_len(self.kept.len());
         };
@@ -174,17 +183,19 @@ impl FrameStream {
         self.read_whole(rest, frames)
     }
 
-    /// Reads `bytes` when nothing is kept: whole frames, then the start of one to keep.
+    /// Reads `bytes` when nothing is kept: whole frames, then the start of one to keep. A frame is
+    /// refused once it is all there (or past the limit), however it came.
     fn read_whole(&mut self, bytes: &[u8], frames: &mut Vec<Frame>) -> Result<(), String> {
         let mut rest = skip_eols(bytes);
         while !rest.is_empty() {
-            match next_frame(rest)? {
-                Next::Frame(frame, used) => {
+            match next_frame(rest) {
+                Ok(Next::Frame(frame, used)) => {
                     self.check_len(used)?;
                     frames.push(frame);
                     rest = skip_eols(&rest[used..]);
                 }
-                Next::Incomplete(_) => {
+                Err(error) if self.end.find(rest).is_some() => return Err(error),
+                Ok(Next::Incomplete(_)) | Err(_) => {
                     self.check_len(rest.len())?;
                     self.kept = rest.to_vec();
                     return Ok(());
