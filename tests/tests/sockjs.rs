@@ -67,6 +67,16 @@ async fn the_info_request_offers_the_websocket_transport_and_the_others_are_not_
     let without_origin = http.get(gateway.http_url("/stomp/info")).send().await.unwrap();
     assert_eq!(without_origin.headers()["access-control-allow-origin"], "*");
 
+    // An origin the gateway does not allow is refused, as its upgrades refuse it.
+    let strict =
+        TestGateway::start_with(&nats, |config| config.allowed_origins = vec!["http://ok.example".into()]).await;
+    let refused =
+        http.get(strict.http_url("/stomp/info")).header("origin", "http://evil.example").send().await.unwrap();
+    assert_eq!(refused.status(), 403);
+    assert_eq!(refused.json::<serde_json::Value>().await.unwrap()["error"], "forbidden_origin");
+    let allowed = http.get(strict.http_url("/stomp/info")).header("origin", "http://ok.example").send().await.unwrap();
+    assert_eq!(allowed.status(), 200);
+
     for (method, path) in [
         (reqwest::Method::POST, "/stomp/042/s1/xhr_streaming"),
         (reqwest::Method::POST, "/stomp/042/s1/xhr"),

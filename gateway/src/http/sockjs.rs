@@ -14,7 +14,8 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 
-use super::server::{HttpResponse, refused_origin};
+use super::auth::Rejection;
+use super::server::{HttpResponse, refused_origin, rejection};
 use crate::Shared;
 use crate::codec::sockjs;
 use crate::codec::stomp::Transport;
@@ -90,11 +91,8 @@ fn preflight(shared: &Shared, request: &Request<Incoming>) -> HttpResponse {
 /// 403 for an origin the gateway does not allow (as its WebSocket upgrades answer).
 fn refused(shared: &Shared, request: &Request<Incoming>) -> Option<HttpResponse> {
     let origin = refused_origin(&shared.config.allowed_origins, request)?;
-    let body = serde_json::json!({"error": "forbidden_origin", "reason": format!("origin {origin} is not allowed")});
-    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
-    *response.status_mut() = StatusCode::FORBIDDEN;
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    Some(response)
+    let reason = format!("origin {origin} is not allowed");
+    Some(rejection(&Rejection::new(StatusCode::FORBIDDEN, "forbidden_origin", reason)))
 }
 
 /// SockJS's clients send the info request with credentials, so the origin is named, not `*`.
