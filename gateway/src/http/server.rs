@@ -72,7 +72,8 @@ async fn route(
     }
     if let Some(rest) = request.uri().path().strip_prefix("/stomp/") {
         let rest = rest.to_string();
-        let response = super::sockjs::route(shared, request, peer, &rest).await.unwrap_or_else(not_found);
+        // Boxed: the connection task is as large as its largest request state, and this one is rare.
+        let response = Box::pin(super::sockjs::route(shared, request, peer, &rest)).await.unwrap_or_else(not_found);
         return Ok(response.map(http_body_util::Either::Left));
     }
     let response = match (request.method(), request.uri().path()) {
