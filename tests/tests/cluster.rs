@@ -267,3 +267,48 @@ async fn gateways_started_before_jetstream_has_a_leader_create_everything_once_i
         assert_eq!(client.expect_msg().await.seq, seq);
     }
 }
+
+/// A stream leader that fails after storing a message and before republishing it leaves the
+/// message stored but never delivered; nothing on its subject says so until the next message of
+/// that subject. The gateways follow the stream's leader changes and have every session catch up
+/// from the stream, so the message arrives, before anything newer. The test stores such a message
+/// while the stream does not republish, then moves the stream's leadership.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_stored_but_never_republished_arrives_when_the_stream_changes_leader() {
+    let _alone = ONE_CLUSTER.lock().await;
+    let cluster = TestCluster::start().await;
+    let replicated = |config: &mut herald_gateway::Config| config.stream.stream_replicas = 3;
+    let gateway = TestGateway::start_on(&cluster.url(), replicated).await;
+    let mut client = gateway.connect_with(&format!("token={}", token("led"))).await;
+    let publisher = jetstream::new(cluster.client_as(Role::Publisher).await.expect("connect as publisher"));
+    let publish = |subject: &'static str, payload: &'static str| {
+        let publisher = publisher.clone();
+        async move { publisher.publish(subject, payload.into()).await.unwrap().await.unwrap().sequence }
+    };
+    let first = publish("push.user.led", "\"first\"").await;
+    assert_eq!(client.expect_msg().await.seq, first);
+
+    let admin = jetstream::new(cluster.client().await.expect("connect to the cluster"));
+    let mut stream = admin.get_stream("HERALD").await.expect("the stream");
+    let config = stream.info().await.expect("stream info").config.clone();
+    admin.update_stream(jetstream::stream::Config { republish: None, ..config.clone() }).await.expect("no republish");
+    let unrepublished = publish("push.user.led", "\"stored only\"").await;
+    admin.update_stream(config).await.expect("republish again");
+
+    let leader = stream.info().await.expect("stream info").cluster.clone().and_then(|cluster| cluster.leader);
+    eventually("another node leads the stream", Duration::from_secs(60), || async {
+        let info = admin.get_stream("HERALD").await.ok()?.info().await.ok()?.clone();
+        let now = info.cluster.and_then(|cluster| cluster.leader)?;
+        if Some(&now) != leader.as_ref() {
+            return Some(());
+        }
+        let _ = admin.request::<_, _, serde_json::Value>("STREAM.LEADER.STEPDOWN.HERALD", &()).await;
+        None
+    })
+    .await;
+
+    let repaired = client.expect_msg().await;
+    assert_eq!((repaired.seq, repaired.data), (unrepublished, serde_json::json!("stored only")));
+    let after = publish("push.all", "\"after\"").await;
+    assert_eq!(client.expect_msg().await.seq, after);
+}

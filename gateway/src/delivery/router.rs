@@ -12,7 +12,7 @@
 //!   stream order up to the watermark.
 //! - A message lost between the stream and this gateway becomes a gap entry in the same place
 //!   (a subject's `Nats-Last-Sequence` names a predecessor that never came); a reconnection of the
-//!   feed asks every session to catch up from the stream.
+//!   feed, or a new leader of the stream, asks every session to catch up from the stream.
 //! - Sessions attach and detach through commands, so the routing tables need no lock.
 
 use std::collections::{HashMap, HashSet};
@@ -295,6 +295,7 @@ impl RouterTask {
                     self.repair_all("the delivery feed reconnected to NATS");
                 }
             }
+            FeedEvent::LeaderElected => self.repair_all("the stream has a new leader"),
         }
     }
 

@@ -14,6 +14,10 @@
 //! The feed also answers requests (`request`) on the same connection, so a request sent after a
 //! subscription reaches the server after it: reading the stream's last sequence that way tells a
 //! joining session exactly which messages will arrive live.
+//!
+//! It also follows the stream's leader-elected advisories: a leader that fails after storing a
+//! message and before republishing it leaves that message stored but never delivered, and the
+//! router has every session catch up from the stream when a new leader takes over.
 
 mod connect;
 pub(crate) mod proto;
@@ -25,6 +29,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use herald_shared::nats::NatsSettings;
+use herald_shared::subject::STREAM;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -41,6 +46,9 @@ pub(crate) enum FeedEvent {
     Message(Delivered),
     /// The feed (re)connected and re-subscribed: anything published while it was away never came.
     Connected,
+    /// The stream has a new leader: what the old one stored but had not yet republished when it
+    /// failed never comes.
+    LeaderElected,
 }
 
 /// A request on the feed failed.
@@ -84,8 +92,10 @@ pub(crate) struct Feed {
     next_sid: Arc<AtomicU64>,
 }
 
-/// The sid of the feed's own reply subscription; subscriptions for deliveries start above it.
+/// The sid of the feed's own reply subscription.
 const REPLY_SID: u64 = 1;
+/// The sid of the stream's leader-elected advisories; subscriptions for deliveries start above it.
+const LEADER_SID: u64 = 2;
 /// How often the feed pings the server, and how many unanswered pings mean a dead connection.
 const PING_INTERVAL: Duration = Duration::from_secs(10);
 const MAX_UNANSWERED_PINGS: usize = 2;
@@ -120,7 +130,7 @@ impl Feed {
             unanswered: 0,
         };
         tokio::spawn(task.run(shutdown));
-        Feed { commands, connected, next_sid: Arc::new(AtomicU64::new(REPLY_SID + 1)) }
+        Feed { commands, connected, next_sid: Arc::new(AtomicU64::new(LEADER_SID + 1)) }
     }
 
     /// A fresh subscription id.
@@ -306,6 +316,7 @@ impl FeedTask {
     async fn serve(&mut self, mut stream: Stream, shutdown: &CancellationToken) -> Ended {
         let mut out = BytesMut::new();
         proto::sub(&mut out, &format!("{}.*", self.reply_prefix), REPLY_SID);
+        proto::sub(&mut out, &format!("$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{STREAM}"), LEADER_SID);
         for (sid, subject) in &self.subscriptions {
             proto::sub(&mut out, subject, *sid);
         }
@@ -379,6 +390,11 @@ impl FeedTask {
     async fn handle(&mut self, op: ServerOp, out: &mut BytesMut) -> Result<(), Ended> {
         match op {
             ServerOp::Msg(message) if message.sid == REPLY_SID => self.answer(message),
+            ServerOp::Msg(message) if message.sid == LEADER_SID => {
+                if self.events.send(FeedEvent::LeaderElected).await.is_err() {
+                    return Err(Ended::Shutdown);
+                }
+            }
             ServerOp::Msg(message) => {
                 // Waits while the router is behind: the socket is not read meanwhile.
                 if self.events.send(FeedEvent::Message(message)).await.is_err() {
