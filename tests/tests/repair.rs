@@ -3,9 +3,11 @@
 //! gateway that cannot be repaired in order is reported to the client's resume.
 
 use async_nats::HeaderMap;
+use async_nats::jetstream;
+use futures::StreamExt;
 use herald_shared::frame::{ServerFrame, close_code};
 use herald_tests::gateway::token;
-use herald_tests::ws::Event;
+use herald_tests::ws::{Event, FRAME_TIMEOUT};
 use herald_tests::{Publisher, TestGateway, TestNats};
 
 #[tokio::test]
@@ -109,4 +111,50 @@ async fn a_gap_behind_newer_messages_is_repaired_when_the_stream_holds_nothing_o
     assert_eq!(gateway.metric("herald_gateway_unrepairable_gaps_total").await, 0.0);
     assert_eq!(gateway.metric("herald_gateway_repairs_total").await, 1.0);
     assert_eq!(gateway.metric("herald_gateway_connections").await, 1.0);
+}
+
+/// A message stored but never delivered to the gateway (a stream leader that failed between
+/// storing and republishing it; here, the stream stops republishing for one message) behind a
+/// newer `push.all` message the client already has: it cannot be sent in order. The gateway notes
+/// the loss in KV and closes with 4008; the resume reports `complete:false`. KV is down when the
+/// gateway first tries to write the note, as it may be in the failure that caused the loss: the
+/// gateway keeps trying, and closes once the note is written.
+#[tokio::test]
+async fn an_unrepairable_gap_is_noted_even_when_kv_is_down_at_first_and_the_resume_reports_it() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let mut client = gateway.connect("lost").await;
+    let first = publisher.publish("push.user.lost", "1").await;
+    assert_eq!(client.expect_msg().await.seq, first);
+
+    let admin = nats.jetstream().await;
+    let mut stream = admin.get_stream("HERALD").await.unwrap();
+    let config = stream.info().await.unwrap().config.clone();
+    admin.update_stream(jetstream::stream::Config { republish: None, ..config.clone() }).await.unwrap();
+    let missed = publisher.publish("push.user.lost", "2").await;
+    admin.update_stream(config).await.unwrap();
+    let newer = publisher.publish("push.all", "3").await;
+    assert_eq!(client.expect_msg().await.seq, newer);
+
+    let cursors = admin.get_stream("KV_herald-cursors").await.unwrap().info().await.unwrap().config.clone();
+    let mut notes = nats.client().await.subscribe("$KV.herald-cursors.>").await.unwrap();
+    admin.delete_stream("KV_herald-cursors").await.unwrap();
+    let last = publisher.publish("push.user.lost", "4").await;
+    let attempt = tokio::time::timeout(FRAME_TIMEOUT, async {
+        while let Some(note) = notes.next().await {
+            if note.subject.ends_with(".lost") {
+                return String::from_utf8_lossy(&note.payload).into_owned();
+            }
+        }
+        panic!("the subscription ended");
+    });
+    assert_eq!(attempt.await.expect("the gateway tries to note the loss"), missed.to_string());
+    admin.create_stream(cursors).await.unwrap();
+
+    assert_eq!(client.expect_close().await.map(|c| c.0), Some(close_code::SLOW_CONSUMER));
+    let mut resumed = gateway.connect_with(&format!("token={}&since={newer}", token("lost"))).await;
+    assert_eq!(resumed.expect_msg().await.seq, last);
+    assert!(!resumed.expect_replayed().await.3, "the resume reports the loss");
+    assert_eq!(gateway.metric("herald_gateway_unrepairable_gaps_total").await, 1.0);
 }

@@ -7,15 +7,19 @@ use std::time::Duration;
 use futures::StreamExt;
 use futures::stream::{self, BoxStream};
 use herald_shared::subject::Audience;
-use tracing::warn;
+use tokio::time::Instant;
+use tracing::{debug, warn};
 
 use super::Session;
 use super::replay::Replay;
 use super::state::{Action, Outcome};
 use crate::delivery::message;
 
-/// How long a closing session waits to note its lost messages.
-const LOSS_NOTE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a closing session keeps trying to note its lost messages: KV may be failing over in
+/// the same failure that lost them, and a note not written is a loss the client is never told of.
+const LOSS_NOTE_PATIENCE: Duration = Duration::from_secs(30);
+/// How long one attempt at the note may take.
+const LOSS_NOTE_ATTEMPT: Duration = Duration::from_secs(2);
 
 /// The outcomes of `action`, in order.
 pub(super) fn perform(session: &Arc<Session>, action: Action) -> BoxStream<'static, Outcome> {
@@ -51,13 +55,31 @@ pub(super) fn perform(session: &Arc<Session>, action: Action) -> BoxStream<'stat
             Outcome::Stored(found.map_err(|error| error.to_string()))
         }),
         Action::NoteLost { first } => once(async move {
-            let shared = &session.shared;
-            let note = shared.cursors.mark_lost(&session.user, &session.device, first);
-            if !matches!(tokio::time::timeout(LOSS_NOTE_TIMEOUT, note).await, Ok(Ok(()))) {
-                warn!(user = %session.user, device = %session.device, first, "lost-messages note not written");
-            }
+            note_lost(&session, first).await;
             Outcome::Noted
         }),
+    }
+}
+
+/// Notes in KV that the session's device missed messages from `first` on, retrying until it is
+/// written or [`LOSS_NOTE_PATIENCE`] has passed.
+async fn note_lost(session: &Session, first: u64) {
+    let deadline = Instant::now() + LOSS_NOTE_PATIENCE;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let note = session.shared.cursors.mark_lost(&session.user, &session.device, first);
+        let error = match tokio::time::timeout(LOSS_NOTE_ATTEMPT, note).await {
+            Ok(Ok(())) => return,
+            Ok(Err(error)) => error.to_string(),
+            Err(_) => "timed out".to_string(),
+        };
+        if Instant::now() + pause >= deadline {
+            warn!(user = %session.user, device = %session.device, first, error, "lost-messages note not written");
+            return;
+        }
+        debug!(user = %session.user, device = %session.device, first, error, "lost-messages note failed; retrying");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(LOSS_NOTE_ATTEMPT);
     }
 }
 
