@@ -604,10 +604,15 @@ impl SessionState {
     }
 
     fn start_replay(&mut self, purpose: Purpose, audiences: Vec<Audience>, since: u64, bounds: Bounds) {
-        self.tally.replays += 1;
         let action = Action::Replay { audiences: audiences.clone(), since, upto: bounds.last };
         let per_audience = vec![0; audiences.len()];
         let run = ReplayRun { purpose, audiences, since, bounds, per_audience, sent: 0, last: None };
+        // A catch-up with nothing stored past what was sent has nothing to read: every session of a
+        // gateway repairs when the stream changes leader, and most have everything already.
+        if matches!(run.purpose, Purpose::CatchUp) && since >= run.bounds.last {
+            return self.replay_ended(run);
+        }
+        self.tally.replays += 1;
         self.begin(Step::Replay(run), action);
     }
 

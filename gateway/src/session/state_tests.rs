@@ -351,10 +351,25 @@ fn an_overflowing_mailbox_and_a_reconnected_feed_are_repaired_once_each() {
     h.mailbox.push_event(Event::Repair);
     h.state.pull(h.watermark);
     h.state.on_outcome(Outcome::Bounds(Ok(bounds(1, 10))));
-    assert_eq!(h.action(), replay_of(everything(), 10, 10));
-    h.replay(Vec::new());
+    // Nothing stored past what was sent: no replay, and the second repair starts.
     assert_eq!(h.action(), Some(Action::ReadBounds));
     assert_eq!(h.state.take_tally().repairs, 2);
+}
+
+#[test]
+fn a_repair_with_nothing_stored_past_what_was_sent_reads_no_replay_and_live_goes_on() {
+    let mut h = Harness::new(Start::Live, 10);
+    h.broadcast(all_message(11));
+    assert_eq!(h.frames(), ["11"]);
+    h.mailbox.push_event(Event::Repair);
+    assert_eq!(h.action(), Some(Action::ReadBounds));
+    h.broadcast(all_message(12));
+    assert!(h.frames().is_empty(), "live messages wait for the repair");
+    h.state.on_outcome(Outcome::Bounds(Ok(bounds(1, 11))));
+    assert_eq!(h.action(), None);
+    assert_eq!(h.frames(), ["12"]);
+    let tally = h.state.take_tally();
+    assert_eq!((tally.repairs, tally.replays), (1, 0));
 }
 
 #[test]
