@@ -3,8 +3,9 @@
 //! the codec that reads each packet.
 
 use crate::codec::{Codec, Refusal, SocketIoCodec};
-use crate::http::engineio::{SEPARATOR, client_frame};
+use crate::http::engineio::SEPARATOR;
 use crate::http::socketio::connect_auth;
+use crate::websocket::piped::client_frame;
 
 use super::websocket::{Message, read_websocket};
 

@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::session::{ReadHalf, Socket, WriteHalf};
+use crate::websocket::piped::{client_frame, frame_at};
 use crate::websocket::reader::{Inbound, MessageReader};
 
 /// The separator of packets in a polling request or response.
@@ -155,27 +156,6 @@ async fn relay_client(reader: &mut MessageReader<ReadHalf>, input: &mut DuplexSt
     }
 }
 
-/// A masked client frame with opcode `opcode` (the session's reader requires masking; a zero key
-/// leaves the payload as it is).
-pub(crate) fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mut frame = Vec::with_capacity(payload.len() + 14);
-    frame.push(0x80 | opcode);
-    match payload.len() {
-        len @ 0..=125 => frame.push(0x80 | len as u8),
-        len @ 126..=0xffff => {
-            frame.push(0x80 | 126);
-            frame.extend_from_slice(&(len as u16).to_be_bytes());
-        }
-        len => {
-            frame.push(0x80 | 127);
-            frame.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-    }
-    frame.extend_from_slice(&[0; 4]);
-    frame.extend_from_slice(payload);
-    frame
-}
-
 /// The payloads of the whole text frames at the start of `buffered` (taken out), and whether a
 /// close frame came.
 fn take_packets(buffered: &mut Vec<u8>) -> (Vec<Vec<u8>>, bool) {
@@ -192,18 +172,6 @@ fn take_packets(buffered: &mut Vec<u8>) -> (Vec<Vec<u8>>, bool) {
     }
     buffered.drain(..at);
     (packets, closed)
-}
-
-/// The opcode and payload range of the server frame at the start of `bytes`, if it is whole.
-fn frame_at(bytes: &[u8]) -> Option<(u8, usize, usize)> {
-    let (&first, rest) = bytes.split_first()?;
-    let (&second, _) = rest.split_first()?;
-    let (start, len) = match second & 0x7f {
-        126 => (4, u16::from_be_bytes(bytes.get(2..4)?.try_into().ok()?) as usize),
-        127 => (10, u64::from_be_bytes(bytes.get(2..10)?.try_into().ok()?) as usize),
-        len => (2, len as usize),
-    };
-    (bytes.len() >= start + len).then_some((first & 0x0f, start, start + len))
 }
 
 /// A polling response body of the handshake: the open packet.
