@@ -83,6 +83,8 @@ pub(crate) struct Shared {
     pub(crate) sessions: TaskTracker,
     /// Engine.IO long-polling sessions on this gateway.
     pub(crate) polling: http::engineio::PollingSessions,
+    /// SockJS XHR streaming sessions on this gateway.
+    pub(crate) xhr: http::sockjs::XhrSessions,
 }
 
 /// The gateway could not start.
@@ -193,6 +195,7 @@ impl Gateway {
             killed: killed.clone(),
             sessions: TaskTracker::new(),
             polling: Default::default(),
+            xhr: Default::default(),
         });
         start_background_tasks(&shared);
         if let Some(api_listener) = api_listener {

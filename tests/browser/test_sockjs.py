@@ -1,8 +1,9 @@
 """STOMP over SockJS in Chromium, as a page written for Spring's `withSockJS()` endpoint connects:
 sockjs-client itself (Debian's node-sockjs-client, the library such pages load) on a test page at
 the gateway's origin, STOMP frames written by the page. Messages arrive over SockJS's WebSocket
-transport; the gateway is restarted while the page is open and the page reconnects with
-`herald-since`, as such pages reconnect: what was published meanwhile arrives once, in order.
+transport, and over XHR streaming (the fallback of a page whose WebSocket cannot get through); the
+gateway is restarted while the page is open and the page reconnects with `herald-since`, as such
+pages reconnect: what was published meanwhile arrives once, in order.
 """
 
 import os
@@ -37,7 +38,7 @@ SCRIPT = """
     return {command, headers, body: rest.join("\\n\\n").replace(/\\0$/, "")};
   }
   function connect() {
-    const sock = new SockJS("/stomp?token=%(token)s");
+    const sock = new SockJS("/stomp?token=%(token)s", null, {transports: ["%(transport)s"]});
     sock.onopen = () => {
       const headers = {"accept-version": "1.1,1.0", "heart-beat": "0,0"};
       if (last !== null) headers["herald-since"] = last;
@@ -68,8 +69,13 @@ SCRIPT = """
 """
 
 
+@pytest.fixture(params=["websocket", "xhr-streaming"])
+def transport(request):
+    return request.param
+
+
 @pytest.fixture
-def sockjs_page(page, gateway, user):
+def sockjs_page(page, gateway, user, transport):
     if not SOCKJS.is_file():
         pytest.skip(f"no sockjs-client at {SOCKJS} (scripts/test-browser installs node-sockjs-client)")
     token = gateway.token(user, 600)
@@ -77,7 +83,7 @@ def sockjs_page(page, gateway, user):
     # with the library and the page's script added.
     page.goto(f"{gateway.url}/healthz")
     page.add_script_tag(path=str(SOCKJS))
-    page.add_script_tag(content=SCRIPT % {"token": token})
+    page.add_script_tag(content=SCRIPT % {"token": token, "transport": transport})
     expect(page.locator("li[data-type=ready]")).to_have_count(1)
     return page
 
@@ -86,10 +92,10 @@ def messages(page):
     return [(int(e["seq"]), e["destination"], e["body"]) for e in page.evaluate("window.events") if e["type"] == "message"]
 
 
-def test_sockjs_client_receives_messages_and_a_gateway_restart_loses_nothing(sockjs_page, gateway, nats, user):
+def test_sockjs_client_receives_messages_and_a_gateway_restart_loses_nothing(sockjs_page, gateway, nats, user, transport):
     page = sockjs_page
     connected = [e for e in page.evaluate("window.events") if e["type"] == "connected"]
-    assert connected == [{"type": "connected", "transport": "websocket"}]
+    assert connected == [{"type": "connected", "transport": transport}]
     first = nats.publish(f"push.user.{user}", {"n": 1})
     everyone = nats.publish("push.all", {"n": 2})
     expect(page.locator(f"li[data-type=message][data-seq='{everyone}']")).to_have_count(1)

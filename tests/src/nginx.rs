@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use crate::{eventually, free_port, workspace_root};
 
 /// The upstream blocks of the sample whose servers are replaced.
-const UPSTREAMS: [&str; 2] = ["herald_gateways", "herald_gateways_sticky"];
+const UPSTREAMS: [&str; 3] = ["herald_gateways", "herald_gateways_sticky", "herald_gateways_sockjs"];
 
 /// The sample configuration: `deploy/nginx/herald.conf`.
 pub fn sample_path() -> PathBuf {

@@ -1,6 +1,7 @@
 //! A raw STOMP-over-WebSocket test client (tokio-tungstenite and a frame parser of its own): sends
 //! any bytes, reads frames, heart-beats and the close exactly as they come; also over SockJS's
-//! WebSocket transport (`o`, `h`, `a[…]`, `c[…]` inside the WebSocket messages).
+//! WebSocket transport (`o`, `h`, `a[…]`, `c[…]` inside the WebSocket messages), and over its XHR
+//! streaming transport (the same frames, one per line of a streaming response; `xhr_send` POSTs).
 
 use std::collections::VecDeque;
 
@@ -58,13 +59,53 @@ pub enum StompEvent {
 }
 
 pub struct StompClient {
-    stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    link: Link,
     /// The subprotocol the server chose.
     pub subprotocol: Option<String>,
     /// Whether STOMP frames travel in SockJS's framing.
     sockjs: bool,
     /// Events read from one SockJS message frame and not yet returned.
     pending: VecDeque<StompEvent>,
+}
+
+/// How the client reaches the gateway.
+enum Link {
+    WebSocket(Box<WebSocketStream<MaybeTlsStream<TcpStream>>>),
+    Xhr(Box<Xhr>),
+}
+
+/// SockJS's XHR streaming transport: a streaming response for what the gateway sends, a POST for
+/// each message the client sends.
+struct Xhr {
+    http: reqwest::Client,
+    /// `…/<server>/<session>`.
+    base: String,
+    stream: reqwest::Response,
+    /// Bytes of the response not yet read as a line.
+    buffered: Vec<u8>,
+}
+
+impl Xhr {
+    /// The next line of the response; `None` when it ended.
+    async fn next_line(&mut self) -> Option<String> {
+        loop {
+            if let Some(end) = self.buffered.iter().position(|&byte| byte == b'\n') {
+                let line: Vec<u8> = self.buffered.drain(..=end).collect();
+                return Some(String::from_utf8(line[..end].to_vec()).expect("UTF-8 lines"));
+            }
+            match self.stream.chunk().await {
+                Ok(Some(chunk)) => self.buffered.extend_from_slice(&chunk),
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    }
+
+    /// POSTs `body` to `xhr_send`: the status and the answer's text.
+    async fn send(&self, body: &str) -> (u16, String) {
+        let url = format!("{}/xhr_send", self.base);
+        let response = self.http.post(url).body(body.to_string()).send().await.expect("xhr_send answered");
+        (response.status().as_u16(), response.text().await.unwrap())
+    }
 }
 
 impl StompClient {
@@ -81,7 +122,7 @@ impl StompClient {
         let (stream, response) = tokio_tungstenite::connect_async(request).await.expect("upgrade to /stomp");
         let subprotocol =
             response.headers().get("sec-websocket-protocol").map(|value| value.to_str().unwrap().to_string());
-        StompClient { stream, subprotocol, sockjs: false, pending: VecDeque::new() }
+        StompClient { link: Link::WebSocket(Box::new(stream)), subprotocol, sockjs: false, pending: VecDeque::new() }
     }
 
     /// Opens SockJS's WebSocket transport at `url` (`…/stomp/<server>/<session>/websocket`) and
@@ -90,7 +131,44 @@ impl StompClient {
         let (mut stream, _) = tokio_tungstenite::connect_async(url).await.expect("upgrade to SockJS's transport");
         let open = tokio::time::timeout(FRAME_TIMEOUT, stream.next()).await.expect("the open frame in time");
         assert_eq!(open.unwrap().unwrap(), Message::text("o"), "SockJS opens with `o`");
-        StompClient { stream, subprotocol: None, sockjs: true, pending: VecDeque::new() }
+        StompClient {
+            link: Link::WebSocket(Box::new(stream)),
+            subprotocol: None,
+            sockjs: true,
+            pending: VecDeque::new(),
+        }
+    }
+
+    /// Opens SockJS's XHR streaming transport of session `base` (`http://…/stomp/<server>/<session>`)
+    /// and reads its prelude (2 KiB of `h`) and open frame `o`.
+    pub async fn open_xhr(base: &str) -> StompClient {
+        let http = reqwest::Client::new();
+        let stream = http.post(format!("{base}/xhr_streaming")).send().await.expect("xhr_streaming answered");
+        assert_eq!(stream.status(), 200);
+        assert_eq!(stream.headers()["content-type"], "application/javascript; charset=UTF-8");
+        let mut xhr = Xhr { http, base: base.to_string(), stream, buffered: Vec::new() };
+        for expected in ["h".repeat(2048), "o".into()] {
+            let line = tokio::time::timeout(FRAME_TIMEOUT, xhr.next_line()).await.expect("the opening in time");
+            assert_eq!(line, Some(expected), "SockJS's prelude, then `o`");
+        }
+        StompClient { link: Link::Xhr(Box::new(xhr)), subprotocol: None, sockjs: true, pending: VecDeque::new() }
+    }
+
+    /// [`StompClient::open_xhr`], then CONNECT with `headers` (`accept-version:1.2` added).
+    pub async fn connect_xhr(base: &str, headers: &[(&str, &str)]) -> StompClient {
+        let mut client = StompClient::open_xhr(base).await;
+        let mut all = vec![("accept-version", "1.2"), ("host", "herald")];
+        all.extend_from_slice(headers);
+        client.send_frame("CONNECT", &all, "").await;
+        client
+    }
+
+    /// POSTs `body` as it is to the session's `xhr_send`: the status and the answer's text.
+    pub async fn xhr_send(&self, body: &str) -> (u16, String) {
+        match &self.link {
+            Link::Xhr(xhr) => xhr.send(body).await,
+            Link::WebSocket(_) => panic!("not an XHR client"),
+        }
     }
 
     /// [`StompClient::open_sockjs`], then CONNECT with `headers` (`accept-version:1.2` added).
@@ -127,12 +205,15 @@ impl StompClient {
     /// Sends one WebSocket text message (over SockJS: a message frame holding `text`).
     pub async fn send_raw(&mut self, text: &str) {
         let text = if self.sockjs { serde_json::json!([text]).to_string() } else { text.to_string() };
-        self.stream.send(Message::text(text)).await.expect("send to the gateway");
+        self.send_websocket(&text).await;
     }
 
     /// Sends one WebSocket text message as it is, SockJS or not.
     pub async fn send_websocket(&mut self, text: &str) {
-        self.stream.send(Message::text(text)).await.expect("send to the gateway");
+        match &mut self.link {
+            Link::WebSocket(stream) => stream.send(Message::text(text)).await.expect("send to the gateway"),
+            Link::Xhr(xhr) => assert_eq!(xhr.send(text).await, (204, String::new()), "xhr_send of {text:?}"),
+        }
     }
 
     /// The next frame, heart-beat or close; panics after [`FRAME_TIMEOUT`].
@@ -145,7 +226,17 @@ impl StompClient {
             if let Some(event) = self.pending.pop_front() {
                 return event;
             }
-            match self.stream.next().await {
+            let stream = match &mut self.link {
+                Link::WebSocket(stream) => stream,
+                Link::Xhr(xhr) => match xhr.next_line().await {
+                    Some(line) => {
+                        self.pending.extend(sockjs_events(&line));
+                        continue;
+                    }
+                    None => return StompEvent::Close(None),
+                },
+            };
+            match stream.next().await {
                 Some(Ok(Message::Text(text))) if self.sockjs => self.pending.extend(sockjs_events(&text)),
                 Some(Ok(Message::Text(text))) => return stomp_event(&text),
                 Some(Ok(Message::Close(close))) => {

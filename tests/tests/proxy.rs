@@ -362,3 +362,42 @@ async fn socket_io_polling_and_its_upgrade_stick_to_one_gateway_through_nginx() 
         assert!(sdk.named("disconnected").is_empty(), "{:?}", sdk.events());
     }
 }
+
+/// SockJS's XHR streaming session lives in the gateway that holds its stream: the sample hashes the
+/// session's path, so every `xhr_send` of a session reaches that gateway (round robin would send
+/// every other one to a gateway without the session: 404).
+#[tokio::test]
+async fn sockjs_xhr_streaming_sends_reach_the_gateway_of_their_stream_through_nginx() {
+    if !nginx::available("sockjs_xhr_streaming_sends_reach_the_gateway_of_their_stream_through_nginx") {
+        return;
+    }
+    let nats = TestNats::start().await;
+    let (one, two) = (proxied_gateway(&nats, "one").await, proxied_gateway(&nats, "two").await);
+    let nginx = TestNginx::start(&[one.addr, two.addr]).await;
+    let publisher = Publisher::new(&nats).await;
+    let mut clients = Vec::new();
+    for session in ["xa", "xb", "xc", "xd"] {
+        let base = nginx.http_url(&format!("/stomp/000/{session}"));
+        let mut client = herald_tests::stomp::StompClient::connect_xhr(
+            &base,
+            &[("passcode", &token("xia")), ("herald-device", session)],
+        )
+        .await;
+        client.expect("CONNECTED").await;
+        // Three sends, each answered on the stream.
+        let sends = [
+            ("SUBSCRIBE", [("id", "0"), ("destination", "/topic/all"), ("receipt", "r0")]),
+            ("UNSUBSCRIBE", [("id", "0"), ("destination", "/topic/all"), ("receipt", "r1")]),
+            ("SUBSCRIBE", [("id", "1"), ("destination", "/user/queue/q"), ("receipt", "r2")]),
+        ];
+        for (command, headers) in sends {
+            client.send_frame(command, &headers, "").await;
+            assert_eq!(client.expect("RECEIPT").await.header("receipt-id"), headers[2].1);
+        }
+        clients.push(client);
+    }
+    let seq = publisher.publish("push.user.xia", "1").await;
+    for client in &mut clients {
+        assert_eq!(client.expect("MESSAGE").await.header("message-id"), seq.to_string());
+    }
+}

@@ -1,7 +1,8 @@
-//! STOMP over SockJS's WebSocket transport, as pages written for Spring's `withSockJS()` endpoints
-//! connect (docs/protocols.md, "STOMP over SockJS"): the info request, SockJS's framing around
-//! the same STOMP session, refusals and bad framing. Real NATS, a real gateway, a raw client for
-//! exact frames; tests/browser/test_sockjs.py drives sockjs-client itself in Chromium.
+//! STOMP over SockJS's WebSocket and XHR streaming transports, as pages written for Spring's
+//! `withSockJS()` endpoints connect (docs/protocols.md, "STOMP over SockJS"): the info request,
+//! SockJS's framing around the same STOMP session, refusals and bad framing. Real NATS, a real
+//! gateway, a raw client for exact frames; tests/browser/test_sockjs.py drives sockjs-client itself
+//! in Chromium, over both transports.
 
 use herald_tests::gateway::{token, token_with};
 use herald_tests::stomp::{StompClient, StompEvent, StompFrame};
@@ -78,7 +79,6 @@ async fn the_info_request_offers_the_websocket_transport_and_the_others_are_not_
     assert_eq!(allowed.status(), 200);
 
     for (method, path) in [
-        (reqwest::Method::POST, "/stomp/042/s1/xhr_streaming"),
         (reqwest::Method::POST, "/stomp/042/s1/xhr"),
         (reqwest::Method::GET, "/stomp/042/s1/eventsource"),
         (reqwest::Method::GET, "/stomp/iframe.html"),
@@ -212,6 +212,17 @@ async fn refusals_and_bad_framing_get_an_error_then_sockjs_close() {
 
 #[tokio::test]
 async fn an_idle_client_without_stomp_heart_beats_gets_sockjs_heartbeats_and_stays() {
+    idle_client_stays(false).await;
+}
+
+/// Over XHR streaming the client cannot answer the WebSocket ping: its open response is its
+/// liveness, and the gateway answers the ping for it.
+#[tokio::test]
+async fn an_idle_xhr_streaming_client_without_stomp_heart_beats_stays() {
+    idle_client_stays(true).await;
+}
+
+async fn idle_client_stays(xhr: bool) {
     let nats = TestNats::start().await;
     let publisher = Publisher::new(&nats).await;
     let gateway = TestGateway::start_with(&nats, |config| {
@@ -221,7 +232,15 @@ async fn an_idle_client_without_stomp_heart_beats_gets_sockjs_heartbeats_and_sta
     .await;
     // heart-beat 0,0 (Spring's WebSocketStompClient without a scheduler): SockJS's `h` each period,
     // and a WebSocket ping whose pong keeps the connection, many periods long.
-    let (mut client, connected) = connect(&gateway, &[("passcode", &token("ida")), ("heart-beat", "0,0")]).await;
+    let headers = [("passcode", token("ida")), ("heart-beat", "0,0".into())];
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(name, value)| (*name, value.as_str())).collect();
+    let (mut client, connected) = if xhr {
+        let mut client = StompClient::connect_xhr(&xhr_base(&gateway, "idle"), &headers).await;
+        let connected = client.expect("CONNECTED").await;
+        (client, connected)
+    } else {
+        connect(&gateway, &headers).await
+    };
     assert_eq!(connected.header("heart-beat"), "300,300");
     subscribe(&mut client, "q", "/user/queue/q").await;
     for _ in 0..10 {
@@ -229,4 +248,79 @@ async fn an_idle_client_without_stomp_heart_beats_gets_sockjs_heartbeats_and_sta
     }
     let seq = publisher.publish("push.user.ida", "1").await;
     assert_eq!(next_message(&mut client).await, (seq, "/user/queue/q".into(), "1".into()));
+}
+
+fn xhr_base(gateway: &TestGateway, session: &str) -> String {
+    format!("http://{}/stomp/042/{session}", gateway.addr)
+}
+
+/// The XHR streaming fallback runs the same session: CONNECT, SUBSCRIBE and DISCONNECT go by
+/// `xhr_send`, frames come as lines of the streaming response.
+#[tokio::test]
+async fn over_xhr_streaming_the_same_session_delivers_and_ends_with_its_close() {
+    let nats = TestNats::start().await;
+    let publisher = Publisher::new(&nats).await;
+    let gateway = TestGateway::start(&nats).await;
+    let base = xhr_base(&gateway, "x1");
+    let mut client = StompClient::connect_xhr(&base, &[("passcode", &token_with("xena", &["news"], 3600))]).await;
+    assert_eq!(client.expect("CONNECTED").await.header("version"), "1.2");
+    subscribe(&mut client, "sub-0", "/user/queue/inbox").await;
+    subscribe(&mut client, "sub-1", "/topic/news").await;
+    let body = r#"{"text":"a \"quote\"\nline \u00e9"}"#;
+    let personal = publisher.publish("push.user.xena", body).await;
+    let topic = publisher.publish("push.topic.news", "2").await;
+    assert_eq!(next_message(&mut client).await, (personal, "/user/queue/inbox".into(), body.into()));
+    assert_eq!(next_message(&mut client).await, (topic, "/topic/news".into(), "2".into()));
+
+    client.send_frame("DISCONNECT", &[("receipt", "bye")], "").await;
+    assert_eq!(client.expect("RECEIPT").await.header("receipt-id"), "bye");
+    assert_eq!(client.next_event().await, StompEvent::Close(Some((1000, "the client disconnected".into()))));
+    assert_eq!(client.next_event().await, StompEvent::Close(None), "the response ends");
+    herald_tests::eventually("the session is gone", std::time::Duration::from_secs(10), || async {
+        (client.xhr_send(r#"["x"]"#).await.0 == 404).then_some(())
+    })
+    .await;
+}
+
+/// What SockJS servers answer to a second stream of an open session, to `xhr_send` without a
+/// session or with a broken body, and to the preflights; the open session goes on.
+#[tokio::test]
+async fn over_xhr_streaming_bad_requests_get_sockjs_answers_and_the_session_goes_on() {
+    let nats = TestNats::start().await;
+    let publisher = Publisher::new(&nats).await;
+    let gateway = TestGateway::start(&nats).await;
+    let http = reqwest::Client::new();
+    let base = xhr_base(&gateway, "x2");
+    let mut client = StompClient::connect_xhr(&base, &[("passcode", &token("yann"))]).await;
+    client.expect("CONNECTED").await;
+
+    let second = http.post(format!("{base}/xhr_streaming")).send().await.unwrap();
+    assert_eq!(second.status(), 200);
+    let text = second.text().await.unwrap();
+    assert_eq!(text, format!("{}\nc[2010,\"Another connection still open\"]\n", "h".repeat(2048)));
+
+    assert_eq!(client.xhr_send("").await, (500, "Payload expected.".into()));
+    assert_eq!(client.xhr_send(r#"["unterminated"#).await, (500, "Broken JSON encoding.".into()));
+    let unknown = http.post(format!("{}/xhr_send", xhr_base(&gateway, "nobody"))).body(r#"["x"]"#).send().await;
+    assert_eq!(unknown.unwrap().status(), 404);
+    for transport in ["xhr_send", "xhr_streaming"] {
+        let preflight = http
+            .request(reqwest::Method::OPTIONS, format!("{base}/{transport}"))
+            .header("origin", "http://app.example")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(preflight.status(), 204, "{transport}");
+        assert_eq!(preflight.headers()["access-control-allow-methods"], "OPTIONS, POST");
+        assert_eq!(preflight.headers()["access-control-allow-origin"], "http://app.example");
+    }
+
+    subscribe(&mut client, "q", "/user/queue/q").await;
+    let seq = publisher.publish("push.user.yann", "1").await;
+    assert_eq!(next_message(&mut client).await, (seq, "/user/queue/q".into(), "1".into()));
+
+    // A bad STOMP frame by xhr_send: ERROR, then the close, as over the WebSocket.
+    client.send_raw("NOPE\n\n\0").await;
+    let (error, code) = client.expect_error_and_close().await;
+    assert_eq!((error.header("message"), code), ("unknown_type", Some(1008)));
 }

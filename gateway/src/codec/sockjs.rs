@@ -119,9 +119,9 @@ fn without_lone_surrogates(text: &[u8]) -> Cow<'_, [u8]> {
     Cow::Owned(out)
 }
 
-/// Whether a path segment can name a SockJS server or session: not empty, no dot.
+/// Whether a path segment can name a SockJS server or session: not empty, no dot, no slash.
 pub(crate) fn valid_segment(segment: &str) -> bool {
-    !segment.is_empty() && !segment.contains('.')
+    !segment.is_empty() && !segment.contains(['.', '/'])
 }
 
 #[cfg(test)]
@@ -164,7 +164,7 @@ mod tests {
         assert_eq!(parse(b""), Ok(vec![]));
         assert!(parse(b"CONNECT\n\n\0").is_err());
         assert!(parse(br#"[1,2]"#).is_err());
-        assert!(valid_segment("123") && !valid_segment("") && !valid_segment("a.b"));
+        assert!(valid_segment("123") && !valid_segment("") && !valid_segment("a.b") && !valid_segment("a/b"));
     }
 
     #[test]

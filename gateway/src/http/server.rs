@@ -59,8 +59,9 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
-/// A response's body: whole, or an event stream.
-pub(crate) type Body = http_body_util::Either<Full<Bytes>, super::sse::SseBody>;
+/// A response's body: whole, or a stream (Server-Sent Events, SockJS's XHR streaming).
+pub(crate) type Body =
+    http_body_util::Either<Full<Bytes>, http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>>;
 
 async fn route(
     shared: Arc<Shared>,
@@ -73,8 +74,8 @@ async fn route(
     if let Some(rest) = request.uri().path().strip_prefix("/stomp/") {
         let rest = rest.to_string();
         // Boxed: the connection task is as large as its largest request state, and this one is rare.
-        let response = Box::pin(super::sockjs::route(shared, request, peer, &rest)).await.unwrap_or_else(not_found);
-        return Ok(response.map(http_body_util::Either::Left));
+        let response = Box::pin(super::sockjs::route(shared, request, peer, &rest)).await;
+        return Ok(response.unwrap_or_else(|| not_found().map(http_body_util::Either::Left)));
     }
     let response = match (request.method(), request.uri().path()) {
         (&Method::GET, "/ws") => websocket(shared, request, peer).await,

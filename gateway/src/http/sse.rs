@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
-use http_body_util::{Either, Full};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use hyper::{Request, Response, StatusCode};
@@ -81,7 +81,7 @@ async fn open(shared: Arc<Shared>, request: &Request<Incoming>, peer: SocketAddr
         .header(CACHE_CONTROL, "no-store")
         // Reverse proxies (nginx) must pass events on as they come.
         .header("x-accel-buffering", HeaderValue::from_static("no"))
-        .body(Either::Right(SseBody { pipe: body_end }))
+        .body(Either::Right(SseBody { pipe: body_end }.boxed_unsync()))
         .expect("static response parts are valid");
     Ok(response)
 }

@@ -33,7 +33,7 @@ const REFUSAL_GRACE: Duration = Duration::from_secs(3);
 
 /// What the upgrade request said about the connection, for the CONNECT frame to complete.
 #[derive(Debug, Default)]
-struct Hints {
+pub(crate) struct Hints {
     token: Option<String>,
     device: Option<String>,
     since: Option<String>,
@@ -120,7 +120,7 @@ fn subprotocol<B>(request: &Request<B>) -> Result<Option<Version>, Rejection> {
     }
 }
 
-fn hints<B>(request: &Request<B>) -> Hints {
+pub(crate) fn hints<B>(request: &Request<B>) -> Hints {
     let mut hints = Hints::default();
     for (key, value) in form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes()) {
         match key.as_ref() {
@@ -147,7 +147,7 @@ fn refused(message: &'static str, detail: impl Into<String>) -> Rejection {
 }
 
 /// Reads the CONNECT frame, authenticates it and runs the session; refuses it with an ERROR.
-async fn connect(
+pub(crate) async fn connect(
     shared: Arc<Shared>,
     mut reader: MessageReader<ReadHalf>,
     mut write_half: WriteHalf,

@@ -1,9 +1,13 @@
 //! STOMP over SockJS, as Spring's `registry.addEndpoint("/stomp").withSockJS()` serves it, for the
 //! pages that connect with `new SockJS("/stomp")`: `GET /stomp/info`, then the WebSocket
 //! transport at `/stomp/<server>/<session>/websocket`, whose STOMP frames go in SockJS's framing
-//! (see [`crate::codec::sockjs`]); `/stomp/websocket`, SockJS's raw WebSocket URL, is `/stomp`
-//! itself. The fallback transports (XHR streaming and polling, iframes)
-//! are not served: they answer 404, and a client whose WebSocket cannot get through gives up.
+//! (see [`crate::codec::sockjs`]), or, when no WebSocket gets through, XHR streaming ([`xhr`]).
+//! `/stomp/websocket`, SockJS's raw WebSocket URL, is `/stomp` itself. The other fallbacks (XHR
+//! polling, EventSource, iframes) answer 404.
+
+mod xhr;
+
+pub(crate) use xhr::XhrSessions;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,40 +19,51 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 
 use super::auth::Rejection;
-use super::server::{HttpResponse, refused_origin, rejection};
+use super::server::{Body, HttpResponse, refused_origin, rejection};
 use crate::Shared;
 use crate::codec::sockjs;
 use crate::codec::stomp::Transport;
 
-/// A request under `/stomp/`, `path` the rest of its path: SockJS's info, or its WebSocket
-/// transport; none for paths SockJS does not use.
+/// A request under `/stomp/`, `path` the rest of its path: SockJS's info, or one of its
+/// transports; none for paths SockJS does not use.
 pub(crate) async fn route(
     shared: Arc<Shared>,
     request: Request<Incoming>,
     peer: SocketAddr,
     path: &str,
-) -> Option<HttpResponse> {
+) -> Option<Response<Body>> {
+    let whole = |response: HttpResponse| Some(response.map(http_body_util::Either::Left));
     match (request.method(), path) {
-        (&Method::GET, "info") => Some(info(&shared, &request)),
+        (&Method::GET, "info") => whole(info(&shared, &request)),
         // SockJS's "raw WebSocket" URL: plain STOMP over WebSocket, as on `/stomp`.
-        (&Method::GET, "websocket") => Some(super::stomp::upgrade(shared, request, peer, Transport::WebSocket).await),
-        (&Method::OPTIONS, "info") => Some(preflight(&shared, &request)),
-        (&Method::GET, path) if is_websocket_transport(path) => {
-            Some(super::stomp::upgrade(shared, request, peer, Transport::SockJs).await)
-        }
-        _ => None,
+        (&Method::GET, "websocket") => whole(super::stomp::upgrade(shared, request, peer, Transport::WebSocket).await),
+        (&Method::OPTIONS, "info") => whole(preflight(&shared, &request, "OPTIONS, GET")),
+        (method, path) => match (method, transport(path)?) {
+            (&Method::GET, ("websocket", _)) => {
+                whole(super::stomp::upgrade(shared, request, peer, Transport::SockJs).await)
+            }
+            (&Method::OPTIONS, ("xhr_streaming" | "xhr_send", _)) => {
+                whole(preflight(&shared, &request, "OPTIONS, POST"))
+            }
+            (&Method::POST, ("xhr_streaming", key)) => Some(match refused(&shared, &request) {
+                Some(refused) => refused.map(http_body_util::Either::Left),
+                None => xhr::streaming(shared, request, peer, key).await,
+            }),
+            (&Method::POST, ("xhr_send", key)) => whole(match refused(&shared, &request) {
+                Some(refused) => refused,
+                None => xhr::send(shared, request, key).await,
+            }),
+            _ => None,
+        },
     }
 }
 
-/// `<server>/<session>/websocket`.
-fn is_websocket_transport(path: &str) -> bool {
-    let mut segments = path.split('/');
-    let (Some(server), Some(session), Some("websocket"), None) =
-        (segments.next(), segments.next(), segments.next(), segments.next())
-    else {
-        return false;
-    };
-    sockjs::valid_segment(server) && sockjs::valid_segment(session)
+/// The transport a `<server>/<session>/<transport>` path names, and its session's key
+/// (`<server>/<session>`).
+fn transport(path: &str) -> Option<(&str, &str)> {
+    let (key, transport) = path.rsplit_once('/')?;
+    let (server, session) = key.split_once('/')?;
+    (sockjs::valid_segment(server) && sockjs::valid_segment(session)).then_some((transport, key))
 }
 
 /// What the client learns before it picks a transport: the WebSocket one is on, no cookie is
@@ -74,15 +89,15 @@ fn info(shared: &Shared, request: &Request<Incoming>) -> HttpResponse {
     response
 }
 
-/// The answer to a CORS preflight of the info request.
-fn preflight(shared: &Shared, request: &Request<Incoming>) -> HttpResponse {
+/// The answer to a CORS preflight of a request whose methods are `methods`.
+fn preflight(shared: &Shared, request: &Request<Incoming>, methods: &'static str) -> HttpResponse {
     if let Some(refused) = refused(shared, request) {
         return refused;
     }
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::NO_CONTENT;
     let headers = response.headers_mut();
-    headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("OPTIONS, GET"));
+    headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static(methods));
     headers.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("31536000"));
     cors(request, headers);
     response
@@ -95,8 +110,8 @@ fn refused(shared: &Shared, request: &Request<Incoming>) -> Option<HttpResponse>
     Some(rejection(&Rejection::new(StatusCode::FORBIDDEN, "forbidden_origin", reason)))
 }
 
-/// SockJS's clients send the info request with credentials, so the origin is named, not `*`.
-fn cors(request: &Request<Incoming>, headers: &mut hyper::HeaderMap) {
+/// SockJS's clients send their requests with credentials, so the origin is named, not `*`.
+fn cors<B>(request: &Request<B>, headers: &mut hyper::HeaderMap) {
     let origin = request.headers().get(header::ORIGIN).cloned();
     match origin {
         Some(origin) => {
@@ -118,12 +133,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_websocket_transport_path_names_a_server_and_a_session() {
-        assert!(is_websocket_transport("123/abcdef/websocket"));
-        assert!(!is_websocket_transport("123/abcdef/xhr_streaming"));
-        assert!(!is_websocket_transport("123/abc.def/websocket"));
-        assert!(!is_websocket_transport("/abcdef/websocket"));
-        assert!(!is_websocket_transport("123/abcdef/websocket/x"));
-        assert!(!is_websocket_transport("websocket"));
+    fn a_transport_path_names_a_server_and_a_session() {
+        assert_eq!(transport("123/abcdef/websocket"), Some(("websocket", "123/abcdef")));
+        assert_eq!(transport("123/abcdef/xhr_streaming"), Some(("xhr_streaming", "123/abcdef")));
+        assert_eq!(transport("123/abc.def/websocket"), None);
+        assert_eq!(transport("/abcdef/websocket"), None);
+        assert_eq!(transport("123/abcdef/websocket/x"), None);
+        assert_eq!(transport("websocket"), None);
     }
 }
