@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream;
-use herald_shared::frame::ServerFrame;
+use herald_shared::frame::{ServerFrame, close_code};
 use herald_tests::gateway::token;
 use herald_tests::nats::Role;
 use herald_tests::ws::Event;
@@ -270,45 +270,101 @@ async fn gateways_started_before_jetstream_has_a_leader_create_everything_once_i
 
 /// A stream leader that fails after storing a message and before republishing it leaves the
 /// message stored but never delivered; nothing on its subject says so until the next message of
-/// that subject. The gateways follow the stream's leader changes and have every session catch up
-/// from the stream, so the message arrives, before anything newer. The test stores such a message
-/// while the stream does not republish, then moves the stream's leadership.
+/// that subject. The gateways follow the stream's leader changes and ask the new leader for the
+/// last message of each subject they route: the one behind gets a gap, and only its sessions catch
+/// up, so the message arrives, before anything newer. The test stores such a message while the
+/// stream does not republish, then moves the stream's leadership.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_stored_but_never_republished_arrives_when_the_stream_changes_leader() {
     let _alone = ONE_CLUSTER.lock().await;
-    let cluster = TestCluster::start().await;
-    let replicated = |config: &mut herald_gateway::Config| config.stream.stream_replicas = 3;
-    let gateway = TestGateway::start_on(&cluster.url(), replicated).await;
-    let mut client = gateway.connect_with(&format!("token={}", token("led"))).await;
-    let publisher = jetstream::new(cluster.client_as(Role::Publisher).await.expect("connect as publisher"));
-    let publish = |subject: &'static str, payload: &'static str| {
-        let publisher = publisher.clone();
-        async move { publisher.publish(subject, payload.into()).await.unwrap().await.unwrap().sequence }
-    };
-    let first = publish("push.user.led", "\"first\"").await;
-    assert_eq!(client.expect_msg().await.seq, first);
+    let mut led = Led::start().await;
+    let mut bystander = led.gateway.connect_with(&format!("token={}", token("bystander"))).await;
+    let first = led.publish("push.user.led", "\"first\"").await;
+    assert_eq!(led.client.expect_msg().await.seq, first);
+    let unrepublished = led.publish_unrepublished("push.user.led", "\"stored only\"").await;
+    led.change_leader().await;
 
-    let admin = jetstream::new(cluster.client().await.expect("connect to the cluster"));
-    let mut stream = admin.get_stream("HERALD").await.expect("the stream");
-    let config = stream.info().await.expect("stream info").config.clone();
-    admin.update_stream(jetstream::stream::Config { republish: None, ..config.clone() }).await.expect("no republish");
-    let unrepublished = publish("push.user.led", "\"stored only\"").await;
-    admin.update_stream(config).await.expect("republish again");
-
-    let leader = stream.info().await.expect("stream info").cluster.clone().and_then(|cluster| cluster.leader);
-    eventually("another node leads the stream", Duration::from_secs(60), || async {
-        let info = admin.get_stream("HERALD").await.ok()?.info().await.ok()?.clone();
-        let now = info.cluster.and_then(|cluster| cluster.leader)?;
-        if Some(&now) != leader.as_ref() {
-            return Some(());
-        }
-        let _ = admin.request::<_, _, serde_json::Value>("STREAM.LEADER.STEPDOWN.HERALD", &()).await;
-        None
-    })
-    .await;
-
-    let repaired = client.expect_msg().await;
+    let repaired = led.client.expect_msg().await;
     assert_eq!((repaired.seq, repaired.data), (unrepublished, serde_json::json!("stored only")));
-    let after = publish("push.all", "\"after\"").await;
-    assert_eq!(client.expect_msg().await.seq, after);
+    let after = led.publish("push.all", "\"after\"").await;
+    assert_eq!(led.client.expect_msg().await.seq, after);
+    assert_eq!(bystander.expect_msg().await.seq, after);
+    // Only the session of the subject behind caught up.
+    assert_eq!(led.gateway.metric("herald_gateway_repairs_total").await, 1.0);
+    assert_eq!(led.gateway.metric("herald_gateway_delivery_gaps_total").await, 1.0);
+}
+
+/// The same, but a newer `push.all` message went out before the leader change (as when the new
+/// leader's first messages reach the gateway before its election does): the stored message can no
+/// longer be sent in order. The gateway notes the loss and closes with 4008, and the resume reports
+/// `complete:false`; without the leader check the client would never learn of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_stored_but_never_republished_behind_a_newer_one_is_reported_when_the_stream_changes_leader() {
+    let _alone = ONE_CLUSTER.lock().await;
+    let mut led = Led::start().await;
+    let first = led.publish("push.user.led", "1").await;
+    assert_eq!(led.client.expect_msg().await.seq, first);
+    let _lost = led.publish_unrepublished("push.user.led", "2").await;
+    let newer = led.publish("push.all", "3").await;
+    assert_eq!(led.client.expect_msg().await.seq, newer);
+    led.change_leader().await;
+
+    assert_eq!(led.client.expect_close().await.map(|close| close.0), Some(close_code::SLOW_CONSUMER));
+    let mut resumed = led.gateway.connect_with(&format!("token={}&since={newer}", token("led"))).await;
+    assert!(!resumed.expect_replayed().await.3, "the resume reports the loss");
+}
+
+/// A gateway on a three-node cluster, user `led` connected, and the test's NATS clients.
+struct Led {
+    cluster: TestCluster,
+    gateway: TestGateway,
+    client: WsClient,
+    publisher: jetstream::Context,
+    admin: jetstream::Context,
+}
+
+impl Led {
+    async fn start() -> Led {
+        let cluster = TestCluster::start().await;
+        let replicated = |config: &mut herald_gateway::Config| config.stream.stream_replicas = 3;
+        let gateway = TestGateway::start_on(&cluster.url(), replicated).await;
+        let client = gateway.connect_with(&format!("token={}", token("led"))).await;
+        let publisher = jetstream::new(cluster.client_as(Role::Publisher).await.expect("connect as publisher"));
+        let admin = jetstream::new(cluster.client().await.expect("connect to the cluster"));
+        Led { cluster, gateway, client, publisher, admin }
+    }
+
+    async fn publish(&self, subject: &'static str, payload: &'static str) -> u64 {
+        self.publisher.publish(subject, payload.into()).await.unwrap().await.unwrap().sequence
+    }
+
+    /// Publishes while the stream does not republish: stored, never delivered.
+    async fn publish_unrepublished(&self, subject: &'static str, payload: &'static str) -> u64 {
+        let mut stream = self.admin.get_stream("HERALD").await.expect("the stream");
+        let config = stream.info().await.expect("stream info").config.clone();
+        let without = jetstream::stream::Config { republish: None, ..config.clone() };
+        self.admin.update_stream(without).await.expect("no republish");
+        let seq = self.publish(subject, payload).await;
+        self.admin.update_stream(config).await.expect("republish again");
+        seq
+    }
+
+    /// Has another node lead the stream.
+    async fn change_leader(&self) {
+        let leader = |admin: jetstream::Context| async move {
+            let info = admin.get_stream("HERALD").await.ok()?.info().await.ok()?.clone();
+            info.cluster.and_then(|cluster| cluster.leader)
+        };
+        let before = leader(self.admin.clone()).await;
+        assert!(before.is_some(), "the stream has a leader ({:?})", self.cluster.names());
+        eventually("another node leads the stream", Duration::from_secs(60), || async {
+            let now = leader(self.admin.clone()).await?;
+            if Some(&now) != before.as_ref() {
+                return Some(());
+            }
+            let _ = self.admin.request::<_, _, serde_json::Value>("STREAM.LEADER.STEPDOWN.HERALD", &()).await;
+            None
+        })
+        .await;
+    }
 }

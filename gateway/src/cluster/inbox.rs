@@ -191,14 +191,7 @@ impl Inbox {
         let request = async_nats::Request::new().payload(Bytes::from(body.to_string())).timeout(Some(REQUEST_TIMEOUT));
         let reply =
             self.client.send_request(format!("$JS.API.STREAM.MSG.GET.{STREAM}"), request).await.map_err(error)?;
-        let answer: serde_json::Value = serde_json::from_slice(&reply.payload).map_err(error)?;
-        if let Some(seq) = answer.pointer("/message/seq").and_then(serde_json::Value::as_u64) {
-            return Ok(Some(seq));
-        }
-        match answer.pointer("/error/code").and_then(serde_json::Value::as_u64) {
-            Some(404) => Ok(None),
-            _ => Err(error(format!("message get answered {answer}"))),
-        }
+        crate::delivery::leader::stored_seq(&reply.payload).map_err(error)
     }
 
     /// The stream's first sequence.

@@ -6,6 +6,7 @@
 
 pub(crate) mod burst;
 pub(crate) mod feed;
+pub(crate) mod leader;
 pub(crate) mod log;
 pub(crate) mod mailbox;
 pub(crate) mod message;

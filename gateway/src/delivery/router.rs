@@ -11,8 +11,9 @@
 //!   has been routed) and wakes the sessions waiting for more. Sessions merge their sources in
 //!   stream order up to the watermark.
 //! - A message lost between the stream and this gateway becomes a gap entry in the same place
-//!   (a subject's `Nats-Last-Sequence` names a predecessor that never came); a reconnection of the
-//!   feed, or a new leader of the stream, asks every session to catch up from the stream.
+//!   (a subject's `Nats-Last-Sequence` names a predecessor that never came, or the stream's new
+//!   leader stores a message of a subject past what was routed: see [`super::leader`]); a
+//!   reconnection of the feed asks every session to catch up from the stream.
 //! - Sessions attach and detach through commands, so the routing tables need no lock.
 
 use std::collections::{HashMap, HashSet};
@@ -97,6 +98,14 @@ enum Command {
         user: String,
         reply: oneshot::Sender<Arc<[Box<str>]>>,
     },
+    /// After a leader change: routed subjects whose last stored sequence is past what was routed.
+    StoredPast {
+        behind: Vec<(Audience, u64)>,
+    },
+    /// Every session catches up from the stream, for `why`.
+    RepairAll {
+        why: String,
+    },
 }
 
 /// A cheap handle to the router task.
@@ -119,6 +128,7 @@ impl Router {
         let watermark = Arc::new(Watermark::default());
         let task = RouterTask {
             commands: receiver,
+            own_commands: commands.downgrade(),
             events,
             feed,
             limits,
@@ -189,7 +199,17 @@ struct Route {
     sid: u64,
     /// The last sequence routed on this subject, to spot a gap with `Nats-Last-Sequence`.
     last_seq: u64,
+    /// The watermark when the route was made: its sessions' joins replay the subject's messages up
+    /// to it (and further), so it accounts for them as `last_seq` does for routed ones.
+    made_at: u64,
     target: Target,
+}
+
+impl Route {
+    /// The last sequence of the subject the route accounts for.
+    fn accounted(&self) -> u64 {
+        self.last_seq.max(self.made_at)
+    }
 }
 
 /// Where a route's messages go.
@@ -221,6 +241,8 @@ struct Burst {
 
 struct RouterTask {
     commands: mpsc::Receiver<Command>,
+    /// For answers of the router's own background work (it must not keep its channel open).
+    own_commands: mpsc::WeakSender<Command>,
     events: mpsc::Receiver<FeedEvent>,
     feed: Feed,
     limits: LogLimits,
@@ -295,7 +317,7 @@ impl RouterTask {
                     self.repair_all("the delivery feed reconnected to NATS");
                 }
             }
-            FeedEvent::LeaderElected => self.repair_all("the stream has a new leader"),
+            FeedEvent::LeaderElected => self.check_stored_past(),
         }
     }
 
@@ -323,7 +345,54 @@ impl RouterTask {
                 let muted = self.users.get(user.as_str()).map(|local| local.muted());
                 let _ = reply.send(muted.unwrap_or_else(|| Arc::from(Vec::new())));
             }
+            Command::StoredPast { behind } => self.stored_past(behind),
+            Command::RepairAll { why } => self.repair_all(&why),
         }
+    }
+
+    /// Asks the stream's new leader, in the background, which routed subjects have messages
+    /// stored past what was routed (see [`super::leader`]); the answer comes back as
+    /// [`Command::StoredPast`], or, when the leader cannot say, as a repair of every session.
+    fn check_stored_past(&mut self) {
+        if self.routes.is_empty() {
+            return;
+        }
+        let routed = self.routes.iter().map(|(audience, route)| (audience.clone(), route.accounted())).collect();
+        let (feed, commands) = (self.feed.clone(), self.own_commands.clone());
+        tokio::spawn(async move {
+            let command = match super::leader::stored_past(&feed, routed).await {
+                Ok(behind) => Command::StoredPast { behind },
+                Err(error) => Command::RepairAll {
+                    why: format!("the stream has a new leader that could not say what it stores ({error})"),
+                },
+            };
+            if let Some(commands) = commands.upgrade() {
+                let _ = commands.send(command).await;
+            }
+        });
+    }
+
+    /// A gap in each route whose subject has messages stored past what was routed (unless they
+    /// arrived meanwhile): the sessions reading it catch up, or learn what they lost.
+    fn stored_past(&mut self, behind: Vec<(Audience, u64)>) {
+        for (audience, last) in behind {
+            let Some(route) = self.routes.get_mut(&audience) else { continue };
+            let first = route.accounted() + 1;
+            if first > last {
+                continue;
+            }
+            route.last_seq = last;
+            self.metrics.delivery_gaps.inc();
+            warn!(
+                subject = audience.push_subject(),
+                first, last, "messages stored by the stream's previous leader never reached this gateway"
+            );
+            // Sessions read entries up to the watermark: the gap must be under it. `first` is at
+            // most one past it, and no entry past the watermark is placed yet, so this is safe.
+            self.burst.max_seq = self.burst.max_seq.max(first);
+            place(&mut self.burst, &route.target, vec![Live::Gap { first, last, audience: audience.clone() }]);
+        }
+        self.finish_burst();
     }
 
     fn repair_all(&mut self, why: &str) {
@@ -341,6 +410,7 @@ impl RouterTask {
         let local = self.users.entry(user).or_default().clone();
         self.sessions.insert(key, mailbox.clone());
         let mut logs = Vec::new();
+        let made_at = self.watermark.get();
         for audience in audiences {
             let route = self.routes.entry(audience.clone()).or_insert_with(|| {
                 let sid = self.feed.next_sid();
@@ -350,7 +420,7 @@ impl RouterTask {
                     Audience::User(_) => Target::Personal { mailboxes: Vec::new() },
                     _ => Target::Broadcast { log: Arc::new(Log::new(self.limits)), readers: HashSet::new() },
                 };
-                Route { sid, last_seq: 0, target }
+                Route { sid, last_seq: 0, made_at, target }
             });
             match &mut route.target {
                 Target::Personal { mailboxes, .. } => {
@@ -413,23 +483,27 @@ impl RouterTask {
         route.last_seq = seq;
         self.metrics.messages_in.inc();
         entries.push(Live::Message(Arc::new(republished.message)));
-        let burst = &mut self.burst;
-        burst.max_seq = burst.max_seq.max(seq);
-        match &route.target {
-            Target::Personal { mailboxes, .. } => {
-                for (_, mailbox) in mailboxes {
-                    for entry in &entries {
-                        if mailbox.push(entry.clone()) {
-                            burst.mailboxes.push(mailbox.clone());
-                        }
+        self.burst.max_seq = self.burst.max_seq.max(seq);
+        place(&mut self.burst, &route.target, entries);
+    }
+}
+
+/// Puts `entries` where `target`'s sessions read them: their mailboxes now, or its log at the
+/// burst's end.
+fn place(burst: &mut Burst, target: &Target, entries: Vec<Live>) {
+    match target {
+        Target::Personal { mailboxes, .. } => {
+            for (_, mailbox) in mailboxes {
+                for entry in &entries {
+                    if mailbox.push(entry.clone()) {
+                        burst.mailboxes.push(mailbox.clone());
                     }
                 }
             }
-            Target::Broadcast { log, .. } => match burst.logs.iter_mut().find(|(touched, _)| Arc::ptr_eq(touched, log))
-            {
-                Some((_, pending)) => pending.extend(entries),
-                None => burst.logs.push((log.clone(), entries)),
-            },
         }
+        Target::Broadcast { log, .. } => match burst.logs.iter_mut().find(|(touched, _)| Arc::ptr_eq(touched, log)) {
+            Some((_, pending)) => pending.extend(entries),
+            None => burst.logs.push((log.clone(), entries)),
+        },
     }
 }

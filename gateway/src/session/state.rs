@@ -607,8 +607,8 @@ impl SessionState {
         let action = Action::Replay { audiences: audiences.clone(), since, upto: bounds.last };
         let per_audience = vec![0; audiences.len()];
         let run = ReplayRun { purpose, audiences, since, bounds, per_audience, sent: 0, last: None };
-        // A catch-up with nothing stored past what was sent has nothing to read: every session of a
-        // gateway repairs when the stream changes leader, and most have everything already.
+        // A catch-up with nothing stored past what was sent has nothing to read (a repair for a
+        // reason that brought nothing new, e.g. a feed reconnection on a quiet stream).
         if matches!(run.purpose, Purpose::CatchUp) && since >= run.bounds.last {
             return self.replay_ended(run);
         }

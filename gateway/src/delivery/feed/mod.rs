@@ -16,8 +16,8 @@
 //! joining session exactly which messages will arrive live.
 //!
 //! It also follows the stream's leader-elected advisories: a leader that fails after storing a
-//! message and before republishing it leaves that message stored but never delivered, and the
-//! router has every session catch up from the stream when a new leader takes over.
+//! message and before republishing it leaves that message stored but never delivered, so the
+//! router asks a new leader what it stores (see [`super::leader`]).
 
 mod connect;
 pub(crate) mod proto;
@@ -412,7 +412,11 @@ impl FeedTask {
             ServerOp::Err(error) => {
                 let lower = error.to_ascii_lowercase();
                 // Permission errors concern one subscription; the others keep working.
-                if lower.starts_with("permissions violation") {
+                if lower.starts_with("permissions violation") && lower.contains("leader_elected") {
+                    warn!(%error, "NATS refused the stream's leader advisories: grant the gateway's NATS user \
+                        the subscription in this version's nats.conf, or a message a failing leader stored \
+                        but did not republish reaches clients only with the next message of its subject");
+                } else if lower.starts_with("permissions violation") {
                     warn!(%error, "NATS refused a delivery subscription");
                 } else {
                     return Err(Ended::Lost(error));
