@@ -116,11 +116,24 @@ async fn a_gap_behind_newer_messages_is_repaired_when_the_stream_holds_nothing_o
 /// A message stored but never delivered to the gateway (a stream leader that failed between
 /// storing and republishing it; here, the stream stops republishing for one message) behind a
 /// newer `push.all` message the client already has: it cannot be sent in order. The gateway notes
-/// the loss in KV and closes with 4008; the resume reports `complete:false`. KV is down when the
-/// gateway first tries to write the note, as it may be in the failure that caused the loss: the
-/// gateway keeps trying, and closes once the note is written.
+/// the loss in KV and closes with 4008; the resume reports `complete:false`. KV refuses the note when
+/// the gateway first tries to write it, as it may in the failure that caused the loss (here the
+/// bucket's stream takes other subjects for a while, which the gateway's health check does not
+/// undo, as it would recreate a deleted bucket): the gateway keeps trying, and closes once the
+/// note is written.
 #[tokio::test]
 async fn an_unrepairable_gap_is_noted_even_when_kv_is_down_at_first_and_the_resume_reports_it() {
+    unrepairable_gap_noted(false).await;
+}
+
+/// The same, but the client leaves while the gateway waits for KV: the note is still written, and
+/// the client's next resume reports the loss.
+#[tokio::test]
+async fn an_unrepairable_gap_is_noted_even_when_the_client_leaves_while_kv_is_down() {
+    unrepairable_gap_noted(true).await;
+}
+
+async fn unrepairable_gap_noted(client_leaves: bool) {
     let nats = TestNats::start().await;
     let gateway = TestGateway::start(&nats).await;
     let publisher = Publisher::new(&nats).await;
@@ -139,20 +152,32 @@ async fn an_unrepairable_gap_is_noted_even_when_kv_is_down_at_first_and_the_resu
 
     let cursors = admin.get_stream("KV_herald-cursors").await.unwrap().info().await.unwrap().config.clone();
     let mut notes = nats.client().await.subscribe("$KV.herald-cursors.>").await.unwrap();
-    admin.delete_stream("KV_herald-cursors").await.unwrap();
+    let elsewhere = jetstream::stream::Config { subjects: vec!["herald-test.elsewhere.>".into()], ..cursors.clone() };
+    admin.update_stream(elsewhere).await.unwrap();
     let last = publisher.publish("push.user.lost", "4").await;
     let attempt = tokio::time::timeout(FRAME_TIMEOUT, async {
         while let Some(note) = notes.next().await {
             if note.subject.ends_with(".lost") {
-                return String::from_utf8_lossy(&note.payload).into_owned();
+                return note;
             }
         }
         panic!("the subscription ended");
     });
-    assert_eq!(attempt.await.expect("the gateway tries to note the loss"), missed.to_string());
-    admin.create_stream(cursors).await.unwrap();
-
-    assert_eq!(client.expect_close().await.map(|c| c.0), Some(close_code::SLOW_CONSUMER));
+    let attempt = attempt.await.expect("the gateway tries to note the loss");
+    assert_eq!(String::from_utf8_lossy(&attempt.payload), missed.to_string());
+    if client_leaves {
+        drop(client);
+        admin.update_stream(cursors).await.unwrap();
+        let bucket = admin.get_key_value("herald-cursors").await.unwrap();
+        let key = attempt.subject.strip_prefix("$KV.herald-cursors.").unwrap().to_string();
+        herald_tests::eventually("the note written", std::time::Duration::from_secs(30), || async {
+            bucket.get(&key).await.ok().flatten().map(|_| ())
+        })
+        .await;
+    } else {
+        admin.update_stream(cursors).await.unwrap();
+        assert_eq!(client.expect_close().await.map(|c| c.0), Some(close_code::SLOW_CONSUMER));
+    }
     let mut resumed = gateway.connect_with(&format!("token={}&since={newer}", token("lost"))).await;
     assert_eq!(resumed.expect_msg().await.seq, last);
     assert!(!resumed.expect_replayed().await.3, "the resume reports the loss");

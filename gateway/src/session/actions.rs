@@ -55,7 +55,19 @@ pub(super) fn perform(session: &Arc<Session>, action: Action) -> BoxStream<'stat
             Outcome::Stored(found.map_err(|error| error.to_string()))
         }),
         Action::NoteLost { first } => once(async move {
-            note_lost(&session, first).await;
+            // A task of its own, which the gateway's drain waits for: the note is written even if
+            // the connection ends meanwhile (the client leaves, the gateway stops), since the
+            // client's next resume, wherever it lands, must be told.
+            let killed = session.shared.killed.clone();
+            let note = note_lost(session.clone(), first);
+            // A gateway killed stops at once, as it would crash.
+            let note = session.shared.sessions.spawn(async move {
+                tokio::select! {
+                    _ = note => {}
+                    _ = killed.cancelled() => {}
+                }
+            });
+            let _ = note.await;
             Outcome::Noted
         }),
     }
@@ -63,7 +75,7 @@ pub(super) fn perform(session: &Arc<Session>, action: Action) -> BoxStream<'stat
 
 /// Notes in KV that the session's device missed messages from `first` on, retrying until it is
 /// written or [`LOSS_NOTE_PATIENCE`] has passed.
-async fn note_lost(session: &Session, first: u64) {
+async fn note_lost(session: Arc<Session>, first: u64) {
     let deadline = Instant::now() + LOSS_NOTE_PATIENCE;
     let mut pause = Duration::from_millis(100);
     loop {
@@ -78,7 +90,8 @@ async fn note_lost(session: &Session, first: u64) {
             return;
         }
         debug!(user = %session.user, device = %session.device, first, error, "lost-messages note failed; retrying");
-        tokio::time::sleep(pause).await;
+        // Jittered: the sessions of a gateway that lost KV all retry, and not all at once.
+        tokio::time::sleep(pause.mul_f64(0.5 + rand::random::<f64>())).await;
         pause = (pause * 2).min(LOSS_NOTE_ATTEMPT);
     }
 }
