@@ -20,6 +20,13 @@ use crate::delivery::message;
 const LOSS_NOTE_PATIENCE: Duration = Duration::from_secs(30);
 /// How long one attempt at the note may take.
 const LOSS_NOTE_ATTEMPT: Duration = Duration::from_secs(2);
+/// How long a session keeps trying to read the stream's bounds for a catch-up before it closes
+/// (1013): the read is shared by every session catching up at that moment, and a stream electing
+/// a leader fails it for a moment.
+const BOUNDS_PATIENCE: Duration = Duration::from_secs(5);
+/// The first pause between two attempts, and the longest.
+const FIRST_PAUSE: Duration = Duration::from_millis(100);
+const LONGEST_PAUSE: Duration = Duration::from_secs(2);
 
 /// The outcomes of `action`, in order.
 pub(super) fn perform(session: &Arc<Session>, action: Action) -> BoxStream<'static, Outcome> {
@@ -27,7 +34,8 @@ pub(super) fn perform(session: &Arc<Session>, action: Action) -> BoxStream<'stat
     match action {
         Action::ReadBounds => once(async move {
             let shared = &session.shared;
-            let bounds = shared.bounds.read_at_least(shared.router.watermark().get()).await;
+            let read = || async { shared.bounds.read_at_least(shared.router.watermark().get()).await };
+            let bounds = retried(BOUNDS_PATIENCE, read).await;
             Outcome::Bounds(bounds.map_err(|error| error.to_string()))
         }),
         Action::Replay { audiences, since, upto } => replay(session, audiences, since, upto),
@@ -76,23 +84,39 @@ pub(super) fn perform(session: &Arc<Session>, action: Action) -> BoxStream<'stat
 /// Notes in KV that the session's device missed messages from `first` on, retrying until it is
 /// written or [`LOSS_NOTE_PATIENCE`] has passed.
 async fn note_lost(session: Arc<Session>, first: u64) {
-    let deadline = Instant::now() + LOSS_NOTE_PATIENCE;
-    let mut pause = Duration::from_millis(100);
-    loop {
+    let note = || async {
         let note = session.shared.cursors.mark_lost(&session.user, &session.device, first);
-        let error = match tokio::time::timeout(LOSS_NOTE_ATTEMPT, note).await {
-            Ok(Ok(())) => return,
-            Ok(Err(error)) => error.to_string(),
-            Err(_) => "timed out".to_string(),
-        };
-        if Instant::now() + pause >= deadline {
-            warn!(user = %session.user, device = %session.device, first, error, "lost-messages note not written");
-            return;
+        match tokio::time::timeout(LOSS_NOTE_ATTEMPT, note).await {
+            Ok(written) => written.map_err(|error| error.to_string()),
+            Err(_) => Err("timed out".to_string()),
         }
-        debug!(user = %session.user, device = %session.device, first, error, "lost-messages note failed; retrying");
-        // Jittered: the sessions of a gateway that lost KV all retry, and not all at once.
-        tokio::time::sleep(pause.mul_f64(0.5 + rand::random::<f64>())).await;
-        pause = (pause * 2).min(LOSS_NOTE_ATTEMPT);
+    };
+    if let Err(error) = retried(LOSS_NOTE_PATIENCE, note).await {
+        warn!(user = %session.user, device = %session.device, first, error, "lost-messages note not written");
+    }
+}
+
+/// `attempt`'s result, tried again after failures until it succeeds or `patience` has passed (the
+/// last failure then), with pauses that double from [`FIRST_PAUSE`] to [`LONGEST_PAUSE`],
+/// jittered: sessions that failed together do not all try again at once.
+async fn retried<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
+    patience: Duration,
+    mut attempt: impl FnMut() -> F,
+) -> Result<T, E> {
+    let deadline = Instant::now() + patience;
+    let mut pause = FIRST_PAUSE;
+    loop {
+        let error = match attempt().await {
+            Ok(done) => return Ok(done),
+            Err(error) => error,
+        };
+        let pause_now = pause.mul_f64(0.5 + rand::random::<f64>());
+        if Instant::now() + pause_now >= deadline {
+            return Err(error);
+        }
+        debug!(%error, "failed; trying again");
+        tokio::time::sleep(pause_now).await;
+        pause = (pause * 2).min(LONGEST_PAUSE);
     }
 }
 
@@ -128,4 +152,32 @@ fn replay(session: Arc<Session>, audiences: Vec<Audience>, since: u64, upto: u64
         })
     })
     .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_attempt_is_tried_again_until_it_succeeds_or_patience_runs_out() {
+        let attempts = AtomicU32::new(0);
+        let third_time_lucky = || async {
+            let n = attempts.fetch_add(1, Ordering::Relaxed) + 1;
+            if n < 3 { Err(format!("failure {n}")) } else { Ok(n) }
+        };
+        assert_eq!(retried(Duration::from_secs(5), third_time_lucky).await, Ok(3));
+
+        attempts.store(0, Ordering::Relaxed);
+        let started = Instant::now();
+        let never = || async { Err::<(), _>(format!("failure {}", attempts.fetch_add(1, Ordering::Relaxed) + 1)) };
+        let failed = retried(Duration::from_secs(5), never).await.unwrap_err();
+        let tried = attempts.load(Ordering::Relaxed);
+        assert_eq!(failed, format!("failure {tried}"), "the last failure");
+        // Pauses of 0.1, 0.2, 0.4, 0.8, 1.6, 2, 2… s, each ±50%: 5 of them fit in 5 s at most jitter,
+        // 8 at least: 6 to 9 attempts.
+        assert!((6..=9).contains(&tried), "{tried} attempts");
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    }
 }
