@@ -6,7 +6,7 @@
 //! what it routed, so only the sessions of those subjects catch up (see `RouterTask::stored_past`).
 
 use bytes::Bytes;
-use futures::stream::{self, StreamExt};
+use futures::stream::{self, StreamExt, TryStreamExt};
 use herald_shared::subject::{Audience, STREAM};
 
 use super::feed::Feed;
@@ -18,15 +18,16 @@ const IN_FLIGHT: usize = 16;
 /// subject's last stored sequence where it is past `routed`; an error when the stream could not
 /// say for some subject.
 pub(crate) async fn stored_past(feed: &Feed, routed: Vec<(Audience, u64)>) -> Result<Vec<(Audience, u64)>, String> {
-    let answers: Vec<Result<Option<(Audience, u64)>, String>> = stream::iter(routed)
+    // The first failure ends the check: every session will catch up instead.
+    let answers: Vec<Option<(Audience, u64)>> = stream::iter(routed)
         .map(|(audience, routed)| async move {
             let last = last_stored(feed, &audience).await?;
-            Ok(last.filter(|last| *last > routed).map(|last| (audience, last)))
+            Ok::<_, String>(last.filter(|last| *last > routed).map(|last| (audience, last)))
         })
         .buffer_unordered(IN_FLIGHT)
-        .collect()
-        .await;
-    answers.into_iter().filter_map(Result::transpose).collect()
+        .try_collect()
+        .await?;
+    Ok(answers.into_iter().flatten().collect())
 }
 
 /// The last sequence stored on `audience`'s subject, from the stream's leader; none if it holds

@@ -33,6 +33,9 @@ use crate::http::metrics::Metrics;
 
 /// Messages routed before the sessions they fed are woken, at most (see `finish_burst`).
 const BURST: u32 = 32;
+/// How long a new leader of the stream has to say what it stores before every session catches
+/// up instead (the watermark is held meanwhile).
+const CHECK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The highest sequence routed: every message up to it is in the sessions' sources.
 #[derive(Debug, Default)]
@@ -102,8 +105,8 @@ enum Command {
     StoredPast {
         behind: Vec<(Audience, u64)>,
     },
-    /// Every session catches up from the stream, for `why`.
-    RepairAll {
+    /// The new leader could not say what it stores, for `why`: every session catches up.
+    CheckFailed {
         why: String,
     },
 }
@@ -125,22 +128,8 @@ impl Router {
         metrics: Arc<Metrics>,
     ) -> Router {
         let (commands, receiver) = mpsc::channel(1024);
-        let watermark = Arc::new(Watermark::default());
-        let task = RouterTask {
-            commands: receiver,
-            own_commands: commands.downgrade(),
-            events,
-            feed,
-            limits,
-            routes: HashMap::new(),
-            by_sid: HashMap::new(),
-            sessions: HashMap::new(),
-            users: HashMap::new(),
-            connected_before: false,
-            burst: Burst::default(),
-            watermark: watermark.clone(),
-            metrics,
-        };
+        let task = RouterTask::new(feed, events, (commands.downgrade(), receiver), limits, metrics);
+        let watermark = task.watermark.clone();
         tokio::spawn(task.run());
         Router { commands, next_key: Arc::new(AtomicU64::new(1)), watermark }
     }
@@ -255,11 +244,50 @@ struct RouterTask {
     /// The feed connected once already: its next connection is a reconnection.
     connected_before: bool,
     burst: Burst,
+    /// The highest sequence routed (or gap placed); the watermark, unless a leader check holds it.
+    routed: u64,
+    /// Leader checks under way (see [`RouterTask::check_stored_past`]).
+    checking: Option<Checking>,
     watermark: Arc<Watermark>,
     metrics: Arc<Metrics>,
 }
 
+/// While the stream's new leader is asked what it stores, sessions send nothing past what was
+/// routed before: a message the old leader stored but never republished then still goes out
+/// before anything newer (the gaps the answer brings come first).
+struct Checking {
+    pending: u32,
+    /// The watermark held meanwhile.
+    at: u64,
+}
+
 impl RouterTask {
+    fn new(
+        feed: Feed,
+        events: mpsc::Receiver<FeedEvent>,
+        (own_commands, commands): (mpsc::WeakSender<Command>, mpsc::Receiver<Command>),
+        limits: LogLimits,
+        metrics: Arc<Metrics>,
+    ) -> RouterTask {
+        RouterTask {
+            commands,
+            own_commands,
+            events,
+            feed,
+            limits,
+            routes: HashMap::new(),
+            by_sid: HashMap::new(),
+            sessions: HashMap::new(),
+            users: HashMap::new(),
+            connected_before: false,
+            burst: Burst::default(),
+            routed: 0,
+            checking: None,
+            watermark: Arc::new(Watermark::default()),
+            metrics,
+        }
+    }
+
     async fn run(mut self) {
         loop {
             tokio::select! {
@@ -299,7 +327,8 @@ impl RouterTask {
             super::burst::Burst::tie(&messages);
             log.append_all(entries.iter().cloned());
         }
-        self.watermark.raise(self.burst.max_seq);
+        self.routed = self.routed.max(self.burst.max_seq);
+        self.watermark.raise(self.checking.as_ref().map_or(self.routed, |checking| checking.at));
         for mailbox in self.burst.mailboxes.drain(..) {
             mailbox.wake();
         }
@@ -346,30 +375,65 @@ impl RouterTask {
                 let _ = reply.send(muted.unwrap_or_else(|| Arc::from(Vec::new())));
             }
             Command::StoredPast { behind } => self.stored_past(behind),
-            Command::RepairAll { why } => self.repair_all(&why),
+            Command::CheckFailed { why } => {
+                self.repair_all(&why);
+                self.end_check();
+            }
         }
     }
 
     /// Asks the stream's new leader, in the background, which routed subjects have messages
-    /// stored past what was routed (see [`super::leader`]); the answer comes back as
-    /// [`Command::StoredPast`], or, when the leader cannot say, as a repair of every session.
+    /// stored past what was routed (see [`super::leader`]), holding the watermark meanwhile; the
+    /// answer comes back as [`Command::StoredPast`], or, when the leader cannot say in time, as
+    /// [`Command::CheckFailed`].
     fn check_stored_past(&mut self) {
-        if self.routes.is_empty() {
-            return;
-        }
-        let routed = self.routes.iter().map(|(audience, route)| (audience.clone(), route.accounted())).collect();
+        let Some(routed) = self.begin_check() else { return };
         let (feed, commands) = (self.feed.clone(), self.own_commands.clone());
         tokio::spawn(async move {
-            let command = match super::leader::stored_past(&feed, routed).await {
-                Ok(behind) => Command::StoredPast { behind },
-                Err(error) => Command::RepairAll {
-                    why: format!("the stream has a new leader that could not say what it stores ({error})"),
+            let asked = tokio::time::timeout(CHECK_PATIENCE, super::leader::stored_past(&feed, routed)).await;
+            let command = match asked {
+                Ok(Ok(behind)) => Command::StoredPast { behind },
+                Ok(Err(error)) => Command::CheckFailed {
+                    why: format!("the stream's new leader could not say what it stores ({error})"),
                 },
+                Err(_) => {
+                    Command::CheckFailed { why: "the stream's new leader did not say in time what it stores".into() }
+                }
             };
             if let Some(commands) = commands.upgrade() {
                 let _ = commands.send(command).await;
             }
         });
+    }
+
+    /// Holds the watermark for a leader check; what each route accounts for, to ask about.
+    fn begin_check(&mut self) -> Option<Vec<(Audience, u64)>> {
+        if self.routes.is_empty() {
+            return None;
+        }
+        let at = self.routed;
+        self.checking.get_or_insert(Checking { pending: 0, at }).pending += 1;
+        Some(self.routes.iter().map(|(audience, route)| (audience.clone(), route.accounted())).collect())
+    }
+
+    /// A leader check answered: after the last, the watermark goes on, and every session looks
+    /// at what came meanwhile.
+    fn end_check(&mut self) {
+        let Some(checking) = &mut self.checking else { return };
+        checking.pending -= 1;
+        if checking.pending > 0 {
+            return;
+        }
+        self.checking = None;
+        self.burst.mailboxes.extend(self.sessions.values().cloned());
+        for route in self.routes.values() {
+            if let Target::Broadcast { log, .. } = &route.target
+                && !self.burst.logs.iter().any(|(touched, _)| Arc::ptr_eq(touched, log))
+            {
+                self.burst.logs.push((log.clone(), Vec::new()));
+            }
+        }
+        self.finish_burst();
     }
 
     /// A gap in each route whose subject has messages stored past what was routed (unless they
@@ -381,17 +445,26 @@ impl RouterTask {
             if first > last {
                 continue;
             }
+            let subject = audience.push_subject();
+            if route.last_seq > 0 {
+                self.metrics.delivery_gaps.inc();
+                warn!(
+                    subject,
+                    first, last, "messages stored by the stream's previous leader never reached this gateway"
+                );
+            } else {
+                // Nothing routed on it yet: its sessions' joins replayed up to their own bounds,
+                // which the gap is checked against; most likely nothing is missing.
+                debug!(subject, first, last, "a new route may have missed what the stream's previous leader stored");
+            }
             route.last_seq = last;
-            self.metrics.delivery_gaps.inc();
-            warn!(
-                subject = audience.push_subject(),
-                first, last, "messages stored by the stream's previous leader never reached this gateway"
-            );
-            // Sessions read entries up to the watermark: the gap must be under it. `first` is at
-            // most one past it, and no entry past the watermark is placed yet, so this is safe.
+            // Sessions read entries up to the watermark: the gap must be under it once the check
+            // ends. `first` is at most one past what was routed, so nothing routed later can come
+            // before it.
             self.burst.max_seq = self.burst.max_seq.max(first);
             place(&mut self.burst, &route.target, vec![Live::Gap { first, last, audience: audience.clone() }]);
         }
+        self.end_check();
         self.finish_burst();
     }
 
@@ -505,5 +578,90 @@ fn place(burst: &mut Burst, target: &Target, entries: Vec<Live>) {
             Some((_, pending)) => pending.extend(entries),
             None => burst.logs.push((log.clone(), entries)),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use herald_shared::nats::NatsSettings;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::session::live::{Flow, Found, LiveSources};
+
+    /// A router whose feed dials nowhere: the test hands it what NATS would deliver.
+    fn router(shutdown: &CancellationToken) -> RouterTask {
+        let settings = NatsSettings { nats_url: "nats://127.0.0.1:1".into(), ..NatsSettings::default() };
+        let (events_sender, events) = mpsc::channel(8);
+        let feed = Feed::start(&settings, "test".into(), events_sender, shutdown.clone());
+        let (commands_sender, commands) = mpsc::channel(8);
+        let limits = LogLimits { entries: 100, bytes: 1 << 20 };
+        RouterTask::new(feed, events, (commands_sender.downgrade(), commands), limits, Arc::new(Metrics::new()))
+    }
+
+    /// What the republish of message `seq` on `audience`'s route looks like.
+    fn republished(router: &RouterTask, audience: &Audience, seq: u64) -> Delivered {
+        let headers = format!("NATS/1.0\r\nNats-Sequence: {seq}\r\nNats-Time-Stamp: t\r\n\r\n");
+        let sid = router.routes[audience].sid;
+        Delivered { sid, subject: Bytes::from_static(b"x"), headers: Bytes::from(headers), payload: Bytes::from("1") }
+    }
+
+    /// What a session reading `sources` visits, up to the router's watermark.
+    fn visited(router: &RouterTask, sources: &mut LiveSources) -> Vec<String> {
+        let mut seen = Vec::new();
+        sources.pull(router.watermark.get(), |found| {
+            seen.push(match found {
+                Found::Entry(Live::Message(message)) => message.seq.to_string(),
+                Found::Entry(Live::Gap { first, last, .. }) => format!("gap {first}-{last}"),
+                other => panic!("unexpected {}", matches!(other, Found::Burst { .. })),
+            });
+            Flow::Continue
+        });
+        seen
+    }
+
+    #[tokio::test]
+    async fn a_leader_check_holds_the_watermark_so_its_gap_comes_before_anything_newer() {
+        let shutdown = CancellationToken::new();
+        let mut router = router(&shutdown);
+        let user = Audience::User("u".into());
+        let mailbox = Arc::new(Mailbox::new(1 << 20));
+        let attached = router.attach(1, "u".into(), mailbox.clone(), vec![user.clone(), Audience::All]);
+        let mut sources = LiveSources::new(mailbox, attached.logs);
+        router.route(republished(&router, &user, 10));
+        router.finish_burst();
+        assert_eq!(visited(&router, &mut sources), ["10"]);
+
+        // The stream changes leader; what the router accounts for is asked about.
+        let asked = router.begin_check().unwrap();
+        assert!(asked.contains(&(user.clone(), 10)) && asked.contains(&(Audience::All, 0)), "{asked:?}");
+        // The new leader's first message reaches the gateway before the answer: it waits.
+        router.route(republished(&router, &Audience::All, 12));
+        router.finish_burst();
+        assert_eq!(router.watermark.get(), 10, "held");
+        assert!(visited(&router, &mut sources).is_empty());
+        // The answer: the user's subject holds 11, which never came (its old leader failed).
+        router.stored_past(vec![(user.clone(), 11)]);
+        assert_eq!(router.watermark.get(), 12);
+        assert_eq!(visited(&router, &mut sources), ["gap 11-11", "12"]);
+        assert_eq!(router.routes[&user].last_seq, 11);
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_failed_leader_check_repairs_every_session_and_releases_the_watermark() {
+        let shutdown = CancellationToken::new();
+        let mut router = router(&shutdown);
+        let mailbox = Arc::new(Mailbox::new(1 << 20));
+        router.attach(1, "u".into(), mailbox.clone(), vec![Audience::All]);
+        router.begin_check().unwrap();
+        router.route(republished(&router, &Audience::All, 5));
+        router.finish_burst();
+        assert_eq!(router.watermark.get(), 0, "held");
+        router.handle(Command::CheckFailed { why: "test".into() });
+        assert_eq!(router.watermark.get(), 5);
+        assert!(matches!(mailbox.inbox().take_events().as_slice(), [Event::Repair]));
+        shutdown.cancel();
     }
 }

@@ -15,7 +15,7 @@ pub(crate) mod bounds;
 mod deadlines;
 mod inbound;
 mod join;
-mod live;
+pub(crate) mod live;
 mod presence;
 pub(crate) mod replay;
 mod rpc;
