@@ -324,3 +324,23 @@ async fn over_xhr_streaming_bad_requests_get_sockjs_answers_and_the_session_goes
     let (error, code) = client.expect_error_and_close().await;
     assert_eq!((error.header("message"), code), ("unknown_type", Some(1008)));
 }
+
+/// A client that goes away drops its stream: its session ends with it, not at its next heartbeat
+/// (an hour away here), and its path answers 404.
+#[tokio::test]
+async fn an_xhr_streaming_session_ends_when_its_stream_is_dropped() {
+    let nats = TestNats::start().await;
+    let gateway =
+        TestGateway::start_with(&nats, |config| config.heartbeat = std::time::Duration::from_secs(3600)).await;
+    let base = xhr_base(&gateway, "gone");
+    let mut client = StompClient::connect_xhr(&base, &[("passcode", &token("gus"))]).await;
+    client.expect("CONNECTED").await;
+    assert_eq!(gateway.metric("herald_gateway_connections").await, 1.0);
+    drop(client);
+    herald_tests::eventually("the session ends", std::time::Duration::from_secs(30), || async {
+        (gateway.metric("herald_gateway_connections").await == 0.0).then_some(())
+    })
+    .await;
+    let send = reqwest::Client::new().post(format!("{base}/xhr_send")).body(r#"["x"]"#).send().await.unwrap();
+    assert_eq!(send.status(), 404);
+}

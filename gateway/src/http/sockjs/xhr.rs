@@ -32,8 +32,8 @@ use crate::websocket::reader::MessageReader;
 
 /// Room in each pipe: a client that stops reading its response stops the session's writes there.
 const PIPE_BYTES: usize = 64 * 1024;
-/// Bytes read from the session's output at a time.
-const CHUNK: usize = 16 * 1024;
+/// Bytes read from the session's output at a time (held by every idle stream).
+const CHUNK: usize = 4 * 1024;
 /// What a streaming response starts with: 2 KiB of `h` and a newline, for browsers that show
 /// nothing of a response before its first 2 KiB.
 const PRELUDE_BYTES: usize = 2048;
@@ -42,15 +42,16 @@ const PRELUDE_BYTES: usize = 2048;
 #[derive(Default)]
 pub(crate) struct XhrSessions(Mutex<HashMap<String, Arc<XhrSession>>>);
 
-/// The way into one session's reader.
+/// The way into one session's reader; none once its stream is gone.
 pub(crate) struct XhrSession {
-    input: tokio::sync::Mutex<DuplexStream>,
+    input: tokio::sync::Mutex<Option<DuplexStream>>,
 }
 
 impl XhrSession {
     /// Writes a client frame into the session's reader.
     async fn send(&self, frame: &[u8]) -> std::io::Result<()> {
-        self.input.lock().await.write_all(frame).await
+        let mut input = self.input.lock().await;
+        input.as_mut().ok_or(std::io::ErrorKind::NotConnected)?.write_all(frame).await
     }
 }
 
@@ -63,7 +64,7 @@ impl XhrSessions {
         }
         let (session_in, client_in) = tokio::io::duplex(PIPE_BYTES);
         let (session_out, client_out) = tokio::io::duplex(PIPE_BYTES);
-        sessions.insert(key.to_string(), Arc::new(XhrSession { input: tokio::sync::Mutex::new(client_in) }));
+        sessions.insert(key.to_string(), Arc::new(XhrSession { input: tokio::sync::Mutex::new(Some(client_in)) }));
         let reader: ReadHalf = Box::pin(session_in);
         let writer: WriteHalf = Box::pin(session_out);
         Some((MessageReader::new(reader, max_frame_bytes), writer, client_out))
@@ -212,6 +213,17 @@ impl Lines {
         }
         self.buffered.drain(..at);
         (text, pings, closed)
+    }
+}
+
+impl Drop for Lines {
+    /// The response is gone (the client left, or the session ended): the session's input ends,
+    /// so that it ends now rather than at its next write (a heartbeat away). A send under way
+    /// keeps it; the next write ends it then.
+    fn drop(&mut self) {
+        if let Ok(mut input) = self.session.input.try_lock() {
+            input.take();
+        }
     }
 }
 
