@@ -12,7 +12,7 @@ use herald_shared::subject::{Audience, STREAM};
 use super::feed::Feed;
 
 /// Questions to the stream's leader in flight at once.
-const IN_FLIGHT: usize = 16;
+const IN_FLIGHT: usize = 64;
 
 /// For each `(audience, routed)` (the last sequence of its subject the router accounts for), the
 /// subject's last stored sequence where it is past `routed`; an error when the stream could not

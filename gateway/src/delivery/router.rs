@@ -34,20 +34,32 @@ use crate::http::metrics::Metrics;
 /// Messages routed before the sessions they fed are woken, at most (see `finish_burst`).
 const BURST: u32 = 32;
 /// How long a new leader of the stream has to say what it stores before every session catches
-/// up instead (the watermark is held meanwhile).
-const CHECK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+/// up instead (the watermark is held meanwhile, so this bounds the pause of live delivery).
+const CHECK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// The highest sequence routed: every message up to it is in the sessions' sources.
+/// How far sessions may read their sources: every message up to it is in them. It is the highest
+/// sequence routed, except while a leader check holds it lower; `routed` is that highest sequence
+/// all the same, for what must know what this gateway has seen (a stream's bounds read behind it
+/// are stale).
 #[derive(Debug, Default)]
-pub(crate) struct Watermark(AtomicU64);
+pub(crate) struct Watermark {
+    visible: AtomicU64,
+    routed: AtomicU64,
+}
 
 impl Watermark {
     pub(crate) fn get(&self) -> u64 {
-        self.0.load(Ordering::Acquire)
+        self.visible.load(Ordering::Acquire)
     }
 
-    fn raise(&self, seq: u64) {
-        self.0.fetch_max(seq, Ordering::AcqRel);
+    /// The highest sequence routed, held or not.
+    pub(crate) fn routed(&self) -> u64 {
+        self.routed.load(Ordering::Acquire)
+    }
+
+    fn raise(&self, visible: u64, routed: u64) {
+        self.routed.fetch_max(routed, Ordering::AcqRel);
+        self.visible.fetch_max(visible, Ordering::AcqRel);
     }
 }
 
@@ -191,13 +203,15 @@ struct Route {
     /// The watermark when the route was made: its sessions' joins replay the subject's messages up
     /// to it (and further), so it accounts for them as `last_seq` does for routed ones.
     made_at: u64,
+    /// How far a leader check put a gap on this subject (what it covers needs no other gap).
+    gap_through: u64,
     target: Target,
 }
 
 impl Route {
     /// The last sequence of the subject the route accounts for.
     fn accounted(&self) -> u64 {
-        self.last_seq.max(self.made_at)
+        self.last_seq.max(self.made_at).max(self.gap_through)
     }
 }
 
@@ -256,9 +270,12 @@ struct RouterTask {
 /// routed before: a message the old leader stored but never republished then still goes out
 /// before anything newer (the gaps the answer brings come first).
 struct Checking {
-    pending: u32,
     /// The watermark held meanwhile.
     at: u64,
+    /// The stream changed leader again meanwhile.
+    again: bool,
+    /// When the first check began: asking again never holds past [`CHECK_PATIENCE`] from it.
+    started: tokio::time::Instant,
 }
 
 impl RouterTask {
@@ -328,7 +345,7 @@ impl RouterTask {
             log.append_all(entries.iter().cloned());
         }
         self.routed = self.routed.max(self.burst.max_seq);
-        self.watermark.raise(self.checking.as_ref().map_or(self.routed, |checking| checking.at));
+        self.watermark.raise(self.checking.as_ref().map_or(self.routed, |checking| checking.at), self.routed);
         for mailbox in self.burst.mailboxes.drain(..) {
             mailbox.wake();
         }
@@ -387,10 +404,17 @@ impl RouterTask {
     /// answer comes back as [`Command::StoredPast`], or, when the leader cannot say in time, as
     /// [`Command::CheckFailed`].
     fn check_stored_past(&mut self) {
-        let Some(routed) = self.begin_check() else { return };
+        if let Some(routed) = self.begin_check() {
+            self.ask(routed, CHECK_PATIENCE);
+        }
+    }
+
+    /// Asks the stream's leader, in the background, for `patience` at most, where each route's
+    /// subject has messages stored past what it accounts for (`routed`).
+    fn ask(&self, routed: Vec<(Audience, u64)>, patience: std::time::Duration) {
         let (feed, commands) = (self.feed.clone(), self.own_commands.clone());
         tokio::spawn(async move {
-            let asked = tokio::time::timeout(CHECK_PATIENCE, super::leader::stored_past(&feed, routed)).await;
+            let asked = tokio::time::timeout(patience, super::leader::stored_past(&feed, routed)).await;
             let command = match asked {
                 Ok(Ok(behind)) => Command::StoredPast { behind },
                 Ok(Err(error)) => Command::CheckFailed {
@@ -406,25 +430,41 @@ impl RouterTask {
         });
     }
 
-    /// Holds the watermark for a leader check; what each route accounts for, to ask about.
+    /// Holds the watermark for a leader check; what each route accounts for, to ask about. One
+    /// check at a time: a leader change during a check asks again once it is answered, within the
+    /// first check's patience (see [`RouterTask::end_check`]), so that a flapping leader cannot
+    /// hold delivery for long.
     fn begin_check(&mut self) -> Option<Vec<(Audience, u64)>> {
         if self.routes.is_empty() {
             return None;
         }
-        let at = self.routed;
-        self.checking.get_or_insert(Checking { pending: 0, at }).pending += 1;
-        Some(self.routes.iter().map(|(audience, route)| (audience.clone(), route.accounted())).collect())
+        if let Some(checking) = &mut self.checking {
+            checking.again = true;
+            return None;
+        }
+        let started = tokio::time::Instant::now();
+        self.checking = Some(Checking { at: self.routed, again: false, started });
+        Some(self.accounted())
     }
 
-    /// A leader check answered: after the last, the watermark goes on, and every session looks
-    /// at what came meanwhile.
+    fn accounted(&self) -> Vec<(Audience, u64)> {
+        self.routes.iter().map(|(audience, route)| (audience.clone(), route.accounted())).collect()
+    }
+
+    /// The leader check answered: the watermark goes on, and every session looks at what came
+    /// meanwhile.
     fn end_check(&mut self) {
-        let Some(checking) = &mut self.checking else { return };
-        checking.pending -= 1;
-        if checking.pending > 0 {
-            return;
+        let Some(checking) = self.checking.take() else { return };
+        if checking.again {
+            let left = CHECK_PATIENCE.saturating_sub(checking.started.elapsed());
+            if !left.is_zero() {
+                // The leader changed again meanwhile: ask the newest one too, still holding.
+                self.checking = Some(Checking { again: false, ..checking });
+                self.ask(self.accounted(), left);
+                return;
+            }
+            self.repair_all("the stream changed leader again while its new leader was asked what it stores");
         }
-        self.checking = None;
         self.burst.mailboxes.extend(self.sessions.values().cloned());
         for route in self.routes.values() {
             if let Target::Broadcast { log, .. } = &route.target
@@ -457,7 +497,10 @@ impl RouterTask {
                 // which the gap is checked against; most likely nothing is missing.
                 debug!(subject, first, last, "a new route may have missed what the stream's previous leader stored");
             }
-            route.last_seq = last;
+            // Not past what was routed: a message of the subject still on its way is routed when it
+            // comes (sessions that caught up meanwhile skip it).
+            route.last_seq = route.last_seq.max(last.min(self.routed));
+            route.gap_through = last;
             // Sessions read entries up to the watermark: the gap must be under it once the check
             // ends. `first` is at most one past what was routed, so nothing routed later can come
             // before it.
@@ -493,7 +536,7 @@ impl RouterTask {
                     Audience::User(_) => Target::Personal { mailboxes: Vec::new() },
                     _ => Target::Broadcast { log: Arc::new(Log::new(self.limits)), readers: HashSet::new() },
                 };
-                Route { sid, last_seq: 0, made_at, target }
+                Route { sid, last_seq: 0, made_at, gap_through: 0, target }
             });
             match &mut route.target {
                 Target::Personal { mailboxes, .. } => {
@@ -541,13 +584,14 @@ impl RouterTask {
         };
         let seq = republished.message.seq;
         let mut entries = Vec::with_capacity(2);
+        let known = route.last_seq.max(route.gap_through);
         if let Some(previous) = republished.previous_on_subject
             && route.last_seq != 0
-            && previous > route.last_seq
+            && previous > known
         {
             self.metrics.delivery_gaps.inc();
-            warn!(first_missing = route.last_seq + 1, last_missing = previous, "gap on a delivery subject");
-            entries.push(Live::Gap { first: route.last_seq + 1, last: previous, audience: audience.clone() });
+            warn!(first_missing = known + 1, last_missing = previous, "gap on a delivery subject");
+            entries.push(Live::Gap { first: known + 1, last: previous, audience: audience.clone() });
         }
         if seq <= route.last_seq {
             // Sent again (a redelivery after a reconnection): sessions have it already.
@@ -646,6 +690,13 @@ mod tests {
         assert_eq!(router.watermark.get(), 12);
         assert_eq!(visited(&router, &mut sources), ["gap 11-11", "12"]);
         assert_eq!(router.routes[&user].last_seq, 11);
+        // A message past what was routed may still be on its way: the route does not skip it.
+        router.begin_check().unwrap();
+        router.stored_past(vec![(user.clone(), 14)]);
+        assert_eq!(router.routes[&user].last_seq, 12);
+        router.route(republished(&router, &user, 14));
+        router.finish_burst();
+        assert_eq!(visited(&router, &mut sources), ["gap 12-14", "14"]);
         shutdown.cancel();
     }
 
@@ -661,6 +712,29 @@ mod tests {
         assert_eq!(router.watermark.get(), 0, "held");
         router.handle(Command::CheckFailed { why: "test".into() });
         assert_eq!(router.watermark.get(), 5);
+        assert!(matches!(mailbox.inbox().take_events().as_slice(), [Event::Repair]));
+        shutdown.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_change_during_a_check_asks_again_within_the_first_checks_patience() {
+        let shutdown = CancellationToken::new();
+        let mut router = router(&shutdown);
+        let mailbox = Arc::new(Mailbox::new(1 << 20));
+        router.attach(1, "u".into(), mailbox.clone(), vec![Audience::All]);
+        router.begin_check().unwrap();
+        assert!(router.begin_check().is_none(), "one check at a time");
+        router.route(republished(&router, &Audience::All, 5));
+        router.finish_burst();
+        // The first answer: the leader changed meanwhile, so the newest one is asked, still held.
+        router.stored_past(Vec::new());
+        assert_eq!((router.watermark.get(), router.watermark.routed()), (0, 5), "held");
+        assert!(mailbox.inbox().take_events().is_empty());
+        // Past the first check's patience, a change meanwhile has every session catch up instead.
+        assert!(router.begin_check().is_none());
+        tokio::time::advance(CHECK_PATIENCE).await;
+        router.stored_past(Vec::new());
+        assert_eq!(router.watermark.get(), 5, "released");
         assert!(matches!(mailbox.inbox().take_events().as_slice(), [Event::Repair]));
         shutdown.cancel();
     }

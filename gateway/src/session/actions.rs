@@ -34,7 +34,7 @@ pub(super) fn perform(session: &Arc<Session>, action: Action) -> BoxStream<'stat
     match action {
         Action::ReadBounds => once(async move {
             let shared = &session.shared;
-            let read = || async { shared.bounds.read_at_least(shared.router.watermark().get()).await };
+            let read = || async { shared.bounds.read_at_least(shared.router.watermark().routed()).await };
             let bounds = retried(BOUNDS_PATIENCE, read).await;
             Outcome::Bounds(bounds.map_err(|error| error.to_string()))
         }),

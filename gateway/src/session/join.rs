@@ -34,7 +34,7 @@ pub(super) async fn open(session: &Session, codec: Codec) -> Result<Box<SessionS
     // On the delivery connection, after the session's subscriptions: the server has them before
     // it answers.
     // At least what this gateway has seen live, and the client's `since` if it gave one.
-    let known = shared.router.watermark().get().max(session.request.since.unwrap_or(0));
+    let known = shared.router.watermark().routed().max(session.request.since.unwrap_or(0));
     let bounds =
         shared.bounds.read_at_least(known).await.map_err(|e| Close::new(CloseCode::Unavailable, e.to_string()))?;
     let (resume, read) = tokio::join!(Box::pin(resume_point(session, bounds)), Box::pin(read_position(session)));
