@@ -83,8 +83,8 @@ pub(crate) struct Shared {
     pub(crate) sessions: TaskTracker,
     /// Engine.IO long-polling sessions on this gateway.
     pub(crate) polling: http::engineio::PollingSessions,
-    /// SockJS XHR streaming sessions on this gateway.
-    pub(crate) xhr: http::sockjs::XhrSessions,
+    /// SockJS sessions over plain HTTP requests on this gateway.
+    pub(crate) sockjs: http::sockjs::SockJsSessions,
 }
 
 /// The gateway could not start.
@@ -195,7 +195,7 @@ impl Gateway {
             killed: killed.clone(),
             sessions: TaskTracker::new(),
             polling: Default::default(),
-            xhr: Default::default(),
+            sockjs: Default::default(),
         });
         start_background_tasks(&shared);
         if let Some(api_listener) = api_listener {

@@ -1,9 +1,9 @@
 """STOMP over SockJS in Chromium, as a page written for Spring's `withSockJS()` endpoint connects:
 sockjs-client itself (Debian's node-sockjs-client, the library such pages load) on a test page at
 the gateway's origin, STOMP frames written by the page. Messages arrive over SockJS's WebSocket
-transport, and over XHR streaming (the fallback of a page whose WebSocket cannot get through); the
-gateway is restarted while the page is open and the page reconnects with `herald-since`, as such
-pages reconnect: what was published meanwhile arrives once, in order.
+transport, and over each fallback of a page whose WebSocket cannot get through (XHR streaming,
+EventSource, XHR polling); the gateway is restarted while the page is open and the page reconnects
+with `herald-since`, as such pages reconnect: what was published meanwhile arrives once, in order.
 """
 
 import os
@@ -69,7 +69,7 @@ SCRIPT = """
 """
 
 
-@pytest.fixture(params=["websocket", "xhr-streaming"])
+@pytest.fixture(params=["websocket", "xhr-streaming", "eventsource", "xhr-polling"])
 def transport(request):
     return request.param
 

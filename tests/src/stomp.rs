@@ -1,7 +1,8 @@
 //! A raw STOMP-over-WebSocket test client (tokio-tungstenite and a frame parser of its own): sends
 //! any bytes, reads frames, heart-beats and the close exactly as they come; also over SockJS's
-//! WebSocket transport (`o`, `h`, `a[…]`, `c[…]` inside the WebSocket messages), and over its XHR
-//! streaming transport (the same frames, one per line of a streaming response; `xhr_send` POSTs).
+//! WebSocket transport (`o`, `h`, `a[…]`, `c[…]` inside the WebSocket messages), and over its
+//! transports over HTTP requests (the same frames, one per line of a streaming response, an event
+//! stream or a poll; `xhr_send` POSTs).
 
 use std::collections::VecDeque;
 
@@ -74,27 +75,100 @@ enum Link {
     Xhr(Box<Xhr>),
 }
 
-/// SockJS's XHR streaming transport: a streaming response for what the gateway sends, a POST for
+/// How a SockJS client over HTTP requests receives: its transport's name in the session's path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Receiver {
+    XhrStreaming,
+    EventSource,
+    XhrPolling,
+}
+
+impl Receiver {
+    fn path(self) -> &'static str {
+        match self {
+            Receiver::XhrStreaming => "xhr_streaming",
+            Receiver::EventSource => "eventsource",
+            Receiver::XhrPolling => "xhr",
+        }
+    }
+}
+
+/// SockJS's transports over HTTP requests: one receiving request after another for what the
+/// gateway sends (each opened when the one before ended, until the session's close), a POST for
 /// each message the client sends.
 struct Xhr {
     http: reqwest::Client,
     /// `…/<server>/<session>`.
     base: String,
-    stream: reqwest::Response,
+    receiver: Receiver,
+    response: reqwest::Response,
     /// Bytes of the response not yet read as a line.
     buffered: Vec<u8>,
+    /// Receiving requests made so far.
+    requests: usize,
+    /// Whether the session's close came.
+    closed: bool,
 }
 
 impl Xhr {
-    /// The next line of the response; `None` when it ended.
+    /// Opens session `base` with its first receiving request, whose first frame is `o`.
+    async fn open(base: &str, receiver: Receiver) -> Xhr {
+        let http = reqwest::Client::new();
+        let (response, buffered) = Xhr::request(&http, base, receiver).await;
+        let mut xhr = Xhr { http, base: base.into(), receiver, response, buffered, requests: 1, closed: false };
+        let line = tokio::time::timeout(FRAME_TIMEOUT, xhr.next_line()).await.expect("the opening in time");
+        assert_eq!(line.as_deref(), Some("o"), "SockJS's open frame");
+        xhr
+    }
+
+    /// A receiving request, checked for its transport's content type and prelude, and the bytes
+    /// read after its prelude.
+    async fn request(http: &reqwest::Client, base: &str, receiver: Receiver) -> (reqwest::Response, Vec<u8>) {
+        let url = format!("{base}/{}", receiver.path());
+        let request = match receiver {
+            Receiver::EventSource => http.get(url),
+            Receiver::XhrStreaming | Receiver::XhrPolling => http.post(url),
+        };
+        let mut response = request.send().await.expect("the receiving request answered");
+        assert_eq!(response.status(), 200);
+        let (content_type, prelude) = match receiver {
+            Receiver::XhrStreaming => ("application/javascript; charset=UTF-8", format!("{}\n", "h".repeat(2048))),
+            Receiver::EventSource => ("text/event-stream; charset=UTF-8", "\r\n".into()),
+            Receiver::XhrPolling => ("application/javascript; charset=UTF-8", String::new()),
+        };
+        assert_eq!(response.headers()["content-type"], content_type);
+        let mut read = Vec::new();
+        while read.len() < prelude.len() {
+            let chunk = tokio::time::timeout(FRAME_TIMEOUT, response.chunk()).await.expect("the prelude in time");
+            read.extend_from_slice(&chunk.expect("the prelude").expect("the prelude"));
+        }
+        assert_eq!(&read[..prelude.len()], prelude.as_bytes(), "the prelude");
+        (response, read.split_off(prelude.len()))
+    }
+
+    /// The next frame the gateway sent; `None` when the session's close was the last.
     async fn next_line(&mut self) -> Option<String> {
         loop {
             if let Some(end) = self.buffered.iter().position(|&byte| byte == b'\n') {
                 let line: Vec<u8> = self.buffered.drain(..=end).collect();
-                return Some(String::from_utf8(line[..end].to_vec()).expect("UTF-8 lines"));
+                let line = String::from_utf8(line[..end].to_vec()).expect("UTF-8 lines");
+                let frame = match self.receiver {
+                    Receiver::EventSource if line.trim_end_matches('\r').is_empty() => continue,
+                    Receiver::EventSource => {
+                        line.trim_end_matches('\r').strip_prefix("data: ").expect("data lines").to_string()
+                    }
+                    Receiver::XhrStreaming | Receiver::XhrPolling => line,
+                };
+                self.closed |= frame.starts_with("c[");
+                return Some(frame);
             }
-            match self.stream.chunk().await {
+            match self.response.chunk().await {
                 Ok(Some(chunk)) => self.buffered.extend_from_slice(&chunk),
+                Ok(None) if !self.closed => {
+                    assert!(self.buffered.is_empty(), "a response ended inside a frame");
+                    (self.response, self.buffered) = Xhr::request(&self.http, &self.base, self.receiver).await;
+                    self.requests += 1;
+                }
                 Ok(None) | Err(_) => return None,
             }
         }
@@ -139,24 +213,16 @@ impl StompClient {
         }
     }
 
-    /// Opens SockJS's XHR streaming transport of session `base` (`http://…/stomp/<server>/<session>`)
-    /// and reads its prelude (2 KiB of `h`) and open frame `o`.
-    pub async fn open_xhr(base: &str) -> StompClient {
-        let http = reqwest::Client::new();
-        let stream = http.post(format!("{base}/xhr_streaming")).send().await.expect("xhr_streaming answered");
-        assert_eq!(stream.status(), 200);
-        assert_eq!(stream.headers()["content-type"], "application/javascript; charset=UTF-8");
-        let mut xhr = Xhr { http, base: base.to_string(), stream, buffered: Vec::new() };
-        for expected in ["h".repeat(2048), "o".into()] {
-            let line = tokio::time::timeout(FRAME_TIMEOUT, xhr.next_line()).await.expect("the opening in time");
-            assert_eq!(line, Some(expected), "SockJS's prelude, then `o`");
-        }
+    /// Opens SockJS session `base` (`http://…/stomp/<server>/<session>`) over HTTP requests
+    /// received the `receiver` way, and reads its open frame `o`.
+    pub async fn open_xhr(base: &str, receiver: Receiver) -> StompClient {
+        let xhr = Xhr::open(base, receiver).await;
         StompClient { link: Link::Xhr(Box::new(xhr)), subprotocol: None, sockjs: true, pending: VecDeque::new() }
     }
 
     /// [`StompClient::open_xhr`], then CONNECT with `headers` (`accept-version:1.2` added).
-    pub async fn connect_xhr(base: &str, headers: &[(&str, &str)]) -> StompClient {
-        let mut client = StompClient::open_xhr(base).await;
+    pub async fn connect_xhr(base: &str, receiver: Receiver, headers: &[(&str, &str)]) -> StompClient {
+        let mut client = StompClient::open_xhr(base, receiver).await;
         let mut all = vec![("accept-version", "1.2"), ("host", "herald")];
         all.extend_from_slice(headers);
         client.send_frame("CONNECT", &all, "").await;
@@ -165,9 +231,18 @@ impl StompClient {
 
     /// POSTs `body` as it is to the session's `xhr_send`: the status and the answer's text.
     pub async fn xhr_send(&self, body: &str) -> (u16, String) {
+        self.xhr().send(body).await
+    }
+
+    /// How many receiving requests the session's client made so far.
+    pub fn receiving_requests(&self) -> usize {
+        self.xhr().requests
+    }
+
+    fn xhr(&self) -> &Xhr {
         match &self.link {
-            Link::Xhr(xhr) => xhr.send(body).await,
-            Link::WebSocket(_) => panic!("not an XHR client"),
+            Link::Xhr(xhr) => xhr,
+            Link::WebSocket(_) => panic!("not a SockJS client over HTTP requests"),
         }
     }
 

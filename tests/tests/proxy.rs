@@ -14,6 +14,7 @@ use herald_gateway::Config;
 use herald_shared::frame::{ServerFrame, close_code};
 use herald_tests::gateway::token;
 use herald_tests::nginx::{self, TestNginx};
+use herald_tests::stomp::Receiver;
 use herald_tests::ws::{Event, FRAME_TIMEOUT};
 use herald_tests::{Publisher, TestGateway, TestNats, WsClient};
 use serde_json::Value;
@@ -363,12 +364,13 @@ async fn socket_io_polling_and_its_upgrade_stick_to_one_gateway_through_nginx() 
     }
 }
 
-/// SockJS's XHR streaming session lives in the gateway that holds its stream: the sample hashes the
-/// session's path, so every `xhr_send` of a session reaches that gateway (round robin would send
-/// every other one to a gateway without the session: 404).
+/// A SockJS session over HTTP requests (XHR streaming, EventSource, XHR polling) lives in one
+/// gateway: the sample hashes the session's path, so every request of a session, each poll and each
+/// `xhr_send`, reaches that gateway (round robin would send every other one to a gateway without the
+/// session: 404, or a poll that opens a second session).
 #[tokio::test]
-async fn sockjs_xhr_streaming_sends_reach_the_gateway_of_their_stream_through_nginx() {
-    if !nginx::available("sockjs_xhr_streaming_sends_reach_the_gateway_of_their_stream_through_nginx") {
+async fn sockjs_sessions_over_http_requests_reach_their_gateway_through_nginx() {
+    if !nginx::available("sockjs_sessions_over_http_requests_reach_their_gateway_through_nginx") {
         return;
     }
     let nats = TestNats::start().await;
@@ -376,10 +378,12 @@ async fn sockjs_xhr_streaming_sends_reach_the_gateway_of_their_stream_through_ng
     let nginx = TestNginx::start(&[one.addr, two.addr]).await;
     let publisher = Publisher::new(&nats).await;
     let mut clients = Vec::new();
-    for session in ["xa", "xb", "xc", "xd"] {
+    let receivers = [Receiver::XhrStreaming, Receiver::XhrStreaming, Receiver::EventSource, Receiver::XhrPolling];
+    for (session, receiver) in ["xa", "xb", "xc", "xd"].into_iter().zip(receivers) {
         let base = nginx.http_url(&format!("/stomp/000/{session}"));
         let mut client = herald_tests::stomp::StompClient::connect_xhr(
             &base,
+            receiver,
             &[("passcode", &token("xia")), ("herald-device", session)],
         )
         .await;

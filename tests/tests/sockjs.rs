@@ -1,11 +1,12 @@
-//! STOMP over SockJS's WebSocket and XHR streaming transports, as pages written for Spring's
-//! `withSockJS()` endpoints connect (docs/protocols.md, "STOMP over SockJS"): the info request,
-//! SockJS's framing around the same STOMP session, refusals and bad framing. Real NATS, a real
+//! STOMP over SockJS's WebSocket transport and its transports over HTTP requests (XHR streaming,
+//! EventSource, XHR polling), as pages written for Spring's `withSockJS()` endpoints connect
+//! (docs/protocols.md, "STOMP over SockJS"): the info request, SockJS's framing around the same
+//! STOMP session, refusals and bad framing, sessions that outlive their requests. Real NATS, a real
 //! gateway, a raw client for exact frames; tests/browser/test_sockjs.py drives sockjs-client itself
-//! in Chromium, over both transports.
+//! in Chromium, over each transport.
 
 use herald_tests::gateway::{token, token_with};
-use herald_tests::stomp::{StompClient, StompEvent, StompFrame};
+use herald_tests::stomp::{Receiver, StompClient, StompEvent, StompFrame};
 use herald_tests::{Publisher, TestGateway, TestNats};
 
 fn transport_url(gateway: &TestGateway, session: &str) -> String {
@@ -79,8 +80,9 @@ async fn the_info_request_offers_the_websocket_transport_and_the_others_are_not_
     assert_eq!(allowed.status(), 200);
 
     for (method, path) in [
-        (reqwest::Method::POST, "/stomp/042/s1/xhr"),
-        (reqwest::Method::GET, "/stomp/042/s1/eventsource"),
+        (reqwest::Method::GET, "/stomp/042/s1/xhr"),
+        (reqwest::Method::GET, "/stomp/042/s1/htmlfile"),
+        (reqwest::Method::GET, "/stomp/042/s1/jsonp"),
         (reqwest::Method::GET, "/stomp/iframe.html"),
         (reqwest::Method::GET, "/stomp/042/s.1/websocket"),
     ] {
@@ -212,17 +214,28 @@ async fn refusals_and_bad_framing_get_an_error_then_sockjs_close() {
 
 #[tokio::test]
 async fn an_idle_client_without_stomp_heart_beats_gets_sockjs_heartbeats_and_stays() {
-    idle_client_stays(false).await;
+    idle_client_stays(None).await;
 }
 
-/// Over XHR streaming the client cannot answer the WebSocket ping: its open response is its
-/// liveness, and the gateway answers the ping for it.
+/// Over HTTP requests the client cannot answer the WebSocket ping: its requests are its liveness,
+/// and the gateway answers the ping for it.
 #[tokio::test]
 async fn an_idle_xhr_streaming_client_without_stomp_heart_beats_stays() {
-    idle_client_stays(true).await;
+    idle_client_stays(Some(Receiver::XhrStreaming)).await;
 }
 
-async fn idle_client_stays(xhr: bool) {
+#[tokio::test]
+async fn an_idle_eventsource_client_without_stomp_heart_beats_stays() {
+    idle_client_stays(Some(Receiver::EventSource)).await;
+}
+
+/// Each heartbeat ends a poll, and the client polls again.
+#[tokio::test]
+async fn an_idle_xhr_polling_client_without_stomp_heart_beats_stays() {
+    idle_client_stays(Some(Receiver::XhrPolling)).await;
+}
+
+async fn idle_client_stays(receiver: Option<Receiver>) {
     let nats = TestNats::start().await;
     let publisher = Publisher::new(&nats).await;
     let gateway = TestGateway::start_with(&nats, |config| {
@@ -234,8 +247,8 @@ async fn idle_client_stays(xhr: bool) {
     // and a WebSocket ping whose pong keeps the connection, many periods long.
     let headers = [("passcode", token("ida")), ("heart-beat", "0,0".into())];
     let headers: Vec<(&str, &str)> = headers.iter().map(|(name, value)| (*name, value.as_str())).collect();
-    let (mut client, connected) = if xhr {
-        let mut client = StompClient::connect_xhr(&xhr_base(&gateway, "idle"), &headers).await;
+    let (mut client, connected) = if let Some(receiver) = receiver {
+        let mut client = StompClient::connect_xhr(&xhr_base(&gateway, "idle"), receiver, &headers).await;
         let connected = client.expect("CONNECTED").await;
         (client, connected)
     } else {
@@ -254,15 +267,30 @@ fn xhr_base(gateway: &TestGateway, session: &str) -> String {
     format!("http://{}/stomp/042/{session}", gateway.addr)
 }
 
-/// The XHR streaming fallback runs the same session: CONNECT, SUBSCRIBE and DISCONNECT go by
-/// `xhr_send`, frames come as lines of the streaming response.
+/// The transports over HTTP requests run the same session: CONNECT, SUBSCRIBE and DISCONNECT go
+/// by `xhr_send`, frames come by the receiving requests.
 #[tokio::test]
 async fn over_xhr_streaming_the_same_session_delivers_and_ends_with_its_close() {
+    delivers_and_ends_with_its_close(Receiver::XhrStreaming).await;
+}
+
+#[tokio::test]
+async fn over_eventsource_the_same_session_delivers_and_ends_with_its_close() {
+    delivers_and_ends_with_its_close(Receiver::EventSource).await;
+}
+
+#[tokio::test]
+async fn over_xhr_polling_the_same_session_delivers_and_ends_with_its_close() {
+    delivers_and_ends_with_its_close(Receiver::XhrPolling).await;
+}
+
+async fn delivers_and_ends_with_its_close(receiver: Receiver) {
     let nats = TestNats::start().await;
     let publisher = Publisher::new(&nats).await;
     let gateway = TestGateway::start(&nats).await;
     let base = xhr_base(&gateway, "x1");
-    let mut client = StompClient::connect_xhr(&base, &[("passcode", &token_with("xena", &["news"], 3600))]).await;
+    let passcode = token_with("xena", &["news"], 3600);
+    let mut client = StompClient::connect_xhr(&base, receiver, &[("passcode", &passcode)]).await;
     assert_eq!(client.expect("CONNECTED").await.header("version"), "1.2");
     subscribe(&mut client, "sub-0", "/user/queue/inbox").await;
     subscribe(&mut client, "sub-1", "/topic/news").await;
@@ -282,6 +310,49 @@ async fn over_xhr_streaming_the_same_session_delivers_and_ends_with_its_close() 
     .await;
 }
 
+/// A streaming response ends after 128 KiB of frames and the client opens the next; the session
+/// goes on across them and nothing is lost or repeated (polls: across every poll).
+#[tokio::test]
+async fn over_xhr_streaming_a_long_session_spans_responses_and_loses_nothing() {
+    spans_requests_and_loses_nothing(Receiver::XhrStreaming).await;
+}
+
+#[tokio::test]
+async fn over_eventsource_a_long_session_spans_responses_and_loses_nothing() {
+    spans_requests_and_loses_nothing(Receiver::EventSource).await;
+}
+
+#[tokio::test]
+async fn over_xhr_polling_a_long_session_spans_polls_and_loses_nothing() {
+    spans_requests_and_loses_nothing(Receiver::XhrPolling).await;
+}
+
+async fn spans_requests_and_loses_nothing(receiver: Receiver) {
+    let nats = TestNats::start().await;
+    let publisher = Publisher::new(&nats).await;
+    let gateway = TestGateway::start(&nats).await;
+    let mut client =
+        StompClient::connect_xhr(&xhr_base(&gateway, "long"), receiver, &[("passcode", &token("lou"))]).await;
+    client.expect("CONNECTED").await;
+    subscribe(&mut client, "q", "/user/queue/q").await;
+    // 40 messages of 8,000 bytes: about 320 KiB of frames, so at least three responses of at most
+    // 128 KiB and a last frame each.
+    let mut published = Vec::new();
+    for n in 0..40 {
+        let body = format!("{n:02}{}", "x".repeat(7998));
+        published.push((publisher.publish("push.user.lou", &body).await, "/user/queue/q".to_string(), body));
+    }
+    let mut received = Vec::new();
+    while received.len() < published.len() {
+        received.push(next_message(&mut client).await);
+    }
+    assert_eq!(received, published);
+    let requests = client.receiving_requests();
+    assert!(requests >= 3, "{requests} receiving requests for about 320 KiB");
+    let last = publisher.publish("push.user.lou", "last").await;
+    assert_eq!(next_message(&mut client).await, (last, "/user/queue/q".into(), "last".into()));
+}
+
 /// What SockJS servers answer to a second stream of an open session, to `xhr_send` without a
 /// session or with a broken body, and to the preflights; the open session goes on.
 #[tokio::test]
@@ -291,19 +362,25 @@ async fn over_xhr_streaming_bad_requests_get_sockjs_answers_and_the_session_goes
     let gateway = TestGateway::start(&nats).await;
     let http = reqwest::Client::new();
     let base = xhr_base(&gateway, "x2");
-    let mut client = StompClient::connect_xhr(&base, &[("passcode", &token("yann"))]).await;
+    let mut client = StompClient::connect_xhr(&base, Receiver::XhrStreaming, &[("passcode", &token("yann"))]).await;
     client.expect("CONNECTED").await;
 
+    // While the stream is open, a second receiving request of any kind is refused.
+    let refusal = r#"c[2010,"Another connection still open"]"#;
     let second = http.post(format!("{base}/xhr_streaming")).send().await.unwrap();
     assert_eq!(second.status(), 200);
-    let text = second.text().await.unwrap();
-    assert_eq!(text, format!("{}\nc[2010,\"Another connection still open\"]\n", "h".repeat(2048)));
+    assert_eq!(second.text().await.unwrap(), format!("{}\n{refusal}\n", "h".repeat(2048)));
+    let poll = http.post(format!("{base}/xhr")).send().await.unwrap();
+    assert_eq!(poll.text().await.unwrap(), format!("{refusal}\n"));
+    let events = http.get(format!("{base}/eventsource")).send().await.unwrap();
+    assert_eq!(events.headers()["content-type"], "text/event-stream; charset=UTF-8");
+    assert_eq!(events.text().await.unwrap(), format!("\r\ndata: {refusal}\r\n\r\n"));
 
     assert_eq!(client.xhr_send("").await, (500, "Payload expected.".into()));
     assert_eq!(client.xhr_send(r#"["unterminated"#).await, (500, "Broken JSON encoding.".into()));
     let unknown = http.post(format!("{}/xhr_send", xhr_base(&gateway, "nobody"))).body(r#"["x"]"#).send().await;
     assert_eq!(unknown.unwrap().status(), 404);
-    for transport in ["xhr_send", "xhr_streaming"] {
+    for transport in ["xhr_send", "xhr_streaming", "xhr"] {
         let preflight = http
             .request(reqwest::Method::OPTIONS, format!("{base}/{transport}"))
             .header("origin", "http://app.example")
@@ -325,15 +402,24 @@ async fn over_xhr_streaming_bad_requests_get_sockjs_answers_and_the_session_goes
     assert_eq!((error.header("message"), code), ("unknown_type", Some(1008)));
 }
 
-/// A client that goes away drops its stream: its session ends with it, not at its next heartbeat
-/// (an hour away here), and its path answers 404.
+/// A client that goes away stops its receiving requests: its session ends 5 s after the last (SockJS's
+/// disconnect delay), not at its next heartbeat (an hour away here), and its path answers 404.
 #[tokio::test]
 async fn an_xhr_streaming_session_ends_when_its_stream_is_dropped() {
+    ends_without_receiving_requests(Receiver::XhrStreaming).await;
+}
+
+#[tokio::test]
+async fn an_xhr_polling_session_ends_when_its_client_stops_polling() {
+    ends_without_receiving_requests(Receiver::XhrPolling).await;
+}
+
+async fn ends_without_receiving_requests(receiver: Receiver) {
     let nats = TestNats::start().await;
     let gateway =
         TestGateway::start_with(&nats, |config| config.heartbeat = std::time::Duration::from_secs(3600)).await;
     let base = xhr_base(&gateway, "gone");
-    let mut client = StompClient::connect_xhr(&base, &[("passcode", &token("gus"))]).await;
+    let mut client = StompClient::connect_xhr(&base, receiver, &[("passcode", &token("gus"))]).await;
     client.expect("CONNECTED").await;
     assert_eq!(gateway.metric("herald_gateway_connections").await, 1.0);
     drop(client);

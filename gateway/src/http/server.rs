@@ -59,7 +59,7 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
-/// A response's body: whole, or a stream (Server-Sent Events, SockJS's XHR streaming).
+/// A response's body: whole, or a stream (Server-Sent Events, SockJS's receiving requests).
 pub(crate) type Body =
     http_body_util::Either<Full<Bytes>, http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>>;
 

@@ -1,5 +1,5 @@
 //! A session's socket as a pair of in-memory pipes, for transports over plain HTTP requests
-//! (Engine.IO polling, SockJS's XHR streaming): the session reads WebSocket frames and writes
+//! (Engine.IO polling, SockJS's transports over HTTP requests): the session reads WebSocket frames and writes
 //! WebSocket frames as on any socket; the HTTP side writes the client's messages into its reader as
 //! client frames ([`client_frame`]) and reads the server frames it wrote ([`frame_at`]).
 

@@ -1,13 +1,16 @@
 //! STOMP over SockJS, as Spring's `registry.addEndpoint("/stomp").withSockJS()` serves it, for the
 //! pages that connect with `new SockJS("/stomp")`: `GET /stomp/info`, then the WebSocket
 //! transport at `/stomp/<server>/<session>/websocket`, whose STOMP frames go in SockJS's framing
-//! (see [`crate::codec::sockjs`]), or, when no WebSocket gets through, XHR streaming ([`xhr`]).
-//! `/stomp/websocket`, SockJS's raw WebSocket URL, is `/stomp` itself. The other fallbacks (XHR
-//! polling, EventSource, iframes) answer 404.
+//! (see [`crate::codec::sockjs`]), or, when no WebSocket gets through, one of its transports over
+//! plain HTTP requests ([`transports`]): XHR streaming, EventSource, XHR polling.
+//! `/stomp/websocket`, SockJS's raw WebSocket URL, is `/stomp` itself. The iframe and JSONP
+//! transports, for browsers without cross-origin XHR, answer 404.
 
-mod xhr;
+mod session;
+mod transports;
 
-pub(crate) use xhr::XhrSessions;
+pub(crate) use session::SockJsSessions;
+use transports::Receiver;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -42,19 +45,36 @@ pub(crate) async fn route(
             (&Method::GET, ("websocket", _)) => {
                 whole(super::stomp::upgrade(shared, request, peer, Transport::SockJs).await)
             }
-            (&Method::OPTIONS, ("xhr_streaming" | "xhr_send", _)) => {
+            (&Method::OPTIONS, ("xhr_streaming" | "xhr" | "xhr_send", _)) => {
                 whole(preflight(&shared, &request, "OPTIONS, POST"))
             }
-            (&Method::POST, ("xhr_streaming", key)) => Some(match refused(&shared, &request) {
-                Some(refused) => refused.map(http_body_util::Either::Left),
-                None => xhr::streaming(shared, request, peer, key).await,
-            }),
+            (&Method::POST, ("xhr_streaming", key)) => {
+                Some(receive(shared, request, peer, key, Receiver::XhrStreaming).await)
+            }
+            (&Method::POST, ("xhr", key)) => Some(receive(shared, request, peer, key, Receiver::XhrPolling).await),
+            (&Method::GET, ("eventsource", key)) => {
+                Some(receive(shared, request, peer, key, Receiver::EventSource).await)
+            }
             (&Method::POST, ("xhr_send", key)) => whole(match refused(&shared, &request) {
                 Some(refused) => refused,
-                None => xhr::send(shared, request, key).await,
+                None => transports::send(shared, request, key).await,
             }),
             _ => None,
         },
+    }
+}
+
+/// A receiving request of session `key` from an allowed origin.
+async fn receive(
+    shared: Arc<Shared>,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+    key: &str,
+    receiver: Receiver,
+) -> Response<Body> {
+    match refused(&shared, &request) {
+        Some(refused) => refused.map(http_body_util::Either::Left),
+        None => transports::receive(shared, request, peer, key, receiver).await,
     }
 }
 
