@@ -336,21 +336,63 @@ async fn spans_requests_and_loses_nothing(receiver: Receiver) {
     client.expect("CONNECTED").await;
     subscribe(&mut client, "q", "/user/queue/q").await;
     // 40 messages of 8,000 bytes: about 320 KiB of frames, so at least three responses of at most
-    // 128 KiB and a last frame each.
-    let mut published = Vec::new();
-    for n in 0..40 {
-        let body = format!("{n:02}{}", "x".repeat(7998));
-        published.push((publisher.publish("push.user.lou", &body).await, "/user/queue/q".to_string(), body));
-    }
-    let mut received = Vec::new();
-    while received.len() < published.len() {
-        received.push(next_message(&mut client).await);
-    }
+    // 128 KiB and a last frame each. Read as they come, as a client keeps receiving.
+    let publish = async {
+        let mut published = Vec::new();
+        for n in 0..40 {
+            let body = format!("{n:02}{}", "x".repeat(7998));
+            published.push((publisher.publish("push.user.lou", &body).await, "/user/queue/q".to_string(), body));
+        }
+        published
+    };
+    let receive = async {
+        let mut received = Vec::new();
+        while received.len() < 40 {
+            received.push(next_message(&mut client).await);
+        }
+        received
+    };
+    let (published, received) = tokio::join!(publish, receive);
     assert_eq!(received, published);
     let requests = client.receiving_requests();
     assert!(requests >= 3, "{requests} receiving requests for about 320 KiB");
     let last = publisher.publish("push.user.lou", "last").await;
     assert_eq!(next_message(&mut client).await, (last, "/user/queue/q".into(), "last".into()));
+}
+
+/// A client that polls all the time keeps its session past the disconnect delay: each poll counts,
+/// also one answered at once because frames were waiting (here a client that takes 100 ms over each
+/// message, behind a publisher that sends one each 50 ms: about 8 s of polls answered at once).
+#[tokio::test]
+async fn over_xhr_polling_a_busy_session_outlives_the_disconnect_delay() {
+    let nats = TestNats::start().await;
+    let publisher = Publisher::new(&nats).await;
+    let gateway = TestGateway::start(&nats).await;
+    let base = xhr_base(&gateway, "busy");
+    let mut client = StompClient::connect_xhr(&base, Receiver::XhrPolling, &[("passcode", &token("bea"))]).await;
+    client.expect("CONNECTED").await;
+    subscribe(&mut client, "q", "/user/queue/q").await;
+    let publish = async {
+        let mut published = Vec::new();
+        for n in 0..80 {
+            let body = n.to_string();
+            published.push((publisher.publish("push.user.bea", &body).await, "/user/queue/q".to_string(), body));
+            // Pacing, so that the session lives past the delay; nothing waits on it.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        published
+    };
+    let receive = async {
+        let mut received = Vec::new();
+        while received.len() < 80 {
+            received.push(next_message(&mut client).await);
+            // A client busy with each message: frames wait for its next poll.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        received
+    };
+    let (published, received) = tokio::join!(publish, receive);
+    assert_eq!(received, published);
 }
 
 /// What SockJS servers answer to a second stream of an open session, to `xhr_send` without a
@@ -407,6 +449,11 @@ async fn over_xhr_streaming_bad_requests_get_sockjs_answers_and_the_session_goes
 #[tokio::test]
 async fn an_xhr_streaming_session_ends_when_its_stream_is_dropped() {
     ends_without_receiving_requests(Receiver::XhrStreaming).await;
+}
+
+#[tokio::test]
+async fn an_eventsource_session_ends_when_its_stream_is_dropped() {
+    ends_without_receiving_requests(Receiver::EventSource).await;
 }
 
 #[tokio::test]

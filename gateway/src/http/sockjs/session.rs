@@ -51,9 +51,10 @@ impl SockJsSessions {
             output: Arc::new(tokio::sync::Mutex::new(Output {
                 pipe: Some(client_out),
                 buffered: Vec::new(),
+                taken: Vec::new(),
                 close: None,
             })),
-            receiving: watch::Sender::new(false),
+            receivers: watch::Sender::new(Receivers::default()),
             close_taken: watch::Sender::new(false),
         });
         sessions.insert(key.to_string(), session.clone());
@@ -81,10 +82,16 @@ pub(crate) struct SockJsSession {
     input: tokio::sync::Mutex<Option<DuplexStream>>,
     /// From the session's writer, held by the receiving request.
     output: Arc<tokio::sync::Mutex<Output>>,
-    /// Whether a request is receiving.
-    receiving: watch::Sender<bool>,
+    /// Whether a request is receiving, and how many did.
+    receivers: watch::Sender<Receivers>,
     /// Whether a request took the session's close.
     close_taken: watch::Sender<bool>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Receivers {
+    open: bool,
+    opened: u64,
 }
 
 struct Output {
@@ -92,8 +99,44 @@ struct Output {
     pipe: Option<DuplexStream>,
     /// Bytes of the session's output that are not a whole frame yet.
     buffered: Vec<u8>,
+    /// Text frames taken from `buffered`, not yet given to a request.
+    taken: Vec<Vec<u8>>,
     /// The session's close frame (`c[code,"reason"]`), once it came.
     close: Option<Vec<u8>>,
+}
+
+impl Output {
+    /// Moves the whole text frames at the start of `buffered` to `taken`, and notes the close
+    /// (the session's SockJS close, a text frame, comes before its WebSocket close); the payloads
+    /// of its pings.
+    fn take_frames(&mut self) -> Vec<Vec<u8>> {
+        let (mut pings, mut at) = (Vec::new(), 0);
+        while let Some((opcode, start, end)) = frame_at(&self.buffered[at..]) {
+            let payload = &self.buffered[at + start..at + end];
+            at += end;
+            match opcode {
+                0x1 => {
+                    if payload.starts_with(b"c[") {
+                        self.close = Some(payload.to_vec());
+                    }
+                    self.taken.push(payload.to_vec());
+                }
+                0x9 => pings.push(payload.to_vec()),
+                0x8 => {
+                    self.close.get_or_insert_with(go_away);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        self.buffered.drain(..at);
+        pings
+    }
+}
+
+/// The close of a session whose socket ended without one.
+fn go_away() -> Vec<u8> {
+    sockjs::close_payload(3000, "Go away!")
 }
 
 impl SockJsSession {
@@ -106,16 +149,23 @@ impl SockJsSession {
     /// The session's output for one receiving request; none while another request has it.
     pub(crate) fn receive(self: &Arc<Self>) -> Option<Receiving> {
         let output = self.output.clone().try_lock_owned().ok()?;
-        self.receiving.send_replace(true);
+        self.receivers.send_modify(|receivers| {
+            receivers.open = true;
+            receivers.opened += 1;
+        });
         Some(Receiving { session: self.clone(), output })
     }
 
     /// Resolves when no request has received for [`DISCONNECT_DELAY`]: the client is gone.
     pub(crate) async fn abandoned(&self) {
-        let mut receiving = self.receiving.subscribe();
+        let mut receivers = self.receivers.subscribe();
         loop {
-            let _ = receiving.wait_for(|receiving| !receiving).await;
-            if tokio::time::timeout(DISCONNECT_DELAY, receiving.wait_for(|receiving| *receiving)).await.is_err() {
+            // Counted, not only flagged: a poll answered at once opens and ends between two looks.
+            let Ok(opened) = receivers.wait_for(|receivers| !receivers.open).await.map(|idle| idle.opened) else {
+                return;
+            };
+            let back = receivers.wait_for(|receivers| receivers.open || receivers.opened != opened);
+            if tokio::time::timeout(DISCONNECT_DELAY, back).await.is_err() {
                 return;
             }
         }
@@ -141,70 +191,49 @@ pub(crate) struct Receiving {
 
 impl Receiving {
     /// The next frames the session sent (their payloads); the last is the close when the session
-    /// closed, and a closed session gives its close again. Pings are answered on the way.
+    /// closed, and a closed session gives its close again. Pings are answered on the way. Frames
+    /// are taken only when returned: a request dropped meanwhile leaves them to the next.
     pub(crate) async fn next_frames(&mut self) -> Vec<Vec<u8>> {
-        if let Some(close) = &self.output.close {
-            return vec![close.clone()];
-        }
         let mut chunk = vec![0; CHUNK];
         loop {
-            let (frames, pings, ended) = self.take_frames();
-            for ping in pings {
+            for ping in self.output.take_frames() {
                 // The session hears its client through this pong (its liveness is its requests);
-                // a session gone gives its close below.
+                // a session gone gives its close.
                 let _ = self.session.send(&client_frame(0xA, &ping)).await;
             }
-            if ended && self.output.close.is_none() {
-                self.output.close = Some(sockjs::close_payload(3000, "Go away!"));
-            }
-            if let Some(close) = &self.output.close {
-                self.session.close_taken.send_replace(true);
-                return if frames.is_empty() { vec![close.clone()] } else { frames };
-            }
-            if !frames.is_empty() {
-                return frames;
-            }
-            let read = match self.output.pipe.as_mut() {
-                Some(pipe) => pipe.read(&mut chunk).await,
-                None => Ok(0),
+            let frames = match (std::mem::take(&mut self.output.taken), &self.output.close) {
+                (taken, _) if !taken.is_empty() => taken,
+                (_, Some(close)) => vec![close.clone()],
+                (_, None) => {
+                    self.read(&mut chunk).await;
+                    continue;
+                }
             };
-            match read {
-                Ok(0) | Err(_) => self.output.close = Some(sockjs::close_payload(3000, "Go away!")),
-                Ok(n) => self.output.buffered.extend_from_slice(&chunk[..n]),
+            if self.output.close.is_some() {
+                self.session.close_taken.send_replace(true);
             }
+            return frames;
         }
     }
 
-    /// The text frames at the start of the buffered output, the payloads of its pings, and
-    /// whether the session's close frame came (its SockJS close, a text frame, is then the last).
-    fn take_frames(&mut self) -> (Vec<Vec<u8>>, Vec<Vec<u8>>, bool) {
-        let Output { buffered, close, .. } = &mut *self.output;
-        let (mut frames, mut pings, mut ended, mut at) = (Vec::new(), Vec::new(), false, 0);
-        while let Some((opcode, start, end)) = frame_at(&buffered[at..]) {
-            let payload = &buffered[at + start..at + end];
-            match opcode {
-                0x1 if payload.starts_with(b"c[") => {
-                    *close = Some(payload.to_vec());
-                    frames.push(payload.to_vec());
-                }
-                0x1 => frames.push(payload.to_vec()),
-                0x9 => pings.push(payload.to_vec()),
-                0x8 => ended = true,
-                _ => {}
+    /// Reads more of the session's output; the end of it (an abandoned session's) is its close.
+    async fn read(&mut self, chunk: &mut [u8]) {
+        let read = match self.output.pipe.as_mut() {
+            Some(pipe) => pipe.read(chunk).await,
+            None => Ok(0),
+        };
+        match read {
+            Ok(0) | Err(_) => {
+                self.output.close.get_or_insert_with(go_away);
             }
-            at += end;
-            if ended {
-                break;
-            }
+            Ok(n) => self.output.buffered.extend_from_slice(&chunk[..n]),
         }
-        buffered.drain(..at);
-        (frames, pings, ended)
     }
 }
 
 impl Drop for Receiving {
     fn drop(&mut self) {
-        self.session.receiving.send_replace(false);
+        self.session.receivers.send_modify(|receivers| receivers.open = false);
     }
 }
 
@@ -256,5 +285,22 @@ mod tests {
         let started = tokio::time::Instant::now();
         abandoned.await;
         assert_eq!(started.elapsed(), DISCONNECT_DELAY);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_polled_often_is_not_abandoned() {
+        let sessions = SockJsSessions::default();
+        let (session, _socket) = sessions.open("1/a", 1024).unwrap();
+        let polls = async {
+            // Polls answered at once, each between two looks of the watch.
+            for _ in 0..100 {
+                drop(session.receive().unwrap());
+                tokio::time::sleep(DISCONNECT_DELAY / 50).await;
+            }
+        };
+        tokio::select! {
+            _ = session.abandoned() => panic!("abandoned while polled"),
+            _ = polls => {}
+        }
     }
 }

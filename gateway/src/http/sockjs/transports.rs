@@ -152,8 +152,8 @@ fn open(
             _ = session.abandoned() => true,
         };
         if abandoned {
-            session.end_socket().await;
-            stomp.await;
+            // The session runs on meanwhile: a request that came just now ends with its close.
+            tokio::join!(session.end_socket(), stomp);
         } else if !shared.killed.is_cancelled() {
             // (A killed gateway sends no close.)
             let _ = tokio::time::timeout(DISCONNECT_DELAY, session.close_taken()).await;
@@ -192,23 +192,16 @@ fn frames(
     receiving: Receiving,
     receiver: Receiver,
 ) -> impl futures::Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send {
-    let start = (Some(receiving), receiver.prelude(), 0);
-    stream::unfold(start, move |(receiving, prelude, sent)| async move {
-        if !prelude.is_empty() {
-            return Some((Ok(Frame::data(Bytes::from(prelude))), (receiving, Vec::new(), sent)));
-        }
-        let mut receiving = receiving?;
-        if receiver.done(sent) {
-            return None;
-        }
+    let prelude = Some(receiver.prelude()).filter(|prelude| !prelude.is_empty());
+    let frames = stream::unfold((Some(receiving), 0), move |(receiving, sent)| async move {
+        let mut receiving = receiving.filter(|_| !receiver.done(sent))?;
         let frames = receiving.next_frames().await;
         let closed = frames.last().is_some_and(|frame| frame.starts_with(b"c["));
         let bytes = receiver.write(&frames);
         let sent = sent + bytes.len();
-        let receiving = (!closed).then_some(receiving);
-        Some((Ok(Frame::data(Bytes::from(bytes))), (receiving, Vec::new(), sent)))
-    })
-    .boxed()
+        Some((bytes, ((!closed).then_some(receiving), sent)))
+    });
+    stream::iter(prelude).chain(frames).map(|bytes| Ok(Frame::data(Bytes::from(bytes)))).boxed()
 }
 
 fn receiving_response<B>(request: &Request<B>, receiver: Receiver, body: Body) -> Response<Body> {
