@@ -119,9 +119,13 @@ fn without_lone_surrogates(text: &[u8]) -> Cow<'_, [u8]> {
     Cow::Owned(out)
 }
 
-/// Whether a path segment can name a SockJS server or session: not empty, no dot, no slash.
+/// The longest server or session name (sockjs-client's are 3 digits and 8 characters).
+const MAX_SEGMENT_BYTES: usize = 64;
+
+/// Whether a path segment can name a SockJS server or session: not empty, no dot, no slash, at
+/// most 64 bytes (session names are kept in memory, by name).
 pub(crate) fn valid_segment(segment: &str) -> bool {
-    !segment.is_empty() && !segment.contains(['.', '/'])
+    !segment.is_empty() && segment.len() <= MAX_SEGMENT_BYTES && !segment.contains(['.', '/'])
 }
 
 #[cfg(test)]

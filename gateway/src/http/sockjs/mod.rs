@@ -160,5 +160,7 @@ mod tests {
         assert_eq!(transport("/abcdef/websocket"), None);
         assert_eq!(transport("123/abcdef/websocket/x"), None);
         assert_eq!(transport("websocket"), None);
+        assert_eq!(transport(&format!("1/{}/xhr", "s".repeat(64))).map(|(t, _)| t), Some("xhr"));
+        assert_eq!(transport(&format!("1/{}/xhr", "s".repeat(65))), None, "a session name of 65 bytes");
     }
 }
