@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 use herald_shared::frame::{ServerFrame, close_code};
-use herald_tests::gateway::token;
+use herald_tests::gateway::{token, token_with};
 use herald_tests::nats::Role;
 use herald_tests::ws::Event;
 use herald_tests::{TestCluster, TestGateway, WsClient, eventually};
@@ -312,6 +312,31 @@ async fn a_message_stored_but_never_republished_behind_a_newer_one_is_reported_w
     assert_eq!(led.client.expect_close().await.map(|close| close.0), Some(close_code::SLOW_CONSUMER));
     let mut resumed = led.gateway.connect_with(&format!("token={}&since={newer}", token("led"))).await;
     assert!(!resumed.expect_replayed().await.3, "the resume reports the loss");
+}
+
+/// A topic's message lost that way is owed only to sessions subscribed before it: one connected
+/// before it that subscribed to the topic after it, without `since` (live from then on), goes on,
+/// while one subscribed before it is told with 4008.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_stored_but_never_republished_is_not_owed_to_a_later_subscription() {
+    let _alone = ONE_CLUSTER.lock().await;
+    let led = Led::start().await;
+    let connect = |user: &str| format!("token={}", token_with(user, &["news"], 3600));
+    let mut early = led.gateway.connect_with(&format!("{}&topics=news", connect("early"))).await;
+    let mut late = led.gateway.connect_with(&connect("late")).await;
+    let first = led.publish("push.topic.news", "1").await;
+    assert_eq!(early.expect_msg().await.seq, first);
+    let _lost = led.publish_unrepublished("push.topic.news", "2").await;
+    let newer = led.publish("push.all", "3").await;
+    assert_eq!(early.expect_msg().await.seq, newer);
+    assert_eq!(late.expect_msg().await.seq, newer);
+    late.send_json(serde_json::json!({"type": "sub", "topic": "news"})).await;
+    assert_eq!(late.next_frame().await, ServerFrame::Subscribed { topic: "news".into() });
+    led.change_leader().await;
+
+    assert_eq!(early.expect_close().await.map(|close| close.0), Some(close_code::SLOW_CONSUMER));
+    let after = led.publish("push.topic.news", "4").await;
+    assert_eq!(late.expect_msg().await.seq, after, "the later subscription goes on");
 }
 
 /// A gateway on a three-node cluster, user `led` connected, and the test's NATS clients.

@@ -68,6 +68,9 @@ pub(crate) struct LogStart {
     pub(crate) audience: Audience,
     pub(crate) log: Arc<Log>,
     pub(crate) position: u64,
+    /// What had been routed when the session started reading: the log brings what comes after,
+    /// so a gap at or below it is older than the session's subscription.
+    pub(crate) routed: u64,
 }
 
 impl std::fmt::Debug for LogStart {
@@ -546,7 +549,7 @@ impl RouterTask {
                 }
                 Target::Broadcast { log, readers } => {
                     readers.insert(key);
-                    logs.push(LogStart { audience, log: log.clone(), position: log.end() });
+                    logs.push(LogStart { audience, log: log.clone(), position: log.end(), routed: self.routed });
                 }
             }
         }

@@ -196,7 +196,7 @@ mod tests {
     }
 
     fn start(audience: Audience, log: &Arc<Log>) -> LogStart {
-        LogStart { audience, log: log.clone(), position: log.end() }
+        LogStart { audience, log: log.clone(), position: log.end(), routed: 0 }
     }
 
     /// Keys visited (evictions as `E<last evicted>`, overflows as `O`), up to `watermark`.

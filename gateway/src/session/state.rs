@@ -14,7 +14,7 @@
 //! - Work that needs the stream (the first replay, repairs, topic joins) runs one job at a time,
 //!   in the order asked: each job is a sequence of [`Action`]s whose [`Outcome`]s come back.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes};
@@ -231,6 +231,9 @@ pub(crate) struct SessionState {
     /// The action that starts `step`, until the task takes it.
     action: Option<Action>,
     topics: BTreeSet<String>,
+    /// Topics joined after the start without `since`, and what had been routed then: nothing of
+    /// theirs up to it is owed (a gap there is older than the subscription).
+    joined_live: HashMap<Audience, u64>,
     allowed_topics: Vec<String>,
     max_topics: usize,
     per_subject_cap: i64,
@@ -255,6 +258,7 @@ impl SessionState {
             step: None,
             action: None,
             topics: topics.into_iter().collect(),
+            joined_live: HashMap::new(),
             allowed_topics,
             max_topics,
             per_subject_cap,
@@ -397,6 +401,7 @@ impl SessionState {
             muted: &muted,
             last_sent: &mut self.last_sent,
             complete_through: self.complete_through,
+            joined_live: &self.joined_live,
             frames: &mut self.frames,
             frame_bytes: &mut self.frame_bytes,
             tally: &mut self.tally,
@@ -505,6 +510,7 @@ impl SessionState {
                 if self.topics.remove(&topic) {
                     let audience = Audience::Topic(topic.clone());
                     self.sources.remove(&audience);
+                    self.joined_live.remove(&audience);
                     let action = Action::Detach { topic: topic.clone() };
                     self.begin(Step::Detach { topic }, action);
                 } else {
@@ -578,6 +584,9 @@ impl SessionState {
             }
         };
         if !self.topics.contains(&topic) {
+            if since.is_none() {
+                self.joined_live.insert(start.audience.clone(), start.routed);
+            }
             self.sources.add(start);
             self.topics.insert(topic.clone());
         }
@@ -696,6 +705,7 @@ struct LivePull<'a> {
     muted: &'a [Box<str>],
     last_sent: &'a mut u64,
     complete_through: u64,
+    joined_live: &'a HashMap<Audience, u64>,
     frames: &'a mut VecDeque<Bytes>,
     frame_bytes: &'a mut usize,
     tally: &'a mut Tally,
@@ -827,7 +837,8 @@ impl LivePull<'_> {
     /// replay covered are no loss; the others are repaired, unless something newer was sent
     /// already: then whether one of them is older than that is looked up.
     fn gap(&mut self, first: u64, last: u64, audience: &Audience) -> Flow {
-        let uncovered = first.max(self.complete_through + 1);
+        let owed_from = self.joined_live.get(audience).map_or(0, |routed| routed + 1);
+        let uncovered = first.max(self.complete_through + 1).max(owed_from);
         if uncovered > last {
             Flow::Continue
         } else if *self.last_sent >= uncovered {

@@ -54,7 +54,7 @@ impl Harness {
     fn build(start: Start, last: u64, log_entries: usize, adjust: impl FnOnce(&mut Params)) -> Harness {
         let mailbox = Arc::new(Mailbox::new(1 << 20));
         let all = Arc::new(Log::new(LogLimits { entries: log_entries, bytes: 1 << 20 }));
-        let start_all = LogStart { audience: Audience::All, log: all.clone(), position: all.end() };
+        let start_all = LogStart { audience: Audience::All, log: all.clone(), position: all.end(), routed: 0 };
         let mut params = Params {
             user: USER.into(),
             local: Arc::new(LocalUser::default()),
@@ -403,7 +403,7 @@ fn a_topic_joined_with_since_sends_older_messages_as_a_block_then_catches_up_in_
     h.state.subscribe("news".into(), Some(5));
     assert_eq!(h.action(), Some(Action::Attach { topic: "news".into() }));
     let log = Arc::new(Log::new(LogLimits { entries: 10, bytes: 1 << 20 }));
-    let start = LogStart { audience: news.clone(), log: log.clone(), position: 0 };
+    let start = LogStart { audience: news.clone(), log: log.clone(), position: 0, routed: 0 };
     h.state.on_outcome(Outcome::Attached(Ok(start)));
     assert_eq!(h.action(), Some(Action::ReadBounds));
     // Live messages while the topic replays wait, the topic's own among them.
@@ -425,7 +425,7 @@ fn a_topic_joined_without_since_is_subscribed_once_nats_has_it() {
     h.state.subscribe("news".into(), None);
     assert_eq!(h.action(), Some(Action::Attach { topic: "news".into() }));
     let log = Arc::new(Log::new(LogLimits { entries: 10, bytes: 1 << 20 }));
-    let start = LogStart { audience: Audience::Topic("news".into()), log: log.clone(), position: 0 };
+    let start = LogStart { audience: Audience::Topic("news".into()), log: log.clone(), position: 0, routed: 0 };
     h.state.on_outcome(Outcome::Attached(Ok(start)));
     assert_eq!(h.action(), Some(Action::Flush));
     // Live goes on meanwhile.
@@ -441,6 +441,35 @@ fn a_topic_joined_without_since_is_subscribed_once_nats_has_it() {
     h.watermark = 13;
     h.state.on_outcome(Outcome::Detached);
     assert_eq!(h.frames(), ["unsubscribed:news"], "nothing of the topic after unsub");
+}
+
+#[test]
+fn a_gap_older_than_a_topic_joined_without_since_is_not_owed() {
+    let mut h = Harness::new(Start::Live, 3);
+    for seq in 4..=12 {
+        h.broadcast(all_message(seq));
+    }
+    assert_eq!(h.frames().len(), 9);
+    let news = Audience::Topic("news".into());
+    h.state.subscribe("news".into(), None);
+    assert_eq!(h.action(), Some(Action::Attach { topic: "news".into() }));
+    let log = Arc::new(Log::new(LogLimits { entries: 10, bytes: 1 << 20 }));
+    let start = LogStart { audience: news.clone(), log: log.clone(), position: 0, routed: 12 };
+    h.state.on_outcome(Outcome::Attached(Ok(start)));
+    assert_eq!(h.action(), Some(Action::Flush));
+    h.state.on_outcome(Outcome::Flushed);
+    // A leader check found news's 5..=9 stored and never routed: from before the subscription.
+    log.append(Live::Gap { first: 5, last: 9, audience: news.clone() });
+    log.append(Live::Message(Arc::new(message(13, news.clone(), ""))));
+    h.watermark = 13;
+    assert_eq!(h.frames(), ["subscribed:news", "13"]);
+    assert_eq!(h.action(), None);
+    assert_eq!(h.closed_with(), None);
+    // After it, what is past the subscription is owed again: 14 may be lost (13 was sent).
+    log.append(Live::Gap { first: 10, last: 14, audience: news.clone() });
+    h.watermark = 14;
+    assert!(h.frames().is_empty());
+    assert_eq!(h.action(), Some(Action::FindStored { audience: news, from: 13 }));
 }
 
 #[test]
