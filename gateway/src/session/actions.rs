@@ -32,9 +32,10 @@ const LONGEST_PAUSE: Duration = Duration::from_secs(2);
 pub(super) fn perform(session: &Arc<Session>, action: Action) -> BoxStream<'static, Outcome> {
     let session = session.clone();
     match action {
-        Action::ReadBounds => once(async move {
+        Action::ReadBounds { at_least } => once(async move {
             let shared = &session.shared;
-            let read = || async { shared.bounds.read_at_least(shared.router.watermark().routed()).await };
+            let at_least = shared.router.watermark().routed().max(at_least);
+            let read = || async { shared.bounds.read_at_least(at_least).await };
             let bounds = retried(BOUNDS_PATIENCE, read).await;
             Outcome::Bounds(bounds.map_err(|error| error.to_string()))
         }),

@@ -72,8 +72,10 @@ pub(crate) struct Params {
 /// I/O the session needs; its result comes back as an [`Outcome`].
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Action {
-    /// Read the stream's bounds on the delivery connection (after every subscription made).
-    ReadBounds,
+    /// Read the stream's bounds on the delivery connection (after every subscription made),
+    /// reaching at least `at_least`, a sequence known to be stored (a gap's end; 0 when none is):
+    /// a server answering from a stale view is asked again.
+    ReadBounds { at_least: u64 },
     /// Read back the stored messages of `audiences` with `since < seq <= upto`, in order.
     Replay { audiences: Vec<Audience>, since: u64, upto: u64 },
     /// Subscribe the session to `topic`.
@@ -234,6 +236,9 @@ pub(crate) struct SessionState {
     /// Topics joined after the start without `since`, and what had been routed then: nothing of
     /// theirs up to it is owed (a gap there is older than the subscription).
     joined_live: HashMap<Audience, u64>,
+    /// The end of the gaps seen live since the last repair began: stored, so the repair's bounds
+    /// reach it.
+    gap_end: u64,
     allowed_topics: Vec<String>,
     max_topics: usize,
     per_subject_cap: i64,
@@ -259,6 +264,7 @@ impl SessionState {
             action: None,
             topics: topics.into_iter().collect(),
             joined_live: HashMap::new(),
+            gap_end: 0,
             allowed_topics,
             max_topics,
             per_subject_cap,
@@ -402,6 +408,7 @@ impl SessionState {
             last_sent: &mut self.last_sent,
             complete_through: self.complete_through,
             joined_live: &self.joined_live,
+            gap_end: &mut self.gap_end,
             frames: &mut self.frames,
             frame_bytes: &mut self.frame_bytes,
             tally: &mut self.tally,
@@ -500,7 +507,10 @@ impl SessionState {
         match job {
             // Started by `new`.
             Job::Resume { .. } => {}
-            Job::Repair => self.begin(Step::Bounds(AfterBounds::Repair), Action::ReadBounds),
+            Job::Repair => {
+                let at_least = std::mem::take(&mut self.gap_end);
+                self.begin(Step::Bounds(AfterBounds::Repair), Action::ReadBounds { at_least });
+            }
             Job::CheckLoss { audience, first, through } => {
                 self.begin(Step::FindStored { through }, Action::FindStored { audience, from: first })
             }
@@ -596,7 +606,8 @@ impl SessionState {
             Some(requested) => {
                 // Reading the bounds below puts the subscription on the server first.
                 self.notice(&ServerFrame::Subscribed { topic: topic.clone() });
-                self.begin(Step::Bounds(AfterBounds::TopicReplay { topic, requested }), Action::ReadBounds);
+                let action = Action::ReadBounds { at_least: 0 };
+                self.begin(Step::Bounds(AfterBounds::TopicReplay { topic, requested }), action);
             }
         }
     }
@@ -706,6 +717,7 @@ struct LivePull<'a> {
     last_sent: &'a mut u64,
     complete_through: u64,
     joined_live: &'a HashMap<Audience, u64>,
+    gap_end: &'a mut u64,
     frames: &'a mut VecDeque<Bytes>,
     frame_bytes: &'a mut usize,
     tally: &'a mut Tally,
@@ -837,6 +849,7 @@ impl LivePull<'_> {
     /// replay covered are no loss; the others are repaired, unless something newer was sent
     /// already: then whether one of them is older than that is looked up.
     fn gap(&mut self, first: u64, last: u64, audience: &Audience) -> Flow {
+        *self.gap_end = (*self.gap_end).max(last);
         let owed_from = self.joined_live.get(audience).map_or(0, |routed| routed + 1);
         let uncovered = first.max(self.complete_through + 1).max(owed_from);
         if uncovered > last {

@@ -247,7 +247,7 @@ fn a_gap_is_repaired_from_the_stream_before_anything_newer_is_sent() {
     h.broadcast(all_message(13));
     h.personal(user_message(14));
     assert_eq!(h.frames(), ["11"], "nothing after the gap before the repair");
-    assert_eq!(h.action(), Some(Action::ReadBounds));
+    assert_eq!(h.action(), Some(Action::ReadBounds { at_least: 12 }), "bounds that reach the gap, stored");
     h.state.on_outcome(Outcome::Bounds(Ok(bounds(1, 13))));
     assert_eq!(h.action(), replay_of(everything(), 11, 13));
     h.replay(vec![message(12, Audience::All, ""), message(13, Audience::All, "")]);
@@ -297,7 +297,7 @@ fn a_gap_behind_a_newer_message_whose_missing_messages_are_all_newer_is_repaired
     assert!(matches!(h.action(), Some(Action::FindStored { .. })));
     // The only missing one is 13, newer than anything sent: a repair brings it in order.
     h.state.on_outcome(Outcome::Stored(Ok(Some(13))));
-    assert_eq!(h.action(), Some(Action::ReadBounds));
+    assert_eq!(h.action(), Some(Action::ReadBounds { at_least: 13 }));
     h.state.on_outcome(Outcome::Bounds(Ok(bounds(1, 14))));
     assert_eq!(h.action(), replay_of(everything(), 12, 14));
     h.replay(vec![message(13, Audience::User(USER.into()), ""), message(14, Audience::User(USER.into()), "")]);
@@ -317,7 +317,7 @@ fn falling_out_of_a_log_window_is_repaired_not_lost() {
     }
     // 12..=16 were evicted unread: catch up from the stream.
     assert!(h.frames().is_empty());
-    assert_eq!(h.action(), Some(Action::ReadBounds));
+    assert_eq!(h.action(), Some(Action::ReadBounds { at_least: 0 }));
     h.state.on_outcome(Outcome::Bounds(Ok(bounds(1, 18))));
     assert_eq!(h.action(), replay_of(everything(), 11, 18));
     h.replay((12..=18).map(|seq| message(seq, Audience::All, "")).collect());
@@ -346,13 +346,13 @@ fn an_overflowing_mailbox_and_a_reconnected_feed_are_repaired_once_each() {
     let mut h = Harness::new(Start::Live, 10);
     h.mailbox.push_event(Event::Repair);
     h.mailbox.push_event(Event::Repair);
-    assert_eq!(h.action(), Some(Action::ReadBounds));
+    assert_eq!(h.action(), Some(Action::ReadBounds { at_least: 0 }));
     // A reason that comes while the repair is under way needs another one.
     h.mailbox.push_event(Event::Repair);
     h.state.pull(h.watermark);
     h.state.on_outcome(Outcome::Bounds(Ok(bounds(1, 10))));
     // Nothing stored past what was sent: no replay, and the second repair starts.
-    assert_eq!(h.action(), Some(Action::ReadBounds));
+    assert_eq!(h.action(), Some(Action::ReadBounds { at_least: 0 }));
     assert_eq!(h.state.take_tally().repairs, 2);
 }
 
@@ -362,7 +362,7 @@ fn a_repair_with_nothing_stored_past_what_was_sent_reads_no_replay_and_live_goes
     h.broadcast(all_message(11));
     assert_eq!(h.frames(), ["11"]);
     h.mailbox.push_event(Event::Repair);
-    assert_eq!(h.action(), Some(Action::ReadBounds));
+    assert_eq!(h.action(), Some(Action::ReadBounds { at_least: 0 }));
     h.broadcast(all_message(12));
     assert!(h.frames().is_empty(), "live messages wait for the repair");
     h.state.on_outcome(Outcome::Bounds(Ok(bounds(1, 11))));
@@ -405,7 +405,7 @@ fn a_topic_joined_with_since_sends_older_messages_as_a_block_then_catches_up_in_
     let log = Arc::new(Log::new(LogLimits { entries: 10, bytes: 1 << 20 }));
     let start = LogStart { audience: news.clone(), log: log.clone(), position: 0, routed: 0 };
     h.state.on_outcome(Outcome::Attached(Ok(start)));
-    assert_eq!(h.action(), Some(Action::ReadBounds));
+    assert_eq!(h.action(), Some(Action::ReadBounds { at_least: 0 }));
     // Live messages while the topic replays wait, the topic's own among them.
     h.personal(user_message(15));
     log.append(Live::Message(Arc::new(message(16, news.clone(), ""))));
