@@ -6,6 +6,7 @@ EventSource, XHR polling); the gateway is restarted while the page is open and t
 with `herald-since`, as such pages reconnect: what was published meanwhile arrives once, in order.
 """
 
+import json
 import os
 import pathlib
 
@@ -117,3 +118,26 @@ def test_sockjs_client_receives_messages_and_a_gateway_restart_loses_nothing(soc
         (last, inbox, '{"n": 5}'),
     ]
     assert [e["code"] for e in page.evaluate("window.events") if e["type"] == "close"][0] == 1012
+
+
+def test_a_long_session_goes_on_across_responses_and_polls(sockjs_page, nats, user, transport):
+    """About 320 KiB of messages: sockjs-client opens the next XHR stream or event stream when the
+    gateway ends one after 128 KiB (and polls again after each poll), and the page gets each message
+    once, in order, on the same session (a failure without the cut: one stream carried it all)."""
+    page = sockjs_page
+    requests = []
+    page.on("request", lambda request: requests.append(request.url))
+    published = []
+    for n in range(40):
+        body = {"n": n, "pad": "x" * 8000}
+        published.append((nats.publish(f"push.user.{user}", body), "/user/queue/inbox", json.dumps(body)))
+    expect(page.locator("li[data-type=message]")).to_have_count(40)
+    assert messages(page) == published
+    assert [e for e in page.evaluate("window.events") if e["type"] == "close"] == []
+    transports = ("xhr_streaming", "eventsource", "xhr")
+    receiving = [url for url in requests if url.split("?")[0].rsplit("/", 1)[-1] in transports]
+    if transport == "websocket":
+        assert receiving == []
+    else:
+        # Streams: the first one ended after 128 KiB, and the next; polls: many.
+        assert len(receiving) >= 2, receiving
