@@ -63,6 +63,49 @@ enum Backend {
     Process { child: Mutex<Option<Child>>, store: PathBuf, config: PathBuf },
 }
 
+/// A NATS container on a free host port. The port is free when picked but may be taken before
+/// Docker binds it (by an outgoing connection of another test, say): then another one is picked.
+async fn start_container(
+    tls: Option<&ServerTls>,
+    network: Option<(&str, &str)>,
+) -> (u16, ContainerAsync<GenericImage>) {
+    let mut attempts = 0;
+    loop {
+        let port = free_port();
+        let image = image_name();
+        let (name, tag) = image.split_once(':').expect("image is name:tag");
+        let conf = workspace_root().join("nats.conf");
+        let mut request = GenericImage::new(name, tag)
+            .with_wait_for(WaitFor::message_on_stderr("Server is ready"))
+            .with_exposed_port(4222.tcp())
+            .with_mapped_port(port, 4222.tcp())
+            .with_copy_to("/etc/herald/nats.conf", conf)
+            .with_startup_timeout(Duration::from_secs(60));
+        request = match tls {
+            None => request.with_cmd(["-c", "/etc/herald/nats.conf", "-sd", "/data/jetstream"]),
+            Some(tls) => request
+                .with_copy_to("/etc/herald/tls.conf", tls_config("/etc/herald").into_bytes())
+                .with_copy_to("/etc/herald/server.pem", tls.cert_pem.clone().into_bytes())
+                .with_copy_to("/etc/herald/server-key.pem", tls.key_pem.clone().into_bytes())
+                .with_cmd(["-c", "/etc/herald/tls.conf", "-sd", "/data/jetstream"]),
+        };
+        for role in Role::ALL {
+            request = request.with_env_var(role.password_variable(), role.password());
+        }
+        if let Some((network, name)) = network {
+            request = request.with_network(network).with_container_name(name);
+        }
+        match request.start().await {
+            Ok(container) => return (port, container),
+            // (A named container is left behind, holding its name: no second try.)
+            Err(error) if network.is_none() && attempts < 5 && error.to_string().contains("address already in use") => {
+                attempts += 1
+            }
+            Err(error) => panic!("start the NATS container: {error}"),
+        }
+    }
+}
+
 /// A server certificate (chain) and its key, PEM, for a NATS that requires TLS from every client.
 pub struct ServerTls {
     pub cert_pem: String,
@@ -103,38 +146,15 @@ impl TestNats {
     async fn start_with(tls: Option<(&ServerTls, &std::path::Path)>, network: Option<(&str, &str)>) -> TestNats {
         let tls_ca = tls.map(|(_, ca)| ca.to_path_buf());
         let tls = tls.map(|(tls, _)| tls);
-        let port = free_port();
         if docker_available() {
-            let image = image_name();
-            let (name, tag) = image.split_once(':').expect("image is name:tag");
-            let conf = workspace_root().join("nats.conf");
-            let mut request = GenericImage::new(name, tag)
-                .with_wait_for(WaitFor::message_on_stderr("Server is ready"))
-                .with_exposed_port(4222.tcp())
-                .with_mapped_port(port, 4222.tcp())
-                .with_copy_to("/etc/herald/nats.conf", conf)
-                .with_startup_timeout(Duration::from_secs(60));
-            request = match tls {
-                None => request.with_cmd(["-c", "/etc/herald/nats.conf", "-sd", "/data/jetstream"]),
-                Some(tls) => request
-                    .with_copy_to("/etc/herald/tls.conf", tls_config("/etc/herald").into_bytes())
-                    .with_copy_to("/etc/herald/server.pem", tls.cert_pem.clone().into_bytes())
-                    .with_copy_to("/etc/herald/server-key.pem", tls.key_pem.clone().into_bytes())
-                    .with_cmd(["-c", "/etc/herald/tls.conf", "-sd", "/data/jetstream"]),
-            };
-            for role in Role::ALL {
-                request = request.with_env_var(role.password_variable(), role.password());
-            }
-            if let Some((network, name)) = network {
-                request = request.with_network(network).with_container_name(name);
-            }
-            let container = request.start().await.expect("start the NATS container");
+            let (port, container) = start_container(tls, network).await;
             TestNats { port, backend: Backend::Container(Box::new(container)), tls_ca }
         } else {
             assert!(
                 std::env::var("HERALD_REQUIRE_DOCKER").as_deref() != Ok("1"),
                 "HERALD_REQUIRE_DOCKER=1 but no Docker daemon is reachable"
             );
+            let port = free_port();
             eprintln!("no Docker daemon: running nats-server as a process");
             let store = std::env::temp_dir().join(format!("herald-nats-{port}"));
             let config = match tls {
