@@ -33,9 +33,14 @@ use crate::http::metrics::Metrics;
 
 /// Messages routed before the sessions they fed are woken, at most (see `finish_burst`).
 const BURST: u32 = 32;
-/// How long a new leader of the stream has to say what it stores before every session catches
-/// up instead (the watermark is held meanwhile, so this bounds the pause of live delivery).
+/// How long live delivery waits for a new leader of the stream to say what it stores (the
+/// watermark is held meanwhile); the leader is still asked after it, without holding.
 const CHECK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+/// How many times a leader that could not answer is asked again (a moment apart, the stream may
+/// be electing another one), before every session catches up instead: a catch-up cannot find what
+/// the old leader stored behind messages already sent, only the question can.
+const CHECK_RETRIES: u32 = 3;
+const CHECK_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How far sessions may read their sources: every message up to it is in them. It is the highest
 /// sequence routed, except while a leader check holds it lower; `routed` is that highest sequence
@@ -279,6 +284,10 @@ struct Checking {
     again: bool,
     /// When the first check began: asking again never holds past [`CHECK_PATIENCE`] from it.
     started: tokio::time::Instant,
+    /// Whether the watermark is held (until [`CHECK_PATIENCE`] from `started`).
+    holds: bool,
+    /// Questions in a row that got no answer.
+    failures: u32,
 }
 
 impl RouterTask {
@@ -348,7 +357,8 @@ impl RouterTask {
             log.append_all(entries.iter().cloned());
         }
         self.routed = self.routed.max(self.burst.max_seq);
-        self.watermark.raise(self.checking.as_ref().map_or(self.routed, |checking| checking.at), self.routed);
+        let held = self.checking.as_ref().filter(|checking| checking.holds);
+        self.watermark.raise(held.map_or(self.routed, |checking| checking.at), self.routed);
         for mailbox in self.burst.mailboxes.drain(..) {
             mailbox.wake();
         }
@@ -395,10 +405,7 @@ impl RouterTask {
                 let _ = reply.send(muted.unwrap_or_else(|| Arc::from(Vec::new())));
             }
             Command::StoredPast { behind } => self.stored_past(behind),
-            Command::CheckFailed { why } => {
-                self.repair_all(&why);
-                self.end_check();
-            }
+            Command::CheckFailed { why } => self.check_failed(&why),
         }
     }
 
@@ -408,16 +415,20 @@ impl RouterTask {
     /// [`Command::CheckFailed`].
     fn check_stored_past(&mut self) {
         if let Some(routed) = self.begin_check() {
-            self.ask(routed, CHECK_PATIENCE);
+            self.ask(routed, CHECK_PATIENCE, std::time::Duration::ZERO);
         }
     }
 
-    /// Asks the stream's leader, in the background, for `patience` at most, where each route's
-    /// subject has messages stored past what it accounts for (`routed`).
-    fn ask(&self, routed: Vec<(Audience, u64)>, patience: std::time::Duration) {
+    /// Asks the stream's leader, in the background, after `pause` and for `patience` at most in
+    /// all, where each route's subject has messages stored past what it accounts for (`routed`).
+    fn ask(&self, routed: Vec<(Audience, u64)>, patience: std::time::Duration, pause: std::time::Duration) {
         let (feed, commands) = (self.feed.clone(), self.own_commands.clone());
         tokio::spawn(async move {
-            let asked = tokio::time::timeout(patience, super::leader::stored_past(&feed, routed)).await;
+            let question = async {
+                tokio::time::sleep(pause).await;
+                super::leader::stored_past(&feed, routed).await
+            };
+            let asked = tokio::time::timeout(patience, question).await;
             let command = match asked {
                 Ok(Ok(behind)) => Command::StoredPast { behind },
                 Ok(Err(error)) => Command::CheckFailed {
@@ -446,7 +457,7 @@ impl RouterTask {
             return None;
         }
         let started = tokio::time::Instant::now();
-        self.checking = Some(Checking { at: self.routed, again: false, started });
+        self.checking = Some(Checking { at: self.routed, again: false, started, holds: true, failures: 0 });
         Some(self.accounted())
     }
 
@@ -454,19 +465,46 @@ impl RouterTask {
         self.routes.iter().map(|(audience, route)| (audience.clone(), route.accounted())).collect()
     }
 
-    /// The leader check answered: the watermark goes on, and every session looks at what came
-    /// meanwhile.
+    /// The leader check answered. A leader that changed again meanwhile is asked too; otherwise,
+    /// or once past [`CHECK_PATIENCE`], the watermark goes on and every session looks at what
+    /// came meanwhile.
     fn end_check(&mut self) {
         let Some(checking) = self.checking.take() else { return };
         if checking.again {
-            let left = CHECK_PATIENCE.saturating_sub(checking.started.elapsed());
-            if !left.is_zero() {
-                // The leader changed again meanwhile: ask the newest one too, still holding.
-                self.checking = Some(Checking { again: false, ..checking });
-                self.ask(self.accounted(), left);
-                return;
-            }
-            self.repair_all("the stream changed leader again while its new leader was asked what it stores");
+            self.ask_again(Checking { again: false, failures: 0, ..checking }, std::time::Duration::ZERO);
+        }
+        self.release_if(checking.holds);
+    }
+
+    /// The leader could not answer: it is asked again, a moment later, or, after
+    /// [`CHECK_RETRIES`] failures, every session catches up.
+    fn check_failed(&mut self, why: &str) {
+        let Some(checking) = self.checking.take() else { return };
+        if checking.failures < CHECK_RETRIES {
+            warn!(why, "asking the stream's leader again what it stores");
+            let failures = checking.failures + 1;
+            self.ask_again(Checking { again: false, failures, ..checking }, CHECK_RETRY_PAUSE);
+        } else {
+            self.repair_all(why);
+        }
+        self.release_if(checking.holds);
+    }
+
+    /// Asks the stream's leader again, holding the watermark only within the first question's
+    /// patience.
+    fn ask_again(&mut self, checking: Checking, pause: std::time::Duration) {
+        let left = CHECK_PATIENCE.saturating_sub(checking.started.elapsed());
+        let holds = checking.holds && !left.is_zero();
+        let patience = if holds { left } else { CHECK_PATIENCE + pause };
+        self.checking = Some(Checking { holds, ..checking });
+        self.ask(self.accounted(), patience, pause);
+    }
+
+    /// Releases the watermark if it was held (`held`) and is no longer: every session looks at
+    /// what came meanwhile.
+    fn release_if(&mut self, held: bool) {
+        if !held || self.checking.as_ref().is_some_and(|checking| checking.holds) {
+            return;
         }
         self.burst.mailboxes.extend(self.sessions.values().cloned());
         for route in self.routes.values() {
@@ -704,7 +742,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_failed_leader_check_repairs_every_session_and_releases_the_watermark() {
+    async fn a_leader_that_cannot_answer_is_asked_again_then_every_session_catches_up() {
         let shutdown = CancellationToken::new();
         let mut router = router(&shutdown);
         let mailbox = Arc::new(Mailbox::new(1 << 20));
@@ -713,8 +751,14 @@ mod tests {
         router.route(republished(&router, &Audience::All, 5));
         router.finish_burst();
         assert_eq!(router.watermark.get(), 0, "held");
+        for _ in 0..CHECK_RETRIES {
+            router.handle(Command::CheckFailed { why: "test".into() });
+            assert_eq!(router.watermark.get(), 0, "held while asking again within the patience");
+            assert!(mailbox.inbox().take_events().is_empty());
+        }
         router.handle(Command::CheckFailed { why: "test".into() });
         assert_eq!(router.watermark.get(), 5);
+        assert!(router.checking.is_none());
         assert!(matches!(mailbox.inbox().take_events().as_slice(), [Event::Repair]));
         shutdown.cancel();
     }
@@ -733,12 +777,17 @@ mod tests {
         router.stored_past(Vec::new());
         assert_eq!((router.watermark.get(), router.watermark.routed()), (0, 5), "held");
         assert!(mailbox.inbox().take_events().is_empty());
-        // Past the first check's patience, a change meanwhile has every session catch up instead.
+        // Past the first check's patience, a change meanwhile is asked about without holding: a
+        // message it reveals then is behind newer ones, and its sessions are told (not repaired
+        // blind, which would hide it).
         assert!(router.begin_check().is_none());
         tokio::time::advance(CHECK_PATIENCE).await;
         router.stored_past(Vec::new());
         assert_eq!(router.watermark.get(), 5, "released");
-        assert!(matches!(mailbox.inbox().take_events().as_slice(), [Event::Repair]));
+        assert!(router.checking.as_ref().is_some_and(|checking| !checking.holds), "asked again");
+        assert!(mailbox.inbox().take_events().is_empty());
+        router.stored_past(Vec::new());
+        assert!(router.checking.is_none());
         shutdown.cancel();
     }
 }
