@@ -41,6 +41,8 @@ const CHECK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
 /// the old leader stored behind messages already sent, only the question can.
 const CHECK_RETRIES: u32 = 3;
 const CHECK_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a question asked without holding live delivery waits for its answer.
+const UNHELD_PATIENCE: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// How far sessions may read their sources: every message up to it is in them. It is the highest
 /// sequence routed, except while a leader check holds it lower; `routed` is that highest sequence
@@ -494,8 +496,10 @@ impl RouterTask {
     /// patience.
     fn ask_again(&mut self, checking: Checking, pause: std::time::Duration) {
         let left = CHECK_PATIENCE.saturating_sub(checking.started.elapsed());
-        let holds = checking.holds && !left.is_zero();
-        let patience = if holds { left } else { CHECK_PATIENCE + pause };
+        let holds = checking.holds && left > pause;
+        // Without holding, a slow answer (many routed subjects) is waited for longer rather than
+        // asked again from the start.
+        let patience = if holds { left } else { UNHELD_PATIENCE + pause };
         self.checking = Some(Checking { holds, ..checking });
         self.ask(self.accounted(), patience, pause);
     }
@@ -785,6 +789,13 @@ mod tests {
         router.stored_past(Vec::new());
         assert_eq!(router.watermark.get(), 5, "released");
         assert!(router.checking.as_ref().is_some_and(|checking| !checking.holds), "asked again");
+        assert!(mailbox.inbox().take_events().is_empty());
+        // That question fails: asked again, still without holding and without a blind repair.
+        router.handle(Command::CheckFailed { why: "test".into() });
+        router.route(republished(&router, &Audience::All, 6));
+        router.finish_burst();
+        assert_eq!(router.watermark.get(), 6, "not held");
+        assert!(router.checking.as_ref().is_some_and(|checking| !checking.holds && checking.failures == 1));
         assert!(mailbox.inbox().take_events().is_empty());
         router.stored_past(Vec::new());
         assert!(router.checking.is_none());

@@ -593,6 +593,10 @@ impl SessionState {
                 return self.job_done();
             }
         };
+        if since.is_some() {
+            // What it asks for from `since` is owed now.
+            self.joined_live.remove(&start.audience);
+        }
         if !self.topics.contains(&topic) {
             if since.is_none() {
                 self.joined_live.insert(start.audience.clone(), start.routed);
@@ -849,12 +853,13 @@ impl LivePull<'_> {
     /// replay covered are no loss; the others are repaired, unless something newer was sent
     /// already: then whether one of them is older than that is looked up.
     fn gap(&mut self, first: u64, last: u64, audience: &Audience) -> Flow {
-        *self.gap_end = (*self.gap_end).max(last);
         let owed_from = self.joined_live.get(audience).map_or(0, |routed| routed + 1);
         let uncovered = first.max(self.complete_through + 1).max(owed_from);
         if uncovered > last {
-            Flow::Continue
-        } else if *self.last_sent >= uncovered {
+            return Flow::Continue;
+        }
+        *self.gap_end = (*self.gap_end).max(last);
+        if *self.last_sent >= uncovered {
             let through = (*self.last_sent).min(last);
             self.decide(Verdict::MaybeLost { audience: audience.clone(), first: uncovered, through })
         } else {

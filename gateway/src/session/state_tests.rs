@@ -262,6 +262,8 @@ fn a_gap_a_replay_covered_is_no_loss() {
     h.broadcast(all_message(11));
     assert_eq!(h.frames(), ["11"]);
     assert_eq!(h.action(), None);
+    h.mailbox.push_event(Event::Repair);
+    assert_eq!(h.action(), Some(Action::ReadBounds { at_least: 0 }), "a gap that was no loss sets no floor");
 }
 
 #[test]
