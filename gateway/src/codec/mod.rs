@@ -84,9 +84,8 @@ pub(crate) fn encode_message(format: WireFormat, message: &Message) -> Bytes {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum FrameKey<'a> {
     Format(WireFormat),
-    /// A STOMP MESSAGE frame's per-subscription start (see [`stomp`]), and the format of the
-    /// shared tail that follows it (STOMP's over WebSocket or over SockJS).
-    StompHead(&'a [u8], WireFormat),
+    /// A STOMP MESSAGE frame's per-subscription start (see [`stomp`]), before the shared tail.
+    StompHead(stomp::MessageHead<'a>),
 }
 
 /// Appends the frame of `message` for `key` to `out` (`scratch` is space to reuse).
@@ -94,7 +93,7 @@ pub(crate) fn append_frame(key: &FrameKey<'_>, message: &Message, out: &mut Vec<
     match key {
         FrameKey::Format(WireFormat::Herald) => herald::append_message(out, message, scratch),
         FrameKey::Format(format) => out.extend_from_slice(&encode_message(*format, message)),
-        FrameKey::StompHead(head, format) => stomp::append_frame(out, head, message.encoded(*format)),
+        FrameKey::StompHead(head) => stomp::append_frame(out, head, message),
     }
 }
 
@@ -221,10 +220,7 @@ impl Codec {
                 Some(FrameKey::Format(WireFormat::Sse))
             }
             Codec::Centrifugal(codec) => codec.takes(message).then(|| FrameKey::Format(codec.format())),
-            Codec::Stomp(codec) => {
-                let format = codec.format();
-                codec.shared_head(message).map(|head| FrameKey::StompHead(head, format))
-            }
+            Codec::Stomp(codec) => codec.shared_head(message).map(FrameKey::StompHead),
         }
     }
 
@@ -238,7 +234,7 @@ impl Codec {
             Codec::SocketIo(_) => Some(FrameKey::Format(WireFormat::SocketIo)),
             Codec::Sse(_) => Some(FrameKey::Format(WireFormat::Sse)),
             Codec::Centrifugal(codec) => codec.takes_run(last).then(|| FrameKey::Format(codec.format())),
-            Codec::Stomp(codec) => codec.head_of_run(last).map(|head| FrameKey::StompHead(head, codec.format())),
+            Codec::Stomp(codec) => codec.head_of_run(last).map(FrameKey::StompHead),
         }
     }
 

@@ -11,6 +11,7 @@ use std::sync::{Arc, OnceLock, Weak};
 use bytes::Bytes;
 
 use super::message::Message;
+use crate::codec::stomp::{MessageHead, Transport};
 use crate::codec::{self, FrameKey, WireFormat};
 
 /// STOMP heads (subscription id and destination) whose frames a burst keeps; a gateway's STOMP
@@ -28,9 +29,16 @@ pub(crate) struct Burst {
 
 /// The frames for one STOMP head.
 struct HeadFrames {
-    head: Box<[u8]>,
-    format: WireFormat,
+    text: Box<[u8]>,
+    transport: Transport,
+    acked: bool,
     frames: Frames,
+}
+
+impl HeadFrames {
+    fn is_for(&self, head: &MessageHead<'_>) -> bool {
+        *self.text == *head.text && self.transport == head.transport && self.acked == head.acked
+    }
 }
 
 /// The frames of a burst's messages in one encoding, back to back in one buffer.
@@ -81,15 +89,16 @@ impl Burst {
     pub(crate) fn frames(&self, key: &FrameKey<'_>) -> Option<&Frames> {
         match key {
             FrameKey::Format(format) => Some(self.formats[format.index()].get_or_init(|| self.encode(key))),
-            FrameKey::StompHead(head, format) => {
+            FrameKey::StompHead(head) => {
                 for slot in &self.heads {
                     // An empty slot takes this head, unless another session fills it first.
                     let kept = slot.get_or_init(|| HeadFrames {
-                        head: Box::from(*head),
-                        format: *format,
+                        text: Box::from(head.text),
+                        transport: head.transport,
+                        acked: head.acked,
                         frames: self.encode(key),
                     });
-                    if *kept.head == **head && kept.format == *format {
+                    if kept.is_for(head) {
                         return Some(&kept.frames);
                     }
                 }
@@ -146,11 +155,34 @@ mod tests {
         let (burst, _) = second.burst().unwrap();
         let heads: Vec<String> = (0..=MAX_HEADS).map(|n| format!("MESSAGE\nsubscription:sub-{n}\n")).collect();
         for head in &heads[..MAX_HEADS] {
-            let frames = burst.frames(&FrameKey::StompHead(head.as_bytes(), WireFormat::Stomp)).unwrap();
+            let frames = burst.frames(&stomp_key(head, false)).unwrap();
             assert!(frames.range(0).is_empty());
-            assert!(frames.buffer()[frames.range(1)].windows(head.len()).any(|w| w == head.as_bytes()));
+            assert!(contains(&frames.buffer()[frames.range(1)], head));
         }
-        assert!(burst.frames(&FrameKey::StompHead(heads[MAX_HEADS].as_bytes(), WireFormat::Stomp)).is_none());
-        assert!(burst.frames(&FrameKey::StompHead(heads[0].as_bytes(), WireFormat::Stomp)).is_some());
+        assert!(burst.frames(&stomp_key(&heads[MAX_HEADS], false)).is_none());
+        assert!(burst.frames(&stomp_key(&heads[0], false)).is_some());
+    }
+
+    #[test]
+    fn a_head_with_acks_has_frames_of_its_own() {
+        let (first, second) = (message(1), message(2));
+        Burst::tie(&[&first, &second]);
+        let head = "MESSAGE\nsubscription:sub-0\n";
+        let plain = first.burst().unwrap().0.frames(&stomp_key(head, false)).unwrap();
+        let acked = first.burst().unwrap().0.frames(&stomp_key(head, true)).unwrap();
+        assert!(!std::ptr::eq(plain, acked));
+        assert!(!contains(plain.buffer(), "ack:"));
+        for (index, seq) in [(0, 1), (1, 2)] {
+            let frame = &acked.buffer()[acked.range(index)];
+            assert!(contains(frame, &format!("{head}ack:{seq}\n")), "{:?}", String::from_utf8_lossy(frame));
+        }
+    }
+
+    fn stomp_key(text: &str, acked: bool) -> FrameKey<'_> {
+        FrameKey::StompHead(MessageHead { text: text.as_bytes(), transport: Transport::WebSocket, acked })
+    }
+
+    fn contains(bytes: &[u8], text: &str) -> bool {
+        bytes.windows(text.len()).any(|window| window == text.as_bytes())
     }
 }

@@ -155,7 +155,7 @@ impl StompCodec {
             }
         }
         let first = self.subscription(&target).is_none();
-        let subscription = Subscription::new(id, destination, target, ack, self.transport);
+        let subscription = Subscription::new(id, destination, target, ack, self.connected.version, self.transport);
         self.subscriptions.push(subscription);
         let index = self.subscriptions.len() - 1;
         match &self.subscriptions[index].target {
@@ -176,7 +176,7 @@ impl StompCodec {
         let (mine, others): (Vec<Held>, Vec<Held>) = self.held.drain(..).partition(|held| held.target == *target);
         self.held = others.into();
         for held in mine {
-            let head = self.head(index, held.tail.len());
+            let head = self.head(index, held.seq, held.tail.len());
             self.note_sent(index, held.seq);
             self.replies.push(head);
             self.replies.push(held.tail);

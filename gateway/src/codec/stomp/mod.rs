@@ -133,13 +133,22 @@ struct Subscription {
     destination: String,
     target: Target,
     ack: AckMode,
+    /// Whether its MESSAGE frames carry `ack`: STOMP 1.2 asks for one when the client acknowledges.
+    acked: bool,
     /// The per-socket start of its MESSAGE frames: `MESSAGE`, `subscription`, `destination` (for
     /// SockJS, escaped after the start of a message frame).
     head: Vec<u8>,
 }
 
 impl Subscription {
-    fn new(id: &str, destination: &str, target: Target, ack: AckMode, transport: Transport) -> Subscription {
+    fn new(
+        id: &str,
+        destination: &str,
+        target: Target,
+        ack: AckMode,
+        version: Version,
+        transport: Transport,
+    ) -> Subscription {
         let mut text = Vec::with_capacity(32 + id.len() + destination.len());
         text.extend_from_slice(b"MESSAGE\n");
         frame::push_header(&mut text, "subscription", id);
@@ -152,7 +161,8 @@ impl Subscription {
                 head
             }
         };
-        Subscription { id: id.to_string(), destination: destination.to_string(), target, ack, head }
+        let acked = ack != AckMode::Auto && version == Version::V12;
+        Subscription { id: id.to_string(), destination: destination.to_string(), target, ack, acked, head }
     }
 }
 
@@ -198,13 +208,40 @@ pub(crate) struct StompCodec {
     stream: frame::FrameStream,
 }
 
-/// Appends a whole MESSAGE frame, WebSocket header included: a subscription's `head`, then the
-/// shared `tail` of a message.
-pub(crate) fn append_frame(out: &mut Vec<u8>, head: &[u8], tail: &[u8]) {
-    let (header, header_len) = ws::text_header(head.len() + tail.len());
+/// The start of a subscription's MESSAGE frames, which connections with the same one share: the
+/// command and the two per-socket headers ([`Subscription::head`]), how they are carried, and
+/// whether an `ack` header follows them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MessageHead<'a> {
+    pub(crate) text: &'a [u8],
+    pub(crate) transport: Transport,
+    pub(crate) acked: bool,
+}
+
+/// Appends the whole MESSAGE frame of `message` under `head`, WebSocket header included: the
+/// head, the `ack` header if it has one, then the message's shared tail.
+pub(crate) fn append_frame(out: &mut Vec<u8>, head: &MessageHead<'_>, message: &Message) {
+    let tail = message.encoded(head.transport.format());
+    let ack = if head.acked { ack_header(head.transport, message.seq) } else { Vec::new() };
+    let (header, header_len) = ws::text_header(head.text.len() + ack.len() + tail.len());
     out.extend_from_slice(&header[..header_len]);
-    out.extend_from_slice(head);
+    out.extend_from_slice(head.text);
+    out.extend_from_slice(&ack);
     out.extend_from_slice(tail);
+}
+
+/// The `ack` header of message `seq` as `transport` carries it (its value is the seq, as the
+/// `message-id`'s).
+fn ack_header(transport: Transport, seq: u64) -> Vec<u8> {
+    let header = format!("ack:{seq}\n");
+    match transport {
+        Transport::WebSocket => header.into_bytes(),
+        Transport::SockJs => {
+            let mut escaped = Vec::with_capacity(header.len() + 1);
+            sockjs::escape_into(&mut escaped, header.as_bytes());
+            escaped
+        }
+    }
 }
 
 /// The shared part of a MESSAGE frame of `message` in SockJS's framing: escaped, and the end of
@@ -223,12 +260,12 @@ pub(super) fn encode_message(message: &Message) -> Bytes {
     encode_tail(message, &message.payload)
 }
 
-/// The shared part of a MESSAGE frame of `message` with `body`.
+/// The shared part of a MESSAGE frame of `message` with `body`. Every header costs each delivery
+/// its bytes, so only what a client needs is there: no `content-length` unless the body holds a
+/// NUL (without one, STOMP ends the body at the first NUL, which is then the frame's end).
 fn encode_tail(message: &Message, body: &[u8]) -> Bytes {
-    let mut out = Vec::with_capacity(body.len() + 128);
-    let seq = message.seq.to_string();
-    frame::push_header(&mut out, "message-id", &seq);
-    frame::push_header(&mut out, "ack", &seq);
+    let mut out = Vec::with_capacity(body.len() + 96);
+    frame::push_header(&mut out, "message-id", &message.seq.to_string());
     frame::push_header(&mut out, "content-type", "application/json");
     if !message.kind.is_empty() {
         frame::push_header(&mut out, "herald-kind", &message.kind);
@@ -236,8 +273,9 @@ fn encode_tail(message: &Message, body: &[u8]) -> Bytes {
     if !message.id.is_empty() {
         frame::push_header(&mut out, "herald-id", &message.id);
     }
-    frame::push_header(&mut out, "herald-ts", &message.ts);
-    frame::push_header(&mut out, "content-length", &body.len().to_string());
+    if body.contains(&0) {
+        frame::push_header(&mut out, "content-length", &body.len().to_string());
+    }
     out.push(b'\n');
     out.extend_from_slice(body);
     out.push(0);
@@ -300,7 +338,7 @@ impl StompCodec {
     /// Queues `message` for its subscription, or holds it until one comes; returns bytes queued.
     pub(super) fn queue_message(&mut self, message: &Message, tail: &Bytes, frames: &mut VecDeque<Bytes>) -> usize {
         let Some(index) = self.route(message) else { return 0 };
-        let head = self.head(index, tail.len());
+        let head = self.head(index, message.seq, tail.len());
         let len = head.len() + tail.len();
         frames.push_back(head);
         frames.push_back(tail.clone());
@@ -309,16 +347,21 @@ impl StompCodec {
 
     /// The head of the subscription `message` goes to now (the frame is the head and the shared
     /// tail, see [`append_frame`]), or none: then it is held until one comes.
-    pub(super) fn shared_head(&mut self, message: &Message) -> Option<&[u8]> {
+    pub(super) fn shared_head(&mut self, message: &Message) -> Option<MessageHead<'_>> {
         let index = self.route(message)?;
-        Some(&self.subscriptions[index].head)
+        Some(self.message_head(index))
     }
 
     /// The head of the messages of `last`'s destination up to `last`, when a subscription takes
     /// them now; none when they would be held.
-    pub(super) fn head_of_run(&self, last: &Message) -> Option<&[u8]> {
+    pub(super) fn head_of_run(&self, last: &Message) -> Option<MessageHead<'_>> {
         let index = self.subscription(&Target::of_audience(&last.audience))?;
-        Some(&self.subscriptions[index].head)
+        Some(self.message_head(index))
+    }
+
+    fn message_head(&self, index: usize) -> MessageHead<'_> {
+        let subscription = &self.subscriptions[index];
+        MessageHead { text: &subscription.head, transport: self.transport, acked: subscription.acked }
     }
 
     /// Notes the messages [`Self::head_of_run`] gave a head for, up to `last`, as sent.
@@ -351,15 +394,19 @@ impl StompCodec {
         self.subscriptions.iter().position(|subscription| subscription.target == *target)
     }
 
-    /// The per-socket start of a MESSAGE frame for subscription `index` whose shared tail has
-    /// `tail_len` bytes: the WebSocket header, the command and the two per-socket headers.
-    /// Heads are cut from one buffer per connection: one allocation serves many messages.
-    fn head(&mut self, index: usize, tail_len: usize) -> Bytes {
-        let text = &self.subscriptions[index].head;
-        self.arena.reserve(HEAD_ROOM.max(text.len() + 10));
-        let (header, header_len) = ws::text_header(text.len() + tail_len);
+    /// The per-socket start of a MESSAGE frame of message `seq` for subscription `index` whose
+    /// shared tail has `tail_len` bytes: the WebSocket header, the command, the two per-socket
+    /// headers and the `ack` header if the subscription has one. Heads are cut from one buffer
+    /// per connection: one allocation serves many messages.
+    fn head(&mut self, index: usize, seq: u64, tail_len: usize) -> Bytes {
+        let subscription = &self.subscriptions[index];
+        let ack = if subscription.acked { ack_header(self.transport, seq) } else { Vec::new() };
+        let text = &subscription.head;
+        self.arena.reserve(HEAD_ROOM.max(text.len() + ack.len() + 10));
+        let (header, header_len) = ws::text_header(text.len() + ack.len() + tail_len);
         self.arena.extend_from_slice(&header[..header_len]);
         self.arena.extend_from_slice(text);
+        self.arena.extend_from_slice(&ack);
         self.arena.split().freeze()
     }
 

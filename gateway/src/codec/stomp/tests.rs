@@ -42,13 +42,50 @@ fn a_message_is_a_per_socket_head_and_the_shared_tail() {
     let len = codec.queue_message(&message, message.encoded(WireFormat::Stomp), &mut frames);
     assert_eq!(len, frames.iter().map(Bytes::len).sum::<usize>());
     assert_eq!(frames[1].as_ptr(), message.encoded(WireFormat::Stomp).as_ptr(), "the tail is shared");
-    assert_eq!(u16::from_be_bytes([frames[0][2], frames[0][3]]) as usize, len - 4, "the header counts both slices");
+    assert_eq!(frames[0][1] as usize, len - 2, "the header counts both slices");
     assert_eq!(
         text(&frames),
-        "MESSAGE\nsubscription:7\ndestination:/topic/all\nmessage-id:5\nack:5\ncontent-type:application/json\n\
-         herald-kind:mail\nherald-ts:t\ncontent-length:7\n\n{\"a\":1}\0"
+        "MESSAGE\nsubscription:7\ndestination:/topic/all\nmessage-id:5\ncontent-type:application/json\n\
+         herald-kind:mail\n\n{\"a\":1}\0"
     );
     assert_eq!(codec.take_auto_ack(), Some(5));
+}
+
+#[test]
+fn a_body_with_a_nul_has_its_length() {
+    let mut codec = codec();
+    assert_eq!(codec.decode(b"SUBSCRIBE\nid:7\ndestination:/topic/all\n\n\0"), Ok(Command::Nothing));
+    let message = Message::new(5, Audience::All, "", "id-1", "t", Bytes::from_static(b"a\0b"));
+    let mut frames = VecDeque::new();
+    codec.queue_message(&message, message.encoded(WireFormat::Stomp), &mut frames);
+    assert_eq!(
+        text(&frames),
+        "MESSAGE\nsubscription:7\ndestination:/topic/all\nmessage-id:5\ncontent-type:application/json\n\
+         herald-id:id-1\ncontent-length:3\n\na\0b\0"
+    );
+}
+
+#[test]
+fn a_subscription_the_client_acknowledges_gets_an_ack_header_in_stomp_1_2() {
+    for (version, acked) in [(Version::V12, true), (Version::V11, false)] {
+        let mut codec = codec();
+        codec.connected.version = version;
+        let subscribe = b"SUBSCRIBE\nid:q\ndestination:/user/queue/inbox\nack:client-individual\n\n\0";
+        assert_eq!(codec.decode(subscribe), Ok(Command::Nothing));
+        let message = Message::new(9, Audience::User("u".into()), "", "", "t", Bytes::from_static(b"1"));
+        let mut frames = VecDeque::new();
+        codec.queue_message(&message, message.encoded(WireFormat::Stomp), &mut frames);
+        let ack = if acked { "ack:9\n" } else { "" };
+        let expected = format!(
+            "MESSAGE\nsubscription:q\ndestination:/user/queue/inbox\n{ack}message-id:9\ncontent-type:application/json\n\n1\0"
+        );
+        assert_eq!(text(&frames), expected, "{version:?}");
+        // A burst's shared frame says the same.
+        let key = codec.shared_head(&message).unwrap();
+        let mut shared = Vec::new();
+        append_frame(&mut shared, &key, &message);
+        assert_eq!(std::str::from_utf8(skip_ws_header(&shared)).unwrap(), expected);
+    }
 }
 
 #[test]
@@ -62,7 +99,9 @@ fn messages_wait_for_their_subscription() {
     assert_eq!(codec.decode(subscribe), Ok(Command::Nothing));
     let replies: VecDeque<Bytes> = codec.take_replies().into();
     assert_eq!(replies.len(), 3);
-    assert!(text(&replies).starts_with("MESSAGE\nsubscription:q\ndestination:/user/queue/inbox\nmessage-id:3\n"));
+    assert!(
+        text(&replies).starts_with("MESSAGE\nsubscription:q\ndestination:/user/queue/inbox\nack:3\nmessage-id:3\n")
+    );
     assert_eq!(&replies[2][2..], b"RECEIPT\nreceipt-id:r1\n\n\0");
     assert_eq!(codec.take_auto_ack(), None, "ack:client waits for ACK");
     assert_eq!(codec.decode(b"ACK\nid:3\n\n\0"), Ok(Command::Ack(3)));
@@ -134,11 +173,29 @@ fn over_sockjs_a_message_is_an_escaped_head_and_tail_in_one_message_frame() {
     codec.queue_message(&message, message.encoded(WireFormat::StompSockJs), &mut frames);
     let whole: Vec<u8> = frames.iter().flat_map(|frame| frame.iter().copied()).collect();
     assert_eq!(skip_ws_header(&whole).len(), u16::from_be_bytes([whole[2], whole[3]]) as usize, "one WebSocket frame");
-    let expected = "MESSAGE\nsubscription:sub-0\ndestination:/topic/all\nmessage-id:5\nack:5\n\
-                    content-type:application/json\nherald-kind:mail\nherald-ts:t\ncontent-length:10\n\n{\"a\":\"\\n\"}\0";
+    let expected = "MESSAGE\nsubscription:sub-0\ndestination:/topic/all\nmessage-id:5\n\
+                    content-type:application/json\nherald-kind:mail\n\n{\"a\":\"\\n\"}\0";
     assert_eq!(sockjs_messages(&whole), [expected]);
     assert_eq!(frames[1].as_ptr(), message.encoded(WireFormat::StompSockJs).as_ptr(), "the tail is shared");
     assert_eq!(sockjs_messages(&codec.ping()), ["\n"], "a client that wants heart-beats gets STOMP's");
+}
+
+#[test]
+fn over_sockjs_the_ack_header_is_escaped_with_the_head() {
+    let mut codec = sockjs_codec();
+    let subscribe = br#"["SUBSCRIBE\nid:q\ndestination:/user/queue/a\nack:client\n\n\u0000"]"#;
+    assert_eq!(codec.decode_message(subscribe), [Ok(Command::Nothing)]);
+    let message = Message::new(12, Audience::User("u".into()), "", "", "t", Bytes::from_static(b"{}"));
+    let expected = "MESSAGE\nsubscription:q\ndestination:/user/queue/a\nack:12\nmessage-id:12\n\
+                    content-type:application/json\n\n{}\0";
+    let mut frames = VecDeque::new();
+    codec.queue_message(&message, message.encoded(WireFormat::StompSockJs), &mut frames);
+    let whole: Vec<u8> = frames.iter().flat_map(|frame| frame.iter().copied()).collect();
+    assert_eq!(sockjs_messages(&whole), [expected]);
+    let key = codec.shared_head(&message).unwrap();
+    let mut shared = Vec::new();
+    append_frame(&mut shared, &key, &message);
+    assert_eq!(sockjs_messages(&shared), [expected]);
 }
 
 #[test]
@@ -223,7 +280,7 @@ fn a_client_that_sends_no_heart_beats_is_also_pinged() {
 }
 
 #[test]
-fn over_sockjs_a_body_that_is_not_utf8_goes_as_text_with_its_length() {
+fn over_sockjs_a_body_that_is_not_utf8_goes_as_text() {
     let mut codec = sockjs_codec();
     let subscribe = br#"["SUBSCRIBE\nid:q\ndestination:/user/queue/q\n\n\u0000"]"#;
     assert_eq!(codec.decode_message(subscribe), [Ok(Command::Nothing)]);
@@ -232,5 +289,5 @@ fn over_sockjs_a_body_that_is_not_utf8_goes_as_text_with_its_length() {
     codec.queue_message(&message, message.encoded(WireFormat::StompSockJs), &mut frames);
     let whole: Vec<u8> = frames.iter().flat_map(|frame| frame.iter().copied()).collect();
     let frame = &sockjs_messages(&whole)[0];
-    assert!(frame.ends_with("content-length:7\n\nab\u{fffd}cd\0"), "{frame:?}");
+    assert!(frame.ends_with("application/json\n\nab\u{fffd}cd\0"), "{frame:?}");
 }
