@@ -101,6 +101,8 @@ pub enum WireProtocol {
     Socketio,
     /// STOMP 1.2 over SockJS's WebSocket transport at /stomp/<server>/<session>/websocket.
     Sockjs,
+    /// Server-Sent Events at /sse.
+    Sse,
 }
 
 impl WireProtocol {
@@ -112,6 +114,7 @@ impl WireProtocol {
             WireProtocol::Centrifugal => TargetKind::HeraldCentrifugal,
             WireProtocol::Socketio => TargetKind::HeraldSocketio,
             WireProtocol::Sockjs => TargetKind::HeraldSockjs,
+            WireProtocol::Sse => TargetKind::HeraldSse,
         }
     }
 }
@@ -313,12 +316,18 @@ mod tests {
             .unwrap();
         let Command::Fanout(fanout) = cli.command else { panic!("not fanout") };
         assert_eq!(fanout.common.raw_args, ["--coalesce=1", "--threads=1"]);
-        let cli =
-            Cli::try_parse_from(["herald-bench", "fanout", "--protocol", "json,stomp,centrifugal,socketio"]).unwrap();
+        let cli = Cli::try_parse_from(["herald-bench", "fanout", "--protocol", "json,stomp,centrifugal,socketio,sse"])
+            .unwrap();
         let Command::Fanout(fanout) = cli.command else { panic!("not fanout") };
         assert_eq!(
             fanout.common.chosen_targets(),
-            [TargetKind::Herald, TargetKind::HeraldStomp, TargetKind::HeraldCentrifugal, TargetKind::HeraldSocketio]
+            [
+                TargetKind::Herald,
+                TargetKind::HeraldStomp,
+                TargetKind::HeraldCentrifugal,
+                TargetKind::HeraldSocketio,
+                TargetKind::HeraldSse
+            ]
         );
         assert!(Cli::try_parse_from(["herald-bench", "fanout", "--protocol", "json", "--targets", "raw"]).is_err());
     }

@@ -3,7 +3,8 @@
 //!
 //! - [`targets`] start the systems under test as separate processes (so their memory and CPU are
 //!   their own) and stop them, also on errors and Ctrl-C ([`process`]);
-//! - [`client`] is the one WebSocket client all targets are measured with, cheap per connection;
+//! - [`client`] is the one client all targets are measured with (WebSocket, or Server-Sent Events
+//!   for `herald-sse`), cheap per connection;
 //! - [`publish`] sends load through NATS, with [`payload`]s carrying their publish time;
 //! - [`scenarios`] are the measurements; [`report`] prints and stores their figures with
 //!   Herald/peer ratios; [`procfs`] reads memory and CPU of processes; [`limits`] deals with file

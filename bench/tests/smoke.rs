@@ -105,7 +105,7 @@ fn fanout() {
 /// Fan-out to clients of each protocol the gateway speaks.
 #[test]
 fn fanout_per_protocol() {
-    fanout_on(&["herald", "herald-stomp", "herald-centrifugal", "herald-socketio"]);
+    fanout_on(&["herald", "herald-stomp", "herald-centrifugal", "herald-socketio", "herald-sse"]);
 }
 
 fn fanout_on(targets: &[&str]) {

@@ -338,6 +338,14 @@ impl Fleet {
     }
 }
 
+#[cfg(test)]
+impl Fleet {
+    /// What the clients share, to drive a connection without a socket.
+    pub(crate) fn shared(&self) -> &FleetShared {
+        &self.shared
+    }
+}
+
 impl Drop for Fleet {
     fn drop(&mut self) {
         self.shared.stop.cancel();

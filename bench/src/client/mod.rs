@@ -1,10 +1,13 @@
 //! The one client implementation every target is measured with: a minimal WebSocket client
-//! ([`ws`]), the three protocols spoken over it ([`protocol`]), one task per connection ([`conn`])
+//! ([`ws`]), a minimal Server-Sent Events client ([`sse`]) over the bits of HTTP/1.1 both need
+//! ([`http`]), the protocols spoken over them ([`protocol`]), one task per connection ([`conn`])
 //! and fleets of them ([`fleet`]).
 
 pub mod conn;
 pub mod fleet;
+pub mod http;
 pub mod protocol;
+pub mod sse;
 pub mod ws;
 
 pub use conn::{ClientReport, ClientSpec};

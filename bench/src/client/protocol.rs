@@ -1,11 +1,13 @@
 //! What a client says and listens for on top of WebSocket, per target: Herald's JSON frames, the
-//! NATS protocol carried over WebSocket, or the raw broadcaster's bare payloads. Each decoder turns
-//! data frames into [`Event`]s and may ask for bytes to be sent back.
+//! NATS protocol carried over WebSocket, or the raw broadcaster's bare payloads; and on top of an
+//! HTTP response, Herald's Server-Sent Events. Each decoder turns data frames (or events) into
+//! [`Event`]s and may ask for bytes to be sent back.
 
 use std::sync::LazyLock;
 
 use herald_shared::frame::ServerFrame;
 
+use super::sse;
 use super::ws::{OP_BINARY, OP_CONTINUATION, OP_TEXT};
 
 /// The application protocol a client speaks.
@@ -44,6 +46,9 @@ pub enum Protocol {
         /// The connect token.
         token: String,
     },
+    /// Server-Sent Events at Herald's /sse, not WebSocket: a `welcome` event, then one event per
+    /// message; the client never speaks.
+    Sse,
 }
 
 impl Protocol {
@@ -71,6 +76,11 @@ pub enum Event<'a> {
     },
     /// A delivered message; the bytes contain its payload.
     Msg(&'a [u8]),
+    /// The server ends the connection (SSE's `close` event; WebSocket's close is a frame).
+    Closed {
+        /// The close code it gave.
+        code: Option<u16>,
+    },
     /// The server reported an error that ends the client (NATS `-ERR`).
     Failed(String),
 }
@@ -101,6 +111,8 @@ pub enum Decoder {
         /// `40{"token":…}`, until sent.
         connect: Option<Vec<u8>>,
     },
+    /// See [`Protocol::Sse`]: one whole event per call of [`Decoder::on_data`].
+    Sse,
 }
 
 impl Decoder {
@@ -110,6 +122,7 @@ impl Decoder {
         match protocol {
             Protocol::Herald { .. } => (Decoder::Herald, Vec::new()),
             Protocol::Raw => (Decoder::Raw { ready: false }, Vec::new()),
+            Protocol::Sse => (Decoder::Sse, Vec::new()),
             Protocol::Stomp { token, device, sockjs } => {
                 let connect =
                     format!("CONNECT\naccept-version:1.2\nhost:herald\npasscode:{token}\nherald-device:{device}\n\n\0");
@@ -155,6 +168,7 @@ impl Decoder {
             Decoder::Stomp { seq, sockjs: true } => sockjs_frame(payload, seq, reply, emit),
             Decoder::Centrifugal => centrifugal_frame(payload, reply, emit),
             Decoder::SocketIo { connect } => socketio_packet(payload, connect, reply, emit),
+            Decoder::Sse => sse_event(payload, emit),
         }
     }
 }
@@ -251,6 +265,41 @@ fn socketio_packet(
         [b'4', b'0', ..] => emit(Event::Welcome { seq: None }),
         [b'4', b'2', ..] => emit(Event::Msg(payload)),
         [b'4', b'4', ..] => emit(Event::Failed(String::from_utf8_lossy(payload).into_owned())),
+        _ => {}
+    }
+}
+
+/// An event of Herald's stream: one with an `id` is a message (the gateway writes `id` first, so
+/// a message is known by its start); `welcome`, `replayed` and `close` carry JSON, parsed only for
+/// them. Comments and other events say nothing here.
+fn sse_event(event: &[u8], emit: &mut impl FnMut(Event<'_>)) {
+    if event.starts_with(b"id:") {
+        emit(Event::Msg(event));
+        return;
+    }
+    let mut name: &[u8] = b"message";
+    for (field, value) in sse::fields(event) {
+        match field {
+            b"id" => {
+                emit(Event::Msg(event));
+                return;
+            }
+            b"event" => name = value,
+            _ => {}
+        }
+    }
+    match name {
+        b"welcome" | b"replayed" => match serde_json::from_slice::<ServerFrame>(&sse::data(event)) {
+            Ok(ServerFrame::Welcome { seq, .. }) => emit(Event::Welcome { seq: Some(seq) }),
+            Ok(ServerFrame::Replayed { count, topic: None, .. }) => emit(Event::Replayed { count }),
+            Ok(_) => {}
+            Err(error) => emit(Event::Failed(format!("bad {} event: {error}", String::from_utf8_lossy(name)))),
+        },
+        b"close" => {
+            let close = serde_json::from_slice::<serde_json::Value>(&sse::data(event)).ok();
+            let code = close.and_then(|close| u16::try_from(close["code"].as_u64()?).ok());
+            emit(Event::Closed { code });
+        }
         _ => {}
     }
 }
@@ -417,6 +466,41 @@ mod tests {
         assert_eq!(seen[0], "Welcome { seq: None }");
         assert!(seen[1..].iter().all(|event| event.starts_with("Msg(")));
         assert_eq!(reply, b"{}", "the ping in the middle is answered");
+    }
+
+    #[test]
+    fn sse_events_become_events() {
+        let (mut decoder, hello) = Decoder::new(&Protocol::Sse);
+        assert!(hello.is_empty(), "an SSE client never speaks");
+        let welcome = br#"{"type":"welcome","conn":"c","user":"u","device":"d","node":"n","seq":7,"heartbeat":25}"#;
+        let welcome = [&b"retry: 1000\nevent: welcome\ndata: "[..], welcome].concat();
+        let replayed = br#"event: replayed
+data: {"type":"replayed","from":1,"to":7,"count":3,"complete":true}"#;
+        let close = br#"event: close
+data: {"code":4008,"reason":"too slow"}"#;
+        let (seen, reply) = events(&mut decoder, &[&welcome, b": ping", replayed, b"event: other\ndata: {}", close]);
+        assert_eq!(seen, ["Welcome { seq: Some(7) }", "Replayed { count: 3 }", "Closed { code: Some(4008) }"]);
+        assert!(reply.is_empty());
+        let (seen, _) = events(&mut decoder, &[b"event: welcome\ndata: {\"type\":", b"event: close\ndata: ?"]);
+        assert!(seen[0].starts_with("Failed(\"bad welcome event"), "{seen:?}");
+        assert_eq!(seen[1], "Closed { code: None }");
+    }
+
+    #[test]
+    fn sse_messages_are_events_with_an_id_and_carry_their_stamp() {
+        let mut decoder = Decoder::Sse;
+        let payload = crate::payload::stamped(42, 100);
+        let message = [&b"id: 8\nevent: message\ndata: "[..], &payload].concat();
+        let multi_line = b"id: 9\nevent: mail\ndata: {\"t\":43,\ndata:   \"p\": \"x\"\ndata: }";
+        let id_later = b"event: mail\nid: 10\ndata: {\"t\":44}";
+        let mut stamps = Vec::new();
+        for event in [&message[..], multi_line, id_later] {
+            decoder.on_data(OP_TEXT, event, &mut Vec::new(), &mut |event| match event {
+                Event::Msg(bytes) => stamps.push(crate::payload::stamp_in(bytes)),
+                other => panic!("not a message: {other:?}"),
+            });
+        }
+        assert_eq!(stamps, [Some(42), Some(43), Some(44)]);
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //! No allocation per frame; the caller owns the buffers.
 
 use anyhow::{Result, bail};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+
+use super::http;
 
 /// A continuation frame.
 pub const OP_CONTINUATION: u8 = 0x0;
@@ -19,8 +21,6 @@ pub const OP_PING: u8 = 0x9;
 /// A pong frame.
 pub const OP_PONG: u8 = 0xA;
 
-/// Largest HTTP response head accepted during the handshake.
-const MAX_HEAD: usize = 16 * 1024;
 /// The masking key of every client frame; RFC 6455 wants it unpredictable against proxies, which
 /// do not exist on loopback.
 const MASK: [u8; 4] = [0x5a, 0x3c, 0x96, 0xe1];
@@ -98,25 +98,12 @@ pub async fn handshake(stream: &mut TcpStream, host: &str, path: &str) -> Result
          Sec-WebSocket-Key: aGVyYWxkLWJlbmNoLWtleQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).await?;
-    let mut buf = Vec::with_capacity(512);
-    let head_end = loop {
-        if let Some(at) = memchr::memmem::find(&buf, b"\r\n\r\n") {
-            break at + 4;
-        }
-        if buf.len() > MAX_HEAD {
-            bail!("HTTP response head over {MAX_HEAD} bytes");
-        }
-        if stream.read_buf(&mut buf).await? == 0 {
-            bail!("connection closed during the WebSocket handshake");
-        }
-    };
-    let status_line = buf.split(|b| *b == b'\r').next().unwrap_or_default();
-    let status_line = String::from_utf8_lossy(status_line).into_owned();
+    let head = http::read_head(stream, "the WebSocket handshake").await?;
+    let status_line = head.status_line();
     if !status_line.starts_with("HTTP/1.1 101") {
-        let body = String::from_utf8_lossy(&buf[head_end..buf.len().min(head_end + 200)]).into_owned();
-        bail!("upgrade refused: {status_line} {body}");
+        bail!("upgrade refused: {status_line} {}", head.quoted_body());
     }
-    Ok(buf.split_off(head_end))
+    Ok(head.into_rest())
 }
 
 #[cfg(test)]

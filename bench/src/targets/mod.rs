@@ -44,6 +44,8 @@ pub enum TargetKind {
     HeraldSocketio,
     /// The Herald gateway, clients speaking STOMP over SockJS's WebSocket transport (as `herald-stomp`).
     HeraldSockjs,
+    /// The Herald gateway with clients reading Server-Sent Events at /sse.
+    HeraldSse,
 }
 
 /// An hour-long token for `user`.
@@ -66,6 +68,7 @@ impl TargetKind {
             TargetKind::HeraldCentrifugal => "herald-centrifugal",
             TargetKind::HeraldSocketio => "herald-socketio",
             TargetKind::HeraldSockjs => "herald-sockjs",
+            TargetKind::HeraldSse => "herald-sse",
         }
     }
 
@@ -78,6 +81,7 @@ impl TargetKind {
                 | TargetKind::HeraldCentrifugal
                 | TargetKind::HeraldSocketio
                 | TargetKind::HeraldSockjs
+                | TargetKind::HeraldSse
         )
     }
 
@@ -88,7 +92,8 @@ impl TargetKind {
             | TargetKind::HeraldStomp
             | TargetKind::HeraldCentrifugal
             | TargetKind::HeraldSocketio
-            | TargetKind::HeraldSockjs => "gateway",
+            | TargetKind::HeraldSockjs
+            | TargetKind::HeraldSse => "gateway",
             TargetKind::NatsWs => "nats-server",
             TargetKind::Raw => "raw-server",
         }
@@ -145,7 +150,8 @@ impl Target {
             | TargetKind::HeraldStomp
             | TargetKind::HeraldCentrifugal
             | TargetKind::HeraldSocketio
-            | TargetKind::HeraldSockjs => {
+            | TargetKind::HeraldSockjs
+            | TargetKind::HeraldSse => {
                 let (gateway, addr) = start_gateway(tools, &nats, label).await.context("start the gateway")?;
                 (Some(gateway), addr)
             }
@@ -213,6 +219,12 @@ impl Target {
             }
             TargetKind::HeraldSocketio => {
                 ("/socket.io/?EIO=4&transport=websocket".to_string(), Protocol::SocketIo { token: bench_token(user) })
+            }
+            TargetKind::HeraldSse => {
+                // No resume (`since` is ignored), as for the other protocols besides JSON; a device
+                // of its own, as for `herald`, so that no cursor of an earlier round replays anything.
+                let device = NEXT_DEVICE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                (format!("/sse?token={}&device=b{}-{device}", bench_token(user), std::process::id()), Protocol::Sse)
             }
         };
         ClientSpec { addr: self.ws_addr, source, path, protocol }
