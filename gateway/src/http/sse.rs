@@ -4,6 +4,7 @@
 //! end is the response body, and reads from a client that never speaks. A browser that leaves drops
 //! the body, and the session's next write (a heartbeat comment at the latest) fails.
 
+use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -30,6 +31,12 @@ use crate::websocket::reader::MessageReader;
 const PIPE_BYTES: usize = 64 * 1024;
 /// Bytes read from the pipe for one chunk of the body at most.
 const CHUNK: usize = 16 * 1024;
+
+thread_local! {
+    /// Where a body reads the pipe (per worker thread, not per stream): a chunk is then allocated
+    /// at its length, instead of a zeroed buffer of `CHUNK` bytes per read, however little it holds.
+    static READ_BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0; CHUNK].into_boxed_slice());
+}
 
 /// Opens an event stream for the request, or refuses it.
 pub(crate) async fn stream(shared: Arc<Shared>, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
@@ -128,14 +135,15 @@ impl hyper::body::Body for SseBody {
     type Error = std::io::Error;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let mut chunk = vec![0; CHUNK];
-        let mut buf = ReadBuf::new(&mut chunk);
-        ready!(Pin::new(&mut self.pipe).poll_read(cx, &mut buf))?;
-        let len = buf.filled().len();
-        if len == 0 {
+        let chunk = READ_BUFFER.with_borrow_mut(|scratch| {
+            let mut buf = ReadBuf::new(scratch);
+            ready!(Pin::new(&mut self.pipe).poll_read(cx, &mut buf))?;
+            Poll::Ready(Ok::<_, std::io::Error>(Bytes::copy_from_slice(buf.filled())))
+        });
+        let chunk = ready!(chunk)?;
+        if chunk.is_empty() {
             return Poll::Ready(None);
         }
-        chunk.truncate(len);
-        Poll::Ready(Some(Ok(Frame::data(Bytes::from(chunk)))))
+        Poll::Ready(Some(Ok(Frame::data(chunk))))
     }
 }
