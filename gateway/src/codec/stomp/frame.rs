@@ -241,7 +241,9 @@ impl FrameEnd {
             }
         };
         if let Some(length) = length {
-            return (bytes.len() > start + length).then_some(start + length + 1);
+            // A length past any buffer is never all there: the stream's limit ends the frame.
+            let end = start.checked_add(length)?;
+            return (bytes.len() > end).then_some(end + 1);
         }
         let from = self.scanned.max(start);
         match memchr::memchr(0, &bytes[from..]) {
@@ -459,6 +461,17 @@ mod tests {
             let (frames, outcome) = read_in_pieces(&mut stream, &[&longer[..cut], &longer[cut..]]);
             assert_eq!((frames.len(), outcome), (0, refused.clone()), "cut at {cut}");
             assert!(stream.kept.is_empty(), "nothing is kept after an error");
+        }
+    }
+
+    #[test]
+    fn a_content_length_past_any_buffer_waits_for_the_limit() {
+        let head = format!("SEND\ncontent-length:{}\n\nabc", usize::MAX);
+        for pieces in [vec![head.as_bytes()], vec![&head.as_bytes()[..10], &head.as_bytes()[10..]]] {
+            let mut stream = FrameStream::new(100);
+            assert_eq!(read_in_pieces(&mut stream, &pieces), (Vec::new(), Ok(())));
+            let refused = Err("a frame longer than 100 bytes".to_string());
+            assert_eq!(stream.read(&[b'x'; 100]), (Vec::new(), refused));
         }
     }
 
