@@ -227,7 +227,7 @@ async fn send_to_app_echo_gets_the_reply_or_an_error() {
     let runtime = start(&nats, &test_config(&nats), vec![echo]).await;
     let gateway = TestGateway::start(&nats).await;
     let (mut client, _) = connect(&gateway, &[("passcode", &token("ivan"))]).await;
-    subscribe(&mut client, "replies", "/user/queue/replies", &[]).await;
+    subscribe(&mut client, "replies", "/user/queue/replies", &[("ack", "client")]).await;
 
     let headers = [("destination", "/app/echo"), ("reply-to", "/user/queue/replies"), ("correlation-id", "c-1")];
     client.send_frame("SEND", &headers, r#"{"hello":"world"}"#).await;
@@ -235,6 +235,10 @@ async fn send_to_app_echo_gets_the_reply_or_an_error() {
     assert_eq!((reply.header("subscription"), reply.header("correlation-id")), ("replies", "c-1"));
     let body: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
     assert_eq!(body, serde_json::json!({"user": "ivan", "body": {"hello": "world"}}));
+    // A page acknowledging every message of its subscription acknowledges the reply too: no error.
+    assert_eq!(reply.header("ack"), reply.header("message-id"));
+    client.send_frame("ACK", &[("id", reply.header("ack")), ("receipt", "acked")], "").await;
+    assert_eq!(client.expect("RECEIPT").await.header("receipt-id"), "acked");
 
     // As stomp.js 2 sends a frame over 16 KiB: in 16 KiB WebSocket messages; and two frames in one.
     let long = serde_json::json!({"text": "x".repeat(40_000)}).to_string();

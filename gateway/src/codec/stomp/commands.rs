@@ -6,7 +6,7 @@ use herald_shared::frame::error_code;
 use herald_shared::id::{IdKind, check_id, topic_allowed};
 
 use super::frame::{Frame, Version};
-use super::{AckMode, Held, PendingRpc, StompCodec, Subscription, Target, Transport, receipt_frame};
+use super::{AckMode, Held, PendingRpc, RPC_MESSAGE_ID, StompCodec, Subscription, Target, Transport, receipt_frame};
 use crate::codec::{Command, Refusal, sockjs};
 
 impl StompCodec {
@@ -117,6 +117,10 @@ impl StompCodec {
             "ACK" => {
                 // 1.2 acknowledges the MESSAGE's `ack` header in `id`; 1.0 and 1.1 its `message-id`.
                 let id = frame.header("id").or(frame.header("message-id")).ok_or_else(|| bad("ACK needs an id"))?;
+                if id.starts_with(RPC_MESSAGE_ID) {
+                    // A function's reply is no stream message: acknowledging it moves no cursor.
+                    return Ok(Command::Nothing);
+                }
                 let seq = id.parse::<u64>().map_err(|_| bad(format!("ACK of unknown message {id:?}")))?;
                 Ok(Command::Ack(seq))
             }

@@ -37,6 +37,8 @@ pub(crate) use frame::{Frame, Version, parse};
 
 /// Messages held for a destination no subscription covers yet; past this the oldest are dropped.
 const MAX_HELD: usize = 1024;
+/// The start of the `message-id` of a function's reply (then its number), which is no stream seq.
+const RPC_MESSAGE_ID: &str = "rpc-";
 /// Bytes reserved at once for MESSAGE heads (about ten): fewer allocations per message, and little
 /// kept by a connection between messages.
 const HEAD_ROOM: usize = 512;
@@ -494,13 +496,13 @@ impl StompCodec {
         })?;
         let subscription = &self.subscriptions[index];
         let body = result.data.as_ref().map(|data| data.to_string()).unwrap_or_else(|| "null".into());
-        let message_id = format!("rpc-{}", result.id);
-        let mut headers = vec![
-            ("subscription", subscription.id.as_str()),
-            ("destination", subscription.destination.as_str()),
-            ("message-id", &message_id),
-            ("content-type", "application/json"),
-        ];
+        let message_id = format!("{RPC_MESSAGE_ID}{}", result.id);
+        let mut headers =
+            vec![("subscription", subscription.id.as_str()), ("destination", subscription.destination.as_str())];
+        if subscription.acked {
+            headers.push(("ack", &message_id));
+        }
+        headers.extend([("message-id", message_id.as_str()), ("content-type", "application/json")]);
         if let Some(correlation) = &rpc.correlation {
             headers.push(("correlation-id", correlation));
         }

@@ -136,6 +136,23 @@ fn topics_rpc_and_errors() {
 }
 
 #[test]
+fn a_reply_on_a_subscription_the_client_acknowledges_has_an_ack_that_moves_nothing() {
+    let mut codec = codec();
+    let subscribe = b"SUBSCRIBE\nid:r\ndestination:/user/queue/replies\nack:client\n\n\0";
+    assert_eq!(codec.decode(subscribe), Ok(Command::Nothing));
+    let send = b"SEND\ndestination:/app/echo\nreply-to:/user/queue/replies\n\n1\0";
+    let Ok(Command::Rpc { id, .. }) = codec.decode(send) else { panic!("an rpc") };
+    let result = RpcResult { id: id.clone(), ok: true, data: Some(serde_json::json!(1)), error: None };
+    let reply = codec.notice(&ServerFrame::RpcResult(result)).unwrap();
+    let expected = format!(
+        "MESSAGE\nsubscription:r\ndestination:/user/queue/replies\nack:rpc-{id}\nmessage-id:rpc-{id}\n\
+         content-type:application/json\ncontent-length:1\n\n1\0"
+    );
+    assert_eq!(std::str::from_utf8(skip_ws_header(&reply)).unwrap(), expected);
+    assert_eq!(codec.decode(format!("ACK\nid:rpc-{id}\n\n\0").as_bytes()), Ok(Command::Nothing));
+}
+
+#[test]
 fn a_topic_is_left_with_its_last_subscription() {
     let mut codec = codec();
     let subscribe = |id: &str| format!("SUBSCRIBE\nid:{id}\ndestination:/topic/news\n\n\0");
