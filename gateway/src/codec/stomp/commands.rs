@@ -159,7 +159,7 @@ impl StompCodec {
             }
         }
         let first = self.subscription(&target).is_none();
-        let subscription = Subscription::new(id, destination, target, ack, self.connected.version, self.transport);
+        let subscription = Subscription::new(id, destination, target, ack, self.transport);
         self.subscriptions.push(subscription);
         let index = self.subscriptions.len() - 1;
         match &self.subscriptions[index].target {

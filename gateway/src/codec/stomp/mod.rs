@@ -24,7 +24,7 @@ mod frame;
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use herald_shared::frame::{RpcResult, ServerFrame};
 use herald_shared::subject::Audience;
 
@@ -135,22 +135,13 @@ struct Subscription {
     destination: String,
     target: Target,
     ack: AckMode,
-    /// Whether its MESSAGE frames carry `ack`: STOMP 1.2 asks for one when the client acknowledges.
-    acked: bool,
     /// The per-socket start of its MESSAGE frames: `MESSAGE`, `subscription`, `destination` (for
     /// SockJS, escaped after the start of a message frame).
     head: Vec<u8>,
 }
 
 impl Subscription {
-    fn new(
-        id: &str,
-        destination: &str,
-        target: Target,
-        ack: AckMode,
-        version: Version,
-        transport: Transport,
-    ) -> Subscription {
+    fn new(id: &str, destination: &str, target: Target, ack: AckMode, transport: Transport) -> Subscription {
         let mut text = Vec::with_capacity(32 + id.len() + destination.len());
         text.extend_from_slice(b"MESSAGE\n");
         frame::push_header(&mut text, "subscription", id);
@@ -163,8 +154,16 @@ impl Subscription {
                 head
             }
         };
-        let acked = ack != AckMode::Auto && version == Version::V12;
-        Subscription { id: id.to_string(), destination: destination.to_string(), target, ack, acked, head }
+        Subscription { id: id.to_string(), destination: destination.to_string(), target, ack, head }
+    }
+
+    /// Whether its MESSAGE frames carry `ack`: STOMP 1.2 asks for one when the client acknowledges.
+    fn acked(&self, version: Version) -> bool {
+        self.ack != AckMode::Auto && version == Version::V12
+    }
+
+    fn message_head(&self, version: Version, transport: Transport) -> MessageHead<'_> {
+        MessageHead { text: &self.head, transport, acked: self.acked(version) }
     }
 }
 
@@ -224,12 +223,18 @@ pub(crate) struct MessageHead<'a> {
 /// head, the `ack` header if it has one, then the message's shared tail.
 pub(crate) fn append_frame(out: &mut Vec<u8>, head: &MessageHead<'_>, message: &Message) {
     let tail = message.encoded(head.transport.format());
-    let ack = if head.acked { ack_header(head.transport, message.seq) } else { Vec::new() };
-    let (header, header_len) = ws::text_header(head.text.len() + ack.len() + tail.len());
-    out.extend_from_slice(&header[..header_len]);
-    out.extend_from_slice(head.text);
-    out.extend_from_slice(&ack);
+    put_head(out, head, message.seq, tail.len());
     out.extend_from_slice(tail);
+}
+
+/// Writes the start of the MESSAGE frame of message `seq` under `head`, whose shared tail has
+/// `tail_len` bytes: the WebSocket header, the head's text, and the `ack` header if it has one.
+fn put_head(out: &mut impl BufMut, head: &MessageHead<'_>, seq: u64, tail_len: usize) {
+    let ack = if head.acked { ack_header(head.transport, seq) } else { Vec::new() };
+    let (header, header_len) = ws::text_header(head.text.len() + ack.len() + tail_len);
+    out.put_slice(&header[..header_len]);
+    out.put_slice(head.text);
+    out.put_slice(&ack);
 }
 
 /// The `ack` header of message `seq` as `transport` carries it (its value is the seq, as the
@@ -362,8 +367,7 @@ impl StompCodec {
     }
 
     fn message_head(&self, index: usize) -> MessageHead<'_> {
-        let subscription = &self.subscriptions[index];
-        MessageHead { text: &subscription.head, transport: self.transport, acked: subscription.acked }
+        self.subscriptions[index].message_head(self.connected.version, self.transport)
     }
 
     /// Notes the messages [`Self::head_of_run`] gave a head for, up to `last`, as sent.
@@ -401,14 +405,10 @@ impl StompCodec {
     /// headers and the `ack` header if the subscription has one. Heads are cut from one buffer
     /// per connection: one allocation serves many messages.
     fn head(&mut self, index: usize, seq: u64, tail_len: usize) -> Bytes {
-        let subscription = &self.subscriptions[index];
-        let ack = if subscription.acked { ack_header(self.transport, seq) } else { Vec::new() };
-        let text = &subscription.head;
-        self.arena.reserve(HEAD_ROOM.max(text.len() + ack.len() + 10));
-        let (header, header_len) = ws::text_header(text.len() + ack.len() + tail_len);
-        self.arena.extend_from_slice(&header[..header_len]);
-        self.arena.extend_from_slice(text);
-        self.arena.extend_from_slice(&ack);
+        let head = self.subscriptions[index].message_head(self.connected.version, self.transport);
+        // Room for the WebSocket header and an `ack` header too.
+        self.arena.reserve(HEAD_ROOM.max(head.text.len() + 48));
+        put_head(&mut self.arena, &head, seq, tail_len);
         self.arena.split().freeze()
     }
 
@@ -499,7 +499,7 @@ impl StompCodec {
         let message_id = format!("{RPC_MESSAGE_ID}{}", result.id);
         let mut headers =
             vec![("subscription", subscription.id.as_str()), ("destination", subscription.destination.as_str())];
-        if subscription.acked {
+        if subscription.acked(self.connected.version) {
             headers.push(("ack", &message_id));
         }
         headers.extend([("message-id", message_id.as_str()), ("content-type", "application/json")]);
