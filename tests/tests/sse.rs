@@ -99,3 +99,17 @@ async fn comments_keep_an_idle_stream_and_a_restart_ends_it_with_a_close_event()
     );
     assert_eq!(stream.next().await, None, "the stream ends");
 }
+
+#[tokio::test]
+async fn a_client_that_leaves_ends_its_session_at_the_next_heartbeat() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start_with(&nats, |config| config.heartbeat = Duration::from_millis(200)).await;
+    let staying = open(&gateway, &format!("token={}", token("olga")), &[]).await;
+    let leaving = open(&gateway, &format!("token={}", token("pia")), &[]).await;
+    gateway.wait_metric("herald_gateway_connections", 2.0).await;
+    drop(leaving);
+    // Nothing tells the session that the browser left but its next write (a heartbeat comment).
+    gateway.wait_metric("herald_gateway_connections", 1.0).await;
+    drop(staying);
+    gateway.wait_metric("herald_gateway_connections", 0.0).await;
+}

@@ -4,6 +4,7 @@
 
 pub(crate) mod api;
 pub(crate) mod auth;
+pub(crate) mod body_pipe;
 pub(crate) mod centrifugal;
 pub(crate) mod edge;
 pub(crate) mod engineio;

@@ -1,23 +1,23 @@
 //! `GET /sse`: Server-Sent Events. Checked like `/ws` before anything is streamed (a refusal is an
 //! HTTP status and a JSON body); then the response body is the session's output. The session runs
-//! as for a WebSocket, with [`SseCodec`]: it writes into one end of an in-memory pipe whose other
-//! end is the response body, and reads from a client that never speaks. A browser that leaves drops
+//! as for a WebSocket, with [`SseCodec`]: it writes into a [`body_pipe`] whose other end is the
+//! response body, and reads from a client that never speaks. A browser that leaves drops
 //! the body, and the session's next write (a heartbeat comment at the latest) fails.
 
-use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Either, Full};
-use hyper::body::{Frame, Incoming};
+use hyper::body::Incoming;
 use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use hyper::{Request, Response, StatusCode};
-use tokio::io::{AsyncRead, DuplexStream, ReadBuf};
+use tokio::io::{AsyncRead, ReadBuf};
 
 use super::auth::{self, Rejection};
+use super::body_pipe::body_pipe;
 use super::server::{Body, admit, refuse, refused_origin};
 use crate::Shared;
 use crate::close::{Close, CloseCode};
@@ -29,14 +29,6 @@ use crate::websocket::reader::MessageReader;
 
 /// Bytes the pipe between the session and the response body holds.
 const PIPE_BYTES: usize = 64 * 1024;
-/// Bytes read from the pipe for one chunk of the body at most.
-const CHUNK: usize = 16 * 1024;
-
-thread_local! {
-    /// Where a body reads the pipe (per worker thread, not per stream): a chunk is then allocated
-    /// at its length, instead of a zeroed buffer of `CHUNK` bytes per read, however little it holds.
-    static READ_BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0; CHUNK].into_boxed_slice());
-}
 
 /// Opens an event stream for the request, or refuses it.
 pub(crate) async fn stream(shared: Arc<Shared>, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
@@ -71,7 +63,7 @@ async fn open(shared: Arc<Shared>, request: &Request<Incoming>, peer: SocketAddr
         }
         Err(error) => return Err(Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", error.to_string())),
     }
-    let (session_end, body_end) = tokio::io::duplex(PIPE_BYTES);
+    let (session_end, body_end) = body_pipe(PIPE_BYTES);
     let connection = Connection {
         reader: MessageReader::new(Box::pin(Silent), shared.config.max_frame_bytes),
         write_half: Box::pin(session_end),
@@ -88,7 +80,7 @@ async fn open(shared: Arc<Shared>, request: &Request<Incoming>, peer: SocketAddr
         .header(CACHE_CONTROL, "no-store")
         // Reverse proxies (nginx) must pass events on as they come.
         .header("x-accel-buffering", HeaderValue::from_static("no"))
-        .body(Either::Right(SseBody { pipe: body_end }.boxed_unsync()))
+        .body(Either::Right(body_end.boxed_unsync()))
         .expect("static response parts are valid");
     Ok(response)
 }
@@ -122,28 +114,5 @@ struct Silent;
 impl AsyncRead for Silent {
     fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, _: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         Poll::Pending
-    }
-}
-
-/// The response body: what the session wrote, as it comes.
-pub(crate) struct SseBody {
-    pipe: DuplexStream,
-}
-
-impl hyper::body::Body for SseBody {
-    type Data = Bytes;
-    type Error = std::io::Error;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let chunk = READ_BUFFER.with_borrow_mut(|scratch| {
-            let mut buf = ReadBuf::new(scratch);
-            ready!(Pin::new(&mut self.pipe).poll_read(cx, &mut buf))?;
-            Poll::Ready(Ok::<_, std::io::Error>(Bytes::copy_from_slice(buf.filled())))
-        });
-        let chunk = ready!(chunk)?;
-        if chunk.is_empty() {
-            return Poll::Ready(None);
-        }
-        Poll::Ready(Some(Ok(Frame::data(chunk))))
     }
 }
