@@ -121,6 +121,9 @@ pub struct Config {
     /// How often acknowledged cursors are written to KV. Default `1s`.
     #[serde(with = "humantime_serde")]
     pub cursor_flush_interval: Duration,
+    /// Cursors written to KV a second at most by this gateway; with more acknowledging devices,
+    /// each is written less often (longest unwritten first). Default 1000.
+    pub cursor_write_rate: u32,
     /// Most topics one connection may subscribe to. Default 64.
     pub max_topics: usize,
     /// How long an `rpc` waits for its function. Default `5s`.
@@ -185,6 +188,7 @@ impl Default for Config {
             replay_batch: 256,
             replay_concurrency: 64,
             cursor_flush_interval: Duration::from_secs(1),
+            cursor_write_rate: 1000,
             max_topics: 64,
             rpc_timeout: Duration::from_secs(5),
             rpc_rate: 20.0,

@@ -237,7 +237,8 @@ impl Gateway {
 /// The tasks that keep a gateway's shared state current, all stopped by `shutdown`.
 fn start_background_tasks(shared: &Arc<Shared>) {
     let shutdown = shared.shutdown.clone();
-    tokio::spawn(shared.cursors.clone().run_flusher(shared.config.cursor_flush_interval, shutdown.clone()));
+    let (interval, rate) = (shared.config.cursor_flush_interval, shared.config.cursor_write_rate);
+    tokio::spawn(shared.cursors.clone().run_flusher(interval, rate, shutdown.clone()));
     tokio::spawn(shared.prefs.clone().watch(
         shared.router.clone(),
         shared.registry.clone(),
@@ -288,7 +289,7 @@ async fn run(shared: Arc<Shared>, listener: TcpListener) {
     if tokio::time::timeout(shared.config.shutdown_grace, shared.sessions.wait()).await.is_err() {
         warn!("shutdown grace elapsed with sockets still open");
     }
-    if tokio::time::timeout(Duration::from_secs(5), shared.cursors.flush()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), shared.cursors.flush(usize::MAX)).await.is_err() {
         warn!("cursor flush timed out");
     }
     if tokio::time::timeout(Duration::from_secs(5), shared.client.drain()).await.is_err() {

@@ -232,3 +232,41 @@ async fn a_cursor_written_elsewhere_meanwhile_is_never_moved_back() {
     gateway.wait_metric("herald_gateway_connections", 0.0).await;
     assert_eq!(stored().await, Some(seqs[3].to_string()));
 }
+
+#[tokio::test]
+async fn cursors_over_the_write_rate_are_written_in_turn_so_none_is_left_behind() {
+    let nats = TestNats::start().await;
+    // Five cursor writes a second and a flush every 100 ms: one cursor a flush, for three devices
+    // that all keep acknowledging.
+    let gateway = TestGateway::start_with(&nats, |config| {
+        config.cursor_flush_interval = std::time::Duration::from_millis(100);
+        config.cursor_write_rate = 5;
+    })
+    .await;
+    let publisher = Publisher::new(&nats).await;
+    let mut devices = Vec::new();
+    for device in ["d0", "d1", "d2"] {
+        devices.push(gateway.connect_with(&format!("token={}&device={device}", token("ria"))).await);
+    }
+    let cursors = nats.jetstream().await.get_key_value("herald-cursors").await.unwrap();
+    let first = publisher.publish("push.user.ria", "0").await;
+    let mut seq = first;
+    // Every device keeps acknowledging each new message until all three cursors are stored.
+    let deadline = tokio::time::Instant::now() + herald_tests::functions::WAIT;
+    loop {
+        for device in &mut devices {
+            assert_eq!(device.expect_msgs(1).await, [seq]);
+            device.send_json(serde_json::json!({"type": "ack", "seq": seq})).await;
+        }
+        let mut stored = Vec::new();
+        for key in ["ria.d0", "ria.d1", "ria.d2"] {
+            let value = cursors.get(key).await.unwrap();
+            stored.push(value.and_then(|value| std::str::from_utf8(&value).ok()?.parse::<u64>().ok()));
+        }
+        if stored.iter().all(|cursor| cursor.is_some_and(|cursor| cursor >= first)) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "a device's cursor was never written: {stored:?}");
+        seq = publisher.publish("push.user.ria", "next").await;
+    }
+}

@@ -8,7 +8,9 @@
 //! gateway flushing an older value after the device moved on loses the race harmlessly. While a
 //! device is connected, the gateway remembers the revision it last wrote, so that the next write is
 //! one request instead of a read and a write (a device acknowledges about once a second while
-//! messages flow, so a gateway with many sockets writes that many cursors every second).
+//! messages flow). A flush writes at most `cursor_write_rate` cursors a second, those written
+//! longest ago first: a gateway with more acknowledging devices than that writes each of them less
+//! often, instead of loading NATS with one KV write per device per interval.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,6 +36,8 @@ pub(crate) struct Cursors {
     bucket: OnceCell<kv::Store>,
     /// The devices whose sessions on this gateway acknowledged something, by KV key.
     devices: Mutex<HashMap<Box<str>, Held>>,
+    /// Flushes so far: a cursor notes the one that last wrote it.
+    flushes: AtomicU64,
 }
 
 /// A device's cursor and how many of its sessions on this gateway hold it.
@@ -48,9 +52,15 @@ pub(crate) struct DeviceCursor {
     acked: AtomicU64,
     /// What this gateway last wrote at `key`.
     written: Mutex<Option<Stored>>,
+    /// The flush that last wrote this cursor (0: none yet).
+    flushed_in: AtomicU64,
 }
 
 impl DeviceCursor {
+    fn new(key: Box<str>) -> DeviceCursor {
+        DeviceCursor { key, acked: AtomicU64::new(0), written: Mutex::new(None), flushed_in: AtomicU64::new(0) }
+    }
+
     /// Records that the device has everything up to `seq`.
     pub(crate) fn ack(&self, seq: u64) {
         self.acked.fetch_max(seq, Ordering::Relaxed);
@@ -84,6 +94,20 @@ fn error(what: impl std::fmt::Display) -> CursorError {
     CursorError(what.to_string())
 }
 
+/// Cursors one flush writes at most, for `rate` writes a second (at least one).
+fn writes_per_flush(interval: Duration, rate: u32) -> usize {
+    ((interval.as_secs_f64() * f64::from(rate)).ceil() as usize).max(1)
+}
+
+/// The `limit` cursors of `moved` that were written longest ago (never written first).
+fn longest_unwritten(mut moved: Vec<Arc<DeviceCursor>>, limit: usize) -> Vec<Arc<DeviceCursor>> {
+    if moved.len() > limit {
+        moved.select_nth_unstable_by_key(limit, |cursor| cursor.flushed_in.load(Ordering::Relaxed));
+        moved.truncate(limit);
+    }
+    moved
+}
+
 /// The KV key of a device's cursor.
 pub(crate) fn cursor_key(user: &str, device: &str) -> String {
     format!("{}.{}", kv_key(user), kv_key(device))
@@ -96,7 +120,7 @@ fn lost_key(user: &str, device: &str) -> String {
 
 impl Cursors {
     pub(crate) fn new(js: jetstream::Context) -> Cursors {
-        Cursors { js, bucket: OnceCell::new(), devices: Mutex::new(HashMap::new()) }
+        Cursors { js, bucket: OnceCell::new(), devices: Mutex::new(HashMap::new()), flushes: AtomicU64::new(0) }
     }
 
     async fn bucket(&self) -> Result<&kv::Store, CursorError> {
@@ -133,10 +157,9 @@ impl Cursors {
     /// The device's cursor, for a session that acknowledges; give it back with [`Cursors::release`].
     pub(crate) fn hold(&self, user: &str, device: &str) -> Arc<DeviceCursor> {
         let mut devices = self.devices();
-        let held = devices.entry(cursor_key(user, device).into()).or_insert_with_key(|key| Held {
-            cursor: Arc::new(DeviceCursor { key: key.clone(), acked: AtomicU64::new(0), written: Mutex::new(None) }),
-            sessions: 0,
-        });
+        let held = devices
+            .entry(cursor_key(user, device).into())
+            .or_insert_with_key(|key| Held { cursor: Arc::new(DeviceCursor::new(key.clone())), sessions: 0 });
         held.sessions += 1;
         held.cursor.clone()
     }
@@ -166,11 +189,21 @@ impl Cursors {
         self.write_due(cursor).await;
     }
 
-    /// Writes every cursor that moved.
-    pub(crate) async fn flush(&self) {
-        let cursors: Vec<Arc<DeviceCursor>> = self.devices().values().map(|held| held.cursor.clone()).collect();
+    /// Writes the cursors that moved, at most `limit` of them: those written longest ago first.
+    pub(crate) async fn flush(&self, limit: usize) {
+        let flush = self.flushes.fetch_add(1, Ordering::Relaxed) + 1;
+        let moved: Vec<Arc<DeviceCursor>> = self
+            .devices()
+            .values()
+            .filter(|held| held.cursor.due().is_some())
+            .map(|held| held.cursor.clone())
+            .collect();
+        let cursors = longest_unwritten(moved, limit);
         futures::stream::iter(cursors)
-            .for_each_concurrent(FLUSH_CONCURRENCY, |cursor| async move { self.write_due(&cursor).await })
+            .for_each_concurrent(FLUSH_CONCURRENCY, |cursor| async move {
+                cursor.flushed_in.store(flush, Ordering::Relaxed);
+                self.write_due(&cursor).await;
+            })
             .await;
     }
 
@@ -182,11 +215,13 @@ impl Cursors {
         }
     }
 
-    /// Flushes every `interval` until `shutdown`, then once more.
-    pub(crate) async fn run_flusher(self: Arc<Self>, interval: Duration, shutdown: CancellationToken) {
+    /// Flushes every `interval`, writing at most `rate` cursors a second, until `shutdown` (closing
+    /// sessions then write their own).
+    pub(crate) async fn run_flusher(self: Arc<Self>, interval: Duration, rate: u32, shutdown: CancellationToken) {
+        let limit = writes_per_flush(interval, rate);
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(interval) => self.flush().await,
+                _ = tokio::time::sleep(interval) => self.flush(limit).await,
                 _ = shutdown.cancelled() => break,
             }
         }
@@ -207,7 +242,7 @@ mod tests {
     use super::*;
 
     fn cursor() -> DeviceCursor {
-        DeviceCursor { key: "ada.phone".into(), acked: AtomicU64::new(0), written: Mutex::new(None) }
+        DeviceCursor::new("ada.phone".into())
     }
 
     #[test]
@@ -224,6 +259,27 @@ mod tests {
         assert_eq!(cursor.due(), None, "an older ack writes nothing");
         cursor.ack(9);
         assert_eq!(cursor.due(), Some((9, Some(stored))), "the next write starts from the revision written");
+    }
+
+    #[test]
+    fn a_flush_takes_the_cursors_written_longest_ago_up_to_its_share_of_the_rate() {
+        assert_eq!(writes_per_flush(Duration::from_secs(1), 1000), 1000);
+        assert_eq!(writes_per_flush(Duration::from_millis(250), 1000), 250);
+        assert_eq!(writes_per_flush(Duration::from_millis(1), 10), 1, "a flush writes at least one");
+        let moved: Vec<Arc<DeviceCursor>> = [4, 0, 2, 7, 1]
+            .into_iter()
+            .enumerate()
+            .map(|(index, flushed_in)| {
+                let cursor = DeviceCursor::new(format!("ada.d{index}").into());
+                cursor.flushed_in.store(flushed_in, Ordering::Relaxed);
+                Arc::new(cursor)
+            })
+            .collect();
+        let mut taken: Vec<Box<str>> =
+            longest_unwritten(moved.clone(), 3).into_iter().map(|cursor| cursor.key.clone()).collect();
+        taken.sort();
+        assert_eq!(taken, ["ada.d1".into(), "ada.d2".into(), "ada.d4".into()], "never written, then oldest");
+        assert_eq!(longest_unwritten(moved, 9).len(), 5, "under the limit, every moved cursor");
     }
 
     #[test]
