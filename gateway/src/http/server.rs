@@ -50,7 +50,10 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
         }
         let shared = shared.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |request| route(shared.clone(), request, peer));
+            // Boxed so that hyper, which keeps one slot for a request's future as long as the
+            // connection lives, keeps a pointer: a streaming response (SSE) would otherwise hold
+            // room for the largest handler's state for its whole life.
+            let service = service_fn(move |request| Box::pin(route(shared.clone(), request, peer)));
             let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service).with_upgrades();
             if let Err(error) = connection.await {
                 debug!(%peer, %error, "http connection ended with an error");
