@@ -38,6 +38,11 @@ impl SseClient {
         Ok(SseClient { response, buffer: String::new() })
     }
 
+    /// A header of the response, if it has it.
+    pub fn header(&self, name: &str) -> Option<String> {
+        Some(self.response.headers().get(name)?.to_str().ok()?.to_string())
+    }
+
     /// The next event or comment; `None` when the stream ended. Panics after [`FRAME_TIMEOUT`].
     pub async fn next(&mut self) -> Option<SseEvent> {
         tokio::time::timeout(FRAME_TIMEOUT, self.read()).await.expect("nothing from the gateway in time")

@@ -101,15 +101,91 @@ async fn comments_keep_an_idle_stream_and_a_restart_ends_it_with_a_close_event()
 }
 
 #[tokio::test]
-async fn a_client_that_leaves_ends_its_session_at_the_next_heartbeat() {
+async fn a_client_that_leaves_ends_its_session_on_either_path() {
     let nats = TestNats::start().await;
     let gateway = TestGateway::start_with(&nats, |config| config.heartbeat = Duration::from_millis(200)).await;
     let staying = open(&gateway, &format!("token={}", token("olga")), &[]).await;
     let leaving = open(&gateway, &format!("token={}", token("pia")), &[]).await;
     gateway.wait_metric("herald_gateway_connections", 2.0).await;
     drop(leaving);
-    // Nothing tells the session that the browser left but its next write (a heartbeat comment).
+    // Served on the connection itself, the session sees the connection end.
+    gateway.wait_metric("herald_gateway_connections", 1.0).await;
+    let mut after_a_request = KeptAlive::connect(&gateway).await;
+    after_a_request.stream(&format!("token={}", token("pia"))).await;
+    gateway.wait_metric("herald_gateway_connections", 2.0).await;
+    drop(after_a_request);
+    // Served by the HTTP layer, nothing tells the session but its next write (a heartbeat comment).
     gateway.wait_metric("herald_gateway_connections", 1.0).await;
     drop(staying);
     gateway.wait_metric("herald_gateway_connections", 0.0).await;
+}
+
+#[tokio::test]
+async fn a_stream_asked_on_a_connection_that_served_a_request_comes_chunked_and_exact() {
+    let nats = TestNats::start().await;
+    let publisher = Publisher::new(&nats).await;
+    let gateway = TestGateway::start(&nats).await;
+    // A fresh connection's stream is written on the connection itself: it ends with the connection.
+    let direct = open(&gateway, &format!("token={}", token("rosa")), &[]).await;
+    assert_eq!(direct.header("connection").as_deref(), Some("close"));
+    assert_eq!(direct.header("transfer-encoding"), None);
+
+    let mut kept = KeptAlive::connect(&gateway).await;
+    let head = kept.stream(&format!("token={}&device=kept", token("rosa"))).await;
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    kept.read_until("event: welcome").await;
+    let seq = publisher.publish("push.user.rosa", r#"{"n":1}"#).await;
+    kept.read_until(&format!("id: {seq}\nevent: message\ndata: {{\"n\":1}}\n\n")).await;
+}
+
+/// A client that sends a request on a connection before asking it for a stream, as a browser may
+/// when it reuses a kept-alive connection.
+struct KeptAlive {
+    socket: tokio::net::TcpStream,
+    read: String,
+}
+
+impl KeptAlive {
+    /// Connects and has `/healthz` answered on the connection.
+    async fn connect(gateway: &TestGateway) -> KeptAlive {
+        let socket = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+        let mut client = KeptAlive { socket, read: String::new() };
+        client.send("GET /healthz HTTP/1.1\r\nhost: gateway\r\n\r\n").await;
+        client.read_until("\r\n\r\n").await;
+        client
+    }
+
+    /// Asks for a stream; its response head.
+    async fn stream(&mut self, query: &str) -> String {
+        self.read.clear();
+        self.send(&format!("GET /sse?{query} HTTP/1.1\r\nhost: gateway\r\n\r\n")).await;
+        let head = self.read_until("\r\n\r\n").await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        head
+    }
+
+    async fn send(&mut self, request: &str) {
+        use tokio::io::AsyncWriteExt;
+        self.socket.write_all(request.as_bytes()).await.unwrap();
+    }
+
+    /// Reads until `text` has come; what came up to it.
+    async fn read_until(&mut self, text: &str) -> String {
+        use tokio::io::AsyncReadExt;
+        tokio::time::timeout(herald_tests::ws::FRAME_TIMEOUT, async {
+            loop {
+                if let Some(at) = self.read.find(text) {
+                    let upto = self.read[..at + text.len()].to_string();
+                    self.read.drain(..at + text.len());
+                    return upto;
+                }
+                let mut buf = [0; 4096];
+                let read = self.socket.read(&mut buf).await.unwrap();
+                assert!(read > 0, "the connection ended before {text:?}: {}", self.read);
+                self.read.push_str(std::str::from_utf8(&buf[..read]).unwrap());
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no {text:?} in time: {}", self.read))
+    }
 }

@@ -50,6 +50,11 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
         }
         let shared = shared.clone();
         tokio::spawn(async move {
+            // Boxed, so that a connection served by the HTTP layer keeps no room for it.
+            let stream = match Box::pin(super::sse::serve_direct(&shared, stream, peer)).await {
+                Ok(()) => return,
+                Err(stream) => stream,
+            };
             // Boxed so that hyper, which keeps one slot for a request's future as long as the
             // connection lives, keeps a pointer: a streaming response (SSE) would otherwise hold
             // room for the largest handler's state for its whole life.

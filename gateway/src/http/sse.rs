@@ -1,23 +1,30 @@
 //! `GET /sse`: Server-Sent Events. Checked like `/ws` before anything is streamed (a refusal is an
 //! HTTP status and a JSON body); then the response body is the session's output. The session runs
-//! as for a WebSocket, with [`SseCodec`]: it writes into a [`body_pipe`] whose other end is the
-//! response body, and reads from a client that never speaks. A browser that leaves drops
-//! the body, and the session's next write (a heartbeat comment at the latest) fails.
+//! as for a WebSocket, with [`SseCodec`].
+//!
+//! A stream asked for on a new connection (what EventSource does) has the connection to itself
+//! ([`serve_direct`]): the session writes into the socket as into a WebSocket's. A stream asked for
+//! on a connection that served other requests is the HTTP layer's response: the session writes into
+//! a [`body_pipe`] whose other end is the response body, and a browser that leaves is noticed when
+//! the session's next write (a heartbeat comment at the latest) fails.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use hyper::{Request, Response, StatusCode};
-use tokio::io::{AsyncRead, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedReadHalf;
 
-use super::auth::{self, Rejection};
+use super::auth::{self, ConnectRequest, Rejection};
 use super::body_pipe::body_pipe;
+use super::limits::Permit;
 use super::server::{Body, admit, refuse, refused_origin};
 use crate::Shared;
 use crate::close::{Close, CloseCode};
@@ -39,41 +46,14 @@ pub(crate) async fn stream(shared: Arc<Shared>, request: Request<Incoming>, peer
 }
 
 async fn open(shared: Arc<Shared>, request: &Request<Incoming>, peer: SocketAddr) -> Result<Response<Body>, Rejection> {
-    if let Some(origin) = refused_origin(&shared.config.allowed_origins, request) {
-        return Err(Rejection::new(
-            StatusCode::FORBIDDEN,
-            "forbidden_origin",
-            format!("origin {origin} is not allowed"),
-        ));
-    }
-    let mut connect = auth::authorize(request, &shared.verifier)?;
-    if !shared.health.ready() {
-        return Ok(not_ready(&shared));
-    }
-    // A browser reconnecting says where it stopped; that wins over the URL's `since`.
-    if let Some(last) = request.headers().get("last-event-id") {
-        connect.since = Some(last_event_id(last)?);
-    }
-    let (address, permit) = admit(&shared, request, peer)?;
-    let conn = crate::id::random_id(12);
-    match shared.policies.reserve(&connect.claims.sub, &conn).await {
-        Ok(()) => {}
-        Err(PolicyError::Taken) => {
-            return Err(Rejection::new(StatusCode::CONFLICT, "conflict", PolicyError::Taken.to_string()));
-        }
-        Err(error) => return Err(Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", error.to_string())),
-    }
+    let Some(admitted) = admit_stream(&shared, request, peer).await? else { return Ok(not_ready(&shared)) };
     let (session_end, body_end) = body_pipe(PIPE_BYTES);
     let connection = Connection {
         reader: MessageReader::new(Box::pin(Silent), shared.config.max_frame_bytes),
         write_half: Box::pin(session_end),
         codec: Codec::Sse(SseCodec::default()),
     };
-    let tracker = shared.sessions.clone();
-    tracker.spawn(async move {
-        let _permit = permit;
-        session::run_with(shared, connection, connect, conn, address).await;
-    });
+    admitted.start(shared, connection, None);
     let response = Response::builder()
         .status(StatusCode::OK)
         .header(CONTENT_TYPE, "text/event-stream")
@@ -83,6 +63,123 @@ async fn open(shared: Arc<Shared>, request: &Request<Incoming>, peer: SocketAddr
         .body(Either::Right(body_end.boxed_unsync()))
         .expect("static response parts are valid");
     Ok(response)
+}
+
+/// A request checked and given its place (admitted, its session reserved): what a session needs.
+struct Admitted {
+    connect: ConnectRequest,
+    conn: String,
+    address: IpAddr,
+    permit: Permit,
+}
+
+impl Admitted {
+    /// Runs the session on `connection`, after writing `head` to it if there is one.
+    fn start(self, shared: Arc<Shared>, mut connection: Connection, head: Option<&'static [u8]>) {
+        let Admitted { connect, conn, address, permit } = self;
+        shared.sessions.clone().spawn(async move {
+            let _permit = permit;
+            if let Some(head) = head {
+                // A failed write is the session's first failed write too; it ends there.
+                let _ = connection.write_half.write_all(head).await;
+            }
+            session::run_with(shared, connection, connect, conn, address).await;
+        });
+    }
+}
+
+/// Checks a request for a stream and admits it; `None` when the gateway is not ready.
+async fn admit_stream<B>(
+    shared: &Arc<Shared>,
+    request: &Request<B>,
+    peer: SocketAddr,
+) -> Result<Option<Admitted>, Rejection> {
+    if let Some(origin) = refused_origin(&shared.config.allowed_origins, request) {
+        return Err(Rejection::new(
+            StatusCode::FORBIDDEN,
+            "forbidden_origin",
+            format!("origin {origin} is not allowed"),
+        ));
+    }
+    let mut connect = auth::authorize(request, &shared.verifier)?;
+    if !shared.health.ready() {
+        return Ok(None);
+    }
+    // A browser reconnecting says where it stopped; that wins over the URL's `since`.
+    if let Some(last) = request.headers().get("last-event-id") {
+        connect.since = Some(last_event_id(last)?);
+    }
+    let (address, permit) = admit(shared, request, peer)?;
+    let conn = crate::id::random_id(12);
+    match shared.policies.reserve(&connect.claims.sub, &conn).await {
+        Ok(()) => Ok(Some(Admitted { connect, conn, address, permit })),
+        Err(PolicyError::Taken) => {
+            Err(Rejection::new(StatusCode::CONFLICT, "conflict", PolicyError::Taken.to_string()))
+        }
+        Err(error) => Err(Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", error.to_string())),
+    }
+}
+
+/// Serves a connection whose first request is a stream that can be admitted on the connection
+/// itself: the response head is written by hand and the session writes its events straight into
+/// the socket, as into a WebSocket, with neither the HTTP layer's buffers nor a pipe between. The
+/// body ends when the connection closes (`Connection: close`, as HTTP/1.1 allows). Anything else (a
+/// request head not yet whole, another route, a refusal, a gateway not ready) is left unread for
+/// the HTTP layer, which answers it as before: the connection comes back.
+pub(crate) async fn serve_direct(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) -> Result<(), TcpStream> {
+    let Some(request) = peek_stream_request(&stream).await else { return Err(stream) };
+    let Ok(Some(admitted)) = admit_stream(shared, &request, peer).await else { return Err(stream) };
+    let (read, write) = stream.into_split();
+    let connection = Connection {
+        reader: MessageReader::new(Box::pin(ClientGone { socket: read }), shared.config.max_frame_bytes),
+        write_half: Box::pin(write),
+        codec: Codec::Sse(SseCodec::default()),
+    };
+    admitted.start(shared.clone(), connection, Some(DIRECT_RESPONSE_HEAD));
+    Ok(())
+}
+
+/// The head of a stream served on the connection itself.
+const DIRECT_RESPONSE_HEAD: &[u8] =
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-store\r\n\
+x-accel-buffering: no\r\nconnection: close\r\n\r\n";
+
+/// How a request for a stream starts.
+const STREAM_START: &[u8] = b"GET /sse";
+/// The longest request head looked at for a stream served on the connection.
+const DIRECT_HEAD_BYTES: usize = 8 * 1024;
+/// Request headers read at most for a stream served on the connection.
+const DIRECT_HEADERS: usize = 64;
+
+/// The connection's first request, without reading it, when it is a whole `GET /sse` head.
+async fn peek_stream_request(stream: &TcpStream) -> Option<Request<()>> {
+    let mut start = [0; STREAM_START.len()];
+    let peeked = stream.peek(&mut start).await.ok()?;
+    if start[..peeked] != *STREAM_START {
+        return None;
+    }
+    let mut head = vec![0; DIRECT_HEAD_BYTES];
+    let peeked = stream.peek(&mut head).await.ok()?;
+    stream_request(&head[..peeked])
+}
+
+/// Parses `bytes` as a whole `GET /sse` request head.
+fn stream_request(bytes: &[u8]) -> Option<Request<()>> {
+    if !bytes.starts_with(STREAM_START) {
+        return None;
+    }
+    let mut headers = [httparse::EMPTY_HEADER; DIRECT_HEADERS];
+    let mut head = httparse::Request::new(&mut headers);
+    let httparse::Status::Complete(_) = head.parse(bytes).ok()? else { return None };
+    let uri: hyper::Uri = head.path?.parse().ok()?;
+    if head.method? != "GET" || uri.path() != "/sse" {
+        return None;
+    }
+    let mut request = Request::builder().method(hyper::Method::GET).uri(uri);
+    for header in head.headers.iter() {
+        request = request.header(header.name, header.value);
+    }
+    request.body(()).ok()
 }
 
 /// The sequence number a `Last-Event-ID` header holds (spaces around it allowed).
@@ -108,11 +205,51 @@ fn not_ready(shared: &Shared) -> Response<Body> {
         .expect("static response parts are valid")
 }
 
+/// The client's side of a stream served on the connection: what it sent (the request head, left
+/// unread until now, and anything after it) is ignored, and the connection's end is the end of the
+/// reader, so that the session ends at once instead of at its next write.
+struct ClientGone {
+    socket: OwnedReadHalf,
+}
+
+impl AsyncRead for ClientGone {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, _: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let mut scratch = [0; 512];
+        loop {
+            let mut discarded = ReadBuf::new(&mut scratch);
+            ready!(Pin::new(&mut self.socket).poll_read(cx, &mut discarded))?;
+            if discarded.filled().is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+}
+
 /// The client side of an event stream: it never sends anything.
 struct Silent;
 
 impl AsyncRead for Silent {
     fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, _: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_whole_get_sse_head_is_served_on_the_connection() {
+        let head = b"GET /sse?token=t&device=d HTTP/1.1\r\nhost: g\r\nlast-event-id: 7\r\n\r\n";
+        let request = stream_request(head).expect("a whole head");
+        assert_eq!((request.uri().path(), request.uri().query()), ("/sse", Some("token=t&device=d")));
+        assert_eq!(request.headers()["last-event-id"], "7");
+        // A head still arriving, another route, another method: left to the HTTP layer.
+        assert!(stream_request(&head[..head.len() - 1]).is_none());
+        assert!(stream_request(b"GET /ssex HTTP/1.1\r\n\r\n").is_none());
+        assert!(stream_request(b"GET /ws HTTP/1.1\r\n\r\n").is_none());
+        assert!(stream_request(b"POST /sse HTTP/1.1\r\n\r\n").is_none());
+        assert!(stream_request(b"GET /sse HTTP/1.1\r\nbad header\r\n\r\n").is_none());
+        assert!(stream_request(b"GET /sse HTTP/1.1\r\n\r\n").is_some());
     }
 }
