@@ -18,14 +18,14 @@ use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use hyper::{Request, Response, StatusCode};
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
 
 use super::auth::{self, ConnectRequest, Rejection};
 use super::body_pipe::body_pipe;
 use super::limits::Permit;
-use super::server::{Body, admit, refuse, refused_origin};
+use super::server::{Body, HttpResponse, admit, refuse, refused_origin};
 use crate::Shared;
 use crate::close::{Close, CloseCode};
 use crate::cluster::policy::PolicyError;
@@ -53,7 +53,7 @@ async fn open(shared: Arc<Shared>, request: &Request<Incoming>, peer: SocketAddr
         write_half: Box::pin(session_end),
         codec: Codec::Sse(SseCodec::default()),
     };
-    admitted.start(shared, connection, None);
+    admitted.start(shared, connection, Vec::new());
     let response = Response::builder()
         .status(StatusCode::OK)
         .header(CONTENT_TYPE, "text/event-stream")
@@ -74,14 +74,14 @@ struct Admitted {
 }
 
 impl Admitted {
-    /// Runs the session on `connection`, after writing `head` to it if there is one.
-    fn start(self, shared: Arc<Shared>, mut connection: Connection, head: Option<&'static [u8]>) {
+    /// Runs the session on `connection`, after writing `head` (a response head) to it.
+    fn start(self, shared: Arc<Shared>, mut connection: Connection, head: Vec<u8>) {
         let Admitted { connect, conn, address, permit } = self;
         shared.sessions.clone().spawn(async move {
             let _permit = permit;
-            if let Some(head) = head {
+            if !head.is_empty() {
                 // A failed write is the session's first failed write too; it ends there.
-                let _ = connection.write_half.write_all(head).await;
+                let _ = connection.write_half.write_all(&head).await;
             }
             session::run_with(shared, connection, connect, conn, address).await;
         });
@@ -120,29 +120,74 @@ async fn admit_stream<B>(
     }
 }
 
-/// Serves a connection whose first request is a stream that can be admitted on the connection
-/// itself: the response head is written by hand and the session writes its events straight into
-/// the socket, as into a WebSocket, with neither the HTTP layer's buffers nor a pipe between. The
-/// body ends when the connection closes (`Connection: close`, as HTTP/1.1 allows). Anything else (a
-/// request head not yet whole, another route, a refusal, a gateway not ready) is left unread for
-/// the HTTP layer, which answers it as before: the connection comes back.
-pub(crate) async fn serve_direct(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) -> Result<(), TcpStream> {
-    let Some(request) = peek_stream_request(&stream).await else { return Err(stream) };
-    let Ok(Some(admitted)) = admit_stream(shared, &request, peer).await else { return Err(stream) };
+/// Serves a connection whose first request is a whole `GET /sse` head on the connection itself:
+/// the response head is written by hand and the session writes its events straight into the
+/// socket, as into a WebSocket, with neither the HTTP layer's buffers nor a pipe between. The body
+/// ends when the connection closes (`Connection: close`, as HTTP/1.1 allows); a refusal is its
+/// status and JSON body, then the close. Anything else (another route, a head not yet whole, a
+/// gateway not ready) is left unread for the HTTP layer, which answers it as before: the
+/// connection comes back.
+pub(crate) async fn serve_direct(
+    shared: &Arc<Shared>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+) -> Result<(), TcpStream> {
+    let Some((request, head_len)) = peek_stream_request(&stream).await else { return Err(stream) };
+    let admitted = match admit_stream(shared, &request, peer).await {
+        Ok(Some(admitted)) => admitted,
+        // The HTTP layer answers with a stream that ends at once (see `not_ready`).
+        Ok(None) => return Err(stream),
+        Err(refused) => {
+            let response = refuse(shared, &request, peer, &refused);
+            if take_head(&mut stream, head_len).await.is_ok() {
+                let _ = write_refusal(&mut stream, response).await;
+            }
+            return Ok(());
+        }
+    };
+    // The head leaves the socket now: a connection closed with bytes unread is reset, and a reset
+    // can lose the last event (the session may end before its reader first looks).
+    let _ = take_head(&mut stream, head_len).await;
     let (read, write) = stream.into_split();
     let connection = Connection {
         reader: MessageReader::new(Box::pin(ClientGone { socket: read }), shared.config.max_frame_bytes),
         write_half: Box::pin(write),
         codec: Codec::Sse(SseCodec::default()),
     };
-    admitted.start(shared.clone(), connection, Some(DIRECT_RESPONSE_HEAD));
+    let head = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-store\r\n\
+         x-accel-buffering: no\r\nconnection: close\r\ndate: {}\r\n\r\n",
+        httpdate::fmt_http_date(std::time::SystemTime::now())
+    );
+    admitted.start(shared.clone(), connection, head.into_bytes());
     Ok(())
 }
 
-/// The head of a stream served on the connection itself.
-const DIRECT_RESPONSE_HEAD: &[u8] =
-    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-store\r\n\
-x-accel-buffering: no\r\nconnection: close\r\n\r\n";
+/// Reads the request head the stream was peeked from (it is in the socket already).
+async fn take_head(stream: &mut TcpStream, head_len: usize) -> std::io::Result<()> {
+    stream.read_exact(&mut vec![0; head_len]).await.map(|_| ())
+}
+
+/// Writes a refusal made for the HTTP layer (a whole body) on the connection, then closes it.
+async fn write_refusal(stream: &mut TcpStream, response: HttpResponse) -> std::io::Result<()> {
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.map(|body| body.to_bytes()).unwrap_or_default();
+    let status = parts.status;
+    let reason = status.canonical_reason().unwrap_or("");
+    let mut out = format!("HTTP/1.1 {} {reason}\r\n", status.as_str()).into_bytes();
+    for (name, value) in &parts.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let date = httpdate::fmt_http_date(std::time::SystemTime::now());
+    let tail = format!("content-length: {}\r\nconnection: close\r\ndate: {date}\r\n\r\n", body.len());
+    out.extend_from_slice(tail.as_bytes());
+    out.extend_from_slice(&body);
+    stream.write_all(&out).await?;
+    stream.shutdown().await
+}
 
 /// How a request for a stream starts.
 const STREAM_START: &[u8] = b"GET /sse";
@@ -151,8 +196,9 @@ const DIRECT_HEAD_BYTES: usize = 8 * 1024;
 /// Request headers read at most for a stream served on the connection.
 const DIRECT_HEADERS: usize = 64;
 
-/// The connection's first request, without reading it, when it is a whole `GET /sse` head.
-async fn peek_stream_request(stream: &TcpStream) -> Option<Request<()>> {
+/// The connection's first request, without reading it, when it is a whole `GET /sse` head: the
+/// request (without a body) and the head's length.
+async fn peek_stream_request(stream: &TcpStream) -> Option<(Request<()>, usize)> {
     let mut start = [0; STREAM_START.len()];
     let peeked = stream.peek(&mut start).await.ok()?;
     if start[..peeked] != *STREAM_START {
@@ -164,13 +210,13 @@ async fn peek_stream_request(stream: &TcpStream) -> Option<Request<()>> {
 }
 
 /// Parses `bytes` as a whole `GET /sse` request head.
-fn stream_request(bytes: &[u8]) -> Option<Request<()>> {
+fn stream_request(bytes: &[u8]) -> Option<(Request<()>, usize)> {
     if !bytes.starts_with(STREAM_START) {
         return None;
     }
     let mut headers = [httparse::EMPTY_HEADER; DIRECT_HEADERS];
     let mut head = httparse::Request::new(&mut headers);
-    let httparse::Status::Complete(_) = head.parse(bytes).ok()? else { return None };
+    let httparse::Status::Complete(head_len) = head.parse(bytes).ok()? else { return None };
     let uri: hyper::Uri = head.path?.parse().ok()?;
     if head.method? != "GET" || uri.path() != "/sse" {
         return None;
@@ -179,7 +225,7 @@ fn stream_request(bytes: &[u8]) -> Option<Request<()>> {
     for header in head.headers.iter() {
         request = request.header(header.name, header.value);
     }
-    request.body(()).ok()
+    Some((request.body(()).ok()?, head_len))
 }
 
 /// The sequence number a `Last-Event-ID` header holds (spaces around it allowed).
@@ -241,7 +287,8 @@ mod tests {
     #[test]
     fn only_a_whole_get_sse_head_is_served_on_the_connection() {
         let head = b"GET /sse?token=t&device=d HTTP/1.1\r\nhost: g\r\nlast-event-id: 7\r\n\r\n";
-        let request = stream_request(head).expect("a whole head");
+        let (request, head_len) = stream_request(head).expect("a whole head");
+        assert_eq!(head_len, head.len());
         assert_eq!((request.uri().path(), request.uri().query()), ("/sse", Some("token=t&device=d")));
         assert_eq!(request.headers()["last-event-id"], "7");
         // A head still arriving, another route, another method: left to the HTTP layer.
