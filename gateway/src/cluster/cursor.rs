@@ -52,13 +52,18 @@ pub(crate) struct DeviceCursor {
     acked: AtomicU64,
     /// What this gateway last wrote at `key`.
     written: Mutex<Option<Stored>>,
-    /// The flush that last wrote this cursor (0: none yet).
+    /// The flush that last wrote this cursor (or the last before it was created).
     flushed_in: AtomicU64,
 }
 
 impl DeviceCursor {
-    fn new(key: Box<str>) -> DeviceCursor {
-        DeviceCursor { key, acked: AtomicU64::new(0), written: Mutex::new(None), flushed_in: AtomicU64::new(0) }
+    fn new(key: Box<str>, flushed_in: u64) -> DeviceCursor {
+        DeviceCursor {
+            key,
+            acked: AtomicU64::new(0),
+            written: Mutex::new(None),
+            flushed_in: AtomicU64::new(flushed_in),
+        }
     }
 
     /// Records that the device has everything up to `seq`.
@@ -99,7 +104,7 @@ fn writes_per_flush(interval: Duration, rate: u32) -> usize {
     ((interval.as_secs_f64() * f64::from(rate)).ceil() as usize).max(1)
 }
 
-/// The `limit` cursors of `moved` that were written longest ago (never written first).
+/// The `limit` cursors of `moved` written longest ago (a new one counts from when it came).
 fn longest_unwritten(mut moved: Vec<Arc<DeviceCursor>>, limit: usize) -> Vec<Arc<DeviceCursor>> {
     if moved.len() > limit {
         moved.select_nth_unstable_by_key(limit, |cursor| cursor.flushed_in.load(Ordering::Relaxed));
@@ -156,10 +161,13 @@ impl Cursors {
 
     /// The device's cursor, for a session that acknowledges; give it back with [`Cursors::release`].
     pub(crate) fn hold(&self, user: &str, device: &str) -> Arc<DeviceCursor> {
+        // A new cursor queues behind those that moved before it, not ahead of them all.
+        let flushed_in = self.flushes.load(Ordering::Relaxed);
         let mut devices = self.devices();
-        let held = devices
-            .entry(cursor_key(user, device).into())
-            .or_insert_with_key(|key| Held { cursor: Arc::new(DeviceCursor::new(key.clone())), sessions: 0 });
+        let held = devices.entry(cursor_key(user, device).into()).or_insert_with_key(|key| Held {
+            cursor: Arc::new(DeviceCursor::new(key.clone(), flushed_in)),
+            sessions: 0,
+        });
         held.sessions += 1;
         held.cursor.clone()
     }
@@ -242,7 +250,7 @@ mod tests {
     use super::*;
 
     fn cursor() -> DeviceCursor {
-        DeviceCursor::new("ada.phone".into())
+        DeviceCursor::new("ada.phone".into(), 0)
     }
 
     #[test]
@@ -269,16 +277,12 @@ mod tests {
         let moved: Vec<Arc<DeviceCursor>> = [4, 0, 2, 7, 1]
             .into_iter()
             .enumerate()
-            .map(|(index, flushed_in)| {
-                let cursor = DeviceCursor::new(format!("ada.d{index}").into());
-                cursor.flushed_in.store(flushed_in, Ordering::Relaxed);
-                Arc::new(cursor)
-            })
+            .map(|(index, flushed_in)| Arc::new(DeviceCursor::new(format!("ada.d{index}").into(), flushed_in)))
             .collect();
         let mut taken: Vec<Box<str>> =
             longest_unwritten(moved.clone(), 3).into_iter().map(|cursor| cursor.key.clone()).collect();
         taken.sort();
-        assert_eq!(taken, ["ada.d1".into(), "ada.d2".into(), "ada.d4".into()], "never written, then oldest");
+        assert_eq!(taken, ["ada.d1".into(), "ada.d2".into(), "ada.d4".into()], "the longest unwritten");
         assert_eq!(longest_unwritten(moved, 9).len(), 5, "under the limit, every moved cursor");
     }
 
