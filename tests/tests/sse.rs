@@ -175,12 +175,8 @@ impl KeptAlive {
 
     /// Reads `count` bytes (a body).
     async fn read_bytes(&mut self, count: usize) {
-        use tokio::io::AsyncReadExt;
         while self.read.len() < count {
-            let mut buf = [0; 4096];
-            let read = self.socket.read(&mut buf).await.unwrap();
-            assert!(read > 0, "the connection ended in a body");
-            self.read.push_str(std::str::from_utf8(&buf[..read]).unwrap());
+            self.read_more("a body's end").await;
         }
         self.read.drain(..count);
     }
@@ -192,21 +188,25 @@ impl KeptAlive {
 
     /// Reads until `text` has come; what came up to it.
     async fn read_until(&mut self, text: &str) -> String {
-        use tokio::io::AsyncReadExt;
-        tokio::time::timeout(herald_tests::ws::FRAME_TIMEOUT, async {
-            loop {
-                if let Some(at) = self.read.find(text) {
-                    let upto = self.read[..at + text.len()].to_string();
-                    self.read.drain(..at + text.len());
-                    return upto;
-                }
-                let mut buf = [0; 4096];
-                let read = self.socket.read(&mut buf).await.unwrap();
-                assert!(read > 0, "the connection ended before {text:?}: {}", self.read);
-                self.read.push_str(std::str::from_utf8(&buf[..read]).unwrap());
+        loop {
+            if let Some(at) = self.read.find(text) {
+                let upto = self.read[..at + text.len()].to_string();
+                self.read.drain(..at + text.len());
+                return upto;
             }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("no {text:?} in time: {}", self.read))
+            self.read_more(text).await;
+        }
+    }
+
+    /// Reads what comes next into `read`; `awaited` says what for, if nothing comes.
+    async fn read_more(&mut self, awaited: &str) {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0; 4096];
+        let read = tokio::time::timeout(herald_tests::ws::FRAME_TIMEOUT, self.socket.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no {awaited:?} in time: {}", self.read))
+            .unwrap();
+        assert!(read > 0, "the connection ended before {awaited:?}: {}", self.read);
+        self.read.push_str(std::str::from_utf8(&buf[..read]).unwrap());
     }
 }

@@ -16,7 +16,7 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
-use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderMap, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -31,7 +31,7 @@ use crate::close::{Close, CloseCode};
 use crate::cluster::policy::PolicyError;
 use crate::codec::sse::close_event;
 use crate::codec::{Codec, SseCodec};
-use crate::session::{self, Connection};
+use crate::session::{self, Connection, ReadHalf, WriteHalf};
 use crate::websocket::reader::MessageReader;
 
 /// Bytes the pipe between the session and the response body holds.
@@ -48,21 +48,30 @@ pub(crate) async fn stream(shared: Arc<Shared>, request: Request<Incoming>, peer
 async fn open(shared: Arc<Shared>, request: &Request<Incoming>, peer: SocketAddr) -> Result<Response<Body>, Rejection> {
     let Some(admitted) = admit_stream(&shared, request, peer).await? else { return Ok(not_ready(&shared)) };
     let (session_end, body_end) = body_pipe(PIPE_BYTES);
-    let connection = Connection {
-        reader: MessageReader::new(Box::pin(Silent), shared.config.max_frame_bytes),
-        write_half: Box::pin(session_end),
-        codec: Codec::Sse(SseCodec::default()),
-    };
+    let connection = sse_connection(&shared, Box::pin(Silent), Box::pin(session_end));
     admitted.start(shared, connection, Vec::new());
-    let response = Response::builder()
-        .status(StatusCode::OK)
-        .header(CONTENT_TYPE, "text/event-stream")
-        .header(CACHE_CONTROL, "no-store")
-        // Reverse proxies (nginx) must pass events on as they come.
-        .header("x-accel-buffering", HeaderValue::from_static("no"))
-        .body(Either::Right(body_end.boxed_unsync()))
-        .expect("static response parts are valid");
+    let mut response = Response::new(Either::Right(body_end.boxed_unsync()));
+    *response.headers_mut() = stream_headers();
     Ok(response)
+}
+
+/// The headers of a stream's response.
+fn stream_headers() -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // Reverse proxies (nginx) must pass events on as they come.
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    headers
+}
+
+/// A session's connection for a stream: the client's side and the stream's.
+fn sse_connection(shared: &Shared, client: ReadHalf, stream: WriteHalf) -> Connection {
+    Connection {
+        reader: MessageReader::new(client, shared.config.max_frame_bytes),
+        write_half: stream,
+        codec: Codec::Sse(SseCodec::default()),
+    }
 }
 
 /// A request checked and given its place (admitted, its session reserved): what a session needs.
@@ -149,17 +158,9 @@ pub(crate) async fn serve_direct(
     // can lose the last event (the session may end before its reader first looks).
     let _ = take_head(&mut stream, head_len).await;
     let (read, write) = stream.into_split();
-    let connection = Connection {
-        reader: MessageReader::new(Box::pin(ClientGone { socket: read }), shared.config.max_frame_bytes),
-        write_half: Box::pin(write),
-        codec: Codec::Sse(SseCodec::default()),
-    };
-    let head = format!(
-        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-store\r\n\
-         x-accel-buffering: no\r\nconnection: close\r\ndate: {}\r\n\r\n",
-        httpdate::fmt_http_date(std::time::SystemTime::now())
-    );
-    admitted.start(shared.clone(), connection, head.into_bytes());
+    let connection = sse_connection(shared, Box::pin(ClientGone { socket: read }), Box::pin(write));
+    let head = response_head(StatusCode::OK, &stream_headers(), None);
+    admitted.start(shared.clone(), connection, head);
     Ok(())
 }
 
@@ -172,21 +173,29 @@ async fn take_head(stream: &mut TcpStream, head_len: usize) -> std::io::Result<(
 async fn write_refusal(stream: &mut TcpStream, response: HttpResponse) -> std::io::Result<()> {
     let (parts, body) = response.into_parts();
     let body = body.collect().await.map(|body| body.to_bytes()).unwrap_or_default();
-    let status = parts.status;
-    let reason = status.canonical_reason().unwrap_or("");
-    let mut out = format!("HTTP/1.1 {} {reason}\r\n", status.as_str()).into_bytes();
-    for (name, value) in &parts.headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    let date = httpdate::fmt_http_date(std::time::SystemTime::now());
-    let tail = format!("content-length: {}\r\nconnection: close\r\ndate: {date}\r\n\r\n", body.len());
-    out.extend_from_slice(tail.as_bytes());
+    let mut out = response_head(parts.status, &parts.headers, Some(body.len()));
     out.extend_from_slice(&body);
     stream.write_all(&out).await?;
     stream.shutdown().await
+}
+
+/// A response head for a connection that closes after it (the body, if it has no length, ends
+/// with the connection).
+fn response_head(status: StatusCode, headers: &HeaderMap, content_length: Option<usize>) -> Vec<u8> {
+    let reason = status.canonical_reason().unwrap_or("");
+    let mut head = format!("HTTP/1.1 {} {reason}\r\n", status.as_str()).into_bytes();
+    for (name, value) in headers {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    if let Some(length) = content_length {
+        head.extend_from_slice(format!("content-length: {length}\r\n").as_bytes());
+    }
+    let date = httpdate::fmt_http_date(std::time::SystemTime::now());
+    head.extend_from_slice(format!("connection: close\r\ndate: {date}\r\n\r\n").as_bytes());
+    head
 }
 
 /// How a request for a stream starts.
@@ -243,12 +252,9 @@ fn not_ready(shared: &Shared) -> Response<Body> {
     let close = Close::new(CloseCode::Unavailable, shared.health.problems().join("; "));
     let mut body = format!("retry: {}\n", crate::codec::sse::RETRY_MS).into_bytes();
     body.extend_from_slice(&close_event(&close));
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(CONTENT_TYPE, "text/event-stream")
-        .header(CACHE_CONTROL, "no-store")
-        .body(Either::Left(Full::new(Bytes::from(body))))
-        .expect("static response parts are valid")
+    let mut response = Response::new(Either::Left(Full::new(Bytes::from(body))));
+    *response.headers_mut() = stream_headers();
+    response
 }
 
 /// The client's side of a stream served on the connection: what it sent (the request head, left
@@ -283,6 +289,20 @@ impl AsyncRead for Silent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_head_written_by_hand_names_its_headers_length_and_close() {
+        let head = String::from_utf8(response_head(StatusCode::OK, &stream_headers(), None)).unwrap();
+        let (start, date) = head.split_once("date: ").unwrap();
+        assert_eq!(
+            start,
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-store\r\n\
+             x-accel-buffering: no\r\nconnection: close\r\n"
+        );
+        assert!(date.ends_with(" GMT\r\n\r\n"), "{date}");
+        let refusal = String::from_utf8(response_head(StatusCode::UNAUTHORIZED, &HeaderMap::new(), Some(42))).unwrap();
+        assert!(refusal.starts_with("HTTP/1.1 401 Unauthorized\r\ncontent-length: 42\r\nconnection: close\r\n"));
+    }
 
     #[test]
     fn only_a_whole_get_sse_head_is_served_on_the_connection() {
