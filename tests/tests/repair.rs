@@ -183,3 +183,42 @@ async fn unrepairable_gap_noted(client_leaves: bool) {
     assert!(!resumed.expect_replayed().await.3, "the resume reports the loss");
     assert_eq!(gateway.metric("herald_gateway_unrepairable_gaps_total").await, 1.0);
 }
+
+/// A message stored but never delivered, with nothing after it on its subject yet, behind a newer
+/// one already sent; then NATS restarts, so the delivery feed reconnects and every session catches
+/// up from what it sent, which cannot find the message. When the subject's next message shows the
+/// gap, it is still reported: the catch-up covered only what it read.
+#[tokio::test]
+async fn a_message_missed_before_nats_restarts_is_still_reported_after_the_catch_up() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let mut client = gateway.connect("kim").await;
+    let first = publisher.publish("push.user.kim", "1").await;
+    assert_eq!(client.expect_msg().await.seq, first);
+
+    let admin = nats.jetstream().await;
+    let mut stream = admin.get_stream("HERALD").await.unwrap();
+    let config = stream.info().await.unwrap().config.clone();
+    admin.update_stream(jetstream::stream::Config { republish: None, ..config.clone() }).await.unwrap();
+    let missed = publisher.publish("push.user.kim", "2").await;
+    admin.update_stream(config).await.unwrap();
+    let newer = publisher.publish("push.all", "3").await;
+    assert_eq!(client.expect_msg().await.seq, newer);
+
+    nats.stop().await;
+    nats.start_again().await;
+    gateway.wait_ready().await;
+    herald_tests::eventually("the catch-up after the feed reconnected", FRAME_TIMEOUT, || async {
+        (gateway.metric("herald_gateway_repairs_total").await >= 1.0).then_some(())
+    })
+    .await;
+    let publisher = Publisher::new(&nats).await;
+    let last = publisher.publish("push.user.kim", "4").await;
+    assert_eq!(client.expect_close().await.map(|c| c.0), Some(close_code::SLOW_CONSUMER), "not {last} in silence");
+    let mut resumed = gateway.connect_with(&format!("token={}&since={newer}", token("kim"))).await;
+    assert_eq!(resumed.expect_msg().await.seq, last);
+    let replayed = resumed.expect_replayed().await;
+    assert!(!replayed.3, "the resume reports the loss of {missed}");
+    assert_eq!(gateway.metric("herald_gateway_unrepairable_gaps_total").await, 1.0);
+}

@@ -12,6 +12,7 @@
 
 mod actions;
 pub(crate) mod bounds;
+mod coverage;
 mod deadlines;
 mod inbound;
 mod join;

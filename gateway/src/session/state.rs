@@ -10,7 +10,9 @@
 //!   entries the session had not read, a mailbox that overflowed, the delivery feed reconnecting,
 //!   is repaired by a replay from `last_sent`, unless the missing messages are older than one
 //!   already sent: then they cannot be delivered in order any more, the loss is noted for the
-//!   client's resume and the connection closes with 4008.
+//!   client's resume and the connection closes with 4008. A gap counts as no loss only where a
+//!   replay read its range completely ([`Coverage`]): not merely because something newer was
+//!   sent, since a subject's last message can go missing with nothing after it to tell.
 //! - Work that needs the stream (the first replay, repairs, topic joins) runs one job at a time,
 //!   in the order asked: each job is a sequence of [`Action`]s whose [`Outcome`]s come back.
 
@@ -23,6 +25,7 @@ use herald_shared::id::{IdKind, check_id, topic_allowed};
 use herald_shared::subject::Audience;
 
 use super::bounds::Bounds;
+use super::coverage::Coverage;
 use super::live::{Flow, Found, LiveSources};
 use super::replay;
 use crate::close::{Close, CloseCode};
@@ -169,7 +172,7 @@ enum Step {
     Attach { topic: String, since: Option<u64> },
     Flush { topic: String },
     Detach { topic: String },
-    FindStored { through: u64 },
+    FindStored { audience: Audience, from: u64, through: u64 },
     NoteLost,
 }
 
@@ -223,8 +226,8 @@ pub(crate) struct SessionState {
     sources: LiveSources,
     /// The highest `seq` sent in order: the connection's resume point as far as the gateway knows.
     last_sent: u64,
-    /// Everything addressed to the connection up to here was sent (or was the client's already).
-    complete_through: u64,
+    /// The sequences whose messages were all sent (or were the client's already).
+    coverage: Coverage,
     /// Frames for the socket, in order.
     frames: VecDeque<Bytes>,
     frame_bytes: usize,
@@ -233,9 +236,9 @@ pub(crate) struct SessionState {
     /// The action that starts `step`, until the task takes it.
     action: Option<Action>,
     topics: BTreeSet<String>,
-    /// Topics joined after the start without `since`, and what had been routed then: nothing of
-    /// theirs up to it is owed (a gap there is older than the subscription).
-    joined_live: HashMap<Audience, u64>,
+    /// Topics and how far nothing of theirs is owed: what had been routed when joined without
+    /// `since` (a gap there is older than the subscription), or what their own replay read.
+    owed_after: HashMap<Audience, u64>,
     /// The end of the gaps seen live since the last repair began: stored, so the repair's bounds
     /// reach it.
     gap_end: u64,
@@ -256,14 +259,14 @@ impl SessionState {
             codec,
             sources,
             last_sent: params.bounds.last,
-            complete_through: params.bounds.last,
+            coverage: Coverage::through(params.bounds.last),
             frames: VecDeque::new(),
             frame_bytes: 0,
             jobs: VecDeque::new(),
             step: None,
             action: None,
             topics: topics.into_iter().collect(),
-            joined_live: HashMap::new(),
+            owed_after: HashMap::new(),
             gap_end: 0,
             allowed_topics,
             max_topics,
@@ -280,7 +283,7 @@ impl SessionState {
         // A client ahead of the stream (a replaced stream, a bogus `since`) gets what comes next.
         let since = requested.min(params.bounds.last);
         state.last_sent = since;
-        state.complete_through = since;
+        state.coverage = Coverage::through(since);
         state.start_replay(Purpose::Resume { requested, lost_from }, audiences, since, params.bounds);
         state.jobs.push_back(Job::Resume { since, requested, lost_from });
         state
@@ -406,8 +409,8 @@ impl SessionState {
             codec: &mut self.codec,
             muted: &muted,
             last_sent: &mut self.last_sent,
-            complete_through: self.complete_through,
-            joined_live: &self.joined_live,
+            coverage: &self.coverage,
+            owed_after: &self.owed_after,
             gap_end: &mut self.gap_end,
             frames: &mut self.frames,
             frame_bytes: &mut self.frame_bytes,
@@ -478,7 +481,9 @@ impl SessionState {
                 self.notice(&ServerFrame::Unsubscribed { topic });
                 self.job_done();
             }
-            (Step::FindStored { through }, Outcome::Stored(found)) => self.loss_checked(found, through),
+            (Step::FindStored { audience, from, through }, Outcome::Stored(found)) => {
+                self.loss_checked(found, audience, from, through)
+            }
             (Step::NoteLost, Outcome::Noted) => {
                 self.close(Close::slow_consumer("messages missed: reconnect with since"));
             }
@@ -512,7 +517,8 @@ impl SessionState {
                 self.begin(Step::Bounds(AfterBounds::Repair), Action::ReadBounds { at_least });
             }
             Job::CheckLoss { audience, first, through } => {
-                self.begin(Step::FindStored { through }, Action::FindStored { audience, from: first })
+                let step = Step::FindStored { audience: audience.clone(), from: first, through };
+                self.begin(step, Action::FindStored { audience, from: first })
             }
             Job::Lost { first } => self.begin(Step::NoteLost, Action::NoteLost { first }),
             Job::Subscribe { topic, since } => self.start_subscribe(topic, since),
@@ -520,7 +526,7 @@ impl SessionState {
                 if self.topics.remove(&topic) {
                     let audience = Audience::Topic(topic.clone());
                     self.sources.remove(&audience);
-                    self.joined_live.remove(&audience);
+                    self.owed_after.remove(&audience);
                     let action = Action::Detach { topic: topic.clone() };
                     self.begin(Step::Detach { topic }, action);
                 } else {
@@ -540,15 +546,23 @@ impl SessionState {
         self.jobs.pop_front();
     }
 
-    /// A missing message was looked for: stored at or below what was sent already, it is lost
-    /// (noted, then 4008); otherwise every missing message is newer, and a repair brings them in
-    /// order. When the stream cannot tell, the loss is assumed.
-    fn loss_checked(&mut self, found: Result<Option<u64>, String>, through: u64) {
+    /// A missing message of `audience` was looked for from `from`: stored at or below what was
+    /// sent already (`through`), it is lost (noted, then 4008), unless a replay sent it (then the
+    /// next one is looked for); otherwise every missing message is newer, and a repair brings them
+    /// in order. When the stream cannot tell, the loss is assumed.
+    fn loss_checked(&mut self, found: Result<Option<u64>, String>, audience: Audience, from: u64, through: u64) {
         self.job_done();
         let lost = match found {
-            Ok(Some(seq)) if seq <= through => Some(seq),
+            Ok(Some(seq)) if seq <= through => match self.coverage.first_missing(seq, through) {
+                Some(missing) if missing == seq => Some(seq),
+                Some(missing) => {
+                    self.jobs.push_front(Job::CheckLoss { audience, first: missing, through });
+                    return;
+                }
+                None => None,
+            },
             Ok(_) => None,
-            Err(_) => Some(self.complete_through + 1),
+            Err(_) => Some(from),
         };
         match lost {
             Some(first) => {
@@ -595,11 +609,11 @@ impl SessionState {
         };
         if since.is_some() {
             // What it asks for from `since` is owed now.
-            self.joined_live.remove(&start.audience);
+            self.owed_after.remove(&start.audience);
         }
         if !self.topics.contains(&topic) {
             if since.is_none() {
-                self.joined_live.insert(start.audience.clone(), start.routed);
+                self.owed_after.insert(start.audience.clone(), start.routed);
             }
             self.sources.add(start);
             self.topics.insert(topic.clone());
@@ -681,17 +695,20 @@ impl SessionState {
             Purpose::Resume { requested, lost_from } => {
                 // Messages the previous connection missed before `since` are not in this replay.
                 complete &= requested <= upto && lost_from.is_none_or(|first| first > run.since);
-                self.caught_up_to(upto);
+                self.caught_up(run.since, upto);
                 self.notice(&report(complete, None));
                 self.job_done();
             }
             Purpose::CatchUp if complete => {
-                self.caught_up_to(upto);
+                self.caught_up(run.since, upto);
                 self.job_done();
             }
             Purpose::CatchUp => self.close(Close::slow_consumer("messages missed: reconnect with since")),
             Purpose::TopicBlock { topic, requested } => {
                 complete &= requested <= upto;
+                // Its catch-up, next, reads the rest up to `upto`.
+                let owed_after = self.owed_after.entry(Audience::Topic(topic.clone())).or_default();
+                *owed_after = (*owed_after).max(upto);
                 self.notice(&report(complete, Some(topic)));
                 self.start_replay(Purpose::CatchUp, self.audiences(), self.last_sent, run.bounds);
             }
@@ -699,11 +716,12 @@ impl SessionState {
         self.tally.replays_incomplete += u64::from(!complete);
     }
 
-    /// A replay read everything addressed to the connection up to `upto`. `last_sent` stays at
-    /// the last message sent: a message up to `upto` that the replay did not find (a replica that
-    /// answered from behind the stream's leader) still goes out when it comes live.
-    fn caught_up_to(&mut self, upto: u64) {
-        self.complete_through = self.complete_through.max(upto);
+    /// A replay read everything addressed to the connection after `since` up to `upto`.
+    /// `last_sent` stays at the last message sent: a message up to `upto` that the replay did not
+    /// find (a replica that answered from behind the stream's leader) still goes out when it comes
+    /// live.
+    fn caught_up(&mut self, since: u64, upto: u64) {
+        self.coverage.add(since + 1, upto);
     }
 }
 
@@ -719,8 +737,8 @@ struct LivePull<'a> {
     codec: &'a mut Codec,
     muted: &'a [Box<str>],
     last_sent: &'a mut u64,
-    complete_through: u64,
-    joined_live: &'a HashMap<Audience, u64>,
+    coverage: &'a Coverage,
+    owed_after: &'a HashMap<Audience, u64>,
     gap_end: &'a mut u64,
     frames: &'a mut VecDeque<Bytes>,
     frame_bytes: &'a mut usize,
@@ -853,11 +871,10 @@ impl LivePull<'_> {
     /// replay covered are no loss; the others are repaired, unless something newer was sent
     /// already: then whether one of them is older than that is looked up.
     fn gap(&mut self, first: u64, last: u64, audience: &Audience) -> Flow {
-        let owed_from = self.joined_live.get(audience).map_or(0, |routed| routed + 1);
-        let uncovered = first.max(self.complete_through + 1).max(owed_from);
-        if uncovered > last {
+        let owed_from = self.owed_after.get(audience).map_or(0, |seq| seq + 1);
+        let Some(uncovered) = self.coverage.first_missing(first.max(owed_from), last) else {
             return Flow::Continue;
-        }
+        };
         *self.gap_end = (*self.gap_end).max(last);
         if *self.last_sent >= uncovered {
             let through = (*self.last_sent).min(last);

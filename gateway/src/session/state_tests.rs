@@ -310,6 +310,74 @@ fn a_gap_behind_a_newer_message_whose_missing_messages_are_all_newer_is_repaired
 }
 
 #[test]
+fn a_message_missed_behind_newer_ones_before_a_catch_up_is_still_found_lost_after_it() {
+    let mut h = Harness::new(Start::Live, 10);
+    let user = Audience::User(USER.into());
+    h.broadcast(all_message(11));
+    h.broadcast(all_message(13));
+    assert_eq!(h.frames(), ["11", "13"]);
+    // The user's 12 never reached the gateway and nothing came after it on its subject yet; the
+    // feed reconnects (or a stream leader cannot say what it stores): every session catches up.
+    h.mailbox.push_event(Event::Repair);
+    assert_eq!(h.action(), Some(Action::ReadBounds { at_least: 0 }));
+    h.state.on_outcome(Outcome::Bounds(Ok(bounds(1, 15))));
+    assert_eq!(h.action(), replay_of(everything(), 13, 15));
+    h.replay(vec![message(14, user.clone(), ""), message(15, Audience::All, "")]);
+    assert_eq!(h.frames(), ["14", "15"]);
+    // Then 12 shows: the catch-up read only past 13, so it covers nothing of 12.
+    h.personal(Live::Gap { first: 12, last: 12, audience: user.clone() });
+    h.personal(user_message(16));
+    assert!(h.frames().is_empty());
+    assert_eq!(h.action(), Some(Action::FindStored { audience: user, from: 12 }));
+    h.state.on_outcome(Outcome::Stored(Ok(Some(12))));
+    assert_eq!(h.action(), Some(Action::NoteLost { first: 12 }));
+    h.state.on_outcome(Outcome::Noted);
+    assert_eq!(h.closed_with(), Some(4008));
+}
+
+#[test]
+fn a_missing_message_a_catch_up_sent_is_no_loss_and_the_next_one_is_looked_for() {
+    let mut h = Harness::new(Start::Live, 10);
+    let user = Audience::User(USER.into());
+    h.broadcast(all_message(11));
+    assert_eq!(h.frames(), ["11"]);
+    h.mailbox.push_event(Event::Repair);
+    h.action();
+    h.state.on_outcome(Outcome::Bounds(Ok(bounds(1, 13))));
+    h.action();
+    h.replay(vec![message(12, user.clone(), ""), message(13, Audience::All, "")]);
+    h.broadcast(all_message(14));
+    assert_eq!(h.frames(), ["12", "13", "14"]);
+    // The user's subject misses 11..=15 as far as the router knows: 12 was the catch-up's.
+    h.personal(Live::Gap { first: 11, last: 15, audience: user.clone() });
+    assert!(h.frames().is_empty());
+    assert_eq!(h.action(), Some(Action::FindStored { audience: user.clone(), from: 11 }));
+    h.state.on_outcome(Outcome::Stored(Ok(Some(12))));
+    assert_eq!(h.action(), Some(Action::FindStored { audience: user.clone(), from: 14 }), "past the catch-up");
+    // The next one is 15, newer than anything sent: repaired in order.
+    h.state.on_outcome(Outcome::Stored(Ok(Some(15))));
+    assert_eq!(h.action(), Some(Action::ReadBounds { at_least: 15 }));
+    h.state.on_outcome(Outcome::Bounds(Ok(bounds(1, 15))));
+    assert_eq!(h.action(), replay_of(everything(), 14, 15));
+    h.replay(vec![message(15, user, "")]);
+    assert_eq!(h.frames(), ["15"]);
+    assert_eq!(h.closed_with(), None);
+}
+
+#[test]
+fn a_stream_that_cannot_say_whether_a_message_is_lost_notes_the_loss_from_the_first_missing_one() {
+    let mut h = Harness::new(Start::Live, 10);
+    let user = Audience::User(USER.into());
+    h.broadcast(all_message(11));
+    h.broadcast(all_message(12));
+    assert_eq!(h.frames(), ["11", "12"]);
+    h.personal(Live::Gap { first: 12, last: 13, audience: user.clone() });
+    assert_eq!(h.action(), Some(Action::FindStored { audience: user, from: 12 }));
+    h.state.on_outcome(Outcome::Stored(Err("timed out".into())));
+    assert_eq!(h.action(), Some(Action::NoteLost { first: 12 }));
+}
+
+#[test]
 fn falling_out_of_a_log_window_is_repaired_not_lost() {
     let mut h = Harness::with(Start::Live, 10, 4, |_| {});
     h.broadcast(all_message(11));
@@ -419,6 +487,12 @@ fn a_topic_joined_with_since_sends_older_messages_as_a_block_then_catches_up_in_
     h.replay(vec![message(13, news.clone(), "")]);
     assert_eq!(h.frames(), ["subscribed:news", "7", "replayed:6-13/2/true/news", "13", "15", "16"]);
     assert_eq!(h.state.audiences().len(), 3);
+    // What the topic's block read is no loss, though the session had sent newer messages then.
+    log.append(Live::Gap { first: 6, last: 14, audience: news.clone() });
+    log.append(Live::Message(Arc::new(message(17, news, ""))));
+    h.watermark = 17;
+    assert_eq!(h.frames(), ["17"]);
+    assert_eq!(h.action(), None);
 }
 
 #[test]
