@@ -129,7 +129,8 @@ enum Command {
     StoredPast {
         behind: Vec<(Audience, u64)>,
     },
-    /// The new leader could not say what it stores, for `why`: every session catches up.
+    /// The new leader could not say what it stores, for `why`: it is asked again (see
+    /// [`RouterTask::check_failed`]).
     CheckFailed {
         why: String,
     },
@@ -481,15 +482,21 @@ impl RouterTask {
     }
 
     /// The leader could not answer: it is asked again, a moment later, and after
-    /// [`CHECK_RETRIES`] failures every session also catches up once.
+    /// [`CHECK_RETRIES`] failures every session also catches up once. A leader elected meanwhile
+    /// is asked at once, its failures counted afresh (so its sessions catch up too).
     fn check_failed(&mut self, why: &str) {
         let Some(checking) = self.checking.take() else { return };
-        if checking.failures == CHECK_RETRIES {
-            self.repair_all(why);
+        if checking.again {
+            warn!(why, "asking the stream's newer leader what it stores");
+            self.ask_again(Checking { again: false, failures: 0, ..checking }, std::time::Duration::ZERO);
+        } else {
+            if checking.failures == CHECK_RETRIES {
+                self.repair_all(why);
+            }
+            let failures = checking.failures + 1;
+            warn!(why, failures, "asking the stream's leader again what it stores");
+            self.ask_again(Checking { failures, ..checking }, retry_pause(failures));
         }
-        let failures = checking.failures + 1;
-        warn!(why, failures, "asking the stream's leader again what it stores");
-        self.ask_again(Checking { again: false, failures, ..checking }, retry_pause(failures));
         self.release_if(checking.holds);
     }
 
@@ -783,6 +790,16 @@ mod tests {
         assert_eq!(visited(&router, &mut sources), ["5"]);
         assert!(router.checking.as_ref().is_some_and(|checking| !checking.holds));
         assert!(mailbox.inbox().take_events().is_empty());
+        // Another leader is elected meanwhile: asked at once, and after as many failures again,
+        // every session catches up again (what it stored may be newer than what they sent).
+        assert!(router.begin_check().is_none(), "one question at a time");
+        router.handle(Command::CheckFailed { why: "test".into() });
+        assert!(router.checking.as_ref().is_some_and(|checking| checking.failures == 0 && !checking.again));
+        for _ in 0..=CHECK_RETRIES {
+            assert!(mailbox.inbox().take_events().is_empty());
+            router.handle(Command::CheckFailed { why: "test".into() });
+        }
+        assert!(matches!(mailbox.inbox().take_events().as_slice(), [Event::Repair]));
         // The answer comes at last: the user's 4, stored by the old leader behind 5, which was sent.
         router.stored_past(vec![(user.clone(), 4)]);
         assert!(router.checking.is_none());
