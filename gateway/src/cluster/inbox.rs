@@ -28,6 +28,7 @@ use tracing::{debug, warn};
 use super::forward::{self, KvError};
 use super::registry::Registry;
 use super::watch::{Backoff, watch_from};
+use crate::delivery::leader::Stored;
 use crate::delivery::mailbox::Event;
 use crate::delivery::message::{self, Message};
 use crate::delivery::router::Router;
@@ -184,14 +185,14 @@ impl Inbox {
         Ok(Page { messages, next, complete: first? <= after + 1 && !trimmed })
     }
 
-    /// The sequence of the first stored message of `audience` from `from` on, asked of the stream's
-    /// leader (never a replica that may be behind).
-    pub(crate) async fn first_stored(&self, audience: &Audience, from: u64) -> Result<Option<u64>, InboxError> {
+    /// The first stored message of `audience` from `from` on, asked of the stream's leader (never a
+    /// replica that may be behind).
+    pub(crate) async fn first_stored(&self, audience: &Audience, from: u64) -> Result<Option<Stored>, InboxError> {
         let body = serde_json::json!({"seq": from, "next_by_subj": audience.push_subject()});
         let request = async_nats::Request::new().payload(Bytes::from(body.to_string())).timeout(Some(REQUEST_TIMEOUT));
         let reply =
             self.client.send_request(format!("$JS.API.STREAM.MSG.GET.{STREAM}"), request).await.map_err(error)?;
-        crate::delivery::leader::stored_seq(&reply.payload).map_err(error)
+        crate::delivery::leader::stored(&reply.payload).map_err(error)
     }
 
     /// The stream's first sequence.

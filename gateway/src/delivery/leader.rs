@@ -5,9 +5,10 @@
 //! is asked each routed subject's last stored sequence; the router puts a gap where one is past
 //! what it routed, so only the sessions of those subjects catch up (see `RouterTask::stored_past`).
 
+use base64::Engine;
 use bytes::Bytes;
 use futures::stream::{self, StreamExt, TryStreamExt};
-use herald_shared::subject::{Audience, STREAM};
+use herald_shared::subject::{Audience, STREAM, header};
 
 use super::feed::Feed;
 
@@ -18,7 +19,7 @@ const IN_FLIGHT: usize = 64;
 /// subject's last stored sequence where it is past `routed`; an error when the stream could not
 /// say for some subject.
 pub(crate) async fn stored_past(feed: &Feed, routed: Vec<(Audience, u64)>) -> Result<Vec<(Audience, u64)>, String> {
-    // The first failure ends the check: every session will catch up instead.
+    // The first failure ends this question: the router asks again.
     let answers: Vec<Option<(Audience, u64)>> = stream::iter(routed)
         .map(|(audience, routed)| async move {
             let last = last_stored(feed, &audience).await?;
@@ -36,15 +37,32 @@ async fn last_stored(feed: &Feed, audience: &Audience) -> Result<Option<u64>, St
     let body = serde_json::json!({ "last_by_subj": audience.push_subject() });
     let subject = format!("$JS.API.STREAM.MSG.GET.{STREAM}");
     let answer = feed.request(subject, Bytes::from(body.to_string())).await.map_err(|error| error.to_string())?;
-    stored_seq(&answer)
+    Ok(stored(&answer)?.map(|stored| stored.seq))
 }
 
-/// The sequence of the message a `STREAM.MSG.GET` answer holds; none when it says 404 (no such
-/// message).
-pub(crate) fn stored_seq(answer: &[u8]) -> Result<Option<u64>, String> {
+/// A message a `STREAM.MSG.GET` answer holds: its sequence and kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Stored {
+    pub(crate) seq: u64,
+    /// Its `Herald-Type`, or empty.
+    pub(crate) kind: String,
+}
+
+impl Stored {
+    /// Whether it is of one of the `muted` kinds.
+    pub(crate) fn is_muted(&self, muted: &[Box<str>]) -> bool {
+        super::message::is_muted(&self.kind, muted)
+    }
+}
+
+/// The message a `STREAM.MSG.GET` answer holds; none when it says 404 (no such message).
+pub(crate) fn stored(answer: &[u8]) -> Result<Option<Stored>, String> {
     let answer: serde_json::Value = serde_json::from_slice(answer).map_err(|error| error.to_string())?;
     if let Some(seq) = answer.pointer("/message/seq").and_then(serde_json::Value::as_u64) {
-        return Ok(Some(seq));
+        let headers = answer.pointer("/message/hdrs").and_then(serde_json::Value::as_str).unwrap_or_default();
+        let headers = base64::engine::general_purpose::STANDARD.decode(headers).map_err(|error| error.to_string())?;
+        let kind = super::feed::proto::header(&headers, header::HERALD_TYPE).unwrap_or_default().to_string();
+        return Ok(Some(Stored { seq, kind }));
     }
     match answer.pointer("/error/code").and_then(serde_json::Value::as_u64) {
         Some(404) => Ok(None),
@@ -57,13 +75,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_message_get_answer_gives_the_sequence_or_none_or_an_error() {
+    fn a_message_get_answer_gives_the_message_or_none_or_an_error() {
         let found = br#"{"type":"io.nats.jetstream.api.v1.stream_msg_get_response","message":{"subject":"push.all","seq":42,"time":"t"}}"#;
-        assert_eq!(stored_seq(found), Ok(Some(42)));
+        assert_eq!(stored(found), Ok(Some(Stored { seq: 42, kind: String::new() })));
+        let hdrs = base64::engine::general_purpose::STANDARD.encode("NATS/1.0\r\nHerald-Type: ads\r\n\r\n");
+        let kind = format!(r#"{{"message":{{"subject":"push.user.u","seq":7,"hdrs":"{hdrs}","time":"t"}}}}"#);
+        let kind = stored(kind.as_bytes()).unwrap().unwrap();
+        assert_eq!(kind, Stored { seq: 7, kind: "ads".into() });
+        assert!(kind.is_muted(&["ads".into()]) && !kind.is_muted(&["mail".into()]));
         let none = br#"{"error":{"code":404,"err_code":10037,"description":"no message found"}}"#;
-        assert_eq!(stored_seq(none), Ok(None));
+        assert_eq!(stored(none), Ok(None));
         let unavailable = br#"{"error":{"code":503,"description":"JetStream system temporarily unavailable"}}"#;
-        assert!(stored_seq(unavailable).is_err());
-        assert!(stored_seq(b"not json").is_err());
+        assert!(stored(unavailable).is_err());
+        assert!(stored(b"not json").is_err());
     }
 }

@@ -7,7 +7,9 @@
 //!
 //! The log is bounded in entries and bytes (per gateway, not per socket). A session that falls
 //! out of the window finds its position before [`LogView::first`]; it learns the highest
-//! sequence evicted, and catches up from the stream if that is newer than what it sent.
+//! sequence evicted, and catches up from the stream if that is newer than what it sent. It also
+//! learns of the gaps evicted unread (a few are kept apart, more are spanned by one): a gap may
+//! say that something older than what it sent is missing, which a catch-up cannot find.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +17,9 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use super::mailbox::Mailbox;
 use super::message::Live;
+
+/// The most evicted gaps a log keeps apart; more are spanned by one.
+const KEPT_GAPS: usize = 8;
 
 /// How much a log keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +48,8 @@ struct Ring {
     bytes: usize,
     /// The key of the newest entry evicted so far (0: none).
     last_evicted: u64,
+    /// Gaps evicted, oldest first, each with the position it had.
+    evicted_gaps: VecDeque<(u64, Live)>,
 }
 
 impl Log {
@@ -75,8 +82,12 @@ impl Log {
         {
             let Some(evicted) = ring.entries.pop_front() else { break };
             ring.bytes -= evicted.cost();
-            ring.first += 1;
             ring.last_evicted = evicted.key();
+            if let Live::Gap { .. } = evicted {
+                let position = ring.first;
+                keep_evicted_gap(&mut ring.evicted_gaps, position, evicted);
+            }
+            ring.first += 1;
         }
     }
 
@@ -113,6 +124,19 @@ impl Log {
     }
 }
 
+/// Keeps an evicted `gap` from `position`; past [`KEPT_GAPS`], the newest kept one spans it (at
+/// the newer position, so that every reader who had not read either still learns of both).
+fn keep_evicted_gap(kept: &mut VecDeque<(u64, Live)>, position: u64, gap: Live) {
+    let full = kept.len() >= KEPT_GAPS;
+    match kept.back_mut() {
+        Some((newest_position, newest)) if full => {
+            *newest = Live::span(newest, &gap);
+            *newest_position = position;
+        }
+        _ => kept.push_back((position, gap)),
+    }
+}
+
 /// A read-locked log.
 pub(crate) struct LogView<'a> {
     ring: RwLockReadGuard<'a, Ring>,
@@ -133,6 +157,13 @@ impl LogView<'_> {
     /// The key of the newest entry evicted so far (0: none).
     pub(crate) fn last_evicted(&self) -> u64 {
         self.ring.last_evicted
+    }
+
+    /// One gap spanning the gaps evicted from `position` on, if any.
+    pub(crate) fn evicted_gap_from(&self, position: u64) -> Option<Live> {
+        let mut gaps = self.ring.evicted_gaps.iter().filter(|(at, _)| *at >= position).map(|(_, gap)| gap);
+        let first = gaps.next()?.clone();
+        Some(gaps.fold(first, |spanned, gap| Live::span(&spanned, gap)))
     }
 }
 
@@ -163,6 +194,41 @@ mod tests {
         assert!(view.get(4).is_none());
         drop(view);
         assert_eq!(log.end(), 4);
+    }
+
+    #[test]
+    fn gaps_evicted_unread_are_told_to_readers_from_before_them() {
+        let log = Log::new(LogLimits { entries: 2, bytes: 1 << 20 });
+        let gap = |first, last| Live::Gap { first, last, audience: Audience::All };
+        log.append(message(10));
+        log.append(gap(11, 12));
+        log.append(message(13));
+        log.append(gap(14, 14));
+        log.append(message(15));
+        log.append(message(16));
+        let view = log.view();
+        assert_eq!((view.first(), view.last_evicted()), (4, 14));
+        let spanned = |from| match view.evicted_gap_from(from) {
+            Some(Live::Gap { first, last, .. }) => Some((first, last)),
+            _ => None,
+        };
+        assert_eq!(spanned(0), Some((11, 14)), "both, spanned by one");
+        assert_eq!(spanned(2), Some((14, 14)), "a reader past the first gap");
+        assert_eq!(spanned(4), None);
+    }
+
+    #[test]
+    fn past_its_limit_a_log_spans_evicted_gaps_by_one() {
+        let mut kept = VecDeque::new();
+        for at in 0..=KEPT_GAPS as u64 {
+            keep_evicted_gap(&mut kept, at, Live::Gap { first: at * 10, last: at * 10, audience: Audience::All });
+        }
+        assert_eq!(kept.len(), KEPT_GAPS);
+        let (position, newest) = kept.back().unwrap();
+        assert_eq!(*position, KEPT_GAPS as u64);
+        assert!(
+            matches!(newest, Live::Gap { first, last, .. } if (*first, *last) == ((KEPT_GAPS as u64 - 1) * 10, KEPT_GAPS as u64 * 10))
+        );
     }
 
     #[test]

@@ -11,8 +11,9 @@
 //!
 //! Personal messages are bounded in bytes: a session that does not take them fast enough loses the
 //! queued ones and is told so ([`Inbox::take_overflow`]); it then catches up from the stream, so
-//! nothing is lost and a slow socket never holds more than the limit here. The lock is never held
-//! across an await.
+//! nothing is lost and a slow socket never holds more than the limit here. Gaps are kept (a few at
+//! most): the catch-up reads only past what the session sent, and a gap may say that something
+//! older is missing. The lock is never held across an await.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -25,6 +26,9 @@ use herald_shared::frame::ServerFrame;
 
 use super::message::Live;
 use crate::close::Close;
+
+/// The most gaps an overflowing mailbox keeps apart; more are spanned by one.
+const KEPT_GAPS: usize = 8;
 
 /// Something a session must handle that is not a message.
 #[derive(Debug, Clone, PartialEq)]
@@ -81,9 +85,7 @@ impl Mailbox {
         }
         let cost = self.cost(&entry);
         if state.bytes + cost > self.limit {
-            state.personal = VecDeque::new();
-            state.bytes = 0;
-            state.overflowed = true;
+            overflow(&mut state, entry);
         } else {
             state.bytes += cost;
             state.personal.push_back(entry);
@@ -150,6 +152,21 @@ impl Mailbox {
         // A panic while holding this lock cannot leave the state half-updated in a harmful way.
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// Drops the queued messages and `entry`, keeping the gaps among them, and says so.
+fn overflow(state: &mut State, entry: Live) {
+    let mut gaps: VecDeque<Live> = VecDeque::new();
+    for gap in state.personal.drain(..).chain([entry]).filter(|entry| matches!(entry, Live::Gap { .. })) {
+        let full = gaps.len() >= KEPT_GAPS;
+        match gaps.back_mut() {
+            Some(newest) if full => *newest = Live::span(newest, &gap),
+            _ => gaps.push_back(gap),
+        }
+    }
+    state.bytes = gaps.iter().map(Live::cost).sum();
+    state.personal = gaps;
+    state.overflowed = true;
 }
 
 /// A locked view of a mailbox for its session.
@@ -240,6 +257,31 @@ mod tests {
         assert!(inbox.take_overflow());
         assert!(!inbox.take_overflow());
         assert_eq!(inbox.pop().map(|e| e.key()), Some(4));
+    }
+
+    #[test]
+    fn overflow_keeps_the_gaps_a_few_apart() {
+        let mailbox = Mailbox::new(1000);
+        let gap = |first: u64| Live::Gap { first, last: first, audience: Audience::User("u".into()) };
+        let _ = mailbox.push(message(1, 300));
+        for seq in 2..=(KEPT_GAPS as u64 + 2) {
+            let _ = mailbox.push(gap(seq));
+        }
+        let _ = mailbox.push(message(20, 300));
+        let _ = mailbox.push(message(21, 300));
+        let mut inbox = mailbox.inbox();
+        assert!(inbox.take_overflow());
+        let mut kept = Vec::new();
+        while let Some(entry) = inbox.pop() {
+            kept.push(match entry {
+                Live::Gap { first, last, .. } => format!("{first}-{last}"),
+                Live::Message(message) => message.seq.to_string(),
+            });
+        }
+        let mut expected: Vec<String> = (2..KEPT_GAPS as u64 + 1).map(|seq| format!("{seq}-{seq}")).collect();
+        expected.push(format!("{}-{}", KEPT_GAPS + 1, KEPT_GAPS + 2));
+        expected.push("21".into());
+        assert_eq!(kept, expected, "1 and 20 dropped, the last two gaps spanned by one, 21 queued after");
     }
 
     #[test]

@@ -63,8 +63,13 @@ impl Message {
 
     /// Whether the message is of one of the `muted` kinds.
     pub(crate) fn is_muted(&self, muted: &[Box<str>]) -> bool {
-        !self.kind.is_empty() && muted.iter().any(|kind| **kind == *self.kind)
+        is_muted(&self.kind, muted)
     }
+}
+
+/// Whether a message of `kind` is of one of the `muted` kinds (a message with no kind never is).
+pub(crate) fn is_muted(kind: &str, muted: &[Box<str>]) -> bool {
+    !kind.is_empty() && muted.iter().any(|muted| **muted == *kind)
 }
 
 /// A message the stream republished, with what the republish says about its subject.
@@ -118,6 +123,22 @@ impl Live {
         match self {
             Live::Message(message) => message.seq,
             Live::Gap { first, .. } => *first,
+        }
+    }
+
+    /// One gap spanning the gaps `a` and `b` of one subject: what a bounded queue keeps of two
+    /// gaps when it cannot keep both (looking into more than was missed may find a message a
+    /// replay sent and take it for lost, a false alarm, but never hides a loss).
+    pub(crate) fn span(a: &Live, b: &Live) -> Live {
+        match (a, b) {
+            (Live::Gap { first, last, audience }, Live::Gap { first: other_first, last: other_last, .. }) => {
+                Live::Gap {
+                    first: (*first).min(*other_first),
+                    last: (*last).max(*other_last),
+                    audience: audience.clone(),
+                }
+            }
+            (gap @ Live::Gap { .. }, _) | (_, gap) => gap.clone(),
         }
     }
 

@@ -4,8 +4,10 @@
 //! subject can go missing with nothing after it to tell. So the ranges are kept apart: a gap the
 //! router finds later inside a hole between them is looked into, not taken as covered.
 
-/// At most this many separate ranges are kept; past it the oldest hole is forgotten by dropping
-/// the range above it, which only makes a later gap there looked into (never taken as covered).
+/// At most this many separate ranges are kept; past it the range above the oldest hole is
+/// dropped. A later gap in what it covered is then looked into again, and a message that replay
+/// sent can be taken for a lost one: a false alarm (4008, `complete:false`), never a silent loss,
+/// and only after that many catch-ups on one connection.
 const MAX_RANGES: usize = 16;
 
 #[derive(Debug, Clone, PartialEq, Eq)]

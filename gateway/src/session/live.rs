@@ -21,8 +21,9 @@ pub(crate) enum Found<'a> {
     /// The next `count` entries (two at least) of one log: the messages `first` to `last` of one
     /// burst, nothing else in between, and nothing from another source due before `last`.
     Burst { first: &'a Message, last: &'a Message, count: usize },
-    /// A log evicted entries before this session read them; `last_evicted` is the newest.
-    Evicted { last_evicted: u64 },
+    /// A log evicted entries before this session read them; `last_evicted` is the newest, `gap`
+    /// spans the gaps among them.
+    Evicted { last_evicted: u64, gap: Option<Live> },
     /// The mailbox dropped personal messages for lack of room.
     Overflowed,
 }
@@ -93,8 +94,9 @@ impl LiveSources {
         let views: SmallVec<[LogView<'_>; 4]> = self.logs.iter().map(|source| source.log.view()).collect();
         for (view, position) in views.iter().zip(self.positions.iter_mut()) {
             if *position < view.first() {
+                let gap = view.evicted_gap_from(*position);
                 *position = view.first();
-                if visit(Found::Evicted { last_evicted: view.last_evicted() }) == Flow::Stop {
+                if visit(Found::Evicted { last_evicted: view.last_evicted(), gap }) == Flow::Stop {
                     return;
                 }
             }
@@ -207,7 +209,7 @@ mod tests {
                 Found::Entry(Live::Message(m)) => m.seq.to_string(),
                 Found::Entry(Live::Gap { first, last, .. }) => format!("gap{first}-{last}"),
                 Found::Burst { first, last, count } => format!("{}..{}({count})", first.seq, last.seq),
-                Found::Evicted { last_evicted } => format!("E{last_evicted}"),
+                Found::Evicted { last_evicted, .. } => format!("E{last_evicted}"),
                 Found::Overflowed => "O".into(),
             });
             Flow::Continue

@@ -32,6 +32,7 @@ use crate::close::{Close, CloseCode};
 use crate::cluster::user::LocalUser;
 use crate::codec::{self, Codec};
 use crate::delivery::burst::{Burst, Frames};
+use crate::delivery::leader::Stored;
 use crate::delivery::mailbox::Event;
 use crate::delivery::message::{Live, Message};
 use crate::delivery::router::LogStart;
@@ -108,8 +109,8 @@ pub(crate) enum Outcome {
     /// NATS has the subscriptions (or the feed is down: it re-subscribes and repairs when back).
     Flushed,
     Detached,
-    /// The first stored message found (its `seq`), if any.
-    Stored(Result<Option<u64>, String>),
+    /// The first stored message found, if any.
+    Stored(Result<Option<Stored>, String>),
     Noted,
 }
 
@@ -547,20 +548,24 @@ impl SessionState {
     }
 
     /// A missing message of `audience` was looked for from `from`: stored at or below what was
-    /// sent already (`through`), it is lost (noted, then 4008), unless a replay sent it (then the
-    /// next one is looked for); otherwise every missing message is newer, and a repair brings them
-    /// in order. When the stream cannot tell, the loss is assumed.
-    fn loss_checked(&mut self, found: Result<Option<u64>, String>, audience: Audience, from: u64, through: u64) {
+    /// sent already (`through`), it is lost (noted, then 4008), unless it was not owed (a replay
+    /// sent it, its kind is muted): then the next one is looked for. Otherwise every missing
+    /// message is newer, and a repair brings them in order. When the stream cannot tell, the loss
+    /// is assumed.
+    fn loss_checked(&mut self, found: Result<Option<Stored>, String>, audience: Audience, from: u64, through: u64) {
         self.job_done();
         let lost = match found {
-            Ok(Some(seq)) if seq <= through => match self.coverage.first_missing(seq, through) {
-                Some(missing) if missing == seq => Some(seq),
-                Some(missing) => {
-                    self.jobs.push_front(Job::CheckLoss { audience, first: missing, through });
-                    return;
+            Ok(Some(stored)) if stored.seq <= through => {
+                let owed_from = if stored.is_muted(&self.local.muted()) { stored.seq + 1 } else { stored.seq };
+                match first_owed(&self.coverage, &self.owed_after, &audience, owed_from, through) {
+                    Some(missing) if missing == stored.seq => Some(stored.seq),
+                    Some(missing) => {
+                        self.jobs.push_front(Job::CheckLoss { audience, first: missing, through });
+                        return;
+                    }
+                    None => None,
                 }
-                None => None,
-            },
+            }
             Ok(_) => None,
             Err(_) => Some(from),
         };
@@ -721,8 +726,21 @@ impl SessionState {
     /// find (a replica that answered from behind the stream's leader) still goes out when it comes
     /// live.
     fn caught_up(&mut self, since: u64, upto: u64) {
-        self.coverage.add(since + 1, upto);
+        self.coverage.add(since.saturating_add(1), upto);
     }
+}
+
+/// The lowest sequence from `from` to `to` owed to the connection on `audience` that no replay
+/// read, if any.
+fn first_owed(
+    coverage: &Coverage,
+    owed_after: &HashMap<Audience, u64>,
+    audience: &Audience,
+    from: u64,
+    to: u64,
+) -> Option<u64> {
+    let owed_from = owed_after.get(audience).map_or(0, |seq| seq.saturating_add(1));
+    coverage.first_missing(from.max(owed_from), to)
 }
 
 /// Everything a connection of `user` subscribed to `topics` receives.
@@ -784,8 +802,16 @@ impl LivePull<'_> {
             }
             Found::Burst { first, last, count } => self.take_burst(first, last, count),
             Found::Entry(Live::Gap { first, last, audience }) => self.gap(*first, *last, audience),
-            Found::Evicted { last_evicted } if last_evicted <= *self.last_sent => Flow::Continue,
-            Found::Evicted { .. } | Found::Overflowed => self.decide(Verdict::Repair),
+            Found::Evicted { last_evicted, gap } => {
+                // A gap among the evicted entries is looked into first (a catch-up may not reach it).
+                if let Some(Live::Gap { first, last, audience }) = &gap
+                    && self.gap(*first, *last, audience) == Flow::Stop
+                {
+                    return Flow::Stop;
+                }
+                if last_evicted <= *self.last_sent { Flow::Continue } else { self.decide(Verdict::Repair) }
+            }
+            Found::Overflowed => self.decide(Verdict::Repair),
         }
     }
 
@@ -871,8 +897,7 @@ impl LivePull<'_> {
     /// replay covered are no loss; the others are repaired, unless something newer was sent
     /// already: then whether one of them is older than that is looked up.
     fn gap(&mut self, first: u64, last: u64, audience: &Audience) -> Flow {
-        let owed_from = self.owed_after.get(audience).map_or(0, |seq| seq + 1);
-        let Some(uncovered) = self.coverage.first_missing(first.max(owed_from), last) else {
+        let Some(uncovered) = first_owed(self.coverage, self.owed_after, audience, first, last) else {
             return Flow::Continue;
         };
         *self.gap_end = (*self.gap_end).max(last);

@@ -150,6 +150,11 @@ fn describe(frame: &[u8]) -> String {
     }
 }
 
+/// The stream's answer to a search for a stored message: `seq`, of no kind.
+fn found(seq: u64) -> Outcome {
+    Outcome::Stored(Ok(Some(Stored { seq, kind: String::new() })))
+}
+
 fn replay_of(audiences: Vec<Audience>, since: u64, upto: u64) -> Option<Action> {
     Some(Action::Replay { audiences, since, upto })
 }
@@ -280,7 +285,7 @@ fn a_gap_behind_a_newer_message_already_sent_is_noted_and_closes_with_4008() {
     let user = Audience::User(USER.into());
     assert_eq!(h.action(), Some(Action::FindStored { audience: user, from: 12 }));
     // A message of the user's at or below what was sent (here: 12): lost.
-    h.state.on_outcome(Outcome::Stored(Ok(Some(12))));
+    h.state.on_outcome(found(12));
     assert_eq!(h.action(), Some(Action::NoteLost { first: 12 }));
     assert_eq!(h.closed_with(), None, "the note is written first");
     h.state.on_outcome(Outcome::Noted);
@@ -298,7 +303,7 @@ fn a_gap_behind_a_newer_message_whose_missing_messages_are_all_newer_is_repaired
     h.personal(user_message(14));
     assert!(matches!(h.action(), Some(Action::FindStored { .. })));
     // The only missing one is 13, newer than anything sent: a repair brings it in order.
-    h.state.on_outcome(Outcome::Stored(Ok(Some(13))));
+    h.state.on_outcome(found(13));
     assert_eq!(h.action(), Some(Action::ReadBounds { at_least: 13 }));
     h.state.on_outcome(Outcome::Bounds(Ok(bounds(1, 14))));
     assert_eq!(h.action(), replay_of(everything(), 12, 14));
@@ -329,7 +334,7 @@ fn a_message_missed_behind_newer_ones_before_a_catch_up_is_still_found_lost_afte
     h.personal(user_message(16));
     assert!(h.frames().is_empty());
     assert_eq!(h.action(), Some(Action::FindStored { audience: user, from: 12 }));
-    h.state.on_outcome(Outcome::Stored(Ok(Some(12))));
+    h.state.on_outcome(found(12));
     assert_eq!(h.action(), Some(Action::NoteLost { first: 12 }));
     h.state.on_outcome(Outcome::Noted);
     assert_eq!(h.closed_with(), Some(4008));
@@ -352,15 +357,63 @@ fn a_missing_message_a_catch_up_sent_is_no_loss_and_the_next_one_is_looked_for()
     h.personal(Live::Gap { first: 11, last: 15, audience: user.clone() });
     assert!(h.frames().is_empty());
     assert_eq!(h.action(), Some(Action::FindStored { audience: user.clone(), from: 11 }));
-    h.state.on_outcome(Outcome::Stored(Ok(Some(12))));
+    h.state.on_outcome(found(12));
     assert_eq!(h.action(), Some(Action::FindStored { audience: user.clone(), from: 14 }), "past the catch-up");
     // The next one is 15, newer than anything sent: repaired in order.
-    h.state.on_outcome(Outcome::Stored(Ok(Some(15))));
+    h.state.on_outcome(found(15));
     assert_eq!(h.action(), Some(Action::ReadBounds { at_least: 15 }));
     h.state.on_outcome(Outcome::Bounds(Ok(bounds(1, 15))));
     assert_eq!(h.action(), replay_of(everything(), 14, 15));
     h.replay(vec![message(15, user, "")]);
     assert_eq!(h.frames(), ["15"]);
+    assert_eq!(h.closed_with(), None);
+}
+
+#[test]
+fn a_missing_message_of_a_muted_kind_is_no_loss() {
+    let mut h = Harness::new(Start::Live, 10);
+    h.state.local.set_muted(&["ads".into()], 1);
+    let user = Audience::User(USER.into());
+    h.broadcast(all_message(11));
+    h.broadcast(all_message(13));
+    assert_eq!(h.frames(), ["11", "13"]);
+    h.personal(Live::Gap { first: 12, last: 12, audience: user.clone() });
+    assert_eq!(h.action(), Some(Action::FindStored { audience: user, from: 12 }));
+    // The user's 12 is an ad: never owed to this user.
+    h.state.on_outcome(Outcome::Stored(Ok(Some(Stored { seq: 12, kind: "ads".into() }))));
+    assert_eq!(h.action(), Some(Action::ReadBounds { at_least: 12 }));
+    assert_eq!(h.closed_with(), None);
+}
+
+#[test]
+fn a_missing_message_a_topic_block_sent_while_its_check_waited_is_no_loss() {
+    let mut h = Harness::new(Start::Live, 10);
+    let news = Audience::Topic("news".into());
+    let log = Arc::new(Log::new(LogLimits { entries: 10, bytes: 1 << 20 }));
+    let start = || LogStart { audience: Audience::Topic("news".into()), log: log.clone(), position: 0, routed: 10 };
+    h.state.subscribe("news".into(), None);
+    h.action();
+    h.state.on_outcome(Outcome::Attached(Ok(start())));
+    h.action();
+    h.state.on_outcome(Outcome::Flushed);
+    h.broadcast(all_message(11));
+    log.append(Live::Message(Arc::new(message(13, news.clone(), ""))));
+    h.watermark = 13;
+    assert_eq!(h.frames(), ["subscribed:news", "11", "13"]);
+    // The client asks for the topic from 10; meanwhile news's 12 shows missing behind 13.
+    h.state.subscribe("news".into(), Some(10));
+    assert_eq!(h.action(), Some(Action::Attach { topic: "news".into() }));
+    log.append(Live::Gap { first: 12, last: 12, audience: news.clone() });
+    assert!(h.frames().is_empty());
+    h.state.on_outcome(Outcome::Attached(Ok(start())));
+    h.state.on_outcome(Outcome::Bounds(Ok(bounds(1, 13))));
+    assert_eq!(h.action(), replay_of(vec![news.clone()], 10, 13));
+    h.replay(vec![message(12, news.clone(), ""), message(13, news.clone(), "")]);
+    assert_eq!(h.frames(), ["subscribed:news", "12", "13", "replayed:11-13/2/true/news"]);
+    // The check that waited finds 12, which the block sent.
+    assert_eq!(h.action(), Some(Action::FindStored { audience: news, from: 12 }));
+    h.state.on_outcome(found(12));
+    assert_eq!(h.action(), Some(Action::ReadBounds { at_least: 12 }));
     assert_eq!(h.closed_with(), None);
 }
 
@@ -393,6 +446,48 @@ fn falling_out_of_a_log_window_is_repaired_not_lost() {
     h.replay((12..=18).map(|seq| message(seq, Audience::All, "")).collect());
     assert_eq!(h.frames(), ["12", "13", "14", "15", "16", "17", "18", "19", "20"]);
     assert_eq!(h.closed_with(), None);
+}
+
+#[test]
+fn a_gap_evicted_unread_from_a_log_is_still_looked_into() {
+    let mut h = Harness::with(Start::Live, 10, 4, |_| {});
+    h.broadcast(all_message(11));
+    h.personal(user_message(13));
+    assert_eq!(h.frames(), ["11", "13"]);
+    h.mailbox.push_event(Event::Repair);
+    assert_eq!(h.action(), Some(Action::ReadBounds { at_least: 0 }));
+    // While the catch-up holds live delivery, the log learns that all's 12 never came, and then
+    // evicts that news unread.
+    h.broadcast(Live::Gap { first: 12, last: 12, audience: Audience::All });
+    for seq in 14..=20 {
+        h.broadcast(all_message(seq));
+    }
+    h.state.on_outcome(Outcome::Bounds(Ok(bounds(1, 20))));
+    assert_eq!(h.action(), replay_of(everything(), 13, 20));
+    h.replay((14..=20).map(|seq| message(seq, Audience::All, "")).collect());
+    assert_eq!(h.frames(), ["14", "15", "16", "17", "18", "19", "20"]);
+    assert_eq!(h.action(), Some(Action::FindStored { audience: Audience::All, from: 12 }));
+    h.state.on_outcome(found(12));
+    assert_eq!(h.action(), Some(Action::NoteLost { first: 12 }));
+}
+
+#[test]
+fn a_gap_queued_when_the_mailbox_overflows_is_still_looked_into() {
+    let mut h = Harness::new(Start::Live, 10);
+    let user = Audience::User(USER.into());
+    h.broadcast(all_message(11));
+    h.broadcast(all_message(13));
+    assert_eq!(h.frames(), ["11", "13"]);
+    h.personal(Live::Gap { first: 12, last: 12, audience: user.clone() });
+    // More of the user's messages than the mailbox holds, before the session looks.
+    let overflowing = (1 << 20) / 160 + 1;
+    for seq in 14..14 + overflowing {
+        h.personal(user_message(seq));
+    }
+    assert!(h.frames().is_empty());
+    assert_eq!(h.action(), Some(Action::ReadBounds { at_least: 0 }), "the overflow: a catch-up first");
+    h.state.on_outcome(Outcome::Bounds(Ok(bounds(1, 13))));
+    assert_eq!(h.action(), Some(Action::FindStored { audience: user, from: 12 }), "then the gap it kept");
 }
 
 #[test]
