@@ -118,7 +118,7 @@ async fn a_client_that_leaves_a_stream_on_its_own_connection_ends_its_session_at
 async fn a_client_that_leaves_a_stream_on_a_reused_connection_ends_its_session_at_the_next_heartbeat() {
     let nats = TestNats::start().await;
     let gateway = TestGateway::start_with(&nats, |config| config.heartbeat = Duration::from_millis(200)).await;
-    let mut after_a_request = KeptAlive::connect(&gateway).await;
+    let mut after_a_request = HandClient::kept_alive(&gateway).await;
     after_a_request.stream(&format!("token={}", token("pia"))).await;
     gateway.wait_metric("herald_gateway_connections", 1.0).await;
     drop(after_a_request);
@@ -136,7 +136,7 @@ async fn a_stream_asked_on_a_connection_that_served_a_request_comes_chunked_and_
     assert_eq!(direct.header("connection").as_deref(), Some("close"));
     assert_eq!(direct.header("transfer-encoding"), None);
 
-    let mut kept = KeptAlive::connect(&gateway).await;
+    let mut kept = HandClient::kept_alive(&gateway).await;
     let head = kept.stream(&format!("token={}&device=kept", token("rosa"))).await;
     assert!(head.contains("transfer-encoding: chunked"), "{head}");
     kept.read_until("event: welcome").await;
@@ -144,18 +144,42 @@ async fn a_stream_asked_on_a_connection_that_served_a_request_comes_chunked_and_
     kept.read_until(&format!("id: {seq}\nevent: message\ndata: {{\"n\":1}}\n\n")).await;
 }
 
-/// A client that sends a request on a connection before asking it for a stream, as a browser may
-/// when it reuses a kept-alive connection.
-struct KeptAlive {
+#[tokio::test]
+async fn a_stream_whose_request_head_comes_in_parts_still_has_the_connection_to_itself() {
+    let nats = TestNats::start().await;
+    let publisher = Publisher::new(&nats).await;
+    let gateway = TestGateway::start(&nats).await;
+    let mut client = HandClient::connect(&gateway).await;
+    // A head longer than one TCP segment, as with a long token or cookies: it comes in two parts,
+    // the second one a moment later (the pause makes the parts arrive apart; nothing waits on it).
+    let cookie = format!("cookie: session={}\r\n", "c".repeat(3000));
+    client.send(&format!("GET /sse?token={} HTTP/1.1\r\nhost: gateway\r\n", token("uma"))).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    client.send(&format!("{cookie}\r\n")).await;
+    let head = client.stream_head().await;
+    assert!(head.contains("connection: close") && !head.contains("transfer-encoding"), "{head}");
+    client.read_until("event: welcome").await;
+    let seq = publisher.publish("push.user.uma", r#"{"n":1}"#).await;
+    client.read_until(&format!("id: {seq}\nevent: message\ndata: {{\"n\":1}}\n\n")).await;
+}
+
+/// A client that writes its requests by hand.
+struct HandClient {
     socket: tokio::net::TcpStream,
     read: String,
 }
 
-impl KeptAlive {
-    /// Connects and has `/healthz` answered on the connection.
-    async fn connect(gateway: &TestGateway) -> KeptAlive {
+impl HandClient {
+    async fn connect(gateway: &TestGateway) -> HandClient {
         let socket = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
-        let mut client = KeptAlive { socket, read: String::new() };
+        socket.set_nodelay(true).unwrap();
+        HandClient { socket, read: String::new() }
+    }
+
+    /// Connects and has `/healthz` answered on the connection before asking it for a stream, as
+    /// a browser may when it reuses a kept-alive connection.
+    async fn kept_alive(gateway: &TestGateway) -> HandClient {
+        let mut client = HandClient::connect(gateway).await;
         client.send("GET /healthz HTTP/1.1\r\nhost: gateway\r\n\r\n").await;
         let head = client.read_until("\r\n\r\n").await;
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
@@ -168,6 +192,11 @@ impl KeptAlive {
     async fn stream(&mut self, query: &str) -> String {
         assert_eq!(self.read, "", "nothing left of the previous response");
         self.send(&format!("GET /sse?{query} HTTP/1.1\r\nhost: gateway\r\n\r\n")).await;
+        self.stream_head().await
+    }
+
+    /// The response head of a stream asked for.
+    async fn stream_head(&mut self) -> String {
         let head = self.read_until("\r\n\r\n").await;
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
         head

@@ -204,37 +204,71 @@ const STREAM_START: &[u8] = b"GET /sse";
 const DIRECT_HEAD_BYTES: usize = 8 * 1024;
 /// Request headers read at most for a stream served on the connection.
 const DIRECT_HEADERS: usize = 64;
+/// How long a stream's request head may take to come whole before the HTTP layer reads it.
+const DIRECT_HEAD_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+/// The longest pause between two looks at a request head still coming.
+const DIRECT_HEAD_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// The connection's first request, without reading it, when it is a whole `GET /sse` head: the
-/// request (without a body) and the head's length.
+/// request (without a body) and the head's length. A head that comes in parts (longer than a TCP
+/// segment, with a long token or cookies) is looked at again a moment later, [`DIRECT_HEAD_WAIT`]
+/// at most. (Waiting for the socket's readiness instead would need it cleared, and the HTTP layer
+/// would then wait for bytes that are already there.)
 async fn peek_stream_request(stream: &TcpStream) -> Option<(Request<()>, usize)> {
-    let mut start = [0; STREAM_START.len()];
-    let peeked = stream.peek(&mut start).await.ok()?;
-    if start[..peeked] != *STREAM_START {
-        return None;
-    }
     let mut head = vec![0; DIRECT_HEAD_BYTES];
-    let peeked = stream.peek(&mut head).await.ok()?;
-    stream_request(&head[..peeked])
+    let whole = async {
+        let mut pause = std::time::Duration::from_millis(1);
+        loop {
+            let peeked = stream.peek(&mut head).await.ok()?;
+            match stream_request(&head[..peeked]) {
+                StreamHead::Whole(request, len) => return Some((*request, len)),
+                StreamHead::Partial if 0 < peeked && peeked < head.len() => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(DIRECT_HEAD_PAUSE);
+                }
+                StreamHead::Partial | StreamHead::Other => return None,
+            }
+        }
+    };
+    tokio::time::timeout(DIRECT_HEAD_WAIT, whole).await.ok().flatten()
 }
 
-/// Parses `bytes` as a whole `GET /sse` request head.
-fn stream_request(bytes: &[u8]) -> Option<(Request<()>, usize)> {
-    if !bytes.starts_with(STREAM_START) {
-        return None;
+/// What the first bytes of a connection are.
+#[derive(Debug)]
+enum StreamHead {
+    /// A whole `GET /sse` head: the request (without a body) and the head's length.
+    Whole(Box<Request<()>>, usize),
+    /// The start of what may be one.
+    Partial,
+    /// Anything else.
+    Other,
+}
+
+/// Parses `bytes` as a `GET /sse` request head.
+fn stream_request(bytes: &[u8]) -> StreamHead {
+    let start = bytes.len().min(STREAM_START.len());
+    if bytes[..start] != STREAM_START[..start] {
+        return StreamHead::Other;
     }
     let mut headers = [httparse::EMPTY_HEADER; DIRECT_HEADERS];
     let mut head = httparse::Request::new(&mut headers);
-    let httparse::Status::Complete(head_len) = head.parse(bytes).ok()? else { return None };
-    let uri: hyper::Uri = head.path?.parse().ok()?;
-    if head.method? != "GET" || uri.path() != "/sse" {
-        return None;
+    match head.parse(bytes) {
+        Ok(httparse::Status::Complete(head_len)) => whole_stream_request(&head, head_len),
+        Ok(httparse::Status::Partial) => StreamHead::Partial,
+        Err(_) => StreamHead::Other,
+    }
+}
+
+fn whole_stream_request(head: &httparse::Request<'_, '_>, head_len: usize) -> StreamHead {
+    let Some(uri) = head.path.and_then(|path| path.parse::<hyper::Uri>().ok()) else { return StreamHead::Other };
+    if head.method != Some("GET") || uri.path() != "/sse" {
+        return StreamHead::Other;
     }
     let mut request = Request::builder().method(hyper::Method::GET).uri(uri);
     for header in head.headers.iter() {
         request = request.header(header.name, header.value);
     }
-    Some((request.body(()).ok()?, head_len))
+    request.body(()).map_or(StreamHead::Other, |request| StreamHead::Whole(Box::new(request), head_len))
 }
 
 /// The sequence number a `Last-Event-ID` header holds (spaces around it allowed).
@@ -305,18 +339,21 @@ mod tests {
     }
 
     #[test]
-    fn only_a_whole_get_sse_head_is_served_on_the_connection() {
+    fn only_a_get_sse_head_is_served_on_the_connection_once_whole() {
         let head = b"GET /sse?token=t&device=d HTTP/1.1\r\nhost: g\r\nlast-event-id: 7\r\n\r\n";
-        let (request, head_len) = stream_request(head).expect("a whole head");
+        let StreamHead::Whole(request, head_len) = stream_request(head) else { panic!("a whole head") };
         assert_eq!(head_len, head.len());
         assert_eq!((request.uri().path(), request.uri().query()), ("/sse", Some("token=t&device=d")));
         assert_eq!(request.headers()["last-event-id"], "7");
-        // A head still arriving, another route, another method: left to the HTTP layer.
-        assert!(stream_request(&head[..head.len() - 1]).is_none());
-        assert!(stream_request(b"GET /ssex HTTP/1.1\r\n\r\n").is_none());
-        assert!(stream_request(b"GET /ws HTTP/1.1\r\n\r\n").is_none());
-        assert!(stream_request(b"POST /sse HTTP/1.1\r\n\r\n").is_none());
-        assert!(stream_request(b"GET /sse HTTP/1.1\r\nbad header\r\n\r\n").is_none());
-        assert!(stream_request(b"GET /sse HTTP/1.1\r\n\r\n").is_some());
+        // A head still arriving is waited for, from its first byte on.
+        assert!(matches!(stream_request(&head[..head.len() - 1]), StreamHead::Partial));
+        assert!(matches!(stream_request(b"GE"), StreamHead::Partial));
+        // Another route, another method, a bad head: left to the HTTP layer.
+        for other in [&b"GET /ssex HTTP/1.1\r\n\r\n"[..], b"GET /ws HTTP/1.1\r\n\r\n", b"POST /sse HTTP/1.1\r\n\r\n"] {
+            assert!(matches!(stream_request(other), StreamHead::Other), "{}", String::from_utf8_lossy(other));
+        }
+        assert!(matches!(stream_request(b"GET /sse HTTP/1.1\r\nbad header\r\n\r\n"), StreamHead::Other));
+        assert!(matches!(stream_request(b"GEX"), StreamHead::Other));
+        assert!(matches!(stream_request(b"GET /sse HTTP/1.1\r\n\r\n"), StreamHead::Whole(..)));
     }
 }
