@@ -59,8 +59,9 @@ impl Stored {
 pub(crate) fn stored(answer: &[u8]) -> Result<Option<Stored>, String> {
     let answer: serde_json::Value = serde_json::from_slice(answer).map_err(|error| error.to_string())?;
     if let Some(seq) = answer.pointer("/message/seq").and_then(serde_json::Value::as_u64) {
+        // Headers the stream could not give (it always can) leave the kind empty: never muted.
         let headers = answer.pointer("/message/hdrs").and_then(serde_json::Value::as_str).unwrap_or_default();
-        let headers = base64::engine::general_purpose::STANDARD.decode(headers).map_err(|error| error.to_string())?;
+        let headers = base64::engine::general_purpose::STANDARD.decode(headers).unwrap_or_default();
         let kind = super::feed::proto::header(&headers, header::HERALD_TYPE).unwrap_or_default().to_string();
         return Ok(Some(Stored { seq, kind }));
     }

@@ -124,17 +124,18 @@ impl Log {
     }
 }
 
-/// Keeps an evicted `gap` from `position`; past [`KEPT_GAPS`], the newest kept one spans it (at
-/// the newer position, so that every reader who had not read either still learns of both).
+/// Keeps an evicted `gap` from `position`. Past [`KEPT_GAPS`], the two oldest kept become one at
+/// the older position: told only to a reader that read neither, the span asks about nothing that
+/// reader sent live. A reader that read the oldest but not the next (behind by more than that many
+/// gaps, so hardly ever) is no longer told of the next one.
 fn keep_evicted_gap(kept: &mut VecDeque<(u64, Live)>, position: u64, gap: Live) {
-    let full = kept.len() >= KEPT_GAPS;
-    match kept.back_mut() {
-        Some((newest_position, newest)) if full => {
-            *newest = Live::span(newest, &gap);
-            *newest_position = position;
-        }
-        _ => kept.push_back((position, gap)),
+    if kept.len() >= KEPT_GAPS
+        && let Some((_, next)) = kept.remove(1)
+        && let Some((_, oldest)) = kept.front_mut()
+    {
+        *oldest = Live::span(oldest, &next);
     }
+    kept.push_back((position, gap));
 }
 
 /// A read-locked log.
@@ -218,17 +219,23 @@ mod tests {
     }
 
     #[test]
-    fn past_its_limit_a_log_spans_evicted_gaps_by_one() {
-        let mut kept = VecDeque::new();
-        for at in 0..=KEPT_GAPS as u64 {
-            keep_evicted_gap(&mut kept, at, Live::Gap { first: at * 10, last: at * 10, audience: Audience::All });
+    fn past_its_limit_a_log_spans_its_oldest_evicted_gaps_and_tells_recent_readers_only_recent_ones() {
+        let log = Log::new(LogLimits { entries: 1, bytes: 1 << 20 });
+        let gap = |seq| Live::Gap { first: seq, last: seq, audience: Audience::All };
+        // Gaps at every even position, each evicted by the message after it.
+        for seq in 1..=KEPT_GAPS as u64 + 2 {
+            log.append(gap(seq * 10));
+            log.append(message(seq * 10 + 1));
         }
-        assert_eq!(kept.len(), KEPT_GAPS);
-        let (position, newest) = kept.back().unwrap();
-        assert_eq!(*position, KEPT_GAPS as u64);
-        assert!(
-            matches!(newest, Live::Gap { first, last, .. } if (*first, *last) == ((KEPT_GAPS as u64 - 1) * 10, KEPT_GAPS as u64 * 10))
-        );
+        let view = log.view();
+        let told = |from| match view.evicted_gap_from(from) {
+            Some(Live::Gap { first, last, .. }) => Some((first, last)),
+            _ => None,
+        };
+        let newest = (KEPT_GAPS as u64 + 2) * 10;
+        assert_eq!(told(0), Some((10, newest)), "a reader that read none is told of all");
+        assert_eq!(told(2 * (KEPT_GAPS as u64 + 1)), Some((newest, newest)), "a recent reader only of the newest");
+        assert_eq!(told(2 * KEPT_GAPS as u64), Some((newest - 10, newest)));
     }
 
     #[test]

@@ -85,7 +85,7 @@ impl Mailbox {
         }
         let cost = self.cost(&entry);
         if state.bytes + cost > self.limit {
-            overflow(&mut state, entry);
+            self.overflow(&mut state, entry);
         } else {
             state.bytes += cost;
             state.personal.push_back(entry);
@@ -148,25 +148,26 @@ impl Mailbox {
         entry.cost().min(self.limit / 2)
     }
 
+    /// Drops the queued messages and `entry`, keeping the gaps among them (the session read none
+    /// of them, so spanning two is exact), and says so.
+    fn overflow(&self, state: &mut State, entry: Live) {
+        let mut gaps: VecDeque<Live> = VecDeque::new();
+        for gap in state.personal.drain(..).chain([entry]).filter(|entry| matches!(entry, Live::Gap { .. })) {
+            let full = gaps.len() >= KEPT_GAPS;
+            match gaps.back_mut() {
+                Some(newest) if full => *newest = Live::span(newest, &gap),
+                _ => gaps.push_back(gap),
+            }
+        }
+        state.bytes = gaps.iter().map(|gap| self.cost(gap)).sum();
+        state.personal = gaps;
+        state.overflowed = true;
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding this lock cannot leave the state half-updated in a harmful way.
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
-}
-
-/// Drops the queued messages and `entry`, keeping the gaps among them, and says so.
-fn overflow(state: &mut State, entry: Live) {
-    let mut gaps: VecDeque<Live> = VecDeque::new();
-    for gap in state.personal.drain(..).chain([entry]).filter(|entry| matches!(entry, Live::Gap { .. })) {
-        let full = gaps.len() >= KEPT_GAPS;
-        match gaps.back_mut() {
-            Some(newest) if full => *newest = Live::span(newest, &gap),
-            _ => gaps.push_back(gap),
-        }
-    }
-    state.bytes = gaps.iter().map(Live::cost).sum();
-    state.personal = gaps;
-    state.overflowed = true;
 }
 
 /// A locked view of a mailbox for its session.
@@ -184,7 +185,7 @@ impl Inbox<'_> {
     /// Takes the oldest personal entry.
     pub(crate) fn pop(&mut self) -> Option<Live> {
         let entry = self.state.personal.pop_front()?;
-        self.state.bytes -= entry.cost().min(self.limit / 2);
+        self.state.bytes -= entry.cost().min(self.limit / 2); // as Mailbox::cost
         if self.state.personal.is_empty() {
             // An idle session keeps no queue.
             self.state.personal = VecDeque::new();

@@ -127,8 +127,9 @@ impl Live {
     }
 
     /// One gap spanning the gaps `a` and `b` of one subject: what a bounded queue keeps of two
-    /// gaps when it cannot keep both (looking into more than was missed may find a message a
-    /// replay sent and take it for lost, a false alarm, but never hides a loss).
+    /// gaps when it cannot keep both, for a session that read neither. Such a session sent nothing
+    /// live in between (it reads in stream order), so a message there that it did not get from a
+    /// replay is one it lost.
     pub(crate) fn span(a: &Live, b: &Live) -> Live {
         match (a, b) {
             (Live::Gap { first, last, audience }, Live::Gap { first: other_first, last: other_last, .. }) => {

@@ -482,21 +482,17 @@ impl RouterTask {
     }
 
     /// The leader could not answer: it is asked again, a moment later, and after
-    /// [`CHECK_RETRIES`] failures every session also catches up once. A leader elected meanwhile
-    /// is asked at once, its failures counted afresh (so its sessions catch up too).
+    /// [`CHECK_RETRIES`] failures every session also catches up. A leader elected meanwhile is
+    /// asked at once; if the sessions caught up already, they catch up again, for what it stored.
     fn check_failed(&mut self, why: &str) {
         let Some(checking) = self.checking.take() else { return };
-        if checking.again {
-            warn!(why, "asking the stream's newer leader what it stores");
-            self.ask_again(Checking { again: false, failures: 0, ..checking }, std::time::Duration::ZERO);
-        } else {
-            if checking.failures == CHECK_RETRIES {
-                self.repair_all(why);
-            }
-            let failures = checking.failures + 1;
-            warn!(why, failures, "asking the stream's leader again what it stores");
-            self.ask_again(Checking { failures, ..checking }, retry_pause(failures));
+        let failures = checking.failures + 1;
+        if checking.failures == CHECK_RETRIES || (checking.again && checking.failures > CHECK_RETRIES) {
+            self.repair_all(why);
         }
+        warn!(why, failures, "asking the stream's leader again what it stores");
+        let pause = if checking.again { std::time::Duration::ZERO } else { retry_pause(failures) };
+        self.ask_again(Checking { again: false, failures, ..checking }, pause);
         self.release_if(checking.holds);
     }
 
@@ -790,16 +786,14 @@ mod tests {
         assert_eq!(visited(&router, &mut sources), ["5"]);
         assert!(router.checking.as_ref().is_some_and(|checking| !checking.holds));
         assert!(mailbox.inbox().take_events().is_empty());
-        // Another leader is elected meanwhile: asked at once, and after as many failures again,
-        // every session catches up again (what it stored may be newer than what they sent).
+        // Another leader is elected meanwhile: when the question in flight fails, it is asked at
+        // once, and every session catches up again (it may store what they never got).
         assert!(router.begin_check().is_none(), "one question at a time");
         router.handle(Command::CheckFailed { why: "test".into() });
-        assert!(router.checking.as_ref().is_some_and(|checking| checking.failures == 0 && !checking.again));
-        for _ in 0..=CHECK_RETRIES {
-            assert!(mailbox.inbox().take_events().is_empty());
-            router.handle(Command::CheckFailed { why: "test".into() });
-        }
         assert!(matches!(mailbox.inbox().take_events().as_slice(), [Event::Repair]));
+        assert!(router.checking.as_ref().is_some_and(|checking| !checking.again));
+        router.handle(Command::CheckFailed { why: "test".into() });
+        assert!(mailbox.inbox().take_events().is_empty(), "once per leader");
         // The answer comes at last: the user's 4, stored by the old leader behind 5, which was sent.
         router.stored_past(vec![(user.clone(), 4)]);
         assert!(router.checking.is_none());

@@ -556,7 +556,8 @@ impl SessionState {
         self.job_done();
         let lost = match found {
             Ok(Some(stored)) if stored.seq <= through => {
-                let owed_from = if stored.is_muted(&self.local.muted()) { stored.seq + 1 } else { stored.seq };
+                let muted = stored.is_muted(&self.local.muted());
+                let owed_from = if muted { stored.seq.saturating_add(1) } else { stored.seq };
                 match first_owed(&self.coverage, &self.owed_after, &audience, owed_from, through) {
                     Some(missing) if missing == stored.seq => Some(stored.seq),
                     Some(missing) => {
