@@ -19,7 +19,7 @@ const IN_FLIGHT: usize = 64;
 /// subject's last stored sequence where it is past `routed`; an error when the stream could not
 /// say for some subject.
 pub(crate) async fn stored_past(feed: &Feed, routed: Vec<(Audience, u64)>) -> Result<Vec<(Audience, u64)>, String> {
-    // The first failure ends this question: the router asks again.
+    // The first failure ends this question: the router asks again, or every session catches up.
     let answers: Vec<Option<(Audience, u64)>> = stream::iter(routed)
         .map(|(audience, routed)| async move {
             let last = last_stored(feed, &audience).await?;

@@ -37,12 +37,10 @@ const BURST: u32 = 32;
 /// watermark is held meanwhile); the leader is still asked after it, without holding.
 const CHECK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
 /// How many times a leader that could not answer is asked again (a moment apart, the stream may
-/// be electing another one) before every session also catches up, so that what is newer than what
-/// it sent goes out now. The questions go on, further and further apart: a catch-up cannot find
-/// what the old leader stored behind messages already sent, only the answer can.
+/// be electing another one), before every session catches up instead: a catch-up cannot find what
+/// the old leader stored behind messages already sent, only the question can.
 const CHECK_RETRIES: u32 = 3;
 const CHECK_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
-const CHECK_RETRY_MAX_PAUSE: std::time::Duration = std::time::Duration::from_secs(30);
 /// How long a question asked without holding live delivery waits for its answer.
 const UNHELD_PATIENCE: std::time::Duration = std::time::Duration::from_secs(20);
 
@@ -129,8 +127,7 @@ enum Command {
     StoredPast {
         behind: Vec<(Audience, u64)>,
     },
-    /// The new leader could not say what it stores, for `why`: it is asked again (see
-    /// [`RouterTask::check_failed`]).
+    /// The new leader could not say what it stores, for `why`: every session catches up.
     CheckFailed {
         why: String,
     },
@@ -481,18 +478,17 @@ impl RouterTask {
         self.release_if(checking.holds);
     }
 
-    /// The leader could not answer: it is asked again, a moment later, and after
-    /// [`CHECK_RETRIES`] failures every session also catches up. A leader elected meanwhile is
-    /// asked at once; if the sessions caught up already, they catch up again, for what it stored.
+    /// The leader could not answer: it is asked again, a moment later, or, after
+    /// [`CHECK_RETRIES`] failures, every session catches up.
     fn check_failed(&mut self, why: &str) {
         let Some(checking) = self.checking.take() else { return };
-        let failures = checking.failures + 1;
-        if checking.failures == CHECK_RETRIES || (checking.again && checking.failures > CHECK_RETRIES) {
+        if checking.failures < CHECK_RETRIES {
+            warn!(why, "asking the stream's leader again what it stores");
+            let failures = checking.failures + 1;
+            self.ask_again(Checking { again: false, failures, ..checking }, CHECK_RETRY_PAUSE);
+        } else {
             self.repair_all(why);
         }
-        warn!(why, failures, "asking the stream's leader again what it stores");
-        let pause = if checking.again { std::time::Duration::ZERO } else { retry_pause(failures) };
-        self.ask_again(Checking { again: false, failures, ..checking }, pause);
         self.release_if(checking.holds);
     }
 
@@ -654,13 +650,6 @@ impl RouterTask {
     }
 }
 
-/// How long to wait before asking a leader again after its `failures`th question in a row got no
-/// answer: a second for the first few, then twice as long each time, up to a limit.
-fn retry_pause(failures: u32) -> std::time::Duration {
-    let doublings = failures.saturating_sub(CHECK_RETRIES).min(8);
-    (CHECK_RETRY_PAUSE * 2u32.pow(doublings)).min(CHECK_RETRY_MAX_PAUSE)
-}
-
 /// Puts `entries` where `target`'s sessions read them: their mailboxes now, or its log at the
 /// burst's end.
 fn place(burst: &mut Burst, target: &Target, entries: Vec<Live>) {
@@ -756,55 +745,26 @@ mod tests {
         shutdown.cancel();
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_leader_that_cannot_answer_is_asked_on_while_every_session_catches_up_once() {
+    #[tokio::test]
+    async fn a_leader_that_cannot_answer_is_asked_again_then_every_session_catches_up() {
         let shutdown = CancellationToken::new();
         let mut router = router(&shutdown);
-        let user = Audience::User("u".into());
         let mailbox = Arc::new(Mailbox::new(1 << 20));
-        let attached = router.attach(1, "u".into(), mailbox.clone(), vec![user.clone(), Audience::All]);
-        let mut sources = LiveSources::new(mailbox.clone(), attached.logs);
-        router.route(republished(&router, &user, 2));
-        router.route(republished(&router, &Audience::All, 3));
-        router.finish_burst();
-        assert_eq!(visited(&router, &mut sources), ["2", "3"]);
+        router.attach(1, "u".into(), mailbox.clone(), vec![Audience::All]);
         router.begin_check().unwrap();
         router.route(republished(&router, &Audience::All, 5));
         router.finish_burst();
-        assert_eq!(router.watermark.get(), 3, "held");
+        assert_eq!(router.watermark.get(), 0, "held");
         for _ in 0..CHECK_RETRIES {
             router.handle(Command::CheckFailed { why: "test".into() });
-            assert_eq!(router.watermark.get(), 3, "held while asking again within the patience");
+            assert_eq!(router.watermark.get(), 0, "held while asking again within the patience");
             assert!(mailbox.inbox().take_events().is_empty());
         }
         router.handle(Command::CheckFailed { why: "test".into() });
-        assert!(matches!(mailbox.inbox().take_events().as_slice(), [Event::Repair]));
-        // Past the patience, asked on without holding, and with no second catch-up.
-        tokio::time::advance(CHECK_PATIENCE).await;
-        router.handle(Command::CheckFailed { why: "test".into() });
-        assert_eq!(router.watermark.get(), 5, "released");
-        assert_eq!(visited(&router, &mut sources), ["5"]);
-        assert!(router.checking.as_ref().is_some_and(|checking| !checking.holds));
-        assert!(mailbox.inbox().take_events().is_empty());
-        // Another leader is elected meanwhile: when the question in flight fails, it is asked at
-        // once, and every session catches up again (it may store what they never got).
-        assert!(router.begin_check().is_none(), "one question at a time");
-        router.handle(Command::CheckFailed { why: "test".into() });
-        assert!(matches!(mailbox.inbox().take_events().as_slice(), [Event::Repair]));
-        assert!(router.checking.as_ref().is_some_and(|checking| !checking.again));
-        router.handle(Command::CheckFailed { why: "test".into() });
-        assert!(mailbox.inbox().take_events().is_empty(), "once per leader");
-        // The answer comes at last: the user's 4, stored by the old leader behind 5, which was sent.
-        router.stored_past(vec![(user.clone(), 4)]);
+        assert_eq!(router.watermark.get(), 5);
         assert!(router.checking.is_none());
-        assert_eq!(visited(&router, &mut sources), ["gap 3-4"]);
+        assert!(matches!(mailbox.inbox().take_events().as_slice(), [Event::Repair]));
         shutdown.cancel();
-    }
-
-    #[test]
-    fn a_leader_is_asked_again_further_and_further_apart_up_to_a_limit() {
-        let pauses: Vec<u64> = (1..=10).map(|failures| retry_pause(failures).as_secs()).collect();
-        assert_eq!(pauses, [1, 1, 1, 2, 4, 8, 16, 30, 30, 30]);
     }
 
     #[tokio::test(start_paused = true)]
