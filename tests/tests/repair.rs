@@ -133,22 +133,40 @@ async fn an_unrepairable_gap_is_noted_even_when_the_client_leaves_while_kv_is_do
     unrepairable_gap_noted(true).await;
 }
 
-async fn unrepairable_gap_noted(client_leaves: bool) {
+/// A client of `user` that got a `push.all` message newer than one of its own that was stored
+/// but never republished (so never delivered, with nothing after it on its subject yet).
+struct MissedBehind {
+    nats: TestNats,
+    gateway: TestGateway,
+    publisher: Publisher,
+    client: herald_tests::ws::WsClient,
+    admin: jetstream::Context,
+    missed: u64,
+    newer: u64,
+}
+
+async fn missed_behind(user: &str) -> MissedBehind {
     let nats = TestNats::start().await;
     let gateway = TestGateway::start(&nats).await;
     let publisher = Publisher::new(&nats).await;
-    let mut client = gateway.connect("lost").await;
-    let first = publisher.publish("push.user.lost", "1").await;
+    let mut client = gateway.connect(user).await;
+    let subject = format!("push.user.{user}");
+    let first = publisher.publish(&subject, "1").await;
     assert_eq!(client.expect_msg().await.seq, first);
 
     let admin = nats.jetstream().await;
     let mut stream = admin.get_stream("HERALD").await.unwrap();
     let config = stream.info().await.unwrap().config.clone();
     admin.update_stream(jetstream::stream::Config { republish: None, ..config.clone() }).await.unwrap();
-    let missed = publisher.publish("push.user.lost", "2").await;
+    let missed = publisher.publish(&subject, "2").await;
     admin.update_stream(config).await.unwrap();
     let newer = publisher.publish("push.all", "3").await;
     assert_eq!(client.expect_msg().await.seq, newer);
+    MissedBehind { nats, gateway, publisher, client, admin, missed, newer }
+}
+
+async fn unrepairable_gap_noted(client_leaves: bool) {
+    let MissedBehind { nats, gateway, publisher, mut client, admin, missed, newer } = missed_behind("lost").await;
 
     let cursors = admin.get_stream("KV_herald-cursors").await.unwrap().info().await.unwrap().config.clone();
     let mut notes = nats.client().await.subscribe("$KV.herald-cursors.>").await.unwrap();
@@ -190,22 +208,7 @@ async fn unrepairable_gap_noted(client_leaves: bool) {
 /// gap, it is still reported: the catch-up covered only what it read.
 #[tokio::test]
 async fn a_message_missed_before_nats_restarts_is_still_reported_after_the_catch_up() {
-    let nats = TestNats::start().await;
-    let gateway = TestGateway::start(&nats).await;
-    let publisher = Publisher::new(&nats).await;
-    let mut client = gateway.connect("kim").await;
-    let first = publisher.publish("push.user.kim", "1").await;
-    assert_eq!(client.expect_msg().await.seq, first);
-
-    let admin = nats.jetstream().await;
-    let mut stream = admin.get_stream("HERALD").await.unwrap();
-    let config = stream.info().await.unwrap().config.clone();
-    admin.update_stream(jetstream::stream::Config { republish: None, ..config.clone() }).await.unwrap();
-    let missed = publisher.publish("push.user.kim", "2").await;
-    admin.update_stream(config).await.unwrap();
-    let newer = publisher.publish("push.all", "3").await;
-    assert_eq!(client.expect_msg().await.seq, newer);
-
+    let MissedBehind { nats, gateway, mut client, missed, newer, .. } = missed_behind("kim").await;
     nats.stop().await;
     nats.start_again().await;
     gateway.wait_ready().await;

@@ -4,6 +4,8 @@
 //! subject can go missing with nothing after it to tell. So the ranges are kept apart: a gap the
 //! router finds later inside a hole between them is looked into, not taken as covered.
 
+use smallvec::{SmallVec, smallvec};
+
 /// At most this many separate ranges are kept; past it the range above the oldest hole is
 /// dropped. A later gap in what it covered is then looked into again, and a message that replay
 /// sent can be taken for a lost one: a false alarm (4008, `complete:false`), never a silent loss,
@@ -12,14 +14,14 @@ const MAX_RANGES: usize = 16;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Coverage {
-    /// Disjoint, non-adjacent inclusive ranges, in order.
-    ranges: Vec<(u64, u64)>,
+    /// Disjoint, non-adjacent inclusive ranges, in order: most connections keep one, inline.
+    ranges: SmallVec<[(u64, u64); 1]>,
 }
 
 impl Coverage {
     /// Everything up to `through` is complete.
     pub(crate) fn through(through: u64) -> Coverage {
-        Coverage { ranges: vec![(0, through)] }
+        Coverage { ranges: smallvec![(0, through)] }
     }
 
     /// `from..=to` was read completely.
@@ -29,7 +31,7 @@ impl Coverage {
         }
         let (mut from, mut to) = (from, to);
         // Ranges that overlap or touch `from..=to` merge into it.
-        self.ranges.retain(|&(lo, hi)| {
+        self.ranges.retain(|&mut (lo, hi)| {
             let apart = hi.saturating_add(1) < from || to.saturating_add(1) < lo;
             if !apart {
                 from = from.min(lo);
@@ -67,14 +69,14 @@ mod tests {
     fn ranges_merge_when_they_touch_or_overlap_and_stay_apart_otherwise() {
         let mut coverage = Coverage::through(10);
         coverage.add(11, 20);
-        assert_eq!(coverage.ranges, [(0, 20)]);
+        assert_eq!(coverage.ranges[..], [(0, 20)]);
         coverage.add(30, 40);
         coverage.add(50, 60);
-        assert_eq!(coverage.ranges, [(0, 20), (30, 40), (50, 60)]);
+        assert_eq!(coverage.ranges[..], [(0, 20), (30, 40), (50, 60)]);
         coverage.add(35, 51);
-        assert_eq!(coverage.ranges, [(0, 20), (30, 60)]);
+        assert_eq!(coverage.ranges[..], [(0, 20), (30, 60)]);
         coverage.add(25, 24);
-        assert_eq!(coverage.ranges, [(0, 20), (30, 60)], "an empty range adds nothing");
+        assert_eq!(coverage.ranges[..], [(0, 20), (30, 60)], "an empty range adds nothing");
     }
 
     #[test]
