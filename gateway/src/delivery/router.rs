@@ -101,12 +101,27 @@ pub(crate) struct Attached {
 #[error("cannot subscribe: the router stopped")]
 pub(crate) struct AttachError;
 
+/// Why a session attaches: what a route made for it may take for granted before its first
+/// message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Attaching {
+    /// The session's join: it replays up to bounds read after subscribing, so at least up to the
+    /// watermark of the moment. A new route's first message naming a predecessor past that is a
+    /// gap (the bounds were stale, or the predecessor was lost on the way).
+    Join,
+    /// A `sub` that promises only what comes after it: a route's first message is not checked
+    /// once a `sub` shares the route (its sessions owe from the watermark of their `sub`, and a
+    /// message stored before the `sub` would be a false loss for them).
+    Sub,
+}
+
 enum Command {
     Attach {
         key: u64,
         user: Arc<str>,
         mailbox: Arc<Mailbox>,
         audiences: Vec<Audience>,
+        attaching: Attaching,
         done: oneshot::Sender<Attached>,
     },
     Detach {
@@ -175,9 +190,10 @@ impl Router {
         user: Arc<str>,
         mailbox: Arc<Mailbox>,
         audiences: Vec<Audience>,
+        attaching: Attaching,
     ) -> Result<Attached, AttachError> {
         let (done, attached) = oneshot::channel();
-        self.send(Command::Attach { key, user, mailbox, audiences, done }).await;
+        self.send(Command::Attach { key, user, mailbox, audiences, attaching, done }).await;
         attached.await.map_err(|_| AttachError)
     }
 
@@ -215,10 +231,24 @@ struct Route {
     made_at: u64,
     /// How far a leader check put a gap on this subject (what it covers needs no other gap).
     gap_through: u64,
+    /// Made by a join and shared by no `sub` before its first message: that message is checked
+    /// against `made_at`.
+    joined: bool,
     target: Target,
 }
 
 impl Route {
+    /// The last sequence of the subject a message's predecessor must not be past; none before
+    /// the first message of a route made by a `sub`.
+    fn predecessor_floor(&self) -> Option<u64> {
+        let routed = match (self.last_seq, self.joined) {
+            (0, false) => return None,
+            (0, true) => self.made_at,
+            (last, _) => last,
+        };
+        Some(routed.max(self.gap_through))
+    }
+
     /// The last sequence of the subject the route accounts for.
     fn accounted(&self) -> u64 {
         self.last_seq.max(self.made_at).max(self.gap_through)
@@ -384,8 +414,8 @@ impl RouterTask {
 
     fn handle(&mut self, command: Command) {
         match command {
-            Command::Attach { key, user, mailbox, audiences, done } => {
-                let attached = self.attach(key, user, mailbox, audiences);
+            Command::Attach { key, user, mailbox, audiences, attaching, done } => {
+                let attached = self.attach(key, user, mailbox, audiences, attaching);
                 let _ = done.send(attached);
             }
             Command::Detach { key, audiences, forget } => {
@@ -566,7 +596,14 @@ impl RouterTask {
         }
     }
 
-    fn attach(&mut self, key: u64, user: Arc<str>, mailbox: Arc<Mailbox>, audiences: Vec<Audience>) -> Attached {
+    fn attach(
+        &mut self,
+        key: u64,
+        user: Arc<str>,
+        mailbox: Arc<Mailbox>,
+        audiences: Vec<Audience>,
+        attaching: Attaching,
+    ) -> Attached {
         let first_of_user = !self.users.contains_key(&user);
         let local = self.users.entry(user).or_default().clone();
         self.sessions.insert(key, mailbox.clone());
@@ -581,8 +618,9 @@ impl RouterTask {
                     Audience::User(_) => Target::Personal { mailboxes: Vec::new() },
                     _ => Target::Broadcast { log: Arc::new(Log::new(self.limits)), readers: HashSet::new() },
                 };
-                Route { sid, last_seq: 0, made_at, gap_through: 0, target }
+                Route { sid, last_seq: 0, made_at, gap_through: 0, joined: attaching == Attaching::Join, target }
             });
+            route.joined &= attaching == Attaching::Join;
             match &mut route.target {
                 Target::Personal { mailboxes, .. } => {
                     if !mailboxes.iter().any(|(known, _)| *known == key) {
@@ -629,13 +667,17 @@ impl RouterTask {
         };
         let seq = republished.message.seq;
         let mut entries = Vec::with_capacity(2);
-        let known = route.last_seq.max(route.gap_through);
         if let Some(previous) = republished.previous_on_subject
-            && route.last_seq != 0
+            && let Some(known) = route.predecessor_floor()
             && previous > known
         {
-            self.metrics.delivery_gaps.inc();
-            warn!(first_missing = known + 1, last_missing = previous, "gap on a delivery subject");
+            if route.last_seq == 0 {
+                // Most often the joins' replays read it: they tell.
+                debug!(first = known + 1, last = previous, "a new route's first message follows one not routed");
+            } else {
+                self.metrics.delivery_gaps.inc();
+                warn!(first_missing = known + 1, last_missing = previous, "gap on a delivery subject");
+            }
             entries.push(Live::Gap { first: known + 1, last: previous, audience: audience.clone() });
         }
         if seq <= route.last_seq {
@@ -696,6 +738,52 @@ mod tests {
         Delivered { sid, subject: Bytes::from_static(b"x"), headers: Bytes::from(headers), payload: Bytes::from("1") }
     }
 
+    /// The republish of message `seq` on `audience`'s route whose subject's previous message is
+    /// `previous`.
+    fn republished_after(router: &RouterTask, audience: &Audience, seq: u64, previous: u64) -> Delivered {
+        let mut delivered = republished(router, audience, seq);
+        let headers = format!("NATS/1.0\r\nNats-Sequence: {seq}\r\nNats-Last-Sequence: {previous}\r\n\r\n");
+        delivered.headers = Bytes::from(headers);
+        delivered
+    }
+
+    #[tokio::test]
+    async fn a_first_message_whose_predecessor_a_join_did_not_replay_is_a_gap_unless_a_sub_made_the_route() {
+        let shutdown = CancellationToken::new();
+        let mut router = router(&shutdown);
+        let (user, topic) = (Audience::User("u".into()), Audience::Topic("t".into()));
+        let all = Arc::new(Mailbox::new(1 << 20));
+        router.attach(9, "v".into(), all.clone(), vec![Audience::All], Attaching::Join);
+        router.route(republished(&router, &Audience::All, 7));
+        router.finish_burst();
+        let mailbox = Arc::new(Mailbox::new(1 << 20));
+        let attached = router.attach(1, "u".into(), mailbox.clone(), vec![user.clone()], Attaching::Join);
+        let mut sources = LiveSources::new(mailbox.clone(), attached.logs);
+        // The join replayed up to bounds read after subscribing (7 at least); the user's first
+        // live message names 9 as its predecessor, which never came live.
+        router.route(republished_after(&router, &user, 10, 9));
+        router.finish_burst();
+        assert_eq!(visited(&router, &mut sources), ["gap 8-9", "10"]);
+        // A predecessor the join's replay read is no gap.
+        router.attach(1, "u".into(), mailbox.clone(), vec![Audience::User("w".into())], Attaching::Join);
+        router.route(republished_after(&router, &Audience::User("w".into()), 11, 6));
+        router.finish_burst();
+        assert_eq!(visited(&router, &mut sources), ["11"]);
+        // A `sub` promises only what comes after it, also on a route a join made.
+        let attached = router.attach(1, "u".into(), mailbox.clone(), vec![topic.clone()], Attaching::Join);
+        router.attach(2, "v".into(), Arc::new(Mailbox::new(1 << 20)), vec![topic.clone()], Attaching::Sub);
+        let mut sources = LiveSources::new(Arc::new(Mailbox::new(1 << 20)), attached.logs);
+        router.route(republished_after(&router, &topic, 13, 12));
+        router.finish_burst();
+        assert_eq!(visited(&router, &mut sources), ["13"]);
+        let attached = router.attach(1, "u".into(), mailbox, vec![Audience::Topic("s".into())], Attaching::Sub);
+        let mut sources = LiveSources::new(Arc::new(Mailbox::new(1 << 20)), attached.logs);
+        router.route(republished_after(&router, &Audience::Topic("s".into()), 15, 14));
+        router.finish_burst();
+        assert_eq!(visited(&router, &mut sources), ["15"]);
+        shutdown.cancel();
+    }
+
     /// What a session reading `sources` visits, up to the router's watermark.
     fn visited(router: &RouterTask, sources: &mut LiveSources) -> Vec<String> {
         let mut seen = Vec::new();
@@ -716,7 +804,8 @@ mod tests {
         let mut router = router(&shutdown);
         let user = Audience::User("u".into());
         let mailbox = Arc::new(Mailbox::new(1 << 20));
-        let attached = router.attach(1, "u".into(), mailbox.clone(), vec![user.clone(), Audience::All]);
+        let attached =
+            router.attach(1, "u".into(), mailbox.clone(), vec![user.clone(), Audience::All], Attaching::Join);
         let mut sources = LiveSources::new(mailbox, attached.logs);
         router.route(republished(&router, &user, 10));
         router.finish_burst();
@@ -750,7 +839,7 @@ mod tests {
         let shutdown = CancellationToken::new();
         let mut router = router(&shutdown);
         let mailbox = Arc::new(Mailbox::new(1 << 20));
-        router.attach(1, "u".into(), mailbox.clone(), vec![Audience::All]);
+        router.attach(1, "u".into(), mailbox.clone(), vec![Audience::All], Attaching::Join);
         router.begin_check().unwrap();
         router.route(republished(&router, &Audience::All, 5));
         router.finish_burst();
@@ -772,7 +861,7 @@ mod tests {
         let shutdown = CancellationToken::new();
         let mut router = router(&shutdown);
         let mailbox = Arc::new(Mailbox::new(1 << 20));
-        router.attach(1, "u".into(), mailbox.clone(), vec![Audience::All]);
+        router.attach(1, "u".into(), mailbox.clone(), vec![Audience::All], Attaching::Join);
         router.begin_check().unwrap();
         assert!(router.begin_check().is_none(), "one check at a time");
         router.route(republished(&router, &Audience::All, 5));

@@ -14,6 +14,7 @@ use super::Session;
 use super::replay::Replay;
 use super::state::{Action, Outcome};
 use crate::delivery::message;
+use crate::delivery::router::Attaching;
 
 /// How long a closing session keeps trying to note its lost messages: KV may be failing over in
 /// the same failure that lost them, and a note not written is a loss the client is never told of.
@@ -43,7 +44,13 @@ pub(super) fn perform(session: &Arc<Session>, action: Action) -> BoxStream<'stat
         Action::Attach { topic } => once(async move {
             let shared = &session.shared;
             let audiences = vec![Audience::Topic(topic)];
-            let attached = shared.router.attach(session.key, session.user.clone(), session.mailbox.clone(), audiences);
+            let attached = shared.router.attach(
+                session.key,
+                session.user.clone(),
+                session.mailbox.clone(),
+                audiences,
+                Attaching::Sub,
+            );
             Outcome::Attached(match attached.await {
                 Ok(mut attached) => attached.logs.pop().ok_or_else(|| "no topic log".to_string()),
                 Err(error) => Err(error.to_string()),

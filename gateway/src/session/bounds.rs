@@ -6,6 +6,9 @@ use serde::Deserialize;
 
 use crate::delivery::feed::Feed;
 
+/// Every subject the stream stores.
+const STORED_SUBJECTS: &str = "push.>";
+
 /// The stream's bounds at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub(crate) struct Bounds {
@@ -55,6 +58,30 @@ async fn bounds(feed: &Feed) -> Result<Bounds, StreamError> {
 const STALE_RETRIES: usize = 5;
 const STALE_PAUSE: std::time::Duration = std::time::Duration::from_millis(300);
 
+/// The newest bounds read of the stream's current epoch: an answer of the same epoch that ends
+/// before them comes from a server with a stale view (sequences never go back within an epoch).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Newest {
+    epoch: u64,
+    last: u64,
+}
+
+impl Newest {
+    /// Notes an answer: a new epoch starts over (the stream was made again).
+    fn note(&mut self, bounds: Bounds) {
+        if bounds.epoch != self.epoch {
+            *self = Newest { epoch: bounds.epoch, last: bounds.last };
+        } else {
+            self.last = self.last.max(bounds.last);
+        }
+    }
+
+    /// The last sequence known stored in the stream `bounds` were read from (0 when none is).
+    fn known_in(&self, bounds: &Bounds) -> u64 {
+        if bounds.epoch == self.epoch { self.last } else { 0 }
+    }
+}
+
 /// Reads the bounds for many sessions at once. A session that asks joins the next request sent,
 /// never one already in flight: the request must leave after the session's subscriptions, on the
 /// same connection, for the join to be exact. In a reconnect storm this turns a request per
@@ -62,22 +89,36 @@ const STALE_PAUSE: std::time::Duration = std::time::Duration::from_millis(300);
 pub(crate) struct BoundsReader {
     feed: Feed,
     pending: std::sync::Mutex<Pending>,
+    newest: std::sync::Mutex<Newest>,
 }
 
 #[derive(Default)]
 struct Pending {
-    waiting: Vec<tokio::sync::oneshot::Sender<Result<Bounds, String>>>,
+    waiting: Vec<tokio::sync::oneshot::Sender<Result<Reading, String>>>,
     reading: bool,
+}
+
+/// Bounds as read, with the last sequence known stored in their stream before the request was
+/// sent (bounds behind it come from a stale view). Known before, not when the answer is used: a
+/// newer answer to a later request says nothing of this one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Reading {
+    bounds: Bounds,
+    known: u64,
 }
 
 impl BoundsReader {
     /// A reader over the delivery feed.
     pub(crate) fn new(feed: Feed) -> BoundsReader {
-        BoundsReader { feed, pending: Default::default() }
+        BoundsReader { feed, pending: Default::default(), newest: Default::default() }
     }
 
     /// The stream's bounds, read by a request sent after this call began.
     pub(crate) async fn read(self: &std::sync::Arc<Self>) -> Result<Bounds, StreamError> {
+        Ok(self.reading().await?.bounds)
+    }
+
+    async fn reading(self: &std::sync::Arc<Self>) -> Result<Reading, StreamError> {
         let (answer, answered) = tokio::sync::oneshot::channel();
         let start = {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
@@ -90,19 +131,27 @@ impl BoundsReader {
         answered.await.map_err(|_| StreamError("bounds reader stopped".into()))?.map_err(StreamError)
     }
 
-    /// The stream's bounds, read again (a few times, a moment apart) while they end before
-    /// `at_least`, a sequence known to exist: a NATS server that was cut off from its cluster may
-    /// answer from a stale view for a while after it rejoined. The last answer is returned either way.
+    /// The stream's bounds, reaching `at_least` (a sequence seen stored: a gap's end, what the
+    /// router saw, a client's `since`) and the newest bounds read before. A NATS server cut off
+    /// from its cluster may answer from a stale view for a while after it rejoined, while the
+    /// stream has no leader: such bounds are read again, a few times a moment apart. Bounds that
+    /// stay behind are trusted only when the stream's leader stores nothing from `at_least` on
+    /// (the stream was made again, or a client's `since` is bogus); otherwise this fails, since a
+    /// replay up to them would skip messages and tell nobody.
     pub(crate) async fn read_at_least(self: &std::sync::Arc<Self>, at_least: u64) -> Result<Bounds, StreamError> {
-        let mut bounds = self.read().await?;
-        for _ in 0..STALE_RETRIES {
-            if bounds.last >= at_least {
-                break;
-            }
-            tokio::time::sleep(STALE_PAUSE).await;
-            bounds = self.read().await?;
-        }
-        Ok(bounds)
+        bounds_reaching(self, at_least).await
+    }
+
+    /// The first sequence the stream's leader stores from `from` on, if any.
+    async fn first_stored_from(&self, from: u64) -> Result<Option<u64>, StreamError> {
+        let body = serde_json::json!({ "seq": from, "next_by_subj": STORED_SUBJECTS });
+        let answer = self
+            .feed
+            .request(format!("$JS.API.STREAM.MSG.GET.{STREAM}"), Bytes::from(body.to_string()))
+            .await
+            .map_err(|e| StreamError(e.to_string()))?;
+        let stored = crate::delivery::leader::stored(&answer).map_err(StreamError)?;
+        Ok(stored.map(|stored| stored.seq))
     }
 
     /// Sends requests until nobody waits: each answers everyone who asked before it was sent.
@@ -116,10 +165,124 @@ impl BoundsReader {
                 }
                 std::mem::take(&mut pending.waiting)
             };
+            // One request at a time: what is known now was known before this one was sent.
+            let before = *self.newest.lock().unwrap_or_else(|p| p.into_inner());
             let result = bounds(&self.feed).await.map_err(|e| e.0);
+            if let Ok(read) = result {
+                self.newest.lock().unwrap_or_else(|p| p.into_inner()).note(read);
+            }
+            let result = result.map(|bounds| Reading { bounds, known: before.known_in(&bounds) });
             for answer in waiting {
                 let _ = answer.send(result.clone());
             }
         }
+    }
+}
+
+/// What reading bounds that reach a known sequence asks of the stream.
+trait StreamView {
+    /// The bounds, read now.
+    async fn reading(&self) -> Result<Reading, StreamError>;
+    /// The first sequence stored from `from` on, by the stream's leader.
+    async fn stored_from(&self, from: u64) -> Result<Option<u64>, StreamError>;
+}
+
+impl StreamView for std::sync::Arc<BoundsReader> {
+    async fn reading(&self) -> Result<Reading, StreamError> {
+        BoundsReader::reading(self).await
+    }
+
+    async fn stored_from(&self, from: u64) -> Result<Option<u64>, StreamError> {
+        self.first_stored_from(from).await
+    }
+}
+
+/// See [`BoundsReader::read_at_least`].
+async fn bounds_reaching(view: &impl StreamView, at_least: u64) -> Result<Bounds, StreamError> {
+    let mut read = view.reading().await?;
+    for _ in 0..STALE_RETRIES {
+        if read.bounds.last >= at_least.max(read.known) {
+            return Ok(read.bounds);
+        }
+        tokio::time::sleep(STALE_PAUSE).await;
+        read = view.reading().await?;
+    }
+    let (bounds, known) = (read.bounds, at_least.max(read.known));
+    if bounds.last >= known {
+        return Ok(bounds);
+    }
+    match view.stored_from(known).await? {
+        None => Ok(bounds),
+        Some(seq) => {
+            Err(StreamError(format!("the stream's bounds end at {} but it stores {seq}: a stale view", bounds.last)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bounds(epoch: u64, last: u64) -> Bounds {
+        Bounds { first: 1, last, epoch }
+    }
+
+    /// A stream whose bounds answers are `answers`, in turn (the last one again and again).
+    struct Answers {
+        answers: std::sync::Mutex<Vec<Bounds>>,
+        newest: Newest,
+        stored: Option<u64>,
+    }
+
+    impl StreamView for Answers {
+        async fn reading(&self) -> Result<Reading, StreamError> {
+            let mut answers = self.answers.lock().unwrap();
+            let bounds = if answers.len() > 1 { answers.remove(0) } else { answers[0] };
+            Ok(Reading { bounds, known: self.newest.known_in(&bounds) })
+        }
+
+        async fn stored_from(&self, from: u64) -> Result<Option<u64>, StreamError> {
+            Ok(self.stored.filter(|last| *last >= from))
+        }
+    }
+
+    fn answers(answers: &[Bounds], newest: Bounds, stored: Option<u64>) -> Answers {
+        let mut known = Newest::default();
+        known.note(newest);
+        Answers { answers: std::sync::Mutex::new(answers.to_vec()), newest: known, stored }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bounds_behind_a_known_sequence_are_read_again_and_never_trusted_while_the_leader_stores_it() {
+        let stale = bounds(7, 90);
+        // Caught up after two more reads.
+        let view = answers(&[stale, stale, bounds(7, 120)], bounds(7, 0), Some(120));
+        assert_eq!(bounds_reaching(&view, 100).await.unwrap().last, 120);
+        // Still behind the sequence asked for, which the leader stores: a failure, not a replay
+        // that ends short.
+        let view = answers(&[stale], bounds(7, 0), Some(120));
+        assert!(bounds_reaching(&view, 100).await.is_err());
+        // Behind bounds read before, in the same epoch: the same.
+        let view = answers(&[stale], bounds(7, 110), Some(120));
+        assert!(bounds_reaching(&view, 0).await.is_err());
+        // Behind, but the leader stores nothing from there on (the stream was made again, or a
+        // client's `since` is bogus): trusted.
+        let view = answers(&[stale], bounds(7, 0), Some(95));
+        assert_eq!(bounds_reaching(&view, 100).await.unwrap(), stale);
+        // Bounds read before of another epoch say nothing of this one.
+        let view = answers(&[stale], bounds(6, 500), None);
+        assert_eq!(bounds_reaching(&view, 0).await.unwrap(), stale);
+    }
+
+    #[test]
+    fn bounds_behind_newer_ones_of_the_same_epoch_are_stale_and_a_new_epoch_starts_over() {
+        let mut newest = Newest::default();
+        newest.note(bounds(7, 100));
+        newest.note(bounds(7, 90));
+        assert_eq!(newest.known_in(&bounds(7, 90)), 100, "a stale answer does not lower what is known");
+        assert_eq!(newest.known_in(&bounds(8, 5)), 0, "another epoch: nothing known of it");
+        newest.note(bounds(8, 5));
+        assert_eq!(newest.known_in(&bounds(8, 5)), 5, "the stream made again");
+        assert_eq!(newest.known_in(&bounds(7, 90)), 0);
     }
 }

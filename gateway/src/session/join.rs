@@ -15,6 +15,7 @@ use super::state::{Params, SessionState, Start, audiences_of};
 use crate::close::{Close, CloseCode};
 use crate::codec::Codec;
 use crate::config::NewDeviceReplay;
+use crate::delivery::router::Attaching;
 
 /// Subscribes, reads the stream's bounds and where the device resumes, and returns the session,
 /// `welcome` queued.
@@ -23,7 +24,7 @@ pub(super) async fn open(session: &Session, codec: Codec) -> Result<Box<SessionS
     let audiences = audiences_of(&session.user, session.request.topics.iter());
     let attached = shared
         .router
-        .attach(session.key, session.user.clone(), session.mailbox.clone(), audiences)
+        .attach(session.key, session.user.clone(), session.mailbox.clone(), audiences, Attaching::Join)
         .await
         .map_err(|error| Close::new(CloseCode::Internal, error.to_string()))?;
     // Each step is boxed: KV futures are large, and a burst of connects holds one per session.

@@ -78,7 +78,7 @@ pub(crate) struct Params {
 pub(crate) enum Action {
     /// Read the stream's bounds on the delivery connection (after every subscription made),
     /// reaching at least `at_least`, a sequence known to be stored (a gap's end; 0 when none is):
-    /// a server answering from a stale view is asked again.
+    /// a server answering from a stale view is asked again, and bounds that stay behind fail.
     ReadBounds { at_least: u64 },
     /// Read back the stored messages of `audiences` with `since < seq <= upto`, in order.
     Replay { audiences: Vec<Audience>, since: u64, upto: u64 },
