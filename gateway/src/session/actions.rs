@@ -21,10 +21,10 @@ use crate::delivery::router::Attaching;
 const LOSS_NOTE_PATIENCE: Duration = Duration::from_secs(30);
 /// How long one attempt at the note may take.
 const LOSS_NOTE_ATTEMPT: Duration = Duration::from_secs(2);
-/// How long a session keeps trying to read the stream's bounds for a catch-up before it closes
-/// (1013): the read is shared by every session catching up at that moment, and a stream electing
-/// a leader fails it for a moment.
-const BOUNDS_PATIENCE: Duration = Duration::from_secs(5);
+/// How long a session keeps trying to read the stream's bounds for its join or a catch-up before
+/// it closes (1013): the read is shared by every session reading at that moment, and a stream
+/// electing a leader fails it (or answers from a stale view) for a moment.
+pub(super) const BOUNDS_PATIENCE: Duration = Duration::from_secs(5);
 /// The first pause between two attempts, and the longest.
 const FIRST_PAUSE: Duration = Duration::from_millis(100);
 const LONGEST_PAUSE: Duration = Duration::from_secs(2);
@@ -107,7 +107,7 @@ async fn note_lost(session: Arc<Session>, first: u64) {
 /// `attempt`'s result, tried again after failures until it succeeds or `patience` has passed (the
 /// last failure then), with pauses that double from [`FIRST_PAUSE`] to [`LONGEST_PAUSE`],
 /// jittered: sessions that failed together do not all try again at once.
-async fn retried<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
+pub(super) async fn retried<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
     patience: Duration,
     mut attempt: impl FnMut() -> F,
 ) -> Result<T, E> {
