@@ -270,3 +270,29 @@ async fn cursors_over_the_write_rate_are_written_in_turn_so_none_is_left_behind(
         seq = publisher.publish("push.user.ria", "next").await;
     }
 }
+
+/// A replay the stream fails for a moment (here its direct gets are switched off, as when no
+/// server answers them while the stream elects a leader) is opened again where it stopped, within
+/// a few seconds: the resume completes on the same connection, exactly.
+#[tokio::test]
+async fn a_replay_the_stream_fails_for_a_moment_is_opened_again_and_completes() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let mut published = Vec::new();
+    for payload in ["one", "two", "three"] {
+        published.push(publisher.publish("push.user.rita", payload).await);
+    }
+    let admin = nats.jetstream().await;
+    let config = admin.get_stream("HERALD").await.unwrap().info().await.unwrap().config.clone();
+    let no_direct = async_nats::jetstream::stream::Config { allow_direct: false, ..config.clone() };
+    admin.update_stream(no_direct).await.unwrap();
+    let mut client = gateway.connect_with(&format!("token={}&since=0", token("rita"))).await;
+    eventually("the replay failed", std::time::Duration::from_secs(4), || async {
+        (gateway.metric("herald_gateway_replays_reopened_total").await >= 1.0).then_some(())
+    })
+    .await;
+    admin.update_stream(config).await.unwrap();
+    assert_eq!(client.expect_msgs(3).await, published);
+    assert_eq!(client.expect_replayed().await, (1, published[2], 3, true, None));
+}

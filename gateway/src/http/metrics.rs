@@ -31,6 +31,7 @@ pub(crate) struct Metrics {
     pub(crate) replays: Counter,
     pub(crate) replayed_messages: Counter,
     pub(crate) replays_incomplete: Counter,
+    pub(crate) replays_reopened: Counter,
     pub(crate) slow_consumer_closes: Counter,
     pub(crate) delivery_gaps: Counter,
     pub(crate) repairs: Counter,
@@ -55,6 +56,7 @@ impl Metrics {
             replays: Counter::default(),
             replayed_messages: Counter::default(),
             replays_incomplete: Counter::default(),
+            replays_reopened: Counter::default(),
             slow_consumer_closes: Counter::default(),
             delivery_gaps: Counter::default(),
             repairs: Counter::default(),
@@ -75,6 +77,11 @@ impl Metrics {
         registry.register("replays", "Replays run (resume, topic since, repair)", m.replays.clone());
         registry.register("replayed_messages", "Messages sent by replays", m.replayed_messages.clone());
         registry.register("replays_incomplete", "Replays that reported complete=false", m.replays_incomplete.clone());
+        registry.register(
+            "replays_reopened",
+            "Replays the stream failed for a moment, opened again where they stopped",
+            m.replays_reopened.clone(),
+        );
         registry.register("slow_consumer_closes", "Connections closed with 4008", m.slow_consumer_closes.clone());
         registry.register("delivery_gaps", "Gaps seen on delivery subjects", m.delivery_gaps.clone());
         registry.register("repairs", "Sessions repaired from the stream after a gap", m.repairs.clone());

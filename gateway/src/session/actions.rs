@@ -21,10 +21,10 @@ use crate::delivery::router::Attaching;
 const LOSS_NOTE_PATIENCE: Duration = Duration::from_secs(30);
 /// How long one attempt at the note may take.
 const LOSS_NOTE_ATTEMPT: Duration = Duration::from_secs(2);
-/// How long a session keeps trying to read the stream's bounds for its join or a catch-up before
-/// it closes (1013): the read is shared by every session reading at that moment, and a stream
-/// electing a leader fails it (or answers from a stale view) for a moment.
-pub(super) const BOUNDS_PATIENCE: Duration = Duration::from_secs(5);
+/// How long a session keeps trying a read of the stream (its bounds for a join or a catch-up, a
+/// replay) before it closes (1013): a stream electing a leader fails reads (or answers from a
+/// stale view) for a moment.
+pub(super) const STREAM_PATIENCE: Duration = Duration::from_secs(5);
 /// The first pause between two attempts, and the longest.
 const FIRST_PAUSE: Duration = Duration::from_millis(100);
 const LONGEST_PAUSE: Duration = Duration::from_secs(2);
@@ -37,7 +37,7 @@ pub(super) fn perform(session: &Arc<Session>, action: Action) -> BoxStream<'stat
             let shared = &session.shared;
             let at_least = shared.router.watermark().routed().max(at_least);
             let read = || async { shared.bounds.read_at_least(at_least).await };
-            let bounds = retried(BOUNDS_PATIENCE, read).await;
+            let bounds = retried(STREAM_PATIENCE, read).await;
             Outcome::Bounds(bounds.map_err(|error| error.to_string()))
         }),
         Action::Replay { audiences, since, upto } => replay(session, audiences, since, upto),
@@ -111,20 +111,40 @@ pub(super) async fn retried<T, E: std::fmt::Display, F: Future<Output = Result<T
     patience: Duration,
     mut attempt: impl FnMut() -> F,
 ) -> Result<T, E> {
-    let deadline = Instant::now() + patience;
-    let mut pause = FIRST_PAUSE;
+    let mut patience = Patience::new(patience);
     loop {
         let error = match attempt().await {
             Ok(done) => return Ok(done),
             Err(error) => error,
         };
-        let pause_now = pause.mul_f64(0.5 + rand::random::<f64>());
-        if Instant::now() + pause_now >= deadline {
+        debug!(%error, "failed; trying again");
+        if !patience.pause().await {
             return Err(error);
         }
-        debug!(%error, "failed; trying again");
-        tokio::time::sleep(pause_now).await;
-        pause = (pause * 2).min(LONGEST_PAUSE);
+    }
+}
+
+/// The pauses between attempts at something that fails for a moment at times, until `patience`
+/// from the first failure has passed.
+struct Patience {
+    deadline: Instant,
+    next: Duration,
+}
+
+impl Patience {
+    fn new(patience: Duration) -> Patience {
+        Patience { deadline: Instant::now() + patience, next: FIRST_PAUSE }
+    }
+
+    /// Waits before the next attempt; false, at once, when it would end past the patience.
+    async fn pause(&mut self) -> bool {
+        let pause = self.next.mul_f64(0.5 + rand::random::<f64>());
+        if Instant::now() + pause >= self.deadline {
+            return false;
+        }
+        tokio::time::sleep(pause).await;
+        self.next = (self.next * 2).min(LONGEST_PAUSE);
+        true
     }
 }
 
@@ -132,32 +152,55 @@ fn once(future: impl Future<Output = Outcome> + Send + 'static) -> BoxStream<'st
     stream::once(future).boxed()
 }
 
-/// Where a replay is.
-enum Reading {
-    Starting { session: Arc<Session>, audiences: Vec<Audience>, since: u64, upto: u64 },
-    Open(Replay),
-    Done,
+/// Where a replay is: it reads `(since, upto]`, `since` moving up with each message read, so that
+/// a replay the stream fails (a leader election) opens again where it stopped.
+struct Reading {
+    session: Arc<Session>,
+    audiences: Vec<Audience>,
+    since: u64,
+    upto: u64,
+    open: Option<Replay>,
+    /// Since the first of the failures in a row, if any.
+    failing: Option<Patience>,
 }
 
-/// The stored messages of `audiences` in `(since, upto]`, then how the replay ended.
+/// The stored messages of `audiences` in `(since, upto]`, then how the replay ended. A failure is
+/// tried again from the last message read, with the patience of a bounds read.
 fn replay(session: Arc<Session>, audiences: Vec<Audience>, since: u64, upto: u64) -> BoxStream<'static, Outcome> {
-    let start = Reading::Starting { session, audiences, since, upto };
-    stream::unfold(start, |reading| async move {
-        let mut replay = match reading {
-            Reading::Done => return None,
-            Reading::Open(replay) => replay,
-            Reading::Starting { session, audiences, since, upto } => {
-                match session.shared.replayer.open(&audiences, since, upto).await {
-                    Ok(replay) => replay,
-                    Err(error) => return Some((Outcome::ReplayEnded(Err(error.to_string())), Reading::Done)),
+    let start = Reading { session, audiences, since, upto, open: None, failing: None };
+    stream::unfold(Some(start), |reading| async move {
+        let mut reading = reading?;
+        loop {
+            let read = match reading.open.as_mut() {
+                Some(replay) => replay.next().await,
+                None => {
+                    match reading.session.shared.replayer.open(&reading.audiences, reading.since, reading.upto).await {
+                        Ok(replay) => {
+                            reading.open = Some(replay);
+                            continue;
+                        }
+                        Err(error) => Some(Err(error)),
+                    }
+                }
+            };
+            match read {
+                Some(Ok(stored)) => {
+                    reading.since = stored.seq;
+                    reading.failing = None;
+                    return Some((Outcome::Replayed(Box::new(message::from_stored(stored))), Some(reading)));
+                }
+                None => return Some((Outcome::ReplayEnded(Ok(())), None)),
+                Some(Err(error)) => {
+                    reading.open = None;
+                    reading.session.shared.metrics.replays_reopened.inc();
+                    let failing = reading.failing.get_or_insert_with(|| Patience::new(STREAM_PATIENCE));
+                    debug!(%error, since = reading.since, "replay failed; opening it again");
+                    if !failing.pause().await {
+                        return Some((Outcome::ReplayEnded(Err(error.to_string())), None));
+                    }
                 }
             }
-        };
-        Some(match replay.next().await {
-            Some(Ok(stored)) => (Outcome::Replayed(Box::new(message::from_stored(stored))), Reading::Open(replay)),
-            Some(Err(error)) => (Outcome::ReplayEnded(Err(error.to_string())), Reading::Done),
-            None => (Outcome::ReplayEnded(Ok(())), Reading::Done),
-        })
+        }
     })
     .boxed()
 }

@@ -9,7 +9,7 @@ use herald_shared::frame::ServerFrame;
 use tracing::warn;
 
 use super::Session;
-use super::actions::{BOUNDS_PATIENCE, retried};
+use super::actions::{STREAM_PATIENCE, retried};
 use super::bounds::Bounds;
 use super::live::LiveSources;
 use super::state::{Params, SessionState, Start, audiences_of};
@@ -38,7 +38,7 @@ pub(super) async fn open(session: &Session, codec: Codec) -> Result<Box<SessionS
     // At least what this gateway has seen live, and the client's `since` if it gave one.
     let known = shared.router.watermark().routed().max(session.request.since.unwrap_or(0));
     let read = || shared.bounds.read_at_least(known);
-    let bounds = retried(BOUNDS_PATIENCE, read).await.map_err(|e| Close::new(CloseCode::Unavailable, e.to_string()))?;
+    let bounds = retried(STREAM_PATIENCE, read).await.map_err(|e| Close::new(CloseCode::Unavailable, e.to_string()))?;
     let (resume, read) = tokio::join!(Box::pin(resume_point(session, bounds)), Box::pin(read_position(session)));
     let unread = Box::pin(shared.inbox.unread(&session.user, read, bounds.last, &attached.user.muted())).await;
     let start = match (resume, &unread) {
