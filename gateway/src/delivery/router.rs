@@ -101,18 +101,19 @@ pub(crate) struct Attached {
 #[error("cannot subscribe: the router stopped")]
 pub(crate) struct AttachError;
 
-/// Why a session attaches: what a route made for it may take for granted before its first
+/// How a session attaches: what a route made for it may take for granted before its first
 /// message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Attaching {
-    /// The session's join: it replays up to bounds read after subscribing, so at least up to the
-    /// watermark of the moment. A new route's first message naming a predecessor past that is a
-    /// gap (the bounds were stale, or the predecessor was lost on the way).
-    Join,
-    /// A `sub` that promises only what comes after it: a route's first message is not checked
-    /// once a `sub` shares the route (its sessions owe from the watermark of their `sub`, and a
-    /// message stored before the `sub` would be a false loss for them).
-    Sub,
+    /// The session replays up to bounds read after subscribing (a join, a `sub` with `since`), so
+    /// at least up to the watermark of the moment. A new route's first message naming a
+    /// predecessor past that is a gap (the bounds were stale, or the predecessor was lost on the
+    /// way).
+    Replaying,
+    /// A `sub` without `since`, which promises only what comes after it: a route's first message
+    /// is not checked once such a `sub` shares the route (its session owes from the watermark of
+    /// its `sub`, and a message stored before the `sub` would be a false loss for it).
+    Live,
 }
 
 enum Command {
@@ -231,8 +232,8 @@ struct Route {
     made_at: u64,
     /// How far a leader check put a gap on this subject (what it covers needs no other gap).
     gap_through: u64,
-    /// Made by a join and shared by no `sub` before its first message: that message is checked
-    /// against `made_at`.
+    /// Made for a replaying session and shared by no live-only `sub` before its first message:
+    /// that message is checked against `made_at`.
     joined: bool,
     target: Target,
 }
@@ -618,9 +619,9 @@ impl RouterTask {
                     Audience::User(_) => Target::Personal { mailboxes: Vec::new() },
                     _ => Target::Broadcast { log: Arc::new(Log::new(self.limits)), readers: HashSet::new() },
                 };
-                Route { sid, last_seq: 0, made_at, gap_through: 0, joined: attaching == Attaching::Join, target }
+                Route { sid, last_seq: 0, made_at, gap_through: 0, joined: attaching == Attaching::Replaying, target }
             });
-            route.joined &= attaching == Attaching::Join;
+            route.joined &= attaching == Attaching::Replaying;
             match &mut route.target {
                 Target::Personal { mailboxes, .. } => {
                     if !mailboxes.iter().any(|(known, _)| *known == key) {
@@ -753,11 +754,11 @@ mod tests {
         let mut router = router(&shutdown);
         let (user, topic) = (Audience::User("u".into()), Audience::Topic("t".into()));
         let all = Arc::new(Mailbox::new(1 << 20));
-        router.attach(9, "v".into(), all.clone(), vec![Audience::All], Attaching::Join);
+        router.attach(9, "v".into(), all.clone(), vec![Audience::All], Attaching::Replaying);
         router.route(republished(&router, &Audience::All, 7));
         router.finish_burst();
         let mailbox = Arc::new(Mailbox::new(1 << 20));
-        let attached = router.attach(1, "u".into(), mailbox.clone(), vec![user.clone()], Attaching::Join);
+        let attached = router.attach(1, "u".into(), mailbox.clone(), vec![user.clone()], Attaching::Replaying);
         let mut sources = LiveSources::new(mailbox.clone(), attached.logs);
         // The join replayed up to bounds read after subscribing (7 at least); the user's first
         // live message names 9 as its predecessor, which never came live.
@@ -765,18 +766,18 @@ mod tests {
         router.finish_burst();
         assert_eq!(visited(&router, &mut sources), ["gap 8-9", "10"]);
         // A predecessor the join's replay read is no gap.
-        router.attach(1, "u".into(), mailbox.clone(), vec![Audience::User("w".into())], Attaching::Join);
+        router.attach(1, "u".into(), mailbox.clone(), vec![Audience::User("w".into())], Attaching::Replaying);
         router.route(republished_after(&router, &Audience::User("w".into()), 11, 6));
         router.finish_burst();
         assert_eq!(visited(&router, &mut sources), ["11"]);
         // A `sub` promises only what comes after it, also on a route a join made.
-        let attached = router.attach(1, "u".into(), mailbox.clone(), vec![topic.clone()], Attaching::Join);
-        router.attach(2, "v".into(), Arc::new(Mailbox::new(1 << 20)), vec![topic.clone()], Attaching::Sub);
+        let attached = router.attach(1, "u".into(), mailbox.clone(), vec![topic.clone()], Attaching::Replaying);
+        router.attach(2, "v".into(), Arc::new(Mailbox::new(1 << 20)), vec![topic.clone()], Attaching::Live);
         let mut sources = LiveSources::new(Arc::new(Mailbox::new(1 << 20)), attached.logs);
         router.route(republished_after(&router, &topic, 13, 12));
         router.finish_burst();
         assert_eq!(visited(&router, &mut sources), ["13"]);
-        let attached = router.attach(1, "u".into(), mailbox, vec![Audience::Topic("s".into())], Attaching::Sub);
+        let attached = router.attach(1, "u".into(), mailbox, vec![Audience::Topic("s".into())], Attaching::Live);
         let mut sources = LiveSources::new(Arc::new(Mailbox::new(1 << 20)), attached.logs);
         router.route(republished_after(&router, &Audience::Topic("s".into()), 15, 14));
         router.finish_burst();
@@ -805,7 +806,7 @@ mod tests {
         let user = Audience::User("u".into());
         let mailbox = Arc::new(Mailbox::new(1 << 20));
         let attached =
-            router.attach(1, "u".into(), mailbox.clone(), vec![user.clone(), Audience::All], Attaching::Join);
+            router.attach(1, "u".into(), mailbox.clone(), vec![user.clone(), Audience::All], Attaching::Replaying);
         let mut sources = LiveSources::new(mailbox, attached.logs);
         router.route(republished(&router, &user, 10));
         router.finish_burst();
@@ -839,7 +840,7 @@ mod tests {
         let shutdown = CancellationToken::new();
         let mut router = router(&shutdown);
         let mailbox = Arc::new(Mailbox::new(1 << 20));
-        router.attach(1, "u".into(), mailbox.clone(), vec![Audience::All], Attaching::Join);
+        router.attach(1, "u".into(), mailbox.clone(), vec![Audience::All], Attaching::Replaying);
         router.begin_check().unwrap();
         router.route(republished(&router, &Audience::All, 5));
         router.finish_burst();
@@ -861,7 +862,7 @@ mod tests {
         let shutdown = CancellationToken::new();
         let mut router = router(&shutdown);
         let mailbox = Arc::new(Mailbox::new(1 << 20));
-        router.attach(1, "u".into(), mailbox.clone(), vec![Audience::All], Attaching::Join);
+        router.attach(1, "u".into(), mailbox.clone(), vec![Audience::All], Attaching::Replaying);
         router.begin_check().unwrap();
         assert!(router.begin_check().is_none(), "one check at a time");
         router.route(republished(&router, &Audience::All, 5));

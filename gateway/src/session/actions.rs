@@ -14,7 +14,6 @@ use super::Session;
 use super::replay::Replay;
 use super::state::{Action, Outcome};
 use crate::delivery::message;
-use crate::delivery::router::Attaching;
 
 /// How long a closing session keeps trying to note its lost messages: KV may be failing over in
 /// the same failure that lost them, and a note not written is a loss the client is never told of.
@@ -41,16 +40,11 @@ pub(super) fn perform(session: &Arc<Session>, action: Action) -> BoxStream<'stat
             Outcome::Bounds(bounds.map_err(|error| error.to_string()))
         }),
         Action::Replay { audiences, since, upto } => replay(session, audiences, since, upto),
-        Action::Attach { topic } => once(async move {
+        Action::Attach { topic, attaching } => once(async move {
             let shared = &session.shared;
             let audiences = vec![Audience::Topic(topic)];
-            let attached = shared.router.attach(
-                session.key,
-                session.user.clone(),
-                session.mailbox.clone(),
-                audiences,
-                Attaching::Sub,
-            );
+            let attached =
+                shared.router.attach(session.key, session.user.clone(), session.mailbox.clone(), audiences, attaching);
             Outcome::Attached(match attached.await {
                 Ok(mut attached) => attached.logs.pop().ok_or_else(|| "no topic log".to_string()),
                 Err(error) => Err(error.to_string()),
@@ -104,21 +98,21 @@ async fn note_lost(session: Arc<Session>, first: u64) {
     }
 }
 
-/// `attempt`'s result, tried again after failures until it succeeds or `patience` has passed (the
-/// last failure then), with pauses that double from [`FIRST_PAUSE`] to [`LONGEST_PAUSE`],
+/// `attempt`'s result, tried again after failures until it succeeds or `patience` from the first
+/// failure has passed (the last failure then), with pauses that double from [`FIRST_PAUSE`] to [`LONGEST_PAUSE`],
 /// jittered: sessions that failed together do not all try again at once.
 pub(super) async fn retried<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
     patience: Duration,
     mut attempt: impl FnMut() -> F,
 ) -> Result<T, E> {
-    let mut patience = Patience::new(patience);
+    let mut failing: Option<Patience> = None;
     loop {
         let error = match attempt().await {
             Ok(done) => return Ok(done),
             Err(error) => error,
         };
         debug!(%error, "failed; trying again");
-        if !patience.pause().await {
+        if !failing.get_or_insert_with(|| Patience::new(patience)).pause().await {
             return Err(error);
         }
     }
@@ -192,12 +186,12 @@ fn replay(session: Arc<Session>, audiences: Vec<Audience>, since: u64, upto: u64
                 None => return Some((Outcome::ReplayEnded(Ok(())), None)),
                 Some(Err(error)) => {
                     reading.open = None;
-                    reading.session.shared.metrics.replays_reopened.inc();
                     let failing = reading.failing.get_or_insert_with(|| Patience::new(STREAM_PATIENCE));
                     debug!(%error, since = reading.since, "replay failed; opening it again");
                     if !failing.pause().await {
                         return Some((Outcome::ReplayEnded(Err(error.to_string())), None));
                     }
+                    reading.session.shared.metrics.replays_reopened.inc();
                 }
             }
         }

@@ -76,9 +76,10 @@ impl Newest {
         }
     }
 
-    /// The last sequence known stored in the stream `bounds` were read from (0 when none is).
+    /// The last sequence known stored in the stream `bounds` were read from (0 when none is, or
+    /// when the server gives no epoch to tell streams apart).
     fn known_in(&self, bounds: &Bounds) -> u64 {
-        if bounds.epoch == self.epoch { self.last } else { 0 }
+        if bounds.epoch == self.epoch && bounds.epoch != 0 { self.last } else { 0 }
     }
 }
 
@@ -135,9 +136,9 @@ impl BoundsReader {
     /// router saw, a client's `since`) and the newest bounds read before. A NATS server cut off
     /// from its cluster may answer from a stale view for a while after it rejoined, while the
     /// stream has no leader: such bounds are read again, a few times a moment apart. Bounds that
-    /// stay behind are trusted only when the stream's leader stores nothing from `at_least` on
-    /// (the stream was made again, or a client's `since` is bogus); otherwise this fails, since a
-    /// replay up to them would skip messages and tell nobody.
+    /// stay behind fail, since a replay up to them would skip messages and tell nobody; except
+    /// that bounds behind `at_least` only (which may be of a stream since made again, or a
+    /// client's bogus `since`) are trusted when the stream's leader stores nothing from there on.
     pub(crate) async fn read_at_least(self: &std::sync::Arc<Self>, at_least: u64) -> Result<Bounds, StreamError> {
         bounds_reaching(self, at_least).await
     }
@@ -207,15 +208,20 @@ async fn bounds_reaching(view: &impl StreamView, at_least: u64) -> Result<Bounds
         tokio::time::sleep(STALE_PAUSE).await;
         read = view.reading().await?;
     }
-    let (bounds, known) = (read.bounds, at_least.max(read.known));
-    if bounds.last >= known {
+    let bounds = read.bounds;
+    let stale = |stored: u64| {
+        StreamError(format!("the stream's bounds end at {} but it stores {stored}: a stale view", bounds.last))
+    };
+    // Sequences never go back within an epoch: behind bounds read before, the view is stale.
+    if bounds.last < read.known {
+        return Err(stale(read.known));
+    }
+    if bounds.last >= at_least {
         return Ok(bounds);
     }
-    match view.stored_from(known).await? {
+    match view.stored_from(at_least).await? {
         None => Ok(bounds),
-        Some(seq) => {
-            Err(StreamError(format!("the stream's bounds end at {} but it stores {seq}: a stale view", bounds.last)))
-        }
+        Some(seq) => Err(stale(seq)),
     }
 }
 
@@ -265,8 +271,12 @@ mod tests {
         // Behind bounds read before, in the same epoch: the same.
         let view = answers(&[stale], bounds(7, 110), Some(120));
         assert!(bounds_reaching(&view, 0).await.is_err());
-        // Behind, but the leader stores nothing from there on (the stream was made again, or a
-        // client's `since` is bogus): trusted.
+        // Behind bounds read before even when the leader says nothing of that sequence (the
+        // message there was deleted): within an epoch, sequences never go back.
+        let view = answers(&[stale], bounds(7, 110), None);
+        assert!(bounds_reaching(&view, 0).await.is_err());
+        // Behind `at_least` only, and the leader stores nothing from there on (the stream was made
+        // again, or a client's `since` is bogus): trusted.
         let view = answers(&[stale], bounds(7, 0), Some(95));
         assert_eq!(bounds_reaching(&view, 100).await.unwrap(), stale);
         // Bounds read before of another epoch say nothing of this one.
@@ -284,5 +294,7 @@ mod tests {
         newest.note(bounds(8, 5));
         assert_eq!(newest.known_in(&bounds(8, 5)), 5, "the stream made again");
         assert_eq!(newest.known_in(&bounds(7, 90)), 0);
+        newest.note(bounds(0, 50));
+        assert_eq!(newest.known_in(&bounds(0, 10)), 0, "no epoch: streams cannot be told apart");
     }
 }

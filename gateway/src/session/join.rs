@@ -25,7 +25,7 @@ pub(super) async fn open(session: &Session, codec: Codec) -> Result<Box<SessionS
     let audiences = audiences_of(&session.user, session.request.topics.iter());
     let attached = shared
         .router
-        .attach(session.key, session.user.clone(), session.mailbox.clone(), audiences, Attaching::Join)
+        .attach(session.key, session.user.clone(), session.mailbox.clone(), audiences, Attaching::Replaying)
         .await
         .map_err(|error| Close::new(CloseCode::Internal, error.to_string()))?;
     // Each step is boxed: KV futures are large, and a burst of connects holds one per session.

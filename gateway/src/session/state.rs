@@ -35,7 +35,7 @@ use crate::delivery::burst::{Burst, Frames};
 use crate::delivery::leader::Stored;
 use crate::delivery::mailbox::Event;
 use crate::delivery::message::{Live, Message};
-use crate::delivery::router::LogStart;
+use crate::delivery::router::{Attaching, LogStart};
 
 /// Bytes queued for the socket above which the session stops taking more (live or replayed) until
 /// the writer catches up.
@@ -82,8 +82,8 @@ pub(crate) enum Action {
     ReadBounds { at_least: u64 },
     /// Read back the stored messages of `audiences` with `since < seq <= upto`, in order.
     Replay { audiences: Vec<Audience>, since: u64, upto: u64 },
-    /// Subscribe the session to `topic`.
-    Attach { topic: String },
+    /// Subscribe the session to `topic` (replaying it from a `since`, or live only).
+    Attach { topic: String, attaching: Attaching },
     /// Wait until NATS has the subscriptions made so far.
     Flush,
     /// Unsubscribe the session from `topic`.
@@ -599,7 +599,8 @@ impl SessionState {
         match refusal {
             Some(notice) => self.notice(&notice),
             None => {
-                let action = Action::Attach { topic: topic.clone() };
+                let attaching = if since.is_some() { Attaching::Replaying } else { Attaching::Live };
+                let action = Action::Attach { topic: topic.clone(), attaching };
                 self.begin(Step::Attach { topic, since }, action);
             }
         }

@@ -402,7 +402,7 @@ fn a_missing_message_a_topic_block_sent_while_its_check_waited_is_no_loss() {
     assert_eq!(h.frames(), ["subscribed:news", "11", "13"]);
     // The client asks for the topic from 10; meanwhile news's 12 shows missing behind 13.
     h.state.subscribe("news".into(), Some(10));
-    assert_eq!(h.action(), Some(Action::Attach { topic: "news".into() }));
+    assert_eq!(h.action(), Some(Action::Attach { topic: "news".into(), attaching: Attaching::Replaying }));
     log.append(Live::Gap { first: 12, last: 12, audience: news.clone() });
     assert!(h.frames().is_empty());
     h.state.on_outcome(Outcome::Attached(Ok(start())));
@@ -566,7 +566,7 @@ fn a_topic_joined_with_since_sends_older_messages_as_a_block_then_catches_up_in_
     assert_eq!(h.frames(), ["11", "12"]);
     let news = Audience::Topic("news".into());
     h.state.subscribe("news".into(), Some(5));
-    assert_eq!(h.action(), Some(Action::Attach { topic: "news".into() }));
+    assert_eq!(h.action(), Some(Action::Attach { topic: "news".into(), attaching: Attaching::Replaying }));
     let log = Arc::new(Log::new(LogLimits { entries: 10, bytes: 1 << 20 }));
     let start = LogStart { audience: news.clone(), log: log.clone(), position: 0, routed: 0 };
     h.state.on_outcome(Outcome::Attached(Ok(start)));
@@ -594,7 +594,7 @@ fn a_topic_joined_with_since_sends_older_messages_as_a_block_then_catches_up_in_
 fn a_topic_joined_without_since_is_subscribed_once_nats_has_it() {
     let mut h = Harness::new(Start::Live, 10);
     h.state.subscribe("news".into(), None);
-    assert_eq!(h.action(), Some(Action::Attach { topic: "news".into() }));
+    assert_eq!(h.action(), Some(Action::Attach { topic: "news".into(), attaching: Attaching::Live }));
     let log = Arc::new(Log::new(LogLimits { entries: 10, bytes: 1 << 20 }));
     let start = LogStart { audience: Audience::Topic("news".into()), log: log.clone(), position: 0, routed: 0 };
     h.state.on_outcome(Outcome::Attached(Ok(start)));
@@ -623,7 +623,7 @@ fn a_gap_older_than_a_topic_joined_without_since_is_not_owed() {
     assert_eq!(h.frames().len(), 9);
     let news = Audience::Topic("news".into());
     h.state.subscribe("news".into(), None);
-    assert_eq!(h.action(), Some(Action::Attach { topic: "news".into() }));
+    assert_eq!(h.action(), Some(Action::Attach { topic: "news".into(), attaching: Attaching::Live }));
     let log = Arc::new(Log::new(LogLimits { entries: 10, bytes: 1 << 20 }));
     let start = LogStart { audience: news.clone(), log: log.clone(), position: 0, routed: 12 };
     h.state.on_outcome(Outcome::Attached(Ok(start)));
