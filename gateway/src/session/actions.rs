@@ -21,8 +21,8 @@ const LOSS_NOTE_PATIENCE: Duration = Duration::from_secs(30);
 /// How long one attempt at the note may take.
 const LOSS_NOTE_ATTEMPT: Duration = Duration::from_secs(2);
 /// How long a session keeps trying a read of the stream (its bounds for a join or a catch-up, a
-/// replay) before it closes (1013): a stream electing a leader fails reads (or answers from a
-/// stale view) for a moment.
+/// replay, a loss check) before it gives up: a stream electing a leader fails reads (or answers
+/// from a stale view) for a moment.
 pub(super) const STREAM_PATIENCE: Duration = Duration::from_secs(5);
 /// The first pause between two attempts, and the longest.
 const FIRST_PAUSE: Duration = Duration::from_millis(100);
@@ -61,7 +61,9 @@ pub(super) fn perform(session: &Arc<Session>, action: Action) -> BoxStream<'stat
             Outcome::Detached
         }),
         Action::FindStored { audience, from } => once(async move {
-            let found = session.shared.inbox.first_stored(&audience, from).await;
+            // A stream that cannot tell makes the loss assumed: worth a few seconds of patience.
+            let find = || session.shared.inbox.first_stored(&audience, from);
+            let found = retried(STREAM_PATIENCE, find).await;
             Outcome::Stored(found.map_err(|error| error.to_string()))
         }),
         Action::NoteLost { first } => once(async move {
