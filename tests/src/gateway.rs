@@ -85,6 +85,13 @@ impl TestGateway {
         }
     }
 
+    /// The `problems` `GET /readyz` names (none when ready).
+    pub async fn readyz_problems(&self) -> Vec<String> {
+        let Ok(response) = reqwest::get(self.http_url("/readyz")).await else { return vec!["no answer".into()] };
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        body["problems"].as_array().into_iter().flatten().filter_map(|p| p.as_str().map(String::from)).collect()
+    }
+
     /// The value of metric `name` (as exported, e.g. `herald_gateway_connections`), 0 if absent.
     pub async fn metric(&self, name: &str) -> f64 {
         let text = reqwest::get(self.http_url("/metrics")).await.expect("GET /metrics").text().await.unwrap();

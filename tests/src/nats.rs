@@ -213,6 +213,22 @@ impl TestNats {
         }
     }
 
+    /// Freezes the server (`docker pause`, or SIGSTOP): connections stay open, nothing is answered.
+    pub async fn pause(&self) {
+        match &self.backend {
+            Backend::Container(container) => container.pause().await.expect("pause NATS"),
+            Backend::Process { child, .. } => signal(child, "-STOP"),
+        }
+    }
+
+    /// Lets a [`TestNats::pause`]d server go on where it stopped.
+    pub async fn unpause(&self) {
+        match &self.backend {
+            Backend::Container(container) => container.unpause().await.expect("unpause NATS"),
+            Backend::Process { child, .. } => signal(child, "-CONT"),
+        }
+    }
+
     /// Starts the server again on the same port and waits until it accepts clients.
     pub async fn start_again(&self) {
         match &self.backend {
@@ -249,6 +265,13 @@ impl Drop for TestNats {
             let _ = std::fs::remove_dir_all(store);
         }
     }
+}
+
+/// Sends `signal` (`-STOP`, `-CONT`) to the server process.
+fn signal(child: &Mutex<Option<Child>>, signal: &str) {
+    let pid = child.lock().unwrap().as_ref().expect("NATS is running").id();
+    let sent = Command::new("kill").args([signal, &pid.to_string()]).status().expect("run kill");
+    assert!(sent.success(), "kill {signal} {pid}");
 }
 
 /// Whether a Docker daemon answers (checked once).

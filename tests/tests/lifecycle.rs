@@ -110,6 +110,29 @@ async fn buckets_still_being_made_when_the_gateway_starts_are_not_taken_for_recr
     assert_eq!(gateway.metric("herald_gateway_kv_buckets_recreated_total").await, 0.0);
 }
 
+#[tokio::test]
+async fn a_jetstream_that_does_not_answer_for_a_while_is_not_taken_for_a_lost_one() {
+    // As a gateway sees its NATS node cut off from the cluster: the connection stays, questions
+    // about the stream and buckets time out (5 s). Unanswered is not absent: the gateway says so,
+    // makes nothing again, and does not restart its KV watches when the answers come back.
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let mut client = gateway.connect("patient").await;
+
+    nats.pause().await;
+    eventually("readyz: JetStream does not answer", Duration::from_secs(30), || async {
+        gateway.readyz_problems().await.iter().any(|problem| problem == "JetStream does not answer").then_some(())
+    })
+    .await;
+    nats.unpause().await;
+
+    gateway.wait_ready().await;
+    let publisher = Publisher::new(&nats).await;
+    let seq = publisher.publish("push.user.patient", "still here").await;
+    assert_eq!(client.expect_msg().await.seq, seq);
+    assert_eq!(gateway.metric("herald_gateway_kv_buckets_recreated_total").await, 0.0);
+}
+
 /// The real binary, stopped by a real SIGTERM, as an orchestrator stops it.
 #[tokio::test]
 async fn the_binary_closes_sockets_with_1012_and_exits_on_sigterm() {

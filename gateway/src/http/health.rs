@@ -1,13 +1,15 @@
 //! Readiness: connected to NATS, with the stream and the KV buckets present. A background task
-//! checks them every second and recreates whatever is missing, e.g. after NATS came back without
-//! its store; delivery subscriptions come back by themselves with the connection.
+//! checks them every second and recreates whatever JetStream says is missing, e.g. after NATS came
+//! back without its store; delivery subscriptions come back by themselves with the connection.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::Duration;
 
 use async_nats::connection::State;
 use async_nats::jetstream;
+use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::context::{GetStreamError, GetStreamErrorKind};
 use herald_shared::stream::{StreamSettings, ensure_buckets, ensure_stream};
 use herald_shared::subject::{BUCKETS, STREAM};
 use tokio::sync::Notify;
@@ -23,7 +25,8 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 pub(crate) struct Health {
     control: async_nats::Client,
     feed: Feed,
-    stream_ok: AtomicBool,
+    /// A [`Store`]: what the last check found.
+    store: AtomicU8,
     /// The session-policy watch is established (sessions may be accepted without missing a kick).
     pub(crate) policy_watch: AtomicBool,
     /// The preferences watch is established.
@@ -40,7 +43,7 @@ impl Health {
         Health {
             control,
             feed,
-            stream_ok: AtomicBool::new(false),
+            store: AtomicU8::new(Store::Unavailable as u8),
             policy_watch: AtomicBool::new(false),
             prefs_watch: AtomicBool::new(false),
             connected,
@@ -69,8 +72,10 @@ impl Health {
         if !self.nats_connected() {
             problems.push("not connected to NATS");
         }
-        if !self.stream_ok.load(Ordering::Acquire) {
-            problems.push("stream HERALD or a KV bucket not available");
+        match self.store.load(Ordering::Acquire) {
+            store if store == Store::Ready as u8 => {}
+            store if store == Store::Unanswered as u8 => problems.push("JetStream does not answer"),
+            _ => problems.push("stream HERALD or a KV bucket not available"),
         }
         if !self.policy_watch.load(Ordering::Acquire) {
             problems.push("session policy watch not running");
@@ -95,9 +100,13 @@ pub(crate) async fn monitor(
     while !shutdown.is_cancelled() {
         let connected = health.nats_connected();
         metrics.nats_connected.set(connected as i64);
-        let ok = connected && check_stream(&js, &settings, &health, &metrics, seen).await;
+        let store = match connected {
+            true => check_stream(&js, &settings, &health, &metrics, seen).await,
+            false => Store::Unavailable,
+        };
+        let ok = store == Store::Ready;
         seen |= ok;
-        health.stream_ok.store(ok, Ordering::Release);
+        health.store.store(store as u8, Ordering::Release);
         if ok != was_ok {
             info!(ready = ok, "readiness changed");
             was_ok = ok;
@@ -110,29 +119,72 @@ pub(crate) async fn monitor(
     }
 }
 
-/// Whether the stream and every KV bucket exist; whatever is missing is (re)created, whenever it
-/// is found missing: at start, after NATS came back without its store, or when a fresh cluster had
-/// no JetStream leader when the first gateway tried (the stream may then be made by one gateway
-/// and the buckets by none). `seen`: this gateway has found them all present before.
+/// What a check found of the stream and the buckets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Store {
+    /// All present (made now if they were missing).
+    Ready,
+    /// Something missing that could not be made, or NATS not connected.
+    Unavailable,
+    /// JetStream did not answer about all of them, e.g. from a NATS node cut off from its cluster.
+    Unanswered,
+}
+
+/// What JetStream said of one stream (a KV bucket is the stream `KV_<bucket>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    Present,
+    /// JetStream answered that it has no such stream.
+    Absent,
+    /// No answer (a timeout, no responders) or one that does not say (no leader, say).
+    Unanswered,
+}
+
+impl Probe {
+    fn of<T>(answer: &Result<T, GetStreamError>) -> Probe {
+        match answer.as_ref().map_err(|error| error.kind()) {
+            Ok(_) => Probe::Present,
+            Err(GetStreamErrorKind::JetStream(error)) if error.error_code() == ErrorCode::STREAM_NOT_FOUND => {
+                Probe::Absent
+            }
+            Err(_) => Probe::Unanswered,
+        }
+    }
+}
+
+/// Whether the stream and every KV bucket exist; whatever JetStream says is missing is
+/// (re)created, whenever it is found missing: at start, after NATS came back without its store, or
+/// when a fresh cluster had no JetStream leader when the first gateway tried (the stream may then
+/// be made by one gateway and the buckets by none). Nothing is made while JetStream does not
+/// answer: a node cut off from its cluster times out on what exists. `seen`: this gateway has
+/// found them all present before.
 async fn check_stream(
     js: &jetstream::Context,
     settings: &StreamSettings,
     health: &Health,
     metrics: &Metrics,
     seen: bool,
-) -> bool {
-    let missing = missing(js).await;
+) -> Store {
+    let probes = probe(js).await;
+    let unanswered: Vec<_> =
+        probes.iter().filter(|(_, probe)| *probe == Probe::Unanswered).map(|(name, _)| name).collect();
+    if !unanswered.is_empty() {
+        warn!(?unanswered, "JetStream does not answer about the stream or buckets");
+        return Store::Unanswered;
+    }
+    let missing: Vec<_> = probes.iter().filter(|(_, probe)| *probe == Probe::Absent).map(|(name, _)| *name).collect();
     if missing.is_empty() {
-        return true;
+        return Store::Ready;
     }
     info!(?missing, "creating what is missing in JetStream");
     if let Err(error) = ensure_stream(js, settings).await {
         warn!(%error, "stream HERALD unavailable");
-        return false;
+        return Store::Unavailable;
     }
     if let Err(error) = ensure_buckets(js, settings).await {
         warn!(%error, "cannot create the KV buckets");
-        return false;
+        return Store::Unavailable;
     }
     info!("stream HERALD and KV buckets ready");
     // The KV watches follow the buckets: only a bucket lost and made anew restarts them (a stream
@@ -143,14 +195,38 @@ async fn check_stream(
         metrics.buckets_recreated.inc();
         health.recreated.send_modify(|count| *count += 1);
     }
-    true
+    Store::Ready
 }
 
-/// The stream and the buckets that JetStream does not list (or does not answer about), asked all at
-/// once (a JetStream without a leader lets each question time out).
-async fn missing(js: &jetstream::Context) -> Vec<&'static str> {
-    let stream = async { js.get_stream(STREAM).await.is_err().then_some(STREAM) };
-    let buckets = BUCKETS.map(|bucket| async move { js.get_key_value(bucket).await.is_err().then_some(bucket) });
+/// What JetStream says of the stream and each bucket, asked all at once (a JetStream without a
+/// leader lets each question time out).
+async fn probe(js: &jetstream::Context) -> Vec<(&'static str, Probe)> {
+    let stream = async { (STREAM, Probe::of(&js.get_stream(STREAM).await)) };
+    let buckets =
+        BUCKETS.map(|bucket| async move { (bucket, Probe::of(&js.get_stream(format!("KV_{bucket}")).await)) });
     let (stream, buckets) = futures::join!(stream, futures::future::join_all(buckets));
-    stream.into_iter().chain(buckets.into_iter().flatten()).collect()
+    std::iter::once(stream).chain(buckets).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jetstream_error(status: u16, code: u64) -> Result<(), GetStreamError> {
+        let error = serde_json::json!({"code": status, "err_code": code, "description": "from JetStream"});
+        Err(GetStreamError::new(GetStreamErrorKind::JetStream(serde_json::from_value(error).unwrap())))
+    }
+
+    #[test]
+    fn only_jetstream_saying_it_has_no_such_stream_is_absence() {
+        assert_eq!(Probe::of(&Ok::<(), GetStreamError>(())), Probe::Present);
+        assert_eq!(Probe::of(&jetstream_error(404, 10059)), Probe::Absent);
+    }
+
+    #[test]
+    fn a_timeout_or_an_answer_that_does_not_say_is_no_answer() {
+        assert_eq!(Probe::of(&Err::<(), _>(GetStreamError::new(GetStreamErrorKind::Request))), Probe::Unanswered);
+        // "JetStream system temporarily unavailable": a cluster electing its leader.
+        assert_eq!(Probe::of(&jetstream_error(503, 10008)), Probe::Unanswered);
+    }
 }
