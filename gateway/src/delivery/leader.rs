@@ -34,10 +34,16 @@ pub(crate) async fn stored_past(feed: &Feed, routed: Vec<(Audience, u64)>) -> Re
 /// The last sequence stored on `audience`'s subject, from the stream's leader; none if it holds
 /// nothing there.
 async fn last_stored(feed: &Feed, audience: &Audience) -> Result<Option<u64>, String> {
-    let body = serde_json::json!({ "last_by_subj": audience.push_subject() });
+    let query = serde_json::json!({ "last_by_subj": audience.push_subject() });
+    Ok(message_get(feed, query).await?.map(|stored| stored.seq))
+}
+
+/// The message `query` (a `STREAM.MSG.GET` request) names, from the stream's leader: never a
+/// replica that may be behind, as a direct get could be.
+pub(crate) async fn message_get(feed: &Feed, query: serde_json::Value) -> Result<Option<Stored>, String> {
     let subject = format!("$JS.API.STREAM.MSG.GET.{STREAM}");
-    let answer = feed.request(subject, Bytes::from(body.to_string())).await.map_err(|error| error.to_string())?;
-    Ok(stored(&answer)?.map(|stored| stored.seq))
+    let answer = feed.request(subject, Bytes::from(query.to_string())).await.map_err(|error| error.to_string())?;
+    stored(&answer)
 }
 
 /// A message a `STREAM.MSG.GET` answer holds: its sequence and kind.

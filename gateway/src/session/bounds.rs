@@ -145,13 +145,8 @@ impl BoundsReader {
 
     /// The first sequence the stream's leader stores from `from` on, if any.
     async fn first_stored_from(&self, from: u64) -> Result<Option<u64>, StreamError> {
-        let body = serde_json::json!({ "seq": from, "next_by_subj": STORED_SUBJECTS });
-        let answer = self
-            .feed
-            .request(format!("$JS.API.STREAM.MSG.GET.{STREAM}"), Bytes::from(body.to_string()))
-            .await
-            .map_err(|e| StreamError(e.to_string()))?;
-        let stored = crate::delivery::leader::stored(&answer).map_err(StreamError)?;
+        let query = serde_json::json!({ "seq": from, "next_by_subj": STORED_SUBJECTS });
+        let stored = crate::delivery::leader::message_get(&self.feed, query).await.map_err(StreamError)?;
         Ok(stored.map(|stored| stored.seq))
     }
 
