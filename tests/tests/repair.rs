@@ -193,6 +193,28 @@ async fn a_message_missed_right_after_the_join_is_repaired_when_the_next_one_nam
     assert_eq!(gateway.metric("herald_gateway_unrepairable_gaps_total").await, 0.0);
 }
 
+/// The same for a topic joined with the connection, which the client then subscribes to again
+/// without `since` (many clients re-send their subscriptions): the `sub` promises it nothing
+/// older, but the join still owes it everything after what it replayed.
+#[tokio::test]
+async fn a_topic_message_missed_right_after_the_join_is_repaired_though_the_topic_is_subscribed_again() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    publisher.publish("push.all", "before").await;
+    let token = herald_tests::gateway::token_with("reader", &["news"], 600);
+    let mut client = gateway.connect_with(&format!("token={token}&topics=news")).await;
+    let Some(ServerFrame::Welcome { seq: joined_at, .. }) = client.welcome else { panic!("no welcome") };
+    client.send_json(serde_json::json!({"type": "sub", "topic": "news"})).await;
+    assert_eq!(client.next_frame().await, ServerFrame::Subscribed { topic: "news".into() });
+    let admin = nats.jetstream().await;
+    let missed = stored_unpublished(&admin, &publisher, "push.topic.news", "1").await;
+    let next = publisher.publish("push.topic.news", "2").await;
+    assert_eq!((missed, next), (joined_at + 1, joined_at + 2));
+    assert_eq!(client.expect_msgs(2).await, vec![missed, next], "nothing skipped in silence");
+    assert_eq!(gateway.metric("herald_gateway_unrepairable_gaps_total").await, 0.0);
+}
+
 async fn unrepairable_gap_noted(client_leaves: bool) {
     let MissedBehind { nats, gateway, publisher, mut client, admin, missed, newer } = missed_behind("lost").await;
 

@@ -200,7 +200,7 @@ mod tests {
     #[test]
     fn gaps_evicted_unread_are_told_to_readers_from_before_them() {
         let log = Log::new(LogLimits { entries: 2, bytes: 1 << 20 });
-        let gap = |first, last| Live::Gap { first, last, audience: Audience::All };
+        let gap = |first, last| Live::Gap { first, last, audience: Audience::All, first_on_route: false };
         log.append(message(10));
         log.append(gap(11, 12));
         log.append(message(13));
@@ -221,7 +221,7 @@ mod tests {
     #[test]
     fn past_its_limit_a_log_spans_its_oldest_evicted_gaps_and_tells_recent_readers_only_recent_ones() {
         let log = Log::new(LogLimits { entries: 1, bytes: 1 << 20 });
-        let gap = |seq| Live::Gap { first: seq, last: seq, audience: Audience::All };
+        let gap = |seq| Live::Gap { first: seq, last: seq, audience: Audience::All, first_on_route: false };
         // Gaps at every even position, each evicted by the message after it.
         for seq in 1..=KEPT_GAPS as u64 + 2 {
             log.append(gap(seq * 10));

@@ -263,7 +263,8 @@ mod tests {
     #[test]
     fn overflow_keeps_the_gaps_a_few_apart() {
         let mailbox = Mailbox::new(1000);
-        let gap = |first: u64| Live::Gap { first, last: first, audience: Audience::User("u".into()) };
+        let gap =
+            |first: u64| Live::Gap { first, last: first, audience: Audience::User("u".into()), first_on_route: false };
         let _ = mailbox.push(message(1, 300));
         for seq in 2..=(KEPT_GAPS as u64 + 2) {
             let _ = mailbox.push(gap(seq));

@@ -114,6 +114,9 @@ pub(crate) enum Live {
         first: u64,
         last: u64,
         audience: Audience,
+        /// Found by a route's first message: owed only to the sessions that replay up to bounds
+        /// read after attaching (see `router::Attaching`), not to a `sub` without `since`.
+        first_on_route: bool,
     },
 }
 
@@ -132,13 +135,15 @@ impl Live {
     /// replay is one it lost.
     pub(crate) fn span(a: &Live, b: &Live) -> Live {
         match (a, b) {
-            (Live::Gap { first, last, audience }, Live::Gap { first: other_first, last: other_last, .. }) => {
-                Live::Gap {
-                    first: (*first).min(*other_first),
-                    last: (*last).max(*other_last),
-                    audience: audience.clone(),
-                }
-            }
+            (
+                Live::Gap { first, last, audience, first_on_route },
+                Live::Gap { first: other_first, last: other_last, first_on_route: other_first_on_route, .. },
+            ) => Live::Gap {
+                first: (*first).min(*other_first),
+                last: (*last).max(*other_last),
+                audience: audience.clone(),
+                first_on_route: *first_on_route && *other_first_on_route,
+            },
             (gap @ Live::Gap { .. }, _) | (_, gap) => gap.clone(),
         }
     }

@@ -110,9 +110,9 @@ pub(crate) enum Attaching {
     /// predecessor past that is a gap (the bounds were stale, or the predecessor was lost on the
     /// way).
     Replaying,
-    /// A `sub` without `since`, which promises only what comes after it: a route's first message
-    /// is not checked once such a `sub` shares the route (its session owes from the watermark of
-    /// its `sub`, and a message stored before the `sub` would be a false loss for it).
+    /// A `sub` without `since`, which promises only what comes after it: a gap found by the
+    /// route's first message is not owed to its session (a message stored before the `sub` took
+    /// effect on the server would be a false loss for it). Alone on a route, it is not checked.
     Live,
 }
 
@@ -232,8 +232,8 @@ struct Route {
     made_at: u64,
     /// How far a leader check put a gap on this subject (what it covers needs no other gap).
     gap_through: u64,
-    /// Made for a replaying session and shared by no live-only `sub` before its first message:
-    /// that message is checked against `made_at`.
+    /// A replaying session attached before its first message: that message is checked against
+    /// `made_at` (a gap found so is owed only to replaying sessions).
     joined: bool,
     target: Target,
 }
@@ -581,7 +581,8 @@ impl RouterTask {
             // ends. `first` is at most one past what was routed, so nothing routed later can come
             // before it.
             self.burst.max_seq = self.burst.max_seq.max(first);
-            place(&mut self.burst, &route.target, vec![Live::Gap { first, last, audience: audience.clone() }]);
+            let gap = Live::Gap { first, last, audience: audience.clone(), first_on_route: false };
+            place(&mut self.burst, &route.target, vec![gap]);
         }
         self.end_check();
         self.finish_burst();
@@ -621,7 +622,7 @@ impl RouterTask {
                 };
                 Route { sid, last_seq: 0, made_at, gap_through: 0, joined: attaching == Attaching::Replaying, target }
             });
-            route.joined &= attaching == Attaching::Replaying;
+            route.joined |= attaching == Attaching::Replaying;
             match &mut route.target {
                 Target::Personal { mailboxes, .. } => {
                     if !mailboxes.iter().any(|(known, _)| *known == key) {
@@ -679,7 +680,8 @@ impl RouterTask {
                 self.metrics.delivery_gaps.inc();
                 warn!(first_missing = known + 1, last_missing = previous, "gap on a delivery subject");
             }
-            entries.push(Live::Gap { first: known + 1, last: previous, audience: audience.clone() });
+            let first_on_route = route.last_seq == 0;
+            entries.push(Live::Gap { first: known + 1, last: previous, audience: audience.clone(), first_on_route });
         }
         if seq <= route.last_seq {
             // Sent again (a redelivery after a reconnection): sessions have it already.
@@ -749,7 +751,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_first_message_whose_predecessor_a_join_did_not_replay_is_a_gap_unless_a_sub_made_the_route() {
+    async fn a_first_message_whose_predecessor_a_join_did_not_replay_is_a_gap_unless_only_subs_share_the_route() {
         let shutdown = CancellationToken::new();
         let mut router = router(&shutdown);
         let (user, topic) = (Audience::User("u".into()), Audience::Topic("t".into()));
@@ -764,19 +766,23 @@ mod tests {
         // live message names 9 as its predecessor, which never came live.
         router.route(republished_after(&router, &user, 10, 9));
         router.finish_burst();
-        assert_eq!(visited(&router, &mut sources), ["gap 8-9", "10"]);
+        assert_eq!(visited(&router, &mut sources), ["first gap 8-9", "10"]);
         // A predecessor the join's replay read is no gap.
         router.attach(1, "u".into(), mailbox.clone(), vec![Audience::User("w".into())], Attaching::Replaying);
         router.route(republished_after(&router, &Audience::User("w".into()), 11, 6));
         router.finish_burst();
         assert_eq!(visited(&router, &mut sources), ["11"]);
-        // A `sub` promises only what comes after it, also on a route a join made.
+        // A `sub` sharing a route a join made leaves it checked: the gap is the join's, and the
+        // `sub`'s session knows it is not owed to it.
         let attached = router.attach(1, "u".into(), mailbox.clone(), vec![topic.clone()], Attaching::Replaying);
-        router.attach(2, "v".into(), Arc::new(Mailbox::new(1 << 20)), vec![topic.clone()], Attaching::Live);
+        let live = router.attach(2, "v".into(), Arc::new(Mailbox::new(1 << 20)), vec![topic.clone()], Attaching::Live);
         let mut sources = LiveSources::new(Arc::new(Mailbox::new(1 << 20)), attached.logs);
+        let mut live = LiveSources::new(Arc::new(Mailbox::new(1 << 20)), live.logs);
         router.route(republished_after(&router, &topic, 13, 12));
         router.finish_burst();
-        assert_eq!(visited(&router, &mut sources), ["13"]);
+        assert_eq!(visited(&router, &mut sources), ["first gap 12-12", "13"]);
+        assert_eq!(visited(&router, &mut live), ["first gap 12-12", "13"]);
+        // A route only `sub`s share is not checked.
         let attached = router.attach(1, "u".into(), mailbox, vec![Audience::Topic("s".into())], Attaching::Live);
         let mut sources = LiveSources::new(Arc::new(Mailbox::new(1 << 20)), attached.logs);
         router.route(republished_after(&router, &Audience::Topic("s".into()), 15, 14));
@@ -791,7 +797,10 @@ mod tests {
         sources.pull(router.watermark.get(), |found| {
             seen.push(match found {
                 Found::Entry(Live::Message(message)) => message.seq.to_string(),
-                Found::Entry(Live::Gap { first, last, .. }) => format!("gap {first}-{last}"),
+                Found::Entry(Live::Gap { first, last, first_on_route: false, .. }) => format!("gap {first}-{last}"),
+                Found::Entry(Live::Gap { first, last, first_on_route: true, .. }) => {
+                    format!("first gap {first}-{last}")
+                }
                 other => panic!("unexpected {}", matches!(other, Found::Burst { .. })),
             });
             Flow::Continue

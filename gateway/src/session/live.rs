@@ -229,7 +229,7 @@ mod tests {
             all.append(message(seq, Audience::All));
         }
         news.append(message(3, Audience::Topic("n".into())));
-        news.append(Live::Gap { first: 6, last: 7, audience: Audience::Topic("n".into()) });
+        news.append(Live::Gap { first: 6, last: 7, audience: Audience::Topic("n".into()), first_on_route: false });
         news.append(message(8, Audience::Topic("n".into())));
         for seq in [1, 4, 10] {
             let _ = mailbox.push(message(seq, Audience::User("u".into())));

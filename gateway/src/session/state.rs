@@ -16,7 +16,7 @@
 //! - Work that needs the stream (the first replay, repairs, topic joins) runs one job at a time,
 //!   in the order asked: each job is a sequence of [`Action`]s whose [`Outcome`]s come back.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes};
@@ -240,6 +240,8 @@ pub(crate) struct SessionState {
     /// Topics and how far nothing of theirs is owed: what had been routed when joined without
     /// `since` (a gap there is older than the subscription), or what their own replay read.
     owed_after: HashMap<Audience, u64>,
+    /// Topics subscribed without `since`: owed only what comes after their `sub`.
+    live_only: HashSet<Audience>,
     /// The end of the gaps seen live since the last repair began: stored, so the repair's bounds
     /// reach it.
     gap_end: u64,
@@ -268,6 +270,7 @@ impl SessionState {
             action: None,
             topics: topics.into_iter().collect(),
             owed_after: HashMap::new(),
+            live_only: HashSet::new(),
             gap_end: 0,
             allowed_topics,
             max_topics,
@@ -412,6 +415,7 @@ impl SessionState {
             last_sent: &mut self.last_sent,
             coverage: &self.coverage,
             owed_after: &self.owed_after,
+            live_only: &self.live_only,
             gap_end: &mut self.gap_end,
             frames: &mut self.frames,
             frame_bytes: &mut self.frame_bytes,
@@ -528,6 +532,7 @@ impl SessionState {
                     let audience = Audience::Topic(topic.clone());
                     self.sources.remove(&audience);
                     self.owed_after.remove(&audience);
+                    self.live_only.remove(&audience);
                     let action = Action::Detach { topic: topic.clone() };
                     self.begin(Step::Detach { topic }, action);
                 } else {
@@ -617,10 +622,12 @@ impl SessionState {
         if since.is_some() {
             // What it asks for from `since` is owed now.
             self.owed_after.remove(&start.audience);
+            self.live_only.remove(&start.audience);
         }
         if !self.topics.contains(&topic) {
             if since.is_none() {
                 self.owed_after.insert(start.audience.clone(), start.routed);
+                self.live_only.insert(start.audience.clone());
             }
             self.sources.add(start);
             self.topics.insert(topic.clone());
@@ -759,6 +766,7 @@ struct LivePull<'a> {
     last_sent: &'a mut u64,
     coverage: &'a Coverage,
     owed_after: &'a HashMap<Audience, u64>,
+    live_only: &'a HashSet<Audience>,
     gap_end: &'a mut u64,
     frames: &'a mut VecDeque<Bytes>,
     frame_bytes: &'a mut usize,
@@ -803,11 +811,13 @@ impl LivePull<'_> {
                 self.delivered(message.seq, 1, len)
             }
             Found::Burst { first, last, count } => self.take_burst(first, last, count),
-            Found::Entry(Live::Gap { first, last, audience }) => self.gap(*first, *last, audience),
+            Found::Entry(Live::Gap { first, last, audience, first_on_route }) => {
+                self.gap(*first, *last, audience, *first_on_route)
+            }
             Found::Evicted { last_evicted, gap } => {
                 // A gap among the evicted entries is looked into first (a catch-up may not reach it).
-                if let Some(Live::Gap { first, last, audience }) = &gap
-                    && self.gap(*first, *last, audience) == Flow::Stop
+                if let Some(Live::Gap { first, last, audience, first_on_route }) = &gap
+                    && self.gap(*first, *last, audience, *first_on_route) == Flow::Stop
                 {
                     return Flow::Stop;
                 }
@@ -896,9 +906,13 @@ impl LivePull<'_> {
     }
 
     /// Messages of one subject between `first` and `last` never reached the gateway. Those a
-    /// replay covered are no loss; the others are repaired, unless something newer was sent
-    /// already: then whether one of them is older than that is looked up.
-    fn gap(&mut self, first: u64, last: u64, audience: &Audience) -> Flow {
+    /// replay covered are no loss, nor, to a topic subscribed without `since`, those before its
+    /// route's first message; the others are repaired, unless something newer was sent already:
+    /// then whether one of them is older than that is looked up.
+    fn gap(&mut self, first: u64, last: u64, audience: &Audience, first_on_route: bool) -> Flow {
+        if first_on_route && self.live_only.contains(audience) {
+            return Flow::Continue;
+        }
         let Some(uncovered) = first_owed(self.coverage, self.owed_after, audience, first, last) else {
             return Flow::Continue;
         };

@@ -248,7 +248,7 @@ fn muted_kinds_are_neither_replayed_nor_sent_live() {
 fn a_gap_is_repaired_from_the_stream_before_anything_newer_is_sent() {
     let mut h = Harness::new(Start::Live, 10);
     h.broadcast(all_message(11));
-    h.broadcast(Live::Gap { first: 12, last: 12, audience: Audience::All });
+    h.broadcast(Live::Gap { first: 12, last: 12, audience: Audience::All, first_on_route: false });
     h.broadcast(all_message(13));
     h.personal(user_message(14));
     assert_eq!(h.frames(), ["11"], "nothing after the gap before the repair");
@@ -263,7 +263,7 @@ fn a_gap_is_repaired_from_the_stream_before_anything_newer_is_sent() {
 #[test]
 fn a_gap_a_replay_covered_is_no_loss() {
     let mut h = Harness::new(Start::Live, 10);
-    h.broadcast(Live::Gap { first: 9, last: 10, audience: Audience::All });
+    h.broadcast(Live::Gap { first: 9, last: 10, audience: Audience::All, first_on_route: false });
     h.broadcast(all_message(11));
     assert_eq!(h.frames(), ["11"]);
     assert_eq!(h.action(), None);
@@ -279,7 +279,7 @@ fn a_gap_behind_a_newer_message_already_sent_is_noted_and_closes_with_4008() {
     assert_eq!(h.frames(), ["11", "12"]);
     // The user's next message names a predecessor that never came (12 < missing <= 13): is one of
     // the missing messages older than 12, already sent? The stream's leader is asked.
-    h.personal(Live::Gap { first: 12, last: 13, audience: Audience::User(USER.into()) });
+    h.personal(Live::Gap { first: 12, last: 13, audience: Audience::User(USER.into()), first_on_route: false });
     h.personal(user_message(14));
     assert!(h.frames().is_empty());
     let user = Audience::User(USER.into());
@@ -299,7 +299,7 @@ fn a_gap_behind_a_newer_message_whose_missing_messages_are_all_newer_is_repaired
     h.personal(user_message(11));
     h.broadcast(all_message(12));
     assert_eq!(h.frames(), ["11", "12"]);
-    h.personal(Live::Gap { first: 12, last: 13, audience: Audience::User(USER.into()) });
+    h.personal(Live::Gap { first: 12, last: 13, audience: Audience::User(USER.into()), first_on_route: false });
     h.personal(user_message(14));
     assert!(matches!(h.action(), Some(Action::FindStored { .. })));
     // The only missing one is 13, newer than anything sent: a repair brings it in order.
@@ -330,7 +330,7 @@ fn a_message_missed_behind_newer_ones_before_a_catch_up_is_still_found_lost_afte
     h.replay(vec![message(14, user.clone(), ""), message(15, Audience::All, "")]);
     assert_eq!(h.frames(), ["14", "15"]);
     // Then 12 shows: the catch-up read only past 13, so it covers nothing of 12.
-    h.personal(Live::Gap { first: 12, last: 12, audience: user.clone() });
+    h.personal(Live::Gap { first: 12, last: 12, audience: user.clone(), first_on_route: false });
     h.personal(user_message(16));
     assert!(h.frames().is_empty());
     assert_eq!(h.action(), Some(Action::FindStored { audience: user, from: 12 }));
@@ -354,7 +354,7 @@ fn a_missing_message_a_catch_up_sent_is_no_loss_and_the_next_one_is_looked_for()
     h.broadcast(all_message(14));
     assert_eq!(h.frames(), ["12", "13", "14"]);
     // The user's subject misses 11..=15 as far as the router knows: 12 was the catch-up's.
-    h.personal(Live::Gap { first: 11, last: 15, audience: user.clone() });
+    h.personal(Live::Gap { first: 11, last: 15, audience: user.clone(), first_on_route: false });
     assert!(h.frames().is_empty());
     assert_eq!(h.action(), Some(Action::FindStored { audience: user.clone(), from: 11 }));
     h.state.on_outcome(found(12));
@@ -377,7 +377,7 @@ fn a_missing_message_of_a_muted_kind_is_no_loss() {
     h.broadcast(all_message(11));
     h.broadcast(all_message(13));
     assert_eq!(h.frames(), ["11", "13"]);
-    h.personal(Live::Gap { first: 12, last: 12, audience: user.clone() });
+    h.personal(Live::Gap { first: 12, last: 12, audience: user.clone(), first_on_route: false });
     assert_eq!(h.action(), Some(Action::FindStored { audience: user, from: 12 }));
     // The user's 12 is an ad: never owed to this user.
     h.state.on_outcome(Outcome::Stored(Ok(Some(Stored { seq: 12, kind: "ads".into() }))));
@@ -403,7 +403,7 @@ fn a_missing_message_a_topic_block_sent_while_its_check_waited_is_no_loss() {
     // The client asks for the topic from 10; meanwhile news's 12 shows missing behind 13.
     h.state.subscribe("news".into(), Some(10));
     assert_eq!(h.action(), Some(Action::Attach { topic: "news".into(), attaching: Attaching::Replaying }));
-    log.append(Live::Gap { first: 12, last: 12, audience: news.clone() });
+    log.append(Live::Gap { first: 12, last: 12, audience: news.clone(), first_on_route: false });
     assert!(h.frames().is_empty());
     h.state.on_outcome(Outcome::Attached(Ok(start())));
     h.state.on_outcome(Outcome::Bounds(Ok(bounds(1, 13))));
@@ -424,7 +424,7 @@ fn a_stream_that_cannot_say_whether_a_message_is_lost_notes_the_loss_from_the_fi
     h.broadcast(all_message(11));
     h.broadcast(all_message(12));
     assert_eq!(h.frames(), ["11", "12"]);
-    h.personal(Live::Gap { first: 12, last: 13, audience: user.clone() });
+    h.personal(Live::Gap { first: 12, last: 13, audience: user.clone(), first_on_route: false });
     assert_eq!(h.action(), Some(Action::FindStored { audience: user, from: 12 }));
     h.state.on_outcome(Outcome::Stored(Err("timed out".into())));
     assert_eq!(h.action(), Some(Action::NoteLost { first: 12 }));
@@ -458,7 +458,7 @@ fn a_gap_evicted_unread_from_a_log_is_still_looked_into() {
     assert_eq!(h.action(), Some(Action::ReadBounds { at_least: 0 }));
     // While the catch-up holds live delivery, the log learns that all's 12 never came, and then
     // evicts that news unread.
-    h.broadcast(Live::Gap { first: 12, last: 12, audience: Audience::All });
+    h.broadcast(Live::Gap { first: 12, last: 12, audience: Audience::All, first_on_route: false });
     for seq in 14..=20 {
         h.broadcast(all_message(seq));
     }
@@ -478,7 +478,7 @@ fn a_gap_queued_when_the_mailbox_overflows_is_still_looked_into() {
     h.broadcast(all_message(11));
     h.broadcast(all_message(13));
     assert_eq!(h.frames(), ["11", "13"]);
-    h.personal(Live::Gap { first: 12, last: 12, audience: user.clone() });
+    h.personal(Live::Gap { first: 12, last: 12, audience: user.clone(), first_on_route: false });
     // More of the user's messages than the mailbox holds, before the session looks.
     let overflowing = (1 << 20) / 160 + 1;
     for seq in 14..14 + overflowing {
@@ -583,7 +583,7 @@ fn a_topic_joined_with_since_sends_older_messages_as_a_block_then_catches_up_in_
     assert_eq!(h.frames(), ["subscribed:news", "7", "replayed:6-13/2/true/news", "13", "15", "16"]);
     assert_eq!(h.state.audiences().len(), 3);
     // What the topic's block read is no loss, though the session had sent newer messages then.
-    log.append(Live::Gap { first: 6, last: 14, audience: news.clone() });
+    log.append(Live::Gap { first: 6, last: 14, audience: news.clone(), first_on_route: false });
     log.append(Live::Message(Arc::new(message(17, news, ""))));
     h.watermark = 17;
     assert_eq!(h.frames(), ["17"]);
@@ -630,17 +630,44 @@ fn a_gap_older_than_a_topic_joined_without_since_is_not_owed() {
     assert_eq!(h.action(), Some(Action::Flush));
     h.state.on_outcome(Outcome::Flushed);
     // A leader check found news's 5..=9 stored and never routed: from before the subscription.
-    log.append(Live::Gap { first: 5, last: 9, audience: news.clone() });
+    log.append(Live::Gap { first: 5, last: 9, audience: news.clone(), first_on_route: false });
     log.append(Live::Message(Arc::new(message(13, news.clone(), ""))));
     h.watermark = 13;
     assert_eq!(h.frames(), ["subscribed:news", "13"]);
     assert_eq!(h.action(), None);
     assert_eq!(h.closed_with(), None);
     // After it, what is past the subscription is owed again: 14 may be lost (13 was sent).
-    log.append(Live::Gap { first: 10, last: 14, audience: news.clone() });
+    log.append(Live::Gap { first: 10, last: 14, audience: news.clone(), first_on_route: false });
     h.watermark = 14;
     assert!(h.frames().is_empty());
     assert_eq!(h.action(), Some(Action::FindStored { audience: news, from: 13 }));
+}
+
+#[test]
+fn a_gap_before_a_new_routes_first_message_is_owed_to_a_join_not_to_a_sub_without_since() {
+    let mut h = Harness::new(Start::Live, 12);
+    let news = Audience::Topic("news".into());
+    h.state.subscribe("news".into(), None);
+    assert_eq!(h.action(), Some(Action::Attach { topic: "news".into(), attaching: Attaching::Live }));
+    let log = Arc::new(Log::new(LogLimits { entries: 10, bytes: 1 << 20 }));
+    let start = LogStart { audience: news.clone(), log: log.clone(), position: 0, routed: 12 };
+    h.state.on_outcome(Outcome::Attached(Ok(start)));
+    assert_eq!(h.action(), Some(Action::Flush));
+    h.state.on_outcome(Outcome::Flushed);
+    h.broadcast(all_message(14));
+    assert_eq!(h.frames(), ["subscribed:news", "14"]);
+    // The route's first message names 13, stored before the `sub` took effect on the server.
+    log.append(Live::Gap { first: 13, last: 13, audience: news.clone(), first_on_route: true });
+    log.append(Live::Message(Arc::new(message(15, news, ""))));
+    h.watermark = 15;
+    assert_eq!(h.frames(), ["15"]);
+    assert_eq!(h.action(), None);
+    // On a subject the session joined, the same gap is owed: its replay did not read 13.
+    let user = Audience::User(USER.into());
+    h.personal(Live::Gap { first: 13, last: 13, audience: user.clone(), first_on_route: true });
+    h.personal(user_message(16));
+    assert!(h.frames().is_empty());
+    assert_eq!(h.action(), Some(Action::FindStored { audience: user, from: 13 }));
 }
 
 #[test]
