@@ -296,3 +296,49 @@ async fn a_replay_the_stream_fails_for_a_moment_is_opened_again_and_completes() 
     assert_eq!(client.expect_msgs(3).await, published);
     assert_eq!(client.expect_replayed().await, (1, published[2], 3, true, None));
 }
+
+/// The same, failing in the middle: a replay held back by a client that reads slowly, whose next
+/// read fails, is opened again after the last message it read. Here a topic's block (a `sub` with
+/// `since`), which sends what it reads whatever the connection sent before: every message arrives
+/// once, in order, and the block is complete.
+#[tokio::test]
+async fn a_replay_failing_midway_is_opened_again_after_the_last_message_it_read() {
+    const MESSAGES: usize = 900;
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start_with(&nats, |config| config.outbound_queue_bytes = 64 * 1024).await;
+    let publisher = Publisher::new(&nats).await;
+    let payload = "x".repeat(1000);
+    let mut acks = Vec::new();
+    for _ in 0..MESSAGES {
+        acks.push(publisher.send("push.topic.news", &[], &payload).await);
+    }
+    let mut published = Vec::new();
+    for ack in acks {
+        published.push(ack.await.expect("published").sequence);
+    }
+    // The socket's small buffer and queue hold a few dozen messages: the block waits on the
+    // client long before its end.
+    let token = herald_tests::gateway::token_with("mia", &["news"], 600);
+    let mut client =
+        herald_tests::WsClient::connect_with_receive_buffer(&gateway.ws_url(&format!("token={token}")), 4096).await;
+    assert!(matches!(client.next_frame().await, ServerFrame::Welcome { .. }));
+    client.send_json(serde_json::json!({"type": "sub", "topic": "news", "since": 0})).await;
+    assert_eq!(client.next_frame().await, ServerFrame::Subscribed { topic: "news".into() });
+    let first = client.expect_msgs(1).await;
+
+    let admin = nats.jetstream().await;
+    let config = admin.get_stream("HERALD").await.unwrap().info().await.unwrap().config.clone();
+    let no_direct = async_nats::jetstream::stream::Config { allow_direct: false, ..config.clone() };
+    admin.update_stream(no_direct).await.unwrap();
+    let switch_back = async {
+        eventually("the replay failed", std::time::Duration::from_secs(60), || async {
+            (gateway.metric("herald_gateway_replays_reopened_total").await >= 1.0).then_some(())
+        })
+        .await;
+        admin.update_stream(config).await.unwrap();
+    };
+    let (_, rest) = tokio::join!(switch_back, client.expect_msgs(MESSAGES - 1));
+    assert_eq!([first, rest].concat(), published, "each once, in order");
+    let block = (1, published[MESSAGES - 1], MESSAGES as u64, true, Some("news".to_string()));
+    assert_eq!(client.expect_replayed().await, block);
+}
