@@ -12,6 +12,9 @@ use herald_shared::subject::{Audience, STREAM, header};
 
 use super::feed::Feed;
 
+/// JetStream's error code for "no message found".
+const NO_MESSAGE_FOUND: u64 = 10037;
+
 /// Questions to the stream's leader in flight at once.
 const IN_FLIGHT: usize = 64;
 
@@ -61,7 +64,8 @@ impl Stored {
     }
 }
 
-/// The message a `STREAM.MSG.GET` answer holds; none when it says 404 (no such message).
+/// The message a `STREAM.MSG.GET` answer holds; none when it says 404 "no message found" (a 404
+/// "stream not found" says nothing of the message: an error).
 pub(crate) fn stored(answer: &[u8]) -> Result<Option<Stored>, String> {
     let answer: serde_json::Value = serde_json::from_slice(answer).map_err(|error| error.to_string())?;
     if let Some(seq) = answer.pointer("/message/seq").and_then(serde_json::Value::as_u64) {
@@ -71,8 +75,9 @@ pub(crate) fn stored(answer: &[u8]) -> Result<Option<Stored>, String> {
         let kind = super::feed::proto::header(&headers, header::HERALD_TYPE).unwrap_or_default().to_string();
         return Ok(Some(Stored { seq, kind }));
     }
-    match answer.pointer("/error/code").and_then(serde_json::Value::as_u64) {
-        Some(404) => Ok(None),
+    let code = |name: &str| answer.pointer(&format!("/error/{name}")).and_then(serde_json::Value::as_u64);
+    match (code("code"), code("err_code")) {
+        (Some(404), None | Some(NO_MESSAGE_FOUND)) => Ok(None),
         _ => Err(format!("message get answered {answer}")),
     }
 }
@@ -92,6 +97,8 @@ mod tests {
         assert!(kind.is_muted(&["ads".into()]) && !kind.is_muted(&["mail".into()]));
         let none = br#"{"error":{"code":404,"err_code":10037,"description":"no message found"}}"#;
         assert_eq!(stored(none), Ok(None));
+        let no_stream = br#"{"error":{"code":404,"err_code":10059,"description":"stream not found"}}"#;
+        assert!(stored(no_stream).is_err());
         let unavailable = br#"{"error":{"code":503,"description":"JetStream system temporarily unavailable"}}"#;
         assert!(stored(unavailable).is_err());
         assert!(stored(b"not json").is_err());
