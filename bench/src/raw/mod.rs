@@ -66,7 +66,15 @@ pub struct RawOptions {
     /// 128, which drops SYNs in a connect storm (each a 1 s retransmit).
     #[arg(long, default_value_t = 4096)]
     pub backlog: u32,
+    /// Has NATS store every `push.>` message in a JetStream stream (file, one replica), as
+    /// Herald's stream does, so that NATS does the same work for both; the server still reads the
+    /// core subjects.
+    #[arg(long)]
+    pub store: bool,
 }
+
+/// The stream `--store` makes.
+const STORE_STREAM: &str = "RAW_STORE";
 
 /// What every socket shares: the broadcast ring, the users' mailboxes and the limits.
 struct Hub {
@@ -99,6 +107,16 @@ pub async fn serve(options: RawOptions) -> Result<()> {
         queue_bytes: options.queue_bytes,
         limits: WriteLimits { frames: options.batch_frames, bytes: BATCH_BYTES },
     });
+    if options.store {
+        let js = async_nats::jetstream::new(client.clone());
+        let config = async_nats::jetstream::stream::Config {
+            name: STORE_STREAM.into(),
+            subjects: vec!["push.>".into()],
+            storage: async_nats::jetstream::stream::StorageType::File,
+            ..Default::default()
+        };
+        js.get_or_create_stream(config).await.context("create the store stream")?;
+    }
     let all = client.subscribe("push.all").await?;
     let each_user = client.subscribe("push.user.*").await?;
     client.flush().await?;

@@ -143,7 +143,9 @@ pub struct Target {
 impl Target {
     /// Starts `kind` and waits until it serves; `label` names its log files.
     pub async fn start(kind: TargetKind, tools: &Tools, label: &str) -> Result<Target> {
-        let features = NatsFeatures { jetstream: kind.is_gateway(), websocket: kind == TargetKind::NatsWs };
+        // Raw's `--store` needs JetStream; without a stream it costs nothing.
+        let jetstream = kind.is_gateway() || kind == TargetKind::Raw;
+        let features = NatsFeatures { jetstream, websocket: kind == TargetKind::NatsWs };
         let nats = NatsServer::start(tools, features, label).await.context("start nats-server")?;
         let (server, ws_addr) = match kind {
             TargetKind::Herald
