@@ -59,43 +59,29 @@ async fn bounds(feed: &Feed) -> Result<Bounds, StreamError> {
 const STALE_RETRIES: usize = 5;
 const STALE_PAUSE: std::time::Duration = std::time::Duration::from_millis(300);
 
-/// How long every answer must have been behind the newest bounds before the stream may be taken
-/// to have gone back: far longer than a server cut off from its cluster keeps answering as the
-/// stream's leader from a stale store.
-const WENT_BACK_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
-
 /// The newest bounds read of the stream's current epoch: an answer of the same epoch that ends
-/// before them comes from a server with a stale view (sequences seldom go back within an epoch).
+/// before them comes from a server with a stale view (sequences never go back within an epoch).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct Newest {
     epoch: u64,
     last: u64,
-    /// Since when every answer has been behind `last`.
-    behind_since: Option<tokio::time::Instant>,
 }
 
 impl Newest {
     /// Notes an answer: a new epoch starts over (the stream was made again).
     fn note(&mut self, bounds: Bounds) {
         if bounds.epoch != self.epoch {
-            *self = Newest { epoch: bounds.epoch, last: bounds.last, behind_since: None };
-        } else if bounds.last < self.last {
-            self.behind_since.get_or_insert_with(tokio::time::Instant::now);
+            *self = Newest { epoch: bounds.epoch, last: bounds.last };
         } else {
-            *self = Newest { last: bounds.last, behind_since: None, ..*self };
+            self.last = self.last.max(bounds.last);
         }
-    }
-
-    /// Whether every answer has been behind the newest for [`WENT_BACK_AFTER`].
-    fn long_behind(&self) -> bool {
-        self.behind_since.is_some_and(|since| since.elapsed() >= WENT_BACK_AFTER)
     }
 
     /// Takes `bounds` behind the newest for the stream's end now: the stream's leader stores
     /// nothing past them (the stream lost its store and was made again with its creation time).
     fn went_back(&mut self, bounds: Bounds) {
         if bounds.epoch == self.epoch {
-            *self = Newest { last: bounds.last, behind_since: None, ..*self };
+            self.last = bounds.last;
         }
     }
 
@@ -129,8 +115,6 @@ struct Pending {
 struct Reading {
     bounds: Bounds,
     known: u64,
-    /// Every answer has been behind `known` for a long while (see [`Newest::long_behind`]).
-    long_behind: bool,
 }
 
 impl BoundsReader {
@@ -189,11 +173,11 @@ impl BoundsReader {
             };
             // One request at a time: what is known now was known before this one was sent.
             let before = *self.newest.lock().unwrap_or_else(|p| p.into_inner());
-            let result = bounds(&self.feed).await.map_err(|e| e.0).map(|bounds| {
-                let mut newest = self.newest.lock().unwrap_or_else(|p| p.into_inner());
-                newest.note(bounds);
-                Reading { bounds, known: before.known_in(&bounds), long_behind: newest.long_behind() }
-            });
+            let result = bounds(&self.feed).await.map_err(|e| e.0);
+            if let Ok(read) = result {
+                self.newest.lock().unwrap_or_else(|p| p.into_inner()).note(read);
+            }
+            let result = result.map(|bounds| Reading { bounds, known: before.known_in(&bounds) });
             for answer in waiting {
                 let _ = answer.send(result.clone());
             }
@@ -241,12 +225,9 @@ async fn bounds_reaching(view: &impl StreamView, at_least: u64) -> Result<Bounds
     };
     // Sequences go back within an epoch only when the stream lost its store and was made again
     // from its cluster's record (same creation time): behind bounds read before, the view is
-    // stale, unless every answer has been behind for a long while and the stream's leader stores
-    // nothing past them. (Messages past them deleted since are none to replay either.)
+    // stale unless the stream's leader stores nothing past it. (Messages past it deleted since
+    // are none to replay either.)
     if bounds.last < read.known {
-        if !read.long_behind {
-            return Err(stale(read.known));
-        }
         return match view.stored_from(bounds.last.saturating_add(1)).await? {
             Some(_) => Err(stale(read.known)),
             None => {
@@ -284,10 +265,7 @@ mod tests {
         async fn reading(&self) -> Result<Reading, StreamError> {
             let mut answers = self.answers.lock().unwrap();
             let bounds = if answers.len() > 1 { answers.remove(0) } else { answers[0] };
-            let mut newest = self.newest.lock().unwrap();
-            let known = newest.known_in(&bounds);
-            newest.note(bounds);
-            Ok(Reading { bounds, known, long_behind: newest.long_behind() })
+            Ok(Reading { bounds, known: self.newest.lock().unwrap().known_in(&bounds) })
         }
 
         async fn stored_from(&self, from: u64) -> Result<Option<u64>, StreamError> {
@@ -321,20 +299,11 @@ mod tests {
         // Also when the leader no longer stores the last of them (deleted), but one past `stale`.
         let view = answers(&[stale], bounds(7, 110), Some(100));
         assert!(bounds_reaching(&view, 0).await.is_err());
-        // The leader stores nothing past them, but they have not been behind for long: a server
-        // cut off from its cluster may still answer as the leader from a stale store.
+        // The leader stores nothing past them: the stream went back (it lost its store and was
+        // made again with its creation time). Trusted, and from now on the newest.
         let view = answers(&[stale], bounds(7, 110), None);
-        assert!(bounds_reaching(&view, 0).await.is_err());
-        // Behind for a long while, and still nothing past them: the stream went back (it lost its
-        // store and was made again with its creation time). Trusted, and from now on the newest.
-        tokio::time::advance(WENT_BACK_AFTER).await;
         assert_eq!(bounds_reaching(&view, 0).await.unwrap(), stale);
         assert_eq!(view.reading().await.unwrap().known, 90);
-        // Unless the leader does store something past them.
-        let view = answers(&[stale], bounds(7, 110), Some(100));
-        assert!(bounds_reaching(&view, 0).await.is_err());
-        tokio::time::advance(WENT_BACK_AFTER).await;
-        assert!(bounds_reaching(&view, 0).await.is_err());
         // Behind `at_least` only, and the leader stores nothing from there on (the stream was made
         // again, or a client's `since` is bogus): trusted.
         let view = answers(&[stale], bounds(7, 0), Some(95));
