@@ -3,7 +3,6 @@
 use bytes::Bytes;
 use herald_shared::subject::STREAM;
 use serde::Deserialize;
-use tracing::warn;
 
 use crate::delivery::feed::Feed;
 
@@ -77,14 +76,6 @@ impl Newest {
         }
     }
 
-    /// Takes `bounds` behind the newest for the stream's end now: the stream's leader stores
-    /// nothing past them (the stream lost its store and was made again with its creation time).
-    fn went_back(&mut self, bounds: Bounds) {
-        if bounds.epoch == self.epoch {
-            self.last = bounds.last;
-        }
-    }
-
     /// The last sequence known stored in the stream `bounds` were read from (0 when none is, or
     /// when the server gives no epoch to tell streams apart).
     fn known_in(&self, bounds: &Bounds) -> u64 {
@@ -146,9 +137,8 @@ impl BoundsReader {
     /// from its cluster may answer from a stale view for a while after it rejoined, while the
     /// stream has no leader: such bounds are read again, a few times a moment apart. Bounds that
     /// stay behind fail, since a replay up to them would skip messages and tell nobody; except
-    /// when the stream's leader stores nothing past bounds behind the newest read (the stream
-    /// went back), or nothing from `at_least` on past bounds behind `at_least` only (which may be
-    /// of a stream since made again, or a client's bogus `since`).
+    /// that bounds behind `at_least` only (which may be of a stream since made again, or a
+    /// client's bogus `since`) are trusted when the stream's leader stores nothing from there on.
     pub(crate) async fn read_at_least(self: &std::sync::Arc<Self>, at_least: u64) -> Result<Bounds, StreamError> {
         bounds_reaching(self, at_least).await
     }
@@ -191,8 +181,6 @@ trait StreamView {
     async fn reading(&self) -> Result<Reading, StreamError>;
     /// The first sequence stored from `from` on, by the stream's leader.
     async fn stored_from(&self, from: u64) -> Result<Option<u64>, StreamError>;
-    /// Bounds behind the newest read are the stream's end now (see [`Newest::went_back`]).
-    fn went_back(&self, bounds: Bounds);
 }
 
 impl StreamView for std::sync::Arc<BoundsReader> {
@@ -202,10 +190,6 @@ impl StreamView for std::sync::Arc<BoundsReader> {
 
     async fn stored_from(&self, from: u64) -> Result<Option<u64>, StreamError> {
         self.first_stored_from(from).await
-    }
-
-    fn went_back(&self, bounds: Bounds) {
-        self.newest.lock().unwrap_or_else(|p| p.into_inner()).went_back(bounds);
     }
 }
 
@@ -223,19 +207,9 @@ async fn bounds_reaching(view: &impl StreamView, at_least: u64) -> Result<Bounds
     let stale = |stored: u64| {
         StreamError(format!("the stream's bounds end at {} but it stores {stored}: a stale view", bounds.last))
     };
-    // Sequences go back within an epoch only when the stream lost its store and was made again
-    // from its cluster's record (same creation time): behind bounds read before, the view is
-    // stale unless the stream's leader stores nothing past it. (Messages past it deleted since
-    // are none to replay either.)
+    // Sequences never go back within an epoch: behind bounds read before, the view is stale.
     if bounds.last < read.known {
-        return match view.stored_from(bounds.last.saturating_add(1)).await? {
-            Some(_) => Err(stale(read.known)),
-            None => {
-                warn!(last = bounds.last, known = read.known, "the stream's last sequence went back");
-                view.went_back(bounds);
-                Ok(bounds)
-            }
-        };
+        return Err(stale(read.known));
     }
     if bounds.last >= at_least {
         return Ok(bounds);
@@ -257,7 +231,7 @@ mod tests {
     /// A stream whose bounds answers are `answers`, in turn (the last one again and again).
     struct Answers {
         answers: std::sync::Mutex<Vec<Bounds>>,
-        newest: std::sync::Mutex<Newest>,
+        newest: Newest,
         stored: Option<u64>,
     }
 
@@ -265,22 +239,18 @@ mod tests {
         async fn reading(&self) -> Result<Reading, StreamError> {
             let mut answers = self.answers.lock().unwrap();
             let bounds = if answers.len() > 1 { answers.remove(0) } else { answers[0] };
-            Ok(Reading { bounds, known: self.newest.lock().unwrap().known_in(&bounds) })
+            Ok(Reading { bounds, known: self.newest.known_in(&bounds) })
         }
 
         async fn stored_from(&self, from: u64) -> Result<Option<u64>, StreamError> {
             Ok(self.stored.filter(|last| *last >= from))
-        }
-
-        fn went_back(&self, bounds: Bounds) {
-            self.newest.lock().unwrap().went_back(bounds);
         }
     }
 
     fn answers(answers: &[Bounds], newest: Bounds, stored: Option<u64>) -> Answers {
         let mut known = Newest::default();
         known.note(newest);
-        Answers { answers: std::sync::Mutex::new(answers.to_vec()), newest: std::sync::Mutex::new(known), stored }
+        Answers { answers: std::sync::Mutex::new(answers.to_vec()), newest: known, stored }
     }
 
     #[tokio::test(start_paused = true)]
@@ -296,14 +266,10 @@ mod tests {
         // Behind bounds read before, in the same epoch: the same.
         let view = answers(&[stale], bounds(7, 110), Some(120));
         assert!(bounds_reaching(&view, 0).await.is_err());
-        // Also when the leader no longer stores the last of them (deleted), but one past `stale`.
-        let view = answers(&[stale], bounds(7, 110), Some(100));
-        assert!(bounds_reaching(&view, 0).await.is_err());
-        // The leader stores nothing past them: the stream went back (it lost its store and was
-        // made again with its creation time). Trusted, and from now on the newest.
+        // Behind bounds read before even when the leader says nothing of that sequence (the
+        // message there was deleted): within an epoch, sequences never go back.
         let view = answers(&[stale], bounds(7, 110), None);
-        assert_eq!(bounds_reaching(&view, 0).await.unwrap(), stale);
-        assert_eq!(view.reading().await.unwrap().known, 90);
+        assert!(bounds_reaching(&view, 0).await.is_err());
         // Behind `at_least` only, and the leader stores nothing from there on (the stream was made
         // again, or a client's `since` is bogus): trusted.
         let view = answers(&[stale], bounds(7, 0), Some(95));
