@@ -154,11 +154,13 @@ impl Gateway {
         let feed_name = format!("herald-gateway {} delivery", config.node_id);
         let feed = Feed::start(&config.nats, feed_name, feed_events, shutdown.clone());
         let health = Arc::new(Health::new(control.clone(), feed.clone(), connected));
+        let router = Router::start(feed.clone(), feed_receiver, log_limits(&config), metrics.clone());
         tokio::spawn(health::monitor(
             health.clone(),
             js.clone(),
             config.stream.clone(),
             metrics.clone(),
+            router.clone(),
             shutdown.clone(),
         ));
         let replayer = Replayer::new(
@@ -172,7 +174,7 @@ impl Gateway {
             Inbox::new(js.clone(), control.clone(), replayer.clone(), config.stream.stream_max_msgs_per_subject);
         let shared = Arc::new(Shared {
             inbox: Arc::new(inbox),
-            router: Router::start(feed.clone(), feed_receiver, log_limits(&config), metrics.clone()),
+            router,
             // On the delivery feed, whose subscriptions feed the router: a request sent there
             // reaches the server after every subscription made before it.
             bounds: Arc::new(bounds::BoundsReader::new(feed.clone())),

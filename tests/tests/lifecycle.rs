@@ -168,3 +168,37 @@ async fn the_binary_closes_sockets_with_1012_and_exits_on_sigterm() {
     .await;
     assert!(exited.success(), "exit status {exited}");
 }
+
+/// What NATS losing its store looks like to a running gateway: the stream comes back empty and
+/// its sequences start over, so a connection's `seq`s no longer say what it has. Each connection
+/// ends with 4008 and its loss noted: its resume reports `complete:false`. Routing starts over:
+/// the new stream's messages arrive, to new connections and to resumed ones.
+#[tokio::test]
+async fn a_stream_made_again_under_a_running_gateway_ends_its_connections_and_their_resume_is_incomplete() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let mut client = gateway.connect("phoenix").await;
+    let mut old = Vec::new();
+    for n in 0..5 {
+        old.push(publisher.publish("push.user.phoenix", &format!("old {n}")).await);
+    }
+    assert_eq!(client.expect_msgs(5).await, old);
+
+    let js = nats.jetstream().await;
+    js.delete_stream("HERALD").await.unwrap();
+    assert_eq!(client.expect_close().await.map(|close| close.0), Some(close_code::SLOW_CONSUMER));
+    assert_eq!(gateway.metric("herald_gateway_streams_replaced_total").await, 1.0);
+
+    let since = old[4];
+    let query = format!("token={}&since={since}", herald_tests::gateway::token("phoenix"));
+    let mut resumed = gateway.connect_with(&query).await;
+    // Beyond the new stream's end: nothing replayed, from its end (0), and incomplete.
+    assert_eq!(resumed.expect_replayed().await, (1, 0, 0, false, None));
+    let mut newcomer = gateway.connect("newbie").await;
+    let to_all = publisher.publish("push.all", "new").await;
+    let to_newbie = publisher.publish("push.user.newbie", "hello").await;
+    assert_eq!((to_all, to_newbie), (1, 2), "the stream's sequences started over");
+    assert_eq!(resumed.expect_msgs(1).await, vec![to_all]);
+    assert_eq!(newcomer.expect_msgs(2).await, vec![to_all, to_newbie]);
+}

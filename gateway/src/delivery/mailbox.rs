@@ -38,6 +38,9 @@ pub(crate) enum Event {
     Repair,
     /// A notice to send, e.g. the answer to an `rpc`.
     Notice(ServerFrame),
+    /// The stream was made again: what the session sent and what it would get next cannot be
+    /// told apart any more.
+    StreamReplaced,
 }
 
 pub(crate) struct Mailbox {

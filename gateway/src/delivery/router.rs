@@ -64,6 +64,12 @@ impl Watermark {
         self.routed.load(Ordering::Acquire)
     }
 
+    /// Back to nothing routed: the stream was made again.
+    fn reset(&self) {
+        self.routed.store(0, Ordering::Release);
+        self.visible.store(0, Ordering::Release);
+    }
+
     fn raise(&self, visible: u64, routed: u64) {
         self.routed.fetch_max(routed, Ordering::AcqRel);
         self.visible.fetch_max(visible, Ordering::AcqRel);
@@ -140,13 +146,18 @@ enum Command {
         reply: oneshot::Sender<Arc<[Box<str>]>>,
     },
     /// After a leader change: routed subjects whose last stored sequence is past what was routed.
+    /// `stream`: the [`RouterTask::stream`] it was asked about.
     StoredPast {
         behind: Vec<(Audience, u64)>,
+        stream: u64,
     },
     /// The new leader could not say what it stores, for `why`: every session catches up.
     CheckFailed {
         why: String,
+        stream: u64,
     },
+    /// The stream was made again: its sequences start over.
+    StreamReplaced,
 }
 
 /// A cheap handle to the router task.
@@ -207,6 +218,12 @@ impl Router {
     /// Sets the kinds `user` muted, as of KV `revision` (older revisions are ignored).
     pub(crate) async fn set_muted(&self, user: Arc<str>, kinds: Vec<String>, revision: u64) {
         self.send(Command::SetMuted { user, kinds, revision }).await;
+    }
+
+    /// The stream was deleted and made again (NATS lost its store, say): every session ends, its
+    /// loss noted, and routing starts over with the new stream's sequences.
+    pub(crate) async fn stream_replaced(&self) {
+        self.send(Command::StreamReplaced).await;
     }
 
     /// The kinds a user with sessions here muted (none for other users).
@@ -303,6 +320,8 @@ struct RouterTask {
     routed: u64,
     /// Leader checks under way (see [`RouterTask::check_stored_past`]).
     checking: Option<Checking>,
+    /// How many times the stream was made again: an answer about an earlier one is ignored.
+    stream: u64,
     watermark: Arc<Watermark>,
     metrics: Arc<Metrics>,
 }
@@ -345,6 +364,7 @@ impl RouterTask {
             burst: Burst::default(),
             routed: 0,
             checking: None,
+            stream: 0,
             watermark: Arc::new(Watermark::default()),
             metrics,
         }
@@ -437,8 +457,10 @@ impl RouterTask {
                 let muted = self.users.get(user.as_str()).map(|local| local.muted());
                 let _ = reply.send(muted.unwrap_or_else(|| Arc::from(Vec::new())));
             }
-            Command::StoredPast { behind } => self.stored_past(behind),
-            Command::CheckFailed { why } => self.check_failed(&why),
+            Command::StoredPast { stream, .. } | Command::CheckFailed { stream, .. } if stream != self.stream => {}
+            Command::StoredPast { behind, .. } => self.stored_past(behind),
+            Command::CheckFailed { why, .. } => self.check_failed(&why),
+            Command::StreamReplaced => self.stream_replaced(),
         }
     }
 
@@ -455,7 +477,7 @@ impl RouterTask {
     /// Asks the stream's leader, in the background, after `pause` and for `patience` at most in
     /// all, where each route's subject has messages stored past what it accounts for (`routed`).
     fn ask(&self, routed: Vec<(Audience, u64)>, patience: std::time::Duration, pause: std::time::Duration) {
-        let (feed, commands) = (self.feed.clone(), self.own_commands.clone());
+        let (feed, commands, stream) = (self.feed.clone(), self.own_commands.clone(), self.stream);
         tokio::spawn(async move {
             let question = async {
                 tokio::time::sleep(pause).await;
@@ -463,13 +485,15 @@ impl RouterTask {
             };
             let asked = tokio::time::timeout(patience, question).await;
             let command = match asked {
-                Ok(Ok(behind)) => Command::StoredPast { behind },
+                Ok(Ok(behind)) => Command::StoredPast { behind, stream },
                 Ok(Err(error)) => Command::CheckFailed {
                     why: format!("the stream's new leader could not say what it stores ({error})"),
+                    stream,
                 },
-                Err(_) => {
-                    Command::CheckFailed { why: "the stream's new leader did not say in time what it stores".into() }
-                }
+                Err(_) => Command::CheckFailed {
+                    why: "the stream's new leader did not say in time what it stores".into(),
+                    stream,
+                },
             };
             if let Some(commands) = commands.upgrade() {
                 let _ = commands.send(command).await;
@@ -586,6 +610,29 @@ impl RouterTask {
         }
         self.end_check();
         self.finish_burst();
+    }
+
+    /// The stream was made again: nothing routed so far says anything of its sequences. Every
+    /// session ends with its loss noted (its resume reports `complete:false`); every route, log and
+    /// the watermark start over, and a leader check under way is forgotten.
+    fn stream_replaced(&mut self) {
+        warn!(sessions = self.sessions.len(), "the stream was made again: every session ends, its loss noted");
+        self.metrics.streams_replaced.inc();
+        for mailbox in self.sessions.values() {
+            mailbox.push_event(Event::StreamReplaced);
+        }
+        for route in self.routes.values_mut() {
+            (route.last_seq, route.made_at, route.gap_through, route.joined) = (0, 0, 0, false);
+            // Sessions that come now read a new log; the old one goes with the sessions ending.
+            if let Target::Broadcast { log, .. } = &mut route.target {
+                *log = Arc::new(Log::new(self.limits));
+            }
+        }
+        self.stream += 1;
+        self.checking = None;
+        self.burst = Burst::default();
+        self.routed = 0;
+        self.watermark.reset();
     }
 
     fn repair_all(&mut self, why: &str) {
@@ -751,6 +798,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_stream_made_again_ends_every_session_and_routes_its_sequences_afresh() {
+        let shutdown = CancellationToken::new();
+        let mut router = router(&shutdown);
+        let old = Arc::new(Mailbox::new(1 << 20));
+        router.attach(1, "u".into(), old.clone(), vec![Audience::All], Attaching::Replaying);
+        for seq in 1..=5 {
+            router.route(republished(&router, &Audience::All, seq));
+        }
+        router.finish_burst();
+        assert_eq!((router.watermark.get(), router.watermark.routed()), (5, 5));
+        router.handle(Command::StreamReplaced);
+        assert!(matches!(old.inbox().take_events().as_slice(), [Event::StreamReplaced]));
+        assert_eq!((router.watermark.get(), router.watermark.routed()), (0, 0));
+        // A session that comes before the old one has left reads the new stream from its start.
+        let new = Arc::new(Mailbox::new(1 << 20));
+        let attached = router.attach(2, "v".into(), new.clone(), vec![Audience::All], Attaching::Replaying);
+        let mut sources = LiveSources::new(new, attached.logs);
+        router.route(republished(&router, &Audience::All, 1));
+        router.finish_burst();
+        assert_eq!(visited(&router, &mut sources), ["1"]);
+        assert_eq!(router.watermark.get(), 1);
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
     async fn a_first_message_whose_predecessor_a_join_did_not_replay_is_a_gap_unless_only_subs_share_the_route() {
         let shutdown = CancellationToken::new();
         let mut router = router(&shutdown);
@@ -855,11 +927,11 @@ mod tests {
         router.finish_burst();
         assert_eq!(router.watermark.get(), 0, "held");
         for _ in 0..CHECK_RETRIES {
-            router.handle(Command::CheckFailed { why: "test".into() });
+            router.handle(Command::CheckFailed { why: "test".into(), stream: 0 });
             assert_eq!(router.watermark.get(), 0, "held while asking again within the patience");
             assert!(mailbox.inbox().take_events().is_empty());
         }
-        router.handle(Command::CheckFailed { why: "test".into() });
+        router.handle(Command::CheckFailed { why: "test".into(), stream: 0 });
         assert_eq!(router.watermark.get(), 5);
         assert!(router.checking.is_none());
         assert!(matches!(mailbox.inbox().take_events().as_slice(), [Event::Repair]));
@@ -890,7 +962,7 @@ mod tests {
         assert!(router.checking.as_ref().is_some_and(|checking| !checking.holds), "asked again");
         assert!(mailbox.inbox().take_events().is_empty());
         // That question fails: asked again, still without holding and without a blind repair.
-        router.handle(Command::CheckFailed { why: "test".into() });
+        router.handle(Command::CheckFailed { why: "test".into(), stream: 0 });
         router.route(republished(&router, &Audience::All, 6));
         router.finish_burst();
         assert_eq!(router.watermark.get(), 6, "not held");

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::delivery::feed::Feed;
+use crate::delivery::router::Router;
 use crate::http::metrics::Metrics;
 
 /// How often the stream is checked.
@@ -93,17 +94,26 @@ pub(crate) async fn monitor(
     js: jetstream::Context,
     settings: StreamSettings,
     metrics: Arc<Metrics>,
+    router: Router,
     shutdown: CancellationToken,
 ) {
     let mut was_ok = false;
     let mut seen = false;
+    // When the stream seen last was made: another time means it was made again.
+    let mut stream_made = None;
     while !shutdown.is_cancelled() {
         let connected = health.nats_connected();
         metrics.nats_connected.set(connected as i64);
-        let store = match connected {
+        let (store, made) = match connected {
             true => check_stream(&js, &settings, &health, &metrics, seen).await,
-            false => Store::Unavailable,
+            false => (Store::Unavailable, None),
         };
+        if let Some(made) = made {
+            if stream_made.is_some_and(|before| before != made) {
+                router.stream_replaced().await;
+            }
+            stream_made = Some(made);
+        }
         let ok = store == Store::Ready;
         seen |= ok;
         health.store.store(store as u8, Ordering::Release);
@@ -153,7 +163,8 @@ impl Probe {
     }
 }
 
-/// Whether the stream and every KV bucket exist; whatever JetStream says is missing is
+/// Whether the stream and every KV bucket exist, and when the stream was made (another time than
+/// before: it was made again, and the router starts over). Whatever JetStream says is missing is
 /// (re)created, whenever it is found missing: at start, after NATS came back without its store, or
 /// when a fresh cluster had no JetStream leader when the first gateway tried (the stream may then
 /// be made by one gateway and the buckets by none). Nothing is made while JetStream does not
@@ -165,26 +176,42 @@ async fn check_stream(
     health: &Health,
     metrics: &Metrics,
     seen: bool,
-) -> Store {
-    let probes = probe(js).await;
+) -> (Store, Option<time::OffsetDateTime>) {
+    let (probes, made) = probe(js).await;
+    let (store, made_now) = check(js, settings, health, metrics, seen, probes).await;
+    (store, made_now.or(made))
+}
+
+/// [`check_stream`] once JetStream was asked; when the stream was made, if it was made now.
+async fn check(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+    health: &Health,
+    metrics: &Metrics,
+    seen: bool,
+    probes: Vec<(&'static str, Probe)>,
+) -> (Store, Option<time::OffsetDateTime>) {
     let unanswered: Vec<_> =
         probes.iter().filter(|(_, probe)| *probe == Probe::Unanswered).map(|(name, _)| name).collect();
     if !unanswered.is_empty() {
         warn!(?unanswered, "JetStream does not answer about the stream or buckets");
-        return Store::Unanswered;
+        return (Store::Unanswered, None);
     }
     let missing: Vec<_> = probes.iter().filter(|(_, probe)| *probe == Probe::Absent).map(|(name, _)| *name).collect();
     if missing.is_empty() {
-        return Store::Ready;
+        return (Store::Ready, None);
     }
     info!(?missing, "creating what is missing in JetStream");
-    if let Err(error) = ensure_stream(js, settings).await {
-        warn!(%error, "stream HERALD unavailable");
-        return Store::Unavailable;
-    }
+    let made = match ensure_stream(js, settings).await {
+        Ok(stream) => stream.created,
+        Err(error) => {
+            warn!(%error, "stream HERALD unavailable");
+            return (Store::Unavailable, None);
+        }
+    };
     if let Err(error) = ensure_buckets(js, settings).await {
         warn!(%error, "cannot create the KV buckets");
-        return Store::Unavailable;
+        return (Store::Unavailable, Some(made));
     }
     info!("stream HERALD and KV buckets ready");
     // The KV watches follow the buckets: only a bucket lost and made anew restarts them (a stream
@@ -195,17 +222,17 @@ async fn check_stream(
         metrics.buckets_recreated.inc();
         health.recreated.send_modify(|count| *count += 1);
     }
-    Store::Ready
+    (Store::Ready, Some(made))
 }
 
 /// What JetStream says of the stream and each bucket, asked all at once (a JetStream without a
-/// leader lets each question time out).
-async fn probe(js: &jetstream::Context) -> Vec<(&'static str, Probe)> {
-    let stream = async { (STREAM, Probe::of(&js.get_stream(STREAM).await)) };
+/// leader lets each question time out), and when the stream was made, if it is there.
+async fn probe(js: &jetstream::Context) -> (Vec<(&'static str, Probe)>, Option<time::OffsetDateTime>) {
     let buckets =
         BUCKETS.map(|bucket| async move { (bucket, Probe::of(&js.get_stream(format!("KV_{bucket}")).await)) });
-    let (stream, buckets) = futures::join!(stream, futures::future::join_all(buckets));
-    std::iter::once(stream).chain(buckets).collect()
+    let (stream, buckets) = futures::join!(js.get_stream(STREAM), futures::future::join_all(buckets));
+    let made = stream.as_ref().ok().map(|stream| stream.cached_info().created);
+    (std::iter::once((STREAM, Probe::of(&stream))).chain(buckets).collect(), made)
 }
 
 #[cfg(test)]

@@ -38,6 +38,7 @@ pub(crate) struct Metrics {
     pub(crate) unrepairable_gaps: Counter,
     pub(crate) nats_connected: Gauge,
     pub(crate) buckets_recreated: Counter,
+    pub(crate) streams_replaced: Counter,
     pub(crate) rpc_calls: Family<RpcLabels, Counter>,
     pub(crate) connections_refused: Family<RefusalLabels, Counter>,
     registry: Registry,
@@ -63,6 +64,7 @@ impl Metrics {
             unrepairable_gaps: Counter::default(),
             nats_connected: Gauge::default(),
             buckets_recreated: Counter::default(),
+            streams_replaced: Counter::default(),
             rpc_calls: Family::default(),
             connections_refused: Family::default(),
             registry: Registry::default(),
@@ -95,6 +97,11 @@ impl Metrics {
             "kv_buckets_recreated",
             "Times KV buckets this gateway had seen were found lost and made anew",
             m.buckets_recreated.clone(),
+        );
+        registry.register(
+            "streams_replaced",
+            "Times the stream HERALD was found made again under a running gateway (its sessions ended)",
+            m.streams_replaced.clone(),
         );
         registry.register("rpc_calls", "rpc frames by function and outcome", m.rpc_calls.clone());
         registry.register(

@@ -403,6 +403,7 @@ impl SessionState {
             match event {
                 Event::Repair => self.queue_repair(),
                 Event::Notice(notice) => self.notice(&notice),
+                Event::StreamReplaced => self.stream_replaced(),
             }
         }
         if self.holds_live() || !self.has_room() {
@@ -502,6 +503,14 @@ impl SessionState {
     fn holds_live(&self) -> bool {
         matches!(self.step, Some(Step::Bounds(_) | Step::Replay(_) | Step::FindStored { .. } | Step::NoteLost))
             || self.jobs.iter().any(Job::holds_live)
+    }
+
+    /// The stream was made again: its sequences start over, so what was sent and what comes next
+    /// cannot be told apart. Once the job under way is done, the loss is noted from the stream's
+    /// start (the client's resume reports `complete:false`) and the connection closes with 4008.
+    fn stream_replaced(&mut self) {
+        self.jobs.truncate(usize::from(self.step.is_some()));
+        self.jobs.push_back(Job::Lost { first: 1 });
     }
 
     fn queue_repair(&mut self) {

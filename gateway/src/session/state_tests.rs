@@ -671,6 +671,24 @@ fn a_gap_before_a_new_routes_first_message_is_owed_to_a_join_not_to_a_sub_withou
 }
 
 #[test]
+fn a_stream_made_again_notes_the_loss_from_its_start_after_the_job_under_way_and_closes_with_4008() {
+    let mut h = Harness::new(Start::Live, 10);
+    h.broadcast(all_message(11));
+    assert_eq!(h.frames(), ["11"]);
+    h.mailbox.push_event(Event::Repair);
+    assert_eq!(h.action(), Some(Action::ReadBounds { at_least: 0 }));
+    h.state.subscribe("news".into(), None);
+    h.mailbox.push_event(Event::StreamReplaced);
+    h.personal(user_message(1));
+    assert!(h.frames().is_empty(), "nothing of the new stream goes out");
+    h.state.on_outcome(Outcome::Bounds(Ok(bounds(1, 1))));
+    // The catch-up under way ends (nothing past 11 in its bounds); the `sub` waiting is dropped.
+    assert_eq!(h.action(), Some(Action::NoteLost { first: 1 }));
+    h.state.on_outcome(Outcome::Noted);
+    assert_eq!(h.closed_with(), Some(4008));
+}
+
+#[test]
 fn refused_subscriptions_answer_an_error_and_the_connection_stays() {
     let mut h = Harness::with(Start::Live, 10, 100, |p| p.max_topics = 0);
     h.state.subscribe("secret".into(), None);
