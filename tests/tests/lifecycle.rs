@@ -131,6 +131,10 @@ async fn a_jetstream_that_does_not_answer_for_a_while_is_not_taken_for_a_lost_on
     let seq = publisher.publish("push.user.patient", "still here").await;
     assert_eq!(client.expect_msg().await.seq, seq);
     assert_eq!(gateway.metric("herald_gateway_kv_buckets_recreated_total").await, 0.0);
+    // Nor is the stream taken for one made again: the connection stays.
+    assert_eq!(gateway.metric("herald_gateway_streams_replaced_total").await, 0.0);
+    let seq = publisher.publish("push.user.patient", "and still").await;
+    assert_eq!(client.expect_msg().await.seq, seq);
 }
 
 /// The real binary, stopped by a real SIGTERM, as an orchestrator stops it.

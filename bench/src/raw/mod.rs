@@ -113,6 +113,9 @@ pub async fn serve(options: RawOptions) -> Result<()> {
             name: STORE_STREAM.into(),
             subjects: vec!["push.>".into()],
             storage: async_nats::jetstream::stream::StorageType::File,
+            // Some minutes of the fastest fan-out (as Herald's stream, it discards nothing before),
+            // so that a long run cannot fill the disk.
+            max_bytes: 4 << 30,
             ..Default::default()
         };
         js.get_or_create_stream(config).await.context("create the store stream")?;
