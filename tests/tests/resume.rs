@@ -305,7 +305,12 @@ async fn a_replay_the_stream_fails_for_a_moment_is_opened_again_and_completes() 
 async fn a_replay_failing_midway_is_opened_again_after_the_last_message_it_read() {
     const MESSAGES: usize = 900;
     let nats = TestNats::start().await;
-    let gateway = TestGateway::start_with(&nats, |config| config.outbound_queue_bytes = 64 * 1024).await;
+    // Small batches: the replay reads ahead little of what the client has not taken.
+    let gateway = TestGateway::start_with(&nats, |config| {
+        config.outbound_queue_bytes = 64 * 1024;
+        config.replay_batch = 8;
+    })
+    .await;
     let publisher = Publisher::new(&nats).await;
     let payload = "x".repeat(1000);
     let mut acks = Vec::new();
