@@ -221,6 +221,8 @@ impl Inbox {
         while !shutdown.is_cancelled() {
             match self.follow(&router, &registry, &mut last_revision, &shutdown).await {
                 Ok(()) => {}
+                // Stopping: the connection's drain ends the watch, as it should.
+                Err(_) if shutdown.is_cancelled() => {}
                 Err(error) if backoff.failed(false) => warn!(%error, "read positions watch restarting"),
                 Err(error) => debug!(%error, "read positions watch not running yet"),
             }

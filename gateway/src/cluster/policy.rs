@@ -224,7 +224,10 @@ impl Policies {
                 Err(error) => Err(error),
             };
             let was_running = health.policy_watch.swap(false, Ordering::AcqRel);
-            if let Err(error) = result {
+            // Stopping: the connection's drain ends the watch, as it should.
+            if let Err(error) = result
+                && !shutdown.is_cancelled()
+            {
                 if backoff.failed(was_running) {
                     warn!(%error, "session policy watch restarting");
                 } else {

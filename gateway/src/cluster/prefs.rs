@@ -84,7 +84,10 @@ impl Prefs {
         while !shutdown.is_cancelled() {
             let result = self.follow(&router, &registry, &health, &mut last_revision, &shutdown).await;
             let was_running = health.prefs_watch.swap(false, Ordering::AcqRel);
-            if let Err(error) = result {
+            // Stopping: the connection's drain ends the watch, as it should.
+            if let Err(error) = result
+                && !shutdown.is_cancelled()
+            {
                 if backoff.failed(was_running) {
                     warn!(%error, "prefs watch restarting");
                 } else {
