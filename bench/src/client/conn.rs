@@ -233,15 +233,23 @@ impl Conn {
                 }
             },
         };
+        let mut data = data;
+        if !self.partial.is_empty() {
+            // Only the rest of the unit the last read cut is copied, never the whole read: the
+            // tool's cost per message must not depend on how the server sizes its writes.
+            let rest = self.rest_of_partial(data);
+            let mut buf = std::mem::take(&mut self.partial);
+            buf.extend_from_slice(&data[..rest]);
+            data = &data[rest..];
+            let used = self.units(&buf, now, fleet);
+            buf.drain(..used);
+            self.partial = buf;
+        }
         if self.partial.is_empty() {
             let used = self.units(data, now, fleet);
             self.partial.extend_from_slice(&data[used..]);
         } else {
-            let mut buf = std::mem::take(&mut self.partial);
-            buf.extend_from_slice(data);
-            let used = self.units(&buf, now, fleet);
-            buf.drain(..used);
-            self.partial = buf;
+            self.partial.extend_from_slice(data);
         }
         self.report.ended_by_server |= body_ended;
         if self.partial.is_empty() && self.partial.capacity() > SCRATCH_BYTES {
@@ -254,6 +262,26 @@ impl Conn {
                 samples.clear();
             }
         });
+    }
+
+    /// How many bytes at the start of `data` complete the unit `partial` holds the start of (all
+    /// of `data` when they do not).
+    fn rest_of_partial(&self, data: &[u8]) -> usize {
+        let needed = match self.transport {
+            Transport::WebSocket => {
+                // A server frame's head is 10 bytes at most.
+                let mut head = [0u8; 10];
+                let from_partial = self.partial.len().min(head.len());
+                head[..from_partial].copy_from_slice(&self.partial[..from_partial]);
+                let from_data = (head.len() - from_partial).min(data.len());
+                head[from_partial..from_partial + from_data].copy_from_slice(&data[..from_data]);
+                ws::frame_len(&head[..from_partial + from_data]).map(|len| len.saturating_sub(self.partial.len()))
+            }
+            // An event ends at the first blank line, which may begin in the part already read.
+            Transport::EventStream(_) if self.partial.ends_with(b"\n") && data.first() == Some(&b'\n') => Some(1),
+            Transport::EventStream(_) => sse::event_end(data),
+        };
+        needed.map_or(data.len(), |needed| needed.min(data.len()))
     }
 
     /// Handles the whole frames (or events) at the start of `buf`; returns the bytes they took.
@@ -405,6 +433,57 @@ mod tests {
             assert_eq!(report.welcome_seq, Some(7));
             assert_eq!((report.msgs, msgs, latencies), (3, 3, 3), "{cuts:?}");
             assert_eq!((report.close_code, report.ended_by_server), (Some(4008), true), "{cuts:?}");
+        }
+    }
+
+    /// An unmasked frame, as a server sends it.
+    fn server_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mut frame = vec![0x80 | opcode];
+        match payload.len() {
+            len @ 0..=125 => frame.push(len as u8),
+            len => {
+                frame.push(126);
+                frame.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    #[test]
+    fn websocket_frames_read_the_same_however_reads_cut_them() {
+        let msg = |pad: usize| {
+            let data = String::from_utf8(stamped(5, pad).to_vec()).unwrap();
+            server_frame(OP_TEXT, format!(r#"{{"type":"msg","seq":8,"data":{data}}}"#).as_bytes())
+        };
+        let frames = [
+            server_frame(OP_TEXT, WELCOME.as_bytes()),
+            msg(30),
+            msg(300),
+            server_frame(OP_PING, b"hi"),
+            msg(100),
+            server_frame(OP_CLOSE, &4008u16.to_be_bytes()),
+        ];
+        let wire = frames.concat();
+        let fleet = Fleet::launch(Vec::new(), &FleetOptions { record_latency: true, ..FleetOptions::default() });
+        let mut cuts: Vec<Vec<usize>> = (0..=wire.len()).map(|cut| vec![cut]).collect();
+        for first in (0..wire.len()).step_by(3) {
+            cuts.extend((first..wire.len()).step_by(7).map(|second| vec![first, second]));
+        }
+        for cuts in cuts {
+            let (mut conn, _) = Conn::new(&Protocol::Herald { resume: false });
+            let mut start = 0;
+            for end in cuts.iter().copied().chain([wire.len()]) {
+                conn.handle(&mut wire[start..end].to_vec(), fleet.shared());
+                start = end;
+            }
+            let report = &conn.report;
+            assert!(report.welcomed && report.error.is_none(), "{cuts:?}: {report:?}");
+            assert_eq!((report.msgs, report.close_code), (3, Some(4008)), "{cuts:?}");
+            let mut pong = Vec::new();
+            ws::encode(OP_PONG, b"hi", &mut pong);
+            assert_eq!(conn.out, pong, "{cuts:?}");
+            assert!(conn.partial.is_empty(), "{cuts:?}");
         }
     }
 

@@ -31,14 +31,19 @@ pub async fn open(stream: &mut TcpStream, host: &str, path: &str) -> Result<(Bod
 /// The event at the start of `buf`, without the blank line that ends it, and the bytes it took;
 /// `None` while it has not fully arrived.
 pub fn next_event(buf: &[u8]) -> Option<(&[u8], usize)> {
-    // Built once: `memmem::find` would build a searcher for every event.
-    static EVENT_END: LazyLock<memchr::memmem::Finder<'static>> =
-        LazyLock::new(|| memchr::memmem::Finder::new(b"\n\n"));
     if buf.first() == Some(&b'\n') {
         return Some((&[], 1));
     }
-    let end = EVENT_END.find(buf)?;
-    Some((&buf[..end], end + 2))
+    let end = event_end(buf)?;
+    Some((&buf[..end - 2], end))
+}
+
+/// Where the first event in `buf` ends, past its blank line.
+pub fn event_end(buf: &[u8]) -> Option<usize> {
+    // Built once: `memmem::find` would build a searcher for every event.
+    static EVENT_END: LazyLock<memchr::memmem::Finder<'static>> =
+        LazyLock::new(|| memchr::memmem::Finder::new(b"\n\n"));
+    EVENT_END.find(buf).map(|end| end + 2)
 }
 
 /// The fields of `event`, name and value, in order (the space after the colon is not part of the

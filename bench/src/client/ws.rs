@@ -71,6 +71,18 @@ pub fn parse(buf: &[u8]) -> Parsed<'_> {
     }
 }
 
+/// The whole length (head and payload) of the frame whose start `head` holds, once `head` holds
+/// its whole header.
+pub fn frame_len(head: &[u8]) -> Option<usize> {
+    let [_, b1, ..] = *head else { return None };
+    let (len, head_len) = match b1 & 0x7f {
+        126 => (u16::from_be_bytes(head.get(2..4)?.try_into().ok()?) as u64, 4),
+        127 => (u64::from_be_bytes(head.get(2..10)?.try_into().ok()?), 10),
+        short => (short as u64, 2),
+    };
+    usize::try_from(len).ok()?.checked_add(head_len)
+}
+
 /// Appends a masked, final client frame to `out`.
 pub fn encode(opcode: u8, payload: &[u8], out: &mut Vec<u8>) {
     out.push(0x80 | opcode);
