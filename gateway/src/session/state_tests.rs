@@ -705,17 +705,18 @@ fn refused_subscriptions_answer_an_error_and_the_connection_stays() {
 #[test]
 fn a_full_queue_stops_taking_live_messages_until_the_socket_catches_up() {
     let mut h = Harness::new(Start::Live, 0);
-    let payload = Bytes::from(format!("\"{}\"", "x".repeat(30_000)));
+    // Frames of a little over a quarter of the live mark: the fourth passes it.
+    let payload = Bytes::from(format!("\"{}\"", "x".repeat(LIVE_HIGH_WATER / 4)));
     let big = |seq| Live::Message(Arc::new(Message::new(seq, Audience::All, "", "", "t", payload.clone())));
-    for seq in 1..=5 {
+    for seq in 1..=6 {
         h.broadcast(big(seq));
     }
     h.state.pull(h.watermark);
     assert!(!h.state.has_room());
     let mut batch = Vec::new();
     h.state.take_frames(&mut batch, usize::MAX, usize::MAX);
-    assert_eq!(batch.len(), 3, "taking stops at the high-water mark");
-    assert_eq!(h.frames(), ["4", "5"]);
+    assert_eq!(batch.len(), 4, "taking stops at the high-water mark");
+    assert_eq!(h.frames(), ["5", "6"]);
 }
 
 #[test]
@@ -883,16 +884,16 @@ fn a_stomp_subscription_not_made_yet_holds_a_whole_burst_back_message_by_message
 #[test]
 fn a_burst_past_the_high_water_mark_is_taken_one_by_one_up_to_the_mark() {
     let mut h = Harness::new(Start::Live, 10);
-    // Eight frames of 20 KiB: the mark (64 KiB) is passed by the fourth.
-    let burst: Vec<Arc<Message>> = (11..=18)
-        .map(|seq| Arc::new(Message::new(seq, Audience::All, "", "", "t", Bytes::from(vec![b'7'; 20 * 1024]))))
-        .collect();
+    // Eight frames of a little over a fifth of the live mark: the fifth passes it.
+    let payload = Bytes::from(vec![b'7'; LIVE_HIGH_WATER / 5]);
+    let burst: Vec<Arc<Message>> =
+        (11..=18).map(|seq| Arc::new(Message::new(seq, Audience::All, "", "", "t", payload.clone()))).collect();
     crate::delivery::burst::Burst::tie(&burst.iter().collect::<Vec<_>>());
     for message in &burst {
         h.broadcast(Live::Message(message.clone()));
     }
     h.state.pull(h.watermark);
-    assert_eq!(h.state.last_sent(), 14);
+    assert_eq!(h.state.last_sent(), 15);
     assert!(!h.state.has_room());
     h.state.take_frames(&mut Vec::new(), usize::MAX, usize::MAX);
     h.state.pull(h.watermark);
