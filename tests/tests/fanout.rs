@@ -63,7 +63,9 @@ async fn a_thousand_sockets_read_push_all_exactly_while_stalled_ones_fall_out_of
     // Published in rounds smaller than the window, each read by every reader before the next: the
     // readers keep up, the stalled sockets fall ever further behind.
     let publisher = Publisher::new(&nats).await;
-    let body = format!("\"{}\"", "x".repeat(1000));
+    // 200 messages of 2.5 KB: twice what a stalled session may queue (256 KiB of live frames) and
+    // its socket may hold, so it falls out of the window even if woken meanwhile.
+    let body = format!("\"{}\"", "x".repeat(2500));
     let mut published = Vec::new();
     for _ in 0..MESSAGES / ROUND {
         let mut acks = Vec::new();

@@ -229,7 +229,7 @@ async fn serve(
             written = transmit.flush(), if transmit.is_busy() => {
                 written.map_err(|error| Close::gone(format!("write failed: {error}")))
             }
-            outcome = next_outcome(&mut job), if job.is_some() && state.has_room() => {
+            outcome = next_outcome(&mut job), if job.is_some() && state.has_room_for_job() => {
                 match outcome {
                     Some(outcome) => state.on_outcome(outcome),
                     None => job = None,

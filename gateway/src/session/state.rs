@@ -37,13 +37,13 @@ use crate::delivery::mailbox::Event;
 use crate::delivery::message::{Live, Message};
 use crate::delivery::router::{Attaching, LogStart};
 
-/// Bytes queued for the socket above which the session stops taking replayed messages until the
+/// Bytes queued for the socket above which the session takes no more replayed messages until the
 /// writer catches up: their frames are the session's own.
 const HIGH_WATER: usize = 64 * 1024;
-/// The same for live messages. Their frames are shared (slices of a burst's buffer, a message's
-/// encoding made once per gateway), so a longer queue costs references, not copies: a session the
-/// broadcast outpaced catches up in fewer, larger writes (at 1,000 sockets, 64 KiB here held
-/// fan-out to three quarters of what 256 KiB allows).
+/// The same for live messages. Their frames are mostly shared (slices of a burst's buffer, a
+/// message's encoding made once per gateway), so a longer queue costs mostly references: a session
+/// the broadcast outpaced catches up in fewer, larger writes (at 1,000 sockets, 64 KiB here held
+/// fan-out to about four fifths of what 256 KiB allows).
 const LIVE_HIGH_WATER: usize = 256 * 1024;
 
 /// Where a connection starts.
@@ -323,9 +323,14 @@ impl SessionState {
         }
     }
 
-    /// Whether there is room for more replayed frames.
-    pub(crate) fn has_room(&self) -> bool {
-        self.frame_bytes < HIGH_WATER && self.close.is_none()
+    /// Whether the running job's next outcome may be taken. A job that holds live delivery (a
+    /// replay, a repair) waits for the queue to drain below the replay mark, since what it queues
+    /// is the session's own. The others (a `sub` without `since`, an `unsub`) answer with a notice
+    /// and wait as live messages do: held to the lower mark, they would wait for as long as live
+    /// traffic kept the queue between the two.
+    pub(crate) fn has_room_for_job(&self) -> bool {
+        let mark = if self.holds_live() { HIGH_WATER } else { LIVE_HIGH_WATER };
+        self.frame_bytes < mark && self.close.is_none()
     }
 
     /// Whether there is room for more live frames.

@@ -712,11 +712,36 @@ fn a_full_queue_stops_taking_live_messages_until_the_socket_catches_up() {
         h.broadcast(big(seq));
     }
     h.state.pull(h.watermark);
-    assert!(!h.state.has_room());
+    assert!(!h.state.has_live_room());
     let mut batch = Vec::new();
     h.state.take_frames(&mut batch, usize::MAX, usize::MAX);
     assert_eq!(batch.len(), 4, "taking stops at the high-water mark");
     assert_eq!(h.frames(), ["5", "6"]);
+}
+
+#[test]
+fn live_traffic_between_the_two_marks_holds_back_a_replay_but_not_a_subs_answer() {
+    let mut h = Harness::new(Start::Live, 10);
+    // Live frames fill the queue past the replay mark, short of the live one.
+    let payload = Bytes::from(format!("\"{}\"", "x".repeat(HIGH_WATER)));
+    h.broadcast(Live::Message(Arc::new(Message::new(11, Audience::All, "", "", "t", payload.clone()))));
+    h.state.pull(h.watermark);
+    assert!(h.state.has_live_room(), "live goes on");
+    h.state.subscribe("news".into(), None);
+    assert_eq!(h.action(), Some(Action::Attach { topic: "news".into(), attaching: Attaching::Live }));
+    assert!(h.state.has_room_for_job(), "a sub's answer does not wait for the queue to drain");
+    let log = Arc::new(Log::new(LogLimits { entries: 10, bytes: 1 << 20 }));
+    let start = || LogStart { audience: Audience::Topic("news".into()), log: log.clone(), position: 0, routed: 11 };
+    h.state.on_outcome(Outcome::Attached(Ok(start())));
+    assert_eq!(h.action(), Some(Action::Flush));
+    h.state.on_outcome(Outcome::Flushed);
+    // A sub with `since` replays: its outcomes wait until the queue is under the replay mark.
+    h.state.subscribe("news".into(), Some(5));
+    h.action();
+    h.state.on_outcome(Outcome::Attached(Ok(start())));
+    assert!(!h.state.has_room_for_job());
+    assert_eq!(h.frames(), ["11", "subscribed:news", "subscribed:news"]);
+    assert!(h.state.has_room_for_job());
 }
 
 #[test]
@@ -894,7 +919,7 @@ fn a_burst_past_the_high_water_mark_is_taken_one_by_one_up_to_the_mark() {
     }
     h.state.pull(h.watermark);
     assert_eq!(h.state.last_sent(), 15);
-    assert!(!h.state.has_room());
+    assert!(!h.state.has_live_room());
     h.state.take_frames(&mut Vec::new(), usize::MAX, usize::MAX);
     h.state.pull(h.watermark);
     assert_eq!(h.state.last_sent(), 18);
