@@ -53,17 +53,7 @@ pub fn parse(buf: &[u8]) -> Parsed<'_> {
     if b1 & 0x80 != 0 {
         return Parsed::Invalid("masked server frame");
     }
-    let (len, head) = match b1 & 0x7f {
-        126 => match buf.get(2..4) {
-            Some(bytes) => (u16::from_be_bytes([bytes[0], bytes[1]]) as u64, 4),
-            None => return Parsed::Incomplete,
-        },
-        127 => match buf.get(2..10) {
-            Some(bytes) => (u64::from_be_bytes(bytes.try_into().expect("8 bytes")), 10),
-            None => return Parsed::Incomplete,
-        },
-        short => (short as u64, 2),
-    };
+    let Some((len, head)) = header(buf) else { return Parsed::Incomplete };
     let Ok(len) = usize::try_from(len) else { return Parsed::Invalid("frame too large") };
     match buf.get(head..head + len) {
         Some(payload) => Parsed::Frame(Frame { fin: b0 & 0x80 != 0, opcode: b0 & 0x0f, payload }, head + len),
@@ -74,13 +64,19 @@ pub fn parse(buf: &[u8]) -> Parsed<'_> {
 /// The whole length (head and payload) of the frame whose start `head` holds, once `head` holds
 /// its whole header.
 pub fn frame_len(head: &[u8]) -> Option<usize> {
-    let [_, b1, ..] = *head else { return None };
-    let (len, head_len) = match b1 & 0x7f {
-        126 => (u16::from_be_bytes(head.get(2..4)?.try_into().ok()?) as u64, 4),
-        127 => (u64::from_be_bytes(head.get(2..10)?.try_into().ok()?), 10),
-        short => (short as u64, 2),
-    };
+    let (len, head_len) = header(head)?;
     usize::try_from(len).ok()?.checked_add(head_len)
+}
+
+/// The payload length and the header's length of the frame at the start of `buf`, once `buf`
+/// holds its whole header.
+fn header(buf: &[u8]) -> Option<(u64, usize)> {
+    let [_, b1, ..] = *buf else { return None };
+    Some(match b1 & 0x7f {
+        126 => (u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?) as u64, 4),
+        127 => (u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?), 10),
+        short => (short as u64, 2),
+    })
 }
 
 /// Appends a masked, final client frame to `out`.
