@@ -78,14 +78,19 @@ impl TestCluster {
         self.client_as(Role::Admin).await
     }
 
+    /// The URL of node `name` alone.
+    pub fn node_url(&self, name: &str) -> String {
+        format!("nats://127.0.0.1:{}", self.node(name).port)
+    }
+
     /// A connection as `role` to any live node.
     pub async fn client_as(&self, role: Role) -> Option<async_nats::Client> {
-        let servers: Vec<async_nats::ServerAddr> = self.url().split(',').filter_map(|url| url.parse().ok()).collect();
-        async_nats::ConnectOptions::with_user_and_password(role.user().into(), role.password())
-            .connection_timeout(Duration::from_secs(2))
-            .connect(servers)
-            .await
-            .ok()
+        connect(&self.url(), role).await
+    }
+
+    /// An admin connection to node `name` alone.
+    pub async fn client_of(&self, name: &str) -> Option<async_nats::Client> {
+        connect(&self.node_url(name), Role::Admin).await
     }
 
     /// The name of the node holding the client connection named `connection`, if any node does.
@@ -102,10 +107,30 @@ impl TestCluster {
         None
     }
 
+    /// Freezes node `name` (SIGSTOP): its sockets stay open and nothing on them is answered, as
+    /// when a network partition cuts it off.
+    pub async fn pause(&self, name: &str) {
+        match &self.node(name).backend {
+            Backend::Container(container) => container.pause().await.expect("pause the node"),
+            Backend::Process { child, .. } => signal(child, "-STOP"),
+        }
+    }
+
+    /// Lets node `name` run again after [`TestCluster::pause`].
+    pub async fn unpause(&self, name: &str) {
+        match &self.node(name).backend {
+            Backend::Container(container) => container.unpause().await.expect("unpause the node"),
+            Backend::Process { child, .. } => signal(child, "-CONT"),
+        }
+    }
+
+    fn node(&self, name: &str) -> &Node {
+        self.nodes.iter().find(|node| node.name == name).unwrap_or_else(|| panic!("no node {name}"))
+    }
+
     /// Kills node `name` as a crash would (SIGKILL, no goodbye to its routes or clients).
     pub async fn kill(&self, name: &str) {
-        let node = self.nodes.iter().find(|node| node.name == name).unwrap_or_else(|| panic!("no node {name}"));
-        match &node.backend {
+        match &self.node(name).backend {
             Backend::Container(container) => container.stop_with_timeout(Some(0)).await.expect("kill the node"),
             Backend::Process { child, .. } => {
                 if let Some(mut child) = child.lock().unwrap().take() {
@@ -118,8 +143,7 @@ impl TestCluster {
 
     /// Starts node `name` again after [`TestCluster::kill`], with its store, on the same ports.
     pub async fn restart(&self, name: &str) {
-        let node = self.nodes.iter().find(|node| node.name == name).unwrap_or_else(|| panic!("no node {name}"));
-        match &node.backend {
+        match &self.node(name).backend {
             Backend::Container(container) => container.start().await.expect("restart the node"),
             Backend::Process { child, command, .. } => {
                 let spawned = command().spawn().expect("spawn nats-server");
@@ -141,6 +165,22 @@ impl Drop for TestCluster {
             }
         }
     }
+}
+
+async fn connect(urls: &str, role: Role) -> Option<async_nats::Client> {
+    let servers: Vec<async_nats::ServerAddr> = urls.split(',').filter_map(|url| url.parse().ok()).collect();
+    async_nats::ConnectOptions::with_user_and_password(role.user().into(), role.password())
+        .connection_timeout(Duration::from_secs(2))
+        .connect(servers)
+        .await
+        .ok()
+}
+
+/// Sends `signal` (as `kill` names it) to a node's process.
+fn signal(child: &Mutex<Option<Child>>, signal: &str) {
+    let pid = child.lock().unwrap().as_ref().expect("the node runs").id();
+    let sent = Command::new("kill").args([signal, &pid.to_string()]).status().expect("run kill");
+    assert!(sent.success(), "kill {signal} {pid}");
 }
 
 /// Containers on network `id`, routing to each other by container name.

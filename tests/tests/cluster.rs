@@ -10,10 +10,11 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream;
+use futures::StreamExt;
 use herald_shared::frame::{ServerFrame, close_code};
 use herald_tests::gateway::{token, token_with};
 use herald_tests::nats::Role;
-use herald_tests::ws::Event;
+use herald_tests::ws::{Event, FRAME_TIMEOUT};
 use herald_tests::{TestCluster, TestGateway, WsClient, eventually};
 use tokio::sync::watch;
 
@@ -339,6 +340,66 @@ async fn a_message_stored_but_never_republished_is_not_owed_to_a_later_subscript
     assert_eq!(late.expect_msg().await.seq, after, "the later subscription goes on");
 }
 
+/// A gap that could be a loss (a message of the user's missing behind a newer `push.all` one already
+/// sent) while the stream has no leader (two of three nodes frozen, as a partition cuts them off) for
+/// longer than a join waits: the gateway keeps asking the stream's leader whether a message of the
+/// user's is stored there, and goes on when it learns that none is, instead of assuming a loss and
+/// closing with 4008 (a loss reported for nothing has the client reload its state).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loss_check_outwaits_a_stream_without_a_leader_instead_of_reporting_a_loss() {
+    /// Longer than the gateway kept asking before (5 s of retries after a first question that waits
+    /// up to 5 s for its answer).
+    const LEADERLESS: Duration = Duration::from_secs(12);
+    let _alone = ONE_CLUSTER.lock().await;
+    let cluster = TestCluster::start().await;
+    let [kept, frozen @ ..] = <[String; 3]>::try_from(cluster.names()).expect("three nodes");
+    let replicated = |config: &mut herald_gateway::Config| config.stream.stream_replicas = 3;
+    let gateway = TestGateway::start_on(&cluster.node_url(&kept), replicated).await;
+    let mut client = gateway.connect_with(&format!("token={}", token("gap"))).await;
+    let publisher = jetstream::new(cluster.client_as(Role::Publisher).await.expect("connect as publisher"));
+    let publish = |subject: &'static str| {
+        let publisher = publisher.clone();
+        async move { publisher.publish(subject, "1".into()).await.unwrap().await.unwrap().sequence }
+    };
+    let first = publish("push.user.gap").await;
+    let second = publish("push.all").await;
+    assert_eq!(client.expect_msgs(2).await, vec![first, second]);
+
+    // The kept node must not lead the stream, or it would answer from its store for a while.
+    let admin = cluster.client_of(&kept).await.expect("connect to the kept node");
+    lead_elsewhere(&jetstream::new(admin.clone()), &kept).await;
+    let mut questions = admin.subscribe("$JS.API.STREAM.MSG.GET.HERALD").await.unwrap();
+    admin.flush().await.unwrap();
+    for node in &frozen {
+        cluster.pause(node).await;
+    }
+    // The user's next message names push.all's `second` as its predecessor, as in repair.rs.
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Sequence", (second + 1).to_string().as_str());
+    headers.insert("Nats-Last-Sequence", second.to_string().as_str());
+    headers.insert("Nats-Time-Stamp", "2026-01-01T00:00:00Z");
+    admin.publish_with_headers("herald.deliver.user.gap", headers, "3".into()).await.unwrap();
+    admin.flush().await.unwrap();
+    let asked = tokio::time::timeout(FRAME_TIMEOUT, questions.next()).await.expect("the gateway asks the leader");
+    assert!(asked.is_some());
+    let first_question = tokio::time::Instant::now();
+    let still_asking = tokio::time::timeout(LEADERLESS + FRAME_TIMEOUT, async {
+        while questions.next().await.is_some() {
+            if first_question.elapsed() >= LEADERLESS {
+                return;
+            }
+        }
+    });
+    still_asking.await.expect("the gateway still asks the stream's leader 12 s after its first question");
+    for node in &frozen {
+        cluster.unpause(node).await;
+    }
+
+    assert_eq!(client.expect_msg().await.seq, second + 1);
+    assert_eq!(gateway.metric("herald_gateway_unrepairable_gaps_total").await, 0.0);
+    assert_eq!(gateway.metric("herald_gateway_connections").await, 1.0);
+}
+
 /// A gateway on a three-node cluster, user `led` connected, and the test's NATS clients.
 struct Led {
     cluster: TestCluster,
@@ -376,20 +437,26 @@ impl Led {
 
     /// Has another node lead the stream.
     async fn change_leader(&self) {
-        let leader = |admin: jetstream::Context| async move {
-            let info = admin.get_stream("HERALD").await.ok()?.info().await.ok()?.clone();
-            info.cluster.and_then(|cluster| cluster.leader)
-        };
-        let before = leader(self.admin.clone()).await;
+        let before = stream_leader(&self.admin).await;
         assert!(before.is_some(), "the stream has a leader ({:?})", self.cluster.names());
-        eventually("another node leads the stream", Duration::from_secs(60), || async {
-            let now = leader(self.admin.clone()).await?;
-            if Some(&now) != before.as_ref() {
-                return Some(());
-            }
-            let _ = self.admin.request::<_, _, serde_json::Value>("STREAM.LEADER.STEPDOWN.HERALD", &()).await;
-            None
-        })
-        .await;
+        lead_elsewhere(&self.admin, &before.unwrap()).await;
     }
+}
+
+/// The node leading the stream, if it has a leader.
+async fn stream_leader(admin: &jetstream::Context) -> Option<String> {
+    let info = admin.get_stream("HERALD").await.ok()?.info().await.ok()?.clone();
+    info.cluster.and_then(|cluster| cluster.leader)
+}
+
+/// Has the stream's leader step down until a node other than `node` leads it.
+async fn lead_elsewhere(admin: &jetstream::Context, node: &str) {
+    eventually("another node leads the stream", Duration::from_secs(60), || async {
+        if stream_leader(admin).await?.as_str() != node {
+            return Some(());
+        }
+        let _ = admin.request::<_, _, serde_json::Value>("STREAM.LEADER.STEPDOWN.HERALD", &()).await;
+        None
+    })
+    .await;
 }

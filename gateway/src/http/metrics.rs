@@ -36,6 +36,7 @@ pub(crate) struct Metrics {
     pub(crate) delivery_gaps: Counter,
     pub(crate) repairs: Counter,
     pub(crate) unrepairable_gaps: Counter,
+    pub(crate) losses_assumed: Counter,
     pub(crate) nats_connected: Gauge,
     pub(crate) buckets_recreated: Counter,
     pub(crate) streams_replaced: Counter,
@@ -62,6 +63,7 @@ impl Metrics {
             delivery_gaps: Counter::default(),
             repairs: Counter::default(),
             unrepairable_gaps: Counter::default(),
+            losses_assumed: Counter::default(),
             nats_connected: Gauge::default(),
             buckets_recreated: Counter::default(),
             streams_replaced: Counter::default(),
@@ -91,6 +93,11 @@ impl Metrics {
             "unrepairable_gaps",
             "Sessions closed with 4008 because a gap was behind newer messages",
             m.unrepairable_gaps.clone(),
+        );
+        registry.register(
+            "losses_assumed",
+            "Unrepairable gaps the stream's leader could not tell about for 30 s: the loss was assumed",
+            m.losses_assumed.clone(),
         );
         registry.register("nats_connected", "1 while connected to NATS", m.nats_connected.clone());
         registry.register(

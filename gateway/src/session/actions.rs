@@ -24,6 +24,11 @@ const LOSS_NOTE_ATTEMPT: Duration = Duration::from_secs(2);
 /// replay, a loss check) before it gives up: a stream electing a leader fails reads (or answers
 /// from a stale view) for a moment.
 pub(super) const STREAM_PATIENCE: Duration = Duration::from_secs(5);
+/// How long a session keeps asking the stream's leader whether a missing message is stored before
+/// it assumes the loss: a loss reported for nothing has the client reload its state, while waiting
+/// holds only this connection's live messages (a repair sends them in order afterwards). A stream
+/// whose cluster heals from a partition may go without a leader for longer than [`STREAM_PATIENCE`].
+const LOSS_CHECK_PATIENCE: Duration = Duration::from_secs(30);
 /// The first pause between two attempts, and the longest.
 const FIRST_PAUSE: Duration = Duration::from_millis(100);
 const LONGEST_PAUSE: Duration = Duration::from_secs(2);
@@ -61,9 +66,8 @@ pub(super) fn perform(session: &Arc<Session>, action: Action) -> BoxStream<'stat
             Outcome::Detached
         }),
         Action::FindStored { audience, from } => once(async move {
-            // A stream that cannot tell makes the loss assumed: worth a few seconds of patience.
             let find = || session.shared.inbox.first_stored(&audience, from);
-            let found = retried(STREAM_PATIENCE, find).await;
+            let found = retried(LOSS_CHECK_PATIENCE, find).await;
             Outcome::Stored(found.map_err(|error| error.to_string()))
         }),
         Action::NoteLost { first } => once(async move {

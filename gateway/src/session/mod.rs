@@ -335,6 +335,7 @@ fn count(metrics: &crate::http::metrics::Metrics, tally: Tally) {
     add(&metrics.replays_incomplete, tally.replays_incomplete);
     add(&metrics.repairs, tally.repairs);
     add(&metrics.unrepairable_gaps, tally.unrepairable);
+    add(&metrics.losses_assumed, tally.losses_assumed);
 }
 
 /// Closes the socket with `close` and releases what the session held.

@@ -129,6 +129,8 @@ pub(crate) struct Tally {
     pub(crate) replays_incomplete: u64,
     pub(crate) repairs: u64,
     pub(crate) unrepairable: u64,
+    /// Of those, the ones the stream could not tell about: the loss was assumed.
+    pub(crate) losses_assumed: u64,
 }
 
 /// Work that needs the stream or the router, run one at a time.
@@ -597,7 +599,10 @@ impl SessionState {
                 }
             }
             Ok(_) => None,
-            Err(_) => Some(from),
+            Err(_) => {
+                self.tally.losses_assumed += 1;
+                Some(from)
+            }
         };
         match lost {
             Some(first) => {
