@@ -140,18 +140,19 @@ impl Cluster {
         &self.nodes
     }
 
+    /// Node `name`'s client URL.
+    pub fn node_url(&self, name: &str) -> Result<String> {
+        Ok(format!("nats://127.0.0.1:{}", self.node(name)?.client_port))
+    }
+
     /// A connection as `role`'s user to any node, reconnecting to any of them forever.
     pub async fn connect(&self, role: Role, name: &str) -> Result<async_nats::Client> {
-        let servers: Vec<async_nats::ServerAddr> =
-            self.url().split(',').map(|url| url.parse()).collect::<Result<_, _>>().context("a node's URL")?;
-        async_nats::ConnectOptions::with_user_and_password(role.user().into(), role.password())
-            .name(name)
-            .connection_timeout(Duration::from_secs(2))
-            .retry_on_initial_connect()
-            .max_reconnects(None)
-            .connect(servers)
-            .await
-            .with_context(|| format!("connect to NATS as {}", role.user()))
+        connect(&self.url(), role, name).await
+    }
+
+    /// A connection as `role`'s user to node `node` alone.
+    pub async fn connect_to_node(&self, node: &str, role: Role, name: &str) -> Result<async_nats::Client> {
+        connect(&self.node_url(node)?, role, name).await
     }
 
     fn node(&self, name: &str) -> Result<&Node> {
@@ -253,6 +254,20 @@ impl Cluster {
             }
         }
     }
+}
+
+/// A connection as `role`'s user to the nodes at `urls` (comma-separated), reconnecting forever.
+async fn connect(urls: &str, role: Role, name: &str) -> Result<async_nats::Client> {
+    let servers: Vec<async_nats::ServerAddr> =
+        urls.split(',').map(|url| url.parse()).collect::<Result<_, _>>().context("a node's URL")?;
+    async_nats::ConnectOptions::with_user_and_password(role.user().into(), role.password())
+        .name(name)
+        .connection_timeout(Duration::from_secs(2))
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connect(servers)
+        .await
+        .with_context(|| format!("connect to NATS as {}", role.user()))
 }
 
 impl Drop for Cluster {

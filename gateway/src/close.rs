@@ -53,7 +53,7 @@ impl CloseCode {
             CloseCode::TooBig => close_code::TOO_BIG,
             CloseCode::Internal => 1011,
             CloseCode::Restart => close_code::RESTART,
-            CloseCode::Unavailable => 1013,
+            CloseCode::Unavailable => close_code::TRY_AGAIN_LATER,
             CloseCode::TokenExpired => close_code::TOKEN_EXPIRED,
             CloseCode::Disconnected => close_code::DISCONNECTED,
             CloseCode::SlowConsumer => close_code::SLOW_CONSUMER,

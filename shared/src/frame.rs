@@ -159,6 +159,8 @@ pub mod close_code {
     pub const TOO_BIG: u16 = 1009;
     /// The gateway is restarting: reconnect with `since`, possibly elsewhere.
     pub const RESTART: u16 = 1012;
+    /// NATS or the stream was unavailable: reconnect with `since` a moment later.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
     /// The token expired while connected.
     pub const TOKEN_EXPIRED: u16 = 4001;
     /// An operator disconnected this connection or user.

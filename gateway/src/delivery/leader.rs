@@ -49,6 +49,22 @@ pub(crate) async fn message_get(feed: &Feed, query: serde_json::Value) -> Result
     stored(&answer)
 }
 
+/// The stream's replica group as a `STREAM.INFO` answer describes it (a server without a cluster
+/// names itself its leader).
+#[derive(Debug, serde::Deserialize)]
+pub(crate) struct StreamCluster {
+    #[serde(default)]
+    leader: String,
+}
+
+impl StreamCluster {
+    /// False when the group has no leader: the answering replica then speaks from its own store,
+    /// which lacks what the others stored while it was cut off from them.
+    pub(crate) fn has_leader(&self) -> bool {
+        !self.leader.is_empty()
+    }
+}
+
 /// A message a `STREAM.MSG.GET` answer holds: its sequence and kind.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Stored {

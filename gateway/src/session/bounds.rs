@@ -5,6 +5,7 @@ use herald_shared::subject::STREAM;
 use serde::Deserialize;
 
 use crate::delivery::feed::Feed;
+use crate::delivery::leader::StreamCluster;
 
 /// Every subject the stream stores.
 const STORED_SUBJECTS: &str = "push.>";
@@ -27,6 +28,7 @@ pub(crate) struct Bounds {
 struct InfoAnswer {
     state: Option<Bounds>,
     created: Option<String>,
+    cluster: Option<StreamCluster>,
     error: Option<serde_json::Value>,
 }
 
@@ -46,12 +48,22 @@ async fn bounds(feed: &Feed) -> Result<Bounds, StreamError> {
         .request(format!("$JS.API.STREAM.INFO.{STREAM}"), Bytes::new())
         .await
         .map_err(|e| StreamError(e.to_string()))?;
-    let answer: InfoAnswer = serde_json::from_slice(&answer).map_err(|e| StreamError(e.to_string()))?;
-    match (answer.state, answer.error) {
-        (Some(state), None) => Ok(Bounds { epoch: answer.created.as_deref().map_or(0, stable_hash), ..state }),
-        (_, Some(error)) => Err(StreamError(error.to_string())),
-        (None, None) => Err(StreamError("no state in the stream info".into())),
+    bounds_answered(&answer)
+}
+
+/// The bounds a `STREAM.INFO` answer gives. Those of a replica of a stream without a leader are
+/// refused (and read again, as while the stream elects a leader): nothing tells how far behind
+/// they are, since the gateway may have missed the same messages.
+fn bounds_answered(answer: &[u8]) -> Result<Bounds, StreamError> {
+    let answer: InfoAnswer = serde_json::from_slice(answer).map_err(|e| StreamError(e.to_string()))?;
+    if let Some(error) = answer.error {
+        return Err(StreamError(error.to_string()));
     }
+    if answer.cluster.is_some_and(|cluster| !cluster.has_leader()) {
+        return Err(StreamError("the stream has no leader: a replica's bounds may be behind".into()));
+    }
+    let state = answer.state.ok_or_else(|| StreamError("no state in the stream info".into()))?;
+    Ok(Bounds { epoch: answer.created.as_deref().map_or(0, stable_hash), ..state })
 }
 
 /// How many times, and how far apart, bounds older than a known sequence are read again.
@@ -277,6 +289,26 @@ mod tests {
         // Bounds read before of another epoch say nothing of this one.
         let view = answers(&[stale], bounds(6, 500), None);
         assert_eq!(bounds_reaching(&view, 0).await.unwrap(), stale);
+    }
+
+    #[test]
+    fn bounds_are_taken_from_a_stream_with_a_leader_or_a_single_server_only() {
+        let state = r#""state":{"first_seq":3,"last_seq":9},"created":"2026-12-05T10:00:00Z""#;
+        let led = format!(r#"{{{state},"cluster":{{"name":"c","leader":"n2","replicas":[]}}}}"#);
+        assert_eq!(
+            bounds_answered(led.as_bytes()).unwrap(),
+            Bounds { first: 3, last: 9, epoch: stable_hash("2026-12-05T10:00:00Z") }
+        );
+        // A replica of a stream without a leader: its store may be behind the others'.
+        let leaderless = format!(r#"{{{state},"cluster":{{"name":"c","replicas":[]}}}}"#);
+        assert!(bounds_answered(leaderless.as_bytes()).is_err());
+        let empty_leader = format!(r#"{{{state},"cluster":{{"name":"c","leader":""}}}}"#);
+        assert!(bounds_answered(empty_leader.as_bytes()).is_err());
+        // A server without a cluster says nothing of one.
+        let alone = format!("{{{state}}}");
+        assert_eq!(bounds_answered(alone.as_bytes()).unwrap().last, 9);
+        let refused = r#"{"error":{"code":503,"description":"JetStream system temporarily unavailable"}}"#;
+        assert!(bounds_answered(refused.as_bytes()).is_err());
     }
 
     #[test]
