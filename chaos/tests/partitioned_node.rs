@@ -1,7 +1,7 @@
 //! A NATS node cut off from the other two (a real partition: the node still serves its clients)
 //! while they store messages. Alone, the node's replica of the stream has no leader and answers for
 //! the stream from its own store, which lacks those messages, and the republish of what the others
-//! store no longer reaches it. A gateway on it must not trust those answers.
+//! store no longer reaches it. A gateway on it must neither trust those answers nor stay on it.
 
 use std::time::Duration;
 
@@ -69,6 +69,33 @@ async fn a_replay_through_a_cut_off_node_brings_what_the_others_stored_meanwhile
         }
     };
     assert_eq!(replayed, missed);
+}
+
+/// A gateway's delivery connection on a node cut off from the others: the node still answers pings,
+/// and answers for the stream from its own store (without a leader), while the republish of what
+/// the others store no longer reaches it. The gateway moves the connection to another node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_connection_leaves_a_node_cut_off_from_the_others() {
+    if !docker_available() {
+        return;
+    }
+    let _alone = ONE_CLUSTER.lock().await;
+    let scratch = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(&format!("herald-feed-{}", std::process::id()), scratch.path()).await.unwrap();
+    let gateway = TestGateway::start_on(&cluster.url(), |config| config.stream.stream_replicas = 3).await;
+    let connection = format!("herald-gateway {} delivery", gateway.config.node_id);
+    let cut = eventually("the delivery connection's node", Duration::from_secs(30), || {
+        cluster.node_of_connection(&connection)
+    })
+    .await;
+
+    cluster.isolate(&cut).await.unwrap();
+    let moved = eventually("the delivery connection on another node", Duration::from_secs(60), || async {
+        cluster.node_of_connection(&connection).await.filter(|node| *node != cut)
+    })
+    .await;
+    assert_ne!(moved, cut);
+    cluster.rejoin(&cut).await.unwrap();
 }
 
 /// Whether Docker runs here (CI requires it); the test is skipped otherwise.

@@ -2,7 +2,8 @@
 //! [`message`] where its sessions read it: a user's own messages in the [`mailbox`] of each of the
 //! user's sessions, `push.all` and topic messages once in a broadcast [`log`] that every
 //! interested session reads at its own position, each [`burst`] of them encoded once per wire
-//! format in one buffer.
+//! format in one buffer. [`reach`] keeps the feed on a server that reaches the stream; [`leader`]
+//! asks a new leader of the stream what it stores.
 
 pub(crate) mod burst;
 pub(crate) mod feed;
@@ -10,4 +11,5 @@ pub(crate) mod leader;
 pub(crate) mod log;
 pub(crate) mod mailbox;
 pub(crate) mod message;
+pub(crate) mod reach;
 pub(crate) mod router;

@@ -151,6 +151,8 @@ enum Command {
         behind: Vec<(Audience, u64)>,
         stream: u64,
     },
+    /// See [`Router::check_stored`].
+    CheckStored,
     /// The new leader could not say what it stores, for `why`: every session catches up.
     CheckFailed {
         why: String,
@@ -224,6 +226,12 @@ impl Router {
     /// loss noted, and routing starts over with the new stream's sequences.
     pub(crate) async fn stream_replaced(&self) {
         self.send(Command::StreamReplaced).await;
+    }
+
+    /// Asks the stream's leader which routed subjects have messages stored past what was routed,
+    /// as after a leader change: their sessions catch up.
+    pub(crate) async fn check_stored(&self) {
+        self.send(Command::CheckStored).await;
     }
 
     /// The kinds a user with sessions here muted (none for other users).
@@ -461,6 +469,7 @@ impl RouterTask {
             Command::StoredPast { behind, .. } => self.stored_past(behind),
             Command::CheckFailed { why, .. } => self.check_failed(&why),
             Command::StreamReplaced => self.stream_replaced(),
+            Command::CheckStored => self.check_stored_past(),
         }
     }
 
@@ -588,10 +597,7 @@ impl RouterTask {
             let subject = audience.push_subject();
             if route.last_seq > 0 {
                 self.metrics.delivery_gaps.inc();
-                warn!(
-                    subject,
-                    first, last, "messages stored by the stream's previous leader never reached this gateway"
-                );
+                warn!(subject, first, last, "messages the stream stored never reached this gateway");
             } else {
                 // Nothing routed on it yet: its sessions' joins replayed up to their own bounds,
                 // which the gap is checked against; most likely nothing is missing.

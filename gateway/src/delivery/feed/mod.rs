@@ -183,52 +183,6 @@ impl Feed {
     }
 }
 
-/// How often the feed checks that its server reaches the stream, and how many failed checks in a row
-/// make it move to another server.
-const STREAM_CHECK_INTERVAL: Duration = Duration::from_secs(5);
-const MAX_FAILED_STREAM_CHECKS: u32 = 2;
-
-/// Moves the feed to another server when the one it is on stops reaching the stream. A server cut
-/// off from the rest of its cluster still answers pings, so the connection looks fine, but the
-/// republish of new messages no longer reaches it: its stream requests time out instead.
-pub(crate) async fn watch_stream_reach(feed: Feed, stream: &'static str, shutdown: CancellationToken) {
-    let mut failed = 0;
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(STREAM_CHECK_INTERVAL) => {}
-            _ = shutdown.cancelled() => return,
-        }
-        if !feed.is_connected() {
-            failed = 0;
-            continue;
-        }
-        let problem = match feed.request(format!("$JS.API.STREAM.INFO.{stream}"), Bytes::new()).await {
-            Ok(answer) => unavailable(&answer),
-            Err(RequestError::Disconnected) => None,
-            Err(error) => Some(error.to_string()),
-        };
-        match problem {
-            None => failed = 0,
-            Some(problem) => {
-                failed += 1;
-                debug!(%problem, failed, "the delivery feed's server cannot serve the stream");
-                if failed >= MAX_FAILED_STREAM_CHECKS {
-                    failed = 0;
-                    feed.reconnect(format!("its server cannot serve the stream ({problem})"));
-                }
-            }
-        }
-    }
-}
-
-/// Whether a JetStream answer says the server has no JetStream to offer right now (no quorum, no
-/// leader: `503`); other errors (an unknown stream, say) still come from a working JetStream.
-fn unavailable(answer: &[u8]) -> Option<String> {
-    let answer: serde_json::Value = serde_json::from_slice(answer).ok()?;
-    let error = answer.get("error")?;
-    (error.get("code")?.as_u64()? == 503).then(|| error.to_string())
-}
-
 struct FeedTask {
     settings: NatsSettings,
     name: String,
