@@ -188,8 +188,8 @@ fn server_subs(user: &str, connect: &ConnectCommand, epoch: &str) -> Vec<ServerS
 
 /// The stream's epoch, read with the bounds (one request for the many connections of a storm).
 async fn epoch(shared: &Shared) -> Result<String, String> {
-    let bounds = shared.bounds.read().await.map_err(|e| e.to_string())?;
-    Ok(format!("{:x}", bounds.epoch))
+    let epoch = shared.bounds.read_epoch().await.map_err(|e| e.to_string())?;
+    Ok(format!("{epoch:x}"))
 }
 
 /// Counts the refusal and sends it: the error reply, if any, then the close.

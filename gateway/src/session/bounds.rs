@@ -43,7 +43,7 @@ fn stable_hash(text: &str) -> u64 {
 pub(crate) struct StreamError(pub(crate) String);
 
 /// The stream's bounds, read from the server now, by a request on the feed.
-async fn bounds(feed: &Feed) -> Result<Bounds, StreamError> {
+async fn bounds(feed: &Feed) -> Result<Answered, StreamError> {
     let answer = feed
         .request(format!("$JS.API.STREAM.INFO.{STREAM}"), Bytes::new())
         .await
@@ -51,19 +51,24 @@ async fn bounds(feed: &Feed) -> Result<Bounds, StreamError> {
     bounds_answered(&answer)
 }
 
-/// The bounds a `STREAM.INFO` answer gives. Those of a replica of a stream without a leader are
-/// refused (and read again, as while the stream elects a leader): nothing tells how far behind
-/// they are, since the gateway may have missed the same messages.
-fn bounds_answered(answer: &[u8]) -> Result<Bounds, StreamError> {
+/// Bounds as a server answered them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Answered {
+    bounds: Bounds,
+    /// False when they come from a replica of a stream without a leader, which answers from its
+    /// own store: it may lack what the other replicas stored while it was cut off from them.
+    led: bool,
+}
+
+/// The bounds a `STREAM.INFO` answer gives.
+fn bounds_answered(answer: &[u8]) -> Result<Answered, StreamError> {
     let answer: InfoAnswer = serde_json::from_slice(answer).map_err(|e| StreamError(e.to_string()))?;
     if let Some(error) = answer.error {
         return Err(StreamError(error.to_string()));
     }
-    if answer.cluster.is_some_and(|cluster| !cluster.has_leader()) {
-        return Err(StreamError("the stream has no leader: a replica's bounds may be behind".into()));
-    }
+    let led = answer.cluster.is_none_or(|cluster| cluster.has_leader());
     let state = answer.state.ok_or_else(|| StreamError("no state in the stream info".into()))?;
-    Ok(Bounds { epoch: answer.created.as_deref().map_or(0, stable_hash), ..state })
+    Ok(Answered { bounds: Bounds { epoch: answer.created.as_deref().map_or(0, stable_hash), ..state }, led })
 }
 
 /// How many times, and how far apart, bounds older than a known sequence are read again.
@@ -118,6 +123,8 @@ struct Pending {
 struct Reading {
     bounds: Bounds,
     known: u64,
+    /// See [`Answered::led`].
+    led: bool,
 }
 
 impl BoundsReader {
@@ -126,9 +133,10 @@ impl BoundsReader {
         BoundsReader { feed, pending: Default::default(), newest: Default::default() }
     }
 
-    /// The stream's bounds, read by a request sent after this call began.
-    pub(crate) async fn read(self: &std::sync::Arc<Self>) -> Result<Bounds, StreamError> {
-        Ok(self.reading().await?.bounds)
+    /// The stream's epoch (see [`Bounds::epoch`]), read by a request sent after this call began.
+    /// Any replica knows it, with or without a leader.
+    pub(crate) async fn read_epoch(self: &std::sync::Arc<Self>) -> Result<u64, StreamError> {
+        Ok(self.reading().await?.bounds.epoch)
     }
 
     async fn reading(self: &std::sync::Arc<Self>) -> Result<Reading, StreamError> {
@@ -145,9 +153,9 @@ impl BoundsReader {
     }
 
     /// The stream's bounds, reaching `at_least` (a sequence seen stored: a gap's end, what the
-    /// router saw, a client's `since`) and the newest bounds read before. A NATS server cut off
-    /// from its cluster may answer from a stale view for a while after it rejoined, while the
-    /// stream has no leader: such bounds are read again, a few times a moment apart. Bounds that
+    /// router saw, a client's `since`) and the newest bounds read before, from a stream with a
+    /// leader (see [`led`]). A NATS server that rejoined its cluster may answer from a stale view
+    /// for a while: such bounds are read again, a few times a moment apart. Bounds that
     /// stay behind fail, since a replay up to them would skip messages and tell nobody; except
     /// that bounds behind `at_least` only (which may be of a stream since made again, or a
     /// client's bogus `since`) are trusted when the stream's leader stores nothing from there on.
@@ -176,10 +184,11 @@ impl BoundsReader {
             // One request at a time: what is known now was known before this one was sent.
             let before = *self.newest.lock().unwrap_or_else(|p| p.into_inner());
             let result = bounds(&self.feed).await.map_err(|e| e.0);
-            if let Ok(read) = result {
-                self.newest.lock().unwrap_or_else(|p| p.into_inner()).note(read);
+            if let Ok(Answered { bounds, led: true }) = result {
+                self.newest.lock().unwrap_or_else(|p| p.into_inner()).note(bounds);
             }
-            let result = result.map(|bounds| Reading { bounds, known: before.known_in(&bounds) });
+            let result =
+                result.map(|Answered { bounds, led }| Reading { bounds, known: before.known_in(&bounds), led });
             for answer in waiting {
                 let _ = answer.send(result.clone());
             }
@@ -205,15 +214,25 @@ impl StreamView for std::sync::Arc<BoundsReader> {
     }
 }
 
+/// `read`, unless its stream had no leader: nothing tells how far behind such bounds are, since
+/// the gateway may have missed what the replica lacks, so they fail, as while the stream elects a
+/// leader (the join or catch-up tries again, then closes with 1013).
+fn led(read: Reading) -> Result<Reading, StreamError> {
+    match read.led {
+        true => Ok(read),
+        false => Err(StreamError("the stream has no leader: a replica's bounds may be behind".into())),
+    }
+}
+
 /// See [`BoundsReader::read_at_least`].
 async fn bounds_reaching(view: &impl StreamView, at_least: u64) -> Result<Bounds, StreamError> {
-    let mut read = view.reading().await?;
+    let mut read = led(view.reading().await?)?;
     for _ in 0..STALE_RETRIES {
         if read.bounds.last >= at_least.max(read.known) {
             return Ok(read.bounds);
         }
         tokio::time::sleep(STALE_PAUSE).await;
-        read = view.reading().await?;
+        read = led(view.reading().await?)?;
     }
     let bounds = read.bounds;
     let stale = |stored: u64| {
@@ -245,13 +264,15 @@ mod tests {
         answers: std::sync::Mutex<Vec<Bounds>>,
         newest: Newest,
         stored: Option<u64>,
+        /// Whether the stream has a leader.
+        led: bool,
     }
 
     impl StreamView for Answers {
         async fn reading(&self) -> Result<Reading, StreamError> {
             let mut answers = self.answers.lock().unwrap();
             let bounds = if answers.len() > 1 { answers.remove(0) } else { answers[0] };
-            Ok(Reading { bounds, known: self.newest.known_in(&bounds) })
+            Ok(Reading { bounds, known: self.newest.known_in(&bounds), led: self.led })
         }
 
         async fn stored_from(&self, from: u64) -> Result<Option<u64>, StreamError> {
@@ -262,7 +283,7 @@ mod tests {
     fn answers(answers: &[Bounds], newest: Bounds, stored: Option<u64>) -> Answers {
         let mut known = Newest::default();
         known.note(newest);
-        Answers { answers: std::sync::Mutex::new(answers.to_vec()), newest: known, stored }
+        Answers { answers: std::sync::Mutex::new(answers.to_vec()), newest: known, stored, led: true }
     }
 
     #[tokio::test(start_paused = true)]
@@ -289,24 +310,25 @@ mod tests {
         // Bounds read before of another epoch say nothing of this one.
         let view = answers(&[stale], bounds(6, 500), None);
         assert_eq!(bounds_reaching(&view, 0).await.unwrap(), stale);
+        // A replica of a stream without a leader: even bounds that reach everything known fail.
+        let view = Answers { led: false, ..answers(&[bounds(7, 120)], bounds(7, 0), None) };
+        assert!(bounds_reaching(&view, 100).await.is_err());
     }
 
     #[test]
-    fn bounds_are_taken_from_a_stream_with_a_leader_or_a_single_server_only() {
+    fn an_answer_says_whether_the_stream_had_a_leader() {
         let state = r#""state":{"first_seq":3,"last_seq":9},"created":"2026-12-05T10:00:00Z""#;
+        let bounds = Bounds { first: 3, last: 9, epoch: stable_hash("2026-12-05T10:00:00Z") };
         let led = format!(r#"{{{state},"cluster":{{"name":"c","leader":"n2","replicas":[]}}}}"#);
-        assert_eq!(
-            bounds_answered(led.as_bytes()).unwrap(),
-            Bounds { first: 3, last: 9, epoch: stable_hash("2026-12-05T10:00:00Z") }
-        );
+        assert_eq!(bounds_answered(led.as_bytes()).unwrap(), Answered { bounds, led: true });
         // A replica of a stream without a leader: its store may be behind the others'.
         let leaderless = format!(r#"{{{state},"cluster":{{"name":"c","replicas":[]}}}}"#);
-        assert!(bounds_answered(leaderless.as_bytes()).is_err());
+        assert_eq!(bounds_answered(leaderless.as_bytes()).unwrap(), Answered { bounds, led: false });
         let empty_leader = format!(r#"{{{state},"cluster":{{"name":"c","leader":""}}}}"#);
-        assert!(bounds_answered(empty_leader.as_bytes()).is_err());
+        assert!(!bounds_answered(empty_leader.as_bytes()).unwrap().led);
         // A server without a cluster says nothing of one.
         let alone = format!("{{{state}}}");
-        assert_eq!(bounds_answered(alone.as_bytes()).unwrap().last, 9);
+        assert_eq!(bounds_answered(alone.as_bytes()).unwrap(), Answered { bounds, led: true });
         let refused = r#"{"error":{"code":503,"description":"JetStream system temporarily unavailable"}}"#;
         assert!(bounds_answered(refused.as_bytes()).is_err());
     }
