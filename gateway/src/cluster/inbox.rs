@@ -28,7 +28,6 @@ use tracing::{debug, warn};
 use super::forward::{self, KvError};
 use super::registry::Registry;
 use super::watch::{Backoff, watch_from};
-use crate::delivery::leader::Stored;
 use crate::delivery::mailbox::Event;
 use crate::delivery::message::{self, Message};
 use crate::delivery::router::Router;
@@ -183,16 +182,6 @@ impl Inbox {
         let next = messages.last().map_or(after, |message| message.seq);
         let trimmed = self.per_subject_cap > 0 && remaining >= self.per_subject_cap as u64;
         Ok(Page { messages, next, complete: first? <= after + 1 && !trimmed })
-    }
-
-    /// The first stored message of `audience` from `from` on, asked of the stream's leader (never a
-    /// replica that may be behind).
-    pub(crate) async fn first_stored(&self, audience: &Audience, from: u64) -> Result<Option<Stored>, InboxError> {
-        let body = serde_json::json!({"seq": from, "next_by_subj": audience.push_subject()});
-        let request = async_nats::Request::new().payload(Bytes::from(body.to_string())).timeout(Some(REQUEST_TIMEOUT));
-        let reply =
-            self.client.send_request(format!("$JS.API.STREAM.MSG.GET.{STREAM}"), request).await.map_err(error)?;
-        crate::delivery::leader::stored(&reply.payload).map_err(error)
     }
 
     /// The stream's first sequence.

@@ -13,6 +13,7 @@ use tracing::{debug, warn};
 use super::Session;
 use super::replay::Replay;
 use super::state::{Action, Outcome};
+use crate::delivery::leader::message_get;
 use crate::delivery::message;
 
 /// How long a closing session keeps trying to note its lost messages: KV may be failing over in
@@ -66,9 +67,10 @@ pub(super) fn perform(session: &Arc<Session>, action: Action) -> BoxStream<'stat
             Outcome::Detached
         }),
         Action::FindStored { audience, from } => once(async move {
-            let find = || session.shared.inbox.first_stored(&audience, from);
-            let found = retried(LOSS_CHECK_PATIENCE, find).await;
-            Outcome::Stored(found.map_err(|error| error.to_string()))
+            // On the feed, which leaves a server cut off from the stream (see `delivery::reach`).
+            let query = serde_json::json!({ "seq": from, "next_by_subj": audience.push_subject() });
+            let find = || message_get(&session.shared.feed, query.clone());
+            Outcome::Stored(retried(LOSS_CHECK_PATIENCE, find).await)
         }),
         Action::NoteLost { first } => once(async move {
             // A task of its own, which the gateway's drain waits for: the note is written even if
