@@ -18,10 +18,11 @@ use super::feed::{Feed, RequestError};
 use super::leader::StreamCluster;
 use super::router::Router;
 
-/// How often the stream is asked about, and how many failed checks in a row make the feed move to
-/// another server.
+/// How often the stream is asked about; how many failed checks in a row make the feed move to
+/// another server at first, and at most (see [`Checks`]).
 const CHECK_INTERVAL: Duration = Duration::from_secs(5);
-const MAX_FAILED_CHECKS: u32 = 2;
+const FAILED_CHECKS_TO_MOVE: u32 = 2;
+const MOST_FAILED_CHECKS_TO_MOVE: u32 = 32;
 
 /// Checks the feed's server until `shutdown`.
 pub(crate) async fn watch(feed: Feed, router: Router, shutdown: CancellationToken) {
@@ -71,10 +72,20 @@ enum Verdict {
     Move(String),
 }
 
-/// The checks failed in a row.
-#[derive(Debug, Default)]
+/// The checks failed in a row, and how many in a row move the feed: twice as many after each move
+/// until a check passes. A whole cluster without a stream leader fails every server's checks, and
+/// each move has every session catch up, which fails then (1013): moving on at the same pace would
+/// close every client again and again for the length of the outage.
+#[derive(Debug)]
 struct Checks {
     failed: u32,
+    to_move: u32,
+}
+
+impl Default for Checks {
+    fn default() -> Checks {
+        Checks { failed: 0, to_move: FAILED_CHECKS_TO_MOVE }
+    }
 }
 
 impl Checks {
@@ -82,9 +93,14 @@ impl Checks {
         let failed = std::mem::take(&mut self.failed);
         match checked {
             Checked::Disconnected => Verdict::Fine,
-            Checked::Answered(None) if failed > 0 => Verdict::Back,
-            Checked::Answered(None) => Verdict::Fine,
-            Checked::Answered(Some(problem)) if failed + 1 >= MAX_FAILED_CHECKS => Verdict::Move(problem),
+            Checked::Answered(None) => {
+                self.to_move = FAILED_CHECKS_TO_MOVE;
+                if failed > 0 { Verdict::Back } else { Verdict::Fine }
+            }
+            Checked::Answered(Some(problem)) if failed + 1 >= self.to_move => {
+                self.to_move = (self.to_move * 2).min(MOST_FAILED_CHECKS_TO_MOVE);
+                Verdict::Move(problem)
+            }
             Checked::Answered(Some(problem)) => {
                 self.failed = failed + 1;
                 Verdict::Failing(problem)
@@ -133,6 +149,22 @@ mod tests {
         assert!(matches!(checks.next(failing()), Verdict::Failing(_)));
         assert_eq!(checks.next(Checked::Disconnected), Verdict::Fine, "a reconnection catches up by itself");
         assert_eq!(checks.next(Checked::Answered(None)), Verdict::Fine);
+    }
+
+    #[test]
+    fn every_move_that_does_not_help_doubles_the_failed_checks_to_the_next_one() {
+        let mut checks = Checks::default();
+        let mut moves = Vec::new();
+        for check in 1..=40 {
+            if matches!(checks.next(failing()), Verdict::Move(_)) {
+                moves.push(check);
+            }
+        }
+        assert_eq!(moves, [2, 6, 14, 30]);
+        // A check that passes starts over.
+        assert_eq!(checks.next(Checked::Answered(None)), Verdict::Back);
+        assert!(matches!(checks.next(failing()), Verdict::Failing(_)));
+        assert!(matches!(checks.next(failing()), Verdict::Move(_)));
     }
 
     #[test]
