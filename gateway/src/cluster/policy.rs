@@ -153,7 +153,8 @@ impl Policies {
     pub(crate) async fn claim(&self, user: &str, device: &str, conn: &str, mailbox: Arc<Mailbox>) {
         let key = self.key(user, device);
         let claim = Claim { conn: conn.to_string(), mailbox, revision: None, newest_other: 0 };
-        self.claims().entry(key.clone()).or_default().push(claim);
+        // Sized for one: a key rarely has two sessions at once.
+        self.claims().entry(key.clone()).or_insert_with(|| Vec::with_capacity(1)).push(claim);
         if self.policy() == SessionPolicy::Reject {
             return;
         }

@@ -52,7 +52,8 @@ impl Registry {
 
     pub(crate) fn insert(&self, session: LocalSession) {
         let mut inner = self.lock();
-        inner.by_user.entry(session.user.clone()).or_default().push(session.conn.clone());
+        // Sized for one: a user rarely has two connections on one gateway.
+        inner.by_user.entry(session.user.clone()).or_insert_with(|| Vec::with_capacity(1)).push(session.conn.clone());
         inner.by_conn.insert(session.conn.clone(), session);
     }
 

@@ -670,7 +670,8 @@ impl RouterTask {
                 self.feed.subscribe(sid, audience.deliver_subject());
                 self.by_sid.insert(sid, audience.clone());
                 let target = match &audience {
-                    Audience::User(_) => Target::Personal { mailboxes: Vec::new() },
+                    // Sized for one: a user rarely has two connections on one gateway.
+                    Audience::User(_) => Target::Personal { mailboxes: Vec::with_capacity(1) },
                     _ => Target::Broadcast { log: Arc::new(Log::new(self.limits)), readers: HashSet::new() },
                 };
                 Route { sid, last_seq: 0, made_at, gap_through: 0, joined: attaching == Attaching::Replaying, target }

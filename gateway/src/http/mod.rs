@@ -2,6 +2,7 @@
 //! ([`auth`], [`limits`]), the HTTP API ([`api`]), readiness ([`health`]), [`metrics`] and
 //! the count of [`refusals`].
 
+pub(crate) mod admitted;
 pub(crate) mod api;
 pub(crate) mod auth;
 pub(crate) mod body_pipe;

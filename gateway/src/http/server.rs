@@ -19,10 +19,11 @@ use tracing::debug;
 use crate::Shared;
 use crate::cluster::policy::PolicyError;
 use crate::codec::stomp::Transport;
+use crate::http::admitted::Admitted;
 use crate::http::auth::{self, Rejection};
 use crate::http::handshake;
 use crate::http::limits::{self, LimitExceeded};
-use crate::session;
+use crate::session::Connection;
 
 pub(crate) type HttpResponse = Response<Full<Bytes>>;
 
@@ -159,16 +160,18 @@ async fn upgrade(
             Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", error.to_string())
         }
     })?;
-    let tracker = shared.sessions.clone();
-    tracker.spawn(async move {
-        // The place taken under the connection limits is held for the session's whole life.
-        let _permit = permit;
+    let admitted = Box::new(Admitted { connect, conn, address, permit });
+    let max_frame_bytes = shared.config.max_frame_bytes;
+    shared.sessions.clone().spawn(async move {
         match upgrade.await {
-            Ok(socket) => session::run(shared, socket.into_inner().into_inner(), connect, conn, address).await,
+            // No local lives past an await here: each would be held for the connection's life.
+            Ok(socket) => {
+                admitted.session(shared, Connection::herald(socket.into_inner().into_inner(), max_frame_bytes)).await
+            }
             Err(error) => {
                 debug!(%error, "upgrade failed");
                 // Boxed: a task is as large as its largest state, and this one is rare.
-                Box::pin(shared.policies.cancel_reservation(&connect.claims.sub, &conn)).await;
+                Box::pin(admitted.cancel(&shared)).await;
             }
         }
     });

@@ -8,7 +8,7 @@
 //! a [`body_pipe`] whose other end is the response body, and a browser that leaves is noticed when
 //! the session's next write (a heartbeat comment at the latest) fails.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -22,16 +22,16 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
 
-use super::auth::{self, ConnectRequest, Rejection};
+use super::admitted::Admitted;
+use super::auth::{self, Rejection};
 use super::body_pipe::body_pipe;
-use super::limits::Permit;
 use super::server::{Body, HttpResponse, admit, refuse, refused_origin};
 use crate::Shared;
 use crate::close::{Close, CloseCode};
 use crate::cluster::policy::PolicyError;
 use crate::codec::sse::close_event;
 use crate::codec::{Codec, SseCodec};
-use crate::session::{self, Connection, ReadHalf, WriteHalf};
+use crate::session::{Connection, ReadHalf, WriteHalf};
 use crate::websocket::reader::MessageReader;
 
 /// Bytes the pipe between the session and the response body holds.
@@ -49,7 +49,7 @@ async fn open(shared: Arc<Shared>, request: &Request<Incoming>, peer: SocketAddr
     let Some(admitted) = admit_stream(&shared, request, peer).await? else { return Ok(not_ready(&shared)) };
     let (session_end, body_end) = body_pipe(PIPE_BYTES);
     let connection = sse_connection(&shared, Box::pin(Silent), Box::pin(session_end));
-    admitted.start(shared, connection, Vec::new());
+    Starting { admitted, connection, head: Vec::new() }.spawn(shared);
     let mut response = Response::new(Either::Right(body_end.boxed_unsync()));
     *response.headers_mut() = stream_headers();
     Ok(response)
@@ -74,26 +74,30 @@ fn sse_connection(shared: &Shared, client: ReadHalf, stream: WriteHalf) -> Conne
     }
 }
 
-/// A request checked and given its place (admitted, its session reserved): what a session needs.
-struct Admitted {
-    connect: ConnectRequest,
-    conn: String,
-    address: IpAddr,
-    permit: Permit,
+/// A stream admitted, its transport ready but for the response head.
+struct Starting {
+    admitted: Admitted,
+    connection: Connection,
+    /// The response head, when the session writes straight into the socket.
+    head: Vec<u8>,
 }
 
-impl Admitted {
-    /// Runs the session on `connection`, after writing `head` (a response head) to it.
-    fn start(self, shared: Arc<Shared>, mut connection: Connection, head: Vec<u8>) {
-        let Admitted { connect, conn, address, permit } = self;
+impl Starting {
+    /// Runs the session on its connection, after writing the head.
+    fn spawn(self, shared: Arc<Shared>) {
+        // Boxed: the task holds a pointer to it while the head is written, then the session.
+        let mut starting = Box::new(self);
         shared.sessions.clone().spawn(async move {
-            let _permit = permit;
-            if !head.is_empty() {
+            if !starting.head.is_empty() {
                 // A failed write is the session's first failed write too; it ends there.
-                let _ = connection.write_half.write_all(&head).await;
+                let _ = starting.connection.write_half.write_all(&starting.head).await;
             }
-            session::run_with(shared, connection, connect, conn, address).await;
+            starting.session(shared).await;
         });
+    }
+
+    fn session(self, shared: Arc<Shared>) -> impl Future<Output = ()> + Send {
+        self.admitted.session(shared, self.connection)
     }
 }
 
@@ -160,7 +164,7 @@ pub(crate) async fn serve_direct(
     let (read, write) = stream.into_split();
     let connection = sse_connection(shared, Box::pin(ClientGone { socket: read }), Box::pin(write));
     let head = response_head(StatusCode::OK, &stream_headers(), None);
-    admitted.start(shared.clone(), connection, head);
+    Starting { admitted, connection, head }.spawn(shared.clone());
     Ok(())
 }
 

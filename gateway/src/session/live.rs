@@ -55,7 +55,9 @@ pub(crate) struct LiveSources {
 
 impl LiveSources {
     pub(crate) fn new(mailbox: Arc<Mailbox>, starts: Vec<LogStart>) -> LiveSources {
-        let mut sources = LiveSources { mailbox, logs: Vec::new(), positions: Vec::new() };
+        // Sized exactly: most sessions read one log for their whole life.
+        let (logs, positions) = (Vec::with_capacity(starts.len()), Vec::with_capacity(starts.len()));
+        let mut sources = LiveSources { mailbox, logs, positions };
         for start in starts {
             sources.add(start);
         }

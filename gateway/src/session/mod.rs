@@ -86,25 +86,19 @@ impl Session {
     }
 }
 
-/// Runs connection `conn` on `upgraded` until it closes, in Herald's protocol.
-pub(crate) async fn run(
-    shared: Arc<Shared>,
-    upgraded: Upgraded,
-    request: ConnectRequest,
-    conn: String,
-    address: IpAddr,
-) {
-    let (read_half, write_half) = split(upgraded);
-    let reader = MessageReader::new(read_half, shared.config.max_frame_bytes);
-    let connection = Connection { reader, write_half, codec: Codec::Herald(HeraldCodec) };
-    run_with(shared, connection, request, conn, address).await;
-}
-
 /// A connection's transport and protocol, whatever they are.
 pub(crate) struct Connection {
     pub(crate) reader: MessageReader<ReadHalf>,
     pub(crate) write_half: WriteHalf,
     pub(crate) codec: Codec,
+}
+
+impl Connection {
+    /// An upgraded WebSocket speaking Herald's protocol; messages over `max_frame_bytes` are refused.
+    pub(crate) fn herald(upgraded: Upgraded, max_frame_bytes: usize) -> Connection {
+        let Socket { reader, writer } = Socket::new(upgraded, max_frame_bytes);
+        Connection { reader, write_half: writer, codec: Codec::Herald(HeraldCodec) }
+    }
 }
 
 /// An upgraded connection's two halves (a protocol that authenticates after the upgrade reads
@@ -123,27 +117,58 @@ impl Socket {
 }
 
 /// Runs connection `conn` on `socket` until it closes, speaking `codec`'s protocol.
-pub(crate) async fn run_codec(
+pub(crate) fn run_codec(
     shared: Arc<Shared>,
     socket: Socket,
     request: ConnectRequest,
     conn: String,
     address: IpAddr,
     codec: Codec,
-) {
+) -> impl Future<Output = ()> + Send + 'static {
     let connection = Connection { reader: socket.reader, write_half: socket.writer, codec };
-    run_with(shared, connection, request, conn, address).await
+    run_with(shared, connection, request, conn, address)
 }
 
-/// Runs connection `conn` until it closes.
-pub(crate) async fn run_with(
+/// Runs connection `conn` until it closes: registers the session at once, then returns the task
+/// that serves it.
+///
+/// Not an `async fn`: one keeps its arguments for its whole life, and this future lives as long
+/// as the connection, so what only the start needs (the request, the address) goes into the
+/// session here and the future holds little more than the socket's halves.
+pub(crate) fn run_with(
     shared: Arc<Shared>,
     connection: Connection,
     request: ConnectRequest,
     conn: String,
     address: IpAddr,
-) {
-    let Connection { reader, write_half, codec } = connection;
+) -> impl Future<Output = ()> + Send + 'static {
+    let session = register(shared, request, conn, address);
+    let Connection { mut reader, write_half, codec } = connection;
+    let mut transmit = Transmit::new(write_half);
+    async move {
+        let shared = &session.shared;
+        let format = codec.format();
+        let opened = tokio::select! {
+            biased;
+            _ = shared.killed.cancelled() => Err(Close::gone("gateway killed")),
+            _ = shared.shutdown.cancelled() => Err(Close::restart()),
+            // Boxed: a task's size is that of its largest state, and opening runs once.
+            opened = Box::pin(join::open(&session, codec)) => opened,
+        };
+        let (close, state) = match opened {
+            Ok(state) => {
+                Box::pin(publish_lifecycle(&shared.client, &session.who(), None)).await;
+                serve(&session, state, &mut reader, &mut transmit).await
+            }
+            Err(close) => (close, None),
+        };
+        drop(reader);
+        Box::pin(finish(&session, state, format, transmit, close)).await;
+    }
+}
+
+/// The session of connection `conn`, known to the registry and counted.
+fn register(shared: Arc<Shared>, request: ConnectRequest, conn: String, address: IpAddr) -> Arc<Session> {
     let mailbox = Arc::new(Mailbox::new(shared.config.outbound_queue_bytes));
     let user: Arc<str> = request.claims.sub.as_str().into();
     let session = Arc::new(Session {
@@ -175,31 +200,14 @@ pub(crate) async fn run_with(
     shared.metrics.connections.inc();
     shared.metrics.users.set(shared.registry.counts().users as i64);
     info!(user = %session.user, device = %session.device, conn = %session.conn, %address, "connected");
-
-    let mut transmit = Transmit::new(write_half);
-    let format = codec.format();
-    let opened = tokio::select! {
-        biased;
-        _ = shared.killed.cancelled() => Err(Close::gone("gateway killed")),
-        _ = shared.shutdown.cancelled() => Err(Close::restart()),
-        // Boxed: a task's size is that of its largest state, and opening runs once.
-        opened = Box::pin(join::open(&session, codec)) => opened,
-    };
-    let (close, state) = match opened {
-        Ok(state) => {
-            Box::pin(publish_lifecycle(&shared.client, &session.who(), None)).await;
-            serve(&session, state, reader, &mut transmit).await
-        }
-        Err(close) => (close, None),
-    };
-    Box::pin(finish(&session, state, format, transmit, close)).await;
+    session
 }
 
 /// Serves the connection until it must close; returns why, and the session if it opened.
 async fn serve(
     session: &Arc<Session>,
     mut state: Box<SessionState>,
-    mut reader: MessageReader<ReadHalf>,
+    reader: &mut MessageReader<ReadHalf>,
     transmit: &mut Transmit<WriteHalf>,
 ) -> (Close, Option<Box<SessionState>>) {
     let shared = &session.shared;
