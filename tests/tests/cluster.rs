@@ -374,14 +374,7 @@ async fn a_loss_check_outwaits_a_stream_without_a_leader_instead_of_reporting_a_
         cluster.pause(node).await;
     }
     // The user's next message names push.all's `second` as its predecessor, as in repair.rs.
-    let mut headers = HeaderMap::new();
-    headers.insert("Nats-Sequence", (second + 1).to_string().as_str());
-    headers.insert("Nats-Last-Sequence", second.to_string().as_str());
-    headers.insert("Nats-Time-Stamp", "2026-01-01T00:00:00Z");
-    admin.publish_with_headers("herald.deliver.user.gap", headers, "3".into()).await.unwrap();
-    admin.flush().await.unwrap();
-    let asked = tokio::time::timeout(FRAME_TIMEOUT, questions.next()).await.expect("the gateway asks the leader");
-    assert!(asked.is_some());
+    forge_until_asked(&admin, &mut questions, "herald.deliver.user.gap", second + 1, second).await;
     let first_question = tokio::time::Instant::now();
     let still_asking = tokio::time::timeout(LEADERLESS + FRAME_TIMEOUT, async {
         while questions.next().await.is_some() {
@@ -398,6 +391,90 @@ async fn a_loss_check_outwaits_a_stream_without_a_leader_instead_of_reporting_a_
     assert_eq!(client.expect_msg().await.seq, second + 1);
     assert_eq!(gateway.metric("herald_gateway_unrepairable_gaps_total").await, 0.0);
     assert_eq!(gateway.metric("herald_gateway_connections").await, 1.0);
+}
+
+/// A client that leaves while the gateway asks the stream's leader whether a message it missed is
+/// stored (the stream has no leader: two of three nodes frozen): the question goes on without the
+/// connection, and the loss it finds (the message is stored, behind a newer one already sent) is
+/// noted, so the client's resume is told (`complete:false`) instead of skipping it in silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loss_check_goes_on_after_its_client_leaves_and_the_resume_is_told_of_the_loss() {
+    let _alone = ONE_CLUSTER.lock().await;
+    let cluster = TestCluster::start().await;
+    let [kept, frozen @ ..] = <[String; 3]>::try_from(cluster.names()).expect("three nodes");
+    let replicated = |config: &mut herald_gateway::Config| config.stream.stream_replicas = 3;
+    let gateway = TestGateway::start_on(&cluster.node_url(&kept), replicated).await;
+    let mut client = gateway.connect_with(&format!("token={}", token("gone"))).await;
+    let nats = cluster.client_of(&kept).await.expect("connect to the kept node");
+    let admin = jetstream::new(nats.clone());
+    let publisher = jetstream::new(cluster.client_as(Role::Publisher).await.expect("connect as publisher"));
+    let publish = |subject: &'static str| {
+        let publisher = publisher.clone();
+        async move { publisher.publish(subject, "1".into()).await.unwrap().await.unwrap().sequence }
+    };
+    let first = publish("push.user.gone").await;
+    assert_eq!(client.expect_msg().await.seq, first);
+    // Stored, never delivered: the stream does not republish it.
+    let config = admin.get_stream("HERALD").await.unwrap().info().await.unwrap().config.clone();
+    admin.update_stream(jetstream::stream::Config { republish: None, ..config.clone() }).await.unwrap();
+    let missed = publish("push.user.gone").await;
+    admin.update_stream(config).await.unwrap();
+    let newer = publish("push.all").await;
+    assert_eq!(client.expect_msg().await.seq, newer);
+
+    lead_elsewhere(&admin, &kept).await;
+    let mut questions = nats.subscribe("$JS.API.STREAM.MSG.GET.HERALD").await.unwrap();
+    nats.flush().await.unwrap();
+    for node in &frozen {
+        cluster.pause(node).await;
+    }
+    // The user's next message names `missed` as its predecessor: behind `newer`, already sent.
+    forge_until_asked(&nats, &mut questions, "herald.deliver.user.gone", newer + 1, missed).await;
+    drop(client);
+    eventually("the session ended", Duration::from_secs(60), || async {
+        (gateway.metric("herald_gateway_users").await == 0.0).then_some(())
+    })
+    .await;
+    for node in &frozen {
+        cluster.unpause(node).await;
+    }
+
+    let cursors = admin.get_key_value("herald-cursors").await.expect("the cursors bucket");
+    let note = eventually("the loss noted", Duration::from_secs(60), || async {
+        cursors.get("gone.default.lost").await.ok().flatten()
+    })
+    .await;
+    assert_eq!(String::from_utf8_lossy(&note), missed.to_string());
+    let mut resumed = gateway.connect_with(&format!("token={}&since={newer}", token("gone"))).await;
+    let (.., complete, _) = resumed.expect_replayed().await;
+    assert!(!complete, "the resume reports the loss of {missed}");
+    assert_eq!(gateway.metric("herald_gateway_unrepairable_gaps_total").await, 1.0);
+}
+
+/// Delivers a forged message `seq` naming `last` as its subject's predecessor on `subject` until
+/// the gateway asks the stream's leader about it (`questions`). Sent again if no question comes:
+/// a gateway whose delivery connection is moving (its node's stream has no leader) misses what
+/// comes meanwhile, and a copy that did arrive is a duplicate it drops.
+async fn forge_until_asked(
+    nats: &async_nats::Client,
+    questions: &mut async_nats::Subscriber,
+    subject: &'static str,
+    seq: u64,
+    last: u64,
+) {
+    let deadline = tokio::time::Instant::now() + FRAME_TIMEOUT;
+    loop {
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Sequence", seq.to_string().as_str());
+        headers.insert("Nats-Last-Sequence", last.to_string().as_str());
+        headers.insert("Nats-Time-Stamp", "2026-01-01T00:00:00Z");
+        nats.publish_with_headers(subject, headers, "3".into()).await.unwrap();
+        nats.flush().await.unwrap();
+        if let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(1), questions.next()).await {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the gateway never asked the stream's leader");
+    }
 }
 
 /// A gateway on a three-node cluster, user `led` connected, and the test's NATS clients.

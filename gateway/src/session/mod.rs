@@ -31,6 +31,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::BoxStream;
+use herald_shared::subject::Audience;
 use herald_shared::token::now_secs;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
@@ -44,7 +45,7 @@ use crate::close::{Close, CloseCode};
 use crate::cluster::cursor::DeviceCursor;
 use crate::cluster::events::{Who, publish_lifecycle};
 use crate::cluster::registry::{LocalSession, SocketInfo};
-use crate::codec::{Codec, HeraldCodec};
+use crate::codec::{Codec, HeraldCodec, WireFormat};
 use crate::delivery::mailbox::Mailbox;
 use crate::http::auth::ConnectRequest;
 use crate::http::ratelimit::TokenBucket;
@@ -155,15 +156,22 @@ pub(crate) fn run_with(
             // Boxed: a task's size is that of its largest state, and opening runs once.
             opened = Box::pin(join::open(&session, codec)) => opened,
         };
-        let (close, state) = match opened {
+        let (close, served) = match opened {
             Ok(state) => {
                 Box::pin(publish_lifecycle(&shared.client, &session.who(), None)).await;
-                serve(&session, state, &mut reader, &mut transmit).await
+                let (close, state, job) = serve(&session, state, &mut reader, &mut transmit).await;
+                (close, Some((state, job)))
             }
             Err(close) => (close, None),
         };
         drop(reader);
-        Box::pin(finish(&session, state, format, transmit, close)).await;
+        let state = served.as_ref().map(|(state, _)| &**state);
+        let audiences = state.map(SessionState::audiences).unwrap_or_else(|| join_audiences(&session));
+        let last = last_frame(state, format, &close);
+        if let Some((state, job)) = served {
+            settle_losses(&session, state, job);
+        }
+        Box::pin(finish(&session, audiences, last, transmit, close)).await;
     }
 }
 
@@ -203,13 +211,13 @@ fn register(shared: Arc<Shared>, request: ConnectRequest, conn: String, address:
     session
 }
 
-/// Serves the connection until it must close; returns why, and the session if it opened.
+/// Serves the connection until it must close; returns why, the session, and its job under way.
 async fn serve(
     session: &Arc<Session>,
     mut state: Box<SessionState>,
     reader: &mut MessageReader<ReadHalf>,
     transmit: &mut Transmit<WriteHalf>,
-) -> (Close, Option<Box<SessionState>>) {
+) -> (Close, Box<SessionState>, Option<BoxStream<'static, Outcome>>) {
     let shared = &session.shared;
     let config = &shared.config;
     let now = Instant::now();
@@ -223,7 +231,7 @@ async fn serve(
     let mut rpc_budget = TokenBucket::new(config.rpc_rate, config.rpc_burst, std::time::Instant::now());
     loop {
         if let Err(close) = advance(session, &mut state, &mut job, transmit) {
-            return (close, Some(state));
+            return (close, state, job);
         }
         // Deadlines only move later as the client talks and reads: the timer is moved earlier when
         // needed, and re-armed when it fires (early, harmlessly, if a deadline moved meanwhile).
@@ -258,7 +266,7 @@ async fn serve(
             }
         };
         if let Err(close) = ended {
-            return (close, Some(state));
+            return (close, state, job);
         }
     }
 }
@@ -346,11 +354,12 @@ fn count(metrics: &crate::http::metrics::Metrics, tally: Tally) {
     add(&metrics.losses_assumed, tally.losses_assumed);
 }
 
-/// Closes the socket with `close` and releases what the session held.
+/// Closes the socket with `close`, `last` its last frame, and releases what the session held: its
+/// routes for `audiences`, its place in the registry, its claim and its cursor.
 async fn finish(
     session: &Session,
-    state: Option<Box<SessionState>>,
-    format: crate::codec::WireFormat,
+    audiences: Vec<Audience>,
+    last: Option<Bytes>,
     mut transmit: Transmit<WriteHalf>,
     close: Close,
 ) {
@@ -358,17 +367,10 @@ async fn finish(
     if close.code == CloseCode::SlowConsumer {
         shared.metrics.slow_consumer_closes.inc();
     }
-    let audiences = state.as_deref().map(SessionState::audiences).unwrap_or_else(|| join_audiences(session));
     shared.router.detach(session.key, audiences, true).await;
     shared.registry.remove(&session.conn);
     shared.metrics.users.set(shared.registry.counts().users as i64);
-    // 1006 means the connection is gone (or the gateway was killed): nothing is sent.
     if close.code.is_sent() {
-        let codec = state.as_deref().map(SessionState::codec);
-        let last: Option<Bytes> = match codec {
-            Some(codec) => codec.close(&close),
-            None => Codec::close_unopened(format, &close),
-        };
         transmit.finish(last, CLOSE_GRACE).await;
     }
     drop(transmit);
@@ -384,8 +386,51 @@ async fn finish(
     info!(user = %session.user, conn = %session.conn, code = close.number(), reason = %close.reason, "disconnected");
 }
 
+/// The frame that tells the client why its connection closes, if one is sent: 1006 means the
+/// connection is gone (or the gateway was killed).
+fn last_frame(state: Option<&SessionState>, format: WireFormat, close: &Close) -> Option<Bytes> {
+    if !close.code.is_sent() {
+        return None;
+    }
+    match state {
+        Some(state) => state.codec().close(close),
+        None => Codec::close_unopened(format, close),
+    }
+}
+
+/// A connection that ended during a loss check, or with one waiting, has it go on in a task of its
+/// own, which the gateway's drain waits for: a loss it finds is noted, since the client's next
+/// resume, wherever it lands, must be told (as [`Action::NoteLost`](state::Action) does for a note
+/// under way).
+fn settle_losses(session: &Arc<Session>, mut state: Box<SessionState>, job: Option<BoxStream<'static, Outcome>>) {
+    if !state.owes_loss_check() {
+        return;
+    }
+    let shared = session.shared.clone();
+    let session = session.clone();
+    let mut job = job.filter(|_| state.checking_loss());
+    let settle = async move {
+        loop {
+            let outcome = match job.as_mut() {
+                Some(stream) => stream.next().await,
+                None => None,
+            };
+            let Some(action) = state.next_loss_action(outcome) else { break };
+            job = Some(actions::perform(&session, action));
+        }
+        count(&session.shared.metrics, state.take_tally());
+    };
+    shared.sessions.clone().spawn(async move {
+        // A gateway killed stops at once, as it would crash.
+        tokio::select! {
+            _ = settle => {}
+            _ = shared.killed.cancelled() => {}
+        }
+    });
+}
+
 /// What a session that never opened may have subscribed to.
-fn join_audiences(session: &Session) -> Vec<herald_shared::subject::Audience> {
+fn join_audiences(session: &Session) -> Vec<Audience> {
     state::audiences_of(&session.user, session.request.topics.iter())
 }
 

@@ -517,6 +517,52 @@ impl SessionState {
         }
     }
 
+    /// After the connection ended: whether a loss check or note was under way or waiting. Those
+    /// go on without the connection ([`Self::next_loss_action`]): a loss the client's next resume
+    /// is not told of is a silent one.
+    pub(crate) fn owes_loss_check(&self) -> bool {
+        matches!(self.step, Some(Step::FindStored { .. }))
+            || self.jobs.iter().any(|job| matches!(job, Job::CheckLoss { .. } | Job::Lost { .. }))
+    }
+
+    /// Whether the action under way is a loss check, whose outcome [`Self::next_loss_action`] takes.
+    pub(crate) fn checking_loss(&self) -> bool {
+        matches!(self.step, Some(Step::FindStored { .. }))
+    }
+
+    /// After the connection ended, the next step of the loss checks it owed: `outcome` answers the
+    /// check under way, if one was. Every other job ends with the connection (a client that comes
+    /// back resumes from what it received; a note under way finishes in a task of its own), and
+    /// the first loss found is noted, as it would have been with the connection open.
+    pub(crate) fn next_loss_action(&mut self, outcome: Option<Outcome>) -> Option<Action> {
+        match (self.step.take(), outcome) {
+            (Some(Step::FindStored { audience, from, through }), Some(Outcome::Stored(found))) => {
+                self.loss_checked(found, audience, from, through);
+            }
+            (Some(_), _) => {
+                self.jobs.pop_front();
+            }
+            (None, _) => {}
+        }
+        self.step = None;
+        self.action = None;
+        loop {
+            match self.jobs.front()?.clone() {
+                Job::CheckLoss { audience, first, through } => {
+                    self.step = Some(Step::FindStored { audience: audience.clone(), from: first, through });
+                    return Some(Action::FindStored { audience, from: first });
+                }
+                Job::Lost { first } => {
+                    self.jobs.clear();
+                    return Some(Action::NoteLost { first });
+                }
+                _ => {
+                    self.jobs.pop_front();
+                }
+            }
+        }
+    }
+
     fn holds_live(&self) -> bool {
         matches!(self.step, Some(Step::Bounds(_) | Step::Replay(_) | Step::FindStored { .. } | Step::NoteLost))
             || self.jobs.iter().any(Job::holds_live)

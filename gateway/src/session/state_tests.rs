@@ -927,3 +927,69 @@ fn a_burst_past_the_high_water_mark_is_taken_one_by_one_up_to_the_mark() {
     h.state.pull(h.watermark);
     assert_eq!(h.state.last_sent(), 18);
 }
+
+/// A session whose user's next message shows a gap behind 12, already sent: the leader is asked.
+fn checking_a_loss() -> Harness {
+    let mut h = Harness::new(Start::Live, 10);
+    h.personal(user_message(11));
+    h.broadcast(all_message(12));
+    assert_eq!(h.frames(), ["11", "12"]);
+    h.personal(Live::Gap { first: 12, last: 13, audience: Audience::User(USER.into()), first_on_route: false });
+    h.personal(user_message(14));
+    assert_eq!(h.action(), Some(Action::FindStored { audience: Audience::User(USER.into()), from: 12 }));
+    h
+}
+
+#[test]
+fn a_loss_check_under_way_when_the_connection_ends_goes_on_and_notes_the_loss() {
+    let mut h = checking_a_loss();
+    assert!(h.state.owes_loss_check() && h.state.checking_loss());
+    assert_eq!(h.state.next_loss_action(Some(found(12))), Some(Action::NoteLost { first: 12 }));
+    assert_eq!(h.state.next_loss_action(Some(Outcome::Noted)), None, "one note, then nothing");
+    let tally = h.state.take_tally();
+    assert_eq!((tally.unrepairable, tally.losses_assumed), (1, 0));
+}
+
+#[test]
+fn a_loss_check_that_finds_no_loss_after_the_connection_ended_ends_there() {
+    let mut h = checking_a_loss();
+    // Only 13 is missing, newer than anything sent: the repair it would start has no connection.
+    assert_eq!(h.state.next_loss_action(Some(found(13))), None);
+    assert_eq!(h.state.take_tally().unrepairable, 0);
+}
+
+#[test]
+fn a_loss_check_the_stream_cannot_answer_after_the_connection_ended_assumes_the_loss() {
+    let mut h = checking_a_loss();
+    let unanswered = Outcome::Stored(Err("no leader".into()));
+    assert_eq!(h.state.next_loss_action(Some(unanswered)), Some(Action::NoteLost { first: 12 }));
+    assert_eq!(h.state.take_tally().losses_assumed, 1);
+}
+
+#[test]
+fn a_session_that_ends_with_no_loss_check_owes_none() {
+    let mut h = Harness::new(Start::Live, 10);
+    h.personal(user_message(11));
+    h.mailbox.push_event(Event::Repair);
+    assert_eq!(h.action(), Some(Action::ReadBounds { at_least: 0 }));
+    assert!(!h.state.owes_loss_check(), "a catch-up under way ends with the connection");
+}
+
+#[test]
+fn a_loss_check_waiting_behind_a_subscription_runs_after_the_connection_ends() {
+    let mut h = Harness::new(Start::Live, 10);
+    h.personal(user_message(11));
+    h.broadcast(all_message(12));
+    assert_eq!(h.frames(), ["11", "12"]);
+    h.state.subscribe("news".into(), None);
+    assert_eq!(h.action(), Some(Action::Attach { topic: "news".into(), attaching: Attaching::Live }));
+    h.personal(Live::Gap { first: 12, last: 13, audience: Audience::User(USER.into()), first_on_route: false });
+    h.personal(user_message(14));
+    assert!(h.frames().is_empty());
+    assert_eq!(h.action(), None, "the check waits for the subscription");
+    // The connection ends there: the subscription ends with it, the check does not.
+    assert!(h.state.owes_loss_check() && !h.state.checking_loss());
+    let user = Audience::User(USER.into());
+    assert_eq!(h.state.next_loss_action(None), Some(Action::FindStored { audience: user, from: 12 }));
+    assert_eq!(h.state.next_loss_action(Some(found(12))), Some(Action::NoteLost { first: 12 }));
+}
