@@ -285,7 +285,7 @@ async fn run(shared: Arc<Shared>, listener: TcpListener) {
     info!("draining: closing every socket with 1012");
     shared.sessions.close();
     if tokio::time::timeout(shared.config.shutdown_grace, shared.sessions.wait()).await.is_err() {
-        warn!("shutdown grace elapsed with sockets still open");
+        warn!("shutdown grace elapsed with sockets, or loss checks of closed ones, still open");
     }
     if tokio::time::timeout(Duration::from_secs(5), shared.cursors.flush(usize::MAX)).await.is_err() {
         warn!("cursor flush timed out");

@@ -449,6 +449,7 @@ async fn a_loss_check_goes_on_after_its_client_leaves_and_the_resume_is_told_of_
     let (.., complete, _) = resumed.expect_replayed().await;
     assert!(!complete, "the resume reports the loss of {missed}");
     assert_eq!(gateway.metric("herald_gateway_unrepairable_gaps_total").await, 1.0);
+    assert_eq!(gateway.metric("herald_gateway_losses_assumed_total").await, 0.0, "the leader's answer found it");
 }
 
 /// Delivers a forged message `seq` naming `last` as its subject's predecessor on `subject` until

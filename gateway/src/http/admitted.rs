@@ -31,8 +31,18 @@ impl Admitted {
         session::run_with(shared, connection, connect, conn, address).map(move |()| drop(permit))
     }
 
+    /// [`Self::session`] of a boxed one: the box is freed here, before the session starts, instead
+    /// of with the task that held it.
+    pub(crate) fn boxed_session(
+        self: Box<Self>,
+        shared: Arc<Shared>,
+        connection: Connection,
+    ) -> impl Future<Output = ()> + Send {
+        (*self).session(shared, connection)
+    }
+
     /// Gives the reserved session back: the transport never came.
-    pub(crate) async fn cancel(self, shared: &Shared) {
+    pub(crate) async fn cancel(self: Box<Self>, shared: &Shared) {
         shared.policies.cancel_reservation(&self.connect.claims.sub, &self.conn).await;
     }
 }

@@ -166,7 +166,9 @@ async fn upgrade(
         match upgrade.await {
             // No local lives past an await here: each would be held for the connection's life.
             Ok(socket) => {
-                admitted.session(shared, Connection::herald(socket.into_inner().into_inner(), max_frame_bytes)).await
+                admitted
+                    .boxed_session(shared, Connection::herald(socket.into_inner().into_inner(), max_frame_bytes))
+                    .await
             }
             Err(error) => {
                 debug!(%error, "upgrade failed");

@@ -96,8 +96,10 @@ impl Starting {
         });
     }
 
-    fn session(self, shared: Arc<Shared>) -> impl Future<Output = ()> + Send {
-        self.admitted.session(shared, self.connection)
+    /// The box is freed here, before the session starts.
+    fn session(self: Box<Self>, shared: Arc<Shared>) -> impl Future<Output = ()> + Send {
+        let Starting { admitted, connection, .. } = *self;
+        admitted.session(shared, connection)
     }
 }
 

@@ -81,8 +81,9 @@ pub(super) fn perform(session: &Arc<Session>, action: Action) -> BoxStream<'stat
             // A gateway killed stops at once, as it would crash.
             let note = session.shared.sessions.spawn(async move {
                 tokio::select! {
-                    _ = note => {}
+                    biased;
                     _ = killed.cancelled() => {}
+                    _ = note => {}
                 }
             });
             let _ = note.await;

@@ -423,8 +423,9 @@ fn settle_losses(session: &Arc<Session>, mut state: Box<SessionState>, job: Opti
     shared.sessions.clone().spawn(async move {
         // A gateway killed stops at once, as it would crash.
         tokio::select! {
-            _ = settle => {}
+            biased;
             _ = shared.killed.cancelled() => {}
+            _ = settle => {}
         }
     });
 }

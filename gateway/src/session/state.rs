@@ -508,6 +508,8 @@ impl SessionState {
                 self.loss_checked(found, audience, from, through)
             }
             (Step::NoteLost, Outcome::Noted) => {
+                // Done: the connection's end must not find the loss still owed and note it again.
+                self.job_done();
                 self.close(Close::slow_consumer("messages missed: reconnect with since"));
             }
             (step, outcome) => {
@@ -537,7 +539,10 @@ impl SessionState {
     pub(crate) fn next_loss_action(&mut self, outcome: Option<Outcome>) -> Option<Action> {
         match (self.step.take(), outcome) {
             (Some(Step::FindStored { audience, from, through }), Some(Outcome::Stored(found))) => {
+                // A repair it queues never runs, so it is not counted.
+                let repairs = self.tally.repairs;
                 self.loss_checked(found, audience, from, through);
+                self.tally.repairs = repairs;
             }
             (Some(_), _) => {
                 self.jobs.pop_front();
