@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, SEC_WEBSOCKET_PROTOCOL};
+use hyper::upgrade::Upgraded;
 use hyper::{Request, Response, StatusCode};
 use tokio::io::AsyncWriteExt;
 use tracing::debug;
@@ -49,13 +50,7 @@ pub(crate) async fn websocket(
     shared.sessions.clone().spawn(async move {
         let _permit = permit;
         match upgrade.await {
-            Ok(upgraded) => {
-                let mut socket = Socket::new(upgraded.into_inner().into_inner(), shared.config.max_frame_bytes);
-                if asked.is_some() {
-                    socket.reader.accept_binary();
-                }
-                serve(shared, socket, address, asked.is_some()).await;
-            }
+            Ok(upgraded) => serve_upgraded(shared, upgraded.into_inner().into_inner(), address, asked.is_some()).await,
             Err(error) => debug!(%error, "upgrade failed"),
         }
     });
@@ -103,16 +98,40 @@ impl Refused {
     }
 }
 
-async fn serve(shared: Arc<Shared>, mut socket: Socket, address: IpAddr, protobuf: bool) {
+/// Serves an upgraded connection. Not an `async fn`: its locals would be held for the connection's
+/// whole life.
+fn serve_upgraded(
+    shared: Arc<Shared>,
+    upgraded: Upgraded,
+    address: IpAddr,
+    protobuf: bool,
+) -> impl Future<Output = ()> + Send {
+    let mut socket = Socket::new(upgraded, shared.config.max_frame_bytes);
+    if protobuf {
+        socket.reader.accept_binary();
+    }
+    session::accept_then_run(accept_or_refuse(shared, socket, address, protobuf))
+}
+
+/// The session's future once the `connect` command is accepted, or `None` once refused.
+async fn accept_or_refuse(
+    shared: Arc<Shared>,
+    mut socket: Socket,
+    address: IpAddr,
+    protobuf: bool,
+) -> Option<impl Future<Output = ()> + Send + 'static> {
     let conn = crate::id::random_id(12);
     let accepted = tokio::select! {
-        // Boxed: a task is as large as its largest state, and accepting runs once.
+        // Boxed: accepting runs once.
         accepted = Box::pin(accept(&shared, &mut socket, &conn, protobuf)) => accepted,
         _ = shared.shutdown.cancelled() => Err(Refused { reply: None, code: disconnect::SHUTDOWN, error: None, reason: "shutting down".into() }),
     };
     match accepted {
-        Ok((request, codec)) => session::run_codec(shared, socket, request, conn, address, codec).await,
-        Err(refused) => refuse(&shared, address, socket, refused, protobuf).await,
+        Ok((request, codec)) => Some(session::run_codec(shared, socket, request, conn, address, codec)),
+        Err(refused) => {
+            refuse(&shared, address, socket, refused, protobuf).await;
+            None
+        }
     }
 }
 

@@ -194,30 +194,56 @@ pub(crate) struct Auth {
 }
 
 /// A new WebSocket connection: the open packet, then the session.
-async fn serve(shared: Arc<Shared>, mut socket: Socket, address: IpAddr, query_token: Option<String>) {
+fn serve(
+    shared: Arc<Shared>,
+    socket: Socket,
+    address: IpAddr,
+    query_token: Option<String>,
+) -> impl Future<Output = ()> {
+    session::accept_then_run(open_and_accept(shared, socket, address, query_token))
+}
+
+/// Sends the open packet, then accepts the CONNECT (see [`accept_or_refuse`]).
+async fn open_and_accept(
+    shared: Arc<Shared>,
+    mut socket: Socket,
+    address: IpAddr,
+    query_token: Option<String>,
+) -> Option<impl Future<Output = ()> + Send + 'static> {
     let conn = crate::id::random_id(12);
     let handshake = super::engineio::open_packet(&open(&shared, &conn, &[]));
     if socket.writer.write_all(&frame::text(&handshake)).await.is_err() {
-        return;
+        return None;
     }
-    serve_opened(shared, socket, address, query_token, conn).await;
+    accept_or_refuse(shared, socket, address, query_token, conn).await
 }
 
 /// A connection whose open packet was sent: its CONNECT, then its session.
-async fn serve_opened(
+fn serve_opened(
+    shared: Arc<Shared>,
+    socket: Socket,
+    address: IpAddr,
+    query_token: Option<String>,
+    conn: String,
+) -> impl Future<Output = ()> {
+    session::accept_then_run(accept_or_refuse(shared, socket, address, query_token, conn))
+}
+
+/// The session's future once the CONNECT is accepted, or `None` once refused.
+async fn accept_or_refuse(
     shared: Arc<Shared>,
     mut socket: Socket,
     address: IpAddr,
     query_token: Option<String>,
     conn: String,
-) {
+) -> Option<impl Future<Output = ()> + Send + 'static> {
     let accepted = tokio::select! {
-        // Boxed: a task is as large as its largest state, and accepting runs once.
+        // Boxed: accepting runs once.
         accepted = Box::pin(accept(&shared, &mut socket, &conn, query_token)) => accepted,
         _ = shared.shutdown.cancelled() => Err(None),
     };
     match accepted {
-        Ok((request, codec)) => session::run_codec(shared, socket, request, conn, address, codec).await,
+        Ok((request, codec)) => Some(session::run_codec(shared, socket, request, conn, address, codec)),
         Err(refusal) => {
             let reason = match refusal {
                 Some(refusal) => {
@@ -231,6 +257,7 @@ async fn serve_opened(
             let _ = socket.writer.write_all(&refusal).await;
             let _ = socket.writer.write_all(&frame::close(1000, "")).await;
             let _ = socket.writer.shutdown().await;
+            None
         }
     }
 }

@@ -13,6 +13,7 @@ use herald_shared::frame::error_code;
 use herald_shared::id::{IdKind, check_id};
 use hyper::body::Incoming;
 use hyper::header::{AUTHORIZATION, HeaderValue, SEC_WEBSOCKET_PROTOCOL};
+use hyper::upgrade::Upgraded;
 use hyper::{Request, StatusCode};
 use tokio::io::AsyncWriteExt;
 use tracing::debug;
@@ -70,11 +71,7 @@ pub(crate) async fn upgrade(
     tracker.spawn(async move {
         let _permit = permit;
         match upgrade.await {
-            Ok(socket) => {
-                let (read_half, write_half) = session::split(socket.into_inner().into_inner());
-                let reader = MessageReader::new(read_half, shared.config.max_frame_bytes);
-                connect(shared, reader, write_half, hints, address, transport).await;
-            }
+            Ok(socket) => connect_upgraded(shared, socket.into_inner().into_inner(), hints, address, transport).await,
             Err(error) => debug!(%error, "upgrade failed"),
         }
     });
@@ -146,42 +143,75 @@ fn refused(message: &'static str, detail: impl Into<String>) -> Rejection {
     Rejection::in_protocol(message, detail)
 }
 
+/// [`connect`] on an upgraded WebSocket. Not an `async fn`: its locals would be held for the
+/// connection's whole life.
+fn connect_upgraded(
+    shared: Arc<Shared>,
+    upgraded: Upgraded,
+    hints: Hints,
+    address: IpAddr,
+    transport: Transport,
+) -> impl Future<Output = ()> + Send + 'static {
+    let (read_half, write_half) = session::split(upgraded);
+    let reader = MessageReader::new(read_half, shared.config.max_frame_bytes);
+    connect(shared, reader, write_half, hints, address, transport)
+}
+
 /// Reads the CONNECT frame, authenticates it and runs the session; refuses it with an ERROR.
-pub(crate) async fn connect(
+pub(crate) fn connect(
+    shared: Arc<Shared>,
+    reader: MessageReader<ReadHalf>,
+    write_half: WriteHalf,
+    hints: Hints,
+    address: IpAddr,
+    transport: Transport,
+) -> impl Future<Output = ()> + Send + 'static {
+    session::accept_then_run(accept(shared, reader, write_half, hints, address, transport))
+}
+
+/// Reads the CONNECT frame and authenticates it: the session's future, or `None` once refused.
+async fn accept(
     shared: Arc<Shared>,
     mut reader: MessageReader<ReadHalf>,
     mut write_half: WriteHalf,
     hints: Hints,
     address: IpAddr,
     transport: Transport,
-) {
+) -> Option<impl Future<Output = ()> + Send + 'static> {
     if transport == Transport::SockJs && write_half.write_all(&sockjs::open()).await.is_err() {
-        return;
+        return None;
     }
     let deadline = shared.config.heartbeat + shared.config.heartbeat_timeout;
     let first = first_frame(&mut reader, &mut write_half, transport);
     let frame = tokio::select! {
-        // Boxed (here and below): a task is as large as its largest state, and these run once.
+        // Boxed (here and below): accepting runs once.
         frame = Box::pin(tokio::time::timeout(deadline, first)) => frame,
-        _ = shared.shutdown.cancelled() => return,
+        _ = shared.shutdown.cancelled() => return None,
     };
     let refuse = |write_half, refusal| refuse(&shared, address, write_half, refusal, transport);
-    let frame = match frame {
-        Ok(Ok(Some(frame))) => frame,
-        Ok(Ok(None)) => return,
-        Ok(Err(refusal)) => return refuse(&mut write_half, refusal).await,
-        Err(_) => return refuse(&mut write_half, refused(error_code::BAD_REQUEST, "no CONNECT frame in time")).await,
+    let refusal = match frame {
+        Ok(Ok(Some(frame))) => match authenticate(&shared, &frame, hints) {
+            Ok((request, connected)) => {
+                let conn = crate::id::random_id(12);
+                match Box::pin(shared.policies.reserve(&request.claims.sub, &conn)).await {
+                    Ok(()) => Ok((request, connected, conn)),
+                    Err(error @ PolicyError::Taken) => Err(refused(CONFLICT, error.to_string())),
+                    Err(error) => Err(refused(error_code::UNAVAILABLE, error.to_string())),
+                }
+            }
+            Err(refusal) => Err(refusal),
+        },
+        Ok(Ok(None)) => return None,
+        Ok(Err(refusal)) => Err(refusal),
+        Err(_) => Err(refused(error_code::BAD_REQUEST, "no CONNECT frame in time")),
     };
-    let (request, connected) = match authenticate(&shared, &frame, hints) {
+    let (request, connected, conn) = match refusal {
         Ok(accepted) => accepted,
-        Err(refusal) => return refuse(&mut write_half, refusal).await,
+        Err(refusal) => {
+            refuse(&mut write_half, refusal).await;
+            return None;
+        }
     };
-    let conn = crate::id::random_id(12);
-    match Box::pin(shared.policies.reserve(&request.claims.sub, &conn)).await {
-        Ok(()) => {}
-        Err(error @ PolicyError::Taken) => return refuse(&mut write_half, refused(CONFLICT, error.to_string())).await,
-        Err(error) => return refuse(&mut write_half, refused(error_code::UNAVAILABLE, error.to_string())).await,
-    }
     let codec = Codec::Stomp(Box::new(StompCodec::new(
         connected,
         shared.config.heartbeat,
@@ -189,7 +219,7 @@ pub(crate) async fn connect(
         shared.config.max_frame_bytes,
     )));
     let connection = Connection { reader, write_half, codec };
-    session::run_with(shared, connection, request, conn, address).await;
+    Some(session::run_with(shared, connection, request, conn, address))
 }
 
 /// The client's first frame; `None` when it closed first.

@@ -29,8 +29,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::future::OptionFuture;
 use futures::stream::BoxStream;
+use futures::{FutureExt, StreamExt};
 use herald_shared::subject::Audience;
 use herald_shared::token::now_secs;
 use hyper::upgrade::Upgraded;
@@ -128,6 +129,18 @@ pub(crate) fn run_codec(
 ) -> impl Future<Output = ()> + Send + 'static {
     let connection = Connection { reader: socket.reader, write_half: socket.writer, codec };
     run_with(shared, connection, request, conn, address)
+}
+
+/// Runs `accepting` (a protocol's handshake after the upgrade), then the session it returns, if
+/// any. Only one of the two is held at a time: a task is as large as its largest state for its
+/// whole life, and awaited at the end of the accepting `async fn`, the session would sit beside
+/// everything that function keeps (its arguments, the socket it was given).
+pub(crate) fn accept_then_run<A, S>(accepting: A) -> impl Future<Output = ()> + Send + 'static
+where
+    A: Future<Output = Option<S>> + Send + 'static,
+    S: Future<Output = ()> + Send + 'static,
+{
+    Box::pin(accepting).then(OptionFuture::from).map(|_: Option<()>| ())
 }
 
 /// Runs connection `conn` until it closes: registers the session at once, then returns the task
