@@ -404,9 +404,13 @@ async fn a_loss_check_goes_on_after_its_client_leaves_and_the_resume_is_told_of_
     let [kept, frozen @ ..] = <[String; 3]>::try_from(cluster.names()).expect("three nodes");
     let replicated = |config: &mut herald_gateway::Config| config.stream.stream_replicas = 3;
     let gateway = TestGateway::start_on(&cluster.node_url(&kept), replicated).await;
-    let mut client = gateway.connect_with(&format!("token={}", token("gone"))).await;
     let nats = cluster.client_of(&kept).await.expect("connect to the kept node");
     let admin = jetstream::new(nats.clone());
+    // The kept node must not lead the stream, or it would answer from its store for a while. Before
+    // the user has a route: the gateway asks a new leader what each routed subject stores, and
+    // would find the message below as soon as it is stored.
+    lead_elsewhere(&admin, &kept).await;
+    let mut client = gateway.connect_with(&format!("token={}", token("gone"))).await;
     let publisher = jetstream::new(cluster.client_as(Role::Publisher).await.expect("connect as publisher"));
     let publish = |subject: &'static str| {
         let publisher = publisher.clone();
@@ -422,7 +426,6 @@ async fn a_loss_check_goes_on_after_its_client_leaves_and_the_resume_is_told_of_
     let newer = publish("push.all").await;
     assert_eq!(client.expect_msg().await.seq, newer);
 
-    lead_elsewhere(&admin, &kept).await;
     let mut questions = nats.subscribe("$JS.API.STREAM.MSG.GET.HERALD").await.unwrap();
     nats.flush().await.unwrap();
     for node in &frozen {
