@@ -271,19 +271,24 @@ fn a_gap_a_replay_covered_is_no_loss() {
     assert_eq!(h.action(), Some(Action::ReadBounds { at_least: 0 }), "a gap that was no loss sets no floor");
 }
 
-#[test]
-fn a_gap_behind_a_newer_message_already_sent_is_noted_and_closes_with_4008() {
+/// A session that sent 11 and 12, whose user's next message (14) names a predecessor that never
+/// came (12 < missing <= 13): is one of the missing messages older than 12, already sent? The
+/// stream's leader is asked.
+fn checking_a_loss() -> Harness {
     let mut h = Harness::new(Start::Live, 10);
     h.personal(user_message(11));
     h.broadcast(all_message(12));
     assert_eq!(h.frames(), ["11", "12"]);
-    // The user's next message names a predecessor that never came (12 < missing <= 13): is one of
-    // the missing messages older than 12, already sent? The stream's leader is asked.
     h.personal(Live::Gap { first: 12, last: 13, audience: Audience::User(USER.into()), first_on_route: false });
     h.personal(user_message(14));
     assert!(h.frames().is_empty());
-    let user = Audience::User(USER.into());
-    assert_eq!(h.action(), Some(Action::FindStored { audience: user, from: 12 }));
+    assert_eq!(h.action(), Some(Action::FindStored { audience: Audience::User(USER.into()), from: 12 }));
+    h
+}
+
+#[test]
+fn a_gap_behind_a_newer_message_already_sent_is_noted_and_closes_with_4008() {
+    let mut h = checking_a_loss();
     // A message of the user's at or below what was sent (here: 12): lost.
     h.state.on_outcome(found(12));
     assert_eq!(h.action(), Some(Action::NoteLost { first: 12 }));
@@ -297,13 +302,7 @@ fn a_gap_behind_a_newer_message_already_sent_is_noted_and_closes_with_4008() {
 
 #[test]
 fn a_gap_behind_a_newer_message_whose_missing_messages_are_all_newer_is_repaired() {
-    let mut h = Harness::new(Start::Live, 10);
-    h.personal(user_message(11));
-    h.broadcast(all_message(12));
-    assert_eq!(h.frames(), ["11", "12"]);
-    h.personal(Live::Gap { first: 12, last: 13, audience: Audience::User(USER.into()), first_on_route: false });
-    h.personal(user_message(14));
-    assert!(matches!(h.action(), Some(Action::FindStored { .. })));
+    let mut h = checking_a_loss();
     // The only missing one is 13, newer than anything sent: a repair brings it in order.
     h.state.on_outcome(found(13));
     assert_eq!(h.action(), Some(Action::ReadBounds { at_least: 13 }));
@@ -927,18 +926,6 @@ fn a_burst_past_the_high_water_mark_is_taken_one_by_one_up_to_the_mark() {
     h.state.take_frames(&mut Vec::new(), usize::MAX, usize::MAX);
     h.state.pull(h.watermark);
     assert_eq!(h.state.last_sent(), 18);
-}
-
-/// A session whose user's next message shows a gap behind 12, already sent: the leader is asked.
-fn checking_a_loss() -> Harness {
-    let mut h = Harness::new(Start::Live, 10);
-    h.personal(user_message(11));
-    h.broadcast(all_message(12));
-    assert_eq!(h.frames(), ["11", "12"]);
-    h.personal(Live::Gap { first: 12, last: 13, audience: Audience::User(USER.into()), first_on_route: false });
-    h.personal(user_message(14));
-    assert_eq!(h.action(), Some(Action::FindStored { audience: Audience::User(USER.into()), from: 12 }));
-    h
 }
 
 #[test]
