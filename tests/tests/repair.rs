@@ -163,10 +163,24 @@ async fn missed_behind(user: &str) -> MissedBehind {
 
 /// Publishes `payload` to `subject` while the stream does not republish: stored, never delivered.
 async fn stored_unpublished(admin: &jetstream::Context, publisher: &Publisher, subject: &str, payload: &str) -> u64 {
+    stored_unpublished_times(admin, publisher, subject, payload, 1).await
+}
+
+/// The same `times` times; returns the last one's seq.
+async fn stored_unpublished_times(
+    admin: &jetstream::Context,
+    publisher: &Publisher,
+    subject: &str,
+    payload: &str,
+    times: usize,
+) -> u64 {
     let mut stream = admin.get_stream("HERALD").await.unwrap();
     let config = stream.info().await.unwrap().config.clone();
     admin.update_stream(jetstream::stream::Config { republish: None, ..config.clone() }).await.unwrap();
-    let seq = publisher.publish(subject, payload).await;
+    let mut seq = 0;
+    for _ in 0..times {
+        seq = publisher.publish(subject, payload).await;
+    }
     admin.update_stream(config).await.unwrap();
     seq
 }
@@ -273,5 +287,54 @@ async fn a_message_missed_before_nats_restarts_is_still_reported_after_the_catch
     assert_eq!(resumed.expect_msg().await.seq, last);
     let replayed = resumed.expect_replayed().await;
     assert!(!replayed.3, "the resume reports the loss of {missed}");
+    assert_eq!(gateway.metric("herald_gateway_unrepairable_gaps_total").await, 1.0);
+}
+
+/// A message stored but never delivered, behind a newer one already sent, whose loss shows (its
+/// subject's next message names it) while the gateway catches up from the stream for another
+/// reason and its client has stopped reading: live delivery waits behind the catch-up, so the
+/// connection never reads what shows the loss, and the client leaves. The connection's end looks
+/// through what it left unread: the loss is noted, and the client's resume reports it instead of
+/// skipping the message in silence.
+#[tokio::test]
+async fn a_loss_shown_behind_a_catch_up_is_noted_when_the_client_leaves_before_reading_it() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start_with(&nats, |c| c.write_stall_timeout = std::time::Duration::from_secs(300)).await;
+    let publisher = Publisher::new(&nats).await;
+    let url = gateway.ws_url(&format!("token={}", token("held")));
+    let mut client = herald_tests::ws::WsClient::connect_with_receive_buffer(&url, 4096).await;
+    client.expect_welcome().await;
+    let first = publisher.publish("push.user.held", "1").await;
+    assert_eq!(client.expect_msg().await.seq, first);
+    let admin = nats.jetstream().await;
+    let missed = stored_unpublished(&admin, &publisher, "push.user.held", "2").await;
+    let newer = publisher.publish("push.all", "3").await;
+    assert_eq!(client.expect_msg().await.seq, newer);
+
+    // The client reads no more. Broadcasts stored but not delivered, more than the sockets'
+    // buffers hold, then one delivered that names them: a gap above what was sent, so the gateway
+    // catches up from the stream, and stalls writing to the client.
+    let body = format!("\"{}\"", "x".repeat(256 * 1024));
+    let burst = 40;
+    let burst_end = stored_unpublished_times(&admin, &publisher, "push.all", &body, burst).await;
+    let shows_gap = publisher.publish("push.all", "4").await;
+    gateway.wait_metric("herald_gateway_repairs_total", 1.0).await;
+    // The user's next message names `missed`, behind `newer`: it waits behind the catch-up.
+    let shows_loss = publisher.publish("push.user.held", "5").await;
+    gateway.wait_metric("herald_gateway_delivery_gaps_total", 2.0).await;
+    assert_eq!(gateway.metric("herald_gateway_unrepairable_gaps_total").await, 0.0, "not looked at yet");
+    drop(client);
+
+    let cursors = admin.get_key_value("herald-cursors").await.expect("the cursors bucket");
+    let note = herald_tests::eventually("the loss noted", std::time::Duration::from_secs(30), || async {
+        cursors.get("held.default.lost").await.ok().flatten()
+    })
+    .await;
+    assert_eq!(String::from_utf8_lossy(&note), missed.to_string());
+    let mut resumed = gateway.connect_with(&format!("token={}&since={newer}", token("held"))).await;
+    let mut expected: Vec<u64> = (burst_end + 1 - burst as u64..=burst_end).collect();
+    expected.extend([shows_gap, shows_loss]);
+    assert_eq!(resumed.expect_msgs(expected.len()).await, expected);
+    assert!(!resumed.expect_replayed().await.3, "the resume reports the loss of {missed}");
     assert_eq!(gateway.metric("herald_gateway_unrepairable_gaps_total").await, 1.0);
 }

@@ -411,11 +411,12 @@ fn last_frame(state: Option<&SessionState>, format: WireFormat, close: &Close) -
     }
 }
 
-/// A connection that ended during a loss check, or with one waiting, has it go on in a task of its
-/// own, which the gateway's drain waits for: a loss it finds is noted, since the client's next
-/// resume, wherever it lands, must be told (as [`Action::NoteLost`](state::Action) does for a note
-/// under way).
+/// A connection that ended during a loss check, or with one waiting, or with a gap it had not read
+/// yet that may be a loss, has the checks go on in a task of its own, which the gateway's drain
+/// waits for: a loss they find is noted, since the client's next resume, wherever it lands, must be
+/// told (as [`Action::NoteLost`](state::Action) does for a note under way).
 fn settle_losses(session: &Arc<Session>, mut state: Box<SessionState>, job: Option<BoxStream<'static, Outcome>>) {
+    state.examine_unread();
     if !state.owes_loss_check() {
         return;
     }

@@ -256,6 +256,8 @@ pub(crate) struct SessionState {
     max_topics: usize,
     per_subject_cap: i64,
     close: Option<Close>,
+    /// A loss was noted for the client's resume.
+    loss_noted: bool,
     tally: Tally,
 }
 
@@ -283,6 +285,7 @@ impl SessionState {
             max_topics,
             per_subject_cap,
             close: None,
+            loss_noted: false,
             tally: Tally::default(),
         };
         state.notice(&params.welcome);
@@ -509,6 +512,7 @@ impl SessionState {
             }
             (Step::NoteLost, Outcome::Noted) => {
                 // Done: the connection's end must not find the loss still owed and note it again.
+                self.loss_noted = true;
                 self.job_done();
                 self.close(Close::slow_consumer("messages missed: reconnect with since"));
             }
@@ -525,6 +529,50 @@ impl SessionState {
     pub(crate) fn owes_loss_check(&self) -> bool {
         matches!(self.step, Some(Step::FindStored { .. }))
             || self.jobs.iter().any(|job| matches!(job, Job::CheckLoss { .. } | Job::Lost { .. }))
+    }
+
+    /// After the connection ended: looks through what its live sources still hold unread (held
+    /// behind a replay, or waiting for room in the queue) for gaps below what was sent, which the
+    /// connection would have checked had it read them. Each is queued as a loss check
+    /// ([`Self::next_loss_action`] runs them); a gap above what was sent is no loss, since the
+    /// client's resume reads it from the stream.
+    pub(crate) fn examine_unread(&mut self) {
+        if self.loss_noted {
+            // One note per connection: a second would move the first one's start.
+            return;
+        }
+        let replay = self.replay_read_so_far();
+        let mut checks = Vec::new();
+        let unread = UnreadGaps {
+            last_sent: self.last_sent,
+            coverage: &self.coverage,
+            owed_after: &self.owed_after,
+            live_only: &self.live_only,
+            replay: replay.as_ref(),
+        };
+        self.sources.pull(u64::MAX, |found| {
+            let gap = match found {
+                Found::Entry(gap @ Live::Gap { .. }) => Some(gap),
+                Found::Evicted { gap: Some(ref gap), .. } => Some(gap),
+                _ => None,
+            };
+            if let Some(Live::Gap { first, last, audience, first_on_route }) = gap
+                && let Some(check) = unread.check(*first, *last, audience, *first_on_route)
+            {
+                checks.push(check);
+            }
+            Flow::Continue
+        });
+        self.jobs.extend(checks);
+    }
+
+    /// What the replay under way has read completely: its audiences, and the coverage with the
+    /// range it read (every stored message of those audiences up to the last one it sent).
+    fn replay_read_so_far(&self) -> Option<(Vec<Audience>, Coverage)> {
+        let Some(Step::Replay(run)) = &self.step else { return None };
+        let mut coverage = self.coverage.clone();
+        coverage.add(run.since.saturating_add(1), run.last?);
+        Some((run.audiences.clone(), coverage))
     }
 
     /// Whether the action under way is a loss check, whose outcome [`Self::next_loss_action`] takes.
@@ -830,6 +878,33 @@ fn first_owed(
 ) -> Option<u64> {
     let owed_from = owed_after.get(audience).map_or(0, |seq| seq.saturating_add(1));
     coverage.first_missing(from.max(owed_from), to)
+}
+
+/// What decides whether a gap a connection left unread may be a loss.
+struct UnreadGaps<'a> {
+    last_sent: u64,
+    coverage: &'a Coverage,
+    owed_after: &'a HashMap<Audience, u64>,
+    live_only: &'a HashSet<Audience>,
+    /// The audiences of a replay under way, and the coverage with what it read so far.
+    replay: Option<&'a (Vec<Audience>, Coverage)>,
+}
+
+impl UnreadGaps<'_> {
+    /// The loss check for the gap `first..=last` of `audience`, if a message of it may be owed and
+    /// older than one sent (as [`LivePull`] decides for a gap it reads).
+    fn check(&self, first: u64, last: u64, audience: &Audience, first_on_route: bool) -> Option<Job> {
+        if first_on_route && self.live_only.contains(audience) {
+            return None;
+        }
+        let coverage = match self.replay {
+            Some((audiences, coverage)) if audiences.contains(audience) => coverage,
+            _ => self.coverage,
+        };
+        let through = self.last_sent.min(last);
+        let first = first_owed(coverage, self.owed_after, audience, first, through)?;
+        Some(Job::CheckLoss { audience: audience.clone(), first, through })
+    }
 }
 
 /// Everything a connection of `user` subscribed to `topics` receives.

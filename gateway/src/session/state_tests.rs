@@ -982,3 +982,79 @@ fn a_loss_check_waiting_behind_a_subscription_runs_after_the_connection_ends() {
     assert_eq!(h.state.next_loss_action(None), Some(Action::FindStored { audience: user, from: 12 }));
     assert_eq!(h.state.next_loss_action(Some(found(12))), Some(Action::NoteLost { first: 12 }));
 }
+
+/// A session with 11 and 12 sent whose catch-up (a repair) is under way: live delivery waits.
+fn catching_up(log_entries: usize) -> Harness {
+    let mut h = Harness::with(Start::Live, 10, log_entries, |_| {});
+    h.personal(user_message(11));
+    h.broadcast(all_message(12));
+    assert_eq!(h.frames(), ["11", "12"]);
+    h.mailbox.push_event(Event::Repair);
+    assert_eq!(h.action(), Some(Action::ReadBounds { at_least: 0 }));
+    h
+}
+
+#[test]
+fn a_gap_held_behind_a_catch_up_is_checked_when_the_connection_ends() {
+    let mut h = catching_up(100);
+    let user = Audience::User(USER.into());
+    h.personal(Live::Gap { first: 12, last: 12, audience: user.clone(), first_on_route: false });
+    h.personal(user_message(13));
+    assert!(h.frames().is_empty() && h.action().is_none(), "held: the catch-up runs");
+    assert!(!h.state.owes_loss_check(), "nothing owed before the unread entries are looked at");
+    h.state.examine_unread();
+    assert!(h.state.owes_loss_check() && !h.state.checking_loss());
+    // The catch-up ends with the connection; the gap below what was sent (12) is looked up.
+    assert_eq!(h.state.next_loss_action(None), Some(Action::FindStored { audience: user, from: 12 }));
+    assert_eq!(h.state.next_loss_action(Some(found(12))), Some(Action::NoteLost { first: 12 }));
+    assert_eq!(h.state.next_loss_action(Some(Outcome::Noted)), None);
+}
+
+#[test]
+fn an_unread_gap_above_what_was_sent_is_no_loss_the_resume_reads_it() {
+    let mut h = catching_up(100);
+    h.personal(Live::Gap { first: 13, last: 14, audience: Audience::User(USER.into()), first_on_route: false });
+    h.personal(user_message(15));
+    h.state.examine_unread();
+    assert!(!h.state.owes_loss_check());
+}
+
+#[test]
+fn an_unread_gap_the_replay_under_way_read_past_is_no_loss() {
+    let mut h = catching_up(100);
+    h.state.on_outcome(Outcome::Bounds(Ok(bounds(1, 16))));
+    assert_eq!(h.action(), replay_of(everything(), 12, 16));
+    for seq in [13, 14] {
+        h.state.on_outcome(Outcome::Replayed(Box::new(message(seq, Audience::User(USER.into()), ""))));
+    }
+    assert_eq!(h.frames(), ["13", "14"]);
+    // 13 never came live, and the replay sent it: read, not lost.
+    h.personal(Live::Gap { first: 13, last: 13, audience: Audience::User(USER.into()), first_on_route: false });
+    h.personal(user_message(15));
+    h.state.examine_unread();
+    assert!(!h.state.owes_loss_check());
+}
+
+#[test]
+fn a_gap_among_entries_a_log_evicted_unread_is_checked_when_the_connection_ends() {
+    let mut h = catching_up(2);
+    h.broadcast(Live::Gap { first: 11, last: 11, audience: Audience::All, first_on_route: false });
+    for seq in 13..=15 {
+        h.broadcast(all_message(seq));
+    }
+    h.state.examine_unread();
+    assert_eq!(h.state.next_loss_action(None), Some(Action::FindStored { audience: Audience::All, from: 11 }));
+}
+
+#[test]
+fn a_connection_that_noted_its_loss_notes_no_other_at_its_end() {
+    let mut h = checking_a_loss();
+    h.state.on_outcome(found(12));
+    assert_eq!(h.action(), Some(Action::NoteLost { first: 12 }));
+    h.state.on_outcome(Outcome::Noted);
+    assert_eq!(h.closed_with(), Some(4008));
+    // A gap read after the note, also below what was sent: the first note stands alone.
+    h.broadcast(Live::Gap { first: 11, last: 11, audience: Audience::All, first_on_route: false });
+    h.state.examine_unread();
+    assert!(!h.state.owes_loss_check());
+}
