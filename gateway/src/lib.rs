@@ -263,6 +263,7 @@ fn start_background_tasks(shared: &Arc<Shared>) {
         shared.config.node_id.clone(),
         shutdown.clone(),
     ));
+    tokio::spawn(events::tell_devices_that_lost(shared.client.clone(), shared.registry.clone(), shutdown.clone()));
     tokio::spawn(events::answer_socket_questions(
         shared.client.clone(),
         shared.registry.clone(),

@@ -38,6 +38,10 @@ pub const PRESENCE_GATHER: &str = "herald.presence.gather";
 
 /// Gateways close the sockets of a user (or one connection) asked for here, and answer how many.
 pub const ADMIN_DISCONNECT: &str = "herald.admin.disconnect";
+/// A gateway that noted a device's lost messages for its next resume tells every gateway here
+/// (`{"user","device","conn"}`); each closes that device's other sockets with 4008, since one that
+/// resumed before the note was written was not told.
+pub const DEVICE_LOST: &str = "herald.lost";
 
 /// Gateways list the sockets of a user asked for here (`{"user":..}` → `{"node":..,"sockets":[..]}`).
 pub const ADMIN_SOCKETS: &str = "herald.admin.sockets";

@@ -123,14 +123,22 @@ async fn a_gap_behind_newer_messages_is_repaired_when_the_stream_holds_nothing_o
 /// note is written.
 #[tokio::test]
 async fn an_unrepairable_gap_is_noted_even_when_kv_is_down_at_first_and_the_resume_reports_it() {
-    unrepairable_gap_noted(false).await;
+    unrepairable_gap_noted(WhileNoting::Stays).await;
 }
 
 /// The same, but the client leaves while the gateway waits for KV: the note is still written, and
 /// the client's next resume reports the loss.
 #[tokio::test]
 async fn an_unrepairable_gap_is_noted_even_when_the_client_leaves_while_kv_is_down() {
-    unrepairable_gap_noted(true).await;
+    unrepairable_gap_noted(WhileNoting::Leaves).await;
+}
+
+/// The same, but the client comes back on another gateway before the note is written: its resume
+/// cannot report the loss yet. Once the note is written, every gateway closes the device's other
+/// sockets with 4008, and the resume after that reports it.
+#[tokio::test]
+async fn a_client_that_resumed_before_its_loss_was_noted_is_closed_once_it_is_and_told_by_its_next_resume() {
+    unrepairable_gap_noted(WhileNoting::ResumesElsewhere).await;
 }
 
 /// A client of `user` that got a `push.all` message newer than one of its own that was stored
@@ -229,8 +237,17 @@ async fn a_topic_message_missed_right_after_the_join_is_repaired_though_the_topi
     assert_eq!(gateway.metric("herald_gateway_unrepairable_gaps_total").await, 0.0);
 }
 
-async fn unrepairable_gap_noted(client_leaves: bool) {
-    let MissedBehind { nats, gateway, publisher, mut client, admin, missed, newer } = missed_behind("lost").await;
+/// What the client does while the gateway tries to note its loss.
+enum WhileNoting {
+    Stays,
+    Leaves,
+    /// Leaves and resumes on another gateway before the note is written.
+    ResumesElsewhere,
+}
+
+async fn unrepairable_gap_noted(client: WhileNoting) {
+    let MissedBehind { nats, gateway, publisher, client: mut socket, admin, missed, newer } =
+        missed_behind("lost").await;
 
     let cursors = admin.get_stream("KV_herald-cursors").await.unwrap().info().await.unwrap().config.clone();
     let mut notes = nats.client().await.subscribe("$KV.herald-cursors.>").await.unwrap();
@@ -247,20 +264,34 @@ async fn unrepairable_gap_noted(client_leaves: bool) {
     });
     let attempt = attempt.await.expect("the gateway tries to note the loss");
     assert_eq!(String::from_utf8_lossy(&attempt.payload), missed.to_string());
-    if client_leaves {
-        drop(client);
-        admin.update_stream(cursors).await.unwrap();
-        let bucket = admin.get_key_value("herald-cursors").await.unwrap();
-        let key = attempt.subject.strip_prefix("$KV.herald-cursors.").unwrap().to_string();
-        herald_tests::eventually("the note written", std::time::Duration::from_secs(30), || async {
-            bucket.get(&key).await.ok().flatten().map(|_| ())
-        })
-        .await;
-    } else {
-        admin.update_stream(cursors).await.unwrap();
-        assert_eq!(client.expect_close().await.map(|c| c.0), Some(close_code::SLOW_CONSUMER));
+    let resume = format!("token={}&since={newer}", token("lost"));
+    match client {
+        WhileNoting::Stays => {
+            admin.update_stream(cursors).await.unwrap();
+            assert_eq!(socket.expect_close().await.map(|c| c.0), Some(close_code::SLOW_CONSUMER));
+        }
+        WhileNoting::Leaves => {
+            drop(socket);
+            admin.update_stream(cursors).await.unwrap();
+            let bucket = admin.get_key_value("herald-cursors").await.unwrap();
+            let key = attempt.subject.strip_prefix("$KV.herald-cursors.").unwrap().to_string();
+            herald_tests::eventually("the note written", std::time::Duration::from_secs(30), || async {
+                bucket.get(&key).await.ok().flatten().map(|_| ())
+            })
+            .await;
+        }
+        WhileNoting::ResumesElsewhere => {
+            drop(socket);
+            let other = TestGateway::start(&nats).await;
+            let mut early = other.connect_with(&resume).await;
+            assert_eq!(early.expect_msg().await.seq, last);
+            assert!(early.expect_replayed().await.3, "no note yet: the replay reports itself complete");
+            admin.update_stream(cursors).await.unwrap();
+            let close = early.expect_close().await;
+            assert_eq!(close.map(|c| c.0), Some(close_code::SLOW_CONSUMER), "told once the note is written");
+        }
     }
-    let mut resumed = gateway.connect_with(&format!("token={}&since={newer}", token("lost"))).await;
+    let mut resumed = gateway.connect_with(&resume).await;
     assert_eq!(resumed.expect_msg().await.seq, last);
     assert!(!resumed.expect_replayed().await.3, "the resume reports the loss");
     assert_eq!(gateway.metric("herald_gateway_unrepairable_gaps_total").await, 1.0);

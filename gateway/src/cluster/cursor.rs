@@ -118,6 +118,14 @@ pub(crate) fn cursor_key(user: &str, device: &str) -> String {
     format!("{}.{}", kv_key(user), kv_key(device))
 }
 
+/// A device missed messages from `first` on: noted at `revision` of the cursors' bucket (later
+/// notes have higher revisions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LostNote {
+    pub(crate) first: u64,
+    pub(crate) revision: u64,
+}
+
 /// The KV key noting that a device missed messages from some seq on (see [`Cursors::mark_lost`]).
 fn lost_key(user: &str, device: &str) -> String {
     format!("{}.lost", cursor_key(user, device))
@@ -139,20 +147,23 @@ impl Cursors {
 
     /// Notes that the device missed messages from `seq` on that it can no longer get in order (its
     /// connection is about to close), so that its next resume from past `seq` is told.
-    pub(crate) async fn mark_lost(&self, user: &str, device: &str, seq: u64) -> Result<(), CursorError> {
+    pub(crate) async fn mark_lost(&self, user: &str, device: &str, seq: u64) -> Result<LostNote, CursorError> {
         let bucket = self.bucket().await?;
-        bucket.put(lost_key(user, device), Bytes::from(seq.to_string())).await.map_err(error)?;
-        Ok(())
+        let revision = bucket.put(lost_key(user, device), Bytes::from(seq.to_string())).await.map_err(error)?;
+        Ok(LostNote { first: seq, revision })
     }
 
-    /// The seq a resuming device missed messages from, if a closed connection noted one; the note is
+    /// The note of messages a resuming device missed, if a closed connection wrote one; the note is
     /// removed, since the resume reports it.
-    pub(crate) async fn take_lost(&self, user: &str, device: &str) -> Result<Option<u64>, CursorError> {
+    pub(crate) async fn take_lost(&self, user: &str, device: &str) -> Result<Option<LostNote>, CursorError> {
         let bucket = self.bucket().await?;
         let key = lost_key(user, device);
-        let Some(value) = bucket.get(&key).await.map_err(error)? else { return Ok(None) };
+        let Some(entry) = bucket.entry(&key).await.map_err(error)? else { return Ok(None) };
+        if entry.operation != kv::Operation::Put {
+            return Ok(None);
+        }
         bucket.purge(&key).await.map_err(error)?;
-        Ok(forward::parse(&value))
+        Ok(forward::parse(&entry.value).map(|first| LostNote { first, revision: entry.revision }))
     }
 
     fn devices(&self) -> MutexGuard<'_, HashMap<Box<str>, Held>> {

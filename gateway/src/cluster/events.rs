@@ -9,13 +9,17 @@ use bytes::Bytes;
 use futures::StreamExt;
 use herald_shared::functions::{LifecycleEvent, PRESENCE_PART_BYTES, PresenceQuery, PresenceReply, presence_answer};
 use herald_shared::id::{IdKind, check_id};
-use herald_shared::subject::{ADMIN_DISCONNECT, ADMIN_SOCKETS, EVENTS_CONNECT, EVENTS_DISCONNECT, PRESENCE_GATHER};
-use serde::Deserialize;
+use herald_shared::subject::{
+    ADMIN_DISCONNECT, ADMIN_SOCKETS, DEVICE_LOST, EVENTS_CONNECT, EVENTS_DISCONNECT, PRESENCE_GATHER,
+};
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::close::{Close, CloseCode};
+use crate::cluster::cursor::LostNote;
 use crate::cluster::registry::{Registry, SocketInfo};
+use crate::delivery::mailbox::Event;
 
 /// Who a lifecycle event is about.
 pub(crate) struct Who<'a> {
@@ -129,6 +133,48 @@ pub(crate) async fn answer_disconnects(
         let close = Close::new(CloseCode::Disconnected, "disconnected by an operator");
         let closed = registry.close_matching(&wanted.user, wanted.conn.as_deref(), &close);
         vec![serde_json::json!({"node": node, "closed": closed}).to_string().into()]
+    })
+    .await;
+}
+
+/// A device whose lost messages (from `first` on) connection `conn` noted for its next resume, at
+/// `revision` of the cursors' bucket.
+#[derive(Serialize, Deserialize)]
+struct DeviceLost<'a> {
+    user: &'a str,
+    device: &'a str,
+    conn: &'a str,
+    first: u64,
+    revision: u64,
+}
+
+/// Tells every gateway that `who`'s device has `note` waiting for its next resume, so that its
+/// other sockets, which may have resumed before the note, resume again (see
+/// [`tell_devices_that_lost`]).
+pub(crate) async fn publish_device_lost(client: &async_nats::Client, who: &Who<'_>, note: LostNote) {
+    let (first, revision) = (note.first, note.revision);
+    let notice = DeviceLost { user: who.user, device: who.device, conn: who.conn, first, revision };
+    let body = serde_json::to_vec(&notice).unwrap_or_default();
+    if let Err(error) = client.publish(DEVICE_LOST, body.into()).await {
+        warn!(%error, user = who.user, device = who.device, "lost-messages notice not published");
+    }
+}
+
+/// Tells the local sessions of every device another connection noted a loss for (except that
+/// connection), until `shutdown`: a session that resumed before the note was written reported its
+/// replay complete, and closes with 4008 so that its next resume reports the loss (see
+/// `SessionState`).
+pub(crate) async fn tell_devices_that_lost(
+    client: async_nats::Client,
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+) {
+    answer_each(&client, DEVICE_LOST, "lost-messages notices", &shutdown, |notice| {
+        if let Ok(lost) = serde_json::from_slice::<DeviceLost>(notice) {
+            let note = LostNote { first: lost.first, revision: lost.revision };
+            registry.tell_device(lost.user, lost.device, lost.conn, || Event::LossNoted(note));
+        }
+        Vec::new()
     })
     .await;
 }

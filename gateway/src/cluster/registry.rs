@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::close::Close;
-use crate::delivery::mailbox::Mailbox;
+use crate::delivery::mailbox::{Event, Mailbox};
 
 /// One open session.
 #[derive(Clone)]
@@ -101,6 +101,14 @@ impl Registry {
     }
 
     /// Closes every session of `user` (or only connection `conn`) with `close`; returns how many.
+    /// Gives `event` to the sessions of `user`'s `device` other than connection `except`; returns
+    /// how many.
+    pub(crate) fn tell_device(&self, user: &str, device: &str, except: &str, event: impl Fn() -> Event) -> usize {
+        let sessions = self.of_user(user);
+        let told = sessions.iter().filter(|session| session.about.device == device && session.conn != except);
+        told.map(|session| session.mailbox.push_event(event())).count()
+    }
+
     pub(crate) fn close_matching(&self, user: &str, conn: Option<&str>, close: &Close) -> usize {
         let sessions: Vec<LocalSession> =
             self.of_user(user).into_iter().filter(|s| conn.is_none_or(|c| c == s.conn)).collect();
@@ -116,7 +124,12 @@ mod tests {
     use super::*;
 
     fn session(conn: &str, user: &str) -> LocalSession {
-        let about = SocketInfo { conn: conn.into(), device: "d".into(), address: "::1".into(), since: String::new() };
+        on_device(conn, user, "d")
+    }
+
+    fn on_device(conn: &str, user: &str, device: &str) -> LocalSession {
+        let about =
+            SocketInfo { conn: conn.into(), device: device.into(), address: "::1".into(), since: String::new() };
         LocalSession {
             conn: conn.into(),
             user: user.into(),
@@ -149,5 +162,20 @@ mod tests {
         registry.remove("c2");
         assert!(!registry.has_user("alice"));
         assert_eq!(registry.counts(), Counts { users: 1, connections: 1 });
+    }
+
+    #[test]
+    fn tells_a_devices_sessions_except_the_one_named() {
+        let registry = Registry::default();
+        registry.insert(on_device("noted", "ann", "phone"));
+        registry.insert(on_device("resumed", "ann", "phone"));
+        registry.insert(on_device("laptop", "ann", "laptop"));
+        registry.insert(on_device("other", "bob", "phone"));
+        assert_eq!(registry.tell_device("ann", "phone", "noted", || Event::Repair), 1);
+        let told = |conn: &str| {
+            let sessions = registry.of_user("ann").into_iter().chain(registry.of_user("bob"));
+            sessions.filter(|s| s.conn == conn).map(|s| s.mailbox.inbox().take_events().len()).sum::<usize>()
+        };
+        assert_eq!(["noted", "resumed", "laptop", "other"].map(told), [0, 1, 0, 0]);
     }
 }

@@ -26,6 +26,7 @@ use herald_shared::frame::ServerFrame;
 
 use super::message::Live;
 use crate::close::Close;
+use crate::cluster::cursor::LostNote;
 
 /// The most gaps an overflowing mailbox keeps apart; more are spanned by one.
 const KEPT_GAPS: usize = 8;
@@ -41,6 +42,8 @@ pub(crate) enum Event {
     /// The stream was made again: what the session sent and what it would get next cannot be
     /// told apart any more.
     StreamReplaced,
+    /// Another connection of the device noted lost messages for its next resume.
+    LossNoted(LostNote),
 }
 
 pub(crate) struct Mailbox {

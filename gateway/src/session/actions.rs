@@ -13,6 +13,7 @@ use tracing::{debug, warn};
 use super::Session;
 use super::replay::Replay;
 use super::state::{Action, Outcome};
+use crate::cluster::events::publish_device_lost;
 use crate::delivery::leader::message_get;
 use crate::delivery::message;
 
@@ -102,8 +103,14 @@ async fn note_lost(session: Arc<Session>, first: u64) {
             Err(_) => Err("timed out".to_string()),
         }
     };
-    if let Err(error) = retried(LOSS_NOTE_PATIENCE, note).await {
-        warn!(user = %session.user, device = %session.device, first, error, "lost-messages note not written");
+    match retried(LOSS_NOTE_PATIENCE, note).await {
+        // Another socket of the device (a client that came back while the gateway looked for the
+        // loss or waited for KV, on any gateway) may have resumed before the note and reported its
+        // replay complete: told, it closes with 4008 so that its next resume reports the loss.
+        Ok(note) => publish_device_lost(&session.shared.client, &session.who(), note).await,
+        Err(error) => {
+            warn!(user = %session.user, device = %session.device, first, error, "lost-messages note not written")
+        }
     }
 }
 

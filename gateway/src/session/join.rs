@@ -14,6 +14,7 @@ use super::bounds::Bounds;
 use super::live::LiveSources;
 use super::state::{Params, SessionState, Start, audiences_of};
 use crate::close::{Close, CloseCode};
+use crate::cluster::cursor::LostNote;
 use crate::codec::Codec;
 use crate::config::NewDeviceReplay;
 use crate::delivery::router::Attaching;
@@ -42,7 +43,7 @@ pub(super) async fn open(session: &Session, codec: Codec) -> Result<Box<SessionS
     let (resume, read) = tokio::join!(Box::pin(resume_point(session, bounds)), Box::pin(read_position(session)));
     let unread = Box::pin(shared.inbox.unread(&session.user, read, bounds.last, &attached.user.muted())).await;
     let start = match (resume, &unread) {
-        (Resume::Since { requested, lost_from }, _) => Start::Resume { requested, lost_from },
+        (Resume::Since { requested, lost }, _) => Start::Resume { requested, lost },
         // Nothing unread: live at once, no `replayed` (a client learns it from `welcome.unread`).
         (Resume::NewDevice, Ok(0)) => Start::Live,
         (Resume::NewDevice, _) if shared.config.new_device_replay == NewDeviceReplay::Unread => Start::Unread { read },
@@ -80,7 +81,7 @@ pub(super) async fn open(session: &Session, codec: Codec) -> Result<Box<SessionS
 /// Where a connection resumes.
 enum Resume {
     /// After `since`, or after the device's cursor.
-    Since { requested: u64, lost_from: Option<u64> },
+    Since { requested: u64, lost: Option<LostNote> },
     /// A device seen for the first time.
     NewDevice,
     /// The cursor could not be read, or the client asked for nothing before now: live.
@@ -107,11 +108,11 @@ async fn resume_point(session: &Session, bounds: Bounds) -> Resume {
             }
         },
     };
-    let lost_from = shared.cursors.take_lost(user, device).await.unwrap_or_else(|error| {
+    let lost = shared.cursors.take_lost(user, device).await.unwrap_or_else(|error| {
         warn!(%user, %error, "lost-messages note unreadable");
         None
     });
-    Resume::Since { requested, lost_from }
+    Resume::Since { requested, lost }
 }
 
 /// The user's read position, 0 when it cannot be read (the welcome then counts from there).

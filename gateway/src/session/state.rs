@@ -29,6 +29,7 @@ use super::coverage::Coverage;
 use super::live::{Flow, Found, LiveSources};
 use super::replay;
 use crate::close::{Close, CloseCode};
+use crate::cluster::cursor::LostNote;
 use crate::cluster::user::LocalUser;
 use crate::codec::{self, Codec};
 use crate::delivery::burst::{Burst, Frames};
@@ -49,9 +50,9 @@ const LIVE_HIGH_WATER: usize = 256 * 1024;
 /// Where a connection starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Start {
-    /// Replay what came after `requested` (a `since`, or the device's cursor); `lost_from`: a
-    /// previous connection noted that messages from there on were lost.
-    Resume { requested: u64, lost_from: Option<u64> },
+    /// Replay what came after `requested` (a `since`, or the device's cursor); `lost`: a previous
+    /// connection noted that messages from there on were lost.
+    Resume { requested: u64, lost: Option<LostNote> },
     /// A new device: replay the user's personal messages after the read position `read` (the
     /// unread ones; muted kinds are left out as always), then live.
     Unread { read: u64 },
@@ -215,6 +216,13 @@ struct ReplayRun {
     last: Option<u64>,
 }
 
+/// Where a connection resumed, and the revision of the lost-messages note its resume read (0: none).
+#[derive(Debug, Clone, Copy)]
+struct Resumed {
+    since: u64,
+    note: u64,
+}
+
 /// What live pulling decided about a loss.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Verdict {
@@ -258,6 +266,8 @@ pub(crate) struct SessionState {
     close: Option<Close>,
     /// A loss was noted for the client's resume.
     loss_noted: bool,
+    /// Where the connection resumed, if it did.
+    resumed: Option<Resumed>,
     tally: Tally,
 }
 
@@ -286,16 +296,20 @@ impl SessionState {
             per_subject_cap,
             close: None,
             loss_noted: false,
+            resumed: None,
             tally: Tally::default(),
         };
         state.notice(&params.welcome);
         let (requested, lost_from, audiences) = match params.start {
             Start::Live => return state,
-            Start::Resume { requested, lost_from } => (requested, lost_from, state.audiences()),
+            Start::Resume { requested, lost } => (requested, lost.map(|note| note.first), state.audiences()),
             Start::Unread { read } => (read, None, vec![Audience::User(state.user.to_string())]),
         };
         // A client ahead of the stream (a replaced stream, a bogus `since`) gets what comes next.
         let since = requested.min(params.bounds.last);
+        if let Start::Resume { lost, .. } = params.start {
+            state.resumed = Some(Resumed { since, note: lost.map_or(0, |note| note.revision) });
+        }
         state.last_sent = since;
         state.coverage = Coverage::through(since);
         state.start_replay(Purpose::Resume { requested, lost_from }, audiences, since, params.bounds);
@@ -424,6 +438,7 @@ impl SessionState {
                 Event::Repair => self.queue_repair(),
                 Event::Notice(notice) => self.notice(&notice),
                 Event::StreamReplaced => self.stream_replaced(),
+                Event::LossNoted(note) => self.loss_noted_elsewhere(note),
             }
         }
         if self.holds_live() || !self.has_live_room() {
@@ -627,6 +642,18 @@ impl SessionState {
     fn stream_replaced(&mut self) {
         self.jobs.truncate(usize::from(self.step.is_some()));
         self.jobs.push_back(Job::Lost { first: 1 });
+    }
+
+    /// Another connection of the device noted messages from `note.first` on as lost. A resume that
+    /// started at or past them without reading that note (it came before the note was written)
+    /// reported itself complete: the connection closes with 4008, and the next resume reports it.
+    fn loss_noted_elsewhere(&mut self, note: LostNote) {
+        if let Some(resumed) = self.resumed
+            && resumed.note < note.revision
+            && resumed.since >= note.first
+        {
+            self.close(Close::slow_consumer("messages missed: reconnect with since"));
+        }
     }
 
     fn queue_repair(&mut self) {

@@ -190,7 +190,7 @@ fn nothing_is_sent_past_the_watermark_before_what_the_router_has_not_routed_yet(
 
 #[test]
 fn a_resume_replays_first_holding_live_messages_then_sends_only_newer_ones() {
-    let mut h = Harness::new(Start::Resume { requested: 5, lost_from: None }, 9);
+    let mut h = Harness::new(Start::Resume { requested: 5, lost: None }, 9);
     assert_eq!(h.action(), replay_of(everything(), 5, 9));
     // Live messages that arrive meanwhile wait; one of them (9) is in the replay too.
     h.broadcast(all_message(9));
@@ -203,26 +203,59 @@ fn a_resume_replays_first_holding_live_messages_then_sends_only_newer_ones() {
 
 #[test]
 fn a_resume_from_beyond_the_stream_or_after_a_noted_loss_is_incomplete() {
-    let mut h = Harness::new(Start::Resume { requested: 50, lost_from: None }, 9);
+    let mut h = Harness::new(Start::Resume { requested: 50, lost: None }, 9);
     assert_eq!(h.action(), replay_of(everything(), 9, 9));
     h.replay(Vec::new());
     assert_eq!(h.frames(), ["replayed:10-9/0/false"]);
 
-    let mut h = Harness::new(Start::Resume { requested: 5, lost_from: Some(4) }, 9);
+    let mut h = Harness::new(Start::Resume { requested: 5, lost: Some(LostNote { first: 4, revision: 1 }) }, 9);
     h.action();
     h.replay(Vec::new());
     assert_eq!(h.frames(), ["replayed:6-5/0/false"]);
 
     // Messages noted lost after `since` are in this replay: nothing is missing.
-    let mut h = Harness::new(Start::Resume { requested: 5, lost_from: Some(7) }, 9);
+    let mut h = Harness::new(Start::Resume { requested: 5, lost: Some(LostNote { first: 7, revision: 1 }) }, 9);
     h.action();
     h.replay(Vec::new());
     assert_eq!(h.frames(), ["replayed:6-5/0/true"]);
 }
 
+/// A session resumed at `requested` (the stream's last is 9), having read `lost`, its replay done.
+fn resumed(requested: u64, lost: Option<LostNote>) -> Harness {
+    let mut h = Harness::new(Start::Resume { requested, lost }, 9);
+    h.action();
+    h.replay(Vec::new());
+    h.frames();
+    h
+}
+
+/// Whether the session closes when another connection of its device notes messages from `first` on
+/// as lost, at `revision`.
+fn closes_when_told(h: &mut Harness, first: u64, revision: u64) -> bool {
+    h.mailbox.push_event(Event::LossNoted(LostNote { first, revision }));
+    h.state.pull(h.watermark);
+    h.closed_with() == Some(4008)
+}
+
+#[test]
+fn a_resume_that_came_before_a_loss_was_noted_past_it_closes_when_told() {
+    assert!(closes_when_told(&mut resumed(5, None), 4, 3), "resumed past 4 with no note read");
+    assert!(closes_when_told(&mut resumed(5, None), 5, 3), "5 itself was not replayed");
+    let read_older = Some(LostNote { first: 2, revision: 2 });
+    assert!(closes_when_told(&mut resumed(5, read_older), 4, 3), "a newer note than the one it read");
+}
+
+#[test]
+fn a_resume_that_read_the_note_or_replayed_the_lost_messages_stays_when_told() {
+    let read_it = Some(LostNote { first: 4, revision: 3 });
+    assert!(!closes_when_told(&mut resumed(5, read_it), 4, 3), "its replay reported this loss");
+    assert!(!closes_when_told(&mut resumed(5, None), 6, 3), "its replay had 6 on");
+    assert!(!closes_when_told(&mut Harness::new(Start::Live, 9), 4, 3), "a live start owes nothing older");
+}
+
 #[test]
 fn a_replay_that_may_miss_trimmed_messages_is_incomplete() {
-    let mut h = Harness::with(Start::Resume { requested: 5, lost_from: None }, 9, 100, |p| p.per_subject_cap = 2);
+    let mut h = Harness::with(Start::Resume { requested: 5, lost: None }, 9, 100, |p| p.per_subject_cap = 2);
     h.action();
     h.replay(vec![message(6, Audience::All, ""), message(7, Audience::All, "")]);
     assert_eq!(h.frames(), ["6", "7", "replayed:6-7/2/false"]);
@@ -230,7 +263,7 @@ fn a_replay_that_may_miss_trimmed_messages_is_incomplete() {
 
 #[test]
 fn muted_kinds_are_neither_replayed_nor_sent_live() {
-    let mut h = Harness::new(Start::Resume { requested: 5, lost_from: None }, 9);
+    let mut h = Harness::new(Start::Resume { requested: 5, lost: None }, 9);
     h.state.local.set_muted(&["ads".into()], 1);
     h.action();
     h.replay(vec![message(6, Audience::All, "ads"), message(7, Audience::All, "mail")]);
@@ -554,7 +587,7 @@ fn a_repair_that_finds_messages_gone_closes_with_4008() {
 
 #[test]
 fn a_failed_replay_closes_with_1013() {
-    let mut h = Harness::new(Start::Resume { requested: 5, lost_from: None }, 9);
+    let mut h = Harness::new(Start::Resume { requested: 5, lost: None }, 9);
     h.action();
     h.state.on_outcome(Outcome::ReplayEnded(Err("timed out".into())));
     assert_eq!(h.closed_with(), Some(1013));
