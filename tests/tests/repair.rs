@@ -297,6 +297,38 @@ async fn unrepairable_gap_noted(client: WhileNoting) {
     assert_eq!(gateway.metric("herald_gateway_unrepairable_gaps_total").await, 1.0);
 }
 
+/// A resume that ends before its `replayed` frame is written (the client stops reading during a
+/// long replay, then leaves) has not told the client of its loss: the note stays, the next resume
+/// reports it, and once that report is written the note goes.
+#[tokio::test]
+async fn a_loss_stays_noted_until_a_resume_has_written_its_report() {
+    // `_nats` keeps the server running.
+    let MissedBehind { nats: _nats, gateway, publisher, mut client, admin, missed, newer } =
+        missed_behind("twice").await;
+    let last = publisher.publish("push.user.twice", "4").await;
+    assert_eq!(client.expect_close().await.map(|c| c.0), Some(close_code::SLOW_CONSUMER));
+    // More than the sockets' buffers hold, for the replay to stall on.
+    let body = format!("\"{}\"", "x".repeat(256 * 1024));
+    let mut expected = vec![last];
+    for _ in 0..40 {
+        expected.push(publisher.publish("push.all", &body).await);
+    }
+
+    let resume = format!("token={}&since={newer}", token("twice"));
+    let mut stalled = herald_tests::ws::WsClient::connect_with_receive_buffer(&gateway.ws_url(&resume), 4096).await;
+    stalled.expect_welcome().await;
+    drop(stalled);
+    gateway.wait_metric("herald_gateway_connections", 0.0).await;
+    let mut resumed = gateway.connect_with(&resume).await;
+    assert_eq!(resumed.expect_msgs(expected.len()).await, expected);
+    assert!(!resumed.expect_replayed().await.3, "the resume reports the loss of {missed}");
+    let cursors = admin.get_key_value("herald-cursors").await.unwrap();
+    herald_tests::eventually("the reported note removed", std::time::Duration::from_secs(30), || async {
+        matches!(cursors.get("twice.default.lost").await, Ok(None)).then_some(())
+    })
+    .await;
+}
+
 /// A message stored but never delivered, with nothing after it on its subject yet, behind a newer
 /// one already sent; then NATS restarts, so the delivery feed reconnects and every session catches
 /// up from what it sent, which cannot find the message. When the subject's next message shows the

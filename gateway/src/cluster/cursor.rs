@@ -153,17 +153,22 @@ impl Cursors {
         Ok(LostNote { first: seq, revision })
     }
 
-    /// The note of messages a resuming device missed, if a closed connection wrote one; the note is
-    /// removed, since the resume reports it.
-    pub(crate) async fn take_lost(&self, user: &str, device: &str) -> Result<Option<LostNote>, CursorError> {
+    /// The note of messages a resuming device missed, if a closed connection wrote one. It stays
+    /// until the resume has written its report ([`Cursors::forget_lost`]): a connection that ends
+    /// before leaves it for the next one.
+    pub(crate) async fn read_lost(&self, user: &str, device: &str) -> Result<Option<LostNote>, CursorError> {
         let bucket = self.bucket().await?;
-        let key = lost_key(user, device);
-        let Some(entry) = bucket.entry(&key).await.map_err(error)? else { return Ok(None) };
+        let Some(entry) = bucket.entry(lost_key(user, device)).await.map_err(error)? else { return Ok(None) };
         if entry.operation != kv::Operation::Put {
             return Ok(None);
         }
-        bucket.purge(&key).await.map_err(error)?;
         Ok(forward::parse(&entry.value).map(|first| LostNote { first, revision: entry.revision }))
+    }
+
+    /// Removes the note at `revision`, which a resume reported; a newer note stays.
+    pub(crate) async fn forget_lost(&self, user: &str, device: &str, revision: u64) -> Result<(), CursorError> {
+        let bucket = self.bucket().await?;
+        bucket.purge_expect_revision(lost_key(user, device), Some(revision)).await.map_err(error)
     }
 
     fn devices(&self) -> MutexGuard<'_, HashMap<Box<str>, Held>> {

@@ -108,7 +108,7 @@ async fn resume_point(session: &Session, bounds: Bounds) -> Resume {
             }
         },
     };
-    let lost = shared.cursors.take_lost(user, device).await.unwrap_or_else(|error| {
+    let lost = shared.cursors.read_lost(user, device).await.unwrap_or_else(|error| {
         warn!(%user, %error, "lost-messages note unreadable");
         None
     });

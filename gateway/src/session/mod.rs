@@ -39,7 +39,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tracing::info;
+use tracing::{debug, info};
 
 use crate::Shared;
 use crate::close::{Close, CloseCode};
@@ -312,6 +312,9 @@ fn advance(
             if let Some(seq) = state.codec_mut().take_auto_ack() {
                 session.ack(seq.min(state.last_sent()));
             }
+            if let Some(revision) = state.take_reported_note() {
+                forget_reported_note(session, revision);
+            }
         }
         count(&shared.metrics, state.take_tally());
         if transmit.is_busy() || parked {
@@ -440,6 +443,18 @@ fn settle_losses(session: &Arc<Session>, mut state: Box<SessionState>, job: Opti
             biased;
             _ = shared.killed.cancelled() => {}
             _ = settle => {}
+        }
+    });
+}
+
+/// Removes the lost-messages note at `revision`, which the connection's first replay reported.
+fn forget_reported_note(session: &Arc<Session>, revision: u64) {
+    let session = session.clone();
+    session.shared.sessions.clone().spawn(async move {
+        let shared = &session.shared;
+        if let Err(error) = shared.cursors.forget_lost(&session.user, &session.device, revision).await {
+            // Either a newer note came (it stays), or KV is down: the next resume reports it again.
+            debug!(user = %session.user, device = %session.device, %error, "lost-messages note not removed");
         }
     });
 }

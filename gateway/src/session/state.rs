@@ -221,6 +221,8 @@ struct ReplayRun {
 struct Resumed {
     since: u64,
     note: u64,
+    /// The `replayed` frame that reports the note is queued: once written, the note can go.
+    note_reported: bool,
 }
 
 /// What live pulling decided about a loss.
@@ -308,7 +310,8 @@ impl SessionState {
         // A client ahead of the stream (a replaced stream, a bogus `since`) gets what comes next.
         let since = requested.min(params.bounds.last);
         if let Start::Resume { lost, .. } = params.start {
-            state.resumed = Some(Resumed { since, note: lost.map_or(0, |note| note.revision) });
+            let note = lost.map_or(0, |note| note.revision);
+            state.resumed = Some(Resumed { since, note, note_reported: false });
         }
         state.last_sent = since;
         state.coverage = Coverage::through(since);
@@ -590,6 +593,18 @@ impl SessionState {
         Some((run.audiences.clone(), coverage))
     }
 
+    /// The revision of the lost-messages note the first replay reported, once (when everything
+    /// queued, its `replayed` frame among it, was written): the note can be removed. A connection
+    /// that closes first leaves it for the device's next resume.
+    pub(crate) fn take_reported_note(&mut self) -> Option<u64> {
+        let resumed = self.resumed.as_mut().filter(|resumed| resumed.note_reported)?;
+        if self.close.is_some() || !self.frames.is_empty() {
+            return None;
+        }
+        resumed.note_reported = false;
+        Some(resumed.note)
+    }
+
     /// Whether the action under way is a loss check, whose outcome [`Self::next_loss_action`] takes.
     pub(crate) fn checking_loss(&self) -> bool {
         matches!(self.step, Some(Step::FindStored { .. }))
@@ -866,6 +881,9 @@ impl SessionState {
                 complete &= requested <= upto && lost_from.is_none_or(|first| first > run.since);
                 self.caught_up(run.since, upto);
                 self.notice(&report(complete, None));
+                if let Some(resumed) = &mut self.resumed {
+                    resumed.note_reported = resumed.note > 0;
+                }
                 self.job_done();
             }
             Purpose::CatchUp if complete => {

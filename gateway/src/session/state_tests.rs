@@ -1091,3 +1091,32 @@ fn a_connection_that_noted_its_loss_notes_no_other_at_its_end() {
     h.state.examine_unread();
     assert!(!h.state.owes_loss_check());
 }
+
+#[test]
+fn a_resumes_note_is_forgotten_once_its_replayed_frame_was_written() {
+    let note = LostNote { first: 4, revision: 7 };
+    let mut h = Harness::new(Start::Resume { requested: 5, lost: Some(note) }, 9);
+    h.action();
+    assert_eq!(h.state.take_reported_note(), None, "not reported yet");
+    h.replay(Vec::new());
+    assert_eq!(h.state.take_reported_note(), None, "the report waits to be written");
+    assert_eq!(h.frames(), ["replayed:6-5/0/false"]);
+    assert_eq!(h.state.take_reported_note(), Some(7));
+    assert_eq!(h.state.take_reported_note(), None, "once");
+}
+
+#[test]
+fn a_resume_that_closes_before_its_report_is_written_keeps_its_note() {
+    let note = LostNote { first: 4, revision: 7 };
+    let mut h = Harness::new(Start::Resume { requested: 5, lost: Some(note) }, 9);
+    h.action();
+    h.replay(Vec::new());
+    h.state.close(Close::gone("the client left"));
+    assert_eq!(h.state.take_reported_note(), None);
+
+    let mut h = Harness::new(Start::Resume { requested: 5, lost: None }, 9);
+    h.action();
+    h.replay(Vec::new());
+    h.frames();
+    assert_eq!(h.state.take_reported_note(), None, "no note read, none to forget");
+}
