@@ -13,7 +13,6 @@ use hyper::header::{HeaderValue, SEC_WEBSOCKET_PROTOCOL};
 use hyper::upgrade::Upgraded;
 use hyper::{Request, Response, StatusCode};
 use tokio::io::AsyncWriteExt;
-use tracing::debug;
 
 use crate::Shared;
 use crate::cluster::policy::PolicyError;
@@ -47,13 +46,9 @@ pub(crate) async fn websocket(
         // Only when asked: the JSON SDKs refuse an answer naming a subprotocol they did not ask for.
         response.headers_mut().insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(PROTOBUF));
     }
-    shared.sessions.clone().spawn(async move {
-        let _permit = permit;
-        match upgrade.await {
-            Ok(upgraded) => serve_upgraded(shared, upgraded.into_inner().into_inner(), address, asked.is_some()).await,
-            Err(error) => debug!(%error, "upgrade failed"),
-        }
-    });
+    let tracker = shared.sessions.clone();
+    let serve = move |upgraded| serve_upgraded(shared, upgraded, address, asked.is_some());
+    tracker.spawn(super::edge::after_upgrade(upgrade, Some(permit), serve));
     Ok(response.map(|_| Full::new(Bytes::new())))
 }
 

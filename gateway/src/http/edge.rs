@@ -5,7 +5,11 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use futures::FutureExt;
+use futures::future::Either;
+use hyper::upgrade::Upgraded;
 use hyper::{Request, StatusCode};
+use tracing::debug;
 
 use crate::Shared;
 use crate::http::auth::Rejection;
@@ -43,4 +47,29 @@ pub(crate) fn admit<B>(
         ),
     })?;
     Ok((permit, address))
+}
+
+/// The connection's task once its WebSocket upgrade completes: `run` on the upgraded connection,
+/// `permit` (its place under the limits) held until that ends.
+///
+/// Not an `async` block: one keeps what it captures for its whole life, and what `run` captures
+/// (the hints a protocol reads at its first message, the client's address) only starts the
+/// session. `then` holds `run` until the upgrade, and only the session after it.
+pub(crate) fn after_upgrade<S>(
+    upgrade: fastwebsockets::upgrade::UpgradeFut,
+    permit: Option<Permit>,
+    run: impl FnOnce(Upgraded) -> S + Send + 'static,
+) -> impl Future<Output = ()> + Send + 'static
+where
+    S: Future<Output = ()> + Send + 'static,
+{
+    upgrade
+        .then(|upgraded| match upgraded {
+            Ok(socket) => Either::Left(run(socket.into_inner().into_inner())),
+            Err(error) => {
+                debug!(%error, "upgrade failed");
+                Either::Right(std::future::ready(()))
+            }
+        })
+        .map(move |()| drop(permit))
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::Either;
 use herald_shared::frame::error_code;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -15,7 +16,6 @@ use hyper::{Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
-use tracing::debug;
 
 use crate::Shared;
 use crate::cluster::policy::PolicyError;
@@ -92,21 +92,18 @@ pub(crate) async fn get(
             let query_token = query.param("token").map(str::to_string);
             let (response, upgrade) = fastwebsockets::upgrade::upgrade(&mut request)
                 .map_err(|e| Rejection::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?;
-            shared.sessions.clone().spawn(async move {
-                let upgraded = match upgrade.await {
-                    Ok(upgraded) => upgraded,
-                    Err(error) => return debug!(%error, "upgrade failed"),
-                };
-                let socket = Socket::new(upgraded.into_inner().into_inner(), shared.config.max_frame_bytes);
-                match (polling, admitted) {
-                    (Some(polling), _) => upgrade_polling(polling, socket).await,
-                    (None, Some((permit, address))) => {
-                        let _permit = permit;
-                        serve(shared, socket, address, query_token).await;
-                    }
-                    (None, None) => {}
+            let (permit, address) = admitted.unzip();
+            let tracker = shared.sessions.clone();
+            let run = move |upgraded| {
+                let socket = Socket::new(upgraded, shared.config.max_frame_bytes);
+                match (polling, address) {
+                    // Rare (a polling session moving to WebSocket), and short: boxed.
+                    (Some(polling), _) => Either::Left(Box::pin(upgrade_polling(polling, socket))),
+                    (None, Some(address)) => Either::Right(Either::Left(serve(shared, socket, address, query_token))),
+                    (None, None) => Either::Right(Either::Right(std::future::ready(()))),
                 }
-            });
+            };
+            tracker.spawn(super::edge::after_upgrade(upgrade, permit, run));
             Ok(response.map(|_| Full::new(Bytes::new())))
         }
         _ => Ok(engine_error(0, "Transport unknown")),

@@ -16,7 +16,6 @@ use hyper::header::{AUTHORIZATION, HeaderValue, SEC_WEBSOCKET_PROTOCOL};
 use hyper::upgrade::Upgraded;
 use hyper::{Request, StatusCode};
 use tokio::io::AsyncWriteExt;
-use tracing::debug;
 
 use super::auth::{CONFLICT, ConnectRequest, DEFAULT_DEVICE, Rejection};
 use super::handshake;
@@ -68,13 +67,8 @@ pub(crate) async fn upgrade(
         response.headers_mut().insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(version.subprotocol()));
     }
     let tracker = shared.sessions.clone();
-    tracker.spawn(async move {
-        let _permit = permit;
-        match upgrade.await {
-            Ok(socket) => connect_upgraded(shared, socket.into_inner().into_inner(), hints, address, transport).await,
-            Err(error) => debug!(%error, "upgrade failed"),
-        }
-    });
+    let connect = move |upgraded| connect_upgraded(shared, upgraded, hints, address, transport);
+    tracker.spawn(super::edge::after_upgrade(upgrade, Some(permit), connect));
     response.map(|_| http_body_util::Full::new(Bytes::new()))
 }
 
