@@ -39,8 +39,8 @@ pub const PRESENCE_GATHER: &str = "herald.presence.gather";
 /// Gateways close the sockets of a user (or one connection) asked for here, and answer how many.
 pub const ADMIN_DISCONNECT: &str = "herald.admin.disconnect";
 /// A gateway that noted a device's lost messages for its next resume tells every gateway here
-/// (`{"user","device","conn"}`); each closes that device's other sockets with 4008, since one that
-/// resumed before the note was written was not told.
+/// (`{"user","device","conn","first","revision"}`: the first seq missed, the note's revision); each
+/// closes with 4008 that device's other sockets that resumed past `first` without reading the note.
 pub const DEVICE_LOST: &str = "herald.lost";
 
 /// Gateways list the sockets of a user asked for here (`{"user":..}` → `{"node":..,"sockets":[..]}`).

@@ -297,6 +297,25 @@ async fn unrepairable_gap_noted(client: WhileNoting) {
     assert_eq!(gateway.metric("herald_gateway_unrepairable_gaps_total").await, 1.0);
 }
 
+/// A device whose earlier loss is still noted, not reported to any resume yet, loses another,
+/// newer message: the note keeps the older one, which tells every resume the newer one would and
+/// more (a resume from between the two must report the older loss).
+#[tokio::test]
+async fn a_newer_loss_keeps_the_older_note_no_resume_reported_yet() {
+    let MissedBehind { nats: _nats, gateway, publisher, mut client, admin, missed, newer } =
+        missed_behind("again").await;
+    let cursors = admin.get_key_value("herald-cursors").await.unwrap();
+    let older = missed - 1;
+    cursors.put("again.default.lost", older.to_string().into()).await.unwrap();
+    publisher.publish("push.user.again", "4").await;
+    assert_eq!(client.expect_close().await.map(|c| c.0), Some(close_code::SLOW_CONSUMER));
+    let note = cursors.get("again.default.lost").await.unwrap().expect("the note");
+    assert_eq!(String::from_utf8_lossy(&note), older.to_string(), "not raised to {missed}");
+    let mut resumed = gateway.connect_with(&format!("token={}&since={newer}", token("again"))).await;
+    resumed.expect_msg().await;
+    assert!(!resumed.expect_replayed().await.3);
+}
+
 /// A resume that ends before its `replayed` frame is written (the client stops reading during a
 /// long replay, then leaves) has not told the client of its loss: the note stays, the next resume
 /// reports it, and once that report is written the note goes.

@@ -126,6 +126,22 @@ pub(crate) struct LostNote {
     pub(crate) revision: u64,
 }
 
+/// The last entry of the note at `key`, read from the bucket's leader: the first seq it notes (none
+/// once removed) and its revision.
+async fn lost_entry(bucket: &kv::Store, key: &str) -> Result<Option<(Option<u64>, u64)>, CursorError> {
+    let subject = format!("$KV.{KV_CURSORS}.{key}");
+    match bucket.stream.get_last_raw_message_by_subject(&subject).await {
+        Ok(message) => {
+            // Removals (`DEL`, `PURGE`) carry the operation; a note is a plain put.
+            let removed = message.headers.get("KV-Operation").is_some();
+            let first = if removed { None } else { forward::parse(&message.payload) };
+            Ok(Some((first, message.sequence)))
+        }
+        Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(error(e)),
+    }
+}
+
 /// The KV key noting that a device missed messages from some seq on (see [`Cursors::mark_lost`]).
 fn lost_key(user: &str, device: &str) -> String {
     format!("{}.lost", cursor_key(user, device))
@@ -146,23 +162,32 @@ impl Cursors {
     }
 
     /// Notes that the device missed messages from `seq` on that it can no longer get in order (its
-    /// connection is about to close), so that its next resume from past `seq` is told.
+    /// connection is about to close), so that its next resume from past `seq` is told. A note that
+    /// waits for a resume already, from `seq` or before, stays as it is (it tells the same resumes
+    /// and more); one from later is lowered to `seq`. Fails if another note was written between the
+    /// read and the write (the caller tries again).
     pub(crate) async fn mark_lost(&self, user: &str, device: &str, seq: u64) -> Result<LostNote, CursorError> {
         let bucket = self.bucket().await?;
-        let revision = bucket.put(lost_key(user, device), Bytes::from(seq.to_string())).await.map_err(error)?;
+        let key = lost_key(user, device);
+        let last = match lost_entry(bucket, &key).await? {
+            Some((Some(first), revision)) if first <= seq => return Ok(LostNote { first, revision }),
+            Some((_, revision)) => revision,
+            None => 0,
+        };
+        let revision = bucket.update(&key, Bytes::from(seq.to_string()), last).await.map_err(error)?;
         Ok(LostNote { first: seq, revision })
     }
 
-    /// The note of messages a resuming device missed, if a closed connection wrote one. It stays
-    /// until the resume has written its report ([`Cursors::forget_lost`]): a connection that ends
-    /// before leaves it for the next one.
+    /// The note of messages a resuming device missed, if a closed connection wrote one, as the
+    /// bucket's leader has it (a replica may not have a note just written yet). It stays until the
+    /// resume has written its report ([`Cursors::forget_lost`]): a connection that ends before
+    /// leaves it for the next one.
     pub(crate) async fn read_lost(&self, user: &str, device: &str) -> Result<Option<LostNote>, CursorError> {
         let bucket = self.bucket().await?;
-        let Some(entry) = bucket.entry(lost_key(user, device)).await.map_err(error)? else { return Ok(None) };
-        if entry.operation != kv::Operation::Put {
-            return Ok(None);
-        }
-        Ok(forward::parse(&entry.value).map(|first| LostNote { first, revision: entry.revision }))
+        Ok(match lost_entry(bucket, &lost_key(user, device)).await? {
+            Some((Some(first), revision)) => Some(LostNote { first, revision }),
+            _ => None,
+        })
     }
 
     /// Removes the note at `revision`, which a resume reported; a newer note stays.

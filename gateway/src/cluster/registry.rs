@@ -100,7 +100,6 @@ impl Registry {
         }
     }
 
-    /// Closes every session of `user` (or only connection `conn`) with `close`; returns how many.
     /// Gives `event` to the sessions of `user`'s `device` other than connection `except`; returns
     /// how many.
     pub(crate) fn tell_device(&self, user: &str, device: &str, except: &str, event: impl Fn() -> Event) -> usize {
@@ -109,6 +108,7 @@ impl Registry {
         told.map(|session| session.mailbox.push_event(event())).count()
     }
 
+    /// Closes every session of `user` (or only connection `conn`) with `close`; returns how many.
     pub(crate) fn close_matching(&self, user: &str, conn: Option<&str>, close: &Close) -> usize {
         let sessions: Vec<LocalSession> =
             self.of_user(user).into_iter().filter(|s| conn.is_none_or(|c| c == s.conn)).collect();

@@ -304,6 +304,12 @@ fn advance(
         if let Some(close) = state.closing() {
             return Err(close.clone());
         }
+        if !transmit.is_busy()
+            && let Some(revision) = state.take_reported_note()
+        {
+            // Everything taken for the socket so far is written.
+            forget_reported_note(session, revision);
+        }
         if !transmit.is_busy() && state.has_frames() {
             transmit.start(|batch| state.take_frames(batch, shared.config.write_batch_frames, BATCH_BYTES));
         }
@@ -311,9 +317,6 @@ fn advance(
             // Everything queued is written: what was sent on auto-acknowledged subscriptions counts.
             if let Some(seq) = state.codec_mut().take_auto_ack() {
                 session.ack(seq.min(state.last_sent()));
-            }
-            if let Some(revision) = state.take_reported_note() {
-                forget_reported_note(session, revision);
             }
         }
         count(&shared.metrics, state.take_tally());

@@ -221,8 +221,9 @@ struct ReplayRun {
 struct Resumed {
     since: u64,
     note: u64,
-    /// The `replayed` frame that reports the note is queued: once written, the note can go.
-    note_reported: bool,
+    /// The count of frames taken for the socket once the `replayed` frame that reports the note
+    /// is among them: once written, the note can go.
+    report_at: Option<u64>,
 }
 
 /// What live pulling decided about a loss.
@@ -248,6 +249,8 @@ pub(crate) struct SessionState {
     coverage: Coverage,
     /// Frames for the socket, in order.
     frames: VecDeque<Bytes>,
+    /// How many frames were taken for the socket so far.
+    frames_taken: u64,
     frame_bytes: usize,
     jobs: VecDeque<Job>,
     step: Option<Step>,
@@ -266,8 +269,6 @@ pub(crate) struct SessionState {
     max_topics: usize,
     per_subject_cap: i64,
     close: Option<Close>,
-    /// A loss was noted for the client's resume.
-    loss_noted: bool,
     /// Where the connection resumed, if it did.
     resumed: Option<Resumed>,
     tally: Tally,
@@ -285,6 +286,7 @@ impl SessionState {
             last_sent: params.bounds.last,
             coverage: Coverage::through(params.bounds.last),
             frames: VecDeque::new(),
+            frames_taken: 0,
             frame_bytes: 0,
             jobs: VecDeque::new(),
             step: None,
@@ -297,7 +299,6 @@ impl SessionState {
             max_topics,
             per_subject_cap,
             close: None,
-            loss_noted: false,
             resumed: None,
             tally: Tally::default(),
         };
@@ -311,7 +312,7 @@ impl SessionState {
         let since = requested.min(params.bounds.last);
         if let Start::Resume { lost, .. } = params.start {
             let note = lost.map_or(0, |note| note.revision);
-            state.resumed = Some(Resumed { since, note, note_reported: false });
+            state.resumed = Some(Resumed { since, note, report_at: None });
         }
         state.last_sent = since;
         state.coverage = Coverage::through(since);
@@ -371,6 +372,7 @@ impl SessionState {
         let mut bytes = 0;
         while batch.len() < max_frames && bytes < max_bytes {
             let Some(frame) = self.frames.pop_front() else { break };
+            self.frames_taken += 1;
             bytes += frame.len();
             self.frame_bytes -= frame.len();
             batch.push(frame);
@@ -530,7 +532,6 @@ impl SessionState {
             }
             (Step::NoteLost, Outcome::Noted) => {
                 // Done: the connection's end must not find the loss still owed and note it again.
-                self.loss_noted = true;
                 self.job_done();
                 self.close(Close::slow_consumer("messages missed: reconnect with since"));
             }
@@ -555,11 +556,7 @@ impl SessionState {
     /// ([`Self::next_loss_action`] runs them); a gap above what was sent is no loss, since the
     /// client's resume reads it from the stream.
     pub(crate) fn examine_unread(&mut self) {
-        if self.loss_noted {
-            // One note per connection: a second would move the first one's start.
-            return;
-        }
-        let replay = self.replay_read_so_far();
+        let replay = self.replay_view();
         let mut checks = Vec::new();
         let unread = UnreadGaps {
             last_sent: self.last_sent,
@@ -584,24 +581,41 @@ impl SessionState {
         self.jobs.extend(checks);
     }
 
-    /// What the replay under way has read completely: its audiences, and the coverage with the
-    /// range it read (every stored message of those audiences up to the last one it sent).
-    fn replay_read_so_far(&self) -> Option<(Vec<Audience>, Coverage)> {
+    /// What the replay under way, if any, settled so far (see [`ReplayView`]).
+    fn replay_view(&self) -> Option<ReplayView> {
         let Some(Step::Replay(run)) = &self.step else { return None };
-        let mut coverage = self.coverage.clone();
-        coverage.add(run.since.saturating_add(1), run.last?);
-        Some((run.audiences.clone(), coverage))
+        let through = |last: u64| {
+            let mut coverage = self.coverage.clone();
+            coverage.add(run.since.saturating_add(1), last);
+            coverage
+        };
+        Some(match run.purpose {
+            Purpose::Resume { .. } | Purpose::CatchUp => ReplayView {
+                audiences: run.audiences.clone(),
+                read: through(run.last.unwrap_or(run.since)),
+                others: through(run.bounds.last),
+                owed_through: 0,
+            },
+            Purpose::TopicBlock { .. } => ReplayView {
+                audiences: run.audiences.clone(),
+                read: self.coverage.clone(),
+                others: self.coverage.clone(),
+                owed_through: run.bounds.last,
+            },
+        })
     }
 
-    /// The revision of the lost-messages note the first replay reported, once (when everything
-    /// queued, its `replayed` frame among it, was written): the note can be removed. A connection
-    /// that closes first leaves it for the device's next resume.
+    /// The revision of the lost-messages note the first replay reported, once everything queued
+    /// up to its `replayed` frame was written (call it only while the socket has no write under
+    /// way): the note can be removed. A connection that closes first leaves it for the device's
+    /// next resume.
     pub(crate) fn take_reported_note(&mut self) -> Option<u64> {
-        let resumed = self.resumed.as_mut().filter(|resumed| resumed.note_reported)?;
-        if self.close.is_some() || !self.frames.is_empty() {
+        let resumed = self.resumed.as_mut()?;
+        let written = resumed.report_at.is_some_and(|at| self.frames_taken >= at);
+        if !written || self.close.is_some() {
             return None;
         }
-        resumed.note_reported = false;
+        resumed.report_at = None;
         Some(resumed.note)
     }
 
@@ -613,7 +627,8 @@ impl SessionState {
     /// After the connection ended, the next step of the loss checks it owed: `outcome` answers the
     /// check under way, if one was. Every other job ends with the connection (a client that comes
     /// back resumes from what it received; a note under way finishes in a task of its own), and
-    /// the first loss found is noted, as it would have been with the connection open.
+    /// every loss found is noted (the note keeps the lowest), as it would have been with the
+    /// connection open.
     pub(crate) fn next_loss_action(&mut self, outcome: Option<Outcome>) -> Option<Action> {
         match (self.step.take(), outcome) {
             (Some(Step::FindStored { audience, from, through }), Some(Outcome::Stored(found))) => {
@@ -636,7 +651,8 @@ impl SessionState {
                     return Some(Action::FindStored { audience, from: first });
                 }
                 Job::Lost { first } => {
-                    self.jobs.clear();
+                    // The other checks go on after it: the note keeps the lowest loss noted.
+                    self.step = Some(Step::NoteLost);
                     return Some(Action::NoteLost { first });
                 }
                 _ => {
@@ -881,8 +897,9 @@ impl SessionState {
                 complete &= requested <= upto && lost_from.is_none_or(|first| first > run.since);
                 self.caught_up(run.since, upto);
                 self.notice(&report(complete, None));
-                if let Some(resumed) = &mut self.resumed {
-                    resumed.note_reported = resumed.note > 0;
+                let queued = self.frames_taken + self.frames.len() as u64;
+                if let Some(resumed) = self.resumed.as_mut().filter(|resumed| resumed.note > 0) {
+                    resumed.report_at = Some(queued);
                 }
                 self.job_done();
             }
@@ -931,8 +948,18 @@ struct UnreadGaps<'a> {
     coverage: &'a Coverage,
     owed_after: &'a HashMap<Audience, u64>,
     live_only: &'a HashSet<Audience>,
-    /// The audiences of a replay under way, and the coverage with what it read so far.
-    replay: Option<&'a (Vec<Audience>, Coverage)>,
+    replay: Option<&'a ReplayView>,
+}
+
+/// What a replay under way settled so far, for gaps a connection that ended during it left unread:
+/// of its audiences, what it read (every stored message up to the last one it sent); of the
+/// others, what its end would have counted as complete without reading them (a new device's first
+/// replay reads only its user's messages); and for a topic's block, how far its topic owes nothing.
+struct ReplayView {
+    audiences: Vec<Audience>,
+    read: Coverage,
+    others: Coverage,
+    owed_through: u64,
 }
 
 impl UnreadGaps<'_> {
@@ -942,12 +969,14 @@ impl UnreadGaps<'_> {
         if first_on_route && self.live_only.contains(audience) {
             return None;
         }
-        let coverage = match self.replay {
-            Some((audiences, coverage)) if audiences.contains(audience) => coverage,
-            _ => self.coverage,
+        let (coverage, owed_through) = match self.replay {
+            Some(view) if view.audiences.contains(audience) => (&view.read, view.owed_through),
+            Some(view) => (&view.others, 0),
+            None => (self.coverage, 0),
         };
+        let from = first.max(owed_through.saturating_add(1));
         let through = self.last_sent.min(last);
-        let first = first_owed(coverage, self.owed_after, audience, first, through)?;
+        let first = first_owed(coverage, self.owed_after, audience, from, through)?;
         Some(Job::CheckLoss { audience: audience.clone(), first, through })
     }
 }

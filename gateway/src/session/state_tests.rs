@@ -594,19 +594,26 @@ fn a_failed_replay_closes_with_1013() {
     assert_eq!(h.action(), None);
 }
 
-#[test]
-fn a_topic_joined_with_since_sends_older_messages_as_a_block_then_catches_up_in_order() {
+/// A live session that sent 11 (`push.all`) and `personal` (its user's), joining topic `news` with
+/// `since` 5: attached to the returned log, it reads the stream's bounds next.
+fn joining_news_since_5(personal: u64) -> (Harness, Arc<Log>) {
     let mut h = Harness::new(Start::Live, 10);
     h.broadcast(all_message(11));
-    h.personal(user_message(12));
-    assert_eq!(h.frames(), ["11", "12"]);
-    let news = Audience::Topic("news".into());
+    h.personal(user_message(personal));
+    assert_eq!(h.frames(), ["11".to_string(), personal.to_string()]);
     h.state.subscribe("news".into(), Some(5));
     assert_eq!(h.action(), Some(Action::Attach { topic: "news".into(), attaching: Attaching::Replaying }));
     let log = Arc::new(Log::new(LogLimits { entries: 10, bytes: 1 << 20 }));
-    let start = LogStart { audience: news.clone(), log: log.clone(), position: 0, routed: 0 };
+    let start = LogStart { audience: Audience::Topic("news".into()), log: log.clone(), position: 0, routed: 0 };
     h.state.on_outcome(Outcome::Attached(Ok(start)));
     assert_eq!(h.action(), Some(Action::ReadBounds { at_least: 0 }));
+    (h, log)
+}
+
+#[test]
+fn a_topic_joined_with_since_sends_older_messages_as_a_block_then_catches_up_in_order() {
+    let (mut h, log) = joining_news_since_5(12);
+    let news = Audience::Topic("news".into());
     // Live messages while the topic replays wait, the topic's own among them.
     h.personal(user_message(15));
     log.append(Live::Message(Arc::new(message(16, news.clone(), ""))));
@@ -1080,14 +1087,64 @@ fn a_gap_among_entries_a_log_evicted_unread_is_checked_when_the_connection_ends(
 }
 
 #[test]
-fn a_connection_that_noted_its_loss_notes_no_other_at_its_end() {
+fn a_connection_that_noted_its_loss_still_checks_an_older_gap_it_left_unread() {
     let mut h = checking_a_loss();
     h.state.on_outcome(found(12));
     assert_eq!(h.action(), Some(Action::NoteLost { first: 12 }));
     h.state.on_outcome(Outcome::Noted);
     assert_eq!(h.closed_with(), Some(4008));
-    // A gap read after the note, also below what was sent: the first note stands alone.
+    // A gap read after the note, older than it: noted too (KV keeps the lowest).
     h.broadcast(Live::Gap { first: 11, last: 11, audience: Audience::All, first_on_route: false });
+    h.state.examine_unread();
+    assert_eq!(h.state.next_loss_action(None), Some(Action::FindStored { audience: Audience::All, from: 11 }));
+}
+
+#[test]
+fn every_loss_a_connection_owed_at_its_end_is_noted_not_only_the_first_found() {
+    let mut h = Harness::new(Start::Live, 10);
+    h.personal(user_message(11));
+    h.broadcast(all_message(15));
+    assert_eq!(h.frames(), ["11", "15"]);
+    let user = Audience::User(USER.into());
+    h.personal(Live::Gap { first: 14, last: 14, audience: user.clone(), first_on_route: false });
+    h.personal(user_message(16));
+    assert_eq!(h.action(), Some(Action::FindStored { audience: user, from: 14 }));
+    // Placed behind the check, though older: it waits unread.
+    h.broadcast(Live::Gap { first: 12, last: 12, audience: Audience::All, first_on_route: false });
+    h.broadcast(all_message(17));
+    assert!(h.frames().is_empty());
+    h.state.examine_unread();
+    assert_eq!(h.state.next_loss_action(Some(found(14))), Some(Action::NoteLost { first: 14 }));
+    let next = h.state.next_loss_action(Some(Outcome::Noted));
+    assert_eq!(next, Some(Action::FindStored { audience: Audience::All, from: 12 }));
+    assert_eq!(h.state.next_loss_action(Some(found(12))), Some(Action::NoteLost { first: 12 }));
+    assert_eq!(h.state.next_loss_action(Some(Outcome::Noted)), None);
+}
+
+#[test]
+fn a_new_devices_first_replay_under_way_owes_nothing_older_of_push_all() {
+    let mut h = Harness::new(Start::Unread { read: 2 }, 9);
+    assert_eq!(h.action(), replay_of(vec![Audience::User(USER.into())], 2, 9));
+    h.state.on_outcome(Outcome::Replayed(Box::new(message(6, Audience::User(USER.into()), ""))));
+    assert_eq!(h.frames(), ["6"]);
+    // From before the connection: its end would have counted it complete unread.
+    h.broadcast(Live::Gap { first: 4, last: 4, audience: Audience::All, first_on_route: false });
+    h.broadcast(all_message(10));
+    h.state.examine_unread();
+    assert!(!h.state.owes_loss_check());
+}
+
+#[test]
+fn a_topics_block_under_way_owes_nothing_older_of_the_topic() {
+    let (mut h, log) = joining_news_since_5(13);
+    let news = Audience::Topic("news".into());
+    h.state.on_outcome(Outcome::Bounds(Ok(bounds(1, 14))));
+    assert_eq!(h.action(), replay_of(vec![news.clone()], 5, 14));
+    h.state.on_outcome(Outcome::Replayed(Box::new(message(7, news.clone(), ""))));
+    // 12, below what was sent, is the block's to send, which did not end: no `replayed` for the
+    // topic tells the client so, and its next `sub` with `since` asks for it again.
+    log.append(Live::Gap { first: 12, last: 12, audience: news.clone(), first_on_route: false });
+    log.append(Live::Message(Arc::new(message(15, news, ""))));
     h.state.examine_unread();
     assert!(!h.state.owes_loss_check());
 }
@@ -1106,11 +1163,30 @@ fn a_resumes_note_is_forgotten_once_its_replayed_frame_was_written() {
 }
 
 #[test]
-fn a_resume_that_closes_before_its_report_is_written_keeps_its_note() {
+fn a_resumes_note_is_forgotten_under_steady_traffic_once_its_report_was_taken() {
     let note = LostNote { first: 4, revision: 7 };
     let mut h = Harness::new(Start::Resume { requested: 5, lost: Some(note) }, 9);
     h.action();
     h.replay(Vec::new());
+    h.personal(user_message(10));
+    let mut batch = Vec::new();
+    // The report alone is taken: the message after it is not.
+    h.state.take_frames(&mut batch, 1, usize::MAX);
+    h.state.pull(h.watermark);
+    assert!(h.state.has_frames());
+    assert_eq!(h.state.take_reported_note(), Some(7), "written, though more waits behind it");
+}
+
+#[test]
+fn a_resume_that_closes_before_its_report_is_written_keeps_its_note() {
+    let note = LostNote { first: 4, revision: 7 };
+    let mut h = Harness::new(Start::Resume { requested: 5, lost: Some(note) }, 9);
+    h.action();
+    h.personal(user_message(10));
+    h.replay(Vec::new());
+    // Only the frames before the report are taken, then the connection closes.
+    h.state.take_frames(&mut Vec::new(), 0, usize::MAX);
+    assert_eq!(h.state.take_reported_note(), None);
     h.state.close(Close::gone("the client left"));
     assert_eq!(h.state.take_reported_note(), None);
 
