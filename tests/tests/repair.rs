@@ -306,11 +306,13 @@ async fn a_newer_loss_keeps_the_older_note_no_resume_reported_yet() {
         missed_behind("again").await;
     let cursors = admin.get_key_value("herald-cursors").await.unwrap();
     let older = missed - 1;
-    cursors.put("again.default.lost", older.to_string().into()).await.unwrap();
+    let revision = cursors.put("again.default.lost", older.to_string().into()).await.unwrap();
     publisher.publish("push.user.again", "4").await;
     assert_eq!(client.expect_close().await.map(|c| c.0), Some(close_code::SLOW_CONSUMER));
-    let note = cursors.get("again.default.lost").await.unwrap().expect("the note");
-    assert_eq!(String::from_utf8_lossy(&note), older.to_string(), "not raised to {missed}");
+    let note = cursors.entry("again.default.lost").await.unwrap().expect("the note");
+    assert_eq!(String::from_utf8_lossy(&note.value), older.to_string(), "not raised to {missed}");
+    // Written again: a resume that reported it and removes it by the revision it read leaves it.
+    assert!(note.revision > revision);
     let mut resumed = gateway.connect_with(&format!("token={}&since={newer}", token("again"))).await;
     resumed.expect_msg().await;
     assert!(!resumed.expect_replayed().await.3);

@@ -132,8 +132,9 @@ async fn lost_entry(bucket: &kv::Store, key: &str) -> Result<Option<(Option<u64>
     let subject = format!("$KV.{KV_CURSORS}.{key}");
     match bucket.stream.get_last_raw_message_by_subject(&subject).await {
         Ok(message) => {
-            // Removals (`DEL`, `PURGE`) carry the operation; a note is a plain put.
-            let removed = message.headers.get("KV-Operation").is_some();
+            // Removals carry their operation; a note is a plain put.
+            let operation = message.headers.get("KV-Operation").map(|value| value.as_str());
+            let removed = matches!(operation, Some("DEL" | "PURGE"));
             let first = if removed { None } else { forward::parse(&message.payload) };
             Ok(Some((first, message.sequence)))
         }
@@ -169,13 +170,20 @@ impl Cursors {
     pub(crate) async fn mark_lost(&self, user: &str, device: &str, seq: u64) -> Result<LostNote, CursorError> {
         let bucket = self.bucket().await?;
         let key = lost_key(user, device);
-        let last = match lost_entry(bucket, &key).await? {
-            Some((Some(first), revision)) if first <= seq => return Ok(LostNote { first, revision }),
-            Some((_, revision)) => revision,
-            None => 0,
-        };
-        let revision = bucket.update(&key, Bytes::from(seq.to_string()), last).await.map_err(error)?;
-        Ok(LostNote { first: seq, revision })
+        match lost_entry(bucket, &key).await? {
+            Some((Some(first), revision)) if first <= seq => {
+                // Written again as it is: a resume that reported it and is removing it by its
+                // revision (see `forget_lost`) leaves it, since this loss has not been reported.
+                // The resumes that read it need not hear of it again: the revision they read is given.
+                bucket.update(&key, Bytes::from(first.to_string()), revision).await.map_err(error)?;
+                Ok(LostNote { first, revision })
+            }
+            entry => {
+                let last = entry.map_or(0, |(_, revision)| revision);
+                let revision = bucket.update(&key, Bytes::from(seq.to_string()), last).await.map_err(error)?;
+                Ok(LostNote { first: seq, revision })
+            }
+        }
     }
 
     /// The note of messages a resuming device missed, if a closed connection wrote one, as the

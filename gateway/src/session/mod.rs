@@ -428,7 +428,7 @@ fn settle_losses(session: &Arc<Session>, mut state: Box<SessionState>, job: Opti
     }
     let shared = session.shared.clone();
     let session = session.clone();
-    let mut job = job.filter(|_| state.checking_loss());
+    let mut job = job.filter(|_| state.settling_loss());
     let settle = async move {
         loop {
             let outcome = match job.as_mut() {

@@ -619,9 +619,10 @@ impl SessionState {
         Some(resumed.note)
     }
 
-    /// Whether the action under way is a loss check, whose outcome [`Self::next_loss_action`] takes.
-    pub(crate) fn checking_loss(&self) -> bool {
-        matches!(self.step, Some(Step::FindStored { .. }))
+    /// Whether the action under way is a loss check or note, whose outcome
+    /// [`Self::next_loss_action`] takes (a note not started yet starts when its action is polled).
+    pub(crate) fn settling_loss(&self) -> bool {
+        matches!(self.step, Some(Step::FindStored { .. } | Step::NoteLost))
     }
 
     /// After the connection ended, the next step of the loss checks it owed: `outcome` answers the

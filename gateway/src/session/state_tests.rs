@@ -971,7 +971,7 @@ fn a_burst_past_the_high_water_mark_is_taken_one_by_one_up_to_the_mark() {
 #[test]
 fn a_loss_check_under_way_when_the_connection_ends_goes_on_and_notes_the_loss() {
     let mut h = checking_a_loss();
-    assert!(h.state.owes_loss_check() && h.state.checking_loss());
+    assert!(h.state.owes_loss_check() && h.state.settling_loss());
     assert_eq!(h.state.next_loss_action(Some(found(12))), Some(Action::NoteLost { first: 12 }));
     assert_eq!(h.state.next_loss_action(Some(Outcome::Noted)), None, "one note, then nothing");
     let tally = h.state.take_tally();
@@ -1017,7 +1017,7 @@ fn a_loss_check_waiting_behind_a_subscription_runs_after_the_connection_ends() {
     assert!(h.frames().is_empty());
     assert_eq!(h.action(), None, "the check waits for the subscription");
     // The connection ends there: the subscription ends with it, the check does not.
-    assert!(h.state.owes_loss_check() && !h.state.checking_loss());
+    assert!(h.state.owes_loss_check() && !h.state.settling_loss());
     let user = Audience::User(USER.into());
     assert_eq!(h.state.next_loss_action(None), Some(Action::FindStored { audience: user, from: 12 }));
     assert_eq!(h.state.next_loss_action(Some(found(12))), Some(Action::NoteLost { first: 12 }));
@@ -1043,7 +1043,7 @@ fn a_gap_held_behind_a_catch_up_is_checked_when_the_connection_ends() {
     assert!(h.frames().is_empty() && h.action().is_none(), "held: the catch-up runs");
     assert!(!h.state.owes_loss_check(), "nothing owed before the unread entries are looked at");
     h.state.examine_unread();
-    assert!(h.state.owes_loss_check() && !h.state.checking_loss());
+    assert!(h.state.owes_loss_check() && !h.state.settling_loss());
     // The catch-up ends with the connection; the gap below what was sent (12) is looked up.
     assert_eq!(h.state.next_loss_action(None), Some(Action::FindStored { audience: user, from: 12 }));
     assert_eq!(h.state.next_loss_action(Some(found(12))), Some(Action::NoteLost { first: 12 }));
@@ -1195,4 +1195,14 @@ fn a_resume_that_closes_before_its_report_is_written_keeps_its_note() {
     h.replay(Vec::new());
     h.frames();
     assert_eq!(h.state.take_reported_note(), None, "no note read, none to forget");
+}
+
+#[test]
+fn a_note_under_way_when_the_connection_ends_is_awaited_not_dropped() {
+    let mut h = checking_a_loss();
+    h.state.on_outcome(found(12));
+    assert_eq!(h.action(), Some(Action::NoteLost { first: 12 }));
+    // Not started yet if the task never polled it (the queue was full): the end must poll it.
+    assert!(h.state.settling_loss());
+    assert_eq!(h.state.next_loss_action(Some(Outcome::Noted)), None);
 }
