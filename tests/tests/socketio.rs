@@ -215,10 +215,12 @@ async fn connection_state_recovery_replays_exactly_from_the_offset() {
     let mut raw = Raw::open(&gateway).await;
     let auth = json!({"token": token("sio-x"), "pid": pid, "offset": first.to_string()});
     raw.send(&format!("40{auth}")).await;
-    assert_eq!(raw.expect("40").await["pid"], pid, "the same pid: recovered");
+    // The replayed events come first (clients hold them until the CONNECT answer), then the answer,
+    // which says by its pid whether everything after the offset was there.
     for seq in missed {
         assert_eq!(raw.expect("42").await[3], json!(seq.to_string()));
     }
+    assert_eq!(raw.expect("40").await["pid"], pid, "the same pid: recovered");
     let live = publisher.publish("push.user.sio-x", "4").await;
     assert_eq!(raw.expect("42").await[3], json!(live.to_string()));
 
@@ -234,6 +236,80 @@ async fn connection_state_recovery_replays_exactly_from_the_offset() {
     }
     // Each refusal is counted as `/ws` counts the same error.
     assert_eq!((gateway.refusals(400, "bad_request").await, gateway.refusals(401, "unauthorized").await), (2.0, 1.0));
+}
+
+/// Connects `user` (recovering with `pid` and `offset` when given) and returns the CONNECT
+/// answer's pid and the offsets of the events that came before it.
+async fn recover(gateway: &TestGateway, user: &str, from: Option<(&str, u64)>) -> (Raw, String, Vec<u64>) {
+    let mut raw = Raw::open(gateway).await;
+    let auth = match from {
+        Some((pid, offset)) => json!({"token": token(user), "pid": pid, "offset": offset.to_string()}),
+        None => json!({"token": token(user)}),
+    };
+    raw.send(&format!("40{auth}")).await;
+    let mut replayed = Vec::new();
+    loop {
+        let packet = raw.next().await;
+        if let Some(connect) = packet.strip_prefix("40") {
+            let pid = serde_json::from_str::<Value>(connect).unwrap()["pid"].as_str().unwrap().to_string();
+            return (raw, pid, replayed);
+        }
+        let event: Value = serde_json::from_str(packet.strip_prefix("42").expect("an event")).unwrap();
+        replayed.push(event[3].as_str().unwrap().parse().unwrap());
+    }
+}
+
+#[tokio::test]
+async fn a_recovery_that_cannot_replay_everything_gets_a_new_pid_and_what_the_stream_still_has() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start_with(&nats, |c| c.stream.stream_max_msgs_per_subject = 2).await;
+    let publisher = Publisher::new(&nats).await;
+    let (raw, pid, _) = recover(&gateway, "sio-t", None).await;
+    drop(raw);
+    let base = publisher.publish("push.user.nobody", "x").await;
+    let mut sent = Vec::new();
+    for n in 0..3 {
+        sent.push(publisher.publish("push.user.sio-t", &n.to_string()).await);
+    }
+    // The stream keeps two of the three: not recovered, and the two follow.
+    let (raw, next_pid, replayed) = recover(&gateway, "sio-t", Some((&pid, base))).await;
+    assert_eq!((replayed, next_pid.clone()), (sent[1..].to_vec(), format!("{pid}.1")));
+    drop(raw);
+    // From the new pid, nothing is missing: recovered, with that pid back.
+    let (mut raw, again, replayed) = recover(&gateway, "sio-t", Some((&next_pid, sent[2]))).await;
+    assert_eq!((replayed, again), (Vec::new(), next_pid));
+    let live = publisher.publish("push.user.sio-t", "live").await;
+    assert_eq!(raw.expect("42").await[3], json!(live.to_string()));
+    assert_eq!(gateway.metric("herald_gateway_replays_incomplete_total").await, 1.0);
+    // A pid this server could not have given is refused.
+    let mut raw = Raw::open(&gateway).await;
+    raw.send(&format!("40{}", json!({"token": token("sio-t"), "pid": "a b", "offset": "1"}))).await;
+    assert!(raw.expect("44").await["message"].as_str().unwrap().contains("pid"));
+}
+
+/// A message lost to a connection (noted under its Socket.IO state's device) makes the
+/// recovery after it answer with a new pid, on any later connection of that state.
+#[tokio::test]
+async fn a_loss_noted_for_a_connections_state_is_reported_by_its_recovery() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let (mut raw, pid, _) = recover(&gateway, "sio-l", None).await;
+    let seen = publisher.publish("push.user.sio-l", "1").await;
+    assert_eq!(raw.expect("42").await[3], json!(seen.to_string()));
+    drop(raw);
+    // The gateway notes a loss as it would for an unrepairable gap (tests/tests/repair.rs).
+    let cursors = nats.jetstream().await.get_key_value("herald-cursors").await.unwrap();
+    let key = format!("sio-l.socketio-{pid}.lost");
+    cursors.put(&key, seen.to_string().into()).await.unwrap();
+    let (raw, next_pid, replayed) = recover(&gateway, "sio-l", Some((&pid, seen))).await;
+    assert_eq!((replayed, next_pid), (Vec::new(), format!("{pid}.1")), "not recovered");
+    // Once that answer is written, the note is gone.
+    herald_tests::eventually("the note removed", Duration::from_secs(30), || async {
+        matches!(cursors.get(&key).await, Ok(None)).then_some(())
+    })
+    .await;
+    drop(raw);
 }
 
 #[tokio::test]

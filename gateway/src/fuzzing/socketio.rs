@@ -44,7 +44,7 @@ pub fn socketio_payload(data: &[u8]) {
             "CONNECT {first:?}"
         );
     }
-    let mut codec = Codec::SocketIo(Box::new(SocketIoCodec::new("pid".into())));
+    let mut codec = Codec::SocketIo(Box::new(SocketIoCodec::new(crate::codec::socketio::Pid::new("pid"), false)));
     for message in &outcome.messages {
         let Message::Text(packet) = message else { continue };
         let decoded = codec.decode(packet);

@@ -19,6 +19,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::Shared;
 use crate::cluster::policy::PolicyError;
+use crate::codec::socketio::Pid;
 use crate::codec::socketio::wire::{self, engine, packet};
 use crate::codec::{Codec, SocketIoCodec};
 use crate::http::auth::{CONFLICT, ConnectRequest, Rejection, UNAUTHORIZED};
@@ -278,21 +279,22 @@ async fn accept(
         .or(query_token)
         .ok_or_else(|| Some(Rejection::in_protocol(UNAUTHORIZED, "no token: pass auth {token} or ?token=")))?;
     let claims = shared.verifier.verify(&token).map_err(|error| Some(Rejection::unauthorized(error)))?;
-    let since = match (&auth.pid, &auth.offset) {
-        (Some(_), Some(offset)) => {
-            Some(offset.parse::<u64>().map_err(|_| bad_request("offset must be a sequence number"))?)
-        }
-        _ => None,
+    // A client recovering its state: `since` is its offset, and its pid names its device.
+    let (pid, since) = match (&auth.pid, &auth.offset) {
+        (Some(pid), Some(offset)) => (
+            Some(Pid::parse(pid).ok_or_else(|| bad_request("pid is not one this server gives"))?),
+            Some(offset.parse::<u64>().map_err(|_| bad_request("offset must be a sequence number"))?),
+        ),
+        _ => (None, None),
     };
     shared.policies.reserve(&claims.sub, conn).await.map_err(|error| {
         let code = if matches!(error, PolicyError::Taken) { CONFLICT } else { error_code::UNAVAILABLE };
         Some(Rejection::in_protocol(code, error.to_string()))
     })?;
-    // A recovering client gets its own pid back: Socket.IO clients take that as "recovered".
-    let pid = auth.pid.filter(|_| since.is_some()).unwrap_or_else(|| conn.to_string());
-    let codec = Codec::SocketIo(Box::new(SocketIoCodec::new(pid)));
-    let request = ConnectRequest { claims, device: format!("socketio-{conn}"), since, topics: Vec::new(), live: true };
-    Ok((request, codec))
+    let recovering = pid.is_some();
+    let pid = pid.unwrap_or_else(|| Pid::new(conn));
+    let request = ConnectRequest { claims, device: pid.device(), since, topics: Vec::new(), live: true };
+    Ok((request, Codec::SocketIo(Box::new(SocketIoCodec::new(pid, recovering)))))
 }
 
 /// The auth of the first packet, which must be a Socket.IO CONNECT to namespace `/`.

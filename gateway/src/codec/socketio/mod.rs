@@ -7,6 +7,7 @@
 //! emit `rpc` (function, data, ack), `sub` (topic, optional since, optional ack) and `unsub`
 //! (topic, optional ack); acks answer `{"ok":true,…}` or `{"ok":false,"error":{code,message}}`.
 
+mod pid;
 pub(crate) mod wire;
 
 use std::collections::{HashMap, VecDeque};
@@ -17,13 +18,19 @@ use serde_json::{Value, json};
 
 use super::{Command, Refusal};
 use crate::close::{Close, CloseCode};
+pub(crate) use pid::Pid;
 use wire::{engine, packet};
 
 /// One Socket.IO connection.
 #[derive(Debug)]
 pub(crate) struct SocketIoCodec {
-    /// The private id the CONNECT answer carries (the client's own when it recovers).
-    pid: String,
+    /// The private id of the connection's state: the client's own when it recovers.
+    pid: Pid,
+    /// The client asked to recover its state: the CONNECT answer waits for the replay's end, to
+    /// give the pid back only when nothing after the client's offset is missing.
+    recovering: bool,
+    /// The connection's id, from the session's welcome.
+    sid: String,
     connected: bool,
     /// Ack ids of `sub` and `unsub` events waiting for their answer, by topic, in order.
     sub_acks: HashMap<String, VecDeque<u64>>,
@@ -31,15 +38,30 @@ pub(crate) struct SocketIoCodec {
 }
 
 impl SocketIoCodec {
-    pub(crate) fn new(pid: String) -> SocketIoCodec {
-        SocketIoCodec { pid, connected: false, sub_acks: HashMap::new(), unsub_acks: HashMap::new() }
+    pub(crate) fn new(pid: Pid, recovering: bool) -> SocketIoCodec {
+        let (sid, connected) = (String::new(), false);
+        SocketIoCodec { pid, recovering, sid, connected, sub_acks: HashMap::new(), unsub_acks: HashMap::new() }
+    }
+
+    /// The CONNECT answer.
+    fn connect(&mut self) -> Bytes {
+        self.connected = true;
+        wire::packet(packet::CONNECT, None, &json!({"sid": self.sid, "pid": self.pid.to_string()}))
     }
 
     pub(super) fn notice(&mut self, notice: &ServerFrame) -> Option<Bytes> {
         match notice {
-            ServerFrame::Welcome { conn, .. } if !self.connected => {
-                self.connected = true;
-                Some(wire::packet(packet::CONNECT, None, &json!({"sid": conn, "pid": self.pid})))
+            ServerFrame::Welcome { conn, .. } => {
+                self.sid = conn.clone();
+                (!self.recovering).then(|| self.connect())
+            }
+            // The replayed events went first: clients hold events that come before the CONNECT
+            // answer and hand them over right after it.
+            ServerFrame::Replayed { topic: None, complete, .. } if self.recovering && !self.connected => {
+                if !complete {
+                    self.pid = self.pid.next();
+                }
+                Some(self.connect())
             }
             ServerFrame::Subscribed { topic } => answer(&mut self.sub_acks, topic, json!({"ok": true, "topic": topic})),
             ServerFrame::Unsubscribed { topic } => {
@@ -179,7 +201,7 @@ mod tests {
 
     #[test]
     fn events_become_commands_and_answers_acks() {
-        let mut codec = SocketIoCodec::new("p1".into());
+        let mut codec = SocketIoCodec::new(Pid::new("p1"), false);
         let welcome = ServerFrame::Welcome {
             conn: "c1".into(),
             user: "u".into(),
@@ -204,6 +226,28 @@ mod tests {
         assert!(codec.decode(b"3").is_empty());
         assert!(matches!(&codec.decode(br#"42["dance"]"#)[..], [Err(Refusal::Reply(_))]));
         assert!(matches!(&codec.decode(b"42{}")[..], [Err(Refusal::Close(_))]));
+    }
+
+    fn welcome() -> ServerFrame {
+        let (conn, user, device, node) = ("c2".into(), "u".into(), "d".into(), "n".into());
+        ServerFrame::Welcome { conn, user, device, node, seq: 9, heartbeat: 25, read: 0, unread: 0 }
+    }
+
+    fn replayed(complete: bool, topic: Option<&str>) -> ServerFrame {
+        ServerFrame::Replayed { from: 5, to: 7, count: 3, complete, topic: topic.map(str::to_string) }
+    }
+
+    #[test]
+    fn a_recovering_client_is_answered_after_its_replay_with_its_own_pid_only_if_nothing_is_missing() {
+        for (complete, pid) in [(true, "c1.2"), (false, "c1.3")] {
+            let mut codec = SocketIoCodec::new(Pid::parse("c1.2").unwrap(), true);
+            assert_eq!(codec.notice(&welcome()), None);
+            // A topic's replay does not answer the CONNECT.
+            assert_eq!(codec.notice(&replayed(true, Some("news"))), None);
+            let connect = codec.notice(&replayed(complete, None)).unwrap();
+            assert_eq!(text(&connect), format!(r#"40{{"pid":"{pid}","sid":"c2"}}"#));
+            assert_eq!(codec.notice(&replayed(true, None)), None, "one answer");
+        }
     }
 
     #[test]

@@ -1,0 +1,80 @@
+//! The private id (`pid`) of a Socket.IO connection's state, which clients send back with their
+//! last offset to recover it, and take as "recovered" when the CONNECT answer carries it unchanged.
+//!
+//! A pid is `<root>` or `<root>.<generation>`: the root is the conn id of the lineage's first
+//! connection and names the device its loss notes are kept under, so that a recovery finds a loss
+//! the connection before it noted; the generation grows each time a recovery could not replay
+//! everything, so that the answer differs from what the client sent and it reloads its state.
+
+use std::fmt;
+
+use herald_shared::id::{IdKind, check_id};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Pid {
+    root: String,
+    generation: u64,
+}
+
+impl Pid {
+    /// The pid of a connection that starts a new lineage.
+    pub(crate) fn new(conn: &str) -> Pid {
+        Pid { root: conn.to_string(), generation: 0 }
+    }
+
+    /// Reads a pid a client sent back; `None` when it is not one this server could have given.
+    pub(crate) fn parse(text: &str) -> Option<Pid> {
+        let (root, generation) = match text.split_once('.') {
+            Some((root, generation)) => (root, generation.parse().ok().filter(|g| *g > 0)?),
+            None => (text, 0),
+        };
+        check_id(IdKind::Device, root).and(check_id(IdKind::Device, &device(root))).ok()?;
+        Some(Pid { root: root.to_string(), generation })
+    }
+
+    /// The device the lineage's sessions are (one per Socket.IO state, not per connection).
+    pub(crate) fn device(&self) -> String {
+        device(&self.root)
+    }
+
+    /// The pid that tells a recovering client its state was not recovered.
+    pub(crate) fn next(&self) -> Pid {
+        Pid { root: self.root.clone(), generation: self.generation + 1 }
+    }
+}
+
+fn device(root: &str) -> String {
+    format!("socketio-{root}")
+}
+
+impl fmt::Display for Pid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.generation {
+            0 => f.write_str(&self.root),
+            generation => write!(f, "{}.{generation}", self.root),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pid_reads_back_as_written_and_keeps_its_device_across_generations() {
+        let first = Pid::new("c1");
+        assert_eq!((first.to_string(), first.device()), ("c1".to_string(), "socketio-c1".to_string()));
+        let next = first.next();
+        assert_eq!((next.to_string(), next.device()), ("c1.1".to_string(), "socketio-c1".to_string()));
+        for pid in [first, next.next()] {
+            assert_eq!(Pid::parse(&pid.to_string()), Some(pid));
+        }
+    }
+
+    #[test]
+    fn a_pid_this_server_could_not_have_given_is_refused() {
+        for text in ["", "c1.", "c1.0", "c1.x", "c1.1.2", "a b", &"x".repeat(200)] {
+            assert_eq!(Pid::parse(text), None, "{text:?}");
+        }
+    }
+}
