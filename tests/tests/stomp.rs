@@ -376,3 +376,38 @@ async fn stomp_py_receives_user_and_topic_messages_acks_and_calls_a_function() {
     assert!(child.wait().await.unwrap().success());
     runtime.shutdown().await;
 }
+
+/// A resume that replays more than the gateway holds for a destination nobody subscribed to yet:
+/// once the subscription comes, every message is there, in order (the dropped ones are read
+/// again from the stream), and live ones follow.
+#[tokio::test]
+async fn a_long_resume_before_the_subscription_loses_nothing() {
+    let nats = TestNats::start().await;
+    let publisher = Publisher::new(&nats).await;
+    let gateway = TestGateway::start_with(&nats, |c| c.stream.stream_max_msgs_per_subject = 5000).await;
+    let base = publisher.publish("push.user.nobody", "x").await;
+    let mut sent = Vec::new();
+    for n in 0..3000 {
+        sent.push(publisher.publish("push.user.leo", &n.to_string()).await);
+    }
+    let since = base.to_string();
+    let (mut client, _) = connect(&gateway, &[("passcode", &token("leo")), ("herald-since", &since)]).await;
+    // The whole replay ran before the client subscribes: 1,024 of its messages wait, the rest
+    // were dropped.
+    gateway.wait_metric("herald_gateway_replayed_messages_total", 3000.0).await;
+    client.send_frame("SUBSCRIBE", &[("id", "q"), ("destination", "/user/queue/updates"), ("receipt", "r")], "").await;
+    let mut received = Vec::new();
+    while received.len() < sent.len() {
+        match client.next_event().await {
+            StompEvent::Frame(frame) if frame.command == "MESSAGE" => {
+                received.push(frame.header("message-id").parse::<u64>().unwrap());
+            }
+            StompEvent::Frame(frame) if frame.command == "RECEIPT" => {}
+            StompEvent::HeartBeat => {}
+            other => panic!("after {} messages: {other:?}", received.len()),
+        }
+    }
+    assert_eq!(received, sent);
+    let live = publisher.publish("push.user.leo", "live").await;
+    assert_eq!(next_message(&mut client).await, (live, "live".to_string()));
+}

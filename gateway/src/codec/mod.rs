@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use herald_shared::frame::ServerFrame;
+use herald_shared::subject::Audience;
 
 use crate::close::Close;
 use crate::delivery::message::Message;
@@ -124,6 +125,12 @@ pub(crate) enum Command {
     },
     Unsubscribe {
         topic: String,
+    },
+    /// Read `audience`'s messages after `since` again from the stream, up to what the session has
+    /// taken: the codec dropped some for want of a subscription, and one came.
+    Refill {
+        audience: Audience,
+        since: u64,
     },
     /// Call push function `function`; the answer carries `id`.
     Rpc {
@@ -271,6 +278,13 @@ impl Codec {
             Codec::Stomp(codec) => codec.take_auto_ack(),
             Codec::Sse(codec) => codec.take_sent(),
             _ => None,
+        }
+    }
+
+    /// A refill of `audience` ([`Command::Refill`]) starts reading the stream.
+    pub(crate) fn refill_started(&mut self, audience: &Audience) {
+        if let Codec::Stomp(codec) = self {
+            codec.refill_started(audience);
         }
     }
 

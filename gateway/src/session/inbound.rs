@@ -83,6 +83,7 @@ fn run(session: &Arc<Session>, state: &mut SessionState, command: Command, rpc_b
         }
         Command::Subscribe { topic, since } => state.subscribe(topic, since),
         Command::Unsubscribe { topic } => state.unsubscribe(topic),
+        Command::Refill { audience, since } => state.refill(audience, since),
         Command::Rpc { id, function, data } => {
             if rpc_budget.try_take(Instant::now()) {
                 tokio::spawn(rpc::call(session.clone(), id, function, data));

@@ -164,12 +164,18 @@ enum Job {
     Unsubscribe {
         topic: String,
     },
+    /// The codec dropped messages of `audience` after `since` that it held for want of a
+    /// destination: read them again.
+    Refill {
+        audience: Audience,
+        since: u64,
+    },
 }
 
 impl Job {
     /// Whether live delivery waits for this job from the moment it is queued.
     fn holds_live(&self) -> bool {
-        matches!(self, Job::Resume { .. } | Job::Repair | Job::CheckLoss { .. } | Job::Lost { .. })
+        matches!(self, Job::Resume { .. } | Job::Repair | Job::CheckLoss { .. } | Job::Lost { .. } | Job::Refill { .. })
     }
 }
 
@@ -190,6 +196,7 @@ enum Step {
 enum AfterBounds {
     Repair,
     TopicReplay { topic: String, requested: u64 },
+    Refill { audience: Audience, since: u64 },
 }
 
 /// What a replay is for, which decides where its messages go.
@@ -202,6 +209,9 @@ enum Purpose {
     /// A topic joined with `since`: its messages up to `last_sent` go out now as a block of their
     /// own (the others come with the catch-up that follows), then a `replayed` frame with the topic.
     TopicBlock { topic: String, requested: u64 },
+    /// Messages of one audience the codec dropped (see [`Job::Refill`]): as a topic's block,
+    /// without a `replayed` frame.
+    Refill { audience: Audience },
 }
 
 #[derive(Debug)]
@@ -420,6 +430,11 @@ impl SessionState {
         self.jobs.push_back(Job::Subscribe { topic, since });
     }
 
+    /// The codec asks for `audience`'s messages after `since` again ([`Job::Refill`]).
+    pub(crate) fn refill(&mut self, audience: Audience, since: u64) {
+        self.jobs.push_back(Job::Refill { audience, since });
+    }
+
     /// A client's `unsub`.
     pub(crate) fn unsubscribe(&mut self, topic: String) {
         self.jobs.push_back(Job::Unsubscribe { topic });
@@ -596,7 +611,7 @@ impl SessionState {
                 others: through(run.bounds.last),
                 owed_through: 0,
             },
-            Purpose::TopicBlock { .. } => ReplayView {
+            Purpose::TopicBlock { .. } | Purpose::Refill { .. } => ReplayView {
                 audiences: run.audiences.clone(),
                 read: self.coverage.clone(),
                 others: self.coverage.clone(),
@@ -711,6 +726,10 @@ impl SessionState {
             }
             Job::Lost { first } => self.begin(Step::NoteLost, Action::NoteLost { first }),
             Job::Subscribe { topic, since } => self.start_subscribe(topic, since),
+            Job::Refill { audience, since } => {
+                let step = Step::Bounds(AfterBounds::Refill { audience, since });
+                self.begin(step, Action::ReadBounds { at_least: 0 });
+            }
             Job::Unsubscribe { topic } => {
                 if self.topics.remove(&topic) {
                     let audience = Audience::Topic(topic.clone());
@@ -839,6 +858,11 @@ impl SessionState {
                 let since = requested.min(bounds.last);
                 self.start_replay(Purpose::TopicBlock { topic, requested }, audiences, since, bounds);
             }
+            AfterBounds::Refill { audience, since } => {
+                self.codec.refill_started(&audience);
+                let purpose = Purpose::Refill { audience: audience.clone() };
+                self.start_replay(purpose, vec![audience], since.min(bounds.last), bounds);
+            }
         }
     }
 
@@ -870,7 +894,7 @@ impl SessionState {
                 self.last_sent = message.seq;
                 self.frame_bytes += self.codec.queue_message(&message, &mut self.frames);
             }
-            Purpose::TopicBlock { .. } => {
+            Purpose::TopicBlock { .. } | Purpose::Refill { .. } => {
                 // Newer ones come with the catch-up, in order.
                 if message.seq <= self.last_sent {
                     self.frame_bytes += self.codec.queue_message(&message, &mut self.frames);
@@ -915,6 +939,11 @@ impl SessionState {
                 let owed_after = self.owed_after.entry(Audience::Topic(topic.clone())).or_default();
                 *owed_after = (*owed_after).max(upto);
                 self.notice(&report(complete, Some(topic)));
+                self.start_replay(Purpose::CatchUp, self.audiences(), self.last_sent, run.bounds);
+            }
+            Purpose::Refill { audience } => {
+                let owed_after = self.owed_after.entry(audience).or_default();
+                *owed_after = (*owed_after).max(upto);
                 self.start_replay(Purpose::CatchUp, self.audiences(), self.last_sent, run.bounds);
             }
         }

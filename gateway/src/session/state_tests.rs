@@ -634,6 +634,28 @@ fn a_topic_joined_with_since_sends_older_messages_as_a_block_then_catches_up_in_
 }
 
 #[test]
+fn a_refill_sends_again_what_was_taken_as_a_block_then_catches_up_in_order() {
+    let mut h = Harness::new(Start::Live, 10);
+    let user = Audience::User(USER.into());
+    h.personal(user_message(11));
+    h.personal(user_message(12));
+    assert_eq!(h.frames(), ["11", "12"]);
+    // (A STOMP codec asks for this when it dropped messages it held for a destination.)
+    h.state.refill(user.clone(), 10);
+    // Live messages wait from the moment the refill is asked for.
+    h.personal(user_message(14));
+    assert_eq!(h.frames(), Vec::<String>::new());
+    assert_eq!(h.action(), Some(Action::ReadBounds { at_least: 0 }));
+    h.state.on_outcome(Outcome::Bounds(Ok(bounds(1, 13))));
+    assert_eq!(h.action(), replay_of(vec![user.clone()], 10, 13));
+    h.replay(vec![message(11, user.clone(), ""), message(12, user.clone(), ""), message(13, user.clone(), "")]);
+    assert_eq!(h.action(), replay_of(everything(), 12, 13));
+    h.replay(vec![message(13, user, "")]);
+    assert_eq!(h.frames(), ["11", "12", "13", "14"]);
+    assert_eq!(h.action(), None);
+}
+
+#[test]
 fn a_topic_joined_without_since_is_subscribed_once_nats_has_it() {
     let mut h = Harness::new(Start::Live, 10);
     h.state.subscribe("news".into(), None);

@@ -4,6 +4,7 @@
 
 use herald_shared::frame::error_code;
 use herald_shared::id::{IdKind, check_id, topic_allowed};
+use herald_shared::subject::Audience;
 
 use super::frame::{Frame, Version};
 use super::{AckMode, Held, PendingRpc, RPC_MESSAGE_ID, StompCodec, Subscription, Target, Transport, receipt_frame};
@@ -168,23 +169,35 @@ impl StompCodec {
             target => {
                 let target = target.clone();
                 if first {
-                    self.release(&target, index);
+                    return Ok(self.release(target, index));
                 }
                 Ok(Command::Nothing)
             }
         }
     }
 
-    /// Sends what waited for `target`'s first subscription, `index`.
-    fn release(&mut self, target: &Target, index: usize) {
-        let (mine, others): (Vec<Held>, Vec<Held>) = self.held.drain(..).partition(|held| held.target == *target);
+    /// Sends what waited for `target`'s first subscription, `index`; when some of it was dropped,
+    /// has the session read it all again from the stream instead (a refill), in order.
+    fn release(&mut self, target: Target, index: usize) -> Command {
+        let (mine, others): (Vec<Held>, Vec<Held>) = self.held.drain(..).partition(|held| held.target == target);
         self.held = others.into();
+        if let Some(at) = self.dropped.iter().position(|(dropped, _)| *dropped == target) {
+            let (_, first) = self.dropped.swap_remove(at);
+            let audience = match target {
+                Target::User => Audience::User(self.user.clone()),
+                Target::All => Audience::All,
+                Target::Topic(ref topic) => Audience::Topic(topic.clone()),
+            };
+            self.refilling.push(target);
+            return Command::Refill { audience, since: first - 1 };
+        }
         for held in mine {
             let head = self.head(index, held.seq, held.tail.len());
             self.note_sent(index, held.seq);
             self.replies.push(head);
             self.replies.push(held.tail);
         }
+        Command::Nothing
     }
 
     fn send(&mut self, frame: &Frame) -> Result<Command, (&'static str, String)> {

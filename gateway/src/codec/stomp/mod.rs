@@ -35,7 +35,8 @@ use crate::websocket::frame as ws;
 
 pub(crate) use frame::{Frame, Version, parse};
 
-/// Messages held for a destination no subscription covers yet; past this the oldest are dropped.
+/// Messages held for a destination no subscription covers yet; past this the oldest are dropped
+/// (and read again from the stream when a subscription comes, see [`StompCodec::refill`]).
 const MAX_HELD: usize = 1024;
 /// The start of the `message-id` of a function's reply (then its number), which is no stream seq.
 const RPC_MESSAGE_ID: &str = "rpc-";
@@ -191,6 +192,13 @@ pub(crate) struct StompCodec {
     server_beat: Duration,
     subscriptions: Vec<Subscription>,
     held: VecDeque<Held>,
+    /// The first `seq` dropped from `held`, per destination, until its first subscription.
+    dropped: Vec<(Target, u64)>,
+    /// Destinations whose dropped messages the session reads again: what comes for them is
+    /// dropped too (the refill reads it) until the refill starts.
+    refilling: Vec<Target>,
+    /// The connection's user (from the welcome), whose messages `/user/queue/…` receives.
+    user: String,
     rpcs: HashMap<String, PendingRpc>,
     next_rpc: u64,
     /// RECEIPTs to send when a topic's subscription (or unsubscription) is done.
@@ -304,6 +312,9 @@ impl StompCodec {
             server_beat,
             subscriptions: Vec::new(),
             held: VecDeque::new(),
+            dropped: Vec::new(),
+            refilling: Vec::new(),
+            user: String::new(),
             rpcs: HashMap::new(),
             next_rpc: 0,
             topic_receipts: Vec::new(),
@@ -362,7 +373,8 @@ impl StompCodec {
     /// The head of the messages of `last`'s destination up to `last`, when a subscription takes
     /// them now; none when they would be held.
     pub(super) fn head_of_run(&self, last: &Message) -> Option<MessageHead<'_>> {
-        let index = self.subscription(&Target::of_audience(&last.audience))?;
+        let target = Target::of_audience(&last.audience);
+        let index = self.subscription(&target).filter(|_| !self.refilling.contains(&target))?;
         Some(self.message_head(index))
     }
 
@@ -380,18 +392,30 @@ impl StompCodec {
     /// The subscription `message` goes to now (noted as sent), or none: then it is held.
     fn route(&mut self, message: &Message) -> Option<usize> {
         let target = Target::of_audience(&message.audience);
+        if self.refilling.contains(&target) {
+            return None;
+        }
         let index = self.subscription(&target);
         match index {
             Some(index) => self.note_sent(index, message.seq),
             None => {
-                if self.held.len() == MAX_HELD {
-                    self.held.pop_front();
+                if self.held.len() == MAX_HELD
+                    && let Some(oldest) = self.held.pop_front()
+                    && !self.dropped.iter().any(|(target, _)| *target == oldest.target)
+                {
+                    self.dropped.push((oldest.target, oldest.seq));
                 }
                 let tail = message.encoded(self.format()).clone();
                 self.held.push_back(Held { target, seq: message.seq, tail });
             }
         }
         index
+    }
+
+    /// The refill of `audience` starts: from now on its messages go to its subscription again.
+    pub(super) fn refill_started(&mut self, audience: &Audience) {
+        let target = Target::of_audience(audience);
+        self.refilling.retain(|refilling| *refilling != target);
     }
 
     /// The subscription that receives `target`'s messages: for the user's own, the first
@@ -452,6 +476,7 @@ impl StompCodec {
     pub(super) fn notice(&mut self, notice: &ServerFrame) -> Option<Bytes> {
         match notice {
             ServerFrame::Welcome { conn, user, device, seq, .. } => {
+                self.user = user.clone();
                 let beat = self.server_beat.as_millis().to_string();
                 let heart_beat = format!("{beat},{beat}");
                 let seq = seq.to_string();

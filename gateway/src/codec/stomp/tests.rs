@@ -108,6 +108,35 @@ fn messages_wait_for_their_subscription() {
 }
 
 #[test]
+fn messages_dropped_before_their_subscription_are_read_again_and_nothing_newer_goes_ahead_of_them() {
+    let mut codec = codec();
+    let user = |seq: u64| Message::new(seq, Audience::User("u".into()), "", "", "t", Bytes::from_static(b"1"));
+    let all = Message::new(1, Audience::All, "", "", "t", Bytes::from_static(b"1"));
+    let mut frames = VecDeque::new();
+    codec.queue_message(&all, all.encoded(WireFormat::Stomp), &mut frames);
+    // `push.all`'s message and the user's first are dropped for the last 1,024.
+    for seq in 2..=1026 {
+        codec.queue_message(&user(seq), user(seq).encoded(WireFormat::Stomp), &mut frames);
+    }
+    assert!(frames.is_empty());
+    let subscribe = b"SUBSCRIBE\nid:q\ndestination:/user/queue/inbox\nreceipt:r1\n\n\0";
+    let refill = Command::Refill { audience: Audience::User(String::new()), since: 1 };
+    assert_eq!(codec.decode(subscribe), Ok(refill));
+    // Only the receipt: the held messages come again with the refill.
+    assert_eq!(codec.take_replies().len(), 1);
+    // What comes before the refill starts is in its range: not sent now.
+    let newer = user(1027);
+    assert_eq!(codec.queue_message(&newer, newer.encoded(WireFormat::Stomp), &mut frames), 0);
+    assert!(codec.head_of_run(&newer).is_none());
+    codec.refill_started(&Audience::User(String::new()));
+    assert!(codec.queue_message(&user(2), user(2).encoded(WireFormat::Stomp), &mut frames) > 0);
+    assert!(text(&frames).contains("message-id:2\n"), "{}", text(&frames));
+    // `push.all` keeps its own: its subscription asks for its refill.
+    let subscribe = b"SUBSCRIBE\nid:a\ndestination:/topic/all\n\n\0";
+    assert_eq!(codec.decode(subscribe), Ok(Command::Refill { audience: Audience::All, since: 0 }));
+}
+
+#[test]
 fn topics_rpc_and_errors() {
     let mut codec = codec();
     let subscribe = b"SUBSCRIBE\nid:1\ndestination:/topic/news\nherald-since:4\n\n\0";
