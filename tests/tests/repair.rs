@@ -422,3 +422,40 @@ async fn a_loss_shown_behind_a_catch_up_is_noted_when_the_client_leaves_before_r
     assert!(!resumed.expect_replayed().await.3, "the resume reports the loss of {missed}");
     assert_eq!(gateway.metric("herald_gateway_unrepairable_gaps_total").await, 1.0);
 }
+
+/// STOMP has no way to say a resume misses something: a STOMP resume past a noted loss replays
+/// from the lost message instead (again what the client had from there, `message-id` telling
+/// which), and the note is gone after it.
+#[tokio::test]
+async fn a_stomp_resume_past_a_noted_loss_replays_from_the_lost_message() {
+    let MissedBehind { nats: _nats, gateway, publisher, mut client, admin, missed, newer } = missed_behind("stl").await;
+    let last = publisher.publish("push.user.stl", "4").await;
+    assert_eq!(client.expect_close().await.map(|c| c.0), Some(close_code::SLOW_CONSUMER));
+    let cursors = admin.get_key_value("herald-cursors").await.unwrap();
+    let noted = herald_tests::eventually("the loss noted", std::time::Duration::from_secs(30), || async {
+        cursors.get("stl.default.lost").await.ok().flatten()
+    })
+    .await;
+    assert_eq!(String::from_utf8_lossy(&noted), missed.to_string());
+
+    let url = format!("ws://{}/stomp", gateway.addr);
+    let since = newer.to_string();
+    let headers = [("passcode", token("stl")), ("herald-since", since), ("herald-device", "default".into())];
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(name, value)| (*name, value.as_str())).collect();
+    let mut stomp = herald_tests::stomp::StompClient::connect(&url, &headers).await;
+    stomp.expect("CONNECTED").await;
+    let mut received = Vec::new();
+    for (id, destination) in [("q", "/user/queue/updates"), ("a", "/topic/all")] {
+        stomp.send_frame("SUBSCRIBE", &[("id", id), ("destination", destination)], "").await;
+    }
+    while received.len() < 3 {
+        let message = stomp.expect("MESSAGE").await;
+        received.push(message.header("message-id").parse::<u64>().unwrap());
+    }
+    received.sort();
+    assert_eq!(received, [missed, newer, last], "the lost message and what followed it");
+    herald_tests::eventually("the note removed", std::time::Duration::from_secs(30), || async {
+        matches!(cursors.get("stl.default.lost").await, Ok(None)).then_some(())
+    })
+    .await;
+}

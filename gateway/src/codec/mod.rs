@@ -188,6 +188,12 @@ impl Codec {
         }
     }
 
+    /// Whether the protocol can tell a resuming client that something after its resume point may
+    /// be missing (`replayed.complete`, Centrifugal's and Socket.IO's `recovered`). STOMP cannot.
+    pub(crate) fn reports_incomplete_resumes(&self) -> bool {
+        !matches!(self, Codec::Stomp(_))
+    }
+
     /// Queues the frame(s) of `message` for this connection in `frames` (the bytes shared with every
     /// connection of the format, after a small head of this connection's own for STOMP; none when
     /// Centrifugal holds it back to send it inside a reply); returns the bytes queued.

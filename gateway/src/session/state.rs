@@ -315,7 +315,17 @@ impl SessionState {
         state.notice(&params.welcome);
         let (requested, lost_from, audiences) = match params.start {
             Start::Live => return state,
-            Start::Resume { requested, lost } => (requested, lost.map(|note| note.first), state.audiences()),
+            Start::Resume { requested, lost } => {
+                // A protocol that cannot say a resume misses something replays from what was lost
+                // instead: the client gets again what it had from there, and nothing is skipped.
+                let requested = match lost {
+                    Some(note) if !state.codec.reports_incomplete_resumes() => {
+                        requested.min(note.first.saturating_sub(1))
+                    }
+                    _ => requested,
+                };
+                (requested, lost.map(|note| note.first), state.audiences())
+            }
             Start::Unread { read } => (read, None, vec![Audience::User(state.user.to_string())]),
         };
         // A client ahead of the stream (a replaced stream, a bogus `since`) gets what comes next.
