@@ -349,7 +349,8 @@ impl Codec {
             Codec::Herald(_) => Some(crate::websocket::frame::close(close.number(), &close.reason)),
             Codec::Stomp(codec) => Some(codec.close(close)),
             Codec::Sse(_) => Some(SseCodec::close(close)),
-            Codec::Centrifugal(_) | Codec::SocketIo(_) => close_frame(self.format(), close),
+            Codec::Centrifugal(_) => close_frame(self.format(), close),
+            Codec::SocketIo(codec) => Some(codec.close(close)),
         }
     }
 

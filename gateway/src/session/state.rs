@@ -604,6 +604,28 @@ impl SessionState {
             Flow::Continue
         });
         self.jobs.extend(checks);
+        // What a refill still owed was let go unsent, below what was sent: lost to this
+        // connection, so noted (a STOMP resume replays from there).
+        if let Some(first) = self.refill_owed_from() {
+            self.jobs.push_back(Job::Lost { first });
+        }
+    }
+
+    /// The first message a refill queued or under way had not sent yet, if any.
+    fn refill_owed_from(&self) -> Option<u64> {
+        let under_way = match &self.step {
+            Some(Step::Bounds(AfterBounds::Refill { since, .. })) => Some(since + 1),
+            Some(Step::Replay(ReplayRun { purpose: Purpose::Refill { .. }, since, last, .. })) => {
+                Some(last.unwrap_or(*since) + 1)
+            }
+            _ => None,
+        };
+        // The job under way, if any, is the first.
+        let queued = self.jobs.iter().skip(usize::from(self.step.is_some())).filter_map(|job| match job {
+            Job::Refill { since, .. } => Some(since + 1),
+            _ => None,
+        });
+        under_way.into_iter().chain(queued).min().filter(|first| *first <= self.last_sent)
     }
 
     /// What the replay under way, if any, settled so far (see [`ReplayView`]).
@@ -737,8 +759,10 @@ impl SessionState {
             Job::Lost { first } => self.begin(Step::NoteLost, Action::NoteLost { first }),
             Job::Subscribe { topic, since } => self.start_subscribe(topic, since),
             Job::Refill { audience, since } => {
+                // Bounds from behind the session would leave out what it let go.
+                let at_least = self.last_sent;
                 let step = Step::Bounds(AfterBounds::Refill { audience, since });
-                self.begin(step, Action::ReadBounds { at_least: 0 });
+                self.begin(step, Action::ReadBounds { at_least });
             }
             Job::Unsubscribe { topic } => {
                 if self.topics.remove(&topic) {

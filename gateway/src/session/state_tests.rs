@@ -645,7 +645,8 @@ fn a_refill_sends_again_what_was_taken_as_a_block_then_catches_up_in_order() {
     // Live messages wait from the moment the refill is asked for.
     h.personal(user_message(14));
     assert_eq!(h.frames(), Vec::<String>::new());
-    assert_eq!(h.action(), Some(Action::ReadBounds { at_least: 0 }));
+    // Bounds from behind what was sent would leave some out.
+    assert_eq!(h.action(), Some(Action::ReadBounds { at_least: 12 }));
     h.state.on_outcome(Outcome::Bounds(Ok(bounds(1, 13))));
     assert_eq!(h.action(), replay_of(vec![user.clone()], 10, 13));
     h.replay(vec![message(11, user.clone(), ""), message(12, user.clone(), ""), message(13, user.clone(), "")]);
@@ -653,6 +654,28 @@ fn a_refill_sends_again_what_was_taken_as_a_block_then_catches_up_in_order() {
     h.replay(vec![message(13, user, "")]);
     assert_eq!(h.frames(), ["11", "12", "13", "14"]);
     assert_eq!(h.action(), None);
+}
+
+#[test]
+fn what_a_refill_had_not_sent_when_the_connection_ended_is_noted_lost() {
+    let user = Audience::User(USER.into());
+    for replayed in [None, Some(11)] {
+        let mut h = Harness::new(Start::Live, 10);
+        h.personal(user_message(11));
+        h.personal(user_message(12));
+        assert_eq!(h.frames(), ["11", "12"]);
+        h.state.refill(user.clone(), 10);
+        assert_eq!(h.action(), Some(Action::ReadBounds { at_least: 12 }));
+        if let Some(seq) = replayed {
+            h.state.on_outcome(Outcome::Bounds(Ok(bounds(1, 12))));
+            assert_eq!(h.action(), replay_of(vec![user.clone()], 10, 12));
+            h.state.on_outcome(Outcome::Replayed(Box::new(message(seq, user.clone(), ""))));
+        }
+        h.state.examine_unread();
+        assert!(h.state.owes_loss_check());
+        let first = replayed.map_or(11, |seq| seq + 1);
+        assert_eq!(h.state.next_loss_action(None), Some(Action::NoteLost { first }), "{replayed:?}");
+    }
 }
 
 #[test]

@@ -46,7 +46,24 @@ impl SocketIoCodec {
     /// The CONNECT answer.
     fn connect(&mut self) -> Bytes {
         self.connected = true;
-        wire::packet(packet::CONNECT, None, &json!({"sid": self.sid, "pid": self.pid.to_string()}))
+        self.connect_packet(&self.pid)
+    }
+
+    fn connect_packet(&self, pid: &Pid) -> Bytes {
+        wire::packet(packet::CONNECT, None, &json!({"sid": self.sid, "pid": pid.to_string()}))
+    }
+
+    /// The last bytes of the connection. A recovering client that was not answered yet gets its
+    /// answer first, "not recovered": clients hand over the events they hold only then, and move
+    /// their offset past them, so that the next recovery does not hand them over a second time.
+    pub(crate) fn close(&self, close: &Close) -> Bytes {
+        let last = close_frame(close);
+        if !self.recovering || self.connected || self.sid.is_empty() {
+            return last;
+        }
+        let mut both = self.connect_packet(&self.pid.next()).to_vec();
+        both.extend_from_slice(&last);
+        Bytes::from(both)
     }
 
     pub(super) fn notice(&mut self, notice: &ServerFrame) -> Option<Bytes> {
@@ -248,6 +265,19 @@ mod tests {
             assert_eq!(text(&connect), format!(r#"40{{"pid":"{pid}","sid":"c2"}}"#));
             assert_eq!(codec.notice(&replayed(true, None)), None, "one answer");
         }
+    }
+
+    #[test]
+    fn a_recovering_client_closed_before_its_answer_is_answered_not_recovered_first() {
+        let close = Close::new(CloseCode::Unavailable, "stream unavailable");
+        let mut codec = SocketIoCodec::new(Pid::parse("c1.2").unwrap(), true);
+        assert_eq!(codec.notice(&welcome()), None);
+        let last = codec.close(&close);
+        assert!(last[2..].starts_with(br#"40{"pid":"c1.3","sid":"c2"}"#), "{last:?}");
+        assert!(last.ends_with(&close_frame(&close)));
+        // Answered already: only the close.
+        codec.notice(&replayed(true, None));
+        assert_eq!(codec.close(&close), close_frame(&close));
     }
 
     #[test]

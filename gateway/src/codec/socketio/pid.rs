@@ -25,7 +25,13 @@ impl Pid {
     /// Reads a pid a client sent back; `None` when it is not one this server could have given.
     pub(crate) fn parse(text: &str) -> Option<Pid> {
         let (root, generation) = match text.split_once('.') {
-            Some((root, generation)) => (root, generation.parse().ok().filter(|g| *g > 0)?),
+            // Digits only, as written: no sign, no leading zero.
+            Some((root, generation))
+                if generation.bytes().all(|b| b.is_ascii_digit()) && !generation.starts_with('0') =>
+            {
+                (root, generation.parse().ok()?)
+            }
+            Some(_) => return None,
             None => (text, 0),
         };
         check_id(IdKind::Device, root).and(check_id(IdKind::Device, &device(root))).ok()?;
@@ -39,7 +45,7 @@ impl Pid {
 
     /// The pid that tells a recovering client its state was not recovered.
     pub(crate) fn next(&self) -> Pid {
-        Pid { root: self.root.clone(), generation: self.generation + 1 }
+        Pid { root: self.root.clone(), generation: self.generation.saturating_add(1) }
     }
 }
 
@@ -73,7 +79,9 @@ mod tests {
 
     #[test]
     fn a_pid_this_server_could_not_have_given_is_refused() {
-        for text in ["", "c1.", "c1.0", "c1.x", "c1.1.2", "a b", &"x".repeat(200)] {
+        for text in
+            ["", "c1.", "c1.0", "c1.01", "c1.+1", "c1.x", "c1.1.2", "c1.99999999999999999999", "a b", &"x".repeat(200)]
+        {
             assert_eq!(Pid::parse(text), None, "{text:?}");
         }
     }
