@@ -287,6 +287,14 @@ impl Codec {
         }
     }
 
+    /// The frame the codec answered a resume with (its `replayed` notice's) was dropped unsent,
+    /// with the rest of the queue, by a close.
+    pub(crate) fn answer_dropped(&mut self) {
+        if let Codec::SocketIo(codec) = self {
+            codec.answer_dropped();
+        }
+    }
+
     /// A refill of `audience` ([`Command::Refill`]) starts reading the stream.
     pub(crate) fn refill_started(&mut self, audience: &Audience) {
         if let Codec::Stomp(codec) = self {

@@ -234,6 +234,8 @@ struct Resumed {
     /// The count of frames taken for the socket once the `replayed` frame that reports the note
     /// is among them: once written, the note can go.
     report_at: Option<u64>,
+    /// The same count for the `replayed` frame, whether or not it reports a note.
+    answered_at: Option<u64>,
 }
 
 /// What live pulling decided about a loss.
@@ -281,6 +283,9 @@ pub(crate) struct SessionState {
     close: Option<Close>,
     /// Where the connection resumed, if it did.
     resumed: Option<Resumed>,
+    /// The first message a refill that ended sent again, and the count of frames taken for the
+    /// socket once all it queued is among them: until then, a connection's end owes it.
+    refilled: Option<(u64, u64)>,
     tally: Tally,
 }
 
@@ -310,6 +315,7 @@ impl SessionState {
             per_subject_cap,
             close: None,
             resumed: None,
+            refilled: None,
             tally: Tally::default(),
         };
         state.notice(&params.welcome);
@@ -332,7 +338,7 @@ impl SessionState {
         let since = requested.min(params.bounds.last);
         if let Start::Resume { lost, .. } = params.start {
             let note = lost.map_or(0, |note| note.revision);
-            state.resumed = Some(Resumed { since, note, report_at: None });
+            state.resumed = Some(Resumed { since, note, report_at: None, answered_at: None });
         }
         state.last_sent = since;
         state.coverage = Coverage::through(since);
@@ -360,6 +366,11 @@ impl SessionState {
     /// client resumes from the last `seq` it received.
     pub(crate) fn close(&mut self, close: Close) {
         if self.close.is_none() {
+            let answered_at = self.resumed.as_ref().and_then(|resumed| resumed.answered_at);
+            if answered_at.is_some_and(|at| self.frames_taken < at) {
+                // The frame that answered the resume goes with the queue.
+                self.codec.answer_dropped();
+            }
             self.close = Some(close);
             self.frames = VecDeque::new();
             self.frame_bytes = 0;
@@ -613,19 +624,20 @@ impl SessionState {
 
     /// The first message a refill queued or under way had not sent yet, if any.
     fn refill_owed_from(&self) -> Option<u64> {
+        // From its start: what it queued may not be written yet.
         let under_way = match &self.step {
-            Some(Step::Bounds(AfterBounds::Refill { since, .. })) => Some(since + 1),
-            Some(Step::Replay(ReplayRun { purpose: Purpose::Refill { .. }, since, last, .. })) => {
-                Some(last.unwrap_or(*since) + 1)
-            }
+            Some(Step::Bounds(AfterBounds::Refill { since, .. }))
+            | Some(Step::Replay(ReplayRun { purpose: Purpose::Refill { .. }, since, .. })) => Some(since + 1),
             _ => None,
         };
+        let unwritten = self.refilled.filter(|(_, written_at)| self.frames_taken < *written_at);
         // The job under way, if any, is the first.
         let queued = self.jobs.iter().skip(usize::from(self.step.is_some())).filter_map(|job| match job {
             Job::Refill { since, .. } => Some(since + 1),
             _ => None,
         });
-        under_way.into_iter().chain(queued).min().filter(|first| *first <= self.last_sent)
+        let owed = unwritten.map(|(first, _)| first).into_iter().chain(under_way).chain(queued);
+        owed.min().filter(|first| *first <= self.last_sent)
     }
 
     /// What the replay under way, if any, settled so far (see [`ReplayView`]).
@@ -957,8 +969,9 @@ impl SessionState {
                 self.caught_up(run.since, upto);
                 self.notice(&report(complete, None));
                 let queued = self.frames_taken + self.frames.len() as u64;
-                if let Some(resumed) = self.resumed.as_mut().filter(|resumed| resumed.note > 0) {
-                    resumed.report_at = Some(queued);
+                if let Some(resumed) = self.resumed.as_mut() {
+                    resumed.answered_at = Some(queued);
+                    resumed.report_at = (resumed.note > 0).then_some(queued);
                 }
                 self.job_done();
             }
@@ -976,6 +989,9 @@ impl SessionState {
                 self.start_replay(Purpose::CatchUp, self.audiences(), self.last_sent, run.bounds);
             }
             Purpose::Refill { audience } => {
+                let queued = self.frames_taken + self.frames.len() as u64;
+                let (first, _) = self.refilled.unwrap_or((u64::MAX, 0));
+                self.refilled = Some((first.min(run.since + 1), queued));
                 let owed_after = self.owed_after.entry(audience).or_default();
                 *owed_after = (*owed_after).max(upto);
                 self.start_replay(Purpose::CatchUp, self.audiences(), self.last_sent, run.bounds);

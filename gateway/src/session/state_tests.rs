@@ -656,25 +656,44 @@ fn a_refill_sends_again_what_was_taken_as_a_block_then_catches_up_in_order() {
     assert_eq!(h.action(), None);
 }
 
+/// How far a refill got before the connection ended.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum RefillEnd {
+    ReadingBounds,
+    Replaying,
+    EndedUnwritten,
+    EndedWritten,
+}
+
 #[test]
-fn what_a_refill_had_not_sent_when_the_connection_ended_is_noted_lost() {
+fn what_a_refill_had_not_written_when_the_connection_ended_is_noted_lost_from_its_start() {
+    use RefillEnd::*;
     let user = Audience::User(USER.into());
-    for replayed in [None, Some(11)] {
+    for end in [ReadingBounds, Replaying, EndedUnwritten, EndedWritten] {
         let mut h = Harness::new(Start::Live, 10);
         h.personal(user_message(11));
         h.personal(user_message(12));
         assert_eq!(h.frames(), ["11", "12"]);
         h.state.refill(user.clone(), 10);
         assert_eq!(h.action(), Some(Action::ReadBounds { at_least: 12 }));
-        if let Some(seq) = replayed {
+        if end != ReadingBounds {
             h.state.on_outcome(Outcome::Bounds(Ok(bounds(1, 12))));
             assert_eq!(h.action(), replay_of(vec![user.clone()], 10, 12));
-            h.state.on_outcome(Outcome::Replayed(Box::new(message(seq, user.clone(), ""))));
+            h.state.on_outcome(Outcome::Replayed(Box::new(message(11, user.clone(), ""))));
+        }
+        if matches!(end, EndedUnwritten | EndedWritten) {
+            h.state.on_outcome(Outcome::Replayed(Box::new(message(12, user.clone(), ""))));
+            h.state.on_outcome(Outcome::ReplayEnded(Ok(())));
+            // Nothing stored past what was sent: its catch-up reads nothing.
+            assert_eq!(h.action(), None);
+        }
+        if end == EndedWritten {
+            assert_eq!(h.frames(), ["11", "12"]);
         }
         h.state.examine_unread();
-        assert!(h.state.owes_loss_check());
-        let first = replayed.map_or(11, |seq| seq + 1);
-        assert_eq!(h.state.next_loss_action(None), Some(Action::NoteLost { first }), "{replayed:?}");
+        let noted = h.state.owes_loss_check().then(|| h.state.next_loss_action(None));
+        let expected = (end != EndedWritten).then_some(Some(Action::NoteLost { first: 11 }));
+        assert_eq!(noted, expected, "{end:?}");
     }
 }
 
@@ -1250,4 +1269,31 @@ fn a_note_under_way_when_the_connection_ends_is_awaited_not_dropped() {
     // Not started yet if the task never polled it (the queue was full): the end must poll it.
     assert!(h.state.settling_loss());
     assert_eq!(h.state.next_loss_action(Some(Outcome::Noted)), None);
+}
+
+#[test]
+fn a_socket_io_resume_whose_answer_was_dropped_by_a_close_is_answered_in_the_close() {
+    use crate::codec::socketio::Pid;
+    for taken in [false, true] {
+        let codec = Codec::SocketIo(Box::new(crate::codec::SocketIoCodec::new(Pid::parse("p").unwrap(), true)));
+        let start = Start::Resume { requested: 10, lost: None };
+        let mut h = Harness::build(start, 10, 100, |params| {
+            params.codec = codec;
+            let (conn, user, device, node) = ("c".into(), USER.into(), "d".into(), "n".into());
+            params.welcome =
+                ServerFrame::Welcome { conn, user, device, node, seq: 10, heartbeat: 25, read: 0, unread: 0 };
+        });
+        assert_eq!(h.action(), replay_of(everything(), 10, 10));
+        h.replay(Vec::new());
+        if taken {
+            let mut batch = Vec::new();
+            h.state.take_frames(&mut batch, usize::MAX, usize::MAX);
+            assert_eq!(batch.len(), 1, "the answer");
+        }
+        let close = Close::slow_consumer("stalled");
+        h.state.close(close.clone());
+        let last = h.state.codec().close(&close).unwrap();
+        // The answer goes in the close, saying "not recovered", only when the queue lost it.
+        assert_eq!(last.windows(11).any(|w| w == br#""pid":"p.1""#), !taken, "taken: {taken}");
+    }
 }

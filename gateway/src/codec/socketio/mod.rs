@@ -53,6 +53,12 @@ impl SocketIoCodec {
         wire::packet(packet::CONNECT, None, &json!({"sid": self.sid, "pid": pid.to_string()}))
     }
 
+    /// The CONNECT answer queued was dropped unsent (the connection closes): [`Self::close`]
+    /// answers instead.
+    pub(crate) fn answer_dropped(&mut self) {
+        self.connected = false;
+    }
+
     /// The last bytes of the connection. A recovering client that was not answered yet gets its
     /// answer first, "not recovered": clients hand over the events they hold only then, and move
     /// their offset past them, so that the next recovery does not hand them over a second time.
