@@ -172,7 +172,10 @@ pub(crate) fn run_with(
         let (close, served) = match opened {
             Ok(state) => {
                 Box::pin(publish_lifecycle(&shared.client, &session.who(), None)).await;
-                let (close, state, job) = serve(&session, state, &mut reader, &mut transmit).await;
+                let (close, mut state, job) = serve(&session, state, &mut reader, &mut transmit).await;
+                // A close decided outside the state (a stalled write, an expired token) drops its
+                // queue all the same.
+                state.close(close.clone());
                 (close, Some((state, job)))
             }
             Err(close) => (close, None),
@@ -182,7 +185,7 @@ pub(crate) fn run_with(
         let audiences = state.map(SessionState::audiences).unwrap_or_else(|| join_audiences(&session));
         let last = last_frame(state, format, &close);
         if let Some((state, job)) = served {
-            settle_losses(&session, state, job);
+            settle_losses(&session, state, job, transmit.unwritten());
         }
         Box::pin(finish(&session, audiences, last, transmit, close)).await;
     }
@@ -421,8 +424,13 @@ fn last_frame(state: Option<&SessionState>, format: WireFormat, close: &Close) -
 /// yet that may be a loss, has the checks go on in a task of its own, which the gateway's drain
 /// waits for: a loss they find is noted, since the client's next resume, wherever it lands, must be
 /// told (as [`Action::NoteLost`](state::Action) does for a note under way).
-fn settle_losses(session: &Arc<Session>, mut state: Box<SessionState>, job: Option<BoxStream<'static, Outcome>>) {
-    state.examine_unread();
+fn settle_losses(
+    session: &Arc<Session>,
+    mut state: Box<SessionState>,
+    job: Option<BoxStream<'static, Outcome>>,
+    unwritten: u64,
+) {
+    state.examine_unread(unwritten);
     if !state.owes_loss_check() {
         return;
     }

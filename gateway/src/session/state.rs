@@ -283,6 +283,9 @@ pub(crate) struct SessionState {
     close: Option<Close>,
     /// Where the connection resumed, if it did.
     resumed: Option<Resumed>,
+    /// Refills asked for whose replay has not ended, and the first message any of them owes.
+    refills_pending: u32,
+    pending_from: u64,
     /// The first message a refill that ended sent again, and the count of frames taken for the
     /// socket once all it queued is among them: until then, a connection's end owes it.
     refilled: Option<(u64, u64)>,
@@ -315,6 +318,8 @@ impl SessionState {
             per_subject_cap,
             close: None,
             resumed: None,
+            refills_pending: 0,
+            pending_from: u64::MAX,
             refilled: None,
             tally: Tally::default(),
         };
@@ -453,6 +458,8 @@ impl SessionState {
 
     /// The codec asks for `audience`'s messages after `since` again ([`Job::Refill`]).
     pub(crate) fn refill(&mut self, audience: Audience, since: u64) {
+        self.refills_pending += 1;
+        self.pending_from = self.pending_from.min(since + 1);
         self.jobs.push_back(Job::Refill { audience, since });
     }
 
@@ -591,7 +598,9 @@ impl SessionState {
     /// connection would have checked had it read them. Each is queued as a loss check
     /// ([`Self::next_loss_action`] runs them); a gap above what was sent is no loss, since the
     /// client's resume reads it from the stream.
-    pub(crate) fn examine_unread(&mut self) {
+    ///
+    /// `unwritten`: how many of the frames taken for the socket were not written yet.
+    pub(crate) fn examine_unread(&mut self, unwritten: u64) {
         let replay = self.replay_view();
         let mut checks = Vec::new();
         let unread = UnreadGaps {
@@ -617,27 +626,18 @@ impl SessionState {
         self.jobs.extend(checks);
         // What a refill still owed was let go unsent, below what was sent: lost to this
         // connection, so noted (a STOMP resume replays from there).
-        if let Some(first) = self.refill_owed_from() {
+        let written = self.frames_taken.saturating_sub(unwritten);
+        if let Some(first) = self.refill_owed_from(written) {
             self.jobs.push_back(Job::Lost { first });
         }
     }
 
-    /// The first message a refill queued or under way had not sent yet, if any.
-    fn refill_owed_from(&self) -> Option<u64> {
-        // From its start: what it queued may not be written yet.
-        let under_way = match &self.step {
-            Some(Step::Bounds(AfterBounds::Refill { since, .. }))
-            | Some(Step::Replay(ReplayRun { purpose: Purpose::Refill { .. }, since, .. })) => Some(since + 1),
-            _ => None,
-        };
-        let unwritten = self.refilled.filter(|(_, written_at)| self.frames_taken < *written_at);
-        // The job under way, if any, is the first.
-        let queued = self.jobs.iter().skip(usize::from(self.step.is_some())).filter_map(|job| match job {
-            Job::Refill { since, .. } => Some(since + 1),
-            _ => None,
-        });
-        let owed = unwritten.map(|(first, _)| first).into_iter().chain(under_way).chain(queued);
-        owed.min().filter(|first| *first <= self.last_sent)
+    /// The first message a refill not ended, or ended but not all `written`, owes, if any (from
+    /// its start: what it queued may not be written yet).
+    fn refill_owed_from(&self, written: u64) -> Option<u64> {
+        let pending = (self.refills_pending > 0).then_some(self.pending_from);
+        let unwritten = self.refilled.filter(|(_, written_at)| written < *written_at).map(|(first, _)| first);
+        pending.into_iter().chain(unwritten).min().filter(|first| *first <= self.last_sent)
     }
 
     /// What the replay under way, if any, settled so far (see [`ReplayView`]).
@@ -990,8 +990,14 @@ impl SessionState {
             }
             Purpose::Refill { audience } => {
                 let queued = self.frames_taken + self.frames.len() as u64;
-                let (first, _) = self.refilled.unwrap_or((u64::MAX, 0));
-                self.refilled = Some((first.min(run.since + 1), queued));
+                // Another refill may still be pending: its start is owed until it ends.
+                let still_unwritten = self.refilled.filter(|(_, written_at)| self.frames_taken < *written_at);
+                let first = still_unwritten.map_or(u64::MAX, |(first, _)| first).min(run.since + 1);
+                self.refilled = Some((first, queued));
+                self.refills_pending -= 1;
+                if self.refills_pending == 0 {
+                    self.pending_from = u64::MAX;
+                }
                 let owed_after = self.owed_after.entry(audience).or_default();
                 *owed_after = (*owed_after).max(upto);
                 self.start_replay(Purpose::CatchUp, self.audiences(), self.last_sent, run.bounds);

@@ -662,6 +662,8 @@ enum RefillEnd {
     ReadingBounds,
     Replaying,
     EndedUnwritten,
+    /// Taken for the socket, still in flight.
+    EndedTaken,
     EndedWritten,
 }
 
@@ -669,7 +671,7 @@ enum RefillEnd {
 fn what_a_refill_had_not_written_when_the_connection_ended_is_noted_lost_from_its_start() {
     use RefillEnd::*;
     let user = Audience::User(USER.into());
-    for end in [ReadingBounds, Replaying, EndedUnwritten, EndedWritten] {
+    for end in [ReadingBounds, Replaying, EndedUnwritten, EndedTaken, EndedWritten] {
         let mut h = Harness::new(Start::Live, 10);
         h.personal(user_message(11));
         h.personal(user_message(12));
@@ -681,20 +683,43 @@ fn what_a_refill_had_not_written_when_the_connection_ended_is_noted_lost_from_it
             assert_eq!(h.action(), replay_of(vec![user.clone()], 10, 12));
             h.state.on_outcome(Outcome::Replayed(Box::new(message(11, user.clone(), ""))));
         }
-        if matches!(end, EndedUnwritten | EndedWritten) {
+        if matches!(end, EndedUnwritten | EndedTaken | EndedWritten) {
             h.state.on_outcome(Outcome::Replayed(Box::new(message(12, user.clone(), ""))));
             h.state.on_outcome(Outcome::ReplayEnded(Ok(())));
             // Nothing stored past what was sent: its catch-up reads nothing.
             assert_eq!(h.action(), None);
         }
-        if end == EndedWritten {
+        if matches!(end, EndedTaken | EndedWritten) {
             assert_eq!(h.frames(), ["11", "12"]);
         }
-        h.state.examine_unread();
+        h.state.examine_unread(if end == EndedTaken { 2 } else { 0 });
         let noted = h.state.owes_loss_check().then(|| h.state.next_loss_action(None));
         let expected = (end != EndedWritten).then_some(Some(Action::NoteLost { first: 11 }));
         assert_eq!(noted, expected, "{end:?}");
     }
+}
+
+#[test]
+fn a_refill_written_whole_owes_nothing_when_a_later_one_is_cut_short() {
+    let user = Audience::User(USER.into());
+    let mut h = Harness::new(Start::Live, 10);
+    let refill = |h: &mut Harness, since: u64, last: u64| {
+        h.state.refill(user.clone(), since);
+        assert_eq!(h.action(), Some(Action::ReadBounds { at_least: last }));
+        h.state.on_outcome(Outcome::Bounds(Ok(bounds(1, last))));
+        assert_eq!(h.action(), replay_of(vec![user.clone()], since, last));
+        h.replay(vec![message(last, user.clone(), "")]);
+    };
+    h.personal(user_message(11));
+    assert_eq!(h.frames(), ["11"]);
+    refill(&mut h, 10, 11);
+    assert_eq!(h.frames(), ["11"]);
+    h.personal(user_message(51));
+    assert_eq!(h.frames(), ["51"]);
+    // The second refill's frame is still queued when the connection ends: owed from its own start.
+    refill(&mut h, 50, 51);
+    h.state.examine_unread(0);
+    assert_eq!(h.state.next_loss_action(None), Some(Action::NoteLost { first: 51 }));
 }
 
 #[test]
@@ -1106,7 +1131,7 @@ fn a_gap_held_behind_a_catch_up_is_checked_when_the_connection_ends() {
     h.personal(user_message(13));
     assert!(h.frames().is_empty() && h.action().is_none(), "held: the catch-up runs");
     assert!(!h.state.owes_loss_check(), "nothing owed before the unread entries are looked at");
-    h.state.examine_unread();
+    h.state.examine_unread(0);
     assert!(h.state.owes_loss_check() && !h.state.settling_loss());
     // The catch-up ends with the connection; the gap below what was sent (12) is looked up.
     assert_eq!(h.state.next_loss_action(None), Some(Action::FindStored { audience: user, from: 12 }));
@@ -1119,7 +1144,7 @@ fn an_unread_gap_above_what_was_sent_is_no_loss_the_resume_reads_it() {
     let mut h = catching_up(100);
     h.personal(Live::Gap { first: 13, last: 14, audience: Audience::User(USER.into()), first_on_route: false });
     h.personal(user_message(15));
-    h.state.examine_unread();
+    h.state.examine_unread(0);
     assert!(!h.state.owes_loss_check());
 }
 
@@ -1135,7 +1160,7 @@ fn an_unread_gap_the_replay_under_way_read_past_is_no_loss() {
     // 13 never came live, and the replay sent it: read, not lost.
     h.personal(Live::Gap { first: 13, last: 13, audience: Audience::User(USER.into()), first_on_route: false });
     h.personal(user_message(15));
-    h.state.examine_unread();
+    h.state.examine_unread(0);
     assert!(!h.state.owes_loss_check());
 }
 
@@ -1146,7 +1171,7 @@ fn a_gap_among_entries_a_log_evicted_unread_is_checked_when_the_connection_ends(
     for seq in 13..=15 {
         h.broadcast(all_message(seq));
     }
-    h.state.examine_unread();
+    h.state.examine_unread(0);
     assert_eq!(h.state.next_loss_action(None), Some(Action::FindStored { audience: Audience::All, from: 11 }));
 }
 
@@ -1159,7 +1184,7 @@ fn a_connection_that_noted_its_loss_still_checks_an_older_gap_it_left_unread() {
     assert_eq!(h.closed_with(), Some(4008));
     // A gap read after the note, older than it: noted too (KV keeps the lowest).
     h.broadcast(Live::Gap { first: 11, last: 11, audience: Audience::All, first_on_route: false });
-    h.state.examine_unread();
+    h.state.examine_unread(0);
     assert_eq!(h.state.next_loss_action(None), Some(Action::FindStored { audience: Audience::All, from: 11 }));
 }
 
@@ -1177,7 +1202,7 @@ fn every_loss_a_connection_owed_at_its_end_is_noted_not_only_the_first_found() {
     h.broadcast(Live::Gap { first: 12, last: 12, audience: Audience::All, first_on_route: false });
     h.broadcast(all_message(17));
     assert!(h.frames().is_empty());
-    h.state.examine_unread();
+    h.state.examine_unread(0);
     assert_eq!(h.state.next_loss_action(Some(found(14))), Some(Action::NoteLost { first: 14 }));
     let next = h.state.next_loss_action(Some(Outcome::Noted));
     assert_eq!(next, Some(Action::FindStored { audience: Audience::All, from: 12 }));
@@ -1194,7 +1219,7 @@ fn a_new_devices_first_replay_under_way_owes_nothing_older_of_push_all() {
     // From before the connection: its end would have counted it complete unread.
     h.broadcast(Live::Gap { first: 4, last: 4, audience: Audience::All, first_on_route: false });
     h.broadcast(all_message(10));
-    h.state.examine_unread();
+    h.state.examine_unread(0);
     assert!(!h.state.owes_loss_check());
 }
 
@@ -1209,7 +1234,7 @@ fn a_topics_block_under_way_owes_nothing_older_of_the_topic() {
     // topic tells the client so, and its next `sub` with `since` asks for it again.
     log.append(Live::Gap { first: 12, last: 12, audience: news.clone(), first_on_route: false });
     log.append(Live::Message(Arc::new(message(15, news, ""))));
-    h.state.examine_unread();
+    h.state.examine_unread(0);
     assert!(!h.state.owes_loss_check());
 }
 

@@ -38,6 +38,11 @@ impl<W: AsyncWrite + Unpin> Transmit<W> {
         self.done < self.batch.len()
     }
 
+    /// How many frames of the batch in flight are not wholly written.
+    pub(crate) fn unwritten(&self) -> u64 {
+        (self.batch.len() - self.done) as u64
+    }
+
     /// Starts a batch: `fill` adds its frames (nothing may be in flight).
     pub(crate) fn start(&mut self, fill: impl FnOnce(&mut Vec<Bytes>)) {
         debug_assert!(!self.is_busy());
