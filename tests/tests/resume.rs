@@ -1,6 +1,7 @@
 //! Exact delivery: the offline inbox, resume with `since` and from device cursors, retention
 //! reported honestly, publisher retries delivered once.
 
+use futures::StreamExt;
 use herald_shared::frame::ServerFrame;
 use herald_tests::gateway::token;
 use herald_tests::{Publisher, TestGateway, TestNats, eventually};
@@ -346,4 +347,74 @@ async fn a_replay_failing_midway_is_opened_again_after_the_last_message_it_read(
     assert_eq!([first, rest].concat(), published, "each once, in order");
     let block = (1, published[MESSAGES - 1], MESSAGES as u64, true, Some("news".to_string()));
     assert_eq!(client.expect_replayed().await, block);
+}
+
+/// KV that does not answer a resume from the device's cursor (here the cursors' bucket stops
+/// answering direct reads, which the gateway uses for cursors): the gateway gives it the stream's
+/// patience, then cannot tell where the device stopped. Instead of going live in silence, skipping
+/// what the device missed, it resumes from the stream's end and reports the replay incomplete, so
+/// the client reloads its state. With KV back, the same resume replays from the cursor.
+#[tokio::test]
+async fn a_resume_whose_cursor_cannot_be_read_reports_itself_incomplete() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let query = format!("token={}&device=phone", token("kim"));
+    let phone = gateway.connect_with(&query).await;
+    drop(phone);
+    gateway.wait_metric("herald_gateway_connections", 0.0).await;
+    let missed = publisher.publish("push.user.kim", "while away").await;
+
+    let js = nats.jetstream().await;
+    let mut cursors = js.get_stream("KV_herald-cursors").await.unwrap().info().await.unwrap().config.clone();
+    assert!(cursors.allow_direct, "the gateway reads cursors with direct gets");
+    cursors.allow_direct = false;
+    js.update_stream(&cursors).await.unwrap();
+
+    let mut phone = gateway.connect_with(&query).await;
+    assert_eq!(phone.expect_replayed().await, (missed + 1, missed, 0, false, None));
+    let live = publisher.publish("push.user.kim", "live").await;
+    assert_eq!(phone.expect_msg().await.seq, live);
+    drop(phone);
+    gateway.wait_metric("herald_gateway_connections", 0.0).await;
+
+    cursors.allow_direct = true;
+    js.update_stream(&cursors).await.unwrap();
+    let mut phone = gateway.connect_with(&query).await;
+    assert_eq!(phone.expect_msgs(2).await, [missed, live]);
+    assert_eq!(phone.expect_replayed().await.3, true, "read from the cursor, nothing missed");
+}
+
+/// KV that fails the first read of a device's cursor, as it may for a moment while it fails over:
+/// the gateway reads it again, and the device resumes from its cursor as usual.
+#[tokio::test]
+async fn a_cursor_kv_fails_to_read_for_a_moment_is_read_again() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let query = format!("token={}&device=phone", token("kim"));
+    drop(gateway.connect_with(&query).await);
+    gateway.wait_metric("herald_gateway_connections", 0.0).await;
+    let missed = publisher.publish("push.user.kim", "while away").await;
+
+    // The first read goes unanswered: a subscriber takes the request and never answers it.
+    let js = nats.jetstream().await;
+    let mut cursors = js.get_stream("KV_herald-cursors").await.unwrap().info().await.unwrap().config.clone();
+    cursors.allow_direct = false;
+    js.update_stream(&cursors).await.unwrap();
+    let client = nats.client().await;
+    let mut reads = client.subscribe("$JS.API.DIRECT.GET.KV_herald-cursors.>").await.unwrap();
+    client.flush().await.unwrap();
+    let url = gateway.ws_url(&query);
+    let phone = tokio::spawn(async move { herald_tests::ws::WsClient::connect(&url).await.expect("admitted") });
+    let read = tokio::time::timeout(herald_tests::ws::FRAME_TIMEOUT, reads.next()).await;
+    assert!(read.expect("the gateway reads the cursor").is_some());
+    reads.unsubscribe().await.unwrap();
+    cursors.allow_direct = true;
+    js.update_stream(&cursors).await.unwrap();
+
+    let mut phone = phone.await.unwrap();
+    phone.expect_welcome().await;
+    assert_eq!(phone.expect_msg().await.seq, missed);
+    assert_eq!(phone.expect_replayed().await, (missed, missed, 1, true, None));
 }

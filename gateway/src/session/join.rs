@@ -12,9 +12,8 @@ use super::Session;
 use super::actions::{STREAM_PATIENCE, retried};
 use super::bounds::Bounds;
 use super::live::LiveSources;
-use super::state::{Params, SessionState, Start, audiences_of};
+use super::state::{Noted, Params, SessionState, Start, audiences_of};
 use crate::close::{Close, CloseCode};
-use crate::cluster::cursor::LostNote;
 use crate::codec::Codec;
 use crate::config::NewDeviceReplay;
 use crate::delivery::router::Attaching;
@@ -43,7 +42,7 @@ pub(super) async fn open(session: &Session, codec: Codec) -> Result<Box<SessionS
     let (resume, read) = tokio::join!(Box::pin(resume_point(session, bounds)), Box::pin(read_position(session)));
     let unread = Box::pin(shared.inbox.unread(&session.user, read, bounds.last, &attached.user.muted())).await;
     let start = match (resume, &unread) {
-        (Resume::Since { requested, lost }, _) => Start::Resume { requested, lost },
+        (Resume::Since { requested, noted }, _) => Start::Resume { requested, noted },
         // Nothing unread: live at once, no `replayed` (a client learns it from `welcome.unread`).
         (Resume::NewDevice, Ok(0)) => Start::Live,
         (Resume::NewDevice, _) if shared.config.new_device_replay == NewDeviceReplay::Unread => Start::Unread { read },
@@ -81,20 +80,24 @@ pub(super) async fn open(session: &Session, codec: Codec) -> Result<Box<SessionS
 /// Where a connection resumes.
 enum Resume {
     /// After `since`, or after the device's cursor.
-    Since { requested: u64, lost: Option<LostNote> },
+    Since { requested: u64, noted: Noted },
     /// A device seen for the first time.
     NewDevice,
-    /// The cursor could not be read, or the client asked for nothing before now: live.
+    /// The client asked for nothing before now: live.
     Live,
 }
 
+/// Where the device resumes, and what its earlier connections noted as lost. KV is given the
+/// stream's patience (it may be failing over); a device whose state it still cannot read resumes
+/// from the stream's end with nothing known, so that its resume reports itself incomplete rather
+/// than skip messages in silence.
 async fn resume_point(session: &Session, bounds: Bounds) -> Resume {
     let shared = &session.shared;
     let (user, device) = (&session.user, &session.device);
     let requested = match session.request.since {
         Some(since) => since,
         None if session.request.live => return Resume::Live,
-        None => match shared.cursors.load(user, device).await {
+        None => match retried(STREAM_PATIENCE, || shared.cursors.load(user, device)).await {
             Ok(Some(cursor)) => cursor,
             Ok(None) => {
                 // A new device: its cursor starts here, before the welcome, so that a reconnect
@@ -103,16 +106,20 @@ async fn resume_point(session: &Session, bounds: Bounds) -> Resume {
                 return Resume::NewDevice;
             }
             Err(error) => {
-                warn!(%user, %error, "cursor unavailable: starting live");
-                return Resume::Live;
+                warn!(%user, %device, %error, "cursor unreadable: resuming from the stream's end, incomplete");
+                return Resume::Since { requested: bounds.last, noted: Noted::Unknown };
             }
         },
     };
-    let lost = shared.cursors.read_lost(user, device).await.unwrap_or_else(|error| {
-        warn!(%user, %error, "lost-messages note unreadable");
-        None
-    });
-    Resume::Since { requested, lost }
+    let noted = match retried(STREAM_PATIENCE, || shared.cursors.read_lost(user, device)).await {
+        Ok(Some(note)) => Noted::Lost(note),
+        Ok(None) => Noted::Nothing,
+        Err(error) => {
+            warn!(%user, %device, %error, "lost-messages note unreadable: the resume reports itself incomplete");
+            Noted::Unknown
+        }
+    };
+    Resume::Since { requested, noted }
 }
 
 /// The user's read position, 0 when it cannot be read (the welcome then counts from there).

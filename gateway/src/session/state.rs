@@ -47,12 +47,32 @@ const HIGH_WATER: usize = 64 * 1024;
 /// fan-out to about four fifths of what 256 KiB allows).
 const LIVE_HIGH_WATER: usize = 256 * 1024;
 
+/// What a resume read of the lost-messages note its device's earlier connections may have left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Noted {
+    Nothing,
+    Lost(LostNote),
+    /// KV could not be read: anything may have been lost, and the resume cannot say otherwise.
+    Unknown,
+}
+
+impl Noted {
+    /// The first seq that may have been lost: 0 when that is not known.
+    fn lost_from(self) -> Option<u64> {
+        match self {
+            Noted::Nothing => None,
+            Noted::Lost(note) => Some(note.first),
+            Noted::Unknown => Some(0),
+        }
+    }
+}
+
 /// Where a connection starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Start {
-    /// Replay what came after `requested` (a `since`, or the device's cursor); `lost`: a previous
-    /// connection noted that messages from there on were lost.
-    Resume { requested: u64, lost: Option<LostNote> },
+    /// Replay what came after `requested` (a `since`, or the device's cursor); `noted`: what the
+    /// device's earlier connections noted as lost.
+    Resume { requested: u64, noted: Noted },
     /// A new device: replay the user's personal messages after the read position `read` (the
     /// unread ones; muted kinds are left out as always), then live.
     Unread { read: u64 },
@@ -326,23 +346,23 @@ impl SessionState {
         state.notice(&params.welcome);
         let (requested, lost_from, audiences) = match params.start {
             Start::Live => return state,
-            Start::Resume { requested, lost } => {
+            Start::Resume { requested, noted } => {
                 // A protocol that cannot say a resume misses something replays from what was lost
                 // instead: the client gets again what it had from there, and nothing is skipped.
-                let requested = match lost {
-                    Some(note) if !state.codec.reports_incomplete_resumes() => {
+                let requested = match noted {
+                    Noted::Lost(note) if !state.codec.reports_incomplete_resumes() => {
                         requested.min(note.first.saturating_sub(1))
                     }
                     _ => requested,
                 };
-                (requested, lost.map(|note| note.first), state.audiences())
+                (requested, noted.lost_from(), state.audiences())
             }
             Start::Unread { read } => (read, None, vec![Audience::User(state.user.to_string())]),
         };
         // A client ahead of the stream (a replaced stream, a bogus `since`) gets what comes next.
         let since = requested.min(params.bounds.last);
-        if let Start::Resume { lost, .. } = params.start {
-            let note = lost.map_or(0, |note| note.revision);
+        if let Start::Resume { noted, .. } = params.start {
+            let note = if let Noted::Lost(note) = noted { note.revision } else { 0 };
             state.resumed = Some(Resumed { since, note, report_at: None, answered_at: None });
         }
         state.last_sent = since;

@@ -190,7 +190,7 @@ fn nothing_is_sent_past_the_watermark_before_what_the_router_has_not_routed_yet(
 
 #[test]
 fn a_resume_replays_first_holding_live_messages_then_sends_only_newer_ones() {
-    let mut h = Harness::new(Start::Resume { requested: 5, lost: None }, 9);
+    let mut h = Harness::new(Start::Resume { requested: 5, noted: Noted::Nothing }, 9);
     assert_eq!(h.action(), replay_of(everything(), 5, 9));
     // Live messages that arrive meanwhile wait; one of them (9) is in the replay too.
     h.broadcast(all_message(9));
@@ -202,27 +202,33 @@ fn a_resume_replays_first_holding_live_messages_then_sends_only_newer_ones() {
 }
 
 #[test]
-fn a_resume_from_beyond_the_stream_or_after_a_noted_loss_is_incomplete() {
-    let mut h = Harness::new(Start::Resume { requested: 50, lost: None }, 9);
+fn a_resume_from_beyond_the_stream_after_a_noted_loss_or_unsure_of_one_is_incomplete() {
+    let mut h = Harness::new(Start::Resume { requested: 50, noted: Noted::Nothing }, 9);
     assert_eq!(h.action(), replay_of(everything(), 9, 9));
     h.replay(Vec::new());
     assert_eq!(h.frames(), ["replayed:10-9/0/false"]);
 
-    let mut h = Harness::new(Start::Resume { requested: 5, lost: Some(LostNote { first: 4, revision: 1 }) }, 9);
+    let mut h = Harness::new(Start::Resume { requested: 5, noted: Noted::Lost(LostNote { first: 4, revision: 1 }) }, 9);
     h.action();
     h.replay(Vec::new());
     assert_eq!(h.frames(), ["replayed:6-5/0/false"]);
 
     // Messages noted lost after `since` are in this replay: nothing is missing.
-    let mut h = Harness::new(Start::Resume { requested: 5, lost: Some(LostNote { first: 7, revision: 1 }) }, 9);
+    let mut h = Harness::new(Start::Resume { requested: 5, noted: Noted::Lost(LostNote { first: 7, revision: 1 }) }, 9);
     h.action();
     h.replay(Vec::new());
     assert_eq!(h.frames(), ["replayed:6-5/0/true"]);
+
+    // The note could not be read: anything may be missing.
+    let mut h = Harness::new(Start::Resume { requested: 5, noted: Noted::Unknown }, 9);
+    h.action();
+    h.replay(Vec::new());
+    assert_eq!(h.frames(), ["replayed:6-5/0/false"]);
 }
 
 /// A session resumed at `requested` (the stream's last is 9), having read `lost`, its replay done.
 fn resumed(requested: u64, lost: Option<LostNote>) -> Harness {
-    let mut h = Harness::new(Start::Resume { requested, lost }, 9);
+    let mut h = Harness::new(Start::Resume { requested, noted: lost.map_or(Noted::Nothing, Noted::Lost) }, 9);
     h.action();
     h.replay(Vec::new());
     h.frames();
@@ -255,7 +261,7 @@ fn a_resume_that_read_the_note_or_replayed_the_lost_messages_stays_when_told() {
 
 #[test]
 fn a_replay_that_may_miss_trimmed_messages_is_incomplete() {
-    let mut h = Harness::with(Start::Resume { requested: 5, lost: None }, 9, 100, |p| p.per_subject_cap = 2);
+    let mut h = Harness::with(Start::Resume { requested: 5, noted: Noted::Nothing }, 9, 100, |p| p.per_subject_cap = 2);
     h.action();
     h.replay(vec![message(6, Audience::All, ""), message(7, Audience::All, "")]);
     assert_eq!(h.frames(), ["6", "7", "replayed:6-7/2/false"]);
@@ -263,7 +269,7 @@ fn a_replay_that_may_miss_trimmed_messages_is_incomplete() {
 
 #[test]
 fn muted_kinds_are_neither_replayed_nor_sent_live() {
-    let mut h = Harness::new(Start::Resume { requested: 5, lost: None }, 9);
+    let mut h = Harness::new(Start::Resume { requested: 5, noted: Noted::Nothing }, 9);
     h.state.local.set_muted(&["ads".into()], 1);
     h.action();
     h.replay(vec![message(6, Audience::All, "ads"), message(7, Audience::All, "mail")]);
@@ -587,7 +593,7 @@ fn a_repair_that_finds_messages_gone_closes_with_4008() {
 
 #[test]
 fn a_failed_replay_closes_with_1013() {
-    let mut h = Harness::new(Start::Resume { requested: 5, lost: None }, 9);
+    let mut h = Harness::new(Start::Resume { requested: 5, noted: Noted::Nothing }, 9);
     h.action();
     h.state.on_outcome(Outcome::ReplayEnded(Err("timed out".into())));
     assert_eq!(h.closed_with(), Some(1013));
@@ -1241,7 +1247,7 @@ fn a_topics_block_under_way_owes_nothing_older_of_the_topic() {
 #[test]
 fn a_resumes_note_is_forgotten_once_its_replayed_frame_was_written() {
     let note = LostNote { first: 4, revision: 7 };
-    let mut h = Harness::new(Start::Resume { requested: 5, lost: Some(note) }, 9);
+    let mut h = Harness::new(Start::Resume { requested: 5, noted: Noted::Lost(note) }, 9);
     h.action();
     assert_eq!(h.state.take_reported_note(), None, "not reported yet");
     h.replay(Vec::new());
@@ -1254,7 +1260,7 @@ fn a_resumes_note_is_forgotten_once_its_replayed_frame_was_written() {
 #[test]
 fn a_resumes_note_is_forgotten_under_steady_traffic_once_its_report_was_taken() {
     let note = LostNote { first: 4, revision: 7 };
-    let mut h = Harness::new(Start::Resume { requested: 5, lost: Some(note) }, 9);
+    let mut h = Harness::new(Start::Resume { requested: 5, noted: Noted::Lost(note) }, 9);
     h.action();
     h.replay(Vec::new());
     h.personal(user_message(10));
@@ -1269,7 +1275,7 @@ fn a_resumes_note_is_forgotten_under_steady_traffic_once_its_report_was_taken() 
 #[test]
 fn a_resume_that_closes_before_its_report_is_written_keeps_its_note() {
     let note = LostNote { first: 4, revision: 7 };
-    let mut h = Harness::new(Start::Resume { requested: 5, lost: Some(note) }, 9);
+    let mut h = Harness::new(Start::Resume { requested: 5, noted: Noted::Lost(note) }, 9);
     h.action();
     h.personal(user_message(10));
     h.replay(Vec::new());
@@ -1279,7 +1285,7 @@ fn a_resume_that_closes_before_its_report_is_written_keeps_its_note() {
     h.state.close(Close::gone("the client left"));
     assert_eq!(h.state.take_reported_note(), None);
 
-    let mut h = Harness::new(Start::Resume { requested: 5, lost: None }, 9);
+    let mut h = Harness::new(Start::Resume { requested: 5, noted: Noted::Nothing }, 9);
     h.action();
     h.replay(Vec::new());
     h.frames();
@@ -1301,7 +1307,7 @@ fn a_socket_io_resume_whose_answer_was_dropped_by_a_close_is_answered_in_the_clo
     use crate::codec::socketio::Pid;
     for taken in [false, true] {
         let codec = Codec::SocketIo(Box::new(crate::codec::SocketIoCodec::new(Pid::parse("p").unwrap(), true)));
-        let start = Start::Resume { requested: 10, lost: None };
+        let start = Start::Resume { requested: 10, noted: Noted::Nothing };
         let mut h = Harness::build(start, 10, 100, |params| {
             params.codec = codec;
             let (conn, user, device, node) = ("c".into(), USER.into(), "d".into(), "n".into());
