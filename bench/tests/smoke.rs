@@ -24,14 +24,15 @@ fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("bench/ is inside the workspace").to_path_buf()
 }
 
-/// The gateway binary next to the tool's, built with the same profile if missing.
+/// The gateway binary next to the tool's, built with the same profile if missing (for the whole
+/// workspace, as herald-tests builds it: see `herald_tests::gateway::binary`).
 fn gateway() -> PathBuf {
     let path = bench().with_file_name("herald-gateway");
     if !path.is_file() {
         let release = bench().parent().and_then(Path::file_name).is_some_and(|dir| dir == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = Command::new(cargo);
-        build.current_dir(workspace_root()).args(["build", "-p", "herald-gateway", "--bin", "herald-gateway"]);
+        build.current_dir(workspace_root()).args(["build", "--workspace", "--bin", "herald-gateway"]);
         if release {
             build.arg("--release");
         }

@@ -208,8 +208,10 @@ fn init_logs() {
     }
 }
 
-/// The `herald-gateway` binary of this build profile, brought up to date first (a no-op when
-/// `cargo test --workspace` just built it).
+/// The `herald-gateway` binary of this build profile, brought up to date first. Built for the whole
+/// workspace (`--workspace`), as every build of the binaries in scripts/ and the tests is: the
+/// dependencies' features then do not depend on which package asked, so the binary reuses what
+/// `cargo test --workspace` built instead of building most dependencies again.
 pub fn binary() -> std::path::PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
@@ -217,14 +219,7 @@ pub fn binary() -> std::path::PathBuf {
     let release = !cfg!(debug_assertions);
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut build = std::process::Command::new(cargo);
-    build.current_dir(crate::workspace_root()).args([
-        "build",
-        "--quiet",
-        "-p",
-        "herald-gateway",
-        "--bin",
-        "herald-gateway",
-    ]);
+    build.current_dir(crate::workspace_root()).args(["build", "--quiet", "--workspace", "--bin", "herald-gateway"]);
     if release {
         build.arg("--release");
     }
