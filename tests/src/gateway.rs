@@ -209,9 +209,10 @@ fn init_logs() {
 }
 
 /// The `herald-gateway` binary of this build profile, brought up to date first. Built for the whole
-/// workspace (`--workspace`), as every build of the binaries in scripts/ and the tests is: the
-/// dependencies' features then do not depend on which package asked, so the binary reuses what
-/// `cargo test --workspace` built instead of building most dependencies again.
+/// workspace (`--workspace`), as scripts/test-browser and herald-bench's smoke test build it: the
+/// dependencies' features then do not depend on which package asked, and are those of
+/// `cargo test --workspace` but for dev-dependencies' (figment's `test`), so the binary reuses most
+/// of what the tests' build compiled.
 pub fn binary() -> std::path::PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)

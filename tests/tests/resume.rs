@@ -4,7 +4,8 @@
 use futures::StreamExt;
 use herald_shared::frame::ServerFrame;
 use herald_tests::gateway::token;
-use herald_tests::{Publisher, TestGateway, TestNats, eventually};
+use herald_tests::ws::FRAME_TIMEOUT;
+use herald_tests::{Publisher, TestGateway, TestNats, WsClient, eventually};
 
 #[tokio::test]
 async fn an_offline_user_gets_everything_in_order_exactly_once_from_since_and_from_its_device_cursor() {
@@ -382,7 +383,7 @@ async fn a_resume_whose_cursor_cannot_be_read_reports_itself_incomplete() {
     js.update_stream(&cursors).await.unwrap();
     let mut phone = gateway.connect_with(&query).await;
     assert_eq!(phone.expect_msgs(2).await, [missed, live]);
-    assert_eq!(phone.expect_replayed().await.3, true, "read from the cursor, nothing missed");
+    assert_eq!(phone.expect_replayed().await, (missed, live, 2, true, None), "from the cursor, nothing missed");
 }
 
 /// KV that fails the first read of a device's cursor, as it may for a moment while it fails over:
@@ -397,24 +398,53 @@ async fn a_cursor_kv_fails_to_read_for_a_moment_is_read_again() {
     gateway.wait_metric("herald_gateway_connections", 0.0).await;
     let missed = publisher.publish("push.user.kim", "while away").await;
 
-    // The first read goes unanswered: a subscriber takes the request and never answers it.
-    let js = nats.jetstream().await;
-    let mut cursors = js.get_stream("KV_herald-cursors").await.unwrap().info().await.unwrap().config.clone();
-    cursors.allow_direct = false;
-    js.update_stream(&cursors).await.unwrap();
-    let client = nats.client().await;
-    let mut reads = client.subscribe("$JS.API.DIRECT.GET.KV_herald-cursors.>").await.unwrap();
-    client.flush().await.unwrap();
-    let url = gateway.ws_url(&query);
-    let phone = tokio::spawn(async move { herald_tests::ws::WsClient::connect(&url).await.expect("admitted") });
-    let read = tokio::time::timeout(herald_tests::ws::FRAME_TIMEOUT, reads.next()).await;
-    assert!(read.expect("the gateway reads the cursor").is_some());
-    reads.unsubscribe().await.unwrap();
-    cursors.allow_direct = true;
-    js.update_stream(&cursors).await.unwrap();
-
-    let mut phone = phone.await.unwrap();
+    let mut phone = connect_while_a_read_goes_unanswered(&nats, "herald-cursors", gateway.ws_url(&query)).await;
     phone.expect_welcome().await;
     assert_eq!(phone.expect_msg().await.seq, missed);
     assert_eq!(phone.expect_replayed().await, (missed, missed, 1, true, None));
+}
+
+/// The same for the read position a new device starts from: read again, the device gets only what
+/// its user has not read, and `welcome` counts that.
+#[tokio::test]
+async fn a_read_position_kv_fails_to_read_for_a_moment_is_read_again() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let mut seqs = Vec::new();
+    for n in 0..3 {
+        seqs.push(publisher.publish("push.user.kim", &n.to_string()).await);
+    }
+    let reads = nats.jetstream().await.get_key_value("herald-reads").await.unwrap();
+    reads.put("kim", seqs[1].to_string().into()).await.unwrap();
+
+    let url = gateway.ws_url(&format!("token={}&device=laptop", token("kim")));
+    let mut laptop = connect_while_a_read_goes_unanswered(&nats, "herald-reads", url).await;
+    laptop.expect_welcome().await;
+    let Some(ServerFrame::Welcome { read, unread, .. }) = &laptop.welcome else { unreachable!() };
+    assert_eq!((*read, *unread), (seqs[1], 1));
+    assert_eq!(laptop.expect_msg().await.seq, seqs[2]);
+    assert_eq!(laptop.expect_replayed().await, (seqs[1] + 1, seqs[2], 1, true, None));
+}
+
+/// Connects to `url` while the gateway's first direct read of KV `bucket` goes unanswered, as while
+/// KV fails over: the bucket stops answering direct reads and a subscriber takes the request
+/// without answering it; once it has, the bucket answers again.
+async fn connect_while_a_read_goes_unanswered(nats: &TestNats, bucket: &str, url: String) -> WsClient {
+    let js = nats.jetstream().await;
+    let stream = format!("KV_{bucket}");
+    let mut config = js.get_stream(&stream).await.unwrap().info().await.unwrap().config.clone();
+    assert!(config.allow_direct, "the gateway reads KV with direct gets");
+    config.allow_direct = false;
+    js.update_stream(&config).await.unwrap();
+    let client = nats.client().await;
+    let mut reads = client.subscribe(format!("$JS.API.DIRECT.GET.{stream}.>")).await.unwrap();
+    client.flush().await.unwrap();
+    let socket = tokio::spawn(async move { WsClient::connect(&url).await.expect("admitted") });
+    let read = tokio::time::timeout(FRAME_TIMEOUT, reads.next()).await;
+    assert!(read.expect("the gateway reads KV").is_some());
+    reads.unsubscribe().await.unwrap();
+    config.allow_direct = true;
+    js.update_stream(&config).await.unwrap();
+    socket.await.unwrap()
 }

@@ -411,3 +411,36 @@ async fn a_long_resume_before_the_subscription_loses_nothing() {
     let live = publisher.publish("push.user.leo", "live").await;
     assert_eq!(next_message(&mut client).await, (live, "live".to_string()));
 }
+
+/// A STOMP resume from the device's cursor while KV does not answer (the cursors' bucket stops
+/// answering direct reads): STOMP cannot tell a client that its resume may skip messages, as `/ws`
+/// does with `complete:false`, so the gateway closes it before CONNECTED with 1013 (try again
+/// later), as when the stream cannot be read, instead of starting at the stream's end. With KV back, the same resume replays from the
+/// cursor.
+#[tokio::test]
+async fn a_resume_whose_cursor_cannot_be_read_is_refused_for_now() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let passcode = token("gus");
+    let (client, _) = connect(&gateway, &[("passcode", &passcode)]).await;
+    drop(client);
+    gateway.wait_metric("herald_gateway_connections", 0.0).await;
+    let missed = publisher.publish("push.user.gus", "while away").await;
+
+    let js = nats.jetstream().await;
+    let mut cursors = js.get_stream("KV_herald-cursors").await.unwrap().info().await.unwrap().config.clone();
+    cursors.allow_direct = false;
+    js.update_stream(&cursors).await.unwrap();
+    let mut client = StompClient::connect(&url(&gateway), &[("passcode", &passcode)]).await;
+    match client.next_event().await {
+        StompEvent::Close(close) => assert_eq!(close.map(|(code, _)| code), Some(1013)),
+        other => panic!("expected the close 1013, got {other:?}"),
+    }
+
+    cursors.allow_direct = true;
+    js.update_stream(&cursors).await.unwrap();
+    let (mut client, _) = connect(&gateway, &[("passcode", &passcode)]).await;
+    subscribe(&mut client, "q", "/user/queue/updates", &[]).await;
+    assert_eq!(client.expect("MESSAGE").await.header("message-id"), missed.to_string());
+}

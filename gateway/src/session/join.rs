@@ -5,6 +5,9 @@
 //! or replays `(since, L]` first when it resumes. Live messages that arrive meanwhile wait in its
 //! sources (see [`super::state`]).
 
+use std::fmt::Display;
+use std::time::Duration;
+
 use herald_shared::frame::ServerFrame;
 use tracing::warn;
 
@@ -17,6 +20,9 @@ use crate::close::{Close, CloseCode};
 use crate::codec::Codec;
 use crate::config::NewDeviceReplay;
 use crate::delivery::router::Attaching;
+
+/// How long one read of KV may take at a join.
+const KV_ATTEMPT: Duration = Duration::from_secs(2);
 
 /// Subscribes, reads the stream's bounds and where the device resumes, and returns the session,
 /// `welcome` queued.
@@ -40,7 +46,15 @@ pub(super) async fn open(session: &Session, codec: Codec) -> Result<Box<SessionS
     let read = || shared.bounds.read_at_least(known);
     let bounds = retried(STREAM_PATIENCE, read).await.map_err(|e| Close::new(CloseCode::Unavailable, e.to_string()))?;
     let (resume, read) = tokio::join!(Box::pin(resume_point(session, bounds)), Box::pin(read_position(session)));
-    let unread = Box::pin(shared.inbox.unread(&session.user, read, bounds.last, &attached.user.muted())).await;
+    if let Resume::Since { noted: Noted::Unknown, .. } = resume
+        && !codec.reports_incomplete_resumes()
+    {
+        // Nothing can tell such a client that its resume may skip messages: it tries again later.
+        return Err(Close::new(CloseCode::Unavailable, "KV unavailable: what the device missed is unknown"));
+    }
+    let muted = attached.user.muted();
+    let unread = || shared.inbox.unread(&session.user, read, bounds.last, &muted);
+    let unread = Box::pin(retried(STREAM_PATIENCE, unread)).await;
     let start = match (resume, &unread) {
         (Resume::Since { requested, noted }, _) => Start::Resume { requested, noted },
         // Nothing unread: live at once, no `replayed` (a client learns it from `welcome.unread`).
@@ -87,44 +101,68 @@ enum Resume {
     Live,
 }
 
-/// Where the device resumes, and what its earlier connections noted as lost. KV is given the
-/// stream's patience (it may be failing over); a device whose state it still cannot read resumes
-/// from the stream's end with nothing known, so that its resume reports itself incomplete rather
-/// than skip messages in silence.
+/// Where the device resumes, and what its earlier connections noted as lost. KV is read again
+/// for the stream's patience (it may be failing over); a device whose state it still cannot read
+/// resumes from the stream's end with nothing known, so that its resume reports itself incomplete
+/// rather than skip messages in silence.
 async fn resume_point(session: &Session, bounds: Bounds) -> Resume {
     let shared = &session.shared;
     let (user, device) = (&session.user, &session.device);
+    let noted = async {
+        match read_kv(|| shared.cursors.read_lost(user, device)).await {
+            Ok(Some(note)) => Noted::Lost(note),
+            Ok(None) => Noted::Nothing,
+            Err(error) => {
+                warn!(%user, %device, %error, "lost-messages note unreadable: the resume reports itself incomplete");
+                Noted::Unknown
+            }
+        }
+    };
     let requested = match session.request.since {
         Some(since) => since,
         None if session.request.live => return Resume::Live,
-        None => match retried(STREAM_PATIENCE, || shared.cursors.load(user, device)).await {
-            Ok(Some(cursor)) => cursor,
-            Ok(None) => {
-                // A new device: its cursor starts here, before the welcome, so that a reconnect
-                // without `since`, even before any ack, replays what it missed meanwhile.
-                shared.cursors.start_device(user, device, bounds.last).await;
-                return Resume::NewDevice;
-            }
-            Err(error) => {
-                warn!(%user, %device, %error, "cursor unreadable: resuming from the stream's end, incomplete");
-                return Resume::Since { requested: bounds.last, noted: Noted::Unknown };
-            }
-        },
-    };
-    let noted = match retried(STREAM_PATIENCE, || shared.cursors.read_lost(user, device)).await {
-        Ok(Some(note)) => Noted::Lost(note),
-        Ok(None) => Noted::Nothing,
-        Err(error) => {
-            warn!(%user, %device, %error, "lost-messages note unreadable: the resume reports itself incomplete");
-            Noted::Unknown
+        None => {
+            // Read together: a failing KV makes each wait.
+            let (cursor, noted) = tokio::join!(read_kv(|| shared.cursors.load(user, device)), noted);
+            return match cursor {
+                Ok(Some(cursor)) => Resume::Since { requested: cursor, noted },
+                Ok(None) => {
+                    // A new device: its cursor starts here, before the welcome, so that a reconnect
+                    // without `since`, even before any ack, replays what it missed meanwhile.
+                    shared.cursors.start_device(user, device, bounds.last).await;
+                    Resume::NewDevice
+                }
+                Err(error) => {
+                    warn!(%user, %device, %error, "cursor unreadable: resuming from the stream's end, incomplete");
+                    Resume::Since { requested: bounds.last, noted: Noted::Unknown }
+                }
+            };
         }
     };
-    Resume::Since { requested, noted }
+    Resume::Since { requested, noted: noted.await }
 }
 
-/// The user's read position, 0 when it cannot be read (the welcome then counts from there).
+/// `read` tried again for the stream's patience, each attempt given [`KV_ATTEMPT`]: a request to a
+/// KV without a leader would wait for the client's whole request timeout.
+async fn read_kv<T, E: Display, F: Future<Output = Result<T, E>>>(mut read: impl FnMut() -> F) -> Result<T, String> {
+    let attempt = || {
+        let read = read();
+        async move {
+            match tokio::time::timeout(KV_ATTEMPT, read).await {
+                Ok(result) => result.map_err(|error| error.to_string()),
+                Err(_) => Err("timed out".to_string()),
+            }
+        }
+    };
+    retried(STREAM_PATIENCE, attempt).await
+}
+
+/// The user's read position, read again for the stream's patience if KV fails; 0 when it still
+/// cannot be read (the welcome then counts from there, and a new device gets every personal message
+/// the stream holds: some twice, none missed).
 async fn read_position(session: &Session) -> u64 {
-    session.shared.inbox.read_position(&session.user).await.unwrap_or_else(|error| {
+    let inbox = &session.shared.inbox;
+    read_kv(|| inbox.read_position(&session.user)).await.unwrap_or_else(|error| {
         warn!(user = %session.user, %error, "read position unavailable");
         0
     })

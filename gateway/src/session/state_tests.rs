@@ -226,6 +226,27 @@ fn a_resume_from_beyond_the_stream_after_a_noted_loss_or_unsure_of_one_is_incomp
     assert_eq!(h.frames(), ["replayed:6-5/0/false"]);
 }
 
+/// STOMP cannot say a resume is incomplete: it replays from a noted loss instead, but never from the
+/// stream's start when the note could not be read (the join refuses such a resume).
+#[test]
+fn a_stomp_resume_replays_from_a_noted_loss_and_not_from_an_unknown_one() {
+    let stomp = || {
+        let connected = crate::codec::stomp::Connected {
+            version: crate::codec::stomp::Version::V12,
+            client_sends: std::time::Duration::ZERO,
+            client_wants: std::time::Duration::ZERO,
+            allowed_topics: Vec::new(),
+        };
+        let transport = crate::codec::stomp::Transport::WebSocket;
+        Codec::Stomp(Box::new(crate::codec::StompCodec::new(connected, std::time::Duration::ZERO, transport, 1024)))
+    };
+    let lost = Noted::Lost(LostNote { first: 4, revision: 1 });
+    let mut h = Harness::build(Start::Resume { requested: 5, noted: lost }, 9, 100, |p| p.codec = stomp());
+    assert_eq!(h.action(), replay_of(everything(), 3, 9));
+    let mut h = Harness::build(Start::Resume { requested: 5, noted: Noted::Unknown }, 9, 100, |p| p.codec = stomp());
+    assert_eq!(h.action(), replay_of(everything(), 5, 9));
+}
+
 /// A session resumed at `requested` (the stream's last is 9), having read `lost`, its replay done.
 fn resumed(requested: u64, lost: Option<LostNote>) -> Harness {
     let mut h = Harness::new(Start::Resume { requested, noted: lost.map_or(Noted::Nothing, Noted::Lost) }, 9);
