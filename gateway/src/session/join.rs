@@ -6,8 +6,10 @@
 //! sources (see [`super::state`]).
 
 use std::fmt::Display;
+use std::pin::pin;
 use std::time::Duration;
 
+use futures::future::{Either, select};
 use herald_shared::frame::ServerFrame;
 use tracing::warn;
 
@@ -52,9 +54,9 @@ pub(super) async fn open(session: &Session, codec: Codec) -> Result<Box<SessionS
         // Nothing can tell such a client that its resume may skip messages: it tries again later.
         return Err(Close::new(CloseCode::Unavailable, "KV unavailable: what the device missed is unknown"));
     }
-    let muted = attached.user.muted();
-    let unread = || shared.inbox.unread(&session.user, read, bounds.last, &muted);
-    let unread = Box::pin(retried(STREAM_PATIENCE, unread)).await;
+    // Not read again: a failed count only leaves `welcome.unread` at 0, and a new device then
+    // replays from its read position all the same.
+    let unread = Box::pin(shared.inbox.unread(&session.user, read, bounds.last, &attached.user.muted())).await;
     let start = match (resume, &unread) {
         (Resume::Since { requested, noted }, _) => Start::Resume { requested, noted },
         // Nothing unread: live at once, no `replayed` (a client learns it from `welcome.unread`).
@@ -122,8 +124,13 @@ async fn resume_point(session: &Session, bounds: Bounds) -> Resume {
         Some(since) => since,
         None if session.request.live => return Resume::Live,
         None => {
-            // Read together: a failing KV makes each wait.
-            let (cursor, noted) = tokio::join!(read_kv(|| shared.cursors.load(user, device)), noted);
+            // Read together, as a failing KV makes each wait; a new device has no use for the note.
+            let cursor = pin!(read_kv(|| shared.cursors.load(user, device)));
+            let (cursor, noted) = match select(cursor, pin!(noted)).await {
+                Either::Left((Ok(None), _)) => (Ok(None), Noted::Nothing),
+                Either::Left((cursor, noted)) => (cursor, noted.await),
+                Either::Right((noted, cursor)) => (cursor.await, noted),
+            };
             return match cursor {
                 Ok(Some(cursor)) => Resume::Since { requested: cursor, noted },
                 Ok(None) => {
