@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod functions;
 pub mod gateway;
 pub mod images;
+pub mod kv;
 pub mod nats;
 pub mod nginx;
 pub mod publish;

@@ -5,6 +5,7 @@ use bytes::Bytes;
 use herald_gateway::SessionPolicy;
 use herald_shared::frame::close_code;
 use herald_tests::gateway::token;
+use herald_tests::kv::connect_while_a_read_goes_unanswered;
 use herald_tests::{Publisher, TestGateway, TestNats, WsClient, eventually};
 
 async fn two_gateways(nats: &TestNats, policy: SessionPolicy) -> (TestGateway, TestGateway) {
@@ -157,6 +158,21 @@ async fn marketing_muted_for(user: &str) -> (TestNats, TestGateway, Publisher, k
     let prefs = nats.jetstream().await.get_key_value("herald-prefs").await.unwrap();
     prefs.put(user, Bytes::from_static(br#"{"muted":["marketing"]}"#)).await.unwrap();
     (nats, gateway, publisher, prefs)
+}
+
+/// Kinds muted before the user connects are read at its first connection to a gateway (the
+/// preferences watch brings only later changes): KV that fails that read for a moment, as while the
+/// bucket elects a leader, is read again, and the kind stays muted.
+#[tokio::test]
+async fn muted_kinds_are_read_again_when_kv_fails_for_a_moment_at_connect() {
+    let (nats, gateway, publisher, _prefs) = marketing_muted_for("pat").await;
+    let url = gateway.ws_url(&format!("token={}", token("pat")));
+    let mut client = connect_while_a_read_goes_unanswered(&nats, "herald-prefs", url).await;
+    client.expect_welcome().await;
+    publisher.publish_with("push.user.pat", &[("Herald-Type", "marketing")], "buy now").await;
+    let (mail, _) = publisher.publish_with("push.user.pat", &[("Herald-Type", "mail")], "you've got mail").await;
+    let msg = client.expect_msg().await;
+    assert_eq!((msg.seq, msg.kind.as_str()), (mail, "mail"));
 }
 
 #[tokio::test]

@@ -1,11 +1,10 @@
 //! Exact delivery: the offline inbox, resume with `since` and from device cursors, retention
 //! reported honestly, publisher retries delivered once.
 
-use futures::StreamExt;
 use herald_shared::frame::ServerFrame;
 use herald_tests::gateway::token;
-use herald_tests::ws::FRAME_TIMEOUT;
-use herald_tests::{Publisher, TestGateway, TestNats, WsClient, eventually};
+use herald_tests::kv::connect_while_a_read_goes_unanswered;
+use herald_tests::{Publisher, TestGateway, TestNats, eventually};
 
 #[tokio::test]
 async fn an_offline_user_gets_everything_in_order_exactly_once_from_since_and_from_its_device_cursor() {
@@ -425,26 +424,4 @@ async fn a_read_position_kv_fails_to_read_for_a_moment_is_read_again() {
     assert_eq!((*read, *unread), (seqs[1], 1));
     assert_eq!(laptop.expect_msg().await.seq, seqs[2]);
     assert_eq!(laptop.expect_replayed().await, (seqs[1] + 1, seqs[2], 1, true, None));
-}
-
-/// Connects to `url` while the gateway's first direct read of KV `bucket` goes unanswered, as while
-/// KV fails over: the bucket stops answering direct reads and a subscriber takes the request
-/// without answering it; once it has, the bucket answers again.
-async fn connect_while_a_read_goes_unanswered(nats: &TestNats, bucket: &str, url: String) -> WsClient {
-    let js = nats.jetstream().await;
-    let stream = format!("KV_{bucket}");
-    let mut config = js.get_stream(&stream).await.unwrap().info().await.unwrap().config.clone();
-    assert!(config.allow_direct, "the gateway reads KV with direct gets");
-    config.allow_direct = false;
-    js.update_stream(&config).await.unwrap();
-    let client = nats.client().await;
-    let mut reads = client.subscribe(format!("$JS.API.DIRECT.GET.{stream}.>")).await.unwrap();
-    client.flush().await.unwrap();
-    let socket = tokio::spawn(async move { WsClient::connect(&url).await.expect("admitted") });
-    let read = tokio::time::timeout(FRAME_TIMEOUT, reads.next()).await;
-    assert!(read.expect("the gateway reads KV").is_some());
-    reads.unsubscribe().await.unwrap();
-    config.allow_direct = true;
-    js.update_stream(&config).await.unwrap();
-    socket.await.unwrap()
 }

@@ -56,18 +56,14 @@ impl Prefs {
     }
 
     /// Loads `user`'s muted kinds into `local`, the user's state on this gateway.
-    pub(crate) async fn load(&self, local: &LocalUser, user: &str) {
-        let entry = match self.bucket().await {
-            Ok(bucket) => bucket.entry(kv_key(user)).await.map_err(|e| e.to_string()),
-            Err(e) => Err(e),
-        };
-        match entry {
-            Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
-                local.set_muted(&muted_kinds(&entry.value), entry.revision);
-            }
-            Ok(_) => {}
-            Err(error) => warn!(%user, %error, "muted kinds not loaded"),
+    pub(crate) async fn load(&self, local: &LocalUser, user: &str) -> Result<(), String> {
+        let entry = self.bucket().await?.entry(kv_key(user)).await.map_err(|e| e.to_string())?;
+        if let Some(entry) = entry
+            && entry.operation == kv::Operation::Put
+        {
+            local.set_muted(&muted_kinds(&entry.value), entry.revision);
         }
+        Ok(())
     }
 
     /// Follows every change to the bucket and applies those of local users, until `shutdown`. A

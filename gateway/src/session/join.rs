@@ -38,7 +38,11 @@ pub(super) async fn open(session: &Session, codec: Codec) -> Result<Box<SessionS
         .map_err(|error| Close::new(CloseCode::Internal, error.to_string()))?;
     // Each step is boxed: KV futures are large, and a burst of connects holds one per session.
     if attached.first_of_user {
-        Box::pin(shared.prefs.load(&attached.user, &session.user)).await;
+        // Read again while KV fails: the prefs watch brings only later changes.
+        let load = || shared.prefs.load(&attached.user, &session.user);
+        if let Err(error) = Box::pin(read_kv(load)).await {
+            warn!(user = %session.user, %error, "muted kinds not loaded");
+        }
     }
     Box::pin(shared.policies.claim(&session.user, &session.device, &session.conn, session.mailbox.clone())).await;
     // On the delivery connection, after the session's subscriptions: the server has them before
