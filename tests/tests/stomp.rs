@@ -444,3 +444,29 @@ async fn a_resume_whose_cursor_cannot_be_read_is_refused_for_now() {
     subscribe(&mut client, "q", "/user/queue/updates", &[]).await;
     assert_eq!(client.expect("MESSAGE").await.header("message-id"), missed.to_string());
 }
+
+/// The refusal above comes before the connection claims its device's place: under the default
+/// `multi` policy a second connection of the same device replaces the first (4009), and one that is
+/// refused must not take a working connection down on its way out.
+#[tokio::test]
+async fn a_resume_refused_for_an_unreadable_cursor_leaves_the_connection_it_would_replace() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let passcode = token("ivy");
+    let (mut working, _) = connect(&gateway, &[("passcode", &passcode)]).await;
+    subscribe(&mut working, "q", "/user/queue/updates", &[]).await;
+
+    let js = nats.jetstream().await;
+    let mut cursors = js.get_stream("KV_herald-cursors").await.unwrap().info().await.unwrap().config.clone();
+    cursors.allow_direct = false;
+    js.update_stream(&cursors).await.unwrap();
+    let mut refused = StompClient::connect(&url(&gateway), &[("passcode", &passcode)]).await;
+    match refused.next_event().await {
+        StompEvent::Close(close) => assert_eq!(close.map(|(code, _)| code), Some(1013)),
+        other => panic!("expected the close 1013, got {other:?}"),
+    }
+
+    let live = publisher.publish("push.user.ivy", "still here").await;
+    assert_eq!(next_message(&mut working).await, (live, "still here".to_string()));
+}

@@ -44,6 +44,11 @@ pub(super) async fn open(session: &Session, codec: Codec) -> Result<Box<SessionS
             warn!(user = %session.user, %error, "muted kinds not loaded");
         }
     }
+    if !codec.reports_incomplete_resumes() {
+        // Checked before the claim too: a connection refused for it must not first close the one
+        // it would replace. Checked again below, as KV may fail in between.
+        Box::pin(device_state_readable(session)).await?;
+    }
     Box::pin(shared.policies.claim(&session.user, &session.device, &session.conn, session.mailbox.clone())).await;
     // On the delivery connection, after the session's subscriptions: the server has them before
     // it answers.
@@ -55,8 +60,7 @@ pub(super) async fn open(session: &Session, codec: Codec) -> Result<Box<SessionS
     if let Resume::Since { noted: Noted::Unknown, .. } = resume
         && !codec.reports_incomplete_resumes()
     {
-        // Nothing can tell such a client that its resume may skip messages: it tries again later.
-        return Err(Close::new(CloseCode::Unavailable, "KV unavailable: what the device missed is unknown"));
+        return Err(device_state_unknown());
     }
     // Not read again: a failed count only leaves `welcome.unread` at 0, and a new device then
     // replays from its read position all the same.
@@ -151,6 +155,32 @@ async fn resume_point(session: &Session, bounds: Bounds) -> Resume {
         }
     };
     Resume::Since { requested, noted: noted.await }
+}
+
+/// For a client that cannot be told that its resume may skip messages: fails when the device's
+/// state in KV that its resume reads (its cursor, unless it gave `since`, and its lost-messages
+/// note) cannot be read, so that the client tries again later.
+async fn device_state_readable(session: &Session) -> Result<(), Close> {
+    if session.request.live {
+        return Ok(());
+    }
+    let (cursors, user, device) = (&session.shared.cursors, &session.user, &session.device);
+    let cursor = async {
+        match session.request.since {
+            Some(_) => Ok(()),
+            None => read_kv(|| cursors.load(user, device)).await.map(drop),
+        }
+    };
+    let note = async { read_kv(|| cursors.read_lost(user, device)).await.map(drop) };
+    let (cursor, note) = tokio::join!(cursor, note);
+    cursor.and(note).map_err(|error| {
+        warn!(%user, %device, %error, "device state unreadable: the connection is refused for now");
+        device_state_unknown()
+    })
+}
+
+fn device_state_unknown() -> Close {
+    Close::new(CloseCode::Unavailable, "KV unavailable: what the device missed is unknown")
 }
 
 /// `read` tried again for the stream's patience, each attempt given [`KV_ATTEMPT`]: a request to a
