@@ -37,18 +37,22 @@ pub(super) async fn open(session: &Session, codec: Codec) -> Result<Box<SessionS
         .await
         .map_err(|error| Close::new(CloseCode::Internal, error.to_string()))?;
     // Each step is boxed: KV futures are large, and a burst of connects holds one per session.
-    if attached.first_of_user {
-        // Read again while KV fails: the prefs watch brings only later changes.
-        let load = || shared.prefs.load(&attached.user, &session.user);
-        if let Err(error) = Box::pin(read_kv(load)).await {
-            warn!(user = %session.user, %error, "muted kinds not loaded");
+    let muted = async {
+        if attached.first_of_user {
+            // Read again while KV fails: the prefs watch brings only later changes.
+            let load = || shared.prefs.load(&attached.user, &session.user);
+            if let Err(error) = read_kv(load).await {
+                warn!(user = %session.user, %error, "muted kinds not loaded");
+            }
         }
-    }
-    if !codec.reports_incomplete_resumes() {
-        // Checked before the claim too: a connection refused for it must not first close the one
-        // it would replace. Checked again below, as KV may fail in between.
-        Box::pin(device_state_readable(session)).await?;
-    }
+    };
+    // Checked before the claim too (and beside the read above, to cost no time): a connection
+    // refused for it must not first close the one it would replace. Checked again after the claim,
+    // as KV may fail in between.
+    let readable =
+        async { if codec.reports_incomplete_resumes() { Ok(()) } else { device_state_readable(session).await } };
+    let ((), readable) = tokio::join!(Box::pin(muted), Box::pin(readable));
+    readable?;
     Box::pin(shared.policies.claim(&session.user, &session.device, &session.conn, session.mailbox.clone())).await;
     // On the delivery connection, after the session's subscriptions: the server has them before
     // it answers.
@@ -157,23 +161,17 @@ async fn resume_point(session: &Session, bounds: Bounds) -> Resume {
     Resume::Since { requested, noted: noted.await }
 }
 
-/// For a client that cannot be told that its resume may skip messages: fails when the device's
-/// state in KV that its resume reads (its cursor, unless it gave `since`, and its lost-messages
-/// note) cannot be read, so that the client tries again later.
+/// For a client that cannot be told that its resume may skip messages: fails when the bucket of
+/// device states cannot be read, so that the client tries again later. One read is asked for, the
+/// one the resume most depends on: the cursor when the client gave no `since`, else the note.
 async fn device_state_readable(session: &Session) -> Result<(), Close> {
-    if session.request.live {
-        return Ok(());
-    }
     let (cursors, user, device) = (&session.shared.cursors, &session.user, &session.device);
-    let cursor = async {
-        match session.request.since {
-            Some(_) => Ok(()),
-            None => read_kv(|| cursors.load(user, device)).await.map(drop),
-        }
+    let read = match (session.request.live, session.request.since) {
+        (true, _) => Ok(()),
+        (false, None) => read_kv(|| cursors.load(user, device)).await.map(drop),
+        (false, Some(_)) => read_kv(|| cursors.read_lost(user, device)).await.map(drop),
     };
-    let note = async { read_kv(|| cursors.read_lost(user, device)).await.map(drop) };
-    let (cursor, note) = tokio::join!(cursor, note);
-    cursor.and(note).map_err(|error| {
+    read.map_err(|error| {
         warn!(%user, %device, %error, "device state unreadable: the connection is refused for now");
         device_state_unknown()
     })
