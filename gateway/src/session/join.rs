@@ -122,8 +122,52 @@ enum Resume {
 async fn resume_point(session: &Session, bounds: Bounds) -> Resume {
     let shared = &session.shared;
     let (user, device) = (&session.user, &session.device);
+    match device_state(session).await {
+        DeviceState::Live => Resume::Live,
+        DeviceState::Since { since, noted } => Resume::Since { requested: since, noted },
+        DeviceState::Cursor { cursor: Some(cursor), noted } => Resume::Since { requested: cursor, noted },
+        DeviceState::Cursor { cursor: None, .. } => {
+            // A new device: its cursor starts here, before the welcome, so that a reconnect
+            // without `since`, even before any ack, replays what it missed meanwhile.
+            shared.cursors.start_device(user, device, bounds.last).await;
+            Resume::NewDevice
+        }
+        DeviceState::Unreadable(error) => {
+            warn!(%user, %device, %error, "cursor unreadable: resuming from the stream's end, incomplete");
+            Resume::Since { requested: bounds.last, noted: Noted::Unknown }
+        }
+    }
+}
+
+/// What a join reads of the device's state in KV.
+enum DeviceState {
+    /// The client asked for nothing before now.
+    Live,
+    /// The client gave `since`; the device's lost-messages note.
+    Since { since: u64, noted: Noted },
+    /// The device's cursor (none for a new device) and, when it has one, its note.
+    Cursor { cursor: Option<u64>, noted: Noted },
+    /// The cursor could not be read.
+    Unreadable(String),
+}
+
+impl DeviceState {
+    /// Whether a resume from it may skip messages nobody could tell the client of.
+    fn is_unknown(&self) -> bool {
+        matches!(
+            self,
+            DeviceState::Unreadable(_)
+                | DeviceState::Since { noted: Noted::Unknown, .. }
+                | DeviceState::Cursor { noted: Noted::Unknown, .. }
+        )
+    }
+}
+
+/// Reads the device's state, each read tried again while KV fails (it may be failing over).
+async fn device_state(session: &Session) -> DeviceState {
+    let (cursors, user, device) = (&session.shared.cursors, &session.user, &session.device);
     let noted = async {
-        match read_kv(|| shared.cursors.read_lost(user, device)).await {
+        match read_kv(|| cursors.read_lost(user, device)).await {
             Ok(Some(note)) => Noted::Lost(note),
             Ok(None) => Noted::Nothing,
             Err(error) => {
@@ -132,49 +176,33 @@ async fn resume_point(session: &Session, bounds: Bounds) -> Resume {
             }
         }
     };
-    let requested = match session.request.since {
-        Some(since) => since,
-        None if session.request.live => return Resume::Live,
+    match session.request.since {
+        Some(since) => DeviceState::Since { since, noted: noted.await },
+        None if session.request.live => DeviceState::Live,
         None => {
             // Read together, as a failing KV makes each wait; a new device has no use for the note.
-            let cursor = pin!(read_kv(|| shared.cursors.load(user, device)));
+            let cursor = pin!(read_kv(|| cursors.load(user, device)));
             let (cursor, noted) = match select(cursor, pin!(noted)).await {
                 Either::Left((Ok(None), _)) => (Ok(None), Noted::Nothing),
                 Either::Left((cursor, noted)) => (cursor, noted.await),
                 Either::Right((noted, cursor)) => (cursor.await, noted),
             };
-            return match cursor {
-                Ok(Some(cursor)) => Resume::Since { requested: cursor, noted },
-                Ok(None) => {
-                    // A new device: its cursor starts here, before the welcome, so that a reconnect
-                    // without `since`, even before any ack, replays what it missed meanwhile.
-                    shared.cursors.start_device(user, device, bounds.last).await;
-                    Resume::NewDevice
-                }
-                Err(error) => {
-                    warn!(%user, %device, %error, "cursor unreadable: resuming from the stream's end, incomplete");
-                    Resume::Since { requested: bounds.last, noted: Noted::Unknown }
-                }
-            };
+            match cursor {
+                Ok(cursor) => DeviceState::Cursor { cursor, noted },
+                Err(error) => DeviceState::Unreadable(error),
+            }
         }
-    };
-    Resume::Since { requested, noted: noted.await }
+    }
 }
 
-/// For a client that cannot be told that its resume may skip messages: fails when the bucket of
-/// device states cannot be read, so that the client tries again later. One read is asked for, the
-/// one the resume most depends on: the cursor when the client gave no `since`, else the note.
+/// For a client that cannot be told that its resume may skip messages: fails when the device's
+/// state cannot be read, so that the client tries again later.
 async fn device_state_readable(session: &Session) -> Result<(), Close> {
-    let (cursors, user, device) = (&session.shared.cursors, &session.user, &session.device);
-    let read = match (session.request.live, session.request.since) {
-        (true, _) => Ok(()),
-        (false, None) => read_kv(|| cursors.load(user, device)).await.map(drop),
-        (false, Some(_)) => read_kv(|| cursors.read_lost(user, device)).await.map(drop),
-    };
-    read.map_err(|error| {
-        warn!(%user, %device, %error, "device state unreadable: the connection is refused for now");
-        device_state_unknown()
-    })
+    if device_state(session).await.is_unknown() {
+        warn!(user = %session.user, device = %session.device, "device state unreadable: the connection is refused for now");
+        return Err(device_state_unknown());
+    }
+    Ok(())
 }
 
 fn device_state_unknown() -> Close {
