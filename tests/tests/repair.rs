@@ -459,3 +459,42 @@ async fn a_stomp_resume_past_a_noted_loss_replays_from_the_lost_message() {
     })
     .await;
 }
+
+/// A STOMP client holds nothing until it subscribes: a resume past a noted loss that ends after
+/// CONNECTED but before any SUBSCRIBE never delivered the lost message, so the note stays and the
+/// next resume replays from it.
+#[tokio::test]
+async fn a_stomp_resume_that_ends_before_subscribing_keeps_the_note() {
+    let MissedBehind { nats: _nats, gateway, publisher, mut client, admin, missed, newer } = missed_behind("stk").await;
+    let last = publisher.publish("push.user.stk", "4").await;
+    assert_eq!(client.expect_close().await.map(|c| c.0), Some(close_code::SLOW_CONSUMER));
+    let cursors = admin.get_key_value("herald-cursors").await.unwrap();
+    herald_tests::eventually("the loss noted", std::time::Duration::from_secs(30), || async {
+        cursors.get("stk.default.lost").await.ok().flatten()
+    })
+    .await;
+
+    let url = format!("ws://{}/stomp", gateway.addr);
+    let since = newer.to_string();
+    let headers = [("passcode", token("stk")), ("herald-since", since), ("herald-device", "default".into())];
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(name, value)| (*name, value.as_str())).collect();
+    let replayed = gateway.metric("herald_gateway_replayed_messages_total").await;
+    let mut stomp = herald_tests::stomp::StompClient::connect(&url, &headers).await;
+    stomp.expect("CONNECTED").await;
+    // The replay from the lost message ended (held: nothing subscribes), then the client leaves.
+    gateway.wait_metric("herald_gateway_replayed_messages_total", replayed + 3.0).await;
+    drop(stomp);
+    gateway.wait_metric("herald_gateway_connections", 0.0).await;
+
+    let mut stomp = herald_tests::stomp::StompClient::connect(&url, &headers).await;
+    stomp.expect("CONNECTED").await;
+    for (id, destination) in [("q", "/user/queue/updates"), ("a", "/topic/all")] {
+        stomp.send_frame("SUBSCRIBE", &[("id", id), ("destination", destination)], "").await;
+    }
+    let mut received = Vec::new();
+    while received.len() < 3 {
+        received.push(stomp.expect("MESSAGE").await.header("message-id").parse::<u64>().unwrap());
+    }
+    received.sort();
+    assert_eq!(received, [missed, newer, last], "the lost message and what followed it, again");
+}

@@ -188,6 +188,11 @@ impl Codec {
         }
     }
 
+    /// Whether messages wait for the client's first subscription (STOMP's before any SUBSCRIBE).
+    pub(crate) fn awaits_first_subscription(&self) -> bool {
+        matches!(self, Codec::Stomp(codec) if codec.has_no_subscription())
+    }
+
     /// Whether the protocol can tell a resuming client that something after its resume point may
     /// be missing (`replayed.complete`, Centrifugal's and Socket.IO's `recovered`). STOMP cannot.
     pub(crate) fn reports_incomplete_resumes(&self) -> bool {

@@ -256,6 +256,10 @@ struct Resumed {
     report_at: Option<u64>,
     /// The same count for the `replayed` frame, whether or not it reports a note.
     answered_at: Option<u64>,
+    /// The same count once the messages held until the client's first subscription (STOMP's) are
+    /// among them: a STOMP client gets what its replay sent again only once it subscribes. `Some(0)`
+    /// for protocols that hold nothing.
+    released_at: Option<u64>,
 }
 
 /// What live pulling decided about a loss.
@@ -363,7 +367,8 @@ impl SessionState {
         let since = requested.min(params.bounds.last);
         if let Start::Resume { noted, .. } = params.start {
             let note = if let Noted::Lost(note) = noted { note.revision } else { 0 };
-            state.resumed = Some(Resumed { since, note, report_at: None, answered_at: None });
+            let released_at = (!state.codec.awaits_first_subscription()).then_some(0);
+            state.resumed = Some(Resumed { since, note, report_at: None, answered_at: None, released_at });
         }
         state.last_sent = since;
         state.coverage = Coverage::through(since);
@@ -685,13 +690,17 @@ impl SessionState {
     }
 
     /// The revision of the lost-messages note the first replay reported, once everything queued
-    /// up to its `replayed` frame was written (call it only while the socket has no write under
-    /// way): the note can be removed. A connection that closes first leaves it for the device's
-    /// next resume.
+    /// up to its `replayed` frame, and up to what the client's first subscription released, was
+    /// written (call it only while the socket has no write under way): the note can be removed. A
+    /// connection that closes first leaves it for the device's next resume.
     pub(crate) fn take_reported_note(&mut self) -> Option<u64> {
+        let queued = self.frames_taken + self.frames.len() as u64;
         let resumed = self.resumed.as_mut()?;
-        let written = resumed.report_at.is_some_and(|at| self.frames_taken >= at);
-        if !written || self.close.is_some() {
+        if resumed.released_at.is_none() && !self.codec.awaits_first_subscription() {
+            resumed.released_at = Some(queued);
+        }
+        let written = |at: Option<u64>| at.is_some_and(|at| self.frames_taken >= at);
+        if !written(resumed.report_at) || !written(resumed.released_at) || self.close.is_some() {
             return None;
         }
         resumed.report_at = None;

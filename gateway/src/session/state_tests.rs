@@ -230,21 +230,47 @@ fn a_resume_from_beyond_the_stream_after_a_noted_loss_or_unsure_of_one_is_incomp
 /// stream's start when the note could not be read (the join refuses such a resume).
 #[test]
 fn a_stomp_resume_replays_from_a_noted_loss_and_not_from_an_unknown_one() {
-    let stomp = || {
-        let connected = crate::codec::stomp::Connected {
-            version: crate::codec::stomp::Version::V12,
-            client_sends: std::time::Duration::ZERO,
-            client_wants: std::time::Duration::ZERO,
-            allowed_topics: Vec::new(),
-        };
-        let transport = crate::codec::stomp::Transport::WebSocket;
-        Codec::Stomp(Box::new(crate::codec::StompCodec::new(connected, std::time::Duration::ZERO, transport, 1024)))
-    };
     let lost = Noted::Lost(LostNote { first: 4, revision: 1 });
     let mut h = Harness::build(Start::Resume { requested: 5, noted: lost }, 9, 100, |p| p.codec = stomp());
     assert_eq!(h.action(), replay_of(everything(), 3, 9));
     let mut h = Harness::build(Start::Resume { requested: 5, noted: Noted::Unknown }, 9, 100, |p| p.codec = stomp());
     assert_eq!(h.action(), replay_of(everything(), 5, 9));
+}
+
+/// STOMP holds what its replay sends again until the client subscribes: the note goes only once
+/// what the first subscription released was written, or a client that leaves before subscribing
+/// would never get the lost message.
+#[test]
+fn a_stomp_resumes_note_is_forgotten_once_what_its_first_subscription_released_was_written() {
+    let lost = Noted::Lost(LostNote { first: 4, revision: 7 });
+    let mut h = Harness::build(Start::Resume { requested: 5, noted: lost }, 9, 100, |p| p.codec = stomp());
+    h.action();
+    h.replay(vec![message(4, Audience::User(USER.into()), "")]);
+    h.state.take_frames(&mut Vec::new(), usize::MAX, usize::MAX);
+    assert_eq!(h.state.take_reported_note(), None, "the lost message waits for a subscription");
+
+    let subscribe = b"SUBSCRIBE\nid:q\ndestination:/user/queue/updates\n\n\0";
+    h.state.codec_mut().decode(subscribe);
+    for frame in h.state.codec_mut().take_replies() {
+        h.state.push_frame(frame);
+    }
+    assert_eq!(h.state.take_reported_note(), None, "released, not written yet");
+    let mut batch = Vec::new();
+    h.state.take_frames(&mut batch, usize::MAX, usize::MAX);
+    let written: Vec<u8> = batch.iter().flat_map(|frame| frame.iter().copied()).collect();
+    assert!(String::from_utf8_lossy(&written).contains("message-id:4\n"));
+    assert_eq!(h.state.take_reported_note(), Some(7));
+}
+
+fn stomp() -> Codec {
+    let connected = crate::codec::stomp::Connected {
+        version: crate::codec::stomp::Version::V12,
+        client_sends: std::time::Duration::ZERO,
+        client_wants: std::time::Duration::ZERO,
+        allowed_topics: Vec::new(),
+    };
+    let transport = crate::codec::stomp::Transport::WebSocket;
+    Codec::Stomp(Box::new(crate::codec::StompCodec::new(connected, std::time::Duration::ZERO, transport, 1024)))
 }
 
 /// A session resumed at `requested` (the stream's last is 9), having read `lost`, its replay done.

@@ -447,6 +447,10 @@ impl StompCodec {
         self.auto_acked.take()
     }
 
+    pub(super) fn has_no_subscription(&self) -> bool {
+        self.subscriptions.is_empty()
+    }
+
     /// Frames the codec answers with itself, to send now.
     pub(super) fn take_replies(&mut self) -> Vec<Bytes> {
         std::mem::take(&mut self.replies)
