@@ -158,7 +158,7 @@ impl DeviceState {
             self,
             DeviceState::Unreadable(_)
                 | DeviceState::Since { noted: Noted::Unknown, .. }
-                | DeviceState::Cursor { noted: Noted::Unknown, .. }
+                | DeviceState::Cursor { cursor: Some(_), noted: Noted::Unknown }
         )
     }
 }
@@ -171,7 +171,7 @@ async fn device_state(session: &Session) -> DeviceState {
             Ok(Some(note)) => Noted::Lost(note),
             Ok(None) => Noted::Nothing,
             Err(error) => {
-                warn!(%user, %device, %error, "lost-messages note unreadable: the resume reports itself incomplete");
+                warn!(%user, %device, %error, "lost-messages note unreadable");
                 Noted::Unknown
             }
         }
@@ -198,8 +198,13 @@ async fn device_state(session: &Session) -> DeviceState {
 /// For a client that cannot be told that its resume may skip messages: fails when the device's
 /// state cannot be read, so that the client tries again later.
 async fn device_state_readable(session: &Session) -> Result<(), Close> {
-    if device_state(session).await.is_unknown() {
-        warn!(user = %session.user, device = %session.device, "device state unreadable: the connection is refused for now");
+    let state = device_state(session).await;
+    if state.is_unknown() {
+        let (user, device) = (&session.user, &session.device);
+        if let DeviceState::Unreadable(error) = &state {
+            warn!(%user, %device, %error, "cursor unreadable");
+        }
+        warn!(%user, %device, "device state unreadable: the connection is refused for now");
         return Err(device_state_unknown());
     }
     Ok(())

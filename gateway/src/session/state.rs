@@ -696,7 +696,9 @@ impl SessionState {
     pub(crate) fn take_reported_note(&mut self) -> Option<u64> {
         let queued = self.frames_taken + self.frames.len() as u64;
         let resumed = self.resumed.as_mut()?;
-        if resumed.released_at.is_none() && !self.codec.awaits_first_subscription() {
+        // After a refill too: a first subscription may release the held messages' oldest (the lost
+        // one among them) only by reading them again.
+        if resumed.released_at.is_none() && !self.codec.awaits_first_subscription() && self.refills_pending == 0 {
             resumed.released_at = Some(queued);
         }
         let written = |at: Option<u64>| at.is_some_and(|at| self.frames_taken >= at);

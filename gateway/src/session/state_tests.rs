@@ -262,6 +262,38 @@ fn a_stomp_resumes_note_is_forgotten_once_what_its_first_subscription_released_w
     assert_eq!(h.state.take_reported_note(), Some(7));
 }
 
+/// When the held messages overflowed, the first subscription gets the oldest (the lost one among
+/// them) from a refill: the note waits for it.
+#[test]
+fn a_stomp_resumes_note_waits_for_the_refill_of_what_overflowed() {
+    let user = || Audience::User(USER.into());
+    let lost = Noted::Lost(LostNote { first: 4, revision: 7 });
+    let mut h = Harness::build(Start::Resume { requested: 5, noted: lost }, 1030, 100, |p| p.codec = stomp());
+    h.action();
+    // More than the codec holds: the oldest, 4 to 6, are let go.
+    h.replay((4..=1030).map(|seq| message(seq, user(), "")).collect());
+    h.state.take_frames(&mut Vec::new(), usize::MAX, usize::MAX);
+    let subscribe = b"SUBSCRIBE\nid:q\ndestination:/user/queue/updates\n\n\0";
+    let decoded = h.state.codec_mut().decode(subscribe);
+    let [Ok(crate::codec::Command::Refill { audience, since: 3 })] = &decoded[..] else { panic!("{decoded:?}") };
+    h.state.refill(audience.clone(), 3);
+    for frame in h.state.codec_mut().take_replies() {
+        h.state.push_frame(frame);
+    }
+    h.state.take_frames(&mut Vec::new(), usize::MAX, usize::MAX);
+    assert_eq!(h.state.take_reported_note(), None, "the lost message is still to be read again");
+    assert!(matches!(h.action(), Some(Action::ReadBounds { .. })), "the refill's bounds");
+    h.state.on_outcome(Outcome::Bounds(Ok(bounds(1, 1030))));
+    assert!(matches!(h.action(), Some(Action::Replay { .. })), "the refill's replay");
+    h.replay((4..=6).map(|seq| message(seq, user(), "")).collect());
+    assert_eq!(h.state.take_reported_note(), None, "refilled, not written yet");
+    let mut batch = Vec::new();
+    h.state.take_frames(&mut batch, usize::MAX, usize::MAX);
+    let written: Vec<u8> = batch.iter().flat_map(|frame| frame.iter().copied()).collect();
+    assert!(String::from_utf8_lossy(&written).contains("message-id:4\n"));
+    assert_eq!(h.state.take_reported_note(), Some(7));
+}
+
 fn stomp() -> Codec {
     let connected = crate::codec::stomp::Connected {
         version: crate::codec::stomp::Version::V12,
