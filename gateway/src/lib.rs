@@ -79,6 +79,9 @@ pub(crate) struct Shared {
     pub(crate) shutdown: CancellationToken,
     /// Cancelled when the gateway stops at once, dropping sockets without a close frame.
     pub(crate) killed: CancellationToken,
+    /// Cancelled halfway through the shutdown grace: loss checks still waiting for the stream then
+    /// assume the loss, so that their notes are written before the gateway stops.
+    pub(crate) checks_cut: CancellationToken,
     /// Every session task, to wait for them at shutdown.
     pub(crate) sessions: TaskTracker,
     /// Engine.IO long-polling sessions on this gateway.
@@ -195,6 +198,7 @@ impl Gateway {
             health,
             shutdown: shutdown.clone(),
             killed: killed.clone(),
+            checks_cut: CancellationToken::new(),
             sessions: TaskTracker::new(),
             polling: Default::default(),
             sockjs: Default::default(),
@@ -285,6 +289,11 @@ async fn run(shared: Arc<Shared>, listener: TcpListener) {
     }
     info!("draining: closing every socket with 1012");
     shared.sessions.close();
+    let (checks_cut, half_grace) = (shared.checks_cut.clone(), shared.config.shutdown_grace / 2);
+    tokio::spawn(async move {
+        tokio::time::sleep(half_grace).await;
+        checks_cut.cancel();
+    });
     if tokio::time::timeout(shared.config.shutdown_grace, shared.sessions.wait()).await.is_err() {
         warn!("shutdown grace elapsed with sockets, or loss checks of closed ones, still open");
     }

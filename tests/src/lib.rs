@@ -8,6 +8,7 @@ pub mod gateway;
 pub mod images;
 pub mod kv;
 pub mod nats;
+pub mod nats_filter;
 pub mod nginx;
 pub mod publish;
 pub mod sdk;

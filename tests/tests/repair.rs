@@ -498,3 +498,34 @@ async fn a_stomp_resume_that_ends_before_subscribing_keeps_the_note() {
     received.sort();
     assert_eq!(received, [missed, newer, last], "the lost message and what followed it, again");
 }
+
+/// A loss check whose question the stream leaves unanswered (as while it elects a leader) when the
+/// gateway stops: it would outwait the shutdown grace and be dropped with its loss unnoted, so it
+/// assumes the loss halfway through the grace and the note is written before the gateway stops.
+#[tokio::test]
+async fn a_loss_check_still_unanswered_at_shutdown_notes_the_loss_within_the_grace() {
+    let nats = TestNats::start().await;
+    let filter = herald_tests::nats_filter::NatsFilter::start(&nats, "$JS.API.STREAM.MSG.GET.HERALD").await;
+    let gateway = TestGateway::start_on(&filter.url(), |_| {}).await;
+    let publisher = Publisher::new(&nats).await;
+    let mut client = gateway.connect("cut").await;
+    let first = publisher.publish("push.user.cut", "1").await;
+    assert_eq!(client.expect_msg().await.seq, first);
+    let admin = nats.jetstream().await;
+    let missed = stored_unpublished(&admin, &publisher, "push.user.cut", "2").await;
+    let newer = publisher.publish("push.all", "3").await;
+    assert_eq!(client.expect_msg().await.seq, newer);
+
+    // The user's next message names `missed` as its predecessor, behind `newer` already sent: the
+    // gateway asks the stream's leader whether a message of the user's is stored there.
+    filter.drop_publishes();
+    publisher.publish("push.user.cut", "4").await;
+    filter.wait_dropped(1).await;
+    drop(client);
+    gateway.wait_metric("herald_gateway_connections", 0.0).await;
+    gateway.shutdown().await;
+
+    let cursors = admin.get_key_value("herald-cursors").await.unwrap();
+    let note = cursors.get("cut.default.lost").await.unwrap();
+    assert_eq!(note.map(|note| String::from_utf8_lossy(&note).into_owned()), Some(missed.to_string()));
+}

@@ -30,6 +30,7 @@ pub(super) const STREAM_PATIENCE: Duration = Duration::from_secs(5);
 /// it assumes the loss: a loss reported for nothing has the client reload its state, while waiting
 /// holds only this connection's live messages (a repair sends them in order afterwards). A stream
 /// whose cluster heals from a partition may go without a leader for longer than [`STREAM_PATIENCE`].
+/// A gateway that stops cuts it halfway through its shutdown grace (`Shared::checks_cut`).
 const LOSS_CHECK_PATIENCE: Duration = Duration::from_secs(30);
 /// The first pause between two attempts, and the longest.
 const FIRST_PAUSE: Duration = Duration::from_millis(100);
@@ -71,7 +72,12 @@ pub(super) fn perform(session: &Arc<Session>, action: Action) -> BoxStream<'stat
             // On the feed, which leaves a server cut off from the stream (see `delivery::reach`).
             let query = serde_json::json!({ "seq": from, "next_by_subj": audience.push_subject() });
             let find = || message_get(&session.shared.feed, query.clone());
-            Outcome::Stored(retried(LOSS_CHECK_PATIENCE, find).await)
+            tokio::select! {
+                found = retried(LOSS_CHECK_PATIENCE, find) => Outcome::Stored(found),
+                () = session.shared.checks_cut.cancelled() => {
+                    Outcome::Stored(Err("the gateway is stopping before the stream answered".to_string()))
+                }
+            }
         }),
         Action::NoteLost { first } => once(async move {
             // A task of its own, which the gateway's drain waits for: the note is written even if
