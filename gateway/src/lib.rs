@@ -82,6 +82,8 @@ pub(crate) struct Shared {
     /// Cancelled halfway through the shutdown grace: loss checks still waiting for the stream then
     /// assume the loss, so that their notes are written before the gateway stops.
     pub(crate) checks_cut: CancellationToken,
+    /// Stops the delivery connection (see [`Feed::start`]).
+    pub(crate) feed_stop: CancellationToken,
     /// Every session task, to wait for them at shutdown.
     pub(crate) sessions: TaskTracker,
     /// Engine.IO long-polling sessions on this gateway.
@@ -155,7 +157,10 @@ impl Gateway {
         let js = jetstream::new(control.clone());
         let (feed_events, feed_receiver) = tokio::sync::mpsc::channel(config.nats.nats_subscription_capacity.max(1));
         let feed_name = format!("herald-gateway {} delivery", config.node_id);
-        let feed = Feed::start(&config.nats, feed_name, feed_events, shutdown.clone());
+        // Stopped once the drain is over, as loss checks of closed connections still ask the stream
+        // during it; at once when the gateway is killed.
+        let feed_stop = killed.child_token();
+        let feed = Feed::start(&config.nats, feed_name, feed_events, feed_stop.clone());
         let health = Arc::new(Health::new(control.clone(), feed.clone(), connected));
         let router = Router::start(feed.clone(), feed_receiver, log_limits(&config), metrics.clone());
         tokio::spawn(health::monitor(
@@ -199,6 +204,7 @@ impl Gateway {
             shutdown: shutdown.clone(),
             killed: killed.clone(),
             checks_cut: CancellationToken::new(),
+            feed_stop,
             sessions: TaskTracker::new(),
             polling: Default::default(),
             sockjs: Default::default(),
@@ -297,6 +303,7 @@ async fn run(shared: Arc<Shared>, listener: TcpListener) {
     if tokio::time::timeout(shared.config.shutdown_grace, shared.sessions.wait()).await.is_err() {
         warn!("shutdown grace elapsed with sockets, or loss checks of closed ones, still open");
     }
+    shared.feed_stop.cancel();
     if tokio::time::timeout(Duration::from_secs(5), shared.cursors.flush(usize::MAX)).await.is_err() {
         warn!("cursor flush timed out");
     }

@@ -155,6 +155,13 @@ impl TestGateway {
         }
     }
 
+    /// Starts a graceful shutdown without waiting for it ([`TestGateway::shutdown`] waits).
+    pub fn begin_shutdown(&self) {
+        if let Some(gateway) = &self.gateway {
+            gateway.shutdown();
+        }
+    }
+
     /// Graceful shutdown, waiting until the gateway stopped.
     pub async fn shutdown(mut self) {
         if let Some(gateway) = self.gateway.take() {

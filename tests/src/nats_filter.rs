@@ -34,6 +34,7 @@ impl NatsFilter {
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = TcpStream::connect(&upstream).await else { continue };
+                let _ = (client.set_nodelay(true), server.set_nodelay(true));
                 let (client_read, client_write) = client.into_split();
                 let (server_read, server_write) = server.into_split();
                 tokio::spawn(forward_filtered(client_read, server_write, serving.clone()));
@@ -53,6 +54,11 @@ impl NatsFilter {
         self.filter.dropping.store(true, Ordering::SeqCst);
     }
 
+    /// From now on, what clients publish to the subject goes through again.
+    pub fn pass_publishes(&self) {
+        self.filter.dropping.store(false, Ordering::SeqCst);
+    }
+
     /// Waits until `count` publishes to the subject were dropped.
     pub async fn wait_dropped(&self, count: usize) {
         eventually("publishes dropped", Duration::from_secs(30), || async {
@@ -70,15 +76,19 @@ async fn copy(mut from: OwnedReadHalf, mut to: OwnedWriteHalf) {
 /// filtered subject while dropping.
 async fn forward_filtered(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, filter: Arc<Filter>) {
     let mut buffer = Vec::new();
+    let mut passed = Vec::new();
     let mut chunk = [0u8; 16 * 1024];
     loop {
         while let Some(len) = operation_len(&buffer) {
             let operation: Vec<u8> = buffer.drain(..len).collect();
             if filter.drops(&operation) {
                 filter.dropped.fetch_add(1, Ordering::SeqCst);
-            } else if to.write_all(&operation).await.is_err() {
-                return;
+            } else {
+                passed.extend_from_slice(&operation);
             }
+        }
+        if !passed.is_empty() && to.write_all(&std::mem::take(&mut passed)).await.is_err() {
+            return;
         }
         match from.read(&mut chunk).await {
             Ok(0) | Err(_) => return,
@@ -102,12 +112,15 @@ impl Filter {
 /// and its CRLF), if it has arrived.
 fn operation_len(buffer: &[u8]) -> Option<usize> {
     let line_end = buffer.windows(2).position(|pair| pair == b"\r\n")? + 2;
-    let line = std::str::from_utf8(&buffer[..line_end]).ok()?;
+    let line = String::from_utf8_lossy(&buffer[..line_end]);
     let words: Vec<&str> = line.split_ascii_whitespace().collect();
     let verb = words.first().map(|verb| verb.to_ascii_uppercase()).unwrap_or_default();
     let len = match verb.as_str() {
         // The last word is the payload's size (for HPUB, headers included).
-        "PUB" | "HPUB" => line_end + words.last()?.parse::<usize>().ok()? + 2,
+        "PUB" | "HPUB" => {
+            let size = words.last().and_then(|size| size.parse::<usize>().ok());
+            line_end + size.unwrap_or_else(|| panic!("a {verb} without a size: {line:?}")) + 2
+        }
         _ => line_end,
     };
     (buffer.len() >= len).then_some(len)

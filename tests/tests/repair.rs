@@ -529,3 +529,40 @@ async fn a_loss_check_still_unanswered_at_shutdown_notes_the_loss_within_the_gra
     let note = cursors.get("cut.default.lost").await.unwrap();
     assert_eq!(note.map(|note| String::from_utf8_lossy(&note).into_owned()), Some(missed.to_string()));
 }
+
+/// The same question answered during the drain: a stopping gateway still asks the stream (its
+/// delivery connection stays up until the drain is over), so a check the leader answers "nothing of
+/// the user's is missing" before the cut notes nothing, instead of reporting a loss for nothing.
+#[tokio::test]
+async fn a_loss_check_answered_while_the_gateway_stops_notes_nothing() {
+    let nats = TestNats::start().await;
+    let filter = herald_tests::nats_filter::NatsFilter::start(&nats, "$JS.API.STREAM.MSG.GET.HERALD").await;
+    // Long enough for the check to ask again (after its first question times out) before the cut.
+    let grace = |config: &mut herald_gateway::Config| config.shutdown_grace = std::time::Duration::from_secs(30);
+    let gateway = TestGateway::start_on(&filter.url(), grace).await;
+    let publisher = Publisher::new(&nats).await;
+    let mut client = gateway.connect("calm").await;
+    let first = publisher.publish("push.user.calm", "1").await;
+    let second = publisher.publish("push.all", "2").await;
+    assert_eq!(client.expect_msgs(2).await, vec![first, second]);
+
+    // The user's next message names push.all's `second` as its predecessor, as in the first test
+    // here: nothing of the user's is missing, which only the stream's leader can tell.
+    filter.drop_publishes();
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Sequence", (second + 1).to_string().as_str());
+    headers.insert("Nats-Last-Sequence", second.to_string().as_str());
+    headers.insert("Nats-Time-Stamp", "2026-01-01T00:00:00Z");
+    let admin = nats.client().await;
+    admin.publish_with_headers("herald.deliver.user.calm", headers, "3".into()).await.unwrap();
+    admin.flush().await.unwrap();
+    filter.wait_dropped(1).await;
+    drop(client);
+    gateway.wait_metric("herald_gateway_connections", 0.0).await;
+    gateway.begin_shutdown();
+    filter.pass_publishes();
+    gateway.shutdown().await;
+
+    let cursors = nats.jetstream().await.get_key_value("herald-cursors").await.unwrap();
+    assert_eq!(cursors.get("calm.default.lost").await.unwrap(), None, "no loss noted");
+}
