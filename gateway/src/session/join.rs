@@ -46,13 +46,14 @@ pub(super) async fn open(session: &Session, codec: Codec) -> Result<Box<SessionS
             }
         }
     };
-    // Checked before the claim too (and beside the read above, to cost no time): a connection
-    // refused for it must not first close the one it would replace. Checked again after the claim,
-    // as KV may fail in between.
-    let readable =
-        async { if codec.reports_incomplete_resumes() { Ok(()) } else { device_state_readable(session).await } };
-    let ((), readable) = tokio::join!(Box::pin(muted), Box::pin(readable));
-    readable?;
+    // A protocol that cannot report an incomplete resume reads the device's state before the claim
+    // (beside the read above), so that a connection refused for it closes nobody it would replace;
+    // the others read it after, which gives a replaced connection a moment to write its cursor.
+    let read_before = async {
+        if codec.reports_incomplete_resumes() { Ok(None) } else { known_device_state(session).await.map(Some) }
+    };
+    let ((), read_before) = tokio::join!(Box::pin(muted), Box::pin(read_before));
+    let read_before = read_before?;
     Box::pin(shared.policies.claim(&session.user, &session.device, &session.conn, session.mailbox.clone())).await;
     // On the delivery connection, after the session's subscriptions: the server has them before
     // it answers.
@@ -60,12 +61,8 @@ pub(super) async fn open(session: &Session, codec: Codec) -> Result<Box<SessionS
     let known = shared.router.watermark().routed().max(session.request.since.unwrap_or(0));
     let read = || shared.bounds.read_at_least(known);
     let bounds = retried(STREAM_PATIENCE, read).await.map_err(|e| Close::new(CloseCode::Unavailable, e.to_string()))?;
-    let (resume, read) = tokio::join!(Box::pin(resume_point(session, bounds)), Box::pin(read_position(session)));
-    if let Resume::Since { noted: Noted::Unknown, .. } = resume
-        && !codec.reports_incomplete_resumes()
-    {
-        return Err(device_state_unknown());
-    }
+    let resume = resume_point(session, bounds, read_before);
+    let (resume, read) = tokio::join!(Box::pin(resume), Box::pin(read_position(session)));
     // Not read again: a failed count only leaves `welcome.unread` at 0, and a new device then
     // replays from its read position all the same.
     let unread = Box::pin(shared.inbox.unread(&session.user, read, bounds.last, &attached.user.muted())).await;
@@ -119,10 +116,14 @@ enum Resume {
 /// for the stream's patience (it may be failing over); a device whose state it still cannot read
 /// resumes from the stream's end with nothing known, so that its resume reports itself incomplete
 /// rather than skip messages in silence.
-async fn resume_point(session: &Session, bounds: Bounds) -> Resume {
+async fn resume_point(session: &Session, bounds: Bounds, read_before: Option<DeviceState>) -> Resume {
     let shared = &session.shared;
     let (user, device) = (&session.user, &session.device);
-    match device_state(session).await {
+    let state = match read_before {
+        Some(state) => state,
+        None => device_state(session).await,
+    };
+    match state {
         DeviceState::Live => Resume::Live,
         DeviceState::Since { since, noted } => Resume::Since { requested: since, noted },
         DeviceState::Cursor { cursor: Some(cursor), noted } => Resume::Since { requested: cursor, noted },
@@ -195,9 +196,9 @@ async fn device_state(session: &Session) -> DeviceState {
     }
 }
 
-/// For a client that cannot be told that its resume may skip messages: fails when the device's
-/// state cannot be read, so that the client tries again later.
-async fn device_state_readable(session: &Session) -> Result<(), Close> {
+/// The device's state, for a client that cannot be told that its resume may skip messages: fails
+/// when it cannot be read, so that the client tries again later.
+async fn known_device_state(session: &Session) -> Result<DeviceState, Close> {
     let state = device_state(session).await;
     if state.is_unknown() {
         let (user, device) = (&session.user, &session.device);
@@ -205,13 +206,9 @@ async fn device_state_readable(session: &Session) -> Result<(), Close> {
             warn!(%user, %device, %error, "cursor unreadable");
         }
         warn!(%user, %device, "device state unreadable: the connection is refused for now");
-        return Err(device_state_unknown());
+        return Err(Close::new(CloseCode::Unavailable, "KV unavailable: what the device missed is unknown"));
     }
-    Ok(())
-}
-
-fn device_state_unknown() -> Close {
-    Close::new(CloseCode::Unavailable, "KV unavailable: what the device missed is unknown")
+    Ok(state)
 }
 
 /// `read` tried again for the stream's patience, each attempt given [`KV_ATTEMPT`]: a request to a
