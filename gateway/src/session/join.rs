@@ -47,8 +47,9 @@ pub(super) async fn open(session: &Session, codec: Codec) -> Result<Box<SessionS
         }
     };
     // A protocol that cannot report an incomplete resume reads the device's state before the claim
-    // (beside the read above), so that a connection refused for it closes nobody it would replace;
-    // the others read it after, which gives a replaced connection a moment to write its cursor.
+    // (beside the read above), so that a connection refused for it closes nobody it would replace.
+    // Either order is exact: a cursor read early is at most older (more is replayed), and a note
+    // written after the read reaches the session as `herald.lost`.
     let read_before = async {
         if codec.reports_incomplete_resumes() { Ok(None) } else { known_device_state(session).await.map(Some) }
     };
@@ -112,10 +113,10 @@ enum Resume {
     Live,
 }
 
-/// Where the device resumes, and what its earlier connections noted as lost. KV is read again
-/// for the stream's patience (it may be failing over); a device whose state it still cannot read
-/// resumes from the stream's end with nothing known, so that its resume reports itself incomplete
-/// rather than skip messages in silence.
+/// Where the device resumes, and what its earlier connections noted as lost: from `read_before`,
+/// the state read before the claim, or read now. KV is read again for the stream's patience (it may
+/// be failing over); a device whose state it still cannot read resumes from the stream's end with
+/// nothing known, so that its resume reports itself incomplete rather than skip messages in silence.
 async fn resume_point(session: &Session, bounds: Bounds, read_before: Option<DeviceState>) -> Resume {
     let shared = &session.shared;
     let (user, device) = (&session.user, &session.device);
