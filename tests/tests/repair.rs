@@ -100,13 +100,7 @@ async fn a_gap_behind_newer_messages_is_repaired_when_the_stream_holds_nothing_o
     // missing): the gateway asks the stream's leader, finds no message of the user's between
     // `first` and `second`, and repairs instead of closing the connection (a loss reported for
     // nothing would have the client reload its state for nothing).
-    let mut headers = HeaderMap::new();
-    headers.insert("Nats-Sequence", (second + 1).to_string().as_str());
-    headers.insert("Nats-Last-Sequence", second.to_string().as_str());
-    headers.insert("Nats-Time-Stamp", "2026-01-01T00:00:00Z");
-    let admin = nats.client().await;
-    admin.publish_with_headers("herald.deliver.user.gap", headers, "3".into()).await.unwrap();
-    admin.flush().await.unwrap();
+    forge_delivery(&nats, "herald.deliver.user.gap", second + 1, second).await;
     assert_eq!(client.expect_msg().await.seq, second + 1);
     assert_eq!(gateway.metric("herald_gateway_unrepairable_gaps_total").await, 0.0);
     assert_eq!(gateway.metric("herald_gateway_repairs_total").await, 1.0);
@@ -167,6 +161,18 @@ async fn missed_behind(user: &str) -> MissedBehind {
     let newer = publisher.publish("push.all", "3").await;
     assert_eq!(client.expect_msg().await.seq, newer);
     MissedBehind { nats, gateway, publisher, client, admin, missed, newer }
+}
+
+/// Delivers a forged message `seq` on the republish subject `subject`, naming `last` as its
+/// subject's predecessor, as the stream's republish would.
+async fn forge_delivery(nats: &TestNats, subject: &'static str, seq: u64, last: u64) {
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Sequence", seq.to_string().as_str());
+    headers.insert("Nats-Last-Sequence", last.to_string().as_str());
+    headers.insert("Nats-Time-Stamp", "2026-01-01T00:00:00Z");
+    let admin = nats.client().await;
+    admin.publish_with_headers(subject, headers, "3".into()).await.unwrap();
+    admin.flush().await.unwrap();
 }
 
 /// Publishes `payload` to `subject` while the stream does not republish: stored, never delivered.
@@ -549,13 +555,7 @@ async fn a_loss_check_answered_while_the_gateway_stops_notes_nothing() {
     // The user's next message names push.all's `second` as its predecessor, as in the first test
     // here: nothing of the user's is missing, which only the stream's leader can tell.
     filter.drop_publishes();
-    let mut headers = HeaderMap::new();
-    headers.insert("Nats-Sequence", (second + 1).to_string().as_str());
-    headers.insert("Nats-Last-Sequence", second.to_string().as_str());
-    headers.insert("Nats-Time-Stamp", "2026-01-01T00:00:00Z");
-    let admin = nats.client().await;
-    admin.publish_with_headers("herald.deliver.user.calm", headers, "3".into()).await.unwrap();
-    admin.flush().await.unwrap();
+    forge_delivery(&nats, "herald.deliver.user.calm", second + 1, second).await;
     filter.wait_dropped(1).await;
     drop(client);
     gateway.wait_metric("herald_gateway_connections", 0.0).await;

@@ -428,18 +428,14 @@ async fn a_resume_whose_cursor_cannot_be_read_is_refused_for_now() {
     gateway.wait_metric("herald_gateway_connections", 0.0).await;
     let missed = publisher.publish("push.user.gus", "while away").await;
 
-    let js = nats.jetstream().await;
-    let mut cursors = js.get_stream("KV_herald-cursors").await.unwrap().info().await.unwrap().config.clone();
-    cursors.allow_direct = false;
-    js.update_stream(&cursors).await.unwrap();
+    cursor_direct_reads(&nats, false).await;
     let mut client = StompClient::connect(&url(&gateway), &[("passcode", &passcode)]).await;
     match client.next_event().await {
         StompEvent::Close(close) => assert_eq!(close.map(|(code, _)| code), Some(1013)),
         other => panic!("expected the close 1013, got {other:?}"),
     }
 
-    cursors.allow_direct = true;
-    js.update_stream(&cursors).await.unwrap();
+    cursor_direct_reads(&nats, true).await;
     let (mut client, _) = connect(&gateway, &[("passcode", &passcode)]).await;
     subscribe(&mut client, "q", "/user/queue/updates", &[]).await;
     assert_eq!(client.expect("MESSAGE").await.header("message-id"), missed.to_string());
@@ -457,10 +453,7 @@ async fn a_resume_refused_for_an_unreadable_cursor_leaves_the_connection_it_woul
     let (mut working, _) = connect(&gateway, &[("passcode", &passcode)]).await;
     subscribe(&mut working, "q", "/user/queue/updates", &[]).await;
 
-    let js = nats.jetstream().await;
-    let mut cursors = js.get_stream("KV_herald-cursors").await.unwrap().info().await.unwrap().config.clone();
-    cursors.allow_direct = false;
-    js.update_stream(&cursors).await.unwrap();
+    cursor_direct_reads(&nats, false).await;
     let mut refused = StompClient::connect(&url(&gateway), &[("passcode", &passcode)]).await;
     match refused.next_event().await {
         StompEvent::Close(close) => assert_eq!(close.map(|(code, _)| code), Some(1013)),
@@ -469,4 +462,13 @@ async fn a_resume_refused_for_an_unreadable_cursor_leaves_the_connection_it_woul
 
     let live = publisher.publish("push.user.ivy", "still here").await;
     assert_eq!(next_message(&mut working).await, (live, "still here".to_string()));
+}
+
+/// Turns the cursors bucket's direct reads off or on again: while off, the gateway's reads of
+/// cursors (direct gets, on its cached handle of the bucket) go unanswered, as while KV fails over.
+async fn cursor_direct_reads(nats: &TestNats, on: bool) {
+    let js = nats.jetstream().await;
+    let mut cursors = js.get_stream("KV_herald-cursors").await.unwrap().info().await.unwrap().config.clone();
+    cursors.allow_direct = on;
+    js.update_stream(&cursors).await.unwrap();
 }

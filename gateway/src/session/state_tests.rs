@@ -246,19 +246,14 @@ fn a_stomp_resumes_note_is_forgotten_once_what_its_first_subscription_released_w
     let mut h = Harness::build(Start::Resume { requested: 5, noted: lost }, 9, 100, |p| p.codec = stomp());
     h.action();
     h.replay(vec![message(4, Audience::User(USER.into()), "")]);
-    h.state.take_frames(&mut Vec::new(), usize::MAX, usize::MAX);
+    write_all(&mut h);
     assert_eq!(h.state.take_reported_note(), None, "the lost message waits for a subscription");
 
     let subscribe = b"SUBSCRIBE\nid:q\ndestination:/user/queue/updates\n\n\0";
     h.state.codec_mut().decode(subscribe);
-    for frame in h.state.codec_mut().take_replies() {
-        h.state.push_frame(frame);
-    }
+    queue_replies(&mut h);
     assert_eq!(h.state.take_reported_note(), None, "released, not written yet");
-    let mut batch = Vec::new();
-    h.state.take_frames(&mut batch, usize::MAX, usize::MAX);
-    let written: Vec<u8> = batch.iter().flat_map(|frame| frame.iter().copied()).collect();
-    assert!(String::from_utf8_lossy(&written).contains("message-id:4\n"));
+    assert!(write_all(&mut h).contains("message-id:4\n"));
     assert_eq!(h.state.take_reported_note(), Some(7));
 }
 
@@ -272,26 +267,35 @@ fn a_stomp_resumes_note_waits_for_the_refill_of_what_overflowed() {
     h.action();
     // More than the codec holds: the oldest, 4 to 6, are let go.
     h.replay((4..=1030).map(|seq| message(seq, user(), "")).collect());
-    h.state.take_frames(&mut Vec::new(), usize::MAX, usize::MAX);
+    write_all(&mut h);
     let subscribe = b"SUBSCRIBE\nid:q\ndestination:/user/queue/updates\n\n\0";
     let decoded = h.state.codec_mut().decode(subscribe);
     let [Ok(crate::codec::Command::Refill { audience, since: 3 })] = &decoded[..] else { panic!("{decoded:?}") };
     h.state.refill(audience.clone(), 3);
-    for frame in h.state.codec_mut().take_replies() {
-        h.state.push_frame(frame);
-    }
-    h.state.take_frames(&mut Vec::new(), usize::MAX, usize::MAX);
+    queue_replies(&mut h);
+    write_all(&mut h);
     assert_eq!(h.state.take_reported_note(), None, "the lost message is still to be read again");
     assert!(matches!(h.action(), Some(Action::ReadBounds { .. })), "the refill's bounds");
     h.state.on_outcome(Outcome::Bounds(Ok(bounds(1, 1030))));
     assert!(matches!(h.action(), Some(Action::Replay { .. })), "the refill's replay");
     h.replay((4..=6).map(|seq| message(seq, user(), "")).collect());
     assert_eq!(h.state.take_reported_note(), None, "refilled, not written yet");
+    assert!(write_all(&mut h).contains("message-id:4\n"));
+    assert_eq!(h.state.take_reported_note(), Some(7));
+}
+
+/// Queues what the codec answered the client's frames with, as the session's inbound handling does.
+fn queue_replies(h: &mut Harness) {
+    for frame in h.state.codec_mut().take_replies() {
+        h.state.push_frame(frame);
+    }
+}
+
+/// Takes every queued frame, as the socket writes them; returns them as text.
+fn write_all(h: &mut Harness) -> String {
     let mut batch = Vec::new();
     h.state.take_frames(&mut batch, usize::MAX, usize::MAX);
-    let written: Vec<u8> = batch.iter().flat_map(|frame| frame.iter().copied()).collect();
-    assert!(String::from_utf8_lossy(&written).contains("message-id:4\n"));
-    assert_eq!(h.state.take_reported_note(), Some(7));
+    batch.iter().map(|frame| String::from_utf8_lossy(frame)).collect()
 }
 
 fn stomp() -> Codec {
