@@ -88,6 +88,27 @@ async fn sub_with_since_replays_the_topic_as_its_own_block() {
 }
 
 #[tokio::test]
+async fn sub_with_since_past_what_the_connection_had_sends_nothing_of_the_topic_up_to_since() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let token = token_with("joy", &["news"], 600);
+    let mut client = gateway.connect_with(&format!("token={token}")).await;
+    // Published after the connection began, before it joins the topic: the client has them
+    // already (another tab, its own backend) and asks for what comes after.
+    let mut had = Vec::new();
+    for text in ["a", "b", "c"] {
+        had.push(publisher.publish("push.topic.news", text).await);
+    }
+
+    client.send_json(serde_json::json!({"type": "sub", "topic": "news", "since": had[2]})).await;
+    assert_eq!(client.next_frame().await, ServerFrame::Subscribed { topic: "news".into() });
+    assert_eq!(client.expect_replayed().await, (had[2] + 1, had[2], 0, true, Some("news".into())));
+    let live = publisher.publish("push.topic.news", "d").await;
+    assert_eq!(client.expect_msg().await.seq, live);
+}
+
+#[tokio::test]
 async fn a_topic_subscription_is_shared_and_released_after_its_last_socket() {
     let nats = TestNats::start().await;
     let gateway = TestGateway::start(&nats).await;

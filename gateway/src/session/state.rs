@@ -298,6 +298,8 @@ pub(crate) struct SessionState {
     owed_after: HashMap<Audience, u64>,
     /// Topics subscribed without `since`: owed only what comes after their `sub`.
     live_only: HashSet<Audience>,
+    /// Topics joined with a `since` past what the connection had sent: nothing of theirs up to it.
+    unasked: Unasked,
     /// The end of the gaps seen live since the last repair began: stored, so the repair's bounds
     /// reach it.
     gap_end: u64,
@@ -336,6 +338,7 @@ impl SessionState {
             topics: topics.into_iter().collect(),
             owed_after: HashMap::new(),
             live_only: HashSet::new(),
+            unasked: Unasked::default(),
             gap_end: 0,
             allowed_topics,
             max_topics,
@@ -525,6 +528,7 @@ impl SessionState {
             coverage: &self.coverage,
             owed_after: &self.owed_after,
             live_only: &self.live_only,
+            unasked: &self.unasked,
             gap_end: &mut self.gap_end,
             frames: &mut self.frames,
             frame_bytes: &mut self.frame_bytes,
@@ -813,6 +817,7 @@ impl SessionState {
                     self.sources.remove(&audience);
                     self.owed_after.remove(&audience);
                     self.live_only.remove(&audience);
+                    self.unasked.remove(&audience);
                     let action = Action::Detach { topic: topic.clone() };
                     self.begin(Step::Detach { topic }, action);
                 } else {
@@ -933,6 +938,7 @@ impl SessionState {
             AfterBounds::TopicReplay { topic, requested } => {
                 let audiences = vec![Audience::Topic(topic.clone())];
                 let since = requested.min(bounds.last);
+                self.unasked.set(Audience::Topic(topic.clone()), since, self.last_sent);
                 self.start_replay(Purpose::TopicBlock { topic, requested }, audiences, since, bounds);
             }
             AfterBounds::Refill { audience, since } => {
@@ -965,7 +971,7 @@ impl SessionState {
         }
         match run.purpose {
             Purpose::Resume { .. } | Purpose::CatchUp => {
-                if message.seq <= self.last_sent {
+                if message.seq <= self.last_sent || self.unasked.holds(&message) {
                     return;
                 }
                 self.last_sent = message.seq;
@@ -1098,6 +1104,43 @@ impl UnreadGaps<'_> {
     }
 }
 
+/// Topics joined with a `since` past the last message the connection had sent: the client asked
+/// for what comes after `since`, so their messages up to it are not sent, though the catch-up that
+/// follows the topic's block reads from the connection's last message and a message up to it may
+/// still be on its way to the gateway's log.
+#[derive(Debug, Default)]
+struct Unasked {
+    through: HashMap<Audience, u64>,
+    /// The highest of `through`'s values ever: above it, nothing needs looking up.
+    highest: u64,
+}
+
+impl Unasked {
+    /// `audience` joined from `since` when the connection had sent up to `last_sent`.
+    fn set(&mut self, audience: Audience, since: u64, last_sent: u64) {
+        if since > last_sent {
+            self.highest = self.highest.max(since);
+            self.through.insert(audience, since);
+        } else {
+            self.through.remove(&audience);
+        }
+    }
+
+    fn remove(&mut self, audience: &Audience) {
+        self.through.remove(audience);
+    }
+
+    fn highest(&self) -> u64 {
+        self.highest
+    }
+
+    /// Whether `message` is one its client did not ask for.
+    fn holds(&self, message: &Message) -> bool {
+        message.seq <= self.highest
+            && self.through.get(&message.audience).is_some_and(|&through| message.seq <= through)
+    }
+}
+
 /// Everything a connection of `user` subscribed to `topics` receives.
 pub(crate) fn audiences_of<'a>(user: &str, topics: impl Iterator<Item = &'a String>) -> Vec<Audience> {
     let mut audiences = vec![Audience::User(user.to_string()), Audience::All];
@@ -1113,6 +1156,7 @@ struct LivePull<'a> {
     coverage: &'a Coverage,
     owed_after: &'a HashMap<Audience, u64>,
     live_only: &'a HashSet<Audience>,
+    unasked: &'a Unasked,
     gap_end: &'a mut u64,
     frames: &'a mut VecDeque<Bytes>,
     frame_bytes: &'a mut usize,
@@ -1150,7 +1194,7 @@ impl LivePull<'_> {
     fn take(&mut self, found: Found<'_>) -> Flow {
         match found {
             Found::Entry(Live::Message(message)) => {
-                if message.seq <= *self.last_sent || message.is_muted(self.muted) {
+                if message.seq <= *self.last_sent || self.unasked.holds(message) || message.is_muted(self.muted) {
                     return Flow::Continue;
                 }
                 let len = self.queue(message);
@@ -1177,7 +1221,7 @@ impl LivePull<'_> {
     /// buffer, when every one of them goes out alike (none sent already, none muted, none held back
     /// by the codec) and they fit under the high-water mark.
     fn take_burst(&mut self, first: &Message, last: &Message, count: usize) -> Flow {
-        if first.seq <= *self.last_sent || !self.muted.is_empty() {
+        if first.seq <= (*self.last_sent).max(self.unasked.highest()) || !self.muted.is_empty() {
             return Flow::OneByOne;
         }
         let Some((burst, index)) = first.burst() else { return Flow::OneByOne };

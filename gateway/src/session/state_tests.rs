@@ -722,6 +722,61 @@ fn a_topic_joined_with_since_sends_older_messages_as_a_block_then_catches_up_in_
     assert_eq!(h.action(), None);
 }
 
+/// A live session that sent 11 (`push.all`) and 12 (its user's), joining topic `news` from 14,
+/// past them: attached to the returned log, it reads the stream's bounds next.
+fn joining_news_since_14() -> (Harness, Arc<Log>) {
+    let mut h = Harness::new(Start::Live, 10);
+    h.broadcast(all_message(11));
+    h.personal(user_message(12));
+    assert_eq!(h.frames(), ["11", "12"]);
+    h.state.subscribe("news".into(), Some(14));
+    assert_eq!(h.action(), Some(Action::Attach { topic: "news".into(), attaching: Attaching::Replaying }));
+    let log = Arc::new(Log::new(LogLimits { entries: 10, bytes: 1 << 20 }));
+    let start = LogStart { audience: news(), log: log.clone(), position: 0, routed: 0 };
+    h.state.on_outcome(Outcome::Attached(Ok(start)));
+    assert_eq!(h.action(), Some(Action::ReadBounds { at_least: 0 }));
+    (h, log)
+}
+
+fn news() -> Audience {
+    Audience::Topic("news".into())
+}
+
+fn news_message(seq: u64) -> Message {
+    message(seq, news(), "")
+}
+
+#[test]
+fn a_topic_joined_since_past_what_was_sent_catches_up_without_the_topics_messages_up_to_it() {
+    let (mut h, log) = joining_news_since_14();
+    h.state.on_outcome(Outcome::Bounds(Ok(bounds(1, 15))));
+    assert_eq!(h.action(), replay_of(vec![news()], 14, 15));
+    h.replay(vec![news_message(15)]);
+    // The catch-up reads from what the session sent (12): the topic's 13 and 14 come up again.
+    let mut audiences = everything();
+    audiences.push(news());
+    assert_eq!(h.action(), replay_of(audiences, 12, 15));
+    h.replay((13..=15).map(news_message).collect());
+    assert_eq!(h.frames(), ["subscribed:news", "replayed:15-15/1/true/news", "15"]);
+    log.append(Live::Message(Arc::new(news_message(16))));
+    h.watermark = 16;
+    assert_eq!(h.frames(), ["16"]);
+}
+
+#[test]
+fn a_topic_joined_since_past_what_was_sent_takes_nothing_up_to_it_that_comes_live() {
+    let (mut h, log) = joining_news_since_14();
+    h.state.on_outcome(Outcome::Bounds(Ok(bounds(1, 14))));
+    h.replay(Vec::new());
+    h.replay(vec![news_message(13), news_message(14)]);
+    assert_eq!(h.frames(), ["subscribed:news", "replayed:15-14/0/true/news"]);
+    // 14, stored before the bounds were read, reaches the gateway's log only now.
+    log.append(Live::Message(Arc::new(news_message(14))));
+    log.append(Live::Message(Arc::new(news_message(15))));
+    h.watermark = 15;
+    assert_eq!(h.frames(), ["15"]);
+}
+
 #[test]
 fn a_refill_sends_again_what_was_taken_as_a_block_then_catches_up_in_order() {
     let mut h = Harness::new(Start::Live, 10);
