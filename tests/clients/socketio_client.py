@@ -22,23 +22,29 @@ def emit(event, **fields):
 
 
 async def main():
-    sio = socketio.AsyncClient(reconnection=False)
+    sio = None
 
-    @sio.event
-    async def connect():
-        emit("connected", sid=sio.sid, transport=sio.transport())
+    def client(reconnection):
+        """A client with the handlers that report its events."""
+        sio = socketio.AsyncClient(reconnection=reconnection, reconnection_delay=0.2, reconnection_delay_max=1)
 
-    @sio.event
-    async def connect_error(data):
-        emit("connect_error", data=data)
+        @sio.event
+        async def connect():
+            emit("connected", sid=sio.sid, transport=sio.transport())
 
-    @sio.event
-    async def disconnect(reason=None):
-        emit("disconnected", reason=str(reason))
+        @sio.event
+        async def connect_error(data):
+            emit("connect_error", data=data)
 
-    @sio.on("*")
-    async def any_event(name, *args):
-        emit("event", name=name, args=list(args))
+        @sio.event
+        async def disconnect(reason=None):
+            emit("disconnected", reason=str(reason))
+
+        @sio.on("*")
+        async def any_event(name, *args):
+            emit("event", name=name, args=list(args))
+
+        return sio
 
     reader = asyncio.StreamReader()
     loop = asyncio.get_running_loop()
@@ -48,6 +54,7 @@ async def main():
         op = command["op"]
         try:
             if op == "connect":
+                sio = client(command.get("reconnection", False))
                 await sio.connect(command["url"], auth={"token": command["token"]},
                                   transports=command.get("transports"), wait_timeout=10)
             elif op == "emit":
@@ -61,7 +68,8 @@ async def main():
                 await sio.disconnect()
         except Exception as error:  # reported to the test, which decides
             emit("error", op=op, type=type(error).__name__, message=str(error))
-    await sio.disconnect()
+    if sio is not None:
+        await sio.disconnect()
 
 
 asyncio.run(main())

@@ -144,6 +144,31 @@ async fn polling_clients_and_the_default_transports_with_the_upgrade_get_everyth
 }
 
 #[tokio::test]
+async fn a_polling_client_reconnects_by_itself_after_its_gateway_restarts() {
+    let Some(python) = python() else { return };
+    let nats = TestNats::start().await;
+    let first = TestGateway::start(&nats).await;
+    let addr = first.addr;
+    let publisher = Publisher::new(&nats).await;
+    let mut sdk = SdkClient::start(&python, "socketio_client.py");
+    let url = format!("http://{addr}");
+    let connect =
+        json!({"op": "connect", "url": url, "token": token("sio-re"), "transports": ["polling"], "reconnection": true});
+    sdk.send(connect).await;
+    sdk.wait_count("connected", 1).await;
+
+    first.shutdown().await;
+    let disconnected = sdk.wait_count("disconnected", 1).await;
+    let _second = TestGateway::start_with(&nats, |config| config.listen = addr).await;
+    // python-socketio stays away after Engine.IO's close packet ("io server disconnect").
+    sdk.wait_count("connected", 2).await;
+    assert_eq!(disconnected[0]["reason"], "transport error");
+    let seq = publisher.publish("push.user.sio-re", r#""back""#).await;
+    sdk.wait_count("event", 1).await;
+    assert_eq!(events(&sdk), vec![("message".to_string(), json!("back"), seq)]);
+}
+
+#[tokio::test]
 async fn bad_engine_io_requests_get_engine_io_errors() {
     let nats = TestNats::start().await;
     let gateway = TestGateway::start(&nats).await;

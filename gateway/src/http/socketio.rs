@@ -69,9 +69,13 @@ pub(crate) async fn get(
         (Some("polling"), Some(sid)) => match shared.polling.get(&sid) {
             Some(polling) => Ok(match polling.poll().await {
                 super::engineio::Poll::Packets(packets) => text(packets.into()),
+                // Not Engine.IO's close packet: python-socketio takes that for the server's wish
+                // that it stay away, while a gateway restarting wants it back. A close that wants
+                // it away sent Socket.IO's DISCONNECT before. The next request finds no session,
+                // which every client takes for a transport error, and reconnects.
                 super::engineio::Poll::Closed => {
                     shared.polling.remove(&sid);
-                    text(Bytes::from_static(b"1"))
+                    text(Bytes::from_static(b"6"))
                 }
             }),
             None => Ok(engine_error(1, "Session ID unknown")),
