@@ -93,6 +93,26 @@ async fn the_sdk_gets_its_personal_channel_all_and_topics_with_offsets_and_tags(
 }
 
 #[tokio::test]
+async fn a_payload_written_on_several_lines_reaches_json_clients_whole_and_keeps_them_connected() {
+    let Some(python) = python() else { return };
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let sdk = connected_sdk(&python, &gateway, &token("cf-lines")).await;
+    // As `jq .` or a pretty-printing serializer writes it.
+    let pretty = publisher.publish("push.all", "{\r\n  \"text\": \"two\\nlines\",\n  \"n\": [1,\n 2]\n}\n").await;
+    let next = publisher.publish("push.user.cf-lines", r#""after""#).await;
+    assert_eq!(
+        wait_pubs(&sdk, 2).await,
+        vec![
+            ("all".to_string(), pretty, json!({"text": "two\nlines", "n": [1, 2]})),
+            ("#cf-lines".to_string(), next, json!("after")),
+        ]
+    );
+    assert!(sdk.named("disconnected").is_empty(), "{:?}", sdk.named("disconnected"));
+}
+
+#[tokio::test]
 async fn forbidden_channels_get_the_permission_error_and_rpc_and_presence_answer() {
     let Some(python) = python() else { return };
     let nats = TestNats::start().await;

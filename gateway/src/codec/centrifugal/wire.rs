@@ -75,7 +75,7 @@ pub(crate) fn channel(audience: &Audience) -> std::borrow::Cow<'_, str> {
 /// Appends `{"data":…,"offset":seq,"tags":{"kind":…,"id":…}}` (tags left out when empty).
 pub(crate) fn write_publication(out: &mut Vec<u8>, message: &Message) {
     out.extend_from_slice(b"{\"data\":");
-    write_data(out, &message.payload);
+    write_data_on_one_line(out, &message.payload);
     out.extend_from_slice(b",\"offset\":");
     out.extend_from_slice(message.seq.to_string().as_bytes());
     let tags = [("kind", &*message.kind), ("id", &*message.id)];
@@ -91,6 +91,25 @@ pub(crate) fn write_publication(out: &mut Vec<u8>, message: &Message) {
         out.push(b'}');
     }
     out.push(b'}');
+}
+
+/// Appends `payload` as `data` with no line break: the JSON encoding puts one command or reply per
+/// line, and the SDKs split a frame at every `\n`. A line break can be raw only in a payload that
+/// is JSON, where outside its strings it is whitespace (inside them JSON escapes it), so leaving
+/// it out changes no value.
+fn write_data_on_one_line(out: &mut Vec<u8>, payload: &[u8]) {
+    let start = out.len();
+    write_data(out, payload);
+    if memchr::memchr2(b'\n', b'\r', &out[start..]).is_some() {
+        let mut at = start;
+        for index in start..out.len() {
+            if !matches!(out[index], b'\n' | b'\r') {
+                out[at] = out[index];
+                at += 1;
+            }
+        }
+        out.truncate(at);
+    }
 }
 
 /// The publication push of `message`, WebSocket header included (the same for every socket).
