@@ -217,6 +217,49 @@ async fn ack_moves_the_device_cursor() {
     assert_eq!(next_message(&mut client).await, (live, "4".to_string()));
 }
 
+/// The inbox acknowledged by the client, `push.all` on `ack:auto`.
+async fn subscribe_inbox_and_all(client: &mut StompClient) {
+    subscribe(client, "q", "/user/queue/inbox", &[("ack", "client")]).await;
+    subscribe(client, "all", "/topic/all", &[]).await;
+}
+
+#[tokio::test]
+async fn a_message_never_acknowledged_comes_again_though_an_auto_subscription_wrote_newer_ones() {
+    let nats = TestNats::start().await;
+    let publisher = Publisher::new(&nats).await;
+    let gateway = TestGateway::start(&nats).await;
+    let headers = [("passcode", token("ines")), ("herald-device", "laptop".to_string())];
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+
+    let (mut client, _) = connect(&gateway, &headers).await;
+    subscribe_inbox_and_all(&mut client).await;
+    let unacked = publisher.publish("push.user.ines", "read me").await;
+    let everyone = publisher.publish("push.all", "news").await;
+    assert_eq!(next_message(&mut client).await.0, unacked);
+    assert_eq!(next_message(&mut client).await.0, everyone);
+    client.send_frame("DISCONNECT", &[("receipt", "bye")], "").await;
+    assert_eq!(client.expect("RECEIPT").await.header("receipt-id"), "bye");
+
+    // The same device resumes from its cursor: before the message it did not acknowledge. (What
+    // a SUBSCRIBE releases comes before its RECEIPT.)
+    let (mut client, _) = connect(&gateway, &headers).await;
+    client.send_frame("SUBSCRIBE", &[("id", "q"), ("destination", "/user/queue/inbox"), ("ack", "client")], "").await;
+    client.send_frame("SUBSCRIBE", &[("id", "all"), ("destination", "/topic/all"), ("receipt", "both")], "").await;
+    let marker = publisher.publish("push.user.ines", "marker").await;
+    let mut got: Vec<u64> = Vec::new();
+    while got.len() < 3 {
+        match client.next_event().await {
+            StompEvent::Frame(frame) if frame.command == "MESSAGE" => {
+                got.push(frame.header("message-id").parse().unwrap())
+            }
+            StompEvent::Frame(frame) if frame.command == "RECEIPT" => {}
+            StompEvent::HeartBeat => {}
+            other => panic!("expected MESSAGE, got {other:?}"),
+        }
+    }
+    assert_eq!(got, [unacked, everyone, marker]);
+}
+
 #[tokio::test]
 async fn send_to_app_echo_gets_the_reply_or_an_error() {
     let nats = TestNats::start().await;

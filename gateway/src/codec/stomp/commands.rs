@@ -123,6 +123,7 @@ impl StompCodec {
                     return Ok(Command::Nothing);
                 }
                 let seq = id.parse::<u64>().map_err(|_| bad(format!("ACK of unknown message {id:?}")))?;
+                self.acks.acked(seq);
                 Ok(Command::Ack(seq))
             }
             "NACK" => Ok(Command::Nothing),

@@ -18,6 +18,7 @@
 //! first moment (a resume replays before the client's SUBSCRIBE frames arrive), so messages with no
 //! subscription yet wait here, in order and bounded, until one comes.
 
+mod acks;
 mod commands;
 mod frame;
 
@@ -209,8 +210,8 @@ pub(crate) struct StompCodec {
     last: Option<Vec<u8>>,
     /// A notice that ends the connection (an ERROR).
     closing: Option<Close>,
-    /// The last `seq` queued for an `ack:auto` subscription, not yet taken as acknowledged.
-    auto_acked: Option<u64>,
+    /// What its writes and the client's ACKs let the device's cursor pass.
+    acks: acks::Acks,
     /// Where MESSAGE heads are written (see [`StompCodec::head`]).
     arena: BytesMut,
     /// The client's frames, as its messages bring them.
@@ -321,7 +322,7 @@ impl StompCodec {
             replies: Vec::new(),
             last: None,
             closing: None,
-            auto_acked: None,
+            acks: acks::Acks::default(),
             arena: BytesMut::new(),
             stream: frame::FrameStream::new(max_frame_bytes),
         }
@@ -370,11 +371,12 @@ impl StompCodec {
         Some(self.message_head(index))
     }
 
-    /// The head of the messages of `last`'s destination up to `last`, when a subscription takes
-    /// them now; none when they would be held.
+    /// The head of the messages of `last`'s destination up to `last`, when an `ack:auto`
+    /// subscription takes them now; none when they would be held, or each is owed an ACK.
     pub(super) fn head_of_run(&self, last: &Message) -> Option<MessageHead<'_>> {
         let target = Target::of_audience(&last.audience);
-        let index = self.subscription(&target).filter(|_| !self.refilling.contains(&target))?;
+        let auto = |index: &usize| self.subscriptions[*index].ack == AckMode::Auto;
+        let index = self.subscription(&target).filter(auto).filter(|_| !self.refilling.contains(&target))?;
         Some(self.message_head(index))
     }
 
@@ -437,14 +439,12 @@ impl StompCodec {
     }
 
     fn note_sent(&mut self, index: usize, seq: u64) {
-        if self.subscriptions[index].ack == AckMode::Auto {
-            self.auto_acked = Some(self.auto_acked.unwrap_or(0).max(seq));
-        }
+        self.acks.sent(seq, self.subscriptions[index].ack == AckMode::Auto);
     }
 
-    /// The last `seq` sent on an `ack:auto` subscription since the last call.
+    /// Where what was written on `ack:auto` subscriptions moves the cursor, if further than before.
     pub(super) fn take_auto_ack(&mut self) -> Option<u64> {
-        self.auto_acked.take()
+        self.acks.take_auto()
     }
 
     pub(super) fn has_no_subscription(&self) -> bool {
