@@ -392,16 +392,19 @@ async fn finish(
     shared.router.detach(session.key, audiences, true).await;
     shared.registry.remove(&session.conn);
     shared.metrics.users.set(shared.registry.counts().users as i64);
+    // A killed gateway leaves things as a crashed process would.
+    let killed = shared.killed.is_cancelled();
+    // Before the close frame: a client that reconnects as soon as it sees it (a STOMP DISCONNECT's
+    // RECEIPT comes just before) resumes from what it acknowledged on this connection.
+    if !killed && let Some(cursor) = session.cursor.get() {
+        shared.cursors.release(cursor).await;
+    }
     if close.code.is_sent() {
         transmit.finish(last, CLOSE_GRACE).await;
     }
     drop(transmit);
-    // A killed gateway leaves things as a crashed process would.
-    if !shared.killed.is_cancelled() {
+    if !killed {
         shared.policies.release(&session.user, &session.device, &session.conn).await;
-        if let Some(cursor) = session.cursor.get() {
-            shared.cursors.release(cursor).await;
-        }
         publish_lifecycle(&shared.client, &session.who(), Some(&close)).await;
     }
     shared.metrics.connections.dec();
