@@ -393,17 +393,20 @@ async fn finish(
     shared.registry.remove(&session.conn);
     shared.metrics.users.set(shared.registry.counts().users as i64);
     // A killed gateway leaves things as a crashed process would.
-    let killed = shared.killed.is_cancelled();
     // Before the close frame: a client that reconnects as soon as it sees it (a STOMP DISCONNECT's
-    // RECEIPT comes just before) resumes from what it acknowledged on this connection.
-    if !killed && let Some(cursor) = session.cursor.get() {
-        shared.cursors.release(cursor).await;
+    // RECEIPT comes just before) resumes from what it acknowledged on this connection. Bounded, so
+    // that a KV that does not answer holds no close back (the device then resumes from its older
+    // cursor: duplicates, no loss).
+    if !shared.killed.is_cancelled()
+        && let Some(cursor) = session.cursor.get()
+    {
+        let _ = tokio::time::timeout(CLOSE_GRACE, shared.cursors.release(cursor)).await;
     }
     if close.code.is_sent() {
         transmit.finish(last, CLOSE_GRACE).await;
     }
     drop(transmit);
-    if !killed {
+    if !shared.killed.is_cancelled() {
         shared.policies.release(&session.user, &session.device, &session.conn).await;
         publish_lifecycle(&shared.client, &session.who(), Some(&close)).await;
     }
