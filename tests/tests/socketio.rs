@@ -144,6 +144,21 @@ async fn polling_clients_and_the_default_transports_with_the_upgrade_get_everyth
 }
 
 #[tokio::test]
+async fn sub_takes_since_as_the_offset_string_events_carry() {
+    let Some(python) = python() else { return };
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let mut sdk = connected_sdk(&python, &gateway, &token_with("sio-s", &["news"], 600)).await;
+    let first = publisher.publish("push.topic.news", r#""one""#).await;
+    let second = publisher.publish("push.topic.news", r#""two""#).await;
+    let answer = call(&mut sdk, "sub", json!(["news", first.to_string()])).await;
+    assert_eq!(answer, json!({"ok": true, "topic": "news"}));
+    sdk.wait_count("event", 1).await;
+    assert_eq!(events(&sdk), vec![("message".to_string(), json!("two"), second)]);
+}
+
+#[tokio::test]
 async fn a_polling_client_reconnects_by_itself_after_its_gateway_restarts() {
     let Some(python) = python() else { return };
     let nats = TestNats::start().await;
@@ -249,15 +264,19 @@ async fn connection_state_recovery_replays_exactly_from_the_offset() {
     let live = publisher.publish("push.user.sio-x", "4").await;
     assert_eq!(raw.expect("42").await[3], json!(live.to_string()));
 
-    // A bad offset, another namespace or no token: CONNECT_ERROR with the reason.
-    for connect in [
-        format!("40{}", json!({"token": token("sio-x"), "pid": "p", "offset": "x"})),
-        "40/admin,".to_string(),
-        "40".to_string(),
+    // A bad offset, another namespace or no token: CONNECT_ERROR with the reason, in the namespace
+    // asked for (a client hears only its own).
+    for (connect, answer) in [
+        (format!("40{}", json!({"token": token("sio-x"), "pid": "p", "offset": "x"})), "44{"),
+        ("40/admin,".to_string(), "44/admin,{"),
+        ("40".to_string(), "44{"),
     ] {
         let mut raw = Raw::open(&gateway).await;
         raw.send(&connect).await;
-        assert!(raw.expect("44").await["message"].is_string(), "{connect}");
+        let refusal = raw.next().await;
+        assert!(refusal.starts_with(answer), "{connect}: {refusal}");
+        let message: Value = serde_json::from_str(&refusal[answer.len() - 1..]).unwrap();
+        assert!(message["message"].is_string(), "{refusal}");
     }
     // Each refusal is counted as `/ws` counts the same error.
     assert_eq!((gateway.refusals(400, "bad_request").await, gateway.refusals(401, "unauthorized").await), (2.0, 1.0));

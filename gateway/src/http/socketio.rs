@@ -239,9 +239,10 @@ async fn accept_or_refuse(
     query_token: Option<String>,
     conn: String,
 ) -> Option<impl Future<Output = ()> + Send + 'static> {
+    let mut namespace = None;
     let accepted = tokio::select! {
         // Boxed: accepting runs once.
-        accepted = Box::pin(accept(&shared, &mut socket, &conn, query_token)) => accepted,
+        accepted = Box::pin(accept(&shared, &mut socket, &conn, query_token, &mut namespace)) => accepted,
         _ = shared.shutdown.cancelled() => Err(None),
     };
     match accepted {
@@ -255,7 +256,9 @@ async fn accept_or_refuse(
                 None if shared.shutdown.is_cancelled() => "the server is shutting down".to_string(),
                 None => "no CONNECT".to_string(),
             };
-            let refusal = wire::packet(packet::CONNECT_ERROR, None, &json!({"message": reason}));
+            // In the namespace the client asked for, or its SDK does not see it.
+            let refusal =
+                wire::namespaced_packet(packet::CONNECT_ERROR, namespace.as_deref(), &json!({"message": reason}));
             let _ = socket.writer.write_all(&refusal).await;
             let _ = socket.writer.write_all(&frame::close(1000, "")).await;
             let _ = socket.writer.shutdown().await;
@@ -265,18 +268,20 @@ async fn accept_or_refuse(
 }
 
 /// Reads the CONNECT, checks the token and claims the user's session slot; `None`: the client
-/// closed first.
+/// closed first. `namespace`: the one the CONNECT named, when not `/`.
 async fn accept(
     shared: &Shared,
     socket: &mut Socket,
     conn: &str,
     query_token: Option<String>,
+    namespace: &mut Option<String>,
 ) -> Result<(ConnectRequest, Codec), Option<Rejection>> {
     let bad_request = |reason: &str| Some(Rejection::in_protocol(error_code::BAD_REQUEST, reason));
     let text = tokio::time::timeout(CONNECT_TIMEOUT, first_text(socket))
         .await
         .map_err(|_| bad_request("no CONNECT in time"))?
         .ok_or(None)?;
+    *namespace = other_namespace(&text);
     let auth = connect_auth(&text).map_err(|reason| bad_request(&reason))?;
     let token = auth
         .token
@@ -311,6 +316,13 @@ pub(crate) fn connect_auth(text: &[u8]) -> Result<Auth, String> {
         [engine::MESSAGE, packet::CONNECT, b'/', ..] => Err("Invalid namespace: only / is served".into()),
         _ => Err("the first packet must be a Socket.IO CONNECT".into()),
     }
+}
+
+/// The namespace of a CONNECT to one other than `/` (`40/chat,{…}`).
+fn other_namespace(text: &[u8]) -> Option<String> {
+    let rest = text.strip_prefix(&[engine::MESSAGE, packet::CONNECT])?;
+    let name = rest.split(|byte| *byte == b',').next().filter(|name| name.starts_with(b"/") && name.len() <= 256)?;
+    Some(String::from_utf8_lossy(name).into_owned())
 }
 
 /// The first text message, answering WebSocket pings before it; none if the client closed.

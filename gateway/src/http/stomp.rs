@@ -17,7 +17,7 @@ use hyper::upgrade::Upgraded;
 use hyper::{Request, StatusCode};
 use tokio::io::AsyncWriteExt;
 
-use super::auth::{CONFLICT, ConnectRequest, DEFAULT_DEVICE, Rejection};
+use super::auth::{CONFLICT, ConnectRequest, DEFAULT_DEVICE, Rejection, UNAUTHORIZED};
 use super::handshake;
 use super::server::{self, HttpResponse, admit, refused_origin};
 use crate::Shared;
@@ -279,7 +279,10 @@ fn authenticate(shared: &Shared, frame: &Frame, hints: Hints) -> Result<(Connect
             frame.header("Authorization").or(frame.header("authorization")).and_then(bearer).map(str::to_string)
         })
         .or(hints.token)
-        .ok_or(Rejection::unauthorized(herald_shared::token::TokenError::Missing))?;
+        .ok_or_else(|| {
+            let reason = "no token: pass it as CONNECT's passcode, an Authorization: Bearer header or ?token=";
+            Rejection::new(StatusCode::UNAUTHORIZED, UNAUTHORIZED, reason)
+        })?;
     let claims = shared.verifier.verify(&token).map_err(Rejection::unauthorized)?;
     let device = frame.header("herald-device").map(str::to_string).or(hints.device);
     let device = device.unwrap_or_else(|| DEFAULT_DEVICE.to_string());

@@ -157,7 +157,8 @@ impl SocketIoCodec {
             (Some("sub"), Some(Value::String(topic))) => {
                 let since = match second {
                     None | Some(Value::Null) => None,
-                    Some(since) => match since.as_u64() {
+                    // A number, or the offset as the client holds it (a string).
+                    Some(since) => match since.as_u64().or_else(|| since.as_str()?.parse().ok()) {
                         Some(since) => Some(since),
                         None => return refuse("bad_request", "since must be a sequence number".into()),
                     },

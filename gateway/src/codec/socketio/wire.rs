@@ -75,6 +75,17 @@ pub(crate) fn packet(kind: u8, ack: Option<u64>, json: &serde_json::Value) -> By
     frame::text(&text)
 }
 
+/// A Socket.IO packet in `namespace` (`/` when none): `4<kind>/chat,<json>`.
+pub(crate) fn namespaced_packet(kind: u8, namespace: Option<&str>, json: &serde_json::Value) -> Bytes {
+    let mut text = vec![engine::MESSAGE, kind];
+    if let Some(namespace) = namespace {
+        text.extend_from_slice(namespace.as_bytes());
+        text.push(b',');
+    }
+    text.extend_from_slice(json.to_string().as_bytes());
+    frame::text(&text)
+}
+
 /// An Engine.IO packet with no data (`2` ping, `3` pong, `6` noop).
 pub(crate) fn engine_packet(kind: u8) -> Bytes {
     frame::text(&[kind])
