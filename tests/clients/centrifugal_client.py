@@ -11,7 +11,7 @@ Reads one JSON command per line on stdin and prints one JSON event per line on s
   {"op":"disconnect"}
 
 Events: connecting, connected, disconnected, error, subscribed, subscribe_error, unsubscribed,
-pub (with channel, offset, data, tags), rpc, presence_stats, reply_error, token_requested.
+pub (with channel, offset, data, text: the data exactly as received, tags), rpc, presence_stats, reply_error, token_requested.
 """
 
 import asyncio
@@ -41,8 +41,15 @@ def plain(data):
     return data
 
 
+def text(data):
+    """Data exactly as received: Protobuf's bytes, or JSON's value written without spaces."""
+    if isinstance(data, bytes):
+        return data.decode(errors="replace")
+    return json.dumps(data, separators=(",", ":"))
+
+
 def publication(channel, pub):
-    emit("pub", channel=channel, offset=pub.offset, data=plain(pub.data), tags=pub.tags)
+    emit("pub", channel=channel, offset=pub.offset, data=plain(pub.data), text=text(pub.data), tags=pub.tags)
 
 
 class Events(ClientEventHandler):

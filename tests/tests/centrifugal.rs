@@ -203,6 +203,40 @@ async fn recovers_after_a_restart(protobuf: bool) {
 }
 
 #[tokio::test]
+async fn recovered_json_publications_carry_the_payloads_as_published() {
+    recovered_payloads_are_as_published(false).await;
+}
+
+#[tokio::test]
+async fn recovered_protobuf_publications_carry_the_payloads_as_published() {
+    recovered_payloads_are_as_published(true).await;
+}
+
+/// Payloads a JSON value would change: a number past 64 bits, a JSON string (Protobuf carries its
+/// quotes), members in no sorted order.
+async fn recovered_payloads_are_as_published(protobuf: bool) {
+    let Some(python) = python() else { return };
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let addr = gateway.addr;
+    let publisher = Publisher::new(&nats).await;
+    let sdk = connected_in(&python, &gateway, &token("cf-exact"), protobuf).await;
+    publisher.publish("push.user.cf-exact", "0").await;
+    wait_pubs(&sdk, 1).await;
+
+    gateway.shutdown().await;
+    sdk.wait_for("the 3001 shutdown disconnect", |e| e["event"] == "connecting" && e["code"] == 3001).await;
+    let payloads = ["12345678901234567890123", r#""quoted""#, r#"{"b":1,"a":2}"#];
+    for payload in payloads {
+        publisher.publish("push.user.cf-exact", payload).await;
+    }
+    let _gateway = TestGateway::start_with(&nats, |config| config.listen = addr).await;
+    sdk.wait_count("pub", 4).await;
+    let texts: Vec<Value> = sdk.named("pub")[1..].iter().map(|p| p["text"].clone()).collect();
+    assert_eq!(texts, payloads.map(Value::from));
+}
+
+#[tokio::test]
 async fn a_refreshed_token_keeps_the_connection_past_the_first_expiry() {
     let Some(python) = python() else { return };
     let nats = TestNats::start().await;

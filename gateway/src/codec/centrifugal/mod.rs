@@ -18,6 +18,8 @@ pub(crate) mod wire;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use herald_shared::frame::{RpcResult, ServerFrame};
 use herald_shared::token::now_secs;
@@ -80,7 +82,8 @@ struct Subscribing {
     held: Held,
 }
 
-/// Publications held for a reply, by `seq` (a message can be both live and replayed).
+/// Publications held for a reply, by `seq` (a message can be both live and replayed), each in the
+/// connection's encoding: its JSON, or its Protobuf `Publication`.
 type Held = BTreeMap<u64, Vec<u8>>;
 
 impl CentrifugalCodec {
@@ -127,13 +130,13 @@ impl CentrifugalCodec {
             && let Some((sub, held)) = connecting.subs.iter_mut().find(|(sub, _)| sub.channel == channel)
         {
             if sub.recover_from.is_some_and(|from| message.seq > from) {
-                hold(held, message);
+                hold(held, message, self.protobuf);
             }
             return false;
         }
         if let Some(subscribing) = self.subscribing.get_mut(channel.as_ref()) {
             if message.seq > subscribing.recover_from.unwrap_or(0) {
-                hold(&mut subscribing.held, message);
+                hold(&mut subscribing.held, message, self.protobuf);
             }
             return false;
         }
@@ -200,6 +203,7 @@ impl CentrifugalCodec {
         let connecting = self.connecting.take()?;
         let mut subs = serde_json::Map::new();
         let mut after = Vec::new();
+        let mut splice = Splice::default();
         for (sub, held) in connecting.subs {
             let recovered = sub.recover_from.is_some() && complete;
             let offset = held.keys().next_back().copied().unwrap_or(0).max(self.top);
@@ -208,9 +212,9 @@ impl CentrifugalCodec {
             result["recovered"] = recovered.into();
             // The SDKs read a connect reply's publications only when it says recovered.
             if recovered {
-                result["publications"] = publications(&held);
+                result["publications"] = splice.publications(&held, self.protobuf);
             } else {
-                after.extend(held.values().map(|publication| push(&sub.channel, publication)));
+                after.extend(held.values().map(|publication| push(&sub.channel, publication, self.protobuf)));
             }
             subs.insert(sub.channel, result);
         }
@@ -223,7 +227,7 @@ impl CentrifugalCodec {
             "expires": true,
             "ttl": refresh_in(self.expires),
         });
-        Some(lines(self.protobuf, wire::reply(connecting.id, "connect", &result), after))
+        Some(lines(self.protobuf, splice.into_reply(wire::reply(connecting.id, "connect", &result)), after))
     }
 
     /// The subscribe reply for `topic`; `complete` says how its replay went, if it had one.
@@ -236,8 +240,9 @@ impl CentrifugalCodec {
         result["was_recovering"] = pending.was_recovering.into();
         result["recovered"] = (pending.recover_from.is_some() && complete == Some(true)).into();
         // Unlike a connect reply's, these are always read.
-        result["publications"] = publications(&pending.held);
-        Some(to_frame(self.protobuf, &wire::reply(pending.id, "subscribe", &result)))
+        let mut splice = Splice::default();
+        result["publications"] = splice.publications(&pending.held, self.protobuf);
+        Some(to_frame(self.protobuf, &splice.into_reply(wire::reply(pending.id, "subscribe", &result))))
     }
 
     fn rpc_result(&mut self, result: &RpcResult) -> Option<Bytes> {
@@ -350,8 +355,11 @@ fn refresh_in(expires: u64) -> u64 {
     left.saturating_sub((left / 5).clamp(1, 30)).max(1)
 }
 
-fn hold(held: &mut Held, message: &Message) {
+fn hold(held: &mut Held, message: &Message, protobuf: bool) {
     held.entry(message.seq).or_insert_with(|| {
+        if protobuf {
+            return proto::publication(message);
+        }
         let mut publication = Vec::with_capacity(message.payload.len() + 64);
         wire::write_publication(&mut publication, message);
         publication
@@ -362,13 +370,55 @@ fn position(epoch: &str, offset: u64) -> serde_json::Value {
     json!({"recoverable": true, "positioned": true, "epoch": epoch, "offset": offset})
 }
 
-fn publications(held: &Held) -> serde_json::Value {
-    let list: Vec<serde_json::Value> =
-        held.values().filter_map(|publication| serde_json::from_slice(publication).ok()).collect();
-    list.into()
+/// Held publications put into a reply as they were encoded: read back into a `serde_json::Value`,
+/// a payload's numbers and strings would be written again otherwise (or, past what `f64` holds,
+/// left out).
+#[derive(Default)]
+struct Splice {
+    /// Each list of JSON publications, `[…]`, that a placeholder stands for.
+    lists: Vec<Vec<u8>>,
 }
 
-fn push(channel: &str, publication: &[u8]) -> Vec<u8> {
+impl Splice {
+    /// What a reply's `publications` is set to: a placeholder (JSON), or the encoded messages
+    /// (Protobuf, see [`proto::ENCODED`]).
+    fn publications(&mut self, held: &Held, protobuf: bool) -> serde_json::Value {
+        if protobuf {
+            let encoded = |publication: &Vec<u8>| json!({ proto::ENCODED: STANDARD.encode(publication) });
+            return held.values().map(encoded).collect();
+        }
+        let mut list = b"[".to_vec();
+        for (index, publication) in held.values().enumerate() {
+            if index > 0 {
+                list.push(b',');
+            }
+            list.extend_from_slice(publication);
+        }
+        list.push(b']');
+        self.lists.push(list);
+        format!("{PLACEHOLDER}{}", self.lists.len() - 1).into()
+    }
+
+    /// `reply` (JSON) with each placeholder replaced by its list.
+    fn into_reply(self, mut reply: Vec<u8>) -> Vec<u8> {
+        for (index, list) in self.lists.into_iter().enumerate() {
+            let placeholder = serde_json::to_vec(&format!("{PLACEHOLDER}{index}")).expect("strings serialize");
+            if let Some(at) = memchr::memmem::find(&reply, &placeholder) {
+                reply.splice(at..at + placeholder.len(), list);
+            }
+        }
+        reply
+    }
+}
+
+/// The start of the placeholder of a list of publications: no channel, id or name holds a NUL.
+const PLACEHOLDER: &str = "\u{0}publications:";
+
+/// A push of `publication` (as held) in `channel`: JSON, or a length-prefixed Protobuf `Reply`.
+fn push(channel: &str, publication: &[u8], protobuf: bool) -> Vec<u8> {
+    if protobuf {
+        return proto::push_of(channel, publication);
+    }
     let mut out = Vec::with_capacity(publication.len() + channel.len() + 32);
     out.extend_from_slice(b"{\"push\":{\"channel\":");
     herald_shared::payload::write_json_string(&mut out, channel);
@@ -378,13 +428,13 @@ fn push(channel: &str, publication: &[u8]) -> Vec<u8> {
     out
 }
 
-/// One frame holding `first` and then `rest`: one JSON object per line, or length-prefixed
-/// Protobuf replies.
+/// One frame holding the reply `first` (JSON) and then the pushes `rest` (see [`push`]): one JSON
+/// object per line, or length-prefixed Protobuf replies.
 fn lines(protobuf: bool, first: Vec<u8>, rest: Vec<Vec<u8>>) -> Bytes {
     if protobuf {
-        let mut body = Vec::new();
-        for reply in std::iter::once(first).chain(rest) {
-            body.extend_from_slice(&proto_reply(&reply));
+        let mut body = proto_reply(&first);
+        for push in rest {
+            body.extend_from_slice(&push);
         }
         return frame::binary(&body);
     }

@@ -115,8 +115,14 @@ pub(super) fn payload_of(data: &Value) -> Vec<u8> {
     }
 }
 
+/// The key of an object that stands for a message already encoded: its bytes, in base64.
+pub(super) const ENCODED: &str = "\u{0}encoded";
+
 /// Encodes the JSON `value` as Protobuf `message`.
 pub(super) fn encode(message: &str, value: &Value) -> Vec<u8> {
+    if let Some(encoded) = value.get(ENCODED).and_then(Value::as_str) {
+        return base64::engine::general_purpose::STANDARD.decode(encoded).unwrap_or_default();
+    }
     let mut out = Vec::new();
     let Value::Object(object) = value else { return out };
     for &(name, number, kind) in fields(message) {
@@ -250,6 +256,11 @@ fn map_entry(bytes: &[u8], inner: &str) -> Option<(String, Value)> {
 
 /// The publication push of `message` as a length-prefixed `Reply`, with the payload itself as data.
 pub(super) fn push(channel: &str, message: &crate::delivery::message::Message) -> Vec<u8> {
+    push_of(channel, &publication(message))
+}
+
+/// The Publication of `message`: its payload as published.
+pub(super) fn publication(message: &crate::delivery::message::Message) -> Vec<u8> {
     let mut publication = Vec::with_capacity(message.payload.len() + 48);
     write_len(&mut publication, 4, &message.payload);
     write_varint(&mut publication, 6 << 3);
@@ -262,9 +273,14 @@ pub(super) fn push(channel: &str, message: &crate::delivery::message::Message) -
             write_len(&mut publication, 7, &entry);
         }
     }
+    publication
+}
+
+/// A Reply holding the push of `publication` (a Publication's bytes) in `channel`, length-prefixed.
+pub(super) fn push_of(channel: &str, publication: &[u8]) -> Vec<u8> {
     let mut push = Vec::with_capacity(publication.len() + channel.len() + 8);
     write_len(&mut push, 2, channel.as_bytes());
-    write_len(&mut push, 4, &publication);
+    write_len(&mut push, 4, publication);
     let mut reply = Vec::with_capacity(push.len() + 6);
     write_len(&mut reply, 4, &push);
     delimited(&reply)
