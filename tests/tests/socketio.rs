@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use herald_tests::gateway::{token, token_with};
 use herald_tests::sdk::{SdkClient, python};
-use herald_tests::{Publisher, TestGateway, TestNats};
+use herald_tests::{Publisher, TestGateway, TestNats, eventually};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -194,6 +194,37 @@ async fn bad_engine_io_requests_get_engine_io_errors() {
         let response = http.get(gateway.http_url(&format!("/socket.io/?{query}"))).send().await.unwrap();
         assert_eq!(response.status(), 400);
         assert_eq!(response.json::<Value>().await.unwrap()["code"], code, "{query}");
+    }
+}
+
+#[tokio::test]
+async fn a_connect_refused_over_long_polling_gets_its_connect_error_at_the_next_poll() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let http = reqwest::Client::new();
+    let refused = [
+        ("40/admin,", "44/admin,{", (400, "bad_request")),
+        ("40{\"token\":\"not-a-jwt\"}", "44{", (401, "unauthorized")),
+    ];
+    for (connect, answer, (status, reason)) in refused {
+        let url = gateway.http_url("/socket.io/?EIO=4&transport=polling");
+        let open = http.get(&url).send().await.unwrap().text().await.unwrap();
+        let sid: Value = serde_json::from_str(open.strip_prefix('0').unwrap()).unwrap();
+        let url = format!("{url}&sid={}", sid["sid"].as_str().unwrap());
+        assert_eq!(http.post(&url).body(connect).send().await.unwrap().status(), 200);
+        // The session has refused the CONNECT (and ended) by the time the client polls.
+        eventually("the refusal counted", Duration::from_secs(10), || async {
+            (gateway.refusals(status, reason).await == 1.0).then_some(())
+        })
+        .await;
+        let poll = http.get(&url).send().await.unwrap();
+        assert_eq!(poll.status(), 200, "{connect}");
+        let refusal = poll.text().await.unwrap();
+        assert!(refusal.starts_with(answer), "{connect}: {refusal}");
+        // Then the session is gone.
+        let gone = http.get(&url).send().await.unwrap();
+        let body = gone.text().await.unwrap();
+        assert!(body == "6" || body.contains("Session ID unknown"), "{body}");
     }
 }
 

@@ -60,8 +60,16 @@ pub(crate) async fn get(
             let body = super::engineio::open_packet(&open(&shared, &conn, &["websocket"]));
             let query_token = query.param("token").map(str::to_string);
             shared.sessions.clone().spawn(async move {
-                let _permit = permit;
                 serve_opened(shared.clone(), socket, address, query_token, conn.clone()).await;
+                drop(permit);
+                // What the session wrote last (a CONNECT_ERROR, say) waits for the client's next
+                // poll, which removes the session once it took everything; a poll that never comes
+                // is given up after the time a client may take between two.
+                let linger = shared.config.heartbeat + shared.config.heartbeat_timeout;
+                tokio::select! {
+                    _ = tokio::time::sleep(linger) => {}
+                    _ = shared.shutdown.cancelled() => {}
+                }
                 shared.polling.remove(&conn);
             });
             Ok(text(body))
