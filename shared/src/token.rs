@@ -100,16 +100,23 @@ impl Verifier {
                 _ => TokenError::Malformed(e.to_string()),
             })?
             .claims;
-        check_id(IdKind::User, &claims.sub).map_err(TokenError::BadSubject)?;
-        for pattern in &claims.topics {
-            let name = pattern.strip_suffix('*').unwrap_or(pattern);
-            // A bare `*` (every topic) is allowed; otherwise the prefix must be a valid topic start.
-            if !name.is_empty() {
-                check_id(IdKind::Topic, name).map_err(|e| TokenError::BadTopicClaim(e.to_string()))?;
-            }
-        }
+        check_claims(&claims)?;
         Ok(claims)
     }
+}
+
+/// Whether a gateway takes `claims`: a valid user id, and topics that are names or prefixes of
+/// names ending in `*` (what a tool that signs tokens checks before it signs).
+pub fn check_claims(claims: &Claims) -> Result<(), TokenError> {
+    check_id(IdKind::User, &claims.sub).map_err(TokenError::BadSubject)?;
+    for pattern in &claims.topics {
+        let name = pattern.strip_suffix('*').unwrap_or(pattern);
+        // A bare `*` (every topic) is allowed; otherwise the prefix must be a valid topic start.
+        if !name.is_empty() {
+            check_id(IdKind::Topic, name).map_err(|e| TokenError::BadTopicClaim(e.to_string()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Seconds since the Unix epoch.

@@ -56,3 +56,24 @@ async fn pub_with_nats_down_says_cannot_connect_at_once() {
     assert!(said.starts_with(&format!("herald-gateway: cannot connect to NATS at {url}: ")), "{said}");
     assert_eq!(said.lines().count(), 1, "one line, not a retry loop: {said}");
 }
+
+#[test]
+fn token_refuses_claims_a_gateway_would_refuse() {
+    let token = |args: &[&str]| {
+        Command::new(herald_tests::gateway::binary())
+            .arg("token")
+            .args(args)
+            .arg("--dev")
+            .env_remove("HERALD_LOG")
+            .output()
+            .expect("run herald-gateway token")
+    };
+    let signed = token(&["--user", "42", "--topics", "sport-*,news"]);
+    assert!(signed.status.success(), "{}", stderr(&signed));
+    assert_eq!(String::from_utf8_lossy(&signed.stdout).matches('.').count(), 2, "a JWT");
+    for args in [["--user", "42", "--topics", "sport.*"], ["--user", "a b", "--topics", "news"]] {
+        let refused = token(&args);
+        assert!(!refused.status.success(), "{args:?} signed");
+        assert!(refused.stdout.is_empty() && !stderr(&refused).is_empty(), "{args:?}: {}", stderr(&refused));
+    }
+}
