@@ -350,6 +350,20 @@ async fn raw_frames_get_centrifugal_errors_and_disconnect_codes() {
     // A command without an id breaks the protocol.
     raw.send(r#"{"rpc":{"method":"x"}}"#).await;
     assert_eq!(raw.next().await, Err(Some(3501)));
+
+    // Commands in the frame of the connect run after it, in order; a second connect is a bad request.
+    let mut raw = Raw::open(&gateway).await;
+    let connect = json!({"id": 1, "connect": {"token": token_with("cf6", &["news"], 600)}});
+    raw.send(&format!("{connect}\n{}", r#"{"id":2,"subscribe":{"channel":"news"}}"#)).await;
+    let mut replies = Vec::new();
+    while replies.len() < 2 {
+        replies.extend(raw.next().await.unwrap());
+    }
+    let ids: Vec<_> = replies.iter().map(|r| (r["id"].clone(), r["error"].is_null())).collect();
+    assert_eq!(ids, vec![(json!(1), true), (json!(2), true)], "{replies:?}");
+    assert_eq!(replies[1]["subscribe"]["epoch"], replies[0]["connect"]["subs"]["#cf6"]["epoch"]);
+    raw.send(&json!({"id": 3, "connect": {"token": token("cf6")}}).to_string()).await;
+    assert_eq!(raw.next().await, Err(Some(3501)));
 }
 
 /// The epoch of a connect reply's `#<user>` channel, or `None` when the connection was refused (the

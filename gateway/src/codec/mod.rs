@@ -266,6 +266,15 @@ impl Codec {
         }
     }
 
+    /// Client commands the codec was handed before the session ran (Centrifugal's sent with its
+    /// `connect`), once.
+    pub(crate) fn take_first_input(&mut self) -> Option<Vec<u8>> {
+        match self {
+            Codec::Centrifugal(codec) => codec.take_first_input(),
+            _ => None,
+        }
+    }
+
     /// Frames the codec sends of its own accord after a client message (receipts and the like).
     pub(crate) fn take_replies(&mut self) -> Vec<Bytes> {
         match self {

@@ -142,7 +142,8 @@ async fn accept(
         Ok(None) => return Err(Refused::close(disconnect::BAD_REQUEST, error_code::BAD_REQUEST, "no connect command")),
         Ok(Some(text)) => text,
     };
-    let text = first_command(&text, protobuf)
+    let message = text;
+    let text = first_command(&message, protobuf)
         .ok_or_else(|| Refused::close(disconnect::BAD_REQUEST, error_code::BAD_REQUEST, "not a command"))?;
     let (id, connect) = parse_connect(&text)
         .map_err(|reason| Refused::close(disconnect::BAD_REQUEST, error_code::BAD_REQUEST, reason))?;
@@ -167,7 +168,8 @@ async fn accept(
         }
         Err(error) => return Err(Refused::close(disconnect::SERVER_ERROR, error_code::UNAVAILABLE, error.to_string())),
     }
-    let codec = CentrifugalCodec::new(&claims.sub, epoch, claims.exp, id, subs, protobuf);
+    let mut codec = CentrifugalCodec::new(&claims.sub, epoch, claims.exp, id, subs, protobuf);
+    codec.keep_after_connect(&message);
     // Each connection is a device of its own: the client keeps its positions, not the gateway.
     let request =
         ConnectRequest { claims, device: format!("centrifugal-{conn}"), since, topics: Vec::new(), live: true };

@@ -50,7 +50,7 @@ use crate::codec::{Codec, HeraldCodec, WireFormat};
 use crate::delivery::mailbox::Mailbox;
 use crate::http::auth::ConnectRequest;
 use crate::http::ratelimit::TokenBucket;
-use crate::websocket::reader::MessageReader;
+use crate::websocket::reader::{Inbound, MessageReader};
 use deadlines::{Deadlines, Due};
 use state::{Outcome, SessionState, Tally};
 use transmit::Transmit;
@@ -245,6 +245,13 @@ async fn serve(
     tokio::pin!(timer);
     let mut job: Option<BoxStream<'static, Outcome>> = None;
     let mut rpc_budget = TokenBucket::new(config.rpc_rate, config.rpc_burst, std::time::Instant::now());
+    // Commands the client sent with its first (Centrifugal's after `connect`), in their order.
+    if let Some(input) = state.codec_mut().take_first_input() {
+        let first = Inbound::Text(input);
+        if let Err(close) = inbound::handle(session, &mut state, first, &mut rpc_budget, &mut deadlines) {
+            return (close, state, job);
+        }
+    }
     loop {
         if let Err(close) = advance(session, &mut state, &mut job, transmit) {
             return (close, state, job);

@@ -61,6 +61,8 @@ pub(crate) struct CentrifugalCodec {
     top: u64,
     /// The Protobuf encoding (binary frames) instead of JSON.
     protobuf: bool,
+    /// Commands the client sent in the frame of its `connect`, for the session to run.
+    first_input: Option<Vec<u8>>,
 }
 
 #[derive(Debug)]
@@ -109,7 +111,18 @@ impl CentrifugalCodec {
             refreshing: None,
             top: 0,
             protobuf,
+            first_input: None,
         }
+    }
+
+    /// Keeps the commands of `message` (the client's first) after its `connect`, if any.
+    pub(crate) fn keep_after_connect(&mut self, message: &[u8]) {
+        self.first_input = after_first_command(message, self.protobuf).filter(|rest| !rest.is_empty());
+    }
+
+    /// The commands the client sent with its `connect`, once.
+    pub(crate) fn take_first_input(&mut self) -> Option<Vec<u8>> {
+        self.first_input.take()
     }
 
     /// The server-side channels of `user`.
@@ -335,7 +348,8 @@ impl CentrifugalCodec {
                 }
                 Ok(Some(Command::Refresh { token }))
             }
-            command::Parsed::Connect => reply(error::BAD_REQUEST, "already connected"),
+            // As Centrifugo does: a bad request, which ends the connection (3501).
+            command::Parsed::Connect => Err(Refusal::Close(Close::new(CloseCode::Policy, "already connected"))),
             command::Parsed::Publish => reply(error::PERMISSION_DENIED, "clients do not publish: backends do"),
             command::Parsed::Unavailable(method) => {
                 reply(error::NOT_AVAILABLE, &format!("{method} is not available on this server"))
@@ -461,6 +475,19 @@ fn proto_reply(reply: &[u8]) -> Vec<u8> {
 pub(crate) fn proto_commands(bytes: &[u8]) -> Option<Vec<Vec<u8>>> {
     let commands = proto::split(bytes)?;
     commands.into_iter().map(|command| Some(proto::decode("Command", command)?.to_string().into_bytes())).collect()
+}
+
+/// What follows the first command of `message`: the next lines (JSON), or the next length-prefixed
+/// commands (Protobuf).
+fn after_first_command(message: &[u8], protobuf: bool) -> Option<Vec<u8>> {
+    if !protobuf {
+        let newline = memchr::memchr(b'\n', message)?;
+        return Some(message[newline + 1..].to_vec());
+    }
+    let first = proto::split(message)?.into_iter().next()?;
+    // The first command's bytes lie in `message`, right after its length.
+    let end = first.as_ptr() as usize - message.as_ptr() as usize + first.len();
+    Some(message[end..].to_vec())
 }
 
 /// The first command of a connection as JSON, whatever its encoding.

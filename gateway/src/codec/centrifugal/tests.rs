@@ -112,3 +112,13 @@ fn send_needs_no_id_and_is_ignored() {
     assert!(codec.decode(br#"{"send":{"data":{}}}"#).is_empty());
     assert!(matches!(&codec.decode(br#"{"rpc":{"method":"x"}}"#)[..], [Err(Refusal::Close(_))]));
 }
+
+#[test]
+fn the_commands_after_connect_in_its_frame_are_kept_in_either_encoding() {
+    assert_eq!(after_first_command(b"{\"id\":1}\n{\"id\":2}\n{}", false).unwrap(), b"{\"id\":2}\n{}");
+    assert_eq!(after_first_command(b"{\"id\":1}", false), None);
+    let mut message = proto::delimited(b"first");
+    message.extend(proto::delimited(b"second"));
+    assert_eq!(after_first_command(&message, true).unwrap(), proto::delimited(b"second"));
+    assert_eq!(after_first_command(&proto::delimited(b"first"), true).unwrap(), b"");
+}
