@@ -189,6 +189,13 @@ async fn the_http_inbox_counts_pages_and_marks_read() {
     // Never back.
     let (_, body) = api(&gateway, reqwest::Method::POST, "/v1/inbox/page/read", Some(json!({"seq": 1}))).await;
     assert_eq!(body["read"].as_u64(), Some(kept[899]));
+    // Nor past the last message: what comes later is unread.
+    let past = json!({"seq": u64::MAX});
+    let (_, body) = api(&gateway, reqwest::Method::POST, "/v1/inbox/page/read", Some(past)).await;
+    assert_eq!(body, json!({"user": "page", "read": sent[2499], "unread": 0}));
+    let later = publisher.publish("push.user.page", "later").await;
+    let (_, body) = get(&gateway, "/v1/inbox/page").await;
+    assert_eq!(body, json!({"user": "page", "read": sent[2499], "unread": 1, "last": later}));
     let (_, body) = get(&gateway, "/v1/inbox/nobody-yet").await;
     assert_eq!(body, json!({"user": "nobody-yet", "read": 0, "unread": 0, "last": 0}));
 

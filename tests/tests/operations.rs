@@ -63,6 +63,7 @@ async fn the_http_api_publishes_with_api_keys_and_refuses_bad_requests_clearly()
         ("wildcard user", Some(KEY), json!({"to": {"user": "*"}}).to_string(), 400, "bad_request"),
         ("dotted user", Some(KEY), json!({"to": {"user": "a.b"}}).to_string(), 400, "bad_request"),
         ("unknown target", Some(KEY), json!({"to": {"group": "x"}}).to_string(), 400, "bad_request"),
+        ("two targets", Some(KEY), json!({"to": {"user": "42", "topic": "news"}}).to_string(), 400, "bad_request"),
         ("not JSON", Some(KEY), "{oops".to_string(), 400, "bad_request"),
         ("empty batch", Some(KEY), "[]".to_string(), 400, "bad_request"),
         ("oversized", Some(KEY), json!({"to": {"all": true}, "data": "x".repeat(5000)}).to_string(), 413, "too_large"),

@@ -34,8 +34,9 @@ struct Publish {
     id: Option<String>,
 }
 
+/// Exactly one of the three: `{"user":…,"topic":…}` is refused, not read as one of them.
 #[derive(Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, deny_unknown_fields)]
 enum Target {
     User { user: String },
     Topic { topic: String },
@@ -140,6 +141,9 @@ mod tests {
             json!({"to": {"user": "42"}, "id": "has space"}),
             json!({"to": {"user": "42"}, "kind": "a.b"}),
             json!({"to": {"user": "42"}, "extra": 1}),
+            json!({"to": {"user": "42", "topic": "news"}}),
+            json!({"to": {"topic": "news", "all": true}}),
+            json!({"to": {"user": "42", "zz": 1}}),
             json!({"data": 1}),
         ] {
             assert!(check(bad.clone()).is_err(), "{bad}");
