@@ -73,6 +73,15 @@ async fn the_http_api_publishes_with_api_keys_and_refuses_bad_requests_clearly()
     }
     let (status, body) = post(&gateway, "/v1/nothing", Some(KEY), "{}".into()).await;
     assert_eq!((status, body["error"].as_str()), (404, Some("not_found")));
+
+    // A 413 says that its connection closes (its body was left unread), so a client's next
+    // request goes on a new one.
+    let http = reqwest::Client::new();
+    let send = |body: String| http.post(gateway.api_url("/v1/publish")).bearer_auth(KEY).body(body).send();
+    let too_large = send(json!({"to": {"all": true}, "data": "x".repeat(50_000)}).to_string()).await.unwrap();
+    assert_eq!(too_large.status().as_u16(), 413);
+    assert_eq!(too_large.headers().get("connection").map(|v| v.to_str().unwrap()), Some("close"));
+    assert_eq!(send(message.to_string()).await.unwrap().status().as_u16(), 200);
 }
 
 #[tokio::test]

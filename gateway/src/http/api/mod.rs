@@ -117,7 +117,16 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Result<ApiRe
     };
     Ok(match result {
         Ok(body) => json_response(StatusCode::OK, &body),
-        Err(error) => json_response(error.status, &error.body()),
+        Err(error) => {
+            let mut response = json_response(error.status, &error.body());
+            if error.status == StatusCode::PAYLOAD_TOO_LARGE {
+                // The rest of the body is left unread: this connection carries no other request.
+                response
+                    .headers_mut()
+                    .insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
+            }
+            response
+        }
     })
 }
 
