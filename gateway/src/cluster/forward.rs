@@ -52,6 +52,8 @@ pub(crate) async fn advance_from(
             return Ok(Stored { seq, revision });
         }
     }
+    // Why the last write failed: another writer's revision came first, or KV did not answer.
+    let mut failure = String::new();
     for _ in 0..MAX_ATTEMPTS {
         let written = match bucket.entry(key).await.map_err(error)? {
             Some(entry) if entry.operation == kv::Operation::Put => {
@@ -59,15 +61,16 @@ pub(crate) async fn advance_from(
                 if stored >= seq {
                     return Ok(Stored { seq: stored, revision: entry.revision });
                 }
-                bucket.update(key, value.clone(), entry.revision).await.ok()
+                bucket.update(key, value.clone(), entry.revision).await.map_err(|e| e.to_string())
             }
-            _ => bucket.create(key, value.clone()).await.ok(),
+            _ => bucket.create(key, value.clone()).await.map_err(|e| e.to_string()),
         };
-        if let Some(revision) = written {
-            return Ok(Stored { seq, revision });
+        match written {
+            Ok(revision) => return Ok(Stored { seq, revision }),
+            Err(error) => failure = error,
         }
     }
-    Err(error(format!("{key}: too many concurrent writers")))
+    Err(error(format!("{key}: not written in {MAX_ATTEMPTS} attempts, the last: {failure}")))
 }
 
 /// A stored sequence: decimal text.
