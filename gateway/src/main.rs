@@ -95,6 +95,9 @@ async fn main() {
             if let Err(error) = herald_shared::token::check_claims(&claims) {
                 fail(error);
             }
+            if ttl.is_zero() {
+                fail("--ttl 0 would sign a token that has expired already");
+            }
             println!("{}", issue_hs256(secret.as_bytes(), &claims));
         }
         Command::Pub { subject, data, id, kind } => publish(&config, subject, data, id, kind).await,

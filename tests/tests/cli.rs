@@ -71,7 +71,11 @@ fn token_refuses_claims_a_gateway_would_refuse() {
     let signed = token(&["--user", "42", "--topics", "sport-*,news"]);
     assert!(signed.status.success(), "{}", stderr(&signed));
     assert_eq!(String::from_utf8_lossy(&signed.stdout).matches('.').count(), 2, "a JWT");
-    for args in [["--user", "42", "--topics", "sport.*"], ["--user", "a b", "--topics", "news"]] {
+    for args in [
+        ["--user", "42", "--topics", "sport.*"],
+        ["--user", "a b", "--topics", "news"],
+        ["--user", "42", "--ttl", "0s"],
+    ] {
         let refused = token(&args);
         assert!(!refused.status.success(), "{args:?} signed");
         assert!(refused.stdout.is_empty() && !stderr(&refused).is_empty(), "{args:?}: {}", stderr(&refused));

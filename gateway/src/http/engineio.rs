@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use futures::FutureExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio_util::sync::CancellationToken;
 
@@ -116,6 +117,24 @@ impl Polling {
         }
     }
 
+    /// Whether the session, which ended, left packets no poll took yet that fit in `limit` bytes
+    /// (a refusal, a last notice): what its pipe still holds is read for that. `false` while a poll
+    /// is taking it, or when more was left (the client stopped polling long ago).
+    pub(crate) fn left_last_words(&self, limit: usize) -> bool {
+        let Ok(mut output) = self.output.try_lock() else { return false };
+        let Output { pipe, buffered } = &mut *output;
+        let Some(pipe) = pipe.as_mut() else { return false };
+        let mut chunk = [0; 4096];
+        // The session's end of the pipe is gone: what it holds is there at once, then its end.
+        while let Some(Ok(read @ 1..)) = pipe.read(&mut chunk).now_or_never() {
+            buffered.extend_from_slice(&chunk[..read]);
+            if buffered.len() > limit {
+                return false;
+            }
+        }
+        !take_packets(&mut buffered.clone()).0.is_empty()
+    }
+
     /// Moves the session onto `socket` (whose client sent the upgrade packet), relaying until
     /// either side ends.
     pub(crate) async fn upgrade(&self, socket: Socket) {
@@ -184,6 +203,24 @@ pub(crate) fn open_packet(open: &serde_json::Value) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_ended_session_keeps_only_a_few_last_packets_for_the_next_poll() {
+        let sessions = PollingSessions::default();
+        let ended_with = |sid: &'static str, frame: Option<Bytes>| {
+            let mut socket = sessions.open(sid, 1 << 20);
+            async move {
+                if let Some(frame) = frame {
+                    socket.writer.write_all(&frame).await.unwrap();
+                }
+            }
+        };
+        ended_with("refused", Some(crate::websocket::frame::text(b"44{\"message\":\"no\"}"))).await;
+        ended_with("a lot left", Some(crate::websocket::frame::text(&[b'x'; 2000]))).await;
+        ended_with("nothing left", None).await;
+        let left = |sid| sessions.get(sid).unwrap().left_last_words(1024);
+        assert_eq!((left("refused"), left("a lot left"), left("nothing left")), (true, false, false));
+    }
 
     #[test]
     fn server_frames_become_packets() {

@@ -62,13 +62,16 @@ pub(crate) async fn get(
             shared.sessions.clone().spawn(async move {
                 serve_opened(shared.clone(), socket, address, query_token, conn.clone()).await;
                 drop(permit);
-                // What the session wrote last (a CONNECT_ERROR, say) waits for the client's next
-                // poll, which removes the session once it took everything; a poll that never comes
-                // is given up after the time a client may take between two.
-                let linger = shared.config.heartbeat + shared.config.heartbeat_timeout;
-                tokio::select! {
-                    _ = tokio::time::sleep(linger) => {}
-                    _ = shared.shutdown.cancelled() => {}
+                // The few packets the session wrote last (a CONNECT_ERROR, say) wait for the
+                // client's next poll, which removes the session once it took them; a poll that
+                // never comes is given up after the time a client may take between two.
+                let polling = shared.polling.get(&conn);
+                if polling.is_some_and(|polling| polling.left_last_words(LAST_WORDS)) {
+                    let linger = shared.config.heartbeat + shared.config.heartbeat_timeout;
+                    tokio::select! {
+                        _ = tokio::time::sleep(linger) => {}
+                        _ = shared.shutdown.cancelled() => {}
+                    }
                 }
                 shared.polling.remove(&conn);
             });
@@ -189,6 +192,9 @@ fn open(shared: &Shared, sid: &str, upgrades: &[&str]) -> serde_json::Value {
         "maxPayload": shared.config.max_frame_bytes,
     })
 }
+
+/// At most what an ended polling session keeps for its client's next poll.
+const LAST_WORDS: usize = 8 * 1024;
 
 /// The CONNECT packet's `auth`.
 #[derive(Debug, Default, Deserialize)]

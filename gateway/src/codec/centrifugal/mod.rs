@@ -413,13 +413,20 @@ impl Splice {
         format!("{PLACEHOLDER}{}", self.lists.len() - 1).into()
     }
 
-    /// `reply` (JSON) with each placeholder replaced by its list.
+    /// `reply` (JSON) with each placeholder replaced by its list. Every placeholder is found before
+    /// any list goes in, so that a payload spliced in (which may hold anything) is never searched.
     fn into_reply(self, mut reply: Vec<u8>) -> Vec<u8> {
+        let mut found: Vec<(usize, usize, Vec<u8>)> = Vec::new();
         for (index, list) in self.lists.into_iter().enumerate() {
             let placeholder = serde_json::to_vec(&format!("{PLACEHOLDER}{index}")).expect("strings serialize");
             if let Some(at) = memchr::memmem::find(&reply, &placeholder) {
-                reply.splice(at..at + placeholder.len(), list);
+                found.push((at, placeholder.len(), list));
             }
+        }
+        // From the last, so that the positions before each splice still hold.
+        found.sort_by_key(|(at, ..)| std::cmp::Reverse(*at));
+        for (at, len, list) in found {
+            reply.splice(at..at + len, list);
         }
         reply
     }

@@ -122,3 +122,15 @@ fn the_commands_after_connect_in_its_frame_are_kept_in_either_encoding() {
     assert_eq!(after_first_command(&message, true).unwrap(), proto::delimited(b"second"));
     assert_eq!(after_first_command(&proto::delimited(b"first"), true).unwrap(), b"");
 }
+
+#[test]
+fn held_publications_are_spliced_in_whatever_their_payloads_hold() {
+    let mut splice = Splice::default();
+    // A payload holding what the next list's placeholder is written as.
+    let sneaky: Held = [(5, br#"{"data":{"t":"\u0000publications:1"},"offset":5}"#.to_vec())].into();
+    let plain: Held = [(6, br#"{"data":1,"offset":6}"#.to_vec())].into();
+    let reply = json!({"a": splice.publications(&sneaky, false), "b": splice.publications(&plain, false)});
+    let reply: Value = serde_json::from_slice(&splice.into_reply(serde_json::to_vec(&reply).unwrap())).unwrap();
+    assert_eq!(reply["a"], json!([{"data": {"t": "\u{0}publications:1"}, "offset": 5}]));
+    assert_eq!(reply["b"], json!([{"data": 1, "offset": 6}]));
+}

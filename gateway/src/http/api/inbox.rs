@@ -79,9 +79,10 @@ struct Read {
 pub(super) async fn read(shared: &Shared, user: &str, body: Value) -> Result<Value, ApiError> {
     check_id(IdKind::User, user).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let Read { seq } = serde_json::from_value(body).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    // Nothing past the user's last message can have been read: a position past it would hide
-    // every later one from the count for good (it never moves back).
-    let last = shared.inbox.last(user).await.map_err(ApiError::unavailable)?;
+    // Nothing past the stream's last message can have been read: a position past it would hide
+    // every later one from the count for good (it never moves back). The stream's bounds, not the
+    // user's last message: a replica's direct get may not have that one yet.
+    let last = shared.bounds.read_at_least(0).await.map_err(ApiError::unavailable)?.last;
     let read = shared.inbox.mark_read(user, seq.min(last)).await.map_err(ApiError::unavailable)?;
     let muted = shared.prefs.muted(user).await.map_err(ApiError::unavailable)?;
     let unread = shared.inbox.unread(user, read, u64::MAX, &muted).await.map_err(ApiError::unavailable)?;
