@@ -38,6 +38,7 @@ use cluster::events;
 use cluster::inbox::Inbox;
 use cluster::policy::Policies;
 use cluster::prefs::Prefs;
+use cluster::recovery::RecoveryStates;
 use cluster::registry::Registry;
 use delivery::feed::Feed;
 use delivery::log::LogLimits;
@@ -73,6 +74,8 @@ pub(crate) struct Shared {
     pub(crate) prefs: Arc<Prefs>,
     /// Read positions and unread counts.
     pub(crate) inbox: Arc<Inbox>,
+    /// Socket.IO connection states, for recovery.
+    pub(crate) socketio_states: RecoveryStates,
     pub(crate) limits: Arc<limits::Limits>,
     pub(crate) refusals: Refusals,
     /// Cancelled when the gateway starts draining.
@@ -193,6 +196,7 @@ impl Gateway {
             registry: Arc::new(Registry::default()),
             policies: Arc::new(Policies::new(config.session_policy, config.stream.clone(), js.clone())),
             prefs: Arc::new(Prefs::new(js.clone())),
+            socketio_states: RecoveryStates::new(js.clone()),
             limits: Arc::new(limits::Limits::new(config.max_connections, config.max_connections_per_address)),
             refusals: Refusals::new(metrics.connections_refused.clone()),
             config,

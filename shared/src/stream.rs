@@ -5,7 +5,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv, stream};
 use serde::{Deserialize, Serialize};
 
-use crate::subject::{KV_CONFIG, KV_CURSORS, KV_PREFS, KV_READS, KV_SESSIONS, STREAM, STREAM_SUBJECTS};
+use crate::subject::{KV_CONFIG, KV_CURSORS, KV_PREFS, KV_READS, KV_SESSIONS, KV_SOCKETIO, STREAM, STREAM_SUBJECTS};
 
 /// Retention and durability of the stream (and replicas of the buckets).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -28,6 +28,11 @@ pub struct StreamSettings {
     /// them (every quarter of it), so that the claims of a gateway that died expire. Default `2m`.
     #[serde(with = "humantime_serde")]
     pub sessions_max_age: Duration,
+    /// How long a Socket.IO connection's state (its topics) is kept after the connection closes,
+    /// for the client to recover it, as socket.io's `maxDisconnectionDuration` (the max age of KV
+    /// `herald-socketio`). Default `2m`.
+    #[serde(with = "humantime_serde")]
+    pub socketio_recovery_window: Duration,
 }
 
 impl Default for StreamSettings {
@@ -38,6 +43,7 @@ impl Default for StreamSettings {
             stream_max_bytes: -1,
             stream_duplicate_window: Duration::from_secs(120),
             sessions_max_age: Duration::from_secs(120),
+            socketio_recovery_window: Duration::from_secs(120),
             stream_replicas: 1,
         }
     }
@@ -90,6 +96,8 @@ pub struct Buckets {
     pub sessions: kv::Store,
     /// Settings shared by every gateway (the session policy).
     pub config: kv::Store,
+    /// Socket.IO connection states, for recovery.
+    pub socketio: kv::Store,
 }
 
 fn bucket_config(settings: &StreamSettings, name: &str, description: &str) -> kv::Config {
@@ -129,5 +137,12 @@ pub async fn ensure_buckets(
             })
             .await?,
         config: ensure_config_bucket(js, settings).await?,
+        socketio: js
+            .create_or_update_key_value(kv::Config {
+                // A state is kept this long after its connection last wrote it (at its close).
+                max_age: settings.socketio_recovery_window,
+                ..bucket(KV_SOCKETIO, "Socket.IO connection states kept for recovery")
+            })
+            .await?,
     })
 }

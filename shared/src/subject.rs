@@ -28,8 +28,11 @@ pub const KV_PREFS: &str = "herald-prefs";
 pub const KV_SESSIONS: &str = "herald-sessions";
 /// KV bucket: settings every gateway of a cluster shares.
 pub const KV_CONFIG: &str = "herald-config";
+/// KV bucket: `<k(user)>.<k(device)>` → a Socket.IO connection state's topics, `{"topics":[...]}`,
+/// kept for its recovery.
+pub const KV_SOCKETIO: &str = "herald-socketio";
 /// Every KV bucket Herald uses.
-pub const BUCKETS: [&str; 5] = [KV_CURSORS, KV_READS, KV_PREFS, KV_SESSIONS, KV_CONFIG];
+pub const BUCKETS: [&str; 6] = [KV_CURSORS, KV_READS, KV_PREFS, KV_SESSIONS, KV_CONFIG, KV_SOCKETIO];
 /// Key of `herald-config`: the cluster's session policy (`multi`, `single` or `reject`).
 pub const CONFIG_SESSION_POLICY: &str = "session_policy";
 

@@ -316,10 +316,15 @@ async fn connection_state_recovery_replays_exactly_from_the_offset() {
 /// Connects `user` (recovering with `pid` and `offset` when given) and returns the CONNECT
 /// answer's pid and the offsets of the events that came before it.
 async fn recover(gateway: &TestGateway, user: &str, from: Option<(&str, u64)>) -> (Raw, String, Vec<u64>) {
+    recover_as(gateway, &token(user), from).await
+}
+
+/// [`recover`] with `token`.
+async fn recover_as(gateway: &TestGateway, token: &str, from: Option<(&str, u64)>) -> (Raw, String, Vec<u64>) {
     let mut raw = Raw::open(gateway).await;
     let auth = match from {
-        Some((pid, offset)) => json!({"token": token(user), "pid": pid, "offset": offset.to_string()}),
-        None => json!({"token": token(user)}),
+        Some((pid, offset)) => json!({"token": token, "pid": pid, "offset": offset.to_string()}),
+        None => json!({"token": token}),
     };
     raw.send(&format!("40{auth}")).await;
     let mut replayed = Vec::new();
@@ -360,6 +365,96 @@ async fn a_recovery_that_cannot_replay_everything_gets_a_new_pid_and_what_the_st
     let mut raw = Raw::open(&gateway).await;
     raw.send(&format!("40{}", json!({"token": token("sio-t"), "pid": "a b", "offset": "1"}))).await;
     assert!(raw.expect("44").await["message"].as_str().unwrap().contains("pid"));
+}
+
+/// The topics a Socket.IO state is subscribed to, as KV keeps them for its recovery, once `expected`.
+async fn kept_topics(nats: &TestNats, key: &str, expected: Option<Value>) {
+    let states = nats.jetstream().await.get_key_value("herald-socketio").await.unwrap();
+    eventually("the state's topics kept", Duration::from_secs(30), || async {
+        let kept = states.get(key).await.unwrap().map(|value| serde_json::from_slice::<Value>(&value).unwrap());
+        (kept == expected).then_some(())
+    })
+    .await;
+}
+
+/// Subscribes (`sub`) or unsubscribes (`unsub`) `topic` with ack `id`, and waits for the answer.
+async fn change_topic(raw: &mut Raw, event: &str, topic: &str, id: u32) {
+    raw.send(&format!("42{id}{}", json!([event, topic]))).await;
+    assert_eq!(raw.expect(&format!("43{id}")).await, json!([{"ok": true, "topic": topic}]));
+}
+
+/// A recovered state has its topics back, on another gateway too: what they got meanwhile is
+/// replayed with the rest, and they go on live; a topic dropped before the disconnect stays dropped.
+#[tokio::test]
+async fn a_recovered_state_keeps_its_topics_on_another_gateway() {
+    let nats = TestNats::start().await;
+    let (one, two) = (TestGateway::start(&nats).await, TestGateway::start(&nats).await);
+    let publisher = Publisher::new(&nats).await;
+    let token = token_with("sio-r", &["news", "sport"], 600);
+    let (mut raw, pid, _) = recover_as(&one, &token, None).await;
+    change_topic(&mut raw, "sub", "news", 1).await;
+    change_topic(&mut raw, "sub", "sport", 2).await;
+    change_topic(&mut raw, "unsub", "sport", 3).await;
+    kept_topics(&nats, &format!("sio-r.socketio-{pid}"), Some(json!({"topics": ["news"]}))).await;
+    let seen = publisher.publish("push.topic.news", "1").await;
+    assert_eq!(raw.expect("42").await[3], json!(seen.to_string()));
+    drop(raw);
+
+    let missed = publisher.publish("push.topic.news", "2").await;
+    publisher.publish("push.topic.sport", "not subscribed").await;
+    let personal = publisher.publish("push.user.sio-r", "3").await;
+    let (mut raw, answer, replayed) = recover_as(&two, &token, Some((&pid, seen))).await;
+    assert_eq!((replayed, answer), (vec![missed, personal], pid), "recovered, topic and all");
+    publisher.publish("push.topic.sport", "still not subscribed").await;
+    let live = publisher.publish("push.topic.news", "4").await;
+    assert_eq!(raw.expect("42").await[3], json!(live.to_string()));
+}
+
+/// A connection writes its state again when it closes, so that the recovery window counts from the
+/// disconnect: a state that expired while its connection lived (removed by hand here) is recovered.
+#[tokio::test]
+async fn a_closing_connection_keeps_its_state_for_the_recovery_window_from_then() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let token = token_with("sio-c", &["news"], 600);
+    let (mut raw, pid, _) = recover_as(&gateway, &token, None).await;
+    change_topic(&mut raw, "sub", "news", 1).await;
+    let key = format!("sio-c.socketio-{pid}");
+    kept_topics(&nats, &key, Some(json!({"topics": ["news"]}))).await;
+    let states = nats.jetstream().await.get_key_value("herald-socketio").await.unwrap();
+    states.purge(&key).await.unwrap();
+    let seen = publisher.publish("push.topic.news", "1").await;
+    assert_eq!(raw.expect("42").await[3], json!(seen.to_string()));
+    drop(raw);
+    kept_topics(&nats, &key, Some(json!({"topics": ["news"]}))).await;
+
+    let missed = publisher.publish("push.topic.news", "2").await;
+    let (_raw, answer, replayed) = recover_as(&gateway, &token, Some((&pid, seen))).await;
+    assert_eq!((replayed, answer), (vec![missed], pid), "recovered");
+}
+
+/// A state not written again within the recovery window is gone: the client is told it was not
+/// recovered (a new pid), and it starts without its topics, with what the stream has after its offset.
+#[tokio::test]
+async fn a_state_past_the_recovery_window_is_not_recovered_and_has_no_topics() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start_with(&nats, |c| c.stream.socketio_recovery_window = Duration::from_secs(1)).await;
+    let publisher = Publisher::new(&nats).await;
+    let token = token_with("sio-w", &["news"], 600);
+    let (mut raw, pid, _) = recover_as(&gateway, &token, None).await;
+    change_topic(&mut raw, "sub", "news", 1).await;
+    let seen = publisher.publish("push.user.sio-w", "1").await;
+    assert_eq!(raw.expect("42").await[3], json!(seen.to_string()));
+    drop(raw);
+    kept_topics(&nats, &format!("sio-w.socketio-{pid}"), None).await;
+
+    let personal = publisher.publish("push.user.sio-w", "2").await;
+    let (mut raw, answer, replayed) = recover_as(&gateway, &token, Some((&pid, seen))).await;
+    assert_eq!((replayed, answer), (vec![personal], format!("{pid}.1")), "not recovered");
+    publisher.publish("push.topic.news", "not subscribed any more").await;
+    let live = publisher.publish("push.user.sio-w", "3").await;
+    assert_eq!(raw.expect("42").await[3], json!(live.to_string()));
 }
 
 /// A message lost to a connection (noted under its Socket.IO state's device) makes the

@@ -1,5 +1,5 @@
 //! What the gateways of a cluster share through NATS: session policies, users' preferences, device
-//! cursors, lifecycle events and presence, and the local sessions they are about.
+//! cursors, Socket.IO states, lifecycle events and presence, and the local sessions they are about.
 
 pub(crate) mod cursor;
 pub(crate) mod events;
@@ -8,6 +8,7 @@ pub(crate) mod gather;
 pub(crate) mod inbox;
 pub(crate) mod policy;
 pub(crate) mod prefs;
+pub(crate) mod recovery;
 pub(crate) mod registry;
 pub(crate) mod user;
 pub(crate) mod watch;

@@ -177,6 +177,12 @@ pub(crate) enum Codec {
 }
 
 impl Codec {
+    /// Whether the connection's topics are kept for its client to recover them (Socket.IO's
+    /// connection state recovery; see [`crate::cluster::recovery`]).
+    pub(crate) fn remembers_topics(&self) -> bool {
+        matches!(self, Codec::SocketIo(_))
+    }
+
     /// The wire format messages take on this connection.
     pub(crate) fn format(&self) -> WireFormat {
         match self {

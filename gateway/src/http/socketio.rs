@@ -10,12 +10,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future::Either;
 use herald_shared::frame::error_code;
+use herald_shared::id::{IdKind, check_id, topic_allowed};
+use herald_shared::token::Claims;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
+use tracing::warn;
 
 use crate::Shared;
 use crate::cluster::policy::PolicyError;
@@ -315,9 +318,37 @@ async fn accept(
         Some(Rejection::in_protocol(code, error.to_string()))
     })?;
     let recovering = pid.is_some();
-    let pid = pid.unwrap_or_else(|| Pid::new(conn));
-    let request = ConnectRequest { claims, device: pid.device(), since, topics: Vec::new(), live: true };
+    let (pid, topics) = match pid {
+        Some(pid) => recovered_state(shared, &claims, pid).await,
+        None => (Pid::new(conn), Vec::new()),
+    };
+    // Kept from now on, so that the state can be recovered whatever becomes of this connection.
+    if let Err(error) = shared.socketio_states.write(&claims.sub, &pid.device(), topics.clone()).await {
+        warn!(user = %claims.sub, %error, "the Socket.IO state was not written: a recovery will not find it");
+    }
+    let request = ConnectRequest { claims, device: pid.device(), since, topics, live: true };
     Ok((request, Codec::SocketIo(Box::new(SocketIoCodec::new(pid, recovering)))))
+}
+
+/// The pid and topics a recovering connection resumes with: its own pid and its state's topics when
+/// the state is still kept, and every topic is still allowed by its token. Otherwise the next pid
+/// (the client is told it was not recovered), with the topics still allowed.
+async fn recovered_state(shared: &Shared, claims: &Claims, pid: Pid) -> (Pid, Vec<String>) {
+    let kept = match shared.socketio_states.read(&claims.sub, &pid.device()).await {
+        Ok(kept) => kept,
+        Err(error) => {
+            warn!(user = %claims.sub, %error, "the Socket.IO state could not be read: not recovered");
+            None
+        }
+    };
+    let Some(mut topics) = kept else { return (pid.next(), Vec::new()) };
+    let count = topics.len();
+    topics.retain(|topic| check_id(IdKind::Topic, topic).is_ok() && topic_allowed(&claims.topics, topic));
+    topics.truncate(shared.config.max_topics);
+    let whole = topics.len() == count;
+    topics.sort();
+    topics.dedup();
+    (if whole { pid } else { pid.next() }, topics)
 }
 
 /// The auth of the first packet, which must be a Socket.IO CONNECT to namespace `/`.

@@ -79,6 +79,13 @@ pub(super) fn perform(session: &Arc<Session>, action: Action) -> BoxStream<'stat
                 }
             }
         }),
+        Action::RememberTopics { topics } => once(async move {
+            let shared = &session.shared;
+            if let Err(error) = shared.socketio_states.write(&session.user, &session.device, topics).await {
+                warn!(user = %session.user, %error, "topics not kept: a recovery will not find them");
+            }
+            Outcome::Remembered
+        }),
         Action::NoteLost { first } => once(async move {
             // A task of its own, which the gateway's drain waits for: the note is written even if
             // the connection ends meanwhile (the client leaves, the gateway stops), since the

@@ -162,6 +162,7 @@ pub(crate) fn run_with(
     async move {
         let shared = &session.shared;
         let format = codec.format();
+        let remembers_topics = codec.remembers_topics();
         let opened = tokio::select! {
             biased;
             _ = shared.killed.cancelled() => Err(Close::gone("gateway killed")),
@@ -186,6 +187,9 @@ pub(crate) fn run_with(
         let last = last_frame(state, format, &close);
         if let Some((state, job)) = served {
             settle_losses(&session, state, job, transmit.unwritten());
+        }
+        if remembers_topics {
+            remember_topics(&session, &audiences, &close).await;
         }
         Box::pin(finish(&session, audiences, last, transmit, close)).await;
     }
@@ -419,6 +423,27 @@ async fn finish(
     }
     shared.metrics.connections.dec();
     info!(user = %session.user, conn = %session.conn, code = close.number(), reason = %close.reason, "disconnected");
+}
+
+/// Keeps a closing connection's topics for its client's recovery, for the recovery window from now
+/// on. Not when another connection of its state replaced it (that one keeps them), nor when the
+/// gateway was killed (as a crashed one would not). Bounded, so that a KV that does not answer
+/// holds no close back.
+async fn remember_topics(session: &Session, audiences: &[Audience], close: &Close) {
+    let shared = &session.shared;
+    if shared.killed.is_cancelled() || close.code == CloseCode::Replaced {
+        return;
+    }
+    let topics = audiences.iter().filter_map(|audience| match audience {
+        Audience::Topic(topic) => Some(topic.clone()),
+        _ => None,
+    });
+    let write = shared.socketio_states.write(&session.user, &session.device, topics.collect());
+    match tokio::time::timeout(CLOSE_GRACE, write).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => debug!(user = %session.user, %error, "topics not kept at close"),
+        Err(_) => debug!(user = %session.user, "topics not kept at close: KV did not answer in time"),
+    }
 }
 
 /// The frame that tells the client why its connection closes, if one is sent: 1006 means the

@@ -118,6 +118,8 @@ pub(crate) enum Action {
     FindStored { audience: Audience, from: u64 },
     /// Note for the device's next resume that messages from `first` on were lost.
     NoteLost { first: u64 },
+    /// Keep `topics` as the connection's state, for a client that recovers it (Socket.IO's).
+    RememberTopics { topics: Vec<String> },
 }
 
 /// The result of an [`Action`].
@@ -138,6 +140,8 @@ pub(crate) enum Outcome {
     /// The first stored message found, if any.
     Stored(Result<Option<Stored>, String>),
     Noted,
+    /// The topics were kept (or could not be: the failure is logged, the recovery will not find them).
+    Remembered,
 }
 
 /// Counts for the gateway's metrics, taken with [`SessionState::take_tally`].
@@ -184,6 +188,8 @@ enum Job {
     Unsubscribe {
         topic: String,
     },
+    /// The topics changed, and the codec's clients recover them: keep them.
+    RememberTopics,
     /// The codec dropped messages of `audience` after `since` that it held for want of a
     /// destination: read them again.
     Refill {
@@ -209,6 +215,7 @@ enum Step {
     Detach { topic: String },
     FindStored { audience: Audience, from: u64, through: u64 },
     NoteLost,
+    RememberTopics,
 }
 
 /// What reading the bounds is for.
@@ -602,6 +609,7 @@ impl SessionState {
             (Step::FindStored { audience, from, through }, Outcome::Stored(found)) => {
                 self.loss_checked(found, audience, from, through)
             }
+            (Step::RememberTopics, Outcome::Remembered) => self.job_done(),
             (Step::NoteLost, Outcome::Noted) => {
                 // Done: the connection's end must not find the loss still owed and note it again.
                 self.job_done();
@@ -811,8 +819,13 @@ impl SessionState {
                 let step = Step::Bounds(AfterBounds::Refill { audience, since });
                 self.begin(step, Action::ReadBounds { at_least });
             }
+            Job::RememberTopics => {
+                let topics = self.topics.iter().cloned().collect();
+                self.begin(Step::RememberTopics, Action::RememberTopics { topics });
+            }
             Job::Unsubscribe { topic } => {
                 if self.topics.remove(&topic) {
+                    self.topics_changed();
                     let audience = Audience::Topic(topic.clone());
                     self.sources.remove(&audience);
                     self.owed_after.remove(&audience);
@@ -824,6 +837,16 @@ impl SessionState {
                     self.notice(&ServerFrame::Unsubscribed { topic });
                 }
             }
+        }
+    }
+
+    /// Queues the keeping of the topics, when the codec's clients recover them and no keeping that
+    /// has not started yet is queued (it takes the topics as they are when it starts). Called by
+    /// the job that changed them, the first of the queue.
+    fn topics_changed(&mut self) {
+        let queued = self.jobs.iter().skip(1).any(|job| *job == Job::RememberTopics);
+        if self.codec.remembers_topics() && !queued {
+            self.jobs.push_back(Job::RememberTopics);
         }
     }
 
@@ -919,6 +942,7 @@ impl SessionState {
             }
             self.sources.add(start);
             self.topics.insert(topic.clone());
+            self.topics_changed();
         }
         match since {
             // `subscribed` promises live delivery: the subscription must be on the server first.

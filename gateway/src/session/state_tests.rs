@@ -1466,3 +1466,48 @@ fn a_socket_io_resume_whose_answer_was_dropped_by_a_close_is_answered_in_the_clo
         assert_eq!(last.windows(11).any(|w| w == br#""pid":"p.1""#), !taken, "taken: {taken}");
     }
 }
+
+fn topic_start(topic: &str) -> LogStart {
+    let log = Arc::new(Log::new(LogLimits { entries: 10, bytes: 1 << 20 }));
+    LogStart { audience: Audience::Topic(topic.into()), log, position: 0, routed: 0 }
+}
+
+/// Subscribes `topic` live through its attach and flush.
+fn join_live(h: &mut Harness, topic: &str) {
+    assert_eq!(h.action(), Some(Action::Attach { topic: topic.into(), attaching: Attaching::Live }));
+    h.state.on_outcome(Outcome::Attached(Ok(topic_start(topic))));
+    assert_eq!(h.action(), Some(Action::Flush));
+    h.state.on_outcome(Outcome::Flushed);
+}
+
+#[test]
+fn a_socketio_connections_topics_are_kept_after_they_change_once_per_write_under_way() {
+    let socketio =
+        || Codec::SocketIo(Box::new(crate::codec::SocketIoCodec::new(crate::codec::socketio::Pid::new("c1"), false)));
+    let mut h = Harness::build(Start::Live, 10, 100, |p| {
+        p.codec = socketio();
+        p.allowed_topics = vec!["news".into(), "sport".into()];
+    });
+    h.state.subscribe("news".into(), None);
+    join_live(&mut h, "news");
+    assert_eq!(h.action(), Some(Action::RememberTopics { topics: vec!["news".into()] }));
+    // Two changes while that write is under way: one more write, of the topics as they are then.
+    h.state.unsubscribe("news".into());
+    h.state.subscribe("sport".into(), None);
+    h.state.on_outcome(Outcome::Remembered);
+    assert_eq!(h.action(), Some(Action::Detach { topic: "news".into() }));
+    h.state.on_outcome(Outcome::Detached);
+    join_live(&mut h, "sport");
+    assert_eq!(h.action(), Some(Action::RememberTopics { topics: vec!["sport".into()] }));
+    h.state.on_outcome(Outcome::Remembered);
+    assert_eq!(h.action(), None);
+    // A refused `sub` changes nothing.
+    h.state.subscribe("secret".into(), None);
+    assert_eq!(h.action(), None);
+
+    // Herald's clients subscribe again themselves: nothing is kept.
+    let mut h = Harness::new(Start::Live, 10);
+    h.state.subscribe("news".into(), None);
+    join_live(&mut h, "news");
+    assert_eq!(h.action(), None);
+}
