@@ -48,8 +48,11 @@ async fn bad_tokens_get_401_with_a_json_reason_and_no_socket() {
 async fn bad_parameters_get_400_or_403_and_plain_get_gets_426() {
     let nats = TestNats::start().await;
     let gateway = TestGateway::start(&nats).await;
-    let good = token_with("42", &["news"], 600);
+    let good = token_with("42", &["news", "t*"], 600);
+    // More topics than one connection may have (`max_topics`, 64).
+    let many = (0..65).map(|n| format!("t{n}")).collect::<Vec<_>>().join(",");
     for (query, status, error) in [
+        (format!("token={good}&topics={many}"), 400, "bad_request"),
         (format!("token={good}&device=a.b"), 400, "bad_request"),
         (format!("token={good}&since=minus"), 400, "bad_request"),
         (format!("token={good}&topics=secret"), 403, "forbidden"),

@@ -73,7 +73,7 @@ pub fn authorize(data: &[u8]) {
         request = request.header(hyper::header::AUTHORIZATION, value);
     }
     let request = request.body(()).expect("a URI made of URI characters");
-    match auth::authorize(&request, &verifier()) {
+    match auth::authorize(&request, &verifier(), 64) {
         Ok(connect) => {
             assert_eq!(connect.claims.sub, "42");
             assert!(check_id(IdKind::Device, &connect.device).is_ok(), "device {:?} accepted", connect.device);

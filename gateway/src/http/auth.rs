@@ -70,8 +70,12 @@ impl Rejection {
     }
 }
 
-/// Checks a `/ws` request's token and parameters.
-pub(crate) fn authorize<B>(request: &hyper::Request<B>, verifier: &Verifier) -> Result<ConnectRequest, Rejection> {
+/// Checks a `/ws` request's token and parameters; at most `max_topics` topics.
+pub(crate) fn authorize<B>(
+    request: &hyper::Request<B>,
+    verifier: &Verifier,
+    max_topics: usize,
+) -> Result<ConnectRequest, Rejection> {
     let mut token = None;
     let mut since = None;
     let mut device = None;
@@ -104,6 +108,9 @@ pub(crate) fn authorize<B>(request: &hyper::Request<B>, verifier: &Verifier) -> 
     }
     topics.sort();
     topics.dedup();
+    if topics.len() > max_topics {
+        return Err(Rejection::bad_request(format!("at most {max_topics} topics per connection")));
+    }
     Ok(ConnectRequest { claims, device, since, topics, live: false })
 }
 
@@ -134,7 +141,7 @@ mod tests {
     fn reads_token_device_since_and_topics() {
         let verifier = Verifier::new(Some(SECRET), None).unwrap();
         let query = format!("token={}&device=phone&since=12&topics=news,room-1", token(&["news", "room-*"]));
-        let connect = authorize(&request(&query), &verifier).unwrap();
+        let connect = authorize(&request(&query), &verifier, 2).unwrap();
         assert_eq!(connect.claims.sub, "42");
         assert_eq!((connect.device.as_str(), connect.since), ("phone", Some(12)));
         assert_eq!(connect.topics, vec!["news", "room-1"]);
@@ -148,13 +155,13 @@ mod tests {
             .header(AUTHORIZATION, format!("Bearer {}", token(&[])))
             .body(())
             .unwrap();
-        assert_eq!(authorize(&request, &verifier).unwrap().device, DEFAULT_DEVICE);
+        assert_eq!(authorize(&request, &verifier, 2).unwrap().device, DEFAULT_DEVICE);
     }
 
     #[test]
     fn refuses_with_the_right_status() {
         let verifier = Verifier::new(Some(SECRET), None).unwrap();
-        let status = |query: String| authorize(&request(&query), &verifier).unwrap_err().status;
+        let status = |query: String| authorize(&request(&query), &verifier, 2).unwrap_err().status;
         assert_eq!(status(String::new()), StatusCode::UNAUTHORIZED);
         assert_eq!(status(format!("token={}&topics=secret", token(&["news"]))), StatusCode::FORBIDDEN);
         assert_eq!(status(format!("token={}&device=a.b", token(&[]))), StatusCode::BAD_REQUEST);

@@ -149,7 +149,7 @@ async fn upgrade(
         return Err(Rejection::new(StatusCode::FORBIDDEN, "forbidden_origin", reason));
     }
     // The token first: a client with a bad one learns that whatever else is wrong.
-    let connect = auth::authorize(&request, &shared.verifier)?;
+    let connect = auth::authorize(&request, &shared.verifier, shared.config.max_topics)?;
     let (address, permit) = admit(&shared, &request, peer)?;
     let (response, upgrade) = fastwebsockets::upgrade::upgrade(&mut request)
         .map_err(|error| Rejection::new(StatusCode::BAD_REQUEST, "bad_request", error.to_string()))?;

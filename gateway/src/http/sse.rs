@@ -116,7 +116,7 @@ async fn admit_stream<B>(
             format!("origin {origin} is not allowed"),
         ));
     }
-    let mut connect = auth::authorize(request, &shared.verifier)?;
+    let mut connect = auth::authorize(request, &shared.verifier, shared.config.max_topics)?;
     if !shared.health.ready() {
         return Ok(None);
     }
