@@ -84,6 +84,49 @@ async fn the_http_api_publishes_with_api_keys_and_refuses_bad_requests_clearly()
     assert_eq!(send(message.to_string()).await.unwrap().status().as_u16(), 200);
 }
 
+/// Data is stored as the caller wrote it and listed as sockets get it: re-encoded, a number past 64
+/// bits would become a float. What NATS cannot take is a 413, not a 503 to retry; a known path asked
+/// with another method a 405; an id in a path may be percent-encoded.
+#[tokio::test]
+async fn the_http_api_keeps_data_as_written_and_answers_in_http_terms() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start_with(&nats, |c| {
+        c.api_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.api_keys = vec![KEY.into()];
+        c.api_nats_user = Some(herald_tests::nats::Role::Publisher.user().into());
+        c.api_nats_password = Some(herald_tests::nats::Role::Publisher.password());
+        c.api_max_body_bytes = 4 << 20;
+    })
+    .await;
+    let data = r#"{"a":12345678901234567890123,"f":1E5}"#;
+    let (status, body) =
+        post(&gateway, "/v1/publish", Some(KEY), format!(r#"{{"to":{{"user":"a@b"}},"data":{data}}}"#)).await;
+    assert_eq!(status, 200, "{body}");
+    let stream = nats.jetstream().await.get_stream("HERALD").await.unwrap();
+    let stored = stream.get_raw_message(body["seq"].as_u64().unwrap()).await.unwrap();
+    assert_eq!(std::str::from_utf8(&stored.payload).unwrap(), data);
+    let http = reqwest::Client::new();
+    let get = |path: &str| http.get(gateway.api_url(path)).bearer_auth(KEY).send();
+    let listed = get("/v1/inbox/a%40b/messages").await.unwrap().text().await.unwrap();
+    assert!(listed.contains(&format!(r#""data":{data}}}"#)), "{listed}");
+    let summary: Value = get("/v1/inbox/a%40b").await.unwrap().json().await.unwrap();
+    assert_eq!((summary["user"].as_str(), summary["unread"].as_u64()), (Some("a@b"), Some(1)));
+
+    let over = json!({"to": {"all": true}, "data": "x".repeat(1 << 20)}).to_string();
+    let (status, body) = post(&gateway, "/v1/publish", Some(KEY), over).await;
+    assert_eq!((status, body["error"].as_str()), (413, Some("too_large")), "{body}");
+    let (status, body) =
+        post(&gateway, "/v1/publish", Some(KEY), json!({"to": {"user": "a", "topic": "b"}}).to_string()).await;
+    assert_eq!(status, 400);
+    assert!(body["reason"].as_str().unwrap().starts_with("to: exactly one of"), "{body}");
+    for (path, allow) in [("/v1/publish", "POST"), ("/v1/inbox/a/read", "POST"), ("/v1/stream", "GET")] {
+        let wrong = if allow == "POST" { http.get(gateway.api_url(path)) } else { http.delete(gateway.api_url(path)) };
+        let answer = wrong.bearer_auth(KEY).send().await.unwrap();
+        assert_eq!(answer.status().as_u16(), 405, "{path}");
+        assert_eq!(answer.headers().get("allow").map(|v| v.to_str().unwrap()), Some(allow), "{path}");
+    }
+}
+
 #[tokio::test]
 async fn presence_and_disconnect_span_every_gateway() {
     let nats = TestNats::start().await;

@@ -7,10 +7,10 @@
 //!
 //! A user who never got anything just has an empty inbox.
 
-use herald_shared::frame::{Msg, ServerFrame};
+use herald_shared::frame::{MsgMeta, write_msg};
 use herald_shared::id::{IdKind, check_id};
-use herald_shared::payload::data_value;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use super::ApiError;
@@ -50,7 +50,7 @@ pub(super) async fn state(shared: &Shared, user: &str) -> Result<InboxState, Api
 }
 
 /// `GET /v1/inbox/<user>/messages?after=&limit=`.
-pub(super) async fn messages(shared: &Shared, user: &str, query: &str) -> Result<Value, ApiError> {
+pub(super) async fn messages(shared: &Shared, user: &str, query: &str) -> Result<bytes::Bytes, ApiError> {
     check_id(IdKind::User, user).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let (mut after, mut limit) = (0, DEFAULT_LIMIT);
     for (key, value) in form_urlencoded::parse(query.as_bytes()) {
@@ -65,8 +65,18 @@ pub(super) async fn messages(shared: &Shared, user: &str, query: &str) -> Result
         return Err(ApiError::bad_request(format!("limit must be 1 to {MAX_LIMIT}")));
     }
     let page = shared.inbox.page(user, after, limit).await.map_err(ApiError::unavailable)?;
-    let messages: Vec<Value> = page.messages.iter().map(msg_value).collect();
-    Ok(json!({"user": user, "messages": messages, "next": page.next, "complete": page.complete}))
+    let messages: Vec<Box<RawValue>> = page.messages.iter().map(msg_json).collect();
+    let body = Page { user, messages, next: page.next, complete: page.complete };
+    Ok(serde_json::to_vec(&body).map_err(|e| ApiError::unavailable(e.to_string()))?.into())
+}
+
+/// A page of `GET /v1/inbox/<user>/messages`.
+#[derive(Serialize)]
+struct Page<'a> {
+    user: &'a str,
+    messages: Vec<Box<RawValue>>,
+    next: u64,
+    complete: bool,
 }
 
 #[derive(Deserialize)]
@@ -89,15 +99,13 @@ pub(super) async fn read(shared: &Shared, user: &str, body: Value) -> Result<Val
     Ok(json!({"user": user, "read": read, "unread": unread}))
 }
 
-/// A message as the `msg` object clients know from their sockets.
-fn msg_value(message: &Message) -> Value {
-    let msg = Msg {
-        seq: message.seq,
-        to: message.audience.frame_to(),
-        id: message.id.to_string(),
-        kind: message.kind.to_string(),
-        ts: message.ts.to_string(),
-        data: data_value(&message.payload),
-    };
-    serde_json::to_value(ServerFrame::Msg(msg)).unwrap_or(Value::Null)
+/// A message as the `msg` object clients get on their sockets, byte for byte.
+fn msg_json(message: &Message) -> Box<RawValue> {
+    let to = message.audience.frame_to();
+    let meta = MsgMeta { seq: message.seq, to: &to, id: &message.id, kind: &message.kind, ts: &message.ts };
+    let mut json = Vec::new();
+    write_msg(&mut json, &meta, &message.payload);
+    // Written as JSON by construction.
+    let text = String::from_utf8(json).unwrap_or_default();
+    RawValue::from_string(text).unwrap_or_else(|_| RawValue::from_string("null".into()).expect("null is JSON"))
 }

@@ -49,11 +49,19 @@ struct ApiError {
     code: &'static str,
     reason: String,
     id: Option<String>,
+    /// The methods a 405's path takes (its `Allow` header).
+    allow: Option<&'static str>,
 }
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, reason: impl Into<String>) -> ApiError {
-        ApiError { status, code, reason: reason.into(), id: None }
+        ApiError { status, code, reason: reason.into(), id: None, allow: None }
+    }
+
+    /// A known path asked with a method it does not take.
+    fn method_not_allowed(path: &str, allow: &'static str) -> ApiError {
+        let reason = format!("{path} takes {allow}");
+        ApiError { allow: Some(allow), ..ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", reason) }
     }
 
     fn bad_request(reason: impl Into<String>) -> ApiError {
@@ -116,9 +124,12 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Result<ApiRe
         Ok(()) => route(&shared, request).await,
     };
     Ok(match result {
-        Ok(body) => json_response(StatusCode::OK, &body),
+        Ok(body) => json_response(StatusCode::OK, body),
         Err(error) => {
-            let mut response = json_response(error.status, &error.body());
+            let mut response = json_response(error.status, error.body().to_string().into());
+            if let Some(allow) = error.allow {
+                response.headers_mut().insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static(allow));
+            }
             if error.status == StatusCode::PAYLOAD_TOO_LARGE {
                 // The rest of the body is left unread: this connection carries no other request.
                 response
@@ -130,7 +141,19 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Result<ApiRe
     })
 }
 
-async fn route(shared: &Shared, request: Request<Incoming>) -> Result<Value, ApiError> {
+/// The answer's JSON text. Messages are written as sockets get them, payloads as published: a
+/// [`Value`] would re-encode them (a number past 64 bits, say).
+async fn route(shared: &Shared, request: Request<Incoming>) -> Result<Bytes, ApiError> {
+    let path = request.uri().path();
+    if request.method() == Method::GET
+        && let Some(user) = path.strip_prefix("/v1/inbox/").and_then(|rest| rest.strip_suffix("/messages"))
+    {
+        return inbox::messages(shared, &path_id(user)?, request.uri().query().unwrap_or("")).await;
+    }
+    route_value(shared, request).await.map(|value| Bytes::from(value.to_string()))
+}
+
+async fn route_value(shared: &Shared, request: Request<Incoming>) -> Result<Value, ApiError> {
     let path = request.uri().path().to_string();
     let query = request.uri().query().unwrap_or("").to_string();
     let inbox = path.strip_prefix("/v1/inbox/").map(|rest| rest.split_once('/').unwrap_or((rest, "")));
@@ -142,19 +165,22 @@ async fn route(shared: &Shared, request: Request<Incoming>) -> Result<Value, Api
         (Method::GET, "/v1/stream", _) => stream::stream(shared).await,
         (Method::GET, "/v1/functions", _) => functions::functions(shared).await,
         (Method::GET, path, _) if path.starts_with("/v1/users/") => {
-            users::user(shared, &path["/v1/users/".len()..]).await
+            users::user(shared, &path_id(&path["/v1/users/".len()..])?).await
         }
-        (Method::POST, "/v1/publish", _) => publish::publish(shared, read_json(shared, request).await?).await,
+        (Method::POST, "/v1/publish", _) => publish::publish(shared, &read_body(shared, request).await?).await,
         (Method::POST, "/v1/disconnect", _) => cluster::disconnect(shared, read_json(shared, request).await?).await,
         (Method::GET, path, _) if path.starts_with("/v1/presence/") => {
-            cluster::presence(shared, &path["/v1/presence/".len()..]).await
+            cluster::presence(shared, &path_id(&path["/v1/presence/".len()..])?).await
         }
-        (Method::GET, _, Some((user, ""))) => inbox::summary(shared, user).await,
-        (Method::GET, _, Some((user, "messages"))) => inbox::messages(shared, user, &query).await,
+        (Method::GET, _, Some((user, ""))) => inbox::summary(shared, &path_id(user)?).await,
         (Method::POST, _, Some((user, "read"))) => {
-            let user = user.to_string();
+            let user = path_id(user)?;
             inbox::read(shared, &user, read_json(shared, request).await?).await
         }
+        (_, "/v1/publish" | "/v1/disconnect", _) => Err(ApiError::method_not_allowed(&path, "POST")),
+        (_, "/v1/gateways" | "/v1/stream" | "/v1/functions", _) => Err(ApiError::method_not_allowed(&path, "GET")),
+        (_, _, Some((_, "read"))) => Err(ApiError::method_not_allowed(&path, "POST")),
+        (_, _, Some((_, "" | "messages"))) => Err(ApiError::method_not_allowed(&path, "GET")),
         _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no endpoint {path}"))),
     }
 }
@@ -182,6 +208,12 @@ async fn route_dead_letters(
         (Method::POST, function, "purge") => dead_letters::purge(shared, function).await,
         _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")),
     }
+}
+
+/// An id in a path, percent-decoded (`a%40b` is `a@b`, as URL builders write it).
+fn path_id(segment: &str) -> Result<String, ApiError> {
+    let decoded = percent_encoding::percent_decode_str(segment).decode_utf8();
+    decoded.map(|id| id.into_owned()).map_err(|_| ApiError::bad_request("the id in the path is not UTF-8"))
 }
 
 /// The query's parameters among `allowed`, each a number.
@@ -225,11 +257,16 @@ fn same_secret(expected: &str, presented: &str) -> bool {
 }
 
 async fn read_json(shared: &Shared, request: Request<Incoming>) -> Result<Value, ApiError> {
+    let body = read_body(shared, request).await?;
+    serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("not JSON: {e}")))
+}
+
+async fn read_body(shared: &Shared, request: Request<Incoming>) -> Result<Bytes, ApiError> {
     let limit = shared.config.api_max_body_bytes;
     let body = Limited::new(request.into_body(), limit).collect().await.map_err(|_| {
         ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("the body is over {limit} bytes"))
     })?;
-    serde_json::from_slice(&body.to_bytes()).map_err(|e| ApiError::bad_request(format!("not JSON: {e}")))
+    Ok(body.to_bytes())
 }
 
 fn page(html: &'static str) -> ApiResponse {
@@ -241,11 +278,11 @@ fn page(html: &'static str) -> ApiResponse {
         .expect("static response parts are valid")
 }
 
-fn json_response(status: StatusCode, body: &Value) -> ApiResponse {
+fn json_response(status: StatusCode, body: Bytes) -> ApiResponse {
     Response::builder()
         .status(status)
         .header(CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
+        .body(Full::new(body))
         .expect("static response parts are valid")
 }
 

@@ -9,7 +9,9 @@ use bytes::Bytes;
 use futures::future::join_all;
 use herald_shared::id::{IdKind, check_id};
 use herald_shared::subject::{Audience, header};
+use hyper::StatusCode;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use super::ApiError;
@@ -24,10 +26,11 @@ const RETRY_HINT: &str = "it may have been stored: retry with the same id, it is
 /// A message to publish.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Publish {
+struct Publish<'a> {
     to: Target,
-    #[serde(default)]
-    data: Value,
+    /// As the caller wrote it: a value re-encoded could change (a number past 64 bits, say).
+    #[serde(default, borrow)]
+    data: Option<&'a RawValue>,
     #[serde(default)]
     kind: Option<String>,
     #[serde(default)]
@@ -51,7 +54,7 @@ struct Checked {
     payload: Bytes,
 }
 
-impl Publish {
+impl Publish<'_> {
     /// The message ready to publish (with an id made here when the caller gave none), or why it is
     /// not acceptable.
     fn check(self) -> Result<Checked, String> {
@@ -76,27 +79,60 @@ impl Publish {
             None => format!("api-{}", crate::id::random_id(20)),
         };
         headers.insert(header::NATS_MSG_ID, id.as_str());
-        // The data is sent as JSON text, so clients receive it as the same JSON value.
-        let payload = serde_json::to_vec(&self.data).map_err(|e| e.to_string())?;
-        Ok(Checked { id, subject: audience.push_subject(), headers, payload: payload.into() })
+        // The data is sent as the JSON text it came as, so clients receive the same JSON value.
+        let payload = self.data.map_or("null", RawValue::get);
+        Ok(Checked {
+            id,
+            subject: audience.push_subject(),
+            headers,
+            payload: Bytes::copy_from_slice(payload.as_bytes()),
+        })
     }
 }
 
-pub(super) async fn publish(shared: &Shared, body: Value) -> Result<Value, ApiError> {
-    let batch = body.is_array();
-    let items: Vec<Value> = match body {
-        Value::Array(items) => items,
-        single => vec![single],
-    };
+/// Reads one message of a request.
+fn read(item: &RawValue) -> Result<Checked, String> {
+    serde_json::from_str::<Publish>(item.get()).map_err(describe).and_then(Publish::check)
+}
+
+/// Why a message could not be read, in the caller's terms.
+fn describe(error: serde_json::Error) -> String {
+    let text = error.to_string();
+    if text.contains("untagged enum Target") {
+        return r#"to: exactly one of {"user":"<id>"}, {"topic":"<topic>"}, {"all":true}"#.to_string();
+    }
+    text
+}
+
+/// The bytes NATS counts of a message: its payload and its headers' block.
+fn size(message: &Checked) -> usize {
+    let headers: usize = message
+        .headers
+        .iter()
+        .map(|(name, values)| {
+            values.iter().map(|value| name.to_string().len() + value.as_str().len() + 4).sum::<usize>()
+        })
+        .sum();
+    message.payload.len() + headers + "NATS/1.0\r\n\r\n".len()
+}
+
+pub(super) async fn publish(shared: &Shared, body: &[u8]) -> Result<Value, ApiError> {
+    let not_json = |e: serde_json::Error| ApiError::bad_request(format!("not JSON: {e}"));
+    let whole: &RawValue = serde_json::from_slice(body).map_err(not_json)?;
+    let batch = whole.get().starts_with('[');
+    let items: Vec<&RawValue> = if batch { serde_json::from_str(whole.get()).map_err(not_json)? } else { vec![whole] };
     if items.is_empty() || items.len() > MAX_BATCH {
         return Err(ApiError::bad_request(format!("a batch holds 1 to {MAX_BATCH} messages")));
     }
+    let which = |index: usize, reason: String| if batch { format!("message {index}: {reason}") } else { reason };
+    let max_payload = shared.client.server_info().max_payload;
     let mut checked = Vec::with_capacity(items.len());
     for (index, item) in items.into_iter().enumerate() {
-        let message =
-            serde_json::from_value::<Publish>(item).map_err(|e| e.to_string()).and_then(Publish::check).map_err(
-                |reason| ApiError::bad_request(if batch { format!("message {index}: {reason}") } else { reason }),
-            )?;
+        let message = read(item).map_err(|reason| ApiError::bad_request(which(index, reason)))?;
+        if size(&message) > max_payload {
+            let reason = format!("{} bytes with its headers; NATS takes at most {max_payload}", size(&message));
+            return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", which(index, reason)));
+        }
         checked.push(message);
     }
     let js = shared.api_js.as_ref().unwrap_or(&shared.js);
@@ -120,7 +156,7 @@ mod tests {
     use super::*;
 
     fn check(value: Value) -> Result<Checked, String> {
-        serde_json::from_value::<Publish>(value).map_err(|e| e.to_string()).and_then(Publish::check)
+        read(&RawValue::from_string(value.to_string()).unwrap())
     }
 
     #[test]
