@@ -231,6 +231,8 @@ async fn dead_letters_are_listed_redriven_to_a_push_and_purged() {
     let after = body["next"].as_u64().unwrap();
     let (_, body) = get(&gateway, &format!("/v1/dead-letters/forward?after={after}")).await;
     assert_eq!(body["dead_letters"].as_array().map(Vec::len), Some(1));
+    let (status, body) = get(&gateway, &format!("/v1/dead-letters/forward?after={}", u64::MAX)).await;
+    assert_eq!((status, body["dead_letters"].clone()), (200, json!([])));
     let (status, body) = post(&gateway, "/v1/dead-letters/other/redrive", json!({"seq": after})).await;
     assert_eq!((status, body["error"].as_str()), (404, Some("not_found")), "a letter of forward, not of other");
     let (status, body) = post(&gateway, "/v1/dead-letters/forward/purge", json!({})).await;

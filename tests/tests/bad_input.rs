@@ -44,6 +44,24 @@ async fn bad_tokens_get_401_with_a_json_reason_and_no_socket() {
     assert_eq!(gateway.metric("herald_gateway_connections").await, 1.0);
 }
 
+/// A token that expires at the end of 64-bit time is a token that does not expire soon: the
+/// connection is served, and when it ends nothing of it is left behind.
+#[tokio::test]
+async fn a_token_expiring_at_the_end_of_time_is_served_and_leaves_nothing_behind() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let token = issue_hs256(SECRET.as_bytes(), &Claims { sub: "forever".into(), exp: u64::MAX, topics: vec![] });
+    let mut client = gateway.connect_with(&format!("token={token}")).await;
+    let seq = publisher.publish("push.user.forever", "1").await;
+    assert_eq!(client.expect_msg().await.seq, seq);
+    drop(client);
+    herald_tests::eventually("the connection gone", Duration::from_secs(10), || async {
+        (gateway.metric("herald_gateway_connections").await == 0.0).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn bad_parameters_get_400_or_403_and_plain_get_gets_426() {
     let nats = TestNats::start().await;

@@ -196,6 +196,8 @@ async fn the_http_inbox_counts_pages_and_marks_read() {
     let later = publisher.publish("push.user.page", "later").await;
     let (_, body) = get(&gateway, "/v1/inbox/page").await;
     assert_eq!(body, json!({"user": "page", "read": sent[2499], "unread": 1, "last": later}));
+    let (status, body) = get(&gateway, &format!("/v1/inbox/page/messages?after={}", u64::MAX)).await;
+    assert_eq!((status, body["messages"].clone(), body["next"].as_u64()), (200, json!([]), Some(u64::MAX)));
     let (_, body) = get(&gateway, "/v1/inbox/nobody-yet").await;
     assert_eq!(body, json!({"user": "nobody-yet", "read": 0, "unread": 0, "last": 0}));
 

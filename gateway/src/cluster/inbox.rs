@@ -169,6 +169,10 @@ impl Inbox {
 
     /// Up to `limit` personal messages of the user after `after`, in order.
     pub(crate) async fn page(&self, user: &str, after: u64, limit: usize) -> Result<Page, InboxError> {
+        if after == u64::MAX {
+            // Nothing can come after it (and `after + 1` below would overflow).
+            return Ok(Page { messages: Vec::new(), next: after, complete: true });
+        }
         let audience = Audience::User(user.to_string());
         let subject = audience.push_subject();
         let (remaining, first) = tokio::join!(self.count_from(&subject, after + 1), self.first_seq());

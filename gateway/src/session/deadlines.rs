@@ -6,6 +6,15 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+/// As far as a deadline goes: a token's expiry past it (`exp` can be any 64-bit number) counts
+/// as this, since an instant that far would overflow the clock.
+const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// When a token that expires at `exp` (seconds since the epoch, `now_secs` being now) expires.
+pub(crate) fn token_expiry(now: Instant, now_secs: u64, exp: u64) -> Instant {
+    now + Duration::from_secs(exp.saturating_sub(now_secs)).min(FAR_FUTURE)
+}
+
 /// What is due.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Due {
@@ -82,6 +91,14 @@ mod tests {
     use super::*;
 
     const SEC: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn a_token_expiry_too_far_for_the_clock_is_as_far_as_a_deadline_goes() {
+        let now = Instant::now();
+        assert_eq!(token_expiry(now, 1_000, 1_060), now + Duration::from_secs(60));
+        assert_eq!(token_expiry(now, 1_000, 10), now, "expired already");
+        assert_eq!(token_expiry(now, 1_000, u64::MAX), now + FAR_FUTURE);
+    }
 
     #[test]
     fn a_silent_client_is_given_up_a_heartbeat_plus_the_timeout_after_it_was_last_heard() {

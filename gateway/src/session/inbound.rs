@@ -56,8 +56,7 @@ fn refresh(session: &Session, state: &mut SessionState, token: &str, deadlines: 
     use herald_shared::token::{TokenError, now_secs};
     let outcome = match session.shared.verifier.verify(token) {
         Ok(claims) if claims.sub == *session.user => {
-            let left = std::time::Duration::from_secs(claims.exp.saturating_sub(now_secs()));
-            deadlines.expire_at(tokio::time::Instant::now() + left);
+            deadlines.expire_at(super::deadlines::token_expiry(tokio::time::Instant::now(), now_secs(), claims.exp));
             Ok(claims.exp)
         }
         Ok(_) => Err((error::UNAUTHORIZED, "the token is for another user".to_string())),

@@ -241,7 +241,7 @@ async fn serve(
     let shared = &session.shared;
     let config = &shared.config;
     let now = Instant::now();
-    let expires = now + Duration::from_secs(session.request.claims.exp.saturating_sub(now_secs()));
+    let expires = deadlines::token_expiry(now, now_secs(), session.request.claims.exp);
     let heartbeat = state.codec().heartbeat(config.heartbeat);
     let silence = state.codec().silence(config.heartbeat_timeout);
     let mut deadlines = Deadlines::new(now, heartbeat, silence, config.write_stall_timeout, expires);

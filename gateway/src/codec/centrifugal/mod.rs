@@ -365,7 +365,8 @@ const PRESENCE_PREFIX: &str = "p";
 /// The `ttl` the SDKs refresh the token after: a little before it `expires`, so the new one
 /// arrives before the gateway closes the connection (3005) at the expiry.
 fn refresh_in(expires: u64) -> u64 {
-    let left = expires.saturating_sub(now_secs());
+    // The protocol's `ttl` is 32 bits: a longer one would be cut to a short one.
+    let left = expires.saturating_sub(now_secs()).min(u64::from(u32::MAX));
     left.saturating_sub((left / 5).clamp(1, 30)).max(1)
 }
 

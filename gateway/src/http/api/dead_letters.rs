@@ -58,7 +58,9 @@ pub(super) async fn list(shared: &Shared, function: &str, query: &str) -> Result
     }
     let mut letters = Vec::new();
     while (letters.len() as u64) < limit {
-        let body = json!({"seq": after + 1, "next_by_subj": dead_letter(function)});
+        // Nothing comes after the last sequence there can be.
+        let Some(from) = after.checked_add(1) else { break };
+        let body = json!({"seq": from, "next_by_subj": dead_letter(function)});
         let message = match jsapi::request(shared, format!("STREAM.MSG.GET.{DLQ_STREAM}"), &body).await? {
             Ok(answer) => StoredLetter::from_answer(&answer)?,
             Err(error) if error.err_code == NO_MESSAGE || error.err_code == NO_STREAM => break,
