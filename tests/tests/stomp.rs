@@ -138,6 +138,16 @@ async fn a_forbidden_topic_and_malformed_frames_get_error_then_close() {
         let (error, close) = client.expect_error_and_close().await;
         assert_eq!((error.header("message"), close), (message, Some(1008)), "{frame:?}: {}", error.body);
     }
+    // Subscriptions up to the limit (each queue name is one), and no more: the 257th is refused.
+    let (mut client, _) = connect(&gateway, &[("passcode", &user_token)]).await;
+    for n in 0..256 {
+        subscribe(&mut client, &n.to_string(), &format!("/user/queue/q{n}"), &[]).await;
+    }
+    client.send_raw("SUBSCRIBE\nid:256\ndestination:/user/queue/q256\nreceipt:r256\n\n\0").await;
+    let (error, close) = client.expect_error_and_close().await;
+    assert_eq!((error.header("receipt-id"), error.body.as_str()), ("r256", "at most 256 subscriptions per connection"));
+    assert_eq!(close, Some(1008));
+
     // A frame past the gateway's `max_frame_bytes`, sent in pieces each under it.
     let small = TestGateway::start_with(&nats, |config| config.max_frame_bytes = 1024).await;
     let (mut client, _) = connect(&small, &[("passcode", &user_token)]).await;

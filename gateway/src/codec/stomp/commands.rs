@@ -10,6 +10,9 @@ use super::frame::{Frame, Version};
 use super::{AckMode, Held, PendingRpc, RPC_MESSAGE_ID, StompCodec, Subscription, Target, Transport, receipt_frame};
 use crate::codec::{Command, Refusal, sockjs};
 
+/// Most subscriptions one connection may hold (each `/user/queue/<name>` is one, whatever its name).
+pub(crate) const MAX_SUBSCRIPTIONS: usize = 256;
+
 impl StompCodec {
     /// Reads one client message: the commands of the frames it completes (none for heart-beats or
     /// the start of a frame), up to the first refused. Over SockJS a message holds any number of
@@ -150,6 +153,9 @@ impl StompCodec {
         };
         if self.subscriptions.iter().any(|s| s.id == id) {
             return Err(bad(format!("subscription {id:?} exists already")));
+        }
+        if self.subscriptions.len() >= MAX_SUBSCRIPTIONS {
+            return Err(bad(format!("at most {MAX_SUBSCRIPTIONS} subscriptions per connection")));
         }
         let target = Target::of(destination).ok_or_else(|| {
             bad(format!("unknown destination {destination:?}: /user/queue/<name>, /topic/all or /topic/<topic>"))
