@@ -269,6 +269,34 @@ async fn gateways_started_before_jetstream_has_a_leader_create_everything_once_i
     }
 }
 
+/// A cluster that lost its quorum (two nodes of three gone) has a stream no server leads: nothing
+/// can be stored or read, and connections would only open to close with 1013. The gateway on the
+/// node left says it is not ready, and is ready again once the nodes are back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_whose_stream_has_no_leader_is_not_ready() {
+    let _alone = ONE_CLUSTER.lock().await;
+    let cluster = TestCluster::start().await;
+    let [kept, gone @ ..] = <[String; 3]>::try_from(cluster.names()).expect("three nodes");
+    let replicated = |config: &mut herald_gateway::Config| config.stream.stream_replicas = 3;
+    let gateway = TestGateway::start_on(&cluster.node_url(&kept), replicated).await;
+    assert_eq!(gateway.readyz().await, 200);
+    for node in &gone {
+        cluster.kill(node).await;
+    }
+    // Said as such: a question that times out would say "does not answer", and only after it did.
+    let leaderless = || async {
+        let problems = gateway.readyz_problems().await;
+        problems.iter().any(|problem| problem == "stream HERALD or a KV bucket has no leader").then_some(())
+    };
+    eventually("readyz: no leader", Duration::from_secs(60), leaderless).await;
+    assert_eq!(gateway.readyz().await, 503);
+    for node in &gone {
+        cluster.restart(node).await;
+    }
+    eventually("readyz 200", Duration::from_secs(120), || async { (gateway.readyz().await == 200).then_some(()) })
+        .await;
+}
+
 /// A stream leader that fails after storing a message and before republishing it leaves the
 /// message stored but never delivered; nothing on its subject says so until the next message of
 /// that subject. The gateways follow the stream's leader changes and ask the new leader for the

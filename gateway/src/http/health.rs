@@ -76,6 +76,7 @@ impl Health {
         match self.store.load(Ordering::Acquire) {
             store if store == Store::Ready as u8 => {}
             store if store == Store::Unanswered as u8 => problems.push("JetStream does not answer"),
+            store if store == Store::Leaderless as u8 => problems.push("stream HERALD or a KV bucket has no leader"),
             _ => problems.push("stream HERALD or a KV bucket not available"),
         }
         if !self.policy_watch.load(Ordering::Acquire) {
@@ -139,6 +140,8 @@ enum Store {
     Unavailable,
     /// JetStream did not answer about all of them, e.g. from a NATS node cut off from its cluster.
     Unanswered,
+    /// One of them has no leader (its cluster lost its quorum): nothing can be stored or read.
+    Leaderless,
 }
 
 /// What JetStream said of one stream (a KV bucket is the stream `KV_<bucket>`).
@@ -149,11 +152,26 @@ enum Probe {
     Absent,
     /// No answer (a timeout, no responders) or one that does not say (no leader, say).
     Unanswered,
+    /// Known to the cluster, but led by no server.
+    Leaderless,
+}
+
+/// What a stream's info says of its leader.
+trait Led {
+    fn has_leader(&self) -> bool;
+}
+
+impl Led for jetstream::stream::Stream {
+    fn has_leader(&self) -> bool {
+        // A server outside any cluster leads its streams itself and names no leader.
+        self.cached_info().cluster.as_ref().is_none_or(|cluster| cluster.leader.is_some())
+    }
 }
 
 impl Probe {
-    fn of<T>(answer: &Result<T, GetStreamError>) -> Probe {
+    fn of<T: Led>(answer: &Result<T, GetStreamError>) -> Probe {
         match answer.as_ref().map_err(|error| error.kind()) {
+            Ok(stream) if !stream.has_leader() => Probe::Leaderless,
             Ok(_) => Probe::Present,
             Err(GetStreamErrorKind::JetStream(error)) if error.error_code() == ErrorCode::STREAM_NOT_FOUND => {
                 Probe::Absent
@@ -197,6 +215,12 @@ async fn check(
         warn!(?unanswered, "JetStream does not answer about the stream or buckets");
         return (Store::Unanswered, None);
     }
+    let leaderless: Vec<_> =
+        probes.iter().filter(|(_, probe)| *probe == Probe::Leaderless).map(|(name, _)| name).collect();
+    if !leaderless.is_empty() {
+        warn!(?leaderless, "the stream or buckets have no leader");
+        return (Store::Leaderless, None);
+    }
     let missing: Vec<_> = probes.iter().filter(|(_, probe)| *probe == Probe::Absent).map(|(name, _)| *name).collect();
     if missing.is_empty() {
         return (Store::Ready, None);
@@ -239,6 +263,18 @@ async fn probe(js: &jetstream::Context) -> (Vec<(&'static str, Probe)>, Option<t
 mod tests {
     use super::*;
 
+    impl Led for () {
+        fn has_leader(&self) -> bool {
+            true
+        }
+    }
+
+    impl Led for bool {
+        fn has_leader(&self) -> bool {
+            *self
+        }
+    }
+
     fn jetstream_error(status: u16, code: u64) -> Result<(), GetStreamError> {
         let error = serde_json::json!({"code": status, "err_code": code, "description": "from JetStream"});
         Err(GetStreamError::new(GetStreamErrorKind::JetStream(serde_json::from_value(error).unwrap())))
@@ -248,6 +284,7 @@ mod tests {
     fn only_jetstream_saying_it_has_no_such_stream_is_absence() {
         assert_eq!(Probe::of(&Ok::<(), GetStreamError>(())), Probe::Present);
         assert_eq!(Probe::of(&jetstream_error(404, 10059)), Probe::Absent);
+        assert_eq!(Probe::of(&Ok::<bool, GetStreamError>(false)), Probe::Leaderless);
     }
 
     #[test]
