@@ -119,6 +119,25 @@ pub async fn ensure_config_bucket(
     js.create_or_update_key_value(bucket_config(settings, KV_CONFIG, "settings every gateway shares")).await
 }
 
+/// The bucket of muted kinds, made when missing; never changes an existing one. For the push
+/// functions, which need only this bucket: the gateways own the buckets' settings, and a process
+/// started with other settings (replicas, say) must not change them.
+pub async fn prefs_bucket(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> Result<kv::Store, jetstream::context::CreateKeyValueError> {
+    if let Ok(bucket) = js.get_key_value(KV_PREFS).await {
+        return Ok(bucket);
+    }
+    match js.create_key_value(bucket_config(settings, KV_PREFS, PREFS_DESCRIPTION)).await {
+        Ok(bucket) => Ok(bucket),
+        // Made meanwhile (by a gateway, or another copy), perhaps with other settings: theirs stay.
+        Err(error) => js.get_key_value(KV_PREFS).await.map_err(|_| error),
+    }
+}
+
+const PREFS_DESCRIPTION: &str = "muted kinds per user";
+
 /// Creates or updates the KV buckets.
 pub async fn ensure_buckets(
     js: &jetstream::Context,
@@ -127,7 +146,7 @@ pub async fn ensure_buckets(
     let bucket = |name: &str, description: &str| bucket_config(settings, name, description);
     Ok(Buckets {
         cursors: js.create_or_update_key_value(bucket(KV_CURSORS, "last acknowledged seq per user and device")).await?,
-        prefs: js.create_or_update_key_value(bucket(KV_PREFS, "muted kinds per user")).await?,
+        prefs: js.create_or_update_key_value(bucket(KV_PREFS, PREFS_DESCRIPTION)).await?,
         reads: js.create_or_update_key_value(bucket(KV_READS, "highest personal seq read per user")).await?,
         sessions: js
             .create_or_update_key_value(kv::Config {

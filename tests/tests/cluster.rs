@@ -297,6 +297,35 @@ async fn a_gateway_whose_stream_has_no_leader_is_not_ready() {
         .await;
 }
 
+/// A functions copy started without the cluster's `stream_replicas` (1 by default) takes no
+/// replica away: not from the gateways' buckets, which it does not change, nor from the events
+/// and dead-letter streams, which it updates but never to fewer replicas than they have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_functions_copy_with_fewer_replicas_takes_none_away() {
+    let _alone = ONE_CLUSTER.lock().await;
+    let cluster = TestCluster::start().await;
+    let _gateway = TestGateway::start_on(&cluster.url(), |c| c.stream.stream_replicas = 3).await;
+    let config = |replicas| {
+        let mut config = herald_functions::Config::default();
+        config.nats.nats_url = cluster.url();
+        config.nats.nats_user = Some(Role::Functions.user().into());
+        config.nats.nats_password = Some(Role::Functions.password());
+        config.metrics_listen = "127.0.0.1:0".parse().unwrap();
+        config.stream.stream_replicas = replicas;
+        config
+    };
+    let replicated = herald_functions::start(&config(3)).await.expect("functions start");
+    let default = herald_functions::start(&config(1)).await.expect("functions start");
+    let js = jetstream::new(cluster.client().await.expect("a node answers"));
+    let buckets = herald_shared::subject::BUCKETS.map(|bucket| format!("KV_{bucket}"));
+    let streams = buckets.into_iter().chain([config(1).events_stream, config(1).dlq_stream]);
+    for stream in streams {
+        let info = js.get_stream(&stream).await.unwrap_or_else(|e| panic!("{stream}: {e}"));
+        assert_eq!(info.cached_info().config.num_replicas, 3, "{stream}");
+    }
+    drop((replicated, default));
+}
+
 /// A stream leader that fails after storing a message and before republishing it leaves the
 /// message stored but never delivered; nothing on its subject says so until the next message of
 /// that subject. The gateways follow the stream's leader changes and ask the new leader for the

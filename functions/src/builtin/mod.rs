@@ -11,7 +11,7 @@ pub mod presence;
 pub mod relay;
 
 use async_nats::jetstream;
-use herald_shared::stream::ensure_buckets;
+use herald_shared::stream::prefs_bucket;
 use tracing::info;
 
 use crate::config::{BUILTINS, Config};
@@ -19,7 +19,7 @@ use crate::function::Function;
 use crate::push::Pusher;
 use crate::runtime::StartError;
 
-/// The built-in functions `config` enables, with what they need (KV buckets) set up.
+/// The built-in functions `config` enables, with what they need (the prefs bucket) set up.
 pub async fn functions(config: &Config, client: &async_nats::Client) -> Result<Vec<Function>, StartError> {
     if let Some(unknown) = config.builtins.iter().find(|name| !BUILTINS.contains(&name.as_str())) {
         return Err(StartError::Config(format!("unknown built-in function {unknown:?}; known: {BUILTINS:?}")));
@@ -30,9 +30,8 @@ pub async fn functions(config: &Config, client: &async_nats::Client) -> Result<V
         functions.push(notify::function(config, Pusher::new(js.clone())));
     }
     if config.builtin_enabled("prefs") {
-        let buckets =
-            ensure_buckets(&js, &config.stream).await.map_err(|e| StartError::Nats(format!("KV buckets: {e}")))?;
-        functions.extend(prefs::functions(buckets.prefs));
+        let prefs = prefs_bucket(&js, &config.stream).await.map_err(|e| StartError::Nats(format!("KV bucket: {e}")))?;
+        functions.extend(prefs::functions(prefs));
     }
     if config.builtin_enabled("presence") {
         functions.push(presence::function(config, client.clone()));
