@@ -2,8 +2,8 @@
 //! stream, and (for the built-in functions) the `HERALD` stream pushes go to.
 
 use async_nats::jetstream::{self, stream};
+use herald_shared::stream::replicas_to_keep;
 use herald_shared::subject::STREAM;
-use tracing::warn;
 
 use crate::config::Config;
 use crate::runtime::StartError;
@@ -36,26 +36,10 @@ pub(crate) async fn ensure_events(js: &jetstream::Context, config: &Config) -> R
     };
     for mut config in [events, dlq] {
         let name = config.name.clone();
-        keep_replicas(js, &mut config).await;
+        config.num_replicas = replicas_to_keep(js, &config.name, config.num_replicas).await;
         js.create_or_update_stream(config).await.map_err(|e| StartError::Nats(format!("stream {name}: {e}")))?;
     }
     Ok(())
-}
-
-/// Never fewer replicas than an existing stream has: one copy started without the cluster's
-/// `stream_replicas` would otherwise take every copy's streams down to its own count, silently.
-async fn keep_replicas(js: &jetstream::Context, config: &mut stream::Config) {
-    let Ok(existing) = js.get_stream(&config.name).await else { return };
-    let replicas = existing.cached_info().config.num_replicas;
-    if config.num_replicas < replicas {
-        warn!(
-            stream = %config.name,
-            replicas,
-            configured = config.num_replicas,
-            "stream_replicas is lower than the stream's replicas: kept at the stream's"
-        );
-        config.num_replicas = replicas;
-    }
 }
 
 /// Creates the `HERALD` stream when it is missing; never changes an existing one (the gateway owns

@@ -75,12 +75,26 @@ impl StreamSettings {
     }
 }
 
-/// Creates the stream, or updates it to `settings`; safe to run from every process at every start.
+/// Creates the stream, or updates it to `settings` (never to fewer replicas than it has); safe to
+/// run from every process at every start.
 pub async fn ensure_stream(
     js: &jetstream::Context,
     settings: &StreamSettings,
 ) -> Result<stream::Info, jetstream::context::CreateStreamError> {
-    js.create_or_update_stream(settings.stream_config()).await
+    let mut config = settings.stream_config();
+    config.num_replicas = replicas_to_keep(js, STREAM, config.num_replicas).await;
+    js.create_or_update_stream(config).await
+}
+
+/// `configured` replicas for stream `name`, or the stream's own when it has more: a process started
+/// without the cluster's `stream_replicas` must not take replicas away from every other one's streams.
+pub async fn replicas_to_keep(js: &jetstream::Context, name: &str, configured: usize) -> usize {
+    let Ok(existing) = js.get_stream(name).await else { return configured };
+    let replicas = existing.cached_info().config.num_replicas;
+    if configured < replicas {
+        tracing::warn!(stream = name, replicas, configured, "stream_replicas is lower than the stream's: kept at its");
+    }
+    configured.max(replicas)
 }
 
 /// The KV buckets Herald uses.
@@ -116,7 +130,7 @@ pub async fn ensure_config_bucket(
     js: &jetstream::Context,
     settings: &StreamSettings,
 ) -> Result<kv::Store, jetstream::context::CreateKeyValueError> {
-    js.create_or_update_key_value(bucket_config(settings, KV_CONFIG, "settings every gateway shares")).await
+    ensure_bucket(js, bucket_config(settings, KV_CONFIG, "settings every gateway shares")).await
 }
 
 /// The bucket of muted kinds, made when missing; never changes an existing one. For the push
@@ -138,30 +152,36 @@ pub async fn prefs_bucket(
 
 const PREFS_DESCRIPTION: &str = "muted kinds per user";
 
-/// Creates or updates the KV buckets.
+/// Creates or updates the KV buckets (never to fewer replicas than they have).
 pub async fn ensure_buckets(
     js: &jetstream::Context,
     settings: &StreamSettings,
 ) -> Result<Buckets, jetstream::context::CreateKeyValueError> {
     let bucket = |name: &str, description: &str| bucket_config(settings, name, description);
+    let sessions = kv::Config {
+        // Claims of a gateway that died expire instead of holding a slot forever.
+        max_age: settings.sessions_max_age,
+        ..bucket(KV_SESSIONS, "which connection owns a user's session")
+    };
+    let socketio = kv::Config {
+        // A state is kept this long after its connection last wrote it (at its close).
+        max_age: settings.socketio_recovery_window,
+        ..bucket(KV_SOCKETIO, "Socket.IO connection states kept for recovery")
+    };
     Ok(Buckets {
-        cursors: js.create_or_update_key_value(bucket(KV_CURSORS, "last acknowledged seq per user and device")).await?,
-        prefs: js.create_or_update_key_value(bucket(KV_PREFS, PREFS_DESCRIPTION)).await?,
-        reads: js.create_or_update_key_value(bucket(KV_READS, "highest personal seq read per user")).await?,
-        sessions: js
-            .create_or_update_key_value(kv::Config {
-                // Claims of a gateway that died expire instead of holding a slot forever.
-                max_age: settings.sessions_max_age,
-                ..bucket(KV_SESSIONS, "which connection owns a user's session")
-            })
-            .await?,
+        cursors: ensure_bucket(js, bucket(KV_CURSORS, "last acknowledged seq per user and device")).await?,
+        prefs: ensure_bucket(js, bucket(KV_PREFS, PREFS_DESCRIPTION)).await?,
+        reads: ensure_bucket(js, bucket(KV_READS, "highest personal seq read per user")).await?,
+        sessions: ensure_bucket(js, sessions).await?,
         config: ensure_config_bucket(js, settings).await?,
-        socketio: js
-            .create_or_update_key_value(kv::Config {
-                // A state is kept this long after its connection last wrote it (at its close).
-                max_age: settings.socketio_recovery_window,
-                ..bucket(KV_SOCKETIO, "Socket.IO connection states kept for recovery")
-            })
-            .await?,
+        socketio: ensure_bucket(js, socketio).await?,
     })
+}
+
+async fn ensure_bucket(
+    js: &jetstream::Context,
+    mut config: kv::Config,
+) -> Result<kv::Store, jetstream::context::CreateKeyValueError> {
+    config.num_replicas = replicas_to_keep(js, &format!("KV_{}", config.bucket), config.num_replicas).await;
+    js.create_or_update_key_value(config).await
 }

@@ -297,11 +297,12 @@ async fn a_gateway_whose_stream_has_no_leader_is_not_ready() {
         .await;
 }
 
-/// A functions copy started without the cluster's `stream_replicas` (1 by default) takes no
-/// replica away: not from the gateways' buckets, which it does not change, nor from the events
-/// and dead-letter streams, which it updates but never to fewer replicas than they have.
+/// A functions copy or a gateway started without the cluster's `stream_replicas` (1 by default)
+/// takes no replica away: the functions do not change the gateways' buckets, and each updates its
+/// streams (the gateway `HERALD` and the buckets, the functions their events and dead letters) but
+/// never to fewer replicas than they have.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_functions_copy_with_fewer_replicas_takes_none_away() {
+async fn a_process_with_fewer_replicas_takes_none_away() {
     let _alone = ONE_CLUSTER.lock().await;
     let cluster = TestCluster::start().await;
     let _gateway = TestGateway::start_on(&cluster.url(), |c| c.stream.stream_replicas = 3).await;
@@ -316,9 +317,10 @@ async fn a_functions_copy_with_fewer_replicas_takes_none_away() {
     };
     let replicated = herald_functions::start(&config(3)).await.expect("functions start");
     let default = herald_functions::start(&config(1)).await.expect("functions start");
+    let _default_gateway = TestGateway::start_on(&cluster.url(), |_| {}).await;
     let js = jetstream::new(cluster.client().await.expect("a node answers"));
     let buckets = herald_shared::subject::BUCKETS.map(|bucket| format!("KV_{bucket}"));
-    let streams = buckets.into_iter().chain([config(1).events_stream, config(1).dlq_stream]);
+    let streams = buckets.into_iter().chain(["HERALD".into(), config(1).events_stream, config(1).dlq_stream]);
     for stream in streams {
         let info = js.get_stream(&stream).await.unwrap_or_else(|e| panic!("{stream}: {e}"));
         assert_eq!(info.cached_info().config.num_replicas, 3, "{stream}");

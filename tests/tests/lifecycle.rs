@@ -96,6 +96,28 @@ async fn kv_buckets_missing_while_the_stream_exists_are_recreated_and_the_gatewa
     }
 }
 
+/// A stream made by another hand (without the republish that feeds the gateways, with other
+/// limits) is updated to the gateway's settings when it starts, and delivers.
+#[tokio::test]
+async fn a_stream_made_with_other_settings_is_updated_to_the_gateways_when_it_starts() {
+    let nats = TestNats::start().await;
+    let js = nats.jetstream().await;
+    let settings = herald_shared::stream::StreamSettings::default();
+    let mut other = settings.stream_config();
+    other.republish = None;
+    other.max_messages_per_subject = 5;
+    js.create_stream(other).await.unwrap();
+    // Nothing is missing: the gateway finds everything there.
+    herald_shared::stream::ensure_buckets(&js, &settings).await.unwrap();
+
+    let gateway = TestGateway::start(&nats).await;
+    let config = js.get_stream("HERALD").await.unwrap().cached_info().config.clone();
+    assert_eq!((config.republish, config.max_messages_per_subject), (settings.stream_config().republish, 1000));
+    let mut client = gateway.connect("updated").await;
+    let seq = Publisher::new(&nats).await.publish("push.user.updated", "1").await;
+    assert_eq!(client.expect_msg().await.seq, seq);
+}
+
 #[tokio::test]
 async fn buckets_still_being_made_when_the_gateway_starts_are_not_taken_for_recreated_ones() {
     // The functions make the buckets one after another: a gateway starting meanwhile finds some.

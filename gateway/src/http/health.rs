@@ -223,6 +223,9 @@ async fn check(
     }
     let missing: Vec<_> = probes.iter().filter(|(_, probe)| *probe == Probe::Absent).map(|(name, _)| *name).collect();
     if missing.is_empty() {
+        if !seen {
+            apply_settings(js, settings).await;
+        }
         return (Store::Ready, None);
     }
     info!(?missing, "creating what is missing in JetStream");
@@ -247,6 +250,18 @@ async fn check(
         health.recreated.send_modify(|count| *count += 1);
     }
     (Store::Ready, Some(made))
+}
+
+/// Updates the stream and the buckets that were there before this gateway to its settings (its
+/// limits, the stream's republish), as it would have made them. What cannot be updated is logged,
+/// and the gateway serves with them as they are.
+async fn apply_settings(js: &jetstream::Context, settings: &StreamSettings) {
+    if let Err(error) = ensure_stream(js, settings).await {
+        warn!(%error, "stream HERALD could not be updated to this gateway's settings");
+    }
+    if let Err(error) = ensure_buckets(js, settings).await {
+        warn!(%error, "the KV buckets could not be updated to this gateway's settings");
+    }
 }
 
 /// What JetStream says of the stream and each bucket, asked all at once (a JetStream without a
