@@ -94,6 +94,11 @@ pub struct Config {
     /// The kernel's send buffer for each client socket (`SO_SNDBUF`), in bytes; 0 leaves it to
     /// the kernel, which grows it as needed (up to `net.ipv4.tcp_wmem`). Default 0.
     pub socket_send_buffer: usize,
+    /// Most bytes the kernel keeps unsent for each client socket (`TCP_NOTSENT_LOWAT`), in bytes;
+    /// 0 leaves it unbounded. What a slow client has not taken waits in the gateway's queues
+    /// instead, and its socket takes bytes in small steps as the client reads, which the stall
+    /// timeout sees. Default 131072.
+    pub socket_unsent_limit: u32,
     /// Most messages each broadcast log (`push.all`, each topic) keeps for the sockets reading
     /// it; a socket that falls further behind catches up from the stream. Default 8192.
     pub broadcast_log_entries: usize,
@@ -178,6 +183,7 @@ impl Default for Config {
             outbound_queue_bytes: 1 << 20,
             write_stall_timeout: Duration::from_secs(15),
             socket_send_buffer: 0,
+            socket_unsent_limit: 128 * 1024,
             broadcast_log_entries: 8192,
             broadcast_log_bytes: 16 << 20,
             write_batch_frames: 64,

@@ -191,6 +191,61 @@ async fn a_client_that_never_answers_is_closed_a_heartbeat_plus_the_timeout_afte
     assert_eq!(silent.expect_close().await.map(|c| c.0), Some(close_code::NO_HEARTBEAT));
 }
 
+/// A client that reads slowly but steadily is not taken for one that stopped: the kernel keeps
+/// little unsent for it (`socket_unsent_limit`), so its socket takes bytes as the client reads, in
+/// steps the stall timeout sees, however large its send buffer (8 MB here). Without that limit the
+/// socket signals room only once megabytes are free, longer than the stall timeout (1 s here) at
+/// this client's pace.
+#[tokio::test]
+async fn a_reader_that_reads_slowly_but_steadily_is_never_closed() {
+    const MESSAGES: usize = 1200;
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start_with(&nats, |c| {
+        c.write_stall_timeout = Duration::from_secs(1);
+        c.socket_send_buffer = 4 << 20;
+    })
+    .await;
+    // A small receive window: what the client has not read waits on the gateway's side.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(32 * 1024).unwrap();
+    let tcp = socket.connect(gateway.addr).await.unwrap();
+    let url = gateway.ws_url(&format!("token={}", token_with("steady", &[], 600)));
+    let (mut ws, _) = tokio_tungstenite::client_async(url, tcp).await.expect("upgrade");
+    let welcome = futures::StreamExt::next(&mut ws).await;
+    assert!(matches!(&welcome, Some(Ok(Message::Text(text))) if text.contains("welcome")), "{welcome:?}");
+    let publisher = Publisher::new(&nats).await;
+    let body = format!("\"{}\"", "x".repeat(10_000));
+    let publishing = tokio::spawn(async move {
+        let mut sent = Vec::new();
+        for _ in 0..MESSAGES {
+            sent.push(publisher.publish("push.all", &body).await);
+        }
+        sent
+    });
+    let mut received = Vec::new();
+    // About 1 MB a second, ten messages at a time.
+    let mut pace = tokio::time::interval(Duration::from_millis(100));
+    while received.len() < MESSAGES {
+        pace.tick().await;
+        let mut read = 0;
+        while read < 10 && received.len() < MESSAGES {
+            use futures::StreamExt;
+            let message = tokio::time::timeout(Duration::from_secs(30), ws.next()).await.expect("a frame in time");
+            match message {
+                Some(Ok(Message::Text(text))) => {
+                    let frame: serde_json::Value = serde_json::from_str(&text).unwrap();
+                    assert_eq!(frame["type"], "msg", "after {} messages: {frame}", received.len());
+                    received.push(frame["seq"].as_u64().unwrap());
+                    read += 1;
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                other => panic!("after {} messages: {other:?}", received.len()),
+            }
+        }
+    }
+    assert_eq!(received, publishing.await.unwrap());
+}
+
 #[tokio::test]
 async fn a_reader_that_stops_reading_is_closed_with_4008_and_the_gateway_does_not_buffer_for_it() {
     let nats = TestNats::start().await;

@@ -46,8 +46,12 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             _ = shared.shutdown.cancelled() => return,
         };
         let _ = stream.set_nodelay(true);
+        let socket = socket2::SockRef::from(&stream);
         if shared.config.socket_send_buffer > 0 {
-            let _ = socket2::SockRef::from(&stream).set_send_buffer_size(shared.config.socket_send_buffer);
+            let _ = socket.set_send_buffer_size(shared.config.socket_send_buffer);
+        }
+        if shared.config.socket_unsent_limit > 0 {
+            let _ = socket.set_tcp_notsent_lowat(shared.config.socket_unsent_limit);
         }
         let shared = shared.clone();
         tokio::spawn(async move {
