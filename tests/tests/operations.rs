@@ -45,6 +45,15 @@ async fn the_http_api_publishes_with_api_keys_and_refuses_bad_requests_clearly()
     let (status, body) = post(&gateway, "/v1/publish", Some(KEY), message.to_string()).await;
     assert_eq!((status, body["seq"].as_u64(), body["duplicate"].as_bool()), (200, Some(seq), Some(true)));
 
+    // The same id for another message is a conflict, not a duplicate: that message was not stored.
+    let reused = json!({"to": {"user": "43"}, "data": "other", "id": "order-7"});
+    let (status, body) = post(&gateway, "/v1/publish", Some(KEY), reused.to_string()).await;
+    assert_eq!((status, body["error"].as_str(), body["id"].as_str()), (409, Some("conflict"), Some("order-7")), "{body}");
+    let batch = json!([message, reused]);
+    let (_, body) = post(&gateway, "/v1/publish", Some(KEY), batch.to_string()).await;
+    let results = &body["results"];
+    assert_eq!((results[0]["duplicate"].as_bool(), results[1]["error"].as_str()), (Some(true), Some("conflict")));
+
     // A batch: results in order.
     let batch = json!([
         {"to": {"user": "42"}, "data": "one"},

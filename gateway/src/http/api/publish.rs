@@ -8,7 +8,7 @@
 use bytes::Bytes;
 use futures::future::join_all;
 use herald_shared::id::{IdKind, check_id};
-use herald_shared::subject::{Audience, header};
+use herald_shared::subject::{Audience, STREAM, header};
 use hyper::StatusCode;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -116,6 +116,12 @@ fn size(message: &Checked) -> usize {
     message.payload.len() + headers + "NATS/1.0\r\n\r\n".len()
 }
 
+/// The subject of stored message `seq`, if the stream says (a duplicate names what it duplicates).
+async fn stored_to(shared: &Shared, seq: u64) -> Option<String> {
+    let stream = shared.js.get_stream_no_info(STREAM).await.ok()?;
+    Some(stream.direct_get(seq).await.ok()?.subject.to_string())
+}
+
 pub(super) async fn publish(shared: &Shared, body: &[u8]) -> Result<Value, ApiError> {
     let not_json = |e: serde_json::Error| ApiError::bad_request(format!("not JSON: {e}"));
     let whole: &RawValue = serde_json::from_slice(body).map_err(not_json)?;
@@ -137,9 +143,23 @@ pub(super) async fn publish(shared: &Shared, body: &[u8]) -> Result<Value, ApiEr
     }
     let js = shared.api_js.as_ref().unwrap_or(&shared.js);
     let acks = join_all(checked.into_iter().map(|message| async move {
-        let stored = async { js.publish_with_headers(message.subject, message.headers, message.payload).await?.await };
+        let subject = message.subject.clone();
+        let stored = async { js.publish_with_headers(subject, message.headers, message.payload).await?.await };
         match stored.await {
-            Ok(ack) => Ok(json!({"id": message.id, "seq": ack.sequence, "duplicate": ack.duplicate})),
+            Ok(ack) if ack.duplicate => match stored_to(shared, ack.sequence).await {
+                Some(other) if other != message.subject => Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "conflict",
+                    format!(
+                        "id {} names message {} to {other}, stored before: an id is one message of the whole stream, so \
+                         this one was not stored; give each message its own id",
+                        message.id, ack.sequence
+                    ),
+                )
+                .with_id(message.id)),
+                _ => Ok(json!({"id": message.id, "seq": ack.sequence, "duplicate": true})),
+            },
+            Ok(ack) => Ok(json!({"id": message.id, "seq": ack.sequence, "duplicate": false})),
             Err(error) => Err(ApiError::unavailable(format!("{error}; {RETRY_HINT}")).with_id(message.id)),
         }
     }))
