@@ -16,7 +16,7 @@ use async_nats::jetstream::{self, Message};
 use futures::{FutureExt, StreamExt};
 use herald_shared::functions::DeadLetter;
 use herald_shared::id::kv_key;
-use herald_shared::payload::data_value;
+use herald_shared::payload::{data_value, to_base64};
 use herald_shared::subject::{dead_letter, header};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -297,6 +297,7 @@ fn dead_letter_of(durable: &Durable, event: &Event, error: &str) -> DeadLetter {
         attempts: event.attempt,
         error: error.to_string(),
         data: data_value(&event.payload),
+        payload: Some(to_base64(&event.payload)),
         ts: OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_default(),
     }
 }

@@ -156,8 +156,13 @@ pub struct DeadLetter {
     pub attempts: u64,
     /// The last error.
     pub error: String,
-    /// The event's payload, encoded like a frame's `data` (see [`crate::payload`]).
+    /// The event's payload, encoded like a frame's `data` (see [`crate::payload`]), to read.
     pub data: serde_json::Value,
+    /// The event's payload byte for byte, in base64: what a re-drive publishes (`data` cannot
+    /// always tell: a JSON string and the same text as bytes look alike). Absent from letters
+    /// written before it was added.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<String>,
     /// When it was dead-lettered (RFC 3339).
     pub ts: String,
 }

@@ -38,6 +38,16 @@ pub fn data_bytes(data: &serde_json::Value) -> Vec<u8> {
     }
 }
 
+/// `bytes` in standard base64 (a dead letter's payload).
+pub fn to_base64(bytes: &[u8]) -> String {
+    STANDARD.encode(bytes)
+}
+
+/// The bytes of standard base64 `text`.
+pub fn from_base64(text: &str) -> Result<Vec<u8>, base64::DecodeError> {
+    STANDARD.decode(text)
+}
+
 fn is_json(payload: &[u8]) -> bool {
     !payload.is_empty() && serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok()
 }

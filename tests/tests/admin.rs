@@ -174,7 +174,9 @@ async fn dead_letters_are_listed_redriven_to_a_push_and_purged() {
 
     let (status, body) = get(&gateway, "/v1/dead-letters").await;
     assert_eq!((status, body), (200, json!({"total": 0, "functions": []})));
-    let first = publish_event(&js, "events.forward.1", r#"{"text":"first"}"#).await;
+    // A number past 64 bits, and members out of order: re-encoded, the event would change.
+    let original = r#"{"text":"first","n":12345678901234567890123}"#;
+    let first = publish_event(&js, "events.forward.1", original).await;
     wait_settled(&js, &config.events_stream, "forward", first).await;
     dead_letters(&js, &config, "forward", 1).await;
 
@@ -192,7 +194,7 @@ async fn dead_letters_are_listed_redriven_to_a_push_and_purged() {
             &json!(first),
             &json!(1),
             &json!("downstream refused it"),
-            &json!({"text": "first"})
+            &serde_json::from_str::<Value>(original).unwrap()
         )
     );
     let letter_seq = letter["seq"].as_u64().unwrap();
@@ -208,6 +210,9 @@ async fn dead_letters_are_listed_redriven_to_a_push_and_purged() {
     );
     let event_seq = body["event_seq"].as_u64().unwrap();
     assert!(event_seq > first);
+    let events = js.get_stream(&config.events_stream).await.unwrap();
+    let redriven = events.get_raw_message(event_seq).await.unwrap();
+    assert_eq!(std::str::from_utf8(&redriven.payload).unwrap(), original, "the event as it was published");
     let msg = ann.expect_msg().await;
     assert_eq!((msg.to.as_str(), msg.data), ("user", json!("first")));
     wait_settled(&js, &config.events_stream, "forward", event_seq).await;

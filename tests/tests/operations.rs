@@ -48,7 +48,11 @@ async fn the_http_api_publishes_with_api_keys_and_refuses_bad_requests_clearly()
     // The same id for another message is a conflict, not a duplicate: that message was not stored.
     let reused = json!({"to": {"user": "43"}, "data": "other", "id": "order-7"});
     let (status, body) = post(&gateway, "/v1/publish", Some(KEY), reused.to_string()).await;
-    assert_eq!((status, body["error"].as_str(), body["id"].as_str()), (409, Some("conflict"), Some("order-7")), "{body}");
+    assert_eq!(
+        (status, body["error"].as_str(), body["id"].as_str()),
+        (409, Some("conflict"), Some("order-7")),
+        "{body}"
+    );
     let batch = json!([message, reused]);
     let (_, body) = post(&gateway, "/v1/publish", Some(KEY), batch.to_string()).await;
     let results = &body["results"];

@@ -9,7 +9,7 @@
 
 use herald_shared::functions::DeadLetter;
 use herald_shared::id::check_function_name;
-use herald_shared::payload::data_bytes;
+use herald_shared::payload::{data_bytes, from_base64};
 use herald_shared::subject::{dead_letter, header};
 use hyper::StatusCode;
 use serde::Deserialize;
@@ -99,8 +99,14 @@ pub(super) async fn redrive(shared: &Shared, function: &str, body: Value) -> Res
     headers.insert(REDRIVEN_FROM, from.as_str());
     let event = &letter.letter;
     let js = shared.api_js.as_ref().unwrap_or(&shared.js);
-    let published =
-        async { js.publish_with_headers(event.subject.clone(), headers, data_bytes(&event.data).into()).await?.await };
+    let payload = match &event.payload {
+        Some(payload) => {
+            from_base64(payload).map_err(|e| ApiError::unavailable(format!("a dead letter's payload: {e}")))?
+        }
+        // A letter from before the payload was kept: its data as clients would read it.
+        None => data_bytes(&event.data),
+    };
+    let published = async { js.publish_with_headers(event.subject.clone(), headers, payload.into()).await?.await };
     let ack = published.await.map_err(|e| ApiError::unavailable(format!("publishing to {}: {e}", event.subject)))?;
     let deleted = jsapi::request(shared, format!("STREAM.MSG.DELETE.{DLQ_STREAM}"), &json!({"seq": seq})).await?;
     if let Err(error) = deleted
