@@ -72,6 +72,9 @@ pub struct Config {
     pub jwt_secret: Option<String>,
     /// Ed25519 or RSA public key (PEM file) for EdDSA / RS256 connect tokens. Default none.
     pub jwt_public_key: Option<PathBuf>,
+    /// When set, a token's `aud` must name one of these; when empty, `aud` is not checked (tokens
+    /// from an identity provider carry one of their own). Default empty.
+    pub jwt_audience: Vec<String>,
     /// Dev mode: a built-in token secret when none is set, `/dev/token` for the demo page, and a
     /// ready token printed at start. Default false.
     pub dev: bool,
@@ -176,6 +179,7 @@ impl Default for Config {
             stream: StreamSettings::default(),
             jwt_secret: None,
             jwt_public_key: None,
+            jwt_audience: Vec::new(),
             dev: false,
             heartbeat: Duration::from_secs(25),
             heartbeat_timeout: Duration::from_secs(10),

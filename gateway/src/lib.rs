@@ -367,7 +367,8 @@ fn verifier(config: &Config) -> Result<Verifier, StartError> {
         None => None,
     };
     let secret = config.effective_secret();
-    Ok(Verifier::new(secret.as_deref().map(str::as_bytes), public_pem.as_deref())?)
+    let verifier = Verifier::new(secret.as_deref().map(str::as_bytes), public_pem.as_deref())?;
+    Ok(verifier.with_audience(config.jwt_audience.clone()))
 }
 
 /// An HS256 token for `user`, allowed every topic, signed with the configured (or dev) secret.

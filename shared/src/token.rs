@@ -32,6 +32,10 @@ pub enum TokenError {
     Malformed(String),
     #[error("token expired")]
     Expired,
+    #[error("token not valid yet (nbf)")]
+    NotYetValid,
+    #[error("token audience (aud) is not one this gateway accepts")]
+    WrongAudience,
     #[error("bad token signature")]
     BadSignature,
     #[error("token algorithm {0} is not accepted by this gateway")]
@@ -52,6 +56,8 @@ pub struct KeyError(String);
 pub struct Verifier {
     secret: Option<DecodingKey>,
     public: Option<(DecodingKey, Algorithm)>,
+    /// The `aud` a token must name one of; empty: any `aud`, or none.
+    audience: Vec<String>,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -79,7 +85,13 @@ impl Verifier {
         if secret.is_none() && public.is_none() {
             return Err(KeyError("configure jwt_secret or jwt_public_key".into()));
         }
-        Ok(Verifier { secret: secret.map(DecodingKey::from_secret), public })
+        Ok(Verifier { secret: secret.map(DecodingKey::from_secret), public, audience: Vec::new() })
+    }
+
+    /// Tokens must name one of `audience` in their `aud` claim (none: `aud` is not checked, as
+    /// tokens from an identity provider carry one of their own).
+    pub fn with_audience(self, audience: Vec<String>) -> Verifier {
+        Verifier { audience, ..self }
     }
 
     /// Verifies `token` and its claims; the `sub` and every topic claim must obey the id rule.
@@ -93,9 +105,19 @@ impl Verifier {
         let mut validation = Validation::new(header.alg);
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.leeway = 0;
+        validation.validate_nbf = true;
+        if self.audience.is_empty() {
+            validation.validate_aud = false;
+        } else {
+            validation.set_audience(&self.audience);
+            validation.set_required_spec_claims(&["exp", "sub", "aud"]);
+        }
         let claims = jsonwebtoken::decode::<Claims>(token, key, &validation)
             .map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => TokenError::Expired,
+                ErrorKind::ImmatureSignature => TokenError::NotYetValid,
+                ErrorKind::InvalidAudience => TokenError::WrongAudience,
+                ErrorKind::MissingRequiredClaim(claim) if claim == "aud" => TokenError::WrongAudience,
                 ErrorKind::InvalidSignature => TokenError::BadSignature,
                 _ => TokenError::Malformed(e.to_string()),
             })?
@@ -194,6 +216,29 @@ mod tests {
     fn refuses_a_key_that_is_no_public_key() {
         assert!(Verifier::new(None, Some(b"not a key")).is_err());
         assert!(Verifier::new(None, None).is_err());
+    }
+
+    fn signed_json(claims: serde_json::Value) -> String {
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(SECRET)).unwrap()
+    }
+
+    #[test]
+    fn a_token_is_refused_before_its_nbf_and_its_aud_is_checked_only_when_configured() {
+        let verifier = Verifier::new(Some(SECRET), None).unwrap();
+        let exp = now_secs() + 60;
+        let early = signed_json(serde_json::json!({"sub": "42", "exp": exp, "nbf": now_secs() + 30}));
+        assert_eq!(verifier.verify(&early), Err(TokenError::NotYetValid));
+        let started = signed_json(serde_json::json!({"sub": "42", "exp": exp, "nbf": now_secs() - 1}));
+        assert!(verifier.verify(&started).is_ok());
+        // An identity provider's token names its own audience: taken when none is configured.
+        let theirs = signed_json(serde_json::json!({"sub": "42", "exp": exp, "aud": "their-app"}));
+        assert!(verifier.verify(&theirs).is_ok());
+        let ours = signed_json(serde_json::json!({"sub": "42", "exp": exp, "aud": ["herald", "other"]}));
+        let none = signed_json(serde_json::json!({"sub": "42", "exp": exp}));
+        let strict = verifier.with_audience(vec!["herald".into()]);
+        assert!(strict.verify(&ours).is_ok());
+        assert_eq!(strict.verify(&theirs), Err(TokenError::WrongAudience));
+        assert_eq!(strict.verify(&none), Err(TokenError::WrongAudience));
     }
 
     #[test]

@@ -15,6 +15,12 @@ fn signed(sub: &str) -> String {
     issue_hs256(SECRET.as_bytes(), &Claims { sub: sub.to_string(), exp: now_secs() + 600, topics: vec![] })
 }
 
+/// A token of any claims, signed with the gateways' secret.
+fn signed_json(claims: serde_json::Value) -> String {
+    let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes());
+    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap()
+}
+
 #[tokio::test]
 async fn bad_tokens_get_401_with_a_json_reason_and_no_socket() {
     let nats = TestNats::start().await;
@@ -30,6 +36,14 @@ async fn bad_tokens_get_401_with_a_json_reason_and_no_socket() {
         ("sub >", format!("token={}", signed(">")), "sub"),
         ("sub empty", format!("token={}", signed("")), "sub"),
         ("sub of 129", format!("token={}", signed(&"x".repeat(129))), "sub"),
+        (
+            "nbf ahead",
+            format!(
+                "token={}",
+                signed_json(serde_json::json!({"sub": "42", "exp": now_secs() + 600, "nbf": now_secs() + 300}))
+            ),
+            "not valid yet",
+        ),
     ];
     for (case, query, reason) in cases {
         let refused =
@@ -39,9 +53,11 @@ async fn bad_tokens_get_401_with_a_json_reason_and_no_socket() {
         let text = refused.body["reason"].as_str().unwrap_or_default();
         assert!(text.contains(reason), "{case}: reason {text:?} lacks {reason:?}");
     }
-    // A sub of exactly 128 allowed characters is fine.
+    // A sub of exactly 128 allowed characters is fine, and so is an identity provider's `aud`.
     let _client = gateway.connect_with(&format!("token={}", signed(&"x".repeat(128)))).await;
-    assert_eq!(gateway.metric("herald_gateway_connections").await, 1.0);
+    let theirs = signed_json(serde_json::json!({"sub": "42", "exp": now_secs() + 600, "aud": "their-app"}));
+    let _other = gateway.connect_with(&format!("token={theirs}")).await;
+    assert_eq!(gateway.metric("herald_gateway_connections").await, 2.0);
 }
 
 /// A token that expires at the end of 64-bit time is a token that does not expire soon: the
