@@ -483,6 +483,26 @@ async fn a_loss_noted_for_a_connections_state_is_reported_by_its_recovery() {
 }
 
 #[tokio::test]
+async fn the_default_namespace_written_out_other_namespaces_and_an_rpc_without_ack_are_answered() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let mut raw = Raw::open(&gateway).await;
+    // `/` written out is the default namespace.
+    raw.send(&format!("40/,{}", json!({"token": token("sio-n")}))).await;
+    assert!(raw.expect("40").await["sid"].is_string());
+    // Another namespace is refused in that namespace; the connection goes on.
+    raw.send("40/admin,").await;
+    assert!(raw.expect("44/admin,").await["message"].as_str().unwrap().contains("namespace"));
+    // A failed rpc without an ack is told as an `error` event, as a refused `sub` is.
+    raw.send(r#"42["rpc","a.>",{}]"#).await;
+    let error = raw.expect("42").await;
+    assert_eq!((error[0].as_str(), error[1]["code"].as_str()), (Some("error"), Some("bad_request")), "{error}");
+    let seq = publisher.publish("push.user.sio-n", "1").await;
+    assert_eq!(raw.expect("42").await[3], json!(seq.to_string()));
+}
+
+#[tokio::test]
 async fn malformed_packets_close_the_socket_and_a_disconnect_ends_it() {
     let nats = TestNats::start().await;
     let gateway = TestGateway::start(&nats).await;

@@ -353,12 +353,15 @@ async fn recovered_state(shared: &Shared, claims: &Claims, pid: Pid) -> (Pid, Ve
 
 /// The auth of the first packet, which must be a Socket.IO CONNECT to namespace `/`.
 pub(crate) fn connect_auth(text: &[u8]) -> Result<Auth, String> {
-    match text {
-        [engine::MESSAGE, packet::CONNECT] => Ok(Auth::default()),
-        [engine::MESSAGE, packet::CONNECT, b'{', ..] => {
-            serde_json::from_slice(&text[2..]).map_err(|e| format!("bad CONNECT auth: {e}"))
-        }
-        [engine::MESSAGE, packet::CONNECT, b'/', ..] => Err("Invalid namespace: only / is served".into()),
+    let Some(rest) = text.strip_prefix(&[engine::MESSAGE, packet::CONNECT]) else {
+        return Err("the first packet must be a Socket.IO CONNECT".into());
+    };
+    // `/` written out (`40/,{…}`) is the default namespace too.
+    let rest = rest.strip_prefix(b"/,").unwrap_or(rest);
+    match rest {
+        [] => Ok(Auth::default()),
+        [b'{', ..] => serde_json::from_slice(rest).map_err(|e| format!("bad CONNECT auth: {e}")),
+        [b'/', ..] => Err("Invalid namespace: only / is served".into()),
         _ => Err("the first packet must be a Socket.IO CONNECT".into()),
     }
 }
@@ -366,8 +369,7 @@ pub(crate) fn connect_auth(text: &[u8]) -> Result<Auth, String> {
 /// The namespace of a CONNECT to one other than `/` (`40/chat,{…}`).
 fn other_namespace(text: &[u8]) -> Option<String> {
     let rest = text.strip_prefix(&[engine::MESSAGE, packet::CONNECT])?;
-    let name = rest.split(|byte| *byte == b',').next().filter(|name| name.starts_with(b"/") && name.len() <= 256)?;
-    Some(String::from_utf8_lossy(name).into_owned())
+    crate::codec::socketio::namespace_of(rest).map(str::to_string)
 }
 
 /// The first text message, answering WebSocket pings before it; none if the client closed.

@@ -124,8 +124,20 @@ impl SocketIoCodec {
                 Some((&packet::DISCONNECT, _)) => {
                     vec![Err(Refusal::Close(Close::new(CloseCode::Normal, "client disconnected")))]
                 }
-                // A second CONNECT to the namespace this connection is on: nothing to do.
-                Some((&packet::CONNECT, _)) => Vec::new(),
+                Some((&packet::CONNECT, rest)) => match namespace_of(rest) {
+                    // Another namespace: refused in it, as socket.io refuses one it does not serve;
+                    // this connection goes on.
+                    Some(namespace) => {
+                        let refusal = json!({"message": "Invalid namespace: only / is served"});
+                        vec![Err(Refusal::Reply(wire::namespaced_packet(
+                            packet::CONNECT_ERROR,
+                            Some(namespace),
+                            &refusal,
+                        )))]
+                    }
+                    // A second CONNECT to the namespace this connection is on: nothing to do.
+                    None => Vec::new(),
+                },
                 _ => refused("not a Socket.IO packet this server accepts"),
             },
             _ => refused("not an Engine.IO packet"),
@@ -183,6 +195,13 @@ impl SocketIoCodec {
     }
 }
 
+/// The namespace a CONNECT's data names, unless it is `/` (`/chat` of `/chat,{…}`).
+pub(crate) fn namespace_of(connect: &[u8]) -> Option<&str> {
+    let name = connect.split(|byte| *byte == b',').next()?;
+    let name = std::str::from_utf8(name).ok()?;
+    (name.starts_with('/') && name != "/" && name.len() <= 256).then_some(name)
+}
+
 /// The ack of the oldest waiting `sub`/`unsub` of `topic`, if it asked for one.
 fn answer(acks: &mut HashMap<String, VecDeque<u64>>, topic: &str, body: Value) -> Option<Bytes> {
     let waiting = acks.get_mut(topic)?;
@@ -194,8 +213,12 @@ fn answer(acks: &mut HashMap<String, VecDeque<u64>>, topic: &str, body: Value) -
 }
 
 fn rpc_answer(result: &RpcResult) -> Option<Bytes> {
-    // An rpc emitted without an ack gets no answer.
-    let id: u64 = result.id.parse().ok()?;
+    let Ok(id) = result.id.parse::<u64>() else {
+        // Emitted without an ack: only a failure is told, as an `error` event (as a refused `sub`).
+        let error = result.error.as_ref()?;
+        let body = json!({"code": error.code, "message": error.message});
+        return Some(wire::packet(packet::EVENT, None, &json!(["error", body])));
+    };
     let body = match &result.error {
         Some(error) => json!({"ok": false, "error": {"code": error.code, "message": error.message}}),
         None => json!({"ok": true, "data": result.data}),
