@@ -43,6 +43,7 @@ use cluster::registry::Registry;
 use delivery::feed::Feed;
 use delivery::log::LogLimits;
 use delivery::router::Router;
+use http::api::PublishRefusals;
 use http::health::{self, Health};
 use http::metrics::Metrics;
 use http::refusals::Refusals;
@@ -76,6 +77,8 @@ pub(crate) struct Shared {
     pub(crate) inbox: Arc<Inbox>,
     /// Socket.IO connection states, for recovery.
     pub(crate) socketio_states: RecoveryStates,
+    /// What NATS said when it refused the API's pushes.
+    pub(crate) publish_refusals: Arc<PublishRefusals>,
     pub(crate) limits: Arc<limits::Limits>,
     pub(crate) refusals: Refusals,
     /// Cancelled when the gateway starts draining.
@@ -135,12 +138,15 @@ impl Gateway {
             .map_err(|error| StartError::Listen { addr: config.api_listen.unwrap_or(config.listen), error })?;
         let api_addr = api_listener.as_ref().and_then(|l| l.local_addr().ok());
         let connected = Arc::new(tokio::sync::Notify::new());
+        let publish_refusals = Arc::new(PublishRefusals::default());
         let control = {
             let connected = connected.clone();
+            let refusals = publish_refusals.clone();
             connect(&config, "control", Some(CONTROL_SUBSCRIPTION_CAPACITY), move |event| {
                 if matches!(event, async_nats::Event::Connected) {
                     connected.notify_one();
                 }
+                refusals.note(event);
             })
             .await?
         };
@@ -150,7 +156,15 @@ impl Gateway {
                 api_config.nats.nats_user = Some(user.clone());
                 api_config.nats.nats_password = Some(password.clone());
                 api_config.nats.nats_inbox_prefix = "_INBOX".into();
-                Some(jetstream::new(connect(&api_config, "api", Some(CONTROL_SUBSCRIPTION_CAPACITY), |_| {}).await?))
+                let refusals = publish_refusals.clone();
+                let note = move |event: &async_nats::Event| refusals.note(event);
+                Some(jetstream::new(connect(&api_config, "api", Some(CONTROL_SUBSCRIPTION_CAPACITY), note).await?))
+            }
+            (Some(_), _, _) => {
+                warn!(
+                    "api_listen without api_nats_user and api_nats_password: the API publishes as the gateway's NATS user, which nats.conf does not allow to publish pushes"
+                );
+                None
             }
             _ => None,
         };
@@ -197,6 +211,7 @@ impl Gateway {
             policies: Arc::new(Policies::new(config.session_policy, config.stream.clone(), js.clone())),
             prefs: Arc::new(Prefs::new(js.clone())),
             socketio_states: RecoveryStates::new(js.clone()),
+            publish_refusals,
             limits: Arc::new(limits::Limits::new(config.max_connections, config.max_connections_per_address)),
             refusals: Refusals::new(metrics.connections_refused.clone()),
             config,

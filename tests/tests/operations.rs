@@ -140,6 +140,26 @@ async fn the_http_api_keeps_data_as_written_and_answers_in_http_terms() {
     }
 }
 
+/// An API whose NATS user may not publish pushes (no `api_nats_user`: the gateway's own, which
+/// nats.conf forbids `push.>`) says so, instead of a 503 that asks for a retry that cannot succeed.
+#[tokio::test]
+async fn an_api_whose_nats_user_may_not_publish_says_so() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start_with(&nats, |c| {
+        c.api_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.api_keys = vec![KEY.into()];
+    })
+    .await;
+    let message = json!({"to": {"user": "42"}, "data": 1, "id": "m1"});
+    let (status, body) = post(&gateway, "/v1/publish", Some(KEY), message.to_string()).await;
+    assert_eq!(
+        (status, body["error"].as_str(), body["id"].as_str()),
+        (500, Some("misconfigured"), Some("m1")),
+        "{body}"
+    );
+    assert!(body["reason"].as_str().unwrap().contains("api_nats_user"), "{body}");
+}
+
 #[tokio::test]
 async fn presence_and_disconnect_span_every_gateway() {
     let nats = TestNats::start().await;

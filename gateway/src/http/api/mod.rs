@@ -18,6 +18,7 @@ mod functions;
 mod inbox;
 mod jsapi;
 mod publish;
+pub(crate) use publish::PublishRefusals;
 mod stream;
 mod users;
 

@@ -5,6 +5,9 @@
 //! have been stored; retried with the same id within the stream's duplicate window it is stored
 //! once, so a retry is always safe.
 
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
 use bytes::Bytes;
 use futures::future::join_all;
 use herald_shared::id::{IdKind, check_id};
@@ -22,6 +25,30 @@ const MAX_BATCH: usize = 1000;
 
 /// What the 503 of a failed publish adds to its reason.
 const RETRY_HINT: &str = "it may have been stored: retry with the same id, it is stored once";
+
+/// What NATS last said when it refused one of the API's pushes (a NATS user not allowed `push.>`):
+/// a publish that then gets no answer was refused, and a retry will not help.
+#[derive(Default)]
+pub(crate) struct PublishRefusals(Mutex<Option<(Instant, String)>>);
+
+/// How long a refusal explains the publishes that time out after it.
+const REFUSAL_MEMORY: Duration = Duration::from_secs(60);
+
+impl PublishRefusals {
+    /// Notes `event` of the connection the API publishes on, if it is such a refusal.
+    pub(crate) fn note(&self, event: &async_nats::Event) {
+        if let async_nats::Event::ServerError(async_nats::ServerError::Other(text)) = event
+            && text.contains("Permissions Violation for Publish to \"push.")
+        {
+            *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), text.clone()));
+        }
+    }
+
+    fn recent(&self) -> Option<String> {
+        let last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        last.as_ref().filter(|(when, _)| when.elapsed() < REFUSAL_MEMORY).map(|(_, text)| text.clone())
+    }
+}
 
 /// A message to publish.
 #[derive(Deserialize)]
@@ -160,7 +187,18 @@ pub(super) async fn publish(shared: &Shared, body: &[u8]) -> Result<Value, ApiEr
                 _ => Ok(json!({"id": message.id, "seq": ack.sequence, "duplicate": true})),
             },
             Ok(ack) => Ok(json!({"id": message.id, "seq": ack.sequence, "duplicate": false})),
-            Err(error) => Err(ApiError::unavailable(format!("{error}; {RETRY_HINT}")).with_id(message.id)),
+            Err(error) => Err(match shared.publish_refusals.recent() {
+                Some(refusal) => ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "misconfigured",
+                    format!(
+                        "NATS refused the API's publishes ({refusal}): the API publishes as api_nats_user, which \
+                         NATS must allow push.> (nats.conf's publisher); a retry will not help"
+                    ),
+                ),
+                None => ApiError::unavailable(format!("{error}; {RETRY_HINT}")),
+            }
+            .with_id(message.id)),
         }
     }))
     .await;
