@@ -26,18 +26,68 @@ where
     T: Serialize + DeserializeOwned + Default,
     F: Serialize,
 {
+    let known = known_keys(&T::default())?;
     let mut figment = Figment::from(Serialized::defaults(T::default()));
     if let Some(path) = file {
         if !path.is_file() {
             return Err(ConfigError(format!("no config file at {}", path.display())));
         }
+        check_file_keys(path, &known)?;
         figment = figment.merge(Toml::file(path));
+    }
+    for warning in env_near_misses(std::env::vars().map(|(name, _)| name), &known) {
+        eprintln!("warning: {warning}");
     }
     figment
         .merge(Env::prefixed(ENV_PREFIX).ignore(&["config"]))
         .merge(Serialized::defaults(flags))
         .extract()
         .map_err(|e| ConfigError(e.to_string()))
+}
+
+/// The settings of a configuration: the keys its defaults serialize to.
+fn known_keys<T: Serialize>(defaults: &T) -> Result<Vec<String>, ConfigError> {
+    let value = serde_json::to_value(defaults).map_err(|e| ConfigError(e.to_string()))?;
+    Ok(value.as_object().map(|object| object.keys().cloned().collect()).unwrap_or_default())
+}
+
+/// The known key closest to `key`, when one is close enough to be what was meant.
+fn closest<'a>(key: &str, known: &'a [String]) -> Option<&'a str> {
+    known
+        .iter()
+        .map(|candidate| (strsim::levenshtein(key, candidate), candidate))
+        .filter(|(distance, _)| *distance <= 2)
+        .min()
+        .map(|(_, candidate)| candidate.as_str())
+}
+
+/// A file names this binary's settings only: a key it does not know (a typo, say) would be
+/// ignored in silence, and its default used.
+fn check_file_keys(path: &Path, known: &[String]) -> Result<(), ConfigError> {
+    let keys: figment::value::Dict =
+        Figment::from(Toml::file(path)).extract().map_err(|e| ConfigError(e.to_string()))?;
+    for key in keys.keys().filter(|key| !known.contains(key)) {
+        let hint = closest(key, known).map(|near| format!(" (did you mean {near}?)")).unwrap_or_default();
+        return Err(ConfigError(format!("{}: unknown setting {key}{hint}", path.display())));
+    }
+    Ok(())
+}
+
+/// `HERALD_*` variables that are no setting but one letter or two away from one (other programs
+/// read other `HERALD_*` variables, so only what looks like a typo is told).
+fn env_near_misses(names: impl Iterator<Item = String>, known: &[String]) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for name in names {
+        let Some(key) = name.strip_prefix(ENV_PREFIX).map(str::to_lowercase) else { continue };
+        if key == "config" || known.contains(&key) {
+            continue;
+        }
+        if let Some(near) = closest(&key, known) {
+            let near = format!("{ENV_PREFIX}{}", near.to_uppercase());
+            warnings.push(format!("{name} is no setting of this program and is ignored; did you mean {near}?"));
+        }
+    }
+    warnings
 }
 
 #[cfg(test)]
@@ -91,5 +141,22 @@ mod tests {
             assert!(load::<Sample, _>(Some(&jail.directory().join("missing.toml")), &no_flag).is_err());
             Ok(())
         });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)]
+    fn a_misspelled_setting_is_an_error_in_a_file_and_a_warning_in_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file("herald.toml", "listen = \"file\"\nlimits = 7\n")?;
+            let file = jail.directory().join("herald.toml");
+            let error = load::<Sample, _>(Some(&file), &Flags { listen: None }).unwrap_err().to_string();
+            assert!(error.ends_with("unknown setting limits (did you mean limit?)"), "{error}");
+            Ok(())
+        });
+        let known = known_keys(&Sample::default()).unwrap();
+        let names = ["HERALD_LIMT", "HERALD_LIMIT", "HERALD_NATS_GATEWAY_PASSWORD", "PATH", "HERALD_CONFIG"];
+        let warnings = env_near_misses(names.into_iter().map(String::from), &known);
+        assert_eq!(warnings, ["HERALD_LIMT is no setting of this program and is ignored; did you mean HERALD_LIMIT?"]);
     }
 }
