@@ -66,11 +66,13 @@ fn closest<'a>(key: &str, known: &'a [String]) -> Option<&'a str> {
 fn check_file_keys(path: &Path, known: &[String]) -> Result<(), ConfigError> {
     let keys: figment::value::Dict =
         Figment::from(Toml::file(path)).extract().map_err(|e| ConfigError(e.to_string()))?;
-    for key in keys.keys().filter(|key| !known.contains(key)) {
-        let hint = closest(key, known).map(|near| format!(" (did you mean {near}?)")).unwrap_or_default();
-        return Err(ConfigError(format!("{}: unknown setting {key}{hint}", path.display())));
+    match keys.keys().find(|key| !known.contains(key)) {
+        Some(key) => {
+            let hint = closest(key, known).map(|near| format!(" (did you mean {near}?)")).unwrap_or_default();
+            Err(ConfigError(format!("{}: unknown setting {key}{hint}", path.display())))
+        }
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// `HERALD_*` variables that are no setting but one letter or two away from one (other programs
