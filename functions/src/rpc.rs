@@ -60,7 +60,12 @@ impl RpcRequest {
     /// The caller's user id; a permanent error when the request carries none (it did not come
     /// through a gateway).
     pub fn user(&self) -> Result<&str, HandlerError> {
-        self.user.as_deref().ok_or_else(|| HandlerError::permanent("no caller identity: Herald-User is missing"))
+        self.user.as_deref().ok_or_else(|| match self.headers.get(header::HERALD_USER) {
+            Some(value) if !value.as_str().is_empty() => {
+                HandlerError::permanent(format!("no caller identity: Herald-User {:?} is no user id", value.as_str()))
+            }
+            _ => HandlerError::permanent("no caller identity: Herald-User is missing"),
+        })
     }
 
     /// The body as JSON.

@@ -38,6 +38,8 @@ pub enum IdError {
     TooLong(IdKind),
     #[error("{kind} contains {found:?}; allowed are A-Z a-z 0-9 _ - = @ : +")]
     BadChar { kind: IdKind, found: char },
+    #[error("{0} has an empty part: it is names joined by single dots (prefs.set)")]
+    EmptyPart(IdKind),
 }
 
 fn is_token_char(c: char) -> bool {
@@ -64,7 +66,13 @@ pub fn check_function_name(name: &str) -> Result<(), IdError> {
     if name.len() > MAX_ID_LEN {
         return Err(IdError::TooLong(kind));
     }
-    name.split('.').try_for_each(|part| check_id(kind, part))
+    if name.is_empty() {
+        return Err(IdError::Empty(kind));
+    }
+    name.split('.').try_for_each(|part| match check_id(kind, part) {
+        Err(IdError::Empty(kind)) => Err(IdError::EmptyPart(kind)),
+        checked => checked,
+    })
 }
 
 /// Escapes an id for use in a KV key: every character outside `A-Za-z0-9_-` becomes `=` and its two
@@ -134,6 +142,8 @@ mod tests {
             assert!(check_function_name(bad).is_err(), "{bad}");
         }
         assert!(check_function_name(&"a".repeat(129)).is_err());
+        assert_eq!(check_function_name("a..b"), Err(IdError::EmptyPart(IdKind::Function)));
+        assert_eq!(check_function_name(""), Err(IdError::Empty(IdKind::Function)));
     }
 
     #[test]

@@ -70,7 +70,8 @@ async fn bad_bodies_and_missing_identity_are_refused_and_store_nothing() {
         json!({"muted": "marketing"}),
         json!({"muted": [1, 2]}),
         json!({"muted": too_many}),
-        json!({"muted": ["x".repeat(65)]}),
+        json!({"muted": ["x".repeat(129)]}),
+        json!({"muted": [""]}),
         json!({}),
     ];
     for body in bad_bodies {
@@ -82,6 +83,12 @@ async fn bad_bodies_and_missing_identity_are_refused_and_store_nothing() {
     for function in ["prefs.get", "prefs.set"] {
         let answer = call(&client, function, None, json!({"muted": []})).await;
         assert_eq!(answer.error.as_deref(), Some("no caller identity: Herald-User is missing"), "{function}");
+        let answer = call(&client, function, Some("a.b"), json!({"muted": []})).await;
+        assert_eq!(
+            answer.error.as_deref(),
+            Some(r#"no caller identity: Herald-User "a.b" is no user id"#),
+            "{function}"
+        );
     }
     runtime.shutdown().await;
 }

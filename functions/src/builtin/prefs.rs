@@ -12,8 +12,8 @@ use crate::rpc::{RpcReply, RpcRequest};
 
 /// The most muted kinds one user keeps.
 pub const MAX_MUTED: usize = 64;
-/// The longest kind, in characters.
-pub const MAX_KIND_CHARS: usize = 64;
+/// The longest kind, in characters: as long as the HTTP API lets a kind be.
+pub const MAX_KIND_CHARS: usize = 128;
 
 /// A user's preferences, as stored and as replied.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +67,10 @@ fn validate(muted: Vec<String>) -> Result<Prefs, HandlerError> {
     if muted.len() > MAX_MUTED {
         return Err(HandlerError::permanent(format!("at most {MAX_MUTED} muted kinds")));
     }
+    // Muting "" would mute every message without a kind.
+    if muted.iter().any(String::is_empty) {
+        return Err(HandlerError::permanent("a muted kind is not empty"));
+    }
     if let Some(long) = muted.iter().find(|kind| kind.chars().count() > MAX_KIND_CHARS) {
         let start: String = long.chars().take(16).collect();
         return Err(HandlerError::permanent(format!("kind {start:?}… is longer than {MAX_KIND_CHARS} characters")));
@@ -93,9 +97,10 @@ mod tests {
 
     #[test]
     fn validation_enforces_the_limits() {
-        assert!(validate(vec!["x".repeat(64)]).is_ok());
-        assert!(validate(vec!["é".repeat(64)]).is_ok());
-        assert!(validate(vec!["x".repeat(65)]).unwrap_err().is_permanent());
+        assert!(validate(vec!["x".repeat(128)]).is_ok());
+        assert!(validate(vec!["é".repeat(128)]).is_ok());
+        assert!(validate(vec!["x".repeat(129)]).unwrap_err().is_permanent());
+        assert!(validate(vec![String::new()]).unwrap_err().is_permanent());
         assert!(validate((0..64).map(|i| i.to_string()).collect()).is_ok());
         assert!(validate((0..65).map(|i| i.to_string()).collect()).unwrap_err().is_permanent());
     }
