@@ -8,6 +8,10 @@ use async_nats::Event;
 
 use serde::{Deserialize, Serialize};
 
+/// How often a service (gateway, functions) pings its NATS server (as the gateway's delivery
+/// connection does).
+const SERVICE_PING_INTERVAL: Duration = Duration::from_secs(10);
+
 /// How to reach and authenticate to NATS. Credentials come from files or the environment; the
 /// defaults (no credentials) only fit a local development server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,6 +75,10 @@ impl NatsSettings {
             .identity(name)
             .await?
             .retry_on_initial_connect()
+            // A server that hangs (its sockets open, nothing answered) is left after two unanswered
+            // pings: 20 s or so, where async-nats's default takes two minutes while every request
+            // on the connection times out.
+            .ping_interval(SERVICE_PING_INTERVAL)
             .max_reconnects(None)
             .reconnect_delay_callback(|attempt| Duration::from_millis((100 * attempt as u64).min(2000)))
             .subscription_capacity(self.nats_subscription_capacity.max(1))
