@@ -324,6 +324,12 @@ async fn refused_connections_are_counted_by_status_and_reason() {
         c.max_connections_per_address = 1;
     })
     .await;
+    // Every documented refusal is a series from the start, at 0 (an alert on it sees a value).
+    let metrics = reqwest::get(gateway.http_url("/metrics")).await.unwrap().text().await.unwrap();
+    for series in [r#"status="401",reason="unauthorized""#, r#"status="503",reason="unavailable""#] {
+        let line = format!("herald_gateway_connections_refused_total{{{series}}} 0");
+        assert!(metrics.lines().any(|l| l == line), "{line} not in\n{metrics}");
+    }
     let url = |query: String| gateway.ws_url(&query);
     let from = |address: &'static str| [("X-Forwarded-For", address)];
     let refused = |result: Result<WsClient, herald_tests::ws::Refused>| {

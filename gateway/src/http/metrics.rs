@@ -21,6 +21,19 @@ pub(crate) struct RefusalLabels {
     pub(crate) reason: &'static str,
 }
 
+/// The refusals docs/operations.md lists, by status and `error`.
+const REFUSALS: [(u16, &str); 9] = [
+    (400, "bad_request"),
+    (401, "unauthorized"),
+    (403, "forbidden"),
+    (403, "forbidden_origin"),
+    (409, "conflict"),
+    (426, "upgrade_required"),
+    (429, "too_many_connections"),
+    (503, "too_many_connections"),
+    (503, "unavailable"),
+];
+
 pub(crate) struct Metrics {
     pub(crate) connections: Gauge,
     pub(crate) users: Gauge,
@@ -116,6 +129,10 @@ impl Metrics {
             "WebSocket connections refused before the upgrade, by status and reason",
             m.connections_refused.clone(),
         );
+        // Every documented refusal from the start, at 0: an alert on one sees a series, not "no data".
+        for (status, reason) in REFUSALS {
+            let _ = metrics.connections_refused.get_or_create(&RefusalLabels { status, reason });
+        }
         Metrics { registry, ..metrics }
     }
 
