@@ -39,7 +39,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::Shared;
 use crate::close::{Close, CloseCode};
@@ -411,7 +411,9 @@ async fn finish(
     if !shared.killed.is_cancelled()
         && let Some(cursor) = session.cursor.get()
     {
-        let _ = tokio::time::timeout(CLOSE_GRACE, shared.cursors.release(cursor)).await;
+        if tokio::time::timeout(CLOSE_GRACE, shared.cursors.release(cursor)).await.is_err() {
+            warn!(user = %session.user, device = %session.device, "cursor not written at close: KV did not answer in time");
+        }
     }
     if close.code.is_sent() {
         transmit.finish(last, CLOSE_GRACE).await;
