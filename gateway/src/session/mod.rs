@@ -410,10 +410,9 @@ async fn finish(
     // cursor: duplicates, no loss).
     if !shared.killed.is_cancelled()
         && let Some(cursor) = session.cursor.get()
+        && tokio::time::timeout(CLOSE_GRACE, shared.cursors.release(cursor)).await.is_err()
     {
-        if tokio::time::timeout(CLOSE_GRACE, shared.cursors.release(cursor)).await.is_err() {
-            warn!(user = %session.user, device = %session.device, "cursor not written at close: KV did not answer in time");
-        }
+        warn!(user = %session.user, device = %session.device, "cursor not written at close: KV did not answer in time");
     }
     if close.code.is_sent() {
         transmit.finish(last, CLOSE_GRACE).await;
