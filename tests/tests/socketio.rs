@@ -434,6 +434,25 @@ async fn a_closing_connection_keeps_its_state_for_the_recovery_window_from_then(
     assert_eq!((replayed, answer), (vec![missed], pid), "recovered");
 }
 
+/// A connection open longer than the recovery window writes its state again while it lives: a
+/// state that expired meanwhile (removed by hand here) is back without any change of topics, so a
+/// client whose connection is cut after a long while (a network change, a gateway killed) recovers.
+#[tokio::test]
+async fn a_long_connection_keeps_its_state_written_while_it_lives() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start_with(&nats, |c| c.stream.socketio_recovery_window = Duration::from_secs(4)).await;
+    let token = token_with("sio-k", &["news"], 600);
+    let (mut raw, pid, _) = recover_as(&gateway, &token, None).await;
+    change_topic(&mut raw, "sub", "news", 1).await;
+    let key = format!("sio-k.socketio-{pid}");
+    kept_topics(&nats, &key, Some(json!({"topics": ["news"]}))).await;
+    let states = nats.jetstream().await.get_key_value("herald-socketio").await.unwrap();
+    // Acknowledged: what is read from here on was written after.
+    states.purge(&key).await.unwrap();
+    kept_topics(&nats, &key, Some(json!({"topics": ["news"]}))).await;
+    drop(raw);
+}
+
 /// A state not written again within the recovery window is gone: the client is told it was not
 /// recovered (a new pid), and it starts without its topics, with what the stream has after its offset.
 #[tokio::test]

@@ -245,6 +245,11 @@ async fn serve(
     let heartbeat = state.codec().heartbeat(config.heartbeat);
     let silence = state.codec().silence(config.heartbeat_timeout);
     let mut deadlines = Deadlines::new(now, heartbeat, silence, config.write_stall_timeout, expires);
+    if state.codec().remembers_topics() {
+        // Written again four times a window, as policy claims are: kept a window past the last.
+        let every = (config.stream.socketio_recovery_window / 4).max(Duration::from_secs(1));
+        deadlines = deadlines.refreshing(now, every);
+    }
     let timer = tokio::time::sleep_until(deadlines.next(None));
     tokio::pin!(timer);
     let mut job: Option<BoxStream<'static, Outcome>> = None;
@@ -361,6 +366,10 @@ fn on_time(deadlines: &mut Deadlines, state: &mut SessionState, transmit: &Trans
         }
         Some(Due::Silent) => Err(Close::new(CloseCode::NoHeartbeat, "no heartbeat")),
         Some(Due::Expired) => Err(Close::new(CloseCode::TokenExpired, "token expired")),
+        Some(Due::Refresh) => {
+            state.keep_topics();
+            Ok(())
+        }
         Some(Due::Stalled) => Err(Close::slow_consumer("the client stopped reading: reconnect with since")),
         None => Ok(()),
     }

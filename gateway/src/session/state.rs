@@ -840,6 +840,12 @@ impl SessionState {
         }
     }
 
+    /// Writes the kept topics again (their record outlives the connection by its window from the
+    /// last write), unless a write is queued already.
+    pub(crate) fn keep_topics(&mut self) {
+        self.topics_changed();
+    }
+
     /// Queues the keeping of the topics, when the codec's clients recover them and no keeping that
     /// has not started yet is queued (it takes the topics as they are when it starts). Called by
     /// the job that changed them, the first of the queue.
