@@ -274,8 +274,15 @@ async fn settle(
 /// Stores the dead letter before the event is dropped: with JetStream, deduplicated per function
 /// and event (`<function>:<stream>-<seq>`), so a retried dead-lettering stores one letter.
 async fn publish_dead_letter(durable: &Durable, event: &Event, error: &str) -> Result<(), String> {
-    let letter = dead_letter_of(durable, event, error);
-    let body = serde_json::to_vec(&letter).map_err(|e| e.to_string())?;
+    let mut letter = dead_letter_of(durable, event, error);
+    let mut body = serde_json::to_vec(&letter).map_err(|e| e.to_string())?;
+    // The payload is there twice (`data` to read, `payload` to re-drive): a large event's letter
+    // over what NATS takes keeps `payload` alone, or it could never be written and its event would
+    // be retried for ever.
+    if body.len() + LETTER_HEADERS > durable.js.client().server_info().max_payload {
+        letter.data = serde_json::Value::Null;
+        body = serde_json::to_vec(&letter).map_err(|e| e.to_string())?;
+    }
     let mut headers = HeaderMap::new();
     headers.insert(header::NATS_MSG_ID, format!("{}:{}", event.function, event.id).as_str());
     durable
@@ -287,6 +294,9 @@ async fn publish_dead_letter(durable: &Durable, event: &Event, error: &str) -> R
         .map_err(|e| e.to_string())?;
     Ok(())
 }
+
+/// Room for a dead letter's headers in what NATS takes of a message.
+const LETTER_HEADERS: usize = 512;
 
 fn dead_letter_of(durable: &Durable, event: &Event, error: &str) -> DeadLetter {
     DeadLetter {

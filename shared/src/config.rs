@@ -35,7 +35,9 @@ where
         check_file_keys(path, &known)?;
         figment = figment.merge(Toml::file(path));
     }
-    for warning in env_near_misses(std::env::vars().map(|(name, _)| name), &known) {
+    // `vars_os`: a variable that is not Unicode is someone else's, not a reason to stop.
+    let names = std::env::vars_os().filter_map(|(name, _)| name.into_string().ok());
+    for warning in env_near_misses(names, &known) {
         eprintln!("warning: {warning}");
     }
     figment

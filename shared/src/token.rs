@@ -105,14 +105,15 @@ impl Verifier {
         let mut validation = Validation::new(header.alg);
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.leeway = 0;
-        validation.validate_nbf = true;
+        // Checked below, with leeway for clocks: `leeway` would apply to `exp` as well.
+        validation.validate_nbf = false;
         if self.audience.is_empty() {
             validation.validate_aud = false;
         } else {
             validation.set_audience(&self.audience);
             validation.set_required_spec_claims(&["exp", "sub", "aud"]);
         }
-        let claims = jsonwebtoken::decode::<Claims>(token, key, &validation)
+        let Dated { claims, nbf } = jsonwebtoken::decode::<Dated>(token, key, &validation)
             .map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => TokenError::Expired,
                 ErrorKind::ImmatureSignature => TokenError::NotYetValid,
@@ -122,9 +123,25 @@ impl Verifier {
                 _ => TokenError::Malformed(e.to_string()),
             })?
             .claims;
+        // An identity provider's `nbf` is often the moment it signed: a gateway's clock a little
+        // behind must not refuse the token it hands out at once.
+        if nbf.is_some_and(|nbf| nbf > now_secs().saturating_add(NBF_LEEWAY_SECS)) {
+            return Err(TokenError::NotYetValid);
+        }
         check_claims(&claims)?;
         Ok(claims)
     }
+}
+
+/// How far ahead of the gateway's clock a token's `nbf` may be.
+const NBF_LEEWAY_SECS: u64 = 60;
+
+/// Claims with the token's `nbf`, if any.
+#[derive(Deserialize)]
+struct Dated {
+    #[serde(flatten)]
+    claims: Claims,
+    nbf: Option<u64>,
 }
 
 /// Whether a gateway takes `claims`: a valid user id, and topics that are names or prefixes of
@@ -226,9 +243,10 @@ mod tests {
     fn a_token_is_refused_before_its_nbf_and_its_aud_is_checked_only_when_configured() {
         let verifier = Verifier::new(Some(SECRET), None).unwrap();
         let exp = now_secs() + 60;
-        let early = signed_json(serde_json::json!({"sub": "42", "exp": exp, "nbf": now_secs() + 30}));
+        let early = signed_json(serde_json::json!({"sub": "42", "exp": exp, "nbf": now_secs() + 300}));
         assert_eq!(verifier.verify(&early), Err(TokenError::NotYetValid));
-        let started = signed_json(serde_json::json!({"sub": "42", "exp": exp, "nbf": now_secs() - 1}));
+        // Within a clock's drift: taken.
+        let started = signed_json(serde_json::json!({"sub": "42", "exp": exp, "nbf": now_secs() + 5}));
         assert!(verifier.verify(&started).is_ok());
         // An identity provider's token names its own audience: taken when none is configured.
         let theirs = signed_json(serde_json::json!({"sub": "42", "exp": exp, "aud": "their-app"}));

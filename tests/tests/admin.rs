@@ -245,6 +245,16 @@ async fn dead_letters_are_listed_redriven_to_a_push_and_purged() {
     let (_, body) = get(&gateway, "/v1/dead-letters/forward").await;
     assert_eq!(body["dead_letters"], json!([]));
 
+    // A large event (its data and its payload would not both fit in what NATS takes): its letter
+    // keeps the payload alone, and the API reads the data from it.
+    let large = format!("\"{}\"", "y".repeat(700_000));
+    let seq = publish_event(&js, "events.forward.large", large.clone()).await;
+    wait_settled(&js, &config.events_stream, "forward", seq).await;
+    let letter = dead_letters(&js, &config, "forward", 1).await.remove(0);
+    assert_eq!((letter.data, letter.payload.is_some()), (Value::Null, true));
+    let (_, body) = get(&gateway, "/v1/dead-letters/forward").await;
+    assert_eq!(body["dead_letters"][0]["data"], serde_json::from_str::<Value>(&large).unwrap());
+
     for (path, body, status) in [
         ("/v1/dead-letters/a*b/redrive", json!({"seq": 1}), 400),
         ("/v1/dead-letters/forward/redrive", json!({"seq": "x"}), 400),

@@ -209,7 +209,7 @@ async fn a_client_that_never_answers_is_closed_a_heartbeat_plus_the_timeout_afte
 
 /// A client that reads slowly but steadily is not taken for one that stopped: the kernel keeps
 /// little unsent for it (`socket_unsent_limit`), so its socket takes bytes as the client reads, in
-/// steps the stall timeout sees, however large its send buffer (8 MB here). Without that limit the
+/// steps the stall timeout sees, however large its send buffer (4 MiB asked here, which the kernel doubles). Without that limit the
 /// socket signals room only once megabytes are free, longer than the stall timeout (1 s here) at
 /// this client's pace.
 #[tokio::test]

@@ -132,7 +132,9 @@ async fn the_http_api_keeps_data_as_written_and_answers_in_http_terms() {
         post(&gateway, "/v1/publish", Some(KEY), json!({"to": {"user": "a", "topic": "b"}}).to_string()).await;
     assert_eq!(status, 400);
     assert!(body["reason"].as_str().unwrap().starts_with("to: exactly one of"), "{body}");
-    for (path, allow) in [("/v1/publish", "POST"), ("/v1/inbox/a/read", "POST"), ("/v1/stream", "GET")] {
+    for (path, allow) in
+        [("/v1/publish", "POST"), ("/v1/inbox/a/read", "POST"), ("/v1/stream", "GET"), ("/v1/users/a", "GET")]
+    {
         let wrong = if allow == "POST" { http.get(gateway.api_url(path)) } else { http.delete(gateway.api_url(path)) };
         let answer = wrong.bearer_auth(KEY).send().await.unwrap();
         assert_eq!(answer.status().as_u16(), 405, "{path}");

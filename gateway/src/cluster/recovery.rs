@@ -7,6 +7,8 @@
 //! so a client that comes back later, or after its gateway died before writing, is told it was
 //! not recovered, as socket.io tells a client whose state it no longer has.
 
+use std::time::Duration;
+
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use herald_shared::subject::KV_SOCKETIO;
@@ -46,6 +48,10 @@ impl RecoveryStates {
     /// The topics of the state `device` of `user`, if it is still kept, as the bucket's leader has
     /// it (a replica may not have the write of a connection that just closed elsewhere yet).
     pub(crate) async fn read(&self, user: &str, device: &str) -> Result<Option<Vec<String>>, StateError> {
+        patiently(self.read_now(user, device)).await
+    }
+
+    async fn read_now(&self, user: &str, device: &str) -> Result<Option<Vec<String>>, StateError> {
         let bucket = self.bucket().await?;
         let subject = format!("$KV.{KV_SOCKETIO}.{}", cursor_key(user, device));
         match bucket.stream.get_last_raw_message_by_subject(&subject).await {
@@ -62,7 +68,18 @@ impl RecoveryStates {
     /// Keeps `topics` as the state `device` of `user`, for the recovery window from now.
     pub(crate) async fn write(&self, user: &str, device: &str, topics: Vec<String>) -> Result<(), StateError> {
         let value = serde_json::to_vec(&Entry { topics }).map_err(error)?;
-        self.bucket().await?.put(cursor_key(user, device), Bytes::from(value)).await.map_err(error)?;
-        Ok(())
+        patiently(async {
+            self.bucket().await?.put(cursor_key(user, device), Bytes::from(value)).await.map_err(error)?;
+            Ok(())
+        })
+        .await
     }
+}
+
+/// How long a connection waits on this bucket: a bucket without a leader must not hold a CONNECT
+/// or the session's next jobs for JetStream's whole request timeout each time.
+const PATIENCE: Duration = Duration::from_secs(2);
+
+async fn patiently<T>(work: impl Future<Output = Result<T, StateError>>) -> Result<T, StateError> {
+    tokio::time::timeout(PATIENCE, work).await.unwrap_or_else(|_| Err(error("KV did not answer in time")))
 }

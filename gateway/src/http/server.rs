@@ -50,6 +50,7 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
         if shared.config.socket_send_buffer > 0 {
             let _ = socket.set_send_buffer_size(shared.config.socket_send_buffer);
         }
+        #[cfg(any(target_os = "linux", target_os = "android"))]
         if shared.config.socket_unsent_limit > 0 {
             let _ = socket.set_tcp_notsent_lowat(shared.config.socket_unsent_limit);
         }

@@ -9,7 +9,7 @@
 
 use herald_shared::functions::DeadLetter;
 use herald_shared::id::check_function_name;
-use herald_shared::payload::{data_bytes, from_base64};
+use herald_shared::payload::{data_bytes, data_value, from_base64};
 use herald_shared::subject::{dead_letter, header};
 use hyper::StatusCode;
 use serde::Deserialize;
@@ -100,9 +100,9 @@ pub(super) async fn redrive(shared: &Shared, function: &str, body: Value) -> Res
     let event = &letter.letter;
     let js = shared.api_js.as_ref().unwrap_or(&shared.js);
     let payload = match &event.payload {
-        Some(payload) => {
-            from_base64(payload).map_err(|e| ApiError::unavailable(format!("a dead letter's payload: {e}")))?
-        }
+        Some(payload) => from_base64(payload).map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "bad_letter", format!("a dead letter's payload: {e}"))
+        })?,
         // A letter from before the payload was kept: its data as clients would read it.
         None => data_bytes(&event.data),
     };
@@ -176,7 +176,16 @@ impl StoredLetter {
             "event_seq": l.seq,
             "attempts": l.attempts,
             "error": l.error,
-            "data": l.data,
+            "data": self.data(),
         })
+    }
+
+    /// The letter's `data`; for a letter too large to carry it, read from its `payload`.
+    fn data(&self) -> Value {
+        let letter = &self.letter;
+        match (&letter.data, &letter.payload) {
+            (Value::Null, Some(payload)) => from_base64(payload).map(|bytes| data_value(&bytes)).unwrap_or(Value::Null),
+            (data, _) => data.clone(),
+        }
     }
 }

@@ -180,6 +180,9 @@ async fn route_value(shared: &Shared, request: Request<Incoming>) -> Result<Valu
         }
         (_, "/v1/publish" | "/v1/disconnect", _) => Err(ApiError::method_not_allowed(&path, "POST")),
         (_, "/v1/gateways" | "/v1/stream" | "/v1/functions", _) => Err(ApiError::method_not_allowed(&path, "GET")),
+        (_, path, _) if path.starts_with("/v1/users/") || path.starts_with("/v1/presence/") => {
+            Err(ApiError::method_not_allowed(path, "GET"))
+        }
         (_, _, Some((_, "read"))) => Err(ApiError::method_not_allowed(&path, "POST")),
         (_, _, Some((_, "" | "messages"))) => Err(ApiError::method_not_allowed(&path, "GET")),
         _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no endpoint {path}"))),
