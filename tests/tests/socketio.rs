@@ -440,7 +440,12 @@ async fn a_closing_connection_keeps_its_state_for_the_recovery_window_from_then(
 #[tokio::test]
 async fn a_long_connection_keeps_its_state_written_while_it_lives() {
     let nats = TestNats::start().await;
-    let gateway = TestGateway::start_with(&nats, |c| c.stream.socketio_recovery_window = Duration::from_secs(4)).await;
+    let gateway = TestGateway::start_with(&nats, |c| {
+        c.stream.socketio_recovery_window = Duration::from_secs(4);
+        // A ping a second: the state is written again with every one.
+        c.heartbeat = Duration::from_secs(1);
+    })
+    .await;
     let token = token_with("sio-k", &["news"], 600);
     let (mut raw, pid, _) = recover_as(&gateway, &token, None).await;
     change_topic(&mut raw, "sub", "news", 1).await;

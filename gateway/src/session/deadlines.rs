@@ -26,8 +26,6 @@ pub(crate) enum Due {
     Expired,
     /// The client took no bytes for the stall timeout: close with 4008.
     Stalled,
-    /// Write the connection's state again, so that it outlives the connection by its whole window.
-    Refresh,
 }
 
 #[derive(Debug)]
@@ -39,8 +37,6 @@ pub(crate) struct Deadlines {
     next_ping: Instant,
     heard: Instant,
     expires: Instant,
-    /// How often the connection's kept state is written again, and when next.
-    refresh: Option<(Duration, Instant)>,
 }
 
 impl Deadlines {
@@ -51,13 +47,7 @@ impl Deadlines {
         stall: Duration,
         expires: Instant,
     ) -> Deadlines {
-        let silence = heartbeat + timeout;
-        Deadlines { heartbeat, silence, stall, next_ping: now + heartbeat, heard: now, expires, refresh: None }
-    }
-
-    /// Also due every `every`: writing the connection's kept state again.
-    pub(crate) fn refreshing(self, now: Instant, every: Duration) -> Deadlines {
-        Deadlines { refresh: Some((every, now + every)), ..self }
+        Deadlines { heartbeat, silence: heartbeat + timeout, stall, next_ping: now + heartbeat, heard: now, expires }
     }
 
     /// The client sent something.
@@ -73,9 +63,6 @@ impl Deadlines {
     /// The earliest deadline, given since when a write has been stuck (if one is).
     pub(crate) fn next(&self, stalled_since: Option<Instant>) -> Instant {
         let mut next = self.next_ping.min(self.heard + self.silence).min(self.expires);
-        if let Some((_, at)) = self.refresh {
-            next = next.min(at);
-        }
         if let Some(since) = stalled_since {
             next = next.min(since + self.stall);
         }
@@ -93,11 +80,6 @@ impl Deadlines {
         } else if now >= self.next_ping {
             self.next_ping = now + self.heartbeat;
             Some(Due::Ping)
-        } else if let Some((every, at)) = &mut self.refresh
-            && now >= *at
-        {
-            *at = now + *every;
-            Some(Due::Refresh)
         } else {
             None
         }
@@ -109,21 +91,6 @@ mod tests {
     use super::*;
 
     const SEC: Duration = Duration::from_secs(1);
-
-    #[test]
-    fn a_refreshing_connection_is_due_a_refresh_every_period() {
-        let start = Instant::now();
-        let mut deadlines = Deadlines::new(start, 25 * SEC, 10 * SEC, 15 * SEC, start + 3600 * SEC);
-        assert_eq!(deadlines.due(start + 20 * SEC, None), None, "not refreshing");
-        let mut deadlines = deadlines.refreshing(start, 20 * SEC);
-        assert_eq!(deadlines.next(None), start + 20 * SEC);
-        assert_eq!(deadlines.due(start + 20 * SEC, None), Some(Due::Refresh));
-        assert_eq!(deadlines.due(start + 21 * SEC, None), None);
-        assert_eq!(deadlines.next(None), start + 25 * SEC, "the ping first, then the refresh at 40 s");
-        assert_eq!(deadlines.due(start + 25 * SEC, None), Some(Due::Ping));
-        deadlines.heard(start + 30 * SEC);
-        assert_eq!(deadlines.due(start + 40 * SEC, None), Some(Due::Refresh));
-    }
 
     #[test]
     fn a_token_expiry_too_far_for_the_clock_is_as_far_as_a_deadline_goes() {

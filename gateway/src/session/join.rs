@@ -97,10 +97,18 @@ pub(super) async fn open(session: &Session, codec: Codec) -> Result<Box<SessionS
         allowed_topics: session.request.claims.topics.clone(),
         max_topics: shared.config.max_topics,
         per_subject_cap: shared.config.stream.stream_max_msgs_per_subject,
+        keep_topics_every: pings_per_write(shared.config.stream.socketio_recovery_window, shared.config.heartbeat),
         welcome,
         bounds,
         start,
     })))
+}
+
+/// How many pings (every `heartbeat`) apart a connection writes its kept state: four times a
+/// recovery `window` (as policy claims are refreshed), at most once a ping.
+fn pings_per_write(window: std::time::Duration, heartbeat: std::time::Duration) -> u16 {
+    let pings = (window / 4).as_millis() / heartbeat.as_millis().max(1);
+    u16::try_from(pings).unwrap_or(u16::MAX).max(1)
 }
 
 /// Where a connection resumes.

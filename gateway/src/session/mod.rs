@@ -162,7 +162,6 @@ pub(crate) fn run_with(
     async move {
         let shared = &session.shared;
         let format = codec.format();
-        let remembers_topics = codec.remembers_topics();
         let opened = tokio::select! {
             biased;
             _ = shared.killed.cancelled() => Err(Close::gone("gateway killed")),
@@ -188,8 +187,9 @@ pub(crate) fn run_with(
         if let Some((state, job)) = served {
             settle_losses(&session, state, job, transmit.unwritten());
         }
-        if remembers_topics {
-            remember_topics(&session, &audiences, &close).await;
+        if format == WireFormat::SocketIo {
+            // Boxed, as closing is: its KV write's future would otherwise size every idle task.
+            Box::pin(remember_topics(&session, &audiences, &close)).await;
         }
         Box::pin(finish(&session, audiences, last, transmit, close)).await;
     }
@@ -245,11 +245,6 @@ async fn serve(
     let heartbeat = state.codec().heartbeat(config.heartbeat);
     let silence = state.codec().silence(config.heartbeat_timeout);
     let mut deadlines = Deadlines::new(now, heartbeat, silence, config.write_stall_timeout, expires);
-    if state.codec().remembers_topics() {
-        // Written again four times a window, as policy claims are: kept a window past the last.
-        let every = (config.stream.socketio_recovery_window / 4).max(Duration::from_secs(1));
-        deadlines = deadlines.refreshing(now, every);
-    }
     let timer = tokio::time::sleep_until(deadlines.next(None));
     tokio::pin!(timer);
     let mut job: Option<BoxStream<'static, Outcome>> = None;
@@ -362,14 +357,11 @@ fn on_time(deadlines: &mut Deadlines, state: &mut SessionState, transmit: &Trans
         Some(Due::Ping) => {
             let ping = state.codec().ping();
             state.push_frame(ping);
+            state.pinged();
             Ok(())
         }
         Some(Due::Silent) => Err(Close::new(CloseCode::NoHeartbeat, "no heartbeat")),
         Some(Due::Expired) => Err(Close::new(CloseCode::TokenExpired, "token expired")),
-        Some(Due::Refresh) => {
-            state.keep_topics();
-            Ok(())
-        }
         Some(Due::Stalled) => Err(Close::slow_consumer("the client stopped reading: reconnect with since")),
         None => Ok(()),
     }

@@ -93,6 +93,8 @@ pub(crate) struct Params {
     pub(crate) max_topics: usize,
     /// The stream's per-subject limit (to tell whether a replay may miss trimmed messages).
     pub(crate) per_subject_cap: i64,
+    /// Pings between two writes of the kept topics (0: the codec's clients do not recover them).
+    pub(crate) keep_topics_every: u16,
     pub(crate) welcome: ServerFrame,
     /// The stream's bounds, read after the session's subscriptions.
     pub(crate) bounds: Bounds,
@@ -318,6 +320,9 @@ pub(crate) struct SessionState {
     resumed: Option<Resumed>,
     /// Refills asked for whose replay has not ended, and the first message any of them owes.
     refills_pending: u32,
+    /// Pings between two writes of the kept topics (0: never), and pings since the last.
+    keep_topics_every: u16,
+    pings_since_kept: u16,
     pending_from: u64,
     /// The first message a refill that ended sent again, and the count of frames taken for the
     /// socket once all it queued is among them: until then, a connection's end owes it.
@@ -329,6 +334,7 @@ impl SessionState {
     /// A session that has sent nothing yet: `welcome` is queued, then the first replay, if any.
     pub(crate) fn new(params: Params) -> SessionState {
         let Params { user, local, codec, sources, topics, allowed_topics, max_topics, per_subject_cap, .. } = params;
+        let keep_topics_every = if codec.remembers_topics() { params.keep_topics_every } else { 0 };
         let mut state = SessionState {
             user,
             local,
@@ -353,6 +359,8 @@ impl SessionState {
             close: None,
             resumed: None,
             refills_pending: 0,
+            keep_topics_every,
+            pings_since_kept: 0,
             pending_from: u64::MAX,
             refilled: None,
             tally: Tally::default(),
@@ -840,10 +848,17 @@ impl SessionState {
         }
     }
 
-    /// Writes the kept topics again (their record outlives the connection by its window from the
-    /// last write), unless a write is queued already.
-    pub(crate) fn keep_topics(&mut self) {
-        self.topics_changed();
+    /// The connection sent the client a ping. Every `keep_topics_every` of them, kept topics are
+    /// written again, so that their record outlives a connection cut without a close by its window.
+    pub(crate) fn pinged(&mut self) {
+        if self.keep_topics_every == 0 {
+            return;
+        }
+        self.pings_since_kept = self.pings_since_kept.saturating_add(1);
+        if self.pings_since_kept >= self.keep_topics_every {
+            self.pings_since_kept = 0;
+            self.topics_changed();
+        }
     }
 
     /// Queues the keeping of the topics, when the codec's clients recover them and no keeping that

@@ -64,6 +64,7 @@ impl Harness {
             allowed_topics: vec!["news".into()],
             max_topics: 2,
             per_subject_cap: 1000,
+            keep_topics_every: 2,
             welcome: ServerFrame::Pong,
             bounds: bounds(1, last),
             start,
@@ -1505,9 +1506,18 @@ fn a_socketio_connections_topics_are_kept_after_they_change_once_per_write_under
     h.state.subscribe("secret".into(), None);
     assert_eq!(h.action(), None);
 
+    // Every second ping, the topics are written again (their record lives a window past a write).
+    h.state.pinged();
+    assert_eq!(h.action(), None);
+    h.state.pinged();
+    assert_eq!(h.action(), Some(Action::RememberTopics { topics: vec!["sport".into()] }));
+
     // Herald's clients subscribe again themselves: nothing is kept.
     let mut h = Harness::new(Start::Live, 10);
     h.state.subscribe("news".into(), None);
     join_live(&mut h, "news");
+    assert_eq!(h.action(), None);
+    h.state.pinged();
+    h.state.pinged();
     assert_eq!(h.action(), None);
 }
