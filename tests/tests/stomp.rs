@@ -148,6 +148,16 @@ async fn a_forbidden_topic_and_malformed_frames_get_error_then_close() {
     assert_eq!((error.header("receipt-id"), error.body.as_str()), ("r256", "at most 256 subscriptions per connection"));
     assert_eq!(close, Some(1008));
 
+    // A topic past the connection's `max_topics` (64), refused by the session: its ERROR names its receipt.
+    let topics_token = token_with("frank", &["t*"], 3600);
+    let (mut client, _) = connect(&gateway, &[("passcode", &topics_token)]).await;
+    for n in 0..64 {
+        subscribe(&mut client, &n.to_string(), &format!("/topic/t{n}"), &[]).await;
+    }
+    client.send_raw("SUBSCRIBE\nid:64\ndestination:/topic/t64\nreceipt:r64\n\n\0").await;
+    let (error, close) = client.expect_error_and_close().await;
+    assert_eq!((error.header("message"), error.header("receipt-id"), close), ("bad_request", "r64", Some(1008)));
+
     // A frame past the gateway's `max_frame_bytes`, sent in pieces each under it.
     let small = TestGateway::start_with(&nats, |config| config.max_frame_bytes = 1024).await;
     let (mut client, _) = connect(&small, &[("passcode", &user_token)]).await;

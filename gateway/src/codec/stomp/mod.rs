@@ -497,8 +497,10 @@ impl StompCodec {
             }
             ServerFrame::Subscribed { topic } | ServerFrame::Unsubscribed { topic } => self.topic_receipt(topic),
             ServerFrame::RpcResult(result) => self.rpc_result(result),
-            ServerFrame::Error { code, message, .. } => {
-                self.fail(code, message, None);
+            ServerFrame::Error { code, message, topic } => {
+                // A refused topic SUBSCRIBE: its receipt, if it asked for one, names the frame.
+                let receipt = topic.as_deref().and_then(|topic| self.take_topic_receipt(topic));
+                self.fail(code, message, receipt.as_deref());
                 None
             }
             _ => None,
@@ -506,9 +508,14 @@ impl StompCodec {
     }
 
     fn topic_receipt(&mut self, topic: &str) -> Option<Bytes> {
-        let index = self.topic_receipts.iter().position(|(waiting, _)| waiting == topic)?;
-        let (_, receipt) = self.topic_receipts.remove(index);
+        let receipt = self.take_topic_receipt(topic)?;
         Some(self.transport.frame(&receipt_frame(&receipt)))
+    }
+
+    /// The receipt the oldest waiting SUBSCRIBE or UNSUBSCRIBE of `topic` asked for, if any.
+    fn take_topic_receipt(&mut self, topic: &str) -> Option<String> {
+        let index = self.topic_receipts.iter().position(|(waiting, _)| waiting == topic)?;
+        Some(self.topic_receipts.remove(index).1)
     }
 
     fn rpc_result(&mut self, result: &RpcResult) -> Option<Bytes> {

@@ -164,7 +164,8 @@ pub(super) async fn publish(shared: &Shared, body: &[u8]) -> Result<Value, ApiEr
         let message = read(item).map_err(|reason| ApiError::bad_request(which(index, reason)))?;
         if size(&message) > max_payload {
             let reason = format!("{} bytes with its headers; NATS takes at most {max_payload}", size(&message));
-            return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", which(index, reason)));
+            let error = ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", which(index, reason));
+            return Err(error.with_id(message.id));
         }
         checked.push(message);
     }
