@@ -187,11 +187,7 @@ pub(crate) fn run_with(
         if let Some((state, job)) = served {
             settle_losses(&session, state, job, transmit.unwritten());
         }
-        if format == WireFormat::SocketIo {
-            // Boxed, as closing is: its KV write's future would otherwise size every idle task.
-            Box::pin(remember_topics(&session, &audiences, &close)).await;
-        }
-        Box::pin(finish(&session, audiences, last, transmit, close)).await;
+        Box::pin(finish(&session, format, audiences, last, transmit, close)).await;
     }
 }
 
@@ -389,9 +385,11 @@ fn count(metrics: &crate::http::metrics::Metrics, tally: Tally) {
 }
 
 /// Closes the socket with `close`, `last` its last frame, and releases what the session held: its
-/// routes for `audiences`, its place in the registry, its claim and its cursor.
+/// routes for `audiences`, its place in the registry, its claim and its cursor; a Socket.IO
+/// connection's topics are kept for its recovery.
 async fn finish(
     session: &Session,
+    format: WireFormat,
     audiences: Vec<Audience>,
     last: Option<Bytes>,
     mut transmit: Transmit<WriteHalf>,
@@ -400,6 +398,9 @@ async fn finish(
     let shared = &session.shared;
     if close.code == CloseCode::SlowConsumer {
         shared.metrics.slow_consumer_closes.inc();
+    }
+    if format == WireFormat::SocketIo {
+        remember_topics(session, &audiences, &close).await;
     }
     shared.router.detach(session.key, audiences, true).await;
     shared.registry.remove(&session.conn);
