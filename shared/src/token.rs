@@ -17,6 +17,7 @@ pub struct Claims {
     /// The user id.
     pub sub: String,
     /// Expiry, seconds since the Unix epoch.
+    #[serde(deserialize_with = "numeric_date")]
     pub exp: u64,
     /// Topics (exact, or prefixes ending in `*`) the user may subscribe to.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -141,7 +142,30 @@ const NBF_LEEWAY_SECS: u64 = 60;
 struct Dated {
     #[serde(flatten)]
     claims: Claims,
+    #[serde(default, deserialize_with = "optional_numeric_date")]
     nbf: Option<u64>,
+}
+
+/// A JWT NumericDate (RFC 7519 §2): seconds, which may have a fraction (JavaScript's
+/// `Date.now() / 1000` makes one), rounded as the token library rounds it when it checks `exp`.
+fn numeric_date<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Seconds {
+        Whole(u64),
+        Fraction(f64),
+    }
+    match Seconds::deserialize(deserializer)? {
+        Seconds::Whole(seconds) => Ok(seconds),
+        Seconds::Fraction(seconds) if seconds.is_finite() && (0.0..u64::MAX as f64).contains(&seconds) => {
+            Ok(seconds.round() as u64)
+        }
+        Seconds::Fraction(_) => Err(serde::de::Error::custom("a NumericDate must be a non-negative number of seconds")),
+    }
+}
+
+fn optional_numeric_date<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    numeric_date(deserializer).map(Some)
 }
 
 /// Whether a gateway takes `claims`: a valid user id, and topics that are names or prefixes of
@@ -237,6 +261,21 @@ mod tests {
 
     fn signed_json(claims: serde_json::Value) -> String {
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(SECRET)).unwrap()
+    }
+
+    #[test]
+    fn exp_and_nbf_may_have_a_fraction_of_a_second() {
+        let verifier = Verifier::new(Some(SECRET), None).unwrap();
+        let now = now_secs();
+        let exp = now as f64 + 60.4;
+        let token = signed_json(serde_json::json!({"sub": "42", "exp": exp, "nbf": now as f64 - 0.5}));
+        assert_eq!(verifier.verify(&token).map(|claims| claims.exp), Ok(now + 60));
+        let early = signed_json(serde_json::json!({"sub": "42", "exp": exp, "nbf": now_secs() as f64 + 300.5}));
+        assert_eq!(verifier.verify(&early), Err(TokenError::NotYetValid));
+        let expired = signed_json(serde_json::json!({"sub": "42", "exp": now_secs() as f64 - 10.5}));
+        assert_eq!(verifier.verify(&expired), Err(TokenError::Expired));
+        let negative = signed_json(serde_json::json!({"sub": "42", "exp": -1.5}));
+        assert!(matches!(verifier.verify(&negative), Err(TokenError::Malformed(_))));
     }
 
     #[test]

@@ -57,7 +57,10 @@ async fn bad_tokens_get_401_with_a_json_reason_and_no_socket() {
     let _client = gateway.connect_with(&format!("token={}", signed(&"x".repeat(128)))).await;
     let theirs = signed_json(serde_json::json!({"sub": "42", "exp": now_secs() + 600, "aud": "their-app"}));
     let _other = gateway.connect_with(&format!("token={theirs}")).await;
-    assert_eq!(gateway.metric("herald_gateway_connections").await, 2.0);
+    // JavaScript signers write `Date.now() / 1000 + 600`: a NumericDate with a fraction.
+    let fractional = signed_json(serde_json::json!({"sub": "js", "exp": now_secs() as f64 + 600.25}));
+    let _js = gateway.connect_with(&format!("token={fractional}")).await;
+    assert_eq!(gateway.metric("herald_gateway_connections").await, 3.0);
 }
 
 /// A token that expires at the end of 64-bit time is a token that does not expire soon: the
