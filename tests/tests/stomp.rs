@@ -108,6 +108,41 @@ async fn tokens_from_the_query_and_the_upgrade_header_and_bad_ones() {
     assert_eq!(gateway.refusals(401, "unauthorized").await, 3.0);
 }
 
+/// A RECEIPT says every frame up to its own was processed: a later frame's receipt never comes
+/// before the answer to an earlier topic SUBSCRIBE or UNSUBSCRIBE, which the session gives later.
+#[tokio::test]
+async fn receipts_come_in_the_order_of_their_frames() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let user_token = token_with("rita", &["news"], 3600);
+
+    let (mut client, _) = connect(&gateway, &[("passcode", &user_token)]).await;
+    client
+        .send_raw(concat!(
+            "SUBSCRIBE\nid:n\ndestination:/topic/news\nreceipt:r1\n\n\0",
+            "SUBSCRIBE\nid:q\ndestination:/user/queue/x\nreceipt:r2\n\n\0",
+            "UNSUBSCRIBE\nid:n\n\n\0",
+            "SUBSCRIBE\nid:all\ndestination:/topic/all\nreceipt:r3\n\n\0",
+        ))
+        .await;
+    let mut receipts = Vec::new();
+    for _ in 0..3 {
+        receipts.push(client.expect("RECEIPT").await.header("receipt-id").to_string());
+    }
+    assert_eq!(receipts, ["r1", "r2", "r3"]);
+
+    // A refused topic ends the connection: its ERROR comes first, and no later frame's RECEIPT.
+    let (mut client, _) = connect(&gateway, &[("passcode", &user_token)]).await;
+    client
+        .send_raw(concat!(
+            "SUBSCRIBE\nid:s\ndestination:/topic/secret\nreceipt:r1\n\n\0",
+            "SUBSCRIBE\nid:q\ndestination:/user/queue/x\nreceipt:r2\n\n\0",
+        ))
+        .await;
+    let (error, close) = client.expect_error_and_close().await;
+    assert_eq!((error.header("message"), error.header("receipt-id"), close), ("forbidden", "r1", Some(1008)));
+}
+
 #[tokio::test]
 async fn a_forbidden_topic_and_malformed_frames_get_error_then_close() {
     let nats = TestNats::start().await;

@@ -476,6 +476,10 @@ impl SessionState {
         if let Some(frame) = self.codec.notice(notice) {
             self.push_frame(frame);
         }
+        // Frames the notice released (STOMP receipts held behind a topic's answer).
+        for frame in self.codec.take_replies() {
+            self.push_frame(frame);
+        }
         if let Some(close) = self.codec.take_closing() {
             self.close(close);
         }

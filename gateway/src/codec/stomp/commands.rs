@@ -65,14 +65,17 @@ impl StompCodec {
             Ok(command) => command,
             Err((code, detail)) => return Err(Refusal::Close(self.fail(code, &detail, receipt.as_deref()))),
         };
-        if let Some(receipt) = receipt {
-            match &command {
-                Command::Subscribe { topic, .. } | Command::Unsubscribe { topic } => {
-                    self.topic_receipts.push((topic.clone(), receipt))
-                }
-                Command::Close => self.last = Some(receipt_frame(&receipt)),
-                _ => self.replies.push(self.transport.frame(&receipt_frame(&receipt))),
+        match &command {
+            Command::Subscribe { topic, .. } | Command::Unsubscribe { topic } => {
+                self.queue_receipt(Some(topic.clone()), receipt)
             }
+            Command::Close => {
+                if let Some(receipt) = receipt {
+                    self.last = Some(receipt_frame(&receipt));
+                }
+            }
+            _ if receipt.is_some() => self.queue_receipt(None, receipt),
+            _ => {}
         }
         Ok(command)
     }

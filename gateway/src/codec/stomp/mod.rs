@@ -202,8 +202,10 @@ pub(crate) struct StompCodec {
     user: String,
     rpcs: HashMap<String, PendingRpc>,
     next_rpc: u64,
-    /// RECEIPTs to send when a topic's subscription (or unsubscription) is done.
-    topic_receipts: Vec<(String, String)>,
+    /// RECEIPTs in the order of their frames. A RECEIPT tells the client that its frames up to
+    /// that one were processed, so a topic's SUBSCRIBE or UNSUBSCRIBE (which the session answers
+    /// later) holds its own and every later frame's receipt until the session's answer.
+    receipts: VecDeque<Receipt>,
     /// Frames to send that answer no session notice (RECEIPTs, released messages).
     replies: Vec<Bytes>,
     /// The frame to send before the close (an ERROR, or the RECEIPT of a DISCONNECT).
@@ -216,6 +218,14 @@ pub(crate) struct StompCodec {
     arena: BytesMut,
     /// The client's frames, as its messages bring them.
     stream: frame::FrameStream,
+}
+
+/// A frame's place among the receipts: `topic` while the session has not answered for it, `id`
+/// when the frame asked for a RECEIPT.
+#[derive(Debug)]
+struct Receipt {
+    topic: Option<String>,
+    id: Option<String>,
 }
 
 /// The start of a subscription's MESSAGE frames, which connections with the same one share: the
@@ -318,7 +328,7 @@ impl StompCodec {
             user: String::new(),
             rpcs: HashMap::new(),
             next_rpc: 0,
-            topic_receipts: Vec::new(),
+            receipts: VecDeque::new(),
             replies: Vec::new(),
             last: None,
             closing: None,
@@ -495,7 +505,13 @@ impl StompCodec {
                 ];
                 Some(self.transport.frame(&frame::encode("CONNECTED", &headers, b"")))
             }
-            ServerFrame::Subscribed { topic } | ServerFrame::Unsubscribed { topic } => self.topic_receipt(topic),
+            ServerFrame::Subscribed { topic } | ServerFrame::Unsubscribed { topic } => {
+                if let Some(waiting) = self.receipts.iter_mut().find(|r| r.topic.as_ref() == Some(topic)) {
+                    waiting.topic = None;
+                }
+                self.release_receipts();
+                None
+            }
             ServerFrame::RpcResult(result) => self.rpc_result(result),
             ServerFrame::Error { code, message, topic } => {
                 // A refused topic SUBSCRIBE: its receipt, if it asked for one, names the frame.
@@ -507,15 +523,25 @@ impl StompCodec {
         }
     }
 
-    fn topic_receipt(&mut self, topic: &str) -> Option<Bytes> {
-        let receipt = self.take_topic_receipt(topic)?;
-        Some(self.transport.frame(&receipt_frame(&receipt)))
+    /// Queues a frame's receipt (if it asked for one) behind the topic answers still awaited.
+    pub(super) fn queue_receipt(&mut self, topic: Option<String>, id: Option<String>) {
+        self.receipts.push_back(Receipt { topic, id });
+        self.release_receipts();
+    }
+
+    /// Sends the receipts no topic answer holds back any longer.
+    fn release_receipts(&mut self) {
+        while self.receipts.front().is_some_and(|receipt| receipt.topic.is_none()) {
+            if let Some(id) = self.receipts.pop_front().and_then(|receipt| receipt.id) {
+                self.replies.push(self.transport.frame(&receipt_frame(&id)));
+            }
+        }
     }
 
     /// The receipt the oldest waiting SUBSCRIBE or UNSUBSCRIBE of `topic` asked for, if any.
     fn take_topic_receipt(&mut self, topic: &str) -> Option<String> {
-        let index = self.topic_receipts.iter().position(|(waiting, _)| waiting == topic)?;
-        Some(self.topic_receipts.remove(index).1)
+        let index = self.receipts.iter().position(|receipt| receipt.topic.as_deref() == Some(topic))?;
+        self.receipts.remove(index).and_then(|receipt| receipt.id)
     }
 
     fn rpc_result(&mut self, result: &RpcResult) -> Option<Bytes> {

@@ -337,3 +337,19 @@ fn over_sockjs_a_body_that_is_not_utf8_goes_as_text() {
     let frame = &sockjs_messages(&whole)[0];
     assert!(frame.ends_with("application/json\n\nab\u{fffd}cd\0"), "{frame:?}");
 }
+
+#[test]
+fn a_receipt_waits_for_the_answer_to_an_earlier_topic_frame() {
+    let mut codec = codec();
+    let topic = Command::Subscribe { topic: "news".into(), since: None };
+    assert_eq!(codec.decode(b"SUBSCRIBE\nid:n\ndestination:/topic/news\nreceipt:r1\n\n\0"), Ok(topic));
+    assert_eq!(codec.decode(b"SUBSCRIBE\nid:q\ndestination:/user/queue/x\nreceipt:r2\n\n\0"), Ok(Command::Nothing));
+    assert!(codec.take_replies().is_empty(), "r2 waits for r1");
+    assert_eq!(codec.notice(&ServerFrame::Subscribed { topic: "news".into() }), None);
+    let receipts: Vec<Bytes> = codec.take_replies();
+    let receipts: Vec<&[u8]> = receipts.iter().map(|frame| skip_ws_header(frame)).collect();
+    assert_eq!(receipts, [&b"RECEIPT\nreceipt-id:r1\n\n\0"[..], &b"RECEIPT\nreceipt-id:r2\n\n\0"[..]]);
+    // With nothing awaited, a receipt goes at once.
+    assert_eq!(codec.decode(b"ACK\nid:3\nreceipt:r3\n\n\0"), Ok(Command::Ack(3)));
+    assert_eq!(codec.take_replies().len(), 1);
+}
