@@ -198,6 +198,25 @@ async fn presence_and_disconnect_span_every_gateway() {
     assert_eq!(body["connections"].as_u64(), Some(0));
 }
 
+/// Load balancers and scripts probe with HEAD: the plain pages answer it as GET, without a body;
+/// the upgrade paths take GET only.
+#[tokio::test]
+async fn head_asks_the_plain_pages_without_their_bodies() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let http = reqwest::Client::new();
+    for (path, status) in [("/healthz", 200), ("/readyz", 200), ("/metrics", 200), ("/", 200), ("/ws", 404)] {
+        let response = http.head(gateway.http_url(path)).send().await.expect("the gateway answers");
+        let got = response.status().as_u16();
+        let length = response.headers().get("content-length").map(|v| v.to_str().unwrap().to_string());
+        let body = response.bytes().await.expect("an empty body");
+        assert_eq!((got, body.len()), (status, 0), "HEAD {path}");
+        if status == 200 {
+            assert!(length.as_deref().is_some_and(|l| l != "0"), "HEAD {path} gives GET's length: {length:?}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn only_allowed_origins_may_open_sockets() {
     let nats = TestNats::start().await;

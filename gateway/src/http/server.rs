@@ -91,7 +91,11 @@ async fn route(
         let response = Box::pin(super::sockjs::route(shared, request, peer, &rest)).await;
         return Ok(response.unwrap_or_else(|| not_found().map(http_body_util::Either::Left)));
     }
-    let response = match (request.method(), request.uri().path()) {
+    // HEAD is GET without the body (hyper leaves it out) for the plain pages a load balancer or
+    // a script may probe; an upgrade path takes GET only.
+    let plain_head = request.method() == Method::HEAD && !is_upgrade_path(request.uri().path());
+    let method = if plain_head { Method::GET } else { request.method().clone() };
+    let response = match (&method, request.uri().path()) {
         (&Method::GET, "/ws") => websocket(shared, request, peer).await,
         (&Method::GET, "/stomp") => super::stomp::upgrade(shared, request, peer, Transport::WebSocket).await,
         (&Method::GET, "/connection/websocket") => {
@@ -118,6 +122,10 @@ async fn route(
         _ => not_found(),
     };
     Ok(response.map(http_body_util::Either::Left))
+}
+
+fn is_upgrade_path(path: &str) -> bool {
+    matches!(path, "/ws" | "/stomp" | "/connection/websocket" | "/socket.io/" | "/socket.io")
 }
 
 fn not_found() -> HttpResponse {
