@@ -48,8 +48,12 @@ pub fn from_base64(text: &str) -> Result<Vec<u8>, base64::DecodeError> {
     STANDARD.decode(text)
 }
 
+/// Whether `payload` is a JSON text that a text frame can carry as it is. The parser skips what
+/// it ignores without checking its UTF-8, so that is checked first.
 fn is_json(payload: &[u8]) -> bool {
-    !payload.is_empty() && serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok()
+    !payload.is_empty()
+        && std::str::from_utf8(payload).is_ok()
+        && serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok()
 }
 
 /// Appends `text` as a JSON string literal.
@@ -84,6 +88,8 @@ mod tests {
     #[test]
     fn binary_becomes_base64() {
         assert_eq!(encode(&[0xff, 0x00, 0x01]), r#"{"$base64":"/wAB"}"#);
+        // JSON in form, not UTF-8 inside a string: a text frame cannot carry it.
+        assert_eq!(encode(b"{\"a\":\"\xff\"}"), r#"{"$base64":"eyJhIjoi/yJ9"}"#);
         assert_eq!(data_bytes(&data_value(&[0xff, 0x00, 0x01])), vec![0xff, 0x00, 0x01]);
     }
 }

@@ -20,6 +20,9 @@ pub struct StompFrame {
     pub command: String,
     pub headers: Vec<(String, String)>,
     pub body: String,
+    /// The body's bytes when the frame came in a binary WebSocket message (`body` is then their
+    /// lossy text).
+    pub binary: Option<Vec<u8>>,
 }
 
 impl StompFrame {
@@ -45,7 +48,17 @@ impl StompFrame {
                 (name.to_string(), unescape(value))
             })
             .collect();
-        StompFrame { command, headers, body: body.to_string() }
+        StompFrame { command, headers, body: body.to_string(), binary: None }
+    }
+
+    /// Parses one frame that came in a binary WebSocket message: UTF-8 headers, any body.
+    pub fn parse_binary(bytes: &[u8]) -> StompFrame {
+        let split = bytes.windows(2).position(|pair| pair == b"\n\n").expect("a blank line");
+        let body = &bytes[split + 2..];
+        let body = body.strip_suffix(b"\0").expect("a NUL at the end");
+        let head = std::str::from_utf8(&bytes[..split + 2]).expect("UTF-8 headers");
+        let frame = StompFrame::parse(&format!("{head}\0"));
+        StompFrame { body: String::from_utf8_lossy(body).into_owned(), binary: Some(body.to_vec()), ..frame }
     }
 }
 
@@ -318,7 +331,10 @@ impl StompClient {
                     return StompEvent::Close(close.map(|c| (u16::from(c.code), c.reason.to_string())));
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
-                Some(Ok(Message::Binary(_))) => panic!("the gateway sent a binary frame"),
+                Some(Ok(Message::Binary(bytes))) if !self.sockjs => {
+                    return StompEvent::Frame(StompFrame::parse_binary(&bytes));
+                }
+                Some(Ok(Message::Binary(_))) => panic!("the gateway sent a binary frame on SockJS"),
                 Some(Err(_)) | None => return StompEvent::Close(None),
             }
         }

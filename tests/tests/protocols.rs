@@ -117,3 +117,73 @@ async fn publish_pipelined(publisher: &Publisher, messages: &[(&str, String)]) -
     }
     seqs
 }
+
+/// A payload that is not UTF-8, even one shaped like JSON, reaches every protocol without breaking
+/// its text frames (a client closes on a text frame that is not UTF-8, then replays the same message
+/// on every reconnection): Herald JSON, Centrifugal and Socket.IO give it as `{"$base64":…}`, STOMP
+/// as a binary message with the bytes as they are.
+#[tokio::test]
+async fn payloads_that_are_not_utf8_reach_every_protocol_intact() {
+    let Some(python) = python() else { return };
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let token = token("bytes");
+
+    let mut herald = gateway.connect_with(&format!("token={token}&device=phone")).await;
+    let mut stomp = StompClient::connect(&format!("ws://{}/stomp", gateway.addr), &[("passcode", &token)]).await;
+    stomp.expect("CONNECTED").await;
+    stomp.send_frame("SUBSCRIBE", &[("id", "q"), ("destination", "/user/queue/q"), ("receipt", "q")], "").await;
+    assert_eq!(stomp.expect("RECEIPT").await.header("receipt-id"), "q");
+    let mut socketio = SdkClient::start(&python, "socketio_client.py");
+    let url = format!("http://{}", gateway.addr);
+    socketio.send(json!({"op": "connect", "url": url, "token": token, "transports": ["websocket"]})).await;
+    socketio.wait_for("socket.io connected", |e| e["event"] == "connected").await;
+    let mut centrifugal = SdkClient::start(&python, "centrifugal_client.py");
+    let url = format!("ws://{}/connection/websocket", gateway.addr);
+    centrifugal.send(json!({"op": "connect", "url": url, "token": token})).await;
+    centrifugal.wait_count("subscribed", 2).await;
+
+    let payloads: [&[u8]; 3] = [b"{\"a\":\"\xff\"}", b"\xff\x00", b"{\"a\":1}"];
+    let mut seqs = Vec::new();
+    for payload in payloads {
+        let ack = publisher.jetstream().publish("push.user.bytes", payload.to_vec().into()).await.unwrap();
+        seqs.push(ack.await.expect("stored").sequence);
+    }
+    let data = [json!({"$base64": "eyJhIjoi/yJ9"}), json!({"$base64": "/wA="}), json!({"a": 1})];
+
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let msg = herald.expect_msg().await;
+        got.push((msg.seq, msg.data));
+    }
+    assert_eq!(got, seqs.iter().copied().zip(data.clone()).collect::<Vec<_>>());
+
+    let mut on_stomp = Vec::new();
+    for _ in 0..3 {
+        let message = stomp.expect("MESSAGE").await;
+        let body = message.binary.clone().unwrap_or_else(|| message.body.clone().into_bytes());
+        on_stomp.push((message.header("message-id").parse::<u64>().unwrap(), message.binary.is_some(), body));
+    }
+    let expected: Vec<_> = seqs
+        .iter()
+        .zip(payloads)
+        .map(|(seq, payload)| (*seq, std::str::from_utf8(payload).is_err(), payload.to_vec()))
+        .collect();
+    assert_eq!(on_stomp, expected);
+
+    let on_socketio: Vec<_> = socketio
+        .wait_count("event", 3)
+        .await
+        .iter()
+        .map(|e| (e["args"][1]["seq"].as_u64().unwrap(), e["args"][0].clone()))
+        .collect();
+    assert_eq!(on_socketio, seqs.iter().copied().zip(data.clone()).collect::<Vec<_>>());
+    let on_centrifugal: Vec<_> = centrifugal
+        .wait_count("pub", 3)
+        .await
+        .iter()
+        .map(|e| (e["offset"].as_u64().unwrap(), e["data"].clone()))
+        .collect();
+    assert_eq!(on_centrifugal, seqs.iter().copied().zip(data).collect::<Vec<_>>());
+}

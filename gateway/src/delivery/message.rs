@@ -28,6 +28,8 @@ pub(crate) struct Message {
     pub(crate) payload: Bytes,
     /// The message in each wire format, once some session needed it.
     encoded: [OnceLock<Bytes>; WireFormat::COUNT],
+    /// Whether the payload is UTF-8, once some session asked.
+    text: OnceLock<bool>,
     /// The broadcast burst it came in, and its place there.
     burst: OnceLock<(Arc<Burst>, usize)>,
 }
@@ -42,8 +44,14 @@ impl Message {
             ts: ts.into(),
             payload,
             encoded: Default::default(),
+            text: OnceLock::new(),
             burst: OnceLock::new(),
         }
+    }
+
+    /// Whether the payload is UTF-8: a protocol that carries it as it is can use a text frame.
+    pub(crate) fn is_text(&self) -> bool {
+        *self.text.get_or_init(|| std::str::from_utf8(&self.payload).is_ok())
     }
 
     /// The message's bytes in `format`, encoded on first use.

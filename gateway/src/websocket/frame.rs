@@ -76,10 +76,10 @@ pub(crate) fn append_text(out: &mut Vec<u8>, payload: &[u8]) {
     out.extend_from_slice(payload);
 }
 
-/// The header of a text frame whose payload has `len` bytes (the payload follows in other slices),
-/// and its length.
-pub(crate) fn text_header(len: usize) -> ([u8; HEAD_ROOM], usize) {
-    header(OP_TEXT, len)
+/// The header of a text frame (`text`) or else a binary frame whose payload has `len` bytes (the
+/// payload follows in other slices), and its length.
+pub(crate) fn data_header(text: bool, len: usize) -> ([u8; HEAD_ROOM], usize) {
+    header(if text { OP_TEXT } else { OP_BINARY }, len)
 }
 
 /// A text frame holding `json`.

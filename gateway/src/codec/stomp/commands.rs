@@ -7,7 +7,9 @@ use herald_shared::id::{IdKind, check_id, topic_allowed};
 use herald_shared::subject::Audience;
 
 use super::frame::{Frame, Version};
-use super::{AckMode, Held, PendingRpc, RPC_MESSAGE_ID, StompCodec, Subscription, Target, Transport, receipt_frame};
+use super::{
+    AckMode, Held, PendingRpc, RPC_MESSAGE_ID, StompCodec, Subscription, Tail, Target, Transport, receipt_frame,
+};
 use crate::codec::{Command, Refusal, sockjs};
 
 /// Most subscriptions one connection may hold (each `/user/queue/<name>` is one, whatever its name).
@@ -202,7 +204,7 @@ impl StompCodec {
             return Command::Refill { audience, since: first - 1 };
         }
         for held in mine {
-            let head = self.head(index, held.seq, held.tail.len());
+            let head = self.head(index, held.seq, Tail { len: held.tail.len(), text: held.text });
             self.note_sent(index, held.seq);
             self.replies.push(head);
             self.replies.push(held.tail);

@@ -182,6 +182,7 @@ struct Held {
     target: Target,
     seq: u64,
     tail: Bytes,
+    text: bool,
 }
 
 /// One STOMP connection's state.
@@ -242,15 +243,25 @@ pub(crate) struct MessageHead<'a> {
 /// head, the `ack` header if it has one, then the message's shared tail.
 pub(crate) fn append_frame(out: &mut Vec<u8>, head: &MessageHead<'_>, message: &Message) {
     let tail = message.encoded(head.transport.format());
-    put_head(out, head, message.seq, tail.len());
+    put_head(out, head, message.seq, Tail { len: tail.len(), text: message.is_text() });
     out.extend_from_slice(tail);
 }
 
-/// Writes the start of the MESSAGE frame of message `seq` under `head`, whose shared tail has
-/// `tail_len` bytes: the WebSocket header, the head's text, and the `ack` header if it has one.
-fn put_head(out: &mut impl BufMut, head: &MessageHead<'_>, seq: u64, tail_len: usize) {
+/// What a MESSAGE frame's head needs to know of its shared tail: its length, and whether the body
+/// is UTF-8 (a text frame) or not (a binary frame: a text frame must be UTF-8; SockJS's tail is
+/// always text).
+#[derive(Debug, Clone, Copy)]
+struct Tail {
+    len: usize,
+    text: bool,
+}
+
+/// Writes the start of the MESSAGE frame of message `seq` under `head`, before its shared `tail`:
+/// the WebSocket header, the head's text, and the `ack` header if it has one.
+fn put_head(out: &mut impl BufMut, head: &MessageHead<'_>, seq: u64, tail: Tail) {
     let ack = if head.acked { ack_header(head.transport, seq) } else { Vec::new() };
-    let (header, header_len) = ws::text_header(head.text.len() + ack.len() + tail_len);
+    let text = tail.text || head.transport == Transport::SockJs;
+    let (header, header_len) = ws::data_header(text, head.text.len() + ack.len() + tail.len);
     out.put_slice(&header[..header_len]);
     out.put_slice(head.text);
     out.put_slice(&ack);
@@ -367,7 +378,7 @@ impl StompCodec {
     /// Queues `message` for its subscription, or holds it until one comes; returns bytes queued.
     pub(super) fn queue_message(&mut self, message: &Message, tail: &Bytes, frames: &mut VecDeque<Bytes>) -> usize {
         let Some(index) = self.route(message) else { return 0 };
-        let head = self.head(index, message.seq, tail.len());
+        let head = self.head(index, message.seq, Tail { len: tail.len(), text: message.is_text() });
         let len = head.len() + tail.len();
         frames.push_back(head);
         frames.push_back(tail.clone());
@@ -418,7 +429,7 @@ impl StompCodec {
                     self.dropped.push((oldest.target, oldest.seq));
                 }
                 let tail = message.encoded(self.format()).clone();
-                self.held.push_back(Held { target, seq: message.seq, tail });
+                self.held.push_back(Held { target, seq: message.seq, tail, text: message.is_text() });
             }
         }
         index
@@ -436,15 +447,15 @@ impl StompCodec {
         self.subscriptions.iter().position(|subscription| subscription.target == *target)
     }
 
-    /// The per-socket start of a MESSAGE frame of message `seq` for subscription `index` whose
-    /// shared tail has `tail_len` bytes: the WebSocket header, the command, the two per-socket
-    /// headers and the `ack` header if the subscription has one. Heads are cut from one buffer
-    /// per connection: one allocation serves many messages.
-    fn head(&mut self, index: usize, seq: u64, tail_len: usize) -> Bytes {
+    /// The per-socket start of a MESSAGE frame of message `seq` for subscription `index`, before
+    /// its shared `tail`: the WebSocket header, the command, the two per-socket headers and the
+    /// `ack` header if the subscription has one. Heads are cut from one buffer per connection: one
+    /// allocation serves many messages.
+    fn head(&mut self, index: usize, seq: u64, tail: Tail) -> Bytes {
         let head = self.subscriptions[index].message_head(self.connected.version, self.transport);
         // Room for the WebSocket header and an `ack` header too.
         self.arena.reserve(HEAD_ROOM.max(head.text.len() + 48));
-        put_head(&mut self.arena, &head, seq, tail_len);
+        put_head(&mut self.arena, &head, seq, tail);
         self.arena.split().freeze()
     }
 
