@@ -106,6 +106,9 @@ impl Verifier {
         let mut validation = Validation::new(header.alg);
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.leeway = 0;
+        // A token is expired from its `exp` second on: the library takes `exp == now`, for which
+        // the connection's expiry timer would close the connection at once.
+        validation.reject_tokens_expiring_in_less_than = 1;
         // Checked below, with leeway for clocks: `leeway` would apply to `exp` as well.
         validation.validate_nbf = false;
         if self.audience.is_empty() {
@@ -261,6 +264,15 @@ mod tests {
 
     fn signed_json(claims: serde_json::Value) -> String {
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(SECRET)).unwrap()
+    }
+
+    #[test]
+    fn a_token_is_expired_from_its_exp_second_on() {
+        let verifier = Verifier::new(Some(SECRET), None).unwrap();
+        let now = now_secs();
+        assert_eq!(verifier.verify(&issue_hs256(SECRET, &claims("42", now))), Err(TokenError::Expired));
+        let next = claims("42", now + 2);
+        assert_eq!(verifier.verify(&issue_hs256(SECRET, &next)), Ok(next));
     }
 
     #[test]
