@@ -62,6 +62,16 @@ async fn a_publisher_can_publish_but_cannot_read_deliveries_or_the_stream() {
     assert!(!matches!(denied, Ok(Ok(()))), "the publisher read the stream's info");
     let error = violation(&mut errors).await;
     assert!(error.to_lowercase().contains("permissions violation"), "{error}");
+
+    // A misspelt push subject, which the stream would not store, is refused out loud.
+    for subject in ["push.users.victim", "push.user.victim.x", "push.topics.news"] {
+        client.publish(subject, "lost?".into()).await.unwrap();
+        client.flush().await.unwrap();
+        let error = violation(&mut errors).await;
+        assert!(error.to_lowercase().contains("permissions violation") && error.contains(subject), "{error}");
+    }
+    assert!(Publisher::new(&nats).await.publish("push.topic.news", "fine").await > seq);
+    assert!(Publisher::new(&nats).await.publish("push.all", "fine").await > seq);
 }
 
 #[tokio::test]

@@ -194,7 +194,7 @@ pub(super) async fn publish(shared: &Shared, body: &[u8]) -> Result<Value, ApiEr
                     "misconfigured",
                     format!(
                         "NATS refused the API's publishes ({refusal}): the API publishes as api_nats_user, which \
-                         NATS must allow push.> (nats.conf's publisher); a retry will not help"
+                         NATS must allow to publish pushes (nats.conf's publisher); a retry will not help"
                     ),
                 ),
                 None => ApiError::unavailable(format!("{error}; {RETRY_HINT}")),
