@@ -183,6 +183,56 @@ async fn a_polling_client_reconnects_by_itself_after_its_gateway_restarts() {
     assert_eq!(events(&sdk), vec![("message".to_string(), json!("back"), seq)]);
 }
 
+/// python-engineio drops a connection whose poll brings more than 16 packets (with them): a burst
+/// reaches a polling client sixteen packets a poll.
+#[tokio::test]
+async fn a_burst_reaches_a_polling_python_client_whole() {
+    let Some(python) = python() else { return };
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let url = format!("http://{}", gateway.addr);
+    let polling = connected_over(&python, &url, &token("sio-burst"), json!(["polling"])).await;
+    let mut acks = Vec::new();
+    for n in 0..60 {
+        acks.push(publisher.send("push.user.sio-burst", &[], &n.to_string()).await);
+    }
+    let mut published = Vec::new();
+    for ack in acks {
+        published.push(ack.await.unwrap().sequence);
+    }
+    let seqs: Vec<u64> =
+        polling.wait_count("event", 60).await.iter().map(|e| e["args"][1]["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, published);
+    assert!(polling.named("disconnected").is_empty(), "{:?}", polling.named("disconnected"));
+}
+
+/// A POST over the frame limit ends the polling session, as Engine.IO's server does: it must not
+/// live on without the client's packets.
+#[tokio::test]
+async fn a_post_over_the_limit_ends_the_polling_session() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start_with(&nats, |c| c.max_frame_bytes = 4096).await;
+    let http = reqwest::Client::new();
+    let url = gateway.http_url("/socket.io/?EIO=4&transport=polling");
+    let open = http.get(&url).send().await.unwrap().text().await.unwrap();
+    let sid: Value = serde_json::from_str(open.strip_prefix('0').unwrap()).unwrap();
+    let url = format!("{url}&sid={}", sid["sid"].as_str().unwrap());
+    let connect = format!("40{}", json!({"token": token("sio-big")}));
+    assert_eq!(http.post(&url).body(connect).send().await.unwrap().status(), 200);
+    assert!(http.get(&url).send().await.unwrap().text().await.unwrap().starts_with("40{"));
+
+    let big = format!("42[\"sub\",\"{}\"]", "x".repeat(5000));
+    let refused = http.post(&url).body(big).send().await.unwrap();
+    assert_eq!(refused.status(), 413);
+    assert_eq!(refused.json::<Value>().await.unwrap()["error"], "too_large");
+    eventually("the session gone", Duration::from_secs(10), || async {
+        let body = http.get(&url).send().await.unwrap().text().await.unwrap();
+        body.contains("Session ID unknown").then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn bad_engine_io_requests_get_engine_io_errors() {
     let nats = TestNats::start().await;

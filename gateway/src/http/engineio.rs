@@ -21,6 +21,10 @@ use crate::websocket::reader::{Inbound, MessageReader};
 pub(crate) const SEPARATOR: u8 = 0x1e;
 /// Room in each pipe: a client that stops polling stops the session's writes there.
 const PIPE_BYTES: usize = 256 * 1024;
+/// The most packets one GET answers with: python-engineio refuses a response with more
+/// (`Payload.max_decode_packets`, 16) and drops the connection, messages and all; the rest waits
+/// for the next GET.
+const MAX_PACKETS_PER_POLL: usize = 16;
 
 /// The polling sessions of this gateway, by Engine.IO `sid`.
 #[derive(Default)]
@@ -89,6 +93,13 @@ impl Polling {
             pipe.write_all(&client_frame(0x1, packet)).await?;
         }
         Ok(())
+    }
+
+    /// Ends the session as a client's close with `code` would.
+    pub(crate) async fn close(&self, code: u16) {
+        if let Some(pipe) = self.input.lock().await.as_mut() {
+            let _ = pipe.write_all(&client_frame(0x8, &code.to_be_bytes())).await;
+        }
     }
 
     /// A GET: waits for what the session writes (a noop when the client upgrades meanwhile).
@@ -175,13 +186,15 @@ async fn relay_client(reader: &mut MessageReader<ReadHalf>, input: &mut DuplexSt
     }
 }
 
-/// The payloads of the whole text frames at the start of `buffered` (taken out), and whether a
-/// close frame came.
+/// The payloads of the whole text frames at the start of `buffered` (taken out, at most
+/// [`MAX_PACKETS_PER_POLL`]), and whether a close frame came.
 fn take_packets(buffered: &mut Vec<u8>) -> (Vec<Vec<u8>>, bool) {
     let mut packets = Vec::new();
     let mut at = 0;
     let mut closed = false;
-    while let Some((opcode, start, end)) = frame_at(&buffered[at..]) {
+    while packets.len() < MAX_PACKETS_PER_POLL
+        && let Some((opcode, start, end)) = frame_at(&buffered[at..])
+    {
         match opcode {
             0x1 => packets.push(buffered[at + start..at + end].to_vec()),
             0x8 => closed = true,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::Either;
-use herald_shared::frame::error_code;
+use herald_shared::frame::{close_code, error_code};
 use herald_shared::id::{IdKind, check_id, topic_allowed};
 use herald_shared::token::Claims;
 use http_body_util::Full;
@@ -137,11 +137,16 @@ pub(crate) async fn post(shared: Arc<Shared>, request: Request<Incoming>) -> Res
         return Ok(engine_error(1, "Session ID unknown"));
     };
     let limit = shared.config.max_frame_bytes;
-    let body = http_body_util::Limited::new(request.into_body(), limit)
-        .collect()
-        .await
-        .map_err(|_| Rejection::new(StatusCode::PAYLOAD_TOO_LARGE, "bad_request", format!("over {limit} bytes")))?
-        .to_bytes();
+    let body = match http_body_util::Limited::new(request.into_body(), limit).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(_) => {
+            // As Engine.IO's server does, and as a WebSocket message over the limit does: the
+            // session ends (its client reconnects) rather than living on without the packets.
+            polling.close(close_code::TOO_BIG).await;
+            let reason = format!("over {limit} bytes: the session is closed");
+            return Err(Rejection::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", reason));
+        }
+    };
     match polling.post(&body).await {
         Ok(()) => Ok(text(Bytes::from_static(b"ok"))),
         Err(_) => Ok(engine_error(1, "Session ID unknown")),
