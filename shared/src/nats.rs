@@ -71,6 +71,8 @@ impl NatsSettings {
         name: &str,
         on_event: Arc<dyn Fn(&Event) + Send + Sync>,
     ) -> std::io::Result<async_nats::ConnectOptions> {
+        let connection = name.to_string();
+        let user = self.nats_user.clone();
         Ok(self
             .identity(name)
             .await?
@@ -83,7 +85,7 @@ impl NatsSettings {
             .reconnect_delay_callback(|attempt| Duration::from_millis((100 * attempt as u64).min(2000)))
             .subscription_capacity(self.nats_subscription_capacity.max(1))
             .event_callback(move |event| {
-                log_event(&event);
+                log_event(&connection, user.as_deref(), &event);
                 on_event(&event);
                 std::future::ready(())
             }))
@@ -117,13 +119,32 @@ impl NatsSettings {
 }
 
 /// Logs a connection event at a level that fits it.
-fn log_event(event: &Event) {
+/// Whether `event` says that NATS refused the connection's credentials (an authorization
+/// violation: while connecting, a client error; on a live connection, a server error).
+pub fn refuses_credentials(event: &Event) -> bool {
     match event {
-        Event::Connected => tracing::info!("connected to NATS"),
-        Event::Disconnected => tracing::warn!("disconnected from NATS; reconnecting"),
-        Event::SlowConsumer(sid) => tracing::warn!(sid, "NATS subscription buffer full: messages dropped"),
-        Event::ServerError(error) => tracing::warn!(%error, "NATS server error"),
-        Event::ClientError(error) => tracing::debug!(%error, "NATS client error"),
-        other => tracing::info!(event = %other, "NATS event"),
+        Event::ServerError(async_nats::ServerError::AuthorizationViolation) => true,
+        Event::ClientError(async_nats::ClientError::Other(text)) => text.contains("authorization violation"),
+        _ => false,
+    }
+}
+
+/// Logs an event of the NATS connection named `connection`, which logs in as `user`.
+fn log_event(connection: &str, user: Option<&str>, event: &Event) {
+    match event {
+        Event::Connected => tracing::info!(connection, "connected to NATS"),
+        Event::Disconnected => tracing::warn!(connection, "disconnected from NATS; reconnecting"),
+        Event::SlowConsumer(sid) => {
+            tracing::warn!(connection, sid, "NATS subscription buffer full: messages dropped")
+        }
+        // Retried for ever like any refusal, but no retry helps: say what to check.
+        event if refuses_credentials(event) => tracing::error!(
+            connection,
+            user = user.unwrap_or("(none)"),
+            "NATS refused this connection's credentials: check its NATS user and password (or creds file)"
+        ),
+        Event::ServerError(error) => tracing::warn!(connection, %error, "NATS server error"),
+        Event::ClientError(error) => tracing::debug!(connection, %error, "NATS client error"),
+        other => tracing::info!(connection, event = %other, "NATS event"),
     }
 }

@@ -26,10 +26,34 @@ const MAX_BATCH: usize = 1000;
 /// What the 503 of a failed publish adds to its reason.
 const RETRY_HINT: &str = "it may have been stored: retry with the same id, it is stored once";
 
-/// What NATS last said when it refused one of the API's pushes (a NATS user not allowed `push.>`):
-/// a publish that then gets no answer was refused, and a retry will not help.
+/// What NATS last said when it refused the API's pushes (a NATS user not allowed to publish them)
+/// or its connection (a wrong password): a publish that then gets no answer was refused, and a
+/// retry will not help.
 #[derive(Default)]
-pub(crate) struct PublishRefusals(Mutex<Option<(Instant, String)>>);
+pub(crate) struct PublishRefusals(Mutex<Option<(Instant, Refusal)>>);
+
+#[derive(Debug, Clone)]
+enum Refusal {
+    /// A permissions violation, as NATS wrote it.
+    Publish(String),
+    /// An authorization violation: the credentials.
+    Credentials,
+}
+
+impl Refusal {
+    /// The reason of the 500 it explains.
+    fn reason(&self) -> String {
+        match self {
+            Refusal::Publish(text) => format!(
+                "NATS refused the API's publishes ({text}): the API publishes as api_nats_user, which NATS must \
+                 allow to publish pushes (nats.conf's publisher); a retry will not help"
+            ),
+            Refusal::Credentials => "NATS refused the API's connection (authorization violation): check \
+                                     api_nats_user and api_nats_password; a retry will not help"
+                .into(),
+        }
+    }
+}
 
 /// How long a refusal explains the publishes that time out after it.
 const REFUSAL_MEMORY: Duration = Duration::from_secs(60);
@@ -37,14 +61,19 @@ const REFUSAL_MEMORY: Duration = Duration::from_secs(60);
 impl PublishRefusals {
     /// Notes `event` of the connection the API publishes on, if it is such a refusal.
     pub(crate) fn note(&self, event: &async_nats::Event) {
-        if let async_nats::Event::ServerError(async_nats::ServerError::Other(text)) = event
-            && text.contains("Permissions Violation for Publish to \"push.")
-        {
-            *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), text.clone()));
-        }
+        let refusal = match event {
+            async_nats::Event::ServerError(async_nats::ServerError::Other(text))
+                if text.contains("Permissions Violation for Publish to \"push.") =>
+            {
+                Refusal::Publish(text.clone())
+            }
+            event if herald_shared::nats::refuses_credentials(event) => Refusal::Credentials,
+            _ => return,
+        };
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), refusal));
     }
 
-    fn recent(&self) -> Option<String> {
+    fn recent(&self) -> Option<Refusal> {
         let last = self.0.lock().unwrap_or_else(|p| p.into_inner());
         last.as_ref().filter(|(when, _)| when.elapsed() < REFUSAL_MEMORY).map(|(_, text)| text.clone())
     }
@@ -189,14 +218,7 @@ pub(super) async fn publish(shared: &Shared, body: &[u8]) -> Result<Value, ApiEr
             },
             Ok(ack) => Ok(json!({"id": message.id, "seq": ack.sequence, "duplicate": false})),
             Err(error) => Err(match shared.publish_refusals.recent() {
-                Some(refusal) => ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "misconfigured",
-                    format!(
-                        "NATS refused the API's publishes ({refusal}): the API publishes as api_nats_user, which \
-                         NATS must allow to publish pushes (nats.conf's publisher); a retry will not help"
-                    ),
-                ),
+                Some(refusal) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "misconfigured", refusal.reason()),
                 None => ApiError::unavailable(format!("{error}; {RETRY_HINT}")),
             }
             .with_id(message.id)),
