@@ -68,6 +68,7 @@ enum Backend {
 async fn start_container(
     tls: Option<&ServerTls>,
     network: Option<(&str, &str)>,
+    extra: &str,
 ) -> (u16, ContainerAsync<GenericImage>) {
     let mut attempts = 0;
     loop {
@@ -82,6 +83,9 @@ async fn start_container(
             .with_copy_to("/etc/herald/nats.conf", conf)
             .with_startup_timeout(Duration::from_secs(60));
         request = match tls {
+            None if !extra.is_empty() => request
+                .with_copy_to("/etc/herald/extra.conf", format!("include nats.conf\n{extra}\n").into_bytes())
+                .with_cmd(["-c", "/etc/herald/extra.conf", "-sd", "/data/jetstream"]),
             None => request.with_cmd(["-c", "/etc/herald/nats.conf", "-sd", "/data/jetstream"]),
             Some(tls) => request
                 .with_copy_to("/etc/herald/tls.conf", tls_config("/etc/herald").into_bytes())
@@ -120,7 +124,13 @@ fn tls_config(dir: &str) -> String {
 impl TestNats {
     /// Starts a NATS server on a fixed host port (kept across stop/start).
     pub async fn start() -> TestNats {
-        TestNats::start_with(None, None).await
+        TestNats::start_with(None, None, "").await
+    }
+
+    /// Starts a NATS server with the repository's configuration followed by `extra` (a block
+    /// there replaces nats.conf's: `jetstream { … }`, say).
+    pub async fn start_with_config(extra: &str) -> TestNats {
+        TestNats::start_with(None, None, extra).await
     }
 
     /// Starts a NATS container named `name` on the Docker network `network` (created if absent),
@@ -128,26 +138,30 @@ impl TestNats {
     /// [`TestNats::url`] as usual. Docker only (panics without it).
     pub async fn start_on_network(network: &str, name: &str) -> TestNats {
         assert!(docker_available(), "TestNats::start_on_network needs a Docker daemon");
-        TestNats::start_with(None, Some((network, name))).await
+        TestNats::start_with(None, Some((network, name)), "").await
     }
 
     /// [`TestNats::start_on_network`] with TLS required, as [`TestNats::start_tls`].
     pub async fn start_tls_on_network(tls: &ServerTls, ca: &std::path::Path, network: &str, name: &str) -> TestNats {
         assert!(docker_available(), "TestNats::start_tls_on_network needs a Docker daemon");
-        TestNats::start_with(Some((tls, ca)), Some((network, name))).await
+        TestNats::start_with(Some((tls, ca)), Some((network, name)), "").await
     }
 
     /// Starts a NATS server that requires TLS, with `tls`'s certificate, issued by the CA in the PEM
     /// file `ca` (which this harness's clients trust).
     pub async fn start_tls(tls: &ServerTls, ca: &std::path::Path) -> TestNats {
-        TestNats::start_with(Some((tls, ca)), None).await
+        TestNats::start_with(Some((tls, ca)), None, "").await
     }
 
-    async fn start_with(tls: Option<(&ServerTls, &std::path::Path)>, network: Option<(&str, &str)>) -> TestNats {
+    async fn start_with(
+        tls: Option<(&ServerTls, &std::path::Path)>,
+        network: Option<(&str, &str)>,
+        extra: &str,
+    ) -> TestNats {
         let tls_ca = tls.map(|(_, ca)| ca.to_path_buf());
         let tls = tls.map(|(tls, _)| tls);
         if docker_available() {
-            let (port, container) = start_container(tls, network).await;
+            let (port, container) = start_container(tls, network, extra).await;
             TestNats { port, backend: Backend::Container(Box::new(container)), tls_ca }
         } else {
             assert!(
@@ -158,6 +172,13 @@ impl TestNats {
             eprintln!("no Docker daemon: running nats-server as a process");
             let store = std::env::temp_dir().join(format!("herald-nats-{port}"));
             let config = match tls {
+                None if !extra.is_empty() => {
+                    let dir = std::env::temp_dir().join(format!("herald-nats-{port}-conf"));
+                    std::fs::create_dir_all(&dir).expect("config dir");
+                    std::fs::copy(workspace_root().join("nats.conf"), dir.join("nats.conf")).expect("copy nats.conf");
+                    std::fs::write(dir.join("extra.conf"), format!("include nats.conf\n{extra}\n")).expect("write");
+                    dir.join("extra.conf")
+                }
                 None => workspace_root().join("nats.conf"),
                 Some(tls) => {
                     let dir = std::env::temp_dir().join(format!("herald-nats-{port}-conf"));

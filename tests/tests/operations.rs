@@ -444,3 +444,29 @@ async fn refused_connections_are_counted_by_status_and_reason() {
     }
     assert_eq!(gateway.metric("herald_gateway_connections").await, 2.0);
 }
+
+/// When JetStream's storage is full, NATS refuses to store: the API says so with 507, not with a
+/// 503 whose retry would not help.
+#[tokio::test]
+async fn a_publish_jetstream_has_no_room_for_is_507() {
+    let nats = TestNats::start_with_config("jetstream {\n  max_memory_store: 64MB\n  max_file_store: 256KB\n}").await;
+    let gateway = api_gateway(&nats).await;
+    let mut stored = 0;
+    for n in 0..1000 {
+        let message = json!({"to": {"user": "42"}, "data": "x".repeat(1024), "id": format!("m{n}")});
+        let (status, body) = post(&gateway, "/v1/publish", Some(KEY), message.to_string()).await;
+        if status == 200 {
+            stored += 1;
+            continue;
+        }
+        let id = format!("m{n}");
+        assert_eq!(
+            (status, body["error"].as_str(), body["id"].as_str()),
+            (507, Some("insufficient_storage"), Some(id.as_str())),
+            "after {stored} stored: {body}"
+        );
+        assert!(body["reason"].as_str().unwrap().contains("max_file_store"), "{body}");
+        return;
+    }
+    panic!("1,000 messages of 1 KiB stored in 256 KiB");
+}
