@@ -572,6 +572,11 @@ async fn the_default_namespace_written_out_other_namespaces_and_an_rpc_without_a
     raw.send(r#"42["rpc","a.>",{}]"#).await;
     let error = raw.expect("42").await;
     assert_eq!((error[0].as_str(), error[1]["code"].as_str()), (Some("error"), Some("bad_request")), "{error}");
+    // An event and its ack in the default namespace written out.
+    raw.send(r#"42/,7["rpc","a.>",{}]"#).await;
+    assert_eq!(raw.expect("437").await[0]["error"]["code"], "bad_request");
+    // Leaving the namespace it was refused changes nothing.
+    raw.send("41/admin,").await;
     let seq = publisher.publish("push.user.sio-n", "1").await;
     assert_eq!(raw.expect("42").await[3], json!(seq.to_string()));
 }

@@ -120,10 +120,18 @@ impl SocketIoCodec {
             }
             Some((&engine::CLOSE, _)) => vec![Err(Refusal::Close(Close::new(CloseCode::Normal, "client closed")))],
             Some((&engine::MESSAGE, socket_io)) => match socket_io.split_first() {
-                Some((&packet::EVENT, rest)) => vec![self.event(rest)],
-                Some((&packet::DISCONNECT, _)) => {
-                    vec![Err(Refusal::Close(Close::new(CloseCode::Normal, "client disconnected")))]
-                }
+                Some((&packet::EVENT, rest)) => match in_namespace(rest) {
+                    Ok(rest) => vec![self.event(rest)],
+                    Err(namespace) => {
+                        let reason = format!("an event in namespace {namespace}, which this connection is not on");
+                        vec![Err(Refusal::Close(Close::new(CloseCode::Policy, reason)))]
+                    }
+                },
+                Some((&packet::DISCONNECT, rest)) => match in_namespace(rest) {
+                    Ok(_) => vec![Err(Refusal::Close(Close::new(CloseCode::Normal, "client disconnected")))],
+                    // Leaving a namespace it was refused: nothing to do.
+                    Err(_) => Vec::new(),
+                },
                 Some((&packet::CONNECT, rest)) => match namespace_of(rest) {
                     // Another namespace: refused in it, as socket.io refuses one it does not serve;
                     // this connection goes on.
@@ -192,6 +200,19 @@ impl SocketIoCodec {
             (Some(name), _) => refuse("unknown_event", format!("unknown event {name:?}")),
             (None, _) => refuse("bad_request", "an event starts with its name".into()),
         }
+    }
+}
+
+/// The rest of a packet after its namespace, when that is `/` (left out, or written out as `/,`);
+/// else the namespace it names.
+fn in_namespace(packet: &[u8]) -> Result<&[u8], String> {
+    if !packet.starts_with(b"/") {
+        return Ok(packet);
+    }
+    let end = packet.iter().position(|byte| *byte == b',').unwrap_or(packet.len());
+    match &packet[..end] {
+        b"/" => Ok(packet.get(end + 1..).unwrap_or_default()),
+        other => Err(String::from_utf8_lossy(&other[..other.len().min(256)]).into_owned()),
     }
 }
 
@@ -273,6 +294,14 @@ mod tests {
         assert!(codec.decode(b"3").is_empty());
         assert!(matches!(&codec.decode(br#"42["dance"]"#)[..], [Err(Refusal::Reply(_))]));
         assert!(matches!(&codec.decode(b"42{}")[..], [Err(Refusal::Close(_))]));
+        // The default namespace may be written out; another one is not this connection's.
+        assert_eq!(
+            codec.decode(br#"42/,3["unsub","news"]"#),
+            vec![Ok(Command::Unsubscribe { topic: "news".into() })]
+        );
+        assert!(matches!(&codec.decode(br#"42/chat,["sub","news"]"#)[..], [Err(Refusal::Close(_))]));
+        assert!(codec.decode(b"41/chat,").is_empty());
+        assert!(matches!(&codec.decode(b"41/,")[..], [Err(Refusal::Close(_))]));
     }
 
     fn welcome() -> ServerFrame {
