@@ -125,8 +125,15 @@ pub struct Gateway {
 impl Gateway {
     /// Starts a gateway: listens at once, connects to NATS in the background (ready when connected
     /// and the stream exists).
-    pub async fn start(config: Config) -> Result<Gateway, StartError> {
+    pub async fn start(mut config: Config) -> Result<Gateway, StartError> {
         let verifier = verifier(&config)?;
+        let (window, heartbeat) = (config.stream.socketio_recovery_window, config.heartbeat);
+        if window < heartbeat * 2 {
+            // A live connection writes its Socket.IO state again once a heartbeat at most: in a
+            // shorter window it would expire while the connection lives.
+            warn!(?window, ?heartbeat, "socketio_recovery_window is raised to twice the heartbeat");
+            config.stream.socketio_recovery_window = heartbeat * 2;
+        }
         let listener = listen(config.listen, config.listen_backlog)
             .map_err(|error| StartError::Listen { addr: config.listen, error })?;
         let local_addr = listener.local_addr().map_err(|error| StartError::Listen { addr: config.listen, error })?;

@@ -508,12 +508,30 @@ async fn a_long_connection_keeps_its_state_written_while_it_lives() {
     drop(raw);
 }
 
+/// A live connection writes its state again once a heartbeat at most: a recovery window shorter
+/// than two heartbeats is raised to that, or a state would expire while its connection lives.
+#[tokio::test]
+async fn a_recovery_window_under_two_heartbeats_is_raised_to_two() {
+    let nats = TestNats::start().await;
+    let _gateway = TestGateway::start_with(&nats, |c| {
+        c.stream.socketio_recovery_window = Duration::from_secs(10);
+        c.heartbeat = Duration::from_secs(25);
+    })
+    .await;
+    let mut states = nats.jetstream().await.get_stream("KV_herald-socketio").await.unwrap();
+    assert_eq!(states.info().await.unwrap().config.max_age, Duration::from_secs(50));
+}
+
 /// A state not written again within the recovery window is gone: the client is told it was not
 /// recovered (a new pid), and it starts without its topics, with what the stream has after its offset.
 #[tokio::test]
 async fn a_state_past_the_recovery_window_is_not_recovered_and_has_no_topics() {
     let nats = TestNats::start().await;
-    let gateway = TestGateway::start_with(&nats, |c| c.stream.socketio_recovery_window = Duration::from_secs(1)).await;
+    let gateway = TestGateway::start_with(&nats, |c| {
+        c.stream.socketio_recovery_window = Duration::from_secs(1);
+        c.heartbeat = Duration::from_millis(500);
+    })
+    .await;
     let publisher = Publisher::new(&nats).await;
     let token = token_with("sio-w", &["news"], 600);
     let (mut raw, pid, _) = recover_as(&gateway, &token, None).await;

@@ -295,10 +295,7 @@ mod tests {
         assert!(matches!(&codec.decode(br#"42["dance"]"#)[..], [Err(Refusal::Reply(_))]));
         assert!(matches!(&codec.decode(b"42{}")[..], [Err(Refusal::Close(_))]));
         // The default namespace may be written out; another one is not this connection's.
-        assert_eq!(
-            codec.decode(br#"42/,3["unsub","news"]"#),
-            vec![Ok(Command::Unsubscribe { topic: "news".into() })]
-        );
+        assert_eq!(codec.decode(br#"42/,3["unsub","news"]"#), vec![Ok(Command::Unsubscribe { topic: "news".into() })]);
         assert!(matches!(&codec.decode(br#"42/chat,["sub","news"]"#)[..], [Err(Refusal::Close(_))]));
         assert!(codec.decode(b"41/chat,").is_empty());
         assert!(matches!(&codec.decode(b"41/,")[..], [Err(Refusal::Close(_))]));
