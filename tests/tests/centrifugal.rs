@@ -398,3 +398,46 @@ async fn a_replaced_stream_has_another_epoch_and_old_offsets_are_not_recovered()
     assert_eq!((personal["was_recovering"].as_bool(), personal["recovered"].as_bool()), (Some(true), Some(false)));
     assert_eq!(personal["epoch"], after);
 }
+
+/// A client that loads its state by itself (the SDKs' `get_state`) asks with flag 2 for error 112
+/// when a recovery cannot give everything; nothing of the channel reaches it until it subscribes
+/// again. A tags filter, which Herald does not apply, is refused rather than ignored.
+#[tokio::test]
+async fn an_unrecoverable_position_is_error_112_when_asked_and_a_tags_filter_is_refused() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let mut raw = Raw::open(&gateway).await;
+    raw.send(&json!({"id": 1, "connect": {"token": token_with("cf7", &["news"], 600)}}).to_string()).await;
+    let epoch = raw.reply().await["connect"]["subs"]["#cf7"]["epoch"].clone();
+
+    let stale = json!({"channel": "news", "recover": true, "offset": 1, "epoch": "another-stream", "flag": 3});
+    raw.send(&json!({"id": 2, "subscribe": stale}).to_string()).await;
+    assert_eq!(raw.reply().await, json!({"id": 2, "error": {"code": 112, "message": "unrecoverable position"}}));
+    publisher.publish("push.topic.news", "not for the client yet").await;
+    let mark = publisher.publish("push.user.cf7", "mark").await;
+    let next = raw.next().await.unwrap();
+    assert_eq!(
+        (next[0]["push"]["channel"].as_str(), next[0]["push"]["pub"]["offset"].as_u64()),
+        (Some("#cf7"), Some(mark))
+    );
+
+    // Subscribed again from the position its state has: exactly what came after.
+    let resume = json!({"channel": "news", "recover": true, "offset": mark, "epoch": epoch, "flag": 3});
+    raw.send(&json!({"id": 3, "subscribe": resume}).to_string()).await;
+    let later = publisher.publish("push.topic.news", "after").await;
+    let reply = raw.reply().await;
+    assert_eq!((reply["id"].as_u64(), reply["subscribe"]["recovered"].as_bool()), (Some(3), Some(true)), "{reply}");
+    let mut offsets: Vec<u64> = reply["subscribe"]["publications"]
+        .as_array()
+        .map(|pubs| pubs.iter().map(|p| p["offset"].as_u64().unwrap()).collect())
+        .unwrap_or_default();
+    while offsets.is_empty() {
+        offsets.extend(raw.next().await.unwrap().iter().filter_map(|p| p["push"]["pub"]["offset"].as_u64()));
+    }
+    assert_eq!(offsets, vec![later]);
+
+    let filtered = json!({"channel": "sport", "tf": {"cmp": "eq", "key": "kind", "val": "goal"}});
+    raw.send(&json!({"id": 4, "subscribe": filtered}).to_string()).await;
+    assert_eq!(raw.reply().await["error"]["code"], 107);
+}

@@ -18,6 +18,10 @@ pub(super) enum Parsed {
         recover: bool,
         offset: u64,
         epoch: String,
+        /// The client wants error 112 rather than a reply that says `recovered: false`.
+        reject_unrecovered: bool,
+        /// A tags filter came with it (not supported).
+        filtered: bool,
     },
     Unsubscribe {
         channel: String,
@@ -67,7 +71,14 @@ struct SubscribeRequest {
     offset: u64,
     #[serde(default)]
     epoch: String,
+    #[serde(default)]
+    flag: i64,
+    #[serde(default)]
+    tf: Option<Value>,
 }
+
+/// The subscribe flag asking for error 112 when a recovery cannot give everything.
+const FLAG_REJECT_UNRECOVERED: i64 = 2;
 
 #[derive(Deserialize)]
 struct ChannelRequest {
@@ -128,8 +139,9 @@ pub(super) fn parse(line: &[u8]) -> Result<(u32, Parsed), Refusal> {
         "connect" => Parsed::Connect,
         "subscribe" => {
             let request: SubscribeRequest = body(&method, value)?;
-            let SubscribeRequest { channel, recover, offset, epoch } = request;
-            Parsed::Subscribe { channel, recover, offset, epoch }
+            let SubscribeRequest { channel, recover, offset, epoch, flag, tf } = request;
+            let reject_unrecovered = flag & FLAG_REJECT_UNRECOVERED != 0;
+            Parsed::Subscribe { channel, recover, offset, epoch, reject_unrecovered, filtered: tf.is_some() }
         }
         "unsubscribe" => Parsed::Unsubscribe { channel: body::<ChannelRequest>(&method, value)?.channel },
         "rpc" => {

@@ -54,6 +54,9 @@ pub(crate) struct CentrifugalCodec {
     /// Client-side subscriptions being answered, by channel.
     subscribing: HashMap<String, Subscribing>,
     subscribed: HashSet<String>,
+    /// Channels whose recovery was answered with error 112: the session still reads them, the
+    /// client does not until it subscribes again; what comes meanwhile is dropped.
+    rejected: HashSet<String>,
     unsubscribing: HashMap<String, u32>,
     /// The `refresh` command being answered.
     refreshing: Option<u32>,
@@ -81,6 +84,8 @@ struct Subscribing {
     id: u32,
     recover_from: Option<u64>,
     was_recovering: bool,
+    /// Answer a recovery that cannot give everything with error 112.
+    reject_unrecovered: bool,
     held: Held,
 }
 
@@ -107,6 +112,7 @@ impl CentrifugalCodec {
             connecting: Some(Connecting { id, resuming, subs, conn: String::new(), heartbeat: 0 }),
             subscribing: HashMap::new(),
             subscribed: HashSet::new(),
+            rejected: HashSet::new(),
             unsubscribing: HashMap::new(),
             refreshing: None,
             top: 0,
@@ -154,7 +160,7 @@ impl CentrifugalCodec {
             return false;
         }
         self.top = self.top.max(message.seq);
-        true
+        !self.rejected.contains(channel.as_ref())
     }
 
     /// Whether the messages of `last`'s channel up to `last` all go out now (none is held for a
@@ -162,7 +168,7 @@ impl CentrifugalCodec {
     pub(crate) fn takes_run(&self, last: &Message) -> bool {
         let channel = wire::channel(&last.audience);
         let connecting = self.connecting.as_ref().is_some_and(|c| c.subs.iter().any(|(sub, _)| sub.channel == channel));
-        !connecting && !self.subscribing.contains_key(channel.as_ref())
+        !connecting && !self.subscribing.contains_key(channel.as_ref()) && !self.rejected.contains(channel.as_ref())
     }
 
     /// Notes the messages [`Self::takes_run`] let through, up to `last`, as taken.
@@ -246,12 +252,20 @@ impl CentrifugalCodec {
     /// The subscribe reply for `topic`; `complete` says how its replay went, if it had one.
     fn subscribed(&mut self, topic: &str, complete: Option<bool>) -> Option<Bytes> {
         let pending = self.subscribing.remove(topic)?;
+        let recovered = pending.recover_from.is_some() && complete == Some(true);
+        if pending.was_recovering && !recovered && pending.reject_unrecovered {
+            // The client loads its state again and subscribes anew (the session's subscription
+            // stays: that subscribe finds it); nothing reaches the client for it meanwhile.
+            let reply = wire::error_reply(pending.id, error::UNRECOVERABLE_POSITION, "unrecoverable position");
+            self.rejected.insert(topic.to_string());
+            return Some(to_frame(self.protobuf, &reply));
+        }
         self.subscribed.insert(topic.to_string());
         let offset = pending.held.keys().next_back().copied().unwrap_or(0).max(self.top);
         self.top = offset;
         let mut result = position(&self.epoch, offset);
         result["was_recovering"] = pending.was_recovering.into();
-        result["recovered"] = (pending.recover_from.is_some() && complete == Some(true)).into();
+        result["recovered"] = recovered.into();
         // Unlike a connect reply's, these are always read.
         let mut splice = Splice::default();
         result["publications"] = splice.publications(&pending.held, self.protobuf);
@@ -306,7 +320,10 @@ impl CentrifugalCodec {
             |code, message: &str| Err(Refusal::Reply(to_frame(protobuf, &wire::error_reply(id, code, message))));
         match parsed {
             command::Parsed::Pong => Ok(None),
-            command::Parsed::Subscribe { channel, recover, offset, epoch } => {
+            command::Parsed::Subscribe { channel, recover, offset, epoch, reject_unrecovered, filtered } => {
+                if filtered {
+                    return reply(error::BAD_REQUEST, "tags filters are not supported");
+                }
                 if channel.starts_with('#') && channel != format!("#{}", self.user) {
                     return reply(error::PERMISSION_DENIED, "permission denied");
                 }
@@ -314,13 +331,21 @@ impl CentrifugalCodec {
                 if taken || CentrifugalCodec::server_channels(&self.user).contains(&channel) {
                     return reply(error::ALREADY_SUBSCRIBED, "already subscribed");
                 }
+                self.rejected.remove(&channel);
                 let since = (recover && epoch == self.epoch).then_some(offset);
-                let pending = Subscribing { id, recover_from: since, was_recovering: recover, held: Held::new() };
+                let pending = Subscribing {
+                    id,
+                    recover_from: since,
+                    was_recovering: recover,
+                    reject_unrecovered,
+                    held: Held::new(),
+                };
                 self.subscribing.insert(channel.clone(), pending);
                 Ok(Some(Command::Subscribe { topic: channel, since }))
             }
             command::Parsed::Unsubscribe { channel } => {
-                if !self.subscribed.remove(&channel) {
+                let rejected = self.rejected.remove(&channel);
+                if !self.subscribed.remove(&channel) && !rejected {
                     // Nothing to undo: the server-side channels stay, unknown ones are not there.
                     return Err(Refusal::Reply(to_frame(protobuf, &wire::reply(id, "unsubscribe", &json!({})))));
                 }

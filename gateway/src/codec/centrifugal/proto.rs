@@ -66,7 +66,15 @@ fn fields(message: &str) -> &'static [(&'static str, u32, Kind)] {
             ("ping", 7, Varint),
             ("pong", 8, Bool),
         ],
-        "SubscribeRequest" => &[("channel", 1, Str), ("recover", 3, Bool), ("epoch", 6, Str), ("offset", 7, Varint)],
+        "SubscribeRequest" => &[
+            ("channel", 1, Str),
+            ("recover", 3, Bool),
+            ("epoch", 6, Str),
+            ("offset", 7, Varint),
+            // Read only to refuse it.
+            ("tf", 13, Message("Empty")),
+            ("flag", 14, Varint),
+        ],
         "SubscribeResult" => &[
             ("expires", 1, Bool),
             ("ttl", 2, Varint),

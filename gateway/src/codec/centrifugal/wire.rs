@@ -23,6 +23,7 @@ pub(crate) mod error {
     pub(crate) const NOT_AVAILABLE: u32 = 108;
     pub(crate) const TOKEN_EXPIRED: u32 = 109;
     pub(crate) const TOO_MANY_REQUESTS: u32 = 111;
+    pub(crate) const UNRECOVERABLE_POSITION: u32 = 112;
     /// What a push function reported: an application error (codes from 400 are the application's).
     pub(crate) const FUNCTION_ERROR: u32 = 400;
 }
