@@ -27,7 +27,7 @@ pub struct Claims {
 /// Why a token was refused; its `Display` is the `reason` of the 401 body.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
-    #[error("no token: pass ?token= or an Authorization: Bearer header")]
+    #[error("no token: pass ?token=, an Authorization: Bearer header, or the protocol's own token field")]
     Missing,
     #[error("malformed token: {0}")]
     Malformed(String),
@@ -97,7 +97,10 @@ impl Verifier {
 
     /// Verifies `token` and its claims; the `sub` and every topic claim must obey the id rule.
     pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
-        let header = jsonwebtoken::decode_header(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
+        if token.is_empty() {
+            return Err(TokenError::Missing);
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(malformed)?;
         let key = match (header.alg, &self.secret, &self.public) {
             (Algorithm::HS256, Some(secret), _) => secret,
             (alg, _, Some((key, public_alg))) if alg == *public_alg => key,
@@ -124,7 +127,7 @@ impl Verifier {
                 ErrorKind::InvalidAudience => TokenError::WrongAudience,
                 ErrorKind::MissingRequiredClaim(claim) if claim == "aud" => TokenError::WrongAudience,
                 ErrorKind::InvalidSignature => TokenError::BadSignature,
-                _ => TokenError::Malformed(e.to_string()),
+                _ => malformed(e),
             })?
             .claims;
         // An identity provider's `nbf` is often the moment it signed: a gateway's clock a little
@@ -135,6 +138,19 @@ impl Verifier {
         check_claims(&claims)?;
         Ok(claims)
     }
+}
+
+/// A token that cannot be read, said in words a newcomer can act on.
+fn malformed(error: jsonwebtoken::errors::Error) -> TokenError {
+    TokenError::Malformed(match error.kind() {
+        ErrorKind::InvalidToken => "not a JWT (three base64url parts joined by dots)".into(),
+        ErrorKind::Base64(_) => "a part of the JWT is not base64url".into(),
+        ErrorKind::Json(error) => format!("its header or claims are not the JSON expected: {error}"),
+        ErrorKind::Utf8(_) => "a part of the JWT is not UTF-8".into(),
+        ErrorKind::MissingRequiredClaim(claim) => format!("no {claim} claim"),
+        ErrorKind::InvalidClaimFormat(claim) => format!("the {claim} claim is not a number of seconds"),
+        _ => error.to_string(),
+    })
 }
 
 /// How far ahead of the gateway's clock a token's `nbf` may be.
@@ -319,6 +335,19 @@ mod tests {
             &EncodingKey::from_secret(SECRET),
         )
         .unwrap();
-        assert!(matches!(verifier.verify(&token), Err(TokenError::Malformed(_))));
+        let Err(TokenError::Malformed(reason)) = verifier.verify(&token) else { panic!("taken") };
+        assert!(reason.contains("missing field `exp`"), "{reason}");
+    }
+
+    #[test]
+    fn an_unreadable_token_is_told_in_words() {
+        let verifier = Verifier::new(Some(SECRET), None).unwrap();
+        assert_eq!(verifier.verify(""), Err(TokenError::Missing));
+        let not_a_jwt = TokenError::Malformed("not a JWT (three base64url parts joined by dots)".into());
+        assert_eq!(verifier.verify("abc"), Err(not_a_jwt));
+        assert_eq!(verifier.verify("a!.b.c"), Err(TokenError::Malformed("a part of the JWT is not base64url".into())));
+        let text = signed_json(serde_json::json!({"sub": "42", "exp": "tomorrow"}));
+        let Err(TokenError::Malformed(reason)) = verifier.verify(&text) else { panic!("taken") };
+        assert!(reason.starts_with("its header or claims are not the JSON expected"), "{reason}");
     }
 }
