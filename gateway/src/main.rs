@@ -1,8 +1,10 @@
 //! `herald-gateway`: runs a gateway, or signs a token with the configured secret.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use clap::{Parser, Subcommand};
 use herald_gateway::{Config, Gateway, dev_token};
 use herald_shared::token::{Claims, issue_hs256, now_secs};
@@ -111,7 +113,8 @@ async fn publish(config: &Config, subject: String, data: String, id: Option<Stri
     }
     // A publisher's tool: replies under the publishers' prefix, not the gateways'.
     let nats = herald_shared::nats::NatsSettings { nats_inbox_prefix: "_INBOX".into(), ..config.nats.clone() };
-    let js = async_nats::jetstream::new(connect_once(&nats).await);
+    let violation = Arc::new(std::sync::Mutex::new(None::<String>));
+    let js = async_nats::jetstream::new(connect_once(&nats, violation.clone()).await);
     let mut headers = async_nats::HeaderMap::new();
     if let Some(id) = id {
         headers.insert(header::NATS_MSG_ID, id.as_str());
@@ -120,17 +123,49 @@ async fn publish(config: &Config, subject: String, data: String, id: Option<Stri
         headers.insert(header::HERALD_TYPE, kind.as_str());
     }
     let ack = async { js.publish_with_headers(subject, headers, data.into()).await?.await.map_err(Into::into) };
-    match tokio::time::timeout(Duration::from_secs(10), ack).await {
+    let outcome = tokio::time::timeout(Duration::from_secs(10), ack).await;
+    let user = nats.nats_user.as_deref().unwrap_or("(none)");
+    // A refusal explains a publish that got no answer better than the timeout does.
+    if let (Ok(Err(_)) | Err(_), Some(violation)) = (&outcome, violation.lock().unwrap().take()) {
+        fail(match violation.contains("Subscription") {
+            true => format!(
+                "NATS refused user {user} the acknowledgement ({violation}): the message may be stored; publish as a user \
+                 that may read _INBOX.> (nats.conf's publisher)"
+            ),
+            false => format!("NATS refused user {user} ({violation}): publish as nats.conf's publisher"),
+        })
+    }
+    match outcome {
         Ok(Ok(ack)) => println!("stored: seq {} (duplicate: {})", ack.sequence, ack.duplicate),
-        Ok(Err::<_, async_nats::Error>(error)) => fail(format!("publish failed: {error}")),
+        Ok(Err::<_, async_nats::Error>(error))
+            if error.downcast_ref::<PublishError>().is_some_and(|e| e.kind() == PublishErrorKind::StreamNotFound) =>
+        {
+            fail(
+                "no stream stores this subject: NATS needs JetStream (nats.conf's jetstream block) and the HERALD \
+                  stream, which a gateway or the functions make when they start",
+            )
+        }
+        Ok(Err(error)) => fail(format!("publish failed: {error}")),
         Err(_) => fail("publish timed out: is NATS running with the HERALD stream?"),
     }
 }
 
 /// Connects to NATS once, or ends the process saying why: a refused user or password, or no server.
-async fn connect_once(nats: &herald_shared::nats::NatsSettings) -> async_nats::Client {
+/// A permissions violation NATS reports later is put in `violation`.
+async fn connect_once(
+    nats: &herald_shared::nats::NatsSettings,
+    violation: Arc<std::sync::Mutex<Option<String>>>,
+) -> async_nats::Client {
     use async_nats::ConnectErrorKind;
     let options = nats.one_shot_options("herald-gateway pub").await.unwrap_or_else(|e| fail(e));
+    let options = options.event_callback(move |event| {
+        if let async_nats::Event::ServerError(async_nats::ServerError::Other(text)) = &event
+            && text.to_lowercase().contains("permissions violation")
+        {
+            *violation.lock().unwrap() = Some(text.clone());
+        }
+        std::future::ready(())
+    });
     let addresses = nats.addresses().unwrap_or_else(|e| fail(format!("nats_url {}: {e}", nats.nats_url)));
     match options.connect(addresses).await {
         Ok(client) => client,

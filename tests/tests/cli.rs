@@ -81,3 +81,26 @@ fn token_refuses_claims_a_gateway_would_refuse() {
         assert!(refused.stdout.is_empty() && !stderr(&refused).is_empty(), "{args:?}: {}", stderr(&refused));
     }
 }
+
+/// A user NATS does not let publish pushes, or read their acknowledgements, is told so, not that
+/// the publish timed out; so is a publish that no stream stores.
+#[tokio::test]
+async fn pub_says_what_nats_refused_and_when_no_stream_stores_the_subject() {
+    let nats = TestNats::start().await;
+    let output = publish(&nats.url(), Role::Publisher.user(), &Role::Publisher.password());
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("no stream stores this subject: NATS needs JetStream"), "{}", stderr(&output));
+
+    herald_shared::stream::ensure_stream(&nats.jetstream().await, &Default::default()).await.expect("stream");
+    let output = publish(&nats.url(), Role::Gateway.user(), &Role::Gateway.password());
+    assert_eq!(output.status.code(), Some(2));
+    let said = stderr(&output);
+    assert!(said.contains("NATS refused user gateway") && said.contains("push.user.cli"), "{said}");
+    let output = publish(&nats.url(), Role::Functions.user(), &Role::Functions.password());
+    assert_eq!(output.status.code(), Some(2));
+    let said = stderr(&output);
+    assert!(
+        said.contains("NATS refused user functions the acknowledgement") && said.contains("may be stored"),
+        "{said}"
+    );
+}
