@@ -159,6 +159,20 @@ async fn a_jetstream_that_does_not_answer_for_a_while_is_not_taken_for_a_lost_on
     assert_eq!(client.expect_msg().await.seq, seq);
 }
 
+/// NATS without JetStream (a newcomer's config without the jetstream block): the gateway says so
+/// rather than that JetStream "does not answer", which reads as a cluster problem.
+#[tokio::test]
+async fn a_nats_without_jetstream_is_named_as_such() {
+    let nats = TestNats::start_with_config("jetstream: disabled").await;
+    let gateway = TestGateway::start_unready(&nats.url(), |_| {}).await;
+    let expected = "NATS runs without JetStream (nats.conf needs its jetstream block)";
+    eventually("readyz names the missing JetStream", Duration::from_secs(30), || async {
+        gateway.readyz_problems().await.iter().any(|problem| problem == expected).then_some(())
+    })
+    .await;
+    assert_eq!(gateway.readyz().await, 503);
+}
+
 /// The real binary, stopped by a real SIGTERM, as an orchestrator stops it.
 #[tokio::test]
 async fn the_binary_closes_sockets_with_1012_and_exits_on_sigterm() {

@@ -77,6 +77,9 @@ impl Health {
             store if store == Store::Ready as u8 => {}
             store if store == Store::Unanswered as u8 => problems.push("JetStream does not answer"),
             store if store == Store::Leaderless as u8 => problems.push("stream HERALD or a KV bucket has no leader"),
+            store if store == Store::NoJetStream as u8 => {
+                problems.push("NATS runs without JetStream (nats.conf needs its jetstream block)")
+            }
             _ => problems.push("stream HERALD or a KV bucket not available"),
         }
         if !self.policy_watch.load(Ordering::Acquire) {
@@ -142,6 +145,8 @@ enum Store {
     Unanswered,
     /// One of them has no leader (its cluster lost its quorum): nothing can be stored or read.
     Leaderless,
+    /// Nobody answers JetStream's API: NATS runs without JetStream.
+    NoJetStream,
 }
 
 /// What JetStream said of one stream (a KV bucket is the stream `KV_<bucket>`).
@@ -154,6 +159,8 @@ enum Probe {
     Unanswered,
     /// Known to the cluster, but led by no server.
     Leaderless,
+    /// No responders on JetStream's API: JetStream is not enabled.
+    NoJetStream,
 }
 
 /// What a stream's info says of its leader.
@@ -176,9 +183,19 @@ impl Probe {
             Err(GetStreamErrorKind::JetStream(error)) if error.error_code() == ErrorCode::STREAM_NOT_FOUND => {
                 Probe::Absent
             }
+            Err(GetStreamErrorKind::Request) if no_responders(answer) => Probe::NoJetStream,
             Err(_) => Probe::Unanswered,
         }
     }
+}
+
+/// Whether a request got "no responders": no server serves JetStream's API.
+fn no_responders<T>(answer: &Result<T, GetStreamError>) -> bool {
+    use async_nats::jetstream::context::{RequestError, RequestErrorKind};
+    let source = answer.as_ref().err().and_then(|error| std::error::Error::source(error));
+    source
+        .and_then(|source| source.downcast_ref::<RequestError>())
+        .is_some_and(|error| error.kind() == RequestErrorKind::NoResponders)
 }
 
 /// Whether the stream and every KV bucket exist, and when the stream was made (another time than
@@ -209,6 +226,10 @@ async fn check(
     seen: bool,
     probes: Vec<(&'static str, Probe)>,
 ) -> (Store, Option<time::OffsetDateTime>) {
+    if probes.iter().any(|(_, probe)| *probe == Probe::NoJetStream) {
+        warn!("NATS runs without JetStream, which keeps every push: enable it (nats.conf's jetstream block)");
+        return (Store::NoJetStream, None);
+    }
     let unanswered: Vec<_> =
         probes.iter().filter(|(_, probe)| *probe == Probe::Unanswered).map(|(name, _)| name).collect();
     if !unanswered.is_empty() {
