@@ -363,7 +363,8 @@ impl CentrifugalCodec {
                 } else if channel.starts_with('#') {
                     return reply(error::PERMISSION_DENIED, "permission denied");
                 } else {
-                    return reply(error::NOT_AVAILABLE, "presence is kept for #<user> and all only");
+                    let refusal = wire::not_served(id, "presence is kept for #<user> and all only");
+                    return Err(Refusal::Reply(to_frame(protobuf, &refusal)));
                 };
                 Ok(Some(Command::Presence { id: format!("{PRESENCE_PREFIX}{id}"), user }))
             }
@@ -377,7 +378,8 @@ impl CentrifugalCodec {
             command::Parsed::Connect => Err(Refusal::Close(Close::new(CloseCode::Policy, "already connected"))),
             command::Parsed::Publish => reply(error::PERMISSION_DENIED, "clients do not publish: backends do"),
             command::Parsed::Unavailable(method) => {
-                reply(error::NOT_AVAILABLE, &format!("{method} is not available on this server"))
+                let refusal = wire::not_served(id, &format!("{method} is not available on this server"));
+                Err(Refusal::Reply(to_frame(protobuf, &refusal)))
             }
             command::Parsed::Unknown(method) => reply(error::METHOD_NOT_FOUND, &format!("unknown method {method}")),
         }

@@ -136,10 +136,21 @@ pub(crate) fn reply(id: u32, method: &str, result: &serde_json::Value) -> Vec<u8
     serde_json::to_vec(&serde_json::json!({ "id": id, method: result })).expect("JSON values serialize")
 }
 
-/// An error reply to command `id`.
+/// An error reply to command `id`; internal errors, NATS unavailable and rate limits are temporary.
 pub(crate) fn error_reply(id: u32, code: u32, message: &str) -> Vec<u8> {
+    let temporary = matches!(code, error::INTERNAL | error::NOT_AVAILABLE | error::TOO_MANY_REQUESTS);
+    error_reply_of(id, code, message, temporary)
+}
+
+/// The reply to a command this server does not serve (108, as Centrifugo's "not available": no
+/// retry makes it available).
+pub(crate) fn not_served(id: u32, message: &str) -> Vec<u8> {
+    error_reply_of(id, error::NOT_AVAILABLE, message, false)
+}
+
+fn error_reply_of(id: u32, code: u32, message: &str, temporary: bool) -> Vec<u8> {
     let mut error = serde_json::json!({"code": code, "message": message});
-    if matches!(code, error::INTERNAL | error::NOT_AVAILABLE | error::TOO_MANY_REQUESTS) {
+    if temporary {
         error["temporary"] = true.into();
     }
     serde_json::to_vec(&serde_json::json!({ "id": id, "error": error })).expect("JSON values serialize")
