@@ -44,7 +44,38 @@ where
         .merge(Env::prefixed(ENV_PREFIX).ignore(&["config"]))
         .merge(Serialized::defaults(flags))
         .extract()
-        .map_err(|e| ConfigError(e.to_string()))
+        .map_err(explain)
+}
+
+/// A bad value in words: the setting, where its value came from, and what is wrong with it.
+fn explain(error: figment::Error) -> ConfigError {
+    use figment::error::Kind;
+    let said: Vec<String> = error
+        .into_iter()
+        .map(|error| {
+            let key = error.path.join(".").to_lowercase();
+            let from = match &error.metadata {
+                Some(metadata) if metadata.name.contains("environment") => {
+                    format!(" (from {ENV_PREFIX}{})", key.to_uppercase())
+                }
+                Some(metadata) => match &metadata.source {
+                    Some(source) => format!(" (in {source})"),
+                    None => format!(" (from {})", metadata.name),
+                },
+                None => String::new(),
+            };
+            let what = match &error.kind {
+                Kind::UnknownVariant(found, expected) => format!("`{found}` is not one of {}", expected.join(", ")),
+                Kind::InvalidType(actual, expected) | Kind::InvalidValue(actual, expected) => {
+                    let hint = if expected.contains("duration") { " such as 25s, 500ms or 2m" } else { "" };
+                    format!("{actual} is not {expected}{hint}")
+                }
+                other => other.to_string(),
+            };
+            if key.is_empty() { what } else { format!("{key}{from}: {what}") }
+        })
+        .collect();
+    ConfigError(said.join("; "))
 }
 
 /// The settings of a configuration: the keys its defaults serialize to.
@@ -141,7 +172,13 @@ mod tests {
             assert_eq!(load::<Sample, _>(None, &no_flag).unwrap().limit, 9);
             jail.set_env("HERALD_LIMIT", "many");
             let error = load::<Sample, _>(None, &no_flag).unwrap_err().to_string();
-            assert!(error.contains("\"LIMIT\"") && error.contains("HERALD_"), "{error}");
+            assert_eq!(error, "configuration: limit (from HERALD_LIMIT): string \"many\" is not u32");
+            jail.clear_env();
+            jail.create_file("bad.toml", "limit = \"7\"\n")?;
+            let error = load::<Sample, _>(Some(&jail.directory().join("bad.toml")), &no_flag).unwrap_err().to_string();
+            assert!(
+                error.starts_with("configuration: limit (in ") && error.ends_with("bad.toml): string \"7\" is not u32")
+            );
             assert!(load::<Sample, _>(Some(&jail.directory().join("missing.toml")), &no_flag).is_err());
             Ok(())
         });
