@@ -411,10 +411,16 @@ async fn an_unrecoverable_position_is_error_112_when_asked_and_a_tags_filter_is_
     let mut raw = Raw::open(&gateway).await;
     raw.send(&json!({"id": 1, "connect": {"token": token_with("cf7", &["news"], 600)}}).to_string()).await;
     let epoch = raw.reply().await["connect"]["subs"]["#cf7"]["epoch"].clone();
+    let subscriptions = gateway.metric("herald_gateway_subscriptions").await;
 
     let stale = json!({"channel": "news", "recover": true, "offset": 1, "epoch": "another-stream", "flag": 3});
     raw.send(&json!({"id": 2, "subscribe": stale}).to_string()).await;
     assert_eq!(raw.reply().await, json!({"id": 2, "error": {"code": 112, "message": "unrecoverable position"}}));
+    // Subscribed to nothing: the session leaves the topic (a client that gives up leaves nothing behind).
+    eventually("the topic left", Duration::from_secs(10), || async {
+        (gateway.metric("herald_gateway_subscriptions").await == subscriptions).then_some(())
+    })
+    .await;
     publisher.publish("push.topic.news", "not for the client yet").await;
     let mark = publisher.publish("push.user.cf7", "mark").await;
     let next = raw.next().await.unwrap();

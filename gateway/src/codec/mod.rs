@@ -281,6 +281,15 @@ impl Codec {
         }
     }
 
+    /// Topics the session is to leave of the codec's accord (a Centrifugal subscribe refused with
+    /// error 112 after the session had subscribed).
+    pub(crate) fn take_topics_to_leave(&mut self) -> Vec<String> {
+        match self {
+            Codec::Centrifugal(codec) => codec.take_to_leave(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Frames the codec sends of its own accord after a client message (receipts and the like).
     pub(crate) fn take_replies(&mut self) -> Vec<Bytes> {
         match self {

@@ -480,6 +480,9 @@ impl SessionState {
         for frame in self.codec.take_replies() {
             self.push_frame(frame);
         }
+        for topic in self.codec.take_topics_to_leave() {
+            self.unsubscribe(topic);
+        }
         if let Some(close) = self.codec.take_closing() {
             self.close(close);
         }

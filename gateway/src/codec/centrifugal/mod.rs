@@ -54,9 +54,11 @@ pub(crate) struct CentrifugalCodec {
     /// Client-side subscriptions being answered, by channel.
     subscribing: HashMap<String, Subscribing>,
     subscribed: HashSet<String>,
-    /// Channels whose recovery was answered with error 112: the session still reads them, the
-    /// client does not until it subscribes again; what comes meanwhile is dropped.
+    /// Channels whose recovery was answered with error 112: the client is not subscribed, and what
+    /// comes for them until the session has left them (or the client subscribes again) is dropped.
     rejected: HashSet<String>,
+    /// Channels the session is to leave (answered with error 112).
+    to_leave: Vec<String>,
     unsubscribing: HashMap<String, u32>,
     /// The `refresh` command being answered.
     refreshing: Option<u32>,
@@ -113,6 +115,7 @@ impl CentrifugalCodec {
             subscribing: HashMap::new(),
             subscribed: HashSet::new(),
             rejected: HashSet::new(),
+            to_leave: Vec::new(),
             unsubscribing: HashMap::new(),
             refreshing: None,
             top: 0,
@@ -202,6 +205,7 @@ impl CentrifugalCodec {
                 _ => None,
             },
             ServerFrame::Unsubscribed { topic } => {
+                self.rejected.remove(topic);
                 let id = self.unsubscribing.remove(topic)?;
                 Some(to_frame(self.protobuf, &wire::reply(id, "unsubscribe", &json!({}))))
             }
@@ -249,6 +253,11 @@ impl CentrifugalCodec {
         Some(lines(self.protobuf, splice.into_reply(wire::reply(connecting.id, "connect", &result)), after))
     }
 
+    /// Channels the session is to leave: a subscribe answered with error 112 subscribed nothing.
+    pub(super) fn take_to_leave(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.to_leave)
+    }
+
     /// The subscribe reply for `topic`; `complete` says how its replay went, if it had one.
     fn subscribed(&mut self, topic: &str, complete: Option<bool>) -> Option<Bytes> {
         let pending = self.subscribing.remove(topic)?;
@@ -258,6 +267,7 @@ impl CentrifugalCodec {
             // stays: that subscribe finds it); nothing reaches the client for it meanwhile.
             let reply = wire::error_reply(pending.id, error::UNRECOVERABLE_POSITION, "unrecoverable position");
             self.rejected.insert(topic.to_string());
+            self.to_leave.push(topic.to_string());
             return Some(to_frame(self.protobuf, &reply));
         }
         self.subscribed.insert(topic.to_string());
@@ -344,8 +354,7 @@ impl CentrifugalCodec {
                 Ok(Some(Command::Subscribe { topic: channel, since }))
             }
             command::Parsed::Unsubscribe { channel } => {
-                let rejected = self.rejected.remove(&channel);
-                if !self.subscribed.remove(&channel) && !rejected {
+                if !self.subscribed.remove(&channel) {
                     // Nothing to undo: the server-side channels stay, unknown ones are not there.
                     return Err(Refusal::Reply(to_frame(protobuf, &wire::reply(id, "unsubscribe", &json!({})))));
                 }
