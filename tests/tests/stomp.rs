@@ -131,6 +131,25 @@ async fn receipts_come_in_the_order_of_their_frames() {
     }
     assert_eq!(receipts, ["r1", "r2", "r3"]);
 
+    // A DISCONNECT's RECEIPT comes after those of the frames before it, in the same message too.
+    let (mut client, _) = connect(&gateway, &[("passcode", &user_token)]).await;
+    client
+        .send_raw(concat!(
+            "SUBSCRIBE\nid:q\ndestination:/user/queue/x\nreceipt:r1\n\n\0",
+            "SUBSCRIBE\nid:n\ndestination:/topic/news\nreceipt:r2\n\n\0",
+            "DISCONNECT\nreceipt:bye\n\n\0",
+        ))
+        .await;
+    let mut receipts = Vec::new();
+    let close = loop {
+        match client.next_event().await {
+            StompEvent::Frame(frame) => receipts.push(frame.header("receipt-id").to_string()),
+            StompEvent::HeartBeat => {}
+            StompEvent::Close(close) => break close.map(|(code, _)| code),
+        }
+    };
+    assert_eq!((receipts, close), (vec!["r1".to_string(), "r2".into(), "bye".into()], Some(1000)));
+
     // A refused topic ends the connection: its ERROR comes first, and no later frame's RECEIPT.
     let (mut client, _) = connect(&gateway, &[("passcode", &user_token)]).await;
     client

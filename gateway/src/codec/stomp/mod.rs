@@ -485,6 +485,18 @@ impl StompCodec {
     /// The last bytes: the frame that explains the close (an ERROR unless one was set), then the
     /// WebSocket close frame.
     pub(super) fn close(&self, close: &Close) -> Bytes {
+        // A DISCONNECT's RECEIPT says every earlier frame was done: the answers of the frames
+        // before it in the same message, then the receipts still held behind a topic's answer
+        // (the connection ends, so that answer would never come), go first.
+        let mut held = Vec::new();
+        if close.number() == 1000 {
+            for frame in &self.replies {
+                held.extend_from_slice(frame);
+            }
+            for id in self.receipts.iter().filter_map(|receipt| receipt.id.as_deref()) {
+                held.extend_from_slice(&self.transport.frame(&receipt_frame(id)));
+            }
+        }
         let explanation = match &self.last {
             Some(last) => Some(last.clone()),
             None if explained(close.code) => {
@@ -494,7 +506,12 @@ impl StompCodec {
             }
             None => None,
         };
-        self.transport.close(explanation.as_deref(), close.number(), &close.reason)
+        let closing = self.transport.close(explanation.as_deref(), close.number(), &close.reason);
+        if held.is_empty() {
+            return closing;
+        }
+        held.extend_from_slice(&closing);
+        Bytes::from(held)
     }
 
     /// A notice in STOMP terms, if it has one.
