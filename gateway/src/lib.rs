@@ -164,7 +164,7 @@ impl Gateway {
                 api_config.nats.nats_password = Some(password.clone());
                 api_config.nats.nats_inbox_prefix = "_INBOX".into();
                 let refusals = publish_refusals.clone();
-                let note = move |event: &async_nats::Event| refusals.note(event);
+                let note = move |event: &async_nats::Event| refusals.note_api(event);
                 Some(jetstream::new(connect(&api_config, "api", Some(CONTROL_SUBSCRIPTION_CAPACITY), note).await?))
             }
             (Some(_), _, _) => {

@@ -59,18 +59,33 @@ impl Refusal {
 const REFUSAL_MEMORY: Duration = Duration::from_secs(60);
 
 impl PublishRefusals {
-    /// Notes `event` of the connection the API publishes on, if it is such a refusal.
+    /// Notes `event` of a connection the API may publish on (the gateway's own, without
+    /// `api_nats_user`), if it refuses a push.
     pub(crate) fn note(&self, event: &async_nats::Event) {
-        let refusal = match event {
-            async_nats::Event::ServerError(async_nats::ServerError::Other(text))
-                if text.contains("Permissions Violation for Publish to \"push.") =>
-            {
-                Refusal::Publish(text.clone())
+        if let async_nats::Event::ServerError(async_nats::ServerError::Other(text)) = event
+            && text.contains("Permissions Violation for Publish to \"push.")
+        {
+            self.set(Some(Refusal::Publish(text.clone())));
+        }
+    }
+
+    /// Notes `event` of the API's own connection (`api_nats_user`): a push refused, or its
+    /// credentials, until it connects.
+    pub(crate) fn note_api(&self, event: &async_nats::Event) {
+        match event {
+            event if herald_shared::nats::refuses_credentials(event) => self.set(Some(Refusal::Credentials)),
+            async_nats::Event::Connected => {
+                let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+                if matches!(last.as_ref(), Some((_, Refusal::Credentials))) {
+                    *last = None;
+                }
             }
-            event if herald_shared::nats::refuses_credentials(event) => Refusal::Credentials,
-            _ => return,
-        };
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), refusal));
+            event => self.note(event),
+        }
+    }
+
+    fn set(&self, refusal: Option<Refusal>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = refusal.map(|refusal| (Instant::now(), refusal));
     }
 
     fn recent(&self) -> Option<Refusal> {
