@@ -109,9 +109,6 @@ impl Verifier {
         let mut validation = Validation::new(header.alg);
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.leeway = 0;
-        // A token is expired from its `exp` second on: the library takes `exp == now`, for which
-        // the connection's expiry timer would close the connection at once.
-        validation.reject_tokens_expiring_in_less_than = 1;
         // Checked below, with leeway for clocks: `leeway` would apply to `exp` as well.
         validation.validate_nbf = false;
         if self.audience.is_empty() {
@@ -134,6 +131,11 @@ impl Verifier {
         // behind must not refuse the token it hands out at once.
         if nbf.is_some_and(|nbf| nbf > now_secs().saturating_add(NBF_LEEWAY_SECS)) {
             return Err(TokenError::NotYetValid);
+        }
+        // Expired from its `exp` second on: the library takes `exp == now`, for which the
+        // connection's expiry timer would close the connection at once.
+        if claims.exp <= now_secs() {
+            return Err(TokenError::Expired);
         }
         check_claims(&claims)?;
         Ok(claims)
@@ -183,8 +185,12 @@ fn numeric_date<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64
     }
 }
 
+/// An optional NumericDate: absent, or `null` (as some signers write an unset claim), is none.
 fn optional_numeric_date<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
-    numeric_date(deserializer).map(Some)
+    match Option::<serde_json::Value>::deserialize(deserializer)? {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(value) => numeric_date(value).map(Some).map_err(serde::de::Error::custom),
+    }
 }
 
 /// Whether a gateway takes `claims`: a valid user id, and topics that are names or prefixes of
@@ -304,6 +310,10 @@ mod tests {
         assert_eq!(verifier.verify(&expired), Err(TokenError::Expired));
         let negative = signed_json(serde_json::json!({"sub": "42", "exp": -1.5}));
         assert!(matches!(verifier.verify(&negative), Err(TokenError::Malformed(_))));
+        let unset = signed_json(serde_json::json!({"sub": "42", "exp": now as f64 + 60.0, "nbf": null}));
+        assert_eq!(verifier.verify(&unset).map(|claims| claims.exp), Ok(now + 60));
+        let zero = signed_json(serde_json::json!({"sub": "42", "exp": 0}));
+        assert_eq!(verifier.verify(&zero), Err(TokenError::Expired));
     }
 
     #[test]

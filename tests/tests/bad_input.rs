@@ -60,7 +60,12 @@ async fn bad_tokens_get_401_with_a_json_reason_and_no_socket() {
     // JavaScript signers write `Date.now() / 1000 + 600`: a NumericDate with a fraction.
     let fractional = signed_json(serde_json::json!({"sub": "js", "exp": now_secs() as f64 + 600.25}));
     let _js = gateway.connect_with(&format!("token={fractional}")).await;
-    assert_eq!(gateway.metric("herald_gateway_connections").await, 3.0);
+    // An empty `token=` is no token: the header's is taken.
+    let bearer = format!("Bearer {}", signed("header"));
+    let url = gateway.ws_url("token=");
+    let mut header = WsClient::connect_with_headers(&url, &[("Authorization", &bearer)]).await.expect("upgraded");
+    header.expect_welcome().await;
+    assert_eq!(gateway.metric("herald_gateway_connections").await, 4.0);
 }
 
 /// A token that expires at the end of 64-bit time is a token that does not expire soon: the

@@ -92,7 +92,9 @@ pub(crate) fn authorize<B>(
             _ => {}
         }
     }
-    let token = token.or_else(|| bearer_token(request)).ok_or(Rejection::unauthorized(TokenError::Missing))?;
+    // An empty `token=` is none: the header may carry it.
+    let token = token.filter(|token| !token.is_empty()).or_else(|| bearer_token(request));
+    let token = token.ok_or(Rejection::unauthorized(TokenError::Missing))?;
     let claims = verifier.verify(&token).map_err(Rejection::unauthorized)?;
     let device = device.unwrap_or_else(|| DEFAULT_DEVICE.to_string());
     check_id(IdKind::Device, &device).map_err(|e| Rejection::bad_request(e.to_string()))?;

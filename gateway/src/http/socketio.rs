@@ -139,12 +139,17 @@ pub(crate) async fn post(shared: Arc<Shared>, request: Request<Incoming>) -> Res
     let limit = shared.config.max_frame_bytes;
     let body = match http_body_util::Limited::new(request.into_body(), limit).collect().await {
         Ok(body) => body.to_bytes(),
-        Err(_) => {
+        Err(error) => {
             // As Engine.IO's server does, and as a WebSocket message over the limit does: the
             // session ends (its client reconnects) rather than living on without the packets.
-            polling.close(close_code::TOO_BIG).await;
-            let reason = format!("over {limit} bytes: the session is closed");
-            return Err(Rejection::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", reason));
+            if error.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                polling.close(close_code::TOO_BIG).await;
+                let reason = format!("over {limit} bytes: the session is closed");
+                return Err(Rejection::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", reason));
+            }
+            polling.close(close_code::PROTOCOL_ERROR).await;
+            let reason = "the body was cut off: the session is closed";
+            return Err(Rejection::new(StatusCode::BAD_REQUEST, "bad_request", reason));
         }
     };
     match polling.post(&body).await {
@@ -307,7 +312,8 @@ async fn accept(
     let auth = connect_auth(&text).map_err(|reason| bad_request(&reason))?;
     let token = auth
         .token
-        .or(query_token)
+        .filter(|token| !token.is_empty())
+        .or(query_token.filter(|token| !token.is_empty()))
         .ok_or_else(|| Some(Rejection::in_protocol(UNAUTHORIZED, "no token: pass auth {token} or ?token=")))?;
     let claims = shared.verifier.verify(&token).map_err(|error| Some(Rejection::unauthorized(error)))?;
     // A client recovering its state: `since` is its offset, and its pid names its device.
