@@ -118,7 +118,6 @@ impl NatsSettings {
     }
 }
 
-/// Logs a connection event at a level that fits it.
 /// Whether `event` says that NATS refused the connection's credentials (an authorization
 /// violation: while connecting, a client error; on a live connection, a server error).
 pub fn refuses_credentials(event: &Event) -> bool {
@@ -129,7 +128,8 @@ pub fn refuses_credentials(event: &Event) -> bool {
     }
 }
 
-/// Logs an event of the NATS connection named `connection`, which logs in as `user`.
+/// Logs an event of the NATS connection named `connection`, which logs in as `user`, at a level
+/// that fits it.
 fn log_event(connection: &str, user: Option<&str>, event: &Event) {
     match event {
         Event::Connected => tracing::info!(connection, "connected to NATS"),
