@@ -150,6 +150,20 @@ async fn receipts_come_in_the_order_of_their_frames() {
     };
     assert_eq!((receipts, close), (vec!["r1".to_string(), "r2".into(), "bye".into()], Some(1000)));
 
+    // A frame refused in its turn: the receipts of the frames before it come first, then its ERROR.
+    let (mut client, _) = connect(&gateway, &[("passcode", &user_token)]).await;
+    client
+        .send_raw(concat!(
+            "SUBSCRIBE\nid:n\ndestination:/topic/news\nreceipt:r1\n\n\0",
+            "UNSUBSCRIBE\nid:n\nreceipt:r2\n\n\0",
+            "UNSUBSCRIBE\nid:n\nreceipt:r3\n\n\0",
+        ))
+        .await;
+    assert_eq!(client.expect("RECEIPT").await.header("receipt-id"), "r1");
+    assert_eq!(client.expect("RECEIPT").await.header("receipt-id"), "r2");
+    let (error, close) = client.expect_error_and_close().await;
+    assert_eq!((error.header("message"), error.header("receipt-id"), close), ("bad_request", "r3", Some(1008)));
+
     // A refused topic ends the connection: its ERROR comes first, and no later frame's RECEIPT.
     let (mut client, _) = connect(&gateway, &[("passcode", &user_token)]).await;
     client

@@ -485,17 +485,15 @@ impl StompCodec {
     /// The last bytes: the frame that explains the close (an ERROR unless one was set), then the
     /// WebSocket close frame.
     pub(super) fn close(&self, close: &Close) -> Bytes {
-        // A DISCONNECT's RECEIPT says every earlier frame was done: the answers of the frames
-        // before it in the same message, then the receipts still held behind a topic's answer
-        // (the connection ends, so that answer would never come), go first.
+        // The frames before the one that ends the connection (a DISCONNECT, a frame refused) were
+        // done: their answers not sent yet, then the receipts still held behind a topic's answer
+        // (the connection ends, so that answer would never come), go before its RECEIPT or ERROR.
         let mut held = Vec::new();
-        if close.number() == 1000 {
-            for frame in &self.replies {
-                held.extend_from_slice(frame);
-            }
-            for id in self.receipts.iter().filter_map(|receipt| receipt.id.as_deref()) {
-                held.extend_from_slice(&self.transport.frame(&receipt_frame(id)));
-            }
+        for frame in &self.replies {
+            held.extend_from_slice(frame);
+        }
+        for id in self.receipts.iter().filter_map(|receipt| receipt.id.as_deref()) {
+            held.extend_from_slice(&self.transport.frame(&receipt_frame(id)));
         }
         let explanation = match &self.last {
             Some(last) => Some(last.clone()),
@@ -566,10 +564,12 @@ impl StompCodec {
         }
     }
 
-    /// The receipt the oldest waiting SUBSCRIBE or UNSUBSCRIBE of `topic` asked for, if any.
+    /// The receipt the oldest waiting SUBSCRIBE or UNSUBSCRIBE of `topic` asked for, if any, for
+    /// the ERROR that refuses it; the frames after it are not done, so their receipts go too.
     fn take_topic_receipt(&mut self, topic: &str) -> Option<String> {
         let index = self.receipts.iter().position(|receipt| receipt.topic.as_deref() == Some(topic))?;
-        self.receipts.remove(index).and_then(|receipt| receipt.id)
+        let mut refused_and_later = self.receipts.split_off(index);
+        refused_and_later.pop_front().and_then(|receipt| receipt.id)
     }
 
     fn rpc_result(&mut self, result: &RpcResult) -> Option<Bytes> {
