@@ -172,6 +172,18 @@ async fn an_api_whose_nats_user_may_not_publish_says_so() {
     let (status, body) = post(&gateway, "/v1/publish", Some(KEY), message.to_string()).await;
     assert_eq!((status, body["error"].as_str()), (500, Some("misconfigured")), "{body}");
     assert!(body["reason"].as_str().unwrap().contains("api_nats_password"), "{body}");
+
+    // A user that may publish pushes but not read their acknowledgements (the functions'): the same.
+    let gateway = TestGateway::start_with(&nats, |c| {
+        c.api_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.api_keys = vec![KEY.into()];
+        c.api_nats_user = Some(herald_tests::nats::Role::Functions.user().into());
+        c.api_nats_password = Some(herald_tests::nats::Role::Functions.password());
+    })
+    .await;
+    let (status, body) = post(&gateway, "/v1/publish", Some(KEY), message.to_string()).await;
+    assert_eq!((status, body["error"].as_str()), (500, Some("misconfigured")), "{body}");
+    assert!(body["reason"].as_str().unwrap().contains("_INBOX.>"), "{body}");
 }
 
 #[tokio::test]

@@ -38,6 +38,8 @@ enum Refusal {
     Publish(String),
     /// An authorization violation: the credentials.
     Credentials,
+    /// A permissions violation on the acknowledgements' subject, as NATS wrote it.
+    Acks(String),
 }
 
 impl Refusal {
@@ -51,6 +53,10 @@ impl Refusal {
             Refusal::Credentials => "NATS refused the API's connection (authorization violation): check \
                                      api_nats_user and api_nats_password; a retry will not help"
                 .into(),
+            Refusal::Acks(text) => format!(
+                "NATS refused the API's user its acknowledgements ({text}): the message may be stored, but no \
+                 answer can say so; api_nats_user must read _INBOX.> (nats.conf's publisher)"
+            ),
         }
     }
 }
@@ -74,6 +80,11 @@ impl PublishRefusals {
     pub(crate) fn note_api(&self, event: &async_nats::Event) {
         match event {
             event if herald_shared::nats::refuses_credentials(event) => self.set(Some(Refusal::Credentials)),
+            async_nats::Event::ServerError(async_nats::ServerError::Other(text))
+                if text.contains("Permissions Violation for Subscription to \"_INBOX") =>
+            {
+                self.set(Some(Refusal::Acks(text.clone())))
+            }
             async_nats::Event::Connected => {
                 let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
                 if matches!(last.as_ref(), Some((_, Refusal::Credentials))) {
