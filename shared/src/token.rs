@@ -170,19 +170,11 @@ struct Dated {
 /// A JWT NumericDate (RFC 7519 §2): seconds, which may have a fraction (JavaScript's
 /// `Date.now() / 1000` makes one), rounded as the token library rounds it when it checks `exp`.
 fn numeric_date<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Seconds {
-        Whole(u64),
-        Fraction(f64),
-    }
-    match Seconds::deserialize(deserializer)? {
-        Seconds::Whole(seconds) => Ok(seconds),
-        Seconds::Fraction(seconds) if seconds.is_finite() && (0.0..u64::MAX as f64).contains(&seconds) => {
-            Ok(seconds.round() as u64)
-        }
-        Seconds::Fraction(_) => Err(serde::de::Error::custom("a NumericDate must be a non-negative number of seconds")),
-    }
+    let value = serde_json::Value::deserialize(deserializer)?;
+    let fraction = || value.as_f64().filter(|seconds| seconds.is_finite() && (0.0..u64::MAX as f64).contains(seconds));
+    value.as_u64().or_else(|| fraction().map(|seconds| seconds.round() as u64)).ok_or_else(|| {
+        serde::de::Error::custom(format!("exp and nbf are numbers of seconds since the epoch, not {value}"))
+    })
 }
 
 /// An optional NumericDate: absent, or `null` (as some signers write an unset claim), is none.
@@ -209,7 +201,12 @@ pub fn check_claims(claims: &Claims) -> Result<(), TokenError> {
 
 /// Seconds since the Unix epoch.
 pub fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    since_epoch().as_secs()
+}
+
+/// The time since the Unix epoch.
+pub fn since_epoch() -> std::time::Duration {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
 }
 
 /// Signs an HS256 token (dev tokens, tests, tools).
@@ -359,5 +356,6 @@ mod tests {
         let text = signed_json(serde_json::json!({"sub": "42", "exp": "tomorrow"}));
         let Err(TokenError::Malformed(reason)) = verifier.verify(&text) else { panic!("taken") };
         assert!(reason.starts_with("its header or claims are not the JSON expected"), "{reason}");
+        assert!(reason.contains(r#"numbers of seconds since the epoch, not "tomorrow""#), "{reason}");
     }
 }

@@ -104,3 +104,22 @@ async fn pub_says_what_nats_refused_and_when_no_stream_stores_the_subject() {
         "{said}"
     );
 }
+
+/// With JetStream's storage full, `pub` says the message was not stored and why.
+#[tokio::test]
+async fn pub_says_when_jetstream_has_no_room() {
+    let nats = TestNats::start_with_config("jetstream {\n  max_memory_store: 64MB\n  max_file_store: 256KB\n}").await;
+    let js = nats.jetstream().await;
+    herald_shared::stream::ensure_stream(&js, &Default::default()).await.expect("stream");
+    for stored in 0.. {
+        assert!(stored < 1000, "1,000 messages of 1 KiB stored in 256 KiB");
+        let ack = js.publish("push.user.filler", vec![b'x'; 1024].into()).await.expect("sent");
+        if ack.await.is_err() {
+            break;
+        }
+    }
+    let output = publish(&nats.url(), Role::Publisher.user(), &Role::Publisher.password());
+    assert_eq!(output.status.code(), Some(2));
+    let said = stderr(&output);
+    assert!(said.contains("JetStream has no room for the message") && said.contains("was not stored"), "{said}");
+}

@@ -227,7 +227,10 @@ async fn check(
     probes: Vec<(&'static str, Probe)>,
 ) -> (Store, Option<time::OffsetDateTime>) {
     if probes.iter().any(|(_, probe)| *probe == Probe::NoJetStream) {
-        warn!("NATS runs without JetStream, which keeps every push: enable it (nats.conf's jetstream block)");
+        // Said once, not at every check: it lasts until NATS restarts with JetStream.
+        if health.store.load(Ordering::Acquire) != Store::NoJetStream as u8 {
+            warn!("NATS runs without JetStream, which keeps every push: enable it (nats.conf's jetstream block)");
+        }
         return (Store::NoJetStream, None);
     }
     let unanswered: Vec<_> =

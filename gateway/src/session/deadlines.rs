@@ -10,9 +10,10 @@ use tokio::time::Instant;
 /// as this, since an instant that far would overflow the clock.
 const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
-/// When a token that expires at `exp` (seconds since the epoch, `now_secs` being now) expires.
-pub(crate) fn token_expiry(now: Instant, now_secs: u64, exp: u64) -> Instant {
-    now + Duration::from_secs(exp.saturating_sub(now_secs)).min(FAR_FUTURE)
+/// When a token that expires at `exp` (seconds since the epoch, `since_epoch` being now) expires:
+/// at the start of its `exp` second, as a new connection is refused from then on.
+pub(crate) fn token_expiry(now: Instant, since_epoch: Duration, exp: u64) -> Instant {
+    now + Duration::from_secs(exp).saturating_sub(since_epoch).min(FAR_FUTURE)
 }
 
 /// What is due.
@@ -95,9 +96,10 @@ mod tests {
     #[test]
     fn a_token_expiry_too_far_for_the_clock_is_as_far_as_a_deadline_goes() {
         let now = Instant::now();
-        assert_eq!(token_expiry(now, 1_000, 1_060), now + Duration::from_secs(60));
-        assert_eq!(token_expiry(now, 1_000, 10), now, "expired already");
-        assert_eq!(token_expiry(now, 1_000, u64::MAX), now + FAR_FUTURE);
+        let since_epoch = Duration::from_millis(1_000_400);
+        assert_eq!(token_expiry(now, since_epoch, 1_060), now + Duration::from_millis(59_600));
+        assert_eq!(token_expiry(now, since_epoch, 10), now, "expired already");
+        assert_eq!(token_expiry(now, since_epoch, u64::MAX), now + FAR_FUTURE);
     }
 
     #[test]

@@ -53,10 +53,11 @@ pub(super) fn handle(
 /// A new token for the connection: same user, and the connection now ends at its expiry.
 fn refresh(session: &Session, state: &mut SessionState, token: &str, deadlines: &mut Deadlines) {
     use crate::codec::centrifugal::wire::error;
-    use herald_shared::token::{TokenError, now_secs};
+    use herald_shared::token::TokenError;
     let outcome = match session.shared.verifier.verify(token) {
         Ok(claims) if claims.sub == *session.user => {
-            deadlines.expire_at(super::deadlines::token_expiry(tokio::time::Instant::now(), now_secs(), claims.exp));
+            let since_epoch = herald_shared::token::since_epoch();
+            deadlines.expire_at(super::deadlines::token_expiry(tokio::time::Instant::now(), since_epoch, claims.exp));
             Ok(claims.exp)
         }
         Ok(_) => Err((error::UNAUTHORIZED, "the token is for another user".to_string())),

@@ -33,7 +33,7 @@ use futures::future::OptionFuture;
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use herald_shared::subject::Audience;
-use herald_shared::token::now_secs;
+use herald_shared::token::since_epoch;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
@@ -237,7 +237,7 @@ async fn serve(
     let shared = &session.shared;
     let config = &shared.config;
     let now = Instant::now();
-    let expires = deadlines::token_expiry(now, now_secs(), session.request.claims.exp);
+    let expires = deadlines::token_expiry(now, since_epoch(), session.request.claims.exp);
     let heartbeat = state.codec().heartbeat(config.heartbeat);
     let silence = state.codec().silence(config.heartbeat_timeout);
     let mut deadlines = Deadlines::new(now, heartbeat, silence, config.write_stall_timeout, expires);
