@@ -327,6 +327,7 @@ async fn connection_state_recovery_replays_exactly_from_the_offset() {
     raw.send(&format!("40{}", json!({"token": token("sio-x")}))).await;
     let connected = raw.expect("40").await;
     let pid = connected["pid"].as_str().unwrap().to_string();
+    let sid = connected["sid"].clone();
     let first = publisher.publish("push.user.sio-x", "1").await;
     let event = raw.expect("42").await;
     assert_eq!(event, json!(["message", 1, event[2].clone(), first.to_string()]));
@@ -341,7 +342,10 @@ async fn connection_state_recovery_replays_exactly_from_the_offset() {
     for seq in missed {
         assert_eq!(raw.expect("42").await[3], json!(seq.to_string()));
     }
-    assert_eq!(raw.expect("40").await["pid"], pid, "the same pid: recovered");
+    let answer = raw.expect("40").await;
+    assert_eq!(answer["pid"], pid, "the same pid: recovered");
+    // As socket.io keeps `socket.id` across a recovery.
+    assert_eq!(answer["sid"], sid, "the same socket id");
     let live = publisher.publish("push.user.sio-x", "4").await;
     assert_eq!(raw.expect("42").await[3], json!(live.to_string()));
 

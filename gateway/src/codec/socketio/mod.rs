@@ -29,8 +29,8 @@ pub(crate) struct SocketIoCodec {
     /// The client asked to recover its state: the CONNECT answer waits for the replay's end, to
     /// give the pid back only when nothing after the client's offset is missing.
     recovering: bool,
-    /// The connection's id, from the session's welcome.
-    sid: String,
+    /// The session welcomed the connection.
+    welcomed: bool,
     connected: bool,
     /// Ack ids of `sub` and `unsub` events waiting for their answer, by topic, in order.
     sub_acks: HashMap<String, VecDeque<u64>>,
@@ -39,8 +39,8 @@ pub(crate) struct SocketIoCodec {
 
 impl SocketIoCodec {
     pub(crate) fn new(pid: Pid, recovering: bool) -> SocketIoCodec {
-        let (sid, connected) = (String::new(), false);
-        SocketIoCodec { pid, recovering, sid, connected, sub_acks: HashMap::new(), unsub_acks: HashMap::new() }
+        let (welcomed, connected) = (false, false);
+        SocketIoCodec { pid, recovering, welcomed, connected, sub_acks: HashMap::new(), unsub_acks: HashMap::new() }
     }
 
     /// The CONNECT answer.
@@ -49,8 +49,12 @@ impl SocketIoCodec {
         self.connect_packet(&self.pid)
     }
 
+    /// The CONNECT answer with `pid`. The socket's id is the pid's text: a new connection's is its
+    /// conn id, and a recovered one keeps the id it had, as socket.io keeps `socket.id` across a
+    /// recovery (one not recovered gets the next pid, so another id).
     fn connect_packet(&self, pid: &Pid) -> Bytes {
-        wire::packet(packet::CONNECT, None, &json!({"sid": self.sid, "pid": pid.to_string()}))
+        let id = pid.to_string();
+        wire::packet(packet::CONNECT, None, &json!({"sid": id, "pid": id}))
     }
 
     /// The CONNECT answer queued was dropped unsent (the connection closes): [`Self::close`]
@@ -64,7 +68,7 @@ impl SocketIoCodec {
     /// their offset past them, so that the next recovery does not hand them over a second time.
     pub(crate) fn close(&self, close: &Close) -> Bytes {
         let last = close_frame(close);
-        if !self.recovering || self.connected || self.sid.is_empty() {
+        if !self.recovering || self.connected || !self.welcomed {
             return last;
         }
         let mut both = self.connect_packet(&self.pid.next()).to_vec();
@@ -74,8 +78,8 @@ impl SocketIoCodec {
 
     pub(super) fn notice(&mut self, notice: &ServerFrame) -> Option<Bytes> {
         match notice {
-            ServerFrame::Welcome { conn, .. } => {
-                self.sid = conn.clone();
+            ServerFrame::Welcome { .. } => {
+                self.welcomed = true;
                 (!self.recovering).then(|| self.connect())
             }
             // The replayed events went first: clients hold events that come before the CONNECT
@@ -280,7 +284,7 @@ mod tests {
             read: 0,
             unread: 0,
         };
-        assert_eq!(text(&codec.notice(&welcome).unwrap()), r#"40{"pid":"p1","sid":"c1"}"#);
+        assert_eq!(text(&codec.notice(&welcome).unwrap()), r#"40{"pid":"p1","sid":"p1"}"#);
         assert_eq!(
             codec.decode(br#"421["rpc","echo",{"a":1}]"#),
             vec![Ok(Command::Rpc { id: "1".into(), function: "echo".into(), data: json!({"a": 1}) })]
@@ -318,7 +322,8 @@ mod tests {
             // A topic's replay does not answer the CONNECT.
             assert_eq!(codec.notice(&replayed(true, Some("news"))), None);
             let connect = codec.notice(&replayed(complete, None)).unwrap();
-            assert_eq!(text(&connect), format!(r#"40{{"pid":"{pid}","sid":"c2"}}"#));
+            // Recovered, the socket keeps its id; not recovered, it gets another.
+            assert_eq!(text(&connect), format!(r#"40{{"pid":"{pid}","sid":"{pid}"}}"#));
             assert_eq!(codec.notice(&replayed(true, None)), None, "one answer");
         }
     }
@@ -329,7 +334,7 @@ mod tests {
         let mut codec = SocketIoCodec::new(Pid::parse("c1.2").unwrap(), true);
         assert_eq!(codec.notice(&welcome()), None);
         let last = codec.close(&close);
-        assert!(last[2..].starts_with(br#"40{"pid":"c1.3","sid":"c2"}"#), "{last:?}");
+        assert!(last[2..].starts_with(br#"40{"pid":"c1.3","sid":"c1.3"}"#), "{last:?}");
         assert!(last.ends_with(&close_frame(&close)));
         // Answered already: only the close.
         codec.notice(&replayed(true, None));
