@@ -145,17 +145,8 @@ async fn publish(config: &Config, subject: String, data: String, id: Option<Stri
                   stream, which a gateway or the functions make when they start",
             )
         }
-        Ok(Err(error))
-            if error.downcast_ref::<PublishError>().is_some_and(|e| {
-                std::error::Error::source(e)
-                    .and_then(|source| source.downcast_ref::<async_nats::jetstream::Error>())
-                    .is_some_and(|e| e.error_code() == async_nats::jetstream::ErrorCode::INSUFFICIENT_RESOURCES)
-            }) =>
-        {
-            fail(
-                "JetStream has no room for the message (NATS: insufficient resources), which was not stored: an \
-                  operator must free or grow JetStream's storage (max_file_store)",
-            )
+        Ok(Err(error)) if error.downcast_ref::<PublishError>().is_some_and(herald_shared::nats::out_of_storage) => {
+            fail(herald_shared::nats::OUT_OF_STORAGE)
         }
         Ok(Err(error)) => fail(error),
         Err(_) => fail("publish timed out: is NATS running with the HERALD stream?"),

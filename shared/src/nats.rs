@@ -118,6 +118,19 @@ impl NatsSettings {
     }
 }
 
+/// Whether NATS refused to store a published message for want of storage: the stream is not full
+/// (it drops its oldest), JetStream's storage is.
+pub fn out_of_storage(error: &async_nats::jetstream::context::PublishError) -> bool {
+    std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<async_nats::jetstream::Error>())
+        .is_some_and(|error| error.error_code() == async_nats::jetstream::ErrorCode::INSUFFICIENT_RESOURCES)
+}
+
+/// What a message [`out_of_storage`] refused means.
+pub const OUT_OF_STORAGE: &str = "JetStream has no room for the message (NATS: insufficient resources), which \
+                                  was not stored: a retry succeeds once an operator frees or grows JetStream's \
+                                  storage (max_file_store)";
+
 /// Whether `event` says that NATS refused the connection's credentials (an authorization
 /// violation: while connecting, a client error; on a live connection, a server error).
 pub fn refuses_credentials(event: &Event) -> bool {

@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 
 use super::ApiError;
 use crate::Shared;
+use herald_shared::nats::{OUT_OF_STORAGE, out_of_storage};
 
 /// Most messages in one batch publish.
 const MAX_BATCH: usize = 1000;
@@ -245,12 +246,9 @@ pub(super) async fn publish(shared: &Shared, body: &[u8]) -> Result<Value, ApiEr
             Ok(ack) => Ok(json!({"id": message.id, "seq": ack.sequence, "duplicate": false})),
             Err(error) => Err(match shared.publish_refusals.recent() {
                 Some(refusal) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "misconfigured", refusal.reason()),
-                None if out_of_storage(&error) => ApiError::new(
-                    StatusCode::INSUFFICIENT_STORAGE,
-                    "insufficient_storage",
-                    "JetStream has no room for the message (NATS: insufficient resources), which was not stored: \
-                     a retry succeeds once an operator frees or grows JetStream's storage (max_file_store)",
-                ),
+                None if out_of_storage(&error) => {
+                    ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage", OUT_OF_STORAGE)
+                }
                 None => ApiError::unavailable(format!("{error}; {RETRY_HINT}")),
             }
             .with_id(message.id)),
@@ -262,14 +260,6 @@ pub(super) async fn publish(shared: &Shared, body: &[u8]) -> Result<Value, ApiEr
     }
     let results: Vec<Value> = acks.into_iter().map(|ack| ack.unwrap_or_else(|error| error.body())).collect();
     Ok(json!({ "results": results }))
-}
-
-/// Whether NATS refused to store a message for want of storage: the stream is not full (it drops
-/// its oldest), JetStream's storage is.
-fn out_of_storage(error: &async_nats::jetstream::context::PublishError) -> bool {
-    std::error::Error::source(error)
-        .and_then(|source| source.downcast_ref::<async_nats::jetstream::Error>())
-        .is_some_and(|error| error.error_code() == async_nats::jetstream::ErrorCode::INSUFFICIENT_RESOURCES)
 }
 
 #[cfg(test)]
