@@ -113,7 +113,9 @@ pub(crate) async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown
 }
 
 fn route(request: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
-    let (status, content_type, body) = match (request.method(), request.uri().path()) {
+    // HEAD is GET without the body (hyper leaves it out), for probes.
+    let method = if request.method() == Method::HEAD { &Method::GET } else { request.method() };
+    let (status, content_type, body) = match (method, request.uri().path()) {
         (&Method::GET, "/metrics") => {
             (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.render())
         }

@@ -45,6 +45,8 @@ async fn the_admin_page_is_served_without_a_key_and_the_api_needs_one() {
     assert_eq!(page.status().as_u16(), 200);
     assert_eq!(page.headers()["content-type"], "text/html; charset=utf-8");
     assert!(page.text().await.unwrap().contains("<title>Herald admin</title>"));
+    let head = reqwest::Client::new().head(gateway.api_url("/admin")).send().await.unwrap();
+    assert_eq!((head.status().as_u16(), head.bytes().await.unwrap().len()), (200, 0), "HEAD /admin");
     for path in ["/v1/gateways", "/v1/stream", "/v1/functions", "/v1/dead-letters", "/v1/users/zoe"] {
         let response = reqwest::get(gateway.api_url(path)).await.unwrap();
         assert_eq!(response.status().as_u16(), 401, "{path}");

@@ -208,6 +208,11 @@ async fn failures_are_retried_with_backoff_then_dead_lettered() {
     assert_eq!(metric(&runtime, &counter("dead_letters", "rejects")).await, 1.0);
     assert_eq!(metric(&runtime, &counter("retries", "third-time-lucky")).await, 2.0);
     assert_eq!(metric(&runtime, &counter("dead_letters", "third-time-lucky")).await, 0.0);
+    // Probes ask with HEAD: GET's status and length, no body.
+    let head = reqwest::Client::new().head(format!("http://{}/metrics", runtime.metrics_addr())).send().await.unwrap();
+    let length = head.headers().get("content-length").map(|v| v.to_str().unwrap().to_string());
+    assert_eq!((head.status().as_u16(), head.bytes().await.unwrap().len()), (200, 0));
+    assert!(length.is_some_and(|l| l != "0"), "HEAD /metrics gives GET's length");
     runtime.shutdown().await;
 }
 

@@ -117,7 +117,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
 const ADMIN_PAGE: &str = include_str!("../../../static/admin.html");
 
 async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Result<ApiResponse, Infallible> {
-    if request.method() == Method::GET && request.uri().path() == "/admin" {
+    if matches!(*request.method(), Method::GET | Method::HEAD) && request.uri().path() == "/admin" {
         return Ok(page(ADMIN_PAGE));
     }
     let result = match authorized(&shared, &request) {
