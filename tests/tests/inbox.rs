@@ -68,6 +68,33 @@ async fn a_user_who_never_connected_gets_what_was_sent_meanwhile_on_the_first_co
     assert_eq!(client.expect_msg().await.seq, live);
 }
 
+/// A first connection that ends before its client acknowledged the unread messages leaves them
+/// for the device's next connection, `since` or not: its cursor starts below the first of them.
+#[tokio::test]
+async fn unread_messages_a_first_connection_did_not_acknowledge_come_again() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let mut sent = Vec::new();
+    for n in 0..4 {
+        sent.push(publisher.publish("push.user.otto", &n.to_string()).await);
+    }
+    let mut first = connect_device(&gateway, "otto", "phone").await;
+    assert_eq!(first.expect_msgs(4).await, sent);
+    first.expect_replayed().await;
+    first.send_json(json!({"type": "ack", "seq": sent[1]})).await;
+    drop(first);
+    let everyone = publisher.publish("push.all", "after the first connection").await;
+
+    // No `since`: from the cursor, the acknowledged message.
+    eventually("the ack written", Duration::from_secs(10), || async {
+        let mut again = connect_device(&gateway, "otto", "phone").await;
+        let seqs: Vec<u64> = again.expect_msgs(3).await;
+        (seqs == [sent[2], sent[3], everyone]).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn reading_on_one_device_leaves_a_new_device_only_the_unread_and_tells_the_others_on_every_gateway() {
     let nats = TestNats::start().await;

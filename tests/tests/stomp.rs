@@ -309,6 +309,34 @@ async fn ack_moves_the_device_cursor() {
     assert_eq!(next_message(&mut client).await, (live, "4".to_string()));
 }
 
+/// A new device's unread messages, sent on a `client-individual` subscription and never
+/// acknowledged, come again on its next connection.
+#[tokio::test]
+async fn unread_messages_never_acknowledged_come_again_on_the_next_connection() {
+    let nats = TestNats::start().await;
+    let publisher = Publisher::new(&nats).await;
+    let gateway = TestGateway::start(&nats).await;
+    let mut unread = Vec::new();
+    for n in 0..3 {
+        unread.push(publisher.publish("push.user.ivo", &n.to_string()).await);
+    }
+    let headers = [("passcode", token("ivo")), ("herald-device", "tab".to_string())];
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    for _ in 0..2 {
+        let (mut client, connected) = connect(&gateway, &headers).await;
+        assert_eq!((connected.header("herald-read"), connected.header("herald-unread")), ("0", "3"));
+        let subscription = [("id", "q"), ("destination", "/user/queue/inbox"), ("ack", "client-individual")];
+        client.send_frame("SUBSCRIBE", &subscription, "").await;
+        let mut got = Vec::new();
+        while got.len() < unread.len() {
+            got.push(next_message(&mut client).await.0);
+        }
+        assert_eq!(got, unread);
+        client.send_frame("DISCONNECT", &[("receipt", "bye")], "").await;
+        assert_eq!(client.expect("RECEIPT").await.header("receipt-id"), "bye");
+    }
+}
+
 /// The inbox acknowledged by the client, `push.all` on `ack:auto`.
 async fn subscribe_inbox_and_all(client: &mut StompClient) {
     subscribe(client, "q", "/user/queue/inbox", &[("ack", "client")]).await;

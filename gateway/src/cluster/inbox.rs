@@ -161,6 +161,13 @@ impl Inbox {
         }
     }
 
+    /// The sequence of the user's first personal message above `read` (none: no such message).
+    pub(crate) async fn first_after(&self, user: &str, read: u64) -> Result<Option<u64>, InboxError> {
+        let subject = Audience::User(user.to_string()).push_subject();
+        let body = serde_json::json!({"seq": read + 1, "next_by_subj": subject, "batch": 1});
+        Ok(self.direct_get(body).await?.and_then(|reply| reply_header(&reply, "Nats-Sequence")))
+    }
+
     /// The sequence of the user's last personal message (0: none).
     pub(crate) async fn last(&self, user: &str) -> Result<u64, InboxError> {
         let body = serde_json::json!({"last_by_subj": Audience::User(user.to_string()).push_subject()});

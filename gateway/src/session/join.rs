@@ -67,13 +67,16 @@ pub(super) async fn open(session: &Session, codec: Codec) -> Result<Box<SessionS
     // Not read again: a failed count only leaves `welcome.unread` at 0, and a new device then
     // replays from its read position all the same.
     let unread = Box::pin(shared.inbox.unread(&session.user, read, bounds.last, &attached.user.muted())).await;
-    let start = match (resume, &unread) {
-        (Resume::Since { requested, noted }, _) => Start::Resume { requested, noted },
+    let start = match (&resume, &unread) {
+        (Resume::Since { requested, noted }, _) => Start::Resume { requested: *requested, noted: *noted },
         // Nothing unread: live at once, no `replayed` (a client learns it from `welcome.unread`).
         (Resume::NewDevice, Ok(0)) => Start::Live,
         (Resume::NewDevice, _) if shared.config.new_device_replay == NewDeviceReplay::Unread => Start::Unread { read },
         (Resume::NewDevice | Resume::Live, _) => Start::Live,
     };
+    if let Resume::NewDevice = resume {
+        Box::pin(start_device(session, &start, bounds.last)).await;
+    }
     let unread = unread.unwrap_or_else(|error| {
         warn!(user = %session.user, %error, "unread count unavailable");
         0
@@ -126,7 +129,6 @@ enum Resume {
 /// be failing over); a device whose state it still cannot read resumes from the stream's end with
 /// nothing known, so that its resume reports itself incomplete rather than skip messages in silence.
 async fn resume_point(session: &Session, bounds: Bounds, read_before: Option<DeviceState>) -> Resume {
-    let shared = &session.shared;
     let (user, device) = (&session.user, &session.device);
     let state = match read_before {
         Some(state) => state,
@@ -136,17 +138,32 @@ async fn resume_point(session: &Session, bounds: Bounds, read_before: Option<Dev
         DeviceState::Live => Resume::Live,
         DeviceState::Since { since, noted } => Resume::Since { requested: since, noted },
         DeviceState::Cursor { cursor: Some(cursor), noted } => Resume::Since { requested: cursor, noted },
-        DeviceState::Cursor { cursor: None, .. } => {
-            // A new device: its cursor starts here, before the welcome, so that a reconnect
-            // without `since`, even before any ack, replays what it missed meanwhile.
-            shared.cursors.start_device(user, device, bounds.last).await;
-            Resume::NewDevice
-        }
+        DeviceState::Cursor { cursor: None, .. } => Resume::NewDevice,
         DeviceState::Unreadable(error) => {
             warn!(%user, %device, %error, "cursor unreadable: resuming from the stream's end, incomplete");
             Resume::Since { requested: bounds.last, noted: Noted::Unknown }
         }
     }
+}
+
+/// Writes a new device's first cursor, before its `welcome`, so that a reconnect without `since`,
+/// even before any ack, misses nothing: just below its first unread message when it replays the
+/// unread ones (a connection that ends before the client acknowledged them gets them again, with
+/// what else came since), else where it starts live.
+async fn start_device(session: &Session, start: &Start, live_from: u64) {
+    let shared = &session.shared;
+    let cursor = match start {
+        Start::Unread { read } => match shared.inbox.first_after(&session.user, *read).await {
+            Ok(Some(first)) => first - 1,
+            Ok(None) => live_from,
+            Err(error) => {
+                warn!(user = %session.user, %error, "first unread message unavailable: the cursor starts at the welcome");
+                live_from
+            }
+        },
+        _ => live_from,
+    };
+    shared.cursors.start_device(&session.user, &session.device, cursor.min(live_from)).await;
 }
 
 /// What a join reads of the device's state in KV.

@@ -515,11 +515,11 @@ impl StompCodec {
     /// A notice in STOMP terms, if it has one.
     pub(super) fn notice(&mut self, notice: &ServerFrame) -> Option<Bytes> {
         match notice {
-            ServerFrame::Welcome { conn, user, device, seq, .. } => {
+            ServerFrame::Welcome { conn, user, device, seq, read, unread, .. } => {
                 self.user = user.clone();
                 let beat = self.server_beat.as_millis().to_string();
                 let heart_beat = format!("{beat},{beat}");
-                let seq = seq.to_string();
+                let (seq, read, unread) = (seq.to_string(), read.to_string(), unread.to_string());
                 let headers = [
                     ("version", self.connected.version.number()),
                     ("heart-beat", &heart_beat),
@@ -528,6 +528,8 @@ impl StompCodec {
                     ("user-name", user),
                     ("herald-device", device),
                     ("herald-seq", &seq),
+                    ("herald-read", &read),
+                    ("herald-unread", &unread),
                 ];
                 Some(self.transport.frame(&frame::encode("CONNECTED", &headers, b"")))
             }
