@@ -92,6 +92,9 @@ async fn main() {
             let Some(secret) = config.effective_secret() else {
                 fail("no jwt_secret configured (set HERALD_JWT_SECRET, or use --dev)")
             };
+            if secret.is_empty() {
+                fail("jwt_secret is empty: anyone could sign tokens with an empty key")
+            }
             let claims = Claims { sub: user, exp: now_secs() + ttl.as_secs(), topics };
             // A token the gateway would refuse is not signed.
             if let Err(error) = herald_shared::token::check_claims(&claims) {

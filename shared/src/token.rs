@@ -83,6 +83,12 @@ impl Verifier {
                     .map_err(|e| KeyError(format!("public key is neither Ed25519 nor RSA PEM: {e}")))?,
             ),
         };
+        if secret.is_some_and(<[u8]>::is_empty) {
+            // An empty HMAC key is still a key: anyone could sign tokens with it.
+            return Err(KeyError(
+                "jwt_secret is empty: set a secret, or leave it unset to use jwt_public_key alone".into(),
+            ));
+        }
         if secret.is_none() && public.is_none() {
             return Err(KeyError("configure jwt_secret or jwt_public_key".into()));
         }

@@ -82,6 +82,30 @@ fn token_refuses_claims_a_gateway_would_refuse() {
     }
 }
 
+/// An empty `jwt_secret` (`HERALD_JWT_SECRET=` in a manifest) is no key: the gateway does not
+/// start with it, even beside a public key, and `token` does not sign with it.
+#[tokio::test]
+async fn an_empty_jwt_secret_stops_the_gateway_and_signs_nothing() {
+    for args in [&[][..], &["token", "--user", "42"][..]] {
+        let run = tokio::process::Command::new(herald_tests::gateway::binary())
+            .args(args)
+            .env("HERALD_JWT_SECRET", "")
+            .env("HERALD_NATS_URL", "nats://127.0.0.1:1")
+            .env("HERALD_LISTEN", "127.0.0.1:0")
+            .env_remove("HERALD_LOG")
+            .kill_on_drop(true)
+            .output();
+        // A gateway that took the empty key would keep trying to reach NATS.
+        let output = tokio::time::timeout(std::time::Duration::from_secs(30), run)
+            .await
+            .unwrap_or_else(|_| panic!("{args:?} still runs after 30 s: it took the empty secret"))
+            .expect("run herald-gateway");
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {}", stderr(&output));
+        assert!(output.stdout.is_empty(), "{args:?} printed {}", String::from_utf8_lossy(&output.stdout));
+        assert!(stderr(&output).contains("jwt_secret is empty"), "{args:?}: {}", stderr(&output));
+    }
+}
+
 /// A user NATS does not let publish pushes, or read their acknowledgements, is told so, not that
 /// the publish timed out; so is a publish that no stream stores.
 #[tokio::test]
