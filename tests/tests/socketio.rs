@@ -233,6 +233,43 @@ async fn a_post_over_the_limit_ends_the_polling_session() {
     .await;
 }
 
+/// The Engine.IO `sid` is the polling session's key: whoever knows it polls and posts as the
+/// client. Nothing public gives it away: not `socket.id` (which apps log and send to backends),
+/// not the private `pid`, not the connection's id in events and the API.
+#[tokio::test]
+async fn the_socket_id_and_the_pid_open_no_polling_session() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let http = reqwest::Client::new();
+    let mut events = nats.client().await.subscribe("herald.events.connect").await.unwrap();
+    let base = gateway.http_url("/socket.io/?EIO=4&transport=polling");
+    let open = http.get(&base).send().await.unwrap().text().await.unwrap();
+    let engine_sid = serde_json::from_str::<Value>(open.strip_prefix('0').unwrap()).unwrap()["sid"].clone();
+    let url = format!("{base}&sid={}", engine_sid.as_str().unwrap());
+    let connect = format!("40{}", json!({"token": token("sio-victim")}));
+    assert_eq!(http.post(&url).body(connect).send().await.unwrap().status(), 200);
+    let answer = http.get(&url).send().await.unwrap().text().await.unwrap();
+    let answer: Value = serde_json::from_str(answer.strip_prefix("40").unwrap()).unwrap();
+    let (socket_id, pid) = (answer["sid"].as_str().unwrap(), answer["pid"].as_str().unwrap());
+    assert!(socket_id != pid && engine_sid != socket_id && engine_sid != pid, "{engine_sid} {answer}");
+    let event = tokio::time::timeout(Duration::from_secs(10), events.next()).await.unwrap().unwrap();
+    let conn = serde_json::from_slice::<Value>(&event.payload).unwrap()["conn"].as_str().unwrap().to_string();
+    assert_ne!(engine_sid, conn.as_str());
+
+    for known in [socket_id, pid, conn.as_str()] {
+        let stolen = format!("{base}&sid={known}");
+        let post = http.post(&stolen).body(r#"421["rpc","prefs.set",{"muted":["mail"]}]"#).send().await.unwrap();
+        assert_eq!(post.status(), 400, "a POST with {known}");
+        let poll = http.get(&stolen).send().await.unwrap().json::<Value>().await.unwrap();
+        assert_eq!(poll["message"], "Session ID unknown", "a poll with {known}");
+    }
+    // The client's own session still has its messages.
+    let seq = publisher.publish("push.user.sio-victim", r#"{"private":1}"#).await;
+    let poll = http.get(&url).send().await.unwrap().text().await.unwrap();
+    assert!(poll.contains(r#"{"private":1}"#) && poll.contains(&seq.to_string()), "{poll}");
+}
+
 #[tokio::test]
 async fn bad_engine_io_requests_get_engine_io_errors() {
     let nats = TestNats::start().await;

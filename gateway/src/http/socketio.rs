@@ -30,6 +30,9 @@ use crate::session::{self, Socket};
 use crate::websocket::frame;
 use crate::websocket::reader::Inbound;
 
+/// Characters of an Engine.IO sid (alphanumeric: about 119 bits).
+const ENGINE_SID_LEN: usize = 20;
+
 /// How long a client may take to send its CONNECT after the WebSocket opened.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -58,9 +61,12 @@ pub(crate) async fn get(
     match (query.param("transport"), sid) {
         (Some("polling"), None) => {
             let (permit, address) = super::edge::admit(&shared, &request, peer)?;
+            // The Engine.IO sid lets whoever knows it poll and post as the session: it is known
+            // only to the client, never shown as the conn id, the socket's id or in logs.
+            let sid = crate::id::random_id(ENGINE_SID_LEN);
             let conn = crate::id::random_id(12);
-            let socket = shared.polling.open(&conn, shared.config.max_frame_bytes);
-            let body = super::engineio::open_packet(&open(&shared, &conn, &["websocket"]));
+            let socket = shared.polling.open(&sid, shared.config.max_frame_bytes);
+            let body = super::engineio::open_packet(&open(&shared, &sid, &["websocket"]));
             let query_token = query.param("token").map(str::to_string);
             shared.sessions.clone().spawn(async move {
                 serve_opened(shared.clone(), socket, address, query_token, conn.clone()).await;
@@ -68,7 +74,7 @@ pub(crate) async fn get(
                 // The few packets the session wrote last (a CONNECT_ERROR, say) wait for the
                 // client's next poll, which removes the session once it took them; a poll that
                 // never comes is given up after the time a client may take between two.
-                let polling = shared.polling.get(&conn);
+                let polling = shared.polling.get(&sid);
                 if polling.is_some_and(|polling| polling.left_last_words(LAST_WORDS)) {
                     let linger = shared.config.heartbeat + shared.config.heartbeat_timeout;
                     tokio::select! {
@@ -76,7 +82,7 @@ pub(crate) async fn get(
                         _ = shared.shutdown.cancelled() => {}
                     }
                 }
-                shared.polling.remove(&conn);
+                shared.polling.remove(&sid);
             });
             Ok(text(body))
         }
@@ -240,7 +246,7 @@ async fn open_and_accept(
     query_token: Option<String>,
 ) -> Option<impl Future<Output = ()> + Send + 'static> {
     let conn = crate::id::random_id(12);
-    let handshake = super::engineio::open_packet(&open(&shared, &conn, &[]));
+    let handshake = super::engineio::open_packet(&open(&shared, &crate::id::random_id(ENGINE_SID_LEN), &[]));
     if socket.writer.write_all(&frame::text(&handshake)).await.is_err() {
         return None;
     }
@@ -331,7 +337,7 @@ async fn accept(
     let recovering = pid.is_some();
     let (pid, topics) = match pid {
         Some(pid) => recovered_state(shared, &claims, pid).await,
-        None => (Pid::new(conn), Vec::new()),
+        None => (Pid::new(&crate::id::random_id(12)), Vec::new()),
     };
     // Kept from now on, so that the state can be recovered whatever becomes of this connection.
     if let Err(error) = shared.socketio_states.write(&claims.sub, &pid.device(), topics.clone()).await {

@@ -49,12 +49,12 @@ impl SocketIoCodec {
         self.connect_packet(&self.pid)
     }
 
-    /// The CONNECT answer with `pid`. The socket's id is the pid's text: a new connection's is its
-    /// conn id, and a recovered one keeps the id it had, as socket.io keeps `socket.id` across a
-    /// recovery (one not recovered gets the next pid, so another id).
+    /// The CONNECT answer with `pid`. The socket's id (`socket.id`, public: apps log it and send
+    /// it to their backends) is derived from the pid one way, so it does not give the pid away: a
+    /// recovered socket keeps the id it had, as socket.io keeps `socket.id` across a recovery, and
+    /// one not recovered gets the next pid, so another id.
     fn connect_packet(&self, pid: &Pid) -> Bytes {
-        let id = pid.to_string();
-        wire::packet(packet::CONNECT, None, &json!({"sid": id, "pid": id}))
+        wire::packet(packet::CONNECT, None, &json!({"sid": pid.socket_id(), "pid": pid.to_string()}))
     }
 
     /// The CONNECT answer queued was dropped unsent (the connection closes): [`Self::close`]
@@ -284,7 +284,8 @@ mod tests {
             read: 0,
             unread: 0,
         };
-        assert_eq!(text(&codec.notice(&welcome).unwrap()), r#"40{"pid":"p1","sid":"p1"}"#);
+        let socket_id = Pid::parse("p1").unwrap().socket_id();
+        assert_eq!(text(&codec.notice(&welcome).unwrap()), format!(r#"40{{"pid":"p1","sid":"{socket_id}"}}"#));
         assert_eq!(
             codec.decode(br#"421["rpc","echo",{"a":1}]"#),
             vec![Ok(Command::Rpc { id: "1".into(), function: "echo".into(), data: json!({"a": 1}) })]
@@ -323,7 +324,8 @@ mod tests {
             assert_eq!(codec.notice(&replayed(true, Some("news"))), None);
             let connect = codec.notice(&replayed(complete, None)).unwrap();
             // Recovered, the socket keeps its id; not recovered, it gets another.
-            assert_eq!(text(&connect), format!(r#"40{{"pid":"{pid}","sid":"{pid}"}}"#));
+            let socket_id = Pid::parse(pid).unwrap().socket_id();
+            assert_eq!(text(&connect), format!(r#"40{{"pid":"{pid}","sid":"{socket_id}"}}"#));
             assert_eq!(codec.notice(&replayed(true, None)), None, "one answer");
         }
     }
@@ -334,7 +336,8 @@ mod tests {
         let mut codec = SocketIoCodec::new(Pid::parse("c1.2").unwrap(), true);
         assert_eq!(codec.notice(&welcome()), None);
         let last = codec.close(&close);
-        assert!(last[2..].starts_with(br#"40{"pid":"c1.3","sid":"c1.3"}"#), "{last:?}");
+        let socket_id = Pid::parse("c1.3").unwrap().socket_id();
+        assert!(last[2..].starts_with(format!(r#"40{{"pid":"c1.3","sid":"{socket_id}"}}"#).as_bytes()), "{last:?}");
         assert!(last.ends_with(&close_frame(&close)));
         // Answered already: only the close.
         codec.notice(&replayed(true, None));

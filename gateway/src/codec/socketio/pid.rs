@@ -1,12 +1,17 @@
 //! The private id (`pid`) of a Socket.IO connection's state, which clients send back with their
 //! last offset to recover it, and take as "recovered" when the CONNECT answer carries it unchanged.
 //!
-//! A pid is `<root>` or `<root>.<generation>`: the root is the conn id of the lineage's first
-//! connection and names the device its loss notes are kept under, so that a recovery finds a loss
+//! A pid is `<root>` or `<root>.<generation>`: the root is a random id given to the lineage's first
+//! connection (private, unlike its conn id and its Engine.IO `sid`) and names the device its loss
+//! notes are kept under, so that a recovery finds a loss
 //! the connection before it noted; the generation grows each time a recovery could not replay
 //! everything, so that the answer differs from what the client sent and it reloads its state.
 
 use std::fmt;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use sha2::{Digest, Sha256};
 
 use herald_shared::id::{IdKind, check_id};
 
@@ -44,6 +49,13 @@ impl Pid {
         device(&self.root)
     }
 
+    /// The public id of the socket (`socket.id`): a digest of the pid, from which the pid cannot be
+    /// told.
+    pub(crate) fn socket_id(&self) -> String {
+        let digest = Sha256::digest(self.to_string().as_bytes());
+        URL_SAFE_NO_PAD.encode(&digest[..15])
+    }
+
     /// The pid that tells a recovering client its state was not recovered.
     pub(crate) fn next(&self) -> Pid {
         Pid { root: self.root.clone(), generation: self.generation.saturating_add(1) }
@@ -73,6 +85,10 @@ mod tests {
         assert_eq!((first.to_string(), first.device()), ("c1".to_string(), "socketio-c1".to_string()));
         let next = first.next();
         assert_eq!((next.to_string(), next.device()), ("c1.1".to_string(), "socketio-c1".to_string()));
+        // The socket's id is the same for the same pid, another for another, and not the pid.
+        assert_eq!(first.socket_id(), Pid::parse("c1").unwrap().socket_id());
+        assert_ne!(first.socket_id(), next.socket_id());
+        assert!(!first.socket_id().contains("c1") && first.socket_id().len() == 20);
         for pid in [first, next.next()] {
             assert_eq!(Pid::parse(&pid.to_string()), Some(pid));
         }
