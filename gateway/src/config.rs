@@ -94,6 +94,11 @@ pub struct Config {
     /// with 4008 (the client stopped reading). Default `15s`.
     #[serde(with = "humantime_serde")]
     pub write_stall_timeout: Duration,
+    /// How long a client may take to send a request's head (and, on a kept-alive connection, to
+    /// start its next request) before the connection is closed; bounds connections that never
+    /// become a socket (slowloris). Default `10s`.
+    #[serde(with = "humantime_serde")]
+    pub request_head_timeout: Duration,
     /// The kernel's send buffer for each client socket (`SO_SNDBUF`), in bytes; 0 leaves it to
     /// the kernel, which grows it as needed (up to `net.ipv4.tcp_wmem`). Default 0.
     pub socket_send_buffer: usize,
@@ -186,6 +191,7 @@ impl Default for Config {
             max_frame_bytes: 1 << 20,
             outbound_queue_bytes: 1 << 20,
             write_stall_timeout: Duration::from_secs(15),
+            request_head_timeout: Duration::from_secs(10),
             socket_send_buffer: 0,
             socket_unsent_limit: 128 * 1024,
             broadcast_log_entries: 8192,

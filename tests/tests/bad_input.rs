@@ -111,6 +111,36 @@ async fn bad_parameters_get_400_or_403_and_plain_get_gets_426() {
     assert_eq!(missing.status().as_u16(), 404);
 }
 
+/// Connections that never become a socket are not kept (slowloris): a request head that never
+/// ends, a connection that sends nothing, one kept alive idle after a request; on the public
+/// listener and the HTTP API's.
+#[tokio::test]
+async fn connections_that_never_finish_a_request_head_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start_with(&nats, |c| {
+        c.request_head_timeout = Duration::from_secs(1);
+        c.api_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.api_keys = vec!["k".into()];
+    })
+    .await;
+    let cases: [(&str, &[u8]); 3] = [
+        ("a head cut short", b"GET /ws HTTP/1.1\r\nHost: x\r\n"),
+        ("nothing", b""),
+        ("idle after a request", b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"),
+    ];
+    for addr in [gateway.addr, gateway.api_addr.unwrap()] {
+        for (case, sent) in cases {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream.write_all(sent).await.unwrap();
+            // Whatever was answered, then the end: the gateway closed the connection.
+            let mut answered = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut answered)).await;
+            assert!(matches!(read, Ok(Ok(_)) | Ok(Err(_))), "{addr} {case}: still open");
+        }
+    }
+}
+
 #[tokio::test]
 async fn an_oversized_frame_closes_with_1009() {
     let nats = TestNats::start().await;

@@ -64,13 +64,22 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             // Boxed so that hyper, which keeps one slot for a request's future as long as the
             // connection lives, keeps a pointer: a streaming response (SSE) would otherwise hold
             // room for the largest handler's state for its whole life.
+            let builder = http1_builder(&shared.config);
             let service = service_fn(move |request| Box::pin(route(shared.clone(), request, peer)));
-            let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service).with_upgrades();
+            let connection = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
             if let Err(error) = connection.await {
                 debug!(%peer, %error, "http connection ended with an error");
             }
         });
     }
+}
+
+/// The HTTP/1 settings of the gateway's listeners: a client that takes longer than
+/// `request_head_timeout` to send a request's head, or to start its next one, is disconnected.
+pub(crate) fn http1_builder(config: &crate::Config) -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(config.request_head_timeout);
+    builder
 }
 
 /// A response's body: whole, or a stream (Server-Sent Events, SockJS's receiving requests).

@@ -147,7 +147,8 @@ pub(crate) async fn serve_direct(
     mut stream: TcpStream,
     peer: SocketAddr,
 ) -> Result<(), TcpStream> {
-    let Some((request, head_len)) = peek_stream_request(&stream).await else { return Err(stream) };
+    let wait = DIRECT_HEAD_WAIT.min(shared.config.request_head_timeout);
+    let Some((request, head_len)) = peek_stream_request(&stream, wait).await else { return Err(stream) };
     let admitted = match admit_stream(shared, &request, peer).await {
         Ok(Some(admitted)) => admitted,
         // The HTTP layer answers with a stream that ends at once (see `not_ready`).
@@ -220,7 +221,7 @@ const DIRECT_HEAD_PAUSE: std::time::Duration = std::time::Duration::from_millis(
 /// segment, with a long token or cookies) is looked at again a moment later, [`DIRECT_HEAD_WAIT`]
 /// at most. (Waiting for the socket's readiness instead would need it cleared, and the HTTP layer
 /// would then wait for bytes that are already there.)
-async fn peek_stream_request(stream: &TcpStream) -> Option<(Request<()>, usize)> {
+async fn peek_stream_request(stream: &TcpStream, wait: std::time::Duration) -> Option<(Request<()>, usize)> {
     let mut head = vec![0; DIRECT_HEAD_BYTES];
     let whole = async {
         let mut pause = std::time::Duration::from_millis(1);
@@ -236,7 +237,7 @@ async fn peek_stream_request(stream: &TcpStream) -> Option<(Request<()>, usize)>
             }
         }
     };
-    tokio::time::timeout(DIRECT_HEAD_WAIT, whole).await.ok().flatten()
+    tokio::time::timeout(wait, whole).await.ok().flatten()
 }
 
 /// What the first bytes of a connection are.

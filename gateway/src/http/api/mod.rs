@@ -32,7 +32,6 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -105,8 +104,9 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
         };
         let shared = shared.clone();
         tokio::spawn(async move {
+            let builder = crate::http::server::http1_builder(&shared.config);
             let service = service_fn(move |request| handle(shared.clone(), request));
-            if let Err(error) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+            if let Err(error) = builder.serve_connection(TokioIo::new(stream), service).await {
                 debug!(%peer, %error, "API connection ended with an error");
             }
         });
