@@ -187,6 +187,14 @@ async fn a_forbidden_topic_and_malformed_frames_get_error_then_close() {
     let (error, close) = client.expect_error_and_close().await;
     assert_eq!((error.header("message"), error.header("receipt-id"), close), ("forbidden", "r", Some(1008)));
     assert_eq!(error.body, "the token does not allow topic secret");
+    // A SEND to a name no function can have: refused with its receipt, no RECEIPT before.
+    for name in ["", "bad name!"] {
+        let (mut client, _) = connect(&gateway, &[("passcode", &user_token)]).await;
+        let destination = format!("/app/{name}");
+        client.send_frame("SEND", &[("destination", &destination), ("receipt", "s")], "{}").await;
+        let (error, close) = client.expect_error_and_close().await;
+        assert_eq!((error.header("message"), error.header("receipt-id"), close), ("bad_request", "s", Some(1008)));
+    }
 
     let cases = [
         ("SEND\ndestination /app/echo\n\n\0", "bad_request"),
@@ -307,6 +315,51 @@ async fn ack_moves_the_device_cursor() {
     assert_eq!(next_message(&mut client).await.0, sorted[2]);
     let live = publisher.publish("push.user.hana", "4").await;
     assert_eq!(next_message(&mut client).await, (live, "4".to_string()));
+}
+
+/// Every subscription to a topic gets its own copy, as Spring's broker gives (two parts of a page
+/// may each subscribe to `/topic/news`); the user's own messages go to the first `/user/queue/…`
+/// subscription only (those destinations are one inbox).
+#[tokio::test]
+async fn each_subscription_to_a_topic_gets_its_own_copy() {
+    let nats = TestNats::start().await;
+    let publisher = Publisher::new(&nats).await;
+    let gateway = TestGateway::start(&nats).await;
+    let (mut client, _) = connect(&gateway, &[("passcode", &token_with("tess", &["news"], 3600))]).await;
+    for (id, destination) in [
+        ("a1", "/topic/all"),
+        ("a2", "/topic/all"),
+        ("n1", "/topic/news"),
+        ("n2", "/topic/news"),
+        ("q1", "/user/queue/a"),
+    ] {
+        subscribe(&mut client, id, destination, &[]).await;
+    }
+    subscribe(&mut client, "q2", "/user/queue/b", &[("ack", "client")]).await;
+    // At once: a burst, which the gateway encodes once for every socket.
+    let all: Vec<u64> = futures::future::join_all(["0", "1", "2"].map(|n| publisher.publish("push.all", n))).await;
+    let news = publisher.publish("push.topic.news", "n").await;
+    let mine = publisher.publish("push.user.tess", "u").await;
+    let mut expected: Vec<(String, u64)> = Vec::new();
+    for seq in &all {
+        expected.extend([("a1".to_string(), *seq), ("a2".to_string(), *seq)]);
+    }
+    expected.extend([("n1".to_string(), news), ("n2".to_string(), news), ("q1".to_string(), mine)]);
+    let mut got = Vec::new();
+    while got.len() < expected.len() {
+        let message = client.expect("MESSAGE").await;
+        got.push((message.header("subscription").to_string(), message.header("message-id").parse::<u64>().unwrap()));
+    }
+    got.sort_by_key(|(id, seq)| (*seq, id.clone()));
+    expected.sort_by_key(|(id, seq)| (*seq, id.clone()));
+    assert_eq!(got, expected);
+
+    // Without the first, the second still gets them.
+    client.send_frame("UNSUBSCRIBE", &[("id", "a1"), ("receipt", "left")], "").await;
+    assert_eq!(client.expect("RECEIPT").await.header("receipt-id"), "left");
+    let after = publisher.publish("push.all", "3").await;
+    let message = client.expect("MESSAGE").await;
+    assert_eq!((message.header("subscription"), message.header("message-id")), ("a2", after.to_string().as_str()));
 }
 
 /// A new device's unread messages, sent on a `client-individual` subscription and never

@@ -232,6 +232,12 @@ impl Codec {
         }
     }
 
+    /// Whether `message` goes out as more than one frame (a STOMP topic subscribed twice): then
+    /// [`Codec::queue_message`] queues it, not a shared frame.
+    pub(crate) fn sends_copies(&self, message: &Message) -> bool {
+        matches!(self, Codec::Stomp(codec) if codec.sends_copies(message))
+    }
+
     /// Takes `message` for this connection like [`Codec::queue_message`], but queues nothing: the
     /// key of the frame it goes out as, which connections with the same key share; none when the
     /// codec holds the message back.

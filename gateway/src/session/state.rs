@@ -1302,7 +1302,7 @@ impl LivePull<'_> {
     /// Queues the frame of `message`, joining it to the run of frames before it when they are
     /// adjacent in one burst buffer; returns its length.
     fn queue(&mut self, message: &Message) -> usize {
-        let Some((burst, index)) = message.burst() else {
+        let Some((burst, index)) = message.burst().filter(|_| !self.codec.sends_copies(message)) else {
             self.end_run();
             return self.codec.queue_message(message, self.frames);
         };

@@ -217,6 +217,8 @@ impl StompCodec {
         let Some(function) = destination.strip_prefix("/app/") else {
             return Err(bad(format!("SEND goes to /app/<function>, not {destination:?}")));
         };
+        // Refused with the frame's receipt, not after a RECEIPT that said it was taken.
+        herald_shared::id::check_function_name(function).map_err(|error| bad(error.to_string()))?;
         let data = if frame.body.is_empty() {
             serde_json::Value::Null
         } else {

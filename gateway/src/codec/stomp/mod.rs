@@ -377,18 +377,41 @@ impl StompCodec {
 
     /// Queues `message` for its subscription, or holds it until one comes; returns bytes queued.
     pub(super) fn queue_message(&mut self, message: &Message, tail: &Bytes, frames: &mut VecDeque<Bytes>) -> usize {
-        let Some(index) = self.route(message) else { return 0 };
-        let head = self.head(index, message.seq, Tail { len: tail.len(), text: message.is_text() });
-        let len = head.len() + tail.len();
-        frames.push_back(head);
-        frames.push_back(tail.clone());
+        let Some(first) = self.route(message) else { return 0 };
+        let mut len = 0;
+        for index in std::iter::once(first).chain(self.copies(first)) {
+            self.note_sent(index, message.seq);
+            let head = self.head(index, message.seq, Tail { len: tail.len(), text: message.is_text() });
+            len += head.len() + tail.len();
+            frames.push_back(head);
+            frames.push_back(tail.clone());
+        }
         len
+    }
+
+    /// The subscriptions after `first` to the same topic: each gets its own copy of a message, as
+    /// Spring's broker gives each subscription (the user's own messages go to the first
+    /// `/user/queue/…` subscription only: those destinations are one inbox).
+    fn copies(&self, first: usize) -> Vec<usize> {
+        let target = &self.subscriptions[first].target;
+        if *target == Target::User {
+            return Vec::new();
+        }
+        (first + 1..self.subscriptions.len()).filter(|&index| self.subscriptions[index].target == *target).collect()
+    }
+
+    /// Whether `message` goes out more than once (topics subscribed more than once): then it is
+    /// queued by [`Self::queue_message`], not as one shared frame.
+    pub(super) fn sends_copies(&self, message: &Message) -> bool {
+        let target = Target::of_audience(&message.audience);
+        target != Target::User && self.subscriptions.iter().filter(|s| s.target == target).nth(1).is_some()
     }
 
     /// The head of the subscription `message` goes to now (the frame is the head and the shared
     /// tail, see [`append_frame`]), or none: then it is held until one comes.
     pub(super) fn shared_head(&mut self, message: &Message) -> Option<MessageHead<'_>> {
         let index = self.route(message)?;
+        self.note_sent(index, message.seq);
         Some(self.message_head(index))
     }
 
@@ -398,6 +421,9 @@ impl StompCodec {
         let target = Target::of_audience(&last.audience);
         let auto = |index: &usize| self.subscriptions[*index].ack == AckMode::Auto;
         let index = self.subscription(&target).filter(auto).filter(|_| !self.refilling.contains(&target))?;
+        if self.sends_copies(last) {
+            return None;
+        }
         Some(self.message_head(index))
     }
 
@@ -412,25 +438,22 @@ impl StompCodec {
         }
     }
 
-    /// The subscription `message` goes to now (noted as sent), or none: then it is held.
+    /// The (first) subscription `message` goes to now, or none: then it is held.
     fn route(&mut self, message: &Message) -> Option<usize> {
         let target = Target::of_audience(&message.audience);
         if self.refilling.contains(&target) {
             return None;
         }
         let index = self.subscription(&target);
-        match index {
-            Some(index) => self.note_sent(index, message.seq),
-            None => {
-                if self.held.len() == MAX_HELD
-                    && let Some(oldest) = self.held.pop_front()
-                    && !self.dropped.iter().any(|(target, _)| *target == oldest.target)
-                {
-                    self.dropped.push((oldest.target, oldest.seq));
-                }
-                let tail = message.encoded(self.format()).clone();
-                self.held.push_back(Held { target, seq: message.seq, tail, text: message.is_text() });
+        if index.is_none() {
+            if self.held.len() == MAX_HELD
+                && let Some(oldest) = self.held.pop_front()
+                && !self.dropped.iter().any(|(target, _)| *target == oldest.target)
+            {
+                self.dropped.push((oldest.target, oldest.seq));
             }
+            let tail = message.encoded(self.format()).clone();
+            self.held.push_back(Held { target, seq: message.seq, tail, text: message.is_text() });
         }
         index
     }
