@@ -33,6 +33,15 @@ async fn readiness_follows_nats_and_delivery_resumes_when_it_returns() {
         (gateway.readyz().await == 503).then_some(())
     })
     .await;
+    // What is wrong, and nothing that is not: the stream and the buckets were not found missing.
+    // (The gauge is set in the same step as what readiness says of them.)
+    eventually("the disconnection seen", Duration::from_secs(30), || async {
+        (gateway.metric("herald_gateway_nats_connected").await == 0.0).then_some(())
+    })
+    .await;
+    let problems = gateway.readyz_problems().await;
+    assert!(problems.contains(&"not connected to NATS".to_string()), "{problems:?}");
+    assert!(problems.iter().all(|problem| !problem.contains("stream HERALD")), "{problems:?}");
     // New sockets are refused while NATS is away; the open one stays.
     let refused = WsClient::connect(&gateway.ws_url(&format!("token={}", herald_tests::gateway::token("late"))))
         .await

@@ -44,7 +44,7 @@ impl Health {
         Health {
             control,
             feed,
-            store: AtomicU8::new(Store::Unavailable as u8),
+            store: AtomicU8::new(Store::Unchecked as u8),
             policy_watch: AtomicBool::new(false),
             prefs_watch: AtomicBool::new(false),
             connected,
@@ -80,6 +80,12 @@ impl Health {
             store if store == Store::NoJetStream as u8 => {
                 problems.push("NATS runs without JetStream (nats.conf needs its jetstream block)")
             }
+            // Said by "not connected to NATS" while disconnected.
+            store if store == Store::Unchecked as u8 => {
+                if problems.is_empty() {
+                    problems.push("JetStream not checked yet since NATS connected")
+                }
+            }
             _ => problems.push("stream HERALD or a KV bucket not available"),
         }
         if !self.policy_watch.load(Ordering::Acquire) {
@@ -110,7 +116,7 @@ pub(crate) async fn monitor(
         metrics.nats_connected.set(connected as i64);
         let (store, made) = match connected {
             true => check_stream(&js, &settings, &health, &metrics, seen).await,
-            false => (Store::Unavailable, None),
+            false => (Store::Unchecked, None),
         };
         if let Some(made) = made {
             if stream_made.is_some_and(|before| before != made) {
@@ -139,8 +145,10 @@ pub(crate) async fn monitor(
 enum Store {
     /// All present (made now if they were missing).
     Ready,
-    /// Something missing that could not be made, or NATS not connected.
+    /// Something missing that could not be made.
     Unavailable,
+    /// Not known: NATS is not connected, or has not been asked since it connected.
+    Unchecked,
     /// JetStream did not answer about all of them, e.g. from a NATS node cut off from its cluster.
     Unanswered,
     /// One of them has no leader (its cluster lost its quorum): nothing can be stored or read.
