@@ -243,7 +243,9 @@ impl Cursors {
                 }
             }
         }
-        self.write_due(cursor).await;
+        if let Err(error) = self.write_due(cursor).await {
+            warn!(key = %cursor.key, %error, "cursor not written");
+        }
     }
 
     /// Writes the cursors that moved, at most `limit` of them: those written longest ago first.
@@ -256,20 +258,30 @@ impl Cursors {
             .map(|held| held.cursor.clone())
             .collect();
         let cursors = longest_unwritten(moved, limit);
+        let failed = Mutex::new((0usize, None));
         futures::stream::iter(cursors)
-            .for_each_concurrent(FLUSH_CONCURRENCY, |cursor| async move {
-                cursor.flushed_in.store(flush, Ordering::Relaxed);
-                self.write_due(&cursor).await;
+            .for_each_concurrent(FLUSH_CONCURRENCY, |cursor| {
+                let failed = &failed;
+                async move {
+                    cursor.flushed_in.store(flush, Ordering::Relaxed);
+                    if let Err(error) = self.write_due(&cursor).await {
+                        let mut failed = failed.lock().unwrap_or_else(|p| p.into_inner());
+                        failed.0 += 1;
+                        failed.1.get_or_insert((cursor.key.clone(), error));
+                    }
+                }
             })
             .await;
+        // One line per flush: while a bucket elects a leader every write fails, each second.
+        if let (count, Some((key, error))) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            warn!(count, first = %key, %error, "cursors not written (tried again at the next flush)");
+        }
     }
 
-    async fn write_due(&self, cursor: &DeviceCursor) {
-        let Some((seq, written)) = cursor.due() else { return };
-        match self.write(&cursor.key, seq, written).await {
-            Ok(stored) => cursor.remember(stored),
-            Err(e) => warn!(key = %cursor.key, seq, error = %e, "cursor not written"),
-        }
+    async fn write_due(&self, cursor: &DeviceCursor) -> Result<(), CursorError> {
+        let Some((seq, written)) = cursor.due() else { return Ok(()) };
+        cursor.remember(self.write(&cursor.key, seq, written).await?);
+        Ok(())
     }
 
     /// Flushes every `interval`, writing at most `rate` cursors a second, until `shutdown` (closing
