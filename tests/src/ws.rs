@@ -49,12 +49,13 @@ impl WsClient {
         }
     }
 
-    /// Opens a WebSocket with extra request headers (`Origin`, `X-Forwarded-For`, …).
+    /// Opens a WebSocket with extra request headers (`Origin`, `X-Forwarded-For`, …; a name given
+    /// twice is sent twice).
     pub async fn connect_with_headers(url: &str, headers: &[(&str, &str)]) -> Result<WsClient, Refused> {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let mut request = url.into_client_request().expect("a valid URL");
         for (name, value) in headers {
-            request.headers_mut().insert(
+            request.headers_mut().append(
                 tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
                 value.parse().unwrap(),
             );

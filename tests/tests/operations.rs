@@ -248,6 +248,10 @@ async fn only_allowed_origins_may_open_sockets() {
     let url = gateway.ws_url(&format!("token={}", token("ava")));
     let refused = WsClient::connect_with_headers(&url, &[("Origin", "https://evil.example.net")]).await.err().unwrap();
     assert_eq!((refused.status, refused.body["error"].as_str()), (403, Some("forbidden_origin")));
+    // No browser sends two; one outside the list refuses the request, whichever comes first.
+    let two = [("Origin", "https://app.example.com"), ("Origin", "https://evil.example.net")];
+    let refused = WsClient::connect_with_headers(&url, &two).await.err().unwrap();
+    assert_eq!((refused.status, refused.body["error"].as_str()), (403, Some("forbidden_origin")));
     let mut allowed = WsClient::connect_with_headers(&url, &[("Origin", "https://app.example.com")]).await.unwrap();
     allowed.expect_welcome().await;
     // Not a browser (no Origin): allowed.

@@ -225,11 +225,20 @@ pub(crate) fn admit<B>(
     }
 }
 
-/// The request's `Origin` when an allow-list is configured and does not contain it.
+/// The request's `Origin` when an allow-list is configured and does not contain it (every one of
+/// them, if a request carries several: no browser does, so one outside the list refuses it).
 pub(crate) fn refused_origin<B>(allowed: &[String], request: &Request<B>) -> Option<String> {
-    let origin = request.headers().get(hyper::header::ORIGIN)?.to_str().unwrap_or("?");
-    let allowed = allowed.is_empty() || allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin));
-    (!allowed).then(|| origin.to_string())
+    if allowed.is_empty() {
+        return None;
+    }
+    let is_allowed = |origin: &str| allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin));
+    request
+        .headers()
+        .get_all(hyper::header::ORIGIN)
+        .iter()
+        .map(|origin| origin.to_str().unwrap_or("?"))
+        .find(|origin| !is_allowed(origin))
+        .map(str::to_string)
 }
 
 fn readyz(shared: &Shared) -> HttpResponse {
