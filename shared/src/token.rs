@@ -107,6 +107,13 @@ impl Verifier {
             return Err(TokenError::Missing);
         }
         let header = jsonwebtoken::decode_header(token).map_err(malformed)?;
+        // RFC 7515 §4.1.11: a token naming extensions its reader must understand is refused by a
+        // reader that understands none.
+        if let Some(crit) = header.crit.as_ref().filter(|crit| !crit.is_empty()) {
+            return Err(TokenError::Malformed(format!(
+                "its header asks for extensions Herald does not know: {crit:?}"
+            )));
+        }
         let key = match (header.alg, &self.secret, &self.public) {
             (Algorithm::HS256, Some(secret), _) => secret,
             (alg, _, Some((key, public_alg))) if alg == *public_alg => key,
@@ -246,6 +253,7 @@ mod tests {
         let forged = issue_hs256(b"other", &claims("42", now_secs() + 60));
         assert_eq!(verifier.verify(&forged), Err(TokenError::BadSignature));
         assert!(matches!(verifier.verify("not.a.jwt"), Err(TokenError::Malformed(_))));
+        assert!(Verifier::new(Some(b""), None).is_err(), "an empty secret is no key");
         for sub in ["a.b", "*", ">", ""] {
             let token = issue_hs256(SECRET, &claims(sub, now_secs() + 60));
             assert!(matches!(verifier.verify(&token), Err(TokenError::BadSubject(_))), "{sub}");

@@ -15,6 +15,13 @@ fn signed(sub: &str) -> String {
     issue_hs256(SECRET.as_bytes(), &Claims { sub: sub.to_string(), exp: now_secs() + 600, topics: vec![] })
 }
 
+/// A token whose header names critical extensions (`crit`), signed with the gateways' secret.
+fn signed_with_crit(sub: &str) -> String {
+    let header = jsonwebtoken::Header { crit: Some(vec!["exp".into()]), ..Default::default() };
+    let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes());
+    jsonwebtoken::encode(&header, &Claims { sub: sub.into(), exp: now_secs() + 600, topics: vec![] }, &key).unwrap()
+}
+
 /// A token of any claims, signed with the gateways' secret.
 fn signed_json(claims: serde_json::Value) -> String {
     let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes());
@@ -36,6 +43,7 @@ async fn bad_tokens_get_401_with_a_json_reason_and_no_socket() {
         ("sub >", format!("token={}", signed(">")), "sub"),
         ("sub empty", format!("token={}", signed("")), "sub"),
         ("sub of 129", format!("token={}", signed(&"x".repeat(129))), "sub"),
+        ("crit", format!("token={}", signed_with_crit("42")), "extensions"),
         (
             "nbf ahead",
             format!(
