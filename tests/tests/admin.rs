@@ -235,6 +235,8 @@ async fn dead_letters_are_listed_redriven_to_a_push_and_purged() {
     assert_eq!(letters.len(), 2);
     let (status, body) = get(&gateway, "/v1/dead-letters/forward?limit=1").await;
     assert_eq!((status, body["dead_letters"].as_array().map(Vec::len)), (200, Some(1)));
+    // A name in the path may be percent-encoded, as URL builders write it.
+    assert_eq!(get(&gateway, "/v1/dead-letters/%66orward?limit=1").await, (status, body.clone()));
     let after = body["next"].as_u64().unwrap();
     let (_, body) = get(&gateway, &format!("/v1/dead-letters/forward?after={after}")).await;
     assert_eq!(body["dead_letters"].as_array().map(Vec::len), Some(1));

@@ -202,12 +202,12 @@ async fn route_dead_letters(
         None if rest.is_empty() => ("", ""),
         None => return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")),
     };
-    match (method, function, action) {
+    let function = &path_id(function)?;
+    match (method, function.as_str(), action) {
         (Method::GET, "", "") => dead_letters::counts(shared).await,
         (Method::GET, function, "") => dead_letters::list(shared, function, query).await,
         (Method::POST, function, "redrive") => {
-            let function = function.to_string();
-            dead_letters::redrive(shared, &function, read_json(shared, request).await?).await
+            dead_letters::redrive(shared, function, read_json(shared, request).await?).await
         }
         (Method::POST, function, "purge") => dead_letters::purge(shared, function).await,
         _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")),
