@@ -296,6 +296,14 @@ impl StompClient {
         self.send_websocket(&text).await;
     }
 
+    /// Sends one WebSocket message of the `message` given (a binary one, a close), on the WebSocket.
+    pub async fn send_message(&mut self, message: Message) {
+        match &mut self.link {
+            Link::WebSocket(stream) => stream.send(message).await.expect("send to the gateway"),
+            Link::Xhr(_) => panic!("an XHR transport sends text only"),
+        }
+    }
+
     /// Sends one WebSocket text message as it is, SockJS or not.
     pub async fn send_websocket(&mut self, text: &str) {
         match &mut self.link {

@@ -314,6 +314,11 @@ async fn raw_frames_get_centrifugal_errors_and_disconnect_codes() {
     let mut raw = Raw::open(&gateway).await;
     raw.send("{not json").await;
     assert_eq!(raw.next().await, Err(Some(3501)));
+    // A first message over the size limit: 1009, as later ones get.
+    let small = TestGateway::start_with(&nats, |c| c.max_frame_bytes = 1024).await;
+    let mut raw = Raw::open(&small).await;
+    raw.send(&format!(r#"{{"id":1,"connect":{{"token":"{}"}}}}"#, "x".repeat(2048))).await;
+    assert_eq!(raw.next().await, Err(Some(1009)));
     // An expired token: error 109, so the SDK fetches a new one.
     let mut raw = Raw::open(&gateway).await;
     raw.send(&json!({"id": 1, "connect": {"token": token_with("cf5", &[], -10)}}).to_string()).await;

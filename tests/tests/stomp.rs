@@ -8,6 +8,9 @@ use herald_tests::functions::{start, test_config};
 use herald_tests::gateway::{token, token_with};
 use herald_tests::stomp::{StompClient, StompEvent, StompFrame};
 use herald_tests::{Publisher, TestGateway, TestNats};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 fn url(gateway: &TestGateway) -> String {
     format!("ws://{}/stomp", gateway.addr)
@@ -251,6 +254,15 @@ async fn a_forbidden_topic_and_malformed_frames_get_error_then_close() {
     let (error, close) = client.expect_error_and_close().await;
     assert_eq!((error.header("message"), close), ("bad_request", Some(1008)));
     assert_eq!(error.body, "expected CONNECT, got HELLO");
+    // Closed with a close frame, as after CONNECT: a binary message is refused with 1008; a
+    // client's close is echoed.
+    let mut client = StompClient::open(&url(&gateway), "v12.stomp", &[]).await;
+    client.send_message(Message::binary(b"CONNECT\n\n\0".to_vec())).await;
+    assert!(matches!(client.next_event().await, StompEvent::Close(Some((1008, _)))));
+    let mut client = StompClient::open(&url(&gateway), "v12.stomp", &[]).await;
+    let close = CloseFrame { code: CloseCode::from(4000), reason: "bye".into() };
+    client.send_message(Message::Close(Some(close))).await;
+    assert!(matches!(client.next_event().await, StompEvent::Close(Some((4000, _)))));
 }
 
 #[tokio::test]

@@ -15,6 +15,7 @@ use hyper::{Request, Response, StatusCode};
 use tokio::io::AsyncWriteExt;
 
 use crate::Shared;
+use crate::close::Close;
 use crate::cluster::policy::PolicyError;
 use crate::codec::Codec;
 use crate::codec::centrifugal::wire::{self, disconnect, error};
@@ -139,8 +140,12 @@ async fn accept(
 ) -> Result<(ConnectRequest, Codec), Refused> {
     let text = match tokio::time::timeout(CONNECT_TIMEOUT, first_message(socket)).await {
         Err(_) => return Err(Refused::close(disconnect::STALE, error_code::BAD_REQUEST, "no connect command in time")),
-        Ok(None) => return Err(Refused::close(disconnect::BAD_REQUEST, error_code::BAD_REQUEST, "no connect command")),
-        Ok(Some(text)) => text,
+        // The close of what the client broke (a message over the limit: 1009), or its own echoed.
+        Ok(Err(close)) => {
+            let reason = if close.reason.is_empty() { "no connect command".into() } else { close.reason.to_string() };
+            return Err(Refused::close(wire::disconnect_code(close.code), error_code::BAD_REQUEST, reason));
+        }
+        Ok(Ok(text)) => text,
     };
     let message = text;
     let text = first_command(&message, protobuf)
@@ -176,15 +181,17 @@ async fn accept(
     Ok((request, Codec::Centrifugal(Box::new(codec))))
 }
 
-/// The first message (text, or binary with Protobuf), answering pings before it; none if the
-/// client closed.
-async fn first_message(socket: &mut Socket) -> Option<Vec<u8>> {
+/// The first message (text, or binary with Protobuf), answering pings before it; else how the
+/// connection ends: the client closed, or broke the protocol.
+async fn first_message(socket: &mut Socket) -> Result<Vec<u8>, Close> {
     loop {
-        match socket.reader.next().await.ok()? {
-            Inbound::Text(message) | Inbound::Binary(message) => return Some(message),
-            Inbound::Ping(payload) => socket.writer.write_all(&frame::pong(&payload)).await.ok()?,
+        match socket.reader.next().await? {
+            Inbound::Text(message) | Inbound::Binary(message) => return Ok(message),
+            Inbound::Ping(payload) => {
+                socket.writer.write_all(&frame::pong(&payload)).await.map_err(|_| Close::gone("write failed"))?
+            }
             Inbound::Pong => {}
-            Inbound::Close(_) => return None,
+            Inbound::Close(code) => return Err(Close::by_client(code)),
         }
     }
 }

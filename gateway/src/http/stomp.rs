@@ -21,6 +21,7 @@ use super::auth::{CONFLICT, ConnectRequest, DEFAULT_DEVICE, Rejection, UNAUTHORI
 use super::handshake;
 use super::server::{self, HttpResponse, admit, refused_origin};
 use crate::Shared;
+use crate::close::Close;
 use crate::cluster::policy::PolicyError;
 use crate::codec::stomp::{Connected, Frame, StompCodec, Transport, Version, parse};
 use crate::codec::{Codec, sockjs, stomp};
@@ -239,9 +240,20 @@ async fn first_frame(
                 let _ = write_half.write_all(&ws::pong(&payload)).await;
             }
             Ok(Inbound::Pong) => {}
-            Ok(Inbound::Close(_)) | Err(_) => return Ok(None),
+            // Closed with a close of its own, as after CONNECT: the client's echoed, or the
+            // code of what it broke (a binary message, a bad WebSocket frame).
+            Ok(Inbound::Close(code)) => return Ok(say_close(write_half, transport, Close::by_client(code)).await),
+            Err(close) => return Ok(say_close(write_half, transport, close).await),
         }
     }
+}
+
+/// Sends the close frame of `close` (none when the connection is gone); no frame to return.
+async fn say_close(write_half: &mut WriteHalf, transport: Transport, close: Close) -> Option<Frame> {
+    if let Some(bytes) = crate::codec::close_frame(transport.format(), &close) {
+        let _ = write_half.write_all(&bytes).await;
+    }
+    None
 }
 
 /// The STOMP frame in a client's first SockJS message, which must hold it alone: the session that
