@@ -15,9 +15,8 @@ use crate::error::HandlerError;
 /// The most pushes [`Pusher::push_all`] has sent and not yet seen acknowledged.
 pub const MAX_IN_FLIGHT: usize = 256;
 
-/// The longest source id and kind accepted.
+/// The longest source id accepted.
 const MAX_SOURCE_ID_LEN: usize = 256;
-const MAX_KIND_LEN: usize = 64;
 
 /// Publishes pushes with JetStream and waits for the stream's acknowledgement.
 #[derive(Clone)]
@@ -174,10 +173,7 @@ fn check_source_id(id: &str) -> Result<(), PushError> {
 }
 
 fn check_kind(kind: &str) -> Result<(), PushError> {
-    if kind.is_empty() || kind.len() > MAX_KIND_LEN || kind.chars().any(char::is_control) {
-        return Err(PushError::BadKind(kind.chars().take(64).collect()));
-    }
-    Ok(())
+    herald_shared::id::check_kind(kind).map_err(|_| PushError::BadKind(kind.chars().take(64).collect()))
 }
 
 #[cfg(test)]

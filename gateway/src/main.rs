@@ -114,6 +114,9 @@ async fn publish(config: &Config, subject: String, data: String, id: Option<Stri
     if Audience::from_push_subject(&subject).is_none() {
         fail(format!("{subject}: not push.user.<id>, push.all or push.topic.<topic>"));
     }
+    if let Some(Err(error)) = kind.as_deref().map(herald_shared::id::check_kind) {
+        fail(error);
+    }
     // A publisher's tool: replies under the publishers' prefix, not the gateways'.
     let nats = herald_shared::nats::NatsSettings { nats_inbox_prefix: "_INBOX".into(), ..config.nats.clone() };
     let violation = Arc::new(std::sync::Mutex::new(None::<String>));

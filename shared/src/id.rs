@@ -60,6 +60,26 @@ pub fn check_id(kind: IdKind, id: &str) -> Result<(), IdError> {
     }
 }
 
+/// The longest message kind (`Herald-Type`), in characters.
+pub const MAX_KIND_CHARS: usize = 128;
+
+/// Checks a message kind (`Herald-Type`), as the HTTP API, the push functions, `pub` and muting
+/// take it: 1 to 128 characters, none a control character (a kind travels in NATS headers and in
+/// the edge protocols' headers and event names; any other text a publisher may give is a kind).
+pub fn check_kind(kind: &str) -> Result<(), String> {
+    let start = || kind.chars().take(16).collect::<String>();
+    if kind.is_empty() {
+        return Err("a kind is not empty".into());
+    }
+    if kind.chars().count() > MAX_KIND_CHARS {
+        return Err(format!("kind {:?}… is longer than {MAX_KIND_CHARS} characters", start()));
+    }
+    if kind.chars().any(char::is_control) {
+        return Err(format!("kind {:?} holds a control character", start()));
+    }
+    Ok(())
+}
+
 /// Checks a push function name: one or more tokens joined by `.`, at most 128 characters.
 pub fn check_function_name(name: &str) -> Result<(), IdError> {
     let kind = IdKind::Function;
@@ -143,6 +163,16 @@ mod tests {
         }
         assert!(check_function_name(&"a".repeat(129)).is_err());
         assert_eq!(check_function_name("a..b"), Err(IdError::EmptyPart(IdKind::Function)));
+    }
+
+    #[test]
+    fn kinds_are_any_text_without_control_characters() {
+        for good in ["mail", "a b", "café", &"é".repeat(128)] {
+            assert_eq!(check_kind(good), Ok(()), "{good}");
+        }
+        for bad in ["", "a\nb", "a\u{0}", &"x".repeat(129)] {
+            assert!(check_kind(bad).is_err(), "{bad:?}");
+        }
         assert_eq!(check_function_name(""), Err(IdError::Empty(IdKind::Function)));
     }
 

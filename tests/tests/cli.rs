@@ -106,6 +106,19 @@ async fn an_empty_jwt_secret_stops_the_gateway_and_signs_nothing() {
     }
 }
 
+/// A kind no path of Herald writes is refused before anything is published.
+#[test]
+fn pub_refuses_a_kind_with_a_control_character() {
+    let output = Command::new(herald_tests::gateway::binary())
+        .args(["pub", "push.user.cli", "{}", "--kind", "a\nb"])
+        .env("HERALD_NATS_URL", "nats://127.0.0.1:1")
+        .env_remove("HERALD_LOG")
+        .output()
+        .expect("run herald-gateway pub");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("control character"), "{}", stderr(&output));
+}
+
 /// A user NATS does not let publish pushes, or read their acknowledgements, is told so, not that
 /// the publish timed out; so is a publish that no stream stores.
 #[tokio::test]

@@ -72,6 +72,7 @@ async fn bad_bodies_and_missing_identity_are_refused_and_store_nothing() {
         json!({"muted": too_many}),
         json!({"muted": ["x".repeat(129)]}),
         json!({"muted": [""]}),
+        json!({"muted": ["a\nb"]}),
         json!({}),
     ];
     for body in bad_bodies {

@@ -53,6 +53,11 @@ async fn the_http_api_publishes_with_api_keys_and_refuses_bad_requests_clearly()
         (409, Some("conflict"), Some("order-7")),
         "{body}"
     );
+    // A kind is any text without control characters, as a NATS publisher may set it and a user mute it.
+    let spaced = json!({"to": {"user": "42"}, "data": 1, "kind": "Order shipped"});
+    let (status, body) = post(&gateway, "/v1/publish", Some(KEY), spaced.to_string()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(client.expect_msg().await.kind, "Order shipped");
     let batch = json!([message, reused]);
     let (_, body) = post(&gateway, "/v1/publish", Some(KEY), batch.to_string()).await;
     let results = &body["results"];
@@ -78,6 +83,20 @@ async fn the_http_api_publishes_with_api_keys_and_refuses_bad_requests_clearly()
         ("unknown target", Some(KEY), json!({"to": {"group": "x"}}).to_string(), 400, "bad_request"),
         ("two targets", Some(KEY), json!({"to": {"user": "42", "topic": "news"}}).to_string(), 400, "bad_request"),
         ("not JSON", Some(KEY), "{oops".to_string(), 400, "bad_request"),
+        (
+            "kind with a line break",
+            Some(KEY),
+            json!({"to": {"all": true}, "kind": "a\nb"}).to_string(),
+            400,
+            "bad_request",
+        ),
+        (
+            "kind of 129",
+            Some(KEY),
+            json!({"to": {"all": true}, "kind": "k".repeat(129)}).to_string(),
+            400,
+            "bad_request",
+        ),
         ("empty batch", Some(KEY), "[]".to_string(), 400, "bad_request"),
         ("oversized", Some(KEY), json!({"to": {"all": true}, "data": "x".repeat(5000)}).to_string(), 413, "too_large"),
     ] {

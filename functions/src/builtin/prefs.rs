@@ -12,8 +12,6 @@ use crate::rpc::{RpcReply, RpcRequest};
 
 /// The most muted kinds one user keeps.
 pub const MAX_MUTED: usize = 64;
-/// The longest kind, in characters: as long as the HTTP API lets a kind be.
-pub const MAX_KIND_CHARS: usize = 128;
 
 /// A user's preferences, as stored and as replied.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,12 +66,8 @@ fn validate(muted: Vec<String>) -> Result<Prefs, HandlerError> {
         return Err(HandlerError::permanent(format!("at most {MAX_MUTED} muted kinds")));
     }
     // Muting "" would mute every message without a kind.
-    if muted.iter().any(String::is_empty) {
-        return Err(HandlerError::permanent("a muted kind is not empty"));
-    }
-    if let Some(long) = muted.iter().find(|kind| kind.chars().count() > MAX_KIND_CHARS) {
-        let start: String = long.chars().take(16).collect();
-        return Err(HandlerError::permanent(format!("kind {start:?}… is longer than {MAX_KIND_CHARS} characters")));
+    for kind in &muted {
+        herald_shared::id::check_kind(kind).map_err(HandlerError::permanent)?;
     }
     let mut unique: Vec<String> = Vec::with_capacity(muted.len());
     for kind in muted {

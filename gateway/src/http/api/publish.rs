@@ -150,8 +150,7 @@ impl Publish<'_> {
         .map_err(|e| e.to_string())?;
         let mut headers = async_nats::HeaderMap::new();
         if let Some(kind) = self.kind {
-            check_id(IdKind::Topic, &kind)
-                .map_err(|_| format!("kind {kind:?}: 1-128 characters of A-Za-z0-9_-=@:+"))?;
+            herald_shared::id::check_kind(&kind)?;
             headers.insert(header::HERALD_TYPE, kind.as_str());
         }
         let id = match self.id {
