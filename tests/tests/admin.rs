@@ -262,6 +262,7 @@ async fn dead_letters_are_listed_redriven_to_a_push_and_purged() {
     for (path, body, status) in [
         ("/v1/dead-letters/a*b/redrive", json!({"seq": 1}), 400),
         ("/v1/dead-letters/forward/redrive", json!({"seq": "x"}), 400),
+        ("/v1/dead-letters/forward/redrive", json!({"seq": 0}), 400),
         ("/v1/dead-letters/forward/redrive", json!({"seq": 1, "extra": 1}), 400),
         ("/v1/dead-letters/forward/explode", json!({}), 404),
     ] {

@@ -82,6 +82,10 @@ struct Redrive {
 pub(super) async fn redrive(shared: &Shared, function: &str, body: Value) -> Result<Value, ApiError> {
     check_function_name(function).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let Redrive { seq } = serde_json::from_value(body).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    // Stream sequences start at 1 (JetStream calls 0 a bad request, which is no outage).
+    if seq == 0 {
+        return Err(ApiError::bad_request("seq: letters are numbered from 1"));
+    }
     let letter = match jsapi::request(shared, format!("STREAM.MSG.GET.{DLQ_STREAM}"), &json!({"seq": seq})).await? {
         Ok(answer) => StoredLetter::from_answer(&answer)?,
         Err(error) if error.err_code == NO_MESSAGE || error.err_code == NO_STREAM => {

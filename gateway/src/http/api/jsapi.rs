@@ -20,10 +20,11 @@ pub(super) struct JsError {
 
 impl From<JsError> for ApiError {
     fn from(error: JsError) -> ApiError {
-        if error.code == 404 {
-            ApiError::new(StatusCode::NOT_FOUND, "not_found", error.description)
-        } else {
-            ApiError::unavailable(error.description)
+        match error.code {
+            404 => ApiError::new(StatusCode::NOT_FOUND, "not_found", error.description),
+            // What was asked cannot be done: no retry helps, unlike with an outage.
+            400 => ApiError::bad_request(error.description),
+            _ => ApiError::unavailable(error.description),
         }
     }
 }
