@@ -207,4 +207,15 @@ async fn relay_retries_a_request_that_timed_out() {
     assert_eq!(metric(&runtime, r#"herald_functions_retries_total{function="relay"}"#).await, 1.0);
     assert!(stored_counts(&js, &config.dlq_stream, "herald.dlq.>").await.is_empty());
     runtime.shutdown().await;
+
+    // Unanswered each time: the letter says it timed out, and after how long.
+    let endpoint = Endpoint::silent(2).await;
+    let mut config = relay_config(&nats, &endpoint, 2);
+    config.relay_timeout = std::time::Duration::from_secs(1);
+    let runtime = start_builtins(&config).await;
+    let seq = publish_event(&js, "events.relay.slower", r#"{"n":2}"#).await;
+    wait_settled(&js, &config.events_stream, "relay", seq).await;
+    let letters = dead_letters(&js, &config, "relay", 1).await;
+    assert!(letters[0].error.contains("no answer within relay_timeout (1s)"), "{}", letters[0].error);
+    runtime.shutdown().await;
 }

@@ -27,6 +27,8 @@ struct Relay {
     url: Url,
     headers: HeaderMap,
     idempotency: HeaderName,
+    /// How long a POST may take (`relay_timeout`), named when one took longer.
+    timeout: std::time::Duration,
 }
 
 /// The `relay` function; fails when the URL or a header is not valid.
@@ -57,7 +59,7 @@ impl Relay {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| bad(format!("HTTP client: {e}")))?;
-        Ok(Relay { http, url, headers, idempotency })
+        Ok(Relay { http, url, headers, idempotency, timeout: config.relay_timeout })
     }
 
     async fn post(&self, event: &Event) -> Result<(), HandlerError> {
@@ -76,7 +78,13 @@ impl Relay {
             .body(Bytes::clone(&event.payload))
             .send()
             .await
-            .map_err(|e| HandlerError::transient(format!("POST {}: {e}", self.url)))?;
+            .map_err(|e| match e.is_timeout() {
+                true => HandlerError::transient(format!(
+                    "POST {}: no answer within relay_timeout ({:?})",
+                    self.url, self.timeout
+                )),
+                false => HandlerError::transient(format!("POST {}: {e}", self.url)),
+            })?;
         outcome(response.status())
     }
 }
