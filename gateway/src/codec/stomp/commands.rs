@@ -94,7 +94,7 @@ impl StompCodec {
         let required = |name: &str| {
             frame
                 .header(name)
-                .ok_or_else(|| (error_code::BAD_REQUEST, format!("{} needs a {name} header", frame.command)))
+                .ok_or_else(|| (error_code::BAD_REQUEST, format!("{} needs the {name} header", frame.command)))
         };
         match frame.command.as_str() {
             "SUBSCRIBE" => {
@@ -134,7 +134,11 @@ impl StompCodec {
                 self.acks.acked(seq);
                 Ok(Command::Ack(seq))
             }
-            "NACK" => Ok(Command::Nothing),
+            // Moves no cursor; like an ACK it names its message.
+            "NACK" => {
+                frame.header("id").or(frame.header("message-id")).ok_or_else(|| bad("NACK needs an id"))?;
+                Ok(Command::Nothing)
+            }
             "SEND" => self.send(frame),
             "DISCONNECT" => Ok(Command::Close),
             "CONNECT" | "STOMP" => Err(bad("already connected")),
