@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use tokio::io::AsyncReadExt;
+
 use herald_shared::frame::close_code;
 use herald_tests::{Publisher, TestGateway, TestNats, WsClient, eventually};
 
@@ -205,10 +207,25 @@ async fn the_binary_closes_sockets_with_1012_and_exits_on_sigterm() {
     let url = format!("ws://127.0.0.1:{port}/ws?token={}", herald_tests::gateway::token("sig"));
     let mut client = WsClient::connect(&url).await.expect("connected");
     client.expect_welcome().await;
+    // Event streams served as a second request of a kept-alive connection (as browsers open
+    // them after the page), whose chunked bodies the gateway's HTTP layer writes.
+    let mut streams = Vec::new();
+    for n in 0..16 {
+        streams.push(sse_on_a_reused_connection(port, &format!("sse-{n}")).await);
+    }
 
     let killed = std::process::Command::new("kill").args(["-TERM", &gateway.id().to_string()]).status();
     assert!(killed.expect("run kill").success());
     assert_eq!(client.expect_close().await.map(|c| c.0), Some(close_code::RESTART));
+    // Each stream ends whole: its `close` event, then the body's last chunk, before the exit.
+    for mut stream in streams {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut rest)).await;
+        let rest = String::from_utf8_lossy(&rest).into_owned();
+        assert!(read.is_ok_and(|read| read.is_ok()), "a stream still open or reset: {rest:?}");
+        assert!(rest.contains("event: close") && rest.contains("1012"), "no close event: {rest:?}");
+        assert!(rest.ends_with("0\r\n\r\n"), "the chunked body cut short: {rest:?}");
+    }
     let gateway = std::sync::Mutex::new(gateway);
     let exited = eventually("the gateway binary exited", Duration::from_secs(30), || {
         let status = gateway.lock().unwrap().try_wait().ok().flatten();
@@ -216,6 +233,35 @@ async fn the_binary_closes_sockets_with_1012_and_exits_on_sigterm() {
     })
     .await;
     assert!(exited.success(), "exit status {exited}");
+}
+
+/// A connection that asked for a page, then for an event stream as `user`: the stream's response
+/// head and `welcome` are read, the rest left to read.
+async fn sse_on_a_reused_connection(port: u16, user: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut seen = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("{\"ok\":true}") {
+        let n = stream.read(&mut buffer).await.unwrap();
+        assert!(n > 0, "closed before the page");
+        seen.extend_from_slice(&buffer[..n]);
+    }
+    let token = herald_tests::gateway::token(user);
+    stream.write_all(format!("GET /sse?token={token} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("event: welcome") {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer)).await.unwrap().unwrap();
+        assert!(n > 0, "closed before the welcome");
+        seen.extend_from_slice(&buffer[..n]);
+    }
+    assert!(
+        String::from_utf8_lossy(&seen).contains("transfer-encoding: chunked"),
+        "{:?}",
+        String::from_utf8_lossy(&seen)
+    );
+    stream
 }
 
 /// What NATS losing its store looks like to a running gateway: the stream comes back empty and

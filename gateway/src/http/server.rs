@@ -55,7 +55,10 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             let _ = socket.set_tcp_notsent_lowat(shared.config.socket_unsent_limit);
         }
         let shared = shared.clone();
-        tokio::spawn(async move {
+        let tracker = shared.sessions.clone();
+        // Tracked as sessions are: a stopping gateway waits for the responses still streaming
+        // (an event stream's last event and chunk) before it exits.
+        tracker.spawn(async move {
             // Boxed, so that a connection served by the HTTP layer keeps no room for it.
             let stream = match Box::pin(super::sse::serve_direct(&shared, stream, peer)).await {
                 Ok(()) => return,
@@ -65,9 +68,20 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             // connection lives, keeps a pointer: a streaming response (SSE) would otherwise hold
             // room for the largest handler's state for its whole life.
             let builder = http1_builder(&shared.config);
+            // Its own token: polled at each wake-up of the connection, it locks nothing shared.
+            let stop = shared.shutdown.child_token();
             let service = service_fn(move |request| Box::pin(route(shared.clone(), request, peer)));
             let connection = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
-            if let Err(error) = connection.await {
+            tokio::pin!(connection);
+            let ended = tokio::select! {
+                ended = connection.as_mut() => ended,
+                // No new request; the one under way (a stream the session is ending) finishes.
+                _ = stop.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(error) = ended {
                 debug!(%peer, %error, "http connection ended with an error");
             }
         });
