@@ -65,7 +65,8 @@ pub const MAX_KIND_CHARS: usize = 128;
 
 /// Checks a message kind (`Herald-Type`), as the HTTP API, the push functions, `pub` and muting
 /// take it: 1 to 128 characters, none a control character (a kind travels in NATS headers and in
-/// the edge protocols' headers and event names; any other text a publisher may give is a kind).
+/// the edge protocols' headers and event names; any other text a publisher may give is a kind),
+/// without spaces at either end (NATS trims header values).
 pub fn check_kind(kind: &str) -> Result<(), String> {
     let start = || kind.chars().take(16).collect::<String>();
     if kind.is_empty() {
@@ -76,6 +77,10 @@ pub fn check_kind(kind: &str) -> Result<(), String> {
     }
     if kind.chars().any(char::is_control) {
         return Err(format!("kind {:?} holds a control character", start()));
+    }
+    // NATS trims header values as it reads them: " mail" would arrive as "mail".
+    if kind.trim() != kind {
+        return Err(format!("kind {:?} starts or ends with a space", start()));
     }
     Ok(())
 }
@@ -170,7 +175,7 @@ mod tests {
         for good in ["mail", "a b", "café", &"é".repeat(128)] {
             assert_eq!(check_kind(good), Ok(()), "{good}");
         }
-        for bad in ["", "a\nb", "a\u{0}", &"x".repeat(129)] {
+        for bad in ["", "a\nb", "a\u{0}", &"x".repeat(129), " mail", "mail ", " "] {
             assert!(check_kind(bad).is_err(), "{bad:?}");
         }
         assert_eq!(check_function_name(""), Err(IdError::Empty(IdKind::Function)));

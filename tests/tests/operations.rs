@@ -91,6 +91,13 @@ async fn the_http_api_publishes_with_api_keys_and_refuses_bad_requests_clearly()
             "bad_request",
         ),
         (
+            "kind ending in a space",
+            Some(KEY),
+            json!({"to": {"all": true}, "kind": "mail "}).to_string(),
+            400,
+            "bad_request",
+        ),
+        (
             "kind of 129",
             Some(KEY),
             json!({"to": {"all": true}, "kind": "k".repeat(129)}).to_string(),
