@@ -115,6 +115,7 @@ impl StompCodec {
                 let index = self.subscriptions.iter().position(|s| s.id == id);
                 let Some(index) = index else { return Err(bad(format!("no subscription {id:?}"))) };
                 let target = self.subscriptions.remove(index).target;
+                self.count_copies();
                 match target {
                     // The session leaves the topic with its last subscription.
                     Target::Topic(topic) if self.subscription(&Target::Topic(topic.clone())).is_none() => {
@@ -178,6 +179,7 @@ impl StompCodec {
         let first = self.subscription(&target).is_none();
         let subscription = Subscription::new(id, destination, target, ack, self.transport);
         self.subscriptions.push(subscription);
+        self.count_copies();
         let index = self.subscriptions.len() - 1;
         match &self.subscriptions[index].target {
             Target::Topic(topic) if first => Ok(Command::Subscribe { topic: topic.clone(), since }),

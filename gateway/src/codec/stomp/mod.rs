@@ -193,6 +193,8 @@ pub(crate) struct StompCodec {
     /// How often the server sends heart-beats and wants them (the gateway's heartbeat).
     server_beat: Duration,
     subscriptions: Vec<Subscription>,
+    /// Some topic has more than one subscription (each gets a copy): checked per message only then.
+    copies: bool,
     held: VecDeque<Held>,
     /// The first `seq` dropped from `held`, per destination, until its first subscription.
     dropped: Vec<(Target, u64)>,
@@ -333,6 +335,7 @@ impl StompCodec {
             transport,
             server_beat,
             subscriptions: Vec::new(),
+            copies: false,
             held: VecDeque::new(),
             dropped: Vec::new(),
             refilling: Vec::new(),
@@ -400,9 +403,20 @@ impl StompCodec {
         (first + 1..self.subscriptions.len()).filter(|&index| self.subscriptions[index].target == *target).collect()
     }
 
+    /// Notes whether some topic is subscribed more than once, after the subscriptions changed.
+    pub(super) fn count_copies(&mut self) {
+        let subscriptions = &self.subscriptions;
+        self.copies = subscriptions.iter().enumerate().any(|(at, subscription)| {
+            subscription.target != Target::User && subscriptions[..at].iter().any(|s| s.target == subscription.target)
+        });
+    }
+
     /// Whether `message` goes out more than once (topics subscribed more than once): then it is
     /// queued by [`Self::queue_message`], not as one shared frame.
     pub(super) fn sends_copies(&self, message: &Message) -> bool {
+        if !self.copies {
+            return false;
+        }
         let target = Target::of_audience(&message.audience);
         target != Target::User && self.subscriptions.iter().filter(|s| s.target == target).nth(1).is_some()
     }
