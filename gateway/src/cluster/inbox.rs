@@ -127,45 +127,53 @@ impl Inbox {
     /// How many of the user's personal messages in `(read, upto]` are unread, leaving out the
     /// `muted` kinds.
     pub(crate) async fn unread(&self, user: &str, read: u64, upto: u64, muted: &[Box<str>]) -> Result<u64, InboxError> {
+        Ok(self.unread_and_first(user, read, upto, muted).await?.0)
+    }
+
+    /// [`Self::unread`], and the `seq` of the first unread message (none when nothing is unread).
+    pub(crate) async fn unread_and_first(
+        &self,
+        user: &str,
+        read: u64,
+        upto: u64,
+        muted: &[Box<str>],
+    ) -> Result<(u64, Option<u64>), InboxError> {
         if read >= upto {
-            return Ok(0);
+            return Ok((0, None));
         }
         if muted.is_empty() {
             let subject = Audience::User(user.to_string()).push_subject();
-            let past_upto = async { if upto == u64::MAX { Ok(0) } else { self.count_from(&subject, upto + 1).await } };
+            let past_upto =
+                async { if upto == u64::MAX { Ok((0, None)) } else { self.count_from(&subject, upto + 1).await } };
             let (from_read, past_upto) = tokio::join!(self.count_from(&subject, read + 1), past_upto);
-            return Ok(from_read?.saturating_sub(past_upto?));
+            let ((from_read, first), (past_upto, _)) = (from_read?, past_upto?);
+            let unread = from_read.saturating_sub(past_upto);
+            return Ok((unread, first.filter(|_| unread > 0)));
         }
         let mut replay = self.replayer.open(&[Audience::User(user.to_string())], read, upto).await.map_err(error)?;
-        let mut unread = 0;
+        let (mut unread, mut first) = (0, None);
         while let Some(stored) = replay.next().await {
             let stored = stored.map_err(error)?;
             let kind = stored.headers.get(header::HERALD_TYPE).map(|value| value.as_str()).unwrap_or("");
             if !muted.iter().any(|muted| **muted == *kind) {
                 unread += 1;
+                first.get_or_insert(stored.seq);
             }
         }
-        Ok(unread)
+        Ok((unread, first))
     }
 
-    /// How many messages of `subject` have a sequence of `from` or more: the first one's
-    /// `Nats-Num-Pending` (the messages after it) plus itself.
-    async fn count_from(&self, subject: &str, from: u64) -> Result<u64, InboxError> {
+    /// How many messages of `subject` have a sequence of `from` or more (the first one's
+    /// `Nats-Num-Pending`, the messages after it, plus itself), and the first one's `seq`.
+    async fn count_from(&self, subject: &str, from: u64) -> Result<(u64, Option<u64>), InboxError> {
         let body = serde_json::json!({"seq": from, "next_by_subj": subject, "batch": 1});
         match self.direct_get(body).await? {
-            None => Ok(0),
+            None => Ok((0, None)),
             Some(reply) => {
                 let pending = reply_header(&reply, "Nats-Num-Pending").ok_or_else(|| error("no Nats-Num-Pending"))?;
-                Ok(pending + 1)
+                Ok((pending + 1, reply_header(&reply, "Nats-Sequence")))
             }
         }
-    }
-
-    /// The sequence of the user's first personal message above `read` (none: no such message).
-    pub(crate) async fn first_after(&self, user: &str, read: u64) -> Result<Option<u64>, InboxError> {
-        let subject = Audience::User(user.to_string()).push_subject();
-        let body = serde_json::json!({"seq": read + 1, "next_by_subj": subject, "batch": 1});
-        Ok(self.direct_get(body).await?.and_then(|reply| reply_header(&reply, "Nats-Sequence")))
     }
 
     /// The sequence of the user's last personal message (0: none).
@@ -183,7 +191,7 @@ impl Inbox {
         let audience = Audience::User(user.to_string());
         let subject = audience.push_subject();
         let (remaining, first) = tokio::join!(self.count_from(&subject, after + 1), self.first_seq());
-        let remaining = remaining?;
+        let (remaining, _) = remaining?;
         let mut replay = self.replayer.open(std::slice::from_ref(&audience), after, u64::MAX).await.map_err(error)?;
         let mut messages = Vec::new();
         while messages.len() < limit {

@@ -66,7 +66,10 @@ pub(super) async fn open(session: &Session, codec: Codec) -> Result<Box<SessionS
     let (resume, read) = tokio::join!(Box::pin(resume), Box::pin(read_position(session)));
     // Not read again: a failed count only leaves `welcome.unread` at 0, and a new device then
     // replays from its read position all the same.
-    let unread = Box::pin(shared.inbox.unread(&session.user, read, bounds.last, &attached.user.muted())).await;
+    let muted = attached.user.muted();
+    let unread = Box::pin(shared.inbox.unread_and_first(&session.user, read, bounds.last, &muted)).await;
+    let first_unread = unread.as_ref().ok().and_then(|(_, first)| *first);
+    let unread = unread.map(|(count, _)| count);
     let start = match (&resume, &unread) {
         (Resume::Since { requested, noted }, _) => Start::Resume { requested: *requested, noted: *noted },
         // Nothing unread: live at once, no `replayed` (a client learns it from `welcome.unread`).
@@ -75,7 +78,12 @@ pub(super) async fn open(session: &Session, codec: Codec) -> Result<Box<SessionS
         (Resume::NewDevice | Resume::Live, _) => Start::Live,
     };
     if let Resume::NewDevice = resume {
-        Box::pin(start_device(session, &start, bounds.last)).await;
+        // Just below its first unread message when it replays them (a connection that ends before
+        // the client acknowledged them leaves them for the next, with what else came since), else
+        // where it starts live: a reconnect without `since`, even before any ack, misses nothing.
+        let first = if let Start::Unread { .. } = start { first_unread } else { None };
+        let cursor = first.map_or(bounds.last, |first| (first - 1).min(bounds.last));
+        Box::pin(shared.cursors.start_device(&session.user, &session.device, cursor)).await;
     }
     let unread = unread.unwrap_or_else(|error| {
         warn!(user = %session.user, %error, "unread count unavailable");
@@ -144,26 +152,6 @@ async fn resume_point(session: &Session, bounds: Bounds, read_before: Option<Dev
             Resume::Since { requested: bounds.last, noted: Noted::Unknown }
         }
     }
-}
-
-/// Writes a new device's first cursor, before its `welcome`, so that a reconnect without `since`,
-/// even before any ack, misses nothing: just below its first unread message when it replays the
-/// unread ones (a connection that ends before the client acknowledged them gets them again, with
-/// what else came since), else where it starts live.
-async fn start_device(session: &Session, start: &Start, live_from: u64) {
-    let shared = &session.shared;
-    let cursor = match start {
-        Start::Unread { read } => match shared.inbox.first_after(&session.user, *read).await {
-            Ok(Some(first)) => first - 1,
-            Ok(None) => live_from,
-            Err(error) => {
-                warn!(user = %session.user, %error, "first unread message unavailable: the cursor starts at the welcome");
-                live_from
-            }
-        },
-        _ => live_from,
-    };
-    shared.cursors.start_device(&session.user, &session.device, cursor.min(live_from)).await;
 }
 
 /// What a join reads of the device's state in KV.
