@@ -458,6 +458,17 @@ async fn a_recovery_that_cannot_replay_everything_gets_a_new_pid_and_what_the_st
     assert!(raw.expect("44").await["message"].as_str().unwrap().contains("pid"));
 }
 
+/// The key of `user`'s one Socket.IO state in KV (`<user>.socketio-<digest of its pid's root>`).
+async fn state_key(nats: &TestNats, user: &str) -> String {
+    let states = nats.jetstream().await.get_key_value("herald-socketio").await.unwrap();
+    let prefix = format!("{user}.socketio-");
+    eventually("the state kept", Duration::from_secs(30), || async {
+        let keys: Vec<String> = states.keys().await.ok()?.filter_map(|key| async { key.ok() }).collect().await;
+        keys.into_iter().find(|key| key.starts_with(&prefix))
+    })
+    .await
+}
+
 /// The topics a Socket.IO state is subscribed to, as KV keeps them for its recovery, once `expected`.
 async fn kept_topics(nats: &TestNats, key: &str, expected: Option<Value>) {
     let states = nats.jetstream().await.get_key_value("herald-socketio").await.unwrap();
@@ -486,7 +497,7 @@ async fn a_recovered_state_keeps_its_topics_on_another_gateway() {
     change_topic(&mut raw, "sub", "news", 1).await;
     change_topic(&mut raw, "sub", "sport", 2).await;
     change_topic(&mut raw, "unsub", "sport", 3).await;
-    kept_topics(&nats, &format!("sio-r.socketio-{pid}"), Some(json!({"topics": ["news"]}))).await;
+    kept_topics(&nats, &state_key(&nats, "sio-r").await, Some(json!({"topics": ["news"]}))).await;
     let seen = publisher.publish("push.topic.news", "1").await;
     assert_eq!(raw.expect("42").await[3], json!(seen.to_string()));
     drop(raw);
@@ -511,7 +522,7 @@ async fn a_closing_connection_keeps_its_state_for_the_recovery_window_from_then(
     let token = token_with("sio-c", &["news"], 600);
     let (mut raw, pid, _) = recover_as(&gateway, &token, None).await;
     change_topic(&mut raw, "sub", "news", 1).await;
-    let key = format!("sio-c.socketio-{pid}");
+    let key = state_key(&nats, "sio-c").await;
     kept_topics(&nats, &key, Some(json!({"topics": ["news"]}))).await;
     let states = nats.jetstream().await.get_key_value("herald-socketio").await.unwrap();
     states.purge(&key).await.unwrap();
@@ -538,9 +549,9 @@ async fn a_long_connection_keeps_its_state_written_while_it_lives() {
     })
     .await;
     let token = token_with("sio-k", &["news"], 600);
-    let (mut raw, pid, _) = recover_as(&gateway, &token, None).await;
+    let (mut raw, _, _) = recover_as(&gateway, &token, None).await;
     change_topic(&mut raw, "sub", "news", 1).await;
-    let key = format!("sio-k.socketio-{pid}");
+    let key = state_key(&nats, "sio-k").await;
     kept_topics(&nats, &key, Some(json!({"topics": ["news"]}))).await;
     let states = nats.jetstream().await.get_key_value("herald-socketio").await.unwrap();
     // Acknowledged: what is read from here on was written after.
@@ -576,11 +587,12 @@ async fn a_state_past_the_recovery_window_is_not_recovered_and_has_no_topics() {
     let publisher = Publisher::new(&nats).await;
     let token = token_with("sio-w", &["news"], 600);
     let (mut raw, pid, _) = recover_as(&gateway, &token, None).await;
+    let key = state_key(&nats, "sio-w").await;
     change_topic(&mut raw, "sub", "news", 1).await;
     let seen = publisher.publish("push.user.sio-w", "1").await;
     assert_eq!(raw.expect("42").await[3], json!(seen.to_string()));
     drop(raw);
-    kept_topics(&nats, &format!("sio-w.socketio-{pid}"), None).await;
+    kept_topics(&nats, &key, None).await;
 
     let personal = publisher.publish("push.user.sio-w", "2").await;
     let (mut raw, answer, replayed) = recover_as(&gateway, &token, Some((&pid, seen))).await;
@@ -603,7 +615,7 @@ async fn a_loss_noted_for_a_connections_state_is_reported_by_its_recovery() {
     drop(raw);
     // The gateway notes a loss as it would for an unrepairable gap (tests/tests/repair.rs).
     let cursors = nats.jetstream().await.get_key_value("herald-cursors").await.unwrap();
-    let key = format!("sio-l.socketio-{pid}.lost");
+    let key = format!("{}.lost", state_key(&nats, "sio-l").await);
     cursors.put(&key, seen.to_string().into()).await.unwrap();
     let (raw, next_pid, replayed) = recover(&gateway, "sio-l", Some((&pid, seen))).await;
     assert_eq!((replayed, next_pid), (Vec::new(), format!("{pid}.1")), "not recovered");

@@ -2,8 +2,8 @@
 //! last offset to recover it, and take as "recovered" when the CONNECT answer carries it unchanged.
 //!
 //! A pid is `<root>` or `<root>.<generation>`: the root is a random id given to the lineage's first
-//! connection (private, unlike its conn id and its Engine.IO `sid`) and names the device its loss
-//! notes are kept under, so that a recovery finds a loss
+//! connection (private, unlike its conn id and its Engine.IO `sid`), whose digest names the device
+//! its loss notes are kept under, so that a recovery finds a loss
 //! the connection before it noted; the generation grows each time a recovery could not replay
 //! everything, so that the answer differs from what the client sent and it reloads its state.
 
@@ -52,8 +52,7 @@ impl Pid {
     /// The public id of the socket (`socket.id`): a digest of the pid, from which the pid cannot be
     /// told.
     pub(crate) fn socket_id(&self) -> String {
-        let digest = Sha256::digest(self.to_string().as_bytes());
-        URL_SAFE_NO_PAD.encode(&digest[..15])
+        digest("socket", &self.to_string())
     }
 
     /// The pid that tells a recovering client its state was not recovered.
@@ -62,8 +61,16 @@ impl Pid {
     }
 }
 
+/// The device a root's states are kept under: shown in events, the HTTP API and logs, so a digest
+/// of the root, not the root.
 fn device(root: &str) -> String {
-    format!("socketio-{root}")
+    format!("socketio-{}", digest("device", root))
+}
+
+/// 20 characters of base64url from a SHA-256 of `text`, apart for each `purpose`.
+fn digest(purpose: &str, text: &str) -> String {
+    let digest = Sha256::new().chain_update(purpose).chain_update([0]).chain_update(text).finalize();
+    URL_SAFE_NO_PAD.encode(&digest[..15])
 }
 
 impl fmt::Display for Pid {
@@ -82,9 +89,11 @@ mod tests {
     #[test]
     fn a_pid_reads_back_as_written_and_keeps_its_device_across_generations() {
         let first = Pid::new("c1");
-        assert_eq!((first.to_string(), first.device()), ("c1".to_string(), "socketio-c1".to_string()));
+        let device = first.device();
+        assert!(device.starts_with("socketio-") && !device.contains("c1"), "{device}");
         let next = first.next();
-        assert_eq!((next.to_string(), next.device()), ("c1.1".to_string(), "socketio-c1".to_string()));
+        assert_eq!((next.to_string(), next.device()), ("c1.1".to_string(), device.clone()));
+        assert_ne!(device.strip_prefix("socketio-").unwrap(), first.socket_id());
         // The socket's id is the same for the same pid, another for another, and not the pid.
         assert_eq!(first.socket_id(), Pid::parse("c1").unwrap().socket_id());
         assert_ne!(first.socket_id(), next.socket_id());
