@@ -89,10 +89,13 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
 }
 
 /// The HTTP/1 settings of the gateway's listeners: a client that takes longer than
-/// `request_head_timeout` to send a request's head, or to start its next one, is disconnected.
+/// `request_head_timeout` to send a request's head, or to start its next one, is disconnected
+/// (never, with 0).
 pub(crate) fn http1_builder(config: &crate::Config) -> http1::Builder {
     let mut builder = http1::Builder::new();
-    builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(config.request_head_timeout);
+    if !config.request_head_timeout.is_zero() {
+        builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(config.request_head_timeout);
+    }
     builder
 }
 

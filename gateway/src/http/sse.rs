@@ -147,7 +147,10 @@ pub(crate) async fn serve_direct(
     mut stream: TcpStream,
     peer: SocketAddr,
 ) -> Result<(), TcpStream> {
-    let wait = DIRECT_HEAD_WAIT.min(shared.config.request_head_timeout);
+    let wait = match shared.config.request_head_timeout {
+        none if none.is_zero() => DIRECT_HEAD_WAIT,
+        limit => DIRECT_HEAD_WAIT.min(limit),
+    };
     let Some((request, head_len)) = peek_stream_request(&stream, wait).await else { return Err(stream) };
     let admitted = match admit_stream(shared, &request, peer).await {
         Ok(Some(admitted)) => admitted,
