@@ -607,7 +607,9 @@ export class Herald extends EventTarget {
       ping: () => this.#send({ type: "ping" }),
       dead: () => this.#dropDeadSocket(),
     });
-    for (const topic of options.topics ?? []) this.#topics.set(topic, { confirmed: true });
+    // Joined with `sub` frames after the first `welcome`, not in its URL: a topic the token does not
+    // allow then gets an `error` naming it instead of refusing every connection.
+    for (const topic of options.topics ?? []) this.#topics.set(topic, { confirmed: false });
   }
 
   /** `connecting`, `open`, `reconnecting` or `closed`. */
@@ -983,7 +985,8 @@ export class Herald extends EventTarget {
     this.#backoff.reset();
     this.#liveness.start((frame.heartbeat ?? 0) * 1000);
     for (const [topic, wanted] of this.#topics) {
-      if (!this.#urlTopics.has(topic)) this.#sendSub(topic, wanted.since ?? this.#filter.last ?? undefined);
+      // From the welcome at the latest: nothing of the topic is missed between the two.
+      if (!this.#urlTopics.has(topic)) this.#sendSub(topic, wanted.since ?? this.#filter.last ?? frame.seq);
     }
     this.#setState({ state: "open" });
     this.#emit("welcome", frame);

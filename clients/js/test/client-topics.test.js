@@ -3,10 +3,27 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { FakeWebSocket, connected, setup } from "../test-support/helpers.js";
 
-test("topics given to the constructor go in the topics parameter", async () => {
+test("topics given to the constructor are joined after the welcome, from its seq", async () => {
   const { client } = setup({ topics: ["news", "room-1"] });
-  assert.equal((await connected(client)).param("topics"), "news,room-1");
+  const socket = await connected(client);
+  // Not in the URL, where one the token does not allow would refuse the whole connection (403).
+  assert.equal(socket.param("topics"), null);
+  socket.welcome({ seq: 40 });
+  assert.deepEqual(socket.sentOf("sub"), [
+    { type: "sub", topic: "news", since: 40 },
+    { type: "sub", topic: "room-1", since: 40 },
+  ]);
   assert.deepEqual(client.topics, ["news", "room-1"]);
+});
+
+test("a forbidden constructor topic is an error naming it, and the connection stays", async () => {
+  const { client, of } = setup({ topics: ["secret"] });
+  const socket = await connected(client);
+  socket.welcome();
+  socket.receive({ type: "error", code: "forbidden", message: "the token does not allow topic secret", topic: "secret" });
+  assert.equal(client.state, "open");
+  assert.deepEqual(of("error").map((error) => [error.code, error.topic]), [["forbidden", "secret"]]);
+  assert.deepEqual(client.topics, []);
 });
 
 test("subscribe sends sub; subscribed and unsubscribed become events", async () => {
@@ -29,8 +46,8 @@ test("subscribe before connect is sent after welcome", async () => {
   client.subscribe("news");
   const socket = await connected(client);
   assert.equal(socket.param("topics"), null);
-  socket.welcome();
-  assert.deepEqual(socket.sentOf("sub"), [{ type: "sub", topic: "news" }]);
+  socket.welcome({ seq: 7 });
+  assert.deepEqual(socket.sentOf("sub"), [{ type: "sub", topic: "news", since: 7 }]);
 });
 
 test("confirmed topics are rejoined through the URL after a reconnect, resumed by since", async () => {
