@@ -109,7 +109,7 @@ export const CloseCode = Object.freeze({
   SLOW_CONSUMER: 4008,
   REPLACED: 4009,
   RATE_LIMITED: 4029,
-  /** Used by this client when it drops a connection that stopped answering pings. */
+  /** Used by this client when it drops a connection that stopped answering pings, or never welcomed it. */
   DEAD: 4000,
 });
 
@@ -452,6 +452,8 @@ export class Liveness {
  *   with backoff instead (a persistently slow client must not loop)
  * @property {{delay?: number, max?: number}} [ack]  ack at most every `delay` ms (1000) or `max` messages (100)
  * @property {number} [pingTimeout=10000]  ms to wait for any frame after a liveness ping
+ * @property {number} [connectTimeout=20000]  ms from opening a socket to its `welcome` before it is
+ *   given up and tried again (a gateway that accepts the TCP connection but never answers)
  * @property {number} [rpcTimeout=10000]   default rpc timeout in ms
  * @property {number} [dedupeWindow=1000]  how many recent seqs are remembered for topic replay blocks
  * @property {new (url: string) => WebSocketLike} [WebSocket]  default: the global WebSocket
@@ -520,7 +522,7 @@ export class HeraldEvent extends Event {
  * - `subscribed`, `unsubscribed`: `{topic}`.
  */
 export class Herald extends EventTarget {
-  /** @type {Required<Pick<HeraldOptions, "url"|"pingTimeout"|"rpcTimeout"|"repeatWindow">> & HeraldOptions} */
+  /** @type {Required<Pick<HeraldOptions, "url"|"pingTimeout"|"connectTimeout"|"rpcTimeout"|"repeatWindow">> & HeraldOptions} */
   #options;
   /** @type {Timers} */
   #timers;
@@ -547,6 +549,8 @@ export class Herald extends EventTarget {
   #retryTimer = null;
   /** `timers.now()` when the current connection's `welcome` arrived, or null. @type {number|null} */
   #welcomedAt = null;
+  /** Gives up a socket that brought no `welcome` within `connectTimeout`. */
+  #connectTimer = null;
   /** Whether the last connection that opened ended with a close asking for an immediate reconnect. */
   #lastCloseImmediate = false;
   /** Sockets in a row that closed before they opened (refused upgrades, unreachable gateway). */
@@ -592,6 +596,7 @@ export class Herald extends EventTarget {
       ...options,
       url: options.url ?? "/ws",
       pingTimeout: options.pingTimeout ?? 10000,
+      connectTimeout: options.connectTimeout ?? 20000,
       rpcTimeout: options.rpcTimeout ?? 10000,
       repeatWindow: options.repeatWindow ?? 30000,
     };
@@ -785,6 +790,10 @@ export class Herald extends EventTarget {
     }
     this.#socket = socket;
     this.#opened = false;
+    this.#connectTimer = this.#timers.setTimeout(() => {
+      this.#connectTimer = null;
+      if (socket === this.#socket && this.#session === null) this.#dropDeadSocket("no welcome in time");
+    }, this.#options.connectTimeout);
     socket.onopen = () => {
       if (socket === this.#socket) this.#opened = true;
     };
@@ -888,12 +897,13 @@ export class Herald extends EventTarget {
     });
   }
 
-  #dropDeadSocket() {
+  /** @param {string} [reason] */
+  #dropDeadSocket(reason = "no answer to ping") {
     const socket = this.#socket;
     this.#dropConnection();
-    socket?.close(CloseCode.DEAD, "no answer to ping");
+    socket?.close(CloseCode.DEAD, reason);
     this.#lastCloseImmediate = false;
-    this.#retry(this.#backoff, CloseCode.DEAD, "no answer to ping");
+    this.#retry(this.#backoff, CloseCode.DEAD, reason);
   }
 
   /**
@@ -917,6 +927,8 @@ export class Herald extends EventTarget {
     const socket = this.#socket;
     if (socket) socket.onopen = socket.onmessage = socket.onclose = socket.onerror = null;
     this.#socket = null;
+    if (this.#connectTimer !== null) this.#timers.clearTimeout(this.#connectTimer);
+    this.#connectTimer = null;
     this.#session = null;
     this.#welcomedAt = null;
     this.#liveness.stop();
@@ -981,6 +993,8 @@ export class Herald extends EventTarget {
     this.#session = frame;
     this.#identity = { user: frame.user, device: frame.device };
     this.#welcomedAt = this.#timers.now();
+    if (this.#connectTimer !== null) this.#timers.clearTimeout(this.#connectTimer);
+    this.#connectTimer = null;
     this.#refused = 0;
     this.#backoff.reset();
     this.#liveness.start((frame.heartbeat ?? 0) * 1000);

@@ -359,6 +359,24 @@ test("liveness: idle for a heartbeat sends a ping; no answer reconnects", async 
   assert.equal(FakeWebSocket.all.length, 2);
 });
 
+test("a socket with no welcome within connectTimeout is given up and tried again", async () => {
+  const { client, clock, of } = setup({ connectTimeout: 8000, backoff: { base: 100, jitter: 0 } });
+  const socket = await connected(client);
+  // The handshake hangs (a gateway that accepted the TCP connection and answers nothing).
+  await clock.advance(7999);
+  assert.equal(socket.closedByClient, null);
+  await clock.advance(1);
+  assert.deepEqual([socket.closedByClient.code, socket.closedByClient.reason], [4000, "no welcome in time"]);
+  assert.deepEqual([of("state").at(-1).state, of("state").at(-1).code], ["reconnecting", 4000]);
+  await clock.advance(100);
+  assert.equal(FakeWebSocket.all.length, 2);
+  // A welcomed socket is not timed out.
+  FakeWebSocket.last.welcome({ heartbeat: 0 });
+  await clock.advance(60_000);
+  assert.equal(FakeWebSocket.last.closedByClient, null);
+  assert.equal(client.state, "open");
+});
+
 test("liveness: a pong keeps the connection", async () => {
   const { client, clock } = setup({ pingTimeout: 5000 });
   const socket = await connected(client);
