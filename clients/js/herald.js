@@ -460,7 +460,8 @@ export class Liveness {
  * @property {Timers} [timers]             default: the global timers and `Date.now`
  * @property {() => number} [random]       default: `Math.random` (backoff jitter)
  * @property {PageLike|null} [page]        where to hear `pagehide` and `visibilitychange` (the resume
- *   point is written to `storage` then); default: the window in a browser, none elsewhere
+ *   point is written to `storage` then) and `online` (a reconnect waiting out its delay starts at
+ *   once); default: the window in a browser, none elsewhere
  */
 
 /**
@@ -1171,6 +1172,17 @@ export class Herald extends EventTarget {
     this.#acks.flush(); // writes the seq to storage even when the ack cannot be sent
   };
 
+  /**
+   * The browser is back online (`online`): a reconnect waiting out its backoff delay is tried
+   * now, as the network that failed the last attempts is likely back. The backoff is not reset:
+   * if this attempt fails too, the next delay goes on growing.
+   */
+  #pageOnline = () => {
+    if (this.#stopped || this.#retryTimer === null) return;
+    this.#timers.clearTimeout(this.#retryTimer);
+    this.#attempt();
+  };
+
   /** @param {boolean} on  listen (from `connect()`) or stop listening (when stopped) */
   #listenToPage(on) {
     const page = this.#page;
@@ -1178,9 +1190,11 @@ export class Herald extends EventTarget {
     const document = page.document ?? page;
     if (on) {
       page.addEventListener("pagehide", this.#pageHidden);
+      page.addEventListener("online", this.#pageOnline);
       document.addEventListener("visibilitychange", this.#pageHidden);
     } else {
       page.removeEventListener("pagehide", this.#pageHidden);
+      page.removeEventListener("online", this.#pageOnline);
       document.removeEventListener("visibilitychange", this.#pageHidden);
     }
   }

@@ -3,7 +3,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { Herald } from "../herald.js";
 import { FakeWebSocket, connected, settle, setup } from "../test-support/helpers.js";
-import { fakeToken } from "../test-support/fakes.js";
+import { FakePage, fakeToken } from "../test-support/fakes.js";
 
 test("connects with the token and device; state connecting then open on welcome", async () => {
   const { client, states, of } = setup({ device: "phone" });
@@ -95,6 +95,29 @@ for (const code of [1012, 4008]) {
     assert.equal(FakeWebSocket.last.param("since"), "41");
   });
 }
+
+test("the page going online cuts a pending backoff delay short; the backoff goes on growing", async () => {
+  const page = new FakePage();
+  const { client, clock, of } = setup({ page, backoff: { base: 100, max: 1000, jitter: 0 } });
+  const first = await connected(client);
+  first.welcome();
+  first.serverClose(1011, "internal");
+  await clock.advance(100);
+  FakeWebSocket.last.serverClose(1006);
+  assert.equal(of("state").at(-1).delay, 200);
+  const before = FakeWebSocket.all.length;
+  page.dispatchEvent(new Event("online"));
+  await settle();
+  assert.equal(FakeWebSocket.all.length, before + 1, "tried at once, not after 200 ms");
+  FakeWebSocket.last.serverClose(1006);
+  assert.equal(of("state").at(-1).delay, 400);
+  await clock.advance(400);
+  assert.equal(FakeWebSocket.all.length, before + 2, "the old timer does not fire a second attempt");
+  FakeWebSocket.last.welcome();
+  page.dispatchEvent(new Event("online"));
+  await settle();
+  assert.equal(FakeWebSocket.all.length, before + 2, "an open connection is left alone");
+});
 
 /** The delays of the `reconnecting` states so far. */
 function delays(of) {

@@ -176,7 +176,7 @@ test("the page is heard while the client runs, also while disconnected; not afte
   const { client } = setup({ storage, page, ack: { delay: 1000 } });
   assert.equal(page.listeners, 0, "nothing before connect()");
   const socket = await connected(client);
-  assert.equal(page.listeners, 2, "pagehide and visibilitychange");
+  assert.equal(page.listeners, 3, "pagehide, online and visibilitychange");
   socket.welcome({ user: "u1" });
   socket.msg(4);
   socket.serverClose(1011);
@@ -185,7 +185,7 @@ test("the page is heard while the client runs, also while disconnected; not afte
   client.close();
   assert.equal(page.listeners, 0, "a closed client is not kept alive by the page");
   await connected(client);
-  assert.equal(page.listeners, 2);
+  assert.equal(page.listeners, 3);
   FakeWebSocket.last.welcome();
   FakeWebSocket.last.serverClose(4009);
   assert.equal(page.listeners, 0, "a final close stops listening too");
