@@ -132,8 +132,8 @@ async fn replay_of(client: &mut WsClient) -> Option<Vec<u64>> {
         match client.next_event().await {
             Event::Frame(ServerFrame::Welcome { .. } | ServerFrame::Subscribed { .. }) => {}
             Event::Frame(ServerFrame::Msg(msg)) => seqs.push(msg.seq),
-            Event::Frame(ServerFrame::Replayed { complete, .. }) => {
-                assert!(complete);
+            Event::Frame(replayed @ ServerFrame::Replayed { complete, .. }) => {
+                assert!(complete, "{replayed:?} after {seqs:?}");
                 return Some(seqs);
             }
             Event::Frame(other) => panic!("unexpected frame {other:?}"),
