@@ -149,6 +149,50 @@ async fn connections_that_never_finish_a_request_head_are_closed() {
     }
 }
 
+/// A body announced and never sent in full (a slow POST) is answered 408 once
+/// `request_head_timeout` passes, not waited for: on the HTTP API and on a Socket.IO polling
+/// session (whose session it ends, as a cut-off body does).
+#[tokio::test]
+async fn request_bodies_that_never_arrive_in_full_get_408() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start_with(&nats, |c| {
+        c.request_head_timeout = Duration::from_secs(1);
+        c.api_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.api_keys = vec!["k".into()];
+    })
+    .await;
+    let answer = slow_post(gateway.api_addr.unwrap(), "/v1/publish", "Authorization: Bearer k\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains(r#""error":"timeout""#), "{answer}");
+
+    let base = gateway.http_url("/socket.io/?EIO=4&transport=polling");
+    let open = reqwest::get(&base).await.unwrap().text().await.unwrap();
+    let sid = serde_json::from_str::<serde_json::Value>(open.strip_prefix('0').unwrap()).unwrap()["sid"].clone();
+    let session = format!("{base}&sid={}", sid.as_str().unwrap());
+    let http = reqwest::Client::new();
+    let connect = format!("40{}", serde_json::json!({"token": token_with("slow-poster", &[], 600)}));
+    assert_eq!(http.post(&session).body(connect).send().await.unwrap().status(), 200);
+    let connected = http.get(&session).send().await.unwrap().text().await.unwrap();
+    assert!(connected.starts_with("40{"), "{connected}");
+    let answer = slow_post(gateway.addr, session.strip_prefix(&gateway.http_url("")).unwrap(), "").await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let poll = http.get(&session).send().await.unwrap().text().await.unwrap();
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&poll).unwrap()["message"], "Session ID unknown", "{poll}");
+}
+
+/// Sends a POST announcing 100 bytes of body and only 10 of them; the answer, read to the end
+/// (bounded: a gateway that waits on forever fails the test).
+async fn slow_post(addr: std::net::SocketAddr, path: &str, headers: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!("POST {path} HTTP/1.1\r\nHost: x\r\n{headers}Content-Length: 100\r\n\r\n0123456789");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "{path}: no answer within 30 s");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 #[tokio::test]
 async fn an_oversized_frame_closes_with_1009() {
     let nats = TestNats::start().await;

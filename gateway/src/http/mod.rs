@@ -5,6 +5,7 @@
 pub(crate) mod admitted;
 pub(crate) mod api;
 pub(crate) mod auth;
+pub(crate) mod body;
 pub(crate) mod body_pipe;
 pub(crate) mod centrifugal;
 pub(crate) mod edge;

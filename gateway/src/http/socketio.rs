@@ -26,6 +26,7 @@ use crate::codec::socketio::Pid;
 use crate::codec::socketio::wire::{self, engine, packet};
 use crate::codec::{Codec, SocketIoCodec};
 use crate::http::auth::{CONFLICT, ConnectRequest, Rejection, UNAUTHORIZED};
+use crate::http::body::{self, BodyError};
 use crate::session::{self, Socket};
 use crate::websocket::frame;
 use crate::websocket::reader::Inbound;
@@ -137,22 +138,26 @@ pub(crate) async fn get(
 
 /// A POST to a polling session: the client's packets.
 pub(crate) async fn post(shared: Arc<Shared>, request: Request<Incoming>) -> Result<HttpResponse, Rejection> {
-    use http_body_util::BodyExt;
     let query = Query::of(&request);
     let Some(polling) = query.param("sid").and_then(|sid| shared.polling.get(sid)) else {
         return Ok(engine_error(1, "Session ID unknown"));
     };
     let limit = shared.config.max_frame_bytes;
-    let body = match http_body_util::Limited::new(request.into_body(), limit).collect().await {
-        Ok(body) => body.to_bytes(),
-        Err(error) => {
-            // As Engine.IO's server does, and as a WebSocket message over the limit does: the
-            // session ends (its client reconnects) rather than living on without the packets.
-            if error.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                polling.close(close_code::TOO_BIG).await;
-                let reason = format!("over {limit} bytes: the session is closed");
-                return Err(Rejection::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", reason));
-            }
+    let body = match body::read(request.into_body(), limit, shared.config.request_head_timeout).await {
+        Ok(body) => body,
+        // As Engine.IO's server does, and as a WebSocket message over the limit does: the session
+        // ends (its client reconnects) rather than living on without the packets.
+        Err(BodyError::TooLarge) => {
+            polling.close(close_code::TOO_BIG).await;
+            let reason = format!("over {limit} bytes: the session is closed");
+            return Err(Rejection::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", reason));
+        }
+        Err(BodyError::TimedOut) => {
+            polling.close(close_code::PROTOCOL_ERROR).await;
+            let reason = "the body did not arrive within request_head_timeout: the session is closed";
+            return Err(Rejection::new(StatusCode::REQUEST_TIMEOUT, "timeout", reason));
+        }
+        Err(BodyError::CutOff) => {
             polling.close(close_code::PROTOCOL_ERROR).await;
             let reason = "the body was cut off: the session is closed";
             return Err(Rejection::new(StatusCode::BAD_REQUEST, "bad_request", reason));

@@ -29,7 +29,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
 use hyper::service::service_fn;
@@ -40,6 +40,7 @@ use tokio::net::TcpListener;
 use tracing::{debug, info};
 
 use crate::Shared;
+use crate::http::body::{self, BodyError};
 
 type ApiResponse = Response<Full<Bytes>>;
 
@@ -266,11 +267,18 @@ async fn read_json(shared: &Shared, request: Request<Incoming>) -> Result<Value,
 }
 
 async fn read_body(shared: &Shared, request: Request<Incoming>) -> Result<Bytes, ApiError> {
-    let limit = shared.config.api_max_body_bytes;
-    let body = Limited::new(request.into_body(), limit).collect().await.map_err(|_| {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("the body is over {limit} bytes"))
-    })?;
-    Ok(body.to_bytes())
+    let (limit, within) = (shared.config.api_max_body_bytes, shared.config.request_head_timeout);
+    body::read(request.into_body(), limit, within).await.map_err(|error| match error {
+        BodyError::TooLarge => {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("the body is over {limit} bytes"))
+        }
+        BodyError::TimedOut => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "timeout",
+            format!("the body did not arrive within request_head_timeout ({}s)", within.as_secs_f64()),
+        ),
+        BodyError::CutOff => ApiError::bad_request("the body was cut off"),
+    })
 }
 
 fn page(html: &'static str) -> ApiResponse {

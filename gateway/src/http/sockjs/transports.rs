@@ -24,6 +24,7 @@ use super::session::{DISCONNECT_DELAY, Receiving, SockJsSession};
 use crate::Shared;
 use crate::codec::sockjs;
 use crate::codec::stomp::Transport;
+use crate::http::body::BodyError;
 use crate::http::server::{Body, HttpResponse, admit, refuse};
 use crate::websocket::piped::client_frame;
 
@@ -171,8 +172,13 @@ pub(crate) async fn send(shared: Arc<Shared>, request: Request<Incoming>, key: &
     let limit = shared.config.max_frame_bytes;
     let (parts, body) = request.into_parts();
     let request = Request::from_parts(parts, ());
-    let Ok(body) = http_body_util::Limited::new(body, limit).collect().await.map(|body| body.to_bytes()) else {
-        return plain(&request, StatusCode::PAYLOAD_TOO_LARGE, &format!("Payload over {limit} bytes."));
+    let body = match crate::http::body::read(body, limit, shared.config.request_head_timeout).await {
+        Ok(body) => body,
+        Err(BodyError::TooLarge) => {
+            return plain(&request, StatusCode::PAYLOAD_TOO_LARGE, &format!("Payload over {limit} bytes."));
+        }
+        Err(BodyError::TimedOut) => return plain(&request, StatusCode::REQUEST_TIMEOUT, "Payload too slow."),
+        Err(BodyError::CutOff) => return plain(&request, StatusCode::BAD_REQUEST, "Payload cut off."),
     };
     if body.is_empty() {
         return plain(&request, StatusCode::INTERNAL_SERVER_ERROR, "Payload expected.");
