@@ -98,6 +98,13 @@ async fn tokens_from_the_query_and_the_upgrade_header_and_bad_ones() {
     let connected = client.expect("CONNECTED").await;
     assert_eq!((connected.header("user-name"), connected.header("version")), ("dave", "1.2"));
 
+    // A login and passcode of the app's own (Spring ignored them), empty or not, beside the token
+    // in the URL.
+    for headers in [[("login", "guest"), ("passcode", "guest")], [("login", ""), ("passcode", "")]] {
+        let mut client = StompClient::connect(&query, &headers).await;
+        assert_eq!(client.expect("CONNECTED").await.header("user-name"), "carol", "{headers:?}");
+    }
+
     for headers in [vec![("passcode", "not-a-token")], vec![], vec![("passcode", &*token_with("eve", &[], -10))]] {
         let mut client = StompClient::connect(&url(&gateway), &headers).await;
         let (error, close) = client.expect_error_and_close().await;

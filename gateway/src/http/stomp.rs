@@ -284,17 +284,10 @@ fn authenticate(shared: &Shared, frame: &Frame, hints: Hints) -> Result<(Connect
         .ok_or_else(|| refused(error_code::BAD_REQUEST, "supported versions are 1.0, 1.1 and 1.2"))?;
     let (client_sends, client_wants) = heart_beat(frame.header("heart-beat").unwrap_or("0,0"))
         .ok_or_else(|| refused(error_code::BAD_REQUEST, "heart-beat must be two numbers: cx,cy"))?;
-    let token = frame
-        .header("passcode")
-        .map(str::to_string)
-        .or_else(|| {
-            frame.header("Authorization").or(frame.header("authorization")).and_then(bearer).map(str::to_string)
-        })
-        .or(hints.token)
-        .ok_or_else(|| {
-            let reason = "no token: pass it as CONNECT's passcode, an Authorization: Bearer header or ?token=";
-            Rejection::new(StatusCode::UNAUTHORIZED, UNAUTHORIZED, reason)
-        })?;
+    let token = connect_token(frame, hints.token).ok_or_else(|| {
+        let reason = "no token: pass it as CONNECT's passcode, an Authorization: Bearer header or ?token=";
+        Rejection::new(StatusCode::UNAUTHORIZED, UNAUTHORIZED, reason)
+    })?;
     let claims = shared.verifier.verify(&token).map_err(Rejection::unauthorized)?;
     let device = frame.header("herald-device").map(str::to_string).or(hints.device);
     let device = device.unwrap_or_else(|| DEFAULT_DEVICE.to_string());
@@ -306,6 +299,23 @@ fn authenticate(shared: &Shared, frame: &Frame, hints: Hints) -> Result<(Connect
         .map_err(|_| refused(error_code::BAD_REQUEST, "herald-since must be a sequence number"))?;
     let connected = Connected { version, client_sends, client_wants, allowed_topics: claims.topics.clone() };
     Ok((ConnectRequest { claims, device, since, topics: Vec::new(), live: false }, connected))
+}
+
+/// The token a CONNECT comes with: its `passcode`, its `Authorization: Bearer`, or the upgrade's
+/// (`?token=`, its header), in that order. Apps moved from Spring send a login and passcode of
+/// their own that Spring ignored (`guest`/`guest`, empty ones) beside a token in the URL: one
+/// shaped like a JWT is taken over them; when none is, the first given is (and its error told).
+fn connect_token(frame: &Frame, upgrade_token: Option<String>) -> Option<String> {
+    let bearer_header = frame.header("Authorization").or(frame.header("authorization")).and_then(bearer);
+    let given: Vec<String> = [frame.header("passcode"), bearer_header]
+        .into_iter()
+        .flatten()
+        .map(str::to_string)
+        .chain(upgrade_token)
+        .filter(|token| !token.is_empty())
+        .collect();
+    let jwt_shaped = |token: &&String| token.split('.').count() == 3;
+    given.iter().find(jwt_shaped).or(given.first()).cloned()
 }
 
 /// A `heart-beat` header: how often the client sends, how often it wants to hear (0: never).
