@@ -78,6 +78,22 @@ async fn websocket_clients_get_their_user_all_and_topics_across_two_gateways() {
     assert_eq!((first[1]["to"].clone(), first[2].clone()), (json!("user"), json!(to_alice.to_string())));
 }
 
+/// A message whose kind is a name Socket.IO reserves comes as `message`, its kind in the metadata.
+#[tokio::test]
+async fn a_reserved_kind_comes_as_message_with_the_kind_in_its_metadata() {
+    let Some(python) = python() else { return };
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let sdk = connected_sdk(&python, &gateway, &token("sio-kinds")).await;
+    let headers = [("Herald-Type", "disconnect")];
+    let (seq, _) = publisher.publish_with("push.user.sio-kinds", &headers, r#"{"n":1}"#).await;
+    let event = sdk.wait_count("event", 1).await[0].clone();
+    let (name, args) = (&event["name"], &event["args"]);
+    assert_eq!((name, &args[0]), (&json!("message"), &json!({"n": 1})));
+    assert_eq!(args[1], json!({"seq": seq, "to": "user", "kind": "disconnect", "ts": args[1]["ts"]}));
+}
+
 #[tokio::test]
 async fn rpc_answers_through_the_ack_and_a_bad_token_gets_connect_error() {
     let Some(python) = python() else { return };

@@ -57,6 +57,11 @@ pub(crate) fn encode_message(message: &Message) -> Bytes {
         out.extend_from_slice(b",\"id\":");
         write_json_string(out, &message.id);
     }
+    if !message.kind.is_empty() && event_name(&message.kind) != &*message.kind {
+        // A reserved kind: the event does not name it, so the metadata does.
+        out.extend_from_slice(b",\"kind\":");
+        write_json_string(out, &message.kind);
+    }
     out.extend_from_slice(b",\"ts\":");
     write_json_string(out, &message.ts);
     out.extend_from_slice(b"},\"");
@@ -104,7 +109,12 @@ mod tests {
             &encode_message(&message)[2..],
             br#"42["mail",{"a":1},{"seq":5,"to":"topic:news","id":"m-1","ts":"t"},"5"]"#
         );
+        let kindless = Message::new(7, Audience::All, "", "", "t", Bytes::from_static(b"x"));
+        assert_eq!(&encode_message(&kindless)[2..], br#"42["message","x",{"seq":7,"to":"all","ts":"t"},"7"]"#);
         let reserved = Message::new(6, Audience::All, "connect", "", "t", Bytes::from_static(b"x"));
-        assert_eq!(&encode_message(&reserved)[2..], br#"42["message","x",{"seq":6,"to":"all","ts":"t"},"6"]"#);
+        assert_eq!(
+            &encode_message(&reserved)[2..],
+            br#"42["message","x",{"seq":6,"to":"all","kind":"connect","ts":"t"},"6"]"#
+        );
     }
 }
