@@ -1030,10 +1030,12 @@ impl SessionState {
                 self.frame_bytes += self.codec.queue_message(&message, &mut self.frames);
             }
             Purpose::TopicBlock { .. } | Purpose::Refill { .. } => {
-                // Newer ones come with the catch-up, in order.
-                if message.seq <= self.last_sent {
-                    self.frame_bytes += self.codec.queue_message(&message, &mut self.frames);
+                // Newer ones come with the catch-up, in order, after the block's `replayed`: they
+                // are neither counted in it nor its `to`.
+                if message.seq > self.last_sent {
+                    return;
                 }
+                self.frame_bytes += self.codec.queue_message(&message, &mut self.frames);
             }
         }
         run.sent += 1;
