@@ -35,6 +35,7 @@ pub use config::{Config, NewDeviceReplay, ReplayMethod, SessionPolicy};
 
 use cluster::cursor::Cursors;
 use cluster::events;
+use cluster::forward::StreamEpoch;
 use cluster::inbox::Inbox;
 use cluster::policy::Policies;
 use cluster::prefs::Prefs;
@@ -187,8 +188,10 @@ impl Gateway {
         let feed = Feed::start(&config.nats, feed_name, feed_events, feed_stop.clone());
         let health = Arc::new(Health::new(control.clone(), feed.clone(), connected));
         let router = Router::start(feed.clone(), feed_receiver, log_limits(&config), metrics.clone());
+        let epoch = Arc::new(StreamEpoch::default());
         tokio::spawn(health::monitor(
             health.clone(),
+            epoch.clone(),
             js.clone(),
             config.stream.clone(),
             metrics.clone(),
@@ -202,8 +205,8 @@ impl Gateway {
             config.replay_batch,
             config.replay_concurrency,
         );
-        let inbox =
-            Inbox::new(js.clone(), control.clone(), replayer.clone(), config.stream.stream_max_msgs_per_subject);
+        let per_subject_cap = config.stream.stream_max_msgs_per_subject;
+        let inbox = Inbox::new(js.clone(), control.clone(), replayer.clone(), per_subject_cap, epoch.clone());
         let shared = Arc::new(Shared {
             inbox: Arc::new(inbox),
             router,
@@ -213,7 +216,7 @@ impl Gateway {
             replayer,
             feed,
             api_js,
-            cursors: Arc::new(Cursors::new(js.clone())),
+            cursors: Arc::new(Cursors::new(js.clone(), epoch)),
             registry: Arc::new(Registry::default()),
             policies: Arc::new(Policies::new(config.session_policy, config.stream.clone(), js.clone())),
             prefs: Arc::new(Prefs::new(js.clone())),

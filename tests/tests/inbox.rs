@@ -271,3 +271,43 @@ async fn a_publish_retried_after_a_503_is_stored_once() {
     let (_, inbox) = get(&gateway, "/v1/inbox/ray").await;
     assert_eq!(inbox["unread"].as_u64(), Some(1), "stored once: {inbox}");
 }
+
+/// A stream made again (deleted by hand) numbers its messages from 1 again: the device cursors and
+/// read positions kept for the old one count for nothing in it. Before, a device coming back got
+/// none of the new stream's messages (its cursor was past them) and the inbox said nothing was
+/// unread, until the new sequences passed the old ones.
+#[tokio::test]
+async fn cursors_and_read_positions_of_a_stream_made_again_count_for_nothing() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start_with(&nats, with_api).await;
+    let publisher = Publisher::new(&nats).await;
+    let mut phone = connect_device(&gateway, "lazarus", "phone").await;
+    let mut old = Vec::new();
+    for n in 0..5 {
+        old.push(publisher.publish("push.user.lazarus", &format!("old {n}")).await);
+    }
+    assert_eq!(phone.expect_msgs(5).await, old);
+    phone.send_json(json!({"type": "read", "seq": old[4]})).await;
+    eventually("the phone's cursor and the read position stored", Duration::from_secs(30), || async {
+        let (_, body) = get(&gateway, "/v1/users/lazarus").await;
+        let devices = json!([{"device": "phone", "cursor": old[4]}]);
+        (body["devices"] == devices && body["read"] == old[4]).then_some(())
+    })
+    .await;
+    drop(phone);
+
+    nats.jetstream().await.delete_stream("HERALD").await.unwrap();
+    gateway.wait_metric("herald_gateway_streams_replaced_total", 1.0).await;
+    let new = vec![
+        publisher.publish("push.user.lazarus", "new 0").await,
+        publisher.publish("push.user.lazarus", "new 1").await,
+    ];
+    assert_eq!(new, [1, 2], "the stream's sequences started over");
+    let (_, inbox) = get(&gateway, "/v1/inbox/lazarus").await;
+    assert_eq!((&inbox["read"], &inbox["unread"]), (&json!(0), &json!(2)), "{inbox}");
+
+    let mut phone = connect_device(&gateway, "lazarus", "phone").await;
+    assert_eq!(inbox_of(&phone.welcome), (0, 2));
+    assert_eq!(phone.expect_msgs(2).await, new);
+    assert_eq!(phone.expect_replayed().await, (1, 2, 2, true, None));
+}
