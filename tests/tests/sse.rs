@@ -239,3 +239,23 @@ impl HandClient {
         self.read.push_str(std::str::from_utf8(&buf[..read]).unwrap());
     }
 }
+
+/// Two tabs streaming for one user without naming a device both stay and both get the user's
+/// messages (under `multi`, streams naming no device share it instead of replacing each other).
+#[tokio::test]
+async fn two_streams_naming_no_device_both_stay() {
+    let nats = TestNats::start().await;
+    let publisher = Publisher::new(&nats).await;
+    let gateway = TestGateway::start(&nats).await;
+    let query = format!("token={}", token_with("tabby", &[], 3600));
+    let mut one = open(&gateway, &query, &[]).await;
+    let mut two = open(&gateway, &query, &[]).await;
+    let seq = publisher.publish("push.user.tabby", "to both").await;
+    for stream in [&mut one, &mut two] {
+        let mut event = stream.next_event().await;
+        if event.event == "replayed" {
+            event = stream.next_event().await;
+        }
+        assert_eq!((event.id, event.data.as_str()), (Some(seq.to_string()), "to both"));
+    }
+}

@@ -494,9 +494,16 @@ async fn send_to_app_echo_gets_the_reply_or_an_error() {
     ids.sort();
     assert_eq!(ids, ["c-3", "c-4"]);
 
-    client.send_frame("SEND", &[("destination", "/app/nobody"), ("reply-to", "/user/queue/replies")], "{}").await;
-    let (error, close) = client.expect_error_and_close().await;
-    assert_eq!((error.header("message"), close), ("no_function", Some(1008)));
+    // A failed call is answered on the reply-to subscription and the session goes on.
+    let headers = [("destination", "/app/nobody"), ("reply-to", "/user/queue/replies"), ("correlation-id", "c-5")];
+    client.send_frame("SEND", &headers, "{}").await;
+    let failed = client.expect("MESSAGE").await;
+    assert_eq!((failed.header("herald-error"), failed.header("correlation-id")), ("no_function", "c-5"));
+    let body: serde_json::Value = serde_json::from_str(&failed.body).unwrap();
+    assert_eq!(body["code"], "no_function", "{body}");
+    client.send_frame("SEND", &[("destination", "/app/echo"), ("reply-to", "replies")], "6").await;
+    let body: serde_json::Value = serde_json::from_str(&client.expect("MESSAGE").await.body).unwrap();
+    assert_eq!(body, serde_json::json!({"user": "ivan", "body": 6}));
     runtime.shutdown().await;
 }
 
@@ -686,11 +693,13 @@ async fn a_resume_refused_for_an_unreadable_cursor_leaves_the_connection_it_woul
     let gateway = TestGateway::start(&nats).await;
     let publisher = Publisher::new(&nats).await;
     let passcode = token("ivy");
-    let (mut working, _) = connect(&gateway, &[("passcode", &passcode)]).await;
+    // A device named: connections naming none share theirs and never replace each other.
+    let headers = [("passcode", passcode.as_str()), ("herald-device", "tablet")];
+    let (mut working, _) = connect(&gateway, &headers).await;
     subscribe(&mut working, "q", "/user/queue/updates", &[]).await;
 
     cursor_direct_reads(&nats, false).await;
-    let mut refused = StompClient::connect(&url(&gateway), &[("passcode", &passcode)]).await;
+    let mut refused = StompClient::connect(&url(&gateway), &headers).await;
     match refused.next_event().await {
         StompEvent::Close(close) => assert_eq!(close.map(|(code, _)| code), Some(1013)),
         other => panic!("expected the close 1013, got {other:?}"),
@@ -707,4 +716,27 @@ async fn cursor_direct_reads(nats: &TestNats, on: bool) {
     let mut cursors = js.get_stream("KV_herald-cursors").await.unwrap().info().await.unwrap().config.clone();
     cursors.allow_direct = on;
     js.update_stream(&cursors).await.unwrap();
+}
+
+/// Two tabs of an app moved unchanged from Spring (no `herald-device`): both stay and both get the
+/// user's messages. Two connections naming one device still replace each other (4009).
+#[tokio::test]
+async fn connections_naming_no_device_coexist_and_two_naming_one_replace_each_other() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let passcode = token("tabs");
+    let (mut one, _) = connect(&gateway, &[("passcode", &passcode)]).await;
+    subscribe(&mut one, "q", "/user/queue/updates", &[]).await;
+    let (mut two, _) = connect(&gateway, &[("passcode", &passcode)]).await;
+    subscribe(&mut two, "q", "/user/queue/updates", &[]).await;
+    let seq = publisher.publish("push.user.tabs", "to both").await;
+    assert_eq!(next_message(&mut one).await, (seq, "to both".to_string()));
+    assert_eq!(next_message(&mut two).await, (seq, "to both".to_string()));
+
+    let laptop = [("passcode", passcode.as_str()), ("herald-device", "laptop")];
+    let (mut first, _) = connect(&gateway, &laptop).await;
+    let (_second, _) = connect(&gateway, &laptop).await;
+    let (error, close) = first.expect_error_and_close().await;
+    assert_eq!((error.header("herald-close"), close), ("4009", Some(4009)));
 }

@@ -150,7 +150,11 @@ impl Policies {
 
     /// Once the session is open: under `multi` and `single`, announces it so older sessions with
     /// the same key close, wherever they are (and closes this one if a newer one already exists).
-    pub(crate) async fn claim(&self, user: &str, device: &str, conn: &str, mailbox: Arc<Mailbox>) {
+    /// Under `multi`, a session that `shares_device` neither closes nor is closed by the others.
+    pub(crate) async fn claim(&self, user: &str, device: &str, conn: &str, mailbox: Arc<Mailbox>, shares_device: bool) {
+        if shares_device && self.policy() == SessionPolicy::Multi {
+            return;
+        }
         let key = self.key(user, device);
         let claim = Claim { conn: conn.to_string(), mailbox, revision: None, newest_other: 0 };
         // Sized for one: a key rarely has two sessions at once.

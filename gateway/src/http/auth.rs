@@ -22,6 +22,10 @@ pub(crate) struct ConnectRequest {
     /// Without `since`, start live instead of from the device's cursor (protocols whose clients
     /// keep their own positions).
     pub(crate) live: bool,
+    /// Under the session policy `multi`, shares its device with the user's other connections of
+    /// it instead of replacing them: a STOMP or SSE connection that named no device (apps moved
+    /// unchanged open one per tab, as Spring let them).
+    pub(crate) shares_device: bool,
 }
 
 /// The `error` of a refusal for a missing, bad or expired token.
@@ -113,7 +117,12 @@ pub(crate) fn authorize<B>(
     if topics.len() > max_topics {
         return Err(Rejection::bad_request(format!("at most {max_topics} topics per connection")));
     }
-    Ok(ConnectRequest { claims, device, since, topics, live: false })
+    Ok(ConnectRequest { claims, device, since, topics, live: false, shares_device: false })
+}
+
+/// Whether the request's query names a device.
+pub(crate) fn names_device<B>(request: &hyper::Request<B>) -> bool {
+    form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes()).any(|(key, _)| key == "device")
 }
 
 fn bearer_token<B>(request: &hyper::Request<B>) -> Option<String> {

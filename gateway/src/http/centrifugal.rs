@@ -176,8 +176,14 @@ async fn accept(
     let mut codec = CentrifugalCodec::new(&claims.sub, epoch, claims.exp, id, subs, protobuf);
     codec.keep_after_connect(&message);
     // Each connection is a device of its own: the client keeps its positions, not the gateway.
-    let request =
-        ConnectRequest { claims, device: format!("centrifugal-{conn}"), since, topics: Vec::new(), live: true };
+    let request = ConnectRequest {
+        claims,
+        device: format!("centrifugal-{conn}"),
+        since,
+        topics: Vec::new(),
+        live: true,
+        shares_device: false,
+    };
     Ok((request, Codec::Centrifugal(Box::new(codec))))
 }
 

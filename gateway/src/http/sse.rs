@@ -117,6 +117,7 @@ async fn admit_stream<B>(
         ));
     }
     let mut connect = auth::authorize(request, &shared.verifier, shared.config.max_topics)?;
+    connect.shares_device = !auth::names_device(request);
     if !shared.health.ready() {
         return Ok(None);
     }

@@ -290,6 +290,7 @@ fn authenticate(shared: &Shared, frame: &Frame, hints: Hints) -> Result<(Connect
     })?;
     let claims = shared.verifier.verify(&token).map_err(Rejection::unauthorized)?;
     let device = frame.header("herald-device").map(str::to_string).or(hints.device);
+    let shares_device = device.is_none();
     let device = device.unwrap_or_else(|| DEFAULT_DEVICE.to_string());
     check_id(IdKind::Device, &device).map_err(|error| refused(error_code::BAD_REQUEST, error.to_string()))?;
     let since = frame.header("herald-since").map(str::to_string).or(hints.since);
@@ -298,7 +299,8 @@ fn authenticate(shared: &Shared, frame: &Frame, hints: Hints) -> Result<(Connect
         .transpose()
         .map_err(|_| refused(error_code::BAD_REQUEST, "herald-since must be a sequence number"))?;
     let connected = Connected { version, client_sends, client_wants, allowed_topics: claims.topics.clone() };
-    Ok((ConnectRequest { claims, device, since, topics: Vec::new(), live: false }, connected))
+    let request = ConnectRequest { claims, device, since, topics: Vec::new(), live: false, shares_device };
+    Ok((request, connected))
 }
 
 /// The token a CONNECT comes with: its `passcode`, its `Authorization: Bearer`, or the upgrade's

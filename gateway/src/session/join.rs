@@ -55,7 +55,15 @@ pub(super) async fn open(session: &Session, codec: Codec) -> Result<Box<SessionS
     };
     let ((), read_before) = tokio::join!(Box::pin(muted), Box::pin(read_before));
     let read_before = read_before?;
-    Box::pin(shared.policies.claim(&session.user, &session.device, &session.conn, session.mailbox.clone())).await;
+    let shares_device = session.request.shares_device;
+    Box::pin(shared.policies.claim(
+        &session.user,
+        &session.device,
+        &session.conn,
+        session.mailbox.clone(),
+        shares_device,
+    ))
+    .await;
     // On the delivery connection, after the session's subscriptions: the server has them before
     // it answers.
     // At least what this gateway has seen live, and the client's `since` if it gave one.

@@ -611,12 +611,12 @@ impl StompCodec {
         refused_and_later.pop_front().and_then(|receipt| receipt.id)
     }
 
+    /// A call's answer, or its failure (`herald-error:<code>`, the body `{"code","message"}`), as
+    /// a MESSAGE on the subscription its `reply-to` names; without one, it is dropped. A failed
+    /// call does not end the session: Spring reports a handler's failure and goes on, and apps
+    /// moved from it resend their calls when they reconnect.
     fn rpc_result(&mut self, result: &RpcResult) -> Option<Bytes> {
         let rpc = self.rpcs.remove(&result.id)?;
-        if let Some(error) = &result.error {
-            self.fail(&error.code, &error.message, None);
-            return None;
-        }
         let index = rpc.reply_to.as_ref().and_then(|reply_to| {
             self.subscriptions
                 .iter()
@@ -624,7 +624,11 @@ impl StompCodec {
                 .or_else(|| self.subscriptions.iter().position(|s| s.id == *reply_to))
         })?;
         let subscription = &self.subscriptions[index];
-        let body = result.data.as_ref().map(|data| data.to_string()).unwrap_or_else(|| "null".into());
+        let body = match (&result.error, &result.data) {
+            (Some(error), _) => serde_json::json!({"code": error.code, "message": error.message}).to_string(),
+            (None, Some(data)) => data.to_string(),
+            (None, None) => "null".into(),
+        };
         let message_id = format!("{RPC_MESSAGE_ID}{}", result.id);
         let mut headers =
             vec![("subscription", subscription.id.as_str()), ("destination", subscription.destination.as_str())];
@@ -632,6 +636,9 @@ impl StompCodec {
             headers.push(("ack", &message_id));
         }
         headers.extend([("message-id", message_id.as_str()), ("content-type", "application/json")]);
+        if let Some(error) = &result.error {
+            headers.push(("herald-error", &error.code));
+        }
         if let Some(correlation) = &rpc.correlation {
             headers.push(("correlation-id", correlation));
         }
