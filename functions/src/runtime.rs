@@ -68,7 +68,7 @@ impl Runtime {
         config: &Config,
         functions: Vec<Function>,
     ) -> Result<Runtime, StartError> {
-        check_functions(&functions)?;
+        check_functions(&functions, &config.events_subjects)?;
         let js = jetstream::new(client.clone());
         if functions.iter().any(|f| matches!(f.trigger, Trigger::Durable { .. })) {
             streams::ensure_events(&js, config).await?;
@@ -197,9 +197,14 @@ async fn round_trip(client: &async_nats::Client) -> Result<(), String> {
     async_nats::jetstream::new(client.clone()).query_account().await.map(|_| ()).map_err(|e| e.to_string())
 }
 
-/// Refuses bad or repeated names, and durable functions without subjects (they would consume the
-/// whole events stream).
-fn check_functions(functions: &[Function]) -> Result<(), StartError> {
+/// Refuses bad or repeated names, durable functions without subjects (they would consume the
+/// whole events stream), and durable functions with subjects outside `events_subjects`: their
+/// consumer is shared by every copy, so one copy started with such subjects would move its filter
+/// off the events the others consume, and the events stored meanwhile would be skipped for good.
+fn check_functions(functions: &[Function], events_subjects: &[String]) -> Result<(), StartError> {
+    if events_subjects.is_empty() && functions.iter().any(|f| matches!(f.trigger, Trigger::Durable { .. })) {
+        return Err(StartError::Config("events_subjects is empty: durable functions would get no events".into()));
+    }
     let mut seen = HashSet::new();
     for function in functions {
         check_function_name(&function.name)
@@ -210,8 +215,35 @@ fn check_functions(functions: &[Function]) -> Result<(), StartError> {
         if matches!(&function.trigger, Trigger::Durable { subjects, .. } if subjects.is_empty()) {
             return Err(StartError::Config(format!("function {:?} consumes no subjects", function.name)));
         }
+        if let Trigger::Durable { subjects, .. } = &function.trigger
+            && let Some(outside) = subjects.iter().find(|s| !events_subjects.iter().any(|e| subject_within(s, e)))
+        {
+            return Err(StartError::Config(format!(
+                "function {:?} consumes {outside:?}, outside events_subjects {events_subjects:?}",
+                function.name
+            )));
+        }
     }
     Ok(())
+}
+
+/// Whether every subject `inner` matches (a NATS subject, with `*` and `>` wildcards) `outer`
+/// matches too.
+fn subject_within(inner: &str, outer: &str) -> bool {
+    let (mut inner, mut outer) = (inner.split('.'), outer.split('.'));
+    loop {
+        match (inner.next(), outer.next()) {
+            (None, None) => return true,
+            (Some(_), Some(">")) => return true,
+            (Some(">"), _) | (Some(_), None) | (None, Some(_)) => return false,
+            (Some(token), Some(pattern)) if pattern == "*" || token == pattern => {
+                if token == "*" && pattern != "*" {
+                    return false;
+                }
+            }
+            (Some(_), Some(_)) => return false,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -225,12 +257,42 @@ mod tests {
 
     #[test]
     fn bad_names_repeats_and_subjectless_events_are_refused() {
-        assert!(check_functions(&[rpc("prefs.get"), rpc("prefs.set")]).is_ok());
+        assert!(check_functions(&[rpc("prefs.get"), rpc("prefs.set")], &events()).is_ok());
         for bad in ["", "a.*", "a..b", "a b", ">"] {
-            assert!(matches!(check_functions(&[rpc(bad)]), Err(StartError::BadName { .. })), "{bad:?}");
+            assert!(matches!(check_functions(&[rpc(bad)], &events()), Err(StartError::BadName { .. })), "{bad:?}");
         }
-        assert!(matches!(check_functions(&[rpc("x"), rpc("x")]), Err(StartError::Duplicate(_))));
+        assert!(matches!(check_functions(&[rpc("x"), rpc("x")], &events()), Err(StartError::Duplicate(_))));
         let nothing = Function::events("e", Vec::<String>::new(), |_: Event| async { Ok(()) });
-        assert!(matches!(check_functions(&[nothing]), Err(StartError::Config(_))));
+        assert!(matches!(check_functions(&[nothing], &events()), Err(StartError::Config(_))));
+    }
+
+    fn events() -> Vec<String> {
+        vec!["events.>".into()]
+    }
+
+    fn consuming(subject: &str) -> Function {
+        Function::events("notify", vec![subject.to_string()], |_: Event| async { Ok(()) })
+    }
+
+    #[test]
+    fn durable_functions_must_consume_inside_the_events_subjects() {
+        assert!(check_functions(&[consuming("events.notify.>")], &events()).is_ok());
+        let refused = |subject: &str, events: &[String]| {
+            matches!(check_functions(&[consuming(subject)], events), Err(StartError::Config(_)))
+        };
+        assert!(refused("other.>", &events()));
+        assert!(refused("events.notify.>", &[]), "no events subjects at all");
+        assert!(check_functions(&[rpc("x")], &[]).is_ok(), "no durable function: nothing to check");
+    }
+
+    #[test]
+    fn a_subject_is_within_another_when_it_matches_nothing_more() {
+        for (inner, outer) in [("events.a", "events.>"), ("events.*.b", "events.>"), ("a.b", "a.*"), ("a.*", "a.*")] {
+            assert!(subject_within(inner, outer), "{inner} in {outer}");
+        }
+        for (inner, outer) in [("events", "events.>"), ("events.>", "events.*"), ("a.*", "a.b"), ("a.b.c", "a.*")] {
+            assert!(!subject_within(inner, outer), "{inner} not in {outer}");
+        }
+        assert!(subject_within("events.>", "events.>") && !subject_within("other.>", "events.>"));
     }
 }

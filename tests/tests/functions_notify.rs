@@ -142,3 +142,33 @@ async fn notify_to_many_users_stores_one_push_per_user() {
     assert!(stored_counts(&js, &config.dlq_stream, "herald.dlq.>").await.is_empty());
     runtime.shutdown().await;
 }
+
+/// A copy started with notify subjects outside `events_subjects`, or with no events subjects at
+/// all, is refused before it touches anything: the durable consumer every copy shares keeps its
+/// filter and the events stream its subjects (a copy that moved them made the others skip the
+/// events stored meanwhile, for good).
+#[tokio::test]
+async fn a_copy_consuming_outside_the_events_subjects_is_refused_and_changes_nothing() {
+    let nats = TestNats::start().await;
+    let good = notify_only(&nats);
+    let runtime = start_builtins(&good).await;
+    let js = nats.jetstream().await;
+    let shared_state = async || {
+        let mut stream = js.get_stream("HERALD_EVENTS").await.unwrap();
+        let consumer = stream.consumer_info("herald-fn-notify").await.unwrap().config.filter_subjects.clone();
+        (stream.info().await.unwrap().config.subjects.clone(), consumer)
+    };
+    let before = shared_state().await;
+    assert_eq!(before, (vec!["events.>".to_string()], vec!["events.notify.>".to_string()]));
+
+    let mut outside = good.clone();
+    outside.notify_subjects = vec!["other.>".into()];
+    let mut no_events = good.clone();
+    no_events.events_subjects = Vec::new();
+    for bad in [outside, no_events] {
+        let refused = herald_functions::start(&bad).await.err().expect("refused at start");
+        assert!(matches!(refused, herald_functions::StartError::Config(_)), "{refused}");
+    }
+    assert_eq!(shared_state().await, before);
+    runtime.shutdown().await;
+}
