@@ -343,3 +343,28 @@ async fn a_user_is_looked_up_across_gateways_and_disconnected_with_4003() {
     let (status, body) = get(&gateway, "/v1/users/a.b").await;
     assert_eq!((status, body["error"].as_str()), (400, Some("bad_request")));
 }
+
+/// While the gateway has no NATS, the questions every gateway or function answers get 503, not an
+/// answer of "none" (no gateway, nobody online, nobody disconnected) while the question waits to
+/// be sent once NATS is back (a disconnect then carried out after its answer said 0).
+#[tokio::test]
+async fn questions_to_the_cluster_get_503_while_nats_is_down() {
+    let nats = TestNats::start().await;
+    let gateway = api_gateway(&nats).await;
+    let _connected = gateway.connect("ban").await;
+    assert_eq!(get(&gateway, "/v1/presence/ban").await.1["online"], true);
+    nats.stop().await;
+    eventually("the gateway sees NATS gone", std::time::Duration::from_secs(30), || async {
+        let ready = reqwest::get(gateway.http_url("/readyz")).await.ok()?.text().await.ok()?;
+        ready.contains("not connected to NATS").then_some(())
+    })
+    .await;
+    for (status, body) in [
+        get(&gateway, "/v1/gateways").await,
+        get(&gateway, "/v1/functions").await,
+        get(&gateway, "/v1/presence/ban").await,
+        post(&gateway, "/v1/disconnect", json!({"user": "ban"})).await,
+    ] {
+        assert_eq!((status, &body["error"]), (503, &json!("unavailable")), "{body}");
+    }
+}

@@ -162,7 +162,14 @@ async fn route_value(shared: &Shared, request: Request<Incoming>) -> Result<Valu
     if let Some(rest) = path.strip_prefix("/v1/dead-letters") {
         return route_dead_letters(shared, request, rest, &query).await;
     }
-    match (request.method().clone(), path.as_str(), inbox) {
+    let method = request.method().clone();
+    if asks_the_cluster(&method, &path) && !shared.health.nats_connected() {
+        // Answered by whoever hears the question: asked now, nobody would, and the answer would
+        // say "none" (no gateway, no function, nobody online, nobody disconnected) while the
+        // question itself would be sent later, once NATS is back.
+        return Err(ApiError::unavailable("not connected to NATS: the gateways and functions cannot be asked"));
+    }
+    match (method, path.as_str(), inbox) {
         (Method::GET, "/v1/gateways", _) => cluster::gateways(shared).await,
         (Method::GET, "/v1/stream", _) => stream::stream(shared).await,
         (Method::GET, "/v1/functions", _) => functions::functions(shared).await,
@@ -187,6 +194,15 @@ async fn route_value(shared: &Shared, request: Request<Incoming>) -> Result<Valu
         (_, _, Some((_, "read"))) => Err(ApiError::method_not_allowed(&path, "POST")),
         (_, _, Some((_, "" | "messages"))) => Err(ApiError::method_not_allowed(&path, "GET")),
         _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no endpoint {path}"))),
+    }
+}
+
+/// Whether the request is a question every gateway or function answers (a scatter-gather).
+fn asks_the_cluster(method: &Method, path: &str) -> bool {
+    match *method {
+        Method::GET => matches!(path, "/v1/gateways" | "/v1/functions") || path.starts_with("/v1/presence/"),
+        Method::POST => path == "/v1/disconnect",
+        _ => false,
     }
 }
 
