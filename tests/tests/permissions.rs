@@ -63,6 +63,11 @@ async fn a_publisher_can_publish_but_cannot_read_deliveries_or_the_stream() {
     let error = violation(&mut errors).await;
     assert!(error.to_lowercase().contains("permissions violation"), "{error}");
 
+    // Operators' replies, on their own prefix, are out of reach (the default `_INBOX` is not).
+    let _admin_replies = client.subscribe("_INBOX_admin.>").await.unwrap();
+    let error = violation(&mut errors).await;
+    assert!(error.to_lowercase().contains("permissions violation") && error.contains("_INBOX_admin"), "{error}");
+
     // A misspelt push subject, which the stream would not store, is refused out loud.
     for subject in ["push.users.victim", "push.user.victim.x", "push.topics.news"] {
         client.publish(subject, "lost?".into()).await.unwrap();
