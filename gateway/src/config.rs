@@ -224,6 +224,34 @@ impl Default for Config {
 }
 
 impl Config {
+    /// Refuses the values no gateway can run with, rather than running wrongly: a zero that would
+    /// turn a timer into a busy loop or close everything at once, an empty name, key or address.
+    pub fn check(&self) -> Result<(), String> {
+        let zero = [
+            ("heartbeat", self.heartbeat.is_zero(), "pings would be sent without a pause"),
+            ("heartbeat_timeout", self.heartbeat_timeout.is_zero(), "every socket would be closed as dead"),
+            ("cursor_flush_interval", self.cursor_flush_interval.is_zero(), "cursors would be flushed without a pause"),
+            ("rpc_timeout", self.rpc_timeout.is_zero(), "every rpc would time out"),
+            ("gather_window", self.gather_window.is_zero(), "no gateway's answer would be waited for"),
+            ("sessions_max_age", self.stream.sessions_max_age.is_zero(), "claims would never expire"),
+            ("max_frame_bytes", self.max_frame_bytes == 0, "every client message would be refused"),
+            ("cursor_write_rate", self.cursor_write_rate == 0, "no cursor would be written"),
+        ];
+        if let Some((key, _, why)) = zero.iter().find(|(_, is_zero, _)| *is_zero) {
+            return Err(format!("{key} is 0: {why}"));
+        }
+        if self.node_id.trim().is_empty() {
+            return Err("node_id is empty: gateways are told apart by it".into());
+        }
+        if self.nats.nats_url.trim().is_empty() {
+            return Err("nats_url is empty: no NATS server to connect to".into());
+        }
+        if self.api_keys.iter().any(|key| key.is_empty()) {
+            return Err("api_keys holds an empty key: it would let requests without a key in".into());
+        }
+        Ok(())
+    }
+
     /// The HS256 secret in effect: the configured one, or the dev secret in dev mode.
     pub fn effective_secret(&self) -> Option<String> {
         match (&self.jwt_secret, self.dev) {
@@ -237,6 +265,23 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_defaults_pass_the_check_and_zeros_that_cannot_work_do_not() {
+        assert_eq!(Config::default().check(), Ok(()));
+        let refused = |change: fn(&mut Config), key: &str| {
+            let mut config = Config::default();
+            change(&mut config);
+            let error = config.check().expect_err(key);
+            assert!(error.starts_with(key), "{error}");
+        };
+        refused(|c| c.heartbeat = Duration::ZERO, "heartbeat is 0");
+        refused(|c| c.stream.sessions_max_age = Duration::ZERO, "sessions_max_age is 0");
+        refused(|c| c.max_frame_bytes = 0, "max_frame_bytes is 0");
+        refused(|c| c.node_id = " ".into(), "node_id is empty");
+        refused(|c| c.nats.nats_url = String::new(), "nats_url is empty");
+        refused(|c| c.api_keys = vec!["k".into(), String::new()], "api_keys holds an empty key");
+    }
 
     /// Every setting is documented in the README's configuration table.
     #[test]

@@ -112,6 +112,8 @@ pub enum StartError {
     Nats(String),
     #[error("api_listen is set but api_keys is empty")]
     NoApiKeys,
+    #[error("{0}")]
+    Setting(String),
 }
 
 /// A running gateway.
@@ -127,6 +129,7 @@ impl Gateway {
     /// Starts a gateway: listens at once, connects to NATS in the background (ready when connected
     /// and the stream exists).
     pub async fn start(mut config: Config) -> Result<Gateway, StartError> {
+        config.check().map_err(StartError::Setting)?;
         let verifier = verifier(&config)?;
         let (window, heartbeat) = (config.stream.socketio_recovery_window, config.heartbeat);
         if window < heartbeat * 2 {

@@ -160,3 +160,34 @@ async fn pub_says_when_jetstream_has_no_room() {
     let said = stderr(&output);
     assert!(said.contains("JetStream has no room for the message") && said.contains("was not stored"), "{said}");
 }
+
+/// Values no gateway can run with are refused at start, naming the setting, instead of running
+/// wrongly (a zero heartbeat sent pings without a pause; a zero `sessions_max_age` kept dead
+/// gateways' claims for ever).
+#[tokio::test]
+async fn settings_no_gateway_can_run_with_stop_it_at_start() {
+    for (key, value) in [
+        ("HERALD_HEARTBEAT", "0s"),
+        ("HERALD_SESSIONS_MAX_AGE", "0s"),
+        ("HERALD_MAX_FRAME_BYTES", "0"),
+        ("HERALD_NODE_ID", ""),
+        ("HERALD_NATS_URL", ""),
+        ("HERALD_API_KEYS", r#"["k", ""]"#),
+    ] {
+        let run = tokio::process::Command::new(herald_tests::gateway::binary())
+            .arg("--dev")
+            .env("HERALD_NATS_URL", "nats://127.0.0.1:1")
+            .env("HERALD_LISTEN", "127.0.0.1:0")
+            .env(key, value)
+            .env_remove("HERALD_LOG")
+            .kill_on_drop(true)
+            .output();
+        let output = tokio::time::timeout(std::time::Duration::from_secs(30), run)
+            .await
+            .unwrap_or_else(|_| panic!("{key}={value}: still runs after 30 s"))
+            .expect("run herald-gateway");
+        assert_eq!(output.status.code(), Some(2), "{key}={value}: {}", stderr(&output));
+        let setting = key.trim_start_matches("HERALD_").to_lowercase();
+        assert!(stderr(&output).contains(&setting), "{key}={value}: {}", stderr(&output));
+    }
+}
