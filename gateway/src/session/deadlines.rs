@@ -56,6 +56,11 @@ impl Deadlines {
         self.heard = now;
     }
 
+    /// The client was seen alive at `at` otherwise (taking bytes from a full socket).
+    pub(crate) fn alive_at(&mut self, at: Instant) {
+        self.heard = self.heard.max(at);
+    }
+
     /// The connection now ends at `expires` (a refreshed token).
     pub(crate) fn expire_at(&mut self, expires: Instant) {
         self.expires = expires;

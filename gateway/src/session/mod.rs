@@ -349,6 +349,11 @@ async fn next_outcome(job: &mut Option<BoxStream<'static, Outcome>>) -> Option<O
 
 /// Acts on whatever deadline passed.
 fn on_time(deadlines: &mut Deadlines, state: &mut SessionState, transmit: &Transmit<WriteHalf>) -> Result<(), Close> {
+    // A client reading a long backlog slowly answers the ping queued behind it late: while it
+    // takes bytes, it is not silent.
+    if let Some(alive) = transmit.peer_alive_at() {
+        deadlines.alive_at(alive);
+    }
     match deadlines.due(Instant::now(), transmit.stalled_since()) {
         Some(Due::Ping) => {
             let ping = state.codec().ping();

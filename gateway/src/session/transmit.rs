@@ -5,7 +5,7 @@
 use std::future::poll_fn;
 use std::io::IoSlice;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,11 +26,25 @@ pub(crate) struct Transmit<W> {
     /// When the socket last took bytes (or the batch started): a client that reads nothing for
     /// long is closed as a slow consumer.
     progressed: Instant,
+    /// Whether the last write found the socket full.
+    waited: bool,
+    /// When the socket last took bytes after it was full: its unsent bytes left, which needs the
+    /// peer to acknowledge what was sent, so the peer was alive then (what a client reading a
+    /// long backlog slowly proves, while the gateway's ping waits behind that backlog).
+    peer_alive: Option<Instant>,
 }
 
 impl<W: AsyncWrite + Unpin> Transmit<W> {
     pub(crate) fn new(io: W) -> Transmit<W> {
-        Transmit { io, batch: Vec::new(), done: 0, offset: 0, progressed: Instant::now() }
+        Transmit {
+            io,
+            batch: Vec::new(),
+            done: 0,
+            offset: 0,
+            progressed: Instant::now(),
+            waited: false,
+            peer_alive: None,
+        }
     }
 
     /// Whether a batch is being written.
@@ -55,6 +69,11 @@ impl<W: AsyncWrite + Unpin> Transmit<W> {
     /// Since when the batch in flight has made no progress, if one is in flight.
     pub(crate) fn stalled_since(&self) -> Option<Instant> {
         self.is_busy().then_some(self.progressed)
+    }
+
+    /// When the peer was last seen alive by taking bytes from a full socket (see `peer_alive`).
+    pub(crate) fn peer_alive_at(&self) -> Option<Instant> {
+        self.peer_alive
     }
 
     /// Writes the batch in flight to its end.
@@ -84,12 +103,21 @@ impl<W: AsyncWrite + Unpin> Transmit<W> {
                 *slice = IoSlice::new(&frame[skip..]);
                 count += 1;
             }
-            let written = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..count]))?;
+            let written = match Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..count]) {
+                Poll::Pending => {
+                    self.waited = true;
+                    return Poll::Pending;
+                }
+                Poll::Ready(written) => written?,
+            };
             if written == 0 {
                 return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
             }
             self.advance(written);
             self.progressed = Instant::now();
+            if std::mem::take(&mut self.waited) {
+                self.peer_alive = Some(self.progressed);
+            }
         }
         // Frames are freed as soon as they are written; an idle socket keeps no batch.
         self.batch = Vec::new();
@@ -116,6 +144,23 @@ mod tests {
     use tokio::io::AsyncReadExt;
 
     use super::*;
+
+    #[tokio::test]
+    async fn a_peer_is_seen_alive_only_when_it_takes_bytes_from_a_full_socket() {
+        let (mut client, server) = tokio::io::duplex(8);
+        let mut transmit = Transmit::new(server);
+        transmit.start(|batch| batch.push(Bytes::from_static(b"1234")));
+        transmit.flush().await.unwrap();
+        assert_eq!(transmit.peer_alive_at(), None, "room enough: nothing proven");
+        transmit.start(|batch| batch.push(Bytes::from(vec![b'x'; 64])));
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0; 68];
+            client.read_exact(&mut got).await.unwrap();
+        });
+        transmit.flush().await.unwrap();
+        reader.await.unwrap();
+        assert!(transmit.peer_alive_at().is_some(), "the full pipe was emptied by its reader");
+    }
 
     #[tokio::test]
     async fn writes_a_batch_through_a_narrow_pipe_whole_and_in_order() {
