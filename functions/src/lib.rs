@@ -56,11 +56,40 @@ pub use runtime::{Runtime, StartError};
 /// Connects to NATS as `config` says, makes sure the `HERALD` stream exists, and starts the
 /// built-in functions `config` enables (the binary's work).
 pub async fn start(config: &Config) -> Result<Runtime, StartError> {
-    let nats = |e: &dyn std::fmt::Display| StartError::Nats(e.to_string());
-    let addresses = config.nats.addresses().map_err(|e| nats(&e))?;
-    let client = config.nats.options("herald-functions").await.map_err(|e| nats(&e))?.connect(addresses).await;
-    let client = client.map_err(|e| nats(&e))?;
+    let client = connect(config).await?;
     streams::ensure_push_stream(&async_nats::jetstream::new(client.clone()), config).await?;
     let functions = builtin::functions(config, &client).await?;
     Runtime::start(client, config, functions).await
+}
+
+/// How long a start waits for NATS before it says it cannot connect (and is tried again).
+const CONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A connection to NATS, once it is up: a NATS out of reach is an error naming the URL and why
+/// (each start attempt says so), not a start that waits in silence on its first requests.
+async fn connect(config: &Config) -> Result<async_nats::Client, StartError> {
+    use std::sync::{Arc, Mutex};
+    let nats = |e: &dyn std::fmt::Display| StartError::Nats(e.to_string());
+    let addresses = config.nats.addresses().map_err(|e| nats(&e))?;
+    let connected = Arc::new(tokio::sync::Notify::new());
+    let last_error = Arc::new(Mutex::new(None::<String>));
+    let on_event = {
+        let (connected, last_error) = (connected.clone(), last_error.clone());
+        Arc::new(move |event: &async_nats::Event| match event {
+            async_nats::Event::Connected => connected.notify_one(),
+            async_nats::Event::ClientError(error) => {
+                *last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_string());
+            }
+            _ => {}
+        })
+    };
+    let options = config.nats.options_with_events("herald-functions", on_event).await.map_err(|e| nats(&e))?;
+    let client = options.connect(addresses).await.map_err(|e| nats(&e))?;
+    let up = client.connection_state() == async_nats::connection::State::Connected;
+    if !up && tokio::time::timeout(CONNECT_WAIT, connected.notified()).await.is_err() {
+        let why = last_error.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let why = why.unwrap_or_else(|| "no answer".into());
+        return Err(StartError::Nats(format!("cannot connect to NATS at {}: {why}", config.nats.nats_url)));
+    }
+    Ok(client)
 }

@@ -127,3 +127,17 @@ async fn a_durable_call_that_times_out_is_retried_and_then_succeeds() {
     assert!(stored_counts(&js, &config.dlq_stream, "herald.dlq.>").await.is_empty());
     runtime.shutdown().await;
 }
+
+/// A NATS out of reach: a start says it cannot connect, naming the URL and why (each attempt of
+/// the binary logs it), instead of waiting in silence on its first requests.
+#[tokio::test]
+async fn a_start_with_nats_out_of_reach_says_it_cannot_connect() {
+    let mut config = herald_functions::Config::default();
+    config.nats.nats_url = format!("nats://127.0.0.1:{}", herald_tests::free_port());
+    config.metrics_listen = "127.0.0.1:0".parse().unwrap();
+    let started = tokio::time::timeout(Duration::from_secs(60), herald_functions::start(&config)).await;
+    let error = started.expect("an answer within 60 s").err().expect("no NATS: no start");
+    let said = error.to_string();
+    assert!(matches!(error, herald_functions::StartError::Nats(_)), "{said}");
+    assert!(said.contains(&format!("cannot connect to NATS at {}", config.nats.nats_url)), "{said}");
+}
