@@ -131,6 +131,12 @@ impl Gateway {
     pub async fn start(mut config: Config) -> Result<Gateway, StartError> {
         config.check().map_err(StartError::Setting)?;
         let verifier = verifier(&config)?;
+        if config.dev {
+            warn!(
+                configured_secret = config.jwt_secret.is_some(),
+                "dev mode: GET /dev/token signs a token for any user with this gateway's secret; never in production"
+            );
+        }
         let (window, heartbeat) = (config.stream.socketio_recovery_window, config.heartbeat);
         if window < heartbeat * 2 {
             // A live connection writes its Socket.IO state again once a heartbeat at most: in a

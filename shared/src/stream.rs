@@ -83,7 +83,39 @@ pub async fn ensure_stream(
 ) -> Result<stream::Info, jetstream::context::CreateStreamError> {
     let mut config = settings.stream_config();
     config.num_replicas = replicas_to_keep(js, STREAM, config.num_replicas).await;
+    if let Ok(existing) = js.get_stream(STREAM).await {
+        for (setting, from, to) in retention_changes(&existing.cached_info().config, &config) {
+            tracing::warn!(
+                setting,
+                %from,
+                %to,
+                "stream HERALD's limit changes to this process's setting, for every gateway: give them all the same"
+            );
+        }
+    }
     js.create_or_update_stream(config).await
+}
+
+/// The retention limits that differ between the stream as it is and as `wanted`, as (setting,
+/// from, to); values NATS reads alike (0 or -1: no limit; a 0 duplicate window: its default) count
+/// as equal.
+fn retention_changes(existing: &stream::Config, wanted: &stream::Config) -> Vec<(&'static str, String, String)> {
+    let count = |n: i64| if n <= 0 { "none".to_string() } else { n.to_string() };
+    let age = |d: Duration| if d.is_zero() { "none".to_string() } else { format!("{d:?}") };
+    let window = |d: Duration| format!("{:?}", if d.is_zero() { Duration::from_secs(120) } else { d });
+    [
+        ("stream_max_age", age(existing.max_age), age(wanted.max_age)),
+        (
+            "stream_max_msgs_per_subject",
+            count(existing.max_messages_per_subject),
+            count(wanted.max_messages_per_subject),
+        ),
+        ("stream_max_bytes", count(existing.max_bytes), count(wanted.max_bytes)),
+        ("stream_duplicate_window", window(existing.duplicate_window), window(wanted.duplicate_window)),
+    ]
+    .into_iter()
+    .filter(|(_, from, to)| from != to)
+    .collect()
 }
 
 /// `configured` replicas for stream `name`, or the stream's own when it has more: a process started
@@ -184,4 +216,23 @@ async fn ensure_bucket(
 ) -> Result<kv::Store, jetstream::context::CreateKeyValueError> {
     config.num_replicas = replicas_to_keep(js, &format!("KV_{}", config.bucket), config.num_replicas).await;
     js.create_or_update_key_value(config).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_changes_are_named_and_what_nats_reads_alike_is_no_change() {
+        let ours = StreamSettings::default().stream_config();
+        assert!(retention_changes(&ours, &ours).is_empty());
+        let unlimited = stream::Config { max_messages_per_subject: 0, ..ours.clone() };
+        let minus_one = stream::Config { max_messages_per_subject: -1, ..ours.clone() };
+        assert!(retention_changes(&unlimited, &minus_one).is_empty(), "0 and -1 are both no limit");
+        let trimmed = stream::Config { max_messages_per_subject: 2, ..ours.clone() };
+        assert_eq!(
+            retention_changes(&ours, &trimmed),
+            [("stream_max_msgs_per_subject", "1000".to_string(), "2".to_string())]
+        );
+    }
 }
