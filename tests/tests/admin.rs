@@ -368,3 +368,43 @@ async fn questions_to_the_cluster_get_503_while_nats_is_down() {
         assert_eq!((status, &body["error"]), (503, &json!("unavailable")), "{body}");
     }
 }
+
+/// A message in the dead-letter stream that is no dead letter (published there by hand, or by
+/// another version) is listed as unreadable, with its content, instead of failing the whole list
+/// with 503; its re-drive is refused (422), and the readable letters still list and re-drive.
+#[tokio::test]
+async fn an_unreadable_dead_letter_hides_no_other_and_is_not_redriven() {
+    let nats = TestNats::start().await;
+    let gateway = api_gateway(&nats).await;
+    let js = nats.jetstream().await;
+    let config = async_nats::jetstream::stream::Config {
+        name: "HERALD_DLQ".into(),
+        subjects: vec!["herald.dlq.>".into()],
+        ..Default::default()
+    };
+    js.create_stream(config).await.unwrap();
+    let events = async_nats::jetstream::stream::Config {
+        name: "HERALD_EVENTS".into(),
+        subjects: vec!["events.>".into()],
+        ..Default::default()
+    };
+    js.create_stream(events).await.unwrap();
+    let letter = json!({"function": "notify", "subject": "events.notify.x", "stream": "HERALD_EVENTS", "seq": 1,
+        "attempts": 3, "error": "boom", "data": {"n": 1}, "ts": "2026-12-06T00:00:00Z"});
+    for body in [json!({"note": "old format"}).to_string(), letter.to_string()] {
+        js.publish("herald.dlq.notify", body.into()).await.unwrap().await.unwrap();
+    }
+
+    let (status, body) = get(&gateway, "/v1/dead-letters/notify").await;
+    assert_eq!(status, 200, "{body}");
+    let letters = body["dead_letters"].as_array().unwrap();
+    assert_eq!(letters.len(), 2, "{body}");
+    assert!(letters[0]["unreadable"].as_str().is_some_and(|why| why.contains("missing field")), "{body}");
+    assert_eq!(letters[0]["data"], json!({"note": "old format"}));
+    assert_eq!((&letters[1]["error"], &letters[1]["attempts"]), (&json!("boom"), &json!(3)));
+
+    let (status, refused) = post(&gateway, "/v1/dead-letters/notify/redrive", json!({"seq": 1})).await;
+    assert_eq!((status, &refused["error"]), (422, &json!("bad_letter")), "{refused}");
+    let (status, redriven) = post(&gateway, "/v1/dead-letters/notify/redrive", json!({"seq": 2})).await;
+    assert_eq!((status, &redriven["subject"]), (200, &json!("events.notify.x")), "{redriven}");
+}

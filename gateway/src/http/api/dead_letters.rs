@@ -96,12 +96,15 @@ pub(super) async fn redrive(shared: &Shared, function: &str, body: Value) -> Res
     if letter.subject != dead_letter(function) {
         return Err(no_letter(function, seq));
     }
+    let event = letter.letter.as_ref().map_err(|why| {
+        let reason = format!("dead letter {seq} of {function} cannot be read ({why}): purge it");
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "bad_letter", reason)
+    })?;
     let mut headers = async_nats::HeaderMap::new();
     let from = format!("{DLQ_STREAM}-{seq}");
     // A re-drive retried (its answer lost) publishes the event once.
     headers.insert(header::NATS_MSG_ID, format!("redrive:{from}").as_str());
     headers.insert(REDRIVEN_FROM, from.as_str());
-    let event = &letter.letter;
     let js = shared.api_js.as_ref().unwrap_or(&shared.js);
     let payload = match &event.payload {
         Some(payload) => from_base64(payload).map_err(|e| {
@@ -144,12 +147,14 @@ fn no_letter(function: &str, seq: u64) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no dead letter {seq} of {function}"))
 }
 
-/// A dead letter as stored: its sequence in the dead-letter stream, subject, time and content.
+/// A dead letter as stored: its sequence in the dead-letter stream, subject, time and content
+/// (or why it cannot be read: something else published there, or a letter of another version).
 struct StoredLetter {
     seq: u64,
     subject: String,
     time: String,
-    letter: DeadLetter,
+    letter: Result<DeadLetter, String>,
+    raw: Vec<u8>,
 }
 
 impl StoredLetter {
@@ -160,18 +165,25 @@ impl StoredLetter {
         let data = base64::engine::general_purpose::STANDARD
             .decode(message["data"].as_str().unwrap_or_default())
             .map_err(|e| ApiError::unavailable(format!("a dead letter's data: {e}")))?;
-        let letter: DeadLetter =
-            serde_json::from_slice(&data).map_err(|e| ApiError::unavailable(format!("a dead letter: {e}")))?;
         Ok(StoredLetter {
             seq: message["seq"].as_u64().unwrap_or_default(),
             subject: message["subject"].as_str().unwrap_or_default().to_string(),
             time: message["time"].as_str().unwrap_or_default().to_string(),
-            letter,
+            letter: serde_json::from_slice(&data).map_err(|e| e.to_string()),
+            raw: data,
         })
     }
 
+    /// The letter as listed; one that cannot be read is listed too (with `unreadable` and its raw
+    /// content as `data`), so that it hides none of the others and can be seen and purged.
     fn to_json(&self) -> Value {
-        let l = &self.letter;
+        let l = match &self.letter {
+            Ok(letter) => letter,
+            Err(why) => {
+                return json!({"seq": self.seq, "time": self.time, "unreadable": why,
+                    "error": format!("unreadable dead letter: {why}"), "data": data_value(&self.raw)});
+            }
+        };
         json!({
             "seq": self.seq,
             "time": self.time,
@@ -180,13 +192,12 @@ impl StoredLetter {
             "event_seq": l.seq,
             "attempts": l.attempts,
             "error": l.error,
-            "data": self.data(),
+            "data": Self::data(l),
         })
     }
 
     /// The letter's `data`; for a letter too large to carry it, read from its `payload`.
-    fn data(&self) -> Value {
-        let letter = &self.letter;
+    fn data(letter: &DeadLetter) -> Value {
         match (&letter.data, &letter.payload) {
             (Value::Null, Some(payload)) => from_base64(payload).map(|bytes| data_value(&bytes)).unwrap_or(Value::Null),
             (data, _) => data.clone(),
