@@ -87,6 +87,8 @@ async fn rpc_calls_are_rate_limited_per_connection() {
     }
     let limited = outcomes.values().filter(|code| code.as_deref() == Some("rate_limited")).count();
     assert_eq!((outcomes.len(), limited), (5, 2), "{outcomes:?}");
+    let counted = r#"herald_gateway_rpc_calls_total{function="(any)",outcome="rate_limited"}"#;
+    assert_eq!(gateway.metric(counted).await, 2.0, "the calls over the rate are counted");
     // Another connection has its own budget.
     let mut other = gateway.connect("carl").await;
     assert!(rpc(&mut other, "x", "whoami", json!({})).await.ok);

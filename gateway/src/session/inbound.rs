@@ -12,6 +12,7 @@ use super::state::SessionState;
 use super::{presence, rpc};
 use crate::close::{Close, CloseCode};
 use crate::codec::{Command, Refusal};
+use crate::http::metrics::RpcLabels;
 use crate::http::ratelimit::TokenBucket;
 use crate::websocket::reader::Inbound;
 
@@ -88,6 +89,9 @@ fn run(session: &Arc<Session>, state: &mut SessionState, command: Command, rpc_b
             if rpc_budget.try_take(Instant::now()) {
                 tokio::spawn(rpc::call(session.clone(), id, function, data));
             } else {
+                // Counted under one label: a client over its rate may send any names.
+                let labels = RpcLabels { function: "(any)".into(), outcome: "rate_limited".into() };
+                session.shared.metrics.rpc_calls.get_or_create(&labels).inc();
                 state.notice(&rpc::failure(id, error_code::RATE_LIMITED, "too many rpc calls"));
             }
         }
