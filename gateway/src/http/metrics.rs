@@ -85,7 +85,7 @@ impl Metrics {
             registry: Registry::default(),
         };
         let m = &metrics;
-        registry.register("connections", "Open WebSocket connections", m.connections.clone());
+        registry.register("connections", "Open connections, whatever their protocol", m.connections.clone());
         registry.register("users", "Users with at least one open connection", m.users.clone());
         registry.register("subscriptions", "NATS delivery subscriptions (users, topics, all)", m.subscriptions.clone());
         registry.register("messages_in", "Messages received from the stream's republish", m.messages_in.clone());
@@ -126,7 +126,7 @@ impl Metrics {
         registry.register("rpc_calls", "rpc frames by function and outcome", m.rpc_calls.clone());
         registry.register(
             "connections_refused",
-            "WebSocket connections refused before the upgrade, by status and reason",
+            "Connections refused before the upgrade (or the stream), by status and reason",
             m.connections_refused.clone(),
         );
         // Every documented refusal from the start, at 0: an alert on one sees a series, not "no data".
