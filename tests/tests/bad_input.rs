@@ -117,6 +117,18 @@ async fn bad_parameters_get_400_or_403_and_plain_get_gets_426() {
     assert_eq!(body["error"], "upgrade_required");
     let missing = reqwest::get(gateway.http_url("/nope")).await.unwrap();
     assert_eq!(missing.status().as_u16(), 404);
+    // A path that exists, asked with another method: 405 naming the methods it takes.
+    let http = reqwest::Client::new();
+    for (method, path, allowed) in [
+        (reqwest::Method::POST, "/ws", "GET"),
+        (reqwest::Method::POST, "/sse", "GET"),
+        (reqwest::Method::DELETE, "/socket.io/", "GET, POST"),
+        (reqwest::Method::POST, "/metrics", "GET, HEAD"),
+    ] {
+        let answer = http.request(method, gateway.http_url(path)).send().await.unwrap();
+        assert_eq!((answer.status().as_u16(), answer.headers()["allow"].to_str().unwrap()), (405, allowed), "{path}");
+        assert_eq!(answer.json::<serde_json::Value>().await.unwrap()["error"], "method_not_allowed");
+    }
 }
 
 /// Connections that never become a socket are not kept (slowloris): a request head that never

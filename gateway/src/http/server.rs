@@ -145,13 +145,34 @@ async fn route(
             text(StatusCode::OK, "text/javascript; charset=utf-8", CLIENT_MODULE.to_string())
         }
         (&Method::GET, "/dev/token") if shared.config.dev => dev_token(&shared, &request),
-        _ => not_found(),
+        (_, path) => match allowed_methods(path) {
+            Some(allowed) => method_not_allowed(path, allowed),
+            None => not_found(),
+        },
     };
     Ok(response.map(http_body_util::Either::Left))
 }
 
 fn is_upgrade_path(path: &str) -> bool {
     matches!(path, "/ws" | "/stomp" | "/connection/websocket" | "/socket.io/" | "/socket.io")
+}
+
+/// The methods a path of this listener takes, if it is one.
+fn allowed_methods(path: &str) -> Option<&'static str> {
+    match path {
+        "/socket.io/" | "/socket.io" => Some("GET, POST"),
+        "/ws" | "/stomp" | "/connection/websocket" | "/sse" => Some("GET"),
+        "/healthz" | "/readyz" | "/metrics" | "/" | "/herald.js" => Some("GET, HEAD"),
+        _ => None,
+    }
+}
+
+fn method_not_allowed(path: &str, allowed: &'static str) -> HttpResponse {
+    let reason = format!("{path} takes {allowed}");
+    let mut response =
+        json(StatusCode::METHOD_NOT_ALLOWED, serde_json::json!({"error": "method_not_allowed", "reason": reason}));
+    response.headers_mut().insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static(allowed));
+    response
 }
 
 fn not_found() -> HttpResponse {
