@@ -215,9 +215,7 @@ async fn a_cursor_written_elsewhere_meanwhile_is_never_moved_back() {
     }
     assert_eq!(phone.expect_msgs(4).await, seqs);
     let cursors = nats.jetstream().await.get_key_value("herald-cursors").await.unwrap();
-    // The seq, before the stream's epoch the gateway writes after it.
-    let seq_of = |value: &[u8]| std::str::from_utf8(value).ok()?.split(' ').next().map(str::to_string);
-    let stored = async || cursors.get("ada.phone").await.unwrap().and_then(|value| seq_of(&value));
+    let stored = async || cursors.get("ada.phone").await.unwrap().and_then(|v| String::from_utf8(v.to_vec()).ok());
 
     // The gateway writes the cursor and remembers which revision it wrote.
     phone.send_json(serde_json::json!({"type": "ack", "seq": seqs[1]})).await;
@@ -264,8 +262,7 @@ async fn cursors_over_the_write_rate_are_written_in_turn_so_none_is_left_behind(
         let mut stored = Vec::new();
         for key in ["ria.d0", "ria.d1", "ria.d2"] {
             let value = cursors.get(key).await.unwrap();
-            let seq = |value: &[u8]| std::str::from_utf8(value).ok()?.split(' ').next()?.parse::<u64>().ok();
-            stored.push(value.and_then(|value| seq(&value)));
+            stored.push(value.and_then(|value| std::str::from_utf8(&value).ok()?.parse::<u64>().ok()));
         }
         if stored.iter().all(|cursor| cursor.is_some_and(|cursor| cursor >= first)) {
             break;
