@@ -35,7 +35,6 @@ pub use config::{Config, NewDeviceReplay, ReplayMethod, SessionPolicy};
 
 use cluster::cursor::Cursors;
 use cluster::events;
-use cluster::forward::StreamEpoch;
 use cluster::inbox::Inbox;
 use cluster::policy::Policies;
 use cluster::prefs::Prefs;
@@ -197,10 +196,8 @@ impl Gateway {
         let feed = Feed::start(&config.nats, feed_name, feed_events, feed_stop.clone());
         let health = Arc::new(Health::new(control.clone(), feed.clone(), connected));
         let router = Router::start(feed.clone(), feed_receiver, log_limits(&config), metrics.clone());
-        let epoch = Arc::new(StreamEpoch::default());
         tokio::spawn(health::monitor(
             health.clone(),
-            epoch.clone(),
             js.clone(),
             config.stream.clone(),
             metrics.clone(),
@@ -214,8 +211,8 @@ impl Gateway {
             config.replay_batch,
             config.replay_concurrency,
         );
-        let per_subject_cap = config.stream.stream_max_msgs_per_subject;
-        let inbox = Inbox::new(js.clone(), control.clone(), replayer.clone(), per_subject_cap, epoch.clone());
+        let inbox =
+            Inbox::new(js.clone(), control.clone(), replayer.clone(), config.stream.stream_max_msgs_per_subject);
         let shared = Arc::new(Shared {
             inbox: Arc::new(inbox),
             router,
@@ -225,7 +222,7 @@ impl Gateway {
             replayer,
             feed,
             api_js,
-            cursors: Arc::new(Cursors::new(js.clone(), epoch)),
+            cursors: Arc::new(Cursors::new(js.clone())),
             registry: Arc::new(Registry::default()),
             policies: Arc::new(Policies::new(config.session_policy, config.stream.clone(), js.clone())),
             prefs: Arc::new(Prefs::new(js.clone())),

@@ -26,15 +26,13 @@ use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::forward::{self, Position, Stored, StreamEpoch};
+use super::forward::{self, Stored};
 
 /// Cursors written at once by one flush.
 const FLUSH_CONCURRENCY: usize = 32;
 
 pub(crate) struct Cursors {
     js: jetstream::Context,
-    /// The stream the cursors count in: one of another stream is none.
-    epoch: Arc<StreamEpoch>,
     bucket: OnceCell<kv::Store>,
     /// The devices whose sessions on this gateway acknowledged something, by KV key.
     devices: Mutex<HashMap<Box<str>, Held>>,
@@ -137,7 +135,7 @@ async fn lost_entry(bucket: &kv::Store, key: &str) -> Result<Option<(Option<u64>
             // Removals carry their operation; a note is a plain put.
             let operation = message.headers.get("KV-Operation").map(|value| value.as_str());
             let removed = matches!(operation, Some("DEL" | "PURGE"));
-            let first = if removed { None } else { forward::parse(&message.payload).map(|note| note.seq) };
+            let first = if removed { None } else { forward::parse(&message.payload) };
             Ok(Some((first, message.sequence)))
         }
         Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
@@ -151,8 +149,8 @@ fn lost_key(user: &str, device: &str) -> String {
 }
 
 impl Cursors {
-    pub(crate) fn new(js: jetstream::Context, epoch: Arc<StreamEpoch>) -> Cursors {
-        Cursors { js, epoch, bucket: OnceCell::new(), devices: Mutex::new(HashMap::new()), flushes: AtomicU64::new(0) }
+    pub(crate) fn new(js: jetstream::Context) -> Cursors {
+        Cursors { js, bucket: OnceCell::new(), devices: Mutex::new(HashMap::new()), flushes: AtomicU64::new(0) }
     }
 
     async fn bucket(&self) -> Result<&kv::Store, CursorError> {
@@ -161,7 +159,7 @@ impl Cursors {
 
     /// The device's stored cursor, if any.
     pub(crate) async fn load(&self, user: &str, device: &str) -> Result<Option<u64>, CursorError> {
-        forward::load(self.bucket().await?, &cursor_key(user, device), self.epoch.get()).await.map_err(error)
+        forward::load(self.bucket().await?, &cursor_key(user, device)).await.map_err(error)
     }
 
     /// Notes that the device missed messages from `seq` on that it can no longer get in order (its
@@ -304,8 +302,7 @@ impl Cursors {
     }
 
     async fn write(&self, key: &str, seq: u64, written: Option<Stored>) -> Result<Stored, CursorError> {
-        let to = Position { seq, epoch: self.epoch.get() };
-        forward::advance_from(self.bucket().await?, key, to, written).await.map_err(error)
+        forward::advance_from(self.bucket().await?, key, seq, written).await.map_err(error)
     }
 }
 
@@ -324,7 +321,7 @@ mod tests {
         cursor.ack(7);
         cursor.ack(5);
         assert_eq!(cursor.due(), Some((7, None)), "the highest ack counts");
-        let stored = Stored { seq: 7, epoch: 1, revision: 3 };
+        let stored = Stored { seq: 7, revision: 3 };
         cursor.remember(stored);
         assert_eq!(cursor.due(), None);
         cursor.ack(6);
@@ -353,8 +350,8 @@ mod tests {
     #[test]
     fn a_late_answer_for_an_older_write_does_not_replace_a_newer_one() {
         let cursor = cursor();
-        cursor.remember(Stored { seq: 9, epoch: 1, revision: 5 });
-        cursor.remember(Stored { seq: 7, epoch: 1, revision: 4 });
-        assert_eq!(*cursor.written(), Some(Stored { seq: 9, epoch: 1, revision: 5 }));
+        cursor.remember(Stored { seq: 9, revision: 5 });
+        cursor.remember(Stored { seq: 7, revision: 4 });
+        assert_eq!(*cursor.written(), Some(Stored { seq: 9, revision: 5 }));
     }
 }

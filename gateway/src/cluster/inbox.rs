@@ -25,7 +25,7 @@ use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::forward::{self, KvError, StreamEpoch};
+use super::forward::{self, KvError};
 use super::registry::Registry;
 use super::watch::{Backoff, watch_from};
 use crate::delivery::mailbox::Event;
@@ -70,8 +70,6 @@ pub(crate) struct Inbox {
     /// The stream's per-subject limit (for `complete`).
     per_subject_cap: i64,
     bucket: OnceCell<kv::Store>,
-    /// The stream the read positions count in: one of another stream is none.
-    epoch: Arc<StreamEpoch>,
     /// Read positions from clients, not yet written: user → seq.
     pending: Mutex<HashMap<String, u64>>,
 }
@@ -82,9 +80,8 @@ impl Inbox {
         client: async_nats::Client,
         replayer: Replayer,
         per_subject_cap: i64,
-        epoch: Arc<StreamEpoch>,
     ) -> Inbox {
-        Inbox { js, client, replayer, per_subject_cap, bucket: OnceCell::new(), epoch, pending: Mutex::default() }
+        Inbox { js, client, replayer, per_subject_cap, bucket: OnceCell::new(), pending: Mutex::default() }
     }
 
     async fn bucket(&self) -> Result<&kv::Store, InboxError> {
@@ -93,7 +90,7 @@ impl Inbox {
 
     /// The user's read position (0: nothing read yet).
     pub(crate) async fn read_position(&self, user: &str) -> Result<u64, InboxError> {
-        Ok(forward::load(self.bucket().await?, &kv_key(user), self.epoch.get()).await?.unwrap_or(0))
+        Ok(forward::load(self.bucket().await?, &kv_key(user)).await?.unwrap_or(0))
     }
 
     /// A client read up to `seq`: written by the next flush.
@@ -105,7 +102,7 @@ impl Inbox {
 
     /// Moves the user's read position up to `seq` now; returns the position afterwards.
     pub(crate) async fn mark_read(&self, user: &str, seq: u64) -> Result<u64, InboxError> {
-        Ok(forward::advance(self.bucket().await?, &kv_key(user), seq, self.epoch.get()).await?)
+        Ok(forward::advance(self.bucket().await?, &kv_key(user), seq).await?)
     }
 
     /// Writes the read positions noted, every [`FLUSH_INTERVAL`] until `shutdown`, then once more.
@@ -256,8 +253,7 @@ impl Inbox {
             };
             let entry = entry.ok_or_else(|| error("watch ended"))?.map_err(error)?;
             *last_revision = entry.revision;
-            let read = forward::parse(&entry.value).filter(|read| read.counts_in(self.epoch.get()));
-            let (Some(user), Some(read)) = (kv_key_decode(&entry.key), read.map(|read| read.seq)) else { continue };
+            let (Some(user), Some(read)) = (kv_key_decode(&entry.key), forward::parse(&entry.value)) else { continue };
             let sessions = registry.of_user(&user);
             if sessions.is_empty() {
                 continue;

@@ -16,7 +16,6 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::cluster::forward::StreamEpoch;
 use crate::delivery::feed::Feed;
 use crate::delivery::router::Router;
 use crate::http::metrics::Metrics;
@@ -102,7 +101,6 @@ impl Health {
 /// Keeps `health` current until `shutdown`.
 pub(crate) async fn monitor(
     health: Arc<Health>,
-    epoch: Arc<StreamEpoch>,
     js: jetstream::Context,
     settings: StreamSettings,
     metrics: Arc<Metrics>,
@@ -121,8 +119,6 @@ pub(crate) async fn monitor(
             false => (Store::Unchecked, None),
         };
         if let Some(made) = made {
-            // Known before the gateway is first ready: every position written names its stream.
-            epoch.set(epoch_of(made));
             if stream_made.is_some_and(|before| before != made) {
                 router.stream_replaced().await;
             }
@@ -286,11 +282,6 @@ async fn check(
         health.recreated.send_modify(|count| *count += 1);
     }
     (Store::Ready, Some(made))
-}
-
-/// The epoch of a stream made at `made`: the same on every gateway, never 0.
-fn epoch_of(made: time::OffsetDateTime) -> u64 {
-    (made.unix_timestamp_nanos() as u64).max(1)
 }
 
 /// Updates the stream and the buckets that were there before this gateway to its settings (its
