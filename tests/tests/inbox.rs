@@ -271,3 +271,50 @@ async fn a_publish_retried_after_a_503_is_stored_once() {
     let (_, inbox) = get(&gateway, "/v1/inbox/ray").await;
     assert_eq!(inbox["unread"].as_u64(), Some(1), "stored once: {inbox}");
 }
+
+/// A stream made again on purpose, as docs/operations.md says to: its buckets of cursors and read
+/// positions removed too. A device coming back starts as a new one and gets the new stream's
+/// messages; the unread count counts them (the old positions, kept, would have hidden them).
+#[tokio::test]
+async fn a_stream_made_again_with_its_positions_removed_hides_nothing_from_returning_devices() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start_with(&nats, with_api).await;
+    let publisher = Publisher::new(&nats).await;
+    let mut phone = connect_device(&gateway, "lazarus", "phone").await;
+    let mut old = Vec::new();
+    for n in 0..5 {
+        old.push(publisher.publish("push.user.lazarus", &format!("old {n}")).await);
+    }
+    assert_eq!(phone.expect_msgs(5).await, old);
+    phone.send_json(json!({"type": "read", "seq": old[4]})).await;
+    eventually("the phone's cursor and the read position stored", Duration::from_secs(30), || async {
+        let (_, body) = get(&gateway, "/v1/users/lazarus").await;
+        let devices = json!([{"device": "phone", "cursor": old[4]}]);
+        (body["devices"] == devices && body["read"] == old[4]).then_some(())
+    })
+    .await;
+    drop(phone);
+
+    let js = nats.jetstream().await;
+    js.delete_stream("HERALD").await.unwrap();
+    js.delete_key_value("herald-cursors").await.unwrap();
+    js.delete_key_value("herald-reads").await.unwrap();
+    gateway.wait_metric("herald_gateway_streams_replaced_total", 1.0).await;
+    eventually("the buckets made again", Duration::from_secs(30), || async {
+        let ready = reqwest::get(gateway.http_url("/readyz")).await.ok()?.status().is_success();
+        (ready && js.get_key_value("herald-reads").await.is_ok() && js.get_key_value("herald-cursors").await.is_ok())
+            .then_some(())
+    })
+    .await;
+    let new = vec![
+        publisher.publish("push.user.lazarus", "new 0").await,
+        publisher.publish("push.user.lazarus", "new 1").await,
+    ];
+    assert_eq!(new, [1, 2], "the stream's sequences started over");
+    let (_, inbox) = get(&gateway, "/v1/inbox/lazarus").await;
+    assert_eq!((&inbox["read"], &inbox["unread"]), (&json!(0), &json!(2)), "{inbox}");
+
+    let mut phone = connect_device(&gateway, "lazarus", "phone").await;
+    assert_eq!(inbox_of(&phone.welcome), (0, 2));
+    assert_eq!(phone.expect_msgs(2).await, new);
+}

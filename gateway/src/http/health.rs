@@ -120,6 +120,11 @@ pub(crate) async fn monitor(
         };
         if let Some(made) = made {
             if stream_made.is_some_and(|before| before != made) {
+                warn!(
+                    "stream HERALD was made again: its sequences start over, while the cursors and read positions \
+                     kept in KV are the old stream's; if this was on purpose, remove buckets herald-cursors and \
+                     herald-reads too (docs/operations.md)"
+                );
                 router.stream_replaced().await;
             }
             stream_made = Some(made);
