@@ -77,8 +77,9 @@ async fn connect(config: &Config) -> Result<async_nats::Client, StartError> {
         let (connected, last_error) = (connected.clone(), last_error.clone());
         Arc::new(move |event: &async_nats::Event| match event {
             async_nats::Event::Connected => connected.notify_one(),
-            async_nats::Event::ClientError(error) => {
-                *last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_string());
+            // A refused password comes as the server's error, an unreachable server as the client's.
+            async_nats::Event::ClientError(_) | async_nats::Event::ServerError(_) => {
+                *last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(event.to_string());
             }
             _ => {}
         })
