@@ -250,12 +250,15 @@ async fn two_streams_naming_no_device_both_stay() {
     let query = format!("token={}", token_with("tabby", &[], 3600));
     let mut one = open(&gateway, &query, &[]).await;
     let mut two = open(&gateway, &query, &[]).await;
-    let seq = publisher.publish("push.user.tabby", "to both").await;
-    for stream in [&mut one, &mut two] {
-        let mut event = stream.next_event().await;
-        if event.event == "replayed" {
-            event = stream.next_event().await;
+    // Twice: a replacement (4009) that came after the first message would show before the second.
+    for text in ["to both", "still both"] {
+        let seq = publisher.publish("push.user.tabby", text).await;
+        for stream in [&mut one, &mut two] {
+            let mut event = stream.next_event().await;
+            if event.event == "replayed" {
+                event = stream.next_event().await;
+            }
+            assert_eq!((event.id, event.data.as_str()), (Some(seq.to_string()), text), "{}", event.event);
         }
-        assert_eq!((event.id, event.data.as_str()), (Some(seq.to_string()), "to both"));
     }
 }

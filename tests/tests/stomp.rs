@@ -730,9 +730,12 @@ async fn connections_naming_no_device_coexist_and_two_naming_one_replace_each_ot
     subscribe(&mut one, "q", "/user/queue/updates", &[]).await;
     let (mut two, _) = connect(&gateway, &[("passcode", &passcode)]).await;
     subscribe(&mut two, "q", "/user/queue/updates", &[]).await;
-    let seq = publisher.publish("push.user.tabs", "to both").await;
-    assert_eq!(next_message(&mut one).await, (seq, "to both".to_string()));
-    assert_eq!(next_message(&mut two).await, (seq, "to both".to_string()));
+    // Twice: a replacement (4009) that came after the first message would show before the second.
+    for text in ["to both", "still both"] {
+        let seq = publisher.publish("push.user.tabs", text).await;
+        assert_eq!(next_message(&mut one).await, (seq, text.to_string()));
+        assert_eq!(next_message(&mut two).await, (seq, text.to_string()));
+    }
 
     let laptop = [("passcode", passcode.as_str()), ("herald-device", "laptop")];
     let (mut first, _) = connect(&gateway, &laptop).await;
