@@ -99,6 +99,10 @@ pub struct Config {
     /// become a socket (slowloris). Default `10s`.
     #[serde(with = "humantime_serde")]
     pub request_head_timeout: Duration,
+    /// How long a request's body (the HTTP API's, a Socket.IO or SockJS POST) may take to arrive
+    /// in full before it is answered 408; 0 for no limit. Default `60s`.
+    #[serde(with = "humantime_serde")]
+    pub request_body_timeout: Duration,
     /// The kernel's send buffer for each client socket (`SO_SNDBUF`), in bytes; 0 leaves it to
     /// the kernel, which grows it as needed (up to `net.ipv4.tcp_wmem`). Default 0.
     pub socket_send_buffer: usize,
@@ -192,6 +196,7 @@ impl Default for Config {
             outbound_queue_bytes: 1 << 20,
             write_stall_timeout: Duration::from_secs(15),
             request_head_timeout: Duration::from_secs(10),
+            request_body_timeout: Duration::from_secs(60),
             socket_send_buffer: 0,
             socket_unsent_limit: 128 * 1024,
             broadcast_log_entries: 8192,

@@ -162,13 +162,13 @@ async fn connections_that_never_finish_a_request_head_are_closed() {
 }
 
 /// A body announced and never sent in full (a slow POST) is answered 408 once
-/// `request_head_timeout` passes, not waited for: on the HTTP API and on a Socket.IO polling
+/// `request_body_timeout` passes, not waited for: on the HTTP API and on a Socket.IO polling
 /// session (whose session it ends, as a cut-off body does).
 #[tokio::test]
 async fn request_bodies_that_never_arrive_in_full_get_408() {
     let nats = TestNats::start().await;
     let gateway = TestGateway::start_with(&nats, |c| {
-        c.request_head_timeout = Duration::from_secs(1);
+        c.request_body_timeout = Duration::from_secs(1);
         c.api_listen = Some("127.0.0.1:0".parse().unwrap());
         c.api_keys = vec!["k".into()];
     })

@@ -143,7 +143,7 @@ pub(crate) async fn post(shared: Arc<Shared>, request: Request<Incoming>) -> Res
         return Ok(engine_error(1, "Session ID unknown"));
     };
     let limit = shared.config.max_frame_bytes;
-    let body = match body::read(request.into_body(), limit, shared.config.request_head_timeout).await {
+    let body = match body::read(request.into_body(), limit, shared.config.request_body_timeout).await {
         Ok(body) => body,
         // As Engine.IO's server does, and as a WebSocket message over the limit does: the session
         // ends (its client reconnects) rather than living on without the packets.
@@ -154,7 +154,7 @@ pub(crate) async fn post(shared: Arc<Shared>, request: Request<Incoming>) -> Res
         }
         Err(BodyError::TimedOut) => {
             polling.close(close_code::PROTOCOL_ERROR).await;
-            let reason = "the body did not arrive within request_head_timeout: the session is closed";
+            let reason = "the body did not arrive within request_body_timeout: the session is closed";
             return Err(Rejection::new(StatusCode::REQUEST_TIMEOUT, "timeout", reason));
         }
         Err(BodyError::CutOff) => {

@@ -283,7 +283,7 @@ async fn read_json(shared: &Shared, request: Request<Incoming>) -> Result<Value,
 }
 
 async fn read_body(shared: &Shared, request: Request<Incoming>) -> Result<Bytes, ApiError> {
-    let (limit, within) = (shared.config.api_max_body_bytes, shared.config.request_head_timeout);
+    let (limit, within) = (shared.config.api_max_body_bytes, shared.config.request_body_timeout);
     body::read(request.into_body(), limit, within).await.map_err(|error| match error {
         BodyError::TooLarge => {
             ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("the body is over {limit} bytes"))
@@ -291,7 +291,7 @@ async fn read_body(shared: &Shared, request: Request<Incoming>) -> Result<Bytes,
         BodyError::TimedOut => ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "timeout",
-            format!("the body did not arrive within request_head_timeout ({}s)", within.as_secs_f64()),
+            format!("the body did not arrive within request_body_timeout ({}s)", within.as_secs_f64()),
         ),
         BodyError::CutOff => ApiError::bad_request("the body was cut off"),
     })
