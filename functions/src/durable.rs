@@ -77,10 +77,32 @@ impl Durable {
             filter_subjects: self.subjects.clone(),
             ..Default::default()
         };
+        self.warn_of_another_filter().await;
         self.js
             .create_consumer_on_stream(config, &self.stream)
             .await
             .map_err(|e| format!("consumer {} on stream {}: {e}", self.durable_name, self.stream))
+    }
+
+    /// Warns when the shared consumer exists with other subjects: every copy moves it to its own,
+    /// and the events of subjects another copy wanted are skipped from then on.
+    async fn warn_of_another_filter(&self) {
+        let Ok(stream) = self.js.get_stream(&self.stream).await else { return };
+        let Ok(info) = stream.consumer_info(&self.durable_name).await else { return };
+        let existing = &info.config.filter_subjects;
+        let existing = if existing.is_empty() && !info.config.filter_subject.is_empty() {
+            vec![info.config.filter_subject.clone()]
+        } else {
+            existing.clone()
+        };
+        if existing != self.subjects {
+            warn!(
+                consumer = %self.durable_name,
+                from = ?existing,
+                to = ?self.subjects,
+                "the consumer every copy shares changes its subjects: copies with the old ones skip events; run every copy with the same"
+            );
+        }
     }
 }
 
