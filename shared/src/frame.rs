@@ -53,6 +53,10 @@ pub enum ServerFrame {
         unread: u64,
     },
     Pong,
+    /// The answer to a `refresh`: the connection now ends at the new token's `exp`.
+    Refreshed {
+        exp: u64,
+    },
     Error {
         code: String,
         message: String,
@@ -126,6 +130,11 @@ pub enum ClientFrame {
         data: Value,
     },
     Ping,
+    /// A new token for the connection (same user): it then ends at that token's expiry, not the
+    /// first one's, without a reconnect.
+    Refresh {
+        token: String,
+    },
 }
 
 /// `code` values of `error` frames and failed `rpc_result`s.
@@ -142,6 +151,8 @@ pub mod error_code {
     pub const TIMEOUT: &str = "timeout";
     pub const FUNCTION_ERROR: &str = "function_error";
     pub const RATE_LIMITED: &str = "rate_limited";
+    /// A `refresh` whose token is refused (bad, expired, another user's).
+    pub const UNAUTHORIZED: &str = "unauthorized";
 }
 
 /// WebSocket close codes of the contract.

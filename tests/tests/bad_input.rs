@@ -436,3 +436,30 @@ async fn a_reader_that_stops_reading_is_closed_with_4008_and_the_gateway_does_no
     let seq = publisher.publish("push.user.fast", "still here").await;
     assert_eq!(fast.expect_msg().await.seq, seq);
 }
+
+/// `refresh` gives a connection a new token: it answers `refreshed` with the new expiry and the
+/// connection outlives the first token (no 4001, no reconnect). A token that is refused (another
+/// user's, a bad one) gets an `error` and changes nothing: the connection goes on.
+#[tokio::test]
+async fn a_refreshed_token_keeps_a_socket_past_the_first_expiry_and_a_bad_one_changes_nothing() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let expires = now_secs() + 3;
+    let mut client = gateway.connect_with(&format!("token={}", token_with("phoenix-2", &[], 3))).await;
+    for (token, why) in [(token_with("someone-else", &[], 600), "another user"), ("nope".into(), "not a JWT")] {
+        client.send_json(serde_json::json!({"type": "refresh", "token": token})).await;
+        let ServerFrame::Error { code, .. } = client.next_frame().await else { panic!("{why}: no error") };
+        assert_eq!(code, "unauthorized", "{why}");
+    }
+    let renewed = token_with("phoenix-2", &[], 600);
+    client.send_json(serde_json::json!({"type": "refresh", "token": renewed})).await;
+    let ServerFrame::Refreshed { exp } = client.next_frame().await else { panic!("no refreshed") };
+    assert!(exp > expires + 500, "{exp}");
+    herald_tests::eventually("the first token expired", Duration::from_secs(10), || async {
+        (now_secs() > expires + 1).then_some(())
+    })
+    .await;
+    let seq = publisher.publish("push.user.phoenix-2", "still here").await;
+    assert_eq!(client.expect_msgs(1).await, [seq]);
+}

@@ -54,6 +54,16 @@ fn command(frame: ClientFrame) -> Command {
         ClientFrame::Unsub { topic } => Command::Unsubscribe { topic },
         ClientFrame::Rpc { id, function, data } => Command::Rpc { id, function, data },
         ClientFrame::Ping => Command::Ping,
+        ClientFrame::Refresh { token } => Command::Refresh { token },
+    }
+}
+
+/// The answer to a `refresh`: `refreshed` with the new expiry, or an `error` (the connection goes
+/// on, and ends at the expiry it had).
+pub(super) fn refreshed(outcome: Result<u64, (u32, String)>) -> ServerFrame {
+    match outcome {
+        Ok(exp) => ServerFrame::Refreshed { exp },
+        Err((_, message)) => ServerFrame::error(error_code::UNAUTHORIZED, message),
     }
 }
 

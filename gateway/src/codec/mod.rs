@@ -421,6 +421,7 @@ impl Codec {
     pub(crate) fn refreshed(&mut self, outcome: Result<u64, (u32, String)>) -> Option<Bytes> {
         match self {
             Codec::Centrifugal(codec) => codec.refreshed(outcome),
+            Codec::Herald(codec) => Some(codec.notice(&herald::refreshed(outcome))),
             _ => None,
         }
     }
