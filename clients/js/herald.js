@@ -552,6 +552,8 @@ export class Herald extends EventTarget {
   #welcomedAt = null;
   /** Gives up a socket that brought no `welcome` within `connectTimeout`. */
   #connectTimer = null;
+  /** Renews the connection's token before it expires (`refresh`), when a token function gives one. */
+  #refreshTimer = null;
   /** Whether the last connection that opened ended with a close asking for an immediate reconnect. */
   #lastCloseImmediate = false;
   /** Sockets in a row that closed before they opened (refused upgrades, unreachable gateway). */
@@ -930,6 +932,8 @@ export class Herald extends EventTarget {
     this.#socket = null;
     if (this.#connectTimer !== null) this.#timers.clearTimeout(this.#connectTimer);
     this.#connectTimer = null;
+    if (this.#refreshTimer !== null) this.#timers.clearTimeout(this.#refreshTimer);
+    this.#refreshTimer = null;
     this.#session = null;
     this.#welcomedAt = null;
     this.#liveness.stop();
@@ -982,6 +986,8 @@ export class Herald extends EventTarget {
       case "read":
         this.#emit("read", frame);
         return this.#setInbox(frame.seq, frame.unread);
+      case "refreshed":
+        return this.#scheduleRefresh(frame.exp);
       case "error":
         return this.#serverError(frame);
       default:
@@ -1009,6 +1015,36 @@ export class Herald extends EventTarget {
     if (this.#pendingRead > this.#inbox.read) this.markRead(this.#pendingRead);
     for (const call of this.#calls.values()) if (!call.sent) this.#sendCall(call);
     this.#acks.flush();
+    this.#scheduleRefresh(tokenClaims(this.#token ?? "")?.exp);
+  }
+
+  /**
+   * With a token function, hands the connection a new token before the one it has expires
+   * (`exp`, seconds): 30 s before, or halfway for a shorter life. The gateway answers `refreshed`
+   * with the new expiry, and the connection goes on without a reconnect or a replay. A refusal
+   * (an `error`) changes nothing: the connection ends with 4001 and the client reconnects with a
+   * renewed token, as without refresh.
+   * @param {unknown} exp
+   */
+  #scheduleRefresh(exp) {
+    if (this.#refreshTimer !== null) this.#timers.clearTimeout(this.#refreshTimer);
+    this.#refreshTimer = null;
+    if (typeof this.#options.token !== "function" || typeof exp !== "number") return;
+    const left = exp * 1000 - this.#timers.now();
+    const delay = Math.max(0, left - Math.min(30000, left / 2));
+    const session = this.#session;
+    this.#refreshTimer = this.#timers.setTimeout(async () => {
+      this.#refreshTimer = null;
+      this.#renewToken = true;
+      let token;
+      try {
+        token = await this.#currentToken();
+      } catch (error) {
+        this.#emit("error", { code: "token_failed", message: String(/** @type {any} */ (error)?.message ?? error) });
+        return;
+      }
+      if (this.#session === session && session !== null) this.#send({ type: "refresh", token });
+    }, delay);
   }
 
   /** @param {MsgFrame} frame */

@@ -119,6 +119,36 @@ test("the page going online cuts a pending backoff delay short; the backoff goes
   assert.equal(FakeWebSocket.all.length, before + 2, "an open connection is left alone");
 });
 
+test("with a token function, the connection's token is renewed before it expires, without a reconnect", async () => {
+  let calls = 0;
+  const tokens = [fakeToken({ sub: "u1", exp: 120 }), fakeToken({ sub: "u1", exp: 600 })];
+  const { client, clock } = setup({ token: () => tokens[Math.min(calls++, 1)] });
+  const socket = await connected(client);
+  socket.welcome({ user: "u1", heartbeat: 0 }); // no pings: the clock jumps minutes
+  await clock.advance(89_999);
+  assert.deepEqual(socket.sentOf("refresh"), [], "not before 30 s ahead of the expiry");
+  await clock.advance(1);
+  assert.deepEqual(socket.sentOf("refresh"), [{ type: "refresh", token: tokens[1] }]);
+  socket.receive({ type: "refreshed", exp: 600 });
+  await clock.advance(570_000 - 90_000);
+  assert.equal(socket.sentOf("refresh").length, 2, "the next one 30 s ahead of the new expiry");
+  assert.equal(FakeWebSocket.all.length, 1, "one connection throughout");
+});
+
+test("a fixed token is never refreshed, and a dropped connection drops its pending refresh", async () => {
+  const fixed = setup({ token: fakeToken({ sub: "u1", exp: 120 }) });
+  const socket = await connected(fixed.client);
+  socket.welcome({ user: "u1", heartbeat: 0 }); // no pings: the clock jumps minutes
+  await fixed.clock.advance(120_000);
+  assert.deepEqual(socket.sentOf("refresh"), []);
+  const renewed = setup({ token: () => fakeToken({ sub: "u1", exp: 120 }), backoff: { base: 100_000, max: 100_000, jitter: 0 } });
+  const first = await connected(renewed.client);
+  first.welcome({ user: "u1", heartbeat: 0 });
+  first.serverClose(1011);
+  await renewed.clock.advance(95_000);
+  assert.deepEqual(first.sentOf("refresh"), [], "the refresh went with its connection");
+});
+
 /** The delays of the `reconnecting` states so far. */
 function delays(of) {
   return of("state").filter((s) => s.state === "reconnecting").map((s) => s.delay);
