@@ -233,14 +233,7 @@ fn event_of(function: &str, message: &Message) -> Option<Event> {
         subject: message.subject.to_string(),
         payload: message.payload.clone(),
         headers: message.headers.clone().unwrap_or_default(),
-        // A re-driven event keeps the id it had: what its handler pushes keeps its ids, and a
-        // relay's endpoint its idempotency key.
-        id: message
-            .headers
-            .as_ref()
-            .and_then(|headers| headers.get(header::HERALD_EVENT_ID))
-            .map(|id| id.to_string())
-            .unwrap_or_else(|| format!("{}-{}", info.stream, info.stream_sequence)),
+        id: format!("{}-{}", info.stream, info.stream_sequence),
         attempt: info.delivered.max(1) as u64,
         stream_sequence: Some(info.stream_sequence),
     })
@@ -338,7 +331,6 @@ fn dead_letter_of(durable: &Durable, event: &Event, error: &str) -> DeadLetter {
         data: data_value(&event.payload),
         payload: Some(to_base64(&event.payload)),
         ts: OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_default(),
-        event_id: Some(event.id.clone()),
     }
 }
 

@@ -29,9 +29,8 @@ pub struct Event {
     /// The event's headers.
     pub headers: HeaderMap,
     /// A stable id, the same on every delivery of this event: `<stream>-<seq>` for a durable
-    /// event (of its first publication when it was re-driven from a dead letter),
-    /// `<node>:<conn>:connect` / `…:disconnect` for a lifecycle event (or its `Nats-Msg-Id`).
-    /// Derive push ids from it ([`crate::push::Pusher::push`]).
+    /// event, `<node>:<conn>:connect` / `…:disconnect` for a lifecycle event (or its
+    /// `Nats-Msg-Id`). Derive push ids from it ([`crate::push::Pusher::push`]).
     pub id: String,
     /// Which delivery this is, from 1; always 1 for lifecycle events.
     pub attempt: u64,

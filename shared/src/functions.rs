@@ -165,10 +165,6 @@ pub struct DeadLetter {
     pub payload: Option<String>,
     /// When it was dead-lettered (RFC 3339).
     pub ts: String,
-    /// The event's id as the function saw it (`<stream>-<seq>` of its first publication, which a
-    /// re-drive keeps). Absent from letters written before it was added.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub event_id: Option<String>,
 }
 
 #[cfg(test)]

@@ -61,8 +61,6 @@ pub mod header {
     pub const HERALD_DEVICE: &str = "Herald-Device";
     pub const HERALD_CONN: &str = "Herald-Conn";
     pub const HERALD_ERROR: &str = "Herald-Error";
-    /// On a re-driven event: the id of the event it was first (`<stream>-<seq>`), which it keeps.
-    pub const HERALD_EVENT_ID: &str = "Herald-Event-Id";
 }
 
 /// Who a message is for: one of the three publisher-facing subject families.

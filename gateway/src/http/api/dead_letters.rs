@@ -105,8 +105,6 @@ pub(super) async fn redrive(shared: &Shared, function: &str, body: Value) -> Res
     // A re-drive retried (its answer lost) publishes the event once.
     headers.insert(header::NATS_MSG_ID, format!("redrive:{from}").as_str());
     headers.insert(REDRIVEN_FROM, from.as_str());
-    let event_id = event.event_id.clone().unwrap_or_else(|| format!("{}-{}", event.stream, event.seq));
-    headers.insert(header::HERALD_EVENT_ID, event_id.as_str());
     let js = shared.api_js.as_ref().unwrap_or(&shared.js);
     let payload = match &event.payload {
         Some(payload) => from_base64(payload).map_err(|e| {
