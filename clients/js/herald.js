@@ -297,6 +297,11 @@ export class SeqFilter {
  * @property {() => number} now  milliseconds
  */
 
+/** The soonest a token refresh is scheduled (a clock far off, a token about to expire). */
+const MIN_REFRESH_DELAY = 5000;
+/** The longest delay `setTimeout` keeps (a longer one fires at once). */
+const MAX_TIMER_DELAY = 2 ** 31 - 1;
+
 /** @returns {Timers} the global timers and clock */
 function globalTimers() {
   return {
@@ -987,7 +992,7 @@ export class Herald extends EventTarget {
         this.#emit("read", frame);
         return this.#setInbox(frame.seq, frame.unread);
       case "refreshed":
-        return this.#scheduleRefresh(frame.exp);
+        return this.#scheduleRefresh(typeof frame.ttl === "number" ? frame.ttl * 1000 : undefined);
       case "error":
         return this.#serverError(frame);
       default:
@@ -1015,26 +1020,29 @@ export class Herald extends EventTarget {
     if (this.#pendingRead > this.#inbox.read) this.markRead(this.#pendingRead);
     for (const call of this.#calls.values()) if (!call.sent) this.#sendCall(call);
     this.#acks.flush();
-    this.#scheduleRefresh(tokenClaims(this.#token ?? "")?.exp);
+    const exp = tokenClaims(this.#token ?? "")?.exp;
+    if (typeof exp === "number") this.#scheduleRefresh(exp * 1000 - this.#timers.now());
   }
 
   /**
-   * With a token function, hands the connection a new token before the one it has expires
-   * (`exp`, seconds): 30 s before, or halfway for a shorter life. The gateway answers `refreshed`
-   * with the new expiry, and the connection goes on without a reconnect or a replay. A refusal
-   * (an `error`) changes nothing: the connection ends with 4001 and the client reconnects with a
-   * renewed token, as without refresh.
-   * @param {unknown} exp
+   * With a token function, hands the connection a new token before the one it has expires, `left`
+   * ms from now (from the token's `exp` by this clock at first, then from the gateway's `ttl`):
+   * 90 s before (a hidden tab's timers may run a minute late), or halfway for a shorter life, never
+   * sooner than 5 s from now. The gateway answers `refreshed`, and the connection goes on without
+   * a reconnect or a replay. A refusal (an `error`), or a token function that gives the same token
+   * again, changes nothing: the connection ends with 4001 and the client reconnects with a renewed
+   * token, as without refresh.
+   * @param {number} [left]
    */
-  #scheduleRefresh(exp) {
+  #scheduleRefresh(left) {
     if (this.#refreshTimer !== null) this.#timers.clearTimeout(this.#refreshTimer);
     this.#refreshTimer = null;
-    if (typeof this.#options.token !== "function" || typeof exp !== "number") return;
-    const left = exp * 1000 - this.#timers.now();
-    const delay = Math.max(0, left - Math.min(30000, left / 2));
+    if (typeof this.#options.token !== "function" || typeof left !== "number" || !Number.isFinite(left)) return;
+    const delay = Math.min(Math.max(MIN_REFRESH_DELAY, left - Math.min(90000, left / 2)), MAX_TIMER_DELAY);
     const session = this.#session;
     this.#refreshTimer = this.#timers.setTimeout(async () => {
       this.#refreshTimer = null;
+      const before = this.#token;
       this.#renewToken = true;
       let token;
       try {
@@ -1043,7 +1051,7 @@ export class Herald extends EventTarget {
         this.#emit("error", { code: "token_failed", message: String(/** @type {any} */ (error)?.message ?? error) });
         return;
       }
-      if (this.#session === session && session !== null) this.#send({ type: "refresh", token });
+      if (token !== before && this.#session === session && session !== null) this.#send({ type: "refresh", token });
     }, delay);
   }
 

@@ -53,9 +53,11 @@ pub enum ServerFrame {
         unread: u64,
     },
     Pong,
-    /// The answer to a `refresh`: the connection now ends at the new token's `exp`.
+    /// The answer to a `refresh`: the connection now ends at the new token's `exp`, `ttl` seconds
+    /// from now by the gateway's clock.
     Refreshed {
         exp: u64,
+        ttl: u64,
     },
     Error {
         code: String,

@@ -446,16 +446,26 @@ async fn a_refreshed_token_keeps_a_socket_past_the_first_expiry_and_a_bad_one_ch
     let gateway = TestGateway::start(&nats).await;
     let publisher = Publisher::new(&nats).await;
     let expires = now_secs() + 3;
-    let mut client = gateway.connect_with(&format!("token={}", token_with("phoenix-2", &[], 3))).await;
-    for (token, why) in [(token_with("someone-else", &[], 600), "another user"), ("nope".into(), "not a JWT")] {
+    let query = format!("token={}&topics=news", token_with("phoenix-2", &["news"], 3));
+    let mut client = gateway.connect_with(&query).await;
+    let refused = [
+        (token_with("someone-else", &["news"], 600), "another user", "unauthorized"),
+        ("nope".into(), "not a JWT", "unauthorized"),
+        // Access the new token takes away ends with the connection, as at a reconnect.
+        (token_with("phoenix-2", &[], 600), "a topic no longer allowed", "forbidden"),
+    ];
+    for (token, why, expected) in refused {
         client.send_json(serde_json::json!({"type": "refresh", "token": token})).await;
         let ServerFrame::Error { code, .. } = client.next_frame().await else { panic!("{why}: no error") };
-        assert_eq!(code, "unauthorized", "{why}");
+        assert_eq!(code, expected, "{why}");
     }
-    let renewed = token_with("phoenix-2", &[], 600);
+    client.send_json(serde_json::json!({"type": "refresh"})).await;
+    let ServerFrame::Error { code, .. } = client.next_frame().await else { panic!("no error for a bad refresh") };
+    assert_eq!(code, "bad_request");
+    let renewed = token_with("phoenix-2", &["news"], 600);
     client.send_json(serde_json::json!({"type": "refresh", "token": renewed})).await;
-    let ServerFrame::Refreshed { exp } = client.next_frame().await else { panic!("no refreshed") };
-    assert!(exp > expires + 500, "{exp}");
+    let ServerFrame::Refreshed { exp, ttl } = client.next_frame().await else { panic!("no refreshed") };
+    assert!(exp > expires + 500 && (590..=600).contains(&ttl), "{exp} {ttl}");
     herald_tests::eventually("the first token expired", Duration::from_secs(10), || async {
         (now_secs() > expires + 1).then_some(())
     })

@@ -125,28 +125,51 @@ test("with a token function, the connection's token is renewed before it expires
   const { client, clock } = setup({ token: () => tokens[Math.min(calls++, 1)] });
   const socket = await connected(client);
   socket.welcome({ user: "u1", heartbeat: 0 }); // no pings: the clock jumps minutes
-  await clock.advance(89_999);
-  assert.deepEqual(socket.sentOf("refresh"), [], "not before 30 s ahead of the expiry");
+  await clock.advance(59_999);
+  assert.deepEqual(socket.sentOf("refresh"), [], "halfway through a short life, not before");
   await clock.advance(1);
   assert.deepEqual(socket.sentOf("refresh"), [{ type: "refresh", token: tokens[1] }]);
-  socket.receive({ type: "refreshed", exp: 600 });
-  await clock.advance(570_000 - 90_000);
-  assert.equal(socket.sentOf("refresh").length, 2, "the next one 30 s ahead of the new expiry");
+  // The gateway's clock says how long is left (this one may be off): 90 s before that.
+  socket.receive({ type: "refreshed", exp: 600, ttl: 540 });
+  await clock.advance(449_999);
+  assert.equal(socket.sentOf("refresh").length, 1);
+  await clock.advance(1);
+  assert.equal(socket.sentOf("refresh").length, 1, "the same token again is not sent");
   assert.equal(FakeWebSocket.all.length, 1, "one connection throughout");
+});
+
+test("a refresh is never due at once, nor later than a timer can wait", async () => {
+  let calls = 0;
+  const past = fakeToken({ sub: "u1", exp: 1 });
+  const { client, clock } = setup({ token: () => (++calls === 1 ? past : fakeToken({ sub: "u1", exp: calls })) });
+  const socket = await connected(client);
+  socket.welcome({ user: "u1", heartbeat: 0 });
+  await clock.advance(4_999);
+  assert.equal(calls, 1, "a clock far ahead: no refresh loop, 5 s at least");
+  await clock.advance(1);
+  assert.equal(socket.sentOf("refresh").length, 1);
+  socket.receive({ type: "refreshed", exp: 4_000_000_000, ttl: 40 * 24 * 3600 });
+  await clock.advance(60_000);
+  assert.equal(socket.sentOf("refresh").length, 1, "a 40-day token is not refreshed at once");
+  assert.deepEqual(clock.pending, [2 ** 31 - 1 - 60_000]);
 });
 
 test("a fixed token is never refreshed, and a dropped connection drops its pending refresh", async () => {
   const fixed = setup({ token: fakeToken({ sub: "u1", exp: 120 }) });
   const socket = await connected(fixed.client);
-  socket.welcome({ user: "u1", heartbeat: 0 }); // no pings: the clock jumps minutes
+  socket.welcome({ user: "u1", heartbeat: 0 });
   await fixed.clock.advance(120_000);
   assert.deepEqual(socket.sentOf("refresh"), []);
-  const renewed = setup({ token: () => fakeToken({ sub: "u1", exp: 120 }), backoff: { base: 100_000, max: 100_000, jitter: 0 } });
+  let calls = 0;
+  const renewed = setup({
+    token: () => fakeToken({ sub: "u1", exp: 120, n: ++calls }),
+    backoff: { base: 100_000, max: 100_000, jitter: 0 },
+  });
   const first = await connected(renewed.client);
   first.welcome({ user: "u1", heartbeat: 0 });
   first.serverClose(1011);
   await renewed.clock.advance(95_000);
-  assert.deepEqual(first.sentOf("refresh"), [], "the refresh went with its connection");
+  assert.equal(calls, 1, "the refresh went with its connection: no token asked for it");
 });
 
 /** The delays of the `reconnecting` states so far. */

@@ -58,11 +58,14 @@ fn command(frame: ClientFrame) -> Command {
     }
 }
 
-/// The answer to a `refresh`: `refreshed` with the new expiry, or an `error` (the connection goes
-/// on, and ends at the expiry it had).
+/// The answer to a `refresh`: `refreshed` with the new expiry and the seconds left until it by
+/// the gateway's clock (a client's may be off), or an `error` (the connection goes on, and ends
+/// at the expiry it had).
 pub(super) fn refreshed(outcome: Result<u64, (u32, String)>) -> ServerFrame {
+    use crate::codec::centrifugal::wire::error;
     match outcome {
-        Ok(exp) => ServerFrame::Refreshed { exp },
+        Ok(exp) => ServerFrame::Refreshed { exp, ttl: exp.saturating_sub(herald_shared::token::now_secs()) },
+        Err((error::PERMISSION_DENIED, message)) => ServerFrame::error(error_code::FORBIDDEN, message),
         Err((_, message)) => ServerFrame::error(error_code::UNAUTHORIZED, message),
     }
 }
@@ -78,7 +81,7 @@ fn refusal(text: &[u8], error: serde_json::Error) -> Refusal {
     let Ok(probe) = serde_json::from_slice::<Probe>(text) else {
         return Refusal::Close(Close::new(CloseCode::Policy, "not a JSON frame with a type"));
     };
-    const KNOWN: [&str; 6] = ["ack", "read", "sub", "unsub", "rpc", "ping"];
+    const KNOWN: [&str; 7] = ["ack", "read", "sub", "unsub", "rpc", "ping", "refresh"];
     if KNOWN.contains(&probe.kind.as_str()) {
         let message = format!("bad {} frame: {error}", probe.kind);
         Refusal::Notice(Box::new(ServerFrame::error(error_code::BAD_REQUEST, message)))

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use herald_shared::frame::{ServerFrame, error_code};
+use herald_shared::id::topic_allowed;
 
 use super::Session;
 use super::deadlines::Deadlines;
@@ -56,12 +57,19 @@ fn refresh(session: &Session, state: &mut SessionState, token: &str, deadlines: 
     use crate::codec::centrifugal::wire::error;
     use herald_shared::token::TokenError;
     let outcome = match session.shared.verifier.verify(token) {
-        Ok(claims) if claims.sub == *session.user => {
+        Ok(claims) if claims.sub != *session.user => {
+            Err((error::UNAUTHORIZED, "the token is for another user".to_string()))
+        }
+        // Access a new token takes away ends now, as it would at a reconnect: the connection keeps
+        // its expiry, and ends there.
+        Ok(claims) if let Some(topic) = state.topics().find(|topic| !topic_allowed(&claims.topics, topic)) => {
+            Err((error::PERMISSION_DENIED, format!("the token does not allow topic {topic}")))
+        }
+        Ok(claims) => {
             let since_epoch = herald_shared::token::since_epoch();
             deadlines.expire_at(super::deadlines::token_expiry(tokio::time::Instant::now(), since_epoch, claims.exp));
             Ok(claims.exp)
         }
-        Ok(_) => Err((error::UNAUTHORIZED, "the token is for another user".to_string())),
         Err(TokenError::Expired) => Err((error::TOKEN_EXPIRED, TokenError::Expired.to_string())),
         Err(refused) => Err((error::UNAUTHORIZED, refused.to_string())),
     };

@@ -400,6 +400,11 @@ impl SessionState {
         audiences_of(&self.user, self.topics.iter())
     }
 
+    /// The topics the connection has.
+    pub(crate) fn topics(&self) -> impl Iterator<Item = &String> {
+        self.topics.iter()
+    }
+
     /// The highest `seq` sent: a client cannot acknowledge more.
     pub(crate) fn last_sent(&self) -> u64 {
         self.last_sent
