@@ -249,13 +249,13 @@ async fn presence_and_disconnect_span_every_gateway() {
 }
 
 /// Load balancers and scripts probe with HEAD: the plain pages answer it as GET, without a body;
-/// the upgrade paths take GET only.
+/// the upgrade paths take GET only (405).
 #[tokio::test]
 async fn head_asks_the_plain_pages_without_their_bodies() {
     let nats = TestNats::start().await;
     let gateway = TestGateway::start(&nats).await;
     let http = reqwest::Client::new();
-    for (path, status) in [("/healthz", 200), ("/readyz", 200), ("/metrics", 200), ("/", 200), ("/ws", 404)] {
+    for (path, status) in [("/healthz", 200), ("/readyz", 200), ("/metrics", 200), ("/", 200), ("/ws", 405)] {
         let response = http.head(gateway.http_url(path)).send().await.expect("the gateway answers");
         let got = response.status().as_u16();
         let length = response.headers().get("content-length").map(|v| v.to_str().unwrap().to_string());
