@@ -60,8 +60,8 @@ fn refresh(session: &Session, state: &mut SessionState, token: &str, deadlines: 
         Ok(claims) if claims.sub != *session.user => {
             Err((error::UNAUTHORIZED, "the token is for another user".to_string()))
         }
-        // Access a new token takes away ends now, as it would at a reconnect: the connection keeps
-        // its expiry, and ends there.
+        // A new token that takes away a topic the connection has is refused: the connection ends at
+        // the expiry it had, and its reconnect checks the claim again.
         Ok(claims) if let Some(topic) = state.topics().find(|topic| !topic_allowed(&claims.topics, topic)) => {
             Err((error::PERMISSION_DENIED, format!("the token does not allow topic {topic}")))
         }
