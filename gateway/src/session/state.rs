@@ -1035,12 +1035,10 @@ impl SessionState {
                 self.frame_bytes += self.codec.queue_message(&message, &mut self.frames);
             }
             Purpose::TopicBlock { .. } | Purpose::Refill { .. } => {
-                // Newer ones come with the catch-up, in order, after the block's `replayed`: they
-                // are neither counted in it nor its `to`.
-                if message.seq > self.last_sent {
-                    return;
+                // Newer ones come with the catch-up, in order.
+                if message.seq <= self.last_sent {
+                    self.frame_bytes += self.codec.queue_message(&message, &mut self.frames);
                 }
-                self.frame_bytes += self.codec.queue_message(&message, &mut self.frames);
             }
         }
         run.sent += 1;
