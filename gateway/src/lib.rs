@@ -131,7 +131,7 @@ impl Gateway {
         config.check().map_err(StartError::Setting)?;
         let verifier = verifier(&config)?;
         if config.dev {
-            warn!(
+            info!(
                 configured_secret = config.jwt_secret.is_some(),
                 "dev mode: GET /dev/token signs a token for any user with this gateway's secret; never in production"
             );
