@@ -416,6 +416,9 @@ async fn a_read_position_kv_fails_to_read_for_a_moment_is_read_again() {
     }
     let reads = nats.jetstream().await.get_key_value("herald-reads").await.unwrap();
     reads.put("kim", seqs[1].to_string().into()).await.unwrap();
+    // Another user's first connection has the gateway open its handle on the bucket now, while the
+    // bucket allows direct reads: one opened after it stopped would read otherwise, unseen here.
+    let _warm_up = gateway.connect("warm-up").await;
 
     let url = gateway.ws_url(&format!("token={}&device=laptop", token("kim")));
     let mut laptop = connect_while_a_read_goes_unanswered(&nats, "herald-reads", url).await;
