@@ -473,3 +473,26 @@ async fn a_refreshed_token_keeps_a_socket_past_the_first_expiry_and_a_bad_one_ch
     let seq = publisher.publish("push.user.phoenix-2", "still here").await;
     assert_eq!(client.expect_msgs(1).await, [seq]);
 }
+
+/// A refreshed token's `topics` claim is what `sub` is checked against from then on: a topic the
+/// first token allowed and the new one leaves out is refused, one the new token adds is joined.
+#[tokio::test]
+async fn a_refreshed_token_decides_which_topics_a_sub_may_join() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let query = format!("token={}&topics=news", token_with("phoenix-3", &["news", "secret"], 600));
+    let mut client = gateway.connect_with(&query).await;
+    let refreshed =
+        |topics: &[&str]| serde_json::json!({"type": "refresh", "token": token_with("phoenix-3", topics, 600)});
+
+    client.send_json(refreshed(&["news"])).await;
+    assert!(matches!(client.next_frame().await, ServerFrame::Refreshed { .. }), "a narrower token is taken");
+    client.send_json(serde_json::json!({"type": "sub", "topic": "secret"})).await;
+    let ServerFrame::Error { code, topic, .. } = client.next_frame().await else { panic!("secret: no error") };
+    assert_eq!((code.as_str(), topic.as_deref()), ("forbidden", Some("secret")));
+
+    client.send_json(refreshed(&["news", "extra"])).await;
+    assert!(matches!(client.next_frame().await, ServerFrame::Refreshed { .. }), "a wider token is taken");
+    client.send_json(serde_json::json!({"type": "sub", "topic": "extra"})).await;
+    assert_eq!(client.next_frame().await, ServerFrame::Subscribed { topic: "extra".into() });
+}

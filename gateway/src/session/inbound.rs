@@ -62,12 +62,13 @@ fn refresh(session: &Session, state: &mut SessionState, token: &str, deadlines: 
         }
         // A new token that takes away a topic the connection has is refused: the connection ends at
         // the expiry it had, and its reconnect checks the claim again.
-        Ok(claims) if let Some(topic) = state.topics().find(|topic| !topic_allowed(&claims.topics, topic)) => {
+        Ok(claims) if let Some(topic) = state.topics_held().find(|topic| !topic_allowed(&claims.topics, topic)) => {
             Err((error::PERMISSION_DENIED, format!("the token does not allow topic {topic}")))
         }
         Ok(claims) => {
             let since_epoch = herald_shared::token::since_epoch();
             deadlines.expire_at(super::deadlines::token_expiry(tokio::time::Instant::now(), since_epoch, claims.exp));
+            state.allow_topics(claims.topics);
             Ok(claims.exp)
         }
         Err(TokenError::Expired) => Err((error::TOKEN_EXPIRED, TokenError::Expired.to_string())),

@@ -400,9 +400,18 @@ impl SessionState {
         audiences_of(&self.user, self.topics.iter())
     }
 
-    /// The topics the connection has.
-    pub(crate) fn topics(&self) -> impl Iterator<Item = &String> {
-        self.topics.iter()
+    /// The topics the connection has or is joining now: those a new token must still allow.
+    pub(crate) fn topics_held(&self) -> impl Iterator<Item = &String> {
+        let joining = match &self.step {
+            Some(Step::Attach { topic, .. }) => Some(topic),
+            _ => None,
+        };
+        self.topics.iter().chain(joining.filter(|topic| !self.topics.contains(*topic)))
+    }
+
+    /// The topics a refreshed token allows: checked for every `sub` from now on (those queued too).
+    pub(crate) fn allow_topics(&mut self, allowed: Vec<String>) {
+        self.allowed_topics = allowed;
     }
 
     /// The highest `seq` sent: a client cannot acknowledge more.

@@ -1521,3 +1521,24 @@ fn a_socketio_connections_topics_are_kept_after_they_change_once_per_write_under
     h.state.pinged();
     assert_eq!(h.action(), None);
 }
+
+#[test]
+fn the_topics_a_new_token_must_allow_are_those_joined_and_the_one_joining() {
+    let mut h = Harness::build(Start::Live, 10, 100, |p| {
+        p.allowed_topics = vec!["news".into(), "sport".into()];
+        p.max_topics = 3;
+    });
+    h.state.subscribe("news".into(), None);
+    join_live(&mut h, "news");
+    h.state.subscribe("sport".into(), None);
+    assert_eq!(h.action(), Some(Action::Attach { topic: "sport".into(), attaching: Attaching::Live }));
+    assert_eq!(h.state.topics_held().collect::<Vec<_>>(), ["news", "sport"]);
+
+    // A `sub` queued behind it is checked when it starts, against the topics allowed then.
+    h.state.subscribe("weather".into(), None);
+    h.state.allow_topics(vec!["news".into(), "sport".into(), "weather".into()]);
+    h.state.on_outcome(Outcome::Attached(Ok(topic_start("sport"))));
+    assert_eq!(h.action(), Some(Action::Flush));
+    h.state.on_outcome(Outcome::Flushed);
+    assert_eq!(h.action(), Some(Action::Attach { topic: "weather".into(), attaching: Attaching::Live }));
+}
