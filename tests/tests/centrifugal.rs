@@ -257,6 +257,30 @@ async fn a_refreshed_token_keeps_the_connection_past_the_first_expiry() {
     assert_eq!(sdk.named("connecting").len(), 1, "only the first connect: {:?}", sdk.events());
 }
 
+/// As Centrifugo's connection refresh, a refreshed token leaves the channels joined as they are
+/// (a channel it no longer allows ends with the connection): the SDK keeps its connection and its
+/// subscription past the first token's expiry.
+#[tokio::test]
+async fn a_refreshed_token_that_leaves_out_a_joined_channel_keeps_the_connection_and_the_channel() {
+    let Some(python) = python() else { return };
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let expires = herald_shared::token::now_secs() + 3;
+    let mut sdk = connected_sdk(&python, &gateway, &token_with("cf5", &["news"], 3)).await;
+    subscribe(&mut sdk, "news").await;
+    sdk.send(json!({"op": "set_token", "token": token_with("cf5", &[], 600)})).await;
+    sdk.wait_for("the SDK asked for a new token", |e| e["event"] == "token_requested").await;
+    eventually("the first token expired", Duration::from_secs(10), || async {
+        (herald_shared::token::now_secs() > expires + 1).then_some(())
+    })
+    .await;
+    let news = publisher.publish("push.topic.news", r#""still joined""#).await;
+    assert_eq!(wait_pubs(&sdk, 1).await, vec![("news".to_string(), news, json!("still joined"))]);
+    assert_eq!(sdk.named("connected").len(), 1, "one connection throughout: {:?}", sdk.events());
+    assert_eq!(sdk.named("connecting").len(), 1, "only the first connect: {:?}", sdk.events());
+}
+
 #[tokio::test]
 async fn a_bad_token_is_a_terminal_invalid_token_disconnect() {
     let Some(python) = python() else { return };

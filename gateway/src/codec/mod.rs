@@ -177,6 +177,13 @@ pub(crate) enum Codec {
 }
 
 impl Codec {
+    /// Whether a refreshed token that leaves out a topic the connection has is refused. Centrifugal
+    /// takes it, as Centrifugo's connection refresh leaves subscriptions alone (centrifuge-js ends
+    /// the connection for good on a refused refresh); the topic ends with the connection.
+    pub(crate) fn refuses_narrower_refresh(&self) -> bool {
+        !matches!(self, Codec::Centrifugal(_))
+    }
+
     /// Whether the connection's topics are kept for its client to recover them (Socket.IO's
     /// connection state recovery; see [`crate::cluster::recovery`]).
     pub(crate) fn remembers_topics(&self) -> bool {

@@ -62,7 +62,10 @@ fn refresh(session: &Session, state: &mut SessionState, token: &str, deadlines: 
         }
         // A new token that takes away a topic the connection has is refused: the connection ends at
         // the expiry it had, and its reconnect checks the claim again.
-        Ok(claims) if let Some(topic) = state.topics_held().find(|topic| !topic_allowed(&claims.topics, topic)) => {
+        Ok(claims)
+            if state.codec().refuses_narrower_refresh()
+                && let Some(topic) = state.topics_held().find(|topic| !topic_allowed(&claims.topics, topic)) =>
+        {
             Err((error::PERMISSION_DENIED, format!("the token does not allow topic {topic}")))
         }
         Ok(claims) => {
