@@ -241,6 +241,13 @@ impl Config {
             ("sessions_max_age", self.stream.sessions_max_age.is_zero(), "claims would never expire"),
             ("max_frame_bytes", self.max_frame_bytes == 0, "every client message would be refused"),
             ("cursor_write_rate", self.cursor_write_rate == 0, "no cursor would be written"),
+            ("write_stall_timeout", self.write_stall_timeout.is_zero(), "every socket would be closed as stalled"),
+            ("write_batch_frames", self.write_batch_frames == 0, "no frame would be written"),
+            ("replay_batch", self.replay_batch == 0, "no replay would read a message"),
+            ("replay_concurrency", self.replay_concurrency == 0, "no replay would start"),
+            ("broadcast_log_entries", self.broadcast_log_entries == 0, "every broadcast would be read from the stream"),
+            ("broadcast_log_bytes", self.broadcast_log_bytes == 0, "every broadcast would be read from the stream"),
+            ("outbound_queue_bytes", self.outbound_queue_bytes == 0, "every message would be read from the stream"),
         ];
         if let Some((key, _, why)) = zero.iter().find(|(_, is_zero, _)| *is_zero) {
             return Err(format!("{key} is 0: {why}"));
@@ -283,6 +290,9 @@ mod tests {
         refused(|c| c.heartbeat = Duration::ZERO, "heartbeat is 0");
         refused(|c| c.stream.sessions_max_age = Duration::ZERO, "sessions_max_age is 0");
         refused(|c| c.max_frame_bytes = 0, "max_frame_bytes is 0");
+        refused(|c| c.write_stall_timeout = Duration::ZERO, "write_stall_timeout is 0");
+        refused(|c| c.write_batch_frames = 0, "write_batch_frames is 0");
+        refused(|c| c.replay_concurrency = 0, "replay_concurrency is 0");
         refused(|c| c.node_id = " ".into(), "node_id is empty");
         refused(|c| c.nats.nats_url = String::new(), "nats_url is empty");
         refused(|c| c.api_keys = vec!["k".into(), String::new()], "api_keys holds an empty key");

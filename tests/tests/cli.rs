@@ -170,6 +170,8 @@ async fn settings_no_gateway_can_run_with_stop_it_at_start() {
         ("HERALD_HEARTBEAT", "0s"),
         ("HERALD_SESSIONS_MAX_AGE", "0s"),
         ("HERALD_MAX_FRAME_BYTES", "0"),
+        ("HERALD_WRITE_STALL_TIMEOUT", "0s"),
+        ("HERALD_WRITE_BATCH_FRAMES", "0"),
         ("HERALD_NODE_ID", ""),
         ("HERALD_NATS_URL", ""),
         ("HERALD_API_KEYS", r#"["k", ""]"#),
