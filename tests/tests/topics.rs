@@ -3,6 +3,7 @@
 use herald_shared::frame::ServerFrame;
 use herald_tests::gateway::token_with;
 use herald_tests::{Publisher, TestGateway, TestNats, WsClient};
+use tokio_tungstenite::tungstenite::Message;
 
 /// The code and topic of an `error` frame.
 fn refusal(frame: ServerFrame) -> (String, Option<String>) {
@@ -136,4 +137,28 @@ async fn a_topic_subscription_is_shared_and_released_after_its_last_socket() {
     gateway.wait_metric("herald_gateway_connections", 1.0).await;
     // kim's user subscription and the topic's are gone.
     assert_eq!(gateway.metric("herald_gateway_subscriptions").await, 2.0);
+}
+
+/// A connection that ends while its `sub` is being joined (or a `sub` and then an `unsub`) leaves no
+/// subscription behind: once every socket is gone, the gateway holds no route for their topics.
+#[tokio::test]
+async fn a_connection_closed_while_joining_a_topic_leaves_no_subscription_behind() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let token = token_with("quitter", &["*"], 600);
+    for n in 0..30 {
+        let mut client = gateway.connect_with(&format!("token={token}&device=d{n}")).await;
+        client.send_json(serde_json::json!({"type": "sub", "topic": format!("brief-{n}")})).await;
+        if n % 2 == 1 {
+            client.send_json(serde_json::json!({"type": "unsub", "topic": format!("brief-{n}")})).await;
+        }
+        client.send(Message::Close(None)).await.expect("close");
+    }
+    let settled = || async {
+        let (connections, subscriptions) =
+            (gateway.metric("herald_gateway_connections").await, gateway.metric("herald_gateway_subscriptions").await);
+        (connections == 0.0 && subscriptions == 0.0).then_some(())
+    };
+    herald_tests::eventually("no connection and no subscription left", std::time::Duration::from_secs(20), settled)
+        .await;
 }

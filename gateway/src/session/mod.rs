@@ -183,11 +183,13 @@ pub(crate) fn run_with(
         drop(reader);
         let state = served.as_ref().map(|(state, _)| &**state);
         let audiences = state.map(SessionState::audiences).unwrap_or_else(|| join_audiences(&session));
+        let in_flight = state.and_then(SessionState::topic_in_flight);
         let last = last_frame(state, format, &close);
         if let Some((state, job)) = served {
             settle_losses(&session, state, job, transmit.unwritten());
         }
-        Box::pin(finish(&session, format, audiences, last, transmit, close)).await;
+        let ending = Ending { audiences, in_flight, last, close };
+        Box::pin(finish(&session, format, ending, transmit)).await;
     }
 }
 
@@ -389,17 +391,20 @@ fn count(metrics: &crate::http::metrics::Metrics, tally: Tally) {
     add(&metrics.losses_assumed, tally.losses_assumed);
 }
 
-/// Closes the socket with `close`, `last` its last frame, and releases what the session held: its
-/// routes for `audiences`, its place in the registry, its claim and its cursor; a Socket.IO
-/// connection's topics are kept for its recovery.
-async fn finish(
-    session: &Session,
-    format: WireFormat,
+/// How a connection ends: what it received, its close and the close's last frame.
+struct Ending {
+    /// Its user, `all` and its topics.
     audiences: Vec<Audience>,
+    /// A topic it was joining or leaving when it ended.
+    in_flight: Option<Audience>,
     last: Option<Bytes>,
-    mut transmit: Transmit<WriteHalf>,
     close: Close,
-) {
+}
+
+/// Closes the socket and releases what the session held: its routes, its place in the registry,
+/// its claim and its cursor; a Socket.IO connection's topics are kept for its recovery.
+async fn finish(session: &Session, format: WireFormat, ending: Ending, mut transmit: Transmit<WriteHalf>) {
+    let Ending { mut audiences, in_flight, last, close } = ending;
     let shared = &session.shared;
     if close.code == CloseCode::SlowConsumer {
         shared.metrics.slow_consumer_closes.inc();
@@ -407,6 +412,7 @@ async fn finish(
     if format == WireFormat::SocketIo {
         remember_topics(session, &audiences, &close).await;
     }
+    audiences.extend(in_flight);
     shared.router.detach(session.key, audiences, true).await;
     shared.registry.remove(&session.conn);
     shared.metrics.users.set(shared.registry.counts().users as i64);

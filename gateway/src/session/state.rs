@@ -409,6 +409,17 @@ impl SessionState {
         self.topics.iter().chain(joining.filter(|topic| !self.topics.contains(*topic)))
     }
 
+    /// A topic being joined or left, whose route may be in place although the connection's topics
+    /// do not say so: the connection's end detaches it too.
+    pub(crate) fn topic_in_flight(&self) -> Option<Audience> {
+        match &self.step {
+            Some(Step::Attach { topic, .. } | Step::Detach { topic }) if !self.topics.contains(topic) => {
+                Some(Audience::Topic(topic.clone()))
+            }
+            _ => None,
+        }
+    }
+
     /// The topics a refreshed token allows: checked for every `sub` from now on (those queued too).
     pub(crate) fn allow_topics(&mut self, allowed: Vec<String>) {
         self.allowed_topics = allowed;
