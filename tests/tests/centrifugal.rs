@@ -429,6 +429,40 @@ async fn a_replaced_stream_has_another_epoch_and_old_offsets_are_not_recovered()
     assert_eq!(personal["epoch"], after);
 }
 
+/// An unsubscribe sent before its subscribe is answered (centrifuge-python does so) is answered
+/// after it, and the channel is left: nothing of it comes any more, and the gateway keeps no route.
+#[tokio::test]
+async fn an_unsubscribe_while_subscribing_leaves_the_channel() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let mut raw = Raw::open(&gateway).await;
+    raw.send(&json!({"id": 1, "connect": {"token": token_with("cf8", &["news"], 600)}}).to_string()).await;
+    raw.reply().await;
+    let subscriptions = gateway.metric("herald_gateway_subscriptions").await;
+
+    raw.send("{\"id\":2,\"subscribe\":{\"channel\":\"news\"}}\n{\"id\":3,\"unsubscribe\":{\"channel\":\"news\"}}")
+        .await;
+    let mut replies = Vec::new();
+    while replies.len() < 2 {
+        replies.extend(raw.next().await.expect("the replies"));
+    }
+    assert_eq!(replies[0]["id"], 2, "{replies:?}");
+    assert!(replies[0]["subscribe"].is_object(), "{replies:?}");
+    assert_eq!(replies[1], json!({"id": 3, "unsubscribe": {}}));
+    eventually("the topic left", Duration::from_secs(10), || async {
+        (gateway.metric("herald_gateway_subscriptions").await == subscriptions).then_some(())
+    })
+    .await;
+    publisher.publish("push.topic.news", "not for the client").await;
+    let mark = publisher.publish("push.user.cf8", "mark").await;
+    let next = raw.next().await.unwrap();
+    assert_eq!(
+        (next[0]["push"]["channel"].as_str(), next[0]["push"]["pub"]["offset"].as_u64()),
+        (Some("#cf8"), Some(mark))
+    );
+}
+
 /// A client that loads its state by itself (the SDKs' `get_state`) asks with flag 2 for error 112
 /// when a recovery cannot give everything; nothing of the channel reaches it until it subscribes
 /// again. A tags filter, which Herald does not apply, is refused rather than ignored.

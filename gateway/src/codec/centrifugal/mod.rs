@@ -206,6 +206,8 @@ impl CentrifugalCodec {
             },
             ServerFrame::Unsubscribed { topic } => {
                 self.rejected.remove(topic);
+                // Subscribed meanwhile, when the unsubscribe came while it was subscribing.
+                self.subscribed.remove(topic);
                 let id = self.unsubscribing.remove(topic)?;
                 Some(to_frame(self.protobuf, &wire::reply(id, "unsubscribe", &json!({}))))
             }
@@ -354,7 +356,8 @@ impl CentrifugalCodec {
                 Ok(Some(Command::Subscribe { topic: channel, since }))
             }
             command::Parsed::Unsubscribe { channel } => {
-                if !self.subscribed.remove(&channel) {
+                // One still subscribing is left after its subscribe (the session takes them in order).
+                if !self.subscribed.remove(&channel) && !self.subscribing.contains_key(&channel) {
                     // Nothing to undo: the server-side channels stay, unknown ones are not there.
                     return Err(Refusal::Reply(to_frame(protobuf, &wire::reply(id, "unsubscribe", &json!({})))));
                 }
