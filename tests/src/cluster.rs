@@ -197,9 +197,16 @@ async fn start_containers(id: &str, names: &[String]) -> Vec<Node> {
             .with_mapped_port(monitor_port, 8222.tcp())
             .with_copy_to("/etc/herald/nats.conf", workspace_root().join("nats.conf"))
             .with_copy_to("/etc/herald/nats-cluster.conf", workspace_root().join("nats-cluster.conf"))
-            // Clients are given every node's host port; the nodes' addresses on the Docker network
-            // are not for them, so the nodes do not advertise them.
-            .with_cmd(["-c", "/etc/herald/nats-cluster.conf", "-sd", "/data/jetstream", "--no_advertise"])
+            // Each node advertises its host port (its address on the Docker network is not for
+            // clients): clients given one node learn the others, as in a cluster outside Docker.
+            .with_cmd([
+                "-c".to_string(),
+                "/etc/herald/nats-cluster.conf".into(),
+                "-sd".into(),
+                "/data/jetstream".into(),
+                "--client_advertise".into(),
+                format!("127.0.0.1:{port}"),
+            ])
             .with_network(id)
             .with_container_name(name)
             .with_env_var("HERALD_NATS_NAME", name)

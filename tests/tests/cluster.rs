@@ -297,6 +297,56 @@ async fn a_gateway_whose_stream_has_no_leader_is_not_ready() {
         .await;
 }
 
+/// A gateway given one node's URL learns the others from NATS, as NATS clients do: when that node
+/// dies for good, its delivery connection moves to another node and its sockets go on receiving
+/// (a socket closed meanwhile resumes, as clients do; what comes after that must arrive live).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_given_one_node_delivers_through_the_others_once_that_node_dies() {
+    let _alone = ONE_CLUSTER.lock().await;
+    let cluster = TestCluster::start().await;
+    let seed = cluster.names().remove(0);
+    let gateway = TestGateway::start_on(&cluster.node_url(&seed), |config| config.stream.stream_replicas = 3).await;
+    let publisher = jetstream::new(cluster.client_as(Role::Publisher).await.expect("connect as publisher"));
+    let publish = |payload: &'static str| {
+        let publisher = publisher.clone();
+        eventually("the stream storing a message", Duration::from_secs(60), move || {
+            let publisher = publisher.clone();
+            async move {
+                publisher.publish("push.user.seeded", payload.into()).await.ok()?.await.ok().map(|ack| ack.sequence)
+            }
+        })
+    };
+    let mut client = gateway.connect("seeded").await;
+    let first = publish("before").await;
+    assert_eq!(client.expect_msg().await.seq, first);
+
+    cluster.kill(&seed).await;
+    let during = publish("while the seed is gone").await;
+    let mut last = first;
+    while last < during {
+        match tokio::time::timeout(Duration::from_secs(60), client.recv()).await.expect("a frame within 60 s") {
+            Event::Frame(ServerFrame::Msg(msg)) => last = msg.seq,
+            Event::Frame(_) => {}
+            Event::Close(_) => {
+                let query = format!("token={}&since={last}", token("seeded"));
+                client = eventually("the gateway taking the resume", Duration::from_secs(60), || async {
+                    WsClient::try_connect(&gateway.ws_url(&query)).await.ok()
+                })
+                .await;
+            }
+        }
+    }
+    assert_eq!(last, during);
+    let after = publish("after").await;
+    loop {
+        match client.next_event().await {
+            Event::Frame(ServerFrame::Msg(msg)) => break assert_eq!(msg.seq, after),
+            Event::Frame(_) => {}
+            Event::Close(close) => panic!("closed ({close:?}) while the message after was expected"),
+        }
+    }
+}
+
 /// A functions copy or a gateway started without the cluster's `stream_replicas` (1 by default)
 /// takes no replica away: the functions do not change the gateways' buckets, and each updates its
 /// streams (the gateway `HERALD` and the buckets, the functions their events and dead letters) but

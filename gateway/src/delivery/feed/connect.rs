@@ -1,4 +1,4 @@
-//! Opening the feed's connection: dial one of the configured servers, read its `INFO`, upgrade to
+//! Opening the feed's connection: dial one of the known servers ([`Servers`]), read its `INFO`, upgrade to
 //! TLS when the URL or the server asks for it, authenticate (user and password, or a `.creds` file's
 //! JWT with the nonce signed by its NKey), and wait for the server's `PONG` to our first `PING`.
 
@@ -12,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::proto::{self, ServerOp};
+use super::servers::Servers;
 
 /// A connection, plain or TLS.
 pub(super) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -43,19 +44,26 @@ impl Stream {
 /// How long dialing and the handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Connects to the server picked by `turn` (round robin over `nats_url`); returns the stream and
-/// the server's address.
-pub(super) async fn dial(settings: &NatsSettings, name: &str, turn: usize) -> Result<(Stream, String), String> {
-    let servers: Vec<&str> = settings.nats_url.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
-    if servers.is_empty() {
-        return Err("no NATS server configured".into());
-    }
-    let server = servers[turn % servers.len()];
-    let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(settings, name, server))
+/// A connection just made: the stream, the server's address and its `INFO`.
+pub(super) struct Dialed {
+    pub(super) stream: Stream,
+    pub(super) server: String,
+    pub(super) info: serde_json::Value,
+}
+
+/// Connects to the server picked by `turn` (round robin over `servers`).
+pub(super) async fn dial(
+    settings: &NatsSettings,
+    name: &str,
+    servers: &Servers,
+    turn: usize,
+) -> Result<Dialed, String> {
+    let server = servers.pick(turn).ok_or("no NATS server configured")?;
+    let (stream, info) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(settings, name, server))
         .await
         .map_err(|_| format!("{server}: handshake timed out"))?
         .map_err(|error| format!("{server}: {error}"))?;
-    Ok((stream, server.to_string()))
+    Ok(Dialed { stream, server: server.to_string(), info })
 }
 
 /// Where and how to reach one server.
@@ -95,7 +103,7 @@ fn parse_url(url: &str) -> Result<ServerUrl, String> {
     Ok(ServerUrl { host, port, tls, credentials })
 }
 
-async fn handshake(settings: &NatsSettings, name: &str, url: &str) -> Result<Stream, String> {
+async fn handshake(settings: &NatsSettings, name: &str, url: &str) -> Result<(Stream, serde_json::Value), String> {
     let ServerUrl { host, port, tls: tls_asked, credentials } = parse_url(url)?;
     let tcp = TcpStream::connect((host.as_str(), port)).await.map_err(|e| e.to_string())?;
     let _ = tcp.set_nodelay(true);
@@ -132,7 +140,7 @@ async fn handshake(settings: &NatsSettings, name: &str, url: &str) -> Result<Str
     io.write_all(&hello).await.map_err(|e| e.to_string())?;
     loop {
         match next_op(&mut io, &mut buf).await? {
-            ServerOp::Pong => return Ok(Stream { io, leftover: buf }),
+            ServerOp::Pong => return Ok((Stream { io, leftover: buf }, info)),
             ServerOp::Err(error) => return Err(error),
             ServerOp::Ping => io.write_all(proto::PONG).await.map_err(|e| e.to_string())?,
             ServerOp::Ok | ServerOp::Info(_) | ServerOp::Msg(_) => {}

@@ -21,6 +21,7 @@
 
 mod connect;
 pub(crate) mod proto;
+mod servers;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -37,7 +38,8 @@ use tracing::{debug, info, warn};
 pub(crate) use proto::Delivered;
 use proto::ServerOp;
 
-use connect::Stream;
+use connect::{Dialed, Stream};
+use servers::Servers;
 
 /// What the feed hands the router, in the order it happened.
 #[derive(Debug)]
@@ -117,6 +119,7 @@ impl Feed {
         let connected = Arc::new(AtomicBool::new(false));
         let reply_prefix = format!("{}.feed.{}", settings.nats_inbox_prefix, crate::id::random_id(12));
         let task = FeedTask {
+            servers: Servers::new(&settings.nats_url),
             settings: settings.clone(),
             name,
             commands: receiver,
@@ -185,6 +188,8 @@ impl Feed {
 
 struct FeedTask {
     settings: NatsSettings,
+    /// The servers to dial, those the cluster advertised among them.
+    servers: Servers,
     name: String,
     commands: mpsc::UnboundedReceiver<Command>,
     events: mpsc::Sender<FeedEvent>,
@@ -215,12 +220,12 @@ impl FeedTask {
         // gateways spread over the cluster, and a server that went silent is not dialed again first.
         let mut turn: usize = rand::random::<u32>() as usize;
         loop {
-            let stream = tokio::select! {
+            let dialed = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                stream = connect::dial(&self.settings, &self.name, turn) => stream,
+                dialed = connect::dial(&self.settings, &self.name, &self.servers, turn) => dialed,
             };
-            let (stream, server) = match stream {
-                Ok(connected) => connected,
+            let Dialed { stream, server, info } = match dialed {
+                Ok(dialed) => dialed,
                 Err(error) => {
                     attempt += 1;
                     turn = turn.wrapping_add(1);
@@ -233,6 +238,7 @@ impl FeedTask {
             };
             attempt = 0;
             turn = turn.wrapping_add(1);
+            self.servers.learn(&info);
             info!(%server, "delivery feed connected");
             match self.serve(stream, &shutdown).await {
                 Ended::Shutdown => return,
@@ -362,7 +368,12 @@ impl FeedTask {
                     let _ = flushed.send(());
                 }
             }
-            ServerOp::Ok | ServerOp::Info(_) => {}
+            ServerOp::Info(info) => {
+                if let Ok(info) = serde_json::from_slice(&info) {
+                    self.servers.learn(&info);
+                }
+            }
+            ServerOp::Ok => {}
             ServerOp::Err(error) => {
                 let lower = error.to_ascii_lowercase();
                 // Permission errors concern one subscription; the others keep working.
