@@ -817,10 +817,12 @@ export class Herald extends EventTarget {
   /**
    * Topics the gateway accepted before and whose replay (if any) is over: they join with the
    * connection, covered by its `since`. The others go as `sub` frames after `welcome`, so a
-   * forbidden one gets an `error` frame instead of refusing the whole connection (HTTP 403).
+   * forbidden one gets an `error` frame instead of refusing the whole connection (HTTP 403). So do
+   * all of them after a refused attempt: a renewed token may no longer allow one of them.
    */
   #topicsForUrl() {
     const topics = new Set();
+    if (this.#refused > 0) return topics;
     for (const [topic, wanted] of this.#topics) if (wanted.confirmed && wanted.since === undefined) topics.add(topic);
     return topics;
   }
@@ -1117,15 +1119,15 @@ export class Herald extends EventTarget {
   }
 
   /**
-   * An `error` frame. A refused `sub` (forbidden, bad_request) is matched to the oldest
-   * unanswered `sub` (the gateway answers frames in order), and that topic is given up.
-   * @param {{code: string, message: string}} frame
+   * An `error` frame. A refused `sub` names its topic, which is given up; an error naming none (a
+   * refused `refresh`, say, answered while a `sub` waits its turn) concerns no topic.
+   * @param {{code: string, message: string, topic?: string}} frame
    */
-  #serverError({ code, message }) {
+  #serverError({ code, message, topic }) {
     /** @type {{code: string, message: string, topic?: string}} */
     const detail = { code, message };
-    if ((code === "forbidden" || code === "bad_request") && this.#awaitingSub.length > 0) {
-      const topic = /** @type {string} */ (this.#awaitingSub.shift());
+    if (typeof topic === "string" && this.#awaitingSub.includes(topic)) {
+      this.#awaitingSub = this.#awaitingSub.filter((t) => t !== topic);
       this.#topics.delete(topic);
       this.#filter.closeBlock(topic);
       detail.topic = topic;

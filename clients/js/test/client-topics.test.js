@@ -120,7 +120,7 @@ test("a refused sub is reported with its topic and given up", async () => {
   const socket = await connected(client);
   socket.welcome();
   client.subscribe("secret");
-  socket.receive({ type: "error", code: "forbidden", message: "topic not allowed" });
+  socket.receive({ type: "error", code: "forbidden", message: "topic not allowed", topic: "secret" });
   assert.deepEqual(of("error"), [{ code: "forbidden", message: "topic not allowed", topic: "secret" }]);
   assert.deepEqual(client.topics, []);
   socket.serverClose(1012);
@@ -168,4 +168,40 @@ test("close() then connect() rejoins the topics too, on every later reconnect", 
   assert.notEqual(third, second);
   assert.equal(third.param("topics"), "news");
   assert.equal(third.param("since"), "9");
+});
+
+test("an error naming no topic (a refused refresh) leaves a sub waiting for its answer alone", async () => {
+  const { client, of } = setup();
+  const socket = await connected(client);
+  socket.welcome();
+  client.subscribe("sport");
+  socket.receive({ type: "error", code: "forbidden", message: "the token does not allow topic news" });
+  assert.deepEqual(of("error"), [{ code: "forbidden", message: "the token does not allow topic news" }]);
+  socket.receive({ type: "subscribed", topic: "sport" });
+  assert.deepEqual(client.topics, ["sport"]);
+});
+
+test("after a refused attempt, joined topics go as sub frames, so one the renewed token forbids is refused alone", async () => {
+  let calls = 0;
+  const { client, clock, of } = setup({ token: () => `token-${++calls}`, backoff: { base: 10, jitter: 0 } });
+  const first = await connected(client);
+  first.welcome();
+  client.subscribe("news");
+  first.receive({ type: "subscribed", topic: "news" });
+  first.msg(7, { to: "topic:news" });
+  first.serverClose(4001); // the token expired: the next one no longer allows news
+  await clock.advance(0);
+  assert.equal(FakeWebSocket.last.param("topics"), "news");
+  FakeWebSocket.last.serverClose(1006); // 403: a topic the token does not allow
+  await clock.advance(10);
+  const third = FakeWebSocket.last;
+  assert.equal(third.param("topics"), null);
+  third.welcome({ seq: 9 });
+  assert.deepEqual(third.sentOf("sub"), [{ type: "sub", topic: "news", since: 7 }]);
+  third.receive({ type: "error", code: "forbidden", message: "the token does not allow topic news", topic: "news" });
+  assert.deepEqual(client.topics, []);
+  assert.deepEqual(of("error").at(-1), { code: "forbidden", message: "the token does not allow topic news", topic: "news" });
+  third.serverClose(1012);
+  await clock.advance(0);
+  assert.equal(FakeWebSocket.last.param("topics"), null);
 });
