@@ -496,3 +496,25 @@ async fn a_refreshed_token_decides_which_topics_a_sub_may_join() {
     client.send_json(serde_json::json!({"type": "sub", "topic": "extra"})).await;
     assert_eq!(client.next_frame().await, ServerFrame::Subscribed { topic: "extra".into() });
 }
+
+/// A client that sends and never reads does not grow the gateway's queue without bound: once the
+/// answers waiting for its socket pass a mark, the gateway reads no more of its frames, and the
+/// client's sends come to wait on TCP (before it sent more than the cap here, ~30 MB of pings).
+#[tokio::test]
+async fn a_client_that_sends_without_reading_is_no_longer_read() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start_with(&nats, |c| c.write_stall_timeout = Duration::from_secs(300)).await;
+    let url = gateway.ws_url(&format!("token={}", signed("flooder")));
+    let mut client = WsClient::connect_with_receive_buffer(&url, 4096).await;
+    let ping = Message::text(r#"{"type":"ping"}"#);
+    let mut sent = 0;
+    let stopped = loop {
+        assert!(sent < 1_500_000, "the gateway read {sent} pings whose answers its client never read");
+        match tokio::time::timeout(Duration::from_secs(5), client.send(ping.clone())).await {
+            Ok(sent_one) => sent_one.expect("send"),
+            Err(_) => break sent,
+        }
+        sent += 1;
+    };
+    assert!(stopped > 0);
+}

@@ -278,7 +278,7 @@ async fn serve(
                 Ok(())
             }
             _ = session.mailbox.woken() => Ok(()),
-            inbound = reader.next() => {
+            inbound = reader.next(), if state.has_room_for_input() => {
                 deadlines.heard(Instant::now());
                 inbound.and_then(|inbound| {
                     inbound::handle(session, &mut state, inbound, &mut rpc_budget, &mut deadlines)

@@ -46,6 +46,11 @@ const HIGH_WATER: usize = 64 * 1024;
 /// the broadcast outpaced catches up in fewer, larger writes (at 1,000 sockets, 64 KiB here held
 /// fan-out to about four fifths of what 256 KiB allows).
 const LIVE_HIGH_WATER: usize = 256 * 1024;
+/// Bytes queued for the socket, and jobs waiting, above which the session reads none of the
+/// client's frames until they come down: each frame may queue an answer or a job, and a client that
+/// sends without reading would otherwise grow them without bound (its sends then wait on TCP).
+const INPUT_HIGH_WATER: usize = 2 * LIVE_HIGH_WATER;
+const MAX_WAITING_JOBS: usize = 64;
 
 /// What a resume read of the lost-messages note its device's earlier connections may have left.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -458,6 +463,11 @@ impl SessionState {
     pub(crate) fn has_room_for_job(&self) -> bool {
         let mark = if self.holds_live() { HIGH_WATER } else { LIVE_HIGH_WATER };
         self.frame_bytes < mark && self.close.is_none()
+    }
+
+    /// Whether the client's next frames may be read.
+    pub(crate) fn has_room_for_input(&self) -> bool {
+        self.frame_bytes < INPUT_HIGH_WATER && self.jobs.len() < MAX_WAITING_JOBS
     }
 
     /// Whether there is room for more live frames.

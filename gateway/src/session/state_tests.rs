@@ -1542,3 +1542,21 @@ fn the_topics_a_new_token_must_allow_are_those_joined_and_the_one_joining() {
     h.state.on_outcome(Outcome::Flushed);
     assert_eq!(h.action(), Some(Action::Attach { topic: "weather".into(), attaching: Attaching::Live }));
 }
+
+#[test]
+fn the_client_is_read_while_answers_and_jobs_stay_below_their_marks() {
+    let mut h = Harness::new(Start::Live, 10);
+    assert!(h.state.has_room_for_input());
+    for n in 0..MAX_WAITING_JOBS {
+        h.state.unsubscribe(format!("t{n}"));
+    }
+    assert!(!h.state.has_room_for_input(), "jobs waiting");
+    assert!(h.action().is_none(), "each unsub of a topic not held is answered at once");
+    assert!(h.state.has_room_for_input());
+
+    h.state.push_frame(Bytes::from(vec![b' '; INPUT_HIGH_WATER]));
+    assert!(!h.state.has_room_for_input(), "answers waiting for the socket");
+    let mut batch = Vec::new();
+    h.state.take_frames(&mut batch, usize::MAX, usize::MAX);
+    assert!(h.state.has_room_for_input());
+}
