@@ -50,6 +50,15 @@ impl Default for StreamSettings {
 }
 
 impl StreamSettings {
+    /// JetStream refuses a duplicate window longer than the max age (0: no max age).
+    fn duplicate_window(&self) -> Duration {
+        if self.stream_max_age.is_zero() {
+            self.stream_duplicate_window
+        } else {
+            self.stream_duplicate_window.min(self.stream_max_age)
+        }
+    }
+
     /// The stream's configuration.
     pub fn stream_config(&self) -> stream::Config {
         stream::Config {
@@ -60,8 +69,7 @@ impl StreamSettings {
             max_age: self.stream_max_age,
             max_messages_per_subject: self.stream_max_msgs_per_subject,
             max_bytes: self.stream_max_bytes,
-            // JetStream refuses a duplicate window longer than the max age.
-            duplicate_window: self.stream_duplicate_window.min(self.stream_max_age),
+            duplicate_window: self.duplicate_window(),
             num_replicas: self.stream_replicas,
             allow_direct: true,
             allow_message_ttl: true,
@@ -234,5 +242,16 @@ mod tests {
             retention_changes(&ours, &trimmed),
             [("stream_max_msgs_per_subject", "1000".to_string(), "2".to_string())]
         );
+    }
+
+    #[test]
+    fn the_duplicate_window_is_capped_by_a_max_age_and_kept_without_one() {
+        let settings = |max_age, window| StreamSettings {
+            stream_max_age: Duration::from_secs(max_age),
+            stream_duplicate_window: Duration::from_secs(window),
+            ..StreamSettings::default()
+        };
+        assert_eq!(settings(60, 600).stream_config().duplicate_window, Duration::from_secs(60));
+        assert_eq!(settings(0, 600).stream_config().duplicate_window, Duration::from_secs(600));
     }
 }
