@@ -363,9 +363,11 @@ async fn questions_to_the_cluster_get_503_while_nats_is_down() {
         get(&gateway, "/v1/gateways").await,
         get(&gateway, "/v1/functions").await,
         get(&gateway, "/v1/presence/ban").await,
+        get(&gateway, "/v1/users/ban").await,
         post(&gateway, "/v1/disconnect", json!({"user": "ban"})).await,
     ] {
         assert_eq!((status, &body["error"]), (503, &json!("unavailable")), "{body}");
+        assert!(body["reason"].as_str().is_some_and(|m| m.starts_with("not connected to NATS")), "{body}");
     }
 }
 

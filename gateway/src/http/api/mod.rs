@@ -200,7 +200,11 @@ async fn route_value(shared: &Shared, request: Request<Incoming>) -> Result<Valu
 /// Whether the request is a question every gateway or function answers (a scatter-gather).
 fn asks_the_cluster(method: &Method, path: &str) -> bool {
     match *method {
-        Method::GET => matches!(path, "/v1/gateways" | "/v1/functions") || path.starts_with("/v1/presence/"),
+        Method::GET => {
+            matches!(path, "/v1/gateways" | "/v1/functions")
+                || path.starts_with("/v1/presence/")
+                || path.starts_with("/v1/users/")
+        }
         Method::POST => path == "/v1/disconnect",
         _ => false,
     }
