@@ -8,6 +8,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use bytes::Bytes;
 use futures::future::join_all;
 use herald_shared::id::{IdKind, check_id};
@@ -248,7 +249,7 @@ pub(super) async fn publish(shared: &Shared, body: &[u8]) -> Result<Value, ApiEr
                 None if out_of_storage(&error) => {
                     ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage", OUT_OF_STORAGE)
                 }
-                None => ApiError::unavailable(format!("{error}; {RETRY_HINT}")),
+                None => ApiError::unavailable(format!("{}; {RETRY_HINT}", publish_failure(&error))),
             }
             .with_id(message.id)),
         }
@@ -261,12 +262,32 @@ pub(super) async fn publish(shared: &Shared, body: &[u8]) -> Result<Value, ApiEr
     Ok(json!({ "results": results }))
 }
 
+/// A failed publish, said as what it means here: async-nats calls NATS's "no responders" to a
+/// publish "no stream found", but the stream is rarely missing (the gateways make it again): mostly
+/// nobody answered for it, as while its leader is being elected or its nodes are cut off.
+fn publish_failure(error: &PublishError) -> String {
+    match error.kind() {
+        PublishErrorKind::StreamNotFound => {
+            "no JetStream stream answered for the subject (its leader being elected, its nodes out of reach, or the stream missing)".into()
+        }
+        _ => error.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn check(value: Value) -> Result<Checked, String> {
         read(&RawValue::from_string(value.to_string()).unwrap())
+    }
+
+    #[test]
+    fn a_publish_nobody_answered_is_not_said_to_lack_a_stream() {
+        let unanswered = publish_failure(&PublishError::new(PublishErrorKind::StreamNotFound));
+        assert!(unanswered.starts_with("no JetStream stream answered"), "{unanswered}");
+        let timed_out = PublishError::new(PublishErrorKind::TimedOut);
+        assert_eq!(publish_failure(&timed_out), timed_out.to_string());
     }
 
     #[test]
