@@ -477,3 +477,52 @@ async fn ends_without_receiving_requests(receiver: Receiver) {
     let send = reqwest::Client::new().post(format!("{base}/xhr_send")).body(r#"["x"]"#).send().await.unwrap();
     assert_eq!(send.status(), 404);
 }
+
+/// A session whose answers wait for its client (large messages, polled) reads none of the client's
+/// frames meanwhile, so its `xhr_send` requests wait; the pong that answers the session's WebSocket
+/// ping for the client (it sends no STOMP heart-beats) must not wait behind them, or the receiving
+/// request stops taking frames, and the session stops for good.
+#[tokio::test]
+async fn over_xhr_polling_large_messages_and_busy_sends_do_not_stop_the_session() {
+    let nats = TestNats::start().await;
+    let publisher = Publisher::new(&nats).await;
+    let gateway = TestGateway::start_with(&nats, |c| c.heartbeat = std::time::Duration::from_secs(1)).await;
+    let base = xhr_base(&gateway, "large");
+    let mut client = StompClient::connect_xhr(&base, Receiver::XhrPolling, &[("passcode", &token("lea"))]).await;
+    client.expect("CONNECTED").await;
+    subscribe(&mut client, "q", "/user/queue/q").await;
+    const COUNT: usize = 16;
+    let publish = async {
+        let mut published = Vec::new();
+        for n in 0..COUNT {
+            let body = format!("{n:02}{}", "x".repeat(600_000));
+            published.push((publisher.publish("push.user.lea", &body).await, "/user/queue/q".to_string(), body));
+        }
+        published
+    };
+    // Heart-beat EOLs, 2 KB a request, sent all along.
+    let (done, receiving) = tokio::sync::watch::channel(false);
+    let send = async {
+        let http = reqwest::Client::new();
+        let eols = serde_json::json!(["\n".repeat(2000)]).to_string();
+        let mut sent = 0;
+        while !*receiving.borrow() && sent < 400 {
+            let status = http.post(format!("{base}/xhr_send")).body(eols.clone()).send().await.map(|r| r.status());
+            assert_eq!(status.map(|s| s.as_u16()).ok(), Some(204), "xhr_send {sent}");
+            sent += 1;
+        }
+    };
+    let receive = async {
+        let mut received = Vec::new();
+        while received.len() < COUNT {
+            received.push(next_message(&mut client).await);
+            // A client busy with each message: the session's answers wait for it.
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
+        done.send_replace(true);
+        received
+    };
+    let (published, received, ()) = tokio::join!(publish, receive, send);
+    assert_eq!(received.len(), published.len());
+    assert!(received == published, "messages differ");
+}

@@ -198,8 +198,11 @@ impl Receiving {
         loop {
             for ping in self.output.take_frames() {
                 // The session hears its client through this pong (its liveness is its requests);
-                // a session gone gives its close.
-                let _ = self.session.send(&client_frame(0xA, &ping)).await;
+                // a session gone gives its close. Not awaited here: a session whose answers wait
+                // reads no input, so the pong may wait behind an `xhr_send` until this request has
+                // taken those answers.
+                let session = self.session.clone();
+                tokio::spawn(async move { session.send(&client_frame(0xA, &ping)).await });
             }
             let frames = match (std::mem::take(&mut self.output.taken), &self.output.close) {
                 (taken, _) if !taken.is_empty() => taken,
