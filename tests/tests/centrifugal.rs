@@ -441,15 +441,21 @@ async fn an_unsubscribe_while_subscribing_leaves_the_channel() {
     raw.reply().await;
     let subscriptions = gateway.metric("herald_gateway_subscriptions").await;
 
-    raw.send("{\"id\":2,\"subscribe\":{\"channel\":\"news\"}}\n{\"id\":3,\"unsubscribe\":{\"channel\":\"news\"}}")
-        .await;
+    let commands = [
+        json!({"id": 2, "subscribe": {"channel": "news"}}),
+        json!({"id": 3, "unsubscribe": {"channel": "news"}}),
+        json!({"id": 4, "unsubscribe": {"channel": "news"}}),
+    ];
+    raw.send(&commands.map(|command| command.to_string()).join("\n")).await;
     let mut replies = Vec::new();
-    while replies.len() < 2 {
+    while replies.len() < 3 {
         replies.extend(raw.next().await.expect("the replies"));
     }
-    assert_eq!(replies[0]["id"], 2, "{replies:?}");
-    assert!(replies[0]["subscribe"].is_object(), "{replies:?}");
-    assert_eq!(replies[1], json!({"id": 3, "unsubscribe": {}}));
+    let at = |id: u64| replies.iter().position(|reply| reply["id"] == id).expect("a reply to each");
+    assert!(at(2) < at(3), "the subscribe answered before the unsubscribe that undoes it: {replies:?}");
+    assert!(replies[at(2)]["subscribe"].is_object(), "{replies:?}");
+    assert_eq!(replies[at(3)], json!({"id": 3, "unsubscribe": {}}));
+    assert_eq!(replies[at(4)], json!({"id": 4, "unsubscribe": {}}));
     eventually("the topic left", Duration::from_secs(10), || async {
         (gateway.metric("herald_gateway_subscriptions").await == subscriptions).then_some(())
     })

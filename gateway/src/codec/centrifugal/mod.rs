@@ -356,8 +356,10 @@ impl CentrifugalCodec {
                 Ok(Some(Command::Subscribe { topic: channel, since }))
             }
             command::Parsed::Unsubscribe { channel } => {
-                // One still subscribing is left after its subscribe (the session takes them in order).
-                if !self.subscribed.remove(&channel) && !self.subscribing.contains_key(&channel) {
+                // One still subscribing is left after its subscribe (the session takes them in order);
+                // one already being left has nothing more to undo.
+                let leaving = self.unsubscribing.contains_key(&channel);
+                if leaving || (!self.subscribed.remove(&channel) && !self.subscribing.contains_key(&channel)) {
                     // Nothing to undo: the server-side channels stay, unknown ones are not there.
                     return Err(Refusal::Reply(to_frame(protobuf, &wire::reply(id, "unsubscribe", &json!({})))));
                 }
