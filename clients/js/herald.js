@@ -1119,8 +1119,10 @@ export class Herald extends EventTarget {
   }
 
   /**
-   * An `error` frame. A refused `sub` names its topic, which is given up; an error naming none (a
-   * refused `refresh`, say, answered while a `sub` waits its turn) concerns no topic.
+   * An `error` frame. A refused `sub` (forbidden, bad_request) names its topic, which is given up;
+   * one that failed otherwise (unavailable: the gateway is stopping) stays, to be joined again by
+   * the next connection. An error naming no topic (a refused `refresh`, say, answered while a `sub`
+   * waits its turn) concerns none.
    * @param {{code: string, message: string, topic?: string}} frame
    */
   #serverError({ code, message, topic }) {
@@ -1128,8 +1130,10 @@ export class Herald extends EventTarget {
     const detail = { code, message };
     if (typeof topic === "string" && this.#awaitingSub.includes(topic)) {
       this.#awaitingSub = this.#awaitingSub.filter((t) => t !== topic);
-      this.#topics.delete(topic);
-      this.#filter.closeBlock(topic);
+      if (code === "forbidden" || code === "bad_request") {
+        this.#topics.delete(topic);
+        this.#filter.closeBlock(topic);
+      }
       detail.topic = topic;
     }
     this.#emit("error", detail);

@@ -205,3 +205,20 @@ test("after a refused attempt, joined topics go as sub frames, so one the renewe
   await clock.advance(0);
   assert.equal(FakeWebSocket.last.param("topics"), null);
 });
+
+test("a sub that failed as unavailable (the gateway stopping) is kept and joined by the next connection", async () => {
+  const { client, clock, of } = setup();
+  const first = await connected(client);
+  first.welcome();
+  first.msg(3);
+  client.subscribe("news");
+  first.receive({ type: "error", code: "unavailable", message: "the gateway is stopping", topic: "news" });
+  assert.deepEqual(of("error").at(-1), { code: "unavailable", message: "the gateway is stopping", topic: "news" });
+  assert.deepEqual(client.topics, ["news"]);
+  first.serverClose(1012);
+  await clock.advance(0);
+  const second = FakeWebSocket.last;
+  assert.equal(second.param("topics"), null, "never confirmed: not in the URL");
+  second.welcome();
+  assert.deepEqual(second.sentOf("sub"), [{ type: "sub", topic: "news", since: 3 }]);
+});
