@@ -58,12 +58,27 @@ pub(super) async fn dial(
     servers: &Servers,
     turn: usize,
 ) -> Result<Dialed, String> {
-    let server = servers.pick(turn).ok_or("no NATS server configured")?;
-    let (stream, info) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(settings, name, server))
+    let url = servers.pick(turn).ok_or("no NATS server configured")?;
+    let server = shown(url);
+    let (stream, info) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(settings, name, url))
         .await
         .map_err(|_| format!("{server}: handshake timed out"))?
         .map_err(|error| format!("{server}: {error}"))?;
-    Ok(Dialed { stream, server: server.to_string(), info })
+    Ok(Dialed { stream, server, info })
+}
+
+/// A URL as logs show it: without the password of a `user:password@`.
+fn shown(url: &str) -> String {
+    match parse_url(url) {
+        Ok(ServerUrl { credentials: Some((user, _)), .. }) => match url.rsplit_once('@') {
+            Some((before, host)) => {
+                let scheme = before.split_once("://").map_or(String::new(), |(scheme, _)| format!("{scheme}://"));
+                format!("{scheme}{user}:***@{host}")
+            }
+            None => url.to_string(),
+        },
+        _ => url.to_string(),
+    }
 }
 
 /// Where and how to reach one server.
@@ -241,6 +256,12 @@ mod tests {
         assert_eq!(parse_url("nats://[::1]:4222"), Ok(url("::1", 4222, false, None)));
         assert!(parse_url("ws://n1:80").is_err());
         assert!(parse_url("nats://n1:x").is_err());
+    }
+
+    #[test]
+    fn logs_show_no_password() {
+        assert_eq!(shown("nats://u:secret@n1:4222"), "nats://u:***@n1:4222");
+        assert_eq!(shown("n1:4222"), "n1:4222");
     }
 
     #[test]

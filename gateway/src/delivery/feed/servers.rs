@@ -27,10 +27,15 @@ impl Servers {
 
     /// Takes a server's `INFO`: its `connect_urls` (`host:port` of every node clients may use)
     /// replace those advertised before, except the configured ones. An advertised server is dialed
-    /// like the first configured URL: its scheme and its `user:password@`, if it has them.
+    /// like the first configured URL: its scheme and its `user:password@`, if it has them; over TLS
+    /// none is.
     pub(super) fn learn(&mut self, info: &serde_json::Value) {
         let Some(urls) = info["connect_urls"].as_array() else { return };
         let (scheme, credentials) = self.configured.first().map(|url| template(url)).unwrap_or_default();
+        if scheme == "tls://" || info["tls_required"].as_bool() == Some(true) {
+            // Advertised as addresses, which a certificate names rarely: TLS dials the URLs given.
+            return;
+        }
         let configured: Vec<&str> = self.configured.iter().map(|url| host_port(url)).collect();
         let mut advertised: Vec<String> = urls
             .iter()
@@ -86,6 +91,17 @@ mod tests {
         servers.learn(&serde_json::json!({"connect_urls": ["10.0.0.4:4222"]}));
         servers.learn(&serde_json::json!({"max_payload": 1}));
         assert_eq!(servers.pick(1), Some("nats://u:p@10.0.0.4:4222"));
+    }
+
+    #[test]
+    fn over_tls_only_the_configured_servers_are_dialed() {
+        let advertised = serde_json::json!({"connect_urls": ["10.0.0.2:4222"]});
+        let mut servers = Servers::new("tls://n1.example:4222");
+        servers.learn(&advertised);
+        assert_eq!(servers.pick(1), Some("tls://n1.example:4222"));
+        let mut servers = Servers::new("n1.example:4222");
+        servers.learn(&serde_json::json!({"connect_urls": ["10.0.0.2:4222"], "tls_required": true}));
+        assert_eq!(servers.pick(1), Some("n1.example:4222"));
     }
 
     #[test]
