@@ -185,6 +185,18 @@ export function tokenClaims(token) {
 }
 
 /**
+ * Whether a token's `topics` claim allows `topic`, as the gateway checks it: an entry ending in `*`
+ * allows every topic it starts, any other that topic alone.
+ * @param {unknown[]} claim
+ * @param {string} topic
+ */
+export function topicAllowed(claim, topic) {
+  return claim.some((entry) =>
+    typeof entry === "string" && (entry.endsWith("*") ? topic.startsWith(entry.slice(0, -1)) : entry === topic),
+  );
+}
+
+/**
  * The storage key of the last handled seq of one user on one device.
  * @param {string} user
  * @param {string} device
@@ -780,7 +792,7 @@ export class Herald extends EventTarget {
   #open(token) {
     const claims = tokenClaims(token);
     if (this.#filter.last === null) this.#loadSeq(this.#options.user ?? claims?.sub);
-    this.#urlTopics = this.#topicsForUrl();
+    this.#urlTopics = this.#topicsForUrl(claims);
     const url = buildUrl(this.#options.url, {
       token,
       since: this.#filter.last,
@@ -815,15 +827,20 @@ export class Herald extends EventTarget {
   }
 
   /**
-   * Topics the gateway accepted before and whose replay (if any) is over: they join with the
-   * connection, covered by its `since`. The others go as `sub` frames after `welcome`, so a
-   * forbidden one gets an `error` frame instead of refusing the whole connection (HTTP 403). So do
-   * all of them after a refused attempt: a renewed token may no longer allow one of them.
+   * Topics the gateway accepted before, whose replay (if any) is over, and that the token still
+   * allows (its `topics` claim, when it can be read): they join with the connection, covered by its
+   * `since`. The others go as `sub` frames after `welcome`, so a forbidden one gets an `error` frame
+   * instead of refusing the whole connection (HTTP 403) for as long as the client keeps it.
+   * @param {{topics?: unknown} | null} claims  the token's
    */
-  #topicsForUrl() {
+  #topicsForUrl(claims) {
+    const allowed = claims === null ? null : Array.isArray(claims.topics) ? claims.topics : [];
     const topics = new Set();
-    if (this.#refused > 0) return topics;
-    for (const [topic, wanted] of this.#topics) if (wanted.confirmed && wanted.since === undefined) topics.add(topic);
+    for (const [topic, wanted] of this.#topics) {
+      if (wanted.confirmed && wanted.since === undefined && (allowed === null || topicAllowed(allowed, topic))) {
+        topics.add(topic);
+      }
+    }
     return topics;
   }
 
