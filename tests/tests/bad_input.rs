@@ -7,7 +7,7 @@ use async_nats::jetstream;
 use herald_shared::frame::{ServerFrame, close_code};
 use herald_shared::token::{Claims, issue_hs256, now_secs};
 use herald_tests::gateway::{SECRET, token_with};
-use herald_tests::ws::Event;
+use herald_tests::ws::{Event, FRAME_TIMEOUT};
 use herald_tests::{Publisher, TestGateway, TestNats, WsClient};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -384,16 +384,24 @@ async fn a_slow_reader_that_answers_pings_late_is_not_closed_as_silent() {
     let mut client = WsClient::connect_with_receive_buffer(&url, 16 * 1024).await;
     let publisher = Publisher::new(&nats).await;
     let body = format!("\"{}\"", "x".repeat(10_000));
-    let mut sent = Vec::new();
+    // Sent at once, then acknowledged: the client reads nothing meanwhile, and a publisher that
+    // took more than the heartbeat plus the timeout would have it closed as silent, rightly.
+    let mut acks = Vec::new();
     for _ in 0..MESSAGES {
-        sent.push(publisher.publish("push.user.slowpoke", &body).await);
+        acks.push(publisher.send("push.user.slowpoke", &[], &body).await);
+    }
+    let mut sent = Vec::new();
+    for ack in acks {
+        sent.push(ack.await.expect("publish acknowledged").sequence);
     }
     // About 200 kB a second: the 1.5 MB take 7 s, the pings wait seconds behind them.
     let mut pace = tokio::time::interval(Duration::from_millis(50));
     let mut received = Vec::new();
     while received.len() < MESSAGES {
         pace.tick().await;
-        match client.next_event().await {
+        let event = tokio::time::timeout(FRAME_TIMEOUT, client.recv()).await;
+        let event = event.unwrap_or_else(|_| panic!("no frame in time after {} messages", received.len()));
+        match event {
             Event::Frame(ServerFrame::Msg(msg)) => received.push(msg.seq),
             Event::Frame(ServerFrame::Welcome { .. } | ServerFrame::Replayed { .. }) => {}
             other => panic!("after {} messages: {other:?}", received.len()),
