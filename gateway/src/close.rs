@@ -62,6 +62,33 @@ impl CloseCode {
         }
     }
 
+    /// Every code the gateway chooses (all but [`CloseCode::Echo`]).
+    pub(crate) const CHOSEN: [CloseCode; 14] = [
+        CloseCode::Normal,
+        CloseCode::NoHeartbeat,
+        CloseCode::ProtocolError,
+        CloseCode::Abnormal,
+        CloseCode::InvalidData,
+        CloseCode::Policy,
+        CloseCode::TooBig,
+        CloseCode::Internal,
+        CloseCode::Restart,
+        CloseCode::Unavailable,
+        CloseCode::TokenExpired,
+        CloseCode::Disconnected,
+        CloseCode::SlowConsumer,
+        CloseCode::Replaced,
+    ];
+
+    /// The label of `herald_gateway_connections_closed_total`: the code the gateway chose, or
+    /// `client` for a close the client started (its code is its own: any of thousands).
+    pub(crate) fn label(self) -> String {
+        match self {
+            CloseCode::Echo(_) => "client".into(),
+            chosen => chosen.number().to_string(),
+        }
+    }
+
     /// Whether a close frame can be sent with this code (1006 means the connection is gone).
     pub(crate) fn is_sent(self) -> bool {
         self != CloseCode::Abnormal
@@ -118,5 +145,12 @@ mod tests {
         assert_eq!(Close::by_client(Some(1001)).number(), 1001);
         assert_eq!(Close::by_client(None).number(), 1000);
         assert!(!Close::gone("reset").code.is_sent());
+    }
+
+    #[test]
+    fn metrics_label_the_gateways_codes_and_the_clients_closes() {
+        assert_eq!(CloseCode::SlowConsumer.label(), "4008");
+        assert_eq!(Close::by_client(Some(4321)).code.label(), "client");
+        assert!(CloseCode::CHOSEN.iter().all(|code| code.label().parse::<u16>().is_ok()));
     }
 }

@@ -10,6 +10,8 @@ use herald_tests::gateway::{SECRET, token_with};
 use herald_tests::ws::{Event, FRAME_TIMEOUT};
 use herald_tests::{Publisher, TestGateway, TestNats, WsClient};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 fn signed(sub: &str) -> String {
     issue_hs256(SECRET.as_bytes(), &Claims { sub: sub.to_string(), exp: now_secs() + 600, topics: vec![] })
@@ -221,6 +223,14 @@ async fn an_oversized_frame_closes_with_1009() {
     assert!(matches!(client.next_frame().await, ServerFrame::Error { code, .. } if code == "unknown_type"));
     client.send_text(&"a".repeat(1025)).await;
     assert_eq!(client.expect_close().await.map(|c| c.0), Some(close_code::TOO_BIG));
+    // Counted by the code the gateway chose; a close the client starts counts as `client`.
+    let closed = |code: &str| format!(r#"herald_gateway_connections_closed_total{{code="{code}"}}"#);
+    gateway.wait_metric(&closed("1009"), 1.0).await;
+    let mut leaving = gateway.connect("leaving").await;
+    let bye = CloseFrame { code: CloseCode::from(4321), reason: "bye".into() };
+    leaving.send(Message::Close(Some(bye))).await.unwrap();
+    gateway.wait_metric(&closed("client"), 1.0).await;
+    assert_eq!(gateway.metric(&closed("1000")).await, 0.0);
 }
 
 #[tokio::test]

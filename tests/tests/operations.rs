@@ -399,10 +399,14 @@ async fn refused_connections_are_counted_by_status_and_reason() {
         c.max_connections_per_address = 1;
     })
     .await;
-    // Every documented refusal is a series from the start, at 0 (an alert on it sees a value).
+    // Every documented refusal is a series from the start, at 0 (an alert on it sees a value)...
     let metrics = reqwest::get(gateway.http_url("/metrics")).await.unwrap().text().await.unwrap();
-    for series in [r#"status="401",reason="unauthorized""#, r#"status="503",reason="unavailable""#] {
-        let line = format!("herald_gateway_connections_refused_total{{{series}}} 0");
+    let refusals = [r#"status="401",reason="unauthorized""#, r#"status="503",reason="unavailable""#]
+        .map(|series| format!("herald_gateway_connections_refused_total{{{series}}} 0"));
+    // And every close code the gateway chooses, and the clients' closes.
+    let closed =
+        ["1001", "4008", "client"].map(|code| format!(r#"herald_gateway_connections_closed_total{{code="{code}"}} 0"#));
+    for line in refusals.iter().chain(&closed) {
         assert!(metrics.lines().any(|l| l == line), "{line} not in\n{metrics}");
     }
     let url = |query: String| gateway.ws_url(&query);

@@ -7,6 +7,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::close::CloseCode;
+
 /// Labels of per-function rpc counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct RpcLabels {
@@ -19,6 +21,12 @@ pub(crate) struct RpcLabels {
 pub(crate) struct RefusalLabels {
     pub(crate) status: u16,
     pub(crate) reason: &'static str,
+}
+
+/// Labels of closed connections: the close code the gateway chose, or `client`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct CloseLabels {
+    pub(crate) code: String,
 }
 
 /// The refusals docs/operations.md lists, by status and `error`.
@@ -55,6 +63,7 @@ pub(crate) struct Metrics {
     pub(crate) streams_replaced: Counter,
     pub(crate) rpc_calls: Family<RpcLabels, Counter>,
     pub(crate) connections_refused: Family<RefusalLabels, Counter>,
+    pub(crate) connections_closed: Family<CloseLabels, Counter>,
     registry: Registry,
 }
 
@@ -82,6 +91,7 @@ impl Metrics {
             streams_replaced: Counter::default(),
             rpc_calls: Family::default(),
             connections_refused: Family::default(),
+            connections_closed: Family::default(),
             registry: Registry::default(),
         };
         let m = &metrics;
@@ -129,9 +139,18 @@ impl Metrics {
             "Connections refused before the upgrade (or the stream), by status and reason",
             m.connections_refused.clone(),
         );
-        // Every documented refusal from the start, at 0: an alert on one sees a series, not "no data".
+        registry.register(
+            "connections_closed",
+            "Connections ended, by the close code the gateway chose (client: the client closed)",
+            m.connections_closed.clone(),
+        );
+        // Every documented refusal and close from the start, at 0: an alert on one sees a series,
+        // not "no data".
         for (status, reason) in REFUSALS {
             let _ = metrics.connections_refused.get_or_create(&RefusalLabels { status, reason });
+        }
+        for code in CloseCode::CHOSEN.into_iter().chain([CloseCode::Echo(1000)]) {
+            let _ = metrics.connections_closed.get_or_create(&CloseLabels { code: code.label() });
         }
         Metrics { registry, ..metrics }
     }

@@ -49,6 +49,7 @@ use crate::cluster::registry::{LocalSession, SocketInfo};
 use crate::codec::{Codec, HeraldCodec, WireFormat};
 use crate::delivery::mailbox::Mailbox;
 use crate::http::auth::ConnectRequest;
+use crate::http::metrics::CloseLabels;
 use crate::http::ratelimit::TokenBucket;
 use crate::websocket::reader::{Inbound, MessageReader};
 use deadlines::{Deadlines, Due};
@@ -409,6 +410,7 @@ async fn finish(session: &Session, format: WireFormat, ending: Ending, mut trans
     if close.code == CloseCode::SlowConsumer {
         shared.metrics.slow_consumer_closes.inc();
     }
+    shared.metrics.connections_closed.get_or_create(&CloseLabels { code: close.code.label() }).inc();
     if format == WireFormat::SocketIo {
         remember_topics(session, &audiences, &close).await;
     }
