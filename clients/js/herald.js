@@ -278,6 +278,16 @@ export class SeqFilter {
     return true;
   }
 
+  /**
+   * Starts over at `last`: the stream was made again and its sequence started over, so seqs at
+   * or below the old resume point are new messages.
+   * @param {number} last
+   */
+  restart(last) {
+    this.last = last;
+    this.recent.clear();
+  }
+
   /** @param {string} topic */
   openBlock(topic) {
     this.blocks.add(topic);
@@ -366,6 +376,12 @@ export class AckBatcher {
     this.cancel();
     this.count = 0;
     if (this.highest > this.acked && this.send(this.highest)) this.acked = this.highest;
+  }
+
+  /** Forgets what was handled and acked: the stream's sequence started over. */
+  restart() {
+    this.cancel();
+    Object.assign(this, { highest: 0, acked: 0, count: 0 });
   }
 
   /** Stops the timer; what is pending stays pending. */
@@ -1029,6 +1045,13 @@ export class Herald extends EventTarget {
     this.#refused = 0;
     this.#backoff.reset();
     this.#liveness.start((frame.heartbeat ?? 0) * 1000);
+    if (this.#filter.last !== null && frame.seq < this.#filter.last) {
+      // The stream ends before the resume point: it was made again, its sequence started over
+      // (its `replayed` says `complete:false`). Its messages are new, however low their seq.
+      this.#filter.restart(frame.seq);
+      this.#acks.restart();
+      this.#saveSeq(frame.seq);
+    }
     for (const [topic, wanted] of this.#topics) {
       // From the welcome at the latest: nothing of the topic is missed between the two.
       if (!this.#urlTopics.has(topic)) this.#sendSub(topic, wanted.since ?? this.#filter.last ?? frame.seq);

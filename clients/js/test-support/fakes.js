@@ -109,10 +109,11 @@ export class FakeWebSocket {
     this.onopen?.({});
   }
 
-  /** Opens the socket and sends `welcome`. */
+  /** Opens the socket and sends `welcome`; its `seq`, the stream's end, is at least the URL's `since`, as a gateway's. */
   welcome(fields = {}) {
     this.open();
-    this.receive({ type: "welcome", conn: "c1", user: "42", device: "default", node: "n1", seq: 0, heartbeat: 25, ...fields });
+    const seq = Number(this.param("since") ?? 0);
+    this.receive({ type: "welcome", conn: "c1", user: "42", device: "default", node: "n1", seq, heartbeat: 25, ...fields });
   }
 
   receive(frame) {

@@ -22,6 +22,30 @@ test("messages are delivered once each; duplicates by seq are dropped", async ()
   assert.equal(client.lastSeq, 3);
 });
 
+test("a stream made again starts the seqs over: its messages are delivered however low their seq", async () => {
+  const storage = new MemoryStorage();
+  const { client, clock, of } = setup({ backoff: { base: 10, jitter: 0 }, storage });
+  const first = await connected(client);
+  first.welcome();
+  first.msg(42);
+  first.msg(43);
+  first.serverClose(4008); // the stream was deleted
+  await clock.advance(10);
+  const second = FakeWebSocket.last;
+  assert.equal(second.param("since"), "43");
+  // The new stream ends before the resume point.
+  second.welcome({ seq: 0 });
+  second.receive({ type: "replayed", from: 1, to: 0, count: 0, complete: false });
+  second.msg(1);
+  second.msg(2);
+  second.msg(2);
+  assert.deepEqual(of("message").map((m) => m.seq), [42, 43, 1, 2]);
+  assert.equal(client.lastSeq, 2);
+  await clock.advance(1000);
+  assert.deepEqual(second.sentOf("ack"), [{ type: "ack", seq: 2 }]);
+  assert.equal(storage.getItem("herald:42:default:seq"), "2");
+});
+
 test("the message event carries the whole frame, an absent id or kind as empty", async () => {
   const { client, of } = setup();
   const socket = await connected(client);
