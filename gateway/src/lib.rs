@@ -211,8 +211,7 @@ impl Gateway {
             config.replay_batch,
             config.replay_concurrency,
         );
-        let inbox =
-            Inbox::new(js.clone(), control.clone(), replayer.clone(), config.stream.stream_max_msgs_per_subject);
+        let inbox = Inbox::new(js.clone(), control.clone(), replayer.clone());
         let shared = Arc::new(Shared {
             inbox: Arc::new(inbox),
             router,

@@ -318,3 +318,31 @@ async fn a_stream_made_again_with_its_positions_removed_hides_nothing_from_retur
     assert_eq!(inbox_of(&phone.welcome), (0, 2));
     assert_eq!(phone.expect_msgs(2).await, new);
 }
+
+/// Whether trimmed messages are reported is decided by the stream's own per-subject limit, not by
+/// the gateway's setting: another gateway or an operator may have lowered it. A resume past what
+/// it trimmed says so, on the socket and in the HTTP inbox.
+#[tokio::test]
+async fn messages_trimmed_by_a_limit_lowered_under_the_gateway_are_reported() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start_with(&nats, with_api).await;
+    let admin = nats.jetstream().await;
+    let mut config = admin.get_stream("HERALD").await.unwrap().cached_info().config.clone();
+    assert_eq!(config.max_messages_per_subject, 1000, "the gateway's setting");
+    config.max_messages_per_subject = 3;
+    admin.update_stream(config).await.unwrap();
+    let publisher = Publisher::new(&nats).await;
+    let base = publisher.publish("push.user.nobody", "x").await;
+    let mut sent = Vec::new();
+    for n in 0..5 {
+        sent.push(publisher.publish("push.user.trim", &n.to_string()).await);
+    }
+
+    let mut client = gateway.connect_with(&format!("token={}&since={base}", token("trim"))).await;
+    assert_eq!(client.expect_msgs(3).await, sent[2..].to_vec());
+    assert_eq!(client.expect_replayed().await, (base + 1, sent[4], 3, false, None));
+    let (status, body) = get(&gateway, &format!("/v1/inbox/trim/messages?after={base}")).await;
+    assert_eq!(status, 200, "{body}");
+    let seqs: Vec<u64> = body["messages"].as_array().unwrap().iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    assert_eq!((seqs, &body["complete"]), (sent[2..].to_vec(), &json!(false)));
+}

@@ -67,21 +67,14 @@ pub(crate) struct Inbox {
     js: jetstream::Context,
     client: async_nats::Client,
     replayer: Replayer,
-    /// The stream's per-subject limit (for `complete`).
-    per_subject_cap: i64,
     bucket: OnceCell<kv::Store>,
     /// Read positions from clients, not yet written: user → seq.
     pending: Mutex<HashMap<String, u64>>,
 }
 
 impl Inbox {
-    pub(crate) fn new(
-        js: jetstream::Context,
-        client: async_nats::Client,
-        replayer: Replayer,
-        per_subject_cap: i64,
-    ) -> Inbox {
-        Inbox { js, client, replayer, per_subject_cap, bucket: OnceCell::new(), pending: Mutex::default() }
+    pub(crate) fn new(js: jetstream::Context, client: async_nats::Client, replayer: Replayer) -> Inbox {
+        Inbox { js, client, replayer, bucket: OnceCell::new(), pending: Mutex::default() }
     }
 
     async fn bucket(&self) -> Result<&kv::Store, InboxError> {
@@ -190,7 +183,7 @@ impl Inbox {
         }
         let audience = Audience::User(user.to_string());
         let subject = audience.push_subject();
-        let (remaining, first) = tokio::join!(self.count_from(&subject, after + 1), self.first_seq());
+        let (remaining, limits) = tokio::join!(self.count_from(&subject, after + 1), self.limits());
         let (remaining, _) = remaining?;
         let mut replay = self.replayer.open(std::slice::from_ref(&audience), after, u64::MAX).await.map_err(error)?;
         let mut messages = Vec::new();
@@ -199,15 +192,17 @@ impl Inbox {
             messages.push(message::from_stored(stored.map_err(error)?));
         }
         let next = messages.last().map_or(after, |message| message.seq);
-        let trimmed = self.per_subject_cap > 0 && remaining >= self.per_subject_cap as u64;
-        Ok(Page { messages, next, complete: first? <= after + 1 && !trimmed })
+        let (first, per_subject_cap) = limits?;
+        let trimmed = per_subject_cap > 0 && remaining >= per_subject_cap as u64;
+        Ok(Page { messages, next, complete: first <= after + 1 && !trimmed })
     }
 
-    /// The stream's first sequence.
-    async fn first_seq(&self) -> Result<u64, InboxError> {
+    /// The stream's first sequence, and its own per-subject limit (whatever this gateway's
+    /// settings say: another gateway or an operator may have set it).
+    async fn limits(&self) -> Result<(u64, i64), InboxError> {
         let stream = self.js.get_stream_no_info(STREAM).await.map_err(error)?;
         let info = stream.get_info().await.map_err(error)?;
-        Ok(info.state.first_sequence)
+        Ok((info.state.first_sequence, info.config.max_messages_per_subject))
     }
 
     /// One direct get; `None` when no message matches.

@@ -1,4 +1,5 @@
-//! Reading the stream's current bounds: its first and last sequence.
+//! Reading the stream's current bounds: its first and last sequence, and the per-subject limit
+//! it trims by.
 
 use bytes::Bytes;
 use herald_shared::subject::STREAM;
@@ -21,15 +22,27 @@ pub(crate) struct Bounds {
     /// (a replaced stream's sequences mean other messages). 0 when the server did not say.
     #[serde(skip)]
     pub(crate) epoch: u64,
+    /// The stream's own per-subject limit (`max_msgs_per_subject`; 0 or less: none), whatever this
+    /// gateway's settings say: another gateway or an operator may have set it. None when the server
+    /// did not say.
+    #[serde(skip)]
+    pub(crate) per_subject_cap: Option<i64>,
 }
 
 /// A `STREAM.INFO` answer: the state, or an error.
 #[derive(Deserialize)]
 struct InfoAnswer {
     state: Option<Bounds>,
+    config: Option<InfoConfig>,
     created: Option<String>,
     cluster: Option<StreamCluster>,
     error: Option<serde_json::Value>,
+}
+
+/// The part of a stream's configuration the bounds carry.
+#[derive(Deserialize)]
+struct InfoConfig {
+    max_msgs_per_subject: Option<i64>,
 }
 
 /// FNV-1a: the same on every gateway and build (unlike std's hasher, whose algorithm may change).
@@ -68,7 +81,9 @@ fn bounds_answered(answer: &[u8]) -> Result<Answered, StreamError> {
     }
     let led = answer.cluster.is_none_or(|cluster| cluster.has_leader());
     let state = answer.state.ok_or_else(|| StreamError("no state in the stream info".into()))?;
-    Ok(Answered { bounds: Bounds { epoch: answer.created.as_deref().map_or(0, stable_hash), ..state }, led })
+    let epoch = answer.created.as_deref().map_or(0, stable_hash);
+    let per_subject_cap = answer.config.and_then(|config| config.max_msgs_per_subject);
+    Ok(Answered { bounds: Bounds { epoch, per_subject_cap, ..state }, led })
 }
 
 /// How many times, and how far apart, bounds older than a known sequence are read again.
@@ -256,7 +271,7 @@ mod tests {
     use super::*;
 
     fn bounds(epoch: u64, last: u64) -> Bounds {
-        Bounds { first: 1, last, epoch }
+        Bounds { first: 1, last, epoch, per_subject_cap: None }
     }
 
     /// A stream whose bounds answers are `answers`, in turn (the last one again and again).
@@ -317,8 +332,8 @@ mod tests {
 
     #[test]
     fn an_answer_says_whether_the_stream_had_a_leader() {
-        let state = r#""state":{"first_seq":3,"last_seq":9},"created":"2026-12-05T10:00:00Z""#;
-        let bounds = Bounds { first: 3, last: 9, epoch: stable_hash("2026-12-05T10:00:00Z") };
+        let state = r#""state":{"first_seq":3,"last_seq":9},"config":{"max_msgs_per_subject":5},"created":"2026-12-05T10:00:00Z""#;
+        let bounds = Bounds { first: 3, last: 9, epoch: stable_hash("2026-12-05T10:00:00Z"), per_subject_cap: Some(5) };
         let led = format!(r#"{{{state},"cluster":{{"name":"c","leader":"n2","replicas":[]}}}}"#);
         assert_eq!(bounds_answered(led.as_bytes()).unwrap(), Answered { bounds, led: true });
         // A replica of a stream without a leader: its store may be behind the others'.

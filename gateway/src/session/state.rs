@@ -1078,7 +1078,8 @@ impl SessionState {
     fn replay_ended(&mut self, run: ReplayRun) {
         self.tally.replayed += run.sent;
         let upto = run.bounds.last;
-        let mut complete = replay::complete(run.bounds.first, run.since, self.per_subject_cap, &run.per_audience);
+        let cap = run.bounds.per_subject_cap.unwrap_or(self.per_subject_cap);
+        let mut complete = replay::complete(run.bounds.first, run.since, cap, &run.per_audience);
         let report = |complete: bool, topic: Option<String>| ServerFrame::Replayed {
             from: run.since + 1,
             to: run.last.unwrap_or(run.since),

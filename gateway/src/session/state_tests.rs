@@ -36,7 +36,7 @@ fn all_message(seq: u64) -> Live {
 }
 
 fn bounds(first: u64, last: u64) -> Bounds {
-    Bounds { first, last, epoch: 0 }
+    Bounds { first, last, epoch: 0, per_subject_cap: None }
 }
 
 impl Harness {
