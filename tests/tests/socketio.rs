@@ -401,6 +401,13 @@ async fn connection_state_recovery_replays_exactly_from_the_offset() {
     assert_eq!(answer["sid"], sid, "the same socket id");
     let live = publisher.publish("push.user.sio-x", "4").await;
     assert_eq!(raw.expect("42").await[3], json!(live.to_string()));
+    drop(raw);
+    // The offset as a number does as well.
+    let missed = publisher.publish("push.user.sio-x", "5").await;
+    let mut raw = Raw::open(&gateway).await;
+    raw.send(&format!("40{}", json!({"token": token("sio-x"), "pid": pid, "offset": live}))).await;
+    assert_eq!(raw.expect("42").await[3], json!(missed.to_string()));
+    assert_eq!(raw.expect("40").await["pid"], pid, "recovered");
 
     // A bad offset, another namespace or no token: CONNECT_ERROR with the reason, in the namespace
     // asked for (a client hears only its own).

@@ -22,8 +22,8 @@ use tracing::warn;
 
 use crate::Shared;
 use crate::cluster::policy::PolicyError;
-use crate::codec::socketio::Pid;
 use crate::codec::socketio::wire::{self, engine, packet};
+use crate::codec::socketio::{Pid, seq_of};
 use crate::codec::{Codec, SocketIoCodec};
 use crate::http::auth::{CONFLICT, ConnectRequest, Rejection, UNAUTHORIZED};
 use crate::http::body::{self, BodyError};
@@ -228,9 +228,10 @@ pub(crate) struct Auth {
     /// The private id of the connection being recovered.
     #[serde(default)]
     pid: Option<String>,
-    /// The last offset (`seq`) the client received, with `pid`.
+    /// The last offset (`seq`) the client received, with `pid`: a string as events carry it, or
+    /// a number.
     #[serde(default)]
-    offset: Option<String>,
+    offset: Option<serde_json::Value>,
 }
 
 /// A new WebSocket connection: the open packet, then the session.
@@ -331,7 +332,7 @@ async fn accept(
     let (pid, since) = match (&auth.pid, &auth.offset) {
         (Some(pid), Some(offset)) => (
             Some(Pid::parse(pid).ok_or_else(|| bad_request("pid is not one this server gives"))?),
-            Some(offset.parse::<u64>().map_err(|_| bad_request("offset must be a sequence number"))?),
+            Some(seq_of(offset).ok_or_else(|| bad_request("offset must be a sequence number"))?),
         ),
         _ => (None, None),
     };

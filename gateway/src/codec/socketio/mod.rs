@@ -181,8 +181,7 @@ impl SocketIoCodec {
             (Some("sub"), Some(Value::String(topic))) => {
                 let since = match second {
                     None | Some(Value::Null) => None,
-                    // A number, or the offset as the client holds it (a string).
-                    Some(since) => match since.as_u64().or_else(|| since.as_str()?.parse().ok()) {
+                    Some(since) => match seq_of(&since) {
                         Some(since) => Some(since),
                         None => return refuse("bad_request", "since must be a sequence number".into()),
                     },
@@ -261,6 +260,11 @@ pub(crate) fn close_frame(close: &Close) -> Bytes {
         return Bytes::from(both);
     }
     close_frame
+}
+
+/// A `seq` as Socket.IO clients hand it back: a number, or the offset as events carry it (a string).
+pub(crate) fn seq_of(value: &Value) -> Option<u64> {
+    value.as_u64().or_else(|| value.as_str()?.parse().ok())
 }
 
 #[cfg(test)]
