@@ -536,3 +536,42 @@ async fn a_client_that_sends_without_reading_is_no_longer_read() {
     };
     assert!(stopped > 0);
 }
+
+/// A replay reads the stream in rounds of about 512 KiB, whatever the size of the messages: a
+/// socket that does not read holds the gateway to what one round brought (large messages once
+/// had rounds of 256 of them held in memory per socket, and replies enough to get the gateway's
+/// NATS connection cut as a slow consumer).
+#[tokio::test]
+async fn a_replay_to_a_socket_that_does_not_read_holds_one_round_of_large_messages() {
+    const MESSAGES: usize = 60;
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start_with(&nats, |c| c.write_stall_timeout = Duration::from_secs(2)).await;
+    let publisher = Publisher::new(&nats).await;
+    let base = publisher.publish("push.user.nobody", "x").await;
+    let body = format!("\"{}\"", "x".repeat(100_000));
+    let mut acks = Vec::new();
+    for _ in 0..MESSAGES {
+        acks.push(publisher.send("push.user.hoarder", &[], &body).await);
+    }
+    for ack in acks {
+        ack.await.expect("publish acknowledged");
+    }
+    // What the stream sends the gateway's replays: direct-get replies to its inbox.
+    let spy = nats.client().await;
+    let mut replies = spy.subscribe("_INBOX_gateway.>").await.unwrap();
+    spy.flush().await.unwrap();
+
+    let url = gateway.ws_url(&format!("token={}&since={base}", token_with("hoarder", &[], 600)));
+    let _stalled = WsClient::connect_with_receive_buffer(&url, 4 * 1024).await;
+    gateway.wait_metric(r#"herald_gateway_connections_closed_total{code="4008"}"#, 1.0).await;
+    spy.flush().await.unwrap();
+    let mut read = 0;
+    // Everything the server sent before the flush's answer is in the subscription.
+    while let Some(Some(reply)) = futures::FutureExt::now_or_never(futures::StreamExt::next(&mut replies)) {
+        let subject = reply.headers.as_ref().and_then(|h| h.get("Nats-Subject")).map(|s| s.to_string());
+        read += usize::from(subject.as_deref() == Some("push.user.hoarder"));
+    }
+    assert!(read > 0, "the replay read nothing");
+    // One round of 100 kB messages is 6; the socket's buffers take a few more rounds at most.
+    assert!(read < MESSAGES / 2, "the replay read {read} of {MESSAGES} messages for a socket that took none");
+}

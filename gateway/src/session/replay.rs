@@ -32,6 +32,12 @@ pub enum ReplayMethod {
 
 /// How long one request to the stream may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes one round of direct gets asks for, shared by the cursors it refills (each still gets one
+/// message however large): what a replay holds while its socket drains, whatever the messages'
+/// size, and what a gateway's replays in flight at once (`replay_concurrency`) send it.
+const FETCH_BYTES: usize = 512 * 1024;
+/// The least any cursor asks for in a round.
+const MIN_CURSOR_BYTES: usize = 16 * 1024;
 
 /// A stored message, read back.
 #[derive(Debug, Clone)]
@@ -229,9 +235,11 @@ impl DirectReplay {
         let _permit = self.permits.clone().acquire_owned().await.map_err(error)?;
         let request_id = self.requests;
         self.requests += 1;
+        let max_bytes = (FETCH_BYTES / dry.len()).max(MIN_CURSOR_BYTES);
         for &index in &dry {
             let cursor = &self.cursors[index];
-            let body = serde_json::json!({"seq": cursor.next_seq, "next_by_subj": cursor.subject, "batch": self.batch});
+            let (seq, subject, batch) = (cursor.next_seq, &cursor.subject, self.batch);
+            let body = serde_json::json!({"seq": seq, "next_by_subj": subject, "batch": batch, "max_bytes": max_bytes});
             let reply = format!("{}.{index}.{request_id}", self.inbox);
             self.client
                 .publish_with_reply(format!("$JS.API.DIRECT.GET.{STREAM}"), reply, body.to_string().into())
