@@ -59,6 +59,8 @@
  * @property {number} heartbeat  seconds
  * @property {number} [read]     the user's read position (highest personal seq read on any device)
  * @property {number} [unread]   the user's unread personal messages up to `seq`
+ * @property {string} [epoch]    names the stream among the streams of its name over time (one made again
+ *                               starts its seqs over): given back with `since`
  */
 
 /**
@@ -120,7 +122,7 @@ export const CloseCode = Object.freeze({
 /**
  * The WebSocket URL of one connection attempt.
  * @param {string} base  `ws(s)://…/ws`, `http(s)://…/ws`, or a path resolved against `origin`
- * @param {{token?: string, since?: number|null, device?: string, topics?: string[]}} params
+ * @param {{token?: string, since?: number|null, epoch?: string|null, device?: string, topics?: string[]}} params
  * @param {string} [origin]  defaults to `location.href` in a browser
  * @returns {string}
  */
@@ -131,6 +133,7 @@ export function buildUrl(base, params, origin = globalThis.location?.href) {
   const query = url.searchParams;
   if (params.token) query.set("token", params.token);
   if (params.since != null) query.set("since", String(params.since));
+  if (params.since != null && params.epoch) query.set("epoch", params.epoch);
   if (params.device) query.set("device", params.device);
   if (params.topics && params.topics.length > 0) query.set("topics", params.topics.join(","));
   return url.toString();
@@ -203,6 +206,15 @@ export function topicAllowed(claim, topic) {
  */
 export function storageKey(user, device) {
   return `herald:${user}:${device}:seq`;
+}
+
+/**
+ * The storage key of the epoch of the stream that seq belongs to (the `welcome`'s `epoch`).
+ * @param {string} user
+ * @param {string} device
+ */
+export function epochKey(user, device) {
+  return `herald:${user}:${device}:epoch`;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -564,6 +576,8 @@ export class Herald extends EventTarget {
   /** Backoff of immediate closes (1012, 4001, 4008) that repeat quickly; not reset by `welcome`. */
   #repeatBackoff;
   #filter;
+  /** The `epoch` of the stream the resume point belongs to, if known. @type {string|null} */
+  #epoch = null;
   #acks;
   #liveness;
 
@@ -812,6 +826,7 @@ export class Herald extends EventTarget {
     const url = buildUrl(this.#options.url, {
       token,
       since: this.#filter.last,
+      epoch: this.#epoch,
       device: this.#options.device,
       topics: [...this.#urlTopics],
     });
@@ -1047,11 +1062,15 @@ export class Herald extends EventTarget {
     this.#liveness.start((frame.heartbeat ?? 0) * 1000);
     if (this.#filter.last !== null && frame.seq < this.#filter.last) {
       // The stream ends before the resume point: it was made again, its sequence started over
-      // (its `replayed` says `complete:false`). Its messages are new, however low their seq.
+      // (its `replayed` says `complete:false`). Its messages are new, however low their seq. (A
+      // resume point the new stream has passed is told by the epoch given back with it: the
+      // gateway then resumes from its end, above that point.)
       this.#filter.restart(frame.seq);
       this.#acks.restart();
       this.#saveSeq(frame.seq);
     }
+    this.#epoch = frame.epoch ?? null;
+    this.#saveEpoch();
     for (const [topic, wanted] of this.#topics) {
       // From the welcome at the latest: nothing of the topic is missed between the two.
       if (!this.#urlTopics.has(topic)) this.#sendSub(topic, wanted.since ?? this.#filter.last ?? frame.seq);
@@ -1293,19 +1312,34 @@ export class Herald extends EventTarget {
   #loadSeq(user) {
     const storage = this.#options.storage;
     if (!storage || !user) return;
-    const stored = Number(storage.getItem(storageKey(user, this.#options.device ?? "default")));
-    if (Number.isSafeInteger(stored) && stored > 0) this.#filter.last = stored;
+    const device = this.#options.device ?? "default";
+    const stored = Number(storage.getItem(storageKey(user, device)));
+    if (!Number.isSafeInteger(stored) || stored <= 0) return;
+    this.#filter.last = stored;
+    this.#epoch = storage.getItem(epochKey(user, device)) || null;
   }
 
   /** @param {number} seq */
   #saveSeq(seq) {
+    this.#store(storageKey, String(seq));
+  }
+
+  #saveEpoch() {
+    if (this.#epoch) this.#store(epochKey, this.#epoch);
+  }
+
+  /**
+   * @param {(user: string, device: string) => string} key
+   * @param {string} value
+   */
+  #store(key, value) {
     const storage = this.#options.storage;
     const user = this.#identity.user ?? this.#options.user ?? tokenClaims(this.#token ?? "")?.sub;
     if (!storage || !user) return;
     try {
-      storage.setItem(storageKey(user, this.#identity.device ?? this.#options.device ?? "default"), String(seq));
+      storage.setItem(key(user, this.#identity.device ?? this.#options.device ?? "default"), value);
     } catch {
-      // storage full or denied: the in-memory seq still works
+      // storage full or denied: what is in memory still works
     }
   }
 

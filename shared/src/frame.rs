@@ -29,6 +29,10 @@ pub enum ServerFrame {
         /// The user's unread personal messages up to `seq` (muted kinds left out).
         #[serde(default)]
         unread: u64,
+        /// Names the stream among the streams of its name over time (hex digits): a stream made
+        /// again starts its sequences over, and a `since` of another epoch means other messages.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epoch: Option<String>,
     },
     Msg(Msg),
     /// Closes a replay: after the replayed messages, before any live one.

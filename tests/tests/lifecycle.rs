@@ -297,3 +297,50 @@ async fn a_stream_made_again_under_a_running_gateway_ends_its_connections_and_th
     assert_eq!(resumed.expect_msgs(1).await, vec![to_all]);
     assert_eq!(newcomer.expect_msgs(2).await, vec![to_all, to_newbie]);
 }
+
+/// A `since` the new stream has already passed looks like one of its own: the `welcome`'s `epoch`
+/// tells them apart. Given back with `since`, another epoch resumes from the stream's end, reported
+/// incomplete, instead of replaying other messages as complete; the current one resumes as usual.
+#[tokio::test]
+async fn a_since_of_a_stream_made_again_is_known_by_the_epoch_given_with_it() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let epoch_of = |client: &WsClient| match &client.welcome {
+        Some(herald_shared::frame::ServerFrame::Welcome { epoch: Some(epoch), .. }) => epoch.clone(),
+        other => panic!("no epoch in {other:?}"),
+    };
+    let mut client = gateway.connect("phoenix").await;
+    let old_epoch = epoch_of(&client);
+    let mut old = Vec::new();
+    for n in 0..3 {
+        old.push(publisher.publish("push.user.phoenix", &format!("old {n}")).await);
+    }
+    assert_eq!(client.expect_msgs(3).await, old);
+    nats.jetstream().await.delete_stream("HERALD").await.unwrap();
+    assert_eq!(client.expect_close().await.map(|close| close.0), Some(close_code::SLOW_CONSUMER));
+    let mut new = Vec::new();
+    for n in 0..5 {
+        new.push(publisher.publish("push.user.phoenix", &format!("new {n}")).await);
+    }
+    assert_eq!(new, vec![1, 2, 3, 4, 5], "the sequences started over, past the old `since`");
+
+    let token = herald_tests::gateway::token("phoenix");
+    let since = old[2];
+    let mut stale = gateway.connect_with(&format!("token={token}&since={since}&epoch={old_epoch}")).await;
+    let new_epoch = epoch_of(&stale);
+    assert_ne!(new_epoch, old_epoch);
+    assert_eq!(stale.expect_replayed().await, (6, 5, 0, false, None), "from the end, incomplete");
+    let mut current = gateway.connect_with(&format!("token={token}&since={since}&epoch={new_epoch}")).await;
+    assert_eq!(current.expect_msgs(2).await, new[3..].to_vec());
+    assert_eq!(current.expect_replayed().await, (since + 1, 5, 2, true, None));
+    // Without the epoch the gateway cannot tell (docs/protocol.md).
+    let mut blind = gateway.connect_with(&format!("token={token}&since={since}")).await;
+    assert_eq!(blind.expect_msgs(2).await, new[3..].to_vec());
+    assert_eq!(blind.expect_replayed().await, (since + 1, 5, 2, true, None));
+    for bad in ["xyz", "", "12345678901234567", "+1"] {
+        let refused = WsClient::connect(&gateway.ws_url(&format!("token={token}&since=1&epoch={bad}"))).await;
+        let refused = refused.err().expect("refused");
+        assert_eq!((refused.status, refused.body["error"].as_str()), (400, Some("bad_request")), "{bad:?}");
+    }
+}

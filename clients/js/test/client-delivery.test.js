@@ -46,6 +46,29 @@ test("a stream made again starts the seqs over: its messages are delivered howev
   assert.equal(storage.getItem("herald:42:default:seq"), "2");
 });
 
+test("the welcome's epoch is kept (storage too) and goes back with since", async () => {
+  const storage = new MemoryStorage();
+  const { client, clock, of } = setup({ backoff: { base: 10, jitter: 0 }, storage });
+  const first = await connected(client);
+  assert.equal(first.param("epoch"), null, "nothing to resume yet");
+  first.welcome({ epoch: "a1" });
+  first.msg(5);
+  first.serverClose(4008);
+  await clock.advance(10);
+  const second = FakeWebSocket.last;
+  assert.deepEqual([second.param("since"), second.param("epoch")], ["5", "a1"]);
+  assert.equal(storage.getItem("herald:42:default:epoch"), "a1");
+  // The stream was made again and has passed 5 already: the gateway resumes from its end (9).
+  second.welcome({ seq: 9, epoch: "b2" });
+  second.receive({ type: "replayed", from: 10, to: 9, count: 0, complete: false });
+  second.msg(10);
+  assert.deepEqual(of("message").map((m) => m.seq), [5, 10]);
+  second.serverClose(1012);
+  await clock.advance(10);
+  assert.deepEqual([FakeWebSocket.last.param("since"), FakeWebSocket.last.param("epoch")], ["10", "b2"]);
+  assert.equal(storage.getItem("herald:42:default:epoch"), "b2");
+});
+
 test("the message event carries the whole frame, an absent id or kind as empty", async () => {
   const { client, of } = setup();
   const socket = await connected(client);

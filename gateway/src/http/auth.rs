@@ -17,6 +17,8 @@ pub(crate) struct ConnectRequest {
     pub(crate) device: String,
     /// Resume point from the query, if any.
     pub(crate) since: Option<u64>,
+    /// The epoch of the stream `since` is a position of (the `welcome`'s), if the client gave it.
+    pub(crate) epoch: Option<u64>,
     /// Topics to subscribe at once (each allowed by the token).
     pub(crate) topics: Vec<String>,
     /// Without `since`, start live instead of from the device's cursor (protocols whose clients
@@ -82,6 +84,7 @@ pub(crate) fn authorize<B>(
 ) -> Result<ConnectRequest, Rejection> {
     let mut token = None;
     let mut since = None;
+    let mut epoch = None;
     let mut device = None;
     let mut topics = Vec::new();
     for (key, value) in form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes()) {
@@ -90,6 +93,11 @@ pub(crate) fn authorize<B>(
             "since" => {
                 since =
                     Some(value.parse::<u64>().map_err(|_| Rejection::bad_request("since must be a sequence number"))?)
+            }
+            "epoch" => {
+                epoch = Some(
+                    parse_epoch(&value).ok_or(Rejection::bad_request("epoch must be the welcome's (hex digits)"))?,
+                )
             }
             "device" => device = Some(value.into_owned()),
             "topics" => topics.extend(value.split(',').filter(|t| !t.is_empty()).map(str::to_string)),
@@ -117,7 +125,13 @@ pub(crate) fn authorize<B>(
     if topics.len() > max_topics {
         return Err(Rejection::bad_request(format!("at most {max_topics} topics per connection")));
     }
-    Ok(ConnectRequest { claims, device, since, topics, live: false, shares_device: false })
+    Ok(ConnectRequest { claims, device, since, epoch, topics, live: false, shares_device: false })
+}
+
+/// A stream's epoch as `welcome` gives it ([`crate::session::bounds::epoch_text`]): hex digits.
+fn parse_epoch(text: &str) -> Option<u64> {
+    let hex = (1..=16).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_hexdigit());
+    hex.then(|| u64::from_str_radix(text, 16).ok()).flatten()
 }
 
 /// Whether the request's query names a device.

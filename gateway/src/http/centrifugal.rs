@@ -180,6 +180,7 @@ async fn accept(
         claims,
         device: format!("centrifugal-{conn}"),
         since,
+        epoch: None,
         topics: Vec::new(),
         live: true,
         shares_device: false,
@@ -218,7 +219,7 @@ fn server_subs(user: &str, connect: &ConnectCommand, epoch: &str) -> Vec<ServerS
 /// The stream's epoch, read with the bounds (one request for the many connections of a storm).
 async fn epoch(shared: &Shared) -> Result<String, String> {
     let epoch = shared.bounds.read_epoch().await.map_err(|e| e.to_string())?;
-    Ok(format!("{epoch:x}"))
+    Ok(crate::session::bounds::epoch_text(epoch))
 }
 
 /// Counts the refusal and sends it: the error reply, if any, then the close.

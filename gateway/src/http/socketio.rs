@@ -349,7 +349,8 @@ async fn accept(
     if let Err(error) = shared.socketio_states.write(&claims.sub, &pid.device(), topics.clone()).await {
         warn!(user = %claims.sub, %error, "the Socket.IO state was not written: a recovery will not find it");
     }
-    let request = ConnectRequest { claims, device: pid.device(), since, topics, live: true, shares_device: false };
+    let request =
+        ConnectRequest { claims, device: pid.device(), since, epoch: None, topics, live: true, shares_device: false };
     Ok((request, Codec::SocketIo(Box::new(SocketIoCodec::new(pid, recovering)))))
 }
 

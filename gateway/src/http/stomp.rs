@@ -299,7 +299,7 @@ fn authenticate(shared: &Shared, frame: &Frame, hints: Hints) -> Result<(Connect
         .transpose()
         .map_err(|_| refused(error_code::BAD_REQUEST, "herald-since must be a sequence number"))?;
     let connected = Connected { version, client_sends, client_wants, allowed_topics: claims.topics.clone() };
-    let request = ConnectRequest { claims, device, since, topics: Vec::new(), live: false, shares_device };
+    let request = ConnectRequest { claims, device, since, epoch: None, topics: Vec::new(), live: false, shares_device };
     Ok((request, connected))
 }
 

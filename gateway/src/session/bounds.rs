@@ -39,6 +39,11 @@ struct InfoAnswer {
     error: Option<serde_json::Value>,
 }
 
+/// An epoch as clients see it (`welcome.epoch`, a Centrifugal channel's `epoch`): hex digits.
+pub(crate) fn epoch_text(epoch: u64) -> String {
+    format!("{epoch:x}")
+}
+
 /// The part of a stream's configuration the bounds carry.
 #[derive(Deserialize)]
 struct InfoConfig {

@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use futures::future::{Either, select};
 use herald_shared::frame::ServerFrame;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::Session;
 use super::actions::{STREAM_PATIENCE, retried};
-use super::bounds::Bounds;
+use super::bounds::{Bounds, epoch_text};
 use super::live::LiveSources;
 use super::state::{Noted, Params, SessionState, Start, audiences_of};
 use crate::close::{Close, CloseCode};
@@ -106,6 +106,7 @@ pub(super) async fn open(session: &Session, codec: Codec) -> Result<Box<SessionS
         heartbeat: shared.config.heartbeat.as_secs(),
         read,
         unread,
+        epoch: (bounds.epoch != 0).then(|| epoch_text(bounds.epoch)),
     };
     Ok(Box::new(SessionState::new(Params {
         user: session.user.clone(),
@@ -152,6 +153,12 @@ async fn resume_point(session: &Session, bounds: Bounds, read_before: Option<Dev
     };
     match state {
         DeviceState::Live => Resume::Live,
+        DeviceState::Since { since, noted } if of_another_stream(session.request.epoch, bounds.epoch) => {
+            // The position means other messages: the stream's end, reported incomplete, as a
+            // `since` beyond it.
+            debug!(%user, %device, since, "since of another epoch of the stream: resuming from its end, incomplete");
+            Resume::Since { requested: u64::MAX, noted }
+        }
         DeviceState::Since { since, noted } => Resume::Since { requested: since, noted },
         DeviceState::Cursor { cursor: Some(cursor), noted } => Resume::Since { requested: cursor, noted },
         DeviceState::Cursor { cursor: None, .. } => Resume::NewDevice,
@@ -160,6 +167,12 @@ async fn resume_point(session: &Session, bounds: Bounds, read_before: Option<Dev
             Resume::Since { requested: bounds.last, noted: Noted::Unknown }
         }
     }
+}
+
+/// Whether the client's `since` is a position of another stream than the current one: the
+/// stream was made again since the client's `welcome`, its sequences started over.
+fn of_another_stream(asked: Option<u64>, current: u64) -> bool {
+    asked.is_some_and(|asked| current != 0 && asked != current)
 }
 
 /// What a join reads of the device's state in KV.

@@ -1450,8 +1450,17 @@ fn a_socket_io_resume_whose_answer_was_dropped_by_a_close_is_answered_in_the_clo
         let mut h = Harness::build(start, 10, 100, |params| {
             params.codec = codec;
             let (conn, user, device, node) = ("c".into(), USER.into(), "d".into(), "n".into());
-            params.welcome =
-                ServerFrame::Welcome { conn, user, device, node, seq: 10, heartbeat: 25, read: 0, unread: 0 };
+            params.welcome = ServerFrame::Welcome {
+                conn,
+                user,
+                device,
+                node,
+                seq: 10,
+                heartbeat: 25,
+                read: 0,
+                unread: 0,
+                epoch: None,
+            };
         });
         assert_eq!(h.action(), replay_of(everything(), 10, 10));
         h.replay(Vec::new());

@@ -14,7 +14,7 @@ fn server_sub(channel: &str, recover_from: Option<u64>) -> ServerSub {
 
 fn welcome(seq: u64) -> ServerFrame {
     let (conn, user, device, node) = ("c1".into(), "42".into(), "d".into(), "n".into());
-    ServerFrame::Welcome { conn, user, device, node, seq, heartbeat: 25, read: 0, unread: 0 }
+    ServerFrame::Welcome { conn, user, device, node, seq, heartbeat: 25, read: 0, unread: 0, epoch: None }
 }
 
 fn message(seq: u64, audience: Audience) -> Message {

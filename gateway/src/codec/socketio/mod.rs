@@ -287,6 +287,7 @@ mod tests {
             heartbeat: 25,
             read: 0,
             unread: 0,
+            epoch: None,
         };
         let socket_id = Pid::parse("p1").unwrap().socket_id();
         assert_eq!(text(&codec.notice(&welcome).unwrap()), format!(r#"40{{"pid":"p1","sid":"{socket_id}"}}"#));
@@ -312,7 +313,7 @@ mod tests {
 
     fn welcome() -> ServerFrame {
         let (conn, user, device, node) = ("c2".into(), "u".into(), "d".into(), "n".into());
-        ServerFrame::Welcome { conn, user, device, node, seq: 9, heartbeat: 25, read: 0, unread: 0 }
+        ServerFrame::Welcome { conn, user, device, node, seq: 9, heartbeat: 25, read: 0, unread: 0, epoch: None }
     }
 
     fn replayed(complete: bool, topic: Option<&str>) -> ServerFrame {
