@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 
 /// Why a body could not be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,6 +20,10 @@ pub(crate) enum BodyError {
 
 /// The whole body, when it is at most `limit` bytes and arrives within `within` (zero: no limit).
 pub(crate) async fn read(body: Incoming, limit: usize, within: Duration) -> Result<Bytes, BodyError> {
+    // A `Content-Length` over the limit is refused before a byte is read (nor waited for).
+    if body.size_hint().lower() > limit as u64 {
+        return Err(BodyError::TooLarge);
+    }
     let collect = Limited::new(body, limit).collect();
     let collected = if within.is_zero() {
         collect.await
