@@ -110,10 +110,13 @@ impl Close {
     /// The client closed with `code` (one a peer may send: the reader refuses the others) or
     /// none: answered with the same code (RFC 6455 §5.5.1), or 1000.
     pub(crate) fn by_client(code: Option<u16>) -> Close {
-        match code {
-            Some(code) => Close::new(CloseCode::Echo(code), ""),
-            None => Close::new(CloseCode::Normal, ""),
-        }
+        Close::new(CloseCode::Echo(code.unwrap_or(close_code::NORMAL)), "")
+    }
+
+    /// The client ended the connection in its protocol (a STOMP DISCONNECT, a Socket.IO close):
+    /// answered with 1000.
+    pub(crate) fn client_left(reason: &'static str) -> Close {
+        Close::new(CloseCode::Echo(close_code::NORMAL), reason)
     }
 
     /// The connection is gone (reset, or the gateway was killed): nothing is sent.
@@ -151,6 +154,11 @@ mod tests {
     fn metrics_label_the_gateways_codes_and_the_clients_closes() {
         assert_eq!(CloseCode::SlowConsumer.label(), "4008");
         assert_eq!(Close::by_client(Some(4321)).code.label(), "client");
+        assert_eq!(Close::by_client(None).code.label(), "client", "a close frame without a code");
+        assert_eq!(
+            (Close::client_left("bye").number(), Close::client_left("bye").code.label()),
+            (1000, "client".into())
+        );
         assert!(CloseCode::CHOSEN.iter().all(|code| code.label().parse::<u16>().is_ok()));
     }
 }

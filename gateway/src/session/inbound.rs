@@ -11,7 +11,7 @@ use super::Session;
 use super::deadlines::Deadlines;
 use super::state::SessionState;
 use super::{presence, rpc};
-use crate::close::{Close, CloseCode};
+use crate::close::Close;
 use crate::codec::{Command, Refusal};
 use crate::http::metrics::RpcLabels;
 use crate::http::ratelimit::TokenBucket;
@@ -36,7 +36,7 @@ pub(super) fn handle(
         Inbound::Text(text) | Inbound::Binary(text) => {
             for decoded in state.codec_mut().decode(&text) {
                 match decoded {
-                    Ok(Command::Close) => return Err(Close::new(CloseCode::Normal, "the client disconnected")),
+                    Ok(Command::Close) => return Err(Close::client_left("the client disconnected")),
                     Ok(Command::Refresh { token }) => refresh(session, state, &token, deadlines),
                     Ok(command) => run(session, state, command, rpc_budget),
                     Err(Refusal::Notice(notice)) => state.notice(&notice),

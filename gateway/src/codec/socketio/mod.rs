@@ -122,7 +122,7 @@ impl SocketIoCodec {
                 pong.extend_from_slice(data);
                 vec![Err(Refusal::Reply(crate::websocket::frame::text(&pong)))]
             }
-            Some((&engine::CLOSE, _)) => vec![Err(Refusal::Close(Close::new(CloseCode::Normal, "client closed")))],
+            Some((&engine::CLOSE, _)) => vec![Err(Refusal::Close(Close::client_left("client closed")))],
             Some((&engine::MESSAGE, socket_io)) => match socket_io.split_first() {
                 Some((&packet::EVENT, rest)) => match in_namespace(rest) {
                     Ok(rest) => vec![self.event(rest)],
@@ -132,7 +132,7 @@ impl SocketIoCodec {
                     }
                 },
                 Some((&packet::DISCONNECT, rest)) => match in_namespace(rest) {
-                    Ok(_) => vec![Err(Refusal::Close(Close::new(CloseCode::Normal, "client disconnected")))],
+                    Ok(_) => vec![Err(Refusal::Close(Close::client_left("client disconnected")))],
                     // Leaving a namespace it was refused: nothing to do.
                     Err(_) => Vec::new(),
                 },
