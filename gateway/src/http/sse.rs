@@ -121,9 +121,11 @@ async fn admit_stream<B>(
     if !shared.health.ready() {
         return Ok(None);
     }
-    // A browser reconnecting says where it stopped; that wins over the URL's `since`.
+    // A browser reconnecting says where it stopped; that wins over the URL's `since`, whose
+    // `epoch` does not go with it (the URL stays the first one, the stream may have changed since).
     if let Some(last) = request.headers().get("last-event-id") {
         connect.since = Some(last_event_id(last)?);
+        connect.epoch = None;
     }
     let (address, permit) = admit(shared, request, peer)?;
     let conn = crate::id::random_id(12);
