@@ -578,6 +578,8 @@ export class Herald extends EventTarget {
   #filter;
   /** The `epoch` of the stream the resume point belongs to, if known. @type {string|null} */
   #epoch = null;
+  /** The epoch the current connection was asked to resume in (sent with `since`). @type {string|null} */
+  #epochSent = null;
   #acks;
   #liveness;
 
@@ -823,10 +825,11 @@ export class Herald extends EventTarget {
     const claims = tokenClaims(token);
     if (this.#filter.last === null) this.#loadSeq(this.#options.user ?? claims?.sub);
     this.#urlTopics = this.#topicsForUrl(claims);
+    this.#epochSent = this.#filter.last !== null ? this.#epoch : null;
     const url = buildUrl(this.#options.url, {
       token,
       since: this.#filter.last,
-      epoch: this.#epoch,
+      epoch: this.#epochSent,
       device: this.#options.device,
       topics: [...this.#urlTopics],
     });
@@ -1060,11 +1063,11 @@ export class Herald extends EventTarget {
     this.#refused = 0;
     this.#backoff.reset();
     this.#liveness.start((frame.heartbeat ?? 0) * 1000);
-    if (this.#filter.last !== null && frame.seq < this.#filter.last) {
-      // The stream ends before the resume point: it was made again, its sequence started over
-      // (its `replayed` says `complete:false`). Its messages are new, however low their seq. (A
-      // resume point the new stream has passed is told by the epoch given back with it: the
-      // gateway then resumes from its end, above that point.)
+    const otherEpoch = Boolean(this.#epochSent && frame.epoch && frame.epoch !== this.#epochSent);
+    if (this.#filter.last !== null && (frame.seq < this.#filter.last || otherEpoch)) {
+      // The resume point is of a stream since made again, whose sequence started over: the
+      // gateway resumed from its end (its `replayed` says `complete:false`), and so does the
+      // client, however low the new seqs.
       this.#filter.restart(frame.seq);
       this.#acks.restart();
       this.#saveSeq(frame.seq);
@@ -1316,7 +1319,8 @@ export class Herald extends EventTarget {
     const stored = Number(storage.getItem(storageKey(user, device)));
     if (!Number.isSafeInteger(stored) || stored <= 0) return;
     this.#filter.last = stored;
-    this.#epoch = storage.getItem(epochKey(user, device)) || null;
+    const epoch = storage.getItem(epochKey(user, device));
+    this.#epoch = epoch && /^[0-9a-f]{1,16}$/.test(epoch) ? epoch : null;
   }
 
   /** @param {number} seq */
@@ -1324,8 +1328,9 @@ export class Herald extends EventTarget {
     this.#store(storageKey, String(seq));
   }
 
+  /** Empty when the gateway named none (an older one): a stale epoch must not go with a newer seq. */
   #saveEpoch() {
-    if (this.#epoch) this.#store(epochKey, this.#epoch);
+    this.#store(epochKey, this.#epoch ?? "");
   }
 
   /**

@@ -58,15 +58,28 @@ test("the welcome's epoch is kept (storage too) and goes back with since", async
   const second = FakeWebSocket.last;
   assert.deepEqual([second.param("since"), second.param("epoch")], ["5", "a1"]);
   assert.equal(storage.getItem("herald:42:default:epoch"), "a1");
-  // The stream was made again and has passed 5 already: the gateway resumes from its end (9).
+  // The stream was made again and has passed 5 already: the gateway resumes from its end (9), and
+  // so does the client, before any new message.
   second.welcome({ seq: 9, epoch: "b2" });
   second.receive({ type: "replayed", from: 10, to: 9, count: 0, complete: false });
-  second.msg(10);
-  assert.deepEqual(of("message").map((m) => m.seq), [5, 10]);
+  assert.equal(client.lastSeq, 9);
   second.serverClose(1012);
   await clock.advance(10);
-  assert.deepEqual([FakeWebSocket.last.param("since"), FakeWebSocket.last.param("epoch")], ["10", "b2"]);
-  assert.equal(storage.getItem("herald:42:default:epoch"), "b2");
+  const third = FakeWebSocket.last;
+  assert.deepEqual([third.param("since"), third.param("epoch")], ["9", "b2"]);
+  assert.deepEqual([storage.getItem("herald:42:default:seq"), storage.getItem("herald:42:default:epoch")], ["9", "b2"]);
+  third.welcome({ seq: 9, epoch: "b2" });
+  third.msg(10);
+  assert.deepEqual(of("message").map((m) => m.seq), [5, 10]);
+});
+
+test("an epoch in storage that is not one a gateway gives is not sent", async () => {
+  const storage = new MemoryStorage();
+  storage.setItem("herald:42:default:seq", "7");
+  storage.setItem("herald:42:default:epoch", "not hex!");
+  const { client } = setup({ storage, user: "42" });
+  const socket = await connected(client);
+  assert.deepEqual([socket.param("since"), socket.param("epoch")], ["7", null]);
 });
 
 test("the message event carries the whole frame, an absent id or kind as empty", async () => {
