@@ -32,9 +32,10 @@ pub enum ReplayMethod {
 
 /// How long one request to the stream may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bytes one round of direct gets asks for, shared by the cursors it refills (each still gets one
-/// message however large): what a replay holds while its socket drains, whatever the messages'
-/// size, and what a gateway's replays in flight at once (`replay_concurrency`) send it.
+/// Bytes a replay reads ahead of its socket: each round of direct gets asks for what the cursors'
+/// buffers lack of it, shared by the cursors it refills (each still gets one message however
+/// large). What a replay holds while its socket drains, whatever the messages' size, and what a
+/// gateway's replays in flight at once (`replay_concurrency`) send it.
 const FETCH_BYTES: usize = 512 * 1024;
 /// The least any cursor asks for in a round.
 const MIN_CURSOR_BYTES: usize = 16 * 1024;
@@ -235,7 +236,8 @@ impl DirectReplay {
         let _permit = self.permits.clone().acquire_owned().await.map_err(error)?;
         let request_id = self.requests;
         self.requests += 1;
-        let max_bytes = (FETCH_BYTES / dry.len()).max(MIN_CURSOR_BYTES);
+        let held: usize = self.cursors.iter().flat_map(|cursor| &cursor.buffered).map(|m| m.payload.len()).sum();
+        let max_bytes = (FETCH_BYTES.saturating_sub(held) / dry.len()).max(MIN_CURSOR_BYTES);
         for &index in &dry {
             let cursor = &self.cursors[index];
             let (seq, subject, batch) = (cursor.next_seq, &cursor.subject, self.batch);
