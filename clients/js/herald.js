@@ -1053,6 +1053,20 @@ export class Herald extends EventTarget {
     }
   }
 
+  /**
+   * Forgets every position of the old stream: the resume point, the pending ack, a pending read
+   * and the topics' `since` (each would name other messages of the new one).
+   * @param {number} seq  the new stream's end
+   */
+  #restartPositions(seq) {
+    this.#filter.restart(seq);
+    this.#acks.restart();
+    this.#saveSeq(seq);
+    this.#pendingRead = 0;
+    this.#lastPersonal = 0;
+    for (const wanted of this.#topics.values()) delete wanted.since;
+  }
+
   /** @param {WelcomeFrame} frame */
   #welcome(frame) {
     this.#session = frame;
@@ -1068,9 +1082,7 @@ export class Herald extends EventTarget {
       // The resume point is of a stream since made again, whose sequence started over: the
       // gateway resumed from its end (its `replayed` says `complete:false`), and so does the
       // client, however low the new seqs.
-      this.#filter.restart(frame.seq);
-      this.#acks.restart();
-      this.#saveSeq(frame.seq);
+      this.#restartPositions(frame.seq);
     }
     this.#epoch = frame.epoch ?? null;
     this.#saveEpoch();

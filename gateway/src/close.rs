@@ -8,8 +8,6 @@ use herald_shared::frame::close_code;
 /// The close codes the gateway sends (and 1006, which it never sends: the connection is gone).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum CloseCode {
-    /// 1000: a normal close.
-    Normal,
     /// 1001: the client went silent (no frame, no pong).
     NoHeartbeat,
     /// 1002: the client broke the WebSocket protocol.
@@ -36,7 +34,8 @@ pub(crate) enum CloseCode {
     SlowConsumer,
     /// 4009: replaced by a newer session (session policy).
     Replaced,
-    /// A code the client closed with, sent back to it.
+    /// A code the client closed with, sent back to it (1000 for a close without one, or one in
+    /// the client's protocol: a STOMP DISCONNECT, a Socket.IO disconnect).
     Echo(u16),
 }
 
@@ -44,7 +43,6 @@ impl CloseCode {
     /// The number on the wire.
     pub(crate) fn number(self) -> u16 {
         match self {
-            CloseCode::Normal => close_code::NORMAL,
             CloseCode::NoHeartbeat => 1001,
             CloseCode::ProtocolError => close_code::PROTOCOL_ERROR,
             CloseCode::Abnormal => 1006,
@@ -62,9 +60,9 @@ impl CloseCode {
         }
     }
 
-    /// Every code the gateway chooses (all but [`CloseCode::Echo`]).
-    pub(crate) const CHOSEN: [CloseCode; 14] = [
-        CloseCode::Normal,
+    /// Every code the gateway chooses (all but [`CloseCode::Echo`]: a normal close is always
+    /// the client's, answered with its code or 1000).
+    pub(crate) const CHOSEN: [CloseCode; 13] = [
         CloseCode::NoHeartbeat,
         CloseCode::ProtocolError,
         CloseCode::Abnormal,

@@ -29,17 +29,21 @@ test("a stream made again starts the seqs over: its messages are delivered howev
   first.welcome();
   first.msg(42);
   first.msg(43);
+  client.subscribe("news", { since: 40 });
   first.serverClose(4008); // the stream was deleted
+  client.markRead(43); // while offline
   await clock.advance(10);
   const second = FakeWebSocket.last;
   assert.equal(second.param("since"), "43");
   // The new stream ends before the resume point.
   second.welcome({ seq: 0 });
+  assert.deepEqual(second.sentOf("sub"), [{ type: "sub", topic: "news", since: 0 }], "not the old stream's 40");
   second.receive({ type: "replayed", from: 1, to: 0, count: 0, complete: false });
   second.msg(1);
   second.msg(2);
   second.msg(2);
   assert.deepEqual(of("message").map((m) => m.seq), [42, 43, 1, 2]);
+  assert.deepEqual(second.sentOf("read"), [], "a read asked before, of the old stream, is not sent");
   assert.equal(client.lastSeq, 2);
   await clock.advance(1000);
   assert.deepEqual(second.sentOf("ack"), [{ type: "ack", seq: 2 }]);

@@ -39,7 +39,7 @@ test("markRead sends the last personal seq, and one asked while offline goes out
   client.markRead(3);
   await clock.advance(10);
   const again = FakeWebSocket.last;
-  again.welcome({ seq: 3, read: 2, unread: 1 });
+  again.welcome({ seq: 5, read: 2, unread: 1 });
   assert.deepEqual(again.sentOf("read"), [{ type: "read", seq: 3 }]);
   // Nothing to send when already read that far.
   client.markRead(1);

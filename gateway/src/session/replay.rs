@@ -37,7 +37,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// large). What a replay holds while its socket drains, whatever the messages' size, and what a
 /// gateway's replays in flight at once (`replay_concurrency`) send it.
 const FETCH_BYTES: usize = 512 * 1024;
-/// The least any cursor asks for in a round.
+/// The least any cursor asks for in a round: another cursor's buffer may hold most of the budget
+/// while its messages wait behind this one's.
 const MIN_CURSOR_BYTES: usize = 16 * 1024;
 
 /// A stored message, read back.
@@ -237,7 +238,8 @@ impl DirectReplay {
         let request_id = self.requests;
         self.requests += 1;
         let held: usize = self.cursors.iter().flat_map(|cursor| &cursor.buffered).map(|m| m.payload.len()).sum();
-        let max_bytes = (FETCH_BYTES.saturating_sub(held) / dry.len()).max(MIN_CURSOR_BYTES);
+        let floor = (FETCH_BYTES / (2 * self.cursors.len())).max(MIN_CURSOR_BYTES);
+        let max_bytes = (FETCH_BYTES.saturating_sub(held) / dry.len()).max(floor);
         for &index in &dry {
             let cursor = &self.cursors[index];
             let (seq, subject, batch) = (cursor.next_seq, &cursor.subject, self.batch);

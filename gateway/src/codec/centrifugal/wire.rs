@@ -45,7 +45,6 @@ pub(crate) mod disconnect {
 /// The Centrifugal disconnect code for one of Herald's closes.
 pub(crate) fn disconnect_code(code: CloseCode) -> u16 {
     match code {
-        CloseCode::Normal => 1000,
         CloseCode::NoHeartbeat => disconnect::NO_PONG,
         CloseCode::ProtocolError | CloseCode::InvalidData | CloseCode::Policy => disconnect::BAD_REQUEST,
         // The SDKs know 1009 (a message over the size limit).

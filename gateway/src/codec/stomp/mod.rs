@@ -675,7 +675,7 @@ pub(super) fn receipt_frame(receipt: &str) -> Vec<u8> {
 /// Whether a close deserves an ERROR frame saying why (not a normal close, a restart, or one the
 /// client started).
 fn explained(code: CloseCode) -> bool {
-    !matches!(code, CloseCode::Normal | CloseCode::Restart | CloseCode::Echo(_) | CloseCode::Abnormal)
+    !matches!(code, CloseCode::Restart | CloseCode::Echo(_) | CloseCode::Abnormal)
 }
 
 #[cfg(test)]

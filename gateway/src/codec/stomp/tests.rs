@@ -279,7 +279,7 @@ fn frames_split_over_messages_or_several_in_one_are_read_as_a_stream() {
     // Nothing is read after a DISCONNECT: its RECEIPT is the last frame.
     let after = codec.decode_message(b"DISCONNECT\nreceipt:bye\n\n\0DANCE\n\n\0");
     assert_eq!(after, [Ok(Command::Close)]);
-    let last = codec.close(&Close::new(CloseCode::Normal, "bye"));
+    let last = codec.close(&Close::client_left("bye"));
     assert!(last[2..].starts_with(b"RECEIPT\nreceipt-id:bye\n"), "{last:?}");
 }
 
