@@ -221,7 +221,7 @@ impl Gateway {
             replayer,
             feed,
             api_js,
-            cursors: Arc::new(Cursors::new(js.clone())),
+            cursors: Arc::new(Cursors::new(js.clone(), config.stream.cursors_max_age)),
             registry: Arc::new(Registry::default()),
             policies: Arc::new(Policies::new(config.session_policy, config.stream.clone(), js.clone())),
             prefs: Arc::new(Prefs::new(js.clone())),

@@ -33,6 +33,12 @@ pub struct StreamSettings {
     /// `herald-socketio`). Default `2m`.
     #[serde(with = "humantime_serde")]
     pub socketio_recovery_window: Duration,
+    /// A device's cursor in `herald-cursors` that was not written for this long (the device neither
+    /// connected nor acknowledged anything) is removed, so that device ids clients make up do not
+    /// pile up for ever; the device's next connection is then a new device's. `0`: kept for ever.
+    /// Default `30d`.
+    #[serde(with = "humantime_serde")]
+    pub cursors_max_age: Duration,
 }
 
 impl Default for StreamSettings {
@@ -44,6 +50,7 @@ impl Default for StreamSettings {
             stream_duplicate_window: Duration::from_secs(120),
             sessions_max_age: Duration::from_secs(120),
             socketio_recovery_window: Duration::from_secs(120),
+            cursors_max_age: Duration::from_secs(30 * 24 * 3600),
             stream_replicas: 1,
         }
     }
@@ -208,8 +215,12 @@ pub async fn ensure_buckets(
         max_age: settings.socketio_recovery_window,
         ..bucket(KV_SOCKETIO, "Socket.IO connection states kept for recovery")
     };
+    let cursors = kv::Config {
+        max_age: settings.cursors_max_age,
+        ..bucket(KV_CURSORS, "last acknowledged seq per user and device")
+    };
     Ok(Buckets {
-        cursors: ensure_bucket(js, bucket(KV_CURSORS, "last acknowledged seq per user and device")).await?,
+        cursors: ensure_bucket(js, cursors).await?,
         prefs: ensure_bucket(js, bucket(KV_PREFS, PREFS_DESCRIPTION)).await?,
         reads: ensure_bucket(js, bucket(KV_READS, "highest personal seq read per user")).await?,
         sessions: ensure_bucket(js, sessions).await?,

@@ -234,6 +234,57 @@ async fn a_cursor_written_elsewhere_meanwhile_is_never_moved_back() {
     assert_eq!(stored().await, Some(seqs[3].to_string()));
 }
 
+/// A cursor not written for `cursors_max_age` is gone, so that device ids clients make up do not pile
+/// up: the device is a new one again (its unread personal messages). A device that connects past half
+/// the max age has its cursor written again, though it had nothing to acknowledge.
+#[tokio::test]
+async fn a_cursor_expires_unless_its_device_connects_and_a_device_back_after_it_is_new() {
+    use std::time::{Duration, SystemTime};
+    let max_age = Duration::from_secs(8);
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start_with(&nats, |c| c.stream.cursors_max_age = max_age).await;
+    let publisher = Publisher::new(&nats).await;
+    let js = nats.jetstream().await;
+    let mut bucket = js.get_stream("KV_herald-cursors").await.unwrap();
+    assert_eq!(bucket.info().await.unwrap().config.max_age, max_age);
+    let cursors = js.get_key_value("herald-cursors").await.unwrap();
+    let entry = async || {
+        cursors.entry("kai.tablet").await.unwrap().filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put)
+    };
+
+    let unread = publisher.publish("push.user.kai", "unread").await;
+    let query = format!("token={}&device=tablet", token("kai"));
+    let mut first = gateway.connect_with(&query).await;
+    assert_eq!(first.expect_msgs(1).await, vec![unread]);
+    first.expect_replayed().await;
+    first.send_json(serde_json::json!({"type": "ack", "seq": unread})).await;
+    let written = eventually("the cursor at the ack", herald_tests::functions::WAIT, async || {
+        entry().await.filter(|e| e.value.as_ref() == unread.to_string().as_bytes())
+    })
+    .await;
+    drop(first);
+    gateway.wait_metric("herald_gateway_connections", 0.0).await;
+
+    // Past half the max age, a connection writes the cursor again as it is, before its replay.
+    eventually("half the max age passed", max_age, async || {
+        let age = SystemTime::now().duration_since(SystemTime::from(written.created)).unwrap_or_default();
+        (age > max_age / 2 + Duration::from_millis(500)).then_some(())
+    })
+    .await;
+    let mut again = gateway.connect_with(&query).await;
+    assert_eq!(again.expect_replayed().await, (unread + 1, unread, 0, true, None), "from the cursor");
+    let rewritten = entry().await.expect("the cursor");
+    assert_eq!((rewritten.value, rewritten.revision > written.revision), (written.value, true));
+    drop(again);
+    gateway.wait_metric("herald_gateway_connections", 0.0).await;
+
+    // Not written for the max age: gone, and the device's next connection is a new device's.
+    eventually("the cursor expired", Duration::from_secs(30), async || entry().await.is_none().then_some(())).await;
+    let mut new = gateway.connect_with(&query).await;
+    assert_eq!(new.expect_msgs(1).await, vec![unread], "the unread message again");
+    assert_eq!(new.expect_replayed().await, (1, unread, 1, true, None));
+}
+
 #[tokio::test]
 async fn cursors_over_the_write_rate_are_written_in_turn_so_none_is_left_behind() {
     let nats = TestNats::start().await;

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
@@ -34,6 +34,8 @@ const FLUSH_CONCURRENCY: usize = 32;
 pub(crate) struct Cursors {
     js: jetstream::Context,
     bucket: OnceCell<kv::Store>,
+    /// The bucket's max age (zero: none), after which an unwritten cursor is gone.
+    max_age: Duration,
     /// The devices whose sessions on this gateway acknowledged something, by KV key.
     devices: Mutex<HashMap<Box<str>, Held>>,
     /// Flushes so far: a cursor notes the one that last wrote it.
@@ -113,6 +115,18 @@ fn longest_unwritten(mut moved: Vec<Arc<DeviceCursor>>, limit: usize) -> Vec<Arc
     moved
 }
 
+/// Now, in Unix nanoseconds (the unit of KV entries' times).
+fn unix_nanos() -> i128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as i128
+}
+
+/// Whether a cursor written at `written` (Unix nanoseconds) is past half the bucket's `max_age`
+/// (zero: none).
+fn expires_soon(written: i128, max_age: Duration) -> bool {
+    let age = Duration::from_nanos(u64::try_from(unix_nanos() - written).unwrap_or(0));
+    !max_age.is_zero() && age > max_age / 2
+}
+
 /// The KV key of a device's cursor.
 pub(crate) fn cursor_key(user: &str, device: &str) -> String {
     format!("{}.{}", kv_key(user), kv_key(device))
@@ -149,17 +163,36 @@ fn lost_key(user: &str, device: &str) -> String {
 }
 
 impl Cursors {
-    pub(crate) fn new(js: jetstream::Context) -> Cursors {
-        Cursors { js, bucket: OnceCell::new(), devices: Mutex::new(HashMap::new()), flushes: AtomicU64::new(0) }
+    pub(crate) fn new(js: jetstream::Context, max_age: Duration) -> Cursors {
+        let devices = Mutex::new(HashMap::new());
+        Cursors { js, bucket: OnceCell::new(), max_age, devices, flushes: AtomicU64::new(0) }
     }
 
     async fn bucket(&self) -> Result<&kv::Store, CursorError> {
         self.bucket.get_or_try_init(|| async { self.js.get_key_value(KV_CURSORS).await.map_err(error) }).await
     }
 
-    /// The device's stored cursor, if any.
+    /// The device's stored cursor, if any. One written more than half the bucket's max age ago is
+    /// written again as it is: the max age removes the cursors of devices that stopped connecting,
+    /// not those of devices that connect but had nothing to acknowledge for a while.
     pub(crate) async fn load(&self, user: &str, device: &str) -> Result<Option<u64>, CursorError> {
-        forward::load(self.bucket().await?, &cursor_key(user, device)).await.map_err(error)
+        let bucket = self.bucket().await?;
+        let key = cursor_key(user, device);
+        let entry = match bucket.entry(&key).await.map_err(error)? {
+            Some(entry) if entry.operation == kv::Operation::Put => entry,
+            _ => return Ok(None),
+        };
+        if expires_soon(entry.created.unix_timestamp_nanos(), self.max_age) {
+            // A newer write (another session's) wrote the cursor anyway; other failures are tried
+            // again at the device's next connection.
+            match bucket.update(&key, entry.value.clone(), entry.revision).await {
+                Err(e) if e.kind() != kv::UpdateErrorKind::WrongLastRevision => {
+                    warn!(%key, error = %e, "cursor not written again before its max age");
+                }
+                _ => {}
+            }
+        }
+        Ok(forward::parse(&entry.value))
     }
 
     /// Notes that the device missed messages from `seq` on that it can no longer get in order (its
@@ -312,6 +345,16 @@ mod tests {
 
     fn cursor() -> DeviceCursor {
         DeviceCursor::new("ada.phone".into(), 0)
+    }
+
+    #[test]
+    fn a_cursor_is_written_again_past_half_the_max_age_and_never_without_one() {
+        let day = Duration::from_secs(24 * 3600);
+        let written_ago = |age: Duration| unix_nanos() - age.as_nanos() as i128;
+        assert!(!expires_soon(written_ago(14 * day), 30 * day));
+        assert!(expires_soon(written_ago(16 * day), 30 * day));
+        assert!(!expires_soon(written_ago(400 * day), Duration::ZERO), "no max age");
+        assert!(!expires_soon(unix_nanos() + 1_000_000_000, 30 * day), "a clock behind the server's");
     }
 
     #[test]
