@@ -204,6 +204,52 @@ async fn request_bodies_that_never_arrive_in_full_get_408() {
 
 /// Sends a POST announcing `declared` bytes of body and only 10 of them; the answer, read to the
 /// end (bounded: a gateway that waits on forever fails the test).
+/// A body over the limit is answered 413 while the gateway reads the rest of it and drops it: a
+/// client that sends its whole body before it reads the answer (most do, without `Expect:
+/// 100-continue`) gets the answer, not a connection reset under its last bytes. With a length, and
+/// in chunks (refused once over the limit).
+#[tokio::test]
+async fn a_client_that_sends_a_whole_oversized_body_before_reading_gets_its_413() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start_with(&nats, |c| {
+        c.api_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.api_keys = vec!["k".into()];
+    })
+    .await;
+    for chunked in [false, true] {
+        let answer = post_whole(gateway.api_addr.unwrap(), "/v1/publish", 4 << 20, chunked).await;
+        assert!(answer.starts_with("HTTP/1.1 413"), "chunked {chunked}: {answer}");
+        assert!(answer.contains(r#""error":"too_large""#), "chunked {chunked}: {answer}");
+    }
+}
+
+/// Sends a request with a body of `size` bytes in full, then reads the answer to the end.
+async fn post_whole(addr: std::net::SocketAddr, path: &str, size: usize, chunked: bool) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let framing = if chunked { "Transfer-Encoding: chunked".to_string() } else { format!("Content-Length: {size}") };
+    let head = format!("POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n{framing}\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let piece = vec![b'x'; 64 << 10];
+    for _ in 0..size / piece.len() {
+        let sent = match chunked {
+            true => {
+                let chunk = [format!("{:x}\r\n", piece.len()).as_bytes(), &piece, b"\r\n"].concat();
+                stream.write_all(&chunk).await
+            }
+            false => stream.write_all(&piece).await,
+        };
+        sent.expect("the gateway took the whole body");
+    }
+    if chunked {
+        stream.write_all(b"0\r\n\r\n").await.expect("the gateway took the whole body");
+    }
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut answer)).await;
+    read.expect("an answer within 30 s").expect("the answer, not a reset connection");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 async fn slow_post(addr: std::net::SocketAddr, path: &str, headers: &str, declared: usize) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();

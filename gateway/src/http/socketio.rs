@@ -143,7 +143,8 @@ pub(crate) async fn post(shared: Arc<Shared>, request: Request<Incoming>) -> Res
         return Ok(engine_error(1, "Session ID unknown"));
     };
     let limit = shared.config.max_frame_bytes;
-    let body = match body::read(request.into_body(), limit, shared.config.request_body_timeout).await {
+    let (parts, body) = request.into_parts();
+    let body = match body::read(&parts.headers, body, limit, shared.config.request_body_timeout).await {
         Ok(body) => body,
         // As Engine.IO's server does, and as a WebSocket message over the limit does: the session
         // ends (its client reconnects) rather than living on without the packets.

@@ -288,7 +288,8 @@ async fn read_json(shared: &Shared, request: Request<Incoming>) -> Result<Value,
 
 async fn read_body(shared: &Shared, request: Request<Incoming>) -> Result<Bytes, ApiError> {
     let (limit, within) = (shared.config.api_max_body_bytes, shared.config.request_body_timeout);
-    body::read(request.into_body(), limit, within).await.map_err(|error| match error {
+    let (parts, body) = request.into_parts();
+    body::read(&parts.headers, body, limit, within).await.map_err(|error| match error {
         BodyError::TooLarge => {
             ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("the body is over {limit} bytes"))
         }

@@ -172,7 +172,7 @@ pub(crate) async fn send(shared: Arc<Shared>, request: Request<Incoming>, key: &
     let limit = shared.config.max_frame_bytes;
     let (parts, body) = request.into_parts();
     let request = Request::from_parts(parts, ());
-    let body = match crate::http::body::read(body, limit, shared.config.request_body_timeout).await {
+    let body = match crate::http::body::read(request.headers(), body, limit, shared.config.request_body_timeout).await {
         Ok(body) => body,
         Err(BodyError::TooLarge) => {
             return plain(&request, StatusCode::PAYLOAD_TOO_LARGE, &format!("Payload over {limit} bytes."));
