@@ -285,6 +285,46 @@ async fn only_allowed_origins_may_open_sockets() {
     server_side.expect_welcome().await;
 }
 
+/// The plain-HTTP transports a page reads with CORS (SSE, Socket.IO polling, their preflights)
+/// allow the origins the gateway allows, and nothing to the others, which are refused with 403.
+/// (tests/browser/test_cross_origin.py has Chromium read them from another origin.)
+#[tokio::test]
+async fn cross_origin_reads_are_allowed_to_allowed_origins_only() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start_with(&nats, |c| c.allowed_origins = vec!["https://app.example.com".into()]).await;
+    let http = reqwest::Client::new();
+    let sse = gateway.http_url(&format!("/sse?token={}", token("cora")));
+    let polling = gateway.http_url("/socket.io/?EIO=4&transport=polling");
+    let allowed_origin = |response: &reqwest::Response| {
+        let header = |name: &str| response.headers().get(name).map(|v| v.to_str().unwrap().to_string());
+        (response.status().as_u16(), header("access-control-allow-origin"), header("access-control-allow-methods"))
+    };
+    for (origin, expected, methods) in
+        [("https://app.example.com", 204, true), ("https://evil.example.net", 403, false)]
+    {
+        for (url, allowed) in [(&sse, "GET, OPTIONS"), (&polling, "GET, POST, OPTIONS")] {
+            let preflight = http
+                .request(reqwest::Method::OPTIONS, url.as_str())
+                .header("origin", origin)
+                .header("access-control-request-method", "GET")
+                .send()
+                .await
+                .unwrap();
+            let named = (expected == 204).then(|| origin.to_string());
+            let methods = methods.then(|| allowed.to_string());
+            assert_eq!(allowed_origin(&preflight), (expected, named, methods), "OPTIONS {url} from {origin}");
+        }
+    }
+    let opened = http.get(&polling).header("origin", "https://app.example.com").send().await.unwrap();
+    assert_eq!(allowed_origin(&opened), (200, Some("https://app.example.com".into()), None));
+    let refused = http.get(&polling).header("origin", "https://evil.example.net").send().await.unwrap();
+    assert_eq!(allowed_origin(&refused), (403, None, None));
+    let refused = http.get(&sse).header("origin", "https://evil.example.net").send().await.unwrap();
+    assert_eq!(allowed_origin(&refused), (403, None, None));
+    let stream = http.get(&sse).header("origin", "https://app.example.com").send().await.unwrap();
+    assert_eq!(allowed_origin(&stream), (200, Some("https://app.example.com".into()), None));
+}
+
 #[tokio::test]
 async fn connection_limits_per_gateway_and_per_address_with_trusted_proxies() {
     let nats = TestNats::start().await;

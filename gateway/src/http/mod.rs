@@ -8,6 +8,7 @@ pub(crate) mod auth;
 pub(crate) mod body;
 pub(crate) mod body_pipe;
 pub(crate) mod centrifugal;
+pub(crate) mod cors;
 pub(crate) mod edge;
 pub(crate) mod engineio;
 pub(crate) mod handshake;

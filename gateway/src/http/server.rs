@@ -21,6 +21,7 @@ use crate::cluster::policy::PolicyError;
 use crate::codec::stomp::Transport;
 use crate::http::admitted::Admitted;
 use crate::http::auth::{self, Rejection};
+use crate::http::cors;
 use crate::http::handshake;
 use crate::http::limits::{self, LimitExceeded};
 use crate::session::Connection;
@@ -109,7 +110,8 @@ async fn route(
     peer: SocketAddr,
 ) -> Result<Response<Body>, Infallible> {
     if (request.method(), request.uri().path()) == (&Method::GET, "/sse") {
-        return Ok(super::sse::stream(shared, request, peer).await);
+        let allowing = cors::allowing(&shared, &request);
+        return Ok(cors::allowed(super::sse::stream(shared, request, peer).await, allowing));
     }
     if let Some(rest) = request.uri().path().strip_prefix("/stomp/") {
         let rest = rest.to_string();
@@ -130,11 +132,17 @@ async fn route(
         }
         (&Method::GET, "/socket.io/" | "/socket.io") => {
             let address = client_address(&shared, &request, peer);
-            counted(&shared, address, crate::http::socketio::get(shared.clone(), request, peer).await)
+            let allowing = cors::allowing(&shared, &request);
+            let response = counted(&shared, address, crate::http::socketio::get(shared.clone(), request, peer).await);
+            cors::allowed(response, allowing)
         }
         (&Method::POST, "/socket.io/" | "/socket.io") => {
-            crate::http::socketio::post(shared, request).await.unwrap_or_else(|refused| rejection(&refused))
+            let allowing = cors::allowing(&shared, &request);
+            let response = crate::http::socketio::post(shared, request).await;
+            cors::allowed(response.unwrap_or_else(|refused| rejection(&refused)), allowing)
         }
+        (&Method::OPTIONS, "/socket.io/" | "/socket.io") => cors::preflight(&shared, &request, "GET, POST, OPTIONS"),
+        (&Method::OPTIONS, "/sse") => cors::preflight(&shared, &request, "GET, OPTIONS"),
         (&Method::GET, "/healthz") => json(StatusCode::OK, serde_json::json!({"ok": true})),
         (&Method::GET, "/readyz") => readyz(&shared),
         (&Method::GET, "/metrics") => {
@@ -142,7 +150,11 @@ async fn route(
         }
         (&Method::GET, "/") => text(StatusCode::OK, "text/html; charset=utf-8", DEMO_PAGE.to_string()),
         (&Method::GET, "/herald.js") => {
-            text(StatusCode::OK, "text/javascript; charset=utf-8", CLIENT_MODULE.to_string())
+            // Public: pages of any origin may import it (a module script is fetched with CORS).
+            let mut response = text(StatusCode::OK, "text/javascript; charset=utf-8", CLIENT_MODULE.to_string());
+            let star = hyper::header::HeaderValue::from_static("*");
+            response.headers_mut().insert(hyper::header::ACCESS_CONTROL_ALLOW_ORIGIN, star);
+            response
         }
         (&Method::GET, "/dev/token") if shared.config.dev => dev_token(&shared, &request),
         (_, path) => match allowed_methods(path) {
@@ -160,8 +172,9 @@ fn is_upgrade_path(path: &str) -> bool {
 /// The methods a path of this listener takes, if it is one.
 fn allowed_methods(path: &str) -> Option<&'static str> {
     match path {
-        "/socket.io/" | "/socket.io" => Some("GET, POST"),
-        "/ws" | "/stomp" | "/connection/websocket" | "/sse" => Some("GET"),
+        "/socket.io/" | "/socket.io" => Some("GET, POST, OPTIONS"),
+        "/sse" => Some("GET, OPTIONS"),
+        "/ws" | "/stomp" | "/connection/websocket" => Some("GET"),
         "/healthz" | "/readyz" | "/metrics" | "/" | "/herald.js" => Some("GET, HEAD"),
         _ => None,
     }

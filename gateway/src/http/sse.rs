@@ -25,6 +25,7 @@ use tokio::net::tcp::OwnedReadHalf;
 use super::admitted::Admitted;
 use super::auth::{self, Rejection};
 use super::body_pipe::body_pipe;
+use super::cors;
 use super::server::{Body, HttpResponse, admit, refuse, refused_origin};
 use crate::Shared;
 use crate::close::{Close, CloseCode};
@@ -155,12 +156,13 @@ pub(crate) async fn serve_direct(
         limit => DIRECT_HEAD_WAIT.min(limit),
     };
     let Some((request, head_len)) = peek_stream_request(&stream, wait).await else { return Err(stream) };
+    let allowing = cors::allowing(shared, &request);
     let admitted = match admit_stream(shared, &request, peer).await {
         Ok(Some(admitted)) => admitted,
         // The HTTP layer answers with a stream that ends at once (see `not_ready`).
         Ok(None) => return Err(stream),
         Err(refused) => {
-            let response = refuse(shared, &request, peer, &refused);
+            let response = cors::allowed(refuse(shared, &request, peer, &refused), allowing);
             if take_head(&mut stream, head_len).await.is_ok() {
                 let _ = write_refusal(&mut stream, response).await;
             }
@@ -172,7 +174,9 @@ pub(crate) async fn serve_direct(
     let _ = take_head(&mut stream, head_len).await;
     let (read, write) = stream.into_split();
     let connection = sse_connection(shared, Box::pin(ClientGone { socket: read }), Box::pin(write));
-    let head = response_head(StatusCode::OK, &stream_headers(), None);
+    let mut headers = stream_headers();
+    headers.extend(allowing.into_iter().flatten());
+    let head = response_head(StatusCode::OK, &headers, None);
     Starting { admitted, connection, head }.spawn(shared.clone());
     Ok(())
 }

@@ -19,10 +19,10 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Method, Request, Response};
 
-use super::auth::Rejection;
-use super::server::{Body, HttpResponse, refused_origin, rejection};
+use super::cors::{allow_origin, preflight, refused};
+use super::server::{Body, HttpResponse};
 use crate::Shared;
 use crate::codec::sockjs;
 use crate::codec::stomp::Transport;
@@ -105,47 +105,8 @@ fn info(shared: &Shared, request: &Request<Incoming>) -> HttpResponse {
         header::CACHE_CONTROL,
         HeaderValue::from_static("no-store, no-cache, no-transform, must-revalidate, max-age=0"),
     );
-    cors(request, headers);
+    allow_origin(request, headers);
     response
-}
-
-/// The answer to a CORS preflight of a request whose methods are `methods`.
-fn preflight(shared: &Shared, request: &Request<Incoming>, methods: &'static str) -> HttpResponse {
-    if let Some(refused) = refused(shared, request) {
-        return refused;
-    }
-    let mut response = Response::new(Full::new(Bytes::new()));
-    *response.status_mut() = StatusCode::NO_CONTENT;
-    let headers = response.headers_mut();
-    headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static(methods));
-    headers.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("31536000"));
-    cors(request, headers);
-    response
-}
-
-/// 403 for an origin the gateway does not allow (as its WebSocket upgrades answer).
-fn refused(shared: &Shared, request: &Request<Incoming>) -> Option<HttpResponse> {
-    let origin = refused_origin(&shared.config.allowed_origins, request)?;
-    let reason = format!("origin {origin} is not allowed");
-    Some(rejection(&Rejection::new(StatusCode::FORBIDDEN, "forbidden_origin", reason)))
-}
-
-/// SockJS's clients send their requests with credentials, so the origin is named, not `*`.
-fn cors<B>(request: &Request<B>, headers: &mut hyper::HeaderMap) {
-    let origin = request.headers().get(header::ORIGIN).cloned();
-    match origin {
-        Some(origin) => {
-            headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-            headers.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
-            headers.insert(header::VARY, HeaderValue::from_static("Origin"));
-        }
-        None => {
-            headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
-        }
-    }
-    if let Some(asked) = request.headers().get(header::ACCESS_CONTROL_REQUEST_HEADERS) {
-        headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, asked.clone());
-    }
 }
 
 #[cfg(test)]

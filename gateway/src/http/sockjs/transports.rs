@@ -19,12 +19,12 @@ use hyper::body::{Frame, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 
-use super::cors;
 use super::session::{DISCONNECT_DELAY, Receiving, SockJsSession};
 use crate::Shared;
 use crate::codec::sockjs;
 use crate::codec::stomp::Transport;
 use crate::http::body::BodyError;
+use crate::http::cors::allow_origin;
 use crate::http::server::{Body, HttpResponse, admit, refuse};
 use crate::websocket::piped::client_frame;
 
@@ -220,7 +220,7 @@ fn receiving_response<B>(request: &Request<B>, receiver: Receiver, body: Body) -
     );
     // Reverse proxies (nginx) must pass frames on as they come.
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    cors(request, headers);
+    allow_origin(request, headers);
     response
 }
 
@@ -230,7 +230,7 @@ fn plain<B>(request: &Request<B>, status: StatusCode, text: &str) -> HttpRespons
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=UTF-8"));
-    cors(request, headers);
+    allow_origin(request, headers);
     response
 }
 
