@@ -41,3 +41,46 @@ impl Publisher {
         &self.js
     }
 }
+
+/// Publishes `body` to `subject` with header lines written byte for byte (any bytes a NATS client
+/// may send, some no SDK would), as the `publisher` user over a connection of its own; returns the
+/// stream sequence from JetStream's acknowledgement.
+pub async fn publish_raw(nats: &crate::TestNats, subject: &str, header_lines: &[&[u8]], body: &[u8]) -> u64 {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let address = nats.url().trim_start_matches("nats://").to_string();
+    let (read, mut write) = tokio::net::TcpStream::connect(address).await.expect("NATS").into_split();
+    let mut read = BufReader::new(read);
+    let role = crate::nats::Role::Publisher;
+    let connect = serde_json::json!({
+        "user": role.user(), "pass": role.password(), "headers": true, "verbose": false, "pedantic": false,
+    });
+    let mut headers = b"NATS/1.0\r\n".to_vec();
+    for line in header_lines {
+        headers.extend_from_slice(line);
+        headers.extend_from_slice(b"\r\n");
+    }
+    headers.extend_from_slice(b"\r\n");
+    let total = headers.len() + body.len();
+    let head =
+        format!("CONNECT {connect}\r\nSUB _INBOX.raw 1\r\nHPUB {subject} _INBOX.raw {} {total}\r\n", headers.len());
+    let mut out = head.into_bytes();
+    out.extend_from_slice(&headers);
+    out.extend_from_slice(body);
+    out.extend_from_slice(b"\r\n");
+    write.write_all(&out).await.expect("published");
+    let mut line = String::new();
+    loop {
+        line.clear();
+        read.read_line(&mut line).await.expect("an answer from NATS");
+        assert!(!line.starts_with("-ERR") && !line.is_empty(), "NATS refused the publish: {line:?}");
+        if line.starts_with("PING") {
+            write.write_all(b"PONG\r\n").await.unwrap();
+        }
+        if let Some(size) = line.strip_prefix("MSG _INBOX.raw 1 ") {
+            let mut ack = vec![0; size.trim().parse::<usize>().unwrap() + 2];
+            read.read_exact(&mut ack).await.unwrap();
+            let ack: serde_json::Value = serde_json::from_slice(&ack[..ack.len() - 2]).unwrap();
+            return ack["seq"].as_u64().unwrap_or_else(|| panic!("not stored: {ack}"));
+        }
+    }
+}

@@ -6,7 +6,8 @@ use std::time::Duration;
 use async_nats::jetstream;
 use herald_shared::frame::{ServerFrame, close_code};
 use herald_shared::token::{Claims, issue_hs256, now_secs};
-use herald_tests::gateway::{SECRET, token_with};
+use herald_tests::gateway::{SECRET, token, token_with};
+use herald_tests::publish::publish_raw;
 use herald_tests::ws::{Event, FRAME_TIMEOUT};
 use herald_tests::{Publisher, TestGateway, TestNats, WsClient};
 use tokio_tungstenite::tungstenite::Message;
@@ -221,6 +222,48 @@ async fn a_client_that_sends_a_whole_oversized_body_before_reading_gets_its_413(
         assert!(answer.starts_with("HTTP/1.1 413"), "chunked {chunked}: {answer}");
         assert!(answer.contains(r#""error":"too_large""#), "chunked {chunked}: {answer}");
     }
+}
+
+/// What a publisher puts in its headers never changes what clients are told of the stream: its own
+/// `Nats-Sequence` or `Nats-Time-Stamp` (the stream's, added after them, count), a kind or id with a
+/// control character (left out: no protocol's headers can carry a NUL), `herald-type` in lower case
+/// (a kind, live and replayed), a header line that is not text or has no `:` (the others are read).
+#[tokio::test]
+async fn a_publishers_headers_cannot_change_a_seq_or_hide_a_message() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let mut live = gateway.connect("hedy").await;
+    let before = publisher.publish("push.user.hedy", "0").await;
+    assert_eq!(live.expect_msg().await.seq, before);
+    let spoofed: &[&[u8]] =
+        &[b"Nats-Sequence: 900000000", b"Nats-Time-Stamp: 1999-01-01T00:00:00Z", b"Herald-Type: mail"];
+    let sent = [
+        (publish_raw(&nats, "push.user.hedy", spoofed, b"1").await, "mail"),
+        (publish_raw(&nats, "push.user.hedy", &[b"Herald-Type: k\0nul", b"Nats-Msg-Id: i\0d"], b"2").await, ""),
+        (publish_raw(&nats, "push.user.hedy", &[b"herald-type: lower"], b"3").await, "lower"),
+        (publisher.publish("push.user.hedy", "4").await, ""),
+    ];
+    let told = |msg: herald_shared::frame::Msg| {
+        assert!(!msg.ts.starts_with("1999"), "the publisher's time: {msg:?}");
+        assert_eq!(msg.id, "", "{msg:?}");
+        (msg.seq, msg.kind)
+    };
+    for (seq, kind) in sent {
+        assert_eq!(told(live.expect_msg().await), (seq, kind.to_string()), "live");
+    }
+    let mut replayed = gateway.connect_with(&format!("token={}&since={before}", token("hedy"))).await;
+    for (seq, kind) in sent {
+        assert_eq!(told(replayed.expect_msg().await), (seq, kind.to_string()), "replayed");
+    }
+
+    // Live, a line that is not text or has no `:` hides neither the message nor its kind.
+    let mut other = gateway.connect("hedy-2").await;
+    let odd: &[&[u8]] = &[b"X-Custom: caf\xe9", b"no colon", b"Herald-Type: mail"];
+    let odd = publish_raw(&nats, "push.user.hedy-2", odd, b"5").await;
+    let next = publisher.publish("push.user.hedy-2", "6").await;
+    assert_eq!(told(other.expect_msg().await), (odd, "mail".to_string()));
+    assert_eq!(told(other.expect_msg().await), (next, String::new()));
 }
 
 /// Sends a request with a body of `size` bytes in full, then reads the answer to the end.

@@ -147,7 +147,7 @@ impl Inbox {
         let (mut unread, mut first) = (0, None);
         while let Some(stored) = replay.next().await {
             let stored = stored.map_err(error)?;
-            let kind = stored.headers.get(header::HERALD_TYPE).map(|value| value.as_str()).unwrap_or("");
+            let kind = message::stored_header(&stored.headers, header::HERALD_TYPE).unwrap_or("");
             if !muted.iter().any(|muted| **muted == *kind) {
                 unread += 1;
                 first.get_or_insert(stored.seq);

@@ -20,11 +20,16 @@ pub(crate) struct SseCodec {
     sent: Option<u64>,
 }
 
+/// Event names a message's kind cannot take: the stream's own events, and those EventSource
+/// fires itself (a message of kind `close` would run a page's close handler). Such a message is a
+/// `message` event.
+const RESERVED: [&str; 5] = ["welcome", "replayed", "close", "error", "open"];
+
 /// The event of `message`.
 pub(super) fn encode_message(message: &Message) -> Bytes {
     let mut out = Vec::with_capacity(message.payload.len() + 48 + message.kind.len());
     out.extend_from_slice(format!("id: {}\n", message.seq).as_bytes());
-    let kind = if message.kind.is_empty() { "message" } else { &message.kind };
+    let kind = if message.kind.is_empty() || RESERVED.contains(&&*message.kind) { "message" } else { &message.kind };
     push_field(&mut out, "event", kind.as_bytes());
     push_data(&mut out, &message.payload);
     out.push(b'\n');
@@ -122,6 +127,10 @@ mod tests {
         );
         let message = Message::new(13, Audience::All, "mail", "", "t", Bytes::from_static(b"{}"));
         assert_eq!(&encode_message(&message)[..], b"id: 13\nevent: mail\ndata: {}\n\n");
+        for reserved in RESERVED {
+            let message = Message::new(14, Audience::All, reserved, "", "", Bytes::from_static(b"{}"));
+            assert_eq!(&encode_message(&message)[..], b"id: 14\nevent: message\ndata: {}\n\n", "{reserved}");
+        }
         let replayed = ServerFrame::Replayed { from: 1, to: 2, count: 2, complete: true, topic: None };
         let bytes = SseCodec::default().notice(&replayed).unwrap();
         assert!(bytes.starts_with(b"event: replayed\ndata: {\"type\":\"replayed\""));

@@ -35,12 +35,15 @@ pub(crate) struct Message {
 }
 
 impl Message {
+    /// A message; a `kind` or `id` holding a control character (which no protocol's headers can
+    /// carry: a NUL ends a STOMP frame) is left out, live and replayed alike.
     pub(crate) fn new(seq: u64, audience: Audience, kind: &str, id: &str, ts: &str, payload: Bytes) -> Message {
+        let printable = |text: &str| if text.chars().any(char::is_control) { "" } else { text }.into();
         Message {
             seq,
             audience,
-            kind: kind.into(),
-            id: id.into(),
+            kind: printable(kind),
+            id: printable(id),
             ts: ts.into(),
             payload,
             encoded: Default::default(),
@@ -106,9 +109,19 @@ pub(crate) fn from_live(delivered: &Delivered, audience: &Audience) -> Option<Re
 
 /// A message read back from the stream.
 pub(crate) fn from_stored(stored: Stored) -> Message {
-    let text = |name: &str| stored.headers.get(name).map(|value| value.as_str()).unwrap_or("").to_string();
+    let text = |name: &str| stored_header(&stored.headers, name).unwrap_or("").to_string();
     let (kind, id) = (text(header::HERALD_TYPE), text(header::NATS_MSG_ID));
     Message::new(stored.seq, stored.audience, &kind, &id, &stored.ts, stored.payload)
+}
+
+/// The last value of header `name`, in any case, of a message read back from the stream, as
+/// [`super::feed::proto::header`] reads a live one.
+pub(crate) fn stored_header<'a>(headers: &'a async_nats::HeaderMap, name: &str) -> Option<&'a str> {
+    let exact = headers.get_last(name).map(|value| value.as_str());
+    exact.or_else(|| {
+        let mut named = headers.iter().filter(|(key, _)| AsRef::<str>::as_ref(*key).eq_ignore_ascii_case(name));
+        named.find_map(|(_, values)| values.last()).map(|value| value.as_str())
+    })
 }
 
 /// What a session finds in its live sources: a message, or a gap the router saw on one of its

@@ -28,13 +28,21 @@ impl Delivered {
     }
 }
 
-/// The first value of header `name` in a NATS header block.
+/// The last value of header `name` (in any case) in a NATS header block, when it is text. The
+/// last: the stream adds its own headers (`Nats-Sequence`, `Nats-Time-Stamp`, …) after the
+/// publisher's, who may have set the same names. Each line is read on its own: a publisher's line
+/// that is not text, or has no `:`, hides nothing else.
 pub(crate) fn header<'a>(block: &'a [u8], name: &str) -> Option<&'a str> {
-    let text = std::str::from_utf8(block).ok()?;
-    text.split("\r\n").skip(1).find_map(|line| {
-        let (key, value) = line.split_once(':')?;
-        key.trim().eq_ignore_ascii_case(name).then(|| value.trim())
-    })
+    let value = block
+        .split(|&b| b == b'\n')
+        .skip(1)
+        .filter_map(|line| {
+            let colon = line.iter().position(|&b| b == b':')?;
+            let (key, value) = (&line[..colon], &line[colon + 1..]);
+            key.trim_ascii().eq_ignore_ascii_case(name.as_bytes()).then_some(value)
+        })
+        .last()?;
+    std::str::from_utf8(value.trim_ascii()).ok()
 }
 
 /// One operation from the server.
@@ -195,6 +203,15 @@ mod tests {
         assert_eq!(with_headers.header("NATS-LAST-SEQUENCE"), Some("120"));
         assert_eq!(with_headers.header("Herald-Type"), None);
         assert_eq!(with_headers.status(), None);
+    }
+
+    #[test]
+    fn the_streams_own_headers_win_and_a_publishers_bad_line_hides_nothing() {
+        let block = b"NATS/1.0\r\nNats-Sequence: 900000000\r\nX-Custom: caf\xe9\r\nno colon\r\n\
+                      Herald-Type: mail\r\nNats-Sequence: 247\r\n\r\n";
+        assert_eq!(header(block, "Nats-Sequence"), Some("247"), "the stream's, added after the publisher's");
+        assert_eq!(header(block, "herald-type"), Some("mail"));
+        assert_eq!(header(block, "X-Custom"), None, "not text");
     }
 
     #[test]
