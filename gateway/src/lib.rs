@@ -42,6 +42,7 @@ use cluster::recovery::RecoveryStates;
 use cluster::registry::Registry;
 use delivery::feed::Feed;
 use delivery::log::LogLimits;
+use delivery::replies::Replies;
 use delivery::router::Router;
 use http::api::PublishRefusals;
 use http::health::{self, Health};
@@ -204,14 +205,11 @@ impl Gateway {
             router.clone(),
             shutdown.clone(),
         ));
-        let replayer = Replayer::new(
-            js.clone(),
-            control.clone(),
-            config.replay_method,
-            config.replay_batch,
-            config.replay_concurrency,
-        );
-        let inbox = Inbox::new(js.clone(), control.clone(), replayer.clone());
+        let replies_name = format!("herald-gateway {} replies", config.node_id);
+        let replies = Replies::start(&config.nats, replies_name, feed_stop.clone());
+        let replayer =
+            Replayer::new(js.clone(), replies, config.replay_method, config.replay_batch, config.replay_concurrency);
+        let inbox = Inbox::new(js.clone(), replayer.clone());
         let shared = Arc::new(Shared {
             inbox: Arc::new(inbox),
             router,

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use herald_shared::frame::ServerFrame;
 use herald_shared::id::{kv_key, kv_key_decode};
-use herald_shared::subject::{Audience, KV_READS, STREAM, header};
+use herald_shared::subject::{Audience, KV_READS, STREAM};
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -28,6 +28,7 @@ use tracing::{debug, warn};
 use super::forward::{self, KvError};
 use super::registry::Registry;
 use super::watch::{Backoff, watch_from};
+use crate::delivery::feed::Delivered;
 use crate::delivery::mailbox::Event;
 use crate::delivery::message::{self, Message};
 use crate::delivery::router::Router;
@@ -35,8 +36,6 @@ use crate::session::replay::Replayer;
 
 /// How often read positions from clients are written.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
-/// How long one request to the stream may take.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The inbox could not be read or written.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -65,7 +64,6 @@ pub(crate) struct Page {
 
 pub(crate) struct Inbox {
     js: jetstream::Context,
-    client: async_nats::Client,
     replayer: Replayer,
     bucket: OnceCell<kv::Store>,
     /// Read positions from clients, not yet written: user → seq.
@@ -73,8 +71,8 @@ pub(crate) struct Inbox {
 }
 
 impl Inbox {
-    pub(crate) fn new(js: jetstream::Context, client: async_nats::Client, replayer: Replayer) -> Inbox {
-        Inbox { js, client, replayer, bucket: OnceCell::new(), pending: Mutex::default() }
+    pub(crate) fn new(js: jetstream::Context, replayer: Replayer) -> Inbox {
+        Inbox { js, replayer, bucket: OnceCell::new(), pending: Mutex::default() }
     }
 
     async fn bucket(&self) -> Result<&kv::Store, InboxError> {
@@ -147,8 +145,7 @@ impl Inbox {
         let (mut unread, mut first) = (0, None);
         while let Some(stored) = replay.next().await {
             let stored = stored.map_err(error)?;
-            let kind = message::stored_header(&stored.headers, header::HERALD_TYPE).unwrap_or("");
-            if !muted.iter().any(|muted| **muted == *kind) {
+            if !muted.iter().any(|muted| **muted == *stored.kind) {
                 unread += 1;
                 first.get_or_insert(stored.seq);
             }
@@ -205,14 +202,15 @@ impl Inbox {
         Ok((info.state.first_sequence, info.config.max_messages_per_subject))
     }
 
-    /// One direct get; `None` when no message matches.
-    async fn direct_get(&self, body: serde_json::Value) -> Result<Option<async_nats::Message>, InboxError> {
-        let request = async_nats::Request::new().payload(Bytes::from(body.to_string())).timeout(Some(REQUEST_TIMEOUT));
-        let reply = self.client.send_request(format!("$JS.API.DIRECT.GET.{STREAM}"), request).await.map_err(error)?;
-        match reply.status.map(|status| status.as_u16()) {
+    /// One direct get (on the replays' connection, which reads any stored message's headers);
+    /// `None` when no message matches.
+    async fn direct_get(&self, body: serde_json::Value) -> Result<Option<Delivered>, InboxError> {
+        let subject = format!("$JS.API.DIRECT.GET.{STREAM}");
+        let reply = self.replayer.replies().request(subject, Bytes::from(body.to_string())).await.map_err(error)?;
+        match reply.status() {
             None | Some(200) => Ok(Some(reply)),
             Some(404) => Ok(None),
-            Some(other) => Err(error(format!("direct get answered {other} {:?}", reply.description))),
+            Some(other) => Err(error(format!("direct get answered {other}"))),
         }
     }
 
@@ -269,6 +267,6 @@ impl Inbox {
 }
 
 /// A numeric header of a direct-get reply.
-fn reply_header(reply: &async_nats::Message, name: &str) -> Option<u64> {
-    reply.headers.as_ref()?.get(name)?.as_str().parse().ok()
+fn reply_header(reply: &Delivered, name: &str) -> Option<u64> {
+    reply.header(name)?.parse().ok()
 }

@@ -83,13 +83,20 @@ impl Stored {
 /// The message a `STREAM.MSG.GET` answer holds; none when it says 404 "no message found" (a 404
 /// "stream not found" says nothing of the message: an error).
 pub(crate) fn stored(answer: &[u8]) -> Result<Option<Stored>, String> {
-    let answer: serde_json::Value = serde_json::from_slice(answer).map_err(|error| error.to_string())?;
-    if let Some(seq) = answer.pointer("/message/seq").and_then(serde_json::Value::as_u64) {
-        // Headers the stream could not give (it always can) leave the kind empty: never muted.
-        let headers = answer.pointer("/message/hdrs").and_then(serde_json::Value::as_str).unwrap_or_default();
-        let headers = base64::engine::general_purpose::STANDARD.decode(headers).unwrap_or_default();
-        let kind = super::feed::proto::header(&headers, header::HERALD_TYPE).unwrap_or_default().to_string();
-        return Ok(Some(Stored { seq, kind }));
+    let Some(message) = message_in(answer)? else { return Ok(None) };
+    let seq = message.get("seq").and_then(serde_json::Value::as_u64).ok_or("a message without its seq")?;
+    // Headers the stream could not give (it always can) leave the kind empty: never muted.
+    let headers = message.get("hdrs").and_then(serde_json::Value::as_str).unwrap_or_default();
+    let headers = base64::engine::general_purpose::STANDARD.decode(headers).unwrap_or_default();
+    let kind = super::feed::proto::header(&headers, header::HERALD_TYPE).unwrap_or_default().to_string();
+    Ok(Some(Stored { seq, kind }))
+}
+
+/// The `message` object of a `STREAM.MSG.GET` answer; none when it says 404 "no message found".
+pub(crate) fn message_in(answer: &[u8]) -> Result<Option<serde_json::Value>, String> {
+    let mut answer: serde_json::Value = serde_json::from_slice(answer).map_err(|error| error.to_string())?;
+    if let Some(message) = answer.get_mut("message").filter(|message| message.is_object()) {
+        return Ok(Some(message.take()));
     }
     let code = |name: &str| answer.pointer(&format!("/error/{name}")).and_then(serde_json::Value::as_u64);
     match (code("code"), code("err_code")) {

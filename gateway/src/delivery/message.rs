@@ -109,13 +109,11 @@ pub(crate) fn from_live(delivered: &Delivered, audience: &Audience) -> Option<Re
 
 /// A message read back from the stream.
 pub(crate) fn from_stored(stored: Stored) -> Message {
-    let text = |name: &str| stored_header(&stored.headers, name).unwrap_or("").to_string();
-    let (kind, id) = (text(header::HERALD_TYPE), text(header::NATS_MSG_ID));
-    Message::new(stored.seq, stored.audience, &kind, &id, &stored.ts, stored.payload)
+    Message::new(stored.seq, stored.audience, &stored.kind, &stored.id, &stored.ts, stored.payload)
 }
 
-/// The last value of header `name`, in any case, of a message read back from the stream, as
-/// [`super::feed::proto::header`] reads a live one.
+/// The last value of header `name`, in any case, of a message async-nats read (a consumer
+/// replay's), as [`super::feed::proto::header`] reads the others.
 pub(crate) fn stored_header<'a>(headers: &'a async_nats::HeaderMap, name: &str) -> Option<&'a str> {
     let exact = headers.get_last(name).map(|value| value.as_str());
     exact.or_else(|| {

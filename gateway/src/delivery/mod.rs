@@ -3,7 +3,7 @@
 //! user's sessions, `push.all` and topic messages once in a broadcast [`log`] that every
 //! interested session reads at its own position, each [`burst`] of them encoded once per wire
 //! format in one buffer. [`reach`] keeps the feed on a server that reaches the stream; [`leader`]
-//! asks a new leader of the stream what it stores.
+//! asks a new leader of the stream what it stores; [`replies`] reads the stream back for replays.
 
 pub(crate) mod burst;
 pub(crate) mod feed;
@@ -12,4 +12,5 @@ pub(crate) mod log;
 pub(crate) mod mailbox;
 pub(crate) mod message;
 pub(crate) mod reach;
+pub(crate) mod replies;
 pub(crate) mod router;

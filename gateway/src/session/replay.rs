@@ -14,11 +14,14 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::consumer::pull::{Ordered, OrderedConfig};
-use async_nats::jetstream::message::StreamMessage;
-use async_nats::{Client, HeaderMap, Subscriber};
+use base64::Engine;
 use bytes::Bytes;
 use futures::StreamExt;
-use herald_shared::subject::{Audience, STREAM};
+use herald_shared::subject::{Audience, STREAM, header};
+
+use crate::delivery::feed::Delivered;
+use crate::delivery::message::stored_header;
+use crate::delivery::replies::{Replies, ReplyInbox};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -48,7 +51,9 @@ pub(crate) struct Stored {
     pub(crate) seq: u64,
     /// RFC 3339.
     pub(crate) ts: String,
-    pub(crate) headers: HeaderMap,
+    /// Its `Herald-Type` and `Nats-Msg-Id`, or empty.
+    pub(crate) kind: String,
+    pub(crate) id: String,
     pub(crate) payload: Bytes,
 }
 
@@ -74,7 +79,7 @@ pub(crate) enum Replay {
 #[derive(Clone)]
 pub(crate) struct Replayer {
     js: async_nats::jetstream::Context,
-    client: Client,
+    replies: Replies,
     method: ReplayMethod,
     batch: usize,
     permits: Arc<Semaphore>,
@@ -83,12 +88,17 @@ pub(crate) struct Replayer {
 impl Replayer {
     pub(crate) fn new(
         js: async_nats::jetstream::Context,
-        client: Client,
+        replies: Replies,
         method: ReplayMethod,
         batch: usize,
         concurrency: usize,
     ) -> Replayer {
-        Replayer { js, client, method, batch: batch.max(1), permits: Arc::new(Semaphore::new(concurrency.max(1))) }
+        Replayer { js, replies, method, batch: batch.max(1), permits: Arc::new(Semaphore::new(concurrency.max(1))) }
+    }
+
+    /// The connection replays read the stream on.
+    pub(crate) fn replies(&self) -> &Replies {
+        &self.replies
     }
 
     /// A replay of `audiences` over `(since, upto]`.
@@ -114,12 +124,10 @@ impl Replay {
 
 /// One cursor per subject, each filled by batched direct gets; the smallest head goes next.
 pub(crate) struct DirectReplay {
-    /// The stream, for requests only its leader answers.
-    stream: async_nats::jetstream::stream::Stream<()>,
-    client: Client,
+    /// For requests only the stream's leader answers.
+    reader: Replies,
     /// Every batch reply arrives here, on `<inbox>.<cursor>.<request>`.
-    replies: Subscriber,
-    inbox: String,
+    replies: ReplyInbox,
     cursors: Vec<SubjectCursor>,
     upto: u64,
     batch: usize,
@@ -154,9 +162,6 @@ impl DirectReplay {
         since: u64,
         upto: u64,
     ) -> Result<DirectReplay, ReplayError> {
-        let client = &replayer.client;
-        let inbox = client.new_inbox();
-        let replies = client.subscribe(format!("{inbox}.>")).await.map_err(error)?;
         let cursors = audiences
             .iter()
             .map(|audience| SubjectCursor {
@@ -167,12 +172,9 @@ impl DirectReplay {
                 end: if since >= upto { CursorEnd::Done } else { CursorEnd::Open },
             })
             .collect();
-        let stream = replayer.js.get_stream_no_info(STREAM).await.map_err(error)?;
         Ok(DirectReplay {
-            stream,
-            client: client.clone(),
-            replies,
-            inbox,
+            reader: replayer.replies.clone(),
+            replies: replayer.replies.open(),
             cursors,
             upto,
             batch: replayer.batch,
@@ -210,17 +212,16 @@ impl DirectReplay {
     async fn confirm_end(&mut self, index: usize) -> Result<(), ReplayError> {
         let upto = self.upto;
         let cursor = &mut self.cursors[index];
-        match self.stream.get_first_raw_message_by_subject(&cursor.subject, cursor.next_seq).await {
-            Ok(message) if message.sequence <= upto => {
-                cursor.next_seq = message.sequence + 1;
-                cursor.buffered.push_back(from_stream_message(cursor.audience.clone(), message));
+        let query = serde_json::json!({"seq": cursor.next_seq, "next_by_subj": cursor.subject});
+        let subject = format!("$JS.API.STREAM.MSG.GET.{STREAM}");
+        let answer = self.reader.request(subject, query.to_string().into()).await.map_err(error)?;
+        match from_message_get(cursor.audience.clone(), &answer.payload)? {
+            Some(stored) if stored.seq <= upto => {
+                cursor.next_seq = stored.seq + 1;
+                cursor.buffered.push_back(stored);
                 cursor.end = CursorEnd::Open;
             }
-            Ok(_) => cursor.end = CursorEnd::Done,
-            Err(e) if e.kind() == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound => {
-                cursor.end = CursorEnd::Done;
-            }
-            Err(e) => return Err(error(e)),
+            _ => cursor.end = CursorEnd::Done,
         }
         Ok(())
     }
@@ -244,11 +245,8 @@ impl DirectReplay {
             let cursor = &self.cursors[index];
             let (seq, subject, batch) = (cursor.next_seq, &cursor.subject, self.batch);
             let body = serde_json::json!({"seq": seq, "next_by_subj": subject, "batch": batch, "max_bytes": max_bytes});
-            let reply = format!("{}.{index}.{request_id}", self.inbox);
-            self.client
-                .publish_with_reply(format!("$JS.API.DIRECT.GET.{STREAM}"), reply, body.to_string().into())
-                .await
-                .map_err(error)?;
+            let reply = format!("{}.{index}.{request_id}", self.replies.inbox);
+            self.replies.publish(format!("$JS.API.DIRECT.GET.{STREAM}"), reply, body.to_string().into());
         }
         let mut open = dry.len();
         while open > 0 {
@@ -256,7 +254,8 @@ impl DirectReplay {
                 .await
                 .map_err(|_| error("direct get timed out"))?
                 .ok_or_else(|| error("reply subscription closed"))?;
-            let Some((index, id)) = parse_reply(&message.subject, &self.inbox) else { continue };
+            let subject = std::str::from_utf8(&message.subject).unwrap_or_default();
+            let Some((index, id)) = parse_reply(subject, &self.replies.inbox) else { continue };
             if id != request_id || index >= self.cursors.len() {
                 continue;
             }
@@ -268,18 +267,14 @@ impl DirectReplay {
     }
 
     /// Files one reply for cursor `index`; returns whether its batch is over.
-    fn take_reply(&mut self, index: usize, message: async_nats::Message) -> Result<bool, ReplayError> {
+    fn take_reply(&mut self, index: usize, message: Delivered) -> Result<bool, ReplayError> {
         let upto = self.upto;
         let cursor = &mut self.cursors[index];
-        if let Some(status) = message.status {
-            match status.as_u16() {
+        if let Some(status) = message.status() {
+            match status {
                 // End of batch: more may follow unless nothing is pending.
                 204 => {
-                    let pending = message
-                        .headers
-                        .as_ref()
-                        .and_then(|h| h.get("Nats-Num-Pending"))
-                        .and_then(|v| v.as_str().parse::<u64>().ok());
+                    let pending = message.header("Nats-Num-Pending").and_then(|v| v.parse::<u64>().ok());
                     if cursor.end == CursorEnd::Open && (pending == Some(0) || cursor.buffered.is_empty()) {
                         cursor.end = CursorEnd::Unconfirmed;
                     }
@@ -291,16 +286,19 @@ impl DirectReplay {
                     }
                     return Ok(true);
                 }
-                other => return Err(error(format!("direct get answered {other} {:?}", message.description))),
+                other => {
+                    let line = message.headers.split(|&b| b == b'\r').next().unwrap_or_default();
+                    return Err(error(format!("direct get answered {other}: {}", String::from_utf8_lossy(line))));
+                }
             }
         }
-        let stored = StreamMessage::try_from(message).map_err(error)?;
-        if stored.sequence > upto {
+        let stored = from_direct_get(cursor.audience.clone(), message)?;
+        if stored.seq > upto {
             // The replica holds newer messages: it has every one of the subject's up to `upto`.
             cursor.end = CursorEnd::Done;
         } else if cursor.end == CursorEnd::Open {
-            cursor.next_seq = stored.sequence + 1;
-            cursor.buffered.push_back(from_stream_message(cursor.audience.clone(), stored));
+            cursor.next_seq = stored.seq + 1;
+            cursor.buffered.push_back(stored);
         }
         Ok(false)
     }
@@ -312,14 +310,40 @@ fn parse_reply(subject: &str, inbox: &str) -> Option<(usize, u64)> {
     Some((index.parse().ok()?, id.parse().ok()?))
 }
 
-fn from_stream_message(audience: Audience, message: StreamMessage) -> Stored {
-    Stored {
+/// A message a direct get answered with: the stream's headers (added after the publisher's, so
+/// read last) say its sequence and time.
+fn from_direct_get(audience: Audience, message: Delivered) -> Result<Stored, ReplayError> {
+    let text = |name: &str| message.header(name).unwrap_or_default().to_string();
+    let seq = message.header(header::NATS_SEQUENCE).and_then(|seq| seq.parse().ok());
+    Ok(Stored {
         audience,
-        seq: message.sequence,
-        ts: rfc3339(message.time),
-        headers: message.headers,
+        seq: seq.ok_or_else(|| error("a direct get answer without its sequence"))?,
+        ts: text(header::NATS_TIME_STAMP),
+        kind: text(header::HERALD_TYPE),
+        id: text(header::NATS_MSG_ID),
         payload: message.payload,
-    }
+    })
+}
+
+/// The message a `STREAM.MSG.GET` answer holds (its headers and data in base64); none when there
+/// is none from the sequence asked.
+fn from_message_get(audience: Audience, answer: &[u8]) -> Result<Option<Stored>, ReplayError> {
+    let Some(message) = crate::delivery::leader::message_in(answer).map_err(error)? else { return Ok(None) };
+    let text = |name: &str| message.get(name).and_then(serde_json::Value::as_str).unwrap_or_default();
+    let decode = |name: &str| base64::engine::general_purpose::STANDARD.decode(text(name)).map_err(error);
+    let headers = decode("hdrs")?;
+    let header = |name: &str| crate::delivery::feed::proto::header(&headers, name).unwrap_or_default().to_string();
+    Ok(Some(Stored {
+        audience,
+        seq: message
+            .get("seq")
+            .and_then(serde_json::Value::as_u64)
+            .ok_or_else(|| error("a message without its seq"))?,
+        ts: text("time").to_string(),
+        kind: header(header::HERALD_TYPE),
+        id: header(header::NATS_MSG_ID),
+        payload: decode("data")?.into(),
+    }))
 }
 
 fn rfc3339(time: time::OffsetDateTime) -> String {
@@ -381,13 +405,10 @@ impl ConsumerReplay {
         }
         let message = message.message;
         let audience = Audience::from_push_subject(message.subject.as_str())?;
-        Some(Ok(Stored {
-            audience,
-            seq,
-            ts: rfc3339(time),
-            headers: message.headers.unwrap_or_default(),
-            payload: message.payload,
-        }))
+        let headers = message.headers.unwrap_or_default();
+        let text = |name: &str| stored_header(&headers, name).unwrap_or_default().to_string();
+        let (kind, id) = (text(header::HERALD_TYPE), text(header::NATS_MSG_ID));
+        Some(Ok(Stored { audience, seq, ts: rfc3339(time), kind, id, payload: message.payload }))
     }
 }
 

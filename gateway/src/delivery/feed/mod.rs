@@ -75,7 +75,13 @@ enum Command {
     Request {
         subject: String,
         payload: Bytes,
-        reply: oneshot::Sender<Result<Bytes, RequestError>>,
+        reply: oneshot::Sender<Result<Delivered, RequestError>>,
+    },
+    /// A publish whose answers go to a reply subject of the caller's (see [`Feed::publish`]).
+    Publish {
+        subject: String,
+        reply: String,
+        payload: Bytes,
     },
     Flush {
         done: oneshot::Sender<()>,
@@ -154,6 +160,11 @@ impl Feed {
     /// Sends a request on the feed's connection, after every subscription asked for before it, and
     /// waits for the answer.
     pub(crate) async fn request(&self, subject: String, payload: Bytes) -> Result<Bytes, RequestError> {
+        Ok(self.request_message(subject, payload).await?.payload)
+    }
+
+    /// [`Feed::request`], answered with the whole message (its headers, its status).
+    pub(crate) async fn request_message(&self, subject: String, payload: Bytes) -> Result<Delivered, RequestError> {
         let (reply, answer) = oneshot::channel();
         self.commands.send(Command::Request { subject, payload, reply }).map_err(|_| RequestError::Disconnected)?;
         match tokio::time::timeout(REQUEST_TIMEOUT, answer).await {
@@ -173,6 +184,13 @@ impl Feed {
             Ok(Err(_)) => Err(RequestError::Disconnected),
             Err(_) => Err(RequestError::TimedOut),
         }
+    }
+
+    /// Publishes `payload` to `subject` with `reply` as its reply subject, after every subscription
+    /// asked for before it (one for `reply`, say). Lost while the feed is disconnected: the caller
+    /// waits for its answers with a timeout.
+    pub(crate) fn publish(&self, subject: String, reply: String, payload: Bytes) {
+        let _ = self.commands.send(Command::Publish { subject, reply, payload });
     }
 
     /// Drops the connection and dials the next server (the one in use cannot serve the stream).
@@ -197,7 +215,7 @@ struct FeedTask {
     /// Every live subscription, to subscribe again after a reconnect.
     subscriptions: HashMap<u64, String>,
     /// Requests waiting for their answer, by the last token of their reply subject.
-    pending: HashMap<u64, oneshot::Sender<Result<Bytes, RequestError>>>,
+    pending: HashMap<u64, oneshot::Sender<Result<Delivered, RequestError>>>,
     next_request: u64,
     reply_prefix: String,
     /// One entry per `PING` sent and not yet answered, in order: a flush waiting for its `PONG`,
@@ -229,7 +247,7 @@ impl FeedTask {
                 Err(error) => {
                     attempt += 1;
                     turn = turn.wrapping_add(1);
-                    warn!(%error, attempt, "delivery feed cannot connect to NATS");
+                    warn!(%error, attempt, connection = %self.name, "feed cannot connect to NATS");
                     if self.wait_before_retry(attempt, &shutdown).await {
                         return;
                     }
@@ -239,10 +257,12 @@ impl FeedTask {
             attempt = 0;
             turn = turn.wrapping_add(1);
             self.servers.learn(&info);
-            info!(%server, "delivery feed connected");
+            info!(%server, connection = %self.name, "feed connected");
             match self.serve(stream, &shutdown).await {
                 Ended::Shutdown => return,
-                Ended::Lost(why) => warn!(%server, why, "delivery feed lost its connection; reconnecting"),
+                Ended::Lost(why) => {
+                    warn!(%server, why, connection = %self.name, "feed lost its connection; reconnecting")
+                }
             }
             self.connected.store(false, Ordering::Release);
             for (_, waiting) in self.pending.drain() {
@@ -399,7 +419,7 @@ impl FeedTask {
         let result = if message.status() == Some(503) {
             Err(RequestError::NoResponders(String::from_utf8_lossy(&message.subject).into_owned()))
         } else {
-            Ok(message.payload)
+            Ok(message)
         };
         let _ = waiting.send(result);
     }
@@ -423,6 +443,7 @@ impl FeedTask {
                 self.pending.retain(|_, waiting| !waiting.is_closed());
                 self.pending.insert(id, reply);
             }
+            Command::Publish { subject, reply, payload } => proto::publish(out, &subject, &reply, &payload),
             Command::Flush { done } => {
                 out.extend_from_slice(proto::PING);
                 self.pongs.push_back(Some(done));
@@ -447,6 +468,7 @@ impl FeedTask {
             }
             // Dropping `done` tells the waiter the feed is down.
             Command::Flush { .. } => {}
+            Command::Publish { .. } => debug!("publish while the delivery feed is disconnected"),
             // Not connected: the next dial goes to the next server anyway.
             Command::Reconnect { .. } => {}
         }
