@@ -250,6 +250,48 @@ async fn presence_and_disconnect_span_every_gateway() {
 
 /// Load balancers and scripts probe with HEAD: the plain pages answer it as GET, without a body;
 /// the upgrade paths take GET only (405).
+/// The HTTP API in HTTP's own terms: the `Bearer` scheme in any case, a 401 that names the scheme,
+/// HEAD as GET without the body, 405 with `Allow` on every path asked with another method; and a
+/// body in the documented form only (serde would read an object from an array of its fields).
+#[tokio::test]
+async fn the_http_api_answers_in_http_terms_and_takes_only_the_documented_bodies() {
+    let nats = TestNats::start().await;
+    let gateway = api_gateway(&nats).await;
+    let http = reqwest::Client::new();
+    let stream = gateway.api_url("/v1/stream");
+    let lower = http.get(&stream).header("authorization", format!("bearer {KEY}")).send().await.unwrap();
+    assert_eq!(lower.status().as_u16(), 200);
+    let refused = http.get(&stream).send().await.unwrap();
+    let scheme = refused.headers().get("www-authenticate").map(|v| v.to_str().unwrap().to_string());
+    assert_eq!((refused.status().as_u16(), scheme.as_deref()), (401, Some("Bearer")));
+    let head = http.head(&stream).bearer_auth(KEY).send().await.unwrap();
+    assert_eq!(head.status().as_u16(), 200);
+    assert_eq!(head.bytes().await.unwrap().len(), 0);
+    for (method, path, allow) in [
+        (reqwest::Method::GET, "/v1/dead-letters/notify/redrive", "POST"),
+        (reqwest::Method::GET, "/v1/dead-letters/notify/purge", "POST"),
+        (reqwest::Method::POST, "/v1/dead-letters", "GET"),
+        (reqwest::Method::POST, "/v1/dead-letters/notify", "GET"),
+    ] {
+        let response = http.request(method.clone(), gateway.api_url(path)).bearer_auth(KEY).send().await.unwrap();
+        let allowed = response.headers().get("allow").map(|v| v.to_str().unwrap().to_string());
+        assert_eq!((response.status().as_u16(), allowed.as_deref()), (405, Some(allow)), "{method} {path}");
+    }
+    for (path, body) in [
+        ("/v1/publish", r#"[[{"user":"42"},"hi","mail","pos-1"]]"#),
+        ("/v1/publish", r#"[{"to":{"all":true}},["x"]]"#),
+        ("/v1/inbox/42/read", "[5]"),
+        ("/v1/disconnect", r#"["42"]"#),
+    ] {
+        let (status, answer) = post(&gateway, path, Some(KEY), body.into()).await;
+        assert_eq!((status, answer["error"].as_str()), (400, Some("bad_request")), "{path} {body}: {answer}");
+    }
+    // The public listener names the path that needs the upgrade.
+    let plain = http.get(gateway.http_url("/stomp")).send().await.unwrap();
+    assert_eq!(plain.status().as_u16(), 426);
+    assert!(plain.text().await.unwrap().contains("GET /stomp needs a WebSocket upgrade"));
+}
+
 #[tokio::test]
 async fn head_asks_the_plain_pages_without_their_bodies() {
     let nats = TestNats::start().await;

@@ -16,7 +16,7 @@ pub(crate) const VERSION: &str = "13";
 /// no WebSocket or for another version (the response names version 13), 400 when it is malformed.
 pub(crate) fn check<B>(request: &Request<B>) -> Result<(), Rejection> {
     if !fastwebsockets::upgrade::is_upgrade_request(request) {
-        return Err(upgrade_required("GET /ws needs a WebSocket upgrade"));
+        return Err(upgrade_required(&format!("GET {} needs a WebSocket upgrade", request.uri().path())));
     }
     if request.version() < Version::HTTP_11 {
         return Err(bad_request("a WebSocket upgrade needs HTTP/1.1"));

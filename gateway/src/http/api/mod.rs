@@ -117,9 +117,13 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
 /// The admin page: static, no build step, like the demo page.
 const ADMIN_PAGE: &str = include_str!("../../../static/admin.html");
 
-async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Result<ApiResponse, Infallible> {
+async fn handle(shared: Arc<Shared>, mut request: Request<Incoming>) -> Result<ApiResponse, Infallible> {
     if matches!(*request.method(), Method::GET | Method::HEAD) && request.uri().path() == "/admin" {
         return Ok(page(ADMIN_PAGE));
+    }
+    // HEAD is GET without the body (hyper leaves it out of the answer).
+    if request.method() == Method::HEAD {
+        *request.method_mut() = Method::GET;
     }
     let result = match authorized(&shared, &request) {
         Err(error) => Err(error),
@@ -131,6 +135,10 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Result<ApiRe
             let mut response = json_response(error.status, error.body().to_string().into());
             if let Some(allow) = error.allow {
                 response.headers_mut().insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static(allow));
+            }
+            if error.status == StatusCode::UNAUTHORIZED {
+                let scheme = hyper::header::HeaderValue::from_static("Bearer");
+                response.headers_mut().insert(hyper::header::WWW_AUTHENTICATE, scheme);
             }
             if error.status == StatusCode::PAYLOAD_TOO_LARGE {
                 // The rest of the body is left unread: this connection carries no other request.
@@ -231,6 +239,10 @@ async fn route_dead_letters(
             dead_letters::redrive(shared, function, read_json(shared, request).await?).await
         }
         (Method::POST, function, "purge") => dead_letters::purge(shared, function).await,
+        (_, _, "") => Err(ApiError::method_not_allowed(request.uri().path(), "GET")),
+        (_, function, "redrive" | "purge") if !function.is_empty() => {
+            Err(ApiError::method_not_allowed(request.uri().path(), "POST"))
+        }
         _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")),
     }
 }
@@ -260,7 +272,7 @@ fn authorized<B>(shared: &Shared, request: &Request<B>) -> Result<(), ApiError> 
     let presented = headers
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(bearer_key)
         .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
         .unwrap_or("");
     let known = shared.config.api_keys.iter().fold(false, |found, key| found | same_secret(key, presented));
@@ -269,6 +281,12 @@ fn authorized<B>(shared: &Shared, request: &Request<B>) -> Result<(), ApiError> 
     } else {
         Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or unknown API key"))
     }
+}
+
+/// The key of an `Authorization: Bearer <key>` value (the scheme's name in any case, RFC 9110 §11.1).
+fn bearer_key(value: &str) -> Option<&str> {
+    let (scheme, key) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
 }
 
 /// Compares without an early exit, so the time taken does not reveal how much of a key matched.
@@ -283,7 +301,12 @@ fn same_secret(expected: &str, presented: &str) -> bool {
 
 async fn read_json(shared: &Shared, request: Request<Incoming>) -> Result<Value, ApiError> {
     let body = read_body(shared, request).await?;
-    serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("not JSON: {e}")))
+    let value: Value = serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("not JSON: {e}")))?;
+    // serde would read a struct from an array of its fields too: only the documented form is taken.
+    match value.is_object() {
+        true => Ok(value),
+        false => Err(ApiError::bad_request("the body is a JSON object")),
+    }
 }
 
 async fn read_body(shared: &Shared, request: Request<Incoming>) -> Result<Bytes, ApiError> {

@@ -217,6 +217,10 @@ pub(super) async fn publish(shared: &Shared, body: &[u8]) -> Result<Value, ApiEr
     let max_payload = shared.client.server_info().max_payload;
     let mut checked = Vec::with_capacity(items.len());
     for (index, item) in items.into_iter().enumerate() {
+        if !item.get().starts_with('{') {
+            // serde would read a message from an array of its fields too.
+            return Err(ApiError::bad_request(which(index, "a message is a JSON object".into())));
+        }
         let message = read(item).map_err(|reason| ApiError::bad_request(which(index, reason)))?;
         if size(&message) > max_payload {
             let reason = format!("{} bytes with its headers; NATS takes at most {max_payload}", size(&message));
