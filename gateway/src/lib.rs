@@ -195,7 +195,9 @@ impl Gateway {
         // during it; at once when the gateway is killed.
         let feed_stop = killed.child_token();
         let feed = Feed::start(&config.nats, feed_name, feed_events, feed_stop.clone());
-        let health = Arc::new(Health::new(control.clone(), feed.clone(), connected));
+        let replies_name = format!("herald-gateway {} replies", config.node_id);
+        let replies = Replies::start(&config.nats, replies_name, feed_stop.clone());
+        let health = Arc::new(Health::new(control.clone(), feed.clone(), replies.clone(), connected));
         let router = Router::start(feed.clone(), feed_receiver, log_limits(&config), metrics.clone());
         tokio::spawn(health::monitor(
             health.clone(),
@@ -205,8 +207,6 @@ impl Gateway {
             router.clone(),
             shutdown.clone(),
         ));
-        let replies_name = format!("herald-gateway {} replies", config.node_id);
-        let replies = Replies::start(&config.nats, replies_name, feed_stop.clone());
         let replayer =
             Replayer::new(js.clone(), replies, config.replay_method, config.replay_batch, config.replay_concurrency);
         let inbox = Inbox::new(js.clone(), replayer.clone());
@@ -363,7 +363,7 @@ fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     socket.listen(backlog)
 }
 
-/// Messages buffered per subscription on the control connection (KV watches, replay replies).
+/// Messages buffered per subscription on the control connection (KV watches).
 const CONTROL_SUBSCRIPTION_CAPACITY: usize = 65536;
 
 /// Connects one of the gateway's async-nats connections (control, and the HTTP API's publisher).

@@ -46,6 +46,12 @@ impl Publisher {
 /// may send, some no SDK would), as the `publisher` user over a connection of its own; returns the
 /// stream sequence from JetStream's acknowledgement.
 pub async fn publish_raw(nats: &crate::TestNats, subject: &str, header_lines: &[&[u8]], body: &[u8]) -> u64 {
+    let lines: Vec<&[u8]> = std::iter::once(&b"NATS/1.0"[..]).chain(header_lines.iter().copied()).collect();
+    publish_raw_block(nats, subject, &lines, body).await
+}
+
+/// [`publish_raw`] with the header block's first line too (`NATS/1.0`, perhaps with a status).
+pub async fn publish_raw_block(nats: &crate::TestNats, subject: &str, lines: &[&[u8]], body: &[u8]) -> u64 {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
     let address = nats.url().trim_start_matches("nats://").to_string();
     let (read, mut write) = tokio::net::TcpStream::connect(address).await.expect("NATS").into_split();
@@ -54,8 +60,8 @@ pub async fn publish_raw(nats: &crate::TestNats, subject: &str, header_lines: &[
     let connect = serde_json::json!({
         "user": role.user(), "pass": role.password(), "headers": true, "verbose": false, "pedantic": false,
     });
-    let mut headers = b"NATS/1.0\r\n".to_vec();
-    for line in header_lines {
+    let mut headers = Vec::new();
+    for line in lines {
         headers.extend_from_slice(line);
         headers.extend_from_slice(b"\r\n");
     }

@@ -172,10 +172,16 @@ impl Cursors {
         self.bucket.get_or_try_init(|| async { self.js.get_key_value(KV_CURSORS).await.map_err(error) }).await
     }
 
-    /// The device's stored cursor, if any. One written more than half the bucket's max age ago is
-    /// written again as it is: the max age removes the cursors of devices that stopped connecting,
-    /// not those of devices that connect but had nothing to acknowledge for a while.
+    /// The device's stored cursor, if any.
     pub(crate) async fn load(&self, user: &str, device: &str) -> Result<Option<u64>, CursorError> {
+        forward::load(self.bucket().await?, &cursor_key(user, device)).await.map_err(error)
+    }
+
+    /// The cursor a connection of the device resumes from, if any. One written more than half the
+    /// bucket's max age ago is written again as it is, in the background: the max age removes the
+    /// cursors of devices that stopped connecting, not those of devices that connect but had
+    /// nothing to acknowledge for a while.
+    pub(crate) async fn resume_from(&self, user: &str, device: &str) -> Result<Option<u64>, CursorError> {
         let bucket = self.bucket().await?;
         let key = cursor_key(user, device);
         let entry = match bucket.entry(&key).await.map_err(error)? {
@@ -183,14 +189,17 @@ impl Cursors {
             _ => return Ok(None),
         };
         if expires_soon(entry.created.unix_timestamp_nanos(), self.max_age) {
-            // A newer write (another session's) wrote the cursor anyway; other failures are tried
-            // again at the device's next connection.
-            match bucket.update(&key, entry.value.clone(), entry.revision).await {
-                Err(e) if e.kind() != kv::UpdateErrorKind::WrongLastRevision => {
-                    warn!(%key, error = %e, "cursor not written again before its max age");
+            let (bucket, value) = (bucket.clone(), entry.value.clone());
+            tokio::spawn(async move {
+                // A newer write (another session's) wrote the cursor anyway; other failures are
+                // tried again at the device's next connection.
+                match bucket.update(&key, value, entry.revision).await {
+                    Err(e) if e.kind() != kv::UpdateErrorKind::WrongLastRevision => {
+                        warn!(%key, error = %e, "cursor not written again before its max age");
+                    }
+                    _ => {}
                 }
-                _ => {}
-            }
+            });
         }
         Ok(forward::parse(&entry.value))
     }

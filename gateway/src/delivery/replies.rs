@@ -37,11 +37,17 @@ impl Replies {
         let handed = routes.clone();
         tokio::spawn(async move {
             while let Some(event) = arriving.recv().await {
-                if let FeedEvent::Message(message) = event {
-                    let route = lock(&handed).get(&message.sid).cloned();
-                    if let Some(route) = route {
-                        let _ = route.send(message);
+                match event {
+                    FeedEvent::Message(message) => {
+                        let route = lock(&handed).get(&message.sid).cloned();
+                        if let Some(route) = route {
+                            let _ = route.send(message);
+                        }
                     }
+                    // The answers to requests sent before never come: their readers hear it at
+                    // once (and open again) instead of waiting out their timeouts.
+                    FeedEvent::Connected => lock(&handed).clear(),
+                    FeedEvent::LeaderElected => {}
                 }
             }
         });
@@ -58,6 +64,11 @@ impl Replies {
         let inbox = format!("{}.{sid}", self.inbox_prefix);
         self.feed.subscribe(sid, format!("{inbox}.>"));
         ReplyInbox { replies: self.clone(), sid, inbox, arriving }
+    }
+
+    /// Whether the connection is up right now.
+    pub(crate) fn is_connected(&self) -> bool {
+        self.feed.is_connected()
     }
 
     /// A request with one answer, whole (headers, status).
@@ -80,12 +91,16 @@ pub(crate) struct ReplyInbox {
 
 impl ReplyInbox {
     /// Publishes a request whose answers come to `reply` (this inbox, or a subject under it); sent
-    /// after the inbox's subscription.
-    pub(crate) fn publish(&self, subject: String, reply: String, payload: Bytes) {
+    /// after the inbox's subscription. Fails while the connection is down.
+    pub(crate) fn publish(&self, subject: String, reply: String, payload: Bytes) -> Result<(), RequestError> {
+        if !self.replies.feed.is_connected() {
+            return Err(RequestError::Disconnected);
+        }
         self.replies.feed.publish(subject, reply, payload);
+        Ok(())
     }
 
-    /// The next answer.
+    /// The next answer; none once the connection was lost (and made again) since the inbox opened.
     pub(crate) async fn next(&mut self) -> Option<Delivered> {
         self.arriving.recv().await
     }

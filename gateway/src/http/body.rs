@@ -8,6 +8,7 @@ use http_body_util::BodyExt;
 use hyper::HeaderMap;
 use hyper::body::{Body, Incoming};
 use hyper::header::EXPECT;
+use tokio::time::Instant;
 
 /// Most bytes of a refused body read (and dropped) after its answer, see [`drain_after_answer`].
 const DRAIN_LIMIT: u64 = 16 << 20;
@@ -33,11 +34,13 @@ pub(crate) async fn read(
     limit: usize,
     within: Duration,
 ) -> Result<Bytes, BodyError> {
+    // A refused body is read after its answer for what is left of the time it had.
+    let drain_until = Instant::now() + if within.is_zero() { DRAIN_PATIENCE } else { within };
     // A `Content-Length` over the limit is refused before a byte is read (nor waited for).
     if body.size_hint().lower() > limit as u64 {
         // A client that asked whether to send it (`Expect: 100-continue`) sends nothing more.
         if !expects_continue(headers) {
-            drain_after_answer(body, within);
+            drain_after_answer(body, drain_until);
         }
         return Err(BodyError::TooLarge);
     }
@@ -48,7 +51,7 @@ pub(crate) async fn read(
         tokio::time::timeout(within, collect).await.map_err(|_| BodyError::TimedOut)?
     };
     if collected == Err(BodyError::TooLarge) {
-        drain_after_answer(body, within);
+        drain_after_answer(body, drain_until);
     }
     collected
 }
@@ -72,10 +75,9 @@ fn expects_continue(headers: &HeaderMap) -> bool {
 /// Reads the rest of a refused body, and drops it, while its answer goes out: most clients send a
 /// whole body before they read the answer, and a connection closed with their bytes unread is
 /// reset, which they report as a network error instead of the answer. Bounded: at most
-/// [`DRAIN_LIMIT`] bytes within `within` (the connection is then closed, as before).
-fn drain_after_answer(mut body: Incoming, within: Duration) {
-    let within = if within.is_zero() { DRAIN_PATIENCE } else { within };
-    tokio::spawn(tokio::time::timeout(within, async move {
+/// [`DRAIN_LIMIT`] bytes, until `until` (the connection is then closed, as before).
+fn drain_after_answer(mut body: Incoming, until: Instant) {
+    tokio::spawn(tokio::time::timeout_at(until, async move {
         let mut read = 0;
         while let Some(Ok(frame)) = body.frame().await {
             read += frame.data_ref().map_or(0, |data| data.len() as u64);

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::delivery::feed::Feed;
+use crate::delivery::replies::Replies;
 use crate::delivery::router::Router;
 use crate::http::metrics::Metrics;
 
@@ -26,6 +27,7 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 pub(crate) struct Health {
     control: async_nats::Client,
     feed: Feed,
+    replies: Replies,
     /// A [`Store`]: what the last check found.
     store: AtomicU8,
     /// The session-policy watch is established (sessions may be accepted without missing a kick).
@@ -40,10 +42,11 @@ pub(crate) struct Health {
 }
 
 impl Health {
-    pub(crate) fn new(control: async_nats::Client, feed: Feed, connected: Arc<Notify>) -> Health {
+    pub(crate) fn new(control: async_nats::Client, feed: Feed, replies: Replies, connected: Arc<Notify>) -> Health {
         Health {
             control,
             feed,
+            replies,
             store: AtomicU8::new(Store::Unchecked as u8),
             policy_watch: AtomicBool::new(false),
             prefs_watch: AtomicBool::new(false),
@@ -57,9 +60,9 @@ impl Health {
         self.recreated.subscribe()
     }
 
-    /// Whether both NATS connections are up.
+    /// Whether the NATS connections are up (control, delivery, replies).
     pub(crate) fn nats_connected(&self) -> bool {
-        self.control.connection_state() == State::Connected && self.feed.is_connected()
+        self.control.connection_state() == State::Connected && self.feed.is_connected() && self.replies.is_connected()
     }
 
     /// Whether the gateway can serve: NATS connected, the stream present, the KV watches running.

@@ -217,7 +217,7 @@ async fn device_state(session: &Session) -> DeviceState {
         None if session.request.live => DeviceState::Live,
         None => {
             // Read together, as a failing KV makes each wait; a new device has no use for the note.
-            let cursor = pin!(read_kv(|| cursors.load(user, device)));
+            let cursor = pin!(read_kv(|| cursors.resume_from(user, device)));
             let (cursor, noted) = match select(cursor, pin!(noted)).await {
                 Either::Left((Ok(None), _)) => (Ok(None), Noted::Nothing),
                 Either::Left((cursor, noted)) => (cursor, noted.await),

@@ -246,14 +246,16 @@ impl DirectReplay {
             let (seq, subject, batch) = (cursor.next_seq, &cursor.subject, self.batch);
             let body = serde_json::json!({"seq": seq, "next_by_subj": subject, "batch": batch, "max_bytes": max_bytes});
             let reply = format!("{}.{index}.{request_id}", self.replies.inbox);
-            self.replies.publish(format!("$JS.API.DIRECT.GET.{STREAM}"), reply, body.to_string().into());
+            self.replies
+                .publish(format!("$JS.API.DIRECT.GET.{STREAM}"), reply, body.to_string().into())
+                .map_err(error)?;
         }
         let mut open = dry.len();
         while open > 0 {
             let message = tokio::time::timeout(REQUEST_TIMEOUT, self.replies.next())
                 .await
                 .map_err(|_| error("direct get timed out"))?
-                .ok_or_else(|| error("reply subscription closed"))?;
+                .ok_or_else(|| error("the replies connection was lost"))?;
             let subject = std::str::from_utf8(&message.subject).unwrap_or_default();
             let Some((index, id)) = parse_reply(subject, &self.replies.inbox) else { continue };
             if id != request_id || index >= self.cursors.len() {

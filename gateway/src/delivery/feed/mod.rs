@@ -402,7 +402,7 @@ impl FeedTask {
                         the subscription in this version's nats.conf, or a message a failing leader stored \
                         but did not republish reaches clients only with the next message of its subject");
                 } else if lower.starts_with("permissions violation") {
-                    warn!(%error, "NATS refused a delivery subscription");
+                    warn!(%error, connection = %self.name, "NATS refused a subscription");
                 } else {
                     return Err(Ended::Lost(error));
                 }

@@ -15,7 +15,7 @@ pub(crate) struct Delivered {
 }
 
 impl Delivered {
-    /// The first value of header `name` (case-insensitive), read in place.
+    /// The last value of header `name` (case-insensitive), read in place (see [`header`]).
     pub(crate) fn header(&self, name: &str) -> Option<&str> {
         header(&self.headers, name)
     }
