@@ -18,12 +18,12 @@ use base64::Engine;
 use bytes::Bytes;
 use futures::StreamExt;
 use herald_shared::subject::{Audience, STREAM, header};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::delivery::feed::Delivered;
 use crate::delivery::message::stored_header;
 use crate::delivery::replies::{Replies, ReplyInbox};
-use serde::{Deserialize, Serialize};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// How replays read the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
