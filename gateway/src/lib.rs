@@ -194,7 +194,7 @@ impl Gateway {
         // Stopped once the drain is over, as loss checks of closed connections still ask the stream
         // during it; at once when the gateway is killed.
         let feed_stop = killed.child_token();
-        let feed = Feed::start(&config.nats, feed_name, feed_events, feed_stop.clone());
+        let feed = Feed::start(&config.nats, feed_name, feed_events, true, feed_stop.clone());
         let replies_name = format!("herald-gateway {} replies", config.node_id);
         let replies = Replies::start(&config.nats, replies_name, feed_stop.clone());
         let health = Arc::new(Health::new(control.clone(), feed.clone(), replies.clone(), connected));

@@ -77,7 +77,8 @@ pub async fn publish_raw_block(nats: &crate::TestNats, subject: &str, lines: &[&
     let mut line = String::new();
     loop {
         line.clear();
-        read.read_line(&mut line).await.expect("an answer from NATS");
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(30), read.read_line(&mut line)).await;
+        answer.expect("NATS acknowledged the publish within 30 s").expect("an answer from NATS");
         assert!(!line.starts_with("-ERR") && !line.is_empty(), "NATS refused the publish: {line:?}");
         if line.starts_with("PING") {
             write.write_all(b"PONG\r\n").await.unwrap();

@@ -260,7 +260,7 @@ async fn a_publishers_headers_cannot_change_a_seq_or_hide_a_message() {
     let mut other = gateway.connect("hedy-2").await;
     let odd: &[&[u8]] = &[b"X-Custom: caf\xe9", b"no colon", b"Herald-Type: mail"];
     let odd = publish_raw(&nats, "push.user.hedy-2", odd, b"5").await;
-    // A status in the first line is the publisher's (NATS answers direct gets with a line of its own).
+    // A status in the first line is the publisher's (NATS before 2.14 stores it, and answers direct gets with it).
     let status: &[&[u8]] = &[b"NATS/1.0 503 No Responders", b"Herald-Type: mail"];
     let status = publish_raw_block(&nats, "push.user.hedy-2", status, b"6").await;
     let next = publisher.publish("push.user.hedy-2", "7").await;

@@ -248,8 +248,6 @@ async fn presence_and_disconnect_span_every_gateway() {
     assert_eq!(body["connections"].as_u64(), Some(0));
 }
 
-/// Load balancers and scripts probe with HEAD: the plain pages answer it as GET, without a body;
-/// the upgrade paths take GET only (405).
 /// The HTTP API in HTTP's own terms: the `Bearer` scheme in any case, a 401 that names the scheme,
 /// HEAD as GET without the body, 405 with `Allow` on every path asked with another method; and a
 /// body in the documented form only (serde would read an object from an array of its fields).
@@ -277,14 +275,15 @@ async fn the_http_api_answers_in_http_terms_and_takes_only_the_documented_bodies
         let allowed = response.headers().get("allow").map(|v| v.to_str().unwrap().to_string());
         assert_eq!((response.status().as_u16(), allowed.as_deref()), (405, Some(allow)), "{method} {path}");
     }
-    for (path, body) in [
-        ("/v1/publish", r#"[[{"user":"42"},"hi","mail","pos-1"]]"#),
-        ("/v1/publish", r#"[{"to":{"all":true}},["x"]]"#),
-        ("/v1/inbox/42/read", "[5]"),
-        ("/v1/disconnect", r#"["42"]"#),
+    for (path, body, reason) in [
+        ("/v1/publish", r#"[[{"user":"42"},"hi","mail","pos-1"]]"#, "message 0: a message is a JSON object"),
+        ("/v1/publish", r#"[{"to":{"all":true}},["x"]]"#, "message 1: a message is a JSON object"),
+        ("/v1/inbox/42/read", "[5]", "the body is a JSON object"),
+        ("/v1/disconnect", r#"["42"]"#, "the body is a JSON object"),
     ] {
         let (status, answer) = post(&gateway, path, Some(KEY), body.into()).await;
-        assert_eq!((status, answer["error"].as_str()), (400, Some("bad_request")), "{path} {body}: {answer}");
+        let answered = (status, answer["error"].as_str(), answer["reason"].as_str());
+        assert_eq!(answered, (400, Some("bad_request"), Some(reason)), "{path} {body}");
     }
     // The public listener names the path that needs the upgrade.
     let plain = http.get(gateway.http_url("/stomp")).send().await.unwrap();
@@ -292,6 +291,8 @@ async fn the_http_api_answers_in_http_terms_and_takes_only_the_documented_bodies
     assert!(plain.text().await.unwrap().contains("GET /stomp needs a WebSocket upgrade"));
 }
 
+/// Load balancers and scripts probe with HEAD: the plain pages answer it as GET, without a body;
+/// the upgrade paths take GET only (405).
 #[tokio::test]
 async fn head_asks_the_plain_pages_without_their_bodies() {
     let nats = TestNats::start().await;

@@ -240,7 +240,8 @@ async fn a_cursor_written_elsewhere_meanwhile_is_never_moved_back() {
 #[tokio::test]
 async fn a_cursor_expires_unless_its_device_connects_and_a_device_back_after_it_is_new() {
     use std::time::{Duration, SystemTime};
-    let max_age = Duration::from_secs(8);
+    // Long enough that the reconnect past half of it resumes from the cursor on a slow machine.
+    let max_age = Duration::from_secs(20);
     let nats = TestNats::start().await;
     let gateway = TestGateway::start_with(&nats, |c| c.stream.cursors_max_age = max_age).await;
     let publisher = Publisher::new(&nats).await;
@@ -282,7 +283,7 @@ async fn a_cursor_expires_unless_its_device_connects_and_a_device_back_after_it_
     gateway.wait_metric("herald_gateway_connections", 0.0).await;
 
     // Not written for the max age: gone, and the device's next connection is a new device's.
-    eventually("the cursor expired", Duration::from_secs(30), async || entry().await.is_none().then_some(())).await;
+    eventually("the cursor expired", max_age * 2, async || entry().await.is_none().then_some(())).await;
     let mut new = gateway.connect_with(&query).await;
     assert_eq!(new.expect_msgs(1).await, vec![unread], "the unread message again");
     assert_eq!(new.expect_replayed().await, (1, unread, 1, true, None));

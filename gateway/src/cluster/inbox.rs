@@ -207,7 +207,7 @@ impl Inbox {
     async fn direct_get(&self, body: serde_json::Value) -> Result<Option<Delivered>, InboxError> {
         let subject = format!("$JS.API.DIRECT.GET.{STREAM}");
         let reply = self.replayer.replies().request(subject, Bytes::from(body.to_string())).await.map_err(error)?;
-        match reply.status() {
+        match reply.answer_status() {
             None | Some(200) => Ok(Some(reply)),
             Some(404) => Ok(None),
             Some(other) => Err(error(format!("direct get answered {other}"))),

@@ -18,7 +18,13 @@ use super::feed::{Delivered, Feed, FeedEvent, RequestError};
 /// Messages waiting between the connection and the task that hands them to their readers.
 const EVENTS: usize = 1024;
 
-type Routes = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Delivered>>>>;
+/// Where each inbox's messages go, by subscription id, with the connection it opened on.
+type Routes = Arc<Mutex<HashMap<u64, Route>>>;
+
+struct Route {
+    generation: u64,
+    to: mpsc::UnboundedSender<Delivered>,
+}
 
 /// The connection, shared by every replay of the gateway.
 #[derive(Clone)]
@@ -32,22 +38,21 @@ impl Replies {
     /// Connects (and reconnects until `shutdown`) with `settings`.
     pub(crate) fn start(settings: &NatsSettings, name: String, shutdown: CancellationToken) -> Replies {
         let (events, mut arriving) = mpsc::channel(EVENTS);
-        let feed = Feed::start(settings, name, events, shutdown);
+        let feed = Feed::start(settings, name, events, false, shutdown);
         let routes = Routes::default();
         let handed = routes.clone();
         tokio::spawn(async move {
             while let Some(event) = arriving.recv().await {
                 match event {
                     FeedEvent::Message(message) => {
-                        let route = lock(&handed).get(&message.sid).cloned();
-                        if let Some(route) = route {
-                            let _ = route.send(message);
+                        if let Some(route) = lock(&handed).get(&message.sid) {
+                            let _ = route.to.send(message);
                         }
                     }
-                    // The answers to requests sent before never come: their readers hear it at
-                    // once (and open again) instead of waiting out their timeouts.
-                    FeedEvent::Connected => lock(&handed).clear(),
-                    FeedEvent::LeaderElected => {}
+                    // The answers to requests sent on that connection never come: their readers
+                    // hear it at once (and open again) instead of waiting out their timeouts.
+                    FeedEvent::Lost { generation } => lock(&handed).retain(|_, route| route.generation > generation),
+                    FeedEvent::Connected | FeedEvent::LeaderElected => {}
                 }
             }
         });
@@ -58,12 +63,12 @@ impl Replies {
     /// A reply subject of its own (`inbox` and every subject under it) and what arrives there,
     /// until the [`ReplyInbox`] is dropped.
     pub(crate) fn open(&self) -> ReplyInbox {
-        let sid = self.feed.next_sid();
-        let (route, arriving) = mpsc::unbounded_channel();
-        lock(&self.routes).insert(sid, route);
+        let (sid, generation) = (self.feed.next_sid(), self.feed.generation());
+        let (to, arriving) = mpsc::unbounded_channel();
+        lock(&self.routes).insert(sid, Route { generation, to });
         let inbox = format!("{}.{sid}", self.inbox_prefix);
         self.feed.subscribe(sid, format!("{inbox}.>"));
-        ReplyInbox { replies: self.clone(), sid, inbox, arriving }
+        ReplyInbox { replies: self.clone(), sid, generation, inbox, arriving }
     }
 
     /// Whether the connection is up right now.
@@ -77,7 +82,7 @@ impl Replies {
     }
 }
 
-fn lock(routes: &Routes) -> std::sync::MutexGuard<'_, HashMap<u64, mpsc::UnboundedSender<Delivered>>> {
+fn lock(routes: &Routes) -> std::sync::MutexGuard<'_, HashMap<u64, Route>> {
     routes.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
@@ -85,22 +90,25 @@ fn lock(routes: &Routes) -> std::sync::MutexGuard<'_, HashMap<u64, mpsc::Unbound
 pub(crate) struct ReplyInbox {
     replies: Replies,
     sid: u64,
+    /// The connection it opened on: answers come only while that one lives.
+    generation: u64,
     pub(crate) inbox: String,
     arriving: mpsc::UnboundedReceiver<Delivered>,
 }
 
 impl ReplyInbox {
     /// Publishes a request whose answers come to `reply` (this inbox, or a subject under it); sent
-    /// after the inbox's subscription. Fails while the connection is down.
+    /// after the inbox's subscription. Fails once the connection it opened on is down.
     pub(crate) fn publish(&self, subject: String, reply: String, payload: Bytes) -> Result<(), RequestError> {
-        if !self.replies.feed.is_connected() {
+        let feed = &self.replies.feed;
+        if !feed.is_connected() || feed.generation() != self.generation {
             return Err(RequestError::Disconnected);
         }
         self.replies.feed.publish(subject, reply, payload);
         Ok(())
     }
 
-    /// The next answer; none once the connection was lost (and made again) since the inbox opened.
+    /// The next answer; none once the connection it opened on was lost.
     pub(crate) async fn next(&mut self) -> Option<Delivered> {
         self.arriving.recv().await
     }

@@ -438,6 +438,8 @@ impl RouterTask {
                 }
             }
             FeedEvent::LeaderElected => self.check_stored_past(),
+            // Repaired at the next `Connected`; the router sends no request of its own to lose.
+            FeedEvent::Lost { .. } => {}
         }
     }
 
@@ -782,7 +784,7 @@ mod tests {
     fn router(shutdown: &CancellationToken) -> RouterTask {
         let settings = NatsSettings { nats_url: "nats://127.0.0.1:1".into(), ..NatsSettings::default() };
         let (events_sender, events) = mpsc::channel(8);
-        let feed = Feed::start(&settings, "test".into(), events_sender, shutdown.clone());
+        let feed = Feed::start(&settings, "test".into(), events_sender, true, shutdown.clone());
         let (commands_sender, commands) = mpsc::channel(8);
         let limits = LogLimits { entries: 100, bytes: 1 << 20 };
         RouterTask::new(feed, events, (commands_sender.downgrade(), commands), limits, Arc::new(Metrics::new()))

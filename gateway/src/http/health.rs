@@ -60,9 +60,9 @@ impl Health {
         self.recreated.subscribe()
     }
 
-    /// Whether the NATS connections are up (control, delivery, replies).
+    /// Whether the control and delivery connections to NATS are up.
     pub(crate) fn nats_connected(&self) -> bool {
-        self.control.connection_state() == State::Connected && self.feed.is_connected() && self.replies.is_connected()
+        self.control.connection_state() == State::Connected && self.feed.is_connected()
     }
 
     /// Whether the gateway can serve: NATS connected, the stream present, the KV watches running.
@@ -75,6 +75,8 @@ impl Health {
         let mut problems = Vec::new();
         if !self.nats_connected() {
             problems.push("not connected to NATS");
+        } else if !self.replies.is_connected() {
+            problems.push("the replays' connection to NATS is down");
         }
         match self.store.load(Ordering::Acquire) {
             store if store == Store::Ready as u8 => {}

@@ -272,7 +272,7 @@ impl DirectReplay {
     fn take_reply(&mut self, index: usize, message: Delivered) -> Result<bool, ReplayError> {
         let upto = self.upto;
         let cursor = &mut self.cursors[index];
-        if let Some(status) = message.status() {
+        if let Some(status) = message.answer_status() {
             match status {
                 // End of batch: more may follow unless nothing is pending.
                 204 => {

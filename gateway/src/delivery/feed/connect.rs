@@ -97,7 +97,9 @@ fn parse_url(url: &str) -> Result<ServerUrl, String> {
     let (tls, rest) = match url.split_once("://") {
         Some(("tls", rest)) => (true, rest),
         Some(("nats", rest)) => (false, rest),
-        Some((scheme, _)) => return Err(format!("unsupported scheme {scheme}:// for the delivery feed")),
+        Some((scheme, _)) => {
+            return Err(format!("unsupported scheme {scheme}:// for the gateway's own NATS connections"));
+        }
         None => (false, url),
     };
     let (credentials, host_port) = match rest.rsplit_once('@') {

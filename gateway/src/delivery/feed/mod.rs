@@ -48,6 +48,9 @@ pub(crate) enum FeedEvent {
     Message(Delivered),
     /// The feed (re)connected and re-subscribed: anything published while it was away never came.
     Connected,
+    /// The connection of `generation` (see [`Feed::generation`]) was lost: answers to requests
+    /// sent on it never come.
+    Lost { generation: u64 },
     /// The stream has a new leader: what the old one stored but had not yet republished when it
     /// failed never comes.
     LeaderElected,
@@ -60,7 +63,7 @@ pub(crate) enum RequestError {
     NoResponders(String),
     #[error("request timed out")]
     TimedOut,
-    #[error("the delivery connection is down")]
+    #[error("the NATS connection is down")]
     Disconnected,
 }
 
@@ -97,6 +100,7 @@ enum Command {
 pub(crate) struct Feed {
     commands: mpsc::UnboundedSender<Command>,
     connected: Arc<AtomicBool>,
+    generation: Arc<AtomicU64>,
     next_sid: Arc<AtomicU64>,
 }
 
@@ -114,15 +118,18 @@ const READ_CHUNK: usize = 64 * 1024;
 
 impl Feed {
     /// Starts the feed task: it connects (and reconnects, forever, until `shutdown`) with
-    /// `settings`, and sends what arrives to `events`.
+    /// `settings`, and sends what arrives to `events`; with `follow_leader`, the stream's leader
+    /// elections too.
     pub(crate) fn start(
         settings: &NatsSettings,
         name: String,
         events: mpsc::Sender<FeedEvent>,
+        follow_leader: bool,
         shutdown: CancellationToken,
     ) -> Feed {
         let (commands, receiver) = mpsc::unbounded_channel();
         let connected = Arc::new(AtomicBool::new(false));
+        let generation = Arc::new(AtomicU64::new(0));
         let reply_prefix = format!("{}.feed.{}", settings.nats_inbox_prefix, crate::id::random_id(12));
         let task = FeedTask {
             servers: Servers::new(&settings.nats_url),
@@ -131,6 +138,8 @@ impl Feed {
             commands: receiver,
             events,
             connected: connected.clone(),
+            generation: generation.clone(),
+            follow_leader,
             subscriptions: HashMap::new(),
             pending: HashMap::new(),
             next_request: 0,
@@ -139,7 +148,7 @@ impl Feed {
             unanswered: 0,
         };
         tokio::spawn(task.run(shutdown));
-        Feed { commands, connected, next_sid: Arc::new(AtomicU64::new(LEADER_SID + 1)) }
+        Feed { commands, connected, generation, next_sid: Arc::new(AtomicU64::new(LEADER_SID + 1)) }
     }
 
     /// A fresh subscription id.
@@ -202,6 +211,11 @@ impl Feed {
     pub(crate) fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Acquire)
     }
+
+    /// The connection in use (or last in use): each one has the next number, from 1.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
 }
 
 struct FeedTask {
@@ -212,6 +226,9 @@ struct FeedTask {
     commands: mpsc::UnboundedReceiver<Command>,
     events: mpsc::Sender<FeedEvent>,
     connected: Arc<AtomicBool>,
+    generation: Arc<AtomicU64>,
+    /// Whether to subscribe to the stream's leader elections.
+    follow_leader: bool,
     /// Every live subscription, to subscribe again after a reconnect.
     subscriptions: HashMap<u64, String>,
     /// Requests waiting for their answer, by the last token of their reply subject.
@@ -265,6 +282,10 @@ impl FeedTask {
                 }
             }
             self.connected.store(false, Ordering::Release);
+            let generation = self.generation.load(Ordering::Acquire);
+            if self.events.send(FeedEvent::Lost { generation }).await.is_err() {
+                return;
+            }
             for (_, waiting) in self.pending.drain() {
                 let _ = waiting.send(Err(RequestError::Disconnected));
             }
@@ -296,7 +317,9 @@ impl FeedTask {
     async fn serve(&mut self, mut stream: Stream, shutdown: &CancellationToken) -> Ended {
         let mut out = BytesMut::new();
         proto::sub(&mut out, &format!("{}.*", self.reply_prefix), REPLY_SID);
-        proto::sub(&mut out, &format!("$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{STREAM}"), LEADER_SID);
+        if self.follow_leader {
+            proto::sub(&mut out, &format!("$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{STREAM}"), LEADER_SID);
+        }
         for (sid, subject) in &self.subscriptions {
             proto::sub(&mut out, subject, *sid);
         }
@@ -304,6 +327,7 @@ impl FeedTask {
             return Ended::Lost(error.to_string());
         }
         out.clear();
+        self.generation.fetch_add(1, Ordering::AcqRel);
         self.connected.store(true, Ordering::Release);
         // Queued behind the re-subscriptions, so the router repairs before anything newer.
         if self.events.send(FeedEvent::Connected).await.is_err() {
@@ -416,7 +440,7 @@ impl FeedTask {
         let token = message.subject.rsplit(|&b| b == b'.').next().unwrap_or_default();
         let Some(id) = std::str::from_utf8(token).ok().and_then(|t| t.parse::<u64>().ok()) else { return };
         let Some(waiting) = self.pending.remove(&id) else { return };
-        let result = if message.status() == Some(503) {
+        let result = if message.answer_status() == Some(503) {
             Err(RequestError::NoResponders(String::from_utf8_lossy(&message.subject).into_owned()))
         } else {
             Ok(message)

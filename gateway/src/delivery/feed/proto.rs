@@ -20,6 +20,13 @@ impl Delivered {
         header(&self.headers, name)
     }
 
+    /// The status of an answer from the server: none for a stored message, which carries its
+    /// `Nats-Sequence` whatever its first line says (NATS servers before 2.14 keep a publisher's
+    /// status line in what they store, and a direct get answers with it).
+    pub(crate) fn answer_status(&self) -> Option<u16> {
+        self.header("Nats-Sequence").is_none().then(|| self.status()).flatten()
+    }
+
     /// The status code of the header block's first line (`NATS/1.0 503` → 503), if any.
     pub(crate) fn status(&self) -> Option<u16> {
         let text = std::str::from_utf8(&self.headers).ok()?;
@@ -203,6 +210,20 @@ mod tests {
         assert_eq!(with_headers.header("NATS-LAST-SEQUENCE"), Some("120"));
         assert_eq!(with_headers.header("Herald-Type"), None);
         assert_eq!(with_headers.status(), None);
+    }
+
+    #[test]
+    fn a_stored_message_has_no_status_whatever_its_first_line_says() {
+        let delivered = |headers: &'static str| Delivered {
+            sid: 1,
+            subject: Bytes::from_static(b"_INBOX.x"),
+            headers: Bytes::from_static(headers.as_bytes()),
+            payload: Bytes::new(),
+        };
+        let stored = delivered("NATS/1.0 503 No Responders\r\nHerald-Type: a\r\nNats-Sequence: 7\r\n\r\n");
+        assert_eq!((stored.status(), stored.answer_status()), (Some(503), None));
+        assert_eq!(delivered("NATS/1.0 404 No Messages\r\n\r\n").answer_status(), Some(404));
+        assert_eq!(delivered("NATS/1.0 204 EOB\r\nNats-Num-Pending: 0\r\n\r\n").answer_status(), Some(204));
     }
 
     #[test]

@@ -141,7 +141,8 @@ async fn handle(shared: Arc<Shared>, mut request: Request<Incoming>) -> Result<A
                 response.headers_mut().insert(hyper::header::WWW_AUTHENTICATE, scheme);
             }
             if error.status == StatusCode::PAYLOAD_TOO_LARGE {
-                // The rest of the body is left unread: this connection carries no other request.
+                // The rest of the body is read and dropped meanwhile (up to a bound): this connection
+                // carries no other request.
                 response
                     .headers_mut()
                     .insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
