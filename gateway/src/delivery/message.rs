@@ -112,16 +112,6 @@ pub(crate) fn from_stored(stored: Stored) -> Message {
     Message::new(stored.seq, stored.audience, &stored.kind, &stored.id, &stored.ts, stored.payload)
 }
 
-/// The last value of header `name`, in any case, of a message async-nats read (a consumer
-/// replay's), as [`super::feed::proto::header`] reads the others.
-pub(crate) fn stored_header<'a>(headers: &'a async_nats::HeaderMap, name: &str) -> Option<&'a str> {
-    let exact = headers.get_last(name).map(|value| value.as_str());
-    exact.or_else(|| {
-        let mut named = headers.iter().filter(|(key, _)| AsRef::<str>::as_ref(*key).eq_ignore_ascii_case(name));
-        named.find_map(|(_, values)| values.last()).map(|value| value.as_str())
-    })
-}
-
 /// What a session finds in its live sources: a message, or a gap the router saw on one of its
 /// subjects.
 #[derive(Debug, Clone)]

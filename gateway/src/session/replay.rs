@@ -22,7 +22,6 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::delivery::feed::Delivered;
-use crate::delivery::message::stored_header;
 use crate::delivery::replies::{Replies, ReplyInbox};
 
 /// How replays read the stream.
@@ -412,6 +411,16 @@ impl ConsumerReplay {
         let (kind, id) = (text(header::HERALD_TYPE), text(header::NATS_MSG_ID));
         Some(Ok(Stored { audience, seq, ts: rfc3339(time), kind, id, payload: message.payload }))
     }
+}
+
+/// The last value of header `name`, in any case, of a message async-nats read (a consumer
+/// replay's), as [`crate::delivery::feed::proto::header`] reads the others.
+fn stored_header<'a>(headers: &'a async_nats::HeaderMap, name: &str) -> Option<&'a str> {
+    let exact = headers.get_last(name).map(|value| value.as_str());
+    exact.or_else(|| {
+        let mut named = headers.iter().filter(|(key, _)| AsRef::<str>::as_ref(*key).eq_ignore_ascii_case(name));
+        named.find_map(|(_, values)| values.last()).map(|value| value.as_str())
+    })
 }
 
 /// Whether nothing addressed to a connection after `since` can have been removed by the stream's
