@@ -346,9 +346,10 @@ async fn a_user_is_looked_up_across_gateways_and_disconnected_with_4003() {
 
 /// While the gateway has no NATS, the questions every gateway or function answers get 503, not an
 /// answer of "none" (no gateway, nobody online, nobody disconnected) while the question waits to
-/// be sent once NATS is back (a disconnect then carried out after its answer said 0).
+/// be sent once NATS is back (a disconnect then carried out after its answer said 0); so do reads of
+/// the stream, the inbox and the dead letters, at once.
 #[tokio::test]
-async fn questions_to_the_cluster_get_503_while_nats_is_down() {
+async fn questions_to_the_cluster_and_reads_get_503_while_nats_is_down() {
     let nats = TestNats::start().await;
     let gateway = api_gateway(&nats).await;
     let _connected = gateway.connect("ban").await;
@@ -365,10 +366,21 @@ async fn questions_to_the_cluster_get_503_while_nats_is_down() {
         get(&gateway, "/v1/presence/ban").await,
         get(&gateway, "/v1/users/ban").await,
         post(&gateway, "/v1/disconnect", json!({"user": "ban"})).await,
+        // What JetStream keeps is answered at once too, not after a request's timeout.
+        get(&gateway, "/v1/stream").await,
+        get(&gateway, "/v1/inbox/ban").await,
+        get(&gateway, "/v1/inbox/ban/messages").await,
+        post(&gateway, "/v1/inbox/ban/read", json!({"seq": 1})).await,
+        get(&gateway, "/v1/dead-letters").await,
+        get(&gateway, "/v1/dead-letters/notify").await,
+        post(&gateway, "/v1/dead-letters/notify/purge", json!({})).await,
     ] {
         assert_eq!((status, &body["error"]), (503, &json!("unavailable")), "{body}");
         assert!(body["reason"].as_str().is_some_and(|m| m.starts_with("not connected to NATS")), "{body}");
     }
+    // A path that takes no such method is still told so.
+    let (status, body) = post(&gateway, "/v1/stream", json!({})).await;
+    assert_eq!((status, &body["error"]), (405, &json!("method_not_allowed")), "{body}");
 }
 
 /// A message in the dead-letter stream that is no dead letter (published there by hand, or by

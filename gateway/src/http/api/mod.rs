@@ -156,6 +156,18 @@ async fn handle(shared: Arc<Shared>, mut request: Request<Incoming>) -> Result<A
 /// [`Value`] would re-encode them (a number past 64 bits, say).
 async fn route(shared: &Shared, request: Request<Incoming>) -> Result<Bytes, ApiError> {
     let path = request.uri().path();
+    if !shared.health.nats_connected() {
+        if asks_the_cluster(request.method(), path) {
+            // Answered by whoever hears the question: asked now, nobody would, and the answer would
+            // say "none" (no gateway, no function, nobody online, nobody disconnected) while the
+            // question itself would be sent later, once NATS is back.
+            return Err(ApiError::unavailable("not connected to NATS: the gateways and functions cannot be asked"));
+        }
+        if reads_jetstream(request.method(), path) {
+            // Asked now, the request would wait out its timeout before the same answer.
+            return Err(ApiError::unavailable("not connected to NATS: JetStream cannot be read"));
+        }
+    }
     if request.method() == Method::GET
         && let Some(user) = path.strip_prefix("/v1/inbox/").and_then(|rest| rest.strip_suffix("/messages"))
     {
@@ -168,15 +180,9 @@ async fn route_value(shared: &Shared, request: Request<Incoming>) -> Result<Valu
     let path = request.uri().path().to_string();
     let query = request.uri().query().unwrap_or("").to_string();
     let inbox = path.strip_prefix("/v1/inbox/").map(|rest| rest.split_once('/').unwrap_or((rest, "")));
+    let method = request.method().clone();
     if let Some(rest) = path.strip_prefix("/v1/dead-letters") {
         return route_dead_letters(shared, request, rest, &query).await;
-    }
-    let method = request.method().clone();
-    if asks_the_cluster(&method, &path) && !shared.health.nats_connected() {
-        // Answered by whoever hears the question: asked now, nobody would, and the answer would
-        // say "none" (no gateway, no function, nobody online, nobody disconnected) while the
-        // question itself would be sent later, once NATS is back.
-        return Err(ApiError::unavailable("not connected to NATS: the gateways and functions cannot be asked"));
     }
     match (method, path.as_str(), inbox) {
         (Method::GET, "/v1/gateways", _) => cluster::gateways(shared).await,
@@ -215,6 +221,19 @@ fn asks_the_cluster(method: &Method, path: &str) -> bool {
                 || path.starts_with("/v1/users/")
         }
         Method::POST => path == "/v1/disconnect",
+        _ => false,
+    }
+}
+
+/// Whether the request reads or changes what JetStream keeps (the stream, the inbox, the dead letters).
+/// A publish is not one of them: it waits for NATS to come back within its timeout.
+fn reads_jetstream(method: &Method, path: &str) -> bool {
+    let (inbox, letters) = (path.starts_with("/v1/inbox/"), path.starts_with("/v1/dead-letters"));
+    match *method {
+        Method::GET => path == "/v1/stream" || inbox || letters,
+        Method::POST => {
+            (inbox && path.ends_with("/read")) || (letters && (path.ends_with("/redrive") || path.ends_with("/purge")))
+        }
         _ => false,
     }
 }
