@@ -37,6 +37,7 @@ const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
 /// One durable function's consumer and policies.
 pub(crate) struct Durable {
     js: jetstream::Context,
+    function: String,
     stream: String,
     durable_name: String,
     subjects: Vec<String>,
@@ -55,6 +56,7 @@ impl Durable {
     ) -> Durable {
         Durable {
             js,
+            function: function.to_string(),
             stream: config.events_stream.clone(),
             durable_name: durable_name(function),
             subjects,
@@ -62,6 +64,43 @@ impl Durable {
             policy: config.retry_policy(),
             ack_wait: config.ack_wait.max(Duration::from_millis(100)),
         }
+    }
+
+    pub(crate) fn js(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    pub(crate) fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    pub(crate) fn durable_name(&self) -> &str {
+        &self.durable_name
+    }
+
+    /// Whether the consumer's subjects take `subject`.
+    pub(crate) fn consumes(&self, subject: &str) -> bool {
+        self.subjects.iter().any(|filter| crate::runtime::subject_within(subject, filter))
+    }
+
+    /// Dead-letters stored event `seq`, which no handler saw (its attempts are 0).
+    pub(crate) async fn dead_letter_unhandled(
+        &self,
+        subject: &str,
+        seq: u64,
+        payload: &[u8],
+        error: &str,
+    ) -> Result<(), String> {
+        let event = Event {
+            function: self.function.clone(),
+            subject: subject.to_string(),
+            payload: payload.to_vec().into(),
+            headers: HeaderMap::new(),
+            id: format!("{}-{seq}", self.stream),
+            attempt: 0,
+            stream_sequence: Some(seq),
+        };
+        publish_dead_letter(self, &event, error).await
     }
 
     /// Creates the shared consumer, or finds it with this configuration.
@@ -112,8 +151,7 @@ pub fn durable_name(function: &str) -> String {
 }
 
 /// Consumes events until shutdown, recreating the consumer when it goes away.
-pub(crate) async fn serve(durable: Durable, consumer: PullConsumer, worker: Arc<Worker>) {
-    let durable = Arc::new(durable);
+pub(crate) async fn serve(durable: Arc<Durable>, consumer: PullConsumer, worker: Arc<Worker>) {
     let mut consumer = Some(consumer);
     let mut failures = 0;
     while !worker.shutdown().is_cancelled() {

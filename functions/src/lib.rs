@@ -43,6 +43,7 @@ pub mod rpc;
 pub mod runtime;
 pub mod service;
 pub mod streams;
+mod unreadable;
 mod worker;
 
 pub use config::Config;

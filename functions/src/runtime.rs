@@ -18,7 +18,7 @@ use crate::events::{LIFECYCLE_SUBJECTS, serve_lifecycle};
 use crate::function::{Function, Trigger};
 use crate::metrics::{self, Metrics};
 use crate::worker::{Tasks, Worker};
-use crate::{rpc, service, streams};
+use crate::{rpc, service, streams, unreadable};
 
 /// The runtime could not start.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +56,8 @@ pub struct Runtime {
     service: Option<Service>,
     /// Every trigger loop and call in flight, and the signals that stop them.
     tasks: Tasks,
+    /// The durable functions started, whose consumers are swept for [`unreadable`] events.
+    durables: Vec<Arc<Durable>>,
     metrics_addr: SocketAddr,
     grace: Duration,
 }
@@ -81,6 +83,7 @@ impl Runtime {
             client: client.clone(),
             service: None,
             tasks: Tasks::new(),
+            durables: Vec::new(),
             metrics_addr,
             grace: config.shutdown_grace,
         };
@@ -89,6 +92,11 @@ impl Runtime {
         for function in functions {
             let worker = Arc::new(runtime.worker(&function, config, metrics.clone()));
             runtime.start_one(function, worker, config, &js).await?;
+        }
+        if !runtime.durables.is_empty() {
+            let durables = runtime.durables.clone();
+            let shutdown = runtime.tasks.shutdown.clone();
+            runtime.tasks.tracker.spawn(unreadable::watch(client.clone(), durables, shutdown));
         }
         info!(metrics = %metrics_addr, "functions running");
         Ok(runtime)
@@ -126,8 +134,9 @@ impl Runtime {
                 }
             }
             Trigger::Durable { subjects, handler } => {
-                let durable = Durable::new(js.clone(), config, &function.name, subjects, handler);
+                let durable = Arc::new(Durable::new(js.clone(), config, &function.name, subjects, handler));
                 let consumer = durable.consumer().await.map_err(StartError::Nats)?;
+                self.durables.push(durable.clone());
                 worker.clone().spawn(durable::serve(durable, consumer, worker));
             }
         }
@@ -229,7 +238,7 @@ fn check_functions(functions: &[Function], events_subjects: &[String]) -> Result
 
 /// Whether every subject `inner` matches (a NATS subject, with `*` and `>` wildcards) `outer`
 /// matches too.
-fn subject_within(inner: &str, outer: &str) -> bool {
+pub(crate) fn subject_within(inner: &str, outer: &str) -> bool {
     let (mut inner, mut outer) = (inner.split('.'), outer.split('.'));
     loop {
         match (inner.next(), outer.next()) {

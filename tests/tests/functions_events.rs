@@ -282,3 +282,38 @@ async fn lifecycle_events_reach_each_function_once_across_copies() {
     first.shutdown().await;
     second.shutdown().await;
 }
+
+/// NATS stores any header bytes a publisher sends; the functions' NATS client drops its connection
+/// on a delivery whose headers it cannot read, and the event came back after every `ack_wait`, for
+/// ever, each time cutting every function's connection. It is dead-lettered instead, unhandled, and
+/// removed from the stream; the events around it are handled.
+#[tokio::test]
+async fn an_event_whose_headers_cannot_be_read_is_dead_lettered_and_removed() {
+    let nats = TestNats::start().await;
+    let mut config = test_config(&nats);
+    // Events lost with the connection come back after this.
+    config.ack_wait = Duration::from_secs(2);
+    let seen = recorder();
+    let runtime = start(&nats, &config, vec![collecting("collect", seen.clone())]).await;
+    let js = nats.jetstream().await;
+
+    publish_event(&js, "events.test.a", json!({ "n": 1 }).to_string()).await;
+    let unreadable = herald_tests::publish::publish_raw(&nats, "events.test.b", &[b"X-Custom: caf\xe9"], br#"{"n":2}"#);
+    let unreadable = unreadable.await;
+    let last = publish_event(&js, "events.test.c", json!({ "n": 3 }).to_string()).await;
+
+    let letters = dead_letters(&js, &config, "collect", 1).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert_eq!((letter.seq, letter.subject.as_str(), letter.attempts), (unreadable, "events.test.b", 0));
+    assert!(letter.error.starts_with("its headers cannot be read (not UTF-8)"), "{}", letter.error);
+    assert_eq!(letter.data, json!({ "n": 2 }));
+    wait_settled(&js, &config.events_stream, "collect", last).await;
+    let mut handled = seen.lock().unwrap().clone();
+    handled.sort();
+    assert_eq!(handled, vec![1, 3]);
+    let mut stream = js.get_stream(&config.events_stream).await.unwrap();
+    let state = stream.info().await.unwrap().state.clone();
+    assert_eq!((state.messages, state.first_sequence, state.last_sequence), (2, unreadable - 1, last));
+    runtime.shutdown().await;
+}
