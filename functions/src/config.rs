@@ -39,10 +39,10 @@ pub struct Config {
     pub concurrency: usize,
     /// Longest run of one call; a slower one fails (rpc: `Herald-Error`, events: retried). Default
     /// `10s`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "herald_shared::config::duration")]
     pub timeout: Duration,
     /// How long shutdown waits for calls in flight before abandoning them. Default `10s`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "herald_shared::config::duration")]
     pub shutdown_grace: Duration,
     /// The stream holding business events for durable functions. Default `HERALD_EVENTS`.
     pub events_stream: String,
@@ -50,24 +50,24 @@ pub struct Config {
     /// Default `["events.>"]`.
     pub events_subjects: Vec<String>,
     /// Business events older than this are removed from the events stream. Default `7d`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "herald_shared::config::duration")]
     pub events_max_age: Duration,
     /// The stream keeping dead letters (`herald.dlq.>`). Default `HERALD_DLQ`.
     pub dlq_stream: String,
     /// Dead letters older than this are removed. Default `14d`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "herald_shared::config::duration")]
     pub dlq_max_age: Duration,
     /// Deliveries of a durable event before it is dead-lettered. Default 5.
     pub max_attempts: u64,
     /// Delay before the second delivery; doubles after each failure. Default `1s`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "herald_shared::config::duration")]
     pub retry_initial: Duration,
     /// Longest delay between deliveries. Default `1m`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "herald_shared::config::duration")]
     pub retry_max: Duration,
     /// An event neither acknowledged nor reported in progress for this long is delivered again,
     /// possibly to another copy (a running handler reports progress every half of it). Default `30s`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "herald_shared::config::duration")]
     pub ack_wait: Duration,
     /// Built-in functions to run: any of `notify`, `prefs`, `presence`, `relay`. Default all four
     /// (`relay` runs only when `relay_url` is set).
@@ -81,13 +81,13 @@ pub struct Config {
     /// Extra headers of every relay request. Default none.
     pub relay_headers: BTreeMap<String, String>,
     /// Longest relay request; a slower one is retried. Default `10s`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "herald_shared::config::duration")]
     pub relay_timeout: Duration,
     /// Header carrying `<stream>-<seq>`, the same on every attempt of one event. Default
     /// `Idempotency-Key`.
     pub relay_idempotency_header: String,
     /// How long `presence` collects gateway replies. Default `250ms`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "herald_shared::config::duration")]
     pub presence_window: Duration,
 }
 

@@ -79,10 +79,10 @@ pub struct Config {
     /// ready token printed at start. Default false.
     pub dev: bool,
     /// Interval of server pings, announced in `welcome`. Default `25s`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "herald_shared::config::duration")]
     pub heartbeat: Duration,
     /// A peer that sends nothing (not even a pong) for `heartbeat` + this is closed. Default `10s`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "herald_shared::config::duration")]
     pub heartbeat_timeout: Duration,
     /// Largest client message; a bigger one closes the connection with 1009. Default 1 MiB.
     pub max_frame_bytes: usize,
@@ -92,16 +92,16 @@ pub struct Config {
     pub outbound_queue_bytes: usize,
     /// A socket that takes no bytes for this long while the gateway has some for it is closed
     /// with 4008 (the client stopped reading). Default `15s`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "herald_shared::config::duration")]
     pub write_stall_timeout: Duration,
     /// How long a client may take to send a request's head (and, on a kept-alive connection, to
     /// start its next request) before the connection is closed; bounds connections that never
     /// become a socket (slowloris). Default `10s`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "herald_shared::config::duration")]
     pub request_head_timeout: Duration,
     /// How long a request's body (the HTTP API's, a Socket.IO or SockJS POST) may take to arrive
     /// in full before it is answered 408; 0 for no limit. Default `60s`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "herald_shared::config::duration")]
     pub request_body_timeout: Duration,
     /// The kernel's send buffer for each client socket (`SO_SNDBUF`), in bytes; 0 leaves it to
     /// the kernel, which grows it as needed (up to `net.ipv4.tcp_wmem`). Default 0.
@@ -119,7 +119,7 @@ pub struct Config {
     /// Most frames the writer sends in one vectored write. Default 64.
     pub write_batch_frames: usize,
     /// How long shutdown waits for sockets to close before it stops anyway. Default `10s`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "herald_shared::config::duration")]
     pub shutdown_grace: Duration,
     /// Session policy this gateway writes to KV `herald-config` when the cluster has none yet; the
     /// one found there wins. Default `multi`.
@@ -136,7 +136,7 @@ pub struct Config {
     /// replays): sessions catching up at once take turns. Default 64.
     pub replay_concurrency: usize,
     /// How often acknowledged cursors are written to KV. Default `1s`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "herald_shared::config::duration")]
     pub cursor_flush_interval: Duration,
     /// Cursors written to KV a second at most by this gateway; with more acknowledging devices,
     /// each is written less often (longest unwritten first). Default 1000.
@@ -144,7 +144,7 @@ pub struct Config {
     /// Most topics one connection may subscribe to. Default 64.
     pub max_topics: usize,
     /// How long an `rpc` waits for its function. Default `5s`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "herald_shared::config::duration")]
     pub rpc_timeout: Duration,
     /// `rpc` calls per second a connection may make on average. Default 20.
     pub rpc_rate: f64,
@@ -174,7 +174,7 @@ pub struct Config {
     pub api_max_body_bytes: usize,
     /// How long scatter-gather questions to all gateways (presence, disconnect) collect answers.
     /// Default `250ms`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "herald_shared::config::duration")]
     pub gather_window: Duration,
 }
 

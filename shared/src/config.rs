@@ -40,11 +40,70 @@ where
     for warning in env_near_misses(names, &known) {
         eprintln!("warning: {warning}");
     }
-    figment
-        .merge(Env::prefixed(ENV_PREFIX).ignore(&["config"]))
-        .merge(Serialized::defaults(flags))
-        .extract()
-        .map_err(explain)
+    let figment = figment.merge(Env::prefixed(ENV_PREFIX).ignore(&["config"])).merge(Serialized::defaults(flags));
+    figment.extract().map_err(|error| explain_in(&figment, error))
+}
+
+/// A duration setting (`#[serde(with = "herald_shared::config::duration")]`): text with a unit
+/// (`25s`, `500ms`, `2m`, `7d`), or a bare `0` (a setting where 0 means "none" or "for ever").
+pub mod duration {
+    use std::fmt;
+    use std::time::Duration;
+
+    use serde::de::{self, Unexpected, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        humantime_serde::serialize(duration, serializer)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        deserializer.deserialize_any(DurationVisitor)
+    }
+
+    struct DurationVisitor;
+
+    impl Visitor<'_> for DurationVisitor {
+        type Value = Duration;
+
+        fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+            formatter.write_str("a duration")
+        }
+
+        fn visit_str<E: de::Error>(self, text: &str) -> Result<Duration, E> {
+            humantime_serde::re::humantime::parse_duration(text.trim())
+                .map_err(|_| E::invalid_value(Unexpected::Str(text), &self))
+        }
+
+        fn visit_u64<E: de::Error>(self, number: u64) -> Result<Duration, E> {
+            match number {
+                0 => Ok(Duration::ZERO),
+                _ => Err(E::invalid_value(Unexpected::Unsigned(number), &self)),
+            }
+        }
+
+        fn visit_i64<E: de::Error>(self, number: i64) -> Result<Duration, E> {
+            match number {
+                0 => Ok(Duration::ZERO),
+                _ => Err(E::invalid_value(Unexpected::Signed(number), &self)),
+            }
+        }
+    }
+}
+
+/// A bad value in words. A value of a setting `T` takes from a shared struct (`#[serde(flatten)]`:
+/// the stream's and NATS's settings) comes without its key; that struct read alone names it.
+fn explain_in(figment: &Figment, error: figment::Error) -> ConfigError {
+    if error.clone().into_iter().any(|error| error.path.is_empty()) {
+        let alone = match figment.extract::<crate::stream::StreamSettings>() {
+            Ok(_) => figment.extract::<crate::nats::NatsSettings>().err(),
+            Err(error) => Some(error),
+        };
+        if let Some(named) = alone {
+            return explain(named);
+        }
+    }
+    explain(error)
 }
 
 /// A bad value in words: the setting, where its value came from, and what is wrong with it.
@@ -180,6 +239,49 @@ mod tests {
                 error.starts_with("configuration: limit (in ") && error.ends_with("bad.toml): string \"7\" is not u32")
             );
             assert!(load::<Sample, _>(Some(&jail.directory().join("missing.toml")), &no_flag).is_err());
+            Ok(())
+        });
+    }
+
+    #[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
+    #[serde(default)]
+    struct WithStream {
+        #[serde(with = "duration")]
+        timeout: std::time::Duration,
+        #[serde(flatten)]
+        stream: crate::stream::StreamSettings,
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)]
+    fn durations_take_a_bare_zero_and_a_bad_one_names_its_key_even_in_shared_settings() {
+        use std::time::Duration;
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            let no_flag = Flags { listen: None };
+            jail.set_env("HERALD_TIMEOUT", "0");
+            jail.set_env("HERALD_CURSORS_MAX_AGE", "0");
+            jail.set_env("HERALD_STREAM_MAX_AGE", "90s");
+            let loaded: WithStream = load(None, &no_flag).unwrap();
+            assert_eq!(
+                (loaded.timeout, loaded.stream.cursors_max_age, loaded.stream.stream_max_age),
+                (Duration::ZERO, Duration::ZERO, Duration::from_secs(90))
+            );
+
+            jail.set_env("HERALD_STREAM_MAX_AGE", "5");
+            let error = load::<WithStream, _>(None, &no_flag).unwrap_err().to_string();
+            assert_eq!(
+                error,
+                "configuration: stream_max_age (from HERALD_STREAM_MAX_AGE): unsigned int `5` is not a duration \
+                 such as 25s, 500ms or 2m"
+            );
+            jail.set_env("HERALD_STREAM_MAX_AGE", "7d");
+            jail.set_env("HERALD_TIMEOUT", "soon");
+            let error = load::<WithStream, _>(None, &no_flag).unwrap_err().to_string();
+            assert_eq!(
+                error,
+                "configuration: timeout (from HERALD_TIMEOUT): string \"soon\" is not a duration such as 25s, 500ms or 2m"
+            );
             Ok(())
         });
     }

@@ -12,7 +12,7 @@ use crate::subject::{KV_CONFIG, KV_CURSORS, KV_PREFS, KV_READS, KV_SESSIONS, KV_
 #[serde(default)]
 pub struct StreamSettings {
     /// Messages older than this are removed. Default `7d`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub stream_max_age: Duration,
     /// Messages kept per subject (per user, per topic, and for `push.all`): the offline inbox size.
     /// Default 1000.
@@ -20,24 +20,24 @@ pub struct StreamSettings {
     /// Total size bound of the stream in bytes; -1 for none. Default -1.
     pub stream_max_bytes: i64,
     /// A publish repeating a `Nats-Msg-Id` seen within this window is stored once. Default `2m`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub stream_duplicate_window: Duration,
     /// Replicas of the stream and the buckets (3 on a three-node cluster). Default 1.
     pub stream_replicas: usize,
     /// Entries of `herald-sessions` (session policies) live this long unless their owner refreshes
     /// them (every quarter of it), so that the claims of a gateway that died expire. Default `2m`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub sessions_max_age: Duration,
     /// How long a Socket.IO connection's state (its topics) is kept after the connection closes,
     /// for the client to recover it, as socket.io's `maxDisconnectionDuration` (the max age of KV
     /// `herald-socketio`). Default `2m`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub socketio_recovery_window: Duration,
     /// A device's cursor in `herald-cursors` that was not written for this long (the device neither
     /// connected nor acknowledged anything) is removed, so that device ids clients make up do not
     /// pile up for ever; the device's next connection is then a new device's. `0`: kept for ever.
     /// Default `30d`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub cursors_max_age: Duration,
 }
 
