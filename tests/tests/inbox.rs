@@ -95,6 +95,34 @@ async fn unread_messages_a_first_connection_did_not_acknowledge_come_again() {
     .await;
 }
 
+/// After its unread replay, a first connection's client may acknowledge up to the `welcome`'s seq:
+/// a `push.all` stored between the user's last personal message and the device's first connection
+/// was never owed to it, and the device's cursor passes it (it was held at the last message sent).
+#[tokio::test]
+async fn acknowledging_the_welcome_after_the_unread_replay_passes_the_broadcasts_before_it() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let personal = publisher.publish("push.user.pia", "unread").await;
+    let everyone = publisher.publish("push.all", "before the first connection").await;
+    let mut first = connect_device(&gateway, "pia", "phone").await;
+    let Some(ServerFrame::Welcome { seq: welcome, .. }) = first.welcome.clone() else { panic!("no welcome") };
+    assert_eq!(welcome, everyone);
+    assert_eq!(first.expect_msgs(1).await, [personal]);
+    first.expect_replayed().await;
+    first.send_json(json!({"type": "ack", "seq": welcome})).await;
+    drop(first);
+    let later = publisher.publish("push.user.pia", "later").await;
+
+    // No `since`: from the cursor, which is the welcome's seq.
+    eventually("the ack written", Duration::from_secs(10), || async {
+        let mut again = connect_device(&gateway, "pia", "phone").await;
+        let seqs: Vec<u64> = again.expect_msgs(1).await;
+        (seqs == [later]).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn reading_on_one_device_leaves_a_new_device_only_the_unread_and_tells_the_others_on_every_gateway() {
     let nats = TestNats::start().await;

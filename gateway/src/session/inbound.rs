@@ -86,11 +86,11 @@ fn run(session: &Arc<Session>, state: &mut SessionState, command: Command, rpc_b
     match command {
         Command::Ack(seq) => {
             // A client cannot acknowledge what it was not sent.
-            let seq = seq.min(state.last_sent());
+            let seq = seq.min(state.ackable());
             session.ack(seq);
         }
         Command::Read(seq) => {
-            let seq = seq.min(state.last_sent());
+            let seq = seq.min(state.ackable());
             session.ack(seq);
             session.shared.inbox.note_read(&session.user, seq);
         }

@@ -295,6 +295,9 @@ pub(crate) struct SessionState {
     sources: LiveSources,
     /// The highest `seq` sent in order: the connection's resume point as far as the gateway knows.
     last_sent: u64,
+    /// The end of the connection's first replay once it ended (0 before): everything owed up to
+    /// there was sent, even past `last_sent` (a new device's replay owes no broadcasts).
+    resumed_through: u64,
     /// The sequences whose messages were all sent (or were the client's already).
     coverage: Coverage,
     /// Frames for the socket, in order.
@@ -346,6 +349,7 @@ impl SessionState {
             codec,
             sources,
             last_sent: params.bounds.last,
+            resumed_through: 0,
             coverage: Coverage::through(params.bounds.last),
             frames: VecDeque::new(),
             frames_taken: 0,
@@ -430,9 +434,14 @@ impl SessionState {
         self.allowed_topics = allowed;
     }
 
-    /// The highest `seq` sent: a client cannot acknowledge more.
+    /// The highest `seq` sent: what an auto-acknowledged subscription was sent.
     pub(crate) fn last_sent(&self) -> u64 {
         self.last_sent
+    }
+
+    /// The highest `seq` a client may acknowledge: what it was sent, or the end of its first replay.
+    pub(crate) fn ackable(&self) -> u64 {
+        self.last_sent.max(self.resumed_through)
     }
 
     /// Why the connection must close, once it must.
@@ -1092,6 +1101,7 @@ impl SessionState {
                 // Messages the previous connection missed before `since` are not in this replay.
                 complete &= requested <= upto && lost_from.is_none_or(|first| first > run.since);
                 self.caught_up(run.since, upto);
+                self.resumed_through = upto;
                 self.notice(&report(complete, None));
                 let queued = self.frames_taken + self.frames.len() as u64;
                 if let Some(resumed) = self.resumed.as_mut() {
