@@ -348,6 +348,17 @@ impl StompClient {
         }
     }
 
+    /// The next frame, whatever its command (heart-beats skipped).
+    pub async fn next_frame(&mut self) -> StompFrame {
+        loop {
+            match self.next_event().await {
+                StompEvent::HeartBeat => continue,
+                StompEvent::Frame(frame) => return frame,
+                other => panic!("expected a frame, got {other:?}"),
+            }
+        }
+    }
+
     /// The next frame, skipping heart-beats; panics on a close or another command.
     pub async fn expect(&mut self, command: &str) -> StompFrame {
         loop {

@@ -382,6 +382,45 @@ async fn each_subscription_to_a_topic_gets_its_own_copy() {
     assert_eq!((message.header("subscription"), message.header("message-id")), ("a2", after.to_string().as_str()));
 }
 
+/// A second subscription to a topic with `herald-since` replays the topic from there, as `/ws`'s `sub`
+/// with `since` of a topic it has does (it got only what came next); the replay goes to every
+/// subscription of the topic made by then, the first one too.
+#[tokio::test]
+async fn a_second_subscription_to_a_topic_with_herald_since_gets_its_replay() {
+    let nats = TestNats::start().await;
+    let publisher = Publisher::new(&nats).await;
+    let gateway = TestGateway::start(&nats).await;
+    let mut stored = Vec::new();
+    for n in 0..3 {
+        stored.push(publisher.publish("push.topic.news", &n.to_string()).await);
+    }
+    let (mut client, _) = connect(&gateway, &[("passcode", &token_with("uma", &["news"], 3600))]).await;
+    subscribe(&mut client, "n1", "/topic/news", &[]).await;
+    let since = (stored[0] - 1).to_string();
+    let second = [("id", "n2"), ("destination", "/topic/news"), ("receipt", "sub-n2"), ("herald-since", &since)];
+    client.send_frame("SUBSCRIBE", &second, "").await;
+    let (mut got, mut receipts) = (Vec::new(), 0);
+    while got.len() < 2 * stored.len() || receipts == 0 {
+        let frame = client.next_frame().await;
+        match frame.command.as_str() {
+            "RECEIPT" => receipts += 1,
+            "MESSAGE" => {
+                got.push((frame.header("subscription").to_string(), frame.header("message-id").parse().unwrap()))
+            }
+            other => panic!("unexpected {other}: {frame:?}"),
+        }
+    }
+    got.sort_by_key(|(id, seq): &(String, u64)| (*seq, id.clone()));
+    let expected: Vec<(String, u64)> =
+        stored.iter().flat_map(|seq| [("n1".to_string(), *seq), ("n2".to_string(), *seq)]).collect();
+    assert_eq!(got, expected);
+    let live = publisher.publish("push.topic.news", "live").await;
+    for id in ["n1", "n2"] {
+        let message = client.expect("MESSAGE").await;
+        assert_eq!((message.header("subscription"), message.header("message-id")), (id, live.to_string().as_str()));
+    }
+}
+
 /// A new device's unread messages, sent on a `client-individual` subscription and never
 /// acknowledged, come again on its next connection.
 #[tokio::test]

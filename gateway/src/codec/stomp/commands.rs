@@ -182,7 +182,8 @@ impl StompCodec {
         self.count_copies();
         let index = self.subscriptions.len() - 1;
         match &self.subscriptions[index].target {
-            Target::Topic(topic) if first => Ok(Command::Subscribe { topic: topic.clone(), since }),
+            // A later subscription with `herald-since` replays the topic too (to every subscription of it).
+            Target::Topic(topic) if first || since.is_some() => Ok(Command::Subscribe { topic: topic.clone(), since }),
             Target::Topic(_) => Ok(Command::Nothing),
             target => {
                 let target = target.clone();
