@@ -78,9 +78,23 @@ impl Durable {
         &self.durable_name
     }
 
-    /// Whether the consumer's subjects take `subject`.
-    pub(crate) fn consumes(&self, subject: &str) -> bool {
-        self.subjects.iter().any(|filter| crate::runtime::subject_within(subject, filter))
+    pub(crate) fn function(&self) -> &str {
+        &self.function
+    }
+
+    /// The subjects the consumer takes.
+    pub(crate) fn subjects(&self) -> &[String] {
+        &self.subjects
+    }
+
+    /// Ends stored event `seq`'s deliveries to this consumer (`+TERM` on its acknowledgement subject,
+    /// which the server reads by stream sequence), without a delivery in hand: one the client could
+    /// not take.
+    pub(crate) async fn terminate(&self, seq: u64) -> Result<(), String> {
+        let subject = format!("$JS.ACK.{}.{}.1.{seq}.1.0.0", self.stream, self.durable_name);
+        let client = self.js.client();
+        client.publish(subject, "+TERM".into()).await.map_err(|e| e.to_string())?;
+        client.flush().await.map_err(|e| e.to_string())
     }
 
     /// Dead-letters stored event `seq`, which no handler saw (its attempts are 0).

@@ -96,7 +96,8 @@ impl Runtime {
         if !runtime.durables.is_empty() {
             let durables = runtime.durables.clone();
             let shutdown = runtime.tasks.shutdown.clone();
-            runtime.tasks.tracker.spawn(unreadable::watch(client.clone(), durables, shutdown));
+            let ack_wait = config.ack_wait.max(Duration::from_secs(1));
+            runtime.tasks.tracker.spawn(unreadable::watch(client.clone(), durables, ack_wait, shutdown));
         }
         info!(metrics = %metrics_addr, "functions running");
         Ok(runtime)
@@ -238,7 +239,7 @@ fn check_functions(functions: &[Function], events_subjects: &[String]) -> Result
 
 /// Whether every subject `inner` matches (a NATS subject, with `*` and `>` wildcards) `outer`
 /// matches too.
-pub(crate) fn subject_within(inner: &str, outer: &str) -> bool {
+fn subject_within(inner: &str, outer: &str) -> bool {
     let (mut inner, mut outer) = (inner.split('.'), outer.split('.'));
     loop {
         match (inner.next(), outer.next()) {

@@ -1,13 +1,16 @@
-//! Events the NATS client cannot read. NATS stores whatever header bytes a publisher sends (a value
-//! that is not UTF-8, a line without `:`, a first line that is not `NATS/1.0`), but async-nats drops
-//! its whole connection on such a delivery instead of handing it over: the event is never handled,
-//! the durable consumer delivers it again after every `ack_wait`, for ever, and each time every
-//! function of the copy loses its connection (rpc calls in flight, lifecycle events).
+//! Events the NATS client cannot take. NATS stores whatever header bytes a publisher sends, and
+//! async-nats refuses some of them: a block that is not UTF-8, a line without `:`, a name with a
+//! space, a first line that is not `NATS/1.0` make it drop its whole connection; a first line with a
+//! status (`NATS/1.0 503`) makes the pull consumer take the event for a server's notice and drop it.
+//! Either way no handler sees the event, the durable consumer delivers it again after every
+//! `ack_wait`, for ever, and in the first case every function of the copy loses its connection each
+//! time (rpc calls in flight, lifecycle events).
 //!
-//! After every (re)connection, each durable consumer's pending events are read with the stream's
-//! JSON API (which returns headers as base64, not parsed); an event whose headers async-nats would
-//! refuse is dead-lettered for each durable function whose subjects match it, then removed from
-//! the events stream, which ends its deliveries. Its letter keeps the payload, so it can be
+//! After every (re)connection, and every `ack_wait` while a consumer has events delivered more than
+//! once, each durable consumer's pending events on its own subjects are read with the stream's JSON
+//! API (which returns headers as base64, unparsed); one the client cannot take is dead-lettered for
+//! that function and terminated for its consumer alone (`+TERM` on the event's acknowledgement
+//! subject): the stream keeps it for other consumers. Its letter keeps the payload, so it can be
 //! re-driven (without the headers).
 
 use std::str::FromStr;
@@ -20,28 +23,48 @@ use async_nats::jetstream;
 use herald_shared::payload::from_base64;
 use serde::Deserialize;
 use serde_json::json;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::warn;
 
 use crate::durable::Durable;
 
-/// How often the connection count is looked at.
+/// How often the connection count is looked at, and a failed sweep tried again.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
-/// Pending events read past a consumer's acknowledgement floor, at most, per sweep. An unreadable
-/// event is never acknowledged, so the floor stops below it: the next sweeps reach it.
-const MAX_LOOK: u64 = 1024;
+/// How long a sweep's requests wait: a drop of the connection (what such an event causes) loses
+/// their answers, and the sweep is better tried again soon than after async-nats's 10 s.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Sweeps that failed in a row before it is worth a warning.
+const FAILURES_TOLD: u32 = 5;
+/// Pending events read per consumer and sweep, at most. One the client cannot take is never
+/// acknowledged, so the consumer's acknowledgement floor stops below it: later sweeps reach it.
+const MAX_LOOK: usize = 1024;
 
-/// Sweeps the consumers of `durables` after each connection of `client` until `shutdown`.
-pub(crate) async fn watch(client: async_nats::Client, durables: Vec<Arc<Durable>>, shutdown: CancellationToken) {
+/// Sweeps the consumers of `durables` after each connection of `client`, and every `ack_wait`
+/// while one has events delivered again, until `shutdown`; a sweep that failed is tried again.
+pub(crate) async fn watch(
+    client: async_nats::Client,
+    durables: Vec<Arc<Durable>>,
+    ack_wait: Duration,
+    shutdown: CancellationToken,
+) {
     let statistics = client.statistics();
-    let mut swept = 0;
+    let (mut seen_connects, mut swept_at, mut failures) = (0, Instant::now(), 0);
+    let mut after_reconnect = false;
     loop {
         let connects = statistics.connects.load(Ordering::Relaxed);
-        if connects != swept && client.connection_state() == State::Connected {
-            swept = connects;
-            for durable in &durables {
-                if let Err(error) = sweep(durable, &durables).await {
-                    debug!(consumer = durable.durable_name(), %error, "cannot look for unreadable events");
+        after_reconnect |= connects != seen_connects;
+        seen_connects = connects;
+        let due = after_reconnect || failures > 0 || swept_at.elapsed() >= ack_wait;
+        if due && client.connection_state() == State::Connected {
+            swept_at = Instant::now();
+            match sweep_all(&durables, after_reconnect).await {
+                Ok(()) => (after_reconnect, failures) = (false, 0),
+                Err(error) => {
+                    failures += 1;
+                    if failures % FAILURES_TOLD == 0 {
+                        warn!(%error, "cannot look for events the NATS client cannot take (the functions' NATS user needs $JS.API.STREAM.MSG.GET on the events stream: nats.conf)");
+                    }
                 }
             }
         }
@@ -52,29 +75,38 @@ pub(crate) async fn watch(client: async_nats::Client, durables: Vec<Arc<Durable>
     }
 }
 
-/// Dead-letters and removes the unreadable events `durable`'s consumer has pending.
-async fn sweep(durable: &Durable, durables: &[Arc<Durable>]) -> Result<(), String> {
-    let js = durable.js();
+async fn sweep_all(durables: &[Arc<Durable>], after_reconnect: bool) -> Result<(), String> {
+    for durable in durables {
+        let mut js = durable.js().clone();
+        js.set_timeout(REQUEST_TIMEOUT);
+        sweep(&js, durable, after_reconnect).await.map_err(|error| format!("{}: {error}", durable.durable_name()))?;
+    }
+    Ok(())
+}
+
+/// Dead-letters and terminates the events `durable`'s consumer has pending that the client
+/// cannot take; after a reconnection always, otherwise only while some were delivered again.
+async fn sweep(js: &jetstream::Context, durable: &Durable, reconnected: bool) -> Result<(), String> {
     let stream = js.get_stream_no_info(durable.stream()).await.map_err(|e| e.to_string())?;
     let info = stream.consumer_info(durable.durable_name()).await.map_err(|e| e.to_string())?;
-    if info.num_ack_pending == 0 {
+    if info.num_ack_pending == 0 || (!reconnected && info.num_redelivered == 0) {
         return Ok(());
     }
-    let first = info.ack_floor.stream_sequence + 1;
-    let last = info.delivered.stream_sequence.min(first + MAX_LOOK - 1);
-    for seq in first..=last {
-        let Some(event) = stored(js, durable.stream(), seq).await? else { continue };
-        let Some(why) = event.headers.as_deref().and_then(unreadable_headers) else { continue };
-        warn!(stream = durable.stream(), seq, subject = %event.subject, why, "an event whose headers cannot be read: dead-lettered and removed");
-        let error = format!(
-            "its headers cannot be read ({why}): the NATS client refuses the delivery, so it was never handled; \
-             it was removed from stream {}",
-            durable.stream()
-        );
-        for matching in durables.iter().filter(|d| d.consumes(&event.subject)) {
-            matching.dead_letter_unhandled(&event.subject, seq, &event.payload, &error).await?;
+    let (first, last) = (info.ack_floor.stream_sequence + 1, info.delivered.stream_sequence);
+    for filter in durable.subjects() {
+        let mut next = first;
+        for _ in 0..MAX_LOOK {
+            let Some((seq, event)) = stored_next(js, durable.stream(), next, filter).await? else { break };
+            if seq > last {
+                break;
+            }
+            next = seq + 1;
+            let Some(why) = event.headers.as_deref().and_then(untakeable_headers) else { continue };
+            warn!(function = durable.function(), stream = durable.stream(), seq, subject = %event.subject, why, "an event the NATS client cannot take: dead-lettered");
+            let error = format!("the NATS client cannot take it ({why}), so no handler saw it");
+            durable.dead_letter_unhandled(&event.subject, seq, &event.payload, &error).await?;
+            durable.terminate(seq).await?;
         }
-        stream.delete_message(seq).await.map_err(|e| e.to_string())?;
     }
     Ok(())
 }
@@ -86,8 +118,13 @@ struct StoredEvent {
     payload: Vec<u8>,
 }
 
-/// The event stored at `seq`, or `None` when there is none (acknowledged and removed, or deleted).
-async fn stored(js: &jetstream::Context, stream: &str, seq: u64) -> Result<Option<StoredEvent>, String> {
+/// The first event at `seq` or after it on `filter`, as stored, or `None` when there is none.
+async fn stored_next(
+    js: &jetstream::Context,
+    stream: &str,
+    seq: u64,
+    filter: &str,
+) -> Result<Option<(u64, StoredEvent)>, String> {
     #[derive(Deserialize)]
     struct Answer {
         message: Option<Raw>,
@@ -96,42 +133,53 @@ async fn stored(js: &jetstream::Context, stream: &str, seq: u64) -> Result<Optio
     #[derive(Deserialize)]
     struct Raw {
         subject: String,
+        seq: u64,
         #[serde(default)]
         hdrs: Option<String>,
         #[serde(default)]
         data: String,
     }
     let subject = format!("STREAM.MSG.GET.{stream}");
-    let answer: Answer = js.request(subject, &json!({ "seq": seq })).await.map_err(|e| e.to_string())?;
+    let query = json!({ "seq": seq, "next_by_subj": filter });
+    let answer: Answer = js.request(subject, &query).await.map_err(|e| e.to_string())?;
     match (answer.message, answer.error) {
         (Some(raw), _) => {
             let headers = raw.hdrs.map(|h| from_base64(&h)).transpose().map_err(|e| e.to_string())?;
             let payload = from_base64(&raw.data).map_err(|e| e.to_string())?;
-            Ok(Some(StoredEvent { subject: raw.subject, headers, payload }))
+            Ok(Some((raw.seq, StoredEvent { subject: raw.subject, headers, payload })))
         }
         (None, Some(error)) if error["code"] == 404 => Ok(None),
-        (None, error) => Err(format!("stream {stream} message {seq}: {error:?}")),
+        (None, error) => Err(format!("stream {stream} after {seq} on {filter}: {error:?}")),
     }
 }
 
-/// Why async-nats (0.51) would refuse a message with this header block, if it would: the rules of
-/// its parser, which drops the connection on any of them.
-pub(crate) fn unreadable_headers(block: &[u8]) -> Option<&'static str> {
-    let Ok(text) = std::str::from_utf8(block) else { return Some("not UTF-8") };
-    let mut lines = text.lines();
+/// Why async-nats (0.51) would not hand over a JetStream delivery with this header block, if it
+/// would not: the rules of its parser (which drops the connection on any of them), step by step,
+/// and a status on the first line (which its pull consumer takes for the server's own notice).
+pub(crate) fn untakeable_headers(block: &[u8]) -> Option<&'static str> {
+    let Ok(text) = std::str::from_utf8(block) else { return Some("headers that are not UTF-8") };
+    let mut lines = text.lines().peekable();
     let Some(status) = lines.next().and_then(|first| first.strip_prefix("NATS/1.0")) else {
-        return Some("the first line is not NATS/1.0");
+        return Some("a first header line that is not NATS/1.0");
     };
     let status = status.trim();
     let code = status.split_once(' ').map_or(status, |(code, _)| code.trim());
-    if !code.is_empty() && async_nats::status::StatusCode::from_str(code).is_err() {
-        return Some("the status of the first line is not a number");
+    if !code.is_empty() {
+        return match async_nats::status::StatusCode::from_str(code) {
+            Ok(_) => Some("a status on the first header line, taken for the server's notice"),
+            Err(_) => Some("a first header line with a status that is not a number"),
+        };
     }
-    for line in lines.filter(|line| !line.is_empty() && !line.starts_with(char::is_whitespace)) {
-        let Some((name, _)) = line.split_once(':') else { return Some("a line without ':'") };
+    while let Some(line) = lines.next() {
+        if line.is_empty() {
+            continue;
+        }
+        let Some((name, _)) = line.split_once(':') else { return Some("a header line without ':'") };
         if async_nats::HeaderName::from_str(name).is_err() {
             return Some("a header name with characters NATS headers cannot have");
         }
+        // A value may go on over lines that start with whitespace.
+        while lines.next_if(|next| next.starts_with(char::is_whitespace)).is_some() {}
     }
     None
 }
@@ -141,14 +189,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn headers_async_nats_refuses_are_named() {
-        assert_eq!(unreadable_headers(b"NATS/1.0\r\nNats-Msg-Id: a\r\nX: caf\xc3\xa9\r\n\r\n"), None);
-        assert_eq!(unreadable_headers(b"NATS/1.0 503\r\n\r\n"), None);
-        assert_eq!(unreadable_headers(b"NATS/1.0\r\nX:\r\n  continued\r\n\r\n"), None);
-        assert_eq!(unreadable_headers(b"NATS/1.0\r\nX: caf\xe9\r\n\r\n"), Some("not UTF-8"));
-        assert_eq!(unreadable_headers(b"NATS/1.0\r\nno colon here\r\n\r\n"), Some("a line without ':'"));
-        assert_eq!(unreadable_headers(b"HTTP/1.1\r\n\r\n"), Some("the first line is not NATS/1.0"));
-        assert!(unreadable_headers(b"NATS/1.0 abc\r\n\r\n").is_some());
-        assert!(unreadable_headers(b"NATS/1.0\r\nA B: c\r\n\r\n").is_some());
+    fn headers_async_nats_does_not_hand_over_are_named() {
+        let takeable: [&[u8]; 3] = [
+            b"NATS/1.0\r\nNats-Msg-Id: a\r\nX: caf\xc3\xa9\r\n\r\n",
+            b"NATS/1.0\r\nX: a\r\n  continued\r\n\r\n",
+            b"NATS/1.0\r\n\r\n",
+        ];
+        for block in takeable {
+            assert_eq!(untakeable_headers(block), None, "{block:?}");
+        }
+        let untakeable: [(&[u8], &str); 7] = [
+            (b"NATS/1.0\r\nX: caf\xe9\r\n\r\n", "headers that are not UTF-8"),
+            (b"NATS/1.0\r\nno colon here\r\n\r\n", "a header line without ':'"),
+            (b"HTTP/1.1\r\n\r\n", "a first header line that is not NATS/1.0"),
+            (b"NATS/1.0 503\r\n\r\n", "a status on the first header line, taken for the server's notice"),
+            (b"NATS/1.0 abc\r\n\r\n", "a first header line with a status that is not a number"),
+            (b"NATS/1.0\r\nA B: c\r\n\r\n", "a header name with characters NATS headers cannot have"),
+            // Whitespace continues a value only after a header line.
+            (b"NATS/1.0\r\n X: y\r\n\r\n", "a header name with characters NATS headers cannot have"),
+        ];
+        for (block, why) in untakeable {
+            assert_eq!(untakeable_headers(block), Some(why), "{block:?}");
+        }
     }
 }

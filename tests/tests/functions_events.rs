@@ -284,11 +284,12 @@ async fn lifecycle_events_reach_each_function_once_across_copies() {
 }
 
 /// NATS stores any header bytes a publisher sends; the functions' NATS client drops its connection
-/// on a delivery whose headers it cannot read, and the event came back after every `ack_wait`, for
-/// ever, each time cutting every function's connection. It is dead-lettered instead, unhandled, and
-/// removed from the stream; the events around it are handled.
+/// on a delivery whose headers it cannot parse, so such an event came back after every `ack_wait`,
+/// for ever, unhandled, cutting every function's connection each time. It is dead-lettered instead,
+/// unhandled, and terminated for the function's consumer; the stream keeps it, the events around
+/// it are handled, and one on subjects no function takes is left alone.
 #[tokio::test]
-async fn an_event_whose_headers_cannot_be_read_is_dead_lettered_and_removed() {
+async fn an_event_the_nats_client_cannot_take_is_dead_lettered_and_ended() {
     let nats = TestNats::start().await;
     let mut config = test_config(&nats);
     // Events lost with the connection come back after this.
@@ -298,22 +299,27 @@ async fn an_event_whose_headers_cannot_be_read_is_dead_lettered_and_removed() {
     let js = nats.jetstream().await;
 
     publish_event(&js, "events.test.a", json!({ "n": 1 }).to_string()).await;
-    let unreadable = herald_tests::publish::publish_raw(&nats, "events.test.b", &[b"X-Custom: caf\xe9"], br#"{"n":2}"#);
-    let unreadable = unreadable.await;
-    let last = publish_event(&js, "events.test.c", json!({ "n": 3 }).to_string()).await;
+    use herald_tests::publish::publish_raw as raw;
+    let unparsable = raw(&nats, "events.test.b", &[b"X-Custom: caf\xe9"], br#"{"n":2}"#).await;
+    raw(&nats, "events.other.c", &[b"X-Custom: caf\xe9"], br#"{"n":3}"#).await;
+    let last = publish_event(&js, "events.test.d", json!({ "n": 4 }).to_string()).await;
 
     let letters = dead_letters(&js, &config, "collect", 1).await;
-    assert_eq!(letters.len(), 1, "{letters:?}");
-    let letter = &letters[0];
-    assert_eq!((letter.seq, letter.subject.as_str(), letter.attempts), (unreadable, "events.test.b", 0));
-    assert!(letter.error.starts_with("its headers cannot be read (not UTF-8)"), "{}", letter.error);
-    assert_eq!(letter.data, json!({ "n": 2 }));
+    let found: Vec<(u64, &str, u64, &str)> = letters
+        .iter()
+        .map(|letter| (letter.seq, letter.subject.as_str(), letter.attempts, letter.error.as_str()))
+        .collect();
+    let why = "the NATS client cannot take it (headers that are not UTF-8), so no handler saw it";
+    assert_eq!(found, [(unparsable, "events.test.b", 0, why)]);
+    assert_eq!(letters[0].data, json!({ "n": 2 }));
     wait_settled(&js, &config.events_stream, "collect", last).await;
     let mut handled = seen.lock().unwrap().clone();
     handled.sort();
-    assert_eq!(handled, vec![1, 3]);
+    assert_eq!(handled, vec![1, 4]);
+    // The stream keeps every event, the one no function takes too.
     let mut stream = js.get_stream(&config.events_stream).await.unwrap();
     let state = stream.info().await.unwrap().state.clone();
-    assert_eq!((state.messages, state.first_sequence, state.last_sequence), (2, unreadable - 1, last));
+    assert_eq!((state.messages, state.last_sequence), (4, last));
+    assert_eq!(dead_letters(&js, &config, "collect", 1).await.len(), 1);
     runtime.shutdown().await;
 }
