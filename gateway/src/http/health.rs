@@ -65,6 +65,11 @@ impl Health {
         self.control.connection_state() == State::Connected && self.feed.is_connected()
     }
 
+    /// Whether the control connection to NATS is up (what the API's reads of JetStream go over).
+    pub(crate) fn control_connected(&self) -> bool {
+        self.control.connection_state() == State::Connected
+    }
+
     /// Whether the gateway can serve: NATS connected, the stream present, the KV watches running.
     pub(crate) fn ready(&self) -> bool {
         self.problems().is_empty()

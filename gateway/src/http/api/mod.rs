@@ -163,7 +163,7 @@ async fn route(shared: &Shared, request: Request<Incoming>) -> Result<Bytes, Api
             // question itself would be sent later, once NATS is back.
             return Err(ApiError::unavailable("not connected to NATS: the gateways and functions cannot be asked"));
         }
-        if reads_jetstream(request.method(), path) {
+        if reads_jetstream(request.method(), path) && !shared.health.control_connected() {
             // Asked now, the request would wait out its timeout before the same answer.
             return Err(ApiError::unavailable("not connected to NATS: JetStream cannot be read"));
         }
@@ -225,15 +225,18 @@ fn asks_the_cluster(method: &Method, path: &str) -> bool {
     }
 }
 
-/// Whether the request reads or changes what JetStream keeps (the stream, the inbox, the dead letters).
-/// A publish is not one of them: it waits for NATS to come back within its timeout.
+/// Whether the request is one of the endpoints that read or change what JetStream keeps (the stream,
+/// the inbox, the dead letters), by its exact shape: any other path still gets its 404 or 405. A
+/// publish is not one of them: it waits for NATS to come back within its timeout.
 fn reads_jetstream(method: &Method, path: &str) -> bool {
-    let (inbox, letters) = (path.starts_with("/v1/inbox/"), path.starts_with("/v1/dead-letters"));
-    match *method {
-        Method::GET => path == "/v1/stream" || inbox || letters,
-        Method::POST => {
-            (inbox && path.ends_with("/read")) || (letters && (path.ends_with("/redrive") || path.ends_with("/purge")))
-        }
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let named = |segment: &&str| !segment.is_empty();
+    match (method.as_str(), segments.as_slice()) {
+        ("GET", ["v1", "stream"] | ["v1", "dead-letters"]) => true,
+        ("GET", ["v1", "inbox", user] | ["v1", "inbox", user, "messages"]) => named(user),
+        ("GET", ["v1", "dead-letters", function]) => named(function),
+        ("POST", ["v1", "inbox", user, "read"]) => named(user),
+        ("POST", ["v1", "dead-letters", function, "redrive" | "purge"]) => named(function),
         _ => false,
     }
 }
@@ -373,6 +376,37 @@ pub(crate) async fn bind(addr: Option<SocketAddr>) -> std::io::Result<Option<Tcp
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_endpoints_that_read_jetstream_are_refused_while_nats_is_away() {
+        let (get, post) = (Method::GET, Method::POST);
+        for (method, path) in [
+            (&get, "/v1/stream"),
+            (&get, "/v1/inbox/ann"),
+            (&get, "/v1/inbox/ann/messages"),
+            (&post, "/v1/inbox/ann/read"),
+            (&get, "/v1/dead-letters"),
+            (&get, "/v1/dead-letters/notify"),
+            (&post, "/v1/dead-letters/notify/redrive"),
+            (&post, "/v1/dead-letters/notify/purge"),
+        ] {
+            assert!(reads_jetstream(method, path), "{method} {path}");
+        }
+        // 404s and 405s stay theirs.
+        for (method, path) in [
+            (&post, "/v1/stream"),
+            (&get, "/v1/inbox/ann/read"),
+            (&post, "/v1/inbox/read"),
+            (&get, "/v1/inbox/ann/x"),
+            (&get, "/v1/dead-letters/notify/purge"),
+            (&post, "/v1/dead-letters/purge"),
+            (&post, "/v1/dead-letters//purge"),
+            (&get, "/v1/dead-lettersX"),
+            (&get, "/v1/dead-letters/a/b/c"),
+        ] {
+            assert!(!reads_jetstream(method, path), "{method} {path}");
+        }
+    }
 
     #[test]
     fn secrets_compare_whole() {
