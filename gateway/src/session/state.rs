@@ -295,9 +295,10 @@ pub(crate) struct SessionState {
     sources: LiveSources,
     /// The highest `seq` sent in order: the connection's resume point as far as the gateway knows.
     last_sent: u64,
-    /// The end of the connection's first replay once it ended (0 before): everything owed up to
-    /// there was sent, even past `last_sent` (a new device's replay owes no broadcasts).
-    resumed_through: u64,
+    /// The end of a new device's replay of its unread messages once it ended (0 before): nothing
+    /// up to there is owed past `last_sent` (broadcasts from before the device's first connection
+    /// are not), so its client may acknowledge up to there.
+    unread_through: u64,
     /// The sequences whose messages were all sent (or were the client's already).
     coverage: Coverage,
     /// Frames for the socket, in order.
@@ -349,7 +350,7 @@ impl SessionState {
             codec,
             sources,
             last_sent: params.bounds.last,
-            resumed_through: 0,
+            unread_through: 0,
             coverage: Coverage::through(params.bounds.last),
             frames: VecDeque::new(),
             frames_taken: 0,
@@ -439,9 +440,10 @@ impl SessionState {
         self.last_sent
     }
 
-    /// The highest `seq` a client may acknowledge: what it was sent, or the end of its first replay.
+    /// The highest `seq` a client may acknowledge: what it was sent, or the end of a new device's
+    /// unread replay.
     pub(crate) fn ackable(&self) -> u64 {
-        self.last_sent.max(self.resumed_through)
+        self.last_sent.max(self.unread_through)
     }
 
     /// Why the connection must close, once it must.
@@ -1101,7 +1103,10 @@ impl SessionState {
                 // Messages the previous connection missed before `since` are not in this replay.
                 complete &= requested <= upto && lost_from.is_none_or(|first| first > run.since);
                 self.caught_up(run.since, upto);
-                self.resumed_through = upto;
+                if self.resumed.is_none() {
+                    // A new device's replay (a resume's read every audience: `last_sent` says it all).
+                    self.unread_through = upto;
+                }
                 self.notice(&report(complete, None));
                 let queued = self.frames_taken + self.frames.len() as u64;
                 if let Some(resumed) = self.resumed.as_mut() {
