@@ -268,6 +268,24 @@ impl StompClient {
         client
     }
 
+    /// [`StompClient::connect`] over a TCP connection made by the test (a small receive buffer, say).
+    pub async fn connect_over(tcp: TcpStream, url: &str, headers: &[(&str, &str)]) -> StompClient {
+        let mut request = url.into_client_request().expect("a valid URL");
+        request.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_static("v12.stomp"));
+        let (stream, _) =
+            tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(tcp)).await.expect("upgrade to /stomp");
+        let mut client = StompClient {
+            link: Link::WebSocket(Box::new(stream)),
+            subprotocol: None,
+            sockjs: false,
+            pending: VecDeque::new(),
+        };
+        let mut all = vec![("accept-version", "1.2"), ("host", "herald")];
+        all.extend_from_slice(headers);
+        client.send_frame("CONNECT", &all, "").await;
+        client
+    }
+
     /// Opens `url` (offering `v12.stomp`) and sends CONNECT with `headers` (`accept-version:1.2`
     /// added).
     pub async fn connect(url: &str, headers: &[(&str, &str)]) -> StompClient {

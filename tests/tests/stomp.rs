@@ -403,13 +403,17 @@ async fn a_second_subscription_to_a_topic_with_herald_since_gets_its_replay() {
     while got.len() < 2 * stored.len() || receipts == 0 {
         let frame = client.next_frame().await;
         match frame.command.as_str() {
-            "RECEIPT" => receipts += 1,
+            "RECEIPT" => {
+                assert_eq!(frame.header("receipt-id"), "sub-n2");
+                receipts += 1;
+            }
             "MESSAGE" => {
                 got.push((frame.header("subscription").to_string(), frame.header("message-id").parse().unwrap()))
             }
             other => panic!("unexpected {other}: {frame:?}"),
         }
     }
+    assert_eq!(receipts, 1);
     got.sort_by_key(|(id, seq): &(String, u64)| (*seq, id.clone()));
     let expected: Vec<(String, u64)> =
         stored.iter().flat_map(|seq| [("n1".to_string(), *seq), ("n2".to_string(), *seq)]).collect();
@@ -419,6 +423,56 @@ async fn a_second_subscription_to_a_topic_with_herald_since_gets_its_replay() {
         let message = client.expect("MESSAGE").await;
         assert_eq!((message.header("subscription"), message.header("message-id")), (id, live.to_string().as_str()));
     }
+}
+
+/// An `ack:auto` subscription's cursor counts what the client's TCP acknowledged, not what the
+/// gateway wrote: a client that stops reading is closed (4008) with messages still in the gateway's
+/// send queue, which the connection's end discards (the client spoke after the gateway stopped
+/// reading: its close resets the connection); the device's next connection, from its cursor, gets
+/// them. It got none of them when the cursor counted the written ones.
+#[tokio::test]
+async fn an_auto_acknowledged_cursor_counts_what_reached_the_client_not_what_was_written() {
+    const MESSAGES: usize = 400;
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start_with(&nats, |c| c.write_stall_timeout = Duration::from_secs(1)).await;
+    let publisher = Publisher::new(&nats).await;
+    let headers = [("passcode", token("val")), ("herald-device", "phone".to_string())];
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let tcp = socket.connect(gateway.addr).await.unwrap();
+    let mut first = StompClient::connect_over(tcp, &url(&gateway), &headers).await;
+    first.expect("CONNECTED").await;
+    subscribe(&mut first, "q", "/user/queue/inbox", &[]).await;
+    let body = "x".repeat(4000);
+    let mut sent = Vec::new();
+    for _ in 0..MESSAGES {
+        sent.push(publisher.publish("push.user.val", &body).await);
+    }
+    // The client reads nothing until the gateway gives up on it, then speaks while it closes.
+    gateway.wait_metric("herald_gateway_slow_consumer_closes_total", 1.0).await;
+    first.send_raw("\n").await;
+    let mut got = Vec::new();
+    loop {
+        match first.next_event().await {
+            StompEvent::Frame(frame) if frame.command == "MESSAGE" => {
+                got.push(frame.header("message-id").parse().unwrap())
+            }
+            StompEvent::Frame(frame) => assert_eq!(frame.command, "ERROR", "{frame:?}"),
+            StompEvent::HeartBeat => {}
+            StompEvent::Close(_) => break,
+        }
+    }
+    assert!(got.len() < MESSAGES, "the client's buffers took every message: nothing tested");
+
+    let (mut again, _) = connect(&gateway, &headers).await;
+    subscribe(&mut again, "q", "/user/queue/inbox", &[]).await;
+    while got.last() != sent.last() {
+        got.push(next_message(&mut again).await.0);
+    }
+    let received: std::collections::BTreeSet<u64> = got.into_iter().collect();
+    let missed: Vec<u64> = sent.into_iter().filter(|seq| !received.contains(seq)).collect();
+    assert_eq!(missed, Vec::<u64>::new(), "never delivered");
 }
 
 /// A new device's unread messages, sent on a `client-individual` subscription and never

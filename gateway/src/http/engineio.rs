@@ -42,7 +42,7 @@ impl PollingSessions {
         };
         self.lock().insert(sid.to_string(), Arc::new(polling));
         let reader: ReadHalf = Box::pin(session_in);
-        let writer: WriteHalf = Box::pin(session_out);
+        let writer = WriteHalf::new(session_out);
         Socket { reader: MessageReader::new(reader, max_frame_bytes), writer }
     }
 

@@ -49,7 +49,7 @@ pub(crate) async fn stream(shared: Arc<Shared>, request: Request<Incoming>, peer
 async fn open(shared: Arc<Shared>, request: &Request<Incoming>, peer: SocketAddr) -> Result<Response<Body>, Rejection> {
     let Some(admitted) = admit_stream(&shared, request, peer).await? else { return Ok(not_ready(&shared)) };
     let (session_end, body_end) = body_pipe(PIPE_BYTES);
-    let connection = sse_connection(&shared, Box::pin(Silent), Box::pin(session_end));
+    let connection = sse_connection(&shared, Box::pin(Silent), WriteHalf::new(session_end));
     Starting { admitted, connection, head: Vec::new() }.spawn(shared);
     let mut response = Response::new(Either::Right(body_end.boxed_unsync()));
     *response.headers_mut() = stream_headers();
@@ -173,7 +173,7 @@ pub(crate) async fn serve_direct(
     // can lose the last event (the session may end before its reader first looks).
     let _ = take_head(&mut stream, head_len).await;
     let (read, write) = stream.into_split();
-    let connection = sse_connection(shared, Box::pin(ClientGone { socket: read }), Box::pin(write));
+    let connection = sse_connection(shared, Box::pin(ClientGone { socket: read }), WriteHalf::tcp(write));
     let mut headers = stream_headers();
     headers.extend(allowing.into_iter().flatten());
     let head = response_head(StatusCode::OK, &headers, None);

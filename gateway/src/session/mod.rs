@@ -22,6 +22,7 @@ pub(crate) mod replay;
 mod rpc;
 mod state;
 mod transmit;
+mod write_half;
 
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -36,7 +37,7 @@ use herald_shared::subject::Audience;
 use herald_shared::token::since_epoch;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -62,7 +63,7 @@ const CLOSE_GRACE: Duration = Duration::from_secs(3);
 const BATCH_BYTES: usize = 256 * 1024;
 
 pub(crate) type ReadHalf = Pin<Box<dyn AsyncRead + Send>>;
-pub(crate) type WriteHalf = Pin<Box<dyn AsyncWrite + Send>>;
+pub(crate) use write_half::WriteHalf;
 
 /// A connected client: what the session's I/O needs to know.
 pub(crate) struct Session {
@@ -174,6 +175,11 @@ pub(crate) fn run_with(
             Ok(state) => {
                 Box::pin(publish_lifecycle(&shared.client, &session.who(), None)).await;
                 let (close, mut state, job) = serve(&session, state, &mut reader, &mut transmit).await;
+                // What the client's TCP took of the auto-acknowledged frames, before the cursor's
+                // last write: the rest is lost with the connection.
+                if let Some(seq) = transmit.acknowledged(true) {
+                    session.ack(seq);
+                }
                 // A close decided outside the state (a stalled write, an expired token) drops its
                 // queue all the same.
                 state.close(close.clone());
@@ -261,7 +267,10 @@ async fn serve(
         }
         // Deadlines only move later as the client talks and reads: the timer is moved earlier when
         // needed, and re-armed when it fires (early, harmlessly, if a deadline moved meanwhile).
-        let deadline = deadlines.next(transmit.stalled_since());
+        let mut deadline = deadlines.next(transmit.stalled_since());
+        if let Some(check) = transmit.next_check() {
+            deadline = deadline.min(check);
+        }
         if deadline < timer.deadline() {
             timer.as_mut().reset(deadline);
         }
@@ -326,11 +335,17 @@ fn advance(
         if !transmit.is_busy() && state.has_frames() {
             transmit.start(|batch| state.take_frames(batch, shared.config.write_batch_frames, BATCH_BYTES));
         }
-        if !transmit.is_busy() && !state.has_frames() {
-            // Everything queued is written: what was sent on auto-acknowledged subscriptions counts.
-            if let Some(seq) = state.codec_mut().take_auto_ack() {
-                session.ack(seq.min(state.last_sent()));
-            }
+        if !transmit.is_busy()
+            && !state.has_frames()
+            && let Some(seq) = state.codec_mut().take_auto_ack()
+            && let Some(seq) = transmit.mark(seq.min(state.last_sent()))
+        {
+            // Everything queued is written: what was sent on auto-acknowledged subscriptions counts
+            // once the client has it.
+            session.ack(seq);
+        }
+        if let Some(seq) = transmit.acknowledged(false) {
+            session.ack(seq);
         }
         count(&shared.metrics, state.take_tally());
         if transmit.is_busy() || parked {
@@ -537,11 +552,11 @@ pub(crate) fn split(upgraded: Upgraded) -> (ReadHalf, WriteHalf) {
             // Bytes the HTTP layer read past the handshake belong to the WebSocket stream. They are
             // copied out: keeping them would keep the HTTP layer's whole 8 KiB read buffer alive.
             let buffered = Bytes::copy_from_slice(&parts.read_buf);
-            (Box::pin(std::io::Cursor::new(buffered).chain(read)), Box::pin(write))
+            (Box::pin(std::io::Cursor::new(buffered).chain(read)), WriteHalf::tcp(write))
         }
         Err(upgraded) => {
             let (read, write) = tokio::io::split(TokioIo::new(upgraded));
-            (Box::pin(read), Box::pin(write))
+            (Box::pin(read), WriteHalf::new(write))
         }
     }
 }

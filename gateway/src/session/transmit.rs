@@ -1,7 +1,12 @@
 //! Writing to the socket: a batch of frames goes out in as few vectored writes as the socket
 //! allows. The write is a poll function over state kept here, so the connection's task can wait on
 //! it in a `select!` with everything else and pick it up again where it left off.
+//!
+//! It also tells when the peer has what was written ([`Transmit::mark`]): a frame handed to the
+//! kernel may still be in its send queue when the connection ends (a client that stopped reading,
+//! a network gone), and is then lost; the peer's TCP acknowledgement is the last sign it arrived.
 
+use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io::IoSlice;
 use std::pin::Pin;
@@ -14,6 +19,18 @@ use tokio::time::Instant;
 
 /// Slices handed to one `writev` at most.
 const MAX_SLICES: usize = 64;
+/// How often, at most, the socket is asked what its peer acknowledged while marks wait.
+const CHECK_EVERY: Duration = Duration::from_millis(100);
+/// Marks kept at most: past that the newest takes the last one's place (it settles later, never early).
+const MAX_MARKS: usize = 64;
+
+/// A writer that may tell how many of the bytes written its peer has not acknowledged yet.
+pub(crate) trait Unacknowledged {
+    /// Whether [`Unacknowledged::unacknowledged`] can answer at all.
+    fn tells(&self) -> bool;
+    /// The bytes written that the peer has not acknowledged, if it can tell.
+    fn unacknowledged(&self) -> Option<u64>;
+}
 
 pub(crate) struct Transmit<W> {
     io: W,
@@ -32,9 +49,15 @@ pub(crate) struct Transmit<W> {
     /// peer to acknowledge what was sent, so the peer was alive then (what a client reading a
     /// long backlog slowly proves, while the gateway's ping waits behind that backlog).
     peer_alive: Option<Instant>,
+    /// Bytes written since the start.
+    written: u64,
+    /// Marked sequences, each with the bytes written when it was marked, oldest first.
+    marks: VecDeque<(u64, u64)>,
+    /// When the socket was last asked what its peer acknowledged.
+    checked: Instant,
 }
 
-impl<W: AsyncWrite + Unpin> Transmit<W> {
+impl<W: AsyncWrite + Unpin + Unacknowledged> Transmit<W> {
     pub(crate) fn new(io: W) -> Transmit<W> {
         Transmit {
             io,
@@ -44,7 +67,50 @@ impl<W: AsyncWrite + Unpin> Transmit<W> {
             progressed: Instant::now(),
             waited: false,
             peer_alive: None,
+            written: 0,
+            marks: VecDeque::new(),
+            checked: Instant::now(),
         }
+    }
+
+    /// Marks what was written so far as carrying `seq`: returned by [`Transmit::acknowledged`] once
+    /// the peer acknowledged those bytes, or at once when the writer cannot tell.
+    pub(crate) fn mark(&mut self, seq: u64) -> Option<u64> {
+        if !self.io.tells() {
+            return Some(seq);
+        }
+        if self.marks.len() >= MAX_MARKS {
+            self.marks.pop_back();
+        }
+        self.marks.push_back((self.written, seq));
+        None
+    }
+
+    /// The newest mark whose bytes the peer acknowledged, if a new one did; the socket is asked at
+    /// most every [`CHECK_EVERY`] unless `now_or_never` (the connection ends).
+    pub(crate) fn acknowledged(&mut self, now_or_never: bool) -> Option<u64> {
+        if self.marks.is_empty() {
+            return None;
+        }
+        let now = Instant::now();
+        if !now_or_never && now < self.checked + CHECK_EVERY {
+            return None;
+        }
+        self.checked = now;
+        let received = self.written.saturating_sub(self.io.unacknowledged()?);
+        let mut newest = None;
+        while let Some(&(end, seq)) = self.marks.front()
+            && end <= received
+        {
+            newest = Some(seq);
+            self.marks.pop_front();
+        }
+        newest
+    }
+
+    /// When to ask the socket again, while marks wait for its peer.
+    pub(crate) fn next_check(&self) -> Option<Instant> {
+        (!self.marks.is_empty()).then_some(self.checked + CHECK_EVERY)
     }
 
     /// Whether a batch is being written.
@@ -114,6 +180,7 @@ impl<W: AsyncWrite + Unpin> Transmit<W> {
                 return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
             }
             self.advance(written);
+            self.written += written as u64;
             self.progressed = Instant::now();
             if std::mem::take(&mut self.waited) {
                 self.peer_alive = Some(self.progressed);
@@ -144,6 +211,16 @@ mod tests {
     use tokio::io::AsyncReadExt;
 
     use super::*;
+
+    impl Unacknowledged for tokio::io::DuplexStream {
+        fn tells(&self) -> bool {
+            false
+        }
+
+        fn unacknowledged(&self) -> Option<u64> {
+            None
+        }
+    }
 
     #[tokio::test]
     async fn a_peer_is_seen_alive_only_when_it_takes_bytes_from_a_full_socket() {

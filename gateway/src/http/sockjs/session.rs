@@ -59,7 +59,7 @@ impl SockJsSessions {
         });
         sessions.insert(key.to_string(), session.clone());
         let reader: ReadHalf = Box::pin(session_in);
-        let writer: WriteHalf = Box::pin(session_out);
+        let writer = WriteHalf::new(session_out);
         Some((session, SessionSocket { reader: MessageReader::new(reader, max_frame_bytes), writer }))
     }
 
