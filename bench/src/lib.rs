@@ -12,6 +12,7 @@
 //! - [`raw`] is the bare broadcaster, run as `herald-bench raw-server`.
 //!
 //! See `docs/benchmarks.md` for what each scenario measures and what limits each figure.
+#![forbid(unsafe_code)]
 
 pub mod cli;
 pub mod client;

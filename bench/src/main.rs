@@ -1,4 +1,5 @@
 //! `herald-bench`: see the library's documentation and `docs/benchmarks.md`.
+#![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 

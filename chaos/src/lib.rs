@@ -12,6 +12,7 @@
 //! - [`report`]: the count and its rendering; [`run`] puts the phases together.
 //!
 //! See docs/operations.md ("Chaos runs") for the commands and how to read the output.
+#![forbid(unsafe_code)]
 
 pub mod cli;
 pub mod clients;

@@ -2,6 +2,7 @@
 //!
 //! Exit status: 0 when every client got exactly what it was owed, 1 when something was lost,
 //! duplicated, reordered or misdelivered, 2 when the run itself failed, 130 when interrupted.
+#![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 

@@ -90,16 +90,21 @@ impl Durable {
     /// Ends stored event `seq`'s deliveries to this consumer (`+TERM` on its acknowledgement subject,
     /// which the server reads by stream sequence), without a delivery in hand: one the client could
     /// not take.
-    pub(crate) async fn terminate(&self, seq: u64) -> Result<(), String> {
+    pub(crate) async fn terminate(&self, seq: u64, within: Duration) -> Result<(), String> {
         let subject = format!("$JS.ACK.{}.{}.1.{seq}.1.0.0", self.stream, self.durable_name);
+        // Asked as a request: the server answers once it has taken the acknowledgement.
         let client = self.js.client();
-        client.publish(subject, "+TERM".into()).await.map_err(|e| e.to_string())?;
-        client.flush().await.map_err(|e| e.to_string())
+        match tokio::time::timeout(within, client.request(subject, "+TERM".into())).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(error)) => Err(format!("+TERM of {seq}: {error}")),
+            Err(_) => Err(format!("+TERM of {seq}: no answer")),
+        }
     }
 
-    /// Dead-letters stored event `seq`, which no handler saw (its attempts are 0).
+    /// Dead-letters stored event `seq`, which no handler saw (its attempts are 0), over `js`.
     pub(crate) async fn dead_letter_unhandled(
         &self,
+        js: &jetstream::Context,
         subject: &str,
         seq: u64,
         payload: &[u8],
@@ -114,7 +119,7 @@ impl Durable {
             attempt: 0,
             stream_sequence: Some(seq),
         };
-        publish_dead_letter(self, &event, error).await
+        publish_dead_letter(js, self, &event, error).await
     }
 
     /// Creates the shared consumer, or finds it with this configuration.
@@ -326,7 +331,7 @@ async fn settle(
         }
         Decision::DeadLetter => {
             let error = error.map(|e| e.message().to_string()).unwrap_or_default();
-            match publish_dead_letter(durable, event, &error).await {
+            match publish_dead_letter(&durable.js, durable, event, &error).await {
                 Ok(()) => {
                     metrics.dead_letters.get_or_create(worker.label()).inc();
                     warn!(function = worker.name(), msg_id = %event.id, %error, "event dead-lettered");
@@ -347,21 +352,24 @@ async fn settle(
 
 /// Stores the dead letter before the event is dropped: with JetStream, deduplicated per function
 /// and event (`<function>:<stream>-<seq>`), so a retried dead-lettering stores one letter.
-async fn publish_dead_letter(durable: &Durable, event: &Event, error: &str) -> Result<(), String> {
+async fn publish_dead_letter(
+    js: &jetstream::Context,
+    durable: &Durable,
+    event: &Event,
+    error: &str,
+) -> Result<(), String> {
     let mut letter = dead_letter_of(durable, event, error);
     let mut body = serde_json::to_vec(&letter).map_err(|e| e.to_string())?;
     // The payload is there twice (`data` to read, `payload` to re-drive): a large event's letter
     // over what NATS takes keeps `payload` alone, or it could never be written and its event would
     // be retried for ever.
-    if body.len() + LETTER_HEADERS > durable.js.client().server_info().max_payload {
+    if body.len() + LETTER_HEADERS > js.client().server_info().max_payload {
         letter.data = serde_json::Value::Null;
         body = serde_json::to_vec(&letter).map_err(|e| e.to_string())?;
     }
     let mut headers = HeaderMap::new();
     headers.insert(header::NATS_MSG_ID, format!("{}:{}", event.function, event.id).as_str());
-    durable
-        .js
-        .publish_with_headers(dead_letter(&event.function), headers, body.into())
+    js.publish_with_headers(dead_letter(&event.function), headers, body.into())
         .await
         .map_err(|e| e.to_string())?
         .await

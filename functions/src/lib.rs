@@ -27,7 +27,7 @@
 //! # Ok(())
 //! # }
 //! ```
-
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod builtin;

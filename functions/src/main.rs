@@ -1,4 +1,5 @@
 //! `herald-functions`: runs the built-in push functions until SIGTERM or SIGINT.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -104,8 +104,8 @@ async fn sweep(js: &jetstream::Context, durable: &Durable, reconnected: bool) ->
             let Some(why) = event.headers.as_deref().and_then(untakeable_headers) else { continue };
             warn!(function = durable.function(), stream = durable.stream(), seq, subject = %event.subject, why, "an event the NATS client cannot take: dead-lettered");
             let error = format!("the NATS client cannot take it ({why}), so no handler saw it");
-            durable.dead_letter_unhandled(&event.subject, seq, &event.payload, &error).await?;
-            durable.terminate(seq).await?;
+            durable.dead_letter_unhandled(js, &event.subject, seq, &event.payload, &error).await?;
+            durable.terminate(seq, REQUEST_TIMEOUT).await?;
         }
     }
     Ok(())

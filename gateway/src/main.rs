@@ -1,4 +1,5 @@
 //! `herald-gateway`: runs a gateway, or signs a token with the configured secret.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::sync::Arc;

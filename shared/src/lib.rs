@@ -9,6 +9,7 @@
 //! - [`stream`]: idempotent setup of the `HERALD` stream and the KV buckets;
 //! - [`config`]: layered configuration loading (defaults, file, environment);
 //! - [`functions`]: what gateways and push functions exchange (lifecycle events, presence, dead letters).
+#![forbid(unsafe_code)]
 
 pub mod config;
 pub mod frame;

@@ -1,6 +1,7 @@
 //! Test harness: a real NATS server with JetStream, gateways running in-process on ephemeral ports,
 //! WebSocket clients from a different implementation than the server's (tokio-tungstenite), and
 //! push-function runtimes in-process.
+#![forbid(unsafe_code)]
 
 pub mod cluster;
 pub mod functions;

@@ -42,7 +42,7 @@ async fn events_carry_seq_kind_and_payload_and_last_event_id_resumes_exactly() {
 
     let missed = [publisher.publish("push.user.lena", "4").await, publisher.publish("push.topic.news", "5").await];
     // The browser says it saw up to the topic message (the device's cursor is further on: what
-    // reached the socket): the stream resumes exactly there.
+    // the client's TCP acknowledged): the stream resumes exactly there.
     // The URL stays what the page first gave (here a `since` and the epoch of a stream long gone):
     // `Last-Event-ID` wins, without that epoch.
     let last = topic.to_string();

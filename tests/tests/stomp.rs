@@ -475,6 +475,29 @@ async fn an_auto_acknowledged_cursor_counts_what_reached_the_client_not_what_was
     assert_eq!(missed, Vec::<u64>::new(), "never delivered");
 }
 
+/// The cursor of an `ack:auto` subscription that then stays quiet reaches KV while the connection
+/// lasts, not only at its close: the gateway asks the socket again what its peer acknowledged (on
+/// its own timer, or whenever else the connection's task wakes; no heart-beats within the wait).
+#[tokio::test]
+async fn a_quiet_auto_acknowledged_connection_writes_its_cursor_while_it_lasts() {
+    let nats = TestNats::start().await;
+    let publisher = Publisher::new(&nats).await;
+    let gateway = TestGateway::start_with(&nats, |c| c.heartbeat = Duration::from_secs(300)).await;
+    let headers = [("passcode", token("wes")), ("herald-device", "phone".to_string())];
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (mut client, _) = connect(&gateway, &headers).await;
+    subscribe(&mut client, "q", "/user/queue/inbox", &[]).await;
+    let seq = publisher.publish("push.user.wes", "hello").await;
+    assert_eq!(next_message(&mut client).await.0, seq);
+    let cursors = nats.jetstream().await.get_key_value("herald-cursors").await.expect("the cursors bucket");
+    herald_tests::eventually("the cursor written", Duration::from_secs(30), || async {
+        let written = cursors.get("wes.phone").await.ok().flatten()?;
+        (String::from_utf8_lossy(&written) == seq.to_string()).then_some(())
+    })
+    .await;
+    drop(client);
+}
+
 /// A new device's unread messages, sent on a `client-individual` subscription and never
 /// acknowledged, come again on its next connection.
 #[tokio::test]

@@ -19,8 +19,9 @@ use tokio::time::Instant;
 
 /// Slices handed to one `writev` at most.
 const MAX_SLICES: usize = 64;
-/// How often, at most, the socket is asked what its peer acknowledged while marks wait.
-const CHECK_EVERY: Duration = Duration::from_millis(100);
+/// How often the socket is asked what its peer acknowledged while marks wait: as often as cursors
+/// are written to KV (`cursor_flush_interval`'s default).
+const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Marks kept at most: past that the newest takes the last one's place (it settles later, never early).
 const MAX_MARKS: usize = 64;
 
@@ -51,9 +52,17 @@ pub(crate) struct Transmit<W> {
     peer_alive: Option<Instant>,
     /// Bytes written since the start.
     written: u64,
+    /// Sequences waiting for their bytes to be acknowledged, while some do (boxed: most connections
+    /// never mark one).
+    marks: Option<Box<Marks>>,
+    /// The writer turned out unable to tell what its peer acknowledged: what is written counts.
+    blind: bool,
+}
+
+struct Marks {
     /// Marked sequences, each with the bytes written when it was marked, oldest first.
-    marks: VecDeque<(u64, u64)>,
-    /// When the socket was last asked what its peer acknowledged.
+    pending: VecDeque<(u64, u64)>,
+    /// When the socket was last asked, or the first of these marks made.
     checked: Instant,
 }
 
@@ -68,49 +77,68 @@ impl<W: AsyncWrite + Unpin + Unacknowledged> Transmit<W> {
             waited: false,
             peer_alive: None,
             written: 0,
-            marks: VecDeque::new(),
-            checked: Instant::now(),
+            marks: None,
+            blind: false,
         }
     }
 
     /// Marks what was written so far as carrying `seq`: returned by [`Transmit::acknowledged`] once
     /// the peer acknowledged those bytes, or at once when the writer cannot tell.
     pub(crate) fn mark(&mut self, seq: u64) -> Option<u64> {
-        if !self.io.tells() {
+        if self.blind || !self.io.tells() {
             return Some(seq);
         }
-        if self.marks.len() >= MAX_MARKS {
-            self.marks.pop_back();
+        let marks =
+            self.marks.get_or_insert_with(|| Box::new(Marks { pending: VecDeque::new(), checked: Instant::now() }));
+        if marks.pending.is_empty() {
+            // The peer needs a moment to acknowledge what was just written.
+            marks.checked = Instant::now();
         }
-        self.marks.push_back((self.written, seq));
+        if marks.pending.len() >= MAX_MARKS {
+            marks.pending.pop_back();
+        }
+        marks.pending.push_back((self.written, seq));
         None
     }
 
     /// The newest mark whose bytes the peer acknowledged, if a new one did; the socket is asked at
     /// most every [`CHECK_EVERY`] unless `now_or_never` (the connection ends).
     pub(crate) fn acknowledged(&mut self, now_or_never: bool) -> Option<u64> {
-        if self.marks.is_empty() {
-            return None;
-        }
+        let marks = self.marks.as_mut()?;
         let now = Instant::now();
-        if !now_or_never && now < self.checked + CHECK_EVERY {
+        if !now_or_never && now < marks.checked + CHECK_EVERY {
             return None;
         }
-        self.checked = now;
-        let received = self.written.saturating_sub(self.io.unacknowledged()?);
-        let mut newest = None;
-        while let Some(&(end, seq)) = self.marks.front()
-            && end <= received
-        {
-            newest = Some(seq);
-            self.marks.pop_front();
+        marks.checked = now;
+        let newest = match self.io.unacknowledged() {
+            Some(unacknowledged) => {
+                let received = self.written.saturating_sub(unacknowledged);
+                let mut newest = None;
+                while let Some(&(end, seq)) = marks.pending.front()
+                    && end <= received
+                {
+                    newest = Some(seq);
+                    marks.pending.pop_front();
+                }
+                newest
+            }
+            None => {
+                // The socket would not say after all: as if it never could.
+                self.blind = true;
+                let newest = marks.pending.back().map(|&(_, seq)| seq);
+                marks.pending.clear();
+                newest
+            }
+        };
+        if marks.pending.is_empty() {
+            self.marks = None;
         }
         newest
     }
 
     /// When to ask the socket again, while marks wait for its peer.
     pub(crate) fn next_check(&self) -> Option<Instant> {
-        (!self.marks.is_empty()).then_some(self.checked + CHECK_EVERY)
+        self.marks.as_ref().map(|marks| marks.checked + CHECK_EVERY)
     }
 
     /// Whether a batch is being written.
@@ -220,6 +248,99 @@ mod tests {
         fn unacknowledged(&self) -> Option<u64> {
             None
         }
+    }
+
+    /// A socket that takes every byte and says what its peer has not acknowledged (`None`: it
+    /// cannot tell after all).
+    struct Socket(std::sync::Arc<std::sync::Mutex<Option<u64>>>);
+
+    impl AsyncWrite for Socket {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl Unacknowledged for Socket {
+        fn tells(&self) -> bool {
+            true
+        }
+
+        fn unacknowledged(&self) -> Option<u64> {
+            *self.0.lock().unwrap()
+        }
+    }
+
+    /// A transmit on a [`Socket`] whose unacknowledged bytes the test sets.
+    fn on_socket() -> (Transmit<Socket>, std::sync::Arc<std::sync::Mutex<Option<u64>>>) {
+        let unacknowledged = std::sync::Arc::new(std::sync::Mutex::new(Some(0)));
+        (Transmit::new(Socket(unacknowledged.clone())), unacknowledged)
+    }
+
+    async fn write(transmit: &mut Transmit<Socket>, bytes: usize) {
+        transmit.start(|batch| batch.push(Bytes::from(vec![b'x'; bytes])));
+        transmit.flush().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_mark_settles_once_the_peer_acknowledged_its_bytes_in_order() {
+        let (mut transmit, unacknowledged) = on_socket();
+        write(&mut transmit, 10).await;
+        assert_eq!(transmit.mark(1), None);
+        write(&mut transmit, 10).await;
+        assert_eq!(transmit.mark(2), None);
+        *unacknowledged.lock().unwrap() = Some(15);
+        assert_eq!(transmit.acknowledged(true), None, "5 of the first 10 bytes");
+        *unacknowledged.lock().unwrap() = Some(10);
+        assert_eq!(transmit.acknowledged(true), Some(1));
+        assert!(transmit.next_check().is_some(), "the second still waits");
+        *unacknowledged.lock().unwrap() = Some(0);
+        assert_eq!(transmit.acknowledged(true), Some(2));
+        assert_eq!((transmit.next_check(), transmit.acknowledged(true)), (None, None));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_socket_is_asked_a_check_interval_after_the_first_mark() {
+        let (mut transmit, _) = on_socket();
+        write(&mut transmit, 10).await;
+        assert_eq!(transmit.mark(1), None);
+        assert_eq!(transmit.acknowledged(false), None, "not asked at once");
+        assert_eq!(transmit.next_check(), Some(Instant::now() + CHECK_EVERY));
+        tokio::time::advance(CHECK_EVERY).await;
+        assert_eq!(transmit.acknowledged(false), Some(1));
+    }
+
+    #[tokio::test]
+    async fn past_the_most_marks_kept_the_newest_settles_later_never_earlier() {
+        let (mut transmit, unacknowledged) = on_socket();
+        for seq in 1..=MAX_MARKS as u64 + 6 {
+            write(&mut transmit, 1).await;
+            assert_eq!(transmit.mark(seq), None);
+        }
+        // Received up to the 64th mark's bytes: that mark was replaced by a later one.
+        *unacknowledged.lock().unwrap() = Some(6);
+        assert_eq!(transmit.acknowledged(true), Some(MAX_MARKS as u64 - 1));
+        *unacknowledged.lock().unwrap() = Some(0);
+        assert_eq!(transmit.acknowledged(true), Some(MAX_MARKS as u64 + 6));
+    }
+
+    #[tokio::test]
+    async fn a_socket_that_cannot_tell_after_all_counts_what_is_written() {
+        let (mut transmit, unacknowledged) = on_socket();
+        write(&mut transmit, 10).await;
+        assert_eq!(transmit.mark(1), None);
+        *unacknowledged.lock().unwrap() = None;
+        assert_eq!(transmit.acknowledged(true), Some(1));
+        write(&mut transmit, 10).await;
+        assert_eq!(transmit.mark(2), Some(2), "at once from then on");
+        assert_eq!(transmit.next_check(), None);
     }
 
     #[tokio::test]

@@ -33,7 +33,7 @@ impl WriteHalf {
 
 impl Unacknowledged for WriteHalf {
     fn tells(&self) -> bool {
-        self.socket.is_some()
+        cfg!(any(target_os = "linux", target_os = "android")) && self.socket.is_some()
     }
 
     /// The kernel's send queue: bytes written that the peer's TCP has not acknowledged.
@@ -44,7 +44,7 @@ impl Unacknowledged for WriteHalf {
 
 /// The bytes in `socket`'s send queue, not yet acknowledged by the peer (`SIOCOUTQ`, which is
 /// `TIOCOUTQ` for sockets; neither rustix, socket2 nor nix wraps it).
-#[cfg(target_os = "linux")]
+#[cfg(any(target_os = "linux", target_os = "android"))]
 #[allow(unsafe_code)]
 fn send_queue(socket: RawFd) -> Option<u64> {
     let mut queued: libc::c_int = 0;
@@ -53,7 +53,7 @@ fn send_queue(socket: RawFd) -> Option<u64> {
     (done == 0).then(|| u64::try_from(queued).unwrap_or(0))
 }
 
-#[cfg(not(target_os = "linux"))]
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
 fn send_queue(_socket: RawFd) -> Option<u64> {
     None
 }

@@ -229,7 +229,8 @@ fn asks_the_cluster(method: &Method, path: &str) -> bool {
 /// the inbox, the dead letters), by its exact shape: any other path still gets its 404 or 405. A
 /// publish is not one of them: it waits for NATS to come back within its timeout.
 fn reads_jetstream(method: &Method, path: &str) -> bool {
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let Some(path) = path.strip_prefix('/') else { return false };
+    let segments: Vec<&str> = path.split('/').collect();
     let named = |segment: &&str| !segment.is_empty();
     match (method.as_str(), segments.as_slice()) {
         ("GET", ["v1", "stream"] | ["v1", "dead-letters"]) => true,
@@ -403,6 +404,7 @@ mod tests {
             (&post, "/v1/dead-letters//purge"),
             (&get, "/v1/dead-lettersX"),
             (&get, "/v1/dead-letters/a/b/c"),
+            (&get, "//v1/stream"),
         ] {
             assert!(!reads_jetstream(method, path), "{method} {path}");
         }
