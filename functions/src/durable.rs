@@ -44,6 +44,9 @@ pub(crate) struct Durable {
     handler: Arc<dyn EventHandler>,
     policy: RetryPolicy,
     ack_wait: Duration,
+    /// Events this process ended without a delivery ([`crate::unreadable`]), until the consumer's
+    /// acknowledgement floor passes them.
+    ended: std::sync::Mutex<std::collections::BTreeSet<u64>>,
 }
 
 impl Durable {
@@ -63,6 +66,7 @@ impl Durable {
             handler,
             policy: config.retry_policy(),
             ack_wait: config.ack_wait.max(Duration::from_millis(100)),
+            ended: std::sync::Mutex::default(),
         }
     }
 
@@ -80,6 +84,22 @@ impl Durable {
 
     pub(crate) fn function(&self) -> &str {
         &self.function
+    }
+
+    /// Notes that stored event `seq` is being ended without a delivery; false when it was already.
+    pub(crate) fn first_to_end(&self, seq: u64) -> bool {
+        self.ended.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(seq)
+    }
+
+    /// Forgets that `seq` was being ended (ending it failed: the next sweep tries again).
+    pub(crate) fn forget_ended(&self, seq: u64) {
+        self.ended.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&seq);
+    }
+
+    /// Forgets the ended events below `floor`: the consumer is past them.
+    pub(crate) fn forget_ended_below(&self, floor: u64) {
+        let mut ended = self.ended.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *ended = ended.split_off(&floor);
     }
 
     /// The subjects the consumer takes.

@@ -44,7 +44,13 @@ async fn main() {
         runtime = start(&config) => runtime,
         _ = wait_for_signal() => return,
     };
-    wait_for_signal().await;
+    tokio::select! {
+        _ = wait_for_signal() => {}
+        _ = runtime.nats_client_lost() => {
+            tracing::error!("exiting: the NATS client stopped for good (restart this process)");
+            std::process::exit(1);
+        }
+    }
     tracing::info!("stopping: finishing calls in flight");
     tokio::select! {
         _ = runtime.shutdown() => {}

@@ -37,6 +37,8 @@ pub(crate) struct Metrics {
     pub(crate) dead_letters: Family<FunctionLabel, Counter>,
     /// Handler runs in progress.
     pub(crate) in_flight: Family<FunctionLabel, Gauge>,
+    /// The NATS client stopped for good (its connection task ended): `/healthz` fails.
+    pub(crate) nats_client_lost: std::sync::atomic::AtomicBool,
     registry: Registry,
 }
 
@@ -48,6 +50,7 @@ impl Metrics {
             retries: Family::default(),
             dead_letters: Family::default(),
             in_flight: Family::default(),
+            nats_client_lost: std::sync::atomic::AtomicBool::new(false),
             registry: Registry::default(),
         };
         let mut registry = Registry::with_prefix("herald_functions");
@@ -119,6 +122,11 @@ fn route(request: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>
         (&Method::GET, "/metrics") => {
             (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.render())
         }
+        (&Method::GET, "/healthz") if metrics.nats_client_lost.load(std::sync::atomic::Ordering::Relaxed) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "application/json",
+            r#"{"ok":false,"reason":"the NATS client stopped for good: restart this process"}"#.to_string(),
+        ),
         (&Method::GET, "/healthz") => (StatusCode::OK, "application/json", r#"{"ok":true}"#.to_string()),
         _ => (StatusCode::NOT_FOUND, "application/json", r#"{"error":"not_found"}"#.to_string()),
     };

@@ -10,7 +10,8 @@ use async_nats::jetstream;
 use async_nats::service::Service;
 use herald_shared::id::{IdError, check_function_name};
 use herald_shared::subject;
-use tracing::{info, warn};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::durable::{self, Durable};
@@ -57,7 +58,9 @@ pub struct Runtime {
     /// Every trigger loop and call in flight, and the signals that stop them.
     tasks: Tasks,
     /// The durable functions started, whose consumers are swept for [`unreadable`] events.
-    durables: Vec<Arc<Durable>>,
+    durables: Vec<(Arc<Durable>, Arc<Worker>)>,
+    /// Cancelled when the NATS client stopped for good.
+    client_lost: CancellationToken,
     metrics_addr: SocketAddr,
     grace: Duration,
 }
@@ -84,20 +87,32 @@ impl Runtime {
             service: None,
             tasks: Tasks::new(),
             durables: Vec::new(),
+            client_lost: CancellationToken::new(),
             metrics_addr,
             grace: config.shutdown_grace,
         };
         tokio::spawn(metrics::serve(listener, metrics.clone(), runtime.tasks.hard.clone()));
+        let lost = runtime.client_lost.clone();
+        let shutdown = runtime.tasks.shutdown.clone();
+        runtime.tasks.tracker.spawn(watch_client(client.clone(), metrics.clone(), lost, shutdown));
         runtime.service = Some(service::register(&client, config, &functions, metrics.clone()).await?);
+        let mut consumers = Vec::new();
         for function in functions {
             let worker = Arc::new(runtime.worker(&function, config, metrics.clone()));
-            runtime.start_one(function, worker, config, &js).await?;
+            consumers.extend(runtime.start_one(function, worker, config, &js).await?);
         }
         if !runtime.durables.is_empty() {
+            // Before the first pull: an event that cut the last copy off NATS may be due again.
+            if let Err(error) = unreadable::sweep_all(&runtime.durables, true).await {
+                warn!(%error, "cannot look for events the NATS client cannot take before consuming");
+            }
             let durables = runtime.durables.clone();
             let shutdown = runtime.tasks.shutdown.clone();
             let ack_wait = config.ack_wait.max(Duration::from_secs(1));
             runtime.tasks.tracker.spawn(unreadable::watch(client.clone(), durables, ack_wait, shutdown));
+        }
+        for (durable, consumer, worker) in consumers {
+            worker.clone().spawn(durable::serve(durable, consumer, worker));
         }
         info!(metrics = %metrics_addr, "functions running");
         Ok(runtime)
@@ -115,7 +130,7 @@ impl Runtime {
         worker: Arc<Worker>,
         config: &Config,
         js: &jetstream::Context,
-    ) -> Result<(), StartError> {
+    ) -> Result<Option<DurableStart>, StartError> {
         let nats = |e: async_nats::Error| StartError::Nats(format!("function {}: {e}", function.name));
         match function.trigger {
             Trigger::Rpc(handler) => {
@@ -137,11 +152,18 @@ impl Runtime {
             Trigger::Durable { subjects, handler } => {
                 let durable = Arc::new(Durable::new(js.clone(), config, &function.name, subjects, handler));
                 let consumer = durable.consumer().await.map_err(StartError::Nats)?;
-                self.durables.push(durable.clone());
-                worker.clone().spawn(durable::serve(durable, consumer, worker));
+                self.durables.push((durable.clone(), worker.clone()));
+                return Ok(Some((durable, consumer, worker)));
             }
         }
-        Ok(())
+        Ok(None)
+    }
+
+    /// Resolves when the NATS client stopped for good (its connection task ended, as when async-nats
+    /// panics on a message it cannot parse): the functions can do nothing more, and `/healthz` says
+    /// so. The binary exits then, for its supervisor to start it again.
+    pub async fn nats_client_lost(&self) {
+        self.client_lost.cancelled().await
     }
 
     /// Where `GET /metrics` is served.
@@ -196,6 +218,39 @@ impl Drop for Runtime {
     fn drop(&mut self) {
         self.tasks.hard.cancel();
         self.tasks.shutdown.cancel();
+    }
+}
+
+/// A durable function whose consumer exists, to be served once the runtime has started.
+type DurableStart = (Arc<Durable>, async_nats::jetstream::consumer::PullConsumer, Arc<Worker>);
+
+/// How often the NATS client is checked for being alive.
+const CLIENT_CHECK_EVERY: Duration = Duration::from_secs(2);
+
+/// Watches that the NATS client still runs until `shutdown`: when its connection task is gone, no
+/// command reaches it any more (a flush cannot even be sent), while a client that is only
+/// disconnected takes the flush and answers later.
+async fn watch_client(
+    client: async_nats::Client,
+    metrics: Arc<Metrics>,
+    lost: CancellationToken,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(CLIENT_CHECK_EVERY) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let flushed = tokio::time::timeout(CLIENT_CHECK_EVERY, client.flush()).await;
+        if let Ok(Err(error)) = flushed
+            && error.kind() == async_nats::client::FlushErrorKind::SendError
+            && !shutdown.is_cancelled()
+        {
+            error!(%error, "the NATS client stopped for good: the functions can do nothing more");
+            metrics.nats_client_lost.store(true, std::sync::atomic::Ordering::Relaxed);
+            lost.cancel();
+            return;
+        }
     }
 }
 

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::durable::Durable;
+use crate::worker::Worker;
 
 /// How often the connection count is looked at, and a failed sweep tried again.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -44,7 +45,7 @@ const MAX_LOOK: usize = 1024;
 /// while one has events delivered again, until `shutdown`; a sweep that failed is tried again.
 pub(crate) async fn watch(
     client: async_nats::Client,
-    durables: Vec<Arc<Durable>>,
+    durables: Vec<(Arc<Durable>, Arc<Worker>)>,
     ack_wait: Duration,
     shutdown: CancellationToken,
 ) {
@@ -63,7 +64,7 @@ pub(crate) async fn watch(
                 Err(error) => {
                     failures += 1;
                     if failures % FAILURES_TOLD == 0 {
-                        warn!(%error, "cannot look for events the NATS client cannot take (the functions' NATS user needs $JS.API.STREAM.MSG.GET on the events stream: nats.conf)");
+                        warn!(%error, "cannot look for events the NATS client cannot take (on a permissions violation: the functions' NATS user needs $JS.API.STREAM.MSG.GET on the events stream, see nats.conf)");
                     }
                 }
             }
@@ -75,18 +76,20 @@ pub(crate) async fn watch(
     }
 }
 
-async fn sweep_all(durables: &[Arc<Durable>], after_reconnect: bool) -> Result<(), String> {
-    for durable in durables {
+/// Sweeps every durable's consumer once (`after_reconnect`: whether or not events came again).
+pub(crate) async fn sweep_all(durables: &[(Arc<Durable>, Arc<Worker>)], after_reconnect: bool) -> Result<(), String> {
+    for (durable, worker) in durables {
         let mut js = durable.js().clone();
         js.set_timeout(REQUEST_TIMEOUT);
-        sweep(&js, durable, after_reconnect).await.map_err(|error| format!("{}: {error}", durable.durable_name()))?;
+        let swept = sweep(&js, durable, worker, after_reconnect).await;
+        swept.map_err(|error| format!("{}: {error}", durable.durable_name()))?;
     }
     Ok(())
 }
 
 /// Dead-letters and terminates the events `durable`'s consumer has pending that the client
 /// cannot take; after a reconnection always, otherwise only while some were delivered again.
-async fn sweep(js: &jetstream::Context, durable: &Durable, reconnected: bool) -> Result<(), String> {
+async fn sweep(js: &jetstream::Context, durable: &Durable, worker: &Worker, reconnected: bool) -> Result<(), String> {
     let stream = js.get_stream_no_info(durable.stream()).await.map_err(|e| e.to_string())?;
     let info = stream.consumer_info(durable.durable_name()).await.map_err(|e| e.to_string())?;
     if info.num_ack_pending == 0 || (!reconnected && info.num_redelivered == 0) {
@@ -102,12 +105,24 @@ async fn sweep(js: &jetstream::Context, durable: &Durable, reconnected: bool) ->
             }
             next = seq + 1;
             let Some(why) = event.headers.as_deref().and_then(untakeable_headers) else { continue };
+            if !durable.first_to_end(seq) {
+                // Ended already: it stays in the window until the events before it are settled.
+                continue;
+            }
             warn!(function = durable.function(), stream = durable.stream(), seq, subject = %event.subject, why, "an event the NATS client cannot take: dead-lettered");
             let error = format!("the NATS client cannot take it ({why}), so no handler saw it");
-            durable.dead_letter_unhandled(js, &event.subject, seq, &event.payload, &error).await?;
-            durable.terminate(seq, REQUEST_TIMEOUT).await?;
+            let ended = async {
+                durable.dead_letter_unhandled(js, &event.subject, seq, &event.payload, &error).await?;
+                worker.metrics().dead_letters.get_or_create(worker.label()).inc();
+                durable.terminate(seq, REQUEST_TIMEOUT).await
+            };
+            if let Err(error) = ended.await {
+                durable.forget_ended(seq);
+                return Err(error);
+            }
         }
     }
+    durable.forget_ended_below(first);
     Ok(())
 }
 
@@ -174,12 +189,19 @@ pub(crate) fn untakeable_headers(block: &[u8]) -> Option<&'static str> {
         if line.is_empty() {
             continue;
         }
-        let Some((name, _)) = line.split_once(':') else { return Some("a header line without ':'") };
+        let Some((name, value)) = line.split_once(':') else { return Some("a header line without ':'") };
         if async_nats::HeaderName::from_str(name).is_err() {
             return Some("a header name with characters NATS headers cannot have");
         }
-        // A value may go on over lines that start with whitespace.
-        while lines.next_if(|next| next.starts_with(char::is_whitespace)).is_some() {}
+        // A value may go on over lines that start with whitespace. A carriage return left in it
+        // (one not before a line feed) makes the client panic, its connection gone for good.
+        let mut carriage_return = value.contains('\r');
+        while let Some(more) = lines.next_if(|next| next.starts_with(char::is_whitespace)) {
+            carriage_return |= more.contains('\r');
+        }
+        if carriage_return {
+            return Some("a carriage return inside a header value");
+        }
     }
     None
 }
@@ -198,7 +220,7 @@ mod tests {
         for block in takeable {
             assert_eq!(untakeable_headers(block), None, "{block:?}");
         }
-        let untakeable: [(&[u8], &str); 7] = [
+        let untakeable: [(&[u8], &str); 9] = [
             (b"NATS/1.0\r\nX: caf\xe9\r\n\r\n", "headers that are not UTF-8"),
             (b"NATS/1.0\r\nno colon here\r\n\r\n", "a header line without ':'"),
             (b"HTTP/1.1\r\n\r\n", "a first header line that is not NATS/1.0"),
@@ -207,6 +229,8 @@ mod tests {
             (b"NATS/1.0\r\nA B: c\r\n\r\n", "a header name with characters NATS headers cannot have"),
             // Whitespace continues a value only after a header line.
             (b"NATS/1.0\r\n X: y\r\n\r\n", "a header name with characters NATS headers cannot have"),
+            (b"NATS/1.0\r\nX: a\rb\r\n\r\n", "a carriage return inside a header value"),
+            (b"NATS/1.0\r\nX: a\r\n  b\rc\r\n\r\n", "a carriage return inside a header value"),
         ];
         for (block, why) in untakeable {
             assert_eq!(untakeable_headers(block), Some(why), "{block:?}");

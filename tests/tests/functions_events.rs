@@ -323,3 +323,59 @@ async fn an_event_the_nats_client_cannot_take_is_dead_lettered_and_ended() {
     assert_eq!(dead_letters(&js, &config, "collect", 1).await.len(), 1);
     runtime.shutdown().await;
 }
+
+/// A carriage return alone in a header value makes the NATS client panic: its connection is gone
+/// for good, so the copy says so (`/healthz` answers 503; the binary exits, to be started again),
+/// and the next copy to start dead-letters the event before it pulls (it was ended for no one and
+/// would stop that copy too), then handles the events after it.
+#[tokio::test]
+async fn an_event_that_stops_the_nats_client_is_dead_lettered_by_the_next_copy() {
+    let nats = TestNats::start().await;
+    let config = test_config(&nats);
+    let seen = recorder();
+    let first = start(&nats, &config, vec![collecting("collect", seen.clone())]).await;
+    let js = nats.jetstream().await;
+    let poison = herald_tests::publish::publish_raw(&nats, "events.test.a", &[b"X-Trace: a\rb"], br#"{"n":1}"#).await;
+    tokio::time::timeout(WAIT, first.nats_client_lost()).await.expect("the first copy's NATS client stopped");
+    let health = reqwest::get(format!("http://{}/healthz", first.metrics_addr())).await.unwrap();
+    assert_eq!(health.status(), 503);
+    let last = publish_event(&js, "events.test.b", json!({ "n": 2 }).to_string()).await;
+
+    let second = start(&nats, &config, vec![collecting("collect", seen.clone())]).await;
+    let letters = dead_letters(&js, &config, "collect", 1).await;
+    let why = "the NATS client cannot take it (a carriage return inside a header value), so no handler saw it";
+    assert_eq!((letters[0].seq, letters[0].error.as_str(), letters[0].attempts), (poison, why, 0));
+    wait_settled(&js, &config.events_stream, "collect", last).await;
+    assert_eq!(*seen.lock().unwrap(), vec![2]);
+    assert_eq!(metric(&second, r#"herald_functions_dead_letters_total{function="collect"}"#).await, 1.0);
+    second.shutdown().await;
+    first.kill().await;
+}
+
+/// An event ended without a delivery stays in the sweeps' window while an event before it is still
+/// being retried; it is dead-lettered once, not again at every sweep (a purged letter came back).
+#[tokio::test]
+async fn an_event_ended_without_a_delivery_is_dead_lettered_once() {
+    let nats = TestNats::start().await;
+    let mut config = test_config(&nats);
+    // A sweep every second while the first event comes again, about once a second.
+    config.ack_wait = Duration::from_secs(1);
+    (config.retry_initial, config.retry_max, config.max_attempts) =
+        (Duration::from_secs(1), Duration::from_secs(1), 100);
+    let failing = Function::events("stubborn", ["events.test.>"], |_: Event| async {
+        Err::<(), _>(HandlerError::transient("not yet"))
+    });
+    let runtime = start(&nats, &config, vec![failing]).await;
+    let js = nats.jetstream().await;
+    publish_event(&js, "events.test.a", json!({ "n": 1 }).to_string()).await;
+    let poison = herald_tests::publish::publish_raw(&nats, "events.test.b", &[b"X-Custom: caf\xe9"], b"{}").await;
+    let letters = dead_letters(&js, &config, "stubborn", 1).await;
+    assert_eq!(letters[0].seq, poison);
+    // Several sweeps later (the first event retried four times more), still one letter.
+    let retries = r#"herald_functions_retries_total{function="stubborn"}"#;
+    let now = metric(&runtime, retries).await;
+    eventually("four more retries", WAIT, || async { (metric(&runtime, retries).await >= now + 4.0).then_some(()) })
+        .await;
+    assert_eq!(metric(&runtime, r#"herald_functions_dead_letters_total{function="stubborn"}"#).await, 1.0);
+    runtime.kill().await;
+}
