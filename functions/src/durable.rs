@@ -44,9 +44,27 @@ pub(crate) struct Durable {
     handler: Arc<dyn EventHandler>,
     policy: RetryPolicy,
     ack_wait: Duration,
-    /// Events this process ended without a delivery ([`crate::unreadable`]), until the consumer's
-    /// acknowledgement floor passes them.
-    ended: std::sync::Mutex<std::collections::BTreeSet<u64>>,
+    /// Events this process dead-lettered without a delivery ([`crate::unreadable`]), each with
+    /// whether its `+TERM` was taken, until the consumer's acknowledgement floor passes them.
+    ended: std::sync::Mutex<Ended>,
+}
+
+/// What [`Durable::ended`] holds: per consumer (its creation time), since a new one starts over.
+#[derive(Default)]
+struct Ended {
+    consumer_created: Option<time::OffsetDateTime>,
+    events: std::collections::BTreeMap<u64, bool>,
+}
+
+/// How far this process got in ending an event without a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ending {
+    /// Not begun: dead-letter it, then `+TERM` it.
+    New,
+    /// Dead-lettered; its `+TERM` is still to be taken.
+    Lettered,
+    /// Done: it waits in the consumer's window for the events before it.
+    Done,
 }
 
 impl Durable {
@@ -86,20 +104,33 @@ impl Durable {
         &self.function
     }
 
-    /// Notes that stored event `seq` is being ended without a delivery; false when it was already.
-    pub(crate) fn first_to_end(&self, seq: u64) -> bool {
-        self.ended.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(seq)
+    fn ended(&self) -> std::sync::MutexGuard<'_, Ended> {
+        self.ended.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Forgets that `seq` was being ended (ending it failed: the next sweep tries again).
-    pub(crate) fn forget_ended(&self, seq: u64) {
-        self.ended.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&seq);
+    /// How far ending stored event `seq` without a delivery got, for the consumer made at `created`
+    /// (a consumer made again starts over: what was ended for the old one is not for it).
+    pub(crate) fn ending(&self, seq: u64, created: time::OffsetDateTime) -> Ending {
+        let mut ended = self.ended();
+        if ended.consumer_created != Some(created) {
+            *ended = Ended { consumer_created: Some(created), events: Default::default() };
+        }
+        match ended.events.get(&seq) {
+            None => Ending::New,
+            Some(false) => Ending::Lettered,
+            Some(true) => Ending::Done,
+        }
+    }
+
+    /// Notes how far ending `seq` got.
+    pub(crate) fn ended_to(&self, seq: u64, terminated: bool) {
+        self.ended().events.insert(seq, terminated);
     }
 
     /// Forgets the ended events below `floor`: the consumer is past them.
     pub(crate) fn forget_ended_below(&self, floor: u64) {
-        let mut ended = self.ended.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        *ended = ended.split_off(&floor);
+        let mut ended = self.ended();
+        ended.events = ended.events.split_off(&floor);
     }
 
     /// The subjects the consumer takes.
@@ -121,7 +152,8 @@ impl Durable {
         }
     }
 
-    /// Dead-letters stored event `seq`, which no handler saw (its attempts are 0), over `js`.
+    /// Dead-letters stored event `seq`, which no handler saw (its attempts are 0), over `js`;
+    /// whether the letter was new (not one the dead-letter stream had within its duplicate window).
     pub(crate) async fn dead_letter_unhandled(
         &self,
         js: &jetstream::Context,
@@ -129,7 +161,7 @@ impl Durable {
         seq: u64,
         payload: &[u8],
         error: &str,
-    ) -> Result<(), String> {
+    ) -> Result<bool, String> {
         let event = Event {
             function: self.function.clone(),
             subject: subject.to_string(),
@@ -352,7 +384,7 @@ async fn settle(
         Decision::DeadLetter => {
             let error = error.map(|e| e.message().to_string()).unwrap_or_default();
             match publish_dead_letter(&durable.js, durable, event, &error).await {
-                Ok(()) => {
+                Ok(_) => {
                     metrics.dead_letters.get_or_create(worker.label()).inc();
                     warn!(function = worker.name(), msg_id = %event.id, %error, "event dead-lettered");
                     message.ack_with(AckKind::Term).await
@@ -377,7 +409,7 @@ async fn publish_dead_letter(
     durable: &Durable,
     event: &Event,
     error: &str,
-) -> Result<(), String> {
+) -> Result<bool, String> {
     let mut letter = dead_letter_of(durable, event, error);
     let mut body = serde_json::to_vec(&letter).map_err(|e| e.to_string())?;
     // The payload is there twice (`data` to read, `payload` to re-drive): a large event's letter
@@ -393,8 +425,8 @@ async fn publish_dead_letter(
         .await
         .map_err(|e| e.to_string())?
         .await
-        .map_err(|e| e.to_string())?;
-    Ok(())
+        .map_err(|e| e.to_string())
+        .map(|ack| !ack.duplicate)
 }
 
 /// Room for a dead letter's headers in what NATS takes of a message.

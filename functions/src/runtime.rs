@@ -109,7 +109,8 @@ impl Runtime {
             let durables = runtime.durables.clone();
             let shutdown = runtime.tasks.shutdown.clone();
             let ack_wait = config.ack_wait.max(Duration::from_secs(1));
-            runtime.tasks.tracker.spawn(unreadable::watch(client.clone(), durables, ack_wait, shutdown));
+            let lost = runtime.client_lost.clone();
+            runtime.tasks.tracker.spawn(unreadable::watch(client.clone(), durables, ack_wait, shutdown, lost));
         }
         for (durable, consumer, worker) in consumers {
             worker.clone().spawn(durable::serve(durable, consumer, worker));
@@ -246,7 +247,7 @@ async fn watch_client(
             && error.kind() == async_nats::client::FlushErrorKind::SendError
             && !shutdown.is_cancelled()
         {
-            error!(%error, "the NATS client stopped for good: the functions can do nothing more");
+            error!(%error, "the NATS client stopped for good (it panicked, was drained, or ran out of reconnects): the functions can do nothing more");
             metrics.nats_client_lost.store(true, std::sync::atomic::Ordering::Relaxed);
             lost.cancel();
             return;

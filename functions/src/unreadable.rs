@@ -1,17 +1,17 @@
 //! Events the NATS client cannot take. NATS stores whatever header bytes a publisher sends, and
 //! async-nats refuses some of them: a block that is not UTF-8, a line without `:`, a name with a
-//! space, a first line that is not `NATS/1.0` make it drop its whole connection; a first line with a
-//! status (`NATS/1.0 503`) makes the pull consumer take the event for a server's notice and drop it.
-//! Either way no handler sees the event, the durable consumer delivers it again after every
-//! `ack_wait`, for ever, and in the first case every function of the copy loses its connection each
-//! time (rpc calls in flight, lifecycle events).
+//! space, a first line that is not `NATS/1.0` make it drop its whole connection; a carriage return
+//! left inside a trimmed value makes it panic (the connection is gone for good: see
+//! `Runtime::nats_client_lost`); a first line with a status other than 200 makes the pull consumer
+//! take the event for a server's notice and drop it. Either way no handler sees the event, and the
+//! durable consumer delivers it again after every `ack_wait`, for ever.
 //!
-//! After every (re)connection, and every `ack_wait` while a consumer has events delivered more than
-//! once, each durable consumer's pending events on its own subjects are read with the stream's JSON
-//! API (which returns headers as base64, unparsed); one the client cannot take is dead-lettered for
-//! that function and terminated for its consumer alone (`+TERM` on the event's acknowledgement
-//! subject): the stream keeps it for other consumers. Its letter keeps the payload, so it can be
-//! re-driven (without the headers).
+//! Before a copy's first pull, after every (re)connection, and every `ack_wait` while a consumer has
+//! events delivered more than once, each durable consumer's pending events on its own subjects are
+//! read with the stream's JSON API (which returns headers as base64, unparsed); one the client
+//! cannot take is dead-lettered for that function and terminated for its consumer alone (`+TERM` on
+//! the event's acknowledgement subject): the stream keeps it for other consumers. Its letter keeps
+//! the payload, so it can be re-driven (without the headers).
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::durable::Durable;
+use crate::durable::{Durable, Ending};
 use crate::worker::Worker;
 
 /// How often the connection count is looked at, and a failed sweep tried again.
@@ -48,6 +48,7 @@ pub(crate) async fn watch(
     durables: Vec<(Arc<Durable>, Arc<Worker>)>,
     ack_wait: Duration,
     shutdown: CancellationToken,
+    client_lost: CancellationToken,
 ) {
     let statistics = client.statistics();
     let (mut seen_connects, mut swept_at, mut failures) = (0, Instant::now(), 0);
@@ -72,19 +73,23 @@ pub(crate) async fn watch(
         tokio::select! {
             _ = tokio::time::sleep(CHECK_EVERY) => {}
             _ = shutdown.cancelled() => return,
+            _ = client_lost.cancelled() => return,
         }
     }
 }
 
 /// Sweeps every durable's consumer once (`after_reconnect`: whether or not events came again).
 pub(crate) async fn sweep_all(durables: &[(Arc<Durable>, Arc<Worker>)], after_reconnect: bool) -> Result<(), String> {
+    let mut first_error = None;
     for (durable, worker) in durables {
         let mut js = durable.js().clone();
         js.set_timeout(REQUEST_TIMEOUT);
-        let swept = sweep(&js, durable, worker, after_reconnect).await;
-        swept.map_err(|error| format!("{}: {error}", durable.durable_name()))?;
+        // One consumer that cannot be swept keeps no other from it.
+        if let Err(error) = sweep(&js, durable, worker, after_reconnect).await {
+            first_error.get_or_insert_with(|| format!("{}: {error}", durable.durable_name()));
+        }
     }
-    Ok(())
+    first_error.map_or(Ok(()), Err)
 }
 
 /// Dead-letters and terminates the events `durable`'s consumer has pending that the client
@@ -92,10 +97,12 @@ pub(crate) async fn sweep_all(durables: &[(Arc<Durable>, Arc<Worker>)], after_re
 async fn sweep(js: &jetstream::Context, durable: &Durable, worker: &Worker, reconnected: bool) -> Result<(), String> {
     let stream = js.get_stream_no_info(durable.stream()).await.map_err(|e| e.to_string())?;
     let info = stream.consumer_info(durable.durable_name()).await.map_err(|e| e.to_string())?;
+    let (first, last) = (info.ack_floor.stream_sequence + 1, info.delivered.stream_sequence);
+    durable.forget_ended_below(first);
     if info.num_ack_pending == 0 || (!reconnected && info.num_redelivered == 0) {
         return Ok(());
     }
-    let (first, last) = (info.ack_floor.stream_sequence + 1, info.delivered.stream_sequence);
+    let mut first_error = None;
     for filter in durable.subjects() {
         let mut next = first;
         for _ in 0..MAX_LOOK {
@@ -105,24 +112,40 @@ async fn sweep(js: &jetstream::Context, durable: &Durable, worker: &Worker, reco
             }
             next = seq + 1;
             let Some(why) = event.headers.as_deref().and_then(untakeable_headers) else { continue };
-            if !durable.first_to_end(seq) {
-                // Ended already: it stays in the window until the events before it are settled.
-                continue;
-            }
-            warn!(function = durable.function(), stream = durable.stream(), seq, subject = %event.subject, why, "an event the NATS client cannot take: dead-lettered");
-            let error = format!("the NATS client cannot take it ({why}), so no handler saw it");
-            let ended = async {
-                durable.dead_letter_unhandled(js, &event.subject, seq, &event.payload, &error).await?;
-                worker.metrics().dead_letters.get_or_create(worker.label()).inc();
-                durable.terminate(seq, REQUEST_TIMEOUT).await
-            };
-            if let Err(error) = ended.await {
-                durable.forget_ended(seq);
-                return Err(error);
+            if let Err(error) = end(js, durable, worker, seq, &event, why, info.created).await {
+                first_error.get_or_insert(error);
             }
         }
     }
-    durable.forget_ended_below(first);
+    first_error.map_or(Ok(()), Err)
+}
+
+/// Dead-letters event `seq` (unless this process did already) and `+TERM`s it for the consumer made
+/// at `created`.
+async fn end(
+    js: &jetstream::Context,
+    durable: &Durable,
+    worker: &Worker,
+    seq: u64,
+    event: &StoredEvent,
+    why: &str,
+    created: time::OffsetDateTime,
+) -> Result<(), String> {
+    match durable.ending(seq, created) {
+        // It waits in the window until the events before it are settled.
+        Ending::Done => return Ok(()),
+        Ending::Lettered => {}
+        Ending::New => {
+            let error = format!("the NATS client cannot take it ({why}), so no handler saw it");
+            if durable.dead_letter_unhandled(js, &event.subject, seq, &event.payload, &error).await? {
+                warn!(function = durable.function(), stream = durable.stream(), seq, subject = %event.subject, why, "an event the NATS client cannot take: dead-lettered");
+                worker.metrics().dead_letters.get_or_create(worker.label()).inc();
+            }
+            durable.ended_to(seq, false);
+        }
+    }
+    durable.terminate(seq, REQUEST_TIMEOUT).await?;
+    durable.ended_to(seq, true);
     Ok(())
 }
 
@@ -180,10 +203,12 @@ pub(crate) fn untakeable_headers(block: &[u8]) -> Option<&'static str> {
     let status = status.trim();
     let code = status.split_once(' ').map_or(status, |(code, _)| code.trim());
     if !code.is_empty() {
-        return match async_nats::status::StatusCode::from_str(code) {
-            Ok(_) => Some("a status on the first header line, taken for the server's notice"),
-            Err(_) => Some("a first header line with a status that is not a number"),
-        };
+        match async_nats::status::StatusCode::from_str(code) {
+            // Handed over as a message without a status.
+            Ok(async_nats::status::StatusCode::OK) => {}
+            Ok(_) => return Some("a status on the first header line, taken for the server's notice"),
+            Err(_) => return Some("a first header line with a status that is not a number"),
+        }
     }
     while let Some(line) = lines.next() {
         if line.is_empty() {
@@ -193,13 +218,14 @@ pub(crate) fn untakeable_headers(block: &[u8]) -> Option<&'static str> {
         if async_nats::HeaderName::from_str(name).is_err() {
             return Some("a header name with characters NATS headers cannot have");
         }
-        // A value may go on over lines that start with whitespace. A carriage return left in it
-        // (one not before a line feed) makes the client panic, its connection gone for good.
-        let mut carriage_return = value.contains('\r');
+        // A value may go on over lines that start with whitespace; it is trimmed at both ends. A
+        // carriage return left inside it (not before a line feed) makes the client panic, its
+        // connection gone for good.
+        let mut joined = value.trim_start().to_owned();
         while let Some(more) = lines.next_if(|next| next.starts_with(char::is_whitespace)) {
-            carriage_return |= more.contains('\r');
+            joined.push_str(more);
         }
-        if carriage_return {
+        if joined.trim_end().contains('\r') {
             return Some("a carriage return inside a header value");
         }
     }
@@ -212,15 +238,21 @@ mod tests {
 
     #[test]
     fn headers_async_nats_does_not_hand_over_are_named() {
-        let takeable: [&[u8]; 3] = [
+        let takeable: [&[u8]; 8] = [
             b"NATS/1.0\r\nNats-Msg-Id: a\r\nX: caf\xc3\xa9\r\n\r\n",
             b"NATS/1.0\r\nX: a\r\n  continued\r\n\r\n",
             b"NATS/1.0\r\n\r\n",
+            b"NATS/1.0 200\r\nX: a\r\n\r\n",
+            // Carriage returns the value's trimming takes away.
+            b"NATS/1.0\r\nX: abc\r\r\n\r\n",
+            b"NATS/1.0\r\nX:\r\r\n\r\n",
+            b"NATS/1.0\r\nX: \rabc\r\n\r\n",
+            b"NATS/1.0\r\nX: a\r\n \r\r\n\r\n",
         ];
         for block in takeable {
             assert_eq!(untakeable_headers(block), None, "{block:?}");
         }
-        let untakeable: [(&[u8], &str); 9] = [
+        let untakeable: [(&[u8], &str); 10] = [
             (b"NATS/1.0\r\nX: caf\xe9\r\n\r\n", "headers that are not UTF-8"),
             (b"NATS/1.0\r\nno colon here\r\n\r\n", "a header line without ':'"),
             (b"HTTP/1.1\r\n\r\n", "a first header line that is not NATS/1.0"),
@@ -231,6 +263,7 @@ mod tests {
             (b"NATS/1.0\r\n X: y\r\n\r\n", "a header name with characters NATS headers cannot have"),
             (b"NATS/1.0\r\nX: a\rb\r\n\r\n", "a carriage return inside a header value"),
             (b"NATS/1.0\r\nX: a\r\n  b\rc\r\n\r\n", "a carriage return inside a header value"),
+            (b"NATS/1.0\r\nX: a\r\n\rb\r\n\r\n", "a carriage return inside a header value"),
         ];
         for (block, why) in untakeable {
             assert_eq!(untakeable_headers(block), Some(why), "{block:?}");

@@ -340,14 +340,20 @@ async fn an_event_that_stops_the_nats_client_is_dead_lettered_by_the_next_copy()
     let health = reqwest::get(format!("http://{}/healthz", first.metrics_addr())).await.unwrap();
     assert_eq!(health.status(), 503);
     let last = publish_event(&js, "events.test.b", json!({ "n": 2 }).to_string()).await;
+    // Due again at once (as after `ack_wait`), handed back as the dead copy never could.
+    let ack = format!("$JS.ACK.{}.herald-fn-collect.1.{poison}.1.0.0", config.events_stream);
+    nats.client().await.request(ack, "-NAK".into()).await.expect("the hand-back taken");
 
     let second = start(&nats, &config, vec![collecting("collect", seen.clone())]).await;
     let letters = dead_letters(&js, &config, "collect", 1).await;
     let why = "the NATS client cannot take it (a carriage return inside a header value), so no handler saw it";
+    assert_eq!(letters.len(), 1);
     assert_eq!((letters[0].seq, letters[0].error.as_str(), letters[0].attempts), (poison, why, 0));
     wait_settled(&js, &config.events_stream, "collect", last).await;
     assert_eq!(*seen.lock().unwrap(), vec![2]);
     assert_eq!(metric(&second, r#"herald_functions_dead_letters_total{function="collect"}"#).await, 1.0);
+    let health = reqwest::get(format!("http://{}/healthz", second.metrics_addr())).await.unwrap();
+    assert_eq!(health.status(), 200, "the next copy never pulled the event");
     second.shutdown().await;
     first.kill().await;
 }
