@@ -166,6 +166,74 @@ async fn a_stream_whose_request_head_comes_in_parts_still_has_the_connection_to_
     client.read_until(&format!("id: {seq}\nevent: message\ndata: {{\"n\":1}}\n\n")).await;
 }
 
+/// A stream on a kept-alive connection counts in its device's cursor what the client's TCP
+/// acknowledged, not what went into the HTTP layer: a client that stops reading is given up on
+/// (a slow consumer) and then leaves, and what was still in the gateway's pipe, its HTTP buffer or
+/// its socket's send queue comes on the device's next stream, opened without `Last-Event-ID` (a
+/// page loaded again). None of it came when the cursor counted what was written.
+#[tokio::test]
+async fn a_stream_on_a_reused_connection_counts_in_its_cursor_what_reached_the_client() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start_with(&nats, |c| c.write_stall_timeout = Duration::from_secs(1)).await;
+    let publisher = Publisher::new(&nats).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let mut first = HandClient::kept_alive_on(socket.connect(gateway.addr).await.unwrap()).await;
+    let query = format!("token={}&device=tab", token("vera"));
+    first.stream(&query).await;
+    // A first message reaches the client and its cursor (so that the next stream resumes from
+    // the cursor); then the client reads nothing more, from the end of that message's chunk.
+    let cursors = nats.jetstream().await.get_key_value("herald-cursors").await.expect("the cursors bucket");
+    let seq = publisher.publish("push.user.vera", "first").await;
+    first.read_until(&format!("id: {seq}\n")).await;
+    first.read_until("\n\n\r\n").await;
+    herald_tests::eventually("the first cursor", Duration::from_secs(30), || async {
+        let written = cursors.get("vera.tab").await.ok().flatten()?;
+        (String::from_utf8_lossy(&written) == seq.to_string()).then_some(())
+    })
+    .await;
+    // Fewer than the stream keeps per subject (1000), which could otherwise trim what is missed.
+    let body = "x".repeat(40_000);
+    let sent = gateway.publish_until_slow_consumer_close(&publisher, "push.user.vera", &body, 400).await;
+    // What reached the client is in its socket's buffer, untouched since the stream stalled; it
+    // leaves without reading it (the connection is reset).
+    let got = first.received_ids().await;
+    assert!(got.len() < sent.len(), "the client's buffers took every message: nothing tested");
+    drop(first);
+    gateway.wait_metric("herald_gateway_connections", 0.0).await;
+
+    let mut again = open(&gateway, &query, &[]).await;
+    let mut received: std::collections::BTreeSet<u64> = got.into_iter().collect();
+    while !received.contains(sent.last().unwrap()) {
+        let event = again.next_event().await;
+        if let Some(id) = event.id {
+            received.insert(id.parse().unwrap());
+        }
+    }
+    let missed: Vec<u64> = sent.into_iter().filter(|seq| !received.contains(seq)).collect();
+    assert_eq!(missed, Vec::<u64>::new(), "never delivered");
+}
+
+/// The cursor of a stream on a kept-alive connection reaches KV while the stream lasts, once the
+/// client's TCP acknowledged what it was sent.
+#[tokio::test]
+async fn a_quiet_stream_on_a_reused_connection_writes_its_cursor_while_it_lasts() {
+    let nats = TestNats::start().await;
+    let publisher = Publisher::new(&nats).await;
+    let gateway = TestGateway::start_with(&nats, |c| c.heartbeat = Duration::from_secs(300)).await;
+    let mut client = HandClient::kept_alive(&gateway).await;
+    client.stream(&format!("token={}&device=tab", token("wim"))).await;
+    client.read_until("event: welcome").await;
+    let seq = publisher.publish("push.user.wim", "hello").await;
+    client.read_until(&format!("id: {seq}\n")).await;
+    let cursors = nats.jetstream().await.get_key_value("herald-cursors").await.expect("the cursors bucket");
+    herald_tests::eventually("the cursor written", Duration::from_secs(30), || async {
+        let written = cursors.get("wim.tab").await.ok().flatten()?;
+        (String::from_utf8_lossy(&written) == seq.to_string()).then_some(())
+    })
+    .await;
+}
+
 /// A client that writes its requests by hand.
 struct HandClient {
     socket: tokio::net::TcpStream,
@@ -182,7 +250,13 @@ impl HandClient {
     /// Connects and has `/healthz` answered on the connection before asking it for a stream, as
     /// a browser may when it reuses a kept-alive connection.
     async fn kept_alive(gateway: &TestGateway) -> HandClient {
-        let mut client = HandClient::connect(gateway).await;
+        HandClient::kept_alive_on(tokio::net::TcpStream::connect(gateway.addr).await.unwrap()).await
+    }
+
+    /// [`HandClient::kept_alive`] on a socket already connected.
+    async fn kept_alive_on(socket: tokio::net::TcpStream) -> HandClient {
+        socket.set_nodelay(true).unwrap();
+        let mut client = HandClient { socket, read: String::new() };
         client.send("GET /healthz HTTP/1.1\r\nhost: gateway\r\n\r\n").await;
         let head = client.read_until("\r\n\r\n").await;
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
@@ -203,6 +277,30 @@ impl HandClient {
         let head = self.read_until("\r\n\r\n").await;
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
         head
+    }
+
+    /// The ids of the whole events of a chunked stream, read so far or waiting in the socket's
+    /// buffer, which is left as it is (peeked).
+    async fn received_ids(&self) -> Vec<u64> {
+        let mut buffer = vec![0; 4 << 20];
+        let peeked = self.socket.peek(&mut buffer).await.unwrap();
+        let mut raw = self.read.as_bytes().to_vec();
+        raw.extend_from_slice(&buffer[..peeked]);
+        // The chunks' framing: a hexadecimal size line, the chunk, a line end.
+        let mut body = Vec::new();
+        let mut rest = &raw[..];
+        while let Some(end) = rest.windows(2).position(|two| two == b"\r\n") {
+            let size = usize::from_str_radix(std::str::from_utf8(&rest[..end]).unwrap(), 16).unwrap();
+            let chunk = &rest[end + 2..];
+            body.extend_from_slice(&chunk[..size.min(chunk.len())]);
+            if chunk.len() < size + 2 {
+                break;
+            }
+            rest = &chunk[size + 2..];
+        }
+        let body = String::from_utf8_lossy(&body);
+        let whole = &body[..body.rfind("\n\n").map_or(0, |end| end + 2)];
+        whole.lines().filter_map(|line| line.strip_prefix("id: ")).map(|id| id.parse().unwrap()).collect()
     }
 
     /// Reads `count` bytes (a body).

@@ -11,6 +11,8 @@ use bytes::{Bytes, BytesMut};
 use hyper::body::Frame;
 use tokio::io::AsyncWrite;
 
+use super::tap::{Flushes, Tap};
+
 /// A pipe holding at most `limit` bytes that the body has not taken: its writing end and its
 /// body end.
 pub(crate) fn body_pipe(limit: usize) -> (PipeWriter, PipeBody) {
@@ -35,12 +37,40 @@ struct State {
     body_waker: Option<Waker>,
     /// The writer, waiting for room.
     writer_waker: Option<Waker>,
+    /// Bytes the body took.
+    taken: u64,
+    /// The last flush of the connection the body is written on, if it is tapped.
+    flushed: Option<Flushed>,
+}
+
+/// A flush of the connection a body is written on: its first `body_bytes` bytes were then in the
+/// socket, within its first `socket_bytes` bytes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Flushed {
+    pub(crate) body_bytes: u64,
+    pub(crate) socket_bytes: u64,
 }
 
 impl Pipe {
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every update leaves the state whole; a panic elsewhere cannot leave it half-done.
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Flushes for Pipe {
+    fn flushed(&self, socket_bytes: u64) {
+        let mut state = self.lock();
+        state.flushed = Some(Flushed { body_bytes: state.taken, socket_bytes });
+    }
+}
+
+/// The flushes of the connection a pipe's body is written on.
+pub(crate) struct PipeFlushes(Arc<Pipe>);
+
+impl PipeFlushes {
+    pub(crate) fn last(&self) -> Option<Flushed> {
+        self.0.lock().flushed
     }
 }
 
@@ -57,6 +87,13 @@ pub(crate) struct PipeWriter {
 }
 
 impl PipeWriter {
+    /// The flushes of the connection `tap` watches, on which the body is written.
+    pub(crate) fn flushes_on(&self, tap: &Tap) -> PipeFlushes {
+        let pipe: Arc<dyn Flushes> = self.pipe.clone();
+        tap.watch(Arc::downgrade(&pipe));
+        PipeFlushes(self.pipe.clone())
+    }
+
     fn close(&self) {
         let waker = {
             let mut state = self.pipe.lock();
@@ -140,6 +177,7 @@ impl hyper::body::Body for PipeBody {
         }
         // Taken whole, so that an idle stream keeps no buffer.
         let chunk = std::mem::take(&mut state.written).freeze();
+        state.taken += chunk.len() as u64;
         let waker = state.writer_waker.take();
         drop(state);
         wake(waker);

@@ -22,3 +22,4 @@ pub(crate) mod socketio;
 pub(crate) mod sockjs;
 pub(crate) mod sse;
 pub(crate) mod stomp;
+pub(crate) mod tap;

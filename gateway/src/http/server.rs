@@ -24,6 +24,7 @@ use crate::http::auth::{self, Rejection};
 use crate::http::cors;
 use crate::http::handshake;
 use crate::http::limits::{self, LimitExceeded};
+use crate::http::tap::{Tap, TappedStream};
 use crate::session::Connection;
 
 pub(crate) type HttpResponse = Response<Full<Bytes>>;
@@ -71,7 +72,8 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             let builder = http1_builder(&shared.config);
             // Its own token: polled at each wake-up of the connection, it locks nothing shared.
             let stop = shared.shutdown.child_token();
-            let service = service_fn(move |request| Box::pin(route(shared.clone(), request, peer)));
+            let (stream, tap) = TappedStream::new(stream);
+            let service = service_fn(move |request| Box::pin(route(shared.clone(), request, peer, tap.clone())));
             let connection = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
             tokio::pin!(connection);
             let ended = tokio::select! {
@@ -108,10 +110,11 @@ async fn route(
     shared: Arc<Shared>,
     request: Request<Incoming>,
     peer: SocketAddr,
+    tap: Arc<Tap>,
 ) -> Result<Response<Body>, Infallible> {
     if (request.method(), request.uri().path()) == (&Method::GET, "/sse") {
         let allowing = cors::allowing(&shared, &request);
-        return Ok(cors::allowed(super::sse::stream(shared, request, peer).await, allowing));
+        return Ok(cors::allowed(super::sse::stream(shared, request, peer, tap).await, allowing));
     }
     if let Some(rest) = request.uri().path().strip_prefix("/stomp/") {
         let rest = rest.to_string();

@@ -27,6 +27,7 @@ use super::auth::{self, Rejection};
 use super::body_pipe::body_pipe;
 use super::cors;
 use super::server::{Body, HttpResponse, admit, refuse, refused_origin};
+use super::tap::Tap;
 use crate::Shared;
 use crate::close::{Close, CloseCode};
 use crate::cluster::policy::PolicyError;
@@ -39,17 +40,27 @@ use crate::websocket::reader::MessageReader;
 const PIPE_BYTES: usize = 64 * 1024;
 
 /// Opens an event stream for the request, or refuses it.
-pub(crate) async fn stream(shared: Arc<Shared>, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
-    match open(shared.clone(), &request, peer).await {
+pub(crate) async fn stream(
+    shared: Arc<Shared>,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+    tap: Arc<Tap>,
+) -> Response<Body> {
+    match open(shared.clone(), &request, peer, tap).await {
         Ok(response) => response,
         Err(refused) => refuse(&shared, &request, peer, &refused).map(Either::Left),
     }
 }
 
-async fn open(shared: Arc<Shared>, request: &Request<Incoming>, peer: SocketAddr) -> Result<Response<Body>, Rejection> {
+async fn open(
+    shared: Arc<Shared>,
+    request: &Request<Incoming>,
+    peer: SocketAddr,
+    tap: Arc<Tap>,
+) -> Result<Response<Body>, Rejection> {
     let Some(admitted) = admit_stream(&shared, request, peer).await? else { return Ok(not_ready(&shared)) };
     let (session_end, body_end) = body_pipe(PIPE_BYTES);
-    let connection = sse_connection(&shared, Box::pin(Silent), WriteHalf::new(session_end));
+    let connection = sse_connection(&shared, Box::pin(Silent), WriteHalf::response(session_end, tap));
     Starting { admitted, connection, head: Vec::new() }.spawn(shared);
     let mut response = Response::new(Either::Right(body_end.boxed_unsync()));
     *response.headers_mut() = stream_headers();

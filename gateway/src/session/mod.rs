@@ -38,7 +38,6 @@ use herald_shared::token::since_epoch;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -52,6 +51,7 @@ use crate::delivery::mailbox::Mailbox;
 use crate::http::auth::ConnectRequest;
 use crate::http::metrics::CloseLabels;
 use crate::http::ratelimit::TokenBucket;
+use crate::http::tap::TappedStream;
 use crate::websocket::reader::{Inbound, MessageReader};
 use deadlines::{Deadlines, Due};
 use state::{Outcome, SessionState, Tally};
@@ -63,7 +63,7 @@ const CLOSE_GRACE: Duration = Duration::from_secs(3);
 const BATCH_BYTES: usize = 256 * 1024;
 
 pub(crate) type ReadHalf = Pin<Box<dyn AsyncRead + Send>>;
-pub(crate) use write_half::WriteHalf;
+pub(crate) use write_half::{WriteHalf, send_queue};
 
 /// A connected client: what the session's I/O needs to know.
 pub(crate) struct Session {
@@ -546,9 +546,9 @@ fn join_audiences(session: &Session) -> Vec<Audience> {
 
 /// Splits the upgraded connection; a plain TCP stream splits without a lock between the halves.
 pub(crate) fn split(upgraded: Upgraded) -> (ReadHalf, WriteHalf) {
-    match upgraded.downcast::<TokioIo<TcpStream>>() {
+    match upgraded.downcast::<TokioIo<TappedStream>>() {
         Ok(parts) => {
-            let (read, write) = parts.io.into_inner().into_split();
+            let (read, write) = parts.io.into_inner().into_inner().into_split();
             // Bytes the HTTP layer read past the handshake belong to the WebSocket stream. They are
             // copied out: keeping them would keep the HTTP layer's whole 8 KiB read buffer alive.
             let buffered = Bytes::copy_from_slice(&parts.read_buf);

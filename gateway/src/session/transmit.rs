@@ -27,10 +27,11 @@ const MAX_MARKS: usize = 64;
 
 /// A writer that may tell how many of the bytes written its peer has not acknowledged yet.
 pub(crate) trait Unacknowledged {
-    /// Whether [`Unacknowledged::unacknowledged`] can answer at all.
+    /// Whether [`Unacknowledged::received`] can answer at all.
     fn tells(&self) -> bool;
-    /// The bytes written that the peer has not acknowledged, if it can tell.
-    fn unacknowledged(&self) -> Option<u64>;
+    /// Of the first `written` bytes written, how many the peer is known to have received, if it
+    /// can tell.
+    fn received(&mut self, written: u64) -> Option<u64>;
 }
 
 pub(crate) struct Transmit<W> {
@@ -110,9 +111,8 @@ impl<W: AsyncWrite + Unpin + Unacknowledged> Transmit<W> {
             return None;
         }
         marks.checked = now;
-        let newest = match self.io.unacknowledged() {
-            Some(unacknowledged) => {
-                let received = self.written.saturating_sub(unacknowledged);
+        let newest = match self.io.received(self.written) {
+            Some(received) => {
                 let mut newest = None;
                 while let Some(&(end, seq)) = marks.pending.front()
                     && end <= received
@@ -245,7 +245,7 @@ mod tests {
             false
         }
 
-        fn unacknowledged(&self) -> Option<u64> {
+        fn received(&mut self, _: u64) -> Option<u64> {
             None
         }
     }
@@ -273,8 +273,8 @@ mod tests {
             true
         }
 
-        fn unacknowledged(&self) -> Option<u64> {
-            *self.0.lock().unwrap()
+        fn received(&mut self, written: u64) -> Option<u64> {
+            self.0.lock().unwrap().map(|unacknowledged| written - unacknowledged)
         }
     }
 
