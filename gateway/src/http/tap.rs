@@ -135,3 +135,56 @@ impl AsyncWrite for TappedStream {
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::http::body_pipe::{Flushed, body_pipe};
+
+    async fn connected() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, (server, _)) = tokio::try_join!(client, listener.accept()).unwrap();
+        (server, client)
+    }
+
+    #[tokio::test]
+    async fn a_flush_tells_the_body_what_of_it_is_in_the_socket_and_the_socket_what_its_peer_has() {
+        let (server, mut client) = connected().await;
+        let (mut stream, tap) = TappedStream::new(server);
+        let (mut writer, mut body) = body_pipe(1024);
+        let flushes = writer.flushes_on(&tap);
+        stream.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+        writer.write_all(b"data: 1\n\n").await.unwrap();
+        let chunk = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(flushes.last(), None, "taken, not flushed");
+        stream.write_all(&chunk).await.unwrap();
+        stream.flush().await.unwrap();
+        assert_eq!(flushes.last(), Some(Flushed { body_bytes: 9, socket_bytes: 28 }));
+
+        let mut read = [0; 28];
+        client.read_exact(&mut read).await.unwrap();
+        let acknowledged = tokio::time::timeout(Duration::from_secs(10), async {
+            while tap.acknowledged() != Some(28) {
+                tokio::task::yield_now().await;
+            }
+        });
+        acknowledged.await.expect("the peer's acknowledgement");
+        drop(stream);
+        assert_eq!(tap.acknowledged(), None, "a closed socket is not asked");
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_takes_the_stream_out_and_the_tap_forgets_it() {
+        let (server, _client) = connected().await;
+        let (stream, tap) = TappedStream::new(server);
+        let server = stream.into_inner();
+        assert_eq!(tap.acknowledged(), None);
+        drop(server);
+    }
+}
