@@ -498,6 +498,49 @@ async fn a_quiet_auto_acknowledged_connection_writes_its_cursor_while_it_lasts()
     drop(client);
 }
 
+/// An `ack:auto` cursor moves while the connection's queue never empties (a client reading a
+/// backlog): each written batch counts once the client's TCP acknowledged it, not only the moment
+/// the gateway has nothing left to write. It stayed where the backlog began when it counted only then.
+#[tokio::test]
+async fn an_auto_acknowledged_cursor_moves_while_the_queue_never_empties() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start_with(&nats, |c| {
+        // Small socket buffers, so that what is not read stays queued in the gateway, all of it in
+        // the session's mailbox (no catch-up from the stream, which would pause the queue); no
+        // close for it.
+        c.socket_send_buffer = 16 * 1024;
+        c.outbound_queue_bytes = 4 << 20;
+        c.write_stall_timeout = Duration::from_secs(300);
+    })
+    .await;
+    let publisher = Publisher::new(&nats).await;
+    let headers = [("passcode", token("yan")), ("herald-device", "phone".to_string())];
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let tcp = socket.connect(gateway.addr).await.unwrap();
+    let mut client = StompClient::connect_over(tcp, &url(&gateway), &headers).await;
+    client.expect("CONNECTED").await;
+    subscribe(&mut client, "q", "/user/queue/inbox", &[]).await;
+    let body = "x".repeat(4000);
+    let mut sent = Vec::new();
+    for _ in 0..400 {
+        sent.push(publisher.publish("push.user.yan", &body).await);
+    }
+    // The client reads part of the backlog, then stops: the rest stays queued.
+    for expected in &sent[..250] {
+        assert_eq!(next_message(&mut client).await.0, *expected);
+    }
+    let cursors = nats.jetstream().await.get_key_value("herald-cursors").await.expect("the cursors bucket");
+    herald_tests::eventually("the cursor past the first 100", Duration::from_secs(30), || async {
+        let written = cursors.get("yan.phone").await.ok().flatten()?;
+        let cursor: u64 = String::from_utf8_lossy(&written).parse().ok()?;
+        (cursor >= sent[100]).then_some(cursor)
+    })
+    .await;
+    drop(client);
+}
+
 /// A new device's unread messages, sent on a `client-individual` subscription and never
 /// acknowledged, come again on its next connection.
 #[tokio::test]

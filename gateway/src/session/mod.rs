@@ -333,7 +333,18 @@ fn advance(
             forget_reported_note(session, revision);
         }
         if !transmit.is_busy() && state.has_frames() {
-            transmit.start(|batch| state.take_frames(batch, shared.config.write_batch_frames, BATCH_BYTES));
+            let max_frames = shared.config.write_batch_frames;
+            if transmit.tells() {
+                // What auto-acknowledged subscriptions were sent counts once the client has the
+                // batch that carries it, also while frames stay queued behind it.
+                let mut sent = None;
+                transmit.start(|batch| sent = state.take_frames_acknowledged(batch, max_frames, BATCH_BYTES));
+                if let Some(seq) = sent.and_then(|seq| transmit.mark(seq)) {
+                    session.ack(seq);
+                }
+            } else {
+                transmit.start(|batch| state.take_frames(batch, max_frames, BATCH_BYTES));
+            }
         }
         if !transmit.is_busy()
             && !state.has_frames()

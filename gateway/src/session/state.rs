@@ -46,6 +46,8 @@ const HIGH_WATER: usize = 64 * 1024;
 /// the broadcast outpaced catches up in fewer, larger writes (at 1,000 sockets, 64 KiB here held
 /// fan-out to about four fifths of what 256 KiB allows).
 const LIVE_HIGH_WATER: usize = 256 * 1024;
+/// Auto-acknowledgements waiting for their frames to be taken, at most.
+const MAX_AUTO_ACKS: usize = 8;
 /// Bytes queued for the socket, and jobs waiting, above which the session reads none of the
 /// client's frames until they come down: each frame may queue an answer or a job, and a client that
 /// sends without reading would otherwise grow them without bound (its sends then wait on TCP).
@@ -305,6 +307,9 @@ pub(crate) struct SessionState {
     frames: VecDeque<Bytes>,
     /// How many frames were taken for the socket so far.
     frames_taken: u64,
+    /// Where the codec's auto-acknowledged subscriptions stood (`.1`) when the first `.0` frames
+    /// were queued, oldest first, until those frames are taken.
+    auto_acks: VecDeque<(u64, u64)>,
     frame_bytes: usize,
     jobs: VecDeque<Job>,
     step: Option<Step>,
@@ -354,6 +359,7 @@ impl SessionState {
             coverage: Coverage::through(params.bounds.last),
             frames: VecDeque::new(),
             frames_taken: 0,
+            auto_acks: VecDeque::new(),
             frame_bytes: 0,
             jobs: VecDeque::new(),
             step: None,
@@ -489,6 +495,37 @@ impl SessionState {
     /// Whether frames wait for the socket.
     pub(crate) fn has_frames(&self) -> bool {
         !self.frames.is_empty()
+    }
+
+    /// [`SessionState::take_frames`], and what the codec's auto-acknowledged subscriptions were
+    /// sent up to the end of those frames, if further than before: what the client has once it
+    /// has the batch, whether or not frames stay queued behind it.
+    pub(crate) fn take_frames_acknowledged(
+        &mut self,
+        batch: &mut Vec<Bytes>,
+        max_frames: usize,
+        max_bytes: usize,
+    ) -> Option<u64> {
+        if let Some(seq) = self.codec.take_auto_ack() {
+            let queued = self.frames_taken + self.frames.len() as u64;
+            if self.auto_acks.len() >= MAX_AUTO_ACKS {
+                // Replaced by a later one: it counts later, never early.
+                self.auto_acks.pop_back();
+            }
+            self.auto_acks.push_back((queued, seq.min(self.last_sent)));
+        }
+        self.take_frames(batch, max_frames, max_bytes);
+        let mut taken = None;
+        while let Some(&(queued, seq)) = self.auto_acks.front()
+            && queued <= self.frames_taken
+        {
+            taken = Some(seq);
+            self.auto_acks.pop_front();
+        }
+        if self.auto_acks.is_empty() {
+            self.auto_acks = VecDeque::new();
+        }
+        taken
     }
 
     /// Moves up to `max_frames` queued frames (and about `max_bytes`) into `batch`.

@@ -1569,3 +1569,26 @@ fn the_client_is_read_while_answers_and_jobs_stay_below_their_marks() {
     h.state.take_frames(&mut batch, usize::MAX, usize::MAX);
     assert!(h.state.has_room_for_input());
 }
+
+/// What an `ack:auto` subscription was sent counts once the frames that carry it are taken for
+/// the socket, also while frames stay queued behind them, and never before.
+#[test]
+fn auto_acknowledged_sends_count_once_the_frames_that_carry_them_are_taken() {
+    let mut h = Harness::build(Start::Live, 10, 100, |p| p.codec = stomp());
+    h.state.codec_mut().decode(b"SUBSCRIBE\nid:q\ndestination:/user/queue/updates\n\n\0");
+    queue_replies(&mut h);
+    write_all(&mut h);
+    let take = |h: &mut Harness, frames: usize| {
+        h.state.pull(h.watermark);
+        h.state.take_frames_acknowledged(&mut Vec::new(), frames, usize::MAX)
+    };
+    h.personal(user_message(11));
+    h.personal(user_message(12));
+    // A STOMP message is two frames: its head, and the body it shares.
+    assert_eq!(take(&mut h, 2), None, "12 is still queued");
+    h.personal(user_message(13));
+    assert_eq!(take(&mut h, 2), Some(12), "11 and 12 are taken, 13 is still queued");
+    assert_eq!(take(&mut h, 1), None, "the head of 13 only");
+    assert_eq!(take(&mut h, 1), Some(13));
+    assert!(!h.state.has_frames());
+}

@@ -83,12 +83,20 @@ impl<W: AsyncWrite + Unpin + Unacknowledged> Transmit<W> {
         }
     }
 
-    /// Marks what was written so far as carrying `seq`: returned by [`Transmit::acknowledged`] once
-    /// the peer acknowledged those bytes, or at once when the writer cannot tell.
+    /// Whether the writer tells what its peer acknowledged (else what is written counts).
+    pub(crate) fn tells(&self) -> bool {
+        !self.blind && self.io.tells()
+    }
+
+    /// Marks what was written so far, and the batch in flight, as carrying `seq`: returned by
+    /// [`Transmit::acknowledged`] once the peer acknowledged those bytes, or at once when the
+    /// writer cannot tell.
     pub(crate) fn mark(&mut self, seq: u64) -> Option<u64> {
-        if self.blind || !self.io.tells() {
+        if !self.tells() {
             return Some(seq);
         }
+        let end = self.written + self.batch[self.done..].iter().map(|frame| frame.len() as u64).sum::<u64>()
+            - self.offset as u64;
         let marks =
             self.marks.get_or_insert_with(|| Box::new(Marks { pending: VecDeque::new(), checked: Instant::now() }));
         if marks.pending.is_empty() {
@@ -98,7 +106,7 @@ impl<W: AsyncWrite + Unpin + Unacknowledged> Transmit<W> {
         if marks.pending.len() >= MAX_MARKS {
             marks.pending.pop_back();
         }
-        marks.pending.push_back((self.written, seq));
+        marks.pending.push_back((end, seq));
         None
     }
 
@@ -304,6 +312,21 @@ mod tests {
         *unacknowledged.lock().unwrap() = Some(0);
         assert_eq!(transmit.acknowledged(true), Some(2));
         assert_eq!((transmit.next_check(), transmit.acknowledged(true)), (None, None));
+    }
+
+    #[tokio::test]
+    async fn a_mark_made_as_a_batch_starts_counts_the_whole_batch() {
+        let (mut transmit, unacknowledged) = on_socket();
+        write(&mut transmit, 10).await;
+        transmit.start(|batch| batch.extend([Bytes::from(vec![b'x'; 6]), Bytes::from(vec![b'x'; 4])]));
+        assert_eq!(transmit.mark(1), None);
+        *unacknowledged.lock().unwrap() = Some(0);
+        assert_eq!(transmit.acknowledged(true), None, "nothing of the batch written yet");
+        transmit.flush().await.unwrap();
+        *unacknowledged.lock().unwrap() = Some(1);
+        assert_eq!(transmit.acknowledged(true), None, "its last byte not acknowledged");
+        *unacknowledged.lock().unwrap() = Some(0);
+        assert_eq!(transmit.acknowledged(true), Some(1));
     }
 
     #[tokio::test(start_paused = true)]
