@@ -39,6 +39,9 @@ struct State {
     writer_waker: Option<Waker>,
     /// Bytes the body took.
     taken: u64,
+    /// The connection the body is written on tells of its flushes: the body takes a chunk only
+    /// once the one before it was flushed, so that each chunk's flush is known.
+    tapped: bool,
     /// The last flush of the connection the body is written on, if it is tapped.
     flushed: Option<Flushed>,
 }
@@ -60,8 +63,12 @@ impl Pipe {
 
 impl Flushes for Pipe {
     fn flushed(&self, socket_bytes: u64) {
-        let mut state = self.lock();
-        state.flushed = Some(Flushed { body_bytes: state.taken, socket_bytes });
+        let waker = {
+            let mut state = self.lock();
+            state.flushed = Some(Flushed { body_bytes: state.taken, socket_bytes });
+            state.body_waker.take()
+        };
+        wake(waker);
     }
 }
 
@@ -89,6 +96,7 @@ pub(crate) struct PipeWriter {
 impl PipeWriter {
     /// The flushes of the connection `tap` watches, on which the body is written.
     pub(crate) fn flushes_on(&self, tap: &Tap) -> PipeFlushes {
+        self.pipe.lock().tapped = true;
         let pipe: Arc<dyn Flushes> = self.pipe.clone();
         tap.watch(Arc::downgrade(&pipe));
         PipeFlushes(self.pipe.clone())
@@ -168,10 +176,12 @@ impl hyper::body::Body for PipeBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let mut state = self.pipe.lock();
-        if state.written.is_empty() {
-            if state.writer_done {
+        let unflushed = state.tapped && state.taken > state.flushed.map_or(0, |flushed| flushed.body_bytes);
+        if state.written.is_empty() || unflushed {
+            if state.written.is_empty() && state.writer_done {
                 return Poll::Ready(None);
             }
+            // Woken by a write, or by the flush of the chunk taken before.
             state.body_waker = Some(cx.waker().clone());
             return Poll::Pending;
         }

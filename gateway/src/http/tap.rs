@@ -7,7 +7,7 @@
 use std::io::IoSlice;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 
@@ -33,12 +33,15 @@ pub(crate) struct Tap {
     written: AtomicU64,
     /// The body streamed on the connection, if one is.
     body: Mutex<Option<Weak<dyn Flushes>>>,
+    /// Whether `body` is set: most connections never stream one, and their flushes lock nothing.
+    watched: AtomicBool,
 }
 
 impl Tap {
     /// Tells `body` of every flush from now on.
     pub(crate) fn watch(&self, body: Weak<dyn Flushes>) {
         *lock(&self.body) = Some(body);
+        self.watched.store(true, Ordering::Release);
     }
 
     /// Bytes written into the socket that its peer acknowledged, if the connection lives and the
@@ -121,11 +124,18 @@ impl AsyncWrite for TappedStream {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let flushed = Pin::new(&mut self.stream).poll_flush(cx);
-        if let Poll::Ready(Ok(())) = flushed {
-            let tap = &self.forget.0;
-            let body = lock(&tap.body).as_ref().and_then(Weak::upgrade);
-            if let Some(body) = body {
-                body.flushed(tap.written.load(Ordering::Relaxed));
+        let tap = &self.forget.0;
+        if let Poll::Ready(Ok(())) = flushed
+            && tap.watched.load(Ordering::Acquire)
+        {
+            let mut watched = lock(&tap.body);
+            match watched.as_ref().and_then(Weak::upgrade) {
+                Some(body) => body.flushed(tap.written.load(Ordering::Relaxed)),
+                None => {
+                    // The body ended: its pipe is freed, and later flushes lock nothing.
+                    *watched = None;
+                    tap.watched.store(false, Ordering::Release);
+                }
             }
         }
         flushed
@@ -163,9 +173,14 @@ mod tests {
         writer.write_all(b"data: 1\n\n").await.unwrap();
         let chunk = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(flushes.last(), None, "taken, not flushed");
+        writer.write_all(b"data: 2\n\n").await.unwrap();
+        let mut next = Box::pin(body.frame());
+        assert!(futures::poll!(next.as_mut()).is_pending(), "no chunk before the last one's flush");
         stream.write_all(&chunk).await.unwrap();
         stream.flush().await.unwrap();
         assert_eq!(flushes.last(), Some(Flushed { body_bytes: 9, socket_bytes: 28 }));
+        let woken = tokio::time::timeout(Duration::from_secs(10), next).await.expect("woken by the flush");
+        assert_eq!(woken.unwrap().unwrap().into_data().unwrap(), &b"data: 2\n\n"[..]);
 
         let mut read = [0; 28];
         client.read_exact(&mut read).await.unwrap();

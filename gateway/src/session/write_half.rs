@@ -2,6 +2,7 @@
 //! tells how much of what was written the peer received: the TCP socket beneath when the session
 //! writes straight into one, the connection's tap when it writes a response's body.
 
+use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
@@ -30,29 +31,39 @@ enum Peer {
     Response(Box<ResponsePeer>),
 }
 
-/// A body's bytes the client received: all that the HTTP layer had taken of the body at a flush
+/// A body's bytes the client received: all that the HTTP layer had taken of the body at a flush,
 /// once the client acknowledged the socket's bytes up to that flush.
 struct ResponsePeer {
     tap: Arc<Tap>,
     flushes: PipeFlushes,
-    /// The flush seen at the last check: older, so more likely acknowledged than the latest.
-    earlier: Option<Flushed>,
+    /// Flushes seen at the checks, oldest first, until the client acknowledged them.
+    seen: VecDeque<Flushed>,
     /// Body bytes known received.
     received: u64,
 }
 
+/// Flushes kept at most: past that the newest takes the last one's place (it settles later).
+const MAX_FLUSHES: usize = 64;
+
 impl ResponsePeer {
     fn received(&mut self) -> u64 {
-        let latest = self.flushes.last();
-        if let Some(acknowledged) = self.tap.acknowledged() {
-            for flushed in [latest, self.earlier].into_iter().flatten() {
-                if flushed.socket_bytes <= acknowledged {
-                    self.received = self.received.max(flushed.body_bytes);
-                }
+        if let Some(latest) = self.flushes.last()
+            && self.seen.back() != Some(&latest)
+        {
+            if self.seen.len() >= MAX_FLUSHES {
+                self.seen.pop_back();
             }
+            self.seen.push_back(latest);
         }
         // Once the connection is gone nothing more is learnt: what was received stays.
-        self.earlier = latest;
+        if let Some(acknowledged) = self.tap.acknowledged() {
+            while let Some(flushed) = self.seen.front()
+                && flushed.socket_bytes <= acknowledged
+            {
+                self.received = self.received.max(flushed.body_bytes);
+                self.seen.pop_front();
+            }
+        }
         self.received
     }
 }
@@ -72,7 +83,7 @@ impl WriteHalf {
     /// A response body's pipe, on the connection `tap` watches.
     pub(crate) fn response(pipe: PipeWriter, tap: Arc<Tap>) -> WriteHalf {
         let flushes = pipe.flushes_on(&tap);
-        let peer = ResponsePeer { tap, flushes, earlier: None, received: 0 };
+        let peer = ResponsePeer { tap, flushes, seen: VecDeque::new(), received: 0 };
         WriteHalf { io: Box::pin(pipe), peer: Peer::Response(Box::new(peer)) }
     }
 }
