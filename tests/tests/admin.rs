@@ -383,6 +383,33 @@ async fn questions_to_the_cluster_and_reads_get_503_while_nats_is_down() {
     assert_eq!((status, &body["error"]), (405, &json!("method_not_allowed")), "{body}");
 }
 
+/// A NATS server that hangs (its connections stay open, nothing is answered) is not a cluster
+/// where no one is connected: the questions every gateway answers get 503, not "nobody" (a
+/// gateway answers its own question: without its answer, the question never went round), and
+/// are answered again once it goes on.
+#[tokio::test]
+async fn questions_to_the_gateways_get_503_while_nats_hangs() {
+    let nats = TestNats::start().await;
+    let gateway = api_gateway(&nats).await;
+    let _connected = gateway.connect("cas").await;
+    assert_eq!(get(&gateway, "/v1/presence/cas").await.1["online"], true);
+    nats.pause().await;
+    for (status, body) in [
+        get(&gateway, "/v1/presence/cas").await,
+        get(&gateway, "/v1/gateways").await,
+        post(&gateway, "/v1/disconnect", json!({"user": "cas"})).await,
+    ] {
+        assert_eq!((status, &body["error"]), (503, &json!("unavailable")), "{body}");
+        assert!(body["reason"].as_str().is_some_and(|m| m.contains("NATS did not route")), "{body}");
+    }
+    nats.unpause().await;
+    eventually("the gateways answered again", std::time::Duration::from_secs(30), || async {
+        let (status, body) = get(&gateway, "/v1/gateways").await;
+        (status == 200 && body["gateways"].as_array()?.len() == 1).then_some(())
+    })
+    .await;
+}
+
 /// A message in the dead-letter stream that is no dead letter (published there by hand, or by
 /// another version) is listed as unreadable, with its content, instead of failing the whole list
 /// with 503; its re-drive is refused (422), and the readable letters still list and re-drive.

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use super::Session;
 use super::rpc;
-use crate::cluster::gather::gather;
+use crate::cluster::gather::gather_gateways;
 use crate::delivery::mailbox::Event;
 
 /// Gathers every gateway's counts and hands the session `{"num_clients","num_users"}` as rpc
@@ -17,23 +17,22 @@ use crate::delivery::mailbox::Event;
 pub(super) async fn count(session: Arc<Session>, id: String, user: Option<String>) {
     let shared = &session.shared;
     let question = json!({ "user": user });
-    let answer =
-        match gather(&shared.client, PRESENCE_GATHER, question.to_string().into(), shared.config.gather_window).await {
-            Ok(answers) => {
-                let sum = |field: &str| -> u64 { answers.iter().filter_map(|answer| number(answer, field)).sum() };
-                let (clients, users) = match user {
-                    Some(_) => {
-                        let clients = sum("user_connections");
-                        (clients, u64::from(clients > 0))
-                    }
-                    // A user on two gateways counts twice: each gateway counts its own users.
-                    None => (sum("connections"), sum("users")),
-                };
-                let data = json!({"num_clients": clients, "num_users": users});
-                ServerFrame::RpcResult(RpcResult { id, ok: true, data: Some(data), error: None })
-            }
-            Err(error) => rpc::failure(id, error_code::UNAVAILABLE, &error.to_string()),
-        };
+    let answer = match gather_gateways(shared, PRESENCE_GATHER, question.to_string().into()).await {
+        Ok(answers) => {
+            let sum = |field: &str| -> u64 { answers.iter().filter_map(|answer| number(answer, field)).sum() };
+            let (clients, users) = match user {
+                Some(_) => {
+                    let clients = sum("user_connections");
+                    (clients, u64::from(clients > 0))
+                }
+                // A user on two gateways counts twice: each gateway counts its own users.
+                None => (sum("connections"), sum("users")),
+            };
+            let data = json!({"num_clients": clients, "num_users": users});
+            ServerFrame::RpcResult(RpcResult { id, ok: true, data: Some(data), error: None })
+        }
+        Err(error) => rpc::failure(id, error_code::UNAVAILABLE, &error.to_string()),
+    };
     session.mailbox.push_event(Event::Notice(answer));
 }
 

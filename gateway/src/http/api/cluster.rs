@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use super::ApiError;
 use crate::Shared;
-use crate::cluster::gather::gather;
+use crate::cluster::gather::gather_gateways;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -24,9 +24,8 @@ pub(super) async fn disconnect(shared: &Shared, body: Value) -> Result<Value, Ap
     let order: Disconnect = serde_json::from_value(body).map_err(|e| ApiError::bad_request(e.to_string()))?;
     check_id(IdKind::User, &order.user).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let request = json!({"user": order.user, "conn": order.conn});
-    let answers = gather(&shared.client, ADMIN_DISCONNECT, request.to_string().into(), shared.config.gather_window)
-        .await
-        .map_err(ApiError::unavailable)?;
+    let answers =
+        gather_gateways(shared, ADMIN_DISCONNECT, request.to_string().into()).await.map_err(ApiError::unavailable)?;
     let closed: u64 = answers.iter().filter_map(|a| answer_field(a, "closed")).sum();
     Ok(json!({"user": order.user, "disconnected": closed, "gateways": answers.len()}))
 }
@@ -34,9 +33,8 @@ pub(super) async fn disconnect(shared: &Shared, body: Value) -> Result<Value, Ap
 pub(super) async fn presence(shared: &Shared, user: &str) -> Result<Value, ApiError> {
     check_id(IdKind::User, user).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let request = json!({ "user": user });
-    let answers = gather(&shared.client, PRESENCE_GATHER, request.to_string().into(), shared.config.gather_window)
-        .await
-        .map_err(ApiError::unavailable)?;
+    let answers =
+        gather_gateways(shared, PRESENCE_GATHER, request.to_string().into()).await.map_err(ApiError::unavailable)?;
     let connections: u64 = answers.iter().filter_map(|a| answer_field(a, "user_connections")).sum();
     Ok(json!({"user": user, "online": connections > 0, "connections": connections, "gateways": answers.len()}))
 }
@@ -48,9 +46,7 @@ fn answer_field(answer: &async_nats::Message, field: &str) -> Option<u64> {
 /// `GET /v1/gateways`: every gateway that answers, with its connections and users.
 pub(super) async fn gateways(shared: &Shared) -> Result<Value, ApiError> {
     let request = serde_json::to_vec(&PresenceQuery::default()).unwrap_or_default();
-    let answers = gather(&shared.client, PRESENCE_GATHER, request.into(), shared.config.gather_window)
-        .await
-        .map_err(ApiError::unavailable)?;
+    let answers = gather_gateways(shared, PRESENCE_GATHER, request.into()).await.map_err(ApiError::unavailable)?;
     let mut nodes: BTreeMap<String, (u64, BTreeSet<String>)> = BTreeMap::new();
     for answer in &answers {
         let Ok(part) = serde_json::from_slice::<PresenceReply>(&answer.payload) else { continue };

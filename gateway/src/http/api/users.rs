@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use super::{ApiError, jsapi};
 use crate::Shared;
-use crate::cluster::gather::gather;
+use crate::cluster::gather::gather_gateways;
 
 pub(super) async fn user(shared: &Shared, user: &str) -> Result<Value, ApiError> {
     check_id(IdKind::User, user).map_err(|e| ApiError::bad_request(e.to_string()))?;
@@ -29,9 +29,7 @@ pub(super) async fn user(shared: &Shared, user: &str) -> Result<Value, ApiError>
 /// The user's sockets on every gateway that answers, each with its gateway's `node`.
 async fn sockets(shared: &Shared, user: &str) -> Result<Vec<Value>, ApiError> {
     let question = json!({ "user": user }).to_string();
-    let answers = gather(&shared.client, ADMIN_SOCKETS, question.into(), shared.config.gather_window)
-        .await
-        .map_err(ApiError::unavailable)?;
+    let answers = gather_gateways(shared, ADMIN_SOCKETS, question.into()).await.map_err(ApiError::unavailable)?;
     let mut sockets = Vec::new();
     for answer in answers {
         let Ok(answer) = serde_json::from_slice::<Value>(&answer.payload) else { continue };
