@@ -832,15 +832,24 @@ async fn a_resume_whose_cursor_cannot_be_read_is_refused_for_now() {
 
     cursor_direct_reads(&nats, false).await;
     let mut client = StompClient::connect(&url(&gateway), &[("passcode", &passcode)]).await;
-    match client.next_event().await {
-        StompEvent::Close(close) => assert_eq!(close.map(|(code, _)| code), Some(1013)),
-        other => panic!("expected the close 1013, got {other:?}"),
-    }
+    expect_refusal_for_now(&mut client).await;
 
     cursor_direct_reads(&nats, true).await;
     let (mut client, _) = connect(&gateway, &[("passcode", &passcode)]).await;
     subscribe(&mut client, "q", "/user/queue/updates", &[]).await;
     assert_eq!(client.expect("MESSAGE").await.header("message-id"), missed.to_string());
+}
+
+/// A connection refused before CONNECTED for now: an ERROR that says why and names the close
+/// (as every close but a restart's is explained), then the close 1013.
+async fn expect_refusal_for_now(client: &mut StompClient) {
+    let error = client.expect("ERROR").await;
+    assert_eq!(error.header("herald-close"), "1013", "{error:?}");
+    assert!(error.header("message").starts_with("KV unavailable"), "{error:?}");
+    match client.next_event().await {
+        StompEvent::Close(close) => assert_eq!(close.map(|(code, _)| code), Some(1013)),
+        other => panic!("expected the close 1013, got {other:?}"),
+    }
 }
 
 /// The refusal above comes before the connection claims its device's place: under the default
@@ -859,10 +868,7 @@ async fn a_resume_refused_for_an_unreadable_cursor_leaves_the_connection_it_woul
 
     cursor_direct_reads(&nats, false).await;
     let mut refused = StompClient::connect(&url(&gateway), &headers).await;
-    match refused.next_event().await {
-        StompEvent::Close(close) => assert_eq!(close.map(|(code, _)| code), Some(1013)),
-        other => panic!("expected the close 1013, got {other:?}"),
-    }
+    expect_refusal_for_now(&mut refused).await;
 
     let live = publisher.publish("push.user.ivy", "still here").await;
     assert_eq!(next_message(&mut working).await, (live, "still here".to_string()));

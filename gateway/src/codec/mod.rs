@@ -408,6 +408,12 @@ impl Codec {
     pub(crate) fn close_unopened(format: WireFormat, close: &Close) -> Option<Bytes> {
         match format {
             WireFormat::Sse => close.code.is_sent().then(|| SseCodec::close(close)),
+            WireFormat::Stomp if close.code.is_sent() => {
+                Some(stomp::close_unopened(stomp::Transport::WebSocket, close))
+            }
+            WireFormat::StompSockJs if close.code.is_sent() => {
+                Some(stomp::close_unopened(stomp::Transport::SockJs, close))
+            }
             _ => close_frame(format, close),
         }
     }

@@ -532,15 +532,7 @@ impl StompCodec {
         for id in self.receipts.iter().filter_map(|receipt| receipt.id.as_deref()) {
             held.extend_from_slice(&self.transport.frame(&receipt_frame(id)));
         }
-        let explanation = match &self.last {
-            Some(last) => Some(last.clone()),
-            None if explained(close.code) => {
-                let code = close.number().to_string();
-                let headers = [("message", &*close.reason), ("herald-close", &code)];
-                Some(frame::encode("ERROR", &headers, close.reason.as_bytes()))
-            }
-            None => None,
-        };
+        let explanation = self.last.clone().or_else(|| explanation(close));
         let closing = self.transport.close(explanation.as_deref(), close.number(), &close.reason);
         if held.is_empty() {
             return closing;
@@ -676,6 +668,19 @@ pub(super) fn receipt_frame(receipt: &str) -> Vec<u8> {
 /// client started).
 fn explained(code: CloseCode) -> bool {
     !matches!(code, CloseCode::Restart | CloseCode::Echo(_) | CloseCode::Abnormal)
+}
+
+/// The ERROR that explains `close`, if it is one that is explained.
+fn explanation(close: &Close) -> Option<Vec<u8>> {
+    let code = close.number().to_string();
+    let headers = [("message", &*close.reason), ("herald-close", &code)];
+    explained(close.code).then(|| frame::encode("ERROR", &headers, close.reason.as_bytes()))
+}
+
+/// The last bytes of a connection closed before its session opened (before CONNECTED): the ERROR
+/// that explains the close, as for an open one, then the transport's close.
+pub(crate) fn close_unopened(transport: Transport, close: &Close) -> Bytes {
+    transport.close(explanation(close).as_deref(), close.number(), &close.reason)
 }
 
 #[cfg(test)]
