@@ -159,7 +159,14 @@ impl SocketIoCodec {
     /// An EVENT packet after its type: an optional ack id, then a JSON array `[name, args…]`.
     fn event(&mut self, rest: &[u8]) -> Result<Command, Refusal> {
         let digits = rest.iter().take_while(|byte| byte.is_ascii_digit()).count();
-        let ack = std::str::from_utf8(&rest[..digits]).ok().and_then(|id| id.parse::<u64>().ok());
+        let ack = match digits {
+            0 => None,
+            // ASCII digits: UTF-8.
+            _ => match std::str::from_utf8(&rest[..digits]).ok().and_then(|id| id.parse::<u64>().ok()) {
+                Some(id) => Some(id),
+                None => return Err(Refusal::Close(Close::new(CloseCode::Policy, "an ack id is below 2^64"))),
+            },
+        };
         let Ok(Value::Array(args)) = serde_json::from_slice::<Value>(&rest[digits..]) else {
             return Err(Refusal::Close(Close::new(CloseCode::Policy, "an event is a JSON array")));
         };
@@ -304,6 +311,11 @@ mod tests {
         assert!(codec.decode(b"3").is_empty());
         assert!(matches!(&codec.decode(br#"42["dance"]"#)[..], [Err(Refusal::Reply(_))]));
         assert!(matches!(&codec.decode(b"42{}")[..], [Err(Refusal::Close(_))]));
+        // An ack id too large to answer is malformed, not an event whose answer is thrown away.
+        assert_eq!(
+            codec.decode(br#"4218446744073709551616["rpc","prefs.get",{}]"#),
+            vec![Err(Refusal::Close(Close::new(CloseCode::Policy, "an ack id is below 2^64")))]
+        );
         // The default namespace may be written out; another one is not this connection's.
         assert_eq!(codec.decode(br#"42/,3["unsub","news"]"#), vec![Ok(Command::Unsubscribe { topic: "news".into() })]);
         assert!(matches!(&codec.decode(br#"42/chat,["sub","news"]"#)[..], [Err(Refusal::Close(_))]));
