@@ -170,7 +170,7 @@ impl FrameStream {
             }
         }
         let Some(end) = self.end.find(&self.kept) else {
-            return self.check_len(self.kept.len());
+            return self.check_len(self.kept.len().max(self.end.declared()));
         };
         let kept = std::mem::take(&mut self.kept);
         self.end = FrameEnd::default();
@@ -197,6 +197,9 @@ impl FrameStream {
                 Err(error) if self.end.find(rest).is_some() => return Err(error),
                 Ok(Next::Incomplete(_)) | Err(_) => {
                     self.check_len(rest.len())?;
+                    // A length past the limit is refused from the headers, not once that much came.
+                    self.end.find(rest);
+                    self.check_len(self.end.declared())?;
                     self.kept = rest.to_vec();
                     return Ok(());
                 }
@@ -252,6 +255,17 @@ impl FrameEnd {
                 self.scanned = bytes.len();
                 None
             }
+        }
+    }
+}
+
+impl FrameEnd {
+    /// The length of the whole frame its `content-length` declares, once its headers are all there
+    /// (0 before).
+    fn declared(&self) -> usize {
+        match self.body {
+            Some((start, Some(length))) => start.saturating_add(length).saturating_add(1),
+            _ => 0,
         }
     }
 }
@@ -465,14 +479,19 @@ mod tests {
     }
 
     #[test]
-    fn a_content_length_past_any_buffer_waits_for_the_limit() {
-        let head = format!("SEND\ncontent-length:{}\n\nabc", usize::MAX);
-        for pieces in [vec![head.as_bytes()], vec![&head.as_bytes()[..10], &head.as_bytes()[10..]]] {
-            let mut stream = FrameStream::new(100);
-            assert_eq!(read_in_pieces(&mut stream, &pieces), (Vec::new(), Ok(())));
-            let refused = Err("a frame longer than 100 bytes".to_string());
-            assert_eq!(stream.read(&[b'x'; 100]), (Vec::new(), refused));
+    fn a_content_length_past_the_limit_is_refused_once_the_headers_are_there() {
+        let refused = Err("a frame longer than 100 bytes".to_string());
+        for length in [usize::MAX, 99_999_999_999, 76] {
+            let head = format!("SEND\ncontent-length:{length}\n\nabc");
+            for pieces in [vec![head.as_bytes()], vec![&head.as_bytes()[..10], &head.as_bytes()[10..]]] {
+                let mut stream = FrameStream::new(100);
+                assert_eq!(read_in_pieces(&mut stream, &pieces), (Vec::new(), refused.clone()), "{length}");
+                assert!(stream.kept.is_empty(), "nothing is kept after an error");
+            }
         }
+        // A length within the limit waits for its body.
+        let mut stream = FrameStream::new(100);
+        assert_eq!(stream.read(b"SEND\ncontent-length:75\n\nabc"), (Vec::new(), Ok(())));
     }
 
     #[test]
