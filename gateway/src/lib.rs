@@ -292,7 +292,7 @@ fn start_background_tasks(shared: &Arc<Shared>) {
     tokio::spawn(shared.policies.clone().run(shared.health.clone(), shutdown.clone()));
     tokio::spawn(shared.inbox.clone().run_flusher(shutdown.clone()));
     tokio::spawn(delivery::reach::watch(shared.feed.clone(), shared.router.clone(), shutdown.clone()));
-    tokio::spawn(shared.inbox.clone().watch(shared.router.clone(), shared.registry.clone(), shutdown.clone()));
+    tokio::spawn(shared.inbox.clone().watch(shared.registry.clone(), shutdown.clone()));
     tokio::spawn(events::answer_presence(
         shared.client.clone(),
         shared.registry.clone(),

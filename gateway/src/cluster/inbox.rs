@@ -18,7 +18,6 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use futures::StreamExt;
-use herald_shared::frame::ServerFrame;
 use herald_shared::id::{kv_key, kv_key_decode};
 use herald_shared::subject::{Audience, KV_READS, STREAM};
 use tokio::sync::OnceCell;
@@ -31,7 +30,6 @@ use super::watch::{Backoff, watch_from};
 use crate::delivery::feed::Delivered;
 use crate::delivery::mailbox::Event;
 use crate::delivery::message::{self, Message};
-use crate::delivery::router::Router;
 use crate::session::replay::Replayer;
 
 /// How often read positions from clients are written.
@@ -216,11 +214,11 @@ impl Inbox {
 
     /// Follows every read position and tells the local sessions of a user whose position moved,
     /// until `shutdown`. A broken watch resumes after the last revision it saw.
-    pub(crate) async fn watch(self: Arc<Self>, router: Router, registry: Arc<Registry>, shutdown: CancellationToken) {
+    pub(crate) async fn watch(self: Arc<Self>, registry: Arc<Registry>, shutdown: CancellationToken) {
         let mut backoff = Backoff::default();
         let mut last_revision = 0;
         while !shutdown.is_cancelled() {
-            match self.follow(&router, &registry, &mut last_revision, &shutdown).await {
+            match self.follow(&registry, &mut last_revision, &shutdown).await {
                 Ok(()) => {}
                 // Stopping: the connection's drain ends the watch, as it should.
                 Err(_) if shutdown.is_cancelled() => {}
@@ -233,7 +231,6 @@ impl Inbox {
 
     async fn follow(
         &self,
-        router: &Router,
         registry: &Registry,
         last_revision: &mut u64,
         shutdown: &CancellationToken,
@@ -247,20 +244,9 @@ impl Inbox {
             let entry = entry.ok_or_else(|| error("watch ended"))?.map_err(error)?;
             *last_revision = entry.revision;
             let (Some(user), Some(read)) = (kv_key_decode(&entry.key), forward::parse(&entry.value)) else { continue };
-            let sessions = registry.of_user(&user);
-            if sessions.is_empty() {
-                continue;
-            }
-            let muted = router.muted(&user).await;
-            let unread = match self.unread(&user, read, u64::MAX, &muted).await {
-                Ok(unread) => unread,
-                Err(error) => {
-                    warn!(%user, %error, "unread count not read");
-                    continue;
-                }
-            };
-            for session in sessions {
-                session.mailbox.push_event(Event::Notice(ServerFrame::Read { seq: read, unread }));
+            // Each connection counts what it was sent: other messages may be on their way to it.
+            for session in registry.of_user(&user) {
+                session.mailbox.push_event(Event::ReadMoved { read });
             }
         }
     }

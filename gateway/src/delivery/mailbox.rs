@@ -44,6 +44,12 @@ pub(crate) enum Event {
     StreamReplaced,
     /// Another connection of the device noted lost messages for its next resume.
     LossNoted(LostNote),
+    /// The user's read position moved to `read`: the connection tells its client, with the count
+    /// of what it was sent that is still unread.
+    ReadMoved { read: u64 },
+    /// The user's unread personal messages in `(read, upto]` (none: they could not be counted),
+    /// as [`Event::ReadMoved`]'s connection asked.
+    ReadCounted { read: u64, upto: u64, unread: Option<u64> },
 }
 
 pub(crate) struct Mailbox {

@@ -141,10 +141,6 @@ enum Command {
         kinds: Vec<String>,
         revision: u64,
     },
-    Muted {
-        user: String,
-        reply: oneshot::Sender<Arc<[Box<str>]>>,
-    },
     /// After a leader change: routed subjects whose last stored sequence is past what was routed.
     /// `stream`: the [`RouterTask::stream`] it was asked about.
     StoredPast {
@@ -232,13 +228,6 @@ impl Router {
     /// as after a leader change: their sessions catch up.
     pub(crate) async fn check_stored(&self) {
         self.send(Command::CheckStored).await;
-    }
-
-    /// The kinds a user with sessions here muted (none for other users).
-    pub(crate) async fn muted(&self, user: &str) -> Arc<[Box<str>]> {
-        let (reply, muted) = oneshot::channel();
-        self.send(Command::Muted { user: user.to_string(), reply }).await;
-        muted.await.unwrap_or_else(|_| Arc::from(Vec::new()))
     }
 
     async fn send(&self, command: Command) {
@@ -462,10 +451,6 @@ impl RouterTask {
                 if let Some(local) = self.users.get(&user) {
                     local.set_muted(&kinds, revision);
                 }
-            }
-            Command::Muted { user, reply } => {
-                let muted = self.users.get(user.as_str()).map(|local| local.muted());
-                let _ = reply.send(muted.unwrap_or_else(|| Arc::from(Vec::new())));
             }
             Command::StoredPast { stream, .. } | Command::CheckFailed { stream, .. } if stream != self.stream => {}
             Command::StoredPast { behind, .. } => self.stored_past(behind),

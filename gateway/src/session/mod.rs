@@ -47,14 +47,14 @@ use crate::cluster::cursor::DeviceCursor;
 use crate::cluster::events::{Who, publish_lifecycle};
 use crate::cluster::registry::{LocalSession, SocketInfo};
 use crate::codec::{Codec, HeraldCodec, WireFormat};
-use crate::delivery::mailbox::Mailbox;
+use crate::delivery::mailbox::{Event, Mailbox};
 use crate::http::auth::ConnectRequest;
 use crate::http::metrics::CloseLabels;
 use crate::http::ratelimit::TokenBucket;
 use crate::http::tap::TappedStream;
 use crate::websocket::reader::{Inbound, MessageReader};
 use deadlines::{Deadlines, Due};
-use state::{Outcome, SessionState, Tally};
+use state::{Outcome, SessionState, Tally, UnreadQuestion};
 use transmit::Transmit;
 
 /// How long a closing socket may take to send its last frames before it is dropped.
@@ -332,6 +332,9 @@ fn advance(
             // Everything taken for the socket so far is written.
             forget_reported_note(session, revision);
         }
+        if let Some(question) = state.take_read_count() {
+            count_unread(session, question);
+        }
         if !transmit.is_busy() && state.has_frames() {
             let max_frames = shared.config.write_batch_frames;
             if transmit.tells() {
@@ -535,6 +538,17 @@ fn settle_losses(
             _ = shared.killed.cancelled() => {}
             _ = settle => {}
         }
+    });
+}
+
+/// Counts the user's unread personal messages the session asks about, for it to tell its client.
+fn count_unread(session: &Arc<Session>, question: UnreadQuestion) {
+    let UnreadQuestion { read, upto, muted } = question;
+    let session = session.clone();
+    session.shared.sessions.clone().spawn(async move {
+        let counted = session.shared.inbox.unread(&session.user, read, upto, &muted).await;
+        let unread = counted.inspect_err(|error| warn!(user = %session.user, %error, "unread count not read")).ok();
+        session.mailbox.push_event(Event::ReadCounted { read, upto, unread });
     });
 }
 

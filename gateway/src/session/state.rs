@@ -48,6 +48,34 @@ const HIGH_WATER: usize = 64 * 1024;
 const LIVE_HIGH_WATER: usize = 256 * 1024;
 /// Auto-acknowledgements waiting for their frames to be taken, at most.
 const MAX_AUTO_ACKS: usize = 8;
+/// Personal messages noted while a read count is under way, at most (past it, the count is low).
+const MAX_SENT_SINCE: usize = 4096;
+
+/// The user's unread personal messages to count: those in `(read, upto]`, but for the `muted` kinds.
+pub(crate) struct UnreadQuestion {
+    pub(crate) read: u64,
+    pub(crate) upto: u64,
+    pub(crate) muted: Arc<[Box<str>]>,
+}
+
+/// A count of the user's unread personal messages under way, for the client of this connection:
+/// those in `(read, upto]` (the connection had sent everything up to `upto` when it asked), and
+/// those sent since.
+struct ReadCount {
+    read: u64,
+    upto: u64,
+    asked: bool,
+    /// The personal messages sent since the count was asked for (all of them past `upto`).
+    sent_since: Vec<u64>,
+}
+
+impl ReadCount {
+    fn sent(&mut self, message: &Message) {
+        if matches!(message.audience, Audience::User(_)) && self.sent_since.len() < MAX_SENT_SINCE {
+            self.sent_since.push(message.seq);
+        }
+    }
+}
 /// Bytes queued for the socket, and jobs waiting, above which the session reads none of the
 /// client's frames until they come down: each frame may queue an answer or a job, and a client that
 /// sends without reading would otherwise grow them without bound (its sends then wait on TCP).
@@ -310,6 +338,8 @@ pub(crate) struct SessionState {
     /// Where the codec's auto-acknowledged subscriptions stood (`.1`) when the first `.0` frames
     /// were queued, oldest first, until those frames are taken.
     auto_acks: VecDeque<(u64, u64)>,
+    /// The user's read position moved: the count of its unread messages to tell the client.
+    read_count: Option<Box<ReadCount>>,
     frame_bytes: usize,
     jobs: VecDeque<Job>,
     step: Option<Step>,
@@ -360,6 +390,7 @@ impl SessionState {
             frames: VecDeque::new(),
             frames_taken: 0,
             auto_acks: VecDeque::new(),
+            read_count: None,
             frame_bytes: 0,
             jobs: VecDeque::new(),
             step: None,
@@ -620,6 +651,8 @@ impl SessionState {
                 Event::Notice(notice) => self.notice(&notice),
                 Event::StreamReplaced => self.stream_replaced(),
                 Event::LossNoted(note) => self.loss_noted_elsewhere(note),
+                Event::ReadMoved { read } => self.read_moved(read),
+                Event::ReadCounted { read, upto, unread } => self.read_counted(read, upto, unread),
             }
         }
         if self.holds_live() || !self.has_live_room() {
@@ -638,6 +671,7 @@ impl SessionState {
             frames: &mut self.frames,
             frame_bytes: &mut self.frame_bytes,
             tally: &mut self.tally,
+            read_count: self.read_count.as_deref_mut(),
             verdict: None,
             run: None,
         };
@@ -650,6 +684,34 @@ impl SessionState {
                 self.jobs.insert(usize::from(self.step.is_some()), Job::CheckLoss { audience, first, through });
             }
             None => {}
+        }
+    }
+
+    /// The user's read position moved to `read`: a protocol that tells its client so counts the
+    /// unread messages up to what it sent (`last_sent`), and adds those it sends meanwhile.
+    fn read_moved(&mut self, read: u64) {
+        if matches!(self.codec, Codec::Herald(_)) {
+            let count = ReadCount { read, upto: self.last_sent, asked: false, sent_since: Vec::new() };
+            self.read_count = Some(Box::new(count));
+        }
+    }
+
+    /// The count to ask for, once: the user's unread personal messages in `(read, upto]`, but
+    /// for the kinds muted.
+    pub(crate) fn take_read_count(&mut self) -> Option<UnreadQuestion> {
+        let count = self.read_count.as_mut().filter(|count| !count.asked)?;
+        count.asked = true;
+        Some(UnreadQuestion { read: count.read, upto: count.upto, muted: self.local.muted() })
+    }
+
+    fn read_counted(&mut self, read: u64, upto: u64, unread: Option<u64>) {
+        let Some(count) = self.read_count.take_if(|count| (count.read, count.upto) == (read, upto)) else {
+            // A newer move of the read position was asked for since.
+            return;
+        };
+        if let Some(unread) = unread {
+            let sent_since = count.sent_since.iter().filter(|seq| **seq > read).count() as u64;
+            self.notice(&ServerFrame::Read { seq: read, unread: unread + sent_since });
         }
     }
 
@@ -1110,6 +1172,9 @@ impl SessionState {
                     return;
                 }
                 self.last_sent = message.seq;
+                if let Some(count) = self.read_count.as_deref_mut() {
+                    count.sent(&message);
+                }
                 self.frame_bytes += self.codec.queue_message(&message, &mut self.frames);
             }
             Purpose::TopicBlock { .. } | Purpose::Refill { .. } => {
@@ -1301,6 +1366,7 @@ struct LivePull<'a> {
     frames: &'a mut VecDeque<Bytes>,
     frame_bytes: &'a mut usize,
     tally: &'a mut Tally,
+    read_count: Option<&'a mut ReadCount>,
     verdict: Option<Verdict>,
     /// Messages taken in a row whose frames are adjacent in one burst buffer: queued as one slice.
     run: Option<Run>,
@@ -1338,6 +1404,9 @@ impl LivePull<'_> {
                     return Flow::Continue;
                 }
                 let len = self.queue(message);
+                if let Some(count) = self.read_count.as_deref_mut() {
+                    count.sent(message);
+                }
                 self.delivered(message.seq, 1, len)
             }
             Found::Burst { first, last, count } => self.take_burst(first, last, count),

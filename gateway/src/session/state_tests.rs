@@ -147,6 +147,7 @@ fn describe(frame: &[u8]) -> String {
         ServerFrame::Subscribed { topic } => format!("subscribed:{topic}"),
         ServerFrame::Unsubscribed { topic } => format!("unsubscribed:{topic}"),
         ServerFrame::Error { code, topic, .. } => format!("error:{code}:{}", topic.unwrap_or_default()),
+        ServerFrame::Read { seq, unread } => format!("read:{seq}/{unread}"),
         other => other.to_json().split('"').nth(3).unwrap_or("?").to_string(),
     }
 }
@@ -1591,4 +1592,54 @@ fn auto_acknowledged_sends_count_once_the_frames_that_carry_them_are_taken() {
     assert_eq!(take(&mut h, 1), None, "the head of 13 only");
     assert_eq!(take(&mut h, 1), Some(13));
     assert!(!h.state.has_frames());
+}
+
+/// A move of the user's read position is told with the count of unread messages the client was
+/// sent: those up to what the session had sent when it asked (counted from the stream), and the
+/// personal ones it sent while the count was under way, past the read position. Other messages
+/// on their way to it, stored before the count, come after the frame and are counted by the client.
+#[test]
+fn a_read_moved_is_told_with_the_unread_messages_the_client_was_sent() {
+    let mut h = Harness::new(Start::Live, 10);
+    h.personal(user_message(11));
+    h.personal(user_message(12));
+    assert_eq!(h.frames(), ["11", "12"]);
+    h.mailbox.push_event(Event::ReadMoved { read: 11 });
+    h.state.pull(h.watermark);
+    let question = h.state.take_read_count().expect("a count to ask for");
+    assert_eq!((question.read, question.upto), (11, 12));
+    assert!(h.state.take_read_count().is_none(), "asked once");
+    // Sent while the count is under way: a personal message past the read position, a broadcast.
+    h.personal(user_message(13));
+    h.broadcast(all_message(14));
+    assert_eq!(h.frames(), ["13", "14"]);
+    // The stream's count of (11, 12]: one.
+    h.mailbox.push_event(Event::ReadCounted { read: 11, upto: 12, unread: Some(1) });
+    assert_eq!(h.frames(), ["read:11/2"]);
+}
+
+#[test]
+fn a_read_count_overtaken_by_a_newer_move_or_not_counted_tells_nothing() {
+    let mut h = Harness::new(Start::Live, 10);
+    h.personal(user_message(11));
+    assert_eq!(h.frames(), ["11"]);
+    h.mailbox.push_event(Event::ReadMoved { read: 10 });
+    h.state.pull(h.watermark);
+    assert!(h.state.take_read_count().is_some());
+    h.mailbox.push_event(Event::ReadMoved { read: 11 });
+    h.mailbox.push_event(Event::ReadCounted { read: 10, upto: 11, unread: Some(1) });
+    assert!(h.frames().is_empty(), "the newer move's count is awaited");
+    let question = h.state.take_read_count().expect("the newer count");
+    assert_eq!((question.read, question.upto), (11, 11));
+    h.mailbox.push_event(Event::ReadCounted { read: 11, upto: 11, unread: None });
+    assert!(h.frames().is_empty(), "a count that failed tells nothing");
+}
+
+/// Only Herald's protocol tells the client of read moves.
+#[test]
+fn protocols_without_read_frames_count_nothing() {
+    let mut h = Harness::build(Start::Live, 10, 100, |p| p.codec = stomp());
+    h.mailbox.push_event(Event::ReadMoved { read: 10 });
+    h.state.pull(h.watermark);
+    assert!(h.state.take_read_count().is_none());
 }
