@@ -278,8 +278,8 @@ async fn the_http_api_answers_in_http_terms_and_takes_only_the_documented_bodies
     for (path, body, reason) in [
         ("/v1/publish", r#"[[{"user":"42"},"hi","mail","pos-1"]]"#, "message 0: a message is a JSON object"),
         ("/v1/publish", r#"[{"to":{"all":true}},["x"]]"#, "message 1: a message is a JSON object"),
-        ("/v1/inbox/42/read", "[5]", "the body is a JSON object"),
-        ("/v1/disconnect", r#"["42"]"#, "the body is a JSON object"),
+        ("/v1/inbox/42/read", "[5]", "the body must be a JSON object"),
+        ("/v1/disconnect", r#"["42"]"#, "the body must be a JSON object"),
     ] {
         let (status, answer) = post(&gateway, path, Some(KEY), body.into()).await;
         let answered = (status, answer["error"].as_str(), answer["reason"].as_str());

@@ -329,7 +329,7 @@ async fn read_json(shared: &Shared, request: Request<Incoming>) -> Result<Value,
     // serde would read a struct from an array of its fields too: only the documented form is taken.
     match value.is_object() {
         true => Ok(value),
-        false => Err(ApiError::bad_request("the body is a JSON object")),
+        false => Err(ApiError::bad_request("the body must be a JSON object")),
     }
 }
 
