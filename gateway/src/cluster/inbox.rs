@@ -132,11 +132,7 @@ impl Inbox {
         }
         if muted.is_empty() {
             let subject = Audience::User(user.to_string()).push_subject();
-            let past_upto =
-                async { if upto == u64::MAX { Ok((0, None)) } else { self.count_from(&subject, upto + 1).await } };
-            let (from_read, past_upto) = tokio::join!(self.count_from(&subject, read + 1), past_upto);
-            let ((from_read, first), (past_upto, _)) = (from_read?, past_upto?);
-            let unread = from_read.saturating_sub(past_upto);
+            let (unread, first) = self.count_between(&subject, read, upto).await?;
             return Ok((unread, first.filter(|_| unread > 0)));
         }
         let mut replay = self.replayer.open(&[Audience::User(user.to_string())], read, upto).await.map_err(error)?;
@@ -149,6 +145,33 @@ impl Inbox {
             }
         }
         Ok((unread, first))
+    }
+
+    /// How many messages of `subject` are in `(read, upto]`, and the first one's `seq` at or past
+    /// `read + 1`: the messages from `read + 1` on less those past `upto`, two counts that a
+    /// message stored between them would set apart (it counts in the second only, if it is asked
+    /// for second), so the second is asked for again after the first until it stayed the same.
+    async fn count_between(&self, subject: &str, read: u64, upto: u64) -> Result<(u64, Option<u64>), InboxError> {
+        let mut past_upto = self.count_past(subject, upto).await?;
+        for _ in 0..COUNT_TRIES {
+            let (from_read, first) = self.count_from(subject, read + 1).await?;
+            let again = self.count_past(subject, upto).await?;
+            if again == past_upto {
+                return Ok((from_read.saturating_sub(past_upto), first));
+            }
+            past_upto = again;
+        }
+        // Stored faster than asked: what is past `upto` now (the count may be low by what came last).
+        let (from_read, first) = self.count_from(subject, read + 1).await?;
+        Ok((from_read.saturating_sub(past_upto), first))
+    }
+
+    /// How many messages of `subject` are past `upto`.
+    async fn count_past(&self, subject: &str, upto: u64) -> Result<u64, InboxError> {
+        match upto.checked_add(1) {
+            Some(from) => Ok(self.count_from(subject, from).await?.0),
+            None => Ok(0),
+        }
     }
 
     /// How many messages of `subject` have a sequence of `from` or more (the first one's
@@ -251,6 +274,9 @@ impl Inbox {
         }
     }
 }
+
+/// Tries at a count between two sequences while messages keep coming.
+const COUNT_TRIES: usize = 4;
 
 /// A numeric header of a direct-get reply.
 fn reply_header(reply: &Delivered, name: &str) -> Option<u64> {
