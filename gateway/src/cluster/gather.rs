@@ -8,6 +8,10 @@ use futures::StreamExt;
 
 use crate::Shared;
 
+/// How long a gateway waits past the window for its own answer to its question (a busy gateway
+/// answers late) before it takes the question for one NATS did not route.
+const OWN_ANSWER_WAIT: Duration = Duration::from_secs(2);
+
 /// Publishes `body` to `subject` and returns every reply that arrives within `window`.
 pub(crate) async fn gather(
     client: &async_nats::Client,
@@ -15,15 +19,30 @@ pub(crate) async fn gather(
     body: Bytes,
     window: Duration,
 ) -> Result<Vec<async_nats::Message>, async_nats::Error> {
+    Ok(collect(client, subject, body, window, None).await?.0)
+}
+
+/// Every reply to `body` on `subject` that arrives within `window`, and after it, if one is
+/// `awaited`, until it came (up to [`OWN_ANSWER_WAIT`]); whether it did.
+async fn collect(
+    client: &async_nats::Client,
+    subject: &str,
+    body: Bytes,
+    window: Duration,
+    awaited: Option<&(dyn Fn(&async_nats::Message) -> bool + Sync)>,
+) -> Result<(Vec<async_nats::Message>, bool), async_nats::Error> {
     let inbox = client.new_inbox();
     let mut replies = client.subscribe(inbox.clone()).await?;
     client.publish_with_reply(subject.to_string(), inbox, body).await?;
-    let deadline = tokio::time::Instant::now() + window;
-    let mut answers = Vec::new();
-    while let Ok(Some(reply)) = tokio::time::timeout_at(deadline, replies.next()).await {
+    let started = tokio::time::Instant::now();
+    let (mut answers, mut came) = (Vec::new(), awaited.is_none());
+    loop {
+        let deadline = if came { started + window } else { started + window.max(OWN_ANSWER_WAIT) };
+        let Ok(Some(reply)) = tokio::time::timeout_at(deadline, replies.next()).await else { break };
+        came |= awaited.is_some_and(|awaited| awaited(&reply));
         answers.push(reply);
     }
-    Ok(answers)
+    Ok((answers, came))
 }
 
 /// [`gather`] of a question every gateway answers with its `node`, this one included: without its
@@ -35,12 +54,13 @@ pub(crate) async fn gather_gateways(
     body: Bytes,
 ) -> Result<Vec<async_nats::Message>, async_nats::Error> {
     let (window, node) = (shared.config.gather_window, &shared.config.node_id);
-    let answers = gather(&shared.client, subject, body, window).await?;
-    let answered_by = |answer: &async_nats::Message| {
+    let own = |answer: &async_nats::Message| {
         serde_json::from_slice::<Answerer>(&answer.payload).is_ok_and(|answerer| answerer.node == *node)
     };
-    if !answers.iter().any(answered_by) {
-        return Err(format!("NATS did not route the question within {window:?} (no answer from this gateway)").into());
+    let (answers, answered) = collect(&shared.client, subject, body, window, Some(&own)).await?;
+    if !answered {
+        let waited = window.max(OWN_ANSWER_WAIT);
+        return Err(format!("NATS did not route the question within {waited:?} (no answer from this gateway)").into());
     }
     Ok(answers)
 }

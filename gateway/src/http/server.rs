@@ -95,6 +95,9 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
 /// `request_head_timeout` to send a request's head, or to start its next one, is disconnected
 /// (never, with 0).
 pub(crate) fn http1_builder(config: &crate::Config) -> http1::Builder {
+    // Never `pipeline_flush(true)`: it skips the socket's flush while a request waits behind the
+    // response, and a streamed body (SSE on a kept-alive connection) hands over its next chunk only
+    // after that flush (see `tap`).
     let mut builder = http1::Builder::new();
     if !config.request_head_timeout.is_zero() {
         builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(config.request_head_timeout);

@@ -352,7 +352,7 @@ fn advance(
         if !transmit.is_busy()
             && !state.has_frames()
             && let Some(seq) = state.codec_mut().take_auto_ack()
-            && let Some(seq) = transmit.mark(seq.min(state.last_sent()))
+            && let Some(seq) = transmit.mark(seq.min(state.auto_ack_bound()))
         {
             // Everything queued is written: what was sent on auto-acknowledged subscriptions counts
             // once the client has it.

@@ -48,8 +48,6 @@ const HIGH_WATER: usize = 64 * 1024;
 const LIVE_HIGH_WATER: usize = 256 * 1024;
 /// Auto-acknowledgements waiting for their frames to be taken, at most.
 const MAX_AUTO_ACKS: usize = 8;
-/// Personal messages noted while a read count is under way, at most (past it, the count is low).
-const MAX_SENT_SINCE: usize = 4096;
 
 /// The user's unread personal messages to count: those in `(read, upto]`, but for the `muted` kinds.
 pub(crate) struct UnreadQuestion {
@@ -65,14 +63,14 @@ struct ReadCount {
     read: u64,
     upto: u64,
     asked: bool,
-    /// The personal messages sent since the count was asked for (all of them past `upto`).
-    sent_since: Vec<u64>,
+    /// The personal messages past `read` sent since the count was asked for (all past `upto`).
+    unread_since: u64,
 }
 
 impl ReadCount {
     fn sent(&mut self, message: &Message) {
-        if matches!(message.audience, Audience::User(_)) && self.sent_since.len() < MAX_SENT_SINCE {
-            self.sent_since.push(message.seq);
+        if matches!(message.audience, Audience::User(_)) && message.seq > self.read {
+            self.unread_since += 1;
         }
     }
 }
@@ -336,8 +334,10 @@ pub(crate) struct SessionState {
     /// How many frames were taken for the socket so far.
     frames_taken: u64,
     /// Where the codec's auto-acknowledged subscriptions stood (`.1`) when the first `.0` frames
-    /// were queued, oldest first, until those frames are taken.
-    auto_acks: VecDeque<(u64, u64)>,
+    /// were queued, oldest first, until those frames are taken (boxed so that the state keeps a
+    /// pointer for them, not a queue's 32 bytes: most connections never keep one).
+    #[allow(clippy::box_collection)]
+    auto_acks: Option<Box<VecDeque<(u64, u64)>>>,
     /// The user's read position moved: the count of its unread messages to tell the client.
     read_count: Option<Box<ReadCount>>,
     frame_bytes: usize,
@@ -389,7 +389,7 @@ impl SessionState {
             coverage: Coverage::through(params.bounds.last),
             frames: VecDeque::new(),
             frames_taken: 0,
-            auto_acks: VecDeque::new(),
+            auto_acks: None,
             read_count: None,
             frame_bytes: 0,
             jobs: VecDeque::new(),
@@ -472,7 +472,8 @@ impl SessionState {
         self.allowed_topics = allowed;
     }
 
-    /// The highest `seq` sent: what an auto-acknowledged subscription was sent.
+    /// The highest `seq` sent.
+    #[cfg(test)]
     pub(crate) fn last_sent(&self) -> u64 {
         self.last_sent
     }
@@ -537,26 +538,42 @@ impl SessionState {
         max_frames: usize,
         max_bytes: usize,
     ) -> Option<u64> {
-        if let Some(seq) = self.codec.take_auto_ack() {
-            let queued = self.frames_taken + self.frames.len() as u64;
-            if self.auto_acks.len() >= MAX_AUTO_ACKS {
-                // Replaced by a later one: it counts later, never early.
-                self.auto_acks.pop_back();
-            }
-            self.auto_acks.push_back((queued, seq.min(self.last_sent)));
-        }
+        let queued = self.frames_taken + self.frames.len() as u64;
+        let sent = self.codec.take_auto_ack().map(|seq| (queued, seq.min(self.last_sent)));
         self.take_frames(batch, max_frames, max_bytes);
         let mut taken = None;
-        while let Some(&(queued, seq)) = self.auto_acks.front()
-            && queued <= self.frames_taken
-        {
-            taken = Some(seq);
-            self.auto_acks.pop_front();
+        if let Some(waiting) = self.auto_acks.as_mut() {
+            while let Some(&(queued, seq)) = waiting.front()
+                && queued <= self.frames_taken
+            {
+                taken = Some(seq);
+                waiting.pop_front();
+            }
         }
-        if self.auto_acks.is_empty() {
-            self.auto_acks = VecDeque::new();
+        match sent {
+            // Its frames are all in this batch (and so are those of any before it).
+            Some((queued, seq)) if queued <= self.frames_taken => taken = Some(seq),
+            Some(sent) => {
+                let waiting = self.auto_acks.get_or_insert_default();
+                if waiting.len() >= MAX_AUTO_ACKS {
+                    // Replaced by a later one: it counts later, never early.
+                    waiting.pop_back();
+                }
+                waiting.push_back(sent);
+            }
+            None => {}
         }
-        taken
+        if self.auto_acks.as_ref().is_some_and(|waiting| waiting.is_empty()) {
+            self.auto_acks = None;
+        }
+        taken.map(|seq| seq.min(self.auto_ack_bound()))
+    }
+
+    /// The furthest what was sent on auto-acknowledged subscriptions may move the cursor, once
+    /// what was taken for the socket is written: what was sent, short of what a refill owes.
+    pub(crate) fn auto_ack_bound(&self) -> u64 {
+        let owed = self.refill_owed_from(self.frames_taken).map_or(u64::MAX, |first| first.saturating_sub(1));
+        self.last_sent.min(owed)
     }
 
     /// Moves up to `max_frames` queued frames (and about `max_bytes`) into `batch`.
@@ -691,7 +708,7 @@ impl SessionState {
     /// unread messages up to what it sent (`last_sent`), and adds those it sends meanwhile.
     fn read_moved(&mut self, read: u64) {
         if matches!(self.codec, Codec::Herald(_)) {
-            let count = ReadCount { read, upto: self.last_sent, asked: false, sent_since: Vec::new() };
+            let count = ReadCount { read, upto: self.last_sent, asked: false, unread_since: 0 };
             self.read_count = Some(Box::new(count));
         }
     }
@@ -710,8 +727,7 @@ impl SessionState {
             return;
         };
         if let Some(unread) = unread {
-            let sent_since = count.sent_since.iter().filter(|seq| **seq > read).count() as u64;
-            self.notice(&ServerFrame::Read { seq: read, unread: unread + sent_since });
+            self.notice(&ServerFrame::Read { seq: read, unread: unread + count.unread_since });
         }
     }
 

@@ -131,9 +131,11 @@ impl<W: AsyncWrite + Unpin + Unacknowledged> Transmit<W> {
                 newest
             }
             None => {
-                // The socket would not say after all: as if it never could.
+                // The socket would not say after all: as if it never could, what was written counts
+                // (a mark past it, at the end of a batch in flight, is dropped: it never counts).
                 self.blind = true;
-                let newest = marks.pending.back().map(|&(_, seq)| seq);
+                let written = self.written;
+                let newest = marks.pending.iter().take_while(|&&(end, _)| end <= written).last().map(|&(_, seq)| seq);
                 marks.pending.clear();
                 newest
             }
@@ -359,10 +361,14 @@ mod tests {
         let (mut transmit, unacknowledged) = on_socket();
         write(&mut transmit, 10).await;
         assert_eq!(transmit.mark(1), None);
+        // A mark at the end of a batch not written yet.
+        transmit.start(|batch| batch.push(Bytes::from_static(b"12345")));
+        assert_eq!(transmit.mark(2), None);
         *unacknowledged.lock().unwrap() = None;
-        assert_eq!(transmit.acknowledged(true), Some(1));
+        assert_eq!(transmit.acknowledged(true), Some(1), "what was written, not the batch in flight");
+        transmit.flush().await.unwrap();
         write(&mut transmit, 10).await;
-        assert_eq!(transmit.mark(2), Some(2), "at once from then on");
+        assert_eq!(transmit.mark(3), Some(3), "at once from then on");
         assert_eq!(transmit.next_check(), None);
     }
 
