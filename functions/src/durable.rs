@@ -44,8 +44,8 @@ pub(crate) struct Durable {
     handler: Arc<dyn EventHandler>,
     policy: RetryPolicy,
     ack_wait: Duration,
-    /// Events this process dead-lettered without a delivery ([`crate::unreadable`]), each with
-    /// whether its `+TERM` was taken, until the consumer's acknowledgement floor passes them.
+    /// Events this process began to end without a delivery ([`crate::unreadable`]), each with how
+    /// far it got, until the consumer's acknowledgement floor passes them.
     ended: std::sync::Mutex<Ended>,
 }
 
@@ -53,7 +53,7 @@ pub(crate) struct Durable {
 #[derive(Default)]
 struct Ended {
     consumer_created: Option<time::OffsetDateTime>,
-    events: std::collections::BTreeMap<u64, bool>,
+    events: std::collections::BTreeMap<u64, Ending>,
 }
 
 /// How far this process got in ending an event without a delivery.
@@ -61,6 +61,9 @@ struct Ended {
 pub(crate) enum Ending {
     /// Not begun: dead-letter it, then `+TERM` it.
     New,
+    /// Its letter was sent without an answer (it may be stored): sent again, a duplicate is this
+    /// process's own, so it still counts as a new letter.
+    Tried,
     /// Dead-lettered; its `+TERM` is still to be taken.
     Lettered,
     /// Done: it waits in the consumer's window for the events before it.
@@ -115,16 +118,12 @@ impl Durable {
         if ended.consumer_created != Some(created) {
             *ended = Ended { consumer_created: Some(created), events: Default::default() };
         }
-        match ended.events.get(&seq) {
-            None => Ending::New,
-            Some(false) => Ending::Lettered,
-            Some(true) => Ending::Done,
-        }
+        ended.events.get(&seq).copied().unwrap_or(Ending::New)
     }
 
     /// Notes how far ending `seq` got.
-    pub(crate) fn ended_to(&self, seq: u64, terminated: bool) {
-        self.ended().events.insert(seq, terminated);
+    pub(crate) fn ended_to(&self, seq: u64, ending: Ending) {
+        self.ended().events.insert(seq, ending);
     }
 
     /// Forgets the ended events below `floor`: the consumer is past them.

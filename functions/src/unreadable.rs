@@ -131,21 +131,25 @@ async fn end(
     why: &str,
     created: time::OffsetDateTime,
 ) -> Result<(), String> {
-    match durable.ending(seq, created) {
+    let ending = durable.ending(seq, created);
+    match ending {
         // It waits in the window until the events before it are settled.
         Ending::Done => return Ok(()),
         Ending::Lettered => {}
-        Ending::New => {
+        Ending::New | Ending::Tried => {
+            durable.ended_to(seq, Ending::Tried);
             let error = format!("the NATS client cannot take it ({why}), so no handler saw it");
-            if durable.dead_letter_unhandled(js, &event.subject, seq, &event.payload, &error).await? {
+            let stored = durable.dead_letter_unhandled(js, &event.subject, seq, &event.payload, &error).await?;
+            // A duplicate after this process's own unanswered try is that try's letter.
+            if stored || ending == Ending::Tried {
                 warn!(function = durable.function(), stream = durable.stream(), seq, subject = %event.subject, why, "an event the NATS client cannot take: dead-lettered");
                 worker.metrics().dead_letters.get_or_create(worker.label()).inc();
             }
-            durable.ended_to(seq, false);
+            durable.ended_to(seq, Ending::Lettered);
         }
     }
     durable.terminate(seq, REQUEST_TIMEOUT).await?;
-    durable.ended_to(seq, true);
+    durable.ended_to(seq, Ending::Done);
     Ok(())
 }
 

@@ -33,12 +33,17 @@ pub fn test_config(nats: &TestNats) -> Config {
 
 /// A runtime of `functions` on a connection of its own, as the `functions` user.
 pub async fn start(nats: &TestNats, config: &Config, functions: Vec<Function>) -> Runtime {
+    start_at(&nats.url(), config, functions).await
+}
+
+/// A runtime of `functions` connected to NATS at `url` (a proxy in front of a test NATS).
+pub async fn start_at(url: &str, config: &Config, functions: Vec<Function>) -> Runtime {
     let client = async_nats::ConnectOptions::with_user_and_password(
         crate::nats::Role::Functions.user().into(),
         crate::nats::Role::Functions.password(),
     )
     .custom_inbox_prefix(&config.nats.nats_inbox_prefix)
-    .connect(nats.url())
+    .connect(url)
     .await
     .expect("connect as functions");
     Runtime::start(client, config, functions).await.expect("functions start")

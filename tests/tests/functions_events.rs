@@ -7,10 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use herald_functions::{Event, Function, HandlerError, Pusher};
-use herald_shared::functions::LifecycleEvent;
+use herald_shared::functions::{DeadLetter, LifecycleEvent};
 use herald_shared::subject::{Audience, EVENTS_CONNECT, EVENTS_DISCONNECT, STREAM};
 use herald_tests::functions::{
-    WAIT, dead_letters, metric, publish_event, start, stored_counts, test_config, wait_settled,
+    WAIT, dead_letters, metric, publish_event, start, start_at, stored_counts, test_config, wait_settled,
 };
 use herald_tests::{TestGateway, TestNats, eventually};
 use serde_json::json;
@@ -383,5 +383,44 @@ async fn an_event_ended_without_a_delivery_is_dead_lettered_once() {
     eventually("four more retries", WAIT, || async { (metric(&runtime, retries).await >= now + 4.0).then_some(()) })
         .await;
     assert_eq!(metric(&runtime, r#"herald_functions_dead_letters_total{function="stubborn"}"#).await, 1.0);
+    runtime.kill().await;
+}
+
+/// A letter whose publish went unanswered may be stored all the same: sent again, the stream calls
+/// it a duplicate, and it is still the one letter this copy wrote, so it counts (it did not, and
+/// `herald_functions_dead_letters_total` read 0 beside a stored letter on a loaded machine).
+#[tokio::test]
+async fn a_letter_stored_without_an_answer_counts_once() {
+    let nats = TestNats::start().await;
+    let mut config = test_config(&nats);
+    config.ack_wait = Duration::from_secs(2);
+    let letters_subject = herald_shared::subject::dead_letter("collect");
+    let filter = herald_tests::nats_filter::NatsFilter::start(&nats, &letters_subject).await;
+    let runtime = start_at(&filter.url(), &config, vec![collecting("collect", recorder())]).await;
+    let js = nats.jetstream().await;
+    filter.drop_publishes();
+    let poison = herald_tests::publish::publish_raw(&nats, "events.test.a", &[b"X-Custom: caf\xe9"], b"{}").await;
+    // The copy's letter goes unanswered; as if it had been stored, the same letter is.
+    filter.wait_dropped(1).await;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", format!("collect:{}-{poison}", config.events_stream).as_str());
+    let letter = DeadLetter {
+        function: "collect".into(),
+        subject: "events.test.a".into(),
+        stream: config.events_stream.clone(),
+        seq: poison,
+        attempts: 0,
+        error: "the first try".into(),
+        data: json!({}),
+        payload: None,
+        ts: "2026-12-07T00:00:00Z".into(),
+    };
+    let letter = serde_json::to_vec(&letter).unwrap();
+    js.publish_with_headers(letters_subject, headers, letter.into()).await.unwrap().await.expect("stored");
+    filter.pass_publishes();
+
+    wait_settled(&js, &config.events_stream, "collect", poison).await;
+    assert_eq!(dead_letters(&js, &config, "collect", 1).await.len(), 1);
+    assert_eq!(metric(&runtime, r#"herald_functions_dead_letters_total{function="collect"}"#).await, 1.0);
     runtime.kill().await;
 }
