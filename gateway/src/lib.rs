@@ -188,6 +188,9 @@ impl Gateway {
         let metrics = Arc::new(Metrics::new());
         let shutdown = CancellationToken::new();
         let killed = CancellationToken::new();
+        let questions = events::Questions::subscribe(&control)
+            .await
+            .map_err(|error| StartError::Nats(format!("cannot subscribe to the gateways' questions: {error}")))?;
         let js = jetstream::new(control.clone());
         let (feed_events, feed_receiver) = tokio::sync::mpsc::channel(config.nats.nats_subscription_capacity.max(1));
         let feed_name = format!("herald-gateway {} delivery", config.node_id);
@@ -241,7 +244,7 @@ impl Gateway {
             polling: Default::default(),
             sockjs: Default::default(),
         });
-        start_background_tasks(&shared);
+        start_background_tasks(&shared, questions);
         if let Some(api_listener) = api_listener {
             tokio::spawn(api::serve(shared.clone(), api_listener));
         }
@@ -279,7 +282,7 @@ impl Gateway {
 }
 
 /// The tasks that keep a gateway's shared state current, all stopped by `shutdown`.
-fn start_background_tasks(shared: &Arc<Shared>) {
+fn start_background_tasks(shared: &Arc<Shared>, questions: events::Questions) {
     let shutdown = shared.shutdown.clone();
     let (interval, rate) = (shared.config.cursor_flush_interval, shared.config.cursor_write_rate);
     tokio::spawn(shared.cursors.clone().run_flusher(interval, rate, shutdown.clone()));
@@ -293,25 +296,7 @@ fn start_background_tasks(shared: &Arc<Shared>) {
     tokio::spawn(shared.inbox.clone().run_flusher(shutdown.clone()));
     tokio::spawn(delivery::reach::watch(shared.feed.clone(), shared.router.clone(), shutdown.clone()));
     tokio::spawn(shared.inbox.clone().watch(shared.registry.clone(), shutdown.clone()));
-    tokio::spawn(events::answer_presence(
-        shared.client.clone(),
-        shared.registry.clone(),
-        shared.config.node_id.clone(),
-        shutdown.clone(),
-    ));
-    tokio::spawn(events::answer_disconnects(
-        shared.client.clone(),
-        shared.registry.clone(),
-        shared.config.node_id.clone(),
-        shutdown.clone(),
-    ));
-    tokio::spawn(events::tell_devices_that_lost(shared.client.clone(), shared.registry.clone(), shutdown.clone()));
-    tokio::spawn(events::answer_socket_questions(
-        shared.client.clone(),
-        shared.registry.clone(),
-        shared.config.node_id.clone(),
-        shutdown,
-    ));
+    questions.answer(&shared.client, &shared.registry, &shared.config.node_id, &shutdown);
 }
 
 async fn run(shared: Arc<Shared>, listener: TcpListener) {

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use async_nats::Subscriber;
 use bytes::Bytes;
 use futures::StreamExt;
 use herald_shared::functions::{LifecycleEvent, PRESENCE_PART_BYTES, PresenceQuery, PresenceReply, presence_answer};
@@ -53,13 +54,14 @@ pub(crate) async fn publish_lifecycle(client: &async_nats::Client, who: &Who<'_>
 
 /// Answers presence questions about this gateway's sockets until `shutdown`: about one user with
 /// counts, about everyone with its users listed in parts (see `presence_answer`).
-pub(crate) async fn answer_presence(
+async fn answer_presence(
+    questions: Subscriber,
     client: async_nats::Client,
     registry: Arc<Registry>,
     node: String,
     shutdown: CancellationToken,
 ) {
-    answer_each(&client, PRESENCE_GATHER, "presence questions", &shutdown, |question| {
+    answer_each(questions, Some(&client), &shutdown, |question| {
         let asked: PresenceQuery = serde_json::from_slice(question).unwrap_or_default();
         let counts = registry.counts();
         let answer = match asked.user.as_deref() {
@@ -79,22 +81,55 @@ pub(crate) async fn answer_presence(
     .await;
 }
 
-/// Subscribes to `subject` and answers each request with the parts `answer` makes of its payload
-/// (published to its reply subject, if it has one), until `shutdown`.
+/// The subscriptions through which other gateways, the API and the functions ask this gateway,
+/// made before it listens: a question asked once it is up never finds it deaf.
+pub(crate) struct Questions {
+    presence: Subscriber,
+    disconnects: Subscriber,
+    losses: Subscriber,
+    sockets: Subscriber,
+}
+
+impl Questions {
+    pub(crate) async fn subscribe(client: &async_nats::Client) -> Result<Questions, async_nats::SubscribeError> {
+        Ok(Questions {
+            presence: client.subscribe(PRESENCE_GATHER).await?,
+            disconnects: client.subscribe(ADMIN_DISCONNECT).await?,
+            losses: client.subscribe(DEVICE_LOST).await?,
+            sockets: client.subscribe(ADMIN_SOCKETS).await?,
+        })
+    }
+
+    /// Answers every kind of question about `registry`'s sockets until `shutdown`.
+    pub(crate) fn answer(
+        self,
+        client: &async_nats::Client,
+        registry: &Arc<Registry>,
+        node: &str,
+        shutdown: &CancellationToken,
+    ) {
+        let (client, registry, node) = (client.clone(), registry.clone(), node.to_string());
+        tokio::spawn(answer_presence(self.presence, client.clone(), registry.clone(), node.clone(), shutdown.clone()));
+        tokio::spawn(answer_disconnects(
+            self.disconnects,
+            client.clone(),
+            registry.clone(),
+            node.clone(),
+            shutdown.clone(),
+        ));
+        tokio::spawn(tell_devices_that_lost(self.losses, registry.clone(), shutdown.clone()));
+        tokio::spawn(answer_socket_questions(self.sockets, client, registry, node, shutdown.clone()));
+    }
+}
+
+/// Answers each request of `requests` with the parts `answer` makes of its payload (published to
+/// its reply subject, if it has one), until `shutdown`.
 async fn answer_each(
-    client: &async_nats::Client,
-    subject: &'static str,
-    what: &str,
+    mut requests: Subscriber,
+    client: Option<&async_nats::Client>,
     shutdown: &CancellationToken,
     mut answer: impl FnMut(&[u8]) -> Vec<Bytes>,
 ) {
-    let mut requests = match client.subscribe(subject).await {
-        Ok(subscriber) => subscriber,
-        Err(error) => {
-            warn!(%error, "{what} will not be answered");
-            return;
-        }
-    };
     loop {
         let request = tokio::select! {
             request = requests.next() => request,
@@ -102,7 +137,7 @@ async fn answer_each(
         };
         let Some(request) = request else { return };
         let parts = answer(&request.payload);
-        if let Some(reply) = request.reply {
+        if let (Some(client), Some(reply)) = (client, request.reply) {
             for part in parts {
                 let _ = client.publish(reply.clone(), part).await;
             }
@@ -119,13 +154,14 @@ struct DisconnectOrder {
 
 /// Closes the local sockets an operator asked to disconnect (4003), answering how many, until
 /// `shutdown`.
-pub(crate) async fn answer_disconnects(
+async fn answer_disconnects(
+    orders: Subscriber,
     client: async_nats::Client,
     registry: Arc<Registry>,
     node: String,
     shutdown: CancellationToken,
 ) {
-    answer_each(&client, ADMIN_DISCONNECT, "disconnect orders", &shutdown, |order| {
+    answer_each(orders, Some(&client), &shutdown, |order| {
         let Ok(wanted) = serde_json::from_slice::<DisconnectOrder>(order) else { return Vec::new() };
         if check_id(IdKind::User, &wanted.user).is_err() {
             return Vec::new();
@@ -164,12 +200,8 @@ pub(crate) async fn publish_device_lost(client: &async_nats::Client, who: &Who<'
 /// connection), until `shutdown`: a session that resumed before the note was written reported its
 /// replay complete, and closes with 4008 so that its next resume reports the loss (see
 /// `SessionState`).
-pub(crate) async fn tell_devices_that_lost(
-    client: async_nats::Client,
-    registry: Arc<Registry>,
-    shutdown: CancellationToken,
-) {
-    answer_each(&client, DEVICE_LOST, "lost-messages notices", &shutdown, |notice| {
+async fn tell_devices_that_lost(notices: Subscriber, registry: Arc<Registry>, shutdown: CancellationToken) {
+    answer_each(notices, None, &shutdown, |notice| {
         if let Ok(lost) = serde_json::from_slice::<DeviceLost>(notice) {
             let note = LostNote { first: lost.first, revision: lost.revision };
             registry.tell_device(lost.user, lost.device, lost.conn, || Event::LossNoted(note));
@@ -186,13 +218,14 @@ struct SocketsQuestion {
 
 /// Lists the local sockets of the user an operator asks about (`GET /v1/users/<user>`), until
 /// `shutdown`.
-pub(crate) async fn answer_socket_questions(
+async fn answer_socket_questions(
+    questions: Subscriber,
     client: async_nats::Client,
     registry: Arc<Registry>,
     node: String,
     shutdown: CancellationToken,
 ) {
-    answer_each(&client, ADMIN_SOCKETS, "socket questions", &shutdown, |question| {
+    answer_each(questions, Some(&client), &shutdown, |question| {
         let Ok(asked) = serde_json::from_slice::<SocketsQuestion>(question) else { return Vec::new() };
         if check_id(IdKind::User, &asked.user).is_err() {
             return Vec::new();
