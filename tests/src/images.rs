@@ -2,8 +2,9 @@
 //! (`deploy/compose.yaml`) for tests.
 //!
 //! The images are `herald-<name>:<version>` (the workspace version, or `HERALD_IMAGE_TAG`), built with
-//! `scripts/images` when one is missing. `scripts/test` builds them before the tests, so there they are
-//! current; a plain `cargo test` runs whatever image of this version exists (`scripts/images` rebuilds).
+//! `scripts/images` when one is missing. `scripts/test` builds its own before the tests (tagged `test`, of
+//! unoptimized binaries), so there they are current; a plain `cargo test` runs whatever image of this
+//! version exists (`scripts/images` rebuilds).
 //!
 //! Without Docker (or without docker-compose / `docker compose`, for the stack) the tests that need them
 //! print a note and pass, unless `HERALD_REQUIRE_DOCKER=1` (CI) makes that an error.
