@@ -162,11 +162,11 @@ pub(crate) async fn serve_direct(
     mut stream: TcpStream,
     peer: SocketAddr,
 ) -> Result<(), TcpStream> {
-    let wait = match shared.config.request_head_timeout {
-        none if none.is_zero() => DIRECT_HEAD_WAIT,
-        limit => DIRECT_HEAD_WAIT.min(limit),
+    let (request, head_len) = match first_request(&stream, shared.config.request_head_timeout).await {
+        FirstRequest::Stream(request, head_len) => (*request, head_len),
+        FirstRequest::Http => return Err(stream),
+        FirstRequest::TooSlow => return Ok(()),
     };
-    let Some((request, head_len)) = peek_stream_request(&stream, wait).await else { return Err(stream) };
     let allowing = cors::allowing(shared, &request);
     let admitted = match admit_stream(shared, &request, peer).await {
         Ok(Some(admitted)) => admitted,
@@ -232,33 +232,55 @@ const STREAM_START: &[u8] = b"GET /sse";
 const DIRECT_HEAD_BYTES: usize = 8 * 1024;
 /// Request headers read at most for a stream served on the connection.
 const DIRECT_HEADERS: usize = 64;
-/// How long a stream's request head may take to come whole before the HTTP layer reads it.
+/// How long a stream's request head may take to come whole before the HTTP layer reads it, when
+/// `request_head_timeout` is 0 (never).
 const DIRECT_HEAD_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// The longest pause between two looks at a request head still coming.
 const DIRECT_HEAD_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// What a connection's first request is, as far as serving a stream on it goes.
+#[derive(Debug)]
+enum FirstRequest {
+    /// A whole `GET /sse` head: the request (without a body) and the head's length.
+    Stream(Box<Request<()>>, usize),
+    /// Anything else: the HTTP layer reads it.
+    Http,
+    /// Its head did not come whole within `request_head_timeout`: closed, as the HTTP layer closes
+    /// such a connection (handed to it, the connection would get that time again).
+    TooSlow,
+}
+
+/// Looks at the connection's first request for `request_head_timeout` at most (0: never closed
+/// for it; the HTTP layer reads it after [`DIRECT_HEAD_WAIT`]).
+async fn first_request(stream: &TcpStream, request_head_timeout: std::time::Duration) -> FirstRequest {
+    let never = request_head_timeout.is_zero();
+    let wait = if never { DIRECT_HEAD_WAIT } else { request_head_timeout };
+    match tokio::time::timeout(wait, peek_stream_request(stream)).await {
+        Ok(Some((request, head_len))) => FirstRequest::Stream(Box::new(request), head_len),
+        Err(_) if !never => FirstRequest::TooSlow,
+        Ok(None) | Err(_) => FirstRequest::Http,
+    }
+}
+
 /// The connection's first request, without reading it, when it is a whole `GET /sse` head: the
 /// request (without a body) and the head's length. A head that comes in parts (longer than a TCP
-/// segment, with a long token or cookies) is looked at again a moment later, [`DIRECT_HEAD_WAIT`]
-/// at most. (Waiting for the socket's readiness instead would need it cleared, and the HTTP layer
+/// segment, with a long token or cookies) is looked at again a moment later, for as long as the
+/// caller waits. (Waiting for the socket's readiness instead would need it cleared, and the HTTP layer
 /// would then wait for bytes that are already there.)
-async fn peek_stream_request(stream: &TcpStream, wait: std::time::Duration) -> Option<(Request<()>, usize)> {
+async fn peek_stream_request(stream: &TcpStream) -> Option<(Request<()>, usize)> {
     let mut head = vec![0; DIRECT_HEAD_BYTES];
-    let whole = async {
-        let mut pause = std::time::Duration::from_millis(1);
-        loop {
-            let peeked = stream.peek(&mut head).await.ok()?;
-            match stream_request(&head[..peeked]) {
-                StreamHead::Whole(request, len) => return Some((*request, len)),
-                StreamHead::Partial if 0 < peeked && peeked < head.len() => {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(DIRECT_HEAD_PAUSE);
-                }
-                StreamHead::Partial | StreamHead::Other => return None,
+    let mut pause = std::time::Duration::from_millis(1);
+    loop {
+        let peeked = stream.peek(&mut head).await.ok()?;
+        match stream_request(&head[..peeked]) {
+            StreamHead::Whole(request, len) => return Some((*request, len)),
+            StreamHead::Partial if 0 < peeked && peeked < head.len() => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(DIRECT_HEAD_PAUSE);
             }
+            StreamHead::Partial | StreamHead::Other => return None,
         }
-    };
-    tokio::time::timeout(wait, whole).await.ok().flatten()
+    }
 }
 
 /// What the first bytes of a connection are.
@@ -351,6 +373,35 @@ impl AsyncRead for Silent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connection to the gateway's side of a loopback pair that got `sent`.
+    async fn connection_that_sent(sent: &[u8]) -> (TcpStream, TcpStream) {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        client.write_all(sent).await.unwrap();
+        (server, client)
+    }
+
+    /// A head that never ends is closed at `request_head_timeout`: handed to the HTTP layer, it
+    /// got that time twice (20 s by default for a silent connection).
+    #[tokio::test(start_paused = true)]
+    async fn a_first_request_is_given_request_head_timeout_once() {
+        let limit = std::time::Duration::from_secs(10);
+        for sent in [&b""[..], b"GE", b"GET /sse?token=x HTTP/1.1\r\nHost: x\r\n"] {
+            let (server, _client) = connection_that_sent(sent).await;
+            let started = tokio::time::Instant::now();
+            assert!(matches!(first_request(&server, limit).await, FirstRequest::TooSlow), "{sent:?}");
+            assert_eq!(started.elapsed(), limit, "{sent:?}");
+            // With no limit the HTTP layer reads it, which closes no connection for it either.
+            assert!(matches!(first_request(&server, std::time::Duration::ZERO).await, FirstRequest::Http));
+        }
+        let (server, _client) = connection_that_sent(b"GET /ws HTTP/1.1\r\n").await;
+        assert!(matches!(first_request(&server, limit).await, FirstRequest::Http));
+        let (server, _client) = connection_that_sent(b"GET /sse HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(matches!(first_request(&server, limit).await, FirstRequest::Stream(_, 30)));
+    }
 
     #[test]
     fn a_head_written_by_hand_names_its_headers_length_and_close() {
