@@ -381,6 +381,19 @@ async fn questions_to_the_cluster_and_reads_get_503_while_nats_is_down() {
     // A path that takes no such method is still told so.
     let (status, body) = post(&gateway, "/v1/stream", json!({})).await;
     assert_eq!((status, &body["error"]), (405, &json!("method_not_allowed")), "{body}");
+    // Input that can never succeed is told so, not to try again later.
+    for (status, body) in [
+        get(&gateway, "/v1/presence/%3E").await,
+        get(&gateway, "/v1/users/a%2Eb").await,
+        get(&gateway, "/v1/inbox/%2A").await,
+        get(&gateway, "/v1/inbox/a.b/messages").await,
+        get(&gateway, "/v1/inbox/ban/messages?limit=0").await,
+        post(&gateway, "/v1/inbox/a*/read", json!({"seq": 1})).await,
+        get(&gateway, "/v1/dead-letters/%2A").await,
+        get(&gateway, "/v1/dead-letters/notify?after=x").await,
+    ] {
+        assert_eq!((status, &body["error"]), (400, &json!("bad_request")), "{body}");
+    }
 }
 
 /// A NATS server that hangs (its connections stay open, nothing is answered) is not a cluster

@@ -15,8 +15,8 @@ use hyper::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::ApiError;
 use super::jsapi::{self, NO_MESSAGE, NO_STREAM};
-use super::{ApiError, query_numbers};
 use crate::Shared;
 
 /// The stream of dead letters (the functions' `dlq_stream`).
@@ -26,6 +26,11 @@ pub(crate) const REDRIVEN_FROM: &str = "Herald-Redriven-From";
 
 const DEFAULT_LIMIT: u64 = 50;
 const MAX_LIMIT: u64 = 500;
+
+/// `after` and `limit` of `GET /v1/dead-letters/<function>`.
+pub(super) fn page_of(query: &str) -> Result<(u64, u64), ApiError> {
+    super::page_query(query, DEFAULT_LIMIT, MAX_LIMIT)
+}
 
 /// `GET /v1/dead-letters`.
 pub(super) async fn counts(shared: &Shared) -> Result<Value, ApiError> {
@@ -50,12 +55,7 @@ pub(super) async fn counts(shared: &Shared) -> Result<Value, ApiError> {
 /// `GET /v1/dead-letters/<function>?after=&limit=`.
 pub(super) async fn list(shared: &Shared, function: &str, query: &str) -> Result<Value, ApiError> {
     check_function_name(function).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let numbers = query_numbers(query, &["after", "limit"])?;
-    let mut after = numbers.get("after").copied().unwrap_or(0);
-    let limit = numbers.get("limit").copied().unwrap_or(DEFAULT_LIMIT);
-    if limit == 0 || limit > MAX_LIMIT {
-        return Err(ApiError::bad_request(format!("limit must be 1 to {MAX_LIMIT}")));
-    }
+    let (mut after, limit) = page_of(query)?;
     let mut letters = Vec::new();
     while (letters.len() as u64) < limit {
         // Nothing comes after the last sequence there can be.

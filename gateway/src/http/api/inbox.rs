@@ -18,8 +18,13 @@ use crate::Shared;
 use crate::delivery::message::Message;
 
 /// Messages per page by default, and at most.
-const DEFAULT_LIMIT: usize = 100;
-const MAX_LIMIT: usize = 1000;
+const DEFAULT_LIMIT: u64 = 100;
+const MAX_LIMIT: u64 = 1000;
+
+/// `after` and `limit` of `GET /v1/inbox/<user>/messages`.
+pub(super) fn page_of(query: &str) -> Result<(u64, u64), ApiError> {
+    super::page_query(query, DEFAULT_LIMIT, MAX_LIMIT)
+}
 
 /// `GET /v1/inbox/<user>`.
 pub(super) async fn summary(shared: &Shared, user: &str) -> Result<Value, ApiError> {
@@ -52,19 +57,8 @@ pub(super) async fn state(shared: &Shared, user: &str) -> Result<InboxState, Api
 /// `GET /v1/inbox/<user>/messages?after=&limit=`.
 pub(super) async fn messages(shared: &Shared, user: &str, query: &str) -> Result<bytes::Bytes, ApiError> {
     check_id(IdKind::User, user).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let (mut after, mut limit) = (0, DEFAULT_LIMIT);
-    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
-        let number = || value.parse::<u64>().map_err(|_| ApiError::bad_request(format!("{key} must be a number")));
-        match key.as_ref() {
-            "after" => after = number()?,
-            "limit" => limit = number()? as usize,
-            other => return Err(ApiError::bad_request(format!("unknown parameter {other}"))),
-        }
-    }
-    if limit == 0 || limit > MAX_LIMIT {
-        return Err(ApiError::bad_request(format!("limit must be 1 to {MAX_LIMIT}")));
-    }
-    let page = shared.inbox.page(user, after, limit).await.map_err(ApiError::unavailable)?;
+    let (after, limit) = page_of(query)?;
+    let page = shared.inbox.page(user, after, limit as usize).await.map_err(ApiError::unavailable)?;
     let messages: Vec<Box<RawValue>> = page.messages.iter().map(msg_json).collect();
     let body = Page { user, messages, next: page.next, complete: page.complete };
     Ok(serde_json::to_vec(&body).map_err(|e| ApiError::unavailable(e.to_string()))?.into())

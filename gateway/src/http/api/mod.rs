@@ -29,6 +29,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use herald_shared::id::{IdKind, check_function_name, check_id};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
@@ -156,6 +157,7 @@ async fn handle(shared: Arc<Shared>, mut request: Request<Incoming>) -> Result<A
 /// [`Value`] would re-encode them (a number past 64 bits, say).
 async fn route(shared: &Shared, request: Request<Incoming>) -> Result<Bytes, ApiError> {
     let path = request.uri().path();
+    check_input(path, request.uri().query().unwrap_or(""))?;
     if !shared.health.nats_connected() {
         if asks_the_cluster(request.method(), path) {
             // Answered by whoever hears the question: asked now, nobody would, and the answer would
@@ -269,6 +271,38 @@ async fn route_dead_letters(
         }
         _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")),
     }
+}
+
+/// Checks what can be checked of a request's path and query without NATS, before NATS is needed:
+/// input that can never succeed gets its 400 whether or not NATS is there (a 503 asks the caller to
+/// try it again).
+fn check_input(path: &str, query: &str) -> Result<(), ApiError> {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let bad = |e: herald_shared::id::IdError| ApiError::bad_request(e.to_string());
+    match segments.as_slice() {
+        ["v1", "users" | "presence" | "inbox", user, ..] if !user.is_empty() => {
+            check_id(IdKind::User, &path_id(user)?).map_err(bad)?
+        }
+        ["v1", "dead-letters", function, ..] if !function.is_empty() => {
+            check_function_name(&path_id(function)?).map_err(bad)?
+        }
+        _ => {}
+    }
+    match segments.as_slice() {
+        ["v1", "inbox", _, "messages"] => inbox::page_of(query).map(drop),
+        ["v1", "dead-letters", _] => dead_letters::page_of(query).map(drop),
+        _ => Ok(()),
+    }
+}
+
+/// A page's place (`after`, 0 when absent) and size (`limit`: `default` when absent, 1 to `max`).
+fn page_query(query: &str, default: u64, max: u64) -> Result<(u64, u64), ApiError> {
+    let numbers = query_numbers(query, &["after", "limit"])?;
+    let limit = numbers.get("limit").copied().unwrap_or(default);
+    if limit == 0 || limit > max {
+        return Err(ApiError::bad_request(format!("limit must be 1 to {max}")));
+    }
+    Ok((numbers.get("after").copied().unwrap_or(0), limit))
 }
 
 /// An id in a path, percent-decoded (`a%40b` is `a@b`, as URL builders write it).
