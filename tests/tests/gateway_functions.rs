@@ -37,7 +37,11 @@ fn error_code(result: &RpcResult) -> Option<&str> {
 #[tokio::test]
 async fn rpc_reaches_the_function_with_the_token_identity_and_every_failure_has_its_code() {
     let nats = TestNats::start().await;
-    let gateway = TestGateway::start_with(&nats, |c| c.rpc_timeout = Duration::from_secs(2)).await;
+    let gateway = TestGateway::start_with(&nats, |c| {
+        c.rpc_timeout = Duration::from_secs(2);
+        c.max_frame_bytes = 2 << 20;
+    })
+    .await;
     let functions = vec![
         whoami(),
         Function::rpc("refuse", |_: RpcRequest| async { Err::<RpcReply, _>(HandlerError::permanent("not allowed")) }),
@@ -65,6 +69,18 @@ async fn rpc_reaches_the_function_with_the_token_identity_and_every_failure_has_
     // A frame without the fields of an rpc is a bad frame, not a call.
     client.send_json(json!({"type": "rpc", "fn": "whoami"})).await;
     assert!(matches!(client.next_frame().await, ServerFrame::Error { code, .. } if code == "bad_request"));
+    // A request over what NATS takes could never be sent: not "unavailable" (try again later).
+    let result = rpc(&mut client, "c6", "whoami", json!("x".repeat(1_100_000))).await;
+    assert_eq!(error_code(&result), Some("bad_request"), "{:?}", result.error);
+    // Without NATS, at once "unavailable", not a "timeout" of the function.
+    nats.stop().await;
+    herald_tests::eventually("the gateway sees NATS gone", Duration::from_secs(30), || async {
+        let ready = reqwest::get(gateway.http_url("/readyz")).await.ok()?.text().await.ok()?;
+        ready.contains("not connected to NATS").then_some(())
+    })
+    .await;
+    let result = rpc(&mut client, "c7", "whoami", json!({})).await;
+    assert_eq!(error_code(&result), Some("unavailable"), "{result:?}");
 }
 
 #[tokio::test]

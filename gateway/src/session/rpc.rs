@@ -27,12 +27,54 @@ async fn request(session: &Session, id: String, function: String, data: serde_js
     headers.insert(header::HERALD_USER, &*session.user);
     headers.insert(header::HERALD_DEVICE, session.device.as_str());
     headers.insert(header::HERALD_CONN, session.conn.as_str());
-    let request = async_nats::Request::new()
-        .headers(headers)
-        .payload(serde_json::to_vec(&data).unwrap_or_default().into())
-        .timeout(Some(shared.config.rpc_timeout));
-    let outcome = shared.client.send_request(subject::function(&function), request).await;
-    let (result, label) = match outcome {
+    let payload = serde_json::to_vec(&data).unwrap_or_default();
+    let refused = refusal(shared, payload.len());
+    let (result, label) = if let Some(refused) = refused.clone() {
+        refused
+    } else {
+        let request = async_nats::Request::new()
+            .headers(headers)
+            .payload(payload.into())
+            .timeout(Some(shared.config.rpc_timeout));
+        let outcome = shared.client.send_request(subject::function(&function), request).await;
+        answer_of(&function, outcome)
+    };
+    // Unknown names get one shared label, refusals before asking another: clients choose names,
+    // metrics must stay bounded.
+    let function_label = match label {
+        "no_function" => "(none)".to_string(),
+        _ if refused.is_some() => "(any)".to_string(),
+        _ => function,
+    };
+    shared.metrics.rpc_calls.get_or_create(&RpcLabels { function: function_label, outcome: label.into() }).inc();
+    match result {
+        Ok(data) => ServerFrame::RpcResult(RpcResult { id, ok: true, data: Some(data), error: None }),
+        Err((code, message)) => failure(id, code, &message),
+    }
+}
+
+/// An outcome and its metric label.
+type Answer = (Result<serde_json::Value, (&'static str, String)>, &'static str);
+
+/// Why a request of `payload_bytes` is not sent, if it is not: NATS is away (asked now, it would
+/// wait out the timeout and say `timeout`), or the request is over what NATS takes (it never could).
+fn refusal(shared: &crate::Shared, payload_bytes: usize) -> Option<Answer> {
+    if !shared.health.control_connected() {
+        return Some((Err((error_code::UNAVAILABLE, "not connected to NATS".into())), "unavailable"));
+    }
+    let max = shared.client.server_info().max_payload;
+    // Room for the caller's headers (user, device and connection ids: 128 bytes each at most).
+    (payload_bytes + RPC_HEADER_BYTES > max).then(|| {
+        let message = format!("the request is over what NATS takes ({max} bytes)");
+        (Err((error_code::BAD_REQUEST, message)), "bad_request")
+    })
+}
+
+/// Room for an rpc request's headers in what NATS takes of a message.
+const RPC_HEADER_BYTES: usize = 512;
+
+fn answer_of(function: &str, outcome: Result<async_nats::Message, async_nats::RequestError>) -> Answer {
+    match outcome {
         Ok(reply) => match function_error(&reply) {
             Some(message) => (Err((error_code::FUNCTION_ERROR, message)), "function_error"),
             None => (Ok(data_value(&reply.payload)), "ok"),
@@ -46,13 +88,6 @@ async fn request(session: &Session, id: String, function: String, data: serde_js
             }
             _ => (Err((error_code::UNAVAILABLE, e.to_string())), "unavailable"),
         },
-    };
-    // Unknown names get one shared label: clients choose names, metrics must stay bounded.
-    let function_label = if label == "no_function" { "(none)".to_string() } else { function };
-    shared.metrics.rpc_calls.get_or_create(&RpcLabels { function: function_label, outcome: label.into() }).inc();
-    match result {
-        Ok(data) => ServerFrame::RpcResult(RpcResult { id, ok: true, data: Some(data), error: None }),
-        Err((code, message)) => failure(id, code, &message),
     }
 }
 
