@@ -280,6 +280,11 @@ async fn the_http_api_answers_in_http_terms_and_takes_only_the_documented_bodies
         ("/v1/publish", r#"[{"to":{"all":true}},["x"]]"#, "message 1: a message is a JSON object"),
         ("/v1/inbox/42/read", "[5]", "the body must be a JSON object"),
         ("/v1/disconnect", r#"["42"]"#, "the body must be a JSON object"),
+        // A field given twice is refused, as `/v1/publish` and the sockets' frames refuse it (the
+        // last one counted, silently).
+        ("/v1/disconnect", r#"{"user":"du","user":"other"}"#, "duplicate field `user` at line 1 column 19"),
+        ("/v1/inbox/42/read", r#"{"seq":1,"seq":2}"#, "duplicate field `seq` at line 1 column 14"),
+        ("/v1/dead-letters/notify/redrive", r#"{"seq":1,"seq":2}"#, "duplicate field `seq` at line 1 column 14"),
     ] {
         let (status, answer) = post(&gateway, path, Some(KEY), body.into()).await;
         let answered = (status, answer["error"].as_str(), answer["reason"].as_str());

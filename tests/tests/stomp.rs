@@ -213,6 +213,8 @@ async fn a_forbidden_topic_and_malformed_frames_get_error_then_close() {
         ("SUBSCRIBE\ndestination:/topic/news\n\n\0", "bad_request"),
         ("SUBSCRIBE\nid:1\ndestination:/elsewhere\n\n\0", "bad_request"),
         ("SUBSCRIBE\nid:1\ndestination:/topic/news\nack:sometimes\n\n\0", "bad_request"),
+        // A NUL ends a frame: inside a header it would come back in every MESSAGE's `subscription`.
+        ("SUBSCRIBE\nid:1\0x\ndestination:/topic/all\nreceipt:r\n\n\0", "bad_request"),
         ("ACK\nid:not-a-seq\n\n\0", "bad_request"),
         ("NACK\n\n\0", "bad_request"),
         ("BEGIN\ntransaction:t1\n\n\0", "bad_request"),

@@ -102,6 +102,11 @@ pub(crate) fn next_frame(text: &[u8]) -> Result<Next, String> {
         if header.is_empty() {
             break;
         }
+        // A NUL ends a frame: in a header, echoed (a receipt, a subscription id), it would cut the
+        // client's frames short.
+        if header.contains(&0) {
+            return Err("a header holds a NUL byte".into());
+        }
         let header = utf8(header)?;
         let (name, value) = header.split_once(':').ok_or_else(|| format!("header {header:?} has no colon"))?;
         let (name, value) = if escaped { (unescape(name)?, unescape(value)?) } else { (name.into(), value.into()) };
@@ -422,6 +427,10 @@ mod tests {
         }
         assert!(next_frame(b"SEND\ncontent-length:1\n\nab\0").is_err(), "no NUL at the length");
         assert!(next_frame(b"send\n").is_err(), "a bad command is known at once");
+        assert_eq!(
+            next_frame(b"SUBSCRIBE\nid:1\0x\ndestination:/topic/all\n\n\0"),
+            Err("a header holds a NUL byte".into())
+        );
     }
 
     fn read_in_pieces(stream: &mut FrameStream, pieces: &[&[u8]]) -> (Vec<Frame>, Result<(), String>) {

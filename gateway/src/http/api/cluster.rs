@@ -14,14 +14,13 @@ use crate::cluster::gather::gather_gateways;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Disconnect {
+pub(super) struct Disconnect {
     user: String,
     #[serde(default)]
     conn: Option<String>,
 }
 
-pub(super) async fn disconnect(shared: &Shared, body: Value) -> Result<Value, ApiError> {
-    let order: Disconnect = serde_json::from_value(body).map_err(|e| ApiError::bad_request(e.to_string()))?;
+pub(super) async fn disconnect(shared: &Shared, order: Disconnect) -> Result<Value, ApiError> {
     check_id(IdKind::User, &order.user).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let request = json!({"user": order.user, "conn": order.conn});
     let answers =

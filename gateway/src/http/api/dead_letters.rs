@@ -74,14 +74,13 @@ pub(super) async fn list(shared: &Shared, function: &str, query: &str) -> Result
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Redrive {
+pub(super) struct Redrive {
     seq: u64,
 }
 
 /// `POST /v1/dead-letters/<function>/redrive` `{"seq":n}`.
-pub(super) async fn redrive(shared: &Shared, function: &str, body: Value) -> Result<Value, ApiError> {
+pub(super) async fn redrive(shared: &Shared, function: &str, Redrive { seq }: Redrive) -> Result<Value, ApiError> {
     check_function_name(function).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let Redrive { seq } = serde_json::from_value(body).map_err(|e| ApiError::bad_request(e.to_string()))?;
     // Stream sequences start at 1 (JetStream calls 0 a bad request, which is no outage).
     if seq == 0 {
         return Err(ApiError::bad_request("seq: letters are numbered from 1"));

@@ -75,14 +75,13 @@ struct Page<'a> {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Read {
+pub(super) struct Read {
     seq: u64,
 }
 
 /// `POST /v1/inbox/<user>/read`.
-pub(super) async fn read(shared: &Shared, user: &str, body: Value) -> Result<Value, ApiError> {
+pub(super) async fn read(shared: &Shared, user: &str, Read { seq }: Read) -> Result<Value, ApiError> {
     check_id(IdKind::User, user).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let Read { seq } = serde_json::from_value(body).map_err(|e| ApiError::bad_request(e.to_string()))?;
     // Nothing past the stream's last message can have been read: a position past it would hide
     // every later one from the count for good (it never moves back). The stream's bounds, not the
     // user's last message: a replica's direct get may not have that one yet.
