@@ -23,6 +23,8 @@ pub struct StompFrame {
     /// The body's bytes when the frame came in a binary WebSocket message (`body` is then their
     /// lossy text).
     pub binary: Option<Vec<u8>>,
+    /// The command and header lines as they came (escaped as they were).
+    pub head: String,
 }
 
 impl StompFrame {
@@ -48,7 +50,7 @@ impl StompFrame {
                 (name.to_string(), unescape(value))
             })
             .collect();
-        StompFrame { command, headers, body: body.to_string(), binary: None }
+        StompFrame { command, headers, body: body.to_string(), binary: None, head: head.to_string() }
     }
 
     /// Parses one frame that came in a binary WebSocket message: UTF-8 headers, any body.

@@ -186,6 +186,33 @@ async fn receipts_come_in_the_order_of_their_frames() {
     assert_eq!((error.header("message"), error.header("receipt-id"), close), ("forbidden", "r1", Some(1008)));
 }
 
+/// Header values are escaped as STOMP 1.1 and 1.2 say, but in CONNECTED (which never escapes: ids
+/// may hold a colon) and on a 1.0 connection (1.0 has no escapes: `C:\temp` is a value, and
+/// `order-7:42` comes back as it went). They were escaped in every frame of every version.
+#[tokio::test]
+async fn header_values_are_escaped_only_where_the_version_says() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let (mut client, connected) =
+        connect(&gateway, &[("passcode", &token("tenant:ann")), ("herald-device", "a:b")]).await;
+    assert!(connected.head.contains("\nuser-name:tenant:ann\n"), "{}", connected.head);
+    assert!(connected.head.contains("\nherald-device:a:b\n"), "{}", connected.head);
+    client.send_raw("SUBSCRIBE\nid:q\\c1\ndestination:/user/queue/x\nreceipt:order-7\\c42\n\n\0").await;
+    assert_eq!(client.expect("RECEIPT").await.head, "RECEIPT\nreceipt-id:order-7\\c42");
+
+    let mut client = StompClient::open(&url(&gateway), "v10.stomp", &[]).await;
+    client.send_frame("CONNECT", &[("accept-version", "1.0"), ("passcode", &token("bo"))], "").await;
+    assert_eq!(client.expect("CONNECTED").await.header("version"), "1.0");
+    client.send_raw("SUBSCRIBE\nid:C:\\temp\ndestination:/user/queue/x\nreceipt:order-7:42\n\n\0").await;
+    assert_eq!(client.expect("RECEIPT").await.head, "RECEIPT\nreceipt-id:order-7:42");
+    let seq = Publisher::new(&nats).await.publish("push.user.bo", "hi").await;
+    let message = client.expect("MESSAGE").await;
+    let head = format!(
+        "MESSAGE\nsubscription:C:\\temp\ndestination:/user/queue/x\nmessage-id:{seq}\ncontent-type:application/json"
+    );
+    assert_eq!(message.head, head);
+}
+
 #[tokio::test]
 async fn a_forbidden_topic_and_malformed_frames_get_error_then_close() {
     let nats = TestNats::start().await;

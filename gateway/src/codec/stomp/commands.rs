@@ -73,7 +73,7 @@ impl StompCodec {
             }
             Command::Close => {
                 if let Some(receipt) = receipt {
-                    self.last = Some(receipt_frame(&receipt));
+                    self.last = Some(receipt_frame(&receipt, self.connected.version.escapes()));
                 }
             }
             _ if receipt.is_some() => self.queue_receipt(None, receipt),
@@ -177,7 +177,8 @@ impl StompCodec {
             }
         }
         let first = self.subscription(&target).is_none();
-        let subscription = Subscription::new(id, destination, target, ack, self.transport);
+        let escaped = self.connected.version.escapes();
+        let subscription = Subscription::new(id, destination, target, ack, self.transport, escaped);
         self.subscriptions.push(subscription);
         self.count_copies();
         let index = self.subscriptions.len() - 1;

@@ -12,6 +12,12 @@ pub(crate) enum Version {
 }
 
 impl Version {
+    /// Whether header values are escaped (1.1, 1.2 "Value Encoding"; 1.0 has no escapes), but in
+    /// CONNECT and CONNECTED frames, which never are.
+    pub(crate) fn escapes(self) -> bool {
+        self != Version::V10
+    }
+
     /// The version of an `accept-version` value or a `vNN.stomp` subprotocol.
     pub(crate) fn parse(text: &str) -> Option<Version> {
         match text.trim() {
@@ -83,6 +89,11 @@ pub(crate) enum Next {
 /// stream, and clients may split a frame over WebSocket messages (stomp.js 2 splits frames over
 /// 16 KiB) or send several in one.
 pub(crate) fn next_frame(text: &[u8]) -> Result<Next, String> {
+    next_frame_with(text, true)
+}
+
+/// [`next_frame`], with header values unescaped or (STOMP 1.0) taken as they are.
+fn next_frame_with(text: &[u8], escaped: bool) -> Result<Next, String> {
     let start = text.len() - skip_eols(text).len();
     let Some((command, mut rest)) = line(&text[start..]) else {
         return Ok(Next::Incomplete("a frame needs a command line"));
@@ -92,7 +103,7 @@ pub(crate) fn next_frame(text: &[u8]) -> Result<Next, String> {
         return Err(format!("bad command {command:?}"));
     }
     // CONNECT and CONNECTED headers are not escaped, for 1.0 servers' sake (1.2 "Value Encoding").
-    let escaped = command != "CONNECT" && command != "STOMP";
+    let escaped = escaped && command != "CONNECT" && command != "STOMP";
     let mut headers = Vec::new();
     loop {
         let Some((header, after)) = line(rest) else {
@@ -141,12 +152,19 @@ pub(crate) struct FrameStream {
     /// Where the kept frame ends, as far as its bytes tell yet.
     end: FrameEnd,
     max_frame_bytes: usize,
+    /// Whether header values are escaped (not in STOMP 1.0).
+    escaped: bool,
 }
 
 impl FrameStream {
     /// A stream whose frames may be at most `max_frame_bytes` long.
     pub(crate) fn new(max_frame_bytes: usize) -> FrameStream {
-        FrameStream { kept: Vec::new(), end: FrameEnd::default(), max_frame_bytes }
+        FrameStream { kept: Vec::new(), end: FrameEnd::default(), max_frame_bytes, escaped: true }
+    }
+
+    /// The stream of a connection of `version`: its header values are escaped unless it is 1.0.
+    pub(crate) fn of(version: Version, max_frame_bytes: usize) -> FrameStream {
+        FrameStream { escaped: version.escapes(), ..FrameStream::new(max_frame_bytes) }
     }
 
     /// Reads the next `bytes`: the frames they complete, in order, and then the error that ends
@@ -181,7 +199,7 @@ impl FrameStream {
         self.end = FrameEnd::default();
         let (frame, rest) = kept.split_at(end);
         self.check_len(frame.len())?;
-        match next_frame(frame)? {
+        match next_frame_with(frame, self.escaped)? {
             Next::Frame(frame, _) => frames.push(frame),
             Next::Incomplete(why) => return Err(why.into()),
         }
@@ -193,7 +211,7 @@ impl FrameStream {
     fn read_whole(&mut self, bytes: &[u8], frames: &mut Vec<Frame>) -> Result<(), String> {
         let mut rest = skip_eols(bytes);
         while !rest.is_empty() {
-            match next_frame(rest) {
+            match next_frame_with(rest, self.escaped) {
                 Ok(Next::Frame(frame, used)) => {
                     self.check_len(used)?;
                     frames.push(frame);
@@ -351,19 +369,28 @@ pub(crate) fn escape(value: &str) -> Cow<'_, str> {
 
 /// Appends `name:value\n`, the value escaped.
 pub(crate) fn push_header(out: &mut Vec<u8>, name: &str, value: &str) {
+    push_header_with(out, name, value, true);
+}
+
+/// Appends `name:value\n`, the value escaped or (`escaped` false: STOMP 1.0, CONNECTED) as it is.
+pub(crate) fn push_header_with(out: &mut Vec<u8>, name: &str, value: &str, escaped: bool) {
     out.extend_from_slice(name.as_bytes());
     out.push(b':');
-    out.extend_from_slice(escape(value).as_bytes());
+    match escaped {
+        true => out.extend_from_slice(escape(value).as_bytes()),
+        false => out.extend_from_slice(value.as_bytes()),
+    }
     out.push(b'\n');
 }
 
 /// A whole server frame (its transport puts it in a WebSocket message, see [`super::Transport`]).
-pub(crate) fn encode(command: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
+/// Header values are escaped, or (`escaped` false: STOMP 1.0, CONNECTED) written as they are.
+pub(crate) fn encode(command: &str, headers: &[(&str, &str)], body: &[u8], escaped: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(command.len() + 64 + body.len());
     out.extend_from_slice(command.as_bytes());
     out.push(b'\n');
     for (name, value) in headers {
-        push_header(&mut out, name, value);
+        push_header_with(&mut out, name, value, escaped);
     }
     if !body.is_empty() {
         push_header(&mut out, "content-length", &body.len().to_string());
@@ -505,9 +532,9 @@ mod tests {
 
     #[test]
     fn encodes_a_frame_with_escaped_headers_and_its_length() {
-        let bytes = encode("RECEIPT", &[("receipt-id", "a:b")], b"");
+        let bytes = encode("RECEIPT", &[("receipt-id", "a:b")], b"", true);
         assert_eq!(&bytes[..], b"RECEIPT\nreceipt-id:a\\cb\n\n\0");
-        let bytes = encode("ERROR", &[("message", "bad")], b"why");
+        let bytes = encode("ERROR", &[("message", "bad")], b"why", true);
         assert_eq!(&bytes[..], b"ERROR\nmessage:bad\ncontent-length:3\n\nwhy\0");
     }
 }

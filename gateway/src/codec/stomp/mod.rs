@@ -143,11 +143,18 @@ struct Subscription {
 }
 
 impl Subscription {
-    fn new(id: &str, destination: &str, target: Target, ack: AckMode, transport: Transport) -> Subscription {
+    fn new(
+        id: &str,
+        destination: &str,
+        target: Target,
+        ack: AckMode,
+        transport: Transport,
+        escaped: bool,
+    ) -> Subscription {
         let mut text = Vec::with_capacity(32 + id.len() + destination.len());
         text.extend_from_slice(b"MESSAGE\n");
-        frame::push_header(&mut text, "subscription", id);
-        frame::push_header(&mut text, "destination", destination);
+        frame::push_header_with(&mut text, "subscription", id, escaped);
+        frame::push_header_with(&mut text, "destination", destination, escaped);
         let head = match transport {
             Transport::WebSocket => text,
             Transport::SockJs => {
@@ -331,6 +338,7 @@ impl StompCodec {
         max_frame_bytes: usize,
     ) -> StompCodec {
         StompCodec {
+            stream: frame::FrameStream::of(connected.version, max_frame_bytes),
             connected,
             transport,
             server_beat,
@@ -348,7 +356,6 @@ impl StompCodec {
             closing: None,
             acks: acks::Acks::default(),
             arena: BytesMut::new(),
-            stream: frame::FrameStream::new(max_frame_bytes),
         }
     }
 
@@ -537,10 +544,11 @@ impl StompCodec {
         for frame in &self.replies {
             held.extend_from_slice(frame);
         }
+        let escaped = self.connected.version.escapes();
         for id in self.receipts.iter().filter_map(|receipt| receipt.id.as_deref()) {
-            held.extend_from_slice(&self.transport.frame(&receipt_frame(id)));
+            held.extend_from_slice(&self.transport.frame(&receipt_frame(id, escaped)));
         }
-        let explanation = self.last.clone().or_else(|| explanation(close));
+        let explanation = self.last.clone().or_else(|| explanation(close, escaped));
         let closing = self.transport.close(explanation.as_deref(), close.number(), &close.reason);
         if held.is_empty() {
             return closing;
@@ -568,7 +576,8 @@ impl StompCodec {
                     ("herald-read", &read),
                     ("herald-unread", &unread),
                 ];
-                Some(self.transport.frame(&frame::encode("CONNECTED", &headers, b"")))
+                // Never escaped (1.2 "Value Encoding"): ids may hold a colon.
+                Some(self.transport.frame(&frame::encode("CONNECTED", &headers, b"", false)))
             }
             ServerFrame::Subscribed { topic } | ServerFrame::Unsubscribed { topic } => {
                 if let Some(waiting) = self.receipts.iter_mut().find(|r| r.topic.as_ref() == Some(topic)) {
@@ -598,7 +607,8 @@ impl StompCodec {
     fn release_receipts(&mut self) {
         while self.receipts.front().is_some_and(|receipt| receipt.topic.is_none()) {
             if let Some(id) = self.receipts.pop_front().and_then(|receipt| receipt.id) {
-                self.replies.push(self.transport.frame(&receipt_frame(&id)));
+                let receipt = receipt_frame(&id, self.connected.version.escapes());
+                self.replies.push(self.transport.frame(&receipt));
             }
         }
     }
@@ -642,13 +652,14 @@ impl StompCodec {
         if let Some(correlation) = &rpc.correlation {
             headers.push(("correlation-id", correlation));
         }
-        Some(self.transport.frame(&frame::encode("MESSAGE", &headers, body.as_bytes())))
+        let escaped = self.connected.version.escapes();
+        Some(self.transport.frame(&frame::encode("MESSAGE", &headers, body.as_bytes(), escaped)))
     }
 
     /// Ends the connection with an ERROR frame: `message` is its `message` header (a Herald error
     /// code), `detail` its body.
     fn fail(&mut self, message: &str, detail: &str, receipt: Option<&str>) -> Close {
-        self.last = Some(error_frame_with(message, detail, receipt));
+        self.last = Some(error_frame_with(message, detail, receipt, self.connected.version.escapes()));
         let close = Close::new(CloseCode::Policy, format!("{message}: {detail}"));
         self.closing = Some(close.clone());
         close
@@ -657,19 +668,20 @@ impl StompCodec {
 
 /// An ERROR frame: `message` is a Herald error code, `detail` the body.
 pub(crate) fn error_frame(message: &str, detail: &str) -> Vec<u8> {
-    error_frame_with(message, detail, None)
+    error_frame_with(message, detail, None, true)
 }
 
-fn error_frame_with(message: &str, detail: &str, receipt: Option<&str>) -> Vec<u8> {
+fn error_frame_with(message: &str, detail: &str, receipt: Option<&str>, escaped: bool) -> Vec<u8> {
     let mut headers = vec![("message", message), ("content-type", "text/plain")];
     if let Some(receipt) = receipt {
         headers.push(("receipt-id", receipt));
     }
-    frame::encode("ERROR", &headers, detail.as_bytes())
+    frame::encode("ERROR", &headers, detail.as_bytes(), escaped)
 }
 
-pub(super) fn receipt_frame(receipt: &str) -> Vec<u8> {
-    frame::encode("RECEIPT", &[("receipt-id", receipt)], b"")
+/// The RECEIPT of `receipt`, its value escaped unless (`escaped` false) the connection is STOMP 1.0.
+pub(super) fn receipt_frame(receipt: &str, escaped: bool) -> Vec<u8> {
+    frame::encode("RECEIPT", &[("receipt-id", receipt)], b"", escaped)
 }
 
 /// Whether a close deserves an ERROR frame saying why (not a normal close, a restart, or one the
@@ -679,16 +691,16 @@ fn explained(code: CloseCode) -> bool {
 }
 
 /// The ERROR that explains `close`, if it is one that is explained.
-fn explanation(close: &Close) -> Option<Vec<u8>> {
+fn explanation(close: &Close, escaped: bool) -> Option<Vec<u8>> {
     let code = close.number().to_string();
     let headers = [("message", &*close.reason), ("herald-close", &code)];
-    explained(close.code).then(|| frame::encode("ERROR", &headers, close.reason.as_bytes()))
+    explained(close.code).then(|| frame::encode("ERROR", &headers, close.reason.as_bytes(), escaped))
 }
 
 /// The last bytes of a connection closed before its session opened (before CONNECTED): the ERROR
 /// that explains the close, as for an open one, then the transport's close.
 pub(crate) fn close_unopened(transport: Transport, close: &Close) -> Bytes {
-    transport.close(explanation(close).as_deref(), close.number(), &close.reason)
+    transport.close(explanation(close, true).as_deref(), close.number(), &close.reason)
 }
 
 #[cfg(test)]
