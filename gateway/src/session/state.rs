@@ -495,9 +495,6 @@ impl SessionState {
     /// subscribes only to `/topic/all` leaves the inbox's backlog to the device's next resume,
     /// as nobody got it (moving past it lost it).
     fn cursor_bound(&self) -> u64 {
-        if self.backlog_through == 0 {
-            return u64::MAX;
-        }
         let first = self.codec.first_personal_unsent(self.backlog_through);
         first.map_or(u64::MAX, |first| first.saturating_sub(1))
     }
