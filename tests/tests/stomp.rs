@@ -598,60 +598,6 @@ async fn unread_messages_never_acknowledged_come_again_on_the_next_connection() 
     }
 }
 
-/// A page that subscribes only to `/topic/all` (tabs that name no device share one) leaves the
-/// inbox's backlog to the device's next connection: the cursor stays below the first backlog
-/// message it held for an inbox subscription that never came. It moved past them with `/topic/all`'s
-/// acknowledgements, and the next page's inbox got none of them.
-#[tokio::test]
-async fn a_connection_without_an_inbox_subscription_leaves_the_inbox_backlog_to_the_next() {
-    let nats = TestNats::start().await;
-    let publisher = Publisher::new(&nats).await;
-    let gateway = TestGateway::start(&nats).await;
-    let headers = [("passcode", token("tao")), ("herald-device", "tab".to_string())];
-    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let disconnect = |mut client: StompClient| async move {
-        client.send_frame("DISCONNECT", &[("receipt", "bye")], "").await;
-        assert_eq!(client.expect("RECEIPT").await.header("receipt-id"), "bye");
-        assert_eq!(client.next_event().await, StompEvent::Close(Some((1000, "the client disconnected".into()))));
-    };
-
-    // The device's first connection leaves a cursor.
-    let (mut client, _) = connect(&gateway, &headers).await;
-    subscribe(&mut client, "all", "/topic/all", &[]).await;
-    let first = publisher.publish("push.all", "first").await;
-    assert_eq!(next_message(&mut client).await.0, first);
-    disconnect(client).await;
-    // Offline: the inbox's backlog among broadcasts.
-    let mut inbox = Vec::new();
-    let mut everyone = Vec::new();
-    for n in 0..5 {
-        everyone.push(publisher.publish("push.all", &format!("all {n}")).await);
-        inbox.push(publisher.publish("push.user.tao", &format!("inbox {n}")).await);
-    }
-    // A page of broadcasts only: it gets them (a live one too), and its cursor moves up to the
-    // inbox's first backlog message, no further.
-    // (What a SUBSCRIBE releases comes before its RECEIPT: none is asked for.)
-    let (mut client, _) = connect(&gateway, &headers).await;
-    client.send_frame("SUBSCRIBE", &[("id", "all"), ("destination", "/topic/all")], "").await;
-    everyone.push(publisher.publish("push.all", "live").await);
-    for expected in &everyone {
-        assert_eq!(next_message(&mut client).await.0, *expected);
-    }
-    disconnect(client).await;
-    let cursors = nats.jetstream().await.get_key_value("herald-cursors").await.expect("the cursors bucket");
-    let cursor = cursors.get("tao.tab").await.unwrap().expect("a cursor");
-    assert_eq!(String::from_utf8_lossy(&cursor), everyone[0].to_string());
-
-    // The inbox's page gets the whole backlog.
-    let (mut client, _) = connect(&gateway, &headers).await;
-    client.send_frame("SUBSCRIBE", &[("id", "q"), ("destination", "/user/queue/inbox")], "").await;
-    let mut got = Vec::new();
-    while got.len() < inbox.len() {
-        got.push(next_message(&mut client).await.0);
-    }
-    assert_eq!(got, inbox);
-}
-
 /// The inbox acknowledged by the client, `push.all` on `ack:auto`.
 async fn subscribe_inbox_and_all(client: &mut StompClient) {
     subscribe(client, "q", "/user/queue/inbox", &[("ack", "client")]).await;

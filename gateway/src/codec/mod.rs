@@ -206,15 +206,6 @@ impl Codec {
         matches!(self, Codec::Stomp(codec) if codec.has_no_subscription())
     }
 
-    /// The first of the user's own messages up to `through` this connection holds unsent for an
-    /// inbox subscription that has not come (STOMP's `/user/queue/…`), if any.
-    pub(crate) fn first_personal_unsent(&self, through: u64) -> Option<u64> {
-        match self {
-            Codec::Stomp(codec) => codec.first_personal_unsent(through),
-            _ => None,
-        }
-    }
-
     /// Whether the protocol can tell a resuming client that something after its resume point may
     /// be missing (`replayed.complete`, Centrifugal's and Socket.IO's `recovered`). STOMP cannot.
     pub(crate) fn reports_incomplete_resumes(&self) -> bool {

@@ -327,10 +327,6 @@ pub(crate) struct SessionState {
     /// up to there is owed past `last_sent` (broadcasts from before the device's first connection
     /// are not), so its client may acknowledge up to there.
     unread_through: u64,
-    /// The stream's last `seq` when the connection joined, if it replayed (0 when it started
-    /// live): the user's own messages up to there are the device's backlog, which the cursor does
-    /// not pass before the client has them (see [`Self::cursor_bound`]).
-    backlog_through: u64,
     /// The sequences whose messages were all sent (or were the client's already).
     coverage: Coverage,
     /// Frames for the socket, in order.
@@ -390,7 +386,6 @@ impl SessionState {
             sources,
             last_sent: params.bounds.last,
             unread_through: 0,
-            backlog_through: 0,
             coverage: Coverage::through(params.bounds.last),
             frames: VecDeque::new(),
             frames_taken: 0,
@@ -435,7 +430,6 @@ impl SessionState {
         };
         // A client ahead of the stream (a replaced stream, a bogus `since`) gets what comes next.
         let since = requested.min(params.bounds.last);
-        state.backlog_through = params.bounds.last;
         if let Start::Resume { noted, .. } = params.start {
             let note = if let Noted::Lost(note) = noted { note.revision } else { 0 };
             let released_at = (!state.codec.awaits_first_subscription()).then_some(0);
@@ -487,16 +481,7 @@ impl SessionState {
     /// The highest `seq` a client may acknowledge: what it was sent, or the end of a new device's
     /// unread replay.
     pub(crate) fn ackable(&self) -> u64 {
-        self.last_sent.max(self.unread_through).min(self.cursor_bound())
-    }
-
-    /// How far the device's cursor may move at most: short of a message of the device's backlog
-    /// that waits for an inbox subscription the client has not made yet (STOMP). A page that
-    /// subscribes only to `/topic/all` leaves the inbox's backlog to the device's next resume,
-    /// as nobody got it (moving past it lost it).
-    fn cursor_bound(&self) -> u64 {
-        let first = self.codec.first_personal_unsent(self.backlog_through);
-        first.map_or(u64::MAX, |first| first.saturating_sub(1))
+        self.last_sent.max(self.unread_through)
     }
 
     /// Why the connection must close, once it must.
@@ -588,7 +573,7 @@ impl SessionState {
     /// what was taken for the socket is written: what was sent, short of what a refill owes.
     pub(crate) fn auto_ack_bound(&self) -> u64 {
         let owed = self.refill_owed_from(self.frames_taken).map_or(u64::MAX, |first| first.saturating_sub(1));
-        self.last_sent.min(owed).min(self.cursor_bound())
+        self.last_sent.min(owed)
     }
 
     /// Moves up to `max_frames` queued frames (and about `max_bytes`) into `batch`.

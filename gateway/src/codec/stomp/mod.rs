@@ -512,14 +512,6 @@ impl StompCodec {
         self.acks.take_auto()
     }
 
-    /// The first of the user's own messages up to `through` that waits (or was let go) for a
-    /// `/user/queue/…` subscription that has not come.
-    pub(super) fn first_personal_unsent(&self, through: u64) -> Option<u64> {
-        let held = self.held.iter().filter(|held| held.target == Target::User).map(|held| held.seq);
-        let dropped = self.dropped.iter().filter(|(target, _)| *target == Target::User).map(|(_, seq)| *seq);
-        held.chain(dropped).filter(|seq| *seq <= through).min()
-    }
-
     pub(super) fn has_no_subscription(&self) -> bool {
         self.subscriptions.is_empty()
     }
