@@ -320,11 +320,11 @@ impl Codec {
     }
 
     /// The highest `seq` the client acknowledged by receiving it (STOMP `ack:auto`, SSE), once all
-    /// that was queued is written.
-    pub(crate) fn take_auto_ack(&mut self) -> Option<u64> {
+    /// that was queued is written, `bound` at most; if further than before.
+    pub(crate) fn take_auto_ack(&mut self, bound: u64) -> Option<u64> {
         match self {
-            Codec::Stomp(codec) => codec.take_auto_ack(),
-            Codec::Sse(codec) => codec.take_sent(),
+            Codec::Stomp(codec) => codec.take_auto_ack(bound),
+            Codec::Sse(codec) => codec.take_sent().map(|sent| sent.min(bound)),
             _ => None,
         }
     }

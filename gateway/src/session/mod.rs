@@ -351,8 +351,8 @@ fn advance(
         }
         if !transmit.is_busy()
             && !state.has_frames()
-            && let Some(seq) = state.codec_mut().take_auto_ack()
-            && let Some(seq) = transmit.mark(seq.min(state.auto_ack_bound()))
+            && let Some(seq) = state.take_auto_ack()
+            && let Some(seq) = transmit.mark(seq)
         {
             // Everything queued is written: what was sent on auto-acknowledged subscriptions counts
             // once the client has it.

@@ -539,7 +539,7 @@ impl SessionState {
         max_bytes: usize,
     ) -> Option<u64> {
         let queued = self.frames_taken + self.frames.len() as u64;
-        let sent = self.codec.take_auto_ack().map(|seq| (queued, seq.min(self.last_sent)));
+        let sent = self.take_auto_ack().map(|seq| (queued, seq));
         self.take_frames(batch, max_frames, max_bytes);
         let mut taken = None;
         if let Some(waiting) = self.auto_acks.as_mut() {
@@ -567,6 +567,13 @@ impl SessionState {
             self.auto_acks = None;
         }
         taken.map(|seq| seq.min(self.auto_ack_bound()))
+    }
+
+    /// Where what was sent on auto-acknowledged subscriptions moves the cursor now (within
+    /// [`Self::auto_ack_bound`]), if further than before.
+    pub(crate) fn take_auto_ack(&mut self) -> Option<u64> {
+        let bound = self.auto_ack_bound();
+        self.codec.take_auto_ack(bound)
     }
 
     /// The furthest what was sent on auto-acknowledged subscriptions may move the cursor, once

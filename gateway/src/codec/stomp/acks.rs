@@ -58,10 +58,11 @@ impl Acks {
         }
     }
 
-    /// Where the auto subscriptions' writes move the cursor now, if further than before.
-    pub(super) fn take_auto(&mut self) -> Option<u64> {
+    /// Where the auto subscriptions' writes move the cursor now, `bound` at most (what a refill
+    /// still owes), if further than before: what the bound held back is offered again once it moves.
+    pub(super) fn take_auto(&mut self, bound: u64) -> Option<u64> {
         let first_owed = self.owed.front().copied().into_iter().chain(self.untracked_from).min();
-        let upto = first_owed.map_or(self.auto_sent, |first| self.auto_sent.min(first - 1));
+        let upto = first_owed.map_or(self.auto_sent, |first| self.auto_sent.min(first - 1)).min(bound);
         (upto > self.moved_to).then(|| {
             self.moved_to = upto;
             upto
@@ -74,20 +75,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn what_a_bound_held_back_is_offered_once_it_moves() {
+        let mut acks = Acks::default();
+        acks.sent(10, true);
+        assert_eq!(acks.take_auto(4), Some(4), "a refill owes 5");
+        assert_eq!(acks.take_auto(4), None);
+        // The refill sent what it owed (older messages: nothing newer was written).
+        acks.sent(5, true);
+        assert_eq!(acks.take_auto(u64::MAX), Some(10));
+    }
+
+    #[test]
     fn auto_writes_move_the_cursor_up_to_the_first_message_still_owed() {
         let mut acks = Acks::default();
         acks.sent(10, true);
-        assert_eq!(acks.take_auto(), Some(10));
-        assert_eq!(acks.take_auto(), None);
+        assert_eq!(acks.take_auto(u64::MAX), Some(10));
+        assert_eq!(acks.take_auto(u64::MAX), None);
         acks.sent(11, false);
         acks.sent(12, true);
         acks.sent(13, false);
         acks.sent(14, true);
-        assert_eq!(acks.take_auto(), None, "11 is owed");
+        assert_eq!(acks.take_auto(u64::MAX), None, "11 is owed");
         acks.acked(11);
-        assert_eq!(acks.take_auto(), Some(12), "13 is owed");
+        assert_eq!(acks.take_auto(u64::MAX), Some(12), "13 is owed");
         acks.acked(13);
-        assert_eq!(acks.take_auto(), Some(14));
+        assert_eq!(acks.take_auto(u64::MAX), Some(14));
     }
 
     #[test]
@@ -97,7 +109,7 @@ mod tests {
         acks.sent(15, false);
         acks.sent(21, true);
         acks.acked(15);
-        assert_eq!(acks.take_auto(), Some(19));
+        assert_eq!(acks.take_auto(u64::MAX), Some(19));
     }
 
     #[test]
@@ -109,8 +121,8 @@ mod tests {
         }
         acks.sent(last + 1, true);
         acks.acked(MAX_TRACKED as u64 + 2);
-        assert_eq!(acks.take_auto(), Some(MAX_TRACKED as u64 + 2));
+        assert_eq!(acks.take_auto(u64::MAX), Some(MAX_TRACKED as u64 + 2));
         acks.acked(last);
-        assert_eq!(acks.take_auto(), Some(last + 1));
+        assert_eq!(acks.take_auto(u64::MAX), Some(last + 1));
     }
 }

@@ -507,9 +507,10 @@ impl StompCodec {
         self.acks.sent(seq, self.subscriptions[index].ack == AckMode::Auto);
     }
 
-    /// Where what was written on `ack:auto` subscriptions moves the cursor, if further than before.
-    pub(super) fn take_auto_ack(&mut self) -> Option<u64> {
-        self.acks.take_auto()
+    /// Where what was written on `ack:auto` subscriptions moves the cursor (`bound` at most), if
+    /// further than before.
+    pub(super) fn take_auto_ack(&mut self, bound: u64) -> Option<u64> {
+        self.acks.take_auto(bound)
     }
 
     pub(super) fn has_no_subscription(&self) -> bool {

@@ -48,7 +48,7 @@ fn a_message_is_a_per_socket_head_and_the_shared_tail() {
         "MESSAGE\nsubscription:7\ndestination:/topic/all\nmessage-id:5\ncontent-type:application/json\n\
          herald-kind:mail\n\n{\"a\":1}\0"
     );
-    assert_eq!(codec.take_auto_ack(), Some(5));
+    assert_eq!(codec.take_auto_ack(u64::MAX), Some(5));
 }
 
 #[test]
@@ -103,7 +103,7 @@ fn messages_wait_for_their_subscription() {
         text(&replies).starts_with("MESSAGE\nsubscription:q\ndestination:/user/queue/inbox\nack:3\nmessage-id:3\n")
     );
     assert_eq!(&replies[2][2..], b"RECEIPT\nreceipt-id:r1\n\n\0");
-    assert_eq!(codec.take_auto_ack(), None, "ack:client waits for ACK");
+    assert_eq!(codec.take_auto_ack(u64::MAX), None, "ack:client waits for ACK");
     assert_eq!(codec.decode(b"ACK\nid:3\n\n\0"), Ok(Command::Ack(3)));
 }
 
