@@ -23,27 +23,29 @@ pub(super) async fn call(session: Arc<Session>, id: String, function: String, da
 
 async fn request(session: &Session, id: String, function: String, data: serde_json::Value) -> ServerFrame {
     let shared = &session.shared;
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(header::HERALD_USER, &*session.user);
-    headers.insert(header::HERALD_DEVICE, session.device.as_str());
-    headers.insert(header::HERALD_CONN, session.conn.as_str());
     let payload = serde_json::to_vec(&data).unwrap_or_default();
     let refused = refusal(shared, payload.len());
-    let (result, label) = if let Some(refused) = refused.clone() {
-        refused
-    } else {
-        let request = async_nats::Request::new()
-            .headers(headers)
-            .payload(payload.into())
-            .timeout(Some(shared.config.rpc_timeout));
-        let outcome = shared.client.send_request(subject::function(&function), request).await;
-        answer_of(&function, outcome)
+    let was_refused = refused.is_some();
+    let (result, label) = match refused {
+        Some(refused) => refused,
+        None => {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(header::HERALD_USER, &*session.user);
+            headers.insert(header::HERALD_DEVICE, session.device.as_str());
+            headers.insert(header::HERALD_CONN, session.conn.as_str());
+            let request = async_nats::Request::new()
+                .headers(headers)
+                .payload(payload.into())
+                .timeout(Some(shared.config.rpc_timeout));
+            let outcome = shared.client.send_request(subject::function(&function), request).await;
+            answer_of(&function, outcome)
+        }
     };
     // Unknown names get one shared label, refusals before asking another: clients choose names,
     // metrics must stay bounded.
     let function_label = match label {
         "no_function" => "(none)".to_string(),
-        _ if refused.is_some() => "(any)".to_string(),
+        _ if was_refused => "(any)".to_string(),
         _ => function,
     };
     shared.metrics.rpc_calls.get_or_create(&RpcLabels { function: function_label, outcome: label.into() }).inc();

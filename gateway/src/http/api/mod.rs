@@ -157,16 +157,18 @@ async fn handle(shared: Arc<Shared>, mut request: Request<Incoming>) -> Result<A
 /// [`Value`] would re-encode them (a number past 64 bits, say).
 async fn route(shared: &Shared, request: Request<Incoming>) -> Result<Bytes, ApiError> {
     let path = request.uri().path();
-    check_input(path, request.uri().query().unwrap_or(""))?;
     if !shared.health.nats_connected() {
+        let query = request.uri().query().unwrap_or("");
         if asks_the_cluster(request.method(), path) {
             // Answered by whoever hears the question: asked now, nobody would, and the answer would
             // say "none" (no gateway, no function, nobody online, nobody disconnected) while the
             // question itself would be sent later, once NATS is back.
+            check_input(path, query)?;
             return Err(ApiError::unavailable("not connected to NATS: the gateways and functions cannot be asked"));
         }
         if reads_jetstream(request.method(), path) && !shared.health.control_connected() {
             // Asked now, the request would wait out its timeout before the same answer.
+            check_input(path, query)?;
             return Err(ApiError::unavailable("not connected to NATS: JetStream cannot be read"));
         }
     }
@@ -273,9 +275,9 @@ async fn route_dead_letters(
     }
 }
 
-/// Checks what can be checked of a request's path and query without NATS, before NATS is needed:
+/// Checks what can be checked of a request's path and query without NATS, before a 503 for NATS:
 /// input that can never succeed gets its 400 whether or not NATS is there (a 503 asks the caller to
-/// try it again).
+/// try it again). The handlers check the same when NATS is there.
 fn check_input(path: &str, query: &str) -> Result<(), ApiError> {
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let bad = |e: herald_shared::id::IdError| ApiError::bad_request(e.to_string());
