@@ -286,6 +286,35 @@ fn a_stomp_resumes_note_waits_for_the_refill_of_what_overflowed() {
     assert_eq!(h.state.take_reported_note(), Some(7));
 }
 
+/// What auto-acknowledged subscriptions were sent moves the cursor once a refill that held it back
+/// is sent: the held-back position was used up, and the cursor stayed below the refill until the
+/// next live message.
+#[test]
+fn an_auto_acknowledged_cursor_held_back_by_a_refill_moves_once_the_refill_is_sent() {
+    let user = || Audience::User(USER.into());
+    let mut h = Harness::build(Start::Resume { requested: 3, noted: Noted::Nothing }, 1035, 100, |p| p.codec = stomp());
+    h.action();
+    // More than the codec holds for the inbox (4 to 6 are let go), then broadcasts.
+    let mut backlog: Vec<_> = (4..=1030).map(|seq| message(seq, user(), "")).collect();
+    backlog.extend((1031..=1035).map(|seq| message(seq, Audience::All, "")));
+    h.replay(backlog);
+    write_all(&mut h);
+    let decoded = h.state.codec_mut().decode(b"SUBSCRIBE\nid:q\ndestination:/user/queue/updates\n\n\0");
+    let [Ok(crate::codec::Command::Refill { audience, since: 3 })] = &decoded[..] else { panic!("{decoded:?}") };
+    h.state.refill(audience.clone(), 3);
+    let decoded = h.state.codec_mut().decode(b"SUBSCRIBE\nid:all\ndestination:/topic/all\n\n\0");
+    assert!(matches!(&decoded[..], [Ok(crate::codec::Command::Nothing)]), "{decoded:?}");
+    queue_replies(&mut h);
+    assert!(write_all(&mut h).contains("message-id:1035\n"));
+    assert_eq!(h.state.take_auto_ack(), Some(3), "the refill owes 4");
+    assert!(matches!(h.action(), Some(Action::ReadBounds { .. })), "the refill's bounds");
+    h.state.on_outcome(Outcome::Bounds(Ok(bounds(1, 1035))));
+    assert!(matches!(h.action(), Some(Action::Replay { .. })), "the refill's replay");
+    h.replay((4..=1030).map(|seq| message(seq, user(), "")).collect());
+    assert!(write_all(&mut h).contains("message-id:1030\n"));
+    assert_eq!(h.state.take_auto_ack(), Some(1035));
+}
+
 /// Queues what the codec answered the client's frames with, as the session's inbound handling does.
 fn queue_replies(h: &mut Harness) {
     for frame in h.state.codec_mut().take_replies() {

@@ -378,7 +378,8 @@ pub(crate) fn push_header_with(out: &mut Vec<u8>, name: &str, value: &str, escap
     out.push(b':');
     match escaped {
         true => out.extend_from_slice(escape(value).as_bytes()),
-        false => out.extend_from_slice(value.as_bytes()),
+        // A line break would end the header (ids cannot hold one; a close's reason might).
+        false => out.extend(value.bytes().map(|b| if b == b'\r' || b == b'\n' { b' ' } else { b })),
     }
     out.push(b'\n');
 }
@@ -528,6 +529,12 @@ mod tests {
         // A length within the limit waits for its body.
         let mut stream = FrameStream::new(100);
         assert_eq!(stream.read(b"SEND\ncontent-length:75\n\nabc"), (Vec::new(), Ok(())));
+    }
+
+    #[test]
+    fn a_value_written_unescaped_keeps_to_its_line() {
+        let bytes = encode("ERROR", &[("message", "a:b\r\nc")], b"", false);
+        assert_eq!(&bytes[..], b"ERROR\nmessage:a:b  c\n\n\0");
     }
 
     #[test]
