@@ -25,13 +25,17 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::durable::{Durable, Ending};
 use crate::worker::Worker;
 
-/// How often the connection count is looked at, and a failed sweep tried again.
-const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How often the connection count is looked at: a sweep after a reconnection starts at once, well
+/// before the event that cut the connection is due again (`ack_wait` after its delivery), or that
+/// event can cut the sweep's own requests off, sweep after sweep.
+const LOOK_EVERY: Duration = Duration::from_millis(100);
+/// How soon a failed sweep is tried again, unless a new connection comes first.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// How long a sweep's requests wait: a drop of the connection (what such an event causes) loses
 /// their answers, and the sweep is better tried again soon than after async-nats's 10 s.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -52,18 +56,22 @@ pub(crate) async fn watch(
 ) {
     let statistics = client.statistics();
     let (mut seen_connects, mut swept_at, mut failures) = (0, Instant::now(), 0);
-    let mut after_reconnect = false;
+    // A connection not swept yet, and whether the last sweep after a reconnection failed.
+    let (mut new_connection, mut after_reconnect) = (false, false);
     loop {
         let connects = statistics.connects.load(Ordering::Relaxed);
-        after_reconnect |= connects != seen_connects;
-        seen_connects = connects;
-        let due = after_reconnect || failures > 0 || swept_at.elapsed() >= ack_wait;
+        if connects != seen_connects {
+            (seen_connects, new_connection, after_reconnect) = (connects, true, true);
+        }
+        let wait = if failures > 0 { RETRY_AFTER } else { ack_wait };
+        let due = new_connection || swept_at.elapsed() >= wait;
         if due && client.connection_state() == State::Connected {
-            swept_at = Instant::now();
+            (swept_at, new_connection) = (Instant::now(), false);
             match sweep_all(&durables, after_reconnect).await {
                 Ok(()) => (after_reconnect, failures) = (false, 0),
                 Err(error) => {
                     failures += 1;
+                    debug!(%error, failures, "a sweep for events the NATS client cannot take failed");
                     if failures % FAILURES_TOLD == 0 {
                         warn!(%error, "cannot look for events the NATS client cannot take (on a permissions violation: the functions' NATS user needs $JS.API.STREAM.MSG.GET on the events stream, see nats.conf)");
                     }
@@ -71,7 +79,7 @@ pub(crate) async fn watch(
             }
         }
         tokio::select! {
-            _ = tokio::time::sleep(CHECK_EVERY) => {}
+            _ = tokio::time::sleep(LOOK_EVERY) => {}
             _ = shutdown.cancelled() => return,
             _ = client_lost.cancelled() => return,
         }

@@ -38,6 +38,7 @@ pub async fn start(nats: &TestNats, config: &Config, functions: Vec<Function>) -
 
 /// A runtime of `functions` connected to NATS at `url` (a proxy in front of a test NATS).
 pub async fn start_at(url: &str, config: &Config, functions: Vec<Function>) -> Runtime {
+    crate::gateway::init_logs();
     let client = async_nats::ConnectOptions::with_user_and_password(
         crate::nats::Role::Functions.user().into(),
         crate::nats::Role::Functions.password(),

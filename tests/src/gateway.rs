@@ -208,8 +208,8 @@ pub fn token_with(user: &str, topics: &[&str], ttl_secs: i64) -> String {
     issue_hs256(SECRET.as_bytes(), &claims)
 }
 
-/// Logs of in-process gateways go to the test output when `HERALD_TEST_LOG` is set (e.g. `debug`).
-fn init_logs() {
+/// Logs of in-process gateways and functions go to the test output when `HERALD_TEST_LOG` is set (e.g. `debug`).
+pub(crate) fn init_logs() {
     if let Ok(filter) = std::env::var("HERALD_TEST_LOG") {
         let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
     }
