@@ -211,6 +211,24 @@ async fn header_values_are_escaped_only_where_the_version_says() {
         "MESSAGE\nsubscription:C:\\temp\ndestination:/user/queue/x\nmessage-id:{seq}\ncontent-type:application/json"
     );
     assert_eq!(message.head, head);
+
+    // A broadcast's frames are shared per version: a kind and an id with `:` are escaped for 1.2 only.
+    let (mut v12, _) = connect(&gateway, &[("passcode", &token("cy"))]).await;
+    for client in [&mut client, &mut v12] {
+        client.send_raw("SUBSCRIBE\nid:all\ndestination:/topic/all\nreceipt:all\n\n\0").await;
+        client.expect("RECEIPT").await;
+    }
+    let headers = [("Herald-Type", "order:created"), ("Nats-Msg-Id", "shop:7")];
+    let (seq, _) = Publisher::new(&nats).await.publish_with("push.all", &headers, "{}").await;
+    let tail = format!("message-id:{seq}\ncontent-type:application/json");
+    let head = format!(
+        "MESSAGE\nsubscription:all\ndestination:/topic/all\n{tail}\nherald-kind:order:created\nherald-id:shop:7"
+    );
+    assert_eq!(client.expect("MESSAGE").await.head, head);
+    let head = format!(
+        "MESSAGE\nsubscription:all\ndestination:/topic/all\n{tail}\nherald-kind:order\\ccreated\nherald-id:shop\\c7"
+    );
+    assert_eq!(v12.expect("MESSAGE").await.head, head);
 }
 
 #[tokio::test]

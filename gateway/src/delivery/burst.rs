@@ -32,12 +32,14 @@ struct HeadFrames {
     text: Box<[u8]>,
     transport: Transport,
     acked: bool,
+    escaped: bool,
     frames: Frames,
 }
 
 impl HeadFrames {
     fn is_for(&self, head: &MessageHead<'_>) -> bool {
-        *self.text == *head.text && self.transport == head.transport && self.acked == head.acked
+        *self.text == *head.text
+            && (self.transport, self.acked, self.escaped) == (head.transport, head.acked, head.escaped)
     }
 }
 
@@ -96,6 +98,7 @@ impl Burst {
                         text: Box::from(head.text),
                         transport: head.transport,
                         acked: head.acked,
+                        escaped: head.escaped,
                         frames: self.encode(key),
                     });
                     if kept.is_for(head) {
@@ -179,7 +182,12 @@ mod tests {
     }
 
     fn stomp_key(text: &str, acked: bool) -> FrameKey<'_> {
-        FrameKey::StompHead(MessageHead { text: text.as_bytes(), transport: Transport::WebSocket, acked })
+        FrameKey::StompHead(MessageHead {
+            text: text.as_bytes(),
+            transport: Transport::WebSocket,
+            acked,
+            escaped: true,
+        })
     }
 
     fn contains(bytes: &[u8], text: &str) -> bool {

@@ -349,9 +349,14 @@ fn unescape(text: &str) -> Result<String, String> {
     Ok(out)
 }
 
+/// Whether escaping changes `value` (STOMP 1.1 and 1.2 escape a backslash, line breaks and `:`).
+pub(crate) fn escapes(value: &str) -> bool {
+    value.contains(['\\', '\n', '\r', ':'])
+}
+
 /// A header value as written in a frame (1.1, 1.2 "Value Encoding").
 pub(crate) fn escape(value: &str) -> Cow<'_, str> {
-    if !value.contains(['\\', '\n', '\r', ':']) {
+    if !escapes(value) {
         return Cow::Borrowed(value);
     }
     let mut out = String::with_capacity(value.len() + 8);

@@ -172,7 +172,7 @@ impl Subscription {
     }
 
     fn message_head(&self, version: Version, transport: Transport) -> MessageHead<'_> {
-        MessageHead { text: &self.head, transport, acked: self.acked(version) }
+        MessageHead { text: &self.head, transport, acked: self.acked(version), escaped: version.escapes() }
     }
 }
 
@@ -246,14 +246,29 @@ pub(crate) struct MessageHead<'a> {
     pub(crate) text: &'a [u8],
     pub(crate) transport: Transport,
     pub(crate) acked: bool,
+    /// Whether header values are escaped (not in STOMP 1.0).
+    pub(crate) escaped: bool,
 }
 
 /// Appends the whole MESSAGE frame of `message` under `head`, WebSocket header included: the
 /// head, the `ack` header if it has one, then the message's shared tail.
 pub(crate) fn append_frame(out: &mut Vec<u8>, head: &MessageHead<'_>, message: &Message) {
-    let tail = message.encoded(head.transport.format());
+    let tail = message_tail(message, head.transport, head.escaped);
     put_head(out, head, message.seq, Tail { len: tail.len(), text: message.is_text() });
-    out.extend_from_slice(tail);
+    out.extend_from_slice(&tail);
+}
+
+/// The tail of `message`'s MESSAGE frames over `transport`: the one encoded once per gateway, or
+/// for STOMP 1.0 (`escaped` false), when escaping would change its kind or id, one of its own.
+fn message_tail(message: &Message, transport: Transport, escaped: bool) -> Bytes {
+    let shared = message.encoded(transport.format());
+    if escaped || !(frame::escapes(&message.kind) || frame::escapes(&message.id)) {
+        return shared.clone();
+    }
+    match transport {
+        Transport::WebSocket => encode_tail(message, &message.payload, false),
+        Transport::SockJs => encode_sockjs(message, false),
+    }
 }
 
 /// What a MESSAGE frame's head needs to know of its shared tail: its length, and whether the body
@@ -293,8 +308,12 @@ fn ack_header(transport: Transport, seq: u64) -> Vec<u8> {
 /// The shared part of a MESSAGE frame of `message` in SockJS's framing: escaped, and the end of
 /// the message frame.
 pub(super) fn encode_message_sockjs(message: &Message) -> Bytes {
+    encode_sockjs(message, true)
+}
+
+fn encode_sockjs(message: &Message, escaped: bool) -> Bytes {
     // SockJS carries text: a body that is not UTF-8 goes as its lossy text, with that length.
-    let tail = encode_tail(message, String::from_utf8_lossy(&message.payload).as_bytes());
+    let tail = encode_tail(message, String::from_utf8_lossy(&message.payload).as_bytes(), escaped);
     let mut out = Vec::with_capacity(tail.len() + tail.len() / 8 + 2);
     sockjs::escape_into(&mut out, &tail);
     out.extend_from_slice(sockjs::MESSAGES_END);
@@ -303,21 +322,22 @@ pub(super) fn encode_message_sockjs(message: &Message) -> Bytes {
 
 /// The shared part of a MESSAGE frame of `message` (see the module's documentation).
 pub(super) fn encode_message(message: &Message) -> Bytes {
-    encode_tail(message, &message.payload)
+    encode_tail(message, &message.payload, true)
 }
 
-/// The shared part of a MESSAGE frame of `message` with `body`. Every header costs each delivery
-/// its bytes, so only what a client needs is there: no `content-length` unless the body holds a
-/// NUL (without one, STOMP ends the body at the first NUL, which is then the frame's end).
-fn encode_tail(message: &Message, body: &[u8]) -> Bytes {
+/// The shared part of a MESSAGE frame of `message` with `body`, header values `escaped` or not.
+/// Every header costs each delivery its bytes, so only what a client needs is there: no
+/// `content-length` unless the body holds a NUL (without one, STOMP ends the body at the first
+/// NUL, which is then the frame's end).
+fn encode_tail(message: &Message, body: &[u8], escaped: bool) -> Bytes {
     let mut out = Vec::with_capacity(body.len() + 96);
     frame::push_header(&mut out, "message-id", &message.seq.to_string());
     frame::push_header(&mut out, "content-type", "application/json");
     if !message.kind.is_empty() {
-        frame::push_header(&mut out, "herald-kind", &message.kind);
+        frame::push_header_with(&mut out, "herald-kind", &message.kind, escaped);
     }
     if !message.id.is_empty() {
-        frame::push_header(&mut out, "herald-id", &message.id);
+        frame::push_header_with(&mut out, "herald-id", &message.id, escaped);
     }
     if body.contains(&0) {
         frame::push_header(&mut out, "content-length", &body.len().to_string());
@@ -473,7 +493,7 @@ impl StompCodec {
             {
                 self.dropped.push((oldest.target, oldest.seq));
             }
-            let tail = message.encoded(self.format()).clone();
+            let tail = message_tail(message, self.transport, self.connected.version.escapes());
             self.held.push_back(Held { target, seq: message.seq, tail, text: message.is_text() });
         }
         index
