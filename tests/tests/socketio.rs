@@ -249,6 +249,36 @@ async fn a_post_over_the_limit_ends_the_polling_session() {
     .await;
 }
 
+/// Engine.IO takes one GET at a time per session: a second while the first waits is answered 400
+/// (`Bad request`), as Engine.IO's server does, and the session ends (the first GET returns).
+#[tokio::test]
+async fn a_second_poll_while_one_waits_ends_the_polling_session() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let http = reqwest::Client::new();
+    let url = gateway.http_url("/socket.io/?EIO=4&transport=polling");
+    let open = http.get(&url).send().await.unwrap().text().await.unwrap();
+    let sid: Value = serde_json::from_str(open.strip_prefix('0').unwrap()).unwrap();
+    let url = format!("{url}&sid={}", sid["sid"].as_str().unwrap());
+    let connect = format!("40{}", json!({"token": token("sio-overlap")}));
+    assert_eq!(http.post(&url).body(connect).send().await.unwrap().status(), 200);
+    assert!(http.get(&url).send().await.unwrap().text().await.unwrap().starts_with("40{"));
+
+    // Nothing to send: each GET waits (until the next ping), so the two overlap.
+    let poll = || async { http.get(&url).send().await.unwrap() };
+    let (first, second) = tokio::join!(poll(), poll());
+    let mut statuses = [first.status().as_u16(), second.status().as_u16()];
+    let refused = if statuses[0] == 400 { first } else { second };
+    statuses.sort();
+    assert_eq!(statuses, [200, 400]);
+    assert_eq!(refused.json::<Value>().await.unwrap(), json!({"code": 3, "message": "Bad request"}));
+    eventually("the session gone", Duration::from_secs(10), || async {
+        let body = http.get(&url).send().await.unwrap().text().await.unwrap();
+        body.contains("Session ID unknown").then_some(())
+    })
+    .await;
+}
+
 /// The Engine.IO `sid` is the polling session's key: whoever knows it polls and posts as the
 /// client. Nothing public gives it away: not `socket.id` (which apps log and send to backends),
 /// not the private `pid`, not the connection's id in events and the API.

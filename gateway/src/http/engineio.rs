@@ -82,6 +82,8 @@ pub(crate) enum Poll {
     Packets(Vec<u8>),
     /// The session ended.
     Closed,
+    /// Another GET is waiting on the session: Engine.IO allows one at a time.
+    Overlap,
 }
 
 impl Polling {
@@ -104,7 +106,11 @@ impl Polling {
 
     /// A GET: waits for what the session writes (a noop when the client upgrades meanwhile).
     pub(crate) async fn poll(&self) -> Poll {
-        let mut output = self.output.lock().await;
+        let noop = || Poll::Packets(b"6".to_vec());
+        let Ok(mut output) = self.output.try_lock() else {
+            // An upgrade takes the output for a moment, after it ended the GETs.
+            return if self.upgrading.is_cancelled() { noop() } else { Poll::Overlap };
+        };
         let mut chunk = vec![0; 16 * 1024];
         loop {
             let (packets, closed) = take_packets(&mut output.buffered);
@@ -114,12 +120,10 @@ impl Polling {
             if closed {
                 return Poll::Closed;
             }
-            let Some(pipe) = output.pipe.as_mut() else {
-                return Poll::Packets(b"6".to_vec());
-            };
+            let Some(pipe) = output.pipe.as_mut() else { return noop() };
             let read = tokio::select! {
                 read = pipe.read(&mut chunk) => read,
-                _ = self.upgrading.cancelled() => return Poll::Packets(b"6".to_vec()),
+                _ = self.upgrading.cancelled() => return noop(),
             };
             match read {
                 Ok(0) | Err(_) => return Poll::Closed,

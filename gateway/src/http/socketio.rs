@@ -98,6 +98,11 @@ pub(crate) async fn get(
                     shared.polling.remove(&sid);
                     text(Bytes::from_static(b"6"))
                 }
+                // As Engine.IO's server: the client broke the transport's rule, and its session ends.
+                super::engineio::Poll::Overlap => {
+                    polling.close(close_code::PROTOCOL_ERROR).await;
+                    engine_error(3, "Bad request")
+                }
             }),
             None => Ok(engine_error(1, "Session ID unknown")),
         },
