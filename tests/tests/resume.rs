@@ -1,6 +1,7 @@
 //! Exact delivery: the offline inbox, resume with `since` and from device cursors, retention
 //! reported honestly, publisher retries delivered once.
 
+use herald_gateway::ReplayMethod;
 use herald_shared::frame::ServerFrame;
 use herald_tests::gateway::token;
 use herald_tests::kv::connect_while_a_read_goes_unanswered;
@@ -122,6 +123,49 @@ async fn trimmed_messages_are_reported_with_complete_false() {
     assert_eq!(dan.expect_msgs(5).await, kept);
     assert_eq!(dan.expect_replayed().await, (base + 1, kept[4], 5, true, None));
     assert_eq!(gateway.metric("herald_gateway_replays_incomplete_total").await, 1.0);
+}
+
+/// Messages published during a replay count towards the per-subject limit too: here they trim
+/// messages the replay has not read yet (it waits on a client that stopped reading), and the
+/// replay, which read fewer than the limit, must still say it may have missed some.
+/// (Direct gets only: a consumer replay pulls in batches of hundreds of messages, so here it has
+/// all 40 before the newer ones come.)
+#[tokio::test]
+async fn messages_trimmed_while_a_replay_waits_are_reported_with_complete_false() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start_with(&nats, |c| {
+        (c.stream.stream_max_msgs_per_subject, c.replay_method) = (40, ReplayMethod::Direct);
+    })
+    .await;
+    let publisher = Publisher::new(&nats).await;
+    let base = publisher.publish("push.user.nobody", "x").await;
+    // 5 MiB: far more than the replay's read-ahead and the socket's buffers hold.
+    let large = format!("\"{}\"", "x".repeat(128 * 1024));
+    let mut stored = Vec::new();
+    for _ in 0..40 {
+        stored.push(publisher.publish("push.user.fay", &large).await);
+    }
+
+    let mut fay = gateway.connect_with(&format!("token={}&since={base}", token("fay"))).await;
+    // The replay has begun (its bounds end at the 40th); the client stops reading.
+    assert_eq!(fay.expect_msg().await.seq, stored[0]);
+    let mut newer = Vec::new();
+    for n in 0..35 {
+        newer.push(publisher.publish("push.user.fay", &n.to_string()).await);
+    }
+    let mut received = vec![stored[0]];
+    let complete = loop {
+        match fay.next_frame().await {
+            ServerFrame::Msg(msg) => received.push(msg.seq),
+            ServerFrame::Replayed { complete, .. } => break complete,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    received.extend(fay.expect_msgs(newer.len()).await);
+    // The premise: the newer messages trimmed some the replay had not read.
+    let missed: Vec<u64> = stored.iter().chain(&newer).filter(|seq| !received.contains(seq)).copied().collect();
+    assert!(!missed.is_empty() && received.is_sorted(), "received {received:?}");
+    assert!(!complete, "the replay missed {missed:?} and said it was complete");
 }
 
 #[tokio::test]

@@ -212,7 +212,10 @@ fn replay(session: Arc<Session>, audiences: Vec<Audience>, since: u64, upto: u64
                     reading.failing = None;
                     return Some((Outcome::Replayed(Box::new(message::from_stored(stored))), Some(reading)));
                 }
-                None => return Some((Outcome::ReplayEnded(Ok(())), None)),
+                None => {
+                    let after = reading.open.as_ref().map(Replay::after_last_read).unwrap_or_default();
+                    return Some((Outcome::ReplayEnded(Ok(after)), None));
+                }
                 Some(Err(error)) => {
                     reading.open = None;
                     let failing = reading.failing.get_or_insert_with(|| Patience::new(STREAM_PATIENCE));

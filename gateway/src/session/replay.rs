@@ -119,6 +119,17 @@ impl Replay {
             Replay::Consumer(replay) => replay.next().await,
         }
     }
+
+    /// Per audience (in the order given to [`Replayer::open`]), how many of its messages the stream
+    /// held after the last one the replay read, as it last said (at most: the consumer's count is
+    /// every audience's together). With those read, what the per-subject limit counted: see
+    /// [`complete`].
+    pub(crate) fn after_last_read(&self) -> Vec<u64> {
+        match self {
+            Replay::Direct(replay) => replay.cursors.iter().map(|cursor| cursor.after).collect(),
+            Replay::Consumer(replay) => vec![replay.after; replay.audiences],
+        }
+    }
 }
 
 /// One cursor per subject, each filled by batched direct gets; the smallest head goes next.
@@ -141,6 +152,8 @@ struct SubjectCursor {
     next_seq: u64,
     buffered: VecDeque<Stored>,
     end: CursorEnd,
+    /// The subject's messages stored after the last one read, as the stream last said.
+    after: u64,
 }
 
 /// Whether a cursor read everything of its subject up to `upto`.
@@ -169,6 +182,7 @@ impl DirectReplay {
                 next_seq: since + 1,
                 buffered: VecDeque::new(),
                 end: if since >= upto { CursorEnd::Done } else { CursorEnd::Open },
+                after: 0,
             })
             .collect();
         Ok(DirectReplay {
@@ -220,7 +234,10 @@ impl DirectReplay {
                 cursor.buffered.push_back(stored);
                 cursor.end = CursorEnd::Open;
             }
-            _ => cursor.end = CursorEnd::Done,
+            // The leader's answer does not count what follows: one at least (the replica's count
+            // was behind, it missed this one).
+            Some(_) => (cursor.end, cursor.after) = (CursorEnd::Done, cursor.after.max(1)),
+            None => (cursor.end, cursor.after) = (CursorEnd::Done, 0),
         }
         Ok(())
     }
@@ -275,15 +292,18 @@ impl DirectReplay {
             match status {
                 // End of batch: more may follow unless nothing is pending.
                 204 => {
-                    let pending = message.header("Nats-Num-Pending").and_then(|v| v.parse::<u64>().ok());
-                    if cursor.end == CursorEnd::Open && (pending == Some(0) || cursor.buffered.is_empty()) {
-                        cursor.end = CursorEnd::Unconfirmed;
+                    let pending = num_pending(&message);
+                    if cursor.end == CursorEnd::Open {
+                        cursor.after = pending.unwrap_or(cursor.after);
+                        if pending == Some(0) || cursor.buffered.is_empty() {
+                            cursor.end = CursorEnd::Unconfirmed;
+                        }
                     }
                     return Ok(true);
                 }
                 404 => {
                     if cursor.end == CursorEnd::Open {
-                        cursor.end = CursorEnd::Unconfirmed;
+                        (cursor.end, cursor.after) = (CursorEnd::Unconfirmed, 0);
                     }
                     return Ok(true);
                 }
@@ -293,16 +313,28 @@ impl DirectReplay {
                 }
             }
         }
+        let pending = num_pending(&message);
         let stored = from_direct_get(cursor.audience.clone(), message)?;
+        if cursor.end != CursorEnd::Open {
+            return Ok(false);
+        }
         if stored.seq > upto {
             // The replica holds newer messages: it has every one of the subject's up to `upto`.
             cursor.end = CursorEnd::Done;
-        } else if cursor.end == CursorEnd::Open {
+            cursor.after = 1 + pending.unwrap_or(0);
+        } else {
             cursor.next_seq = stored.seq + 1;
+            cursor.after = pending.unwrap_or(cursor.after);
             cursor.buffered.push_back(stored);
         }
         Ok(false)
     }
+}
+
+/// A direct get's `Nats-Num-Pending`: the subject's messages stored after the one answered (after
+/// the batch, on its end).
+fn num_pending(message: &Delivered) -> Option<u64> {
+    message.header("Nats-Num-Pending").and_then(|value| value.parse().ok())
 }
 
 fn parse_reply(subject: &str, inbox: &str) -> Option<(usize, u64)> {
@@ -355,6 +387,9 @@ fn rfc3339(time: time::OffsetDateTime) -> String {
 pub(crate) struct ConsumerReplay {
     messages: Option<Ordered>,
     upto: u64,
+    /// How many audiences it reads, and the messages of all of them after the last one read.
+    audiences: usize,
+    after: u64,
     /// Held while the consumer delivers.
     _permit: Option<OwnedSemaphorePermit>,
 }
@@ -367,7 +402,7 @@ impl ConsumerReplay {
         upto: u64,
     ) -> Result<ConsumerReplay, ReplayError> {
         if since >= upto {
-            return Ok(ConsumerReplay { messages: None, upto, _permit: None });
+            return Ok(ConsumerReplay { messages: None, upto, audiences: audiences.len(), after: 0, _permit: None });
         }
         let permit = replayer.permits.clone().acquire_owned().await.map_err(error)?;
         let stream = replayer.js.get_stream_no_info(STREAM).await.map_err(error)?;
@@ -382,7 +417,7 @@ impl ConsumerReplay {
         } else {
             Some(consumer.messages().await.map_err(error)?)
         };
-        Ok(ConsumerReplay { messages, upto, _permit: Some(permit) })
+        Ok(ConsumerReplay { messages, upto, audiences: audiences.len(), after: 0, _permit: Some(permit) })
     }
 
     async fn next(&mut self) -> Option<Result<Stored, ReplayError>> {
@@ -398,9 +433,10 @@ impl ConsumerReplay {
             Err(e) => return Some(Err(error(e))),
         };
         if seq > self.upto {
-            self.messages = None;
+            (self.messages, self.after) = (None, 1 + pending);
             return None;
         }
+        self.after = pending;
         if pending == 0 || seq == self.upto {
             self.messages = None;
         }
@@ -425,12 +461,15 @@ fn stored_header<'a>(headers: &'a async_nats::HeaderMap, name: &str) -> Option<&
 
 /// Whether nothing addressed to a connection after `since` can have been removed by the stream's
 /// limits: the stream still starts at or before `since + 1` (nothing aged out past it), and no
-/// subject is at its per-subject cap with all its retained messages after `since` (the cap may have
-/// trimmed older ones). Deletes by hand and per-message TTLs are not counted as losses.
-pub(crate) fn complete(first_seq: u64, since: u64, per_subject_cap: i64, counts_per_subject: &[u64]) -> bool {
+/// subject reached its per-subject cap with messages after `since` alone (the cap may have trimmed
+/// older ones). Per subject, `read` are the messages a replay read and `after` those the stream held
+/// after the last one read: a message trimmed before the replay came to it left the subject at its
+/// cap with newer messages only, which the replay then read or which came after. Deletes by hand
+/// and per-message TTLs are not counted as losses.
+pub(crate) fn complete(first_seq: u64, since: u64, per_subject_cap: i64, read: &[u64], after: &[u64]) -> bool {
     let nothing_aged_out = first_seq <= since + 1;
-    let nothing_trimmed =
-        per_subject_cap <= 0 || counts_per_subject.iter().all(|&count| count < per_subject_cap as u64);
+    let held_after_since = |index: usize| read[index] + after.get(index).copied().unwrap_or(0);
+    let nothing_trimmed = per_subject_cap <= 0 || (0..read.len()).all(|i| held_after_since(i) < per_subject_cap as u64);
     nothing_aged_out && nothing_trimmed
 }
 
@@ -441,14 +480,17 @@ mod tests {
     #[test]
     fn complete_only_when_nothing_can_have_been_removed() {
         // Stream starts right after since, no subject at its cap.
-        assert!(complete(11, 10, 1000, &[3, 0]));
-        assert!(complete(1, 10, 1000, &[999]));
+        assert!(complete(11, 10, 1000, &[3, 0], &[0, 0]));
+        assert!(complete(1, 10, 1000, &[999], &[0]));
         // Messages after since aged out.
-        assert!(!complete(12, 10, 1000, &[3]));
+        assert!(!complete(12, 10, 1000, &[3], &[0]));
         // A subject at its cap may have been trimmed.
-        assert!(!complete(1, 10, 1000, &[1000, 2]));
+        assert!(!complete(1, 10, 1000, &[1000, 2], &[0, 0]));
+        // It is at its cap with what came after the replay's reads too.
+        assert!(!complete(1, 10, 1000, &[2, 999], &[0, 1]));
+        assert!(complete(1, 10, 1000, &[2, 998], &[0, 1]));
         // No per-subject cap.
-        assert!(complete(1, 10, -1, &[5000]));
+        assert!(complete(1, 10, -1, &[5000], &[7]));
     }
 
     #[test]

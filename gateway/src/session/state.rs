@@ -166,8 +166,9 @@ pub(crate) enum Outcome {
     Bounds(Result<Bounds, String>),
     /// One replayed message, in order.
     Replayed(Box<Message>),
-    /// The replay read everything (or failed).
-    ReplayEnded(Result<(), String>),
+    /// The replay read everything (or failed): per audience, the messages the stream held after
+    /// the last one read ([`crate::session::replay::Replay::after_last_read`]).
+    ReplayEnded(Result<Vec<u64>, String>),
     Attached(Result<LogStart, String>),
     /// NATS has the subscriptions (or the feed is down: it re-subscribes and repairs when back).
     Flushed,
@@ -282,8 +283,10 @@ struct ReplayRun {
     audiences: Vec<Audience>,
     since: u64,
     bounds: Bounds,
-    /// Messages read per audience (to tell whether the per-subject limit may have trimmed some).
+    /// Messages read per audience, and held after the last one read (to tell whether the
+    /// per-subject limit may have trimmed some).
     per_audience: Vec<u64>,
+    after: Vec<u64>,
     sent: u64,
     last: Option<u64>,
 }
@@ -773,7 +776,10 @@ impl SessionState {
                 self.replayed(&mut run, *message);
                 self.step = Some(Step::Replay(run));
             }
-            (Step::Replay(run), Outcome::ReplayEnded(Ok(()))) => self.replay_ended(run),
+            (Step::Replay(mut run), Outcome::ReplayEnded(Ok(after))) => {
+                run.after = after;
+                self.replay_ended(run)
+            }
             (Step::Replay(_), Outcome::ReplayEnded(Err(error))) => {
                 self.close(Close::new(CloseCode::Unavailable, error));
             }
@@ -1172,7 +1178,7 @@ impl SessionState {
     fn start_replay(&mut self, purpose: Purpose, audiences: Vec<Audience>, since: u64, bounds: Bounds) {
         let action = Action::Replay { audiences: audiences.clone(), since, upto: bounds.last };
         let per_audience = vec![0; audiences.len()];
-        let run = ReplayRun { purpose, audiences, since, bounds, per_audience, sent: 0, last: None };
+        let run = ReplayRun { purpose, audiences, since, bounds, per_audience, after: Vec::new(), sent: 0, last: None };
         // A catch-up with nothing stored past what was sent has nothing to read (a repair for a
         // reason that brought nothing new, e.g. a feed reconnection on a quiet stream).
         if matches!(run.purpose, Purpose::CatchUp) && since >= run.bounds.last {
@@ -1215,7 +1221,7 @@ impl SessionState {
         self.tally.replayed += run.sent;
         let upto = run.bounds.last;
         let cap = run.bounds.per_subject_cap.unwrap_or(self.per_subject_cap);
-        let mut complete = replay::complete(run.bounds.first, run.since, cap, &run.per_audience);
+        let mut complete = replay::complete(run.bounds.first, run.since, cap, &run.per_audience, &run.after);
         let report = |complete: bool, topic: Option<String>| ServerFrame::Replayed {
             from: run.since + 1,
             to: run.last.unwrap_or(run.since),

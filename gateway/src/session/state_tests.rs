@@ -105,10 +105,16 @@ impl Harness {
 
     /// Answers a replay with `messages`, then its end.
     fn replay(&mut self, messages: Vec<Message>) {
+        self.replay_then(messages, Vec::new());
+    }
+
+    /// Answers a replay with `messages`, then its end with the stream's count of messages `after`
+    /// the last read, per audience.
+    fn replay_then(&mut self, messages: Vec<Message>, after: Vec<u64>) {
         for message in messages {
             self.state.on_outcome(Outcome::Replayed(Box::new(message)));
         }
-        self.state.on_outcome(Outcome::ReplayEnded(Ok(())));
+        self.state.on_outcome(Outcome::ReplayEnded(Ok(after)));
     }
 
     fn closed_with(&self) -> Option<u16> {
@@ -379,6 +385,15 @@ fn a_replay_that_may_miss_trimmed_messages_is_incomplete() {
     h.action();
     h.replay(vec![message(6, Audience::All, ""), message(7, Audience::All, "")]);
     assert_eq!(h.frames(), ["6", "7", "replayed:6-7/2/false"]);
+    // One read, and one more stored after it since the replay began: the cap may have trimmed an
+    // older one after `since` before the replay came to it.
+    for (after, complete) in [(1, false), (0, true)] {
+        let start = Start::Resume { requested: 5, noted: Noted::Nothing };
+        let mut h = Harness::with(start, 9, 100, |p| p.per_subject_cap = 2);
+        h.action();
+        h.replay_then(vec![message(7, Audience::All, "")], vec![after; 4]);
+        assert_eq!(h.frames(), ["7", &format!("replayed:6-7/1/{complete}")]);
+    }
 }
 
 #[test]
@@ -860,7 +875,7 @@ fn what_a_refill_had_not_written_when_the_connection_ended_is_noted_lost_from_it
         }
         if matches!(end, EndedUnwritten | EndedTaken | EndedWritten) {
             h.state.on_outcome(Outcome::Replayed(Box::new(message(12, user.clone(), ""))));
-            h.state.on_outcome(Outcome::ReplayEnded(Ok(())));
+            h.state.on_outcome(Outcome::ReplayEnded(Ok(Vec::new())));
             // Nothing stored past what was sent: its catch-up reads nothing.
             assert_eq!(h.action(), None);
         }
