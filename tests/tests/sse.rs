@@ -368,3 +368,46 @@ async fn two_streams_naming_no_device_both_stay() {
         }
     }
 }
+
+/// A new device's stream gets its unread messages, not the broadcasts stored before it opened:
+/// once it has them, its cursor is the welcome's `seq`, and the next stream without
+/// `Last-Event-ID` (a page loaded again) does not get those broadcasts either. (The cursor stayed
+/// at the last unread message, and the broadcasts after it came on the next stream.)
+#[tokio::test]
+async fn a_new_devices_cursor_passes_the_broadcasts_from_before_its_first_stream() {
+    let nats = TestNats::start().await;
+    let publisher = Publisher::new(&nats).await;
+    let gateway = TestGateway::start(&nats).await;
+    let unread = publisher.publish("push.user.nell", "1").await;
+    for n in 0..2 {
+        publisher.publish("push.all", &n.to_string()).await;
+    }
+    let query = format!("token={}&device=tab", token("nell"));
+    let mut stream = open(&gateway, &query, &[]).await;
+    assert_eq!(stream.next_event().await.id, Some(unread.to_string()));
+    let replayed: serde_json::Value = serde_json::from_str(&stream.next_event().await.data).unwrap();
+    let end = replayed["to"].as_u64().unwrap().max(unread);
+    let cursors = nats.jetstream().await.get_key_value("herald-cursors").await.expect("the cursors bucket");
+    let stream_end =
+        nats.jetstream().await.get_stream("HERALD").await.unwrap().info().await.unwrap().state.last_sequence;
+    assert!(stream_end > end, "the broadcasts come after the unread message");
+    let cursor = herald_tests::eventually("the cursor at the stream's end", Duration::from_secs(30), || async {
+        let written = cursors.get("nell.tab").await.ok().flatten()?;
+        let cursor: u64 = String::from_utf8_lossy(&written).parse().ok()?;
+        (cursor >= stream_end).then_some(cursor)
+    })
+    .await;
+    assert_eq!(cursor, stream_end);
+    drop(stream);
+    gateway.wait_metric("herald_gateway_connections", 0.0).await;
+
+    let mut again = open(&gateway, &query, &[]).await;
+    let news = publisher.publish("push.all", "news").await;
+    loop {
+        let event = again.next_event().await;
+        match event.event.as_str() {
+            "replayed" => continue,
+            _ => break assert_eq!(event.id, Some(news.to_string())),
+        }
+    }
+}

@@ -616,6 +616,44 @@ async fn unread_messages_never_acknowledged_come_again_on_the_next_connection() 
     }
 }
 
+/// A new device gets its unread messages, not the broadcasts stored before its first connection:
+/// once it has the unread ones on `ack:auto`, its cursor is CONNECTED's `herald-seq`, and its next
+/// connection does not get those broadcasts either. (Its cursor stayed at its last unread message,
+/// and the broadcasts after it came on the next connection.)
+#[tokio::test]
+async fn a_new_devices_auto_cursor_passes_the_broadcasts_from_before_its_first_connection() {
+    let nats = TestNats::start().await;
+    let publisher = Publisher::new(&nats).await;
+    let gateway = TestGateway::start(&nats).await;
+    let unread = [publisher.publish("push.user.zed", "1").await, publisher.publish("push.user.zed", "2").await];
+    for n in 0..2 {
+        publisher.publish("push.all", &n.to_string()).await;
+    }
+    let headers = [("passcode", token("zed")), ("herald-device", "pad".to_string())];
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (mut client, connected) = connect(&gateway, &headers).await;
+    let end: u64 = connected.header("herald-seq").parse().unwrap();
+    subscribe(&mut client, "q", "/user/queue/inbox", &[]).await;
+    subscribe(&mut client, "all", "/topic/all", &[]).await;
+    assert_eq!([next_message(&mut client).await.0, next_message(&mut client).await.0], unread);
+    let cursors = nats.jetstream().await.get_key_value("herald-cursors").await.expect("the cursors bucket");
+    let cursor = herald_tests::eventually("the cursor at herald-seq", Duration::from_secs(30), || async {
+        let written = cursors.get("zed.pad").await.ok().flatten()?;
+        let cursor: u64 = String::from_utf8_lossy(&written).parse().ok()?;
+        (cursor >= end).then_some(cursor)
+    })
+    .await;
+    assert_eq!(cursor, end);
+    client.send_frame("DISCONNECT", &[("receipt", "bye")], "").await;
+    assert_eq!(client.expect("RECEIPT").await.header("receipt-id"), "bye");
+
+    let (mut again, _) = connect(&gateway, &headers).await;
+    subscribe(&mut again, "q", "/user/queue/inbox", &[]).await;
+    subscribe(&mut again, "all", "/topic/all", &[]).await;
+    let news = publisher.publish("push.all", "news").await;
+    assert_eq!(next_message(&mut again).await.0, news);
+}
+
 /// The inbox acknowledged by the client, `push.all` on `ack:auto`.
 async fn subscribe_inbox_and_all(client: &mut StompClient) {
     subscribe(client, "q", "/user/queue/inbox", &[("ack", "client")]).await;

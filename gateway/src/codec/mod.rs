@@ -319,6 +319,17 @@ impl Codec {
         }
     }
 
+    /// A new device's replay read everything up to `upto`: what it did not send up to there
+    /// (`push.all` and topic messages from before the device's first connection) is not owed to the
+    /// device, so receiving what was queued moves the cursor that far (STOMP `ack:auto`, SSE).
+    pub(crate) fn new_device_caught_up(&mut self, upto: u64) {
+        match self {
+            Codec::Stomp(codec) => codec.new_device_caught_up(upto),
+            Codec::Sse(codec) => codec.note_sent(upto),
+            _ => {}
+        }
+    }
+
     /// The highest `seq` the client acknowledged by receiving it (STOMP `ack:auto`, SSE), once all
     /// that was queued is written, `bound` at most; if further than before.
     pub(crate) fn take_auto_ack(&mut self, bound: u64) -> Option<u64> {

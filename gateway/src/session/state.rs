@@ -580,10 +580,11 @@ impl SessionState {
     }
 
     /// The furthest what was sent on auto-acknowledged subscriptions may move the cursor, once
-    /// what was taken for the socket is written: what was sent, short of what a refill owes.
+    /// what was taken for the socket is written: what may be acknowledged, short of what a refill
+    /// owes.
     pub(crate) fn auto_ack_bound(&self) -> u64 {
         let owed = self.refill_owed_from(self.frames_taken).map_or(u64::MAX, |first| first.saturating_sub(1));
-        self.last_sent.min(owed)
+        self.ackable().min(owed)
     }
 
     /// Moves up to `max_frames` queued frames (and about `max_bytes`) into `batch`.
@@ -1234,11 +1235,15 @@ impl SessionState {
                 // Messages the previous connection missed before `since` are not in this replay.
                 complete &= requested <= upto && lost_from.is_none_or(|first| first > run.since);
                 self.caught_up(run.since, upto);
-                if self.resumed.is_none() {
+                let new_device = self.resumed.is_none();
+                if new_device {
                     // A new device's replay (a resume's read every audience: `last_sent` says it all).
                     self.unread_through = upto;
                 }
                 self.notice(&report(complete, None));
+                if new_device {
+                    self.codec.new_device_caught_up(upto);
+                }
                 let queued = self.frames_taken + self.frames.len() as u64;
                 if let Some(resumed) = self.resumed.as_mut() {
                     resumed.answered_at = Some(queued);

@@ -224,6 +224,8 @@ pub(crate) struct StompCodec {
     closing: Option<Close>,
     /// What its writes and the client's ACKs let the device's cursor pass.
     acks: acks::Acks,
+    /// Where a new device's replay ended, until it counts as written (see `take_auto_ack`).
+    caught_up: u64,
     /// Where MESSAGE heads are written (see [`StompCodec::head`]).
     arena: BytesMut,
     /// The client's frames, as its messages bring them.
@@ -375,6 +377,7 @@ impl StompCodec {
             last: None,
             closing: None,
             acks: acks::Acks::default(),
+            caught_up: 0,
             arena: BytesMut::new(),
         }
     }
@@ -530,7 +533,19 @@ impl StompCodec {
     /// Where what was written on `ack:auto` subscriptions moves the cursor (`bound` at most), if
     /// further than before.
     pub(super) fn take_auto_ack(&mut self, bound: u64) -> Option<u64> {
+        // A new device's replay end counts as written on `ack:auto` once nothing waits for a
+        // subscription (a message held, dropped or refilling would be passed).
+        let waiting = !self.held.is_empty() || !self.dropped.is_empty() || !self.refilling.is_empty();
+        let auto = self.subscriptions.iter().any(|subscription| subscription.ack == AckMode::Auto);
+        if self.caught_up > 0 && !waiting && auto {
+            self.acks.sent(std::mem::take(&mut self.caught_up), true);
+        }
         self.acks.take_auto(bound)
+    }
+
+    /// See [`super::Codec::new_device_caught_up`].
+    pub(super) fn new_device_caught_up(&mut self, upto: u64) {
+        self.caught_up = upto;
     }
 
     pub(super) fn has_no_subscription(&self) -> bool {
