@@ -633,8 +633,7 @@ async fn a_new_devices_auto_cursor_passes_the_broadcasts_from_before_its_first_c
     let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let (mut client, connected) = connect(&gateway, &headers).await;
     let end: u64 = connected.header("herald-seq").parse().unwrap();
-    subscribe(&mut client, "q", "/user/queue/inbox", &[]).await;
-    subscribe(&mut client, "all", "/topic/all", &[]).await;
+    subscribe_inbox_and_all_auto(&mut client).await;
     assert_eq!([next_message(&mut client).await.0, next_message(&mut client).await.0], unread);
     let cursors = nats.jetstream().await.get_key_value("herald-cursors").await.expect("the cursors bucket");
     let cursor = herald_tests::eventually("the cursor at herald-seq", Duration::from_secs(30), || async {
@@ -648,10 +647,16 @@ async fn a_new_devices_auto_cursor_passes_the_broadcasts_from_before_its_first_c
     assert_eq!(client.expect("RECEIPT").await.header("receipt-id"), "bye");
 
     let (mut again, _) = connect(&gateway, &headers).await;
-    subscribe(&mut again, "q", "/user/queue/inbox", &[]).await;
-    subscribe(&mut again, "all", "/topic/all", &[]).await;
+    subscribe_inbox_and_all_auto(&mut again).await;
     let news = publisher.publish("push.all", "news").await;
     assert_eq!(next_message(&mut again).await.0, news);
+}
+
+/// The inbox and `push.all`, both `ack:auto`, without receipts (what a SUBSCRIBE releases comes
+/// before its RECEIPT).
+async fn subscribe_inbox_and_all_auto(client: &mut StompClient) {
+    client.send_frame("SUBSCRIBE", &[("id", "q"), ("destination", "/user/queue/inbox")], "").await;
+    client.send_frame("SUBSCRIBE", &[("id", "all"), ("destination", "/topic/all")], "").await;
 }
 
 /// The inbox acknowledged by the client, `push.all` on `ack:auto`.
