@@ -122,9 +122,7 @@ pub(crate) async fn monitor(
     // When the stream seen last was made: another time means it was made again.
     let mut stream_made = None;
     while !shutdown.is_cancelled() {
-        let connected = health.nats_connected();
-        metrics.nats_connected.set(connected as i64);
-        let (store, made) = match connected {
+        let (store, made) = match health.nats_connected() {
             true => check_stream(&js, &settings, &health, &metrics, seen).await,
             false => (Store::Unchecked, None),
         };

@@ -152,6 +152,8 @@ async fn route(
         (&Method::GET, "/healthz") => json(StatusCode::OK, serde_json::json!({"ok": true})),
         (&Method::GET, "/readyz") => readyz(&shared),
         (&Method::GET, "/metrics") => {
+            // As the connections are now: the health check that also looks may wait on JetStream.
+            shared.metrics.nats_connected.set(shared.health.nats_connected() as i64);
             text(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", shared.metrics.render())
         }
         (&Method::GET, "/") => text(StatusCode::OK, "text/html; charset=utf-8", DEMO_PAGE.to_string()),

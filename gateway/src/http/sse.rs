@@ -58,7 +58,10 @@ async fn open(
     peer: SocketAddr,
     tap: Arc<Tap>,
 ) -> Result<Response<Body>, Rejection> {
-    let Some(admitted) = admit_stream(&shared, request, peer).await? else { return Ok(not_ready(&shared)) };
+    let Some(admitted) = admit_stream(&shared, request, peer).await? else {
+        let address = super::limits::client_address(peer.ip(), request.headers(), &shared.config.trusted_proxies);
+        return Ok(not_ready(&shared, address));
+    };
     let (session_end, body_end) = body_pipe(PIPE_BYTES);
     let connection = sse_connection(&shared, Box::pin(Silent), WriteHalf::response(session_end, tap));
     Starting { admitted, connection, head: Vec::new() }.spawn(shared);
@@ -331,9 +334,12 @@ pub(crate) fn last_event_id(value: &HeaderValue) -> Result<u64, Rejection> {
 
 /// A gateway that is not ready yet (starting, NATS away) answers with a stream that ends at once:
 /// a browser's EventSource gives up for good on an error status, but reconnects after a stream
-/// ends (after `retry:`), which is what it should do here.
-fn not_ready(shared: &Shared) -> Response<Body> {
-    let close = Close::new(CloseCode::Unavailable, shared.health.problems().join("; "));
+/// ends (after `retry:`), which is what it should do here. Counted as a refusal (503
+/// `unavailable`) from `address`.
+fn not_ready(shared: &Shared, address: std::net::IpAddr) -> Response<Body> {
+    let problems = shared.health.problems().join("; ");
+    shared.refusals.refused(&Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", problems.clone()), address);
+    let close = Close::new(CloseCode::Unavailable, problems);
     let mut body = format!("retry: {}\n", crate::codec::sse::RETRY_MS).into_bytes();
     body.extend_from_slice(&close_event(&close));
     let mut response = Response::new(Either::Left(Full::new(Bytes::from(body))));
