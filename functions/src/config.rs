@@ -124,6 +124,17 @@ impl Default for Config {
 }
 
 impl Config {
+    /// Refuses settings that cannot work (the binary exits with status 2, as the gateway does).
+    pub fn check(&self) -> Result<(), String> {
+        if self.nats.nats_url.trim().is_empty() {
+            return Err("nats_url is empty: no NATS server to connect to".into());
+        }
+        if self.timeout.is_zero() {
+            return Err("timeout is 0: every call would time out".into());
+        }
+        Ok(())
+    }
+
     /// The retry policy of durable functions.
     pub fn retry_policy(&self) -> RetryPolicy {
         RetryPolicy {

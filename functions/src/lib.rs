@@ -57,6 +57,7 @@ pub use runtime::{Runtime, StartError};
 /// Connects to NATS as `config` says, makes sure the `HERALD` stream exists, and starts the
 /// built-in functions `config` enables (the binary's work).
 pub async fn start(config: &Config) -> Result<Runtime, StartError> {
+    config.check().map_err(StartError::Config)?;
     let client = connect(config).await?;
     streams::ensure_push_stream(&async_nats::jetstream::new(client.clone()), config).await?;
     let functions = builtin::functions(config, &client).await?;
@@ -70,8 +71,10 @@ const CONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// (each start attempt says so), not a start that waits in silence on its first requests.
 async fn connect(config: &Config) -> Result<async_nats::Client, StartError> {
     use std::sync::{Arc, Mutex};
-    let nats = |e: &dyn std::fmt::Display| StartError::Nats(e.to_string());
-    let addresses = config.nats.addresses().map_err(|e| nats(&e))?;
+    // A URL that cannot be read or a credentials file that cannot be loaded will not be better on
+    // the next attempt: the process ends (status 2), as the gateway's does.
+    let setting = |e: &dyn std::fmt::Display| StartError::Config(format!("bad NATS settings: {e}"));
+    let addresses = config.nats.addresses().map_err(|e| setting(&e))?;
     let connected = Arc::new(tokio::sync::Notify::new());
     let last_error = Arc::new(Mutex::new(None::<String>));
     let on_event = {
@@ -85,8 +88,8 @@ async fn connect(config: &Config) -> Result<async_nats::Client, StartError> {
             _ => {}
         })
     };
-    let options = config.nats.options_with_events("herald-functions", on_event).await.map_err(|e| nats(&e))?;
-    let client = options.connect(addresses).await.map_err(|e| nats(&e))?;
+    let options = config.nats.options_with_events("herald-functions", on_event).await.map_err(|e| setting(&e))?;
+    let client = options.connect(addresses).await.map_err(|e| StartError::Nats(e.to_string()))?;
     let up = client.connection_state() == async_nats::connection::State::Connected;
     if !up && tokio::time::timeout(CONNECT_WAIT, connected.notified()).await.is_err() {
         let why = last_error.lock().unwrap_or_else(|p| p.into_inner()).take();

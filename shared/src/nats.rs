@@ -107,6 +107,10 @@ impl NatsSettings {
             options = options.user_and_password(user.clone(), password.clone());
         }
         if let Some(ca) = &self.nats_tls_ca {
+            // Read only when a TLS connection is made: a path that leads nowhere is told now.
+            if let Err(error) = std::fs::File::open(ca) {
+                return Err(std::io::Error::new(error.kind(), format!("nats_tls_ca {}: {error}", ca.display())));
+            }
             options = options.add_root_certificates(ca.clone());
         }
         Ok(options.name(name).custom_inbox_prefix(&self.nats_inbox_prefix))

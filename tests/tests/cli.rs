@@ -175,6 +175,7 @@ async fn settings_no_gateway_can_run_with_stop_it_at_start() {
         ("HERALD_NODE_ID", ""),
         ("HERALD_NATS_URL", ""),
         ("HERALD_API_KEYS", r#"["k", ""]"#),
+        ("HERALD_NATS_TLS_CA", "/nonexistent/ca.pem"),
     ] {
         let run = tokio::process::Command::new(herald_tests::gateway::binary())
             .arg("--dev")

@@ -141,3 +141,28 @@ async fn a_start_with_nats_out_of_reach_says_it_cannot_connect() {
     assert!(matches!(error, herald_functions::StartError::Nats(_)), "{said}");
     assert!(said.contains(&format!("cannot connect to NATS at {}", config.nats.nats_url)), "{said}");
 }
+
+/// Settings no later attempt can fix end the start with a configuration error (the binary exits
+/// with status 2, as the gateway does), where they were tried again for ever as a NATS not ready.
+#[tokio::test]
+async fn settings_no_start_can_fix_are_a_configuration_error() {
+    type Setting = fn(&mut herald_functions::Config);
+    let cases: [(Setting, &str); 5] = [
+        (|c| c.nats.nats_url = String::new(), "nats_url is empty"),
+        (|c| c.nats.nats_url = "http://127.0.0.1:4222".into(), "bad NATS settings"),
+        (|c| c.nats.nats_creds = Some("/nonexistent/herald.creds".into()), "bad NATS settings"),
+        (|c| c.nats.nats_tls_ca = Some("/nonexistent/ca.pem".into()), "nats_tls_ca /nonexistent/ca.pem"),
+        (|c| c.timeout = Duration::ZERO, "timeout is 0"),
+    ];
+    for (set, expected) in cases {
+        let mut config = herald_functions::Config::default();
+        config.nats.nats_url = format!("nats://127.0.0.1:{}", herald_tests::free_port());
+        config.metrics_listen = "127.0.0.1:0".parse().unwrap();
+        set(&mut config);
+        let started = tokio::time::timeout(Duration::from_secs(60), herald_functions::start(&config)).await;
+        let error = started.expect("an answer within 60 s").err().expect("no start");
+        let said = error.to_string();
+        assert!(matches!(error, herald_functions::StartError::Config(_)), "{said}");
+        assert!(said.contains(expected), "{said}");
+    }
+}
