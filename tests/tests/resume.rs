@@ -135,18 +135,22 @@ async fn messages_trimmed_while_a_replay_waits_are_reported_with_complete_false(
     let nats = TestNats::start().await;
     let gateway = TestGateway::start_with(&nats, |c| {
         (c.stream.stream_max_msgs_per_subject, c.replay_method) = (40, ReplayMethod::Direct);
+        // Small socket buffers both ways: the replay waits after a few messages.
+        c.socket_send_buffer = 16 * 1024;
     })
     .await;
     let publisher = Publisher::new(&nats).await;
     let base = publisher.publish("push.user.nobody", "x").await;
-    // 5 MiB: far more than the replay's read-ahead and the socket's buffers hold.
+    // 5 MiB: far more than the replay's read-ahead and the sockets' small buffers hold.
     let large = format!("\"{}\"", "x".repeat(128 * 1024));
     let mut stored = Vec::new();
     for _ in 0..40 {
         stored.push(publisher.publish("push.user.fay", &large).await);
     }
 
-    let mut fay = gateway.connect_with(&format!("token={}&since={base}", token("fay"))).await;
+    let url = gateway.ws_url(&format!("token={}&since={base}", token("fay")));
+    let mut fay = herald_tests::WsClient::connect_with_receive_buffer(&url, 16 * 1024).await;
+    fay.expect_welcome().await;
     // The replay has begun (its bounds end at the 40th); the client stops reading.
     assert_eq!(fay.expect_msg().await.seq, stored[0]);
     let mut newer = Vec::new();

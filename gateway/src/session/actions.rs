@@ -183,14 +183,29 @@ struct Reading {
     since: u64,
     upto: u64,
     open: Option<Replay>,
+    /// [`Replay::held_ahead`] of the replays opened before the one open, the most of each.
+    held_ahead: Vec<u64>,
     /// Since the first of the failures in a row, if any.
     failing: Option<Patience>,
+}
+
+impl Reading {
+    /// Closes the open replay, keeping what it saw ahead of it.
+    fn close(&mut self) {
+        if let Some(replay) = self.open.take() {
+            let seen = replay.held_ahead();
+            self.held_ahead.resize(seen.len().max(self.held_ahead.len()), 0);
+            for (kept, seen) in self.held_ahead.iter_mut().zip(seen) {
+                *kept = (*kept).max(seen);
+            }
+        }
+    }
 }
 
 /// The stored messages of `audiences` in `(since, upto]`, then how the replay ended. A failure is
 /// tried again from the last message read, with the patience of a bounds read.
 fn replay(session: Arc<Session>, audiences: Vec<Audience>, since: u64, upto: u64) -> BoxStream<'static, Outcome> {
-    let start = Reading { session, audiences, since, upto, open: None, failing: None };
+    let start = Reading { session, audiences, since, upto, open: None, held_ahead: Vec::new(), failing: None };
     stream::unfold(Some(start), |reading| async move {
         let mut reading = reading?;
         loop {
@@ -213,11 +228,11 @@ fn replay(session: Arc<Session>, audiences: Vec<Audience>, since: u64, upto: u64
                     return Some((Outcome::Replayed(Box::new(message::from_stored(stored))), Some(reading)));
                 }
                 None => {
-                    let after = reading.open.as_ref().map(Replay::after_last_read).unwrap_or_default();
-                    return Some((Outcome::ReplayEnded(Ok(after)), None));
+                    reading.close();
+                    return Some((Outcome::ReplayEnded(Ok(reading.held_ahead)), None));
                 }
                 Some(Err(error)) => {
-                    reading.open = None;
+                    reading.close();
                     let failing = reading.failing.get_or_insert_with(|| Patience::new(STREAM_PATIENCE));
                     debug!(%error, since = reading.since, "replay failed; opening it again");
                     if !failing.pause().await {

@@ -120,14 +120,14 @@ impl Replay {
         }
     }
 
-    /// Per audience (in the order given to [`Replayer::open`]), how many of its messages the stream
-    /// held after the last one the replay read, as it last said (at most: the consumer's count is
-    /// every audience's together). With those read, what the per-subject limit counted: see
-    /// [`complete`].
-    pub(crate) fn after_last_read(&self) -> Vec<u64> {
+    /// Per audience (in the order given to [`Replayer::open`]), the most of its messages the stream
+    /// said it held from where the replay was reading on (at least: the consumer's count is every
+    /// audience's together). At the per-subject limit, the limit's trimming had reached the
+    /// replay: see [`complete`].
+    pub(crate) fn held_ahead(&self) -> Vec<u64> {
         match self {
-            Replay::Direct(replay) => replay.cursors.iter().map(|cursor| cursor.after).collect(),
-            Replay::Consumer(replay) => vec![replay.after; replay.audiences],
+            Replay::Direct(replay) => replay.cursors.iter().map(|cursor| cursor.ahead).collect(),
+            Replay::Consumer(replay) => vec![replay.ahead; replay.audiences],
         }
     }
 }
@@ -152,8 +152,11 @@ struct SubjectCursor {
     next_seq: u64,
     buffered: VecDeque<Stored>,
     end: CursorEnd,
-    /// The subject's messages stored after the last one read, as the stream last said.
-    after: u64,
+    /// Whether the next reply is the first of a batch (or the leader's answer).
+    batch_start: bool,
+    /// The most messages of the subject the stream held from `next_seq` on, as a batch's first
+    /// reply said (see [`Replay::held_ahead`]).
+    ahead: u64,
 }
 
 /// Whether a cursor read everything of its subject up to `upto`.
@@ -182,7 +185,8 @@ impl DirectReplay {
                 next_seq: since + 1,
                 buffered: VecDeque::new(),
                 end: if since >= upto { CursorEnd::Done } else { CursorEnd::Open },
-                after: 0,
+                batch_start: false,
+                ahead: 0,
             })
             .collect();
         Ok(DirectReplay {
@@ -228,16 +232,16 @@ impl DirectReplay {
         let query = serde_json::json!({"seq": cursor.next_seq, "next_by_subj": cursor.subject});
         let subject = format!("$JS.API.STREAM.MSG.GET.{STREAM}");
         let answer = self.reader.request(subject, query.to_string().into()).await.map_err(error)?;
+        // The leader's answer does not count what it holds from there on (a trim that reached the
+        // replay while a replica lagged behind goes unseen here; the next batch's count sees one
+        // that goes on).
         match from_message_get(cursor.audience.clone(), &answer.payload)? {
             Some(stored) if stored.seq <= upto => {
                 cursor.next_seq = stored.seq + 1;
                 cursor.buffered.push_back(stored);
                 cursor.end = CursorEnd::Open;
             }
-            // The leader's answer does not count what follows: one at least (the replica's count
-            // was behind, it missed this one).
-            Some(_) => (cursor.end, cursor.after) = (CursorEnd::Done, cursor.after.max(1)),
-            None => (cursor.end, cursor.after) = (CursorEnd::Done, 0),
+            _ => cursor.end = CursorEnd::Done,
         }
         Ok(())
     }
@@ -258,6 +262,7 @@ impl DirectReplay {
         let floor = (FETCH_BYTES / (2 * self.cursors.len())).max(MIN_CURSOR_BYTES);
         let max_bytes = (FETCH_BYTES.saturating_sub(held) / dry.len()).max(floor);
         for &index in &dry {
+            self.cursors[index].batch_start = true;
             let cursor = &self.cursors[index];
             let (seq, subject, batch) = (cursor.next_seq, &cursor.subject, self.batch);
             let body = serde_json::json!({"seq": seq, "next_by_subj": subject, "batch": batch, "max_bytes": max_bytes});
@@ -292,18 +297,15 @@ impl DirectReplay {
             match status {
                 // End of batch: more may follow unless nothing is pending.
                 204 => {
-                    let pending = num_pending(&message);
-                    if cursor.end == CursorEnd::Open {
-                        cursor.after = pending.unwrap_or(cursor.after);
-                        if pending == Some(0) || cursor.buffered.is_empty() {
-                            cursor.end = CursorEnd::Unconfirmed;
-                        }
+                    let pending = message.header("Nats-Num-Pending").and_then(|v| v.parse::<u64>().ok());
+                    if cursor.end == CursorEnd::Open && (pending == Some(0) || cursor.buffered.is_empty()) {
+                        cursor.end = CursorEnd::Unconfirmed;
                     }
                     return Ok(true);
                 }
                 404 => {
                     if cursor.end == CursorEnd::Open {
-                        (cursor.end, cursor.after) = (CursorEnd::Unconfirmed, 0);
+                        cursor.end = CursorEnd::Unconfirmed;
                     }
                     return Ok(true);
                 }
@@ -313,28 +315,22 @@ impl DirectReplay {
                 }
             }
         }
-        let pending = num_pending(&message);
-        let stored = from_direct_get(cursor.audience.clone(), message)?;
-        if cursor.end != CursorEnd::Open {
-            return Ok(false);
+        if std::mem::take(&mut cursor.batch_start) {
+            // The batch's first message is the first the replica holds from `next_seq` on: with
+            // those after it, what it held from the replay's position.
+            let pending = message.header("Nats-Num-Pending").and_then(|value| value.parse::<u64>().ok());
+            cursor.ahead = cursor.ahead.max(1 + pending.unwrap_or(0));
         }
+        let stored = from_direct_get(cursor.audience.clone(), message)?;
         if stored.seq > upto {
             // The replica holds newer messages: it has every one of the subject's up to `upto`.
             cursor.end = CursorEnd::Done;
-            cursor.after = 1 + pending.unwrap_or(0);
-        } else {
+        } else if cursor.end == CursorEnd::Open {
             cursor.next_seq = stored.seq + 1;
-            cursor.after = pending.unwrap_or(cursor.after);
             cursor.buffered.push_back(stored);
         }
         Ok(false)
     }
-}
-
-/// A direct get's `Nats-Num-Pending`: the subject's messages stored after the one answered (after
-/// the batch, on its end).
-fn num_pending(message: &Delivered) -> Option<u64> {
-    message.header("Nats-Num-Pending").and_then(|value| value.parse().ok())
 }
 
 fn parse_reply(subject: &str, inbox: &str) -> Option<(usize, u64)> {
@@ -387,9 +383,10 @@ fn rfc3339(time: time::OffsetDateTime) -> String {
 pub(crate) struct ConsumerReplay {
     messages: Option<Ordered>,
     upto: u64,
-    /// How many audiences it reads, and the messages of all of them after the last one read.
+    /// How many audiences it reads, and the most messages of all of them the stream held from a
+    /// delivered one on.
     audiences: usize,
-    after: u64,
+    ahead: u64,
     /// Held while the consumer delivers.
     _permit: Option<OwnedSemaphorePermit>,
 }
@@ -402,7 +399,7 @@ impl ConsumerReplay {
         upto: u64,
     ) -> Result<ConsumerReplay, ReplayError> {
         if since >= upto {
-            return Ok(ConsumerReplay { messages: None, upto, audiences: audiences.len(), after: 0, _permit: None });
+            return Ok(ConsumerReplay { messages: None, upto, audiences: audiences.len(), ahead: 0, _permit: None });
         }
         let permit = replayer.permits.clone().acquire_owned().await.map_err(error)?;
         let stream = replayer.js.get_stream_no_info(STREAM).await.map_err(error)?;
@@ -417,7 +414,7 @@ impl ConsumerReplay {
         } else {
             Some(consumer.messages().await.map_err(error)?)
         };
-        Ok(ConsumerReplay { messages, upto, audiences: audiences.len(), after: 0, _permit: Some(permit) })
+        Ok(ConsumerReplay { messages, upto, audiences: audiences.len(), ahead: 0, _permit: Some(permit) })
     }
 
     async fn next(&mut self) -> Option<Result<Stored, ReplayError>> {
@@ -432,11 +429,11 @@ impl ConsumerReplay {
             Ok(info) => (info.stream_sequence, info.pending, info.published),
             Err(e) => return Some(Err(error(e))),
         };
+        self.ahead = self.ahead.max(1 + pending);
         if seq > self.upto {
-            (self.messages, self.after) = (None, 1 + pending);
+            self.messages = None;
             return None;
         }
-        self.after = pending;
         if pending == 0 || seq == self.upto {
             self.messages = None;
         }
@@ -460,16 +457,17 @@ fn stored_header<'a>(headers: &'a async_nats::HeaderMap, name: &str) -> Option<&
 }
 
 /// Whether nothing addressed to a connection after `since` can have been removed by the stream's
-/// limits: the stream still starts at or before `since + 1` (nothing aged out past it), and no
-/// subject reached its per-subject cap with messages after `since` alone (the cap may have trimmed
-/// older ones). Per subject, `read` are the messages a replay read and `after` those the stream held
-/// after the last one read: a message trimmed before the replay came to it left the subject at its
-/// cap with newer messages only, which the replay then read or which came after. Deletes by hand
-/// and per-message TTLs are not counted as losses.
-pub(crate) fn complete(first_seq: u64, since: u64, per_subject_cap: i64, read: &[u64], after: &[u64]) -> bool {
+/// limits: the stream still starts at or before `since + 1` (nothing aged out past it), and the
+/// per-subject cap's trimming never reached a message the replay had yet to read. Per subject,
+/// `read` are the messages the replay read after `since` (at the cap, all the subject held came
+/// after `since`: older ones may have been trimmed) and `ahead` the most the stream said it held
+/// from where the replay was reading on ([`Replay::held_ahead`]: at the cap, the oldest it held
+/// was at that position, and one before it may have been trimmed). Deletes by hand and
+/// per-message TTLs are not counted as losses.
+pub(crate) fn complete(first_seq: u64, since: u64, per_subject_cap: i64, read: &[u64], ahead: &[u64]) -> bool {
     let nothing_aged_out = first_seq <= since + 1;
-    let held_after_since = |index: usize| read[index] + after.get(index).copied().unwrap_or(0);
-    let nothing_trimmed = per_subject_cap <= 0 || (0..read.len()).all(|i| held_after_since(i) < per_subject_cap as u64);
+    let below_cap = |count: &u64| *count < per_subject_cap as u64;
+    let nothing_trimmed = per_subject_cap <= 0 || (read.iter().all(below_cap) && ahead.iter().all(below_cap));
     nothing_aged_out && nothing_trimmed
 }
 
@@ -486,11 +484,11 @@ mod tests {
         assert!(!complete(12, 10, 1000, &[3], &[0]));
         // A subject at its cap may have been trimmed.
         assert!(!complete(1, 10, 1000, &[1000, 2], &[0, 0]));
-        // It is at its cap with what came after the replay's reads too.
-        assert!(!complete(1, 10, 1000, &[2, 999], &[0, 1]));
-        assert!(complete(1, 10, 1000, &[2, 998], &[0, 1]));
+        // The cap's trimming reached where the replay was reading.
+        assert!(!complete(1, 10, 1000, &[2, 500], &[0, 1000]));
+        assert!(complete(1, 10, 1000, &[2, 500], &[3, 999]));
         // No per-subject cap.
-        assert!(complete(1, 10, -1, &[5000], &[7]));
+        assert!(complete(1, 10, -1, &[5000], &[7000]));
     }
 
     #[test]

@@ -166,8 +166,8 @@ pub(crate) enum Outcome {
     Bounds(Result<Bounds, String>),
     /// One replayed message, in order.
     Replayed(Box<Message>),
-    /// The replay read everything (or failed): per audience, the messages the stream held after
-    /// the last one read ([`crate::session::replay::Replay::after_last_read`]).
+    /// The replay read everything (or failed): per audience, the most messages the stream held
+    /// from where it was reading on ([`crate::session::replay::Replay::held_ahead`]).
     ReplayEnded(Result<Vec<u64>, String>),
     Attached(Result<LogStart, String>),
     /// NATS has the subscriptions (or the feed is down: it re-subscribes and repairs when back).
@@ -283,10 +283,10 @@ struct ReplayRun {
     audiences: Vec<Audience>,
     since: u64,
     bounds: Bounds,
-    /// Messages read per audience, and held after the last one read (to tell whether the
-    /// per-subject limit may have trimmed some).
+    /// Messages read per audience, and the most held from where it was reading on (to tell
+    /// whether the per-subject limit may have trimmed some).
     per_audience: Vec<u64>,
-    after: Vec<u64>,
+    held_ahead: Vec<u64>,
     sent: u64,
     last: Option<u64>,
 }
@@ -777,8 +777,8 @@ impl SessionState {
                 self.replayed(&mut run, *message);
                 self.step = Some(Step::Replay(run));
             }
-            (Step::Replay(mut run), Outcome::ReplayEnded(Ok(after))) => {
-                run.after = after;
+            (Step::Replay(mut run), Outcome::ReplayEnded(Ok(held_ahead))) => {
+                run.held_ahead = held_ahead;
                 self.replay_ended(run)
             }
             (Step::Replay(_), Outcome::ReplayEnded(Err(error))) => {
@@ -1179,7 +1179,8 @@ impl SessionState {
     fn start_replay(&mut self, purpose: Purpose, audiences: Vec<Audience>, since: u64, bounds: Bounds) {
         let action = Action::Replay { audiences: audiences.clone(), since, upto: bounds.last };
         let per_audience = vec![0; audiences.len()];
-        let run = ReplayRun { purpose, audiences, since, bounds, per_audience, after: Vec::new(), sent: 0, last: None };
+        let run =
+            ReplayRun { purpose, audiences, since, bounds, per_audience, held_ahead: Vec::new(), sent: 0, last: None };
         // A catch-up with nothing stored past what was sent has nothing to read (a repair for a
         // reason that brought nothing new, e.g. a feed reconnection on a quiet stream).
         if matches!(run.purpose, Purpose::CatchUp) && since >= run.bounds.last {
@@ -1222,7 +1223,7 @@ impl SessionState {
         self.tally.replayed += run.sent;
         let upto = run.bounds.last;
         let cap = run.bounds.per_subject_cap.unwrap_or(self.per_subject_cap);
-        let mut complete = replay::complete(run.bounds.first, run.since, cap, &run.per_audience, &run.after);
+        let mut complete = replay::complete(run.bounds.first, run.since, cap, &run.per_audience, &run.held_ahead);
         let report = |complete: bool, topic: Option<String>| ServerFrame::Replayed {
             from: run.since + 1,
             to: run.last.unwrap_or(run.since),

@@ -108,13 +108,13 @@ impl Harness {
         self.replay_then(messages, Vec::new());
     }
 
-    /// Answers a replay with `messages`, then its end with the stream's count of messages `after`
-    /// the last read, per audience.
-    fn replay_then(&mut self, messages: Vec<Message>, after: Vec<u64>) {
+    /// Answers a replay with `messages`, then its end with the most messages the stream held from
+    /// where it was reading on, per audience.
+    fn replay_then(&mut self, messages: Vec<Message>, held_ahead: Vec<u64>) {
         for message in messages {
             self.state.on_outcome(Outcome::Replayed(Box::new(message)));
         }
-        self.state.on_outcome(Outcome::ReplayEnded(Ok(after)));
+        self.state.on_outcome(Outcome::ReplayEnded(Ok(held_ahead)));
     }
 
     fn closed_with(&self) -> Option<u16> {
@@ -385,13 +385,13 @@ fn a_replay_that_may_miss_trimmed_messages_is_incomplete() {
     h.action();
     h.replay(vec![message(6, Audience::All, ""), message(7, Audience::All, "")]);
     assert_eq!(h.frames(), ["6", "7", "replayed:6-7/2/false"]);
-    // One read, and one more stored after it since the replay began: the cap may have trimmed an
-    // older one after `since` before the replay came to it.
-    for (after, complete) in [(1, false), (0, true)] {
+    // One read, while the stream held as many as the cap from where the replay was reading: its
+    // trimming had reached the replay, and may have taken one the replay had yet to read.
+    for (held_ahead, complete) in [(2, false), (1, true)] {
         let start = Start::Resume { requested: 5, noted: Noted::Nothing };
         let mut h = Harness::with(start, 9, 100, |p| p.per_subject_cap = 2);
         h.action();
-        h.replay_then(vec![message(7, Audience::All, "")], vec![after; 4]);
+        h.replay_then(vec![message(7, Audience::All, "")], vec![held_ahead; 4]);
         assert_eq!(h.frames(), ["7", &format!("replayed:6-7/1/{complete}")]);
     }
 }
