@@ -108,7 +108,12 @@ impl NatsSettings {
         }
         if let Some(ca) = &self.nats_tls_ca {
             // Read only when a TLS connection is made: a path that leads nowhere is told now.
-            if let Err(error) = std::fs::File::open(ca) {
+            let opened = std::fs::File::open(ca).and_then(|file| file.metadata());
+            let file = opened.and_then(|found| match found.is_file() {
+                true => Ok(()),
+                false => Err(std::io::Error::other("not a file")),
+            });
+            if let Err(error) = file {
                 return Err(std::io::Error::new(error.kind(), format!("nats_tls_ca {}: {error}", ca.display())));
             }
             options = options.add_root_certificates(ca.clone());

@@ -147,8 +147,9 @@ async fn a_start_with_nats_out_of_reach_says_it_cannot_connect() {
 #[tokio::test]
 async fn settings_no_start_can_fix_are_a_configuration_error() {
     type Setting = fn(&mut herald_functions::Config);
-    let cases: [(Setting, &str); 5] = [
+    let cases: [(Setting, &str); 6] = [
         (|c| c.nats.nats_url = String::new(), "nats_url is empty"),
+        (|c| c.nats.nats_tls_ca = Some("/".into()), "nats_tls_ca /: not a file"),
         (|c| c.nats.nats_url = "http://127.0.0.1:4222".into(), "bad NATS settings"),
         (|c| c.nats.nats_creds = Some("/nonexistent/herald.creds".into()), "bad NATS settings"),
         (|c| c.nats.nats_tls_ca = Some("/nonexistent/ca.pem".into()), "nats_tls_ca /nonexistent/ca.pem"),

@@ -229,6 +229,13 @@ async fn header_values_are_escaped_only_where_the_version_says() {
         "MESSAGE\nsubscription:all\ndestination:/topic/all\n{tail}\nherald-kind:order\\ccreated\nherald-id:shop\\c7"
     );
     assert_eq!(v12.expect("MESSAGE").await.head, head);
+    // And a message of the user's own, which is no broadcast's.
+    let headers = [("Herald-Type", "order:paid"), ("Nats-Msg-Id", "shop:8")];
+    let (seq, _) = Publisher::new(&nats).await.publish_with("push.user.bo", &headers, "{}").await;
+    let head = format!(
+        "MESSAGE\nsubscription:C:\\temp\ndestination:/user/queue/x\nmessage-id:{seq}\ncontent-type:application/json\nherald-kind:order:paid\nherald-id:shop:8"
+    );
+    assert_eq!(client.expect("MESSAGE").await.head, head);
 }
 
 #[tokio::test]

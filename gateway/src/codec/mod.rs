@@ -216,9 +216,10 @@ impl Codec {
     /// connection of the format, after a small head of this connection's own for STOMP; none when
     /// Centrifugal holds it back to send it inside a reply); returns the bytes queued.
     pub(crate) fn queue_message(&mut self, message: &Message, frames: &mut VecDeque<Bytes>) -> usize {
-        let encoded = message.encoded(self.format());
+        let format = self.format();
         match self {
             Codec::Herald(_) | Codec::SocketIo(_) => {
+                let encoded = message.encoded(format);
                 frames.push_back(encoded.clone());
                 encoded.len()
             }
@@ -230,9 +231,11 @@ impl Codec {
                 }
                 None => 0,
             },
-            Codec::Stomp(codec) => codec.queue_message(message, encoded, frames),
+            // Its tail depends on the connection's STOMP version too.
+            Codec::Stomp(codec) => codec.queue_message(message, frames),
             Codec::Sse(codec) => {
                 codec.note_sent(message.seq);
+                let encoded = message.encoded(format);
                 frames.push_back(encoded.clone());
                 encoded.len()
             }

@@ -409,8 +409,9 @@ impl StompCodec {
     }
 
     /// Queues `message` for its subscription, or holds it until one comes; returns bytes queued.
-    pub(super) fn queue_message(&mut self, message: &Message, tail: &Bytes, frames: &mut VecDeque<Bytes>) -> usize {
+    pub(super) fn queue_message(&mut self, message: &Message, frames: &mut VecDeque<Bytes>) -> usize {
         let Some(first) = self.route(message) else { return 0 };
+        let tail = &message_tail(message, self.transport, self.connected.version.escapes());
         let mut len = 0;
         for index in std::iter::once(first).chain(self.copies(first)) {
             self.note_sent(index, message.seq);

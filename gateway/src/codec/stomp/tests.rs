@@ -39,7 +39,7 @@ fn a_message_is_a_per_socket_head_and_the_shared_tail() {
     assert_eq!(codec.decode(subscribe), Ok(Command::Nothing));
     let message = Message::new(5, Audience::All, "mail", "", "t", Bytes::from_static(b"{\"a\":1}"));
     let mut frames = VecDeque::new();
-    let len = codec.queue_message(&message, message.encoded(WireFormat::Stomp), &mut frames);
+    let len = codec.queue_message(&message, &mut frames);
     assert_eq!(len, frames.iter().map(Bytes::len).sum::<usize>());
     assert_eq!(frames[1].as_ptr(), message.encoded(WireFormat::Stomp).as_ptr(), "the tail is shared");
     assert_eq!(frames[0][1] as usize, len - 2, "the header counts both slices");
@@ -57,7 +57,7 @@ fn a_body_with_a_nul_has_its_length() {
     assert_eq!(codec.decode(b"SUBSCRIBE\nid:7\ndestination:/topic/all\n\n\0"), Ok(Command::Nothing));
     let message = Message::new(5, Audience::All, "", "id-1", "t", Bytes::from_static(b"a\0b"));
     let mut frames = VecDeque::new();
-    codec.queue_message(&message, message.encoded(WireFormat::Stomp), &mut frames);
+    codec.queue_message(&message, &mut frames);
     assert_eq!(
         text(&frames),
         "MESSAGE\nsubscription:7\ndestination:/topic/all\nmessage-id:5\ncontent-type:application/json\n\
@@ -74,7 +74,7 @@ fn a_subscription_the_client_acknowledges_gets_an_ack_header_in_stomp_1_2() {
         assert_eq!(codec.decode(subscribe), Ok(Command::Nothing));
         let message = Message::new(9, Audience::User("u".into()), "", "", "t", Bytes::from_static(b"1"));
         let mut frames = VecDeque::new();
-        codec.queue_message(&message, message.encoded(WireFormat::Stomp), &mut frames);
+        codec.queue_message(&message, &mut frames);
         let ack = if acked { "ack:9\n" } else { "" };
         let expected = format!(
             "MESSAGE\nsubscription:q\ndestination:/user/queue/inbox\n{ack}message-id:9\ncontent-type:application/json\n\n1\0"
@@ -93,7 +93,7 @@ fn messages_wait_for_their_subscription() {
     let mut codec = codec();
     let message = Message::new(3, Audience::User("u".into()), "", "", "t", Bytes::from_static(b"1"));
     let mut frames = VecDeque::new();
-    assert_eq!(codec.queue_message(&message, message.encoded(WireFormat::Stomp), &mut frames), 0);
+    assert_eq!(codec.queue_message(&message, &mut frames), 0);
     assert!(frames.is_empty());
     let subscribe = b"SUBSCRIBE\nid:q\ndestination:/user/queue/inbox\nack:client\nreceipt:r1\n\n\0";
     assert_eq!(codec.decode(subscribe), Ok(Command::Nothing));
@@ -113,10 +113,10 @@ fn messages_dropped_before_their_subscription_are_read_again_and_nothing_newer_g
     let user = |seq: u64| Message::new(seq, Audience::User("u".into()), "", "", "t", Bytes::from_static(b"1"));
     let all = Message::new(1, Audience::All, "", "", "t", Bytes::from_static(b"1"));
     let mut frames = VecDeque::new();
-    codec.queue_message(&all, all.encoded(WireFormat::Stomp), &mut frames);
+    codec.queue_message(&all, &mut frames);
     // `push.all`'s message and the user's first are dropped for the last 1,024.
     for seq in 2..=1026 {
-        codec.queue_message(&user(seq), user(seq).encoded(WireFormat::Stomp), &mut frames);
+        codec.queue_message(&user(seq), &mut frames);
     }
     assert!(frames.is_empty());
     let subscribe = b"SUBSCRIBE\nid:q\ndestination:/user/queue/inbox\nreceipt:r1\n\n\0";
@@ -126,10 +126,10 @@ fn messages_dropped_before_their_subscription_are_read_again_and_nothing_newer_g
     assert_eq!(codec.take_replies().len(), 1);
     // What comes before the refill starts is in its range: not sent now.
     let newer = user(1027);
-    assert_eq!(codec.queue_message(&newer, newer.encoded(WireFormat::Stomp), &mut frames), 0);
+    assert_eq!(codec.queue_message(&newer, &mut frames), 0);
     assert!(codec.head_of_run(&newer).is_none());
     codec.refill_started(&Audience::User(String::new()));
-    assert!(codec.queue_message(&user(2), user(2).encoded(WireFormat::Stomp), &mut frames) > 0);
+    assert!(codec.queue_message(&user(2), &mut frames) > 0);
     assert!(text(&frames).contains("message-id:2\n"), "{}", text(&frames));
     // `push.all` keeps its own: its subscription asks for its refill.
     let subscribe = b"SUBSCRIBE\nid:a\ndestination:/topic/all\n\n\0";
@@ -216,7 +216,7 @@ fn over_sockjs_a_message_is_an_escaped_head_and_tail_in_one_message_frame() {
     assert_eq!(codec.decode_message(subscribe), [Ok(Command::Nothing)]);
     let message = Message::new(5, Audience::All, "mail", "", "t", Bytes::from_static(b"{\"a\":\"\\n\"}"));
     let mut frames = VecDeque::new();
-    codec.queue_message(&message, message.encoded(WireFormat::StompSockJs), &mut frames);
+    codec.queue_message(&message, &mut frames);
     let whole: Vec<u8> = frames.iter().flat_map(|frame| frame.iter().copied()).collect();
     assert_eq!(skip_ws_header(&whole).len(), u16::from_be_bytes([whole[2], whole[3]]) as usize, "one WebSocket frame");
     let expected = "MESSAGE\nsubscription:sub-0\ndestination:/topic/all\nmessage-id:5\n\
@@ -235,7 +235,7 @@ fn over_sockjs_the_ack_header_is_escaped_with_the_head() {
     let expected = "MESSAGE\nsubscription:q\ndestination:/user/queue/a\nack:12\nmessage-id:12\n\
                     content-type:application/json\n\n{}\0";
     let mut frames = VecDeque::new();
-    codec.queue_message(&message, message.encoded(WireFormat::StompSockJs), &mut frames);
+    codec.queue_message(&message, &mut frames);
     let whole: Vec<u8> = frames.iter().flat_map(|frame| frame.iter().copied()).collect();
     assert_eq!(sockjs_messages(&whole), [expected]);
     let key = codec.shared_head(&message).unwrap();
@@ -332,7 +332,7 @@ fn over_sockjs_a_body_that_is_not_utf8_goes_as_text() {
     assert_eq!(codec.decode_message(subscribe), [Ok(Command::Nothing)]);
     let message = Message::new(9, Audience::User("u".into()), "", "", "t", Bytes::from_static(b"ab\xffcd"));
     let mut frames = VecDeque::new();
-    codec.queue_message(&message, message.encoded(WireFormat::StompSockJs), &mut frames);
+    codec.queue_message(&message, &mut frames);
     let whole: Vec<u8> = frames.iter().flat_map(|frame| frame.iter().copied()).collect();
     let frame = &sockjs_messages(&whole)[0];
     assert!(frame.ends_with("application/json\n\nab\u{fffd}cd\0"), "{frame:?}");
