@@ -56,6 +56,7 @@ pub fn ensure(names: &[&str]) -> Vec<String> {
     // Tests of one binary share the build.
     static BUILD: Mutex<()> = Mutex::new(());
     let _one_build = BUILD.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    wait_for_a_build_under_way();
     let images: Vec<String> = names.iter().map(|name| format!("herald-{name}:{}", tag())).collect();
     let missing: Vec<&str> =
         names.iter().zip(&images).filter(|(_, image)| !exists(image)).map(|(name, _)| *name).collect();
@@ -69,6 +70,22 @@ pub fn ensure(names: &[&str]) -> Vec<String> {
         }
     }
     images
+}
+
+/// Waits until no `scripts/images` runs: scripts/test builds the images in the background while the
+/// tests run, holding this lock, and an image looked for meanwhile would be missing or stale.
+fn wait_for_a_build_under_way() {
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
+    let Ok(lock) = std::fs::File::open(target.join("images.lock")) else {
+        return; // no build has run here
+    };
+    let started = std::time::Instant::now();
+    lock.lock_shared().expect("wait for scripts/images (target/images.lock)");
+    let waited = started.elapsed();
+    if waited.as_secs() > 0 {
+        eprintln!("waited {waited:.0?} for the images being built (scripts/images)");
+    }
 }
 
 fn exists(image: &str) -> bool {
