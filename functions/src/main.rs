@@ -34,7 +34,9 @@ struct Flags {
 
 #[tokio::main]
 async fn main() {
-    herald_shared::log::init();
+    if let Err(error) = herald_shared::log::init() {
+        fail(error);
+    }
     let cli = Cli::parse();
     let config: Config = match herald_shared::config::load(cli.config.as_deref(), &cli.flags) {
         Ok(config) => config,

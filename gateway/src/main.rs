@@ -79,9 +79,12 @@ enum Command {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    match cli.command {
+    let logging = match cli.command {
         Some(Command::Pub { .. }) => herald_shared::log::init_with("warn,async_nats=off"),
         _ => herald_shared::log::init(),
+    };
+    if let Err(error) = logging {
+        fail(error);
     }
     let config: Config = match herald_shared::config::load(cli.config.as_deref(), &cli.flags) {
         Ok(config) => config,

@@ -194,3 +194,27 @@ async fn settings_no_gateway_can_run_with_stop_it_at_start() {
         assert!(stderr(&output).contains(&setting), "{key}={value}: {}", stderr(&output));
     }
 }
+
+/// A `HERALD_LOG` that is not a log filter stops the gateway at start, naming it, instead of
+/// logging at the default and hiding the lines the operator asked for.
+#[tokio::test]
+async fn a_log_filter_that_does_not_parse_stops_the_gateway_at_start() {
+    let run = tokio::process::Command::new(herald_tests::gateway::binary())
+        .arg("--dev")
+        .env("HERALD_NATS_URL", "nats://127.0.0.1:1")
+        .env("HERALD_LISTEN", "127.0.0.1:0")
+        .env("HERALD_LOG", "info,herald_gateway=loud")
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(std::time::Duration::from_secs(30), run)
+        .await
+        .expect("still runs after 30 s")
+        .expect("run herald-gateway");
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let said = stderr(&output);
+    assert!(
+        said.starts_with("herald-gateway: HERALD_LOG=\"info,herald_gateway=loud\" is not a log filter: "),
+        "{said}"
+    );
+    assert_eq!(said.lines().count(), 1, "{said}");
+}
