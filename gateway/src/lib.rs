@@ -154,15 +154,13 @@ impl Gateway {
             .await
             .map_err(|error| StartError::Listen { addr: config.api_listen.unwrap_or(config.listen), error })?;
         let api_addr = api_listener.as_ref().and_then(|l| l.local_addr().ok());
-        let connected = Arc::new(tokio::sync::Notify::new());
+        let control_events = Arc::new(health::ControlEvents::default());
         let publish_refusals = Arc::new(PublishRefusals::default());
         let control = {
-            let connected = connected.clone();
+            let events = control_events.clone();
             let refusals = publish_refusals.clone();
             connect(&config, "control", Some(CONTROL_SUBSCRIPTION_CAPACITY), move |event| {
-                if matches!(event, async_nats::Event::Connected) {
-                    connected.notify_one();
-                }
+                events.note(event);
                 refusals.note(event);
             })
             .await?
@@ -200,7 +198,7 @@ impl Gateway {
         let feed = Feed::start(&config.nats, feed_name, feed_events, true, feed_stop.clone());
         let replies_name = format!("herald-gateway {} replies", config.node_id);
         let replies = Replies::start(&config.nats, replies_name, feed_stop.clone());
-        let health = Arc::new(Health::new(control.clone(), feed.clone(), replies.clone(), connected));
+        let health = Arc::new(Health::new(control.clone(), feed.clone(), replies.clone(), control_events));
         let router = Router::start(feed.clone(), feed_receiver, log_limits(&config), metrics.clone());
         tokio::spawn(health::monitor(
             health.clone(),

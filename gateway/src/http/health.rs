@@ -24,6 +24,26 @@ use crate::http::metrics::Metrics;
 /// How often the stream is checked.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 
+/// What the control connection's events tell readiness.
+#[derive(Default)]
+pub(crate) struct ControlEvents {
+    /// Notified on every (re)connection to NATS, to check the stream at once.
+    connected: Notify,
+    /// NATS refused the credentials at the last attempt to connect.
+    credentials_refused: AtomicBool,
+}
+
+impl ControlEvents {
+    pub(crate) fn note(&self, event: &async_nats::Event) {
+        if matches!(event, async_nats::Event::Connected) {
+            self.credentials_refused.store(false, Ordering::Release);
+            self.connected.notify_one();
+        } else if herald_shared::nats::refuses_credentials(event) {
+            self.credentials_refused.store(true, Ordering::Release);
+        }
+    }
+}
+
 pub(crate) struct Health {
     control: async_nats::Client,
     feed: Feed,
@@ -34,15 +54,20 @@ pub(crate) struct Health {
     pub(crate) policy_watch: AtomicBool,
     /// The preferences watch is established.
     pub(crate) prefs_watch: AtomicBool,
-    /// Notified on every (re)connection to NATS, to check the stream at once.
-    connected: Arc<Notify>,
+    /// What the control connection's events said.
+    control_events: Arc<ControlEvents>,
     /// Counts the times buckets were recreated: a KV watch restarts on it, since a
     /// watch of a deleted bucket waits forever instead of failing.
     recreated: tokio::sync::watch::Sender<u64>,
 }
 
 impl Health {
-    pub(crate) fn new(control: async_nats::Client, feed: Feed, replies: Replies, connected: Arc<Notify>) -> Health {
+    pub(crate) fn new(
+        control: async_nats::Client,
+        feed: Feed,
+        replies: Replies,
+        control_events: Arc<ControlEvents>,
+    ) -> Health {
         Health {
             control,
             feed,
@@ -50,7 +75,7 @@ impl Health {
             store: AtomicU8::new(Store::Unchecked as u8),
             policy_watch: AtomicBool::new(false),
             prefs_watch: AtomicBool::new(false),
-            connected,
+            control_events,
             recreated: tokio::sync::watch::Sender::new(0),
         }
     }
@@ -78,7 +103,11 @@ impl Health {
     /// The reasons the gateway is not ready, for `/readyz`.
     pub(crate) fn problems(&self) -> Vec<&'static str> {
         let mut problems = Vec::new();
-        if !self.nats_connected() {
+        if !self.nats_connected() && self.control_events.credentials_refused.load(Ordering::Acquire) {
+            problems.push(
+                "NATS refuses the gateway's credentials (authorization violation): check nats_user and nats_password",
+            );
+        } else if !self.nats_connected() {
             problems.push("not connected to NATS");
         } else if !self.replies.is_connected() {
             problems.push("the replays' connection to NATS is down");
@@ -146,7 +175,7 @@ pub(crate) async fn monitor(
         }
         tokio::select! {
             _ = tokio::time::sleep(CHECK_EVERY) => {}
-            _ = health.connected.notified() => {}
+            _ = health.control_events.connected.notified() => {}
             _ = shutdown.cancelled() => {}
         }
     }
