@@ -221,6 +221,18 @@ impl TestNats {
         async_nats::jetstream::new(self.client().await)
     }
 
+    /// The cursor of `device` (`<user>.<device>`) in the `herald-cursors` bucket, once it is
+    /// `at_least` (within 30 s).
+    pub async fn device_cursor_at_least(&self, device: &str, at_least: u64) -> u64 {
+        let cursors = self.jetstream().await.get_key_value("herald-cursors").await.expect("the cursors bucket");
+        crate::eventually(&format!("{device}'s cursor at {at_least}"), Duration::from_secs(30), || async {
+            let written = cursors.get(device).await.ok().flatten()?;
+            let cursor: u64 = String::from_utf8_lossy(&written).parse().ok()?;
+            (cursor >= at_least).then_some(cursor)
+        })
+        .await
+    }
+
     /// Stops the server; its JetStream store is kept for [`TestNats::start_again`].
     pub async fn stop(&self) {
         match &self.backend {

@@ -187,15 +187,10 @@ async fn a_stream_on_a_reused_connection_counts_in_its_cursor_what_reached_the_c
     first.stream(&query).await;
     // A first message reaches the client and its cursor (so that the next stream resumes from
     // the cursor); then the client reads nothing more, from the end of that message's chunk.
-    let cursors = nats.jetstream().await.get_key_value("herald-cursors").await.expect("the cursors bucket");
     let seq = publisher.publish("push.user.vera", "first").await;
     first.read_until(&format!("id: {seq}\n")).await;
     first.read_until("\n\n\r\n").await;
-    herald_tests::eventually("the first cursor", Duration::from_secs(30), || async {
-        let written = cursors.get("vera.tab").await.ok().flatten()?;
-        (String::from_utf8_lossy(&written) == seq.to_string()).then_some(())
-    })
-    .await;
+    assert_eq!(nats.device_cursor_at_least("vera.tab", seq).await, seq);
     // Fewer than the stream keeps per subject (1000), which could otherwise trim what is missed.
     let body = "x".repeat(4000);
     let sent = gateway.publish_until_slow_consumer_close(&publisher, "push.user.vera", &body, 400).await;
@@ -230,12 +225,7 @@ async fn a_quiet_stream_on_a_reused_connection_writes_its_cursor_while_it_lasts(
     client.read_until("event: welcome").await;
     let seq = publisher.publish("push.user.wim", "hello").await;
     client.read_until(&format!("id: {seq}\n")).await;
-    let cursors = nats.jetstream().await.get_key_value("herald-cursors").await.expect("the cursors bucket");
-    herald_tests::eventually("the cursor written", Duration::from_secs(30), || async {
-        let written = cursors.get("wim.tab").await.ok().flatten()?;
-        (String::from_utf8_lossy(&written) == seq.to_string()).then_some(())
-    })
-    .await;
+    assert_eq!(nats.device_cursor_at_least("wim.tab", seq).await, seq);
 }
 
 /// A client that writes its requests by hand.
@@ -387,17 +377,10 @@ async fn a_new_devices_cursor_passes_the_broadcasts_from_before_its_first_stream
     assert_eq!(stream.next_event().await.id, Some(unread.to_string()));
     let replayed: serde_json::Value = serde_json::from_str(&stream.next_event().await.data).unwrap();
     let end = replayed["to"].as_u64().unwrap().max(unread);
-    let cursors = nats.jetstream().await.get_key_value("herald-cursors").await.expect("the cursors bucket");
     let stream_end =
         nats.jetstream().await.get_stream("HERALD").await.unwrap().info().await.unwrap().state.last_sequence;
     assert!(stream_end > end, "the broadcasts come after the unread message");
-    let cursor = herald_tests::eventually("the cursor at the stream's end", Duration::from_secs(30), || async {
-        let written = cursors.get("nell.tab").await.ok().flatten()?;
-        let cursor: u64 = String::from_utf8_lossy(&written).parse().ok()?;
-        (cursor >= stream_end).then_some(cursor)
-    })
-    .await;
-    assert_eq!(cursor, stream_end);
+    assert_eq!(nats.device_cursor_at_least("nell.tab", stream_end).await, stream_end);
     drop(stream);
     gateway.wait_metric("herald_gateway_connections", 0.0).await;
 

@@ -543,12 +543,7 @@ async fn a_quiet_auto_acknowledged_connection_writes_its_cursor_while_it_lasts()
     subscribe(&mut client, "q", "/user/queue/inbox", &[]).await;
     let seq = publisher.publish("push.user.wes", "hello").await;
     assert_eq!(next_message(&mut client).await.0, seq);
-    let cursors = nats.jetstream().await.get_key_value("herald-cursors").await.expect("the cursors bucket");
-    herald_tests::eventually("the cursor written", Duration::from_secs(30), || async {
-        let written = cursors.get("wes.phone").await.ok().flatten()?;
-        (String::from_utf8_lossy(&written) == seq.to_string()).then_some(())
-    })
-    .await;
+    assert_eq!(nats.device_cursor_at_least("wes.phone", seq).await, seq);
     drop(client);
 }
 
@@ -585,13 +580,7 @@ async fn an_auto_acknowledged_cursor_moves_while_the_queue_never_empties() {
     for expected in &sent[..250] {
         assert_eq!(next_message(&mut client).await.0, *expected);
     }
-    let cursors = nats.jetstream().await.get_key_value("herald-cursors").await.expect("the cursors bucket");
-    herald_tests::eventually("the cursor past the first 100", Duration::from_secs(30), || async {
-        let written = cursors.get("yan.phone").await.ok().flatten()?;
-        let cursor: u64 = String::from_utf8_lossy(&written).parse().ok()?;
-        (cursor >= sent[100]).then_some(cursor)
-    })
-    .await;
+    nats.device_cursor_at_least("yan.phone", sent[100]).await;
     drop(client);
 }
 
@@ -642,14 +631,7 @@ async fn a_new_devices_auto_cursor_passes_the_broadcasts_from_before_its_first_c
     let end: u64 = connected.header("herald-seq").parse().unwrap();
     subscribe_inbox_and_all_auto(&mut client).await;
     assert_eq!([next_message(&mut client).await.0, next_message(&mut client).await.0], unread);
-    let cursors = nats.jetstream().await.get_key_value("herald-cursors").await.expect("the cursors bucket");
-    let cursor = herald_tests::eventually("the cursor at herald-seq", Duration::from_secs(30), || async {
-        let written = cursors.get("zed.pad").await.ok().flatten()?;
-        let cursor: u64 = String::from_utf8_lossy(&written).parse().ok()?;
-        (cursor >= end).then_some(cursor)
-    })
-    .await;
-    assert_eq!(cursor, end);
+    assert_eq!(nats.device_cursor_at_least("zed.pad", end).await, end);
     client.send_frame("DISCONNECT", &[("receipt", "bye")], "").await;
     assert_eq!(client.expect("RECEIPT").await.header("receipt-id"), "bye");
 

@@ -536,12 +536,19 @@ impl StompCodec {
     pub(super) fn take_auto_ack(&mut self, bound: u64) -> Option<u64> {
         // A new device's replay end counts as written on `ack:auto` once nothing waits for a
         // subscription (a message held, dropped or refilling would be passed).
-        let waiting = !self.held.is_empty() || !self.dropped.is_empty() || !self.refilling.is_empty();
-        let auto = self.subscriptions.iter().any(|subscription| subscription.ack == AckMode::Auto);
-        if self.caught_up > 0 && !waiting && auto {
+        if self.caught_up > 0 && self.nothing_waits() && self.has_auto_subscription() {
             self.acks.sent(std::mem::take(&mut self.caught_up), true);
         }
         self.acks.take_auto(bound)
+    }
+
+    /// Whether no message is held, dropped or refilling for a subscription.
+    fn nothing_waits(&self) -> bool {
+        self.held.is_empty() && self.dropped.is_empty() && self.refilling.is_empty()
+    }
+
+    fn has_auto_subscription(&self) -> bool {
+        self.subscriptions.iter().any(|subscription| subscription.ack == AckMode::Auto)
     }
 
     /// See [`super::Codec::new_device_caught_up`].
