@@ -291,7 +291,7 @@ fn start_background_tasks(shared: &Arc<Shared>, questions: events::Questions) {
         shutdown.clone(),
     ));
     tokio::spawn(shared.policies.clone().run(shared.health.clone(), shutdown.clone()));
-    tokio::spawn(shared.inbox.clone().run_flusher(shutdown.clone()));
+    tokio::spawn(shared.inbox.clone().run_flusher(shutdown.clone(), shared.metrics.read_flush_failures.clone()));
     tokio::spawn(delivery::reach::watch(shared.feed.clone(), shared.router.clone(), shutdown.clone()));
     tokio::spawn(shared.inbox.clone().watch(shared.registry.clone(), shutdown.clone()));
     questions.answer(&shared.client, &shared.registry, &shared.config.node_id, &shutdown);

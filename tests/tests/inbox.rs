@@ -374,3 +374,32 @@ async fn messages_trimmed_by_a_limit_lowered_under_the_gateway_are_reported() {
     let seqs: Vec<u64> = body["messages"].as_array().unwrap().iter().map(|m| m["seq"].as_u64().unwrap()).collect();
     assert_eq!((seqs, &body["complete"]), (sent[2..].to_vec(), &json!(false)));
 }
+
+/// A `read` sent while NATS is away is kept until KV takes it: once NATS is back the read position
+/// holds it and the user's sockets get their `read` frame (it was dropped after one failed write).
+#[tokio::test]
+async fn a_read_sent_while_nats_is_away_is_written_once_it_is_back() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start(&nats).await;
+    let publisher = Publisher::new(&nats).await;
+    let mut sent = Vec::new();
+    for n in 0..3 {
+        sent.push(publisher.publish("push.user.rhea", &n.to_string()).await);
+    }
+    let mut phone = connect_device(&gateway, "rhea", "phone").await;
+    assert_eq!(phone.expect_msgs(3).await, sent);
+    phone.expect_replayed().await;
+
+    nats.stop().await;
+    phone.send_json(json!({"type": "read", "seq": sent[1]})).await;
+    eventually("a flush of the read failed", Duration::from_secs(60), || async {
+        (gateway.metric("herald_gateway_read_flush_failures_total").await >= 1.0).then_some(())
+    })
+    .await;
+    nats.start_again().await;
+
+    assert_eq!(phone.next_frame().await, ServerFrame::Read { seq: sent[1], unread: 1 });
+    let reads = nats.jetstream().await.get_key_value("herald-reads").await.expect("the reads bucket");
+    let read = reads.get("rhea").await.unwrap().expect("the read position");
+    assert_eq!(String::from_utf8_lossy(&read), sent[1].to_string());
+}

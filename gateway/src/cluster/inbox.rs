@@ -20,6 +20,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use herald_shared::id::{kv_key, kv_key_decode};
 use herald_shared::subject::{Audience, KV_READS, STREAM};
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -95,22 +96,43 @@ impl Inbox {
     }
 
     /// Writes the read positions noted, every [`FLUSH_INTERVAL`] until `shutdown`, then once more.
-    pub(crate) async fn run_flusher(self: Arc<Self>, shutdown: CancellationToken) {
+    /// Each flush that fails counts in `failures`.
+    pub(crate) async fn run_flusher(self: Arc<Self>, shutdown: CancellationToken, failures: Counter) {
         loop {
             let stop = tokio::select! {
                 _ = tokio::time::sleep(FLUSH_INTERVAL) => false,
                 _ = shutdown.cancelled() => true,
             };
-            let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
-            for (user, seq) in pending {
-                if let Err(error) = self.mark_read(&user, seq).await {
-                    warn!(%user, seq, %error, "read position not written");
-                }
+            if !self.flush(stop).await {
+                failures.inc();
             }
             if stop {
                 return;
             }
         }
+    }
+
+    /// Writes the read positions noted. One KV does not take (NATS away, a leader being elected)
+    /// is noted again with the ones not tried yet, for the next flush: a `read` the client sent is
+    /// written once KV answers again, not dropped (unless this is the `last` flush). Whether every
+    /// one was written.
+    async fn flush(&self, last: bool) -> bool {
+        let mut pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner())).into_iter();
+        while let Some((user, seq)) = pending.next() {
+            if let Err(error) = self.mark_read(&user, seq).await {
+                let left = pending.len() + 1;
+                if last {
+                    warn!(%user, seq, %error, left, "read positions not written before the gateway stopped");
+                    return false;
+                }
+                warn!(%user, seq, %error, left, "read positions not written yet: tried again at the next flush");
+                for (user, seq) in std::iter::once((user, seq)).chain(pending) {
+                    self.note_read(&user, seq);
+                }
+                return false;
+            }
+        }
+        true
     }
 
     /// How many of the user's personal messages in `(read, upto]` are unread, leaving out the

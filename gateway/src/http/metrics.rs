@@ -61,6 +61,7 @@ pub(crate) struct Metrics {
     pub(crate) nats_connected: Gauge,
     pub(crate) buckets_recreated: Counter,
     pub(crate) streams_replaced: Counter,
+    pub(crate) read_flush_failures: Counter,
     pub(crate) rpc_calls: Family<RpcLabels, Counter>,
     pub(crate) connections_refused: Family<RefusalLabels, Counter>,
     pub(crate) connections_closed: Family<CloseLabels, Counter>,
@@ -89,6 +90,7 @@ impl Metrics {
             nats_connected: Gauge::default(),
             buckets_recreated: Counter::default(),
             streams_replaced: Counter::default(),
+            read_flush_failures: Counter::default(),
             rpc_calls: Family::default(),
             connections_refused: Family::default(),
             connections_closed: Family::default(),
@@ -132,6 +134,11 @@ impl Metrics {
             "streams_replaced",
             "Times the stream HERALD was found made again under a running gateway (its sessions ended)",
             m.streams_replaced.clone(),
+        );
+        registry.register(
+            "read_flush_failures",
+            "Flushes of clients' read positions KV did not take (NATS away, no leader): tried again at the next",
+            m.read_flush_failures.clone(),
         );
         registry.register("rpc_calls", "rpc frames by function and outcome", m.rpc_calls.clone());
         registry.register(
