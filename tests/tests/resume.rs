@@ -172,6 +172,47 @@ async fn messages_trimmed_while_a_replay_waits_are_reported_with_complete_false(
     assert!(!complete, "the replay missed {missed:?} and said it was complete");
 }
 
+/// A connection that ends while its replay sends messages that follow some the per-subject limit
+/// removed, before its `replayed` frame said so, leaves the loss noted for the device: its client
+/// resumes from the last `seq` it got, past the removed ones, and that resume says `complete:false`
+/// (it said `complete:true`, and the loss went unreported).
+#[tokio::test]
+async fn a_replay_cut_short_past_trimmed_messages_leaves_the_loss_for_the_next_resume() {
+    let nats = TestNats::start().await;
+    let gateway = TestGateway::start_with(&nats, |c| {
+        c.stream.stream_max_msgs_per_subject = 40;
+        // Small socket buffers both ways: the replay waits after a few messages.
+        c.socket_send_buffer = 16 * 1024;
+    })
+    .await;
+    let publisher = Publisher::new(&nats).await;
+    let base = publisher.publish("push.user.nobody", "x").await;
+    let large = format!("\"{}\"", "x".repeat(128 * 1024));
+    let mut stored = Vec::new();
+    for _ in 0..50 {
+        stored.push(publisher.publish("push.user.gil", &large).await);
+    }
+
+    // The limit kept the last 40: the first message replayed follows 10 removed ones. The client
+    // leaves after it, long before the replay's 5 MiB and its `replayed` frame could be written.
+    let url = gateway.ws_url(&format!("token={}&device=phone&since={base}", token("gil")));
+    let mut gil = herald_tests::WsClient::connect_with_receive_buffer(&url, 16 * 1024).await;
+    gil.expect_welcome().await;
+    let first = gil.expect_msg().await.seq;
+    assert_eq!(first, stored[10]);
+    drop(gil);
+    let cursors = nats.jetstream().await.get_key_value("herald-cursors").await.unwrap();
+    let note = eventually("the loss noted", std::time::Duration::from_secs(30), || async {
+        cursors.get("gil.phone.lost").await.ok().flatten()
+    })
+    .await;
+    assert_eq!(String::from_utf8_lossy(&note), (base + 1).to_string());
+
+    let mut gil = gateway.connect_with(&format!("token={}&device=phone&since={first}", token("gil"))).await;
+    assert_eq!(gil.expect_msgs(39).await, stored[11..]);
+    assert_eq!(gil.expect_replayed().await, (first + 1, stored[49], 39, false, None));
+}
+
 #[tokio::test]
 async fn aged_out_messages_are_reported_with_complete_false() {
     let nats = TestNats::start().await;

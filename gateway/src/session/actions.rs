@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::Session;
-use super::replay::Replay;
+use super::replay::{Replay, Stored};
 use super::state::{Action, Outcome};
 use crate::cluster::events::publish_device_lost;
 use crate::delivery::leader::message_get;
@@ -185,6 +185,10 @@ struct Reading {
     open: Option<Replay>,
     /// [`Replay::held_ahead`] of the replays opened before the one open, the most of each.
     held_ahead: Vec<u64>,
+    /// [`Replay::held_ahead_sum`] of the open replay when it was last told.
+    told: u64,
+    /// A message read, to go out once what the replay learned with it was told.
+    next: Option<Stored>,
     /// Since the first of the failures in a row, if any.
     failing: Option<Patience>,
 }
@@ -193,21 +197,56 @@ impl Reading {
     /// Closes the open replay, keeping what it saw ahead of it.
     fn close(&mut self) {
         if let Some(replay) = self.open.take() {
-            let seen = replay.held_ahead();
-            self.held_ahead.resize(seen.len().max(self.held_ahead.len()), 0);
-            for (kept, seen) in self.held_ahead.iter_mut().zip(seen) {
-                *kept = (*kept).max(seen);
-            }
+            self.keep(&replay.held_ahead());
         }
+        self.told = 0;
+    }
+
+    fn keep(&mut self, seen: &[u64]) {
+        self.held_ahead.resize(seen.len().max(self.held_ahead.len()), 0);
+        for (kept, seen) in self.held_ahead.iter_mut().zip(seen) {
+            *kept = (*kept).max(*seen);
+        }
+    }
+
+    /// What the open replay learned of the messages held ahead of it, with the kept ones, if it
+    /// learned something since it was last told (a batch's first reply says it: rarely).
+    fn news_ahead(&mut self) -> Option<Vec<u64>> {
+        let replay = self.open.as_ref()?;
+        let sum = replay.held_ahead_sum();
+        if sum == self.told {
+            return None;
+        }
+        self.told = sum;
+        let mut seen = self.held_ahead.clone();
+        let open = replay.held_ahead();
+        seen.resize(open.len().max(seen.len()), 0);
+        for (kept, open) in seen.iter_mut().zip(open) {
+            *kept = (*kept).max(open);
+        }
+        Some(seen)
     }
 }
 
 /// The stored messages of `audiences` in `(since, upto]`, then how the replay ended. A failure is
 /// tried again from the last message read, with the patience of a bounds read.
 fn replay(session: Arc<Session>, audiences: Vec<Audience>, since: u64, upto: u64) -> BoxStream<'static, Outcome> {
-    let start = Reading { session, audiences, since, upto, open: None, held_ahead: Vec::new(), failing: None };
+    let start = Reading {
+        session,
+        audiences,
+        since,
+        upto,
+        open: None,
+        held_ahead: Vec::new(),
+        told: 0,
+        next: None,
+        failing: None,
+    };
     stream::unfold(Some(start), |reading| async move {
         let mut reading = reading?;
+        if let Some(stored) = reading.next.take() {
+            return Some((Outcome::Replayed(Box::new(message::from_stored(stored))), Some(reading)));
+        }
         loop {
             let read = match reading.open.as_mut() {
                 Some(replay) => replay.next().await,
@@ -225,6 +264,12 @@ fn replay(session: Arc<Session>, audiences: Vec<Audience>, since: u64, upto: u64
                 Some(Ok(stored)) => {
                     reading.since = stored.seq;
                     reading.failing = None;
+                    // Told before the message: a connection that ends after it can tell whether
+                    // the client got messages past some the stream's limits removed.
+                    if let Some(seen) = reading.news_ahead() {
+                        reading.next = Some(stored);
+                        return Some((Outcome::HeldAhead(seen), Some(reading)));
+                    }
                     return Some((Outcome::Replayed(Box::new(message::from_stored(stored))), Some(reading)));
                 }
                 None => {

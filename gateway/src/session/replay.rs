@@ -130,6 +130,15 @@ impl Replay {
             Replay::Consumer(replay) => vec![replay.ahead; replay.audiences],
         }
     }
+
+    /// The sum of [`Replay::held_ahead`], which only grows: a change says that it changed, without
+    /// building it.
+    pub(crate) fn held_ahead_sum(&self) -> u64 {
+        match self {
+            Replay::Direct(replay) => replay.cursors.iter().map(|cursor| cursor.ahead).sum(),
+            Replay::Consumer(replay) => replay.ahead,
+        }
+    }
 }
 
 /// One cursor per subject, each filled by batched direct gets; the smallest head goes next.

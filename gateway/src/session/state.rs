@@ -166,6 +166,9 @@ pub(crate) enum Outcome {
     Bounds(Result<Bounds, String>),
     /// One replayed message, in order.
     Replayed(Box<Message>),
+    /// The replay under way learned, per audience, more messages the stream held from where it
+    /// was reading on ([`crate::session::replay::Replay::held_ahead`]), before its next message.
+    HeldAhead(Vec<u64>),
     /// The replay read everything (or failed): per audience, the most messages the stream held
     /// from where it was reading on ([`crate::session::replay::Replay::held_ahead`]).
     ReplayEnded(Result<Vec<u64>, String>),
@@ -291,6 +294,16 @@ struct ReplayRun {
     last: Option<u64>,
 }
 
+impl ReplayRun {
+    /// Keeps the most the stream said it held ahead of the replay, per audience.
+    fn saw_ahead(&mut self, seen: &[u64]) {
+        self.held_ahead.resize(seen.len().max(self.held_ahead.len()), 0);
+        for (kept, seen) in self.held_ahead.iter_mut().zip(seen) {
+            *kept = (*kept).max(*seen);
+        }
+    }
+}
+
 /// Where a connection resumed, and the revision of the lost-messages note its resume read (0: none).
 #[derive(Debug, Clone, Copy)]
 struct Resumed {
@@ -365,6 +378,10 @@ pub(crate) struct SessionState {
     close: Option<Close>,
     /// Where the connection resumed, if it did.
     resumed: Option<Resumed>,
+    /// The first replay found messages removed by the stream's limits: from where (its `since +
+    /// 1`), and the count of frames taken for the socket once its `replayed` frame, which says
+    /// so, is among them. Boxed: most connections never have one.
+    untold_gap: Option<Box<(u64, u64)>>,
     /// Refills asked for whose replay has not ended, and the first message any of them owes.
     refills_pending: u32,
     /// Pings between two writes of the kept topics (0: never), and pings since the last.
@@ -408,6 +425,7 @@ impl SessionState {
             per_subject_cap,
             close: None,
             resumed: None,
+            untold_gap: None,
             refills_pending: 0,
             keep_topics_every,
             pings_since_kept: 0,
@@ -777,8 +795,14 @@ impl SessionState {
                 self.replayed(&mut run, *message);
                 self.step = Some(Step::Replay(run));
             }
+            (Step::Replay(mut run), Outcome::HeldAhead(seen)) => {
+                run.saw_ahead(&seen);
+                if !self.cut_short(&run) {
+                    self.step = Some(Step::Replay(run));
+                }
+            }
             (Step::Replay(mut run), Outcome::ReplayEnded(Ok(held_ahead))) => {
-                run.held_ahead = held_ahead;
+                run.saw_ahead(&held_ahead);
                 self.replay_ended(run)
             }
             (Step::Replay(_), Outcome::ReplayEnded(Err(error))) => {
@@ -857,6 +881,44 @@ impl SessionState {
         if let Some(first) = self.refill_owed_from(written) {
             self.jobs.push_back(Job::Lost { first });
         }
+        if let Some(first) = self.untold_gap(written) {
+            self.jobs.push_back(Job::Lost { first });
+        }
+    }
+
+    /// The start of messages a replay found removed by the stream's limits, if the client may not
+    /// have been told: the replay sent messages past them and had not written its `replayed` frame
+    /// (a catch-up's close) when the connection ended. Its client resumes from the last `seq` it
+    /// got, past them, and would be told by nobody: noted, its resume reports them.
+    fn untold_gap(&self, written: u64) -> Option<u64> {
+        if let Some(Step::Replay(run)) = &self.step
+            && matches!(run.purpose, Purpose::Resume { .. } | Purpose::CatchUp)
+            && run.sent > 0
+            && !self.nothing_removed(run)
+        {
+            return Some(run.since.saturating_add(1));
+        }
+        let (first, told_at) = **self.untold_gap.as_ref()?;
+        (written < told_at).then_some(first)
+    }
+
+    /// Whether, as far as the replay read, nothing addressed to the connection after its `since`
+    /// can have been removed by the stream's limits (see [`replay::complete`]).
+    fn nothing_removed(&self, run: &ReplayRun) -> bool {
+        let cap = run.bounds.per_subject_cap.unwrap_or(self.per_subject_cap);
+        replay::complete(run.bounds.first, run.since, cap, &run.per_audience, &run.held_ahead)
+    }
+
+    /// A catch-up that finds messages removed before it sent any of those after them closes at
+    /// once with 4008: its client resumes from where it was, and that replay says what is missing.
+    /// (One that sent some first notes the loss when it ends.) Whether it closed.
+    fn cut_short(&mut self, run: &ReplayRun) -> bool {
+        let cut = matches!(run.purpose, Purpose::CatchUp) && run.sent == 0 && !self.nothing_removed(run);
+        if cut {
+            self.tally.unrepairable += 1;
+            self.close(Close::slow_consumer("messages missed: reconnect with since"));
+        }
+        cut
     }
 
     /// The first message a refill not ended, or ended but not all `written`, owes, if any (from
@@ -1186,6 +1248,9 @@ impl SessionState {
         if matches!(run.purpose, Purpose::CatchUp) && since >= run.bounds.last {
             return self.replay_ended(run);
         }
+        if self.cut_short(&run) {
+            return;
+        }
         self.tally.replays += 1;
         self.begin(Step::Replay(run), action);
     }
@@ -1222,8 +1287,8 @@ impl SessionState {
     fn replay_ended(&mut self, run: ReplayRun) {
         self.tally.replayed += run.sent;
         let upto = run.bounds.last;
-        let cap = run.bounds.per_subject_cap.unwrap_or(self.per_subject_cap);
-        let mut complete = replay::complete(run.bounds.first, run.since, cap, &run.per_audience, &run.held_ahead);
+        let nothing_removed = self.nothing_removed(&run);
+        let mut complete = nothing_removed;
         let report = |complete: bool, topic: Option<String>| ServerFrame::Replayed {
             from: run.since + 1,
             to: run.last.unwrap_or(run.since),
@@ -1250,11 +1315,20 @@ impl SessionState {
                     resumed.answered_at = Some(queued);
                     resumed.report_at = (resumed.note > 0).then_some(queued);
                 }
+                if !nothing_removed && run.sent > 0 {
+                    self.untold_gap = Some(Box::new((run.since.saturating_add(1), queued)));
+                }
                 self.job_done();
             }
             Purpose::CatchUp if complete => {
                 self.caught_up(run.since, upto);
                 self.job_done();
+            }
+            Purpose::CatchUp if run.sent > 0 => {
+                // Its client got messages past the removed ones, and resumes from there: noted, that
+                // resume reports them; then 4008.
+                self.job_done();
+                self.jobs.push_front(Job::Lost { first: run.since.saturating_add(1) });
             }
             Purpose::CatchUp => self.close(Close::slow_consumer("messages missed: reconnect with since")),
             Purpose::TopicBlock { topic, requested } => {

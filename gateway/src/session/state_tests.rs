@@ -709,15 +709,84 @@ fn a_repair_with_nothing_stored_past_what_was_sent_reads_no_replay_and_live_goes
 }
 
 #[test]
-fn a_repair_that_finds_messages_gone_closes_with_4008() {
+fn a_repair_that_finds_messages_gone_closes_with_4008_before_sending_what_follows_them() {
     let mut h = Harness::new(Start::Live, 10);
     h.mailbox.push_event(Event::Repair);
     h.action();
-    // The stream now starts after messages the session never got.
+    // The stream now starts after messages the session never got: nothing is read.
     h.state.on_outcome(Outcome::Bounds(Ok(bounds(15, 20))));
-    h.action();
-    h.replay(Vec::new());
     assert_eq!(h.closed_with(), Some(4008));
+    assert_eq!(h.action(), None);
+
+    // The per-subject limit trimmed messages ahead of the catch-up: said before its first message.
+    let mut h = Harness::with(Start::Live, 10, 100, |p| p.per_subject_cap = 2);
+    h.mailbox.push_event(Event::Repair);
+    h.action();
+    h.state.on_outcome(Outcome::Bounds(Ok(bounds(1, 20))));
+    assert_eq!(h.action(), replay_of(everything(), 10, 20));
+    h.state.on_outcome(Outcome::HeldAhead(vec![0, 2]));
+    h.state.on_outcome(Outcome::Replayed(Box::new(message(19, Audience::All, ""))));
+    assert_eq!(h.closed_with(), Some(4008));
+    assert!(h.frames().is_empty(), "nothing past the removed messages");
+    // Its client resumes from 10, and that replay reports them: nothing to note.
+    h.state.examine_unread(0);
+    assert!(!h.state.owes_loss_check());
+}
+
+/// A catch-up that learns of removed messages only after it sent some that follow them (the limit
+/// trimmed while it read) notes the loss, then closes with 4008: its client resumes past them.
+#[test]
+fn a_repair_that_sent_messages_past_removed_ones_notes_the_loss_then_closes() {
+    let mut h = Harness::with(Start::Live, 10, 100, |p| p.per_subject_cap = 2);
+    h.mailbox.push_event(Event::Repair);
+    h.action();
+    h.state.on_outcome(Outcome::Bounds(Ok(bounds(1, 20))));
+    h.action();
+    h.state.on_outcome(Outcome::Replayed(Box::new(message(12, Audience::All, ""))));
+    assert_eq!(h.frames(), ["12"]);
+    h.replay_then(vec![message(19, Audience::All, "")], vec![0, 2]);
+    assert_eq!(h.action(), Some(Action::NoteLost { first: 11 }));
+    h.state.on_outcome(Outcome::Noted);
+    assert_eq!(h.closed_with(), Some(4008));
+}
+
+/// A connection that ends while its first replay sends messages past some the stream's limits
+/// removed, or before its `replayed` frame saying so was written, notes the loss: its client
+/// resumes from the last `seq` it got, and that resume reports it.
+#[test]
+fn a_resume_cut_short_after_messages_past_removed_ones_notes_the_loss() {
+    let start = || Start::Resume { requested: 5, noted: Noted::Nothing };
+    // Mid-replay.
+    let mut h = Harness::with(start(), 9, 100, |p| p.per_subject_cap = 2);
+    assert_eq!(h.action(), replay_of(everything(), 5, 9));
+    h.state.on_outcome(Outcome::HeldAhead(vec![0, 2]));
+    h.state.on_outcome(Outcome::Replayed(Box::new(message(8, Audience::All, ""))));
+    assert_eq!(h.frames(), ["8"]);
+    h.state.examine_unread(0);
+    assert_eq!(h.state.next_loss_action(None), Some(Action::NoteLost { first: 6 }));
+    // Nothing sent yet, or nothing removed: nothing to note.
+    for (held_ahead, sent) in [(2, false), (1, true)] {
+        let mut h = Harness::with(start(), 9, 100, |p| p.per_subject_cap = 2);
+        h.action();
+        h.state.on_outcome(Outcome::HeldAhead(vec![0, held_ahead]));
+        if sent {
+            h.state.on_outcome(Outcome::Replayed(Box::new(message(8, Audience::All, ""))));
+        }
+        h.state.examine_unread(0);
+        assert!(!h.state.owes_loss_check(), "held ahead {held_ahead}");
+    }
+    // Ended, its `replayed` frame queued, taken but not written, or written.
+    for (take, unwritten, noted) in [(false, 0, true), (true, 1, true), (true, 0, false)] {
+        let mut h = Harness::with(start(), 9, 100, |p| p.per_subject_cap = 2);
+        h.action();
+        h.replay_then(vec![message(8, Audience::All, "")], vec![0, 2]);
+        if take {
+            assert_eq!(h.frames(), ["8", "replayed:6-8/1/false"]);
+        }
+        h.state.examine_unread(unwritten);
+        let expected = noted.then_some(Action::NoteLost { first: 6 });
+        assert_eq!(h.state.owes_loss_check().then(|| h.state.next_loss_action(None)).flatten(), expected);
+    }
 }
 
 #[test]
