@@ -269,6 +269,7 @@ async fn a_forbidden_topic_and_malformed_frames_get_error_then_close() {
         ("SUBSCRIBE\nid:1\0x\ndestination:/topic/all\nreceipt:r\n\n\0", "bad_request"),
         ("ACK\nid:not-a-seq\n\n\0", "bad_request"),
         ("NACK\n\n\0", "bad_request"),
+        ("NACK\nid:not-a-seq\n\n\0", "bad_request"),
         ("BEGIN\ntransaction:t1\n\n\0", "bad_request"),
         ("DANCE\n\n\0", "unknown_type"),
         ("CONNECT\naccept-version:1.2\n\n\0", "bad_request"),

@@ -135,9 +135,12 @@ impl StompCodec {
                 self.acks.acked(seq);
                 Ok(Command::Ack(seq))
             }
-            // Moves no cursor; like an ACK it names its message.
+            // Moves no cursor; like an ACK it names a message it could have been sent.
             "NACK" => {
-                frame.header("id").or(frame.header("message-id")).ok_or_else(|| bad("NACK needs an id"))?;
+                let id = frame.header("id").or(frame.header("message-id")).ok_or_else(|| bad("NACK needs an id"))?;
+                if !id.starts_with(RPC_MESSAGE_ID) && id.parse::<u64>().is_err() {
+                    return Err(bad(format!("NACK of unknown message {id:?}")));
+                }
                 Ok(Command::Nothing)
             }
             "SEND" => self.send(frame),
