@@ -362,7 +362,9 @@ async fn accept(
 
 /// The pid and topics a recovering connection resumes with: its own pid and its state's topics when
 /// the state is still kept, and every topic is still allowed by its token. Otherwise the next pid
-/// (the client is told it was not recovered), with the topics still allowed.
+/// (the client is told it was not recovered), with the topics still allowed; with no state kept (gone,
+/// or the pid is another user's), a pid of a lineage of its own: two users never share a lineage,
+/// nor a `socket.id`.
 async fn recovered_state(shared: &Shared, claims: &Claims, pid: Pid) -> (Pid, Vec<String>) {
     let kept = match shared.socketio_states.read(&claims.sub, &pid.device()).await {
         Ok(kept) => kept,
@@ -371,7 +373,7 @@ async fn recovered_state(shared: &Shared, claims: &Claims, pid: Pid) -> (Pid, Ve
             None
         }
     };
-    let Some(mut topics) = kept else { return (pid.next(), Vec::new()) };
+    let Some(mut topics) = kept else { return (Pid::new(&crate::id::random_id(12)), Vec::new()) };
     let count = topics.len();
     topics.retain(|topic| check_id(IdKind::Topic, topic).is_ok() && topic_allowed(&claims.topics, topic));
     topics.truncate(shared.config.max_topics);
