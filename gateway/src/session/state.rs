@@ -805,7 +805,9 @@ impl SessionState {
                 run.saw_ahead(&held_ahead);
                 self.replay_ended(run)
             }
-            (Step::Replay(_), Outcome::ReplayEnded(Err(error))) => {
+            (Step::Replay(run), Outcome::ReplayEnded(Err(error))) => {
+                // Kept for the connection's end: what it sent may follow removed messages.
+                self.step = Some(Step::Replay(run));
                 self.close(Close::new(CloseCode::Unavailable, error));
             }
             (Step::Bounds(after), Outcome::Bounds(Ok(bounds))) => self.bounds_read(after, bounds),
@@ -888,9 +890,13 @@ impl SessionState {
 
     /// The start of messages a replay found removed by the stream's limits, if the client may not
     /// have been told: the replay sent messages past them and had not written its `replayed` frame
-    /// (a catch-up's close) when the connection ended. Its client resumes from the last `seq` it
-    /// got, past them, and would be told by nobody: noted, its resume reports them.
+    /// (a catch-up's close) when the connection ended (or failed). Its client resumes from the last
+    /// `seq` it got, past them, and would be told by nobody: noted, its resume reports them.
     fn untold_gap(&self, written: u64) -> Option<u64> {
+        // A client that cannot be told (STOMP) would only get again, from the note, what it had.
+        if !self.codec.reports_incomplete_resumes() {
+            return None;
+        }
         if let Some(Step::Replay(run)) = &self.step
             && matches!(run.purpose, Purpose::Resume { .. } | Purpose::CatchUp)
             && run.sent > 0
@@ -915,7 +921,7 @@ impl SessionState {
     fn cut_short(&mut self, run: &ReplayRun) -> bool {
         let cut = matches!(run.purpose, Purpose::CatchUp) && run.sent == 0 && !self.nothing_removed(run);
         if cut {
-            self.tally.unrepairable += 1;
+            self.tally.replays_incomplete += 1;
             self.close(Close::slow_consumer("messages missed: reconnect with since"));
         }
         cut
@@ -1248,10 +1254,10 @@ impl SessionState {
         if matches!(run.purpose, Purpose::CatchUp) && since >= run.bounds.last {
             return self.replay_ended(run);
         }
+        self.tally.replays += 1;
         if self.cut_short(&run) {
             return;
         }
-        self.tally.replays += 1;
         self.begin(Step::Replay(run), action);
     }
 
@@ -1324,7 +1330,7 @@ impl SessionState {
                 self.caught_up(run.since, upto);
                 self.job_done();
             }
-            Purpose::CatchUp if run.sent > 0 => {
+            Purpose::CatchUp if run.sent > 0 && self.codec.reports_incomplete_resumes() => {
                 // Its client got messages past the removed ones, and resumes from there: noted, that
                 // resume reports them; then 4008.
                 self.job_done();

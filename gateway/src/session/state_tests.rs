@@ -775,6 +775,22 @@ fn a_resume_cut_short_after_messages_past_removed_ones_notes_the_loss() {
         h.state.examine_unread(0);
         assert!(!h.state.owes_loss_check(), "held ahead {held_ahead}");
     }
+    // Failed (the stream unavailable for too long) after sending past them: 1013, and noted.
+    let mut h = Harness::with(start(), 9, 100, |p| p.per_subject_cap = 2);
+    h.action();
+    h.state.on_outcome(Outcome::HeldAhead(vec![0, 2]));
+    h.state.on_outcome(Outcome::Replayed(Box::new(message(8, Audience::All, ""))));
+    h.state.on_outcome(Outcome::ReplayEnded(Err("no leader".into())));
+    assert_eq!(h.closed_with(), Some(1013));
+    h.state.examine_unread(0);
+    assert_eq!(h.state.next_loss_action(None), Some(Action::NoteLost { first: 6 }));
+    // STOMP cannot be told: a note would only send again, from it, what the client had.
+    let mut h = Harness::build(start(), 9, 100, |p| (p.per_subject_cap, p.codec) = (2, stomp()));
+    h.action();
+    h.state.on_outcome(Outcome::HeldAhead(vec![0, 2]));
+    h.state.on_outcome(Outcome::Replayed(Box::new(message(8, Audience::All, ""))));
+    h.state.examine_unread(0);
+    assert!(!h.state.owes_loss_check());
     // Ended, its `replayed` frame queued, taken but not written, or written.
     for (take, unwritten, noted) in [(false, 0, true), (true, 1, true), (true, 0, false)] {
         let mut h = Harness::with(start(), 9, 100, |p| p.per_subject_cap = 2);
