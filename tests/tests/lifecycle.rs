@@ -173,8 +173,6 @@ async fn a_jetstream_that_does_not_answer_for_a_while_is_not_taken_for_a_lost_on
     assert_eq!(client.expect_msg().await.seq, seq);
 }
 
-/// NATS without JetStream (a newcomer's config without the jetstream block): the gateway says so
-/// rather than that JetStream "does not answer", which reads as a cluster problem.
 /// A gateway whose NATS password is wrong keeps trying (the operator may fix nats.conf rather than
 /// the gateway), and /readyz says what is wrong: the credentials, not just "not connected".
 #[tokio::test]
@@ -182,8 +180,8 @@ async fn readiness_names_credentials_nats_refuses() {
     let nats = TestNats::start().await;
     let gateway =
         TestGateway::start_unready(&nats.url(), |c| c.nats.nats_password = Some("not-the-password".into())).await;
-    let expected =
-        "NATS refuses the gateway's credentials (authorization violation): check nats_user and nats_password";
+    let expected = "NATS refuses the gateway's credentials (authorization violation): check nats_user and \
+                    nats_password, or nats_creds";
     let problems = eventually("readyz names the credentials", Duration::from_secs(30), || async {
         let problems = gateway.readyz_problems().await;
         problems.iter().any(|problem| problem == expected).then_some(problems)
@@ -193,6 +191,8 @@ async fn readiness_names_credentials_nats_refuses() {
     assert_eq!(gateway.readyz().await, 503);
 }
 
+/// NATS without JetStream (a newcomer's config without the jetstream block): the gateway says so
+/// rather than that JetStream "does not answer", which reads as a cluster problem.
 #[tokio::test]
 async fn a_nats_without_jetstream_is_named_as_such() {
     let nats = TestNats::start_with_config("jetstream: disabled").await;

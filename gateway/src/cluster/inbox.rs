@@ -36,6 +36,9 @@ use crate::session::replay::Replayer;
 /// How often read positions from clients are written.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 
+/// The pause after a flush KV did not take.
+const FAILED_FLUSH_PAUSE: Duration = Duration::from_secs(2);
+
 /// The inbox could not be read or written.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("inbox: {0}")]
@@ -98,13 +101,17 @@ impl Inbox {
     /// Writes the read positions noted, every [`FLUSH_INTERVAL`] until `shutdown`, then once more.
     /// Each flush that fails counts in `failures`.
     pub(crate) async fn run_flusher(self: Arc<Self>, shutdown: CancellationToken, failures: Counter) {
+        let mut pause = FLUSH_INTERVAL;
         loop {
             let stop = tokio::select! {
-                _ = tokio::time::sleep(FLUSH_INTERVAL) => false,
+                _ = tokio::time::sleep(pause) => false,
                 _ = shutdown.cancelled() => true,
             };
+            pause = FLUSH_INTERVAL;
             if !self.flush(stop).await {
                 failures.inc();
+                // KV that refuses at once (no permission) is not asked five times a second.
+                pause = FAILED_FLUSH_PAUSE;
             }
             if stop {
                 return;

@@ -35,11 +35,17 @@ pub(crate) struct ControlEvents {
 
 impl ControlEvents {
     pub(crate) fn note(&self, event: &async_nats::Event) {
-        if matches!(event, async_nats::Event::Connected) {
-            self.credentials_refused.store(false, Ordering::Release);
-            self.connected.notify_one();
-        } else if herald_shared::nats::refuses_credentials(event) {
-            self.credentials_refused.store(true, Ordering::Release);
+        match event {
+            async_nats::Event::Connected => {
+                self.credentials_refused.store(false, Ordering::Release);
+                self.connected.notify_one();
+            }
+            event if herald_shared::nats::refuses_credentials(event) => {
+                self.credentials_refused.store(true, Ordering::Release)
+            }
+            // An attempt that failed otherwise (no server): the credentials were not what failed.
+            async_nats::Event::ClientError(_) => self.credentials_refused.store(false, Ordering::Release),
+            _ => {}
         }
     }
 }
@@ -105,7 +111,7 @@ impl Health {
         let mut problems = Vec::new();
         if !self.nats_connected() && self.control_events.credentials_refused.load(Ordering::Acquire) {
             problems.push(
-                "NATS refuses the gateway's credentials (authorization violation): check nats_user and nats_password",
+                "NATS refuses the gateway's credentials (authorization violation): check nats_user and nats_password, or nats_creds",
             );
         } else if !self.nats_connected() {
             problems.push("not connected to NATS");

@@ -367,13 +367,16 @@ async fn accept(
 /// nor a `socket.id`.
 async fn recovered_state(shared: &Shared, claims: &Claims, pid: Pid) -> (Pid, Vec<String>) {
     let kept = match shared.socketio_states.read(&claims.sub, &pid.device()).await {
-        Ok(kept) => kept,
+        Ok(Some(kept)) => kept,
+        Ok(None) => return (Pid::new(&crate::id::random_id(12)), Vec::new()),
         Err(error) => {
+            // Most likely the user's own state, unread for now: the same state (a loss noted for it
+            // is reported to its next recovery), not recovered.
             warn!(user = %claims.sub, %error, "the Socket.IO state could not be read: not recovered");
-            None
+            return (pid.next(), Vec::new());
         }
     };
-    let Some(mut topics) = kept else { return (Pid::new(&crate::id::random_id(12)), Vec::new()) };
+    let mut topics = kept;
     let count = topics.len();
     topics.retain(|topic| check_id(IdKind::Topic, topic).is_ok() && topic_allowed(&claims.topics, topic));
     topics.truncate(shared.config.max_topics);
