@@ -125,6 +125,36 @@ async fn trimmed_messages_are_reported_with_complete_false() {
     assert_eq!(gateway.metric("herald_gateway_replays_incomplete_total").await, 1.0);
 }
 
+/// A gateway whose stream keeps 40 messages per subject, with small socket buffers both ways (the
+/// client's by [`connect_with_small_buffer`]): a replay waits after a few messages.
+async fn gateway_with_small_buffers(nats: &TestNats, adjust: impl FnOnce(&mut herald_gateway::Config)) -> TestGateway {
+    TestGateway::start_with(nats, |c| {
+        c.stream.stream_max_msgs_per_subject = 40;
+        c.socket_send_buffer = 16 * 1024;
+        adjust(c);
+    })
+    .await
+}
+
+/// Connects with `query` and a small receive buffer, and reads the `welcome`.
+async fn connect_with_small_buffer(gateway: &TestGateway, query: &str) -> herald_tests::WsClient {
+    let mut client = herald_tests::WsClient::connect_with_receive_buffer(&gateway.ws_url(query), 16 * 1024).await;
+    client.expect_welcome().await;
+    client
+}
+
+/// `count` messages of 128 KiB to `user` (5 MiB for 40: far more than a replay's read-ahead and the
+/// small buffers hold), after one to another user: that one's seq (a `since` before them) and theirs.
+async fn publish_large(publisher: &Publisher, user: &str, count: usize) -> (u64, Vec<u64>) {
+    let base = publisher.publish("push.user.nobody", "x").await;
+    let large = format!("\"{}\"", "x".repeat(128 * 1024));
+    let mut stored = Vec::new();
+    for _ in 0..count {
+        stored.push(publisher.publish(&format!("push.user.{user}"), &large).await);
+    }
+    (base, stored)
+}
+
 /// Messages published during a replay count towards the per-subject limit too: here they trim
 /// messages the replay has not read yet (it waits on a client that stopped reading), and the
 /// replay, which read fewer than the limit, must still say it may have missed some.
@@ -133,24 +163,11 @@ async fn trimmed_messages_are_reported_with_complete_false() {
 #[tokio::test]
 async fn messages_trimmed_while_a_replay_waits_are_reported_with_complete_false() {
     let nats = TestNats::start().await;
-    let gateway = TestGateway::start_with(&nats, |c| {
-        (c.stream.stream_max_msgs_per_subject, c.replay_method) = (40, ReplayMethod::Direct);
-        // Small socket buffers both ways: the replay waits after a few messages.
-        c.socket_send_buffer = 16 * 1024;
-    })
-    .await;
+    let gateway = gateway_with_small_buffers(&nats, |c| c.replay_method = ReplayMethod::Direct).await;
     let publisher = Publisher::new(&nats).await;
-    let base = publisher.publish("push.user.nobody", "x").await;
-    // 5 MiB: far more than the replay's read-ahead and the sockets' small buffers hold.
-    let large = format!("\"{}\"", "x".repeat(128 * 1024));
-    let mut stored = Vec::new();
-    for _ in 0..40 {
-        stored.push(publisher.publish("push.user.fay", &large).await);
-    }
+    let (base, stored) = publish_large(&publisher, "fay", 40).await;
 
-    let url = gateway.ws_url(&format!("token={}&since={base}", token("fay")));
-    let mut fay = herald_tests::WsClient::connect_with_receive_buffer(&url, 16 * 1024).await;
-    fay.expect_welcome().await;
+    let mut fay = connect_with_small_buffer(&gateway, &format!("token={}&since={base}", token("fay"))).await;
     // The replay has begun (its bounds end at the 40th); the client stops reading.
     assert_eq!(fay.expect_msg().await.seq, stored[0]);
     let mut newer = Vec::new();
@@ -179,25 +196,14 @@ async fn messages_trimmed_while_a_replay_waits_are_reported_with_complete_false(
 #[tokio::test]
 async fn a_replay_cut_short_past_trimmed_messages_leaves_the_loss_for_the_next_resume() {
     let nats = TestNats::start().await;
-    let gateway = TestGateway::start_with(&nats, |c| {
-        c.stream.stream_max_msgs_per_subject = 40;
-        // Small socket buffers both ways: the replay waits after a few messages.
-        c.socket_send_buffer = 16 * 1024;
-    })
-    .await;
+    let gateway = gateway_with_small_buffers(&nats, |_| {}).await;
     let publisher = Publisher::new(&nats).await;
-    let base = publisher.publish("push.user.nobody", "x").await;
-    let large = format!("\"{}\"", "x".repeat(128 * 1024));
-    let mut stored = Vec::new();
-    for _ in 0..50 {
-        stored.push(publisher.publish("push.user.gil", &large).await);
-    }
+    let (base, stored) = publish_large(&publisher, "gil", 50).await;
 
     // The limit kept the last 40: the first message replayed follows 10 removed ones. The client
     // leaves after it, long before the replay's 5 MiB and its `replayed` frame could be written.
-    let url = gateway.ws_url(&format!("token={}&device=phone&since={base}", token("gil")));
-    let mut gil = herald_tests::WsClient::connect_with_receive_buffer(&url, 16 * 1024).await;
-    gil.expect_welcome().await;
+    let query = format!("token={}&device=phone&since={base}", token("gil"));
+    let mut gil = connect_with_small_buffer(&gateway, &query).await;
     let first = gil.expect_msg().await.seq;
     assert_eq!(first, stored[10]);
     drop(gil);
