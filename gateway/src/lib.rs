@@ -261,7 +261,8 @@ impl Gateway {
         self.api_addr
     }
 
-    /// Starts a graceful shutdown: no new connections, every socket closed with 1012, NATS drained.
+    /// Starts a graceful shutdown: no new connections (but the polls that take a SockJS session's
+    /// close), every socket closed with 1012, NATS drained.
     pub fn shutdown(&self) {
         self.shutdown.cancel();
     }
@@ -298,7 +299,8 @@ fn start_background_tasks(shared: &Arc<Shared>, questions: events::Questions) {
 }
 
 async fn run(shared: Arc<Shared>, listener: TcpListener) {
-    server::accept_loop(shared.clone(), listener).await;
+    let accepting = tokio::spawn(server::accept_loop(shared.clone(), listener));
+    shared.shutdown.cancelled().await;
     // Sessions wait on their mailboxes, not on the gateway's shutdown (thousands of sessions
     // polling one shared token would contend on it at every wake-up): tell each.
     shared.registry.close_all(&stopping(&shared));
@@ -318,6 +320,7 @@ async fn run(shared: Arc<Shared>, listener: TcpListener) {
     if tokio::time::timeout(shared.config.shutdown_grace, shared.sessions.wait()).await.is_err() {
         warn!("shutdown grace elapsed with sockets, or loss checks of closed ones, still open");
     }
+    accepting.abort();
     shared.feed_stop.cancel();
     if tokio::time::timeout(Duration::from_secs(5), shared.cursors.flush(usize::MAX)).await.is_err() {
         warn!("cursor flush timed out");

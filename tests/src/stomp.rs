@@ -189,6 +189,11 @@ impl Xhr {
         }
     }
 
+    /// Sends the next requests on new connections, as a client whose kept-alive one was closed.
+    fn drop_connections(&mut self) {
+        self.http = reqwest::Client::new();
+    }
+
     /// POSTs `body` to `xhr_send`: the status and the answer's text.
     async fn send(&self, body: &str) -> (u16, String) {
         let url = format!("{}/xhr_send", self.base);
@@ -252,6 +257,14 @@ impl StompClient {
     /// How many receiving requests the session's client made so far.
     pub fn receiving_requests(&self) -> usize {
         self.xhr().requests
+    }
+
+    /// Sends the next HTTP requests on new connections (a SockJS transport over them).
+    pub fn drop_http_connections(&mut self) {
+        match &mut self.link {
+            Link::Xhr(xhr) => xhr.drop_connections(),
+            _ => panic!("not a SockJS transport over HTTP requests"),
+        }
     }
 
     fn xhr(&self) -> &Xhr {

@@ -360,6 +360,40 @@ async fn spans_requests_and_loses_nothing(receiver: Receiver) {
     assert_eq!(next_message(&mut client).await, (last, "/user/queue/q".into(), "last".into()));
 }
 
+/// A gateway that stops while a polling client is between two polls keeps its listener open for
+/// that client's next poll, on a new connection, which takes the session's close (1012); other
+/// requests then get 503, and the listener closes once the close was taken.
+#[tokio::test]
+async fn over_xhr_polling_a_stopping_gateway_hands_its_close_to_the_next_poll() {
+    let nats = TestNats::start().await;
+    let publisher = Publisher::new(&nats).await;
+    let gateway = TestGateway::start(&nats).await;
+    let base = xhr_base(&gateway, "stopping");
+    let mut client = StompClient::connect_xhr(&base, Receiver::XhrPolling, &[("passcode", &token("sam"))]).await;
+    client.expect("CONNECTED").await;
+    subscribe(&mut client, "q", "/user/queue/q").await;
+    let seq = publisher.publish("push.user.sam", "1").await;
+    // The poll that carried it ended; the client sends the next one only when it reads again.
+    assert_eq!(next_message(&mut client).await, (seq, "/user/queue/q".into(), "1".into()));
+    let mut watcher = gateway.connect("watcher").await;
+
+    gateway.begin_shutdown();
+    assert_eq!(watcher.expect_close().await.map(|c| c.0), Some(1012), "the gateway drains");
+    let http = reqwest::Client::new();
+    let other = http.get(gateway.http_url("/healthz")).send().await.expect("answered while draining");
+    assert_eq!(other.status(), 503);
+    let body: serde_json::Value = other.json().await.unwrap();
+    assert_eq!(body["error"], "unavailable", "{body}");
+    let unknown = http.post(format!("{}/xhr", xhr_base(&gateway, "unknown"))).send().await.unwrap();
+    assert_eq!(unknown.status(), 503, "no session opens while draining");
+    client.drop_http_connections();
+    assert_eq!(client.next_event().await, StompEvent::Close(Some((1012, "gateway restarting".into()))));
+    herald_tests::eventually("the listener closes", std::time::Duration::from_secs(10), || async {
+        tokio::net::TcpStream::connect(gateway.addr).await.is_err().then_some(())
+    })
+    .await;
+}
+
 /// A client that polls all the time keeps its session past the disconnect delay: each poll counts,
 /// also one answered at once because frames were waiting (here a client that takes 100 ms over each
 /// message, behind a publisher that sends one each 50 ms: about 8 s of polls answered at once).

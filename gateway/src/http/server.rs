@@ -13,7 +13,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tracing::debug;
 
 use crate::Shared;
@@ -32,8 +32,18 @@ pub(crate) type HttpResponse = Response<Full<Bytes>>;
 const DEMO_PAGE: &str = include_str!("../../static/index.html");
 const CLIENT_MODULE: &str = include_str!("../../../clients/js/herald.js");
 
-/// Accepts connections until shutdown.
+/// Accepts connections until shutdown; then, while SockJS sessions over HTTP requests are open,
+/// for their receiving requests only: a closing session keeps its close for its client's next
+/// request, which comes on a new connection when the client was between two polls.
 pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    accept_until(&shared, &listener, false, shared.shutdown.cancelled()).await;
+    if !shared.killed.is_cancelled() {
+        accept_until(&shared, &listener, true, shared.sockjs.emptied()).await;
+    }
+}
+
+async fn accept_until(shared: &Arc<Shared>, listener: &TcpListener, draining: bool, until: impl Future<Output = ()>) {
+    tokio::pin!(until);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -45,50 +55,79 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                     continue;
                 }
             },
-            _ = shared.shutdown.cancelled() => return,
+            _ = &mut until => return,
         };
-        let _ = stream.set_nodelay(true);
-        let socket = socket2::SockRef::from(&stream);
-        if shared.config.socket_send_buffer > 0 {
-            let _ = socket.set_send_buffer_size(shared.config.socket_send_buffer);
-        }
-        #[cfg(any(target_os = "linux", target_os = "android"))]
-        if shared.config.socket_unsent_limit > 0 {
-            let _ = socket.set_tcp_notsent_lowat(shared.config.socket_unsent_limit);
-        }
-        let shared = shared.clone();
-        let tracker = shared.sessions.clone();
+        configure_socket(&shared.config, &stream);
         // Tracked as sessions are: a stopping gateway waits for the responses still streaming
         // (an event stream's last event and chunk) before it exits.
-        tracker.spawn(async move {
-            // Boxed, so that a connection served by the HTTP layer keeps no room for it.
-            let stream = match Box::pin(super::sse::serve_direct(&shared, stream, peer)).await {
-                Ok(()) => return,
-                Err(stream) => stream,
-            };
-            // Boxed so that hyper, which keeps one slot for a request's future as long as the
-            // connection lives, keeps a pointer: a streaming response (SSE) would otherwise hold
-            // room for the largest handler's state for its whole life.
-            let builder = http1_builder(&shared.config);
-            // Its own token: polled at each wake-up of the connection, it locks nothing shared.
-            let stop = shared.shutdown.child_token();
-            let (stream, tap) = TappedStream::new(stream);
-            let service = service_fn(move |request| Box::pin(route(shared.clone(), request, peer, tap.clone())));
-            let connection = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
-            tokio::pin!(connection);
-            let ended = tokio::select! {
-                ended = connection.as_mut() => ended,
-                // No new request; the one under way (a stream the session is ending) finishes.
-                _ = stop.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-            };
-            if let Err(error) = ended {
-                debug!(%peer, %error, "http connection ended with an error");
-            }
-        });
+        if draining {
+            shared.sessions.spawn(serve_draining(shared.clone(), stream, peer));
+        } else {
+            shared.sessions.spawn(serve(shared.clone(), stream, peer));
+        }
     }
+}
+
+fn configure_socket(config: &crate::Config, stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let socket = socket2::SockRef::from(stream);
+    if config.socket_send_buffer > 0 {
+        let _ = socket.set_send_buffer_size(config.socket_send_buffer);
+    }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if config.socket_unsent_limit > 0 {
+        let _ = socket.set_tcp_notsent_lowat(config.socket_unsent_limit);
+    }
+}
+
+async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+    // Boxed, so that a connection served by the HTTP layer keeps no room for it.
+    let stream = match Box::pin(super::sse::serve_direct(&shared, stream, peer)).await {
+        Ok(()) => return,
+        Err(stream) => stream,
+    };
+    // Boxed so that hyper, which keeps one slot for a request's future as long as the
+    // connection lives, keeps a pointer: a streaming response (SSE) would otherwise hold
+    // room for the largest handler's state for its whole life.
+    let builder = http1_builder(&shared.config);
+    // Its own token: polled at each wake-up of the connection, it locks nothing shared.
+    let stop = shared.shutdown.child_token();
+    let (stream, tap) = TappedStream::new(stream);
+    let service = service_fn(move |request| Box::pin(route(shared.clone(), request, peer, tap.clone())));
+    let connection = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+    tokio::pin!(connection);
+    let ended = tokio::select! {
+        ended = connection.as_mut() => ended,
+        // No new request; the one under way (a stream the session is ending) finishes.
+        _ = stop.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(error) = ended {
+        debug!(%peer, %error, "http connection ended with an error");
+    }
+}
+
+/// A connection accepted while the gateway drains: one request, a SockJS session's receiving
+/// request if that session is still open, or refused with 503.
+async fn serve_draining(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+    let mut builder = http1_builder(&shared.config);
+    builder.keep_alive(false);
+    let service = service_fn(move |request| std::future::ready(Ok::<_, Infallible>(route_draining(&shared, &request))));
+    if let Err(error) = builder.serve_connection(TokioIo::new(stream), service).await {
+        debug!(%peer, %error, "http connection ended with an error");
+    }
+}
+
+fn route_draining(shared: &Shared, request: &Request<Incoming>) -> Response<Body> {
+    let path = request.uri().path();
+    let sockjs = path.strip_prefix("/stomp/").and_then(|path| super::sockjs::route_draining(shared, request, path));
+    sockjs.unwrap_or_else(|| {
+        let reason = "the gateway is shutting down";
+        json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"error": "unavailable", "reason": reason}))
+            .map(http_body_util::Either::Left)
+    })
 }
 
 /// The HTTP/1 settings of the gateway's listeners: a client that takes longer than

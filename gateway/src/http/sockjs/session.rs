@@ -29,7 +29,11 @@ const CHUNK: usize = 4 * 1024;
 
 /// The SockJS sessions over HTTP requests of this gateway, by `<server>/<session>`.
 #[derive(Default)]
-pub(crate) struct SockJsSessions(Mutex<HashMap<String, Arc<SockJsSession>>>);
+pub(crate) struct SockJsSessions {
+    sessions: Mutex<HashMap<String, Arc<SockJsSession>>>,
+    /// How many there are, for a draining gateway to wait until none is left.
+    count: watch::Sender<usize>,
+}
 
 /// A new session's socket: what its STOMP session reads and writes.
 pub(crate) struct SessionSocket {
@@ -58,6 +62,7 @@ impl SockJsSessions {
             close_taken: watch::Sender::new(false),
         });
         sessions.insert(key.to_string(), session.clone());
+        self.count.send_replace(sessions.len());
         let reader: ReadHalf = Box::pin(session_in);
         let writer = WriteHalf::new(session_out);
         Some((session, SessionSocket { reader: MessageReader::new(reader, max_frame_bytes), writer }))
@@ -68,11 +73,18 @@ impl SockJsSessions {
     }
 
     pub(crate) fn remove(&self, key: &str) {
-        self.lock().remove(key);
+        let mut sessions = self.lock();
+        sessions.remove(key);
+        self.count.send_replace(sessions.len());
+    }
+
+    /// Resolves once no session is left.
+    pub(crate) async fn emptied(&self) {
+        let _ = self.count.subscribe().wait_for(|&count| count == 0).await;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<SockJsSession>>> {
-        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.sessions.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

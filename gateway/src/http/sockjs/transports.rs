@@ -106,14 +106,20 @@ pub(crate) async fn receive(
             Err(refused) => return *refused,
         },
     };
+    carry(&session, &request, receiver)
+}
+
+/// A receiving request of an open session: its frames, or the close SockJS answers a second
+/// receiving request with.
+pub(crate) fn carry(session: &Arc<SockJsSession>, request: &Request<Incoming>, receiver: Receiver) -> Response<Body> {
     let Some(receiving) = session.receive() else {
         // As SockJS answers a second receiving request of a session.
         let mut body = receiver.prelude();
         body.extend_from_slice(&receiver.write(&[sockjs::close_payload(2010, "Another connection still open")]));
-        return receiving_response(&request, receiver, Either::Left(Full::new(Bytes::from(body))));
+        return receiving_response(request, receiver, Either::Left(Full::new(Bytes::from(body))));
     };
     let body = StreamBody::new(frames(receiving, receiver)).boxed_unsync();
-    receiving_response(&request, receiver, Either::Right(body))
+    receiving_response(request, receiver, Either::Right(body))
 }
 
 /// Opens session `key` and starts its STOMP session, which ends when the client closes it or
