@@ -307,6 +307,7 @@ async fn run(shared: Arc<Shared>, listener: TcpListener) {
     if shared.killed.is_cancelled() {
         shared.sessions.close();
         shared.sessions.wait().await;
+        let _ = accepting.await;
         warn!("gateway killed");
         return;
     }
@@ -320,7 +321,9 @@ async fn run(shared: Arc<Shared>, listener: TcpListener) {
     if tokio::time::timeout(shared.config.shutdown_grace, shared.sessions.wait()).await.is_err() {
         warn!("shutdown grace elapsed with sockets, or loss checks of closed ones, still open");
     }
+    // The listener closes before the gateway says it stopped.
     accepting.abort();
+    let _ = accepting.await;
     shared.feed_stop.cancel();
     if tokio::time::timeout(Duration::from_secs(5), shared.cursors.flush(usize::MAX)).await.is_err() {
         warn!("cursor flush timed out");

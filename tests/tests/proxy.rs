@@ -14,7 +14,7 @@ use herald_gateway::Config;
 use herald_shared::frame::{ServerFrame, close_code};
 use herald_tests::gateway::token;
 use herald_tests::nginx::{self, TestNginx};
-use herald_tests::stomp::Receiver;
+use herald_tests::stomp::{Receiver, StompClient, StompEvent};
 use herald_tests::ws::{Event, FRAME_TIMEOUT};
 use herald_tests::{Publisher, TestGateway, TestNats, WsClient};
 use serde_json::Value;
@@ -404,4 +404,35 @@ async fn sockjs_sessions_over_http_requests_reach_their_gateway_through_nginx() 
     for client in &mut clients {
         assert_eq!(client.expect("MESSAGE").await.header("message-id"), seq.to_string());
     }
+}
+
+/// A gateway that drains while a SockJS session over HTTP requests is open keeps its listener for
+/// that session's requests and answers anything else 503: nginx passes those to the other gateway.
+#[tokio::test]
+async fn requests_reach_the_other_gateway_through_nginx_while_one_drains_a_sockjs_session() {
+    if !nginx::available("requests_reach_the_other_gateway_through_nginx_while_one_drains_a_sockjs_session") {
+        return;
+    }
+    let nats = TestNats::start().await;
+    let (draining, running) = (proxied_gateway(&nats, "draining").await, proxied_gateway(&nats, "running").await);
+    let nginx = TestNginx::start(&[draining.addr, running.addr]).await;
+    // Between two polls: its session stays open for the next one after the gateway closed it.
+    let base = draining.http_url("/stomp/000/held");
+    let mut held = StompClient::connect_xhr(&base, Receiver::XhrPolling, &[("passcode", &token("hal"))]).await;
+    held.expect("CONNECTED").await;
+    let mut watcher = draining.connect("watcher").await;
+
+    draining.begin_shutdown();
+    assert_eq!(watcher.expect_close().await.map(|c| c.0), Some(close_code::RESTART));
+    let direct = reqwest::get(draining.http_url("/herald.js")).await.expect("answered while draining");
+    assert_eq!(direct.status(), 503);
+    let http = reqwest::Client::new();
+    for path in ["/", "/herald.js", "/healthz", "/readyz", "/socket.io/?EIO=4&transport=polling"] {
+        for _ in 0..2 {
+            let response = http.get(nginx.http_url(path)).send().await.expect("answered through nginx");
+            assert_eq!(response.status(), 200, "{path} through nginx\n{}", nginx.logs());
+        }
+    }
+    held.drop_http_connections();
+    assert_eq!(held.next_event().await, StompEvent::Close(Some((1012, "gateway restarting".into()))));
 }

@@ -37,15 +37,23 @@ const CLIENT_MODULE: &str = include_str!("../../../clients/js/herald.js");
 /// request, which comes on a new connection when the client was between two polls.
 pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     accept_until(&shared, &listener, false, shared.shutdown.cancelled()).await;
-    if !shared.killed.is_cancelled() {
-        accept_until(&shared, &listener, true, shared.sockjs.emptied()).await;
-    }
+    shared.sockjs.close();
+    let drained = async {
+        tokio::select! {
+            _ = shared.sockjs.emptied() => {}
+            _ = shared.killed.cancelled() => {}
+        }
+    };
+    accept_until(&shared, &listener, true, drained).await;
 }
 
 async fn accept_until(shared: &Arc<Shared>, listener: &TcpListener, draining: bool, until: impl Future<Output = ()>) {
     tokio::pin!(until);
     loop {
         let (stream, peer) = tokio::select! {
+            // A connection waiting at shutdown is served as one accepted while draining.
+            biased;
+            _ = &mut until => return,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
@@ -55,7 +63,6 @@ async fn accept_until(shared: &Arc<Shared>, listener: &TcpListener, draining: bo
                     continue;
                 }
             },
-            _ = &mut until => return,
         };
         configure_socket(&shared.config, &stream);
         // Tracked as sessions are: a stopping gateway waits for the responses still streaming
@@ -109,25 +116,41 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     }
 }
 
-/// A connection accepted while the gateway drains: one request, a SockJS session's receiving
-/// request if that session is still open, or refused with 503.
+/// A connection accepted while the gateway drains: one request, served if it is a request of a
+/// SockJS session still open, refused with 503 otherwise; closed once no such session is left.
 async fn serve_draining(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let mut builder = http1_builder(&shared.config);
     builder.keep_alive(false);
-    let service = service_fn(move |request| std::future::ready(Ok::<_, Infallible>(route_draining(&shared, &request))));
-    if let Err(error) = builder.serve_connection(TokioIo::new(stream), service).await {
+    let drained = shared.clone();
+    let service = service_fn(move |request| Box::pin(route_draining(shared.clone(), request, peer)));
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    let ended = tokio::select! {
+        ended = connection.as_mut() => ended,
+        _ = drained.sockjs.emptied() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(error) = ended {
         debug!(%peer, %error, "http connection ended with an error");
     }
 }
 
-fn route_draining(shared: &Shared, request: &Request<Incoming>) -> Response<Body> {
-    let path = request.uri().path();
-    let sockjs = path.strip_prefix("/stomp/").and_then(|path| super::sockjs::route_draining(shared, request, path));
-    sockjs.unwrap_or_else(|| {
-        let reason = "the gateway is shutting down";
-        json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"error": "unavailable", "reason": reason}))
-            .map(http_body_util::Either::Left)
-    })
+async fn route_draining(
+    shared: Arc<Shared>,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<Body>, Infallible> {
+    let sockjs = request.uri().path().strip_prefix("/stomp/").map(str::to_string);
+    if let Some(path) = sockjs.filter(|path| super::sockjs::is_open_session(&shared, path))
+        && let Some(response) = Box::pin(super::sockjs::route(shared, request, peer, &path)).await
+    {
+        return Ok(response);
+    }
+    let reason = "the gateway is shutting down";
+    let refused = json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"error": "unavailable", "reason": reason}));
+    Ok(refused.map(http_body_util::Either::Left))
 }
 
 /// The HTTP/1 settings of the gateway's listeners: a client that takes longer than

@@ -78,22 +78,11 @@ async fn receive(
     }
 }
 
-/// A request under `/stomp/` on a connection a draining gateway accepted: a receiving request of
-/// a session still open, which takes the session's close (its client may have been between two
-/// polls when the gateway began to drain); none for any other.
-pub(crate) fn route_draining(shared: &Shared, request: &Request<Incoming>, path: &str) -> Option<Response<Body>> {
-    let (transport, key) = transport(path)?;
-    let receiver = match (request.method(), transport) {
-        (&Method::POST, "xhr_streaming") => Receiver::XhrStreaming,
-        (&Method::POST, "xhr") => Receiver::XhrPolling,
-        (&Method::GET, "eventsource") => Receiver::EventSource,
-        _ => return None,
-    };
-    let session = shared.sockjs.get(key)?;
-    Some(match refused(shared, request) {
-        Some(refused) => refused.map(http_body_util::Either::Left),
-        None => transports::carry(&session, request, receiver),
-    })
+/// Whether `path` (under `/stomp/`) is a request of a session still open: a draining gateway
+/// serves those, for the session's close to reach its client.
+pub(crate) fn is_open_session(shared: &Shared, path: &str) -> bool {
+    let over_http = |transport| matches!(transport, "xhr" | "xhr_streaming" | "eventsource" | "xhr_send");
+    transport(path).is_some_and(|(transport, key)| over_http(transport) && shared.sockjs.get(key).is_some())
 }
 
 /// The transport a `<server>/<session>/<transport>` path names, and its session's key

@@ -30,9 +30,25 @@ const CHUNK: usize = 4 * 1024;
 /// The SockJS sessions over HTTP requests of this gateway, by `<server>/<session>`.
 #[derive(Default)]
 pub(crate) struct SockJsSessions {
-    sessions: Mutex<HashMap<String, Arc<SockJsSession>>>,
+    table: Mutex<Table>,
     /// How many there are, for a draining gateway to wait until none is left.
     count: watch::Sender<usize>,
+}
+
+#[derive(Default)]
+struct Table {
+    sessions: HashMap<String, Arc<SockJsSession>>,
+    /// Set when the gateway drains: no session opens after that.
+    closed: bool,
+}
+
+/// Why a session did not open.
+#[derive(Debug)]
+pub(crate) enum NotOpened {
+    /// A session of that key exists.
+    Exists,
+    /// The gateway is draining.
+    Closed,
 }
 
 /// A new session's socket: what its STOMP session reads and writes.
@@ -42,11 +58,18 @@ pub(crate) struct SessionSocket {
 }
 
 impl SockJsSessions {
-    /// A new session `key` and its socket; none if a session of that key exists.
-    pub(crate) fn open(&self, key: &str, max_frame_bytes: usize) -> Option<(Arc<SockJsSession>, SessionSocket)> {
-        let mut sessions = self.lock();
-        if sessions.contains_key(key) {
-            return None;
+    /// A new session `key` and its socket.
+    pub(crate) fn open(
+        &self,
+        key: &str,
+        max_frame_bytes: usize,
+    ) -> Result<(Arc<SockJsSession>, SessionSocket), NotOpened> {
+        let mut table = self.lock();
+        if table.closed {
+            return Err(NotOpened::Closed);
+        }
+        if table.sessions.contains_key(key) {
+            return Err(NotOpened::Exists);
         }
         let (session_in, client_in) = tokio::io::duplex(PIPE_BYTES);
         let (session_out, client_out) = tokio::io::duplex(PIPE_BYTES);
@@ -61,30 +84,35 @@ impl SockJsSessions {
             receivers: watch::Sender::new(Receivers::default()),
             close_taken: watch::Sender::new(false),
         });
-        sessions.insert(key.to_string(), session.clone());
-        self.count.send_replace(sessions.len());
+        table.sessions.insert(key.to_string(), session.clone());
+        self.count.send_replace(table.sessions.len());
         let reader: ReadHalf = Box::pin(session_in);
         let writer = WriteHalf::new(session_out);
-        Some((session, SessionSocket { reader: MessageReader::new(reader, max_frame_bytes), writer }))
+        Ok((session, SessionSocket { reader: MessageReader::new(reader, max_frame_bytes), writer }))
     }
 
     pub(crate) fn get(&self, key: &str) -> Option<Arc<SockJsSession>> {
-        self.lock().get(key).cloned()
+        self.lock().sessions.get(key).cloned()
     }
 
     pub(crate) fn remove(&self, key: &str) {
-        let mut sessions = self.lock();
-        sessions.remove(key);
-        self.count.send_replace(sessions.len());
+        let mut table = self.lock();
+        table.sessions.remove(key);
+        self.count.send_replace(table.sessions.len());
     }
 
-    /// Resolves once no session is left.
+    /// Opens no session from now on: the gateway drains.
+    pub(crate) fn close(&self) {
+        self.lock().closed = true;
+    }
+
+    /// Resolves once no session is left (for good, once closed).
     pub(crate) async fn emptied(&self) {
         let _ = self.count.subscribe().wait_for(|&count| count == 0).await;
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<SockJsSession>>> {
-        self.sessions.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -258,10 +286,23 @@ mod tests {
     use crate::websocket::frame;
 
     #[tokio::test]
+    async fn closed_sessions_open_no_more_and_tell_when_the_last_is_gone() {
+        let sessions = SockJsSessions::default();
+        let _opened = sessions.open("1/a", 1024).unwrap();
+        sessions.close();
+        assert!(matches!(sessions.open("1/b", 1024), Err(NotOpened::Closed)));
+        let emptied = sessions.emptied();
+        tokio::pin!(emptied);
+        assert!(futures::poll!(emptied.as_mut()).is_pending(), "1/a is open");
+        sessions.remove("1/a");
+        emptied.await;
+    }
+
+    #[tokio::test]
     async fn frames_come_whole_pings_are_answered_and_the_close_stays() {
         let sessions = SockJsSessions::default();
         let (session, mut socket) = sessions.open("1/a", 1024).unwrap();
-        assert!(sessions.open("1/a", 1024).is_none(), "one session per key");
+        assert!(matches!(sessions.open("1/a", 1024), Err(NotOpened::Exists)), "one session per key");
         let mut receiving = session.receive().unwrap();
         assert!(session.receive().is_none(), "one receiving request at a time");
         let mut written = frame::text(b"o").to_vec();

@@ -19,7 +19,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 
-use super::session::{DISCONNECT_DELAY, Receiving, SockJsSession};
+use super::session::{DISCONNECT_DELAY, NotOpened, Receiving, SockJsSession};
 use crate::Shared;
 use crate::codec::sockjs;
 use crate::codec::stomp::Transport;
@@ -106,20 +106,14 @@ pub(crate) async fn receive(
             Err(refused) => return *refused,
         },
     };
-    carry(&session, &request, receiver)
-}
-
-/// A receiving request of an open session: its frames, or the close SockJS answers a second
-/// receiving request with.
-pub(crate) fn carry(session: &Arc<SockJsSession>, request: &Request<Incoming>, receiver: Receiver) -> Response<Body> {
     let Some(receiving) = session.receive() else {
         // As SockJS answers a second receiving request of a session.
         let mut body = receiver.prelude();
         body.extend_from_slice(&receiver.write(&[sockjs::close_payload(2010, "Another connection still open")]));
-        return receiving_response(request, receiver, Either::Left(Full::new(Bytes::from(body))));
+        return receiving_response(&request, receiver, Either::Left(Full::new(Bytes::from(body))));
     };
     let body = StreamBody::new(frames(receiving, receiver)).boxed_unsync();
-    receiving_response(request, receiver, Either::Right(body))
+    receiving_response(&request, receiver, Either::Right(body))
 }
 
 /// Opens session `key` and starts its STOMP session, which ends when the client closes it or
@@ -136,10 +130,17 @@ fn open(
         Err(refused) => return Err(Box::new(refuse(shared, request, peer, &refused).map(Either::Left))),
     };
     let hints = crate::http::stomp::hints(request);
-    let Some((session, socket)) = shared.sockjs.open(key, shared.config.max_frame_bytes) else {
-        // Opened by a request of the same key meanwhile.
-        let not_found = || Box::new(plain(request, StatusCode::NOT_FOUND, "No such session.").map(Either::Left));
-        return shared.sockjs.get(key).ok_or_else(not_found);
+    let (session, socket) = match shared.sockjs.open(key, shared.config.max_frame_bytes) {
+        Ok(opened) => opened,
+        Err(NotOpened::Exists) => {
+            // Opened by a request of the same key meanwhile.
+            let not_found = || Box::new(plain(request, StatusCode::NOT_FOUND, "No such session.").map(Either::Left));
+            return shared.sockjs.get(key).ok_or_else(not_found);
+        }
+        Err(NotOpened::Closed) => {
+            let closed = plain(request, StatusCode::SERVICE_UNAVAILABLE, "The server is shutting down.");
+            return Err(Box::new(closed.map(Either::Left)));
+        }
     };
     let (task_shared, task_session, key) = (shared.clone(), session.clone(), key.to_string());
     shared.sessions.spawn(async move {
@@ -192,10 +193,11 @@ pub(crate) async fn send(shared: Arc<Shared>, request: Request<Incoming>, key: &
     if sockjs::parse(&body).is_err() {
         return plain(&request, StatusCode::INTERNAL_SERVER_ERROR, "Broken JSON encoding.");
     }
-    match session.send(&client_frame(0x1, &body)).await {
-        Ok(()) => plain(&request, StatusCode::NO_CONTENT, ""),
-        Err(_) => plain(&request, StatusCode::NOT_FOUND, "No such session."),
-    }
+    // A session that ended meanwhile drops them, as SockJS servers do: its close, which the
+    // client's next receiving request takes, says why (a failed send would close the client with
+    // 1006 before it saw that close).
+    let _ = session.send(&client_frame(0x1, &body)).await;
+    plain(&request, StatusCode::NO_CONTENT, "")
 }
 
 /// The response's body: the prelude, then the session's frames until the receiver is done with
