@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::consumer::pull::{self, MessagesErrorKind};
+use async_nats::jetstream::consumer::pull;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::message::AckKind;
 use async_nats::jetstream::{self, Message};
@@ -31,8 +31,9 @@ use crate::worker::Worker;
 
 /// Pauses between attempts to recreate a consumer that failed.
 const RECOVERY: Backoff = Backoff { initial: Duration::from_millis(200), max: Duration::from_secs(5) };
-/// How long a pull request waits for events; the server sends heartbeats in between.
-const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
+/// How long a pull request waits for events before the next one asks again (which also finds a
+/// consumer or a connection that was lost meanwhile).
+const PULL_EXPIRY: Duration = Duration::from_secs(5);
 
 /// One durable function's consumer and policies.
 pub(crate) struct Durable {
@@ -248,36 +249,40 @@ pub(crate) async fn serve(durable: Arc<Durable>, consumer: PullConsumer, worker:
 }
 
 /// Pulls events while holding a permit for each; `Ok` when shutdown stopped it.
+///
+/// Each pull asks for as many events as can start now, no more: an event pulled but waiting for a
+/// permit would run out its `ack_wait` before its handler's first `+WPI`, and another copy would
+/// run it too.
 async fn consume(durable: &Arc<Durable>, consumer: &PullConsumer, worker: &Arc<Worker>) -> Result<(), String> {
-    // Pull no more than can run at once, so events do not wait here while their ack_wait runs.
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(worker.concurrency())
-        .heartbeat(PULL_HEARTBEAT)
-        .messages()
-        .await
-        .map_err(|e| format!("pull: {e}"))?;
     loop {
-        let Some(permit) = worker.permit().await else {
-            hand_back_unstarted(&durable.js, messages, worker).await;
+        let Some(mut permits) = worker.free_permits().await else {
             return Ok(());
         };
-        let next = tokio::select! {
-            next = messages.next() => next,
-            _ = worker.shutdown().cancelled() => {
-                hand_back_unstarted(&durable.js, messages, worker).await;
-                return Ok(());
+        let mut batch = consumer
+            .batch()
+            .max_messages(permits.num_permits())
+            .expires(PULL_EXPIRY)
+            .messages()
+            .await
+            .map_err(|e| format!("pull: {e}"))?;
+        loop {
+            let next = tokio::select! {
+                next = batch.next() => next,
+                _ = worker.shutdown().cancelled() => {
+                    hand_back_unstarted(&durable.js, batch, worker).await;
+                    return Ok(());
+                }
+            };
+            match next {
+                Some(Ok(message)) => {
+                    let permit = permits.split(1).expect("a permit for each event a pull asks for");
+                    spawn_handle(durable.clone(), worker.clone(), message, permit);
+                }
+                // A status that ends the pull (the consumer deleted, a leader change): recreated.
+                Some(Err(error)) => return Err(format!("pull: {error}")),
+                // All the events it asked for came, or it expired.
+                None => break,
             }
-        };
-        match next {
-            Some(Ok(message)) => spawn_handle(durable.clone(), worker.clone(), message, permit),
-            Some(Err(error)) => match error.kind() {
-                MessagesErrorKind::ConsumerDeleted
-                | MessagesErrorKind::PushBasedConsumer
-                | MessagesErrorKind::RequestLimitExceeded => return Err(error.to_string()),
-                _ => debug!(function = worker.name(), %error, "pull stream hiccup"),
-            },
-            None => return Err("the pull stream ended".into()),
         }
     }
 }
@@ -288,7 +293,7 @@ async fn consume(durable: &Arc<Durable>, consumer: &PullConsumer, worker: &Arc<W
 /// The pull subscription ends first (a round trip collects what was already on its way to this
 /// copy), so the server cannot deliver a handed-back event to this copy again. An event still on
 /// its way after that comes back after `ack_wait`, as from a crashed copy.
-async fn hand_back_unstarted(js: &jetstream::Context, mut messages: pull::Stream, worker: &Worker) {
+async fn hand_back_unstarted(js: &jetstream::Context, mut messages: pull::Batch, worker: &Worker) {
     if let Err(error) = js.client().flush().await {
         debug!(function = worker.name(), %error, "cannot flush before handing events back");
     }

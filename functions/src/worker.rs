@@ -37,7 +37,6 @@ pub(crate) struct Worker {
     name: String,
     label: FunctionLabel,
     permits: Arc<Semaphore>,
-    concurrency: usize,
     timeout: Duration,
     metrics: Arc<Metrics>,
     tasks: Tasks,
@@ -56,7 +55,6 @@ impl Worker {
             label: metrics.label(name),
             name: name.to_string(),
             permits: Arc::new(Semaphore::new(concurrency)),
-            concurrency,
             timeout,
             metrics,
             tasks,
@@ -66,11 +64,6 @@ impl Worker {
     /// The function's name.
     pub(crate) fn name(&self) -> &str {
         &self.name
-    }
-
-    /// The most calls run at once.
-    pub(crate) fn concurrency(&self) -> usize {
-        self.concurrency
     }
 
     pub(crate) fn metrics(&self) -> &Metrics {
@@ -86,12 +79,18 @@ impl Worker {
         &self.tasks.shutdown
     }
 
-    /// A permit to run one call, or `None` once shutdown started.
-    pub(crate) async fn permit(&self) -> Option<OwnedSemaphorePermit> {
-        tokio::select! {
-            permit = self.permits.clone().acquire_owned() => permit.ok(),
-            _ = self.tasks.shutdown.cancelled() => None,
+    /// Permits to run calls: one, waited for, with every other one free now (split one off per
+    /// call); `None` once shutdown started.
+    pub(crate) async fn free_permits(&self) -> Option<OwnedSemaphorePermit> {
+        let mut permits = tokio::select! {
+            permit = self.permits.clone().acquire_owned() => permit.ok()?,
+            _ = self.tasks.shutdown.cancelled() => return None,
+        };
+        let free = self.permits.available_permits() as u32;
+        if let Ok(more) = self.permits.clone().try_acquire_many_owned(free) {
+            permits.merge(more);
         }
+        Some(permits)
     }
 
     /// Runs `task` as part of the runtime: waited for at shutdown, dropped when work is abandoned.

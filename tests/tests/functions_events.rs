@@ -59,6 +59,48 @@ async fn two_copies_share_a_durable_consumer_and_handle_every_event_once() {
     second.shutdown().await;
 }
 
+/// Handlers that run longer than `ack_wait` (their `+WPI`s keep them) in two copies: each event is
+/// handled once. A copy used to pull a batch more than it could start, and an event waiting there had
+/// no `+WPI` until it started, so its `ack_wait` ran out and the other copy ran it too.
+#[tokio::test]
+async fn events_waiting_for_a_busy_copy_are_not_pulled_so_slow_handlers_run_each_once() {
+    let nats = TestNats::start().await;
+    let mut config = test_config(&nats);
+    config.ack_wait = Duration::from_secs(3);
+    let slow = |seen: Seen<u64>| {
+        Function::events("slow", ["events.test.>"], move |event: Event| {
+            let seen = seen.clone();
+            async move {
+                let body: serde_json::Value = event.json()?;
+                seen.lock().unwrap().push(body["n"].as_u64().unwrap_or(u64::MAX));
+                // The work itself: half as long again as ack_wait.
+                tokio::time::sleep(Duration::from_millis(4500)).await;
+                Ok(())
+            }
+        })
+        .concurrency(4)
+        .timeout(Duration::from_secs(30))
+    };
+    let (seen_a, seen_b) = (recorder(), recorder());
+    let first = start(&nats, &config, vec![slow(seen_a.clone())]).await;
+    let second = start(&nats, &config, vec![slow(seen_b.clone())]).await;
+    let js = nats.jetstream().await;
+
+    let (sent, mut last) = (16, 0);
+    for n in 0..sent {
+        last = publish_event(&js, "events.test.slow", json!({ "n": n }).to_string()).await;
+    }
+    wait_settled(&js, &config.events_stream, "slow", last).await;
+
+    let mut counts = BTreeMap::new();
+    for n in seen_a.lock().unwrap().iter().chain(seen_b.lock().unwrap().iter()) {
+        *counts.entry(*n).or_insert(0) += 1;
+    }
+    assert_eq!(counts, (0..sent).map(|n| (n, 1)).collect::<BTreeMap<_, _>>(), "each event handled once");
+    first.shutdown().await;
+    second.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_killed_copys_events_go_to_another_copy_and_push_once() {
     let nats = TestNats::start().await;
