@@ -380,7 +380,9 @@ async fn over_xhr_polling_a_stopping_gateway_hands_its_close_to_the_next_poll() 
     gateway.begin_shutdown();
     assert_eq!(watcher.expect_close().await.map(|c| c.0), Some(1012), "the gateway drains");
     let http = reqwest::Client::new();
-    let other = http.get(gateway.http_url("/healthz")).send().await.expect("answered while draining");
+    let alive = http.get(gateway.http_url("/healthz")).send().await.expect("answered while draining");
+    assert_eq!(alive.status(), 200, "the process runs");
+    let other = http.get(gateway.http_url("/readyz")).send().await.unwrap();
     assert_eq!(other.status(), 503);
     let body: serde_json::Value = other.json().await.unwrap();
     assert_eq!(body["error"], "unavailable", "{body}");

@@ -117,7 +117,8 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
 }
 
 /// A connection accepted while the gateway drains: one request, served if it is a request of a
-/// SockJS session still open, refused with 503 otherwise; closed once no such session is left.
+/// SockJS session still open or `/healthz` (the process runs), refused with 503 otherwise (`/readyz`
+/// among them); closed once no such session is left.
 async fn serve_draining(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let mut builder = http1_builder(&shared.config);
     builder.keep_alive(false);
@@ -142,6 +143,9 @@ async fn route_draining(
     request: Request<Incoming>,
     peer: SocketAddr,
 ) -> Result<Response<Body>, Infallible> {
+    if (request.method(), request.uri().path()) == (&Method::GET, "/healthz") {
+        return Ok(json(StatusCode::OK, serde_json::json!({"ok": true})).map(http_body_util::Either::Left));
+    }
     let sockjs = request.uri().path().strip_prefix("/stomp/").map(str::to_string);
     if let Some(path) = sockjs.filter(|path| super::sockjs::is_open_session(&shared, path))
         && let Some(response) = Box::pin(super::sockjs::route(shared, request, peer, &path)).await
