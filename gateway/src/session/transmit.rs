@@ -22,7 +22,8 @@ const MAX_SLICES: usize = 64;
 /// How often the socket is asked what its peer acknowledged while marks wait: as often as cursors
 /// are written to KV (`cursor_flush_interval`'s default).
 const CHECK_EVERY: Duration = Duration::from_secs(1);
-/// Marks kept at most: past that the newest takes the last one's place (it settles later, never early).
+/// Marks kept at most: past that every other one goes, so that those left still span every byte in
+/// flight, further apart (a mark settles later, never early).
 const MAX_MARKS: usize = 64;
 
 /// A writer that may tell how many of the bytes written its peer has not acknowledged yet.
@@ -104,7 +105,13 @@ impl<W: AsyncWrite + Unpin + Unacknowledged> Transmit<W> {
             marks.checked = Instant::now();
         }
         if marks.pending.len() >= MAX_MARKS {
-            marks.pending.pop_back();
+            // Not the newest alone: the connection's end credits the newest mark its peer has, and
+            // a fast replay makes many marks between two checks.
+            let mut position = 0;
+            marks.pending.retain(|_| {
+                position += 1;
+                position % 2 == 0
+            });
         }
         marks.pending.push_back((end, seq));
         None
@@ -343,15 +350,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn past_the_most_marks_kept_the_newest_settles_later_never_earlier() {
+    async fn past_the_most_marks_kept_every_other_one_goes_and_those_left_settle_later_never_earlier() {
         let (mut transmit, unacknowledged) = on_socket();
         for seq in 1..=MAX_MARKS as u64 + 6 {
             write(&mut transmit, 1).await;
             assert_eq!(transmit.mark(seq), None);
         }
-        // Received up to the 64th mark's bytes: that mark was replaced by a later one.
-        *unacknowledged.lock().unwrap() = Some(6);
-        assert_eq!(transmit.acknowledged(true), Some(MAX_MARKS as u64 - 1));
+        // Received up to the 33rd mark's bytes: the odd marks of the first 64 went, so the 32nd.
+        *unacknowledged.lock().unwrap() = Some(MAX_MARKS as u64 + 6 - 33);
+        assert_eq!(transmit.acknowledged(true), Some(32));
+        // Received up to the 68th: every mark since the thinning is kept.
+        *unacknowledged.lock().unwrap() = Some(2);
+        assert_eq!(transmit.acknowledged(true), Some(MAX_MARKS as u64 + 4));
         *unacknowledged.lock().unwrap() = Some(0);
         assert_eq!(transmit.acknowledged(true), Some(MAX_MARKS as u64 + 6));
     }
