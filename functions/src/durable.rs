@@ -278,8 +278,19 @@ async fn consume(durable: &Arc<Durable>, consumer: &PullConsumer, worker: &Arc<W
                     let permit = permits.split(1).expect("a permit for each event a pull asks for");
                     spawn_handle(durable.clone(), worker.clone(), message, permit);
                 }
-                // A status that ends the pull (the consumer deleted, a leader change): recreated.
-                Some(Err(error)) => return Err(format!("pull: {error}")),
+                // A status that ends the pull: the consumer is recreated if it is gone, else (a
+                // leader change, too many pulls waiting) the next pull asks again, after a pause.
+                Some(Err(error)) => {
+                    if let Err(gone) = consumer.get_info().await {
+                        return Err(format!("pull: {error}; consumer: {gone}"));
+                    }
+                    debug!(function = worker.name(), %error, "pull ended by the server; pulling again");
+                    tokio::select! {
+                        _ = tokio::time::sleep(RECOVERY.initial) => {}
+                        _ = worker.shutdown().cancelled() => {}
+                    }
+                    break;
+                }
                 // All the events it asked for came, or it expired.
                 None => break,
             }

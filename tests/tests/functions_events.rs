@@ -101,6 +101,28 @@ async fn events_waiting_for_a_busy_copy_are_not_pulled_so_slow_handlers_run_each
     second.shutdown().await;
 }
 
+/// A durable consumer deleted under a running copy (an operator's mistake, a stream restored) is
+/// created again, and the events that follow are handled.
+#[tokio::test]
+async fn a_consumer_deleted_under_a_copy_is_created_again() {
+    let nats = TestNats::start().await;
+    let config = test_config(&nats);
+    let seen = recorder();
+    let copy = start(&nats, &config, vec![collecting("collect", seen.clone())]).await;
+    let js = nats.jetstream().await;
+    let first = publish_event(&js, "events.test.a", json!({ "n": 1 }).to_string()).await;
+    wait_settled(&js, &config.events_stream, "collect", first).await;
+
+    let durable = herald_functions::durable::durable_name("collect");
+    js.delete_consumer_from_stream(&durable, &config.events_stream).await.expect("deleted");
+    publish_event(&js, "events.test.a", json!({ "n": 2 }).to_string()).await;
+    eventually("the event after the deletion handled", WAIT, || async {
+        seen.lock().unwrap().contains(&2).then_some(())
+    })
+    .await;
+    copy.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_killed_copys_events_go_to_another_copy_and_push_once() {
     let nats = TestNats::start().await;

@@ -143,7 +143,7 @@ async fn route_draining(
     request: Request<Incoming>,
     peer: SocketAddr,
 ) -> Result<Response<Body>, Infallible> {
-    if (request.method(), request.uri().path()) == (&Method::GET, "/healthz") {
+    if matches!(*request.method(), Method::GET | Method::HEAD) && request.uri().path() == "/healthz" {
         return Ok(json(StatusCode::OK, serde_json::json!({"ok": true})).map(http_body_util::Either::Left));
     }
     let sockjs = request.uri().path().strip_prefix("/stomp/").map(str::to_string);
