@@ -24,14 +24,31 @@ fn recorder<T>() -> Seen<T> {
 
 /// A durable function on `events.test.>` that records each event's `n` and succeeds.
 fn collecting(name: &str, seen: Seen<u64>) -> Function {
+    working(name, seen, Duration::ZERO)
+}
+
+/// [`collecting`], each call taking `work` after it recorded its event.
+fn working(name: &str, seen: Seen<u64>, work: Duration) -> Function {
     Function::events(name, ["events.test.>"], move |event: Event| {
         let seen = seen.clone();
         async move {
             let body: serde_json::Value = event.json()?;
             seen.lock().unwrap().push(body["n"].as_u64().unwrap_or(u64::MAX));
+            if !work.is_zero() {
+                tokio::time::sleep(work).await;
+            }
             Ok(())
         }
     })
+}
+
+/// Each of events `0..sent` was handled once, by one copy or another.
+fn assert_each_handled_once(copies: &[&Seen<u64>], sent: u64) {
+    let mut counts = BTreeMap::new();
+    for n in copies.iter().flat_map(|seen| seen.lock().unwrap().clone()) {
+        *counts.entry(n).or_insert(0) += 1;
+    }
+    assert_eq!(counts, (0..sent).map(|n| (n, 1)).collect::<BTreeMap<_, _>>(), "each event handled exactly once");
 }
 
 #[tokio::test]
@@ -50,11 +67,7 @@ async fn two_copies_share_a_durable_consumer_and_handle_every_event_once() {
     }
     wait_settled(&js, &config.events_stream, "collect", last).await;
 
-    let mut counts = BTreeMap::new();
-    for n in seen_a.lock().unwrap().iter().chain(seen_b.lock().unwrap().iter()) {
-        *counts.entry(*n).or_insert(0) += 1;
-    }
-    assert_eq!(counts, (0..sent).map(|n| (n, 1)).collect::<BTreeMap<_, _>>(), "each event handled exactly once");
+    assert_each_handled_once(&[&seen_a, &seen_b], sent);
     first.shutdown().await;
     second.shutdown().await;
 }
@@ -67,20 +80,9 @@ async fn events_waiting_for_a_busy_copy_are_not_pulled_so_slow_handlers_run_each
     let nats = TestNats::start().await;
     let mut config = test_config(&nats);
     config.ack_wait = Duration::from_secs(3);
-    let slow = |seen: Seen<u64>| {
-        Function::events("slow", ["events.test.>"], move |event: Event| {
-            let seen = seen.clone();
-            async move {
-                let body: serde_json::Value = event.json()?;
-                seen.lock().unwrap().push(body["n"].as_u64().unwrap_or(u64::MAX));
-                // The work itself: half as long again as ack_wait.
-                tokio::time::sleep(Duration::from_millis(4500)).await;
-                Ok(())
-            }
-        })
-        .concurrency(4)
-        .timeout(Duration::from_secs(30))
-    };
+    // The work itself takes half as long again as ack_wait.
+    let slow =
+        |seen| working("slow", seen, Duration::from_millis(4500)).concurrency(4).timeout(Duration::from_secs(30));
     let (seen_a, seen_b) = (recorder(), recorder());
     let first = start(&nats, &config, vec![slow(seen_a.clone())]).await;
     let second = start(&nats, &config, vec![slow(seen_b.clone())]).await;
@@ -92,11 +94,7 @@ async fn events_waiting_for_a_busy_copy_are_not_pulled_so_slow_handlers_run_each
     }
     wait_settled(&js, &config.events_stream, "slow", last).await;
 
-    let mut counts = BTreeMap::new();
-    for n in seen_a.lock().unwrap().iter().chain(seen_b.lock().unwrap().iter()) {
-        *counts.entry(*n).or_insert(0) += 1;
-    }
-    assert_eq!(counts, (0..sent).map(|n| (n, 1)).collect::<BTreeMap<_, _>>(), "each event handled once");
+    assert_each_handled_once(&[&seen_a, &seen_b], sent);
     first.shutdown().await;
     second.shutdown().await;
 }
